@@ -1,0 +1,4 @@
+//! hasync agent library.
+
+/// The XDP program object, built by build.rs from hasync-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hasync"));

@@ -1,0 +1,61 @@
+//! The CONFIG map: one entry the agent fills before traffic is processed.
+
+use crate::{ids::MemberId, session::STATE_COUNT};
+
+/// What to do with a TCP packet that is not a SYN and has no session.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// Drop it (the default, as a stateful firewall does).
+    #[default]
+    Strict = 0,
+    /// Pass it, counted, without creating a session.
+    Loose = 1,
+}
+
+/// What to do with a truncated or malformed frame (it is counted by reason either way).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MalformedAction {
+    #[default]
+    Drop = 0,
+    Pass = 1,
+}
+
+/// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
+/// everything untracked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Idle timeout per [`crate::State`], in nanoseconds.
+    pub timeouts_ns: [u64; STATE_COUNT],
+    /// Minimum interval between two refresh events of one session, in nanoseconds.
+    pub refresh_interval_ns: u64,
+    pub local_member: MemberId,
+    /// A [`Policy`] as `u8`.
+    pub policy: u8,
+    /// A [`MalformedAction`] as `u8`.
+    pub malformed: u8,
+    pub _pad: [u8; 5],
+}
+crate::assert_size!(DatapathConfig, 80);
+
+impl DatapathConfig {
+    /// Firewall defaults for `local` member.
+    pub fn with_defaults(local: MemberId) -> Self {
+        let mut timeouts_ns = [0u64; STATE_COUNT];
+        let mut i = 0;
+        while i < STATE_COUNT {
+            timeouts_ns[i] = crate::State::ALL[i].default_timeout_s() * 1_000_000_000;
+            i += 1;
+        }
+        DatapathConfig {
+            timeouts_ns,
+            refresh_interval_ns: 1_000_000_000,
+            local_member: local,
+            policy: Policy::Strict as u8,
+            malformed: MalformedAction::Drop as u8,
+            _pad: [0; 5],
+        }
+    }
+}

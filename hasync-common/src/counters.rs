@@ -1,0 +1,133 @@
+//! Datapath counters: one per-CPU array entry holding every counter, so the program makes one
+//! map lookup for all of them.
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, )+) => {
+        /// Index of a datapath counter.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter { $( $(#[$doc])* $variant, )+ }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[ $( Counter::$variant, )+ ];
+
+            /// Stable name used by `show counters`, metrics and tests.
+            pub const fn name(self) -> &'static str {
+                match self { $( Counter::$variant => $name, )+ }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Every frame the program saw.
+    Packets = "packets",
+    /// Frames that found their session.
+    Hits = "session-hits",
+    /// Sessions created.
+    Creates = "session-creates",
+    /// A session could not be inserted (map error).
+    CreateFailed = "session-create-failed",
+    /// Sessions found but idle past their timeout, treated as absent.
+    Expired = "session-expired-on-hit",
+    /// TCP state transitions.
+    StateChanges = "state-changes",
+    /// TCP sessions that reached `closed`.
+    Closed = "sessions-closed",
+    /// Frames of sessions owned by a live member elsewhere: passed, not taken over.
+    Asymmetric = "asymmetric",
+    /// Sessions taken over from a member that is no longer alive.
+    Takeovers = "takeovers",
+    /// Events written to the ring buffer.
+    Events = "events",
+    /// Events lost because the ring buffer was full.
+    RingbufFull = "ringbuf-full",
+    /// Frames passed untouched because the datapath is not configured yet.
+    PassUnconfigured = "pass-unconfigured",
+    /// Non-IP frames (ARP, LLDP, ...), passed.
+    PassNonIp = "pass-non-ip",
+    /// IP protocols that are not tracked (GRE, ESP, SCTP, ICMP errors, ND, ...), passed.
+    PassUntracked = "pass-untracked-protocol",
+    /// IPv4 non-first fragments (no ports), passed.
+    PassFragment = "pass-fragment",
+    /// IPv4 fragments with offset 0 (tracked by their ports).
+    Ipv4FirstFragment = "ipv4-first-fragment",
+    /// IPv6 fragments seen (first fragments are tracked, later ones passed).
+    Ipv6Fragment = "ipv6-fragment",
+    /// TCP without SYN and without a session, passed by the loose policy.
+    PassNoSessionLoose = "pass-no-session-loose",
+    /// TCP without SYN and without a session, dropped by the strict policy.
+    DropNoSession = "drop-no-session",
+    /// Malformed or truncated frames passed (malformed = pass).
+    PassMalformed = "pass-malformed",
+    /// Malformed or truncated frames dropped (malformed = drop).
+    DropMalformed = "drop-malformed",
+    /// Malformed: shorter than an Ethernet header.
+    ErrEthTruncated = "err-eth-truncated",
+    /// Malformed: VLAN tag cut off.
+    ErrVlanTruncated = "err-vlan-truncated",
+    /// Malformed: more than two VLAN tags.
+    ErrVlanTooDeep = "err-vlan-too-deep",
+    /// Malformed: IPv4 header cut off.
+    ErrIpv4Truncated = "err-ipv4-truncated",
+    /// Malformed: IPv4 version field is not 4.
+    ErrIpv4Version = "err-ipv4-version",
+    /// Malformed: IPv4 IHL below 5.
+    ErrIpv4Ihl = "err-ipv4-ihl",
+    /// Malformed: IPv4 total length shorter than the header or longer than the frame.
+    ErrIpv4TotalLen = "err-ipv4-total-length",
+    /// Malformed: IPv6 header cut off.
+    ErrIpv6Truncated = "err-ipv6-truncated",
+    /// Malformed: IPv6 version field is not 6.
+    ErrIpv6Version = "err-ipv6-version",
+    /// Malformed: IPv6 extension header cut off.
+    ErrIpv6ExtTruncated = "err-ipv6-ext-truncated",
+    /// Malformed: more IPv6 extension headers than the program walks.
+    ErrIpv6TooManyExt = "err-ipv6-too-many-ext",
+    /// Malformed: TCP header cut off.
+    ErrTcpTruncated = "err-tcp-truncated",
+    /// Malformed: TCP data offset below 5 or past the frame.
+    ErrTcpDataOffset = "err-tcp-data-offset",
+    /// Malformed: impossible TCP flag combination (SYN+FIN, SYN+RST, none, ...).
+    ErrTcpFlags = "err-tcp-flags",
+    /// Malformed: UDP header cut off.
+    ErrUdpTruncated = "err-udp-truncated",
+    /// Malformed: ICMP/ICMPv6 header cut off.
+    ErrIcmpTruncated = "err-icmp-truncated",
+}
+
+/// Number of counters.
+pub const COUNTER_COUNT: usize = Counter::ALL.len();
+
+/// The single value of the COUNTERS per-CPU array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub values: [u64; COUNTER_COUNT],
+}
+crate::assert_size!(Counters, COUNTER_COUNT * 8);
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters { values: [0; COUNTER_COUNT] }
+    }
+}
+
+impl Counters {
+    /// Adds `n` to counter `c`.
+    #[inline(always)]
+    pub fn add(&mut self, c: Counter, n: u64) {
+        if let Some(v) = self.values.get_mut(c as usize) {
+            *v = v.wrapping_add(n);
+        }
+    }
+
+    #[inline(always)]
+    pub fn inc(&mut self, c: Counter) {
+        self.add(c, 1)
+    }
+
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values.get(c as usize).copied().unwrap_or(0)
+    }
+}

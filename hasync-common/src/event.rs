@@ -1,0 +1,52 @@
+//! Records the XDP program sends to userspace through the EVENTS ring buffer.
+
+use crate::{flow::FlowKey, session::Session};
+
+/// What happened to a session.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Created = 1,
+    StateChanged = 2,
+    /// TCP reached `Closed` (both FINs or a RST).
+    Closed = 3,
+    /// This member took over a session whose owner was no longer alive.
+    OwnershipTaken = 4,
+    /// The session saw traffic (at most once per refresh interval per session).
+    Refresh = 5,
+}
+
+impl EventKind {
+    pub const fn from_u8(v: u8) -> Option<EventKind> {
+        Some(match v {
+            1 => EventKind::Created,
+            2 => EventKind::StateChanged,
+            3 => EventKind::Closed,
+            4 => EventKind::OwnershipTaken,
+            5 => EventKind::Refresh,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::StateChanged => "state-changed",
+            EventKind::Closed => "closed",
+            EventKind::OwnershipTaken => "ownership-taken",
+            EventKind::Refresh => "refresh",
+        }
+    }
+}
+
+/// One ring-buffer record: the key and a snapshot of the session after the change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub key: FlowKey,
+    pub session: Session,
+    /// An [`EventKind`] as `u8`.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+}
+crate::assert_size!(Event, 120);

@@ -1,0 +1,30 @@
+//! Small identifier types, so a member id is never mistaken for a zone id or a cluster id.
+
+/// A cluster member, 1–16. 0 means "none" (an unconfigured datapath).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberId(pub u8);
+
+impl MemberId {
+    pub const NONE: MemberId = MemberId(0);
+    /// Highest member id a cluster may use.
+    pub const MAX: u8 = 16;
+
+    #[inline(always)]
+    pub const fn is_valid(self) -> bool {
+        self.0 >= 1 && self.0 <= Self::MAX
+    }
+}
+
+/// A security zone, as agreed by name between members. 0 means "no zone" (the ingress interface
+/// is not in any zone).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ZoneId(pub u16);
+
+impl ZoneId {
+    pub const NONE: ZoneId = ZoneId(0);
+}
+
+crate::assert_size!(MemberId, 1);
+crate::assert_size!(ZoneId, 2);

@@ -1,0 +1,271 @@
+//! The session: the value stored for each flow key in the SESSIONS map.
+
+use crate::ids::{MemberId, ZoneId};
+
+/// Session state. TCP follows SYN → SYN-ACK → established → FIN/RST → closing → closed;
+/// UDP and ICMP have their own states and timeouts.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum State {
+    /// TCP: SYN seen from the initiator.
+    SynSent = 0,
+    /// TCP: SYN-ACK seen from the responder.
+    SynRecv = 1,
+    /// TCP: handshake completed (ACK from the initiator after the SYN-ACK).
+    Established = 2,
+    /// TCP: a FIN seen from one side.
+    Closing = 3,
+    /// TCP: FINs seen from both sides, or a RST. Kept for the closed timeout so late segments
+    /// still match, then removed by the sweep.
+    Closed = 4,
+    /// UDP: traffic seen in one direction only.
+    UdpNew = 5,
+    /// UDP: traffic seen in both directions.
+    UdpReplied = 6,
+    /// ICMP/ICMPv6 echo.
+    IcmpEcho = 7,
+}
+
+/// Number of [`State`] values; sizes the timeout table.
+pub const STATE_COUNT: usize = 8;
+
+impl State {
+    pub const ALL: [State; STATE_COUNT] = [
+        State::SynSent,
+        State::SynRecv,
+        State::Established,
+        State::Closing,
+        State::Closed,
+        State::UdpNew,
+        State::UdpReplied,
+        State::IcmpEcho,
+    ];
+
+    #[inline(always)]
+    pub const fn from_u8(v: u8) -> Option<State> {
+        Some(match v {
+            0 => State::SynSent,
+            1 => State::SynRecv,
+            2 => State::Established,
+            3 => State::Closing,
+            4 => State::Closed,
+            5 => State::UdpNew,
+            6 => State::UdpReplied,
+            7 => State::IcmpEcho,
+            _ => return None,
+        })
+    }
+
+    /// Name used in configuration, `show` output and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            State::SynSent => "syn-sent",
+            State::SynRecv => "syn-recv",
+            State::Established => "established",
+            State::Closing => "closing",
+            State::Closed => "closed",
+            State::UdpNew => "udp-new",
+            State::UdpReplied => "udp-replied",
+            State::IcmpEcho => "icmp-echo",
+        }
+    }
+
+    /// Default timeout in seconds: firewall-like values (short handshake and close timers, one
+    /// hour for established TCP).
+    pub const fn default_timeout_s(self) -> u64 {
+        match self {
+            State::SynSent => 20,
+            State::SynRecv => 20,
+            State::Established => 3600,
+            State::Closing => 120,
+            State::Closed => 10,
+            State::UdpNew => 30,
+            State::UdpReplied => 120,
+            State::IcmpEcho => 6,
+        }
+    }
+}
+
+/// Bit flags of a session.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SessionFlags(pub u16);
+
+impl SessionFlags {
+    /// The initiator is the higher endpoint of the key (`FlowKey::addr_hi`).
+    pub const INITIATOR_HI: u16 = 1 << 0;
+    /// Installed from a peer's sync stream, not created by local traffic.
+    pub const FROM_PEER: u16 = 1 << 1;
+    /// This member saw traffic for the session while its owner was alive elsewhere.
+    pub const ASYMMETRIC: u16 = 1 << 2;
+    /// Ownership was taken over from a member that was no longer alive.
+    pub const TAKEN_OVER: u16 = 1 << 3;
+
+    #[inline(always)]
+    pub const fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Packet direction relative to the session's initiator.
+pub const DIR_ORIGINAL: usize = 0;
+pub const DIR_REPLY: usize = 1;
+
+/// The value of a SESSIONS entry.
+///
+/// `created_ns`, `last_seen_ns` and `last_event_ns` are this host's `CLOCK_MONOTONIC`
+/// (`bpf_ktime_get_ns`): node-local, never sent to a peer as such (sync sends ages).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Session {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// When the last event for this session went to userspace; rate-limits refresh events.
+    pub last_event_ns: u64,
+    /// Packets per direction, indexed by `DIR_ORIGINAL` / `DIR_REPLY`.
+    pub packets: [u64; 2],
+    /// Bytes (whole frames) per direction.
+    pub bytes: [u64; 2],
+    /// Increases on every change the owner makes; conflicts resolve by (version, owner).
+    pub version: u32,
+    /// Zone the session was created in.
+    pub zone: ZoneId,
+    pub flags: SessionFlags,
+    pub owner: MemberId,
+    /// A [`State`] as `u8`.
+    pub state: u8,
+    /// TCP flags seen per direction (OR of every segment's flags).
+    pub tcp_flags: [u8; 2],
+    pub _pad: [u8; 4],
+}
+crate::assert_size!(Session, 72);
+const _: () = assert!(
+    core::mem::size_of::<Session>() + core::mem::size_of::<crate::FlowKey>() <= 128,
+    "session key plus value must stay within 128 bytes"
+);
+
+/// TCP header flag bits, as in the 14th byte of the TCP header.
+pub mod tcp {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+/// The TCP state after a segment with `flags` travelling in `dir` (`DIR_ORIGINAL` or
+/// `DIR_REPLY`), given the flags already seen per direction *including* this segment.
+///
+/// Shared by the XDP program and userspace (tests, tools) so both agree on the machine.
+/// A SYN that reopens a closed session is handled by the caller (it recreates the session).
+#[inline(always)]
+pub const fn tcp_next(state: State, dir: usize, flags: u8, seen: [u8; 2]) -> State {
+    if flags & tcp::RST != 0 {
+        return State::Closed;
+    }
+    let fin_both = seen[0] & tcp::FIN != 0 && seen[1] & tcp::FIN != 0;
+    match state {
+        State::SynSent => {
+            if flags & tcp::FIN != 0 {
+                State::Closing
+            } else if dir == DIR_REPLY && flags & tcp::SYN != 0 && flags & tcp::ACK != 0 {
+                State::SynRecv
+            } else {
+                State::SynSent
+            }
+        }
+        State::SynRecv => {
+            if flags & tcp::FIN != 0 {
+                State::Closing
+            } else if dir == DIR_ORIGINAL && flags & tcp::ACK != 0 && flags & tcp::SYN == 0 {
+                State::Established
+            } else {
+                State::SynRecv
+            }
+        }
+        State::Established => {
+            if flags & tcp::FIN != 0 {
+                if fin_both {
+                    State::Closed
+                } else {
+                    State::Closing
+                }
+            } else {
+                State::Established
+            }
+        }
+        State::Closing => {
+            if fin_both {
+                State::Closed
+            } else {
+                State::Closing
+            }
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{tcp::*, *};
+
+    /// Runs a sequence of (direction, flags) segments from a fresh SYN and returns the states.
+    fn run(segments: &[(usize, u8)]) -> [State; 8] {
+        let mut out = [State::SynSent; 8];
+        let mut state = State::SynSent;
+        let mut seen = [SYN, 0];
+        for (i, &(dir, flags)) in segments.iter().enumerate() {
+            seen[dir] |= flags;
+            state = tcp_next(state, dir, flags, seen);
+            out[i] = state;
+        }
+        out
+    }
+
+    #[test]
+    fn handshake_data_and_orderly_close() {
+        let s = run(&[
+            (DIR_REPLY, SYN | ACK),
+            (DIR_ORIGINAL, ACK),
+            (DIR_REPLY, ACK | PSH),
+            (DIR_ORIGINAL, FIN | ACK),
+            (DIR_REPLY, ACK),
+            (DIR_REPLY, FIN | ACK),
+            (DIR_ORIGINAL, ACK),
+        ]);
+        assert_eq!(
+            &s[..7],
+            &[
+                State::SynRecv,
+                State::Established,
+                State::Established,
+                State::Closing,
+                State::Closing,
+                State::Closed,
+                State::Closed
+            ]
+        );
+    }
+
+    #[test]
+    fn reply_side_closes_first() {
+        let s = run(&[(DIR_REPLY, SYN | ACK), (DIR_ORIGINAL, ACK), (DIR_REPLY, FIN | ACK), (DIR_ORIGINAL, FIN | ACK)]);
+        assert_eq!(&s[..4], &[State::SynRecv, State::Established, State::Closing, State::Closed]);
+    }
+
+    #[test]
+    fn rst_closes_from_any_state_and_direction() {
+        for state in [State::SynSent, State::SynRecv, State::Established, State::Closing] {
+            for dir in [DIR_ORIGINAL, DIR_REPLY] {
+                assert_eq!(tcp_next(state, dir, RST, [0, 0]), State::Closed);
+            }
+        }
+    }
+
+    #[test]
+    fn syn_ack_from_the_initiator_side_does_not_advance() {
+        assert_eq!(tcp_next(State::SynSent, DIR_ORIGINAL, SYN | ACK, [SYN | ACK, 0]), State::SynSent);
+        assert_eq!(tcp_next(State::SynRecv, DIR_REPLY, ACK, [SYN, SYN | ACK]), State::SynRecv);
+    }
+}

@@ -1,0 +1,31 @@
+//! The maps of the product program. Names match `hasync_common::maps`; sizes are defaults the
+//! agent may change at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use hasync_common::{
+    maps::{DEFAULT_SESSION_CAPACITY, EVENTS_BYTES, MAX_ZONE_INTERFACES},
+    member::MEMBER_SLOTS,
+    Counters, DatapathConfig, FlowKey, MemberEntry, Session, ZoneId,
+};
+
+#[map]
+pub static SESSIONS: LruHashMap<FlowKey, Session> =
+    LruHashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
+
+#[map]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static ZONES: HashMap<u32, ZoneId> = HashMap::with_max_entries(MAX_ZONE_INTERFACES, 0);
+
+#[map]
+pub static MEMBERS: Array<MemberEntry> = Array::with_max_entries(MEMBER_SLOTS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

@@ -1,0 +1,242 @@
+//! Session table logic: look up, create, advance state, take over, emit events.
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::bpf_ktime_get_ns,
+    programs::XdpContext,
+};
+use hasync_common::{
+    flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    maps::EVENTS_WAKEUP_BATCH_BYTES,
+    session::{tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
+    Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session, SessionFlags, State, ZoneId,
+};
+
+use crate::{
+    maps::{CONFIG, COUNTERS, EVENTS, MEMBERS, SESSIONS, ZONES},
+    parse::{parse, Packet, Parsed},
+};
+
+/// Changes the flow key before the table is touched. The product uses [`NoMix`]; the fastpath
+/// benchmark mixes an iteration counter in so one test-run frame walks many sessions.
+pub trait KeyMix {
+    fn mix(key: &mut FlowKey);
+}
+
+/// The identity: what the product runs.
+pub struct NoMix;
+
+impl KeyMix for NoMix {
+    #[inline(always)]
+    fn mix(_key: &mut FlowKey) {}
+}
+
+/// The XDP entry logic: parse, then track. Returns an XDP action.
+#[inline(always)]
+pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
+    // One lookup each for the config and the per-CPU counters (array lookups are inlined by
+    // the verifier).
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: per-CPU value, this program is its only writer on this CPU.
+    let counters = unsafe { &mut *counters };
+    counters.inc(Counter::Packets);
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    if !cfg.local_member.is_valid() {
+        counters.inc(Counter::PassUnconfigured);
+        return xdp_action::XDP_PASS;
+    }
+    match parse(ctx) {
+        Parsed::Track(mut pkt) => {
+            M::mix(&mut pkt.key);
+            track(ctx, cfg, counters, &pkt)
+        }
+        Parsed::Pass(reason) => {
+            counters.inc(reason);
+            xdp_action::XDP_PASS
+        }
+        Parsed::Malformed(reason) => {
+            counters.inc(reason);
+            if cfg.malformed == MalformedAction::Pass as u8 {
+                counters.inc(Counter::PassMalformed);
+                xdp_action::XDP_PASS
+            } else {
+                counters.inc(Counter::DropMalformed);
+                xdp_action::XDP_DROP
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn timeout_ns(cfg: &DatapathConfig, state: u8) -> u64 {
+    match cfg.timeouts_ns.get(state as usize) {
+        Some(t) => *t,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet) -> u32 {
+    if let Some(note) = pkt.note {
+        counters.inc(note);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    if let Some(s) = SESSIONS.get_ptr_mut(&pkt.key) {
+        // SAFETY: the value stays valid for the program's run; concurrent writers on other
+        // CPUs can only make counters approximate, never unsafe.
+        let s = unsafe { &mut *s };
+        let idle = now.wrapping_sub(s.last_seen_ns);
+        let expired = idle > timeout_ns(cfg, s.state);
+        // A fresh SYN on a closed session is a new connection reusing the ports.
+        let reopened = is_syn && s.state == State::Closed as u8;
+        if !expired && !reopened {
+            counters.inc(Counter::Hits);
+            return hit(cfg, counters, pkt, s, now);
+        }
+        if expired {
+            counters.inc(Counter::Expired);
+        }
+    }
+    miss(ctx, cfg, counters, pkt, now, is_syn)
+}
+
+/// The packet found its session.
+#[inline(always)]
+fn hit(cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet, s: &mut Session, now: u64) -> u32 {
+    let dir = if pkt.src_is_hi ^ s.flags.has(SessionFlags::INITIATOR_HI) { DIR_REPLY } else { DIR_ORIGINAL };
+    if s.owner != cfg.local_member {
+        let owner_alive = match MEMBERS.get(s.owner.0 as u32) {
+            Some(m) => m.alive != 0,
+            None => false,
+        };
+        if owner_alive {
+            // The owner writes the session; we only keep our replica from idling out.
+            counters.inc(Counter::Asymmetric);
+            s.last_seen_ns = now;
+            if !s.flags.has(SessionFlags::ASYMMETRIC) {
+                s.flags.0 |= SessionFlags::ASYMMETRIC;
+            }
+            return xdp_action::XDP_PASS;
+        }
+        s.owner = cfg.local_member;
+        s.version = s.version.wrapping_add(1);
+        s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
+        counters.inc(Counter::Takeovers);
+        account(s, dir, pkt, now);
+        s.last_event_ns = now;
+        emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
+        return xdp_action::XDP_PASS;
+    }
+    account(s, dir, pkt, now);
+    let old = s.state;
+    let new = match State::from_u8(old) {
+        Some(state) if pkt.key.proto == IPPROTO_TCP => {
+            let seen = s.tcp_flags;
+            tcp_next(state, dir, pkt.tcp_flags, seen) as u8
+        }
+        Some(State::UdpNew) if dir == DIR_REPLY => State::UdpReplied as u8,
+        _ => old,
+    };
+    if new != old {
+        s.state = new;
+        s.version = s.version.wrapping_add(1);
+        counters.inc(Counter::StateChanges);
+        let kind = if new == State::Closed as u8 {
+            counters.inc(Counter::Closed);
+            EventKind::Closed
+        } else {
+            EventKind::StateChanged
+        };
+        s.last_event_ns = now;
+        emit(counters, kind, &pkt.key, s);
+    } else if now.wrapping_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
+        s.version = s.version.wrapping_add(1);
+        s.last_event_ns = now;
+        emit(counters, EventKind::Refresh, &pkt.key, s);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Counts the packet on the session.
+#[inline(always)]
+fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64) {
+    s.last_seen_ns = now;
+    if let Some(p) = s.packets.get_mut(dir) {
+        *p = p.wrapping_add(1);
+    }
+    if let Some(b) = s.bytes.get_mut(dir) {
+        *b = b.wrapping_add(pkt.len);
+    }
+    if let Some(f) = s.tcp_flags.get_mut(dir) {
+        *f |= pkt.tcp_flags;
+    }
+}
+
+/// The packet has no (live) session: create one, or apply the policy.
+#[inline(always)]
+fn miss(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet, now: u64, is_syn: bool) -> u32 {
+    let state = match pkt.key.proto {
+        IPPROTO_TCP if is_syn => State::SynSent,
+        IPPROTO_TCP => {
+            if cfg.policy == Policy::Loose as u8 {
+                counters.inc(Counter::PassNoSessionLoose);
+                return xdp_action::XDP_PASS;
+            }
+            counters.inc(Counter::DropNoSession);
+            return xdp_action::XDP_DROP;
+        }
+        IPPROTO_UDP => State::UdpNew,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => State::IcmpEcho,
+        _ => {
+            counters.inc(Counter::PassUntracked);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: plain-data value read by copy.
+    let zone = match unsafe { ZONES.get(&ifindex) } {
+        Some(z) => *z,
+        None => ZoneId::NONE,
+    };
+    let session = Session {
+        created_ns: now,
+        last_seen_ns: now,
+        last_event_ns: now,
+        packets: [1, 0],
+        bytes: [pkt.len, 0],
+        version: 1,
+        zone,
+        flags: SessionFlags(if pkt.src_is_hi { SessionFlags::INITIATOR_HI } else { 0 }),
+        owner: cfg.local_member,
+        state: state as u8,
+        tcp_flags: [pkt.tcp_flags, 0],
+        _pad: [0; 4],
+    };
+    if SESSIONS.insert(&pkt.key, &session, BPF_ANY as u64).is_err() {
+        counters.inc(Counter::CreateFailed);
+        return xdp_action::XDP_PASS;
+    }
+    counters.inc(Counter::Creates);
+    emit(counters, EventKind::Created, &pkt.key, &session);
+    xdp_action::XDP_PASS
+}
+
+/// Sends an event to userspace. Wake-ups are batched: the consumer is woken only once enough
+/// events are queued (it also polls on a short timer).
+#[inline(always)]
+fn emit(counters: &mut Counters, kind: EventKind, key: &FlowKey, s: &Session) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        counters.inc(Counter::RingbufFull);
+        return;
+    };
+    entry.write(Event { key: *key, session: *s, kind: kind as u8, _pad: [0; 7] });
+    let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if queued >= EVENTS_WAKEUP_BATCH_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(flags as u64);
+    counters.inc(Counter::Events);
+}

@@ -1,0 +1,329 @@
+//! `cargo xtask setup`: checks what building and testing hasync needs, and installs what is
+//! missing. Every check is cheap (a file, a mount, at most one `--version`), so a machine that is
+//! already set up pays well under a second.
+
+use std::{
+    env, fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cmd;
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// How much `setup` prints about requirements that are already met.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// One line per requirement (`cargo xtask setup`).
+    Full,
+    /// One summary line (setup run before `test`, `run`, `bench`).
+    Summary,
+}
+
+/// What setup may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Install,
+    /// Only report; fail if something is missing.
+    CheckOnly,
+}
+
+struct Requirement {
+    name: &'static str,
+    check: fn() -> Result<Status>,
+}
+
+enum Status {
+    /// Met; the detail says how we know.
+    Present(String),
+    Missing { why: String, fix: Fix },
+}
+
+enum Fix {
+    /// Setup cannot do it; the text tells the user what to do.
+    Manual(String),
+    Apt(&'static str),
+    Rustup { toolchain: Option<&'static str>, components: Vec<&'static str> },
+    BpfLinker,
+    MountBpffs,
+}
+
+/// In the order they are checked. The ones setup cannot fix come first.
+const REQUIREMENTS: &[Requirement] = &[
+    Requirement { name: "root", check: root },
+    Requirement { name: "kernel BTF", check: kernel_btf },
+    Requirement { name: "kernel BPF JIT", check: bpf_jit },
+    Requirement { name: "llvm-22-dev", check: llvm },
+    Requirement { name: "iproute2", check: iproute2 },
+    Requirement { name: "nftables", check: nftables },
+    Requirement { name: "host toolchain clippy, rustfmt", check: host_components },
+    Requirement { name: "nightly rust-src, clippy", check: nightly_components },
+    Requirement { name: "bpf-linker 0.13.0", check: bpf_linker },
+    Requirement { name: "bpffs at /sys/fs/bpf", check: bpffs },
+];
+
+pub fn setup(mode: Mode, report: Report) -> Result<()> {
+    let start = Instant::now();
+    let mut missing = Vec::new();
+    for requirement in REQUIREMENTS {
+        match (requirement.check)()
+            .with_context(|| format!("checking {}", requirement.name))?
+        {
+            Status::Present(detail) => {
+                if report == Report::Full {
+                    println!("ok: {} present ({detail})", requirement.name);
+                }
+            }
+            Status::Missing { why, fix } => {
+                println!("missing: {}: {why}", requirement.name);
+                missing.push((requirement, fix));
+            }
+        }
+    }
+
+    if missing.is_empty() {
+        if report == Report::Summary {
+            println!(
+                "setup: all {} requirements present ({:.2}s)",
+                REQUIREMENTS.len(),
+                start.elapsed().as_secs_f64()
+            );
+        }
+        return Ok(());
+    }
+    if mode == Mode::CheckOnly {
+        bail!(
+            "{} of {} requirements missing; run `cargo xtask setup` as root to install them",
+            missing.len(),
+            REQUIREMENTS.len()
+        );
+    }
+    let manual: Vec<String> = missing
+        .iter()
+        .filter_map(|(requirement, fix)| match fix {
+            Fix::Manual(what_to_do) => Some(format!("{}: {what_to_do}", requirement.name)),
+            _ => None,
+        })
+        .collect();
+    if !manual.is_empty() {
+        bail!("setup cannot fix these itself:\n  {}", manual.join("\n  "));
+    }
+
+    install(&missing)?;
+
+    // Check again, so that an install which "worked" but left the thing unusable (say, a binary
+    // off PATH) is caught here rather than in the middle of a build.
+    for (requirement, _) in &missing {
+        match (requirement.check)()? {
+            Status::Present(detail) => println!("installed {} ({detail})", requirement.name),
+            Status::Missing { why, .. } => {
+                bail!("{} is still missing after installing it: {why}", requirement.name)
+            }
+        }
+    }
+    println!("setup: done ({:.1}s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Applies the fixes: apt packages first, in one `apt-get install` (bpf-linker needs LLVM).
+fn install(missing: &[(&Requirement, Fix)]) -> Result<()> {
+    let apt: Vec<&str> = missing
+        .iter()
+        .filter_map(|(_, fix)| match fix {
+            Fix::Apt(package) => Some(*package),
+            _ => None,
+        })
+        .collect();
+    if !apt.is_empty() {
+        cmd::run(Command::new("apt-get").arg("update"))?;
+        cmd::run(
+            Command::new("apt-get")
+                .args(["install", "-y"])
+                .args(&apt)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    for (_, fix) in missing {
+        match fix {
+            Fix::Manual(_) | Fix::Apt(_) => {}
+            Fix::Rustup { toolchain, components } => {
+                let mut rustup = Command::new("rustup");
+                rustup.args(["component", "add"]).args(components);
+                if let Some(toolchain) = toolchain {
+                    rustup.args(["--toolchain", toolchain]);
+                }
+                cmd::run(&mut rustup)?;
+            }
+            Fix::BpfLinker => cmd::run(
+                cmd::cargo(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                    .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+                    // /usr/bin/llvm-config is LLVM 14; bpf-linker must link LLVM 22.
+                    .env("LLVM_PREFIX", LLVM_PREFIX),
+            )?,
+            Fix::MountBpffs => cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?,
+        }
+    }
+    Ok(())
+}
+
+fn root() -> Result<Status> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    Ok(if euid == 0 {
+        Status::Present("euid 0".into())
+    } else {
+        Status::Missing {
+            why: format!("running as euid {euid}"),
+            fix: Fix::Manual(
+                "setup installs packages and mounts bpffs, and the tests create network \
+                 namespaces: run as root, e.g. `sudo -E env \"PATH=$PATH\" cargo xtask setup`"
+                    .into(),
+            ),
+        }
+    })
+}
+
+fn kernel_btf() -> Result<Status> {
+    Ok(file_exists(
+        "/sys/kernel/btf/vmlinux",
+        "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (aya needs its BTF)",
+    ))
+}
+
+fn bpf_jit() -> Result<Status> {
+    Ok(file_exists(
+        "/proc/sys/net/core/bpf_jit_enable",
+        "the kernel lacks BPF (CONFIG_BPF_SYSCALL, CONFIG_BPF_JIT); boot one that has BPF and XDP",
+    ))
+}
+
+fn file_exists(path: &'static str, what_to_do: &str) -> Status {
+    if Path::new(path).exists() {
+        Status::Present(path.into())
+    } else {
+        Status::Missing { why: format!("{path} does not exist"), fix: Fix::Manual(what_to_do.into()) }
+    }
+}
+
+fn llvm() -> Result<Status> {
+    let llvm_config = Path::new(LLVM_PREFIX).join("bin/llvm-config");
+    Ok(if llvm_config.exists() {
+        Status::Present(llvm_config.display().to_string())
+    } else {
+        Status::Missing {
+            why: format!("{} does not exist", llvm_config.display()),
+            fix: Fix::Apt("llvm-22-dev"),
+        }
+    })
+}
+
+fn iproute2() -> Result<Status> {
+    Ok(program_on_path("ip", "iproute2"))
+}
+
+fn nftables() -> Result<Status> {
+    Ok(program_on_path("nft", "nftables"))
+}
+
+fn program_on_path(program: &str, package: &'static str) -> Status {
+    match find_on_path(program) {
+        Some(path) => Status::Present(path.display().to_string()),
+        None => Status::Missing { why: format!("no `{program}` on PATH"), fix: Fix::Apt(package) },
+    }
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| {
+        fs::metadata(candidate).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// clippy and rustfmt of the toolchain running xtask (`cargo fmt`, `cargo clippy` in `test`).
+fn host_components() -> Result<Status> {
+    // Cargo sets $CARGO to <sysroot>/bin/cargo for `cargo run`: no need to spawn rustc.
+    let sysroot = match env::var_os("CARGO")
+        .map(PathBuf::from)
+        .and_then(|cargo| Some(cargo.parent()?.parent()?.to_owned()))
+    {
+        Some(sysroot) => sysroot,
+        None => PathBuf::from(cmd::capture(Command::new("rustc").args(["--print", "sysroot"]))?),
+    };
+    Ok(components(&sysroot, None, &[("clippy", "bin/cargo-clippy"), ("rustfmt", "bin/rustfmt")]))
+}
+
+/// rust-src (for `-Z build-std=core`) and clippy (`clippy-ebpf`) of the nightly toolchain.
+fn nightly_components() -> Result<Status> {
+    let sysroot = match cmd::capture(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"])) {
+        Ok(sysroot) => PathBuf::from(sysroot),
+        Err(err) => {
+            return Ok(Status::Missing {
+                why: format!("{err:#}"),
+                fix: Fix::Manual(
+                    "install the nightly toolchain: \
+                     `rustup toolchain install nightly --component rust-src,clippy`"
+                        .into(),
+                ),
+            })
+        }
+    };
+    Ok(components(
+        &sysroot,
+        Some("nightly"),
+        &[("rust-src", "lib/rustlib/src/rust/library/core"), ("clippy", "bin/cargo-clippy")],
+    ))
+}
+
+/// Checks rustup components by a file each installs under `sysroot`.
+fn components(
+    sysroot: &Path,
+    toolchain: Option<&'static str>,
+    expected: &[(&'static str, &str)],
+) -> Status {
+    let missing: Vec<&'static str> = expected
+        .iter()
+        .filter(|(_, file)| !sysroot.join(file).exists())
+        .map(|(component, _)| *component)
+        .collect();
+    if missing.is_empty() {
+        Status::Present(sysroot.display().to_string())
+    } else {
+        Status::Missing {
+            why: format!("{} not in {}", missing.join(", "), sysroot.display()),
+            fix: Fix::Rustup { toolchain, components: missing },
+        }
+    }
+}
+
+fn bpf_linker() -> Result<Status> {
+    let why = match cmd::capture(Command::new("bpf-linker").arg("--version")) {
+        // "bpf-linker 0.13.0"
+        Ok(version) if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) => {
+            return Ok(Status::Present(version));
+        }
+        Ok(version) => format!("found `{version}`"),
+        Err(err) => format!("{err:#} (is ~/.cargo/bin on PATH?)"),
+    };
+    Ok(Status::Missing { why, fix: Fix::BpfLinker })
+}
+
+fn bpffs() -> Result<Status> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    // "bpf /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0"
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+    });
+    Ok(if mounted {
+        Status::Present("/proc/mounts".into())
+    } else {
+        Status::Missing { why: format!("no bpf filesystem mounted at {BPFFS}"), fix: Fix::MountBpffs }
+    })
+}
