@@ -1,4 +1,6 @@
-//! hasync agent library.
+//! hasync agent library: everything the `hasync` binary does, testable without it.
+
+pub mod datapath;
 
 /// The XDP program object, built by build.rs from hasync-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hasync"));

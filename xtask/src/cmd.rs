@@ -9,7 +9,11 @@ pub fn display(cmd: &Command) -> String {
     let mut line = String::new();
     for (key, value) in cmd.get_envs() {
         if let Some(value) = value {
-            line.push_str(&format!("{}={} ", key.to_string_lossy(), value.to_string_lossy()));
+            line.push_str(&format!(
+                "{}={} ",
+                key.to_string_lossy(),
+                value.to_string_lossy()
+            ));
         }
     }
     line.push_str(&cmd.get_program().to_string_lossy());
@@ -24,7 +28,9 @@ pub fn display(cmd: &Command) -> String {
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = display(cmd);
     eprintln!("$ {line}");
-    let status = cmd.status().with_context(|| format!("could not start `{line}`"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }

@@ -43,39 +43,73 @@ struct Requirement {
 enum Status {
     /// Met; the detail says how we know.
     Present(String),
-    Missing { why: String, fix: Fix },
+    Missing {
+        why: String,
+        fix: Fix,
+    },
 }
 
 enum Fix {
     /// Setup cannot do it; the text tells the user what to do.
     Manual(String),
     Apt(&'static str),
-    Rustup { toolchain: Option<&'static str>, components: Vec<&'static str> },
+    Rustup {
+        toolchain: Option<&'static str>,
+        components: Vec<&'static str>,
+    },
     BpfLinker,
     MountBpffs,
 }
 
 /// In the order they are checked. The ones setup cannot fix come first.
 const REQUIREMENTS: &[Requirement] = &[
-    Requirement { name: "root", check: root },
-    Requirement { name: "kernel BTF", check: kernel_btf },
-    Requirement { name: "kernel BPF JIT", check: bpf_jit },
-    Requirement { name: "llvm-22-dev", check: llvm },
-    Requirement { name: "iproute2", check: iproute2 },
-    Requirement { name: "nftables", check: nftables },
-    Requirement { name: "host toolchain clippy, rustfmt", check: host_components },
-    Requirement { name: "nightly rust-src, clippy", check: nightly_components },
-    Requirement { name: "bpf-linker 0.13.0", check: bpf_linker },
-    Requirement { name: "bpffs at /sys/fs/bpf", check: bpffs },
+    Requirement {
+        name: "root",
+        check: root,
+    },
+    Requirement {
+        name: "kernel BTF",
+        check: kernel_btf,
+    },
+    Requirement {
+        name: "kernel BPF JIT",
+        check: bpf_jit,
+    },
+    Requirement {
+        name: "llvm-22-dev",
+        check: llvm,
+    },
+    Requirement {
+        name: "iproute2",
+        check: iproute2,
+    },
+    Requirement {
+        name: "nftables",
+        check: nftables,
+    },
+    Requirement {
+        name: "host toolchain clippy, rustfmt",
+        check: host_components,
+    },
+    Requirement {
+        name: "nightly rust-src, clippy",
+        check: nightly_components,
+    },
+    Requirement {
+        name: "bpf-linker 0.13.0",
+        check: bpf_linker,
+    },
+    Requirement {
+        name: "bpffs at /sys/fs/bpf",
+        check: bpffs,
+    },
 ];
 
 pub fn setup(mode: Mode, report: Report) -> Result<()> {
     let start = Instant::now();
     let mut missing = Vec::new();
     for requirement in REQUIREMENTS {
-        match (requirement.check)()
-            .with_context(|| format!("checking {}", requirement.name))?
-        {
+        match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
             Status::Present(detail) => {
                 if report == Report::Full {
                     println!("ok: {} present ({detail})", requirement.name);
@@ -124,7 +158,10 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
         match (requirement.check)()? {
             Status::Present(detail) => println!("installed {} ({detail})", requirement.name),
             Status::Missing { why, .. } => {
-                bail!("{} is still missing after installing it: {why}", requirement.name)
+                bail!(
+                    "{} is still missing after installing it: {why}",
+                    requirement.name
+                )
             }
         }
     }
@@ -153,7 +190,10 @@ fn install(missing: &[(&Requirement, Fix)]) -> Result<()> {
     for (_, fix) in missing {
         match fix {
             Fix::Manual(_) | Fix::Apt(_) => {}
-            Fix::Rustup { toolchain, components } => {
+            Fix::Rustup {
+                toolchain,
+                components,
+            } => {
                 let mut rustup = Command::new("rustup");
                 rustup.args(["component", "add"]).args(components);
                 if let Some(toolchain) = toolchain {
@@ -208,7 +248,10 @@ fn file_exists(path: &'static str, what_to_do: &str) -> Status {
     if Path::new(path).exists() {
         Status::Present(path.into())
     } else {
-        Status::Missing { why: format!("{path} does not exist"), fix: Fix::Manual(what_to_do.into()) }
+        Status::Missing {
+            why: format!("{path} does not exist"),
+            fix: Fix::Manual(what_to_do.into()),
+        }
     }
 }
 
@@ -235,15 +278,21 @@ fn nftables() -> Result<Status> {
 fn program_on_path(program: &str, package: &'static str) -> Status {
     match find_on_path(program) {
         Some(path) => Status::Present(path.display().to_string()),
-        None => Status::Missing { why: format!("no `{program}` on PATH"), fix: Fix::Apt(package) },
+        None => Status::Missing {
+            why: format!("no `{program}` on PATH"),
+            fix: Fix::Apt(package),
+        },
     }
 }
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| {
-        fs::metadata(candidate).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-    })
+    env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            fs::metadata(candidate)
+                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// clippy and rustfmt of the toolchain running xtask (`cargo fmt`, `cargo clippy` in `test`).
@@ -254,14 +303,22 @@ fn host_components() -> Result<Status> {
         .and_then(|cargo| Some(cargo.parent()?.parent()?.to_owned()))
     {
         Some(sysroot) => sysroot,
-        None => PathBuf::from(cmd::capture(Command::new("rustc").args(["--print", "sysroot"]))?),
+        None => PathBuf::from(cmd::capture(
+            Command::new("rustc").args(["--print", "sysroot"]),
+        )?),
     };
-    Ok(components(&sysroot, None, &[("clippy", "bin/cargo-clippy"), ("rustfmt", "bin/rustfmt")]))
+    Ok(components(
+        &sysroot,
+        None,
+        &[("clippy", "bin/cargo-clippy"), ("rustfmt", "bin/rustfmt")],
+    ))
 }
 
 /// rust-src (for `-Z build-std=core`) and clippy (`clippy-ebpf`) of the nightly toolchain.
 fn nightly_components() -> Result<Status> {
-    let sysroot = match cmd::capture(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"])) {
+    let sysroot = match cmd::capture(
+        Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+    ) {
         Ok(sysroot) => PathBuf::from(sysroot),
         Err(err) => {
             return Ok(Status::Missing {
@@ -277,7 +334,10 @@ fn nightly_components() -> Result<Status> {
     Ok(components(
         &sysroot,
         Some("nightly"),
-        &[("rust-src", "lib/rustlib/src/rust/library/core"), ("clippy", "bin/cargo-clippy")],
+        &[
+            ("rust-src", "lib/rustlib/src/rust/library/core"),
+            ("clippy", "bin/cargo-clippy"),
+        ],
     ))
 }
 
@@ -297,7 +357,10 @@ fn components(
     } else {
         Status::Missing {
             why: format!("{} not in {}", missing.join(", "), sysroot.display()),
-            fix: Fix::Rustup { toolchain, components: missing },
+            fix: Fix::Rustup {
+                toolchain,
+                components: missing,
+            },
         }
     }
 }
@@ -306,12 +369,16 @@ fn bpf_linker() -> Result<Status> {
     let why = match cmd::capture(Command::new("bpf-linker").arg("--version")) {
         // "bpf-linker 0.13.0"
         Ok(version) if version.split_whitespace().nth(1) == Some(BPF_LINKER_VERSION) => {
-            return Ok(Status::Present(version));
+            let path = find_on_path("bpf-linker").unwrap_or_default();
+            return Ok(Status::Present(path.display().to_string()));
         }
         Ok(version) => format!("found `{version}`"),
         Err(err) => format!("{err:#} (is ~/.cargo/bin on PATH?)"),
     };
-    Ok(Status::Missing { why, fix: Fix::BpfLinker })
+    Ok(Status::Missing {
+        why,
+        fix: Fix::BpfLinker,
+    })
 }
 
 fn bpffs() -> Result<Status> {
@@ -324,6 +391,9 @@ fn bpffs() -> Result<Status> {
     Ok(if mounted {
         Status::Present("/proc/mounts".into())
     } else {
-        Status::Missing { why: format!("no bpf filesystem mounted at {BPFFS}"), fix: Fix::MountBpffs }
+        Status::Missing {
+            why: format!("no bpf filesystem mounted at {BPFFS}"),
+            fix: Fix::MountBpffs,
+        }
     })
 }
