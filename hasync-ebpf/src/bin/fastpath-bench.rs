@@ -1,0 +1,109 @@
+//! Bench-only XDP programs for `cargo xtask bench fastpath`. Not part of the product.
+//!
+//! Holds the product's logic with an iteration counter mixed into the flow key (program
+//! `hasync`, same name and maps as the product so the agent's loader drives it), and the
+//! baselines it is compared with, which parse the same headers and apply the identical mixing:
+//! - `base_parse`: parse and pass;
+//! - `base_lookup`: parse plus exactly one LRU-hash lookup;
+//! - `base_insert`: parse plus exactly one LRU-hash insert.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_ANY},
+    macros::{map, xdp},
+    maps::{Array, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use hasync_common::{maps::DEFAULT_SESSION_CAPACITY, FlowKey, Session};
+use hasync_ebpf::{
+    parse::{parse, Parsed},
+    session::{process, KeyMix},
+};
+
+/// Per-CPU iteration counter.
+#[map]
+static BENCH_ITER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `[modulo, offset]`: the mixed index is `offset + (iter % modulo)` (`modulo` 0: no modulo).
+#[map]
+static BENCH_PARAMS: Array<u64> = Array::with_max_entries(2, 0);
+
+/// The baselines' table: same type, key, value and size as SESSIONS.
+#[map]
+static BASE_TABLE: LruHashMap<FlowKey, Session> =
+    LruHashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
+
+/// Writes the iteration's index into `addr_hi[2]`, a word IPv4 keys leave zero.
+struct IterMix;
+
+impl KeyMix for IterMix {
+    #[inline(always)]
+    fn mix(key: &mut FlowKey) {
+        let Some(iter) = BENCH_ITER.get_ptr_mut(0) else { return };
+        // SAFETY: per-CPU slot, only this program writes it on this CPU.
+        let n = unsafe {
+            let n = *iter;
+            *iter = n.wrapping_add(1);
+            n
+        };
+        let modulo = BENCH_PARAMS.get(0).copied().unwrap_or(0);
+        let offset = BENCH_PARAMS.get(1).copied().unwrap_or(0);
+        let idx = if modulo == 0 { n } else { n % modulo };
+        key.addr_hi[2] = offset.wrapping_add(idx) as u32;
+    }
+}
+
+#[inline(always)]
+fn parsed_key(ctx: &XdpContext) -> Option<FlowKey> {
+    match parse(ctx) {
+        Parsed::Track(pkt) => {
+            let mut key = pkt.key;
+            IterMix::mix(&mut key);
+            Some(key)
+        }
+        _ => None,
+    }
+}
+
+#[xdp]
+pub fn hasync(ctx: XdpContext) -> u32 {
+    process::<IterMix>(&ctx)
+}
+
+#[xdp]
+pub fn base_parse(ctx: XdpContext) -> u32 {
+    match parsed_key(&ctx) {
+        Some(key) if key.proto != 0 => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
+}
+
+#[xdp]
+pub fn base_lookup(ctx: XdpContext) -> u32 {
+    let Some(key) = parsed_key(&ctx) else { return xdp_action::XDP_DROP };
+    match BASE_TABLE.get_ptr(&key) {
+        Some(_) => xdp_action::XDP_PASS,
+        None => xdp_action::XDP_DROP,
+    }
+}
+
+#[xdp]
+pub fn base_insert(ctx: XdpContext) -> u32 {
+    let Some(key) = parsed_key(&ctx) else { return xdp_action::XDP_DROP };
+    let value = Session { packets: [1, 0], version: 1, ..Session::default() };
+    match BASE_TABLE.insert(&key, &value, BPF_ANY as u64) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
