@@ -10,9 +10,15 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("hasync-agent has no parent directory"))?
         .join("hasync-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
-        [aya_build::Package { name: "hasync-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "hasync-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )?;
     println!("cargo:rerun-if-changed=../hasync-common");

@@ -1,5 +1,6 @@
 //! hasync agent library: everything the `hasync` binary does, testable without it.
 
+pub mod config;
 pub mod datapath;
 
 /// The XDP program object, built by build.rs from hasync-ebpf.

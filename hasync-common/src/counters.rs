@@ -109,7 +109,9 @@ crate::assert_size!(Counters, COUNTER_COUNT * 8);
 
 impl Default for Counters {
     fn default() -> Self {
-        Counters { values: [0; COUNTER_COUNT] }
+        Counters {
+            values: [0; COUNTER_COUNT],
+        }
     }
 }
 

@@ -41,19 +41,35 @@ fn cmp_addr(a: &[u32; 4], b: &[u32; 4]) -> core::cmp::Ordering {
     // Unrolled on purpose: a fixed sequence of four compares keeps the verifier's job trivial.
     let (a0, b0) = (u32::from_be(a[0]), u32::from_be(b[0]));
     if a0 != b0 {
-        return if a0 < b0 { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+        return if a0 < b0 {
+            core::cmp::Ordering::Less
+        } else {
+            core::cmp::Ordering::Greater
+        };
     }
     let (a1, b1) = (u32::from_be(a[1]), u32::from_be(b[1]));
     if a1 != b1 {
-        return if a1 < b1 { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+        return if a1 < b1 {
+            core::cmp::Ordering::Less
+        } else {
+            core::cmp::Ordering::Greater
+        };
     }
     let (a2, b2) = (u32::from_be(a[2]), u32::from_be(b[2]));
     if a2 != b2 {
-        return if a2 < b2 { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+        return if a2 < b2 {
+            core::cmp::Ordering::Less
+        } else {
+            core::cmp::Ordering::Greater
+        };
     }
     let (a3, b3) = (u32::from_be(a[3]), u32::from_be(b[3]));
     if a3 != b3 {
-        return if a3 < b3 { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater };
+        return if a3 < b3 {
+            core::cmp::Ordering::Less
+        } else {
+            core::cmp::Ordering::Greater
+        };
     }
     core::cmp::Ordering::Equal
 }
@@ -112,8 +128,22 @@ mod tests {
     fn both_directions_share_one_key() {
         let a = v4([198, 18, 0, 10]);
         let b = v4([198, 18, 1, 10]);
-        let (k1, hi1) = FlowKey::canonical(Family::V4, IPPROTO_TCP, a, 40000u16.to_be(), b, 80u16.to_be());
-        let (k2, hi2) = FlowKey::canonical(Family::V4, IPPROTO_TCP, b, 80u16.to_be(), a, 40000u16.to_be());
+        let (k1, hi1) = FlowKey::canonical(
+            Family::V4,
+            IPPROTO_TCP,
+            a,
+            40000u16.to_be(),
+            b,
+            80u16.to_be(),
+        );
+        let (k2, hi2) = FlowKey::canonical(
+            Family::V4,
+            IPPROTO_TCP,
+            b,
+            80u16.to_be(),
+            a,
+            40000u16.to_be(),
+        );
         assert_eq!(k1, k2);
         assert!(!hi1);
         assert!(hi2);
@@ -127,7 +157,8 @@ mod tests {
         // first is larger.
         let a = v4([198, 18, 0, 255]);
         let b = v4([198, 18, 1, 0]);
-        let (k, src_is_hi) = FlowKey::canonical(Family::V4, IPPROTO_UDP, b, 1u16.to_be(), a, 2u16.to_be());
+        let (k, src_is_hi) =
+            FlowKey::canonical(Family::V4, IPPROTO_UDP, b, 1u16.to_be(), a, 2u16.to_be());
         assert!(src_is_hi);
         assert_eq!(k.addr_lo, a);
     }
@@ -135,7 +166,14 @@ mod tests {
     #[test]
     fn same_address_orders_by_port() {
         let a = v4([198, 18, 0, 1]);
-        let (k, src_is_hi) = FlowKey::canonical(Family::V4, IPPROTO_UDP, a, 9000u16.to_be(), a, 53u16.to_be());
+        let (k, src_is_hi) = FlowKey::canonical(
+            Family::V4,
+            IPPROTO_UDP,
+            a,
+            9000u16.to_be(),
+            a,
+            53u16.to_be(),
+        );
         assert!(src_is_hi);
         assert_eq!(u16::from_be(k.port_lo), 53);
     }

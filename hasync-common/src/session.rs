@@ -250,13 +250,31 @@ mod tests {
 
     #[test]
     fn reply_side_closes_first() {
-        let s = run(&[(DIR_REPLY, SYN | ACK), (DIR_ORIGINAL, ACK), (DIR_REPLY, FIN | ACK), (DIR_ORIGINAL, FIN | ACK)]);
-        assert_eq!(&s[..4], &[State::SynRecv, State::Established, State::Closing, State::Closed]);
+        let s = run(&[
+            (DIR_REPLY, SYN | ACK),
+            (DIR_ORIGINAL, ACK),
+            (DIR_REPLY, FIN | ACK),
+            (DIR_ORIGINAL, FIN | ACK),
+        ]);
+        assert_eq!(
+            &s[..4],
+            &[
+                State::SynRecv,
+                State::Established,
+                State::Closing,
+                State::Closed
+            ]
+        );
     }
 
     #[test]
     fn rst_closes_from_any_state_and_direction() {
-        for state in [State::SynSent, State::SynRecv, State::Established, State::Closing] {
+        for state in [
+            State::SynSent,
+            State::SynRecv,
+            State::Established,
+            State::Closing,
+        ] {
             for dir in [DIR_ORIGINAL, DIR_REPLY] {
                 assert_eq!(tcp_next(state, dir, RST, [0, 0]), State::Closed);
             }
@@ -265,7 +283,13 @@ mod tests {
 
     #[test]
     fn syn_ack_from_the_initiator_side_does_not_advance() {
-        assert_eq!(tcp_next(State::SynSent, DIR_ORIGINAL, SYN | ACK, [SYN | ACK, 0]), State::SynSent);
-        assert_eq!(tcp_next(State::SynRecv, DIR_REPLY, ACK, [SYN, SYN | ACK]), State::SynRecv);
+        assert_eq!(
+            tcp_next(State::SynSent, DIR_ORIGINAL, SYN | ACK, [SYN | ACK, 0]),
+            State::SynSent
+        );
+        assert_eq!(
+            tcp_next(State::SynRecv, DIR_REPLY, ACK, [SYN, SYN | ACK]),
+            State::SynRecv
+        );
     }
 }

@@ -114,7 +114,10 @@ struct L3 {
 
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
-    let frame = Frame { start: ctx.data(), end: ctx.data_end() };
+    let frame = Frame {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
     let Some(eth) = frame.read::<ETH_HLEN>(0) else {
         return Parsed::Malformed(Counter::ErrEthTruncated);
     };
@@ -170,7 +173,11 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         // A later fragment: no transport header to read.
         return Err(Parsed::Pass(Counter::PassFragment));
     }
-    let note = if frag & 0x2000 != 0 { Some(Counter::Ipv4FirstFragment) } else { None };
+    let note = if frag & 0x2000 != 0 {
+        Some(Counter::Ipv4FirstFragment)
+    } else {
+        None
+    };
     Ok(L3 {
         family: Family::V4,
         proto: h[9],
@@ -223,7 +230,16 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 next = e[0];
                 l4 += 8;
             }
-            _ => return Ok(L3 { family: Family::V6, proto: next, src, dst, l4, note }),
+            _ => {
+                return Ok(L3 {
+                    family: Family::V6,
+                    proto: next,
+                    src,
+                    dst,
+                    l4,
+                    note,
+                })
+            }
         }
         i += 1;
     }
@@ -231,7 +247,14 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
             Err(Parsed::Malformed(Counter::ErrIpv6TooManyExt))
         }
-        _ => Ok(L3 { family: Family::V6, proto: next, src, dst, l4, note }),
+        _ => Ok(L3 {
+            family: Family::V6,
+            proto: next,
+            src,
+            dst,
+            l4,
+            note,
+        }),
     }
 }
 
@@ -249,7 +272,14 @@ fn tcp_flags_valid(f: u8) -> bool {
 
 #[inline(always)]
 fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
-    let L3 { family, proto, src, dst, l4, note } = l3;
+    let L3 {
+        family,
+        proto,
+        src,
+        dst,
+        l4,
+        note,
+    } = l3;
     let (sport, dport, flags) = match proto {
         IPPROTO_TCP => {
             let Some(h) = frame.read::<20>(l4) else {
@@ -289,5 +319,11 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         _ => return Parsed::Pass(Counter::PassUntracked),
     };
     let (key, src_is_hi) = FlowKey::canonical(family, proto, src, sport, dst, dport);
-    Parsed::Track(Packet { key, src_is_hi, tcp_flags: flags, len: frame.len(), note })
+    Parsed::Track(Packet {
+        key,
+        src_is_hi,
+        tcp_flags: flags,
+        len: frame.len(),
+        note,
+    })
 }

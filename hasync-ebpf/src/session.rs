@@ -9,7 +9,8 @@ use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     maps::EVENTS_WAKEUP_BATCH_BYTES,
     session::{tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
-    Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session, SessionFlags, State, ZoneId,
+    Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session,
+    SessionFlags, State, ZoneId,
 };
 
 use crate::{
@@ -86,7 +87,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
-    if let Some(s) = SESSIONS.get_ptr_mut(&pkt.key) {
+    if let Some(s) = SESSIONS.get_ptr_mut(pkt.key) {
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
@@ -107,8 +108,18 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
 
 /// The packet found its session.
 #[inline(always)]
-fn hit(cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet, s: &mut Session, now: u64) -> u32 {
-    let dir = if pkt.src_is_hi ^ s.flags.has(SessionFlags::INITIATOR_HI) { DIR_REPLY } else { DIR_ORIGINAL };
+fn hit(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    pkt: &Packet,
+    s: &mut Session,
+    now: u64,
+) -> u32 {
+    let dir = if pkt.src_is_hi ^ s.flags.has(SessionFlags::INITIATOR_HI) {
+        DIR_REPLY
+    } else {
+        DIR_ORIGINAL
+    };
     if s.owner != cfg.local_member {
         let owner_alive = match MEMBERS.get(s.owner.0 as u32) {
             Some(m) => m.alive != 0,
@@ -179,7 +190,14 @@ fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64) {
 
 /// The packet has no (live) session: create one, or apply the policy.
 #[inline(always)]
-fn miss(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet, now: u64, is_syn: bool) -> u32 {
+fn miss(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    pkt: &Packet,
+    now: u64,
+    is_syn: bool,
+) -> u32 {
     let state = match pkt.key.proto {
         IPPROTO_TCP if is_syn => State::SynSent,
         IPPROTO_TCP => {
@@ -199,7 +217,7 @@ fn miss(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &P
     };
     let ifindex = ctx.ingress_ifindex() as u32;
     // SAFETY: plain-data value read by copy.
-    let zone = match unsafe { ZONES.get(&ifindex) } {
+    let zone = match unsafe { ZONES.get(ifindex) } {
         Some(z) => *z,
         None => ZoneId::NONE,
     };
@@ -211,13 +229,17 @@ fn miss(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &P
         bytes: [pkt.len, 0],
         version: 1,
         zone,
-        flags: SessionFlags(if pkt.src_is_hi { SessionFlags::INITIATOR_HI } else { 0 }),
+        flags: SessionFlags(if pkt.src_is_hi {
+            SessionFlags::INITIATOR_HI
+        } else {
+            0
+        }),
         owner: cfg.local_member,
         state: state as u8,
         tcp_flags: [pkt.tcp_flags, 0],
         _pad: [0; 4],
     };
-    if SESSIONS.insert(&pkt.key, &session, BPF_ANY as u64).is_err() {
+    if SESSIONS.insert(pkt.key, session, BPF_ANY as u64).is_err() {
         counters.inc(Counter::CreateFailed);
         return xdp_action::XDP_PASS;
     }
@@ -234,9 +256,18 @@ fn emit(counters: &mut Counters, kind: EventKind, key: &FlowKey, s: &Session) {
         counters.inc(Counter::RingbufFull);
         return;
     };
-    entry.write(Event { key: *key, session: *s, kind: kind as u8, _pad: [0; 7] });
+    entry.write(Event {
+        key: *key,
+        session: *s,
+        kind: kind as u8,
+        _pad: [0; 7],
+    });
     let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let flags = if queued >= EVENTS_WAKEUP_BATCH_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let flags = if queued >= EVENTS_WAKEUP_BATCH_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     entry.submit(flags as u64);
     counters.inc(Counter::Events);
 }

@@ -38,8 +38,16 @@ struct Size {
 }
 
 const SIZES: [Size; 2] = [
-    Size { label: "1k", sessions: 1_000, repeat: 1_000_000 },
-    Size { label: "1m", sessions: 1_000_000, repeat: 200_000 },
+    Size {
+        label: "1k",
+        sessions: 1_000,
+        repeat: 1_000_000,
+    },
+    Size {
+        label: "1m",
+        sessions: 1_000_000,
+        repeat: 200_000,
+    },
 ];
 
 #[derive(Clone, Copy, Default)]
@@ -87,7 +95,10 @@ fn key_for(idx: u32) -> FlowKey {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -125,29 +136,41 @@ impl Bench {
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("no program {name}"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+            prog.load()
+                .with_context(|| format!("verifier rejected {name}"))?;
         }
         let mut bench = Bench { ebpf };
         let mut cfg: Array<_, DatapathConfig> = Array::try_from(bench.map(names::CONFIG)?)?;
         cfg.set(0, DatapathConfig::with_defaults(MemberId(1)), 0)?;
         let mut members: Array<_, MemberEntry> = Array::try_from(bench.map(names::MEMBERS)?)?;
         for id in 1..MEMBER_SLOTS {
-            members.set(id, MemberEntry { alive: 1, _pad: [0; 7] }, 0)?;
+            members.set(
+                id,
+                MemberEntry {
+                    alive: 1,
+                    _pad: [0; 7],
+                },
+                0,
+            )?;
         }
         Ok(bench)
     }
 
     fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name}"))
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("no map {name}"))
     }
 
     fn prefill(&mut self, n: u32) -> Result<()> {
         let now = monotonic_ns();
         let value = established(now);
         for table in [names::SESSIONS, "BASE_TABLE"] {
-            let mut map: HashMap<&mut MapData, FlowKey, Session> = HashMap::try_from(self.map(table)?)?;
+            let mut map: HashMap<&mut MapData, FlowKey, Session> =
+                HashMap::try_from(self.map(table)?)?;
             for idx in 0..n {
-                map.insert(key_for(idx), value, 0).with_context(|| format!("prefill {table}"))?;
+                map.insert(key_for(idx), value, 0)
+                    .with_context(|| format!("prefill {table}"))?;
             }
         }
         Ok(())
@@ -163,9 +186,17 @@ impl Bench {
 
     /// Average ns per packet of one test run of `prog`.
     fn run(&self, prog: &str, frame: &[u8], repeat: u32) -> Result<f64> {
-        let p: &Xdp = self.ebpf.program(prog).ok_or_else(|| anyhow!("no program {prog}"))?.try_into()?;
+        let p: &Xdp = self
+            .ebpf
+            .program(prog)
+            .ok_or_else(|| anyhow!("no program {prog}"))?
+            .try_into()?;
         let out = p
-            .test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::new()
+            })
             .with_context(|| format!("BPF_PROG_TEST_RUN of {prog}"))?;
         // Baselines return XDP_DROP when their one map operation misses or fails, so a wrong
         // key mix shows up here rather than as a flattering figure.
@@ -186,7 +217,12 @@ fn measure(size: &Size) -> Result<Figures> {
     let mut bench = Bench::load(capacity)?;
     let t = Instant::now();
     bench.prefill(size.sessions)?;
-    eprintln!("{}: prefilled {} sessions in {:.1?}", size.label, size.sessions, t.elapsed());
+    eprintln!(
+        "{}: prefilled {} sessions in {:.1?}",
+        size.label,
+        size.sessions,
+        t.elapsed()
+    );
 
     let ack = Frame::tcp(client(), server()).ack().payload(64).build();
     let syn = Frame::tcp(client(), server()).syn().build();
@@ -207,7 +243,13 @@ fn measure(size: &Size) -> Result<Figures> {
         }
     }
     let [parse, lookup, hit, insert, create] = samples.map(median);
-    Ok(Figures { parse, lookup, hit, insert, create })
+    Ok(Figures {
+        parse,
+        lookup,
+        hit,
+        insert,
+        create,
+    })
 }
 
 fn main() -> Result<()> {

@@ -1,0 +1,4 @@
+//! Helpers for hasync's cross-crate tests: a frame builder, a `BPF_PROG_TEST_RUN` driver, the
+//! packet fixture runner and network-namespace labs. The tests themselves live in `tests/`.
+
+pub mod testrun;

@@ -40,6 +40,12 @@ struct Requirement {
     check: fn() -> Result<Status>,
 }
 
+impl Requirement {
+    const fn new(name: &'static str, check: fn() -> Result<Status>) -> Self {
+        Self { name, check }
+    }
+}
+
 enum Status {
     /// Met; the detail says how we know.
     Present(String),
@@ -63,50 +69,29 @@ enum Fix {
 
 /// In the order they are checked. The ones setup cannot fix come first.
 const REQUIREMENTS: &[Requirement] = &[
-    Requirement {
-        name: "root",
-        check: root,
-    },
-    Requirement {
-        name: "kernel BTF",
-        check: kernel_btf,
-    },
-    Requirement {
-        name: "kernel BPF JIT",
-        check: bpf_jit,
-    },
-    Requirement {
-        name: "llvm-22-dev",
-        check: llvm,
-    },
-    Requirement {
-        name: "iproute2",
-        check: iproute2,
-    },
-    Requirement {
-        name: "nftables",
-        check: nftables,
-    },
-    Requirement {
-        name: "host toolchain clippy, rustfmt",
-        check: host_components,
-    },
-    Requirement {
-        name: "nightly rust-src, clippy",
-        check: nightly_components,
-    },
-    Requirement {
-        name: "bpf-linker 0.13.0",
-        check: bpf_linker,
-    },
-    Requirement {
-        name: "bpffs at /sys/fs/bpf",
-        check: bpffs,
-    },
+    Requirement::new("root", root),
+    Requirement::new("kernel BTF", kernel_btf),
+    Requirement::new("kernel BPF JIT", bpf_jit),
+    Requirement::new("llvm-22-dev", llvm),
+    Requirement::new("iproute2", iproute2),
+    Requirement::new("nftables", nftables),
+    Requirement::new("host toolchain clippy, rustfmt", host_components),
+    Requirement::new("nightly rust-src, clippy", nightly_components),
+    Requirement::new("bpf-linker 0.13.0", bpf_linker),
+    Requirement::new("bpffs at /sys/fs/bpf", bpffs),
 ];
 
 pub fn setup(mode: Mode, report: Report) -> Result<()> {
     let start = Instant::now();
+    if mode == Mode::Install {
+        if let Status::Missing {
+            why,
+            fix: Fix::Manual(what_to_do),
+        } = root()?
+        {
+            bail!("{why}: {what_to_do}");
+        }
+    }
     let mut missing = Vec::new();
     for requirement in REQUIREMENTS {
         match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
@@ -276,10 +261,23 @@ fn nftables() -> Result<Status> {
 }
 
 fn program_on_path(program: &str, package: &'static str) -> Status {
-    match find_on_path(program) {
-        Some(path) => Status::Present(path.display().to_string()),
+    if let Some(path) = find_on_path(program) {
+        return Status::Present(path.display().to_string());
+    }
+    let why = format!("no `{program}` on PATH");
+    // Installed but invisible (a PATH without sbin): reinstalling would not help.
+    match ["/usr/sbin", "/sbin"]
+        .into_iter()
+        .find(|dir| is_executable(&Path::new(dir).join(program)))
+    {
+        Some(dir) => Status::Missing {
+            why,
+            fix: Fix::Manual(format!(
+                "`{program}` is in {dir}: add {dir} to PATH (tests run it by name)"
+            )),
+        },
         None => Status::Missing {
-            why: format!("no `{program}` on PATH"),
+            why,
             fix: Fix::Apt(package),
         },
     }
@@ -289,23 +287,28 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     env::split_paths(&path)
         .map(|dir| dir.join(program))
-        .find(|candidate| {
-            fs::metadata(candidate)
-                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        })
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
 /// clippy and rustfmt of the toolchain running xtask (`cargo fmt`, `cargo clippy` in `test`).
 fn host_components() -> Result<Status> {
     // Cargo sets $CARGO to <sysroot>/bin/cargo for `cargo run`: no need to spawn rustc.
-    let sysroot = match env::var_os("CARGO")
+    let from_cargo = env::var_os("CARGO")
         .map(PathBuf::from)
-        .and_then(|cargo| Some(cargo.parent()?.parent()?.to_owned()))
-    {
+        .and_then(|cargo| Some(cargo.parent()?.parent()?.to_owned()));
+    let sysroot = match from_cargo {
         Some(sysroot) => sysroot,
-        None => PathBuf::from(cmd::capture(
+        None => match toolchain_sysroot(
             Command::new("rustc").args(["--print", "sysroot"]),
-        )?),
+            "install Rust with rustup (https://rustup.rs)",
+        ) {
+            Ok(sysroot) => sysroot,
+            Err(missing) => return Ok(missing),
+        },
     };
     Ok(components(
         &sysroot,
@@ -316,20 +319,12 @@ fn host_components() -> Result<Status> {
 
 /// rust-src (for `-Z build-std=core`) and clippy (`clippy-ebpf`) of the nightly toolchain.
 fn nightly_components() -> Result<Status> {
-    let sysroot = match cmd::capture(
+    let sysroot = match toolchain_sysroot(
         Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]),
+        "install the nightly toolchain: `rustup toolchain install nightly --component rust-src,clippy`",
     ) {
-        Ok(sysroot) => PathBuf::from(sysroot),
-        Err(err) => {
-            return Ok(Status::Missing {
-                why: format!("{err:#}"),
-                fix: Fix::Manual(
-                    "install the nightly toolchain: \
-                     `rustup toolchain install nightly --component rust-src,clippy`"
-                        .into(),
-                ),
-            })
-        }
+        Ok(sysroot) => sysroot,
+        Err(missing) => return Ok(missing),
     };
     Ok(components(
         &sysroot,
@@ -339,6 +334,17 @@ fn nightly_components() -> Result<Status> {
             ("clippy", "bin/cargo-clippy"),
         ],
     ))
+}
+
+/// Asks `rustc` for its sysroot; a toolchain that does not answer is missing, for the user to
+/// install (setup never installs or updates toolchains).
+fn toolchain_sysroot(rustc: &mut Command, what_to_do: &str) -> Result<PathBuf, Status> {
+    cmd::capture(rustc)
+        .map(PathBuf::from)
+        .map_err(|err| Status::Missing {
+            why: format!("{err:#}"),
+            fix: Fix::Manual(what_to_do.into()),
+        })
 }
 
 /// Checks rustup components by a file each installs under `sysroot`.

@@ -83,10 +83,16 @@ impl Datapath {
         let ebpf = EbpfLoader::new()
             .map_max_entries(names::SESSIONS, opts.session_capacity)
             .load(object)?;
-        let mut dp = Datapath { ebpf, capacity: opts.session_capacity };
+        let mut dp = Datapath {
+            ebpf,
+            capacity: opts.session_capacity,
+        };
         dp.set_config(&opts.config)?;
         let prog = dp.program_mut()?;
-        prog.load().map_err(|source| DatapathError::Program { name: names::PROGRAM, source })?;
+        prog.load().map_err(|source| DatapathError::Program {
+            name: names::PROGRAM,
+            source,
+        })?;
         Ok(dp)
     }
 
@@ -106,14 +112,25 @@ impl Datapath {
 
     /// The XDP program (for attaching and BPF_PROG_TEST_RUN).
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
-        let prog = self.ebpf.program(names::PROGRAM).ok_or(DatapathError::NoProgram(names::PROGRAM))?;
-        prog.try_into().map_err(|source| DatapathError::Program { name: names::PROGRAM, source })
+        let prog = self
+            .ebpf
+            .program(names::PROGRAM)
+            .ok_or(DatapathError::NoProgram(names::PROGRAM))?;
+        prog.try_into().map_err(|source| DatapathError::Program {
+            name: names::PROGRAM,
+            source,
+        })
     }
 
     pub fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
-        let prog =
-            self.ebpf.program_mut(names::PROGRAM).ok_or(DatapathError::NoProgram(names::PROGRAM))?;
-        prog.try_into().map_err(|source| DatapathError::Program { name: names::PROGRAM, source })
+        let prog = self
+            .ebpf
+            .program_mut(names::PROGRAM)
+            .ok_or(DatapathError::NoProgram(names::PROGRAM))?;
+        prog.try_into().map_err(|source| DatapathError::Program {
+            name: names::PROGRAM,
+            source,
+        })
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
@@ -159,8 +176,12 @@ impl Datapath {
         }
         let mut map: Array<_, MemberEntry> =
             Array::try_from(self.map_mut(names::MEMBERS)?).map_err(map_err(names::MEMBERS))?;
-        let entry = MemberEntry { alive: u8::from(alive), _pad: [0; 7] };
-        map.set(u32::from(member.0), entry, 0).map_err(map_err(names::MEMBERS))
+        let entry = MemberEntry {
+            alive: u8::from(alive),
+            _pad: [0; 7],
+        };
+        map.set(u32::from(member.0), entry, 0)
+            .map_err(map_err(names::MEMBERS))
     }
 
     /// The datapath counters, summed over CPUs.

@@ -40,7 +40,9 @@ struct IterMix;
 impl KeyMix for IterMix {
     #[inline(always)]
     fn mix(key: &mut FlowKey) {
-        let Some(iter) = BENCH_ITER.get_ptr_mut(0) else { return };
+        let Some(iter) = BENCH_ITER.get_ptr_mut(0) else {
+            return;
+        };
         // SAFETY: per-CPU slot, only this program writes it on this CPU.
         let n = unsafe {
             let n = *iter;
@@ -81,8 +83,10 @@ pub fn base_parse(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn base_lookup(ctx: XdpContext) -> u32 {
-    let Some(key) = parsed_key(&ctx) else { return xdp_action::XDP_DROP };
-    match BASE_TABLE.get_ptr(&key) {
+    let Some(key) = parsed_key(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    match BASE_TABLE.get_ptr(key) {
         Some(_) => xdp_action::XDP_PASS,
         None => xdp_action::XDP_DROP,
     }
@@ -90,9 +94,15 @@ pub fn base_lookup(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn base_insert(ctx: XdpContext) -> u32 {
-    let Some(key) = parsed_key(&ctx) else { return xdp_action::XDP_DROP };
-    let value = Session { packets: [1, 0], version: 1, ..Session::default() };
-    match BASE_TABLE.insert(&key, &value, BPF_ANY as u64) {
+    let Some(key) = parsed_key(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    let value = Session {
+        packets: [1, 0],
+        version: 1,
+        ..Session::default()
+    };
+    match BASE_TABLE.insert(key, value, BPF_ANY as u64) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }

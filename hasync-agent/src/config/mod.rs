@@ -1,0 +1,564 @@
+//! Configuration: the TOML file every member runs with, and its validation.
+//!
+//! Parsing ([`Config::from_toml`]) and checking ([`Config::validate`]) are separate so
+//! `hasync config check` reports every problem at once, each naming the key, the value and what
+//! is allowed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use hasync_common::{DatapathConfig, MalformedAction, MemberId, Policy, State, STATE_COUNT};
+use serde::{Deserialize, Serialize};
+
+/// Default path of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/hasync/hasync.toml";
+/// Default TCP port of the sync links.
+pub const DEFAULT_SYNC_PORT: u16 = 7471;
+/// Minimum length of the cluster key file, in bytes.
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// Errors of the config module.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), Problems(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+struct Problems<'a>(&'a [String]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cluster: Cluster,
+    pub local: Local,
+    pub ha4: Link,
+    #[serde(default)]
+    pub ha4_backup: Option<Link>,
+    #[serde(default)]
+    pub zones: Vec<Zone>,
+    #[serde(default)]
+    pub members: Vec<Member>,
+    /// Idle timeouts per session state, in seconds, by state name (`established = 3600`).
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub id: u32,
+    #[serde(default)]
+    pub description: String,
+    pub key_file: PathBuf,
+    #[serde(default = "defaults::keepalive_threshold_ms")]
+    pub keepalive_threshold_ms: u64,
+    #[serde(default)]
+    pub sync_timeout_min: u64,
+    #[serde(default = "defaults::monitor_fail_hold_down_min")]
+    pub monitor_fail_hold_down_min: u64,
+    #[serde(default = "defaults::tentative_hold_s")]
+    pub tentative_hold_s: u64,
+    /// TCP port the sync links listen on.
+    #[serde(default = "defaults::sync_port")]
+    pub sync_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyName {
+    #[default]
+    Strict,
+    Loose,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MalformedName {
+    #[default]
+    Drop,
+    Pass,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Local {
+    pub member: u32,
+    #[serde(default = "defaults::control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default = "defaults::traffic_log")]
+    pub traffic_log: PathBuf,
+    #[serde(default)]
+    pub policy: PolicyName,
+    /// What to do with truncated or malformed frames.
+    #[serde(default)]
+    pub malformed: MalformedName,
+    /// Capacity of the session table.
+    #[serde(default = "defaults::session_capacity")]
+    pub session_capacity: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    pub interface: String,
+    /// Address with prefix length, e.g. `198.18.100.1/24` or `fd00:100::1/64`.
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Zone {
+    pub name: String,
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u32,
+    pub serial: String,
+    pub ha4: IpAddr,
+    #[serde(default)]
+    pub ha4_backup: Option<IpAddr>,
+    #[serde(default = "defaults::yes")]
+    pub session_sync: bool,
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub description: String,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub fn keepalive_threshold_ms() -> u64 {
+        10_000
+    }
+    pub fn monitor_fail_hold_down_min() -> u64 {
+        1
+    }
+    pub fn tentative_hold_s() -> u64 {
+        60
+    }
+    pub fn sync_port() -> u16 {
+        super::DEFAULT_SYNC_PORT
+    }
+    pub fn control_socket() -> PathBuf {
+        "/run/hasync/hasync.sock".into()
+    }
+    pub fn traffic_log() -> PathBuf {
+        "/var/log/hasync/traffic.jsonl".into()
+    }
+    pub fn session_capacity() -> u32 {
+        hasync_common::maps::DEFAULT_SESSION_CAPACITY
+    }
+    pub fn yes() -> bool {
+        true
+    }
+}
+
+/// Ranges, named once so messages and checks agree.
+mod range {
+    pub const CLUSTER_ID: (u64, u64) = (1, 99);
+    pub const MEMBER_ID: (u64, u64) = (1, 16);
+    pub const KEEPALIVE_MS: (u64, u64) = (5_000, 60_000);
+    pub const SYNC_TIMEOUT_MIN: (u64, u64) = (0, 30);
+    pub const HOLD_DOWN_MIN: (u64, u64) = (1, 60);
+    pub const TENTATIVE_S: (u64, u64) = (10, 600);
+    pub const MAX_MEMBERS: usize = 16;
+    pub const SESSION_CAPACITY: (u64, u64) = (1, crate::datapath::MAX_SESSION_CAPACITY as u64);
+    pub const TIMEOUT_S: (u64, u64) = (1, 30 * 24 * 3600);
+}
+
+fn check_range(problems: &mut Vec<String>, key: &str, value: u64, (lo, hi): (u64, u64)) {
+    if value < lo || value > hi {
+        problems.push(format!("{key} = {value} is out of range {lo}–{hi}"));
+    }
+}
+
+/// Splits `addr/prefix` and checks it.
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, prefix) = text.split_once('/').ok_or_else(|| {
+        format!("\"{text}\" has no prefix length (expected e.g. 198.18.100.1/24)")
+    })?;
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("\"{addr}\" is not an IP address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .map_err(|_| format!("prefix length \"{prefix}\" is not a number"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(format!("prefix length {prefix} is out of range 0–{max}"));
+    }
+    Ok((addr, prefix))
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::from_toml(path, &text)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Parses without validating.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every rule, reporting all problems at once. `path` only names the file.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        let c = &self.cluster;
+        check_range(&mut p, "cluster.id", u64::from(c.id), range::CLUSTER_ID);
+        check_range(
+            &mut p,
+            "cluster.keepalive_threshold_ms",
+            c.keepalive_threshold_ms,
+            range::KEEPALIVE_MS,
+        );
+        check_range(
+            &mut p,
+            "cluster.sync_timeout_min",
+            c.sync_timeout_min,
+            range::SYNC_TIMEOUT_MIN,
+        );
+        check_range(
+            &mut p,
+            "cluster.monitor_fail_hold_down_min",
+            c.monitor_fail_hold_down_min,
+            range::HOLD_DOWN_MIN,
+        );
+        if c.tentative_hold_s != 0 {
+            let (lo, hi) = range::TENTATIVE_S;
+            if c.tentative_hold_s < lo || c.tentative_hold_s > hi {
+                p.push(format!(
+                    "cluster.tentative_hold_s = {} is out of range: 0, or {lo}–{hi}",
+                    c.tentative_hold_s
+                ));
+            }
+        }
+        if c.sync_port == 0 {
+            p.push("cluster.sync_port = 0 is out of range 1–65535".into());
+        }
+        check_key_file(&mut p, &c.key_file);
+
+        let l = &self.local;
+        check_range(
+            &mut p,
+            "local.member",
+            u64::from(l.member),
+            range::MEMBER_ID,
+        );
+        check_range(
+            &mut p,
+            "local.session_capacity",
+            u64::from(l.session_capacity),
+            range::SESSION_CAPACITY,
+        );
+
+        check_link(&mut p, "ha4", &self.ha4);
+        if let Some(b) = &self.ha4_backup {
+            check_link(&mut p, "ha4_backup", b);
+            if b.interface == self.ha4.interface {
+                p.push(format!(
+                    "ha4_backup.interface = \"{}\" is the same interface as ha4.interface",
+                    b.interface
+                ));
+            }
+        }
+
+        // Zones: unique names, an interface in at most one zone, never a sync interface.
+        let mut zone_names = BTreeSet::new();
+        let mut iface_zone: BTreeMap<&str, &str> = BTreeMap::new();
+        for (i, z) in self.zones.iter().enumerate() {
+            if z.name.is_empty() || z.name.len() > 31 {
+                p.push(format!(
+                    "zones[{i}].name = \"{}\" must be 1–31 characters",
+                    z.name
+                ));
+            }
+            if !zone_names.insert(z.name.as_str()) {
+                p.push(format!("zones[{i}].name = \"{}\" is defined twice", z.name));
+            }
+            for ifname in &z.interfaces {
+                check_ifname(&mut p, &format!("zones[{i}].interfaces"), ifname);
+                if let Some(other) = iface_zone.insert(ifname, &z.name) {
+                    p.push(format!(
+                        "interface \"{ifname}\" is in two zones: \"{other}\" and \"{}\"",
+                        z.name
+                    ));
+                }
+                let sync = [Some(&self.ha4), self.ha4_backup.as_ref()];
+                if sync.iter().flatten().any(|link| link.interface == *ifname) {
+                    p.push(format!(
+                        "zones[{i}].interfaces: \"{ifname}\" is a sync interface (ha4 or ha4_backup) and cannot carry data traffic"
+                    ));
+                }
+            }
+        }
+        if u16::try_from(self.zones.len()).is_err() {
+            p.push(format!("{} zones is more than 65535", self.zones.len()));
+        }
+
+        // Members: ids and serials unique, at most 16, the local one present.
+        if self.members.len() > range::MAX_MEMBERS {
+            p.push(format!(
+                "{} [[members]] is more than the maximum of 16",
+                self.members.len()
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        let mut serials = BTreeSet::new();
+        for (i, m) in self.members.iter().enumerate() {
+            check_range(
+                &mut p,
+                &format!("members[{i}].id"),
+                u64::from(m.id),
+                range::MEMBER_ID,
+            );
+            if !ids.insert(m.id) {
+                p.push(format!("members[{i}].id = {} is used by two members", m.id));
+            }
+            if m.serial.is_empty() {
+                p.push(format!("members[{i}].serial is empty"));
+            } else if !serials.insert(m.serial.as_str()) {
+                p.push(format!(
+                    "members[{i}].serial = \"{}\" is used by two members",
+                    m.serial
+                ));
+            }
+        }
+        match self.members.iter().find(|m| m.id == l.member) {
+            None => p.push(format!(
+                "local.member = {} is missing from [[members]] (every member, the local one included, must be listed)",
+                l.member
+            )),
+            Some(me) => {
+                if let Ok((addr, _)) = parse_cidr(&self.ha4.address) {
+                    if addr != me.ha4 {
+                        p.push(format!(
+                            "ha4.address = \"{}\" does not match members[id={}].ha4 = {}",
+                            self.ha4.address, me.id, me.ha4
+                        ));
+                    }
+                }
+                if let (Some(b), Some(mine)) = (&self.ha4_backup, me.ha4_backup) {
+                    if let Ok((addr, _)) = parse_cidr(&b.address) {
+                        if addr != mine {
+                            p.push(format!(
+                                "ha4_backup.address = \"{}\" does not match members[id={}].ha4_backup = {mine}",
+                                b.address, me.id
+                            ));
+                        }
+                    }
+                }
+                if !me.enabled {
+                    p.push(format!("members[id={}] is the local member but enabled = false", me.id));
+                }
+            }
+        }
+
+        for (name, secs) in &self.timeouts {
+            if !State::ALL.iter().any(|s| s.name() == name) {
+                let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
+                p.push(format!(
+                    "timeouts.{name} is not a session state (known: {})",
+                    known.join(", ")
+                ));
+            }
+            check_range(&mut p, &format!("timeouts.{name}"), *secs, range::TIMEOUT_S);
+        }
+
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems: p,
+            })
+        }
+    }
+
+    pub fn local_member(&self) -> MemberId {
+        MemberId(u8::try_from(self.local.member).unwrap_or(0))
+    }
+
+    /// The datapath configuration this file asks for.
+    pub fn datapath(&self) -> DatapathConfig {
+        let mut cfg = DatapathConfig::with_defaults(self.local_member());
+        for (i, state) in State::ALL.iter().enumerate().take(STATE_COUNT) {
+            if let Some(secs) = self.timeouts.get(state.name()) {
+                cfg.timeouts_ns[i] = secs.saturating_mul(1_000_000_000);
+            }
+        }
+        cfg.policy = match self.local.policy {
+            PolicyName::Strict => Policy::Strict as u8,
+            PolicyName::Loose => Policy::Loose as u8,
+        };
+        cfg.malformed = match self.local.malformed {
+            MalformedName::Drop => MalformedAction::Drop as u8,
+            MalformedName::Pass => MalformedAction::Pass as u8,
+        };
+        cfg
+    }
+
+    /// Zone names in order; a zone's id is its position plus one.
+    pub fn zone_names(&self) -> Vec<String> {
+        self.zones.iter().map(|z| z.name.clone()).collect()
+    }
+
+    /// A digest of everything members must agree on (cluster id, members, zones, timers), for
+    /// the hello and `hasync config diff`.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use blake2::{Blake2s256, Digest};
+        let mut h = Blake2s256::new();
+        for line in self.agreed_lines() {
+            h.update(line.as_bytes());
+            h.update(b"\n");
+        }
+        h.finalize().into()
+    }
+
+    /// The settings members must agree on, one `key = value` line each, in a stable order.
+    pub fn agreed_lines(&self) -> Vec<String> {
+        let c = &self.cluster;
+        let mut out = vec![
+            format!("cluster.id = {}", c.id),
+            format!(
+                "cluster.keepalive_threshold_ms = {}",
+                c.keepalive_threshold_ms
+            ),
+            format!("cluster.sync_timeout_min = {}", c.sync_timeout_min),
+            format!(
+                "cluster.monitor_fail_hold_down_min = {}",
+                c.monitor_fail_hold_down_min
+            ),
+            format!("cluster.tentative_hold_s = {}", c.tentative_hold_s),
+            format!("cluster.sync_port = {}", c.sync_port),
+            format!("zones = [{}]", self.zone_names().join(", ")),
+        ];
+        for (name, secs) in &self.timeouts {
+            out.push(format!("timeouts.{name} = {secs}"));
+        }
+        let mut members: Vec<_> = self.members.iter().collect();
+        members.sort_by_key(|m| m.id);
+        for m in members {
+            out.push(format!(
+                "members[id={}] = serial {}, ha4 {}, ha4_backup {}, session_sync {}, enabled {}",
+                m.id,
+                m.serial,
+                m.ha4,
+                m.ha4_backup
+                    .map_or_else(|| "none".to_string(), |a| a.to_string()),
+                m.session_sync,
+                m.enabled
+            ));
+        }
+        out
+    }
+}
+
+fn check_ifname(p: &mut Vec<String>, key: &str, name: &str) {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+        p.push(format!(
+            "{key}: \"{name}\" is not a valid interface name (1–15 characters, no '/' or spaces)"
+        ));
+    }
+}
+
+fn check_link(p: &mut Vec<String>, section: &str, link: &Link) {
+    check_ifname(p, &format!("{section}.interface"), &link.interface);
+    if let Err(e) = parse_cidr(&link.address) {
+        p.push(format!("{section}.address: {e}"));
+    }
+}
+
+fn check_key_file(p: &mut Vec<String>, path: &Path) {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            p.push(format!(
+                "cluster.key_file = \"{}\": cannot read it: {e}",
+                path.display()
+            ));
+            return;
+        }
+    };
+    if meta.len() < MIN_KEY_BYTES as u64 {
+        p.push(format!(
+            "cluster.key_file = \"{}\" holds {} bytes; at least {MIN_KEY_BYTES} are required",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        p.push(format!(
+            "cluster.key_file = \"{}\" has mode {:04o}: it must not be readable by group or others (chmod 600)",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+}
+
+/// Reads the cluster key and derives the 32-byte pre-shared key used by the sync links.
+pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
+    use blake2::{Blake2s256, Digest};
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if bytes.len() < MIN_KEY_BYTES {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: vec![format!(
+                "the key holds {} bytes; at least {MIN_KEY_BYTES} are required",
+                bytes.len()
+            )],
+        });
+    }
+    let mut h = Blake2s256::new();
+    h.update(b"hasync cluster key v1");
+    h.update(&bytes);
+    Ok(h.finalize().into())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,301 @@
+use std::{io::Write, os::unix::fs::PermissionsExt, path::Path};
+
+use super::*;
+
+/// A key file with `len` bytes and `mode`, removed when dropped.
+struct KeyFile(tempdir::Dir);
+
+mod tempdir {
+    /// A directory under the system temp dir, removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!(
+                "hasync-config-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl KeyFile {
+    fn new(tag: &str, len: usize, mode: u32) -> KeyFile {
+        let dir = tempdir::Dir::new(tag);
+        let path = dir.0.join("cluster.key");
+        let mut f = std::fs::File::create(&path).expect("create key");
+        f.write_all(&vec![0x5a; len]).expect("write key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        KeyFile(dir)
+    }
+    fn path(&self) -> std::path::PathBuf {
+        self.0 .0.join("cluster.key")
+    }
+}
+
+fn sample(key: &Path) -> String {
+    format!(
+        r#"
+[cluster]
+id = 7
+description = "edge cluster"
+key_file = "{}"
+keepalive_threshold_ms = 10000
+sync_timeout_min = 0
+monitor_fail_hold_down_min = 1
+tentative_hold_s = 60
+
+[local]
+member = 1
+control_socket = "/run/hasync/hasync.sock"
+traffic_log = "/var/log/hasync/traffic.jsonl"
+policy = "strict"
+
+[ha4]
+interface = "ha4"
+address = "198.18.100.1/24"
+[ha4_backup]
+interface = "ha4b"
+address = "198.18.101.1/24"
+
+[[zones]]
+name = "trust"
+interfaces = ["veth-in"]
+[[zones]]
+name = "untrust"
+interfaces = ["veth-out"]
+
+[[members]]
+id = 1
+serial = "fw1"
+ha4 = "198.18.100.1"
+ha4_backup = "198.18.101.1"
+session_sync = true
+enabled = true
+description = "rack 1"
+
+[[members]]
+id = 2
+serial = "fw2"
+ha4 = "198.18.100.2"
+ha4_backup = "198.18.101.2"
+"#,
+        key.display()
+    )
+}
+
+fn check(text: &str) -> Result<Config, String> {
+    let path = Path::new("test.toml");
+    let c = Config::from_toml(path, text).map_err(|e| e.to_string())?;
+    c.validate(path).map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let key = KeyFile::new("ok", 32, 0o600);
+    let c = check(&sample(&key.path())).expect("valid");
+    assert_eq!(c.cluster.id, 7);
+    assert_eq!(c.local_member(), MemberId(1));
+    assert_eq!(c.zone_names(), vec!["trust", "untrust"]);
+    assert_eq!(c.datapath().policy, Policy::Strict as u8);
+}
+
+/// Each row: a replacement applied to the valid sample, and a fragment the error must contain.
+#[test]
+fn invalid_values_are_named_with_their_range() {
+    let key = KeyFile::new("rows", 32, 0o600);
+    let base = sample(&key.path());
+    let rows: &[(&str, &str, &str)] = &[
+        (
+            "id = 7\n",
+            "id = 0\n",
+            "cluster.id = 0 is out of range 1–99",
+        ),
+        (
+            "id = 7\n",
+            "id = 100\n",
+            "cluster.id = 100 is out of range 1–99",
+        ),
+        (
+            "keepalive_threshold_ms = 10000",
+            "keepalive_threshold_ms = 4999",
+            "cluster.keepalive_threshold_ms = 4999 is out of range 5000–60000",
+        ),
+        (
+            "sync_timeout_min = 0",
+            "sync_timeout_min = 31",
+            "cluster.sync_timeout_min = 31 is out of range 0–30",
+        ),
+        (
+            "monitor_fail_hold_down_min = 1",
+            "monitor_fail_hold_down_min = 0",
+            "cluster.monitor_fail_hold_down_min = 0 is out of range 1–60",
+        ),
+        (
+            "tentative_hold_s = 60",
+            "tentative_hold_s = 5",
+            "cluster.tentative_hold_s = 5 is out of range: 0, or 10–600",
+        ),
+        (
+            "member = 1\n",
+            "member = 17\n",
+            "local.member = 17 is out of range 1–16",
+        ),
+        (
+            "member = 1\n",
+            "member = 3\n",
+            "local.member = 3 is missing from [[members]]",
+        ),
+        (
+            "id = 2\nserial",
+            "id = 1\nserial",
+            "members[1].id = 1 is used by two members",
+        ),
+        (
+            "serial = \"fw2\"",
+            "serial = \"fw1\"",
+            "members[1].serial = \"fw1\" is used by two members",
+        ),
+        (
+            "interfaces = [\"veth-out\"]",
+            "interfaces = [\"veth-in\"]",
+            "interface \"veth-in\" is in two zones: \"trust\" and \"untrust\"",
+        ),
+        (
+            "name = \"untrust\"",
+            "name = \"trust\"",
+            "zones[1].name = \"trust\" is defined twice",
+        ),
+        (
+            "address = \"198.18.100.1/24\"",
+            "address = \"198.18.100.1\"",
+            "ha4.address: \"198.18.100.1\" has no prefix length",
+        ),
+        (
+            "address = \"198.18.100.1/24\"",
+            "address = \"198.18.100.9/24\"",
+            "does not match members[id=1].ha4",
+        ),
+        (
+            "policy = \"strict\"",
+            "policy = \"lenient\"",
+            "unknown variant `lenient`",
+        ),
+        (
+            "interfaces = [\"veth-out\"]",
+            "interfaces = [\"ha4b\"]",
+            "\"ha4b\" is a sync interface",
+        ),
+    ];
+    for (from, to, expect) in rows {
+        assert!(base.contains(from), "row {to:?}: sample lacks {from:?}");
+        let text = base.replacen(from, to, 1);
+        match check(&text) {
+            Ok(_) => panic!("row {to:?}: accepted, expected an error containing {expect:?}"),
+            Err(e) => assert!(
+                e.contains(expect),
+                "row {to:?}: error\n{e}\ndoes not contain {expect:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn ipv6_sync_addresses_work() {
+    let key = KeyFile::new("v6", 32, 0o600);
+    let text = sample(&key.path())
+        .replace("198.18.100.1/24", "fd00:100::1/64")
+        .replace("ha4 = \"198.18.100.1\"", "ha4 = \"fd00:100::1\"")
+        .replace("198.18.100.2", "fd00:100::2");
+    let c = check(&text).expect("IPv6 HA4 is valid");
+    assert!(c.members[0].ha4.is_ipv6());
+}
+
+#[test]
+fn short_or_exposed_key_files_are_refused() {
+    let short = KeyFile::new("short", 31, 0o600);
+    let e = check(&sample(&short.path())).expect_err("short key");
+    assert!(
+        e.contains("holds 31 bytes; at least 32 are required"),
+        "{e}"
+    );
+    let exposed = KeyFile::new("exposed", 32, 0o644);
+    let e = check(&sample(&exposed.path())).expect_err("world-readable key");
+    assert!(
+        e.contains("mode 0644: it must not be readable by group or others"),
+        "{e}"
+    );
+    let e = check(&sample(Path::new("/nonexistent/hasync.key"))).expect_err("missing key");
+    assert!(e.contains("cannot read it"), "{e}");
+}
+
+#[test]
+fn more_than_sixteen_members_is_refused() {
+    let key = KeyFile::new("many", 32, 0o600);
+    let mut text = sample(&key.path());
+    for id in 3..=17 {
+        text.push_str(&format!(
+            "\n[[members]]\nid = {id}\nserial = \"fw{id}\"\nha4 = \"198.18.100.{id}\"\n"
+        ));
+    }
+    let e = check(&text).expect_err("17 members");
+    assert!(
+        e.contains("17 [[members]] is more than the maximum of 16"),
+        "{e}"
+    );
+    assert!(
+        e.contains("members[16].id = 17 is out of range 1–16"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_keys_and_timeouts_are_named() {
+    let key = KeyFile::new("unknown", 32, 0o600);
+    let e = check(&sample(&key.path()).replace("policy = \"strict\"", "polcy = \"strict\""))
+        .expect_err("typo");
+    assert!(e.contains("unknown field `polcy`"), "{e}");
+    let e = check(&format!(
+        "{}\n[timeouts]\nestablised = 10\n",
+        sample(&key.path())
+    ))
+    .expect_err("bad state");
+    assert!(
+        e.contains("timeouts.establised is not a session state"),
+        "{e}"
+    );
+    let c = check(&format!(
+        "{}\n[timeouts]\nestablished = 10\n",
+        sample(&key.path())
+    ))
+    .expect("good state");
+    assert_eq!(
+        c.datapath().timeouts_ns[State::Established as usize],
+        10_000_000_000
+    );
+}
+
+#[test]
+fn fingerprint_follows_what_members_must_agree_on() {
+    let key = KeyFile::new("fp", 32, 0o600);
+    let a = check(&sample(&key.path())).expect("valid");
+    let mut b = a.clone();
+    b.local.member = 2;
+    b.ha4.address = "198.18.100.2/24".into();
+    assert_eq!(
+        a.fingerprint(),
+        b.fingerprint(),
+        "local settings do not change the fingerprint"
+    );
+    b.zones[1].name = "dmz".into();
+    assert_ne!(a.fingerprint(), b.fingerprint(), "zone names do");
+}

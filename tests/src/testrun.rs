@@ -1,0 +1,262 @@
+//! Runs frames through the XDP program with `BPF_PROG_TEST_RUN`, and reads back what it did.
+
+use std::{fmt, time::Instant};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{HashMap, MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use hasync_agent::datapath::{Datapath, DatapathOptions};
+use hasync_common::{
+    maps as names, Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session,
+};
+
+/// The XDP verdict a test run returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Aborted,
+    Drop,
+    Pass,
+    Tx,
+    Redirect,
+    Other(u32),
+}
+
+impl Verdict {
+    pub fn from_raw(v: u32) -> Self {
+        match v {
+            0 => Verdict::Aborted,
+            1 => Verdict::Drop,
+            2 => Verdict::Pass,
+            3 => Verdict::Tx,
+            4 => Verdict::Redirect,
+            other => Verdict::Other(other),
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Aborted => f.write_str("XDP_ABORTED"),
+            Verdict::Drop => f.write_str("XDP_DROP"),
+            Verdict::Pass => f.write_str("XDP_PASS"),
+            Verdict::Tx => f.write_str("XDP_TX"),
+            Verdict::Redirect => f.write_str("XDP_REDIRECT"),
+            Verdict::Other(v) => write!(f, "XDP verdict {v}"),
+        }
+    }
+}
+
+/// Interface index the test runs claim as ingress: `lo`, which exists in every namespace, so
+/// the zone map can be exercised.
+pub const TEST_IFINDEX: u32 = 1;
+/// Capacity of the SESSIONS map in tests: small, so loading is cheap.
+pub const TEST_CAPACITY: u32 = 4096;
+/// The member the test datapath runs as.
+pub const LOCAL: MemberId = MemberId(1);
+
+/// This host's `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The config fixtures start from: the firewall defaults for member 1, but refresh events only
+/// once a minute, so a row's frames never race the refresh interval.
+pub fn fixture_config() -> DatapathConfig {
+    let mut cfg = DatapathConfig::with_defaults(LOCAL);
+    cfg.refresh_interval_ns = 60_000_000_000;
+    cfg
+}
+
+/// A loaded (not attached) datapath driven by test runs.
+pub struct TestDatapath {
+    dp: Datapath,
+}
+
+impl TestDatapath {
+    /// Loads the product program with [`fixture_config`], member 1 alive.
+    pub fn load() -> Result<Self> {
+        Self::load_with(fixture_config())
+    }
+
+    /// Loads the product program with `config`; the local member (if valid) is marked alive.
+    pub fn load_with(config: DatapathConfig) -> Result<Self> {
+        let mut opts = DatapathOptions::new(config.local_member);
+        opts.session_capacity = TEST_CAPACITY;
+        opts.config = config;
+        let mut dp = Datapath::load(&opts).context("loading the XDP program")?;
+        if config.local_member.is_valid() {
+            dp.set_member_alive(config.local_member, true)?;
+        }
+        Ok(TestDatapath { dp })
+    }
+
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    /// Runs one frame arriving on [`TEST_IFINDEX`].
+    pub fn run(&self, frame: &[u8]) -> Result<Verdict> {
+        self.run_on(frame, TEST_IFINDEX)
+    }
+
+    /// Runs one frame arriving on `ifindex` (an interface of the caller's network namespace).
+    pub fn run_on(&self, frame: &[u8], ifindex: u32) -> Result<Verdict> {
+        let ctx = xdp_md(frame.len(), ifindex);
+        let prog = self.dp.program()?;
+        let out = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of a {}-byte frame", frame.len()))?;
+        Ok(Verdict::from_raw(out.return_value))
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        Ok(self.dp.counters()?)
+    }
+
+    pub fn session(&self, key: &FlowKey) -> Result<Option<Session>> {
+        Ok(self.dp.session(key)?)
+    }
+
+    fn sessions_map(&mut self) -> Result<HashMap<&mut MapData, FlowKey, Session>> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(names::SESSIONS)
+            .context("no SESSIONS map")?;
+        Ok(HashMap::try_from(map)?)
+    }
+
+    /// Every session in the table.
+    pub fn sessions(&mut self) -> Result<Vec<(FlowKey, Session)>> {
+        let map = self.sessions_map()?;
+        let mut out = Vec::new();
+        for entry in map.iter() {
+            out.push(entry?);
+        }
+        Ok(out)
+    }
+
+    /// Writes a session into the table, as a peer's sync or a test setup would.
+    pub fn insert_session(&mut self, key: &FlowKey, session: &Session) -> Result<()> {
+        self.sessions_map()?.insert(key, session, 0)?;
+        Ok(())
+    }
+
+    /// Empties the session table.
+    pub fn clear_sessions(&mut self) -> Result<()> {
+        let mut map = self.sessions_map()?;
+        let keys = map.keys().collect::<Result<Vec<_>, _>>()?;
+        for key in keys {
+            map.remove(&key)?;
+        }
+        Ok(())
+    }
+
+    /// Takes every event queued in the EVENTS ring buffer.
+    // TODO(lead): switch to `Datapath::take_events()` / `EventStream::drain` once it lands, so
+    // the tests read events through the agent's own reader.
+    pub fn drain_events(&mut self) -> Result<Vec<Event>> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(names::EVENTS)
+            .context("no EVENTS map")?;
+        let mut ring = RingBuf::try_from(map)?;
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<Event>() {
+                bail!("short event record: {} bytes", item.len());
+            }
+            // SAFETY: the record holds at least one `Event` (checked above), a plain-data type
+            // for which every bit pattern is valid; read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        Ok(out)
+    }
+}
+
+/// The `struct xdp_md` a test run takes as context: data = 0, data_end = frame length,
+/// data_meta = 0, ingress_ifindex, rx_queue_index = 0, egress_ifindex = 0.
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let fields = [0u32, len as u32, 0, ifindex, 0, 0];
+    let mut out = [0u8; 24];
+    for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    out
+}
+
+/// The change of every datapath counter between two snapshots.
+#[derive(Clone, Debug)]
+pub struct CounterDelta {
+    pub before: Counters,
+    pub after: Counters,
+}
+
+impl CounterDelta {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.after.get(c).wrapping_sub(self.before.get(c))
+    }
+
+    /// The counters that moved, with their deltas.
+    pub fn nonzero(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| (c, self.get(c)))
+            .filter(|&(_, d)| d != 0)
+            .collect()
+    }
+}
+
+impl fmt::Display for CounterDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let moved = self.nonzero();
+        if moved.is_empty() {
+            return f.write_str("(no counter moved)");
+        }
+        for (i, (c, d)) in moved.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{} +{d}", c.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// Snapshots the counters, runs `f`, and returns its result with the counter delta.
+pub fn with_delta<T>(
+    tdp: &mut TestDatapath,
+    f: impl FnOnce(&mut TestDatapath) -> Result<T>,
+) -> Result<(T, CounterDelta)> {
+    let before = tdp.counters()?;
+    let out = f(tdp)?;
+    let after = tdp.counters()?;
+    Ok((out, CounterDelta { before, after }))
+}
+
+/// How long `f` took, for the odd timing note in a test's output.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}
