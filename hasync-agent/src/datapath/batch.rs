@@ -1,0 +1,506 @@
+//! Batch map operations (`BPF_MAP_{LOOKUP,UPDATE,DELETE}_BATCH`), which aya 0.14 lacks, and
+//! the single-element lookup that goes with them.
+//!
+//! A safe wrapper around the bpf(2) syscall on a bare map fd: the agent walks the session
+//! table in bounded chunks with these, never keeping a copy of it.
+//!
+//! Semantics follow the kernel (`kernel/bpf/hashtab.c`, `kernel/bpf/syscall.c`):
+//! - lookup: the kernel fills up to `count` entries and a resume token. `ENOENT` means the end
+//!   of the map was reached (the entries returned with it are valid). A hash map is walked
+//!   bucket by bucket and a bucket is never split: `ENOSPC` (with nothing returned) means the
+//!   next bucket holds more entries than `count`; we then retry with a larger count.
+//! - update/delete: element by element; on the first failure the kernel stops and reports how
+//!   many elements it processed.
+//!
+//! Walking a hash map while the XDP program changes it is safe and sees each key at most once
+//! (a key always hashes to the same bucket); keys inserted into buckets already walked are
+//! missed, and keys removed from buckets not walked yet are not seen.
+//!
+//! Not for per-CPU maps: there a value is `round_up(value_size, 8) * possible_cpus` bytes.
+
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use aya::Pod;
+
+/// Which map command failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOp {
+    Lookup,
+    Update,
+    Delete,
+    /// The single-element lookup.
+    LookupElem,
+}
+
+impl BatchOp {
+    pub const fn name(self) -> &'static str {
+        match self {
+            BatchOp::Lookup => "BPF_MAP_LOOKUP_BATCH",
+            BatchOp::Update => "BPF_MAP_UPDATE_BATCH",
+            BatchOp::Delete => "BPF_MAP_DELETE_BATCH",
+            BatchOp::LookupElem => "BPF_MAP_LOOKUP_ELEM",
+        }
+    }
+
+    const fn cmd(self) -> libc::c_long {
+        // Values of `enum bpf_cmd` (include/uapi/linux/bpf.h).
+        match self {
+            BatchOp::LookupElem => 1,
+            BatchOp::Lookup => 24,
+            BatchOp::Update => 26,
+            BatchOp::Delete => 27,
+        }
+    }
+}
+
+impl std::fmt::Display for BatchOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors of batch map operations.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The syscall failed; `done` elements were processed before the failure (update/delete).
+    #[error("{op} failed after {done} elements: {source}")]
+    Syscall {
+        op: BatchOp,
+        done: usize,
+        #[source]
+        source: io::Error,
+    },
+    /// Keys and values of an update differ in number.
+    #[error("{op}: {keys} keys but {values} values")]
+    LengthMismatch { op: BatchOp, keys: usize, values: usize },
+    /// A request larger than the kernel's `u32` count.
+    #[error("{op}: {len} elements is more than one call can carry")]
+    TooLarge { op: BatchOp, len: usize },
+    /// A chunk size of 0 cannot make progress.
+    #[error("{op}: chunk size 0 is out of range 1–{max}", max = u32::MAX)]
+    ZeroChunk { op: BatchOp },
+    /// One hash bucket holds more entries than the largest request we make.
+    #[error("{op}: a hash bucket holds more than {max} entries")]
+    BucketTooLarge { op: BatchOp, max: u32 },
+    /// The kernel reported more entries than were asked for (never expected).
+    #[error("{op}: kernel returned {got} entries for a request of {asked}")]
+    Overrun { op: BatchOp, got: u32, asked: u32 },
+}
+
+impl BatchError {
+    /// The errno of a failed syscall, if that is what this is.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            BatchError::Syscall { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h):
+/// ```c
+/// struct { /* struct used by BPF_MAP_*_BATCH commands */
+///     __aligned_u64 in_batch;  /* start batch, NULL to start from beginning */
+///     __aligned_u64 out_batch; /* output: next start batch */
+///     __aligned_u64 keys;
+///     __aligned_u64 values;
+///     __u32 count;             /* input/output */
+///     __u32 map_fd;
+///     __u64 elem_flags;
+///     __u64 flags;
+/// } batch;
+/// ```
+/// We pass only this member's size: the kernel zero-fills the rest of `bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+const _: () = assert!(size_of::<BatchAttr>() == 48);
+
+/// `union bpf_attr`'s member for `BPF_MAP_*_ELEM` commands:
+/// `{ __u32 map_fd; __aligned_u64 key; __aligned_u64 value; __u64 flags; }`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+const _: () = assert!(size_of::<ElemAttr>() == 32);
+
+/// Issues one map command (`BatchAttr` or `ElemAttr`, as `op` requires). The kernel updates
+/// `attr` in place (batch `count`, tokens).
+///
+/// # Safety
+///
+/// `A` must be the attr layout of `op`, and every non-zero pointer in `attr` must be valid for
+/// what the command does with it: `keys` and `values` for `count` elements of the map's key
+/// and value size (written by lookup, read by update/delete), `in_batch`/`out_batch` for a
+/// token of the map's token size, `key`/`value` for one key and value.
+unsafe fn sys_batch<A>(op: BatchOp, attr: &mut A) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, initialised attr of the size we pass; the pointers it holds
+    // are valid per this function's contract.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            op.cmd(),
+            std::ptr::from_mut(attr),
+            size_of::<A>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
+    // A valid fd is non-negative, so this never wraps.
+    fd.as_raw_fd() as u32
+}
+
+/// Where a chunked lookup resumes. Start with [`BatchCursor::new`]; reuse for every chunk of
+/// one walk.
+#[derive(Debug, Default)]
+pub struct BatchCursor {
+    /// The kernel's resume token: a bucket index (`u32`) for hash maps, a key for the generic
+    /// implementation (arrays). Kept as `u64`s for alignment, at least 8 bytes.
+    token: Vec<u64>,
+    started: bool,
+    done: bool,
+}
+
+impl BatchCursor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True once the walk has reached the end of the map.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn ensure_token_len(&mut self, key_size: usize) {
+        let words = key_size.div_ceil(8).max(1);
+        if self.token.len() < words {
+            self.token.resize(words, 0);
+        }
+    }
+}
+
+/// Largest count we ask for when one bucket does not fit the caller's chunk.
+const MAX_BUCKET_RETRY: u32 = 1 << 16;
+
+/// Reads the next chunk of the map into `keys` and `values` (cleared first), at most `max`
+/// entries unless one hash bucket alone holds more (then that bucket, whole). Returns whether
+/// more may follow; after `false`, the cursor is done and further calls return nothing.
+pub fn lookup_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    cursor: &mut BatchCursor,
+    keys: &mut Vec<K>,
+    values: &mut Vec<V>,
+    max: u32,
+) -> Result<bool, BatchError> {
+    const OP: BatchOp = BatchOp::Lookup;
+    keys.clear();
+    values.clear();
+    if max == 0 {
+        return Err(BatchError::ZeroChunk { op: OP });
+    }
+    if cursor.done {
+        return Ok(false);
+    }
+    cursor.ensure_token_len(size_of::<K>());
+    let mut asked = max;
+    loop {
+        keys.reserve(asked as usize);
+        values.reserve(asked as usize);
+        // The kernel reads the token from `in_batch` and writes the next one to `out_batch`;
+        // both may point at the same buffer (it reads before it writes).
+        let token = cursor.token.as_mut_ptr() as u64;
+        let mut attr = BatchAttr {
+            in_batch: if cursor.started { token } else { 0 },
+            out_batch: token,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: asked,
+            map_fd: fd_u32(fd),
+            ..Default::default()
+        };
+        // SAFETY: `keys` and `values` have capacity for `asked` elements; the token buffer
+        // holds at least max(8, size_of::<K>()) bytes, which covers both token kinds.
+        let res = unsafe { sys_batch(OP, &mut attr) };
+        let errno = res.as_ref().err().and_then(io::Error::raw_os_error);
+        let more = match res {
+            Ok(()) => true,
+            Err(_) if errno == Some(libc::ENOENT) => false,
+            Err(_) if errno == Some(libc::ENOSPC) && attr.count == 0 => {
+                // The next bucket alone does not fit: ask again for more, in the same place.
+                if asked >= MAX_BUCKET_RETRY {
+                    return Err(BatchError::BucketTooLarge { op: OP, max: asked });
+                }
+                // The kernel wrote that bucket's token: resume there rather than at the start.
+                cursor.started = true;
+                asked = asked.saturating_mul(2).min(MAX_BUCKET_RETRY);
+                continue;
+            }
+            Err(source) => return Err(BatchError::Syscall { op: OP, done: 0, source }),
+        };
+        if attr.count > asked {
+            return Err(BatchError::Overrun { op: OP, got: attr.count, asked });
+        }
+        // SAFETY: the kernel wrote `attr.count` (≤ capacity) whole keys and values; both are
+        // `Pod`, so any bytes are valid values.
+        unsafe {
+            keys.set_len(attr.count as usize);
+            values.set_len(attr.count as usize);
+        }
+        cursor.started = true;
+        cursor.done = !more;
+        return Ok(more);
+    }
+}
+
+/// Inserts or replaces `keys[i] → values[i]` with `flags` (`BPF_ANY`, `BPF_NOEXIST`,
+/// `BPF_EXIST`) for each element.
+pub fn update_batch<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    flags: u64,
+) -> Result<(), BatchError> {
+    const OP: BatchOp = BatchOp::Update;
+    if keys.len() != values.len() {
+        return Err(BatchError::LengthMismatch { op: OP, keys: keys.len(), values: values.len() });
+    }
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let count = u32::try_from(keys.len()).map_err(|_| BatchError::TooLarge { op: OP, len: keys.len() })?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: fd_u32(fd),
+        elem_flags: flags,
+        ..Default::default()
+    };
+    // SAFETY: the kernel only reads `count` keys and values, which the slices hold.
+    unsafe { sys_batch(OP, &mut attr) }
+        .map_err(|source| BatchError::Syscall { op: OP, done: attr.count as usize, source })
+}
+
+/// Deletes `keys`. Keys that are not in the map (evicted, or deleted meanwhile) are skipped.
+/// Returns how many entries were deleted.
+pub fn delete_batch<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> Result<usize, BatchError> {
+    const OP: BatchOp = BatchOp::Delete;
+    let mut deleted = 0;
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count,
+            map_fd: fd_u32(fd),
+            ..Default::default()
+        };
+        // SAFETY: the kernel only reads `count` keys, which `rest` holds.
+        let res = unsafe { sys_batch(OP, &mut attr) };
+        // The kernel reports the number of keys deleted before it stopped.
+        let done = (attr.count as usize).min(rest.len());
+        deleted += done;
+        match res {
+            Ok(()) => rest = rest.get(done..).unwrap_or_default(),
+            // `rest[done]` is missing: skip it, carry on with the ones after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                rest = rest.get(done + 1..).unwrap_or_default();
+            }
+            Err(source) => return Err(BatchError::Syscall { op: OP, done: deleted, source }),
+        }
+    }
+    Ok(deleted)
+}
+
+/// Looks up one key; `None` when it is not in the map.
+pub fn lookup<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> Result<Option<V>, BatchError> {
+    const OP: BatchOp = BatchOp::LookupElem;
+    let mut value = std::mem::MaybeUninit::<V>::uninit();
+    let mut attr = ElemAttr {
+        map_fd: fd_u32(fd),
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: the kernel reads one key from `key` and writes one value to `value`.
+    match unsafe { sys_batch(OP, &mut attr) } {
+        // SAFETY: the kernel wrote a whole value; `V` is `Pod`, so any bytes are valid.
+        Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(source) => Err(BatchError::Syscall { op: OP, done: 0, source }),
+    }
+}
+
+/// Walks the whole map in chunks of at most `chunk` entries (see [`lookup_batch`]), calling `f`
+/// with each non-empty chunk. Memory stays at one chunk. Returns the number of entries seen.
+pub fn for_each_chunk<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    chunk: u32,
+    mut f: impl FnMut(&[K], &[V]),
+) -> Result<u64, BatchError> {
+    let mut cursor = BatchCursor::new();
+    let mut keys = Vec::with_capacity(chunk as usize);
+    let mut values = Vec::with_capacity(chunk as usize);
+    let mut seen = 0u64;
+    loop {
+        let more = lookup_batch(fd, &mut cursor, &mut keys, &mut values, chunk)?;
+        if !keys.is_empty() {
+            seen += keys.len() as u64;
+            f(&keys, &values);
+        }
+        if !more {
+            return Ok(seen);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, os::fd::AsFd};
+
+    use super::*;
+    use crate::datapath::testing::{create_map, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+
+    /// A 40-byte key and 72-byte value, like the session table's.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    struct Key([u64; 5]);
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Value([u64; 9]);
+    // SAFETY: integer arrays, no padding.
+    unsafe impl Pod for Key {}
+    // SAFETY: integer arrays, no padding.
+    unsafe impl Pod for Value {}
+
+    fn key(i: u64) -> Key {
+        Key([i, i.rotate_left(17), 3, 4, 5])
+    }
+
+    fn value(i: u64) -> Value {
+        Value([i; 9])
+    }
+
+    fn dump(fd: BorrowedFd<'_>, chunk: u32) -> HashMap<Key, Value> {
+        let mut all = HashMap::new();
+        let mut chunks = 0;
+        let seen = for_each_chunk(fd, chunk, |k: &[Key], v: &[Value]| {
+            chunks += 1;
+            assert!(k.len() == v.len());
+            for (k, v) in k.iter().zip(v) {
+                assert!(all.insert(*k, *v).is_none(), "key {k:?} seen twice");
+            }
+        })
+        .expect("walk");
+        assert_eq!(seen as usize, all.len());
+        all
+    }
+
+    #[test]
+    fn ten_thousand_entries_round_trip_and_half_are_deleted() {
+        for map_type in [BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH] {
+            // Room to spare: an LRU hash may evict before it is full.
+            let map = create_map::<Key, Value>(map_type, 40_000);
+            let fd = map.as_fd();
+            let keys: Vec<Key> = (0..10_000).map(key).collect();
+            let values: Vec<Value> = (0..10_000).map(value).collect();
+            update_batch(fd, &keys, &values, 0).expect("update");
+
+            let all = dump(fd, 1000);
+            assert_eq!(all.len(), 10_000, "map type {map_type}");
+            for i in 0..10_000 {
+                assert_eq!(all.get(&key(i)), Some(&value(i)));
+            }
+
+            let even: Vec<Key> = (0..10_000).step_by(2).map(key).collect();
+            assert_eq!(delete_batch(fd, &even).expect("delete"), 5_000);
+            let left = dump(fd, 777);
+            assert_eq!(left.len(), 5_000);
+            assert!(left.keys().all(|k| k.0[0] % 2 == 1));
+        }
+    }
+
+    #[test]
+    fn delete_skips_missing_keys() {
+        let map = create_map::<Key, Value>(BPF_MAP_TYPE_HASH, 64);
+        let fd = map.as_fd();
+        let keys: Vec<Key> = (0..10).map(key).collect();
+        let values: Vec<Value> = (0..10).map(value).collect();
+        update_batch(fd, &keys, &values, 0).expect("update");
+        // 100 and 101 were never there; 3 is listed twice.
+        let doomed = [key(100), key(1), key(3), key(3), key(101), key(5)];
+        assert_eq!(delete_batch(fd, &doomed).expect("delete"), 3);
+        assert_eq!(dump(fd, 4).len(), 7);
+    }
+
+    #[test]
+    fn tiny_chunks_never_split_a_bucket_and_never_fail() {
+        // 1000 keys in 1024 buckets: hundreds of buckets hold two or more, so a chunk of 1
+        // meets ENOSPC, and the whole bucket comes back in one chunk.
+        let map = create_map::<Key, Value>(BPF_MAP_TYPE_HASH, 1000);
+        let fd = map.as_fd();
+        let keys: Vec<Key> = (0..1000).map(key).collect();
+        let values: Vec<Value> = (0..1000).map(value).collect();
+        update_batch(fd, &keys, &values, 0).expect("update");
+        let mut largest = 0;
+        let seen = for_each_chunk(fd, 1, |k: &[Key], _: &[Value]| largest = largest.max(k.len()));
+        assert_eq!(seen.expect("walk"), 1000);
+        assert!(largest > 1, "no bucket held two keys");
+        assert_eq!(dump(fd, 1).len(), 1000);
+    }
+
+    #[test]
+    fn empty_map_and_finished_cursor_yield_nothing() {
+        let map = create_map::<Key, Value>(BPF_MAP_TYPE_LRU_HASH, 128);
+        let fd = map.as_fd();
+        let mut cursor = BatchCursor::new();
+        let (mut k, mut v) = (Vec::<Key>::new(), Vec::<Value>::new());
+        assert!(!lookup_batch(fd, &mut cursor, &mut k, &mut v, 16).expect("lookup"));
+        assert!(cursor.is_done() && k.is_empty());
+        assert!(!lookup_batch(fd, &mut cursor, &mut k, &mut v, 16).expect("lookup again"));
+        assert!(matches!(
+            lookup_batch(fd, &mut BatchCursor::new(), &mut k, &mut v, 0),
+            Err(BatchError::ZeroChunk { .. })
+        ));
+    }
+
+    #[test]
+    fn update_errors_name_the_operation_and_progress() {
+        let map = create_map::<Key, Value>(BPF_MAP_TYPE_HASH, 4);
+        let fd = map.as_fd();
+        let keys: Vec<Key> = (0..6).map(key).collect();
+        let values: Vec<Value> = (0..6).map(value).collect();
+        let err = update_batch(fd, &keys, &values, 0).expect_err("a hash map of 4 cannot hold 6");
+        assert_eq!(err.errno(), Some(libc::E2BIG));
+        assert!(matches!(err, BatchError::Syscall { op: BatchOp::Update, done: 4, .. }), "{err:?}");
+        assert!(err.to_string().starts_with("BPF_MAP_UPDATE_BATCH failed after 4 elements"), "{err}");
+        assert!(matches!(
+            update_batch(fd, &keys, &values[..2], 0),
+            Err(BatchError::LengthMismatch { keys: 6, values: 2, .. })
+        ));
+    }
+}

@@ -1,0 +1,286 @@
+//! The expiry sweep: removes sessions idle past their state's timeout.
+//!
+//! The XDP program already treats an idle session as absent when a packet finds it; the sweep
+//! frees the entry and turns it into a [`Removed`] "session ended" record for the rest of the
+//! agent (sync, traffic log). It walks SESSIONS in chunks with batch lookups and deletes with
+//! batch deletes, so memory stays at one chunk whatever the table size.
+//!
+//! # The race with the datapath
+//!
+//! There is no compare-and-delete for BPF maps. A session can change between our read and our
+//! delete. Each candidate is therefore read again with a single lookup just before the chunk's
+//! batch delete, and spared if it is no longer idle (a packet refreshed it, or recreated it
+//! after it had expired). What remains is the window between that re-read and the delete
+//! (microseconds): a packet arriving then finds the old entry expired, the program replaces it
+//! with a new session (UDP, ICMP, TCP SYN), and our delete removes that new session. The next
+//! packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN is
+//! retransmitted. We accept that: the entry was past its timeout anyway.
+
+use std::os::fd::BorrowedFd;
+
+use hasync_common::{DatapathConfig, FlowKey, Session, State};
+
+use super::batch::{self, BatchError};
+
+/// Why the sweep removed a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RemoveReason {
+    /// Idle past the timeout of its state.
+    Expired,
+    /// TCP session in `closed`, kept for the closed timeout, now gone.
+    Closed,
+}
+
+impl RemoveReason {
+    pub const fn name(self) -> &'static str {
+        match self {
+            RemoveReason::Expired => "expired",
+            RemoveReason::Closed => "closed",
+        }
+    }
+}
+
+/// A session the sweep removed, as it was last seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub key: FlowKey,
+    pub session: Session,
+    pub reason: RemoveReason,
+}
+
+/// What one sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Sessions looked at.
+    pub scanned: u64,
+    /// Sessions removed for being idle past their state's timeout.
+    pub expired: u64,
+    /// Closed TCP sessions removed after the closed timeout.
+    pub closed: u64,
+    /// Candidates that were refreshed, recreated or evicted before we deleted them.
+    pub spared: u64,
+}
+
+impl SweepReport {
+    /// Sessions removed.
+    pub fn removed(&self) -> u64 {
+        self.expired + self.closed
+    }
+}
+
+/// Whether `session` should be removed at `now` (CLOCK_MONOTONIC ns), and why.
+///
+/// Same rule as the XDP program (idle > timeout of the state; an unknown state has timeout 0),
+/// except that a `last_seen_ns` after `now` counts as not idle at all.
+pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<RemoveReason> {
+    let timeout = cfg.timeouts_ns.get(usize::from(session.state)).copied().unwrap_or(0);
+    let idle = now.saturating_sub(session.last_seen_ns);
+    if idle <= timeout {
+        return None;
+    }
+    Some(if session.state == State::Closed as u8 {
+        RemoveReason::Closed
+    } else {
+        RemoveReason::Expired
+    })
+}
+
+/// Sweeps the session map behind `fd` with `cfg`'s timeouts, `chunk` entries at a time.
+/// `on_removed` gets each chunk's removed sessions right after they were deleted.
+pub fn sweep(
+    fd: BorrowedFd<'_>,
+    cfg: &DatapathConfig,
+    chunk: u32,
+    mut on_removed: impl FnMut(&[Removed]),
+) -> Result<SweepReport, BatchError> {
+    let mut report = SweepReport::default();
+    let mut cursor = batch::BatchCursor::new();
+    let mut keys: Vec<FlowKey> = Vec::with_capacity(chunk as usize);
+    let mut values: Vec<Session> = Vec::with_capacity(chunk as usize);
+    let mut removed: Vec<Removed> = Vec::new();
+    let mut doomed: Vec<FlowKey> = Vec::new();
+    loop {
+        let more = batch::lookup_batch(fd, &mut cursor, &mut keys, &mut values, chunk)?;
+        report.scanned += keys.len() as u64;
+        // Read the clock after the lookup: nothing we saw is newer than `now`.
+        let now = super::monotonic_ns();
+        removed.clear();
+        doomed.clear();
+        for (key, session) in keys.iter().zip(&values) {
+            if verdict(cfg, session, now).is_none() {
+                continue;
+            }
+            // Re-read right before deleting (see the module docs for the window left).
+            let fresh = batch::lookup::<FlowKey, Session>(fd, key)?;
+            let now = super::monotonic_ns();
+            match fresh.and_then(|s| verdict(cfg, &s, now).map(|reason| (s, reason))) {
+                Some((session, reason)) => {
+                    removed.push(Removed { key: *key, session, reason });
+                    doomed.push(*key);
+                }
+                None => report.spared += 1,
+            }
+        }
+        if !doomed.is_empty() {
+            // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
+            batch::delete_batch(fd, &doomed)?;
+            for r in &removed {
+                match r.reason {
+                    RemoveReason::Expired => report.expired += 1,
+                    RemoveReason::Closed => report.closed += 1,
+                }
+            }
+            on_removed(&removed);
+        }
+        if !more {
+            return Ok(report);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, os::fd::AsFd as _};
+
+    use hasync_common::{MemberId, ZoneId};
+
+    use super::*;
+    use crate::datapath::{
+        monotonic_ns,
+        testing::{create_map, datapath, BPF_MAP_TYPE_LRU_HASH},
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(i: u32) -> FlowKey {
+        FlowKey {
+            addr_lo: [i, 0, 0, 0],
+            addr_hi: [!i, 0, 0, 0],
+            port_lo: 1,
+            port_hi: 2,
+            proto: 17,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    fn session(state: State, idle_s: u64, now: u64) -> Session {
+        Session {
+            created_ns: now - 7200 * S,
+            last_seen_ns: now - idle_s * S,
+            last_event_ns: now - idle_s * S,
+            packets: [1, 1],
+            bytes: [60, 60],
+            version: 3,
+            zone: ZoneId(1),
+            flags: Default::default(),
+            owner: MemberId(1),
+            state: state as u8,
+            tcp_flags: [0, 0],
+            _pad: [0; 4],
+        }
+    }
+
+    /// (state, idle seconds, expected verdict) with the default timeouts.
+    const TABLE: &[(State, u64, Option<RemoveReason>)] = &[
+        (State::Established, 3599, None),
+        (State::Established, 3601, Some(RemoveReason::Expired)),
+        (State::SynSent, 10, None),
+        (State::SynSent, 21, Some(RemoveReason::Expired)),
+        (State::Closing, 121, Some(RemoveReason::Expired)),
+        (State::Closed, 9, None),
+        (State::Closed, 11, Some(RemoveReason::Closed)),
+        (State::UdpNew, 29, None),
+        (State::UdpNew, 31, Some(RemoveReason::Expired)),
+        (State::UdpReplied, 119, None),
+        (State::IcmpEcho, 7, Some(RemoveReason::Expired)),
+    ];
+
+    #[test]
+    fn verdicts_follow_the_timeout_of_each_state() {
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let now = 10_000 * S;
+        for &(state, idle, want) in TABLE {
+            assert_eq!(verdict(&cfg, &session(state, idle, now), now), want, "{state:?} idle {idle}s");
+        }
+        // Seen after `now` (another CPU updated it meanwhile): not idle.
+        let mut s = session(State::IcmpEcho, 0, now);
+        s.last_seen_ns = now + S;
+        assert_eq!(verdict(&cfg, &s, now), None);
+        // An unknown state has no timeout, as in the XDP program.
+        s.state = 200;
+        s.last_seen_ns = now - 1;
+        assert_eq!(verdict(&cfg, &s, now), Some(RemoveReason::Expired));
+    }
+
+    /// Fills a map with `copies` sessions of each table row; returns the expectation per key.
+    fn fill(fd: BorrowedFd<'_>, copies: u32) -> HashMap<FlowKey, Option<RemoveReason>> {
+        let now = monotonic_ns();
+        let mut want = HashMap::new();
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for c in 0..copies {
+            for (i, &(state, idle, reason)) in TABLE.iter().enumerate() {
+                let k = key(c * TABLE.len() as u32 + i as u32);
+                keys.push(k);
+                values.push(session(state, idle, now));
+                want.insert(k, reason);
+            }
+        }
+        batch::update_batch(fd, &keys, &values, 0).expect("fill");
+        want
+    }
+
+    #[test]
+    fn sweep_removes_idle_sessions_chunk_by_chunk() {
+        let map = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 8192);
+        let fd = map.as_fd();
+        let want = fill(fd, 200);
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let mut seen = Vec::new();
+        let mut largest = 0;
+        let report = sweep(fd, &cfg, 64, |removed| {
+            largest = largest.max(removed.len());
+            seen.extend(removed.iter().map(|r| (r.key, r.reason)));
+        })
+        .expect("sweep");
+
+        let expected: Vec<_> = want.iter().filter_map(|(k, r)| r.map(|r| (*k, r))).collect();
+        assert_eq!(report.scanned, want.len() as u64);
+        assert_eq!(report.removed() as usize, expected.len());
+        assert_eq!(report.closed, 200);
+        assert_eq!(report.spared, 0);
+        assert!(largest <= 64 + 8, "a callback got {largest} removals for a chunk of 64");
+        let seen: HashMap<_, _> = seen.into_iter().collect();
+        assert_eq!(seen, expected.into_iter().collect());
+        // What is left is exactly the live sessions.
+        let left = batch::for_each_chunk(fd, 100, |k: &[FlowKey], _: &[Session]| {
+            assert!(k.iter().all(|k| want[k].is_none()));
+        });
+        assert_eq!(left.expect("walk"), want.values().filter(|r| r.is_none()).count() as u64);
+    }
+
+    #[test]
+    fn datapath_sweep_uses_the_live_config() {
+        let mut dp = datapath();
+        let now = monotonic_ns();
+        let live = (key(1), session(State::UdpNew, 5, now));
+        let old = (key(2), session(State::UdpNew, 40, now));
+        dp.insert_sessions(&[live, old]).expect("insert");
+        assert_eq!(dp.sessions().expect("dump").len(), 2);
+
+        let mut removed = Vec::new();
+        let report = dp.sweep(16, |r| removed.extend_from_slice(r)).expect("sweep");
+        assert_eq!((report.scanned, report.expired), (2, 1));
+        assert_eq!(removed, vec![Removed { key: old.0, session: old.1, reason: RemoveReason::Expired }]);
+        assert_eq!(dp.session(&old.0).expect("lookup"), None);
+
+        // Shorter timeout for udp-new: the other one goes too.
+        let mut cfg = dp.config().expect("config");
+        cfg.timeouts_ns[State::UdpNew as usize] = S;
+        dp.set_config(&cfg).expect("set config");
+        let report = dp.sweep(16, |_| {}).expect("sweep");
+        assert_eq!((report.scanned, report.expired), (1, 1));
+        assert!(dp.sessions().expect("dump").is_empty());
+    }
+}

@@ -1,0 +1,250 @@
+//! The encrypted, authenticated channel between two members: Noise (`NNpsk0`, X25519,
+//! ChaCha20-Poly1305, BLAKE2s) keyed with the cluster key, over a TCP stream on HA4 or HA4
+//! backup. Each Noise message travels with a two-byte length prefix.
+//!
+//! Only holders of the cluster key complete the handshake; a peer with another key fails it
+//! (`ChannelError::BadKey`) before any message is accepted. Every later frame is authenticated,
+//! so a tampered or replayed frame fails to decrypt and closes the channel.
+
+use std::sync::Arc;
+
+use snow::{Builder, HandshakeState, TransportState};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+    sync::Mutex,
+};
+
+use super::wire::{Message, WireError, MAX_PLAINTEXT};
+
+const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+const MAX_NOISE_MESSAGE: usize = 65_535;
+
+/// Errors of a sync channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: the peer does not hold the cluster key ({0})")]
+    BadKey(snow::Error),
+    #[error("noise: {0}")]
+    Noise(snow::Error),
+    #[error("frame failed authentication: {0}")]
+    Auth(snow::Error),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] WireError),
+    #[error("message of {0} bytes exceeds the frame limit")]
+    TooLarge(usize),
+    #[error("connection closed by peer")]
+    Closed,
+}
+
+impl ChannelError {
+    /// Short reason for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ChannelError::Io(_) | ChannelError::Closed => "connection",
+            ChannelError::BadKey(_) => "bad-key",
+            ChannelError::Noise(_) | ChannelError::Auth(_) => "bad-frame",
+            ChannelError::Malformed(_) | ChannelError::TooLarge(_) => "malformed",
+        }
+    }
+}
+
+fn builder(psk: &[u8; 32]) -> Result<Builder<'_>, ChannelError> {
+    let params = NOISE_PARAMS.parse().map_err(ChannelError::Noise)?;
+    Builder::new(params)
+        .psk(0, psk)
+        .map_err(ChannelError::Noise)
+}
+
+async fn write_frame(w: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), ChannelError> {
+    let len = u16::try_from(bytes.len()).map_err(|_| ChannelError::TooLarge(bytes.len()))?;
+    let mut out = Vec::with_capacity(bytes.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+async fn read_frame(r: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<(), ChannelError> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ChannelError::Closed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    buf.resize(usize::from(u16::from_be_bytes(len)), 0);
+    r.read_exact(buf).await?;
+    Ok(())
+}
+
+/// Sending half of a channel.
+pub struct Sender {
+    w: OwnedWriteHalf,
+    noise: Arc<Mutex<TransportState>>,
+    plain: Vec<u8>,
+    cipher: Vec<u8>,
+}
+
+/// Receiving half of a channel.
+pub struct Receiver {
+    r: OwnedReadHalf,
+    noise: Arc<Mutex<TransportState>>,
+    cipher: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+/// Runs the initiator side of the handshake on `stream`.
+pub async fn initiate(
+    stream: TcpStream,
+    psk: &[u8; 32],
+) -> Result<(Sender, Receiver), ChannelError> {
+    let mut hs = builder(psk)?
+        .build_initiator()
+        .map_err(ChannelError::Noise)?;
+    let (mut r, mut w) = stream.into_split();
+    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let n = hs
+        .write_message(&[], &mut buf)
+        .map_err(ChannelError::Noise)?;
+    write_frame(&mut w, &buf[..n]).await?;
+    let mut msg = Vec::new();
+    read_frame(&mut r, &mut msg).await?;
+    hs.read_message(&msg, &mut buf)
+        .map_err(ChannelError::BadKey)?;
+    finish(hs, r, w)
+}
+
+/// Runs the responder side of the handshake on `stream`.
+pub async fn respond(
+    stream: TcpStream,
+    psk: &[u8; 32],
+) -> Result<(Sender, Receiver), ChannelError> {
+    let mut hs = builder(psk)?
+        .build_responder()
+        .map_err(ChannelError::Noise)?;
+    let (mut r, mut w) = stream.into_split();
+    let mut buf = vec![0u8; MAX_NOISE_MESSAGE];
+    let mut msg = Vec::new();
+    read_frame(&mut r, &mut msg).await?;
+    hs.read_message(&msg, &mut buf)
+        .map_err(ChannelError::BadKey)?;
+    let n = hs
+        .write_message(&[], &mut buf)
+        .map_err(ChannelError::Noise)?;
+    write_frame(&mut w, &buf[..n]).await?;
+    finish(hs, r, w)
+}
+
+fn finish(
+    hs: HandshakeState,
+    r: OwnedReadHalf,
+    w: OwnedWriteHalf,
+) -> Result<(Sender, Receiver), ChannelError> {
+    let noise = Arc::new(Mutex::new(
+        hs.into_transport_mode().map_err(ChannelError::Noise)?,
+    ));
+    Ok((
+        Sender {
+            w,
+            noise: noise.clone(),
+            plain: Vec::new(),
+            cipher: vec![0; MAX_NOISE_MESSAGE],
+        },
+        Receiver {
+            r,
+            noise,
+            cipher: Vec::new(),
+            plain: vec![0; MAX_NOISE_MESSAGE],
+        },
+    ))
+}
+
+impl Sender {
+    /// Encrypts and sends one message; returns the bytes put on the wire.
+    pub async fn send(&mut self, msg: &Message) -> Result<usize, ChannelError> {
+        self.plain.clear();
+        msg.encode(&mut self.plain)?;
+        if self.plain.len() > MAX_PLAINTEXT {
+            return Err(ChannelError::TooLarge(self.plain.len()));
+        }
+        let n = {
+            let mut noise = self.noise.lock().await;
+            noise
+                .write_message(&self.plain, &mut self.cipher)
+                .map_err(ChannelError::Noise)?
+        };
+        write_frame(&mut self.w, &self.cipher[..n]).await?;
+        Ok(n + 2)
+    }
+}
+
+impl Receiver {
+    /// Receives, authenticates and decodes one message; also returns its size on the wire.
+    pub async fn recv(&mut self) -> Result<(Message, usize), ChannelError> {
+        read_frame(&mut self.r, &mut self.cipher).await?;
+        let n = {
+            let mut noise = self.noise.lock().await;
+            noise
+                .read_message(&self.cipher, &mut self.plain)
+                .map_err(ChannelError::Auth)?
+        };
+        let plain = self.plain.get(..n).ok_or(ChannelError::TooLarge(n))?;
+        Ok((Message::decode(plain)?, self.cipher.len() + 2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::sync::wire::Keepalive;
+
+    async fn pair(
+        a: [u8; 32],
+        b: [u8; 32],
+    ) -> (
+        Result<(Sender, Receiver), ChannelError>,
+        Result<(Sender, Receiver), ChannelError>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            respond(s, &b).await
+        });
+        let client = initiate(TcpStream::connect(addr).await.expect("connect"), &a).await;
+        (client, server.await.expect("join"))
+    }
+
+    #[tokio::test]
+    async fn same_key_talks_both_ways() {
+        let (c, s) = pair([1; 32], [1; 32]).await;
+        let ((mut ctx, mut crx), (mut stx, mut srx)) = (c.expect("client"), s.expect("server"));
+        let ka = Message::Keepalive(Keepalive {
+            state: 1,
+            sessions_owned: 5,
+            flaps: 0,
+        });
+        ctx.send(&ka).await.expect("send");
+        assert_eq!(srx.recv().await.expect("recv").0, ka);
+        stx.send(&Message::Ack { seq: 9 }).await.expect("send");
+        assert_eq!(crx.recv().await.expect("recv").0, Message::Ack { seq: 9 });
+    }
+
+    #[tokio::test]
+    async fn another_key_is_rejected_in_the_handshake() {
+        let (_c, s) = pair([1; 32], [2; 32]).await;
+        match s {
+            Err(e) => assert_eq!(e.reason(), "bad-key", "{e}"),
+            Ok(_) => panic!("responder accepted a peer with another key"),
+        }
+    }
+}

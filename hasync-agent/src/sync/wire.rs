@@ -1,0 +1,661 @@
+//! The sync protocol's messages and their byte layout (inside the encrypted channel).
+//!
+//! Every message starts with a one-byte type. Session records are fixed-layout
+//! ([`RECORD_BYTES`] bytes), many per frame. Integers are big-endian. Times are never absolute:
+//! a record carries the session's age and idle time, re-anchored to the receiver's clock on
+//! install. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
+//! in the hello.
+
+use hasync_common::{FlowKey, MemberId, Session, SessionFlags, ZoneId};
+
+/// Protocol version. Members with the same major and minors at most one apart sync.
+pub const PROTO_MAJOR: u8 = 1;
+pub const PROTO_MINOR: u8 = 0;
+
+/// Size of one encoded session record.
+pub const RECORD_BYTES: usize = 96;
+/// Largest plaintext a frame may carry (a Noise message is at most 65535 bytes, 16 of them
+/// the authentication tag).
+pub const MAX_PLAINTEXT: usize = 65_535 - 16;
+/// Records per `Sessions` frame, so a full frame fits in one Noise message.
+pub const MAX_RECORDS_PER_FRAME: usize = (MAX_PLAINTEXT - 16) / RECORD_BYTES;
+/// Zones a hello may name.
+pub const MAX_ZONES: usize = 1024;
+
+/// Errors decoding a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("message truncated while reading {0}")]
+    Truncated(&'static str),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("unknown record operation {0}")]
+    UnknownOp(u8),
+    #[error("unknown link kind {0}")]
+    UnknownLink(u8),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    #[error("hello names {0} zones, more than {MAX_ZONES}")]
+    TooManyZones(usize),
+    #[error("zone name is not UTF-8")]
+    ZoneName,
+    #[error("frame carries {0} records, more than {MAX_RECORDS_PER_FRAME}")]
+    TooManyRecords(usize),
+}
+
+/// Which sync link a connection runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkKind {
+    Ha4 = 0,
+    Ha4Backup = 1,
+}
+
+impl LinkKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            LinkKind::Ha4 => "ha4",
+            LinkKind::Ha4Backup => "ha4-backup",
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(LinkKind::Ha4),
+            1 => Ok(LinkKind::Ha4Backup),
+            other => Err(WireError::UnknownLink(other)),
+        }
+    }
+}
+
+/// First message on every connection, both ways.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub major: u8,
+    pub minor: u8,
+    pub cluster_id: u8,
+    pub member: MemberId,
+    pub link: LinkKind,
+    /// Random per agent start: a new value tells peers this member restarted and needs a full
+    /// sync.
+    pub boot_id: u64,
+    /// Digest of the settings members must agree on (`Config::fingerprint`).
+    pub fingerprint: [u8; 32],
+    /// Zone names; a zone's id on the wire is its position here plus one.
+    pub zones: Vec<String>,
+}
+
+impl Hello {
+    /// Can a member speaking `self`'s version sync with one speaking `other`'s?
+    pub fn compatible(&self, other: &Hello) -> bool {
+        self.major == other.major && self.minor.abs_diff(other.minor) <= 1
+    }
+}
+
+/// Periodic liveness and state, on every link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// The sender's member state (`cluster::MemberState` as u8).
+    pub state: u8,
+    pub sessions_owned: u32,
+    pub flaps: u32,
+}
+
+/// What a record asks the receiver to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Install or update the session.
+    Upsert = 1,
+    /// The owner removed the session.
+    Delete = 2,
+}
+
+/// One session, as sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub op: Op,
+    pub key: FlowKey,
+    pub state: u8,
+    pub owner: MemberId,
+    /// `SessionFlags` bits that mean the same on every member.
+    pub flags: u16,
+    /// Zone id in the sender's numbering (position in its hello's zone list plus one).
+    pub zone: ZoneId,
+    pub tcp_flags: [u8; 2],
+    pub version: u32,
+    /// Milliseconds since the session was created, on the sender's clock.
+    pub age_ms: u32,
+    /// Milliseconds since the session last saw traffic, on the sender's clock.
+    pub idle_ms: u32,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// Session flags that travel: the others are local (installed-from-peer is set by the
+/// receiver; asymmetric is what this member saw).
+const SYNCED_FLAGS: u16 = SessionFlags::INITIATOR_HI | SessionFlags::TAKEN_OVER;
+
+fn ms_between(later_ns: u64, earlier_ns: u64) -> u32 {
+    u32::try_from(later_ns.saturating_sub(earlier_ns) / 1_000_000).unwrap_or(u32::MAX)
+}
+
+impl Record {
+    /// The record announcing `session` as seen at local time `now_ns`.
+    pub fn upsert(key: FlowKey, s: &Session, now_ns: u64) -> Record {
+        let Session {
+            created_ns,
+            last_seen_ns,
+            last_event_ns: _,
+            packets,
+            bytes,
+            version,
+            zone,
+            flags,
+            owner,
+            state,
+            tcp_flags,
+            _pad,
+        } = *s;
+        Record {
+            op: Op::Upsert,
+            key,
+            state,
+            owner,
+            flags: flags.0 & SYNCED_FLAGS,
+            zone,
+            tcp_flags,
+            version,
+            age_ms: ms_between(now_ns, created_ns),
+            idle_ms: ms_between(now_ns, last_seen_ns),
+            packets,
+            bytes,
+        }
+    }
+
+    /// The record announcing that the owner removed `key`.
+    pub fn delete(key: FlowKey, owner: MemberId, version: u32) -> Record {
+        Record {
+            op: Op::Delete,
+            key,
+            state: 0,
+            owner,
+            flags: 0,
+            zone: ZoneId::NONE,
+            tcp_flags: [0; 2],
+            version,
+            age_ms: 0,
+            idle_ms: 0,
+            packets: [0; 2],
+            bytes: [0; 2],
+        }
+    }
+
+    /// The session to install locally at local time `now_ns`, with `zone` already translated
+    /// to this member's numbering.
+    pub fn to_session(&self, now_ns: u64, zone: ZoneId) -> Session {
+        let ms = |v: u32| u64::from(v) * 1_000_000;
+        let last_seen_ns = now_ns.saturating_sub(ms(self.idle_ms));
+        Session {
+            created_ns: now_ns.saturating_sub(ms(self.age_ms)),
+            last_seen_ns,
+            // Installed sessions are not announced again by this member's refresh logic
+            // until they see local traffic.
+            last_event_ns: now_ns,
+            packets: self.packets,
+            bytes: self.bytes,
+            version: self.version,
+            zone,
+            flags: SessionFlags((self.flags & SYNCED_FLAGS) | SessionFlags::FROM_PEER),
+            owner: self.owner,
+            state: self.state,
+            tcp_flags: self.tcp_flags,
+            _pad: [0; 4],
+        }
+    }
+
+    fn encode(&self, w: &mut Vec<u8>) {
+        let start = w.len();
+        let k = &self.key;
+        for word in k.addr_lo.iter().chain(k.addr_hi.iter()) {
+            // Addresses are kept in network byte order in memory already.
+            w.extend_from_slice(&word.to_ne_bytes());
+        }
+        w.extend_from_slice(&k.port_lo.to_ne_bytes());
+        w.extend_from_slice(&k.port_hi.to_ne_bytes());
+        w.extend_from_slice(&[k.proto, k.family, self.op as u8, self.state, self.owner.0]);
+        w.extend_from_slice(&self.flags.to_be_bytes());
+        w.extend_from_slice(&self.zone.0.to_be_bytes());
+        w.extend_from_slice(&self.tcp_flags);
+        w.extend_from_slice(&self.version.to_be_bytes());
+        w.extend_from_slice(&self.age_ms.to_be_bytes());
+        w.extend_from_slice(&self.idle_ms.to_be_bytes());
+        for v in self.packets.iter().chain(self.bytes.iter()) {
+            w.extend_from_slice(&v.to_be_bytes());
+        }
+        w.resize(start + RECORD_BYTES, 0);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Record, WireError> {
+        let rec = r.take(RECORD_BYTES, "session record")?;
+        let mut r = Reader(rec);
+        let mut key = FlowKey::default();
+        for word in key.addr_lo.iter_mut().chain(key.addr_hi.iter_mut()) {
+            *word = u32::from_ne_bytes(r.array("address")?);
+        }
+        key.port_lo = u16::from_ne_bytes(r.array("port")?);
+        key.port_hi = u16::from_ne_bytes(r.array("port")?);
+        let [proto, family, op, state, owner] = r.array("record header")?;
+        key.proto = proto;
+        key.family = family;
+        let op = match op {
+            1 => Op::Upsert,
+            2 => Op::Delete,
+            other => return Err(WireError::UnknownOp(other)),
+        };
+        Ok(Record {
+            op,
+            key,
+            state,
+            owner: MemberId(owner),
+            flags: r.u16("flags")?,
+            zone: ZoneId(r.u16("zone")?),
+            tcp_flags: r.array("tcp flags")?,
+            version: r.u32("version")?,
+            age_ms: r.u32("age")?,
+            idle_ms: r.u32("idle")?,
+            packets: [r.u64("packets")?, r.u64("packets")?],
+            bytes: [r.u64("bytes")?, r.u64("bytes")?],
+        })
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Keepalive(Keepalive),
+    /// Session records with the sender's sequence number. `bulk` frames belong to a full sync.
+    Sessions {
+        seq: u64,
+        bulk: bool,
+        records: Vec<Record>,
+    },
+    /// Cumulative: every `Sessions` frame up to `seq` was installed.
+    Ack {
+        seq: u64,
+    },
+    /// A full sync starts; the sender's whole table follows as bulk frames.
+    BulkStart {
+        bulk_id: u32,
+    },
+    /// The full sync `bulk_id` ended after `records` records.
+    BulkEnd {
+        bulk_id: u32,
+        records: u64,
+    },
+}
+
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const KEEPALIVE: u8 = 2;
+    pub const SESSIONS: u8 = 3;
+    pub const ACK: u8 = 4;
+    pub const BULK_START: u8 = 5;
+    pub const BULK_END: u8 = 6;
+}
+
+impl Message {
+    /// Appends the encoding of `self` to `w`.
+    pub fn encode(&self, w: &mut Vec<u8>) -> Result<(), WireError> {
+        match self {
+            Message::Hello(h) => {
+                if h.zones.len() > MAX_ZONES {
+                    return Err(WireError::TooManyZones(h.zones.len()));
+                }
+                w.extend_from_slice(&[
+                    tag::HELLO,
+                    h.major,
+                    h.minor,
+                    h.cluster_id,
+                    h.member.0,
+                    h.link as u8,
+                ]);
+                w.extend_from_slice(&h.boot_id.to_be_bytes());
+                w.extend_from_slice(&h.fingerprint);
+                w.extend_from_slice(&(h.zones.len() as u16).to_be_bytes());
+                for z in &h.zones {
+                    let bytes = &z.as_bytes()[..z.len().min(255)];
+                    w.push(bytes.len() as u8);
+                    w.extend_from_slice(bytes);
+                }
+            }
+            Message::Keepalive(k) => {
+                w.extend_from_slice(&[tag::KEEPALIVE, k.state]);
+                w.extend_from_slice(&k.sessions_owned.to_be_bytes());
+                w.extend_from_slice(&k.flaps.to_be_bytes());
+            }
+            Message::Sessions { seq, bulk, records } => {
+                if records.len() > MAX_RECORDS_PER_FRAME {
+                    return Err(WireError::TooManyRecords(records.len()));
+                }
+                w.extend_from_slice(&[tag::SESSIONS, u8::from(*bulk)]);
+                w.extend_from_slice(&seq.to_be_bytes());
+                w.extend_from_slice(&(records.len() as u16).to_be_bytes());
+                for r in records {
+                    r.encode(w);
+                }
+            }
+            Message::Ack { seq } => {
+                w.push(tag::ACK);
+                w.extend_from_slice(&seq.to_be_bytes());
+            }
+            Message::BulkStart { bulk_id } => {
+                w.push(tag::BULK_START);
+                w.extend_from_slice(&bulk_id.to_be_bytes());
+            }
+            Message::BulkEnd { bulk_id, records } => {
+                w.push(tag::BULK_END);
+                w.extend_from_slice(&bulk_id.to_be_bytes());
+                w.extend_from_slice(&records.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes exactly one message from `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        let mut r = Reader(bytes);
+        let [t] = r.array("message type")?;
+        let msg = match t {
+            tag::HELLO => {
+                let [major, minor, cluster_id, member, link] = r.array("hello")?;
+                let boot_id = r.u64("boot id")?;
+                let fingerprint = r.array("fingerprint")?;
+                let n = usize::from(r.u16("zone count")?);
+                if n > MAX_ZONES {
+                    return Err(WireError::TooManyZones(n));
+                }
+                let mut zones = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let [len] = r.array("zone name length")?;
+                    let name = r.take(usize::from(len), "zone name")?;
+                    zones.push(String::from_utf8(name.to_vec()).map_err(|_| WireError::ZoneName)?);
+                }
+                Message::Hello(Hello {
+                    major,
+                    minor,
+                    cluster_id,
+                    member: MemberId(member),
+                    link: LinkKind::from_u8(link)?,
+                    boot_id,
+                    fingerprint,
+                    zones,
+                })
+            }
+            tag::KEEPALIVE => {
+                let [state] = r.array("keepalive")?;
+                Message::Keepalive(Keepalive {
+                    state,
+                    sessions_owned: r.u32("sessions owned")?,
+                    flaps: r.u32("flaps")?,
+                })
+            }
+            tag::SESSIONS => {
+                let [bulk] = r.array("sessions header")?;
+                let seq = r.u64("sequence")?;
+                let n = usize::from(r.u16("record count")?);
+                if n > MAX_RECORDS_PER_FRAME {
+                    return Err(WireError::TooManyRecords(n));
+                }
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    records.push(Record::decode(&mut r)?);
+                }
+                Message::Sessions {
+                    seq,
+                    bulk: bulk != 0,
+                    records,
+                }
+            }
+            tag::ACK => Message::Ack { seq: r.u64("ack")? },
+            tag::BULK_START => Message::BulkStart {
+                bulk_id: r.u32("bulk id")?,
+            },
+            tag::BULK_END => Message::BulkEnd {
+                bulk_id: r.u32("bulk id")?,
+                records: r.u64("bulk records")?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        if !r.0.is_empty() {
+            return Err(WireError::Trailing(r.0.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Cursor over a received message.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated(what));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let bytes = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.array(what)?))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array(what)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hasync_common::{flow::IPPROTO_TCP, Family, State};
+
+    use super::*;
+
+    fn key(i: u32) -> FlowKey {
+        let a = [u32::from_ne_bytes([198, 18, 0, 10]), 0, 0, 0];
+        let b = [u32::from_ne_bytes([198, 19, 0, 10]), 0, i, 0];
+        FlowKey::canonical(
+            Family::V4,
+            IPPROTO_TCP,
+            a,
+            40000u16.to_be(),
+            b,
+            443u16.to_be(),
+        )
+        .0
+    }
+
+    fn session(now: u64) -> Session {
+        Session {
+            created_ns: now - 5_000_000_000,
+            last_seen_ns: now - 250_000_000,
+            last_event_ns: now - 1,
+            packets: [10, 9],
+            bytes: [1000, 9000],
+            version: 7,
+            zone: ZoneId(2),
+            flags: SessionFlags(SessionFlags::INITIATOR_HI | SessionFlags::ASYMMETRIC),
+            owner: MemberId(3),
+            state: State::Established as u8,
+            tcp_flags: [0x12, 0x12],
+            _pad: [0; 4],
+        }
+    }
+
+    fn round_trip(m: &Message) -> Message {
+        let mut buf = Vec::new();
+        m.encode(&mut buf).expect("encode");
+        Message::decode(&buf).expect("decode")
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let hello = Message::Hello(Hello {
+            major: PROTO_MAJOR,
+            minor: PROTO_MINOR,
+            cluster_id: 7,
+            member: MemberId(2),
+            link: LinkKind::Ha4Backup,
+            boot_id: 0xdead_beef_0000_0001,
+            fingerprint: [9; 32],
+            zones: vec!["trust".into(), "untrust".into()],
+        });
+        let now = 100_000_000_000;
+        let records = (0..3)
+            .map(|i| Record::upsert(key(i), &session(now), now))
+            .collect();
+        for m in [
+            hello,
+            Message::Keepalive(Keepalive {
+                state: 2,
+                sessions_owned: 12345,
+                flaps: 3,
+            }),
+            Message::Sessions {
+                seq: 42,
+                bulk: true,
+                records,
+            },
+            Message::Sessions {
+                seq: 43,
+                bulk: false,
+                records: vec![Record::delete(key(9), MemberId(1), 4)],
+            },
+            Message::Ack { seq: u64::MAX },
+            Message::BulkStart { bulk_id: 5 },
+            Message::BulkEnd {
+                bulk_id: 5,
+                records: 1_000_000,
+            },
+        ] {
+            assert_eq!(round_trip(&m), m);
+        }
+    }
+
+    #[test]
+    fn a_full_frame_fits_in_one_noise_message() {
+        let now = 10_000_000_000;
+        let records = vec![Record::upsert(key(1), &session(now), now); MAX_RECORDS_PER_FRAME];
+        let mut buf = Vec::new();
+        Message::Sessions {
+            seq: 1,
+            bulk: false,
+            records,
+        }
+        .encode(&mut buf)
+        .expect("encode");
+        assert!(
+            buf.len() <= MAX_PLAINTEXT,
+            "{} > {MAX_PLAINTEXT}",
+            buf.len()
+        );
+        let too_many = vec![Record::delete(key(1), MemberId(1), 1); MAX_RECORDS_PER_FRAME + 1];
+        let err = Message::Sessions {
+            seq: 1,
+            bulk: false,
+            records: too_many,
+        }
+        .encode(&mut Vec::new());
+        assert_eq!(
+            err,
+            Err(WireError::TooManyRecords(MAX_RECORDS_PER_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn records_carry_ages_and_are_reanchored_on_install() {
+        let sender_now = 500_000_000_000;
+        let rec = Record::upsert(key(1), &session(sender_now), sender_now);
+        assert_eq!((rec.age_ms, rec.idle_ms), (5000, 250));
+        // The receiver's clock is unrelated to the sender's.
+        let receiver_now = 7_000_000_000_000;
+        let s = rec.to_session(receiver_now, ZoneId(1));
+        assert_eq!(s.created_ns, receiver_now - 5_000_000_000);
+        assert_eq!(s.last_seen_ns, receiver_now - 250_000_000);
+        assert_eq!(s.zone, ZoneId(1), "zone is translated by the caller");
+        assert!(s.flags.has(SessionFlags::FROM_PEER));
+        assert!(s.flags.has(SessionFlags::INITIATOR_HI));
+        assert!(
+            !s.flags.has(SessionFlags::ASYMMETRIC),
+            "asymmetric is node-local"
+        );
+        assert_eq!(
+            (s.owner, s.version, s.packets, s.bytes),
+            (MemberId(3), 7, [10, 9], [1000, 9000])
+        );
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_never_a_panic() {
+        let mut buf = Vec::new();
+        let now = 10_000_000_000;
+        Message::Sessions {
+            seq: 1,
+            bulk: false,
+            records: vec![Record::upsert(key(1), &session(now), now)],
+        }
+        .encode(&mut buf)
+        .expect("encode");
+        for cut in 0..buf.len() {
+            assert!(
+                Message::decode(&buf[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
+        }
+        let mut trailing = buf.clone();
+        trailing.push(0);
+        assert_eq!(Message::decode(&trailing), Err(WireError::Trailing(1)));
+        assert_eq!(Message::decode(&[99]), Err(WireError::UnknownType(99)));
+        let mut bad_op = buf.clone();
+        // Frame header (type, bulk, seq, count) is 12 bytes; the op byte follows the key's
+        // addresses (32), ports (4), proto and family.
+        bad_op[12 + 38] = 9;
+        assert_eq!(Message::decode(&bad_op), Err(WireError::UnknownOp(9)));
+        let mut many = vec![3, 0];
+        many.extend_from_slice(&1u64.to_be_bytes());
+        many.extend_from_slice(&u16::MAX.to_be_bytes());
+        assert_eq!(
+            Message::decode(&many),
+            Err(WireError::TooManyRecords(65535))
+        );
+    }
+
+    #[test]
+    fn one_minor_version_apart_still_syncs() {
+        let h = |major, minor| Hello {
+            major,
+            minor,
+            cluster_id: 1,
+            member: MemberId(1),
+            link: LinkKind::Ha4,
+            boot_id: 1,
+            fingerprint: [0; 32],
+            zones: vec![],
+        };
+        assert!(h(1, 0).compatible(&h(1, 1)));
+        assert!(h(1, 3).compatible(&h(1, 2)));
+        assert!(!h(1, 0).compatible(&h(1, 2)));
+        assert!(!h(1, 0).compatible(&h(2, 0)));
+    }
+}
