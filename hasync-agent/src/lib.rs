@@ -1,5 +1,8 @@
 //! hasync agent library: everything the `hasync` binary does, testable without it.
 
+pub mod agent;
+pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod datapath;
 pub mod sync;

@@ -1,1 +1,34 @@
-fn main() {}
+//! `hasync`: the session-sync agent and its operator commands.
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use hasync_agent::{
+    cli::{Cli, Command},
+    datapath::error_chain,
+};
+use tracing_subscriber::{filter::LevelFilter, EnvFilter};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::builder()
+                .with_default_directive(LevelFilter::INFO.into())
+                .from_env_lossy(),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = match cli.command {
+        Command::Agent(args) => hasync_agent::agent::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line with the context chain; no backtrace for an operator's mistake.
+            eprintln!("error: {}", error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! A small Ethernet frame builder for fixtures: `Frame::tcp(a, b).syn().vlan(10).build()`.
 //!
-//! Frames are correct unless damaged on purpose: lengths are right, IPv4 header checksums are
-//! filled in (the XDP program checks none, transport checksums stay zero). Damage is applied
-//! after the frame is laid out, by field (`.ihl(3)`, `.tcp_doff(4)`, ...) or by byte.
+//! Frames are correct unless damaged on purpose: lengths are right and checksums (IPv4 header,
+//! TCP, UDP, ICMP/ICMPv6) are filled in, so a built packet can also be sent for real. The XDP
+//! program checks no checksum. Damage is applied after the frame is laid out, by field
+//! (`.ihl(3)`, `.tcp_doff(4)`, ...) or by byte, and leaves checksums as they were.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -22,7 +23,6 @@ pub const IPPROTO_GRE: u8 = 47;
 pub const IPPROTO_ESP: u8 = 50;
 pub const IPPROTO_SCTP: u8 = 132;
 
-const ETH_HLEN: usize = 14;
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
@@ -64,11 +64,20 @@ enum L4 {
 /// A damage applied to the laid-out frame.
 #[derive(Clone, Debug)]
 enum Damage {
-    Byte { off: usize, value: u8 },
+    Byte {
+        off: usize,
+        value: u8,
+    },
     /// Byte relative to the network header.
-    L3Byte { off: usize, value: u8 },
+    L3Byte {
+        off: usize,
+        value: u8,
+    },
     /// Byte relative to the transport header.
-    L4Byte { off: usize, value: u8 },
+    L4Byte {
+        off: usize,
+        value: u8,
+    },
     Ihl(u8),
     IpVersion(u8),
     TotalLen(u16),
@@ -97,6 +106,7 @@ pub struct Frame {
     ipv4_fragment: Option<(u16, bool)>,
     ipv6_exts: Vec<(Ipv6Ext, u8)>,
     l4_keep: Option<usize>,
+    l4_outside: bool,
     pad_to: Option<usize>,
     damage: Vec<Damage>,
     truncate: Option<usize>,
@@ -121,6 +131,7 @@ impl Frame {
             ipv4_fragment: None,
             ipv6_exts: Vec::new(),
             l4_keep: None,
+            l4_outside: false,
             pad_to: None,
             damage: Vec::new(),
             truncate: None,
@@ -129,7 +140,13 @@ impl Frame {
 
     /// A TCP segment `a → b`, flags ACK until told otherwise.
     pub fn tcp(a: SocketAddr, b: SocketAddr) -> Self {
-        Self::new(a.ip(), b.ip(), a.port(), b.port(), L4::Tcp { flags: tcp::ACK })
+        Self::new(
+            a.ip(),
+            b.ip(),
+            a.port(),
+            b.port(),
+            L4::Tcp { flags: tcp::ACK },
+        )
     }
 
     /// A UDP datagram `a → b`.
@@ -216,7 +233,10 @@ impl Frame {
     /// `n` bytes of IPv4 options (NOPs); a multiple of 4, at most 40.
     pub fn ipv4_options(mut self, n: usize) -> Self {
         assert!(self.src.is_ipv4(), "IPv4 options on an IPv6 frame");
-        assert!(n % 4 == 0 && n <= 40, "IPv4 options of {n} bytes: must be a multiple of 4, ≤ 40");
+        assert!(
+            n % 4 == 0 && n <= 40,
+            "IPv4 options of {n} bytes: must be a multiple of 4, ≤ 40"
+        );
         self.ipv4_options = n;
         self
     }
@@ -224,7 +244,10 @@ impl Frame {
     /// Makes this an IPv4 fragment at byte `offset` (a multiple of 8) with the MF bit `more`.
     pub fn ipv4_fragment(mut self, offset: u16, more: bool) -> Self {
         assert!(self.src.is_ipv4(), "IPv4 fragment on an IPv6 frame");
-        assert!(offset % 8 == 0, "fragment offset {offset} is not a multiple of 8");
+        assert!(
+            offset % 8 == 0,
+            "fragment offset {offset} is not a multiple of 8"
+        );
         self.ipv4_fragment = Some((offset, more));
         self
     }
@@ -249,6 +272,13 @@ impl Frame {
     /// fields consistent: a well-formed IP packet carrying a truncated transport header.
     pub fn truncate_l4(mut self, n: usize) -> Self {
         self.l4_keep = Some(n);
+        self
+    }
+
+    /// Leaves the transport header (and payload) out of the IP length fields: it follows the
+    /// IP packet as an Ethernet trailer, which the stack trims away.
+    pub fn transport_past_ip_length(mut self) -> Self {
+        self.l4_outside = true;
         self
     }
 
@@ -340,7 +370,14 @@ impl Frame {
             (IpAddr::V6(s), IpAddr::V6(d)) => (Family::V6, v6_words(s), v6_words(d)),
             _ => unreachable!("checked in Frame::new"),
         };
-        FlowKey::canonical(family, proto, src, self.sport.to_be(), dst, self.dport.to_be())
+        FlowKey::canonical(
+            family,
+            proto,
+            src,
+            self.sport.to_be(),
+            dst,
+            self.dport.to_be(),
+        )
     }
 
     /// The canonical session key of this frame.
@@ -359,11 +396,16 @@ impl Frame {
         if let Some(n) = self.l4_keep {
             l4.truncate(n);
         }
+        self.fill_transport_checksum(&mut l4);
         let mut out = Vec::with_capacity(128);
         out.extend_from_slice(&DST_MAC);
         out.extend_from_slice(&SRC_MAC);
         for (i, id) in self.vlans.iter().enumerate() {
-            let tpid = if i == 0 && self.vlans.len() > 1 { ETH_P_8021AD } else { ETH_P_8021Q };
+            let tpid = if i == 0 && self.vlans.len() > 1 {
+                ETH_P_8021AD
+            } else {
+                ETH_P_8021Q
+            };
             out.extend_from_slice(&tpid.to_be_bytes());
             out.extend_from_slice(&id.to_be_bytes());
         }
@@ -374,10 +416,11 @@ impl Frame {
         };
         out.extend_from_slice(&ethertype.to_be_bytes());
         let l3 = out.len();
+        let ip_l4_len = if self.l4_outside { 0 } else { l4.len() };
         match (&self.l4, self.src, self.dst) {
             (L4::Arp, _, _) => out.extend_from_slice(&arp_request()),
-            (_, IpAddr::V4(s), IpAddr::V4(d)) => self.ipv4_header(&mut out, s, d, l4.len()),
-            (_, IpAddr::V6(s), IpAddr::V6(d)) => self.ipv6_headers(&mut out, s, d, l4.len()),
+            (_, IpAddr::V4(s), IpAddr::V4(d)) => self.ipv4_header(&mut out, s, d, ip_l4_len),
+            (_, IpAddr::V6(s), IpAddr::V6(d)) => self.ipv6_headers(&mut out, s, d, ip_l4_len),
             _ => unreachable!("checked in Frame::new"),
         }
         let l4_off = out.len();
@@ -391,25 +434,30 @@ impl Frame {
         }
         for d in &self.damage {
             match *d {
-                Damage::Byte { off, value } => put(&mut out, off, value),
-                Damage::L3Byte { off, value } => put(&mut out, l3 + off, value),
-                Damage::L4Byte { off, value } => put(&mut out, l4_off + off, value),
-                Damage::Ihl(n) => put(&mut out, l3, (out[l3] & 0xf0) | (n & 0x0f)),
-                Damage::IpVersion(n) => put(&mut out, l3, (out[l3] & 0x0f) | (n << 4)),
+                Damage::Byte { off, value } => edit(&mut out, off, |_| value),
+                Damage::L3Byte { off, value } => edit(&mut out, l3 + off, |_| value),
+                Damage::L4Byte { off, value } => edit(&mut out, l4_off + off, |_| value),
+                Damage::Ihl(n) => edit(&mut out, l3, |b| (b & 0xf0) | (n & 0x0f)),
+                Damage::IpVersion(n) => edit(&mut out, l3, |b| (b & 0x0f) | (n << 4)),
                 Damage::TotalLen(n) => {
                     let at = if self.is_ipv4() { l3 + 2 } else { l3 + 4 };
                     out[at..at + 2].copy_from_slice(&n.to_be_bytes());
                 }
-                Damage::TcpDoff(n) => {
-                    put(&mut out, l4_off + 12, (out[l4_off + 12] & 0x0f) | (n << 4))
-                }
+                Damage::TcpDoff(n) => edit(&mut out, l4_off + 12, |b| (b & 0x0f) | (n << 4)),
             }
         }
         if let Some(n) = self.truncate {
             out.truncate(n);
         }
         let len = out.len();
-        (out, Layout { l3, l4: l4_off, len })
+        (
+            out,
+            Layout {
+                l3,
+                l4: l4_off,
+                len,
+            },
+        )
     }
 
     /// Transport header and payload.
@@ -446,6 +494,44 @@ impl Frame {
         h
     }
 
+    /// Fills the TCP/UDP/ICMP checksum of `l4` (when its header is complete), so a frame sent
+    /// for real is accepted by the receiving stack.
+    fn fill_transport_checksum(&self, l4: &mut [u8]) {
+        let Some(proto) = self.proto() else {
+            return;
+        };
+        let at = match self.l4 {
+            L4::Tcp { .. } if l4.len() >= 20 => 16,
+            L4::Udp if l4.len() >= 8 => 6,
+            L4::Icmp { .. } if l4.len() >= 8 => 2,
+            _ => return,
+        };
+        let mut data = Vec::with_capacity(40 + l4.len());
+        match (self.src, self.dst, &self.l4) {
+            // ICMPv4 has no pseudo-header.
+            (IpAddr::V4(_), _, L4::Icmp { .. }) => {}
+            (IpAddr::V4(s), IpAddr::V4(d), _) => {
+                data.extend_from_slice(&s.octets());
+                data.extend_from_slice(&d.octets());
+                data.extend_from_slice(&[0, proto]);
+                data.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d), _) => {
+                data.extend_from_slice(&s.octets());
+                data.extend_from_slice(&d.octets());
+                data.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                data.extend_from_slice(&[0, 0, 0, proto]);
+            }
+            _ => return,
+        }
+        data.extend_from_slice(l4);
+        let mut sum = checksum(&data);
+        if sum == 0 && proto == IPPROTO_UDP {
+            sum = 0xffff;
+        }
+        l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+
     fn ipv4_header(&self, out: &mut Vec<u8>, src: Ipv4Addr, dst: Ipv4Addr, l4_len: usize) {
         let start = out.len();
         let hlen = 20 + self.ipv4_options;
@@ -478,7 +564,11 @@ impl Frame {
             };
             match kind {
                 Ipv6Ext::FragmentFirst | Ipv6Ext::FragmentLater => {
-                    let offset: u16 = if kind == Ipv6Ext::FragmentFirst { 0 } else { 1448 };
+                    let offset: u16 = if kind == Ipv6Ext::FragmentFirst {
+                        0
+                    } else {
+                        1448
+                    };
                     exts.extend_from_slice(&[next, 0]);
                     exts.extend_from_slice(&(offset | 1).to_be_bytes()); // offset, M = 1
                     exts.extend_from_slice(&0xabcd_0001u32.to_be_bytes()); // identification
@@ -490,14 +580,9 @@ impl Frame {
                 }
                 Ipv6Ext::HopByHop | Ipv6Ext::Routing | Ipv6Ext::DestOpts => {
                     let size = (len as usize + 1) * 8;
+                    // Routing: type 0, segments left 0; options: Pad1s. Zeros either way.
                     exts.extend_from_slice(&[next, len]);
-                    // Routing: type 0, segments left 0; options: PadN covering the rest.
-                    if kind == Ipv6Ext::Routing {
-                        exts.extend(std::iter::repeat_n(0u8, size - 2));
-                    } else {
-                        exts.extend_from_slice(&[1, (size - 4) as u8]);
-                        exts.extend(std::iter::repeat_n(0u8, size - 4));
-                    }
+                    exts.extend(std::iter::repeat_n(0u8, size - 2));
                 }
             }
         }
@@ -520,10 +605,13 @@ pub fn key_of(frame: &Frame) -> FlowKey {
     frame.key()
 }
 
-fn put(out: &mut [u8], off: usize, value: u8) {
+/// Rewrites byte `off` of `out` through `f`.
+fn edit(out: &mut [u8], off: usize, f: impl FnOnce(u8) -> u8) {
     let len = out.len();
-    *out.get_mut(off).unwrap_or_else(|| panic!("damage at byte {off} of a {len}-byte frame")) =
-        value;
+    let b = out
+        .get_mut(off)
+        .unwrap_or_else(|| panic!("damage at byte {off} of a {len}-byte frame"));
+    *b = f(*b);
 }
 
 fn v4_words(a: Ipv4Addr) -> [u32; 4] {
@@ -572,15 +660,55 @@ mod tests {
 
     #[test]
     fn ipv4_tcp_lengths_and_checksum() {
-        let f = Frame::tcp(sa("198.18.0.10:40000"), sa("198.18.1.20:80")).syn().payload(5);
+        let f = Frame::tcp(sa("198.18.0.10:40000"), sa("198.18.1.20:80"))
+            .syn()
+            .payload(5);
         let (b, l) = f.build_with_layout();
-        assert_eq!(l, Layout { l3: 14, l4: 34, len: 14 + 20 + 20 + 5 });
+        assert_eq!(
+            l,
+            Layout {
+                l3: 14,
+                l4: 34,
+                len: 14 + 20 + 20 + 5
+            }
+        );
         assert_eq!(&b[12..14], &[0x08, 0x00]);
         assert_eq!(b[14], 0x45);
         assert_eq!(u16::from_be_bytes([b[16], b[17]]), 45);
         assert_eq!(checksum(&b[14..34]), 0, "IPv4 header checksum verifies");
         assert_eq!(b[34 + 13], tcp::SYN);
         assert_eq!(u16::from_be_bytes([b[34], b[35]]), 40000);
+    }
+
+    #[test]
+    fn transport_checksums_verify() {
+        for f in [
+            Frame::tcp(sa("198.18.0.10:1"), sa("198.18.1.20:2")).payload(7),
+            Frame::udp(sa("[fd00::1]:53"), sa("[fd00::2]:5353")).payload(3),
+        ] {
+            let (b, l) = f.build_with_layout();
+            let l4 = &b[l.l4..];
+            let mut pseudo = Vec::new();
+            if f.is_ipv4() {
+                pseudo.extend_from_slice(&b[l.l3 + 12..l.l3 + 20]);
+                pseudo.extend_from_slice(&[0, f.proto().unwrap()]);
+                pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            } else {
+                pseudo.extend_from_slice(&b[l.l3 + 8..l.l3 + 40]);
+                pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, f.proto().unwrap()]);
+            }
+            pseudo.extend_from_slice(l4);
+            assert_eq!(checksum(&pseudo), 0, "{f:?}");
+        }
+        let (b, l) = Frame::icmp_echo(
+            "198.18.0.1".parse().unwrap(),
+            "198.18.0.2".parse().unwrap(),
+            1,
+            true,
+        )
+        .build_with_layout();
+        assert_eq!(checksum(&b[l.l4..]), 0);
     }
 
     #[test]

@@ -2,15 +2,13 @@
 
 use std::{fmt, time::Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, RingBuf},
+    maps::MapError,
     programs::{TestRun, TestRunOptions},
 };
-use hasync_agent::datapath::{Datapath, DatapathOptions};
-use hasync_common::{
-    maps as names, Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session,
-};
+use hasync_agent::datapath::{events::EventStream, Datapath, DatapathOptions};
+use hasync_common::{Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session};
 
 /// The XDP verdict a test run returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,17 +55,7 @@ pub const TEST_CAPACITY: u32 = 4096;
 /// The member the test datapath runs as.
 pub const LOCAL: MemberId = MemberId(1);
 
-/// This host's `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC) failed");
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use hasync_agent::datapath::monotonic_ns;
 
 /// The config fixtures start from: the firewall defaults for member 1, but refresh events only
 /// once a minute, so a row's frames never race the refresh interval.
@@ -80,6 +68,7 @@ pub fn fixture_config() -> DatapathConfig {
 /// A loaded (not attached) datapath driven by test runs.
 pub struct TestDatapath {
     dp: Datapath,
+    events: EventStream,
 }
 
 impl TestDatapath {
@@ -97,7 +86,8 @@ impl TestDatapath {
         if config.local_member.is_valid() {
             dp.set_member_alive(config.local_member, true)?;
         }
-        Ok(TestDatapath { dp })
+        let events = dp.take_events()?;
+        Ok(TestDatapath { dp, events })
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -136,61 +126,39 @@ impl TestDatapath {
         Ok(self.dp.session(key)?)
     }
 
-    fn sessions_map(&mut self) -> Result<HashMap<&mut MapData, FlowKey, Session>> {
-        let map = self
-            .dp
-            .ebpf_mut()
-            .map_mut(names::SESSIONS)
-            .context("no SESSIONS map")?;
-        Ok(HashMap::try_from(map)?)
-    }
-
     /// Every session in the table.
-    pub fn sessions(&mut self) -> Result<Vec<(FlowKey, Session)>> {
-        let map = self.sessions_map()?;
-        let mut out = Vec::new();
-        for entry in map.iter() {
-            out.push(entry?);
-        }
-        Ok(out)
+    pub fn sessions(&self) -> Result<Vec<(FlowKey, Session)>> {
+        Ok(self.dp.sessions()?)
     }
 
-    /// Writes a session into the table, as a peer's sync or a test setup would.
-    pub fn insert_session(&mut self, key: &FlowKey, session: &Session) -> Result<()> {
-        self.sessions_map()?.insert(key, session, 0)?;
-        Ok(())
+    /// Writes sessions into the table, as a peer's sync or a test setup would.
+    pub fn insert_sessions(&mut self, entries: &[(FlowKey, Session)]) -> Result<()> {
+        Ok(self.dp.insert_sessions(entries)?)
     }
 
     /// Empties the session table.
     pub fn clear_sessions(&mut self) -> Result<()> {
-        let mut map = self.sessions_map()?;
-        let keys = map.keys().collect::<Result<Vec<_>, _>>()?;
-        for key in keys {
-            map.remove(&key)?;
-        }
+        let keys: Vec<FlowKey> = self.sessions()?.into_iter().map(|(k, _)| k).collect();
+        self.dp.delete_sessions(&keys)?;
         Ok(())
     }
 
-    /// Takes every event queued in the EVENTS ring buffer.
-    // TODO(lead): switch to `Datapath::take_events()` / `EventStream::drain` once it lands, so
-    // the tests read events through the agent's own reader.
+    /// Takes every event queued in the EVENTS ring buffer (through the agent's reader).
     pub fn drain_events(&mut self) -> Result<Vec<Event>> {
-        let map = self
-            .dp
-            .ebpf_mut()
-            .map_mut(names::EVENTS)
-            .context("no EVENTS map")?;
-        let mut ring = RingBuf::try_from(map)?;
         let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            if item.len() < size_of::<Event>() {
-                bail!("short event record: {} bytes", item.len());
-            }
-            // SAFETY: the record holds at least one `Event` (checked above), a plain-data type
-            // for which every bit pattern is valid; read unaligned.
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
-        }
+        self.events.drain(&mut out);
+        let malformed = self.events.stats().malformed;
+        anyhow::ensure!(malformed == 0, "{malformed} malformed event records");
         Ok(out)
+    }
+}
+
+/// A map removal that found nothing is not an error (aya reports ENOENT as a syscall error).
+pub fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 

@@ -56,7 +56,11 @@ enum Notify {
 
 impl EventStream {
     pub(crate) fn new(ring: RingBuf<MapData>) -> Self {
-        EventStream { ring, notify: Notify::Unregistered, stats: EventStats::default() }
+        EventStream {
+            ring,
+            notify: Notify::Unregistered,
+            stats: EventStats::default(),
+        }
     }
 
     pub fn stats(&self) -> EventStats {
@@ -72,7 +76,9 @@ impl EventStream {
     pub fn drain_up_to(&mut self, out: &mut Vec<Event>, max: usize) -> usize {
         let mut n = 0;
         while n < max {
-            let Some(record) = self.ring.next() else { break };
+            let Some(record) = self.ring.next() else {
+                break;
+            };
             match decode(&record) {
                 Some(event) => {
                     out.push(event);
@@ -128,7 +134,10 @@ impl EventStream {
 
     fn register(&self) -> std::io::Result<AsyncFd<OwnedFd>> {
         use std::os::fd::AsFd as _;
-        AsyncFd::with_interest(self.ring.as_fd().try_clone_to_owned()?, tokio::io::Interest::READABLE)
+        let fd = self.ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: the `OwnedFd` is a valid descriptor that the `AsyncFd` owns: nothing closes
+        // or replaces it while it is registered.
+        Ok(unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?)
     }
 }
 
@@ -136,7 +145,11 @@ impl EventStream {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionEvent {
     /// Reported by the XDP program through the ring buffer.
-    Datapath { kind: EventKind, key: FlowKey, session: Session },
+    Datapath {
+        kind: EventKind,
+        key: FlowKey,
+        session: Session,
+    },
     /// Removed from the table by the expiry sweep: the session's end.
     Removed(Removed),
 }
@@ -144,8 +157,17 @@ pub enum SessionEvent {
 impl SessionEvent {
     /// The agent-level view of a ring-buffer event; `None` for an unknown kind.
     pub fn from_event(event: &Event) -> Option<Self> {
-        let Event { key, session, kind, _pad } = *event;
-        Some(SessionEvent::Datapath { kind: EventKind::from_u8(kind)?, key, session })
+        let Event {
+            key,
+            session,
+            kind,
+            _pad,
+        } = *event;
+        Some(SessionEvent::Datapath {
+            kind: EventKind::from_u8(kind)?,
+            key,
+            session,
+        })
     }
 
     pub fn key(&self) -> &FlowKey {
@@ -174,13 +196,18 @@ mod tests {
     const XDP_PASS: u32 = 2;
 
     fn event(kind: u8) -> Event {
-        Event { kind, ..Event::default() }
+        Event {
+            kind,
+            ..Event::default()
+        }
     }
 
     fn bytes(e: &Event) -> Vec<u8> {
         // SAFETY: `Event` is plain data with no padding; viewing it as bytes is sound.
-        unsafe { std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<Event>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<Event>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -202,7 +229,10 @@ mod tests {
     fn traffic_produces_created_then_state_changed_events() {
         let mut dp = datapath();
         let mut events = dp.take_events().expect("take events");
-        assert!(dp.take_events().is_err(), "the ring buffer can be taken only once");
+        assert!(
+            dp.take_events().is_err(),
+            "the ring buffer can be taken only once"
+        );
 
         let out = udp_frame([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53);
         assert_eq!(test_run(&dp, &out), XDP_PASS);
@@ -224,7 +254,13 @@ mod tests {
         assert_eq!(events.drain(&mut got), 1);
         assert_eq!(got[0].kind, EventKind::StateChanged as u8);
         assert_eq!(got[0].session.state, State::UdpReplied as u8);
-        assert_eq!(events.stats(), EventStats { received: 2, malformed: 0 });
+        assert_eq!(
+            events.stats(),
+            EventStats {
+                received: 2,
+                malformed: 0
+            }
+        );
     }
 
     #[tokio::test]
@@ -241,6 +277,10 @@ mod tests {
         assert_eq!(batch.len(), 5);
         assert!(batch.iter().all(|e| e.kind == EventKind::Created as u8));
         // Nothing more queued: next_batch keeps waiting.
-        assert!(tokio::time::timeout(Duration::from_millis(100), events.next_batch()).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), events.next_batch())
+                .await
+                .is_err()
+        );
     }
 }

@@ -1,15 +1,30 @@
 //! The datapath: loads the XDP program, fills its maps, reads its counters and sessions.
 //!
-//! The SESSIONS map is the session table; nothing here keeps a copy of it.
+//! The SESSIONS map is the session table; nothing here keeps a copy of it: whole-table work
+//! (dumps, sweeps) walks it in bounded chunks with batch operations ([`batch`]).
+
+pub mod attach;
+pub mod batch;
+pub mod events;
+pub mod sweep;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::os::fd::AsFd as _;
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
     maps as names, Counters, DatapathConfig, FlowKey, MemberEntry, MemberId, Session, ZoneId,
 };
+
+pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
+pub use batch::{BatchError, BatchMap};
+pub use events::{EventStats, EventStream, SessionEvent};
+pub use sweep::{RemoveReason, Removed, SweepReport};
 
 /// Errors of the datapath module.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +33,7 @@ pub enum DatapathError {
     Load(#[from] EbpfError),
     #[error("the XDP object has no program `{0}`")]
     NoProgram(&'static str),
-    #[error("the XDP object has no map `{0}`")]
+    #[error("the XDP object has no map `{0}` (or it was already taken)")]
     NoMap(&'static str),
     #[error("map `{map}`: {source}")]
     Map {
@@ -36,6 +51,69 @@ pub enum DatapathError {
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
     CapacityOutOfRange(u32),
+    #[error("map `{map}`: {source}")]
+    Batch {
+        map: &'static str,
+        #[source]
+        source: BatchError,
+    },
+    #[error("interface name {name:?} is invalid: {why}")]
+    InvalidInterfaceName { name: String, why: &'static str },
+    #[error("unknown network interface `{0}`")]
+    UnknownInterface(String),
+    /// Both modes failed; `source` is the generic-mode error.
+    #[error(
+        "attaching XDP to `{interface}` failed in native mode ({}) and in generic mode",
+        error_chain(.native)
+    )]
+    Attach {
+        interface: String,
+        native: Box<ProgramError>,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("detaching XDP from `{interface}`: {source}")]
+    Detach {
+        interface: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// `error` and its sources, joined by ": ", each source once: some errors (aya's
+/// `SyscallError`) keep the errno only in their source, others (ours) repeat their source in
+/// their own message.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let msg = e.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// Sessions per batch call when a caller does not choose (about 14 KiB of keys and values).
+pub const DEFAULT_CHUNK: u32 = 128;
+
+/// This host's CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, hence of every
+/// timestamp in a [`Session`].
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // CLOCK_MONOTONIC with a valid pointer cannot fail; 0 would make nothing look idle.
+    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Largest SESSIONS capacity accepted (64 Mi entries, about 9 GiB of kernel memory).
@@ -63,6 +141,8 @@ impl DatapathOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     capacity: u32,
+    /// Interfaces the program is attached to, in attach order.
+    attachments: Vec<Attachment>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -86,6 +166,7 @@ impl Datapath {
         let mut dp = Datapath {
             ebpf,
             capacity: opts.session_capacity,
+            attachments: Vec::new(),
         };
         dp.set_config(&opts.config)?;
         let prog = dp.program_mut()?;
@@ -207,5 +288,118 @@ impl Datapath {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(names::SESSIONS)(e)),
         }
+    }
+
+    /// SESSIONS, checked for batch operations.
+    fn sessions_batch(&self) -> Result<BatchMap<'_, FlowKey, Session>, DatapathError> {
+        BatchMap::new(self.sessions_map()?.fd().as_fd()).map_err(batch_err(names::SESSIONS))
+    }
+
+    /// Walks the session table in chunks of at most `chunk` sessions (a hash bucket is never
+    /// split, so rarely a few more), calling `f` with each. Returns the number of sessions seen.
+    /// Sessions created or removed during the walk may or may not be seen; none is seen twice.
+    pub fn sessions_chunked(
+        &self,
+        chunk: u32,
+        f: impl FnMut(&[FlowKey], &[Session]),
+    ) -> Result<u64, DatapathError> {
+        self.sessions_batch()?
+            .for_each_chunk(chunk, f)
+            .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// The whole session table. Memory grows with the table: for tests and `show`, not for the
+    /// agent's own work (use [`Self::sessions_chunked`]).
+    pub fn sessions(&self) -> Result<Vec<(FlowKey, Session)>, DatapathError> {
+        let mut all = Vec::new();
+        self.sessions_chunked(DEFAULT_CHUNK, |keys, values| {
+            all.extend(keys.iter().copied().zip(values.iter().copied()));
+        })?;
+        Ok(all)
+    }
+
+    /// Inserts or replaces sessions with batch updates.
+    pub fn insert_sessions(&mut self, entries: &[(FlowKey, Session)]) -> Result<(), DatapathError> {
+        let map = self.sessions_batch()?;
+        // Split into key and value arrays a chunk at a time, so memory stays bounded.
+        let mut keys = Vec::with_capacity(entries.len().min(DEFAULT_CHUNK as usize));
+        let mut values = Vec::with_capacity(keys.capacity());
+        for part in entries.chunks(DEFAULT_CHUNK as usize) {
+            keys.clear();
+            values.clear();
+            for (k, v) in part {
+                keys.push(*k);
+                values.push(*v);
+            }
+            map.update_batch(&keys, &values, 0)
+                .map_err(batch_err(names::SESSIONS))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes sessions with batch deletes; keys not in the table are skipped. Returns how many
+    /// were deleted.
+    pub fn delete_sessions(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
+        self.sessions_batch()?
+            .delete_batch(keys)
+            .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// Removes sessions idle past their state's timeout (from the live CONFIG), `chunk` at a
+    /// time; `on_removed` gets each chunk's removals (see [`sweep`]).
+    pub fn sweep(
+        &mut self,
+        chunk: u32,
+        on_removed: impl FnMut(&[Removed]),
+    ) -> Result<SweepReport, DatapathError> {
+        let cfg = self.config()?;
+        sweep::sweep(&self.sessions_batch()?, &cfg, chunk, on_removed)
+            .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// Takes the EVENTS ring buffer out of the program's maps. Only once: a second call fails
+    /// with [`DatapathError::NoMap`].
+    pub fn take_events(&mut self) -> Result<EventStream, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or(DatapathError::NoMap(names::EVENTS))?;
+        let ring = RingBuf::try_from(map).map_err(map_err(names::EVENTS))?;
+        Ok(EventStream::new(ring))
+    }
+}
+
+fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
+    move |source| DatapathError::Batch { map, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_show_the_errno_once() {
+        let errno = |e| std::io::Error::from_raw_os_error(e);
+        let batch = DatapathError::Batch {
+            map: names::SESSIONS,
+            source: BatchError::Syscall {
+                op: batch::BatchOp::Delete,
+                done: 3,
+                source: errno(libc::EPERM),
+            },
+        };
+        let text = error_chain(&batch);
+        assert!(text.starts_with("map `SESSIONS`: BPF_MAP_DELETE_BATCH failed after 3 elements: "));
+        assert_eq!(text.matches("(os error 1)").count(), 1, "{text}");
+
+        let aya = ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_link_create",
+            io_error: errno(libc::EOPNOTSUPP),
+        });
+        assert!(
+            error_chain(&aya).ends_with("(os error 95)"),
+            "{}",
+            error_chain(&aya)
+        );
     }
 }

@@ -16,11 +16,9 @@
 //! packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN is
 //! retransmitted. We accept that: the entry was past its timeout anyway.
 
-use std::os::fd::BorrowedFd;
-
 use hasync_common::{DatapathConfig, FlowKey, Session, State};
 
-use super::batch::{self, BatchError};
+use super::batch::{BatchCursor, BatchError, BatchMap};
 
 /// Why the sweep removed a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -73,7 +71,11 @@ impl SweepReport {
 /// Same rule as the XDP program (idle > timeout of the state; an unknown state has timeout 0),
 /// except that a `last_seen_ns` after `now` counts as not idle at all.
 pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<RemoveReason> {
-    let timeout = cfg.timeouts_ns.get(usize::from(session.state)).copied().unwrap_or(0);
+    let timeout = cfg
+        .timeouts_ns
+        .get(usize::from(session.state))
+        .copied()
+        .unwrap_or(0);
     let idle = now.saturating_sub(session.last_seen_ns);
     if idle <= timeout {
         return None;
@@ -85,25 +87,36 @@ pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<Remo
     })
 }
 
-/// Sweeps the session map behind `fd` with `cfg`'s timeouts, `chunk` entries at a time.
+/// Sweeps the session `map` with `cfg`'s timeouts, `chunk` entries at a time.
 /// `on_removed` gets each chunk's removed sessions right after they were deleted.
 pub fn sweep(
-    fd: BorrowedFd<'_>,
+    map: &BatchMap<'_, FlowKey, Session>,
     cfg: &DatapathConfig,
     chunk: u32,
+    on_removed: impl FnMut(&[Removed]),
+) -> Result<SweepReport, BatchError> {
+    sweep_with_clock(map, cfg, chunk, super::monotonic_ns, on_removed)
+}
+
+/// [`sweep`] reading the time from `clock` (CLOCK_MONOTONIC ns; tests use their own).
+fn sweep_with_clock(
+    map: &BatchMap<'_, FlowKey, Session>,
+    cfg: &DatapathConfig,
+    chunk: u32,
+    clock: impl Fn() -> u64,
     mut on_removed: impl FnMut(&[Removed]),
 ) -> Result<SweepReport, BatchError> {
     let mut report = SweepReport::default();
-    let mut cursor = batch::BatchCursor::new();
+    let mut cursor = BatchCursor::new();
     let mut keys: Vec<FlowKey> = Vec::with_capacity(chunk as usize);
     let mut values: Vec<Session> = Vec::with_capacity(chunk as usize);
     let mut removed: Vec<Removed> = Vec::new();
     let mut doomed: Vec<FlowKey> = Vec::new();
     loop {
-        let more = batch::lookup_batch(fd, &mut cursor, &mut keys, &mut values, chunk)?;
+        let more = map.lookup_batch(&mut cursor, &mut keys, &mut values, chunk)?;
         report.scanned += keys.len() as u64;
         // Read the clock after the lookup: nothing we saw is newer than `now`.
-        let now = super::monotonic_ns();
+        let now = clock();
         removed.clear();
         doomed.clear();
         for (key, session) in keys.iter().zip(&values) {
@@ -111,11 +124,15 @@ pub fn sweep(
                 continue;
             }
             // Re-read right before deleting (see the module docs for the window left).
-            let fresh = batch::lookup::<FlowKey, Session>(fd, key)?;
-            let now = super::monotonic_ns();
+            let fresh = map.lookup(key)?;
+            let now = clock();
             match fresh.and_then(|s| verdict(cfg, &s, now).map(|reason| (s, reason))) {
                 Some((session, reason)) => {
-                    removed.push(Removed { key: *key, session, reason });
+                    removed.push(Removed {
+                        key: *key,
+                        session,
+                        reason,
+                    });
                     doomed.push(*key);
                 }
                 None => report.spared += 1,
@@ -123,7 +140,7 @@ pub fn sweep(
         }
         if !doomed.is_empty() {
             // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
-            batch::delete_batch(fd, &doomed)?;
+            map.delete_batch(&doomed)?;
             for r in &removed {
                 match r.reason {
                     RemoveReason::Expired => report.expired += 1,
@@ -141,6 +158,8 @@ pub fn sweep(
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, os::fd::AsFd as _};
+
+    use crate::datapath::batch::BatchMap;
 
     use hasync_common::{MemberId, ZoneId};
 
@@ -164,9 +183,11 @@ mod tests {
         }
     }
 
+    /// A session last seen `idle_s` seconds before `now`. Callers keep `now` larger than any
+    /// idle time: CLOCK_MONOTONIC starts near boot, so a young host has small values.
     fn session(state: State, idle_s: u64, now: u64) -> Session {
         Session {
-            created_ns: now - 7200 * S,
+            created_ns: now.saturating_sub(7200 * S),
             last_seen_ns: now - idle_s * S,
             last_event_ns: now - idle_s * S,
             packets: [1, 1],
@@ -199,9 +220,13 @@ mod tests {
     #[test]
     fn verdicts_follow_the_timeout_of_each_state() {
         let cfg = DatapathConfig::with_defaults(MemberId(1));
-        let now = 10_000 * S;
+        let now = NOW;
         for &(state, idle, want) in TABLE {
-            assert_eq!(verdict(&cfg, &session(state, idle, now), now), want, "{state:?} idle {idle}s");
+            assert_eq!(
+                verdict(&cfg, &session(state, idle, now), now),
+                want,
+                "{state:?} idle {idle}s"
+            );
         }
         // Seen after `now` (another CPU updated it meanwhile): not idle.
         let mut s = session(State::IcmpEcho, 0, now);
@@ -213,9 +238,16 @@ mod tests {
         assert_eq!(verdict(&cfg, &s, now), Some(RemoveReason::Expired));
     }
 
-    /// Fills a map with `copies` sessions of each table row; returns the expectation per key.
-    fn fill(fd: BorrowedFd<'_>, copies: u32) -> HashMap<FlowKey, Option<RemoveReason>> {
-        let now = monotonic_ns();
+    /// A fixed point on a fake CLOCK_MONOTONIC, later than every idle time in [`TABLE`].
+    const NOW: u64 = 10_000 * S;
+
+    /// Fills a map with `copies` sessions of each table row as of [`NOW`]; returns the
+    /// expectation per key.
+    fn fill(
+        map: &BatchMap<'_, FlowKey, Session>,
+        copies: u32,
+    ) -> HashMap<FlowKey, Option<RemoveReason>> {
+        let now = NOW;
         let mut want = HashMap::new();
         let mut keys = Vec::new();
         let mut values = Vec::new();
@@ -227,52 +259,107 @@ mod tests {
                 want.insert(k, reason);
             }
         }
-        batch::update_batch(fd, &keys, &values, 0).expect("fill");
+        map.update_batch(&keys, &values, 0).expect("fill");
         want
     }
 
     #[test]
     fn sweep_removes_idle_sessions_chunk_by_chunk() {
-        let map = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 8192);
-        let fd = map.as_fd();
-        let want = fill(fd, 200);
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 8192);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let want = fill(&map, 200);
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut seen = Vec::new();
         let mut largest = 0;
-        let report = sweep(fd, &cfg, 64, |removed| {
-            largest = largest.max(removed.len());
-            seen.extend(removed.iter().map(|r| (r.key, r.reason)));
-        })
+        let report = sweep_with_clock(
+            &map,
+            &cfg,
+            64,
+            || NOW,
+            |removed| {
+                largest = largest.max(removed.len());
+                seen.extend(removed.iter().map(|r| (r.key, r.reason)));
+            },
+        )
         .expect("sweep");
 
-        let expected: Vec<_> = want.iter().filter_map(|(k, r)| r.map(|r| (*k, r))).collect();
+        let expected: Vec<_> = want
+            .iter()
+            .filter_map(|(k, r)| r.map(|r| (*k, r)))
+            .collect();
         assert_eq!(report.scanned, want.len() as u64);
         assert_eq!(report.removed() as usize, expected.len());
         assert_eq!(report.closed, 200);
         assert_eq!(report.spared, 0);
-        assert!(largest <= 64 + 8, "a callback got {largest} removals for a chunk of 64");
+        assert!(
+            largest <= 64,
+            "a callback got {largest} removals for a chunk of 64"
+        );
         let seen: HashMap<_, _> = seen.into_iter().collect();
         assert_eq!(seen, expected.into_iter().collect());
         // What is left is exactly the live sessions.
-        let left = batch::for_each_chunk(fd, 100, |k: &[FlowKey], _: &[Session]| {
+        let left = map.for_each_chunk(100, |k, _| {
             assert!(k.iter().all(|k| want[k].is_none()));
         });
-        assert_eq!(left.expect("walk"), want.values().filter(|r| r.is_none()).count() as u64);
+        assert_eq!(
+            left.expect("walk"),
+            want.values().filter(|r| r.is_none()).count() as u64
+        );
+    }
+
+    #[test]
+    fn a_session_refreshed_after_the_scan_is_spared() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let (stale, refreshed) = (key(1), key(2));
+        let old = session(State::UdpNew, 60, NOW);
+        map.update_batch(&[stale, refreshed], &[old, old], 0)
+            .expect("fill");
+        // The clock is read right after the chunk is scanned: a packet for `refreshed`
+        // "arrives" then, before the sweep re-reads its candidates.
+        let scanned = std::cell::Cell::new(false);
+        let clock = || {
+            if !scanned.replace(true) {
+                let mut fresh = old;
+                fresh.last_seen_ns = NOW;
+                map.update_batch(&[refreshed], &[fresh], 0)
+                    .expect("refresh");
+            }
+            NOW
+        };
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let mut removed = Vec::new();
+        let report = sweep_with_clock(&map, &cfg, 64, clock, |r| removed.extend_from_slice(r))
+            .expect("sweep");
+        assert_eq!((report.scanned, report.expired, report.spared), (2, 1, 1));
+        assert_eq!(removed.iter().map(|r| r.key).collect::<Vec<_>>(), [stale]);
+        assert!(map.lookup(&refreshed).expect("lookup").is_some());
     }
 
     #[test]
     fn datapath_sweep_uses_the_live_config() {
         let mut dp = datapath();
+        // The real clock here: this needs a host up for more than 40 s.
         let now = monotonic_ns();
+        assert!(now > 40 * S, "host up for less than 40 s");
         let live = (key(1), session(State::UdpNew, 5, now));
         let old = (key(2), session(State::UdpNew, 40, now));
         dp.insert_sessions(&[live, old]).expect("insert");
         assert_eq!(dp.sessions().expect("dump").len(), 2);
 
         let mut removed = Vec::new();
-        let report = dp.sweep(16, |r| removed.extend_from_slice(r)).expect("sweep");
+        let report = dp
+            .sweep(16, |r| removed.extend_from_slice(r))
+            .expect("sweep");
         assert_eq!((report.scanned, report.expired), (2, 1));
-        assert_eq!(removed, vec![Removed { key: old.0, session: old.1, reason: RemoveReason::Expired }]);
+        assert_eq!(
+            removed,
+            vec![Removed {
+                key: old.0,
+                session: old.1,
+                reason: RemoveReason::Expired
+            }]
+        );
         assert_eq!(dp.session(&old.0).expect("lookup"), None);
 
         // Shorter timeout for udp-new: the other one goes too.

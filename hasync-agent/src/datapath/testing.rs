@@ -4,7 +4,7 @@
 use std::{
     io,
     mem::size_of,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{FromRawFd as _, OwnedFd},
 };
 
 use hasync_common::{DatapathConfig, MemberId};
@@ -13,19 +13,6 @@ use super::{Datapath, DatapathOptions};
 
 pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, initialised attr of the size passed; callers put only valid
-    // pointers in it.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>() as libc::c_uint)
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
 
 /// Creates a map of `map_type` for `K → V` with room for `max_entries`.
 pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> OwnedFd {
@@ -46,7 +33,20 @@ pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> OwnedFd {
         max_entries,
         map_flags: 0,
     };
-    let fd = sys_bpf(BPF_MAP_CREATE, &mut attr).expect("BPF_MAP_CREATE (tests need root)");
+    // SAFETY: a valid, initialised attr of the size passed, holding no pointers.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            std::ptr::from_mut(&mut attr),
+            size_of::<CreateAttr>() as libc::c_uint,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE (tests need root): {}",
+        io::Error::last_os_error()
+    );
     // SAFETY: the syscall returned a fresh fd that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(fd as i32) }
 }
@@ -59,37 +59,15 @@ pub fn datapath() -> Datapath {
     Datapath::load(&opts).expect("load the XDP program (tests need root)")
 }
 
-/// Runs `frame` through the program once; returns the XDP verdict.
+/// Runs `frame` through the program once (BPF_PROG_TEST_RUN); returns the XDP verdict.
 pub fn test_run(dp: &Datapath, frame: &[u8]) -> u32 {
-    /// `bpf_attr`'s `test` member, up to `ctx_out`.
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-    }
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    use aya::programs::{TestRun as _, TestRunOptions};
     let prog = dp.program().expect("program");
-    let fd = prog.fd().expect("program fd");
-    let mut attr = TestAttr {
-        prog_fd: fd.as_fd().as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ..TestRunOptions::default()
     };
-    sys_bpf(BPF_PROG_TEST_RUN, &mut attr).expect("BPF_PROG_TEST_RUN");
-    attr.retval
+    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
 /// An Ethernet + IPv4 + UDP frame `src:sport → dst:dport` with 8 bytes of payload.
@@ -104,7 +82,10 @@ pub fn udp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> 
     ip[9] = 17;
     ip[12..16].copy_from_slice(&src);
     ip[16..20].copy_from_slice(&dst);
-    let mut sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let mut sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

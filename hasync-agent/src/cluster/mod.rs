@@ -1,0 +1,313 @@
+//! Cluster membership: member states, liveness from keepalives, flaps, and the local member's
+//! own state machine (Initial → Active, Tentative, Non-functional, Suspended).
+//!
+//! This module is pure logic over explicit timestamps (`Instant`s passed in), so it is tested
+//! without sockets or timers. The sync module feeds it what it hears; the agent applies what it
+//! decides (the XDP member map, state changes in `show`).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use hasync_common::MemberId;
+use serde::Serialize;
+
+use crate::sync::wire::LinkKind;
+
+/// A member's state, as the HA clustering model names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemberState {
+    /// Booting and receiving the full sync.
+    Initial = 0,
+    Active = 1,
+    /// Recovering: holding before taking traffic.
+    Tentative = 2,
+    /// Datapath failure or configuration mismatch.
+    NonFunctional = 3,
+    /// Suspended by the operator until `hasync functional`.
+    Suspended = 4,
+    /// A peer not heard within the keepalive threshold (only for peers).
+    Down = 5,
+    /// A peer never heard yet (only for peers).
+    Unknown = 6,
+}
+
+impl MemberState {
+    pub fn from_u8(v: u8) -> MemberState {
+        match v {
+            0 => MemberState::Initial,
+            1 => MemberState::Active,
+            2 => MemberState::Tentative,
+            3 => MemberState::NonFunctional,
+            4 => MemberState::Suspended,
+            5 => MemberState::Down,
+            _ => MemberState::Unknown,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            MemberState::Initial => "initial",
+            MemberState::Active => "active",
+            MemberState::Tentative => "tentative",
+            MemberState::NonFunctional => "non-functional",
+            MemberState::Suspended => "suspended",
+            MemberState::Down => "down",
+            MemberState::Unknown => "unknown",
+        }
+    }
+
+    /// May sessions owned by a member in this state stay with it? If not, the member that sees
+    /// their traffic takes them over.
+    pub const fn keeps_sessions(self) -> bool {
+        matches!(
+            self,
+            MemberState::Initial | MemberState::Active | MemberState::Tentative
+        )
+    }
+}
+
+/// State of one sync link to a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    Up,
+    Down,
+    NotConfigured,
+}
+
+impl LinkState {
+    pub const fn name(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::NotConfigured => "not-configured",
+        }
+    }
+}
+
+/// Why the local member is non-functional.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Datapath(String),
+    ConfigMismatch(String),
+}
+
+/// What is known of one peer.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub id: MemberId,
+    pub serial: String,
+    /// Its own state, as its last keepalive said.
+    pub reported: MemberState,
+    pub last_heard: Option<Instant>,
+    pub links: BTreeMap<LinkKind, LinkState>,
+    pub sessions_owned: u32,
+    pub flaps: u32,
+    pub last_change: Option<Instant>,
+    /// Was it alive at the last evaluation?
+    pub alive: bool,
+    /// Its config fingerprint differs from ours (zones, timers, members).
+    pub config_mismatch: Option<String>,
+    /// Its full sync to us: None = not started, Some(false) = running, Some(true) = ended.
+    pub bulk_done: Option<bool>,
+    pub session_sync: bool,
+}
+
+impl Peer {
+    /// The state shown for the peer: its own report while alive, `down` otherwise.
+    pub fn state(&self) -> MemberState {
+        match (self.last_heard, self.alive) {
+            (None, _) => MemberState::Unknown,
+            (Some(_), false) => MemberState::Down,
+            (Some(_), true) => self.reported,
+        }
+    }
+}
+
+/// Timers of the membership rules.
+#[derive(Clone, Copy, Debug)]
+pub struct Timers {
+    pub keepalive_threshold: Duration,
+    /// 0: wait as long as a reachable peer is still sending its full sync.
+    pub sync_timeout: Duration,
+    pub tentative_hold: Duration,
+    /// How long a starting member waits for peers to connect before deciding it is alone.
+    pub discovery: Duration,
+}
+
+/// The local member and its view of the peers.
+#[derive(Debug)]
+pub struct Membership {
+    pub local: MemberId,
+    pub state: MemberState,
+    pub started: Instant,
+    pub state_since: Instant,
+    pub flaps: u32,
+    pub fault: Option<Fault>,
+    pub suspended: bool,
+    tentative_until: Option<Instant>,
+    timers: Timers,
+    pub peers: BTreeMap<MemberId, Peer>,
+}
+
+/// What changed in one evaluation, for the agent to apply.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Peers whose liveness (as the XDP takeover rule sees it) changed: (id, alive).
+    pub liveness: Vec<(MemberId, bool)>,
+    /// The local state changed to this.
+    pub local_state: Option<MemberState>,
+}
+
+impl Membership {
+    pub fn new(
+        local: MemberId,
+        timers: Timers,
+        peers: Vec<(MemberId, String, bool)>,
+        now: Instant,
+    ) -> Self {
+        let peers = peers
+            .into_iter()
+            .map(|(id, serial, session_sync)| {
+                (
+                    id,
+                    Peer {
+                        id,
+                        serial,
+                        reported: MemberState::Unknown,
+                        last_heard: None,
+                        links: BTreeMap::new(),
+                        sessions_owned: 0,
+                        flaps: 0,
+                        last_change: None,
+                        alive: false,
+                        config_mismatch: None,
+                        bulk_done: None,
+                        session_sync,
+                    },
+                )
+            })
+            .collect();
+        Membership {
+            local,
+            state: MemberState::Initial,
+            started: now,
+            state_since: now,
+            flaps: 0,
+            fault: None,
+            suspended: false,
+            tentative_until: None,
+            timers,
+            peers,
+        }
+    }
+
+    /// A keepalive (or any authenticated message) from `id`.
+    pub fn heard(&mut self, id: MemberId, state: MemberState, sessions_owned: u32, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.last_heard = Some(now);
+            if p.reported != state {
+                p.last_change = Some(now);
+            }
+            p.reported = state;
+            p.sessions_owned = sessions_owned;
+        }
+    }
+
+    pub fn set_link(&mut self, id: MemberId, link: LinkKind, state: LinkState) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.links.insert(link, state);
+        }
+    }
+
+    /// A peer started a full sync to us, or ended it.
+    pub fn bulk(&mut self, id: MemberId, done: bool) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.bulk_done = Some(done);
+        }
+    }
+
+    pub fn suspend(&mut self) {
+        self.suspended = true;
+    }
+
+    /// `hasync functional`: leave Suspended through Tentative.
+    pub fn functional(&mut self, now: Instant) {
+        if self.suspended {
+            self.suspended = false;
+            self.tentative_until = Some(now + self.timers.tentative_hold);
+        }
+    }
+
+    pub fn set_fault(&mut self, fault: Option<Fault>, now: Instant) {
+        if self.fault.is_some() && fault.is_none() {
+            self.tentative_until = Some(now + self.timers.tentative_hold);
+        }
+        self.fault = fault;
+    }
+
+    /// Is the initial full sync finished (or given up on)?
+    fn synced(&self, now: Instant) -> bool {
+        let waited = now.duration_since(self.started);
+        if waited < self.timers.discovery {
+            return false;
+        }
+        if !self.timers.sync_timeout.is_zero() && waited >= self.timers.sync_timeout {
+            return true;
+        }
+        // Every reachable peer that syncs sessions must have finished its full sync to us.
+        self.peers
+            .values()
+            .filter(|p| p.alive && p.session_sync)
+            .all(|p| p.bulk_done == Some(true))
+    }
+
+    /// Re-evaluates liveness and the local state at `now`.
+    pub fn evaluate(&mut self, now: Instant) -> Changes {
+        let mut changes = Changes::default();
+        for p in self.peers.values_mut() {
+            let heard_recently = p
+                .last_heard
+                .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold);
+            let alive = heard_recently && p.reported.keeps_sessions();
+            if alive != p.alive {
+                if p.alive {
+                    p.flaps += 1;
+                }
+                p.alive = alive;
+                p.last_change = Some(now);
+                if !heard_recently {
+                    // A peer that comes back will send a new full sync.
+                    p.bulk_done = None;
+                }
+                changes.liveness.push((p.id, alive));
+            }
+        }
+        let next = if self.suspended {
+            MemberState::Suspended
+        } else if self.fault.is_some() {
+            MemberState::NonFunctional
+        } else if self.state == MemberState::Initial && !self.synced(now) {
+            MemberState::Initial
+        } else if self.tentative_until.is_some_and(|t| now < t) {
+            MemberState::Tentative
+        } else {
+            MemberState::Active
+        };
+        if next != self.state {
+            if self.state == MemberState::Active {
+                self.flaps += 1;
+            }
+            self.state = next;
+            self.state_since = now;
+            changes.local_state = Some(next);
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,151 @@
+use super::*;
+
+fn timers() -> Timers {
+    Timers {
+        keepalive_threshold: Duration::from_secs(10),
+        sync_timeout: Duration::ZERO,
+        tentative_hold: Duration::from_secs(60),
+        discovery: Duration::from_secs(2),
+    }
+}
+
+fn cluster(t0: Instant) -> Membership {
+    Membership::new(
+        MemberId(1),
+        timers(),
+        vec![
+            (MemberId(2), "fw2".into(), true),
+            (MemberId(3), "fw3".into(), true),
+        ],
+        t0,
+    )
+}
+
+fn s(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn a_lone_member_becomes_active_after_discovery() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    assert_eq!(m.evaluate(t0 + s(1)).local_state, None);
+    assert_eq!(m.state, MemberState::Initial);
+    assert_eq!(m.evaluate(t0 + s(2)).local_state, Some(MemberState::Active));
+}
+
+#[test]
+fn initial_until_every_reachable_peer_finished_its_full_sync() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 10, t0 + s(1));
+    m.heard(MemberId(3), MemberState::Active, 10, t0 + s(1));
+    m.bulk(MemberId(2), false);
+    m.bulk(MemberId(3), false);
+    let c = m.evaluate(t0 + s(3));
+    assert_eq!(c.liveness, vec![(MemberId(2), true), (MemberId(3), true)]);
+    assert_eq!(m.state, MemberState::Initial);
+    m.bulk(MemberId(2), true);
+    m.heard(MemberId(2), MemberState::Active, 10, t0 + s(3));
+    m.heard(MemberId(3), MemberState::Active, 10, t0 + s(3));
+    m.evaluate(t0 + s(4));
+    assert_eq!(m.state, MemberState::Initial, "member 3 is still sending");
+    m.bulk(MemberId(3), true);
+    assert_eq!(m.evaluate(t0 + s(5)).local_state, Some(MemberState::Active));
+}
+
+#[test]
+fn sync_timeout_bounds_the_wait() {
+    let t0 = Instant::now();
+    let mut m = Membership::new(
+        MemberId(1),
+        Timers {
+            sync_timeout: s(60),
+            ..timers()
+        },
+        vec![(MemberId(2), "fw2".into(), true)],
+        t0,
+    );
+    for i in 0..6 {
+        m.heard(MemberId(2), MemberState::Active, 1, t0 + s(i * 10));
+        m.bulk(MemberId(2), false);
+        m.evaluate(t0 + s(i * 10 + 1));
+        assert_eq!(m.state, MemberState::Initial);
+    }
+    m.heard(MemberId(2), MemberState::Active, 1, t0 + s(59));
+    assert_eq!(
+        m.evaluate(t0 + s(60)).local_state,
+        Some(MemberState::Active)
+    );
+}
+
+#[test]
+fn a_silent_peer_goes_down_and_its_return_counts_a_flap() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 5, t0);
+    assert_eq!(m.evaluate(t0 + s(1)).liveness, vec![(MemberId(2), true)]);
+    assert_eq!(
+        m.evaluate(t0 + s(10)).liveness,
+        vec![],
+        "exactly at the threshold it is alive"
+    );
+    assert_eq!(m.evaluate(t0 + s(11)).liveness, vec![(MemberId(2), false)]);
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Down);
+    assert_eq!(m.peers[&MemberId(2)].flaps, 1);
+    m.heard(MemberId(2), MemberState::Initial, 0, t0 + s(20));
+    assert_eq!(m.evaluate(t0 + s(20)).liveness, vec![(MemberId(2), true)]);
+    assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
+}
+
+#[test]
+fn a_suspended_peer_loses_its_sessions_to_takeover() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 5, t0);
+    m.evaluate(t0);
+    m.heard(MemberId(2), MemberState::Suspended, 5, t0 + s(1));
+    assert_eq!(m.evaluate(t0 + s(1)).liveness, vec![(MemberId(2), false)]);
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Down);
+}
+
+#[test]
+fn suspend_then_functional_goes_through_tentative() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    assert_eq!(m.state, MemberState::Active);
+    m.suspend();
+    assert_eq!(
+        m.evaluate(t0 + s(3)).local_state,
+        Some(MemberState::Suspended)
+    );
+    assert_eq!(m.flaps, 1);
+    m.functional(t0 + s(4));
+    assert_eq!(
+        m.evaluate(t0 + s(4)).local_state,
+        Some(MemberState::Tentative)
+    );
+    assert_eq!(m.evaluate(t0 + s(63)).local_state, None);
+    assert_eq!(
+        m.evaluate(t0 + s(64)).local_state,
+        Some(MemberState::Active)
+    );
+}
+
+#[test]
+fn a_datapath_fault_makes_the_member_non_functional() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    m.set_fault(Some(Fault::Datapath("program detached".into())), t0 + s(3));
+    assert_eq!(
+        m.evaluate(t0 + s(3)).local_state,
+        Some(MemberState::NonFunctional)
+    );
+    m.set_fault(None, t0 + s(4));
+    assert_eq!(
+        m.evaluate(t0 + s(4)).local_state,
+        Some(MemberState::Tentative)
+    );
+}

@@ -1,0 +1,698 @@
+//! The packet fixture runner: a [`Row`] is a setup, a sequence of frames with their expected
+//! verdicts, and the expected effect on the session table, the counters and the event stream.
+//!
+//! Rows run one after the other on one loaded program; every row starts from a reset (empty
+//! table, its own config, zone and member liveness, no queued events), and counters are
+//! compared as deltas.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData};
+use hasync_common::{
+    maps as names, session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId, Policy,
+    Session, SessionFlags, State, ZoneId,
+};
+
+use crate::{
+    frame::Frame,
+    testrun::{
+        fixture_config, ignore_not_found, monotonic_ns, CounterDelta, TestDatapath, Verdict, LOCAL,
+        TEST_IFINDEX,
+    },
+};
+
+/// One step of a row.
+#[derive(Clone, Debug)]
+enum Step {
+    Frame(Box<Frame>, Verdict),
+    /// Marks a member alive or dead between frames.
+    MemberAlive(MemberId, bool),
+}
+
+/// A session that exists before the row's first frame, as if installed by a peer's sync.
+#[derive(Clone, Debug)]
+pub struct Existing {
+    pub state: State,
+    pub owner: MemberId,
+    /// Whether the owner is alive (in the MEMBERS map).
+    pub alive: bool,
+    pub version: u32,
+    pub zone: ZoneId,
+    pub flags: u16,
+    pub packets: [u64; 2],
+    pub tcp_flags: [u8; 2],
+    /// The initiator is the key's higher endpoint; `None`: the row's first frame's sender.
+    pub initiator_hi: Option<bool>,
+}
+
+impl Existing {
+    /// Defaults: version 7, zone 3, 5 and 4 packets, flags seen SYN|ACK both ways, installed
+    /// from a peer when the owner is not the local member. The initiator is the row's first
+    /// frame's sender unless told otherwise.
+    pub fn new(state: State, owner: MemberId, alive: bool) -> Self {
+        let flags = if owner == LOCAL {
+            0
+        } else {
+            SessionFlags::FROM_PEER
+        };
+        Existing {
+            state,
+            owner,
+            alive,
+            version: 7,
+            zone: ZoneId(3),
+            flags,
+            packets: [5, 4],
+            tcp_flags: [tcp::SYN | tcp::ACK, tcp::SYN | tcp::ACK],
+            initiator_hi: None,
+        }
+    }
+
+    pub fn initiator_hi(mut self, hi: bool) -> Self {
+        self.initiator_hi = Some(hi);
+        self
+    }
+
+    /// A session of member 2, alive or not.
+    pub fn peer(state: State, alive: bool) -> Self {
+        Self::new(state, MemberId(2), alive)
+    }
+
+    /// A session of the local member.
+    pub fn local(state: State) -> Self {
+        Self::new(state, LOCAL, true)
+    }
+
+    pub fn version(mut self, v: u32) -> Self {
+        self.version = v;
+        self
+    }
+
+    pub fn tcp_flags(mut self, original: u8, reply: u8) -> Self {
+        self.tcp_flags = [original, reply];
+        self
+    }
+}
+
+/// The expected session after the row.
+#[derive(Clone, Debug)]
+pub struct Expect {
+    pub state: State,
+    pub owner: MemberId,
+    /// `None`: the existing session's zone, else the row's zone (or no zone).
+    pub zone: Option<ZoneId>,
+    /// `None`: not checked.
+    pub version: Option<u32>,
+    pub flags: u16,
+    pub packets: [u64; 2],
+    pub bytes: Option<[u64; 2]>,
+    pub tcp_flags: Option<[u8; 2]>,
+}
+
+impl Expect {
+    /// Owned by the local member, version 1, no flags, one packet in the original direction.
+    pub fn new(state: State) -> Self {
+        Expect {
+            state,
+            owner: LOCAL,
+            zone: None,
+            version: Some(1),
+            flags: 0,
+            packets: [1, 0],
+            bytes: None,
+            tcp_flags: None,
+        }
+    }
+
+    pub fn owner(mut self, m: MemberId) -> Self {
+        self.owner = m;
+        self
+    }
+
+    pub fn zone(mut self, z: ZoneId) -> Self {
+        self.zone = Some(z);
+        self
+    }
+
+    pub fn version(mut self, v: u32) -> Self {
+        self.version = Some(v);
+        self
+    }
+
+    /// The version is not checked (see the row's note on why).
+    pub fn any_version(mut self) -> Self {
+        self.version = None;
+        self
+    }
+
+    pub fn flags(mut self, f: u16) -> Self {
+        self.flags = f;
+        self
+    }
+
+    pub fn packets(mut self, original: u64, reply: u64) -> Self {
+        self.packets = [original, reply];
+        self
+    }
+
+    pub fn bytes(mut self, original: u64, reply: u64) -> Self {
+        self.bytes = Some([original, reply]);
+        self
+    }
+
+    pub fn tcp_flags(mut self, original: u8, reply: u8) -> Self {
+        self.tcp_flags = Some([original, reply]);
+        self
+    }
+}
+
+/// One fixture: setup, frames with verdicts, expected effect.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub name: String,
+    policy: Policy,
+    malformed: MalformedAction,
+    zone: Option<ZoneId>,
+    local: MemberId,
+    refresh_interval_ns: Option<u64>,
+    timeouts: Vec<(State, u64)>,
+    existing: Option<Existing>,
+    steps: Vec<Step>,
+    key: Option<FlowKey>,
+    session: Option<Expect>,
+    table_size: Option<usize>,
+    counters: Vec<(Counter, u64)>,
+    events: Vec<EventKind>,
+    pending: Option<&'static str>,
+}
+
+impl Row {
+    pub fn new(name: impl Into<String>) -> Self {
+        Row {
+            name: name.into(),
+            policy: Policy::Strict,
+            malformed: MalformedAction::Drop,
+            zone: None,
+            local: LOCAL,
+            refresh_interval_ns: None,
+            timeouts: Vec::new(),
+            existing: None,
+            steps: Vec::new(),
+            key: None,
+            session: None,
+            table_size: None,
+            counters: Vec::new(),
+            events: Vec::new(),
+            pending: None,
+        }
+    }
+
+    // ----- setup -----
+
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    pub fn malformed(mut self, m: MalformedAction) -> Self {
+        self.malformed = m;
+        self
+    }
+
+    /// Binds the test-run ingress interface to `zone`.
+    pub fn zone(mut self, zone: ZoneId) -> Self {
+        self.zone = Some(zone);
+        self
+    }
+
+    /// Runs as `member` (`MemberId::NONE`: an unconfigured datapath).
+    pub fn local_member(mut self, member: MemberId) -> Self {
+        self.local = member;
+        self
+    }
+
+    pub fn refresh_interval_ns(mut self, ns: u64) -> Self {
+        self.refresh_interval_ns = Some(ns);
+        self
+    }
+
+    /// Overrides the idle timeout of `state`.
+    pub fn timeout_ns(mut self, state: State, ns: u64) -> Self {
+        self.timeouts.push((state, ns));
+        self
+    }
+
+    /// A session present before the first frame, keyed like the row.
+    pub fn existing(mut self, e: Existing) -> Self {
+        self.existing = Some(e);
+        self
+    }
+
+    // ----- frames -----
+
+    pub fn frame(mut self, f: Frame, verdict: Verdict) -> Self {
+        self.steps.push(Step::Frame(Box::new(f), verdict));
+        self
+    }
+
+    pub fn pass(self, f: Frame) -> Self {
+        self.frame(f, Verdict::Pass)
+    }
+
+    pub fn drop(self, f: Frame) -> Self {
+        self.frame(f, Verdict::Drop)
+    }
+
+    /// Between frames: marks `member` alive or dead.
+    pub fn member_alive(mut self, member: MemberId, alive: bool) -> Self {
+        self.steps.push(Step::MemberAlive(member, alive));
+        self
+    }
+
+    // ----- effect -----
+
+    /// The key the row's expectations are about (default: the first frame's).
+    pub fn key_of(mut self, f: &Frame) -> Self {
+        self.key = Some(f.key());
+        self
+    }
+
+    /// The session expected under the row's key afterwards.
+    pub fn session(mut self, e: Expect) -> Self {
+        self.session = Some(e);
+        self
+    }
+
+    /// The number of sessions in the table afterwards (default: 1 with an expected session,
+    /// else 0 — or 1 when an existing session was set up).
+    pub fn table_size(mut self, n: usize) -> Self {
+        self.table_size = Some(n);
+        self
+    }
+
+    /// Expected counter deltas. Every counter not listed must not move, except `packets`,
+    /// which defaults to the number of frames.
+    pub fn counters(mut self, c: &[(Counter, u64)]) -> Self {
+        self.counters.extend_from_slice(c);
+        self
+    }
+
+    /// Expected events, in order, all about the row's key.
+    pub fn events(mut self, e: &[EventKind]) -> Self {
+        self.events.extend_from_slice(e);
+        self
+    }
+
+    /// A known bug: the row is expected to fail until the XDP program is fixed, and fails the
+    /// run once it passes (so the mark gets removed).
+    pub fn pending(mut self, why: &'static str) -> Self {
+        self.pending = Some(why);
+        self
+    }
+
+    fn frames(&self) -> impl Iterator<Item = &Frame> {
+        self.steps.iter().filter_map(|s| match s {
+            Step::Frame(f, _) => Some(&**f),
+            Step::MemberAlive(..) => None,
+        })
+    }
+
+    fn row_key(&self) -> Option<FlowKey> {
+        self.key
+            .or_else(|| self.frames().find(|f| f.proto().is_some()).map(Frame::key))
+    }
+}
+
+/// Runs every row and panics with a list of all that failed.
+pub fn run_rows(rows: &[Row]) {
+    let mut names = std::collections::HashSet::new();
+    for row in rows {
+        assert!(
+            names.insert(row.name.as_str()),
+            "two rows are named `{}`",
+            row.name
+        );
+    }
+    let mut tdp = TestDatapath::load().expect("loading the XDP program for the fixtures");
+    let mut failures = Vec::new();
+    let mut pending = 0;
+    for row in rows {
+        let outcome = run_row(&mut tdp, row);
+        match (outcome, row.pending) {
+            (Ok(()), None) => {}
+            (Err(e), None) => failures.push(format!("{e:#}")),
+            (Err(e), Some(why)) => {
+                pending += 1;
+                eprintln!("pending row fails as expected ({why}):\n  {e:#}");
+            }
+            (Ok(()), Some(why)) => failures.push(format!(
+                "row `{}` is marked pending ({why}) but passes: remove the mark",
+                row.name
+            )),
+        }
+    }
+    eprintln!(
+        "{} fixture rows, {} pending, {} failed",
+        rows.len(),
+        pending,
+        failures.len()
+    );
+    if !failures.is_empty() {
+        panic!(
+            "{} of {} fixture rows failed:\n\n{}",
+            failures.len(),
+            rows.len(),
+            failures.join("\n\n")
+        );
+    }
+}
+
+fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
+    tdp.clear_sessions()?;
+    tdp.drain_events()?;
+    let mut cfg = fixture_config();
+    cfg.local_member = row.local;
+    cfg.policy = row.policy as u8;
+    cfg.malformed = row.malformed as u8;
+    if let Some(ns) = row.refresh_interval_ns {
+        cfg.refresh_interval_ns = ns;
+    }
+    for &(state, ns) in &row.timeouts {
+        cfg.timeouts_ns[state as usize] = ns;
+    }
+    let dp = tdp.datapath_mut();
+    dp.set_config(&cfg)?;
+    for m in 1..=MemberId::MAX {
+        dp.set_member_alive(MemberId(m), MemberId(m) == row.local)?;
+    }
+    match row.zone {
+        Some(zone) => dp.set_zone(TEST_IFINDEX, zone)?,
+        None => {
+            let map = dp
+                .ebpf_mut()
+                .map_mut(names::ZONES)
+                .context("no ZONES map")?;
+            let mut zones: HashMap<&mut MapData, u32, ZoneId> = HashMap::try_from(map)?;
+            ignore_not_found(zones.remove(&TEST_IFINDEX))?;
+        }
+    }
+    Ok(())
+}
+
+fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<()> {
+    let now = monotonic_ns();
+    let Existing {
+        state,
+        owner,
+        alive,
+        version,
+        zone,
+        flags,
+        packets,
+        tcp_flags,
+        initiator_hi,
+    } = e.clone();
+    if owner.is_valid() && owner != LOCAL {
+        tdp.datapath_mut().set_member_alive(owner, alive)?;
+    }
+    let session = Session {
+        created_ns: now.saturating_sub(1_000_000_000),
+        last_seen_ns: now,
+        last_event_ns: now,
+        packets,
+        bytes: [packets[0] * 100, packets[1] * 100],
+        version,
+        zone,
+        flags: SessionFlags(
+            flags
+                | if initiator_hi == Some(true) {
+                    SessionFlags::INITIATOR_HI
+                } else {
+                    0
+                },
+        ),
+        owner,
+        state: state as u8,
+        tcp_flags,
+        _pad: [0; 4],
+    };
+    tdp.insert_sessions(&[(*key, session)])
+}
+
+fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
+    let name = &row.name;
+    reset(tdp, row).with_context(|| format!("row `{name}`: reset"))?;
+    let start = monotonic_ns();
+    let key = row.row_key();
+    if let Some(e) = &row.existing {
+        let key = key.with_context(|| format!("row `{name}`: an existing session needs a key"))?;
+        let mut e = e.clone();
+        if e.initiator_hi.is_none() {
+            e.initiator_hi = row.frames().next().map(|f| f.key_and_side().1);
+        }
+        install_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
+    }
+    let before = tdp.counters()?;
+    let mut errors = Vec::new();
+    let mut index = 0;
+    let mut frames = 0u64;
+    for step in &row.steps {
+        match step {
+            Step::MemberAlive(m, alive) => tdp.datapath_mut().set_member_alive(*m, *alive)?,
+            Step::Frame(f, want) => {
+                let bytes = f.build();
+                let got = tdp
+                    .run(&bytes)
+                    .with_context(|| format!("row `{name}`, frame #{index}: test run"))?;
+                if got != *want {
+                    errors.push(format!("frame #{index}: verdict {got}, expected {want}"));
+                }
+                index += 1;
+                frames += 1;
+            }
+        }
+    }
+    let end = monotonic_ns();
+    let delta = CounterDelta {
+        before,
+        after: tdp.counters()?,
+    };
+    check_counters(row, frames, &delta, &mut errors);
+    check_table(tdp, row, key, start, end, &mut errors)?;
+    check_events(tdp, row, key, &mut errors)?;
+    if errors.is_empty() {
+        return Ok(());
+    }
+    let mut msg = format!("row `{name}` ({frames} frames):");
+    for e in errors {
+        let _ = write!(msg, "\n  - {e}");
+    }
+    let _ = write!(msg, "\n  counters moved: {delta}");
+    Err(anyhow::anyhow!(msg))
+}
+
+fn check_counters(row: &Row, frames: u64, delta: &CounterDelta, errors: &mut Vec<String>) {
+    for &c in Counter::ALL {
+        let listed = row.counters.iter().find(|(k, _)| *k == c).map(|&(_, v)| v);
+        let want = match (c, listed) {
+            (_, Some(v)) => v,
+            (Counter::Packets, None) => frames,
+            (_, None) => 0,
+        };
+        let got = delta.get(c);
+        if got != want {
+            errors.push(format!("counter {}: +{got}, expected +{want}", c.name()));
+        }
+    }
+}
+
+fn check_table(
+    tdp: &mut TestDatapath,
+    row: &Row,
+    key: Option<FlowKey>,
+    start: u64,
+    end: u64,
+    errors: &mut Vec<String>,
+) -> Result<()> {
+    let all = tdp.sessions()?;
+    let want_size = row
+        .table_size
+        .unwrap_or(usize::from(row.session.is_some() || row.existing.is_some()));
+    if all.len() != want_size {
+        errors.push(format!(
+            "table holds {} sessions, expected {want_size}",
+            all.len()
+        ));
+    }
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let got = tdp.session(&key)?;
+    let (want, got) = match (&row.session, got) {
+        (None, None) => return Ok(()),
+        (None, Some(s)) if row.existing.is_some() => {
+            // The row only says the existing session is still there, whatever it is.
+            let _ = s;
+            return Ok(());
+        }
+        (None, Some(s)) => {
+            errors.push(format!("a session exists: {}", show(&s)));
+            return Ok(());
+        }
+        (Some(_), None) => {
+            errors.push("no session under the row's key".to_string());
+            return Ok(());
+        }
+        (Some(want), Some(got)) => (want, got),
+    };
+    let Session {
+        created_ns,
+        last_seen_ns,
+        last_event_ns: _,
+        packets,
+        bytes,
+        version,
+        zone,
+        flags,
+        owner,
+        state,
+        tcp_flags,
+        _pad,
+    } = got;
+    let Expect {
+        state: want_state,
+        owner: want_owner,
+        zone: want_zone,
+        version: want_version,
+        flags: want_flags,
+        packets: want_packets,
+        bytes: want_bytes,
+        tcp_flags: want_tcp_flags,
+    } = want.clone();
+    let want_zone = want_zone.unwrap_or(match &row.existing {
+        Some(e) => e.zone,
+        None => row.zone.unwrap_or(ZoneId::NONE),
+    });
+    let mut check = |what: &str, ok: bool, got: String, want: String| {
+        if !ok {
+            errors.push(format!("session {what}: {got}, expected {want}"));
+        }
+    };
+    let state_name =
+        |s: u8| State::from_u8(s).map_or(format!("invalid state {s}"), |s| s.name().to_string());
+    check(
+        "state",
+        state == want_state as u8,
+        state_name(state),
+        want_state.name().to_string(),
+    );
+    check(
+        "owner",
+        owner == want_owner,
+        format!("{}", owner.0),
+        format!("{}", want_owner.0),
+    );
+    check(
+        "zone",
+        zone == want_zone,
+        format!("{}", zone.0),
+        format!("{}", want_zone.0),
+    );
+    if let Some(v) = want_version {
+        check("version", version == v, version.to_string(), v.to_string());
+    }
+    check(
+        "flags",
+        flags.0 == want_flags,
+        format!("{:#06x}", flags.0),
+        format!("{want_flags:#06x}"),
+    );
+    check(
+        "packets",
+        packets == want_packets,
+        format!("{packets:?}"),
+        format!("{want_packets:?}"),
+    );
+    if let Some(b) = want_bytes {
+        check("bytes", bytes == b, format!("{bytes:?}"), format!("{b:?}"));
+    }
+    for d in 0..2 {
+        check(
+            "bytes/packets",
+            (packets[d] == 0) == (bytes[d] == 0),
+            format!("{packets:?} packets, {bytes:?} bytes"),
+            "bytes exactly where packets were counted".to_string(),
+        );
+    }
+    if let Some(f) = want_tcp_flags {
+        check("tcp flags", tcp_flags == f, hex2(tcp_flags), hex2(f));
+    }
+    check(
+        "last seen",
+        (start..=end).contains(&last_seen_ns) && created_ns <= last_seen_ns,
+        format!("created {created_ns}, last seen {last_seen_ns}"),
+        format!("last seen within the row's run {start}..={end}"),
+    );
+    Ok(())
+}
+
+fn check_events(
+    tdp: &mut TestDatapath,
+    row: &Row,
+    key: Option<FlowKey>,
+    errors: &mut Vec<String>,
+) -> Result<()> {
+    let events = tdp.drain_events()?;
+    let kinds: Vec<_> = events.iter().map(|e| EventKind::from_u8(e.kind)).collect();
+    let want: Vec<_> = row.events.iter().copied().map(Some).collect();
+    if kinds != want {
+        let name = |k: &Option<EventKind>| k.map_or("invalid", EventKind::name);
+        errors.push(format!(
+            "events [{}], expected [{}]",
+            kinds.iter().map(name).collect::<Vec<_>>().join(", "),
+            want.iter().map(name).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    // Rows about several sessions (table size > 1) have events about several keys.
+    let one_key = row.table_size.unwrap_or(1) <= 1;
+    if let (Some(key), true) = (key, one_key) {
+        for (i, e) in events.iter().enumerate() {
+            if e.key != key {
+                errors.push(format!("event #{i} is about another key: {:?}", e.key));
+            }
+        }
+    }
+    // The last event carries the session as it is now, unless a later packet changed it
+    // silently (asymmetric or plain hits).
+    if let (Some(last), Some(key), true) = (events.last(), key, one_key) {
+        if let Some(now) = tdp.session(&key)? {
+            if last.session.state != now.state || last.session.owner != now.owner {
+                errors.push(format!(
+                    "last event's snapshot ({}) disagrees with the table ({})",
+                    show(&last.session),
+                    show(&now)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A one-line summary of a session.
+pub fn show(s: &Session) -> String {
+    let state = State::from_u8(s.state).map_or("invalid", State::name);
+    format!(
+        "{state} owner {} zone {} version {} flags {:#06x} packets {:?} tcp flags {}",
+        s.owner.0,
+        s.zone.0,
+        s.version,
+        s.flags.0,
+        s.packets,
+        hex2(s.tcp_flags)
+    )
+}
+
+fn hex2([a, b]: [u8; 2]) -> String {
+    format!("[{a:#04x}, {b:#04x}]")
+}

@@ -1,0 +1,1338 @@
+//! THE packet fixture table: frames through the XDP program with `BPF_PROG_TEST_RUN`, each row
+//! with its setup, the verdict of every frame and the effect on the session table, counters and
+//! events. Add a row before adding a test function.
+//!
+//! Addresses: the client (`C4`, `C6`) is the lower endpoint of every key, the server (`S4`,
+//! `S6`) the higher; `HI4` is a client above the server (its sessions carry INITIATOR_HI).
+
+use std::net::{IpAddr, SocketAddr};
+
+use hasync_common::{
+    session::tcp::{ACK, FIN, PSH, RST, SYN, URG},
+    Counter as C, EventKind as E, MalformedAction, MemberId, Policy, SessionFlags as F, State,
+    ZoneId,
+};
+use hasync_tests::{
+    fixture::{run_rows, Existing, Expect, Row},
+    frame::{Frame, Ipv6Ext, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_SCTP},
+    testrun::{TestDatapath, Verdict},
+};
+
+const C4: &str = "198.18.0.10:40000";
+const S4: &str = "198.18.1.20:80";
+const HI4: &str = "198.18.2.30:50000";
+const C6: &str = "[fd00::10]:40000";
+const S6: &str = "[fd00:1::20]:443";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("fixture address")
+}
+
+fn ip(s: &str) -> IpAddr {
+    sa(s).ip()
+}
+
+fn tcp(a: &str, b: &str) -> Frame {
+    Frame::tcp(sa(a), sa(b))
+}
+
+fn udp(a: &str, b: &str) -> Frame {
+    Frame::udp(sa(a), sa(b))
+}
+
+fn ping(a: &str, b: &str, id: u16, request: bool) -> Frame {
+    Frame::icmp_echo(ip(a), ip(b), id, request)
+}
+
+/// SYN, SYN-ACK, ACK between client `c` and server `s`.
+fn handshake(row: Row, c: &str, s: &str) -> Row {
+    row.pass(tcp(c, s).syn())
+        .pass(tcp(s, c).syn_ack())
+        .pass(tcp(c, s).ack())
+}
+
+const SA: u8 = SYN | ACK;
+const SAF: u8 = SYN | ACK | FIN;
+
+fn tcp_rows() -> Vec<Row> {
+    let mut rows = vec![
+        Row::new("tcp syn creates syn-sent (v4)")
+            .pass(tcp(C4, S4).syn())
+            .session(Expect::new(State::SynSent).tcp_flags(SYN, 0))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("tcp syn creates syn-sent (v6)")
+            .pass(tcp(C6, S6).syn())
+            .session(Expect::new(State::SynSent).tcp_flags(SYN, 0))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("tcp syn retransmit stays syn-sent")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(C4, S4).syn())
+            .session(Expect::new(State::SynSent).packets(2, 0))
+            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("tcp refresh event once the refresh interval has passed")
+            .refresh_interval_ns(0)
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(C4, S4).syn())
+            .session(Expect::new(State::SynSent).version(2).packets(2, 0))
+            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 2)])
+            .events(&[E::Created, E::Refresh]),
+        Row::new("tcp syn-ack from the initiator side does not advance")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(C4, S4).syn_ack())
+            .session(Expect::new(State::SynSent).packets(2, 0).tcp_flags(SA, 0))
+            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("tcp syn-ack makes syn-recv")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .session(
+                Expect::new(State::SynRecv)
+                    .version(2)
+                    .packets(1, 1)
+                    .tcp_flags(SYN, SA),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("tcp fin in syn-sent makes closing")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(C4, S4).fin())
+            .session(Expect::new(State::Closing).version(2).packets(2, 0))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("tcp data both ways stays established without events")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).flags(ACK | PSH).payload(100))
+            .pass(tcp(S4, C4).flags(ACK | PSH).payload(200))
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(3)
+                    .packets(4, 2)
+                    .bytes(54 + 54 + 154 + 54, 54 + 254)
+                    .tcp_flags(SA | PSH, SA | PSH),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 5),
+                (C::StateChanges, 2),
+                (C::Events, 3),
+            ])
+            .events(&[E::Created, E::StateChanged, E::StateChanged]),
+        Row::new("tcp orderly close, initiator first")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).fin())
+            .pass(tcp(S4, C4).ack())
+            .pass(tcp(S4, C4).fin())
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Closed)
+                    .version(5)
+                    .packets(4, 3)
+                    .tcp_flags(SAF, SAF),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 6),
+                (C::StateChanges, 4),
+                (C::Closed, 1),
+                (C::Events, 5),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
+                E::Closed,
+            ]),
+        Row::new("tcp orderly close, responder first (v6)")
+            .pass(tcp(C6, S6).syn())
+            .pass(tcp(S6, C6).syn_ack())
+            .pass(tcp(C6, S6).ack())
+            .pass(tcp(S6, C6).fin())
+            .pass(tcp(C6, S6).ack())
+            .pass(tcp(C6, S6).fin())
+            .pass(tcp(S6, C6).ack())
+            .session(
+                Expect::new(State::Closed)
+                    .version(5)
+                    .packets(4, 3)
+                    .tcp_flags(SAF, SAF),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 6),
+                (C::StateChanges, 4),
+                (C::Closed, 1),
+                (C::Events, 5),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
+                E::Closed,
+            ]),
+        Row::new("tcp simultaneous close")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).fin())
+            .pass(tcp(S4, C4).fin())
+            .session(Expect::new(State::Closed).version(5).packets(3, 2))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 4),
+                (C::StateChanges, 4),
+                (C::Closed, 1),
+                (C::Events, 5),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
+                E::Closed,
+            ]),
+        Row::new("tcp handshake from the higher endpoint")
+            .pass(tcp(HI4, S4).syn())
+            .pass(tcp(S4, HI4).syn_ack())
+            .pass(tcp(HI4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(3)
+                    .packets(2, 1)
+                    .flags(F::INITIATOR_HI)
+                    .tcp_flags(SA, SA),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 2),
+                (C::Events, 3),
+            ])
+            .events(&[E::Created, E::StateChanged, E::StateChanged]),
+        handshake(Row::new("tcp rst from the initiator closes"), C4, S4)
+            .pass(tcp(C4, S4).rst())
+            .session(Expect::new(State::Closed).version(4).packets(3, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 3),
+                (C::StateChanges, 3),
+                (C::Closed, 1),
+                (C::Events, 4),
+            ])
+            .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake(Row::new("tcp rst from the responder closes (v6)"), C6, S6)
+            .pass(tcp(S6, C6).flags(RST | ACK))
+            .session(Expect::new(State::Closed).version(4).packets(2, 2))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 3),
+                (C::StateChanges, 3),
+                (C::Closed, 1),
+                (C::Events, 4),
+            ])
+            .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        Row::new("tcp rst refuses a syn")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).flags(RST | ACK))
+            .session(Expect::new(State::Closed).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::Closed]),
+        Row::new("tcp rst in syn-recv closes")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .pass(tcp(C4, S4).rst())
+            .session(Expect::new(State::Closed).version(3).packets(2, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 2),
+                (C::Closed, 1),
+                (C::Events, 3),
+            ])
+            .events(&[E::Created, E::StateChanged, E::Closed]),
+        handshake(Row::new("tcp rst while closing closes"), C4, S4)
+            .pass(tcp(C4, S4).fin())
+            .pass(tcp(S4, C4).rst())
+            .session(Expect::new(State::Closed).version(5).packets(3, 2))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 4),
+                (C::StateChanges, 4),
+                (C::Closed, 1),
+                (C::Events, 5),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
+                E::Closed,
+            ]),
+        handshake(
+            Row::new("tcp late ack on a closed session passes, stays closed"),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).rst())
+        .pass(tcp(S4, C4).ack())
+        .session(Expect::new(State::Closed).version(4).packets(3, 2))
+        .counters(&[
+            (C::Creates, 1),
+            (C::Hits, 4),
+            (C::StateChanges, 3),
+            (C::Closed, 1),
+            (C::Events, 4),
+        ])
+        .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake(
+            Row::new("tcp syn-ack on a closed session does not reopen it"),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).rst())
+        .pass(tcp(S4, C4).syn_ack())
+        .session(Expect::new(State::Closed).version(4).packets(3, 2))
+        .counters(&[
+            (C::Creates, 1),
+            (C::Hits, 4),
+            (C::StateChanges, 3),
+            (C::Closed, 1),
+            (C::Events, 4),
+        ])
+        .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake(Row::new("tcp syn reopens a closed session"), C4, S4)
+            .pass(tcp(C4, S4).rst())
+            .pass(tcp(C4, S4).syn())
+            // The version is the next row's business.
+            .session(Expect::new(State::SynSent).any_version().tcp_flags(SYN, 0))
+            .counters(&[
+                (C::Creates, 2),
+                (C::Hits, 3),
+                (C::StateChanges, 3),
+                (C::Closed, 1),
+                (C::Events, 5),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::Closed,
+                E::Created,
+            ]),
+        handshake(
+            Row::new("tcp reopened session's version continues past the closed one's"),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).rst())
+        .pass(tcp(C4, S4).syn())
+        .session(Expect::new(State::SynSent).version(5).tcp_flags(SYN, 0))
+        .counters(&[
+            (C::Creates, 2),
+            (C::Hits, 3),
+            (C::StateChanges, 3),
+            (C::Closed, 1),
+            (C::Events, 5),
+        ])
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::Closed,
+            E::Created,
+        ])
+        .pending(
+            "a reopened session restarts at version 1; a peer still holding the closed \
+                 session at version 4 keeps it on (version, owner)",
+        ),
+        Row::new("tcp syn reopens a peer's closed session locally")
+            .existing(Existing::peer(State::Closed, true))
+            .pass(tcp(C4, S4).syn())
+            .session(Expect::new(State::SynSent).any_version().zone(ZoneId::NONE))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+    ];
+    rows.extend(udp_icmp_rows());
+    rows
+}
+
+fn udp_icmp_rows() -> Vec<Row> {
+    vec![
+        Row::new("udp first datagram makes udp-new (v4)")
+            .pass(udp(C4, S4).payload(32))
+            .session(
+                Expect::new(State::UdpNew)
+                    .bytes(14 + 20 + 8 + 32, 0)
+                    .tcp_flags(0, 0),
+            )
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("udp reply makes udp-replied (v4)")
+            .pass(udp(C4, S4))
+            .pass(udp(S4, C4))
+            .session(Expect::new(State::UdpReplied).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("udp reply makes udp-replied (v6)")
+            .pass(udp(C6, S6))
+            .pass(udp(S6, C6))
+            .session(Expect::new(State::UdpReplied).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("udp one-way stream stays udp-new")
+            .pass(udp(C4, S4))
+            .pass(udp(C4, S4))
+            .pass(udp(C4, S4))
+            .session(Expect::new(State::UdpNew).packets(3, 0))
+            .counters(&[(C::Creates, 1), (C::Hits, 2), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("udp conversation stays udp-replied")
+            .pass(udp(C6, S6))
+            .pass(udp(S6, C6))
+            .pass(udp(C6, S6))
+            .pass(udp(S6, C6))
+            .session(Expect::new(State::UdpReplied).version(2).packets(2, 2))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 3),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("udp from the higher endpoint")
+            .pass(udp(HI4, S4))
+            .pass(udp(S4, HI4))
+            .session(
+                Expect::new(State::UdpReplied)
+                    .version(2)
+                    .packets(1, 1)
+                    .flags(F::INITIATOR_HI),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("udp idle past its timeout is recreated by the next datagram")
+            .timeout_ns(State::UdpNew, 0)
+            .pass(udp(C4, S4))
+            .pass(udp(S4, C4))
+            // The reply found an expired session: it starts a new one, the server initiating.
+            .session(Expect::new(State::UdpNew).flags(F::INITIATOR_HI))
+            .counters(&[(C::Creates, 2), (C::Expired, 1), (C::Events, 2)])
+            .events(&[E::Created, E::Created]),
+        Row::new("icmp echo request makes icmp-echo")
+            .pass(ping(C4, S4, 7, true))
+            .session(Expect::new(State::IcmpEcho))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmp echo request and reply share a session")
+            .pass(ping(C4, S4, 7, true))
+            .pass(ping(S4, C4, 7, false))
+            .session(Expect::new(State::IcmpEcho).packets(1, 1))
+            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmpv6 echo request and reply share a session")
+            .pass(ping(C6, S6, 0x1234, true))
+            .pass(ping(S6, C6, 0x1234, false))
+            .pass(ping(C6, S6, 0x1234, true))
+            .session(Expect::new(State::IcmpEcho).packets(2, 1))
+            .counters(&[(C::Creates, 1), (C::Hits, 2), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmp echo identifiers are separate sessions")
+            .pass(ping(C4, S4, 1, true))
+            .pass(ping(C4, S4, 2, true))
+            .session(Expect::new(State::IcmpEcho))
+            .table_size(2)
+            .counters(&[(C::Creates, 2), (C::Events, 2)])
+            .events(&[E::Created, E::Created]),
+        Row::new("icmp echo reply alone creates a session")
+            .pass(ping(S4, C4, 9, false))
+            .session(Expect::new(State::IcmpEcho).flags(F::INITIATOR_HI))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmp errors pass untracked (v4)")
+            .pass(Frame::icmp(ip(S4), ip(C4), 3, 1))
+            .pass(Frame::icmp(ip(S4), ip(C4), 11, 0))
+            .pass(Frame::icmp(ip(S4), ip(C4), 5, 1))
+            .pass(Frame::icmp(ip(S4), ip(C4), 13, 0))
+            .counters(&[(C::PassUntracked, 4)]),
+        Row::new("icmpv6 errors and neighbour discovery pass untracked")
+            .pass(Frame::icmp(ip(S6), ip(C6), 1, 4))
+            .pass(Frame::icmp(ip(S6), ip(C6), 2, 0))
+            .pass(Frame::icmp(ip(S6), ip(C6), 3, 0))
+            .pass(Frame::icmp(ip(C6), ip(S6), 133, 0))
+            .pass(Frame::icmp(ip(S6), ip(C6), 134, 0))
+            .pass(Frame::icmp(ip(C6), ip(S6), 135, 0).payload(16))
+            .pass(Frame::icmp(ip(S6), ip(C6), 136, 0).payload(16))
+            .counters(&[(C::PassUntracked, 7)]),
+    ]
+}
+
+fn untracked_and_encapsulation_rows() -> Vec<Row> {
+    let mut rows = vec![
+        Row::new("gre passes untracked (v4)")
+            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE))
+            .counters(&[(C::PassUntracked, 1)]),
+        Row::new("esp passes untracked (v4)")
+            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP))
+            .counters(&[(C::PassUntracked, 1)]),
+        Row::new("sctp passes untracked (v6)")
+            .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_SCTP))
+            .counters(&[(C::PassUntracked, 1)]),
+        Row::new("gre passes untracked under strict policy after a hop-by-hop header (v6)")
+            .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE).ipv6_ext(Ipv6Ext::HopByHop))
+            .counters(&[(C::PassUntracked, 1)]),
+        Row::new("arp passes as non-ip")
+            .pass(Frame::arp())
+            .counters(&[(C::PassNonIp, 1)]),
+        Row::new("arp in a vlan passes as non-ip")
+            .pass(Frame::arp().vlan(10))
+            .counters(&[(C::PassNonIp, 1)]),
+        Row::new("lldp passes as non-ip")
+            .pass(Frame::arp().set_byte(12, 0x88).set_byte(13, 0xcc))
+            .counters(&[(C::PassNonIp, 1)]),
+        Row::new("tcp syn in a vlan (v4)")
+            .pass(tcp(C4, S4).syn().vlan(100))
+            .session(Expect::new(State::SynSent))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("tcp handshake in qinq (v6)")
+            .pass(tcp(C6, S6).syn().vlan(10).vlan(20))
+            .pass(tcp(S6, C6).syn_ack().vlan(10).vlan(20))
+            .pass(tcp(C6, S6).ack().vlan(10).vlan(20))
+            .session(Expect::new(State::Established).version(3).packets(2, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 2),
+                (C::Events, 3),
+            ])
+            .events(&[E::Created, E::StateChanged, E::StateChanged]),
+        Row::new("udp in qinq (v4)")
+            .pass(udp(C4, S4).vlan(100).vlan(200))
+            .pass(udp(S4, C4).vlan(100).vlan(200))
+            .session(Expect::new(State::UdpReplied).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("udp under two 802.1Q tags (v6)")
+            .pass(
+                udp(C6, S6)
+                    .vlan(1)
+                    .vlan(2)
+                    .set_byte(12, 0x81)
+                    .set_byte(13, 0x00),
+            )
+            .session(Expect::new(State::UdpNew))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmp echo in qinq, reply untagged")
+            .pass(ping(C4, S4, 3, true).vlan(7).vlan(8))
+            .pass(ping(S4, C4, 3, false))
+            .session(Expect::new(State::IcmpEcho).packets(1, 1))
+            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+    ];
+    for ihl in 6..=15u8 {
+        let options = (usize::from(ihl) - 5) * 4;
+        rows.push(
+            Row::new(format!("tcp syn with ipv4 ihl {ihl}"))
+                .pass(tcp(C4, S4).syn().ipv4_options(options))
+                .session(Expect::new(State::SynSent))
+                .counters(&[(C::Creates, 1), (C::Events, 1)])
+                .events(&[E::Created]),
+        );
+    }
+    rows.push(
+        Row::new("udp reply with ipv4 options matches the session without")
+            .pass(udp(C4, S4))
+            .pass(udp(S4, C4).ipv4_options(40))
+            .session(Expect::new(State::UdpReplied).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+    );
+    rows
+}
+
+fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
+    use Ipv6Ext::*;
+    let tracked = |name: &str, f: Frame, state: State| {
+        Row::new(name)
+            .pass(f)
+            .session(Expect::new(state))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created])
+    };
+    vec![
+        tracked(
+            "tcp after hop-by-hop",
+            tcp(C6, S6).syn().ipv6_ext(HopByHop),
+            State::SynSent,
+        ),
+        tracked(
+            "udp after a routing header",
+            udp(C6, S6).ipv6_ext(Routing),
+            State::UdpNew,
+        ),
+        tracked(
+            "icmpv6 echo after destination options",
+            ping(C6, S6, 5, true).ipv6_ext(DestOpts),
+            State::IcmpEcho,
+        ),
+        tracked(
+            "tcp after an authentication header",
+            tcp(C6, S6).syn().ipv6_ext(Auth),
+            State::SynSent,
+        ),
+        tracked(
+            "tcp after a 32-byte authentication header",
+            tcp(C6, S6).syn().ipv6_ext_len(Auth, 6),
+            State::SynSent,
+        ),
+        tracked(
+            "tcp after a 16-byte hop-by-hop",
+            tcp(C6, S6).syn().ipv6_ext_len(HopByHop, 1),
+            State::SynSent,
+        ),
+        tracked(
+            "tcp after an 808-byte destination options header",
+            tcp(C6, S6).syn().ipv6_ext_len(DestOpts, 100),
+            State::SynSent,
+        ),
+        tracked(
+            "tcp after four extension headers (the walk's limit)",
+            tcp(C6, S6)
+                .syn()
+                .ipv6_ext(HopByHop)
+                .ipv6_ext(DestOpts)
+                .ipv6_ext(Routing)
+                .ipv6_ext(DestOpts),
+            State::SynSent,
+        ),
+        Row::new("ipv6 first fragment is tracked (udp)")
+            .pass(udp(C6, S6).ipv6_ext(FragmentFirst))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv6Fragment, 1)])
+            .events(&[E::Created]),
+        Row::new("ipv6 first fragment after hop-by-hop is tracked (tcp)")
+            .pass(tcp(C6, S6).syn().ipv6_ext(HopByHop).ipv6_ext(FragmentFirst))
+            .session(Expect::new(State::SynSent))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv6Fragment, 1)])
+            .events(&[E::Created]),
+        Row::new("ipv6 later fragment passes untracked")
+            .pass(udp(C6, S6).ipv6_ext(FragmentLater))
+            .counters(&[(C::Ipv6Fragment, 1)]),
+        Row::new("ipv6 later fragment does not touch the session")
+            .pass(udp(C6, S6))
+            .pass(udp(C6, S6).ipv6_ext(FragmentLater).payload(64))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv6Fragment, 1)])
+            .events(&[E::Created]),
+        Row::new("ipv4 first fragment is tracked (udp)")
+            .pass(udp(C4, S4).payload(1400).ipv4_fragment(0, true))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv4FirstFragment, 1)])
+            .events(&[E::Created]),
+        Row::new("ipv4 first fragment is tracked (tcp syn with options)")
+            .pass(tcp(C4, S4).syn().ipv4_options(4).ipv4_fragment(0, true))
+            .session(Expect::new(State::SynSent))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv4FirstFragment, 1)])
+            .events(&[E::Created]),
+        Row::new("ipv4 later fragment passes untracked")
+            .pass(udp(C4, S4).ipv4_fragment(1480, true))
+            .counters(&[(C::PassFragment, 1)]),
+        Row::new("ipv4 last fragment passes untracked")
+            .pass(tcp(C4, S4).ipv4_fragment(2960, false))
+            .counters(&[(C::PassFragment, 1)]),
+        Row::new("ipv4 later fragment does not touch the session")
+            .pass(udp(C4, S4).ipv4_fragment(0, true))
+            .pass(udp(C4, S4).ipv4_fragment(1480, false))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Events, 1),
+                (C::Ipv4FirstFragment, 1),
+                (C::PassFragment, 1),
+            ])
+            .events(&[E::Created]),
+    ]
+}
+
+fn policy_zone_and_config_rows() -> Vec<Row> {
+    vec![
+        Row::new("strict: mid-stream ack without a session is dropped (v4)")
+            .drop(tcp(C4, S4).ack().payload(10))
+            .counters(&[(C::DropNoSession, 1)]),
+        Row::new("strict: mid-stream ack without a session is dropped (v6)")
+            .drop(tcp(S6, C6).ack())
+            .counters(&[(C::DropNoSession, 1)]),
+        Row::new("strict: syn-ack without a session is dropped")
+            .drop(tcp(S4, C4).syn_ack())
+            .counters(&[(C::DropNoSession, 1)]),
+        Row::new("strict: fin without a session is dropped")
+            .drop(tcp(C4, S4).fin())
+            .counters(&[(C::DropNoSession, 1)]),
+        Row::new("strict: rst without a session is dropped")
+            .drop(tcp(C6, S6).rst())
+            .counters(&[(C::DropNoSession, 1)]),
+        Row::new("loose: mid-stream ack without a session passes, no session")
+            .policy(Policy::Loose)
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(S4, C4).ack())
+            .counters(&[(C::PassNoSessionLoose, 2)]),
+        Row::new("loose: rst without a session passes (v6)")
+            .policy(Policy::Loose)
+            .pass(tcp(C6, S6).rst())
+            .counters(&[(C::PassNoSessionLoose, 1)]),
+        Row::new("loose: a syn after mid-stream traffic creates the session")
+            .policy(Policy::Loose)
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).syn())
+            .session(Expect::new(State::SynSent))
+            .counters(&[(C::PassNoSessionLoose, 1), (C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("unconfigured datapath passes everything untracked")
+            .local_member(MemberId::NONE)
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).syn())
+            .pass(udp(C6, S6))
+            .pass(tcp(C4, S4).ihl(4))
+            .counters(&[(C::PassUnconfigured, 4)]),
+        Row::new("a session records its ingress zone")
+            .zone(ZoneId(7))
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .session(
+                Expect::new(State::SynRecv)
+                    .zone(ZoneId(7))
+                    .version(2)
+                    .packets(1, 1),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("a session created outside any zone has zone 0")
+            .pass(udp(C6, S6))
+            .session(Expect::new(State::UdpNew).zone(ZoneId::NONE))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("an established session idle past its timeout drops a mid-stream ack (strict)")
+            .timeout_ns(State::Established, 0)
+            .existing(Existing::local(State::Established))
+            .drop(tcp(C4, S4).ack())
+            .counters(&[(C::Expired, 1), (C::DropNoSession, 1)]),
+        Row::new("an established session idle past its timeout passes a mid-stream ack (loose)")
+            .policy(Policy::Loose)
+            .timeout_ns(State::Established, 0)
+            .existing(Existing::local(State::Established))
+            .pass(tcp(S4, C4).ack())
+            .counters(&[(C::Expired, 1), (C::PassNoSessionLoose, 1)]),
+        Row::new("a local session ignores member liveness")
+            .existing(Existing::local(State::Established))
+            .pass(tcp(C4, S4).ack())
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1)]),
+    ]
+}
+
+fn ownership_rows() -> Vec<Row> {
+    let peer = MemberId(2);
+    let asym = F::FROM_PEER | F::ASYMMETRIC;
+    vec![
+        Row::new("peer alive: ack passes as asymmetric, the session untouched")
+            .existing(Existing::peer(State::Established, true))
+            .pass(tcp(C4, S4).ack().payload(100))
+            .session(
+                Expect::new(State::Established)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer alive: reply passes as asymmetric (v6)")
+            .existing(Existing::peer(State::Established, true).initiator_hi(false))
+            .pass(tcp(S6, C6).ack())
+            .pass(tcp(S6, C6).ack())
+            .session(
+                Expect::new(State::Established)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4),
+            )
+            .counters(&[(C::Hits, 2), (C::Asymmetric, 2)]),
+        Row::new("peer alive: fin does not change the peer's session")
+            .existing(Existing::peer(State::Established, true))
+            .pass(tcp(C4, S4).fin())
+            .session(
+                Expect::new(State::Established)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4)
+                    .tcp_flags(SA, SA),
+            )
+            .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer alive: rst does not close the peer's session")
+            .existing(Existing::peer(State::Established, true).initiator_hi(false))
+            .pass(tcp(S4, C4).rst())
+            .session(
+                Expect::new(State::Established)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer alive: udp reply passes as asymmetric")
+            .existing(
+                Existing::peer(State::UdpNew, true)
+                    .tcp_flags(0, 0)
+                    .initiator_hi(false),
+            )
+            .pass(udp(S4, C4))
+            .session(
+                Expect::new(State::UdpNew)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer dead: ack takes the session over")
+            .existing(Existing::peer(State::Established, false))
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: a reply takes the session over (v6)")
+            .existing(Existing::peer(State::Established, false).initiator_hi(false))
+            .pass(tcp(S6, C6).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(5, 5),
+            )
+            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: udp taken over, higher endpoint initiator")
+            .existing(Existing::peer(State::UdpReplied, false).tcp_flags(0, 0))
+            .pass(udp(HI4, S4))
+            .pass(udp(S4, HI4))
+            .session(
+                Expect::new(State::UdpReplied)
+                    .version(8)
+                    .flags(F::TAKEN_OVER | F::INITIATOR_HI)
+                    .packets(6, 5),
+            )
+            .counters(&[(C::Hits, 2), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: icmp echo taken over")
+            .existing(Existing::peer(State::IcmpEcho, false).tcp_flags(0, 0))
+            .pass(ping(C4, S4, 77, true))
+            .session(
+                Expect::new(State::IcmpEcho)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: the taken-over session follows the state machine")
+            .existing(Existing::peer(State::Established, false))
+            .pass(tcp(C4, S4).fin())
+            .pass(tcp(S4, C4).fin())
+            .session(
+                Expect::new(State::Closed)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 5)
+                    .tcp_flags(SAF, SAF),
+            )
+            .counters(&[
+                (C::Hits, 2),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::OwnershipTaken, E::Closed]),
+        Row::new("peer dead: a rst that takes the session over also closes it")
+            .existing(Existing::peer(State::Established, false))
+            .pass(tcp(C4, S4).rst())
+            .session(
+                Expect::new(State::Closed)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 4),
+            )
+            .counters(&[
+                (C::Hits, 1),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::OwnershipTaken])
+            .pending(
+                "the takeover packet skips the state machine: a RST (or the last FIN) that \
+                 takes a session over leaves it established for the established timeout",
+            ),
+        Row::new("owner dies mid-flow: asymmetric, then taken over")
+            .existing(Existing::peer(State::Established, true))
+            .pass(tcp(C4, S4).ack())
+            .member_alive(peer, false)
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::ASYMMETRIC | F::TAKEN_OVER)
+                    .packets(6, 4),
+            )
+            .counters(&[
+                (C::Hits, 2),
+                (C::Asymmetric, 1),
+                (C::Takeovers, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::OwnershipTaken]),
+        Row::new("owner comes back: a taken-over session stays ours")
+            .existing(Existing::peer(State::Established, false))
+            .pass(tcp(C4, S4).ack())
+            .member_alive(peer, true)
+            .pass(tcp(S4, C4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 5),
+            )
+            .counters(&[(C::Hits, 2), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+    ]
+}
+
+/// Malformed and truncated frames: (name, frame, the reason counter). Each becomes two rows,
+/// malformed = drop (the default) and malformed = pass.
+fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
+    use Ipv6Ext::*;
+    let tcp4 = || tcp(C4, S4).syn();
+    let tcp6 = || tcp(C6, S6).syn();
+    let udp4 = || udp(C4, S4);
+    let udp6 = || udp(C6, S6);
+    vec![
+        // Ethernet / VLAN. (A frame shorter than an Ethernet header never reaches XDP: see
+        // `frames_shorter_than_ethernet_never_reach_xdp`.)
+        (
+            "vlan tag cut off",
+            udp4().vlan(5).truncate_to(16),
+            C::ErrVlanTruncated,
+        ),
+        (
+            "inner qinq tag cut off",
+            udp6().vlan(5).vlan(6).truncate_to(20),
+            C::ErrVlanTruncated,
+        ),
+        (
+            "three vlan tags (v4)",
+            udp4().vlan(1).vlan(2).vlan(3),
+            C::ErrVlanTooDeep,
+        ),
+        (
+            "three vlan tags (v6)",
+            tcp6().vlan(1).vlan(2).vlan(3),
+            C::ErrVlanTooDeep,
+        ),
+        // IPv4
+        (
+            "ipv4 header cut off",
+            tcp4().truncate_to(14 + 19),
+            C::ErrIpv4Truncated,
+        ),
+        (
+            "ipv4 ethertype and nothing more",
+            tcp4().truncate_to(14),
+            C::ErrIpv4Truncated,
+        ),
+        (
+            "ipv4 header cut off behind a vlan tag",
+            tcp4().vlan(9).truncate_to(18 + 10),
+            C::ErrIpv4Truncated,
+        ),
+        (
+            "ipv4 version 6 under the ipv4 ethertype",
+            tcp4().ip_version(6),
+            C::ErrIpv4Version,
+        ),
+        ("ipv4 version 0", udp4().ip_version(0), C::ErrIpv4Version),
+        ("ipv4 ihl 4", tcp4().ihl(4), C::ErrIpv4Ihl),
+        ("ipv4 ihl 0", udp4().ihl(0), C::ErrIpv4Ihl),
+        (
+            "ipv4 total length below the header",
+            tcp4().total_len(19),
+            C::ErrIpv4TotalLen,
+        ),
+        (
+            "ipv4 total length past the frame",
+            tcp4().total_len(41),
+            C::ErrIpv4TotalLen,
+        ),
+        (
+            "ipv4 ihl 15 beyond the total length",
+            tcp4().ihl(15),
+            C::ErrIpv4TotalLen,
+        ),
+        (
+            "ipv4 options beyond the total length",
+            tcp4().ipv4_options(8).total_len(24),
+            C::ErrIpv4TotalLen,
+        ),
+        (
+            "ipv4 frame cut inside the payload",
+            udp4().payload(100).truncate_to(92),
+            C::ErrIpv4TotalLen,
+        ),
+        // IPv6
+        (
+            "ipv6 header cut off",
+            tcp6().truncate_to(14 + 39),
+            C::ErrIpv6Truncated,
+        ),
+        (
+            "ipv6 ethertype and nothing more",
+            udp6().truncate_to(14),
+            C::ErrIpv6Truncated,
+        ),
+        (
+            "ipv6 version 4 under the ipv6 ethertype",
+            tcp6().ip_version(4),
+            C::ErrIpv6Version,
+        ),
+        ("ipv6 version 0", udp6().ip_version(0), C::ErrIpv6Version),
+        (
+            "hop-by-hop header cut off",
+            tcp6().ipv6_ext(HopByHop).truncate_to(14 + 40 + 1),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "fragment header cut off",
+            udp6().ipv6_ext(FragmentFirst).truncate_to(14 + 40 + 7),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "second extension header cut off",
+            tcp6()
+                .ipv6_ext(HopByHop)
+                .ipv6_ext(Routing)
+                .truncate_to(14 + 40 + 8 + 1),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "authentication header cut off",
+            tcp6().ipv6_ext(Auth).truncate_to(14 + 40 + 1),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "five extension headers",
+            tcp6()
+                .ipv6_ext(HopByHop)
+                .ipv6_ext(DestOpts)
+                .ipv6_ext(Routing)
+                .ipv6_ext(DestOpts)
+                .ipv6_ext(DestOpts),
+            C::ErrIpv6TooManyExt,
+        ),
+        (
+            "five extension headers, the last a fragment header",
+            udp6()
+                .ipv6_ext(HopByHop)
+                .ipv6_ext(DestOpts)
+                .ipv6_ext(Routing)
+                .ipv6_ext(DestOpts)
+                .ipv6_ext(FragmentFirst),
+            C::ErrIpv6TooManyExt,
+        ),
+        // TCP
+        (
+            "tcp header cut off (v4)",
+            tcp4().truncate_l4(19),
+            C::ErrTcpTruncated,
+        ),
+        (
+            "tcp header cut off (v6)",
+            tcp6().truncate_l4(10),
+            C::ErrTcpTruncated,
+        ),
+        (
+            "tcp header missing (v4)",
+            tcp4().truncate_l4(0),
+            C::ErrTcpTruncated,
+        ),
+        (
+            "tcp header cut off after ipv4 options",
+            tcp4().ipv4_options(12).truncate_l4(12),
+            C::ErrTcpTruncated,
+        ),
+        (
+            "tcp header cut off after hop-by-hop",
+            tcp6().ipv6_ext(HopByHop).truncate_l4(19),
+            C::ErrTcpTruncated,
+        ),
+        (
+            // The walk reads only each extension header's first bytes: a length running past
+            // the frame shows up as a truncated transport header.
+            "hop-by-hop length running past the frame",
+            tcp6().ipv6_ext(HopByHop).set_l3_byte(40 + 1, 10),
+            C::ErrTcpTruncated,
+        ),
+        (
+            "tcp data offset 4 (v4)",
+            tcp4().tcp_doff(4),
+            C::ErrTcpDataOffset,
+        ),
+        (
+            "tcp data offset 0 (v6)",
+            tcp6().tcp_doff(0),
+            C::ErrTcpDataOffset,
+        ),
+        (
+            "tcp data offset 15 past the frame (v4)",
+            tcp4().tcp_doff(15),
+            C::ErrTcpDataOffset,
+        ),
+        (
+            "tcp data offset 6 past the frame (v6)",
+            tcp6().tcp_doff(6),
+            C::ErrTcpDataOffset,
+        ),
+        ("tcp syn+fin (v4)", tcp4().flags(SYN | FIN), C::ErrTcpFlags),
+        (
+            "tcp syn+fin+ack (v6)",
+            tcp6().flags(SYN | FIN | ACK),
+            C::ErrTcpFlags,
+        ),
+        ("tcp syn+rst (v6)", tcp6().flags(SYN | RST), C::ErrTcpFlags),
+        (
+            "tcp syn+rst+ack (v4)",
+            tcp4().flags(SYN | RST | ACK),
+            C::ErrTcpFlags,
+        ),
+        ("tcp null flags (v4)", tcp4().flags(0), C::ErrTcpFlags),
+        ("tcp null flags (v6)", tcp6().flags(0), C::ErrTcpFlags),
+        ("tcp fin only (v6)", tcp6().flags(FIN), C::ErrTcpFlags),
+        (
+            "tcp xmas fin+psh+urg (v4)",
+            tcp4().flags(FIN | PSH | URG),
+            C::ErrTcpFlags,
+        ),
+        ("tcp psh only (v4)", tcp4().flags(PSH), C::ErrTcpFlags),
+        // UDP
+        (
+            "udp header cut off (v4)",
+            udp4().truncate_l4(7),
+            C::ErrUdpTruncated,
+        ),
+        (
+            "udp header cut off (v6)",
+            udp6().truncate_l4(4),
+            C::ErrUdpTruncated,
+        ),
+        (
+            "udp header cut off in an ipv4 first fragment",
+            udp4().ipv4_fragment(0, true).truncate_l4(3),
+            C::ErrUdpTruncated,
+        ),
+        (
+            "udp header missing after an ipv6 fragment header",
+            udp6().ipv6_ext(FragmentFirst).truncate_l4(0),
+            C::ErrUdpTruncated,
+        ),
+        // ICMP
+        (
+            "icmp echo header cut off (v4)",
+            ping(C4, S4, 1, true).truncate_l4(7),
+            C::ErrIcmpTruncated,
+        ),
+        (
+            "icmpv6 echo header cut off",
+            ping(C6, S6, 1, true).truncate_l4(4),
+            C::ErrIcmpTruncated,
+        ),
+        (
+            "icmp error header cut off (v4)",
+            Frame::icmp(ip(S4), ip(C4), 3, 1).truncate_l4(2),
+            C::ErrIcmpTruncated,
+        ),
+        (
+            "icmpv6 neighbour solicitation cut off",
+            Frame::icmp(ip(C6), ip(S6), 135, 0).truncate_l4(3),
+            C::ErrIcmpTruncated,
+        ),
+        (
+            "icmp echo in qinq cut off",
+            ping(C4, S4, 1, true).vlan(1).vlan(2).truncate_l4(5),
+            C::ErrIcmpTruncated,
+        ),
+    ]
+}
+
+fn malformed_rows() -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (name, frame, reason) in malformed_frames() {
+        rows.push(
+            Row::new(format!("malformed, dropped: {name}"))
+                .frame(frame.clone(), Verdict::Drop)
+                .counters(&[(reason, 1), (C::DropMalformed, 1)]),
+        );
+        rows.push(
+            Row::new(format!("malformed, passed: {name}"))
+                .malformed(MalformedAction::Pass)
+                .frame(frame, Verdict::Pass)
+                .counters(&[(reason, 1), (C::PassMalformed, 1)]),
+        );
+    }
+    rows.push(
+        Row::new("a malformed frame does not touch the session it would match")
+            .existing(Existing::local(State::Established))
+            .drop(tcp(C4, S4).fin().tcp_doff(3))
+            .drop(tcp(S4, C4).flags(SYN | FIN))
+            .session(
+                Expect::new(State::Established)
+                    .version(7)
+                    .packets(5, 4)
+                    .zone(ZoneId(3)),
+            )
+            .counters(&[
+                (C::ErrTcpDataOffset, 1),
+                (C::ErrTcpFlags, 1),
+                (C::DropMalformed, 2),
+            ]),
+    );
+    // The transport header must lie inside the IP packet: bytes past the IP length are an
+    // Ethernet trailer the stack trims away, so tracking them would create sessions for
+    // packets no host accepts.
+    rows.push(
+        Row::new("tcp header past the ipv4 total length is not tracked")
+            .drop(tcp(C4, S4).syn().transport_past_ip_length())
+            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)])
+            .pending(
+                "the parser bounds transport headers by the frame, not by the IPv4 total length",
+            ),
+    );
+    rows.push(
+        Row::new("tcp header past the ipv6 payload length is not tracked")
+            .drop(tcp(C6, S6).syn().transport_past_ip_length())
+            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)])
+            .pending("the parser never reads the IPv6 payload length"),
+    );
+    rows
+}
+
+#[test]
+fn packet_fixtures() {
+    let mut rows = tcp_rows();
+    rows.extend(untracked_and_encapsulation_rows());
+    rows.extend(ipv6_ext_and_fragment_rows());
+    rows.extend(policy_zone_and_config_rows());
+    rows.extend(ownership_rows());
+    rows.extend(malformed_rows());
+    run_rows(&rows);
+}
+
+/// Every `Err*` counter is exercised by the malformed table, except the one the kernel makes
+/// unreachable (see below).
+#[test]
+fn malformed_table_covers_every_reason() {
+    let covered: Vec<C> = malformed_frames().into_iter().map(|(_, _, c)| c).collect();
+    let missing: Vec<&str> = C::ALL
+        .iter()
+        .filter(|c| c.name().starts_with("err-") && **c != C::ErrEthTruncated)
+        .filter(|c| !covered.contains(c))
+        .map(|c| c.name())
+        .collect();
+    assert!(missing.is_empty(), "no malformed fixture for {missing:?}");
+    assert!(
+        covered.len() >= 25,
+        "only {} malformed fixtures",
+        covered.len()
+    );
+}
+
+/// `err-eth-truncated` cannot be reached through BPF_PROG_TEST_RUN: the kernel refuses input
+/// shorter than an Ethernet header (EINVAL), as drivers never hand such frames to XDP.
+#[test]
+fn frames_shorter_than_ethernet_never_reach_xdp() {
+    let tdp = TestDatapath::load().expect("load");
+    let before = tdp.counters().expect("counters");
+    for len in [0usize, 1, 13] {
+        let frame = vec![0u8; len];
+        assert!(
+            tdp.run(&frame).is_err(),
+            "the kernel ran a {len}-byte frame"
+        );
+    }
+    let after = tdp.counters().expect("counters");
+    assert_eq!(before, after, "a refused frame moved counters");
+    let verdict = tdp
+        .run(&Frame::arp().truncate_to(14).build())
+        .expect("14-byte frame");
+    assert_eq!(verdict, Verdict::Pass);
+}

@@ -1,0 +1,511 @@
+//! Real TCP and UDP through a forwarding namespace that runs the XDP program in native mode on
+//! both of its interfaces:
+//!
+//! ```text
+//!  cli [c0] ──veth── [fc0] fw [fs0] ──veth── [s0] srv
+//!  198.18.0.2     198.18.0.1  198.18.1.1     198.18.1.2
+//!  fd00:18::2     fd00:18::1  fd00:18:1::1   fd00:18:1::2
+//!                 zone 1 "trust"  zone 2 "untrust"
+//! ```
+//!
+//! Sockets are created on threads that joined a lab namespace, so they belong to it; every
+//! exchange is bounded in count and time.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use hasync_agent::datapath::{attach::AttachMode, Datapath, DatapathOptions};
+use hasync_common::{
+    session::tcp::{ACK, FIN, RST, SYN},
+    Counter, DatapathConfig, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State,
+    ZoneId,
+};
+use hasync_tests::{
+    fixture::show,
+    frame::Frame,
+    netns::{veth, wait_for, DropIsolated, Lab, Netns},
+    testrun::{CounterDelta, LOCAL, TEST_CAPACITY},
+};
+
+const TRUST: ZoneId = ZoneId(1);
+const UNTRUST: ZoneId = ZoneId(2);
+/// Bound of every socket operation.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CLI4: &str = "198.18.0.2";
+const SRV4: &str = "198.18.1.2";
+const CLI6: &str = "fd00:18::2";
+const SRV6: &str = "fd00:18:1::2";
+
+/// The three namespaces and the datapath attached in `fw`. Fields drop in order: the datapath
+/// first (on an isolated thread), then the namespaces.
+struct Forwarder {
+    dp: DropIsolated<Datapath>,
+    events: hasync_agent::datapath::events::EventStream,
+    cli: Netns,
+    fw: Netns,
+    srv: Netns,
+}
+
+impl Forwarder {
+    fn new(tag: &str, policy: Policy) -> Result<Self> {
+        let lab = Lab::new(tag)?;
+        let cli = lab.netns("cli")?;
+        let fw = lab.netns("fw")?;
+        let srv = lab.netns("srv")?;
+        veth(&cli, "c0", &fw, "fc0")?;
+        veth(&fw, "fs0", &srv, "s0")?;
+        cli.addr("c0", "198.18.0.2/24")?;
+        cli.addr("c0", "fd00:18::2/64")?;
+        fw.addr("fc0", "198.18.0.1/24")?;
+        fw.addr("fc0", "fd00:18::1/64")?;
+        fw.addr("fs0", "198.18.1.1/24")?;
+        fw.addr("fs0", "fd00:18:1::1/64")?;
+        srv.addr("s0", "198.18.1.2/24")?;
+        srv.addr("s0", "fd00:18:1::2/64")?;
+        fw.sysctl("net.ipv4.ip_forward", "1")?;
+        fw.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        cli.default_route("198.18.0.1")?;
+        cli.default_route("fd00:18::1")?;
+        srv.default_route("198.18.1.1")?;
+        srv.default_route("fd00:18:1::1")?;
+
+        let mut config = DatapathConfig::with_defaults(LOCAL);
+        config.policy = policy as u8;
+        let mut opts = DatapathOptions::new(LOCAL);
+        opts.session_capacity = TEST_CAPACITY;
+        opts.config = config;
+        let mut dp = DropIsolated::new(Datapath::load(&opts).context("loading the XDP program")?);
+        dp.set_member_alive(LOCAL, true)?;
+        dp.set_zone(fw.ifindex("fc0")?, TRUST)?;
+        dp.set_zone(fw.ifindex("fs0")?, UNTRUST)?;
+        let events = dp.take_events()?;
+        let dp_ref = &mut *dp;
+        fw.run(move || -> Result<()> {
+            for ifname in ["fc0", "fs0"] {
+                let mode = dp_ref
+                    .attach(ifname)
+                    .with_context(|| format!("attaching to {ifname}"))?;
+                ensure!(
+                    mode == AttachMode::Native,
+                    "{ifname}: attached in {mode} mode, not native"
+                );
+            }
+            Ok(())
+        })??;
+        Ok(Forwarder {
+            dp,
+            events,
+            cli,
+            fw,
+            srv,
+        })
+    }
+
+    fn session(&self, key: &FlowKey) -> Result<Option<Session>> {
+        Ok(self.dp.session(key)?)
+    }
+
+    fn counters(&self) -> Result<hasync_common::Counters> {
+        Ok(self.dp.counters()?)
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        self.events.drain(&mut out);
+        out
+    }
+}
+
+/// A request of `up` bytes, a response of `down` bytes, then an orderly close (client FIN
+/// first). Returns the client's address as the server saw it.
+fn tcp_exchange(fwd: &Forwarder, server: SocketAddr, up: usize, down: usize) -> Result<SocketAddr> {
+    let listener = fwd.srv.run(move || TcpListener::bind(server))??;
+    listener.set_nonblocking(true)?;
+    let srv = std::thread::spawn(move || -> Result<(SocketAddr, usize)> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        let (mut stream, peer) = loop {
+            match listener.accept() {
+                Ok(conn) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        bail!("no connection within {IO_TIMEOUT:?}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut request = Vec::new();
+        stream
+            .read_to_end(&mut request)
+            .context("server reading the request")?;
+        stream
+            .write_all(&vec![0x5a; down])
+            .context("server writing the response")?;
+        // Closing with nothing unread sends a FIN, not a RST.
+        drop(stream);
+        Ok((peer, request.len()))
+    });
+    let mut client = fwd
+        .cli
+        .run(move || TcpStream::connect_timeout(&server, IO_TIMEOUT))??;
+    client.set_read_timeout(Some(IO_TIMEOUT))?;
+    client.set_write_timeout(Some(IO_TIMEOUT))?;
+    let local = client.local_addr()?;
+    client
+        .write_all(&vec![0xa5; up])
+        .context("client writing the request")?;
+    client.shutdown(std::net::Shutdown::Write)?;
+    let mut response = Vec::new();
+    client
+        .read_to_end(&mut response)
+        .context("client reading the response")?;
+    drop(client);
+    let (peer, got_up) = srv.join().expect("server thread")?;
+    ensure!(peer == local, "server saw {peer}, client is {local}");
+    ensure!(got_up == up, "server got {got_up} of {up} bytes");
+    ensure!(
+        response.len() == down,
+        "client got {} of {down} bytes",
+        response.len()
+    );
+    Ok(local)
+}
+
+/// One datagram each way (the request retried up to 5 times). Returns the client's address.
+fn udp_exchange(fwd: &Forwarder, client_ip: IpAddr, server: SocketAddr) -> Result<SocketAddr> {
+    let server_sock = fwd.srv.run(move || UdpSocket::bind(server))??;
+    let client_sock = fwd
+        .cli
+        .run(move || UdpSocket::bind(SocketAddr::new(client_ip, 0)))??;
+    server_sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    client_sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 64];
+    let mut from = None;
+    for _attempt in 0..5 {
+        client_sock.send_to(b"request", server)?;
+        if let Ok((n, peer)) = server_sock.recv_from(&mut buf) {
+            ensure!(&buf[..n] == b"request", "server got {:?}", &buf[..n]);
+            from = Some(peer);
+            break;
+        }
+    }
+    let peer = from.context("no request reached the server in 5 attempts")?;
+    server_sock.send_to(b"reply", peer)?;
+    let (n, replier) = client_sock
+        .recv_from(&mut buf)
+        .context("client waiting for the reply")?;
+    ensure!(
+        &buf[..n] == b"reply" && replier == server,
+        "client got {:?} from {replier}",
+        &buf[..n]
+    );
+    Ok(client_sock.local_addr()?)
+}
+
+fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("lab address"), port)
+}
+
+/// Checks a TCP session that completed a handshake, carried data and closed with FINs.
+fn check_closed_tcp(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {
+    let key = Frame::tcp(client, server).key();
+    // The last ACK may still be on its way: wait for `closed` briefly.
+    let s = wait_for(IO_TIMEOUT, || {
+        fwd.session(&key)
+            .ok()
+            .flatten()
+            .filter(|s| s.state == State::Closed as u8)
+    });
+    let s = match s {
+        Some(s) => s,
+        None => bail!(
+            "tcp {client} → {server}: {:?}",
+            fwd.session(&key)?.as_ref().map(show)
+        ),
+    };
+    let Session {
+        packets,
+        tcp_flags,
+        zone,
+        owner,
+        flags,
+        version,
+        bytes,
+        ..
+    } = s;
+    let what = format!("tcp {client} → {server}: {}", show(&s));
+    ensure!(
+        zone == TRUST,
+        "{what}: zone {} (created on the client side, zone 1)",
+        zone.0
+    );
+    ensure!(owner == LOCAL, "{what}: owner");
+    // Client addresses are below the server's: the initiator is the lower endpoint.
+    ensure!(flags.0 == 0, "{what}: flags {:#x}", flags.0);
+    ensure!(
+        version >= 5,
+        "{what}: version {version} (create, syn-recv, established, closing, closed)"
+    );
+    ensure!(
+        packets[0] >= 4 && packets[1] >= 3,
+        "{what}: packets per direction"
+    );
+    ensure!(bytes[0] > 0 && bytes[1] > 0, "{what}: bytes per direction");
+    for (dir, f) in tcp_flags.iter().enumerate() {
+        ensure!(
+            f & (SYN | ACK | FIN) == SYN | ACK | FIN,
+            "{what}: direction {dir} saw flags {f:#x}"
+        );
+        ensure!(f & RST == 0, "{what}: direction {dir} saw a RST");
+    }
+    Ok(key)
+}
+
+fn check_replied_udp(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {
+    let key = Frame::udp(client, server).key();
+    let s = fwd
+        .session(&key)?
+        .with_context(|| format!("no session for udp {client} → {server}"))?;
+    let what = format!("udp {client} → {server}: {}", show(&s));
+    ensure!(s.state == State::UdpReplied as u8, "{what}: state");
+    ensure!(s.zone == TRUST && s.owner == LOCAL, "{what}: zone/owner");
+    ensure!(
+        s.packets[0] >= 1 && s.packets[1] == 1,
+        "{what}: packets per direction"
+    );
+    ensure!(
+        !s.flags.has(SessionFlags::INITIATOR_HI),
+        "{what}: initiator"
+    );
+    Ok(key)
+}
+
+/// Counters every clean run must leave alone (but those `allowed`).
+fn check_clean(delta: &CounterDelta, allowed: &[Counter]) -> Result<()> {
+    for &c in Counter::ALL.iter().filter(|c| !allowed.contains(c)) {
+        let bad = c.name().starts_with("err-")
+            || matches!(
+                c,
+                Counter::DropMalformed
+                    | Counter::PassMalformed
+                    | Counter::DropNoSession
+                    | Counter::CreateFailed
+                    | Counter::RingbufFull
+                    | Counter::PassUnconfigured
+                    | Counter::Asymmetric
+                    | Counter::Takeovers
+            );
+        ensure!(
+            !bad || delta.get(c) == 0,
+            "counter {} moved: {delta}",
+            c.name()
+        );
+    }
+    Ok(())
+}
+
+fn check_events(events: &[Event], key: &FlowKey, want: &[EventKind]) -> Result<()> {
+    let kinds: Vec<EventKind> = events
+        .iter()
+        .filter(|e| e.key == *key)
+        .filter_map(|e| EventKind::from_u8(e.kind))
+        .filter(|k| *k != EventKind::Refresh)
+        .collect();
+    ensure!(
+        kinds == want,
+        "events for {key:?}: {kinds:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+fn tcp_and_udp(tag: &str, client_ip: &str, server_ip: &str) -> Result<()> {
+    let mut fwd = Forwarder::new(tag, Policy::Strict)?;
+    let before = fwd.counters()?;
+    let tcp_server = sa(server_ip, 8080);
+    let tcp_client = tcp_exchange(&fwd, tcp_server, 1000, 20_000)?;
+    let udp_server = sa(server_ip, 5353);
+    let udp_client = udp_exchange(&fwd, client_ip.parse()?, udp_server)?;
+    let tcp_key = check_closed_tcp(&fwd, tcp_client, tcp_server)?;
+    let udp_key = check_replied_udp(&fwd, udp_client, udp_server)?;
+
+    let delta = CounterDelta {
+        before,
+        after: fwd.counters()?,
+    };
+    eprintln!("{tag}: {delta}");
+    check_clean(&delta, &[])?;
+    ensure!(
+        delta.get(Counter::Creates) == 2,
+        "two sessions created: {delta}"
+    );
+    ensure!(
+        delta.get(Counter::Closed) == 1,
+        "one tcp session closed: {delta}"
+    );
+    ensure!(
+        delta.get(Counter::StateChanges) >= 5,
+        "tcp and udp state changes: {delta}"
+    );
+    let tcp = fwd.session(&tcp_key)?.expect("checked above");
+    let udp = fwd.session(&udp_key)?.expect("checked above");
+    let on_sessions: u64 = tcp.packets.iter().chain(udp.packets.iter()).sum();
+    ensure!(
+        delta.get(Counter::Hits) + delta.get(Counter::Creates) >= on_sessions,
+        "{delta}"
+    );
+    ensure!(delta.get(Counter::Packets) >= on_sessions, "{delta}");
+    ensure!(
+        fwd.dp.sessions()?.len() == 2,
+        "the table holds only the two sessions"
+    );
+
+    let events = fwd.events();
+    use EventKind::*;
+    check_events(
+        &events,
+        &tcp_key,
+        &[Created, StateChanged, StateChanged, StateChanged, Closed],
+    )?;
+    check_events(&events, &udp_key, &[Created, StateChanged])?;
+    Ok(())
+}
+
+#[test]
+fn tcp_and_udp_through_the_forwarder_ipv4() {
+    tcp_and_udp("fwd4", CLI4, SRV4).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn tcp_and_udp_through_the_forwarder_ipv6() {
+    tcp_and_udp("fwd6", CLI6, SRV6).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Sends one bare TCP ACK of a flow nobody opened, from the client namespace with a raw
+/// socket. Returns its key.
+fn send_stray_ack(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {
+    let frame = Frame::tcp(client, server).ack().payload(8);
+    let packet = frame.build()[14..].to_vec();
+    let SocketAddr::V4(dst) = server else {
+        bail!("raw IPv4 only");
+    };
+    fwd.cli.run(move || -> Result<()> {
+        // SAFETY: plain socket(2); the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `packet` and `addr` are valid for the lengths given.
+        let sent = unsafe {
+            libc::sendto(
+                fd,
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+        ensure!(sent == packet.len() as isize, "raw sendto: {err}");
+        Ok(())
+    })??;
+    Ok(frame.key())
+}
+
+/// Makes sure the client has resolved its gateway, so a raw packet leaves at once.
+fn warm_up(fwd: &Forwarder) -> Result<()> {
+    udp_exchange(fwd, CLI4.parse()?, sa(SRV4, 7)).map(drop)
+}
+
+#[test]
+fn strict_policy_drops_mid_stream_tcp_of_an_unknown_flow() {
+    let run = || -> Result<()> {
+        let fwd = Forwarder::new("strict", Policy::Strict)?;
+        warm_up(&fwd)?;
+        let before = fwd.counters()?;
+        let key = send_stray_ack(&fwd, sa(CLI4, 41000), sa(SRV4, 8081))?;
+        let delta = wait_for(IO_TIMEOUT, || {
+            let d = CounterDelta {
+                before,
+                after: fwd.counters().ok()?,
+            };
+            (d.get(Counter::DropNoSession) >= 1).then_some(d)
+        })
+        .context("drop-no-session never moved")?;
+        // Anything else in flight would have shown by now.
+        std::thread::sleep(Duration::from_millis(200));
+        let delta = CounterDelta {
+            before: delta.before,
+            after: fwd.counters()?,
+        };
+        ensure!(delta.get(Counter::DropNoSession) == 1, "{delta}");
+        ensure!(delta.get(Counter::Creates) == 0, "{delta}");
+        ensure!(
+            fwd.session(&key)?.is_none(),
+            "a session was created for the stray ack"
+        );
+        check_clean(&delta, &[Counter::DropNoSession])
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn loose_policy_passes_mid_stream_tcp_of_an_unknown_flow() {
+    let run = || -> Result<()> {
+        let fwd = Forwarder::new("loose", Policy::Loose)?;
+        warm_up(&fwd)?;
+        let before = fwd.counters()?;
+        let key = send_stray_ack(&fwd, sa(CLI4, 41000), sa(SRV4, 8081))?;
+        // The ACK reaches the server, whose stack answers with a RST: both pass untracked.
+        let delta = wait_for(IO_TIMEOUT, || {
+            let d = CounterDelta {
+                before,
+                after: fwd.counters().ok()?,
+            };
+            (d.get(Counter::PassNoSessionLoose) >= 2).then_some(d)
+        })
+        .context("the stray ack and the server's rst did not both pass")?;
+        ensure!(delta.get(Counter::Creates) == 0, "{delta}");
+        ensure!(
+            fwd.session(&key)?.is_none(),
+            "a session was created for the stray ack"
+        );
+        check_clean(&delta, &[])
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The lab leaves nothing behind: its namespaces are gone once the forwarder is dropped.
+#[test]
+fn lab_namespaces_are_removed_on_drop() {
+    let names: Vec<String> = {
+        let fwd = Forwarder::new("cleanup", Policy::Strict).unwrap_or_else(|e| panic!("{e:#}"));
+        [&fwd.cli, &fwd.fw, &fwd.srv]
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
+    };
+    for name in names {
+        assert!(
+            !std::path::Path::new("/run/netns").join(&name).exists(),
+            "namespace {name} survived"
+        );
+    }
+}
