@@ -21,6 +21,6 @@ pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;
 pub const EVENTS_BYTES: u32 = 8 << 20;
 /// Maximum number of zone-bound interfaces.
 pub const MAX_ZONE_INTERFACES: u32 = 256;
-/// Number of queued events at which the program asks the kernel to wake the consumer; below
+/// Bytes queued (each record has an 8-byte header) at which the program asks the kernel to wake the consumer; below
 /// it, wake-ups are batched (the agent also polls on a short timer).
-pub const EVENTS_WAKEUP_BATCH_BYTES: u64 = 64 * core::mem::size_of::<crate::Event>() as u64;
+pub const EVENTS_WAKEUP_BATCH_BYTES: u64 = 64 * (core::mem::size_of::<crate::Event>() as u64 + 8);

@@ -91,7 +91,8 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
-        let idle = now.wrapping_sub(s.last_seen_ns);
+        // saturating: another CPU may have stored a later last_seen_ns since `now` was read.
+        let idle = now.saturating_sub(s.last_seen_ns);
         let expired = idle > timeout_ns(cfg, s.state);
         // A fresh SYN on a closed session is a new connection reusing the ports.
         let reopened = is_syn && s.state == State::Closed as u8;
@@ -165,7 +166,7 @@ fn hit(
         };
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
-    } else if now.wrapping_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
+    } else if now.saturating_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
         s.version = s.version.wrapping_add(1);
         s.last_event_ns = now;
         emit(counters, EventKind::Refresh, &pkt.key, s);
