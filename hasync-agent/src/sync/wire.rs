@@ -82,6 +82,9 @@ pub struct Hello {
     pub fingerprint: [u8; 32],
     /// Zone names; a zone's id on the wire is its position here plus one.
     pub zones: Vec<String>,
+    /// The sender has no complete full sync from the receiver (it just started, or was cut
+    /// off long enough to be declared down) and asks for one.
+    pub wants_bulk: bool,
 }
 
 impl Hello {
@@ -318,6 +321,7 @@ impl Message {
                     h.cluster_id,
                     h.member.0,
                     h.link as u8,
+                    u8::from(h.wants_bulk),
                 ]);
                 w.extend_from_slice(&h.boot_id.to_be_bytes());
                 w.extend_from_slice(&h.fingerprint);
@@ -367,7 +371,7 @@ impl Message {
         let [t] = r.array("message type")?;
         let msg = match t {
             tag::HELLO => {
-                let [major, minor, cluster_id, member, link] = r.array("hello")?;
+                let [major, minor, cluster_id, member, link, wants_bulk] = r.array("hello")?;
                 let boot_id = r.u64("boot id")?;
                 let fingerprint = r.array("fingerprint")?;
                 let n = usize::from(r.u16("zone count")?);
@@ -389,6 +393,7 @@ impl Message {
                     boot_id,
                     fingerprint,
                     zones,
+                    wants_bulk: wants_bulk != 0,
                 })
             }
             tag::KEEPALIVE => {
@@ -520,6 +525,7 @@ mod tests {
             boot_id: 0xdead_beef_0000_0001,
             fingerprint: [9; 32],
             zones: vec!["trust".into(), "untrust".into()],
+            wants_bulk: true,
         });
         let now = 100_000_000_000;
         let records = (0..3)
@@ -652,6 +658,7 @@ mod tests {
             boot_id: 1,
             fingerprint: [0; 32],
             zones: vec![],
+            wants_bulk: false,
         };
         assert!(h(1, 0).compatible(&h(1, 1)));
         assert!(h(1, 3).compatible(&h(1, 2)));

@@ -1,0 +1,252 @@
+//! Installing what a peer sent: zone translation, conflict resolution by (version, owner), and
+//! the batch writes to the session table.
+
+use std::collections::HashMap;
+
+use hasync_common::{FlowKey, Session, ZoneId};
+
+use super::wire::{Op, Record};
+use crate::datapath::{Datapath, DatapathError};
+
+/// Maps a peer's zone ids to ours, by name (as both announced in their hellos).
+#[derive(Clone, Debug, Default)]
+pub struct ZoneMap {
+    /// Index: the peer's zone id − 1; value: our id, or `None` when we lack the zone.
+    to_local: Vec<Option<ZoneId>>,
+}
+
+impl ZoneMap {
+    /// `ours` and `theirs` are zone names in id order (id = position + 1).
+    pub fn new(ours: &[String], theirs: &[String]) -> Self {
+        let index: HashMap<&str, u16> = ours
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| Some((n.as_str(), u16::try_from(i + 1).ok()?)))
+            .collect();
+        ZoneMap {
+            to_local: theirs
+                .iter()
+                .map(|n| index.get(n.as_str()).map(|&id| ZoneId(id)))
+                .collect(),
+        }
+    }
+
+    /// Our id for the peer's zone `id`; `Some(ZoneId::NONE)` for "no zone"; `None` when we do
+    /// not have the zone (the session must be refused).
+    pub fn translate(&self, id: ZoneId) -> Option<ZoneId> {
+        if id == ZoneId::NONE {
+            return Some(ZoneId::NONE);
+        }
+        self.to_local.get(usize::from(id.0) - 1).copied().flatten()
+    }
+
+    /// The peer's zone names that we do not have.
+    pub fn missing<'a>(&self, theirs: &'a [String]) -> Vec<&'a str> {
+        theirs
+            .iter()
+            .zip(&self.to_local)
+            .filter(|(_, l)| l.is_none())
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+}
+
+/// What to do with one record, given what the table holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Install(Session),
+    Delete,
+    /// Ours is as new or newer (or another owner's): keep it.
+    Keep,
+    /// The record is for a zone we do not have.
+    RefuseZone,
+}
+
+/// Conflict rule: the higher (version, owner) wins; a delete applies only to a session still
+/// held by the member that sent it.
+pub fn decide(rec: &Record, existing: Option<&Session>, zones: &ZoneMap, now_ns: u64) -> Decision {
+    match rec.op {
+        Op::Delete => match existing {
+            Some(s) if s.owner == rec.owner => Decision::Delete,
+            _ => Decision::Keep,
+        },
+        Op::Upsert => {
+            let Some(zone) = zones.translate(rec.zone) else {
+                return Decision::RefuseZone;
+            };
+            if let Some(s) = existing {
+                if (s.version, s.owner) >= (rec.version, rec.owner) {
+                    return Decision::Keep;
+                }
+            }
+            Decision::Install(rec.to_session(now_ns, zone))
+        }
+    }
+}
+
+/// Outcome of installing one frame.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Installed {
+    pub installed: u64,
+    pub deleted: u64,
+    pub kept: u64,
+    pub refused_zone: u64,
+}
+
+/// Applies `records` from a peer to the session table with one batch update and one batch
+/// delete.
+pub fn apply(
+    dp: &mut Datapath,
+    records: &[Record],
+    zones: &ZoneMap,
+    now_ns: u64,
+) -> Result<Installed, DatapathError> {
+    let mut out = Installed::default();
+    let mut upserts: Vec<(FlowKey, Session)> = Vec::with_capacity(records.len());
+    let mut deletes = Vec::new();
+    for rec in records {
+        let existing = dp.session(&rec.key)?;
+        match decide(rec, existing.as_ref(), zones, now_ns) {
+            Decision::Install(s) => upserts.push((rec.key, s)),
+            Decision::Delete => deletes.push(rec.key),
+            Decision::Keep => out.kept += 1,
+            Decision::RefuseZone => out.refused_zone += 1,
+        }
+    }
+    if !upserts.is_empty() {
+        dp.insert_sessions(&upserts)?;
+        out.installed = upserts.len() as u64;
+    }
+    if !deletes.is_empty() {
+        out.deleted = dp.delete_sessions(&deletes)? as u64;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use hasync_common::{flow::IPPROTO_TCP, Family, MemberId, SessionFlags, State};
+
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn rec(op: Op, version: u32, owner: u8, zone: u16) -> Record {
+        let key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, 0, 0], 1, [2, 0, 0, 0], 2).0;
+        let s = Session {
+            version,
+            owner: MemberId(owner),
+            zone: ZoneId(zone),
+            state: State::Established as u8,
+            ..Session::default()
+        };
+        match op {
+            Op::Upsert => Record::upsert(key, &s, 0),
+            Op::Delete => Record::delete(key, MemberId(owner), version),
+        }
+    }
+
+    fn held(version: u32, owner: u8) -> Session {
+        Session {
+            version,
+            owner: MemberId(owner),
+            ..Session::default()
+        }
+    }
+
+    #[test]
+    fn zones_translate_by_name_not_by_number() {
+        let z = ZoneMap::new(
+            &names(&["trust", "untrust"]),
+            &names(&["untrust", "dmz", "trust"]),
+        );
+        assert_eq!(z.translate(ZoneId(1)), Some(ZoneId(2)));
+        assert_eq!(z.translate(ZoneId(2)), None, "we have no dmz");
+        assert_eq!(z.translate(ZoneId(3)), Some(ZoneId(1)));
+        assert_eq!(z.translate(ZoneId(4)), None, "out of the peer's list");
+        assert_eq!(z.translate(ZoneId::NONE), Some(ZoneId::NONE));
+        assert_eq!(z.missing(&names(&["untrust", "dmz", "trust"])), vec!["dmz"]);
+    }
+
+    /// Rows: (record, what the table holds, expected decision kind).
+    #[test]
+    fn conflicts_resolve_by_version_then_owner() {
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let installs = |d: &Decision| matches!(d, Decision::Install(_));
+        let rows: &[(Record, Option<Session>, &dyn Fn(&Decision) -> bool, &str)] = &[
+            (rec(Op::Upsert, 1, 1, 1), None, &installs, "new session"),
+            (
+                rec(Op::Upsert, 5, 1, 1),
+                Some(held(4, 1)),
+                &installs,
+                "newer version",
+            ),
+            (
+                rec(Op::Upsert, 4, 1, 1),
+                Some(held(4, 1)),
+                &|d| *d == Decision::Keep,
+                "same version",
+            ),
+            (
+                rec(Op::Upsert, 3, 1, 1),
+                Some(held(4, 1)),
+                &|d| *d == Decision::Keep,
+                "older version",
+            ),
+            (
+                rec(Op::Upsert, 4, 2, 1),
+                Some(held(4, 1)),
+                &installs,
+                "tie: higher owner wins",
+            ),
+            (
+                rec(Op::Upsert, 4, 1, 1),
+                Some(held(4, 2)),
+                &|d| *d == Decision::Keep,
+                "tie: lower owner loses",
+            ),
+            (
+                rec(Op::Upsert, 9, 1, 2),
+                None,
+                &|d| *d == Decision::RefuseZone,
+                "unknown zone",
+            ),
+            (
+                rec(Op::Delete, 0, 1, 0),
+                Some(held(4, 1)),
+                &|d| *d == Decision::Delete,
+                "owner deletes",
+            ),
+            (
+                rec(Op::Delete, 0, 1, 0),
+                Some(held(5, 2)),
+                &|d| *d == Decision::Keep,
+                "taken over meanwhile",
+            ),
+            (
+                rec(Op::Delete, 0, 1, 0),
+                None,
+                &|d| *d == Decision::Keep,
+                "already gone",
+            ),
+        ];
+        for (r, existing, ok, name) in rows {
+            let d = decide(r, existing.as_ref(), &z, 1_000_000_000);
+            assert!(ok(&d), "{name}: got {d:?}");
+        }
+    }
+
+    #[test]
+    fn installed_sessions_are_marked_from_peer_with_local_zone() {
+        let z = ZoneMap::new(&names(&["a", "b"]), &names(&["b", "a"]));
+        let Decision::Install(s) = decide(&rec(Op::Upsert, 2, 3, 1), None, &z, 5_000_000_000)
+        else {
+            panic!("expected an install");
+        };
+        assert_eq!(s.zone, ZoneId(2));
+        assert_eq!(s.owner, MemberId(3));
+        assert!(s.flags.has(SessionFlags::FROM_PEER));
+    }
+}
