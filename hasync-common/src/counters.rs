@@ -80,7 +80,9 @@ counters! {
     ErrIpv6Truncated = "err-ipv6-truncated",
     /// Malformed: IPv6 version field is not 6.
     ErrIpv6Version = "err-ipv6-version",
-    /// Malformed: IPv6 extension header cut off.
+    /// Malformed: IPv6 payload length runs past the frame.
+    ErrIpv6PayloadLen = "err-ipv6-payload-length",
+    /// Malformed: IPv6 extension header cut off (by the payload length or the frame).
     ErrIpv6ExtTruncated = "err-ipv6-ext-truncated",
     /// Malformed: more IPv6 extension headers than the program walks.
     ErrIpv6TooManyExt = "err-ipv6-too-many-ext",

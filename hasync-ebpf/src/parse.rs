@@ -108,6 +108,9 @@ struct L3 {
     dst: [u32; 4],
     /// Offset of the transport header.
     l4: usize,
+    /// End of the IP packet (from its length field); the transport header must fit before
+    /// it: bytes past it are an Ethernet trailer the stack trims away.
+    end: usize,
     /// Fragment note carried to [`Packet::note`].
     note: Option<Counter>,
 }
@@ -184,6 +187,7 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         src: [raw32(&h, 12), 0, 0, 0],
         dst: [raw32(&h, 16), 0, 0, 0],
         l4: off + hlen,
+        end: off + total,
         note,
     })
 }
@@ -195,6 +199,10 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     };
     if h[0] >> 4 != 6 {
         return Err(Parsed::Malformed(Counter::ErrIpv6Version));
+    }
+    let end = off + IPV6_HLEN + be16(h[4], h[5]) as usize;
+    if end as u64 > frame.len() {
+        return Err(Parsed::Malformed(Counter::ErrIpv6PayloadLen));
     }
     let mut next = h[6];
     let src = [raw32(&h, 8), raw32(&h, 12), raw32(&h, 16), raw32(&h, 20)];
@@ -215,6 +223,9 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 } else {
                     (e[1] as usize + 1) * 8
                 };
+                if l4 + size > end {
+                    return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
+                }
                 next = e[0];
                 l4 += size;
             }
@@ -222,6 +233,9 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 let Some(e) = frame.read::<8>(l4) else {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 };
+                if l4 + 8 > end {
+                    return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
+                }
                 note = Some(Counter::Ipv6Fragment);
                 if be16(e[2], e[3]) & 0xfff8 != 0 {
                     // A later fragment: no transport header to read.
@@ -237,6 +251,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     src,
                     dst,
                     l4,
+                    end,
                     note,
                 })
             }
@@ -253,6 +268,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
             src,
             dst,
             l4,
+            end,
             note,
         }),
     }
@@ -278,6 +294,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         src,
         dst,
         l4,
+        end,
         note,
     } = l3;
     let (sport, dport, flags) = match proto {
@@ -285,8 +302,11 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let Some(h) = frame.read::<20>(l4) else {
                 return Parsed::Malformed(Counter::ErrTcpTruncated);
             };
+            if l4 + 20 > end {
+                return Parsed::Malformed(Counter::ErrTcpTruncated);
+            }
             let doff = ((h[12] >> 4) as usize) * 4;
-            if doff < 20 || (l4 + doff) as u64 > frame.len() {
+            if doff < 20 || l4 + doff > end {
                 return Parsed::Malformed(Counter::ErrTcpDataOffset);
             }
             if !tcp_flags_valid(h[13]) {
@@ -298,12 +318,18 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let Some(h) = frame.read::<8>(l4) else {
                 return Parsed::Malformed(Counter::ErrUdpTruncated);
             };
+            if l4 + 8 > end {
+                return Parsed::Malformed(Counter::ErrUdpTruncated);
+            }
             (raw16(h[0], h[1]), raw16(h[2], h[3]), 0)
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let Some(h) = frame.read::<8>(l4) else {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             };
+            if l4 + 8 > end {
+                return Parsed::Malformed(Counter::ErrIcmpTruncated);
+            }
             let echo = if proto == IPPROTO_ICMP {
                 h[0] == ICMP_ECHO_REQUEST || h[0] == ICMP_ECHO_REPLY
             } else {

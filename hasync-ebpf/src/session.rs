@@ -87,6 +87,9 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
+    // Version of a stale entry this packet replaces: the new session continues past it, so a
+    // peer still holding the old one takes the new one by (version, owner).
+    let mut replaced_version = 0;
     if let Some(s) = SESSIONS.get_ptr_mut(pkt.key) {
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
@@ -103,8 +106,9 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         if expired {
             counters.inc(Counter::Expired);
         }
+        replaced_version = s.version;
     }
-    miss(ctx, cfg, counters, pkt, now, is_syn)
+    miss(ctx, cfg, counters, pkt, now, is_syn, replaced_version)
 }
 
 /// The packet found its session.
@@ -135,35 +139,21 @@ fn hit(
             }
             return xdp_action::XDP_PASS;
         }
+        // The owner is gone: this member takes the session over, then handles the packet
+        // as the owner would.
         s.owner = cfg.local_member;
         s.version = s.version.wrapping_add(1);
         s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
         counters.inc(Counter::Takeovers);
         account(s, dir, pkt, now);
+        advance(counters, pkt, s, dir);
         s.last_event_ns = now;
+        // One event carries both the new owner and any state change.
         emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
         return xdp_action::XDP_PASS;
     }
     account(s, dir, pkt, now);
-    let old = s.state;
-    let new = match State::from_u8(old) {
-        Some(state) if pkt.key.proto == IPPROTO_TCP => {
-            let seen = s.tcp_flags;
-            tcp_next(state, dir, pkt.tcp_flags, seen) as u8
-        }
-        Some(State::UdpNew) if dir == DIR_REPLY => State::UdpReplied as u8,
-        _ => old,
-    };
-    if new != old {
-        s.state = new;
-        s.version = s.version.wrapping_add(1);
-        counters.inc(Counter::StateChanges);
-        let kind = if new == State::Closed as u8 {
-            counters.inc(Counter::Closed);
-            EventKind::Closed
-        } else {
-            EventKind::StateChanged
-        };
+    if let Some(kind) = advance(counters, pkt, s, dir) {
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
     } else if now.saturating_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
@@ -172,6 +162,37 @@ fn hit(
         emit(counters, EventKind::Refresh, &pkt.key, s);
     }
     xdp_action::XDP_PASS
+}
+
+/// Runs the state machine for the packet; on a change, bumps the version and returns the event
+/// to announce it.
+#[inline(always)]
+fn advance(
+    counters: &mut Counters,
+    pkt: &Packet,
+    s: &mut Session,
+    dir: usize,
+) -> Option<EventKind> {
+    let old = s.state;
+    let new = match State::from_u8(old) {
+        Some(state) if pkt.key.proto == IPPROTO_TCP => {
+            tcp_next(state, dir, pkt.tcp_flags, s.tcp_flags) as u8
+        }
+        Some(State::UdpNew) if dir == DIR_REPLY => State::UdpReplied as u8,
+        _ => old,
+    };
+    if new == old {
+        return None;
+    }
+    s.state = new;
+    s.version = s.version.wrapping_add(1);
+    counters.inc(Counter::StateChanges);
+    if new == State::Closed as u8 {
+        counters.inc(Counter::Closed);
+        Some(EventKind::Closed)
+    } else {
+        Some(EventKind::StateChanged)
+    }
 }
 
 /// Counts the packet on the session.
@@ -198,6 +219,7 @@ fn miss(
     pkt: &Packet,
     now: u64,
     is_syn: bool,
+    replaced_version: u32,
 ) -> u32 {
     let state = match pkt.key.proto {
         IPPROTO_TCP if is_syn => State::SynSent,
@@ -228,7 +250,7 @@ fn miss(
         last_event_ns: now,
         packets: [1, 0],
         bytes: [pkt.len, 0],
-        version: 1,
+        version: replaced_version.wrapping_add(1),
         zone,
         flags: SessionFlags(if pkt.src_is_hi {
             SessionFlags::INITIATOR_HI

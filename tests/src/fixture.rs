@@ -44,6 +44,9 @@ pub struct Existing {
     pub tcp_flags: [u8; 2],
     /// The initiator is the key's higher endpoint; `None`: the row's first frame's sender.
     pub initiator_hi: Option<bool>,
+    /// `last_seen_ns` relative to the setup's clock reading (positive: in the future, as when
+    /// another CPU stored a later time than a packet's own reading).
+    pub last_seen_offset_ns: i64,
 }
 
 impl Existing {
@@ -66,7 +69,14 @@ impl Existing {
             packets: [5, 4],
             tcp_flags: [tcp::SYN | tcp::ACK, tcp::SYN | tcp::ACK],
             initiator_hi: None,
+            last_seen_offset_ns: 0,
         }
+    }
+
+    /// Last seen `ns` away from now (negative: in the past).
+    pub fn last_seen_offset_ns(mut self, ns: i64) -> Self {
+        self.last_seen_offset_ns = ns;
+        self
     }
 
     pub fn initiator_hi(mut self, hi: bool) -> Self {
@@ -400,7 +410,8 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     Ok(())
 }
 
-fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<()> {
+/// Writes the row's existing session; returns it as installed.
+fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
     let now = monotonic_ns();
     let Existing {
         state,
@@ -412,13 +423,14 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         packets,
         tcp_flags,
         initiator_hi,
+        last_seen_offset_ns,
     } = e.clone();
     if owner.is_valid() && owner != LOCAL {
         tdp.datapath_mut().set_member_alive(owner, alive)?;
     }
     let session = Session {
         created_ns: now.saturating_sub(1_000_000_000),
-        last_seen_ns: now,
+        last_seen_ns: now.saturating_add_signed(last_seen_offset_ns),
         last_event_ns: now,
         packets,
         bytes: [packets[0] * 100, packets[1] * 100],
@@ -437,7 +449,8 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         tcp_flags,
         _pad: [0; 4],
     };
-    tdp.insert_sessions(&[(*key, session)])
+    tdp.insert_sessions(&[(*key, session)])?;
+    Ok(session)
 }
 
 fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
@@ -445,13 +458,15 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     reset(tdp, row).with_context(|| format!("row `{name}`: reset"))?;
     let start = monotonic_ns();
     let key = row.row_key();
+    let mut installed = None;
     if let Some(e) = &row.existing {
         let key = key.with_context(|| format!("row `{name}`: an existing session needs a key"))?;
         let mut e = e.clone();
         if e.initiator_hi.is_none() {
             e.initiator_hi = row.frames().next().map(|f| f.key_and_side().1);
         }
-        install_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
+        let s = install_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
+        installed = Some(s);
     }
     let before = tdp.counters()?;
     let mut errors = Vec::new();
@@ -479,7 +494,7 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
         after: tdp.counters()?,
     };
     check_counters(row, frames, &delta, &mut errors);
-    check_table(tdp, row, key, start, end, &mut errors)?;
+    check_table(tdp, row, key, installed, (start, end), &mut errors)?;
     check_events(tdp, row, key, &mut errors)?;
     if errors.is_empty() {
         return Ok(());
@@ -511,8 +526,8 @@ fn check_table(
     tdp: &mut TestDatapath,
     row: &Row,
     key: Option<FlowKey>,
-    start: u64,
-    end: u64,
+    installed: Option<Session>,
+    (start, end): (u64, u64),
     errors: &mut Vec<String>,
 ) -> Result<()> {
     let all = tdp.sessions()?;
@@ -531,9 +546,15 @@ fn check_table(
     let got = tdp.session(&key)?;
     let (want, got) = match (&row.session, got) {
         (None, None) => return Ok(()),
-        (None, Some(s)) if row.existing.is_some() => {
-            // The row only says the existing session is still there, whatever it is.
-            let _ = s;
+        (None, Some(s)) if installed.is_some() => {
+            // No expectation on a row with an existing session: it must be untouched.
+            if Some(s) != installed {
+                errors.push(format!(
+                    "the existing session changed: {} (was {})",
+                    show(&s),
+                    installed.as_ref().map(show).unwrap_or_default()
+                ));
+            }
             return Ok(());
         }
         (None, Some(s)) => {

@@ -234,7 +234,7 @@ impl Frame {
     pub fn ipv4_options(mut self, n: usize) -> Self {
         assert!(self.src.is_ipv4(), "IPv4 options on an IPv6 frame");
         assert!(
-            n % 4 == 0 && n <= 40,
+            n.is_multiple_of(4) && n <= 40,
             "IPv4 options of {n} bytes: must be a multiple of 4, ≤ 40"
         );
         self.ipv4_options = n;
@@ -245,7 +245,7 @@ impl Frame {
     pub fn ipv4_fragment(mut self, offset: u16, more: bool) -> Self {
         assert!(self.src.is_ipv4(), "IPv4 fragment on an IPv6 frame");
         assert!(
-            offset % 8 == 0,
+            offset.is_multiple_of(8),
             "fragment offset {offset} is not a multiple of 8"
         );
         self.ipv4_fragment = Some((offset, more));

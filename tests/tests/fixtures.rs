@@ -365,11 +365,7 @@ fn tcp_rows() -> Vec<Row> {
             E::StateChanged,
             E::Closed,
             E::Created,
-        ])
-        .pending(
-            "a reopened session restarts at version 1; a peer still holding the closed \
-                 session at version 4 keeps it on (version, owner)",
-        ),
+        ]),
         Row::new("tcp syn reopens a peer's closed session locally")
             .existing(Existing::peer(State::Closed, true))
             .pass(tcp(C4, S4).syn())
@@ -454,8 +450,9 @@ fn udp_icmp_rows() -> Vec<Row> {
             .timeout_ns(State::UdpNew, 0)
             .pass(udp(C4, S4))
             .pass(udp(S4, C4))
-            // The reply found an expired session: it starts a new one, the server initiating.
-            .session(Expect::new(State::UdpNew).flags(F::INITIATOR_HI))
+            // The reply found an expired session: it starts a new one, the server initiating,
+            // with a version past the old one's.
+            .session(Expect::new(State::UdpNew).flags(F::INITIATOR_HI).version(2))
             .counters(&[(C::Creates, 2), (C::Expired, 1), (C::Events, 2)])
             .events(&[E::Created, E::Created]),
         Row::new("icmp echo request makes icmp-echo")
@@ -519,6 +516,9 @@ fn untracked_and_encapsulation_rows() -> Vec<Row> {
             .counters(&[(C::PassUntracked, 1)]),
         Row::new("gre passes untracked under strict policy after a hop-by-hop header (v6)")
             .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE).ipv6_ext(Ipv6Ext::HopByHop))
+            .counters(&[(C::PassUntracked, 1)]),
+        Row::new("ipv6 no-next-header passes untracked")
+            .pass(Frame::other_proto(ip(C6), ip(S6), 59).ipv6_ext(Ipv6Ext::DestOpts))
             .counters(&[(C::PassUntracked, 1)]),
         Row::new("arp passes as non-ip")
             .pass(Frame::arp())
@@ -778,6 +778,24 @@ fn policy_zone_and_config_rows() -> Vec<Row> {
             .existing(Existing::local(State::Established))
             .pass(tcp(S4, C4).ack())
             .counters(&[(C::Expired, 1), (C::PassNoSessionLoose, 1)]),
+        Row::new("a session last seen after the packet's clock reading is not idle")
+            // Another CPU may store a later last-seen time than this packet read: the idle
+            // time must not wrap around to "idle for centuries".
+            .timeout_ns(State::Established, 0)
+            .existing(Existing::local(State::Established).last_seen_offset_ns(10_000_000_000))
+            .pass(tcp(C4, S4).ack())
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1)]),
+        Row::new("an established session idle for less than its timeout is a hit")
+            .timeout_ns(State::Established, 60_000_000_000)
+            .existing(
+                Existing::local(State::Established)
+                    .initiator_hi(false)
+                    .last_seen_offset_ns(-59_000_000_000),
+            )
+            .pass(tcp(S4, C4).ack())
+            .session(Expect::new(State::Established).version(7).packets(5, 5))
+            .counters(&[(C::Hits, 1)]),
         Row::new("a local session ignores member liveness")
             .existing(Existing::local(State::Established))
             .pass(tcp(C4, S4).ack())
@@ -900,9 +918,10 @@ fn ownership_rows() -> Vec<Row> {
             .existing(Existing::peer(State::Established, false))
             .pass(tcp(C4, S4).fin())
             .pass(tcp(S4, C4).fin())
+            // Taking over (8), closing (9), closed (10).
             .session(
                 Expect::new(State::Closed)
-                    .version(9)
+                    .version(10)
                     .flags(F::TAKEN_OVER)
                     .packets(6, 5)
                     .tcp_flags(SAF, SAF),
@@ -910,17 +929,18 @@ fn ownership_rows() -> Vec<Row> {
             .counters(&[
                 (C::Hits, 2),
                 (C::Takeovers, 1),
-                (C::StateChanges, 1),
+                (C::StateChanges, 2),
                 (C::Closed, 1),
                 (C::Events, 2),
             ])
             .events(&[E::OwnershipTaken, E::Closed]),
+        // Taking over (8) and closing (9) in one packet, announced by one event.
         Row::new("peer dead: a rst that takes the session over also closes it")
             .existing(Existing::peer(State::Established, false))
             .pass(tcp(C4, S4).rst())
             .session(
                 Expect::new(State::Closed)
-                    .version(8)
+                    .version(9)
                     .flags(F::TAKEN_OVER)
                     .packets(6, 4),
             )
@@ -931,11 +951,7 @@ fn ownership_rows() -> Vec<Row> {
                 (C::Closed, 1),
                 (C::Events, 1),
             ])
-            .events(&[E::OwnershipTaken])
-            .pending(
-                "the takeover packet skips the state machine: a RST (or the last FIN) that \
-                 takes a session over leaves it established for the established timeout",
-            ),
+            .events(&[E::OwnershipTaken]),
         Row::new("owner dies mid-flow: asymmetric, then taken over")
             .existing(Existing::peer(State::Established, true))
             .pass(tcp(C4, S4).ack())
@@ -1068,27 +1084,27 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
         ),
         ("ipv6 version 0", udp6().ip_version(0), C::ErrIpv6Version),
         (
-            "hop-by-hop header cut off",
+            "hop-by-hop header cut off with the frame",
             tcp6().ipv6_ext(HopByHop).truncate_to(14 + 40 + 1),
-            C::ErrIpv6ExtTruncated,
+            C::ErrIpv6PayloadLen,
         ),
         (
-            "fragment header cut off",
+            "fragment header cut off with the frame",
             udp6().ipv6_ext(FragmentFirst).truncate_to(14 + 40 + 7),
-            C::ErrIpv6ExtTruncated,
+            C::ErrIpv6PayloadLen,
         ),
         (
-            "second extension header cut off",
+            "second extension header cut off with the frame",
             tcp6()
                 .ipv6_ext(HopByHop)
                 .ipv6_ext(Routing)
                 .truncate_to(14 + 40 + 8 + 1),
-            C::ErrIpv6ExtTruncated,
+            C::ErrIpv6PayloadLen,
         ),
         (
-            "authentication header cut off",
+            "authentication header cut off with the frame",
             tcp6().ipv6_ext(Auth).truncate_to(14 + 40 + 1),
-            C::ErrIpv6ExtTruncated,
+            C::ErrIpv6PayloadLen,
         ),
         (
             "five extension headers",
@@ -1139,9 +1155,27 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
         (
             // The walk reads only each extension header's first bytes: a length running past
             // the frame shows up as a truncated transport header.
-            "hop-by-hop length running past the frame",
+            "hop-by-hop length running past the payload",
             tcp6().ipv6_ext(HopByHop).set_l3_byte(40 + 1, 10),
-            C::ErrTcpTruncated,
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "authentication header length running past the payload",
+            tcp6().ipv6_ext(Auth).set_l3_byte(40 + 1, 200),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "fragment header past a 4-byte payload length",
+            udp6()
+                .ipv6_ext(FragmentFirst)
+                .set_l3_byte(4, 0)
+                .set_l3_byte(5, 4),
+            C::ErrIpv6ExtTruncated,
+        ),
+        (
+            "ipv6 payload length past the frame",
+            udp6().payload(100).truncate_to(14 + 40 + 50),
+            C::ErrIpv6PayloadLen,
         ),
         (
             "tcp data offset 4 (v4)",
@@ -1272,16 +1306,12 @@ fn malformed_rows() -> Vec<Row> {
     rows.push(
         Row::new("tcp header past the ipv4 total length is not tracked")
             .drop(tcp(C4, S4).syn().transport_past_ip_length())
-            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)])
-            .pending(
-                "the parser bounds transport headers by the frame, not by the IPv4 total length",
-            ),
+            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)]),
     );
     rows.push(
         Row::new("tcp header past the ipv6 payload length is not tracked")
             .drop(tcp(C6, S6).syn().transport_past_ip_length())
-            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)])
-            .pending("the parser never reads the IPv6 payload length"),
+            .counters(&[(C::ErrTcpTruncated, 1), (C::DropMalformed, 1)]),
     );
     rows
 }

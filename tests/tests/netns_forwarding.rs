@@ -180,35 +180,39 @@ fn tcp_exchange(fwd: &Forwarder, server: SocketAddr, up: usize, down: usize) -> 
     Ok(local)
 }
 
-/// One datagram each way (the request retried up to 5 times). Returns the client's address.
-fn udp_exchange(fwd: &Forwarder, client_ip: IpAddr, server: SocketAddr) -> Result<SocketAddr> {
-    let server_sock = fwd.srv.run(move || UdpSocket::bind(server))??;
-    let client_sock = fwd
-        .cli
-        .run(move || UdpSocket::bind(SocketAddr::new(client_ip, 0)))??;
-    server_sock.set_read_timeout(Some(Duration::from_secs(1)))?;
-    client_sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+/// A datagram from a socket on `from_ip` in `from` to `to_addr` in `to` (retried up to 5
+/// times), and one back. Returns the initiator's address.
+fn udp_exchange(
+    from: &Netns,
+    from_ip: IpAddr,
+    to: &Netns,
+    to_addr: SocketAddr,
+) -> Result<SocketAddr> {
+    let responder = to.run(move || UdpSocket::bind(to_addr))??;
+    let initiator = from.run(move || UdpSocket::bind(SocketAddr::new(from_ip, 0)))??;
+    responder.set_read_timeout(Some(Duration::from_secs(1)))?;
+    initiator.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 64];
-    let mut from = None;
+    let mut from_addr = None;
     for _attempt in 0..5 {
-        client_sock.send_to(b"request", server)?;
-        if let Ok((n, peer)) = server_sock.recv_from(&mut buf) {
-            ensure!(&buf[..n] == b"request", "server got {:?}", &buf[..n]);
-            from = Some(peer);
+        initiator.send_to(b"request", to_addr)?;
+        if let Ok((n, peer)) = responder.recv_from(&mut buf) {
+            ensure!(&buf[..n] == b"request", "responder got {:?}", &buf[..n]);
+            from_addr = Some(peer);
             break;
         }
     }
-    let peer = from.context("no request reached the server in 5 attempts")?;
-    server_sock.send_to(b"reply", peer)?;
-    let (n, replier) = client_sock
+    let peer = from_addr.context("no request arrived in 5 attempts")?;
+    responder.send_to(b"reply", peer)?;
+    let (n, replier) = initiator
         .recv_from(&mut buf)
-        .context("client waiting for the reply")?;
+        .context("waiting for the reply")?;
     ensure!(
-        &buf[..n] == b"reply" && replier == server,
-        "client got {:?} from {replier}",
+        &buf[..n] == b"reply" && replier == to_addr,
+        "initiator got {:?} from {replier}",
         &buf[..n]
     );
-    Ok(client_sock.local_addr()?)
+    Ok(initiator.local_addr()?)
 }
 
 fn sa(ip: &str, port: u16) -> SocketAddr {
@@ -270,21 +274,28 @@ fn check_closed_tcp(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> 
     Ok(key)
 }
 
-fn check_replied_udp(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {
-    let key = Frame::udp(client, server).key();
+/// Checks a UDP session that saw one exchange, opened by `initiator` from `zone`.
+fn check_replied_udp(
+    fwd: &Forwarder,
+    initiator: SocketAddr,
+    responder: SocketAddr,
+    zone: ZoneId,
+) -> Result<FlowKey> {
+    let (key, initiator_hi) = Frame::udp(initiator, responder).key_and_side();
     let s = fwd
         .session(&key)?
-        .with_context(|| format!("no session for udp {client} → {server}"))?;
-    let what = format!("udp {client} → {server}: {}", show(&s));
+        .with_context(|| format!("no session for udp {initiator} → {responder}"))?;
+    let what = format!("udp {initiator} → {responder}: {}", show(&s));
     ensure!(s.state == State::UdpReplied as u8, "{what}: state");
-    ensure!(s.zone == TRUST && s.owner == LOCAL, "{what}: zone/owner");
+    ensure!(s.zone == zone, "{what}: zone (expected {})", zone.0);
+    ensure!(s.owner == LOCAL, "{what}: owner");
     ensure!(
         s.packets[0] >= 1 && s.packets[1] == 1,
         "{what}: packets per direction"
     );
     ensure!(
-        !s.flags.has(SessionFlags::INITIATOR_HI),
-        "{what}: initiator"
+        s.flags.has(SessionFlags::INITIATOR_HI) == initiator_hi,
+        "{what}: initiator side"
     );
     Ok(key)
 }
@@ -333,9 +344,13 @@ fn tcp_and_udp(tag: &str, client_ip: &str, server_ip: &str) -> Result<()> {
     let tcp_server = sa(server_ip, 8080);
     let tcp_client = tcp_exchange(&fwd, tcp_server, 1000, 20_000)?;
     let udp_server = sa(server_ip, 5353);
-    let udp_client = udp_exchange(&fwd, client_ip.parse()?, udp_server)?;
+    let udp_client = udp_exchange(&fwd.cli, client_ip.parse()?, &fwd.srv, udp_server)?;
+    // The server side opens a flow too: that session belongs to the untrust zone.
+    let back_to = sa(client_ip, 6000);
+    let back_from = udp_exchange(&fwd.srv, server_ip.parse()?, &fwd.cli, back_to)?;
     let tcp_key = check_closed_tcp(&fwd, tcp_client, tcp_server)?;
-    let udp_key = check_replied_udp(&fwd, udp_client, udp_server)?;
+    let udp_key = check_replied_udp(&fwd, udp_client, udp_server, TRUST)?;
+    let back_key = check_replied_udp(&fwd, back_from, back_to, UNTRUST)?;
 
     let delta = CounterDelta {
         before,
@@ -344,28 +359,29 @@ fn tcp_and_udp(tag: &str, client_ip: &str, server_ip: &str) -> Result<()> {
     eprintln!("{tag}: {delta}");
     check_clean(&delta, &[])?;
     ensure!(
-        delta.get(Counter::Creates) == 2,
-        "two sessions created: {delta}"
+        delta.get(Counter::Creates) == 3,
+        "three sessions created: {delta}"
     );
     ensure!(
         delta.get(Counter::Closed) == 1,
         "one tcp session closed: {delta}"
     );
     ensure!(
-        delta.get(Counter::StateChanges) >= 5,
+        delta.get(Counter::StateChanges) >= 6,
         "tcp and udp state changes: {delta}"
     );
     let tcp = fwd.session(&tcp_key)?.expect("checked above");
     let udp = fwd.session(&udp_key)?.expect("checked above");
-    let on_sessions: u64 = tcp.packets.iter().chain(udp.packets.iter()).sum();
+    let back = fwd.session(&back_key)?.expect("checked above");
+    let on_sessions: u64 = [tcp, udp, back].iter().flat_map(|s| s.packets).sum();
     ensure!(
         delta.get(Counter::Hits) + delta.get(Counter::Creates) >= on_sessions,
         "{delta}"
     );
     ensure!(delta.get(Counter::Packets) >= on_sessions, "{delta}");
     ensure!(
-        fwd.dp.sessions()?.len() == 2,
-        "the table holds only the two sessions"
+        fwd.dp.sessions()?.len() == 3,
+        "the table holds only the three sessions"
     );
 
     let events = fwd.events();
@@ -376,6 +392,7 @@ fn tcp_and_udp(tag: &str, client_ip: &str, server_ip: &str) -> Result<()> {
         &[Created, StateChanged, StateChanged, StateChanged, Closed],
     )?;
     check_events(&events, &udp_key, &[Created, StateChanged])?;
+    check_events(&events, &back_key, &[Created, StateChanged])?;
     Ok(())
 }
 
@@ -431,7 +448,7 @@ fn send_stray_ack(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Re
 
 /// Makes sure the client has resolved its gateway, so a raw packet leaves at once.
 fn warm_up(fwd: &Forwarder) -> Result<()> {
-    udp_exchange(fwd, CLI4.parse()?, sa(SRV4, 7)).map(drop)
+    udp_exchange(&fwd.cli, CLI4.parse()?, &fwd.srv, sa(SRV4, 7)).map(drop)
 }
 
 #[test]
@@ -492,11 +509,39 @@ fn loose_policy_passes_mid_stream_tcp_of_an_unknown_flow() {
     run().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-/// The lab leaves nothing behind: its namespaces are gone once the forwarder is dropped.
+/// What a lab must never change in the root namespace.
+fn root_namespace_view() -> String {
+    let mut view = String::new();
+    for args in [
+        &["-br", "link"][..],
+        &["-br", "addr"],
+        &["route"],
+        &["-6", "route"],
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .expect("ip");
+        view.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    for key in ["ipv4/ip_forward", "ipv6/conf/all/forwarding"] {
+        view.push_str(&std::fs::read_to_string(format!("/proc/sys/net/{key}")).unwrap_or_default());
+    }
+    view
+}
+
+/// The lab leaves nothing behind: its namespaces are gone once the forwarder is dropped, and
+/// the root namespace (links, addresses, routes, forwarding) is as it was.
 #[test]
-fn lab_namespaces_are_removed_on_drop() {
+fn lab_leaves_the_root_namespace_alone() {
+    let root_before = root_namespace_view();
     let names: Vec<String> = {
         let fwd = Forwarder::new("cleanup", Policy::Strict).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            root_namespace_view(),
+            root_before,
+            "the lab changed the root namespace"
+        );
         [&fwd.cli, &fwd.fw, &fwd.srv]
             .iter()
             .map(|n| n.name().to_string())
@@ -508,4 +553,9 @@ fn lab_namespaces_are_removed_on_drop() {
             "namespace {name} survived"
         );
     }
+    assert_eq!(
+        root_namespace_view(),
+        root_before,
+        "the root namespace changed"
+    );
 }

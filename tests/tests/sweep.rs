@@ -69,7 +69,10 @@ fn sweep_removes_what_idled_past_its_timeout_and_keeps_the_rest() {
         Frame::tcp(tc, ts).ack(),
     ];
     let (rc, rs) = (sa("198.18.0.10:40002"), sa("198.18.1.20:80"));
-    let closed = [Frame::tcp(rc, rs).syn(), Frame::tcp(rs, rc).flags(RST | ACK)];
+    let closed = [
+        Frame::tcp(rc, rs).syn(),
+        Frame::tcp(rs, rc).flags(RST | ACK),
+    ];
     for f in [&udp_idle, &udp_busy, &ping]
         .into_iter()
         .chain(&established)
