@@ -31,6 +31,9 @@ const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Runs the agent until SIGINT or SIGTERM; then detaches and returns.
 pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.config {
+        return crate::runtime::run(path);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -22,13 +22,27 @@ pub struct Cli {
 pub enum Command {
     /// Load the datapath, attach it to the data interfaces and run until SIGINT/SIGTERM.
     Agent(AgentArgs),
+    /// Run a whole cluster in network namespaces on this host, with traffic through it (root).
+    Lab(crate::lab::LabArgs),
+    /// Show the running agent's cluster, sessions, statistics or counters.
+    Show(crate::control::command::ShowArgs),
+    /// Suspend this member: the members that see its sessions' traffic take them over; it
+    /// stays suspended until `hasync functional`.
+    Suspend(crate::control::command::ConnectArgs),
+    /// End a suspension: the member holds as tentative, then becomes active.
+    Functional(crate::control::command::ConnectArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    /// Run as a cluster member from this configuration file (zones, sync links, members).
+    /// Without it, the agent runs standalone on the interfaces given with `--interface`.
+    #[arg(long, value_name = "FILE", conflicts_with = "interfaces")]
+    pub config: Option<std::path::PathBuf>,
+
     /// A data interface to attach to, optionally in a zone (`eth0=lan`). Repeat for more.
     /// Zone names get ids 1, 2, ... in order of first appearance.
-    #[arg(long = "interface", value_name = "IF[=ZONE]", required = true, value_parser = parse_interface)]
+    #[arg(long = "interface", value_name = "IF[=ZONE]", required_unless_present = "config", value_parser = parse_interface)]
     pub interfaces: Vec<InterfaceArg>,
 
     /// This member's id in the cluster, 1–16.
@@ -205,6 +219,7 @@ mod tests {
         let argv = ["hasync", "agent"].iter().chain(args).copied();
         Cli::try_parse_from(argv).map(|cli| match cli.command {
             Command::Agent(a) => a,
+            other => panic!("parsed as another command: {other:?}"),
         })
     }
 

@@ -4,8 +4,13 @@ pub mod agent;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
+pub mod control_handler;
 pub mod datapath;
+pub mod lab;
+pub mod runtime;
 pub mod sync;
+pub mod traffic_log;
 
 /// The XDP program object, built by build.rs from hasync-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hasync"));

@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Agent(args) => hasync_agent::agent::run(&args),
+        Command::Lab(args) => hasync_agent::lab::run(&args),
+        Command::Show(args) => hasync_agent::control::command::show(&args),
+        Command::Suspend(args) => hasync_agent::control::command::suspend(&args),
+        Command::Functional(args) => hasync_agent::control::command::functional(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

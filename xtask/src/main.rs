@@ -4,7 +4,11 @@ mod cmd;
 mod setup;
 mod test;
 
-use std::{ffi::OsString, path::Path, process::ExitCode};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -25,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Check, and install when missing, what building and testing hasync needs (run as root):
-    /// llvm-22-dev, nightly rust-src, bpf-linker, bpffs, iproute2, nftables.
+    /// llvm-22-dev, nightly rust-src, bpf-linker, bpffs, iproute2, nftables, ping.
     Setup {
         /// Only report; exit non-zero if anything is missing.
         #[arg(long)]
@@ -37,17 +41,29 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, then build (release) and run the agent: `hasync agent ARGS...`.
-    #[command(
-        after_help = "Until the lab arrives, ARGS are the agent's own, forwarded verbatim \
-                            after `agent`, e.g. `cargo xtask run --interface eth1`."
-    )]
+    /// Setup, build (release), then run a lab: a whole cluster in network namespaces with
+    /// traffic through it, shown live until Ctrl-C (`hasync lab`).
+    #[command(after_help = "\
+Modes:
+  cargo xtask run [--members N] [--duration SECS]   a lab: `hasync lab` (namespaces client,
+                                                    fw1..fwN, server, hasw; needs root)
+  cargo xtask run --config FILE                     this host as a member: `hasync agent --config FILE`
+  cargo xtask run -- ARGS...                        `hasync agent ARGS...`, verbatim")]
     Run {
-        /// Arguments for `hasync agent`.
+        /// Members of the lab, 2–16 (`hasync lab` defaults to 2).
+        #[arg(long, value_name = "N", conflicts_with = "config")]
+        members: Option<u8>,
+        /// Stop the lab after SECS seconds (`hasync lab` defaults to 3600).
+        #[arg(long, value_name = "SECS", conflicts_with = "config")]
+        duration: Option<u64>,
+        /// Run the agent on this host with this config file instead of a lab.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Arguments for `hasync agent`, after `--`, instead of a lab.
         #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
+            last = true,
+            value_name = "ARGS",
+            conflicts_with_all = ["members", "duration", "config"]
         )]
         args: Vec<OsString>,
     },
@@ -76,6 +92,35 @@ impl Bench {
     }
 }
 
+/// `target/release/hasync`, honouring `CARGO_TARGET_DIR`.
+fn release_binary(root: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    root.join(target).join("release/hasync")
+}
+
+extern "C" fn on_interrupt(_: libc::c_int) {}
+
+/// Catches SIGINT and SIGTERM with a handler that does nothing, so xtask outlives a child that
+/// handles them itself; unlike `SIG_IGN` the handler is not inherited across exec.
+fn ignore_interrupts_while_children_run() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler does nothing.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
@@ -93,6 +138,27 @@ fn dispatch(cli: Cli) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask's manifest directory has no parent")?;
+    // A relative `run --config FILE` names a file where the user is, not at the root.
+    let cli = match cli.task {
+        Task::Run {
+            members,
+            duration,
+            config: Some(config),
+            args,
+        } if config.is_relative() => Cli {
+            task: Task::Run {
+                members,
+                duration,
+                config: Some(
+                    std::env::current_dir()
+                        .context("cannot read the current directory")?
+                        .join(config),
+                ),
+                args,
+            },
+        },
+        task => Cli { task },
+    };
     std::env::set_current_dir(root)
         .with_context(|| format!("cannot change to the workspace root {}", root.display()))?;
 
@@ -109,21 +175,38 @@ fn dispatch(cli: Cli) -> Result<()> {
             setup::setup(Mode::Install, Report::Summary)?;
             test::test(&args)
         }
-        Task::Run { args } => {
+        Task::Run {
+            members,
+            duration,
+            config,
+            args,
+        } => {
             setup::setup(Mode::Install, Report::Summary)?;
-            cmd::run(
-                cmd::cargo([
-                    "run",
-                    "--release",
-                    "-p",
-                    "hasync-agent",
-                    "--bin",
-                    "hasync",
-                    "--",
-                    "agent",
-                ])
-                .args(args),
-            )
+            cmd::run(&mut cmd::cargo([
+                "build",
+                "--release",
+                "-p",
+                "hasync-agent",
+                "--bin",
+                "hasync",
+            ]))?;
+            let mut hasync = Command::new(release_binary(root));
+            if !args.is_empty() {
+                hasync.arg("agent").args(args);
+            } else if let Some(config) = config {
+                hasync.args(["agent", "--config"]).arg(config);
+            } else {
+                hasync.arg("lab");
+                if let Some(n) = members {
+                    hasync.args(["--members", &n.to_string()]);
+                }
+                if let Some(secs) = duration {
+                    hasync.args(["--duration", &secs.to_string()]);
+                }
+            }
+            // Ctrl-C reaches hasync too: let it clean its lab up, then report how it ended.
+            ignore_interrupts_while_children_run()?;
+            cmd::run(&mut hasync)
         }
         Task::Bench { bench, json } => {
             setup::setup(Mode::Install, Report::Summary)?;

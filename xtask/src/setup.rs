@@ -75,6 +75,7 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement::new("llvm-22-dev", llvm),
     Requirement::new("iproute2", iproute2),
     Requirement::new("nftables", nftables),
+    Requirement::new("iputils-ping", ping),
     Requirement::new("host toolchain clippy, rustfmt", host_components),
     Requirement::new("nightly rust-src, clippy", nightly_components),
     Requirement::new("bpf-linker 0.13.0", bpf_linker),
@@ -258,6 +259,11 @@ fn iproute2() -> Result<Status> {
 
 fn nftables() -> Result<Status> {
     Ok(program_on_path("nft", "nftables"))
+}
+
+/// The labs and tests ping through the members.
+fn ping() -> Result<Status> {
+    Ok(program_on_path("ping", "iputils-ping"))
 }
 
 fn program_on_path(program: &str, package: &'static str) -> Status {

@@ -148,6 +148,8 @@ pub struct Membership {
     pub flaps: u32,
     pub fault: Option<Fault>,
     pub suspended: bool,
+    /// Sessions this member owns, as last counted.
+    pub local_sessions_owned: u32,
     tentative_until: Option<Instant>,
     timers: Timers,
     pub peers: BTreeMap<MemberId, Peer>,
@@ -199,6 +201,7 @@ impl Membership {
             flaps: 0,
             fault: None,
             suspended: false,
+            local_sessions_owned: 0,
             tentative_until: None,
             timers,
             peers,

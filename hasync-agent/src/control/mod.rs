@@ -5,15 +5,14 @@
 //! [`Request`] per line, one [`Response`] per line ([`protocol`]). The [`server`] does no work
 //! itself: it forwards each request to the agent's runtime as a [`ControlRequest`] and writes
 //! back what the runtime answers, so the runtime keeps sole ownership of the datapath and the
-//! membership. [`view`] holds the JSON shapes of the answers, [`stats`] the atomic counters the
-//! sync code bumps and `show cluster statistics` reads, [`client`] the operator side, and
-//! [`command`] the `hasync show ...` subcommands with their tables.
+//! membership. [`view`] holds the JSON shapes of the answers and builds them from the
+//! agent's state, [`client`] is the operator side, and [`command`] the `hasync show ...`
+//! subcommands with their tables.
 
 pub mod client;
 pub mod command;
 pub mod protocol;
 pub mod server;
-pub mod stats;
 pub mod view;
 
 pub use client::{request, ControlError};
@@ -29,3 +28,6 @@ pub type ControlRequest = (Request, tokio::sync::oneshot::Sender<Response>);
 /// The channel the server forwards requests on; the runtime holds the receiving end.
 /// Dropping that receiver stops the server and removes the socket file.
 pub type ControlSender = tokio::sync::mpsc::Sender<ControlRequest>;
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -180,10 +180,7 @@ impl SessionFilter {
         } = self;
         if let Some(owner) = *owner {
             if !MemberId(owner).is_valid() {
-                return Err(format!(
-                    "owner {owner} is out of range 1–{}",
-                    MemberId::MAX
-                ));
+                return Err(format!("owner {owner} is out of range 1–{}", MemberId::MAX));
             }
         }
         if let Some(proto) = proto {
@@ -320,10 +317,16 @@ mod tests {
     fn unknown_requests_and_misspelt_fields_are_refused() {
         for (line, want) in [
             (r#"{"request":"show-everything"}"#, "unknown variant"),
-            (r#"{"request":"show-sessions","filter":{"prot":"tcp"}}"#, "prot"),
+            (
+                r#"{"request":"show-sessions","filter":{"prot":"tcp"}}"#,
+                "prot",
+            ),
             (r#"{"request":"show-sessions","ofset":3}"#, "ofset"),
             (r#"{"nothing":1}"#, "request"),
-            (r#"{"request":"show-sessions","filter":{"port":70000}}"#, "70000"),
+            (
+                r#"{"request":"show-sessions","filter":{"port":70000}}"#,
+                "70000",
+            ),
         ] {
             let e = serde_json::from_str::<Request>(line).expect_err(line);
             assert!(e.to_string().contains(want), "{line}: {e}");

@@ -308,6 +308,22 @@ impl Datapath {
             .map_err(batch_err(names::SESSIONS))
     }
 
+    /// Reads the next chunk of the session table at `cursor` into `keys`/`values` (see
+    /// [`BatchMap::lookup_batch`]); returns whether more may follow. Lets a caller walk the
+    /// table without holding anything across chunks (a full sync sends each chunk before
+    /// reading the next).
+    pub fn session_chunk(
+        &self,
+        cursor: &mut batch::BatchCursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        max: u32,
+    ) -> Result<bool, DatapathError> {
+        self.sessions_batch()?
+            .lookup_batch(cursor, keys, values, max)
+            .map_err(batch_err(names::SESSIONS))
+    }
+
     /// The whole session table. Memory grows with the table: for tests and `show`, not for the
     /// agent's own work (use [`Self::sessions_chunked`]).
     pub fn sessions(&self) -> Result<Vec<(FlowKey, Session)>, DatapathError> {

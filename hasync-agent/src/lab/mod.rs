@@ -17,8 +17,8 @@
 //! - processes are started by the lab and ended by their PID, never by name;
 //! - every traffic loop has a maximum count and a deadline.
 
-mod command;
 pub mod cluster;
+mod command;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

@@ -170,12 +170,19 @@ mod tests {
         assert_eq!(z.missing(&names(&["untrust", "dmz", "trust"])), vec!["dmz"]);
     }
 
-    /// Rows: (record, what the table holds, expected decision kind).
+    /// A row: the record, what the table holds, a check of the decision, the row's name.
+    type Row<'a> = (
+        Record,
+        Option<Session>,
+        &'a dyn Fn(&Decision) -> bool,
+        &'a str,
+    );
+
     #[test]
     fn conflicts_resolve_by_version_then_owner() {
         let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
         let installs = |d: &Decision| matches!(d, Decision::Install(_));
-        let rows: &[(Record, Option<Session>, &dyn Fn(&Decision) -> bool, &str)] = &[
+        let rows: &[Row] = &[
             (rec(Op::Upsert, 1, 1, 1), None, &installs, "new session"),
             (
                 rec(Op::Upsert, 5, 1, 1),

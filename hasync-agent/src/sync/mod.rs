@@ -2,6 +2,8 @@
 //! what peers send, and the engine that runs the links.
 
 pub mod channel;
+pub mod engine;
 pub mod install;
 pub mod outbox;
+pub mod stats;
 pub mod wire;

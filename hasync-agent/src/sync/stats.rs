@@ -52,7 +52,8 @@ impl Lag {
         if self.samples.len() == Self::KEEP {
             self.samples.pop_front();
         }
-        self.samples.push_back(u32::try_from(lag.as_micros()).unwrap_or(u32::MAX));
+        self.samples
+            .push_back(u32::try_from(lag.as_micros()).unwrap_or(u32::MAX));
     }
 
     /// The `q` quantile (0–1) of the recent samples, in milliseconds.
@@ -118,7 +119,10 @@ impl Rejections {
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.by_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.by_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn total(&self) -> u64 {

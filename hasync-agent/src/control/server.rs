@@ -1,0 +1,486 @@
+//! The agent side of the control socket: accepts connections, reads request lines, forwards
+//! each request to the runtime over a channel and writes back its answer.
+
+use std::{
+    io,
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{oneshot, Semaphore},
+    task::JoinHandle,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    protocol::{Request, Response, MAX_REQUEST_LINE},
+    ControlSender,
+};
+
+/// Mode of the socket file: root and the socket's group may use it.
+pub const SOCKET_MODE: u32 = 0o660;
+/// Mode of a socket directory the server creates.
+pub const DIR_MODE: u32 = 0o755;
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a request may wait for the runtime's answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("control socket {path} has no parent directory")]
+    NoParent { path: PathBuf },
+    #[error("cannot create the control socket directory {dir}: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "another agent is already listening on the control socket {path}: stop it first \
+         (systemctl stop hasync), or give this one another [local].control_socket"
+    )]
+    InUse { path: PathBuf },
+    #[error("control socket path {path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot check the existing control socket {path}: {source}")]
+    Probe {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot remove the stale control socket {path}: {source}")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set mode {mode:04o} on the control socket {path}: {source}")]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Listens on `path` and serves every connection, forwarding requests on `requests`.
+///
+/// Creates the parent directory (mode 0755) if missing; replaces a socket file nobody answers
+/// on (left by an agent that died); fails if another agent answers on it. The socket gets mode
+/// 0660. Returns once the socket listens (so a client may connect right away); the serving
+/// runs in the returned task.
+///
+/// The server runs until the receiving end of `requests` is dropped (or the task is aborted);
+/// it then removes the socket file, if it is still the one it created.
+pub async fn serve(path: &Path, requests: ControlSender) -> Result<JoinHandle<()>, ServerError> {
+    let listener = bind(path)?;
+    let file = SocketFile::new(path);
+    info!(socket = %path.display(), "control socket listening");
+    Ok(tokio::spawn(accept_loop(listener, requests, file)))
+}
+
+fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| ServerError::NoParent {
+            path: path.to_owned(),
+        })?;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)
+            .map_err(|source| ServerError::CreateDir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+    }
+    remove_if_stale(path)?;
+    let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(
+        |source| ServerError::Chmod {
+            path: path.to_owned(),
+            mode: SOCKET_MODE,
+            source,
+        },
+    )?;
+    Ok(listener)
+}
+
+/// Removes `path` if it is a socket nobody listens on; fails if someone does.
+fn remove_if_stale(path: &Path) -> Result<(), ServerError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServerError::Probe {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServerError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ServerError::InUse {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            warn!(socket = %path.display(), "removing a stale control socket (no agent answers on it)");
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ServerError::RemoveStale {
+                    path: path.to_owned(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ServerError::Probe {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The socket file this server created; removed on drop if it is still that file (another
+/// agent may have replaced it meanwhile).
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> SocketFile {
+        SocketFile {
+            path: path.to_owned(),
+            id: std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let current = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if self.id.is_some() && current == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+async fn accept_loop(listener: UnixListener, requests: ControlSender, file: SocketFile) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = requests.closed() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+        };
+        let stream = tokio::select! {
+            _ = requests.closed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // EMFILE and the like: wait a little rather than spin.
+                    warn!(socket = %file.path.display(), %error, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection(stream, requests).await {
+                debug!(%error, "control connection ended");
+            }
+            drop(permit);
+        });
+    }
+    debug!(socket = %file.path.display(), "control socket closed");
+    drop(file);
+}
+
+/// Serves one connection: request lines in, response lines out, until EOF.
+async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut read)
+            .take(MAX_REQUEST_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let complete = line.last() == Some(&b'\n');
+        if !complete && line.len() > MAX_REQUEST_LINE {
+            // No way to find the next request without reading the rest: answer and hang up.
+            let response = Response::error(format!(
+                "request line longer than {MAX_REQUEST_LINE} bytes; closing the connection"
+            ));
+            return write_response(&mut write, &response).await;
+        }
+        let text = line.trim_ascii();
+        if !text.is_empty() {
+            let response = match serde_json::from_slice::<Request>(text) {
+                Ok(request) => forward(request, &requests).await,
+                Err(e) => Response::error(format!("malformed request: {e}")),
+            };
+            write_response(&mut write, &response).await?;
+        }
+        if !complete {
+            // EOF after a last line without a newline.
+            return Ok(());
+        }
+    }
+}
+
+/// Hands `request` to the runtime and waits for its answer.
+async fn forward(request: Request, requests: &ControlSender) -> Response {
+    let name = request.name();
+    let (tx, rx) = oneshot::channel();
+    if requests.send((request, tx)).await.is_err() {
+        return Response::error("the agent is shutting down");
+    }
+    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(response)) => {
+            debug!(request = name, ok = response.ok, "control request");
+            response
+        }
+        Ok(Err(_)) => Response::error(format!(
+            "the agent dropped the {name} request without answering"
+        )),
+        Err(_) => Response::error(format!(
+            "the agent did not answer the {name} request within {} s",
+            ANSWER_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+async fn write_response(w: &mut (impl AsyncWrite + Unpin), response: &Response) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+
+    use super::*;
+    use crate::control::{
+        client,
+        protocol::SessionFilter,
+        testing::{fake_runtime, TempDir},
+        view::SessionsView,
+    };
+
+    /// Sends raw `input` on a fresh connection, half-closes, and returns the answer lines.
+    async fn exchange(path: &Path, input: &[u8]) -> Vec<Response> {
+        let stream = UnixStream::connect(path).await.expect("connect");
+        let (read, mut write) = stream.into_split();
+        // The server may hang up before reading everything (an overlong line).
+        let _ = write.write_all(input).await;
+        let _ = write.shutdown().await;
+        let mut lines = BufReader::new(read).lines();
+        let mut out = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("read") {
+            out.push(serde_json::from_str(&line).expect("a response line is JSON"));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn requests_reach_the_runtime_and_answers_come_back() {
+        let dir = TempDir::new("control-serve");
+        // The parent directory does not exist yet: the server creates it, 0755.
+        let path = dir.path().join("run/hasync/hasync.sock");
+        let (tx, runtime) = fake_runtime();
+        let server = serve(&path, tx).await.expect("serve");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o660);
+        assert_eq!(mode(path.parent().unwrap()), 0o755);
+
+        let p = path.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            client::request(
+                &p,
+                &Request::ShowSessions {
+                    count_only: false,
+                    filter: SessionFilter {
+                        proto: Some("tcp".into()),
+                        ..Default::default()
+                    },
+                    offset: 0,
+                    limit: Some(1),
+                },
+            )
+        })
+        .await
+        .unwrap()
+        .expect("request");
+        assert!(answer.ok, "{answer:?}");
+        let view: SessionsView = serde_json::from_value(answer.data).unwrap();
+        assert_eq!(view.total, 2);
+        assert_eq!(view.sessions.unwrap().len(), 1);
+
+        // The runtime goes away: the server stops and removes its socket.
+        runtime.abort();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops")
+            .expect("server task");
+        assert!(!path.exists(), "socket removed");
+    }
+
+    #[tokio::test]
+    async fn one_connection_carries_many_requests_and_bad_lines_get_error_answers() {
+        let dir = TempDir::new("control-lines");
+        let path = dir.path().join("hasync.sock");
+        let (tx, _runtime) = fake_runtime();
+        let _server = serve(&path, tx).await.expect("serve");
+        let input = concat!(
+            "{\"request\":\"show-counters\",\"prefix\":\"packets\"}\n",
+            "\n",
+            "this is not json\n",
+            "{\"request\":\"show-sessions\",\"filter\":{\"prot\":\"tcp\"}}\n",
+            "{\"request\":\"reboot\"}\n",
+            "{\"request\":\"show-sessions\",\"filter\":{\"zone\":\"dmz\"}}\n",
+            // The last line may lack its newline.
+            "{\"request\":\"suspend\"}",
+        );
+        let answers = exchange(&path, input.as_bytes()).await;
+        assert_eq!(answers.len(), 6, "{answers:?}");
+        assert!(answers[0].ok);
+        assert_eq!(answers[0].data["counters"]["packets"], 123_456);
+        for (answer, want) in [
+            (
+                &answers[1],
+                "malformed request: expected ident at line 1 column 2",
+            ),
+            (&answers[2], "malformed request: unknown field `prot`"),
+            (&answers[3], "malformed request: unknown variant `reboot`"),
+            (
+                &answers[4],
+                "zone \"dmz\" is not configured (known: trust, untrust)",
+            ),
+        ] {
+            assert!(!answer.ok);
+            let e = answer.error.as_deref().unwrap();
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!(answers[5].data["state"], "suspended");
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_refused_and_the_connection_closed() {
+        let dir = TempDir::new("control-long");
+        let path = dir.path().join("hasync.sock");
+        let (tx, _runtime) = fake_runtime();
+        let _server = serve(&path, tx).await.expect("serve");
+        let mut input = vec![b' '; MAX_REQUEST_LINE + 10];
+        input.extend_from_slice(b"\n{\"request\":\"show-flaps\"}\n");
+        let answers = exchange(&path, &input).await;
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        assert!(answers[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("request line longer than 65536 bytes"));
+
+        // A line of exactly the limit is fine.
+        let mut input = br#"{"request":"show-flaps"}"#.to_vec();
+        input.resize(MAX_REQUEST_LINE, b' ');
+        input.push(b'\n');
+        let answers = exchange(&path, &input).await;
+        assert!(answers[0].ok, "{answers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_runtime_that_drops_the_request_yields_an_error_answer() {
+        let dir = TempDir::new("control-drop");
+        let path = dir.path().join("hasync.sock");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::control::ControlRequest>(1);
+        tokio::spawn(async move {
+            while let Some((_request, reply)) = rx.recv().await {
+                drop(reply);
+            }
+        });
+        let _server = serve(&path, tx).await.expect("serve");
+        let answers = exchange(&path, b"{\"request\":\"show-members\"}\n").await;
+        assert_eq!(
+            answers[0].error.as_deref(),
+            Some("the agent dropped the show-members request without answering")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
+        let dir = TempDir::new("control-inuse");
+        let path = dir.path().join("hasync.sock");
+        let (tx, _runtime) = fake_runtime();
+        let _first = serve(&path, tx.clone()).await.expect("serve");
+        let e = serve(&path, tx.clone())
+            .await
+            .expect_err("in use")
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "another agent is already listening on the control socket {}",
+                path.display()
+            )),
+            "{e}"
+        );
+
+        // A socket file nobody listens on, as a killed agent leaves it.
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        let _second = serve(&stale, tx.clone())
+            .await
+            .expect("replaces the stale socket");
+        let answers = exchange(&stale, b"{\"request\":\"functional\"}\n").await;
+        assert_eq!(answers[0].data["state"], "tentative");
+
+        // Never remove something that is not a socket.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = serve(&file, tx)
+            .await
+            .expect_err("not a socket")
+            .to_string();
+        assert!(e.contains("exists and is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+}

@@ -1,0 +1,988 @@
+//! What `show` answers: the JSON shapes of [`super::Response::data`], shared by the agent (which
+//! builds them) and the CLI (which prints them as tables, or as-is with `--json`).
+//!
+//! Names (states, links, protocols) are strings, not enums, so a CLI talking to an agent one
+//! version apart still reads an answer with a name it does not know.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Mutex, MutexGuard},
+    time::Instant,
+};
+
+use hasync_common::{
+    Counter, Counters, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
+};
+use serde::{Deserialize, Serialize};
+
+use super::protocol::{proto_name, SessionFilter, MAX_SESSION_PAGE};
+use crate::{
+    cluster::{LinkState, MemberState, Membership, Peer},
+    sync::{
+        stats::{BulkStats, LinkStats, PeerStats, Rejections},
+        wire::{LinkKind, PROTO_MAJOR, PROTO_MINOR},
+    },
+};
+
+/// Whole seconds from `then` to `now`; `None` if it never happened.
+pub fn seconds_ago(now: Instant, then: Option<Instant>) -> Option<u64> {
+    then.map(|t| now.saturating_duration_since(t).as_secs())
+}
+
+/// `major.minor`, as members show a protocol version.
+pub fn version_string(major: u8, minor: u8) -> String {
+    format!("{major}.{minor}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// show cluster members
+
+/// `show cluster members`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersView {
+    pub cluster_id: u8,
+    /// The local member's id.
+    pub local: u8,
+    /// Every configured member, the local one included, by id.
+    pub members: Vec<MemberView>,
+}
+
+/// One member as `show cluster members` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub id: u8,
+    pub serial: String,
+    /// [`MemberState::name`]: `initial`, `active`, `tentative`, `non-functional`, `suspended`,
+    /// `down`, `unknown`.
+    pub state: String,
+    /// Sync link state: [`LinkState::name`] (`up`, `down`, `not-configured`).
+    pub ha4: String,
+    pub ha4_backup: String,
+    pub sessions_owned: u64,
+    pub flaps: u32,
+    /// Sync protocol version it speaks (`1.0`); `None` for a peer never heard.
+    pub version: Option<String>,
+    /// Seconds since its state last changed; `None` if it never changed.
+    pub last_change: Option<u64>,
+}
+
+impl MemberView {
+    /// A peer as the membership knows it. `version` is what its hello said, if one arrived.
+    /// A link the membership has no state for is `down` for HA4 (not connected yet) and
+    /// `not-configured` for HA4 backup; the runtime sets the backup link `down` where it is
+    /// configured.
+    pub fn peer(p: &Peer, version: Option<(u8, u8)>, now: Instant) -> MemberView {
+        let link = |kind: LinkKind, missing: LinkState| {
+            p.links
+                .get(&kind)
+                .copied()
+                .unwrap_or(missing)
+                .name()
+                .to_owned()
+        };
+        MemberView {
+            id: p.id.0,
+            serial: p.serial.clone(),
+            state: p.state().name().to_owned(),
+            ha4: link(LinkKind::Ha4, LinkState::Down),
+            ha4_backup: link(LinkKind::Ha4Backup, LinkState::NotConfigured),
+            sessions_owned: u64::from(p.sessions_owned),
+            flaps: p.flaps,
+            version: version.map(|(major, minor)| version_string(major, minor)),
+            last_change: seconds_ago(now, p.last_change),
+        }
+    }
+
+    /// The local member. Its links are the local sync interfaces' states.
+    pub fn local(
+        m: &Membership,
+        serial: &str,
+        sessions_owned: u64,
+        ha4: LinkState,
+        ha4_backup: LinkState,
+        now: Instant,
+    ) -> MemberView {
+        MemberView {
+            id: m.local.0,
+            serial: serial.to_owned(),
+            state: m.state.name().to_owned(),
+            ha4: ha4.name().to_owned(),
+            ha4_backup: ha4_backup.name().to_owned(),
+            sessions_owned,
+            flaps: m.flaps,
+            version: Some(version_string(PROTO_MAJOR, PROTO_MINOR)),
+            last_change: Some(now.saturating_duration_since(m.state_since).as_secs()),
+        }
+    }
+}
+
+impl MembersView {
+    /// The local member and every peer, by id. `version(id)` is the protocol version a peer's
+    /// hello announced.
+    pub fn new(
+        cluster_id: u8,
+        m: &Membership,
+        local: MemberView,
+        version: impl Fn(MemberId) -> Option<(u8, u8)>,
+        now: Instant,
+    ) -> MembersView {
+        let mut members: Vec<MemberView> = m
+            .peers
+            .values()
+            .map(|p| MemberView::peer(p, version(p.id), now))
+            .collect();
+        members.push(local);
+        members.sort_by_key(|v| v.id);
+        MembersView {
+            cluster_id,
+            local: m.local.0,
+            members,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// show cluster flaps
+
+/// `show cluster flaps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlapsView {
+    pub members: Vec<FlapView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlapView {
+    pub id: u8,
+    /// Times it left a state that keeps sessions (for the local member: left `active`).
+    pub flaps: u32,
+    /// Seconds since its state last changed; `None` if it never changed.
+    pub last_change: Option<u64>,
+}
+
+impl FlapsView {
+    pub fn from_membership(m: &Membership, now: Instant) -> FlapsView {
+        let mut members: Vec<FlapView> = m
+            .peers
+            .values()
+            .map(|p| FlapView {
+                id: p.id.0,
+                flaps: p.flaps,
+                last_change: seconds_ago(now, p.last_change),
+            })
+            .collect();
+        members.push(FlapView {
+            id: m.local.0,
+            flaps: m.flaps,
+            last_change: Some(now.saturating_duration_since(m.state_since).as_secs()),
+        });
+        members.sort_by_key(|v| v.id);
+        FlapsView { members }
+    }
+}
+
+/// The answer to `suspend` and `functional`: the local member's state after the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalStateView {
+    pub member: u8,
+    /// [`MemberState::name`].
+    pub state: String,
+}
+
+impl LocalStateView {
+    pub fn new(member: MemberId, state: MemberState) -> LocalStateView {
+        LocalStateView {
+            member: member.0,
+            state: state.name().to_owned(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// show cluster sessions
+
+/// `show cluster sessions`: totals over the sessions matching the filter, and one page of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionsView {
+    /// Sessions matching the filter.
+    pub total: u64,
+    /// Matching sessions per owner member id (JSON keys are the ids as strings).
+    pub by_owner: BTreeMap<u8, u64>,
+    /// The requested page; absent when only counts were asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<Vec<SessionView>>,
+}
+
+/// One session, initiator first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// `tcp`, `udp`, `icmp`, `icmpv6` (`proto-N` otherwise).
+    pub proto: String,
+    /// The initiator.
+    pub src: IpAddr,
+    /// Ports in host order; for ICMP echo both hold the identifier.
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    /// [`State::name`] (`state-N` for a value this agent does not know).
+    pub state: String,
+    pub owner: u8,
+    /// Zone name; empty when the ingress interface is in no zone.
+    pub zone: String,
+}
+
+/// An address of a flow key: network byte order in memory, IPv4 in word 0.
+fn key_addr(family: u8, words: &[u32; 4]) -> IpAddr {
+    if family == Family::V6 as u8 {
+        let mut bytes = [0u8; 16];
+        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
+    }
+}
+
+/// The name of `zone`: its configured name (`zones` in id order, id 1 first), empty for
+/// [`ZoneId::NONE`], `zone-N` for an id this member does not know.
+pub fn zone_name(zones: &[String], zone: ZoneId) -> String {
+    if zone == ZoneId::NONE {
+        return String::new();
+    }
+    zones
+        .get(usize::from(zone.0) - 1)
+        .cloned()
+        .unwrap_or_else(|| format!("zone-{}", zone.0))
+}
+
+impl SessionView {
+    /// Renders a SESSIONS entry: addresses and ports as people read them, the initiator as
+    /// `src`.
+    pub fn from(key: &FlowKey, s: &Session, zone_name: &str) -> SessionView {
+        let FlowKey {
+            addr_lo,
+            addr_hi,
+            port_lo,
+            port_hi,
+            proto,
+            family,
+            _pad,
+        } = key;
+        let lo = (key_addr(*family, addr_lo), u16::from_be(*port_lo));
+        let hi = (key_addr(*family, addr_hi), u16::from_be(*port_hi));
+        let ((src, sport), (dst, dport)) = if s.flags.has(SessionFlags::INITIATOR_HI) {
+            (hi, lo)
+        } else {
+            (lo, hi)
+        };
+        SessionView {
+            proto: proto_name(*proto),
+            src,
+            sport,
+            dst,
+            dport,
+            state: State::from_u8(s.state)
+                .map_or_else(|| format!("state-{}", s.state), |st| st.name().to_owned()),
+            owner: s.owner.0,
+            zone: zone_name.to_owned(),
+        }
+    }
+}
+
+/// Builds a [`SessionsView`] from the session table read in chunks: memory stays at one page
+/// whatever the table size.
+///
+/// ```ignore
+/// let mut page = SessionPage::new(count_only, filter, offset, limit, &zone_names)?;
+/// dp.sessions_chunked(DEFAULT_CHUNK, |keys, values| page.add_chunk(keys, values))?;
+/// Response::ok(page.finish())
+/// ```
+///
+/// The order is the map's iteration order, so pages of a changing table may overlap or miss a
+/// session.
+#[derive(Debug)]
+pub struct SessionPage {
+    filter: SessionFilter,
+    zones: Vec<String>,
+    offset: u64,
+    limit: u64,
+    view: SessionsView,
+}
+
+impl SessionPage {
+    /// Checks the filter (zones included) and prepares an empty page. `zones` are the zone
+    /// names in id order. A `limit` above [`MAX_SESSION_PAGE`] (or none) lists that many.
+    pub fn new(
+        count_only: bool,
+        filter: SessionFilter,
+        offset: u64,
+        limit: Option<u64>,
+        zones: &[String],
+    ) -> Result<SessionPage, String> {
+        filter.check(Some(zones))?;
+        Ok(SessionPage {
+            filter,
+            zones: zones.to_vec(),
+            offset,
+            limit: limit.unwrap_or(MAX_SESSION_PAGE).min(MAX_SESSION_PAGE),
+            view: SessionsView {
+                total: 0,
+                by_owner: BTreeMap::new(),
+                sessions: (!count_only).then(Vec::new),
+            },
+        })
+    }
+
+    /// Counts `s` if it matches, and lists it if it falls in the page.
+    pub fn add(&mut self, key: &FlowKey, s: &Session) {
+        let zone = zone_name(&self.zones, s.zone);
+        let view = SessionView::from(key, s, &zone);
+        if !self.filter.matches(&view) {
+            return;
+        }
+        let index = self.view.total;
+        self.view.total += 1;
+        *self.view.by_owner.entry(view.owner).or_insert(0) += 1;
+        if let Some(list) = &mut self.view.sessions {
+            if index >= self.offset && (list.len() as u64) < self.limit {
+                list.push(view);
+            }
+        }
+    }
+
+    /// [`Self::add`] for each key and value of a chunk.
+    pub fn add_chunk(&mut self, keys: &[FlowKey], values: &[Session]) {
+        for (key, s) in keys.iter().zip(values) {
+            self.add(key, s);
+        }
+    }
+
+    pub fn finish(self) -> SessionsView {
+        self.view
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// show counters
+
+/// `show counters`: datapath counters by [`Counter::name`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersView {
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl CountersView {
+    /// Every counter, or those whose name starts with `prefix`.
+    pub fn new(values: &Counters, prefix: Option<&str>) -> CountersView {
+        CountersView {
+            counters: Counter::ALL
+                .iter()
+                .filter(|c| prefix.is_none_or(|p| c.name().starts_with(p)))
+                .map(|&c| (c.name().to_owned(), values.get(c)))
+                .collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// show cluster statistics
+
+/// Reasons a sync connection or frame is rejected, always listed (zeros included).
+pub const REJECT_REASONS: [&str; 8] = [
+    "bad-key",
+    "wrong-cluster",
+    "unknown-member",
+    "disabled-member",
+    "version",
+    "malformed",
+    "bad-frame",
+    "zone-unknown",
+];
+
+/// `show cluster statistics`: sync traffic per peer and link, full syncs, replication lag,
+/// rejections.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatisticsView {
+    pub peers: Vec<PeerStatisticsView>,
+    /// Connections and frames refused, by reason: every one of [`REJECT_REASONS`] (zeros
+    /// included) and any other reason counted.
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// Sync statistics of one peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatisticsView {
+    pub id: u8,
+    /// By link name (`ha4`, `ha4-backup`); HA4 backup only where it is configured.
+    pub links: BTreeMap<String, LinkStatisticsView>,
+    /// Records sent again (after a link failure or switch, or unacknowledged).
+    pub resends: u64,
+    /// Records from the peer installed in the session table.
+    pub records_installed: u64,
+    /// Delete records from the peer applied.
+    pub records_deleted: u64,
+    /// Records from the peer not applied because the local copy wins (version, owner).
+    pub records_kept: u64,
+    /// Records from the peer refused: their zone does not exist here.
+    pub records_refused_zone: u64,
+    pub full_syncs: FullSyncsView,
+    pub replication_lag: LagView,
+}
+
+/// Traffic on one sync link to one peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatisticsView {
+    pub records_sent: u64,
+    pub records_received: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub acks_sent: u64,
+    pub acks_received: u64,
+    pub keepalives_sent: u64,
+    pub keepalives_received: u64,
+    /// Connections lost on this link (errors, silence, interface down).
+    pub failures: u64,
+}
+
+/// Full syncs with one peer, both ways.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullSyncsView {
+    /// Full syncs this member sent to the peer.
+    pub sent: FullSyncView,
+    /// Full syncs the peer sent to this member.
+    pub received: FullSyncView,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullSyncView {
+    /// Full syncs completed.
+    pub count: u64,
+    /// Duration of the last completed one, in milliseconds; `None` before the first.
+    pub last_duration_ms: Option<u64>,
+    /// Session records of the last completed one; `None` before the first.
+    pub last_records: Option<u64>,
+    /// One is under way.
+    pub running: bool,
+}
+
+/// Replication lag over recent changes (change queued → acknowledged by the peer), in
+/// milliseconds; `None` before any sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LagView {
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl LinkStatisticsView {
+    pub fn from_stats(link: &LinkStats) -> LinkStatisticsView {
+        let LinkStats {
+            records_sent,
+            records_received,
+            frames_sent,
+            frames_received,
+            bytes_sent,
+            bytes_received,
+            acks_sent,
+            acks_received,
+            keepalives_sent,
+            keepalives_received,
+            failures,
+        } = link;
+        LinkStatisticsView {
+            records_sent: LinkStats::get(records_sent),
+            records_received: LinkStats::get(records_received),
+            frames_sent: LinkStats::get(frames_sent),
+            frames_received: LinkStats::get(frames_received),
+            bytes_sent: LinkStats::get(bytes_sent),
+            bytes_received: LinkStats::get(bytes_received),
+            acks_sent: LinkStats::get(acks_sent),
+            acks_received: LinkStats::get(acks_received),
+            keepalives_sent: LinkStats::get(keepalives_sent),
+            keepalives_received: LinkStats::get(keepalives_received),
+            failures: LinkStats::get(failures),
+        }
+    }
+}
+
+impl From<BulkStats> for FullSyncView {
+    fn from(b: BulkStats) -> FullSyncView {
+        let BulkStats {
+            count,
+            last_records,
+            last_duration_ms,
+            running,
+        } = b;
+        let done = count > 0;
+        FullSyncView {
+            count,
+            last_duration_ms: done.then_some(last_duration_ms),
+            last_records: done.then_some(last_records),
+            running,
+        }
+    }
+}
+
+impl PeerStatisticsView {
+    /// Peer `id`'s counters; the HA4-backup link is listed if `backup` (configured).
+    pub fn from_stats(id: MemberId, stats: &PeerStats, backup: bool) -> PeerStatisticsView {
+        fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+            m.lock().unwrap_or_else(|e| e.into_inner())
+        }
+        let PeerStats {
+            ha4,
+            ha4_backup,
+            resends,
+            refused_zone,
+            installed,
+            deleted,
+            kept,
+            lag,
+            bulk_sent,
+            bulk_received,
+        } = stats;
+        let mut links = BTreeMap::new();
+        links.insert(
+            LinkKind::Ha4.name().to_owned(),
+            LinkStatisticsView::from_stats(ha4),
+        );
+        if backup {
+            links.insert(
+                LinkKind::Ha4Backup.name().to_owned(),
+                LinkStatisticsView::from_stats(ha4_backup),
+            );
+        }
+        let lag = lock(lag);
+        PeerStatisticsView {
+            id: id.0,
+            links,
+            resends: LinkStats::get(resends),
+            records_installed: LinkStats::get(installed),
+            records_deleted: LinkStats::get(deleted),
+            records_kept: LinkStats::get(kept),
+            records_refused_zone: LinkStats::get(refused_zone),
+            full_syncs: FullSyncsView {
+                sent: (*lock(bulk_sent)).into(),
+                received: (*lock(bulk_received)).into(),
+            },
+            replication_lag: LagView {
+                p50_ms: lag.quantile_ms(0.5),
+                p99_ms: lag.quantile_ms(0.99),
+            },
+        }
+    }
+}
+
+impl StatisticsView {
+    /// The view of the sync engine's counters: `peers` yields each peer's id, counters and
+    /// whether its HA4-backup link is configured.
+    ///
+    /// ```ignore
+    /// StatisticsView::from_stats(
+    ///     engine.peers().map(|p| (p.cfg.id, &p.stats, p.cfg.addrs.contains_key(&LinkKind::Ha4Backup))),
+    ///     engine.rejections(),
+    /// )
+    /// ```
+    pub fn from_stats<'a>(
+        peers: impl IntoIterator<Item = (MemberId, &'a PeerStats, bool)>,
+        rejections: &Rejections,
+    ) -> StatisticsView {
+        let mut peers: Vec<PeerStatisticsView> = peers
+            .into_iter()
+            .map(|(id, stats, backup)| PeerStatisticsView::from_stats(id, stats, backup))
+            .collect();
+        peers.sort_by_key(|p| p.id);
+        let mut rejected: BTreeMap<String, u64> = REJECT_REASONS
+            .iter()
+            .map(|r| ((*r).to_owned(), 0))
+            .collect();
+        for (reason, n) in rejections.snapshot() {
+            *rejected.entry(reason.to_owned()).or_insert(0) += n;
+        }
+        StatisticsView { peers, rejected }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{cluster::Timers, control::testing::Flow};
+
+    fn zones() -> Vec<String> {
+        vec!["trust".into(), "untrust".into()]
+    }
+
+    #[test]
+    fn the_initiator_is_shown_as_source_whichever_endpoint_is_lower() {
+        // Initiator is the lower endpoint.
+        let (k, s) = Flow::tcp("198.18.0.10", 40000, "198.18.1.10", 80)
+            .zone(1)
+            .entry();
+        assert!(!s.flags.has(SessionFlags::INITIATOR_HI));
+        let v = SessionView::from(&k, &s, "trust");
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            serde_json::json!({
+                "proto": "tcp", "src": "198.18.0.10", "sport": 40000,
+                "dst": "198.18.1.10", "dport": 80, "state": "established",
+                "owner": 1, "zone": "trust"
+            })
+        );
+        // Initiator is the higher endpoint: a reply-side address compares lower.
+        let (k, s) = Flow::udp("198.18.1.10", 5353, "198.18.0.255", 53)
+            .owner(2)
+            .entry();
+        assert!(s.flags.has(SessionFlags::INITIATOR_HI));
+        let v = SessionView::from(&k, &s, "");
+        assert_eq!(
+            (v.src.to_string(), v.sport, v.dst.to_string(), v.dport),
+            ("198.18.1.10".into(), 5353, "198.18.0.255".into(), 53)
+        );
+        assert_eq!(
+            (v.proto.as_str(), v.state.as_str(), v.owner),
+            ("udp", "udp-new", 2)
+        );
+    }
+
+    #[test]
+    fn ipv6_icmp_and_unknown_values_render() {
+        let (k, s) = Flow::tcp("2001:db8::2", 50000, "2001:db8::1", 443)
+            .state(State::SynSent)
+            .owner(3)
+            .entry();
+        let v = SessionView::from(&k, &s, "untrust");
+        assert_eq!(v.src, "2001:db8::2".parse::<IpAddr>().unwrap());
+        assert_eq!(v.dst, "2001:db8::1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            (v.sport, v.dport, v.state.as_str()),
+            (50000, 443, "syn-sent")
+        );
+
+        let (k, s) = Flow::icmp("10.0.0.1", "10.0.0.2", 77).entry();
+        let v = SessionView::from(&k, &s, "trust");
+        assert_eq!((v.proto.as_str(), v.sport, v.dport), ("icmp", 77, 77));
+
+        let (mut k, mut s) = (k, s);
+        k.proto = 132;
+        s.state = 42;
+        let v = SessionView::from(&k, &s, "trust");
+        assert_eq!(
+            (v.proto.as_str(), v.state.as_str()),
+            ("proto-132", "state-42")
+        );
+    }
+
+    #[test]
+    fn zone_names_come_from_the_configured_order() {
+        let z = zones();
+        assert_eq!(zone_name(&z, ZoneId::NONE), "");
+        assert_eq!(zone_name(&z, ZoneId(1)), "trust");
+        assert_eq!(zone_name(&z, ZoneId(2)), "untrust");
+        assert_eq!(zone_name(&z, ZoneId(9)), "zone-9");
+    }
+
+    fn table() -> Vec<(FlowKey, Session)> {
+        let (a, b, c) = ("198.18.0.10", "198.18.1.10", "198.18.1.20");
+        vec![
+            Flow::tcp(a, 40000, b, 443).owner(1).zone(1).entry(),
+            Flow::tcp(a, 40001, c, 443)
+                .state(State::SynSent)
+                .owner(2)
+                .zone(1)
+                .entry(),
+            Flow::udp(b, 5353, a, 53)
+                .state(State::UdpReplied)
+                .owner(1)
+                .zone(2)
+                .entry(),
+            Flow::icmp(a, c, 443).owner(2).zone(2).entry(),
+            Flow::tcp("2001:db8::1", 1234, "2001:db8::2", 22)
+                .owner(3)
+                .entry(),
+        ]
+    }
+
+    fn page(filter: SessionFilter, offset: u64, limit: Option<u64>) -> SessionsView {
+        let t = table();
+        let (keys, values): (Vec<_>, Vec<_>) = t.into_iter().unzip();
+        let mut p = SessionPage::new(false, filter, offset, limit, &zones()).expect("filter");
+        p.add_chunk(&keys[..2], &values[..2]);
+        p.add_chunk(&keys[2..], &values[2..]);
+        p.finish()
+    }
+
+    fn sports(v: &SessionsView) -> Vec<u16> {
+        v.sessions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|s| s.sport)
+            .collect()
+    }
+
+    #[test]
+    fn filters_select_sessions_and_totals_count_the_matches() {
+        // Each row: a filter, the matching sessions' source ports.
+        let addr = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        for (filter, want) in [
+            (
+                SessionFilter::default(),
+                vec![40000, 40001, 5353, 443, 1234],
+            ),
+            (
+                SessionFilter {
+                    owner: Some(2),
+                    ..Default::default()
+                },
+                vec![40001, 443],
+            ),
+            (
+                SessionFilter {
+                    zone: Some("untrust".into()),
+                    ..Default::default()
+                },
+                vec![5353, 443],
+            ),
+            (
+                SessionFilter {
+                    proto: Some("tcp".into()),
+                    ..Default::default()
+                },
+                vec![40000, 40001, 1234],
+            ),
+            // Either endpoint.
+            (
+                SessionFilter {
+                    address: addr("198.18.1.10"),
+                    ..Default::default()
+                },
+                vec![40000, 5353],
+            ),
+            (
+                SessionFilter {
+                    address: addr("2001:db8::2"),
+                    ..Default::default()
+                },
+                vec![1234],
+            ),
+            // Either port; the ICMP echo id 443 is not a port.
+            (
+                SessionFilter {
+                    port: Some(443),
+                    ..Default::default()
+                },
+                vec![40000, 40001],
+            ),
+            (
+                SessionFilter {
+                    port: Some(53),
+                    ..Default::default()
+                },
+                vec![5353],
+            ),
+            (
+                SessionFilter {
+                    state: Some("established".into()),
+                    ..Default::default()
+                },
+                vec![40000, 1234],
+            ),
+            // Conditions combine.
+            (
+                SessionFilter {
+                    proto: Some("tcp".into()),
+                    owner: Some(1),
+                    port: Some(443),
+                    ..Default::default()
+                },
+                vec![40000],
+            ),
+        ] {
+            let v = page(filter.clone(), 0, None);
+            assert_eq!(sports(&v), want, "{filter:?}");
+            assert_eq!(v.total, want.len() as u64, "{filter:?}");
+            assert_eq!(v.by_owner.values().sum::<u64>(), v.total, "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn pages_skip_offset_and_stop_at_limit_but_totals_count_all() {
+        let v = page(SessionFilter::default(), 1, Some(2));
+        assert_eq!(sports(&v), [40001, 5353]);
+        assert_eq!(v.total, 5);
+        assert_eq!(v.by_owner, BTreeMap::from([(1, 2), (2, 2), (3, 1)]));
+        let v = page(SessionFilter::default(), 10, Some(2));
+        assert_eq!(sports(&v), Vec::<u16>::new());
+        assert_eq!(v.total, 5);
+
+        let mut count =
+            SessionPage::new(true, SessionFilter::default(), 0, None, &zones()).unwrap();
+        for (k, s) in table() {
+            count.add(&k, &s);
+        }
+        let v = count.finish();
+        assert_eq!(v.sessions, None);
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"total": 5, "by_owner": {"1": 2, "2": 2, "3": 1}})
+        );
+        let back: SessionsView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, v);
+
+        let bad = SessionFilter {
+            zone: Some("dmz".into()),
+            ..Default::default()
+        };
+        let e = SessionPage::new(false, bad, 0, None, &zones()).expect_err("unknown zone");
+        assert!(e.contains("zone \"dmz\" is not configured"), "{e}");
+    }
+
+    #[test]
+    fn counters_are_named_and_filtered_by_prefix() {
+        let mut c = Counters::default();
+        c.add(Counter::Packets, 10);
+        c.add(Counter::ErrTcpFlags, 3);
+        let all = CountersView::new(&c, None);
+        assert_eq!(all.counters.len(), Counter::ALL.len());
+        assert_eq!(all.counters["packets"], 10);
+        let errs = CountersView::new(&c, Some("err-tcp"));
+        assert_eq!(
+            serde_json::to_value(&errs).unwrap(),
+            serde_json::json!({"counters": {"err-tcp-data-offset": 0, "err-tcp-flags": 3, "err-tcp-truncated": 0}})
+        );
+    }
+
+    #[test]
+    fn statistics_come_from_the_sync_counters() {
+        use crate::sync::stats::{BulkStats, LinkStats, PeerStats, Rejections};
+        let a = PeerStats::default();
+        LinkStats::add(&a.ha4.records_sent, 10);
+        LinkStats::add(&a.ha4_backup.failures, 1);
+        LinkStats::add(&a.resends, 3);
+        *a.bulk_received.lock().unwrap() = BulkStats {
+            count: 2,
+            last_records: 500,
+            last_duration_ms: 40,
+            running: true,
+        };
+        a.lag.lock().unwrap().record(Duration::from_millis(2));
+        let b = PeerStats::default();
+        let r = Rejections::default();
+        r.count("wrong-cluster");
+        r.count("connection");
+        let v = StatisticsView::from_stats([(MemberId(3), &b, false), (MemberId(2), &a, true)], &r);
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["peers"][0]["id"], 2, "by id");
+        assert_eq!(json["peers"][0]["links"]["ha4"]["records_sent"], 10);
+        assert_eq!(json["peers"][0]["links"]["ha4-backup"]["failures"], 1);
+        assert_eq!(json["peers"][0]["resends"], 3);
+        assert_eq!(
+            json["peers"][0]["full_syncs"],
+            serde_json::json!({
+                "sent": {"count": 0, "last_duration_ms": null, "last_records": null, "running": false},
+                "received": {"count": 2, "last_duration_ms": 40, "last_records": 500, "running": true},
+            })
+        );
+        assert_eq!(
+            json["peers"][0]["replication_lag"],
+            serde_json::json!({"p50_ms": 2.0, "p99_ms": 2.0})
+        );
+        assert_eq!(
+            json["peers"][1]["links"].as_object().unwrap().len(),
+            1,
+            "no backup link"
+        );
+        assert_eq!(
+            json["peers"][1]["replication_lag"]["p50_ms"],
+            serde_json::Value::Null
+        );
+        // Every known reason, zeros included, and any other reason counted.
+        assert_eq!(v.rejected.len(), REJECT_REASONS.len() + 1);
+        assert_eq!(
+            (v.rejected["wrong-cluster"], v.rejected["connection"]),
+            (1, 1)
+        );
+        assert_eq!(v.rejected["bad-key"], 0);
+        let back: StatisticsView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn members_and_flaps_views_come_from_the_membership() {
+        let t0 = Instant::now();
+        let timers = Timers {
+            keepalive_threshold: Duration::from_secs(10),
+            sync_timeout: Duration::ZERO,
+            tentative_hold: Duration::from_secs(60),
+            discovery: Duration::from_secs(1),
+        };
+        let mut m = Membership::new(
+            MemberId(1),
+            timers,
+            vec![
+                (MemberId(2), "FW-B".into(), true),
+                (MemberId(3), "FW-C".into(), true),
+            ],
+            t0,
+        );
+        m.heard(
+            MemberId(2),
+            MemberState::Active,
+            42,
+            t0 + Duration::from_secs(1),
+        );
+        m.set_link(MemberId(2), LinkKind::Ha4, LinkState::Up);
+        m.set_link(MemberId(2), LinkKind::Ha4Backup, LinkState::Down);
+        m.bulk(MemberId(2), true);
+        m.evaluate(t0 + Duration::from_secs(2));
+        let now = t0 + Duration::from_secs(32);
+        // Not heard for 31 s: down, one flap.
+        m.evaluate(now);
+        let local = MemberView::local(&m, "FW-A", 7, LinkState::Up, LinkState::NotConfigured, now);
+        let view = MembersView::new(
+            7,
+            &m,
+            local,
+            |id| (id == MemberId(2)).then_some((1, 0)),
+            now,
+        );
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["cluster_id"], 7);
+        assert_eq!(json["local"], 1);
+        let ids: Vec<_> = view.members.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(
+            json["members"][1],
+            serde_json::json!({
+                "id": 2, "serial": "FW-B", "state": "down", "ha4": "up", "ha4_backup": "down",
+                "sessions_owned": 42, "flaps": 1, "version": "1.0", "last_change": 0
+            }),
+            "{json:#}"
+        );
+        let c = &view.members[2];
+        assert_eq!(
+            (
+                c.state.as_str(),
+                c.ha4.as_str(),
+                c.ha4_backup.as_str(),
+                c.version.as_deref(),
+                c.last_change
+            ),
+            ("unknown", "down", "not-configured", None, None)
+        );
+        assert_eq!(view.members[0].version.as_deref(), Some("1.0"));
+        let back: MembersView = serde_json::from_value(json).unwrap();
+        assert_eq!(back, view);
+
+        let flaps = FlapsView::from_membership(&m, now);
+        assert_eq!(
+            serde_json::to_value(&flaps).unwrap()["members"][1],
+            serde_json::json!({"id": 2, "flaps": 1, "last_change": 0})
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! Answers control-socket requests from the running member's state.
+
+use std::time::Instant;
+
+use crate::{
+    control::{
+        protocol::{Request, Response},
+        view::{
+            CountersView, FlapsView, LocalStateView, MemberView, MembersView, SessionPage,
+            StatisticsView,
+        },
+    },
+    datapath::DEFAULT_CHUNK,
+    runtime::{lock, Member},
+    sync::wire::LinkKind,
+};
+
+/// Builds the answer to one request.
+pub fn handle(member: &Member, request: Request) -> Response {
+    let now = Instant::now();
+    match request {
+        Request::ShowMembers => {
+            let m = lock(&member.membership);
+            let serial = member
+                .config
+                .members
+                .iter()
+                .find(|c| c.id == u32::from(m.local.0))
+                .map_or("", |c| c.serial.as_str());
+            let local = MemberView::local(
+                &m,
+                serial,
+                u64::from(m.local_sessions_owned),
+                member.engine.local_link_state(LinkKind::Ha4),
+                member.engine.local_link_state(LinkKind::Ha4Backup),
+                now,
+            );
+            let engine = &member.engine;
+            let version = |id| {
+                engine
+                    .peers()
+                    .find(|p| p.cfg.id == id)
+                    .and_then(|p| p.version())
+            };
+            let cluster_id = u8::try_from(member.config.cluster.id).unwrap_or(0);
+            Response::ok(MembersView::new(cluster_id, &m, local, version, now))
+        }
+        Request::ShowSessions {
+            count_only,
+            filter,
+            offset,
+            limit,
+        } => {
+            let zones = member.config.zone_names();
+            let mut page = match SessionPage::new(count_only, filter, offset, limit, &zones) {
+                Ok(p) => p,
+                Err(e) => return Response::error(e),
+            };
+            let walked = tokio::task::block_in_place(|| {
+                lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
+            });
+            match walked {
+                Ok(_) => Response::ok(page.finish()),
+                Err(e) => Response::error(crate::datapath::error_chain(&e)),
+            }
+        }
+        Request::ShowStatistics => {
+            let peers = member.engine.peers().map(|p| {
+                (
+                    p.cfg.id,
+                    &p.stats,
+                    p.cfg.addrs.contains_key(&LinkKind::Ha4Backup),
+                )
+            });
+            Response::ok(StatisticsView::from_stats(
+                peers,
+                member.engine.rejections(),
+            ))
+        }
+        Request::ShowCounters { prefix } => match lock(&member.dp).counters() {
+            Ok(c) => Response::ok(CountersView::new(&c, prefix.as_deref())),
+            Err(e) => Response::error(crate::datapath::error_chain(&e)),
+        },
+        Request::ShowFlaps => {
+            Response::ok(FlapsView::from_membership(&lock(&member.membership), now))
+        }
+        Request::Suspend | Request::Functional => {
+            let mut m = lock(&member.membership);
+            if matches!(request, Request::Suspend) {
+                m.suspend();
+            } else {
+                m.functional(now);
+            }
+            m.evaluate(now);
+            Response::ok(LocalStateView::new(m.local, m.state))
+        }
+    }
+}

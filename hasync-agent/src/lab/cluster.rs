@@ -1,0 +1,700 @@
+//! A lab cluster: the lab directory (cluster key, one config per member, logs, control sockets)
+//! and an agent per member running inside its namespace.
+//!
+//! Files in the lab directory, for member K:
+//! `cluster.key` (32 random bytes, mode 0600; `fwK.key` for a member given its own key),
+//! `fwK.toml`, `fwK.sock` (control socket), `fwK-traffic.jsonl` (traffic log), `fwK.log`
+//! (the agent's stdout and stderr).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs::{DirBuilder, OpenOptions},
+    io::{Read as _, Write as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use super::{
+    netns::Signal,
+    topology::{check_prefix, Link, Topology, MAX_MEMBERS},
+    LabError, Result,
+};
+use crate::config::{Config, PolicyName, MIN_KEY_BYTES};
+
+/// Cluster id of a lab.
+pub const LAB_CLUSTER_ID: u32 = 7;
+/// Session table capacity of a lab member: small, so 16 members do not eat the host's memory.
+pub const LAB_SESSION_CAPACITY: u32 = 65_536;
+
+/// What a member's files say differently from the others', for tests of mismatches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemberOverride {
+    /// Its own key (at least 32 bytes), written to `fwK.key`: a wrong key.
+    pub key: Option<Vec<u8>>,
+    /// Another cluster id (1–99).
+    pub cluster_id: Option<u32>,
+    /// Other zones, `(name, interfaces)`: e.g. a renamed zone.
+    pub zones: Option<Vec<(String, Vec<String>)>>,
+}
+
+/// How a lab cluster's configs are written. `None` leaves a setting at hasync's default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterOptions {
+    pub cluster_id: u32,
+    pub session_capacity: u32,
+    pub policy: PolicyName,
+    pub keepalive_threshold_ms: Option<u64>,
+    pub tentative_hold_s: Option<u64>,
+    pub sync_timeout_min: Option<u64>,
+    pub monitor_fail_hold_down_min: Option<u64>,
+    pub sync_port: Option<u16>,
+    /// Idle timeouts by state name (`established = 30`).
+    pub timeouts: BTreeMap<String, u64>,
+    /// Whether the configs have `[ha4_backup]` (and the members' `ha4_backup`).
+    pub backup_link: bool,
+    /// `session_sync` of member K's `[[members]]` entry, in every file (default true).
+    pub session_sync: BTreeMap<u8, bool>,
+    /// Per-member differences.
+    pub overrides: BTreeMap<u8, MemberOverride>,
+    /// The lab directory; default `/tmp/hasync-lab-<prefix>` (`<pid>` without a prefix).
+    pub dir: Option<PathBuf>,
+    /// Keep the lab directory on drop (it is always kept when dropped during a panic).
+    pub keep_dir: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            cluster_id: LAB_CLUSTER_ID,
+            session_capacity: LAB_SESSION_CAPACITY,
+            policy: PolicyName::Strict,
+            keepalive_threshold_ms: None,
+            tentative_hold_s: None,
+            sync_timeout_min: None,
+            monitor_fail_hold_down_min: None,
+            sync_port: None,
+            timeouts: BTreeMap::new(),
+            backup_link: true,
+            session_sync: BTreeMap::new(),
+            overrides: BTreeMap::new(),
+            dir: None,
+            keep_dir: false,
+        }
+    }
+}
+
+/// The default lab directory for `prefix`.
+pub fn default_dir(prefix: &str) -> PathBuf {
+    let tag = prefix.trim_end_matches('-');
+    let tag = if tag.is_empty() {
+        std::process::id().to_string()
+    } else {
+        tag.to_owned()
+    };
+    std::env::temp_dir().join(format!("hasync-lab-{tag}"))
+}
+
+/// Paths of member `k`'s files in lab directory `dir`.
+pub fn config_path(dir: &Path, k: u8) -> PathBuf {
+    dir.join(format!("fw{k}.toml"))
+}
+pub fn socket_path(dir: &Path, k: u8) -> PathBuf {
+    dir.join(format!("fw{k}.sock"))
+}
+pub fn traffic_log_path(dir: &Path, k: u8) -> PathBuf {
+    dir.join(format!("fw{k}-traffic.jsonl"))
+}
+pub fn log_path(dir: &Path, k: u8) -> PathBuf {
+    dir.join(format!("fw{k}.log"))
+}
+/// The key member `k` uses: its own with a key override, else the shared one.
+pub fn key_path(dir: &Path, k: u8, options: &ClusterOptions) -> PathBuf {
+    match options.overrides.get(&k).and_then(|o| o.key.as_ref()) {
+        Some(_) => dir.join(format!("fw{k}.key")),
+        None => dir.join("cluster.key"),
+    }
+}
+
+/// A TOML basic string.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Member `k`'s config file text for a lab of `members` members in `dir`.
+pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> String {
+    let over = options.overrides.get(&k).cloned().unwrap_or_default();
+    let mut t = String::new();
+    let mut line = |s: String| {
+        t.push_str(&s);
+        t.push('\n');
+    };
+    line(format!(
+        "# hasync lab: member {k} of {members}, written by the lab; see {}",
+        dir.display()
+    ));
+    line("[cluster]".into());
+    line(format!(
+        "id = {}",
+        over.cluster_id.unwrap_or(options.cluster_id)
+    ));
+    line(format!("description = {}", quote("hasync lab")));
+    line(format!(
+        "key_file = {}",
+        quote(&key_path(dir, k, options).to_string_lossy())
+    ));
+    for (key, value) in [
+        ("keepalive_threshold_ms", options.keepalive_threshold_ms),
+        ("tentative_hold_s", options.tentative_hold_s),
+        ("sync_timeout_min", options.sync_timeout_min),
+        (
+            "monitor_fail_hold_down_min",
+            options.monitor_fail_hold_down_min,
+        ),
+        ("sync_port", options.sync_port.map(u64::from)),
+    ] {
+        if let Some(value) = value {
+            line(format!("{key} = {value}"));
+        }
+    }
+    line(String::new());
+    line("[local]".into());
+    line(format!("member = {k}"));
+    line(format!(
+        "control_socket = {}",
+        quote(&socket_path(dir, k).to_string_lossy())
+    ));
+    line(format!(
+        "traffic_log = {}",
+        quote(&traffic_log_path(dir, k).to_string_lossy())
+    ));
+    line(format!(
+        "policy = {}",
+        quote(match options.policy {
+            PolicyName::Strict => "strict",
+            PolicyName::Loose => "loose",
+        })
+    ));
+    line(format!("session_capacity = {}", options.session_capacity));
+    let links: &[(Link, &str)] = if options.backup_link {
+        &[(Link::Ha4, "ha4"), (Link::Ha4Backup, "ha4_backup")]
+    } else {
+        &[(Link::Ha4, "ha4")]
+    };
+    for (link, section) in links {
+        let (addr, len) = link.v4(k);
+        line(String::new());
+        line(format!("[{section}]"));
+        line(format!("interface = {}", quote(link.ifname())));
+        line(format!("address = {}", quote(&format!("{addr}/{len}"))));
+    }
+    let zones = over.zones.unwrap_or_else(|| {
+        vec![
+            ("trust".into(), vec![Link::In.ifname().into()]),
+            ("untrust".into(), vec![Link::Out.ifname().into()]),
+        ]
+    });
+    for (name, interfaces) in zones {
+        line(String::new());
+        line("[[zones]]".into());
+        line(format!("name = {}", quote(&name)));
+        let list: Vec<String> = interfaces.iter().map(|i| quote(i)).collect();
+        line(format!("interfaces = [{}]", list.join(", ")));
+    }
+    for m in 1..=members {
+        line(String::new());
+        line("[[members]]".into());
+        line(format!("id = {m}"));
+        line(format!("serial = {}", quote(&format!("fw{m}"))));
+        line(format!("ha4 = {}", quote(&Link::Ha4.v4(m).0.to_string())));
+        if options.backup_link {
+            line(format!(
+                "ha4_backup = {}",
+                quote(&Link::Ha4Backup.v4(m).0.to_string())
+            ));
+        }
+        line(format!(
+            "session_sync = {}",
+            options.session_sync.get(&m).copied().unwrap_or(true)
+        ));
+    }
+    if !options.timeouts.is_empty() {
+        line(String::new());
+        line("[timeouts]".into());
+        for (state, secs) in &options.timeouts {
+            line(format!("{state} = {secs}"));
+        }
+    }
+    t
+}
+
+/// Writes `bytes` to `path` with mode 0600 (created so: never readable by others).
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| LabError::io(format!("writing key {}", path.display()), e))
+}
+
+fn random_key() -> Result<Vec<u8>> {
+    let mut key = vec![0; MIN_KEY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| LabError::io("reading 32 bytes from /dev/urandom", e))?;
+    Ok(key)
+}
+
+/// Writes the key(s) and every member's config into `dir` (which must exist), then loads each
+/// config with [`Config::load`] so a lab never starts on a file hasync would refuse. Returns
+/// the config paths, member 1 first.
+pub fn write_configs(dir: &Path, members: u8, options: &ClusterOptions) -> Result<Vec<PathBuf>> {
+    if members == 0 || members > MAX_MEMBERS {
+        return Err(LabError::Members(usize::from(members)));
+    }
+    write_secret(&dir.join("cluster.key"), &random_key()?)?;
+    let mut paths = Vec::new();
+    for k in 1..=members {
+        if let Some(key) = options.overrides.get(&k).and_then(|o| o.key.as_ref()) {
+            write_secret(&key_path(dir, k, options), key)?;
+        }
+        let path = config_path(dir, k);
+        std::fs::write(&path, config_text(dir, members, k, options))
+            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))?;
+        Config::load(&path).map_err(|source| LabError::Config { member: k, source })?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Where a member's agent is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgentState {
+    NotStarted,
+    Running { pid: u32 },
+    Exited { status: ExitStatus },
+}
+
+/// A lab cluster: a [`Topology`], its lab directory and the members' agents. Dropping it stops
+/// the agents (SIGTERM, then SIGKILL after 5 s), removes the lab directory (unless kept, or
+/// while panicking, so the logs can be read) and then the namespaces.
+pub struct LabCluster {
+    dir: PathBuf,
+    binary: PathBuf,
+    keep_dir: bool,
+    /// Member → PID of its latest agent.
+    agents: Mutex<BTreeMap<u8, u32>>,
+    /// Last, so it is dropped after the agents are stopped.
+    topology: Topology,
+}
+
+impl std::fmt::Debug for LabCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabCluster")
+            .field("dir", &self.dir)
+            .field("topology", &self.topology)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LabCluster {
+    /// Writes the lab directory for `topology`'s members. `binary` is the `hasync` executable
+    /// the agents run (`std::env::current_exe()` in `hasync lab`).
+    pub fn new(
+        topology: Topology,
+        binary: impl Into<PathBuf>,
+        options: ClusterOptions,
+    ) -> Result<LabCluster> {
+        check_prefix(topology.prefix())?;
+        let dir = options
+            .dir
+            .clone()
+            .unwrap_or_else(|| default_dir(topology.prefix()));
+        if dir.exists() {
+            // Left by an earlier lab with this prefix: its namespaces are gone (Topology::create
+            // checked), so are its agents.
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| LabError::io(format!("removing old lab dir {}", dir.display()), e))?;
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| LabError::io(format!("creating lab dir {}", dir.display()), e))?;
+        let cluster = LabCluster {
+            dir,
+            binary: binary.into(),
+            keep_dir: options.keep_dir,
+            agents: Mutex::new(BTreeMap::new()),
+            topology,
+        };
+        write_configs(&cluster.dir, cluster.topology.members(), &options)?;
+        Ok(cluster)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn members(&self) -> u8 {
+        self.topology.members()
+    }
+
+    pub fn config_path(&self, k: u8) -> PathBuf {
+        config_path(&self.dir, k)
+    }
+
+    pub fn socket_path(&self, k: u8) -> PathBuf {
+        socket_path(&self.dir, k)
+    }
+
+    pub fn traffic_log_path(&self, k: u8) -> PathBuf {
+        traffic_log_path(&self.dir, k)
+    }
+
+    pub fn log_path(&self, k: u8) -> PathBuf {
+        log_path(&self.dir, k)
+    }
+
+    /// Replaces member `k`'s config with `f(current text)`, unchecked (a test may want an
+    /// invalid one). Takes effect at the next [`LabCluster::start_agent`].
+    pub fn rewrite_config(&self, k: u8, f: impl FnOnce(String) -> String) -> Result<()> {
+        let path = self.config_path(self.check(k)?);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| LabError::io(format!("reading {}", path.display()), e))?;
+        std::fs::write(&path, f(text))
+            .map_err(|e| LabError::io(format!("writing {}", path.display()), e))
+    }
+
+    fn check(&self, k: u8) -> Result<u8> {
+        if k == 0 || k > self.members() {
+            return Err(LabError::NoSuchMember {
+                member: k,
+                members: self.members(),
+            });
+        }
+        Ok(k)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u8, u32>> {
+        self.agents
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts `hasync agent --config fwK.toml` inside `fwK`, output appended to `fwK.log`.
+    pub fn start_agent(&self, k: u8) -> Result<u32> {
+        self.check(k)?;
+        let mut agents = self.lock();
+        if let Some(&pid) = agents.get(&k) {
+            if self.topology.processes().running(pid) {
+                return Err(LabError::AgentRunning { member: k, pid });
+            }
+        }
+        let log = self.log_path(k);
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(|e| LabError::io(format!("opening {}", log.display()), e))
+        };
+        let out = open()?;
+        let err = open()?;
+        let mut cmd = self.topology.command(&format!("fw{k}"), &self.binary)?;
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.config_path(k))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let pid = self.topology.spawn(&format!("agent fw{k}"), cmd)?;
+        agents.insert(k, pid);
+        Ok(pid)
+    }
+
+    /// Starts every member's agent.
+    pub fn start_all(&self) -> Result<()> {
+        for k in self.topology.member_ids() {
+            self.start_agent(k)?;
+        }
+        Ok(())
+    }
+
+    /// The PID of member `k`'s agent, while it runs.
+    pub fn agent_pid(&self, k: u8) -> Option<u32> {
+        match self.agent_state(k) {
+            AgentState::Running { pid } => Some(pid),
+            _ => None,
+        }
+    }
+
+    pub fn agent_running(&self, k: u8) -> bool {
+        self.agent_pid(k).is_some()
+    }
+
+    pub fn agent_state(&self, k: u8) -> AgentState {
+        let Some(&pid) = self.lock().get(&k) else {
+            return AgentState::NotStarted;
+        };
+        match self.topology.processes().exit_status(pid) {
+            Ok(Some(status)) => AgentState::Exited { status },
+            Ok(None) => AgentState::Running { pid },
+            Err(_) => AgentState::NotStarted,
+        }
+    }
+
+    /// Sends `signal` to member `k`'s agent: `Kill` is a crash, `Stop` a hang, `Term` a stop.
+    pub fn kill_agent(&self, k: u8, signal: Signal) -> Result<()> {
+        let pid = self
+            .agent_pid(self.check(k)?)
+            .ok_or(LabError::AgentNotRunning { member: k })?;
+        self.topology.processes().signal(pid, signal)
+    }
+
+    /// Stops member `k`'s agent cleanly (SIGTERM, SIGKILL after `grace`); returns how it ended.
+    pub fn stop_agent(&self, k: u8, grace: Duration) -> Result<ExitStatus> {
+        let pid = self
+            .agent_pid(self.check(k)?)
+            .ok_or(LabError::AgentNotRunning { member: k })?;
+        self.topology.processes().stop(pid, grace)
+    }
+
+    /// Waits until member `k`'s agent accepts connections on its control socket. Fails early,
+    /// with the end of its log, if it exits.
+    pub fn wait_ready(&self, k: u8, timeout: Duration) -> Result<()> {
+        self.check(k)?;
+        let socket = self.socket_path(k);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.agent_state(k) {
+                AgentState::NotStarted => return Err(LabError::AgentNotRunning { member: k }),
+                AgentState::Exited { status } => {
+                    return Err(LabError::AgentExited {
+                        member: k,
+                        status,
+                        log: self.log_path(k),
+                        tail: self.log_tail(k, 20),
+                    })
+                }
+                AgentState::Running { .. } => {}
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LabError::Timeout {
+                    what: format!(
+                        "member {k}'s agent to listen on {}; last lines of {}:\n{}",
+                        socket.display(),
+                        self.log_path(k).display(),
+                        self.log_tail(k, 20)
+                    ),
+                    secs: timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last `lines` lines of member `k`'s agent log.
+    pub fn log_tail(&self, k: u8, lines: usize) -> String {
+        let text = std::fs::read(self.log_path(k)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for LabCluster {
+    fn drop(&mut self) {
+        self.topology.processes().stop_all(Duration::from_secs(5));
+        if std::thread::panicking() {
+            eprintln!("lab dir kept for inspection: {}", self.dir.display());
+        } else if !self.keep_dir {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                eprintln!("lab cleanup: removing {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let p =
+                std::env::temp_dir().join(format!("hasync-labcfg-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn every_member_gets_a_valid_config_listing_all_members() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new("all");
+        let paths = write_configs(&dir.0, 16, &ClusterOptions::default()).expect("write");
+        assert_eq!(paths.len(), 16);
+        let key = std::fs::metadata(dir.0.join("cluster.key")).expect("key");
+        assert_eq!(key.len(), 32);
+        assert_eq!(key.permissions().mode() & 0o777, 0o600);
+        for (i, path) in paths.iter().enumerate() {
+            let k = u8::try_from(i + 1).expect("k");
+            let c = Config::load(path).expect("valid");
+            assert_eq!(c.cluster.id, LAB_CLUSTER_ID);
+            assert_eq!(c.local.member, u32::from(k));
+            assert_eq!(c.local.control_socket, socket_path(&dir.0, k));
+            assert_eq!(c.local.traffic_log, traffic_log_path(&dir.0, k));
+            assert_eq!(c.local.policy, PolicyName::Strict);
+            assert_eq!(c.local.session_capacity, LAB_SESSION_CAPACITY);
+            assert_eq!(c.ha4.interface, "ha4");
+            assert_eq!(c.ha4.address, format!("198.18.100.{k}/24"));
+            let b = c.ha4_backup.as_ref().expect("backup");
+            assert_eq!(
+                (b.interface.as_str(), b.address.clone()),
+                ("ha4b", format!("198.18.101.{k}/24"))
+            );
+            assert_eq!(c.zone_names(), ["trust", "untrust"]);
+            assert_eq!(c.zones[0].interfaces, ["in0"]);
+            assert_eq!(c.zones[1].interfaces, ["out0"]);
+            assert_eq!(c.members.len(), 16);
+            assert!(c.members.iter().all(|m| m.session_sync && m.enabled));
+            assert_eq!(c.members[15].ha4.to_string(), "198.18.100.16");
+            assert_eq!(
+                c.members[15].ha4_backup.map(|a| a.to_string()).as_deref(),
+                Some("198.18.101.16")
+            );
+            assert!(c.timeouts.is_empty());
+        }
+        // Members must agree: the same fingerprint everywhere.
+        let prints: Vec<_> = paths
+            .iter()
+            .map(|p| Config::load(p).expect("valid").fingerprint())
+            .collect();
+        assert!(prints.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn knobs_reach_the_files() {
+        let dir = TempDir::new("knobs");
+        let options = ClusterOptions {
+            cluster_id: 42,
+            session_capacity: 1024,
+            policy: PolicyName::Loose,
+            keepalive_threshold_ms: Some(5_000),
+            tentative_hold_s: Some(0),
+            sync_timeout_min: Some(1),
+            monitor_fail_hold_down_min: Some(2),
+            sync_port: Some(7999),
+            timeouts: [("established".to_owned(), 30)].into(),
+            backup_link: false,
+            session_sync: [(2, false)].into(),
+            overrides: [(
+                2,
+                MemberOverride {
+                    key: Some(vec![0x42; 40]),
+                    cluster_id: Some(8),
+                    zones: Some(vec![
+                        ("inside".into(), vec!["in0".into()]),
+                        ("outside".into(), vec!["out0".into()]),
+                    ]),
+                },
+            )]
+            .into(),
+            ..ClusterOptions::default()
+        };
+        let paths = write_configs(&dir.0, 3, &options).expect("write");
+        let c1 = Config::load(&paths[0]).expect("member 1");
+        let c2 = Config::load(&paths[1]).expect("member 2");
+        assert_eq!(c1.cluster.id, 42);
+        assert_eq!(c1.cluster.keepalive_threshold_ms, 5_000);
+        assert_eq!(c1.cluster.tentative_hold_s, 0);
+        assert_eq!(c1.cluster.sync_timeout_min, 1);
+        assert_eq!(c1.cluster.monitor_fail_hold_down_min, 2);
+        assert_eq!(c1.cluster.sync_port, 7999);
+        assert_eq!(c1.local.session_capacity, 1024);
+        assert_eq!(c1.local.policy, PolicyName::Loose);
+        assert_eq!(c1.timeouts.get("established"), Some(&30));
+        assert!(c1.ha4_backup.is_none());
+        assert!(c1.members.iter().all(|m| m.ha4_backup.is_none()));
+        assert_eq!(
+            c1.members
+                .iter()
+                .map(|m| m.session_sync)
+                .collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(c1.cluster.key_file, dir.0.join("cluster.key"));
+        // Member 2 differs where asked.
+        assert_eq!(c2.cluster.id, 8);
+        assert_eq!(c2.cluster.key_file, dir.0.join("fw2.key"));
+        assert_eq!(
+            std::fs::read(dir.0.join("fw2.key")).expect("key"),
+            vec![0x42; 40]
+        );
+        assert_eq!(c2.zone_names(), ["inside", "outside"]);
+        assert_ne!(c1.fingerprint(), c2.fingerprint());
+    }
+
+    #[test]
+    fn an_invalid_knob_is_reported_naming_the_member() {
+        let dir = TempDir::new("bad");
+        let options = ClusterOptions {
+            keepalive_threshold_ms: Some(100),
+            ..ClusterOptions::default()
+        };
+        let e = write_configs(&dir.0, 2, &options).expect_err("invalid");
+        let msg = crate::datapath::error_chain(&e);
+        assert!(msg.contains("member 1"), "{msg}");
+        assert!(
+            msg.contains("keepalive_threshold_ms = 100 is out of range"),
+            "{msg}"
+        );
+        assert!(matches!(
+            write_configs(&dir.0, 17, &ClusterOptions::default()),
+            Err(LabError::Members(17))
+        ));
+    }
+
+    #[test]
+    fn strings_are_quoted_for_toml() {
+        assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(quote("x\ny"), r#""x\u000Ay""#);
+    }
+}

@@ -1,0 +1,440 @@
+//! Entering lab namespaces: `ip` commands, threads and child processes that run inside one, and
+//! the children a lab started, ended by PID.
+
+use std::{
+    ffi::{CString, OsStr},
+    fs::File,
+    io::Write as _,
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use super::{LabError, Result};
+
+/// Where `ip netns add` puts its namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The bind mount of namespace `ns`.
+pub fn netns_path(ns: &str) -> PathBuf {
+    PathBuf::from(NETNS_DIR).join(ns)
+}
+
+/// Whether namespace `ns` exists.
+pub fn netns_exists(ns: &str) -> bool {
+    netns_path(ns).exists()
+}
+
+fn check_ns_name(ns: &str) -> Result<()> {
+    if ns.is_empty() || ns.contains('/') || ns.starts_with('.') {
+        return Err(LabError::NoSuchNamespace {
+            name: ns.into(),
+            known: "names without `/`".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `addr` is in a range labs may use: 198.18.0.0/15 or fd00::/8.
+pub fn is_lab_address(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            o[0] == 198 && (o[1] == 18 || o[1] == 19)
+        }
+        IpAddr::V6(a) => a.octets()[0] == 0xfd,
+    }
+}
+
+/// `cmd` as a user would type it.
+pub(crate) fn display(cmd: &Command) -> String {
+    let mut line = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+/// Runs `cmd` to completion with `stdin` as its input, returning its stdout; a failure names
+/// the command and carries its stderr.
+pub(crate) fn output(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
+    let line = display(cmd);
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn {
+            command: line.clone(),
+            source,
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| LabError::io(format!("writing the input of `{line}`"), e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| LabError::io(format!("waiting for `{line}`"), e))?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command: line,
+            status: out.status,
+            // Some tools (ping) tell why on stdout.
+            stderr: [&out.stderr, &out.stdout]
+                .iter()
+                .map(|o| String::from_utf8_lossy(o).trim().to_owned())
+                .find(|o| !o.is_empty())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip -n NS ARGS...`.
+pub fn ip(ns: &str, args: &[&str]) -> Result<String> {
+    check_ns_name(ns)?;
+    output(Command::new("ip").arg("-n").arg(ns).args(args), None)
+}
+
+/// `ip ARGS...` in the caller's namespace: only for `ip netns add|del`.
+pub(crate) fn ip_netns(args: &[&str]) -> Result<String> {
+    debug_assert_eq!(args.first(), Some(&"netns"));
+    output(Command::new("ip").args(args), None)
+}
+
+/// Runs many `ip` commands in namespace `ns` through one `ip -batch`; a failure names the
+/// failing line.
+pub fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
+    check_ns_name(ns)?;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let script = lines.join("\n") + "\n";
+    output(
+        Command::new("ip").args(["-n", ns, "-batch", "-"]),
+        Some(&script),
+    )
+    .map(drop)
+    .map_err(|e| match e {
+        // "Command failed -:3": name the line.
+        LabError::Command {
+            command,
+            status,
+            stderr,
+        } => {
+            let failed = stderr
+                .rsplit_once("-:")
+                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
+                .and_then(|n| lines.get(n.wrapping_sub(1)));
+            LabError::Command {
+                command: match failed {
+                    Some(line) => format!("ip -n {ns} {line}"),
+                    None => command,
+                },
+                status,
+                stderr,
+            }
+        }
+        other => other,
+    })
+}
+
+/// Moves the calling thread into namespace `ns`.
+fn enter(ns: &str) -> Result<()> {
+    check_ns_name(ns)?;
+    let path = netns_path(ns);
+    let file =
+        File::open(&path).map_err(|e| LabError::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(LabError::io(
+            format!("setns({})", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that joined namespace `ns` (so `std::net` sockets it opens live
+/// there), and waits for it. A panic in `f` propagates.
+pub fn run_in<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<T> {
+            enter(ns)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Starts `f` on a thread that joined namespace `ns`.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<Result<T>> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || -> Result<T> {
+        enter(&ns)?;
+        Ok(f())
+    })
+}
+
+/// Writes sysctl `key` (dotted, `net.` only) in namespace `ns` and checks it took.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    if !key.starts_with("net.") || key.contains('/') {
+        return Err(LabError::io(
+            format!("sysctl {key}"),
+            std::io::Error::other("only per-namespace `net.` sysctls"),
+        ));
+    }
+    let read = run_in(ns, || -> std::io::Result<String> {
+        std::fs::write(&path, value)?;
+        Ok(std::fs::read_to_string(&path)?.trim().to_owned())
+    })?
+    .map_err(|e| LabError::io(format!("writing {path} in namespace {ns}"), e))?;
+    if read != value {
+        return Err(LabError::io(
+            format!("sysctl {key} in namespace {ns}"),
+            std::io::Error::other(format!("reads {read} after writing {value}")),
+        ));
+    }
+    Ok(())
+}
+
+/// A command that runs `program` inside namespace `ns`: the child joins it with `setns(2)`
+/// between fork and exec.
+///
+/// Not `ip netns exec`: that also gives the child a mount namespace with a fresh /sys, which
+/// hides bpffs at /sys/fs/bpf where the agent pins its maps.
+pub fn command_in(ns: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+    check_ns_name(ns)?;
+    let path = netns_path(ns);
+    if !path.exists() {
+        return Err(LabError::io(
+            format!("namespace {ns}"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| LabError::io(format!("namespace {ns}"), std::io::Error::other(e)))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: between fork and exec the closure only calls open, setns and close, which are
+    // async-signal-safe, on a path allocated before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let rc = libc::setns(fd, libc::CLONE_NEWNET);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Signals the lab sends to its own processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: a clean stop.
+    Term,
+    /// SIGINT.
+    Int,
+    /// SIGKILL: no chance to clean up (a crash).
+    Kill,
+    /// SIGSTOP: frozen, sockets open but silent (a hung agent).
+    Stop,
+    /// SIGCONT: resumes a stopped process.
+    Cont,
+}
+
+impl Signal {
+    fn raw(self) -> libc::c_int {
+        match self {
+            Signal::Term => libc::SIGTERM,
+            Signal::Int => libc::SIGINT,
+            Signal::Kill => libc::SIGKILL,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
+        }
+    }
+}
+
+struct Proc {
+    label: String,
+    child: Child,
+    /// Set once reaped: the PID may then belong to someone else and is never signalled again.
+    status: Option<ExitStatus>,
+}
+
+/// The processes a lab started. Signals go only to children that have not been reaped, so a
+/// PID is never reused under us.
+#[derive(Default)]
+pub struct Processes {
+    procs: Mutex<Vec<Proc>>,
+}
+
+impl Processes {
+    /// Starts `cmd`, keeping it for [`Processes::stop_all`].
+    pub fn spawn(&self, label: &str, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: display(&cmd),
+            source,
+        })?;
+        let pid = child.id();
+        self.lock().push(Proc {
+            label: label.to_owned(),
+            child,
+            status: None,
+        });
+        Ok(pid)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Proc>> {
+        // A panic while holding the lock leaves the list consistent: keep using it.
+        self.procs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn with<T>(&self, pid: u32, f: impl FnOnce(&mut Proc) -> T) -> Result<T> {
+        let mut procs = self.lock();
+        let p = procs
+            .iter_mut()
+            .find(|p| p.child.id() == pid)
+            .ok_or(LabError::NotOurProcess { pid })?;
+        Ok(f(p))
+    }
+
+    /// The exit status of `pid` if it has exited (reaping it), `None` while it runs.
+    pub fn exit_status(&self, pid: u32) -> Result<Option<ExitStatus>> {
+        self.with(pid, reap)
+    }
+
+    /// Whether `pid` (one of ours) still runs.
+    pub fn running(&self, pid: u32) -> bool {
+        matches!(self.exit_status(pid), Ok(None))
+    }
+
+    /// Sends `signal` to `pid` if it is one of ours and still runs.
+    pub fn signal(&self, pid: u32, signal: Signal) -> Result<()> {
+        self.with(pid, |p| {
+            if reap(p).is_some() {
+                return Err(LabError::NotOurProcess { pid });
+            }
+            send(p, signal)
+        })?
+    }
+
+    /// Waits up to `timeout` for `pid` to exit.
+    pub fn wait(&self, pid: u32, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status(pid)? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGCONT and SIGTERM, `grace` to exit, then SIGKILL; returns the exit status.
+    pub fn stop(&self, pid: u32, grace: Duration) -> Result<ExitStatus> {
+        for signal in [Signal::Cont, Signal::Term] {
+            if self.signal(pid, signal).is_err() {
+                break;
+            }
+        }
+        if let Some(status) = self.wait(pid, grace)? {
+            return Ok(status);
+        }
+        let _ = self.signal(pid, Signal::Kill);
+        self.with(pid, |p| {
+            p.child
+                .wait()
+                .map_err(|e| LabError::io(format!("waiting for {} (pid {pid})", p.label), e))
+                .inspect(|status| p.status = Some(*status))
+        })?
+    }
+
+    /// Stops every process still running: SIGTERM to all, `grace` for all, then SIGKILL.
+    pub fn stop_all(&self, grace: Duration) {
+        let pids: Vec<u32> = self
+            .lock()
+            .iter_mut()
+            .filter_map(|p| reap(p).is_none().then(|| p.child.id()))
+            .collect();
+        for &pid in &pids {
+            let _ = self.signal(pid, Signal::Cont);
+            let _ = self.signal(pid, Signal::Term);
+        }
+        let deadline = Instant::now() + grace;
+        for &pid in &pids {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(e) = self.stop(pid, left) {
+                eprintln!("lab cleanup: {e}");
+            }
+        }
+    }
+}
+
+fn reap(p: &mut Proc) -> Option<ExitStatus> {
+    if p.status.is_none() {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            p.status = Some(status);
+        }
+    }
+    p.status
+}
+
+fn send(p: &Proc, signal: Signal) -> Result<()> {
+    let pid = p.child.id();
+    let raw = libc::pid_t::try_from(pid).map_err(|_| LabError::NotOurProcess { pid })?;
+    // SAFETY: kill has no memory preconditions; `raw` is our unreaped child, so it cannot have
+    // been reused by another process.
+    if unsafe { libc::kill(raw, signal.raw()) } != 0 {
+        return Err(LabError::io(
+            format!("kill({pid}, {signal:?}) for {}", p.label),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        self.stop_all(Duration::from_secs(3));
+    }
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

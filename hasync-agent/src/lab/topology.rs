@@ -1,0 +1,523 @@
+//! The lab's namespaces, links, addresses and routes.
+//!
+//! ```text
+//!            br-in (198.18.0.0/24, fd00:18::/64)          br-out (198.18.1.0/24, fd00:18:1::/64)
+//!  client ──┤ eth0 .100                  in0 .K ├── fwK ──┤ out0 .K            eth0 .100 ├── server
+//!                                                   │ │
+//!                        br-ha4 (198.18.100.0/24) ──┘ └── br-ha4b (198.18.101.0/24)
+//! ```
+//! The four bridges live in namespace `<prefix>hasw`; each member namespace `<prefix>fwK` has
+//! `in0`, `out0`, `ha4` and `ha4b`. The client's default route and the server's return route
+//! point at one member (fw1 at first): [`Topology::steer`] moves them.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::Command,
+    time::Duration,
+};
+
+use super::{
+    netns::{self, ip, ip_batch, ip_netns, sysctl, Processes},
+    LabError, Result,
+};
+
+/// Most members a lab (and a cluster) has.
+pub const MAX_MEMBERS: u8 = 16;
+
+/// Longest accepted prefix: namespace names stay short enough to read.
+const PREFIX_MAX: usize = 24;
+
+/// The client's address.
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The server's address.
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+/// The client's IPv6 address.
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x100);
+/// The server's IPv6 address.
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x100);
+/// The client side network.
+pub const INSIDE_V4: &str = "198.18.0.0/24";
+/// The client side IPv6 network.
+pub const INSIDE_V6: &str = "fd00:18::/64";
+
+/// A member's interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Link {
+    /// `in0`, towards the client (zone trust).
+    In,
+    /// `out0`, towards the server (zone untrust).
+    Out,
+    /// `ha4`, the sync link.
+    Ha4,
+    /// `ha4b`, the backup sync link.
+    Ha4Backup,
+}
+
+impl Link {
+    pub const ALL: [Link; 4] = [Link::In, Link::Out, Link::Ha4, Link::Ha4Backup];
+
+    /// The interface's name inside the member namespace.
+    pub fn ifname(self) -> &'static str {
+        match self {
+            Link::In => "in0",
+            Link::Out => "out0",
+            Link::Ha4 => "ha4",
+            Link::Ha4Backup => "ha4b",
+        }
+    }
+
+    /// The bridge in `hasw` it is plugged into.
+    pub fn bridge(self) -> &'static str {
+        match self {
+            Link::In => "br-in",
+            Link::Out => "br-out",
+            Link::Ha4 => "br-ha4",
+            Link::Ha4Backup => "br-ha4b",
+        }
+    }
+
+    /// The name of the veth peer in `hasw` for member `k`: `fw16-ha4b` at most, 9 bytes.
+    fn switch_port(self, k: u8) -> String {
+        let suffix = match self {
+            Link::In => "in",
+            Link::Out => "out",
+            Link::Ha4 => "ha4",
+            Link::Ha4Backup => "ha4b",
+        };
+        format!("fw{k}-{suffix}")
+    }
+
+    /// Member `k`'s IPv4 address on this link, with its prefix length.
+    pub fn v4(self, k: u8) -> (Ipv4Addr, u8) {
+        let third = match self {
+            Link::In => 0,
+            Link::Out => 1,
+            Link::Ha4 => 100,
+            Link::Ha4Backup => 101,
+        };
+        (Ipv4Addr::new(198, 18, third, k), 24)
+    }
+
+    /// Member `k`'s IPv6 address on this link (data links only), with its prefix length.
+    pub fn v6(self, k: u8) -> Option<(Ipv6Addr, u8)> {
+        let net = match self {
+            Link::In => 0,
+            Link::Out => 1,
+            Link::Ha4 | Link::Ha4Backup => return None,
+        };
+        Some((
+            Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, u16::from(k)),
+            64,
+        ))
+    }
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.ifname())
+    }
+}
+
+/// A lab's namespaces and links. Dropping it stops the processes started through
+/// [`Topology::spawn`] (by PID) and deletes every namespace it created.
+pub struct Topology {
+    prefix: String,
+    members: u8,
+    /// Short names (`client`, `fw1`, ...) with full names, in creation order.
+    names: Vec<(String, String)>,
+    /// Full names of the namespaces that exist because we created them.
+    created: Vec<String>,
+    processes: Processes,
+}
+
+impl fmt::Debug for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Topology")
+            .field("prefix", &self.prefix)
+            .field("members", &self.members)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks a lab prefix: at most 24 of A–Z, a–z, 0–9 and `-`.
+pub fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.len() > PREFIX_MAX
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(LabError::Prefix(prefix.into()));
+    }
+    Ok(())
+}
+
+/// The namespaces of a lab with `prefix` and `members` members, short and full names.
+fn namespace_names(prefix: &str, members: u8) -> Vec<(String, String)> {
+    let mut short = vec!["hasw".to_owned(), "client".to_owned(), "server".to_owned()];
+    short.extend((1..=members).map(|k| format!("fw{k}")));
+    short
+        .into_iter()
+        .map(|s| {
+            let full = format!("{prefix}{s}");
+            (s, full)
+        })
+        .collect()
+}
+
+/// The namespaces of that lab that exist now.
+pub fn existing_namespaces(prefix: &str, members: u8) -> Vec<String> {
+    namespace_names(prefix, members)
+        .into_iter()
+        .map(|(_, full)| full)
+        .filter(|full| netns::netns_exists(full))
+        .collect()
+}
+
+fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
+    format!("{}/{len}", addr.into())
+}
+
+impl Topology {
+    /// Builds the lab: `prefix` ("" for the interactive lab, e.g. "t7-" for a test) and 1–16
+    /// members. Refuses if any of its namespaces exists. Needs root.
+    pub fn create(prefix: &str, members: u8) -> Result<Topology> {
+        check_prefix(prefix)?;
+        if members == 0 || members > MAX_MEMBERS {
+            return Err(LabError::Members(usize::from(members)));
+        }
+        let names = namespace_names(prefix, members);
+        let existing = existing_namespaces(prefix, members);
+        if !existing.is_empty() {
+            return Err(LabError::NamespacesExist { names: existing });
+        }
+        let mut topo = Topology {
+            prefix: prefix.to_owned(),
+            members,
+            names,
+            created: Vec::new(),
+            processes: Processes::default(),
+        };
+        // On any error below, dropping `topo` deletes what was created so far.
+        topo.build()?;
+        Ok(topo)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let fulls: Vec<String> = self.names.iter().map(|(_, f)| f.clone()).collect();
+        for full in &fulls {
+            ip_netns(&["netns", "add", full])?;
+            self.created.push(full.clone());
+            ip(full, &["link", "set", "lo", "up"])?;
+        }
+        for k in self.member_ids() {
+            let fw = self.fw(k).to_owned();
+            // Before the interfaces exist, so they inherit `default`.
+            for (key, value) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.default.send_redirects", "0"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+            ] {
+                sysctl(&fw, key, value)?;
+            }
+        }
+
+        // The switch: bridges, then one veth pair per port, created in `hasw` with the peer
+        // placed straight into its namespace.
+        let hasw = self.hasw().to_owned();
+        let mut lines = Vec::new();
+        for link in Link::ALL {
+            let br = link.bridge();
+            lines.push(format!(
+                "link add {br} type bridge stp_state 0 forward_delay 0 mcast_snooping 0"
+            ));
+            lines.push(format!("link set {br} up"));
+        }
+        let mut port = |port: &str, bridge: &str, peer: &str, peer_ns: &str| {
+            lines.push(format!(
+                "link add {port} type veth peer name {peer} netns {peer_ns}"
+            ));
+            lines.push(format!("link set {port} master {bridge} up"));
+        };
+        port("client", "br-in", "eth0", self.client());
+        port("server", "br-out", "eth0", self.server());
+        for k in self.member_ids() {
+            for link in Link::ALL {
+                port(
+                    &link.switch_port(k),
+                    link.bridge(),
+                    link.ifname(),
+                    self.fw(k),
+                );
+            }
+        }
+        ip_batch(&hasw, &lines)?;
+
+        // Ends: addresses (IPv6 without DAD: usable at once), up, routes.
+        let (fw1_in, _) = Link::In.v4(1);
+        let (fw1_out, _) = Link::Out.v4(1);
+        let (fw1_in6, _) = Link::In.v6(1).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        let (fw1_out6, _) = Link::Out.v6(1).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        ip_batch(
+            self.client(),
+            &[
+                format!("addr add {} dev eth0", cidr(CLIENT_V4, 24)),
+                format!("addr add {} dev eth0 nodad", cidr(CLIENT_V6, 64)),
+                "link set eth0 up".into(),
+                format!("route add default via {fw1_in}"),
+                format!("route add ::/0 via {fw1_in6}"),
+            ],
+        )?;
+        ip_batch(
+            self.server(),
+            &[
+                format!("addr add {} dev eth0", cidr(SERVER_V4, 24)),
+                format!("addr add {} dev eth0 nodad", cidr(SERVER_V6, 64)),
+                "link set eth0 up".into(),
+                format!("route add {INSIDE_V4} via {fw1_out}"),
+                format!("route add {INSIDE_V6} via {fw1_out6}"),
+            ],
+        )?;
+        for k in self.member_ids() {
+            let mut lines = Vec::new();
+            for link in Link::ALL {
+                let name = link.ifname();
+                let (a4, l4) = link.v4(k);
+                lines.push(format!("addr add {} dev {name}", cidr(a4, l4)));
+                if let Some((a6, l6)) = link.v6(k) {
+                    lines.push(format!("addr add {} dev {name} nodad", cidr(a6, l6)));
+                }
+                lines.push(format!("link set {name} up"));
+            }
+            ip_batch(self.fw(k), &lines)?;
+            for link in Link::ALL {
+                sysctl(
+                    self.fw(k),
+                    &format!("net.ipv4.conf.{}.rp_filter", link.ifname()),
+                    "0",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Number of members.
+    pub fn members(&self) -> u8 {
+        self.members
+    }
+
+    /// Member numbers, 1..=N.
+    pub fn member_ids(&self) -> std::ops::RangeInclusive<u8> {
+        1..=self.members
+    }
+
+    /// The full name of namespace `name` (`client`, `server`, `hasw`, `fw1`, ...).
+    ///
+    /// # Panics
+    /// If the lab has no such namespace: a test's typo.
+    pub fn ns(&self, name: &str) -> &str {
+        match self.try_ns(name) {
+            Ok(full) => full,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The full name of namespace `name`.
+    pub fn try_ns(&self, name: &str) -> Result<&str> {
+        self.names
+            .iter()
+            .find(|(short, _)| short == name)
+            .map(|(_, full)| full.as_str())
+            .ok_or_else(|| LabError::NoSuchNamespace {
+                name: name.into(),
+                known: self
+                    .names
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// Every namespace's full name.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(|(_, full)| full.as_str())
+    }
+
+    pub fn client(&self) -> &str {
+        &self.names[1].1
+    }
+
+    pub fn server(&self) -> &str {
+        &self.names[2].1
+    }
+
+    /// The namespace holding the bridges.
+    pub fn hasw(&self) -> &str {
+        &self.names[0].1
+    }
+
+    /// Member `k`'s namespace.
+    ///
+    /// # Panics
+    /// If `k` is not 1..=N.
+    pub fn fw(&self, k: u8) -> &str {
+        match self.check_member(k) {
+            Ok(()) => &self.names[2 + usize::from(k)].1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn check_member(&self, k: u8) -> Result<()> {
+        if k == 0 || k > self.members {
+            return Err(LabError::NoSuchMember {
+                member: k,
+                members: self.members,
+            });
+        }
+        Ok(())
+    }
+
+    /// `ip -n <namespace name> ARGS...`, with `name` a short name (`fw1`).
+    pub fn ip(&self, name: &str, args: &[&str]) -> Result<String> {
+        ip(self.try_ns(name)?, args)
+    }
+
+    /// Sends client→server traffic through member `k` and the server's replies back through
+    /// it.
+    pub fn steer(&self, k: u8) -> Result<()> {
+        self.steer_client(k)?;
+        self.steer_server(k)
+    }
+
+    /// Points the client's default routes at member `k` (the server's stay): asymmetric paths.
+    pub fn steer_client(&self, k: u8) -> Result<()> {
+        self.check_member(k)?;
+        let (gw4, _) = Link::In.v4(k);
+        let (gw6, _) = Link::In.v6(k).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        ip_batch(
+            self.client(),
+            &[
+                format!("route replace default via {gw4}"),
+                format!("route replace ::/0 via {gw6}"),
+            ],
+        )
+    }
+
+    /// Points the server's return routes at member `k`.
+    pub fn steer_server(&self, k: u8) -> Result<()> {
+        self.check_member(k)?;
+        let (gw4, _) = Link::Out.v4(k);
+        let (gw6, _) = Link::Out.v6(k).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        ip_batch(
+            self.server(),
+            &[
+                format!("route replace {INSIDE_V4} via {gw4}"),
+                format!("route replace {INSIDE_V6} via {gw6}"),
+            ],
+        )
+    }
+
+    /// Sets member `k`'s interface down (administratively, as `ip link set down` on the member).
+    pub fn link_down(&self, k: u8, link: Link) -> Result<()> {
+        self.check_member(k)?;
+        ip(self.fw(k), &["link", "set", link.ifname(), "down"]).map(drop)
+    }
+
+    /// Sets member `k`'s interface up again.
+    pub fn link_up(&self, k: u8, link: Link) -> Result<()> {
+        self.check_member(k)?;
+        ip(self.fw(k), &["link", "set", link.ifname(), "up"]).map(drop)
+    }
+
+    /// Pulls the cable: sets the switch side down, so member `k` sees its interface lose carrier
+    /// (`NO-CARRIER`) while it stays administratively up.
+    pub fn cable_down(&self, k: u8, link: Link) -> Result<()> {
+        self.check_member(k)?;
+        ip(self.hasw(), &["link", "set", &link.switch_port(k), "down"]).map(drop)
+    }
+
+    /// Plugs the cable back in.
+    pub fn cable_up(&self, k: u8, link: Link) -> Result<()> {
+        self.check_member(k)?;
+        ip(self.hasw(), &["link", "set", &link.switch_port(k), "up"]).map(drop)
+    }
+
+    /// Drops `percent` % (1–100) of the packets member `k` receives, sends or forwards on
+    /// `link`, with nftables inside the member: the link stays up but is lossy or silent.
+    /// Replaces an earlier drop on the same link.
+    pub fn drop_with_nft(&self, k: u8, link: Link, percent: u8) -> Result<()> {
+        self.check_member(k)?;
+        if percent == 0 || percent > 100 {
+            return Err(LabError::io(
+                format!("drop_with_nft(fw{k}, {link})"),
+                std::io::Error::other(format!("{percent} % is out of range 1–100")),
+            ));
+        }
+        let _ = self.undrop_nft(k, link);
+        let name = link.ifname();
+        let verdict = if percent == 100 {
+            "drop".to_owned()
+        } else {
+            format!("numgen random mod 100 < {percent} drop")
+        };
+        let script = format!(
+            "table inet hasync_lab_{name} {{\n\
+             \tchain in {{ type filter hook input priority raw; policy accept; iifname \"{name}\" {verdict}; }}\n\
+             \tchain transit {{ type filter hook forward priority raw; policy accept; iifname \"{name}\" {verdict}; oifname \"{name}\" {verdict}; }}\n\
+             \tchain out {{ type filter hook output priority raw; policy accept; oifname \"{name}\" {verdict}; }}\n\
+             }}\n"
+        );
+        let mut cmd = netns::command_in(self.fw(k), "nft")?;
+        cmd.args(["-f", "-"]);
+        netns::output(&mut cmd, Some(&script)).map(drop)
+    }
+
+    /// Removes the drop [`Topology::drop_with_nft`] put on member `k`'s `link`.
+    pub fn undrop_nft(&self, k: u8, link: Link) -> Result<()> {
+        self.check_member(k)?;
+        let mut cmd = netns::command_in(self.fw(k), "nft")?;
+        cmd.args([
+            "delete",
+            "table",
+            "inet",
+            &format!("hasync_lab_{}", link.ifname()),
+        ]);
+        netns::output(&mut cmd, None).map(drop)
+    }
+
+    /// A command that runs `program` inside namespace `name` (a short name: `fw1`): it joins
+    /// the namespace between fork and exec. Start it with [`Topology::spawn`].
+    pub fn command(&self, name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        netns::command_in(self.try_ns(name)?, program)
+    }
+
+    /// Starts `cmd` (made by [`Topology::command`]), keeping it to stop, by PID, on drop.
+    pub fn spawn(&self, label: &str, cmd: Command) -> Result<u32> {
+        self.processes.spawn(label, cmd)
+    }
+
+    /// The processes this lab started.
+    pub fn processes(&self) -> &Processes {
+        &self.processes
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes first: a namespace outlives `ip netns del` while anything runs in it.
+        self.processes.stop_all(Duration::from_secs(3));
+        for full in self.created.iter().rev() {
+            if let Err(e) = ip_netns(&["netns", "del", full]) {
+                eprintln!("lab cleanup: {e}");
+            }
+        }
+    }
+}

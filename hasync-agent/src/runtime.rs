@@ -1,0 +1,343 @@
+//! `hasync agent --config FILE`: a cluster member. Loads and attaches the datapath as the
+//! configuration says, runs the sync engine and the membership rules, turns datapath events
+//! and sweep removals into sync records and traffic-log lines, and serves the control socket.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _};
+use hasync_common::{Counter, MemberId, ZoneId};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    cluster::{LinkState, Membership, Timers},
+    config::{self, parse_cidr, Config},
+    datapath::{error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK},
+    sync::{
+        engine::{Engine, PeerConfig, SyncConfig},
+        wire::LinkKind,
+    },
+};
+
+/// How often the expiry sweep runs.
+const SWEEP_EVERY: Duration = Duration::from_millis(1000);
+/// How often liveness and the local state are evaluated.
+const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
+/// How often owned sessions are counted (for keepalives and `show`).
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+/// A starting member waits this long for peers to connect before deciding it is alone.
+const DISCOVERY: Duration = Duration::from_secs(2);
+
+/// Everything the running member shares between its tasks.
+pub struct Member {
+    pub config: Config,
+    pub dp: Arc<Mutex<Datapath>>,
+    pub membership: Arc<Mutex<Membership>>,
+    pub engine: Engine,
+    pub started: Instant,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a cluster member from `path` until SIGINT or SIGTERM.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_async(config))
+}
+
+fn sync_config(config: &Config, psk: [u8; 32]) -> anyhow::Result<SyncConfig> {
+    let mut local_links = BTreeMap::new();
+    let (ha4, _) = parse_cidr(&config.ha4.address).map_err(|e| anyhow!("ha4.address: {e}"))?;
+    local_links.insert(LinkKind::Ha4, (ha4, config.ha4.interface.clone()));
+    if let Some(b) = &config.ha4_backup {
+        let (addr, _) = parse_cidr(&b.address).map_err(|e| anyhow!("ha4_backup.address: {e}"))?;
+        local_links.insert(LinkKind::Ha4Backup, (addr, b.interface.clone()));
+    }
+    let local = config.local_member();
+    let peers = config
+        .members
+        .iter()
+        .filter_map(|m| {
+            let id = MemberId(u8::try_from(m.id).ok()?);
+            let mut addrs = BTreeMap::new();
+            addrs.insert(LinkKind::Ha4, m.ha4);
+            if let Some(b) = m.ha4_backup {
+                addrs.insert(LinkKind::Ha4Backup, b);
+            }
+            Some(PeerConfig {
+                id,
+                serial: m.serial.clone(),
+                addrs,
+                session_sync: m.session_sync,
+                enabled: m.enabled,
+            })
+        })
+        .collect::<Vec<_>>();
+    let local_session_sync = peers
+        .iter()
+        .find(|p| p.id == local)
+        .is_some_and(|p| p.session_sync);
+    let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
+    Ok(SyncConfig {
+        cluster_id: u8::try_from(config.cluster.id).context("cluster id")?,
+        local,
+        local_session_sync,
+        psk,
+        zones: config.zone_names(),
+        fingerprint: config.fingerprint(),
+        port: config.cluster.sync_port,
+        local_links,
+        peers: peers.into_iter().filter(|p| p.id != local).collect(),
+        keepalive_interval: (threshold / 5).min(Duration::from_secs(1)),
+        keepalive_threshold: threshold,
+        hold_down: Duration::from_secs(config.cluster.monitor_fail_hold_down_min * 60),
+        boot_id: boot_id(),
+    })
+}
+
+/// A random id for this agent start, so peers notice a restart.
+fn boot_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom_fill(&mut b).is_err() {
+        // Fall back to the clock: unique enough across restarts of one member.
+        return crate::datapath::monotonic_ns() ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_ne_bytes(b)
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+async fn run_async(config: Config) -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let psk = config::read_cluster_key(&config.cluster.key_file)?;
+    let local = config.local_member();
+
+    // Resolve every data interface before loading anything: a typo fails fast.
+    let mut bindings = Vec::new();
+    for (i, zone) in config.zones.iter().enumerate() {
+        let id = ZoneId(u16::try_from(i + 1).context("too many zones")?);
+        for ifname in &zone.interfaces {
+            let index = ifindex(ifname).with_context(|| format!("zone `{}`", zone.name))?;
+            bindings.push((ifname.clone(), index, id, zone.name.clone()));
+        }
+    }
+    let mut opts = DatapathOptions::new(local);
+    opts.session_capacity = config.local.session_capacity;
+    opts.config = config.datapath();
+    let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;
+    dp.set_member_alive(local, true)
+        .context("marking the local member alive")?;
+    for (ifname, index, zone, name) in &bindings {
+        dp.set_zone(*index, *zone)
+            .with_context(|| format!("binding `{ifname}` to zone `{name}`"))?;
+    }
+    let mut events = dp.take_events().context("opening the events ring buffer")?;
+    for (ifname, _, _, zone) in &bindings {
+        let mode = dp.attach(ifname)?;
+        info!(interface = %ifname, zone = %zone, %mode, "attached");
+    }
+    let dp = Arc::new(Mutex::new(dp));
+
+    let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
+    let timers = Timers {
+        keepalive_threshold: threshold,
+        sync_timeout: Duration::from_secs(config.cluster.sync_timeout_min * 60),
+        tentative_hold: Duration::from_secs(config.cluster.tentative_hold_s),
+        discovery: DISCOVERY,
+    };
+    let sync_cfg = sync_config(&config, psk)?;
+    let peers = sync_cfg
+        .peers
+        .iter()
+        .map(|p| (p.id, p.serial.clone(), p.session_sync && p.enabled))
+        .collect();
+    let mut m = Membership::new(local, timers, peers, Instant::now());
+    // Links start down where both ends have them, not-configured elsewhere.
+    for p in &sync_cfg.peers {
+        for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {
+            let both = p.addrs.contains_key(&link) && sync_cfg.local_links.contains_key(&link);
+            m.set_link(
+                p.id,
+                link,
+                if both {
+                    LinkState::Down
+                } else {
+                    LinkState::NotConfigured
+                },
+            );
+        }
+    }
+    let membership = Arc::new(Mutex::new(m));
+    let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
+    let tasks = engine.start();
+    let member = Arc::new(Member {
+        config,
+        dp,
+        membership,
+        engine,
+        started: Instant::now(),
+    });
+    let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
+        .with_context(|| {
+            format!(
+                "opening the traffic log {}",
+                member.config.local.traffic_log.display()
+            )
+        })?;
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
+    let control = crate::control::serve(&member.config.local.control_socket, control_tx)
+        .await
+        .with_context(|| {
+            format!(
+                "serving the control socket {}",
+                member.config.local.control_socket.display()
+            )
+        })?;
+    info!(
+        member = local.0,
+        cluster = member.config.cluster.id,
+        "cluster member running"
+    );
+
+    let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
+    let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
+    let mut count_tick = tokio::time::interval(COUNT_EVERY);
+    for t in [&mut sweep_tick, &mut membership_tick, &mut count_tick] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    let mut lost_events = lock(&member.dp)
+        .counters()
+        .map(|c| c.get(Counter::RingbufFull))
+        .unwrap_or(0);
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = interrupt.recv() => { info!(signal = "SIGINT", "stopping"); break Ok(()); }
+            _ = terminate.recv() => { info!(signal = "SIGTERM", "stopping"); break Ok(()); }
+            batch = events.next_batch() => {
+                for event in &batch {
+                    if event.session.owner == local {
+                        member.engine.enqueue(event.key);
+                    }
+                }
+                member.engine.flush();
+            }
+            _ = sweep_tick.tick() => {
+                let engine = member.engine.clone();
+                let swept = tokio::task::block_in_place(|| {
+                    lock(&member.dp).sweep(DEFAULT_CHUNK, |removed: &[Removed]| {
+                        for r in removed.iter().filter(|r| r.session.owner == local) {
+                            log.write_removed(r, &member.config);
+                            engine.enqueue(r.key);
+                        }
+                    })
+                });
+                if let Err(e) = swept {
+                    warn!(error = %error_chain(&e), "sweep failed");
+                }
+                member.engine.flush();
+                // Events lost to a full ring buffer: announce every owned session again.
+                let lost = lock(&member.dp).counters().map(|c| c.get(Counter::RingbufFull)).unwrap_or(lost_events);
+                if lost != lost_events {
+                    warn!(lost = lost - lost_events, "datapath events were lost; re-announcing owned sessions");
+                    lost_events = lost;
+                    reannounce(&member);
+                }
+            }
+            _ = membership_tick.tick() => apply_membership(&member),
+            _ = count_tick.tick() => count_owned(&member),
+            Some((request, reply)) = control_rx.recv() => {
+                let response = crate::control_handler::handle(&member, request);
+                let _ = reply.send(response);
+            }
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    control.abort();
+    let detached = lock(&member.dp).detach_all().context("detaching XDP");
+    result?;
+    detached?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Applies what the membership rules decided: the XDP member map (takeover) and logs.
+fn apply_membership(member: &Member) {
+    let changes = lock(&member.membership).evaluate(Instant::now());
+    for (id, alive) in changes.liveness {
+        if alive {
+            info!(peer = id.0, "member alive");
+        } else {
+            warn!(peer = id.0, "member no longer alive: its sessions are taken over when their traffic arrives here");
+        }
+        if let Err(e) = lock(&member.dp).set_member_alive(id, alive) {
+            warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
+        }
+    }
+    if let Some(state) = changes.local_state {
+        info!(state = state.name(), "local member state changed");
+    }
+}
+
+/// Counts sessions per owner (one walk of the table).
+pub fn sessions_by_owner(member: &Member) -> BTreeMap<u8, u64> {
+    let mut by_owner = BTreeMap::new();
+    let walked = tokio::task::block_in_place(|| {
+        lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |_, values| {
+            for v in values {
+                *by_owner.entry(v.owner.0).or_insert(0u64) += 1;
+            }
+        })
+    });
+    if let Err(e) = walked {
+        warn!(error = %error_chain(&e), "counting sessions failed");
+    }
+    by_owner
+}
+
+fn count_owned(member: &Member) {
+    let local = member.config.local_member();
+    let owned = sessions_by_owner(member)
+        .get(&local.0)
+        .copied()
+        .unwrap_or(0);
+    lock(&member.membership).local_sessions_owned = u32::try_from(owned).unwrap_or(u32::MAX);
+}
+
+/// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
+/// too many).
+fn reannounce(member: &Member) {
+    let local = member.config.local_member();
+    let walked = tokio::task::block_in_place(|| {
+        lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |k, v| {
+            for (key, s) in k.iter().zip(v) {
+                if s.owner == local {
+                    member.engine.enqueue(*key);
+                }
+            }
+        })
+    });
+    if let Err(e) = walked {
+        warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
+        member.engine.request_bulk_all();
+    }
+    member.engine.flush();
+}

@@ -1,0 +1,555 @@
+//! The traffic log: one JSON line per ended session, written by the session's owner (the
+//! caller checks ownership; only the owner logs a session, so the cluster logs it once).
+//!
+//! ```text
+//! {"proto":"tcp","src":"198.18.0.10","sport":40000,"dst":"198.18.1.10","dport":443,"zone":"trust","owner":1,"start":"2026-04-14T10:00:00.000Z","end":"2026-04-14T10:02:03.250Z","packets_orig":12,"packets_reply":10,"bytes_orig":1804,"bytes_reply":52344,"reason":"closed"}
+//! ```
+//!
+//! The file is opened with `O_APPEND` and each record goes out in one `write(2)`, unbuffered:
+//! lines from concurrent writers never interleave, and a record is on disk (in the page
+//! cache) as soon as `write` returns. For log rotation, either `copytruncate` or rename the file
+//! and call [`TrafficLog::reopen`] (e.g. on SIGHUP).
+
+use std::{
+    borrow::Cow,
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hasync_common::{
+    session::{tcp, DIR_ORIGINAL, DIR_REPLY},
+    FlowKey, Session,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    control::view::SessionView,
+    datapath::{error_chain, monotonic_ns, RemoveReason, Removed},
+};
+
+/// Mode of a log directory this module creates.
+pub const DIR_MODE: u32 = 0o750;
+/// Mode of a log file this module creates.
+pub const FILE_MODE: u32 = 0o640;
+
+/// Errors of the traffic log.
+#[derive(Debug, thiserror::Error)]
+pub enum TrafficLogError {
+    #[error("cannot create the traffic log directory {dir}: {source}")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open the traffic log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write to the traffic log {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// TCP closed by FIN from both sides.
+    Closed,
+    /// TCP closed by a RST.
+    Reset,
+    /// Idle past the timeout of its state.
+    Expired,
+}
+
+impl EndReason {
+    pub const fn name(self) -> &'static str {
+        match self {
+            EndReason::Closed => "closed",
+            EndReason::Reset => "reset",
+            EndReason::Expired => "expired",
+        }
+    }
+}
+
+/// A session that ended, as the traffic log records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionEnd<'a> {
+    pub key: FlowKey,
+    /// The session as last seen.
+    pub session: Session,
+    /// Its zone's name (empty for none; see [`crate::control::view::zone_name`]).
+    pub zone: &'a str,
+    pub reason: EndReason,
+}
+
+impl<'a> SessionEnd<'a> {
+    /// The end of a session the sweep removed. A closed TCP session that saw a RST ended by
+    /// `reset`.
+    pub fn from_removed(removed: &Removed, zone: &'a str) -> SessionEnd<'a> {
+        let Removed {
+            key,
+            session,
+            reason,
+        } = *removed;
+        let reset = session.tcp_flags.iter().any(|f| f & tcp::RST != 0);
+        let reason = match reason {
+            RemoveReason::Expired => EndReason::Expired,
+            RemoveReason::Closed if reset => EndReason::Reset,
+            RemoveReason::Closed => EndReason::Closed,
+        };
+        SessionEnd {
+            key,
+            session,
+            zone,
+            reason,
+        }
+    }
+
+    /// The log record, with monotonic times turned into wall-clock times by `clock`.
+    pub fn record(&self, clock: &Clock) -> TrafficRecord {
+        let SessionView {
+            proto,
+            src,
+            sport,
+            dst,
+            dport,
+            state: _,
+            owner,
+            zone,
+        } = SessionView::from(&self.key, &self.session, self.zone);
+        let s = &self.session;
+        TrafficRecord {
+            proto,
+            src,
+            sport,
+            dst,
+            dport,
+            zone,
+            owner,
+            start: rfc3339(clock.wall_at(s.created_ns)),
+            end: rfc3339(clock.wall_at(s.last_seen_ns)),
+            packets_orig: s.packets[DIR_ORIGINAL],
+            packets_reply: s.packets[DIR_REPLY],
+            bytes_orig: s.bytes[DIR_ORIGINAL],
+            bytes_reply: s.bytes[DIR_REPLY],
+            reason: self.reason,
+        }
+    }
+}
+
+/// One line of the traffic log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficRecord {
+    pub proto: String,
+    /// The initiator.
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub zone: String,
+    pub owner: u8,
+    /// RFC 3339 UTC, milliseconds: when the session was created.
+    pub start: String,
+    /// RFC 3339 UTC, milliseconds: when its last packet was seen.
+    pub end: String,
+    pub packets_orig: u64,
+    pub packets_reply: u64,
+    pub bytes_orig: u64,
+    pub bytes_reply: u64,
+    pub reason: EndReason,
+}
+
+/// The wall clock and `CLOCK_MONOTONIC` read together, to convert session times (monotonic)
+/// to wall-clock times: `wall − (mono − t)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub wall: SystemTime,
+    pub mono_ns: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        Clock {
+            wall: SystemTime::now(),
+            mono_ns: monotonic_ns(),
+        }
+    }
+
+    /// The wall-clock time of monotonic time `t_ns`.
+    pub fn wall_at(&self, t_ns: u64) -> SystemTime {
+        if t_ns <= self.mono_ns {
+            let back = Duration::from_nanos(self.mono_ns - t_ns);
+            self.wall.checked_sub(back).unwrap_or(UNIX_EPOCH)
+        } else {
+            self.wall + Duration::from_nanos(t_ns - self.mono_ns)
+        }
+    }
+}
+
+/// `t` as RFC 3339 UTC with milliseconds (`2026-04-14T10:00:00.123Z`); times before 1970 are
+/// shown as the epoch.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Year, month, day of `days` since 1970-01-01 (H. Hinnant's `civil_from_days`, for
+/// non-negative days).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The open traffic log.
+#[derive(Debug)]
+pub struct TrafficLog {
+    path: PathBuf,
+    file: File,
+    /// Writes that failed since the log was opened.
+    errors: u64,
+    /// The last write failed (the failure was logged; the next success is too).
+    failing: bool,
+}
+
+impl TrafficLog {
+    /// Opens `path` for appending, creating it (mode 0640) and its directory (0750) if missing.
+    pub fn open(path: &Path) -> Result<TrafficLog, TrafficLogError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(dir)
+                    .map_err(|source| TrafficLogError::CreateDir {
+                        dir: dir.to_owned(),
+                        source,
+                    })?;
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| TrafficLogError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(TrafficLog {
+            path: path.to_owned(),
+            file,
+            errors: 0,
+            failing: false,
+        })
+    }
+
+    /// Writes that failed in [`Self::write_removed`] since the log was opened.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the path again (after a rotation renamed the file).
+    pub fn reopen(&mut self) -> Result<(), TrafficLogError> {
+        let TrafficLog { file, .. } = TrafficLog::open(&self.path)?;
+        self.file = file;
+        Ok(())
+    }
+
+    /// Appends the end of a session the sweep removed, naming its zone from `config`. The
+    /// caller checks the local member owns it. A failure (disk full, ...) is counted and logged
+    /// once until writes work again, not returned: the sweep must go on.
+    pub fn write_removed(&mut self, removed: &Removed, config: &Config) {
+        let zone = removed.session.zone;
+        let zone: Cow<'_, str> = match usize::from(zone.0) {
+            0 => Cow::Borrowed(""),
+            id => config.zones.get(id - 1).map_or_else(
+                || Cow::Owned(format!("zone-{id}")),
+                |z| Cow::Borrowed(z.name.as_str()),
+            ),
+        };
+        match self.write(&SessionEnd::from_removed(removed, &zone)) {
+            Ok(()) => {
+                if self.failing {
+                    self.failing = false;
+                    info!(path = %self.path.display(), "traffic log writable again");
+                }
+            }
+            Err(error) => {
+                self.errors += 1;
+                if !self.failing {
+                    self.failing = true;
+                    warn!(error = %error_chain(&error), "traffic log write failed; session ends are lost until it works again");
+                }
+            }
+        }
+    }
+
+    /// Appends one line for `end`, converting its times with the clocks as they are now.
+    pub fn write(&self, end: &SessionEnd<'_>) -> Result<(), TrafficLogError> {
+        self.write_at(end, &Clock::now())
+    }
+
+    /// Appends one line for `end`, converting its times with `clock`.
+    pub fn write_at(&self, end: &SessionEnd<'_>, clock: &Clock) -> Result<(), TrafficLogError> {
+        let write_err = |source| TrafficLogError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(&end.record(clock)).map_err(|e| write_err(e.into()))?;
+        line.push(b'\n');
+        // One write(2) for the whole line: with O_APPEND the kernel places it atomically at the
+        // end of a regular file.
+        (&self.file).write_all(&line).map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hasync_common::State;
+
+    use super::*;
+    use crate::control::testing::{Flow, TempDir};
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn removed(flow: Flow, reason: RemoveReason) -> Removed {
+        let (key, session) = flow.entry();
+        Removed {
+            key,
+            session,
+            reason,
+        }
+    }
+
+    /// Wall clock 2026-04-14T10:00:00Z at monotonic 5000 s.
+    fn clock() -> Clock {
+        Clock {
+            wall: UNIX_EPOCH + Duration::from_secs(1_776_160_800),
+            mono_ns: 5000 * SEC,
+        }
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        for (secs, millis, want) in [
+            (0, 0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400, 0, "2000-02-29T00:00:00.000Z"),
+            (1_709_210_096, 0, "2024-02-29T12:34:56.000Z"),
+            (1_776_160_800, 123, "2026-04-14T10:00:00.123Z"),
+            (4_102_444_799, 999, "2099-12-31T23:59:59.999Z"),
+        ] {
+            let t = UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis);
+            assert_eq!(rfc3339(t), want);
+        }
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn monotonic_times_become_wall_clock_times() {
+        let c = clock();
+        assert_eq!(c.wall_at(5000 * SEC), c.wall);
+        assert_eq!(c.wall_at(4877 * SEC), c.wall - Duration::from_secs(123));
+        // Seen after the clocks were read (a racing packet): later, not clamped.
+        assert_eq!(c.wall_at(5001 * SEC), c.wall + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn each_ended_session_is_one_json_line_with_the_initiator_first() {
+        let dir = TempDir::new("traffic-log");
+        // The directory does not exist yet.
+        let path = dir.path().join("log/hasync/traffic.jsonl");
+        let log = TrafficLog::open(&path).expect("open");
+
+        // A TCP session closed by FINs, initiated by the higher endpoint.
+        let fin = tcp::SYN | tcp::ACK | tcp::FIN;
+        let closed = removed(
+            Flow::tcp("198.18.1.10", 40000, "198.18.0.10", 443)
+                .state(State::Closed)
+                .zone(1)
+                .times(4000 * SEC, 4123 * SEC + 250_000_000)
+                .traffic([12, 10], [1804, 52_344])
+                .tcp_flags([fin, fin]),
+            RemoveReason::Closed,
+        );
+        log.write_at(&SessionEnd::from_removed(&closed, "trust"), &clock())
+            .expect("write");
+
+        // The same session ended by a RST; a UDP session that expired.
+        let mut rst = closed;
+        rst.session.tcp_flags[1] |= tcp::RST;
+        log.write_at(&SessionEnd::from_removed(&rst, "trust"), &clock())
+            .expect("write");
+        let expired = removed(
+            Flow::udp("198.18.0.10", 5353, "198.18.1.1", 53)
+                .state(State::UdpReplied)
+                .owner(2)
+                .times(4990 * SEC, 4991 * SEC),
+            RemoveReason::Expired,
+        );
+        log.write_at(&SessionEnd::from_removed(&expired, ""), &clock())
+            .expect("write");
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(text.ends_with('\n'));
+        assert_eq!(
+            lines[0],
+            concat!(
+                r#"{"proto":"tcp","src":"198.18.1.10","sport":40000,"dst":"198.18.0.10","dport":443,"#,
+                r#""zone":"trust","owner":1,"start":"2026-04-14T09:43:20.000Z","end":"2026-04-14T09:45:23.250Z","#,
+                r#""packets_orig":12,"packets_reply":10,"bytes_orig":1804,"bytes_reply":52344,"reason":"closed"}"#
+            )
+        );
+        let reasons: Vec<EndReason> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<TrafficRecord>(l).unwrap().reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            [EndReason::Closed, EndReason::Reset, EndReason::Expired]
+        );
+        let udp: TrafficRecord = serde_json::from_str(lines[2]).unwrap();
+        assert_eq!(
+            (udp.src.to_string(), udp.dport, udp.zone.as_str(), udp.owner),
+            ("198.18.0.10".into(), 53, "", 2)
+        );
+        assert_eq!(udp.start, "2026-04-14T09:59:50.000Z");
+    }
+
+    #[test]
+    fn removed_sessions_name_their_zone_and_failed_writes_are_counted() {
+        let config = Config::from_toml(
+            Path::new("test.toml"),
+            r#"
+[cluster]
+id = 7
+key_file = "/nonexistent"
+[local]
+member = 1
+[ha4]
+interface = "ha0"
+address = "198.18.100.1/24"
+[[zones]]
+name = "trust"
+interfaces = ["lan0"]
+[[zones]]
+name = "untrust"
+interfaces = ["wan0"]
+"#,
+        )
+        .expect("config");
+        let dir = TempDir::new("traffic-removed");
+        let path = dir.path().join("traffic.jsonl");
+        let mut log = TrafficLog::open(&path).unwrap();
+        for zone in [2, 0, 9] {
+            let ended = removed(
+                Flow::udp("10.0.0.1", 1000, "10.0.0.2", 2000).zone(zone),
+                RemoveReason::Expired,
+            );
+            log.write_removed(&ended, &config);
+        }
+        let zones: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<TrafficRecord>(l).unwrap().zone)
+            .collect();
+        assert_eq!(zones, ["untrust", "", "zone-9"]);
+        assert_eq!(log.errors(), 0);
+
+        // A full disk: counted, not fatal.
+        let mut full = TrafficLog::open(Path::new("/dev/full")).expect("open /dev/full");
+        let ended = removed(
+            Flow::udp("10.0.0.1", 1, "10.0.0.2", 2),
+            RemoveReason::Expired,
+        );
+        full.write_removed(&ended, &config);
+        full.write_removed(&ended, &config);
+        assert_eq!(full.errors(), 2);
+        let e = full
+            .write(&SessionEnd::from_removed(&ended, ""))
+            .expect_err("no space");
+        assert!(
+            e.to_string()
+                .starts_with("cannot write to the traffic log /dev/full"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn writers_append_whole_lines_and_reopen_follows_a_rotation() {
+        let dir = TempDir::new("traffic-append");
+        let path = dir.path().join("traffic.jsonl");
+        std::fs::write(&path, "earlier line\n").unwrap();
+        let (key, s) = Flow::udp("10.0.0.1", 1000, "10.0.0.2", 2000).entry();
+        let end = SessionEnd {
+            key,
+            session: s,
+            zone: "",
+            reason: EndReason::Expired,
+        };
+        let a = TrafficLog::open(&path).unwrap();
+        let mut b = TrafficLog::open(&path).unwrap();
+        for _ in 0..50 {
+            a.write(&end).unwrap();
+            b.write(&end).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 101);
+        assert_eq!(lines[0], "earlier line");
+        for l in &lines[1..] {
+            serde_json::from_str::<TrafficRecord>(l).expect("a whole record per line");
+        }
+        let rotated = dir.path().join("traffic.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        b.reopen().unwrap();
+        b.write(&end).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        // A file the log creates is not readable by others (0640, less the umask).
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o137, 0, "mode {mode:o}");
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            101
+        );
+    }
+}
