@@ -331,7 +331,14 @@ impl LabCluster {
             .unwrap_or_else(|| default_dir(topology.prefix()));
         if dir.exists() {
             // Left by an earlier lab with this prefix: its namespaces are gone (Topology::create
-            // checked), so are its agents.
+            // checked), so are its agents. Anything else is not ours to remove.
+            let empty = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none());
+            if !empty && !dir.join("cluster.key").exists() {
+                return Err(LabError::io(
+                    format!("lab dir {}", dir.display()),
+                    std::io::Error::other("exists and is not a lab directory (no cluster.key)"),
+                ));
+            }
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| LabError::io(format!("removing old lab dir {}", dir.display()), e))?;
         }

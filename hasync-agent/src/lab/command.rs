@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     cluster::{AgentState, ClusterOptions, LabCluster},
+    netns::netns_exists,
     topology::{existing_namespaces, CLIENT_V4, SERVER_V4},
     traffic::{
         tcp_client, tcp_echo_server, udp_client, udp_echo_server, Bounds, Progress,
@@ -190,10 +191,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let dir = lab.dir().to_owned();
     let names: Vec<String> = lab.topology().namespaces().map(str::to_owned).collect();
     drop(lab);
-    let left: Vec<&String> = names
-        .iter()
-        .filter(|n| Path::new("/run/netns").join(n).exists())
-        .collect();
+    let left: Vec<&String> = names.iter().filter(|n| netns_exists(n)).collect();
     if !left.is_empty() {
         bail!("could not remove namespaces {left:?}: see the messages above");
     }

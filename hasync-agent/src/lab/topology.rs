@@ -99,18 +99,23 @@ impl Link {
         (Ipv4Addr::new(198, 18, third, k), 24)
     }
 
-    /// Member `k`'s IPv6 address on this link (data links only), with its prefix length.
+    /// Member `k`'s IPv6 address on this link (data links only: `fd00:18::K` and
+    /// `fd00:18:1::K`, K written in hex), with its prefix length.
     pub fn v6(self, k: u8) -> Option<(Ipv6Addr, u8)> {
-        let net = match self {
-            Link::In => 0,
-            Link::Out => 1,
-            Link::Ha4 | Link::Ha4Backup => return None,
-        };
-        Some((
-            Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, u16::from(k)),
-            64,
-        ))
+        match self {
+            Link::In => Some((inside_v6(k), 64)),
+            Link::Out => Some((outside_v6(k), 64)),
+            Link::Ha4 | Link::Ha4Backup => None,
+        }
     }
+}
+
+fn inside_v6(k: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, u16::from(k))
+}
+
+fn outside_v6(k: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, u16::from(k))
 }
 
 impl fmt::Display for Link {
@@ -259,8 +264,8 @@ impl Topology {
         // Ends: addresses (IPv6 without DAD: usable at once), up, routes.
         let (fw1_in, _) = Link::In.v4(1);
         let (fw1_out, _) = Link::Out.v4(1);
-        let (fw1_in6, _) = Link::In.v6(1).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
-        let (fw1_out6, _) = Link::Out.v6(1).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        let fw1_in6 = inside_v6(1);
+        let fw1_out6 = outside_v6(1);
         ip_batch(
             self.client(),
             &[
@@ -401,7 +406,7 @@ impl Topology {
     pub fn steer_client(&self, k: u8) -> Result<()> {
         self.check_member(k)?;
         let (gw4, _) = Link::In.v4(k);
-        let (gw6, _) = Link::In.v6(k).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        let gw6 = inside_v6(k);
         ip_batch(
             self.client(),
             &[
@@ -415,7 +420,7 @@ impl Topology {
     pub fn steer_server(&self, k: u8) -> Result<()> {
         self.check_member(k)?;
         let (gw4, _) = Link::Out.v4(k);
-        let (gw6, _) = Link::Out.v6(k).unwrap_or((Ipv6Addr::UNSPECIFIED, 0));
+        let gw6 = outside_v6(k);
         ip_batch(
             self.server(),
             &[

@@ -516,7 +516,10 @@ impl Engine {
                 g.ha4_failed = false;
                 g.ha4_usable_at = Some(now + self.inner.cfg.hold_down);
             }
-            if hello.wants_bulk && peer.cfg.session_sync && self.inner.cfg.local_session_sync {
+            // The same boot asking again on its second link is the same request.
+            let asked_already = g.links.keys().any(|l| *l != link)
+                && g.hello.as_ref().is_some_and(|h| h.boot_id == hello.boot_id);
+            if hello.wants_bulk && !asked_already && peer.cfg.session_sync && self.inner.cfg.local_session_sync {
                 g.bulk_wanted = true;
             }
             g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
@@ -1002,10 +1005,33 @@ impl Engine {
     }
 }
 
-/// Reads `/sys/class/net/IF/operstate` (the agent's own network namespace).
+/// Is the interface administratively up with its carrier on (`IFF_UP | IFF_RUNNING`)? Asked
+/// with `SIOCGIFFLAGS` on a socket, so the answer is about the agent's own network namespace
+/// whatever `/sys` shows.
 fn interface_up(ifname: &str) -> bool {
-    match std::fs::read_to_string(format!("/sys/class/net/{ifname}/operstate")) {
-        Ok(s) => matches!(s.trim(), "up" | "unknown"),
-        Err(_) => false,
+    let name = ifname.as_bytes();
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= req.ifr_name.len() {
+        return false;
     }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the flags into `req`.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    let want = libc::IFF_UP | libc::IFF_RUNNING;
+    flags & want == want
 }
