@@ -171,7 +171,7 @@ pub struct TrafficRecord {
     pub reason: EndReason,
 }
 
-/// The wall clock and `CLOCK_MONOTONIC` read together, to convert session times (monotonic)
+/// The wall clock and the session clock (`monotonic_ns`) read together, to convert session times (monotonic)
 /// to wall-clock times: `wall − (mono − t)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Clock {

@@ -86,6 +86,15 @@ impl State {
     }
 }
 
+/// The expiry rule, shared by the XDP program (a stale session is treated as absent) and the
+/// sweep (which removes it): a session idle for its state's timeout or longer, at `now_ns`,
+/// has expired (a timeout of 0 expires it at once). A `last_seen_ns` later than `now_ns`
+/// (another CPU stored a newer time after `now_ns` was read) is never idle.
+#[inline(always)]
+pub const fn expired(now_ns: u64, last_seen_ns: u64, timeout_ns: u64) -> bool {
+    now_ns >= last_seen_ns && now_ns - last_seen_ns >= timeout_ns
+}
+
 /// Bit flags of a session.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -113,8 +122,8 @@ pub const DIR_REPLY: usize = 1;
 
 /// The value of a SESSIONS entry.
 ///
-/// `created_ns`, `last_seen_ns` and `last_event_ns` are this host's `CLOCK_MONOTONIC`
-/// (`bpf_ktime_get_ns`): node-local, never sent to a peer as such (sync sends ages).
+/// `created_ns`, `last_seen_ns` and `last_event_ns` are this host's `CLOCK_MONOTONIC_COARSE`
+/// (`bpf_ktime_get_coarse_ns`): node-local, never sent to a peer as such (sync sends ages).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Session {

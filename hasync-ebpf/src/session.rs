@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     maps::EVENTS_WAKEUP_BATCH_BYTES,
-    session::{tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
+    session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session,
     SessionFlags, State, ZoneId,
 };
@@ -85,7 +85,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     if let Some(note) = pkt.note {
         counters.inc(note);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a
     // peer still holding the old one takes the new one by (version, owner).
@@ -94,9 +94,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
-        // saturating: another CPU may have stored a later last_seen_ns since `now` was read.
-        let idle = now.saturating_sub(s.last_seen_ns);
-        let expired = idle > timeout_ns(cfg, s.state);
+        let expired = expired(now, s.last_seen_ns, timeout_ns(cfg, s.state));
         // A fresh SYN on a closed session is a new connection reusing the ports.
         let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {

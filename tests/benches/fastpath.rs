@@ -17,6 +17,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
+use hasync_agent::datapath::monotonic_ns;
 use hasync_common::{
     maps as names, member::MEMBER_SLOTS, session::tcp, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, SessionFlags, State,
@@ -92,16 +93,6 @@ fn key_for(idx: u32) -> FlowKey {
     );
     key.addr_hi[2] = idx;
     key
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn established(now: u64) -> Session {

@@ -66,18 +66,17 @@ impl SweepReport {
     }
 }
 
-/// Whether `session` should be removed at `now` (CLOCK_MONOTONIC ns), and why.
+/// Whether `session` should be removed at `now` (session clock ns), and why.
 ///
-/// Same rule as the XDP program (idle > timeout of the state; an unknown state has timeout 0),
-/// except that a `last_seen_ns` after `now` counts as not idle at all.
+/// Same rule as the XDP program ([`hasync_common::session::expired`]; an unknown state has
+/// timeout 0), and a `last_seen_ns` after `now` counts as not idle at all.
 pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<RemoveReason> {
     let timeout = cfg
         .timeouts_ns
         .get(usize::from(session.state))
         .copied()
         .unwrap_or(0);
-    let idle = now.saturating_sub(session.last_seen_ns);
-    if idle <= timeout {
+    if !hasync_common::session::expired(now, session.last_seen_ns, timeout) {
         return None;
     }
     Some(if session.state == State::Closed as u8 {

@@ -19,7 +19,7 @@ use super::{
 
 /// A prefix no other test (or concurrent run) uses.
 fn prefix(tag: &str) -> String {
-    format!("{tag}{}-", std::process::id())
+    super::topology::test_prefix(tag).expect("test prefix")
 }
 
 /// Packets member `k` received on `link`.
@@ -190,6 +190,7 @@ fn agents_run_in_their_namespace_and_stop_with_the_lab() {
         "#!/bin/sh\n\
          ip -o addr show dev ha4 > \"$3.where\"\n\
          grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && echo bpffs >> \"$3.where\"\n\
+         echo lab-script-done >> \"$3.where\"\n\
          echo started\n\
          exec sleep 30\n",
     )
@@ -209,7 +210,7 @@ fn agents_run_in_their_namespace_and_stop_with_the_lab() {
     let text = super::netns::wait_for(Duration::from_secs(5), || {
         std::fs::read_to_string(&where1)
             .ok()
-            .filter(|t| t.contains("198.18"))
+            .filter(|t| t.contains("lab-script-done"))
     })
     .expect("the fake agent reports where it runs");
     assert!(text.contains("198.18.100.1/24"), "{text}");

@@ -179,6 +179,32 @@ pub fn existing_namespaces(prefix: &str, members: u8) -> Vec<String> {
         .collect()
 }
 
+/// A prefix unique to this process for tests: `<tag><pid>-`. Namespaces of earlier runs with
+/// the same tag whose process is gone (killed before cleaning up) are removed first, when
+/// nothing runs in them.
+pub fn test_prefix(tag: &str) -> Result<String> {
+    check_prefix(tag)?;
+    let me = std::process::id();
+    if let Ok(entries) = std::fs::read_dir(netns::NETNS_DIR) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(tag)
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let gone = pid != me && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            let idle = ip_netns(&["netns", "pids", &name]).is_ok_and(|p| p.trim().is_empty());
+            if gone && idle {
+                let _ = ip_netns(&["netns", "del", &name]);
+            }
+        }
+    }
+    Ok(format!("{tag}{me}-"))
+}
+
 fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
     format!("{}/{len}", addr.into())
 }

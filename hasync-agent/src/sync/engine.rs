@@ -519,7 +519,11 @@ impl Engine {
             // The same boot asking again on its second link is the same request.
             let asked_already = g.links.keys().any(|l| *l != link)
                 && g.hello.as_ref().is_some_and(|h| h.boot_id == hello.boot_id);
-            if hello.wants_bulk && !asked_already && peer.cfg.session_sync && self.inner.cfg.local_session_sync {
+            if hello.wants_bulk
+                && !asked_already
+                && peer.cfg.session_sync
+                && self.inner.cfg.local_session_sync
+            {
                 g.bulk_wanted = true;
             }
             g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
