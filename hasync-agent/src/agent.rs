@@ -1,17 +1,10 @@
 //! `hasync agent`: load the datapath, attach it, then consume events and sweep expired
 //! sessions until SIGINT/SIGTERM.
 
-use std::{
-    fmt,
-    net::{Ipv4Addr, Ipv6Addr},
-    time::Duration,
-};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{
-    flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    Counter, Counters, Event, EventKind, Family, FlowKey, State, ZoneId,
-};
+use hasync_common::{Counter, Counters, Event, EventKind, State, ZoneId};
 use tokio::{
     signal::unix::{signal, SignalKind},
     time::{interval, interval_at, Instant, MissedTickBehavior},
@@ -134,7 +127,7 @@ impl Tally {
             }
             debug!(
                 kind = kind.name(),
-                flow = %FlowDisplay(&key),
+                flow = %key,
                 state = state_name(session.state),
                 owner = session.owner.0,
                 version = session.version,
@@ -220,7 +213,7 @@ fn log_removed(removed: &[Removed]) {
     for r in removed {
         debug!(
             reason = r.reason.name(),
-            flow = %FlowDisplay(&r.key),
+            flow = %r.key,
             state = state_name(r.session.state),
             "session removed"
         );
@@ -260,99 +253,4 @@ fn summarize(tally: &Tally, events: &EventStream, now: &Counters, before: &Count
 
 fn state_name(state: u8) -> &'static str {
     State::from_u8(state).map_or("unknown", State::name)
-}
-
-/// `proto lo-addr:port <-> hi-addr:port` for logs.
-struct FlowDisplay<'a>(&'a FlowKey);
-
-impl fmt::Display for FlowDisplay<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let FlowKey {
-            addr_lo,
-            addr_hi,
-            port_lo,
-            port_hi,
-            proto,
-            family,
-            _pad,
-        } = self.0;
-        match *proto {
-            IPPROTO_TCP => f.write_str("tcp ")?,
-            IPPROTO_UDP => f.write_str("udp ")?,
-            IPPROTO_ICMP => f.write_str("icmp ")?,
-            IPPROTO_ICMPV6 => f.write_str("icmpv6 ")?,
-            other => write!(f, "proto-{other} ")?,
-        }
-        let addr = |f: &mut fmt::Formatter<'_>, a: &[u32; 4]| -> fmt::Result {
-            // Addresses are kept as the packet carries them: network byte order in memory.
-            if *family == Family::V6 as u8 {
-                let mut bytes = [0u8; 16];
-                for (chunk, word) in bytes.chunks_exact_mut(4).zip(a) {
-                    chunk.copy_from_slice(&word.to_ne_bytes());
-                }
-                write!(f, "[{}]", Ipv6Addr::from(bytes))
-            } else {
-                write!(f, "{}", Ipv4Addr::from(a[0].to_ne_bytes()))
-            }
-        };
-        if *proto == IPPROTO_ICMP || *proto == IPPROTO_ICMPV6 {
-            // Both "ports" hold the echo identifier.
-            addr(f, addr_lo)?;
-            f.write_str(" <-> ")?;
-            addr(f, addr_hi)?;
-            return write!(f, " id {}", u16::from_be(*port_lo));
-        }
-        addr(f, addr_lo)?;
-        write!(f, ":{} <-> ", u16::from_be(*port_lo))?;
-        addr(f, addr_hi)?;
-        write!(f, ":{}", u16::from_be(*port_hi))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flows_print_as_operators_read_them() {
-        let v4 = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
-        let (key, _) = FlowKey::canonical(
-            Family::V4,
-            IPPROTO_UDP,
-            v4([198, 18, 0, 1]),
-            40000u16.to_be(),
-            v4([198, 18, 1, 1]),
-            53u16.to_be(),
-        );
-        assert_eq!(
-            FlowDisplay(&key).to_string(),
-            "udp 198.18.0.1:40000 <-> 198.18.1.1:53"
-        );
-
-        let v6 = |last: u8| {
-            let mut b = [0u8; 16];
-            b[0] = 0x20;
-            b[1] = 0x01;
-            b[2] = 0x0d;
-            b[3] = 0xb8;
-            b[15] = last;
-            let mut w = [0u32; 4];
-            for (w, c) in w.iter_mut().zip(b.chunks_exact(4)) {
-                *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            w
-        };
-        let (key, _) = FlowKey::canonical(
-            Family::V6,
-            IPPROTO_TCP,
-            v6(2),
-            443u16.to_be(),
-            v6(1),
-            50000u16.to_be(),
-        );
-        assert_eq!(
-            FlowDisplay(&key).to_string(),
-            "tcp [2001:db8::1]:50000 <-> [2001:db8::2]:443"
-        );
-    }
 }

@@ -116,6 +116,67 @@ impl FlowKey {
     }
 }
 
+/// The name operators use for an IP protocol the datapath tracks, if it is one.
+pub const fn proto_name(proto: u8) -> Option<&'static str> {
+    match proto {
+        IPPROTO_TCP => Some("tcp"),
+        IPPROTO_UDP => Some("udp"),
+        IPPROTO_ICMP => Some("icmp"),
+        IPPROTO_ICMPV6 => Some("icmpv6"),
+        _ => None,
+    }
+}
+
+/// An address word array (network byte order in memory) as an IP address of `family`.
+fn ip_of(family: u8, words: &[u32; 4]) -> core::net::IpAddr {
+    if family == Family::V6 as u8 {
+        let mut bytes = [0u8; 16];
+        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        core::net::IpAddr::V6(core::net::Ipv6Addr::from(bytes))
+    } else {
+        core::net::IpAddr::V4(core::net::Ipv4Addr::from(words[0].to_ne_bytes()))
+    }
+}
+
+impl FlowKey {
+    /// The lower endpoint's address.
+    pub fn ip_lo(&self) -> core::net::IpAddr {
+        ip_of(self.family, &self.addr_lo)
+    }
+
+    /// The higher endpoint's address.
+    pub fn ip_hi(&self) -> core::net::IpAddr {
+        ip_of(self.family, &self.addr_hi)
+    }
+}
+
+/// `proto lo-addr:port <-> hi-addr:port` (ICMP: `icmp lo <-> hi id N`), for logs.
+impl core::fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match proto_name(self.proto) {
+            Some(name) => write!(f, "{name} ")?,
+            None => write!(f, "proto-{} ", self.proto)?,
+        }
+        let addr = |f: &mut core::fmt::Formatter<'_>, ip: core::net::IpAddr| match ip {
+            core::net::IpAddr::V6(v6) => write!(f, "[{v6}]"),
+            core::net::IpAddr::V4(v4) => write!(f, "{v4}"),
+        };
+        if self.proto == IPPROTO_ICMP || self.proto == IPPROTO_ICMPV6 {
+            // Both "ports" hold the echo identifier.
+            addr(f, self.ip_lo())?;
+            f.write_str(" <-> ")?;
+            addr(f, self.ip_hi())?;
+            return write!(f, " id {}", u16::from_be(self.port_lo));
+        }
+        addr(f, self.ip_lo())?;
+        write!(f, ":{} <-> ", u16::from_be(self.port_lo))?;
+        addr(f, self.ip_hi())?;
+        write!(f, ":{}", u16::from_be(self.port_hi))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +222,52 @@ mod tests {
             FlowKey::canonical(Family::V4, IPPROTO_UDP, b, 1u16.to_be(), a, 2u16.to_be());
         assert!(src_is_hi);
         assert_eq!(k.addr_lo, a);
+    }
+
+    #[test]
+    fn flows_print_as_operators_read_them() {
+        extern crate std;
+        use std::string::ToString;
+        let (key, _) = FlowKey::canonical(
+            Family::V4,
+            IPPROTO_UDP,
+            v4([198, 18, 0, 1]),
+            40000u16.to_be(),
+            v4([198, 18, 1, 1]),
+            53u16.to_be(),
+        );
+        assert_eq!(key.to_string(), "udp 198.18.0.1:40000 <-> 198.18.1.1:53");
+        let v6 = |last: u8| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+            b[15] = last;
+            let mut w = [0u32; 4];
+            for (w, c) in w.iter_mut().zip(b.chunks_exact(4)) {
+                *w = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            w
+        };
+        let (key, _) = FlowKey::canonical(
+            Family::V6,
+            IPPROTO_TCP,
+            v6(2),
+            443u16.to_be(),
+            v6(1),
+            50000u16.to_be(),
+        );
+        assert_eq!(
+            key.to_string(),
+            "tcp [2001:db8::1]:50000 <-> [2001:db8::2]:443"
+        );
+        let (key, _) = FlowKey::canonical(
+            Family::V4,
+            IPPROTO_ICMP,
+            v4([198, 18, 0, 1]),
+            7u16.to_be(),
+            v4([198, 18, 1, 1]),
+            7u16.to_be(),
+        );
+        assert_eq!(key.to_string(), "icmp 198.18.0.1 <-> 198.18.1.1 id 7");
     }
 
     #[test]

@@ -9,14 +9,3 @@ use hasync_ebpf::session::{process, NoMix};
 pub fn hasync(ctx: XdpContext) -> u32 {
     process::<NoMix>(&ctx)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    // Unreachable: the crate has no panicking paths, and the verifier rejects any it finds.
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -40,10 +40,7 @@ pub const PROTOCOLS: [(&str, u8); 4] = [
 /// The name `show` uses for an IP protocol number: `tcp`, `udp`, `icmp`, `icmpv6`, else
 /// `proto-N`.
 pub fn proto_name(proto: u8) -> String {
-    PROTOCOLS
-        .iter()
-        .find(|(_, n)| *n == proto)
-        .map_or_else(|| format!("proto-{proto}"), |(name, _)| (*name).to_owned())
+    hasync_common::flow::proto_name(proto).map_or_else(|| format!("proto-{proto}"), str::to_owned)
 }
 
 /// What the operator asks the agent.

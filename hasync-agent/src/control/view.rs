@@ -6,14 +6,12 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     sync::{Mutex, MutexGuard},
     time::Instant,
 };
 
-use hasync_common::{
-    Counter, Counters, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
-};
+use hasync_common::{Counter, Counters, FlowKey, MemberId, Session, SessionFlags, State, ZoneId};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{proto_name, SessionFilter, MAX_SESSION_PAGE};
@@ -231,19 +229,6 @@ pub struct SessionView {
     pub zone: String,
 }
 
-/// An address of a flow key: network byte order in memory, IPv4 in word 0.
-fn key_addr(family: u8, words: &[u32; 4]) -> IpAddr {
-    if family == Family::V6 as u8 {
-        let mut bytes = [0u8; 16];
-        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        IpAddr::V6(Ipv6Addr::from(bytes))
-    } else {
-        IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))
-    }
-}
-
 /// The name of `zone`: its configured name (`zones` in id order, id 1 first), empty for
 /// [`ZoneId::NONE`], `zone-N` for an id this member does not know.
 pub fn zone_name(zones: &[String], zone: ZoneId) -> String {
@@ -261,16 +246,16 @@ impl SessionView {
     /// `src`.
     pub fn from(key: &FlowKey, s: &Session, zone_name: &str) -> SessionView {
         let FlowKey {
-            addr_lo,
-            addr_hi,
+            addr_lo: _,
+            addr_hi: _,
             port_lo,
             port_hi,
             proto,
-            family,
+            family: _,
             _pad,
         } = key;
-        let lo = (key_addr(*family, addr_lo), u16::from_be(*port_lo));
-        let hi = (key_addr(*family, addr_hi), u16::from_be(*port_hi));
+        let lo = (key.ip_lo(), u16::from_be(*port_lo));
+        let hi = (key.ip_hi(), u16::from_be(*port_hi));
         let ((src, sport), (dst, dport)) = if s.flags.has(SessionFlags::INITIATOR_HI) {
             (hi, lo)
         } else {

@@ -107,13 +107,3 @@ pub fn base_insert(ctx: XdpContext) -> u32 {
         Err(_) => xdp_action::XDP_DROP,
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
