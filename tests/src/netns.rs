@@ -9,14 +9,7 @@
 //! - namespaces are named `hst-<pid>-<test>-<name>`, so a later run can remove what a killed
 //!   run left behind (only when that pid is gone).
 
-use std::{
-    fs::File,
-    net::IpAddr,
-    os::fd::AsRawFd as _,
-    process::Command,
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, process::Command, thread::JoinHandle};
 
 use anyhow::{bail, ensure, Context as _, Result};
 
@@ -95,16 +88,10 @@ fn run_ip(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether `addr` is in one of the ranges labs may use.
-pub fn is_lab_address(addr: IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            o[0] == 198 && (o[1] == 18 || o[1] == 19)
-        }
-        IpAddr::V6(a) => a.octets()[0] == 0xfd,
-    }
-}
+use hasync_agent::lab::netns as lab;
+/// Address ranges, namespace entry, `ip -n`, sysctls and polling come from the lab library
+/// that `hasync lab` uses, so the rules are enforced in one place.
+pub use hasync_agent::lab::netns::{is_lab_address, wait_for};
 
 /// A network namespace, deleted (with its interfaces) when dropped.
 pub struct Netns {
@@ -118,9 +105,7 @@ impl Netns {
 
     /// Runs `ip -n <this namespace> args...`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        run_ip(&all)
+        Ok(lab::ip(&self.name, args)?)
     }
 
     /// Adds `cidr` (e.g. "198.18.0.1/24", "fd00:18::1/64") to `ifname`; IPv6 without DAD.
@@ -161,43 +146,20 @@ impl Netns {
     /// Runs `f` on a thread that joined this namespace, and waits for it. A panic in `f`
     /// propagates.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let path = self.path();
-        std::thread::scope(|s| {
-            s.spawn(move || -> Result<T> {
-                enter(&path)?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        Ok(lab::run_in(&self.name, f)?)
     }
 
     /// Starts `f` on a thread that joined this namespace.
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> JoinHandle<Result<T>> {
-        let path = self.path();
-        std::thread::spawn(move || -> Result<T> {
-            enter(&path)?;
-            Ok(f())
-        })
+    ) -> JoinHandle<Result<T, hasync_agent::lab::LabError>> {
+        lab::spawn_in(&self.name, f)
     }
 
-    /// Writes sysctl `key` (dotted, e.g. "net.ipv4.ip_forward") inside this namespace and
-    /// checks it took.
+    /// Writes sysctl `key` (dotted, `net.` only) inside this namespace and checks it took.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        ensure!(
-            key.starts_with("net."),
-            "only per-namespace `net.` sysctls: {key}"
-        );
-        let path = format!("/proc/sys/{}", key.replace('.', "/"));
-        let read = self.run(|| -> Result<String> {
-            std::fs::write(&path, value).with_context(|| format!("writing {path}"))?;
-            Ok(std::fs::read_to_string(&path)?.trim().to_string())
-        })??;
-        ensure!(read == value, "{key} reads {read} after writing {value}");
-        Ok(())
+        Ok(lab::sysctl(&self.name, key, value)?)
     }
 
     /// The index of interface `ifname` in this namespace.
@@ -208,10 +170,6 @@ impl Netns {
         ensure!(index != 0, "no interface {ifname} in {}", self.name);
         Ok(index)
     }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
 }
 
 impl Drop for Netns {
@@ -220,17 +178,6 @@ impl Drop for Netns {
             eprintln!("cleanup: {e:#}");
         }
     }
-}
-
-/// Moves the calling thread into the namespace at `path`.
-fn enter(path: &str) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening {path}"))?;
-    // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        bail!("setns({path}): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Connects interface `a_if` in `a` to `b_if` in `b` with a veth pair, both up. The pair is
@@ -304,19 +251,5 @@ impl<T: Send + 'static> Drop for DropIsolated<T> {
         if done.is_err() {
             eprintln!("cleanup: dropping an isolated value panicked");
         }
-    }
-}
-
-/// Polls `check` every 10 ms until it returns `Some`, for at most `timeout`.
-pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
