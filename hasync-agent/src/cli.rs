@@ -31,6 +31,18 @@ pub enum Command {
     Suspend(crate::control::command::ConnectArgs),
     /// End a suspension: the member holds as tentative, then becomes active.
     Functional(crate::control::command::ConnectArgs),
+    /// Write every member's config, the cluster key and the sync interfaces' setup commands
+    /// from one cluster description.
+    Provision(crate::provision::ProvisionArgs),
+    /// Check config files, or show what two members' configs disagree on.
+    Config(crate::provision::diff::ConfigArgs),
+    /// Remove the datapath a stopped agent left pinned: detach XDP, drop the session table.
+    Teardown(crate::service::TeardownArgs),
+    /// Install as a systemd service: the binary, the unit, an example config and a new cluster
+    /// key (an existing config or key is never overwritten).
+    Install(crate::service::InstallArgs),
+    /// Remove the binary and the unit `install` put in place; the config and the key stay.
+    Uninstall(crate::service::InstallArgs),
 }
 
 #[derive(Debug, Args)]

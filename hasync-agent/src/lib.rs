@@ -6,9 +6,13 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod control_handler;
+pub mod dashboard;
 pub mod datapath;
 pub mod lab;
+pub mod metrics;
+pub mod provision;
 pub mod runtime;
+pub mod service;
 pub mod sync;
 pub mod traffic_log;
 

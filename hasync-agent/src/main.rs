@@ -11,21 +11,36 @@ use tracing_subscriber::{filter::LevelFilter, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::builder()
-                .with_default_directive(LevelFilter::INFO.into())
-                .from_env_lossy(),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env_lossy();
+    if hasync_agent::service::journal::stderr_is_journal() {
+        // Under systemd: journald adds the time; lines carry a priority and key=value fields.
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .event_format(hasync_agent::service::journal::JournalFormat)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init();
+    }
     let result = match cli.command {
         Command::Agent(args) => hasync_agent::agent::run(&args),
         Command::Lab(args) => hasync_agent::lab::run(&args),
         Command::Show(args) => hasync_agent::control::command::show(&args),
         Command::Suspend(args) => hasync_agent::control::command::suspend(&args),
         Command::Functional(args) => hasync_agent::control::command::functional(&args),
+        Command::Provision(args) => hasync_agent::provision::run(&args),
+        Command::Teardown(args) => hasync_agent::service::teardown(&args),
+        Command::Install(args) => hasync_agent::service::install(&args),
+        Command::Uninstall(args) => hasync_agent::service::uninstall(&args),
+        // Its own exit statuses (`config diff`: 1 when the configs differ, 2 on error).
+        Command::Config(args) => return hasync_agent::provision::diff::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -141,18 +141,27 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let mut opts = DatapathOptions::new(local);
     opts.session_capacity = config.local.session_capacity;
     opts.config = config.datapath();
+    opts.pin_dir = config.pin_dir().map(Path::to_owned);
     let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;
+    // Pinned maps from an earlier agent: its sessions (and events) carry over.
+    let restarted = dp.pin_report().is_some_and(|r| r.sessions_reused());
     dp.set_member_alive(local, true)
         .context("marking the local member alive")?;
     for (ifname, index, zone, name) in &bindings {
         dp.set_zone(*index, *zone)
             .with_context(|| format!("binding `{ifname}` to zone `{name}`"))?;
     }
+    let indexes: Vec<u32> = bindings.iter().map(|b| b.1).collect();
+    dp.retain_zones(&indexes)
+        .context("unbinding interfaces no longer in a zone")?;
     let mut events = dp.take_events().context("opening the events ring buffer")?;
     for (ifname, _, _, zone) in &bindings {
         let mode = dp.attach(ifname)?;
-        info!(interface = %ifname, zone = %zone, %mode, "attached");
+        let reused = dp.attachments().last().is_some_and(|a| a.reused);
+        info!(interface = %ifname, zone = %zone, %mode, reused, "attached");
     }
+    dp.release_stale_links()
+        .context("detaching interfaces no longer configured")?;
     let dp = Arc::new(Mutex::new(dp));
 
     let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
@@ -166,7 +175,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let peers = sync_cfg
         .peers
         .iter()
-        .map(|p| (p.id, p.serial.clone(), p.session_sync && p.enabled))
+        // A peer sends us a full sync only if both of us sync sessions: a member without
+        // session sync must not wait in `initial` for one that never comes.
+        .map(|p| {
+            let syncs = p.session_sync && p.enabled && sync_cfg.local_session_sync;
+            (p.id, p.serial.clone(), syncs)
+        })
         .collect();
     let mut m = Membership::new(local, timers, peers, Instant::now());
     // Links start down where both ends have them, not-configured elsewhere.
@@ -202,6 +216,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
+    let http = crate::metrics::http::start(&member.config, control_tx.clone()).await;
     let control = crate::control::serve(&member.config.local.control_socket, control_tx)
         .await
         .with_context(|| {
@@ -213,8 +228,30 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     info!(
         member = local.0,
         cluster = member.config.cluster.id,
+        restarted,
         "cluster member running"
     );
+    // Attached, maps filled, control socket up: ready for systemd (Type=notify).
+    crate::service::notify::ready(&format!(
+        "member {} of cluster {}: attached to {} interface(s){}",
+        local.0,
+        member.config.cluster.id,
+        bindings.len(),
+        if restarted {
+            ", sessions kept from the previous run"
+        } else {
+            ""
+        }
+    ));
+    if restarted {
+        // The ring buffer may have filled while no agent read it, and the pinned loss counter
+        // cannot tell those losses from older ones: announce every owned session once (peers
+        // coalesce what they already have).
+        reannounce(&member);
+    }
+    // The takeover rule's MEMBERS map, reused, still says who was alive before the restart.
+    // Once a keepalive threshold has passed, the membership knows better: write it all.
+    let mut members_unsettled = restarted.then(|| Instant::now() + threshold);
 
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
@@ -260,7 +297,13 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                     reannounce(&member);
                 }
             }
-            _ = membership_tick.tick() => apply_membership(&member),
+            _ = membership_tick.tick() => {
+                apply_membership(&member);
+                if members_unsettled.is_some_and(|at| Instant::now() >= at) {
+                    members_unsettled = None;
+                    write_all_liveness(&member);
+                }
+            }
             _ = count_tick.tick() => count_owned(&member),
             Some((request, reply)) = control_rx.recv() => {
                 let response = crate::control_handler::handle(&member, request);
@@ -272,11 +315,46 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         t.abort();
     }
     control.abort();
-    let detached = lock(&member.dp).detach_all().context("detaching XDP");
+    if let Some(http) = http {
+        http.abort();
+    }
+    crate::service::notify::stopping();
+    let detached = {
+        let mut dp = lock(&member.dp);
+        match dp.pin_dir() {
+            // Pinned: XDP stays attached and the table stays, for the next agent.
+            Some(pins) => {
+                info!(
+                    pin_dir = %pins.root().display(),
+                    "datapath left running and pinned; `hasync teardown` removes it"
+                );
+                Ok(())
+            }
+            None => dp.detach_all().context("detaching XDP"),
+        }
+    };
     result?;
     detached?;
     info!("stopped");
     Ok(())
+}
+
+/// Writes every member slot of the takeover rule's map from the membership's view.
+fn write_all_liveness(member: &Member) {
+    let local = member.config.local_member();
+    let alive: Vec<(MemberId, bool)> = {
+        let m = lock(&member.membership);
+        (1..=MemberId::MAX)
+            .map(MemberId)
+            .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)))
+            .collect()
+    };
+    let mut dp = lock(&member.dp);
+    for (id, alive) in alive {
+        if let Err(e) = dp.set_member_alive(id, alive) {
+            warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
+        }
+    }
 }
 
 /// Applies what the membership rules decided: the XDP member map (takeover) and logs.

@@ -82,12 +82,16 @@ Modes:
 enum Bench {
     /// XDP fast path (the `fastpath` bench in hasync-tests).
     Fastpath,
+    /// Session sync between lab members: replication, lag, full sync, agent CPU and memory
+    /// (the `sync` bench in hasync-tests).
+    Sync,
 }
 
 impl Bench {
     fn name(self) -> &'static str {
         match self {
             Self::Fastpath => "fastpath",
+            Self::Sync => "sync",
         }
     }
 }

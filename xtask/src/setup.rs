@@ -76,6 +76,8 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement::new("iproute2", iproute2),
     Requirement::new("nftables", nftables),
     Requirement::new("iputils-ping", ping),
+    Requirement::new("systemd-analyze, setpriv", service_tools),
+    Requirement::new("chromium", chromium),
     Requirement::new("host toolchain clippy, rustfmt", host_components),
     Requirement::new("nightly rust-src, clippy", nightly_components),
     Requirement::new("bpf-linker 0.13.0", bpf_linker),
@@ -264,6 +266,20 @@ fn nftables() -> Result<Status> {
 /// The labs and tests ping through the members.
 fn ping() -> Result<Status> {
     Ok(program_on_path("ping", "iputils-ping"))
+}
+
+/// The dashboard test renders the page in Debian's headless Chromium.
+fn chromium() -> Result<Status> {
+    Ok(program_on_path("chromium", "chromium"))
+}
+
+/// The service tests verify the unit with `systemd-analyze verify` and run the agent with the
+/// unit's capabilities only through `setpriv` (util-linux).
+fn service_tools() -> Result<Status> {
+    if let Status::Missing { why, fix } = program_on_path("setpriv", "util-linux") {
+        return Ok(Status::Missing { why, fix });
+    }
+    Ok(program_on_path("systemd-analyze", "systemd"))
 }
 
 fn program_on_path(program: &str, package: &'static str) -> Status {

@@ -21,6 +21,8 @@ pub const DEFAULT_PATH: &str = "/etc/hasync/hasync.toml";
 pub const DEFAULT_SYNC_PORT: u16 = 7471;
 /// Minimum length of the cluster key file, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
+/// Default address of the metrics and dashboard HTTP server: loopback only.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9471";
 
 /// Errors of the config module.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,11 @@ pub struct Local {
     pub control_socket: PathBuf,
     #[serde(default = "defaults::traffic_log")]
     pub traffic_log: PathBuf,
+    /// Directory on bpffs where the datapath's maps and XDP links are pinned, so they outlive
+    /// the agent: a restart or an upgrade keeps the sessions and the traffic (`hasync teardown`
+    /// removes them). Empty: nothing is pinned and the datapath goes away with the agent.
+    #[serde(default = "defaults::pin_dir")]
+    pub pin_dir: PathBuf,
     #[serde(default)]
     pub policy: PolicyName,
     /// What to do with truncated or malformed frames.
@@ -123,6 +130,10 @@ pub struct Local {
     /// Capacity of the session table.
     #[serde(default = "defaults::session_capacity")]
     pub session_capacity: u32,
+    /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
+    /// empty disables it.
+    #[serde(default = "defaults::http")]
+    pub http: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -177,8 +188,14 @@ mod defaults {
     pub fn traffic_log() -> PathBuf {
         "/var/log/hasync/traffic.jsonl".into()
     }
+    pub fn pin_dir() -> PathBuf {
+        crate::datapath::DEFAULT_PIN_DIR.into()
+    }
     pub fn session_capacity() -> u32 {
         hasync_common::maps::DEFAULT_SESSION_CAPACITY
+    }
+    pub fn http() -> String {
+        super::DEFAULT_HTTP.into()
     }
     pub fn yes() -> bool {
         true
@@ -292,6 +309,11 @@ impl Config {
             u64::from(l.session_capacity),
             range::SESSION_CAPACITY,
         );
+        check_pin_dir(&mut p, &l.pin_dir);
+
+        if let Err(e) = l.http_addr() {
+            p.push(e);
+        }
 
         check_link(&mut p, "ha4", &self.ha4);
         if let Some(b) = &self.ha4_backup {
@@ -416,6 +438,16 @@ impl Config {
         }
     }
 
+    /// Where the metrics and dashboard HTTP server listens; `None` when `local.http` is empty.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.local.http_addr().ok().flatten()
+    }
+
+    /// Where the datapath is pinned; `None` when `local.pin_dir` is empty (no pinning).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        Some(self.local.pin_dir.as_path()).filter(|d| !d.as_os_str().is_empty())
+    }
+
     pub fn local_member(&self) -> MemberId {
         MemberId(u8::try_from(self.local.member).unwrap_or(0))
     }
@@ -492,6 +524,50 @@ impl Config {
             ));
         }
         out
+    }
+}
+
+impl Local {
+    /// `http` as a socket address; `None` when empty (disabled).
+    pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.http.is_empty() {
+            return Ok(None);
+        }
+        self.http.parse().map(Some).map_err(|_| {
+            format!(
+                "local.http = \"{}\" is not an address with a port (e.g. \"{DEFAULT_HTTP}\", \"[::1]:9471\"; \"\" disables it)",
+                self.http
+            )
+        })
+    }
+}
+
+fn check_pin_dir(p: &mut Vec<String>, dir: &Path) {
+    if dir.as_os_str().is_empty() {
+        return;
+    }
+    let mount = Path::new(crate::datapath::pin::BPFFS_MOUNT);
+    if !dir.is_absolute() {
+        p.push(format!(
+            "local.pin_dir = \"{}\" must be an absolute path to a directory on bpffs (e.g. \"{}\"), or \"\" for no pinning",
+            dir.display(),
+            crate::datapath::DEFAULT_PIN_DIR
+        ));
+    } else if dir.components().eq(mount.components()) {
+        p.push(format!(
+            "local.pin_dir = \"{}\" is the bpffs mount itself, shared with other programs: use a directory below it (e.g. \"{}\")",
+            dir.display(),
+            crate::datapath::DEFAULT_PIN_DIR
+        ));
+    } else if dir.strip_prefix(mount).is_ok_and(|below| {
+        below
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().contains('.'))
+    }) {
+        p.push(format!(
+            "local.pin_dir = \"{}\": bpffs does not allow dots in names",
+            dir.display()
+        ));
     }
 }
 

@@ -107,6 +107,15 @@ fn the_documented_example_is_valid() {
     assert_eq!(c.local_member(), MemberId(1));
     assert_eq!(c.zone_names(), vec!["trust", "untrust"]);
     assert_eq!(c.datapath().policy, Policy::Strict as u8);
+    // The metrics and dashboard server listens on loopback unless told otherwise.
+    assert_eq!(c.http_addr(), Some(DEFAULT_HTTP.parse().unwrap()));
+    let c =
+        check(&sample(&key.path()).replace("policy = \"strict\"", "http = \"\"")).expect("valid");
+    assert_eq!(c.http_addr(), None, "empty disables it");
+    let c =
+        check(&sample(&key.path()).replace("policy = \"strict\"", "http = \"[fd00:100::1]:8080\""))
+            .expect("valid");
+    assert_eq!(c.http_addr(), Some("[fd00:100::1]:8080".parse().unwrap()));
 }
 
 /// Each row: a replacement applied to the valid sample, and a fragment the error must contain.
@@ -195,6 +204,26 @@ fn invalid_values_are_named_with_their_range() {
             "interfaces = [\"ha4b\"]",
             "\"ha4b\" is a sync interface",
         ),
+        (
+            "policy = \"strict\"",
+            "policy = \"strict\"\npin_dir = \"bpf/hasync\"",
+            "local.pin_dir = \"bpf/hasync\" must be an absolute path",
+        ),
+        (
+            "policy = \"strict\"",
+            "policy = \"strict\"\npin_dir = \"/sys/fs/bpf/\"",
+            "local.pin_dir = \"/sys/fs/bpf/\" is the bpffs mount itself",
+        ),
+        (
+            "policy = \"strict\"",
+            "policy = \"strict\"\npin_dir = \"/sys/fs/bpf/hasync.v2\"",
+            "bpffs does not allow dots in names",
+        ),
+        (
+            "policy = \"strict\"",
+            "policy = \"strict\"\nhttp = \"localhost\"",
+            "local.http = \"localhost\" is not an address with a port",
+        ),
     ];
     for (from, to, expect) in rows {
         assert!(base.contains(from), "row {to:?}: sample lacks {from:?}");
@@ -207,6 +236,20 @@ fn invalid_values_are_named_with_their_range() {
             ),
         }
     }
+}
+
+#[test]
+fn the_datapath_is_pinned_unless_pin_dir_is_empty() {
+    let key = KeyFile::new("pin", 32, 0o600);
+    let c = check(&sample(&key.path())).expect("valid");
+    assert_eq!(c.pin_dir(), Some(Path::new("/sys/fs/bpf/hasync")));
+    let text = sample(&key.path()).replace("policy = \"strict\"", "pin_dir = \"\"");
+    assert_eq!(check(&text).expect("valid").pin_dir(), None);
+    let text = sample(&key.path()).replace("policy = \"strict\"", "pin_dir = \"/sys/fs/bpf/fw1\"");
+    assert_eq!(
+        check(&text).expect("valid").pin_dir(),
+        Some(Path::new("/sys/fs/bpf/fw1"))
+    );
 }
 
 #[test]

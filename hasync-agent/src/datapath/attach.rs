@@ -1,11 +1,19 @@
 //! Attaching the XDP program to interfaces: native (driver) mode first, generic (skb) mode as
-//! the fallback, and clean detaching.
+//! the fallback, and clean detaching. With a pin directory, each link is pinned, and a link an
+//! earlier agent pinned is switched to this program instead of attaching anew (see [`super::pin`]).
 
-use std::ffi::CString;
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
 
-use aya::programs::{xdp::XdpLinkId, XdpMode};
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    xdp::{XdpLink, XdpLinkId},
+    XdpMode,
+};
 
-use super::{error_chain, Datapath, DatapathError};
+use super::{error_chain, pin, Datapath, DatapathError, PinDir};
 
 /// How the program runs on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +45,20 @@ pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
     pub mode: AttachMode,
-    link: XdpLinkId,
+    /// Where the link is pinned (with a pin directory).
+    pub pin: Option<PathBuf>,
+    /// The link was left pinned by an earlier agent and switched to this program.
+    pub reused: bool,
+    link: LinkHandle,
+}
+
+/// How the agent holds a link.
+#[derive(Debug)]
+enum LinkHandle {
+    /// Owned by the program: detached when the program goes.
+    Owned(XdpLinkId),
+    /// Pinned: stays attached after the agent exits, until its pin is removed.
+    Pinned(FdLink),
 }
 
 /// Longest interface name plus its NUL (IFNAMSIZ).
@@ -85,8 +106,16 @@ pub fn ifindex(name: &str) -> Result<u32, DatapathError> {
 impl Datapath {
     /// Attaches the program to `interface`: native mode, or generic mode when the driver
     /// refuses native XDP (logged as a warning with the native error).
+    ///
+    /// With a pin directory, a link pinned there for `interface` is reused: switched atomically
+    /// to this program (its mode stays). Otherwise the new link is pinned.
     pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
         let index = ifindex(interface)?;
+        if let Some(pins) = self.pin_dir().cloned() {
+            if let Some(mode) = self.reattach_pinned(&pins, interface, index)? {
+                return Ok(mode);
+            }
+        }
         let prog = self.program_mut()?;
         let (link, mode) = match prog.attach_to_if_index(index, XdpMode::Driver) {
             Ok(link) => (link, AttachMode::Native),
@@ -108,13 +137,140 @@ impl Datapath {
                 }
             }
         };
+        let (link, pin) = match self.pin_dir().cloned() {
+            None => (LinkHandle::Owned(link), None),
+            Some(pins) => {
+                let path = pins.link_path(interface, mode);
+                let fd = self.pin_link(link, &path, interface)?;
+                (LinkHandle::Pinned(fd), Some(path))
+            }
+        };
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
             ifindex: index,
             mode,
+            pin,
+            reused: false,
             link,
         });
         Ok(mode)
+    }
+
+    /// Takes a fresh link from the program and pins it at `path`. If pinning fails the link is
+    /// dropped, which detaches it.
+    fn pin_link(
+        &mut self,
+        id: XdpLinkId,
+        path: &Path,
+        interface: &str,
+    ) -> Result<FdLink, DatapathError> {
+        let prog = self.program_mut()?;
+        let link = prog.take_link(id).map_err(program_err)?;
+        let fd = FdLink::try_from(link).map_err(|_| DatapathError::Unpinnable {
+            interface: interface.to_owned(),
+        })?;
+        let pinned = fd.pin(path).map_err(|source| DatapathError::Pin {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(FdLink::from(pinned))
+    }
+
+    /// Switches the link pinned for `interface`, if any, to this program. A pinned link whose
+    /// interface is gone or is another one now (re-created under the same name) is removed
+    /// instead, and `None` returned: the caller attaches anew.
+    fn reattach_pinned(
+        &mut self,
+        pins: &PinDir,
+        interface: &str,
+        index: u32,
+    ) -> Result<Option<AttachMode>, DatapathError> {
+        let Some((path, mode)) = pins.find_link(interface)? else {
+            return Ok(None);
+        };
+        let (stale, old_program) = match pin::xdp_link_info(&path) {
+            Ok(info) if info.ifindex == index => (None, info.program_id),
+            Ok(info) => (
+                Some(format!(
+                    "it is attached to ifindex {} (0: gone), not to {interface}'s {index}",
+                    info.ifindex
+                )),
+                0,
+            ),
+            Err(e) => (Some(e.to_string()), 0),
+        };
+        if let Some(why) = stale {
+            tracing::warn!(
+                interface,
+                pin = %path.display(),
+                why = %why,
+                "removing a stale pinned XDP link; attaching anew"
+            );
+            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
+                what: "removing",
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(None);
+        }
+        let link_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DatapathError::PinnedLink { path, source }
+        };
+        let pinned = PinnedLink::from_pin(&path).map_err(link_err(&path))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(link_err(&path))?;
+        let prog = self.program_mut()?;
+        let program = prog.info().map(|i| i.id()).ok();
+        // bpf_link_update: the interface goes from the old program to this one atomically.
+        let id = prog.attach_to_link(link).map_err(program_err)?;
+        let link = prog.take_link(id).map_err(program_err)?;
+        let fd = FdLink::try_from(link).map_err(link_err(&path))?;
+        tracing::info!(
+            interface,
+            %mode,
+            old_program,
+            program = program.unwrap_or(0),
+            "reusing the pinned XDP link: switched to this program"
+        );
+        self.attachments.push(Attachment {
+            interface: interface.to_owned(),
+            ifindex: index,
+            mode,
+            pin: Some(path),
+            reused: true,
+            link: LinkHandle::Pinned(fd),
+        });
+        Ok(Some(mode))
+    }
+
+    /// With a pin directory: removes the pinned links of interfaces this datapath is not
+    /// attached to (an interface left the config), which detaches XDP from them. Call after
+    /// attaching every interface. Returns the removed pins.
+    pub fn release_stale_links(&mut self) -> Result<Vec<PathBuf>, DatapathError> {
+        let Some(pins) = self.pin_dir() else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        for (path, _) in pins.pinned_links()? {
+            if self
+                .attachments
+                .iter()
+                .any(|a| a.pin.as_ref() == Some(&path))
+            {
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
+                what: "removing",
+                path: path.clone(),
+                source,
+            })?;
+            tracing::warn!(
+                pin = %path.display(),
+                "detached XDP from an interface no longer configured (removed its pinned link)"
+            );
+            removed.push(path);
+        }
+        Ok(removed)
     }
 
     /// Where the program is attached.
@@ -122,27 +278,52 @@ impl Datapath {
         &self.attachments
     }
 
-    /// Detaches the program from every interface. Tries them all; returns the first error.
+    /// Detaches the program from every interface, pinned links included (their pins are
+    /// removed). Tries them all; returns the first error.
     pub fn detach_all(&mut self) -> Result<(), DatapathError> {
         let attachments = std::mem::take(&mut self.attachments);
-        if attachments.is_empty() {
-            return Ok(());
-        }
-        let prog = self.program_mut()?;
         let mut first_error = None;
         for Attachment {
             interface,
             ifindex: _,
             mode: _,
+            pin,
+            reused: _,
             link,
         } in attachments
         {
-            if let Err(source) = prog.detach(link) {
-                tracing::warn!(interface, error = %error_chain(&source), "detaching XDP failed");
-                first_error.get_or_insert(DatapathError::Detach { interface, source });
+            let result = match link {
+                LinkHandle::Owned(id) => self
+                    .program_mut()
+                    .and_then(|prog| prog.detach(id).map_err(program_err)),
+                // The link goes once its pin and our fd are gone.
+                LinkHandle::Pinned(fd) => {
+                    drop(fd);
+                    match pin {
+                        Some(path) => {
+                            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
+                                what: "removing",
+                                path,
+                                source,
+                            })
+                        }
+                        None => Ok(()),
+                    }
+                }
+            };
+            if let Err(error) = result {
+                tracing::warn!(interface, error = %error_chain(&error), "detaching XDP failed");
+                first_error.get_or_insert(error);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn program_err(source: aya::programs::ProgramError) -> DatapathError {
+    DatapathError::Program {
+        name: hasync_common::maps::PROGRAM,
+        source,
     }
 }
 

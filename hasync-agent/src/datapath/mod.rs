@@ -6,11 +6,12 @@
 pub mod attach;
 pub mod batch;
 pub mod events;
+pub mod pin;
 pub mod sweep;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::os::fd::AsFd as _;
+use std::{os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
@@ -24,6 +25,7 @@ use hasync_common::{
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
 pub use batch::{BatchError, BatchMap};
 pub use events::{EventStats, EventStream, SessionEvent};
+pub use pin::{PinDir, PinReport, TeardownReport, DEFAULT_PIN_DIR};
 pub use sweep::{RemoveReason, Removed, SweepReport};
 
 /// Errors of the datapath module.
@@ -78,6 +80,45 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("pin directory {}: {why}", path.display())]
+    PinDir { path: PathBuf, why: String },
+    #[error("{what} {}: {source}", path.display())]
+    PinIo {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pinned map `{map}` ({}) was made for another session layout: it is {pinned}; this \
+         program needs {wanted}. Its sessions cannot be carried over: run `hasync teardown` \
+         (this detaches XDP and drops the session table), then start the agent again",
+        path.display()
+    )]
+    PinnedMapLayout {
+        map: &'static str,
+        path: PathBuf,
+        pinned: pin::MapShape,
+        wanted: pin::MapShape,
+    },
+    #[error("pinned XDP link {}: {source}", path.display())]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error(
+        "XDP on `{interface}` is attached through netlink, which cannot be pinned (the kernel has \
+         no XDP links: Linux before 5.9): run without pinning (`pin_dir = \"\"`), and remove it \
+         with `ip link set dev {interface} xdp off`"
+    )]
+    Unpinnable { interface: String },
 }
 
 /// `error` and its sources, joined by ": ", each source once: some errors (aya's
@@ -128,6 +169,10 @@ pub struct DatapathOptions {
     pub session_capacity: u32,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
+    /// Pin the maps and XDP links here (on bpffs) and reuse what an earlier agent pinned there
+    /// (see [`pin`]): the datapath then outlives the agent. `None`: nothing is pinned, and the
+    /// datapath goes away with the [`Datapath`] (tests, benches, the standalone agent).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl DatapathOptions {
@@ -135,6 +180,7 @@ impl DatapathOptions {
         DatapathOptions {
             session_capacity: names::DEFAULT_SESSION_CAPACITY,
             config: DatapathConfig::with_defaults(local),
+            pin_dir: None,
         }
     }
 }
@@ -145,6 +191,8 @@ pub struct Datapath {
     capacity: u32,
     /// Interfaces the program is attached to, in attach order.
     attachments: Vec<Attachment>,
+    /// Where the maps and links are pinned, and what was found there.
+    pins: Option<(PinDir, PinReport)>,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -162,13 +210,34 @@ impl Datapath {
         if opts.session_capacity == 0 || opts.session_capacity > MAX_SESSION_CAPACITY {
             return Err(DatapathError::CapacityOutOfRange(opts.session_capacity));
         }
-        let ebpf = EbpfLoader::new()
-            .map_max_entries(names::SESSIONS, opts.session_capacity)
+        let mut loader = EbpfLoader::new();
+        let mut capacity = opts.session_capacity;
+        let pins = match &opts.pin_dir {
+            None => None,
+            Some(dir) => {
+                let pins = PinDir::new(dir);
+                pins.prepare()?;
+                let declared = pin::declared_shapes(object, capacity)?;
+                let (report, kept) = pin::check_pinned_maps(&pins, &declared, capacity)?;
+                capacity = kept;
+                for name in pin::MAPS {
+                    // Reused when pinned there, else created and pinned there.
+                    loader.map_pin_path(name, pins.map_path(name));
+                }
+                Some((pins, report))
+            }
+        };
+        let ebpf = loader
+            .map_max_entries(names::SESSIONS, capacity)
             .load(object)?;
+        if let Some((pins, report)) = &pins {
+            log_pin_report(pins, report, opts.session_capacity);
+        }
         let mut dp = Datapath {
             ebpf,
-            capacity: opts.session_capacity,
+            capacity,
             attachments: Vec::new(),
+            pins,
         };
         dp.set_config(&opts.config)?;
         let prog = dp.program_mut()?;
@@ -182,6 +251,17 @@ impl Datapath {
     /// Capacity of the session table.
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// The pin directory, when the datapath is pinned (it then outlives this value: dropping it
+    /// leaves the program attached and the maps in place).
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref().map(|(dir, _)| dir)
+    }
+
+    /// What loading found in the pin directory.
+    pub fn pin_report(&self) -> Option<&PinReport> {
+        self.pins.as_ref().map(|(_, report)| report)
     }
 
     /// The underlying loaded object, for the bench and tests that need extra maps/programs.
@@ -250,6 +330,25 @@ impl Datapath {
         let mut map: HashMap<_, u32, ZoneId> =
             HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
         map.insert(ifindex, zone, 0).map_err(map_err(names::ZONES))
+    }
+
+    /// Unbinds every interface not in `keep` (left in a reused ZONES by an earlier config).
+    /// Returns how many were unbound.
+    pub fn retain_zones(&mut self, keep: &[u32]) -> Result<usize, DatapathError> {
+        let mut map: HashMap<_, u32, ZoneId> =
+            HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
+        let stale = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|ifindex| !keep.contains(ifindex))
+            .collect::<Vec<_>>();
+        for ifindex in &stale {
+            match map.remove(ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(names::ZONES)(e)),
+            }
+        }
+        Ok(stale.len())
     }
 
     /// Marks `member` alive or not, as seen by the takeover rule.
@@ -385,6 +484,38 @@ impl Datapath {
         let ring = RingBuf::try_from(map).map_err(map_err(names::EVENTS))?;
         Ok(EventStream::new(ring))
     }
+}
+
+/// One line for what the pin directory held, and a warning per replaced map.
+fn log_pin_report(pins: &PinDir, report: &PinReport, asked_capacity: u32) {
+    let PinReport {
+        dir: _,
+        reused,
+        replaced,
+        created,
+        kept_capacity,
+    } = report;
+    for (map, why) in replaced {
+        tracing::warn!(
+            map,
+            why = %why,
+            "a pinned map had another layout (an upgrade changed it); replaced by an empty one"
+        );
+    }
+    if let Some(kept) = kept_capacity {
+        tracing::warn!(
+            pinned = kept,
+            configured = asked_capacity,
+            "the pinned session table keeps its capacity; `hasync teardown` (which drops the \
+             sessions) is needed to resize it"
+        );
+    }
+    tracing::info!(
+        dir = %pins.root().display(),
+        reused = %reused.join(","),
+        created = %created.join(","),
+        "datapath maps pinned"
+    );
 }
 
 fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {

@@ -98,3 +98,40 @@ pub fn udp_frame(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> 
     f.extend_from_slice(b"hasync!!");
     f
 }
+
+/// Runs `f` in a thread of its own moved into a fresh network namespace, so nothing it does
+/// touches the host's interfaces (a forked `ip` inherits the thread's namespace). The namespace,
+/// and the interfaces made in it, go away with the thread.
+pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare with a valid flag; it affects only this thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .expect("netns test thread")
+}
+
+/// `ip ARGS...` in the calling thread's namespace; panics on failure.
+pub fn ip(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// Whether `ip` shows an XDP program on `dev`.
+pub fn shows_xdp(dev: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "link", "show", dev])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}

@@ -5,6 +5,10 @@
 //! `cluster.key` (32 random bytes, mode 0600; `fwK.key` for a member given its own key),
 //! `fwK.toml`, `fwK.sock` (control socket), `fwK-traffic.jsonl` (traffic log), `fwK.log`
 //! (the agent's stdout and stderr).
+//!
+//! Member K pins its datapath in `/sys/fs/bpf/<lab dir name>-fwK` ([`pin_dir`]): bpffs is the
+//! host's, shared by every lab and member, so each needs its own. The lab tears them down when
+//! it goes (an agent stopped with SIGTERM leaves its datapath pinned, as in production).
 
 use std::{
     collections::BTreeMap,
@@ -111,6 +115,24 @@ pub fn traffic_log_path(dir: &Path, k: u8) -> PathBuf {
 pub fn log_path(dir: &Path, k: u8) -> PathBuf {
     dir.join(format!("fw{k}.log"))
 }
+/// Member `k`'s pin directory: named after the lab directory, on the host's bpffs (which
+/// refuses dots in names: anything but letters, digits, `-` and `_` becomes `-`).
+pub fn pin_dir(dir: &Path, k: u8) -> PathBuf {
+    let name: String = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "hasync-lab".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    Path::new(crate::datapath::pin::BPFFS_MOUNT).join(format!("{name}-fw{k}"))
+}
 /// The key member `k` uses: its own with a key override, else the shared one.
 pub fn key_path(dir: &Path, k: u8, options: &ClusterOptions) -> PathBuf {
     match options.overrides.get(&k).and_then(|o| o.key.as_ref()) {
@@ -183,6 +205,10 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
     line(format!(
         "traffic_log = {}",
         quote(&traffic_log_path(dir, k).to_string_lossy())
+    ));
+    line(format!(
+        "pin_dir = {}",
+        quote(&pin_dir(dir, k).to_string_lossy())
     ));
     line(format!(
         "policy = {}",
@@ -342,6 +368,17 @@ impl LabCluster {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| LabError::io(format!("removing old lab dir {}", dir.display()), e))?;
         }
+        // Pins left by an earlier lab of this name (killed before it could clean up): their
+        // namespaces, hence their interfaces, are gone.
+        for k in topology.member_ids() {
+            let pins = pin_dir(&dir, k);
+            crate::datapath::pin::teardown(&pins).map_err(|e| {
+                LabError::io(
+                    format!("removing old pins {}", pins.display()),
+                    std::io::Error::other(e),
+                )
+            })?;
+        }
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -386,6 +423,23 @@ impl LabCluster {
         log_path(&self.dir, k)
     }
 
+    /// Where member `k`'s agent pins its datapath.
+    pub fn pin_dir(&self, k: u8) -> PathBuf {
+        pin_dir(&self.dir, k)
+    }
+
+    /// Removes member `k`'s pinned datapath (`hasync teardown`): detaches XDP, drops its
+    /// session table. For a stopped agent.
+    pub fn teardown(&self, k: u8) -> Result<crate::datapath::TeardownReport> {
+        let pins = self.pin_dir(self.check(k)?);
+        crate::datapath::pin::teardown(&pins).map_err(|e| {
+            LabError::io(
+                format!("tearing down {}", pins.display()),
+                std::io::Error::other(crate::datapath::error_chain(&e)),
+            )
+        })
+    }
+
     /// Replaces member `k`'s config with `f(current text)`, unchecked (a test may want an
     /// invalid one). Takes effect at the next [`LabCluster::start_agent`].
     pub fn rewrite_config(&self, k: u8, f: impl FnOnce(String) -> String) -> Result<()> {
@@ -414,6 +468,16 @@ impl LabCluster {
 
     /// Starts `hasync agent --config fwK.toml` inside `fwK`, output appended to `fwK.log`.
     pub fn start_agent(&self, k: u8) -> Result<u32> {
+        self.start_agent_with(k, |_| {})
+    }
+
+    /// [`LabCluster::start_agent`], with `adjust` applied to the command first (an environment
+    /// variable, say `NOTIFY_SOCKET`).
+    pub fn start_agent_with(
+        &self,
+        k: u8,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Result<u32> {
         self.check(k)?;
         let mut agents = self.lock();
         if let Some(&pid) = agents.get(&k) {
@@ -438,6 +502,7 @@ impl LabCluster {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        adjust(&mut cmd);
         let pid = self.topology.spawn(&format!("agent fw{k}"), cmd)?;
         agents.insert(k, pid);
         Ok(pid)
@@ -539,6 +604,17 @@ impl LabCluster {
 impl Drop for LabCluster {
     fn drop(&mut self) {
         self.topology.processes().stop_all(Duration::from_secs(5));
+        // Stopped agents leave their datapath pinned: remove it while the interfaces exist.
+        for k in self.topology.member_ids() {
+            let pins = self.pin_dir(k);
+            if let Err(e) = crate::datapath::pin::teardown(&pins) {
+                eprintln!(
+                    "lab cleanup: tearing down {}: {}",
+                    pins.display(),
+                    crate::datapath::error_chain(&e)
+                );
+            }
+        }
         if std::thread::panicking() {
             eprintln!("lab dir kept for inspection: {}", self.dir.display());
         } else if !self.keep_dir {
@@ -588,6 +664,7 @@ mod tests {
             assert_eq!(c.local.member, u32::from(k));
             assert_eq!(c.local.control_socket, socket_path(&dir.0, k));
             assert_eq!(c.local.traffic_log, traffic_log_path(&dir.0, k));
+            assert_eq!(c.pin_dir(), Some(pin_dir(&dir.0, k).as_path()));
             assert_eq!(c.local.policy, PolicyName::Strict);
             assert_eq!(c.local.session_capacity, LAB_SESSION_CAPACITY);
             assert_eq!(c.ha4.interface, "ha4");
@@ -697,6 +774,18 @@ mod tests {
             write_configs(&dir.0, 17, &ClusterOptions::default()),
             Err(LabError::Members(17))
         ));
+    }
+
+    #[test]
+    fn every_member_pins_in_its_own_directory_on_bpffs() {
+        let dir = default_dir("l2-");
+        assert_eq!(dir.file_name().unwrap(), "hasync-lab-l2");
+        assert_eq!(pin_dir(&dir, 3), Path::new("/sys/fs/bpf/hasync-lab-l2-fw3"));
+        assert_eq!(
+            pin_dir(Path::new("/tmp/my.lab dir"), 1),
+            Path::new("/sys/fs/bpf/my-lab-dir-fw1"),
+            "bpffs refuses dots"
+        );
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum ChannelError {
     Io(#[from] std::io::Error),
     #[error("handshake failed: the peer does not hold the cluster key ({0})")]
     BadKey(snow::Error),
+    /// The responder hung up on our first handshake message: it could not authenticate it.
+    #[error("handshake failed: the peer closed the connection on our first message (it holds another cluster key)")]
+    HandshakeRefused,
     #[error("noise: {0}")]
     Noise(snow::Error),
     #[error("frame failed authentication: {0}")]
@@ -47,7 +50,7 @@ impl ChannelError {
     pub fn reason(&self) -> &'static str {
         match self {
             ChannelError::Io(_) | ChannelError::Closed => "connection",
-            ChannelError::BadKey(_) => "bad-key",
+            ChannelError::BadKey(_) | ChannelError::HandshakeRefused => "bad-key",
             ChannelError::Noise(_) | ChannelError::Auth(_) => "bad-frame",
             ChannelError::Malformed(_) | ChannelError::TooLarge(_) => "malformed",
         }
@@ -115,7 +118,15 @@ pub async fn initiate(
         .map_err(ChannelError::Noise)?;
     write_frame(&mut w, &buf[..n]).await?;
     let mut msg = Vec::new();
-    read_frame(&mut r, &mut msg).await?;
+    // A responder that cannot authenticate our message (another key) closes the connection
+    // without a word: with NNpsk0 it has nothing it could say that we could trust.
+    read_frame(&mut r, &mut msg).await.map_err(|e| match e {
+        ChannelError::Closed => ChannelError::HandshakeRefused,
+        ChannelError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionReset => {
+            ChannelError::HandshakeRefused
+        }
+        other => other,
+    })?;
     hs.read_message(&msg, &mut buf)
         .map_err(ChannelError::BadKey)?;
     finish(hs, r, w)
@@ -241,10 +252,15 @@ mod tests {
 
     #[tokio::test]
     async fn another_key_is_rejected_in_the_handshake() {
-        let (_c, s) = pair([1; 32], [2; 32]).await;
+        let (c, s) = pair([1; 32], [2; 32]).await;
         match s {
             Err(e) => assert_eq!(e.reason(), "bad-key", "{e}"),
             Ok(_) => panic!("responder accepted a peer with another key"),
+        }
+        // The initiator learns it too: the responder hung up on its first message.
+        match c {
+            Err(e) => assert_eq!(e.reason(), "bad-key", "{e}"),
+            Ok(_) => panic!("initiator completed a handshake with another key"),
         }
     }
 }

@@ -406,6 +406,14 @@ impl Engine {
                 ));
             };
             let Some(peer) = self.check_hello(&h, link, from) else {
+                // A peer of another cluster, or of an incompatible version, refuses us as well
+                // once it reads our hello: send it, so the dialing side counts and logs the
+                // reason too instead of seeing a bare close. (Not for one-sided refusals, such
+                // as an unknown member: that peer would accept and then see the link drop.)
+                let ours = self.hello(link, h.member);
+                if h.cluster_id != self.inner.cfg.cluster_id || !ours.compatible(&h) {
+                    let _ = tx.send(&Message::Hello(ours)).await;
+                }
                 return Ok(None);
             };
             tx.send(&Message::Hello(self.hello(link, h.member))).await?;

@@ -1,0 +1,1004 @@
+//! Pinning: the datapath's maps and XDP links live in a directory on bpffs, so they outlive the
+//! agent. A restart or an upgrade reuses them: the sessions stay in the table, and each XDP link
+//! is switched atomically (`bpf_link_update`) to the newly loaded program, so traffic is never
+//! interrupted nor seen by no program.
+//!
+//! Layout of a pin directory (`[local] pin_dir`, default [`DEFAULT_PIN_DIR`]):
+//! - `maps/NAME`: every map of the program ([`MAPS`]);
+//! - `links/IF:MODE`: the XDP link of data interface IF, attached in MODE (`native`, `generic`).
+//!   bpffs reserves names with dots, which interface names may have (`eth0.100`): a dot of IF
+//!   is written as `:`, which interface names never have (`links/eth0:100:native`).
+//!
+//! A pinned map is reused only if its layout (type, key and value size, flags) is the one the new
+//! program declares. SESSIONS is the only map whose content cannot be rebuilt: another layout is
+//! an error telling the operator to run `hasync teardown`, never a silent loss of the sessions;
+//! another capacity keeps the pinned table (resizing it needs a teardown). The other maps are
+//! written at every start (CONFIG, ZONES, MEMBERS) or transient (COUNTERS, EVENTS): another
+//! layout replaces them, with a warning.
+//!
+//! [`teardown`] removes a pin directory: the links first (which detaches XDP), then the maps.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    fmt,
+    fs::{self, DirBuilder},
+    io,
+    mem::size_of,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _},
+        },
+    },
+    path::{Path, PathBuf},
+};
+
+use hasync_common::maps as names;
+
+use super::{attach::check_interface_name, AttachMode, DatapathError};
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hasync";
+/// Where bpffs is mounted on a usual Linux host (systemd mounts it at boot).
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` (include/uapi/linux/magic.h): statfs' `f_type` on bpffs.
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
+
+/// The program's maps, all pinned, in the order they are checked.
+pub const MAPS: [&str; 6] = [
+    names::SESSIONS,
+    names::CONFIG,
+    names::ZONES,
+    names::MEMBERS,
+    names::COUNTERS,
+    names::EVENTS,
+];
+
+const MAPS_DIR: &str = "maps";
+const LINKS_DIR: &str = "links";
+
+/// `enum bpf_map_type` values named in messages (include/uapi/linux/bpf.h).
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+/// `BPF_LINK_TYPE_XDP`.
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// A pin directory and its layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> PinDir {
+        PinDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join(MAPS_DIR)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join(LINKS_DIR)
+    }
+
+    pub fn map_path(&self, map: &str) -> PathBuf {
+        self.maps_dir().join(map)
+    }
+
+    pub fn link_path(&self, interface: &str, mode: AttachMode) -> PathBuf {
+        self.links_dir()
+            .join(format!("{}:{mode}", interface.replace('.', ":")))
+    }
+
+    /// Checks that the directory is below a bpffs mount (not its root, which other programs
+    /// share) and creates it, with `maps/` and `links/`, mode 0700.
+    pub fn prepare(&self) -> Result<(), DatapathError> {
+        check_bpffs(&self.root)?;
+        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(pin_io("creating", &dir))?;
+        }
+        Ok(())
+    }
+
+    /// Every entry of `links/`, with the interface and mode its name gives (`None`: a name
+    /// this layout does not use).
+    pub fn pinned_links(&self) -> Result<Vec<(PathBuf, Option<LinkName>)>, DatapathError> {
+        let dir = self.links_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(pin_io("reading", &dir)(e)),
+        };
+        let mut links = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(pin_io("reading", &dir))?;
+            let parsed = entry.file_name().to_str().and_then(parse_link_name);
+            links.push((entry.path(), parsed));
+        }
+        links.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(links)
+    }
+
+    /// The pinned link of `interface`, if any.
+    pub fn find_link(
+        &self,
+        interface: &str,
+    ) -> Result<Option<(PathBuf, AttachMode)>, DatapathError> {
+        Ok(self
+            .pinned_links()?
+            .into_iter()
+            .find_map(|(path, parsed)| match parsed {
+                Some((name, mode)) if name == interface => Some((path, mode)),
+                _ => None,
+            }))
+    }
+}
+
+/// The interface and mode a link pin's name gives.
+pub type LinkName = (String, AttachMode);
+
+/// `IF:MODE` → (IF, MODE), the dots of IF written as `:` (see [`PinDir::link_path`]).
+pub fn parse_link_name(name: &str) -> Option<LinkName> {
+    let (interface, mode) = name.rsplit_once(':')?;
+    let mode = match mode {
+        "native" => AttachMode::Native,
+        "generic" => AttachMode::Generic,
+        _ => return None,
+    };
+    let interface = interface.replace(':', ".");
+    check_interface_name(&interface).ok()?;
+    Some((interface, mode))
+}
+
+fn pin_io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::PinIo { what, path, source }
+}
+
+fn pin_dir_error(path: &Path, why: String) -> DatapathError {
+    DatapathError::PinDir {
+        path: path.to_owned(),
+        why,
+    }
+}
+
+/// statfs(2)'s `f_type` of `path`.
+fn fs_type(path: &Path) -> io::Result<u64> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs only writes the struct we own; a zeroed statfs is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // `f_type` is a signed long on most targets; the magic numbers are positive 32-bit values.
+    #[expect(
+        clippy::cast_sign_loss,
+        reason = "filesystem magic numbers are positive"
+    )]
+    Ok(st.f_type as u64)
+}
+
+/// Whether `path` is on bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    fs_type(path).is_ok_and(|t| t == BPF_FS_MAGIC)
+}
+
+/// Checks that `dir` is an absolute path below the root of a bpffs mount: its nearest existing
+/// ancestor (or itself) is on bpffs, and it is not the mount's root.
+fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    if !dir.is_absolute() {
+        return Err(pin_dir_error(dir, "it is not an absolute path".into()));
+    }
+    let mut existing = dir;
+    while fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(parent) => existing = parent,
+            None => break,
+        }
+    }
+    let fs = fs_type(existing).map_err(pin_io("inspecting", existing))?;
+    if fs != BPF_FS_MAGIC {
+        let mounted = on_bpffs(Path::new(BPFFS_MOUNT));
+        return Err(pin_dir_error(
+            dir,
+            if mounted {
+                format!(
+                    "{} is not on a BPF filesystem (bpffs); pinned objects must live on one: \
+                     set [local] pin_dir to a directory below {BPFFS_MOUNT}",
+                    existing.display()
+                )
+            } else {
+                format!(
+                    "{} is not on a BPF filesystem (bpffs), and none is mounted at \
+                     {BPFFS_MOUNT}: mount it with `mount -t bpf bpf {BPFFS_MOUNT}` (systemd \
+                     does at boot; `cargo xtask setup` does for a lab)",
+                    existing.display()
+                )
+            },
+        ));
+    }
+    // bpffs refuses names with a dot (reserved for its own files): say so before mkdir does.
+    if let Ok(below) = dir.strip_prefix(existing) {
+        if let Some(bad) = below
+            .components()
+            .find(|c| c.as_os_str().as_bytes().contains(&b'.'))
+        {
+            return Err(pin_dir_error(
+                dir,
+                format!(
+                    "bpffs does not allow dots in names, and \"{}\" has one",
+                    bad.as_os_str().to_string_lossy()
+                ),
+            ));
+        }
+    }
+    if existing == dir && is_mount_root(dir).map_err(pin_io("inspecting", dir))? {
+        return Err(pin_dir_error(
+            dir,
+            format!(
+                "it is the root of a bpffs mount, which other programs share: use a directory \
+                 below it, e.g. {}",
+                dir.join("hasync").display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_mount_root(dir: &Path) -> io::Result<bool> {
+    let Some(parent) = dir.parent() else {
+        return Ok(true);
+    };
+    Ok(fs::metadata(dir)?.dev() != fs::metadata(parent)?.dev())
+}
+
+/// The layout of a map: what the kernel reports of a pinned one, or what the program declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl MapShape {
+    /// Whether a program made for `other` can use a map of this shape: same type, key and value
+    /// sizes, and flags (the capacity may differ).
+    pub fn same_layout(&self, other: &MapShape) -> bool {
+        let MapShape {
+            map_type,
+            key_size,
+            value_size,
+            max_entries: _,
+            flags,
+        } = *self;
+        map_type == other.map_type
+            && key_size == other.key_size
+            && value_size == other.value_size
+            && flags == other.flags
+    }
+}
+
+impl fmt::Display for MapShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.map_type {
+            1 => "hash".to_owned(),
+            2 => "array".to_owned(),
+            5 => "percpu_hash".to_owned(),
+            6 => "percpu_array".to_owned(),
+            9 => "lru_hash".to_owned(),
+            10 => "lru_percpu_hash".to_owned(),
+            BPF_MAP_TYPE_RINGBUF => "ringbuf".to_owned(),
+            t => format!("map type {t}"),
+        };
+        write!(
+            f,
+            "{kind}, key {} B, value {} B, {} entries",
+            self.key_size, self.value_size, self.max_entries
+        )?;
+        if self.flags != 0 {
+            write!(f, ", flags {:#x}", self.flags)?;
+        }
+        Ok(())
+    }
+}
+
+/// The ring buffer size aya creates for a declared one: a power-of-two number of pages.
+fn ringbuf_bytes(declared: u32) -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    if declared == 0 || page == 0 {
+        return declared;
+    }
+    declared
+        .div_ceil(page)
+        .checked_next_power_of_two()
+        .and_then(|pages| pages.checked_mul(page))
+        .unwrap_or(declared)
+}
+
+/// The shapes the program in `object` declares for [`MAPS`], as aya creates them: SESSIONS
+/// with `capacity` entries, the ring buffer rounded to pages.
+pub fn declared_shapes(
+    object: &[u8],
+    capacity: u32,
+) -> Result<BTreeMap<&'static str, MapShape>, DatapathError> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DatapathError::Load(e.into()))?;
+    let mut shapes = BTreeMap::new();
+    for name in MAPS {
+        let map = obj.maps.get(name).ok_or(DatapathError::NoMap(name))?;
+        let mut shape = MapShape {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        };
+        if name == names::SESSIONS {
+            shape.max_entries = capacity;
+        }
+        if shape.map_type == BPF_MAP_TYPE_RINGBUF {
+            // aya creates ring buffers with a value size of 0 and a page-rounded size.
+            shape.value_size = 0;
+            shape.max_entries = ringbuf_bytes(shape.max_entries);
+        }
+        shapes.insert(name, shape);
+    }
+    Ok(shapes)
+}
+
+/// What became of each map at load, with a pin directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinReport {
+    pub dir: PathBuf,
+    /// Found pinned and reused (with their content).
+    pub reused: Vec<&'static str>,
+    /// Found pinned with another layout, replaced by new empty ones: (map, why).
+    pub replaced: Vec<(&'static str, String)>,
+    /// Not pinned before: created and pinned.
+    pub created: Vec<&'static str>,
+    /// SESSIONS' capacity, when the pinned table's differs from the one asked for (kept).
+    pub kept_capacity: Option<u32>,
+}
+
+impl PinReport {
+    /// Whether the session table survived from an earlier agent.
+    pub fn sessions_reused(&self) -> bool {
+        self.reused.contains(&names::SESSIONS)
+    }
+}
+
+/// Compares the maps pinned in `pins` with `declared`: keeps the compatible ones, removes the
+/// pins of incompatible rebuildable ones (so the loader creates them anew) and refuses an
+/// incompatible SESSIONS. Returns the report and the session capacity to load with.
+pub fn check_pinned_maps(
+    pins: &PinDir,
+    declared: &BTreeMap<&'static str, MapShape>,
+    capacity: u32,
+) -> Result<(PinReport, u32), DatapathError> {
+    let mut report = PinReport {
+        dir: pins.root().to_owned(),
+        ..PinReport::default()
+    };
+    let mut capacity = capacity;
+    // Everything is checked before anything is removed: a refusal leaves the directory as is.
+    let mut replace = Vec::new();
+    for (&name, wanted) in declared {
+        let path = pins.map_path(name);
+        if fs::symlink_metadata(&path).is_err() {
+            report.created.push(name);
+            continue;
+        }
+        let pinned = obj_get(&path)
+            .and_then(|fd| map_shape(&fd))
+            .map_err(pin_io("opening the pinned map", &path))?;
+        if pinned.same_layout(wanted) && (name == names::SESSIONS || pinned == *wanted) {
+            if name == names::SESSIONS && pinned.max_entries != capacity {
+                report.kept_capacity = Some(pinned.max_entries);
+                capacity = pinned.max_entries;
+            }
+            report.reused.push(name);
+        } else if name == names::SESSIONS {
+            return Err(DatapathError::PinnedMapLayout {
+                map: name,
+                path,
+                pinned,
+                wanted: *wanted,
+            });
+        } else {
+            replace.push((name, path, format!("pinned: {pinned}; needed: {wanted}")));
+        }
+    }
+    for (name, path, why) in replace {
+        fs::remove_file(&path).map_err(pin_io("removing", &path))?;
+        report.replaced.push((name, why));
+    }
+    Ok((report, capacity))
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    /// `union bpf_attr`'s member for BPF_OBJ_*: `{ __aligned_u64 pathname; __u32 bpf_fd;
+    /// __u32 file_flags; }`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET attr whose path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            std::ptr::from_mut(&mut attr),
+            size_of::<ObjAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info` (the head of a `bpf_*_info` struct: the kernel fills only
+/// what fits).
+fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut attr = InfoAttr {
+        // A valid fd is non-negative.
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<T>() as u32,
+        info: std::ptr::from_mut(info) as u64,
+    };
+    // SAFETY: `attr` points at `info`, writable for `info_len` bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            std::ptr::from_mut(&mut attr),
+            size_of::<InfoAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The shape of a map fd (the head of `struct bpf_map_info`).
+fn map_shape(fd: &OwnedFd) -> io::Result<MapShape> {
+    use std::os::fd::AsFd as _;
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapInfoHead {
+        map_type: u32,
+        id: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut info = MapInfoHead::default();
+    obj_info(fd.as_fd(), &mut info)?;
+    let MapInfoHead {
+        map_type,
+        id: _,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags,
+    } = info;
+    Ok(MapShape {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        flags: map_flags,
+    })
+}
+
+/// What the kernel says of a pinned XDP link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpLinkInfo {
+    /// The program it runs.
+    pub program_id: u32,
+    /// The interface it is attached to; 0 once that interface is gone (a defunct link).
+    pub ifindex: u32,
+}
+
+/// Reads the XDP link pinned at `path`; an error if it is not an XDP link.
+pub fn xdp_link_info(path: &Path) -> io::Result<XdpLinkInfo> {
+    use std::os::fd::AsFd as _;
+    /// The head of `struct bpf_link_info`: its union is 8-byte aligned, so the XDP member's
+    /// `ifindex` is at offset 16.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfoHead {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        xdp_ifindex: u32,
+        _pad2: u32,
+    }
+    const _: () = assert!(size_of::<LinkInfoHead>() == 24);
+    let fd = obj_get(path)?;
+    let mut info = LinkInfoHead::default();
+    obj_info(fd.as_fd(), &mut info)?;
+    if info.link_type != BPF_LINK_TYPE_XDP {
+        return Err(io::Error::other(format!(
+            "it is not an XDP link (link type {})",
+            info.link_type
+        )));
+    }
+    Ok(XdpLinkInfo {
+        program_id: info.prog_id,
+        ifindex: info.xdp_ifindex,
+    })
+}
+
+/// The name of interface `ifindex`, if it exists.
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// One XDP link [`teardown`] removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedLink {
+    pub path: PathBuf,
+    /// Interface and mode, from the pin's name.
+    pub named: Option<LinkName>,
+    /// What the kernel said of it before removal (`None`: unreadable).
+    pub info: Option<XdpLinkInfo>,
+    /// The name of the interface it was attached to, seen from this network namespace.
+    pub attached_to: Option<String>,
+}
+
+impl fmt::Display for RemovedLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.path.display();
+        let named = self.named.as_ref().map(|(interface, _)| interface.as_str());
+        match self.info {
+            None => write!(f, "removed {path} (not a readable XDP link)"),
+            Some(XdpLinkInfo { ifindex: 0, .. }) => write!(
+                f,
+                "removed {path}: its XDP link was already detached (the interface is gone)"
+            ),
+            Some(XdpLinkInfo { ifindex, .. }) => {
+                let name = named.unwrap_or("an interface");
+                // The link may belong to another network namespace (a lab member's), where
+                // the ifindex means another interface than here.
+                let elsewhere = match (&self.attached_to, named) {
+                    (Some(here), Some(named)) if here == named => "",
+                    _ => ", in another network namespace",
+                };
+                write!(
+                    f,
+                    "detached XDP from {name} (ifindex {ifindex}{elsewhere}): removed {path}"
+                )
+            }
+        }
+    }
+}
+
+/// What [`teardown`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TeardownReport {
+    pub dir: PathBuf,
+    /// Whether the directory existed.
+    pub existed: bool,
+    pub links: Vec<RemovedLink>,
+    /// Pinned maps removed.
+    pub maps: Vec<PathBuf>,
+    /// Directories removed.
+    pub dirs: Vec<PathBuf>,
+    /// Entries that are not in hasync's layout, left in place (so the directory stays).
+    pub kept: Vec<PathBuf>,
+}
+
+impl TeardownReport {
+    /// Whether nothing was there to remove.
+    pub fn was_empty(&self) -> bool {
+        self.links.is_empty() && self.maps.is_empty() && self.dirs.is_empty()
+    }
+}
+
+/// Removes the pin directory `dir`: every pinned XDP link (detaching XDP, unless a running agent
+/// still holds the link), every pinned map, then the directories. Idempotent: a missing
+/// directory is reported, not an error. Refuses a directory that is not below a bpffs mount.
+/// Entries outside hasync's layout are left in place and reported.
+pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
+    let mut report = TeardownReport {
+        dir: dir.to_owned(),
+        ..TeardownReport::default()
+    };
+    if fs::symlink_metadata(dir).is_err() {
+        return Ok(report);
+    }
+    report.existed = true;
+    check_bpffs(dir)?;
+    let pins = PinDir::new(dir);
+    for (path, named) in pins.pinned_links()? {
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            report.kept.push(path);
+            continue;
+        }
+        let info = xdp_link_info(&path).ok();
+        fs::remove_file(&path).map_err(pin_io("removing", &path))?;
+        let attached_to = info.and_then(|i| interface_name(i.ifindex).filter(|_| i.ifindex != 0));
+        report.links.push(RemovedLink {
+            path,
+            named,
+            info,
+            attached_to,
+        });
+    }
+    let maps_dir = pins.maps_dir();
+    match fs::read_dir(&maps_dir) {
+        Ok(entries) => {
+            let mut paths = Vec::new();
+            for entry in entries {
+                paths.push(entry.map_err(pin_io("reading", &maps_dir))?.path());
+            }
+            paths.sort();
+            for path in paths {
+                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                    report.kept.push(path);
+                    continue;
+                }
+                fs::remove_file(&path).map_err(pin_io("removing", &path))?;
+                report.maps.push(path);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(pin_io("reading", &maps_dir)(e)),
+    }
+    for sub in [pins.links_dir(), maps_dir] {
+        if fs::symlink_metadata(&sub).is_ok() && !report.kept.iter().any(|k| k.starts_with(&sub)) {
+            fs::remove_dir(&sub).map_err(pin_io("removing", &sub))?;
+            report.dirs.push(sub);
+        }
+    }
+    let mut others = Vec::new();
+    for entry in fs::read_dir(dir).map_err(pin_io("reading", dir))? {
+        others.push(entry.map_err(pin_io("reading", dir))?.path());
+    }
+    if others.is_empty() {
+        fs::remove_dir(dir).map_err(pin_io("removing", dir))?;
+        report.dirs.push(dir.to_owned());
+    } else {
+        others.sort();
+        report.kept.extend(others);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_names_carry_interface_and_mode() {
+        let pins = PinDir::new("/sys/fs/bpf/hasync");
+        for (interface, mode, name) in [
+            ("in0", AttachMode::Native, "in0:native"),
+            ("eth0.100", AttachMode::Generic, "eth0:100:generic"),
+        ] {
+            let path = pins.link_path(interface, mode);
+            assert_eq!(path, Path::new("/sys/fs/bpf/hasync/links").join(name));
+            assert_eq!(parse_link_name(name), Some((interface.to_owned(), mode)));
+        }
+        for bad in ["eth0", "eth0:skb", ":native", "eth0.native", "a b:native"] {
+            assert_eq!(parse_link_name(bad), None, "{bad}");
+        }
+        assert_eq!(
+            pins.map_path("SESSIONS"),
+            Path::new("/sys/fs/bpf/hasync/maps/SESSIONS")
+        );
+    }
+
+    #[test]
+    fn shapes_compare_layout_apart_from_capacity() {
+        let a = MapShape {
+            map_type: 9,
+            key_size: 40,
+            value_size: 88,
+            max_entries: 1024,
+            flags: 0,
+        };
+        let bigger = MapShape {
+            max_entries: 4096,
+            ..a
+        };
+        assert!(a.same_layout(&bigger));
+        assert!(!a.same_layout(&MapShape {
+            value_size: 96,
+            ..a
+        }));
+        assert!(!a.same_layout(&MapShape { map_type: 1, ..a }));
+        assert_eq!(
+            a.to_string(),
+            "lru_hash, key 40 B, value 88 B, 1024 entries"
+        );
+    }
+
+    #[test]
+    fn the_declared_shapes_are_the_shared_types() {
+        use hasync_common::{Counters, DatapathConfig, FlowKey, MemberEntry, Session, ZoneId};
+        let shapes = declared_shapes(crate::EBPF_OBJECT, 1000).expect("parse");
+        let size = |n: usize| u32::try_from(n).expect("size");
+        let s = shapes[names::SESSIONS];
+        assert_eq!(
+            (s.key_size, s.value_size, s.max_entries),
+            (size(size_of::<FlowKey>()), size(size_of::<Session>()), 1000)
+        );
+        assert_eq!(
+            shapes[names::CONFIG].value_size,
+            size(size_of::<DatapathConfig>())
+        );
+        assert_eq!(shapes[names::ZONES].value_size, size(size_of::<ZoneId>()));
+        assert_eq!(
+            shapes[names::MEMBERS].value_size,
+            size(size_of::<MemberEntry>())
+        );
+        assert_eq!(
+            shapes[names::COUNTERS].value_size,
+            size(size_of::<Counters>())
+        );
+        assert_eq!(
+            shapes[names::EVENTS].max_entries,
+            names::EVENTS_BYTES,
+            "8 MiB is already a power-of-two number of pages"
+        );
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_refused_saying_how_to_fix_it() {
+        let e = PinDir::new("relative/dir").prepare().expect_err("relative");
+        assert!(e.to_string().contains("not an absolute path"), "{e}");
+        let tmp = std::env::temp_dir().join(format!("hasync-pin-offfs-{}", std::process::id()));
+        let e = PinDir::new(&tmp)
+            .prepare()
+            .expect_err("not bpffs")
+            .to_string();
+        assert!(e.contains("is not on a BPF filesystem (bpffs)"), "{e}");
+        assert!(!tmp.exists(), "created {}", tmp.display());
+        // teardown refuses to remove anything off bpffs.
+        std::fs::create_dir_all(tmp.join("maps")).expect("mkdir");
+        std::fs::write(tmp.join("maps/SESSIONS"), b"not a map").expect("write");
+        let e = teardown(&tmp).expect_err("not bpffs").to_string();
+        assert!(e.contains("not on a BPF filesystem"), "{e}");
+        assert!(tmp.join("maps/SESSIONS").exists());
+        std::fs::remove_dir_all(&tmp).expect("cleanup");
+        let e = PinDir::new("/sys/fs/bpf/hasync.v2")
+            .prepare()
+            .expect_err("dot");
+        assert!(e.to_string().contains("does not allow dots"), "{e}");
+        let missing = teardown(Path::new("/sys/fs/bpf/hasync-never-created")).expect("missing");
+        assert!(!missing.existed && missing.was_empty());
+    }
+
+    use crate::datapath::{
+        testing::{create_map, in_fresh_netns, ip, shows_xdp, test_run, udp_frame},
+        Datapath, DatapathOptions,
+    };
+    use hasync_common::{Counter, FlowKey, MemberId};
+
+    /// A pin directory of this test process on the host's bpffs, torn down on drop.
+    struct TestPins(PathBuf);
+
+    impl TestPins {
+        fn new(tag: &str) -> TestPins {
+            let dir =
+                Path::new(BPFFS_MOUNT).join(format!("hasync-test-{}-{tag}", std::process::id()));
+            let _ = teardown(&dir);
+            TestPins(dir)
+        }
+
+        fn options(&self, capacity: u32) -> DatapathOptions {
+            let mut opts = DatapathOptions::new(MemberId(1));
+            opts.session_capacity = capacity;
+            opts.pin_dir = Some(self.0.clone());
+            opts
+        }
+    }
+
+    impl Drop for TestPins {
+        fn drop(&mut self) {
+            if let Err(e) = teardown(&self.0) {
+                eprintln!("removing test pins {}: {e}", self.0.display());
+            }
+        }
+    }
+
+    fn frame() -> Vec<u8> {
+        udp_frame([198, 18, 0, 1], 4000, [198, 18, 0, 2], 53)
+    }
+
+    /// The agent's life across a restart: the first load creates and pins everything; dropping
+    /// the datapath (the agent exits) leaves XDP attached and the table in place; the next load
+    /// reuses the maps with their sessions and switches the pinned link to the new program; an
+    /// interface no longer attached loses its link; teardown removes everything, twice.
+    #[test]
+    fn a_pinned_datapath_outlives_the_agent_and_teardown_removes_it() {
+        let pins = TestPins::new("life");
+        let dir = pins.0.clone();
+        let first_program = in_fresh_netns(move || {
+            ip(&[
+                "link", "add", "hsp-t0", "type", "veth", "peer", "name", "hsp-t1",
+            ]);
+            ip(&["link", "set", "hsp-t0", "up"]);
+            ip(&["link", "set", "hsp-t1", "up"]);
+            ip(&["link", "set", "lo", "up"]);
+
+            let mut dp = Datapath::load(&pins.options(4096)).expect("first load");
+            let report = dp.pin_report().expect("pinned").clone();
+            assert!(report.reused.is_empty(), "{report:?}");
+            assert_eq!(report.created.len(), MAPS.len(), "{report:?}");
+            assert_eq!(dp.attach("hsp-t0").expect("veth"), AttachMode::Native);
+            assert_eq!(dp.attach("lo").expect("lo"), AttachMode::Generic);
+            let a = &dp.attachments()[0];
+            assert_eq!(
+                a.pin.as_deref(),
+                Some(dir.join("links/hsp-t0:native").as_path())
+            );
+            assert!(!a.reused);
+            assert_eq!(test_run(&dp, &frame()), 2, "XDP_PASS");
+            assert_eq!(dp.sessions().expect("sessions").len(), 1);
+            let first = xdp_link_info(&dir.join("links/hsp-t0:native")).expect("link");
+            drop(dp); // the agent exits without detaching
+
+            assert!(shows_xdp("hsp-t0") && shows_xdp("lo"), "detached on exit");
+            for map in MAPS {
+                assert!(dir.join("maps").join(map).exists(), "{map} not pinned");
+            }
+
+            // The next agent asks for a bigger table: the pinned one, with its session, stays.
+            let mut dp = Datapath::load(&pins.options(8192)).expect("second load");
+            let report = dp.pin_report().expect("pinned").clone();
+            assert!(report.sessions_reused(), "{report:?}");
+            assert_eq!(report.reused.len(), MAPS.len(), "{report:?}");
+            assert_eq!(report.kept_capacity, Some(4096));
+            assert_eq!(dp.capacity(), 4096);
+            let sessions = dp.sessions().expect("sessions");
+            assert_eq!(sessions.len(), 1, "the session survived the restart");
+            let (key, before): (FlowKey, _) = sessions[0];
+            assert_eq!(dp.attach("hsp-t0").expect("veth again"), AttachMode::Native);
+            assert!(dp.attachments()[0].reused);
+            let now = xdp_link_info(&dir.join("links/hsp-t0:native")).expect("link");
+            assert_eq!(now.ifindex, first.ifindex);
+            assert_ne!(
+                now.program_id, first.program_id,
+                "switched to the new program"
+            );
+            // `lo` left the config: its link goes, and XDP with it.
+            let released = dp.release_stale_links().expect("release");
+            assert_eq!(released, [dir.join("links/lo:generic")]);
+            assert!(!shows_xdp("lo") && shows_xdp("hsp-t0"));
+            // The new program runs on the reused table: the same session, counters continued.
+            let packets = dp.counters().expect("counters").get(Counter::Packets);
+            assert_eq!(test_run(&dp, &frame()), 2);
+            let after = dp.session(&key).expect("lookup").expect("still there");
+            assert_eq!(after.packets[0], before.packets[0] + 1, "counted on");
+            assert_eq!(
+                dp.counters().expect("counters").get(Counter::Packets),
+                packets + 1
+            );
+            drop(dp);
+
+            // The interface is re-created under the same name: its pinned link is defunct, so
+            // the next agent replaces it with a new one.
+            ip(&["link", "del", "hsp-t0"]);
+            ip(&[
+                "link", "add", "hsp-t0", "type", "veth", "peer", "name", "hsp-t1",
+            ]);
+            ip(&["link", "set", "hsp-t0", "up"]);
+            ip(&["link", "set", "hsp-t1", "up"]);
+            let mut dp = Datapath::load(&pins.options(4096)).expect("third load");
+            assert_eq!(dp.attach("hsp-t0").expect("new veth"), AttachMode::Native);
+            assert!(!dp.attachments()[0].reused, "a defunct link was reused");
+            assert!(shows_xdp("hsp-t0"));
+            drop(dp);
+
+            let report = teardown(&dir).expect("teardown");
+            assert!(report.existed && report.kept.is_empty(), "{report:?}");
+            assert_eq!(report.links.len(), 1, "{report:?}");
+            let line = report.links[0].to_string();
+            assert!(
+                line.starts_with("detached XDP from hsp-t0 (ifindex "),
+                "{line}"
+            );
+            assert_eq!(report.maps.len(), MAPS.len(), "{report:?}");
+            assert!(!dir.exists() && !shows_xdp("hsp-t0"));
+            let again = teardown(&dir).expect("idempotent");
+            assert!(!again.existed && again.was_empty());
+            first.program_id
+        });
+        assert_ne!(first_program, 0);
+    }
+
+    /// A pinned SESSIONS of another layout is refused naming `hasync teardown`, and nothing is
+    /// lost; another layout of a rebuildable map replaces it.
+    #[test]
+    fn a_pinned_map_of_another_layout_is_refused_or_replaced() {
+        use aya::maps::MapData;
+        let pins = TestPins::new("layout");
+        let dir = PinDir::new(&pins.0);
+        dir.prepare().expect("prepare");
+        let pin = |fd, name: &str| {
+            MapData::from_fd(fd)
+                .expect("map")
+                .pin(dir.map_path(name))
+                .expect("pin");
+        };
+        // An older SESSIONS: same key, a 16-byte value.
+        pin(create_map::<FlowKey, [u8; 16]>(9, 64), names::SESSIONS);
+        pin(create_map::<u32, u64>(6, 1), names::COUNTERS);
+        let e = Datapath::load(&pins.options(64)).err().expect("refused");
+        let msg = e.to_string();
+        for want in [
+            "pinned map `SESSIONS`",
+            "value 16 B",
+            "run `hasync teardown`",
+            "lru_hash",
+        ] {
+            assert!(msg.contains(want), "{want:?} not in: {msg}");
+        }
+        assert!(
+            dir.map_path(names::SESSIONS).exists(),
+            "kept for the operator"
+        );
+        assert!(dir.map_path(names::COUNTERS).exists(), "nothing touched");
+
+        fs::remove_file(dir.map_path(names::SESSIONS)).expect("rm");
+        let dp = Datapath::load(&pins.options(64)).expect("load");
+        let report = dp.pin_report().expect("pinned");
+        assert_eq!(
+            report.replaced.iter().map(|(m, _)| *m).collect::<Vec<_>>(),
+            [names::COUNTERS]
+        );
+        assert!(report.created.contains(&names::SESSIONS));
+        assert_eq!(dp.counters().expect("counters").get(Counter::Packets), 0);
+
+        // The root of the bpffs mount is never a pin directory.
+        let e = teardown(Path::new(BPFFS_MOUNT)).expect_err("mount root");
+        assert!(e.to_string().contains("root of a bpffs mount"), "{e}");
+    }
+}

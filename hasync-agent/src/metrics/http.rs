@@ -1,0 +1,203 @@
+//! The member's HTTP server (`[local] http`): `/metrics` for Prometheus, `/` the dashboard and
+//! `/api/cluster` the JSON it polls.
+//!
+//! Read-only and small: GET and HEAD only, request heads of at most [`MAX_HEAD_BYTES`] read
+//! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections, each closed after
+//! [`CONNECTION_LIFETIME`]. Like the control socket it owns none of the member's state: every
+//! answer is gathered from the runtime through [`Source`].
+
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use http_body_util::Full;
+use hyper::{
+    body::{Bytes, Incoming},
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{render, Source, CONTENT_TYPE};
+use crate::{
+    control::ControlSender,
+    dashboard::{ClusterApi, INDEX_HTML},
+};
+
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest request head (request line and headers) accepted.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How long a client may take to send a request head (also the keep-alive idle limit).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed after this long, whatever it does.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The dashboard may run its own inline script and style, and talk to this server only.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+/// Errors starting the HTTP server.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr} for metrics and the dashboard ([local] http): {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Listens on `addr` and serves until the runtime's request channel closes (or the task is
+/// aborted). Returns the address it listens on (the port is chosen when `addr` has port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    source: Source,
+) -> Result<(SocketAddr, JoinHandle<()>), HttpError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    info!(address = %local, "metrics and dashboard listening (http://{local}/)");
+    Ok((local, tokio::spawn(accept_loop(listener, source))))
+}
+
+async fn accept_loop(listener: TcpListener, source: Source) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = source.closed() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = source.closed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and the like: wait a little rather than spin.
+                    warn!(%error, "metrics server accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let source = source.clone();
+                async move { Ok::<_, Infallible>(handle(request, &source).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_headers(64)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(error)) => debug!(%peer, %error, "metrics connection ended"),
+                Err(_) => debug!(%peer, "metrics connection closed after its lifetime"),
+                Ok(Ok(())) => {}
+            }
+            drop(permit);
+        });
+    }
+    debug!("metrics server stopped");
+}
+
+async fn handle(request: Request<Incoming>, source: &Source) -> Response<Full<Bytes>> {
+    respond(request.method(), request.uri().path(), source).await
+}
+
+/// The answer to `method path`: the routing, without sockets (tests call it directly).
+pub async fn respond(method: &Method, path: &str, source: &Source) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed: this server is read-only (GET, HEAD)\n"),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    match path {
+        "/" | "/index.html" => {
+            let mut r = body(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML);
+            r.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(DASHBOARD_CSP),
+            );
+            r
+        }
+        "/metrics" => match source.snapshot().await {
+            Ok(snapshot) => body(StatusCode::OK, CONTENT_TYPE, render(&snapshot)),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        },
+        "/api/cluster" => match source.snapshot().await {
+            Ok(snapshot) => json(StatusCode::OK, &ClusterApi::new(&snapshot)),
+            Err(e) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "error": e.to_string() }),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("{path} not found: try / (dashboard), /metrics or /api/cluster\n"),
+        ),
+    }
+}
+
+fn body(
+    status: StatusCode,
+    content_type: &'static str,
+    b: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(b.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    body(status, "text/plain; charset=utf-8", message)
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => body(status, "application/json", bytes),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering the answer failed: {e}\n"),
+        ),
+    }
+}
+
+/// Starts the server where `config` says (`[local] http`), answering from the runtime behind
+/// `requests`. Metrics are not worth stopping a cluster member for: a failure to listen is
+/// logged and the member runs on without them. `None` when disabled or failed.
+pub async fn start(
+    config: &crate::config::Config,
+    requests: ControlSender,
+) -> Option<JoinHandle<()>> {
+    let addr = config.http_addr()?;
+    match serve(addr, Source::new(requests, config)).await {
+        Ok((_, task)) => Some(task),
+        Err(e) => {
+            warn!(error = %crate::datapath::error_chain(&e), "metrics and dashboard are off");
+            None
+        }
+    }
+}

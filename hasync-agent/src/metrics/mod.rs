@@ -1,0 +1,651 @@
+//! Metrics: what `/metrics` exposes to Prometheus, gathered from the running member on each
+//! scrape.
+//!
+//! The HTTP server ([`http`], `[local] http` in the config, `127.0.0.1:9471` by default) owns
+//! nothing of the member: like the control socket it asks the runtime, over the same channel,
+//! for the views `hasync show` prints ([`crate::control::view`]), and renders them. One
+//! gathering gives a [`Snapshot`]; [`render`] turns it into the OpenMetrics text exposition
+//! (which Prometheus scrapes natively) with the `prometheus-client` crate, and the dashboard's
+//! `/api/cluster` ([`crate::dashboard`]) is built from the same snapshot.
+//!
+//! Counting sessions walks the whole table, so the count is cached for [`SESSIONS_CACHE`];
+//! everything else is read fresh on every scrape.
+//!
+//! Names (all prefixed `hasync_`; labels in braces):
+//!
+//! | metric | type | what |
+//! | --- | --- | --- |
+//! | `cluster_info{cluster_id, local_member, description}` | info | this member and its cluster |
+//! | `member_state{member, serial, state}` | gauge | 1 for the member's state, 0 for the others |
+//! | `member_state_age_seconds{member}` | gauge | since the member's state last changed |
+//! | `member_flaps_total{member}` | counter | times it left a state that keeps sessions |
+//! | `member_sessions_owned{member}` | gauge | sessions it owns, as it reports them |
+//! | `link_state{member, link, state}` | gauge | 1 for the HA4 / HA4 backup link's state (`up`, `down`, `not-configured`) to a peer; for the local member, its own interface |
+//! | `sessions` | gauge | entries in the local session table |
+//! | `sessions_by_owner{owner}` | gauge | entries in the local table by owner member |
+//! | `session_capacity` | gauge | capacity of the session table |
+//! | `sync_records_sent_total{peer, link}`, `..._received_total` | counter | session records |
+//! | `sync_frames_sent_total{peer, link}`, `..._received_total` | counter | sync frames |
+//! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
+//! | `sync_acks_sent_total{peer, link}`, `..._received_total` | counter | acknowledgements |
+//! | `sync_keepalives_sent_total{peer, link}`, `..._received_total` | counter | keepalives |
+//! | `sync_link_failures_total{peer, link}` | counter | connections lost on the link |
+//! | `sync_resends_total{peer}` | counter | records sent again |
+//! | `sync_records_installed_total{peer}`, `_deleted_`, `_kept_`, `_refused_zone_` | counter | what became of the peer's records |
+//! | `sync_rejections_total{reason}` | counter | connections and frames refused |
+//! | `full_syncs_total{peer, direction}` | counter | full syncs completed (`sent`, `received`) |
+//! | `full_sync_running{peer, direction}` | gauge | 1 while one is under way |
+//! | `full_sync_last_duration_seconds{peer, direction}`, `full_sync_last_records{...}` | gauge | the last completed one |
+//! | `replication_lag_seconds{peer, quantile}` | gauge | p50 and p99 of recent changes, queued → acknowledged |
+//! | `datapath_<counter>_total` | counter | every datapath counter (`show counters`), `-` as `_` |
+
+pub mod http;
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, info::Info, MetricType},
+    registry::{Registry, Unit},
+};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::{
+    cluster::{LinkState, MemberState},
+    config::Config,
+    control::{
+        protocol::{Request, SessionFilter},
+        view::{CountersView, MembersView, SessionsView, StatisticsView},
+        ControlSender,
+    },
+    sync::wire::LinkKind,
+};
+
+/// How long a session count is reused: counting walks the whole table.
+pub const SESSIONS_CACHE: Duration = Duration::from_secs(5);
+/// How long a scrape waits for each of the runtime's answers.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Every member state, in the order `member_state` lists them.
+const MEMBER_STATES: [MemberState; 7] = [
+    MemberState::Initial,
+    MemberState::Active,
+    MemberState::Tentative,
+    MemberState::NonFunctional,
+    MemberState::Suspended,
+    MemberState::Down,
+    MemberState::Unknown,
+];
+
+/// Every link state, in the order `link_state` lists them.
+const LINK_STATES: [LinkState; 3] = [LinkState::Up, LinkState::Down, LinkState::NotConfigured];
+
+/// Errors gathering a [`Snapshot`] from the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum GatherError {
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error("the agent did not answer the {request} request within {} s", ANSWER_TIMEOUT.as_secs())]
+    Timeout { request: &'static str },
+    #[error("the agent dropped the {request} request without answering")]
+    Dropped { request: &'static str },
+    #[error("the {request} request failed: {message}")]
+    Failed {
+        request: &'static str,
+        message: String,
+    },
+    #[error("the answer to the {request} request is not what this agent expects: {message}")]
+    Malformed {
+        request: &'static str,
+        message: String,
+    },
+}
+
+/// Everything one scrape shows, as the views of `hasync show` hold it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// `show cluster members`.
+    pub members: MembersView,
+    /// `show cluster statistics`.
+    pub statistics: StatisticsView,
+    /// `show counters`.
+    pub counters: CountersView,
+    /// `show cluster sessions --count`: totals only.
+    pub sessions: SessionsView,
+    /// Capacity of the session table.
+    pub capacity: u64,
+    /// `cluster.description` of the config.
+    pub description: String,
+}
+
+/// What gathers snapshots: the runtime's request channel, what the config says, and the
+/// cached session count.
+#[derive(Clone, Debug)]
+pub struct Source {
+    requests: ControlSender,
+    capacity: u64,
+    description: String,
+    sessions: Arc<tokio::sync::Mutex<Option<(Instant, SessionsView)>>>,
+}
+
+impl Source {
+    /// Asks the runtime behind `requests`; `config` gives the table's capacity and the
+    /// cluster's description.
+    pub fn new(requests: ControlSender, config: &Config) -> Source {
+        Source {
+            requests,
+            capacity: u64::from(config.local.session_capacity),
+            description: config.cluster.description.clone(),
+            sessions: Arc::default(),
+        }
+    }
+
+    /// A source with explicit settings (tests and tools).
+    pub fn with_settings(requests: ControlSender, capacity: u64, description: &str) -> Source {
+        Source {
+            requests,
+            capacity,
+            description: description.to_owned(),
+            sessions: Arc::default(),
+        }
+    }
+
+    /// Resolves when the runtime has stopped taking requests.
+    pub async fn closed(&self) {
+        self.requests.closed().await;
+    }
+
+    /// Gathers the views from the runtime; the session count comes from the cache while it is
+    /// fresh (concurrent scrapes share one count).
+    pub async fn snapshot(&self) -> Result<Snapshot, GatherError> {
+        let members = self.ask(Request::ShowMembers).await?;
+        let statistics = self.ask(Request::ShowStatistics).await?;
+        let counters = self.ask(Request::ShowCounters { prefix: None }).await?;
+        let sessions = {
+            let mut cached = self.sessions.lock().await;
+            match &*cached {
+                Some((at, view)) if at.elapsed() < SESSIONS_CACHE => view.clone(),
+                _ => {
+                    let view: SessionsView = self
+                        .ask(Request::ShowSessions {
+                            count_only: true,
+                            filter: SessionFilter::default(),
+                            offset: 0,
+                            limit: None,
+                        })
+                        .await?;
+                    *cached = Some((Instant::now(), view.clone()));
+                    view
+                }
+            }
+        };
+        Ok(Snapshot {
+            members,
+            statistics,
+            counters,
+            sessions,
+            capacity: self.capacity,
+            description: self.description.clone(),
+        })
+    }
+
+    /// Sends `request` to the runtime and reads its answer as a `T`.
+    async fn ask<T: DeserializeOwned>(&self, request: Request) -> Result<T, GatherError> {
+        let name = request.name();
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send((request, tx))
+            .await
+            .map_err(|_| GatherError::ShuttingDown)?;
+        let response = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(_)) => return Err(GatherError::Dropped { request: name }),
+            Err(_) => return Err(GatherError::Timeout { request: name }),
+        };
+        if !response.ok {
+            return Err(GatherError::Failed {
+                request: name,
+                message: response.error.unwrap_or_default(),
+            });
+        }
+        serde_json::from_value(response.data).map_err(|e| GatherError::Malformed {
+            request: name,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// The OpenMetrics text exposition of `snapshot` (serve it as [`CONTENT_TYPE`]).
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut registry = Registry::with_prefix("hasync");
+    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+    let mut out = String::new();
+    // Writing to a String cannot fail, and the collector only fails when its writer does.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        out = format!("# rendering the metrics failed: {e}\n# EOF\n");
+    }
+    out
+}
+
+/// The metric name of a datapath counter: `session-hits` → `datapath_session_hits` (the
+/// exposition adds the `hasync_` prefix and the `_total` suffix).
+pub fn datapath_metric(counter: &str) -> String {
+    let name: String = counter
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("datapath_{name}")
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric family: its descriptor, then one sample per row.
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric_type: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, unit, metric_type)?;
+    let mut rows = rows.into_iter().peekable();
+    if let Some((labels, _)) = rows.peek() {
+        if labels.is_empty() {
+            // A metric without labels: one sample, written as `name value` (not `name{} value`).
+            if let Some((_, value)) = rows.next() {
+                return value.encode(metric);
+            }
+        }
+    }
+    for (labels, value) in rows {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauges<N: prometheus_client::encoding::EncodeGaugeValue + fmt::Debug>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (Labels, N)>,
+) -> fmt::Result {
+    family(
+        encoder,
+        name,
+        help,
+        unit,
+        MetricType::Gauge,
+        rows.into_iter().map(|(l, v)| (l, ConstGauge::new(v))),
+    )
+}
+
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> fmt::Result {
+    family(
+        encoder,
+        name,
+        help,
+        unit,
+        MetricType::Counter,
+        rows.into_iter().map(|(l, v)| (l, ConstCounter::new(v))),
+    )
+}
+
+/// 1 for `current`, 0 for every other of `known` (and `current` listed even if unknown).
+fn state_rows(base: &Labels, known: &[&'static str], current: &str) -> Vec<(Labels, i64)> {
+    let mut rows: Vec<(Labels, i64)> = known
+        .iter()
+        .map(|s| {
+            let mut l = base.clone();
+            l.push(("state", (*s).to_owned()));
+            (l, i64::from(*s == current))
+        })
+        .collect();
+    if !known.contains(&current) {
+        let mut l = base.clone();
+        l.push(("state", current.to_owned()));
+        rows.push((l, 1));
+    }
+    rows
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let Snapshot {
+            members,
+            statistics,
+            counters: datapath,
+            sessions,
+            capacity,
+            description,
+        } = &self.0;
+        let member = |id: u8| -> Labels { vec![("member", id.to_string())] };
+
+        let info = Info::new(vec![
+            ("cluster_id", members.cluster_id.to_string()),
+            ("local_member", members.local.to_string()),
+            ("description", description.clone()),
+        ]);
+        info.encode(e.encode_descriptor(
+            "cluster",
+            "This member and its cluster.",
+            None,
+            info.metric_type(),
+        )?)?;
+
+        // Members and links.
+        let member_states: Vec<&'static str> = MEMBER_STATES.iter().map(|s| s.name()).collect();
+        gauges(
+            &mut e,
+            "member_state",
+            "State of each member, as this member sees it: 1 for its state, 0 for the others.",
+            None,
+            members.members.iter().flat_map(|m| {
+                let mut base = member(m.id);
+                base.push(("serial", m.serial.clone()));
+                state_rows(&base, &member_states, &m.state)
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "member_state_age",
+            "Time since the member's state last changed.",
+            Some(&Unit::Seconds),
+            members
+                .members
+                .iter()
+                .filter_map(|m| Some((member(m.id), m.last_change?))),
+        )?;
+        counters(
+            &mut e,
+            "member_flaps",
+            "Times the member left a state that keeps sessions.",
+            None,
+            members
+                .members
+                .iter()
+                .map(|m| (member(m.id), u64::from(m.flaps))),
+        )?;
+        gauges(
+            &mut e,
+            "member_sessions_owned",
+            "Sessions the member owns, as it reports them.",
+            None,
+            members
+                .members
+                .iter()
+                .map(|m| (member(m.id), m.sessions_owned)),
+        )?;
+        let link_states: Vec<&'static str> = LINK_STATES.iter().map(|s| s.name()).collect();
+        gauges(
+            &mut e,
+            "link_state",
+            "State of the HA4 and HA4 backup sync links to each peer (for the local member: \
+             its own interface): 1 for the state, 0 for the others.",
+            None,
+            members.members.iter().flat_map(|m| {
+                [
+                    (LinkKind::Ha4.name(), &m.ha4),
+                    (LinkKind::Ha4Backup.name(), &m.ha4_backup),
+                ]
+                .into_iter()
+                .flat_map(|(link, state)| {
+                    let mut base = member(m.id);
+                    base.push(("link", link.to_owned()));
+                    state_rows(&base, &link_states, state)
+                })
+                .collect::<Vec<_>>()
+            }),
+        )?;
+
+        // The session table.
+        gauges(
+            &mut e,
+            "sessions",
+            "Sessions in the local session table.",
+            None,
+            [(Labels::new(), sessions.total)],
+        )?;
+        gauges(
+            &mut e,
+            "sessions_by_owner",
+            "Sessions in the local session table, by owner member.",
+            None,
+            sessions
+                .by_owner
+                .iter()
+                .map(|(owner, n)| (vec![("owner", owner.to_string())], *n)),
+        )?;
+        gauges(
+            &mut e,
+            "session_capacity",
+            "Capacity of the local session table.",
+            None,
+            [(Labels::new(), *capacity)],
+        )?;
+
+        // Sync, per peer and link.
+        let links: Vec<(Labels, &crate::control::view::LinkStatisticsView)> = statistics
+            .peers
+            .iter()
+            .flat_map(|p| {
+                p.links
+                    .iter()
+                    .map(|(link, s)| (vec![("peer", p.id.to_string()), ("link", link.clone())], s))
+            })
+            .collect();
+        type LinkField = fn(&crate::control::view::LinkStatisticsView) -> u64;
+        let per_link: [(&str, &str, Option<Unit>, LinkField); 11] = [
+            ("sync_records_sent", "Session records sent.", None, |s| {
+                s.records_sent
+            }),
+            (
+                "sync_records_received",
+                "Session records received.",
+                None,
+                |s| s.records_received,
+            ),
+            ("sync_frames_sent", "Sync frames sent.", None, |s| {
+                s.frames_sent
+            }),
+            ("sync_frames_received", "Sync frames received.", None, |s| {
+                s.frames_received
+            }),
+            ("sync_sent", "Sync bytes sent.", Some(Unit::Bytes), |s| {
+                s.bytes_sent
+            }),
+            (
+                "sync_received",
+                "Sync bytes received.",
+                Some(Unit::Bytes),
+                |s| s.bytes_received,
+            ),
+            ("sync_acks_sent", "Acknowledgements sent.", None, |s| {
+                s.acks_sent
+            }),
+            (
+                "sync_acks_received",
+                "Acknowledgements received.",
+                None,
+                |s| s.acks_received,
+            ),
+            ("sync_keepalives_sent", "Keepalives sent.", None, |s| {
+                s.keepalives_sent
+            }),
+            (
+                "sync_keepalives_received",
+                "Keepalives received.",
+                None,
+                |s| s.keepalives_received,
+            ),
+            (
+                "sync_link_failures",
+                "Sync connections lost on the link (errors, silence, interface down).",
+                None,
+                |s| s.failures,
+            ),
+        ];
+        for (name, help, unit, field) in per_link {
+            counters(
+                &mut e,
+                name,
+                help,
+                unit.as_ref(),
+                links.iter().map(|(l, s)| (l.clone(), field(s))),
+            )?;
+        }
+        let peer = |id: u8| -> Labels { vec![("peer", id.to_string())] };
+        type PeerField = fn(&crate::control::view::PeerStatisticsView) -> u64;
+        let per_peer: [(&str, &str, PeerField); 5] = [
+            (
+                "sync_resends",
+                "Records sent again (link failure or switch, or unacknowledged).",
+                |p| p.resends,
+            ),
+            (
+                "sync_records_installed",
+                "Records from the peer installed in the session table.",
+                |p| p.records_installed,
+            ),
+            (
+                "sync_records_deleted",
+                "Delete records from the peer applied.",
+                |p| p.records_deleted,
+            ),
+            (
+                "sync_records_kept",
+                "Records from the peer not applied: the local copy wins.",
+                |p| p.records_kept,
+            ),
+            (
+                "sync_records_refused_zone",
+                "Records from the peer refused: their zone does not exist here.",
+                |p| p.records_refused_zone,
+            ),
+        ];
+        for (name, help, field) in per_peer {
+            counters(
+                &mut e,
+                name,
+                help,
+                None,
+                statistics.peers.iter().map(|p| (peer(p.id), field(p))),
+            )?;
+        }
+        counters(
+            &mut e,
+            "sync_rejections",
+            "Sync connections and frames refused, by reason.",
+            None,
+            statistics
+                .rejected
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
+        )?;
+
+        // Full syncs and replication lag.
+        let full_syncs: Vec<(Labels, crate::control::view::FullSyncView)> = statistics
+            .peers
+            .iter()
+            .flat_map(|p| {
+                [
+                    ("sent", p.full_syncs.sent),
+                    ("received", p.full_syncs.received),
+                ]
+                .map(|(direction, f)| {
+                    (
+                        vec![("peer", p.id.to_string()), ("direction", direction.into())],
+                        f,
+                    )
+                })
+            })
+            .collect();
+        counters(
+            &mut e,
+            "full_syncs",
+            "Full syncs completed with the peer (sent to it, received from it).",
+            None,
+            full_syncs.iter().map(|(l, f)| (l.clone(), f.count)),
+        )?;
+        gauges(
+            &mut e,
+            "full_sync_running",
+            "1 while a full sync with the peer is under way.",
+            None,
+            full_syncs
+                .iter()
+                .map(|(l, f)| (l.clone(), i64::from(f.running))),
+        )?;
+        gauges(
+            &mut e,
+            "full_sync_last_duration",
+            "Duration of the last completed full sync.",
+            Some(&Unit::Seconds),
+            full_syncs
+                .iter()
+                .filter_map(|(l, f)| Some((l.clone(), f.last_duration_ms? as f64 / 1000.0))),
+        )?;
+        gauges(
+            &mut e,
+            "full_sync_last_records",
+            "Session records of the last completed full sync.",
+            None,
+            full_syncs
+                .iter()
+                .filter_map(|(l, f)| Some((l.clone(), f.last_records?))),
+        )?;
+        gauges(
+            &mut e,
+            "replication_lag",
+            "Replication lag of recent changes (queued to acknowledged by the peer), by quantile.",
+            Some(&Unit::Seconds),
+            statistics.peers.iter().flat_map(|p| {
+                [
+                    ("0.5", p.replication_lag.p50_ms),
+                    ("0.99", p.replication_lag.p99_ms),
+                ]
+                .into_iter()
+                .filter_map(|(q, ms)| {
+                    Some((
+                        vec![("peer", p.id.to_string()), ("quantile", q.to_owned())],
+                        ms? / 1000.0,
+                    ))
+                })
+                .collect::<Vec<_>>()
+            }),
+        )?;
+
+        // The datapath's counters.
+        for (name, value) in &datapath.counters {
+            counters(
+                &mut e,
+                &datapath_metric(name),
+                &format!("Datapath counter `{name}` (see `hasync show counters`)."),
+                None,
+                [(Labels::new(), *value)],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

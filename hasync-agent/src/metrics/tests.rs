@@ -1,0 +1,269 @@
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use hasync_common::Counter;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+use super::*;
+use crate::control::{
+    protocol::Response,
+    testing::{answer, fake_runtime},
+    ControlRequest,
+};
+
+/// The fake runtime's snapshot, with a table of 65,536.
+async fn snapshot() -> Snapshot {
+    let (tx, _runtime) = fake_runtime();
+    Source::with_settings(tx, 65_536, "edge \"A\"")
+        .snapshot()
+        .await
+        .expect("snapshot")
+}
+
+/// A fake runtime that counts the session walks it is asked for.
+fn counting_runtime() -> (ControlSender, Arc<AtomicU32>) {
+    let (tx, mut rx) = mpsc::channel::<ControlRequest>(8);
+    let walks = Arc::new(AtomicU32::new(0));
+    let counted = walks.clone();
+    tokio::spawn(async move {
+        while let Some((request, reply)) = rx.recv().await {
+            if matches!(request, Request::ShowSessions { .. }) {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = reply.send(answer(request));
+        }
+    });
+    (tx, walks)
+}
+
+#[tokio::test]
+async fn the_exposition_names_every_metric_with_its_values() {
+    let text = render(&snapshot().await);
+    for line in [
+        r#"hasync_cluster_info{cluster_id="7",local_member="1",description="edge \"A\""} 1"#,
+        // Members: one line per state, 1 for the current one.
+        r#"hasync_member_state{member="1",serial="FW-A",state="active"} 1"#,
+        r#"hasync_member_state{member="1",serial="FW-A",state="initial"} 0"#,
+        r#"hasync_member_state{member="12",serial="FW-LONG-SERIAL",state="down"} 1"#,
+        r#"hasync_member_state{member="12",serial="FW-LONG-SERIAL",state="active"} 0"#,
+        r#"hasync_member_state_age_seconds{member="1"} 3725"#,
+        r#"hasync_member_flaps_total{member="12"} 3"#,
+        r#"hasync_member_sessions_owned{member="1"} 2"#,
+        r#"hasync_link_state{member="1",link="ha4",state="up"} 1"#,
+        r#"hasync_link_state{member="12",link="ha4",state="down"} 1"#,
+        r#"hasync_link_state{member="12",link="ha4-backup",state="not-configured"} 1"#,
+        // The table.
+        "hasync_sessions 3",
+        r#"hasync_sessions_by_owner{owner="1"} 2"#,
+        r#"hasync_sessions_by_owner{owner="2"} 1"#,
+        "hasync_session_capacity 65536",
+        // Sync.
+        r#"hasync_sync_records_sent_total{peer="2",link="ha4"} 120"#,
+        r#"hasync_sync_frames_sent_total{peer="2",link="ha4"} 2"#,
+        r#"hasync_sync_sent_bytes_total{peer="2",link="ha4"} 11000"#,
+        r#"hasync_sync_acks_received_total{peer="2",link="ha4"} 1"#,
+        r#"hasync_sync_link_failures_total{peer="2",link="ha4-backup"} 0"#,
+        r#"hasync_sync_resends_total{peer="2"} 0"#,
+        r#"hasync_sync_rejections_total{reason="bad-key"} 1"#,
+        r#"hasync_sync_rejections_total{reason="wrong-cluster"} 0"#,
+        r#"hasync_full_syncs_total{peer="2",direction="sent"} 1"#,
+        r#"hasync_full_syncs_total{peer="2",direction="received"} 0"#,
+        r#"hasync_full_sync_running{peer="2",direction="sent"} 0"#,
+        r#"hasync_full_sync_last_duration_seconds{peer="2",direction="sent"} 0.812"#,
+        r#"hasync_full_sync_last_records{peer="2",direction="sent"} 120"#,
+        r#"hasync_replication_lag_seconds{peer="2",quantile="0.5"} 0.00425"#,
+        r#"hasync_replication_lag_seconds{peer="2",quantile="0.99"} 0.00425"#,
+        // The datapath.
+        "hasync_datapath_packets_total 123456",
+        "hasync_datapath_err_tcp_flags_total 2",
+        "hasync_datapath_session_hits_total 0",
+        // Types and units.
+        "# TYPE hasync_sync_sent_bytes counter",
+        "# UNIT hasync_sync_sent_bytes bytes",
+        "# TYPE hasync_member_state gauge",
+        "# TYPE hasync_cluster info",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing line {line}\n{text}"
+        );
+    }
+    for c in Counter::ALL {
+        let name = format!("hasync_{}_total ", datapath_metric(c.name()));
+        assert!(text.contains(&name), "no {name}");
+    }
+    // No lag line before any sample, no duration before a completed full sync.
+    assert!(!text.contains(r#"full_sync_last_duration_seconds{peer="2",direction="received"}"#));
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    // Every sample line is `name{labels} value` with a number as value.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (name, value) = line.rsplit_once(' ').expect(line);
+        assert!(name.starts_with("hasync_"), "{line}");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+}
+
+#[test]
+fn datapath_counter_names_become_metric_names() {
+    assert_eq!(datapath_metric("session-hits"), "datapath_session_hits");
+    assert_eq!(
+        datapath_metric("pass-untracked-protocol"),
+        "datapath_pass_untracked_protocol"
+    );
+}
+
+#[tokio::test]
+async fn the_session_count_is_cached_and_shared() {
+    let (tx, walks) = counting_runtime();
+    let source = Source::with_settings(tx, 1024, "");
+    let (a, b) = tokio::join!(source.snapshot(), source.snapshot());
+    assert_eq!(a.expect("a").sessions.total, 3);
+    assert_eq!(b.expect("b").sessions.total, 3);
+    source.snapshot().await.expect("c");
+    assert_eq!(
+        walks.load(Ordering::Relaxed),
+        1,
+        "one walk for three scrapes"
+    );
+}
+
+#[tokio::test]
+async fn a_runtime_that_fails_or_stops_is_reported() {
+    let (tx, mut rx) = mpsc::channel::<ControlRequest>(8);
+    tokio::spawn(async move {
+        while let Some((_, reply)) = rx.recv().await {
+            let _ = reply.send(Response::error("reading the counters failed"));
+        }
+    });
+    let e = Source::with_settings(tx, 1, "")
+        .snapshot()
+        .await
+        .expect_err("fails");
+    assert_eq!(
+        e.to_string(),
+        "the show-members request failed: reading the counters failed"
+    );
+
+    let (tx, rx) = mpsc::channel::<ControlRequest>(8);
+    drop(rx);
+    let e = Source::with_settings(tx, 1, "")
+        .snapshot()
+        .await
+        .expect_err("stopped");
+    assert!(matches!(e, GatherError::ShuttingDown), "{e}");
+}
+
+/// Sends `request` (raw bytes) and reads the whole answer: status line, headers, body.
+async fn exchange(addr: SocketAddrForTest, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+type SocketAddrForTest = std::net::SocketAddr;
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = http::serve("127.0.0.1:0".parse().unwrap(), source)
+        .await
+        .expect("serve");
+
+    let (status, head, body) = exchange(addr, &get("/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.contains("hasync_sessions 3\n"), "{body}");
+
+    let (status, head, body) = exchange(addr, &get("/")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(body.contains("data-test=\"ha4-indicator\""));
+
+    let (status, head, body) = exchange(addr, &get("/api/cluster")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let api: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(api["cluster"]["id"], 7);
+    assert_eq!(api["sessions"]["capacity"], 65_536);
+
+    let (status, head, body) = exchange(
+        addr,
+        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, ""), "{head}");
+
+    let (status, head, _) = exchange(
+        addr,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: get, head"), "{head}");
+
+    let (status, _, body) = exchange(addr, &get("/admin")).await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("try / (dashboard), /metrics or /api/cluster"),
+        "{body}"
+    );
+
+    // An oversized request head is refused, not buffered.
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    big.extend(b"\r\n\r\n");
+    let (status, _, _) = exchange(addr, &big).await;
+    assert_eq!(status, 431);
+
+    // The server stops with the runtime.
+    drop(tx);
+    runtime.abort();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the runtime is gone")
+        .ok();
+}
+
+#[tokio::test]
+async fn a_runtime_that_is_gone_answers_503() {
+    let (tx, rx) = mpsc::channel::<ControlRequest>(8);
+    let source = Source::with_settings(tx, 1, "");
+    drop(rx);
+    let r = http::respond(&hyper::Method::GET, "/metrics", &source).await;
+    assert_eq!(r.status(), 503);
+    let r = http::respond(&hyper::Method::GET, "/api/cluster", &source).await;
+    assert_eq!(r.status(), 503);
+    // The page itself needs no runtime: it shows the error it polls.
+    let r = http::respond(&hyper::Method::GET, "/", &source).await;
+    assert_eq!(r.status(), 200);
+}

@@ -1,0 +1,667 @@
+//! `hasync provision SPEC.toml --out DIR`: from one description of a whole cluster, a
+//! consistent configuration for every member, the shared key, and the commands that set up
+//! each member's sync interfaces. And `hasync config diff` / `hasync config check` ([`diff`]).
+//!
+//! # The spec
+//!
+//! One TOML file. Sections and keys are those of `hasync.toml` wherever they exist there, so
+//! what a member's config says is what the spec said:
+//!
+//! ```toml
+#![doc = include_str!("example.toml")]
+//! ```
+//!
+//! - `[cluster]`: exactly the `[cluster]` of `hasync.toml` (id, description, timers,
+//!   `sync_port`), with `key_file` optional: where every member keeps the key, default
+//!   [`DEFAULT_KEY_FILE`].
+//! - `[local]` (optional): the `[local]` every member gets (`policy`, `malformed`,
+//!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's id.
+//!   A member's own `[members.local]` overrides keys of it.
+//! - `[ha4]`, `[ha4_backup]` (optional): the common sync interface name and prefix length of
+//!   the sync network. A member's `ha4_interface` / `ha4_backup_interface` override the name.
+//! - `[[zones]]`: the zones, in order (a zone's id is its position): `name` and the common
+//!   `interfaces`. A member whose interfaces differ lists them in `[members.zones]`, by zone
+//!   name.
+//! - `[[members]]`: `id`, `serial` (also the name of its output directory), `ha4` and
+//!   optionally `ha4_backup` as `address` (with the section's `prefix`) or `address/prefix`,
+//!   `session_sync`, `enabled`, `description` as in `hasync.toml`.
+//! - `[timeouts]` (optional): as in `hasync.toml`.
+//!
+//! # The output
+//!
+//! ```text
+//! DIR/cluster.key              the shared key: 32 random bytes, mode 0600; kept if it exists
+//! DIR/<serial>/hasync.toml     the member's config (install as /etc/hasync/hasync.toml)
+//! DIR/<serial>/cluster.key     a copy of the key, mode 0600 (install at [cluster].key_file)
+//! DIR/<serial>/setup-links.sh  `ip` commands for its HA4 and HA4 backup interfaces
+//! ```
+//!
+//! Every config is validated as `hasync agent` would (with the key it comes with) before
+//! anything is written, and every member's config has the same fingerprint: what members must
+//! agree on is identical by construction. An existing `DIR/cluster.key` is kept, so
+//! re-provisioning after a change (a member added) does not change the key of a running
+//! cluster. `setup-links.sh` is only written, never run by hasync.
+
+pub mod diff;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    fs::{DirBuilder, OpenOptions},
+    io::{Read as _, Write as _},
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+use crate::config::{self, parse_cidr, Cluster, Config, Link, Local, Member, Zone, MIN_KEY_BYTES};
+
+/// Where members keep the cluster key unless the spec says otherwise.
+pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
+/// A complete spec: three members, two zones, both sync links.
+pub const EXAMPLE_SPEC: &str = include_str!("example.toml");
+
+/// `hasync provision`.
+#[derive(Debug, clap::Args)]
+pub struct ProvisionArgs {
+    /// The cluster description (see `hasync provision --example`).
+    #[arg(value_name = "SPEC.toml", required_unless_present = "example")]
+    pub spec: Option<PathBuf>,
+
+    /// Where to write the key and one directory per member (created if missing).
+    #[arg(long, value_name = "DIR", required_unless_present = "example")]
+    pub out: Option<PathBuf>,
+
+    /// Print an example spec and exit.
+    #[arg(long, conflicts_with_all = ["spec", "out"])]
+    pub example: bool,
+}
+
+/// Errors of provisioning.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("cannot read spec {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spec {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("spec {path} has {} problem(s):\n{}", problems.len(), bullets(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the existing key {path} holds {len} bytes; at least {MIN_KEY_BYTES} are required (remove it to get a new one)")]
+    ShortKey { path: PathBuf, len: u64 },
+}
+
+fn bullets(problems: &[String]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The spec file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// `[cluster]` of `hasync.toml`, `key_file` optional.
+    pub cluster: toml::Table,
+    /// Defaults of every member's `[local]`.
+    #[serde(default)]
+    pub local: toml::Table,
+    #[serde(default)]
+    pub ha4: SpecLink,
+    #[serde(default)]
+    pub ha4_backup: Option<SpecLink>,
+    #[serde(default)]
+    pub zones: Vec<SpecZone>,
+    pub members: Vec<SpecMember>,
+    #[serde(default)]
+    pub timeouts: BTreeMap<String, u64>,
+}
+
+/// The common settings of one sync link.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecLink {
+    /// Interface name on every member that does not name its own.
+    pub interface: Option<String>,
+    /// Prefix length of the sync network, for member addresses given without one.
+    pub prefix: Option<u8>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecZone {
+    pub name: String,
+    /// Interfaces on every member that does not list its own for this zone.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecMember {
+    pub id: u32,
+    pub serial: String,
+    #[serde(default)]
+    pub description: String,
+    /// `address` or `address/prefix`.
+    pub ha4: String,
+    #[serde(default)]
+    pub ha4_backup: Option<String>,
+    #[serde(default)]
+    pub ha4_interface: Option<String>,
+    #[serde(default)]
+    pub ha4_backup_interface: Option<String>,
+    #[serde(default = "yes")]
+    pub session_sync: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// This member's interfaces by zone name, where they differ from the common ones.
+    #[serde(default)]
+    pub zones: BTreeMap<String, Vec<String>>,
+    /// Overrides of `[local]` for this member.
+    #[serde(default)]
+    pub local: toml::Table,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One member's provisioned files, before they are written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberFiles {
+    pub serial: String,
+    pub config: Config,
+    /// `hasync.toml`.
+    pub config_text: String,
+    /// `setup-links.sh`.
+    pub setup_links: String,
+}
+
+impl Spec {
+    pub fn load(path: &Path) -> Result<Spec, ProvisionError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProvisionError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Spec::parse(path, &text)
+    }
+
+    /// Parses `text`; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Spec, ProvisionError> {
+        toml::from_str(text).map_err(|e| ProvisionError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Every member's config (unvalidated), or every problem with the spec. Problems a config
+    /// check would find (ranges, duplicates) are left to [`Config::validate`].
+    pub fn configs(&self, path: &Path) -> Result<Vec<Config>, ProvisionError> {
+        let mut p = Vec::new();
+        let mut cluster_table = self.cluster.clone();
+        cluster_table
+            .entry("key_file")
+            .or_insert_with(|| toml::Value::String(DEFAULT_KEY_FILE.into()));
+        let cluster = match toml::Value::Table(cluster_table).try_into::<Cluster>() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                p.push(format!("[cluster]: {}", e.message()));
+                None
+            }
+        };
+        if self.members.is_empty() {
+            p.push("no [[members]]: a cluster needs at least one".into());
+        }
+        let zone_names: BTreeSet<&str> = self.zones.iter().map(|z| z.name.as_str()).collect();
+        let mut serials = BTreeSet::new();
+        let mut entries = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let at = format!("members[{i}] (serial \"{}\")", m.serial);
+            if !is_safe_dir_name(&m.serial) {
+                p.push(format!(
+                    "members[{i}].serial = \"{}\" names the member's output directory: use 1–64 of A–Z, a–z, 0–9, `.`, `_`, `-` (not only dots)",
+                    m.serial
+                ));
+            } else if !serials.insert(m.serial.as_str()) {
+                p.push(format!(
+                    "members[{i}].serial = \"{}\" is used by two members",
+                    m.serial
+                ));
+            }
+            for zone in m.zones.keys() {
+                if !zone_names.contains(zone.as_str()) {
+                    p.push(format!(
+                        "{at}: zones.{zone} is not a zone of [[zones]] (known: {})",
+                        zone_names.iter().copied().collect::<Vec<_>>().join(", ")
+                    ));
+                }
+            }
+            let ha4 = address(&mut p, &at, "ha4", &m.ha4, self.ha4.prefix);
+            let ha4_backup = m.ha4_backup.as_ref().and_then(|a| {
+                address(
+                    &mut p,
+                    &at,
+                    "ha4_backup",
+                    a,
+                    self.ha4_backup.as_ref().and_then(|l| l.prefix),
+                )
+            });
+            let ha4_if = m
+                .ha4_interface
+                .clone()
+                .or_else(|| self.ha4.interface.clone());
+            if ha4_if.is_none() {
+                p.push(format!(
+                    "{at}: no HA4 interface: set [ha4].interface, or ha4_interface for the member"
+                ));
+            }
+            let backup_if = m
+                .ha4_backup_interface
+                .clone()
+                .or_else(|| self.ha4_backup.as_ref().and_then(|l| l.interface.clone()));
+            if m.ha4_backup.is_some() && backup_if.is_none() {
+                p.push(format!(
+                    "{at}: ha4_backup is set but there is no HA4 backup interface: set [ha4_backup].interface, or ha4_backup_interface for the member"
+                ));
+            }
+            if m.ha4_backup.is_none() && m.ha4_backup_interface.is_some() {
+                p.push(format!(
+                    "{at}: ha4_backup_interface is set but ha4_backup (its address) is not"
+                ));
+            }
+            entries.push((ha4, ha4_backup, ha4_if, backup_if));
+        }
+        let (Some(cluster), true) = (cluster, p.is_empty()) else {
+            return Err(ProvisionError::Invalid {
+                path: path.to_owned(),
+                problems: p,
+            });
+        };
+
+        let members: Vec<Member> = self
+            .members
+            .iter()
+            .zip(&entries)
+            .map(|(m, (ha4, backup, _, _))| Member {
+                id: m.id,
+                serial: m.serial.clone(),
+                ha4: ha4.map_or(IpAddr::from([0, 0, 0, 0]), |(a, _)| a),
+                ha4_backup: backup.map(|(a, _)| a),
+                session_sync: m.session_sync,
+                enabled: m.enabled,
+                description: m.description.clone(),
+            })
+            .collect();
+        let mut configs = Vec::new();
+        for (i, (m, (ha4, backup, ha4_if, backup_if))) in
+            self.members.iter().zip(&entries).enumerate()
+        {
+            let mut local_table = self.local.clone();
+            for (k, v) in &m.local {
+                local_table.insert(k.clone(), v.clone());
+            }
+            local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id)));
+            let local = match toml::Value::Table(local_table).try_into::<Local>() {
+                Ok(l) => l,
+                Err(e) => {
+                    p.push(format!(
+                        "[local] with members[{i}].local (serial \"{}\"): {}",
+                        m.serial,
+                        e.message()
+                    ));
+                    continue;
+                }
+            };
+            let link = |interface: &Option<String>, addr: &Option<(IpAddr, u8)>| {
+                Some(Link {
+                    interface: interface.clone()?,
+                    address: addr.map(|(a, len)| format!("{a}/{len}"))?,
+                })
+            };
+            let Some(ha4) = link(ha4_if, ha4) else {
+                continue; // reported above
+            };
+            configs.push(Config {
+                cluster: cluster.clone(),
+                local,
+                ha4,
+                ha4_backup: link(backup_if, backup),
+                zones: self
+                    .zones
+                    .iter()
+                    .map(|z| Zone {
+                        name: z.name.clone(),
+                        interfaces: m
+                            .zones
+                            .get(&z.name)
+                            .cloned()
+                            .unwrap_or_else(|| z.interfaces.clone()),
+                    })
+                    .collect(),
+                members: members.clone(),
+                timeouts: self.timeouts.clone(),
+            });
+        }
+        if !p.is_empty() {
+            return Err(ProvisionError::Invalid {
+                path: path.to_owned(),
+                problems: p,
+            });
+        }
+        Ok(configs)
+    }
+}
+
+/// `address` or `address/prefix` (with the link's `prefix` for the former).
+fn address(
+    p: &mut Vec<String>,
+    at: &str,
+    key: &str,
+    text: &str,
+    prefix: Option<u8>,
+) -> Option<(IpAddr, u8)> {
+    let cidr = match (text.contains('/'), prefix) {
+        (true, _) => text.to_owned(),
+        (false, Some(len)) => format!("{text}/{len}"),
+        (false, None) => {
+            p.push(format!(
+                "{at}: {key} = \"{text}\" has no prefix length: write it as address/prefix, or set [{key}].prefix"
+            ));
+            return None;
+        }
+    };
+    match parse_cidr(&cidr) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            p.push(format!("{at}: {key}: {e}"));
+            None
+        }
+    }
+}
+
+/// A serial usable as a directory name.
+fn is_safe_dir_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !s.chars().all(|c| c == '.')
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':'))
+    {
+        return s.to_owned();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// `setup-links.sh` for `config`'s member.
+pub fn setup_links_script(config: &Config) -> String {
+    let me = config.local.member;
+    let serial = config
+        .members
+        .iter()
+        .find(|m| m.id == me)
+        .map_or("", |m| m.serial.as_str());
+    let mut s = String::new();
+    let _ = writeln!(s, "#!/bin/sh");
+    let _ = writeln!(
+        s,
+        "# hasync sync interfaces of member {me} ({serial}), cluster {}.",
+        config.cluster.id
+    );
+    let _ = writeln!(
+        s,
+        "# Written by `hasync provision`, never run by hasync: review it, then run it as root on\n\
+         # {serial} (or put the same settings in its network configuration). `ip address replace`\n\
+         # makes it safe to run again."
+    );
+    let _ = writeln!(s, "set -eu");
+    for (name, link) in [
+        ("HA4", Some(&config.ha4)),
+        ("HA4 backup", config.ha4_backup.as_ref()),
+    ] {
+        let Some(link) = link else { continue };
+        let dev = shell_quote(&link.interface);
+        let _ = writeln!(s, "# {name}");
+        let _ = writeln!(
+            s,
+            "ip address replace {} dev {dev}",
+            shell_quote(&link.address)
+        );
+        let _ = writeln!(s, "ip link set dev {dev} up");
+    }
+    s
+}
+
+impl MemberFiles {
+    /// The files of `config`'s member; `spec` names the spec in the header.
+    pub fn new(config: Config, spec: &Path) -> anyhow::Result<MemberFiles> {
+        let me = config.local.member;
+        let serial = config
+            .members
+            .iter()
+            .find(|m| m.id == me)
+            .map(|m| m.serial.clone())
+            .unwrap_or_default();
+        let body = toml::to_string(&config).context("rendering the config as TOML")?;
+        let config_text = format!(
+            "# hasync configuration of member {me} ({serial}), cluster {}.\n\
+             # Written by `hasync provision` from {}: change the spec and provision again rather\n\
+             # than editing one member (`hasync config diff` shows what members disagree on).\n\n{body}",
+            config.cluster.id,
+            spec.display()
+        );
+        Ok(MemberFiles {
+            serial,
+            setup_links: setup_links_script(&config),
+            config,
+            config_text,
+        })
+    }
+}
+
+/// What [`provision`] wrote.
+#[derive(Debug)]
+pub struct Provisioned {
+    pub key: PathBuf,
+    /// Whether the key was created now (else an existing one was kept).
+    pub new_key: bool,
+    /// Per member: serial and directory.
+    pub members: Vec<(String, PathBuf)>,
+    /// The fingerprint all members share.
+    pub fingerprint: [u8; 32],
+}
+
+/// Validates the spec's configs and writes every file into `out`.
+pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
+    let spec = Spec::load(spec_path)?;
+    let configs = spec.configs(spec_path)?;
+    mkdir(out, 0o755)?;
+    let key = out.join("cluster.key");
+    let new_key = ensure_key(&key)?;
+    let key_bytes = std::fs::read(&key).map_err(|source| ProvisionError::Io {
+        what: "reading the key",
+        path: key.clone(),
+        source,
+    })?;
+
+    // Validate everything (each config with the key it comes with) before writing any config.
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for config in configs {
+        let mut check = config.clone();
+        check.cluster.key_file = key.clone();
+        if let Err(e) = check.validate(Path::new("hasync.toml")) {
+            let serial = check
+                .members
+                .iter()
+                .find(|m| m.id == check.local.member)
+                .map_or_else(String::new, |m| m.serial.clone());
+            problems.push(format!("member {} ({serial}): {e}", check.local.member));
+            continue;
+        }
+        files.push(MemberFiles::new(config, spec_path)?);
+    }
+    if !problems.is_empty() {
+        return Err(ProvisionError::Invalid {
+            path: spec_path.to_owned(),
+            problems,
+        }
+        .into());
+    }
+    let fingerprint = files
+        .first()
+        .map(|f| f.config.fingerprint())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        files.iter().all(|f| f.config.fingerprint() == fingerprint),
+        "internal error: the provisioned configs disagree"
+    );
+
+    let mut members = Vec::new();
+    for f in &files {
+        let dir = out.join(&f.serial);
+        mkdir(&dir, 0o755)?;
+        write_file(&dir.join("hasync.toml"), f.config_text.as_bytes(), 0o644)?;
+        write_file(&dir.join("cluster.key"), &key_bytes, 0o600)?;
+        write_file(&dir.join("setup-links.sh"), f.setup_links.as_bytes(), 0o755)?;
+        members.push((f.serial.clone(), dir));
+    }
+    Ok(Provisioned {
+        key,
+        new_key,
+        members,
+        fingerprint,
+    })
+}
+
+fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|source| ProvisionError::Io {
+            what: "creating directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Writes `bytes` to `path` with `mode`, replacing what was there (never through a symlink).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProvisionError> {
+    let io = |source| ProvisionError::Io {
+        what: "writing",
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    // The umask may have taken bits away from a script's mode.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io)
+}
+
+/// Creates `path` with 32 random bytes (mode 0600) unless it exists; true if it was created.
+fn ensure_key(path: &Path) -> Result<bool, ProvisionError> {
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            if meta.len() < MIN_KEY_BYTES as u64 {
+                return Err(ProvisionError::ShortKey {
+                    path: path.to_owned(),
+                    len: meta.len(),
+                });
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; MIN_KEY_BYTES];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut key))
+                .map_err(|source| ProvisionError::Io {
+                    what: "reading random bytes from",
+                    path: "/dev/urandom".into(),
+                    source,
+                })?;
+            write_file(path, &key, 0o600)?;
+            Ok(true)
+        }
+        Err(source) => Err(ProvisionError::Io {
+            what: "checking the key",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `hasync provision`.
+pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
+    if args.example {
+        print!("{EXAMPLE_SPEC}");
+        return Ok(());
+    }
+    let (Some(spec), Some(out)) = (&args.spec, &args.out) else {
+        anyhow::bail!("give the spec and --out DIR (or --example)");
+    };
+    let done = provision(spec, out)?;
+    println!(
+        "{} {}",
+        if done.new_key {
+            "new cluster key:"
+        } else {
+            "kept the existing cluster key:"
+        },
+        done.key.display()
+    );
+    for (serial, dir) in &done.members {
+        println!(
+            "{serial}: {}/{{hasync.toml, cluster.key, setup-links.sh}}",
+            dir.display()
+        );
+    }
+    let hex: String = done.fingerprint[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!(
+        "{} member(s), config fingerprint {hex} on every one. On each member: install hasync.toml \
+         as {}, the key at its [cluster].key_file, and run setup-links.sh (review it first).",
+        done.members.len(),
+        config::DEFAULT_PATH
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,283 @@
+use std::os::unix::fs::PermissionsExt as _;
+
+use super::{diff::differences, *};
+use crate::control::testing::TempDir;
+
+/// The example spec with the key kept in `out` (so the configs load on this machine).
+fn example_in(out: &Path) -> String {
+    EXAMPLE_SPEC.replace(
+        "# key_file = \"/etc/hasync/cluster.key\"",
+        &format!("key_file = \"{}\"", out.join("cluster.key").display()),
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn a_three_member_spec_provisions_configs_that_load_and_agree() {
+    let dir = TempDir::new("provision");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+
+    let done = provision(&spec, &out).expect("provision");
+    assert!(done.new_key);
+    let key = std::fs::read(out.join("cluster.key")).expect("key");
+    assert_eq!(key.len(), 32);
+    assert_eq!(mode(&out.join("cluster.key")), 0o600);
+
+    let serials: Vec<&str> = done.members.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(serials, ["FW-A", "FW-B", "FW-C"]);
+    let configs: Vec<Config> = serials
+        .iter()
+        .map(|s| Config::load(&out.join(s).join("hasync.toml")).expect("loads"))
+        .collect();
+    // What members must agree on is the same everywhere.
+    assert!(configs.iter().all(|c| c.fingerprint() == done.fingerprint));
+    for (i, c) in configs.iter().enumerate() {
+        assert_eq!(c.local.member, u32::try_from(i + 1).unwrap());
+        assert_eq!(c.cluster.id, 7);
+        assert_eq!(c.cluster.description, "edge cluster, site A");
+        assert_eq!(c.zone_names(), ["trust", "untrust"]);
+        assert_eq!(c.timeouts.get("established"), Some(&3600));
+        assert_eq!(c.members.len(), 3);
+        assert_eq!(c.local.policy, config::PolicyName::Strict);
+        let serial = serials[i];
+        // The key copy beside each config is the shared key.
+        let copy = out.join(serial).join("cluster.key");
+        assert_eq!(std::fs::read(&copy).expect("copy"), key);
+        assert_eq!(mode(&copy), 0o600);
+        assert_eq!(mode(&out.join(serial).join("setup-links.sh")), 0o755);
+    }
+    // Addresses and interfaces: common ones, and FW-C's own.
+    let (a, c) = (&configs[0], &configs[2]);
+    assert_eq!(
+        (a.ha4.interface.as_str(), a.ha4.address.as_str()),
+        ("ha4", "198.18.100.1/24")
+    );
+    let b = a.ha4_backup.as_ref().expect("backup");
+    assert_eq!(
+        (b.interface.as_str(), b.address.as_str()),
+        ("ha4b", "198.18.101.1/24")
+    );
+    assert_eq!(
+        (c.ha4.interface.as_str(), c.ha4.address.as_str()),
+        ("eno3", "198.18.100.3/24")
+    );
+    assert_eq!(c.ha4_backup.as_ref().expect("backup").interface, "eno4");
+    assert_eq!(a.zones[0].interfaces, ["eth1"]);
+    assert_eq!(c.zones[0].interfaces, ["eno1"]);
+    assert_eq!(c.zones[1].interfaces, ["eno2"]);
+    assert_eq!(a.local.session_capacity, 1_048_576);
+    assert_eq!(c.local.session_capacity, 4_194_304);
+    assert_eq!(configs[1].members[2].ha4.to_string(), "198.18.100.3");
+    assert_eq!(
+        configs[1].members[0]
+            .ha4_backup
+            .map(|a| a.to_string())
+            .as_deref(),
+        Some("198.18.101.1")
+    );
+    assert_eq!(c.members[2].description, "other hardware");
+
+    let script = std::fs::read_to_string(out.join("FW-C/setup-links.sh")).expect("script");
+    assert!(script.starts_with("#!/bin/sh\n"), "{script}");
+    for line in [
+        "ip address replace 198.18.100.3/24 dev eno3",
+        "ip link set dev eno3 up",
+        "ip address replace 198.18.101.3/24 dev eno4",
+        "ip link set dev eno4 up",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "no `{line}` in\n{script}"
+        );
+    }
+
+    // Provisioning again keeps the key: a running cluster keeps working.
+    let again = provision(&spec, &out).expect("again");
+    assert!(!again.new_key);
+    assert_eq!(std::fs::read(out.join("cluster.key")).expect("key"), key);
+}
+
+#[test]
+fn spec_problems_are_all_reported_naming_the_member() {
+    let dir = TempDir::new("provision-bad");
+    let out = dir.path().join("out");
+    let base = example_in(&out);
+    // Each row: a replacement in the example, a fragment of the error.
+    for (from, to, want) in [
+        (
+            "ha4_backup = \"198.18.101.2\"",
+            "ha4_backup_interface = \"x\"",
+            "members[1] (serial \"FW-B\"): ha4_backup_interface is set but ha4_backup",
+        ),
+        (
+            "serial = \"FW-B\"",
+            "serial = \"../etc\"",
+            "members[1].serial = \"../etc\" names",
+        ),
+        (
+            "serial = \"FW-B\"",
+            "serial = \"FW-A\"",
+            "\"FW-A\" is used by two members",
+        ),
+        (
+            "prefix = 24\n\n[ha4_backup]",
+            "\n[ha4_backup]",
+            "ha4 = \"198.18.100.1\" has no prefix length",
+        ),
+        (
+            "trust = [\"eno1\"]",
+            "dmz = [\"eno1\"]",
+            "zones.dmz is not a zone of [[zones]] (known: trust, untrust)",
+        ),
+        (
+            "ha4 = \"198.18.100.3/24\"",
+            "ha4 = \"198.18.100.300/24\"",
+            "\"198.18.100.300\" is not an IP address",
+        ),
+        (
+            "id = 7\n",
+            "id = 100\n",
+            "cluster.id = 100 is out of range 1–99",
+        ),
+        (
+            "session_capacity = 4194304",
+            "session_capacity = 0",
+            "member 3 (FW-C)",
+        ),
+        (
+            "policy = \"strict\"",
+            "polcy = \"strict\"",
+            "unknown field `polcy`",
+        ),
+        (
+            "[[members]]\nid = 1\n",
+            "[[members]]\nid = 1\nsecret = 1\n",
+            "unknown field `secret`",
+        ),
+    ] {
+        assert!(base.contains(from), "example lacks {from:?}");
+        let spec = dir.path().join("bad.toml");
+        std::fs::write(&spec, base.replacen(from, to, 1)).expect("write");
+        let e = provision(&spec, &out).expect_err(to);
+        let msg = crate::datapath::error_chain(e.as_ref());
+        assert!(
+            msg.contains(want),
+            "row {to:?}:\n{msg}\ndoes not contain {want:?}"
+        );
+    }
+    // Nothing of a member was written by a failed run.
+    assert!(!out.join("FW-A").exists());
+}
+
+#[test]
+fn config_diff_shows_the_settings_members_disagree_on() {
+    let dir = TempDir::new("diff");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    provision(&spec, &out).expect("provision");
+    let load = |s: &str| Config::load(&out.join(s).join("hasync.toml")).expect("load");
+    let (a, mut b) = (load("FW-A"), load("FW-B"));
+
+    // Local settings differ (member, addresses), what must agree does not.
+    assert_eq!(differences(&a, &b), []);
+    let text = diff::report("a.toml", "b.toml", &[], a.agreed_lines().len());
+    assert!(text.contains("a.toml and b.toml agree on all"), "{text}");
+
+    b.zones[0].name = "inside".into();
+    b.timeouts.clear();
+    b.members.pop();
+    let d = differences(&a, &b);
+    assert_eq!(
+        d.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(),
+        ["zones", "timeouts.established", "members[id=3]"]
+    );
+    assert_eq!(d[0].a.as_deref(), Some("zones = [trust, untrust]"));
+    assert_eq!(d[0].b.as_deref(), Some("zones = [inside, untrust]"));
+    assert_eq!(d[1].b, None);
+    let text = diff::report("a.toml", "b.toml", &d, a.agreed_lines().len());
+    for line in [
+        "--- A: a.toml",
+        "+++ B: b.toml",
+        "- zones = [trust, untrust]",
+        "+ zones = [inside, untrust]",
+        "- timeouts.established = 3600",
+        "+ (timeouts.established not in B)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    assert!(text.contains("3 setting(s) differ"), "{text}");
+    // Only in B.
+    let d = differences(&b, &a);
+    assert_eq!(
+        d.last().map(|d| (d.a.is_none(), d.key.as_str())),
+        Some((true, "members[id=3]"))
+    );
+}
+
+#[test]
+fn config_diff_exits_0_when_equal_1_when_different_2_on_error() {
+    use std::process::ExitCode;
+
+    use super::diff::{run, ConfigArgs, ConfigCommand};
+    let dir = TempDir::new("diff-exit");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    provision(&spec, &out).expect("provision");
+    let a = out.join("FW-A/hasync.toml");
+    let b = out.join("FW-B/hasync.toml");
+    let changed = dir.path().join("changed.toml");
+    let text = std::fs::read_to_string(&b).expect("read");
+    assert!(text.contains("name = \"untrust\""));
+    std::fs::write(
+        &changed,
+        text.replace("name = \"untrust\"", "name = \"dmz\""),
+    )
+    .expect("write");
+    let diff = |a: &Path, b: &Path| {
+        run(&ConfigArgs {
+            command: ConfigCommand::Diff {
+                a: a.to_owned(),
+                b: b.to_owned(),
+            },
+        })
+    };
+    assert_eq!(diff(&a, &b), ExitCode::SUCCESS);
+    assert_eq!(diff(&a, &changed), ExitCode::from(1));
+    assert_eq!(
+        diff(&a, &dir.path().join("missing.toml")),
+        ExitCode::from(2)
+    );
+    let check = |files: Vec<PathBuf>| {
+        run(&ConfigArgs {
+            command: ConfigCommand::Check { files },
+        })
+    };
+    assert_eq!(check(vec![a.clone(), b.clone()]), ExitCode::SUCCESS);
+    assert_eq!(
+        check(vec![a, dir.path().join("missing.toml")]),
+        ExitCode::FAILURE
+    );
+}
+
+#[test]
+fn the_example_parses_and_interface_names_are_quoted_for_the_shell() {
+    assert!(Spec::parse(Path::new("example.toml"), EXAMPLE_SPEC).is_ok());
+    assert_eq!(shell_quote("eth0.100"), "eth0.100");
+    assert_eq!(shell_quote("a b"), "'a b'");
+    assert_eq!(shell_quote("x'$(id)"), r"'x'\''$(id)'");
+    assert!(is_safe_dir_name("FW-A_1.2"));
+    for bad in ["", ".", "..", "a/b", "a b"] {
+        assert!(!is_safe_dir_name(bad), "{bad:?}");
+    }
+}

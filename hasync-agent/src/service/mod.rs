@@ -1,0 +1,572 @@
+//! Running hasync as a systemd service: `hasync install` and `hasync uninstall` (binary, unit,
+//! example config, cluster key), `hasync teardown` (the pinned datapath a stopped agent leaves),
+//! readiness and stop notifications ([`notify`]) and log lines for journald ([`journal`]).
+//!
+//! `install` never overwrites a config or a key: it writes them only where none is. The binary
+//! and the unit are hasync's own and are replaced (atomically, by rename), so running `install`
+//! from a new build is an upgrade.
+
+pub mod journal;
+pub mod notify;
+
+use std::{
+    fmt,
+    fs::{self, DirBuilder, OpenOptions},
+    io::{self, Read as _, Write as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    config::{Config, DEFAULT_PATH, MIN_KEY_BYTES},
+    datapath::{pin, DEFAULT_PIN_DIR},
+};
+
+/// Where the unit goes (below the root).
+pub const UNIT_PATH: &str = "/etc/systemd/system/hasync.service";
+/// Where the cluster key goes (below the root).
+pub const KEY_PATH: &str = "/etc/hasync/cluster.key";
+/// Default directory of the binary.
+pub const DEFAULT_BIN_DIR: &str = "/usr/local/sbin";
+/// The unit's name.
+pub const UNIT_NAME: &str = "hasync.service";
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Install below this directory instead of `/` (a staging or test root); the unit and the
+    /// config still name their paths as seen from `/`.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub prefix: PathBuf,
+
+    /// Directory of the `hasync` binary, as seen from the root.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BIN_DIR)]
+    pub bin_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TeardownArgs {
+    /// Tear down the datapath of the agent configured in this file (its `[local] pin_dir`).
+    /// Default: /etc/hasync/hasync.toml if it exists, else the default pin directory.
+    #[arg(long, value_name = "FILE", conflicts_with = "pin_dir")]
+    pub config: Option<PathBuf>,
+
+    /// Tear down the datapath pinned in this directory.
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The unit `hasync install` writes, running `bin` with `config`.
+///
+/// Every capability is explained next to the bounding set; `tests/tests/restart.rs` runs the
+/// agent with exactly this set (it works, restart included) and with each one dropped (it fails).
+pub fn unit_text(bin: &Path, config: &Path) -> String {
+    format!(
+        r#"# hasync: the session-sync agent of an XDP HA firewall cluster.
+# Written by `hasync install`, which rewrites it: put local changes in a drop-in
+# (`systemctl edit hasync`).
+
+[Unit]
+Description=hasync session-sync agent (XDP HA firewall cluster)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+# Ready (READY=1) once the XDP program is attached, its maps are filled and the control
+# socket is up.
+Type=notify
+NotifyAccess=main
+ExecStart={bin} agent --config {config}
+# SIGTERM stops the agent; the datapath stays pinned and attached, so traffic and sessions
+# survive a restart or an upgrade. `hasync teardown` removes it.
+Restart=on-failure
+RestartSec=2s
+TimeoutStartSec=90s
+TimeoutStopSec=20s
+
+# Root (the pins live in root-owned /sys/fs/bpf), with only these capabilities; without any
+# one of them the agent cannot load its program (the tests run it so):
+# - CAP_BPF: bpf(2): create the maps and load the program (else EPERM).
+# - CAP_NET_ADMIN: load a networking (XDP) program (else EPERM) and attach it to interfaces.
+# - CAP_PERFMON: the verifier allows the program's pointer arithmetic only to a loader that
+#   also has it ("pointer arithmetic with it prohibited for !root", EACCES).
+# Not needed: CAP_SYS_ADMIN (systemd mounts bpffs at boot; the agent never mounts it nor looks
+# BPF objects up by id), CAP_NET_RAW (no raw sockets), CAP_NET_BIND_SERVICE (ports > 1024),
+# CAP_SYS_RESOURCE (LimitMEMLOCK below covers old kernels), CAP_DAC_OVERRIDE (it owns its
+# files as root).
+CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
+AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
+NoNewPrivileges=yes
+# Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+LimitMEMLOCK=infinity
+
+# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
+ProtectSystem=strict
+ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync
+RuntimeDirectory=hasync
+RuntimeDirectoryMode=0750
+LogsDirectory=hasync
+LogsDirectoryMode=0750
+UMask=0077
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+# Unix: control socket, sd_notify. Inet: sync links, metrics, interface flags. Netlink: XDP
+# attach on kernels without XDP links.
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+
+[Install]
+WantedBy=multi-user.target
+"#,
+        bin = bin.display(),
+        config = config.display(),
+    )
+}
+
+/// The example config `hasync install` writes where none is: a valid two-member cluster to
+/// edit.
+pub fn example_config() -> String {
+    format!(
+        r#"# hasync member configuration. Written by `hasync install` as an example: edit it for this
+# member (every member lists the same cluster, zones and members; only [local], [ha4] and
+# [ha4_backup] differ), then `systemctl enable --now hasync`.
+
+[cluster]
+# 1–99, the same on every member.
+id = 1
+description = "example cluster"
+# 32 random bytes, mode 0600, the same file on every member.
+key_file = "{KEY_PATH}"
+# keepalive_threshold_ms = 10000
+# sync_port = 7471
+
+[local]
+# This member's id in [[members]].
+member = 1
+# control_socket = "/run/hasync/hasync.sock"
+# traffic_log = "/var/log/hasync/traffic.jsonl"
+# Maps and XDP links live here, so a restart or an upgrade keeps sessions and traffic;
+# `hasync teardown` removes them. "" pins nothing.
+pin_dir = "{DEFAULT_PIN_DIR}"
+policy = "strict"
+# session_capacity = 1048576
+
+# The sync link, and its backup on another interface.
+[ha4]
+interface = "eth2"
+address = "198.18.100.1/24"
+
+[ha4_backup]
+interface = "eth3"
+address = "198.18.101.1/24"
+
+# The data interfaces XDP runs on, by zone.
+[[zones]]
+name = "trust"
+interfaces = ["eth0"]
+
+[[zones]]
+name = "untrust"
+interfaces = ["eth1"]
+
+[[members]]
+id = 1
+serial = "fw1"
+ha4 = "198.18.100.1"
+ha4_backup = "198.18.101.1"
+
+[[members]]
+id = 2
+serial = "fw2"
+ha4 = "198.18.100.2"
+ha4_backup = "198.18.101.2"
+"#
+    )
+}
+
+/// `path` (absolute, as seen from `/`) below `prefix`.
+fn under(prefix: &Path, path: &Path) -> PathBuf {
+    prefix.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// What `install` or `uninstall` did to one file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done {
+    /// Written where nothing was.
+    Wrote,
+    /// Written over an older one.
+    Replaced,
+    /// Already as it should be.
+    Unchanged,
+    /// Left as it was: never overwritten.
+    Kept,
+    Removed,
+    /// Nothing there to remove.
+    Absent,
+}
+
+/// One step of `install` or `uninstall`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub what: &'static str,
+    /// The path below the prefix.
+    pub path: PathBuf,
+    pub done: Done,
+    /// Anything the operator should know.
+    pub note: Option<String>,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = match self.done {
+            Done::Wrote => "wrote",
+            Done::Replaced => "replaced",
+            Done::Unchanged => "unchanged",
+            Done::Kept => "kept existing",
+            Done::Removed => "removed",
+            Done::Absent => "not found",
+        };
+        write!(f, "{verb} {} {}", self.what, self.path.display())?;
+        if let Some(note) = &self.note {
+            write!(f, " ({note})")?;
+        }
+        Ok(())
+    }
+}
+
+fn mkdirs(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Writes `bytes` to `path` with `mode` through a temporary file and a rename, so a reader
+/// (or a running binary) never sees half a file. Returns whether `path` existed.
+fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
+    let existed = fs::symlink_metadata(path).is_ok();
+    let name = path
+        .file_name()
+        .map_or_else(|| "hasync".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        // The umask may have narrowed the mode.
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+        fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(existed)
+}
+
+/// Writes `bytes` to `path` only if nothing is there (`O_EXCL`): never overwrites.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.write_all(bytes)
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+fn random_key() -> anyhow::Result<Vec<u8>> {
+    let mut key = vec![0; MIN_KEY_BYTES];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .context("reading 32 bytes from /dev/urandom")?;
+    Ok(key)
+}
+
+fn check_bin_dir(bin_dir: &Path) -> anyhow::Result<()> {
+    if !bin_dir.is_absolute() {
+        bail!(
+            "--bin-dir {} must be an absolute path (as seen from the root)",
+            bin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn check_root(prefix: &Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if prefix == Path::new("/") && unsafe { libc::geteuid() } != 0 {
+        bail!("installing into / needs root (or give --prefix DIR to stage it elsewhere)");
+    }
+    Ok(())
+}
+
+/// Puts `exe` (the running binary), the unit, an example config (if none) and a new cluster key
+/// (if none) in place below `prefix`.
+pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Vec<Step>> {
+    check_bin_dir(bin_dir)?;
+    let mut steps = Vec::new();
+    let bin = bin_dir.join("hasync");
+
+    let bin_at = under(prefix, &bin);
+    mkdirs(&under(prefix, bin_dir), 0o755)?;
+    let same = matches!(
+        (fs::canonicalize(exe), fs::canonicalize(&bin_at)),
+        (Ok(a), Ok(b)) if a == b
+    );
+    if same {
+        steps.push(Step {
+            what: "binary",
+            path: bin_at,
+            done: Done::Unchanged,
+            note: Some("it is the running executable".into()),
+        });
+    } else {
+        let bytes = fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+        let existed = replace_file(&bin_at, &bytes, 0o755)?;
+        steps.push(Step {
+            what: "binary",
+            path: bin_at,
+            done: if existed { Done::Replaced } else { Done::Wrote },
+            note: None,
+        });
+    }
+
+    let unit_at = under(prefix, Path::new(UNIT_PATH));
+    mkdirs(unit_at.parent().unwrap_or(prefix), 0o755)?;
+    let unit = unit_text(&bin, Path::new(DEFAULT_PATH));
+    let done = if fs::read(&unit_at).is_ok_and(|old| old == unit.as_bytes()) {
+        Done::Unchanged
+    } else if replace_file(&unit_at, unit.as_bytes(), 0o644)? {
+        Done::Replaced
+    } else {
+        Done::Wrote
+    };
+    steps.push(Step {
+        what: "unit",
+        path: unit_at,
+        done,
+        note: None,
+    });
+
+    let config_at = under(prefix, Path::new(DEFAULT_PATH));
+    mkdirs(config_at.parent().unwrap_or(prefix), 0o755)?;
+    let wrote = write_new(&config_at, example_config().as_bytes(), 0o644)?;
+    steps.push(Step {
+        what: "config",
+        path: config_at,
+        done: if wrote { Done::Wrote } else { Done::Kept },
+        note: Some(if wrote {
+            "an example: edit it for this member".into()
+        } else {
+            "not overwritten".into()
+        }),
+    });
+
+    let key_at = under(prefix, Path::new(KEY_PATH));
+    let wrote = write_new(&key_at, &random_key()?, 0o600)?;
+    let note = if wrote {
+        "32 random bytes, mode 0600: copy this same file to every member".to_owned()
+    } else {
+        match fs::metadata(&key_at).map(|m| m.permissions().mode() & 0o777) {
+            Ok(mode) if mode & 0o077 != 0 => {
+                format!("not overwritten; its mode {mode:04o} exposes it: chmod 600 it")
+            }
+            _ => "not overwritten".to_owned(),
+        }
+    };
+    steps.push(Step {
+        what: "cluster key",
+        path: key_at,
+        done: if wrote { Done::Wrote } else { Done::Kept },
+        note: Some(note),
+    });
+    Ok(steps)
+}
+
+/// Removes the binary and the unit below `prefix`; the config and the key stay (reported as
+/// kept).
+pub fn uninstall_files(prefix: &Path, bin_dir: &Path) -> anyhow::Result<Vec<Step>> {
+    check_bin_dir(bin_dir)?;
+    let mut steps = Vec::new();
+    let wants = Path::new(UNIT_PATH)
+        .with_file_name("multi-user.target.wants")
+        .join(UNIT_NAME);
+    for (what, path) in [
+        ("binary", bin_dir.join("hasync")),
+        ("unit", PathBuf::from(UNIT_PATH)),
+        // What `systemctl enable` made, which would dangle.
+        ("enablement link", wants),
+    ] {
+        let at = under(prefix, &path);
+        let done = match fs::remove_file(&at) {
+            Ok(()) => Done::Removed,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Done::Absent,
+            Err(e) => return Err(e).with_context(|| format!("removing {}", at.display())),
+        };
+        if what != "enablement link" || done == Done::Removed {
+            steps.push(Step {
+                what,
+                path: at,
+                done,
+                note: None,
+            });
+        }
+    }
+    for (what, path) in [("config", DEFAULT_PATH), ("cluster key", KEY_PATH)] {
+        let at = under(prefix, Path::new(path));
+        if fs::symlink_metadata(&at).is_ok() {
+            steps.push(Step {
+                what,
+                path: at,
+                done: Done::Kept,
+                note: Some(
+                    "uninstall keeps it; remove it by hand if this host leaves the cluster".into(),
+                ),
+            });
+        }
+    }
+    Ok(steps)
+}
+
+/// `hasync install`.
+pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
+    check_root(&args.prefix)?;
+    let exe = std::env::current_exe().context("finding the running hasync executable")?;
+    let steps = install_files(&args.prefix, &args.bin_dir, &exe)?;
+    for step in &steps {
+        println!("{step}");
+    }
+    println!(
+        "next: edit {DEFAULT_PATH} for this member, give every member the same {KEY_PATH}, then \
+         `systemctl daemon-reload && systemctl enable --now hasync`"
+    );
+    Ok(())
+}
+
+/// `hasync uninstall`.
+pub fn uninstall(args: &InstallArgs) -> anyhow::Result<()> {
+    check_root(&args.prefix)?;
+    let pinned = under(&args.prefix, Path::new(DEFAULT_PIN_DIR));
+    if args.prefix == Path::new("/") && pinned.exists() {
+        println!(
+            "note: a datapath is still pinned at {} (XDP attached, sessions kept): `hasync \
+             teardown` removes it; without the binary, `rm -r {}` does the same",
+            pinned.display(),
+            pinned.display()
+        );
+    }
+    for step in uninstall_files(&args.prefix, &args.bin_dir)? {
+        println!("{step}");
+    }
+    println!("next: `systemctl daemon-reload` (stop the service first if it still runs)");
+    Ok(())
+}
+
+/// The pin directory `hasync teardown` works on, and the control socket of the agent that
+/// would use it (to refuse while it runs).
+fn teardown_target(args: &TeardownArgs) -> anyhow::Result<Option<(PathBuf, Option<PathBuf>)>> {
+    if let Some(dir) = &args.pin_dir {
+        return Ok(Some((dir.clone(), None)));
+    }
+    let default = Path::new(DEFAULT_PATH);
+    let path = match &args.config {
+        Some(path) => path.as_path(),
+        None if default.exists() => default,
+        None => return Ok(Some((DEFAULT_PIN_DIR.into(), None))),
+    };
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    // Parsed, not validated: a missing key file must not stand in the way of a teardown.
+    let config = Config::from_toml(path, &text)?;
+    Ok(config
+        .pin_dir()
+        .map(|dir| (dir.to_owned(), Some(config.local.control_socket.clone()))))
+}
+
+/// `hasync teardown`.
+pub fn teardown(args: &TeardownArgs) -> anyhow::Result<()> {
+    let Some((dir, socket)) = teardown_target(args)? else {
+        println!(
+            "nothing to tear down: pin_dir is empty in {}, so the agent pins nothing (its \
+             datapath goes away with it)",
+            args.config
+                .as_deref()
+                .unwrap_or(Path::new(DEFAULT_PATH))
+                .display()
+        );
+        return Ok(());
+    };
+    if let Some(socket) = socket {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            bail!(
+                "the agent is running (its control socket {} answers): stop it first \
+                 (`systemctl stop hasync`); a running agent holds its XDP links",
+                socket.display()
+            );
+        }
+    }
+    let report = pin::teardown(&dir)?;
+    print!("{}", teardown_text(&report));
+    Ok(())
+}
+
+/// What `hasync teardown` prints for `report`.
+pub fn teardown_text(report: &pin::TeardownReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if !report.existed {
+        let _ = writeln!(
+            out,
+            "nothing to tear down: {} does not exist",
+            report.dir.display()
+        );
+        return out;
+    }
+    if report.links.is_empty() {
+        let _ = writeln!(out, "no XDP link was pinned: nothing to detach");
+    }
+    for link in &report.links {
+        let _ = writeln!(out, "{link}");
+    }
+    for map in &report.maps {
+        let _ = writeln!(out, "removed map {}", map.display());
+    }
+    for dir in &report.dirs {
+        let _ = writeln!(out, "removed directory {}", dir.display());
+    }
+    for kept in &report.kept {
+        let _ = writeln!(out, "left {} (not in hasync's layout)", kept.display());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

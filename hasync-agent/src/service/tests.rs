@@ -1,0 +1,251 @@
+use std::{os::unix::fs::PermissionsExt as _, process::Command};
+
+use super::*;
+
+/// A scratch root under the system temp dir, removed on drop.
+struct Root(PathBuf);
+
+impl Root {
+    fn new(tag: &str) -> Root {
+        let p = std::env::temp_dir().join(format!("hasync-install-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).expect("create root");
+        Root(p)
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn done(steps: &[Step]) -> Vec<(&'static str, Done)> {
+    steps.iter().map(|s| (s.what, s.done)).collect()
+}
+
+/// A stand-in for the hasync binary.
+fn fake_exe(root: &Root, content: &[u8]) -> PathBuf {
+    let exe = root.0.join("build/hasync");
+    fs::create_dir_all(exe.parent().expect("parent")).expect("mkdir");
+    fs::write(&exe, content).expect("write exe");
+    exe
+}
+
+#[test]
+fn install_twice_overwrites_no_config_and_no_key() {
+    let root = Root::new("twice");
+    let prefix = root.0.join("root");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let bin_dir = Path::new(DEFAULT_BIN_DIR);
+
+    let first = install_files(&prefix, bin_dir, &exe).expect("first install");
+    assert_eq!(
+        done(&first),
+        [
+            ("binary", Done::Wrote),
+            ("unit", Done::Wrote),
+            ("config", Done::Wrote),
+            ("cluster key", Done::Wrote),
+        ]
+    );
+    let bin = prefix.join("usr/local/sbin/hasync");
+    let unit = prefix.join("etc/systemd/system/hasync.service");
+    let config = prefix.join("etc/hasync/hasync.toml");
+    let key = prefix.join("etc/hasync/cluster.key");
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&bin), 0o755);
+    assert_eq!(mode(&unit), 0o644);
+    assert_eq!(mode(&key), 0o600);
+    let key_bytes = fs::read(&key).expect("key");
+    assert_eq!(key_bytes.len(), 32);
+    assert_ne!(key_bytes, [0; 32]);
+    let unit_text_written = fs::read_to_string(&unit).expect("unit");
+    assert!(unit_text_written
+        .contains("\nExecStart=/usr/local/sbin/hasync agent --config /etc/hasync/hasync.toml\n"));
+    assert!(unit_text_written.contains("\nType=notify\n"));
+
+    // The operator edits the config; a new build is installed.
+    fs::write(&config, "# edited by the operator\n").expect("edit");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 1\n");
+    let second = install_files(&prefix, bin_dir, &exe).expect("second install");
+    assert_eq!(
+        done(&second),
+        [
+            ("binary", Done::Replaced),
+            ("unit", Done::Unchanged),
+            ("config", Done::Kept),
+            ("cluster key", Done::Kept),
+        ]
+    );
+    assert_eq!(
+        fs::read_to_string(&config).expect("config"),
+        "# edited by the operator\n"
+    );
+    assert_eq!(fs::read(&key).expect("key"), key_bytes, "the key is kept");
+    assert_eq!(fs::read(&bin).expect("bin"), b"#!/bin/sh\nexit 1\n");
+    let lines: Vec<String> = second.iter().map(ToString::to_string).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kept existing config")
+                && l.contains("hasync.toml (not overwritten)")),
+        "{lines:#?}"
+    );
+
+    // An exposed key is kept, and said to be exposed.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let third = install_files(&prefix, bin_dir, &exe).expect("third install");
+    let note = third[3].note.clone().unwrap_or_default();
+    assert!(note.contains("mode 0644 exposes it: chmod 600"), "{note}");
+
+    let removed = uninstall_files(&prefix, bin_dir).expect("uninstall");
+    assert_eq!(
+        done(&removed),
+        [
+            ("binary", Done::Removed),
+            ("unit", Done::Removed),
+            ("config", Done::Kept),
+            ("cluster key", Done::Kept),
+        ]
+    );
+    assert!(!bin.exists() && !unit.exists() && config.exists() && key.exists());
+    let again = uninstall_files(&prefix, bin_dir).expect("uninstall again");
+    assert_eq!(again[0].done, Done::Absent);
+    assert!(install_files(&prefix, Path::new("usr/bin"), &exe)
+        .expect_err("relative bin dir")
+        .to_string()
+        .contains("must be an absolute path"));
+}
+
+#[test]
+fn the_example_config_is_valid_once_the_key_exists() {
+    let root = Root::new("example");
+    let prefix = root.0.join("root");
+    let exe = fake_exe(&root, b"x");
+    install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
+    let path = prefix.join("etc/hasync/hasync.toml");
+    let key = prefix.join("etc/hasync/cluster.key");
+    let text = fs::read_to_string(&path)
+        .expect("config")
+        .replace(KEY_PATH, &key.to_string_lossy());
+    let config = Config::from_toml(&path, &text).expect("parses");
+    config.validate(&path).expect("valid");
+    assert_eq!(config.pin_dir(), Some(Path::new(DEFAULT_PIN_DIR)));
+    assert_eq!(config.members.len(), 2);
+}
+
+/// `systemd-analyze verify` checks the unit's syntax, every directive, and that ExecStart's
+/// binary exists: the unit is written pointing at a binary installed into the scratch root.
+#[test]
+fn systemd_analyze_verify_passes_on_the_unit() {
+    let root = Root::new("verify");
+    let prefix = root.0.join("root");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
+    let bin = prefix.join("usr/local/sbin/hasync");
+    let units = root.0.join("units");
+    fs::create_dir_all(&units).expect("mkdir");
+
+    let verify = |text: &str| {
+        let unit = units.join(UNIT_NAME);
+        fs::write(&unit, text).expect("write unit");
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .expect(
+                "run systemd-analyze (Debian package systemd; `cargo xtask setup` installs it)",
+            );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let good = unit_text(&bin, Path::new(DEFAULT_PATH));
+    let (ok, text) = verify(&good);
+    // Warnings (an unknown directive, a bad value) do not fail verify: no output at all does.
+    let about_unit: Vec<&str> = text.lines().filter(|l| l.contains(UNIT_NAME)).collect();
+    assert!(
+        ok && about_unit.is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+
+    // The check is real: a misspelt directive and a missing binary are reported.
+    let (_, text) = verify(&good.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"));
+    assert!(text.contains("Unknown key"), "{text}");
+    let (ok, text) = verify(&unit_text(
+        &root.0.join("nope/hasync"),
+        Path::new(DEFAULT_PATH),
+    ));
+    assert!(!ok && text.contains("is not executable"), "{text}");
+}
+
+#[test]
+fn the_unit_grants_only_the_capabilities_it_explains() {
+    let unit = unit_text(Path::new("/usr/local/sbin/hasync"), Path::new(DEFAULT_PATH));
+    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
+    for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
+        let line = unit
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key}"));
+        let granted: Vec<&str> = line[key.len()..].split_whitespace().collect();
+        assert_eq!(granted, caps, "{line}");
+    }
+    for cap in caps {
+        assert!(
+            unit.contains(&format!("# - {cap}: ")),
+            "{cap} is not explained"
+        );
+    }
+    for line in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync",
+        "RuntimeDirectory=hasync",
+        "LogsDirectory=hasync",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "LimitMEMLOCK=infinity",
+        "Restart=on-failure",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "missing {line}");
+    }
+}
+
+#[test]
+fn teardown_output_names_what_it_removed() {
+    let report = pin::TeardownReport {
+        dir: "/sys/fs/bpf/hasync".into(),
+        existed: true,
+        links: vec![pin::RemovedLink {
+            path: "/sys/fs/bpf/hasync/links/in0:native".into(),
+            named: Some(("in0".into(), crate::datapath::AttachMode::Native)),
+            info: Some(pin::XdpLinkInfo {
+                program_id: 7,
+                ifindex: 4,
+            }),
+            attached_to: Some("in0".into()),
+        }],
+        maps: vec!["/sys/fs/bpf/hasync/maps/SESSIONS".into()],
+        dirs: vec!["/sys/fs/bpf/hasync".into()],
+        kept: vec![],
+    };
+    assert_eq!(
+        teardown_text(&report),
+        "detached XDP from in0 (ifindex 4): removed /sys/fs/bpf/hasync/links/in0:native\n\
+         removed map /sys/fs/bpf/hasync/maps/SESSIONS\n\
+         removed directory /sys/fs/bpf/hasync\n"
+    );
+    let nothing = pin::TeardownReport {
+        dir: "/sys/fs/bpf/hasync".into(),
+        ..pin::TeardownReport::default()
+    };
+    assert_eq!(
+        teardown_text(&nothing),
+        "nothing to tear down: /sys/fs/bpf/hasync does not exist\n"
+    );
+}
