@@ -57,7 +57,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     runtime.block_on(run_async(config))
 }
 
-fn sync_config(config: &Config, psk: [u8; 32]) -> anyhow::Result<SyncConfig> {
+fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Result<SyncConfig> {
     let mut local_links = BTreeMap::new();
     let (ha4, _) = parse_cidr(&config.ha4.address).map_err(|e| anyhow!("ha4.address: {e}"))?;
     local_links.insert(LinkKind::Ha4, (ha4, config.ha4.interface.clone()));
@@ -104,6 +104,7 @@ fn sync_config(config: &Config, psk: [u8; 32]) -> anyhow::Result<SyncConfig> {
         keepalive_threshold: threshold,
         hold_down: Duration::from_secs(config.cluster.monitor_fail_hold_down_min * 60),
         boot_id: boot_id(),
+        fresh_table,
     })
 }
 
@@ -171,7 +172,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         tentative_hold: Duration::from_secs(config.cluster.tentative_hold_s),
         discovery: DISCOVERY,
     };
-    let sync_cfg = sync_config(&config, psk)?;
+    let sync_cfg = sync_config(&config, psk, !restarted)?;
     let peers = sync_cfg
         .peers
         .iter()

@@ -80,6 +80,8 @@ pub struct SyncConfig {
     pub keepalive_threshold: Duration,
     pub hold_down: Duration,
     pub boot_id: u64,
+    /// The session table started empty: peers' full syncs should return our own sessions.
+    pub fresh_table: bool,
 }
 
 /// A live connection on one link.
@@ -99,6 +101,9 @@ struct PeerInner {
     /// The link data went out on last; a change requeues what was in flight.
     data_link: Option<LinkKind>,
     bulk_wanted: bool,
+    /// A full sync from this peer is being received and will reconcile its replicas: the
+    /// session clock when it started.
+    bulk_mark: Option<u64>,
     zones: ZoneMap,
     hello: Option<Hello>,
 }
@@ -193,6 +198,7 @@ impl Engine {
                         ha4_usable_at: None,
                         data_link: None,
                         bulk_wanted: false,
+                        bulk_mark: None,
                         zones: ZoneMap::default(),
                         hello: None,
                     }),
@@ -316,6 +322,7 @@ impl Engine {
             fingerprint: self.inner.cfg.fingerprint,
             zones: self.inner.cfg.zones.clone(),
             wants_bulk,
+            fresh_table: self.inner.cfg.fresh_table,
         }
     }
 
@@ -626,13 +633,9 @@ impl Engine {
                     );
                     None
                 }
-                Message::Sessions {
-                    seq,
-                    bulk: _,
-                    records,
-                } => {
+                Message::Sessions { seq, bulk, records } => {
                     LinkStats::add(&stats.records_received, records.len() as u64);
-                    self.install(&peer, &records);
+                    self.install(&peer, &records, bulk);
                     Some(Message::Ack { seq })
                 }
                 Message::Ack { seq } => {
@@ -650,6 +653,13 @@ impl Engine {
                 Message::BulkStart { bulk_id } => {
                     info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
                     lock(&self.inner.membership).bulk(peer.cfg.id, false);
+                    {
+                        // A peer with its table intact is the authority on its sessions:
+                        // its full sync also removes the replicas it no longer holds.
+                        let mut g = peer.lock();
+                        let authoritative = g.hello.as_ref().is_some_and(|h| !h.fresh_table);
+                        g.bulk_mark = authoritative.then(monotonic_ns);
+                    }
                     let mut b = lock(&peer.stats.bulk_received);
                     b.running = true;
                     b.last_records = 0;
@@ -657,6 +667,10 @@ impl Engine {
                     None
                 }
                 Message::BulkEnd { bulk_id, records } => {
+                    let mark = peer.lock().bulk_mark.take();
+                    if let Some(mark) = mark {
+                        self.remove_stale_replicas(&peer, mark);
+                    }
                     lock(&self.inner.membership).bulk(peer.cfg.id, true);
                     let mut b = lock(&peer.stats.bulk_received);
                     b.running = false;
@@ -697,14 +711,25 @@ impl Engine {
     }
 
     /// Installs a frame's records into the session table.
-    fn install(&self, peer: &Peer, records: &[Record]) {
+    fn install(&self, peer: &Peer, records: &[Record], bulk: bool) {
         if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
             return;
         }
-        let zones = peer.lock().zones.clone();
+        let (zones, reconciling) = {
+            let g = peer.lock();
+            (
+                g.zones.clone(),
+                (bulk && g.bulk_mark.is_some()).then_some(peer.cfg.id),
+            )
+        };
+        let who = install::Installer {
+            local: self.inner.cfg.local,
+            fresh_table: self.inner.cfg.fresh_table,
+            reconciling,
+        };
         let result = tokio::task::block_in_place(|| {
             let mut dp = lock(&self.inner.dp);
-            install::apply(&mut dp, records, &zones, monotonic_ns())
+            install::apply(&mut dp, records, &zones, monotonic_ns(), &who)
         });
         match result {
             Ok(r) => {
@@ -720,6 +745,32 @@ impl Engine {
             }
             Err(e) => {
                 warn!(peer = peer.cfg.id.0, error = %crate::datapath::error_chain(&e), "installing sessions failed")
+            }
+        }
+    }
+
+    /// After an authoritative full sync from `peer`: drops our replicas of its sessions that it
+    /// did not send (it closed or expired them while we could not hear of it).
+    fn remove_stale_replicas(&self, peer: &Peer, mark: u64) {
+        if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
+            return;
+        }
+        let removed = tokio::task::block_in_place(|| {
+            let mut dp = lock(&self.inner.dp);
+            install::remove_unseen(&mut dp, peer.cfg.id, mark)
+        });
+        match removed {
+            Ok(0) => {}
+            Ok(n) => {
+                LinkStats::add(&peer.stats.deleted, n as u64);
+                info!(
+                    peer = peer.cfg.id.0,
+                    removed = n,
+                    "stale replicas the peer no longer holds removed after its full sync"
+                );
+            }
+            Err(e) => {
+                warn!(peer = peer.cfg.id.0, error = %crate::datapath::error_chain(&e), "removing stale replicas failed")
             }
         }
     }
@@ -866,6 +917,25 @@ impl Engine {
             .await
             .send(&Message::BulkStart { bulk_id })
             .await?;
+        // What this member is the authority on: its own sessions and those of members no longer
+        // alive (someone must hand them on). Live third members send their own. The peer's
+        // own sessions go back to it only if its table started empty; otherwise it knows them
+        // better than our replicas do.
+        let local = self.inner.cfg.local;
+        let alive: HashSet<MemberId> = lock(&self.inner.membership)
+            .peers
+            .values()
+            .filter(|p| p.alive)
+            .map(|p| p.id)
+            .collect();
+        let peer_fresh = peer.lock().hello.as_ref().is_some_and(|h| h.fresh_table);
+        let carries = |owner: MemberId| {
+            if owner == peer.cfg.id {
+                peer_fresh
+            } else {
+                owner == local || !alive.contains(&owner)
+            }
+        };
         let mut cursor = BatchCursor::new();
         let mut keys: Vec<FlowKey> = Vec::new();
         let mut values: Vec<Session> = Vec::new();
@@ -888,15 +958,14 @@ impl Engine {
                 }
             };
             let now = monotonic_ns();
-            for (ks, vs) in keys
-                .chunks(MAX_RECORDS_PER_FRAME)
-                .zip(values.chunks(MAX_RECORDS_PER_FRAME))
-            {
-                let records: Vec<Record> = ks
-                    .iter()
-                    .zip(vs)
-                    .map(|(k, v)| Record::upsert(*k, v, now))
-                    .collect();
+            let carried: Vec<Record> = keys
+                .iter()
+                .zip(&values)
+                .filter(|(_, s)| carries(s.owner))
+                .map(|(k, s)| Record::upsert(*k, s, now))
+                .collect();
+            for frame in carried.chunks(MAX_RECORDS_PER_FRAME) {
+                let records = frame.to_vec();
                 let n = records.len() as u64;
                 let seq = {
                     let mut g = peer.lock();

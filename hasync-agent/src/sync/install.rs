@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{FlowKey, Session, ZoneId};
+use hasync_common::{FlowKey, MemberId, Session, SessionFlags, ZoneId};
 
 use super::wire::{Op, Record};
 use crate::datapath::{Datapath, DatapathError};
@@ -62,9 +62,31 @@ pub enum Decision {
     RefuseZone,
 }
 
+/// Who installs, and how: see [`apply`].
+#[derive(Clone, Copy, Debug)]
+pub struct Installer {
+    /// This member.
+    pub local: MemberId,
+    /// This member's table started empty, so it takes its own sessions back from peers.
+    /// Otherwise its table is the authority on what it owns and such records are refused.
+    pub fresh_table: bool,
+    /// A full sync from this member is running (see [`apply`]).
+    pub reconciling: Option<MemberId>,
+}
+
 /// Conflict rule: the higher (version, owner) wins; a delete applies only to a session still
-/// held by the member that sent it.
-pub fn decide(rec: &Record, existing: Option<&Session>, zones: &ZoneMap, now_ns: u64) -> Decision {
+/// held by the member that sent it; a record naming this member as owner is kept out unless
+/// this member's table started empty.
+pub fn decide(
+    rec: &Record,
+    existing: Option<&Session>,
+    zones: &ZoneMap,
+    now_ns: u64,
+    who: &Installer,
+) -> Decision {
+    if rec.owner == who.local && !who.fresh_table {
+        return Decision::Keep;
+    }
     match rec.op {
         Op::Delete => match existing {
             Some(s) if s.owner == rec.owner => Decision::Delete,
@@ -95,32 +117,79 @@ pub struct Installed {
 
 /// Applies `records` from a peer to the session table with one batch update and one batch
 /// delete.
+///
+/// During a full sync from `who.reconciling` (the sender, authoritative for its own sessions), a
+/// replica of one of its sessions that is kept as it is gets marked as seen (its node-local
+/// `last_event_ns` set to now), so [`remove_unseen`] can drop the replicas the sender no
+/// longer holds when the full sync ends.
 pub fn apply(
     dp: &mut Datapath,
     records: &[Record],
     zones: &ZoneMap,
     now_ns: u64,
+    who: &Installer,
 ) -> Result<Installed, DatapathError> {
     let mut out = Installed::default();
     let mut upserts: Vec<(FlowKey, Session)> = Vec::with_capacity(records.len());
     let mut deletes = Vec::new();
+    let mut marked = 0;
     for rec in records {
         let existing = dp.session(&rec.key)?;
-        match decide(rec, existing.as_ref(), zones, now_ns) {
+        match decide(rec, existing.as_ref(), zones, now_ns, who) {
             Decision::Install(s) => upserts.push((rec.key, s)),
             Decision::Delete => deletes.push(rec.key),
-            Decision::Keep => out.kept += 1,
+            Decision::Keep => {
+                out.kept += 1;
+                if let (Some(owner), Some(s)) = (who.reconciling, existing) {
+                    if s.owner == owner && rec.owner == owner {
+                        upserts.push((
+                            rec.key,
+                            Session {
+                                last_event_ns: now_ns,
+                                ..s
+                            },
+                        ));
+                        marked += 1;
+                    }
+                }
+            }
             Decision::RefuseZone => out.refused_zone += 1,
         }
     }
     if !upserts.is_empty() {
         dp.insert_sessions(&upserts)?;
-        out.installed = upserts.len() as u64;
+        out.installed = (upserts.len() - marked) as u64;
     }
     if !deletes.is_empty() {
         out.deleted = dp.delete_sessions(&deletes)? as u64;
     }
     Ok(out)
+}
+
+/// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of `owner`'s
+/// sessions that the full sync neither installed nor marked (the owner no longer holds them:
+/// it closed or expired them while this member could not hear of it). Returns how many went.
+pub fn remove_unseen(
+    dp: &mut Datapath,
+    owner: MemberId,
+    mark_ns: u64,
+) -> Result<usize, DatapathError> {
+    let mut stale = Vec::new();
+    let mut removed = 0;
+    dp.sessions_chunked(crate::datapath::DEFAULT_CHUNK, |keys, values| {
+        for (k, s) in keys.iter().zip(values) {
+            if s.owner == owner && s.flags.has(SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
+            {
+                stale.push(*k);
+            }
+        }
+    })?;
+    // `stale` holds only keys the owner dropped: bounded by what it removed while we were
+    // apart, not by the table.
+    for part in stale.chunks(crate::datapath::DEFAULT_CHUNK as usize) {
+        removed += dp.delete_sessions(part)?;
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -240,16 +309,102 @@ mod tests {
             ),
         ];
         for (r, existing, ok, name) in rows {
-            let d = decide(r, existing.as_ref(), &z, 1_000_000_000);
+            let d = decide(r, existing.as_ref(), &z, 1_000_000_000, &member(9, false));
             assert!(ok(&d), "{name}: got {d:?}");
         }
+    }
+
+    fn member(id: u8, fresh_table: bool) -> Installer {
+        Installer {
+            local: MemberId(id),
+            fresh_table,
+            reconciling: None,
+        }
+    }
+
+    #[test]
+    fn own_sessions_are_taken_back_only_into_an_empty_table() {
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let mine = rec(Op::Upsert, 5, 1, 1);
+        assert_eq!(
+            decide(&mine, None, &z, 0, &member(1, false)),
+            Decision::Keep,
+            "our table is the authority"
+        );
+        assert!(
+            matches!(
+                decide(&mine, None, &z, 0, &member(1, true)),
+                Decision::Install(_)
+            ),
+            "recovering an empty table"
+        );
+        let delete = rec(Op::Delete, 0, 1, 0);
+        assert_eq!(
+            decide(&delete, Some(&held(4, 1)), &z, 0, &member(1, false)),
+            Decision::Keep
+        );
+    }
+
+    #[test]
+    fn a_full_sync_removes_the_replicas_its_owner_no_longer_holds() {
+        let mut dp = crate::datapath::testing::datapath();
+        let key = |i: u32| {
+            FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
+        };
+        let replica = |owner: u8, last_event_ns: u64| Session {
+            owner: MemberId(owner),
+            version: 3,
+            last_event_ns,
+            flags: SessionFlags(SessionFlags::FROM_PEER),
+            state: State::Established as u8,
+            ..Session::default()
+        };
+        // Replicas of member 2 (1, 2, 3), one of member 3 (4), and member 1's own session (5).
+        let mut own = replica(1, 10);
+        own.flags = SessionFlags(0);
+        dp.insert_sessions(&[
+            (key(1), replica(2, 10)),
+            (key(2), replica(2, 10)),
+            (key(3), replica(2, 10)),
+            (key(4), replica(3, 10)),
+            (key(5), own),
+        ])
+        .expect("insert");
+        let zones = ZoneMap::new(&[], &[]);
+        // Member 2's full sync starts at 100 and carries session 1 (newer) and 2 (as held).
+        let mark = 100;
+        let sent = |i: u32, version: u32| {
+            let mut r = Record::upsert(key(i), &replica(2, 0), 0);
+            r.version = version;
+            r
+        };
+        let who = Installer {
+            reconciling: Some(MemberId(2)),
+            ..member(1, false)
+        };
+        let r = apply(&mut dp, &[sent(1, 4), sent(2, 3)], &zones, 150, &who).expect("apply");
+        assert_eq!((r.installed, r.kept), (1, 1));
+        assert_eq!(
+            remove_unseen(&mut dp, MemberId(2), mark).expect("reconcile"),
+            1,
+            "only session 3 went"
+        );
+        let left: Vec<_> = (1..=5)
+            .filter(|i| dp.session(&key(*i)).expect("lookup").is_some())
+            .collect();
+        assert_eq!(left, vec![1, 2, 4, 5]);
     }
 
     #[test]
     fn installed_sessions_are_marked_from_peer_with_local_zone() {
         let z = ZoneMap::new(&names(&["a", "b"]), &names(&["b", "a"]));
-        let Decision::Install(s) = decide(&rec(Op::Upsert, 2, 3, 1), None, &z, 5_000_000_000)
-        else {
+        let Decision::Install(s) = decide(
+            &rec(Op::Upsert, 2, 3, 1),
+            None,
+            &z,
+            5_000_000_000,
+            &member(9, false),
+        ) else {
             panic!("expected an install");
         };
         assert_eq!(s.zone, ZoneId(2));

@@ -85,6 +85,16 @@ pub struct Hello {
     /// The sender has no complete full sync from the receiver (it just started, or was cut
     /// off long enough to be declared down) and asks for one.
     pub wants_bulk: bool,
+    /// The sender's session table started empty (first start, reboot, teardown): a full sync
+    /// to it also carries the sessions it owns, so an owner that lost its table gets them
+    /// back. Otherwise its own table is the authority on what it owns.
+    pub fresh_table: bool,
+}
+
+/// Bits of the hello's flags byte.
+mod hello_flags {
+    pub const WANTS_BULK: u8 = 1 << 0;
+    pub const FRESH_TABLE: u8 = 1 << 1;
 }
 
 impl Hello {
@@ -321,7 +331,15 @@ impl Message {
                     h.cluster_id,
                     h.member.0,
                     h.link as u8,
-                    u8::from(h.wants_bulk),
+                    (if h.wants_bulk {
+                        hello_flags::WANTS_BULK
+                    } else {
+                        0
+                    }) | (if h.fresh_table {
+                        hello_flags::FRESH_TABLE
+                    } else {
+                        0
+                    }),
                 ]);
                 w.extend_from_slice(&h.boot_id.to_be_bytes());
                 w.extend_from_slice(&h.fingerprint);
@@ -371,7 +389,7 @@ impl Message {
         let [t] = r.array("message type")?;
         let msg = match t {
             tag::HELLO => {
-                let [major, minor, cluster_id, member, link, wants_bulk] = r.array("hello")?;
+                let [major, minor, cluster_id, member, link, flags] = r.array("hello")?;
                 let boot_id = r.u64("boot id")?;
                 let fingerprint = r.array("fingerprint")?;
                 let n = usize::from(r.u16("zone count")?);
@@ -393,7 +411,8 @@ impl Message {
                     boot_id,
                     fingerprint,
                     zones,
-                    wants_bulk: wants_bulk != 0,
+                    wants_bulk: flags & hello_flags::WANTS_BULK != 0,
+                    fresh_table: flags & hello_flags::FRESH_TABLE != 0,
                 })
             }
             tag::KEEPALIVE => {
@@ -526,6 +545,7 @@ mod tests {
             fingerprint: [9; 32],
             zones: vec!["trust".into(), "untrust".into()],
             wants_bulk: true,
+            fresh_table: true,
         });
         let now = 100_000_000_000;
         let records = (0..3)
@@ -659,6 +679,7 @@ mod tests {
             fingerprint: [0; 32],
             zones: vec![],
             wants_bulk: false,
+            fresh_table: false,
         };
         assert!(h(1, 0).compatible(&h(1, 1)));
         assert!(h(1, 3).compatible(&h(1, 2)));
