@@ -24,12 +24,14 @@ use crate::{
     },
 };
 
-/// How often the expiry sweep runs.
-const SWEEP_EVERY: Duration = Duration::from_millis(1000);
+/// How often the expiry sweep takes a step, and how many sessions a step looks at: the table
+/// is never held for long (a few milliseconds a step), and a pass over a million sessions
+/// takes about 12 s. Expired sessions the sweep has not reached yet are already treated as
+/// absent by the XDP program.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+const SWEEP_BUDGET: u64 = 8192;
 /// How often liveness and the local state are evaluated.
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
-/// How often owned sessions are counted (for keepalives and `show`).
-const COUNT_EVERY: Duration = Duration::from_secs(5);
 /// A starting member waits this long for peers to connect before deciding it is alone.
 const DISCOVERY: Duration = Duration::from_secs(2);
 
@@ -256,8 +258,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
-    let mut count_tick = tokio::time::interval(COUNT_EVERY);
-    for t in [&mut sweep_tick, &mut membership_tick, &mut count_tick] {
+    let mut sweep = crate::datapath::sweep::IncrementalSweep::default();
+    for t in [&mut sweep_tick, &mut membership_tick] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     let mut lost_events = lock(&member.dp)
@@ -279,15 +281,21 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             _ = sweep_tick.tick() => {
                 let engine = member.engine.clone();
                 let swept = tokio::task::block_in_place(|| {
-                    lock(&member.dp).sweep(DEFAULT_CHUNK, |removed: &[Removed]| {
+                    lock(&member.dp).sweep_step(&mut sweep, SWEEP_BUDGET, |removed: &[Removed]| {
                         for r in removed.iter().filter(|r| r.session.owner == local) {
                             log.write_removed(r, &member.config);
                             engine.enqueue(r.key);
                         }
                     })
                 });
-                if let Err(e) = swept {
-                    warn!(error = %error_chain(&e), "sweep failed");
+                match swept {
+                    Ok(Some(pass)) => {
+                        // A pass over the whole table also counted the sessions each member owns.
+                        let owned = pass.owners.get(usize::from(local.0)).copied().unwrap_or(0);
+                        lock(&member.membership).local_sessions_owned = u32::try_from(owned).unwrap_or(u32::MAX);
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
                 }
                 member.engine.flush();
                 // Events lost to a full ring buffer: announce every owned session again.
@@ -305,7 +313,6 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                     write_all_liveness(&member);
                 }
             }
-            _ = count_tick.tick() => count_owned(&member),
             Some((request, reply)) = control_rx.recv() => {
                 let response = crate::control_handler::handle(&member, request);
                 let _ = reply.send(response);
@@ -374,31 +381,6 @@ fn apply_membership(member: &Member) {
     if let Some(state) = changes.local_state {
         info!(state = state.name(), "local member state changed");
     }
-}
-
-/// Counts sessions per owner (one walk of the table).
-pub fn sessions_by_owner(member: &Member) -> BTreeMap<u8, u64> {
-    let mut by_owner = BTreeMap::new();
-    let walked = tokio::task::block_in_place(|| {
-        lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |_, values| {
-            for v in values {
-                *by_owner.entry(v.owner.0).or_insert(0u64) += 1;
-            }
-        })
-    });
-    if let Err(e) = walked {
-        warn!(error = %error_chain(&e), "counting sessions failed");
-    }
-    by_owner
-}
-
-fn count_owned(member: &Member) {
-    let local = member.config.local_member();
-    let owned = sessions_by_owner(member)
-        .get(&local.0)
-        .copied()
-        .unwrap_or(0);
-    lock(&member.membership).local_sessions_owned = u32::try_from(owned).unwrap_or(u32::MAX);
 }
 
 /// Queues every owned session for every peer (the outboxes fall back to a full sync if that is

@@ -21,6 +21,9 @@ pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;
 pub const EVENTS_BYTES: u32 = 8 << 20;
 /// Maximum number of zone-bound interfaces.
 pub const MAX_ZONE_INTERFACES: u32 = 256;
-/// Bytes queued (each record has an 8-byte header) at which the program asks the kernel to wake the consumer; below
-/// it, wake-ups are batched (the agent also polls on a short timer).
-pub const EVENTS_WAKEUP_BATCH_BYTES: u64 = 64 * (core::mem::size_of::<crate::Event>() as u64 + 8);
+/// Ring-buffer bytes one event takes: the record and its 8-byte header.
+pub const EVENTS_RECORD_BYTES: u64 = core::mem::size_of::<crate::Event>() as u64 + 8;
+/// Bytes queued at which the program wakes the consumer: only the event that crosses this
+/// mark forces a wake-up, so wake-ups come in batches of 64 events and a consumer that falls
+/// behind is not woken once per packet (the agent also polls on a short timer).
+pub const EVENTS_WAKEUP_BATCH_BYTES: u64 = 64 * EVENTS_RECORD_BYTES;

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    maps::EVENTS_WAKEUP_BATCH_BYTES,
+    maps::{EVENTS_RECORD_BYTES, EVENTS_WAKEUP_BATCH_BYTES},
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session,
     SessionFlags, State, ZoneId,
@@ -284,7 +284,9 @@ fn emit(counters: &mut Counters, kind: EventKind, key: &FlowKey, s: &Session) {
         _pad: [0; 7],
     });
     let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let flags = if queued >= EVENTS_WAKEUP_BATCH_BYTES {
+    // `queued` counts this event's reservation: it crossed the mark if the mark lies within it.
+    let crossing = EVENTS_WAKEUP_BATCH_BYTES..EVENTS_WAKEUP_BATCH_BYTES + EVENTS_RECORD_BYTES;
+    let flags = if crossing.contains(&queued) {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

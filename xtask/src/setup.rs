@@ -100,11 +100,11 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
         match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
             Status::Present(detail) => {
                 if report == Report::Full {
-                    println!("ok: {} present ({detail})", requirement.name);
+                    eprintln!("ok: {} present ({detail})", requirement.name);
                 }
             }
             Status::Missing { why, fix } => {
-                println!("missing: {}: {why}", requirement.name);
+                eprintln!("missing: {}: {why}", requirement.name);
                 missing.push((requirement, fix));
             }
         }
@@ -112,7 +112,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
 
     if missing.is_empty() {
         if report == Report::Summary {
-            println!(
+            eprintln!(
                 "setup: all {} requirements present ({:.2}s)",
                 REQUIREMENTS.len(),
                 start.elapsed().as_secs_f64()
@@ -144,7 +144,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
     // off PATH) is caught here rather than in the middle of a build.
     for (requirement, _) in &missing {
         match (requirement.check)()? {
-            Status::Present(detail) => println!("installed {} ({detail})", requirement.name),
+            Status::Present(detail) => eprintln!("installed {} ({detail})", requirement.name),
             Status::Missing { why, .. } => {
                 bail!(
                     "{} is still missing after installing it: {why}",
@@ -153,7 +153,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
             }
         }
     }
-    println!("setup: done ({:.1}s)", start.elapsed().as_secs_f64());
+    eprintln!("setup: done ({:.1}s)", start.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -247,6 +247,7 @@ pub fn answer(request: Request) -> Response {
                 last_records: 120,
                 last_duration_ms: 812,
                 running: false,
+                started_ms: 0,
             };
             stats
                 .lag

@@ -499,6 +499,7 @@ impl From<BulkStats> for FullSyncView {
             last_records,
             last_duration_ms,
             running,
+            started_ms: _,
         } = b;
         let done = count > 0;
         FullSyncView {
@@ -854,6 +855,7 @@ mod tests {
             last_records: 500,
             last_duration_ms: 40,
             running: true,
+            started_ms: 0,
         };
         a.lag.lock().unwrap().record(Duration::from_millis(2));
         let b = PeerStats::default();

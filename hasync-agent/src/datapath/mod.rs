@@ -474,6 +474,26 @@ impl Datapath {
             .map_err(batch_err(names::SESSIONS))
     }
 
+    /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
+    /// sessions, with the live CONFIG's timeouts.
+    pub fn sweep_step(
+        &mut self,
+        state: &mut sweep::IncrementalSweep,
+        budget: u64,
+        on_removed: impl FnMut(&[Removed]),
+    ) -> Result<Option<sweep::PassSummary>, DatapathError> {
+        let cfg = self.config()?;
+        state
+            .step(
+                &self.sessions_batch()?,
+                &cfg,
+                DEFAULT_CHUNK * 8,
+                budget,
+                on_removed,
+            )
+            .map_err(batch_err(names::SESSIONS))
+    }
+
     /// Takes the EVENTS ring buffer out of the program's maps. Only once: a second call fails
     /// with [`DatapathError::NoMap`].
     pub fn take_events(&mut self) -> Result<EventStream, DatapathError> {

@@ -97,7 +97,7 @@ pub fn sweep(
     sweep_with_clock(map, cfg, chunk, super::monotonic_ns, on_removed)
 }
 
-/// [`sweep`] reading the time from `clock` (CLOCK_MONOTONIC ns; tests use their own).
+/// [`sweep`] reading the time from `clock` (session clock ns; tests use their own).
 fn sweep_with_clock(
     map: &BatchMap<'_, FlowKey, Session>,
     cfg: &DatapathConfig,
@@ -105,21 +105,50 @@ fn sweep_with_clock(
     clock: impl Fn() -> u64,
     mut on_removed: impl FnMut(&[Removed]),
 ) -> Result<SweepReport, BatchError> {
-    let mut report = SweepReport::default();
+    let mut pass = Pass::default();
     let mut cursor = BatchCursor::new();
-    let mut keys: Vec<FlowKey> = Vec::with_capacity(chunk as usize);
-    let mut values: Vec<Session> = Vec::with_capacity(chunk as usize);
-    let mut removed: Vec<Removed> = Vec::new();
-    let mut doomed: Vec<FlowKey> = Vec::new();
-    loop {
-        let more = map.lookup_batch(&mut cursor, &mut keys, &mut values, chunk)?;
-        report.scanned += keys.len() as u64;
+    while pass.chunk(map, cfg, chunk, &clock, &mut cursor, &mut on_removed)? {}
+    Ok(pass.report)
+}
+
+/// Owner slots counted by a sweep: member ids 0–16.
+pub const OWNER_SLOTS: usize = hasync_common::MemberId::MAX as usize + 1;
+
+/// The work of one pass over the table, chunk by chunk.
+#[derive(Default)]
+struct Pass {
+    report: SweepReport,
+    /// Sessions kept, per owner id.
+    owners: [u64; OWNER_SLOTS],
+    keys: Vec<FlowKey>,
+    values: Vec<Session>,
+    removed: Vec<Removed>,
+    doomed: Vec<FlowKey>,
+}
+
+impl Pass {
+    /// Looks at the next chunk at `cursor`, removes what expired and counts the rest by owner.
+    /// Returns whether more may follow.
+    fn chunk(
+        &mut self,
+        map: &BatchMap<'_, FlowKey, Session>,
+        cfg: &DatapathConfig,
+        chunk: u32,
+        clock: &impl Fn() -> u64,
+        cursor: &mut BatchCursor,
+        on_removed: &mut impl FnMut(&[Removed]),
+    ) -> Result<bool, BatchError> {
+        let more = map.lookup_batch(cursor, &mut self.keys, &mut self.values, chunk)?;
+        self.report.scanned += self.keys.len() as u64;
         // Read the clock after the lookup: nothing we saw is newer than `now`.
         let now = clock();
-        removed.clear();
-        doomed.clear();
-        for (key, session) in keys.iter().zip(&values) {
+        self.removed.clear();
+        self.doomed.clear();
+        for (key, session) in self.keys.iter().zip(&self.values) {
             if verdict(cfg, session, now).is_none() {
+                if let Some(n) = self.owners.get_mut(usize::from(session.owner.0)) {
+                    *n += 1;
+                }
                 continue;
             }
             // Re-read right before deleting (see the module docs for the window left).
@@ -127,30 +156,86 @@ fn sweep_with_clock(
             let now = clock();
             match fresh.and_then(|s| verdict(cfg, &s, now).map(|reason| (s, reason))) {
                 Some((session, reason)) => {
-                    removed.push(Removed {
+                    self.removed.push(Removed {
                         key: *key,
                         session,
                         reason,
                     });
-                    doomed.push(*key);
+                    self.doomed.push(*key);
                 }
-                None => report.spared += 1,
+                None => self.report.spared += 1,
             }
         }
-        if !doomed.is_empty() {
+        if !self.doomed.is_empty() {
             // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
-            map.delete_batch(&doomed)?;
-            for r in &removed {
+            map.delete_batch(&self.doomed)?;
+            for r in &self.removed {
                 match r.reason {
-                    RemoveReason::Expired => report.expired += 1,
-                    RemoveReason::Closed => report.closed += 1,
+                    RemoveReason::Expired => self.report.expired += 1,
+                    RemoveReason::Closed => self.report.closed += 1,
                 }
             }
-            on_removed(&removed);
+            on_removed(&self.removed);
         }
-        if !more {
-            return Ok(report);
+        Ok(more)
+    }
+}
+
+/// A completed pass of an [`IncrementalSweep`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    pub report: SweepReport,
+    /// Sessions left in the table per owner id (index = member id).
+    pub owners: [u64; OWNER_SLOTS],
+}
+
+/// A sweep spread over many short steps, so the agent never holds the table for long: each
+/// step looks at a bounded number of sessions and the next one resumes where it stopped.
+/// A pass that completes also tells how many sessions each member owns.
+#[derive(Default)]
+pub struct IncrementalSweep {
+    cursor: BatchCursor,
+    pass: Pass,
+}
+
+impl IncrementalSweep {
+    /// Looks at up to about `budget` sessions (in chunks of `chunk`); returns the summary when
+    /// this step completed a pass over the table (the next step starts a new one).
+    pub fn step(
+        &mut self,
+        map: &BatchMap<'_, FlowKey, Session>,
+        cfg: &DatapathConfig,
+        chunk: u32,
+        budget: u64,
+        on_removed: impl FnMut(&[Removed]),
+    ) -> Result<Option<PassSummary>, BatchError> {
+        self.step_with_clock(map, cfg, chunk, budget, &super::monotonic_ns, on_removed)
+    }
+
+    fn step_with_clock(
+        &mut self,
+        map: &BatchMap<'_, FlowKey, Session>,
+        cfg: &DatapathConfig,
+        chunk: u32,
+        budget: u64,
+        clock: &impl Fn() -> u64,
+        mut on_removed: impl FnMut(&[Removed]),
+    ) -> Result<Option<PassSummary>, BatchError> {
+        let start = self.pass.report.scanned;
+        while self.pass.report.scanned - start < budget {
+            let more =
+                self.pass
+                    .chunk(map, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
+            if !more {
+                let done = std::mem::take(&mut self.pass);
+                self.cursor = BatchCursor::new();
+                return Ok(Some(PassSummary {
+                    report: done.report,
+                    owners: done.owners,
+                }));
+            }
         }
+        Ok(None)
     }
 }
 
@@ -260,6 +345,42 @@ mod tests {
         }
         map.update_batch(&keys, &values, 0).expect("fill");
         want
+    }
+
+    #[test]
+    fn an_incremental_sweep_covers_the_table_in_bounded_steps_and_counts_owners() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 8192);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let want = fill(&map, 200);
+        let live = want.values().filter(|r| r.is_none()).count() as u64;
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let mut sweep = IncrementalSweep::default();
+        let mut removed = 0;
+        let mut steps = 0;
+        let summary = loop {
+            steps += 1;
+            assert!(steps < 100, "no pass completed");
+            let done = sweep
+                .step_with_clock(&map, &cfg, 64, 500, &|| NOW, |r| removed += r.len())
+                .expect("step");
+            if let Some(done) = done {
+                break done;
+            }
+        };
+        assert!(
+            steps >= 4,
+            "{} sessions in steps of about 500 took {steps} steps",
+            want.len()
+        );
+        assert_eq!(summary.report.scanned, want.len() as u64);
+        assert_eq!(removed as u64, summary.report.removed());
+        assert_eq!(summary.owners[1], live, "every kept session is member 1's");
+        assert_eq!(summary.owners.iter().sum::<u64>(), live);
+        // The next step starts a new pass over what is left.
+        let again = sweep
+            .step_with_clock(&map, &cfg, 64, 1 << 20, &|| NOW, |_| {})
+            .expect("step");
+        assert_eq!(again.map(|p| p.report.scanned), Some(live));
     }
 
     #[test]

@@ -662,8 +662,7 @@ impl Engine {
                     }
                     let mut b = lock(&peer.stats.bulk_received);
                     b.running = true;
-                    b.last_records = 0;
-                    b.last_duration_ms = monotonic_ns() / 1_000_000;
+                    b.started_ms = monotonic_ns() / 1_000_000;
                     None
                 }
                 Message::BulkEnd { bulk_id, records } => {
@@ -676,8 +675,7 @@ impl Engine {
                     b.running = false;
                     b.count += 1;
                     b.last_records = records;
-                    b.last_duration_ms =
-                        (monotonic_ns() / 1_000_000).saturating_sub(b.last_duration_ms);
+                    b.last_duration_ms = (monotonic_ns() / 1_000_000).saturating_sub(b.started_ms);
                     info!(
                         peer = peer.cfg.id.0,
                         bulk_id,

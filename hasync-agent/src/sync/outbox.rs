@@ -58,6 +58,7 @@ impl Outbox {
             self.overflowed = true;
             self.pending.clear();
             self.queued.clear();
+            self.release_memory();
             return;
         }
         self.queued.insert(key);
@@ -92,7 +93,22 @@ impl Outbox {
             oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
             keys.push(key);
         }
+        if self.pending.is_empty() {
+            self.release_memory();
+        }
         (keys, oldest)
+    }
+
+    /// A drained queue gives back what a burst made it grow to, so an idle agent's memory does
+    /// not stay at its high-water mark.
+    fn release_memory(&mut self) {
+        const KEEP: usize = 4096;
+        if self.pending.capacity() > KEEP {
+            self.pending.shrink_to(KEEP);
+        }
+        if self.queued.capacity() > KEEP {
+            self.queued.shrink_to(KEEP);
+        }
     }
 
     /// Allocates the sequence number of the next frame.

@@ -75,6 +75,8 @@ pub struct BulkStats {
     pub last_records: u64,
     pub last_duration_ms: u64,
     pub running: bool,
+    /// When the running full sync started (session clock, ms).
+    pub started_ms: u64,
 }
 
 /// Everything counted about one peer.
