@@ -52,7 +52,10 @@ use hasync_agent::{
         view::{CountersView, MembersView, PeerStatisticsView, SessionsView, StatisticsView},
         Request, SessionFilter,
     },
-    datapath::{batch::BatchCursor, monotonic_ns, BatchMap},
+    datapath::{
+        batch::{self, BatchCursor},
+        monotonic_ns, BatchMap,
+    },
     lab::{
         netns,
         topology::{test_prefix, SERVER_V4},
@@ -262,46 +265,9 @@ struct Raw {
     dump: Duration,
 }
 
-const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-
-/// A BPF LRU hash `FlowKey → Session` with room for `capacity`, made with BPF_MAP_CREATE and
-/// no flags, like the product's SESSIONS map.
-fn create_lru(capacity: u32) -> Result<OwnedFd> {
-    /// The first fields of `bpf_attr` for BPF_MAP_CREATE; the kernel zero-fills the rest.
-    #[repr(C)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    let mut attr = CreateAttr {
-        map_type: BPF_MAP_TYPE_LRU_HASH,
-        key_size: size_of::<FlowKey>() as u32,
-        value_size: size_of::<Session>() as u32,
-        max_entries: capacity,
-        map_flags: 0,
-    };
-    // SAFETY: a valid, initialised attr of the size passed, holding no pointers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            std::ptr::from_mut(&mut attr),
-            size_of::<CreateAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("BPF_MAP_CREATE of the baseline LRU hash");
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 fn raw_once(keys: &[FlowKey], values: &[Session]) -> Result<Raw> {
-    let fd = create_lru(CAPACITY)?;
+    let fd = batch::create_map::<FlowKey, Session>(batch::BPF_MAP_TYPE_LRU_HASH, CAPACITY)
+        .context("BPF_MAP_CREATE of the baseline LRU hash")?;
     let map = BatchMap::<FlowKey, Session>::new(fd.as_fd())?;
     let t = Instant::now();
     for (k, v) in keys.chunks(RAW_CHUNK).zip(values.chunks(RAW_CHUNK)) {

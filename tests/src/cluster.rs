@@ -243,6 +243,14 @@ impl Cluster {
         }
     }
 
+    /// Waits until member `k` reports itself active (its first full syncs ended).
+    pub fn wait_active(&self, k: u8, timeout: Duration) {
+        self.wait(&format!("fw{k} to be active"), timeout, || {
+            let m = self.try_member(k, k)?;
+            (m.state == "active").then_some(()).ok_or(m.state)
+        });
+    }
+
     /// The last [`LOG_LINES`] lines of every member's agent log.
     pub fn logs(&self) -> String {
         self.logs_of(self.topology().member_ids())

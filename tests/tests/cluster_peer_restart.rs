@@ -66,14 +66,7 @@ fn killed_peer_converges(tag: &str, owner_restarts: bool) {
     );
     let topo = c.topology();
     for k in [1, 2] {
-        c.wait(
-            &format!("fw{k} to be active"),
-            Duration::from_secs(20),
-            || {
-                let m = c.try_member(k, k)?;
-                (m.state == "active").then_some(()).ok_or(m.state)
-            },
-        );
+        c.wait_active(k, Duration::from_secs(20));
     }
 
     let tcp_addr: SocketAddr = (SERVER_V4, TCP_PORT).into();
@@ -153,10 +146,7 @@ fn killed_peer_converges(tag: &str, owner_restarts: bool) {
         table.len(),
         restarted.elapsed().as_secs_f64()
     );
-    c.wait("fw2 to be active again", Duration::from_secs(20), || {
-        let m = c.try_member(2, 2)?;
-        (m.state == "active").then_some(()).ok_or(m.state)
-    });
+    c.wait_active(2, Duration::from_secs(20));
     let s1 = c.statistics(1);
     let to2 = s1.peers.iter().find(|p| p.id == 2).expect("peer 2");
     // One full sync to each start of fw2 that fw1's agent saw (its counters start afresh

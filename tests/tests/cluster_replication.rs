@@ -34,14 +34,7 @@ fn every_member_holds_fw1s_sessions(tag: &str, members: u8, tcp_port: u16, udp_p
     let topo = c.topology();
     let ids: Vec<u8> = topo.member_ids().collect();
     for &k in &ids {
-        c.wait(
-            &format!("fw{k} to be active"),
-            Duration::from_secs(20),
-            || {
-                let m = c.try_member(k, k)?;
-                (m.state == "active").then_some(()).ok_or(m.state)
-            },
-        );
+        c.wait_active(k, Duration::from_secs(20));
     }
 
     let tcp_addr: SocketAddr = (SERVER_V4, tcp_port).into();

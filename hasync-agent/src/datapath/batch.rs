@@ -247,6 +247,46 @@ struct MapInfoHead {
     value_size: u32,
 }
 
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// Creates a map of `map_type` for `K → V` with room for `max_entries` and no flags (as the
+/// product's SESSIONS map): for tests and benchmark baselines that need a map of the same
+/// shape without loading a program.
+pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> io::Result<std::os::fd::OwnedFd> {
+    /// The first fields of `bpf_attr` for BPF_MAP_CREATE; the kernel zero-fills the rest.
+    #[repr(C)]
+    struct CreateAttr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    let mut attr = CreateAttr {
+        map_type,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: a valid, initialised attr of the size passed, holding no pointers.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            std::ptr::from_mut(&mut attr),
+            size_of::<CreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh fd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+}
+
 /// Map types whose values are per CPU (`BPF_MAP_TYPE_PERCPU_HASH`, `_PERCPU_ARRAY`,
 /// `_LRU_PERCPU_HASH`, `_PERCPU_CGROUP_STORAGE`).
 const PER_CPU_MAP_TYPES: [u32; 4] = [5, 6, 10, 21];

@@ -1,54 +1,18 @@
 //! Test helpers: maps created directly with BPF_MAP_CREATE, frames run through the loaded
 //! program with BPF_PROG_TEST_RUN. Tests need root (CAP_BPF).
 
-use std::{
-    io,
-    mem::size_of,
-    os::fd::{FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd};
 
 use hasync_common::{DatapathConfig, MemberId};
 
 use super::{Datapath, DatapathOptions};
 
-pub const BPF_MAP_TYPE_HASH: u32 = 1;
-pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+pub use super::batch::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
 
-/// Creates a map of `map_type` for `K → V` with room for `max_entries`.
+/// Creates a map of `map_type` for `K → V` with room for `max_entries` (tests need root).
 pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> OwnedFd {
-    /// The first fields of `bpf_attr` for BPF_MAP_CREATE; the kernel zero-fills the rest.
-    #[repr(C)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    let mut attr = CreateAttr {
-        map_type,
-        key_size: size_of::<K>() as u32,
-        value_size: size_of::<V>() as u32,
-        max_entries,
-        map_flags: 0,
-    };
-    // SAFETY: a valid, initialised attr of the size passed, holding no pointers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            std::ptr::from_mut(&mut attr),
-            size_of::<CreateAttr>() as libc::c_uint,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE (tests need root): {}",
-        io::Error::last_os_error()
-    );
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    super::batch::create_map::<K, V>(map_type, max_entries)
+        .unwrap_or_else(|e| panic!("BPF_MAP_CREATE (tests need root): {e}"))
 }
 
 /// A datapath loaded for member 1, not attached, with a small session table.
