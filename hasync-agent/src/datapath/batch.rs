@@ -37,8 +37,6 @@ pub enum BatchOp {
     Delete,
     /// The single-element lookup.
     LookupElem,
-    /// The single-element update.
-    UpdateElem,
     /// BPF_OBJ_GET_INFO_BY_FD, to check the map's key and value sizes.
     Info,
 }
@@ -50,7 +48,6 @@ impl BatchOp {
             BatchOp::Update => "BPF_MAP_UPDATE_BATCH",
             BatchOp::Delete => "BPF_MAP_DELETE_BATCH",
             BatchOp::LookupElem => "BPF_MAP_LOOKUP_ELEM",
-            BatchOp::UpdateElem => "BPF_MAP_UPDATE_ELEM",
             BatchOp::Info => "BPF_OBJ_GET_INFO_BY_FD",
         }
     }
@@ -59,7 +56,6 @@ impl BatchOp {
         // Values of `enum bpf_cmd` (include/uapi/linux/bpf.h).
         match self {
             BatchOp::LookupElem => 1,
-            BatchOp::UpdateElem => 2,
             BatchOp::Info => 15,
             BatchOp::Lookup => 24,
             BatchOp::Update => 26,
@@ -291,9 +287,6 @@ pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> io::Result<std::os::
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }
 
-/// `flags` of an update that refuses an existing key (include/uapi/linux/bpf.h).
-pub const BPF_NOEXIST: u64 = 1;
-
 /// Map types whose values are per CPU (`BPF_MAP_TYPE_PERCPU_HASH`, `_PERCPU_ARRAY`,
 /// `_LRU_PERCPU_HASH`, `_PERCPU_CGROUP_STORAGE`).
 const PER_CPU_MAP_TYPES: [u32; 4] = [5, 6, 10, 21];
@@ -524,30 +517,6 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
             // SAFETY: the kernel wrote a whole value; `V` is `Pod`, so any bytes are valid.
             Ok(()) => Ok(Some(unsafe { value.assume_init() })),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
-            Err(source) => Err(BatchError::Syscall {
-                op: OP,
-                done: 0,
-                source,
-            }),
-        }
-    }
-
-    /// Inserts one entry only if its key is absent (`BPF_NOEXIST`); returns `false`, writing
-    /// nothing, when the key exists. One syscall that both checks and writes: the batch update
-    /// accepts no such flag.
-    pub fn insert_new(&self, key: &K, value: &V) -> Result<bool, BatchError> {
-        const OP: BatchOp = BatchOp::UpdateElem;
-        let mut attr = ElemAttr {
-            map_fd: fd_u32(self.fd),
-            key: std::ptr::from_ref(key) as u64,
-            value: std::ptr::from_ref(value) as u64,
-            flags: BPF_NOEXIST,
-            ..Default::default()
-        };
-        // SAFETY: the map holds `K → V`; the kernel reads one key and one value.
-        match unsafe { sys_batch(OP, &mut attr) } {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
             Err(source) => Err(BatchError::Syscall {
                 op: OP,
                 done: 0,

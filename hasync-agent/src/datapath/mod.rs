@@ -454,18 +454,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Inserts a session only if its key is not in the table; `false` (nothing written) when
-    /// it is.
-    pub fn insert_new_session(
-        &mut self,
-        key: &FlowKey,
-        session: &Session,
-    ) -> Result<bool, DatapathError> {
-        self.sessions_batch()?
-            .insert_new(key, session)
-            .map_err(batch_err(names::SESSIONS))
-    }
-
     /// Deletes sessions with batch deletes; keys not in the table are skipped. Returns how many
     /// were deleted.
     pub fn delete_sessions(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {

@@ -724,7 +724,6 @@ impl Engine {
             local: self.inner.cfg.local,
             fresh_table: self.inner.cfg.fresh_table,
             reconciling,
-            bulk,
         };
         let result = tokio::task::block_in_place(|| {
             let mut dp = lock(&self.inner.dp);

@@ -72,8 +72,6 @@ pub struct Installer {
     pub fresh_table: bool,
     /// A full sync from this member is running (see [`apply`]).
     pub reconciling: Option<MemberId>,
-    /// The records come from a full sync.
-    pub bulk: bool,
 }
 
 /// Conflict rule: the higher (version, owner) wins; a delete applies only to a session still
@@ -135,19 +133,7 @@ pub fn apply(
     let mut upserts: Vec<(FlowKey, Session)> = Vec::with_capacity(records.len());
     let mut deletes = Vec::new();
     let mut marked = 0;
-    // A full sync into a table that started empty: nearly every key is new, so write it with
-    // one "insert if absent" instead of a lookup and a write; only keys that exist go
-    // through the conflict rule.
-    let fast = who.fresh_table && who.bulk;
     for rec in records {
-        if fast && rec.op == Op::Upsert {
-            if let Some(zone) = zones.translate(rec.zone) {
-                if dp.insert_new_session(&rec.key, &rec.to_session(now_ns, zone))? {
-                    out.installed += 1;
-                    continue;
-                }
-            }
-        }
         let existing = dp.session(&rec.key)?;
         match decide(rec, existing.as_ref(), zones, now_ns, who) {
             Decision::Install(s) => upserts.push((rec.key, s)),
@@ -172,7 +158,7 @@ pub fn apply(
     }
     if !upserts.is_empty() {
         dp.insert_sessions(&upserts)?;
-        out.installed += (upserts.len() - marked) as u64;
+        out.installed = (upserts.len() - marked) as u64;
     }
     if !deletes.is_empty() {
         out.deleted = dp.delete_sessions(&deletes)? as u64;
@@ -333,7 +319,6 @@ mod tests {
             local: MemberId(id),
             fresh_table,
             reconciling: None,
-            bulk: false,
         }
     }
 
@@ -408,43 +393,6 @@ mod tests {
             .filter(|i| dp.session(&key(*i)).expect("lookup").is_some())
             .collect();
         assert_eq!(left, vec![1, 2, 4, 5]);
-    }
-
-    #[test]
-    fn a_full_sync_into_an_empty_table_writes_new_keys_and_still_resolves_existing_ones() {
-        let mut dp = crate::datapath::testing::datapath();
-        let key = |i: u32| {
-            FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
-        };
-        let held = |version: u32| Session {
-            owner: MemberId(2),
-            version,
-            flags: SessionFlags(SessionFlags::FROM_PEER),
-            ..Session::default()
-        };
-        // Key 3 is already held at version 9 (from another peer's full sync, say).
-        dp.insert_sessions(&[(key(3), held(9))]).expect("insert");
-        let zones = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
-        let sent: Vec<Record> = (1..=5)
-            .map(|i| {
-                let mut r = Record::upsert(key(i), &held(5), 0);
-                r.zone = ZoneId(1);
-                r
-            })
-            .collect();
-        let who = Installer {
-            bulk: true,
-            ..member(1, true)
-        };
-        let r = apply(&mut dp, &sent, &zones, 1_000, &who).expect("apply");
-        assert_eq!((r.installed, r.kept), (4, 1));
-        let v3 = dp.session(&key(3)).expect("lookup").map(|s| s.version);
-        assert_eq!(v3, Some(9), "the newer copy stays");
-        for i in [1, 2, 4, 5] {
-            let s = dp.session(&key(i)).expect("lookup").expect("installed");
-            assert_eq!((s.version, s.zone, s.owner), (5, ZoneId(1), MemberId(2)));
-            assert!(s.flags.has(SessionFlags::FROM_PEER));
-        }
     }
 
     #[test]
