@@ -177,12 +177,23 @@ const _: () = assert!(size_of::<ElemAttr>() == 32);
 /// and value size (written by lookup, read by update/delete), `in_batch`/`out_batch` for a
 /// token of the map's token size, `key`/`value` for one key and value.
 unsafe fn sys_batch<A>(op: BatchOp, attr: &mut A) -> io::Result<()> {
+    // SAFETY: this function's contract.
+    unsafe { sys_bpf(op.cmd(), attr) }.map(drop)
+}
+
+/// The bpf(2) syscall: every command hasync issues itself goes through here.
+///
+/// # Safety
+///
+/// `A` must be the `union bpf_attr` member of `cmd`, and every pointer in `attr` valid for
+/// what the command does with it.
+unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised attr of the size we pass; the pointers it holds
     // are valid per this function's contract.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            op.cmd(),
+            cmd,
             std::ptr::from_mut(attr),
             size_of::<A>() as libc::c_uint,
         )
@@ -190,8 +201,49 @@ unsafe fn sys_batch<A>(op: BatchOp, attr: &mut A) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(rc)
     }
+}
+
+/// Takes ownership of the fd a bpf(2) command returned.
+fn owned_fd(rc: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
+    let fd = i32::try_from(rc).map_err(io::Error::other)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Opens a pinned object (BPF_OBJ_GET).
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::ffi::OsStrExt as _;
+    /// `union bpf_attr`'s member for BPF_OBJ_*: `{ __aligned_u64 pathname; __u32 bpf_fd;
+    /// __u32 file_flags; }`.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_OBJ_GET attr whose path outlives the call.
+    owned_fd(unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?)
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD into `info`, the head of a `bpf_*_info` struct (the kernel fills
+/// only what fits). `T` must be a `#[repr(C)]` struct of integers.
+pub(crate) fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd_u32(fd),
+        info_len: size_of::<T>() as u32,
+        info: std::ptr::from_mut(info) as u64,
+    };
+    // SAFETY: `attr` points at `info`, writable for `info_len` bytes.
+    unsafe { sys_batch(BatchOp::Info, &mut attr) }
 }
 
 fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
@@ -271,20 +323,8 @@ pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> io::Result<std::os::
         max_entries,
         map_flags: 0,
     };
-    // SAFETY: a valid, initialised attr of the size passed, holding no pointers.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            std::ptr::from_mut(&mut attr),
-            size_of::<CreateAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a fresh fd that nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
+    // SAFETY: a valid, initialised attr holding no pointers.
+    owned_fd(unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }?)
 }
 
 /// Map types whose values are per CPU (`BPF_MAP_TYPE_PERCPU_HASH`, `_PERCPU_ARRAY`,
@@ -308,13 +348,7 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
     pub fn new(fd: BorrowedFd<'fd>) -> Result<Self, BatchError> {
         const OP: BatchOp = BatchOp::Info;
         let mut info = MapInfoHead::default();
-        let mut attr = InfoAttr {
-            bpf_fd: fd_u32(fd),
-            info_len: size_of::<MapInfoHead>() as u32,
-            info: std::ptr::from_mut(&mut info) as u64,
-        };
-        // SAFETY: the kernel writes at most `info_len` bytes to `info`, which holds them.
-        unsafe { sys_batch(OP, &mut attr) }.map_err(|source| BatchError::Syscall {
+        obj_info(fd, &mut info).map_err(|source| BatchError::Syscall {
             op: OP,
             done: 0,
             source,

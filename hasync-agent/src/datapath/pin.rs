@@ -26,7 +26,7 @@ use std::{
     io,
     mem::size_of,
     os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::OwnedFd,
         unix::{
             ffi::OsStrExt as _,
             fs::{DirBuilderExt as _, MetadataExt as _},
@@ -37,7 +37,11 @@ use std::{
 
 use hasync_common::maps as names;
 
-use super::{attach::check_interface_name, AttachMode, DatapathError};
+use super::{
+    attach::check_interface_name,
+    batch::{obj_get, obj_info},
+    AttachMode, DatapathError,
+};
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hasync";
@@ -427,71 +431,6 @@ pub fn check_pinned_maps(
         report.replaced.push((name, why));
     }
     Ok((report, capacity))
-}
-
-/// Opens a pinned object (BPF_OBJ_GET).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    /// `union bpf_attr`'s member for BPF_OBJ_*: `{ __aligned_u64 pathname; __u32 bpf_fd;
-    /// __u32 file_flags; }`.
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `attr` is a valid BPF_OBJ_GET attr whose path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            std::ptr::from_mut(&mut attr),
-            size_of::<ObjAttr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// BPF_OBJ_GET_INFO_BY_FD into `info` (the head of a `bpf_*_info` struct: the kernel fills only
-/// what fits).
-fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let mut attr = InfoAttr {
-        // A valid fd is non-negative.
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<T>() as u32,
-        info: std::ptr::from_mut(info) as u64,
-    };
-    // SAFETY: `attr` points at `info`, writable for `info_len` bytes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            std::ptr::from_mut(&mut attr),
-            size_of::<InfoAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The shape of a map fd (the head of `struct bpf_map_info`).
