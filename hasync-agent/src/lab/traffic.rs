@@ -114,12 +114,40 @@ pub struct ServerStats {
     pub errors: AtomicU64,
 }
 
+/// A traffic thread and its stop flag: stopped and joined when dropped.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Worker {
+    fn new(stop: Arc<AtomicBool>, thread: JoinHandle<Result<()>>) -> Worker {
+        Worker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Raises the stop flag and waits for the thread.
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// A TCP or UDP echo server running in a namespace; stopped on drop.
 pub struct EchoServer {
     addr: SocketAddr,
     stats: Arc<ServerStats>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
+    worker: Worker,
 }
 
 impl EchoServer {
@@ -134,20 +162,7 @@ impl EchoServer {
 
     /// Stops it and waits for its threads.
     pub fn stop(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.halt();
+        self.worker.halt();
     }
 }
 
@@ -228,8 +243,7 @@ pub fn tcp_echo_server(ns: &str, addr: SocketAddr, bounds: Bounds) -> Result<Ech
     Ok(EchoServer {
         addr,
         stats,
-        stop,
-        thread: Some(thread),
+        worker: Worker::new(stop, thread),
     })
 }
 
@@ -303,8 +317,7 @@ pub fn udp_echo_server(ns: &str, addr: SocketAddr, bounds: Bounds) -> Result<Ech
     Ok(EchoServer {
         addr,
         stats,
-        stop,
-        thread: Some(thread),
+        worker: Worker::new(stop, thread),
     })
 }
 
@@ -351,8 +364,7 @@ impl Progress {
 /// A client running in a namespace; stopped on drop.
 pub struct TrafficClient {
     progress: Arc<Mutex<Progress>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<()>>>,
+    worker: Worker,
 }
 
 impl TrafficClient {
@@ -389,21 +401,8 @@ impl TrafficClient {
 
     /// Stops it, waits for its thread, and returns its final progress.
     pub fn stop(mut self) -> Progress {
-        self.halt();
+        self.worker.halt();
         self.progress()
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TrafficClient {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 
@@ -472,8 +471,7 @@ pub fn tcp_client(ns: &str, server: SocketAddr, opts: TcpClientOptions) -> Resul
     )?;
     Ok(TrafficClient {
         progress,
-        stop,
-        thread: Some(thread),
+        worker: Worker::new(stop, thread),
     })
 }
 
@@ -577,8 +575,7 @@ pub fn udp_client(ns: &str, server: SocketAddr, opts: UdpClientOptions) -> Resul
     )?;
     Ok(TrafficClient {
         progress,
-        stop,
-        thread: Some(thread),
+        worker: Worker::new(stop, thread),
     })
 }
 
