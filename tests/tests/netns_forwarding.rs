@@ -451,6 +451,22 @@ fn warm_up(fwd: &Forwarder) -> Result<()> {
     udp_exchange(&fwd.cli, CLI4.parse()?, &fwd.srv, sa(SRV4, 7)).map(drop)
 }
 
+/// Waits until counter `c` moved by at least `n` since `before`; returns the delta then.
+fn wait_counter(
+    fwd: &Forwarder,
+    before: hasync_common::Counters,
+    c: Counter,
+    n: u64,
+) -> Option<CounterDelta> {
+    wait_for(IO_TIMEOUT, || {
+        let d = CounterDelta {
+            before,
+            after: fwd.counters().ok()?,
+        };
+        (d.get(c) >= n).then_some(d)
+    })
+}
+
 #[test]
 fn strict_policy_drops_mid_stream_tcp_of_an_unknown_flow() {
     let run = || -> Result<()> {
@@ -458,14 +474,8 @@ fn strict_policy_drops_mid_stream_tcp_of_an_unknown_flow() {
         warm_up(&fwd)?;
         let before = fwd.counters()?;
         let key = send_stray_ack(&fwd, sa(CLI4, 41000), sa(SRV4, 8081))?;
-        let delta = wait_for(IO_TIMEOUT, || {
-            let d = CounterDelta {
-                before,
-                after: fwd.counters().ok()?,
-            };
-            (d.get(Counter::DropNoSession) >= 1).then_some(d)
-        })
-        .context("drop-no-session never moved")?;
+        let delta = wait_counter(&fwd, before, Counter::DropNoSession, 1)
+            .context("drop-no-session never moved")?;
         // Anything else in flight would have shown by now.
         std::thread::sleep(Duration::from_millis(200));
         let delta = CounterDelta {
@@ -491,14 +501,8 @@ fn loose_policy_passes_mid_stream_tcp_of_an_unknown_flow() {
         let before = fwd.counters()?;
         let key = send_stray_ack(&fwd, sa(CLI4, 41000), sa(SRV4, 8081))?;
         // The ACK reaches the server, whose stack answers with a RST: both pass untracked.
-        let delta = wait_for(IO_TIMEOUT, || {
-            let d = CounterDelta {
-                before,
-                after: fwd.counters().ok()?,
-            };
-            (d.get(Counter::PassNoSessionLoose) >= 2).then_some(d)
-        })
-        .context("the stray ack and the server's rst did not both pass")?;
+        let delta = wait_counter(&fwd, before, Counter::PassNoSessionLoose, 2)
+            .context("the stray ack and the server's rst did not both pass")?;
         ensure!(delta.get(Counter::Creates) == 0, "{delta}");
         ensure!(
             fwd.session(&key)?.is_none(),
