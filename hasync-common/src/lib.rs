@@ -10,6 +10,7 @@ pub mod counters;
 pub mod event;
 pub mod flow;
 pub mod ids;
+pub mod install;
 pub mod maps;
 pub mod member;
 pub mod session;
@@ -19,6 +20,7 @@ pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
 pub use flow::{Family, FlowKey};
 pub use ids::{MemberId, ZoneId};
+pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord};
 pub use member::MemberEntry;
 pub use session::{Session, SessionFlags, State, STATE_COUNT};
 
@@ -44,4 +46,6 @@ mod pod {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for MemberEntry {}
     unsafe impl aya::Pod for ZoneId {}
+    unsafe impl aya::Pod for InstallRecord {}
+    unsafe impl aya::Pod for InstallHeader {}
 }

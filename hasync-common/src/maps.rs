@@ -14,6 +14,9 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const EVENTS: &str = "EVENTS";
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
+/// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never
+/// attached; see `crate::install`).
+pub const INSTALL_PROGRAM: &str = "hasync_install";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;

@@ -2,6 +2,7 @@
 //! program (`bin/fastpath-bench.rs`) run exactly the same code.
 #![no_std]
 
+pub mod install;
 pub mod maps;
 pub mod parse;
 pub mod session;

@@ -1,11 +1,20 @@
-//! The hasync XDP program: entry point only; the logic lives in the library modules.
+//! The hasync XDP programs: entry points only; the logic lives in the library modules.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use hasync_ebpf::session::{process, NoMix};
+use hasync_ebpf::{
+    install,
+    session::{process, NoMix},
+};
 
 #[xdp]
 pub fn hasync(ctx: XdpContext) -> u32 {
     process::<NoMix>(&ctx)
+}
+
+/// Installs peers' sessions: run by the agent with BPF_PROG_TEST_RUN, never attached.
+#[xdp]
+pub fn hasync_install(ctx: XdpContext) -> u32 {
+    install::run(&ctx)
 }

@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod batch;
 pub mod events;
+pub mod install;
 pub mod pin;
 pub mod sweep;
 #[cfg(test)]
@@ -19,7 +20,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
-    maps as names, Counters, DatapathConfig, FlowKey, MemberEntry, MemberId, Session, ZoneId,
+    maps as names, Counters, DatapathConfig, FlowKey, InstallOutcome, InstallRecord, MemberEntry,
+    MemberId, Session, ZoneId,
 };
 
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
@@ -49,6 +51,8 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("the install program refused a batch of {records} records (verdict {verdict})")]
+    InstallRejected { records: usize, verdict: u32 },
     #[error("member id {0} is out of range 1–16")]
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
@@ -240,11 +244,11 @@ impl Datapath {
             pins,
         };
         dp.set_config(&opts.config)?;
-        let prog = dp.program_mut()?;
-        prog.load().map_err(|source| DatapathError::Program {
-            name: names::PROGRAM,
-            source,
-        })?;
+        for name in [names::PROGRAM, names::INSTALL_PROGRAM] {
+            dp.xdp_mut(name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
         Ok(dp)
     }
 
@@ -275,25 +279,45 @@ impl Datapath {
 
     /// The XDP program (for attaching and BPF_PROG_TEST_RUN).
     pub fn program(&self) -> Result<&Xdp, DatapathError> {
-        let prog = self
-            .ebpf
-            .program(names::PROGRAM)
-            .ok_or(DatapathError::NoProgram(names::PROGRAM))?;
-        prog.try_into().map_err(|source| DatapathError::Program {
-            name: names::PROGRAM,
-            source,
-        })
+        self.xdp(names::PROGRAM)
     }
 
     pub fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
+        self.xdp_mut(names::PROGRAM)
+    }
+
+    fn xdp(&self, name: &'static str) -> Result<&Xdp, DatapathError> {
         let prog = self
             .ebpf
-            .program_mut(names::PROGRAM)
-            .ok_or(DatapathError::NoProgram(names::PROGRAM))?;
-        prog.try_into().map_err(|source| DatapathError::Program {
-            name: names::PROGRAM,
-            source,
-        })
+            .program(name)
+            .ok_or(DatapathError::NoProgram(name))?;
+        prog.try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::NoProgram(name))?;
+        prog.try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Applies peers' records to the session table with the install program (see
+    /// [`install`]): each against the local copy by the conflict rule, in the kernel.
+    pub fn install(
+        &mut self,
+        records: &[InstallRecord],
+        reconciling: MemberId,
+        now_ns: u64,
+    ) -> Result<InstallOutcome, DatapathError> {
+        install::run(
+            self.xdp(names::INSTALL_PROGRAM)?,
+            records,
+            reconciling,
+            now_ns,
+        )
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {

@@ -1,9 +1,9 @@
-//! Installing what a peer sent: zone translation, conflict resolution by (version, owner), and
-//! the batch writes to the session table.
+//! Installing what a peer sent: zone translation, then the install program, which resolves
+//! each record against the local copy by (version, owner) in the kernel.
 
 use std::collections::HashMap;
 
-use hasync_common::{FlowKey, MemberId, Session, SessionFlags, ZoneId};
+use hasync_common::{InstallOp, InstallRecord, MemberId, Session, SessionFlags, ZoneId};
 
 use super::wire::{Op, Record};
 use crate::datapath::{Datapath, DatapathError};
@@ -51,12 +51,12 @@ impl ZoneMap {
     }
 }
 
-/// What to do with one record, given what the table holds.
+/// What the agent decides about one record before the table is consulted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    Install(Session),
-    Delete,
-    /// Ours is as new or newer (or another owner's): keep it.
+    /// For the install program, which resolves it against the local copy.
+    Forward(InstallRecord),
+    /// The record names this member as owner and this member's table is the authority.
     Keep,
     /// The record is for a zone we do not have.
     RefuseZone,
@@ -74,36 +74,35 @@ pub struct Installer {
     pub reconciling: Option<MemberId>,
 }
 
-/// Conflict rule: the higher (version, owner) wins; a delete applies only to a session still
-/// held by the member that sent it; a record naming this member as owner is kept out unless
-/// this member's table started empty.
-pub fn decide(
-    rec: &Record,
-    existing: Option<&Session>,
-    zones: &ZoneMap,
-    now_ns: u64,
-    who: &Installer,
-) -> Decision {
+/// The part of the conflict rule that needs no local copy: a record naming this member as
+/// owner is kept out unless this member's table started empty; an upsert for a zone we lack
+/// is refused; anything else goes to the install program with the zone and clock made local.
+/// (The rest, by (version, owner), is `hasync_common::install::resolve`, run in the kernel.)
+pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> Decision {
     if rec.owner == who.local && !who.fresh_table {
         return Decision::Keep;
     }
-    match rec.op {
-        Op::Delete => match existing {
-            Some(s) if s.owner == rec.owner => Decision::Delete,
-            _ => Decision::Keep,
-        },
+    let (op, session) = match rec.op {
+        Op::Delete => (
+            InstallOp::Delete,
+            Session {
+                owner: rec.owner,
+                ..Session::default()
+            },
+        ),
         Op::Upsert => {
             let Some(zone) = zones.translate(rec.zone) else {
                 return Decision::RefuseZone;
             };
-            if let Some(s) = existing {
-                if (s.version, s.owner) >= (rec.version, rec.owner) {
-                    return Decision::Keep;
-                }
-            }
-            Decision::Install(rec.to_session(now_ns, zone))
+            (InstallOp::Upsert, rec.to_session(now_ns, zone))
         }
-    }
+    };
+    Decision::Forward(InstallRecord {
+        key: rec.key,
+        session,
+        op: op as u8,
+        _pad: [0; 7],
+    })
 }
 
 /// Outcome of installing one frame.
@@ -115,8 +114,7 @@ pub struct Installed {
     pub refused_zone: u64,
 }
 
-/// Applies `records` from a peer to the session table with one batch update and one batch
-/// delete.
+/// Applies `records` from a peer to the session table through the install program.
 ///
 /// During a full sync from `who.reconciling` (the sender, authoritative for its own sessions), a
 /// replica of one of its sessions that is kept as it is gets marked as seen (its node-local
@@ -130,38 +128,19 @@ pub fn apply(
     who: &Installer,
 ) -> Result<Installed, DatapathError> {
     let mut out = Installed::default();
-    let mut upserts: Vec<(FlowKey, Session)> = Vec::with_capacity(records.len());
-    let mut deletes = Vec::new();
-    let mut marked = 0;
+    let mut batch = Vec::with_capacity(records.len());
     for rec in records {
-        let existing = dp.session(&rec.key)?;
-        match decide(rec, existing.as_ref(), zones, now_ns, who) {
-            Decision::Install(s) => upserts.push((rec.key, s)),
-            Decision::Delete => deletes.push(rec.key),
-            Decision::Keep => {
-                out.kept += 1;
-                if let (Some(owner), Some(s)) = (who.reconciling, existing) {
-                    if s.owner == owner && rec.owner == owner {
-                        upserts.push((
-                            rec.key,
-                            Session {
-                                last_event_ns: now_ns,
-                                ..s
-                            },
-                        ));
-                        marked += 1;
-                    }
-                }
-            }
+        match decide(rec, zones, now_ns, who) {
+            Decision::Forward(r) => batch.push(r),
+            Decision::Keep => out.kept += 1,
             Decision::RefuseZone => out.refused_zone += 1,
         }
     }
-    if !upserts.is_empty() {
-        dp.insert_sessions(&upserts)?;
-        out.installed = (upserts.len() - marked) as u64;
-    }
-    if !deletes.is_empty() {
-        out.deleted = dp.delete_sessions(&deletes)? as u64;
+    if !batch.is_empty() {
+        let done = dp.install(&batch, who.reconciling.unwrap_or(MemberId::NONE), now_ns)?;
+        out.installed += u64::from(done.installed);
+        out.deleted += u64::from(done.deleted);
+        out.kept += u64::from(done.kept);
     }
     Ok(out)
 }
@@ -194,7 +173,7 @@ pub fn remove_unseen(
 
 #[cfg(test)]
 mod tests {
-    use hasync_common::{flow::IPPROTO_TCP, Family, MemberId, SessionFlags, State};
+    use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, SessionFlags, State};
 
     use super::*;
 
@@ -239,79 +218,120 @@ mod tests {
         assert_eq!(z.missing(&names(&["untrust", "dmz", "trust"])), vec!["dmz"]);
     }
 
-    /// A row: the record, what the table holds, a check of the decision, the row's name.
-    type Row<'a> = (
-        Record,
-        Option<Session>,
-        &'a dyn Fn(&Decision) -> bool,
-        &'a str,
-    );
+    /// A row: the record, what the table holds, what the table holds after, the row's name.
+    type Row<'a> = (Record, Option<Session>, Option<(u32, u8)>, &'a str);
 
+    /// The whole conflict rule, through the install program in the kernel.
     #[test]
     fn conflicts_resolve_by_version_then_owner() {
+        let mut dp = crate::datapath::testing::datapath();
         let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
-        let installs = |d: &Decision| matches!(d, Decision::Install(_));
         let rows: &[Row] = &[
-            (rec(Op::Upsert, 1, 1, 1), None, &installs, "new session"),
+            (rec(Op::Upsert, 1, 1, 1), None, Some((1, 1)), "new session"),
             (
                 rec(Op::Upsert, 5, 1, 1),
                 Some(held(4, 1)),
-                &installs,
+                Some((5, 1)),
                 "newer version",
             ),
             (
                 rec(Op::Upsert, 4, 1, 1),
                 Some(held(4, 1)),
-                &|d| *d == Decision::Keep,
+                Some((4, 1)),
                 "same version",
             ),
             (
                 rec(Op::Upsert, 3, 1, 1),
                 Some(held(4, 1)),
-                &|d| *d == Decision::Keep,
+                Some((4, 1)),
                 "older version",
             ),
             (
                 rec(Op::Upsert, 4, 2, 1),
                 Some(held(4, 1)),
-                &installs,
+                Some((4, 2)),
                 "tie: higher owner wins",
             ),
             (
                 rec(Op::Upsert, 4, 1, 1),
                 Some(held(4, 2)),
-                &|d| *d == Decision::Keep,
+                Some((4, 2)),
                 "tie: lower owner loses",
             ),
-            (
-                rec(Op::Upsert, 9, 1, 2),
-                None,
-                &|d| *d == Decision::RefuseZone,
-                "unknown zone",
-            ),
+            (rec(Op::Upsert, 9, 1, 2), None, None, "unknown zone"),
             (
                 rec(Op::Delete, 0, 1, 0),
                 Some(held(4, 1)),
-                &|d| *d == Decision::Delete,
+                None,
                 "owner deletes",
             ),
             (
                 rec(Op::Delete, 0, 1, 0),
                 Some(held(5, 2)),
-                &|d| *d == Decision::Keep,
+                Some((5, 2)),
                 "taken over meanwhile",
             ),
-            (
-                rec(Op::Delete, 0, 1, 0),
-                None,
-                &|d| *d == Decision::Keep,
-                "already gone",
-            ),
+            (rec(Op::Delete, 0, 1, 0), None, None, "already gone"),
         ];
-        for (r, existing, ok, name) in rows {
-            let d = decide(r, existing.as_ref(), &z, 1_000_000_000, &member(9, false));
-            assert!(ok(&d), "{name}: got {d:?}");
+        for (r, existing, after, name) in rows {
+            dp.delete_sessions(&[r.key]).expect("clear");
+            if let Some(s) = existing {
+                dp.insert_sessions(&[(r.key, *s)]).expect("insert");
+            }
+            let done = apply(
+                &mut dp,
+                std::slice::from_ref(r),
+                &z,
+                1_000_000_000,
+                &member(9, false),
+            )
+            .expect("apply");
+            let held = dp
+                .session(&r.key)
+                .expect("lookup")
+                .map(|s| (s.version, s.owner.0));
+            assert_eq!(held, *after, "{name}: {done:?}");
+            let changed = held != existing.map(|s| (s.version, s.owner.0));
+            assert_eq!(
+                done.installed + done.deleted,
+                u64::from(changed),
+                "{name}: counted as a change exactly when the table changed: {done:?}"
+            );
+            assert_eq!(
+                done.installed + done.deleted + done.kept + done.refused_zone,
+                1,
+                "{name}"
+            );
         }
+    }
+
+    /// Batches longer than one program run are split and every record is applied.
+    #[test]
+    fn a_frame_larger_than_one_run_is_installed_whole() {
+        let mut dp = crate::datapath::testing::datapath();
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let n = hasync_common::install::INSTALL_BATCH * 3 + 7;
+        let records: Vec<Record> = (0..n)
+            .map(|i| {
+                let key = FlowKey::canonical(
+                    Family::V4,
+                    IPPROTO_TCP,
+                    [10, 0, i as u32, 0],
+                    1000,
+                    [2, 0, 0, 0],
+                    2,
+                )
+                .0;
+                let mut r = rec(Op::Upsert, 1, 2, 1);
+                r.key = key;
+                r
+            })
+            .collect();
+        let done = apply(&mut dp, &records, &z, 1, &member(1, false)).expect("apply");
+        assert_eq!(done.installed, n as u64);
+        assert!(records
+            .iter()
+            .all(|r| dp.session(&r.key).expect("lookup").is_some()));
     }
 
     fn member(id: u8, fresh_table: bool) -> Installer {
@@ -327,22 +347,16 @@ mod tests {
         let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
         let mine = rec(Op::Upsert, 5, 1, 1);
         assert_eq!(
-            decide(&mine, None, &z, 0, &member(1, false)),
+            decide(&mine, &z, 0, &member(1, false)),
             Decision::Keep,
             "our table is the authority"
         );
         assert!(
-            matches!(
-                decide(&mine, None, &z, 0, &member(1, true)),
-                Decision::Install(_)
-            ),
+            matches!(decide(&mine, &z, 0, &member(1, true)), Decision::Forward(_)),
             "recovering an empty table"
         );
         let delete = rec(Op::Delete, 0, 1, 0);
-        assert_eq!(
-            decide(&delete, Some(&held(4, 1)), &z, 0, &member(1, false)),
-            Decision::Keep
-        );
+        assert_eq!(decide(&delete, &z, 0, &member(1, false)), Decision::Keep);
     }
 
     #[test]
@@ -398,9 +412,8 @@ mod tests {
     #[test]
     fn installed_sessions_are_marked_from_peer_with_local_zone() {
         let z = ZoneMap::new(&names(&["a", "b"]), &names(&["b", "a"]));
-        let Decision::Install(s) = decide(
+        let Decision::Forward(InstallRecord { session: s, .. }) = decide(
             &rec(Op::Upsert, 2, 3, 1),
-            None,
             &z,
             5_000_000_000,
             &member(9, false),

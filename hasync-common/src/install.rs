@@ -1,0 +1,206 @@
+//! Installing sessions received from peers.
+//!
+//! The agent hands records to the `hasync_install` program as BPF_PROG_TEST_RUN data: an
+//! [`InstallHeader`] followed by up to [`INSTALL_BATCH`] [`InstallRecord`]s. For each record the
+//! program looks the key up, applies [`resolve`] against the local copy and writes the outcome
+//! to the table, then writes what it did back into the header. Deciding in the kernel, next to
+//! the table, costs one hash walk per record instead of a lookup syscall plus a write, and
+//! leaves no window between reading the local copy and replacing it.
+//!
+//! What does not depend on the local copy (zones, records naming this member) is decided by
+//! the agent before a record gets here.
+
+use crate::{ids::MemberId, session::Session, FlowKey};
+
+/// What a record asks for.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallOp {
+    /// Install or update the session.
+    Upsert = 1,
+    /// The sender no longer holds the session.
+    Delete = 2,
+}
+
+/// One record for the install program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstallRecord {
+    pub key: FlowKey,
+    /// The session as it would be installed (zone and clock already local). For a delete,
+    /// only `owner` counts: the member that no longer holds it.
+    pub session: Session,
+    /// An [`InstallOp`] as `u8`.
+    pub op: u8,
+    pub _pad: [u8; 7],
+}
+crate::assert_size!(InstallRecord, 120);
+
+/// The batch header: what the agent says, then what the program did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstallHeader {
+    /// Records that follow.
+    pub count: u32,
+    /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
+    /// kept as they are get marked as seen (see [`Resolution::Mark`]).
+    pub reconciling: MemberId,
+    pub _pad: [u8; 3],
+    /// Now, on the session clock (the mark).
+    pub now_ns: u64,
+    /// Written by the program.
+    pub outcome: InstallOutcome,
+}
+crate::assert_size!(InstallHeader, 32);
+
+/// What the program did with a batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InstallOutcome {
+    /// Sessions inserted or replaced.
+    pub installed: u32,
+    pub deleted: u32,
+    /// Records that lost to the local copy (including deletes of sessions not held by the
+    /// sender, and marks).
+    pub kept: u32,
+    /// Kept replicas marked as seen by a full sync.
+    pub marked: u32,
+}
+crate::assert_size!(InstallOutcome, 16);
+
+impl InstallOutcome {
+    pub fn add(&mut self, o: &InstallOutcome) {
+        self.installed += o.installed;
+        self.deleted += o.deleted;
+        self.kept += o.kept;
+        self.marked += o.marked;
+    }
+}
+
+/// Bytes of test-run data the install program takes: what fits the linear part of one page
+/// beside the kernel's XDP headroom and shared info, with room to spare.
+pub const INSTALL_MAX_BYTES: usize = 3072;
+/// Records per install program run.
+pub const INSTALL_BATCH: usize = (INSTALL_MAX_BYTES - core::mem::size_of::<InstallHeader>())
+    / core::mem::size_of::<InstallRecord>();
+const _: () = assert!(INSTALL_BATCH >= 16);
+
+/// What to do with one record, given the local copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Not held here: insert it.
+    Insert,
+    /// The record wins over the local copy: replace it.
+    Replace,
+    /// Remove the local copy.
+    Delete,
+    /// The local copy stays.
+    Keep,
+    /// The local copy stays and is marked as seen by the running full sync from its owner
+    /// (its node-local `last_event_ns` set to now), so the end of that full sync does not
+    /// remove it.
+    Mark,
+}
+
+/// The conflict rule: the higher (version, owner) wins; a delete applies only to a session
+/// still held by the member that sent it. `reconciling` is the member whose full sync is
+/// running, or [`MemberId::NONE`].
+#[inline(always)]
+pub fn resolve(
+    op: u8,
+    incoming: &Session,
+    existing: Option<&Session>,
+    reconciling: MemberId,
+) -> Resolution {
+    let Some(s) = existing else {
+        return if op == InstallOp::Upsert as u8 {
+            Resolution::Insert
+        } else {
+            Resolution::Keep
+        };
+    };
+    if op == InstallOp::Delete as u8 {
+        return if s.owner.0 == incoming.owner.0 {
+            Resolution::Delete
+        } else {
+            Resolution::Keep
+        };
+    }
+    if (s.version, s.owner.0) >= (incoming.version, incoming.owner.0) {
+        if reconciling.0 != 0 && s.owner.0 == reconciling.0 && incoming.owner.0 == reconciling.0 {
+            return Resolution::Mark;
+        }
+        return Resolution::Keep;
+    }
+    Resolution::Replace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(version: u32, owner: u8) -> Session {
+        Session {
+            version,
+            owner: MemberId(owner),
+            ..Session::default()
+        }
+    }
+
+    const UP: u8 = InstallOp::Upsert as u8;
+    const DEL: u8 = InstallOp::Delete as u8;
+
+    #[test]
+    fn higher_version_then_higher_owner_wins() {
+        let none = MemberId::NONE;
+        assert_eq!(resolve(UP, &s(3, 2), None, none), Resolution::Insert);
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(2, 3)), none),
+            Resolution::Replace
+        );
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(3, 1)), none),
+            Resolution::Replace
+        );
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(3, 2)), none),
+            Resolution::Keep
+        );
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(3, 3)), none),
+            Resolution::Keep
+        );
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(4, 1)), none),
+            Resolution::Keep
+        );
+    }
+
+    #[test]
+    fn a_delete_applies_only_to_the_senders_session() {
+        let none = MemberId::NONE;
+        assert_eq!(resolve(DEL, &s(0, 2), None, none), Resolution::Keep);
+        assert_eq!(
+            resolve(DEL, &s(0, 2), Some(&s(9, 2)), none),
+            Resolution::Delete
+        );
+        assert_eq!(
+            resolve(DEL, &s(0, 2), Some(&s(1, 3)), none),
+            Resolution::Keep
+        );
+    }
+
+    #[test]
+    fn a_full_sync_marks_the_senders_replicas_it_keeps() {
+        let two = MemberId(2);
+        assert_eq!(resolve(UP, &s(3, 2), Some(&s(3, 2)), two), Resolution::Mark);
+        // Someone else's copy, or a record for someone else: not the sender's replica.
+        assert_eq!(resolve(UP, &s(3, 2), Some(&s(4, 3)), two), Resolution::Keep);
+        assert_eq!(resolve(UP, &s(3, 3), Some(&s(3, 3)), two), Resolution::Keep);
+        // A newer record is installed (which marks it too: it is fresh).
+        assert_eq!(
+            resolve(UP, &s(4, 2), Some(&s(3, 2)), two),
+            Resolution::Replace
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The install program's logic: applies a batch of peers' records to the session table (see
+//! `hasync_common::install` for the batch layout and the conflict rule).
+
+use core::mem::{size_of, MaybeUninit};
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_EXIST, BPF_NOEXIST},
+    helpers::generated::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    programs::XdpContext,
+};
+use hasync_common::{
+    install::{resolve, Resolution, INSTALL_BATCH},
+    InstallHeader, InstallOutcome, InstallRecord,
+};
+
+use crate::maps::SESSIONS;
+
+/// Copies a `T` out of the test-run data at `offset`.
+#[inline(always)]
+fn load<T>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let mut v = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper checks `offset + size` against the data and fills all of `v` or
+    // fails; `T` is plain data, valid for any bytes.
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: filled by the helper above.
+    Some(unsafe { v.assume_init() })
+}
+
+/// Runs the batch in the test-run data; the outcome goes back into its header. Returns
+/// XDP_PASS when the batch was read, XDP_ABORTED when it was malformed.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let Some(mut header) = load::<InstallHeader>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let count = header.count as usize;
+    if count > INSTALL_BATCH {
+        return xdp_action::XDP_ABORTED;
+    }
+    let mut out = InstallOutcome::default();
+    for i in 0..INSTALL_BATCH {
+        if i >= count {
+            break;
+        }
+        let offset = size_of::<InstallHeader>() + i * size_of::<InstallRecord>();
+        let Some(rec) = load::<InstallRecord>(ctx, offset) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        apply(&rec, &header, &mut out);
+    }
+    header.outcome = out;
+    // SAFETY: writes the header back over the first bytes of the data (read above, so there).
+    let rc = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            0,
+            (&mut header as *mut InstallHeader).cast(),
+            size_of::<InstallHeader>() as u32,
+        )
+    };
+    if rc != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Applies one record. An insert that races a session the fast path just created is resolved
+/// again against it.
+#[inline(always)]
+fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
+    for _attempt in 0..2 {
+        let existing = SESSIONS.get_ptr_mut(rec.key);
+        // SAFETY: the value stays valid for the program's run.
+        let local = existing.map(|p| unsafe { &*p });
+        match resolve(rec.op, &rec.session, local, h.reconciling) {
+            Resolution::Insert => {
+                if SESSIONS
+                    .insert(rec.key, rec.session, BPF_NOEXIST as u64)
+                    .is_ok()
+                {
+                    out.installed += 1;
+                    return;
+                }
+                // Created meanwhile (or the table is full): look again.
+            }
+            Resolution::Replace => {
+                // A whole-value replace, never a write in place: the fast path may be reading
+                // the session on another CPU.
+                if SESSIONS
+                    .insert(rec.key, rec.session, BPF_EXIST as u64)
+                    .is_ok()
+                {
+                    out.installed += 1;
+                    return;
+                }
+            }
+            Resolution::Delete => {
+                if SESSIONS.remove(rec.key).is_ok() {
+                    out.deleted += 1;
+                } else {
+                    out.kept += 1;
+                }
+                return;
+            }
+            Resolution::Keep => {
+                out.kept += 1;
+                return;
+            }
+            Resolution::Mark => {
+                if let Some(p) = existing {
+                    // SAFETY: as above; `last_event_ns` is node-local and only this member's
+                    // agent and fast path write it.
+                    unsafe { (*p).last_event_ns = h.now_ns };
+                }
+                out.kept += 1;
+                out.marked += 1;
+                return;
+            }
+        }
+    }
+    // Twice raced, or the table refused the entry: the local copy stays.
+    out.kept += 1;
+}
