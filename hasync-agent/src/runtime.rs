@@ -266,26 +266,27 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         .counters()
         .map(|c| c.get(Counter::RingbufFull))
         .unwrap_or(0);
+    let mut owned = Vec::new();
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             _ = interrupt.recv() => { info!(signal = "SIGINT", "stopping"); break Ok(()); }
             _ = terminate.recv() => { info!(signal = "SIGTERM", "stopping"); break Ok(()); }
             batch = events.next_batch() => {
-                for event in &batch {
-                    if event.session.owner == local {
-                        member.engine.enqueue(event.key);
-                    }
-                }
+                owned.clear();
+                owned.extend(batch.iter().filter(|e| e.session.owner == local).map(|e| e.key));
+                member.engine.enqueue(&owned);
                 member.engine.flush();
             }
             _ = sweep_tick.tick() => {
                 let engine = member.engine.clone();
                 let swept = tokio::task::block_in_place(|| {
                     lock(&member.dp).sweep_step(&mut sweep, SWEEP_BUDGET, |removed: &[Removed]| {
+                        let mut gone = Vec::new();
                         for r in removed.iter().filter(|r| r.session.owner == local) {
                             log.write_removed(r, &member.config);
-                            engine.enqueue(r.key);
+                            gone.push(r.key);
                         }
+                        engine.enqueue(&gone);
                     })
                 });
                 match swept {
@@ -388,12 +389,16 @@ fn apply_membership(member: &Member) {
 fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {
+        let mut owned = Vec::new();
         lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |k, v| {
-            for (key, s) in k.iter().zip(v) {
-                if s.owner == local {
-                    member.engine.enqueue(*key);
-                }
-            }
+            owned.clear();
+            owned.extend(
+                k.iter()
+                    .zip(v)
+                    .filter(|(_, s)| s.owner == local)
+                    .map(|(k, _)| *k),
+            );
+            member.engine.enqueue(&owned);
         })
     });
     if let Err(e) = walked {

@@ -273,15 +273,18 @@ impl Engine {
         tasks
     }
 
-    /// A locally owned session changed (or was removed): queue it for every syncing peer.
-    pub fn enqueue(&self, key: FlowKey) {
-        if !self.inner.cfg.local_session_sync {
+    /// Locally owned sessions changed (or were removed): queue them for every syncing peer.
+    pub fn enqueue(&self, keys: &[FlowKey]) {
+        if !self.inner.cfg.local_session_sync || keys.is_empty() {
             return;
         }
         let now = Instant::now();
         for peer in self.inner.peers.values() {
             if peer.cfg.session_sync && peer.cfg.enabled {
-                peer.lock().outbox.enqueue(key, now);
+                let mut g = peer.lock();
+                for key in keys {
+                    g.outbox.enqueue(*key, now);
+                }
             }
         }
     }

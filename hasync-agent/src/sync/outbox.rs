@@ -11,6 +11,9 @@ use std::{
     time::Instant,
 };
 
+/// Keys come from traffic: a seeded hasher (not SipHash: this is the agent's hottest path).
+type KeySet = HashSet<FlowKey, foldhash::quality::RandomState>;
+
 use hasync_common::FlowKey;
 
 /// A frame sent and not yet acknowledged.
@@ -25,7 +28,7 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Outbox {
     pending: VecDeque<(FlowKey, Instant)>,
-    queued: HashSet<FlowKey>,
+    queued: KeySet,
     capacity: usize,
     overflowed: bool,
     in_flight: VecDeque<InFlight>,
@@ -39,7 +42,7 @@ impl Outbox {
     pub fn new(capacity: usize, max_in_flight: usize) -> Self {
         Outbox {
             pending: VecDeque::new(),
-            queued: HashSet::new(),
+            queued: KeySet::default(),
             capacity,
             overflowed: false,
             in_flight: VecDeque::new(),
@@ -50,10 +53,13 @@ impl Outbox {
 
     /// Queues `key` unless it is already queued (its latest state will be sent either way).
     pub fn enqueue(&mut self, key: FlowKey, now: Instant) {
-        if self.overflowed || self.queued.contains(&key) {
+        if self.overflowed {
             return;
         }
         if self.queued.len() >= self.capacity {
+            if self.queued.contains(&key) {
+                return;
+            }
             // Too far behind to track sessions one by one: a full sync replaces the queue.
             self.overflowed = true;
             self.pending.clear();
@@ -61,8 +67,9 @@ impl Outbox {
             self.release_memory();
             return;
         }
-        self.queued.insert(key);
-        self.pending.push_back((key, now));
+        if self.queued.insert(key) {
+            self.pending.push_back((key, now));
+        }
     }
 
     pub fn pending(&self) -> usize {
