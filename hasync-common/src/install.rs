@@ -9,6 +9,10 @@
 //!
 //! What does not depend on the local copy (zones, records naming this member) is decided by
 //! the agent before a record gets here.
+//!
+//! The sending side reads sessions the same way: a [`ReadHeader`] and up to [`READ_BATCH`]
+//! [`ReadSlot`]s holding keys, which the `hasync_read` program fills with the sessions' current
+//! state: one program run per batch instead of one lookup syscall per session.
 
 use crate::{ids::MemberId, session::Session, FlowKey};
 
@@ -84,6 +88,32 @@ pub const INSTALL_MAX_BYTES: usize = 3072;
 pub const INSTALL_BATCH: usize = (INSTALL_MAX_BYTES - core::mem::size_of::<InstallHeader>())
     / core::mem::size_of::<InstallRecord>();
 const _: () = assert!(INSTALL_BATCH >= 16);
+
+/// The header of a read batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadHeader {
+    /// Slots that follow.
+    pub count: u32,
+    /// Written by the program: slots found in the table.
+    pub found: u32,
+}
+crate::assert_size!(ReadHeader, 8);
+
+/// One key to read; the program fills `session` and sets `found` when the table holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadSlot {
+    pub key: FlowKey,
+    pub session: Session,
+    pub found: u8,
+    pub _pad: [u8; 7],
+}
+crate::assert_size!(ReadSlot, 120);
+
+/// Slots per read program run.
+pub const READ_BATCH: usize =
+    (INSTALL_MAX_BYTES - core::mem::size_of::<ReadHeader>()) / core::mem::size_of::<ReadSlot>();
 
 /// What to do with one record, given the local copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,6 +17,8 @@ pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never
 /// attached; see `crate::install`).
 pub const INSTALL_PROGRAM: &str = "hasync_install";
+/// Name of the program that reads sessions for the sender (run like the install program).
+pub const READ_PROGRAM: &str = "hasync_read";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;

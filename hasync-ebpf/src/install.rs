@@ -1,5 +1,6 @@
-//! The install program's logic: applies a batch of peers' records to the session table (see
-//! `hasync_common::install` for the batch layout and the conflict rule).
+//! The install and read programs' logic: applies a batch of peers' records to the session
+//! table, and reads a batch of sessions for the sender (see `hasync_common::install` for the
+//! batch layouts and the conflict rule).
 
 use core::mem::{size_of, MaybeUninit};
 
@@ -9,8 +10,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use hasync_common::{
-    install::{resolve, Resolution, INSTALL_BATCH},
-    InstallHeader, InstallOutcome, InstallRecord,
+    install::{resolve, Resolution, INSTALL_BATCH, READ_BATCH},
+    InstallHeader, InstallOutcome, InstallRecord, ReadHeader, ReadSlot,
 };
 
 use crate::maps::SESSIONS;
@@ -36,6 +37,60 @@ fn load<T>(ctx: &XdpContext, offset: usize) -> Option<T> {
     Some(unsafe { v.assume_init() })
 }
 
+/// Writes `v` over the test-run data at `offset` (which holds a `T` already).
+#[inline(always)]
+fn store<T>(ctx: &XdpContext, offset: usize, v: &mut T) -> bool {
+    // SAFETY: the helper checks `offset + size` against the data and copies from `v`.
+    let rc = unsafe {
+        bpf_xdp_store_bytes(
+            ctx.ctx,
+            offset as u32,
+            (v as *mut T).cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    rc == 0
+}
+
+/// Fills the read batch in the test-run data with the sessions the table holds. Returns
+/// XDP_PASS when the batch was read, XDP_ABORTED when it was malformed.
+#[inline(always)]
+pub fn read(ctx: &XdpContext) -> u32 {
+    let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let count = header.count as usize;
+    if count > READ_BATCH {
+        return xdp_action::XDP_ABORTED;
+    }
+    let mut found = 0;
+    for i in 0..READ_BATCH {
+        if i >= count {
+            break;
+        }
+        let offset = size_of::<ReadHeader>() + i * size_of::<ReadSlot>();
+        let Some(mut slot) = load::<ReadSlot>(ctx, offset) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        let Some(s) = SESSIONS.get_ptr_mut(slot.key) else {
+            continue;
+        };
+        // SAFETY: the value stays valid for the program's run; a concurrent update on another
+        // CPU can at worst make this copy a mix of two states, as any reader of the map sees.
+        slot.session = unsafe { *s };
+        slot.found = 1;
+        found += 1;
+        if !store(ctx, offset, &mut slot) {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    header.found = found;
+    if !store(ctx, 0, &mut header) {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
+}
+
 /// Runs the batch in the test-run data; the outcome goes back into its header. Returns
 /// XDP_PASS when the batch was read, XDP_ABORTED when it was malformed.
 #[inline(always)]
@@ -59,16 +114,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
         apply(&rec, &header, &mut out);
     }
     header.outcome = out;
-    // SAFETY: writes the header back over the first bytes of the data (read above, so there).
-    let rc = unsafe {
-        bpf_xdp_store_bytes(
-            ctx.ctx,
-            0,
-            (&mut header as *mut InstallHeader).cast(),
-            size_of::<InstallHeader>() as u32,
-        )
-    };
-    if rc != 0 {
+    if !store(ctx, 0, &mut header) {
         return xdp_action::XDP_ABORTED;
     }
     xdp_action::XDP_PASS

@@ -18,3 +18,9 @@ pub fn hasync(ctx: XdpContext) -> u32 {
 pub fn hasync_install(ctx: XdpContext) -> u32 {
     install::run(&ctx)
 }
+
+/// Reads sessions for the sync sender: run by the agent with BPF_PROG_TEST_RUN, never attached.
+#[xdp]
+pub fn hasync_read(ctx: XdpContext) -> u32 {
+    install::read(&ctx)
+}

@@ -1,13 +1,14 @@
-//! Runs the install program (`hasync_install`) over peers' records: one BPF_PROG_TEST_RUN per
-//! [`INSTALL_BATCH`] records, each applied in the kernel by the conflict rule of
-//! `hasync_common::install`.
+//! Runs the batch programs over the session table: `hasync_install` over peers' records and
+//! `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per batch (see
+//! `hasync_common::install`).
 
 use std::mem::size_of;
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
-    install::{INSTALL_BATCH, INSTALL_MAX_BYTES},
-    InstallHeader, InstallOutcome, InstallRecord, MemberId,
+    install::{INSTALL_BATCH, INSTALL_MAX_BYTES, READ_BATCH},
+    maps as names, FlowKey, InstallHeader, InstallOutcome, InstallRecord, MemberId, ReadHeader,
+    ReadSlot, Session,
 };
 
 use super::DatapathError;
@@ -21,17 +22,71 @@ fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
-/// Applies `records` with `prog`; `reconciling` is the member whose full sync is running (or
-/// [`MemberId::NONE`]), `now_ns` the session clock's now.
-pub fn run(
+/// The `T` at `offset` of `data`, or `None` past its end.
+fn read_at<T: aya::Pod>(data: &[u8], offset: usize) -> Option<T> {
+    let bytes = data.get(offset..offset.checked_add(size_of::<T>())?)?;
+    // SAFETY: `bytes` holds `size_of::<T>()` bytes and any bytes are a valid `T: Pod`.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// Reusable buffers for one program run's data.
+struct Run {
+    data: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Run {
+    fn new() -> Self {
+        Run {
+            data: Vec::with_capacity(INSTALL_MAX_BYTES),
+            out: vec![0; INSTALL_MAX_BYTES],
+        }
+    }
+
+    /// Runs `prog` (named `name`) once over `header` followed by `items`; returns the data as
+    /// the program left it.
+    fn once<H: aya::Pod, T: aya::Pod>(
+        &mut self,
+        prog: &Xdp,
+        name: &'static str,
+        header: &H,
+        items: &[T],
+    ) -> Result<&[u8], DatapathError> {
+        self.data.clear();
+        self.data.extend_from_slice(bytes_of(header));
+        for item in items {
+            self.data.extend_from_slice(bytes_of(item));
+        }
+        let opts = TestRunOptions {
+            data_in: Some(&self.data),
+            data_out: Some(&mut self.out),
+            ..TestRunOptions::default()
+        };
+        let result = prog
+            .test_run(opts)
+            .map_err(|source| DatapathError::Program { name, source })?;
+        let size = (result.data_size_out as usize).min(self.out.len());
+        if result.return_value != DONE || size < self.data.len() {
+            return Err(DatapathError::BatchRejected {
+                program: name,
+                items: items.len(),
+                verdict: result.return_value,
+            });
+        }
+        Ok(&self.out[..size])
+    }
+}
+
+/// Applies `records` with the install program; `reconciling` is the member whose full sync is
+/// running (or [`MemberId::NONE`]), `now_ns` the session clock's now.
+pub fn install(
     prog: &Xdp,
     records: &[InstallRecord],
     reconciling: MemberId,
     now_ns: u64,
 ) -> Result<InstallOutcome, DatapathError> {
     let mut total = InstallOutcome::default();
-    let mut data = Vec::with_capacity(INSTALL_MAX_BYTES);
-    let mut out = vec![0u8; INSTALL_MAX_BYTES];
+    let mut run = Run::new();
     for part in records.chunks(INSTALL_BATCH) {
         let header = InstallHeader {
             // At most INSTALL_BATCH: fits.
@@ -40,34 +95,106 @@ pub fn run(
             now_ns,
             ..InstallHeader::default()
         };
-        data.clear();
-        data.extend_from_slice(bytes_of(&header));
-        for r in part {
-            data.extend_from_slice(bytes_of(r));
-        }
-        let opts = TestRunOptions {
-            data_in: Some(&data),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        };
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DatapathError::Program {
-                name: hasync_common::maps::INSTALL_PROGRAM,
-                source,
-            })?;
-        if result.return_value != DONE
-            || (result.data_size_out as usize) < size_of::<InstallHeader>()
-        {
-            return Err(DatapathError::InstallRejected {
-                records: part.len(),
-                verdict: result.return_value,
-            });
-        }
-        // SAFETY: `out` holds at least a header's bytes (checked above), written by the
-        // program from a header; any bytes are a valid `InstallHeader`.
-        let done: InstallHeader = unsafe { std::ptr::read_unaligned(out.as_ptr().cast()) };
+        let out = run.once(prog, names::INSTALL_PROGRAM, &header, part)?;
+        let done: InstallHeader = read_at(out, 0).unwrap_or_default();
         total.add(&done.outcome);
     }
     Ok(total)
+}
+
+/// Reads the sessions of `keys` with the read program into `out` (cleared first), in order:
+/// `None` for a key the table does not hold.
+pub fn read(
+    prog: &Xdp,
+    keys: &[FlowKey],
+    out: &mut Vec<Option<Session>>,
+) -> Result<(), DatapathError> {
+    out.clear();
+    let mut run = Run::new();
+    let mut slots = Vec::with_capacity(READ_BATCH);
+    for part in keys.chunks(READ_BATCH) {
+        slots.clear();
+        slots.extend(part.iter().map(|key| ReadSlot {
+            key: *key,
+            ..ReadSlot::default()
+        }));
+        let header = ReadHeader {
+            // At most READ_BATCH: fits.
+            count: part.len() as u32,
+            found: 0,
+        };
+        let data = run.once(prog, names::READ_PROGRAM, &header, &slots)?;
+        for i in 0..part.len() {
+            let slot: Option<ReadSlot> =
+                read_at(data, size_of::<ReadHeader>() + i * size_of::<ReadSlot>());
+            out.push(slot.filter(|s| s.found != 0).map(|s| s.session));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use hasync_common::{flow::IPPROTO_UDP, Family, MemberId, Session};
+
+    use super::*;
+    use crate::datapath::testing::datapath;
+
+    fn key(i: u32) -> FlowKey {
+        FlowKey::canonical(Family::V4, IPPROTO_UDP, [10, 0, i, 0], 1, [2, 0, 0, 0], 2).0
+    }
+
+    /// Keys present and absent, over several program runs, come back in order, each with
+    /// exactly what a single lookup sees.
+    #[test]
+    fn read_returns_each_keys_session_in_order() {
+        let mut dp = datapath();
+        let n = READ_BATCH as u32 * 2 + 3;
+        let held: Vec<(FlowKey, Session)> = (0..n)
+            .filter(|i| i % 3 != 0)
+            .map(|i| {
+                let s = Session {
+                    version: i + 1,
+                    owner: MemberId(2),
+                    packets: [u64::from(i), 7],
+                    ..Session::default()
+                };
+                (key(i), s)
+            })
+            .collect();
+        dp.insert_sessions(&held).expect("insert");
+        let keys: Vec<FlowKey> = (0..n).map(key).collect();
+        let mut out = Vec::new();
+        dp.read_sessions(&keys, &mut out).expect("read");
+        assert_eq!(out.len(), keys.len());
+        for (i, (k, got)) in keys.iter().zip(&out).enumerate() {
+            assert_eq!(*got, dp.session(k).expect("lookup"), "key {i}");
+            assert_eq!(got.is_some(), i % 3 != 0, "key {i}");
+        }
+    }
+
+    /// A header claiming more records than a run takes is refused, and nothing is installed.
+    #[test]
+    fn an_oversized_batch_is_refused() {
+        let dp = datapath();
+        let prog = dp.xdp(names::INSTALL_PROGRAM).expect("program");
+        let header = InstallHeader {
+            count: INSTALL_BATCH as u32 + 1,
+            ..InstallHeader::default()
+        };
+        let rec = InstallRecord {
+            key: key(1),
+            session: Session::default(),
+            op: hasync_common::InstallOp::Upsert as u8,
+            _pad: [0; 7],
+        };
+        let err = Run::new()
+            .once(prog, names::INSTALL_PROGRAM, &header, &[rec])
+            .expect_err("refused");
+        assert!(
+            matches!(err, DatapathError::BatchRejected { verdict: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(dp.session(&key(1)).expect("lookup"), None);
+    }
 }

@@ -51,8 +51,12 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("the install program refused a batch of {records} records (verdict {verdict})")]
-    InstallRejected { records: usize, verdict: u32 },
+    #[error("program `{program}` refused a batch of {items} (verdict {verdict})")]
+    BatchRejected {
+        program: &'static str,
+        items: usize,
+        verdict: u32,
+    },
     #[error("member id {0} is out of range 1–16")]
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
@@ -244,7 +248,7 @@ impl Datapath {
             pins,
         };
         dp.set_config(&opts.config)?;
-        for name in [names::PROGRAM, names::INSTALL_PROGRAM] {
+        for name in [names::PROGRAM, names::INSTALL_PROGRAM, names::READ_PROGRAM] {
             dp.xdp_mut(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -312,12 +316,22 @@ impl Datapath {
         reconciling: MemberId,
         now_ns: u64,
     ) -> Result<InstallOutcome, DatapathError> {
-        install::run(
+        install::install(
             self.xdp(names::INSTALL_PROGRAM)?,
             records,
             reconciling,
             now_ns,
         )
+    }
+
+    /// The sessions of `keys`, in order (`None` where the table has none), read by the read
+    /// program a batch per run: for many keys, far cheaper than [`Datapath::session`] each.
+    pub fn read_sessions(
+        &self,
+        keys: &[FlowKey],
+        out: &mut Vec<Option<Session>>,
+    ) -> Result<(), DatapathError> {
+        install::read(self.xdp(names::READ_PROGRAM)?, keys, out)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {

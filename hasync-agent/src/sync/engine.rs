@@ -880,20 +880,21 @@ impl Engine {
     fn records_for(&self, keys: &[FlowKey]) -> Vec<Record> {
         let local = self.inner.cfg.local;
         let now = monotonic_ns();
-        tokio::task::block_in_place(|| {
-            let dp = lock(&self.inner.dp);
-            keys.iter()
-                .filter_map(|key| match dp.session(key) {
-                    Ok(Some(s)) if s.owner == local => Some(Record::upsert(*key, &s, now)),
-                    Ok(Some(_)) => None,
-                    Ok(None) => Some(Record::delete(*key, local, 0)),
-                    Err(e) => {
-                        warn!(error = %crate::datapath::error_chain(&e), "reading a session to sync failed");
-                        None
-                    }
-                })
-                .collect()
-        })
+        let mut sessions = Vec::with_capacity(keys.len());
+        let read =
+            tokio::task::block_in_place(|| lock(&self.inner.dp).read_sessions(keys, &mut sessions));
+        if let Err(e) = read {
+            warn!(error = %crate::datapath::error_chain(&e), "reading sessions to sync failed");
+            return Vec::new();
+        }
+        keys.iter()
+            .zip(sessions)
+            .filter_map(|(key, s)| match s {
+                Some(s) if s.owner == local => Some(Record::upsert(*key, &s, now)),
+                Some(_) => None,
+                None => Some(Record::delete(*key, local, 0)),
+            })
+            .collect()
     }
 
     /// Sends the whole session table to `peer`, a chunk at a time.
