@@ -401,7 +401,8 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let caps = unit_capabilities();
     assert_eq!(caps, ["bpf", "net_admin", "perfmon"]);
     let prefix = test_prefix("cap-").expect("prefix");
-    let topo = Topology::create(&prefix, 1).expect("create the lab");
+    // fw2 joins at the end, to sync with fw1 under the same restrictions.
+    let topo = Topology::create(&prefix, 2).expect("create the lab");
     // The agent as systemd runs it: root, no new privileges, a bounding set of $CAPS only.
     let scripts = std::env::temp_dir().join(format!("hasync-caps-{}", std::process::id()));
     std::fs::create_dir_all(&scripts).expect("script dir");
@@ -416,13 +417,14 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     .expect("write wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let lab = LabCluster::new(topo, &wrapper, ClusterOptions::default()).expect("lab");
-    let run_with = |granted: &[&String]| {
+    let run_member_with = |k: u8, granted: &[&String]| {
         let set: String = granted.iter().map(|c| format!(",+{c}")).collect();
-        lab.start_agent_with(1, |cmd| {
+        lab.start_agent_with(k, |cmd| {
             cmd.env("CAPS", &set);
         })
         .expect("start")
     };
+    let run_with = |granted: &[&String]| run_member_with(1, granted);
 
     // All of them: it runs, pins and attaches, with nothing more in its effective set.
     let all: Vec<&String> = caps.iter().collect();
@@ -469,6 +471,30 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     lab.wait_ready(1, READY)
         .unwrap_or_else(|e| fail(&lab, &format!("restart with {caps:?}: {e}")));
     assert!(lab.log_tail(1, 20).contains("restarted=true"));
+
+    // Sync works within them too: fw1 reads the sessions it sends with its read program, fw2
+    // installs them with its install program (both BPF_PROG_TEST_RUN).
+    run_member_with(2, &all);
+    lab.wait_ready(2, READY)
+        .unwrap_or_else(|e| fail(&lab, &format!("fw2 with {caps:?}: {e}")));
+    let _server = tcp_echo_server(
+        lab.topology().server(),
+        (SERVER_V4, PORT).into(),
+        Bounds::new(2, Duration::from_secs(60)),
+    )
+    .expect("echo server");
+    let _client = client(&lab);
+    wait_for(Duration::from_secs(20), || {
+        tcp_sessions(&lab, 2)
+            .ok()
+            .filter(|s| s.iter().any(|v| v.owner == 1))
+    })
+    .unwrap_or_else(|| {
+        fail(
+            &lab,
+            "fw1's session never reached fw2 with the unit's capabilities",
+        )
+    });
     drop(lab);
     let _ = std::fs::remove_dir_all(&scripts);
 }
