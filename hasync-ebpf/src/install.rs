@@ -52,72 +52,90 @@ fn store<T>(ctx: &XdpContext, offset: usize, v: &mut T) -> bool {
     rc == 0
 }
 
-/// Fills the read batch in the test-run data with the sessions the table holds. Returns
-/// XDP_PASS when the batch was read, XDP_ABORTED when it was malformed.
+/// Calls `f` with the offset and a copy of each of the `count` items `T` that follow the
+/// header `H` (at most `max`). False when the batch is malformed or `f` says so.
+#[inline(always)]
+fn each_item<H, T>(
+    ctx: &XdpContext,
+    count: usize,
+    max: usize,
+    mut f: impl FnMut(usize, T) -> bool,
+) -> bool {
+    if count > max {
+        return false;
+    }
+    for i in 0..max {
+        if i >= count {
+            break;
+        }
+        let offset = size_of::<H>() + i * size_of::<T>();
+        let Some(item) = load::<T>(ctx, offset) else {
+            return false;
+        };
+        if !f(offset, item) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Writes `header` back and returns the verdict: XDP_PASS when the batch was done whole,
+/// XDP_ABORTED when it was malformed.
+#[inline(always)]
+fn finish<H>(ctx: &XdpContext, done: bool, header: &mut H) -> u32 {
+    if done && store(ctx, 0, header) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_ABORTED
+    }
+}
+
+/// Fills the read batch in the test-run data with the sessions the table holds.
 #[inline(always)]
 pub fn read(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let count = header.count as usize;
-    if count > READ_BATCH {
-        return xdp_action::XDP_ABORTED;
-    }
     let mut found = 0;
-    for i in 0..READ_BATCH {
-        if i >= count {
-            break;
-        }
-        let offset = size_of::<ReadHeader>() + i * size_of::<ReadSlot>();
-        let Some(mut slot) = load::<ReadSlot>(ctx, offset) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        let Some(s) = SESSIONS.get_ptr_mut(slot.key) else {
-            continue;
-        };
-        // SAFETY: the value stays valid for the program's run; a concurrent update on another
-        // CPU can at worst make this copy a mix of two states, as any reader of the map sees.
-        slot.session = unsafe { *s };
-        slot.found = 1;
-        found += 1;
-        if !store(ctx, offset, &mut slot) {
-            return xdp_action::XDP_ABORTED;
-        }
-    }
+    let done = each_item::<ReadHeader, ReadSlot>(
+        ctx,
+        header.count as usize,
+        READ_BATCH,
+        |offset, mut slot| {
+            let Some(s) = SESSIONS.get_ptr_mut(slot.key) else {
+                return true;
+            };
+            // SAFETY: the value stays valid for the program's run; a concurrent update on
+            // another CPU can at worst make this copy a mix of two states, as any reader of
+            // the map sees.
+            slot.session = unsafe { *s };
+            slot.found = 1;
+            found += 1;
+            store(ctx, offset, &mut slot)
+        },
+    );
     header.found = found;
-    if !store(ctx, 0, &mut header) {
-        return xdp_action::XDP_ABORTED;
-    }
-    xdp_action::XDP_PASS
+    finish(ctx, done, &mut header)
 }
 
-/// Runs the batch in the test-run data; the outcome goes back into its header. Returns
-/// XDP_PASS when the batch was read, XDP_ABORTED when it was malformed.
+/// Applies the install batch in the test-run data; the outcome goes back into its header.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<InstallHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let count = header.count as usize;
-    if count > INSTALL_BATCH {
-        return xdp_action::XDP_ABORTED;
-    }
     let mut out = InstallOutcome::default();
-    for i in 0..INSTALL_BATCH {
-        if i >= count {
-            break;
-        }
-        let offset = size_of::<InstallHeader>() + i * size_of::<InstallRecord>();
-        let Some(rec) = load::<InstallRecord>(ctx, offset) else {
-            return xdp_action::XDP_ABORTED;
-        };
-        apply(&rec, &header, &mut out);
-    }
+    let done = each_item::<InstallHeader, InstallRecord>(
+        ctx,
+        header.count as usize,
+        INSTALL_BATCH,
+        |_, rec| {
+            apply(&rec, &header, &mut out);
+            true
+        },
+    );
     header.outcome = out;
-    if !store(ctx, 0, &mut header) {
-        return xdp_action::XDP_ABORTED;
-    }
-    xdp_action::XDP_PASS
+    finish(ctx, done, &mut header)
 }
 
 /// Applies one record. An insert that races a session the fast path just created is resolved
@@ -129,23 +147,16 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
         // SAFETY: the value stays valid for the program's run.
         let local = existing.map(|p| unsafe { &*p });
         match resolve(rec.op, &rec.session, local, h.reconciling) {
-            Resolution::Insert => {
-                if SESSIONS
-                    .insert(rec.key, rec.session, BPF_NOEXIST as u64)
-                    .is_ok()
-                {
-                    out.installed += 1;
-                    return;
-                }
-                // Created meanwhile (or the table is full): look again.
-            }
-            Resolution::Replace => {
-                // A whole-value replace, never a write in place: the fast path may be reading
-                // the session on another CPU.
-                if SESSIONS
-                    .insert(rec.key, rec.session, BPF_EXIST as u64)
-                    .is_ok()
-                {
+            how @ (Resolution::Insert | Resolution::Replace) => {
+                // Only if still absent (insert) or still there (replace); otherwise the fast
+                // path changed it meanwhile: look again. A replace is a whole-value update,
+                // never a write in place: the fast path may be reading it on another CPU.
+                let flag = if how == Resolution::Insert {
+                    BPF_NOEXIST
+                } else {
+                    BPF_EXIST
+                };
+                if SESSIONS.insert(rec.key, rec.session, flag as u64).is_ok() {
                     out.installed += 1;
                     return;
                 }
