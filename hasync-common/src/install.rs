@@ -81,7 +81,7 @@ impl InstallOutcome {
     }
 }
 
-/// Bytes of test-run data the install program takes: what fits the linear part of one page
+/// Bytes of test-run data a batch program takes: what fits the linear part of one page
 /// beside the kernel's XDP headroom and shared info, with room to spare.
 pub const INSTALL_MAX_BYTES: usize = 3072;
 /// Records per install program run.

@@ -37,7 +37,7 @@ use super::{
 };
 use crate::{
     cluster::{LinkState, MemberState, Membership},
-    datapath::{batch::BatchCursor, monotonic_ns, Datapath},
+    datapath::{batch::BatchCursor, monotonic_ns, Datapath, DatapathError},
 };
 
 /// Pending keys per peer before the outbox falls back to a full sync.
@@ -841,7 +841,16 @@ impl Engine {
                     }
                     g.outbox.take(MAX_RECORDS_PER_FRAME)
                 };
-                let records = self.records_for(&keys);
+                let records = match self.records_for(&keys) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The keys are out of the queue: a full sync carries them instead.
+                        warn!(peer = peer.cfg.id.0, error = %crate::datapath::error_chain(&e), "reading sessions to sync failed; a full sync follows");
+                        peer.lock().bulk_wanted = true;
+                        peer.wake.notify_one();
+                        return Ok(());
+                    }
+                };
                 let seq = {
                     let mut g = peer.lock();
                     let seq = g.outbox.next_seq();
@@ -877,24 +886,20 @@ impl Engine {
 
     /// Records for queued keys, with each session's current state. Sessions no longer ours are
     /// skipped; sessions gone from the table are announced as deleted.
-    fn records_for(&self, keys: &[FlowKey]) -> Vec<Record> {
+    fn records_for(&self, keys: &[FlowKey]) -> Result<Vec<Record>, DatapathError> {
         let local = self.inner.cfg.local;
         let now = monotonic_ns();
         let mut sessions = Vec::with_capacity(keys.len());
-        let read =
-            tokio::task::block_in_place(|| lock(&self.inner.dp).read_sessions(keys, &mut sessions));
-        if let Err(e) = read {
-            warn!(error = %crate::datapath::error_chain(&e), "reading sessions to sync failed");
-            return Vec::new();
-        }
-        keys.iter()
+        tokio::task::block_in_place(|| lock(&self.inner.dp).read_sessions(keys, &mut sessions))?;
+        Ok(keys
+            .iter()
             .zip(sessions)
             .filter_map(|(key, s)| match s {
                 Some(s) if s.owner == local => Some(Record::upsert(*key, &s, now)),
                 Some(_) => None,
                 None => Some(Record::delete(*key, local, 0)),
             })
-            .collect()
+            .collect())
     }
 
     /// Sends the whole session table to `peer`, a chunk at a time.
