@@ -31,9 +31,7 @@ pub fn decode(record: &[u8]) -> Option<Event> {
     if record.len() != size_of::<Event>() {
         return None;
     }
-    // SAFETY: `record` holds exactly size_of::<Event>() bytes, and `Event` is plain data for
-    // which any bytes are a valid value; the read is unaligned-safe.
-    let event: Event = unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<Event>()) };
+    let event: Event = super::pod::read_at(record, 0)?;
     EventKind::from_u8(event.kind)?;
     Some(event)
 }
@@ -203,11 +201,7 @@ mod tests {
     }
 
     fn bytes(e: &Event) -> Vec<u8> {
-        // SAFETY: `Event` is plain data with no padding; viewing it as bytes is sound.
-        unsafe {
-            std::slice::from_raw_parts(std::ptr::from_ref(e).cast::<u8>(), size_of::<Event>())
-        }
-        .to_vec()
+        crate::datapath::pod::bytes_of(e).to_vec()
     }
 
     #[test]

@@ -11,23 +11,13 @@ use hasync_common::{
     ReadSlot, Session,
 };
 
-use super::DatapathError;
+use super::{
+    pod::{bytes_of, read_at},
+    DatapathError,
+};
 
 /// XDP_PASS: the program read the whole batch.
 const DONE: u32 = 2;
-
-/// The bytes of a plain-data shared type.
-fn bytes_of<T: aya::Pod>(v: &T) -> &[u8] {
-    // SAFETY: `T: Pod` has no padding and no invalid bit patterns; the slice borrows `v`.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-/// The `T` at `offset` of `data`, or `None` past its end.
-fn read_at<T: aya::Pod>(data: &[u8], offset: usize) -> Option<T> {
-    let bytes = data.get(offset..offset.checked_add(size_of::<T>())?)?;
-    // SAFETY: `bytes` holds `size_of::<T>()` bytes and any bytes are a valid `T: Pod`.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
-}
 
 /// Reusable buffers for one program run's data.
 struct Run {

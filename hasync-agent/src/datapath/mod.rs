@@ -8,6 +8,7 @@ pub mod batch;
 pub mod events;
 pub mod install;
 pub mod pin;
+pub mod pod;
 pub mod sweep;
 #[cfg(test)]
 pub(crate) mod testing;
