@@ -65,10 +65,9 @@ pub struct InstallOutcome {
     pub installed: u32,
     pub deleted: u32,
     /// Records that lost to the local copy (including deletes of sessions not held by the
-    /// sender, and marks).
+    /// sender, and replicas marked as seen by a full sync).
     pub kept: u32,
-    /// Kept replicas marked as seen by a full sync.
-    pub marked: u32,
+    pub _pad: u32,
 }
 crate::assert_size!(InstallOutcome, 16);
 
@@ -77,7 +76,6 @@ impl InstallOutcome {
         self.installed += o.installed;
         self.deleted += o.deleted;
         self.kept += o.kept;
-        self.marked += o.marked;
     }
 }
 

@@ -180,7 +180,6 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
                     unsafe { (*p).last_event_ns = h.now_ns };
                 }
                 out.kept += 1;
-                out.marked += 1;
                 return;
             }
         }
