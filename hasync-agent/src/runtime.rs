@@ -17,8 +17,11 @@ use tracing::{info, warn};
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK},
+    datapath::{
+        batch::BatchCursor, error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK,
+    },
     sync::{
+        backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
         wire::LinkKind,
     },
@@ -32,6 +35,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: u64 = 8192;
 /// How often liveness and the local state are evaluated.
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
+/// The shortest and longest wait between two re-announcements after lost events.
+const REANNOUNCE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 /// A starting member waits this long for peers to connect before deciding it is alone.
 const DISCOVERY: Duration = Duration::from_secs(2);
 
@@ -267,6 +272,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         .map(|c| c.get(Counter::RingbufFull))
         .unwrap_or(0);
     let mut owned = Vec::new();
+    let mut reannounce_backoff = Backoff::new(REANNOUNCE_BACKOFF.0, REANNOUNCE_BACKOFF.1);
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             _ = interrupt.recv() => { info!(signal = "SIGINT", "stopping"); break Ok(()); }
@@ -299,9 +305,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                     Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
                 }
                 member.engine.flush();
-                // Events lost to a full ring buffer: announce every owned session again.
+                // Events lost to a full ring buffer: announce every owned session again, at
+                // most once per backoff step (losses meanwhile wait for the next).
                 let lost = lock(&member.dp).counters().map(|c| c.get(Counter::RingbufFull)).unwrap_or(lost_events);
-                if lost != lost_events {
+                if lost != lost_events && reannounce_backoff.try_start(Instant::now()) {
                     warn!(lost = lost - lost_events, "datapath events were lost; re-announcing owned sessions");
                     lost_events = lost;
                     reannounce(&member);
@@ -385,21 +392,32 @@ fn apply_membership(member: &Member) {
 }
 
 /// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
-/// too many).
+/// too many, which each peer's full-sync backoff then paces). The table is read a chunk per
+/// hold of the datapath lock, so installs and the fast path's event reader go on meanwhile.
 fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {
-        let mut owned = Vec::new();
-        lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |k, v| {
+        let mut cursor = BatchCursor::new();
+        let (mut keys, mut values, mut owned) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let more = lock(&member.dp).session_chunk(
+                &mut cursor,
+                &mut keys,
+                &mut values,
+                DEFAULT_CHUNK,
+            )?;
             owned.clear();
             owned.extend(
-                k.iter()
-                    .zip(v)
+                keys.iter()
+                    .zip(&values)
                     .filter(|(_, s)| s.owner == local)
                     .map(|(k, _)| *k),
             );
             member.engine.enqueue(&owned);
-        })
+            if !more {
+                return Ok::<(), crate::datapath::DatapathError>(());
+            }
+        }
     });
     if let Err(e) = walked {
         warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");

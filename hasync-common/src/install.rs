@@ -130,9 +130,40 @@ pub enum Resolution {
     Mark,
 }
 
-/// The conflict rule: the higher (version, owner) wins; a delete applies only to a session
-/// still held by the member that sent it. `reconciling` is the member whose full sync is
-/// running, or [`MemberId::NONE`].
+/// How much later than the local copy was last seen a record's session must have been created
+/// to count as a new flow on the same 5-tuple, whatever the versions say (the clocks are both
+/// local here; the margin covers transmission and millisecond rounding).
+pub const RECREATED_AFTER_NS: u64 = 1_000_000_000;
+
+/// Is version `a` later than `b` in serial-number arithmetic (RFC 1982): the versions of one
+/// session keep increasing and wrap, so `u32::MAX` is older than 1, not newer than everything.
+#[inline(always)]
+pub const fn version_after(a: u32, b: u32) -> bool {
+    a != b && (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Does `a` win over `b`? A session created after the other was last seen is a new flow on
+/// the same 5-tuple and wins; otherwise the later version (serial arithmetic), then the higher
+/// owner id.
+#[inline(always)]
+pub fn newer(a: &Session, b: &Session) -> bool {
+    if a.created_ns > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
+        return true;
+    }
+    if b.created_ns > a.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
+        return false;
+    }
+    if a.version == b.version {
+        a.owner.0 > b.owner.0
+    } else {
+        version_after(a.version, b.version)
+    }
+}
+
+/// The conflict rule: the newer session wins ([`newer`]); a delete applies only to a session
+/// still held by the member that sent it, and not to a later version of it (a delete's
+/// version 0 means "whatever version the sender had"). `reconciling` is the member whose
+/// full sync is running, or [`MemberId::NONE`].
 #[inline(always)]
 pub fn resolve(
     op: u8,
@@ -148,19 +179,20 @@ pub fn resolve(
         };
     };
     if op == InstallOp::Delete as u8 {
-        return if s.owner.0 == incoming.owner.0 {
+        let stale = incoming.version != 0 && version_after(s.version, incoming.version);
+        return if s.owner.0 == incoming.owner.0 && !stale {
             Resolution::Delete
         } else {
             Resolution::Keep
         };
     }
-    if (s.version, s.owner.0) >= (incoming.version, incoming.owner.0) {
-        if reconciling.0 != 0 && s.owner.0 == reconciling.0 && incoming.owner.0 == reconciling.0 {
-            return Resolution::Mark;
-        }
-        return Resolution::Keep;
+    if newer(incoming, s) {
+        return Resolution::Replace;
     }
-    Resolution::Replace
+    if reconciling.0 != 0 && s.owner.0 == reconciling.0 && incoming.owner.0 == reconciling.0 {
+        return Resolution::Mark;
+    }
+    Resolution::Keep
 }
 
 #[cfg(test)]
@@ -215,6 +247,73 @@ mod tests {
         assert_eq!(
             resolve(DEL, &s(0, 2), Some(&s(1, 3)), none),
             Resolution::Keep
+        );
+    }
+
+    #[test]
+    fn versions_compare_with_wrap_around() {
+        let none = MemberId::NONE;
+        // u32::MAX does not win every later conflict: 1 came after it.
+        assert_eq!(
+            resolve(UP, &s(1, 2), Some(&s(u32::MAX, 2)), none),
+            Resolution::Replace
+        );
+        assert_eq!(
+            resolve(UP, &s(u32::MAX, 2), Some(&s(1, 2)), none),
+            Resolution::Keep
+        );
+        // A version half the space ahead is not "newer" forever either.
+        assert!(version_after(5, 3));
+        assert!(!version_after(3, 5));
+        assert!(!version_after(7, 7));
+        assert!(version_after(0x8000_0000, 1));
+        assert!(!version_after(0x8000_0001, 1));
+    }
+
+    #[test]
+    fn a_recreated_flow_is_newer_than_the_expired_copy() {
+        let none = MemberId::NONE;
+        let sec = 1_000_000_000u64;
+        let old = Session {
+            created_ns: 10 * sec,
+            last_seen_ns: 20 * sec,
+            ..s(500, 2)
+        };
+        let recreated = Session {
+            created_ns: 60 * sec,
+            last_seen_ns: 61 * sec,
+            ..s(1, 3)
+        };
+        assert_eq!(
+            resolve(UP, &recreated, Some(&old), none),
+            Resolution::Replace
+        );
+        assert_eq!(resolve(UP, &old, Some(&recreated), none), Resolution::Keep);
+        // Overlapping lifetimes: the versions decide.
+        let overlapping = Session {
+            created_ns: 20 * sec,
+            ..recreated
+        };
+        assert_eq!(
+            resolve(UP, &overlapping, Some(&old), none),
+            Resolution::Keep
+        );
+    }
+
+    #[test]
+    fn a_delete_does_not_remove_a_later_version() {
+        let none = MemberId::NONE;
+        assert_eq!(
+            resolve(DEL, &s(4, 2), Some(&s(5, 2)), none),
+            Resolution::Keep
+        );
+        assert_eq!(
+            resolve(DEL, &s(5, 2), Some(&s(5, 2)), none),
+            Resolution::Delete
+        );
+        assert_eq!(
+            resolve(DEL, &s(0, 2), Some(&s(5, 2)), none),
+            Resolution::Delete
         );
     }
 

@@ -261,7 +261,11 @@ impl Membership {
         if !self.timers.sync_timeout.is_zero() && waited >= self.timers.sync_timeout {
             return true;
         }
-        // Every reachable peer that syncs sessions must have finished its full sync to us.
+        self.full_syncs_done()
+    }
+
+    /// Has every reachable peer that syncs sessions finished its full sync to us?
+    pub fn full_syncs_done(&self) -> bool {
         self.peers
             .values()
             .filter(|p| p.alive && p.session_sync)

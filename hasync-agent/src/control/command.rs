@@ -429,6 +429,7 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
             ">Keepalives sent",
             ">Keepalives recv",
             ">Failures",
+            ">Stalled",
         ]);
         for p in &v.peers {
             for (link, s) in &p.links {
@@ -440,6 +441,7 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
                     s.keepalives_sent.to_string(),
                     s.keepalives_received.to_string(),
                     s.failures.to_string(),
+                    s.stalls.to_string(),
                 ]);
             }
         }
@@ -454,6 +456,7 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
             ">Deleted",
             ">Kept (ours newer)",
             ">Refused (zone)",
+            ">Refused (owner)",
             ">Lag p50 (ms)",
             ">Lag p99 (ms)",
         ]);
@@ -466,6 +469,7 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
                 p.records_deleted.to_string(),
                 p.records_kept.to_string(),
                 p.records_refused_zone.to_string(),
+                p.records_refused_owner.to_string(),
                 ms(p.replication_lag.p50_ms),
                 ms(p.replication_lag.p99_ms),
             ]);

@@ -374,7 +374,7 @@ impl CountersView {
 // show cluster statistics
 
 /// Reasons a sync connection or frame is rejected, always listed (zeros included).
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 16] = [
     "bad-key",
     "wrong-cluster",
     "unknown-member",
@@ -383,6 +383,14 @@ pub const REJECT_REASONS: [&str; 8] = [
     "malformed",
     "bad-frame",
     "zone-unknown",
+    "unknown-address",
+    "pre-auth-limit",
+    "wrong-member",
+    "duplicate-link",
+    "unknown-owner",
+    "foreign-owner",
+    "stalled",
+    "install-failed",
 ];
 
 /// `show cluster statistics`: sync traffic per peer and link, full syncs, replication lag,
@@ -411,6 +419,10 @@ pub struct PeerStatisticsView {
     pub records_kept: u64,
     /// Records from the peer refused: their zone does not exist here.
     pub records_refused_zone: u64,
+    /// Records from the peer refused: it may not speak for their owner (another live
+    /// member's session outside a full sync, or an owner that is no configured member).
+    #[serde(default)]
+    pub records_refused_owner: u64,
     pub full_syncs: FullSyncsView,
     pub replication_lag: LagView,
 }
@@ -430,6 +442,9 @@ pub struct LinkStatisticsView {
     pub keepalives_received: u64,
     /// Connections lost on this link (errors, silence, interface down).
     pub failures: u64,
+    /// Of those, closed because writes to the peer made no progress (it stopped reading).
+    #[serde(default)]
+    pub stalls: u64,
 }
 
 /// Full syncs with one peer, both ways.
@@ -475,6 +490,7 @@ impl LinkStatisticsView {
             keepalives_sent,
             keepalives_received,
             failures,
+            stalls,
         } = link;
         LinkStatisticsView {
             records_sent: LinkStats::get(records_sent),
@@ -488,6 +504,7 @@ impl LinkStatisticsView {
             keepalives_sent: LinkStats::get(keepalives_sent),
             keepalives_received: LinkStats::get(keepalives_received),
             failures: LinkStats::get(failures),
+            stalls: LinkStats::get(stalls),
         }
     }
 }
@@ -522,6 +539,7 @@ impl PeerStatisticsView {
             ha4_backup,
             resends,
             refused_zone,
+            refused_owner,
             installed,
             deleted,
             kept,
@@ -549,6 +567,7 @@ impl PeerStatisticsView {
             records_deleted: LinkStats::get(deleted),
             records_kept: LinkStats::get(kept),
             records_refused_zone: LinkStats::get(refused_zone),
+            records_refused_owner: LinkStats::get(refused_owner),
             full_syncs: FullSyncsView {
                 sent: (*lock(bulk_sent)).into(),
                 received: (*lock(bulk_received)).into(),

@@ -30,8 +30,9 @@
 //! | `sync_acks_sent_total{peer, link}`, `..._received_total` | counter | acknowledgements |
 //! | `sync_keepalives_sent_total{peer, link}`, `..._received_total` | counter | keepalives |
 //! | `sync_link_failures_total{peer, link}` | counter | connections lost on the link |
+//! | `sync_link_stalls_total{peer, link}` | counter | of those, closed because writes made no progress |
 //! | `sync_resends_total{peer}` | counter | records sent again |
-//! | `sync_records_installed_total{peer}`, `_deleted_`, `_kept_`, `_refused_zone_` | counter | what became of the peer's records |
+//! | `sync_records_installed_total{peer}`, `_deleted_`, `_kept_`, `_refused_zone_`, `_refused_owner_` | counter | what became of the peer's records |
 //! | `sync_rejections_total{reason}` | counter | connections and frames refused |
 //! | `full_syncs_total{peer, direction}` | counter | full syncs completed (`sent`, `received`) |
 //! | `full_sync_running{peer, direction}` | gauge | 1 while one is under way |
@@ -453,7 +454,7 @@ impl Collector for SnapshotCollector {
             })
             .collect();
         type LinkField = fn(&crate::control::view::LinkStatisticsView) -> u64;
-        let per_link: [(&str, &str, Option<Unit>, LinkField); 11] = [
+        let per_link: [(&str, &str, Option<Unit>, LinkField); 12] = [
             ("sync_records_sent", "Session records sent.", None, |s| {
                 s.records_sent
             }),
@@ -502,6 +503,12 @@ impl Collector for SnapshotCollector {
                 None,
                 |s| s.failures,
             ),
+            (
+                "sync_link_stalls",
+                "Sync connections closed because writes to the peer made no progress.",
+                None,
+                |s| s.stalls,
+            ),
         ];
         for (name, help, unit, field) in per_link {
             counters(
@@ -514,7 +521,7 @@ impl Collector for SnapshotCollector {
         }
         let peer = |id: u8| -> Labels { vec![("peer", id.to_string())] };
         type PeerField = fn(&crate::control::view::PeerStatisticsView) -> u64;
-        let per_peer: [(&str, &str, PeerField); 5] = [
+        let per_peer: [(&str, &str, PeerField); 6] = [
             (
                 "sync_resends",
                 "Records sent again (link failure or switch, or unacknowledged).",
@@ -539,6 +546,11 @@ impl Collector for SnapshotCollector {
                 "sync_records_refused_zone",
                 "Records from the peer refused: their zone does not exist here.",
                 |p| p.records_refused_zone,
+            ),
+            (
+                "sync_records_refused_owner",
+                "Records from the peer refused: it may not speak for their owner.",
+                |p| p.records_refused_owner,
             ),
         ];
         for (name, help, field) in per_peer {

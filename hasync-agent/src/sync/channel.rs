@@ -43,6 +43,9 @@ pub enum ChannelError {
     TooLarge(usize),
     #[error("connection closed by peer")]
     Closed,
+    /// A write made no progress for this long: the peer stopped reading.
+    #[error("no write progress for {0:?}: the peer stopped reading")]
+    Stalled(std::time::Duration),
 }
 
 impl ChannelError {
@@ -53,7 +56,40 @@ impl ChannelError {
             ChannelError::BadKey(_) | ChannelError::HandshakeRefused => "bad-key",
             ChannelError::Noise(_) | ChannelError::Auth(_) => "bad-frame",
             ChannelError::Malformed(_) | ChannelError::TooLarge(_) => "malformed",
+            ChannelError::Stalled(_) => "stalled",
         }
+    }
+}
+
+/// Makes a dead peer visible to the kernel too: TCP keepalive probes after `idle` of silence,
+/// and `TCP_USER_TIMEOUT` so unacknowledged data fails the connection after `idle` rather than
+/// after the kernel's default of about 15 minutes of retransmissions.
+pub fn tune_socket(stream: &TcpStream, idle: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    stream.set_nodelay(true)?;
+    let fd = stream.as_raw_fd();
+    let secs = libc::c_int::try_from(idle.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    let ms = libc::c_uint::try_from(idle.as_millis()).unwrap_or(libc::c_uint::MAX);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
+}
+
+fn setsockopt<T: Copy>(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> std::io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(0);
+    // SAFETY: `value` lives for the call and `len` is its size; the kernel only reads it.
+    let rc = unsafe { libc::setsockopt(fd, level, name, (&raw const value).cast(), len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -180,6 +216,8 @@ fn finish(
 impl Sender {
     /// Encrypts and sends one message; returns the bytes put on the wire.
     pub async fn send(&mut self, msg: &Message) -> Result<usize, ChannelError> {
+        // Cancel-safe only between messages: a send interrupted mid-write leaves the stream
+        // unusable, and the connection is dropped (see `writer`).
         self.plain.clear();
         msg.encode(&mut self.plain)?;
         if self.plain.len() > MAX_PLAINTEXT {

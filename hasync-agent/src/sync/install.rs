@@ -60,26 +60,100 @@ pub enum Decision {
     Keep,
     /// The record is for a zone we do not have.
     RefuseZone,
+    /// The sender may not speak for the record's owner.
+    RefuseOwner(OwnerRefusal),
 }
 
-/// Who installs, and how: see [`apply`].
+/// Why a record's owner was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OwnerRefusal {
+    /// Not a configured member id (0, above 16, or not in the configuration).
+    Unknown,
+    /// Another member's session, outside a full sync or of a member alive here.
+    Foreign,
+}
+
+impl OwnerRefusal {
+    /// Reason name for counters.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            OwnerRefusal::Unknown => "unknown-owner",
+            OwnerRefusal::Foreign => "foreign-owner",
+        }
+    }
+}
+
+/// A set of member ids (1–16), as a bit mask.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemberSet(u32);
+
+impl MemberSet {
+    pub fn contains(self, id: MemberId) -> bool {
+        (1..=MemberId::MAX).contains(&id.0) && self.0 & (1 << id.0) != 0
+    }
+}
+
+impl FromIterator<MemberId> for MemberSet {
+    fn from_iter<I: IntoIterator<Item = MemberId>>(ids: I) -> Self {
+        MemberSet(
+            ids.into_iter()
+                .filter(|id| (1..=MemberId::MAX).contains(&id.0))
+                .fold(0, |m, id| m | 1 << id.0),
+        )
+    }
+}
+
+/// Who installs what from whom: see [`decide`] and [`apply`].
 #[derive(Clone, Copy, Debug)]
 pub struct Installer {
     /// This member.
     pub local: MemberId,
-    /// This member's table started empty, so it takes its own sessions back from peers.
-    /// Otherwise its table is the authority on what it owns and such records are refused.
+    /// The peer the frame came from.
+    pub sender: MemberId,
+    /// The frame belongs to a full sync from the sender.
+    pub bulk: bool,
+    /// The configured members.
+    pub members: MemberSet,
+    /// The members this one considers alive.
+    pub alive: MemberSet,
+    /// This member's table started empty, so it takes its own sessions back from peers' full
+    /// syncs. Otherwise its table is the authority on what it owns and such records are kept
+    /// out.
     pub fresh_table: bool,
     /// A full sync from this member is running (see [`apply`]).
     pub reconciling: Option<MemberId>,
 }
 
-/// The part of the conflict rule that needs no local copy: a record naming this member as
-/// owner is kept out unless this member's table started empty; an upsert for a zone we lack
-/// is refused; anything else goes to the install program with the zone and clock made local.
-/// (The rest, by (version, owner), is `hasync_common::install::resolve`, run in the kernel.)
+impl Installer {
+    /// May the sender speak for `owner`'s session? Its own, always; in a full sync, also those
+    /// of members not alive here (someone must hand them on) and, into a fresh table, ours.
+    fn owner_check(&self, owner: MemberId) -> Result<(), OwnerRefusal> {
+        if !self.members.contains(owner) {
+            return Err(OwnerRefusal::Unknown);
+        }
+        if owner == self.sender {
+            return Ok(());
+        }
+        let handed_on = self.bulk && !self.alive.contains(owner);
+        let ours_back = self.bulk && owner == self.local && self.fresh_table;
+        if handed_on || ours_back || owner == self.local {
+            Ok(())
+        } else {
+            Err(OwnerRefusal::Foreign)
+        }
+    }
+}
+
+/// The part of the conflict rule that needs no local copy: the sender must be allowed to speak
+/// for the record's owner; a record naming this member as owner is kept out unless this
+/// member's table started empty (and it comes in a full sync); an upsert for a zone we lack is
+/// refused; anything else goes to the install program with the zone and clock made local.
+/// (The rest, by version and owner, is `hasync_common::install::resolve`, run in the kernel.)
 pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> Decision {
-    if rec.owner == who.local && !who.fresh_table {
+    if let Err(why) = who.owner_check(rec.owner) {
+        return Decision::RefuseOwner(why);
+    }
+    if rec.owner == who.local && !(who.fresh_table && who.bulk) {
         return Decision::Keep;
     }
     let (op, session) = match rec.op {
@@ -87,6 +161,7 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
             InstallOp::Delete,
             Session {
                 owner: rec.owner,
+                version: rec.version,
                 ..Session::default()
             },
         ),
@@ -106,12 +181,36 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
 }
 
 /// Outcome of installing one frame.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Installed {
     pub installed: u64,
     pub deleted: u64,
     pub kept: u64,
     pub refused_zone: u64,
+    /// Refused: the sender may not speak for the owner, by reason.
+    pub refused_owner: [(OwnerRefusal, u64); 2],
+}
+
+impl Default for Installed {
+    fn default() -> Self {
+        Installed {
+            installed: 0,
+            deleted: 0,
+            kept: 0,
+            refused_zone: 0,
+            refused_owner: [(OwnerRefusal::Unknown, 0), (OwnerRefusal::Foreign, 0)],
+        }
+    }
+}
+
+impl Installed {
+    fn refuse_owner(&mut self, why: OwnerRefusal) {
+        for (reason, n) in &mut self.refused_owner {
+            if *reason == why {
+                *n += 1;
+            }
+        }
+    }
 }
 
 /// Applies `records` from a peer to the session table through the install program.
@@ -134,6 +233,7 @@ pub fn apply(
             Decision::Forward(r) => batch.push(r),
             Decision::Keep => out.kept += 1,
             Decision::RefuseZone => out.refused_zone += 1,
+            Decision::RefuseOwner(why) => out.refuse_owner(why),
         }
     }
     if !batch.is_empty() {
@@ -278,12 +378,16 @@ mod tests {
             if let Some(s) = existing {
                 dp.insert_sessions(&[(r.key, *s)]).expect("insert");
             }
+            let from_owner = Installer {
+                sender: r.owner,
+                ..member(9, false)
+            };
             let done = apply(
                 &mut dp,
                 std::slice::from_ref(r),
                 &z,
                 1_000_000_000,
-                &member(9, false),
+                &from_owner,
             )
             .expect("apply");
             let held = dp
@@ -334,12 +438,76 @@ mod tests {
             .all(|r| dp.session(&r.key).expect("lookup").is_some()));
     }
 
+    /// Member `id` receiving from member 2, every member configured and alive.
     fn member(id: u8, fresh_table: bool) -> Installer {
         Installer {
             local: MemberId(id),
+            sender: MemberId(2),
+            bulk: false,
+            members: (1..=16).map(MemberId).collect(),
+            alive: (1..=16).map(MemberId).collect(),
             fresh_table,
             reconciling: None,
         }
+    }
+
+    /// Who may speak for whom: one row per rule of `Installer::owner_check`.
+    #[test]
+    fn a_peer_speaks_only_for_its_own_sessions_and_in_a_full_sync_for_the_dead() {
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let configured: MemberSet = [1, 2, 3, 4].map(MemberId).into_iter().collect();
+        let alive: MemberSet = [1, 2, 3].map(MemberId).into_iter().collect();
+        let who = |bulk: bool, fresh_table: bool| Installer {
+            local: MemberId(1),
+            sender: MemberId(2),
+            bulk,
+            members: configured,
+            alive,
+            fresh_table,
+            reconciling: None,
+        };
+        let forward = |d: Decision| matches!(d, Decision::Forward(_));
+        let up = |owner: u8| rec(Op::Upsert, 3, owner, 1);
+        let refused = |why| Decision::RefuseOwner(why);
+        // The sender's own sessions, incremental or full.
+        assert!(forward(decide(&up(2), &z, 0, &who(false, false))));
+        assert!(forward(decide(
+            &rec(Op::Delete, 0, 2, 0),
+            &z,
+            0,
+            &who(false, false)
+        )));
+        // Owners that are no configured member.
+        for owner in [0, 5, 17, 255] {
+            assert_eq!(
+                decide(&up(owner), &z, 0, &who(true, false)),
+                refused(OwnerRefusal::Unknown),
+                "owner {owner}"
+            );
+        }
+        // A live third member's session: never, not even in a full sync; nor its deletes.
+        assert_eq!(
+            decide(&up(3), &z, 0, &who(false, false)),
+            refused(OwnerRefusal::Foreign)
+        );
+        assert_eq!(
+            decide(&up(3), &z, 0, &who(true, false)),
+            refused(OwnerRefusal::Foreign)
+        );
+        assert_eq!(
+            decide(&rec(Op::Delete, 0, 3, 0), &z, 0, &who(false, false)),
+            refused(OwnerRefusal::Foreign)
+        );
+        // A member not alive here: handed on by a full sync only.
+        assert_eq!(
+            decide(&up(4), &z, 0, &who(false, false)),
+            refused(OwnerRefusal::Foreign)
+        );
+        assert!(forward(decide(&up(4), &z, 0, &who(true, false))));
+        // Our own sessions: back into a fresh table by a full sync only.
+        assert!(forward(decide(&up(1), &z, 0, &who(true, true))));
+        assert_eq!(decide(&up(1), &z, 0, &who(false, true)), Decision::Keep);
+        assert_eq!(decide(&up(1), &z, 0, &who(true, false)), Decision::Keep);
     }
 
     #[test]
@@ -351,8 +519,12 @@ mod tests {
             Decision::Keep,
             "our table is the authority"
         );
+        let full_sync = Installer {
+            bulk: true,
+            ..member(1, true)
+        };
         assert!(
-            matches!(decide(&mine, &z, 0, &member(1, true)), Decision::Forward(_)),
+            matches!(decide(&mine, &z, 0, &full_sync), Decision::Forward(_)),
             "recovering an empty table"
         );
         let delete = rec(Op::Delete, 0, 1, 0);
@@ -394,6 +566,7 @@ mod tests {
         };
         let who = Installer {
             reconciling: Some(MemberId(2)),
+            bulk: true,
             ..member(1, false)
         };
         let r = apply(&mut dp, &[sent(1, 4), sent(2, 3)], &zones, 150, &who).expect("apply");
@@ -416,7 +589,10 @@ mod tests {
             &rec(Op::Upsert, 2, 3, 1),
             &z,
             5_000_000_000,
-            &member(9, false),
+            &Installer {
+                sender: MemberId(3),
+                ..member(9, false)
+            },
         ) else {
             panic!("expected an install");
         };

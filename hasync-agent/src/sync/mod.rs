@@ -1,9 +1,12 @@
 //! Cluster session sync: the wire format, the encrypted channel, per-peer outboxes, installing
 //! what peers send, and the engine that runs the links.
 
+pub mod admission;
+pub mod backoff;
 pub mod channel;
 pub mod engine;
 pub mod install;
 pub mod outbox;
 pub mod stats;
 pub mod wire;
+pub mod writer;

@@ -27,6 +27,9 @@ pub struct LinkStats {
     pub keepalives_received: AtomicU64,
     /// Connections lost on this link (errors, silence, interface down).
     pub failures: AtomicU64,
+    /// Of those, connections closed because a write made no progress (the peer stopped
+    /// reading).
+    pub stalls: AtomicU64,
 }
 
 impl LinkStats {
@@ -88,6 +91,8 @@ pub struct PeerStats {
     pub resends: AtomicU64,
     /// Records refused: zone unknown here.
     pub refused_zone: AtomicU64,
+    /// Records refused: the peer may not speak for their owner.
+    pub refused_owner: AtomicU64,
     pub installed: AtomicU64,
     pub deleted: AtomicU64,
     pub kept: AtomicU64,

@@ -1,0 +1,461 @@
+//! Connections: listening (with admission before any handshake), dialing, hellos, and
+//! attaching an authenticated connection to its peer; the local sync interfaces' state.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Duration, Instant},
+};
+
+use hasync_common::MemberId;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::{lock, Engine, LinkConn, Peer, SyncConfig};
+use crate::{
+    cluster::LinkState,
+    sync::{
+        admission::{Admission, Ticket},
+        channel::{self, ChannelError, Receiver, Sender},
+        install::ZoneMap,
+        stats::LinkStats,
+        wire::{Hello, LinkKind, Message, WireError, PROTO_MAJOR, PROTO_MINOR},
+        writer::writer,
+    },
+};
+
+/// How long a handshake plus hello may take.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a dialer retries a missing connection.
+const REDIAL: Duration = Duration::from_millis(500);
+/// How often the local sync interfaces' state is read.
+const LINK_POLL: Duration = Duration::from_millis(200);
+
+/// Per link: the configured addresses of the members that dial this one (those with a lower
+/// id), the only sources a listener accepts.
+pub(super) fn admissions(cfg: &SyncConfig) -> BTreeMap<LinkKind, Arc<Admission>> {
+    cfg.local_links
+        .keys()
+        .map(|&link| {
+            let dialers: BTreeMap<IpAddr, MemberId> = cfg
+                .peers
+                .iter()
+                .filter(|p| p.enabled && p.id < cfg.local)
+                .filter_map(|p| Some((p.addrs.get(&link)?.to_canonical(), p.id)))
+                .collect();
+            (link, Admission::new(dialers))
+        })
+        .collect()
+}
+
+/// What [`Engine::admit_connection`] decides about an authenticated connection.
+enum Admit {
+    Attach,
+    Refuse(&'static str),
+}
+
+impl Engine {
+    pub(super) fn hello(&self, link: LinkKind, peer: MemberId) -> Hello {
+        let wants_bulk = lock(&self.inner.membership)
+            .peers
+            .get(&peer)
+            .is_none_or(|p| p.bulk_done != Some(true));
+        Hello {
+            major: PROTO_MAJOR,
+            minor: PROTO_MINOR,
+            cluster_id: self.inner.cfg.cluster_id,
+            member: self.inner.cfg.local,
+            link,
+            boot_id: self.inner.cfg.boot_id,
+            fingerprint: self.inner.cfg.fingerprint,
+            zones: self.inner.cfg.zones.clone(),
+            wants_bulk,
+            fresh_table: self.fresh_table(),
+        }
+    }
+
+    /// Counts a refusal; logs the first of each reason.
+    fn refuse(&self, reason: &'static str, from: SocketAddr, link: LinkKind, detail: &str) {
+        if self.inner.rejections.count(reason) {
+            warn!(
+                peer = %from, link = link.name(), reason, detail,
+                "sync connection rejected (further rejections are counted, not logged)"
+            );
+        }
+    }
+
+    /// Checks a peer's hello against what the configuration says is at its address
+    /// (`expected`); on refusal, counts and logs the reason once.
+    fn check_hello(
+        &self,
+        h: &Hello,
+        link: LinkKind,
+        from: SocketAddr,
+        expected: MemberId,
+    ) -> Option<Arc<Peer>> {
+        let ours = self.hello(link, h.member);
+        let reason = if !ours.compatible(h) {
+            Some("version")
+        } else if h.cluster_id != self.inner.cfg.cluster_id {
+            Some("wrong-cluster")
+        } else if h.link != link {
+            Some("malformed")
+        } else {
+            match self.inner.peers.get(&h.member) {
+                None => Some("unknown-member"),
+                Some(p) if !p.cfg.enabled => Some("disabled-member"),
+                Some(_) if h.member != expected => Some("wrong-member"),
+                Some(_) => None,
+            }
+        };
+        if let Some(reason) = reason {
+            let detail = format!(
+                "cluster {} member {} version {}.{}; the configuration has member {} at this address",
+                h.cluster_id, h.member.0, h.major, h.minor, expected.0
+            );
+            self.refuse(reason, from, link, &detail);
+            return None;
+        }
+        let peer = self.inner.peers.get(&h.member)?.clone();
+        self.warn_differences(h);
+        Some(peer)
+    }
+
+    fn warn_differences(&self, h: &Hello) {
+        if h.fingerprint != self.inner.cfg.fingerprint {
+            self.log_once(format!("fingerprint-{}", h.member.0), || {
+                warn!(
+                    peer = h.member.0,
+                    "peer's configuration differs in what members must agree on (cluster, members, zones, timers); compare with `hasync config diff`"
+                )
+            });
+        }
+        let missing = ZoneMap::new(&self.inner.cfg.zones, &h.zones)
+            .missing(&h.zones)
+            .join(", ");
+        if !missing.is_empty() {
+            self.log_once(format!("zones-{}", h.member.0), || {
+                warn!(peer = h.member.0, zones = %missing, "peer has zones this member lacks: their sessions will be refused")
+            });
+        }
+    }
+
+    pub(super) async fn listen(self, link: LinkKind, addr: SocketAddr) {
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    self.log_once(format!("bind-{addr}"), || {
+                        warn!(link = link.name(), %addr, error = %e, "cannot listen on the sync address yet; retrying")
+                    });
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        info!(link = link.name(), %addr, "listening for peers");
+        let Some(admission) = self.inner.admission.get(&link).cloned() else {
+            return;
+        };
+        loop {
+            match listener.accept().await {
+                // Decided on the address alone, before anything is allocated for the
+                // connection: refused ones are closed at once.
+                Ok((stream, from)) => match admission.admit(from.ip()) {
+                    Ok(ticket) => {
+                        let e = self.clone();
+                        tokio::spawn(async move { e.accept(stream, from, link, ticket).await });
+                    }
+                    Err(refusal) => {
+                        drop(stream);
+                        self.refuse(refusal.reason(), from, link, "before the handshake");
+                    }
+                },
+                Err(e) => {
+                    warn!(link = link.name(), error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn accept(self, stream: TcpStream, from: SocketAddr, link: LinkKind, ticket: Ticket) {
+        let _ = channel::tune_socket(&stream, self.inner.cfg.keepalive_threshold);
+        let result =
+            tokio::time::timeout(HELLO_TIMEOUT, self.respond(stream, from, link, &ticket)).await;
+        drop(ticket);
+        match result {
+            Ok(Ok(Some((peer, h, tx, rx)))) => self.attach(peer, link, h, tx, rx, from),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => self.reject(from, link, &e),
+            Err(_) => self.refuse("timeout", from, link, "handshake and hello took too long"),
+        }
+    }
+
+    async fn respond(
+        &self,
+        stream: TcpStream,
+        from: SocketAddr,
+        link: LinkKind,
+        ticket: &Ticket,
+    ) -> Result<Option<(Arc<Peer>, Hello, Sender, Receiver)>, ChannelError> {
+        let (mut tx, mut rx) = channel::respond(stream, &self.inner.cfg.psk).await?;
+        let (msg, _) = rx.recv().await?;
+        let Message::Hello(h) = msg else {
+            return Err(ChannelError::Malformed(WireError::UnknownType(0)));
+        };
+        let Some(peer) = self.check_hello(&h, link, from, ticket.member) else {
+            // A peer of another cluster, or of an incompatible version, refuses us as well
+            // once it reads our hello: send it, so the dialing side counts and logs the
+            // reason too instead of seeing a bare close. (Not for one-sided refusals, such
+            // as an unknown member: that peer would accept and then see the link drop.)
+            let ours = self.hello(link, h.member);
+            if h.cluster_id != self.inner.cfg.cluster_id || !ours.compatible(&h) {
+                let _ = tx.send(&Message::Hello(ours)).await;
+            }
+            return Ok(None);
+        };
+        tx.send(&Message::Hello(self.hello(link, h.member))).await?;
+        Ok(Some((peer, h, tx, rx)))
+    }
+
+    fn reject(&self, from: SocketAddr, link: LinkKind, e: &ChannelError) {
+        let reason = e.reason();
+        if reason == "connection" {
+            debug!(peer = %from, link = link.name(), error = %e, "sync connection failed");
+            return;
+        }
+        self.refuse(reason, from, link, &e.to_string());
+    }
+
+    pub(super) async fn dial(self, peer: Arc<Peer>, link: LinkKind) {
+        let Some(&remote) = peer.cfg.addrs.get(&link) else {
+            return;
+        };
+        let Some(&(local, _)) = self.inner.cfg.local_links.get(&link) else {
+            return;
+        };
+        let remote = SocketAddr::new(remote, self.inner.cfg.port);
+        loop {
+            let up = lock(&self.inner.local_up)
+                .get(&link)
+                .copied()
+                .unwrap_or(true);
+            if up && !peer.link_up(link) {
+                match self.connect(local, remote, link, peer.cfg.id).await {
+                    Ok((h, tx, rx)) => {
+                        if self.check_hello(&h, link, remote, peer.cfg.id).is_some() {
+                            self.attach(peer.clone(), link, h, tx, rx, remote);
+                        }
+                    }
+                    Err(e) => self.reject(remote, link, &e),
+                }
+            }
+            tokio::time::sleep(REDIAL).await;
+        }
+    }
+
+    async fn connect(
+        &self,
+        local: IpAddr,
+        remote: SocketAddr,
+        link: LinkKind,
+        peer: MemberId,
+    ) -> Result<(Hello, Sender, Receiver), ChannelError> {
+        let psk = self.inner.cfg.psk;
+        let hello = self.hello(link, peer);
+        let idle = self.inner.cfg.keepalive_threshold;
+        let fut = async move {
+            let socket = if remote.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            // Bind to this link's address so the connection leaves through this link.
+            socket.bind(SocketAddr::new(local, 0))?;
+            let stream = socket.connect(remote).await?;
+            let _ = channel::tune_socket(&stream, idle);
+            let (mut tx, mut rx) = channel::initiate(stream, &psk).await?;
+            tx.send(&Message::Hello(hello)).await?;
+            match rx.recv().await? {
+                (Message::Hello(h), _) => Ok((h, tx, rx)),
+                _ => Err(ChannelError::Malformed(WireError::UnknownType(0))),
+            }
+        };
+        tokio::time::timeout(HELLO_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| Err(ChannelError::Io(std::io::ErrorKind::TimedOut.into())))
+    }
+
+    /// May a new authenticated connection from `peer` on `link` take its place? A live
+    /// connection of the same boot of the peer stays: a second one is refused (a key holder
+    /// cannot push the real peer's connection aside). One from a new boot, or one replacing a
+    /// connection gone silent, is attached.
+    fn admit_connection(&self, peer: &Peer, link: LinkKind, hello: &Hello, now: Instant) -> Admit {
+        let g = peer.lock();
+        let Some(old) = g.links.get(&link) else {
+            return Admit::Attach;
+        };
+        let same_boot = g.hello.as_ref().is_some_and(|h| h.boot_id == hello.boot_id);
+        let silent = now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
+        if same_boot && !silent && !old.writer.is_closed() {
+            Admit::Refuse("duplicate-link")
+        } else {
+            Admit::Attach
+        }
+    }
+
+    /// Registers an authenticated connection and starts its reader and writer.
+    fn attach(
+        &self,
+        peer: Arc<Peer>,
+        link: LinkKind,
+        hello: Hello,
+        tx: Sender,
+        rx: Receiver,
+        from: SocketAddr,
+    ) {
+        let now = Instant::now();
+        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, &hello, now) {
+            self.refuse(
+                reason,
+                from,
+                link,
+                "the peer already has a live connection on this link",
+            );
+            return;
+        }
+        let generation = self.inner.generation.fetch_add(1, Relaxed);
+        let (writer, writer_run) = writer(tx, self.inner.cfg.keepalive_threshold);
+        let writer_task = {
+            let (e, p) = (self.clone(), peer.clone());
+            tokio::spawn(async move {
+                let stats = p.stats.link(link);
+                let result = writer_run.run(|msg, n| count_sent(stats, msg, n)).await;
+                if let Err(err) = result {
+                    e.detach(&p, link, Some(generation), err.reason());
+                }
+            })
+        };
+        let reader = {
+            let (e, p, w) = (self.clone(), peer.clone(), writer.clone());
+            let boot_id = hello.boot_id;
+            tokio::spawn(async move { e.read_loop(p, link, generation, boot_id, rx, w).await })
+        };
+        let conn = LinkConn {
+            generation,
+            writer,
+            last_rx: now,
+            reader,
+            writer_task,
+        };
+        self.register(&peer, link, hello, conn, now);
+        lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
+        info!(peer = peer.cfg.id.0, link = link.name(), "sync link up");
+        peer.wake.notify_one();
+    }
+
+    fn register(&self, peer: &Peer, link: LinkKind, hello: Hello, conn: LinkConn, now: Instant) {
+        let mut g = peer.lock();
+        if let Some(old) = g.links.remove(&link) {
+            old.close();
+        }
+        if link == LinkKind::Ha4 && g.ha4_failed {
+            g.ha4_failed = false;
+            g.ha4_usable_at = Some(now + self.inner.cfg.hold_down);
+        }
+        // A request for a full sync is honoured once per boot of the peer, or again after the
+        // peer was cut off from us on every link (it may have missed changes); the backoff
+        // bounds how often either happens.
+        let cut_off = g.links.is_empty();
+        let new_boot = g.bulk_granted_boot != Some(hello.boot_id);
+        if hello.wants_bulk
+            && (new_boot || cut_off)
+            && peer.cfg.session_sync
+            && self.inner.cfg.local_session_sync
+        {
+            g.bulk_wanted = true;
+            g.bulk_granted_boot = Some(hello.boot_id);
+        }
+        g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
+        g.links.insert(link, conn);
+        g.hello = Some(hello);
+    }
+
+    /// Watches the local sync interfaces: when one goes down, its connections are dropped at
+    /// once (rather than after the keepalive threshold) and data moves to the other link. A
+    /// state that cannot be read (no socket, say) changes nothing.
+    pub(super) async fn monitor_links(self) {
+        loop {
+            for (&link, (_, ifname)) in &self.inner.cfg.local_links {
+                let Some(up) = interface_up(ifname) else {
+                    self.log_once(format!("ifstate-{ifname}"), || {
+                        warn!(link = link.name(), interface = %ifname, "cannot read the sync interface's state; keeping the last known one")
+                    });
+                    continue;
+                };
+                let was = lock(&self.inner.local_up).insert(link, up);
+                if was == Some(up) {
+                    continue;
+                }
+                if was.is_some() {
+                    info!(link = link.name(), interface = %ifname, up, "sync interface state changed");
+                }
+                if !up {
+                    for peer in self.inner.peers.values() {
+                        self.detach(peer, link, None, "local interface down");
+                    }
+                }
+            }
+            tokio::time::sleep(LINK_POLL).await;
+        }
+    }
+}
+
+/// Counts a message the writer put on the wire.
+fn count_sent(stats: &LinkStats, msg: &Message, bytes: usize) {
+    LinkStats::add(&stats.bytes_sent, bytes as u64);
+    match msg {
+        Message::Sessions { records, .. } => {
+            LinkStats::add(&stats.frames_sent, 1);
+            LinkStats::add(&stats.records_sent, records.len() as u64);
+        }
+        Message::Ack { .. } => LinkStats::add(&stats.acks_sent, 1),
+        Message::Keepalive(_) => LinkStats::add(&stats.keepalives_sent, 1),
+        Message::Hello(_) | Message::BulkStart { .. } | Message::BulkEnd { .. } => {}
+    }
+}
+
+/// Is the interface administratively up with its carrier on (`IFF_UP | IFF_RUNNING`)? Asked
+/// with `SIOCGIFFLAGS` on a socket, so the answer is about the agent's own network namespace
+/// whatever `/sys` shows. `None` when it cannot be asked (no socket: descriptors exhausted,
+/// say) — never a reason to call the link down; `Some(false)` also when the interface is gone.
+pub(super) fn interface_up(ifname: &str) -> Option<bool> {
+    let name = ifname.as_bytes();
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= req.ifr_name.len() {
+        return Some(false);
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the flags into `req`.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        // No such device: down. Anything else: not known.
+        return (errno == Some(libc::ENODEV)).then_some(false);
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
+    let want = libc::IFF_UP | libc::IFF_RUNNING;
+    Some(flags & want == want)
+}

@@ -1,0 +1,420 @@
+//! The sync engine: listens and dials on HA4 and HA4 backup, authenticates peers, streams
+//! session changes to each peer over its active link, installs what peers send, and runs full
+//! syncs.
+//!
+//! One TCP connection per peer and link; the member with the lower id dials. Session data
+//! flows on HA4 while it is up and out of its hold-down, else on HA4 backup; keepalives flow
+//! on both. When the link carrying data fails, the frames it had in flight are queued again
+//! and resent, with the sessions' current state, on the other link.
+//!
+//! The parts: [`connect`] (listening with admission before any handshake, dialing, hellos,
+//! attaching and detaching connections), [`receive`] (one reader per connection, a peer's
+//! frames applied in its sequence order whichever link carried them), [`send`] (queued changes,
+//! full syncs with backoff, keepalives). Each connection's writes go through its own writer
+//! task ([`super::writer`]), so reading never waits on writing.
+
+mod connect;
+mod receive;
+mod send;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use hasync_common::{FlowKey, MemberId};
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::{info, warn};
+
+use super::{
+    admission::Admission,
+    backoff::Backoff,
+    install::ZoneMap,
+    outbox::Outbox,
+    stats::{LinkStats, PeerStats, Rejections},
+    wire::{Hello, LinkKind},
+    writer::Writer,
+};
+use crate::{
+    cluster::{LinkState, Membership},
+    datapath::Datapath,
+};
+
+/// Pending keys per peer before the outbox falls back to a full sync.
+const OUTBOX_CAPACITY: usize = 262_144;
+/// Frames per peer sent and not yet acknowledged.
+const MAX_IN_FLIGHT: usize = 64;
+/// The shortest wait between two full syncs to one peer, and the longest.
+const BULK_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
+
+/// One peer as configured.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub id: MemberId,
+    pub serial: String,
+    pub addrs: BTreeMap<LinkKind, IpAddr>,
+    pub session_sync: bool,
+    pub enabled: bool,
+}
+
+/// What the engine needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    pub cluster_id: u8,
+    pub local: MemberId,
+    pub local_session_sync: bool,
+    pub psk: [u8; 32],
+    pub zones: Vec<String>,
+    pub fingerprint: [u8; 32],
+    pub port: u16,
+    /// Local address and interface per configured link.
+    pub local_links: BTreeMap<LinkKind, (IpAddr, String)>,
+    pub peers: Vec<PeerConfig>,
+    pub keepalive_interval: Duration,
+    pub keepalive_threshold: Duration,
+    pub hold_down: Duration,
+    pub boot_id: u64,
+    /// The session table started empty: peers' full syncs should return our own sessions.
+    pub fresh_table: bool,
+}
+
+/// A live connection on one link.
+struct LinkConn {
+    generation: u64,
+    writer: Writer,
+    last_rx: Instant,
+    reader: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+}
+
+impl LinkConn {
+    fn close(&self) {
+        self.reader.abort();
+        self.writer_task.abort();
+    }
+}
+
+/// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
+#[derive(Debug, Default)]
+struct Applied {
+    boot_id: u64,
+    last_seq: u64,
+}
+
+struct PeerInner {
+    outbox: Outbox,
+    links: BTreeMap<LinkKind, LinkConn>,
+    /// HA4 failed since it last carried data: when it returns, it waits out the hold-down.
+    ha4_failed: bool,
+    ha4_usable_at: Option<Instant>,
+    /// The link data went out on last; a change requeues what was in flight.
+    data_link: Option<LinkKind>,
+    bulk_wanted: bool,
+    /// Full syncs to this peer: at most one per backoff step.
+    bulk_backoff: Backoff,
+    /// The peer boot whose request for a full sync was honoured last.
+    bulk_granted_boot: Option<u64>,
+    /// A full sync from this peer is being received and will reconcile its replicas: the
+    /// session clock when it started.
+    bulk_mark: Option<u64>,
+    zones: ZoneMap,
+    hello: Option<Hello>,
+}
+
+/// One peer at run time.
+pub struct Peer {
+    pub cfg: PeerConfig,
+    inner: Mutex<PeerInner>,
+    /// Held while a frame from this peer is applied: one at a time, in sequence order.
+    applied: Mutex<Applied>,
+    wake: Notify,
+    pub stats: PeerStats,
+}
+
+impl Peer {
+    fn new(cfg: PeerConfig) -> Self {
+        Peer {
+            cfg,
+            inner: Mutex::new(PeerInner {
+                outbox: Outbox::new(OUTBOX_CAPACITY, MAX_IN_FLIGHT),
+                links: BTreeMap::new(),
+                ha4_failed: false,
+                ha4_usable_at: None,
+                data_link: None,
+                bulk_wanted: false,
+                bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
+                bulk_granted_boot: None,
+                bulk_mark: None,
+                zones: ZoneMap::default(),
+                hello: None,
+            }),
+            applied: Mutex::new(Applied::default()),
+            wake: Notify::new(),
+            stats: PeerStats::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PeerInner> {
+        lock(&self.inner)
+    }
+
+    /// Is the link up (connected and hello exchanged)?
+    pub fn link_up(&self, link: LinkKind) -> bool {
+        self.lock().links.contains_key(&link)
+    }
+
+    /// The link session data currently goes out on.
+    pub fn data_link(&self) -> Option<LinkKind> {
+        self.lock().data_link
+    }
+
+    /// The peer's protocol version, once it said hello.
+    pub fn version(&self) -> Option<(u8, u8)> {
+        self.lock().hello.as_ref().map(|h| (h.major, h.minor))
+    }
+
+    /// Pending keys and frames in flight.
+    pub fn backlog(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.outbox.pending(), g.outbox.in_flight())
+    }
+
+    /// The peer's zone names we do not have (from its hello).
+    pub fn missing_zones(&self, ours: &[String]) -> Vec<String> {
+        let g = self.lock();
+        match &g.hello {
+            Some(h) => ZoneMap::new(ours, &h.zones)
+                .missing(&h.zones)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The running engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    cfg: SyncConfig,
+    dp: Arc<Mutex<Datapath>>,
+    membership: Arc<Mutex<Membership>>,
+    peers: BTreeMap<MemberId, Arc<Peer>>,
+    rejections: Rejections,
+    generation: AtomicU64,
+    logged: Mutex<HashSet<String>>,
+    /// Local interface state per link, as last read.
+    local_up: Mutex<BTreeMap<LinkKind, bool>>,
+    /// This member's table started empty and it has not yet had every reachable peer's full
+    /// sync: peers send its own sessions back to it ([`SyncConfig::fresh_table`], cleared once
+    /// the initial full syncs ended).
+    fresh_table: AtomicBool,
+    /// Per listening link: who may start a handshake.
+    admission: BTreeMap<LinkKind, Arc<Admission>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Engine {
+    pub fn new(
+        cfg: SyncConfig,
+        dp: Arc<Mutex<Datapath>>,
+        membership: Arc<Mutex<Membership>>,
+    ) -> Self {
+        let peers = cfg
+            .peers
+            .iter()
+            .filter(|p| p.id != cfg.local)
+            .map(|p| (p.id, Arc::new(Peer::new(p.clone()))))
+            .collect();
+        let admission = connect::admissions(&cfg);
+        Engine {
+            inner: Arc::new(EngineInner {
+                fresh_table: AtomicBool::new(cfg.fresh_table),
+                cfg,
+                dp,
+                membership,
+                peers,
+                rejections: Rejections::default(),
+                generation: AtomicU64::new(1),
+                logged: Mutex::new(HashSet::new()),
+                local_up: Mutex::new(BTreeMap::new()),
+                admission,
+            }),
+        }
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &Arc<Peer>> {
+        self.inner.peers.values()
+    }
+
+    pub fn rejections(&self) -> &Rejections {
+        &self.inner.rejections
+    }
+
+    /// Does this member still take its own sessions back from peers' full syncs?
+    pub fn fresh_table(&self) -> bool {
+        self.inner.fresh_table.load(Relaxed)
+    }
+
+    /// The local sync interface's state for `link`.
+    pub fn local_link_state(&self, link: LinkKind) -> LinkState {
+        let Some((_, ifname)) = self.inner.cfg.local_links.get(&link) else {
+            return LinkState::NotConfigured;
+        };
+        let known = lock(&self.inner.local_up).get(&link).copied();
+        match known.or_else(|| connect::interface_up(ifname)) {
+            Some(false) => LinkState::Down,
+            // Not known yet (the state could not be read): not reported as down.
+            Some(true) | None => LinkState::Up,
+        }
+    }
+
+    /// Starts listeners, dialers, senders, keepalives and the link monitor.
+    pub fn start(&self) -> Vec<JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for (&link, (addr, _)) in &self.inner.cfg.local_links {
+            let e = self.clone();
+            let addr = std::net::SocketAddr::new(*addr, self.inner.cfg.port);
+            tasks.push(tokio::spawn(async move { e.listen(link, addr).await }));
+        }
+        for peer in self.inner.peers.values() {
+            if !peer.cfg.enabled {
+                continue;
+            }
+            if self.inner.cfg.local < peer.cfg.id {
+                for &link in self.inner.cfg.local_links.keys() {
+                    if peer.cfg.addrs.contains_key(&link) {
+                        let (e, p) = (self.clone(), peer.clone());
+                        tasks.push(tokio::spawn(async move { e.dial(p, link).await }));
+                    }
+                }
+            }
+            let (e, p) = (self.clone(), peer.clone());
+            tasks.push(tokio::spawn(async move { e.send_loop(p).await }));
+            let (e, p) = (self.clone(), peer.clone());
+            tasks.push(tokio::spawn(async move { e.keepalive_loop(p).await }));
+        }
+        let e = self.clone();
+        tasks.push(tokio::spawn(async move { e.monitor_links().await }));
+        tasks
+    }
+
+    /// Locally owned sessions changed (or were removed): queue them for every syncing peer.
+    pub fn enqueue(&self, keys: &[FlowKey]) {
+        if !self.inner.cfg.local_session_sync || keys.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for peer in self.inner.peers.values() {
+            if peer.cfg.session_sync && peer.cfg.enabled {
+                let mut g = peer.lock();
+                for key in keys {
+                    g.outbox.enqueue(*key, now);
+                }
+            }
+        }
+    }
+
+    /// Wakes every sender (after a burst of `enqueue`s).
+    pub fn flush(&self) {
+        for peer in self.inner.peers.values() {
+            peer.wake.notify_one();
+        }
+    }
+
+    /// Asks for a full sync to every peer (after lost events). Each goes out when that peer's
+    /// full-sync backoff allows.
+    pub fn request_bulk_all(&self) {
+        for peer in self.inner.peers.values() {
+            peer.lock().bulk_wanted = true;
+            peer.wake.notify_one();
+        }
+    }
+
+    fn log_once(&self, key: String, f: impl FnOnce()) {
+        if lock(&self.inner.logged).insert(key) {
+            f();
+        }
+    }
+
+    /// The link data should go out on now, if any.
+    fn pick_link(g: &PeerInner, now: Instant) -> Option<LinkKind> {
+        let ha4 = g.links.contains_key(&LinkKind::Ha4);
+        let backup = g.links.contains_key(&LinkKind::Ha4Backup);
+        let held = g.ha4_usable_at.is_some_and(|t| now < t);
+        match (ha4, backup) {
+            (true, true) if held => Some(LinkKind::Ha4Backup),
+            (true, _) => Some(LinkKind::Ha4),
+            (false, true) => Some(LinkKind::Ha4Backup),
+            (false, false) => None,
+        }
+    }
+
+    /// Drops a connection (if it is still the current one for its link): both of its tasks
+    /// end, which closes the socket.
+    fn detach(&self, peer: &Peer, link: LinkKind, generation: Option<u64>, why: &str) {
+        let removed = {
+            let mut g = peer.lock();
+            match g.links.get(&link) {
+                Some(c) if generation.is_none_or(|gen| gen == c.generation) => {
+                    let c = g.links.remove(&link);
+                    if link == LinkKind::Ha4 {
+                        g.ha4_failed = true;
+                        g.ha4_usable_at = None;
+                    }
+                    if g.data_link == Some(link) {
+                        let n = g.outbox.requeue_in_flight();
+                        LinkStats::add(&peer.stats.resends, n as u64);
+                        g.data_link = None;
+                    }
+                    c
+                }
+                _ => None,
+            }
+        };
+        if let Some(c) = removed {
+            c.close();
+            let stats = peer.stats.link(link);
+            LinkStats::add(&stats.failures, 1);
+            if why == "stalled" {
+                LinkStats::add(&stats.stalls, 1);
+            }
+            lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Down);
+            warn!(
+                peer = peer.cfg.id.0,
+                link = link.name(),
+                reason = why,
+                "sync link down"
+            );
+            peer.wake.notify_one();
+        }
+    }
+
+    /// Clears the fresh-table flag once every reachable peer's full sync ended: from then on
+    /// this member's own table is the authority on its sessions.
+    fn settle_fresh_table(&self) {
+        if !self.inner.fresh_table.load(Relaxed) {
+            return;
+        }
+        let settled = {
+            let m = lock(&self.inner.membership);
+            m.state != crate::cluster::MemberState::Initial || m.full_syncs_done()
+        };
+        if settled {
+            self.inner.fresh_table.store(false, Relaxed);
+            info!("initial full syncs ended: this member's table is the authority on its sessions again");
+        }
+    }
+}

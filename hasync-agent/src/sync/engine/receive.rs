@@ -1,0 +1,300 @@
+//! Receiving: one reader per connection. It never waits on writing (acks and nothing else go
+//! back, through the connection's writer, which takes them at once). A peer's session frames
+//! are applied one at a time in the peer's sequence order, whichever link carried them; a
+//! frame is acknowledged only once applied.
+
+use std::{sync::Arc, time::Instant};
+
+use tracing::{info, warn};
+
+use super::{lock, Engine, Peer};
+use crate::{
+    cluster::MemberState,
+    datapath::{error_chain, monotonic_ns, DatapathError},
+    sync::{
+        channel::Receiver,
+        install::{self, Installed, Installer, MemberSet},
+        stats::{LinkStats, PeerStats},
+        wire::{Keepalive, LinkKind, Message, Record},
+        writer::Writer,
+    },
+};
+
+/// What became of a session frame.
+enum Applied {
+    /// Applied: acknowledge it.
+    Done,
+    /// Older than a frame already applied (it came late on another link, and what it carried
+    /// was queued again by the sender): dropped, not acknowledged.
+    Stale,
+    /// From a connection of an earlier boot of the peer: dropped.
+    OldBoot,
+}
+
+impl Engine {
+    pub(super) async fn read_loop(
+        self,
+        peer: Arc<Peer>,
+        link: LinkKind,
+        generation: u64,
+        boot_id: u64,
+        mut rx: Receiver,
+        writer: Writer,
+    ) {
+        let stats = peer.stats.link(link);
+        loop {
+            let (msg, bytes) = match rx.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    if e.reason() != "connection" && self.inner.rejections.count(e.reason()) {
+                        warn!(peer = peer.cfg.id.0, link = link.name(), error = %e, "bad frame from peer");
+                    }
+                    self.detach(&peer, link, Some(generation), e.reason());
+                    return;
+                }
+            };
+            LinkStats::add(&stats.bytes_received, bytes as u64);
+            LinkStats::add(&stats.frames_received, 1);
+            if let Some(c) = peer.lock().links.get_mut(&link) {
+                c.last_rx = Instant::now();
+            }
+            let frame = FrameFrom {
+                peer: &peer,
+                link,
+                boot_id,
+            };
+            if let Err(why) = self.handle(&frame, msg, &writer) {
+                self.detach(&peer, link, Some(generation), why);
+                return;
+            }
+        }
+    }
+
+    /// Handles one message; an error closes the connection, with the reason.
+    fn handle(&self, f: &FrameFrom<'_>, msg: Message, writer: &Writer) -> Result<(), &'static str> {
+        let stats = f.peer.stats.link(f.link);
+        match msg {
+            Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
+            Message::Sessions { seq, bulk, records } => {
+                LinkStats::add(&stats.records_received, records.len() as u64);
+                match self.apply_in_order(f, seq, &records, bulk)? {
+                    Applied::Done => writer.ack(seq),
+                    Applied::Stale | Applied::OldBoot => {}
+                }
+            }
+            Message::Ack { seq } => self.on_ack(f.peer, stats, seq),
+            Message::BulkStart { bulk_id } => self.on_bulk_start(f.peer, bulk_id),
+            Message::BulkEnd { bulk_id, records } => self.on_bulk_end(f.peer, bulk_id, records),
+            Message::Hello(_) => {
+                if self.inner.rejections.count("malformed") {
+                    warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_keepalive(&self, peer: &Peer, stats: &LinkStats, ka: Keepalive) {
+        let Keepalive {
+            state,
+            sessions_owned,
+            flaps: _,
+        } = ka;
+        LinkStats::add(&stats.keepalives_received, 1);
+        lock(&self.inner.membership).heard(
+            peer.cfg.id,
+            MemberState::from_u8(state),
+            sessions_owned,
+            Instant::now(),
+        );
+    }
+
+    fn on_ack(&self, peer: &Peer, stats: &LinkStats, seq: u64) {
+        LinkStats::add(&stats.acks_received, 1);
+        let released = peer.lock().outbox.ack(seq);
+        let now = Instant::now();
+        let mut lag = lock(&peer.stats.lag);
+        for oldest in released {
+            lag.record(now.duration_since(oldest));
+        }
+        drop(lag);
+        peer.wake.notify_one();
+    }
+
+    fn on_bulk_start(&self, peer: &Peer, bulk_id: u32) {
+        info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
+        lock(&self.inner.membership).bulk(peer.cfg.id, false);
+        {
+            // A peer with its table intact is the authority on its sessions: its full sync
+            // also removes the replicas it no longer holds.
+            let mut g = peer.lock();
+            let authoritative = g.hello.as_ref().is_some_and(|h| !h.fresh_table);
+            g.bulk_mark = authoritative.then(monotonic_ns);
+        }
+        let mut b = lock(&peer.stats.bulk_received);
+        b.running = true;
+        b.started_ms = monotonic_ns() / 1_000_000;
+    }
+
+    fn on_bulk_end(&self, peer: &Peer, bulk_id: u32, records: u64) {
+        let mark = peer.lock().bulk_mark.take();
+        if let Some(mark) = mark {
+            self.remove_stale_replicas(peer, mark);
+        }
+        lock(&self.inner.membership).bulk(peer.cfg.id, true);
+        {
+            let mut b = lock(&peer.stats.bulk_received);
+            b.running = false;
+            b.count += 1;
+            b.last_records = records;
+            b.last_duration_ms = (monotonic_ns() / 1_000_000).saturating_sub(b.started_ms);
+            info!(
+                peer = peer.cfg.id.0,
+                bulk_id,
+                records,
+                ms = b.last_duration_ms,
+                "full sync from peer ended"
+            );
+        }
+        self.settle_fresh_table();
+    }
+
+    /// Applies a session frame if it is the peer's next in sequence (any gap was queued
+    /// again by the sender). A failed install is not acknowledged: the connection closes and
+    /// the peer sends the frame's sessions again.
+    fn apply_in_order(
+        &self,
+        f: &FrameFrom<'_>,
+        seq: u64,
+        records: &[Record],
+        bulk: bool,
+    ) -> Result<Applied, &'static str> {
+        let mut order = lock(&f.peer.applied);
+        let current_boot = f.peer.lock().hello.as_ref().map(|h| h.boot_id);
+        if current_boot != Some(f.boot_id) {
+            return Ok(Applied::OldBoot);
+        }
+        if order.boot_id != f.boot_id {
+            order.boot_id = f.boot_id;
+            order.last_seq = 0;
+        }
+        if seq <= order.last_seq {
+            return Ok(Applied::Stale);
+        }
+        match self.install(f.peer, records, bulk) {
+            Ok(()) => {
+                order.last_seq = seq;
+                Ok(Applied::Done)
+            }
+            Err(e) => {
+                warn!(peer = f.peer.cfg.id.0, seq, error = %error_chain(&e), "installing sessions failed; the peer will send them again");
+                Err("install-failed")
+            }
+        }
+    }
+
+    /// Installs a frame's records into the session table.
+    fn install(&self, peer: &Peer, records: &[Record], bulk: bool) -> Result<(), DatapathError> {
+        if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
+            return Ok(());
+        }
+        let (zones, reconciling) = {
+            let g = peer.lock();
+            (
+                g.zones.clone(),
+                (bulk && g.bulk_mark.is_some()).then_some(peer.cfg.id),
+            )
+        };
+        let who = self.installer(peer, bulk, reconciling);
+        let r = tokio::task::block_in_place(|| {
+            let mut dp = lock(&self.inner.dp);
+            install::apply(&mut dp, records, &zones, monotonic_ns(), &who)
+        })?;
+        self.count_installed(&peer.stats, &r);
+        Ok(())
+    }
+
+    fn installer(
+        &self,
+        peer: &Peer,
+        bulk: bool,
+        reconciling: Option<hasync_common::MemberId>,
+    ) -> Installer {
+        let local = self.inner.cfg.local;
+        let alive: MemberSet = {
+            let m = lock(&self.inner.membership);
+            m.peers
+                .values()
+                .filter(|p| p.alive)
+                .map(|p| p.id)
+                .chain([local])
+                .collect()
+        };
+        Installer {
+            local,
+            sender: peer.cfg.id,
+            bulk,
+            members: self
+                .inner
+                .cfg
+                .peers
+                .iter()
+                .map(|p| p.id)
+                .chain([local])
+                .collect(),
+            alive,
+            fresh_table: self.fresh_table(),
+            reconciling,
+        }
+    }
+
+    fn count_installed(&self, stats: &PeerStats, r: &Installed) {
+        LinkStats::add(&stats.installed, r.installed);
+        LinkStats::add(&stats.deleted, r.deleted);
+        LinkStats::add(&stats.kept, r.kept);
+        LinkStats::add(&stats.refused_zone, r.refused_zone);
+        for _ in 0..r.refused_zone {
+            self.inner.rejections.count("zone-unknown");
+        }
+        for (why, n) in r.refused_owner {
+            LinkStats::add(&stats.refused_owner, n);
+            for _ in 0..n {
+                self.inner.rejections.count(why.reason());
+            }
+        }
+    }
+
+    /// After an authoritative full sync from `peer`: drops our replicas of its sessions that it
+    /// did not send (it closed or expired them while we could not hear of it).
+    fn remove_stale_replicas(&self, peer: &Peer, mark: u64) {
+        if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
+            return;
+        }
+        let removed = tokio::task::block_in_place(|| {
+            let mut dp = lock(&self.inner.dp);
+            install::remove_unseen(&mut dp, peer.cfg.id, mark)
+        });
+        match removed {
+            Ok(0) => {}
+            Ok(n) => {
+                LinkStats::add(&peer.stats.deleted, n as u64);
+                info!(
+                    peer = peer.cfg.id.0,
+                    removed = n,
+                    "stale replicas the peer no longer holds removed after its full sync"
+                );
+            }
+            Err(e) => {
+                warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "removing stale replicas failed")
+            }
+        }
+    }
+}
+
+/// Where a message came from.
+struct FrameFrom<'a> {
+    peer: &'a Arc<Peer>,
+    link: LinkKind,
+    /// The peer's boot, from this connection's hello.
+    boot_id: u64,
+}

@@ -1,0 +1,318 @@
+//! Sending: queued changes while the window allows, full syncs (at most one per backoff step
+//! per peer), keepalives. Everything goes through the connection's writer, so a peer that
+//! stops reading stalls only its own connection, which the writer's deadline then closes.
+
+use std::{
+    collections::HashSet,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::{Duration, Instant},
+};
+
+use hasync_common::{FlowKey, MemberId, Session};
+use tracing::{debug, info, warn};
+
+use super::{lock, Engine, Peer};
+use crate::{
+    datapath::{batch::BatchCursor, error_chain, monotonic_ns, DatapathError},
+    sync::{
+        channel::ChannelError,
+        stats::LinkStats,
+        wire::{Keepalive, LinkKind, Message, Record, MAX_RECORDS_PER_FRAME},
+        writer::Writer,
+    },
+};
+
+/// How often a peer's sender looks for work when not woken.
+const SEND_TICK: Duration = Duration::from_millis(20);
+/// Session table entries read per chunk of a full sync.
+const BULK_CHUNK: u32 = MAX_RECORDS_PER_FRAME as u32 * 8;
+
+/// Why sending stopped.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The connection failed: it is closed and dialled again.
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// Reading the session table failed: the connection is fine; the full sync is aborted
+    /// (never ended: the peer would take what it did not get as removed) and tried again.
+    #[error("reading the session table: {0}")]
+    Table(#[from] DatapathError),
+}
+
+impl Engine {
+    pub(super) async fn send_loop(self, peer: Arc<Peer>) {
+        loop {
+            tokio::select! {
+                _ = peer.wake.notified() => {}
+                _ = tokio::time::sleep(SEND_TICK) => {}
+            }
+            self.send_pending(&peer).await;
+        }
+    }
+
+    /// The link, its writer and generation to send on now, and whether a full sync is due
+    /// (and allowed by the backoff).
+    fn prepare_send(&self, peer: &Peer) -> Option<(LinkKind, Writer, u64, bool)> {
+        let mut g = peer.lock();
+        let now = Instant::now();
+        let link = Self::pick_link(&g, now)?;
+        if g.data_link.is_some_and(|l| l != link) {
+            // Switching links: what the old one had in flight may be lost.
+            let n = g.outbox.requeue_in_flight();
+            LinkStats::add(&peer.stats.resends, n as u64);
+            info!(
+                peer = peer.cfg.id.0,
+                link = link.name(),
+                requeued = n,
+                "sync data moves to another link"
+            );
+        }
+        g.data_link = Some(link);
+        if g.outbox.take_overflow() {
+            g.bulk_wanted = true;
+        }
+        let bulk = g.bulk_wanted && g.bulk_backoff.try_start(now);
+        if bulk {
+            g.bulk_wanted = false;
+        }
+        let c = g.links.get(&link)?;
+        Some((link, c.writer.clone(), c.generation, bulk))
+    }
+
+    /// Sends what is due to `peer` on its data link: a full sync if one is wanted, then queued
+    /// changes while the window allows.
+    async fn send_pending(&self, peer: &Arc<Peer>) {
+        let Some((link, writer, generation, bulk)) = self.prepare_send(peer) else {
+            return;
+        };
+        let result = async {
+            if bulk {
+                self.send_bulk(peer, link, &writer).await?;
+            }
+            self.send_queued(peer, &writer).await
+        }
+        .await;
+        let Err(e) = result else {
+            return;
+        };
+        if bulk {
+            lock(&peer.stats.bulk_sent).running = false;
+        }
+        match e {
+            SendError::Channel(e) => {
+                if bulk {
+                    peer.lock().bulk_wanted = true;
+                }
+                debug!(peer = peer.cfg.id.0, error = %e, "send failed");
+                self.detach(peer, link, Some(generation), e.reason());
+            }
+            SendError::Table(e) => {
+                warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "reading the session table failed; the full sync to this peer is aborted and tried again");
+                peer.lock().bulk_wanted = true;
+            }
+        }
+    }
+
+    async fn send_queued(&self, peer: &Peer, writer: &Writer) -> Result<(), SendError> {
+        loop {
+            let (keys, oldest) = {
+                let mut g = peer.lock();
+                if !g.outbox.can_send() || g.outbox.pending() == 0 {
+                    return Ok(());
+                }
+                g.outbox.take(MAX_RECORDS_PER_FRAME)
+            };
+            let records = match self.records_for(&keys) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The keys are out of the queue: a full sync carries them instead.
+                    warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "reading sessions to sync failed; a full sync follows");
+                    peer.lock().bulk_wanted = true;
+                    peer.wake.notify_one();
+                    return Ok(());
+                }
+            };
+            let seq = {
+                let mut g = peer.lock();
+                let seq = g.outbox.next_seq();
+                g.outbox
+                    .sent(seq, keys, oldest.unwrap_or_else(Instant::now));
+                seq
+            };
+            writer
+                .send(Message::Sessions {
+                    seq,
+                    bulk: false,
+                    records,
+                })
+                .await?;
+        }
+    }
+
+    /// Records for queued keys, with each session's current state. Sessions no longer ours are
+    /// skipped; sessions gone from the table are announced as deleted.
+    fn records_for(&self, keys: &[FlowKey]) -> Result<Vec<Record>, DatapathError> {
+        let local = self.inner.cfg.local;
+        let now = monotonic_ns();
+        let mut sessions = Vec::with_capacity(keys.len());
+        tokio::task::block_in_place(|| lock(&self.inner.dp).read_sessions(keys, &mut sessions))?;
+        Ok(keys
+            .iter()
+            .zip(sessions)
+            .filter_map(|(key, s)| match s {
+                Some(s) if s.owner == local => Some(Record::upsert(*key, &s, now)),
+                Some(_) => None,
+                None => Some(Record::delete(*key, local, 0)),
+            })
+            .collect())
+    }
+
+    /// Which owners' sessions a full sync to `peer` carries: this member's own and those of
+    /// members no longer alive (someone must hand them on); live third members send their
+    /// own. The peer's own sessions go back to it only if its table started empty; otherwise
+    /// it knows them better than our replicas do.
+    fn bulk_carries(&self, peer: &Peer) -> impl Fn(MemberId) -> bool {
+        let local = self.inner.cfg.local;
+        let alive: HashSet<MemberId> = lock(&self.inner.membership)
+            .peers
+            .values()
+            .filter(|p| p.alive)
+            .map(|p| p.id)
+            .collect();
+        let peer_id = peer.cfg.id;
+        let peer_fresh = peer.lock().hello.as_ref().is_some_and(|h| h.fresh_table);
+        move |owner| {
+            if owner == peer_id {
+                peer_fresh
+            } else {
+                owner == local || !alive.contains(&owner)
+            }
+        }
+    }
+
+    /// Sends the whole session table to `peer`, a chunk at a time.
+    async fn send_bulk(
+        &self,
+        peer: &Arc<Peer>,
+        link: LinkKind,
+        writer: &Writer,
+    ) -> Result<(), SendError> {
+        let started = Instant::now();
+        let bulk_id =
+            u32::try_from(self.inner.generation.fetch_add(1, Relaxed) & 0xffff_ffff).unwrap_or(0);
+        lock(&peer.stats.bulk_sent).running = true;
+        info!(
+            peer = peer.cfg.id.0,
+            link = link.name(),
+            bulk_id,
+            "full sync to peer started"
+        );
+        writer.send(Message::BulkStart { bulk_id }).await?;
+        let carries = self.bulk_carries(peer);
+        let mut cursor = BatchCursor::new();
+        let (mut keys, mut values): (Vec<FlowKey>, Vec<Session>) = (Vec::new(), Vec::new());
+        let mut total = 0u64;
+        loop {
+            let more = tokio::task::block_in_place(|| {
+                lock(&self.inner.dp).session_chunk(&mut cursor, &mut keys, &mut values, BULK_CHUNK)
+            })?;
+            let now = monotonic_ns();
+            let carried: Vec<Record> = keys
+                .iter()
+                .zip(&values)
+                .filter(|(_, s)| carries(s.owner))
+                .map(|(k, s)| Record::upsert(*k, s, now))
+                .collect();
+            for frame in carried.chunks(MAX_RECORDS_PER_FRAME) {
+                total += frame.len() as u64;
+                self.send_bulk_frame(peer, writer, frame.to_vec()).await?;
+            }
+            if !more {
+                break;
+            }
+        }
+        writer
+            .send(Message::BulkEnd {
+                bulk_id,
+                records: total,
+            })
+            .await?;
+        self.bulk_sent(peer, link, bulk_id, total, started);
+        Ok(())
+    }
+
+    async fn send_bulk_frame(
+        &self,
+        peer: &Peer,
+        writer: &Writer,
+        records: Vec<Record>,
+    ) -> Result<(), SendError> {
+        let seq = {
+            let mut g = peer.lock();
+            let seq = g.outbox.next_seq();
+            // Bulk frames are not resent key by key: a broken full sync starts over.
+            g.outbox.sent(seq, Vec::new(), Instant::now());
+            seq
+        };
+        writer
+            .send(Message::Sessions {
+                seq,
+                bulk: true,
+                records,
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn bulk_sent(&self, peer: &Peer, link: LinkKind, bulk_id: u32, total: u64, started: Instant) {
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        {
+            let mut b = lock(&peer.stats.bulk_sent);
+            b.running = false;
+            b.count += 1;
+            b.last_records = total;
+            b.last_duration_ms = ms;
+        }
+        info!(
+            peer = peer.cfg.id.0,
+            link = link.name(),
+            bulk_id,
+            records = total,
+            ms,
+            "full sync to peer ended"
+        );
+    }
+
+    /// Sends keepalives on every link to `peer` and drops links that went silent.
+    pub(super) async fn keepalive_loop(self, peer: Arc<Peer>) {
+        let mut tick = tokio::time::interval(self.inner.cfg.keepalive_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.settle_fresh_table();
+            let ka = {
+                let m = lock(&self.inner.membership);
+                Keepalive {
+                    state: m.state as u8,
+                    sessions_owned: m.local_sessions_owned,
+                    flaps: m.flaps,
+                }
+            };
+            let now = Instant::now();
+            let links: Vec<(LinkKind, u64, Writer, Instant)> = peer
+                .lock()
+                .links
+                .iter()
+                .map(|(l, c)| (*l, c.generation, c.writer.clone(), c.last_rx))
+                .collect();
+            for (link, generation, writer, last_rx) in links {
+                if now.duration_since(last_rx) > self.inner.cfg.keepalive_threshold {
+                    self.detach(&peer, link, Some(generation), "keepalives missed");
+                } else {
+                    // Never waits: the writer sends it ahead of queued data.
+                    writer.keepalive(ka);
+                }
+            }
+        }
+    }
+}
