@@ -10,7 +10,7 @@ use crate::{
             StatisticsView,
         },
     },
-    datapath::DEFAULT_CHUNK,
+    datapath::{Datapath, DEFAULT_CHUNK},
     runtime::{lock, Member},
     sync::wire::LinkKind,
 };
@@ -57,7 +57,7 @@ pub fn handle(member: &Member, request: Request) -> Response {
                 Err(e) => return Response::error(e),
             };
             let walked = tokio::task::block_in_place(|| {
-                lock(&member.dp).sessions_chunked(DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
+                Datapath::walk_sessions(&member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
             });
             match walked {
                 Ok(_) => Response::ok(page.finish()),

@@ -397,27 +397,17 @@ fn apply_membership(member: &Member) {
 fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {
-        let mut cursor = BatchCursor::new();
-        let (mut keys, mut values, mut owned) = (Vec::new(), Vec::new(), Vec::new());
-        loop {
-            let more = lock(&member.dp).session_chunk(
-                &mut cursor,
-                &mut keys,
-                &mut values,
-                DEFAULT_CHUNK,
-            )?;
+        let mut owned = Vec::new();
+        Datapath::walk_sessions(&member.dp, DEFAULT_CHUNK, |keys, values| {
             owned.clear();
             owned.extend(
                 keys.iter()
-                    .zip(&values)
+                    .zip(values)
                     .filter(|(_, s)| s.owner == local)
                     .map(|(k, _)| *k),
             );
             member.engine.enqueue(&owned);
-            if !more {
-                return Ok::<(), crate::datapath::DatapathError>(());
-            }
-        }
+        })
     });
     if let Err(e) = walked {
         warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");

@@ -15,6 +15,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
@@ -27,11 +28,16 @@ use hasync_agent::{
         view::{CountersView, MemberView, MembersView, SessionView, SessionsView, StatisticsView},
         Request, SessionFilter,
     },
+    datapath::{batch::obj_get, monotonic_ns, BatchMap},
     lab::{
         netns::run_in,
         topology::{test_prefix, Topology},
         ClusterOptions, LabCluster,
     },
+};
+
+use hasync_common::{
+    flow::IPPROTO_UDP, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
 
 use crate::frame::Frame;
@@ -352,6 +358,35 @@ impl Cluster {
             .ok_or_else(|| format!("fw{k} does not list member {of}"))
     }
 
+    /// How many sessions of `owner` member `k` holds.
+    pub fn try_owned_by(&self, k: u8, owner: u8) -> Result<u64, String> {
+        let filter = SessionFilter {
+            owner: Some(owner),
+            ..SessionFilter::default()
+        };
+        Ok(self.try_count(k, filter)?.total)
+    }
+
+    /// Writes `n` UDP sessions owned by `owner` straight into member `k`'s pinned table (no
+    /// event: its agent learns of them only by reading the table, as a full sync does). The
+    /// flows use addresses no lab traffic uses, distinct per owner.
+    pub fn fill_table(&self, k: u8, owner: u8, n: u32) {
+        let path = self
+            .pin_dir(k)
+            .join("maps")
+            .join(hasync_common::maps::SESSIONS);
+        let fd = obj_get(&path).unwrap_or_else(|e| self.fail(&format!("{}: {e}", path.display())));
+        let map = BatchMap::<FlowKey, Session>::new(fd.as_fd())
+            .unwrap_or_else(|e| self.fail(&format!("fw{k}'s pinned table: {e}")));
+        let now = monotonic_ns();
+        let (keys, values): (Vec<FlowKey>, Vec<Session>) =
+            (0..n).map(|i| synthetic_session(owner, i, now)).unzip();
+        for (ks, vs) in keys.chunks(4096).zip(values.chunks(4096)) {
+            map.update_batch(ks, vs, 0)
+                .unwrap_or_else(|e| self.fail(&format!("filling fw{k}'s table: {e}")));
+        }
+    }
+
     /// `show cluster statistics` on member `k`.
     pub fn try_statistics(&self, k: u8) -> Result<StatisticsView, String> {
         query!(self, k, &Request::ShowStatistics, StatisticsView)
@@ -403,6 +438,33 @@ impl Cluster {
             Ok(table)
         })
     }
+}
+
+/// Session `i` owned by member `owner`: an established UDP flow from 198.19.`owner`.1 to one
+/// of 198.19.200.0/21, in zone 1, seen at `now`.
+pub fn synthetic_session(owner: u8, i: u32, now: u64) -> (FlowKey, Session) {
+    let a = u32::from_be_bytes([198, 19, owner, 1]).to_be();
+    let b = (u32::from_be_bytes([198, 19, 200, 0]) + (i >> 16)).to_be();
+    let (key, _) = FlowKey::canonical(
+        Family::V4,
+        IPPROTO_UDP,
+        [a, 0, 0, 0],
+        (i & 0xffff) as u16,
+        [b, 0, 0, 0],
+        53,
+    );
+    let session = Session {
+        created_ns: now,
+        last_seen_ns: now,
+        last_event_ns: now,
+        version: 1,
+        zone: ZoneId(1),
+        owner: MemberId(owner),
+        state: State::UdpReplied as u8,
+        flags: SessionFlags(0),
+        ..Session::default()
+    };
+    (key, session)
 }
 
 /// The first `max` rows of `table`, one per line.

@@ -100,6 +100,10 @@ AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
 NoNewPrivileges=yes
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 LimitMEMLOCK=infinity
+# Descriptors: two connections per peer and link, the control socket, the dashboard, maps and
+# links. The listener refuses unknown sources before their handshake, so a flood cannot hold
+# many; this leaves room far above the systemd default soft limit of 1024.
+LimitNOFILE=65536
 
 # Read-only system, writable only where the agent writes: pins, control socket, traffic log.
 ProtectSystem=strict

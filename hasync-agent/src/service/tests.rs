@@ -210,6 +210,7 @@ fn the_unit_grants_only_the_capabilities_it_explains() {
         "ProtectHome=yes",
         "PrivateTmp=yes",
         "LimitMEMLOCK=infinity",
+        "LimitNOFILE=65536",
         "Restart=on-failure",
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");

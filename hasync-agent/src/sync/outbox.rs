@@ -85,6 +85,15 @@ impl Outbox {
         self.in_flight.len() < self.max_in_flight
     }
 
+    /// Forgets the queued keys and any overflow: a full sync that starts now carries their
+    /// sessions' current state (or their absence, which its end reconciles).
+    pub fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.queued.clear();
+        self.overflowed = false;
+        self.release_memory();
+    }
+
     /// Whether the queue overflowed since the last call (then a full sync is due).
     pub fn take_overflow(&mut self) -> bool {
         std::mem::take(&mut self.overflowed)

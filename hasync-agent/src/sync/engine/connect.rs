@@ -27,6 +27,10 @@ use crate::{
 
 /// How long a handshake plus hello may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connect may take. Short: a connect started while the link was cut waits out
+/// the kernel's SYN retransmissions (1 s, then 3 s, 7 s...), so after a heal a fresh attempt
+/// gets through sooner than an old one would.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a dialer retries a missing connection.
 const REDIAL: Duration = Duration::from_millis(500);
 /// How often the local sync interfaces' state is read.
@@ -273,7 +277,9 @@ impl Engine {
             };
             // Bind to this link's address so the connection leaves through this link.
             socket.bind(SocketAddr::new(local, 0))?;
-            let stream = socket.connect(remote).await?;
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(remote))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             let _ = channel::tune_socket(&stream, idle);
             let (mut tx, mut rx) = channel::initiate(stream, &psk).await?;
             tx.send(&Message::Hello(hello)).await?;

@@ -99,6 +99,17 @@ impl LinkConn {
     }
 }
 
+/// A full sync being received.
+#[derive(Clone, Copy, Debug)]
+struct BulkRx {
+    /// Its id: only its own end ends it (the end of one superseded by a newer full sync, that
+    /// came on the other link, is ignored).
+    id: u32,
+    /// It will reconcile the peer's replicas (the peer's table is intact, so it is the
+    /// authority on its sessions): the session clock when it started.
+    mark: Option<u64>,
+}
+
 /// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
 #[derive(Debug, Default)]
 struct Applied {
@@ -119,9 +130,8 @@ struct PeerInner {
     bulk_backoff: Backoff,
     /// The peer boot whose request for a full sync was honoured last.
     bulk_granted_boot: Option<u64>,
-    /// A full sync from this peer is being received and will reconcile its replicas: the
-    /// session clock when it started.
-    bulk_mark: Option<u64>,
+    /// The full sync being received from this peer, if any.
+    bulk_rx: Option<BulkRx>,
     zones: ZoneMap,
     hello: Option<Hello>,
 }
@@ -149,7 +159,7 @@ impl Peer {
                 bulk_wanted: false,
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
-                bulk_mark: None,
+                bulk_rx: None,
                 zones: ZoneMap::default(),
                 hello: None,
             }),
@@ -418,3 +428,6 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Instant};
 
 use tracing::{info, warn};
 
-use super::{lock, Engine, Peer};
+use super::{lock, BulkRx, Engine, Peer};
 use crate::{
     cluster::MemberState,
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// What became of a session frame.
-enum Applied {
+pub(super) enum Applied {
     /// Applied: acknowledge it.
     Done,
     /// Older than a frame already applied (it came late on another link, and what it carried
@@ -121,7 +121,7 @@ impl Engine {
         peer.wake.notify_one();
     }
 
-    fn on_bulk_start(&self, peer: &Peer, bulk_id: u32) {
+    pub(super) fn on_bulk_start(&self, peer: &Peer, bulk_id: u32) {
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
         lock(&self.inner.membership).bulk(peer.cfg.id, false);
         {
@@ -129,16 +129,32 @@ impl Engine {
             // also removes the replicas it no longer holds.
             let mut g = peer.lock();
             let authoritative = g.hello.as_ref().is_some_and(|h| !h.fresh_table);
-            g.bulk_mark = authoritative.then(monotonic_ns);
+            g.bulk_rx = Some(BulkRx {
+                id: bulk_id,
+                mark: authoritative.then(monotonic_ns),
+            });
         }
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
         b.started_ms = monotonic_ns() / 1_000_000;
     }
 
-    fn on_bulk_end(&self, peer: &Peer, bulk_id: u32, records: u64) {
-        let mark = peer.lock().bulk_mark.take();
-        if let Some(mark) = mark {
+    pub(super) fn on_bulk_end(&self, peer: &Peer, bulk_id: u32, records: u64) {
+        let running = {
+            let mut g = peer.lock();
+            match g.bulk_rx {
+                Some(b) if b.id == bulk_id => g.bulk_rx.take(),
+                _ => None,
+            }
+        };
+        let Some(ended) = running else {
+            info!(
+                peer = peer.cfg.id.0,
+                bulk_id, "end of a full sync superseded by a newer one ignored"
+            );
+            return;
+        };
+        if let Some(mark) = ended.mark {
             self.remove_stale_replicas(peer, mark);
         }
         lock(&self.inner.membership).bulk(peer.cfg.id, true);
@@ -162,7 +178,7 @@ impl Engine {
     /// Applies a session frame if it is the peer's next in sequence (any gap was queued
     /// again by the sender). A failed install is not acknowledged: the connection closes and
     /// the peer sends the frame's sessions again.
-    fn apply_in_order(
+    pub(super) fn apply_in_order(
         &self,
         f: &FrameFrom<'_>,
         seq: u64,
@@ -202,7 +218,7 @@ impl Engine {
             let g = peer.lock();
             (
                 g.zones.clone(),
-                (bulk && g.bulk_mark.is_some()).then_some(peer.cfg.id),
+                (bulk && g.bulk_rx.is_some_and(|b| b.mark.is_some())).then_some(peer.cfg.id),
             )
         };
         let who = self.installer(peer, bulk, reconciling);
@@ -292,9 +308,9 @@ impl Engine {
 }
 
 /// Where a message came from.
-struct FrameFrom<'a> {
-    peer: &'a Arc<Peer>,
-    link: LinkKind,
+pub(super) struct FrameFrom<'a> {
+    pub(super) peer: &'a Arc<Peer>,
+    pub(super) link: LinkKind,
     /// The peer's boot, from this connection's hello.
-    boot_id: u64,
+    pub(super) boot_id: u64,
 }

@@ -74,6 +74,12 @@ impl Engine {
         let bulk = g.bulk_wanted && g.bulk_backoff.try_start(now);
         if bulk {
             g.bulk_wanted = false;
+            // The full sync reads the table after this point: it carries what is queued. Not
+            // while our table is fresh: then the peer does not reconcile our full sync, and a
+            // queued removal would be lost.
+            if !self.fresh_table() {
+                g.outbox.clear_pending();
+            }
         }
         let c = g.links.get(&link)?;
         Some((link, c.writer.clone(), c.generation, bulk))

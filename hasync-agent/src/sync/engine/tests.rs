@@ -1,0 +1,232 @@
+//! The engine's receive rules against the real session table (the install program through
+//! BPF_PROG_TEST_RUN; needs root, as every datapath unit test).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, Session, State, ZoneId};
+
+use super::{
+    receive::{Applied, FrameFrom},
+    Engine, PeerConfig, SyncConfig,
+};
+use crate::{
+    cluster::{Membership, Timers},
+    datapath::testing::datapath,
+    sync::wire::{Hello, LinkKind, Record},
+};
+
+fn engine() -> Engine {
+    let peer = |id: u8| PeerConfig {
+        id: MemberId(id),
+        serial: format!("fw{id}"),
+        addrs: BTreeMap::new(),
+        session_sync: true,
+        enabled: true,
+    };
+    let cfg = SyncConfig {
+        cluster_id: 1,
+        local: MemberId(1),
+        local_session_sync: true,
+        psk: [0; 32],
+        zones: vec!["trust".into()],
+        fingerprint: [0; 32],
+        port: 0,
+        local_links: BTreeMap::new(),
+        peers: vec![peer(1), peer(2), peer(3)],
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_threshold: Duration::from_secs(5),
+        hold_down: Duration::from_secs(60),
+        boot_id: 1,
+        fresh_table: false,
+    };
+    let timers = Timers {
+        keepalive_threshold: Duration::from_secs(5),
+        sync_timeout: Duration::ZERO,
+        tentative_hold: Duration::ZERO,
+        discovery: Duration::ZERO,
+    };
+    let membership = Membership::new(
+        MemberId(1),
+        timers,
+        vec![
+            (MemberId(2), "fw2".into(), true),
+            (MemberId(3), "fw3".into(), true),
+        ],
+        Instant::now(),
+    );
+    Engine::new(
+        cfg,
+        Arc::new(Mutex::new(datapath())),
+        Arc::new(Mutex::new(membership)),
+    )
+}
+
+/// Peer 2 said hello from boot `boot_id`.
+fn hello_from_2(e: &Engine, boot_id: u64) {
+    let mut g = e.inner.peers[&MemberId(2)].lock();
+    g.zones = super::ZoneMap::new(&["trust".into()], &["trust".into()]);
+    g.hello = Some(Hello {
+        major: 1,
+        minor: 0,
+        cluster_id: 1,
+        member: MemberId(2),
+        link: LinkKind::Ha4,
+        boot_id,
+        fingerprint: [0; 32],
+        zones: vec!["trust".into()],
+        wants_bulk: false,
+        fresh_table: false,
+    });
+}
+
+fn key() -> FlowKey {
+    FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, 0, 0], 1, [2, 0, 0, 0], 2).0
+}
+
+fn upsert(version: u32, owner: u8) -> Record {
+    let s = Session {
+        version,
+        owner: MemberId(owner),
+        zone: ZoneId(1),
+        state: State::Established as u8,
+        ..Session::default()
+    };
+    Record::upsert(key(), &s, 0)
+}
+
+fn held(e: &Engine) -> Option<(u32, u8)> {
+    let dp = e.inner.dp.lock().expect("dp");
+    dp.session(&key())
+        .expect("lookup")
+        .map(|s| (s.version, s.owner.0))
+}
+
+fn apply(e: &Engine, link: LinkKind, boot_id: u64, seq: u64, rec: Record) -> Applied {
+    apply_frame(e, link, boot_id, seq, rec, false)
+}
+
+fn apply_frame(
+    e: &Engine,
+    link: LinkKind,
+    boot_id: u64,
+    seq: u64,
+    rec: Record,
+    bulk: bool,
+) -> Applied {
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let from = FrameFrom {
+        peer: &peer,
+        link,
+        boot_id,
+    };
+    let r = e.apply_in_order(&from, seq, &[rec], bulk);
+    r.expect("applied")
+}
+
+/// The peer's full sync 2 runs on HA4 backup when its data moves to HA4 and full sync 4
+/// starts there: the end of 2, read late, must not reconcile against 4's start (which would
+/// remove everything 2 installed before it).
+#[test]
+fn the_end_of_a_superseded_full_sync_removes_nothing() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    e.on_bulk_start(&peer, 2);
+    let rec = upsert(1, 2);
+    assert!(matches!(
+        apply_frame(&e, LinkKind::Ha4Backup, 7, 1, rec, true),
+        Applied::Done
+    ));
+    std::thread::sleep(Duration::from_millis(5));
+    e.on_bulk_start(&peer, 4);
+    e.on_bulk_end(&peer, 2, 1);
+    assert_eq!(held(&e), Some((1, 2)), "the superseded end reconciled");
+    assert_eq!(crate::sync::stats::LinkStats::get(&peer.stats.deleted), 0);
+    assert!(matches!(
+        apply_frame(&e, LinkKind::Ha4, 7, 2, rec, true),
+        Applied::Done
+    ));
+    e.on_bulk_end(&peer, 4, 1);
+    assert_eq!(held(&e), Some((1, 2)), "full sync 4 carried it");
+}
+
+/// Frames 5 (an update) and 7 (the delete) were in flight on HA4 when it failed; the sender
+/// queued their sessions again and sent the delete on HA4 backup first. Frame 5, read late on
+/// HA4, must not bring the session back.
+#[test]
+fn a_late_frame_from_the_other_link_does_not_undo_a_later_one() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 3, upsert(1, 2)),
+        Applied::Done
+    ));
+    assert_eq!(held(&e), Some((1, 2)));
+    let delete = Record::delete(key(), MemberId(2), 0);
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4Backup, 7, 7, delete),
+        Applied::Done
+    ));
+    assert_eq!(held(&e), None);
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 5, upsert(2, 2)),
+        Applied::Stale
+    ));
+    assert_eq!(held(&e), None, "the late frame was applied");
+}
+
+/// A connection of the peer's previous boot delivers a buffered frame after the new boot said
+/// hello: dropped, and the new boot's sequence starts afresh.
+#[test]
+fn frames_of_an_earlier_boot_are_dropped_and_a_new_boot_starts_its_sequence_anew() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 900, upsert(1, 2)),
+        Applied::Done
+    ));
+    hello_from_2(&e, 8);
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4Backup, 7, 901, upsert(9, 2)),
+        Applied::OldBoot
+    ));
+    assert_eq!(held(&e), Some((1, 2)));
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 8, 1, upsert(2, 2)),
+        Applied::Done
+    ));
+    assert_eq!(held(&e), Some((2, 2)));
+}
+
+/// Another member's session, sent by peer 2 outside a full sync: refused and counted, the
+/// frame still applied (and so acknowledged).
+#[test]
+fn a_peer_cannot_write_a_live_members_session() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    e.inner.membership.lock().expect("m").heard(
+        MemberId(3),
+        crate::cluster::MemberState::Active,
+        0,
+        Instant::now(),
+    );
+    e.inner
+        .membership
+        .lock()
+        .expect("m")
+        .evaluate(Instant::now());
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 1, upsert(5, 3)),
+        Applied::Done
+    ));
+    assert_eq!(held(&e), None);
+    let peer = &e.inner.peers[&MemberId(2)];
+    assert_eq!(
+        crate::sync::stats::LinkStats::get(&peer.stats.refused_owner),
+        1
+    );
+}
