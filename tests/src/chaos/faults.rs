@@ -52,6 +52,17 @@ fn nft(c: &crate::cluster::Cluster, k: u8, script: &str) -> Result<(), String> {
     }
 }
 
+/// Runs every heal in `results` (it is evaluated to the end), keeping the first error.
+fn every(results: impl Iterator<Item = Result<(), String>>) -> Result<(), String> {
+    let mut first = Ok(());
+    for r in results {
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 /// The nftables script that cuts member `k` off from the sync addresses of `others`.
 fn partition_script(others: &[u8]) -> String {
     let addrs: Vec<String> = others
@@ -115,10 +126,11 @@ impl Runner<'_> {
                 r.hold(hold)
             },
             |_| {
-                SYNC_LINKS
-                    .iter()
-                    .map(|&l| topo.undrop_nft(k, l).map_err(|e| e.to_string()))
-                    .collect()
+                every(
+                    SYNC_LINKS
+                        .iter()
+                        .map(|&l| topo.undrop_nft(k, l).map_err(|e| e.to_string())),
+                )
             },
         )
     }
@@ -133,9 +145,10 @@ impl Runner<'_> {
                 r.hold(hold)
             },
             |_| {
-                a.iter()
-                    .map(|&k| nft(c, k, &format!("delete table ip {PARTITION_TABLE}\n")))
-                    .collect()
+                every(
+                    a.iter()
+                        .map(|&k| nft(c, k, &format!("delete table ip {PARTITION_TABLE}\n"))),
+                )
             },
         )
     }
@@ -154,16 +167,9 @@ impl Runner<'_> {
                 r.hold(hold)
             },
             |_| {
-                let mut result = Ok(());
-                for &k in &members {
-                    for l in SYNC_LINKS {
-                        // A link never dropped on (an earlier error) has no table: fine.
-                        if let Err(e) = topo.undrop_nft(k, l) {
-                            result = result.and(Err(e.to_string()));
-                        }
-                    }
-                }
-                result
+                every(members.iter().flat_map(|&k| {
+                    SYNC_LINKS.map(|l| topo.undrop_nft(k, l).map_err(|e| e.to_string()))
+                }))
             },
         )
     }
@@ -279,7 +285,7 @@ impl Runner<'_> {
             ));
         }
         std::thread::sleep(hold);
-        let after = invariants::snapshot(self.c, &members)?;
+        let after = invariants::tables(self.c, &members)?;
         let refused_after = invariants::rejections(self.c, k)?;
         let delta: Vec<String> = refused_after
             .iter()

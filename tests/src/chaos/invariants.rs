@@ -114,6 +114,11 @@ pub fn snapshot(c: &Cluster, members: &[u8]) -> Result<Snapshot, String> {
             None => first = Some((k, n)),
         }
     }
+    tables(c, members)
+}
+
+/// Every table of `members`, whatever they hold.
+pub fn tables(c: &Cluster, members: &[u8]) -> Result<Snapshot, String> {
     members
         .iter()
         .map(|&k| c.try_table(k).map(|t| (k, t)))

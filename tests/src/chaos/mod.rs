@@ -244,7 +244,7 @@ fn monitor(c: &Cluster, lanes: &Lanes, watch: &Watch, done: &AtomicBool) {
     let mut tick = 0u64;
     while !done.load(Ordering::Relaxed) {
         lanes.sample();
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             for k in c.topology().member_ids() {
                 sample_agent(c, k, watch);
             }

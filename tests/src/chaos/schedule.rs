@@ -227,6 +227,9 @@ pub fn round(rng: &mut Rng, members: u8, keepalive: Duration, floods: FloodSizes
         },
     ];
     rng.shuffle(&mut steps);
+    // Whatever a hostile peer manages to do lasts: last in its round, so it cannot mask
+    // what the other faults of the round do.
+    steps.sort_by_key(|s| matches!(s.fault, Fault::HostilePeer { .. }));
     steps
 }
 
@@ -276,6 +279,7 @@ mod tests {
         kinds.sort_unstable();
         kinds.dedup();
         assert_eq!(kinds.len(), 11, "{kinds:?}");
+        assert!(matches!(a[10].fault, Fault::HostilePeer { .. }), "{a:?}");
     }
 
     #[test]
