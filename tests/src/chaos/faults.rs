@@ -248,9 +248,9 @@ impl Runner<'_> {
         connected.1
     }
 
-    /// The hostile peer, three ways (a foreign address claiming a member; a member's address
-    /// claiming itself but writing others' sessions; an unknown member id). No member's table
-    /// may change.
+    /// The hostile peer, three ways: a foreign address claiming a member; a member's own
+    /// address claiming that member but writing others' sessions; an unknown member id. No
+    /// member's table may change.
     fn hostile_peer(&mut self, k: u8, hold: Duration) -> Result<(), String> {
         let members = self.members();
         let before = invariants::snapshot(self.c, &members)?;
@@ -263,21 +263,25 @@ impl Runner<'_> {
                 ns: intruder.clone(),
                 from: IpAddr::V4(INTRUDER_V4),
                 member: other,
+                genuine: false,
             },
             Claim {
                 ns: self.c.topology().fw(third).to_owned(),
                 from: IpAddr::V4(Link::Ha4.v4(third).0),
                 member: third,
+                genuine: true,
             },
             Claim {
                 ns: intruder,
                 from: IpAddr::V4(INTRUDER_V4),
                 member: UNKNOWN_MEMBER,
+                genuine: false,
             },
         ];
         let refused_before = invariants::rejections(self.c, k)?;
         for claim in &claims {
-            let frames = hostile::hostile_frames(&table, claim.member, self.p.members);
+            let frames =
+                hostile::hostile_frames(&table, claim.member, self.p.members, !claim.genuine);
             let out = hostile::hostile_peer(self.c, k, claim, frames)?;
             self.report.note(format!(
                 "hostile peer from {} claiming member {} against fw{k}: {out:?}",

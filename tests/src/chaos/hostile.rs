@@ -117,6 +117,9 @@ pub struct Claim {
     pub from: IpAddr,
     /// The member id its hello claims.
     pub member: u8,
+    /// Whether `from` is the claimed member's own address (then it may change the claimed
+    /// member's sessions, so it sends nothing that would).
+    pub genuine: bool,
 }
 
 fn key_of(row: &Row) -> Option<FlowKey> {
@@ -150,8 +153,12 @@ fn record(op: Op, key: FlowKey, owner: u8, version: u32, state: State) -> Record
 
 /// The hostile frames for a target whose table is `table`, claiming `claimed`: new sessions of
 /// foreign and unknown owners, deletes and huge-version rewrites (state closed, ownership
-/// stolen) of other owners' sessions, the same in a full sync, and replays.
-pub fn hostile_frames(table: &Table, claimed: u8, members: u8) -> Vec<Message> {
+/// stolen) of other owners' sessions, and replays; with `bulk`, the same in a full sync too.
+///
+/// Without `bulk` nothing here is the claimed member's to change, even for a client that
+/// truly is that member. A full sync is left out then: its end legitimately drops the
+/// receiver's replicas of the claimed member's sessions that it did not carry.
+pub fn hostile_frames(table: &Table, claimed: u8, members: u8, bulk: bool) -> Vec<Message> {
     let victims: Vec<(FlowKey, u8)> = table
         .iter()
         .filter(|r| r.owner != claimed)
@@ -189,7 +196,7 @@ pub fn hostile_frames(table: &Table, claimed: u8, members: u8) -> Vec<Message> {
         bulk,
         records: records.clone(),
     };
-    vec![
+    let mut frames = vec![
         sessions(1, false, &new),
         sessions(2, false, &rewrites),
         sessions(3, false, &deletes),
@@ -197,18 +204,25 @@ pub fn hostile_frames(table: &Table, claimed: u8, members: u8) -> Vec<Message> {
         sessions(1, false, &new),
         sessions(3, false, &deletes),
         sessions(2, false, &rewrites),
+    ];
+    if bulk {
         // A full sync carrying other members' sessions (all of them alive).
-        Message::BulkStart { bulk_id: 9 },
-        sessions(4, true, &rewrites),
-        sessions(5, true, &new),
-        Message::BulkEnd {
-            bulk_id: 9,
-            records: (rewrites.len() + new.len()) as u64,
-        },
-        // A version far ahead of everything, then wrapped around.
+        frames.extend([
+            Message::BulkStart { bulk_id: 9 },
+            sessions(4, true, &rewrites),
+            sessions(5, true, &new),
+            Message::BulkEnd {
+                bulk_id: 9,
+                records: (rewrites.len() + new.len()) as u64,
+            },
+        ]);
+    }
+    // A sequence number far ahead of everything, then wrapped around.
+    frames.extend([
         sessions(u64::MAX, false, &rewrites),
         sessions(6, false, &deletes),
-    ]
+    ]);
+    frames
 }
 
 fn hello(cfg: &Config, claimed: u8) -> Hello {

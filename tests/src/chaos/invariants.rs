@@ -157,6 +157,12 @@ pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
             Err(e) => last.lines = vec![e],
         }
         if start.elapsed() >= bound {
+            // Counts that still differ say little: compare the whole tables to name what is
+            // missing where.
+            if let Ok(s) = tables(c, members) {
+                last = compare(&s);
+                snap = s;
+            }
             return Convergence {
                 took: None,
                 mismatch: last,
