@@ -71,7 +71,7 @@ impl Profile {
             duration: Duration::from_secs(600),
             burst: 4,
             floods: FloodSizes {
-                connections: 300,
+                connections: 600,
                 sessions: 1_500,
             },
             max_flooded: 1_500,
@@ -104,10 +104,11 @@ impl Profile {
         .with_fd_bound()
     }
 
-    /// Descriptors an agent may hold: its files and sockets, plus per peer two links, each
-    /// dialled and accepted, with a connection being replaced, and a margin.
+    /// Descriptors an agent may hold: its files and sockets, per peer two links, each
+    /// dialled and accepted, with a connection being replaced, and room for a bounded number
+    /// of handshakes in progress. The connection floods are larger than this.
     fn with_fd_bound(mut self) -> Profile {
-        self.fd_bound = 64 + 8 * u64::from(self.members);
+        self.fd_bound = 256 + 8 * u64::from(self.members);
         self
     }
 
