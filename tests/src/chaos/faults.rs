@@ -253,7 +253,8 @@ impl Runner<'_> {
     /// member's table may change.
     fn hostile_peer(&mut self, k: u8, hold: Duration) -> Result<(), String> {
         let members = self.members();
-        let before = invariants::snapshot(self.c, &members)?;
+        // Whole tables, converged or not: what matters is that the peer changes none of them.
+        let before = invariants::tables(self.c, &members)?;
         let table = before.get(&k).cloned().unwrap_or_default();
         let other = members.iter().copied().find(|&m| m != k).unwrap_or(k);
         let third = members.iter().copied().rfind(|&m| m != k).unwrap_or(other);

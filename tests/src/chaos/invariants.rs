@@ -48,6 +48,13 @@ impl Mismatch {
     }
 }
 
+/// ` (e.g. ROW)` for the first of `rows`, if any.
+fn example(rows: &[&&Row]) -> String {
+    rows.first()
+        .map(|r| format!(" (e.g. {r})"))
+        .unwrap_or_default()
+}
+
 fn owned_by(table: &Table, owner: u8) -> BTreeSet<&Row> {
     table.iter().filter(|r| r.owner == owner).collect()
 }
@@ -66,18 +73,17 @@ pub fn compare(snap: &Snapshot) -> Mismatch {
             if replicas.len() == owned.len() && digest(replicas.iter().copied()) == d {
                 continue;
             }
-            let lacks = owned.difference(&replicas).count();
+            let lacks: Vec<&&Row> = owned.difference(&replicas).collect();
             let extra: Vec<&&Row> = replicas.difference(&owned).collect();
-            m.missing += lacks as u64;
+            m.missing += lacks.len() as u64;
             m.lines.push(format!(
-                "fw{y}'s replicas of fw{x}: {} vs {} owned ({lacks} missing, {} extra{})",
+                "fw{y}'s replicas of fw{x}: {} vs {} owned ({} missing{}, {} extra{})",
                 replicas.len(),
                 owned.len(),
+                lacks.len(),
+                example(&lacks),
                 extra.len(),
-                extra
-                    .first()
-                    .map(|r| format!(", e.g. {r}"))
-                    .unwrap_or_default()
+                example(&extra),
             ));
         }
     }
