@@ -1,6 +1,7 @@
 //! Helpers for hasync's cross-crate tests: a frame builder, a `BPF_PROG_TEST_RUN` driver, the
 //! packet fixture runner and network-namespace labs. The tests themselves live in `tests/`.
 
+pub mod chaos;
 pub mod cluster;
 pub mod fixture;
 pub mod frame;

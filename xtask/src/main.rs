@@ -1,5 +1,6 @@
 //! Developer tasks for hasync, run as `cargo xtask <task>` from anywhere in the workspace.
 
+mod chaos;
 mod cmd;
 mod setup;
 mod test;
@@ -73,6 +74,23 @@ Modes:
         /// Ask the bench for JSON output.
         #[arg(long)]
         json: bool,
+    },
+    /// Setup, then a fault-injection run against a netns cluster (needs root): partitions,
+    /// loss, stopped, killed and restarted agents, floods, a hostile peer; invariants checked
+    /// throughout. Writes a Markdown table of the results.
+    Chaos {
+        /// Cluster members, 3–16.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(3..=16))]
+        members: u8,
+        /// Seconds after which no new fault starts.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+        /// Seed of the fault schedule (the same seed replays it).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the table goes.
+        #[arg(long, default_value = "target/chaos-report.md")]
+        out: PathBuf,
     },
     /// Lint the XDP program (hasync-ebpf) for bpfel-unknown-none with nightly clippy.
     ClippyEbpf,
@@ -220,6 +238,23 @@ fn dispatch(cli: Cli) -> Result<()> {
                 cargo.arg("--json");
             }
             cmd::run(&mut cargo)
+        }
+        Task::Chaos {
+            members,
+            duration,
+            seed,
+            out,
+        } => {
+            setup::setup(Mode::Install, Report::Summary)?;
+            chaos::chaos(
+                root,
+                &chaos::ChaosArgs {
+                    members,
+                    duration,
+                    seed,
+                    out,
+                },
+            )
         }
         Task::ClippyEbpf => test::clippy_ebpf(),
     }

@@ -524,6 +524,32 @@ impl Topology {
         netns::output(&mut cmd, None).map(drop)
     }
 
+    /// Plugs namespace `ns` (a full name, created by the caller, e.g. an intruder for a fault
+    /// run) into `link`'s bridge: a veth pair created in `hasw` as port `port`, its peer placed
+    /// straight into `ns` as `ifname` with address `cidr` (a lab address), both up. Deleting
+    /// `ns` removes the pair.
+    pub fn plug(&self, ns: &str, ifname: &str, link: Link, port: &str, cidr: &str) -> Result<()> {
+        let addr = cidr.split('/').next().unwrap_or_default();
+        match addr.parse::<IpAddr>() {
+            Ok(ip) if netns::is_lab_address(ip) => {}
+            _ => return Err(LabError::NotLabAddress(cidr.into())),
+        }
+        ip_batch(
+            self.hasw(),
+            &[
+                format!("link add {port} type veth peer name {ifname} netns {ns}"),
+                format!("link set {port} master {} up", link.bridge()),
+            ],
+        )?;
+        ip_batch(
+            ns,
+            &[
+                format!("addr add {cidr} dev {ifname}"),
+                format!("link set {ifname} up"),
+            ],
+        )
+    }
+
     /// A command that runs `program` inside namespace `name` (a short name: `fw1`): it joins
     /// the namespace between fork and exec. Start it with [`Topology::spawn`].
     pub fn command(&self, name: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {

@@ -1,0 +1,48 @@
+//! `cargo xtask chaos`: the long fault-injection run (needs root). Prints the report and
+//! writes its Markdown table to `--out` (default `target/chaos-report.md`); exits non-zero when
+//! an invariant broke.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use hasync_tests::chaos::{run, Profile};
+
+#[derive(Parser)]
+#[command(
+    name = "hasync-chaos",
+    about = "Fault-injection run against a netns cluster"
+)]
+struct Args {
+    /// Cluster members, 3–16.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(3..=16))]
+    members: u8,
+    /// Seconds after which no new fault starts.
+    #[arg(long, default_value_t = 600)]
+    duration: u64,
+    /// Seed of the fault schedule (the same seed replays the same schedule).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the Markdown table.
+    #[arg(long, default_value = "target/chaos-report.md")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let report = run(&Profile::long(
+        args.members,
+        Duration::from_secs(args.duration),
+        args.seed,
+    ));
+    println!("{}", report.text());
+    if let Err(e) = std::fs::write(&args.out, report.markdown()) {
+        eprintln!("error: writing {}: {e}", args.out.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("table written to {}", args.out.display());
+    if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,356 @@
+//! Applying, holding and healing each fault. Every fault heals itself even when applying it
+//! failed half-way, and every loop in here is bounded.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use hasync_agent::lab::{
+    netns::command_in,
+    topology::{Link, SERVER_V4},
+    Signal,
+};
+
+use super::{
+    hostile::{self, Claim, INTRUDER_V4, UNKNOWN_MEMBER},
+    invariants, lock,
+    schedule::{Fault, Step},
+    Runner,
+};
+use crate::cluster::UdpInjector;
+
+const SYNC_LINKS: [Link; 2] = [Link::Ha4, Link::Ha4Backup];
+/// The nftables table a half-partition adds in a member.
+const PARTITION_TABLE: &str = "hasync_chaos_partition";
+
+/// Runs `nft -f -` with `script` inside member `k`'s namespace.
+fn nft(c: &crate::cluster::Cluster, k: u8, script: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let mut cmd = command_in(c.topology().fw(k), "nft").map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft in fw{k}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| format!("nft in fw{k}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("nft in fw{k}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft in fw{k}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Runs every heal in `results` (it is evaluated to the end), keeping the first error.
+fn every(results: impl Iterator<Item = Result<(), String>>) -> Result<(), String> {
+    let mut first = Ok(());
+    for r in results {
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
+/// The nftables script that cuts member `k` off from the sync addresses of `others`.
+fn partition_script(others: &[u8]) -> String {
+    let addrs: Vec<String> = others
+        .iter()
+        .flat_map(|&o| SYNC_LINKS.map(|l| l.v4(o).0.to_string()))
+        .collect();
+    let set = addrs.join(", ");
+    format!(
+        "table ip {PARTITION_TABLE} {{\n\
+         \tchain in {{ type filter hook input priority raw; policy accept; ip saddr {{ {set} }} drop; }}\n\
+         \tchain out {{ type filter hook output priority raw; policy accept; ip daddr {{ {set} }} drop; }}\n\
+         }}\n"
+    )
+}
+
+impl Runner<'_> {
+    /// Applies `step`'s fault, holds it (with a burst of new flows), and heals it.
+    pub(super) fn apply(&mut self, step: &Step) -> Result<(), String> {
+        match &step.fault {
+            Fault::PartitionOne { k } => self.partition_one(*k, step.hold),
+            Fault::PartitionHalves { a, b } => self.partition_halves(a, b, step.hold),
+            Fault::Loss { percent } => self.loss(*percent, step.hold),
+            Fault::Stop { k, to } => self.stop(*k, *to, step.hold),
+            Fault::Kill { k } => self.kill(*k, step.hold),
+            Fault::RollingRestart => self.rolling_restart(),
+            Fault::Resteer { shift } => self.resteer(*shift, step.hold),
+            Fault::ConnectionFlood { k, connections } => {
+                self.connection_flood(*k, *connections, step.hold)
+            }
+            Fault::HostilePeer { k } => self.hostile_peer(*k, step.hold),
+            Fault::TableFlood { k, sessions } => self.table_flood(*k, *sessions, step.hold),
+        }
+    }
+
+    /// A burst of new UDP flows through every lane, then the rest of `hold`.
+    fn hold(&mut self, hold: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        let burst = self.lanes.burst(self.c.topology(), self.p.burst);
+        std::thread::sleep(hold.saturating_sub(start.elapsed()));
+        burst.map(drop)
+    }
+
+    /// Runs `fault`, then `heal` whatever happened; the first error wins.
+    fn with_heal(
+        &mut self,
+        fault: impl FnOnce(&mut Self) -> Result<(), String>,
+        heal: impl FnOnce(&mut Self) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let applied = fault(self);
+        let healed = heal(self);
+        applied.and(healed)
+    }
+
+    fn partition_one(&mut self, k: u8, hold: Duration) -> Result<(), String> {
+        let topo = self.c.topology();
+        self.with_heal(
+            |r| {
+                for l in SYNC_LINKS {
+                    topo.drop_with_nft(k, l, 100).map_err(|e| e.to_string())?;
+                }
+                r.hold(hold)
+            },
+            |_| {
+                every(
+                    SYNC_LINKS
+                        .iter()
+                        .map(|&l| topo.undrop_nft(k, l).map_err(|e| e.to_string())),
+                )
+            },
+        )
+    }
+
+    fn partition_halves(&mut self, a: &[u8], b: &[u8], hold: Duration) -> Result<(), String> {
+        let c = self.c;
+        self.with_heal(
+            |r| {
+                for &k in a {
+                    nft(c, k, &partition_script(b))?;
+                }
+                r.hold(hold)
+            },
+            |_| {
+                every(
+                    a.iter()
+                        .map(|&k| nft(c, k, &format!("delete table ip {PARTITION_TABLE}\n"))),
+                )
+            },
+        )
+    }
+
+    fn loss(&mut self, percent: u8, hold: Duration) -> Result<(), String> {
+        let topo = self.c.topology();
+        let members = self.members();
+        self.with_heal(
+            |r| {
+                for &k in &members {
+                    for l in SYNC_LINKS {
+                        topo.drop_with_nft(k, l, percent)
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                r.hold(hold)
+            },
+            |_| {
+                every(members.iter().flat_map(|&k| {
+                    SYNC_LINKS.map(|l| topo.undrop_nft(k, l).map_err(|e| e.to_string()))
+                }))
+            },
+        )
+    }
+
+    fn stop(&mut self, k: u8, to: u8, hold: Duration) -> Result<(), String> {
+        let c = self.c;
+        self.with_heal(
+            |r| {
+                c.kill_agent(k, Signal::Stop).map_err(|e| e.to_string())?;
+                r.lanes.steer_away(c.topology(), k, to)?;
+                r.hold(hold)
+            },
+            |_| c.kill_agent(k, Signal::Cont).map_err(|e| e.to_string()),
+        )
+    }
+
+    fn kill(&mut self, k: u8, hold: Duration) -> Result<(), String> {
+        let c = self.c;
+        lock(&self.watch.ended).insert(k);
+        let result = self.with_heal(
+            |r| {
+                c.kill_agent(k, Signal::Kill).map_err(|e| e.to_string())?;
+                let exited = hasync_agent::lab::netns::wait_for(Duration::from_secs(5), || {
+                    (!c.agent_running(k)).then_some(())
+                });
+                exited.ok_or(format!("fw{k}'s agent survived SIGKILL"))?;
+                r.hold(hold)
+            },
+            |_| restart(c, k),
+        );
+        lock(&self.watch.ended).remove(&k);
+        result
+    }
+
+    fn rolling_restart(&mut self) -> Result<(), String> {
+        for k in self.members() {
+            lock(&self.watch.ended).insert(k);
+            let stopped = self
+                .c
+                .stop_agent(k, Duration::from_secs(10))
+                .map_err(|e| e.to_string());
+            let restarted = restart(self.c, k);
+            lock(&self.watch.ended).remove(&k);
+            stopped.and(restarted)?;
+            let bound = self.p.convergence_bound;
+            let active = hasync_agent::lab::netns::wait_for(bound, || {
+                let m = self.c.try_member(k, k).ok()?;
+                (m.state == "active").then_some(())
+            });
+            active.ok_or(format!("fw{k} not active {bound:?} after its restart"))?;
+        }
+        Ok(())
+    }
+
+    fn resteer(&mut self, shift: u8, hold: Duration) -> Result<(), String> {
+        let n = self.p.members;
+        for (i, via) in self.lanes.vias() {
+            let to = (via - 1 + shift) % n + 1;
+            self.lanes.steer(self.c.topology(), i, to)?;
+        }
+        self.hold(hold)
+    }
+
+    fn connection_flood(&mut self, k: u8, count: usize, hold: Duration) -> Result<(), String> {
+        let target = hostile::ha4_listener(self.c, k)?;
+        let ns = self.intruder.ns().to_owned();
+        let connected = std::thread::scope(|s| {
+            let flood = s.spawn(|| hostile::connection_flood(&ns, target, count, hold));
+            let burst = self.hold(hold);
+            (flood.join().unwrap_or(0), burst)
+        });
+        self.report.note(format!(
+            "connection flood: {} of {count} connections to fw{k}'s HA4 got through",
+            connected.0
+        ));
+        connected.1
+    }
+
+    /// The hostile peer, three ways: a foreign address claiming a member; a member's own
+    /// address claiming that member but writing others' sessions; an unknown member id. No
+    /// member's table may change.
+    fn hostile_peer(&mut self, k: u8, hold: Duration) -> Result<(), String> {
+        let members = self.members();
+        // Whole tables, converged or not: what matters is that the peer changes none of them.
+        let before = invariants::tables(self.c, &members)?;
+        let table = before.get(&k).cloned().unwrap_or_default();
+        let other = members.iter().copied().find(|&m| m != k).unwrap_or(k);
+        let third = members.iter().copied().rfind(|&m| m != k).unwrap_or(other);
+        let intruder = self.intruder.ns().to_owned();
+        let claims = [
+            Claim {
+                ns: intruder.clone(),
+                from: IpAddr::V4(INTRUDER_V4),
+                member: other,
+                genuine: false,
+            },
+            Claim {
+                ns: self.c.topology().fw(third).to_owned(),
+                from: IpAddr::V4(Link::Ha4.v4(third).0),
+                member: third,
+                genuine: true,
+            },
+            Claim {
+                ns: intruder,
+                from: IpAddr::V4(INTRUDER_V4),
+                member: UNKNOWN_MEMBER,
+                genuine: false,
+            },
+        ];
+        let refused_before = invariants::rejections(self.c, k)?;
+        for claim in &claims {
+            let frames =
+                hostile::hostile_frames(&table, claim.member, self.p.members, !claim.genuine);
+            let out = hostile::hostile_peer(self.c, k, claim, frames)?;
+            self.report.note(format!(
+                "hostile peer from {} claiming member {} against fw{k}: {out:?}",
+                claim.from, claim.member
+            ));
+        }
+        std::thread::sleep(hold);
+        let after = invariants::tables(self.c, &members)?;
+        let refused_after = invariants::rejections(self.c, k)?;
+        let delta: Vec<String> = refused_after
+            .iter()
+            .filter_map(|(r, n)| {
+                let d = n - refused_before.get(r).copied().unwrap_or(0).min(*n);
+                (d > 0).then(|| format!("{r} +{d}"))
+            })
+            .collect();
+        self.report
+            .note(format!("fw{k} refusals during the hostile peer: {delta:?}"));
+        let changed = invariants::changes(&before, &after);
+        if changed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("tables changed: {}", changed.join("; ")))
+        }
+    }
+
+    fn table_flood(&mut self, k: u8, sessions: u32, hold: Duration) -> Result<(), String> {
+        const SOURCES: u32 = 10;
+        let per = u16::try_from(sessions.div_ceil(SOURCES)).map_err(|e| e.to_string())?;
+        let base = u16::try_from(20_000 + self.flooded / SOURCES).map_err(|e| e.to_string())?;
+        self.flooded += u32::from(per) * SOURCES;
+        let sources = (0..SOURCES as u8)
+            .map(|j| Ipv4Addr::new(198, 18, 0, 200 + j))
+            .collect();
+        let topo = self.c.topology();
+        let inj = UdpInjector::to_member(
+            topo,
+            k,
+            sources,
+            base..base.saturating_add(per),
+            SocketAddrV4::new(SERVER_V4, 9),
+        )?;
+        let sent = inj.send(topo.client(), Duration::from_secs(60))?;
+        self.report
+            .note(format!("table flood: {sent} new flows sent to fw{k}"));
+        self.hold(hold)
+    }
+}
+
+/// Starts member `k`'s agent again and waits for its control socket.
+fn restart(c: &crate::cluster::Cluster, k: u8) -> Result<(), String> {
+    c.start_agent(k)
+        .map_err(|e| format!("restarting fw{k}: {e}"))?;
+    c.wait_ready(k, crate::cluster::READY_TIMEOUT)
+        .map_err(|e| format!("fw{k} after restart: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_half_partition_drops_both_sync_addresses_of_the_other_half() {
+        let s = partition_script(&[3, 4]);
+        assert!(
+            s.contains("ip saddr { 198.18.100.3, 198.18.101.3, 198.18.100.4, 198.18.101.4 } drop"),
+            "{s}"
+        );
+        assert!(s.contains("ip daddr {"), "{s}");
+    }
+}

@@ -1,0 +1,304 @@
+//! The invariants a chaos run checks, and the measurements behind them.
+//!
+//! - Replicas: once faults stop, within [`super::Profile::convergence_bound`], every member's
+//!   replicas of owner X equal X's own sessions: the same count and the same digest of the
+//!   rows (`show cluster sessions`: 5-tuple, state, owner, zone).
+//! - Resources: every agent's RSS and open file descriptors stay under a bound, sampled the
+//!   whole run.
+//! - Full syncs: the full syncs a member sends one peer stay under a bound set by the faults
+//!   that touched either of them (a storm of them breaks it).
+//! - No panic: no agent log says `panicked`, and no agent exits unless the harness ended it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{DefaultHasher, Hash as _, Hasher as _},
+    time::{Duration, Instant},
+};
+
+use hasync_agent::control::SessionFilter;
+
+use crate::cluster::{Cluster, Row, Table};
+
+/// Every running member's table, taken one after the other.
+pub type Snapshot = BTreeMap<u8, Table>;
+
+/// A digest of rows (sorted, as a `BTreeSet` iterates).
+pub fn digest<'a>(rows: impl IntoIterator<Item = &'a Row>) -> u64 {
+    let mut h = DefaultHasher::new();
+    for row in rows {
+        row.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// How the replicas of one snapshot disagree with their owners.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mismatch {
+    /// One line per (owner, replica) pair that differs.
+    pub lines: Vec<String>,
+    /// Sessions an owner has that a replica lacks.
+    pub missing: u64,
+    /// Distinct sessions compared.
+    pub checked: u64,
+}
+
+impl Mismatch {
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+}
+
+/// ` (e.g. ROW)` for the first of `rows`, if any.
+fn example(rows: &[&&Row]) -> String {
+    rows.first()
+        .map(|r| format!(" (e.g. {r})"))
+        .unwrap_or_default()
+}
+
+fn owned_by(table: &Table, owner: u8) -> BTreeSet<&Row> {
+    table.iter().filter(|r| r.owner == owner).collect()
+}
+
+/// Compares, for every owner X in `snap`, X's own sessions with every other member's replicas
+/// of X; rows whose owner is no member of `snap` are reported too.
+pub fn compare(snap: &Snapshot) -> Mismatch {
+    let mut m = Mismatch::default();
+    let all: BTreeSet<&Row> = snap.values().flatten().collect();
+    m.checked = all.len() as u64;
+    for (&x, table) in snap {
+        let owned = owned_by(table, x);
+        let d = digest(owned.iter().copied());
+        for (&y, other) in snap.iter().filter(|(&y, _)| y != x) {
+            let replicas = owned_by(other, x);
+            if replicas.len() == owned.len() && digest(replicas.iter().copied()) == d {
+                continue;
+            }
+            let lacks: Vec<&&Row> = owned.difference(&replicas).collect();
+            let extra: Vec<&&Row> = replicas.difference(&owned).collect();
+            m.missing += lacks.len() as u64;
+            m.lines.push(format!(
+                "fw{y}'s replicas of fw{x}: {} vs {} owned ({} missing{}, {} extra{})",
+                replicas.len(),
+                owned.len(),
+                lacks.len(),
+                example(&lacks),
+                extra.len(),
+                example(&extra),
+            ));
+        }
+    }
+    for (&y, table) in snap {
+        let foreign = table
+            .iter()
+            .filter(|r| !snap.contains_key(&r.owner))
+            .count();
+        if foreign > 0 {
+            m.lines.push(format!(
+                "fw{y} lists {foreign} sessions of owners that are no member"
+            ));
+        }
+    }
+    m
+}
+
+/// Member `k`'s session counts by owner (cheap; checked before fetching whole tables).
+fn counts(c: &Cluster, k: u8) -> Result<BTreeMap<u8, u64>, String> {
+    c.try_count(k, SessionFilter::default()).map(|v| v.by_owner)
+}
+
+/// Takes a snapshot of `members`, or says why not.
+pub fn snapshot(c: &Cluster, members: &[u8]) -> Result<Snapshot, String> {
+    // Counts first: while they differ, whole tables are not worth fetching.
+    let mut first: Option<(u8, BTreeMap<u8, u64>)> = None;
+    for &k in members {
+        let n = counts(c, k)?;
+        match &first {
+            Some((f, fc)) if *fc != n => {
+                return Err(format!("counts by owner differ: fw{f} {fc:?}, fw{k} {n:?}"))
+            }
+            Some(_) => {}
+            None => first = Some((k, n)),
+        }
+    }
+    tables(c, members)
+}
+
+/// Every table of `members`, whatever they hold.
+pub fn tables(c: &Cluster, members: &[u8]) -> Result<Snapshot, String> {
+    members
+        .iter()
+        .map(|&k| c.try_table(k).map(|t| (k, t)))
+        .collect()
+}
+
+/// The outcome of waiting for convergence.
+#[derive(Clone, Debug)]
+pub struct Convergence {
+    /// How long it took, if it happened within the bound.
+    pub took: Option<Duration>,
+    /// The last comparison (empty when converged).
+    pub mismatch: Mismatch,
+    /// The last snapshot taken.
+    pub snapshot: Snapshot,
+}
+
+/// Polls every 250 ms, for at most `bound`, until every replica equals its owner's table.
+pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
+    let start = Instant::now();
+    let mut last = Mismatch::default();
+    let mut snap = Snapshot::new();
+    loop {
+        match snapshot(c, members) {
+            Ok(s) => {
+                last = compare(&s);
+                snap = s;
+                if last.is_empty() {
+                    return Convergence {
+                        took: Some(start.elapsed()),
+                        mismatch: last,
+                        snapshot: snap,
+                    };
+                }
+            }
+            Err(e) => last.lines = vec![e],
+        }
+        if start.elapsed() >= bound {
+            // Counts that still differ say little: compare the whole tables to name what is
+            // missing where.
+            if let Ok(s) = tables(c, members) {
+                last = compare(&s);
+                snap = s;
+            }
+            return Convergence {
+                took: None,
+                mismatch: last,
+                snapshot: snap,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// What changed between two snapshots of the same members: one line per member that differs.
+pub fn changes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, b) in before {
+        let Some(a) = after.get(k) else {
+            out.push(format!("fw{k}: no table after"));
+            continue;
+        };
+        if a == b {
+            continue;
+        }
+        let gone: Vec<&Row> = b.difference(a).collect();
+        let new: Vec<&Row> = a.difference(b).collect();
+        out.push(format!(
+            "fw{k}: {} sessions gone or changed{}, {} new or changed{}",
+            gone.len(),
+            gone.first()
+                .map(|r| format!(" (e.g. {r})"))
+                .unwrap_or_default(),
+            new.len(),
+            new.first()
+                .map(|r| format!(" (e.g. {r})"))
+                .unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// One agent's resident memory (KiB) and open descriptors, from /proc.
+pub fn resources(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
+}
+
+/// Full syncs member `k` sent to each peer.
+pub fn full_syncs_sent(c: &Cluster, k: u8) -> Result<BTreeMap<u8, u64>, String> {
+    Ok(c.try_statistics(k)?
+        .peers
+        .iter()
+        .map(|p| (p.id, p.full_syncs.sent.count))
+        .collect())
+}
+
+/// Refusals member `k` counted, by reason.
+pub fn rejections(c: &Cluster, k: u8) -> Result<BTreeMap<String, u64>, String> {
+    Ok(c.try_statistics(k)?.rejected)
+}
+
+/// The bound on full syncs one member sends one peer over a run: a full sync per link for
+/// each fault that disturbed either end, twice over for retries under backoff, plus the
+/// start-up ones and one a minute.
+pub fn full_sync_bound(disturbances: u64, run: Duration) -> u64 {
+    4 + 4 * disturbances + run.as_secs() / 60
+}
+
+/// Lines of member logs that report a panic.
+pub fn panics(c: &Cluster) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in c.topology().member_ids() {
+        let text = std::fs::read(c.log_path(k)).unwrap_or_default();
+        for line in String::from_utf8_lossy(&text).lines() {
+            if line.contains("panicked") {
+                out.push(format!("fw{k}: {line}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(port: u16, owner: u8) -> Row {
+        Row {
+            proto: "udp".into(),
+            src: "198.18.0.101".parse().expect("ip"),
+            sport: port,
+            dst: "198.18.1.101".parse().expect("ip"),
+            dport: 7601,
+            state: "udp-replied".into(),
+            owner,
+            zone: "trust".into(),
+        }
+    }
+
+    #[test]
+    fn equal_replicas_compare_clean_and_a_missing_one_is_counted() {
+        let t: Table = [row(1, 1), row(2, 1), row(3, 2)].into();
+        let mut snap: Snapshot = [(1, t.clone()), (2, t.clone()), (3, t)].into();
+        let m = compare(&snap);
+        assert!(m.is_empty(), "{m:?}");
+        assert_eq!(m.checked, 3);
+        snap.get_mut(&3).expect("fw3").remove(&row(2, 1));
+        let m = compare(&snap);
+        assert_eq!(m.missing, 1);
+        assert_eq!(m.lines.len(), 1, "{m:?}");
+        assert!(m.lines[0].starts_with("fw3's replicas of fw1"), "{m:?}");
+    }
+
+    #[test]
+    fn a_changed_state_or_a_foreign_owner_is_a_mismatch() {
+        let t: Table = [row(1, 1)].into();
+        let mut other = row(1, 1);
+        other.state = "closed".into();
+        let snap: Snapshot = [(1, t.clone()), (2, [other].into())].into();
+        assert_eq!(compare(&snap).lines.len(), 1);
+        let snap: Snapshot = [(1, t.clone()), (2, [row(1, 1), row(9, 77)].into())].into();
+        let m = compare(&snap);
+        assert!(m.lines.iter().any(|l| l.contains("no member")), "{m:?}");
+        assert_eq!(changes(&snap, &snap), Vec::<String>::new());
+        let after: Snapshot = [(1, t.clone()), (2, t)].into();
+        assert_eq!(changes(&snap, &after).len(), 1);
+    }
+}
