@@ -17,9 +17,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{
-        batch::BatchCursor, error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK,
-    },
+    datapath::{error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK},
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},

@@ -91,15 +91,27 @@ fn mutual_full_syncs_end_over_64_kib_buffers() {
         Bounds::new(100, Duration::from_secs(30)),
     )
     .unwrap_or_else(|e| c.fail(&format!("UDP echo server: {e}")));
+    let installed = |c: &Cluster| -> Result<u64, String> {
+        let s = c.try_statistics(2)?;
+        Ok(s.peers.iter().map(|p| p.records_installed).sum())
+    };
+    let before = installed(&c).unwrap_or_else(|e| c.fail(&e));
     let ports = udp_flows(topo.client(), server, 5).unwrap_or_else(|e| c.fail(&e));
-    c.wait("the new flows on fw2", Duration::from_secs(10), || {
-        let filter = SessionFilter {
-            port: Some(UDP_PORT),
-            ..SessionFilter::default()
-        };
-        let n = c.try_count(2, filter)?.total;
-        (n >= ports.len() as u64)
-            .then_some(())
-            .ok_or(format!("{n} of {} new flows", ports.len()))
-    });
+    // Cheap to poll (see above); the sessions themselves are checked once after.
+    c.wait(
+        "fw2 to install the new flows",
+        Duration::from_secs(20),
+        || {
+            let n = installed(&c)? - before;
+            (n >= ports.len() as u64)
+                .then_some(())
+                .ok_or(format!("{n} of {} installed", ports.len()))
+        },
+    );
+    let filter = SessionFilter {
+        port: Some(UDP_PORT),
+        ..SessionFilter::default()
+    };
+    let n = c.try_count(2, filter).unwrap_or_else(|e| c.fail(&e)).total;
+    assert_eq!(n, ports.len() as u64, "fw2 holds {n} of the new flows");
 }

@@ -87,7 +87,7 @@ fn an_unauthenticated_flood_neither_exhausts_descriptors_nor_splits_the_cluster(
     std::thread::sleep(Duration::from_millis(500));
     c.start_member(1);
     let mut max_fds = 0;
-    let back = c.wait(
+    c.wait(
         "fw2 to see fw1's links up again during the flood",
         Duration::from_secs(10),
         || {
