@@ -113,5 +113,9 @@ fn mutual_full_syncs_end_over_64_kib_buffers() {
         ..SessionFilter::default()
     };
     let n = c.try_count(2, filter).unwrap_or_else(|e| c.fail(&e)).total;
-    assert_eq!(n, ports.len() as u64, "fw2 holds {n} of the new flows");
+    assert!(
+        n >= ports.len() as u64,
+        "fw2 holds {n} of the {} new flows",
+        ports.len()
+    );
 }

@@ -79,6 +79,10 @@ fn a_healed_partition_converges_without_echoing_sessions_to_their_owner() {
             .then(|| healed.elapsed())
             .ok_or(format!("full syncs received: {received:?}"))
     });
+    eprintln!(
+        "full syncs ended {:.2} s after the links returned ({PER_MEMBER} sessions each side)",
+        converged.as_secs_f64()
+    );
     let held = [c.try_owned_by(1, 2), c.try_owned_by(2, 1)];
     for (k, n) in [(1, &held[0]), (2, &held[1])] {
         let n = n.clone().unwrap_or_else(|e| c.fail(&e));

@@ -98,7 +98,6 @@ fn an_unauthenticated_flood_neither_exhausts_descriptors_nor_splits_the_cluster(
                 .ok_or(format!("ha4 {}, ha4 backup {}", m.ha4, m.ha4_backup))
         },
     );
-    let _ = back;
     while !flooder.is_finished() {
         max_fds = max_fds.max(open_fds(pid2));
         std::thread::sleep(Duration::from_millis(100));

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use hasync_common::{InstallOp, InstallRecord, MemberId, Session, SessionFlags, ZoneId};
 
+use super::table::SessionTable;
 use super::wire::{Op, Record};
-use crate::datapath::{Datapath, DatapathError};
+use crate::datapath::{DatapathError, DEFAULT_CHUNK};
 
 /// Maps a peer's zone ids to ours, by name (as both announced in their hellos).
 #[derive(Clone, Debug, Default)]
@@ -220,7 +221,7 @@ impl Installed {
 /// `last_event_ns` set to now), so [`remove_unseen`] can drop the replicas the sender no
 /// longer holds when the full sync ends.
 pub fn apply(
-    dp: &mut Datapath,
+    dp: &mut impl SessionTable,
     records: &[Record],
     zones: &ZoneMap,
     now_ns: u64,
@@ -248,25 +249,31 @@ pub fn apply(
 /// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of `owner`'s
 /// sessions that the full sync neither installed nor marked (the owner no longer holds them:
 /// it closed or expired them while this member could not hear of it). Returns how many went.
-pub fn remove_unseen(
-    dp: &mut Datapath,
+pub fn remove_unseen<T: SessionTable>(
+    dp: &mut T,
     owner: MemberId,
     mark_ns: u64,
 ) -> Result<usize, DatapathError> {
     let mut stale = Vec::new();
     let mut removed = 0;
-    dp.sessions_chunked(crate::datapath::DEFAULT_CHUNK, |keys, values| {
-        for (k, s) in keys.iter().zip(values) {
+    let mut cursor = T::Cursor::default();
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    loop {
+        let more = dp.chunk(&mut cursor, &mut keys, &mut values, DEFAULT_CHUNK)?;
+        for (k, s) in keys.iter().zip(&values) {
             if s.owner == owner && s.flags.has(SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
             {
                 stale.push(*k);
             }
         }
-    })?;
+        if !more {
+            break;
+        }
+    }
     // `stale` holds only keys the owner dropped: bounded by what it removed while we were
     // apart, not by the table.
-    for part in stale.chunks(crate::datapath::DEFAULT_CHUNK as usize) {
-        removed += dp.delete_sessions(part)?;
+    for part in stale.chunks(DEFAULT_CHUNK as usize) {
+        removed += dp.delete(part)?;
     }
     Ok(removed)
 }

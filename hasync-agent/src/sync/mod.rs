@@ -8,5 +8,6 @@ pub mod engine;
 pub mod install;
 pub mod outbox;
 pub mod stats;
+pub mod table;
 pub mod wire;
 pub mod writer;

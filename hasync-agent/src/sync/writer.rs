@@ -108,6 +108,19 @@ impl Writer {
         self.urgent.wake.notify_one();
     }
 
+    /// A writer with no connection: what it is given to send arrives on the receiver.
+    #[cfg(test)]
+    pub fn detached() -> (Writer, mpsc::Receiver<Message>) {
+        let (data, rx) = mpsc::channel(DATA_QUEUE);
+        (
+            Writer {
+                data,
+                urgent: Arc::new(Urgent::default()),
+            },
+            rx,
+        )
+    }
+
     /// Has the writer task ended (the connection is closed)?
     pub fn is_closed(&self) -> bool {
         self.data.is_closed()

@@ -257,7 +257,10 @@ impl Runner<'_> {
         let before = invariants::tables(self.c, &members)?;
         let table = before.get(&k).cloned().unwrap_or_default();
         let other = members.iter().copied().find(|&m| m != k).unwrap_or(k);
-        let third = members.iter().copied().rfind(|&m| m != k).unwrap_or(other);
+        // A member that dials fw`k` (a lower id): its address is admitted, so the records'
+        // owners are what is checked. (Its hello is of a new boot: it takes the place of that
+        // member's live connection for a moment, as a restart of that member would.)
+        let third = members.iter().copied().find(|&m| m < k).unwrap_or(other);
         let intruder = self.intruder.ns().to_owned();
         let claims = [
             Claim {

@@ -209,8 +209,10 @@ pub fn round(rng: &mut Rng, members: u8, keepalive: Duration, floods: FloodSizes
             hold: short,
         },
         Step {
+            // Not fw1: the hostile peer also speaks from the address of a member that dials its
+            // target, and only lower ids dial.
             fault: Fault::HostilePeer {
-                k: rng.member(members),
+                k: rng.other_member(members, 1),
             },
             hold: Duration::from_secs(3),
         },

@@ -12,7 +12,7 @@ use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, LinkConn, Peer, SyncConfig};
+use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig};
 use crate::{
     cluster::LinkState,
     sync::{
@@ -59,7 +59,7 @@ enum Admit {
     Refuse(&'static str),
 }
 
-impl Engine {
+impl<T: SessionTable> Engine<T> {
     pub(super) fn hello(&self, link: LinkKind, peer: MemberId) -> Hello {
         let wants_bulk = lock(&self.inner.membership)
             .peers

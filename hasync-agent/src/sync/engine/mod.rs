@@ -37,6 +37,7 @@ use super::{
     install::ZoneMap,
     outbox::Outbox,
     stats::{LinkStats, PeerStats, Rejections},
+    table::SessionTable,
     wire::{Hello, LinkKind},
     writer::Writer,
 };
@@ -208,15 +209,22 @@ impl Peer {
     }
 }
 
-/// The running engine; cheap to clone.
-#[derive(Clone)]
-pub struct Engine {
-    inner: Arc<EngineInner>,
+/// The running engine over session table `T` (the datapath; a fake in tests); cheap to clone.
+pub struct Engine<T = Datapath> {
+    inner: Arc<EngineInner<T>>,
 }
 
-struct EngineInner {
+impl<T> Clone for Engine<T> {
+    fn clone(&self) -> Self {
+        Engine {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct EngineInner<T> {
     cfg: SyncConfig,
-    dp: Arc<Mutex<Datapath>>,
+    dp: Arc<Mutex<T>>,
     membership: Arc<Mutex<Membership>>,
     peers: BTreeMap<MemberId, Arc<Peer>>,
     rejections: Rejections,
@@ -236,12 +244,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Engine {
-    pub fn new(
-        cfg: SyncConfig,
-        dp: Arc<Mutex<Datapath>>,
-        membership: Arc<Mutex<Membership>>,
-    ) -> Self {
+impl<T: SessionTable> Engine<T> {
+    pub fn new(cfg: SyncConfig, dp: Arc<Mutex<T>>, membership: Arc<Mutex<Membership>>) -> Self {
         let peers = cfg
             .peers
             .iter()
@@ -412,15 +416,18 @@ impl Engine {
         }
     }
 
-    /// Clears the fresh-table flag once every reachable peer's full sync ended: from then on
-    /// this member's own table is the authority on its sessions.
+    /// Clears the fresh-table flag once this member left its initial state (every reachable
+    /// peer's full sync ended) and at least one peer's full sync handed its sessions back: from
+    /// then on its own table is the authority on its sessions. A member that stays alone keeps
+    /// the flag until a peer arrives, which then returns what it holds of ours.
     fn settle_fresh_table(&self) {
         if !self.inner.fresh_table.load(Relaxed) {
             return;
         }
         let settled = {
             let m = lock(&self.inner.membership);
-            m.state != crate::cluster::MemberState::Initial || m.full_syncs_done()
+            m.state != crate::cluster::MemberState::Initial
+                && m.peers.values().any(|p| p.bulk_done == Some(true))
         };
         if settled {
             self.inner.fresh_table.store(false, Relaxed);

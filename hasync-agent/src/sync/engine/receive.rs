@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Instant};
 
 use tracing::{info, warn};
 
-use super::{lock, BulkRx, Engine, Peer};
+use super::{lock, BulkRx, Engine, Peer, SessionTable};
 use crate::{
     cluster::MemberState,
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -31,7 +31,7 @@ pub(super) enum Applied {
     OldBoot,
 }
 
-impl Engine {
+impl<T: SessionTable> Engine<T> {
     pub(super) async fn read_loop(
         self,
         peer: Arc<Peer>,
@@ -77,7 +77,11 @@ impl Engine {
             Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
             Message::Sessions { seq, bulk, records } => {
                 LinkStats::add(&stats.records_received, records.len() as u64);
-                match self.apply_in_order(f, seq, &records, bulk)? {
+                // The table work blocks: off the async workers, and so is the wait for the other
+                // link's reader, which may be applying a frame of this peer.
+                let applied =
+                    tokio::task::block_in_place(|| self.apply_in_order(f, seq, &records, bulk))?;
+                match applied {
                     Applied::Done => writer.ack(seq),
                     Applied::Stale | Applied::OldBoot => {}
                 }
@@ -222,10 +226,10 @@ impl Engine {
             )
         };
         let who = self.installer(peer, bulk, reconciling);
-        let r = tokio::task::block_in_place(|| {
+        let r = {
             let mut dp = lock(&self.inner.dp);
-            install::apply(&mut dp, records, &zones, monotonic_ns(), &who)
-        })?;
+            install::apply(&mut *dp, records, &zones, monotonic_ns(), &who)?
+        };
         self.count_installed(&peer.stats, &r);
         Ok(())
     }
@@ -288,7 +292,7 @@ impl Engine {
         }
         let removed = tokio::task::block_in_place(|| {
             let mut dp = lock(&self.inner.dp);
-            install::remove_unseen(&mut dp, peer.cfg.id, mark)
+            install::remove_unseen(&mut *dp, peer.cfg.id, mark)
         });
         match removed {
             Ok(0) => {}

@@ -11,9 +11,9 @@ use std::{
 use hasync_common::{FlowKey, MemberId, Session};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, Peer};
+use super::{lock, Engine, Peer, SessionTable};
 use crate::{
-    datapath::{batch::BatchCursor, error_chain, monotonic_ns, DatapathError},
+    datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
         channel::ChannelError,
         stats::LinkStats,
@@ -29,7 +29,7 @@ const BULK_CHUNK: u32 = MAX_RECORDS_PER_FRAME as u32 * 8;
 
 /// Why sending stopped.
 #[derive(Debug, thiserror::Error)]
-enum SendError {
+pub(super) enum SendError {
     /// The connection failed: it is closed and dialled again.
     #[error(transparent)]
     Channel(#[from] ChannelError),
@@ -39,7 +39,7 @@ enum SendError {
     Table(#[from] DatapathError),
 }
 
-impl Engine {
+impl<T: SessionTable> Engine<T> {
     pub(super) async fn send_loop(self, peer: Arc<Peer>) {
         loop {
             tokio::select! {
@@ -161,7 +161,7 @@ impl Engine {
         let local = self.inner.cfg.local;
         let now = monotonic_ns();
         let mut sessions = Vec::with_capacity(keys.len());
-        tokio::task::block_in_place(|| lock(&self.inner.dp).read_sessions(keys, &mut sessions))?;
+        tokio::task::block_in_place(|| lock(&self.inner.dp).read(keys, &mut sessions))?;
         Ok(keys
             .iter()
             .zip(sessions)
@@ -197,7 +197,7 @@ impl Engine {
     }
 
     /// Sends the whole session table to `peer`, a chunk at a time.
-    async fn send_bulk(
+    pub(super) async fn send_bulk(
         &self,
         peer: &Arc<Peer>,
         link: LinkKind,
@@ -215,12 +215,12 @@ impl Engine {
         );
         writer.send(Message::BulkStart { bulk_id }).await?;
         let carries = self.bulk_carries(peer);
-        let mut cursor = BatchCursor::new();
+        let mut cursor = T::Cursor::default();
         let (mut keys, mut values): (Vec<FlowKey>, Vec<Session>) = (Vec::new(), Vec::new());
         let mut total = 0u64;
         loop {
             let more = tokio::task::block_in_place(|| {
-                lock(&self.inner.dp).session_chunk(&mut cursor, &mut keys, &mut values, BULK_CHUNK)
+                lock(&self.inner.dp).chunk(&mut cursor, &mut keys, &mut values, BULK_CHUNK)
             })?;
             let now = monotonic_ns();
             let carried: Vec<Record> = keys

@@ -11,15 +11,24 @@ use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, Session, State
 
 use super::{
     receive::{Applied, FrameFrom},
-    Engine, PeerConfig, SyncConfig,
+    send::SendError,
+    Engine, PeerConfig, SessionTable, SyncConfig,
 };
 use crate::{
     cluster::{Membership, Timers},
     datapath::testing::datapath,
-    sync::wire::{Hello, LinkKind, Record},
+    sync::{
+        table::FakeTable,
+        wire::{Hello, LinkKind, Message, Record},
+        writer::Writer,
+    },
 };
 
 fn engine() -> Engine {
+    engine_over(datapath())
+}
+
+fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
     let peer = |id: u8| PeerConfig {
         id: MemberId(id),
         serial: format!("fw{id}"),
@@ -60,13 +69,13 @@ fn engine() -> Engine {
     );
     Engine::new(
         cfg,
-        Arc::new(Mutex::new(datapath())),
+        Arc::new(Mutex::new(table)),
         Arc::new(Mutex::new(membership)),
     )
 }
 
 /// Peer 2 said hello from boot `boot_id`.
-fn hello_from_2(e: &Engine, boot_id: u64) {
+fn hello_from_2<T: SessionTable>(e: &Engine<T>, boot_id: u64) {
     let mut g = e.inner.peers[&MemberId(2)].lock();
     g.zones = super::ZoneMap::new(&["trust".into()], &["trust".into()]);
     g.hello = Some(Hello {
@@ -229,4 +238,103 @@ fn a_peer_cannot_write_a_live_members_session() {
         crate::sync::stats::LinkStats::get(&peer.stats.refused_owner),
         1
     );
+}
+
+fn owned_by_us(n: u32) -> Vec<(FlowKey, Session)> {
+    (0..n)
+        .map(|i| {
+            let key =
+                FlowKey::canonical(Family::V4, IPPROTO_TCP, [i, 0, 0, 0], 1, [2, 0, 0, 0], 2).0;
+            let s = Session {
+                version: 1,
+                owner: MemberId(1),
+                zone: ZoneId(1),
+                state: State::Established as u8,
+                ..Session::default()
+            };
+            (key, s)
+        })
+        .collect()
+}
+
+/// Reading the table fails in the middle of a full sync: the full sync is aborted, never
+/// ended (its end would make the peer drop the replicas it did not get).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
+    let table = FakeTable {
+        entries: owned_by_us(6000),
+        chunks_before_failure: Some(1),
+        ..FakeTable::default()
+    };
+    let e = engine_over(table);
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (w, mut rx) = Writer::detached();
+    let drain = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(m) = rx.recv().await {
+            got.push(m);
+        }
+        got
+    });
+    let result = e.send_bulk(&peer, LinkKind::Ha4, &w).await;
+    assert!(matches!(result, Err(SendError::Table(_))), "{result:?}");
+    drop(w);
+    let sent = drain.await.expect("join");
+    assert!(matches!(sent.first(), Some(Message::BulkStart { .. })));
+    let records: usize = sent
+        .iter()
+        .map(|m| match m {
+            Message::Sessions { records, .. } => records.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(records > 0 && records < 6000, "{records} records went out");
+    assert!(
+        !sent.iter().any(|m| matches!(m, Message::BulkEnd { .. })),
+        "the aborted full sync was ended"
+    );
+    // Once the table reads again, the full sync goes through to its end.
+    e.inner.dp.lock().expect("table").chunks_before_failure = None;
+    let (w, mut rx) = Writer::detached();
+    let drain = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(m) = rx.recv().await {
+            if let Message::BulkEnd { records, .. } = m {
+                n = records;
+            }
+        }
+        n
+    });
+    e.send_bulk(&peer, LinkKind::Ha4, &w)
+        .await
+        .expect("full sync");
+    drop(w);
+    assert_eq!(drain.await.expect("join"), 6000);
+}
+
+/// A frame whose install fails is not acknowledged and does not advance the peer's sequence:
+/// the connection closes and the peer sends it again, and then it applies.
+#[test]
+fn a_failed_install_is_not_acknowledged() {
+    let e = engine_over(FakeTable {
+        fail_installs: true,
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let from = FrameFrom {
+        peer: &peer,
+        link: LinkKind::Ha4,
+        boot_id: 7,
+    };
+    let failed = e.apply_in_order(&from, 4, &[upsert(1, 2)], false);
+    assert!(matches!(failed, Err("install-failed")));
+    e.inner.dp.lock().expect("table").fail_installs = false;
+    let again = e.apply_in_order(&from, 4, &[upsert(1, 2)], false);
+    assert!(
+        matches!(again, Ok(Applied::Done)),
+        "the resent frame was taken as stale"
+    );
+    assert!(e.inner.dp.lock().expect("table").get(&key()).is_some());
 }

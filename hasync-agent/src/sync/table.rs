@@ -1,0 +1,178 @@
+//! The session table as the sync engine sees it: read what to send, walk it for a full sync,
+//! install what peers send, remove replicas. The datapath implements it with its batch
+//! programs and batch map calls; [`FakeTable`] implements it in memory with the same conflict
+//! rule, so the engine's rules are unit-tested without root, and with a table that fails on
+//! purpose.
+
+use hasync_common::{FlowKey, InstallOutcome, InstallRecord, MemberId, Session};
+
+use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
+
+/// What the engine needs of the session table.
+pub trait SessionTable: Send + 'static {
+    /// Where a walk resumes.
+    type Cursor: Default + Send;
+
+    /// The current state of `keys`, in order (`None`: not in the table).
+    fn read(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), DatapathError>;
+
+    /// The next chunk of at most `max` entries of a walk at `cursor`; whether more may follow.
+    fn chunk(
+        &self,
+        cursor: &mut Self::Cursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        max: u32,
+    ) -> Result<bool, DatapathError>;
+
+    /// Installs records by the conflict rule (`hasync_common::install::resolve`).
+    fn install(
+        &mut self,
+        records: &[InstallRecord],
+        reconciling: MemberId,
+        now_ns: u64,
+    ) -> Result<InstallOutcome, DatapathError>;
+
+    /// Removes `keys`; returns how many were there.
+    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError>;
+}
+
+impl SessionTable for Datapath {
+    type Cursor = BatchCursor;
+
+    fn read(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), DatapathError> {
+        self.read_sessions(keys, out)
+    }
+
+    fn chunk(
+        &self,
+        cursor: &mut BatchCursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        max: u32,
+    ) -> Result<bool, DatapathError> {
+        self.session_chunk(cursor, keys, values, max)
+    }
+
+    fn install(
+        &mut self,
+        records: &[InstallRecord],
+        reconciling: MemberId,
+        now_ns: u64,
+    ) -> Result<InstallOutcome, DatapathError> {
+        Datapath::install(self, records, reconciling, now_ns)
+    }
+
+    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
+        self.delete_sessions(keys)
+    }
+}
+
+/// An in-memory table with the datapath's conflict rule, for tests.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub struct FakeTable {
+    pub entries: Vec<(FlowKey, Session)>,
+    /// Chunks a walk may read before the next one fails (`None`: never).
+    pub chunks_before_failure: Option<usize>,
+    /// Installs fail.
+    pub fail_installs: bool,
+}
+
+#[cfg(test)]
+fn fake_failure(items: usize) -> DatapathError {
+    DatapathError::BatchRejected {
+        program: "fake",
+        items,
+        verdict: 0,
+    }
+}
+
+#[cfg(test)]
+impl FakeTable {
+    pub fn get(&self, key: &FlowKey) -> Option<Session> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, s)| *s)
+    }
+
+    fn put(&mut self, key: FlowKey, s: Session) {
+        match self.entries.iter_mut().find(|(k, _)| *k == key) {
+            Some(e) => e.1 = s,
+            None => self.entries.push((key, s)),
+        }
+    }
+}
+
+#[cfg(test)]
+impl SessionTable for FakeTable {
+    /// The index of the next entry.
+    type Cursor = usize;
+
+    fn read(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), DatapathError> {
+        out.clear();
+        out.extend(keys.iter().map(|k| self.get(k)));
+        Ok(())
+    }
+
+    fn chunk(
+        &self,
+        cursor: &mut usize,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        max: u32,
+    ) -> Result<bool, DatapathError> {
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let chunk_no = cursor.div_ceil(max.max(1));
+        if self.chunks_before_failure.is_some_and(|n| chunk_no >= n) {
+            return Err(fake_failure(max));
+        }
+        let part = self.entries.get(*cursor..).unwrap_or_default();
+        let part = part.get(..max.min(part.len())).unwrap_or_default();
+        keys.clear();
+        values.clear();
+        keys.extend(part.iter().map(|(k, _)| *k));
+        values.extend(part.iter().map(|(_, s)| *s));
+        *cursor += part.len();
+        Ok(*cursor < self.entries.len())
+    }
+
+    fn install(
+        &mut self,
+        records: &[InstallRecord],
+        reconciling: MemberId,
+        now_ns: u64,
+    ) -> Result<InstallOutcome, DatapathError> {
+        use hasync_common::install::{resolve, Resolution};
+        if self.fail_installs {
+            return Err(fake_failure(records.len()));
+        }
+        let mut out = InstallOutcome::default();
+        for r in records {
+            let existing = self.get(&r.key);
+            match resolve(r.op, &r.session, existing.as_ref(), reconciling) {
+                Resolution::Insert | Resolution::Replace => {
+                    self.put(r.key, r.session);
+                    out.installed += 1;
+                }
+                Resolution::Delete => {
+                    self.entries.retain(|(k, _)| *k != r.key);
+                    out.deleted += 1;
+                }
+                Resolution::Keep => out.kept += 1,
+                Resolution::Mark => {
+                    if let Some(mut s) = existing {
+                        s.last_event_ns = now_ns;
+                        self.put(r.key, s);
+                    }
+                    out.kept += 1;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
+        let before = self.entries.len();
+        self.entries.retain(|(k, _)| !keys.contains(k));
+        Ok(before - self.entries.len())
+    }
+}
