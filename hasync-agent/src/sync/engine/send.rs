@@ -87,7 +87,7 @@ impl<T: SessionTable> Engine<T> {
 
     /// Sends what is due to `peer` on its data link: a full sync if one is wanted, then queued
     /// changes while the window allows.
-    async fn send_pending(&self, peer: &Arc<Peer>) {
+    pub(super) async fn send_pending(&self, peer: &Arc<Peer>) {
         let Some((link, writer, generation, bulk)) = self.prepare_send(peer) else {
             return;
         };

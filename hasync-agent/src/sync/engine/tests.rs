@@ -338,3 +338,44 @@ fn a_failed_install_is_not_acknowledged() {
     );
     assert!(e.inner.dp.lock().expect("table").get(&key()).is_some());
 }
+
+/// Full syncs asked for on every tick (a ring buffer losing events, an outbox overflowing)
+/// start at most once per backoff step: here at 0, 1 and 3 s of a 3.5 s storm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
+    let e = engine_over(FakeTable {
+        entries: owned_by_us(10),
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (w, mut rx) = Writer::detached();
+    let conn = super::LinkConn {
+        generation: 1,
+        writer: w,
+        last_rx: Instant::now(),
+        reader: tokio::spawn(async {}),
+        writer_task: tokio::spawn(async {}),
+    };
+    peer.lock().links.insert(LinkKind::Ha4, conn);
+    let drain = tokio::spawn(async move {
+        let mut starts = 0;
+        while let Some(m) = rx.recv().await {
+            starts += usize::from(matches!(m, Message::BulkStart { .. }));
+        }
+        starts
+    });
+    let storm = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < storm {
+        e.request_bulk_all();
+        e.send_pending(&peer).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    peer.lock().links.clear();
+    let starts = drain.await.expect("join");
+    assert!(
+        (2..=3).contains(&starts),
+        "{starts} full syncs started in a 3.5 s storm"
+    );
+    assert!(peer.lock().bulk_wanted, "the last request still waits");
+}
