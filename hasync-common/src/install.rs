@@ -142,16 +142,20 @@ pub const fn version_after(a: u32, b: u32) -> bool {
     a != b && (a.wrapping_sub(b) as i32) > 0
 }
 
-/// Does `a` win over `b`? A session created after the other was last seen is a new flow on
-/// the same 5-tuple and wins; otherwise the later version (serial arithmetic), then the higher
-/// owner id.
+/// Does `a` win over `b`? Of one owner, a session created after the other was last seen is a
+/// new flow on the same 5-tuple (the owner lost the old one, and its removal did not reach us)
+/// and wins whatever the versions say. Otherwise the later version (serial arithmetic), then
+/// the higher owner id. (Only the same owner: another member cannot take a session over by
+/// claiming to have created it anew.)
 #[inline(always)]
 pub fn newer(a: &Session, b: &Session) -> bool {
-    if a.created_ns > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
-        return true;
-    }
-    if b.created_ns > a.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
-        return false;
+    if a.owner.0 == b.owner.0 {
+        if a.created_ns > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
+            return true;
+        }
+        if b.created_ns > a.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
+            return false;
+        }
     }
     if a.version == b.version {
         a.owner.0 > b.owner.0
@@ -282,7 +286,7 @@ mod tests {
         let recreated = Session {
             created_ns: 60 * sec,
             last_seen_ns: 61 * sec,
-            ..s(1, 3)
+            ..s(1, 2)
         };
         assert_eq!(
             resolve(UP, &recreated, Some(&old), none),
@@ -298,6 +302,12 @@ mod tests {
             resolve(UP, &overlapping, Some(&old), none),
             Resolution::Keep
         );
+        // Another member cannot take the session over by claiming a new flow.
+        let claimed = Session {
+            owner: MemberId(3),
+            ..recreated
+        };
+        assert_eq!(resolve(UP, &claimed, Some(&old), none), Resolution::Keep);
     }
 
     #[test]
