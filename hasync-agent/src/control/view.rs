@@ -374,7 +374,7 @@ impl CountersView {
 // show cluster statistics
 
 /// Reasons a sync connection or frame is rejected, always listed (zeros included).
-pub const REJECT_REASONS: [&str; 16] = [
+pub const REJECT_REASONS: [&str; 18] = [
     "bad-key",
     "wrong-cluster",
     "unknown-member",
@@ -391,6 +391,8 @@ pub const REJECT_REASONS: [&str; 16] = [
     "foreign-owner",
     "stalled",
     "install-failed",
+    "stale-frame",
+    "bulk-incomplete",
 ];
 
 /// `show cluster statistics`: sync traffic per peer and link, full syncs, replication lag,

@@ -128,15 +128,18 @@ pub struct Installer {
 impl Installer {
     /// May the sender speak for `owner`'s session? Its own, always; in a full sync, also those
     /// of members not alive here (someone must hand them on) and, into a fresh table, ours.
-    fn owner_check(&self, owner: MemberId) -> Result<(), OwnerRefusal> {
+    fn owner_check(&self, owner: MemberId, op: Op) -> Result<(), OwnerRefusal> {
         if !self.members.contains(owner) {
             return Err(OwnerRefusal::Unknown);
         }
         if owner == self.sender {
             return Ok(());
         }
-        let handed_on = self.bulk && !self.alive.contains(owner);
-        let ours_back = self.bulk && owner == self.local && self.fresh_table;
+        // Full syncs carry sessions, never removals: a removal of another member's session
+        // would take away exactly the replica a takeover needs.
+        let upsert_in_bulk = self.bulk && op == Op::Upsert;
+        let handed_on = upsert_in_bulk && !self.alive.contains(owner);
+        let ours_back = upsert_in_bulk && owner == self.local && self.fresh_table;
         if handed_on || ours_back || owner == self.local {
             Ok(())
         } else {
@@ -151,7 +154,7 @@ impl Installer {
 /// refused; anything else goes to the install program with the zone and clock made local.
 /// (The rest, by version and owner, is `hasync_common::install::resolve`, run in the kernel.)
 pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> Decision {
-    if let Err(why) = who.owner_check(rec.owner) {
+    if let Err(why) = who.owner_check(rec.owner, rec.op) {
         return Decision::RefuseOwner(why);
     }
     if rec.owner == who.local && !(who.fresh_table && who.bulk) {
@@ -249,17 +252,21 @@ pub fn apply(
 /// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of `owner`'s
 /// sessions that the full sync neither installed nor marked (the owner no longer holds them:
 /// it closed or expired them while this member could not hear of it). Returns how many went.
+///
+/// The table is read and written a chunk per hold of its lock: installs from every peer go on
+/// meanwhile (a walk of a large table under one hold would leave their keepalives unread).
 pub fn remove_unseen<T: SessionTable>(
-    dp: &mut T,
+    dp: &std::sync::Mutex<T>,
     owner: MemberId,
     mark_ns: u64,
 ) -> Result<usize, DatapathError> {
+    let lock = || dp.lock().unwrap_or_else(|e| e.into_inner());
     let mut stale = Vec::new();
     let mut removed = 0;
     let mut cursor = T::Cursor::default();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     loop {
-        let more = dp.chunk(&mut cursor, &mut keys, &mut values, DEFAULT_CHUNK)?;
+        let more = lock().chunk(&mut cursor, &mut keys, &mut values, DEFAULT_CHUNK)?;
         for (k, s) in keys.iter().zip(&values) {
             if s.owner == owner && s.flags.has(SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
             {
@@ -273,7 +280,7 @@ pub fn remove_unseen<T: SessionTable>(
     // `stale` holds only keys the owner dropped: bounded by what it removed while we were
     // apart, not by the table.
     for part in stale.chunks(DEFAULT_CHUNK as usize) {
-        removed += dp.delete(part)?;
+        removed += lock().delete(part)?;
     }
     Ok(removed)
 }
@@ -578,11 +585,13 @@ mod tests {
         };
         let r = apply(&mut dp, &[sent(1, 4), sent(2, 3)], &zones, 150, &who).expect("apply");
         assert_eq!((r.installed, r.kept), (1, 1));
+        let dp = std::sync::Mutex::new(dp);
         assert_eq!(
-            remove_unseen(&mut dp, MemberId(2), mark).expect("reconcile"),
+            remove_unseen(&dp, MemberId(2), mark).expect("reconcile"),
             1,
             "only session 3 went"
         );
+        let dp = dp.into_inner().expect("table");
         let left: Vec<_> = (1..=5)
             .filter(|i| dp.session(&key(*i)).expect("lookup").is_some())
             .collect();

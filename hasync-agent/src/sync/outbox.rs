@@ -23,6 +23,8 @@ struct InFlight {
     keys: Vec<FlowKey>,
     /// When the oldest change in the frame was queued (for the replication lag).
     oldest: Instant,
+    /// A full sync's frame: not resent key by key (a broken full sync starts over).
+    bulk: bool,
 }
 
 #[derive(Debug)]
@@ -136,7 +138,27 @@ impl Outbox {
 
     /// Records that frame `seq` carrying `keys` was sent.
     pub fn sent(&mut self, seq: u64, keys: Vec<FlowKey>, oldest: Instant) {
-        self.in_flight.push_back(InFlight { seq, keys, oldest });
+        self.in_flight.push_back(InFlight {
+            seq,
+            keys,
+            oldest,
+            bulk: false,
+        });
+    }
+
+    /// Records that frame `seq` of a full sync was sent.
+    pub fn sent_bulk(&mut self, seq: u64, now: Instant) {
+        self.in_flight.push_back(InFlight {
+            seq,
+            keys: Vec::new(),
+            oldest: now,
+            bulk: true,
+        });
+    }
+
+    /// Is a frame of a full sync still unacknowledged?
+    pub fn bulk_in_flight(&self) -> bool {
+        self.in_flight.iter().any(|f| f.bulk)
     }
 
     /// A cumulative acknowledgement: every frame up to `seq` arrived. Returns, for each frame
@@ -153,8 +175,11 @@ impl Outbox {
 
     /// The link carrying the frames in flight failed: queue their keys again (ahead of newer
     /// ones) so they are resent, with their current state, on whatever link comes next.
-    pub fn requeue_in_flight(&mut self) -> usize {
+    /// Returns how many keys, and whether frames of a full sync were lost (then it must start
+    /// over: they cannot be resent key by key).
+    pub fn requeue_in_flight(&mut self) -> (usize, bool) {
         let mut n = 0;
+        let bulk_lost = self.bulk_in_flight();
         while let Some(f) = self.in_flight.pop_back() {
             for key in f.keys.into_iter().rev() {
                 if self.queued.insert(key) {
@@ -163,7 +188,7 @@ impl Outbox {
                 }
             }
         }
-        n
+        (n, bulk_lost)
     }
 }
 
@@ -210,7 +235,7 @@ mod tests {
         assert!(o.can_send());
         o.enqueue(key(9), now);
         // The link fails: frame s2 (keys 2, 3) goes back ahead of 4, 5, 9.
-        assert_eq!(o.requeue_in_flight(), 2);
+        assert_eq!(o.requeue_in_flight(), (2, false));
         let (keys, _) = o.take(10);
         assert_eq!(keys, vec![key(2), key(3), key(4), key(5), key(9)]);
         assert_eq!(

@@ -119,10 +119,19 @@ pub struct Rejections {
 impl Rejections {
     /// Counts one; returns true the first time this reason is seen (to log it once).
     pub fn count(&self, reason: &'static str) -> bool {
+        self.count_n(reason, 1)
+    }
+
+    /// Counts `n` refusals for `reason` at once; true if they are the first.
+    pub fn count_n(&self, reason: &'static str, n: u64) -> bool {
+        if n == 0 {
+            return false;
+        }
         let mut m = self.by_reason.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(reason).or_insert(0);
-        *n += 1;
-        *n == 1
+        let total = m.entry(reason).or_insert(0);
+        let first = *total == 0;
+        *total += n;
+        first
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {

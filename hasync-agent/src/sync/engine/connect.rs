@@ -12,11 +12,12 @@ use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig};
+use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
     cluster::LinkState,
     sync::{
         admission::{Admission, Ticket},
+        backoff::Backoff,
         channel::{self, ChannelError, Receiver, Sender},
         install::ZoneMap,
         stats::LinkStats,
@@ -51,6 +52,16 @@ pub(super) fn admissions(cfg: &SyncConfig) -> BTreeMap<LinkKind, Arc<Admission>>
             (link, Admission::new(dialers))
         })
         .collect()
+}
+
+/// An authenticated connection whose hellos were exchanged.
+struct Established {
+    /// The peer's.
+    hello: Hello,
+    tx: Sender,
+    rx: Receiver,
+    /// Our hello said our table was fresh.
+    sent_fresh: bool,
 }
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
@@ -189,7 +200,7 @@ impl<T: SessionTable> Engine<T> {
             tokio::time::timeout(HELLO_TIMEOUT, self.respond(stream, from, link, &ticket)).await;
         drop(ticket);
         match result {
-            Ok(Ok(Some((peer, h, tx, rx)))) => self.attach(peer, link, h, tx, rx, from),
+            Ok(Ok(Some((peer, conn)))) => self.attach(peer, link, conn, from),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => self.reject(from, link, &e),
             Err(_) => self.refuse("timeout", from, link, "handshake and hello took too long"),
@@ -202,7 +213,7 @@ impl<T: SessionTable> Engine<T> {
         from: SocketAddr,
         link: LinkKind,
         ticket: &Ticket,
-    ) -> Result<Option<(Arc<Peer>, Hello, Sender, Receiver)>, ChannelError> {
+    ) -> Result<Option<(Arc<Peer>, Established)>, ChannelError> {
         let (mut tx, mut rx) = channel::respond(stream, &self.inner.cfg.psk).await?;
         let (msg, _) = rx.recv().await?;
         let Message::Hello(h) = msg else {
@@ -219,8 +230,28 @@ impl<T: SessionTable> Engine<T> {
             }
             return Ok(None);
         };
-        tx.send(&Message::Hello(self.hello(link, h.member))).await?;
-        Ok(Some((peer, h, tx, rx)))
+        // Refused before our hello goes out: the dialer must not see a link come up and drop.
+        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, Instant::now()) {
+            self.refuse(
+                reason,
+                from,
+                link,
+                "the peer already has a live connection on this link",
+            );
+            return Ok(None);
+        }
+        let ours = self.hello(link, h.member);
+        let sent_fresh = ours.fresh_table;
+        tx.send(&Message::Hello(ours)).await?;
+        Ok(Some((
+            peer,
+            Established {
+                hello: h,
+                tx,
+                rx,
+                sent_fresh,
+            },
+        )))
     }
 
     fn reject(&self, from: SocketAddr, link: LinkKind, e: &ChannelError) {
@@ -247,9 +278,12 @@ impl<T: SessionTable> Engine<T> {
                 .unwrap_or(true);
             if up && !peer.link_up(link) {
                 match self.connect(local, remote, link, peer.cfg.id).await {
-                    Ok((h, tx, rx)) => {
-                        if self.check_hello(&h, link, remote, peer.cfg.id).is_some() {
-                            self.attach(peer.clone(), link, h, tx, rx, remote);
+                    Ok(conn) => {
+                        if self
+                            .check_hello(&conn.hello, link, remote, peer.cfg.id)
+                            .is_some()
+                        {
+                            self.attach(peer.clone(), link, conn, remote);
                         }
                     }
                     Err(e) => self.reject(remote, link, &e),
@@ -265,9 +299,10 @@ impl<T: SessionTable> Engine<T> {
         remote: SocketAddr,
         link: LinkKind,
         peer: MemberId,
-    ) -> Result<(Hello, Sender, Receiver), ChannelError> {
+    ) -> Result<Established, ChannelError> {
         let psk = self.inner.cfg.psk;
         let hello = self.hello(link, peer);
+        let sent_fresh = hello.fresh_table;
         let idle = self.inner.cfg.keepalive_threshold;
         let fut = async move {
             let socket = if remote.is_ipv4() {
@@ -284,7 +319,12 @@ impl<T: SessionTable> Engine<T> {
             let (mut tx, mut rx) = channel::initiate(stream, &psk).await?;
             tx.send(&Message::Hello(hello)).await?;
             match rx.recv().await? {
-                (Message::Hello(h), _) => Ok((h, tx, rx)),
+                (Message::Hello(hello), _) => Ok(Established {
+                    hello,
+                    tx,
+                    rx,
+                    sent_fresh,
+                }),
                 _ => Err(ChannelError::Malformed(WireError::UnknownType(0))),
             }
         };
@@ -293,36 +333,28 @@ impl<T: SessionTable> Engine<T> {
             .unwrap_or_else(|_| Err(ChannelError::Io(std::io::ErrorKind::TimedOut.into())))
     }
 
-    /// May a new authenticated connection from `peer` on `link` take its place? A live
-    /// connection of the same boot of the peer stays: a second one is refused (a key holder
-    /// cannot push the real peer's connection aside). One from a new boot, or one replacing a
-    /// connection gone silent, is attached.
-    fn admit_connection(&self, peer: &Peer, link: LinkKind, hello: &Hello, now: Instant) -> Admit {
+    /// May a new authenticated connection from `peer` on `link` be attached? A live
+    /// connection on that link stays, whatever boot the newcomer claims (a key holder cannot
+    /// push the real peer's connection aside); one gone silent or closed is replaced. (A
+    /// restarted peer's old connection closes with its process, or falls silent with its
+    /// host.)
+    fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
         let g = peer.lock();
         let Some(old) = g.links.get(&link) else {
             return Admit::Attach;
         };
-        let same_boot = g.hello.as_ref().is_some_and(|h| h.boot_id == hello.boot_id);
         let silent = now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
-        if same_boot && !silent && !old.writer.is_closed() {
-            Admit::Refuse("duplicate-link")
-        } else {
+        if silent || old.writer.is_closed() {
             Admit::Attach
+        } else {
+            Admit::Refuse("duplicate-link")
         }
     }
 
-    /// Registers an authenticated connection and starts its reader and writer.
-    fn attach(
-        &self,
-        peer: Arc<Peer>,
-        link: LinkKind,
-        hello: Hello,
-        tx: Sender,
-        rx: Receiver,
-        from: SocketAddr,
-    ) {
+    /// Registers an authenticated connection and starts its writer, then its reader.
+    fn attach(&self, peer: Arc<Peer>, link: LinkKind, conn: Established, from: SocketAddr) {
         let now = Instant::now();
-        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, &hello, now) {
+        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, now) {
             self.refuse(
                 reason,
                 from,
@@ -331,6 +363,14 @@ impl<T: SessionTable> Engine<T> {
             );
             return;
         }
+        // What the old connection had in flight is queued again, as for any lost link.
+        self.detach(&peer, link, None, "replaced");
+        let Established {
+            hello,
+            tx,
+            rx,
+            sent_fresh,
+        } = conn;
         let generation = self.inner.generation.fetch_add(1, Relaxed);
         let (writer, writer_run) = writer(tx, self.inner.cfg.keepalive_threshold);
         let writer_task = {
@@ -343,19 +383,26 @@ impl<T: SessionTable> Engine<T> {
                 }
             })
         };
+        let (registered, ready) = tokio::sync::oneshot::channel();
         let reader = {
             let (e, p, w) = (self.clone(), peer.clone(), writer.clone());
             let boot_id = hello.boot_id;
-            tokio::spawn(async move { e.read_loop(p, link, generation, boot_id, rx, w).await })
+            tokio::spawn(async move {
+                e.read_loop(p, link, generation, boot_id, ready, rx, w)
+                    .await
+            })
         };
         let conn = LinkConn {
             generation,
+            sent_fresh,
+            peer_fresh: hello.fresh_table,
             writer,
             last_rx: now,
             reader,
             writer_task,
         };
         self.register(&peer, link, hello, conn, now);
+        let _ = registered.send(());
         lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
         info!(peer = peer.cfg.id.0, link = link.name(), "sync link up");
         peer.wake.notify_one();
@@ -370,9 +417,9 @@ impl<T: SessionTable> Engine<T> {
             g.ha4_failed = false;
             g.ha4_usable_at = Some(now + self.inner.cfg.hold_down);
         }
-        // A request for a full sync is honoured once per boot of the peer, or again after the
-        // peer was cut off from us on every link (it may have missed changes); the backoff
-        // bounds how often either happens.
+        // A request for a full sync is honoured once per boot of the peer (at once: a
+        // restarted peer needs it), or again after the peer was cut off from us on every link
+        // (it may have missed changes; paced by the backoff, as link flaps are).
         let cut_off = g.links.is_empty();
         let new_boot = g.bulk_granted_boot != Some(hello.boot_id);
         if hello.wants_bulk
@@ -382,6 +429,9 @@ impl<T: SessionTable> Engine<T> {
         {
             g.bulk_wanted = true;
             g.bulk_granted_boot = Some(hello.boot_id);
+            if new_boot {
+                g.bulk_backoff = Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1);
+            }
         }
         g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
         g.links.insert(link, conn);

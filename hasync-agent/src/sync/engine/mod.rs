@@ -87,6 +87,12 @@ pub struct SyncConfig {
 /// A live connection on one link.
 struct LinkConn {
     generation: u64,
+    /// Our hello on this connection said our table was fresh: the peer then does not
+    /// reconcile our full syncs on it.
+    sent_fresh: bool,
+    /// The peer's hello on this connection said its table was fresh: its full syncs on it
+    /// do not reconcile our replicas of its sessions.
+    peer_fresh: bool,
     writer: Writer,
     last_rx: Instant,
     reader: JoinHandle<()>,
@@ -100,15 +106,21 @@ impl LinkConn {
     }
 }
 
-/// A full sync being received.
+/// A full sync being received. All of it travels on one connection (the sender does not
+/// move data to another link while a full sync is unacknowledged): its frames and its end
+/// count only from that connection.
 #[derive(Clone, Copy, Debug)]
 struct BulkRx {
-    /// Its id: only its own end ends it (the end of one superseded by a newer full sync, that
-    /// came on the other link, is ignored).
+    /// Its id, increasing per boot of the peer: only its own end ends it, and an older start
+    /// read late from another connection is ignored.
     id: u32,
+    /// The connection it runs on.
+    generation: u64,
     /// It will reconcile the peer's replicas (the peer's table is intact, so it is the
     /// authority on its sessions): the session clock when it started.
     mark: Option<u64>,
+    /// Records of its frames applied so far: its end reconciles only if they are all of them.
+    applied: u64,
 }
 
 /// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
@@ -133,6 +145,8 @@ struct PeerInner {
     bulk_granted_boot: Option<u64>,
     /// The full sync being received from this peer, if any.
     bulk_rx: Option<BulkRx>,
+    /// The id of the last full sync this peer started, and the boot it came from.
+    bulk_rx_last: Option<(u64, u32)>,
     zones: ZoneMap,
     hello: Option<Hello>,
 }
@@ -161,6 +175,7 @@ impl Peer {
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
                 bulk_rx: None,
+                bulk_rx_last: None,
                 zones: ZoneMap::default(),
                 hello: None,
             }),
@@ -348,10 +363,13 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    /// Asks for a full sync to every peer (after lost events). Each goes out when that peer's
-    /// full-sync backoff allows.
+    /// Asks for a full sync to every syncing peer (after lost events). Each goes out when that
+    /// peer's full-sync backoff allows.
     pub fn request_bulk_all(&self) {
-        for peer in self.inner.peers.values() {
+        if !self.inner.cfg.local_session_sync {
+            return;
+        }
+        for peer in self.inner.peers.values().filter(|p| p.cfg.session_sync) {
             peer.lock().bulk_wanted = true;
             peer.wake.notify_one();
         }
@@ -389,9 +407,17 @@ impl<T: SessionTable> Engine<T> {
                         g.ha4_usable_at = None;
                     }
                     if g.data_link == Some(link) {
-                        let n = g.outbox.requeue_in_flight();
+                        let (n, bulk_lost) = g.outbox.requeue_in_flight();
                         LinkStats::add(&peer.stats.resends, n as u64);
                         g.data_link = None;
+                        // Frames of a full sync cannot be resent key by key: it starts over.
+                        g.bulk_wanted |= bulk_lost;
+                    }
+                    let gen = c.as_ref().map(|c| c.generation);
+                    if g.bulk_rx.is_some_and(|b| Some(b.generation) == gen) {
+                        // The full sync it carried is broken: it never ends here, and the
+                        // peer starts it over.
+                        g.bulk_rx = None;
                     }
                     c
                 }
@@ -417,17 +443,27 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Clears the fresh-table flag once this member left its initial state (every reachable
-    /// peer's full sync ended) and at least one peer's full sync handed its sessions back: from
-    /// then on its own table is the authority on its sessions. A member that stays alone keeps
-    /// the flag until a peer arrives, which then returns what it holds of ours.
+    /// peer's full sync ended) and a peer whose own table is intact finished its full sync,
+    /// which handed back what it held of ours: from then on our table is the authority on our
+    /// sessions. A member that stays alone (or with fresh peers only) keeps the flag until such
+    /// a peer arrives.
     fn settle_fresh_table(&self) {
         if !self.inner.fresh_table.load(Relaxed) {
             return;
         }
+        let intact: Vec<MemberId> = self
+            .inner
+            .peers
+            .values()
+            .filter(|p| p.lock().hello.as_ref().is_some_and(|h| !h.fresh_table))
+            .map(|p| p.cfg.id)
+            .collect();
         let settled = {
             let m = lock(&self.inner.membership);
             m.state != crate::cluster::MemberState::Initial
-                && m.peers.values().any(|p| p.bulk_done == Some(true))
+                && intact
+                    .iter()
+                    .any(|id| m.peers.get(id).is_some_and(|p| p.bulk_done == Some(true)))
         };
         if settled {
             self.inner.fresh_table.store(false, Relaxed);

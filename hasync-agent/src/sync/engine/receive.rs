@@ -27,21 +27,38 @@ pub(super) enum Applied {
     /// Older than a frame already applied (it came late on another link, and what it carried
     /// was queued again by the sender): dropped, not acknowledged.
     Stale,
-    /// From a connection of an earlier boot of the peer: dropped.
-    OldBoot,
+    /// A full sync's frame from a connection that carries no running full sync (one aborted
+    /// or superseded): dropped, not acknowledged. Installing it could bring back a session
+    /// removed since, and mark it as seen by the newer full sync.
+    Superseded,
 }
 
 impl<T: SessionTable> Engine<T> {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the connection's identity, in its parts"
+    )]
     pub(super) async fn read_loop(
         self,
         peer: Arc<Peer>,
         link: LinkKind,
         generation: u64,
         boot_id: u64,
+        registered: tokio::sync::oneshot::Receiver<()>,
         mut rx: Receiver,
         writer: Writer,
     ) {
+        // Nothing is read before the connection is registered (its hello, zones and link).
+        if registered.await.is_err() {
+            return;
+        }
         let stats = peer.stats.link(link);
+        let from = FrameFrom {
+            peer: &peer,
+            link,
+            boot_id,
+            generation,
+        };
         loop {
             let (msg, bytes) = match rx.recv().await {
                 Ok(m) => m,
@@ -58,21 +75,28 @@ impl<T: SessionTable> Engine<T> {
             if let Some(c) = peer.lock().links.get_mut(&link) {
                 c.last_rx = Instant::now();
             }
-            let frame = FrameFrom {
-                peer: &peer,
-                link,
-                boot_id,
-            };
-            if let Err(why) = self.handle(&frame, msg, &writer) {
+            if let Err(why) = self.handle(&from, msg, &writer) {
                 self.detach(&peer, link, Some(generation), why);
                 return;
             }
         }
     }
 
-    /// Handles one message; an error closes the connection, with the reason.
-    fn handle(&self, f: &FrameFrom<'_>, msg: Message, writer: &Writer) -> Result<(), &'static str> {
+    /// Handles one message; an error closes the connection, with the reason. Messages from a
+    /// connection of an earlier boot of the peer (still draining while the new boot's hello
+    /// came on the other link) are dropped, whatever they are.
+    pub(super) fn handle(
+        &self,
+        f: &FrameFrom<'_>,
+        msg: Message,
+        writer: &Writer,
+    ) -> Result<(), &'static str> {
         let stats = f.peer.stats.link(f.link);
+        let current_boot = f.peer.lock().hello.as_ref().map(|h| h.boot_id);
+        if current_boot != Some(f.boot_id) {
+            self.inner.rejections.count("stale-frame");
+            return Ok(());
+        }
         match msg {
             Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
             Message::Sessions { seq, bulk, records } => {
@@ -83,12 +107,14 @@ impl<T: SessionTable> Engine<T> {
                     tokio::task::block_in_place(|| self.apply_in_order(f, seq, &records, bulk))?;
                 match applied {
                     Applied::Done => writer.ack(seq),
-                    Applied::Stale | Applied::OldBoot => {}
+                    Applied::Stale | Applied::Superseded => {
+                        self.inner.rejections.count("stale-frame");
+                    }
                 }
             }
             Message::Ack { seq } => self.on_ack(f.peer, stats, seq),
-            Message::BulkStart { bulk_id } => self.on_bulk_start(f.peer, bulk_id),
-            Message::BulkEnd { bulk_id, records } => self.on_bulk_end(f.peer, bulk_id, records),
+            Message::BulkStart { bulk_id } => self.on_bulk_start(f, bulk_id),
+            Message::BulkEnd { bulk_id, records } => self.on_bulk_end(f, bulk_id, records),
             Message::Hello(_) => {
                 if self.inner.rejections.count("malformed") {
                     warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
@@ -125,63 +151,97 @@ impl<T: SessionTable> Engine<T> {
         peer.wake.notify_one();
     }
 
-    pub(super) fn on_bulk_start(&self, peer: &Peer, bulk_id: u32) {
-        info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
-        lock(&self.inner.membership).bulk(peer.cfg.id, false);
+    /// A full sync starts on this connection. One with an id not above the last this boot
+    /// of the peer started is an old one read late from another connection: ignored.
+    pub(super) fn on_bulk_start(&self, f: &FrameFrom<'_>, bulk_id: u32) {
+        let peer = f.peer;
         {
-            // A peer with its table intact is the authority on its sessions: its full sync
-            // also removes the replicas it no longer holds.
             let mut g = peer.lock();
-            let authoritative = g.hello.as_ref().is_some_and(|h| !h.fresh_table);
+            if g.bulk_rx_last
+                .is_some_and(|(boot, last)| boot == f.boot_id && bulk_id <= last)
+            {
+                info!(
+                    peer = peer.cfg.id.0,
+                    bulk_id, "start of an older full sync ignored"
+                );
+                return;
+            }
+            g.bulk_rx_last = Some((f.boot_id, bulk_id));
+            // A peer with its table intact (as its hello on this connection said) is the
+            // authority on its sessions: its full sync also removes the replicas it no longer
+            // holds.
+            let authoritative = g
+                .links
+                .get(&f.link)
+                .is_some_and(|c| c.generation == f.generation && !c.peer_fresh);
             g.bulk_rx = Some(BulkRx {
                 id: bulk_id,
+                generation: f.generation,
                 mark: authoritative.then(monotonic_ns),
+                applied: 0,
             });
         }
+        info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
+        lock(&self.inner.membership).bulk(peer.cfg.id, false);
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
         b.started_ms = monotonic_ns() / 1_000_000;
     }
 
-    pub(super) fn on_bulk_end(&self, peer: &Peer, bulk_id: u32, records: u64) {
-        let running = {
+    /// A full sync ends. Only the running one's end, from its connection, counts; it removes
+    /// the replicas the peer no longer holds only if every record it announced was applied.
+    pub(super) fn on_bulk_end(&self, f: &FrameFrom<'_>, bulk_id: u32, records: u64) {
+        let peer = f.peer;
+        let ended = {
             let mut g = peer.lock();
             match g.bulk_rx {
-                Some(b) if b.id == bulk_id => g.bulk_rx.take(),
+                Some(b) if b.id == bulk_id && b.generation == f.generation => g.bulk_rx.take(),
                 _ => None,
             }
         };
-        let Some(ended) = running else {
+        let Some(ended) = ended else {
             info!(
                 peer = peer.cfg.id.0,
-                bulk_id, "end of a full sync superseded by a newer one ignored"
+                bulk_id, "end of a full sync that is not running here ignored"
             );
             return;
         };
-        if let Some(mark) = ended.mark {
+        if ended.applied != records {
+            self.inner.rejections.count("bulk-incomplete");
+            warn!(
+                peer = peer.cfg.id.0,
+                bulk_id,
+                announced = records,
+                applied = ended.applied,
+                "full sync from peer ended incomplete: its replicas are not reconciled"
+            );
+        } else if let Some(mark) = ended.mark {
             self.remove_stale_replicas(peer, mark);
         }
         lock(&self.inner.membership).bulk(peer.cfg.id, true);
-        {
-            let mut b = lock(&peer.stats.bulk_received);
-            b.running = false;
-            b.count += 1;
-            b.last_records = records;
-            b.last_duration_ms = (monotonic_ns() / 1_000_000).saturating_sub(b.started_ms);
-            info!(
-                peer = peer.cfg.id.0,
-                bulk_id,
-                records,
-                ms = b.last_duration_ms,
-                "full sync from peer ended"
-            );
-        }
+        self.bulk_received(peer, bulk_id, records);
         self.settle_fresh_table();
     }
 
+    fn bulk_received(&self, peer: &Peer, bulk_id: u32, records: u64) {
+        let mut b = lock(&peer.stats.bulk_received);
+        b.running = false;
+        b.count += 1;
+        b.last_records = records;
+        b.last_duration_ms = (monotonic_ns() / 1_000_000).saturating_sub(b.started_ms);
+        info!(
+            peer = peer.cfg.id.0,
+            bulk_id,
+            records,
+            ms = b.last_duration_ms,
+            "full sync from peer ended"
+        );
+    }
+
     /// Applies a session frame if it is the peer's next in sequence (any gap was queued
-    /// again by the sender). A failed install is not acknowledged: the connection closes and
-    /// the peer sends the frame's sessions again.
+    /// again by the sender) and, for a full sync's frame, if it belongs to the full sync
+    /// running on its connection. A failed install is not acknowledged: the connection closes
+    /// and the peer sends the frame's sessions again.
     pub(super) fn apply_in_order(
         &self,
         f: &FrameFrom<'_>,
@@ -190,10 +250,6 @@ impl<T: SessionTable> Engine<T> {
         bulk: bool,
     ) -> Result<Applied, &'static str> {
         let mut order = lock(&f.peer.applied);
-        let current_boot = f.peer.lock().hello.as_ref().map(|h| h.boot_id);
-        if current_boot != Some(f.boot_id) {
-            return Ok(Applied::OldBoot);
-        }
         if order.boot_id != f.boot_id {
             order.boot_id = f.boot_id;
             order.last_seq = 0;
@@ -201,16 +257,22 @@ impl<T: SessionTable> Engine<T> {
         if seq <= order.last_seq {
             return Ok(Applied::Stale);
         }
-        match self.install(f.peer, records, bulk) {
-            Ok(()) => {
-                order.last_seq = seq;
-                Ok(Applied::Done)
-            }
-            Err(e) => {
-                warn!(peer = f.peer.cfg.id.0, seq, error = %error_chain(&e), "installing sessions failed; the peer will send them again");
-                Err("install-failed")
+        let running = f.peer.lock().bulk_rx;
+        if bulk && running.is_none_or(|b| b.generation != f.generation) {
+            return Ok(Applied::Superseded);
+        }
+        if let Err(e) = self.install(f.peer, records, bulk) {
+            warn!(peer = f.peer.cfg.id.0, seq, error = %error_chain(&e), "installing sessions failed; the peer will send them again");
+            return Err("install-failed");
+        }
+        order.last_seq = seq;
+        if bulk {
+            let mut g = f.peer.lock();
+            if let Some(b) = g.bulk_rx.as_mut().filter(|b| b.generation == f.generation) {
+                b.applied += records.len() as u64;
             }
         }
+        Ok(Applied::Done)
     }
 
     /// Installs a frame's records into the session table.
@@ -273,14 +335,12 @@ impl<T: SessionTable> Engine<T> {
         LinkStats::add(&stats.deleted, r.deleted);
         LinkStats::add(&stats.kept, r.kept);
         LinkStats::add(&stats.refused_zone, r.refused_zone);
-        for _ in 0..r.refused_zone {
-            self.inner.rejections.count("zone-unknown");
-        }
+        self.inner
+            .rejections
+            .count_n("zone-unknown", r.refused_zone);
         for (why, n) in r.refused_owner {
             LinkStats::add(&stats.refused_owner, n);
-            for _ in 0..n {
-                self.inner.rejections.count(why.reason());
-            }
+            self.inner.rejections.count_n(why.reason(), n);
         }
     }
 
@@ -291,8 +351,7 @@ impl<T: SessionTable> Engine<T> {
             return;
         }
         let removed = tokio::task::block_in_place(|| {
-            let mut dp = lock(&self.inner.dp);
-            install::remove_unseen(&mut *dp, peer.cfg.id, mark)
+            install::remove_unseen(&self.inner.dp, peer.cfg.id, mark)
         });
         match removed {
             Ok(0) => {}
@@ -317,4 +376,6 @@ pub(super) struct FrameFrom<'a> {
     pub(super) link: LinkKind,
     /// The peer's boot, from this connection's hello.
     pub(super) boot_id: u64,
+    /// The connection.
+    pub(super) generation: u64,
 }

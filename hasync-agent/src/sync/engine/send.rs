@@ -52,37 +52,45 @@ impl<T: SessionTable> Engine<T> {
 
     /// The link, its writer and generation to send on now, and whether a full sync is due
     /// (and allowed by the backoff).
-    fn prepare_send(&self, peer: &Peer) -> Option<(LinkKind, Writer, u64, bool)> {
+    pub(super) fn prepare_send(&self, peer: &Peer) -> Option<(LinkKind, Writer, u64, bool)> {
         let mut g = peer.lock();
         let now = Instant::now();
-        let link = Self::pick_link(&g, now)?;
-        if g.data_link.is_some_and(|l| l != link) {
-            // Switching links: what the old one had in flight may be lost.
-            let n = g.outbox.requeue_in_flight();
-            LinkStats::add(&peer.stats.resends, n as u64);
-            info!(
-                peer = peer.cfg.id.0,
-                link = link.name(),
-                requeued = n,
-                "sync data moves to another link"
-            );
+        let mut link = Self::pick_link(&g, now)?;
+        if let Some(current) = g.data_link.filter(|l| *l != link) {
+            if g.outbox.bulk_in_flight() && g.links.contains_key(&current) {
+                // A full sync is unacknowledged on the current link: it ends there (its
+                // frames, read after newer ones from the other link, would be dropped).
+                link = current;
+            } else {
+                // Switching links: what the old one had in flight may be lost.
+                let (n, bulk_lost) = g.outbox.requeue_in_flight();
+                g.bulk_wanted |= bulk_lost;
+                LinkStats::add(&peer.stats.resends, n as u64);
+                info!(
+                    peer = peer.cfg.id.0,
+                    link = link.name(),
+                    requeued = n,
+                    "sync data moves to another link"
+                );
+            }
         }
         g.data_link = Some(link);
         if g.outbox.take_overflow() {
             g.bulk_wanted = true;
         }
+        let c = g.links.get(&link)?;
+        let (writer, generation, sent_fresh) = (c.writer.clone(), c.generation, c.sent_fresh);
         let bulk = g.bulk_wanted && g.bulk_backoff.try_start(now);
         if bulk {
             g.bulk_wanted = false;
             // The full sync reads the table after this point: it carries what is queued. Not
-            // while our table is fresh: then the peer does not reconcile our full sync, and a
-            // queued removal would be lost.
-            if !self.fresh_table() {
+            // if our hello on this connection said our table was fresh: then the peer does not
+            // reconcile our full sync, and a queued removal would be lost.
+            if !sent_fresh {
                 g.outbox.clear_pending();
             }
         }
-        let c = g.links.get(&link)?;
-        Some((link, c.writer.clone(), c.generation, bulk))
+        Some((link, writer, generation, bulk))
     }
 
     /// Sends what is due to `peer` on its data link: a full sync if one is wanted, then queued
@@ -257,7 +265,7 @@ impl<T: SessionTable> Engine<T> {
             let mut g = peer.lock();
             let seq = g.outbox.next_seq();
             // Bulk frames are not resent key by key: a broken full sync starts over.
-            g.outbox.sent(seq, Vec::new(), Instant::now());
+            g.outbox.sent_bulk(seq, Instant::now());
             seq
         };
         writer

@@ -127,40 +127,145 @@ fn apply_frame(
     bulk: bool,
 ) -> Applied {
     let peer = e.inner.peers[&MemberId(2)].clone();
-    let from = FrameFrom {
-        peer: &peer,
-        link,
-        boot_id,
-    };
-    let r = e.apply_in_order(&from, seq, &[rec], bulk);
+    let r = e.apply_in_order(&from(&peer, link, boot_id), seq, &[rec], bulk);
     r.expect("applied")
 }
 
-/// The peer's full sync 2 runs on HA4 backup when its data moves to HA4 and full sync 4
-/// starts there: the end of 2, read late, must not reconcile against 4's start (which would
-/// remove everything 2 installed before it).
-#[test]
-fn the_end_of_a_superseded_full_sync_removes_nothing() {
+/// The connection on `link`: generation 1 on HA4, 2 on HA4 backup.
+fn generation(link: LinkKind) -> u64 {
+    match link {
+        LinkKind::Ha4 => 1,
+        LinkKind::Ha4Backup => 2,
+    }
+}
+
+fn from(peer: &Arc<super::Peer>, link: LinkKind, boot_id: u64) -> FrameFrom<'_> {
+    FrameFrom {
+        peer,
+        link,
+        boot_id,
+        generation: generation(link),
+    }
+}
+
+/// Registers a connection of peer 2 on `link` whose writer hands what it sends to the
+/// returned receiver (needs a runtime for its placeholder tasks).
+fn connect<T: SessionTable>(e: &Engine<T>, link: LinkKind) -> tokio::sync::mpsc::Receiver<Message> {
+    let (writer, rx) = Writer::detached();
+    let conn = super::LinkConn {
+        generation: generation(link),
+        sent_fresh: false,
+        peer_fresh: false,
+        writer,
+        last_rx: Instant::now(),
+        reader: tokio::spawn(async {}),
+        writer_task: tokio::spawn(async {}),
+    };
+    e.inner.peers[&MemberId(2)].lock().links.insert(link, conn);
+    rx
+}
+
+/// The peer's full sync 2 runs on HA4 backup when full sync 4 starts on HA4: the end of 2,
+/// read late, must not reconcile against 4's start (which would remove everything 2 installed
+/// before it), and a late frame of 2 must not be applied (it could bring back a session
+/// removed since and mark it as seen by 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_full_sync_neither_ends_nor_applies() {
     let e = engine();
     hello_from_2(&e, 7);
+    let _rx = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
     let peer = e.inner.peers[&MemberId(2)].clone();
-    e.on_bulk_start(&peer, 2);
+    let (ha4, backup) = (
+        from(&peer, LinkKind::Ha4, 7),
+        from(&peer, LinkKind::Ha4Backup, 7),
+    );
+    e.on_bulk_start(&backup, 2);
     let rec = upsert(1, 2);
     assert!(matches!(
         apply_frame(&e, LinkKind::Ha4Backup, 7, 1, rec, true),
         Applied::Done
     ));
     std::thread::sleep(Duration::from_millis(5));
-    e.on_bulk_start(&peer, 4);
-    e.on_bulk_end(&peer, 2, 1);
+    e.on_bulk_start(&ha4, 4);
+    // A late start of 2 again, from the backup connection: older, ignored.
+    e.on_bulk_start(&backup, 2);
+    let mut late = upsert(3, 2);
+    late.key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [9, 0, 0, 0], 9, [2, 0, 0, 0], 2).0;
+    assert!(matches!(
+        apply_frame(&e, LinkKind::Ha4Backup, 7, 2, late, true),
+        Applied::Superseded
+    ));
+    e.on_bulk_end(&backup, 2, 2);
     assert_eq!(held(&e), Some((1, 2)), "the superseded end reconciled");
     assert_eq!(crate::sync::stats::LinkStats::get(&peer.stats.deleted), 0);
     assert!(matches!(
-        apply_frame(&e, LinkKind::Ha4, 7, 2, rec, true),
+        apply_frame(&e, LinkKind::Ha4, 7, 3, rec, true),
         Applied::Done
     ));
-    e.on_bulk_end(&peer, 4, 1);
+    e.on_bulk_end(&ha4, 4, 1);
     assert_eq!(held(&e), Some((1, 2)), "full sync 4 carried it");
+    assert_eq!(
+        e.inner.membership.lock().expect("m").peers[&MemberId(2)].bulk_done,
+        Some(true)
+    );
+}
+
+/// A full sync whose end announces more records than were applied (frames dropped on the
+/// way) does not remove the replicas it did not mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incomplete_full_sync_removes_nothing() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
+        Applied::Done
+    ));
+    std::thread::sleep(Duration::from_millis(5));
+    let ha4 = from(&peer, LinkKind::Ha4, 7);
+    e.on_bulk_start(&ha4, 3);
+    e.on_bulk_end(&ha4, 3, 680);
+    assert_eq!(held(&e), Some((1, 2)), "an incomplete full sync reconciled");
+    assert_eq!(e.rejections().snapshot().get("bulk-incomplete"), Some(&1));
+}
+
+/// While a full sync is unacknowledged on HA4 backup, data does not move to HA4 (which came
+/// up meanwhile): the rest of the full sync would be read after newer frames and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_stays_on_its_link_while_a_full_sync_is_unacknowledged() {
+    let e = engine_over(FakeTable::default());
+    hello_from_2(&e, 7);
+    let _rx = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    {
+        let mut g = peer.lock();
+        g.data_link = Some(LinkKind::Ha4Backup);
+        let seq = g.outbox.next_seq();
+        g.outbox.sent_bulk(seq, Instant::now());
+    }
+    let (link, ..) = e.prepare_send(&peer).expect("a link");
+    assert_eq!(link, LinkKind::Ha4Backup);
+    peer.lock().outbox.ack(1);
+    let (link, ..) = e.prepare_send(&peer).expect("a link");
+    assert_eq!(link, LinkKind::Ha4, "acknowledged: data moves to HA4");
+}
+
+/// The link carrying an unacknowledged full sync fails: the full sync starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_lost_with_its_link_starts_over() {
+    let e = engine_over(FakeTable::default());
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    {
+        let mut g = peer.lock();
+        g.data_link = Some(LinkKind::Ha4);
+        let seq = g.outbox.next_seq();
+        g.outbox.sent_bulk(seq, Instant::now());
+    }
+    e.detach(&peer, LinkKind::Ha4, None, "test");
+    assert!(peer.lock().bulk_wanted);
 }
 
 /// Frames 5 (an update) and 7 (the delete) were in flight on HA4 when it failed; the sender
@@ -194,15 +299,20 @@ fn a_late_frame_from_the_other_link_does_not_undo_a_later_one() {
 fn frames_of_an_earlier_boot_are_dropped_and_a_new_boot_starts_its_sequence_anew() {
     let e = engine();
     hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
     assert!(matches!(
         apply(&e, LinkKind::Ha4, 7, 900, upsert(1, 2)),
         Applied::Done
     ));
     hello_from_2(&e, 8);
-    assert!(matches!(
-        apply(&e, LinkKind::Ha4Backup, 7, 901, upsert(9, 2)),
-        Applied::OldBoot
-    ));
+    let (w, _rx) = Writer::detached();
+    let old = from(&peer, LinkKind::Ha4Backup, 7);
+    let frame = Message::Sessions {
+        seq: 901,
+        bulk: false,
+        records: vec![upsert(9, 2)],
+    };
+    e.handle(&old, frame, &w).expect("handled");
     assert_eq!(held(&e), Some((1, 2)));
     assert!(matches!(
         apply(&e, LinkKind::Ha4, 8, 1, upsert(2, 2)),
@@ -323,11 +433,7 @@ fn a_failed_install_is_not_acknowledged() {
     });
     hello_from_2(&e, 7);
     let peer = e.inner.peers[&MemberId(2)].clone();
-    let from = FrameFrom {
-        peer: &peer,
-        link: LinkKind::Ha4,
-        boot_id: 7,
-    };
+    let from = from(&peer, LinkKind::Ha4, 7);
     let failed = e.apply_in_order(&from, 4, &[upsert(1, 2)], false);
     assert!(matches!(failed, Err("install-failed")));
     e.inner.dp.lock().expect("table").fail_installs = false;
@@ -349,15 +455,7 @@ async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
     });
     hello_from_2(&e, 7);
     let peer = e.inner.peers[&MemberId(2)].clone();
-    let (w, mut rx) = Writer::detached();
-    let conn = super::LinkConn {
-        generation: 1,
-        writer: w,
-        last_rx: Instant::now(),
-        reader: tokio::spawn(async {}),
-        writer_task: tokio::spawn(async {}),
-    };
-    peer.lock().links.insert(LinkKind::Ha4, conn);
+    let mut rx = connect(&e, LinkKind::Ha4);
     let drain = tokio::spawn(async move {
         let mut starts = 0;
         while let Some(m) = rx.recv().await {
