@@ -443,10 +443,10 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Clears the fresh-table flag once this member left its initial state (every reachable
-    /// peer's full sync ended) and a peer whose own table is intact finished its full sync,
-    /// which handed back what it held of ours: from then on our table is the authority on our
-    /// sessions. A member that stays alone (or with fresh peers only) keeps the flag until such
-    /// a peer arrives.
+    /// peer's full sync ended) and either a peer whose own table is intact finished its full
+    /// sync, which handed back what it held of ours, or every configured peer did (a whole
+    /// cluster starting empty): from then on our table is the authority on our sessions. A
+    /// member that stays alone keeps the flag until a peer arrives.
     fn settle_fresh_table(&self) {
         if !self.inner.fresh_table.load(Relaxed) {
             return;
@@ -460,10 +460,11 @@ impl<T: SessionTable> Engine<T> {
             .collect();
         let settled = {
             let m = lock(&self.inner.membership);
-            m.state != crate::cluster::MemberState::Initial
-                && intact
-                    .iter()
-                    .any(|id| m.peers.get(id).is_some_and(|p| p.bulk_done == Some(true)))
+            let done = |p: &crate::cluster::Peer| p.bulk_done == Some(true);
+            let intact_done = intact.iter().any(|id| m.peers.get(id).is_some_and(done));
+            let syncing = || m.peers.values().filter(|p| p.session_sync);
+            let all_done = syncing().next().is_some() && syncing().all(done);
+            m.state != crate::cluster::MemberState::Initial && (intact_done || all_done)
         };
         if settled {
             self.inner.fresh_table.store(false, Relaxed);
