@@ -1,9 +1,11 @@
 //! Helpers for hasync's cross-crate tests: a frame builder, a `BPF_PROG_TEST_RUN` driver, the
-//! packet fixture runner and network-namespace labs. The tests themselves live in `tests/`.
+//! packet fixture runner, network-namespace labs and the fuzz targets' checks. The tests
+//! themselves live in `tests/`.
 
 pub mod chaos;
 pub mod cluster;
 pub mod fixture;
 pub mod frame;
+pub mod fuzz;
 pub mod netns;
 pub mod testrun;

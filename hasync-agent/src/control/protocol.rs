@@ -82,6 +82,19 @@ pub enum Request {
 }
 
 impl Request {
+    /// Parses one request line (surrounding whitespace ignored): `None` for a blank line, else
+    /// the request or the answer to a malformed one.
+    pub fn parse_line(line: &[u8]) -> Option<Result<Request, Response>> {
+        let text = line.trim_ascii();
+        if text.is_empty() {
+            return None;
+        }
+        Some(
+            serde_json::from_slice(text)
+                .map_err(|e| Response::error(format!("malformed request: {e}"))),
+        )
+    }
+
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {

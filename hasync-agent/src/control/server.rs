@@ -248,11 +248,10 @@ async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<(
             ));
             return write_response(&mut write, &response).await;
         }
-        let text = line.trim_ascii();
-        if !text.is_empty() {
-            let response = match serde_json::from_slice::<Request>(text) {
+        if let Some(parsed) = Request::parse_line(&line) {
+            let response = match parsed {
                 Ok(request) => forward(request, &requests).await,
-                Err(e) => Response::error(format!("malformed request: {e}")),
+                Err(malformed) => malformed,
             };
             write_response(&mut write, &response).await?;
         }

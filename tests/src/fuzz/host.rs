@@ -1,0 +1,382 @@
+//! The checks of the targets that parse a peer's frames, a file or a control line: pure
+//! functions of the input.
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use hasync_agent::{
+    cluster::MemberState,
+    config::Config,
+    control::{
+        view::{CountersView, SessionPage},
+        Request, Response,
+    },
+    provision::{MemberFiles, Spec},
+    sync::{
+        install::{decide, Decision, Installer, ZoneMap},
+        outbox::Outbox,
+        wire::{Hello, LinkKind, Message, Op, Record, PROTO_MAJOR, PROTO_MINOR},
+    },
+};
+use hasync_common::{
+    install::{resolve, InstallOp, Resolution},
+    Counters, FlowKey, MemberId, Session, SessionFlags, ZoneId,
+};
+
+/// Zones of the receiving member in the checks below.
+const OUR_ZONES: [&str; 3] = ["trust", "untrust", "dmz"];
+/// Zones of the sending peer: one we lack, one in another position.
+const PEER_ZONES: [&str; 3] = ["untrust", "lab", "trust"];
+/// The receiving member.
+const LOCAL: MemberId = MemberId(1);
+
+fn names(zones: &[&str]) -> Vec<String> {
+    zones.iter().map(|z| (*z).to_owned()).collect()
+}
+
+/// Names the file in errors; nothing is read from it.
+fn fuzz_path() -> &'static Path {
+    Path::new("fuzz-input.toml")
+}
+
+/// `wire_message`: `Message::decode` never panics, and what decodes is in one canonical form:
+/// it encodes to as many bytes as it came in, which decode to the same message and encode to
+/// the same bytes again.
+pub fn wire_message(data: &[u8]) -> Result<()> {
+    let Ok(msg) = Message::decode(data) else {
+        return Ok(());
+    };
+    let mut bytes = Vec::new();
+    msg.encode(&mut bytes)
+        .context("a decoded message does not encode")?;
+    ensure!(
+        bytes.len() == data.len(),
+        "{} bytes decoded but encode to {}: {msg:?}",
+        data.len(),
+        bytes.len()
+    );
+    let again = Message::decode(&bytes).context("a re-encoded message does not decode")?;
+    ensure!(again == msg, "round trip changed {msg:?} into {again:?}");
+    let mut twice = Vec::new();
+    again.encode(&mut twice)?;
+    ensure!(twice == bytes, "encoding is not canonical for {msg:?}");
+    Ok(())
+}
+
+/// `channel_payload`: a decrypted frame as the receiver handles it: decode, then for a hello
+/// the version and zone checks, for session records the install decision (zone translation,
+/// ownership, clock re-anchoring) and the conflict rule, for a keepalive the member state, for
+/// an ack the release of frames in flight.
+pub fn channel_payload(data: &[u8]) -> Result<()> {
+    let Ok(msg) = Message::decode(data) else {
+        return Ok(());
+    };
+    match msg {
+        Message::Hello(hello) => check_hello(&hello),
+        Message::Sessions { records, bulk, .. } => check_records(&records, bulk),
+        Message::Keepalive(k) => {
+            ensure!(!MemberState::from_u8(k.state).name().is_empty());
+            Ok(())
+        }
+        Message::Ack { seq } => check_ack(seq),
+        Message::BulkStart { .. } | Message::BulkEnd { .. } => Ok(()),
+    }
+}
+
+fn our_hello() -> Hello {
+    Hello {
+        major: PROTO_MAJOR,
+        minor: PROTO_MINOR,
+        cluster_id: 7,
+        member: LOCAL,
+        link: LinkKind::Ha4,
+        boot_id: 1,
+        fingerprint: [0; 32],
+        zones: names(&OUR_ZONES),
+        wants_bulk: false,
+        fresh_table: false,
+    }
+}
+
+/// Version compatibility is symmetric; every peer zone is either missing here or maps to our
+/// zone of the same name.
+fn check_hello(h: &Hello) -> Result<()> {
+    let ours = our_hello();
+    ensure!(
+        ours.compatible(h) == h.compatible(&ours),
+        "compatibility of {}.{} is not symmetric",
+        h.major,
+        h.minor
+    );
+    let map = ZoneMap::new(&ours.zones, &h.zones);
+    let missing = map.missing(&h.zones);
+    let mut mapped = 0;
+    for (i, name) in h.zones.iter().enumerate() {
+        let Ok(id) = u16::try_from(i + 1) else { break };
+        match map.translate(ZoneId(id)) {
+            Some(local) => {
+                let ours_name = ours.zones.get(usize::from(local.0).wrapping_sub(1));
+                ensure!(
+                    ours_name == Some(name),
+                    "peer zone {id} \"{name}\" maps to our zone {}",
+                    local.0
+                );
+                mapped += 1;
+            }
+            None => ensure!(missing.contains(&name.as_str()), "zone \"{name}\" lost"),
+        }
+    }
+    ensure!(mapped + missing.len() == h.zones.len(), "zones miscounted");
+    Ok(())
+}
+
+/// Every record through the install decision, as a full sync and as an update, at two clock
+/// readings (early after boot, and late), then through the conflict rule.
+fn check_records(records: &[Record], bulk: bool) -> Result<()> {
+    let zones = ZoneMap::new(&names(&OUR_ZONES), &names(&PEER_ZONES));
+    for fresh_table in [false, true] {
+        let who = Installer {
+            local: LOCAL,
+            fresh_table,
+            reconciling: bulk.then_some(MemberId(2)),
+        };
+        for now_ns in [1_000_000_000, u64::MAX / 2] {
+            for rec in records {
+                let decision = decide(rec, &zones, now_ns, &who);
+                check_decision(rec, &decision, &zones, now_ns, &who)
+                    .with_context(|| format!("{rec:?} at {now_ns} ns: {decision:?}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_decision(
+    rec: &Record,
+    decision: &Decision,
+    zones: &ZoneMap,
+    now_ns: u64,
+    who: &Installer,
+) -> Result<()> {
+    let own = rec.owner == who.local && !who.fresh_table;
+    let r = match decision {
+        Decision::Keep => {
+            ensure!(own, "kept a record of another owner");
+            return Ok(());
+        }
+        Decision::RefuseZone => {
+            let refusable = rec.op == Op::Upsert && zones.translate(rec.zone).is_none();
+            ensure!(refusable, "refused a record whose zone we have");
+            return Ok(());
+        }
+        Decision::Forward(r) => r,
+    };
+    ensure!(!own, "forwarded a record of our own");
+    ensure!(r.key == rec.key, "the key changed");
+    let s = &r.session;
+    if r.op == InstallOp::Upsert as u8 {
+        ensure!(
+            s.created_ns <= now_ns && s.last_seen_ns <= now_ns,
+            "session in the future"
+        );
+        ensure!(s.flags.has(SessionFlags::FROM_PEER), "not marked from peer");
+        ensure!(
+            usize::from(s.zone.0) <= OUR_ZONES.len(),
+            "zone {} is not ours",
+            s.zone.0
+        );
+    }
+    check_resolution(r.op, s, who)
+}
+
+/// The conflict rule against no local copy and against copies older, equal and newer.
+fn check_resolution(op: u8, incoming: &Session, who: &Installer) -> Result<()> {
+    let reconciling = who.reconciling.unwrap_or(MemberId::NONE);
+    let upsert = op == InstallOp::Upsert as u8;
+    let absent = resolve(op, incoming, None, reconciling);
+    let expected = if upsert {
+        Resolution::Insert
+    } else {
+        Resolution::Keep
+    };
+    ensure!(absent == expected, "with no local copy: {absent:?}");
+    // Versions next to each other, away from the wrap (where plain and serial-number order
+    // differ).
+    let older = incoming.version.checked_sub(1);
+    for version in older.into_iter().chain([incoming.version]) {
+        let held = Session {
+            version,
+            owner: incoming.owner,
+            ..Session::default()
+        };
+        let got = resolve(op, incoming, Some(&held), reconciling);
+        let newer = (incoming.version, incoming.owner.0) > (version, held.owner.0);
+        let ok = match got {
+            Resolution::Replace => upsert && newer,
+            Resolution::Delete => !upsert,
+            Resolution::Keep | Resolution::Mark => upsert && !newer,
+            Resolution::Insert => false,
+        };
+        ensure!(ok, "against version {version} of the same owner: {got:?}");
+    }
+    Ok(())
+}
+
+/// An ack releases exactly the frames in flight up to its sequence number.
+fn check_ack(seq: u64) -> Result<()> {
+    let mut outbox = Outbox::new(16, 4);
+    let now = Instant::now();
+    for _ in 0..3 {
+        let s = outbox.next_seq();
+        outbox.sent(s, vec![FlowKey::default()], now);
+    }
+    let released = outbox.ack(seq).len();
+    let expected = usize::try_from(seq.min(3)).unwrap_or(3);
+    ensure!(released == expected, "ack {seq} released {released} frames");
+    ensure!(outbox.in_flight() == 3 - expected, "frames left in flight");
+    Ok(())
+}
+
+/// `config`: TOML text through `Config::from_toml` and `validate`. A config that parses
+/// renders back to TOML that parses to the same config; a valid one yields its datapath
+/// config, fingerprint and addresses without panicking.
+pub fn config(data: &[u8]) -> Result<()> {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    let Ok(config) = Config::from_toml(fuzz_path(), text) else {
+        return Ok(());
+    };
+    check_renders(&config)?;
+    if config.validate(fuzz_path()).is_err() {
+        return Ok(());
+    }
+    let local = config.local_member();
+    ensure!(
+        local.is_valid(),
+        "valid config with local member {}",
+        local.0
+    );
+    ensure!(config.datapath().local_member == local);
+    ensure!(config.fingerprint() == config.fingerprint());
+    let _ = (config.http_addr(), config.pin_dir(), config.agreed_lines());
+    Ok(())
+}
+
+/// `config` renders to TOML that parses back to it.
+fn check_renders(config: &Config) -> Result<()> {
+    let text = toml::to_string(config).context("a parsed config does not render as TOML")?;
+    let back = Config::from_toml(fuzz_path(), &text)
+        .with_context(|| format!("the rendered config does not parse:\n{text}"))?;
+    ensure!(
+        back == *config,
+        "the rendered config parses differently:\n{text}"
+    );
+    Ok(())
+}
+
+/// `control_request`: a control-socket line through `Request::parse_line`, then what the
+/// agent does with it short of its datapath: the session filter and page over a few sessions,
+/// the counters view, and the JSON answer. A request serialises to a line that parses back to
+/// it.
+pub fn control_request(data: &[u8]) -> Result<()> {
+    let Some(Ok(request)) = Request::parse_line(data) else {
+        return Ok(());
+    };
+    let line = serde_json::to_vec(&request)?;
+    let back = Request::parse_line(&line).context("a serialised request is blank")?;
+    ensure!(
+        back.as_ref() == Ok(&request),
+        "{request:?} round trips to {back:?}"
+    );
+    let response = answer(request);
+    serde_json::to_vec(&response).context("the answer does not serialise")?;
+    Ok(())
+}
+
+/// The answer the agent would give with an empty datapath and a handful of sessions.
+fn answer(request: Request) -> Response {
+    match request {
+        Request::ShowSessions {
+            count_only,
+            filter,
+            offset,
+            limit,
+        } => {
+            let zones = names(&OUR_ZONES);
+            let page = SessionPage::new(count_only, filter, offset, limit, &zones);
+            Response::from_result(page.map(|mut page| {
+                for (key, session) in sample_sessions() {
+                    page.add(&key, &session);
+                }
+                page.finish()
+            }))
+        }
+        Request::ShowCounters { prefix } => {
+            Response::ok(CountersView::new(&Counters::default(), prefix.as_deref()))
+        }
+        other => Response::error(other.name()),
+    }
+}
+
+/// A TCP, a UDP and an ICMP session, in and out of zones.
+fn sample_sessions() -> Vec<(FlowKey, Session)> {
+    [(6, 443, 1), (17, 53, 3), (1, 7, 0)]
+        .into_iter()
+        .map(|(proto, port, zone)| {
+            let key = FlowKey {
+                addr_lo: [u32::from_ne_bytes([198, 18, 0, 10]), 0, 0, 0],
+                addr_hi: [u32::from_ne_bytes([198, 18, 1, 20]), 0, 0, 0],
+                port_lo: 40000u16.to_be(),
+                port_hi: u16::to_be(port),
+                proto,
+                family: hasync_common::Family::V4 as u8,
+                ..FlowKey::default()
+            };
+            let session = Session {
+                owner: MemberId(zone as u8 + 1),
+                zone: ZoneId(zone),
+                ..Session::default()
+            };
+            (key, session)
+        })
+        .collect()
+}
+
+/// `provision_spec`: spec text through `Spec::parse` and `configs`. Every member's config
+/// renders (`MemberFiles`, as `hasync provision` writes it) to TOML that parses back to that
+/// config, and all members share one fingerprint.
+pub fn provision_spec(data: &[u8]) -> Result<()> {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return Ok(());
+    };
+    let Ok(spec) = Spec::parse(fuzz_path(), text) else {
+        return Ok(());
+    };
+    let Ok(configs) = spec.configs(fuzz_path()) else {
+        return Ok(());
+    };
+    let mut fingerprints = Vec::new();
+    for config in configs {
+        let _ = config.validate(fuzz_path());
+        fingerprints.push(config.fingerprint());
+        let files = MemberFiles::new(config.clone(), fuzz_path())
+            .context("a provisioned config does not render")?;
+        let back = Config::from_toml(fuzz_path(), &files.config_text).with_context(|| {
+            format!(
+                "a provisioned config does not parse:\n{}",
+                files.config_text
+            )
+        })?;
+        ensure!(
+            back == config,
+            "a provisioned config parses differently:\n{}",
+            files.config_text
+        );
+    }
+    ensure!(
+        fingerprints.windows(2).all(|w| w[0] == w[1]),
+        "members of one spec disagree on the fingerprint"
+    );
+    Ok(())
+}

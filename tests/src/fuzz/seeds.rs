@@ -1,0 +1,276 @@
+//! Seed inputs for every fuzz target, built from real encodings: every sync message, the
+//! example provisioning spec and the configs it yields, every control request, and frames
+//! from the fixture builder. `tests/fuzz_corpus.rs` replays them with the corpora and writes
+//! them into `fuzz/corpus/` on request.
+
+use std::net::{IpAddr, SocketAddr};
+
+use hasync_agent::{
+    control::{Request, SessionFilter},
+    provision::{MemberFiles, Spec, EXAMPLE_SPEC},
+    sync::wire::{Hello, Keepalive, LinkKind, Message, Record, PROTO_MAJOR, PROTO_MINOR},
+};
+use hasync_common::{Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId};
+
+use super::xdp::{self, Setup};
+use crate::frame::{Frame, Ipv6Ext, IPPROTO_GRE};
+
+/// A named seed input.
+pub type Seed = (String, Vec<u8>);
+
+/// The seeds of `target` (none for an unknown name).
+pub fn seeds(target: &str) -> Vec<Seed> {
+    match target {
+        "wire_message" | "channel_payload" => messages(),
+        "config" => configs(),
+        "control_request" => requests(),
+        "provision_spec" => specs(),
+        xdp::NAME => frames(),
+        _ => Vec::new(),
+    }
+}
+
+fn named(name: &str, bytes: Vec<u8>) -> Seed {
+    (name.to_owned(), bytes)
+}
+
+fn record_key(i: u32) -> FlowKey {
+    let a = [u32::from_ne_bytes([198, 18, 0, 10]), 0, 0, 0];
+    let b = [u32::from_ne_bytes([198, 18, 1, 20]), 0, 0, i];
+    FlowKey::canonical(Family::V4, 6, a, 40000u16.to_be(), b, 443u16.to_be()).0
+}
+
+fn record(i: u32) -> Record {
+    let now = 100_000_000_000;
+    let s = Session {
+        created_ns: now - 5_000_000_000,
+        last_seen_ns: now - 250_000_000,
+        packets: [10, 9],
+        bytes: [1000, 9000],
+        version: 7,
+        zone: ZoneId(u16::try_from(i % 3).unwrap_or(0)),
+        flags: SessionFlags(SessionFlags::INITIATOR_HI),
+        owner: MemberId(2),
+        state: State::Established as u8,
+        tcp_flags: [0x12, 0x12],
+        ..Session::default()
+    };
+    Record::upsert(record_key(i), &s, now)
+}
+
+fn messages() -> Vec<Seed> {
+    let hello = Message::Hello(Hello {
+        major: PROTO_MAJOR,
+        minor: PROTO_MINOR,
+        cluster_id: 7,
+        member: MemberId(2),
+        link: LinkKind::Ha4Backup,
+        boot_id: 0xdead_beef_0000_0001,
+        fingerprint: [9; 32],
+        zones: vec!["untrust".into(), "lab".into(), "trust".into()],
+        wants_bulk: true,
+        fresh_table: false,
+    });
+    let sessions = |bulk, records| Message::Sessions {
+        seq: 42,
+        bulk,
+        records,
+    };
+    [
+        ("hello", hello),
+        (
+            "keepalive",
+            Message::Keepalive(Keepalive {
+                state: 1,
+                sessions_owned: 12345,
+                flaps: 3,
+            }),
+        ),
+        ("sessions", sessions(false, (0..3).map(record).collect())),
+        (
+            "sessions-bulk-delete",
+            sessions(
+                true,
+                vec![record(4), Record::delete(record_key(9), MemberId(1), 4)],
+            ),
+        ),
+        ("ack", Message::Ack { seq: 2 }),
+        ("bulk-start", Message::BulkStart { bulk_id: 5 }),
+        (
+            "bulk-end",
+            Message::BulkEnd {
+                bulk_id: 5,
+                records: 1_000,
+            },
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, msg)| {
+        let mut bytes = Vec::new();
+        msg.encode(&mut bytes).ok()?;
+        Some(named(name, bytes))
+    })
+    .collect()
+}
+
+/// A one-member spec without a backup link or zones.
+const SMALL_SPEC: &str = r#"
+[cluster]
+id = 1
+[ha4]
+interface = "ha4"
+[[members]]
+id = 1
+serial = "solo"
+ha4 = "198.18.100.1/24"
+"#;
+
+fn specs() -> Vec<Seed> {
+    vec![
+        named("example-spec", EXAMPLE_SPEC.into()),
+        named("small-spec", SMALL_SPEC.into()),
+    ]
+}
+
+/// Every member's `hasync.toml` as `hasync provision` writes it from the example spec.
+fn configs() -> Vec<Seed> {
+    let path = std::path::Path::new("example.toml");
+    let Ok(configs) = Spec::parse(path, EXAMPLE_SPEC).and_then(|s| s.configs(path)) else {
+        return Vec::new();
+    };
+    configs
+        .into_iter()
+        .filter_map(|c| MemberFiles::new(c, path).ok())
+        .map(|f| named(&format!("config-{}", f.serial), f.config_text.into_bytes()))
+        .collect()
+}
+
+fn requests() -> Vec<Seed> {
+    let filter = SessionFilter {
+        owner: Some(2),
+        zone: Some("trust".into()),
+        proto: Some("tcp".into()),
+        address: "198.18.0.10".parse().ok(),
+        port: Some(443),
+        state: Some("established".into()),
+    };
+    let requests = [
+        Request::ShowMembers,
+        Request::ShowSessions {
+            count_only: false,
+            filter,
+            offset: 1,
+            limit: Some(1000),
+        },
+        Request::ShowSessions {
+            count_only: true,
+            filter: SessionFilter::default(),
+            offset: 0,
+            limit: None,
+        },
+        Request::ShowStatistics,
+        Request::ShowCounters {
+            prefix: Some("err-".into()),
+        },
+        Request::ShowFlaps,
+        Request::Suspend,
+        Request::Functional,
+    ];
+    requests
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let mut line = serde_json::to_vec(r).ok()?;
+            line.push(b'\n');
+            Some(named(&format!("{}-{i}", r.name()), line))
+        })
+        .collect()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([198, 18, 0, 1], 1)))
+}
+
+fn ip(s: &str) -> IpAddr {
+    sa(s).ip()
+}
+
+const C4: &str = "198.18.0.10:40000";
+const S4: &str = "198.18.1.20:80";
+const C6: &str = "[fd00::10]:40000";
+const S6: &str = "[fd00:1::20]:443";
+
+fn setup(bits: u8) -> Setup {
+    Setup::from_byte(bits)
+}
+
+/// A TCP connection from `c` to `s`, opened and closed.
+fn tcp_life(c: &str, s: &str) -> Vec<Frame> {
+    let (c, s) = (sa(c), sa(s));
+    vec![
+        Frame::tcp(c, s).syn(),
+        Frame::tcp(s, c).syn_ack(),
+        Frame::tcp(c, s).ack().payload(100),
+        Frame::tcp(c, s).fin(),
+        Frame::tcp(s, c).fin(),
+        Frame::tcp(c, s).ack(),
+    ]
+}
+
+fn frames() -> Vec<Seed> {
+    let (c4, s4) = (sa(C4), sa(S4));
+    let (c6, s6) = (sa(C6), sa(S6));
+    let udp = vec![Frame::udp(c4, s4), Frame::udp(s4, c4), Frame::udp(c6, s6)];
+    let icmp = vec![
+        Frame::icmp_echo(ip(C4), ip(S4), 7, true),
+        Frame::icmp_echo(ip(S4), ip(C4), 7, false),
+        Frame::icmp_echo(ip(C6), ip(S6), 8, true),
+        Frame::icmp(ip(C4), ip(S4), 3, 1),
+        Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE),
+        Frame::arp(),
+    ];
+    let layers = vec![
+        Frame::tcp(c4, s4).syn().vlan(10).vlan(20),
+        Frame::tcp(c4, s4).syn().vlan(10).vlan(20).vlan(30),
+        Frame::udp(c4, s4).ipv4_options(8),
+        Frame::udp(c4, s4).ipv4_fragment(0, true),
+        Frame::udp(c4, s4).ipv4_fragment(1480, false),
+        Frame::tcp(c6, s6)
+            .syn()
+            .ipv6_ext(Ipv6Ext::HopByHop)
+            .ipv6_ext(Ipv6Ext::Auth),
+        Frame::udp(c6, s6).ipv6_ext(Ipv6Ext::FragmentFirst),
+        Frame::udp(c6, s6).ipv6_ext(Ipv6Ext::FragmentLater),
+    ];
+    let malformed = vec![
+        Frame::tcp(c4, s4).syn().ihl(4),
+        Frame::tcp(c4, s4).syn().ip_version(5),
+        Frame::tcp(c4, s4).syn().total_len(10),
+        Frame::tcp(c4, s4).syn().tcp_doff(3),
+        Frame::tcp(c4, s4).flags(0x01),
+        Frame::tcp(c4, s4).syn().truncate_l4(4),
+        Frame::udp(c4, s4).transport_past_ip_length(),
+        Frame::udp(c6, s6).truncate_l4(3),
+    ];
+    let no_session = vec![Frame::tcp(c4, s4).ack(), Frame::tcp(c6, s6).rst()];
+    [
+        ("tcp-v4", setup(0), tcp_life(C4, S4)),
+        ("tcp-v6-loose", setup(1), tcp_life(C6, S6)),
+        ("tcp-asymmetric", setup(4 | 8), tcp_life(C4, S4)),
+        ("tcp-takeover", setup(4), tcp_life(C4, S4)),
+        ("udp", setup(0), udp),
+        ("icmp-and-untracked", setup(0), icmp),
+        ("layers", setup(0), layers),
+        ("malformed-drop", setup(0), malformed.clone()),
+        ("malformed-pass", setup(2), malformed),
+        ("no-session-strict", setup(0), no_session.clone()),
+        ("no-session-loose", setup(1), no_session),
+    ]
+    .into_iter()
+    .map(|(name, setup, frames)| {
+        let built: Vec<Vec<u8>> = frames.iter().map(Frame::build).collect();
+        named(name, xdp::input(setup, &built))
+    })
+    .collect()
+}
