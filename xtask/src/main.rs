@@ -2,6 +2,7 @@
 
 mod chaos;
 mod cmd;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -94,6 +95,19 @@ Modes:
     },
     /// Lint the XDP program (hasync-ebpf) for bpfel-unknown-none with nightly clippy.
     ClippyEbpf,
+    /// Setup (and cargo-fuzz), then run the fuzz targets in fuzz/ (libFuzzer, nightly) one at
+    /// a time, growing the corpora in fuzz/corpus/; prints executions and crashes per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        time: u64,
+        /// Only this target.
+        #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        target: Option<String>,
+        /// Minimise each corpus after its run (`cargo fuzz cmin`).
+        #[arg(long)]
+        cmin: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -257,5 +271,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             )
         }
         Task::ClippyEbpf => test::clippy_ebpf(),
+        Task::Fuzz { time, target, cmin } => {
+            setup::setup_fuzz(Mode::Install, Report::Summary)?;
+            fuzz::fuzz(&fuzz::Options {
+                seconds: time,
+                target,
+                cmin,
+            })
+        }
     }
 }

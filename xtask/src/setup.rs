@@ -16,6 +16,7 @@ use crate::cmd;
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// How much `setup` prints about requirements that are already met.
@@ -64,6 +65,7 @@ enum Fix {
         components: Vec<&'static str>,
     },
     BpfLinker,
+    CargoFuzz,
     MountBpffs,
 }
 
@@ -84,7 +86,20 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement::new("bpffs at /sys/fs/bpf", bpffs),
 ];
 
+/// What `cargo xtask fuzz` needs on top of [`REQUIREMENTS`].
+const FUZZ_REQUIREMENTS: &[Requirement] = &[Requirement::new("cargo-fuzz 0.13.2", cargo_fuzz)];
+
 pub fn setup(mode: Mode, report: Report) -> Result<()> {
+    check_and_install(&REQUIREMENTS.iter().collect::<Vec<_>>(), mode, report)
+}
+
+/// [`setup`] and cargo-fuzz, for `cargo xtask fuzz`.
+pub fn setup_fuzz(mode: Mode, report: Report) -> Result<()> {
+    let requirements: Vec<&Requirement> = REQUIREMENTS.iter().chain(FUZZ_REQUIREMENTS).collect();
+    check_and_install(&requirements, mode, report)
+}
+
+fn check_and_install(requirements: &[&Requirement], mode: Mode, report: Report) -> Result<()> {
     let start = Instant::now();
     if mode == Mode::Install {
         if let Status::Missing {
@@ -96,7 +111,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
         }
     }
     let mut missing = Vec::new();
-    for requirement in REQUIREMENTS {
+    for &requirement in requirements {
         match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
             Status::Present(detail) => {
                 if report == Report::Full {
@@ -114,7 +129,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
         if report == Report::Summary {
             eprintln!(
                 "setup: all {} requirements present ({:.2}s)",
-                REQUIREMENTS.len(),
+                requirements.len(),
                 start.elapsed().as_secs_f64()
             );
         }
@@ -124,7 +139,7 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
         bail!(
             "{} of {} requirements missing; run `cargo xtask setup` as root to install them",
             missing.len(),
-            REQUIREMENTS.len()
+            requirements.len()
         );
     }
     let manual: Vec<String> = missing
@@ -195,6 +210,13 @@ fn install(missing: &[(&Requirement, Fix)]) -> Result<()> {
                     // /usr/bin/llvm-config is LLVM 14; bpf-linker must link LLVM 22.
                     .env("LLVM_PREFIX", LLVM_PREFIX),
             )?,
+            Fix::CargoFuzz => cmd::run(&mut cmd::cargo([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ]))?,
             Fix::MountBpffs => cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?,
         }
     }
@@ -406,6 +428,23 @@ fn bpf_linker() -> Result<Status> {
     Ok(Status::Missing {
         why,
         fix: Fix::BpfLinker,
+    })
+}
+
+/// `cargo fuzz` (it builds with the nightly toolchain, checked above).
+fn cargo_fuzz() -> Result<Status> {
+    let why = match cmd::capture(&mut cmd::cargo(["fuzz", "--version"])) {
+        // "cargo-fuzz 0.13.2"
+        Ok(version) if version.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION) => {
+            let path = find_on_path("cargo-fuzz").unwrap_or_default();
+            return Ok(Status::Present(path.display().to_string()));
+        }
+        Ok(version) => format!("found `{version}`"),
+        Err(err) => format!("{err:#} (is ~/.cargo/bin on PATH?)"),
+    };
+    Ok(Status::Missing {
+        why,
+        fix: Fix::CargoFuzz,
     })
 }
 
