@@ -110,6 +110,16 @@ impl XdpFuzz {
 
     /// Runs one input and checks every frame's verdict and counters.
     pub fn check(&mut self, data: &[u8]) -> Result<()> {
+        self.check_observed(data, |_, _| {})
+    }
+
+    /// [`Self::check`], showing `observe` each frame's position and counter changes (the fuzz
+    /// target turns them into coverage: libFuzzer cannot see inside the XDP program).
+    pub fn check_observed(
+        &mut self,
+        data: &[u8],
+        mut observe: impl FnMut(usize, &CounterDelta),
+    ) -> Result<()> {
         let Some((setup, frames)) = split(data) else {
             return Ok(());
         };
@@ -130,6 +140,7 @@ impl XdpFuzz {
                     frame.len()
                 )
             })?;
+            observe(i, &delta);
             events += delta.get(Counter::Events);
             before = delta.after;
         }
