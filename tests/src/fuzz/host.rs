@@ -13,7 +13,7 @@ use hasync_agent::{
     },
     provision::{MemberFiles, Spec},
     sync::{
-        install::{decide, Decision, Installer, ZoneMap},
+        install::{decide, Decision, Installer, OwnerRefusal, ZoneMap},
         outbox::Outbox,
         wire::{Hello, LinkKind, Message, Op, Record, PROTO_MAJOR, PROTO_MINOR},
     },
@@ -27,8 +27,10 @@ use hasync_common::{
 const OUR_ZONES: [&str; 3] = ["trust", "untrust", "dmz"];
 /// Zones of the sending peer: one we lack, one in another position.
 const PEER_ZONES: [&str; 3] = ["untrust", "lab", "trust"];
-/// The receiving member.
+/// The receiving member, the sending peer (alive) and a member that is down.
 const LOCAL: MemberId = MemberId(1);
+const PEER: MemberId = MemberId(2);
+const DEAD: MemberId = MemberId(3);
 
 fn names(zones: &[&str]) -> Vec<String> {
     zones.iter().map(|z| (*z).to_owned()).collect()
@@ -130,15 +132,20 @@ fn check_hello(h: &Hello) -> Result<()> {
     Ok(())
 }
 
-/// Every record through the install decision, as a full sync and as an update, at two clock
-/// readings (early after boot, and late), then through the conflict rule.
+/// Every record through the install decision, as a full sync and as an update, into a fresh
+/// table and an old one, at two clock readings (early after boot, and late), then through the
+/// conflict rule.
 fn check_records(records: &[Record], bulk: bool) -> Result<()> {
     let zones = ZoneMap::new(&names(&OUR_ZONES), &names(&PEER_ZONES));
     for fresh_table in [false, true] {
         let who = Installer {
             local: LOCAL,
+            sender: PEER,
+            bulk,
+            members: [LOCAL, PEER, DEAD].into_iter().collect(),
+            alive: [LOCAL, PEER].into_iter().collect(),
             fresh_table,
-            reconciling: bulk.then_some(MemberId(2)),
+            reconciling: bulk.then_some(PEER),
         };
         for now_ns in [1_000_000_000, u64::MAX / 2] {
             for rec in records {
@@ -158,10 +165,17 @@ fn check_decision(
     now_ns: u64,
     who: &Installer,
 ) -> Result<()> {
-    let own = rec.owner == who.local && !who.fresh_table;
     let r = match decision {
+        Decision::RefuseOwner(why) => {
+            let unknown = !who.members.contains(rec.owner);
+            ensure!(
+                (*why == OwnerRefusal::Unknown) == unknown && rec.owner != who.sender,
+                "refused the owner ({why:?})"
+            );
+            return Ok(());
+        }
         Decision::Keep => {
-            ensure!(own, "kept a record of another owner");
+            ensure!(rec.owner == who.local, "kept a record of another owner");
             return Ok(());
         }
         Decision::RefuseZone => {
@@ -171,7 +185,10 @@ fn check_decision(
         }
         Decision::Forward(r) => r,
     };
-    ensure!(!own, "forwarded a record of our own");
+    ensure!(
+        who.members.contains(rec.owner),
+        "forwarded an unknown owner"
+    );
     ensure!(r.key == rec.key, "the key changed");
     let s = &r.session;
     if r.op == InstallOp::Upsert as u8 {
@@ -189,7 +206,8 @@ fn check_decision(
     check_resolution(r.op, s, who)
 }
 
-/// The conflict rule against no local copy and against copies older, equal and newer.
+/// The conflict rule against no local copy, a copy equal to the record (never newer than
+/// itself) and, for a delete, a copy of another owner (never deleted).
 fn check_resolution(op: u8, incoming: &Session, who: &Installer) -> Result<()> {
     let reconciling = who.reconciling.unwrap_or(MemberId::NONE);
     let upsert = op == InstallOp::Upsert as u8;
@@ -200,24 +218,23 @@ fn check_resolution(op: u8, incoming: &Session, who: &Installer) -> Result<()> {
         Resolution::Keep
     };
     ensure!(absent == expected, "with no local copy: {absent:?}");
-    // Versions next to each other, away from the wrap (where plain and serial-number order
-    // differ).
-    let older = incoming.version.checked_sub(1);
-    for version in older.into_iter().chain([incoming.version]) {
-        let held = Session {
-            version,
-            owner: incoming.owner,
-            ..Session::default()
+    let same = resolve(op, incoming, Some(incoming), reconciling);
+    let ok = if upsert {
+        matches!(same, Resolution::Keep | Resolution::Mark)
+    } else {
+        same == Resolution::Delete
+    };
+    ensure!(ok, "against a local copy equal to it: {same:?}");
+    if !upsert {
+        let other = Session {
+            owner: MemberId(incoming.owner.0.wrapping_add(1)),
+            ..*incoming
         };
-        let got = resolve(op, incoming, Some(&held), reconciling);
-        let newer = (incoming.version, incoming.owner.0) > (version, held.owner.0);
-        let ok = match got {
-            Resolution::Replace => upsert && newer,
-            Resolution::Delete => !upsert,
-            Resolution::Keep | Resolution::Mark => upsert && !newer,
-            Resolution::Insert => false,
-        };
-        ensure!(ok, "against version {version} of the same owner: {got:?}");
+        let got = resolve(op, incoming, Some(&other), reconciling);
+        ensure!(
+            got == Resolution::Keep,
+            "deleted another owner's copy: {got:?}"
+        );
     }
     Ok(())
 }
