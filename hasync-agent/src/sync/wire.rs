@@ -203,10 +203,12 @@ impl Record {
     }
 
     /// The session to install locally at local time `now_ns`, with `zone` already translated
-    /// to this member's numbering.
+    /// to this member's numbering. A session cannot have been idle longer than it exists: an
+    /// idle time past the age is taken as the age (else the copy would count as created after
+    /// it was last seen, a re-created flow newer than itself).
     pub fn to_session(&self, now_ns: u64, zone: ZoneId) -> Session {
         let ms = |v: u32| u64::from(v) * 1_000_000;
-        let last_seen_ns = now_ns.saturating_sub(ms(self.idle_ms));
+        let last_seen_ns = now_ns.saturating_sub(ms(self.idle_ms.min(self.age_ms)));
         Session {
             created_ns: now_ns.saturating_sub(ms(self.age_ms)),
             last_seen_ns,
@@ -629,6 +631,21 @@ mod tests {
         assert_eq!(
             (s.owner, s.version, s.packets, s.bytes),
             (MemberId(3), 7, [10, 9], [1000, 9000])
+        );
+    }
+
+    #[test]
+    fn a_record_idle_longer_than_its_age_is_last_seen_at_creation() {
+        let now = 500_000_000_000;
+        let mut rec = Record::upsert(key(1), &session(now), now);
+        rec.idle_ms = rec.age_ms + 3_000;
+        let s = rec.to_session(now, ZoneId(1));
+        assert_eq!(s.last_seen_ns, s.created_ns);
+        // Found by the channel_payload fuzz target: such a copy was newer than itself.
+        let op = hasync_common::InstallOp::Upsert as u8;
+        assert_eq!(
+            hasync_common::install::resolve(op, &s, Some(&s), MemberId::NONE),
+            hasync_common::install::Resolution::Keep
         );
     }
 
