@@ -10,9 +10,9 @@ use crate::{
             StatisticsView,
         },
     },
-    datapath::{Datapath, DEFAULT_CHUNK},
+    datapath::DEFAULT_CHUNK,
     runtime::{lock, Member},
-    sync::wire::LinkKind,
+    sync::{table::walk, wire::LinkKind},
 };
 
 /// Builds the answer to one request.
@@ -57,7 +57,7 @@ pub fn handle(member: &Member, request: Request) -> Response {
                 Err(e) => return Response::error(e),
             };
             let walked = tokio::task::block_in_place(|| {
-                Datapath::walk_sessions(&member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
+                walk(&*member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
             });
             match walked {
                 Ok(_) => Response::ok(page.finish()),

@@ -396,7 +396,7 @@ fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {
         let mut owned = Vec::new();
-        Datapath::walk_sessions(&member.dp, DEFAULT_CHUNK, |keys, values| {
+        crate::sync::table::walk(&*member.dp, DEFAULT_CHUNK, |keys, values| {
             owned.clear();
             owned.extend(
                 keys.iter()

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::{cmd, release_binary};
+use crate::{build_release_agent, cmd, release_binary};
 
 /// What `cargo xtask chaos` passes on.
 pub struct ChaosArgs {
@@ -18,14 +18,7 @@ pub struct ChaosArgs {
 /// Builds the agent (release: 16 debug agents would starve a small host) and runs the long
 /// profile with it.
 pub fn chaos(root: &Path, args: &ChaosArgs) -> Result<()> {
-    cmd::run(&mut cmd::cargo([
-        "build",
-        "--release",
-        "-p",
-        "hasync-agent",
-        "--bin",
-        "hasync",
-    ]))?;
+    build_release_agent()?;
     let mut run = cmd::cargo(["run", "-p", "hasync-tests", "--bin", "hasync-chaos", "--"]);
     run.env("HASYNC_BIN", release_binary(root))
         .args(["--members", &args.members.to_string()])

@@ -128,6 +128,18 @@ impl Bench {
     }
 }
 
+/// Builds `hasync` in release (the lab and the chaos run use it).
+fn build_release_agent() -> Result<()> {
+    cmd::run(&mut cmd::cargo([
+        "build",
+        "--release",
+        "-p",
+        "hasync-agent",
+        "--bin",
+        "hasync",
+    ]))
+}
+
 /// `target/release/hasync`, honouring `CARGO_TARGET_DIR`.
 fn release_binary(root: &Path) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -218,14 +230,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             args,
         } => {
             setup::setup(Mode::Install, Report::Summary)?;
-            cmd::run(&mut cmd::cargo([
-                "build",
-                "--release",
-                "-p",
-                "hasync-agent",
-                "--bin",
-                "hasync",
-            ]))?;
+            build_release_agent()?;
             let mut hasync = Command::new(release_binary(root));
             if !args.is_empty() {
                 hasync.arg("agent").args(args);

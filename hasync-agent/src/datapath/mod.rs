@@ -448,30 +448,6 @@ impl Datapath {
             .map_err(batch_err(names::SESSIONS))
     }
 
-    /// Walks the whole session table a chunk at a time, taking `dp`'s lock for each chunk only,
-    /// so installs, sends and the event reader go on between chunks (a walk of a million
-    /// sessions takes long enough to stall them otherwise).
-    pub fn walk_sessions(
-        dp: &std::sync::Mutex<Datapath>,
-        chunk: u32,
-        mut f: impl FnMut(&[FlowKey], &[Session]),
-    ) -> Result<(), DatapathError> {
-        let mut cursor = batch::BatchCursor::new();
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        loop {
-            let more = dp.lock().unwrap_or_else(|e| e.into_inner()).session_chunk(
-                &mut cursor,
-                &mut keys,
-                &mut values,
-                chunk,
-            )?;
-            f(&keys, &values);
-            if !more {
-                return Ok(());
-            }
-        }
-    }
-
     /// Reads the next chunk of the session table at `cursor` into `keys`/`values` (see
     /// [`BatchMap::lookup_batch`]); returns whether more may follow. Lets a caller walk the
     /// table without holding anything across chunks (a full sync sends each chunk before

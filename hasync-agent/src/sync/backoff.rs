@@ -25,11 +25,6 @@ impl Backoff {
         }
     }
 
-    /// When the next start may happen (now or earlier: at once).
-    pub fn ready_at(&self) -> Option<Instant> {
-        self.last.map(|t| t + self.current)
-    }
-
     /// Starts one now if the backoff allows it; returns whether it did.
     pub fn try_start(&mut self, now: Instant) -> bool {
         let Some(last) = self.last else {
@@ -47,11 +42,6 @@ impl Backoff {
         };
         self.last = Some(now);
         true
-    }
-
-    /// Starts counted so far would not be refused at `now`.
-    pub fn ready(&self, now: Instant) -> bool {
-        self.ready_at().is_none_or(|t| now >= t)
     }
 }
 
@@ -103,7 +93,9 @@ mod tests {
             .filter(|i| b.try_start(t0 + Duration::from_millis(100 * i)))
             .count();
         assert!(starts <= 16, "{starts} starts in 10 minutes");
-        assert!(b.ready_at().is_some());
-        assert!(!b.ready(t0 + Duration::from_secs(600)));
+        assert!(
+            !b.clone().try_start(t0 + Duration::from_secs(600)),
+            "still backing off at the end"
+        );
     }
 }

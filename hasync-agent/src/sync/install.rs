@@ -260,27 +260,20 @@ pub fn remove_unseen<T: SessionTable>(
     owner: MemberId,
     mark_ns: u64,
 ) -> Result<usize, DatapathError> {
-    let lock = || dp.lock().unwrap_or_else(|e| e.into_inner());
     let mut stale = Vec::new();
     let mut removed = 0;
-    let mut cursor = T::Cursor::default();
-    let (mut keys, mut values) = (Vec::new(), Vec::new());
-    loop {
-        let more = lock().chunk(&mut cursor, &mut keys, &mut values, DEFAULT_CHUNK)?;
-        for (k, s) in keys.iter().zip(&values) {
+    super::table::walk(dp, DEFAULT_CHUNK, |keys, values| {
+        for (k, s) in keys.iter().zip(values) {
             if s.owner == owner && s.flags.has(SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
             {
                 stale.push(*k);
             }
         }
-        if !more {
-            break;
-        }
-    }
+    })?;
     // `stale` holds only keys the owner dropped: bounded by what it removed while we were
     // apart, not by the table.
     for part in stale.chunks(DEFAULT_CHUNK as usize) {
-        removed += lock().delete(part)?;
+        removed += dp.lock().unwrap_or_else(|e| e.into_inner()).delete(part)?;
     }
     Ok(removed)
 }

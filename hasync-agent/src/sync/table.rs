@@ -4,6 +4,8 @@
 //! rule, so the engine's rules are unit-tested without root, and with a table that fails on
 //! purpose.
 
+use std::sync::Mutex;
+
 use hasync_common::{FlowKey, InstallOutcome, InstallRecord, MemberId, Session};
 
 use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
@@ -65,6 +67,30 @@ impl SessionTable for Datapath {
 
     fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
         self.delete_sessions(keys)
+    }
+}
+
+/// Walks the whole table a chunk at a time, taking `table`'s lock for each chunk only, so
+/// installs, sends and the event reader go on between chunks (a walk of a million sessions
+/// under one hold would stall them).
+pub fn walk<T: SessionTable>(
+    table: &Mutex<T>,
+    chunk: u32,
+    mut f: impl FnMut(&[FlowKey], &[Session]),
+) -> Result<(), DatapathError> {
+    let mut cursor = T::Cursor::default();
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    loop {
+        let more = table.lock().unwrap_or_else(|e| e.into_inner()).chunk(
+            &mut cursor,
+            &mut keys,
+            &mut values,
+            chunk,
+        )?;
+        f(&keys, &values);
+        if !more {
+            return Ok(());
+        }
     }
 }
 
