@@ -20,7 +20,9 @@ pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
 pub use flow::{Family, FlowKey};
 pub use ids::{MemberId, ZoneId};
-pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
+pub use install::{
+    InstallHeader, InstallOp, InstallOutcome, InstallRecord, PruneHeader, ReadHeader, ReadSlot,
+};
 pub use member::MemberEntry;
 pub use session::{Session, SessionFlags, State, STATE_COUNT};
 
@@ -50,4 +52,5 @@ mod pod {
     unsafe impl aya::Pod for InstallHeader {}
     unsafe impl aya::Pod for ReadHeader {}
     unsafe impl aya::Pod for ReadSlot {}
+    unsafe impl aya::Pod for PruneHeader {}
 }

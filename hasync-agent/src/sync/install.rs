@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{InstallOp, InstallRecord, MemberId, Session, SessionFlags, ZoneId};
+use hasync_common::{InstallOp, InstallRecord, MemberId, Session, ZoneId};
 
 use super::table::SessionTable;
 use super::wire::{Op, Record};
-use crate::datapath::{DatapathError, DEFAULT_CHUNK};
+use crate::datapath::DatapathError;
 
 /// Maps a peer's zone ids to ours, by name (as both announced in their hellos).
 #[derive(Clone, Debug, Default)]
@@ -221,7 +221,7 @@ impl Installed {
 ///
 /// During a full sync from `who.reconciling` (the sender, authoritative for its own sessions), a
 /// replica of one of its sessions that is kept as it is gets marked as seen (its node-local
-/// `last_event_ns` set to now), so [`remove_unseen`] can drop the replicas the sender no
+/// `last_event_ns` set to now), so [`SessionTable::remove_unseen`] can drop the replicas the sender no
 /// longer holds when the full sync ends.
 pub fn apply(
     dp: &mut impl SessionTable,
@@ -247,35 +247,6 @@ pub fn apply(
         out.kept += u64::from(done.kept);
     }
     Ok(out)
-}
-
-/// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of `owner`'s
-/// sessions that the full sync neither installed nor marked (the owner no longer holds them:
-/// it closed or expired them while this member could not hear of it). Returns how many went.
-///
-/// The table is read and written a chunk per hold of its lock: installs from every peer go on
-/// meanwhile (a walk of a large table under one hold would leave their keepalives unread).
-pub fn remove_unseen<T: SessionTable>(
-    dp: &std::sync::Mutex<T>,
-    owner: MemberId,
-    mark_ns: u64,
-) -> Result<usize, DatapathError> {
-    let mut stale = Vec::new();
-    let mut removed = 0;
-    super::table::walk(dp, DEFAULT_CHUNK, |keys, values| {
-        for (k, s) in keys.iter().zip(values) {
-            if s.owner == owner && s.flags.has(SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
-            {
-                stale.push(*k);
-            }
-        }
-    })?;
-    // `stale` holds only keys the owner dropped: bounded by what it removed while we were
-    // apart, not by the table.
-    for part in stale.chunks(DEFAULT_CHUNK as usize) {
-        removed += dp.lock().unwrap_or_else(|e| e.into_inner()).delete(part)?;
-    }
-    Ok(removed)
 }
 
 #[cfg(test)]
@@ -578,13 +549,11 @@ mod tests {
         };
         let r = apply(&mut dp, &[sent(1, 4), sent(2, 3)], &zones, 150, &who).expect("apply");
         assert_eq!((r.installed, r.kept), (1, 1));
-        let dp = std::sync::Mutex::new(dp);
         assert_eq!(
-            remove_unseen(&dp, MemberId(2), mark).expect("reconcile"),
+            SessionTable::remove_unseen(&mut dp, MemberId(2), mark).expect("reconcile"),
             1,
             "only session 3 went"
         );
-        let dp = dp.into_inner().expect("table");
         let left: Vec<_> = (1..=5)
             .filter(|i| dp.session(&key(*i)).expect("lookup").is_some())
             .collect();

@@ -35,8 +35,11 @@ pub trait SessionTable: Send + 'static {
         now_ns: u64,
     ) -> Result<InstallOutcome, DatapathError>;
 
-    /// Removes `keys`; returns how many were there.
-    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError>;
+    /// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of
+    /// `owner`'s sessions that the full sync neither installed nor marked
+    /// ([`hasync_common::install::unseen_replica`]: the owner no longer holds them). Returns
+    /// how many went.
+    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError>;
 }
 
 impl SessionTable for Datapath {
@@ -65,8 +68,8 @@ impl SessionTable for Datapath {
         Datapath::install(self, records, reconciling, now_ns)
     }
 
-    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
-        self.delete_sessions(keys)
+    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
+        self.prune_unseen(owner, mark_ns)
     }
 }
 
@@ -196,9 +199,10 @@ impl SessionTable for FakeTable {
         Ok(out)
     }
 
-    fn delete(&mut self, keys: &[FlowKey]) -> Result<usize, DatapathError> {
+    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
         let before = self.entries.len();
-        self.entries.retain(|(k, _)| !keys.contains(k));
+        self.entries
+            .retain(|(_, s)| !hasync_common::install::unseen_replica(s, owner, mark_ns));
         Ok(before - self.entries.len())
     }
 }
