@@ -2,6 +2,7 @@
 //! failed half-way, and every loop in here is bounded.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -18,7 +19,7 @@ use super::{
     schedule::{Fault, Step},
     Runner,
 };
-use crate::cluster::UdpInjector;
+use crate::cluster::{Table, UdpInjector};
 
 const SYNC_LINKS: [Link; 2] = [Link::Ha4, Link::Ha4Backup];
 /// The nftables table a half-partition adds in a member.
@@ -248,68 +249,119 @@ impl Runner<'_> {
         connected.1
     }
 
-    /// The hostile peer, three ways: a foreign address claiming a member; a member's own
-    /// address claiming that member but writing others' sessions; an unknown member id. No
-    /// member's table may change.
+    /// The hostile peer, three ways: a foreign address claiming a member; an unknown member
+    /// id; and a member's own address claiming that member (with that member's agent
+    /// stopped until `k` holds it down, so the hostile connection is admitted and every
+    /// record meets the per-record owner checks) writing others' sessions. No member's
+    /// table may change, and the owner checks must have refused the records.
     fn hostile_peer(&mut self, k: u8, hold: Duration) -> Result<(), String> {
         let members = self.members();
         // Whole tables, converged or not: what matters is that the peer changes none of them.
         let before = invariants::tables(self.c, &members)?;
         let table = before.get(&k).cloned().unwrap_or_default();
         let other = members.iter().copied().find(|&m| m != k).unwrap_or(k);
-        // A member that dials fw`k` (a lower id): its address is admitted, so the records'
-        // owners are what is checked. (Its hello is of a new boot: it takes the place of that
-        // member's live connection for a moment, as a restart of that member would.)
+        // A member that dials fw`k` (a lower id): its address is admitted.
         let third = members.iter().copied().find(|&m| m < k).unwrap_or(other);
         let intruder = self.intruder.ns().to_owned();
-        let claims = [
-            Claim {
-                ns: intruder.clone(),
-                from: IpAddr::V4(INTRUDER_V4),
-                member: other,
-                genuine: false,
-            },
-            Claim {
-                ns: self.c.topology().fw(third).to_owned(),
-                from: IpAddr::V4(Link::Ha4.v4(third).0),
-                member: third,
-                genuine: true,
-            },
-            Claim {
-                ns: intruder,
-                from: IpAddr::V4(INTRUDER_V4),
-                member: UNKNOWN_MEMBER,
-                genuine: false,
-            },
-        ];
-        let refused_before = invariants::rejections(self.c, k)?;
-        for claim in &claims {
-            let frames =
-                hostile::hostile_frames(&table, claim.member, self.p.members, !claim.genuine);
-            let out = hostile::hostile_peer(self.c, k, claim, frames)?;
-            self.report.note(format!(
-                "hostile peer from {} claiming member {} against fw{k}: {out:?}",
-                claim.from, claim.member
-            ));
+        let foreign = |member| Claim {
+            ns: intruder.clone(),
+            from: IpAddr::V4(INTRUDER_V4),
+            member,
+            genuine: false,
+        };
+        for claim in [foreign(other), foreign(UNKNOWN_MEMBER)] {
+            let frames = hostile::hostile_frames(&table, claim.member, self.p.members, true);
+            let out = hostile::hostile_peer(self.c, k, &claim, frames)?;
+            self.note_hostile(k, &claim, &out);
         }
+        let genuine = Claim {
+            ns: self.c.topology().fw(third).to_owned(),
+            from: IpAddr::V4(Link::Ha4.v4(third).0),
+            member: third,
+            genuine: true,
+        };
+        let refused = self.impersonate(k, &genuine, &table);
         std::thread::sleep(hold);
         let after = invariants::tables(self.c, &members)?;
-        let refused_after = invariants::rejections(self.c, k)?;
-        let delta: Vec<String> = refused_after
-            .iter()
-            .filter_map(|(r, n)| {
-                let d = n - refused_before.get(r).copied().unwrap_or(0).min(*n);
-                (d > 0).then(|| format!("{r} +{d}"))
-            })
+        let refused = refused?;
+        self.report.note(format!(
+            "fw{k} refusals while fw{third}'s address spoke: {refused:?}"
+        ));
+        // While fw`third` was down, the members its flows pass through took them over (a
+        // takeover by traffic, as HA wants): those flows may have changed owner.
+        let taken = invariants::keys_owned_by(&before, third);
+        let changed = invariants::changes(
+            &invariants::without(&before, &taken),
+            &invariants::without(&after, &taken),
+        );
+        if !changed.is_empty() {
+            return Err(format!("tables changed: {}", changed.join("; ")));
+        }
+        let missing: Vec<&str> = ["foreign-owner", "unknown-owner", "stale-frame"]
+            .into_iter()
+            .filter(|r| !refused.contains_key(*r))
             .collect();
-        self.report
-            .note(format!("fw{k} refusals during the hostile peer: {delta:?}"));
-        let changed = invariants::changes(&before, &after);
-        if changed.is_empty() {
+        if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!("tables changed: {}", changed.join("; ")))
+            Err(format!(
+                "fw{k} counted no {missing:?} while the impersonator spoke: checks not reached"
+            ))
         }
+    }
+
+    /// Stops `claim.member`'s agent until fw`k` holds it down, speaks as it from its own
+    /// address, then resumes it (whatever happened). The session must get past the hello.
+    /// Returns the rejections fw`k` counted meanwhile.
+    fn impersonate(
+        &mut self,
+        k: u8,
+        claim: &Claim,
+        table: &Table,
+    ) -> Result<BTreeMap<String, u64>, String> {
+        let c = self.c;
+        let m = claim.member;
+        let bound = self.p.keepalive * 3;
+        let mut refused = BTreeMap::new();
+        self.with_heal(
+            |r| {
+                c.kill_agent(m, Signal::Stop).map_err(|e| e.to_string())?;
+                let down = hasync_agent::lab::netns::wait_for(bound, || {
+                    let s = c.try_member(k, m).ok()?;
+                    (s.state == "down").then_some(())
+                });
+                down.ok_or(format!(
+                    "fw{k} did not hold stopped fw{m} down within {bound:?}"
+                ))?;
+                let before = invariants::rejections(c, k)?;
+                // Nothing here is fw`m`'s to change, even for a client that truly is fw`m`.
+                let frames = hostile::hostile_frames(table, m, r.p.members, false);
+                let out = hostile::hostile_peer(c, k, claim, frames)?;
+                r.note_hostile(k, claim, &out);
+                for (why, n) in invariants::rejections(c, k)? {
+                    let d = n - before.get(&why).copied().unwrap_or(0).min(n);
+                    if d > 0 {
+                        refused.insert(why, d);
+                    }
+                }
+                if out.hello_answered {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "fw{k} refused fw{m}'s own address while fw{m} was down: {out:?}"
+                    ))
+                }
+            },
+            |_| c.kill_agent(m, Signal::Cont).map_err(|e| e.to_string()),
+        )?;
+        Ok(refused)
+    }
+
+    fn note_hostile(&mut self, k: u8, claim: &Claim, out: &hostile::HostileOutcome) {
+        self.report.note(format!(
+            "hostile peer from {} claiming member {} against fw{k}: {out:?}",
+            claim.from, claim.member
+        ));
     }
 
     fn table_flood(&mut self, k: u8, sessions: u32, hold: Duration) -> Result<(), String> {

@@ -179,6 +179,32 @@ pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
     }
 }
 
+/// A session's 5-tuple as a row shows it.
+pub type RowKey = (String, std::net::IpAddr, u16, std::net::IpAddr, u16);
+
+fn row_key(r: &Row) -> RowKey {
+    (r.proto.clone(), r.src, r.sport, r.dst, r.dport)
+}
+
+/// The 5-tuples that any member of `snap` holds as owned by `owner`.
+pub fn keys_owned_by(snap: &Snapshot, owner: u8) -> BTreeSet<RowKey> {
+    snap.values()
+        .flatten()
+        .filter(|r| r.owner == owner)
+        .map(row_key)
+        .collect()
+}
+
+/// `snap` without the sessions whose 5-tuple is in `keys`.
+pub fn without(snap: &Snapshot, keys: &BTreeSet<RowKey>) -> Snapshot {
+    snap.iter()
+        .map(|(&k, t)| {
+            let kept = t.iter().filter(|r| !keys.contains(&row_key(r)));
+            (k, kept.cloned().collect())
+        })
+        .collect()
+}
+
 /// What changed between two snapshots of the same members: one line per member that differs.
 pub fn changes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     let mut out = Vec::new();
