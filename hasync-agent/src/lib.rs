@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod datapath;
 pub mod lab;
 pub mod metrics;
+pub mod netlink;
 pub mod provision;
 pub mod runtime;
 pub mod service;

@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
     cluster::LinkState,
+    netlink::{Ifaces, LinkWatch},
     sync::{
         admission::{Admission, Ticket},
         backoff::Backoff,
@@ -36,8 +37,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// How often a dialer retries a missing connection: with [`CONNECT_TIMEOUT`], a healed link
 /// is redialled within half a second.
 const REDIAL: Duration = Duration::from_millis(250);
-/// How often the local sync interfaces' state is read.
-const LINK_POLL: Duration = Duration::from_millis(200);
 
 /// Per link: the configured addresses of the members that dial this one (those with a lower
 /// id), the only sources a listener accepts.
@@ -440,32 +439,48 @@ impl<T: SessionTable> Engine<T> {
         g.hello = Some(hello);
     }
 
-    /// Watches the local sync interfaces: when one goes down, its connections are dropped at
-    /// once (rather than after the keepalive threshold) and data moves to the other link. A
-    /// state that cannot be read (no socket, say) changes nothing.
+    /// Watches the local sync interfaces (netlink notifications): when one goes down or
+    /// disappears, its connections are dropped at once (rather than after the keepalive
+    /// threshold) and data moves to the other link. Without netlink (the socket could not be
+    /// opened, or its reader stopped) the last known state stays: keepalives still tell.
     pub(super) async fn monitor_links(self) {
+        let mut watch = match LinkWatch::spawn() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(error = %e, "cannot watch the sync interfaces' state; sync links are judged by keepalives alone");
+                return;
+            }
+        };
+        let mut table = watch.now();
         loop {
-            for (&link, (_, ifname)) in &self.inner.cfg.local_links {
-                let Some(up) = interface_up(ifname) else {
-                    self.log_once(format!("ifstate-{ifname}"), || {
-                        warn!(link = link.name(), interface = %ifname, "cannot read the sync interface's state; keeping the last known one")
-                    });
-                    continue;
-                };
-                let was = lock(&self.inner.local_up).insert(link, up);
-                if was == Some(up) {
-                    continue;
+            if let Some(t) = &table {
+                self.apply_link_table(t);
+            }
+            table = match watch.changed().await {
+                Some(t) => Some(t),
+                None => {
+                    warn!("the sync interfaces' state is no longer watched; keeping the last known one");
+                    return;
                 }
-                if was.is_some() {
-                    info!(link = link.name(), interface = %ifname, up, "sync interface state changed");
-                }
-                if !up {
-                    for peer in self.inner.peers.values() {
-                        self.detach(peer, link, None, "local interface down");
-                    }
+            };
+        }
+    }
+
+    fn apply_link_table(&self, table: &Ifaces) {
+        for (&link, (_, ifname)) in &self.inner.cfg.local_links {
+            let up = table.get(ifname).is_some_and(|i| i.up);
+            let was = lock(&self.inner.local_up).insert(link, up);
+            if was == Some(up) {
+                continue;
+            }
+            if was.is_some() {
+                info!(link = link.name(), interface = %ifname, up, "sync interface state changed");
+            }
+            if !up {
+                for peer in self.inner.peers.values() {
+                    self.detach(peer, link, None, "local interface down");
                 }
             }
-            tokio::time::sleep(LINK_POLL).await;
         }
     }
 }
@@ -482,38 +497,4 @@ fn count_sent(stats: &LinkStats, msg: &Message, bytes: usize) {
         Message::Keepalive(_) => LinkStats::add(&stats.keepalives_sent, 1),
         Message::Hello(_) | Message::BulkStart { .. } | Message::BulkEnd { .. } => {}
     }
-}
-
-/// Is the interface administratively up with its carrier on (`IFF_UP | IFF_RUNNING`)? Asked
-/// with `SIOCGIFFLAGS` on a socket, so the answer is about the agent's own network namespace
-/// whatever `/sys` shows. `None` when it cannot be asked (no socket: descriptors exhausted,
-/// say) — never a reason to call the link down; `Some(false)` also when the interface is gone.
-pub(super) fn interface_up(ifname: &str) -> Option<bool> {
-    let name = ifname.as_bytes();
-    // SAFETY: an all-zero ifreq is valid.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.is_empty() || name.len() >= req.ifr_name.len() {
-        return Some(false);
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket creation; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the flags into `req`.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) };
-    let errno = std::io::Error::last_os_error().raw_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        // No such device: down. Anything else: not known.
-        return (errno == Some(libc::ENODEV)).then_some(false);
-    }
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    let flags = i32::from(unsafe { req.ifr_ifru.ifru_flags });
-    let want = libc::IFF_UP | libc::IFF_RUNNING;
-    Some(flags & want == want)
 }

@@ -299,13 +299,12 @@ impl<T: SessionTable> Engine<T> {
 
     /// The local sync interface's state for `link`.
     pub fn local_link_state(&self, link: LinkKind) -> LinkState {
-        let Some((_, ifname)) = self.inner.cfg.local_links.get(&link) else {
+        if !self.inner.cfg.local_links.contains_key(&link) {
             return LinkState::NotConfigured;
-        };
-        let known = lock(&self.inner.local_up).get(&link).copied();
-        match known.or_else(|| connect::interface_up(ifname)) {
+        }
+        match lock(&self.inner.local_up).get(&link) {
             Some(false) => LinkState::Down,
-            // Not known yet (the state could not be read): not reported as down.
+            // Not known yet (or not watched): not reported as down.
             Some(true) | None => LinkState::Up,
         }
     }
