@@ -25,7 +25,7 @@ pub enum MalformedAction {
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DatapathConfig {
     /// Idle timeout per [`crate::State`], in nanoseconds.
     pub timeouts_ns: [u64; STATE_COUNT],

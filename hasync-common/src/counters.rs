@@ -103,7 +103,7 @@ pub const COUNTER_COUNT: usize = Counter::ALL.len();
 
 /// The single value of the COUNTERS per-CPU array.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Counters {
     pub values: [u64; COUNTER_COUNT],
 }

@@ -41,7 +41,7 @@ impl EventKind {
 
 /// One ring-buffer record: the key and a snapshot of the session after the change.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Event {
     pub key: FlowKey,
     pub session: Session,

@@ -21,7 +21,7 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 /// "Lower" is decided on (address, port) compared numerically, so userspace and the XDP program
 /// compute the same key with [`FlowKey::canonical`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowKey {
     pub addr_lo: [u32; 4],
     pub addr_hi: [u32; 4],

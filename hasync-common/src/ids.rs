@@ -2,7 +2,19 @@
 
 /// A cluster member, 1–16. 0 means "none" (an unconfigured datapath).
 #[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
+)]
 pub struct MemberId(pub u8);
 
 impl MemberId {
@@ -19,7 +31,19 @@ impl MemberId {
 /// A security zone, as agreed by name between members. 0 means "no zone" (the ingress interface
 /// is not in any zone).
 #[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
+)]
 pub struct ZoneId(pub u16);
 
 impl ZoneId {

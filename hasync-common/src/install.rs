@@ -32,7 +32,7 @@ pub enum InstallOp {
 
 /// One record for the install program.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct InstallRecord {
     pub key: FlowKey,
     /// The session as it would be installed (zone and clock already local). For a delete,
@@ -46,7 +46,7 @@ crate::assert_size!(InstallRecord, 120);
 
 /// The batch header: what the agent says, then what the program did.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct InstallHeader {
     /// Records that follow.
     pub count: u32,
@@ -63,7 +63,7 @@ crate::assert_size!(InstallHeader, 32);
 
 /// What the program did with a batch.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct InstallOutcome {
     /// Sessions inserted or replaced.
     pub installed: u32,
@@ -93,7 +93,7 @@ const _: () = assert!(INSTALL_BATCH >= 16);
 
 /// The header of a read batch.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ReadHeader {
     /// Slots that follow.
     pub count: u32,
@@ -104,7 +104,7 @@ crate::assert_size!(ReadHeader, 8);
 
 /// One key to read; the program fills `session` and sets `found` when the table holds it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ReadSlot {
     pub key: FlowKey,
     pub session: Session,
@@ -348,7 +348,7 @@ mod tests {
 
 /// The prune program's data: what to remove, then what it did.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct PruneHeader {
     /// The member whose full sync ended.
     pub owner: MemberId,

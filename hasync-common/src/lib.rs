@@ -36,21 +36,34 @@ macro_rules! assert_size {
 
 #[cfg(feature = "user")]
 mod pod {
-    //! The shared types are plain old data: every bit pattern is a valid value.
+    //! aya's plain-data marker, granted only to types whose `bytemuck::Pod` derive checked
+    //! that they are plain data (`#[repr(C)]` or transparent, integers only, no padding).
     use super::*;
 
-    // SAFETY: all of these are #[repr(C)] / #[repr(transparent)], contain only integers and
-    // arrays of integers, and have no implicit padding (checked by `assert_size!`).
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for Session {}
-    unsafe impl aya::Pod for Event {}
-    unsafe impl aya::Pod for Counters {}
-    unsafe impl aya::Pod for DatapathConfig {}
-    unsafe impl aya::Pod for MemberEntry {}
-    unsafe impl aya::Pod for ZoneId {}
-    unsafe impl aya::Pod for InstallRecord {}
-    unsafe impl aya::Pod for InstallHeader {}
-    unsafe impl aya::Pod for ReadHeader {}
-    unsafe impl aya::Pod for ReadSlot {}
-    unsafe impl aya::Pod for PruneHeader {}
+    macro_rules! aya_pod {
+        ($($t:ty),* $(,)?) => {$(
+            const _: () = {
+                const fn checked<T: bytemuck::Pod>() {}
+                checked::<$t>()
+            };
+            // SAFETY: `$t: bytemuck::Pod` (checked just above): any bit pattern is a valid
+            // value and it has no padding, which is what `aya::Pod` asks.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    aya_pod!(
+        FlowKey,
+        Session,
+        Event,
+        Counters,
+        DatapathConfig,
+        MemberEntry,
+        ZoneId,
+        InstallRecord,
+        InstallHeader,
+        ReadHeader,
+        ReadSlot,
+        PruneHeader,
+    );
 }

@@ -2,7 +2,7 @@
 
 /// Entry of the MEMBERS array, indexed by member id (0–16; index 0 is unused).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct MemberEntry {
     /// 1 when the member is alive (keepalives arriving), 0 otherwise. A session whose owner is
     /// not alive is taken over by the member that sees its traffic.

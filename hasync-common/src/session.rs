@@ -97,7 +97,7 @@ pub const fn expired(now_ns: u64, last_seen_ns: u64, timeout_ns: u64) -> bool {
 
 /// Bit flags of a session.
 #[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SessionFlags(pub u16);
 
 impl SessionFlags {
@@ -125,7 +125,7 @@ pub const DIR_REPLY: usize = 1;
 /// `created_ns`, `last_seen_ns` and `last_event_ns` are this host's `CLOCK_MONOTONIC_COARSE`
 /// (`bpf_ktime_get_coarse_ns`): node-local, never sent to a peer as such (sync sends ages).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Session {
     pub created_ns: u64,
     pub last_seen_ns: u64,

@@ -27,7 +27,7 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd},
 };
 
-use aya::Pod;
+use bytemuck::Pod;
 
 /// Which map command failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -400,8 +400,10 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
         cursor.ensure_token_len(size_of::<K>());
         let mut asked = max;
         loop {
-            keys.reserve(asked as usize);
-            values.reserve(asked as usize);
+            // Zeroed room for `asked` of each (plain data: zero is a valid value), cut to
+            // what the kernel wrote below.
+            keys.resize(asked as usize, K::zeroed());
+            values.resize(asked as usize, V::zeroed());
             // The kernel reads the token from `in_batch` and writes the next one to
             // `out_batch`; both may point at the same buffer (it reads before it writes).
             let token = cursor.token.as_mut_ptr() as u64;
@@ -414,8 +416,8 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                 map_fd: fd_u32(self.fd),
                 ..Default::default()
             };
-            // SAFETY: the map holds `K → V` (checked in `new`) and `keys`/`values` have
-            // capacity for `asked` of them; the token buffer holds max(8, size_of::<K>())
+            // SAFETY: the map holds `K → V` (checked in `new`) and `keys`/`values` hold
+            // `asked` of them; the token buffer holds max(8, size_of::<K>())
             // bytes, which covers both token kinds.
             let res = unsafe { sys_batch(OP, &mut attr) };
             let errno = res.as_ref().err().and_then(io::Error::raw_os_error);
@@ -447,12 +449,8 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                     asked,
                 });
             }
-            // SAFETY: the kernel wrote `attr.count` (≤ capacity) whole keys and values; both
-            // are `Pod`, so any bytes are valid values.
-            unsafe {
-                keys.set_len(attr.count as usize);
-                values.set_len(attr.count as usize);
-            }
+            keys.truncate(attr.count as usize);
+            values.truncate(attr.count as usize);
             cursor.started = true;
             cursor.done = !more;
             return Ok(more);
@@ -539,17 +537,16 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
     /// Looks up one key; `None` when it is not in the map.
     pub fn lookup(&self, key: &K) -> Result<Option<V>, BatchError> {
         const OP: BatchOp = BatchOp::LookupElem;
-        let mut value = std::mem::MaybeUninit::<V>::uninit();
+        let mut value = V::zeroed();
         let mut attr = ElemAttr {
             map_fd: fd_u32(self.fd),
             key: std::ptr::from_ref(key) as u64,
-            value: value.as_mut_ptr() as u64,
+            value: std::ptr::from_mut(&mut value) as u64,
             ..Default::default()
         };
         // SAFETY: the map holds `K → V`; the kernel reads one key and writes one value.
         match unsafe { sys_batch(OP, &mut attr) } {
-            // SAFETY: the kernel wrote a whole value; `V` is `Pod`, so any bytes are valid.
-            Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+            Ok(()) => Ok(Some(value)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(source) => Err(BatchError::Syscall {
                 op: OP,
@@ -596,15 +593,11 @@ mod tests {
 
     /// A 40-byte key and 72-byte value, like the session table's.
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
     struct Key([u64; 5]);
     #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
     struct Value([u64; 9]);
-    // SAFETY: integer arrays, no padding.
-    unsafe impl Pod for Key {}
-    // SAFETY: integer arrays, no padding.
-    unsafe impl Pod for Value {}
 
     fn key(i: u64) -> Key {
         Key([i, i.rotate_left(17), 3, 4, 5])

@@ -35,7 +35,7 @@ impl Run {
 
     /// Runs `prog` (named `name`) once over `header` followed by `items`; returns the data as
     /// the program left it.
-    fn once<H: aya::Pod, T: aya::Pod>(
+    fn once<H: bytemuck::Pod, T: bytemuck::Pod>(
         &mut self,
         prog: &Xdp,
         name: &'static str,
