@@ -47,6 +47,7 @@ impl Requirement {
     }
 }
 
+#[derive(Debug)]
 enum Status {
     /// Met; the detail says how we know.
     Present(String),
@@ -56,6 +57,7 @@ enum Status {
     },
 }
 
+#[derive(Debug)]
 enum Fix {
     /// Setup cannot do it; the text tells the user what to do.
     Manual(String),
@@ -265,16 +267,31 @@ fn file_exists(path: &'static str, what_to_do: &str) -> Status {
     }
 }
 
+/// What bpf-linker's build needs of LLVM 22: `llvm-config` (package llvm-22), and the shared
+/// library's link name and the C headers (llvm-22-dev only: `-lLLVM` fails without them).
 fn llvm() -> Result<Status> {
-    let llvm_config = Path::new(LLVM_PREFIX).join("bin/llvm-config");
-    Ok(if llvm_config.exists() {
-        Status::Present(llvm_config.display().to_string())
+    Ok(llvm_at(Path::new(LLVM_PREFIX)))
+}
+
+fn llvm_at(prefix: &Path) -> Status {
+    let needed = ["bin/llvm-config", "lib/libLLVM.so", "include/llvm-c/Core.h"];
+    let missing: Vec<String> = needed
+        .iter()
+        .map(|p| prefix.join(p))
+        .filter(|p| !p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        Status::Present(format!(
+            "{} (llvm-config, libLLVM.so, llvm-c headers)",
+            prefix.display()
+        ))
     } else {
         Status::Missing {
-            why: format!("{} does not exist", llvm_config.display()),
+            why: format!("missing {}", missing.join(", ")),
             fix: Fix::Apt("llvm-22-dev"),
         }
-    })
+    }
 }
 
 fn iproute2() -> Result<Status> {
@@ -463,4 +480,38 @@ fn bpffs() -> Result<Status> {
             fix: Fix::MountBpffs,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime package alone (llvm-config, no link name, no headers) is not enough: setup
+    /// installs llvm-22-dev. With all three files, LLVM counts as present.
+    #[test]
+    fn llvm_config_alone_does_not_count_as_llvm_dev() {
+        let dir = std::env::temp_dir().join(format!("hasync-llvm-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let touch = |p: &str| {
+            let p = dir.join(p);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, b"").expect("touch");
+        };
+        touch("bin/llvm-config");
+        match llvm_at(&dir) {
+            Status::Missing { why, fix } => {
+                assert!(
+                    why.contains("libLLVM.so") && why.contains("Core.h"),
+                    "{why}"
+                );
+                assert!(matches!(fix, Fix::Apt("llvm-22-dev")));
+            }
+            other => panic!("llvm-config alone counted: {other:?}"),
+        }
+        touch("lib/libLLVM.so");
+        touch("include/llvm-c/Core.h");
+        let present = matches!(llvm_at(&dir), Status::Present(_));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(present, "all three files present");
+    }
 }
