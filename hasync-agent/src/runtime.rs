@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
     datapath::{error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK},
+    member::{lock, Member},
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
@@ -37,19 +38,6 @@ const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
 const REANNOUNCE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 /// A starting member waits this long for peers to connect before deciding it is alone.
 const DISCOVERY: Duration = Duration::from_secs(2);
-
-/// Everything the running member shares between its tasks.
-pub struct Member {
-    pub config: Config,
-    pub dp: Arc<Mutex<Datapath>>,
-    pub membership: Arc<Mutex<Membership>>,
-    pub engine: Engine,
-    pub started: Instant,
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Runs a cluster member from `path` until SIGINT or SIGTERM.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -222,7 +210,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
-    let http = crate::metrics::http::start(&member.config, control_tx.clone()).await;
+    let http = crate::http::start(&member.config, control_tx.clone()).await;
     let control = crate::control::serve(&member.config.local.control_socket, control_tx)
         .await
         .with_context(|| {
@@ -320,7 +308,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                 }
             }
             Some((request, reply)) = control_rx.recv() => {
-                let response = crate::control_handler::handle(&member, request);
+                let response = crate::control::handler::handle(&member, request);
                 let _ = reply.send(response);
             }
         }

@@ -13,7 +13,7 @@ use std::{
 use hasync_common::MemberId;
 use serde::Serialize;
 
-use crate::sync::wire::LinkKind;
+use crate::ha_link::LinkKind;
 
 /// A member's state, as the HA clustering model names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -5,12 +5,13 @@
 //! [`Request`] per line, one [`Response`] per line ([`protocol`]). The [`server`] does no work
 //! itself: it forwards each request to the agent's runtime as a [`ControlRequest`] and writes
 //! back what the runtime answers, so the runtime keeps sole ownership of the datapath and the
-//! membership. [`view`] holds the JSON shapes of the answers and builds them from the
+//! membership, and [`handler`] builds each answer there. [`view`] holds the JSON shapes of the answers and builds them from the
 //! agent's state, [`client`] is the operator side, and [`command`] the `hasync show ...`
 //! subcommands with their tables.
 
 pub mod client;
 pub mod command;
+pub mod handler;
 pub mod protocol;
 pub mod server;
 pub mod view;

@@ -40,8 +40,6 @@
 //! | `replication_lag_seconds{peer, quantile}` | gauge | p50 and p99 of recent changes, queued → acknowledged |
 //! | `datapath_<counter>_total` | counter | every datapath counter (`show counters`), `-` as `_` |
 
-pub mod http;
-
 use std::{
     fmt,
     sync::Arc,

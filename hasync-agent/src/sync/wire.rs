@@ -43,28 +43,10 @@ pub enum WireError {
     TooManyRecords(usize),
 }
 
-/// Which sync link a connection runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LinkKind {
-    Ha4 = 0,
-    Ha4Backup = 1,
-}
+pub use crate::ha_link::LinkKind;
 
-impl LinkKind {
-    pub const fn name(self) -> &'static str {
-        match self {
-            LinkKind::Ha4 => "ha4",
-            LinkKind::Ha4Backup => "ha4-backup",
-        }
-    }
-
-    fn from_u8(v: u8) -> Result<Self, WireError> {
-        match v {
-            0 => Ok(LinkKind::Ha4),
-            1 => Ok(LinkKind::Ha4Backup),
-            other => Err(WireError::UnknownLink(other)),
-        }
-    }
+fn link_from_u8(v: u8) -> Result<LinkKind, WireError> {
+    LinkKind::from_u8(v).ok_or(WireError::UnknownLink(v))
 }
 
 /// First message on every connection, both ways.
@@ -409,7 +391,7 @@ impl Message {
                     minor,
                     cluster_id,
                     member: MemberId(member),
-                    link: LinkKind::from_u8(link)?,
+                    link: link_from_u8(link)?,
                     boot_id,
                     fingerprint,
                     zones,

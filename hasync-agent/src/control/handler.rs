@@ -11,7 +11,7 @@ use crate::{
         },
     },
     datapath::DEFAULT_CHUNK,
-    runtime::{lock, Member},
+    member::{lock, Member},
     sync::{table::walk, wire::LinkKind},
 };
 

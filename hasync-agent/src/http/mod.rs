@@ -20,10 +20,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::{render, Source, CONTENT_TYPE};
 use crate::{
     control::ControlSender,
     dashboard::{ClusterApi, INDEX_HTML},
+    metrics::{render, Source, CONTENT_TYPE},
 };
 
 /// Connections served at once; more wait in the listen backlog.
@@ -201,3 +201,6 @@ pub async fn start(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

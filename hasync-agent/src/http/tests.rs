@@ -1,0 +1,125 @@
+//! The server against a fake runtime: what it serves, what it refuses, and how it answers
+//! when the runtime is gone.
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+use super::*;
+use crate::{
+    control::{testing::fake_runtime, ControlRequest},
+    metrics::Source,
+};
+
+/// Sends `request` (raw bytes) and reads the whole answer: status line, headers, body.
+async fn exchange(addr: SocketAddrForTest, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer within 10 s")
+        .expect("read");
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+type SocketAddrForTest = std::net::SocketAddr;
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), source)
+        .await
+        .expect("serve");
+
+    let (status, head, body) = exchange(addr, &get("/metrics")).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.contains("hasync_sessions 3\n"), "{body}");
+
+    let (status, head, body) = exchange(addr, &get("/")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+    assert!(body.contains("data-test=\"ha4-indicator\""));
+
+    let (status, head, body) = exchange(addr, &get("/api/cluster")).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let api: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(api["cluster"]["id"], 7);
+    assert_eq!(api["sessions"]["capacity"], 65_536);
+
+    let (status, head, body) = exchange(
+        addr,
+        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, ""), "{head}");
+
+    let (status, head, _) = exchange(
+        addr,
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert!(head.contains("allow: get, head"), "{head}");
+
+    let (status, _, body) = exchange(addr, &get("/admin")).await;
+    assert_eq!(status, 404);
+    assert!(
+        body.contains("try / (dashboard), /metrics or /api/cluster"),
+        "{body}"
+    );
+
+    // An oversized request head is refused, not buffered.
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    big.extend(b"\r\n\r\n");
+    let (status, _, _) = exchange(addr, &big).await;
+    assert_eq!(status, 431);
+
+    // The server stops with the runtime.
+    drop(tx);
+    runtime.abort();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the runtime is gone")
+        .ok();
+}
+
+#[tokio::test]
+async fn a_runtime_that_is_gone_answers_503() {
+    let (tx, rx) = mpsc::channel::<ControlRequest>(8);
+    let source = Source::with_settings(tx, 1, "");
+    drop(rx);
+    let r = respond(&hyper::Method::GET, "/metrics", &source).await;
+    assert_eq!(r.status(), 503);
+    let r = respond(&hyper::Method::GET, "/api/cluster", &source).await;
+    assert_eq!(r.status(), 503);
+    // The page itself needs no runtime: it shows the error it polls.
+    let r = respond(&hyper::Method::GET, "/", &source).await;
+    assert_eq!(r.status(), 200);
+}
