@@ -13,10 +13,6 @@
 //! The sending side reads sessions the same way: a [`ReadHeader`] and up to [`READ_BATCH`]
 //! [`ReadSlot`]s holding keys, which the `hasync_read` program fills with the sessions' current
 //! state: one program run per batch instead of one lookup syscall per session.
-//!
-//! At the end of a full sync, the `hasync_prune` program walks the whole table in the kernel
-//! (one run, [`PruneHeader`] as its data) and removes the replicas the full sync did not mark
-//! ([`unseen_replica`]): a walk from user space would copy every session out first.
 
 use crate::{ids::MemberId, session::Session, FlowKey};
 
@@ -345,22 +341,6 @@ mod tests {
         );
     }
 }
-
-/// The prune program's data: what to remove, then what it did.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct PruneHeader {
-    /// The member whose full sync ended.
-    pub owner: MemberId,
-    pub _pad: [u8; 7],
-    /// When that full sync started (session clock).
-    pub mark_ns: u64,
-    /// Written by the program: sessions looked at.
-    pub scanned: u32,
-    /// Written by the program: replicas removed.
-    pub removed: u32,
-}
-crate::assert_size!(PruneHeader, 24);
 
 /// Is `s` a replica of `owner`'s session that the full sync started at `mark_ns` neither
 /// installed nor marked (so `owner` no longer holds it)?

@@ -20,9 +20,7 @@ pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
 pub use flow::{Family, FlowKey};
 pub use ids::{MemberId, ZoneId};
-pub use install::{
-    InstallHeader, InstallOp, InstallOutcome, InstallRecord, PruneHeader, ReadHeader, ReadSlot,
-};
+pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
 pub use member::MemberEntry;
 pub use session::{Session, SessionFlags, State, STATE_COUNT};
 
@@ -64,6 +62,5 @@ mod pod {
         InstallHeader,
         ReadHeader,
         ReadSlot,
-        PruneHeader,
     );
 }

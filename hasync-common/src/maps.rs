@@ -19,9 +19,6 @@ pub const PROGRAM: &str = "hasync";
 pub const INSTALL_PROGRAM: &str = "hasync_install";
 /// Name of the program that reads sessions for the sender (run like the install program).
 pub const READ_PROGRAM: &str = "hasync_read";
-/// Name of the program that removes unseen replicas after a full sync (run like the install
-/// program).
-pub const PRUNE_PROGRAM: &str = "hasync_prune";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;

@@ -1,20 +1,17 @@
-//! The install, read and prune programs' logic: applies a batch of peers' records to the
-//! session table, reads a batch of sessions for the sender, and removes the replicas a full
-//! sync did not mark (see `hasync_common::install` for the data layouts and the conflict
-//! rule).
+//! The install and read programs' logic: applies a batch of peers' records to the session
+//! table, and reads a batch of sessions for the sender (see `hasync_common::install` for the
+//! batch layouts and the conflict rule).
 
 use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_EXIST, BPF_NOEXIST},
-    cty::{c_long, c_void},
-    helpers::generated::{bpf_for_each_map_elem, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::generated::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::XdpContext,
 };
 use hasync_common::{
-    install::{resolve, unseen_replica, Resolution, INSTALL_BATCH, READ_BATCH},
-    FlowKey, InstallHeader, InstallOutcome, InstallRecord, PruneHeader, ReadHeader, ReadSlot,
-    Session,
+    install::{resolve, Resolution, INSTALL_BATCH, READ_BATCH},
+    InstallHeader, InstallOutcome, InstallRecord, ReadHeader, ReadSlot,
 };
 
 use crate::maps::SESSIONS;
@@ -189,48 +186,4 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
     }
     // Twice raced, or the table refused the entry: the local copy stays.
     out.kept += 1;
-}
-
-/// Removes, in one walk of the table, the replicas the header's full sync did not mark; the
-/// counts go back into the header. Deleting the entry the walk stands on is safe for a hash
-/// map (the walk goes on under RCU); an entry freed and reused by a concurrent insert at that
-/// moment can end its bucket's walk early, which leaves a stale replica for the next full
-/// sync, never removes a live one.
-#[inline(always)]
-pub fn prune(ctx: &XdpContext) -> u32 {
-    let Some(mut header) = load::<PruneHeader>(ctx, 0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    header.scanned = 0;
-    header.removed = 0;
-    // SAFETY: the map pointer is SESSIONS' definition, the callback has the signature the
-    // helper calls for a hash map, and `header` outlives the call.
-    let rc = unsafe {
-        bpf_for_each_map_elem(
-            core::ptr::addr_of!(SESSIONS).cast_mut().cast(),
-            prune_one as *mut c_void,
-            core::ptr::addr_of_mut!(header).cast(),
-            0,
-        )
-    };
-    finish(ctx, rc >= 0, &mut header)
-}
-
-/// One entry of the prune walk: 0 to go on.
-#[inline(never)]
-extern "C" fn prune_one(
-    _map: *mut c_void,
-    key: *const FlowKey,
-    value: *const Session,
-    header: *mut PruneHeader,
-) -> c_long {
-    // SAFETY: the helper passes the entry's key and value and our context, all valid for the
-    // call; the value may change under us (a concurrent update), which at worst keeps a
-    // replica one more sync or removes one the owner just dropped.
-    let (key, value, h) = unsafe { (&*key, &*value, &mut *header) };
-    h.scanned += 1;
-    if unseen_replica(value, h.owner, h.mark_ns) && SESSIONS.remove(key).is_ok() {
-        h.removed += 1;
-    }
-    0
 }

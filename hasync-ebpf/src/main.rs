@@ -24,10 +24,3 @@ pub fn hasync_install(ctx: XdpContext) -> u32 {
 pub fn hasync_read(ctx: XdpContext) -> u32 {
     install::read(&ctx)
 }
-
-/// Removes the replicas a full sync did not mark: run by the agent with BPF_PROG_TEST_RUN,
-/// never attached.
-#[xdp]
-pub fn hasync_prune(ctx: XdpContext) -> u32 {
-    install::prune(&ctx)
-}

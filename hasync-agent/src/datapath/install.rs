@@ -1,14 +1,14 @@
 //! Runs the batch programs over the session table: `hasync_install` over peers' records and
-//! `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per batch, and
-//! `hasync_prune` once over the whole table (see `hasync_common::install`).
+//! `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per batch (see
+//! `hasync_common::install`).
 
 use std::mem::size_of;
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
     install::{INSTALL_BATCH, INSTALL_MAX_BYTES, READ_BATCH},
-    maps as names, FlowKey, InstallHeader, InstallOutcome, InstallRecord, MemberId, PruneHeader,
-    ReadHeader, ReadSlot, Session,
+    maps as names, FlowKey, InstallHeader, InstallOutcome, InstallRecord, MemberId, ReadHeader,
+    ReadSlot, Session,
 };
 
 use super::{
@@ -123,20 +123,6 @@ pub fn read(
     Ok(())
 }
 
-/// Removes with the prune program, in one walk of the table, the replicas of `owner`'s
-/// sessions that its full sync started at `mark_ns` did not mark; returns how many went.
-pub fn prune(prog: &Xdp, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
-    let header = PruneHeader {
-        owner,
-        mark_ns,
-        ..PruneHeader::default()
-    };
-    let mut run = Run::new();
-    let out = run.once::<_, u8>(prog, names::PRUNE_PROGRAM, &header, &[])?;
-    let done: PruneHeader = read_at(out, 0).unwrap_or_default();
-    Ok(done.removed as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use hasync_common::{flow::IPPROTO_UDP, Family, MemberId, Session};
@@ -174,42 +160,6 @@ mod tests {
         for (i, (k, got)) in keys.iter().zip(&out).enumerate() {
             assert_eq!(*got, dp.session(k).expect("lookup"), "key {i}");
             assert_eq!(got.is_some(), i % 3 != 0, "key {i}");
-        }
-    }
-
-    /// One prune run walks a table much larger than any batch and removes exactly the unmarked
-    /// replicas of the one owner: not the marked ones, not other owners', not local sessions.
-    #[test]
-    fn prune_removes_only_the_owners_unmarked_replicas_in_one_run() {
-        use hasync_common::SessionFlags;
-        let mut dp = datapath();
-        let mark = 1_000;
-        let held: Vec<(FlowKey, Session)> = (0..2_000u32)
-            .map(|i| {
-                let s = Session {
-                    owner: MemberId(if i % 3 == 0 { 3 } else { 2 }),
-                    flags: SessionFlags(if i % 5 == 0 {
-                        0
-                    } else {
-                        SessionFlags::FROM_PEER
-                    }),
-                    last_event_ns: if i % 2 == 0 { mark - 1 } else { mark },
-                    ..Session::default()
-                };
-                (key(i), s)
-            })
-            .collect();
-        dp.insert_sessions(&held).expect("insert");
-        assert_eq!(dp.sessions().expect("walk").len(), held.len(), "all held");
-        let doomed = |(_, s): &&(FlowKey, Session)| {
-            hasync_common::install::unseen_replica(s, MemberId(2), mark)
-        };
-        let expected = held.iter().filter(doomed).count();
-        assert!(expected > 500, "{expected}");
-        assert_eq!(dp.prune_unseen(MemberId(2), mark).expect("prune"), expected);
-        for (k, s) in &held {
-            let kept = dp.session(k).expect("lookup").is_some();
-            assert_eq!(kept, !doomed(&&(*k, *s)), "{s:?}");
         }
     }
 

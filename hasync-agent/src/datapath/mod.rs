@@ -249,12 +249,7 @@ impl Datapath {
             pins,
         };
         dp.set_config(&opts.config)?;
-        for name in [
-            names::PROGRAM,
-            names::INSTALL_PROGRAM,
-            names::READ_PROGRAM,
-            names::PRUNE_PROGRAM,
-        ] {
+        for name in [names::PROGRAM, names::INSTALL_PROGRAM, names::READ_PROGRAM] {
             dp.xdp_mut(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -338,12 +333,6 @@ impl Datapath {
         out: &mut Vec<Option<Session>>,
     ) -> Result<(), DatapathError> {
         install::read(self.xdp(names::READ_PROGRAM)?, keys, out)
-    }
-
-    /// Removes the replicas of `owner`'s sessions that its full sync started at `mark_ns` did
-    /// not mark (see [`install::prune`]): one program run walks the table in the kernel.
-    pub fn prune_unseen(&self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
-        install::prune(self.xdp(names::PRUNE_PROGRAM)?, owner, mark_ns)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {

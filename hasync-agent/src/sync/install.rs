@@ -547,13 +547,19 @@ mod tests {
             bulk: true,
             ..member(1, false)
         };
-        let r = apply(&mut dp, &[sent(1, 4), sent(2, 3)], &zones, 150, &who).expect("apply");
+        // As the engine does: the scan starts with the full sync; the end finishes it. (Not
+        // told what was carried: the marks alone must keep sessions 1 and 2.)
+        let dp = std::sync::Arc::new(std::sync::Mutex::new(dp));
+        let scan = crate::sync::stale::StaleScan::start(dp.clone(), MemberId(2));
+        let records = [sent(1, 4), sent(2, 3)];
+        let r = apply(&mut *dp.lock().expect("table"), &records, &zones, 150, &who).expect("apply");
         assert_eq!((r.installed, r.kept), (1, 1));
         assert_eq!(
-            SessionTable::remove_unseen(&mut dp, MemberId(2), mark).expect("reconcile"),
+            scan.finish(&dp, mark).expect("reconcile"),
             1,
             "only session 3 went"
         );
+        let dp = dp.lock().expect("table");
         let left: Vec<_> = (1..=5)
             .filter(|i| dp.session(&key(*i)).expect("lookup").is_some())
             .collect();

@@ -7,6 +7,7 @@ pub mod channel;
 pub mod engine;
 pub mod install;
 pub mod outbox;
+pub mod stale;
 pub mod stats;
 pub mod table;
 pub mod wire;

@@ -6,7 +6,9 @@
 
 use std::sync::Mutex;
 
-use hasync_common::{FlowKey, InstallOutcome, InstallRecord, MemberId, Session};
+use hasync_common::{
+    install::unseen_replica, FlowKey, InstallOutcome, InstallRecord, MemberId, Session,
+};
 
 use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
 
@@ -35,11 +37,16 @@ pub trait SessionTable: Send + 'static {
         now_ns: u64,
     ) -> Result<InstallOutcome, DatapathError>;
 
-    /// Ends a full sync from `owner` that started at `mark_ns`: removes the replicas of
-    /// `owner`'s sessions that the full sync neither installed nor marked
+    /// Of `keys`, removes those that are still replicas of `owner`'s sessions that its full
+    /// sync started at `mark_ns` neither installed nor marked
     /// ([`hasync_common::install::unseen_replica`]: the owner no longer holds them). Returns
     /// how many went.
-    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError>;
+    fn remove_if_unseen(
+        &mut self,
+        keys: &[FlowKey],
+        owner: MemberId,
+        mark_ns: u64,
+    ) -> Result<usize, DatapathError>;
 }
 
 impl SessionTable for Datapath {
@@ -68,8 +75,23 @@ impl SessionTable for Datapath {
         Datapath::install(self, records, reconciling, now_ns)
     }
 
-    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
-        self.prune_unseen(owner, mark_ns)
+    fn remove_if_unseen(
+        &mut self,
+        keys: &[FlowKey],
+        owner: MemberId,
+        mark_ns: u64,
+    ) -> Result<usize, DatapathError> {
+        let mut now = Vec::with_capacity(keys.len());
+        self.read_sessions(keys, &mut now)?;
+        // Read and removed under the caller's hold of the table: no install comes between.
+        // (The fast path may take one over in between; the window is the two calls.)
+        let doomed: Vec<FlowKey> = keys
+            .iter()
+            .zip(&now)
+            .filter(|(_, s)| s.is_some_and(|s| unseen_replica(&s, owner, mark_ns)))
+            .map(|(k, _)| *k)
+            .collect();
+        self.delete_sessions(&doomed)
     }
 }
 
@@ -81,6 +103,18 @@ pub fn walk<T: SessionTable>(
     chunk: u32,
     mut f: impl FnMut(&[FlowKey], &[Session]),
 ) -> Result<(), DatapathError> {
+    walk_while(table, chunk, |k, v| {
+        f(k, v);
+        true
+    })
+}
+
+/// [`walk`], stopping early when `f` returns false.
+pub fn walk_while<T: SessionTable>(
+    table: &Mutex<T>,
+    chunk: u32,
+    mut f: impl FnMut(&[FlowKey], &[Session]) -> bool,
+) -> Result<(), DatapathError> {
     let mut cursor = T::Cursor::default();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     loop {
@@ -90,8 +124,7 @@ pub fn walk<T: SessionTable>(
             &mut values,
             chunk,
         )?;
-        f(&keys, &values);
-        if !more {
+        if !f(&keys, &values) || !more {
             return Ok(());
         }
     }
@@ -199,10 +232,15 @@ impl SessionTable for FakeTable {
         Ok(out)
     }
 
-    fn remove_unseen(&mut self, owner: MemberId, mark_ns: u64) -> Result<usize, DatapathError> {
+    fn remove_if_unseen(
+        &mut self,
+        keys: &[FlowKey],
+        owner: MemberId,
+        mark_ns: u64,
+    ) -> Result<usize, DatapathError> {
         let before = self.entries.len();
         self.entries
-            .retain(|(_, s)| !hasync_common::install::unseen_replica(s, owner, mark_ns));
+            .retain(|(k, s)| !(keys.contains(k) && unseen_replica(s, owner, mark_ns)));
         Ok(before - self.entries.len())
     }
 }

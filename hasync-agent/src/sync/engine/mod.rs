@@ -36,6 +36,7 @@ use super::{
     backoff::Backoff,
     install::ZoneMap,
     outbox::Outbox,
+    stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
     table::SessionTable,
     wire::{Hello, LinkKind},
@@ -109,7 +110,7 @@ impl LinkConn {
 /// A full sync being received. All of it travels on one connection (the sender does not
 /// move data to another link while a full sync is unacknowledged): its frames and its end
 /// count only from that connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct BulkRx {
     /// Its id, increasing per boot of the peer: only its own end ends it, and an older start
     /// read late from another connection is ignored.
@@ -121,6 +122,8 @@ struct BulkRx {
     mark: Option<u64>,
     /// Records of its frames applied so far: its end reconciles only if they are all of them.
     applied: u64,
+    /// With a mark: the peer's replicas it has not carried yet (dropped with the full sync).
+    stale: Option<StaleScan>,
 }
 
 /// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
@@ -413,7 +416,10 @@ impl<T: SessionTable> Engine<T> {
                         g.bulk_wanted |= bulk_lost;
                     }
                     let gen = c.as_ref().map(|c| c.generation);
-                    if g.bulk_rx.is_some_and(|b| Some(b.generation) == gen) {
+                    if g.bulk_rx
+                        .as_ref()
+                        .is_some_and(|b| Some(b.generation) == gen)
+                    {
                         // The full sync it carried is broken: it never ends here, and the
                         // peer starts it over.
                         g.bulk_rx = None;

@@ -14,6 +14,7 @@ use crate::{
     sync::{
         channel::Receiver,
         install::{self, Installed, Installer, MemberSet},
+        stale::StaleScan,
         stats::{LinkStats, PeerStats},
         wire::{Keepalive, LinkKind, Message, Record},
         writer::Writer,
@@ -174,11 +175,14 @@ impl<T: SessionTable> Engine<T> {
                 .links
                 .get(&f.link)
                 .is_some_and(|c| c.generation == f.generation && !c.peer_fresh);
+            let stale = (authoritative && self.reconciles(peer))
+                .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id));
             g.bulk_rx = Some(BulkRx {
                 id: bulk_id,
                 generation: f.generation,
                 mark: authoritative.then(monotonic_ns),
                 applied: 0,
+                stale,
             });
         }
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
@@ -194,7 +198,7 @@ impl<T: SessionTable> Engine<T> {
         let peer = f.peer;
         let ended = {
             let mut g = peer.lock();
-            match g.bulk_rx {
+            match &g.bulk_rx {
                 Some(b) if b.id == bulk_id && b.generation == f.generation => g.bulk_rx.take(),
                 _ => None,
             }
@@ -215,8 +219,8 @@ impl<T: SessionTable> Engine<T> {
                 applied = ended.applied,
                 "full sync from peer ended incomplete: its replicas are not reconciled"
             );
-        } else if let Some(mark) = ended.mark {
-            self.remove_stale_replicas(peer, mark);
+        } else if let (Some(mark), Some(scan)) = (ended.mark, ended.stale) {
+            self.remove_stale_replicas(peer, scan, mark);
         }
         lock(&self.inner.membership).bulk(peer.cfg.id, true);
         self.bulk_received(peer, bulk_id, records);
@@ -257,8 +261,8 @@ impl<T: SessionTable> Engine<T> {
         if seq <= order.last_seq {
             return Ok(Applied::Stale);
         }
-        let running = f.peer.lock().bulk_rx;
-        if bulk && running.is_none_or(|b| b.generation != f.generation) {
+        let running = f.peer.lock().bulk_rx.as_ref().map(|b| b.generation);
+        if bulk && running != Some(f.generation) {
             return Ok(Applied::Superseded);
         }
         if let Err(e) = self.install(f.peer, records, bulk) {
@@ -270,6 +274,9 @@ impl<T: SessionTable> Engine<T> {
             let mut g = f.peer.lock();
             if let Some(b) = g.bulk_rx.as_mut().filter(|b| b.generation == f.generation) {
                 b.applied += records.len() as u64;
+                if let Some(scan) = &b.stale {
+                    scan.carried(records.iter().map(|r| &r.key));
+                }
             }
         }
         Ok(Applied::Done)
@@ -277,14 +284,15 @@ impl<T: SessionTable> Engine<T> {
 
     /// Installs a frame's records into the session table.
     fn install(&self, peer: &Peer, records: &[Record], bulk: bool) -> Result<(), DatapathError> {
-        if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
+        if !self.reconciles(peer) {
             return Ok(());
         }
         let (zones, reconciling) = {
             let g = peer.lock();
             (
                 g.zones.clone(),
-                (bulk && g.bulk_rx.is_some_and(|b| b.mark.is_some())).then_some(peer.cfg.id),
+                (bulk && g.bulk_rx.as_ref().is_some_and(|b| b.mark.is_some()))
+                    .then_some(peer.cfg.id),
             )
         };
         let who = self.installer(peer, bulk, reconciling);
@@ -344,16 +352,16 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Do replicas of `peer`'s sessions live in this member's table at all (both sides sync
+    /// sessions)?
+    fn reconciles(&self, peer: &Peer) -> bool {
+        peer.cfg.session_sync && self.inner.cfg.local_session_sync
+    }
+
     /// After an authoritative full sync from `peer`: drops our replicas of its sessions that it
     /// did not send (it closed or expired them while we could not hear of it).
-    fn remove_stale_replicas(&self, peer: &Peer, mark: u64) {
-        if !peer.cfg.session_sync || !self.inner.cfg.local_session_sync {
-            return;
-        }
-        // One program run walks the whole table in the kernel (measured: 150 ms for 600,000
-        // sessions, with both members of a 2-CPU lab busy with full syncs).
-        let removed =
-            tokio::task::block_in_place(|| lock(&self.inner.dp).remove_unseen(peer.cfg.id, mark));
+    fn remove_stale_replicas(&self, peer: &Peer, scan: StaleScan, mark: u64) {
+        let removed = tokio::task::block_in_place(|| scan.finish(&self.inner.dp, mark));
         match removed {
             Ok(0) => {}
             Ok(n) => {

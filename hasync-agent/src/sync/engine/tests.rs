@@ -210,6 +210,41 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
     );
 }
 
+/// A complete authoritative full sync removes the peer's replica it did not carry (the peer
+/// dropped that session while we could not hear of it), and keeps the one it carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_full_sync_removes_what_it_did_not_carry() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
+        Applied::Done
+    ));
+    std::thread::sleep(Duration::from_millis(5));
+    let ha4 = from(&peer, LinkKind::Ha4, 7);
+    e.on_bulk_start(&ha4, 3);
+    let mut other = upsert(1, 2);
+    other.key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [9, 0, 0, 0], 9, [2, 0, 0, 0], 2).0;
+    assert!(matches!(
+        apply_frame(&e, LinkKind::Ha4, 7, 2, other, true),
+        Applied::Done
+    ));
+    e.on_bulk_end(&ha4, 3, 1);
+    assert_eq!(
+        held(&e),
+        None,
+        "the replica the full sync did not carry stayed"
+    );
+    let dp = e.inner.dp.lock().expect("dp");
+    assert!(
+        dp.session(&other.key).expect("lookup").is_some(),
+        "the carried one went"
+    );
+    assert_eq!(crate::sync::stats::LinkStats::get(&peer.stats.deleted), 1);
+}
+
 /// A full sync whose end announces more records than were applied (frames dropped on the
 /// way) does not remove the replicas it did not mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
