@@ -3,14 +3,20 @@
 //! multicast group. A cable pull is seen as soon as the kernel sees it, and a failure to talk
 //! to the kernel leaves the last known state in place: it never reads as "link down".
 
-use std::{collections::BTreeMap, io, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     link::{LinkAttribute, LinkFlags, LinkMessage},
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 use tokio::sync::watch;
@@ -20,8 +26,11 @@ use tracing::{info, warn};
 const RTNLGRP_LINK: u32 = 1;
 /// Receive buffer for notifications: a burst of changes on a busy host fits.
 const RECV_BUFFER: usize = 1 << 20;
-/// How long to wait before trying again after the socket failed.
+/// How long to wait before trying again after the socket failed (also the longest wait for
+/// a message before looking at whether a dump is due).
 const RETRY: Duration = Duration::from_secs(1);
+/// A dump not ended after this long is given up and asked for again.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One interface as the kernel last described it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,15 +44,31 @@ pub struct Iface {
 /// Interfaces by name.
 pub type Ifaces = BTreeMap<String, Iface>;
 
-/// What one netlink message says.
+/// One message from the routing netlink socket, as far as interface state goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Change {
+pub struct Msg {
+    /// The request it answers (0 for a notification).
+    pub seq: u32,
+    /// The kernel's `NLM_F_*` flags (`NLM_F_DUMP_INTR`: the dump changed under it).
+    pub flags: u16,
+    pub body: Body,
+}
+
+/// What a message says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
     /// An interface exists with this state.
     Present(String, Iface),
     /// The interface at this index is gone.
     Gone(u32),
-    /// A dump ended: what it listed is the whole set.
-    DumpDone,
+    /// A dump ended, with the kernel's code (0: complete).
+    Done(i32),
+    /// The request failed, with this code.
+    Error(i32),
+    /// A message that could not be parsed: its information is lost.
+    Unparsed,
+    /// Anything else (other families, other message types).
+    Other,
 }
 
 /// Why the watcher could not start or stopped reading.
@@ -51,43 +76,57 @@ pub enum Change {
 pub enum NetlinkError {
     #[error("routing netlink socket: {0}")]
     Socket(#[source] io::Error),
-    #[error("malformed netlink message: {0}")]
-    Decode(String),
 }
 
-/// Decodes one datagram from the routing netlink socket into the changes it carries
-/// (messages of other kinds are skipped).
-pub fn decode(mut buf: &[u8]) -> Result<Vec<Change>, NetlinkError> {
+/// Splits one datagram into its messages. A message that does not parse becomes
+/// [`Body::Unparsed`] (one odd attribute must not hide the others' news); a datagram whose
+/// framing is broken ends there, with an [`Body::Unparsed`] for what was lost.
+pub fn decode(mut buf: &[u8]) -> Vec<Msg> {
     let mut out = Vec::new();
     while !buf.is_empty() {
-        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf)
-            .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-        let len = msg.header.length as usize;
-        if len == 0 || len > buf.len() {
-            return Err(NetlinkError::Decode(format!(
-                "message length {len} with {} bytes left",
-                buf.len()
-            )));
-        }
-        match msg.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
-                if let Some(change) = present(&m) {
-                    out.push(change);
-                }
-            }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
-                out.push(Change::Gone(m.header.index));
-            }
-            NetlinkPayload::Done(_) => out.push(Change::DumpDone),
-            _ => {}
-        }
-        // Messages are 4-byte aligned.
+        let Ok(frame) = NetlinkBuffer::new_checked(buf) else {
+            out.push(Msg {
+                seq: 0,
+                flags: 0,
+                body: Body::Unparsed,
+            });
+            break;
+        };
+        let (len, seq, flags) = (
+            frame.length() as usize,
+            frame.sequence_number(),
+            frame.flags(),
+        );
+        let Some(one) = buf.get(..len) else { break };
+        let body = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(one) {
+            Ok(m) => body(m.payload),
+            Err(_) => Body::Unparsed,
+        };
+        out.push(Msg { seq, flags, body });
+        // Messages are 4-byte aligned; `new_checked` guarantees `len` ≥ a header.
         buf = buf.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
-    Ok(out)
+    out
 }
 
-fn present(m: &LinkMessage) -> Option<Change> {
+fn body(payload: NetlinkPayload<RouteNetlinkMessage>) -> Body {
+    // Only AF_UNSPEC link messages describe interfaces: a bridge port's AF_BRIDGE DELLINK
+    // (leaving its bridge) does not mean the interface is gone.
+    let link_family = |m: &LinkMessage| m.header.interface_family == AddressFamily::Unspec;
+    match payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) if link_family(&m) => {
+            present(&m).unwrap_or(Body::Other)
+        }
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) if link_family(&m) => {
+            Body::Gone(m.header.index)
+        }
+        NetlinkPayload::Done(d) => Body::Done(d.code),
+        NetlinkPayload::Error(e) => Body::Error(e.code.map_or(0, |c| c.get())),
+        _ => Body::Other,
+    }
+}
+
+fn present(m: &LinkMessage) -> Option<Body> {
     let mut name = None;
     let mut mtu = None;
     for a in &m.attributes {
@@ -103,57 +142,129 @@ fn present(m: &LinkMessage) -> Option<Change> {
         up: m.header.flags.contains(want),
         mtu,
     };
-    Some(Change::Present(name?, iface))
+    Some(Body::Present(name?, iface))
 }
 
-/// The interface table a sequence of changes builds. A dump in progress collects into a
-/// fresh table that replaces the old one at its end (so interfaces removed while
-/// notifications were lost disappear too).
-#[derive(Debug, Default)]
+/// A dump in flight: what it listed so far.
+#[derive(Debug)]
+struct Dump {
+    seq: u32,
+    started: Instant,
+    table: Ifaces,
+    /// Something was lost or changed under it: it cannot stand for the whole set.
+    dirty: bool,
+}
+
+/// The interface table that the messages build. One dump at a time; a dump becomes the
+/// whole table only if it ended clean (nothing lost, not interrupted), otherwise another is
+/// asked for and the table stays as notifications left it.
+#[derive(Debug)]
 pub struct Tracker {
     current: Ifaces,
-    dumping: Option<Ifaces>,
-    /// At least one dump has ended: the table is known.
+    dump: Option<Dump>,
+    need_dump: bool,
+    /// At least one clean dump has ended: the table is known.
     known: bool,
 }
 
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            current: Ifaces::new(),
+            dump: None,
+            need_dump: true,
+            known: false,
+        }
+    }
+}
+
 impl Tracker {
-    /// A dump starts: what follows until its end is the whole set.
-    pub fn start_dump(&mut self) {
-        self.dumping = Some(Ifaces::new());
+    /// Should a dump be asked for now (one is needed and none is in flight)? A dump whose
+    /// end never came (lost in an overflow) is given up after [`DUMP_TIMEOUT`].
+    pub fn wants_dump(&mut self) -> bool {
+        if self
+            .dump
+            .as_ref()
+            .is_some_and(|d| d.started.elapsed() > DUMP_TIMEOUT)
+        {
+            self.dump = None;
+            self.need_dump = true;
+        }
+        self.need_dump && self.dump.is_none()
     }
 
-    /// Applies `changes`; true when the known table changed.
-    pub fn apply(&mut self, changes: Vec<Change>) -> bool {
+    /// A dump was asked for with `seq`.
+    pub fn dump_started(&mut self, seq: u32) {
+        self.need_dump = false;
+        self.dump = Some(Dump {
+            seq,
+            started: Instant::now(),
+            table: Ifaces::new(),
+            dirty: false,
+        });
+    }
+
+    /// Messages were lost (the socket overflowed, or could not be read): the table must be
+    /// read again whole.
+    pub fn lost(&mut self) {
+        self.need_dump = true;
+        if let Some(d) = self.dump.as_mut() {
+            d.dirty = true;
+        }
+    }
+
+    /// Applies `msgs`; true when the known table changed.
+    pub fn apply(&mut self, msgs: Vec<Msg>) -> bool {
         let before = self.known().cloned();
-        for c in changes {
-            match c {
-                Change::Present(name, iface) => {
-                    if let Some(d) = self.dumping.as_mut() {
-                        d.insert(name.clone(), iface);
-                    }
-                    // A rename: the old name no longer exists.
-                    self.current.retain(|_, i| i.index != iface.index);
-                    self.current.insert(name, iface);
-                }
-                Change::Gone(index) => {
-                    self.current.retain(|_, i| i.index != index);
-                    if let Some(d) = self.dumping.as_mut() {
-                        d.retain(|_, i| i.index != index);
-                    }
-                }
-                Change::DumpDone => {
-                    if let Some(d) = self.dumping.take() {
-                        self.current = d;
-                        self.known = true;
-                    }
-                }
-            }
+        for m in msgs {
+            self.apply_one(m);
         }
         before.as_ref() != self.known()
     }
 
-    /// The table, once a dump has ended.
+    fn apply_one(&mut self, m: Msg) {
+        let ours = self
+            .dump
+            .as_ref()
+            .is_some_and(|d| d.seq == m.seq && m.seq != 0);
+        if ours && m.flags & NLM_F_DUMP_INTR != 0 {
+            self.lost();
+        }
+        match m.body {
+            Body::Present(name, iface) => {
+                if let Some(d) = self.dump.as_mut().filter(|_| ours) {
+                    d.table.insert(name.clone(), iface);
+                }
+                // A rename: the old name no longer exists.
+                self.current.retain(|_, i| i.index != iface.index);
+                self.current.insert(name, iface);
+            }
+            Body::Gone(index) => {
+                self.current.retain(|_, i| i.index != index);
+                if let Some(d) = self.dump.as_mut() {
+                    d.table.retain(|_, i| i.index != index);
+                }
+            }
+            Body::Done(code) if ours => {
+                if let Some(d) = self.dump.take() {
+                    if code == 0 && !d.dirty {
+                        self.current = d.table;
+                        self.known = true;
+                    } else {
+                        self.need_dump = true;
+                    }
+                }
+            }
+            Body::Error(code) if ours && code != 0 => {
+                self.dump = None;
+                self.need_dump = true;
+            }
+            Body::Unparsed => self.lost(),
+            Body::Done(_) | Body::Error(_) | Body::Other => {}
+        }
+    }
+
+    /// The table, once a clean dump has ended.
     pub fn known(&self) -> Option<&Ifaces> {
         self.known.then_some(&self.current)
     }
@@ -211,8 +322,7 @@ fn dump_request(seq: u32) -> Vec<u8> {
     buf
 }
 
-async fn request_dump(socket: &mut TokioSocket, tracker: &mut Tracker, seq: u32) -> io::Result<()> {
-    tracker.start_dump();
+async fn request_dump(socket: &TokioSocket, seq: u32) -> io::Result<()> {
     let kernel = SocketAddr::new(0, 0);
     socket
         .send_to(&dump_request(seq), &kernel)
@@ -220,49 +330,45 @@ async fn request_dump(socket: &mut TokioSocket, tracker: &mut Tracker, seq: u32)
         .map(|_| ())
 }
 
-async fn read_loop(mut socket: TokioSocket, tx: watch::Sender<Option<Arc<Ifaces>>>) {
+async fn read_loop(socket: TokioSocket, tx: watch::Sender<Option<Arc<Ifaces>>>) {
     let mut tracker = Tracker::default();
-    let mut seq = 1;
-    let mut need_dump = true;
+    let mut seq: u32 = 0;
     let mut failing = false;
     loop {
-        if need_dump {
-            match request_dump(&mut socket, &mut tracker, seq).await {
-                Ok(()) => need_dump = false,
-                Err(e) => {
-                    warn!(error = %e, "asking the kernel for the interfaces failed; keeping the last known state");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
-                }
-            }
-            seq = seq.wrapping_add(1);
-        }
-        let changes = match socket.recv_from_full().await {
-            Ok((buf, _)) => decode(&buf),
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                // Notifications were lost: the state is read again whole.
-                info!("interface notifications overflowed; reading the interfaces again");
-                need_dump = true;
+        if tracker.wants_dump() {
+            seq = seq.wrapping_add(1).max(1);
+            if let Err(e) = request_dump(&socket, seq).await {
+                warn!(error = %e, "asking the kernel for the interfaces failed; keeping the last known state");
+                tokio::time::sleep(RETRY).await;
                 continue;
             }
-            Err(e) => Err(NetlinkError::Socket(e)),
+            tracker.dump_started(seq);
+        }
+        let Ok(received) = tokio::time::timeout(RETRY, socket.recv_from_full()).await else {
+            continue;
         };
-        match changes {
-            Ok(changes) => {
+        match received {
+            // Only the kernel (port 0) speaks for the interfaces.
+            Ok((_, from)) if from.port_number() != 0 => continue,
+            Ok((buf, _)) => {
                 failing = false;
-                if tracker.apply(changes) {
+                if tracker.apply(decode(&buf)) {
                     let table = tracker.known().map(|t| Arc::new(t.clone()));
                     if tx.send(table).is_err() {
                         return;
                     }
                 }
             }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                info!("interface notifications overflowed; reading the interfaces again");
+                tracker.lost();
+            }
             Err(e) => {
                 if !failing {
                     warn!(error = %e, "reading interface state failed; keeping the last known state");
                 }
                 failing = true;
-                need_dump = true;
+                tracker.lost();
                 tokio::time::sleep(RETRY).await;
             }
         }
@@ -301,92 +407,153 @@ mod tests {
         LinkFlags::Up | LinkFlags::Running
     }
 
-    /// A datagram with several messages decodes to each one's change, in order; "up" needs
-    /// both the administrative flag and the carrier.
+    fn iface(index: u32, up: bool) -> Iface {
+        Iface {
+            index,
+            up,
+            mtu: Some(1500),
+        }
+    }
+
+    /// A datagram with several messages decodes to each one's body, in order; "up" needs
+    /// both the administrative flag and the carrier; a bridge-family DELLINK (a port leaving
+    /// its bridge) is not an interface going away.
     #[test]
-    fn a_datagram_decodes_to_its_changes() {
+    fn a_datagram_decodes_to_its_messages() {
         let mut gone = LinkMessage::default();
         gone.header.index = 7;
+        let mut bridge = LinkMessage::default();
+        bridge.header.index = 3;
+        bridge.header.interface_family = AddressFamily::Bridge;
         let buf = bytes(vec![
             NetlinkPayload::from(link(3, "ha4", up())),
             NetlinkPayload::from(link(4, "ha4b", LinkFlags::Up)),
             NetlinkPayload::from(RouteNetlinkMessage::DelLink(gone)),
+            NetlinkPayload::from(RouteNetlinkMessage::DelLink(bridge)),
         ]);
-        let changes = decode(&buf).expect("decode");
+        let bodies: Vec<Body> = decode(&buf).into_iter().map(|m| m.body).collect();
         assert_eq!(
-            changes,
+            bodies,
             vec![
-                Change::Present(
-                    "ha4".into(),
-                    Iface {
-                        index: 3,
-                        up: true,
-                        mtu: Some(1500)
-                    }
-                ),
-                Change::Present(
-                    "ha4b".into(),
-                    Iface {
-                        index: 4,
-                        up: false,
-                        mtu: Some(1500)
-                    }
-                ),
-                Change::Gone(7),
+                Body::Present("ha4".into(), iface(3, true)),
+                Body::Present("ha4b".into(), iface(4, false)),
+                Body::Gone(7),
+                Body::Other,
             ]
         );
     }
 
-    /// Truncated or garbage input is an error naming the problem, never a panic or an empty
-    /// (all-down) table.
+    /// Truncated or garbage input decodes to "something was lost", never a panic, an empty
+    /// (all-down) table or a made-up interface.
     #[test]
-    fn garbage_is_an_error() {
+    fn garbage_is_unparsed() {
         let buf = bytes(vec![NetlinkPayload::from(link(3, "ha4", up()))]);
         for cut in [1, 8, 15, buf.len() - 1] {
-            let r = decode(&buf[..cut]);
-            assert!(r.is_err(), "{cut} bytes: {r:?}");
+            let msgs = decode(&buf[..cut]);
+            assert!(
+                msgs.iter().all(|m| m.body == Body::Unparsed) && !msgs.is_empty(),
+                "{cut} bytes: {msgs:?}"
+            );
         }
-        assert!(decode(&[0xff; 64]).is_err());
+        assert!(decode(&[0xff; 64]).iter().all(|m| m.body == Body::Unparsed));
     }
 
-    /// Nothing is known before the first dump ends; notifications then change the table; a
-    /// later dump drops what it no longer lists; a rename drops the old name.
+    fn msg(seq: u32, body: Body) -> Msg {
+        Msg {
+            seq,
+            flags: 0,
+            body,
+        }
+    }
+
+    /// Nothing is known before the first clean dump ends; notifications then change the
+    /// table; a later dump drops what it no longer lists; a rename drops the old name.
     #[test]
     fn the_tracker_follows_dumps_and_notifications() {
-        let iface = |index, up| Iface {
-            index,
-            up,
-            mtu: Some(1500),
-        };
         let mut t = Tracker::default();
-        t.start_dump();
-        assert!(!t.apply(vec![Change::Present("a".into(), iface(1, true))]));
+        assert!(t.wants_dump());
+        t.dump_started(1);
+        assert!(!t.wants_dump(), "one dump at a time");
+        assert!(!t.apply(vec![msg(1, Body::Present("a".into(), iface(1, true)))]));
         assert_eq!(t.known(), None, "no table before the dump ends");
         assert!(t.apply(vec![
-            Change::Present("b".into(), iface(2, true)),
-            Change::DumpDone
+            msg(1, Body::Present("b".into(), iface(2, true))),
+            msg(1, Body::Done(0))
         ]));
         assert_eq!(t.known().map(|k| k.len()), Some(2));
-        assert!(t.apply(vec![Change::Present("b".into(), iface(2, false))]));
+        assert!(t.apply(vec![msg(0, Body::Present("b".into(), iface(2, false)))]));
         assert_eq!(
             t.known().and_then(|k| k.get("b")).map(|i| i.up),
             Some(false)
         );
-        assert!(!t.apply(vec![Change::Present("b".into(), iface(2, false))]));
-        assert!(t.apply(vec![Change::Present("c".into(), iface(2, true))]));
+        assert!(!t.apply(vec![msg(0, Body::Present("b".into(), iface(2, false)))]));
+        assert!(t.apply(vec![msg(0, Body::Present("c".into(), iface(2, true)))]));
         assert!(t.known().is_some_and(|k| !k.contains_key("b")), "renamed");
-        t.start_dump();
+        t.lost();
+        assert!(t.wants_dump());
+        t.dump_started(2);
         assert!(t.apply(vec![
-            Change::Present("c".into(), iface(2, true)),
-            Change::DumpDone
+            msg(2, Body::Present("c".into(), iface(2, true))),
+            msg(2, Body::Done(0))
         ]));
         assert_eq!(
             t.known().map(|k| k.keys().cloned().collect::<Vec<_>>()),
             Some(vec!["c".to_owned()]),
             "a dropped from the table by the new dump"
         );
-        assert!(t.apply(vec![Change::Gone(2)]));
+        assert!(t.apply(vec![msg(0, Body::Gone(2))]));
         assert_eq!(t.known().map(|k| k.len()), Some(0));
+    }
+
+    /// A dump that lost something (overflow while it ran, an interrupted dump, a message that
+    /// did not parse, an error at its end) never becomes the table: the table keeps what it
+    /// had and another dump is asked for once this one is over.
+    #[test]
+    fn a_dirty_dump_is_not_taken_for_the_whole_table() {
+        let known = |t: &Tracker| t.known().map(|k| k.keys().cloned().collect::<Vec<_>>());
+        let mut t = Tracker::default();
+        t.dump_started(1);
+        t.apply(vec![
+            msg(1, Body::Present("ha4".into(), iface(1, true))),
+            msg(1, Body::Present("ha4b".into(), iface(2, true))),
+            msg(1, Body::Done(0)),
+        ]);
+        let whole = Some(vec!["ha4".to_owned(), "ha4b".to_owned()]);
+        assert_eq!(known(&t), whole);
+        let dirty: [&dyn Fn(&mut Tracker); 4] = [
+            &|t| t.lost(),
+            &|t| {
+                t.apply(vec![Msg {
+                    seq: 2,
+                    flags: NLM_F_DUMP_INTR,
+                    body: Body::Other,
+                }]);
+            },
+            &|t| {
+                t.apply(vec![msg(2, Body::Unparsed)]);
+            },
+            &|_| {},
+        ];
+        for (i, spoil) in dirty.iter().enumerate() {
+            assert!(t.wants_dump() || i == 0, "case {i}");
+            t.need_dump = true;
+            t.dump_started(2);
+            t.apply(vec![msg(2, Body::Present("ha4".into(), iface(1, true)))]);
+            spoil(&mut t);
+            let code = if i == 3 { -16 } else { 0 };
+            t.apply(vec![msg(2, Body::Done(code))]);
+            assert_eq!(
+                known(&t),
+                whole,
+                "case {i}: a partial dump became the table"
+            );
+            assert!(t.wants_dump(), "case {i}: no new dump asked for");
+        }
+        // An error answer to the request ends it; another is asked for.
+        t.dump_started(3);
+        t.apply(vec![msg(3, Body::Error(-16))]);
+        assert!(t.wants_dump());
+        assert_eq!(known(&t), whole);
     }
 
     /// Against the kernel: the loopback interface is listed, up, with its index.

@@ -388,6 +388,23 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
         values: &mut Vec<V>,
         max: u32,
     ) -> Result<bool, BatchError> {
+        let r = self.fill_batch(cursor, keys, values, max);
+        if r.is_err() {
+            // Nothing half-read is left for a caller to take as sessions.
+            keys.clear();
+            values.clear();
+        }
+        r
+    }
+
+    /// [`Self::lookup_batch`], leaving `keys`/`values` as they are on error.
+    fn fill_batch(
+        &self,
+        cursor: &mut BatchCursor,
+        keys: &mut Vec<K>,
+        values: &mut Vec<V>,
+        max: u32,
+    ) -> Result<bool, BatchError> {
         const OP: BatchOp = BatchOp::Lookup;
         keys.clear();
         values.clear();

@@ -288,7 +288,8 @@ impl Runner<'_> {
             "fw{k} refusals while fw{third}'s address spoke: {refused:?}"
         ));
         // While fw`third` was down, the members its flows pass through took them over (a
-        // takeover by traffic, as HA wants): those flows may have changed owner.
+        // takeover by traffic, as HA wants): at each member, the flows it held as fw`third`'s
+        // may have changed owner; everything else must be as it was.
         let taken = invariants::keys_owned_by(&before, third);
         let changed = invariants::changes(
             &invariants::without(&before, &taken),

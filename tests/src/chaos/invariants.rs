@@ -186,20 +186,25 @@ fn row_key(r: &Row) -> RowKey {
     (r.proto.clone(), r.src, r.sport, r.dst, r.dport)
 }
 
-/// The 5-tuples that any member of `snap` holds as owned by `owner`.
-pub fn keys_owned_by(snap: &Snapshot, owner: u8) -> BTreeSet<RowKey> {
-    snap.values()
-        .flatten()
-        .filter(|r| r.owner == owner)
-        .map(row_key)
+/// Per member of `snap`: the 5-tuples it holds as owned by `owner`.
+pub fn keys_owned_by(snap: &Snapshot, owner: u8) -> BTreeMap<u8, BTreeSet<RowKey>> {
+    snap.iter()
+        .map(|(&k, t)| {
+            let keys = t.iter().filter(|r| r.owner == owner).map(row_key);
+            (k, keys.collect())
+        })
         .collect()
 }
 
-/// `snap` without the sessions whose 5-tuple is in `keys`.
-pub fn without(snap: &Snapshot, keys: &BTreeSet<RowKey>) -> Snapshot {
+/// `snap` without, in each member's table, the sessions whose 5-tuple `keys` lists for that
+/// member.
+pub fn without(snap: &Snapshot, keys: &BTreeMap<u8, BTreeSet<RowKey>>) -> Snapshot {
     snap.iter()
         .map(|(&k, t)| {
-            let kept = t.iter().filter(|r| !keys.contains(&row_key(r)));
+            let skip = keys.get(&k);
+            let kept = t
+                .iter()
+                .filter(|r| !skip.is_some_and(|s| s.contains(&row_key(r))));
             (k, kept.cloned().collect())
         })
         .collect()

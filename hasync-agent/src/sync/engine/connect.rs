@@ -27,6 +27,15 @@ use crate::{
     },
 };
 
+/// The wait before dialling again after `refused` refusals in a row: [`REDIAL`], doubling
+/// from the second refusal up to [`REDIAL_REFUSED_MAX`].
+fn redial_after(refused: u32) -> Duration {
+    let doubled = REDIAL.saturating_mul(1 << refused.saturating_sub(1).min(6));
+    doubled.min(REDIAL_REFUSED_MAX)
+}
+
+/// The longest wait between dials to a peer that keeps refusing.
+const REDIAL_REFUSED_MAX: Duration = Duration::from_secs(8);
 /// How long a handshake plus hello may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TCP connect may take. Short: a connect started while the link was cut waits out
@@ -272,6 +281,10 @@ impl<T: SessionTable> Engine<T> {
             return;
         };
         let remote = SocketAddr::new(remote, self.inner.cfg.port);
+        // Connections the peer took and then refused (another key, another config, a live
+        // link there): each cost it a handshake, so they are retried ever more slowly. A
+        // connect that found no one costs nothing and is retried at once.
+        let mut refused = 0u32;
         loop {
             let up = lock(&self.inner.local_up)
                 .get(&link)
@@ -284,13 +297,21 @@ impl<T: SessionTable> Engine<T> {
                             .check_hello(&conn.hello, link, remote, peer.cfg.id)
                             .is_some()
                         {
+                            refused = 0;
                             self.attach(peer.clone(), link, conn, remote);
+                        } else {
+                            refused = refused.saturating_add(1);
                         }
                     }
-                    Err(e) => self.reject(remote, link, &e),
+                    Err(e) => {
+                        if !matches!(e, ChannelError::Io(_)) {
+                            refused = refused.saturating_add(1);
+                        }
+                        self.reject(remote, link, &e);
+                    }
                 }
             }
-            tokio::time::sleep(REDIAL).await;
+            tokio::time::sleep(redial_after(refused)).await;
         }
     }
 
@@ -496,5 +517,21 @@ fn count_sent(stats: &LinkStats, msg: &Message, bytes: usize) {
         Message::Ack { .. } => LinkStats::add(&stats.acks_sent, 1),
         Message::Keepalive(_) => LinkStats::add(&stats.keepalives_sent, 1),
         Message::Hello(_) | Message::BulkStart { .. } | Message::BulkEnd { .. } => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Refusals slow the dialler down, doubling up to a bound; no refusal (nobody answered,
+    /// or the last attempt succeeded) keeps it at the quick pace a heal needs.
+    #[test]
+    fn refusals_back_the_dialler_off_up_to_a_bound() {
+        let ms = |n| redial_after(n).as_millis();
+        assert_eq!(
+            [0, 1, 2, 3, 4, 5, 6, 7, 1000].map(ms),
+            [250, 250, 500, 1000, 2000, 4000, 8000, 8000, 8000]
+        );
     }
 }
