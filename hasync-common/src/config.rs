@@ -17,8 +17,10 @@ pub enum Policy {
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MalformedAction {
+    /// Drop it (the default).
     #[default]
     Drop = 0,
+    /// Pass it, untracked.
     Pass = 1,
 }
 
@@ -31,11 +33,14 @@ pub struct DatapathConfig {
     pub timeouts_ns: [u64; STATE_COUNT],
     /// Minimum interval between two refresh events of one session, in nanoseconds.
     pub refresh_interval_ns: u64,
+    /// This member's id, owner of the sessions it creates; [`MemberId::NONE`] until the agent
+    /// configures the datapath.
     pub local_member: MemberId,
     /// A [`Policy`] as `u8`.
     pub policy: u8,
     /// A [`MalformedAction`] as `u8`.
     pub malformed: u8,
+    /// Padding; zero.
     pub _pad: [u8; 5],
 }
 crate::assert_size!(DatapathConfig, 80);

@@ -9,6 +9,7 @@ macro_rules! counters {
         pub enum Counter { $( $(#[$doc])* $variant, )+ }
 
         impl Counter {
+            /// Every counter, in index order.
             pub const ALL: &'static [Counter] = &[ $( Counter::$variant, )+ ];
 
             /// Stable name used by `show counters`, metrics and tests.
@@ -105,6 +106,7 @@ pub const COUNTER_COUNT: usize = Counter::ALL.len();
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Counters {
+    /// One value per [`Counter`], indexed by `Counter as usize`.
     pub values: [u64; COUNTER_COUNT],
 }
 crate::assert_size!(Counters, COUNTER_COUNT * 8);
@@ -126,11 +128,13 @@ impl Counters {
         }
     }
 
+    /// Adds 1 to counter `c`.
     #[inline(always)]
     pub fn inc(&mut self, c: Counter) {
         self.add(c, 1)
     }
 
+    /// Value of counter `c`.
     pub fn get(&self, c: Counter) -> u64 {
         self.values.get(c as usize).copied().unwrap_or(0)
     }

@@ -6,7 +6,9 @@ use crate::{flow::FlowKey, session::Session};
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
+    /// A packet without a live session created one.
     Created = 1,
+    /// The session's state changed (other than to `Closed`).
     StateChanged = 2,
     /// TCP reached `Closed` (both FINs or a RST).
     Closed = 3,
@@ -17,6 +19,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The kind whose `u8` value is `v`, if any.
     pub const fn from_u8(v: u8) -> Option<EventKind> {
         Some(match v {
             1 => EventKind::Created,
@@ -28,6 +31,7 @@ impl EventKind {
         })
     }
 
+    /// Name used in logs.
     pub const fn name(self) -> &'static str {
         match self {
             EventKind::Created => "created",
@@ -43,10 +47,13 @@ impl EventKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Event {
+    /// Key of the session.
     pub key: FlowKey,
+    /// The session after the change.
     pub session: Session,
     /// An [`EventKind`] as `u8`.
     pub kind: u8,
+    /// Padding; zero.
     pub _pad: [u8; 7],
 }
 crate::assert_size!(Event, 120);

@@ -5,13 +5,19 @@
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
+    /// IPv4.
     V4 = 4,
+    /// IPv6.
     V6 = 6,
 }
 
+/// IP protocol number of ICMP.
 pub const IPPROTO_ICMP: u8 = 1;
+/// IP protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
 pub const IPPROTO_UDP: u8 = 17;
+/// IP protocol number of ICMPv6.
 pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Canonical flow key. Addresses are kept as the packet carries them (network byte order);
@@ -23,13 +29,19 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowKey {
+    /// Address of the lower endpoint, network byte order.
     pub addr_lo: [u32; 4],
+    /// Address of the higher endpoint, network byte order.
     pub addr_hi: [u32; 4],
+    /// Port of the lower endpoint, network byte order.
     pub port_lo: u16,
+    /// Port of the higher endpoint, network byte order.
     pub port_hi: u16,
+    /// IP protocol number (`IPPROTO_*`).
     pub proto: u8,
     /// 4 or 6 (see [`Family`]).
     pub family: u8,
+    /// Padding; zero.
     pub _pad: [u8; 2],
 }
 crate::assert_size!(FlowKey, 40);

@@ -18,10 +18,12 @@
 pub struct MemberId(pub u8);
 
 impl MemberId {
+    /// No member (an unconfigured datapath).
     pub const NONE: MemberId = MemberId(0);
     /// Highest member id a cluster may use.
     pub const MAX: u8 = 16;
 
+    /// Is this an id a cluster may use (1–[`MAX`](Self::MAX))?
     #[inline(always)]
     pub const fn is_valid(self) -> bool {
         self.0 >= 1 && self.0 <= Self::MAX
@@ -47,6 +49,7 @@ impl MemberId {
 pub struct ZoneId(pub u16);
 
 impl ZoneId {
+    /// No zone.
     pub const NONE: ZoneId = ZoneId(0);
 }
 

@@ -30,12 +30,14 @@ pub enum InstallOp {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct InstallRecord {
+    /// Key of the session.
     pub key: FlowKey,
     /// The session as it would be installed (zone and clock already local). For a delete,
     /// only `owner` counts: the member that no longer holds it.
     pub session: Session,
     /// An [`InstallOp`] as `u8`.
     pub op: u8,
+    /// Padding; zero.
     pub _pad: [u8; 7],
 }
 crate::assert_size!(InstallRecord, 120);
@@ -49,6 +51,7 @@ pub struct InstallHeader {
     /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
     /// kept as they are get marked as seen (see [`Resolution::Mark`]).
     pub reconciling: MemberId,
+    /// Padding; zero.
     pub _pad: [u8; 3],
     /// Now, on the session clock (the mark).
     pub now_ns: u64,
@@ -63,15 +66,18 @@ crate::assert_size!(InstallHeader, 32);
 pub struct InstallOutcome {
     /// Sessions inserted or replaced.
     pub installed: u32,
+    /// Sessions removed by a delete.
     pub deleted: u32,
     /// Records that lost to the local copy (including deletes of sessions not held by the
     /// sender, and replicas marked as seen by a full sync).
     pub kept: u32,
+    /// Padding; zero.
     pub _pad: u32,
 }
 crate::assert_size!(InstallOutcome, 16);
 
 impl InstallOutcome {
+    /// Adds the counts of `o` (one batch) to these.
     pub fn add(&mut self, o: &InstallOutcome) {
         self.installed += o.installed;
         self.deleted += o.deleted;
@@ -102,9 +108,13 @@ crate::assert_size!(ReadHeader, 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ReadSlot {
+    /// Key to look up.
     pub key: FlowKey,
+    /// Written by the program: the session, when found.
     pub session: Session,
+    /// Written by the program: 1 when the table holds the key.
     pub found: u8,
+    /// Padding; zero.
     pub _pad: [u8; 7],
 }
 crate::assert_size!(ReadSlot, 120);
@@ -197,6 +207,13 @@ pub fn resolve(
         return Resolution::Mark;
     }
     Resolution::Keep
+}
+
+/// Is `s` a replica of `owner`'s session that the full sync started at `mark_ns` neither
+/// installed nor marked (so `owner` no longer holds it)?
+#[inline(always)]
+pub fn unseen_replica(s: &Session, owner: MemberId, mark_ns: u64) -> bool {
+    s.owner.0 == owner.0 && s.flags.has(crate::SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
 }
 
 #[cfg(test)]
@@ -340,11 +357,4 @@ mod tests {
             Resolution::Replace
         );
     }
-}
-
-/// Is `s` a replica of `owner`'s session that the full sync started at `mark_ns` neither
-/// installed nor marked (so `owner` no longer holds it)?
-#[inline(always)]
-pub fn unseen_replica(s: &Session, owner: MemberId, mark_ns: u64) -> bool {
-    s.owner.0 == owner.0 && s.flags.has(crate::SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
 }

@@ -4,6 +4,7 @@
 //! the kernel and userspace read the same bytes. Userspace-only impls live behind the `user`
 //! feature.
 #![no_std]
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod counters;

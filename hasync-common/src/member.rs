@@ -7,6 +7,7 @@ pub struct MemberEntry {
     /// 1 when the member is alive (keepalives arriving), 0 otherwise. A session whose owner is
     /// not alive is taken over by the member that sees its traffic.
     pub alive: u8,
+    /// Padding; zero.
     pub _pad: [u8; 7],
 }
 crate::assert_size!(MemberEntry, 8);

@@ -30,6 +30,7 @@ pub enum State {
 pub const STATE_COUNT: usize = 8;
 
 impl State {
+    /// Every state, in `u8` order.
     pub const ALL: [State; STATE_COUNT] = [
         State::SynSent,
         State::SynRecv,
@@ -41,6 +42,7 @@ impl State {
         State::IcmpEcho,
     ];
 
+    /// The state whose `u8` value is `v`, if any.
     #[inline(always)]
     pub const fn from_u8(v: u8) -> Option<State> {
         Some(match v {
@@ -110,6 +112,7 @@ impl SessionFlags {
     /// Ownership was taken over from a member that was no longer alive.
     pub const TAKEN_OVER: u16 = 1 << 3;
 
+    /// Is `bit` (one of the constants above) set?
     #[inline(always)]
     pub const fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
@@ -118,6 +121,7 @@ impl SessionFlags {
 
 /// Packet direction relative to the session's initiator.
 pub const DIR_ORIGINAL: usize = 0;
+/// Reply direction: from the responder to the initiator.
 pub const DIR_REPLY: usize = 1;
 
 /// The value of a SESSIONS entry.
@@ -127,7 +131,9 @@ pub const DIR_REPLY: usize = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Session {
+    /// When the session was created, in ns.
     pub created_ns: u64,
+    /// When its last packet was seen, in ns; the idle timeout counts from here.
     pub last_seen_ns: u64,
     /// When the last event for this session went to userspace; rate-limits refresh events.
     pub last_event_ns: u64,
@@ -139,12 +145,15 @@ pub struct Session {
     pub version: u32,
     /// Zone the session was created in.
     pub zone: ZoneId,
+    /// [`SessionFlags`] bits.
     pub flags: SessionFlags,
+    /// Member that owns the session: the one that created it or took it over.
     pub owner: MemberId,
     /// A [`State`] as `u8`.
     pub state: u8,
     /// TCP flags seen per direction (OR of every segment's flags).
     pub tcp_flags: [u8; 2],
+    /// Padding; zero.
     pub _pad: [u8; 4],
 }
 crate::assert_size!(Session, 72);
@@ -155,11 +164,17 @@ const _: () = assert!(
 
 /// TCP header flag bits, as in the 14th byte of the TCP header.
 pub mod tcp {
+    /// FIN: the sender has no more data.
     pub const FIN: u8 = 0x01;
+    /// SYN: opens a connection.
     pub const SYN: u8 = 0x02;
+    /// RST: resets the connection.
     pub const RST: u8 = 0x04;
+    /// PSH: push the data to the application.
     pub const PSH: u8 = 0x08;
+    /// ACK: the acknowledgment number is valid.
     pub const ACK: u8 = 0x10;
+    /// URG: the urgent pointer is valid.
     pub const URG: u8 = 0x20;
 }
 

@@ -68,7 +68,7 @@ fn each_item<H, T>(
         if i >= count {
             break;
         }
-        let offset = size_of::<H>() + i * size_of::<T>();
+        let offset = size_of::<H>().wrapping_add(i.wrapping_mul(size_of::<T>()));
         let Some(item) = load::<T>(ctx, offset) else {
             return false;
         };
@@ -96,7 +96,7 @@ pub fn read(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let mut found = 0;
+    let mut found: u32 = 0;
     let done = each_item::<ReadHeader, ReadSlot>(
         ctx,
         header.count as usize,
@@ -110,7 +110,7 @@ pub fn read(ctx: &XdpContext) -> u32 {
             // the map sees.
             slot.session = unsafe { *s };
             slot.found = 1;
-            found += 1;
+            found = found.wrapping_add(1);
             store(ctx, offset, &mut slot)
         },
     );
@@ -157,20 +157,20 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
                     BPF_EXIST
                 };
                 if SESSIONS.insert(rec.key, rec.session, flag as u64).is_ok() {
-                    out.installed += 1;
+                    out.installed = out.installed.wrapping_add(1);
                     return;
                 }
             }
             Resolution::Delete => {
                 if SESSIONS.remove(rec.key).is_ok() {
-                    out.deleted += 1;
+                    out.deleted = out.deleted.wrapping_add(1);
                 } else {
-                    out.kept += 1;
+                    out.kept = out.kept.wrapping_add(1);
                 }
                 return;
             }
             Resolution::Keep => {
-                out.kept += 1;
+                out.kept = out.kept.wrapping_add(1);
                 return;
             }
             Resolution::Mark => {
@@ -179,11 +179,11 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
                     // agent and fast path write it.
                     unsafe { (*p).last_event_ns = h.now_ns };
                 }
-                out.kept += 1;
+                out.kept = out.kept.wrapping_add(1);
                 return;
             }
         }
     }
     // Twice raced, or the table refused the entry: the local copy stays.
-    out.kept += 1;
+    out.kept = out.kept.wrapping_add(1);
 }

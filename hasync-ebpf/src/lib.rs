@@ -1,6 +1,13 @@
 //! hasync's XDP fast path as a library, so the product program (`main.rs`) and the bench-only
 //! program (`bin/fastpath-bench.rs`) run exactly the same code.
 #![no_std]
+// The verifier refuses a reachable panic, and overflow checks are off in this crate's
+// profiles: indexing, arithmetic and panics are ruled out here instead, by the linter.
+#![deny(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::panic
+)]
 
 pub mod install;
 pub mod maps;

@@ -1,6 +1,11 @@
 //! The hasync XDP programs: entry points only; the logic lives in the library modules.
 #![no_std]
 #![no_main]
+#![deny(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::panic
+)]
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use hasync_ebpf::{

@@ -65,8 +65,8 @@ impl Frame {
     /// The `N` bytes at `off`, or `None` when they would run past the frame.
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        let at = self.start + off;
-        if at + N > self.end {
+        let at = self.start.wrapping_add(off);
+        if at.wrapping_add(N) > self.end {
             return None;
         }
         // SAFETY: the N bytes at `at` lie inside the frame (checked above); unaligned read
@@ -76,7 +76,7 @@ impl Frame {
 
     #[inline(always)]
     fn len(&self) -> u64 {
-        (self.end - self.start) as u64
+        self.end.wrapping_sub(self.start) as u64
     }
 }
 
@@ -94,7 +94,7 @@ fn raw16(b0: u8, b1: u8) -> u16 {
 /// A 32-bit field kept in network byte order.
 #[inline(always)]
 fn raw32(b: &[u8], at: usize) -> u32 {
-    match b.get(at..at + 4) {
+    match b.get(at..at.wrapping_add(4)) {
         Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
         _ => 0,
     }
@@ -132,13 +132,13 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             return Parsed::Malformed(Counter::ErrVlanTruncated);
         };
         ethertype = be16(tag[2], tag[3]);
-        l3 += 4;
+        l3 = l3.wrapping_add(4);
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             let Some(tag) = frame.read::<4>(l3) else {
                 return Parsed::Malformed(Counter::ErrVlanTruncated);
             };
             ethertype = be16(tag[2], tag[3]);
-            l3 += 4;
+            l3 = l3.wrapping_add(4);
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
                 return Parsed::Malformed(Counter::ErrVlanTooDeep);
             }
@@ -163,12 +163,12 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     if h[0] >> 4 != 4 {
         return Err(Parsed::Malformed(Counter::ErrIpv4Version));
     }
-    let hlen = ((h[0] & 0x0f) as usize) * 4;
+    let hlen = ((h[0] & 0x0f) as usize).wrapping_mul(4);
     if hlen < 20 {
         return Err(Parsed::Malformed(Counter::ErrIpv4Ihl));
     }
     let total = be16(h[2], h[3]) as usize;
-    if total < hlen || (off + total) as u64 > frame.len() {
+    if total < hlen || off.wrapping_add(total) as u64 > frame.len() {
         return Err(Parsed::Malformed(Counter::ErrIpv4TotalLen));
     }
     let frag = be16(h[6], h[7]);
@@ -186,8 +186,8 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         proto: h[9],
         src: [raw32(&h, 12), 0, 0, 0],
         dst: [raw32(&h, 16), 0, 0, 0],
-        l4: off + hlen,
-        end: off + total,
+        l4: off.wrapping_add(hlen),
+        end: off.wrapping_add(total),
         note,
     })
 }
@@ -200,14 +200,16 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     if h[0] >> 4 != 6 {
         return Err(Parsed::Malformed(Counter::ErrIpv6Version));
     }
-    let end = off + IPV6_HLEN + be16(h[4], h[5]) as usize;
+    let end = off
+        .wrapping_add(IPV6_HLEN)
+        .wrapping_add(be16(h[4], h[5]) as usize);
     if end as u64 > frame.len() {
         return Err(Parsed::Malformed(Counter::ErrIpv6PayloadLen));
     }
     let mut next = h[6];
     let src = [raw32(&h, 8), raw32(&h, 12), raw32(&h, 16), raw32(&h, 20)];
     let dst = [raw32(&h, 24), raw32(&h, 28), raw32(&h, 32), raw32(&h, 36)];
-    let mut l4 = off + IPV6_HLEN;
+    let mut l4 = off.wrapping_add(IPV6_HLEN);
     let mut note = None;
     let mut i = 0;
     while i < IPV6_MAX_EXT {
@@ -219,21 +221,21 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 // AH counts its length in 4-byte units minus 2; the others in 8-byte units
                 // minus 1.
                 let size = if next == NEXTHDR_AUTH {
-                    (e[1] as usize + 2) * 4
+                    (e[1] as usize).wrapping_add(2).wrapping_mul(4)
                 } else {
-                    (e[1] as usize + 1) * 8
+                    (e[1] as usize).wrapping_add(1).wrapping_mul(8)
                 };
-                if l4 + size > end {
+                if l4.wrapping_add(size) > end {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 }
                 next = e[0];
-                l4 += size;
+                l4 = l4.wrapping_add(size);
             }
             NEXTHDR_FRAGMENT => {
                 let Some(e) = frame.read::<8>(l4) else {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 };
-                if l4 + 8 > end {
+                if l4.wrapping_add(8) > end {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 }
                 note = Some(Counter::Ipv6Fragment);
@@ -242,7 +244,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     return Err(Parsed::Pass(Counter::Ipv6Fragment));
                 }
                 next = e[0];
-                l4 += 8;
+                l4 = l4.wrapping_add(8);
             }
             _ => {
                 return Ok(L3 {
@@ -256,7 +258,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 })
             }
         }
-        i += 1;
+        i = i.wrapping_add(1);
     }
     match next {
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT => {
@@ -302,11 +304,11 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let Some(h) = frame.read::<20>(l4) else {
                 return Parsed::Malformed(Counter::ErrTcpTruncated);
             };
-            if l4 + 20 > end {
+            if l4.wrapping_add(20) > end {
                 return Parsed::Malformed(Counter::ErrTcpTruncated);
             }
-            let doff = ((h[12] >> 4) as usize) * 4;
-            if doff < 20 || l4 + doff > end {
+            let doff = ((h[12] >> 4) as usize).wrapping_mul(4);
+            if doff < 20 || l4.wrapping_add(doff) > end {
                 return Parsed::Malformed(Counter::ErrTcpDataOffset);
             }
             if !tcp_flags_valid(h[13]) {
@@ -318,7 +320,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let Some(h) = frame.read::<8>(l4) else {
                 return Parsed::Malformed(Counter::ErrUdpTruncated);
             };
-            if l4 + 8 > end {
+            if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrUdpTruncated);
             }
             (raw16(h[0], h[1]), raw16(h[2], h[3]), 0)
@@ -327,7 +329,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let Some(h) = frame.read::<8>(l4) else {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             };
-            if l4 + 8 > end {
+            if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             }
             let echo = if proto == IPPROTO_ICMP {

@@ -85,6 +85,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     if let Some(note) = pkt.note {
         counters.inc(note);
     }
+    // SAFETY: the helper takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a

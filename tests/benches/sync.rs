@@ -1618,8 +1618,9 @@ fn print_json(f: &Figures) {
 fn main() -> Result<()> {
     let json = std::env::args().any(|a| a == "--json");
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     ensure!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "the sync bench builds network namespaces and loads XDP: run it as root"
     );
     catch_signals()?;

@@ -29,10 +29,8 @@ impl Lab {
     /// namespaces left behind by earlier runs whose process is gone.
     pub fn new(test: &str) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
-        ensure!(
-            unsafe { libc::geteuid() } == 0,
-            "network-namespace labs need root"
-        );
+        let euid = unsafe { libc::geteuid() };
+        ensure!(euid == 0, "network-namespace labs need root");
         ensure!(
             !test.is_empty() && test.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
             "lab tag `{test}`: use letters, digits and `-`"

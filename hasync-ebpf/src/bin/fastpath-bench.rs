@@ -8,6 +8,11 @@
 //! - `base_insert`: parse plus exactly one LRU-hash insert.
 #![no_std]
 #![no_main]
+#![deny(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::panic
+)]
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY},
@@ -51,7 +56,7 @@ impl KeyMix for IterMix {
         };
         let modulo = BENCH_PARAMS.get(0).copied().unwrap_or(0);
         let offset = BENCH_PARAMS.get(1).copied().unwrap_or(0);
-        let idx = if modulo == 0 { n } else { n % modulo };
+        let idx = n.checked_rem(modulo).unwrap_or(n);
         key.addr_hi[2] = offset.wrapping_add(idx) as u32;
     }
 }
