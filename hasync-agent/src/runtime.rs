@@ -34,6 +34,9 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: u64 = 8192;
 /// How often liveness and the local state are evaluated.
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
+/// A gap this long between two evaluations means this agent itself did not run: the peers'
+/// silence over it is forgiven (`Membership::forgive_stall`).
+const STALL_GAP: Duration = Duration::from_secs(1);
 /// The shortest and longest wait between two re-announcements after lost events.
 const REANNOUNCE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 /// A starting member waits this long for peers to connect before deciding it is alone.
@@ -249,6 +252,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
     let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
+    let mut last_membership = Instant::now();
     let mut sweep = crate::datapath::sweep::IncrementalSweep::default();
     for t in [&mut sweep_tick, &mut membership_tick] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -301,6 +305,13 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                 }
             }
             _ = membership_tick.tick() => {
+                let now = Instant::now();
+                let gap = now.saturating_duration_since(last_membership);
+                last_membership = now;
+                if gap > STALL_GAP {
+                    warn!(stalled_ms = gap.as_millis() as u64, "this agent did not run for a while: peers' silence over it is not held against them");
+                    lock(&member.membership).forgive_stall(gap, now);
+                }
                 apply_membership(&member);
                 if members_unsettled.is_some_and(|at| Instant::now() >= at) {
                     members_unsettled = None;

@@ -208,6 +208,18 @@ impl Membership {
         }
     }
 
+    /// This agent did not run for `gap` (stopped, a paused VM, starved), and `now` it runs
+    /// again: the peers' silence over that gap is not theirs, since nothing could be read. Their
+    /// last-heard times move forward by it, so a member that resumes does not take every
+    /// peer for dead (and their sessions over) before it has read what they sent meanwhile.
+    pub fn forgive_stall(&mut self, gap: Duration, now: Instant) {
+        for p in self.peers.values_mut() {
+            if let Some(t) = p.last_heard.as_mut() {
+                *t = t.checked_add(gap).map_or(now, |t| t.min(now));
+            }
+        }
+    }
+
     /// A keepalive (or any authenticated message) from `id`.
     pub fn heard(&mut self, id: MemberId, state: MemberState, sessions_owned: u32, now: Instant) {
         if let Some(p) = self.peers.get_mut(&id) {

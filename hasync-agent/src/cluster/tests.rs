@@ -98,6 +98,26 @@ fn a_silent_peer_goes_down_and_its_return_counts_a_flap() {
     assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
 }
 
+/// A member whose agent was stopped for 30 s does not take its peers for dead when it runs
+/// again: their silence over the stall is forgiven; silence after it still counts.
+#[test]
+fn a_stall_of_this_agent_is_not_the_peers_silence() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 5, t0);
+    assert_eq!(m.evaluate(t0 + s(1)).liveness, vec![(MemberId(2), true)]);
+    // Stopped from t0+1 to t0+31.
+    m.forgive_stall(s(30), t0 + s(31));
+    assert_eq!(
+        m.evaluate(t0 + s(31)).liveness,
+        vec![],
+        "taken for dead after a stall"
+    );
+    // Still silent: down once the threshold has passed in time this agent ran.
+    assert_eq!(m.evaluate(t0 + s(40)).liveness, vec![]);
+    assert_eq!(m.evaluate(t0 + s(42)).liveness, vec![(MemberId(2), false)]);
+}
+
 #[test]
 fn a_suspended_peer_loses_its_sessions_to_takeover() {
     let t0 = Instant::now();
