@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod ha_link;
 pub mod http;
 pub mod lab;
+pub mod lock;
 pub mod member;
 pub mod metrics;
 pub mod netlink;

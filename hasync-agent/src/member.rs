@@ -2,10 +2,11 @@
 //! and dashboard server) share.
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
+pub use crate::lock::lock;
 use crate::{cluster::Membership, config::Config, datapath::Datapath, sync::engine::Engine};
 
 /// Everything the running member shares between its tasks.
@@ -15,10 +16,4 @@ pub struct Member {
     pub membership: Arc<Mutex<Membership>>,
     pub engine: Engine,
     pub started: Instant,
-}
-
-/// Locks `m`, taking the value even if a task panicked while holding it (the state stays
-/// usable: every holder leaves it consistent between statements).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -4,12 +4,7 @@
 //! Names (states, links, protocols) are strings, not enums, so a CLI talking to an agent one
 //! version apart still reads an answer with a name it does not know.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    sync::{Mutex, MutexGuard},
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
 use hasync_common::{Counter, Counters, FlowKey, MemberId, Session, SessionFlags, State, ZoneId};
 use serde::{Deserialize, Serialize};
@@ -533,9 +528,7 @@ impl From<BulkStats> for FullSyncView {
 impl PeerStatisticsView {
     /// Peer `id`'s counters; the HA4-backup link is listed if `backup` (configured).
     pub fn from_stats(id: MemberId, stats: &PeerStats, backup: bool) -> PeerStatisticsView {
-        fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-            m.lock().unwrap_or_else(|e| e.into_inner())
-        }
+        use crate::lock::lock;
         let PeerStats {
             ha4,
             ha4_backup,

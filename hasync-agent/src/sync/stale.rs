@@ -22,7 +22,10 @@ use std::{
 use hasync_common::{FlowKey, MemberId, SessionFlags};
 
 use super::table::{walk_while, SessionTable};
-use crate::datapath::{DatapathError, DEFAULT_CHUNK};
+use crate::{
+    datapath::{DatapathError, DEFAULT_CHUNK},
+    lock::lock,
+};
 
 type KeySet = HashSet<FlowKey, foldhash::quality::RandomState>;
 
@@ -40,10 +43,6 @@ impl std::fmt::Debug for StaleScan {
             .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl StaleScan {

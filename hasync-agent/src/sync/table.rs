@@ -118,12 +118,7 @@ pub fn walk_while<T: SessionTable>(
     let mut cursor = T::Cursor::default();
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     loop {
-        let more = table.lock().unwrap_or_else(|e| e.into_inner()).chunk(
-            &mut cursor,
-            &mut keys,
-            &mut values,
-            chunk,
-        )?;
+        let more = crate::lock::lock(table).chunk(&mut cursor, &mut keys, &mut values, chunk)?;
         if !f(&keys, &values) || !more {
             return Ok(());
         }

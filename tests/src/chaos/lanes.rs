@@ -18,6 +18,7 @@ use hasync_agent::lab::{
     },
     Topology,
 };
+use hasync_agent::lock::lock;
 
 use crate::cluster::{udp_flows, Row};
 
@@ -52,10 +53,6 @@ pub struct Lanes {
     lanes: Mutex<Vec<Lane>>,
     _servers: [EchoServer; 2],
     started: Instant,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Routes lane `i` through member `k`, both ways.

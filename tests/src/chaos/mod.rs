@@ -28,7 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hasync_agent::lab::{cluster::AgentState, ClusterOptions};
+use hasync_agent::{
+    lab::{cluster::AgentState, ClusterOptions},
+    lock::lock,
+};
 
 use crate::cluster::Cluster;
 use hostile::Intruder;
@@ -138,10 +141,6 @@ struct Watch {
     /// Members whose agent the harness has ended on purpose (killed, restarting).
     ended: Mutex<BTreeSet<u8>>,
     reported: Mutex<BTreeSet<String>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Watch {

@@ -258,9 +258,7 @@ struct EngineInner<T> {
     admission: BTreeMap<LinkKind, Arc<Admission>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock::lock;
 
 impl<T: SessionTable> Engine<T> {
     pub fn new(cfg: SyncConfig, dp: Arc<Mutex<T>>, membership: Arc<Mutex<Membership>>) -> Self {

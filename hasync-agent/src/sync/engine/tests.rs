@@ -96,6 +96,11 @@ fn key() -> FlowKey {
     FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, 0, 0], 1, [2, 0, 0, 0], 2).0
 }
 
+/// A session other than [`key`]'s.
+fn other_key() -> FlowKey {
+    FlowKey::canonical(Family::V4, IPPROTO_TCP, [9, 0, 0, 0], 9, [2, 0, 0, 0], 2).0
+}
+
 fn upsert(version: u32, owner: u8) -> Record {
     let s = Session {
         version,
@@ -190,7 +195,7 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
     // A late start of 2 again, from the backup connection: older, ignored.
     e.on_bulk_start(&backup, 2);
     let mut late = upsert(3, 2);
-    late.key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [9, 0, 0, 0], 9, [2, 0, 0, 0], 2).0;
+    late.key = other_key();
     assert!(matches!(
         apply_frame(&e, LinkKind::Ha4Backup, 7, 2, late, true),
         Applied::Superseded
@@ -226,7 +231,7 @@ async fn a_complete_full_sync_removes_what_it_did_not_carry() {
     let ha4 = from(&peer, LinkKind::Ha4, 7);
     e.on_bulk_start(&ha4, 3);
     let mut other = upsert(1, 2);
-    other.key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [9, 0, 0, 0], 9, [2, 0, 0, 0], 2).0;
+    other.key = other_key();
     assert!(matches!(
         apply_frame(&e, LinkKind::Ha4, 7, 2, other, true),
         Applied::Done
