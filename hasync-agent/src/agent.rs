@@ -230,6 +230,7 @@ fn summarize(tally: &Tally, events: &EventStream, now: &Counters, before: &Count
         closed = tally.event_count(EventKind::Closed),
         taken_over = tally.event_count(EventKind::OwnershipTaken),
         refreshed = tally.event_count(EventKind::Refresh),
+        evicted = tally.event_count(EventKind::Evicted),
         sweeps = tally.sweeps,
         expired = tally.removed.expired,
         removed_closed = tally.removed.closed,

@@ -10,14 +10,16 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{Counter, MemberId, ZoneId};
+use hasync_common::{Counter, EventKind, MemberId, ZoneId};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{error_chain, ifindex, Datapath, DatapathOptions, Removed, DEFAULT_CHUNK},
+    datapath::{
+        error_chain, ifindex, Datapath, DatapathOptions, RemoveReason, Removed, DEFAULT_CHUNK,
+    },
     member::{lock, Member},
     sync::{
         backoff::Backoff,
@@ -137,6 +139,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     }
     let mut opts = DatapathOptions::new(local);
     opts.session_capacity = config.local.session_capacity;
+    opts.embryonic_capacity = config.local.embryonic_capacity;
     opts.config = config.datapath();
     opts.pin_dir = config.pin_dir().map(Path::to_owned);
     let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;
@@ -270,6 +273,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             batch = events.next_batch() => {
                 owned.clear();
                 owned.extend(batch.iter().filter(|e| e.session.owner == local).map(|e| e.key));
+                // An evicted session of ours ended: its log line; the sync sends its removal.
+                for e in batch.iter().filter(|e| e.session.owner == local && e.kind == EventKind::Evicted as u8) {
+                    log.write_removed(&Removed { key: e.key, session: e.session, reason: RemoveReason::Evicted }, &member.config);
+                }
                 member.engine.enqueue(&owned);
                 member.engine.flush();
             }

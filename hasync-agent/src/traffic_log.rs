@@ -71,6 +71,9 @@ pub enum EndReason {
     Reset,
     /// Idle past the timeout of its state.
     Expired,
+    /// Unreplied, and evicted by newer unreplied sessions (the table's unreplied share was
+    /// full).
+    Evicted,
 }
 
 impl EndReason {
@@ -79,6 +82,7 @@ impl EndReason {
             EndReason::Closed => "closed",
             EndReason::Reset => "reset",
             EndReason::Expired => "expired",
+            EndReason::Evicted => "evicted",
         }
     }
 }
@@ -106,6 +110,7 @@ impl<'a> SessionEnd<'a> {
         let reset = session.tcp_flags.iter().any(|f| f & tcp::RST != 0);
         let reason = match reason {
             RemoveReason::Expired => EndReason::Expired,
+            RemoveReason::Evicted => EndReason::Evicted,
             RemoveReason::Closed if reset => EndReason::Reset,
             RemoveReason::Closed => EndReason::Closed,
         };

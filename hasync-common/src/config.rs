@@ -41,7 +41,11 @@ pub struct DatapathConfig {
     /// A [`MalformedAction`] as `u8`.
     pub malformed: u8,
     /// Padding; zero.
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Slots of each CPU's part of the EMBRYOS ring: unreplied sessions admitted on one CPU
+    /// that the table holds at most (0: no limit, nothing is evicted). Set by the agent from
+    /// the map it loaded.
+    pub embryo_slots: u32,
 }
 crate::assert_size!(DatapathConfig, 80);
 
@@ -60,7 +64,8 @@ impl DatapathConfig {
             local_member: local,
             policy: Policy::Strict as u8,
             malformed: MalformedAction::Drop as u8,
-            _pad: [0; 5],
+            _pad: 0,
+            embryo_slots: 0,
         }
     }
 }

@@ -27,8 +27,20 @@ counters! {
     Hits = "session-hits",
     /// Sessions created.
     Creates = "session-creates",
-    /// A session could not be inserted (map error).
+    /// A session could not be inserted (a map error other than a full table).
     CreateFailed = "session-create-failed",
+    /// A new flow found the session table full: dropped (strict policy).
+    DropTableFull = "drop-table-full",
+    /// A new flow found the session table full: passed untracked (loose policy).
+    PassTableFull = "pass-table-full",
+    /// Unreplied TCP sessions (`syn-sent`) evicted to admit newer unreplied sessions.
+    EvictedSynSent = "evicted-syn-sent",
+    /// Unreplied UDP sessions (`udp-new`) evicted.
+    EvictedUdpNew = "evicted-udp-new",
+    /// Unanswered ICMP echo sessions evicted.
+    EvictedIcmpEcho = "evicted-icmp-echo",
+    /// Unreplied sessions in another state (a TCP FIN or RST without any reply) evicted.
+    EvictedOther = "evicted-other",
     /// Sessions found but idle past their timeout, treated as absent.
     Expired = "session-expired-on-hit",
     /// TCP state transitions.

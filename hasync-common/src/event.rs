@@ -16,6 +16,8 @@ pub enum EventKind {
     OwnershipTaken = 4,
     /// The session saw traffic (at most once per refresh interval per session).
     Refresh = 5,
+    /// An unreplied session was evicted to admit a newer one (the session as it was).
+    Evicted = 6,
 }
 
 impl EventKind {
@@ -27,6 +29,7 @@ impl EventKind {
             3 => EventKind::Closed,
             4 => EventKind::OwnershipTaken,
             5 => EventKind::Refresh,
+            6 => EventKind::Evicted,
             _ => return None,
         })
     }
@@ -39,6 +42,7 @@ impl EventKind {
             EventKind::Closed => "closed",
             EventKind::OwnershipTaken => "ownership-taken",
             EventKind::Refresh => "refresh",
+            EventKind::Evicted => "evicted",
         }
     }
 }

@@ -71,8 +71,8 @@ pub struct InstallOutcome {
     /// Records that lost to the local copy (including deletes of sessions not held by the
     /// sender, and replicas marked as seen by a full sync).
     pub kept: u32,
-    /// Padding; zero.
-    pub _pad: u32,
+    /// Records refused because the session table was full (nothing was evicted for them).
+    pub full: u32,
 }
 crate::assert_size!(InstallOutcome, 16);
 
@@ -82,6 +82,7 @@ impl InstallOutcome {
         self.installed += o.installed;
         self.deleted += o.deleted;
         self.kept += o.kept;
+        self.full += o.full;
     }
 }
 

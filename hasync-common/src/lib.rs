@@ -23,7 +23,7 @@ pub use flow::{Family, FlowKey};
 pub use ids::{MemberId, ZoneId};
 pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
 pub use member::MemberEntry;
-pub use session::{Session, SessionFlags, State, STATE_COUNT};
+pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
 
 /// Asserts at compile time that a shared type has exactly the expected size.
 #[macro_export]
@@ -63,5 +63,6 @@ mod pod {
         InstallHeader,
         ReadHeader,
         ReadSlot,
+        EmbryoSlot,
     );
 }

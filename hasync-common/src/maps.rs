@@ -12,6 +12,12 @@ pub const MEMBERS: &str = "MEMBERS";
 pub const COUNTERS: &str = "COUNTERS";
 /// Ring buffer of `Event`s.
 pub const EVENTS: &str = "EVENTS";
+/// Array of `EmbryoSlot`: the admission ring of unreplied sessions (see
+/// [`crate::session::EmbryoSlot`]), one part of `DatapathConfig::embryo_slots` slots per
+/// possible CPU; the agent sizes it at load time.
+pub const EMBRYOS: &str = "EMBRYOS";
+/// Per-CPU array of one `u64`: the tickets each CPU's part of the EMBRYOS ring handed out.
+pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never
@@ -22,6 +28,8 @@ pub const READ_PROGRAM: &str = "hasync_read";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;
+/// Default share of the session table that unreplied sessions may take: one eighth.
+pub const EMBRYONIC_SHARE: u32 = 8;
 /// Size of the EVENTS ring buffer in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 8 << 20;
 /// Maximum number of zone-bound interfaces.

@@ -153,14 +153,44 @@ pub struct Session {
     pub state: u8,
     /// TCP flags seen per direction (OR of every segment's flags).
     pub tcp_flags: [u8; 2],
-    /// Padding; zero.
-    pub _pad: [u8; 4],
+    /// Node-local: the admission ticket of an unreplied session, matching its slot in the
+    /// EMBRYOS ring (see [`EmbryoSlot`]); never synced (a member's tickets mean nothing to
+    /// another).
+    pub ticket: u32,
 }
 crate::assert_size!(Session, 72);
 const _: () = assert!(
     core::mem::size_of::<Session>() + core::mem::size_of::<crate::FlowKey>() <= 128,
     "session key plus value must stay within 128 bytes"
 );
+
+impl Session {
+    /// Has the session seen no packet in the reply direction yet? Such a session (a SYN not
+    /// answered, a datagram or an echo request not answered) may be evicted by newer unreplied
+    /// sessions when the EMBRYOS ring is full; a replied session never is.
+    #[inline(always)]
+    pub const fn is_embryonic(&self) -> bool {
+        self.packets[DIR_REPLY] == 0
+    }
+}
+
+/// One slot of the EMBRYOS ring: the admission ring of unreplied sessions.
+///
+/// Every unreplied session that enters the table takes the next ticket (a shared counter) and
+/// the slot `ticket % slots`. Whoever held that slot before, if it is still in the table,
+/// still unreplied and still holds that ticket, is evicted: at most `slots` unreplied sessions
+/// live at once, the oldest goes first, and a session that was answered is never touched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EmbryoSlot {
+    /// Key of the session that took the slot (all zero: never used).
+    pub key: crate::FlowKey,
+    /// Its ticket (the session's [`Session::ticket`]).
+    pub ticket: u32,
+    /// Padding; zero.
+    pub _pad: u32,
+}
+crate::assert_size!(EmbryoSlot, 48);
 
 /// TCP header flag bits, as in the 14th byte of the TCP header.
 pub mod tcp {

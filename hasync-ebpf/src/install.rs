@@ -11,10 +11,15 @@ use aya_ebpf::{
 };
 use hasync_common::{
     install::{resolve, Resolution, INSTALL_BATCH, READ_BATCH},
-    InstallHeader, InstallOutcome, InstallRecord, ReadHeader, ReadSlot,
+    Counters, DatapathConfig, FlowKey, InstallHeader, InstallOutcome, InstallRecord, ReadHeader,
+    ReadSlot, Session,
 };
 
-use crate::maps::SESSIONS;
+use crate::{
+    embryo,
+    maps::{CONFIG, COUNTERS, SESSIONS},
+    session::E2BIG,
+};
 
 /// Copies a `T` out of the test-run data at `offset`.
 #[inline(always)]
@@ -124,13 +129,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<InstallHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
+    let (Some(cfg), Some(counters)) = (CONFIG.get(0), COUNTERS.get_ptr_mut(0)) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: per-CPU value; the fast path cannot run on this CPU while this program does.
+    let counters = unsafe { &mut *counters };
     let mut out = InstallOutcome::default();
     let done = each_item::<InstallHeader, InstallRecord>(
         ctx,
         header.count as usize,
         INSTALL_BATCH,
-        |_, rec| {
-            apply(&rec, &header, &mut out);
+        |_, mut rec| {
+            apply(&mut rec, &header, cfg, counters, &mut out);
             true
         },
     );
@@ -138,10 +148,37 @@ pub fn run(ctx: &XdpContext) -> u32 {
     finish(ctx, done, &mut header)
 }
 
-/// Applies one record. An insert that races a session the fast path just created is resolved
-/// again against it.
+/// Readies a peer's `incoming` session to be written over `local`: an unreplied replica
+/// keeps the local copy's admission ticket, or takes a new one (which may evict the oldest
+/// unreplied session, as a local new flow would; never a replied one).
 #[inline(always)]
-fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
+fn admit(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    key: &FlowKey,
+    incoming: &mut Session,
+    local: Option<&Session>,
+) {
+    incoming.ticket = 0;
+    if incoming.is_embryonic() {
+        match local {
+            Some(l) if l.is_embryonic() => incoming.ticket = l.ticket,
+            _ => embryo::admit(cfg, counters, key, incoming),
+        }
+    }
+}
+
+/// Applies one record. An insert that races a session the fast path just created is resolved
+/// again against it. A full table refuses the record: nothing is evicted for a replica but
+/// the oldest unreplied session.
+#[inline(always)]
+fn apply(
+    rec: &mut InstallRecord,
+    h: &InstallHeader,
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    out: &mut InstallOutcome,
+) {
     for _attempt in 0..2 {
         let existing = SESSIONS.get_ptr_mut(rec.key);
         // SAFETY: the value stays valid for the program's run.
@@ -156,9 +193,17 @@ fn apply(rec: &InstallRecord, h: &InstallHeader, out: &mut InstallOutcome) {
                 } else {
                     BPF_EXIST
                 };
-                if SESSIONS.insert(rec.key, rec.session, flag as u64).is_ok() {
-                    out.installed = out.installed.wrapping_add(1);
-                    return;
+                admit(cfg, counters, &rec.key, &mut rec.session, local);
+                match SESSIONS.insert(rec.key, rec.session, flag as u64) {
+                    Ok(()) => {
+                        out.installed = out.installed.wrapping_add(1);
+                        return;
+                    }
+                    Err(e) if e == -E2BIG => {
+                        out.full = out.full.wrapping_add(1);
+                        return;
+                    }
+                    Err(_) => {}
                 }
             }
             Resolution::Delete => {

@@ -9,6 +9,8 @@
     clippy::panic
 )]
 
+pub mod embryo;
+pub mod events;
 pub mod install;
 pub mod maps;
 pub mod parse;

@@ -3,17 +3,26 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use hasync_common::{
-    maps::{DEFAULT_SESSION_CAPACITY, EVENTS_BYTES, MAX_ZONE_INTERFACES},
+    maps::{DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, MAX_ZONE_INTERFACES},
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, FlowKey, MemberEntry, Session, ZoneId,
+    Counters, DatapathConfig, EmbryoSlot, FlowKey, MemberEntry, Session, ZoneId,
 };
 
+/// A plain hash, not an LRU: nothing leaves it silently. Unreplied sessions are bounded and
+/// evicted by the EMBRYOS ring (see `crate::embryo`); the others leave by expiry or close.
 #[map]
-pub static SESSIONS: LruHashMap<FlowKey, Session> =
-    LruHashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
+pub static SESSIONS: HashMap<FlowKey, Session> =
+    HashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
+
+#[map]
+pub static EMBRYOS: Array<EmbryoSlot> =
+    Array::with_max_entries(DEFAULT_SESSION_CAPACITY / EMBRYONIC_SHARE, 0);
+
+#[map]
+pub static EMBRYO_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -1,22 +1,26 @@
 //! Session table logic: look up, create, advance state, take over, emit events.
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{xdp_action, BPF_ANY},
     helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    maps::{EVENTS_RECORD_BYTES, EVENTS_WAKEUP_BATCH_BYTES},
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
-    Counter, Counters, DatapathConfig, Event, EventKind, FlowKey, MalformedAction, Policy, Session,
+    Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Policy, Session,
     SessionFlags, State, ZoneId,
 };
 
 use crate::{
-    maps::{CONFIG, COUNTERS, EVENTS, MEMBERS, SESSIONS, ZONES},
+    embryo,
+    events::emit,
+    maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS, ZONES},
     parse::{parse, Packet, Parsed},
 };
+
+/// `E2BIG`: what a full hash map answers to an insert.
+pub(crate) const E2BIG: i32 = 7;
 
 /// Changes the flow key before the table is touched. The product uses [`NoMix`]; the fastpath
 /// benchmark mixes an iteration counter in so one test-run frame walks many sessions.
@@ -243,7 +247,7 @@ fn miss(
         Some(z) => *z,
         None => ZoneId::NONE,
     };
-    let session = Session {
+    let mut session = Session {
         created_ns: now,
         last_seen_ns: now,
         last_event_ns: now,
@@ -259,39 +263,32 @@ fn miss(
         owner: cfg.local_member,
         state: state as u8,
         tcp_flags: [pkt.tcp_flags, 0],
-        _pad: [0; 4],
+        ticket: 0,
     };
-    if SESSIONS.insert(pkt.key, session, BPF_ANY as u64).is_err() {
-        counters.inc(Counter::CreateFailed);
-        return xdp_action::XDP_PASS;
+    // A new session is unreplied: it may evict the oldest unreplied one, never anything else.
+    embryo::admit(cfg, counters, &pkt.key, &mut session);
+    if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {
+        return not_tracked(cfg, counters, e);
     }
     counters.inc(Counter::Creates);
     emit(counters, EventKind::Created, &pkt.key, &session);
     xdp_action::XDP_PASS
 }
 
-/// Sends an event to userspace. Wake-ups are batched: the consumer is woken only once enough
-/// events are queued (it also polls on a short timer).
+/// A new flow the table could not take (full: every slot holds a replied session or an
+/// unreplied one not yet due for eviction): the strict policy drops it, as it would drop the
+/// reply of a flow it does not track; the loose policy passes it untracked.
 #[inline(always)]
-fn emit(counters: &mut Counters, kind: EventKind, key: &FlowKey, s: &Session) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        counters.inc(Counter::RingbufFull);
-        return;
-    };
-    entry.write(Event {
-        key: *key,
-        session: *s,
-        kind: kind as u8,
-        _pad: [0; 7],
+fn not_tracked(cfg: &DatapathConfig, counters: &mut Counters, error: i32) -> u32 {
+    let strict = cfg.policy != Policy::Loose as u8;
+    counters.inc(match (error == -E2BIG, strict) {
+        (true, true) => Counter::DropTableFull,
+        (true, false) => Counter::PassTableFull,
+        (false, _) => Counter::CreateFailed,
     });
-    let queued = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    // `queued` counts this event's reservation: it crossed the mark if the mark lies within it.
-    let crossing = EVENTS_WAKEUP_BATCH_BYTES..EVENTS_WAKEUP_BATCH_BYTES + EVENTS_RECORD_BYTES;
-    let flags = if crossing.contains(&queued) {
-        BPF_RB_FORCE_WAKEUP
+    if strict {
+        xdp_action::XDP_DROP
     } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
-    counters.inc(Counter::Events);
+        xdp_action::XDP_PASS
+    }
 }

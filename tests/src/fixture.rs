@@ -447,7 +447,7 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         owner,
         state: state as u8,
         tcp_flags,
-        _pad: [0; 4],
+        ticket: 0,
     };
     tdp.insert_sessions(&[(*key, session)])?;
     Ok(session)
@@ -579,7 +579,7 @@ fn check_table(
         owner,
         state,
         tcp_flags,
-        _pad,
+        ticket: _,
     } = got;
     let Expect {
         state: want_state,

@@ -79,8 +79,13 @@ impl TestDatapath {
 
     /// Loads the product program with `config`; the local member (if valid) is marked alive.
     pub fn load_with(config: DatapathConfig) -> Result<Self> {
+        Self::load_sized(config, TEST_CAPACITY)
+    }
+
+    /// Like [`Self::load_with`], with a session table of `capacity` entries.
+    pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
         let mut opts = DatapathOptions::new(config.local_member);
-        opts.session_capacity = TEST_CAPACITY;
+        opts.session_capacity = capacity;
         opts.config = config;
         let mut dp = Datapath::load(&opts).context("loading the XDP program")?;
         if config.local_member.is_valid() {

@@ -130,6 +130,11 @@ pub struct Local {
     /// Capacity of the session table.
     #[serde(default = "defaults::session_capacity")]
     pub session_capacity: u32,
+    /// Unreplied sessions (a SYN, a datagram, an echo request not answered yet) the table
+    /// holds at most; past this, each new one evicts the oldest, and replied sessions are
+    /// never evicted. Default: one eighth of `session_capacity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embryonic_capacity: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
     /// empty disables it.
     #[serde(default = "defaults::http")]
@@ -309,6 +314,14 @@ impl Config {
             u64::from(l.session_capacity),
             range::SESSION_CAPACITY,
         );
+        if let Some(e) = l.embryonic_capacity {
+            check_range(
+                &mut p,
+                "local.embryonic_capacity",
+                u64::from(e),
+                (1, u64::from(l.session_capacity)),
+            );
+        }
         check_pin_dir(&mut p, &l.pin_dir);
 
         if let Err(e) = l.http_addr() {

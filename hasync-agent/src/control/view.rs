@@ -369,7 +369,7 @@ impl CountersView {
 // show cluster statistics
 
 /// Reasons a sync connection or frame is rejected, always listed (zeros included).
-pub const REJECT_REASONS: [&str; 18] = [
+pub const REJECT_REASONS: [&str; 19] = [
     "bad-key",
     "wrong-cluster",
     "unknown-member",
@@ -388,6 +388,7 @@ pub const REJECT_REASONS: [&str; 18] = [
     "install-failed",
     "stale-frame",
     "bulk-incomplete",
+    "table-full",
 ];
 
 /// `show cluster statistics`: sync traffic per peer and link, full syncs, replication lag,

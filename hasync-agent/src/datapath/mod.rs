@@ -62,6 +62,10 @@ pub enum DatapathError {
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
     CapacityOutOfRange(u32),
+    #[error("embryonic capacity {embryonic} is larger than the session table ({table} sessions)")]
+    EmbryonicCapacity { embryonic: u32, table: u32 },
+    #[error("counting the possible CPUs: {0}")]
+    PossibleCpus(#[source] std::io::Error),
     #[error("map `{map}`: {source}")]
     Batch {
         map: &'static str,
@@ -174,8 +178,11 @@ pub const MAX_SESSION_CAPACITY: u32 = 1 << 26;
 /// What to load.
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {
-    /// Capacity of the SESSIONS LRU hash.
+    /// Capacity of the SESSIONS hash.
     pub session_capacity: u32,
+    /// Unreplied sessions the table holds at most (the EMBRYOS ring): past this, each new one
+    /// evicts the oldest. `None`: one eighth of the table's capacity.
+    pub embryonic_capacity: Option<u32>,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
     /// Pin the maps and XDP links here (on bpffs) and reuse what an earlier agent pinned there
@@ -188,9 +195,38 @@ impl DatapathOptions {
     pub fn new(local: MemberId) -> Self {
         DatapathOptions {
             session_capacity: names::DEFAULT_SESSION_CAPACITY,
+            embryonic_capacity: None,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
         }
+    }
+}
+
+/// How the EMBRYOS ring is cut: `per_cpu` slots for each of `cpus` possible CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EmbryoRing {
+    pub per_cpu: u32,
+    pub cpus: u32,
+}
+
+impl EmbryoRing {
+    /// The ring for at most `capacity` unreplied sessions in a table of `table` entries, on
+    /// `cpus` possible CPUs: at least one slot per CPU. `None` for a capacity above the table's.
+    pub fn new(capacity: Option<u32>, table: u32, cpus: u32) -> Option<EmbryoRing> {
+        let capacity = capacity.unwrap_or(table / names::EMBRYONIC_SHARE);
+        if capacity > table {
+            return None;
+        }
+        let cpus = cpus.max(1);
+        Some(EmbryoRing {
+            per_cpu: (capacity / cpus).max(1),
+            cpus,
+        })
+    }
+
+    /// Slots in the EMBRYOS map.
+    pub fn slots(&self) -> u32 {
+        self.per_cpu.saturating_mul(self.cpus)
     }
 }
 
@@ -198,10 +234,17 @@ impl DatapathOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     capacity: u32,
+    embryos: EmbryoRing,
     /// Interfaces the program is attached to, in attach order.
     attachments: Vec<Attachment>,
     /// Where the maps and links are pinned, and what was found there.
     pins: Option<(PinDir, PinReport)>,
+}
+
+/// How many CPUs per-CPU maps have values for.
+fn possible_cpus() -> Result<u32, DatapathError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PossibleCpus(e))?;
+    Ok(u32::try_from(cpus).unwrap_or(u32::MAX))
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -221,12 +264,27 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         let mut capacity = opts.session_capacity;
-        let pins = match &opts.pin_dir {
+        let pins = opts.pin_dir.as_ref().map(PinDir::new);
+        // The ring is sized after the table that will be used: a pinned one keeps its size.
+        let table = pins
+            .as_ref()
+            .and_then(pin::pinned_capacity)
+            .unwrap_or(capacity);
+        let embryos = EmbryoRing::new(opts.embryonic_capacity, table, possible_cpus()?).ok_or(
+            DatapathError::EmbryonicCapacity {
+                embryonic: opts.embryonic_capacity.unwrap_or(0),
+                table,
+            },
+        )?;
+        let pins = match pins {
             None => None,
-            Some(dir) => {
-                let pins = PinDir::new(dir);
+            Some(pins) => {
                 pins.prepare()?;
-                let declared = pin::declared_shapes(object, capacity)?;
+                let sizes = [
+                    (names::SESSIONS, capacity),
+                    (names::EMBRYOS, embryos.slots()),
+                ];
+                let declared = pin::declared_shapes(object, &sizes)?;
                 let (report, kept) = pin::check_pinned_maps(&pins, &declared, capacity)?;
                 capacity = kept;
                 for name in pin::MAPS {
@@ -238,6 +296,7 @@ impl Datapath {
         };
         let ebpf = loader
             .map_max_entries(names::SESSIONS, capacity)
+            .map_max_entries(names::EMBRYOS, embryos.slots())
             .load(object)?;
         if let Some((pins, report)) = &pins {
             log_pin_report(pins, report, opts.session_capacity);
@@ -245,6 +304,7 @@ impl Datapath {
         let mut dp = Datapath {
             ebpf,
             capacity,
+            embryos,
             attachments: Vec::new(),
             pins,
         };
@@ -260,6 +320,11 @@ impl Datapath {
     /// Capacity of the session table.
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// Unreplied sessions the table holds at most (all CPUs' parts of the EMBRYOS ring).
+    pub fn embryonic_capacity(&self) -> u32 {
+        self.embryos.slots()
     }
 
     /// The pin directory, when the datapath is pinned (it then outlives this value: dropping it
@@ -346,13 +411,18 @@ impl Datapath {
     /// The SESSIONS map's data, for batch operations.
     pub fn sessions_map(&self) -> Result<&MapData, DatapathError> {
         match self.map(names::SESSIONS)? {
-            aya::maps::Map::LruHashMap(data) => Ok(data),
+            aya::maps::Map::HashMap(data) => Ok(data),
             _ => Err(DatapathError::NoMap(names::SESSIONS)),
         }
     }
 
-    /// Replaces the datapath config (timeouts, policy, local member).
+    /// Replaces the datapath config (timeouts, policy, local member); the EMBRYOS ring's
+    /// size is the loaded map's, whatever `cfg` says.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
+        let cfg = DatapathConfig {
+            embryo_slots: self.embryos.per_cpu,
+            ..*cfg
+        };
         let mut map: Array<_, DatapathConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         map.set(0, cfg, 0).map_err(map_err(names::CONFIG))

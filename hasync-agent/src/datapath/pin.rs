@@ -51,8 +51,10 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// The program's maps, all pinned, in the order they are checked.
-pub const MAPS: [&str; 6] = [
+pub const MAPS: [&str; 8] = [
     names::SESSIONS,
+    names::EMBRYOS,
+    names::EMBRYO_HEAD,
     names::CONFIG,
     names::ZONES,
     names::MEMBERS,
@@ -336,9 +338,11 @@ fn ringbuf_bytes(declared: u32) -> u32 {
 
 /// The shapes the program in `object` declares for [`MAPS`], as aya creates them: SESSIONS
 /// with `capacity` entries, the ring buffer rounded to pages.
+/// The shapes of the object's maps as they will be created, with `sizes` (map name, entries)
+/// for the maps the loader resizes.
 pub fn declared_shapes(
     object: &[u8],
-    capacity: u32,
+    sizes: &[(&str, u32)],
 ) -> Result<BTreeMap<&'static str, MapShape>, DatapathError> {
     let obj = aya_obj::Object::parse(object).map_err(|e| DatapathError::Load(e.into()))?;
     let mut shapes = BTreeMap::new();
@@ -351,8 +355,8 @@ pub fn declared_shapes(
             max_entries: map.max_entries(),
             flags: map.map_flags(),
         };
-        if name == names::SESSIONS {
-            shape.max_entries = capacity;
+        if let Some((_, entries)) = sizes.iter().find(|(n, _)| *n == name) {
+            shape.max_entries = *entries;
         }
         if shape.map_type == BPF_MAP_TYPE_RINGBUF {
             // aya creates ring buffers with a value size of 0 and a page-rounded size.
@@ -431,6 +435,15 @@ pub fn check_pinned_maps(
         report.replaced.push((name, why));
     }
     Ok((report, capacity))
+}
+
+/// The capacity of the session table pinned in `pins`, if one is (and can be read): a pinned
+/// table keeps its capacity, and what is sized after it follows.
+pub fn pinned_capacity(pins: &PinDir) -> Option<u32> {
+    let path = pins.map_path(names::SESSIONS);
+    fs::symlink_metadata(&path).ok()?;
+    let shape = obj_get(&path).and_then(|fd| map_shape(&fd)).ok()?;
+    Some(shape.max_entries)
 }
 
 /// The shape of a map fd (the head of `struct bpf_map_info`).
@@ -700,13 +713,21 @@ mod tests {
 
     #[test]
     fn the_declared_shapes_are_the_shared_types() {
-        use hasync_common::{Counters, DatapathConfig, FlowKey, MemberEntry, Session, ZoneId};
-        let shapes = declared_shapes(crate::EBPF_OBJECT, 1000).expect("parse");
+        use hasync_common::{
+            Counters, DatapathConfig, EmbryoSlot, FlowKey, MemberEntry, Session, ZoneId,
+        };
+        let sizes = [(names::SESSIONS, 1000), (names::EMBRYOS, 64)];
+        let shapes = declared_shapes(crate::EBPF_OBJECT, &sizes).expect("parse");
         let size = |n: usize| u32::try_from(n).expect("size");
         let s = shapes[names::SESSIONS];
         assert_eq!(
             (s.key_size, s.value_size, s.max_entries),
             (size(size_of::<FlowKey>()), size(size_of::<Session>()), 1000)
+        );
+        let e = shapes[names::EMBRYOS];
+        assert_eq!(
+            (e.value_size, e.max_entries),
+            (size(size_of::<EmbryoSlot>()), 64)
         );
         assert_eq!(
             shapes[names::CONFIG].value_size,

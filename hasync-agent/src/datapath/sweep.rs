@@ -27,6 +27,9 @@ pub enum RemoveReason {
     Expired,
     /// TCP session in `closed`, kept for the closed timeout, now gone.
     Closed,
+    /// Unreplied, evicted by the XDP program to admit a newer unreplied session (reported by
+    /// an `Evicted` event, not found by the sweep).
+    Evicted,
 }
 
 impl RemoveReason {
@@ -34,6 +37,7 @@ impl RemoveReason {
         match self {
             RemoveReason::Expired => "expired",
             RemoveReason::Closed => "closed",
+            RemoveReason::Evicted => "evicted",
         }
     }
 }
@@ -173,6 +177,8 @@ impl Pass {
                 match r.reason {
                     RemoveReason::Expired => self.report.expired += 1,
                     RemoveReason::Closed => self.report.closed += 1,
+                    // Evictions are the XDP program's, reported by events.
+                    RemoveReason::Evicted => {}
                 }
             }
             on_removed(&self.removed);
@@ -282,7 +288,7 @@ mod tests {
             owner: MemberId(1),
             state: state as u8,
             tcp_flags: [0, 0],
-            _pad: [0; 4],
+            ticket: 0,
         }
     }
 

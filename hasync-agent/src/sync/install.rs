@@ -191,6 +191,8 @@ pub struct Installed {
     pub deleted: u64,
     pub kept: u64,
     pub refused_zone: u64,
+    /// Refused: the session table was full (of replied sessions).
+    pub refused_full: u64,
     /// Refused: the sender may not speak for the owner, by reason.
     pub refused_owner: [(OwnerRefusal, u64); 2],
 }
@@ -202,6 +204,7 @@ impl Default for Installed {
             deleted: 0,
             kept: 0,
             refused_zone: 0,
+            refused_full: 0,
             refused_owner: [(OwnerRefusal::Unknown, 0), (OwnerRefusal::Foreign, 0)],
         }
     }
@@ -245,6 +248,7 @@ pub fn apply(
         out.installed += u64::from(done.installed);
         out.deleted += u64::from(done.deleted);
         out.kept += u64::from(done.kept);
+        out.refused_full += u64::from(done.full);
     }
     Ok(out)
 }

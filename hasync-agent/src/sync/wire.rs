@@ -148,7 +148,7 @@ impl Record {
             owner,
             state,
             tcp_flags,
-            _pad,
+            ticket: _,
         } = *s;
         Record {
             op: Op::Upsert,
@@ -205,7 +205,7 @@ impl Record {
             owner: self.owner,
             state: self.state,
             tcp_flags: self.tcp_flags,
-            _pad: [0; 4],
+            ticket: 0,
         }
     }
 
@@ -507,7 +507,7 @@ mod tests {
             owner: MemberId(3),
             state: State::Established as u8,
             tcp_flags: [0x12, 0x12],
-            _pad: [0; 4],
+            ticket: 0,
         }
     }
 

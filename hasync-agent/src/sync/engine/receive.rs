@@ -346,6 +346,7 @@ impl<T: SessionTable> Engine<T> {
         self.inner
             .rejections
             .count_n("zone-unknown", r.refused_zone);
+        self.inner.rejections.count_n("table-full", r.refused_full);
         for (why, n) in r.refused_owner {
             LinkStats::add(&stats.refused_owner, n);
             self.inner.rejections.count_n(why.reason(), n);

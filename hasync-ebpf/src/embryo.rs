@@ -1,0 +1,85 @@
+//! Admission of unreplied ("embryonic") sessions: a SYN, a datagram or an echo request that no
+//! reply has answered yet. They are cheap to create in bulk (a flood, a scan), so they are
+//! bounded apart from the rest: each takes a ticket in the EMBRYOS ring, and the ring's slot
+//! for that ticket evicts its previous holder if that session is still unreplied. Replied
+//! sessions are never evicted: the table never drops an established connection to make room
+//! (see `hasync_common::EmbryoSlot`).
+//!
+//! The ring is cut into one part per CPU, each with its own ticket counter: no atomic
+//! operation and no cache line shared between CPUs on the path a flood takes (the BPF target
+//! has no atomic read-modify-write in Rust's core, and a shared counter would bounce).
+//!
+//! There is no compare-and-delete for BPF hash maps: a reply that lands on another CPU between
+//! the check and the delete of the oldest unreplied session (a window of nanoseconds) is lost
+//! with it; the flow's next packet starts it again.
+
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use hasync_common::{Counter, Counters, DatapathConfig, EventKind, FlowKey, Session, State};
+
+use crate::{
+    events::{prepare, submit},
+    maps::{EMBRYOS, EMBRYO_HEAD, SESSIONS},
+};
+
+/// The eviction counter of a session last in `state`.
+#[inline(always)]
+fn evicted_counter(state: u8) -> Counter {
+    match State::from_u8(state) {
+        Some(State::SynSent) => Counter::EvictedSynSent,
+        Some(State::UdpNew) => Counter::EvictedUdpNew,
+        Some(State::IcmpEcho) => Counter::EvictedIcmpEcho,
+        _ => Counter::EvictedOther,
+    }
+}
+
+/// Removes `held` (the session of `key`, in the table) and reports it. The event is written
+/// first, straight from the table, and sent only if the removal was ours.
+#[inline(always)]
+fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
+    let counter = evicted_counter(held.state);
+    let event = prepare(counters, EventKind::Evicted, key, held);
+    if SESSIONS.remove(key).is_ok() {
+        counters.inc(counter);
+        if let Some(e) = event {
+            submit(counters, e);
+        }
+    } else if let Some(e) = event {
+        e.discard(0);
+    }
+}
+
+/// Gives `session`, about to enter the table under `key` unreplied, the next ticket of the
+/// ring, evicting the slot's previous holder if it is still unreplied (an `Evicted` event
+/// carries it to the agent). Without a ring (`embryo_slots` 0) nothing is evicted.
+#[inline(always)]
+pub fn admit(cfg: &DatapathConfig, counters: &mut Counters, key: &FlowKey, session: &mut Session) {
+    let slots = cfg.embryo_slots;
+    if slots == 0 {
+        return;
+    }
+    let Some(head) = EMBRYO_HEAD.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU value; no other program runs on this CPU while this one does.
+    let head = unsafe { &mut *head };
+    let ticket = *head as u32;
+    *head = head.wrapping_add(1);
+    // SAFETY: the helper takes no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let index = cpu.wrapping_mul(slots).wrapping_add(ticket % slots);
+    let Some(slot) = EMBRYOS.get_ptr_mut(index) else {
+        return;
+    };
+    // SAFETY: array value valid for the program's run; only this CPU uses this part.
+    let slot = unsafe { &mut *slot };
+    if let Some(held) = SESSIONS.get_ptr_mut(slot.key) {
+        // SAFETY: the value stays valid for the program's run.
+        let held = unsafe { &*held };
+        if held.ticket == slot.ticket && held.is_embryonic() {
+            evict(counters, &slot.key, held);
+        }
+    }
+    slot.key = *key;
+    slot.ticket = ticket;
+    session.ticket = ticket;
+}
