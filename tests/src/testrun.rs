@@ -82,10 +82,13 @@ impl TestDatapath {
         Self::load_sized(config, TEST_CAPACITY)
     }
 
-    /// Like [`Self::load_with`], with a session table of `capacity` entries.
+    /// Like [`Self::load_with`], with a session table of `capacity` entries, all of which
+    /// unreplied sessions may take (however many CPUs share the ring, test runs on one CPU
+    /// see only its part: `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
         let mut opts = DatapathOptions::new(config.local_member);
         opts.session_capacity = capacity;
+        opts.embryonic_capacity = Some(capacity);
         opts.config = config;
         let mut dp = Datapath::load(&opts).context("loading the XDP program")?;
         if config.local_member.is_valid() {
@@ -176,6 +179,26 @@ fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
         chunk.copy_from_slice(&v.to_ne_bytes());
     }
     out
+}
+
+/// Keeps the calling thread on the CPU it runs on now, so every test run it makes uses that
+/// CPU's per-CPU state (such as its part of the EMBRYOS ring).
+pub fn stay_on_this_cpu() -> Result<()> {
+    // SAFETY: no arguments; returns the CPU or -1.
+    let cpu = unsafe { libc::sched_getcpu() };
+    let cpu = usize::try_from(cpu).context("sched_getcpu")?;
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (the kernel handed it out).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 /// The change of every datapath counter between two snapshots.

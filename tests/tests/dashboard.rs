@@ -231,6 +231,17 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
         .parse()
         .expect("a session count");
     assert!(total >= 1, "the ping's session: {total}");
+    let number = |name: &str| -> u64 {
+        let text = get(name).1;
+        text.replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: `{text}` is not a number"))
+    };
+    // Owned here and peers' copies make the total (both counted in one walk).
+    assert_eq!(number("sessions-owned") + number("sessions-cached"), total);
+    assert!(number("sessions-unreplied-capacity") > 0);
+    let (tag, _) = get("sessions-warning");
+    assert!(tag.contains(" hidden"), "no warning below 90 %: {tag}");
     let rows: Vec<&str> = dom
         .match_indices("data-test=\"member\"")
         .map(|(i, _)| {

@@ -6,11 +6,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
-    Counter, EventKind, FlowKey, MemberId, Policy, Session, SessionFlags, State, ZoneId,
+    Counter, EventKind, FlowKey, InstallOp, InstallRecord, MemberId, Policy, Session, SessionFlags,
+    State, ZoneId,
 };
 use hasync_tests::{
     frame::Frame,
-    testrun::{fixture_config, monotonic_ns, with_delta, TestDatapath, Verdict},
+    testrun::{fixture_config, monotonic_ns, stay_on_this_cpu, with_delta, TestDatapath, Verdict},
 };
 
 const CAPACITY: u32 = 1024;
@@ -25,6 +26,7 @@ fn load(policy: Policy) -> (TestDatapath, u32) {
     cfg.policy = policy as u8;
     let tdp = TestDatapath::load_sized(cfg, CAPACITY).expect("load");
     // Test runs all happen on one CPU: that CPU's part of the ring is what they can use.
+    stay_on_this_cpu().expect("pin the test to one CPU");
     let per_cpu = tdp.datapath().config().expect("config").embryo_slots;
     assert!(per_cpu > 0, "the agent sized the ring");
     (tdp, per_cpu)
@@ -206,4 +208,58 @@ fn replied(now: u64, owner: MemberId) -> Session {
         tcp_flags: [0, 0],
         ticket: 0,
     }
+}
+
+/// Peers' records go through the same admission: a flood of unreplied replicas evicts only
+/// unreplied sessions (never the local established connection), and replied replicas that
+/// find the table full are refused and counted, not installed over anything.
+#[test]
+fn replicas_never_evict_replied_sessions() {
+    let (mut tdp, per_cpu) = load(Policy::Strict);
+    let (c, s) = establish(&tdp);
+    let peer = MemberId(2);
+    let now = monotonic_ns();
+    let record = |i: u32, packets: [u64; 2]| {
+        let port = u16::try_from(i % 60_000).expect("port");
+        let src = SocketAddr::new("198.18.0.16".parse().expect("ip"), 1_000 + port);
+        let mut session = replied(now, peer);
+        session.packets = packets;
+        session.state = if packets[1] == 0 {
+            State::UdpNew as u8
+        } else {
+            State::UdpReplied as u8
+        };
+        InstallRecord {
+            key: Frame::udp(src, sa("198.18.1.20:53")).key(),
+            session,
+            op: InstallOp::Upsert as u8,
+            _pad: [0; 7],
+        }
+    };
+    let flood: Vec<InstallRecord> = (0..u32::from(FLOOD)).map(|i| record(i, [1, 0])).collect();
+    let dp = tdp.datapath_mut();
+    let out = dp.install(&flood, MemberId::NONE, now).expect("install");
+    assert_eq!(out.installed, u32::from(FLOOD));
+    let counters = tdp.counters().expect("counters");
+    assert_eq!(
+        counters.get(Counter::EvictedUdpNew),
+        u64::from(FLOOD) - u64::from(per_cpu)
+    );
+    let data = Frame::tcp(c, s).ack().payload(10);
+    assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);
+
+    // Replied replicas fill what is left of the table, then are refused.
+    let held = tdp.sessions().expect("sessions").len() as u32;
+    let room = CAPACITY - held;
+    let replied_records: Vec<InstallRecord> = (0..room + 10)
+        .map(|i| record(u32::from(FLOOD) + i, [1, 1]))
+        .collect();
+    let out = tdp
+        .datapath_mut()
+        .install(&replied_records, MemberId::NONE, now)
+        .expect("install");
+    // The unreplied replicas stay too: a replied record takes no ticket and evicts nothing.
+    assert_eq!((out.installed, out.full), (room, 10), "{out:?}");
+    assert_eq!(tdp.sessions().expect("sessions").len(), CAPACITY as usize);
+    assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);
 }

@@ -59,8 +59,12 @@ pub fn handle(member: &Member, request: Request) -> Response {
             let walked = tokio::task::block_in_place(|| {
                 walk(&*member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
             });
+            let (capacity, unreplied) = {
+                let dp = lock(&member.dp);
+                (dp.capacity(), dp.embryonic_capacity())
+            };
             match walked {
-                Ok(_) => Response::ok(page.finish()),
+                Ok(_) => Response::ok(page.finish(capacity, unreplied)),
                 Err(e) => Response::error(crate::datapath::error_chain(&e)),
             }
         }

@@ -232,7 +232,7 @@ pub fn answer(request: Request) -> Response {
                     for (k, s) in sample_sessions() {
                         page.add(&k, &s);
                     }
-                    page.finish()
+                    page.finish(65536, 8192)
                 }),
             )
         }

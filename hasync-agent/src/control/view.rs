@@ -201,6 +201,15 @@ pub struct SessionsView {
     pub total: u64,
     /// Matching sessions per owner member id (JSON keys are the ids as strings).
     pub by_owner: BTreeMap<u8, u64>,
+    /// Matching sessions that saw no reply yet (the ones the table may evict).
+    #[serde(default)]
+    pub unreplied: u64,
+    /// Capacity of the session table (0 from an agent that did not say).
+    #[serde(default)]
+    pub capacity: u64,
+    /// Unreplied sessions the table holds at most.
+    #[serde(default)]
+    pub unreplied_capacity: u64,
     /// The requested page; absent when only counts were asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionView>>,
@@ -276,7 +285,7 @@ impl SessionView {
 /// ```ignore
 /// let mut page = SessionPage::new(count_only, filter, offset, limit, &zone_names)?;
 /// dp.sessions_chunked(DEFAULT_CHUNK, |keys, values| page.add_chunk(keys, values))?;
-/// Response::ok(page.finish())
+/// Response::ok(page.finish(dp.capacity(), dp.embryonic_capacity()))
 /// ```
 ///
 /// The order is the map's iteration order, so pages of a changing table may overlap or miss a
@@ -309,6 +318,9 @@ impl SessionPage {
             view: SessionsView {
                 total: 0,
                 by_owner: BTreeMap::new(),
+                unreplied: 0,
+                capacity: 0,
+                unreplied_capacity: 0,
                 sessions: (!count_only).then(Vec::new),
             },
         })
@@ -324,6 +336,7 @@ impl SessionPage {
         let index = self.view.total;
         self.view.total += 1;
         *self.view.by_owner.entry(view.owner).or_insert(0) += 1;
+        self.view.unreplied += u64::from(s.is_embryonic());
         if let Some(list) = &mut self.view.sessions {
             if index >= self.offset && (list.len() as u64) < self.limit {
                 list.push(view);
@@ -338,8 +351,13 @@ impl SessionPage {
         }
     }
 
-    pub fn finish(self) -> SessionsView {
-        self.view
+    /// The view, with the table's capacities (`capacity`, `unreplied_capacity`).
+    pub fn finish(self, capacity: u32, unreplied_capacity: u32) -> SessionsView {
+        SessionsView {
+            capacity: u64::from(capacity),
+            unreplied_capacity: u64::from(unreplied_capacity),
+            ..self.view
+        }
     }
 }
 
@@ -697,6 +715,7 @@ mod tests {
                 .entry(),
             Flow::udp(b, 5353, a, 53)
                 .state(State::UdpReplied)
+                .traffic([3, 2], [300, 200])
                 .owner(1)
                 .zone(2)
                 .entry(),
@@ -713,7 +732,7 @@ mod tests {
         let mut p = SessionPage::new(false, filter, offset, limit, &zones()).expect("filter");
         p.add_chunk(&keys[..2], &values[..2]);
         p.add_chunk(&keys[2..], &values[2..]);
-        p.finish()
+        p.finish(1024, 128)
     }
 
     fn sports(v: &SessionsView) -> Vec<u16> {
@@ -825,13 +844,18 @@ mod tests {
         for (k, s) in table() {
             count.add(&k, &s);
         }
-        let v = count.finish();
+        let v = count.finish(1024, 128);
         assert_eq!(v.sessions, None);
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"total": 5, "by_owner": {"1": 2, "2": 2, "3": 1}})
+            serde_json::json!({"total": 5, "by_owner": {"1": 2, "2": 2, "3": 1},
+                "unreplied": 4, "capacity": 1024, "unreplied_capacity": 128})
         );
+        // An older agent's answer lacks the capacities and the unreplied count.
+        let old: SessionsView =
+            serde_json::from_value(serde_json::json!({"total": 5, "by_owner": {}})).unwrap();
+        assert_eq!((old.unreplied, old.capacity), (0, 0));
         let back: SessionsView = serde_json::from_value(json).unwrap();
         assert_eq!(back, v);
 

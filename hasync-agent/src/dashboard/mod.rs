@@ -11,7 +11,9 @@
 //!   `not-configured` (grey) when this member or no peer has it;
 //! - communication errors per link (connections lost, [`LinkSummary::errors`]) and sync
 //!   connections or frames refused ([`ClusterSummary::rejected`]);
-//! - the session table's fill against its capacity;
+//! - the session table's fill against its capacity: sessions owned here (the session table)
+//!   and peers' copies (the session cache), which share it, and the unreplied ones against
+//!   their own bound; a warning from [`FILL_WARNING_PERCENT`] on;
 //! - every member with its state and link states.
 //!
 //! Elements carry `data-test` attributes (and indicators `data-status` / `data-color`) so a
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cluster::{LinkState, MemberState},
-    control::view::{MembersView, StatisticsView},
+    control::view::{MembersView, SessionsView, StatisticsView},
     metrics::Snapshot,
     sync::wire::LinkKind,
 };
@@ -74,6 +76,9 @@ pub struct LinkSummary {
     pub errors: u64,
 }
 
+/// Fill of the session table (or of its unreplied share) from which the dashboard warns.
+pub const FILL_WARNING_PERCENT: f64 = 90.0;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionSummary {
     /// Sessions in the local table.
@@ -81,8 +86,58 @@ pub struct SessionSummary {
     pub capacity: u64,
     /// `total` as a percentage of `capacity`.
     pub fill_percent: f64,
+    /// Sessions this member owns (the session table).
+    pub owned: u64,
+    /// Peers' sessions held here (the session cache); shares `capacity` with `owned`.
+    pub cached: u64,
+    /// Sessions with no reply yet, and the most the table holds (past it, the oldest is
+    /// evicted for each new one).
+    pub unreplied: u64,
+    pub unreplied_capacity: u64,
+    /// Why the table needs attention (fill at or above [`FILL_WARNING_PERCENT`]), if it does.
+    pub warning: Option<String>,
     /// By owner member id.
     pub by_owner: BTreeMap<u8, u64>,
+}
+
+fn percent(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / of as f64
+    }
+}
+
+impl SessionSummary {
+    /// The summary of `sessions` in a table of `capacity`, `local` being this member.
+    pub fn new(sessions: &SessionsView, capacity: u64, local: u8) -> SessionSummary {
+        let owned = sessions.by_owner.get(&local).copied().unwrap_or(0);
+        let fill_percent = percent(sessions.total, capacity);
+        let unreplied_percent = percent(sessions.unreplied, sessions.unreplied_capacity);
+        let warning = if fill_percent >= FILL_WARNING_PERCENT {
+            Some(format!(
+                "session table {fill_percent:.0} % full: new flows are refused when it is full"
+            ))
+        } else if unreplied_percent >= FILL_WARNING_PERCENT {
+            Some(format!(
+                "unreplied sessions at {unreplied_percent:.0} % of their bound: the oldest are \
+                 being evicted (a flood or a scan?)"
+            ))
+        } else {
+            None
+        };
+        SessionSummary {
+            total: sessions.total,
+            capacity,
+            fill_percent,
+            owned,
+            cached: sessions.total.saturating_sub(owned),
+            unreplied: sessions.unreplied,
+            unreplied_capacity: sessions.unreplied_capacity,
+            warning,
+            by_owner: sessions.by_owner.clone(),
+        }
+    }
 }
 
 /// Where a link stands across the peers (see the module doc).
@@ -180,16 +235,7 @@ impl ClusterApi {
                 rejected: statistics.rejected.values().sum(),
             },
             links,
-            sessions: SessionSummary {
-                total: sessions.total,
-                capacity: *capacity,
-                fill_percent: if *capacity == 0 {
-                    0.0
-                } else {
-                    sessions.total as f64 * 100.0 / *capacity as f64
-                },
-                by_owner: sessions.by_owner.clone(),
-            },
+            sessions: SessionSummary::new(sessions, *capacity, members.local),
             members: members.clone(),
             statistics: statistics.clone(),
         }

@@ -115,10 +115,13 @@ async fn the_api_summarises_the_views() {
         serde_json::json!({"status": "down", "up": 0, "down": 1, "errors": 0})
     );
     assert_eq!(json["links"]["ha4-backup"]["status"], "not-configured");
+    // The table's own capacity (65,536 in the fake runtime's answer) wins over the config's.
     assert_eq!(
         json["sessions"],
         serde_json::json!({
-            "total": 3, "capacity": 300, "fill_percent": 1.0, "by_owner": {"1": 2, "2": 1}
+            "total": 3, "capacity": 65536, "fill_percent": 3.0 * 100.0 / 65536.0,
+            "owned": 2, "cached": 1, "unreplied": 3, "unreplied_capacity": 8192,
+            "warning": null, "by_owner": {"1": 2, "2": 1}
         })
     );
     // The views as `show` has them.
@@ -142,6 +145,28 @@ async fn the_api_summarises_the_views() {
     assert_eq!(ClusterApi::new(&all).cluster.state, "down");
     all.capacity = 0;
     assert_eq!(ClusterApi::new(&all).sessions.fill_percent, 0.0);
+}
+
+/// The table warns from 90 % full, of all sessions or of the unreplied ones' bound.
+#[test]
+fn the_session_table_warns_from_ninety_percent() {
+    let view = |total: u64, unreplied: u64| SessionsView {
+        total,
+        by_owner: BTreeMap::from([(1, total)]),
+        unreplied,
+        capacity: 1000,
+        unreplied_capacity: 100,
+        sessions: None,
+    };
+    let warning = |v: &SessionsView| SessionSummary::new(v, 1000, 1).warning;
+    assert_eq!(warning(&view(899, 0)), None);
+    let full = warning(&view(900, 0)).expect("90 % full");
+    assert!(full.contains("session table 90 % full"), "{full}");
+    assert_eq!(warning(&view(500, 89)), None);
+    let flood = warning(&view(500, 95)).expect("unreplied bound");
+    assert!(flood.contains("unreplied sessions at 95 %"), "{flood}");
+    let s = SessionSummary::new(&view(500, 95), 1000, 1);
+    assert_eq!((s.owned, s.cached), (500, 0));
 }
 
 #[test]
@@ -173,6 +198,11 @@ fn the_page_is_self_contained_and_has_what_the_script_fills() {
         "ha4-backup-status",
         "ha4-backup-detail",
         "ha4-backup-errors",
+        "sessions-owned",
+        "sessions-cached",
+        "sessions-unreplied",
+        "sessions-unreplied-capacity",
+        "sessions-warning",
         "rejected",
         "sessions-total",
         "sessions-capacity",

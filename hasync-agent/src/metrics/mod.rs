@@ -23,7 +23,9 @@
 //! | `link_state{member, link, state}` | gauge | 1 for the HA4 / HA4 backup link's state (`up`, `down`, `not-configured`) to a peer; for the local member, its own interface |
 //! | `sessions` | gauge | entries in the local session table |
 //! | `sessions_by_owner{owner}` | gauge | entries in the local table by owner member |
-//! | `session_capacity` | gauge | capacity of the session table |
+//! | `sessions_held{kind}` | gauge | `owned` (this member's: the session table) and `cached` (peers': the session cache) |
+//! | `session_capacity` | gauge | capacity of the session table (owned and cached share it) |
+//! | `sessions_unreplied`, `sessions_unreplied_capacity` | gauge | sessions with no reply yet (the evictable ones), and their bound |
 //! | `sync_records_sent_total{peer, link}`, `..._received_total` | counter | session records |
 //! | `sync_frames_sent_total{peer, link}`, `..._received_total` | counter | sync frames |
 //! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
@@ -186,12 +188,18 @@ impl Source {
                 }
             }
         };
+        // The table's own capacity (a pinned table keeps its size) unless the agent is too old
+        // to say it.
+        let capacity = match sessions.capacity {
+            0 => self.capacity,
+            n => n,
+        };
         Ok(Snapshot {
             members,
             statistics,
             counters,
             sessions,
-            capacity: self.capacity,
+            capacity,
             description: self.description.clone(),
         })
     }
@@ -326,6 +334,70 @@ fn state_rows(base: &Labels, known: &[&'static str], current: &str) -> Vec<(Labe
     rows
 }
 
+/// The session table: what it holds (owned here, peers' copies, unreplied) against its
+/// capacities.
+fn encode_sessions(
+    e: &mut DescriptorEncoder,
+    sessions: &SessionsView,
+    capacity: u64,
+    local: u8,
+) -> fmt::Result {
+    let owned = sessions.by_owner.get(&local).copied().unwrap_or(0);
+    gauges(
+        e,
+        "sessions",
+        "Sessions in the local session table.",
+        None,
+        [(Labels::new(), sessions.total)],
+    )?;
+    gauges(
+        e,
+        "sessions_by_owner",
+        "Sessions in the local session table, by owner member.",
+        None,
+        sessions
+            .by_owner
+            .iter()
+            .map(|(owner, n)| (vec![("owner", owner.to_string())], *n)),
+    )?;
+    gauges(
+        e,
+        "sessions_held",
+        "Sessions in the local table by kind: `owned` (this member's, the session table) and \
+         `cached` (peers' copies, the session cache); both share `session_capacity`.",
+        None,
+        [
+            (vec![("kind", "owned".to_owned())], owned),
+            (
+                vec![("kind", "cached".to_owned())],
+                sessions.total.saturating_sub(owned),
+            ),
+        ],
+    )?;
+    gauges(
+        e,
+        "session_capacity",
+        "Capacity of the local session table.",
+        None,
+        [(Labels::new(), capacity)],
+    )?;
+    gauges(
+        e,
+        "sessions_unreplied",
+        "Sessions that saw no reply yet: past `sessions_unreplied_capacity`, each new one \
+         evicts the oldest (replied sessions are never evicted).",
+        None,
+        [(Labels::new(), sessions.unreplied)],
+    )?;
+    gauges(
+        e,
+        "sessions_unreplied_capacity",
+        "Unreplied sessions the table holds at most.",
+        None,
+        [(Labels::new(), sessions.unreplied_capacity)],
+    )
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let Snapshot {
@@ -415,31 +487,7 @@ impl Collector for SnapshotCollector {
             }),
         )?;
 
-        // The session table.
-        gauges(
-            &mut e,
-            "sessions",
-            "Sessions in the local session table.",
-            None,
-            [(Labels::new(), sessions.total)],
-        )?;
-        gauges(
-            &mut e,
-            "sessions_by_owner",
-            "Sessions in the local session table, by owner member.",
-            None,
-            sessions
-                .by_owner
-                .iter()
-                .map(|(owner, n)| (vec![("owner", owner.to_string())], *n)),
-        )?;
-        gauges(
-            &mut e,
-            "session_capacity",
-            "Capacity of the local session table.",
-            None,
-            [(Labels::new(), *capacity)],
-        )?;
+        encode_sessions(&mut e, sessions, *capacity, members.local)?;
 
         // Sync, per peer and link.
         let links: Vec<(Labels, &crate::control::view::LinkStatisticsView)> = statistics

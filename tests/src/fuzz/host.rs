@@ -326,7 +326,7 @@ fn answer(request: Request) -> Response {
                 for (key, session) in sample_sessions() {
                     page.add(&key, &session);
                 }
-                page.finish()
+                page.finish(65536, 8192)
             }))
         }
         Request::ShowCounters { prefix } => {
