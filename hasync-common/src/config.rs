@@ -46,8 +46,13 @@ pub struct DatapathConfig {
     /// that the table holds at most (0: no limit, nothing is evicted). Set by the agent from
     /// the map it loaded.
     pub embryo_slots: u32,
+    /// Slots of the replicas' part of the EMBRYOS ring: peers' unreplied sessions held at most
+    /// (0: no limit). Set by the agent like `embryo_slots`.
+    pub embryo_replica_slots: u32,
+    /// Padding; zero.
+    pub _pad2: u32,
 }
-crate::assert_size!(DatapathConfig, 80);
+crate::assert_size!(DatapathConfig, 88);
 
 impl DatapathConfig {
     /// Firewall defaults for `local` member.
@@ -66,6 +71,8 @@ impl DatapathConfig {
             malformed: MalformedAction::Drop as u8,
             _pad: 0,
             embryo_slots: 0,
+            embryo_replica_slots: 0,
+            _pad2: 0,
         }
     }
 }

@@ -13,11 +13,15 @@ pub const COUNTERS: &str = "COUNTERS";
 /// Ring buffer of `Event`s.
 pub const EVENTS: &str = "EVENTS";
 /// Array of `EmbryoSlot`: the admission ring of unreplied sessions (see
-/// [`crate::session::EmbryoSlot`]), one part of `DatapathConfig::embryo_slots` slots per
-/// possible CPU; the agent sizes it at load time.
+/// [`crate::session::EmbryoSlot`]): first the part for peers' replicas
+/// (`DatapathConfig::embryo_replica_slots`), then one part of `DatapathConfig::embryo_slots`
+/// per possible CPU for the sessions traffic creates here; the agent sizes it at load time.
 pub const EMBRYOS: &str = "EMBRYOS";
 /// Per-CPU array of one `u64`: the tickets each CPU's part of the EMBRYOS ring handed out.
 pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
+/// Array of one `u64`: the tickets the replicas' part of the EMBRYOS ring handed out (only the
+/// install program writes it, and the agent runs it one batch at a time).
+pub const REPLICA_EMBRYO_HEAD: &str = "REPLICA_EMBRYO_HEAD";
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never

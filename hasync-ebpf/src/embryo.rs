@@ -5,9 +5,11 @@
 //! sessions are never evicted: the table never drops an established connection to make room
 //! (see `hasync_common::EmbryoSlot`).
 //!
-//! The ring is cut into one part per CPU, each with its own ticket counter: no atomic
-//! operation and no cache line shared between CPUs on the path a flood takes (the BPF target
-//! has no atomic read-modify-write in Rust's core, and a shared counter would bounce).
+//! The ring is cut into parts, each with its own ticket counter and a single writer: one per
+//! CPU for the sessions traffic creates (no atomic operation and no cache line shared between
+//! CPUs on the path a flood takes: the BPF target has no atomic read-modify-write in Rust's
+//! core, and a shared counter would bounce), and one for peers' replicas, which only the
+//! install program writes (the agent runs it one batch at a time, on whatever CPU).
 //!
 //! There is no compare-and-delete for BPF hash maps: a reply that lands on another CPU between
 //! the check and the delete of the oldest unreplied session (a window of nanoseconds) is lost
@@ -18,8 +20,37 @@ use hasync_common::{Counter, Counters, DatapathConfig, EventKind, FlowKey, Sessi
 
 use crate::{
     events::{prepare, submit},
-    maps::{EMBRYOS, EMBRYO_HEAD, SESSIONS},
+    maps::{EMBRYOS, EMBRYO_HEAD, REPLICA_EMBRYO_HEAD, SESSIONS},
 };
+
+/// Which part of the ring a session is admitted to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The part of the CPU the program runs on: sessions created by traffic here.
+    ThisCpu,
+    /// The replicas' part: sessions installed from peers.
+    Replicas,
+}
+
+/// The head (ticket counter), slot count and first slot of `part`.
+#[inline(always)]
+fn part(cfg: &DatapathConfig, part: Part) -> Option<(*mut u64, u32, u32)> {
+    match part {
+        Part::Replicas => Some((
+            REPLICA_EMBRYO_HEAD.get_ptr_mut(0)?,
+            cfg.embryo_replica_slots,
+            0,
+        )),
+        Part::ThisCpu => {
+            // SAFETY: the helper takes no arguments.
+            let cpu = unsafe { bpf_get_smp_processor_id() };
+            let first = cpu
+                .wrapping_mul(cfg.embryo_slots)
+                .wrapping_add(cfg.embryo_replica_slots);
+            Some((EMBRYO_HEAD.get_ptr_mut(0)?, cfg.embryo_slots, first))
+        }
+    }
+}
 
 /// The eviction counter of a session last in `state`.
 #[inline(always)]
@@ -48,29 +79,32 @@ fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
     }
 }
 
-/// Gives `session`, about to enter the table under `key` unreplied, the next ticket of the
-/// ring, evicting the slot's previous holder if it is still unreplied (an `Evicted` event
-/// carries it to the agent). Without a ring (`embryo_slots` 0) nothing is evicted.
+/// Gives `session`, about to enter the table under `key` unreplied, the next ticket of `to`,
+/// evicting the slot's previous holder if it is still unreplied (an `Evicted` event carries it
+/// to the agent). Without slots in that part nothing is evicted.
 #[inline(always)]
-pub fn admit(cfg: &DatapathConfig, counters: &mut Counters, key: &FlowKey, session: &mut Session) {
-    let slots = cfg.embryo_slots;
+pub fn admit(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    key: &FlowKey,
+    session: &mut Session,
+    to: Part,
+) {
+    let Some((head, slots, first)) = part(cfg, to) else {
+        return;
+    };
     if slots == 0 {
         return;
     }
-    let Some(head) = EMBRYO_HEAD.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU value; no other program runs on this CPU while this one does.
+    // SAFETY: a map value valid for the program's run, with one writer: a per-CPU value of
+    // this CPU, or the replicas' head, which only the (serialized) install program writes.
     let head = unsafe { &mut *head };
     let ticket = *head as u32;
     *head = head.wrapping_add(1);
-    // SAFETY: the helper takes no arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let index = cpu.wrapping_mul(slots).wrapping_add(ticket % slots);
-    let Some(slot) = EMBRYOS.get_ptr_mut(index) else {
+    let Some(slot) = EMBRYOS.get_ptr_mut(first.wrapping_add(ticket % slots)) else {
         return;
     };
-    // SAFETY: array value valid for the program's run; only this CPU uses this part.
+    // SAFETY: array value valid for the program's run; the part has this one writer.
     let slot = unsafe { &mut *slot };
     if let Some(held) = SESSIONS.get_ptr_mut(slot.key) {
         // SAFETY: the value stays valid for the program's run.

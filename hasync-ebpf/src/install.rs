@@ -163,7 +163,7 @@ fn admit(
     if incoming.is_embryonic() {
         match local {
             Some(l) if l.is_embryonic() => incoming.ticket = l.ticket,
-            _ => embryo::admit(cfg, counters, key, incoming),
+            _ => embryo::admit(cfg, counters, key, incoming, embryo::Part::Replicas),
         }
     }
 }

@@ -266,7 +266,7 @@ fn miss(
         ticket: 0,
     };
     // A new session is unreplied: it may evict the oldest unreplied one, never anything else.
-    embryo::admit(cfg, counters, &pkt.key, &mut session);
+    embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);
     if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {
         return not_tracked(cfg, counters, e);
     }

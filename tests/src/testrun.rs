@@ -82,13 +82,14 @@ impl TestDatapath {
         Self::load_sized(config, TEST_CAPACITY)
     }
 
-    /// Like [`Self::load_with`], with a session table of `capacity` entries, all of which
-    /// unreplied sessions may take (however many CPUs share the ring, test runs on one CPU
-    /// see only its part: `DatapathConfig::embryo_slots`).
+    /// Like [`Self::load_with`], with a session table of `capacity` entries, as much of which
+    /// unreplied sessions may take as there can be (half for this member's own, half for
+    /// replicas; however many CPUs share the ring, test runs on one CPU see only its part:
+    /// `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
         let mut opts = DatapathOptions::new(config.local_member);
         opts.session_capacity = capacity;
-        opts.embryonic_capacity = Some(capacity);
+        opts.embryonic_capacity = Some(capacity / 2);
         opts.config = config;
         let mut dp = Datapath::load(&opts).context("loading the XDP program")?;
         if config.local_member.is_valid() {

@@ -132,7 +132,8 @@ pub struct Local {
     pub session_capacity: u32,
     /// Unreplied sessions (a SYN, a datagram, an echo request not answered yet) the table
     /// holds at most; past this, each new one evicts the oldest, and replied sessions are
-    /// never evicted. Default: one eighth of `session_capacity`.
+    /// never evicted. Peers' unreplied sessions get as many again, so at most half of
+    /// `session_capacity`. Default: one eighth of `session_capacity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embryonic_capacity: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
@@ -319,7 +320,8 @@ impl Config {
                 &mut p,
                 "local.embryonic_capacity",
                 u64::from(e),
-                (1, u64::from(l.session_capacity)),
+                // As many again are kept for peers' unreplied sessions.
+                (1, u64::from(l.session_capacity / 2)),
             );
         }
         check_pin_dir(&mut p, &l.pin_dir);

@@ -62,7 +62,10 @@ pub enum DatapathError {
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
     CapacityOutOfRange(u32),
-    #[error("embryonic capacity {embryonic} is larger than the session table ({table} sessions)")]
+    #[error(
+        "embryonic capacity {embryonic} is more than half the session table ({table} sessions): \
+         peers' unreplied sessions get as many again"
+    )]
     EmbryonicCapacity { embryonic: u32, table: u32 },
     #[error("counting the possible CPUs: {0}")]
     PossibleCpus(#[source] std::io::Error),
@@ -202,7 +205,8 @@ impl DatapathOptions {
     }
 }
 
-/// How the EMBRYOS ring is cut: `per_cpu` slots for each of `cpus` possible CPUs.
+/// How the EMBRYOS ring is cut: `per_cpu` slots for each of `cpus` possible CPUs (this
+/// member's own unreplied sessions), and as many again for peers' replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbryoRing {
     pub per_cpu: u32,
@@ -210,11 +214,12 @@ pub struct EmbryoRing {
 }
 
 impl EmbryoRing {
-    /// The ring for at most `capacity` unreplied sessions in a table of `table` entries, on
-    /// `cpus` possible CPUs: at least one slot per CPU. `None` for a capacity above the table's.
+    /// The ring for at most `capacity` unreplied sessions of this member's own (and as many
+    /// replicas) in a table of `table` entries, on `cpus` possible CPUs: at least one slot per
+    /// CPU. `None` when both together could take more than the table.
     pub fn new(capacity: Option<u32>, table: u32, cpus: u32) -> Option<EmbryoRing> {
         let capacity = capacity.unwrap_or(table / names::EMBRYONIC_SHARE);
-        if capacity > table {
+        if capacity > table / 2 {
             return None;
         }
         let cpus = cpus.max(1);
@@ -224,9 +229,14 @@ impl EmbryoRing {
         })
     }
 
-    /// Slots in the EMBRYOS map.
-    pub fn slots(&self) -> u32 {
+    /// Slots of the parts for this member's own sessions, together; as many for replicas.
+    pub fn local_slots(&self) -> u32 {
         self.per_cpu.saturating_mul(self.cpus)
+    }
+
+    /// Slots in the EMBRYOS map: replicas' part, then the CPUs' parts.
+    pub fn slots(&self) -> u32 {
+        self.local_slots().saturating_mul(2)
     }
 }
 
@@ -322,7 +332,8 @@ impl Datapath {
         self.capacity
     }
 
-    /// Unreplied sessions the table holds at most (all CPUs' parts of the EMBRYOS ring).
+    /// Unreplied sessions the table holds at most: this member's own (all CPUs' parts of the
+    /// EMBRYOS ring) and as many peers' replicas.
     pub fn embryonic_capacity(&self) -> u32 {
         self.embryos.slots()
     }
@@ -421,6 +432,7 @@ impl Datapath {
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let cfg = DatapathConfig {
             embryo_slots: self.embryos.per_cpu,
+            embryo_replica_slots: self.embryos.local_slots(),
             ..*cfg
         };
         let mut map: Array<_, DatapathConfig> =
@@ -654,6 +666,21 @@ fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embryo_ring_is_cut_per_cpu_and_doubled_for_replicas() {
+        let ring = EmbryoRing::new(None, 1024, 2).expect("default share");
+        assert_eq!(
+            (ring.per_cpu, ring.local_slots(), ring.slots()),
+            (64, 128, 256)
+        );
+        // Every CPU gets a slot, whatever the share.
+        let ring = EmbryoRing::new(Some(1), 1024, 4).expect("tiny");
+        assert_eq!((ring.per_cpu, ring.slots()), (1, 8));
+        // Own and replicas' together may take the whole table, not more.
+        assert!(EmbryoRing::new(Some(512), 1024, 2).is_some());
+        assert_eq!(EmbryoRing::new(Some(513), 1024, 2), None);
+    }
 
     #[test]
     fn error_chains_show_the_errno_once() {

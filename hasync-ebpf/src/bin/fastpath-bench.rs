@@ -4,8 +4,9 @@
 //! `hasync`, same name and maps as the product so the agent's loader drives it), and the
 //! baselines it is compared with, which parse the same headers and apply the identical mixing:
 //! - `base_parse`: parse and pass;
-//! - `base_lookup`: parse plus exactly one LRU-hash lookup;
-//! - `base_insert`: parse plus exactly one LRU-hash insert.
+//! - `base_lookup`: parse plus exactly one hash lookup (the product's table type);
+//! - `base_insert`: parse plus exactly one LRU-hash insert: a table that makes room for new
+//!   entries by itself, as the product's admission ring does for unreplied sessions.
 #![no_std]
 #![no_main]
 #![deny(
@@ -17,7 +18,7 @@
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY},
     macros::{map, xdp},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use hasync_common::{maps::DEFAULT_SESSION_CAPACITY, FlowKey, Session};
@@ -34,9 +35,14 @@ static BENCH_ITER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BENCH_PARAMS: Array<u64> = Array::with_max_entries(2, 0);
 
-/// The baselines' table: same type, key, value and size as SESSIONS.
+/// The lookup baseline's table: same type, key, value and size as SESSIONS.
 #[map]
-static BASE_TABLE: LruHashMap<FlowKey, Session> =
+static BASE_TABLE: HashMap<FlowKey, Session> =
+    HashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
+
+/// The insert baseline's table: same key, value and size, evicting by itself.
+#[map]
+static BASE_LRU: LruHashMap<FlowKey, Session> =
     LruHashMap::with_max_entries(DEFAULT_SESSION_CAPACITY, 0);
 
 /// Writes the iteration's index into `addr_hi[2]`, a word IPv4 keys leave zero.
@@ -107,7 +113,7 @@ pub fn base_insert(ctx: XdpContext) -> u32 {
         version: 1,
         ..Session::default()
     };
-    match BASE_TABLE.insert(key, value, BPF_ANY as u64) {
+    match BASE_LRU.insert(key, value, BPF_ANY as u64) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(_) => xdp_action::XDP_DROP,
     }
