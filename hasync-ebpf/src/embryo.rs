@@ -93,15 +93,16 @@ pub fn admit(
     let Some((head, slots, first)) = part(cfg, to) else {
         return;
     };
-    if slots == 0 {
-        return;
-    }
     // SAFETY: a map value valid for the program's run, with one writer: a per-CPU value of
     // this CPU, or the replicas' head, which only the (serialized) install program writes.
     let head = unsafe { &mut *head };
     let ticket = *head as u32;
     *head = head.wrapping_add(1);
-    let Some(slot) = EMBRYOS.get_ptr_mut(first.wrapping_add(ticket % slots)) else {
+    // No slots in that part: nothing is admitted, nothing evicted.
+    let Some(offset) = ticket.checked_rem(slots) else {
+        return;
+    };
+    let Some(slot) = EMBRYOS.get_ptr_mut(first.wrapping_add(offset)) else {
         return;
     };
     // SAFETY: array value valid for the program's run; the part has this one writer.
