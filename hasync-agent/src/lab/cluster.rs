@@ -50,6 +50,8 @@ pub struct MemberOverride {
 pub struct ClusterOptions {
     pub cluster_id: u32,
     pub session_capacity: u32,
+    /// `[local] embryonic_capacity` (default: the agent's, 1/8 of the table).
+    pub embryonic_capacity: Option<u32>,
     pub policy: PolicyName,
     pub keepalive_threshold_ms: Option<u64>,
     pub tentative_hold_s: Option<u64>,
@@ -75,6 +77,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             cluster_id: LAB_CLUSTER_ID,
             session_capacity: LAB_SESSION_CAPACITY,
+            embryonic_capacity: None,
             policy: PolicyName::Strict,
             keepalive_threshold_ms: None,
             tentative_hold_s: None,
@@ -218,6 +221,9 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         })
     ));
     line(format!("session_capacity = {}", options.session_capacity));
+    if let Some(n) = options.embryonic_capacity {
+        line(format!("embryonic_capacity = {n}"));
+    }
     let links: &[(Link, &str)] = if options.backup_link {
         &[(Link::Ha4, "ha4"), (Link::Ha4Backup, "ha4_backup")]
     } else {
