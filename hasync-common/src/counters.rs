@@ -59,8 +59,15 @@ counters! {
     PassUnconfigured = "pass-unconfigured",
     /// Non-IP frames (ARP, LLDP, ...), passed.
     PassNonIp = "pass-non-ip",
-    /// IP protocols that are not tracked (GRE, ESP, SCTP, ICMP errors, ND, ...), passed.
+    /// IP protocols that are not tracked (GRE, ESP, SCTP, ND, ...), passed.
     PassUntracked = "pass-untracked-protocol",
+    /// ICMP/ICMPv6 errors quoting a packet of a live session, back to its sender: passed.
+    IcmpErrorRelated = "icmp-error-related",
+    /// ICMP/ICMPv6 errors related to no live session (or unreadable, or going the wrong way),
+    /// dropped by the strict policy.
+    DropIcmpErrorUnrelated = "drop-icmp-error-unrelated",
+    /// The same, passed by the loose policy.
+    PassIcmpErrorUnrelated = "pass-icmp-error-unrelated",
     /// IPv4 non-first fragments (no ports), passed.
     PassFragment = "pass-fragment",
     /// IPv4 fragments with offset 0 (tracked by their ports).

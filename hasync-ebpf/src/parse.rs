@@ -1,6 +1,6 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4 (any IHL, fragments), IPv6 (bounded
-//! extension headers, fragments), TCP, UDP, ICMP/ICMPv6 echo. Every read goes through
-//! [`Frame::load`], the one bounds-checked accessor.
+//! extension headers, fragments), TCP, UDP, ICMP/ICMPv6 echo, and the packet an ICMP/ICMPv6
+//! error quotes. Every read goes through [`Frame::read`], the one bounds-checked accessor.
 
 use aya_ebpf::programs::XdpContext;
 use hasync_common::{
@@ -28,6 +28,13 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
+/// ICMP errors that quote the offending packet: destination unreachable, source quench,
+/// redirect, time exceeded, parameter problem.
+const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
+/// ICMPv6 errors: destination unreachable, packet too big, time exceeded, parameter problem.
+const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
+/// Bytes of an ICMP/ICMPv6 header before the quoted packet.
+const ICMP_HLEN: usize = 8;
 
 /// A parsed, trackable packet.
 pub struct Packet {
@@ -45,6 +52,9 @@ pub struct Packet {
 /// Outcome of parsing one frame.
 pub enum Parsed {
     Track(Packet),
+    /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
+    /// be read and the error travels back to its sender (else `None`: related to nothing).
+    IcmpError(Option<FlowKey>),
     /// Not trackable but legitimate: pass, counting the reason.
     Pass(Counter),
     /// Truncated or malformed: counted by reason, passed or dropped by policy.
@@ -332,13 +342,23 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             }
-            let echo = if proto == IPPROTO_ICMP {
-                h[0] == ICMP_ECHO_REQUEST || h[0] == ICMP_ECHO_REPLY
+            let (echo, error) = if proto == IPPROTO_ICMP {
+                (
+                    h[0] == ICMP_ECHO_REQUEST || h[0] == ICMP_ECHO_REPLY,
+                    ICMP_ERRORS.contains(&h[0]),
+                )
             } else {
-                h[0] == ICMPV6_ECHO_REQUEST || h[0] == ICMPV6_ECHO_REPLY
+                (
+                    h[0] == ICMPV6_ECHO_REQUEST || h[0] == ICMPV6_ECHO_REPLY,
+                    ICMPV6_ERRORS.contains(&h[0]),
+                )
             };
+            if error {
+                let quoted = l4.wrapping_add(ICMP_HLEN);
+                return Parsed::IcmpError(quoted_flow(frame, family, dst, quoted));
+            }
             if !echo {
-                // Errors, neighbour discovery, ...: not sessions of their own.
+                // Neighbour discovery, MLD, timestamps, ...: not sessions of their own.
                 return Parsed::Pass(Counter::PassUntracked);
             }
             let id = raw16(h[4], h[5]);
@@ -354,4 +374,47 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         len: frame.len(),
         note,
     })
+}
+
+/// The key of the flow whose packet an ICMP error quotes at `at`, if the quoted IP header and
+/// the 8 bytes after it can be read, name a trackable flow (TCP, UDP, an echo; not a later
+/// fragment), and the error goes back to that packet's sender (`outer_dst`).
+#[inline(always)]
+fn quoted_flow(frame: &Frame, family: Family, outer_dst: [u32; 4], at: usize) -> Option<FlowKey> {
+    let (proto, src, dst, l4) = match family {
+        Family::V4 => {
+            let h = frame.read::<20>(at)?;
+            let hlen = ((h[0] & 0x0f) as usize).wrapping_mul(4);
+            let later_fragment = be16(h[6], h[7]) & 0x1fff != 0;
+            if h[0] >> 4 != 4 || hlen < 20 || later_fragment {
+                return None;
+            }
+            let src = [raw32(&h, 12), 0, 0, 0];
+            (h[9], src, [raw32(&h, 16), 0, 0, 0], at.wrapping_add(hlen))
+        }
+        Family::V6 => {
+            let h = frame.read::<IPV6_HLEN>(at)?;
+            if h[0] >> 4 != 6 {
+                return None;
+            }
+            let src = [raw32(&h, 8), raw32(&h, 12), raw32(&h, 16), raw32(&h, 20)];
+            let dst = [raw32(&h, 24), raw32(&h, 28), raw32(&h, 32), raw32(&h, 36)];
+            (h[6], src, dst, at.wrapping_add(IPV6_HLEN))
+        }
+    };
+    if src != outer_dst {
+        return None;
+    }
+    let q = frame.read::<8>(l4)?;
+    let (sport, dport) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => (raw16(q[0], q[1]), raw16(q[2], q[3])),
+        IPPROTO_ICMP if q[0] == ICMP_ECHO_REQUEST || q[0] == ICMP_ECHO_REPLY => {
+            (raw16(q[4], q[5]), raw16(q[4], q[5]))
+        }
+        IPPROTO_ICMPV6 if q[0] == ICMPV6_ECHO_REQUEST || q[0] == ICMPV6_ECHO_REPLY => {
+            (raw16(q[4], q[5]), raw16(q[4], q[5]))
+        }
+        _ => return None,
+    };
+    Some(FlowKey::canonical(family, proto, src, sport, dst, dport).0)
 }

@@ -59,6 +59,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
             M::mix(&mut pkt.key);
             track(ctx, cfg, counters, &pkt)
         }
+        Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
         Parsed::Pass(reason) => {
             counters.inc(reason);
             xdp_action::XDP_PASS
@@ -73,6 +74,31 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         }
+    }
+}
+
+/// An ICMP/ICMPv6 error passes when the flow it quotes has a live session (conntrack's
+/// RELATED); otherwise the strict policy drops it, the loose one passes it, counted either way.
+/// It changes nothing in the session.
+#[inline(always)]
+fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<FlowKey>) -> u32 {
+    if let Some(key) = quoted {
+        // SAFETY: plain-data value, read by copy of the fields needed.
+        if let Some(s) = unsafe { SESSIONS.get(key) } {
+            // SAFETY: the helper takes no arguments and only reads the clock.
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            if !expired(now, s.last_seen_ns, timeout_ns(cfg, s.state)) {
+                counters.inc(Counter::IcmpErrorRelated);
+                return xdp_action::XDP_PASS;
+            }
+        }
+    }
+    if cfg.policy == Policy::Loose as u8 {
+        counters.inc(Counter::PassIcmpErrorUnrelated);
+        xdp_action::XDP_PASS
+    } else {
+        counters.inc(Counter::DropIcmpErrorUnrelated);
+        xdp_action::XDP_DROP
     }
 }
 

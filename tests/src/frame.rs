@@ -102,6 +102,8 @@ pub struct Frame {
     l4: L4,
     vlans: Vec<u16>,
     payload: usize,
+    /// Payload bytes instead of `payload` filler (an ICMP error's offending packet).
+    embedded: Option<Vec<u8>>,
     ipv4_options: usize,
     ipv4_fragment: Option<(u16, bool)>,
     ipv6_exts: Vec<(Ipv6Ext, u8)>,
@@ -127,6 +129,7 @@ impl Frame {
             l4,
             vlans: Vec::new(),
             payload: 0,
+            embedded: None,
             ipv4_options: 0,
             ipv4_fragment: None,
             ipv6_exts: Vec::new(),
@@ -169,6 +172,16 @@ impl Frame {
     /// (identifier field zero).
     pub fn icmp(a: IpAddr, b: IpAddr, ty: u8, code: u8) -> Self {
         Self::new(a, b, 0, 0, L4::Icmp { ty, code, id: 0 })
+    }
+
+    /// An ICMP/ICMPv6 error `a → b` (type `ty`, code `code`) quoting `offending` as routers do:
+    /// its IP header and the first 8 bytes of what follows.
+    pub fn icmp_error(a: IpAddr, b: IpAddr, ty: u8, code: u8, offending: &Frame) -> Self {
+        let (bytes, layout) = offending.build_with_layout();
+        let end = (layout.l4 + 8).min(bytes.len());
+        let mut f = Self::icmp(a, b, ty, code);
+        f.embedded = Some(bytes[layout.l3..end].to_vec());
+        f
     }
 
     /// An IP packet `a → b` of protocol `proto` with an 8-byte opaque header.
@@ -490,7 +503,10 @@ impl Frame {
             L4::Other(_) => h.extend_from_slice(&[0; 8]),
             L4::Arp => {}
         }
-        h.extend(payload);
+        match &self.embedded {
+            Some(bytes) => h.extend_from_slice(bytes),
+            None => h.extend(payload),
+        }
         h
     }
 

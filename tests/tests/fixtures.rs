@@ -44,6 +44,11 @@ fn ping(a: &str, b: &str, id: u16, request: bool) -> Frame {
     Frame::icmp_echo(ip(a), ip(b), id, request)
 }
 
+/// An ICMP error from `from` to `to` (addresses of the socket strings) quoting `offending`.
+fn icmp_error(from: &str, to: &str, ty: u8, offending: &Frame) -> Frame {
+    Frame::icmp_error(ip(from), ip(to), ty, 0, offending)
+}
+
 /// SYN, SYN-ACK, ACK between client `c` and server `s`.
 fn handshake(row: Row, c: &str, s: &str) -> Row {
     row.pass(tcp(c, s).syn())
@@ -485,21 +490,78 @@ fn udp_icmp_rows() -> Vec<Row> {
             .session(Expect::new(State::IcmpEcho).flags(F::INITIATOR_HI))
             .counters(&[(C::Creates, 1), (C::Events, 1)])
             .events(&[E::Created]),
-        Row::new("icmp errors pass untracked (v4)")
-            .pass(Frame::icmp(ip(S4), ip(C4), 3, 1))
-            .pass(Frame::icmp(ip(S4), ip(C4), 11, 0))
-            .pass(Frame::icmp(ip(S4), ip(C4), 5, 1))
+        // ICMP errors are RELATED: they pass only for a live session, back to the sender of
+        // the packet they quote.
+        Row::new("icmp errors for no session are dropped by the strict policy (v4)")
+            .drop(Frame::icmp(ip(S4), ip(C4), 3, 1))
+            .drop(Frame::icmp(ip(S4), ip(C4), 11, 0))
+            .drop(Frame::icmp(ip(S4), ip(C4), 5, 1))
+            .drop(icmp_error(S4, C4, 3, &udp(C4, S4)))
             .pass(Frame::icmp(ip(S4), ip(C4), 13, 0))
-            .counters(&[(C::PassUntracked, 4)]),
-        Row::new("icmpv6 errors and neighbour discovery pass untracked")
-            .pass(Frame::icmp(ip(S6), ip(C6), 1, 4))
-            .pass(Frame::icmp(ip(S6), ip(C6), 2, 0))
-            .pass(Frame::icmp(ip(S6), ip(C6), 3, 0))
+            .counters(&[(C::DropIcmpErrorUnrelated, 4), (C::PassUntracked, 1)]),
+        Row::new("icmp errors for no session pass the loose policy, counted")
+            .policy(Policy::Loose)
+            .pass(icmp_error(S4, C4, 3, &udp(C4, S4)))
+            .counters(&[(C::PassIcmpErrorUnrelated, 1)]),
+        Row::new("port unreachable for a udp session is related (v4)")
+            .pass(udp(C4, S4))
+            .pass(icmp_error(S4, C4, 3, &udp(C4, S4)))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[(C::Creates, 1), (C::IcmpErrorRelated, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("time exceeded for a tcp session, from a router on the path, is related (v4)")
+            .pass(tcp(C4, S4).syn())
+            .pass(icmp_error("198.18.9.1:0", C4, 11, &tcp(C4, S4).syn()))
+            .session(Expect::new(State::SynSent).tcp_flags(SYN, 0))
+            .counters(&[(C::Creates, 1), (C::IcmpErrorRelated, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("an error sent to the wrong end of the flow is unrelated (v4)")
+            .pass(udp(C4, S4))
+            .drop(icmp_error(C4, S4, 3, &udp(C4, S4)))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::DropIcmpErrorUnrelated, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("an error quoting another flow is unrelated (v4)")
+            .pass(udp(C4, S4))
+            .drop(icmp_error(S4, C4, 3, &udp("198.18.0.10:40001", S4)))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::DropIcmpErrorUnrelated, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("an error quoting an echo request is related to the echo (v4)")
+            .pass(ping(C4, S4, 7, true))
+            .pass(Frame::icmp_error(
+                ip(S4),
+                ip(C4),
+                3,
+                1,
+                &ping(C4, S4, 7, true),
+            ))
+            .session(Expect::new(State::IcmpEcho))
+            .counters(&[(C::Creates, 1), (C::IcmpErrorRelated, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("packet too big for a tcp session is related (v6)")
+            .pass(tcp(C6, S6).syn())
+            .pass(icmp_error("[fd00:9::1]:0", C6, 2, &tcp(C6, S6).syn()))
+            .session(Expect::new(State::SynSent).tcp_flags(SYN, 0))
+            .counters(&[(C::Creates, 1), (C::IcmpErrorRelated, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+        Row::new("icmpv6 errors for no session are dropped; neighbour discovery passes")
+            .drop(Frame::icmp(ip(S6), ip(C6), 1, 4))
+            .drop(Frame::icmp(ip(S6), ip(C6), 2, 0))
+            .drop(icmp_error(S6, C6, 3, &udp(C6, S6)))
             .pass(Frame::icmp(ip(C6), ip(S6), 133, 0))
             .pass(Frame::icmp(ip(S6), ip(C6), 134, 0))
             .pass(Frame::icmp(ip(C6), ip(S6), 135, 0).payload(16))
             .pass(Frame::icmp(ip(S6), ip(C6), 136, 0).payload(16))
-            .counters(&[(C::PassUntracked, 7)]),
+            .counters(&[(C::DropIcmpErrorUnrelated, 3), (C::PassUntracked, 4)]),
     ]
 }
 

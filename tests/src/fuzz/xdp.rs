@@ -29,6 +29,11 @@ const OUTCOMES: &[Counter] = &[
     Counter::Hits,
     Counter::Creates,
     Counter::CreateFailed,
+    Counter::DropTableFull,
+    Counter::PassTableFull,
+    Counter::IcmpErrorRelated,
+    Counter::DropIcmpErrorUnrelated,
+    Counter::PassIcmpErrorUnrelated,
     Counter::PassNoSessionLoose,
     Counter::DropNoSession,
     Counter::PassUntracked,
@@ -214,9 +219,19 @@ pub fn check_frame(verdict: Verdict, d: &CounterDelta) -> Result<()> {
         reasons == malformed,
         "{reasons} malformed reasons, {malformed} pass/drop"
     );
-    let drops = d.get(Counter::DropMalformed) + d.get(Counter::DropNoSession);
+    let drops = [
+        Counter::DropMalformed,
+        Counter::DropNoSession,
+        Counter::DropTableFull,
+        Counter::DropIcmpErrorUnrelated,
+    ]
+    .iter()
+    .map(|&c| d.get(c))
+    .sum::<u64>();
+    // A failed insert (other than a full table) is passed or dropped by the policy.
+    let create_failed = d.get(Counter::CreateFailed) == 1;
     ensure!(
-        (verdict == Verdict::Drop) == (drops == 1),
+        create_failed || (verdict == Verdict::Drop) == (drops == 1),
         "{drops} drop counters for {verdict}"
     );
     check_session_counters(d)
