@@ -68,11 +68,16 @@ counters! {
     DropIcmpErrorUnrelated = "drop-icmp-error-unrelated",
     /// The same, passed by the loose policy.
     PassIcmpErrorUnrelated = "pass-icmp-error-unrelated",
-    /// IPv4 non-first fragments (no ports), passed.
+    /// Later fragments (IPv4 and IPv6, no ports) of a datagram whose first fragment passed in
+    /// the last 10 s: passed.
     PassFragment = "pass-fragment",
+    /// Later fragments of no datagram whose first fragment passed: dropped (strict policy).
+    DropFragmentUnseenFirst = "drop-fragment-unseen-first",
+    /// The same, passed untracked (loose policy).
+    PassFragmentUnseenFirst = "pass-fragment-unseen-first",
     /// IPv4 fragments with offset 0 (tracked by their ports).
     Ipv4FirstFragment = "ipv4-first-fragment",
-    /// IPv6 fragments seen (first fragments are tracked, later ones passed).
+    /// IPv6 fragments seen (first fragments are tracked, later ones follow their first).
     Ipv6Fragment = "ipv6-fragment",
     /// TCP without SYN and without a session, passed by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",

@@ -46,6 +46,27 @@ pub struct FlowKey {
 }
 crate::assert_size!(FlowKey, 40);
 
+/// Key of the FRAGMENTS map: one fragmented datagram (source, destination, identification and
+/// protocol, as IPv4 and IPv6 reassembly match fragments). Later fragments carry no ports, so
+/// they pass only when their datagram's first fragment did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragmentKey {
+    /// Source address, network byte order.
+    pub src: [u32; 4],
+    /// Destination address, network byte order.
+    pub dst: [u32; 4],
+    /// Identification (IPv4: 16 bits), as on the wire.
+    pub id: u32,
+    /// IP protocol number of the payload.
+    pub proto: u8,
+    /// 4 or 6 (see [`Family`]).
+    pub family: u8,
+    /// Padding; zero.
+    pub _pad: [u8; 2],
+}
+crate::assert_size!(FragmentKey, 40);
+
 /// Numeric comparison of two addresses held in network byte order: is `a` lower than `b`, or
 /// equal?
 #[inline(always)]

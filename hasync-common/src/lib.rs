@@ -19,7 +19,7 @@ pub mod session;
 pub use config::{DatapathConfig, MalformedAction, Policy};
 pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
-pub use flow::{Family, FlowKey};
+pub use flow::{Family, FlowKey, FragmentKey};
 pub use ids::{MemberId, ZoneId};
 pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
 pub use member::MemberEntry;
@@ -64,5 +64,6 @@ mod pod {
         ReadHeader,
         ReadSlot,
         EmbryoSlot,
+        FragmentKey,
     );
 }

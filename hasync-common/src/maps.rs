@@ -22,6 +22,13 @@ pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
 /// Array of one `u64`: the tickets the replicas' part of the EMBRYOS ring handed out (only the
 /// install program writes it, and the agent runs it one batch at a time).
 pub const REPLICA_EMBRYO_HEAD: &str = "REPLICA_EMBRYO_HEAD";
+/// LRU hash: `FragmentKey` → when its first fragment passed (`u64`, session clock ns).
+pub const FRAGMENTS: &str = "FRAGMENTS";
+/// Fragmented datagrams remembered at once (the oldest is forgotten first).
+pub const FRAGMENTS_CAPACITY: u32 = 8192;
+/// How long after its first fragment a datagram's later fragments pass (reassembly gives up
+/// after 30 s by default; fragments of one datagram arrive within milliseconds).
+pub const FRAGMENT_WINDOW_NS: u64 = 10_000_000_000;
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never

@@ -3,12 +3,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use hasync_common::{
-    maps::{DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, MAX_ZONE_INTERFACES},
+    maps::{
+        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FRAGMENTS_CAPACITY,
+        MAX_ZONE_INTERFACES,
+    },
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, EmbryoSlot, FlowKey, MemberEntry, Session, ZoneId,
+    Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneId,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Unreplied sessions are bounded and
@@ -26,6 +29,10 @@ pub static EMBRYO_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static REPLICA_EMBRYO_HEAD: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =
+    LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
 
 #[map]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -6,7 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use hasync_common::{
     flow::{Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     session::tcp,
-    Counter, FlowKey,
+    Counter, FlowKey, FragmentKey,
 };
 
 const ETH_HLEN: usize = 14;
@@ -47,11 +47,17 @@ pub struct Packet {
     pub len: u64,
     /// An extra counter to bump (first fragments), if any.
     pub note: Option<Counter>,
+    /// The identification of the datagram, when this is its first fragment: once the packet
+    /// passes, its later fragments may follow.
+    pub first_fragment: Option<u32>,
 }
 
 /// Outcome of parsing one frame.
 pub enum Parsed {
     Track(Packet),
+    /// A later fragment (no transport header) of the datagram `FragmentKey`; `note` is an extra
+    /// counter to bump.
+    LaterFragment(FragmentKey, Option<Counter>),
     /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
     /// be read and the error travels back to its sender (else `None`: related to nothing).
     IcmpError(Option<FlowKey>),
@@ -123,6 +129,8 @@ struct L3 {
     end: usize,
     /// Fragment note carried to [`Packet::note`].
     note: Option<Counter>,
+    /// Carried to [`Packet::first_fragment`].
+    first_fragment: Option<u32>,
 }
 
 #[inline(always)]
@@ -182,23 +190,30 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         return Err(Parsed::Malformed(Counter::ErrIpv4TotalLen));
     }
     let frag = be16(h[6], h[7]);
+    let src = [raw32(&h, 12), 0, 0, 0];
+    let dst = [raw32(&h, 16), 0, 0, 0];
+    let id = u32::from(raw16(h[4], h[5]));
     if frag & 0x1fff != 0 {
         // A later fragment: no transport header to read.
-        return Err(Parsed::Pass(Counter::PassFragment));
+        return Err(Parsed::LaterFragment(
+            fragment_key(Family::V4, h[9], src, dst, id),
+            None,
+        ));
     }
-    let note = if frag & 0x2000 != 0 {
-        Some(Counter::Ipv4FirstFragment)
+    let (note, first_fragment) = if frag & 0x2000 != 0 {
+        (Some(Counter::Ipv4FirstFragment), Some(id))
     } else {
-        None
+        (None, None)
     };
     Ok(L3 {
         family: Family::V4,
         proto: h[9],
-        src: [raw32(&h, 12), 0, 0, 0],
-        dst: [raw32(&h, 16), 0, 0, 0],
+        src,
+        dst,
         l4: off.wrapping_add(hlen),
         end: off.wrapping_add(total),
         note,
+        first_fragment,
     })
 }
 
@@ -221,6 +236,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     let dst = [raw32(&h, 24), raw32(&h, 28), raw32(&h, 32), raw32(&h, 36)];
     let mut l4 = off.wrapping_add(IPV6_HLEN);
     let mut note = None;
+    let mut first_fragment = None;
     let mut i = 0;
     while i < IPV6_MAX_EXT {
         match next {
@@ -249,10 +265,13 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 }
                 note = Some(Counter::Ipv6Fragment);
+                let id = raw32(&e, 4);
                 if be16(e[2], e[3]) & 0xfff8 != 0 {
                     // A later fragment: no transport header to read.
-                    return Err(Parsed::Pass(Counter::Ipv6Fragment));
+                    let key = fragment_key(Family::V6, e[0], src, dst, id);
+                    return Err(Parsed::LaterFragment(key, note));
                 }
+                first_fragment = Some(id);
                 next = e[0];
                 l4 = l4.wrapping_add(8);
             }
@@ -265,6 +284,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     l4,
                     end,
                     note,
+                    first_fragment,
                 })
             }
         }
@@ -282,6 +302,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
             l4,
             end,
             note,
+            first_fragment,
         }),
     }
 }
@@ -308,6 +329,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         l4,
         end,
         note,
+        first_fragment,
     } = l3;
     let (sport, dport, flags) = match proto {
         IPPROTO_TCP => {
@@ -373,6 +395,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         tcp_flags: flags,
         len: frame.len(),
         note,
+        first_fragment,
     })
 }
 
@@ -417,4 +440,33 @@ fn quoted_flow(frame: &Frame, family: Family, outer_dst: [u32; 4], at: usize) ->
         _ => return None,
     };
     Some(FlowKey::canonical(family, proto, src, sport, dst, dport).0)
+}
+
+#[inline(always)]
+fn fragment_key(family: Family, proto: u8, src: [u32; 4], dst: [u32; 4], id: u32) -> FragmentKey {
+    FragmentKey {
+        src,
+        dst,
+        id,
+        proto,
+        family: family as u8,
+        _pad: [0; 2],
+    }
+}
+
+/// The datagram `pkt` is the first fragment of (its identification is `id`).
+#[inline(always)]
+pub fn first_fragment_key(pkt: &Packet, id: u32) -> FragmentKey {
+    let k = &pkt.key;
+    let (src, dst) = if pkt.src_is_hi {
+        (k.addr_hi, k.addr_lo)
+    } else {
+        (k.addr_lo, k.addr_hi)
+    };
+    let family = if k.family == Family::V6 as u8 {
+        Family::V6
+    } else {
+        Family::V4
+    };
+    fragment_key(family, k.proto, src, dst, id)
 }

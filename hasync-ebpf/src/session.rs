@@ -7,16 +7,17 @@ use aya_ebpf::{
 };
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
+    maps::FRAGMENT_WINDOW_NS,
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
-    Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Policy, Session,
-    SessionFlags, State, ZoneId,
+    Counter, Counters, DatapathConfig, EventKind, FlowKey, FragmentKey, MalformedAction, Policy,
+    Session, SessionFlags, State, ZoneId,
 };
 
 use crate::{
     embryo,
     events::emit,
-    maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS, ZONES},
-    parse::{parse, Packet, Parsed},
+    maps::{CONFIG, COUNTERS, FRAGMENTS, MEMBERS, SESSIONS, ZONES},
+    parse::{first_fragment_key, parse, Packet, Parsed},
 };
 
 /// `E2BIG`: what a full hash map answers to an insert.
@@ -57,8 +58,13 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
     match parse(ctx) {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
-            track(ctx, cfg, counters, &pkt)
+            let verdict = track(ctx, cfg, counters, &pkt);
+            if let (Some(id), xdp_action::XDP_PASS) = (pkt.first_fragment, verdict) {
+                remember_datagram(&first_fragment_key(&pkt, id));
+            }
+            verdict
         }
+        Parsed::LaterFragment(datagram, note) => later_fragment(cfg, counters, &datagram, note),
         Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
         Parsed::Pass(reason) => {
             counters.inc(reason);
@@ -74,6 +80,47 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         }
+    }
+}
+
+/// A first fragment passed: its datagram's later fragments may follow for a while.
+#[inline(always)]
+fn remember_datagram(datagram: &FragmentKey) {
+    // SAFETY: the helper takes no arguments and only reads the clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A full table forgets its oldest datagram; a failed insert leaves the later fragments to
+    // the policy, as an unseen first fragment would.
+    let _ = FRAGMENTS.insert(datagram, now, BPF_ANY as u64);
+}
+
+/// A later fragment (no ports to track) passes when its datagram's first fragment passed in
+/// the last [`FRAGMENT_WINDOW_NS`]; otherwise the strict policy drops it and the loose one
+/// passes it, counted either way.
+#[inline(always)]
+fn later_fragment(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    datagram: &FragmentKey,
+    note: Option<Counter>,
+) -> u32 {
+    if let Some(note) = note {
+        counters.inc(note);
+    }
+    // SAFETY: plain-data value read by copy.
+    if let Some(&first) = unsafe { FRAGMENTS.get(datagram) } {
+        // SAFETY: the helper takes no arguments and only reads the clock.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if !expired(now, first, FRAGMENT_WINDOW_NS) {
+            counters.inc(Counter::PassFragment);
+            return xdp_action::XDP_PASS;
+        }
+    }
+    if cfg.policy == Policy::Loose as u8 {
+        counters.inc(Counter::PassFragmentUnseenFirst);
+        xdp_action::XDP_PASS
+    } else {
+        counters.inc(Counter::DropFragmentUnseenFirst);
+        xdp_action::XDP_DROP
     }
 }
 

@@ -380,6 +380,7 @@ pub fn run_rows(rows: &[Row]) {
 
 fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     tdp.clear_sessions()?;
+    tdp.clear_fragments()?;
     tdp.drain_events()?;
     let mut cfg = fixture_config();
     cfg.local_member = row.local;

@@ -152,6 +152,22 @@ impl TestDatapath {
         Ok(())
     }
 
+    /// Forgets every fragmented datagram the program remembered.
+    pub fn clear_fragments(&mut self) -> Result<()> {
+        let map = self
+            .dp
+            .ebpf_mut()
+            .map_mut(hasync_common::maps::FRAGMENTS)
+            .context("no FRAGMENTS map")?;
+        let mut map: aya::maps::HashMap<_, hasync_common::FragmentKey, u64> =
+            aya::maps::HashMap::try_from(map)?;
+        let keys: Vec<_> = map.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            ignore_not_found(map.remove(&k))?;
+        }
+        Ok(())
+    }
+
     /// Takes every event queued in the EVENTS ring buffer (through the agent's reader).
     pub fn drain_events(&mut self) -> Result<Vec<Event>> {
         let mut out = Vec::new();

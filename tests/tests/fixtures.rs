@@ -728,14 +728,35 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
             .session(Expect::new(State::SynSent))
             .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv6Fragment, 1)])
             .events(&[E::Created]),
-        Row::new("ipv6 later fragment passes untracked")
+        // Later fragments carry no ports: they follow their datagram's first fragment.
+        Row::new("strict: an ipv6 later fragment of an unseen datagram is dropped")
+            .drop(udp(C6, S6).ipv6_ext(FragmentLater))
+            .counters(&[(C::Ipv6Fragment, 1), (C::DropFragmentUnseenFirst, 1)]),
+        Row::new("loose: an ipv6 later fragment of an unseen datagram passes, counted")
+            .policy(Policy::Loose)
             .pass(udp(C6, S6).ipv6_ext(FragmentLater))
-            .counters(&[(C::Ipv6Fragment, 1)]),
-        Row::new("ipv6 later fragment does not touch the session")
-            .pass(udp(C6, S6))
+            .counters(&[(C::Ipv6Fragment, 1), (C::PassFragmentUnseenFirst, 1)]),
+        Row::new("ipv6 later fragment follows its first and does not touch the session")
+            .pass(udp(C6, S6).ipv6_ext(FragmentFirst))
             .pass(udp(C6, S6).ipv6_ext(FragmentLater).payload(64))
             .session(Expect::new(State::UdpNew))
-            .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv6Fragment, 1)])
+            .counters(&[
+                (C::Creates, 1),
+                (C::Events, 1),
+                (C::Ipv6Fragment, 2),
+                (C::PassFragment, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("an unfragmented datagram opens no later fragment of its flow (v6)")
+            .pass(udp(C6, S6))
+            .drop(udp(C6, S6).ipv6_ext(FragmentLater))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Events, 1),
+                (C::Ipv6Fragment, 1),
+                (C::DropFragmentUnseenFirst, 1),
+            ])
             .events(&[E::Created]),
         Row::new("ipv4 first fragment is tracked (udp)")
             .pass(udp(C4, S4).payload(1400).ipv4_fragment(0, true))
@@ -747,12 +768,33 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
             .session(Expect::new(State::SynSent))
             .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv4FirstFragment, 1)])
             .events(&[E::Created]),
-        Row::new("ipv4 later fragment passes untracked")
+        Row::new("strict: an ipv4 later fragment of an unseen datagram is dropped")
+            .drop(udp(C4, S4).ipv4_fragment(1480, true))
+            .drop(tcp(C4, S4).ipv4_fragment(2960, false))
+            .counters(&[(C::DropFragmentUnseenFirst, 2)]),
+        Row::new("loose: an ipv4 later fragment of an unseen datagram passes, counted")
+            .policy(Policy::Loose)
             .pass(udp(C4, S4).ipv4_fragment(1480, true))
-            .counters(&[(C::PassFragment, 1)]),
-        Row::new("ipv4 last fragment passes untracked")
-            .pass(tcp(C4, S4).ipv4_fragment(2960, false))
-            .counters(&[(C::PassFragment, 1)]),
+            .counters(&[(C::PassFragmentUnseenFirst, 1)]),
+        Row::new("an ipv4 later fragment of another datagram (identification) is dropped")
+            .pass(udp(C4, S4).ipv4_fragment(0, true))
+            .drop(udp(C4, S4).ipv4_fragment(1480, false).set_l3_byte(4, 0x99))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Events, 1),
+                (C::Ipv4FirstFragment, 1),
+                (C::DropFragmentUnseenFirst, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("strict: a dropped first fragment lets none of its datagram through")
+            .drop(tcp(C4, S4).ack().ipv4_fragment(0, true))
+            .drop(tcp(C4, S4).ipv4_fragment(1480, false))
+            .counters(&[
+                (C::Ipv4FirstFragment, 1),
+                (C::DropNoSession, 1),
+                (C::DropFragmentUnseenFirst, 1),
+            ]),
         Row::new("ipv4 later fragment does not touch the session")
             .pass(udp(C4, S4).ipv4_fragment(0, true))
             .pass(udp(C4, S4).ipv4_fragment(1480, false))

@@ -51,8 +51,9 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// The program's maps, all pinned, in the order they are checked.
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     names::SESSIONS,
+    names::FRAGMENTS,
     names::EMBRYOS,
     names::EMBRYO_HEAD,
     names::REPLICA_EMBRYO_HEAD,
