@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{Counter, Counters, Event, EventKind, State, ZoneId};
+use hasync_common::{Counter, Counters, Event, EventKind, State, ZoneBinding, ZoneId};
 use tokio::{
     signal::unix::{signal, SignalKind},
     time::{interval, interval_at, Instant, MissedTickBehavior},
@@ -56,9 +56,10 @@ async fn run_async(args: &AgentArgs) -> anyhow::Result<()> {
     }
     for (b, &index) in plan.bindings.iter().zip(&indexes) {
         if b.zone != ZoneId::NONE {
-            dp.set_zone(index, b.zone).with_context(|| {
-                format!("binding interface `{}` to zone {}", b.interface, b.zone.0)
-            })?;
+            dp.set_zone(index, ZoneBinding::new(b.zone))
+                .with_context(|| {
+                    format!("binding interface `{}` to zone {}", b.interface, b.zone.0)
+                })?;
         }
     }
     let mut events = dp.take_events().context("opening the events ring buffer")?;

@@ -134,7 +134,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         let id = ZoneId(u16::try_from(i + 1).context("too many zones")?);
         for ifname in &zone.interfaces {
             let index = ifindex(ifname).with_context(|| format!("zone `{}`", zone.name))?;
-            bindings.push((ifname.clone(), index, id, zone.name.clone()));
+            bindings.push((ifname.clone(), index, zone.binding(id), zone.name.clone()));
         }
     }
     let mut opts = DatapathOptions::new(local);

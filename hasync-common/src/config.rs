@@ -24,6 +24,44 @@ pub enum MalformedAction {
     Pass = 1,
 }
 
+/// What a zone does with IP protocols the datapath does not track (GRE, ESP, AH, SCTP, OSPF,
+/// ...): the ones that are neither TCP, UDP, ICMP nor ICMPv6.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OtherProtocols {
+    /// As the [`Policy`] says: strict drops them, loose passes them.
+    #[default]
+    ByPolicy = 0,
+    /// Drop them (counted).
+    Drop = 1,
+    /// Pass them untracked (counted).
+    Pass = 2,
+}
+
+/// The value of the ZONES map: the zone of an ingress interface and the zone's rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ZoneBinding {
+    /// The zone.
+    pub zone: crate::ZoneId,
+    /// An [`OtherProtocols`] as `u8`.
+    pub other_protocols: u8,
+    /// Padding; zero.
+    pub _pad: u8,
+}
+crate::assert_size!(ZoneBinding, 4);
+
+impl ZoneBinding {
+    /// `zone` with the policy's rules.
+    pub const fn new(zone: crate::ZoneId) -> Self {
+        ZoneBinding {
+            zone,
+            other_protocols: OtherProtocols::ByPolicy as u8,
+            _pad: 0,
+        }
+    }
+}
+
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
 #[repr(C)]

@@ -59,8 +59,15 @@ counters! {
     PassUnconfigured = "pass-unconfigured",
     /// Non-IP frames (ARP, LLDP, ...), passed.
     PassNonIp = "pass-non-ip",
-    /// IP protocols that are not tracked (GRE, ESP, SCTP, ND, ...), passed.
+    /// ICMP/ICMPv6 messages that are neither echoes nor errors (neighbour discovery, MLD,
+    /// router advertisements, timestamps, ...), passed untracked.
     PassUntracked = "pass-untracked-protocol",
+    /// IP protocols other than TCP, UDP, ICMP, ICMPv6 (GRE, ESP, SCTP, ...), passed untracked
+    /// by their zone's rule (`other_protocols = "pass"`, or the loose policy).
+    PassOtherProtocol = "pass-other-protocol",
+    /// The same, dropped by their zone's rule (`other_protocols = "drop"`, or the strict
+    /// policy).
+    DropOtherProtocol = "drop-other-protocol",
     /// ICMP/ICMPv6 errors quoting a packet of a live session, back to its sender: passed.
     IcmpErrorRelated = "icmp-error-related",
     /// ICMP/ICMPv6 errors related to no live session (or unreadable, or going the wrong way),

@@ -16,7 +16,7 @@ pub mod maps;
 pub mod member;
 pub mod session;
 
-pub use config::{DatapathConfig, MalformedAction, Policy};
+pub use config::{DatapathConfig, MalformedAction, OtherProtocols, Policy, ZoneBinding};
 pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
 pub use flow::{Family, FlowKey, FragmentKey};
@@ -65,5 +65,6 @@ mod pod {
         ReadSlot,
         EmbryoSlot,
         FragmentKey,
+        ZoneBinding,
     );
 }

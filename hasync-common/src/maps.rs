@@ -4,7 +4,7 @@
 pub const SESSIONS: &str = "SESSIONS";
 /// Array of one `DatapathConfig`.
 pub const CONFIG: &str = "CONFIG";
-/// Hash: ingress ifindex (`u32`) → `ZoneId`.
+/// Hash: ingress ifindex (`u32`) → `ZoneBinding`.
 pub const ZONES: &str = "ZONES";
 /// Array indexed by member id → `MemberEntry`.
 pub const MEMBERS: &str = "MEMBERS";

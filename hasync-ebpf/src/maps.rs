@@ -11,7 +11,7 @@ use hasync_common::{
         MAX_ZONE_INTERFACES,
     },
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneId,
+    Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneBinding,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Unreplied sessions are bounded and
@@ -38,7 +38,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static ZONES: HashMap<u32, ZoneId> = HashMap::with_max_entries(MAX_ZONE_INTERFACES, 0);
+pub static ZONES: HashMap<u32, ZoneBinding> = HashMap::with_max_entries(MAX_ZONE_INTERFACES, 0);
 
 #[map]
 pub static MEMBERS: Array<MemberEntry> = Array::with_max_entries(MEMBER_SLOTS, 0);

@@ -58,6 +58,9 @@ pub enum Parsed {
     /// A later fragment (no transport header) of the datagram `FragmentKey`; `note` is an extra
     /// counter to bump.
     LaterFragment(FragmentKey, Option<Counter>),
+    /// An IP protocol the datapath does not track (neither TCP, UDP, ICMP nor ICMPv6): its
+    /// zone's rule decides.
+    OtherProtocol,
     /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
     /// be read and the error travels back to its sender (else `None`: related to nothing).
     IcmpError(Option<FlowKey>),
@@ -386,7 +389,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let id = raw16(h[4], h[5]);
             (id, id, 0)
         }
-        _ => return Parsed::Pass(Counter::PassUntracked),
+        _ => return Parsed::OtherProtocol,
     };
     let (key, src_is_hi) = FlowKey::canonical(family, proto, src, sport, dst, dport);
     Parsed::Track(Packet {

@@ -9,8 +9,8 @@ use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     maps::FRAGMENT_WINDOW_NS,
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
-    Counter, Counters, DatapathConfig, EventKind, FlowKey, FragmentKey, MalformedAction, Policy,
-    Session, SessionFlags, State, ZoneId,
+    Counter, Counters, DatapathConfig, EventKind, FlowKey, FragmentKey, MalformedAction,
+    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -66,6 +66,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::LaterFragment(datagram, note) => later_fragment(cfg, counters, &datagram, note),
         Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
+        Parsed::OtherProtocol => other_protocol(ctx, cfg, counters),
         Parsed::Pass(reason) => {
             counters.inc(reason);
             xdp_action::XDP_PASS
@@ -80,6 +81,36 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         }
+    }
+}
+
+/// The zone binding of the interface the packet came in on, if it is in a zone.
+#[inline(always)]
+fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: plain-data value read by copy.
+    unsafe { ZONES.get(ifindex) }.copied()
+}
+
+/// An IP protocol the datapath does not track: the ingress zone's rule, or the policy, says
+/// whether it passes; counted either way.
+#[inline(always)]
+fn other_protocol(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters) -> u32 {
+    let rule = match ingress_zone(ctx) {
+        Some(z) => z.other_protocols,
+        None => OtherProtocols::ByPolicy as u8,
+    };
+    let pass = match rule {
+        r if r == OtherProtocols::Pass as u8 => true,
+        r if r == OtherProtocols::Drop as u8 => false,
+        _ => cfg.policy == Policy::Loose as u8,
+    };
+    if pass {
+        counters.inc(Counter::PassOtherProtocol);
+        xdp_action::XDP_PASS
+    } else {
+        counters.inc(Counter::DropOtherProtocol);
+        xdp_action::XDP_DROP
     }
 }
 
@@ -314,10 +345,8 @@ fn miss(
             return xdp_action::XDP_PASS;
         }
     };
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: plain-data value read by copy.
-    let zone = match unsafe { ZONES.get(ifindex) } {
-        Some(z) => *z,
+    let zone = match ingress_zone(ctx) {
+        Some(z) => z.zone,
         None => ZoneId::NONE,
     };
     let mut session = Session {

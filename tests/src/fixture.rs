@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use hasync_common::{
-    maps as names, session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId, Policy,
-    Session, SessionFlags, State, ZoneId,
+    maps as names, session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId,
+    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -183,7 +183,7 @@ pub struct Row {
     pub name: String,
     policy: Policy,
     malformed: MalformedAction,
-    zone: Option<ZoneId>,
+    zone: Option<ZoneBinding>,
     local: MemberId,
     refresh_interval_ns: Option<u64>,
     timeouts: Vec<(State, u64)>,
@@ -232,7 +232,16 @@ impl Row {
 
     /// Binds the test-run ingress interface to `zone`.
     pub fn zone(mut self, zone: ZoneId) -> Self {
-        self.zone = Some(zone);
+        self.zone = Some(ZoneBinding::new(zone));
+        self
+    }
+
+    /// Binds the test-run ingress interface to zone 1 whose `other_protocols` rule is `rule`.
+    pub fn other_protocols(mut self, rule: OtherProtocols) -> Self {
+        self.zone = Some(ZoneBinding {
+            other_protocols: rule as u8,
+            ..ZoneBinding::new(ZoneId(1))
+        });
         self
     }
 
@@ -404,7 +413,7 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
                 .ebpf_mut()
                 .map_mut(names::ZONES)
                 .context("no ZONES map")?;
-            let mut zones: HashMap<&mut MapData, u32, ZoneId> = HashMap::try_from(map)?;
+            let mut zones: HashMap<&mut MapData, u32, ZoneBinding> = HashMap::try_from(map)?;
             ignore_not_found(zones.remove(&TEST_IFINDEX))?;
         }
     }
@@ -594,7 +603,7 @@ fn check_table(
     } = want.clone();
     let want_zone = want_zone.unwrap_or(match &row.existing {
         Some(e) => e.zone,
-        None => row.zone.unwrap_or(ZoneId::NONE),
+        None => row.zone.map_or(ZoneId::NONE, |z| z.zone),
     });
     let mut check = |what: &str, ok: bool, got: String, want: String| {
         if !ok {

@@ -9,8 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
     session::tcp::{ACK, FIN, PSH, RST, SYN, URG},
-    Counter as C, EventKind as E, MalformedAction, MemberId, Policy, SessionFlags as F, State,
-    ZoneId,
+    Counter as C, EventKind as E, MalformedAction, MemberId, OtherProtocols, Policy,
+    SessionFlags as F, State, ZoneId,
 };
 use hasync_tests::{
     fixture::{run_rows, Existing, Expect, Row},
@@ -567,21 +567,36 @@ fn udp_icmp_rows() -> Vec<Row> {
 
 fn untracked_and_encapsulation_rows() -> Vec<Row> {
     let mut rows = vec![
-        Row::new("gre passes untracked (v4)")
-            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE))
-            .counters(&[(C::PassUntracked, 1)]),
-        Row::new("esp passes untracked (v4)")
+        // Protocols the datapath does not track follow the ingress zone's rule, by default the
+        // policy's: strict drops them.
+        Row::new("strict: gre, esp, sctp are dropped by default (v4, v6)")
+            .drop(Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE))
+            .drop(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP))
+            .drop(Frame::other_proto(ip(C6), ip(S6), IPPROTO_SCTP))
+            .drop(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE).ipv6_ext(Ipv6Ext::HopByHop))
+            .drop(Frame::other_proto(ip(C6), ip(S6), 59).ipv6_ext(Ipv6Ext::DestOpts))
+            .counters(&[(C::DropOtherProtocol, 5)]),
+        Row::new("loose: other protocols pass by default, counted")
+            .policy(Policy::Loose)
             .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP))
-            .counters(&[(C::PassUntracked, 1)]),
-        Row::new("sctp passes untracked (v6)")
-            .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_SCTP))
-            .counters(&[(C::PassUntracked, 1)]),
-        Row::new("gre passes untracked under strict policy after a hop-by-hop header (v6)")
-            .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE).ipv6_ext(Ipv6Ext::HopByHop))
-            .counters(&[(C::PassUntracked, 1)]),
-        Row::new("ipv6 no-next-header passes untracked")
-            .pass(Frame::other_proto(ip(C6), ip(S6), 59).ipv6_ext(Ipv6Ext::DestOpts))
-            .counters(&[(C::PassUntracked, 1)]),
+            .counters(&[(C::PassOtherProtocol, 1)]),
+        Row::new("strict: a zone that passes other protocols passes esp")
+            .other_protocols(OtherProtocols::Pass)
+            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP))
+            .pass(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE))
+            .counters(&[(C::PassOtherProtocol, 2)]),
+        Row::new("loose: a zone that drops other protocols drops gre")
+            .policy(Policy::Loose)
+            .other_protocols(OtherProtocols::Drop)
+            .drop(Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE))
+            .counters(&[(C::DropOtherProtocol, 1)]),
+        Row::new("a zone's rule leaves tcp, udp and icmp to the session logic")
+            .other_protocols(OtherProtocols::Drop)
+            .pass(udp(C4, S4))
+            .pass(Frame::icmp(ip(C6), ip(S6), 135, 0).payload(16))
+            .session(Expect::new(State::UdpNew).zone(ZoneId(1)))
+            .counters(&[(C::Creates, 1), (C::Events, 1), (C::PassUntracked, 1)])
+            .events(&[E::Created]),
         Row::new("arp passes as non-ip")
             .pass(Frame::arp())
             .counters(&[(C::PassNonIp, 1)]),

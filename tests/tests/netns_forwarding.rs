@@ -22,7 +22,7 @@ use hasync_agent::datapath::{attach::AttachMode, Datapath, DatapathOptions};
 use hasync_common::{
     session::tcp::{ACK, FIN, RST, SYN},
     Counter, DatapathConfig, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State,
-    ZoneId,
+    ZoneBinding, ZoneId,
 };
 use hasync_tests::{
     fixture::show,
@@ -81,8 +81,8 @@ impl Forwarder {
         opts.config = config;
         let mut dp = DropIsolated::new(Datapath::load(&opts).context("loading the XDP program")?);
         dp.set_member_alive(LOCAL, true)?;
-        dp.set_zone(fw.ifindex("fc0")?, TRUST)?;
-        dp.set_zone(fw.ifindex("fs0")?, UNTRUST)?;
+        dp.set_zone(fw.ifindex("fc0")?, ZoneBinding::new(TRUST))?;
+        dp.set_zone(fw.ifindex("fs0")?, ZoneBinding::new(UNTRUST))?;
         let events = dp.take_events()?;
         let dp_ref = &mut *dp;
         fw.run(move || -> Result<()> {

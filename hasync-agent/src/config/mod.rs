@@ -12,7 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hasync_common::{DatapathConfig, MalformedAction, MemberId, Policy, State, STATE_COUNT};
+use hasync_common::{
+    DatapathConfig, MalformedAction, MemberId, OtherProtocols, Policy, State, ZoneBinding, ZoneId,
+    STATE_COUNT,
+};
 use serde::{Deserialize, Serialize};
 
 /// Default path of the configuration file.
@@ -155,6 +158,34 @@ pub struct Link {
 pub struct Zone {
     pub name: String,
     pub interfaces: Vec<String>,
+    /// What packets of IP protocols the datapath does not track (GRE, ESP, SCTP, ...) that
+    /// come in on this zone's interfaces get: `drop` or `pass`, counted either way. Default:
+    /// as `[local] policy` says (strict drops, loose passes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_protocols: Option<OtherProtocolsName>,
+}
+
+/// `[[zones]] other_protocols`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherProtocolsName {
+    Drop,
+    Pass,
+}
+
+impl Zone {
+    /// The datapath's binding of this zone's interfaces, `id` being the zone's id.
+    pub fn binding(&self, id: ZoneId) -> ZoneBinding {
+        let other = match self.other_protocols {
+            None => OtherProtocols::ByPolicy,
+            Some(OtherProtocolsName::Drop) => OtherProtocols::Drop,
+            Some(OtherProtocolsName::Pass) => OtherProtocols::Pass,
+        };
+        ZoneBinding {
+            other_protocols: other as u8,
+            ..ZoneBinding::new(id)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -99,6 +99,33 @@ fn check(text: &str) -> Result<Config, String> {
     Ok(c)
 }
 
+/// A zone's `other_protocols` becomes its interfaces' binding; a misspelt value is refused
+/// with the key and the accepted values named.
+#[test]
+fn a_zone_rule_for_other_protocols_reaches_the_datapath() {
+    use hasync_common::{OtherProtocols, ZoneBinding, ZoneId};
+    let key = KeyFile::new("zone-rule", 32, 0o600);
+    let with = |rule: &str| {
+        sample(&key.path()).replace(
+            "interfaces = [\"veth-out\"]",
+            &format!("interfaces = [\"veth-out\"]\nother_protocols = \"{rule}\""),
+        )
+    };
+    let c = check(&with("pass")).expect("valid");
+    assert_eq!(c.zones[0].binding(ZoneId(1)), ZoneBinding::new(ZoneId(1)));
+    assert_eq!(
+        c.zones[1].binding(ZoneId(2)).other_protocols,
+        OtherProtocols::Pass as u8
+    );
+    let c = check(&with("drop")).expect("valid");
+    assert_eq!(
+        c.zones[1].binding(ZoneId(2)).other_protocols,
+        OtherProtocols::Drop as u8
+    );
+    let e = check(&with("allow")).expect_err("misspelt");
+    assert!(e.contains("other_protocols") && e.contains("`drop`"), "{e}");
+}
+
 #[test]
 fn the_documented_example_is_valid() {
     let key = KeyFile::new("ok", 32, 0o600);

@@ -22,7 +22,7 @@ use aya::{
 };
 use hasync_common::{
     maps as names, Counters, DatapathConfig, FlowKey, InstallOutcome, InstallRecord, MemberEntry,
-    MemberId, Session, ZoneId,
+    MemberId, Session, ZoneBinding,
 };
 
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
@@ -446,9 +446,9 @@ impl Datapath {
         map.get(&0, 0).map_err(map_err(names::CONFIG))
     }
 
-    /// Binds ingress interface `ifindex` to `zone`.
-    pub fn set_zone(&mut self, ifindex: u32, zone: ZoneId) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, u32, ZoneId> =
+    /// Binds ingress interface `ifindex` to a zone, with the zone's rules.
+    pub fn set_zone(&mut self, ifindex: u32, zone: ZoneBinding) -> Result<(), DatapathError> {
+        let mut map: HashMap<_, u32, ZoneBinding> =
             HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
         map.insert(ifindex, zone, 0).map_err(map_err(names::ZONES))
     }
@@ -456,7 +456,7 @@ impl Datapath {
     /// Unbinds every interface not in `keep` (left in a reused ZONES by an earlier config).
     /// Returns how many were unbound.
     pub fn retain_zones(&mut self, keep: &[u32]) -> Result<usize, DatapathError> {
-        let mut map: HashMap<_, u32, ZoneId> =
+        let mut map: HashMap<_, u32, ZoneBinding> =
             HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
         let stale = map
             .keys()

@@ -716,7 +716,7 @@ mod tests {
     #[test]
     fn the_declared_shapes_are_the_shared_types() {
         use hasync_common::{
-            Counters, DatapathConfig, EmbryoSlot, FlowKey, MemberEntry, Session, ZoneId,
+            Counters, DatapathConfig, EmbryoSlot, FlowKey, MemberEntry, Session, ZoneBinding,
         };
         let sizes = [(names::SESSIONS, 1000), (names::EMBRYOS, 64)];
         let shapes = declared_shapes(crate::EBPF_OBJECT, &sizes).expect("parse");
@@ -735,7 +735,10 @@ mod tests {
             shapes[names::CONFIG].value_size,
             size(size_of::<DatapathConfig>())
         );
-        assert_eq!(shapes[names::ZONES].value_size, size(size_of::<ZoneId>()));
+        assert_eq!(
+            shapes[names::ZONES].value_size,
+            size(size_of::<ZoneBinding>())
+        );
         assert_eq!(
             shapes[names::MEMBERS].value_size,
             size(size_of::<MemberEntry>())

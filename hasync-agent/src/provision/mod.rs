@@ -57,7 +57,9 @@ use std::{
 use anyhow::Context as _;
 use serde::Deserialize;
 
-use crate::config::{self, parse_cidr, Cluster, Config, Link, Local, Member, Zone, MIN_KEY_BYTES};
+use crate::config::{
+    self, parse_cidr, Cluster, Config, Link, Local, Member, OtherProtocolsName, Zone, MIN_KEY_BYTES,
+};
 
 /// Where members keep the cluster key unless the spec says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
@@ -152,6 +154,9 @@ pub struct SpecZone {
     /// Interfaces on every member that does not list its own for this zone.
     #[serde(default)]
     pub interfaces: Vec<String>,
+    /// The zone's `other_protocols` rule, on every member.
+    #[serde(default)]
+    pub other_protocols: Option<OtherProtocolsName>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -355,6 +360,7 @@ impl Spec {
                             .get(&z.name)
                             .cloned()
                             .unwrap_or_else(|| z.interfaces.clone()),
+                        other_protocols: z.other_protocols,
                     })
                     .collect(),
                 members: members.clone(),

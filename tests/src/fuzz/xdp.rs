@@ -36,6 +36,8 @@ const OUTCOMES: &[Counter] = &[
     Counter::PassNoSessionLoose,
     Counter::DropNoSession,
     Counter::PassUntracked,
+    Counter::PassOtherProtocol,
+    Counter::DropOtherProtocol,
     Counter::PassNonIp,
     Counter::PassFragment,
     Counter::DropFragmentUnseenFirst,
@@ -223,6 +225,7 @@ pub fn check_frame(verdict: Verdict, d: &CounterDelta) -> Result<()> {
         Counter::DropTableFull,
         Counter::DropIcmpErrorUnrelated,
         Counter::DropFragmentUnseenFirst,
+        Counter::DropOtherProtocol,
     ]
     .iter()
     .map(|&c| d.get(c))
