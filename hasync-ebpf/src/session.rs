@@ -73,7 +73,12 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::Malformed(reason) => {
             counters.inc(reason);
-            if cfg.malformed == MalformedAction::Pass as u8 {
+            // Passing malformed frames never lets one around the policy: a frame the parser
+            // cannot place is unknown traffic, and goes where the ingress zone's rule for
+            // untracked protocols sends it.
+            let pass = cfg.malformed == MalformedAction::Pass as u8
+                && (!unplaceable(reason) || unknown_traffic_passes(ctx, cfg));
+            if pass {
                 counters.inc(Counter::PassMalformed);
                 xdp_action::XDP_PASS
             } else {
@@ -92,20 +97,36 @@ fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
     unsafe { ZONES.get(ifindex) }.copied()
 }
 
-/// An IP protocol the datapath does not track: the ingress zone's rule, or the policy, says
-/// whether it passes; counted either way.
+/// Malformed frames whose traffic the parser cannot even place (a third VLAN tag, more IPv6
+/// extension headers than it walks, a TCP flag combination no stack sends), unlike truncated
+/// ones, which the kernel drops anyway.
 #[inline(always)]
-fn other_protocol(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters) -> u32 {
+fn unplaceable(reason: Counter) -> bool {
+    matches!(
+        reason,
+        Counter::ErrVlanTooDeep | Counter::ErrIpv6TooManyExt | Counter::ErrTcpFlags
+    )
+}
+
+/// Does traffic the datapath does not track pass, by the ingress zone's rule or the policy?
+#[inline(always)]
+fn unknown_traffic_passes(ctx: &XdpContext, cfg: &DatapathConfig) -> bool {
     let rule = match ingress_zone(ctx) {
         Some(z) => z.other_protocols,
         None => OtherProtocols::ByPolicy as u8,
     };
-    let pass = match rule {
+    match rule {
         r if r == OtherProtocols::Pass as u8 => true,
         r if r == OtherProtocols::Drop as u8 => false,
         _ => cfg.policy == Policy::Loose as u8,
-    };
-    if pass {
+    }
+}
+
+/// An IP protocol the datapath does not track: the ingress zone's rule, or the policy, says
+/// whether it passes; counted either way.
+#[inline(always)]
+fn other_protocol(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters) -> u32 {
+    if unknown_traffic_passes(ctx, cfg) {
         counters.inc(Counter::PassOtherProtocol);
         xdp_action::XDP_PASS
     } else {

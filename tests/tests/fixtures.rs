@@ -1387,6 +1387,9 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
     ]
 }
 
+/// Malformed reasons that mean the parser could not place the traffic (not a truncation).
+const UNPLACEABLE: [C; 3] = [C::ErrVlanTooDeep, C::ErrIpv6TooManyExt, C::ErrTcpFlags];
+
 fn malformed_rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for (name, frame, reason) in malformed_frames() {
@@ -1395,9 +1398,33 @@ fn malformed_rows() -> Vec<Row> {
                 .frame(frame.clone(), Verdict::Drop)
                 .counters(&[(reason, 1), (C::DropMalformed, 1)]),
         );
+        if UNPLACEABLE.contains(&reason) {
+            // Traffic the parser cannot place is unknown traffic: `malformed = "pass"` lets it
+            // through only where untracked protocols pass.
+            rows.push(
+                Row::new(format!(
+                    "malformed = pass, strict, dropped as unknown: {name}"
+                ))
+                .malformed(MalformedAction::Pass)
+                .frame(frame.clone(), Verdict::Drop)
+                .counters(&[(reason, 1), (C::DropMalformed, 1)]),
+            );
+            rows.push(
+                Row::new(format!("malformed = pass, zone passes unknown: {name}"))
+                    .malformed(MalformedAction::Pass)
+                    .other_protocols(OtherProtocols::Pass)
+                    .frame(frame.clone(), Verdict::Pass)
+                    .counters(&[(reason, 1), (C::PassMalformed, 1)]),
+            );
+        }
         rows.push(
             Row::new(format!("malformed, passed: {name}"))
                 .malformed(MalformedAction::Pass)
+                .policy(if UNPLACEABLE.contains(&reason) {
+                    Policy::Loose
+                } else {
+                    Policy::Strict
+                })
                 .frame(frame, Verdict::Pass)
                 .counters(&[(reason, 1), (C::PassMalformed, 1)]),
         );
