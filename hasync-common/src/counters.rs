@@ -86,6 +86,11 @@ counters! {
     Ipv4FirstFragment = "ipv4-first-fragment",
     /// IPv6 fragments seen (first fragments are tracked, later ones follow their first).
     Ipv6Fragment = "ipv6-fragment",
+    /// Packets of a session that came in through an interface of another zone than the one
+    /// its direction is bound to: dropped (strict policy).
+    DropZoneMismatch = "drop-zone-mismatch",
+    /// The same, passed (loose policy).
+    PassZoneMismatch = "pass-zone-mismatch",
     /// TCP without SYN and without a session, passed by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",
     /// TCP without SYN and without a session, dropped by the strict policy.

@@ -4,7 +4,8 @@
 pub const SESSIONS: &str = "SESSIONS";
 /// Array of one `DatapathConfig`.
 pub const CONFIG: &str = "CONFIG";
-/// Hash: ingress ifindex (`u32`) → `ZoneBinding`.
+/// Array indexed by ingress ifindex → `ZoneBinding` (zone 0: the interface is in no zone): an
+/// array, so the lookup every packet makes is inlined by the verifier.
 pub const ZONES: &str = "ZONES";
 /// Array indexed by member id → `MemberEntry`.
 pub const MEMBERS: &str = "MEMBERS";
@@ -43,8 +44,8 @@ pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;
 pub const EMBRYONIC_SHARE: u32 = 8;
 /// Size of the EVENTS ring buffer in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 8 << 20;
-/// Maximum number of zone-bound interfaces.
-pub const MAX_ZONE_INTERFACES: u32 = 256;
+/// Interfaces with an ifindex below this can be bound to a zone (the size of ZONES).
+pub const ZONE_IFINDEX_LIMIT: u32 = 1 << 16;
 /// Ring-buffer bytes one event takes: the record and its 8-byte header.
 pub const EVENTS_RECORD_BYTES: u64 = core::mem::size_of::<crate::Event>() as u64 + 8;
 /// Bytes queued at which the program wakes the consumer: only the event that crosses this

@@ -143,7 +143,8 @@ pub struct Session {
     pub bytes: [u64; 2],
     /// Increases on every change the owner makes; conflicts resolve by (version, owner).
     pub version: u32,
-    /// Zone the session was created in.
+    /// Zone the session was created in: the initiator's side. Packets of the original direction
+    /// must come in through it.
     pub zone: ZoneId,
     /// [`SessionFlags`] bits.
     pub flags: SessionFlags,
@@ -157,8 +158,14 @@ pub struct Session {
     /// EMBRYOS ring (see [`EmbryoSlot`]); never synced (a member's tickets mean nothing to
     /// another).
     pub ticket: u32,
+    /// Zone the first reply came in through (the responder's side; [`ZoneId::NONE`] until a
+    /// reply is seen): replies must keep coming in through it. Node-local, learned again by a
+    /// member that takes the session over.
+    pub reply_zone: ZoneId,
+    /// Padding; zero.
+    pub _pad: [u8; 6],
 }
-crate::assert_size!(Session, 72);
+crate::assert_size!(Session, 80);
 const _: () = assert!(
     core::mem::size_of::<Session>() + core::mem::size_of::<crate::FlowKey>() <= 128,
     "session key plus value must stay within 128 bytes"

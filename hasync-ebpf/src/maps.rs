@@ -8,7 +8,7 @@ use aya_ebpf::{
 use hasync_common::{
     maps::{
         DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FRAGMENTS_CAPACITY,
-        MAX_ZONE_INTERFACES,
+        ZONE_IFINDEX_LIMIT,
     },
     member::MEMBER_SLOTS,
     Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneBinding,
@@ -38,7 +38,7 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static ZONES: HashMap<u32, ZoneBinding> = HashMap::with_max_entries(MAX_ZONE_INTERFACES, 0);
+pub static ZONES: Array<ZoneBinding> = Array::with_max_entries(ZONE_IFINDEX_LIMIT, 0);
 
 #[map]
 pub static MEMBERS: Array<MemberEntry> = Array::with_max_entries(MEMBER_SLOTS, 0);

@@ -89,12 +89,11 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The zone binding of the interface the packet came in on, if it is in a zone.
+/// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
+/// ifindex past the array, which the agent never binds).
 #[inline(always)]
 fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: plain-data value read by copy.
-    unsafe { ZONES.get(ifindex) }.copied()
+    ZONES.get(ctx.ingress_ifindex() as u32).copied()
 }
 
 /// Malformed frames whose traffic the parser cannot even place (a third VLAN tag, more IPv6
@@ -229,7 +228,11 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
             counters.inc(Counter::Hits);
-            return hit(cfg, counters, pkt, s, now);
+            let ingress = match ingress_zone(ctx) {
+                Some(z) => z.zone,
+                None => ZoneId::NONE,
+            };
+            return hit(cfg, counters, pkt, s, now, ingress);
         }
         if expired {
             counters.inc(Counter::Expired);
@@ -237,6 +240,43 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         replaced_version = s.version;
     }
     miss(ctx, cfg, counters, pkt, now, is_syn, replaced_version)
+}
+
+/// Is a packet of `s` travelling in `dir` that came in through zone `ingress` where the
+/// session is bound? The original direction is bound to the zone the session was created in,
+/// the reply direction to the zone its first reply came in through (learned here). A session
+/// of no zone is not bound, and an interface in no zone (the agent attaches to zones' only,
+/// unless run without a config) binds nothing. A packet from elsewhere is dropped by the strict
+/// policy (passed by the loose one), counted either way, and does not touch the session.
+#[inline(always)]
+fn zone_allows(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    s: &mut Session,
+    dir: usize,
+    ingress: ZoneId,
+) -> bool {
+    let bound = if dir == DIR_ORIGINAL {
+        s.zone
+    } else {
+        s.reply_zone
+    };
+    if bound == ingress || ingress == ZoneId::NONE {
+        return true;
+    }
+    if bound == ZoneId::NONE {
+        if dir == DIR_REPLY {
+            s.reply_zone = ingress;
+        }
+        return true;
+    }
+    if cfg.policy == Policy::Loose as u8 {
+        counters.inc(Counter::PassZoneMismatch);
+        true
+    } else {
+        counters.inc(Counter::DropZoneMismatch);
+        false
+    }
 }
 
 /// The packet found its session.
@@ -247,12 +287,16 @@ fn hit(
     pkt: &Packet,
     s: &mut Session,
     now: u64,
+    ingress: ZoneId,
 ) -> u32 {
     let dir = if pkt.src_is_hi ^ s.flags.has(SessionFlags::INITIATOR_HI) {
         DIR_REPLY
     } else {
         DIR_ORIGINAL
     };
+    if !zone_allows(cfg, counters, s, dir, ingress) {
+        return xdp_action::XDP_DROP;
+    }
     if s.owner != cfg.local_member {
         let owner_alive = match MEMBERS.get(s.owner.0 as u32) {
             Some(m) => m.alive != 0,
@@ -387,6 +431,8 @@ fn miss(
         state: state as u8,
         tcp_flags: [pkt.tcp_flags, 0],
         ticket: 0,
+        reply_zone: ZoneId::NONE,
+        _pad: [0; 6],
     };
     // A new session is unreplied: it may evict the oldest unreplied one, never anything else.
     embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);

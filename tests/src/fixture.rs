@@ -8,17 +8,15 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
 use hasync_common::{
-    maps as names, session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId,
-    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
+    session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId, OtherProtocols, Policy,
+    Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
     frame::Frame,
     testrun::{
-        fixture_config, ignore_not_found, monotonic_ns, CounterDelta, TestDatapath, Verdict, LOCAL,
-        TEST_IFINDEX,
+        fixture_config, monotonic_ns, CounterDelta, TestDatapath, Verdict, LOCAL, TEST_IFINDEX,
     },
 };
 
@@ -28,6 +26,9 @@ enum Step {
     Frame(Box<Frame>, Verdict),
     /// Marks a member alive or dead between frames.
     MemberAlive(MemberId, bool),
+    /// Binds the test-run ingress interface to another zone between frames: the next frames
+    /// come in through that zone.
+    Zone(ZoneId),
 }
 
 /// A session that exists before the row's first frame, as if installed by a peer's sync.
@@ -118,6 +119,8 @@ pub struct Expect {
     pub packets: [u64; 2],
     pub bytes: Option<[u64; 2]>,
     pub tcp_flags: Option<[u8; 2]>,
+    /// `None`: not checked.
+    pub reply_zone: Option<ZoneId>,
 }
 
 impl Expect {
@@ -132,7 +135,14 @@ impl Expect {
             packets: [1, 0],
             bytes: None,
             tcp_flags: None,
+            reply_zone: None,
         }
+    }
+
+    /// The zone the session's replies are bound to.
+    pub fn reply_zone(mut self, z: ZoneId) -> Self {
+        self.reply_zone = Some(z);
+        self
     }
 
     pub fn owner(mut self, m: MemberId) -> Self {
@@ -289,6 +299,12 @@ impl Row {
         self
     }
 
+    /// The frames after this step come in through `zone`.
+    pub fn from_zone(mut self, zone: ZoneId) -> Self {
+        self.steps.push(Step::Zone(zone));
+        self
+    }
+
     // ----- effect -----
 
     /// The key the row's expectations are about (default: the first frame's).
@@ -333,7 +349,7 @@ impl Row {
     fn frames(&self) -> impl Iterator<Item = &Frame> {
         self.steps.iter().filter_map(|s| match s {
             Step::Frame(f, _) => Some(&**f),
-            Step::MemberAlive(..) => None,
+            Step::MemberAlive(..) | Step::Zone(_) => None,
         })
     }
 
@@ -406,17 +422,7 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     for m in 1..=MemberId::MAX {
         dp.set_member_alive(MemberId(m), MemberId(m) == row.local)?;
     }
-    match row.zone {
-        Some(zone) => dp.set_zone(TEST_IFINDEX, zone)?,
-        None => {
-            let map = dp
-                .ebpf_mut()
-                .map_mut(names::ZONES)
-                .context("no ZONES map")?;
-            let mut zones: HashMap<&mut MapData, u32, ZoneBinding> = HashMap::try_from(map)?;
-            ignore_not_found(zones.remove(&TEST_IFINDEX))?;
-        }
-    }
+    dp.set_zone(TEST_IFINDEX, row.zone.unwrap_or_default())?;
     Ok(())
 }
 
@@ -458,6 +464,8 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         state: state as u8,
         tcp_flags,
         ticket: 0,
+        reply_zone: ZoneId::NONE,
+        _pad: [0; 6],
     };
     tdp.insert_sessions(&[(*key, session)])?;
     Ok(session)
@@ -485,6 +493,9 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     for step in &row.steps {
         match step {
             Step::MemberAlive(m, alive) => tdp.datapath_mut().set_member_alive(*m, *alive)?,
+            Step::Zone(z) => tdp
+                .datapath_mut()
+                .set_zone(TEST_IFINDEX, ZoneBinding::new(*z))?,
             Step::Frame(f, want) => {
                 let bytes = f.build();
                 let got = tdp
@@ -590,6 +601,8 @@ fn check_table(
         state,
         tcp_flags,
         ticket: _,
+        reply_zone,
+        _pad: _,
     } = got;
     let Expect {
         state: want_state,
@@ -600,6 +613,7 @@ fn check_table(
         packets: want_packets,
         bytes: want_bytes,
         tcp_flags: want_tcp_flags,
+        reply_zone: want_reply_zone,
     } = want.clone();
     let want_zone = want_zone.unwrap_or(match &row.existing {
         Some(e) => e.zone,
@@ -658,6 +672,14 @@ fn check_table(
     }
     if let Some(f) = want_tcp_flags {
         check("tcp flags", tcp_flags == f, hex2(tcp_flags), hex2(f));
+    }
+    if let Some(z) = want_reply_zone {
+        check(
+            "reply zone",
+            reply_zone == z,
+            reply_zone.0.to_string(),
+            z.0.to_string(),
+        );
     }
     check(
         "last seen",

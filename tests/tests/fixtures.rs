@@ -826,6 +826,80 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
 
 fn policy_zone_and_config_rows() -> Vec<Row> {
     vec![
+        // A session is bound to the zones it was created between: the original direction to
+        // the zone it was created in, replies to the zone the first reply came through.
+        Row::new("a session learns the zone of its first reply")
+            .zone(ZoneId(1))
+            .pass(udp(C4, S4))
+            .from_zone(ZoneId(2))
+            .pass(udp(S4, C4))
+            .pass(udp(S4, C4))
+            .from_zone(ZoneId(1))
+            .pass(udp(C4, S4))
+            .session(
+                Expect::new(State::UdpReplied)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId(2))
+                    .version(2)
+                    .packets(2, 2),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 3),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("strict: the original direction from another zone is dropped")
+            .zone(ZoneId(1))
+            .pass(udp(C4, S4))
+            .from_zone(ZoneId(2))
+            .drop(udp(C4, S4))
+            .session(Expect::new(State::UdpNew).zone(ZoneId(1)))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::DropZoneMismatch, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("strict: a reply from a third zone is dropped and changes nothing (tcp)")
+            .zone(ZoneId(1))
+            .pass(tcp(C4, S4).syn())
+            .from_zone(ZoneId(2))
+            .pass(tcp(S4, C4).syn_ack())
+            .from_zone(ZoneId(3))
+            .drop(tcp(S4, C4).rst())
+            .session(
+                Expect::new(State::SynRecv)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId(2))
+                    .version(2)
+                    .packets(1, 1)
+                    .tcp_flags(SYN, SYN | ACK),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 1),
+                (C::DropZoneMismatch, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("loose: a packet from another zone passes, counted")
+            .policy(Policy::Loose)
+            .zone(ZoneId(1))
+            .pass(udp(C4, S4))
+            .from_zone(ZoneId(2))
+            .pass(udp(C4, S4))
+            .session(Expect::new(State::UdpNew).zone(ZoneId(1)).packets(2, 0))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::PassZoneMismatch, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
         Row::new("strict: mid-stream ack without a session is dropped (v4)")
             .drop(tcp(C4, S4).ack().payload(10))
             .counters(&[(C::DropNoSession, 1)]),
@@ -998,6 +1072,32 @@ fn ownership_rows() -> Vec<Row> {
                     .packets(6, 4),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: the taking-over member binds replies to its own zones")
+            .existing(Existing::peer(State::Established, false))
+            .zone(ZoneId(3))
+            .from_zone(ZoneId(3))
+            .pass(tcp(C4, S4).ack())
+            .from_zone(ZoneId(4))
+            .pass(tcp(S4, C4).ack())
+            .from_zone(ZoneId(5))
+            .drop(tcp(S4, C4).rst())
+            .from_zone(ZoneId(4))
+            .drop(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 5)
+                    .zone(ZoneId(3))
+                    .reply_zone(ZoneId(4)),
+            )
+            .counters(&[
+                (C::Hits, 4),
+                (C::Takeovers, 1),
+                (C::DropZoneMismatch, 2),
+                (C::Events, 1),
+            ])
             .events(&[E::OwnershipTaken]),
         Row::new("peer dead: a reply takes the session over (v6)")
             .existing(Existing::peer(State::Established, false).initiator_hi(false))

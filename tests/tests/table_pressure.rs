@@ -207,6 +207,8 @@ fn replied(now: u64, owner: MemberId) -> Session {
         state: State::UdpReplied as u8,
         tcp_flags: [0, 0],
         ticket: 0,
+        reply_zone: ZoneId::NONE,
+        _pad: [0; 6],
     }
 }
 

@@ -67,6 +67,12 @@ pub enum DatapathError {
          peers' unreplied sessions get as many again"
     )]
     EmbryonicCapacity { embryonic: u32, table: u32 },
+    #[error(
+        "interface index {0} is too large to bind to a zone (limit {limit}): recreate the \
+         interface, or move it to a namespace with fewer interfaces",
+        limit = names::ZONE_IFINDEX_LIMIT
+    )]
+    IfindexTooLarge(u32),
     #[error("counting the possible CPUs: {0}")]
     PossibleCpus(#[source] std::io::Error),
     #[error("map `{map}`: {source}")]
@@ -446,30 +452,34 @@ impl Datapath {
         map.get(&0, 0).map_err(map_err(names::CONFIG))
     }
 
+    fn zones_map(&mut self) -> Result<Array<&mut MapData, ZoneBinding>, DatapathError> {
+        Array::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))
+    }
+
     /// Binds ingress interface `ifindex` to a zone, with the zone's rules.
     pub fn set_zone(&mut self, ifindex: u32, zone: ZoneBinding) -> Result<(), DatapathError> {
-        let mut map: HashMap<_, u32, ZoneBinding> =
-            HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
-        map.insert(ifindex, zone, 0).map_err(map_err(names::ZONES))
+        if ifindex >= names::ZONE_IFINDEX_LIMIT {
+            return Err(DatapathError::IfindexTooLarge(ifindex));
+        }
+        self.zones_map()?
+            .set(ifindex, zone, 0)
+            .map_err(map_err(names::ZONES))
     }
 
     /// Unbinds every interface not in `keep` (left in a reused ZONES by an earlier config).
     /// Returns how many were unbound.
     pub fn retain_zones(&mut self, keep: &[u32]) -> Result<usize, DatapathError> {
-        let mut map: HashMap<_, u32, ZoneBinding> =
-            HashMap::try_from(self.map_mut(names::ZONES)?).map_err(map_err(names::ZONES))?;
-        let stale = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|ifindex| !keep.contains(ifindex))
-            .collect::<Vec<_>>();
-        for ifindex in &stale {
-            match map.remove(ifindex) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(names::ZONES)(e)),
+        let mut map = self.zones_map()?;
+        let mut unbound = 0;
+        for ifindex in 0..names::ZONE_IFINDEX_LIMIT {
+            let bound = map.get(&ifindex, 0).map_err(map_err(names::ZONES))?;
+            if bound != ZoneBinding::default() && !keep.contains(&ifindex) {
+                map.set(ifindex, ZoneBinding::default(), 0)
+                    .map_err(map_err(names::ZONES))?;
+                unbound += 1;
             }
         }
-        Ok(stale.len())
+        Ok(unbound)
     }
 
     /// Marks `member` alive or not, as seen by the takeover rule.

@@ -289,6 +289,8 @@ mod tests {
             state: state as u8,
             tcp_flags: [0, 0],
             ticket: 0,
+            reply_zone: ZoneId::NONE,
+            _pad: [0; 6],
         }
     }
 

@@ -149,6 +149,8 @@ impl Record {
             state,
             tcp_flags,
             ticket: _,
+            reply_zone: _,
+            _pad,
         } = *s;
         Record {
             op: Op::Upsert,
@@ -206,6 +208,9 @@ impl Record {
             state: self.state,
             tcp_flags: self.tcp_flags,
             ticket: 0,
+            // Node-local: learned from the first reply this member sees.
+            reply_zone: ZoneId::NONE,
+            _pad: [0; 6],
         }
     }
 
@@ -508,6 +513,8 @@ mod tests {
             state: State::Established as u8,
             tcp_flags: [0x12, 0x12],
             ticket: 0,
+            reply_zone: ZoneId::NONE,
+            _pad: [0; 6],
         }
     }
 

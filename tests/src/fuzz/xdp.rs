@@ -226,6 +226,7 @@ pub fn check_frame(verdict: Verdict, d: &CounterDelta) -> Result<()> {
         Counter::DropIcmpErrorUnrelated,
         Counter::DropFragmentUnseenFirst,
         Counter::DropOtherProtocol,
+        Counter::DropZoneMismatch,
     ]
     .iter()
     .map(|&c| d.get(c))
