@@ -93,6 +93,16 @@ pub struct DatapathConfig {
 crate::assert_size!(DatapathConfig, 88);
 
 impl DatapathConfig {
+    /// The idle timeout of a session in `state` (a [`crate::State`] as `u8`), in nanoseconds;
+    /// 0 for a state this build does not know (it expires at once).
+    #[inline(always)]
+    pub fn timeout_ns(&self, state: u8) -> u64 {
+        match self.timeouts_ns.get(state as usize) {
+            Some(t) => *t,
+            None => 0,
+        }
+    }
+
     /// Firewall defaults for `local` member.
     pub fn with_defaults(local: MemberId) -> Self {
         let mut timeouts_ns = [0u64; STATE_COUNT];

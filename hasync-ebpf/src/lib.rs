@@ -14,6 +14,7 @@ pub mod events;
 pub mod install;
 pub mod maps;
 pub mod parse;
+pub mod policy;
 pub mod session;
 
 /// Unreachable: the crate has no panicking paths, and the verifier rejects any it finds.

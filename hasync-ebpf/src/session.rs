@@ -7,17 +7,20 @@ use aya_ebpf::{
 };
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    maps::FRAGMENT_WINDOW_NS,
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
-    Counter, Counters, DatapathConfig, EventKind, FlowKey, FragmentKey, MalformedAction,
-    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
+    Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Session, SessionFlags,
+    State, ZoneId,
 };
 
 use crate::{
     embryo,
     events::emit,
-    maps::{CONFIG, COUNTERS, FRAGMENTS, MEMBERS, SESSIONS, ZONES},
+    maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
+    policy::{
+        by_policy, icmp_error, ingress_zone, later_fragment, other_protocol, remember_datagram,
+        unknown_traffic_passes, unplaceable, zone_allows,
+    },
 };
 
 /// `E2BIG`: what a full hash map answers to an insert.
@@ -89,125 +92,6 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
-/// ifindex past the array, which the agent never binds).
-#[inline(always)]
-fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
-    ZONES.get(ctx.ingress_ifindex() as u32).copied()
-}
-
-/// Malformed frames whose traffic the parser cannot even place (a third VLAN tag, more IPv6
-/// extension headers than it walks, a TCP flag combination no stack sends), unlike truncated
-/// ones, which the kernel drops anyway.
-#[inline(always)]
-fn unplaceable(reason: Counter) -> bool {
-    matches!(
-        reason,
-        Counter::ErrVlanTooDeep | Counter::ErrIpv6TooManyExt | Counter::ErrTcpFlags
-    )
-}
-
-/// Does traffic the datapath does not track pass, by the ingress zone's rule or the policy?
-#[inline(always)]
-fn unknown_traffic_passes(ctx: &XdpContext, cfg: &DatapathConfig) -> bool {
-    let rule = match ingress_zone(ctx) {
-        Some(z) => z.other_protocols,
-        None => OtherProtocols::ByPolicy as u8,
-    };
-    match rule {
-        r if r == OtherProtocols::Pass as u8 => true,
-        r if r == OtherProtocols::Drop as u8 => false,
-        _ => cfg.policy == Policy::Loose as u8,
-    }
-}
-
-/// An IP protocol the datapath does not track: the ingress zone's rule, or the policy, says
-/// whether it passes; counted either way.
-#[inline(always)]
-fn other_protocol(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters) -> u32 {
-    if unknown_traffic_passes(ctx, cfg) {
-        counters.inc(Counter::PassOtherProtocol);
-        xdp_action::XDP_PASS
-    } else {
-        counters.inc(Counter::DropOtherProtocol);
-        xdp_action::XDP_DROP
-    }
-}
-
-/// A first fragment passed: its datagram's later fragments may follow for a while.
-#[inline(always)]
-fn remember_datagram(datagram: &FragmentKey) {
-    // SAFETY: the helper takes no arguments and only reads the clock.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // A full table forgets its oldest datagram; a failed insert leaves the later fragments to
-    // the policy, as an unseen first fragment would.
-    let _ = FRAGMENTS.insert(datagram, now, BPF_ANY as u64);
-}
-
-/// A later fragment (no ports to track) passes when its datagram's first fragment passed in
-/// the last [`FRAGMENT_WINDOW_NS`]; otherwise the strict policy drops it and the loose one
-/// passes it, counted either way.
-#[inline(always)]
-fn later_fragment(
-    cfg: &DatapathConfig,
-    counters: &mut Counters,
-    datagram: &FragmentKey,
-    note: Option<Counter>,
-) -> u32 {
-    if let Some(note) = note {
-        counters.inc(note);
-    }
-    // SAFETY: plain-data value read by copy.
-    if let Some(&first) = unsafe { FRAGMENTS.get(datagram) } {
-        // SAFETY: the helper takes no arguments and only reads the clock.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if !expired(now, first, FRAGMENT_WINDOW_NS) {
-            counters.inc(Counter::PassFragment);
-            return xdp_action::XDP_PASS;
-        }
-    }
-    if cfg.policy == Policy::Loose as u8 {
-        counters.inc(Counter::PassFragmentUnseenFirst);
-        xdp_action::XDP_PASS
-    } else {
-        counters.inc(Counter::DropFragmentUnseenFirst);
-        xdp_action::XDP_DROP
-    }
-}
-
-/// An ICMP/ICMPv6 error passes when the flow it quotes has a live session (conntrack's
-/// RELATED); otherwise the strict policy drops it, the loose one passes it, counted either way.
-/// It changes nothing in the session.
-#[inline(always)]
-fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<FlowKey>) -> u32 {
-    if let Some(key) = quoted {
-        // SAFETY: plain-data value, read by copy of the fields needed.
-        if let Some(s) = unsafe { SESSIONS.get(key) } {
-            // SAFETY: the helper takes no arguments and only reads the clock.
-            let now = unsafe { bpf_ktime_get_coarse_ns() };
-            if !expired(now, s.last_seen_ns, timeout_ns(cfg, s.state)) {
-                counters.inc(Counter::IcmpErrorRelated);
-                return xdp_action::XDP_PASS;
-            }
-        }
-    }
-    if cfg.policy == Policy::Loose as u8 {
-        counters.inc(Counter::PassIcmpErrorUnrelated);
-        xdp_action::XDP_PASS
-    } else {
-        counters.inc(Counter::DropIcmpErrorUnrelated);
-        xdp_action::XDP_DROP
-    }
-}
-
-#[inline(always)]
-fn timeout_ns(cfg: &DatapathConfig, state: u8) -> u64 {
-    match cfg.timeouts_ns.get(state as usize) {
-        Some(t) => *t,
-        None => 0,
-    }
-}
-
 #[inline(always)]
 fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet) -> u32 {
     if let Some(note) = pkt.note {
@@ -223,7 +107,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
-        let expired = expired(now, s.last_seen_ns, timeout_ns(cfg, s.state));
+        let expired = expired(now, s.last_seen_ns, cfg.timeout_ns(s.state));
         // A fresh SYN on a closed session is a new connection reusing the ports.
         let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
@@ -240,43 +124,6 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         replaced_version = s.version;
     }
     miss(ctx, cfg, counters, pkt, now, is_syn, replaced_version)
-}
-
-/// Is a packet of `s` travelling in `dir` that came in through zone `ingress` where the
-/// session is bound? The original direction is bound to the zone the session was created in,
-/// the reply direction to the zone its first reply came in through (learned here). A session
-/// of no zone is not bound, and an interface in no zone (the agent attaches to zones' only,
-/// unless run without a config) binds nothing. A packet from elsewhere is dropped by the strict
-/// policy (passed by the loose one), counted either way, and does not touch the session.
-#[inline(always)]
-fn zone_allows(
-    cfg: &DatapathConfig,
-    counters: &mut Counters,
-    s: &mut Session,
-    dir: usize,
-    ingress: ZoneId,
-) -> bool {
-    let bound = if dir == DIR_ORIGINAL {
-        s.zone
-    } else {
-        s.reply_zone
-    };
-    if bound == ingress || ingress == ZoneId::NONE {
-        return true;
-    }
-    if bound == ZoneId::NONE {
-        if dir == DIR_REPLY {
-            s.reply_zone = ingress;
-        }
-        return true;
-    }
-    if cfg.policy == Policy::Loose as u8 {
-        counters.inc(Counter::PassZoneMismatch);
-        true
-    } else {
-        counters.inc(Counter::DropZoneMismatch);
-        false
-    }
 }
 
 /// The packet found its session.
@@ -396,12 +243,12 @@ fn miss(
     let state = match pkt.key.proto {
         IPPROTO_TCP if is_syn => State::SynSent,
         IPPROTO_TCP => {
-            if cfg.policy == Policy::Loose as u8 {
-                counters.inc(Counter::PassNoSessionLoose);
-                return xdp_action::XDP_PASS;
-            }
-            counters.inc(Counter::DropNoSession);
-            return xdp_action::XDP_DROP;
+            return by_policy(
+                cfg,
+                counters,
+                Counter::PassNoSessionLoose,
+                Counter::DropNoSession,
+            );
         }
         IPPROTO_UDP => State::UdpNew,
         IPPROTO_ICMP | IPPROTO_ICMPV6 => State::IcmpEcho,
@@ -449,15 +296,13 @@ fn miss(
 /// reply of a flow it does not track; the loose policy passes it untracked.
 #[inline(always)]
 fn not_tracked(cfg: &DatapathConfig, counters: &mut Counters, error: i32) -> u32 {
-    let strict = cfg.policy != Policy::Loose as u8;
-    counters.inc(match (error == -E2BIG, strict) {
-        (true, true) => Counter::DropTableFull,
-        (true, false) => Counter::PassTableFull,
-        (false, _) => Counter::CreateFailed,
-    });
-    if strict {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    if error == -E2BIG {
+        return by_policy(
+            cfg,
+            counters,
+            Counter::PassTableFull,
+            Counter::DropTableFull,
+        );
     }
+    by_policy(cfg, counters, Counter::CreateFailed, Counter::CreateFailed)
 }

@@ -75,11 +75,7 @@ impl SweepReport {
 /// Same rule as the XDP program ([`hasync_common::session::expired`]; an unknown state has
 /// timeout 0), and a `last_seen_ns` after `now` counts as not idle at all.
 pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<RemoveReason> {
-    let timeout = cfg
-        .timeouts_ns
-        .get(usize::from(session.state))
-        .copied()
-        .unwrap_or(0);
+    let timeout = cfg.timeout_ns(session.state);
     if !hasync_common::session::expired(now, session.last_seen_ns, timeout) {
         return None;
     }
