@@ -147,6 +147,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let restarted = dp.pin_report().is_some_and(|r| r.sessions_reused());
     dp.set_member_alive(local, true)
         .context("marking the local member alive")?;
+    dp.record_zones(&config.zone_names())
+        .context("checking the zones against the pinned sessions")?;
     for (ifname, index, zone, name) in &bindings {
         dp.set_zone(*index, *zone)
             .with_context(|| format!("binding `{ifname}` to zone `{name}`"))?;

@@ -71,7 +71,7 @@ pub enum EndReason {
     Reset,
     /// Idle past the timeout of its state.
     Expired,
-    /// Unreplied, and evicted by newer unreplied sessions (the table's unreplied share was
+    /// Embryonic, and evicted by newer embryonic sessions (the table's embryonic share was
     /// full).
     Evicted,
 }

@@ -80,11 +80,11 @@ pub struct DatapathConfig {
     pub malformed: u8,
     /// Padding; zero.
     pub _pad: u8,
-    /// Slots of each CPU's part of the EMBRYOS ring: unreplied sessions admitted on one CPU
+    /// Slots of each CPU's part of the EMBRYOS ring: embryonic sessions admitted on one CPU
     /// that the table holds at most (0: no limit, nothing is evicted). Set by the agent from
     /// the map it loaded.
     pub embryo_slots: u32,
-    /// Slots of the replicas' part of the EMBRYOS ring: peers' unreplied sessions held at most
+    /// Slots of the replicas' part of the EMBRYOS ring: peers' embryonic sessions held at most
     /// (0: no limit). Set by the agent like `embryo_slots`.
     pub embryo_replica_slots: u32,
     /// Padding; zero.

@@ -33,13 +33,20 @@ counters! {
     DropTableFull = "drop-table-full",
     /// A new flow found the session table full: passed untracked (loose policy).
     PassTableFull = "pass-table-full",
-    /// Unreplied TCP sessions (`syn-sent`) evicted to admit newer unreplied sessions.
+    /// Embryonic (not assured) TCP sessions in `syn-sent` evicted to admit newer embryonic
+    /// sessions.
     EvictedSynSent = "evicted-syn-sent",
-    /// Unreplied UDP sessions (`udp-new`) evicted.
+    /// Embryonic TCP sessions in `syn-recv` (a SYN-ACK seen, the handshake not completed)
+    /// evicted.
+    EvictedSynRecv = "evicted-syn-recv",
+    /// Embryonic UDP sessions in `udp-new` (unanswered) evicted.
     EvictedUdpNew = "evicted-udp-new",
-    /// Unanswered ICMP echo sessions evicted.
+    /// Embryonic UDP sessions in `udp-replied` (answered, but not a stream yet) evicted.
+    EvictedUdpReplied = "evicted-udp-replied",
+    /// ICMP echo sessions evicted (never assured).
     EvictedIcmpEcho = "evicted-icmp-echo",
-    /// Unreplied sessions in another state (a TCP FIN or RST without any reply) evicted.
+    /// Embryonic sessions in another state (a TCP FIN or RST before the handshake completed)
+    /// evicted.
     EvictedOther = "evicted-other",
     /// Sessions found but idle past their timeout, treated as absent.
     Expired = "session-expired-on-hit",

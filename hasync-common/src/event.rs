@@ -16,7 +16,7 @@ pub enum EventKind {
     OwnershipTaken = 4,
     /// The session saw traffic (at most once per refresh interval per session).
     Refresh = 5,
-    /// An unreplied session was evicted to admit a newer one (the session as it was).
+    /// An embryonic session was evicted to admit a newer one (the session as it was).
     Evicted = 6,
 }
 

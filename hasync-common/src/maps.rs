@@ -13,7 +13,7 @@ pub const MEMBERS: &str = "MEMBERS";
 pub const COUNTERS: &str = "COUNTERS";
 /// Ring buffer of `Event`s.
 pub const EVENTS: &str = "EVENTS";
-/// Array of `EmbryoSlot`: the admission ring of unreplied sessions (see
+/// Array of `EmbryoSlot`: the admission ring of embryonic sessions (see
 /// [`crate::session::EmbryoSlot`]): first the part for peers' replicas
 /// (`DatapathConfig::embryo_replica_slots`), then one part of `DatapathConfig::embryo_slots`
 /// per possible CPU for the sessions traffic creates here; the agent sizes it at load time.
@@ -30,6 +30,14 @@ pub const FRAGMENTS_CAPACITY: u32 = 8192;
 /// How long after its first fragment a datagram's later fragments pass (reassembly gives up
 /// after 30 s by default; fragments of one datagram arrive within milliseconds).
 pub const FRAGMENT_WINDOW_NS: u64 = 10_000_000_000;
+/// Array of the zone names (`[u8; ZONE_NAME_BYTES]`, zero-padded) in id order, id 1 first:
+/// sessions record zones by id, so an agent that reuses a pinned table checks that every zone
+/// keeps its id. The program does not read it.
+pub const ZONE_NAMES: &str = "ZONE_NAMES";
+/// Bytes a zone name takes in ZONE_NAMES (names are 1–31 characters).
+pub const ZONE_NAME_BYTES: usize = 32;
+/// Zones ZONE_NAMES holds, as many as a hello may name.
+pub const MAX_ZONES: u32 = 1024;
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never
@@ -40,7 +48,7 @@ pub const READ_PROGRAM: &str = "hasync_read";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;
-/// Default share of the session table that unreplied sessions may take: one eighth.
+/// Default share of the session table that embryonic sessions may take: one eighth.
 pub const EMBRYONIC_SHARE: u32 = 8;
 /// Size of the EVENTS ring buffer in bytes (a power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 8 << 20;

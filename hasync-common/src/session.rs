@@ -154,7 +154,7 @@ pub struct Session {
     pub state: u8,
     /// TCP flags seen per direction (OR of every segment's flags).
     pub tcp_flags: [u8; 2],
-    /// Node-local: the admission ticket of an unreplied session, matching its slot in the
+    /// Node-local: the admission ticket of an embryonic session, matching its slot in the
     /// EMBRYOS ring (see [`EmbryoSlot`]); never synced (a member's tickets mean nothing to
     /// another).
     pub ticket: u32,
@@ -171,21 +171,41 @@ const _: () = assert!(
     "session key plus value must stay within 128 bytes"
 );
 
+/// How long a UDP flow must have lived, answered, to be assured (conntrack's UDP stream).
+pub const UDP_ASSURED_AFTER_NS: u64 = 2_000_000_000;
+
 impl Session {
-    /// Has the session seen no packet in the reply direction yet? Such a session (a SYN not
-    /// answered, a datagram or an echo request not answered) may be evicted by newer unreplied
-    /// sessions when the EMBRYOS ring is full; a replied session never is.
+    /// Is the session *assured* (conntrack's word): a TCP connection whose handshake completed,
+    /// or a UDP flow that was answered and still carried traffic 2 s after it began? One
+    /// answer is not enough: a spoofed SYN draws a SYN-ACK, a spoofed query an answer. Assured
+    /// sessions are never evicted; the others (embryonic) may be, oldest first, when the
+    /// EMBRYOS ring is full. ICMP echoes are never assured.
+    #[inline(always)]
+    pub const fn is_assured(&self) -> bool {
+        let handshake = self.tcp_flags[DIR_ORIGINAL] & tcp::ACK != 0
+            && self.tcp_flags[DIR_REPLY] & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK;
+        match State::from_u8(self.state) {
+            Some(State::Established) => true,
+            Some(State::Closing | State::Closed) => handshake,
+            Some(State::UdpReplied) => {
+                self.last_seen_ns.saturating_sub(self.created_ns) >= UDP_ASSURED_AFTER_NS
+            }
+            _ => false,
+        }
+    }
+
+    /// Not (yet) assured: see [`Session::is_assured`].
     #[inline(always)]
     pub const fn is_embryonic(&self) -> bool {
-        self.packets[DIR_REPLY] == 0
+        !self.is_assured()
     }
 }
 
-/// One slot of the EMBRYOS ring: the admission ring of unreplied sessions.
+/// One slot of the EMBRYOS ring: the admission ring of embryonic sessions.
 ///
-/// Every unreplied session that enters the table takes the next ticket (a shared counter) and
+/// Every embryonic session that enters the table takes the next ticket (a shared counter) and
 /// the slot `ticket % slots`. Whoever held that slot before, if it is still in the table,
-/// still unreplied and still holds that ticket, is evicted: at most `slots` unreplied sessions
+/// still embryonic and still holds that ticket, is evicted: at most `slots` embryonic sessions
 /// live at once, the oldest goes first, and a session that was answered is never touched.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]

@@ -1,19 +1,22 @@
-//! Admission of unreplied ("embryonic") sessions: a SYN, a datagram or an echo request that no
-//! reply has answered yet. They are cheap to create in bulk (a flood, a scan), so they are
-//! bounded apart from the rest: each takes a ticket in the EMBRYOS ring, and the ring's slot
-//! for that ticket evicts its previous holder if that session is still unreplied. Replied
-//! sessions are never evicted: the table never drops an established connection to make room
-//! (see `hasync_common::EmbryoSlot`).
+//! Admission of embryonic sessions: the ones not assured yet (see `Session::is_assured`: a TCP
+//! handshake not completed, a UDP flow not yet a stream, any ICMP echo). They are cheap to
+//! create in bulk (a flood, a scan, spoofed sources drawing answers), so they are bounded
+//! apart from the rest: each takes a ticket in the EMBRYOS ring, and the ring's slot for that
+//! ticket evicts its previous holder if that session is still embryonic. Assured sessions are
+//! never evicted: the table never drops an established connection to make room (see
+//! `hasync_common::EmbryoSlot`).
 //!
 //! The ring is cut into parts, each with its own ticket counter and a single writer: one per
 //! CPU for the sessions traffic creates (no atomic operation and no cache line shared between
 //! CPUs on the path a flood takes: the BPF target has no atomic read-modify-write in Rust's
 //! core, and a shared counter would bounce), and one for peers' replicas, which only the
-//! install program writes (the agent runs it one batch at a time, on whatever CPU).
+//! install program writes (the agent runs it one batch at a time, on whatever CPU). A bound is
+//! per part: a flood that one CPU receives evicts that CPU's embryonic sessions only.
 //!
-//! There is no compare-and-delete for BPF hash maps: a reply that lands on another CPU between
-//! the check and the delete of the oldest unreplied session (a window of nanoseconds) is lost
-//! with it; the flow's next packet starts it again.
+//! There is no compare-and-delete for BPF hash maps: a packet on another CPU that assures the
+//! oldest embryonic session between the check and the delete (a window of nanoseconds) is lost
+//! with it: a UDP flow starts again with its next datagram, a TCP handshake caught at that
+//! moment fails and is retried by the client.
 
 use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use hasync_common::{Counter, Counters, DatapathConfig, EventKind, FlowKey, Session, State};
@@ -57,7 +60,9 @@ fn part(cfg: &DatapathConfig, part: Part) -> Option<(*mut u64, u32, u32)> {
 fn evicted_counter(state: u8) -> Counter {
     match State::from_u8(state) {
         Some(State::SynSent) => Counter::EvictedSynSent,
+        Some(State::SynRecv) => Counter::EvictedSynRecv,
         Some(State::UdpNew) => Counter::EvictedUdpNew,
+        Some(State::UdpReplied) => Counter::EvictedUdpReplied,
         Some(State::IcmpEcho) => Counter::EvictedIcmpEcho,
         _ => Counter::EvictedOther,
     }
@@ -79,10 +84,15 @@ fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
     }
 }
 
-/// Gives `session`, about to enter the table under `key` unreplied, the next ticket of `to`,
-/// evicting the slot's previous holder if it is still unreplied (an `Evicted` event carries it
+/// Gives `session`, about to enter the table under `key` embryonic, the next ticket of `to`,
+/// evicting the slot's previous holder if it is still embryonic (an `Evicted` event carries it
 /// to the agent). Without slots in that part nothing is evicted.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values passed by value are copied to the stack, which this program has \
+              no room left for"
+)]
 pub fn admit(
     cfg: &DatapathConfig,
     counters: &mut Counters,
@@ -107,7 +117,7 @@ pub fn admit(
     };
     // SAFETY: array value valid for the program's run; the part has this one writer.
     let slot = unsafe { &mut *slot };
-    if let Some(held) = SESSIONS.get_ptr_mut(slot.key) {
+    if let Some(held) = SESSIONS.get_ptr_mut(&slot.key) {
         // SAFETY: the value stays valid for the program's run.
         let held = unsafe { &*held };
         if held.ticket == slot.ticket && held.is_embryonic() {

@@ -97,6 +97,11 @@ fn finish<H>(ctx: &XdpContext, done: bool, header: &mut H) -> u32 {
 
 /// Fills the read batch in the test-run data with the sessions the table holds.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values passed by value are copied to the stack, which this program has \
+              no room left for"
+)]
 pub fn read(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
@@ -107,7 +112,7 @@ pub fn read(ctx: &XdpContext) -> u32 {
         header.count as usize,
         READ_BATCH,
         |offset, mut slot| {
-            let Some(s) = SESSIONS.get_ptr_mut(slot.key) else {
+            let Some(s) = SESSIONS.get_ptr_mut(&slot.key) else {
                 return true;
             };
             // SAFETY: the value stays valid for the program's run; a concurrent update on
@@ -148,9 +153,10 @@ pub fn run(ctx: &XdpContext) -> u32 {
     finish(ctx, done, &mut header)
 }
 
-/// Readies a peer's `incoming` session to be written over `local`: an unreplied replica
-/// keeps the local copy's admission ticket, or takes a new one (which may evict the oldest
-/// unreplied session, as a local new flow would; never a replied one).
+/// Readies a peer's `incoming` session to be written over `local`: it keeps the local copy's
+/// node-local facts (the zone its replies are bound to here), and an embryonic replica keeps
+/// the local copy's admission ticket, or takes a new one (which may evict the oldest
+/// embryonic replica; never an assured session).
 #[inline(always)]
 fn admit(
     cfg: &DatapathConfig,
@@ -160,6 +166,9 @@ fn admit(
     local: Option<&Session>,
 ) {
     incoming.ticket = 0;
+    if let Some(l) = local {
+        incoming.reply_zone = l.reply_zone;
+    }
     if incoming.is_embryonic() {
         match local {
             Some(l) if l.is_embryonic() => incoming.ticket = l.ticket,
@@ -170,8 +179,13 @@ fn admit(
 
 /// Applies one record. An insert that races a session the fast path just created is resolved
 /// again against it. A full table refuses the record: nothing is evicted for a replica but
-/// the oldest unreplied session.
+/// the oldest embryonic session.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys and values passed by value are copied to the stack, which this program has \
+              no room left for"
+)]
 fn apply(
     rec: &mut InstallRecord,
     h: &InstallHeader,
@@ -180,7 +194,7 @@ fn apply(
     out: &mut InstallOutcome,
 ) {
     for _attempt in 0..2 {
-        let existing = SESSIONS.get_ptr_mut(rec.key);
+        let existing = SESSIONS.get_ptr_mut(&rec.key);
         // SAFETY: the value stays valid for the program's run.
         let local = existing.map(|p| unsafe { &*p });
         match resolve(rec.op, &rec.session, local, h.reconciling) {
@@ -194,7 +208,7 @@ fn apply(
                     BPF_EXIST
                 };
                 admit(cfg, counters, &rec.key, &mut rec.session, local);
-                match SESSIONS.insert(rec.key, rec.session, flag as u64) {
+                match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
                         out.installed = out.installed.wrapping_add(1);
                         return;
@@ -207,7 +221,7 @@ fn apply(
                 }
             }
             Resolution::Delete => {
-                if SESSIONS.remove(rec.key).is_ok() {
+                if SESSIONS.remove(&rec.key).is_ok() {
                     out.deleted = out.deleted.wrapping_add(1);
                 } else {
                     out.kept = out.kept.wrapping_add(1);

@@ -7,14 +7,14 @@ use aya_ebpf::{
 };
 use hasync_common::{
     maps::{
-        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FRAGMENTS_CAPACITY,
-        ZONE_IFINDEX_LIMIT,
+        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FRAGMENTS_CAPACITY, MAX_ZONES,
+        ZONE_IFINDEX_LIMIT, ZONE_NAME_BYTES,
     },
     member::MEMBER_SLOTS,
     Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneBinding,
 };
 
-/// A plain hash, not an LRU: nothing leaves it silently. Unreplied sessions are bounded and
+/// A plain hash, not an LRU: nothing leaves it silently. Embryonic sessions are bounded and
 /// evicted by the EMBRYOS ring (see `crate::embryo`); the others leave by expiry or close.
 #[map]
 pub static SESSIONS: HashMap<FlowKey, Session> =
@@ -39,6 +39,9 @@ pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static ZONES: Array<ZoneBinding> = Array::with_max_entries(ZONE_IFINDEX_LIMIT, 0);
+
+#[map]
+pub static ZONE_NAMES: Array<[u8; ZONE_NAME_BYTES]> = Array::with_max_entries(MAX_ZONES, 0);
 
 #[map]
 pub static MEMBERS: Array<MemberEntry> = Array::with_max_entries(MEMBER_SLOTS, 0);

@@ -49,7 +49,17 @@ pub struct Packet {
     pub note: Option<Counter>,
     /// The identification of the datagram, when this is its first fragment: once the packet
     /// passes, its later fragments may follow.
-    pub first_fragment: Option<u32>,
+    pub first_fragment: Option<FirstFragment>,
+}
+
+/// What identifies a datagram of which a packet is the first fragment, beside its addresses.
+#[derive(Clone, Copy)]
+pub struct FirstFragment {
+    /// The identification field.
+    pub id: u32,
+    /// The protocol its fragments carry: IPv4's protocol field, or the next header of the IPv6
+    /// Fragment header (what later fragments say too, whatever headers follow it).
+    pub proto: u8,
 }
 
 /// Outcome of parsing one frame.
@@ -59,8 +69,9 @@ pub enum Parsed {
     /// counter to bump.
     LaterFragment(FragmentKey, Option<Counter>),
     /// An IP protocol the datapath does not track (neither TCP, UDP, ICMP nor ICMPv6): its
-    /// zone's rule decides.
-    OtherProtocol,
+    /// zone's rule decides. When it is a first fragment, its datagram, whose later fragments
+    /// may follow if it passes.
+    OtherProtocol(Option<FragmentKey>),
     /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
     /// be read and the error travels back to its sender (else `None`: related to nothing).
     IcmpError(Option<FlowKey>),
@@ -133,7 +144,7 @@ struct L3 {
     /// Fragment note carried to [`Packet::note`].
     note: Option<Counter>,
     /// Carried to [`Packet::first_fragment`].
-    first_fragment: Option<u32>,
+    first_fragment: Option<FirstFragment>,
 }
 
 #[inline(always)]
@@ -204,7 +215,10 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         ));
     }
     let (note, first_fragment) = if frag & 0x2000 != 0 {
-        (Some(Counter::Ipv4FirstFragment), Some(id))
+        (
+            Some(Counter::Ipv4FirstFragment),
+            Some(FirstFragment { id, proto: h[9] }),
+        )
     } else {
         (None, None)
     };
@@ -274,7 +288,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     let key = fragment_key(Family::V6, e[0], src, dst, id);
                     return Err(Parsed::LaterFragment(key, note));
                 }
-                first_fragment = Some(id);
+                first_fragment = Some(FirstFragment { id, proto: e[0] });
                 next = e[0];
                 l4 = l4.wrapping_add(8);
             }
@@ -389,7 +403,10 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let id = raw16(h[4], h[5]);
             (id, id, 0)
         }
-        _ => return Parsed::OtherProtocol,
+        _ => {
+            let datagram = first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id));
+            return Parsed::OtherProtocol(datagram);
+        }
     };
     let (key, src_is_hi) = FlowKey::canonical(family, proto, src, sport, dst, dport);
     Parsed::Track(Packet {
@@ -457,9 +474,9 @@ fn fragment_key(family: Family, proto: u8, src: [u32; 4], dst: [u32; 4], id: u32
     }
 }
 
-/// The datagram `pkt` is the first fragment of (its identification is `id`).
+/// The datagram `pkt` is the first fragment of.
 #[inline(always)]
-pub fn first_fragment_key(pkt: &Packet, id: u32) -> FragmentKey {
+pub fn first_fragment_key(pkt: &Packet, first: FirstFragment) -> FragmentKey {
     let k = &pkt.key;
     let (src, dst) = if pkt.src_is_hi {
         (k.addr_hi, k.addr_lo)
@@ -471,5 +488,5 @@ pub fn first_fragment_key(pkt: &Packet, id: u32) -> FragmentKey {
     } else {
         Family::V4
     };
-    fragment_key(family, k.proto, src, dst, id)
+    fragment_key(family, first.proto, src, dst, first.id)
 }

@@ -62,14 +62,20 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
             let verdict = track(ctx, cfg, counters, &pkt);
-            if let (Some(id), xdp_action::XDP_PASS) = (pkt.first_fragment, verdict) {
-                remember_datagram(&first_fragment_key(&pkt, id));
+            if let (Some(first), xdp_action::XDP_PASS) = (pkt.first_fragment, verdict) {
+                remember_datagram(&first_fragment_key(&pkt, first));
             }
             verdict
         }
         Parsed::LaterFragment(datagram, note) => later_fragment(cfg, counters, &datagram, note),
         Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
-        Parsed::OtherProtocol => other_protocol(ctx, cfg, counters),
+        Parsed::OtherProtocol(datagram) => {
+            let verdict = other_protocol(ctx, cfg, counters);
+            if let (Some(d), xdp_action::XDP_PASS) = (datagram, verdict) {
+                remember_datagram(&d);
+            }
+            verdict
+        }
         Parsed::Pass(reason) => {
             counters.inc(reason);
             xdp_action::XDP_PASS
@@ -281,7 +287,7 @@ fn miss(
         reply_zone: ZoneId::NONE,
         _pad: [0; 6],
     };
-    // A new session is unreplied: it may evict the oldest unreplied one, never anything else.
+    // A new session is embryonic: it may evict the oldest embryonic one, never anything else.
     embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);
     if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {
         return not_tracked(cfg, counters, e);
@@ -291,8 +297,8 @@ fn miss(
     xdp_action::XDP_PASS
 }
 
-/// A new flow the table could not take (full: every slot holds a replied session or an
-/// unreplied one not yet due for eviction): the strict policy drops it, as it would drop the
+/// A new flow the table could not take (full: every slot holds an assured session or an
+/// embryonic one not yet due for eviction): the strict policy drops it, as it would drop the
 /// reply of a flow it does not track; the loose policy passes it untracked.
 #[inline(always)]
 fn not_tracked(cfg: &DatapathConfig, counters: &mut Counters, error: i32) -> u32 {

@@ -453,10 +453,13 @@ pub fn synthetic_session(owner: u8, i: u32, now: u64) -> (FlowKey, Session) {
         [b, 0, 0, 0],
         53,
     );
+    // An assured UDP stream (answered, alive for 3 s), as a table under load holds: never
+    // evicted for newer flows, here or on the peers it is synced to.
     let session = Session {
-        created_ns: now,
+        created_ns: now.saturating_sub(3_000_000_000),
         last_seen_ns: now,
         last_event_ns: now,
+        packets: [2, 1],
         version: 1,
         zone: ZoneId(1),
         owner: MemberId(owner),

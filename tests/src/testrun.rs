@@ -83,7 +83,7 @@ impl TestDatapath {
     }
 
     /// Like [`Self::load_with`], with a session table of `capacity` entries, as much of which
-    /// unreplied sessions may take as there can be (half for this member's own, half for
+    /// embryonic sessions may take as there can be (half for this member's own, half for
     /// replicas; however many CPUs share the ring, test runs on one CPU see only its part:
     /// `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {

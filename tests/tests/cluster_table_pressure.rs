@@ -4,9 +4,9 @@
 //! within seconds. With the old LRU table the flood pushed the connection's session out, the
 //! strict policy dropped its next segments and the client timed out.
 //!
-//! fw1 must also show how it coped: the oldest unreplied flows evicted (counted under
+//! fw1 must also show how it coped: the oldest embryonic flows evicted (counted under
 //! `evicted-udp-new`, each logged with `"reason":"evicted"`), no more of them held than the
-//! unreplied share of the table, the table never full, the connection still established.
+//! embryonic share of the table, the table never full, the connection still established.
 //! `tests/table_pressure.rs` proves the same through `BPF_PROG_TEST_RUN`; this test goes
 //! through running agents, veths and real sockets.
 
@@ -32,7 +32,7 @@ use hasync_tests::cluster::{Cluster, Row};
 
 /// The table: 1,024 sessions.
 const SESSION_CAPACITY: u32 = 1024;
-/// Unreplied sessions a member holds at most: `embryonic_capacity`'s default, an eighth of the
+/// Embryonic sessions a member holds at most: `embryonic_capacity`'s default, an eighth of the
 /// table (cut into one part per possible CPU, so at most this many up to 128 CPUs).
 const EMBRYONIC: u64 = SESSION_CAPACITY as u64 / 8;
 /// New UDP flows in the flood, one source port each, from `FIRST_PORT` on.
@@ -269,11 +269,11 @@ fn an_idle_connection_survives_a_flood_of_new_flows_in_a_small_table() {
         d(Counter::Creates) >= u64::from(delivered),
         "fw1 made fewer sessions than flows reached the server: {flood_delta:?}"
     );
-    // fw1 evicted the unreplied flows beyond its unreplied share, and nothing else: the table
+    // fw1 evicted the embryonic flows beyond its embryonic share, and nothing else: the table
     // never filled, no segment of the connection was dropped.
     assert!(
         d(Counter::EvictedUdpNew) >= u64::from(delivered) - EMBRYONIC,
-        "fw1 evicted too few of {delivered} unreplied flows: {flood_delta:?}"
+        "fw1 evicted too few of {delivered} embryonic flows: {flood_delta:?}"
     );
     for name in [
         Counter::EvictedOther,
@@ -285,7 +285,7 @@ fn an_idle_connection_survives_a_flood_of_new_flows_in_a_small_table() {
     let dropped = delta(&before, &after)[Counter::DropNoSession.name()];
     assert_eq!(dropped, 0, "fw1 dropped segments of the connection");
 
-    // What fw1 holds now: the connection, established, and at most its unreplied share of the
+    // What fw1 holds now: the connection, established, and at most its embryonic share of the
     // flood.
     let now = c.try_sessions(1, tcp).unwrap_or_else(|e| c.fail(&e));
     let rows: Vec<Row> = now.sessions.iter().flatten().map(Row::from).collect();
@@ -305,12 +305,12 @@ fn an_idle_connection_survives_a_flood_of_new_flows_in_a_small_table() {
         )
         .unwrap_or_else(|e| c.fail(&e));
     eprintln!(
-        "fw1 holds {} of the flood's flows ({} unreplied at most)",
+        "fw1 holds {} of the flood's flows ({} embryonic at most)",
         held.total, EMBRYONIC
     );
     assert!(
         held.total <= EMBRYONIC,
-        "fw1 holds {} of the flood's flows, more than its unreplied share {EMBRYONIC}",
+        "fw1 holds {} of the flood's flows, more than its embryonic share {EMBRYONIC}",
         held.total
     );
     assert!(

@@ -239,7 +239,7 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
     };
     // Owned here and peers' copies make the total (both counted in one walk).
     assert_eq!(number("sessions-owned") + number("sessions-cached"), total);
-    assert!(number("sessions-unreplied-capacity") > 0);
+    assert!(number("sessions-embryonic-capacity") > 0);
     let (tag, _) = get("sessions-warning");
     assert!(tag.contains(" hidden"), "no warning below 90 %: {tag}");
     let rows: Vec<&str> = dom

@@ -783,6 +783,26 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
             .session(Expect::new(State::SynSent))
             .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv4FirstFragment, 1)])
             .events(&[E::Created]),
+        Row::new("ipv6: a fragment header followed by options still matches its later fragments")
+            .pass(udp(C6, S6).ipv6_ext(FragmentFirst).ipv6_ext(DestOpts))
+            .pass(udp(C6, S6).ipv6_ext(FragmentLater).ipv6_ext(DestOpts))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Events, 1),
+                (C::Ipv6Fragment, 2),
+                (C::PassFragment, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("a zone that passes other protocols passes a fragmented esp datagram whole")
+            .other_protocols(OtherProtocols::Pass)
+            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP).ipv4_fragment(0, true))
+            .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP).ipv4_fragment(1480, false))
+            .counters(&[(C::PassOtherProtocol, 1), (C::PassFragment, 1)]),
+        Row::new("strict: a dropped esp first fragment lets none of its datagram through")
+            .drop(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP).ipv4_fragment(0, true))
+            .drop(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP).ipv4_fragment(1480, false))
+            .counters(&[(C::DropOtherProtocol, 1), (C::DropFragmentUnseenFirst, 1)]),
         Row::new("strict: an ipv4 later fragment of an unseen datagram is dropped")
             .drop(udp(C4, S4).ipv4_fragment(1480, true))
             .drop(tcp(C4, S4).ipv4_fragment(2960, false))

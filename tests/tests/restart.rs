@@ -293,7 +293,7 @@ fn an_agent_restart_loses_no_session_and_no_traffic() {
         .unwrap_or_else(|e| fail(&lab, &format!("fw1 after the restart: {e}")));
     let log = lab.log_tail(1, 40);
     for want in [
-        "reused=CONFIG,COUNTERS,EMBRYOS,EMBRYO_HEAD,EVENTS,FRAGMENTS,MEMBERS,REPLICA_EMBRYO_HEAD,SESSIONS,ZONES",
+        "reused=CONFIG,COUNTERS,EMBRYOS,EMBRYO_HEAD,EVENTS,FRAGMENTS,MEMBERS,REPLICA_EMBRYO_HEAD,SESSIONS,ZONES,ZONE_NAMES",
         "reusing the pinned XDP link",
         "restarted=true",
     ] {

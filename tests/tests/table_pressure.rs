@@ -1,5 +1,5 @@
 //! Table pressure through `BPF_PROG_TEST_RUN` (issue 9 §1): a flood of new flows, or of
-//! peers' replicas, into a small session table must not push out replied sessions; unreplied
+//! peers' replicas, into a small session table must not push out assured sessions; embryonic
 //! ones are evicted oldest first, counted by state and reported; a table full of replied
 //! sessions refuses new flows (strict: dropped) instead of dropping old ones.
 
@@ -82,7 +82,7 @@ fn a_flood_of_new_flows_does_not_evict_an_established_connection() {
     let session = tdp.session(&data.key()).expect("read").expect("kept");
     assert_eq!(session.state, State::Established as u8);
 
-    // The oldest unreplied flows made room for the newer ones, and each eviction was counted
+    // The oldest embryonic flows made room for the newer ones, and each eviction was counted
     // and reported with the session as it was.
     let evicted = u64::from(FLOOD) - u64::from(per_cpu);
     assert_eq!(delta.get(Counter::Creates), u64::from(FLOOD));
@@ -107,14 +107,21 @@ fn a_flood_of_new_flows_does_not_evict_an_established_connection() {
     assert_eq!(held, per_cpu as usize + 1);
 }
 
-/// A flow answered before the ring came round to it is not evicted: only unreplied sessions
-/// are.
+/// An assured flow (a UDP stream: answered, and still talking 2 s later) is not evicted
+/// when the ring comes round to it; a flow merely answered once is (a spoofed query draws an
+/// answer too), as are the unanswered ones.
 #[test]
-fn a_replied_flow_is_never_evicted() {
+fn an_assured_flow_is_never_evicted_a_merely_answered_one_is() {
     let (mut tdp, per_cpu) = load(Policy::Strict);
-    let (c, s) = (sa("198.18.0.12:5000"), sa("198.18.1.20:53"));
-    tdp.run(&Frame::udp(c, s).build()).expect("request");
-    tdp.run(&Frame::udp(s, c).build()).expect("reply");
+    let server = sa("198.18.1.20:53");
+    let (stream, answered) = (sa("198.18.0.12:5000"), sa("198.18.0.12:5001"));
+    for c in [stream, answered] {
+        tdp.run(&Frame::udp(c, server).build()).expect("request");
+        tdp.run(&Frame::udp(server, c).build()).expect("reply");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    tdp.run(&Frame::udp(stream, server).build())
+        .expect("the stream goes on");
     let ((), delta) = with_delta(&mut tdp, |tdp| {
         for i in 0..(per_cpu as u16).saturating_mul(3) {
             tdp.run(&flood_flow(i).build())?;
@@ -123,10 +130,19 @@ fn a_replied_flow_is_never_evicted() {
     })
     .expect("flood");
     let kept = tdp
-        .session(&Frame::udp(c, s).key())
+        .session(&Frame::udp(stream, server).key())
         .expect("read")
-        .expect("kept");
-    assert_eq!(kept.state, State::UdpReplied as u8);
+        .expect("the stream is kept");
+    assert!(kept.is_assured(), "{kept:?}");
+    assert_eq!(
+        tdp.session(&Frame::udp(answered, server).key())
+            .expect("read"),
+        None,
+        "a flow answered once is not assured"
+    );
+    // The answered flow went first (its slot came round first after the stream's, which was
+    // spared), then the flood's oldest flows.
+    assert_eq!(delta.get(Counter::EvictedUdpReplied), 1, "{delta}");
     assert_eq!(
         delta.get(Counter::EvictedUdpNew),
         u64::from(per_cpu) * 2,
@@ -134,7 +150,7 @@ fn a_replied_flow_is_never_evicted() {
     );
 }
 
-/// Unreplied sessions of each kind are counted under their own state.
+/// Embryonic sessions of each kind are counted under their own state.
 #[test]
 fn evictions_are_counted_by_state() {
     let (mut tdp, per_cpu) = load(Policy::Strict);
@@ -158,7 +174,7 @@ fn evictions_are_counted_by_state() {
     assert_eq!(delta.get(Counter::EvictedUdpNew), 0);
 }
 
-/// A table full of replied sessions takes no new flow: the strict policy drops it (counted),
+/// A table full of assured sessions takes no new flow: the strict policy drops it (counted),
 /// the loose one passes it untracked; no replied session is lost either way.
 #[test]
 fn a_full_table_refuses_new_flows_and_keeps_what_it_holds() {
@@ -193,9 +209,10 @@ fn fill_with_replied(tdp: &mut TestDatapath) {
     tdp.insert_sessions(&entries).expect("fill");
 }
 
+/// An assured UDP session (answered, a stream for 3 s) owned by `owner`.
 fn replied(now: u64, owner: MemberId) -> Session {
     Session {
-        created_ns: now,
+        created_ns: now.saturating_sub(3_000_000_000),
         last_seen_ns: now,
         last_event_ns: now,
         packets: [1, 1],
@@ -212,11 +229,12 @@ fn replied(now: u64, owner: MemberId) -> Session {
     }
 }
 
-/// Peers' records go through the same admission: a flood of unreplied replicas evicts only
-/// unreplied sessions (never the local established connection), and replied replicas that
-/// find the table full are refused and counted, not installed over anything.
+/// Peers' records go through the same admission, in the replicas' own part of the ring: a
+/// flood of embryonic replicas evicts only embryonic replicas, never an assured replica nor
+/// this member's own sessions; assured records that find the table full are refused and
+/// counted, not installed over anything.
 #[test]
-fn replicas_never_evict_replied_sessions() {
+fn replicas_never_evict_assured_sessions() {
     let (mut tdp, _) = load(Policy::Strict);
     let replica_slots = tdp
         .datapath()
@@ -226,16 +244,14 @@ fn replicas_never_evict_replied_sessions() {
     let (c, s) = establish(&tdp);
     let peer = MemberId(2);
     let now = monotonic_ns();
-    let record = |i: u32, packets: [u64; 2]| {
+    let record = |i: u32, assured: bool| {
         let port = u16::try_from(i % 60_000).expect("port");
         let src = SocketAddr::new("198.18.0.16".parse().expect("ip"), 1_000 + port);
         let mut session = replied(now, peer);
-        session.packets = packets;
-        session.state = if packets[1] == 0 {
-            State::UdpNew as u8
-        } else {
-            State::UdpReplied as u8
-        };
+        if !assured {
+            session.packets = [1, 0];
+            session.state = State::UdpNew as u8;
+        }
         InstallRecord {
             key: Frame::udp(src, sa("198.18.1.20:53")).key(),
             session,
@@ -243,30 +259,41 @@ fn replicas_never_evict_replied_sessions() {
             _pad: [0; 7],
         }
     };
-    let flood: Vec<InstallRecord> = (0..u32::from(FLOOD)).map(|i| record(i, [1, 0])).collect();
-    let dp = tdp.datapath_mut();
-    let out = dp.install(&flood, MemberId::NONE, now).expect("install");
-    assert_eq!(out.installed, u32::from(FLOOD));
+    let install = |tdp: &mut TestDatapath, records: &[InstallRecord]| {
+        tdp.datapath_mut()
+            .install(records, MemberId::NONE, now)
+            .expect("install")
+    };
+    // 100 assured replicas, then a flood of embryonic ones.
+    let assured: Vec<InstallRecord> = (0..100).map(|i| record(i, true)).collect();
+    assert_eq!(install(&mut tdp, &assured).installed, 100);
+    let flood: Vec<InstallRecord> = (100..100 + u32::from(FLOOD))
+        .map(|i| record(i, false))
+        .collect();
+    assert_eq!(install(&mut tdp, &flood).installed, u32::from(FLOOD));
     let counters = tdp.counters().expect("counters");
     assert_eq!(
         counters.get(Counter::EvictedUdpNew),
         u64::from(FLOOD) - u64::from(replica_slots),
-        "replicas have their own part of the ring, whatever CPU installs them"
+        "the replicas' part holds the newest embryonic replicas"
     );
+    for r in &assured {
+        assert!(
+            tdp.session(&r.key).expect("read").is_some(),
+            "assured replica kept"
+        );
+    }
     let data = Frame::tcp(c, s).ack().payload(10);
     assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);
 
-    // Replied replicas fill what is left of the table, then are refused.
+    // Assured replicas fill what is left of the table, then are refused: they take no ticket
+    // and evict nothing.
     let held = tdp.sessions().expect("sessions").len() as u32;
     let room = CAPACITY - held;
-    let replied_records: Vec<InstallRecord> = (0..room + 10)
-        .map(|i| record(u32::from(FLOOD) + i, [1, 1]))
+    let more: Vec<InstallRecord> = (0..room + 10)
+        .map(|i| record(100 + u32::from(FLOOD) + i, true))
         .collect();
-    let out = tdp
-        .datapath_mut()
-        .install(&replied_records, MemberId::NONE, now)
-        .expect("install");
-    // The unreplied replicas stay too: a replied record takes no ticket and evicts nothing.
+    let out = install(&mut tdp, &more);
     assert_eq!((out.installed, out.full), (room, 10), "{out:?}");
     assert_eq!(tdp.sessions().expect("sessions").len(), CAPACITY as usize);
     assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);

@@ -133,10 +133,11 @@ pub struct Local {
     /// Capacity of the session table.
     #[serde(default = "defaults::session_capacity")]
     pub session_capacity: u32,
-    /// Unreplied sessions (a SYN, a datagram, an echo request not answered yet) the table
-    /// holds at most; past this, each new one evicts the oldest, and replied sessions are
-    /// never evicted. Peers' unreplied sessions get as many again, so at most half of
-    /// `session_capacity`. Default: one eighth of `session_capacity`.
+    /// Embryonic sessions (not assured yet: a TCP handshake not completed, a UDP flow not yet
+    /// a stream, any ICMP echo) of this member's the table holds at most; past this, each new
+    /// one evicts the oldest, and assured sessions are never evicted. Peers' embryonic
+    /// sessions get as many again, so at most half of `session_capacity`. Default: one eighth
+    /// of `session_capacity`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embryonic_capacity: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
@@ -351,7 +352,7 @@ impl Config {
                 &mut p,
                 "local.embryonic_capacity",
                 u64::from(e),
-                // As many again are kept for peers' unreplied sessions.
+                // As many again are kept for peers' embryonic sessions.
                 (1, u64::from(l.session_capacity / 2)),
             );
         }

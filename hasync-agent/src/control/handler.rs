@@ -59,12 +59,12 @@ pub fn handle(member: &Member, request: Request) -> Response {
             let walked = tokio::task::block_in_place(|| {
                 walk(&*member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
             });
-            let (capacity, unreplied) = {
+            let (capacity, embryonic) = {
                 let dp = lock(&member.dp);
                 (dp.capacity(), dp.embryonic_capacity())
             };
             match walked {
-                Ok(_) => Response::ok(page.finish(capacity, unreplied)),
+                Ok(_) => Response::ok(page.finish(capacity, embryonic)),
                 Err(e) => Response::error(crate::datapath::error_chain(&e)),
             }
         }

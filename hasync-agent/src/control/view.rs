@@ -203,13 +203,13 @@ pub struct SessionsView {
     pub by_owner: BTreeMap<u8, u64>,
     /// Matching sessions that saw no reply yet (the ones the table may evict).
     #[serde(default)]
-    pub unreplied: u64,
+    pub embryonic: u64,
     /// Capacity of the session table (0 from an agent that did not say).
     #[serde(default)]
     pub capacity: u64,
-    /// Unreplied sessions the table holds at most.
+    /// Embryonic sessions the table holds at most.
     #[serde(default)]
-    pub unreplied_capacity: u64,
+    pub embryonic_capacity: u64,
     /// The requested page; absent when only counts were asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionView>>,
@@ -318,9 +318,9 @@ impl SessionPage {
             view: SessionsView {
                 total: 0,
                 by_owner: BTreeMap::new(),
-                unreplied: 0,
+                embryonic: 0,
                 capacity: 0,
-                unreplied_capacity: 0,
+                embryonic_capacity: 0,
                 sessions: (!count_only).then(Vec::new),
             },
         })
@@ -336,7 +336,7 @@ impl SessionPage {
         let index = self.view.total;
         self.view.total += 1;
         *self.view.by_owner.entry(view.owner).or_insert(0) += 1;
-        self.view.unreplied += u64::from(s.is_embryonic());
+        self.view.embryonic += u64::from(s.is_embryonic());
         if let Some(list) = &mut self.view.sessions {
             if index >= self.offset && (list.len() as u64) < self.limit {
                 list.push(view);
@@ -351,11 +351,11 @@ impl SessionPage {
         }
     }
 
-    /// The view, with the table's capacities (`capacity`, `unreplied_capacity`).
-    pub fn finish(self, capacity: u32, unreplied_capacity: u32) -> SessionsView {
+    /// The view, with the table's capacities (`capacity`, `embryonic_capacity`).
+    pub fn finish(self, capacity: u32, embryonic_capacity: u32) -> SessionsView {
         SessionsView {
             capacity: u64::from(capacity),
-            unreplied_capacity: u64::from(unreplied_capacity),
+            embryonic_capacity: u64::from(embryonic_capacity),
             ..self.view
         }
     }
@@ -850,12 +850,12 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({"total": 5, "by_owner": {"1": 2, "2": 2, "3": 1},
-                "unreplied": 4, "capacity": 1024, "unreplied_capacity": 128})
+                "embryonic": 3, "capacity": 1024, "embryonic_capacity": 128})
         );
-        // An older agent's answer lacks the capacities and the unreplied count.
+        // An older agent's answer lacks the capacities and the embryonic count.
         let old: SessionsView =
             serde_json::from_value(serde_json::json!({"total": 5, "by_owner": {}})).unwrap();
-        assert_eq!((old.unreplied, old.capacity), (0, 0));
+        assert_eq!((old.embryonic, old.capacity), (0, 0));
         let back: SessionsView = serde_json::from_value(json).unwrap();
         assert_eq!(back, v);
 

@@ -12,7 +12,7 @@
 //! - communication errors per link (connections lost, [`LinkSummary::errors`]) and sync
 //!   connections or frames refused ([`ClusterSummary::rejected`]);
 //! - the session table's fill against its capacity: sessions owned here (the session table)
-//!   and peers' copies (the session cache), which share it, and the unreplied ones against
+//!   and peers' copies (the session cache), which share it, and the embryonic ones against
 //!   their own bound; a warning from [`FILL_WARNING_PERCENT`] on;
 //! - every member with its state and link states.
 //!
@@ -76,7 +76,7 @@ pub struct LinkSummary {
     pub errors: u64,
 }
 
-/// Fill of the session table (or of its unreplied share) from which the dashboard warns.
+/// Fill of the session table (or of its embryonic share) from which the dashboard warns.
 pub const FILL_WARNING_PERCENT: f64 = 90.0;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,8 +92,8 @@ pub struct SessionSummary {
     pub cached: u64,
     /// Sessions with no reply yet, and the most the table holds (past it, the oldest is
     /// evicted for each new one).
-    pub unreplied: u64,
-    pub unreplied_capacity: u64,
+    pub embryonic: u64,
+    pub embryonic_capacity: u64,
     /// Why the table needs attention (fill at or above [`FILL_WARNING_PERCENT`]), if it does.
     pub warning: Option<String>,
     /// By owner member id.
@@ -113,14 +113,14 @@ impl SessionSummary {
     pub fn new(sessions: &SessionsView, capacity: u64, local: u8) -> SessionSummary {
         let owned = sessions.by_owner.get(&local).copied().unwrap_or(0);
         let fill_percent = percent(sessions.total, capacity);
-        let unreplied_percent = percent(sessions.unreplied, sessions.unreplied_capacity);
+        let embryonic_percent = percent(sessions.embryonic, sessions.embryonic_capacity);
         let warning = if fill_percent >= FILL_WARNING_PERCENT {
             Some(format!(
                 "session table {fill_percent:.0} % full: new flows are refused when it is full"
             ))
-        } else if unreplied_percent >= FILL_WARNING_PERCENT {
+        } else if embryonic_percent >= FILL_WARNING_PERCENT {
             Some(format!(
-                "unreplied sessions at {unreplied_percent:.0} % of their bound: the oldest are \
+                "embryonic sessions at {embryonic_percent:.0} % of their bound: the oldest are \
                  being evicted (a flood or a scan?)"
             ))
         } else {
@@ -132,8 +132,8 @@ impl SessionSummary {
             fill_percent,
             owned,
             cached: sessions.total.saturating_sub(owned),
-            unreplied: sessions.unreplied,
-            unreplied_capacity: sessions.unreplied_capacity,
+            embryonic: sessions.embryonic,
+            embryonic_capacity: sessions.embryonic_capacity,
             warning,
             by_owner: sessions.by_owner.clone(),
         }

@@ -120,7 +120,7 @@ async fn the_api_summarises_the_views() {
         json["sessions"],
         serde_json::json!({
             "total": 3, "capacity": 65536, "fill_percent": 3.0 * 100.0 / 65536.0,
-            "owned": 2, "cached": 1, "unreplied": 3, "unreplied_capacity": 8192,
+            "owned": 2, "cached": 1, "embryonic": 2, "embryonic_capacity": 8192,
             "warning": null, "by_owner": {"1": 2, "2": 1}
         })
     );
@@ -147,15 +147,15 @@ async fn the_api_summarises_the_views() {
     assert_eq!(ClusterApi::new(&all).sessions.fill_percent, 0.0);
 }
 
-/// The table warns from 90 % full, of all sessions or of the unreplied ones' bound.
+/// The table warns from 90 % full, of all sessions or of the embryonic ones' bound.
 #[test]
 fn the_session_table_warns_from_ninety_percent() {
-    let view = |total: u64, unreplied: u64| SessionsView {
+    let view = |total: u64, embryonic: u64| SessionsView {
         total,
         by_owner: BTreeMap::from([(1, total)]),
-        unreplied,
+        embryonic,
         capacity: 1000,
-        unreplied_capacity: 100,
+        embryonic_capacity: 100,
         sessions: None,
     };
     let warning = |v: &SessionsView| SessionSummary::new(v, 1000, 1).warning;
@@ -163,8 +163,8 @@ fn the_session_table_warns_from_ninety_percent() {
     let full = warning(&view(900, 0)).expect("90 % full");
     assert!(full.contains("session table 90 % full"), "{full}");
     assert_eq!(warning(&view(500, 89)), None);
-    let flood = warning(&view(500, 95)).expect("unreplied bound");
-    assert!(flood.contains("unreplied sessions at 95 %"), "{flood}");
+    let flood = warning(&view(500, 95)).expect("embryonic bound");
+    assert!(flood.contains("embryonic sessions at 95 %"), "{flood}");
     let s = SessionSummary::new(&view(500, 95), 1000, 1);
     assert_eq!((s.owned, s.cached), (500, 0));
 }
@@ -200,8 +200,8 @@ fn the_page_is_self_contained_and_has_what_the_script_fills() {
         "ha4-backup-errors",
         "sessions-owned",
         "sessions-cached",
-        "sessions-unreplied",
-        "sessions-unreplied-capacity",
+        "sessions-embryonic",
+        "sessions-embryonic-capacity",
         "sessions-warning",
         "rejected",
         "sessions-total",

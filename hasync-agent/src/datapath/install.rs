@@ -163,6 +163,38 @@ mod tests {
         }
     }
 
+    /// A peer's update replaces the session but not what only this member knows: the zone its
+    /// replies are bound to here (and the admission ticket).
+    #[test]
+    fn an_update_keeps_the_local_reply_zone() {
+        let mut dp = datapath();
+        let mut local = Session {
+            version: 1,
+            owner: MemberId(2),
+            packets: [3, 2],
+            state: hasync_common::State::UdpReplied as u8,
+            ..Session::default()
+        };
+        local.reply_zone = hasync_common::ZoneId(4);
+        dp.insert_sessions(&[(key(1), local)]).expect("insert");
+        let update = InstallRecord {
+            key: key(1),
+            session: Session {
+                version: 2,
+                ..local
+            },
+            op: hasync_common::InstallOp::Upsert as u8,
+            _pad: [0; 7],
+        };
+        let mut update = update;
+        update.session.reply_zone = hasync_common::ZoneId::NONE;
+        let out = dp.install(&[update], MemberId::NONE, 0).expect("install");
+        assert_eq!(out.installed, 1);
+        let now = dp.session(&key(1)).expect("lookup").expect("held");
+        assert_eq!(now.version, 2);
+        assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
+    }
+
     /// A header claiming more records than a run takes is refused, and nothing is installed.
     #[test]
     fn an_oversized_batch_is_refused() {

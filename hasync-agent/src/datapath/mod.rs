@@ -64,7 +64,7 @@ pub enum DatapathError {
     CapacityOutOfRange(u32),
     #[error(
         "embryonic capacity {embryonic} is more than half the session table ({table} sessions): \
-         peers' unreplied sessions get as many again"
+         peers' embryonic sessions get as many again"
     )]
     EmbryonicCapacity { embryonic: u32, table: u32 },
     #[error(
@@ -73,6 +73,14 @@ pub enum DatapathError {
         limit = names::ZONE_IFINDEX_LIMIT
     )]
     IfindexTooLarge(u32),
+    #[error(
+        "zone {id} was `{was}` when the pinned sessions were made and is `{now}` now: sessions \
+         record zones by position, so keep the zones in their order (new ones go at the end), \
+         or run `hasync teardown` (it drops the sessions)"
+    )]
+    ZonesReordered { id: usize, was: String, now: String },
+    #[error("{0} zones are more than the {max} the datapath records", max = names::MAX_ZONES)]
+    TooManyZones(usize),
     #[error("counting the possible CPUs: {0}")]
     PossibleCpus(#[source] std::io::Error),
     #[error("map `{map}`: {source}")]
@@ -189,7 +197,7 @@ pub const MAX_SESSION_CAPACITY: u32 = 1 << 26;
 pub struct DatapathOptions {
     /// Capacity of the SESSIONS hash.
     pub session_capacity: u32,
-    /// Unreplied sessions the table holds at most (the EMBRYOS ring): past this, each new one
+    /// Embryonic sessions the table holds at most (the EMBRYOS ring): past this, each new one
     /// evicts the oldest. `None`: one eighth of the table's capacity.
     pub embryonic_capacity: Option<u32>,
     /// Written to CONFIG before the program can see traffic.
@@ -212,7 +220,7 @@ impl DatapathOptions {
 }
 
 /// How the EMBRYOS ring is cut: `per_cpu` slots for each of `cpus` possible CPUs (this
-/// member's own unreplied sessions), and as many again for peers' replicas.
+/// member's own embryonic sessions), and as many again for peers' replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbryoRing {
     pub per_cpu: u32,
@@ -220,7 +228,7 @@ pub struct EmbryoRing {
 }
 
 impl EmbryoRing {
-    /// The ring for at most `capacity` unreplied sessions of this member's own (and as many
+    /// The ring for at most `capacity` embryonic sessions of this member's own (and as many
     /// replicas) in a table of `table` entries, on `cpus` possible CPUs: at least one slot per
     /// CPU. `None` when both together could take more than the table.
     pub fn new(capacity: Option<u32>, table: u32, cpus: u32) -> Option<EmbryoRing> {
@@ -255,6 +263,15 @@ pub struct Datapath {
     attachments: Vec<Attachment>,
     /// Where the maps and links are pinned, and what was found there.
     pins: Option<(PinDir, PinReport)>,
+}
+
+/// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
+fn zone_name_bytes(name: &str) -> [u8; names::ZONE_NAME_BYTES] {
+    let mut out = [0; names::ZONE_NAME_BYTES];
+    for (o, b) in out.iter_mut().zip(name.bytes()) {
+        *o = b;
+    }
+    out
 }
 
 /// How many CPUs per-CPU maps have values for.
@@ -338,7 +355,7 @@ impl Datapath {
         self.capacity
     }
 
-    /// Unreplied sessions the table holds at most: this member's own (all CPUs' parts of the
+    /// Embryonic sessions the table holds at most: this member's own (all CPUs' parts of the
     /// EMBRYOS ring) and as many peers' replicas.
     pub fn embryonic_capacity(&self) -> u32 {
         self.embryos.slots()
@@ -480,6 +497,47 @@ impl Datapath {
             }
         }
         Ok(unbound)
+    }
+
+    /// Records `zones` (names in id order) with the datapath. When it kept a pinned table,
+    /// every zone the table's sessions may name must keep its id: a zone list that renames or
+    /// reorders what was there is refused (one that adds zones at the end, or drops some from
+    /// it, is not).
+    pub fn record_zones(&mut self, zones: &[String]) -> Result<(), DatapathError> {
+        if zones.len() > names::MAX_ZONES as usize {
+            return Err(DatapathError::TooManyZones(zones.len()));
+        }
+        let kept_sessions = self.pin_report().is_some_and(|r| r.sessions_reused());
+        let mut map: Array<_, [u8; names::ZONE_NAME_BYTES]> =
+            Array::try_from(self.map_mut(names::ZONE_NAMES)?)
+                .map_err(map_err(names::ZONE_NAMES))?;
+        for id in 0..names::MAX_ZONES {
+            let was = map.get(&id, 0).map_err(map_err(names::ZONE_NAMES))?;
+            let now = zones.get(id as usize).map(|z| zone_name_bytes(z));
+            if was == [0; names::ZONE_NAME_BYTES] && now.is_none() {
+                break;
+            }
+            match now {
+                Some(now) if kept_sessions && was != [0; names::ZONE_NAME_BYTES] && was != now => {
+                    return Err(DatapathError::ZonesReordered {
+                        id: id as usize + 1,
+                        was: String::from_utf8_lossy(&was)
+                            .trim_end_matches('\0')
+                            .to_owned(),
+                        now: zones.get(id as usize).cloned().unwrap_or_default(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        // Every entry, so nothing of a longer earlier list stays behind.
+        for id in 0..names::MAX_ZONES {
+            let now = zones
+                .get(id as usize)
+                .map_or([0; names::ZONE_NAME_BYTES], |z| zone_name_bytes(z));
+            map.set(id, now, 0).map_err(map_err(names::ZONE_NAMES))?;
+        }
+        Ok(())
     }
 
     /// Marks `member` alive or not, as seen by the takeover rule.

@@ -51,8 +51,9 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// The program's maps, all pinned, in the order they are checked.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     names::SESSIONS,
+    names::ZONE_NAMES,
     names::FRAGMENTS,
     names::EMBRYOS,
     names::EMBRYO_HEAD,
@@ -821,6 +822,36 @@ mod tests {
     /// the datapath (the agent exits) leaves XDP attached and the table in place; the next load
     /// reuses the maps with their sessions and switches the pinned link to the new program; an
     /// interface no longer attached loses its link; teardown removes everything, twice.
+    #[test]
+    fn zones_keep_their_ids_while_pinned_sessions_live() {
+        let pins = TestPins::new("zones");
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut dp = Datapath::load(&pins.options(1024)).expect("first load");
+        dp.record_zones(&names(&["trust", "untrust"]))
+            .expect("fresh table");
+        drop(dp);
+        // The next agent reuses the table: its sessions name zone 1 and 2 by id.
+        let mut dp = Datapath::load(&pins.options(1024)).expect("second load");
+        let e = dp
+            .record_zones(&names(&["untrust", "trust"]))
+            .expect_err("reordered");
+        assert!(
+            e.to_string().starts_with(
+                "zone 1 was `trust` when the pinned sessions were made and is `untrust` now"
+            ),
+            "{e}"
+        );
+        dp.record_zones(&names(&["trust", "untrust", "dmz"]))
+            .expect("a zone added at the end");
+        dp.record_zones(&names(&["trust"]))
+            .expect("a zone dropped from the end");
+        drop(dp);
+        let mut dp = Datapath::load(&pins.options(1024)).expect("third load");
+        // What the last agent recorded counts, nothing of the longer list before it.
+        dp.record_zones(&names(&["trust", "dmz2"]))
+            .expect("zone 2 was dropped, so it may be another zone now");
+    }
+
     #[test]
     fn a_pinned_datapath_outlives_the_agent_and_teardown_removes_it() {
         let pins = TestPins::new("life");

@@ -27,7 +27,7 @@ pub enum RemoveReason {
     Expired,
     /// TCP session in `closed`, kept for the closed timeout, now gone.
     Closed,
-    /// Unreplied, evicted by the XDP program to admit a newer unreplied session (reported by
+    /// Embryonic, evicted by the XDP program to admit a newer embryonic session (reported by
     /// an `Evicted` event, not found by the sweep).
     Evicted,
 }

@@ -25,7 +25,7 @@
 //! | `sessions_by_owner{owner}` | gauge | entries in the local table by owner member |
 //! | `sessions_held{kind}` | gauge | `owned` (this member's: the session table) and `cached` (peers': the session cache) |
 //! | `session_capacity` | gauge | capacity of the session table (owned and cached share it) |
-//! | `sessions_unreplied`, `sessions_unreplied_capacity` | gauge | sessions with no reply yet (the evictable ones), and their bound |
+//! | `sessions_embryonic`, `sessions_embryonic_capacity` | gauge | sessions with no reply yet (the evictable ones), and their bound |
 //! | `sync_records_sent_total{peer, link}`, `..._received_total` | counter | session records |
 //! | `sync_frames_sent_total{peer, link}`, `..._received_total` | counter | sync frames |
 //! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
@@ -334,7 +334,7 @@ fn state_rows(base: &Labels, known: &[&'static str], current: &str) -> Vec<(Labe
     rows
 }
 
-/// The session table: what it holds (owned here, peers' copies, unreplied) against its
+/// The session table: what it holds (owned here, peers' copies, embryonic) against its
 /// capacities.
 fn encode_sessions(
     e: &mut DescriptorEncoder,
@@ -383,18 +383,19 @@ fn encode_sessions(
     )?;
     gauges(
         e,
-        "sessions_unreplied",
-        "Sessions that saw no reply yet: past `sessions_unreplied_capacity`, each new one \
-         evicts the oldest (replied sessions are never evicted).",
+        "sessions_embryonic",
+        "Embryonic sessions (not assured: a handshake not completed, UDP not yet a stream, \
+         ICMP echoes): past `sessions_embryonic_capacity` (per CPU), each new one evicts the \
+         oldest (assured sessions are never evicted).",
         None,
-        [(Labels::new(), sessions.unreplied)],
+        [(Labels::new(), sessions.embryonic)],
     )?;
     gauges(
         e,
-        "sessions_unreplied_capacity",
-        "Unreplied sessions the table holds at most.",
+        "sessions_embryonic_capacity",
+        "Embryonic sessions the table holds at most (this member's and peers' parts).",
         None,
-        [(Labels::new(), sessions.unreplied_capacity)],
+        [(Labels::new(), sessions.embryonic_capacity)],
     )
 }
 

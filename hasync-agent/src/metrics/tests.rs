@@ -61,8 +61,8 @@ async fn the_exposition_names_every_metric_with_its_values() {
         "hasync_session_capacity 65536",
         r#"hasync_sessions_held{kind="owned"} 2"#,
         r#"hasync_sessions_held{kind="cached"} 1"#,
-        "hasync_sessions_unreplied 3",
-        "hasync_sessions_unreplied_capacity 8192",
+        "hasync_sessions_embryonic 2",
+        "hasync_sessions_embryonic_capacity 8192",
         // Sync.
         r#"hasync_sync_records_sent_total{peer="2",link="ha4"} 120"#,
         r#"hasync_sync_frames_sent_total{peer="2",link="ha4"} 2"#,

@@ -167,8 +167,9 @@ member = 1
 pin_dir = "{DEFAULT_PIN_DIR}"
 policy = "strict"
 # session_capacity = 1048576
-# Unreplied sessions (SYN, datagram, echo request not answered yet) held at most; past it
-# the oldest is evicted for each new one. Replied sessions are never evicted. Default: 1/8.
+# Embryonic sessions (handshake not completed, UDP not yet a stream, ICMP echoes) held at
+# most; past it the oldest is evicted for each new one. Assured sessions are never evicted.
+# Default: 1/8 of session_capacity, at most 1/2 (peers' get as many again).
 # embryonic_capacity = 131072
 
 # The sync link, and its backup on another interface.

@@ -6,7 +6,7 @@
 //! - `base_parse`: parse and pass;
 //! - `base_lookup`: parse plus exactly one hash lookup (the product's table type);
 //! - `base_insert`: parse plus exactly one LRU-hash insert: a table that makes room for new
-//!   entries by itself, as the product's admission ring does for unreplied sessions.
+//!   entries by itself, as the product's admission ring does for embryonic sessions.
 #![no_std]
 #![no_main]
 #![deny(

@@ -344,8 +344,8 @@ async fn json_prints_the_answer_as_is_and_errors_name_the_problem() {
     let data: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         data,
-        serde_json::json!({"total": 3, "by_owner": {"1": 2, "2": 1}, "unreplied": 3,
-            "capacity": 65536, "unreplied_capacity": 8192})
+        serde_json::json!({"total": 3, "by_owner": {"1": 2, "2": 1}, "embryonic": 2,
+            "capacity": 65536, "embryonic_capacity": 8192})
     );
 
     let out = run(&socket, &["show", "cluster", "members", "--json"])
