@@ -4,7 +4,7 @@
 //! For 1,000 and 1,000,000 pre-filled sessions it measures, in ns/packet (median of several
 //! interleaved runs, each a large repeat with the flow key varied per iteration):
 //! (a) a bare program that parses the same headers and passes; (b) (a) plus exactly one hash
-//! lookup; (c) hasync on an established session; (d) hasync creating a session (unreplied: past
+//! lookup; (c) hasync on an established session; (d) hasync creating a session (embryonic: past
 //! the admission ring's bound each one evicts the oldest, event included); (e) (a) plus exactly
 //! one LRU-hash insert (a table that makes room by itself). It reports c/b and d/e: the target
 //! is ≤ 1.25 at both sizes.
@@ -120,7 +120,7 @@ struct Bench {
 impl Bench {
     fn load(capacity: u32) -> Result<Self> {
         let cpus = u32::try_from(aya::util::nr_cpus().map_err(|(_, e)| e)?)?;
-        // The agent's default: one eighth of the table for unreplied sessions.
+        // The agent's default: one eighth of the table for embryonic sessions.
         let embryo_slots = (capacity / names::EMBRYONIC_SHARE / cpus).max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SESSIONS, capacity)

@@ -88,7 +88,7 @@ const LAG_RATE: u64 = 20_000;
 const LAG_SECS: u64 = 3;
 /// Session table capacity of the members and of the baseline map.
 const CAPACITY: u32 = 1 << 22;
-/// The bench's sessions are unreplied (one direction of UDP): they may take half the table,
+/// The bench's sessions are embryonic (one direction of UDP): they may take half the table,
 /// so one CPU's part of the admission ring holds all of them and none is evicted.
 const EMBRYONIC: u32 = CAPACITY / 2;
 /// Entries per batch call of the baselines.
