@@ -117,7 +117,9 @@ pub fn admit(
     };
     // SAFETY: array value valid for the program's run; the part has this one writer.
     let slot = unsafe { &mut *slot };
-    if let Some(held) = SESSIONS.get_ptr_mut(&slot.key) {
+    // A slot never used holds a zero key (no flow has protocol 0): nothing to look up.
+    let used = slot.key.proto != 0;
+    if let Some(held) = used.then(|| SESSIONS.get_ptr_mut(&slot.key)).flatten() {
         // SAFETY: the value stays valid for the program's run.
         let held = unsafe { &*held };
         if held.ticket == slot.ticket && held.is_embryonic() {
