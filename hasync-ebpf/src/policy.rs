@@ -20,7 +20,7 @@ use crate::maps::{FRAGMENTS, SESSIONS, ZONES};
 /// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
 /// ifindex past the array, which the agent never binds).
 #[inline(always)]
-pub fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
+fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
     ZONES.get(ctx.ingress_ifindex() as u32).copied()
 }
 
@@ -62,9 +62,28 @@ pub fn other_protocol(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Cou
     }
 }
 
+/// The zone of the interface the packet came in on ([`ZoneId::NONE`]: in no zone).
+#[inline(always)]
+pub fn ingress_zone_id(ctx: &XdpContext) -> ZoneId {
+    match ingress_zone(ctx) {
+        Some(z) => z.zone,
+        None => ZoneId::NONE,
+    }
+}
+
+/// Returns `verdict`; when it passes the first fragment of `datagram`, the datagram's later
+/// fragments may follow for a while.
+#[inline(always)]
+pub fn open_datagram(verdict: u32, datagram: Option<FragmentKey>) -> u32 {
+    if let (Some(d), xdp_action::XDP_PASS) = (datagram, verdict) {
+        remember_datagram(&d);
+    }
+    verdict
+}
+
 /// A first fragment passed: its datagram's later fragments may follow for a while.
 #[inline(always)]
-pub fn remember_datagram(datagram: &FragmentKey) {
+fn remember_datagram(datagram: &FragmentKey) {
     // SAFETY: the helper takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // A full table forgets its oldest datagram; a failed insert leaves the later fragments to

@@ -18,7 +18,7 @@ use crate::{
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
-        by_policy, icmp_error, ingress_zone, later_fragment, other_protocol, remember_datagram,
+        by_policy, icmp_error, ingress_zone_id, later_fragment, open_datagram, other_protocol,
         unknown_traffic_passes, unplaceable, zone_allows,
     },
 };
@@ -62,19 +62,13 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
             let verdict = track(ctx, cfg, counters, &pkt);
-            if let (Some(first), xdp_action::XDP_PASS) = (pkt.first_fragment, verdict) {
-                remember_datagram(&first_fragment_key(&pkt, first));
-            }
-            verdict
+            let datagram = pkt.first_fragment.map(|f| first_fragment_key(&pkt, f));
+            open_datagram(verdict, datagram)
         }
         Parsed::LaterFragment(datagram, note) => later_fragment(cfg, counters, &datagram, note),
         Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
         Parsed::OtherProtocol(datagram) => {
-            let verdict = other_protocol(ctx, cfg, counters);
-            if let (Some(d), xdp_action::XDP_PASS) = (datagram, verdict) {
-                remember_datagram(&d);
-            }
-            verdict
+            open_datagram(other_protocol(ctx, cfg, counters), datagram)
         }
         Parsed::Pass(reason) => {
             counters.inc(reason);
@@ -118,11 +112,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
             counters.inc(Counter::Hits);
-            let ingress = match ingress_zone(ctx) {
-                Some(z) => z.zone,
-                None => ZoneId::NONE,
-            };
-            return hit(cfg, counters, pkt, s, now, ingress);
+            return hit(cfg, counters, pkt, s, now, ingress_zone_id(ctx));
         }
         if expired {
             counters.inc(Counter::Expired);
@@ -263,10 +253,7 @@ fn miss(
             return xdp_action::XDP_PASS;
         }
     };
-    let zone = match ingress_zone(ctx) {
-        Some(z) => z.zone,
-        None => ZoneId::NONE,
-    };
+    let zone = ingress_zone_id(ctx);
     let mut session = Session {
         created_ns: now,
         last_seen_ns: now,

@@ -61,7 +61,7 @@ pub fn handle(member: &Member, request: Request) -> Response {
             });
             let (capacity, embryonic) = {
                 let dp = lock(&member.dp);
-                (dp.capacity(), dp.embryonic_capacity())
+                (dp.capacity(), dp.embryonic_slots())
             };
             match walked {
                 Ok(_) => Response::ok(page.finish(capacity, embryonic)),

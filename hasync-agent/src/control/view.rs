@@ -279,13 +279,22 @@ impl SessionView {
     }
 }
 
+impl SessionsView {
+    /// The sessions `local` owns (the session table) and the peers' copies (the session
+    /// cache) among those counted.
+    pub fn owned_and_cached(&self, local: u8) -> (u64, u64) {
+        let owned = self.by_owner.get(&local).copied().unwrap_or(0);
+        (owned, self.total.saturating_sub(owned))
+    }
+}
+
 /// Builds a [`SessionsView`] from the session table read in chunks: memory stays at one page
 /// whatever the table size.
 ///
 /// ```ignore
 /// let mut page = SessionPage::new(count_only, filter, offset, limit, &zone_names)?;
 /// dp.sessions_chunked(DEFAULT_CHUNK, |keys, values| page.add_chunk(keys, values))?;
-/// Response::ok(page.finish(dp.capacity(), dp.embryonic_capacity()))
+/// Response::ok(page.finish(dp.capacity(), dp.embryonic_slots()))
 /// ```
 ///
 /// The order is the map's iteration order, so pages of a changing table may overlap or miss a

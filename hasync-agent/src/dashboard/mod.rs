@@ -111,7 +111,7 @@ fn percent(n: u64, of: u64) -> f64 {
 impl SessionSummary {
     /// The summary of `sessions` in a table of `capacity`, `local` being this member.
     pub fn new(sessions: &SessionsView, capacity: u64, local: u8) -> SessionSummary {
-        let owned = sessions.by_owner.get(&local).copied().unwrap_or(0);
+        let (owned, cached) = sessions.owned_and_cached(local);
         let fill_percent = percent(sessions.total, capacity);
         let embryonic_percent = percent(sessions.embryonic, sessions.embryonic_capacity);
         let warning = if fill_percent >= FILL_WARNING_PERCENT {
@@ -131,7 +131,7 @@ impl SessionSummary {
             capacity,
             fill_percent,
             owned,
-            cached: sessions.total.saturating_sub(owned),
+            cached,
             embryonic: sessions.embryonic,
             embryonic_capacity: sessions.embryonic_capacity,
             warning,

@@ -357,7 +357,7 @@ impl Datapath {
 
     /// Embryonic sessions the table holds at most: this member's own (all CPUs' parts of the
     /// EMBRYOS ring) and as many peers' replicas.
-    pub fn embryonic_capacity(&self) -> u32 {
+    pub fn embryonic_slots(&self) -> u32 {
         self.embryos.slots()
     }
 

@@ -342,7 +342,7 @@ fn encode_sessions(
     capacity: u64,
     local: u8,
 ) -> fmt::Result {
-    let owned = sessions.by_owner.get(&local).copied().unwrap_or(0);
+    let (owned, cached) = sessions.owned_and_cached(local);
     gauges(
         e,
         "sessions",
@@ -368,10 +368,7 @@ fn encode_sessions(
         None,
         [
             (vec![("kind", "owned".to_owned())], owned),
-            (
-                vec![("kind", "cached".to_owned())],
-                sessions.total.saturating_sub(owned),
-            ),
+            (vec![("kind", "cached".to_owned())], cached),
         ],
     )?;
     gauges(
