@@ -259,11 +259,7 @@ impl Datapath {
             {
                 continue;
             }
-            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
-                what: "removing",
-                path: path.clone(),
-                source,
-            })?;
+            pin::detach_pinned_link(&path)?;
             tracing::warn!(
                 pin = %path.display(),
                 "detached XDP from an interface no longer configured (removed its pinned link)"
@@ -299,16 +295,7 @@ impl Datapath {
                 // The link goes once its pin and our fd are gone.
                 LinkHandle::Pinned(fd) => {
                     drop(fd);
-                    match pin {
-                        Some(path) => {
-                            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
-                                what: "removing",
-                                path,
-                                source,
-                            })
-                        }
-                        None => Ok(()),
-                    }
+                    pin.map_or(Ok(()), |path| pin::detach_pinned_link(&path).map(drop))
                 }
             };
             if let Err(error) = result {

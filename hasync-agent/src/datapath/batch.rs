@@ -234,6 +234,17 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     owned_fd(unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?)
 }
 
+/// Detaches a link from its hook now (BPF_LINK_DETACH); the link object lives on, defunct,
+/// until its last reference goes.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+    // SAFETY: all-zero is a valid `bpf_attr` (a union of integer structs).
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.link_detach.link_fd = fd_u32(link);
+    // SAFETY: `attr` is a BPF_LINK_DETACH attr; it holds no pointers.
+    unsafe { sys_bpf(bpf_cmd::BPF_LINK_DETACH as libc::c_long, &mut attr) }.map(drop)
+}
+
 /// BPF_OBJ_GET_INFO_BY_FD into `info`, the head of a `bpf_*_info` struct (the kernel fills
 /// only what fits). `T` must be a `#[repr(C)]` struct of integers.
 pub(crate) fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {

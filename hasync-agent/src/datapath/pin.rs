@@ -26,7 +26,7 @@ use std::{
     io,
     mem::size_of,
     os::{
-        fd::OwnedFd,
+        fd::{BorrowedFd, OwnedFd},
         unix::{
             ffi::OsStrExt as _,
             fs::{DirBuilderExt as _, MetadataExt as _},
@@ -39,7 +39,7 @@ use hasync_common::maps as names;
 
 use super::{
     attach::check_interface_name,
-    batch::{obj_get, obj_info},
+    batch::{self, obj_get, obj_info},
     AttachMode, DatapathError,
 };
 
@@ -493,6 +493,31 @@ pub struct XdpLinkInfo {
 /// Reads the XDP link pinned at `path`; an error if it is not an XDP link.
 pub fn xdp_link_info(path: &Path) -> io::Result<XdpLinkInfo> {
     use std::os::fd::AsFd as _;
+    xdp_link_info_of(obj_get(path)?.as_fd())
+}
+
+/// Detaches the XDP link pinned at `path` from its interface, then removes the pin. Removing
+/// the pin alone would free the link, and detach XDP, only later (the kernel puts an unpinned
+/// link from a work queue after an RCU grace period); a caller that reports "detached" must
+/// mean it. Returns what the link was attached to, if it was an XDP link.
+pub(crate) fn detach_pinned_link(path: &Path) -> Result<Option<XdpLinkInfo>, DatapathError> {
+    use std::os::fd::AsFd as _;
+    let info = match obj_get(path) {
+        Ok(fd) => {
+            let info = xdp_link_info_of(fd.as_fd()).ok();
+            if info.is_some() {
+                batch::link_detach(fd.as_fd()).map_err(pin_io("detaching", path))?;
+            }
+            info
+        }
+        Err(_) => None,
+    };
+    fs::remove_file(path).map_err(pin_io("removing", path))?;
+    Ok(info)
+}
+
+/// Reads the XDP link `fd`; an error if it is not an XDP link.
+pub(crate) fn xdp_link_info_of(fd: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
     /// The head of `struct bpf_link_info`: its union is 8-byte aligned, so the XDP member's
     /// `ifindex` is at offset 16.
     #[repr(C)]
@@ -506,9 +531,8 @@ pub fn xdp_link_info(path: &Path) -> io::Result<XdpLinkInfo> {
         _pad2: u32,
     }
     const _: () = assert!(size_of::<LinkInfoHead>() == 24);
-    let fd = obj_get(path)?;
     let mut info = LinkInfoHead::default();
-    obj_info(fd.as_fd(), &mut info)?;
+    obj_info(fd, &mut info)?;
     if info.link_type != BPF_LINK_TYPE_XDP {
         return Err(io::Error::other(format!(
             "it is not an XDP link (link type {})",
@@ -615,8 +639,7 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
             report.kept.push(path);
             continue;
         }
-        let info = xdp_link_info(&path).ok();
-        fs::remove_file(&path).map_err(pin_io("removing", &path))?;
+        let info = detach_pinned_link(&path)?;
         let attached_to = info.and_then(|i| interface_name(i.ifindex).filter(|_| i.ifindex != 0));
         report.links.push(RemovedLink {
             path,
@@ -948,6 +971,34 @@ mod tests {
             first.program_id
         });
         assert_ne!(first_program, 0);
+    }
+
+    /// Teardown and releasing a stale link detach XDP before they return. Removing the pin
+    /// alone drops the link's last reference, but the kernel detaches and frees it later, from
+    /// a work queue: under CI's load `teardown` returned with XDP still on the interface.
+    #[test]
+    fn teardown_and_release_detach_before_returning() {
+        let pins = TestPins::new("detach");
+        let dir = pins.0.clone();
+        in_fresh_netns(move || {
+            ip(&[
+                "link", "add", "hsp-d0", "type", "veth", "peer", "name", "hsp-d1",
+            ]);
+            ip(&["link", "set", "hsp-d0", "up"]);
+            for round in 0..6 {
+                let mut dp = Datapath::load(&pins.options(1024)).expect("load");
+                dp.attach("hsp-d0").expect("veth");
+                drop(dp);
+                if round % 2 == 0 {
+                    let report = teardown(&dir).expect("teardown");
+                    assert_eq!(report.links.len(), 1, "{report:?}");
+                } else {
+                    let mut dp = Datapath::load(&pins.options(1024)).expect("load again");
+                    assert_eq!(dp.release_stale_links().expect("release").len(), 1);
+                }
+                assert!(!shows_xdp("hsp-d0"), "round {round}: XDP still attached");
+            }
+        });
     }
 
     /// A pinned SESSIONS of another layout is refused naming `hasync teardown`, and nothing is
