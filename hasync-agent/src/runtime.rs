@@ -100,7 +100,7 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
         peers: peers.into_iter().filter(|p| p.id != local).collect(),
         keepalive_interval: (threshold / 5).min(Duration::from_secs(1)),
         keepalive_threshold: threshold,
-        hold_down: Duration::from_secs(config.cluster.monitor_fail_hold_down_min * 60),
+        hold_down: config.monitor_hold_down(),
         boot_id: boot_id(),
         fresh_table,
     })
@@ -171,6 +171,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         keepalive_threshold: threshold,
         sync_timeout: Duration::from_secs(config.cluster.sync_timeout_min * 60),
         tentative_hold: Duration::from_secs(config.cluster.tentative_hold_s),
+        monitor_hold_down: config.monitor_hold_down(),
         discovery: DISCOVERY,
     };
     let sync_cfg = sync_config(&config, psk, !restarted)?;

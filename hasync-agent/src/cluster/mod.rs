@@ -88,11 +88,37 @@ impl LinkState {
     }
 }
 
-/// Why the local member is non-functional.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Fault {
-    Datapath(String),
-    ConfigMismatch(String),
+/// What can make the local member non-functional: each one failed or not, with its cause.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Condition {
+    /// The datapath: XDP detached or replaced, an interface of a zone gone, the event ring
+    /// unreadable.
+    Datapath,
+    /// Settings members must agree on differ from the cluster's majority.
+    ConfigMismatch,
+    /// A monitored link group (`[[monitor.link_groups]]`), by name.
+    LinkGroup(String),
+    /// A monitored path group (`[[monitor.path_groups]]`), by name.
+    PathGroup(String),
+}
+
+impl Condition {
+    /// Link and path monitors: after they recover, the member stays non-functional for the
+    /// monitor fail hold-down time.
+    pub const fn is_monitor(&self) -> bool {
+        matches!(self, Condition::LinkGroup(_) | Condition::PathGroup(_))
+    }
+}
+
+impl std::fmt::Display for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Condition::Datapath => f.write_str("datapath"),
+            Condition::ConfigMismatch => f.write_str("configuration mismatch"),
+            Condition::LinkGroup(name) => write!(f, "link group `{name}`"),
+            Condition::PathGroup(name) => write!(f, "path group `{name}`"),
+        }
+    }
 }
 
 /// What is known of one peer.
@@ -134,6 +160,8 @@ pub struct Timers {
     /// 0: wait as long as a reachable peer is still sending its full sync.
     pub sync_timeout: Duration,
     pub tentative_hold: Duration,
+    /// How long a member stays non-functional after a failed link or path monitor recovered.
+    pub monitor_hold_down: Duration,
     /// How long a starting member waits for peers to connect before deciding it is alone.
     pub discovery: Duration,
 }
@@ -145,8 +173,13 @@ pub struct Membership {
     pub state: MemberState,
     pub started: Instant,
     pub state_since: Instant,
+    /// Times the local member left Active for Non-functional; reset by the operator
+    /// (`suspend`, `functional`) and when a monitor fail hold-down expires.
     pub flaps: u32,
-    pub fault: Option<Fault>,
+    /// Failed conditions and their causes: any one makes the member non-functional.
+    faults: BTreeMap<Condition, String>,
+    /// A monitor recovered: non-functional until then all the same.
+    hold_down_until: Option<Instant>,
     pub suspended: bool,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
@@ -199,7 +232,8 @@ impl Membership {
             started: now,
             state_since: now,
             flaps: 0,
-            fault: None,
+            faults: BTreeMap::new(),
+            hold_down_until: None,
             suspended: false,
             local_sessions_owned: 0,
             tentative_until: None,
@@ -245,23 +279,48 @@ impl Membership {
         }
     }
 
+    /// `hasync suspend`: the operator's change is not a flap, and starts the count anew.
     pub fn suspend(&mut self) {
         self.suspended = true;
+        self.flaps = 0;
     }
 
     /// `hasync functional`: leave Suspended through Tentative.
     pub fn functional(&mut self, now: Instant) {
         if self.suspended {
             self.suspended = false;
+            self.flaps = 0;
             self.tentative_until = Some(now + self.timers.tentative_hold);
         }
     }
 
-    pub fn set_fault(&mut self, fault: Option<Fault>, now: Instant) {
-        if self.fault.is_some() && fault.is_none() {
-            self.tentative_until = Some(now + self.timers.tentative_hold);
-        }
-        self.fault = fault;
+    /// Records whether `condition` failed now (`Some(cause)`) or holds (`None`). The member
+    /// leaves Non-functional once no condition has failed: a monitor's recovery holds it down
+    /// for the monitor fail hold-down time first; then it is Tentative for the tentative hold.
+    pub fn set_condition(&mut self, condition: Condition, failed: Option<String>, now: Instant) {
+        let Some(cause) = failed else {
+            if self.faults.remove(&condition).is_some() {
+                if condition.is_monitor() {
+                    let until = now + self.timers.monitor_hold_down;
+                    self.hold_down_until =
+                        Some(self.hold_down_until.map_or(until, |t| t.max(until)));
+                }
+                let back = self.hold_down_until.map_or(now, |t| t.max(now));
+                self.tentative_until = Some(back + self.timers.tentative_hold);
+            }
+            return;
+        };
+        self.faults.insert(condition, cause);
+    }
+
+    /// The failed conditions and their causes, in a stable order.
+    pub fn faults(&self) -> impl Iterator<Item = (&Condition, &str)> {
+        self.faults.iter().map(|(c, cause)| (c, cause.as_str()))
+    }
+
+    /// Until when a recovered monitor still holds the member down, if it does.
+    pub fn hold_down_until(&self) -> Option<Instant> {
+        self.hold_down_until
     }
 
     /// Is the initial full sync finished (or given up on)?
@@ -305,9 +364,16 @@ impl Membership {
                 changes.liveness.push((p.id, alive));
             }
         }
+        if self.hold_down_until.is_some_and(|t| now >= t) {
+            self.hold_down_until = None;
+            if self.faults.is_empty() {
+                // The hold time expired without a new failure: the flap count starts anew.
+                self.flaps = 0;
+            }
+        }
         let next = if self.suspended {
             MemberState::Suspended
-        } else if self.fault.is_some() {
+        } else if !self.faults.is_empty() || self.hold_down_until.is_some() {
             MemberState::NonFunctional
         } else if self.state == MemberState::Initial && !self.synced(now) {
             MemberState::Initial
@@ -317,7 +383,7 @@ impl Membership {
             MemberState::Active
         };
         if next != self.state {
-            if self.state == MemberState::Active {
+            if self.state == MemberState::Active && next == MemberState::NonFunctional {
                 self.flaps += 1;
             }
             self.state = next;

@@ -5,6 +5,7 @@ fn timers() -> Timers {
         keepalive_threshold: Duration::from_secs(10),
         sync_timeout: Duration::ZERO,
         tentative_hold: Duration::from_secs(60),
+        monitor_hold_down: Duration::from_secs(120),
         discovery: Duration::from_secs(2),
     }
 }
@@ -140,7 +141,7 @@ fn suspend_then_functional_goes_through_tentative() {
         m.evaluate(t0 + s(3)).local_state,
         Some(MemberState::Suspended)
     );
-    assert_eq!(m.flaps, 1);
+    assert_eq!(m.flaps, 0, "the operator's suspend is not a flap");
     m.functional(t0 + s(4));
     assert_eq!(
         m.evaluate(t0 + s(4)).local_state,
@@ -154,18 +155,76 @@ fn suspend_then_functional_goes_through_tentative() {
 }
 
 #[test]
-fn a_datapath_fault_makes_the_member_non_functional() {
+fn a_datapath_fault_makes_the_member_non_functional_until_repaired() {
     let t0 = Instant::now();
     let mut m = cluster(t0);
     m.evaluate(t0 + s(2));
-    m.set_fault(Some(Fault::Datapath("program detached".into())), t0 + s(3));
+    let cause = "XDP detached from in0";
+    m.set_condition(Condition::Datapath, Some(cause.into()), t0 + s(3));
     assert_eq!(
         m.evaluate(t0 + s(3)).local_state,
         Some(MemberState::NonFunctional)
     );
-    m.set_fault(None, t0 + s(4));
+    assert_eq!(
+        m.faults().collect::<Vec<_>>(),
+        [(&Condition::Datapath, cause)]
+    );
+    assert_eq!(m.flaps, 1);
+    m.set_condition(Condition::Datapath, None, t0 + s(4));
+    assert_eq!(m.faults().count(), 0);
+    // No monitor hold-down for a repaired datapath: Tentative at once, then Active.
     assert_eq!(
         m.evaluate(t0 + s(4)).local_state,
         Some(MemberState::Tentative)
     );
+    assert_eq!(
+        m.evaluate(t0 + s(64)).local_state,
+        Some(MemberState::Active)
+    );
+}
+
+#[test]
+fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    let gateway = Condition::PathGroup("gateway".into());
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(10));
+    m.set_condition(
+        gateway.clone(),
+        Some("198.18.1.1 unanswered".into()),
+        t0 + s(11),
+    );
+    assert_eq!(
+        m.evaluate(t0 + s(11)).local_state,
+        Some(MemberState::NonFunctional)
+    );
+    assert_eq!(m.flaps, 1);
+    // One recovers: the other still fails.
+    m.set_condition(uplinks.clone(), None, t0 + s(20));
+    assert_eq!(m.evaluate(t0 + s(200)).local_state, None);
+    // The last recovers at 30 s: held down for 120 s (the first's hold-down ended at 140 s).
+    m.set_condition(gateway, None, t0 + s(30));
+    assert_eq!(m.hold_down_until(), Some(t0 + s(150)));
+    assert_eq!(m.evaluate(t0 + s(149)).local_state, None);
+    assert_eq!(m.flaps, 1, "counted while held down");
+    assert_eq!(
+        m.evaluate(t0 + s(150)).local_state,
+        Some(MemberState::Tentative)
+    );
+    assert_eq!(m.flaps, 0, "reset when the hold time expired");
+    assert_eq!(m.evaluate(t0 + s(209)).local_state, None);
+    assert_eq!(
+        m.evaluate(t0 + s(210)).local_state,
+        Some(MemberState::Active)
+    );
+    // Failing again during a hold-down keeps the member down and counts nothing new.
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(300));
+    m.evaluate(t0 + s(300));
+    m.set_condition(uplinks.clone(), None, t0 + s(301));
+    m.set_condition(uplinks, Some("out0 down".into()), t0 + s(302));
+    assert_eq!(m.evaluate(t0 + s(500)).local_state, None);
+    assert_eq!(m.state, MemberState::NonFunctional);
+    assert_eq!(m.flaps, 1);
 }

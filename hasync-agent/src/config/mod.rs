@@ -18,6 +18,9 @@ use hasync_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod monitor;
+pub use monitor::Monitor;
+
 /// Default path of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/hasync/hasync.toml";
 /// Default TCP port of the sync links.
@@ -74,6 +77,13 @@ pub struct Config {
     /// Idle timeouts per session state, in seconds, by state name (`established = 3600`).
     #[serde(default)]
     pub timeouts: BTreeMap<String, u64>,
+    /// Link and path monitoring.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub monitor: Monitor,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -89,6 +99,10 @@ pub struct Cluster {
     pub sync_timeout_min: u64,
     #[serde(default = "defaults::monitor_fail_hold_down_min")]
     pub monitor_fail_hold_down_min: u64,
+    /// The monitor fail hold-down in seconds instead of minutes, for labs and tests; takes
+    /// the place of `monitor_fail_hold_down_min` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_fail_hold_down_s: Option<u64>,
     #[serde(default = "defaults::tentative_hold_s")]
     pub tentative_hold_s: u64,
     /// TCP port the sync links listen on.
@@ -247,6 +261,7 @@ mod range {
     pub const KEEPALIVE_MS: (u64, u64) = (5_000, 60_000);
     pub const SYNC_TIMEOUT_MIN: (u64, u64) = (0, 30);
     pub const HOLD_DOWN_MIN: (u64, u64) = (1, 60);
+    pub const HOLD_DOWN_S: (u64, u64) = (1, 3600);
     pub const TENTATIVE_S: (u64, u64) = (10, 600);
     pub const MAX_MEMBERS: usize = 16;
     pub const SESSION_CAPACITY: (u64, u64) = (1, crate::datapath::MAX_SESSION_CAPACITY as u64);
@@ -320,6 +335,14 @@ impl Config {
             c.monitor_fail_hold_down_min,
             range::HOLD_DOWN_MIN,
         );
+        if let Some(secs) = c.monitor_fail_hold_down_s {
+            check_range(
+                &mut p,
+                "cluster.monitor_fail_hold_down_s",
+                secs,
+                range::HOLD_DOWN_S,
+            );
+        }
         if c.tentative_hold_s != 0 {
             let (lo, hi) = range::TENTATIVE_S;
             if c.tentative_hold_s < lo || c.tentative_hold_s > hi {
@@ -474,6 +497,7 @@ impl Config {
             }
             check_range(&mut p, &format!("timeouts.{name}"), *secs, range::TIMEOUT_S);
         }
+        self.monitor.check(&mut p);
 
         if p.is_empty() {
             Ok(())
@@ -483,6 +507,15 @@ impl Config {
                 problems: p,
             })
         }
+    }
+
+    /// How long a member stays non-functional after a failed link or path monitor recovered.
+    pub fn monitor_hold_down(&self) -> std::time::Duration {
+        let c = &self.cluster;
+        std::time::Duration::from_secs(
+            c.monitor_fail_hold_down_s
+                .unwrap_or(c.monitor_fail_hold_down_min.saturating_mul(60)),
+        )
     }
 
     /// Where the metrics and dashboard HTTP server listens; `None` when `local.http` is empty.
@@ -553,6 +586,11 @@ impl Config {
             format!("cluster.sync_port = {}", c.sync_port),
             format!("zones = [{}]", self.zone_names().join(", ")),
         ];
+        // Only when set: members of a release without it keep agreeing with those that
+        // leave it out.
+        if let Some(secs) = c.monitor_fail_hold_down_s {
+            out.push(format!("cluster.monitor_fail_hold_down_s = {secs}"));
+        }
         for (name, secs) in &self.timeouts {
             out.push(format!("timeouts.{name} = {secs}"));
         }

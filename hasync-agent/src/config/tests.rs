@@ -374,3 +374,68 @@ fn fingerprint_follows_what_members_must_agree_on() {
     b.zones[1].name = "dmz".into();
     assert_ne!(a.fingerprint(), b.fingerprint(), "zone names do");
 }
+
+#[test]
+fn monitor_groups_are_checked_and_their_hold_down_may_be_seconds() {
+    let key = KeyFile::new("monitor", 32, 0o600);
+    let base = sample(&key.path());
+    let good = "\n[[monitor.link_groups]]\nname = \"uplinks\"\nfailure_condition = \"all\"\n\
+                interfaces = [\"veth-in\", \"veth-out\"]\n\n[[monitor.path_groups]]\n\
+                name = \"gateway\"\ntargets = [\"198.18.1.1\", \"fd00:18:1::1\"]\n";
+    let c = check(&format!("{base}{good}")).expect("valid");
+    assert_eq!(c.monitor.link_groups[0].interfaces.len(), 2);
+    let path = &c.monitor.path_groups[0];
+    assert_eq!((path.interval_ms, path.failures), (200, 10), "defaults");
+    assert!(path.failure_condition.fails(1, 2), "any is the default");
+    assert!(!c.monitor.link_groups[0].failure_condition.fails(1, 2));
+    assert!(c.monitor.link_groups[0].failure_condition.fails(2, 2));
+    assert_eq!(c.monitor_hold_down(), std::time::Duration::from_secs(60));
+    // Seconds take the place of minutes, and only then enter the fingerprint.
+    let secs = base.replace(
+        "monitor_fail_hold_down_min = 1",
+        "monitor_fail_hold_down_min = 1\nmonitor_fail_hold_down_s = 3",
+    );
+    let s = check(&secs).expect("valid");
+    assert_eq!(s.monitor_hold_down(), std::time::Duration::from_secs(3));
+    assert_ne!(s.fingerprint(), c.fingerprint());
+    assert_eq!(c.fingerprint(), check(&base).expect("valid").fingerprint());
+
+    for (text, problem) in [
+        (
+            good.replace("gateway", "uplinks"),
+            "monitor.path_groups[0].name = \"uplinks\" is used by two monitor groups",
+        ),
+        (
+            good.replace("\"198.18.1.1\"", "\"224.0.0.1\""),
+            "monitor.path_groups[0].targets: 224.0.0.1 cannot answer an echo",
+        ),
+        (
+            good.replace("\"veth-in\"", "\"veth-out\""),
+            "monitor.link_groups[0].interfaces lists \"veth-out\" twice",
+        ),
+        (
+            good.replace(
+                "targets = [\"198.18.1.1\", \"fd00:18:1::1\"]",
+                "targets = []",
+            ),
+            "monitor.path_groups[0] \"gateway\" monitors nothing",
+        ),
+        (
+            format!("{good}interval_ms = 10\n"),
+            "monitor.path_groups[0].interval_ms = 10 is out of range 50–60000",
+        ),
+        (
+            format!("{good}failures = 0\n"),
+            "monitor.path_groups[0].failures = 0 is out of range 1–100",
+        ),
+        (good.replace("\"all\"", "\"most\""), "failure_condition"),
+    ] {
+        let e = check(&format!("{base}{text}")).expect_err(problem);
+        assert!(e.contains(problem), "{e}\nshould say: {problem}");
+    }
+    let e = check(&secs.replace("_s = 3", "_s = 0")).expect_err("zero");
+    assert!(
+        e.contains("cluster.monitor_fail_hold_down_s = 0 is out of range 1–3600"),
+        "{e}"
+    );
+}

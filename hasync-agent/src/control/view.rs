@@ -954,6 +954,7 @@ mod tests {
             keepalive_threshold: Duration::from_secs(10),
             sync_timeout: Duration::ZERO,
             tentative_hold: Duration::from_secs(60),
+            monitor_hold_down: Duration::from_secs(60),
             discovery: Duration::from_secs(1),
         };
         let mut m = Membership::new(

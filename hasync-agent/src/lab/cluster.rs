@@ -43,6 +43,8 @@ pub struct MemberOverride {
     pub cluster_id: Option<u32>,
     /// Other zones, `(name, interfaces)`: e.g. a renamed zone.
     pub zones: Option<Vec<(String, Vec<String>)>>,
+    /// Its `[monitor]` section (link and path groups).
+    pub monitor: Option<crate::config::Monitor>,
 }
 
 /// How a lab cluster's configs are written. `None` leaves a setting at hasync's default.
@@ -57,6 +59,7 @@ pub struct ClusterOptions {
     pub tentative_hold_s: Option<u64>,
     pub sync_timeout_min: Option<u64>,
     pub monitor_fail_hold_down_min: Option<u64>,
+    pub monitor_fail_hold_down_s: Option<u64>,
     pub sync_port: Option<u16>,
     /// Idle timeouts by state name (`established = 30`).
     pub timeouts: BTreeMap<String, u64>,
@@ -83,6 +86,7 @@ impl Default for ClusterOptions {
             tentative_hold_s: None,
             sync_timeout_min: None,
             monitor_fail_hold_down_min: None,
+            monitor_fail_hold_down_s: None,
             sync_port: None,
             timeouts: BTreeMap::new(),
             backup_link: true,
@@ -192,6 +196,7 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
             "monitor_fail_hold_down_min",
             options.monitor_fail_hold_down_min,
         ),
+        ("monitor_fail_hold_down_s", options.monitor_fail_hold_down_s),
         ("sync_port", options.sync_port.map(u64::from)),
     ] {
         if let Some(value) = value {
@@ -273,7 +278,21 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
             line(format!("{state} = {secs}"));
         }
     }
+    if let Some(monitor) = over.monitor {
+        line(String::new());
+        line(monitor_section(monitor));
+    }
     t
+}
+
+/// `[monitor]` as TOML (`[[monitor.link_groups]]`, ...).
+fn monitor_section(monitor: crate::config::Monitor) -> String {
+    #[derive(serde::Serialize)]
+    struct Section {
+        monitor: crate::config::Monitor,
+    }
+    // Plain structs of strings, numbers and addresses: serializing them cannot fail.
+    toml::to_string(&Section { monitor }).unwrap_or_default()
 }
 
 /// Writes `bytes` to `path` with mode 0600 (created so: never readable by others).
@@ -634,6 +653,8 @@ impl Drop for LabCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lab::topology::SERVER_V4;
+    use std::time::Duration;
 
     /// A directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -711,6 +732,7 @@ mod tests {
             tentative_hold_s: Some(0),
             sync_timeout_min: Some(1),
             monitor_fail_hold_down_min: Some(2),
+            monitor_fail_hold_down_s: Some(5),
             sync_port: Some(7999),
             timeouts: [("established".to_owned(), 30)].into(),
             backup_link: false,
@@ -724,6 +746,7 @@ mod tests {
                         ("inside".into(), vec!["in0".into()]),
                         ("outside".into(), vec!["out0".into()]),
                     ]),
+                    monitor: Some(lab_monitor()),
                 },
             )]
             .into(),
@@ -760,6 +783,27 @@ mod tests {
         );
         assert_eq!(c2.zone_names(), ["inside", "outside"]);
         assert_ne!(c1.fingerprint(), c2.fingerprint());
+        assert_eq!(c1.monitor, Default::default());
+        assert_eq!(c2.monitor, lab_monitor());
+        assert_eq!(c2.monitor_hold_down(), Duration::from_secs(5));
+    }
+
+    fn lab_monitor() -> crate::config::Monitor {
+        use crate::config::monitor::{FailureCondition, LinkGroup, Monitor, PathGroup};
+        Monitor {
+            link_groups: vec![LinkGroup {
+                name: "uplinks".into(),
+                failure_condition: FailureCondition::All,
+                interfaces: vec!["in0".into(), "out0".into()],
+            }],
+            path_groups: vec![PathGroup {
+                name: "server".into(),
+                failure_condition: FailureCondition::Any,
+                targets: vec![SERVER_V4.into()],
+                interval_ms: 100,
+                failures: 3,
+            }],
+        }
     }
 
     #[test]

@@ -365,6 +365,7 @@ impl Spec {
                     .collect(),
                 members: members.clone(),
                 timeouts: self.timeouts.clone(),
+                monitor: Default::default(),
             });
         }
         if !p.is_empty() {

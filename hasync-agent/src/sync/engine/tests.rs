@@ -56,6 +56,7 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
         keepalive_threshold: Duration::from_secs(5),
         sync_timeout: Duration::ZERO,
         tentative_hold: Duration::ZERO,
+        monitor_hold_down: Duration::from_secs(60),
         discovery: Duration::ZERO,
     };
     let membership = Membership::new(
