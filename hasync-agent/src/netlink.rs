@@ -15,7 +15,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
@@ -39,6 +39,18 @@ pub struct Iface {
     /// Administratively up with its carrier on (`IFF_UP` and `IFF_RUNNING`).
     pub up: bool,
     pub mtu: Option<u32>,
+    /// The XDP programs attached to it, by mode.
+    pub xdp: XdpPrograms,
+}
+
+/// The ids of the XDP programs attached to an interface (IFLA_XDP), by mode. Attaching or
+/// detaching XDP sends no notification: only a fresh dump ([`list_now`]) has them right.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpPrograms {
+    /// Native (driver) mode.
+    pub native: Option<u32>,
+    /// Generic (skb) mode.
+    pub generic: Option<u32>,
 }
 
 /// Interfaces by name.
@@ -129,10 +141,12 @@ fn body(payload: NetlinkPayload<RouteNetlinkMessage>) -> Body {
 fn present(m: &LinkMessage) -> Option<Body> {
     let mut name = None;
     let mut mtu = None;
+    let mut xdp = XdpPrograms::default();
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Mtu(v) => mtu = Some(*v),
+            LinkAttribute::Xdp(nlas) => xdp = xdp_programs(nlas),
             _ => {}
         }
     }
@@ -141,8 +155,21 @@ fn present(m: &LinkMessage) -> Option<Body> {
         index: m.header.index,
         up: m.header.flags.contains(want),
         mtu,
+        xdp,
     };
     Some(Body::Present(name?, iface))
+}
+
+fn xdp_programs(nlas: &[LinkXdp]) -> XdpPrograms {
+    let mut xdp = XdpPrograms::default();
+    for nla in nlas {
+        match nla {
+            LinkXdp::DrvProgId(id) => xdp.native = Some(*id),
+            LinkXdp::SkbProgId(id) => xdp.generic = Some(*id),
+            _ => {}
+        }
+    }
+    xdp
 }
 
 /// A dump in flight: what it listed so far.
@@ -298,6 +325,55 @@ impl LinkWatch {
     }
 }
 
+/// Lists the interfaces now, XDP programs included: one dump on a socket of its own, waiting
+/// at most [`RETRY`] for each reply. A dump that changed under it is asked for again, a few
+/// times.
+pub fn list_now() -> io::Result<Ifaces> {
+    let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    set_receive_timeout(&socket, RETRY)?;
+    let mut tracker = Tracker::default();
+    for seq in 1..=3 {
+        socket.send(&dump_request(seq), 0)?;
+        tracker.dump_started(seq);
+        while tracker.dump.is_some() {
+            let (buf, from) = socket.recv_from_full()?;
+            if from.port_number() == 0 {
+                tracker.apply(decode(&buf));
+            }
+        }
+        if let Some(table) = tracker.known() {
+            return Ok(table.clone());
+        }
+    }
+    Err(io::Error::other(
+        "the interface dump kept changing under it",
+    ))
+}
+
+fn set_receive_timeout(socket: &netlink_sys::Socket, wait: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let tv = libc::timeval {
+        tv_sec: wait.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+        tv_usec: wait.subsec_micros().into(),
+    };
+    // SAFETY: `tv` is a valid timeval of the size passed; the fd is the socket's, open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn open() -> io::Result<TokioSocket> {
     let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
     socket.socket_mut().bind_auto()?;
@@ -412,6 +488,7 @@ mod tests {
             index,
             up,
             mtu: Some(1500),
+            xdp: XdpPrograms::default(),
         }
     }
 

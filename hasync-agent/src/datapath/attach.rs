@@ -279,31 +279,50 @@ impl Datapath {
     pub fn detach_all(&mut self) -> Result<(), DatapathError> {
         let attachments = std::mem::take(&mut self.attachments);
         let mut first_error = None;
-        for Attachment {
-            interface,
-            ifindex: _,
-            mode: _,
-            pin,
-            reused: _,
-            link,
-        } in attachments
-        {
-            let result = match link {
-                LinkHandle::Owned(id) => self
-                    .program_mut()
-                    .and_then(|prog| prog.detach(id).map_err(program_err)),
-                // The link goes once its pin and our fd are gone.
-                LinkHandle::Pinned(fd) => {
-                    drop(fd);
-                    pin.map_or(Ok(()), |path| pin::detach_pinned_link(&path).map(drop))
-                }
-            };
-            if let Err(error) = result {
+        for a in attachments {
+            let interface = a.interface.clone();
+            if let Err(error) = self.release(a) {
                 tracing::warn!(interface, error = %error_chain(&error), "detaching XDP failed");
                 first_error.get_or_insert(error);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Attaches `interface` anew after its attachment broke (the interface was re-created,
+    /// or someone detached XDP): the broken link is released first, errors ignored (a link
+    /// whose interface is gone cannot be detached from it).
+    pub fn reattach(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
+        if let Some(at) = self
+            .attachments
+            .iter()
+            .position(|a| a.interface == interface)
+        {
+            let old = self.attachments.remove(at);
+            if let Err(error) = self.release(old) {
+                tracing::debug!(interface, error = %error_chain(&error), "releasing the broken XDP link");
+            }
+        }
+        self.attach(interface)
+    }
+
+    /// Detaches one attachment; a pinned link's pin is removed.
+    fn release(&mut self, a: Attachment) -> Result<(), DatapathError> {
+        match a.link {
+            LinkHandle::Owned(id) => self
+                .program_mut()
+                .and_then(|prog| prog.detach(id).map_err(program_err)),
+            LinkHandle::Pinned(fd) => {
+                drop(fd);
+                a.pin
+                    .map_or(Ok(()), |path| pin::detach_pinned_link(&path).map(drop))
+            }
+        }
+    }
+
+    /// The kernel's id of the XDP program, if it can tell.
+    pub fn program_id(&self) -> Option<u32> {
+        self.program().ok()?.info().ok().map(|i| i.id())
     }
 }
 

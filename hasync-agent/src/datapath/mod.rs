@@ -6,6 +6,7 @@
 pub mod attach;
 pub mod batch;
 pub mod events;
+pub mod health;
 pub mod install;
 pub mod pin;
 pub mod pod;

@@ -1001,6 +1001,37 @@ mod tests {
         });
     }
 
+    /// Someone detaches our pinned link (`bpftool link detach`): the interface runs no XDP,
+    /// the health check says so, and attaching again mends it.
+    #[test]
+    fn a_detached_link_is_seen_and_reattached() {
+        use std::os::fd::AsFd as _;
+        let pins = TestPins::new("health");
+        let dir = pins.0.clone();
+        in_fresh_netns(move || {
+            ip(&[
+                "link", "add", "hsp-h0", "type", "veth", "peer", "name", "hsp-h1",
+            ]);
+            ip(&["link", "set", "hsp-h0", "up"]);
+            let mut dp = Datapath::load(&pins.options(1024)).expect("load");
+            dp.attach("hsp-h0").expect("veth");
+            let link = obj_get(&dir.join("links/hsp-h0:native")).expect("pinned link");
+            batch::link_detach(link.as_fd()).expect("detach");
+            let broken = dp.broken_attachments(&crate::netlink::list_now().expect("dump"));
+            assert_eq!(broken.len(), 1, "{broken:?}");
+            assert_eq!(
+                broken[0].to_string(),
+                "XDP (native) was detached from hsp-h0"
+            );
+            dp.reattach("hsp-h0").expect("reattach");
+            assert!(shows_xdp("hsp-h0"));
+            assert_eq!(
+                dp.broken_attachments(&crate::netlink::list_now().expect("dump")),
+                []
+            );
+        });
+    }
+
     /// A pinned SESSIONS of another layout is refused naming `hasync teardown`, and nothing is
     /// lost; another layout of a rebuildable map replaces it.
     #[test]
