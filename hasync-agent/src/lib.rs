@@ -13,6 +13,7 @@ pub mod lab;
 pub mod lock;
 pub mod member;
 pub mod metrics;
+pub mod monitor;
 pub mod netlink;
 pub mod provision;
 pub mod runtime;

@@ -203,7 +203,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     }
     let membership = Arc::new(Mutex::new(m));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
-    let tasks = engine.start();
+    let mut tasks = engine.start();
+    tasks.extend(crate::monitor::spawn(
+        &config,
+        dp.clone(),
+        membership.clone(),
+    ));
     let member = Arc::new(Member {
         config,
         dp,

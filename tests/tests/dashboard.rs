@@ -242,6 +242,11 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
     assert!(number("sessions-embryonic-capacity") > 0);
     let (tag, _) = get("sessions-warning");
     assert!(tag.contains(" hidden"), "no warning below 90 %: {tag}");
+    let (tag, _) = get("member-faults");
+    assert!(
+        tag.contains(" hidden"),
+        "a healthy member shows no fault: {tag}"
+    );
     let rows: Vec<&str> = dom
         .match_indices("data-test=\"member\"")
         .map(|(i, _)| {

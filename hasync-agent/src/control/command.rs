@@ -353,7 +353,15 @@ pub fn render_members(v: &MembersView, out: &mut dyn Write) -> std::io::Result<(
         ]);
     }
     t.write(out)?;
-    writeln!(out, "(* this member)")
+    writeln!(out, "(* this member)")?;
+    if !v.faults.is_empty() {
+        writeln!(out)?;
+        writeln!(out, "This member is non-functional:")?;
+        for f in &v.faults {
+            writeln!(out, "  - {f}")?;
+        }
+    }
+    Ok(())
 }
 
 pub fn render_flaps(v: &FlapsView, out: &mut dyn Write) -> std::io::Result<()> {

@@ -219,6 +219,7 @@ pub fn answer(request: Request) -> Response {
                     last_change: None,
                 },
             ],
+            faults: vec!["link group `uplinks`: out0 down".into()],
         }),
         Request::ShowSessions {
             count_only,

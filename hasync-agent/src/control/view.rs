@@ -39,6 +39,10 @@ pub struct MembersView {
     pub local: u8,
     /// Every configured member, the local one included, by id.
     pub members: Vec<MemberView>,
+    /// Why the local member is non-functional: each failed condition with its cause, and a
+    /// monitor's hold-down still running. Empty when nothing holds it down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<String>,
 }
 
 /// One member as `show cluster members` lists it.
@@ -127,10 +131,19 @@ impl MembersView {
             .collect();
         members.push(local);
         members.sort_by_key(|v| v.id);
+        let mut faults: Vec<String> = m
+            .faults()
+            .map(|(c, cause)| format!("{c}: {cause}"))
+            .collect();
+        if let Some(until) = m.hold_down_until() {
+            let left = until.saturating_duration_since(now).as_secs();
+            faults.push(format!("monitor fail hold-down: {left} s left"));
+        }
         MembersView {
             cluster_id,
             local: m.local.0,
             members,
+            faults,
         }
     }
 }

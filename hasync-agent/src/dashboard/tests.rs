@@ -29,6 +29,7 @@ fn cluster(local_ha4: &str, peers: &[&str]) -> MembersView {
         cluster_id: 7,
         local: 1,
         members,
+        faults: Vec::new(),
     }
 }
 

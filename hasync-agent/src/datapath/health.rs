@@ -25,6 +25,8 @@ pub enum AttachmentFault {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokenAttachment {
     pub interface: String,
+    /// The index it was attached at.
+    pub ifindex: u32,
     pub mode: AttachMode,
     pub fault: AttachmentFault,
 }
@@ -83,6 +85,7 @@ impl Datapath {
                 };
                 Some(BrokenAttachment {
                     interface: a.interface.clone(),
+                    ifindex: a.ifindex,
                     mode: a.mode,
                     fault,
                 })

@@ -224,6 +224,9 @@ ID  Serial          State   HA4   HA4 backup      Sessions  Flaps  Version  Last
 *1  FW-A            active  up    not-configured         2      0  1.0      1h 2m ago
 12  FW-LONG-SERIAL  down    down  not-configured         1      3  -        never
 (* this member)
+
+This member is non-functional:
+  - link group `uplinks`: out0 down
 "
     );
 

@@ -1,0 +1,287 @@
+//! Path monitoring: the agent pings each target of a `[[monitor.path_groups]]` entry (ICMP or
+//! ICMPv6 echo from a raw socket) every interval; a target that leaves `failures` echoes in a
+//! row unanswered has failed, one answer restores it. Whether the group fails follows its
+//! `failure_condition`.
+//!
+//! Echo replies come back through the data interfaces like any traffic: the datapath tracks
+//! them as ICMP echo sessions of this member.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    mem::MaybeUninit,
+    net::{IpAddr, SocketAddr},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+use crate::config::monitor::{FailureCondition, PathGroup};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Payload after the 8-byte echo header: enough to tell our echoes from others'.
+const PAYLOAD: &[u8] = b"hasync path monitor";
+
+/// One target's record: the last sequence number sent, whether it was answered, and the
+/// unanswered echoes in a row before it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Target {
+    pending: Option<u16>,
+    answered: bool,
+    misses: u32,
+}
+
+/// The pure part of a path group: what was sent and answered, and what follows from it.
+#[derive(Debug)]
+pub struct Tally {
+    targets: BTreeMap<IpAddr, Target>,
+    failures: u32,
+    condition: FailureCondition,
+}
+
+impl Tally {
+    pub fn new(group: &PathGroup) -> Tally {
+        Tally {
+            targets: group
+                .targets
+                .iter()
+                .map(|&t| (t, Target::default()))
+                .collect(),
+            failures: group.failures,
+            condition: group.failure_condition,
+        }
+    }
+
+    /// A new round of echoes numbered `seq` is about to go out: the last round's unanswered
+    /// echoes count as misses.
+    pub fn round(&mut self, seq: u16) {
+        for t in self.targets.values_mut() {
+            if t.pending.is_some() {
+                t.misses = if t.answered {
+                    0
+                } else {
+                    t.misses.saturating_add(1)
+                };
+            }
+            t.pending = Some(seq);
+            t.answered = false;
+        }
+    }
+
+    /// An echo reply from `from` numbered `seq`; late or foreign replies change nothing.
+    pub fn answered(&mut self, from: IpAddr, seq: u16) {
+        if let Some(t) = self.targets.get_mut(&from) {
+            if t.pending == Some(seq) {
+                t.answered = true;
+                t.misses = 0;
+            }
+        }
+    }
+
+    /// The targets that failed, and whether the group has.
+    pub fn failed(&self) -> (Vec<IpAddr>, bool) {
+        let failed: Vec<IpAddr> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.misses >= self.failures)
+            .map(|(&a, _)| a)
+            .collect();
+        let group = self.condition.fails(failed.len(), self.targets.len());
+        (failed, group)
+    }
+
+    /// The cause to report while the group fails.
+    pub fn cause(&self) -> Option<String> {
+        let (failed, group) = self.failed();
+        group.then(|| {
+            let list: Vec<String> = failed.iter().map(ToString::to_string).collect();
+            format!(
+                "no answer from {} ({} echoes in a row)",
+                list.join(", "),
+                self.failures
+            )
+        })
+    }
+}
+
+/// The echo request `id`/`seq` for `target`'s family (the kernel sums ICMPv6 itself).
+pub fn echo_request(target: IpAddr, id: u16, seq: u16) -> Vec<u8> {
+    let kind = if target.is_ipv4() {
+        ICMP_ECHO_REQUEST
+    } else {
+        ICMPV6_ECHO_REQUEST
+    };
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(PAYLOAD);
+    if target.is_ipv4() {
+        let sum = checksum(&m);
+        m[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    m
+}
+
+/// The internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The sequence number of an echo reply to us (`id`), from what a raw socket of `v4`'s family
+/// received (an IPv4 raw socket hands over the IP header too).
+pub fn reply_seq(packet: &[u8], v4: bool, id: u16) -> Option<u16> {
+    let icmp = if v4 {
+        let ihl = usize::from(packet.first()? & 0x0f) * 4;
+        packet.get(ihl..)?
+    } else {
+        packet
+    };
+    let want = if v4 {
+        ICMP_ECHO_REPLY
+    } else {
+        ICMPV6_ECHO_REPLY
+    };
+    let h = icmp.get(..8)?;
+    let ours = h[0] == want && h[1] == 0 && u16::from_be_bytes([h[4], h[5]]) == id;
+    ours.then(|| u16::from_be_bytes([h[6], h[7]]))
+}
+
+/// A raw ICMP or ICMPv6 socket, non-blocking, for tokio.
+pub struct EchoSocket {
+    fd: AsyncFd<Socket>,
+    v4: bool,
+}
+
+impl EchoSocket {
+    pub fn open(v4: bool) -> io::Result<EchoSocket> {
+        let (domain, protocol) = if v4 {
+            (Domain::IPV4, Protocol::ICMPV4)
+        } else {
+            (Domain::IPV6, Protocol::ICMPV6)
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
+        socket.set_nonblocking(true)?;
+        // SAFETY: a socket2::Socket owns its fd: it stays open, the same, until dropped with
+        // the AsyncFd.
+        let fd = unsafe { AsyncFd::register(socket) }?;
+        Ok(EchoSocket { fd, v4 })
+    }
+
+    pub fn send(&self, target: IpAddr, message: &[u8]) -> io::Result<()> {
+        let to = SocketAddr::new(target, 0);
+        self.fd.get_ref().send_to(message, &to.into()).map(drop)
+    }
+
+    /// The next packet and its sender.
+    pub async fn recv(&self, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, IpAddr)> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|s| s.get_ref().recv_from(buf)) {
+                Ok(Ok((n, from))) => {
+                    let from = from
+                        .as_socket()
+                        .map(|a| a.ip())
+                        .ok_or_else(|| io::Error::other("a reply without an IP source"))?;
+                    return Ok((n, from));
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    pub fn is_v4(&self) -> bool {
+        self.v4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(condition: FailureCondition, failures: u32) -> PathGroup {
+        PathGroup {
+            name: "gw".into(),
+            failure_condition: condition,
+            targets: vec![
+                "198.18.1.1".parse().unwrap(),
+                "fd00:18:1::1".parse().unwrap(),
+            ],
+            interval_ms: 200,
+            failures,
+        }
+    }
+
+    #[test]
+    fn a_target_fails_after_failures_unanswered_echoes_in_a_row_and_one_answer_restores_it() {
+        let a: IpAddr = "198.18.1.1".parse().unwrap();
+        let b: IpAddr = "fd00:18:1::1".parse().unwrap();
+        let mut t = Tally::new(&group(FailureCondition::Any, 3));
+        for seq in 1..=3 {
+            t.round(seq);
+            t.answered(b, seq);
+        }
+        assert_eq!(
+            t.failed(),
+            (vec![], false),
+            "the third round is still pending"
+        );
+        t.round(4);
+        assert_eq!(t.failed(), (vec![a], true));
+        assert_eq!(
+            t.cause().as_deref(),
+            Some("no answer from 198.18.1.1 (3 echoes in a row)")
+        );
+        // A late answer to an old echo does not count; one to the current one does.
+        t.answered(a, 3);
+        assert!(t.failed().1);
+        t.answered(a, 4);
+        assert_eq!(t.failed(), (vec![], false));
+        assert_eq!(t.cause(), None);
+    }
+
+    #[test]
+    fn all_fails_only_when_every_target_has() {
+        let b: IpAddr = "fd00:18:1::1".parse().unwrap();
+        let mut t = Tally::new(&group(FailureCondition::All, 1));
+        t.round(1);
+        t.answered(b, 1);
+        t.round(2);
+        assert_eq!(t.failed().0.len(), 1);
+        assert!(!t.failed().1);
+        t.round(3);
+        assert!(t.failed().1, "neither answered echo 2");
+    }
+
+    #[test]
+    fn echoes_are_built_and_replies_recognised() {
+        let v4 = echo_request("198.18.1.1".parse().unwrap(), 0x1234, 7);
+        assert_eq!(&v4[..2], &[ICMP_ECHO_REQUEST, 0]);
+        assert_eq!(checksum(&v4), 0, "a valid checksum sums to zero");
+        // The reply as an IPv4 raw socket delivers it: a 20-byte IP header first.
+        let mut reply = vec![0x45; 1];
+        reply.resize(20, 0);
+        let mut icmp = v4.clone();
+        icmp[0] = ICMP_ECHO_REPLY;
+        reply.extend_from_slice(&icmp);
+        assert_eq!(reply_seq(&reply, true, 0x1234), Some(7));
+        assert_eq!(reply_seq(&reply, true, 0x1235), None, "another id");
+        assert_eq!(reply_seq(&reply[..24], true, 0x1234), None, "truncated");
+        let v6 = echo_request("fd00::1".parse().unwrap(), 9, 1);
+        assert_eq!(v6[0], ICMPV6_ECHO_REQUEST);
+        let mut r6 = v6.clone();
+        r6[0] = ICMPV6_ECHO_REPLY;
+        assert_eq!(reply_seq(&r6, false, 9), Some(1));
+        assert_eq!(reply_seq(&v6, false, 9), None, "a request is not a reply");
+    }
+}
