@@ -135,8 +135,11 @@ pub struct Peer {
     pub last_change: Option<Instant>,
     /// Was it alive at the last evaluation?
     pub alive: bool,
-    /// Its config fingerprint differs from ours (zones, timers, members).
+    /// What of the settings members must agree on differs from ours (cluster settings,
+    /// timeouts, members), as its hello said.
     pub config_mismatch: Option<String>,
+    /// Zones one of us has and the other lacks: their sessions are refused (a warning).
+    pub zone_warning: Option<String>,
     /// Its full sync to us: None = not started, Some(false) = running, Some(true) = ended.
     pub bulk_done: Option<bool>,
     pub session_sync: bool,
@@ -180,6 +183,9 @@ pub struct Membership {
     faults: BTreeMap<Condition, String>,
     /// A monitor recovered: non-functional until then all the same.
     hold_down_until: Option<Instant>,
+    /// Has the member been Active since it started? One that has not is the newcomer when
+    /// its configuration and a peer's disagree.
+    ever_active: bool,
     pub suspended: bool,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
@@ -220,6 +226,7 @@ impl Membership {
                         last_change: None,
                         alive: false,
                         config_mismatch: None,
+                        zone_warning: None,
                         bulk_done: None,
                         session_sync,
                     },
@@ -234,6 +241,7 @@ impl Membership {
             flaps: 0,
             faults: BTreeMap::new(),
             hold_down_until: None,
+            ever_active: false,
             suspended: false,
             local_sessions_owned: 0,
             tentative_until: None,
@@ -277,6 +285,65 @@ impl Membership {
         if let Some(p) = self.peers.get_mut(&id) {
             p.bulk_done = Some(done);
         }
+    }
+
+    /// What peer `id`'s hello said of its configuration against ours.
+    pub fn peer_config(&mut self, id: MemberId, mismatch: Option<String>, zones: Option<String>) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.config_mismatch = mismatch;
+            p.zone_warning = zones;
+        }
+    }
+
+    /// Is the local member the one whose configuration is wrong? It is when the peers heard
+    /// recently that disagree with it outnumber those that agree (itself included). On a tie,
+    /// the newcomer is: a member never Active since it started, against a peer that is up
+    /// (Active, Tentative, Suspended); when both are newcomers, the higher member id.
+    fn config_mismatch(&self, now: Instant) -> Option<String> {
+        let heard: Vec<&Peer> = self
+            .peers
+            .values()
+            .filter(|p| {
+                p.last_heard
+                    .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold)
+            })
+            .collect();
+        let differ: Vec<&Peer> = heard
+            .iter()
+            .copied()
+            .filter(|p| p.config_mismatch.is_some())
+            .collect();
+        let agree = 1 + heard.len() - differ.len();
+        let total = 1 + heard.len();
+        let up = |p: &&Peer| {
+            matches!(
+                p.reported,
+                MemberState::Active | MemberState::Tentative | MemberState::Suspended
+            )
+        };
+        let loses_tie = !self.ever_active
+            && (differ.iter().any(up) || differ.iter().any(|p| p.id < self.local));
+        let wrong = !differ.is_empty() && (agree * 2 < total || (agree * 2 == total && loses_tie));
+        wrong.then(|| {
+            let each: Vec<String> = differ
+                .iter()
+                .filter_map(|p| {
+                    let what = p.config_mismatch.as_deref()?;
+                    Some(format!("{what} from member {}'s", p.id.0))
+                })
+                .collect();
+            format!(
+                "{} (agreeing: {agree} of {total}; compare with `hasync config diff`)",
+                each.join("; ")
+            )
+        })
+    }
+
+    /// Zones that only this member or only a peer has, per peer (warnings).
+    pub fn zone_warnings(&self) -> impl Iterator<Item = (MemberId, &str)> {
+        self.peers
+            .values()
+            .filter_map(|p| Some((p.id, p.zone_warning.as_deref()?)))
     }
 
     /// `hasync suspend`: the operator's change is not a flap, and starts the count anew.
@@ -364,6 +431,8 @@ impl Membership {
                 changes.liveness.push((p.id, alive));
             }
         }
+        let mismatch = self.config_mismatch(now);
+        self.set_condition(Condition::ConfigMismatch, mismatch, now);
         if self.hold_down_until.is_some_and(|t| now >= t) {
             self.hold_down_until = None;
             if self.faults.is_empty() {
@@ -388,6 +457,7 @@ impl Membership {
             }
             self.state = next;
             self.state_since = now;
+            self.ever_active |= next == MemberState::Active;
             changes.local_state = Some(next);
         }
         changes

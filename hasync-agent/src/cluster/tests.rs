@@ -228,3 +228,87 @@ fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
     assert_eq!(m.state, MemberState::NonFunctional);
     assert_eq!(m.flaps, 1);
 }
+
+#[test]
+fn a_member_that_disagrees_with_the_majority_is_non_functional_naming_the_mismatch() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    assert_eq!(m.state, MemberState::Active);
+    for id in [2, 3] {
+        m.heard(MemberId(id), MemberState::Active, 0, t0 + s(3));
+        m.peer_config(MemberId(id), Some("session timeouts differ".into()), None);
+    }
+    // Both peers agree with each other, not with us: we are the odd one, Active or not.
+    assert_eq!(
+        m.evaluate(t0 + s(3)).local_state,
+        Some(MemberState::NonFunctional)
+    );
+    let (condition, cause) = m.faults().next().expect("a fault");
+    assert_eq!(*condition, Condition::ConfigMismatch);
+    assert!(
+        cause.starts_with("session timeouts differ from member 2's; session timeouts differ from member 3's (agreeing: 1 of 3"),
+        "{cause}"
+    );
+    // One peer is fixed: a tie, and we have been Active: we stay; the cause goes.
+    m.peer_config(MemberId(3), None, None);
+    assert_eq!(
+        m.evaluate(t0 + s(4)).local_state,
+        Some(MemberState::Tentative)
+    );
+    assert_eq!(m.faults().count(), 0);
+    // A peer not heard any more does not count.
+    m.peer_config(MemberId(3), Some("member list differ".into()), None);
+    assert_eq!(
+        m.evaluate(t0 + s(14)).local_state,
+        None,
+        "{:?}",
+        m.faults().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn on_a_tie_the_newcomer_is_non_functional() {
+    let t0 = Instant::now();
+    let two = |local: u8| {
+        Membership::new(
+            MemberId(local),
+            timers(),
+            vec![(MemberId(3 - local), "peer".into(), false)],
+            t0,
+        )
+    };
+    // Member 2 starts next to an Active member 1 that disagrees: member 2 is the newcomer.
+    let mut newcomer = two(2);
+    newcomer.heard(MemberId(1), MemberState::Active, 0, t0 + s(1));
+    newcomer.peer_config(MemberId(1), Some("cluster settings differ".into()), None);
+    newcomer.evaluate(t0 + s(1));
+    assert_eq!(newcomer.state, MemberState::NonFunctional);
+    // Member 1, Active, hears it (Non-functional now): it stays Active.
+    let mut old = two(1);
+    old.evaluate(t0 + s(2));
+    old.heard(MemberId(2), MemberState::NonFunctional, 0, t0 + s(3));
+    old.peer_config(MemberId(2), Some("cluster settings differ".into()), None);
+    assert_eq!(old.evaluate(t0 + s(3)).local_state, None);
+    assert_eq!(old.state, MemberState::Active);
+    // Both start together: the higher id gives way, the lower does not.
+    let (mut a, mut b) = (two(1), two(2));
+    a.heard(MemberId(2), MemberState::Initial, 0, t0 + s(1));
+    a.peer_config(MemberId(2), Some("member list differ".into()), None);
+    b.heard(MemberId(1), MemberState::Initial, 0, t0 + s(1));
+    b.peer_config(MemberId(1), Some("member list differ".into()), None);
+    a.evaluate(t0 + s(2));
+    b.evaluate(t0 + s(2));
+    assert_eq!(
+        (a.state, b.state),
+        (MemberState::Active, MemberState::NonFunctional)
+    );
+    // Zones only one side has are a warning, never a fault.
+    a.peer_config(MemberId(2), None, Some("only here: dmz".into()));
+    a.evaluate(t0 + s(3));
+    assert_eq!(a.state, MemberState::Active);
+    assert_eq!(
+        a.zone_warnings().collect::<Vec<_>>(),
+        [(MemberId(2), "only here: dmz")]
+    );
+}

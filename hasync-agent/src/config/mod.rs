@@ -556,22 +556,36 @@ impl Config {
         self.zones.iter().map(|z| z.name.clone()).collect()
     }
 
-    /// A digest of everything members must agree on (cluster id, members, zones, timers), for
-    /// the hello and `hasync config diff`.
+    /// A digest of everything members must agree on, for the hello: one 8-byte digest per
+    /// [`AgreedSection`], in its order, so a peer can name what differs
+    /// ([`differing_sections`]).
     pub fn fingerprint(&self) -> [u8; 32] {
         use blake2::{Blake2s256, Digest};
-        let mut h = Blake2s256::new();
-        for line in self.agreed_lines() {
-            h.update(line.as_bytes());
-            h.update(b"\n");
+        let mut out = [0u8; 32];
+        for ((_, lines), slot) in self.agreed_sections().iter().zip(out.chunks_exact_mut(8)) {
+            let mut h = Blake2s256::new();
+            for line in lines {
+                h.update(line.as_bytes());
+                h.update(b"\n");
+            }
+            slot.copy_from_slice(&h.finalize()[..8]);
         }
-        h.finalize().into()
+        out
     }
 
-    /// The settings members must agree on, one `key = value` line each, in a stable order.
+    /// The settings members must agree on, one `key = value` line each, in a stable order
+    /// (`hasync config diff`).
     pub fn agreed_lines(&self) -> Vec<String> {
+        self.agreed_sections()
+            .into_iter()
+            .flat_map(|(_, lines)| lines)
+            .collect()
+    }
+
+    /// [`Config::agreed_lines`] by section.
+    fn agreed_sections(&self) -> [(AgreedSection, Vec<String>); 4] {
         let c = &self.cluster;
-        let mut out = vec![
+        let mut cluster = vec![
             format!("cluster.id = {}", c.id),
             format!(
                 "cluster.keepalive_threshold_ms = {}",
@@ -584,32 +598,83 @@ impl Config {
             ),
             format!("cluster.tentative_hold_s = {}", c.tentative_hold_s),
             format!("cluster.sync_port = {}", c.sync_port),
-            format!("zones = [{}]", self.zone_names().join(", ")),
         ];
-        // Only when set: members of a release without it keep agreeing with those that
-        // leave it out.
         if let Some(secs) = c.monitor_fail_hold_down_s {
-            out.push(format!("cluster.monitor_fail_hold_down_s = {secs}"));
+            cluster.push(format!("cluster.monitor_fail_hold_down_s = {secs}"));
         }
-        for (name, secs) in &self.timeouts {
-            out.push(format!("timeouts.{name} = {secs}"));
-        }
+        let zones = vec![format!("zones = [{}]", self.zone_names().join(", "))];
+        let timeouts = self
+            .timeouts
+            .iter()
+            .map(|(name, secs)| format!("timeouts.{name} = {secs}"))
+            .collect();
         let mut members: Vec<_> = self.members.iter().collect();
         members.sort_by_key(|m| m.id);
-        for m in members {
-            out.push(format!(
-                "members[id={}] = serial {}, ha4 {}, ha4_backup {}, session_sync {}, enabled {}",
-                m.id,
-                m.serial,
-                m.ha4,
-                m.ha4_backup
-                    .map_or_else(|| "none".to_string(), |a| a.to_string()),
-                m.session_sync,
-                m.enabled
-            ));
-        }
-        out
+        let members = members
+            .into_iter()
+            .map(|m| {
+                format!(
+                    "members[id={}] = serial {}, ha4 {}, ha4_backup {}, session_sync {}, enabled {}",
+                    m.id,
+                    m.serial,
+                    m.ha4,
+                    m.ha4_backup
+                        .map_or_else(|| "none".to_string(), |a| a.to_string()),
+                    m.session_sync,
+                    m.enabled
+                )
+            })
+            .collect();
+        [
+            (AgreedSection::Cluster, cluster),
+            (AgreedSection::Zones, zones),
+            (AgreedSection::Timeouts, timeouts),
+            (AgreedSection::Members, members),
+        ]
     }
+}
+
+/// The parts of the settings members must agree on, each with its own digest in the
+/// fingerprint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AgreedSection {
+    /// `[cluster]`: id, timers, hold times, sync port.
+    Cluster,
+    /// Zone names in order. Members translate zones by name, so a zone only some members have
+    /// (a rolling change) costs only the sessions in it: a warning, not a mismatch.
+    Zones,
+    /// `[timeouts]`.
+    Timeouts,
+    /// `[[members]]`.
+    Members,
+}
+
+impl AgreedSection {
+    pub const ALL: [AgreedSection; 4] = [
+        AgreedSection::Cluster,
+        AgreedSection::Zones,
+        AgreedSection::Timeouts,
+        AgreedSection::Members,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            AgreedSection::Cluster => "cluster settings",
+            AgreedSection::Zones => "zone names",
+            AgreedSection::Timeouts => "session timeouts",
+            AgreedSection::Members => "member list",
+        }
+    }
+}
+
+/// The sections whose digests differ between two fingerprints.
+pub fn differing_sections(a: &[u8; 32], b: &[u8; 32]) -> Vec<AgreedSection> {
+    AgreedSection::ALL
+        .into_iter()
+        .zip(a.chunks_exact(8).zip(b.chunks_exact(8)))
+        .filter(|(_, (x, y))| x != y)
+        .map(|(section, _)| section)
+        .collect()
 }
 
 impl Local {

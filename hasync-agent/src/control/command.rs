@@ -361,6 +361,9 @@ pub fn render_members(v: &MembersView, out: &mut dyn Write) -> std::io::Result<(
             writeln!(out, "  - {f}")?;
         }
     }
+    for w in &v.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
     Ok(())
 }
 

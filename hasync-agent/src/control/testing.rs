@@ -220,6 +220,7 @@ pub fn answer(request: Request) -> Response {
                 },
             ],
             faults: vec!["link group `uplinks`: out0 down".into()],
+            warnings: vec!["zones differ from member 12's (only here: dmz)".into()],
         }),
         Request::ShowSessions {
             count_only,

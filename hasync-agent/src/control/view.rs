@@ -43,6 +43,9 @@ pub struct MembersView {
     /// monitor's hold-down still running. Empty when nothing holds it down.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<String>,
+    /// What does not stop the member but should be seen: zones only some members have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One member as `show cluster members` lists it.
@@ -139,11 +142,21 @@ impl MembersView {
             let left = until.saturating_duration_since(now).as_secs();
             faults.push(format!("monitor fail hold-down: {left} s left"));
         }
+        let warnings = m
+            .zone_warnings()
+            .map(|(id, w)| {
+                format!(
+                    "zones differ from member {}'s ({w}): sessions in those zones are refused",
+                    id.0
+                )
+            })
+            .collect();
         MembersView {
             cluster_id,
             local: m.local.0,
             members,
             faults,
+            warnings,
         }
     }
 }
@@ -1024,7 +1037,10 @@ mod tests {
             ),
             ("unknown", "down", "not-configured", None, None)
         );
-        assert_eq!(view.members[0].version.as_deref(), Some("1.0"));
+        assert_eq!(
+            view.members[0].version,
+            Some(version_string(PROTO_MAJOR, PROTO_MINOR))
+        );
         let back: MembersView = serde_json::from_value(json).unwrap();
         assert_eq!(back, view);
 

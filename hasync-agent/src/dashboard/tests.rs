@@ -30,6 +30,7 @@ fn cluster(local_ha4: &str, peers: &[&str]) -> MembersView {
         local: 1,
         members,
         faults: Vec::new(),
+        warnings: Vec::new(),
     }
 }
 

@@ -10,7 +10,9 @@ use hasync_common::{FlowKey, MemberId, Session, SessionFlags, ZoneId};
 
 /// Protocol version. Members with the same major and minors at most one apart sync.
 pub const PROTO_MAJOR: u8 = 1;
-pub const PROTO_MINOR: u8 = 0;
+/// 1: the hello's fingerprint is one digest per section of the agreed settings, so a
+/// mismatch can be named (and acted on).
+pub const PROTO_MINOR: u8 = 1;
 
 /// Size of one encoded session record.
 pub const RECORD_BYTES: usize = 96;

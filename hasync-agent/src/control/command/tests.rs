@@ -227,6 +227,7 @@ ID  Serial          State   HA4   HA4 backup      Sessions  Flaps  Version  Last
 
 This member is non-functional:
   - link group `uplinks`: out0 down
+warning: zones differ from member 12's (only here: dmz)
 "
     );
 

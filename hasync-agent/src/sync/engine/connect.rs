@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
     cluster::LinkState,
+    config::{differing_sections, AgreedSection},
     netlink::{Ifaces, LinkWatch},
     sync::{
         admission::{Admission, Ticket},
@@ -26,6 +27,38 @@ use crate::{
         writer::writer,
     },
 };
+
+/// The first minor version whose hello fingerprint is sectioned (`Config::fingerprint`).
+const SECTIONED_FINGERPRINT_MINOR: u8 = 1;
+
+/// What of the settings members must agree on differs between our `fingerprint` and `h`'s,
+/// zones aside; `None` when nothing does, or when the peer's fingerprint is of a release that
+/// did not section it (then only a log line says they differ).
+fn config_mismatch(fingerprint: &[u8; 32], h: &Hello) -> Option<String> {
+    if h.minor < SECTIONED_FINGERPRINT_MINOR {
+        return None;
+    }
+    let sections: Vec<&str> = differing_sections(fingerprint, &h.fingerprint)
+        .into_iter()
+        .filter(|s| *s != AgreedSection::Zones)
+        .map(AgreedSection::name)
+        .collect();
+    (!sections.is_empty()).then(|| format!("{} differ", sections.join(", ")))
+}
+
+/// The zones only we or only the peer have, named; `None` when both have the same.
+fn zone_difference(ours: &[String], theirs: &[String]) -> Option<String> {
+    let only_theirs = ZoneMap::new(ours, theirs).missing(theirs).join(", ");
+    let only_ours = ZoneMap::new(theirs, ours).missing(ours).join(", ");
+    let mut parts = Vec::new();
+    if !only_ours.is_empty() {
+        parts.push(format!("only here: {only_ours}"));
+    }
+    if !only_theirs.is_empty() {
+        parts.push(format!("only at the peer: {only_theirs}"));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
 
 /// The wait before dialling again after `refused` refusals in a row: [`REDIAL`], doubling
 /// from the second refusal up to [`REDIAL_REFUSED_MAX`].
@@ -147,23 +180,28 @@ impl<T: SessionTable> Engine<T> {
         Some(peer)
     }
 
+    /// Records in the membership what `h` says of the peer's configuration against ours
+    /// (a mismatch may make one of us non-functional; zones only one side has are a warning),
+    /// and logs it once.
     fn warn_differences(&self, h: &Hello) {
-        if h.fingerprint != self.inner.cfg.fingerprint {
+        let ours = &self.inner.cfg;
+        let mismatch = config_mismatch(&ours.fingerprint, h);
+        let zones = zone_difference(&ours.zones, &h.zones);
+        if h.fingerprint != ours.fingerprint {
             self.log_once(format!("fingerprint-{}", h.member.0), || {
                 warn!(
                     peer = h.member.0,
-                    "peer's configuration differs in what members must agree on (cluster, members, zones, timers); compare with `hasync config diff`"
+                    differs = mismatch.as_deref().unwrap_or("zone names"),
+                    "peer's configuration differs in what members must agree on; compare with `hasync config diff`"
                 )
             });
         }
-        let missing = ZoneMap::new(&self.inner.cfg.zones, &h.zones)
-            .missing(&h.zones)
-            .join(", ");
-        if !missing.is_empty() {
+        if let Some(zones) = &zones {
             self.log_once(format!("zones-{}", h.member.0), || {
-                warn!(peer = h.member.0, zones = %missing, "peer has zones this member lacks: their sessions will be refused")
+                warn!(peer = h.member.0, %zones, "zones differ: sessions in a zone one side lacks are refused")
             });
         }
+        lock(&self.inner.membership).peer_config(h.member, mismatch, zones);
     }
 
     pub(super) async fn listen(self, link: LinkKind, addr: SocketAddr) {
@@ -532,6 +570,55 @@ mod tests {
         assert_eq!(
             [0, 1, 2, 3, 4, 5, 6, 7, 1000].map(ms),
             [250, 250, 500, 1000, 2000, 4000, 8000, 8000, 8000]
+        );
+    }
+
+    #[test]
+    fn a_hello_names_what_differs_zones_apart() {
+        let section = |i: usize, fp: &mut [u8; 32]| fp[i * 8] ^= 1;
+        let ours = [7u8; 32];
+        let mut theirs = ours;
+        section(0, &mut theirs);
+        section(2, &mut theirs);
+        section(1, &mut theirs);
+        let mut h = Hello {
+            major: PROTO_MAJOR,
+            minor: PROTO_MINOR,
+            cluster_id: 1,
+            member: MemberId(2),
+            link: LinkKind::Ha4,
+            boot_id: 1,
+            fingerprint: theirs,
+            zones: vec![],
+            wants_bulk: false,
+            fresh_table: false,
+        };
+        assert_eq!(
+            config_mismatch(&ours, &h).as_deref(),
+            Some("cluster settings, session timeouts differ")
+        );
+        h.minor = 0;
+        assert_eq!(
+            config_mismatch(&ours, &h),
+            None,
+            "an unsectioned fingerprint"
+        );
+        h.minor = PROTO_MINOR;
+        h.fingerprint = ours;
+        section(1, &mut h.fingerprint);
+        assert_eq!(
+            config_mismatch(&ours, &h),
+            None,
+            "zones alone are a warning"
+        );
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            zone_difference(&names(&["trust", "dmz"]), &names(&["guest", "trust"])).as_deref(),
+            Some("only here: dmz; only at the peer: guest")
+        );
+        assert_eq!(
+            zone_difference(&names(&["a", "b"]), &names(&["b", "a"])),
+            None
         );
     }
 }
