@@ -31,7 +31,8 @@ use hasync_agent::{
     datapath::{batch::obj_get, monotonic_ns, BatchMap},
     lab::{
         netns::run_in,
-        topology::{test_prefix, Topology},
+        topology::{test_prefix, Topology, CLIENT_V4, SERVER_V4},
+        traffic::{tcp_client, Bounds, TcpClientOptions, TrafficClient},
         ClusterOptions, LabCluster,
     },
 };
@@ -255,6 +256,58 @@ impl Cluster {
             let m = self.try_member(k, k)?;
             (m.state == "active").then_some(()).ok_or(m.state)
         });
+    }
+
+    /// In a cluster of two (or more), a TCP echo connection through fw1 (the server must
+    /// listen on `port`) once fw1 and fw2 are active; returns the connection's session as fw1
+    /// lists it.
+    pub fn tcp_connection_through_fw1(&self, port: u16) -> (TrafficClient, Row) {
+        let c = self;
+        let topo = c.topology();
+        // Both members active (with or without session sync), and fw2 hears fw1.
+        for (k, of) in [(1, 1), (2, 2), (2, 1)] {
+            c.wait(
+                &format!("fw{k} to see fw{of} active"),
+                Duration::from_secs(20),
+                || {
+                    let m = c.try_member(k, of)?;
+                    (m.state == "active" && m.ha4 == "up")
+                        .then_some(())
+                        .ok_or(format!("{m:?}"))
+                },
+            );
+        }
+        let client = tcp_client(
+            topo.client(),
+            (SERVER_V4, port).into(),
+            TcpClientOptions {
+                interval: Duration::from_millis(50),
+                io_timeout: Duration::from_millis(200),
+                bounds: Bounds::new(2_000, Duration::from_secs(60)),
+                ..TcpClientOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| c.fail(&format!("TCP through fw1: {e}")));
+        client
+            .wait_until(Duration::from_secs(5), |p| p.ok >= 5)
+            .unwrap_or_else(|| c.fail(&format!("no echoes through fw1: {:?}", client.progress())));
+        let filter = SessionFilter {
+            proto: Some("tcp".into()),
+            port: Some(port),
+            ..SessionFilter::default()
+        };
+        let row = c.wait("fw1 to list the connection", Duration::from_secs(5), || {
+            let v = c.try_sessions(1, filter.clone())?;
+            match v.sessions.as_deref() {
+                Some([s]) if s.state == "established" => Ok(Row::from(s)),
+                other => Err(format!("{other:?}")),
+            }
+        });
+        assert_eq!(
+            (row.src, row.dst, row.owner, row.zone.as_str()),
+            (IpAddr::V4(CLIENT_V4), IpAddr::V4(SERVER_V4), 1, "trust")
+        );
+        (client, row)
     }
 
     /// The last [`LOG_LINES`] lines of every member's agent log.

@@ -6,17 +6,14 @@
 //! the connection: fw2 drops mid-stream TCP it has no session for. That second run shows the
 //! first one can fail.
 
-use std::{
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use hasync_agent::{
     control::SessionFilter,
     lab::{
         cluster::AgentState,
-        topology::{CLIENT_V4, SERVER_V4},
-        traffic::{tcp_client, tcp_echo_server, Bounds, TcpClientOptions, TrafficClient},
+        topology::SERVER_V4,
+        traffic::{tcp_echo_server, Bounds},
         ClusterOptions, Link, Signal,
     },
     traffic_log::TrafficRecord,
@@ -37,56 +34,6 @@ fn options(sync: bool) -> ClusterOptions {
         },
         ..ClusterOptions::default()
     }
-}
-
-/// A cluster of two with a TCP echo connection through fw1; returns the connection's session
-/// as fw1 lists it.
-fn connection_through_fw1(c: &Cluster, port: u16) -> (TrafficClient, Row) {
-    let topo = c.topology();
-    // Both members active (with or without session sync), and fw2 hears fw1.
-    for (k, of) in [(1, 1), (2, 2), (2, 1)] {
-        c.wait(
-            &format!("fw{k} to see fw{of} active"),
-            Duration::from_secs(20),
-            || {
-                let m = c.try_member(k, of)?;
-                (m.state == "active" && m.ha4 == "up")
-                    .then_some(())
-                    .ok_or(format!("{m:?}"))
-            },
-        );
-    }
-    let client = tcp_client(
-        topo.client(),
-        (SERVER_V4, port).into(),
-        TcpClientOptions {
-            interval: Duration::from_millis(50),
-            io_timeout: Duration::from_millis(200),
-            bounds: Bounds::new(2_000, Duration::from_secs(60)),
-            ..TcpClientOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| c.fail(&format!("TCP through fw1: {e}")));
-    client
-        .wait_until(Duration::from_secs(5), |p| p.ok >= 5)
-        .unwrap_or_else(|| c.fail(&format!("no echoes through fw1: {:?}", client.progress())));
-    let filter = SessionFilter {
-        proto: Some("tcp".into()),
-        port: Some(port),
-        ..SessionFilter::default()
-    };
-    let row = c.wait("fw1 to list the connection", Duration::from_secs(5), || {
-        let v = c.try_sessions(1, filter.clone())?;
-        match v.sessions.as_deref() {
-            Some([s]) if s.state == "established" => Ok(Row::from(s)),
-            other => Err(format!("{other:?}")),
-        }
-    });
-    assert_eq!(
-        (row.src, row.dst, row.owner, row.zone.as_str()),
-        (IpAddr::V4(CLIENT_V4), IpAddr::V4(SERVER_V4), 1, "trust")
-    );
-    (client, row)
 }
 
 /// fw1 dies: its agent is killed and all its links go down; the client and the server are
@@ -137,7 +84,7 @@ fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
         Bounds::new(4, Duration::from_secs(60)),
     )
     .expect("TCP echo server");
-    let (client, row) = connection_through_fw1(&c, PORT);
+    let (client, row) = c.tcp_connection_through_fw1(PORT);
     // fw2 holds the session before anything fails.
     let filter = SessionFilter {
         proto: Some("tcp".into()),
@@ -252,7 +199,7 @@ fn without_session_sync_the_same_failover_breaks_the_connection() {
         Bounds::new(4, Duration::from_secs(60)),
     )
     .expect("TCP echo server");
-    let (client, row) = connection_through_fw1(&c, PORT);
+    let (client, row) = c.tcp_connection_through_fw1(PORT);
     // fw2 does not hold it, even given time.
     std::thread::sleep(Duration::from_secs(1));
     let t2 = c.try_table(2).unwrap_or_else(|e| c.fail(&e));

@@ -506,22 +506,22 @@ impl Topology {
              \tchain out {{ type filter hook output priority raw; policy accept; oifname \"{name}\" {verdict}; }}\n\
              }}\n"
         );
-        let mut cmd = netns::command_in(self.fw(k), "nft")?;
+        self.nft(&format!("fw{k}"), &script)
+    }
+
+    /// Runs the nftables `script` (`nft -f -`) inside namespace `name` (a short name: `fw1`,
+    /// `server`).
+    pub fn nft(&self, name: &str, script: &str) -> Result<()> {
+        let mut cmd = netns::command_in(self.try_ns(name)?, "nft")?;
         cmd.args(["-f", "-"]);
-        netns::output(&mut cmd, Some(&script)).map(drop)
+        netns::output(&mut cmd, Some(script)).map(drop)
     }
 
     /// Removes the drop [`Topology::drop_with_nft`] put on member `k`'s `link`.
     pub fn undrop_nft(&self, k: u8, link: Link) -> Result<()> {
         self.check_member(k)?;
-        let mut cmd = netns::command_in(self.fw(k), "nft")?;
-        cmd.args([
-            "delete",
-            "table",
-            "inet",
-            &format!("hasync_lab_{}", link.ifname()),
-        ]);
-        netns::output(&mut cmd, None).map(drop)
+        let table = format!("hasync_lab_{}", link.ifname());
+        self.nft(&format!("fw{k}"), &format!("delete table inet {table}\n"))
     }
 
     /// Plugs namespace `ns` (a full name, created by the caller, e.g. an intruder for a fault
