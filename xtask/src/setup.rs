@@ -69,6 +69,9 @@ enum Fix {
     BpfLinker,
     CargoFuzz,
     MountBpffs,
+    /// promtool alone, out of Debian's prometheus package (installing the package would start
+    /// a Prometheus server).
+    Promtool,
 }
 
 /// In the order they are checked. The ones setup cannot fix come first.
@@ -82,6 +85,7 @@ const REQUIREMENTS: &[Requirement] = &[
     Requirement::new("iputils-ping", ping),
     Requirement::new("systemd-analyze, setpriv", service_tools),
     Requirement::new("chromium", chromium),
+    Requirement::new("promtool", promtool),
     Requirement::new("host toolchain clippy, rustfmt", host_components),
     Requirement::new("nightly rust-src, clippy", nightly_components),
     Requirement::new("bpf-linker 0.13.0", bpf_linker),
@@ -220,6 +224,7 @@ fn install(missing: &[(&Requirement, Fix)]) -> Result<()> {
                 "--locked",
             ]))?,
             Fix::MountBpffs => cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?,
+            Fix::Promtool => install_promtool()?,
         }
     }
     Ok(())
@@ -310,6 +315,43 @@ fn ping() -> Result<Status> {
 /// The dashboard test renders the page in Debian's headless Chromium.
 fn chromium() -> Result<Status> {
     Ok(program_on_path("chromium", "chromium"))
+}
+
+/// The monitoring test checks the shipped alert rules with `promtool check rules`.
+fn promtool() -> Result<Status> {
+    Ok(match find_on_path("promtool") {
+        Some(path) => Status::Present(path.display().to_string()),
+        None => Status::Missing {
+            why: "no `promtool` on PATH".into(),
+            fix: Fix::Promtool,
+        },
+    })
+}
+
+/// Downloads Debian's prometheus package and takes promtool out of it, into /usr/local/bin.
+fn install_promtool() -> Result<()> {
+    let dir = env::temp_dir().join(format!("hasync-promtool-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = (|| {
+        cmd::run(
+            Command::new("apt-get")
+                .args(["download", "prometheus"])
+                .current_dir(&dir),
+        )?;
+        let deb = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        let root = dir.join("root");
+        cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        let target = Path::new("/usr/local/bin/promtool");
+        fs::copy(root.join("usr/bin/promtool"), target)
+            .with_context(|| format!("installing {}", target.display()))?;
+        fs::set_permissions(target, fs::Permissions::from_mode(0o755))?;
+        anyhow::Ok(())
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
 }
 
 /// The service tests verify the unit with `systemd-analyze verify` and run the agent with the

@@ -76,10 +76,14 @@ pub fn handle(member: &Member, request: Request) -> Response {
                     p.cfg.addrs.contains_key(&LinkKind::Ha4Backup),
                 )
             });
-            Response::ok(StatisticsView::from_stats(
-                peers,
-                member.engine.rejections(),
-            ))
+            let mut view = StatisticsView::from_stats(peers, member.engine.rejections());
+            for p in member.engine.peers() {
+                let (queued, in_flight) = p.backlog();
+                if let Some(v) = view.peers.iter_mut().find(|v| v.id == p.cfg.id.0) {
+                    v.records_pending = (queued + in_flight) as u64;
+                }
+            }
+            Response::ok(view)
         }
         Request::ShowCounters { prefix } => match lock(&member.dp).counters() {
             Ok(c) => Response::ok(CountersView::new(&c, prefix.as_deref())),

@@ -476,6 +476,10 @@ pub struct PeerStatisticsView {
     pub records_refused_owner: u64,
     pub full_syncs: FullSyncsView,
     pub replication_lag: LagView,
+    /// Records queued for the peer or sent and not acknowledged yet (filled by the agent from
+    /// its outbox; 0 in views built from counters alone).
+    #[serde(default)]
+    pub records_pending: u64,
 }
 
 /// Traffic on one sync link to one peer.
@@ -625,6 +629,7 @@ impl PeerStatisticsView {
                 p50_ms: lag.quantile_ms(0.5),
                 p99_ms: lag.quantile_ms(0.99),
             },
+            records_pending: 0,
         }
     }
 }

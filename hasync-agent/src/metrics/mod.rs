@@ -40,6 +40,7 @@
 //! | `full_sync_running{peer, direction}` | gauge | 1 while one is under way |
 //! | `full_sync_last_duration_seconds{peer, direction}`, `full_sync_last_records{...}` | gauge | the last completed one |
 //! | `replication_lag_seconds{peer, quantile}` | gauge | p50 and p99 of recent changes, queued → acknowledged |
+//! | `sync_records_pending{peer}` | gauge | records queued for the peer or in flight, not acknowledged |
 //! | `datapath_<counter>_total` | counter | every datapath counter (`show counters`), `-` as `_` |
 
 use std::{
@@ -667,6 +668,16 @@ impl Collector for SnapshotCollector {
             full_syncs
                 .iter()
                 .filter_map(|(l, f)| Some((l.clone(), f.last_records?))),
+        )?;
+        gauges(
+            &mut e,
+            "sync_records_pending",
+            "Records queued for the peer or sent and not acknowledged yet.",
+            None,
+            statistics
+                .peers
+                .iter()
+                .map(|p| (vec![("peer", p.id.to_string())], p.records_pending)),
         )?;
         gauges(
             &mut e,

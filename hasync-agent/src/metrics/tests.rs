@@ -158,3 +158,75 @@ async fn a_runtime_that_fails_or_stops_is_reported() {
         .expect_err("stopped");
     assert!(matches!(e, GatherError::ShuttingDown), "{e}");
 }
+
+/// The alert rules and the Grafana dashboard shipped in `monitoring/` name only metrics an
+/// agent exposes (a renamed metric would silence an alert), the dashboard is well formed, and
+/// promtool (which `cargo xtask setup` installs) accepts the rules.
+#[tokio::test]
+async fn shipped_rules_and_dashboard_use_only_exposed_metrics() {
+    const RULES: &str = include_str!("../../monitoring/prometheus-rules.yml");
+    const DASHBOARD: &str = include_str!("../../monitoring/grafana-dashboard.json");
+    let exposed = render(&snapshot().await);
+    let families: std::collections::BTreeSet<&str> = exposed
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let known = |name: &str| {
+        families.contains(name)
+            || ["_total", "_info"]
+                .iter()
+                .any(|s| name.strip_suffix(s).is_some_and(|f| families.contains(f)))
+    };
+    let named = |text: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices("hasync_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            out.push(name);
+        }
+        out
+    };
+    let unknown: Vec<String> = named(RULES)
+        .into_iter()
+        .chain(named(DASHBOARD))
+        .filter(|n| !known(n))
+        .collect();
+    assert!(unknown.is_empty(), "not exposed: {unknown:?}\n{exposed}");
+    assert_eq!(RULES.matches("- alert: ").count(), 5);
+
+    let d: serde_json::Value = serde_json::from_str(DASHBOARD).expect("dashboard JSON");
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("id")),
+            "duplicate id: {p}"
+        );
+        assert!(p["gridPos"]["w"].as_u64().is_some(), "{p}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(
+            !targets.is_empty() && targets.iter().all(|t| t["expr"].is_string()),
+            "{p}"
+        );
+    }
+
+    let dir = std::env::temp_dir().join(format!("hasync-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("rules.yml");
+    std::fs::write(&file, RULES).expect("write rules");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.expect("promtool (`cargo xtask setup` installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("SUCCESS: 5 rules found"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
