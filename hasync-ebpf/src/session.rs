@@ -272,7 +272,9 @@ fn miss(
         tcp_flags: [pkt.tcp_flags, 0],
         ticket: 0,
         reply_zone: ZoneId::NONE,
-        _pad: [0; 6],
+        tcp_track: [0; 2],
+        max_win: [0; 2],
+        seq_end: [0; 2],
     };
     // A new session is embryonic: it may evict the oldest embryonic one, never anything else.
     embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);

@@ -150,7 +150,9 @@ impl Record {
             tcp_flags,
             ticket: _,
             reply_zone: _,
-            _pad,
+            tcp_track: _,
+            max_win: _,
+            seq_end: _,
         } = *s;
         Record {
             op: Op::Upsert,
@@ -210,7 +212,9 @@ impl Record {
             ticket: 0,
             // Node-local: learned from the first reply this member sees.
             reply_zone: ZoneId::NONE,
-            _pad: [0; 6],
+            tcp_track: [0; 2],
+            max_win: [0; 2],
+            seq_end: [0; 2],
         }
     }
 
@@ -514,7 +518,9 @@ mod tests {
             tcp_flags: [0x12, 0x12],
             ticket: 0,
             reply_zone: ZoneId::NONE,
-            _pad: [0; 6],
+            tcp_track: [0; 2],
+            max_win: [0; 2],
+            seq_end: [0; 2],
         }
     }
 
