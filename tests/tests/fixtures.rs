@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
     session::tcp::{ACK, FIN, PSH, RST, SYN, URG},
+    tcp_window::track,
     Counter as C, EventKind as E, MalformedAction, MemberId, OtherProtocols, Policy,
     SessionFlags as F, State, ZoneId,
 };
@@ -551,7 +552,101 @@ fn tcp_window_rows() -> Vec<Row> {
                 (C::DropTcpOutOfWindow, 2),
             ])
             .events(&[E::OwnershipTaken, E::Closed]),
+        Row::new("tcp window: a replica with sequence state checks rst before a takeover")
+            .existing(replica_with_window())
+            .drop(tcp(S4, C4).rst().seq(90_000 + BLIND))
+            .drop(tcp(C4, S4).fin().seq(50_000 + BLIND))
+            .counters(&[(C::Hits, 2), (C::DropTcpOutOfWindow, 2)]),
+        Row::new("tcp window: a replica's rst in window takes over and closes")
+            .existing(replica_with_window())
+            .pass(tcp(S4, C4).rst().seq(90_000 - 1000))
+            .session(
+                Expect::new(State::Closed)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(5, 5),
+            )
+            .counters(&[
+                (C::Hits, 1),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::OwnershipTaken]),
+        Row::new("tcp window: a replica's stale numbers are re-learned from data ahead")
+            .existing(replica_with_window())
+            .pass(tcp(C4, S4).ack().seq(50_000 + 5_000_000).payload(100))
+            .drop(tcp(C4, S4).ack().rst().seq(50_000))
+            .drop(tcp(S4, C4).rst().seq(90_000 + BLIND))
+            .pass(tcp(C4, S4).fin().seq(50_000 + 5_000_100))
+            .session(
+                Expect::new(State::Closing)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(7, 4)
+                    .seq_end(Some(50_000 + 5_000_101), Some(90_000)),
+            )
+            .counters(&[
+                (C::Hits, 4),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+                (C::DropTcpOutOfWindow, 2),
+            ])
+            .events(&[E::OwnershipTaken, E::StateChanged]),
+        Row::new("tcp window: scaled windows widen the window both SYNs agreed on")
+            .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
+            .pass(
+                tcp(S4, C4)
+                    .syn_ack()
+                    .seq(S_ISN)
+                    .ack_number(C_ISN + 1)
+                    .wscale(7),
+            )
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(C_ISN + 1)
+                    .ack_number(S_ISN + 1)
+                    .window(1000),
+            )
+            .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
+            .session(Expect::new(State::Closed).version(4).packets(2, 2))
+            .counters(&after_handshake(
+                1,
+                &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
+            ))
+            .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        Row::new("tcp window: a window scale only one SYN offered does not apply")
+            .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(C_ISN + 1)
+                    .ack_number(S_ISN + 1)
+                    .window(1000),
+            )
+            .drop(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
+            .session(
+                Expect::new(State::Established)
+                    .version(3)
+                    .packets(2, 1)
+                    .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+            )
+            .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
+            .events(&HANDSHAKE_EVENTS),
     ]
+}
+
+/// A replica of dead member 2's established session as a 1.1 peer sends it: the client has
+/// sent up to 50 000, the server up to 90 000, windows 65535, stale as installed.
+fn replica_with_window() -> Existing {
+    let known = track::KNOWN | track::STALE;
+    Existing::peer(State::Established, false)
+        .initiator_hi(false)
+        .tcp_window([known; 2], [65535; 2], [50_000, 90_000])
 }
 
 fn udp_icmp_rows() -> Vec<Row> {
