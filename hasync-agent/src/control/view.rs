@@ -1010,7 +1010,11 @@ mod tests {
             ),
             ("unknown", "down", "not-configured", None, None)
         );
-        assert_eq!(view.members[0].version.as_deref(), Some("1.0"));
+        assert_eq!(
+            view.members[0].version,
+            Some(version_string(PROTO_MAJOR, PROTO_MINOR)),
+            "the local member shows its own version"
+        );
         let back: MembersView = serde_json::from_value(json).unwrap();
         assert_eq!(back, view);
 
