@@ -98,6 +98,11 @@ counters! {
     DropZoneMismatch = "drop-zone-mismatch",
     /// The same, passed (loose policy).
     PassZoneMismatch = "pass-zone-mismatch",
+    /// TCP RST or FIN whose sequence number lies outside the window the session has seen (a
+    /// blind reset or close): dropped (strict policy), the session unchanged.
+    DropTcpOutOfWindow = "drop-tcp-out-of-window",
+    /// The same, passed (loose policy), the session unchanged.
+    PassTcpOutOfWindow = "pass-tcp-out-of-window",
     /// TCP without SYN and without a session, passed by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",
     /// TCP without SYN and without a session, dropped by the strict policy.

@@ -60,4 +60,4 @@ pub struct Event {
     /// Padding; zero.
     pub _pad: [u8; 7],
 }
-crate::assert_size!(Event, 128);
+crate::assert_size!(Event, 136);

@@ -40,7 +40,7 @@ pub struct InstallRecord {
     /// Padding; zero.
     pub _pad: [u8; 7],
 }
-crate::assert_size!(InstallRecord, 128);
+crate::assert_size!(InstallRecord, 136);
 
 /// The batch header: what the agent says, then what the program did.
 #[repr(C)]
@@ -118,7 +118,7 @@ pub struct ReadSlot {
     /// Padding; zero.
     pub _pad: [u8; 7],
 }
-crate::assert_size!(ReadSlot, 128);
+crate::assert_size!(ReadSlot, 136);
 
 /// Slots per read program run.
 pub const READ_BATCH: usize =

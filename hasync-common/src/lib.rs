@@ -15,6 +15,7 @@ pub mod install;
 pub mod maps;
 pub mod member;
 pub mod session;
+pub mod tcp_window;
 
 pub use config::{DatapathConfig, MalformedAction, OtherProtocols, Policy, ZoneBinding};
 pub use counters::{Counter, Counters, COUNTER_COUNT};
@@ -24,6 +25,7 @@ pub use ids::{MemberId, ZoneId};
 pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
 pub use member::MemberEntry;
 pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
+pub use tcp_window::TcpSegment;
 
 /// Asserts at compile time that a shared type has exactly the expected size.
 #[macro_export]

@@ -162,10 +162,19 @@ pub struct Session {
     /// reply is seen): replies must keep coming in through it. Node-local, learned again by a
     /// member that takes the session over.
     pub reply_zone: ZoneId,
-    /// Padding; zero.
-    pub _pad: [u8; 6],
+    /// TCP, per direction: what is known of the sender's sequence space
+    /// ([`crate::tcp_window::track`] bits: sequence known, window scale offered and its shift,
+    /// stale). Zero: nothing known yet, learned from the next segments.
+    pub tcp_track: [u8; 2],
+    /// TCP, per direction: the largest window the direction advertised outside SYNs (the raw
+    /// field; scaled when both directions offered scaling).
+    pub max_win: [u16; 2],
+    /// TCP, per direction: the highest sequence end the direction sent (seq + payload + SYN +
+    /// FIN), when `tcp_track` says it is known. RST and FIN count only near it
+    /// ([`crate::tcp_window`]).
+    pub seq_end: [u32; 2],
 }
-crate::assert_size!(Session, 80);
+crate::assert_size!(Session, 88);
 const _: () = assert!(
     core::mem::size_of::<Session>() + core::mem::size_of::<crate::FlowKey>() <= 128,
     "session key plus value must stay within 128 bytes"

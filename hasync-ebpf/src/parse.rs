@@ -6,7 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use hasync_common::{
     flow::{Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     session::tcp,
-    Counter, FlowKey, FragmentKey,
+    Counter, FlowKey, FragmentKey, TcpSegment,
 };
 
 const ETH_HLEN: usize = 14;
@@ -35,6 +35,13 @@ const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
 const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
 /// Bytes of an ICMP/ICMPv6 header before the quoted packet.
 const ICMP_HLEN: usize = 8;
+const TCP_HLEN: usize = 20;
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WSCALE: u8 = 3;
+/// TCP options walked looking for the window scale: more than any stack's SYN carries
+/// (Linux sends five, Windows six with its NOPs), few enough for the verifier.
+const TCP_MAX_OPTIONS: usize = 10;
 
 /// A parsed, trackable packet.
 pub struct Packet {
@@ -43,6 +50,8 @@ pub struct Packet {
     pub src_is_hi: bool,
     /// TCP flags (0 for UDP/ICMP).
     pub tcp_flags: u8,
+    /// What the window check reads of a TCP segment (zero for UDP/ICMP).
+    pub tcp: TcpSegment,
     /// Frame length in bytes.
     pub len: u64,
     /// An extra counter to bump (first fragments), if any.
@@ -348,21 +357,23 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         note,
         first_fragment,
     } = l3;
+    let mut segment = TcpSegment::default();
     let (sport, dport, flags) = match proto {
         IPPROTO_TCP => {
-            let Some(h) = frame.read::<20>(l4) else {
+            let Some(h) = frame.read::<TCP_HLEN>(l4) else {
                 return Parsed::Malformed(Counter::ErrTcpTruncated);
             };
-            if l4.wrapping_add(20) > end {
+            if l4.wrapping_add(TCP_HLEN) > end {
                 return Parsed::Malformed(Counter::ErrTcpTruncated);
             }
             let doff = ((h[12] >> 4) as usize).wrapping_mul(4);
-            if doff < 20 || l4.wrapping_add(doff) > end {
+            if doff < TCP_HLEN || l4.wrapping_add(doff) > end {
                 return Parsed::Malformed(Counter::ErrTcpDataOffset);
             }
             if !tcp_flags_valid(h[13]) {
                 return Parsed::Malformed(Counter::ErrTcpFlags);
             }
+            segment = tcp_segment(frame, &h, l4, doff, end);
             (raw16(h[0], h[1]), raw16(h[2], h[3]), h[13])
         }
         IPPROTO_UDP => {
@@ -413,10 +424,60 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         key,
         src_is_hi,
         tcp_flags: flags,
+        tcp: segment,
         len: frame.len(),
         note,
         first_fragment,
     })
+}
+
+/// The sequence numbers, window and payload length of the TCP header `h` at `l4` (`doff`
+/// bytes long, checked to end by `end`), and a SYN's window scale.
+#[inline(always)]
+fn tcp_segment(
+    frame: &Frame,
+    h: &[u8; TCP_HLEN],
+    l4: usize,
+    doff: usize,
+    end: usize,
+) -> TcpSegment {
+    let be32 = |at: usize| u32::from_be(raw32(h, at));
+    let wscale = if h[13] & tcp::SYN != 0 {
+        wscale_option(frame, l4, doff)
+    } else {
+        None
+    };
+    TcpSegment {
+        seq: be32(4),
+        ack: be32(8),
+        window: be16(h[14], h[15]),
+        len: end.wrapping_sub(l4).wrapping_sub(doff) as u32,
+        wscale,
+    }
+}
+
+/// The shift of the window scale option among the TCP options at `l4 + 20 .. l4 + doff`, if
+/// any. A bounded walk: the verifier follows each step. Every step reads three bytes (an
+/// option's kind, length and, for the window scale, shift) in one read: fewer than three
+/// left cannot hold the option anyway, and reads of one byte at a variable offset compile to a
+/// bounds check the verifier does not accept (`at >= end`).
+#[inline(always)]
+fn wscale_option(frame: &Frame, l4: usize, doff: usize) -> Option<u8> {
+    let mut off = TCP_HLEN;
+    for _ in 0..TCP_MAX_OPTIONS {
+        if off >= doff {
+            return None;
+        }
+        let [kind, len, shift] = frame.read::<3>(l4.wrapping_add(off))?;
+        match kind {
+            TCPOPT_EOL => return None,
+            TCPOPT_NOP => off = off.wrapping_add(1),
+            TCPOPT_WSCALE if len == 3 => return Some(shift),
+            _ if len < 2 => return None,
+            _ => off = off.wrapping_add(len as usize),
+        }
+    }
+    None
 }
 
 /// The key of the flow whose packet an ICMP error quotes at `at`, if the quoted IP header and

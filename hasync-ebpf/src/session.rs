@@ -8,6 +8,7 @@ use aya_ebpf::{
 use hasync_common::{
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
+    tcp_window::{self, Fit},
     Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Session, SessionFlags,
     State, ZoneId,
 };
@@ -140,34 +141,36 @@ fn hit(
     if !zone_allows(cfg, counters, s, dir, ingress) {
         return xdp_action::XDP_DROP;
     }
-    if s.owner != cfg.local_member {
-        let owner_alive = match MEMBERS.get(s.owner.0 as u32) {
-            Some(m) => m.alive != 0,
-            None => false,
-        };
-        if owner_alive {
-            // The owner writes the session; we only keep our replica from idling out.
-            counters.inc(Counter::Asymmetric);
-            s.last_seen_ns = now;
-            if !s.flags.has(SessionFlags::ASYMMETRIC) {
-                s.flags.0 |= SessionFlags::ASYMMETRIC;
-            }
-            return xdp_action::XDP_PASS;
+    let owned = s.owner == cfg.local_member;
+    if !owned && owner_alive(s) {
+        // The owner writes the session (and checks its window); we only keep our replica
+        // from idling out.
+        counters.inc(Counter::Asymmetric);
+        s.last_seen_ns = now;
+        if !s.flags.has(SessionFlags::ASYMMETRIC) {
+            s.flags.0 |= SessionFlags::ASYMMETRIC;
         }
-        // The owner is gone: this member takes the session over, then handles the packet
-        // as the owner would.
-        s.owner = cfg.local_member;
-        s.version = s.version.wrapping_add(1);
-        s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
-        counters.inc(Counter::Takeovers);
-        account(s, dir, pkt, now);
-        advance(counters, pkt, s, dir);
-        s.last_event_ns = now;
-        // One event carries both the new owner and any state change.
-        emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
         return xdp_action::XDP_PASS;
     }
-    account(s, dir, pkt, now);
+    let fit = if pkt.key.proto == IPPROTO_TCP {
+        tcp_window::classify(s, dir, pkt.tcp_flags, &pkt.tcp)
+    } else {
+        Fit::InWindow
+    };
+    if tcp_window::refused(fit, pkt.tcp_flags) {
+        // A blind RST or FIN: the session stays exactly as it was.
+        return by_policy(
+            cfg,
+            counters,
+            Counter::PassTcpOutOfWindow,
+            Counter::DropTcpOutOfWindow,
+        );
+    }
+    account(s, dir, pkt, now, fit);
+    if !owned {
+        take_over(cfg, counters, pkt, s, dir, now);
+        return xdp_action::XDP_PASS;
+    }
     if let Some(kind) = advance(counters, pkt, s, dir) {
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
@@ -177,6 +180,36 @@ fn hit(
         emit(counters, EventKind::Refresh, &pkt.key, s);
     }
     xdp_action::XDP_PASS
+}
+
+/// Is the member that owns `s` alive?
+#[inline(always)]
+fn owner_alive(s: &Session) -> bool {
+    match MEMBERS.get(s.owner.0 as u32) {
+        Some(m) => m.alive != 0,
+        None => false,
+    }
+}
+
+/// The owner is gone: this member takes the session over, then handles the packet (already
+/// accounted) as the owner would.
+#[inline(always)]
+fn take_over(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    pkt: &Packet,
+    s: &mut Session,
+    dir: usize,
+    now: u64,
+) {
+    s.owner = cfg.local_member;
+    s.version = s.version.wrapping_add(1);
+    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
+    counters.inc(Counter::Takeovers);
+    advance(counters, pkt, s, dir);
+    s.last_event_ns = now;
+    // One event carries both the new owner and any state change.
+    emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
 }
 
 /// Runs the state machine for the packet; on a change, bumps the version and returns the event
@@ -210,9 +243,13 @@ fn advance(
     }
 }
 
-/// Counts the packet on the session.
+/// Counts the packet on the session, and records what a TCP segment that `fit` the window
+/// tells about its direction's sequence.
 #[inline(always)]
-fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64) {
+fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64, fit: Fit) {
+    if pkt.key.proto == IPPROTO_TCP {
+        tcp_window::record(s, dir, pkt.tcp_flags, &pkt.tcp, fit);
+    }
     s.last_seen_ns = now;
     if let Some(p) = s.packets.get_mut(dir) {
         *p = p.wrapping_add(1);
@@ -272,8 +309,19 @@ fn miss(
         tcp_flags: [pkt.tcp_flags, 0],
         ticket: 0,
         reply_zone: ZoneId::NONE,
-        _pad: [0; 6],
+        tcp_track: [0; 2],
+        max_win: [0; 2],
+        seq_end: [0; 2],
     };
+    if pkt.key.proto == IPPROTO_TCP {
+        tcp_window::record(
+            &mut session,
+            DIR_ORIGINAL,
+            pkt.tcp_flags,
+            &pkt.tcp,
+            Fit::Learn,
+        );
+    }
     // A new session is embryonic: it may evict the oldest embryonic one, never anything else.
     embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);
     if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {

@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 use hasync_common::{
-    session::tcp, Counter, EventKind, FlowKey, MalformedAction, MemberId, OtherProtocols, Policy,
-    Session, SessionFlags, State, ZoneBinding, ZoneId,
+    session::tcp, tcp_window::track, Counter, EventKind, FlowKey, MalformedAction, MemberId,
+    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -48,6 +48,9 @@ pub struct Existing {
     /// `last_seen_ns` relative to the setup's clock reading (positive: in the future, as when
     /// another CPU stored a later time than a packet's own reading).
     pub last_seen_offset_ns: i64,
+    /// TCP sequence state (`tcp_track`, `max_win`, `seq_end`); zero: none, as a replica from
+    /// a protocol 1.0 peer.
+    pub tcp_window: ([u8; 2], [u16; 2], [u32; 2]),
 }
 
 impl Existing {
@@ -71,7 +74,15 @@ impl Existing {
             tcp_flags: [tcp::SYN | tcp::ACK, tcp::SYN | tcp::ACK],
             initiator_hi: None,
             last_seen_offset_ns: 0,
+            tcp_window: Default::default(),
         }
+    }
+
+    /// TCP sequence state per direction (original, reply): `tcp_track` bits, the largest
+    /// window advertised, the highest sequence end sent.
+    pub fn tcp_window(mut self, track: [u8; 2], max_win: [u16; 2], seq_end: [u32; 2]) -> Self {
+        self.tcp_window = (track, max_win, seq_end);
+        self
     }
 
     /// Last seen `ns` away from now (negative: in the past).
@@ -121,6 +132,8 @@ pub struct Expect {
     pub tcp_flags: Option<[u8; 2]>,
     /// `None`: not checked.
     pub reply_zone: Option<ZoneId>,
+    /// The highest sequence end per direction, and whether it is known (`None`: not checked).
+    pub seq_end: Option<[Option<u32>; 2]>,
 }
 
 impl Expect {
@@ -136,6 +149,7 @@ impl Expect {
             bytes: None,
             tcp_flags: None,
             reply_zone: None,
+            seq_end: None,
         }
     }
 
@@ -183,6 +197,12 @@ impl Expect {
 
     pub fn tcp_flags(mut self, original: u8, reply: u8) -> Self {
         self.tcp_flags = Some([original, reply]);
+        self
+    }
+
+    /// The highest sequence end each direction sent, or `None` where it must not be known.
+    pub fn seq_end(mut self, original: Option<u32>, reply: Option<u32>) -> Self {
+        self.seq_end = Some([original, reply]);
         self
     }
 }
@@ -440,6 +460,7 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         tcp_flags,
         initiator_hi,
         last_seen_offset_ns,
+        tcp_window: (tcp_track, max_win, seq_end),
     } = e.clone();
     if owner.is_valid() && owner != LOCAL {
         tdp.datapath_mut().set_member_alive(owner, alive)?;
@@ -465,7 +486,9 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
         tcp_flags,
         ticket: 0,
         reply_zone: ZoneId::NONE,
-        _pad: [0; 6],
+        tcp_track,
+        max_win,
+        seq_end,
     };
     tdp.insert_sessions(&[(*key, session)])?;
     Ok(session)
@@ -602,7 +625,9 @@ fn check_table(
         tcp_flags,
         ticket: _,
         reply_zone,
-        _pad: _,
+        tcp_track,
+        max_win: _,
+        seq_end,
     } = got;
     let Expect {
         state: want_state,
@@ -614,6 +639,7 @@ fn check_table(
         bytes: want_bytes,
         tcp_flags: want_tcp_flags,
         reply_zone: want_reply_zone,
+        seq_end: want_seq_end,
     } = want.clone();
     let want_zone = want_zone.unwrap_or(match &row.existing {
         Some(e) => e.zone,
@@ -679,6 +705,15 @@ fn check_table(
             reply_zone == z,
             reply_zone.0.to_string(),
             z.0.to_string(),
+        );
+    }
+    if let Some(want) = want_seq_end {
+        let got = [0, 1].map(|d| (tcp_track[d] & track::KNOWN != 0).then_some(seq_end[d]));
+        check(
+            "seq end",
+            got == want,
+            format!("{got:?}"),
+            format!("{want:?}"),
         );
     }
     check(

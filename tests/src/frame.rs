@@ -54,11 +54,23 @@ impl Ipv6Ext {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum L4 {
-    Tcp { flags: u8 },
+    Tcp(TcpFields),
     Udp,
     Icmp { ty: u8, code: u8, id: u16 },
     Other(u8),
     Arp,
+}
+
+/// The TCP header fields a fixture may set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcpFields {
+    flags: u8,
+    seq: u32,
+    /// `None`: 2000 when the ACK flag is set, else 0.
+    ack: Option<u32>,
+    window: u16,
+    /// A window scale option (shift), written after a NOP.
+    wscale: Option<u8>,
 }
 
 /// A damage applied to the laid-out frame.
@@ -148,7 +160,13 @@ impl Frame {
             b.ip(),
             a.port(),
             b.port(),
-            L4::Tcp { flags: tcp::ACK },
+            L4::Tcp(TcpFields {
+                flags: tcp::ACK,
+                seq: 1000,
+                ack: None,
+                window: 65535,
+                wscale: None,
+            }),
         )
     }
 
@@ -196,12 +214,37 @@ impl Frame {
         Self::new(a, b, 0, 0, L4::Arp)
     }
 
-    fn set_tcp_flags(mut self, f: u8) -> Self {
+    /// Changes the TCP header fields.
+    fn tcp_fields(mut self, f: impl FnOnce(&mut TcpFields)) -> Self {
         match &mut self.l4 {
-            L4::Tcp { flags } => *flags = f,
-            other => panic!("TCP flags on a non-TCP frame ({other:?})"),
+            L4::Tcp(t) => f(t),
+            other => panic!("TCP fields on a non-TCP frame ({other:?})"),
         }
         self
+    }
+
+    fn set_tcp_flags(self, flags: u8) -> Self {
+        self.tcp_fields(|t| t.flags = flags)
+    }
+
+    /// The sequence number (default 1000, whichever the direction).
+    pub fn seq(self, seq: u32) -> Self {
+        self.tcp_fields(|t| t.seq = seq)
+    }
+
+    /// The acknowledgment number (default 2000 when the ACK flag is set, else 0).
+    pub fn ack_number(self, ack: u32) -> Self {
+        self.tcp_fields(|t| t.ack = Some(ack))
+    }
+
+    /// The window field (default 65535).
+    pub fn window(self, window: u16) -> Self {
+        self.tcp_fields(|t| t.window = window)
+    }
+
+    /// A window scale option with `shift` (RFC 7323), as SYNs carry it.
+    pub fn wscale(self, shift: u8) -> Self {
+        self.tcp_fields(|t| t.wscale = Some(shift))
     }
 
     pub fn syn(self) -> Self {
@@ -358,7 +401,7 @@ impl Frame {
     /// The IP protocol of the transport header (`None` for ARP).
     pub fn proto(&self) -> Option<u8> {
         Some(match self.l4 {
-            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Tcp(_) => IPPROTO_TCP,
             L4::Udp => IPPROTO_UDP,
             L4::Icmp { .. } if self.is_ipv4() => IPPROTO_ICMP,
             L4::Icmp { .. } => IPPROTO_ICMPV6,
@@ -370,7 +413,7 @@ impl Frame {
     /// TCP flags of the segment (0 for other protocols).
     pub fn tcp_flags(&self) -> u8 {
         match self.l4 {
-            L4::Tcp { flags } => flags,
+            L4::Tcp(t) => t.flags,
             _ => 0,
         }
     }
@@ -478,16 +521,20 @@ impl Frame {
         let payload = (0..self.payload).map(|i| (i % 251) as u8);
         let mut h = Vec::new();
         match self.l4 {
-            L4::Tcp { flags } => {
+            L4::Tcp(t) => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
                 h.extend_from_slice(&self.dport.to_be_bytes());
-                h.extend_from_slice(&1000u32.to_be_bytes()); // seq
-                let ack = if flags & tcp::ACK != 0 { 2000u32 } else { 0 };
-                h.extend_from_slice(&ack.to_be_bytes());
-                h.push(5 << 4); // data offset 5, no options
-                h.push(flags);
-                h.extend_from_slice(&65535u16.to_be_bytes()); // window
+                h.extend_from_slice(&t.seq.to_be_bytes());
+                let default_ack = if t.flags & tcp::ACK != 0 { 2000 } else { 0 };
+                h.extend_from_slice(&t.ack.unwrap_or(default_ack).to_be_bytes());
+                // Data offset: 5 words, one more for a NOP and the window scale option.
+                h.push(if t.wscale.is_some() { 6 << 4 } else { 5 << 4 });
+                h.push(t.flags);
+                h.extend_from_slice(&t.window.to_be_bytes());
                 h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                if let Some(shift) = t.wscale {
+                    h.extend_from_slice(&[1, 3, 3, shift]);
+                }
             }
             L4::Udp => {
                 h.extend_from_slice(&self.sport.to_be_bytes());
@@ -517,7 +564,7 @@ impl Frame {
             return;
         };
         let at = match self.l4 {
-            L4::Tcp { .. } if l4.len() >= 20 => 16,
+            L4::Tcp(_) if l4.len() >= 20 => 16,
             L4::Udp if l4.len() >= 8 => 6,
             L4::Icmp { .. } if l4.len() >= 8 => 2,
             _ => return,

@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
     session::tcp::{ACK, FIN, PSH, RST, SYN, URG},
+    tcp_window::track,
     Counter as C, EventKind as E, MalformedAction, MemberId, OtherProtocols, Policy,
     SessionFlags as F, State, ZoneId,
 };
@@ -378,8 +379,274 @@ fn tcp_rows() -> Vec<Row> {
             .counters(&[(C::Creates, 1), (C::Events, 1)])
             .events(&[E::Created]),
     ];
+    rows.extend(tcp_window_rows());
     rows.extend(udp_icmp_rows());
     rows
+}
+
+/// Client and server initial sequence numbers of [`handshake_seq`].
+const C_ISN: u32 = 1000;
+const S_ISN: u32 = 5000;
+/// Far outside any window: what a blind sender guesses.
+const BLIND: u32 = 0x4000_0000;
+
+/// SYN, SYN-ACK, ACK with real sequence and acknowledgment numbers (windows 65535, no
+/// scaling): the client's next sequence number is `C_ISN + 1`, the server's `S_ISN + 1`.
+fn handshake_seq(row: Row, c: &str, s: &str) -> Row {
+    row.pass(tcp(c, s).syn().seq(C_ISN))
+        .pass(tcp(s, c).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+        .pass(tcp(c, s).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+}
+
+/// Counters of [`handshake_seq`] plus `hits` more hits and `extra`.
+fn after_handshake(hits: u64, extra: &[(C, u64)]) -> Vec<(C, u64)> {
+    let mut c = vec![
+        (C::Creates, 1),
+        (C::Hits, 2 + hits),
+        (C::StateChanges, 2),
+        (C::Events, 3),
+    ];
+    for &(k, v) in extra {
+        match c.iter_mut().find(|(have, _)| *have == k) {
+            Some((_, n)) => *n += v,
+            None => c.push((k, v)),
+        }
+    }
+    c
+}
+
+const HANDSHAKE_EVENTS: [E; 3] = [E::Created, E::StateChanged, E::StateChanged];
+
+/// RST and FIN count only inside the window the session has seen (RFC 5961 §3): a blind one
+/// is dropped (strict) or passed (loose), counted, and leaves the session as it was.
+fn tcp_window_rows() -> Vec<Row> {
+    let established = || Expect::new(State::Established).version(3).packets(2, 1);
+    vec![
+        handshake_seq(
+            Row::new("tcp window: rst at the sender's next sequence closes"),
+            C4,
+            S4,
+        )
+        .pass(tcp(S4, C4).rst().seq(S_ISN + 1))
+        .session(Expect::new(State::Closed).version(4).packets(2, 2))
+        .counters(&after_handshake(
+            1,
+            &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
+        ))
+        .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake_seq(
+            Row::new("tcp window: blind rst dropped, session stays established"),
+            C4,
+            S4,
+        )
+        .drop(tcp(S4, C4).rst().seq(S_ISN + BLIND))
+        .session(established())
+        .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
+            Row::new("tcp window: blind rst passed by the loose policy, session stays"),
+            C6,
+            S6,
+        )
+        .policy(Policy::Loose)
+        .pass(tcp(C6, S6).flags(RST | ACK).seq(C_ISN.wrapping_sub(BLIND)))
+        .session(established())
+        .counters(&after_handshake(1, &[(C::PassTcpOutOfWindow, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        handshake_seq(Row::new("tcp window: fin in window makes closing"), C4, S4)
+            .pass(tcp(C4, S4).fin().seq(C_ISN + 1).payload(10))
+            .session(Expect::new(State::Closing).version(4).packets(3, 1))
+            .counters(&after_handshake(1, &[(C::StateChanges, 1), (C::Events, 1)]))
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
+            ]),
+        handshake_seq(
+            Row::new("tcp window: blind fin dropped, session stays established"),
+            C4,
+            S4,
+        )
+        .drop(tcp(S4, C4).fin().seq(S_ISN + BLIND))
+        .session(established())
+        .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
+            Row::new(
+                "tcp window: data and a retransmission move the window, rst at its end closes",
+            ),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 1).payload(1000))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 1).payload(1000))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 60_001).payload(1000))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 120_001).payload(1000))
+        .pass(tcp(C4, S4).rst().seq(C_ISN + 121_001))
+        .session(Expect::new(State::Closed).version(4).packets(7, 1))
+        .counters(&after_handshake(
+            5,
+            &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
+        ))
+        .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake_seq(
+            Row::new("tcp window: a blind data segment passes but does not move the window"),
+            C4,
+            S4,
+        )
+        .pass(tcp(S4, C4).ack().seq(S_ISN + BLIND).payload(10))
+        .drop(tcp(S4, C4).rst().seq(S_ISN + BLIND + 10))
+        .session(Expect::new(State::Established).version(3).packets(2, 2))
+        .counters(&after_handshake(2, &[(C::DropTcpOutOfWindow, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        Row::new("tcp window: rst refusing a syn must acknowledge it")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .drop(
+                tcp(S4, C4)
+                    .flags(RST | ACK)
+                    .seq(0)
+                    .ack_number(C_ISN + BLIND),
+            )
+            .pass(tcp(S4, C4).flags(RST | ACK).seq(0).ack_number(C_ISN + 1))
+            .session(Expect::new(State::Closed).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 2),
+                (C::DropTcpOutOfWindow, 1),
+            ])
+            .events(&[E::Created, E::Closed]),
+        Row::new("tcp window: a session without sequence state learns it from its next packets")
+            .existing(Existing::peer(State::Established, false))
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(77_000)
+                    .ack_number(88_000)
+                    .payload(100),
+            )
+            .drop(tcp(C4, S4).rst().seq(77_100 + BLIND))
+            .drop(
+                tcp(S4, C4)
+                    .flags(RST | ACK)
+                    .seq(1)
+                    .ack_number(77_100 + BLIND),
+            )
+            .pass(tcp(S4, C4).ack().seq(88_000).ack_number(77_100))
+            .pass(tcp(S4, C4).rst().seq(88_000))
+            .session(
+                Expect::new(State::Closed)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 6),
+            )
+            .counters(&[
+                (C::Hits, 5),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 2),
+                (C::DropTcpOutOfWindow, 2),
+            ])
+            .events(&[E::OwnershipTaken, E::Closed]),
+        Row::new("tcp window: a replica with sequence state checks rst before a takeover")
+            .existing(replica_with_window())
+            .drop(tcp(S4, C4).rst().seq(90_000 + BLIND))
+            .drop(tcp(C4, S4).fin().seq(50_000 + BLIND))
+            .counters(&[(C::Hits, 2), (C::DropTcpOutOfWindow, 2)]),
+        Row::new("tcp window: a replica's rst in window takes over and closes")
+            .existing(replica_with_window())
+            .pass(tcp(S4, C4).rst().seq(90_000 - 1000))
+            .session(
+                Expect::new(State::Closed)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(5, 5),
+            )
+            .counters(&[
+                (C::Hits, 1),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::OwnershipTaken]),
+        Row::new("tcp window: a replica's stale numbers are re-learned from data ahead")
+            .existing(replica_with_window())
+            .pass(tcp(C4, S4).ack().seq(50_000 + 5_000_000).payload(100))
+            .drop(tcp(C4, S4).ack().rst().seq(50_000))
+            .drop(tcp(S4, C4).rst().seq(90_000 + BLIND))
+            .pass(tcp(C4, S4).fin().seq(50_000 + 5_000_100))
+            .session(
+                Expect::new(State::Closing)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(7, 4)
+                    .seq_end(Some(50_000 + 5_000_101), Some(90_000)),
+            )
+            .counters(&[
+                (C::Hits, 4),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+                (C::DropTcpOutOfWindow, 2),
+            ])
+            .events(&[E::OwnershipTaken, E::StateChanged]),
+        Row::new("tcp window: scaled windows widen the window both SYNs agreed on")
+            .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
+            .pass(
+                tcp(S4, C4)
+                    .syn_ack()
+                    .seq(S_ISN)
+                    .ack_number(C_ISN + 1)
+                    .wscale(7),
+            )
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(C_ISN + 1)
+                    .ack_number(S_ISN + 1)
+                    .window(1000),
+            )
+            .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
+            .session(Expect::new(State::Closed).version(4).packets(2, 2))
+            .counters(&after_handshake(
+                1,
+                &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
+            ))
+            .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        Row::new("tcp window: a window scale only one SYN offered does not apply")
+            .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(C_ISN + 1)
+                    .ack_number(S_ISN + 1)
+                    .window(1000),
+            )
+            .drop(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
+            .session(
+                Expect::new(State::Established)
+                    .version(3)
+                    .packets(2, 1)
+                    .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+            )
+            .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
+            .events(&HANDSHAKE_EVENTS),
+    ]
+}
+
+/// A replica of dead member 2's established session as a 1.1 peer sends it: the client has
+/// sent up to 50 000, the server up to 90 000, windows 65535, stale as installed.
+fn replica_with_window() -> Existing {
+    let known = track::KNOWN | track::STALE;
+    Existing::peer(State::Established, false)
+        .initiator_hi(false)
+        .tcp_window([known; 2], [65535; 2], [50_000, 90_000])
 }
 
 fn udp_icmp_rows() -> Vec<Row> {

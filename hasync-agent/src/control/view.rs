@@ -1044,7 +1044,8 @@ mod tests {
         );
         assert_eq!(
             view.members[0].version,
-            Some(version_string(PROTO_MAJOR, PROTO_MINOR))
+            Some(version_string(PROTO_MAJOR, PROTO_MINOR)),
+            "the local member shows its own version"
         );
         let back: MembersView = serde_json::from_value(json).unwrap();
         assert_eq!(back, view);

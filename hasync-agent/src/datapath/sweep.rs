@@ -286,7 +286,9 @@ mod tests {
             tcp_flags: [0, 0],
             ticket: 0,
             reply_zone: ZoneId::NONE,
-            _pad: [0; 6],
+            tcp_track: [0; 2],
+            max_win: [0; 2],
+            seq_end: [0; 2],
         }
     }
 

@@ -18,7 +18,7 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::wire::{Message, WireError, MAX_PLAINTEXT};
+use super::wire::{Message, RecordLayout, WireError, MAX_PLAINTEXT};
 
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 const MAX_NOISE_MESSAGE: usize = 65_535;
@@ -129,6 +129,8 @@ pub struct Sender {
     noise: Arc<Mutex<TransportState>>,
     plain: Vec<u8>,
     cipher: Vec<u8>,
+    /// Session records' layout: the current one until the hellos agree on another.
+    layout: RecordLayout,
 }
 
 /// Receiving half of a channel.
@@ -137,6 +139,8 @@ pub struct Receiver {
     noise: Arc<Mutex<TransportState>>,
     cipher: Vec<u8>,
     plain: Vec<u8>,
+    /// As the sender's.
+    layout: RecordLayout,
 }
 
 /// Runs the initiator side of the handshake on `stream`.
@@ -203,23 +207,30 @@ fn finish(
             noise: noise.clone(),
             plain: Vec::new(),
             cipher: vec![0; MAX_NOISE_MESSAGE],
+            layout: RecordLayout::CURRENT,
         },
         Receiver {
             r,
             noise,
             cipher: Vec::new(),
             plain: vec![0; MAX_NOISE_MESSAGE],
+            layout: RecordLayout::CURRENT,
         },
     ))
 }
 
 impl Sender {
+    /// Session records go out in `layout` from now on (the hellos were exchanged).
+    pub fn set_layout(&mut self, layout: RecordLayout) {
+        self.layout = layout;
+    }
+
     /// Encrypts and sends one message; returns the bytes put on the wire.
     pub async fn send(&mut self, msg: &Message) -> Result<usize, ChannelError> {
         // Cancel-safe only between messages: a send interrupted mid-write leaves the stream
         // unusable, and the connection is dropped (see `writer`).
         self.plain.clear();
-        msg.encode(&mut self.plain)?;
+        msg.encode_as(&mut self.plain, self.layout)?;
         if self.plain.len() > MAX_PLAINTEXT {
             return Err(ChannelError::TooLarge(self.plain.len()));
         }
@@ -235,6 +246,11 @@ impl Sender {
 }
 
 impl Receiver {
+    /// Session records come in `layout` from now on (the hellos were exchanged).
+    pub fn set_layout(&mut self, layout: RecordLayout) {
+        self.layout = layout;
+    }
+
     /// Receives, authenticates and decodes one message; also returns its size on the wire.
     pub async fn recv(&mut self) -> Result<(Message, usize), ChannelError> {
         read_frame(&mut self.r, &mut self.cipher).await?;
@@ -245,7 +261,10 @@ impl Receiver {
                 .map_err(ChannelError::Auth)?
         };
         let plain = self.plain.get(..n).ok_or(ChannelError::TooLarge(n))?;
-        Ok((Message::decode(plain)?, self.cipher.len() + 2))
+        Ok((
+            Message::decode_as(plain, self.layout)?,
+            self.cipher.len() + 2,
+        ))
     }
 }
 

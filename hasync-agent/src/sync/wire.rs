@@ -6,21 +6,68 @@
 //! install. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
 //! in the hello.
 
-use hasync_common::{FlowKey, MemberId, Session, SessionFlags, ZoneId};
+use hasync_common::{
+    tcp_window::{mark_stale, track},
+    FlowKey, MemberId, Session, SessionFlags, ZoneId,
+};
 
 /// Protocol version. Members with the same major and minors at most one apart sync.
+///
+/// 1.1: session records carry the TCP sequence state ([`RecordLayout::V1_1`]), and the hello's
+/// fingerprint is one digest per section of the agreed settings, so a mismatch is named (and
+/// acted on).
 pub const PROTO_MAJOR: u8 = 1;
-/// 1: the hello's fingerprint is one digest per section of the agreed settings, so a
-/// mismatch can be named (and acted on).
 pub const PROTO_MINOR: u8 = 1;
 
+/// The layout of the session records on one connection: the one of the lower minor version
+/// of its two ends, so a member one minor version apart still syncs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecordLayout {
+    /// Protocol 1.0: no TCP sequence state. A receiver's datapath learns it from the
+    /// session's next packets.
+    V1_0,
+    /// Protocol 1.1: the 1.0 record, then the TCP sequence state.
+    #[default]
+    V1_1,
+}
+
+impl RecordLayout {
+    /// What this member speaks.
+    pub const CURRENT: RecordLayout = RecordLayout::V1_1;
+
+    /// The layout of a connection between members of minor versions `ours` and `theirs`.
+    pub fn between(ours: u8, theirs: u8) -> RecordLayout {
+        if ours.min(theirs) == 0 {
+            RecordLayout::V1_0
+        } else {
+            RecordLayout::V1_1
+        }
+    }
+
+    /// Size of one encoded record.
+    pub const fn bytes(self) -> usize {
+        match self {
+            RecordLayout::V1_0 => 96,
+            RecordLayout::V1_1 => 112,
+        }
+    }
+
+    /// Records per `Sessions` frame, so a full frame fits in one Noise message.
+    pub const fn max_records(self) -> usize {
+        (MAX_PLAINTEXT - 16) / self.bytes()
+    }
+}
+
 /// Size of one encoded session record.
-pub const RECORD_BYTES: usize = 96;
+pub const RECORD_BYTES: usize = RecordLayout::CURRENT.bytes();
+/// Offset of the TCP sequence state in a 1.1 record: where a 1.0 record ends.
+const TCP_STATE_AT: usize = 96;
 /// Largest plaintext a frame may carry (a Noise message is at most 65535 bytes, 16 of them
 /// the authentication tag).
 pub const MAX_PLAINTEXT: usize = 65_535 - 16;
-/// Records per `Sessions` frame, so a full frame fits in one Noise message.
-pub const MAX_RECORDS_PER_FRAME: usize = (MAX_PLAINTEXT - 16) / RECORD_BYTES;
+/// Records per `Sessions` frame this member sends: a full frame fits in one Noise message in
+/// every layout (the current one has the largest records).
+pub const MAX_RECORDS_PER_FRAME: usize = RecordLayout::CURRENT.max_records();
 /// Zones a hello may name.
 pub const MAX_ZONES: usize = 1024;
 
@@ -41,7 +88,7 @@ pub enum WireError {
     TooManyZones(usize),
     #[error("zone name is not UTF-8")]
     ZoneName,
-    #[error("frame carries {0} records, more than {MAX_RECORDS_PER_FRAME}")]
+    #[error("frame carries {0} records, more than one frame holds")]
     TooManyRecords(usize),
 }
 
@@ -125,6 +172,18 @@ pub struct Record {
     pub idle_ms: u32,
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
+    /// TCP sequence state (`Session::tcp_track`, `max_win`, `seq_end`; zero from a 1.0 peer):
+    /// a member that takes the session over keeps checking RST and FIN against it.
+    pub tcp: TcpState,
+}
+
+/// The TCP sequence state a record carries (see `hasync_common::tcp_window`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpState {
+    /// `tcp_window::track` bits per direction; never `STALE`, which the receiver sets.
+    pub track: [u8; 2],
+    pub max_win: [u16; 2],
+    pub seq_end: [u32; 2],
 }
 
 /// Session flags that travel: the others are local (installed-from-peer is set by the
@@ -152,7 +211,9 @@ impl Record {
             tcp_flags,
             ticket: _,
             reply_zone: _,
-            _pad,
+            tcp_track,
+            max_win,
+            seq_end,
         } = *s;
         Record {
             op: Op::Upsert,
@@ -167,6 +228,11 @@ impl Record {
             idle_ms: ms_between(now_ns, last_seen_ns),
             packets,
             bytes,
+            tcp: TcpState {
+                track: tcp_track.map(|t| t & !track::STALE),
+                max_win,
+                seq_end,
+            },
         }
     }
 
@@ -185,6 +251,7 @@ impl Record {
             idle_ms: 0,
             packets: [0; 2],
             bytes: [0; 2],
+            tcp: TcpState::default(),
         }
     }
 
@@ -192,6 +259,8 @@ impl Record {
     /// to this member's numbering. A session cannot have been idle longer than it exists: an
     /// idle time past the age is taken as the age (else the copy would count as created after
     /// it was last seen, a re-created flow newer than itself).
+    /// The TCP sequence state is as old as the record: it is marked stale (re-learned from the
+    /// first segment ahead of it).
     pub fn to_session(&self, now_ns: u64, zone: ZoneId) -> Session {
         let ms = |v: u32| u64::from(v) * 1_000_000;
         let last_seen_ns = now_ns.saturating_sub(ms(self.idle_ms.min(self.age_ms)));
@@ -212,11 +281,13 @@ impl Record {
             ticket: 0,
             // Node-local: learned from the first reply this member sees.
             reply_zone: ZoneId::NONE,
-            _pad: [0; 6],
+            tcp_track: mark_stale(self.tcp.track),
+            max_win: self.tcp.max_win,
+            seq_end: self.tcp.seq_end,
         }
     }
 
-    fn encode(&self, w: &mut Vec<u8>) {
+    fn encode(&self, w: &mut Vec<u8>, layout: RecordLayout) {
         let start = w.len();
         let k = &self.key;
         for word in k.addr_lo.iter().chain(k.addr_hi.iter()) {
@@ -235,12 +306,28 @@ impl Record {
         for v in self.packets.iter().chain(self.bytes.iter()) {
             w.extend_from_slice(&v.to_be_bytes());
         }
-        w.resize(start + RECORD_BYTES, 0);
+        if layout == RecordLayout::V1_1 {
+            w.resize(start + TCP_STATE_AT, 0);
+            let t = &self.tcp;
+            w.extend_from_slice(&t.track);
+            for v in t.max_win {
+                w.extend_from_slice(&v.to_be_bytes());
+            }
+            for v in t.seq_end {
+                w.extend_from_slice(&v.to_be_bytes());
+            }
+        }
+        w.resize(start + layout.bytes(), 0);
     }
 
-    fn decode(r: &mut Reader<'_>) -> Result<Record, WireError> {
-        let rec = r.take(RECORD_BYTES, "session record")?;
-        let mut r = Reader(rec);
+    fn decode(r: &mut Reader<'_>, layout: RecordLayout) -> Result<Record, WireError> {
+        let rec = r.take(layout.bytes(), "session record")?;
+        let (head, tail) = rec.split_at(TCP_STATE_AT);
+        let tcp = match layout {
+            RecordLayout::V1_0 => TcpState::default(),
+            RecordLayout::V1_1 => TcpState::decode(&mut Reader(tail))?,
+        };
+        let mut r = Reader(head);
         let mut key = FlowKey::default();
         for word in key.addr_lo.iter_mut().chain(key.addr_hi.iter_mut()) {
             *word = u32::from_ne_bytes(r.array("address")?);
@@ -268,6 +355,17 @@ impl Record {
             idle_ms: r.u32("idle")?,
             packets: [r.u64("packets")?, r.u64("packets")?],
             bytes: [r.u64("bytes")?, r.u64("bytes")?],
+            tcp,
+        })
+    }
+}
+
+impl TcpState {
+    fn decode(r: &mut Reader<'_>) -> Result<TcpState, WireError> {
+        Ok(TcpState {
+            track: r.array("tcp track")?,
+            max_win: [r.u16("tcp window")?, r.u16("tcp window")?],
+            seq_end: [r.u32("tcp sequence")?, r.u32("tcp sequence")?],
         })
     }
 }
@@ -308,8 +406,18 @@ mod tag {
 }
 
 impl Message {
-    /// Appends the encoding of `self` to `w`.
+    /// Appends the encoding of `self` to `w`, records in the current layout.
     pub fn encode(&self, w: &mut Vec<u8>) -> Result<(), WireError> {
+        self.encode_as(w, RecordLayout::CURRENT)
+    }
+
+    /// Decodes exactly one message from `bytes`, records in the current layout.
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        Self::decode_as(bytes, RecordLayout::CURRENT)
+    }
+
+    /// Appends the encoding of `self` to `w`, records in `layout`.
+    pub fn encode_as(&self, w: &mut Vec<u8>, layout: RecordLayout) -> Result<(), WireError> {
         match self {
             Message::Hello(h) => {
                 if h.zones.len() > MAX_ZONES {
@@ -347,14 +455,14 @@ impl Message {
                 w.extend_from_slice(&k.flaps.to_be_bytes());
             }
             Message::Sessions { seq, bulk, records } => {
-                if records.len() > MAX_RECORDS_PER_FRAME {
+                if records.len() > layout.max_records() {
                     return Err(WireError::TooManyRecords(records.len()));
                 }
                 w.extend_from_slice(&[tag::SESSIONS, u8::from(*bulk)]);
                 w.extend_from_slice(&seq.to_be_bytes());
                 w.extend_from_slice(&(records.len() as u16).to_be_bytes());
                 for r in records {
-                    r.encode(w);
+                    r.encode(w, layout);
                 }
             }
             Message::Ack { seq } => {
@@ -374,8 +482,8 @@ impl Message {
         Ok(())
     }
 
-    /// Decodes exactly one message from `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+    /// Decodes exactly one message from `bytes`, records in `layout`.
+    pub fn decode_as(bytes: &[u8], layout: RecordLayout) -> Result<Message, WireError> {
         let mut r = Reader(bytes);
         let [t] = r.array("message type")?;
         let msg = match t {
@@ -418,12 +526,12 @@ impl Message {
                 let [bulk] = r.array("sessions header")?;
                 let seq = r.u64("sequence")?;
                 let n = usize::from(r.u16("record count")?);
-                if n > MAX_RECORDS_PER_FRAME {
+                if n > layout.max_records() {
                     return Err(WireError::TooManyRecords(n));
                 }
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
-                    records.push(Record::decode(&mut r)?);
+                    records.push(Record::decode(&mut r, layout)?);
                 }
                 Message::Sessions {
                     seq,
@@ -516,7 +624,12 @@ mod tests {
             tcp_flags: [0x12, 0x12],
             ticket: 0,
             reply_zone: ZoneId::NONE,
-            _pad: [0; 6],
+            tcp_track: [
+                track::KNOWN | track::WSCALE | 7,
+                track::KNOWN | track::STALE,
+            ],
+            max_win: [502, 65535],
+            seq_end: [0xdead_0001, 77],
         }
     }
 
@@ -673,6 +786,78 @@ mod tests {
             Message::decode(&many),
             Err(WireError::TooManyRecords(65535))
         );
+    }
+
+    fn sessions_frame(records: Vec<Record>) -> Message {
+        Message::Sessions {
+            seq: 9,
+            bulk: false,
+            records,
+        }
+    }
+
+    #[test]
+    fn records_carry_the_tcp_sequence_state_and_arrive_stale() {
+        let now = 500_000_000_000;
+        let rec = Record::upsert(key(1), &session(now), now);
+        assert_eq!(
+            rec.tcp,
+            TcpState {
+                track: [track::KNOWN | track::WSCALE | 7, track::KNOWN],
+                max_win: [502, 65535],
+                seq_end: [0xdead_0001, 77],
+            },
+            "stale is the receiver's business"
+        );
+        let m = sessions_frame(vec![rec]);
+        assert_eq!(round_trip(&m), m);
+        let s = rec.to_session(now, ZoneId(1));
+        assert_eq!(
+            s.tcp_track,
+            [
+                track::KNOWN | track::WSCALE | track::STALE | 7,
+                track::KNOWN | track::STALE
+            ]
+        );
+        assert_eq!((s.max_win, s.seq_end), ([502, 65535], [0xdead_0001, 77]));
+    }
+
+    #[test]
+    fn a_minor_0_peer_syncs_without_tcp_sequence_state() {
+        assert_eq!(RecordLayout::between(1, 0), RecordLayout::V1_0);
+        assert_eq!(RecordLayout::between(0, 1), RecordLayout::V1_0);
+        assert_eq!(RecordLayout::between(1, 1), RecordLayout::V1_1);
+        assert_eq!(RecordLayout::between(1, 2), RecordLayout::V1_1);
+        let now = 500_000_000_000;
+        let rec = Record::upsert(key(1), &session(now), now);
+        let mut bytes = Vec::new();
+        sessions_frame(vec![rec; 2])
+            .encode_as(&mut bytes, RecordLayout::V1_0)
+            .expect("encode");
+        assert_eq!(bytes.len(), 12 + 2 * 96, "the 1.0 layout, byte for byte");
+        let Ok(Message::Sessions { records, .. }) = Message::decode_as(&bytes, RecordLayout::V1_0)
+        else {
+            panic!("a 1.0 frame does not decode");
+        };
+        let without = Record {
+            tcp: TcpState::default(),
+            ..rec
+        };
+        assert_eq!(records, vec![without; 2]);
+        let s = without.to_session(now, ZoneId(1));
+        assert_eq!(
+            (s.tcp_track, s.max_win, s.seq_end),
+            ([0; 2], [0; 2], [0; 2]),
+            "nothing known: learned from the next packets"
+        );
+        // A 1.0 peer fills frames by its own record size.
+        let full = RecordLayout::V1_0.max_records();
+        assert!(full > MAX_RECORDS_PER_FRAME);
+        let mut bytes = Vec::new();
+        sessions_frame(vec![without; full])
+            .encode_as(&mut bytes, RecordLayout::V1_0)
+            .expect("encode");
+        assert!(Message::decode_as(&bytes, RecordLayout::V1_0).is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use hasync_agent::{
     lab::{netns::run_in, topology::Link, LabCluster},
     sync::{
         channel,
-        wire::{Hello, LinkKind, Message, Op, Record, PROTO_MAJOR, PROTO_MINOR},
+        wire::{Hello, LinkKind, Message, Op, Record, TcpState, PROTO_MAJOR, PROTO_MINOR},
     },
 };
 use hasync_common::{FlowKey, MemberId, State, ZoneId};
@@ -148,6 +148,7 @@ fn record(op: Op, key: FlowKey, owner: u8, version: u32, state: State) -> Record
         idle_ms: 0,
         packets: [1; 2],
         bytes: [100; 2],
+        tcp: TcpState::default(),
     }
 }
 

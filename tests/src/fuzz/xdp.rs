@@ -227,6 +227,7 @@ pub fn check_frame(verdict: Verdict, d: &CounterDelta) -> Result<()> {
         Counter::DropFragmentUnseenFirst,
         Counter::DropOtherProtocol,
         Counter::DropZoneMismatch,
+        Counter::DropTcpOutOfWindow,
     ]
     .iter()
     .map(|&c| d.get(c))

@@ -23,7 +23,7 @@ use crate::{
         channel::{self, ChannelError, Receiver, Sender},
         install::ZoneMap,
         stats::LinkStats,
-        wire::{Hello, LinkKind, Message, WireError, PROTO_MAJOR, PROTO_MINOR},
+        wire::{Hello, LinkKind, Message, RecordLayout, WireError, PROTO_MAJOR, PROTO_MINOR},
         writer::writer,
     },
 };
@@ -427,10 +427,13 @@ impl<T: SessionTable> Engine<T> {
         self.detach(&peer, link, None, "replaced");
         let Established {
             hello,
-            tx,
-            rx,
+            mut tx,
+            mut rx,
             sent_fresh,
         } = conn;
+        let layout = RecordLayout::between(PROTO_MINOR, hello.minor);
+        tx.set_layout(layout);
+        rx.set_layout(layout);
         let generation = self.inner.generation.fetch_add(1, Relaxed);
         let (writer, writer_run) = writer(tx, self.inner.cfg.keepalive_threshold);
         let writer_task = {

@@ -1,0 +1,430 @@
+//! TCP sequence tracking: is a segment inside the window its session has seen?
+//!
+//! RST and FIN change a session's state, so they count only inside the window (RFC 5961 §3;
+//! conntrack's `tcp_in_window` is the model, simplified): a blind sender who knows the 5-tuple
+//! but not the sequence numbers can neither close nor half-close a session. A middlebox sends
+//! no challenge ACK: what falls outside is dropped (strict policy) or passed (loose), and the
+//! session is left as it was.
+//!
+//! Per direction the session keeps the highest sequence end the direction sent (`seq_end`:
+//! seq + payload + SYN + FIN) and the largest window it advertised (`max_win`, with its
+//! window scale in `tcp_track`). A segment from direction `d` is in the window when its
+//! sequence number lies within the largest window the other side advertised ([`window`]) of
+//! `d`'s end, either way: below for retransmissions and for a RST answering a late ACK, above
+//! for segments this member did not see. Only segments in the window move it, so a blind data
+//! segment cannot carry the window to where a blind RST would then fit.
+//!
+//! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
+//! the SYN-ACK of a new session, the first packets of a session installed from a peer that sent
+//! no sequence state (protocol 1.0), or of a session taken over mid-stream. When the other
+//! direction is known, that segment must acknowledge what the other side sent (its ACK inside
+//! the window); without an ACK it is refused only in `syn-sent` (RFC 793: such a RST is ignored
+//! there), since a reset answering an ACK carries none. With neither direction known, the next
+//! segment of each is taken as it comes: one unchecked segment per direction is the price of
+//! not cutting taken-over connections.
+//!
+//! A replica's numbers are as old as the last record its owner sent (a refresh per second at
+//! most), and a busy connection moves further than a window in that time. So directions
+//! installed from a peer are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead
+//! of the replica's end re-learns it (sequence numbers only move forward). RST and FIN are
+//! checked against the replica's numbers throughout.
+
+use crate::session::{tcp, Session, State, DIR_ORIGINAL, DIR_REPLY};
+
+/// Bits of `Session::tcp_track`, one byte per direction.
+pub mod track {
+    /// The direction's `seq_end` holds a learned value.
+    pub const KNOWN: u8 = 0x80;
+    /// The direction's SYN offered window scaling (shift in [`SHIFT`]); scaling is in effect
+    /// when both directions offered it (RFC 7323).
+    pub const WSCALE: u8 = 0x40;
+    /// The direction's numbers came from a peer and may lag behind: the next segment ahead of
+    /// them re-learns them. Set on install, never sent.
+    pub const STALE: u8 = 0x20;
+    /// The window scale shift the direction offered.
+    pub const SHIFT: u8 = 0x0f;
+}
+
+/// Largest window scale shift (RFC 7323 §2.3).
+pub const MAX_WSCALE: u8 = 14;
+
+/// The smallest window checked against: windows advertised in SYNs are not recorded (they are
+/// never scaled, unlike all others), so a direction may have advertised none yet; and a
+/// window the size of the largest unscaled one keeps a connection whose packets this member
+/// partly missed working. A blind RST still fits with odds of 2^17 in 2^32.
+pub const MIN_WINDOW: u32 = 65_535;
+
+/// What the window check reads of a TCP segment besides its flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpSegment {
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (meaningful with the ACK flag).
+    pub ack: u32,
+    /// The window field, unscaled.
+    pub window: u16,
+    /// Payload bytes.
+    pub len: u32,
+    /// The window scale option's shift, on a SYN that carries one.
+    pub wscale: Option<u8>,
+}
+
+/// Where a segment falls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// Inside the window of a known direction.
+    InWindow,
+    /// Its direction's sequence is (re-)learned from it.
+    Learn,
+    /// Outside: a RST or FIN here is refused, and nothing is learned from any segment.
+    Outside,
+}
+
+#[inline(always)]
+const fn other(dir: usize) -> usize {
+    if dir == DIR_REPLY {
+        DIR_ORIGINAL
+    } else {
+        DIR_REPLY
+    }
+}
+
+/// `a[dir]` without an index (no panic path in the XDP program).
+#[inline(always)]
+fn pick<T: Copy>(a: [T; 2], dir: usize) -> T {
+    let [original, reply] = a;
+    if dir == DIR_REPLY {
+        reply
+    } else {
+        original
+    }
+}
+
+#[inline(always)]
+fn pick_mut<T>(a: &mut [T; 2], dir: usize) -> &mut T {
+    let [original, reply] = a;
+    if dir == DIR_REPLY {
+        reply
+    } else {
+        original
+    }
+}
+
+/// Is `x` within `w` of `end`, either way, in sequence-number arithmetic?
+#[inline(always)]
+const fn within(x: u32, end: u32, w: u32) -> bool {
+    (x.wrapping_sub(end) as i32).unsigned_abs() <= w
+}
+
+/// Is `x` ahead of `end` (at most half the sequence space)?
+#[inline(always)]
+const fn ahead(x: u32, end: u32) -> bool {
+    (x.wrapping_sub(end) as i32) > 0
+}
+
+/// Is the sequence of `dir` known?
+#[inline(always)]
+pub fn known(s: &Session, dir: usize) -> bool {
+    pick(s.tcp_track, dir) & track::KNOWN != 0
+}
+
+/// The largest window `dir` advertised, in bytes, scaled when both directions offered scaling;
+/// at least [`MIN_WINDOW`].
+#[inline(always)]
+pub fn window(s: &Session, dir: usize) -> u32 {
+    let [a, b] = s.tcp_track;
+    let shift = if a & b & track::WSCALE != 0 {
+        let offered = pick(s.tcp_track, dir) & track::SHIFT;
+        if offered > MAX_WSCALE {
+            MAX_WSCALE
+        } else {
+            offered
+        }
+    } else {
+        0
+    };
+    let w = u32::from(pick(s.max_win, dir)) << shift;
+    if w > MIN_WINDOW {
+        w
+    } else {
+        MIN_WINDOW
+    }
+}
+
+/// Where a segment with `flags` travelling in `dir` falls (see the module docs).
+#[inline(always)]
+pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
+    let closing = flags & (tcp::RST | tcp::FIN) != 0;
+    if restarts_handshake(s, dir, flags) {
+        return Fit::Learn;
+    }
+    let mine = pick(s.tcp_track, dir);
+    if mine & track::KNOWN != 0 {
+        let end = pick(s.seq_end, dir);
+        if within(seg.seq, end, window(s, other(dir))) {
+            return Fit::InWindow;
+        }
+        if mine & track::STALE != 0 && !closing && ahead(seg.seq, end) {
+            return Fit::Learn;
+        }
+        return Fit::Outside;
+    }
+    if !known(s, other(dir)) {
+        return Fit::Learn;
+    }
+    if flags & tcp::ACK == 0 {
+        return if s.state == State::SynSent as u8 {
+            Fit::Outside
+        } else {
+            Fit::Learn
+        };
+    }
+    let acked = pick(s.seq_end, other(dir));
+    if within(seg.ack, acked, window(s, dir)) {
+        Fit::Learn
+    } else {
+        Fit::Outside
+    }
+}
+
+/// A SYN from the initiator while the handshake has not been answered: a new attempt, maybe
+/// with a new initial sequence number, which starts the tracking afresh.
+#[inline(always)]
+fn restarts_handshake(s: &Session, dir: usize, flags: u8) -> bool {
+    dir == DIR_ORIGINAL
+        && flags & (tcp::SYN | tcp::ACK) == tcp::SYN
+        && s.state == State::SynSent as u8
+}
+
+/// Does `fit` refuse a segment with `flags`?
+#[inline(always)]
+pub const fn refused(fit: Fit, flags: u8) -> bool {
+    matches!(fit, Fit::Outside) && flags & (tcp::RST | tcp::FIN) != 0
+}
+
+/// Records what a segment that fell at `fit` tells about its direction: its sequence end,
+/// its window (not a SYN's: those are never scaled) and, on a SYN, the window scale it offers.
+#[inline(always)]
+pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit) {
+    let end = seg
+        .seq
+        .wrapping_add(seg.len)
+        .wrapping_add(u32::from(flags & tcp::SYN != 0))
+        .wrapping_add(u32::from(flags & tcp::FIN != 0));
+    match fit {
+        Fit::Outside => return,
+        Fit::Learn => {
+            if restarts_handshake(s, dir, flags) {
+                *pick_mut(&mut s.tcp_track, other(dir)) = 0;
+                *pick_mut(&mut s.max_win, other(dir)) = 0;
+            }
+            *pick_mut(&mut s.seq_end, dir) = end;
+            let t = pick_mut(&mut s.tcp_track, dir);
+            *t = (*t | track::KNOWN) & !track::STALE;
+        }
+        Fit::InWindow => {
+            let e = pick_mut(&mut s.seq_end, dir);
+            if ahead(end, *e) {
+                *e = end;
+            }
+        }
+    }
+    if flags & tcp::SYN == 0 {
+        let w = pick_mut(&mut s.max_win, dir);
+        if seg.window > *w {
+            *w = seg.window;
+        }
+        return;
+    }
+    let t = pick_mut(&mut s.tcp_track, dir);
+    *t &= !(track::WSCALE | track::SHIFT);
+    if let Some(shift) = seg.wscale {
+        let shift = if shift > MAX_WSCALE {
+            MAX_WSCALE
+        } else {
+            shift
+        };
+        *t |= track::WSCALE | shift;
+    }
+}
+
+/// Marks the known directions of a session received from a peer as stale (see the module
+/// docs).
+#[inline(always)]
+pub fn mark_stale(tcp_track: [u8; 2]) -> [u8; 2] {
+    tcp_track.map(|t| {
+        if t & track::KNOWN != 0 {
+            t | track::STALE
+        } else {
+            t
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::tcp::{ACK, FIN, RST, SYN};
+
+    fn seg(seq: u32, ack: u32) -> TcpSegment {
+        TcpSegment {
+            seq,
+            ack,
+            window: 1000,
+            ..TcpSegment::default()
+        }
+    }
+
+    /// Runs `(dir, flags, segment)` through classify and record; returns the fits.
+    fn run<const N: usize>(s: &mut Session, segs: [(usize, u8, TcpSegment); N]) -> [Fit; N] {
+        segs.map(|(dir, flags, g)| {
+            let fit = classify(s, dir, flags, &g);
+            record(s, dir, flags, &g, fit);
+            fit
+        })
+    }
+
+    fn established(c: u32, srv: u32) -> Session {
+        Session {
+            state: State::Established as u8,
+            tcp_track: [track::KNOWN; 2],
+            seq_end: [c, srv],
+            max_win: [1000, 1000],
+            ..Session::default()
+        }
+    }
+
+    const O: usize = DIR_ORIGINAL;
+    const R: usize = DIR_REPLY;
+
+    #[test]
+    fn handshake_learns_both_directions() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        let syn = TcpSegment {
+            wscale: Some(7),
+            ..seg(100, 0)
+        };
+        let syn_ack = TcpSegment {
+            wscale: Some(9),
+            ..seg(700, 101)
+        };
+        assert_eq!(run(&mut s, [(O, SYN, syn)]), [Fit::Learn]);
+        s.state = State::SynRecv as u8;
+        assert_eq!(run(&mut s, [(R, SYN | ACK, syn_ack)]), [Fit::Learn]);
+        assert_eq!(s.seq_end, [101, 701]);
+        assert_eq!(s.max_win, [0, 0], "SYN windows are not recorded");
+        assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
+        assert_eq!(window(&s, O), 1000 << 7);
+        assert_eq!(window(&s, R), MIN_WINDOW, "nothing advertised yet");
+    }
+
+    #[test]
+    fn scaling_needs_both_sides() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        let syn = TcpSegment {
+            wscale: Some(7),
+            ..seg(100, 0)
+        };
+        run(&mut s, [(O, SYN, syn), (R, SYN | ACK, seg(700, 101))]);
+        run(&mut s, [(O, ACK, seg(101, 701))]);
+        s.max_win = [60_000, 0];
+        assert_eq!(window(&s, O), MIN_WINDOW);
+    }
+
+    #[test]
+    fn rst_and_fin_inside_the_window_only() {
+        let s = established(500_000, 9000);
+        let win = MIN_WINDOW;
+        for (seq, fit) in [
+            (500_000, Fit::InWindow),
+            (500_000 - win, Fit::InWindow),
+            (500_000 + win, Fit::InWindow),
+            (500_000 + win + 1, Fit::Outside),
+            (500_000 - win - 1, Fit::Outside),
+            (500_000u32.wrapping_sub(0x8000_0000), Fit::Outside),
+        ] {
+            assert_eq!(classify(&s, O, RST, &seg(seq, 0)), fit, "seq {seq}");
+            assert_eq!(classify(&s, O, FIN | ACK, &seg(seq, 0)), fit, "seq {seq}");
+        }
+        assert!(refused(Fit::Outside, RST));
+        assert!(!refused(Fit::Outside, ACK));
+    }
+
+    #[test]
+    fn only_segments_in_the_window_move_it() {
+        let mut s = established(5000, 9000);
+        let blind = 5000 + 0x4000_0000;
+        let data = TcpSegment {
+            len: 100,
+            ..seg(blind, 9000)
+        };
+        assert_eq!(run(&mut s, [(O, ACK, data)]), [Fit::Outside]);
+        assert_eq!(s.seq_end[O], 5000);
+        let data = TcpSegment {
+            len: 100,
+            ..seg(5000, 9000)
+        };
+        assert_eq!(
+            run(&mut s, [(O, ACK, data), (O, ACK, data)]),
+            [Fit::InWindow; 2]
+        );
+        assert_eq!(s.seq_end[O], 5100, "a retransmission does not move it back");
+    }
+
+    #[test]
+    fn an_unknown_direction_is_checked_by_its_ack() {
+        let mut s = established(5000, 0);
+        s.tcp_track[R] = 0;
+        assert_eq!(
+            classify(&s, R, RST | ACK, &seg(1, 0x4000_0000)),
+            Fit::Outside
+        );
+        assert_eq!(classify(&s, R, RST | ACK, &seg(1, 5000)), Fit::Learn);
+        assert_eq!(classify(&s, R, RST, &seg(1, 0)), Fit::Learn);
+        s.state = State::SynSent as u8;
+        assert_eq!(
+            classify(&s, R, RST, &seg(1, 0)),
+            Fit::Outside,
+            "an unacknowledging RST in syn-sent"
+        );
+        let unknown = Session::default();
+        assert_eq!(classify(&unknown, O, RST, &seg(1, 0)), Fit::Learn);
+    }
+
+    #[test]
+    fn a_stale_direction_relearns_forward_but_keeps_checking_rst() {
+        let mut s = established(50_000_000, 9000);
+        s.tcp_track = mark_stale(s.tcp_track);
+        let far = 50_000_000 + 10_000_000;
+        assert_eq!(classify(&s, O, RST, &seg(far, 0)), Fit::Outside);
+        assert_eq!(classify(&s, O, ACK, &seg(40_000_000, 0)), Fit::Outside);
+        assert_eq!(run(&mut s, [(O, ACK, seg(far, 9000))]), [Fit::Learn]);
+        assert_eq!(s.tcp_track[O], track::KNOWN);
+        assert_eq!(classify(&s, O, RST, &seg(far, 0)), Fit::InWindow);
+        assert_eq!(
+            classify(&s, O, ACK, &seg(far + 10_000_000, 0)),
+            Fit::Outside
+        );
+    }
+
+    #[test]
+    fn a_new_syn_in_syn_sent_starts_afresh() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        run(
+            &mut s,
+            [(O, SYN, seg(100, 0)), (R, SYN | ACK, seg(700, 101))],
+        );
+        assert_eq!(run(&mut s, [(O, SYN, seg(90_000_000, 0))]), [Fit::Learn]);
+        assert_eq!(s.seq_end[O], 90_000_001);
+        assert!(!known(&s, R));
+    }
+}
