@@ -292,6 +292,9 @@ impl Datapath {
     /// Attaches `interface` anew after its attachment broke (the interface was re-created,
     /// or someone detached XDP): the broken link is released first, errors ignored (a link
     /// whose interface is gone cannot be detached from it).
+    ///
+    /// An interface that could not be attached again stays the datapath's: it is listed as
+    /// lost ([`Datapath::lost_attachments`]) until a later reattach succeeds.
     pub fn reattach(&mut self, interface: &str) -> Result<AttachMode, DatapathError> {
         if let Some(at) = self
             .attachments
@@ -299,11 +302,21 @@ impl Datapath {
             .position(|a| a.interface == interface)
         {
             let old = self.attachments.remove(at);
+            self.lost
+                .push((old.interface.clone(), old.ifindex, old.mode));
             if let Err(error) = self.release(old) {
                 tracing::debug!(interface, error = %error_chain(&error), "releasing the broken XDP link");
             }
         }
-        self.attach(interface)
+        let mode = self.attach(interface)?;
+        self.lost.retain(|(name, _, _)| name != interface);
+        Ok(mode)
+    }
+
+    /// Interfaces whose attachment broke and could not be made again: name, former index and
+    /// mode.
+    pub fn lost_attachments(&self) -> &[(String, u32, AttachMode)] {
+        &self.lost
     }
 
     /// Detaches one attachment; a pinned link's pin is removed.

@@ -19,6 +19,8 @@ pub enum AttachmentFault {
     Detached,
     /// Another XDP program runs in its place.
     Replaced { program: u32 },
+    /// Attaching again failed earlier; the interface runs no program of ours.
+    NotAttached,
 }
 
 /// One broken attachment.
@@ -53,6 +55,7 @@ impl fmt::Display for BrokenAttachment {
             AttachmentFault::Replaced { program } => {
                 write!(f, "another XDP program (id {program}) runs on {i}")
             }
+            AttachmentFault::NotAttached => write!(f, "XDP could not be attached to {i} again"),
         }
     }
 }
@@ -90,6 +93,19 @@ impl Datapath {
                     fault,
                 })
             })
+            .chain(self.lost_attachments().iter().map(|(name, index, mode)| {
+                let fault = match ifaces.get(name) {
+                    None => AttachmentFault::Gone,
+                    Some(i) if i.index != *index => AttachmentFault::Recreated { index: i.index },
+                    Some(_) => AttachmentFault::NotAttached,
+                };
+                BrokenAttachment {
+                    interface: name.clone(),
+                    ifindex: *index,
+                    mode: *mode,
+                    fault,
+                }
+            }))
             .collect()
     }
 }

@@ -262,6 +262,9 @@ pub struct Datapath {
     embryos: EmbryoRing,
     /// Interfaces the program is attached to, in attach order.
     attachments: Vec<Attachment>,
+    /// Interfaces whose broken attachment could not be made again (by name, with the index
+    /// and mode they had): still the datapath's, still broken, until a reattach succeeds.
+    lost: Vec<(String, u32, AttachMode)>,
     /// Where the maps and links are pinned, and what was found there.
     pins: Option<(PinDir, PinReport)>,
 }
@@ -340,6 +343,7 @@ impl Datapath {
             capacity,
             embryos,
             attachments: Vec::new(),
+            lost: Vec::new(),
             pins,
         };
         dp.set_config(&opts.config)?;

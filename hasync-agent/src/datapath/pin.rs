@@ -1029,6 +1029,33 @@ mod tests {
                 dp.broken_attachments(&crate::netlink::list_now().expect("dump")),
                 []
             );
+            // Detached again, and another program takes the interface: attaching again fails,
+            // and the interface stays broken (never forgotten, so never healthy by omission).
+            let link = obj_get(&dir.join("links/hsp-h0:native")).expect("pinned link");
+            batch::link_detach(link.as_fd()).expect("detach");
+            let mut other = crate::datapath::testing::datapath();
+            other.attach("hsp-h0").expect("the other program");
+            let now = crate::netlink::list_now().expect("dump");
+            let broken = dp.broken_attachments(&now);
+            assert!(
+                broken[0]
+                    .to_string()
+                    .starts_with("another XDP program (id "),
+                "{broken:?}"
+            );
+            dp.reattach("hsp-h0").expect_err("the interface is taken");
+            let broken = dp.broken_attachments(&now);
+            assert_eq!(broken.len(), 1, "{broken:?}");
+            assert_eq!(
+                broken[0].to_string(),
+                "XDP could not be attached to hsp-h0 again"
+            );
+            drop(other);
+            dp.reattach("hsp-h0").expect("free again");
+            assert_eq!(
+                dp.broken_attachments(&crate::netlink::list_now().expect("dump")),
+                []
+            );
         });
     }
 
