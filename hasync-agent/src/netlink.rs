@@ -338,9 +338,24 @@ pub fn list_now() -> io::Result<Ifaces> {
         tracker.dump_started(seq);
         while tracker.dump.is_some() {
             let (buf, from) = socket.recv_from_full()?;
-            if from.port_number() == 0 {
-                tracker.apply(decode(&buf));
+            if from.port_number() != 0 {
+                continue;
             }
+            let msgs = decode(&buf);
+            for m in &msgs {
+                match m.body {
+                    Body::Error(code) if code != 0 => {
+                        return Err(io::Error::from_raw_os_error(code.saturating_neg()))
+                    }
+                    Body::Unparsed => {
+                        return Err(io::Error::other(
+                            "the kernel sent a link message that does not parse",
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            tracker.apply(msgs);
         }
         if let Some(table) = tracker.known() {
             return Ok(table.clone());

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{Counter, EventKind, MemberId, ZoneId};
+use hasync_common::{Counter, EventKind, MemberId};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -130,12 +130,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 
     // Resolve every data interface before loading anything: a typo fails fast.
     let mut bindings = Vec::new();
-    for (i, zone) in config.zones.iter().enumerate() {
-        let id = ZoneId(u16::try_from(i + 1).context("too many zones")?);
-        for ifname in &zone.interfaces {
-            let index = ifindex(ifname).with_context(|| format!("zone `{}`", zone.name))?;
-            bindings.push((ifname.clone(), index, zone.binding(id), zone.name.clone()));
-        }
+    for (ifname, zone, binding) in config.interface_zones() {
+        let index = ifindex(ifname).with_context(|| format!("zone `{}`", zone.name))?;
+        bindings.push((ifname.to_owned(), index, binding, zone.name.clone()));
     }
     let mut opts = DatapathOptions::new(local);
     opts.session_capacity = config.local.session_capacity;
@@ -186,6 +183,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         })
         .collect();
     let mut m = Membership::new(local, timers, peers, Instant::now());
+    m.set_agreed(config::without_zones(config.fingerprint()));
     // Links start down where both ends have them, not-configured elsewhere.
     for p in &sync_cfg.peers {
         for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {

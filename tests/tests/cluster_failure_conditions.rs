@@ -7,7 +7,8 @@
 //! 2. a path group on fw2 (the server stops answering fw2's pings), held down likewise;
 //! 3. fw1's datapath (its XDP link detached behind its back): fw1 attaches again by itself;
 //! 4. a configuration mismatch: fw2 restarts with other session timeouts and, being the
-//!    newcomer, stays Non-functional until its configuration agrees again.
+//!    newcomer, stays Non-functional (the connection stays on fw1); restarted with an agreeing
+//!    configuration, it is active again.
 
 use std::{
     os::fd::AsFd as _,
@@ -32,6 +33,8 @@ const PORT: u16 = 7600;
 const FW2_OUT: &str = "198.18.1.2";
 /// Long enough to see Tentative (the shortest allowed tentative hold is 10 s).
 const TENTATIVE_S: u64 = 10;
+/// The monitor fail hold-down.
+const HOLD_DOWN_MS: u64 = 2_000;
 
 fn options() -> ClusterOptions {
     let fw1 = Monitor {
@@ -59,7 +62,7 @@ fn options() -> ClusterOptions {
     ClusterOptions {
         keepalive_threshold_ms: Some(5_000),
         tentative_hold_s: Some(TENTATIVE_S),
-        monitor_fail_hold_down_s: Some(2),
+        monitor_fail_hold_down_s: Some(HOLD_DOWN_MS / 1000),
         overrides: [(1, over(fw1)), (2, over(fw2))].into(),
         ..ClusterOptions::default()
     }
@@ -82,18 +85,22 @@ fn wait_non_functional(c: &Cluster, k: u8, cause: &str) {
     );
 }
 
-/// The states member `k` reports for itself, each once in order, until it is Active again.
-fn states_until_active(c: &Cluster, k: u8) -> Vec<String> {
-    let mut seen: Vec<String> = Vec::new();
+/// The states member `k` reports for itself, each once in order with when it was first seen,
+/// until it is Active again.
+fn states_until_active(c: &Cluster, k: u8) -> Vec<(String, Instant)> {
+    let mut seen: Vec<(String, Instant)> = Vec::new();
     c.wait(
         &format!("fw{k} to be active again"),
         Duration::from_secs(TENTATIVE_S + 15),
         || {
             let state = c.try_member(k, k)?.state;
-            if seen.last() != Some(&state) {
-                seen.push(state.clone());
+            if seen.last().map(|(s, _)| s) != Some(&state) {
+                seen.push((state.clone(), Instant::now()));
             }
-            (state == "active").then_some(()).ok_or(format!("{seen:?}"))
+            let names: Vec<&str> = seen.iter().map(|(s, _)| s.as_str()).collect();
+            (state == "active")
+                .then_some(())
+                .ok_or(format!("{names:?}"))
         },
     );
     seen
@@ -130,16 +137,30 @@ fn still_echoing(c: &Cluster, client: &TrafficClient, since: Instant, what: &str
     assert!(p.fatal.is_none(), "{what}: {p:?}");
 }
 
-/// Back to Active through Tentative (after a monitor's hold-down when `held`).
-fn comes_back(c: &Cluster, k: u8, held: bool) {
+/// Back to Active through Tentative; with `held_since` (a monitor recovered then), not before
+/// the monitor fail hold-down has passed.
+fn comes_back(c: &Cluster, k: u8, held_since: Option<Instant>) {
     let seen = states_until_active(c, k);
-    let want: &[&str] = if held {
+    let names: Vec<&str> = seen.iter().map(|(s, _)| s.as_str()).collect();
+    let want: &[&str] = if held_since.is_some() {
         &["non-functional", "tentative", "active"]
     } else {
         &["tentative", "active"]
     };
-    let tail = &seen[seen.len().saturating_sub(want.len())..];
-    assert_eq!(tail, want, "fw{k}'s states: {seen:?}");
+    assert_eq!(
+        &names[names.len().saturating_sub(want.len())..],
+        want,
+        "fw{k}: {names:?}"
+    );
+    if let (Some(since), Some((_, tentative))) =
+        (held_since, seen.iter().find(|(s, _)| s == "tentative"))
+    {
+        let held = tentative.duration_since(since);
+        assert!(
+            held >= Duration::from_millis(HOLD_DOWN_MS - 200),
+            "held {held:?}"
+        );
+    }
     let v = c.try_members(k).unwrap_or_else(|e| c.fail(&e));
     assert!(v.faults.is_empty(), "{:?}", v.faults);
 }
@@ -184,7 +205,7 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
     wait_owner(&c, 2);
     still_echoing(&c, &client, Instant::now(), "through fw2");
     ok(&c, topo.cable_up(1, Link::Out));
-    comes_back(&c, 1, true);
+    comes_back(&c, 1, Some(Instant::now()));
 
     // 2. The server stops answering fw2's pings: fw2 leaves, fw1 takes the connection back.
     server_ignores_fw2(&c, true);
@@ -193,7 +214,7 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
     wait_owner(&c, 1);
     still_echoing(&c, &client, Instant::now(), "back through fw1");
     server_ignores_fw2(&c, false);
-    comes_back(&c, 2, true);
+    comes_back(&c, 2, Some(Instant::now()));
 
     // 3. Someone detaches fw1's XDP from in0: fw1 says so, attaches again, comes back.
     let pinned = c.pin_dir(1).join("links/in0:native");
@@ -207,7 +228,7 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
         Instant::now(),
         "through fw2 after fw1's datapath failed",
     );
-    comes_back(&c, 1, false);
+    comes_back(&c, 1, None);
     let shown = ok(&c, topo.ip("fw1", &["-d", "link", "show", "in0"]));
     assert!(
         shown.contains("prog/xdp"),
@@ -240,6 +261,12 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
         Instant::now(),
         "through fw1 with fw2 mismatched",
     );
+    // Its configuration agrees again: it starts and becomes active.
+    ok(&c, c.stop_agent(2, Duration::from_secs(5)));
+    let agreeing = |text: String| text.replace("\n[timeouts]\nestablished = 600\n", "");
+    ok(&c, c.lab().rewrite_config(2, agreeing));
+    c.start_member(2);
+    c.wait_active(2, Duration::from_secs(20));
     let end = client.stop();
     assert!(end.fatal.is_none(), "the connection broke: {end:?}");
 }

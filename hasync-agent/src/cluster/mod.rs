@@ -140,6 +140,8 @@ pub struct Peer {
     pub config_mismatch: Option<String>,
     /// Zones one of us has and the other lacks: their sessions are refused (a warning).
     pub zone_warning: Option<String>,
+    /// Its agreed settings' digest, zones aside (from a hello that sections it).
+    pub agreed: Option<[u8; 32]>,
     /// Its full sync to us: None = not started, Some(false) = running, Some(true) = ended.
     pub bulk_done: Option<bool>,
     pub session_sync: bool,
@@ -177,15 +179,20 @@ pub struct Membership {
     pub started: Instant,
     pub state_since: Instant,
     /// Times the local member left Active for Non-functional; reset by the operator
-    /// (`suspend`, `functional`) and when a monitor fail hold-down expires.
+    /// (`suspend`, `functional`) and once the member, back in service after a monitor's
+    /// hold-down, stays so for another hold-down time.
     pub flaps: u32,
     /// Failed conditions and their causes: any one makes the member non-functional.
     faults: BTreeMap<Condition, String>,
     /// A monitor recovered: non-functional until then all the same.
     hold_down_until: Option<Instant>,
-    /// Has the member been Active since it started? One that has not is the newcomer when
-    /// its configuration and a peer's disagree.
-    ever_active: bool,
+    /// The full syncs the member waited for at start ended (or were given up on) once: a
+    /// member that failed before that waits for them again when it recovers.
+    synced_once: bool,
+    /// Its agreed settings' digest, zones aside ([`Membership::set_agreed`]).
+    agreed: [u8; 32],
+    /// After a recovery, flaps start anew once the member has stayed in service this long.
+    quiet_until: Option<Instant>,
     pub suspended: bool,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
@@ -227,6 +234,7 @@ impl Membership {
                         alive: false,
                         config_mismatch: None,
                         zone_warning: None,
+                        agreed: None,
                         bulk_done: None,
                         session_sync,
                     },
@@ -241,7 +249,9 @@ impl Membership {
             flaps: 0,
             faults: BTreeMap::new(),
             hold_down_until: None,
-            ever_active: false,
+            synced_once: false,
+            agreed: [0; 32],
+            quiet_until: None,
             suspended: false,
             local_sessions_owned: 0,
             tentative_until: None,
@@ -287,56 +297,74 @@ impl Membership {
         }
     }
 
-    /// What peer `id`'s hello said of its configuration against ours.
-    pub fn peer_config(&mut self, id: MemberId, mismatch: Option<String>, zones: Option<String>) {
+    /// This member's agreed settings' digest, zones aside.
+    pub fn set_agreed(&mut self, agreed: [u8; 32]) {
+        self.agreed = agreed;
+    }
+
+    /// What peer `id`'s hello said of its configuration: its agreed digest (zones aside; `None`
+    /// from a release that does not section it), what differs from ours, and zones only one
+    /// of us has.
+    pub fn peer_config(
+        &mut self,
+        id: MemberId,
+        agreed: Option<[u8; 32]>,
+        mismatch: Option<String>,
+        zones: Option<String>,
+    ) {
         if let Some(p) = self.peers.get_mut(&id) {
+            p.agreed = agreed;
             p.config_mismatch = mismatch;
             p.zone_warning = zones;
         }
     }
 
-    /// Is the local member the one whose configuration is wrong? It is when the peers heard
-    /// recently that disagree with it outnumber those that agree (itself included). On a tie,
-    /// the newcomer is: a member never Active since it started, against a peer that is up
-    /// (Active, Tentative, Suspended); when both are newcomers, the higher member id.
+    /// Is the local member's configuration the one that must give way? The members heard
+    /// recently (this one included) are grouped by their agreed settings; the largest group
+    /// wins, then the one with a member in service (Active or Tentative), then the one with the
+    /// lowest member id. A member outside the winning group gives way — unless no member of
+    /// that group is in service: then keeping traffic flowing comes first.
     fn config_mismatch(&self, now: Instant) -> Option<String> {
-        let heard: Vec<&Peer> = self
+        let serving = |s: MemberState| matches!(s, MemberState::Active | MemberState::Tentative);
+        let heard = self.peers.values().filter(|p| {
+            p.last_heard
+                .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold)
+        });
+        // By digest: (members, one in service, lowest id).
+        let mut groups: BTreeMap<[u8; 32], (usize, bool, std::cmp::Reverse<MemberId>)> =
+            BTreeMap::new();
+        let members = heard
+            .filter_map(|p| Some((p.agreed?, serving(p.reported), p.id)))
+            .chain([(self.agreed, serving(self.state), self.local)]);
+        for (digest, up, id) in members {
+            let g = groups
+                .entry(digest)
+                .or_insert((0, false, std::cmp::Reverse(id)));
+            g.0 += 1;
+            g.1 |= up;
+            g.2 = g.2.max(std::cmp::Reverse(id));
+        }
+        let (winner, (size, up, _)) = groups.iter().max_by_key(|(_, g)| **g)?;
+        if *winner == self.agreed || !up {
+            return None;
+        }
+        let differing: Vec<String> = self
             .peers
             .values()
-            .filter(|p| {
-                p.last_heard
-                    .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold)
+            .filter(|p| p.agreed.as_ref() == Some(winner))
+            .filter_map(|p| {
+                Some(format!(
+                    "{} from member {}'s",
+                    p.config_mismatch.as_deref()?,
+                    p.id.0
+                ))
             })
             .collect();
-        let differ: Vec<&Peer> = heard
-            .iter()
-            .copied()
-            .filter(|p| p.config_mismatch.is_some())
-            .collect();
-        let agree = 1 + heard.len() - differ.len();
-        let total = 1 + heard.len();
-        let up = |p: &&Peer| {
-            matches!(
-                p.reported,
-                MemberState::Active | MemberState::Tentative | MemberState::Suspended
-            )
-        };
-        let loses_tie = !self.ever_active
-            && (differ.iter().any(up) || differ.iter().any(|p| p.id < self.local));
-        let wrong = !differ.is_empty() && (agree * 2 < total || (agree * 2 == total && loses_tie));
-        wrong.then(|| {
-            let each: Vec<String> = differ
-                .iter()
-                .filter_map(|p| {
-                    let what = p.config_mismatch.as_deref()?;
-                    Some(format!("{what} from member {}'s", p.id.0))
-                })
-                .collect();
-            format!(
-                "{} (agreeing: {agree} of {total}; compare with `hasync config diff`)",
-                each.join("; ")
-            )
-        })
+        Some(format!(
+            "{} ({size} of {} members heard agree with each other, not with this one; compare with `hasync config diff`)",
+            differing.join("; "),
+            groups.values().map(|g| g.0).sum::<usize>()
+        ))
     }
 
     /// Zones that only this member or only a peer has, per peer (warnings).
@@ -366,7 +394,9 @@ impl Membership {
     /// for the monitor fail hold-down time first; then it is Tentative for the tentative hold.
     pub fn set_condition(&mut self, condition: Condition, failed: Option<String>, now: Instant) {
         let Some(cause) = failed else {
-            if self.faults.remove(&condition).is_some() {
+            // A resolved mismatch (the other members changed) needs no recovery hold.
+            let recovers = condition != Condition::ConfigMismatch;
+            if self.faults.remove(&condition).is_some() && recovers {
                 if condition.is_monitor() {
                     let until = now + self.timers.monitor_hold_down;
                     self.hold_down_until =
@@ -436,15 +466,20 @@ impl Membership {
         if self.hold_down_until.is_some_and(|t| now >= t) {
             self.hold_down_until = None;
             if self.faults.is_empty() {
-                // The hold time expired without a new failure: the flap count starts anew.
-                self.flaps = 0;
+                // Back in service: if it stays so for another hold time, flaps start anew.
+                self.quiet_until = Some(now + self.timers.monitor_hold_down);
             }
         }
+        if self.quiet_until.is_some_and(|t| now >= t) {
+            self.quiet_until = None;
+            self.flaps = 0;
+        }
+        self.synced_once = self.synced_once || self.synced(now);
         let next = if self.suspended {
             MemberState::Suspended
         } else if !self.faults.is_empty() || self.hold_down_until.is_some() {
             MemberState::NonFunctional
-        } else if self.state == MemberState::Initial && !self.synced(now) {
+        } else if !self.synced_once {
             MemberState::Initial
         } else if self.tentative_until.is_some_and(|t| now < t) {
             MemberState::Tentative
@@ -454,10 +489,10 @@ impl Membership {
         if next != self.state {
             if self.state == MemberState::Active && next == MemberState::NonFunctional {
                 self.flaps += 1;
+                self.quiet_until = None;
             }
             self.state = next;
             self.state_since = now;
-            self.ever_active |= next == MemberState::Active;
             changes.local_state = Some(next);
         }
         changes

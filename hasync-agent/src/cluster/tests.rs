@@ -213,11 +213,19 @@ fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
         m.evaluate(t0 + s(150)).local_state,
         Some(MemberState::Tentative)
     );
-    assert_eq!(m.flaps, 0, "reset when the hold time expired");
     assert_eq!(m.evaluate(t0 + s(209)).local_state, None);
     assert_eq!(
         m.evaluate(t0 + s(210)).local_state,
         Some(MemberState::Active)
+    );
+    assert_eq!(
+        m.flaps, 1,
+        "counted until the member stays in service a hold time"
+    );
+    m.evaluate(t0 + s(270));
+    assert_eq!(
+        m.flaps, 0,
+        "in service a hold time since 150 s: flaps start anew"
     );
     // Failing again during a hold-down keeps the member down and counts nothing new.
     m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(300));
@@ -229,86 +237,174 @@ fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
     assert_eq!(m.flaps, 1);
 }
 
+const X: [u8; 32] = [1; 32];
+const Y: [u8; 32] = [2; 32];
+const Z: [u8; 32] = [3; 32];
+
+/// Member `local` of three with agreed digest `mine`, Active (discovery passed, alone).
+fn member_of_three(local: u8, mine: [u8; 32], t0: Instant) -> Membership {
+    let peers = (1..=3u8)
+        .filter(|&id| id != local)
+        .map(|id| (MemberId(id), format!("fw{id}"), false))
+        .collect();
+    let mut m = Membership::new(MemberId(local), timers(), peers, t0);
+    m.set_agreed(mine);
+    m.evaluate(t0 + s(2));
+    m
+}
+
+fn hear(m: &mut Membership, id: u8, state: MemberState, agreed: [u8; 32], at: Instant) {
+    m.heard(MemberId(id), state, 0, at);
+    let differs = (agreed != m.agreed).then(|| "session timeouts differ".to_owned());
+    m.peer_config(MemberId(id), Some(agreed), differs, None);
+}
+
 #[test]
 fn a_member_that_disagrees_with_the_majority_is_non_functional_naming_the_mismatch() {
     let t0 = Instant::now();
-    let mut m = cluster(t0);
-    m.evaluate(t0 + s(2));
+    let mut m = member_of_three(1, X, t0);
     assert_eq!(m.state, MemberState::Active);
-    for id in [2, 3] {
-        m.heard(MemberId(id), MemberState::Active, 0, t0 + s(3));
-        m.peer_config(MemberId(id), Some("session timeouts differ".into()), None);
-    }
-    // Both peers agree with each other, not with us: we are the odd one, Active or not.
+    hear(&mut m, 2, MemberState::Active, Y, t0 + s(3));
+    hear(&mut m, 3, MemberState::Active, Y, t0 + s(3));
     assert_eq!(
         m.evaluate(t0 + s(3)).local_state,
         Some(MemberState::NonFunctional)
     );
     let (condition, cause) = m.faults().next().expect("a fault");
     assert_eq!(*condition, Condition::ConfigMismatch);
-    assert!(
-        cause.starts_with("session timeouts differ from member 2's; session timeouts differ from member 3's (agreeing: 1 of 3"),
-        "{cause}"
-    );
-    // One peer is fixed: a tie, and we have been Active: we stay; the cause goes.
-    m.peer_config(MemberId(3), None, None);
     assert_eq!(
-        m.evaluate(t0 + s(4)).local_state,
-        Some(MemberState::Tentative)
+        cause,
+        "session timeouts differ from member 2's; session timeouts differ from member 3's \
+         (2 of 3 members heard agree with each other, not with this one; compare with \
+         `hasync config diff`)"
     );
+    // Member 3 now agrees with us: a tie, and we are the lower id; resolved, no recovery hold.
+    hear(&mut m, 3, MemberState::Active, X, t0 + s(4));
+    assert_eq!(m.evaluate(t0 + s(4)).local_state, Some(MemberState::Active));
     assert_eq!(m.faults().count(), 0);
-    // A peer not heard any more does not count.
-    m.peer_config(MemberId(3), Some("member list differ".into()), None);
-    assert_eq!(
-        m.evaluate(t0 + s(14)).local_state,
-        None,
-        "{:?}",
-        m.faults().collect::<Vec<_>>()
-    );
+    // Peers not heard any more do not count.
+    hear(&mut m, 3, MemberState::Active, Y, t0 + s(5));
+    assert_eq!(m.evaluate(t0 + s(20)).local_state, None);
+    assert_eq!(m.state, MemberState::Active);
 }
 
 #[test]
-fn on_a_tie_the_newcomer_is_non_functional() {
+fn three_configurations_leave_one_member_in_service_and_none_gives_way_to_nobody() {
     let t0 = Instant::now();
-    let two = |local: u8| {
-        Membership::new(
+    // Three members, three configurations, all in service: the lowest id's stays.
+    let mut ms = [(1, X), (2, Y), (3, Z)].map(|(id, d)| member_of_three(id, d, t0));
+    for (i, m) in ms.iter_mut().enumerate() {
+        for (id, d) in [(1u8, X), (2, Y), (3, Z)] {
+            if usize::from(id) != i + 1 {
+                hear(m, id, MemberState::Active, d, t0 + s(3));
+            }
+        }
+        m.evaluate(t0 + s(3));
+    }
+    let states = ms.each_ref().map(|m| m.state);
+    assert_eq!(
+        states,
+        [
+            MemberState::Active,
+            MemberState::NonFunctional,
+            MemberState::NonFunctional
+        ]
+    );
+    // The one in service fails (a link group): nobody of its configuration serves any more,
+    // so the others keep traffic flowing rather than give way to nobody.
+    let [_, fw2, fw3] = &mut ms;
+    for m in [&mut *fw2, &mut *fw3] {
+        hear(m, 1, MemberState::NonFunctional, X, t0 + s(4));
+    }
+    hear(fw2, 3, MemberState::NonFunctional, Z, t0 + s(4));
+    hear(fw3, 2, MemberState::NonFunctional, Y, t0 + s(4));
+    fw2.evaluate(t0 + s(4));
+    fw3.evaluate(t0 + s(4));
+    assert_eq!(
+        fw2.faults().count(),
+        0,
+        "{:?}",
+        fw2.faults().collect::<Vec<_>>()
+    );
+    assert_eq!(fw3.faults().count(), 0);
+    // Both back in service: the lower id's configuration stays, the other gives way again.
+    hear(fw2, 3, fw3.state, Z, t0 + s(5));
+    hear(fw3, 2, fw2.state, Y, t0 + s(5));
+    fw2.evaluate(t0 + s(5));
+    fw3.evaluate(t0 + s(5));
+    assert_ne!(fw2.state, MemberState::NonFunctional);
+    assert_eq!(fw3.state, MemberState::NonFunctional);
+}
+
+#[test]
+fn on_a_tie_the_member_in_service_stays_and_the_newcomer_gives_way() {
+    let t0 = Instant::now();
+    let two = |local: u8, mine| {
+        let mut m = Membership::new(
             MemberId(local),
             timers(),
             vec![(MemberId(3 - local), "peer".into(), false)],
             t0,
-        )
+        );
+        m.set_agreed(mine);
+        m
     };
-    // Member 2 starts next to an Active member 1 that disagrees: member 2 is the newcomer.
-    let mut newcomer = two(2);
-    newcomer.heard(MemberId(1), MemberState::Active, 0, t0 + s(1));
-    newcomer.peer_config(MemberId(1), Some("cluster settings differ".into()), None);
+    // Member 1 starts next to an Active member 2 that disagrees: member 1 is the newcomer,
+    // whatever its id.
+    let mut newcomer = two(1, X);
+    hear(&mut newcomer, 2, MemberState::Active, Y, t0 + s(1));
     newcomer.evaluate(t0 + s(1));
     assert_eq!(newcomer.state, MemberState::NonFunctional);
-    // Member 1, Active, hears it (Non-functional now): it stays Active.
-    let mut old = two(1);
+    let mut old = two(2, Y);
     old.evaluate(t0 + s(2));
-    old.heard(MemberId(2), MemberState::NonFunctional, 0, t0 + s(3));
-    old.peer_config(MemberId(2), Some("cluster settings differ".into()), None);
+    hear(&mut old, 1, MemberState::NonFunctional, X, t0 + s(3));
     assert_eq!(old.evaluate(t0 + s(3)).local_state, None);
     assert_eq!(old.state, MemberState::Active);
-    // Both start together: the higher id gives way, the lower does not.
-    let (mut a, mut b) = (two(1), two(2));
-    a.heard(MemberId(2), MemberState::Initial, 0, t0 + s(1));
-    a.peer_config(MemberId(2), Some("member list differ".into()), None);
-    b.heard(MemberId(1), MemberState::Initial, 0, t0 + s(1));
-    b.peer_config(MemberId(1), Some("member list differ".into()), None);
+    // Both start together: the lower id's configuration wins.
+    let (mut a, mut b) = (two(1, X), two(2, Y));
+    hear(&mut a, 2, MemberState::Initial, Y, t0 + s(1));
+    hear(&mut b, 1, MemberState::Initial, X, t0 + s(1));
     a.evaluate(t0 + s(2));
     b.evaluate(t0 + s(2));
+    // Neither was in service yet, so neither gave way; once a is, b does.
+    hear(&mut b, 1, a.state, X, t0 + s(3));
+    b.evaluate(t0 + s(3));
     assert_eq!(
         (a.state, b.state),
         (MemberState::Active, MemberState::NonFunctional)
     );
     // Zones only one side has are a warning, never a fault.
-    a.peer_config(MemberId(2), None, Some("only here: dmz".into()));
+    a.peer_config(MemberId(2), Some(X), None, Some("only here: dmz".into()));
     a.evaluate(t0 + s(3));
     assert_eq!(a.state, MemberState::Active);
     assert_eq!(
         a.zone_warnings().collect::<Vec<_>>(),
         [(MemberId(2), "only here: dmz")]
     );
+}
+
+#[test]
+fn a_member_that_fails_before_its_full_syncs_ended_waits_for_them_after_recovering() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 0, t0 + s(1));
+    m.evaluate(t0 + s(1));
+    m.set_condition(
+        Condition::LinkGroup("up".into()),
+        Some("in0 down".into()),
+        t0 + s(1),
+    );
+    m.evaluate(t0 + s(1));
+    assert_eq!(m.state, MemberState::NonFunctional);
+    m.set_condition(Condition::LinkGroup("up".into()), None, t0 + s(2));
+    m.heard(MemberId(2), MemberState::Active, 0, t0 + s(130));
+    m.evaluate(t0 + s(130));
+    assert_eq!(
+        m.state,
+        MemberState::Initial,
+        "member 2's full sync has not ended"
+    );
+    m.bulk(MemberId(2), true);
+    m.evaluate(t0 + s(131));
+    assert_eq!(m.state, MemberState::Tentative);
 }

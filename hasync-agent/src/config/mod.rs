@@ -551,6 +551,16 @@ impl Config {
         cfg
     }
 
+    /// Every zone interface with its zone and the datapath's binding for it (a zone's id is
+    /// its position plus one; validation keeps that within `u16`).
+    pub fn interface_zones(&self) -> impl Iterator<Item = (&str, &Zone, ZoneBinding)> {
+        self.zones.iter().zip(1u16..).flat_map(|(zone, id)| {
+            zone.interfaces
+                .iter()
+                .map(move |ifname| (ifname.as_str(), zone, zone.binding(ZoneId(id))))
+        })
+    }
+
     /// Zone names in order; a zone's id is its position plus one.
     pub fn zone_names(&self) -> Vec<String> {
         self.zones.iter().map(|z| z.name.clone()).collect()
@@ -665,6 +675,19 @@ impl AgreedSection {
             AgreedSection::Members => "member list",
         }
     }
+}
+
+/// `fingerprint` with the zone names' digest zeroed: what a mismatch is judged on (zones
+/// only some members have are a warning).
+pub fn without_zones(mut fingerprint: [u8; 32]) -> [u8; 32] {
+    let zones = AgreedSection::ALL
+        .iter()
+        .position(|s| *s == AgreedSection::Zones)
+        .unwrap_or(0);
+    if let Some(digest) = fingerprint.chunks_exact_mut(8).nth(zones) {
+        digest.fill(0);
+    }
+    fingerprint
 }
 
 /// The sections whose digests differ between two fingerprints.

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use hasync_common::{ZoneBinding, ZoneId};
+use hasync_common::ZoneBinding;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -51,10 +51,9 @@ pub fn spawn(
         let m = membership.clone();
         tasks.push(tokio::spawn(watch_link_groups(groups, m)));
     }
-    for (index, group) in config.monitor.path_groups.iter().enumerate() {
-        let id = echo_id(index);
+    for group in &config.monitor.path_groups {
         let m = membership.clone();
-        tasks.push(tokio::spawn(ping_path_group(group.clone(), id, m)));
+        tasks.push(tokio::spawn(ping_path_group(group.clone(), m)));
     }
     tasks.push(tokio::spawn(watch_datapath(config.clone(), dp, membership)));
     tasks
@@ -134,14 +133,33 @@ async fn watch_link_groups(groups: Vec<LinkGroup>, membership: Arc<Mutex<Members
 
 // --- path groups ------------------------------------------------------------------------------
 
-/// The echo identifier of path group `index`: this agent's own, so replies to another
-/// program's (or another agent's) pings are told apart.
-fn echo_id(index: usize) -> u16 {
-    let pid = std::process::id() as u16;
-    pid.wrapping_add((index as u16).wrapping_mul(0x0101))
+/// What tells this agent's echoes apart: a random identifier and key per group, the key
+/// mixed with each sequence number into the nonce a reply must carry back.
+#[derive(Clone, Copy, Debug)]
+struct EchoSecret {
+    id: u16,
+    key: u64,
 }
 
-async fn ping_path_group(group: PathGroup, id: u16, membership: Arc<Mutex<Membership>>) {
+impl EchoSecret {
+    fn new() -> EchoSecret {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // The standard library seeds RandomState from the OS's randomness.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let key = h.finish();
+        EchoSecret {
+            id: (key >> 48) as u16,
+            key,
+        }
+    }
+
+    fn nonce(self, seq: u16) -> u64 {
+        self.key ^ u64::from(seq).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+async fn ping_path_group(group: PathGroup, membership: Arc<Mutex<Membership>>) {
     let condition = Condition::PathGroup(group.name.clone());
     let open = |v4: bool| -> std::io::Result<Option<path::EchoSocket>> {
         let wanted = group.targets.iter().any(|t| t.is_ipv4() == v4);
@@ -155,11 +173,13 @@ async fn ping_path_group(group: PathGroup, id: u16, membership: Arc<Mutex<Member
             return;
         }
     };
+    let secret = EchoSecret::new();
     let mut tally = path::Tally::new(&group);
     let mut tick = tokio::time::interval(group.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut buf4, mut buf6) = ([MaybeUninit::uninit(); 1500], [MaybeUninit::uninit(); 1500]);
     let mut seq: u16 = 0;
+    let mut last_cause = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -168,15 +188,20 @@ async fn ping_path_group(group: PathGroup, id: u16, membership: Arc<Mutex<Member
                 for &target in &group.targets {
                     let socket = if target.is_ipv4() { &v4 } else { &v6 };
                     if let Some(s) = socket {
-                        // Unreachable now (no route, no neighbour): an unanswered echo.
-                        let _ = s.send(target, &path::echo_request(target, id, seq));
+                        let echo = path::echo_request(target, secret.id, seq, secret.nonce(seq));
+                        // Not sent (no route, EPERM): an unanswered echo, and the cause says why.
+                        tally.sent(target, s.send(target, &echo).err().map(|e| e.to_string()));
                     }
                 }
             }
-            Some((n, from)) = recv(v4.as_ref(), &mut buf4) => answered(&mut tally, v4.as_ref(), &buf4, n, from, id),
-            Some((n, from)) = recv(v6.as_ref(), &mut buf6) => answered(&mut tally, v6.as_ref(), &buf6, n, from, id),
+            Some((n, from)) = recv(v4.as_ref(), &mut buf4) => answered(&mut tally, v4.as_ref(), &buf4, n, from, secret),
+            Some((n, from)) = recv(v6.as_ref(), &mut buf6) => answered(&mut tally, v6.as_ref(), &buf6, n, from, secret),
         }
-        record(&membership, condition.clone(), tally.cause());
+        let cause = tally.cause();
+        if cause != last_cause {
+            record(&membership, condition.clone(), cause.clone());
+            last_cause = cause;
+        }
     }
 }
 
@@ -196,7 +221,7 @@ fn answered(
     buf: &[MaybeUninit<u8>],
     n: usize,
     from: IpAddr,
-    id: u16,
+    secret: EchoSecret,
 ) {
     let Some(socket) = socket else { return };
     let got: Vec<u8> = buf
@@ -205,7 +230,7 @@ fn answered(
         // SAFETY: recv_from initialised the first `n` bytes.
         .map(|b| unsafe { b.assume_init() })
         .collect();
-    if let Some(seq) = path::reply_seq(&got, socket.is_v4(), id) {
+    if let Some(seq) = path::reply_seq(&got, socket.is_v4(), secret.id, |s| secret.nonce(s)) {
         tally.answered(from, seq);
     }
 }
@@ -222,21 +247,23 @@ async fn watch_datapath(
     let config = Arc::new(config);
     loop {
         tick.tick().await;
+        // A suspended member's datapath is the operator's to take apart: seen, not mended.
+        let mend = !lock(&membership).suspended;
         let (config, dp) = (config.clone(), dp.clone());
-        let checked = tokio::task::spawn_blocking(move || check_datapath(&config, &dp)).await;
+        let checked = tokio::task::spawn_blocking(move || check_datapath(&config, &dp, mend)).await;
         match checked {
             Ok(Some(cause)) => record(&membership, Condition::Datapath, cause),
             // Could not look (netlink failed): the last verdict stands.
             Ok(None) => {}
-            Err(e) => warn!(error = %e, "the datapath check stopped"),
+            Err(e) => warn!(error = %e, "one datapath check failed; checking again next second"),
         }
     }
 }
 
-/// Checks the attachments; `Some(cause)` when something is broken (after trying to mend it:
-/// the next check, a second later, sees whether that worked), `Some(None)` when all is well,
-/// `None` when the kernel's list could not be read.
-fn check_datapath(config: &Config, dp: &Mutex<Datapath>) -> Option<Option<String>> {
+/// Checks the attachments; `Some(cause)` when something is broken (after trying to mend it
+/// when `mend`: the next check, a second later, sees whether that worked), `Some(None)` when
+/// all is well, `None` when the kernel's list could not be read.
+fn check_datapath(config: &Config, dp: &Mutex<Datapath>, mend: bool) -> Option<Option<String>> {
     let ifaces = match list_now() {
         Ok(t) => t,
         Err(e) => {
@@ -249,31 +276,38 @@ fn check_datapath(config: &Config, dp: &Mutex<Datapath>) -> Option<Option<String
     if broken.is_empty() {
         return Some(None);
     }
-    let causes: Vec<String> = broken.iter().map(ToString::to_string).collect();
-    for b in broken.iter().filter(|b| b.repairable()) {
-        match repair(&mut dp, config, b) {
+    let mut causes: Vec<String> = broken.iter().map(ToString::to_string).collect();
+    for b in broken.iter().filter(|b| mend && b.repairable()) {
+        match repair(&mut dp, config, b, &ifaces) {
             Ok(()) => info!(interface = %b.interface, "XDP attached again"),
-            Err(e) => warn!(interface = %b.interface, error = %e, "attaching XDP again failed"),
+            Err(e) => causes.push(format!("attaching {} again failed: {e}", b.interface)),
         }
     }
     Some(Some(causes.join("; ")))
 }
 
 /// Attaches `b`'s interface again; a re-created interface gets its zone binding at its new
-/// index, and its old index none.
-fn repair(dp: &mut Datapath, config: &Config, b: &BrokenAttachment) -> Result<(), String> {
+/// index, and its old index none (unless another configured interface has it now).
+fn repair(
+    dp: &mut Datapath,
+    config: &Config,
+    b: &BrokenAttachment,
+    ifaces: &Ifaces,
+) -> Result<(), String> {
     if let AttachmentFault::Recreated { index } = b.fault {
         let binding = config
-            .zones
-            .iter()
-            .zip(1u16..)
-            .find(|(z, _)| z.interfaces.contains(&b.interface))
-            .map(|(z, id)| z.binding(ZoneId(id)));
+            .interface_zones()
+            .find(|(name, _, _)| *name == b.interface)
+            .map(|(_, _, binding)| binding);
         if let Some(binding) = binding {
-            let rebind = dp
-                .set_zone(b.ifindex, ZoneBinding::default())
-                .and_then(|()| dp.set_zone(index, binding));
-            rebind.map_err(|e| error_chain(&e))?;
+            let taken = config
+                .interface_zones()
+                .any(|(name, _, _)| ifaces.get(name).is_some_and(|i| i.index == b.ifindex));
+            if !taken {
+                dp.set_zone(b.ifindex, ZoneBinding::default())
+                    .map_err(|e| error_chain(&e))?;
+            }
+            dp.set_zone(index, binding).map_err(|e| error_chain(&e))?;
         }
     }
     dp.reattach(&b.interface)

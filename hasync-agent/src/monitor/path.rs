@@ -25,13 +25,14 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Payload after the 8-byte echo header: enough to tell our echoes from others'.
 const PAYLOAD: &[u8] = b"hasync path monitor";
 
-/// One target's record: the last sequence number sent, whether it was answered, and the
-/// unanswered echoes in a row before it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// One target's record: the last sequence number sent, whether a recent echo was answered
+/// since, the unanswered rounds in a row, and why the last echo could not be sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Target {
     pending: Option<u16>,
     answered: bool,
     misses: u32,
+    send_error: Option<String>,
 }
 
 /// The pure part of a path group: what was sent and answered, and what follows from it.
@@ -55,8 +56,8 @@ impl Tally {
         }
     }
 
-    /// A new round of echoes numbered `seq` is about to go out: the last round's unanswered
-    /// echoes count as misses.
+    /// A new round of echoes numbered `seq` is about to go out: a target that answered none
+    /// of the recent echoes since the last round misses one more.
     pub fn round(&mut self, seq: u16) {
         for t in self.targets.values_mut() {
             if t.pending.is_some() {
@@ -71,10 +72,20 @@ impl Tally {
         }
     }
 
-    /// An echo reply from `from` numbered `seq`; late or foreign replies change nothing.
+    /// Sending the echo to `target` failed (`None`: it went out).
+    pub fn sent(&mut self, target: IpAddr, error: Option<String>) {
+        if let Some(t) = self.targets.get_mut(&target) {
+            t.send_error = error;
+        }
+    }
+
+    /// An echo reply from `from` numbered `seq`. An answer to one of the last `failures`
+    /// echoes counts (a round trip may be longer than the interval); older or foreign ones
+    /// change nothing.
     pub fn answered(&mut self, from: IpAddr, seq: u16) {
+        let window = u16::try_from(self.failures).unwrap_or(u16::MAX);
         if let Some(t) = self.targets.get_mut(&from) {
-            if t.pending == Some(seq) {
+            if t.pending.is_some_and(|p| p.wrapping_sub(seq) < window) {
                 t.answered = true;
                 t.misses = 0;
             }
@@ -97,7 +108,15 @@ impl Tally {
     pub fn cause(&self) -> Option<String> {
         let (failed, group) = self.failed();
         group.then(|| {
-            let list: Vec<String> = failed.iter().map(ToString::to_string).collect();
+            let list: Vec<String> = failed
+                .iter()
+                .map(
+                    |a| match self.targets.get(a).and_then(|t| t.send_error.as_ref()) {
+                        Some(e) => format!("{a} (sending fails: {e})"),
+                        None => a.to_string(),
+                    },
+                )
+                .collect();
             format!(
                 "no answer from {} ({} echoes in a row)",
                 list.join(", "),
@@ -107,8 +126,10 @@ impl Tally {
     }
 }
 
-/// The echo request `id`/`seq` for `target`'s family (the kernel sums ICMPv6 itself).
-pub fn echo_request(target: IpAddr, id: u16, seq: u16) -> Vec<u8> {
+/// The echo request `id`/`seq` for `target`'s family (the kernel sums ICMPv6 itself). Its
+/// payload is [`PAYLOAD`] and `nonce`, which a reply must carry back: an echo reply forged
+/// without seeing the request does not count.
+pub fn echo_request(target: IpAddr, id: u16, seq: u16, nonce: u64) -> Vec<u8> {
     let kind = if target.is_ipv4() {
         ICMP_ECHO_REQUEST
     } else {
@@ -118,6 +139,7 @@ pub fn echo_request(target: IpAddr, id: u16, seq: u16) -> Vec<u8> {
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(PAYLOAD);
+    m.extend_from_slice(&nonce.to_be_bytes());
     if target.is_ipv4() {
         let sum = checksum(&m);
         m[2..4].copy_from_slice(&sum.to_be_bytes());
@@ -137,9 +159,9 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// The sequence number of an echo reply to us (`id`), from what a raw socket of `v4`'s family
-/// received (an IPv4 raw socket hands over the IP header too).
-pub fn reply_seq(packet: &[u8], v4: bool, id: u16) -> Option<u16> {
+/// The sequence number of an echo reply to us (`id`, carrying `nonce(seq)`), from what a raw
+/// socket of `v4`'s family received (an IPv4 raw socket hands over the IP header too).
+pub fn reply_seq(packet: &[u8], v4: bool, id: u16, nonce: impl Fn(u16) -> u64) -> Option<u16> {
     let icmp = if v4 {
         let ihl = usize::from(packet.first()? & 0x0f) * 4;
         packet.get(ihl..)?
@@ -152,8 +174,60 @@ pub fn reply_seq(packet: &[u8], v4: bool, id: u16) -> Option<u16> {
         ICMPV6_ECHO_REPLY
     };
     let h = icmp.get(..8)?;
-    let ours = h[0] == want && h[1] == 0 && u16::from_be_bytes([h[4], h[5]]) == id;
-    ours.then(|| u16::from_be_bytes([h[6], h[7]]))
+    if h[0] != want || h[1] != 0 || u16::from_be_bytes([h[4], h[5]]) != id {
+        return None;
+    }
+    let seq = u16::from_be_bytes([h[6], h[7]]);
+    let payload = icmp.get(8..)?;
+    let (text, rest) = payload.split_at_checked(PAYLOAD.len())?;
+    let carried = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    (text == PAYLOAD && carried == nonce(seq)).then_some(seq)
+}
+
+/// Lets only echo replies reach `socket` (ICMP_FILTER, ICMP6_FILTER): the rest of the host's
+/// ICMP traffic (neighbour discovery, others' errors, a flood) never wakes the pinger.
+fn only_echo_replies(socket: &Socket, v4: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    /// `ICMP_FILTER` (linux/icmp.h): a bit set drops that type.
+    const ICMP_FILTER: libc::c_int = 1;
+    /// `ICMP6_FILTER` (linux/icmpv6.h), at level IPPROTO_ICMPV6: 256 bits, a bit set blocks
+    /// that type.
+    const ICMP6_FILTER: libc::c_int = 1;
+    let rc = if v4 {
+        let mask: u32 = !(1u32 << ICMP_ECHO_REPLY);
+        // SAFETY: a valid u32 option of the size passed, on an open raw ICMP socket.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_RAW,
+                ICMP_FILTER,
+                std::ptr::from_ref(&mask).cast(),
+                size_of::<u32>() as libc::socklen_t,
+            )
+        }
+    } else {
+        let mut mask = [u32::MAX; 8];
+        let reply = usize::from(ICMPV6_ECHO_REPLY);
+        if let Some(word) = mask.get_mut(reply / 32) {
+            *word &= !(1u32 << (reply % 32));
+        }
+        // SAFETY: a valid struct icmp6_filter (8 × u32) of the size passed, on an open raw
+        // ICMPv6 socket.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_ICMPV6,
+                ICMP6_FILTER,
+                mask.as_ptr().cast(),
+                size_of::<[u32; 8]>() as libc::socklen_t,
+            )
+        }
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A raw ICMP or ICMPv6 socket, non-blocking, for tokio.
@@ -171,6 +245,7 @@ impl EchoSocket {
         };
         let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
         socket.set_nonblocking(true)?;
+        only_echo_replies(&socket, v4)?;
         // SAFETY: a socket2::Socket owns its fd: it stays open, the same, until dropped with
         // the AsyncFd.
         let fd = unsafe { AsyncFd::register(socket) }?;
@@ -242,8 +317,8 @@ mod tests {
             t.cause().as_deref(),
             Some("no answer from 198.18.1.1 (3 echoes in a row)")
         );
-        // A late answer to an old echo does not count; one to the current one does.
-        t.answered(a, 3);
+        // An answer to an echo older than the last `failures` does not count; a recent one does.
+        t.answered(a, 1);
         assert!(t.failed().1);
         t.answered(a, 4);
         assert_eq!(t.failed(), (vec![], false));
@@ -264,8 +339,35 @@ mod tests {
     }
 
     #[test]
-    fn echoes_are_built_and_replies_recognised() {
-        let v4 = echo_request("198.18.1.1".parse().unwrap(), 0x1234, 7);
+    fn late_answers_to_recent_echoes_count_and_send_errors_are_named() {
+        let a: IpAddr = "198.18.1.1".parse().unwrap();
+        let mut t = Tally::new(&group(FailureCondition::Any, 3));
+        // Each answer arrives a round late (a round trip longer than the interval).
+        t.round(1);
+        for seq in 2..=6 {
+            t.round(seq);
+            t.answered(a, seq - 1);
+        }
+        t.round(7);
+        assert!(!t.failed().0.contains(&a), "late answers kept it up");
+        t.answered(a, 3);
+        for seq in 8..=11 {
+            t.round(seq);
+        }
+        t.sent(a, Some("Operation not permitted".into()));
+        assert_eq!(
+            t.cause().as_deref(),
+            Some(
+                "no answer from 198.18.1.1 (sending fails: Operation not permitted), \
+                 fd00:18:1::1 (3 echoes in a row)"
+            )
+        );
+    }
+
+    #[test]
+    fn echoes_are_built_and_replies_recognised_by_id_and_nonce() {
+        let nonce = |seq: u16| 0xfeed_0000 + u64::from(seq);
+        let v4 = echo_request("198.18.1.1".parse().unwrap(), 0x1234, 7, nonce(7));
         assert_eq!(&v4[..2], &[ICMP_ECHO_REQUEST, 0]);
         assert_eq!(checksum(&v4), 0, "a valid checksum sums to zero");
         // The reply as an IPv4 raw socket delivers it: a 20-byte IP header first.
@@ -274,14 +376,27 @@ mod tests {
         let mut icmp = v4.clone();
         icmp[0] = ICMP_ECHO_REPLY;
         reply.extend_from_slice(&icmp);
-        assert_eq!(reply_seq(&reply, true, 0x1234), Some(7));
-        assert_eq!(reply_seq(&reply, true, 0x1235), None, "another id");
-        assert_eq!(reply_seq(&reply[..24], true, 0x1234), None, "truncated");
-        let v6 = echo_request("fd00::1".parse().unwrap(), 9, 1);
+        assert_eq!(reply_seq(&reply, true, 0x1234, nonce), Some(7));
+        assert_eq!(reply_seq(&reply, true, 0x1235, nonce), None, "another id");
+        assert_eq!(
+            reply_seq(&reply, true, 0x1234, |s| nonce(s) + 1),
+            None,
+            "forged"
+        );
+        assert_eq!(
+            reply_seq(&reply[..40], true, 0x1234, nonce),
+            None,
+            "truncated"
+        );
+        let v6 = echo_request("fd00::1".parse().unwrap(), 9, 1, nonce(1));
         assert_eq!(v6[0], ICMPV6_ECHO_REQUEST);
         let mut r6 = v6.clone();
         r6[0] = ICMPV6_ECHO_REPLY;
-        assert_eq!(reply_seq(&r6, false, 9), Some(1));
-        assert_eq!(reply_seq(&v6, false, 9), None, "a request is not a reply");
+        assert_eq!(reply_seq(&r6, false, 9, nonce), Some(1));
+        assert_eq!(
+            reply_seq(&v6, false, 9, nonce),
+            None,
+            "a request is not a reply"
+        );
     }
 }

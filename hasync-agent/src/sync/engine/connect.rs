@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
     cluster::LinkState,
-    config::{differing_sections, AgreedSection},
+    config::{differing_sections, without_zones, AgreedSection},
     netlink::{Ifaces, LinkWatch},
     sync::{
         admission::{Admission, Ticket},
@@ -187,12 +187,18 @@ impl<T: SessionTable> Engine<T> {
         let ours = &self.inner.cfg;
         let mismatch = config_mismatch(&ours.fingerprint, h);
         let zones = zone_difference(&ours.zones, &h.zones);
-        if h.fingerprint != ours.fingerprint {
+        if let Some(differs) = &mismatch {
             self.log_once(format!("fingerprint-{}", h.member.0), || {
                 warn!(
-                    peer = h.member.0,
-                    differs = mismatch.as_deref().unwrap_or("zone names"),
+                    peer = h.member.0, %differs,
                     "peer's configuration differs in what members must agree on; compare with `hasync config diff`"
+                )
+            });
+        } else if h.minor < SECTIONED_FINGERPRINT_MINOR {
+            self.log_once(format!("fingerprint-{}", h.member.0), || {
+                info!(
+                    peer = h.member.0,
+                    "peer runs a release whose configuration digest cannot be compared; `hasync config diff` can"
                 )
             });
         }
@@ -201,7 +207,8 @@ impl<T: SessionTable> Engine<T> {
                 warn!(peer = h.member.0, %zones, "zones differ: sessions in a zone one side lacks are refused")
             });
         }
-        lock(&self.inner.membership).peer_config(h.member, mismatch, zones);
+        let agreed = (h.minor >= SECTIONED_FINGERPRINT_MINOR).then(|| without_zones(h.fingerprint));
+        lock(&self.inner.membership).peer_config(h.member, agreed, mismatch, zones);
     }
 
     pub(super) async fn listen(self, link: LinkKind, addr: SocketAddr) {
