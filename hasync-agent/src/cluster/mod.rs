@@ -133,8 +133,10 @@ pub struct Peer {
     pub sessions_owned: u32,
     pub flaps: u32,
     pub last_change: Option<Instant>,
-    /// Was it alive at the last evaluation?
+    /// Was it alive at the last evaluation (heard recently, in a state that keeps sessions)?
     pub alive: bool,
+    /// Was it heard within the keepalive threshold at the last evaluation?
+    pub heard_recently: bool,
     /// What of the settings members must agree on differs from ours (cluster settings,
     /// timeouts, members), as its hello said.
     pub config_mismatch: Option<String>,
@@ -148,9 +150,10 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The state shown for the peer: its own report while alive, `down` otherwise.
+    /// The state shown for the peer: its own report while it is heard (non-functional and
+    /// suspended included), `down` once it is not.
     pub fn state(&self) -> MemberState {
-        match (self.last_heard, self.alive) {
+        match (self.last_heard, self.heard_recently) {
             (None, _) => MemberState::Unknown,
             (Some(_), false) => MemberState::Down,
             (Some(_), true) => self.reported,
@@ -232,6 +235,7 @@ impl Membership {
                         flaps: 0,
                         last_change: None,
                         alive: false,
+                        heard_recently: false,
                         config_mismatch: None,
                         zone_warning: None,
                         agreed: None,
@@ -447,6 +451,7 @@ impl Membership {
             let heard_recently = p
                 .last_heard
                 .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold);
+            p.heard_recently = heard_recently;
             let alive = heard_recently && p.reported.keeps_sessions();
             if alive != p.alive {
                 if p.alive {

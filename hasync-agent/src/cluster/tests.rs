@@ -127,7 +127,10 @@ fn a_suspended_peer_loses_its_sessions_to_takeover() {
     m.evaluate(t0);
     m.heard(MemberId(2), MemberState::Suspended, 5, t0 + s(1));
     assert_eq!(m.evaluate(t0 + s(1)).liveness, vec![(MemberId(2), false)]);
-    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Down);
+    // Not alive for the takeover rule, but heard: shown as what it says it is.
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Suspended);
+    assert_eq!(m.evaluate(t0 + s(12)).liveness, vec![]);
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Down, "no longer heard");
 }
 
 #[test]
