@@ -130,7 +130,11 @@ fn a_suspended_peer_loses_its_sessions_to_takeover() {
     // Not alive for the takeover rule, but heard: shown as what it says it is.
     assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Suspended);
     assert_eq!(m.evaluate(t0 + s(12)).liveness, vec![]);
-    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Down, "no longer heard");
+    assert_eq!(
+        m.peers[&MemberId(2)].state(),
+        MemberState::Down,
+        "no longer heard"
+    );
 }
 
 #[test]

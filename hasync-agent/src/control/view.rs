@@ -32,7 +32,7 @@ pub fn version_string(major: u8, minor: u8) -> String {
 // show cluster members
 
 /// `show cluster members`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembersView {
     pub cluster_id: u8,
     /// The local member's id.
@@ -49,7 +49,7 @@ pub struct MembersView {
 }
 
 /// One member as `show cluster members` lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberView {
     pub id: u8,
     pub serial: String,

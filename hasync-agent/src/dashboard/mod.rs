@@ -30,6 +30,8 @@ use crate::{
     sync::wire::LinkKind,
 };
 
+pub mod history;
+
 /// The page, served as is.
 pub const INDEX_HTML: &str = include_str!("index.html");
 

@@ -1,12 +1,19 @@
-//! The member's HTTP server (`[local] http`): `/metrics` for Prometheus, `/` the dashboard and
-//! `/api/cluster` the JSON it polls.
+//! The member's HTTP server (`[local] http`): `/metrics` for Prometheus, `/` the dashboard,
+//! `/api/cluster` the JSON it polls and `/api/history` the last 15 minutes it graphs (sampled
+//! here every [`SAMPLE_EVERY`] while the server runs).
 //!
 //! Read-only and small: GET and HEAD only, request heads of at most [`MAX_HEAD_BYTES`] read
 //! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections, each closed after
 //! [`CONNECTION_LIFETIME`]. Like the control socket it owns none of the member's state: every
 //! answer is gathered from the runtime through [`Source`].
 
-use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -22,9 +29,50 @@ use tracing::{debug, info, warn};
 
 use crate::{
     control::ControlSender,
-    dashboard::{ClusterApi, INDEX_HTML},
+    dashboard::{
+        history::{now_ms, History, SAMPLE_EVERY},
+        ClusterApi, INDEX_HTML,
+    },
+    lock::lock,
     metrics::{render, Source, CONTENT_TYPE},
 };
+
+/// What the server answers from: the runtime, through [`Source`], and the graphs' memory.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    source: Source,
+    history: Arc<Mutex<History>>,
+}
+
+impl From<Source> for Backend {
+    fn from(source: Source) -> Backend {
+        Backend {
+            source,
+            history: Arc::default(),
+        }
+    }
+}
+
+impl Backend {
+    /// Takes one sample for the graphs (nothing when the runtime does not answer).
+    pub async fn sample(&self) {
+        if let Ok(snapshot) = self.source.snapshot().await {
+            lock(&self.history).observe(&snapshot, now_ms());
+        }
+    }
+}
+
+/// Samples every [`SAMPLE_EVERY`] until the runtime's request channel closes.
+async fn sample_loop(backend: Backend) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = backend.source.closed() => break,
+            _ = tick.tick() => backend.sample().await,
+        }
+    }
+}
 
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -64,10 +112,17 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| HttpError::Bind { addr, source })?;
     info!(address = %local, "metrics and dashboard listening (http://{local}/)");
-    Ok((local, tokio::spawn(accept_loop(listener, source))))
+    let backend = Backend::from(source);
+    let sampler = tokio::spawn(sample_loop(backend.clone()));
+    let server = tokio::spawn(async move {
+        accept_loop(listener, backend).await;
+        sampler.abort();
+    });
+    Ok((local, server))
 }
 
-async fn accept_loop(listener: TcpListener, source: Source) {
+async fn accept_loop(listener: TcpListener, backend: Backend) {
+    let source = &backend.source;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -89,11 +144,11 @@ async fn accept_loop(listener: TcpListener, source: Source) {
                 }
             },
         };
-        let source = source.clone();
+        let backend = backend.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let source = source.clone();
-                async move { Ok::<_, Infallible>(handle(request, &source).await) }
+                let backend = backend.clone();
+                async move { Ok::<_, Infallible>(handle(request, &backend).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -112,12 +167,13 @@ async fn accept_loop(listener: TcpListener, source: Source) {
     debug!("metrics server stopped");
 }
 
-async fn handle(request: Request<Incoming>, source: &Source) -> Response<Full<Bytes>> {
-    respond(request.method(), request.uri().path(), source).await
+async fn handle(request: Request<Incoming>, backend: &Backend) -> Response<Full<Bytes>> {
+    respond(request.method(), request.uri().path(), backend).await
 }
 
 /// The answer to `method path`: the routing, without sockets (tests call it directly).
-pub async fn respond(method: &Method, path: &str, source: &Source) -> Response<Full<Bytes>> {
+pub async fn respond(method: &Method, path: &str, backend: &Backend) -> Response<Full<Bytes>> {
+    let source = &backend.source;
     if method != Method::GET && method != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -147,9 +203,12 @@ pub async fn respond(method: &Method, path: &str, source: &Source) -> Response<F
                 &serde_json::json!({ "error": e.to_string() }),
             ),
         },
+        "/api/history" => json(StatusCode::OK, &lock(&backend.history).view()),
         _ => text(
             StatusCode::NOT_FOUND,
-            format!("{path} not found: try / (dashboard), /metrics or /api/cluster\n"),
+            format!(
+                "{path} not found: try / (dashboard), /metrics, /api/cluster or /api/history\n"
+            ),
         ),
     }
 }

@@ -90,7 +90,7 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
     let (status, _, body) = exchange(addr, &get("/admin")).await;
     assert_eq!(status, 404);
     assert!(
-        body.contains("try / (dashboard), /metrics or /api/cluster"),
+        body.contains("try / (dashboard), /metrics, /api/cluster or /api/history"),
         "{body}"
     );
 
@@ -113,7 +113,7 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
 #[tokio::test]
 async fn a_runtime_that_is_gone_answers_503() {
     let (tx, rx) = mpsc::channel::<ControlRequest>(8);
-    let source = Source::with_settings(tx, 1, "");
+    let source = Backend::from(Source::with_settings(tx, 1, ""));
     drop(rx);
     let r = respond(&hyper::Method::GET, "/metrics", &source).await;
     assert_eq!(r.status(), 503);
@@ -122,4 +122,33 @@ async fn a_runtime_that_is_gone_answers_503() {
     // The page itself needs no runtime: it shows the error it polls.
     let r = respond(&hyper::Method::GET, "/", &source).await;
     assert_eq!(r.status(), 200);
+}
+
+/// `/api/history`: what the samples taken so far say, the members' state changes marked; a
+/// runtime that does not answer adds no sample.
+#[tokio::test]
+async fn history_serves_the_samples_taken() {
+    use http_body_util::BodyExt as _;
+    let (tx, _runtime) = fake_runtime();
+    let backend = Backend::from(Source::with_settings(tx, 65_536, ""));
+    backend.sample().await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    backend.sample().await;
+    let r = respond(&hyper::Method::GET, "/api/history", &backend).await;
+    assert_eq!(r.status(), 200);
+    let bytes = r.into_body().collect().await.expect("body").to_bytes();
+    let v: crate::dashboard::history::HistoryView =
+        serde_json::from_slice(&bytes).expect("history JSON");
+    assert_eq!(v.samples.len(), 2, "{v:?}");
+    assert_eq!(v.sample_every_ms, 2_000);
+    assert!(v.samples[1].errors.contains_key("ha4"), "{v:?}");
+
+    let (tx, rx) = mpsc::channel::<ControlRequest>(8);
+    drop(rx);
+    let gone = Backend::from(Source::with_settings(tx, 1, ""));
+    gone.sample().await;
+    let r = respond(&hyper::Method::GET, "/api/history", &gone).await;
+    let bytes = r.into_body().collect().await.expect("body").to_bytes();
+    let v: crate::dashboard::history::HistoryView = serde_json::from_slice(&bytes).expect("JSON");
+    assert!(v.samples.is_empty());
 }

@@ -112,7 +112,7 @@ pub enum GatherError {
 }
 
 /// Everything one scrape shows, as the views of `hasync show` hold it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     /// `show cluster members`.
     pub members: MembersView,
