@@ -197,6 +197,17 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
     );
     assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
 
+    // A few samples for the graphs (one every 2 s since the agent started).
+    c.wait(
+        "three samples in /api/history",
+        Duration::from_secs(15),
+        || {
+            let raw = http_get(&c, "/api/history")?;
+            let n = raw.matches("\"owned\":").count();
+            (n >= 3).then_some(()).ok_or(format!("{n} samples"))
+        },
+    );
+
     // The page as Chromium renders it, after 5 s of polling.
     let url = format!("http://{DEFAULT_HTTP}/");
     let dom_path = c.dir().join("dashboard-dom.html");
@@ -260,6 +271,33 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
         assert_eq!(attribute(row, "data-state"), Some("active"), "{row}");
     }
 
+    // The last 15 minutes, graphed: a line per series, drawn from the agent's samples.
+    let series = |graph: &str| -> Vec<(String, usize)> {
+        let (_, _) = get(graph);
+        let at = dom.find(&format!("data-test=\"{graph}\"")).expect("graph");
+        let svg = &dom[at..at + dom[at..].find("</svg>").expect("svg end")];
+        svg.match_indices("<polyline")
+            .map(|(i, _)| {
+                let tag = &svg[i..i + svg[i..].find('>').expect("tag end")];
+                let name = attribute(tag, "data-series").unwrap_or_default().to_owned();
+                let points = attribute(tag, "data-points").and_then(|p| p.parse().ok());
+                (name, points.unwrap_or(0))
+            })
+            .collect()
+    };
+    let sessions = series("graph-sessions");
+    let names: Vec<&str> = sessions.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["owned", "cached"], "{sessions:?}");
+    assert!(sessions.iter().all(|(_, p)| *p >= 2), "{sessions:?}");
+    let records = series("graph-records");
+    assert!(
+        records.iter().any(|(n, p)| n == "member 2" && *p >= 1),
+        "{records:?}"
+    );
+    let errors = series("graph-errors");
+    let names: Vec<&str> = errors.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ha4", "ha4-backup"], "{errors:?}");
+
     // And a picture of it, kept.
     let artifacts = target_dir().join("test-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
@@ -269,7 +307,7 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
         &c,
         &[
             format!("--screenshot={}", png.display()),
-            "--window-size=1200,900".into(),
+            "--window-size=1200,1500".into(),
             "--hide-scrollbars".into(),
             url,
         ],
