@@ -91,8 +91,8 @@ impl LinkState {
 /// What can make the local member non-functional: each one failed or not, with its cause.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Condition {
-    /// The datapath: XDP detached or replaced, an interface of a zone gone, the event ring
-    /// unreadable.
+    /// The datapath: XDP detached or replaced, an interface of a zone gone or re-created, an
+    /// attachment that could not be made again.
     Datapath,
     /// Settings members must agree on differ from the cluster's majority.
     ConfigMismatch,
