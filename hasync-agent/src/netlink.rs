@@ -331,7 +331,7 @@ impl LinkWatch {
 pub fn list_now() -> io::Result<Ifaces> {
     let mut socket = netlink_sys::Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
-    set_receive_timeout(&socket, RETRY)?;
+    socket2::SockRef::from(&socket).set_read_timeout(Some(RETRY))?;
     let mut tracker = Tracker::default();
     for seq in 1..=3 {
         socket.send(&dump_request(seq), 0)?;
@@ -364,29 +364,6 @@ pub fn list_now() -> io::Result<Ifaces> {
     Err(io::Error::other(
         "the interface dump kept changing under it",
     ))
-}
-
-fn set_receive_timeout(socket: &netlink_sys::Socket, wait: Duration) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let tv = libc::timeval {
-        tv_sec: wait.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: wait.subsec_micros().into(),
-    };
-    // SAFETY: `tv` is a valid timeval of the size passed; the fd is the socket's, open.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 fn open() -> io::Result<TokioSocket> {

@@ -187,41 +187,41 @@ pub fn reply_seq(packet: &[u8], v4: bool, id: u16, nonce: impl Fn(u16) -> u64) -
 /// Lets only echo replies reach `socket` (ICMP_FILTER, ICMP6_FILTER): the rest of the host's
 /// ICMP traffic (neighbour discovery, others' errors, a flood) never wakes the pinger.
 fn only_echo_replies(socket: &Socket, v4: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    /// `ICMP_FILTER` (linux/icmp.h): a bit set drops that type.
+    /// `ICMP_FILTER` (linux/icmp.h), at level SOL_RAW: a bit set drops that type.
     const ICMP_FILTER: libc::c_int = 1;
-    /// `ICMP6_FILTER` (linux/icmpv6.h), at level IPPROTO_ICMPV6: 256 bits, a bit set blocks
+    /// `ICMPV6_FILTER` (linux/icmpv6.h), at level IPPROTO_ICMPV6: 256 bits, a bit set blocks
     /// that type.
-    const ICMP6_FILTER: libc::c_int = 1;
-    let rc = if v4 {
+    const ICMPV6_FILTER: libc::c_int = 1;
+    if v4 {
         let mask: u32 = !(1u32 << ICMP_ECHO_REPLY);
-        // SAFETY: a valid u32 option of the size passed, on an open raw ICMP socket.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_RAW,
-                ICMP_FILTER,
-                std::ptr::from_ref(&mask).cast(),
-                size_of::<u32>() as libc::socklen_t,
-            )
-        }
-    } else {
-        let mut mask = [u32::MAX; 8];
-        let reply = usize::from(ICMPV6_ECHO_REPLY);
-        if let Some(word) = mask.get_mut(reply / 32) {
-            *word &= !(1u32 << (reply % 32));
-        }
-        // SAFETY: a valid struct icmp6_filter (8 × u32) of the size passed, on an open raw
-        // ICMPv6 socket.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_ICMPV6,
-                ICMP6_FILTER,
-                mask.as_ptr().cast(),
-                size_of::<[u32; 8]>() as libc::socklen_t,
-            )
-        }
+        return set_option(socket, libc::SOL_RAW, ICMP_FILTER, &mask);
+    }
+    let mut mask = [u32::MAX; 8];
+    let reply = usize::from(ICMPV6_ECHO_REPLY);
+    if let Some(word) = mask.get_mut(reply / 32) {
+        *word &= !(1u32 << (reply % 32));
+    }
+    set_option(socket, libc::IPPROTO_ICMPV6, ICMPV6_FILTER, &mask)
+}
+
+/// setsockopt(2) with `value`, a plain integer or array of integers, as the option.
+fn set_option<T: Copy>(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `value` is valid for reads of its size, which is the length passed; the fd is the
+    // socket's, open while borrowed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
     };
     if rc == 0 {
         Ok(())
