@@ -263,6 +263,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
     let mut last_membership = Instant::now();
     let mut sweep = crate::datapath::sweep::IncrementalSweep::default();
+    let mut table_access = crate::monitor::TableAccess::default();
     for t in [&mut sweep_tick, &mut membership_tick] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
@@ -298,6 +299,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
                         engine.enqueue(&gone);
                     })
                 });
+                let error = swept.as_ref().err().map(|e| error_chain(e));
+                table_access.step(&member.membership, error);
                 match swept {
                     Ok(Some(pass)) => {
                         // A pass over the whole table also counted the sessions each member owns.

@@ -94,6 +94,8 @@ pub enum Condition {
     /// The datapath: XDP detached or replaced, an interface of a zone gone or re-created, an
     /// attachment that could not be made again.
     Datapath,
+    /// The session table cannot be read (the sweep's walks fail).
+    SessionTable,
     /// Settings members must agree on differ from the cluster's majority.
     ConfigMismatch,
     /// A monitored link group (`[[monitor.link_groups]]`), by name.
@@ -114,6 +116,7 @@ impl std::fmt::Display for Condition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Condition::Datapath => f.write_str("datapath"),
+            Condition::SessionTable => f.write_str("session table"),
             Condition::ConfigMismatch => f.write_str("configuration mismatch"),
             Condition::LinkGroup(name) => write!(f, "link group `{name}`"),
             Condition::PathGroup(name) => write!(f, "path group `{name}`"),

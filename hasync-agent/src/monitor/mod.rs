@@ -6,7 +6,8 @@
 //! - link groups: data interfaces down or missing (netlink notifications, at once);
 //! - path groups: ping targets unanswered ([`path`]);
 //! - the datapath: XDP detached or replaced, an interface of a zone gone or re-created
-//!   (a fresh netlink dump every second), mended by attaching again where possible.
+//!   (a fresh netlink dump every second), mended by attaching again where possible;
+//! - the session table: the runtime's sweep reports each step ([`TableAccess`]).
 
 pub mod path;
 
@@ -38,6 +39,33 @@ use crate::{
 
 /// How often the datapath's attachments are checked against the kernel's list.
 const DATAPATH_EVERY: Duration = Duration::from_secs(1);
+/// Sweep steps failing in a row that make the session table count as unreadable (about a
+/// second of steps): one failure may be a passing ENOMEM.
+pub const SWEEP_FAILURES: u32 = 10;
+
+/// Whether the session table can be read, from the sweep's steps.
+#[derive(Debug, Default)]
+pub struct TableAccess {
+    failed_in_row: u32,
+}
+
+impl TableAccess {
+    /// One sweep step ended: `error` is why it failed, `None` when it did not.
+    pub fn step(&mut self, membership: &Mutex<Membership>, error: Option<String>) {
+        let Some(error) = error else {
+            if self.failed_in_row >= SWEEP_FAILURES {
+                record(membership, Condition::SessionTable, None);
+            }
+            self.failed_in_row = 0;
+            return;
+        };
+        self.failed_in_row = self.failed_in_row.saturating_add(1);
+        if self.failed_in_row == SWEEP_FAILURES {
+            let cause = format!("{SWEEP_FAILURES} sweep steps in a row failed: {error}");
+            record(membership, Condition::SessionTable, Some(cause));
+        }
+    }
+}
 
 /// Starts a task per kind of condition the config asks for (the datapath always).
 pub fn spawn(
@@ -318,7 +346,42 @@ fn repair(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::monitor::FailureCondition, netlink::Iface};
+    use crate::{cluster::Timers, config::monitor::FailureCondition, netlink::Iface};
+
+    #[test]
+    fn a_session_table_the_sweep_cannot_walk_fails_the_member_until_it_can() {
+        let timers = Timers {
+            keepalive_threshold: Duration::from_secs(10),
+            sync_timeout: Duration::ZERO,
+            tentative_hold: Duration::ZERO,
+            monitor_hold_down: Duration::from_secs(60),
+            discovery: Duration::ZERO,
+        };
+        let m = Mutex::new(Membership::new(
+            hasync_common::MemberId(1),
+            timers,
+            vec![],
+            std::time::Instant::now(),
+        ));
+        let mut access = TableAccess::default();
+        let faults = |m: &Mutex<Membership>| -> Vec<String> {
+            lock(m).faults().map(|(c, e)| format!("{c}: {e}")).collect()
+        };
+        for _ in 1..SWEEP_FAILURES {
+            access.step(&m, Some("Cannot allocate memory".into()));
+        }
+        assert!(faults(&m).is_empty(), "one bad second is not a failure yet");
+        access.step(&m, None);
+        for _ in 0..SWEEP_FAILURES {
+            access.step(&m, Some("Bad file descriptor".into()));
+        }
+        assert_eq!(
+            faults(&m),
+            ["session table: 10 sweep steps in a row failed: Bad file descriptor"]
+        );
+        access.step(&m, None);
+        assert!(faults(&m).is_empty());
+    }
 
     #[test]
     fn a_link_group_fails_by_its_condition_naming_the_interfaces() {
