@@ -206,7 +206,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         &config,
         dp.clone(),
         membership.clone(),
-    ));
+    )?);
     let member = Arc::new(Member {
         config,
         dp,

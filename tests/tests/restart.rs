@@ -20,13 +20,14 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use hasync_agent::{
+    config::monitor::{FailureCondition, Monitor, PathGroup},
     control::{
         client::{call, parse},
         view::{SessionView, SessionsView},
         Request, SessionFilter,
     },
     lab::{
-        cluster::AgentState,
+        cluster::{AgentState, MemberOverride},
         netns::wait_for,
         topology::{test_prefix, SERVER_V4},
         traffic::{tcp_client, tcp_echo_server, Bounds, TcpClientOptions, TrafficClient},
@@ -399,7 +400,7 @@ fn effective_caps(pid: u32) -> Vec<u32> {
 #[test]
 fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let caps = unit_capabilities();
-    assert_eq!(caps, ["bpf", "net_admin", "perfmon"]);
+    assert_eq!(caps, ["bpf", "net_admin", "perfmon", "net_raw"]);
     let prefix = test_prefix("cap-").expect("prefix");
     // fw2 joins at the end, to sync with fw1 under the same restrictions.
     let topo = Topology::create(&prefix, 2).expect("create the lab");
@@ -416,7 +417,25 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     )
     .expect("write wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let lab = LabCluster::new(topo, &wrapper, ClusterOptions::default()).expect("lab");
+    // fw1 pings the server (a path group): that is what needs CAP_NET_RAW.
+    let pings = MemberOverride {
+        monitor: Some(Monitor {
+            path_groups: vec![PathGroup {
+                name: "server".into(),
+                failure_condition: FailureCondition::Any,
+                targets: vec![SERVER_V4.into()],
+                interval_ms: 200,
+                failures: 10,
+            }],
+            ..Monitor::default()
+        }),
+        ..MemberOverride::default()
+    };
+    let options = ClusterOptions {
+        overrides: [(1, pings)].into(),
+        ..ClusterOptions::default()
+    };
+    let lab = LabCluster::new(topo, &wrapper, options).expect("lab");
     let run_member_with = |k: u8, granted: &[&String]| {
         let set: String = granted.iter().map(|c| format!(",+{c}")).collect();
         lab.start_agent_with(k, |cmd| {
@@ -431,8 +450,8 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let pid = run_with(&all);
     lab.wait_ready(1, READY)
         .unwrap_or_else(|e| fail(&lab, &format!("with {caps:?}: {e}")));
-    // CAP_NET_ADMIN 12, CAP_PERFMON 38, CAP_BPF 39.
-    assert_eq!(effective_caps(pid), [12, 38, 39]);
+    // CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(effective_caps(pid), [12, 13, 38, 39]);
     assert!(xdp_on(&lab, 1, Link::In) && lab.pin_dir(1).join("maps/SESSIONS").exists());
     lab.stop_agent(1, Duration::from_secs(10)).expect("stop");
 

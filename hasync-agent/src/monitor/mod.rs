@@ -67,24 +67,43 @@ impl TableAccess {
     }
 }
 
-/// Starts a task per kind of condition the config asks for (the datapath always).
+/// Why the monitors could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error(
+        "path group `{group}`: cannot open a raw ICMP{} socket to ping its targets (the agent needs CAP_NET_RAW for [[monitor.path_groups]]): {source}",
+        if *.v4 { "" } else { "v6" }
+    )]
+    RawSocket {
+        group: String,
+        v4: bool,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Starts a task per kind of condition the config asks for (the datapath always). The path
+/// groups' sockets are opened first: a member that cannot ping does not start.
 pub fn spawn(
     config: &Config,
     dp: Arc<Mutex<Datapath>>,
     membership: Arc<Mutex<Membership>>,
-) -> Vec<JoinHandle<()>> {
+) -> Result<Vec<JoinHandle<()>>, MonitorError> {
+    let mut pingers = Vec::new();
+    for group in &config.monitor.path_groups {
+        pingers.push(Pinger::open(group.clone())?);
+    }
     let mut tasks = Vec::new();
     let groups = config.monitor.link_groups.clone();
     if !groups.is_empty() {
         let m = membership.clone();
         tasks.push(tokio::spawn(watch_link_groups(groups, m)));
     }
-    for group in &config.monitor.path_groups {
-        let m = membership.clone();
-        tasks.push(tokio::spawn(ping_path_group(group.clone(), m)));
+    for pinger in pingers {
+        tasks.push(tokio::spawn(pinger.run(membership.clone())));
     }
     tasks.push(tokio::spawn(watch_datapath(config.clone(), dp, membership)));
-    tasks
+    Ok(tasks)
 }
 
 /// Records `condition`'s verdict, logging when it changes.
@@ -187,48 +206,72 @@ impl EchoSecret {
     }
 }
 
-async fn ping_path_group(group: PathGroup, membership: Arc<Mutex<Membership>>) {
-    let condition = Condition::PathGroup(group.name.clone());
-    let open = |v4: bool| -> std::io::Result<Option<path::EchoSocket>> {
-        let wanted = group.targets.iter().any(|t| t.is_ipv4() == v4);
-        wanted.then(|| path::EchoSocket::open(v4)).transpose()
-    };
-    let (v4, v6) = match (open(true), open(false)) {
-        (Ok(v4), Ok(v6)) => (v4, v6),
-        (Err(e), _) | (_, Err(e)) => {
-            let cause = format!("cannot open a raw ICMP socket to ping: {e}");
-            record(&membership, condition, Some(cause));
-            return;
-        }
-    };
-    let secret = EchoSecret::new();
-    let mut tally = path::Tally::new(&group);
-    let mut tick = tokio::time::interval(group.interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut buf4, mut buf6) = ([MaybeUninit::uninit(); 1500], [MaybeUninit::uninit(); 1500]);
-    let mut seq: u16 = 0;
-    let mut last_cause = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                seq = seq.wrapping_add(1);
-                tally.round(seq);
-                for &target in &group.targets {
-                    let socket = if target.is_ipv4() { &v4 } else { &v6 };
-                    if let Some(s) = socket {
-                        let echo = path::echo_request(target, secret.id, seq, secret.nonce(seq));
-                        // Not sent (no route, EPERM): an unanswered echo, and the cause says why.
-                        tally.sent(target, s.send(target, &echo).err().map(|e| e.to_string()));
+/// One path group's pinger: its sockets (one per family its targets use) and secret.
+struct Pinger {
+    group: PathGroup,
+    v4: Option<path::EchoSocket>,
+    v6: Option<path::EchoSocket>,
+    secret: EchoSecret,
+}
+
+impl Pinger {
+    fn open(group: PathGroup) -> Result<Pinger, MonitorError> {
+        let open = |v4: bool| {
+            let wanted = group.targets.iter().any(|t| t.is_ipv4() == v4);
+            wanted
+                .then(|| path::EchoSocket::open(v4))
+                .transpose()
+                .map_err(|source| MonitorError::RawSocket {
+                    group: group.name.clone(),
+                    v4,
+                    source,
+                })
+        };
+        let (v4, v6) = (open(true)?, open(false)?);
+        Ok(Pinger {
+            group,
+            v4,
+            v6,
+            secret: EchoSecret::new(),
+        })
+    }
+
+    async fn run(self, membership: Arc<Mutex<Membership>>) {
+        let Pinger {
+            group,
+            v4,
+            v6,
+            secret,
+        } = self;
+        let condition = Condition::PathGroup(group.name.clone());
+        let mut tally = path::Tally::new(&group);
+        let mut tick = tokio::time::interval(group.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut buf4, mut buf6) = ([MaybeUninit::uninit(); 1500], [MaybeUninit::uninit(); 1500]);
+        let mut seq: u16 = 0;
+        let mut last_cause = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq = seq.wrapping_add(1);
+                    tally.round(seq);
+                    for &target in &group.targets {
+                        let socket = if target.is_ipv4() { &v4 } else { &v6 };
+                        if let Some(s) = socket {
+                            let echo = path::echo_request(target, secret.id, seq, secret.nonce(seq));
+                            // Not sent (no route, EPERM): an unanswered echo, and the cause says why.
+                            tally.sent(target, s.send(target, &echo).err().map(|e| e.to_string()));
+                        }
                     }
                 }
+                Some((n, from)) = recv(v4.as_ref(), &mut buf4) => answered(&mut tally, v4.as_ref(), &buf4, n, from, secret),
+                Some((n, from)) = recv(v6.as_ref(), &mut buf6) => answered(&mut tally, v6.as_ref(), &buf6, n, from, secret),
             }
-            Some((n, from)) = recv(v4.as_ref(), &mut buf4) => answered(&mut tally, v4.as_ref(), &buf4, n, from, secret),
-            Some((n, from)) = recv(v6.as_ref(), &mut buf6) => answered(&mut tally, v6.as_ref(), &buf6, n, from, secret),
-        }
-        let cause = tally.cause();
-        if cause != last_cause {
-            record(&membership, condition.clone(), cause.clone());
-            last_cause = cause;
+            let cause = tally.cause();
+            if cause != last_cause {
+                record(&membership, condition.clone(), cause.clone());
+                last_cause = cause;
+            }
         }
     }
 }

@@ -91,12 +91,13 @@ TimeoutStopSec=20s
 # - CAP_NET_ADMIN: load a networking (XDP) program (else EPERM) and attach it to interfaces.
 # - CAP_PERFMON: the verifier allows the program's pointer arithmetic only to a loader that
 #   also has it ("pointer arithmetic with it prohibited for !root", EACCES).
+# - CAP_NET_RAW: the raw ICMP / ICMPv6 sockets that ping [[monitor.path_groups]] targets (with
+#   path groups and without it, the agent refuses to start, naming it).
 # Not needed: CAP_SYS_ADMIN (systemd mounts bpffs at boot; the agent never mounts it nor looks
-# BPF objects up by id), CAP_NET_RAW (no raw sockets), CAP_NET_BIND_SERVICE (ports > 1024),
-# CAP_SYS_RESOURCE (LimitMEMLOCK below covers old kernels), CAP_DAC_OVERRIDE (it owns its
-# files as root).
-CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
-AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON
+# BPF objects up by id), CAP_NET_BIND_SERVICE (ports > 1024), CAP_SYS_RESOURCE (LimitMEMLOCK
+# below covers old kernels), CAP_DAC_OVERRIDE (it owns its files as root).
+CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW
+AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW
 NoNewPrivileges=yes
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 LimitMEMLOCK=infinity
