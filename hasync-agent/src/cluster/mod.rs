@@ -331,12 +331,10 @@ impl Membership {
     /// wins, then the one with a member in service (Active or Tentative), then the one with the
     /// lowest member id. A member outside the winning group gives way — unless no member of
     /// that group is in service: then keeping traffic flowing comes first.
-    fn config_mismatch(&self, now: Instant) -> Option<String> {
+    /// Reads `heard_recently` as this evaluation's liveness pass left it.
+    fn config_mismatch(&self) -> Option<String> {
         let serving = |s: MemberState| matches!(s, MemberState::Active | MemberState::Tentative);
-        let heard = self.peers.values().filter(|p| {
-            p.last_heard
-                .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold)
-        });
+        let heard = self.peers.values().filter(|p| p.heard_recently);
         // By digest: (members, one in service, lowest id).
         let mut groups: BTreeMap<[u8; 32], (usize, bool, std::cmp::Reverse<MemberId>)> =
             BTreeMap::new();
@@ -469,7 +467,7 @@ impl Membership {
                 changes.liveness.push((p.id, alive));
             }
         }
-        let mismatch = self.config_mismatch(now);
+        let mismatch = self.config_mismatch();
         self.set_condition(Condition::ConfigMismatch, mismatch, now);
         if self.hold_down_until.is_some_and(|t| now >= t) {
             self.hold_down_until = None;
