@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod dashboard;
 pub mod datapath;
+pub mod forwarding;
 pub mod ha_link;
 pub mod http;
 pub mod lab;

@@ -207,6 +207,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         dp.clone(),
         membership.clone(),
     )?);
+    tasks.extend(
+        crate::forwarding::spawn(&config, dp.clone()).context("starting forwarding in XDP")?,
+    );
     let member = Arc::new(Member {
         config,
         dp,

@@ -46,20 +46,44 @@ pub struct ZoneBinding {
     pub zone: crate::ZoneId,
     /// An [`OtherProtocols`] as `u8`.
     pub other_protocols: u8,
-    /// Padding; zero.
-    pub _pad: u8,
+    /// [`ZoneBinding::VWIRE`] and [`ZoneBinding::NON_IP_DROP`] bits.
+    pub flags: u8,
 }
 crate::assert_size!(ZoneBinding, 4);
 
 impl ZoneBinding {
+    /// The interface is one end of a virtual wire: what passes is redirected to the other end
+    /// (VWIRE_PORTS), never to the kernel.
+    pub const VWIRE: u8 = 1 << 0;
+    /// On a virtual wire: non-IP frames (ARP, LLDP, STP, ...) are dropped instead of crossing.
+    pub const NON_IP_DROP: u8 = 1 << 1;
+
     /// `zone` with the policy's rules.
     pub const fn new(zone: crate::ZoneId) -> Self {
         ZoneBinding {
             zone,
             other_protocols: OtherProtocols::ByPolicy as u8,
-            _pad: 0,
+            flags: 0,
         }
     }
+
+    /// Is `bit` (one of the constants above) set?
+    #[inline(always)]
+    pub const fn has(self, bit: u8) -> bool {
+        self.flags & bit != 0
+    }
+}
+
+/// Who forwards the packets of established sessions.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forwarding {
+    /// The kernel (the program passes them; the default).
+    #[default]
+    Kernel = 0,
+    /// The XDP program, after a FIB lookup (cached in FIB_CACHE), with a DEVMAP redirect;
+    /// what it should not decide still goes to the kernel, counted by reason.
+    Xdp = 1,
 }
 
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
@@ -78,8 +102,8 @@ pub struct DatapathConfig {
     pub policy: u8,
     /// A [`MalformedAction`] as `u8`.
     pub malformed: u8,
-    /// Padding; zero.
-    pub _pad: u8,
+    /// A [`Forwarding`] as `u8`.
+    pub forwarding: u8,
     /// Slots of each CPU's part of the EMBRYOS ring: embryonic sessions admitted on one CPU
     /// that the table holds at most (0: no limit, nothing is evicted). Set by the agent from
     /// the map it loaded.
@@ -87,8 +111,11 @@ pub struct DatapathConfig {
     /// Slots of the replicas' part of the EMBRYOS ring: peers' embryonic sessions held at most
     /// (0: no limit). Set by the agent like `embryo_slots`.
     pub embryo_replica_slots: u32,
+    /// 1 when some interface is one end of a virtual wire (its ZONES entry says which): only
+    /// then does the program read the ingress binding of every frame it passes.
+    pub vwire: u8,
     /// Padding; zero.
-    pub _pad2: u32,
+    pub _pad2: [u8; 3],
 }
 crate::assert_size!(DatapathConfig, 88);
 
@@ -117,10 +144,11 @@ impl DatapathConfig {
             local_member: local,
             policy: Policy::Strict as u8,
             malformed: MalformedAction::Drop as u8,
-            _pad: 0,
+            forwarding: Forwarding::Kernel as u8,
             embryo_slots: 0,
             embryo_replica_slots: 0,
-            _pad2: 0,
+            vwire: 0,
+            _pad2: [0; 3],
         }
     }
 }

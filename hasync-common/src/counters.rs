@@ -107,6 +107,35 @@ counters! {
     PassNoSessionLoose = "pass-no-session-loose",
     /// TCP without SYN and without a session, dropped by the strict policy.
     DropNoSession = "drop-no-session",
+    /// Packets of established sessions forwarded by XDP (`forwarding = "xdp"`): FIB lookup,
+    /// MAC rewrite, TTL decrement, DEVMAP redirect.
+    ForwardedXdp = "forwarded-xdp",
+    /// Left to the kernel (`forwarding = "xdp"`): the session has not seen both directions
+    /// (TCP not established, UDP not answered), so the kernel's policy still sees the setup.
+    PassFwdNotEstablished = "pass-fwd-not-established",
+    /// Left to the kernel: a VLAN-tagged frame (the kernel owns the VLAN devices).
+    PassFwdVlan = "pass-fwd-vlan",
+    /// Left to the kernel: a fragment.
+    PassFwdFragment = "pass-fwd-fragment",
+    /// Left to the kernel: IPv4 options.
+    PassFwdIpOptions = "pass-fwd-ip-options",
+    /// Left to the kernel: TTL or hop limit ≤ 1 (the kernel sends the ICMP time exceeded).
+    PassFwdTtl = "pass-fwd-ttl",
+    /// Left to the kernel: the next hop's MAC is not known yet (the kernel resolves it).
+    PassFwdNoNeighbour = "pass-fwd-no-neighbour",
+    /// Left to the kernel: the FIB lookup gave no forwarding route (local, unreachable,
+    /// blackhole, prohibited, forwarding disabled on the interface, ...).
+    PassFwdNoRoute = "pass-fwd-no-route",
+    /// Left to the kernel: larger than the route's MTU (the kernel fragments it or sends the
+    /// ICMP).
+    PassFwdMtu = "pass-fwd-mtu",
+    /// Left to the kernel: the egress interface takes no XDP redirects (not in a zone, or its
+    /// driver lacks ndo_xdp_xmit).
+    PassFwdEgress = "pass-fwd-egress",
+    /// Frames that crossed a virtual wire (redirected to the wire's other end).
+    VwireForwarded = "vwire-forwarded",
+    /// Non-IP frames dropped on a virtual wire configured with `non_ip = "drop"`.
+    DropVwireNonIp = "drop-vwire-non-ip",
     /// Malformed or truncated frames passed (malformed = pass).
     PassMalformed = "pass-malformed",
     /// Malformed or truncated frames dropped (malformed = drop).

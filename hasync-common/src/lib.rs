@@ -9,6 +9,7 @@
 pub mod config;
 pub mod counters;
 pub mod event;
+pub mod fib;
 pub mod flow;
 pub mod ids;
 pub mod install;
@@ -17,9 +18,12 @@ pub mod member;
 pub mod session;
 pub mod tcp_window;
 
-pub use config::{DatapathConfig, MalformedAction, OtherProtocols, Policy, ZoneBinding};
+pub use config::{
+    DatapathConfig, Forwarding, MalformedAction, OtherProtocols, Policy, ZoneBinding,
+};
 pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
+pub use fib::{FibEntry, FibKey};
 pub use flow::{Family, FlowKey, FragmentKey};
 pub use ids::{MemberId, ZoneId};
 pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
@@ -68,5 +72,7 @@ mod pod {
         EmbryoSlot,
         FragmentKey,
         ZoneBinding,
+        FibKey,
+        FibEntry,
     );
 }

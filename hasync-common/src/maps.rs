@@ -38,6 +38,21 @@ pub const ZONE_NAMES: &str = "ZONE_NAMES";
 pub const ZONE_NAME_BYTES: usize = 32;
 /// Zones ZONE_NAMES holds, as many as a hello may name.
 pub const MAX_ZONES: u32 = 1024;
+/// DEVMAP_HASH: egress ifindex → the same interface, for the interfaces of the zones that
+/// take XDP redirects (the agent checks each device's XDP features): where `Forwarding::Xdp`
+/// may send a packet. An egress missing here goes to the kernel.
+pub const FWD_PORTS: &str = "FWD_PORTS";
+/// DEVMAP_HASH: ingress ifindex of a virtual-wire end → the other end.
+pub const VWIRE_PORTS: &str = "VWIRE_PORTS";
+/// Interfaces FWD_PORTS and VWIRE_PORTS hold at most.
+pub const PORTS_CAPACITY: u32 = 256;
+/// LRU hash: `FibKey` → `FibEntry`, the XDP forwarding's FIB cache (node-local).
+pub const FIB_CACHE: &str = "FIB_CACHE";
+/// Destinations FIB_CACHE holds (the least recently used is forgotten first).
+pub const FIB_CACHE_CAPACITY: u32 = 65_536;
+/// Array of one `u32`: the FIB generation, bumped by the agent on every route or neighbour
+/// change; a FIB_CACHE entry of another generation is looked up again.
+pub const FIB_GENERATION: &str = "FIB_GENERATION";
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
 /// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never

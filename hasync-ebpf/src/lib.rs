@@ -11,6 +11,7 @@
 
 pub mod embryo;
 pub mod events;
+pub mod forward;
 pub mod install;
 pub mod maps;
 pub mod parse;

@@ -3,15 +3,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use hasync_common::{
     maps::{
-        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FRAGMENTS_CAPACITY, MAX_ZONES,
-        ZONE_IFINDEX_LIMIT, ZONE_NAME_BYTES,
+        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FIB_CACHE_CAPACITY,
+        FRAGMENTS_CAPACITY, MAX_ZONES, PORTS_CAPACITY, ZONE_IFINDEX_LIMIT, ZONE_NAME_BYTES,
     },
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, EmbryoSlot, FlowKey, FragmentKey, MemberEntry, Session, ZoneBinding,
+    Counters, DatapathConfig, EmbryoSlot, FibEntry, FibKey, FlowKey, FragmentKey, MemberEntry,
+    Session, ZoneBinding,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Embryonic sessions are bounded and
@@ -51,3 +52,16 @@ pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0)
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map]
+pub static FWD_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 0);
+
+#[map]
+pub static VWIRE_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 0);
+
+#[map]
+pub static FIB_CACHE: LruHashMap<FibKey, FibEntry> =
+    LruHashMap::with_max_entries(FIB_CACHE_CAPACITY, 0);
+
+#[map]
+pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);

@@ -9,9 +9,9 @@ use hasync_common::{
     Counter, FlowKey, FragmentKey, TcpSegment,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
@@ -119,6 +119,17 @@ impl Frame {
     }
 }
 
+/// The `N` bytes at `off` of the frame, writable, or `None` when they would run past it: the
+/// forwarding's one accessor for the headers it rewrites.
+#[inline(always)]
+pub(crate) fn frame_mut<const N: usize>(ctx: &XdpContext, off: usize) -> Option<*mut [u8; N]> {
+    let at = ctx.data().wrapping_add(off);
+    if at.wrapping_add(N) > ctx.data_end() {
+        return None;
+    }
+    Some(at as *mut [u8; N])
+}
+
 #[inline(always)]
 fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
@@ -132,7 +143,7 @@ fn raw16(b0: u8, b1: u8) -> u16 {
 
 /// A 32-bit field kept in network byte order.
 #[inline(always)]
-fn raw32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn raw32(b: &[u8], at: usize) -> u32 {
     match b.get(at..at.wrapping_add(4)) {
         Some(&[a, b, c, d]) => u32::from_ne_bytes([a, b, c, d]),
         _ => 0,

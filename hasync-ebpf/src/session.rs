@@ -16,6 +16,7 @@ use hasync_common::{
 use crate::{
     embryo,
     events::emit,
+    forward,
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
@@ -59,7 +60,8 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         counters.inc(Counter::PassUnconfigured);
         return xdp_action::XDP_PASS;
     }
-    match parse(ctx) {
+    let mut non_ip = false;
+    let verdict = match parse(ctx) {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
             let verdict = track(ctx, cfg, counters, &pkt);
@@ -73,6 +75,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::Pass(reason) => {
             counters.inc(reason);
+            non_ip = reason == Counter::PassNonIp;
             xdp_action::XDP_PASS
         }
         Parsed::Malformed(reason) => {
@@ -90,7 +93,8 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         }
-    }
+    };
+    forward::wire(ctx, cfg, counters, verdict, non_ip)
 }
 
 #[inline(always)]
@@ -113,7 +117,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
             counters.inc(Counter::Hits);
-            return hit(cfg, counters, pkt, s, now, ingress_zone_id(ctx));
+            return hit(ctx, cfg, counters, pkt, s, now);
         }
         if expired {
             counters.inc(Counter::Expired);
@@ -126,13 +130,14 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
 /// The packet found its session.
 #[inline(always)]
 fn hit(
+    ctx: &XdpContext,
     cfg: &DatapathConfig,
     counters: &mut Counters,
     pkt: &Packet,
     s: &mut Session,
     now: u64,
-    ingress: ZoneId,
 ) -> u32 {
+    let ingress = ingress_zone_id(ctx);
     let dir = if pkt.src_is_hi ^ s.flags.has(SessionFlags::INITIATOR_HI) {
         DIR_REPLY
     } else {
@@ -169,7 +174,7 @@ fn hit(
     account(s, dir, pkt, now, fit);
     if !owned {
         take_over(cfg, counters, pkt, s, dir, now);
-        return xdp_action::XDP_PASS;
+        return forward::routed(ctx, cfg, counters, s, pkt.first_fragment.is_some());
     }
     if let Some(kind) = advance(counters, pkt, s, dir) {
         s.last_event_ns = now;
@@ -179,7 +184,7 @@ fn hit(
         s.last_event_ns = now;
         emit(counters, EventKind::Refresh, &pkt.key, s);
     }
-    xdp_action::XDP_PASS
+    forward::routed(ctx, cfg, counters, s, pkt.first_fragment.is_some())
 }
 
 /// Is the member that owns `s` alive?

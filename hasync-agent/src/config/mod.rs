@@ -18,7 +18,9 @@ use hasync_common::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod forwarding;
 pub mod monitor;
+pub use forwarding::{ForwardingName, Vwire};
 pub use monitor::Monitor;
 
 /// Default path of the configuration file.
@@ -80,6 +82,9 @@ pub struct Config {
     /// Link and path monitoring.
     #[serde(default, skip_serializing_if = "is_default")]
     pub monitor: Monitor,
+    /// Virtual wires.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vwire: Vec<Vwire>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -158,6 +163,9 @@ pub struct Local {
     /// empty disables it.
     #[serde(default = "defaults::http")]
     pub http: String,
+    /// Who forwards established sessions: the kernel (default) or XDP.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub forwarding: ForwardingName,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -498,6 +506,7 @@ impl Config {
             check_range(&mut p, &format!("timeouts.{name}"), *secs, range::TIMEOUT_S);
         }
         self.monitor.check(&mut p);
+        self.check_vwires(&mut p);
 
         if p.is_empty() {
             Ok(())
@@ -548,16 +557,20 @@ impl Config {
             MalformedName::Drop => MalformedAction::Drop as u8,
             MalformedName::Pass => MalformedAction::Pass as u8,
         };
+        cfg.forwarding = self.local.forwarding.datapath() as u8;
+        cfg.vwire = u8::from(!self.vwire.is_empty());
         cfg
     }
 
     /// Every zone interface with its zone and the datapath's binding for it (a zone's id is
     /// its position plus one; validation keeps that within `u16`).
     pub fn interface_zones(&self) -> impl Iterator<Item = (&str, &Zone, ZoneBinding)> {
-        self.zones.iter().zip(1u16..).flat_map(|(zone, id)| {
-            zone.interfaces
-                .iter()
-                .map(move |ifname| (ifname.as_str(), zone, zone.binding(ZoneId(id))))
+        self.zones.iter().zip(1u16..).flat_map(move |(zone, id)| {
+            zone.interfaces.iter().map(move |ifname| {
+                let mut binding = zone.binding(ZoneId(id));
+                binding.flags = self.wire_flags(ifname);
+                (ifname.as_str(), zone, binding)
+            })
         })
     }
 

@@ -439,3 +439,52 @@ fn monitor_groups_are_checked_and_their_hold_down_may_be_seconds() {
         "{e}"
     );
 }
+
+/// `[local] forwarding` and `[[vwire]]` reach the datapath: its mode, and the wire bits of the
+/// wire's ends' bindings.
+#[test]
+fn forwarding_and_wires_reach_the_datapath() {
+    use hasync_common::{Forwarding, ZoneBinding};
+    let key = KeyFile::new("vwire", 32, 0o600);
+    let text = sample(&key.path()).replace("policy = \"strict\"", "forwarding = \"xdp\"")
+        + "\n[[vwire]]\nname = \"vw0\"\ninterfaces = [\"veth-in\", \"veth-out\"]\nnon_ip = \"drop\"\n";
+    let c = check(&text).expect("valid");
+    let dp = c.datapath();
+    assert_eq!(dp.forwarding, Forwarding::Xdp as u8);
+    assert_eq!(dp.vwire, 1);
+    let wire = ZoneBinding::VWIRE | ZoneBinding::NON_IP_DROP;
+    for (name, _, binding) in c.interface_zones() {
+        assert_eq!(binding.flags, wire, "{name}");
+    }
+    let c = check(&sample(&key.path())).expect("valid");
+    assert_eq!(
+        c.datapath().forwarding,
+        Forwarding::Kernel as u8,
+        "the default"
+    );
+    assert_eq!(c.datapath().vwire, 0);
+    assert!(c.interface_zones().all(|(_, _, b)| b.flags == 0));
+    let e = check(&sample(&key.path()).replace("policy = \"strict\"", "forwarding = \"fast\""))
+        .expect_err("unknown mode");
+    assert!(e.contains("fast") && e.contains("`kernel`"), "{e}");
+}
+
+/// Every way a wire can be wrong is named, all at once.
+#[test]
+fn bad_wires_are_named() {
+    let key = KeyFile::new("vwire-bad", 32, 0o600);
+    let text = sample(&key.path())
+        + "\n[[vwire]]\nname = \"a\"\ninterfaces = [\"veth-in\"]\n\
+           [[vwire]]\nname = \"b\"\ninterfaces = [\"veth-in\", \"nozone0\"]\n\
+           [[vwire]]\nname = \"b\"\ninterfaces = [\"veth-out\", \"veth-out\"]\n";
+    let e = check(&text).expect_err("invalid");
+    for want in [
+        "vwire[0].interfaces has 1 interface(s): a virtual wire joins exactly two",
+        "vwire[1].interfaces: \"nozone0\" is in no zone",
+        "interface \"veth-in\" is in two virtual wires: \"a\" and \"b\"",
+        "vwire[2].name = \"b\" is defined twice",
+        "vwire[2].interfaces: \"veth-out\" is both ends of the wire",
+    ] {
+        assert!(e.contains(want), "missing {want:?} in {e}");
+    }
+}

@@ -10,6 +10,7 @@ pub mod health;
 pub mod install;
 pub mod pin;
 pub mod pod;
+mod ports;
 pub mod sweep;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -80,6 +81,15 @@ pub enum DatapathError {
          or run `hasync teardown` (it drops the sessions)"
     )]
     ZonesReordered { id: usize, was: String, now: String },
+    #[error("{count} interfaces for {map} are more than the {max} it holds", max = names::PORTS_CAPACITY)]
+    TooManyPorts { map: &'static str, count: usize },
+    #[error("{map}: interface {key}: {source}")]
+    Port {
+        map: &'static str,
+        key: u32,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
     #[error("{0} zones are more than the {max} the datapath records", max = names::MAX_ZONES)]
     TooManyZones(usize),
     #[error("counting the possible CPUs: {0}")]

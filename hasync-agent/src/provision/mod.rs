@@ -366,6 +366,7 @@ impl Spec {
                 members: members.clone(),
                 timeouts: self.timeouts.clone(),
                 monitor: Default::default(),
+                vwire: Vec::new(),
             });
         }
         if !p.is_empty() {

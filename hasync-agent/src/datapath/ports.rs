@@ -1,0 +1,84 @@
+//! The forwarding maps: which interfaces XDP may redirect to (FWD_PORTS), the virtual wires'
+//! pairs (VWIRE_PORTS), and the FIB generation that invalidates the forwarding cache.
+
+use aya::maps::{Array, DevMapHash};
+use hasync_common::maps as names;
+
+use super::{map_err, Datapath, DatapathError};
+
+impl Datapath {
+    fn devmap(
+        &mut self,
+        name: &'static str,
+    ) -> Result<DevMapHash<&mut aya::maps::MapData>, DatapathError> {
+        DevMapHash::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    /// Makes `map` hold exactly `entries` (key → target interface). Returns whether it
+    /// changed.
+    fn set_ports(
+        &mut self,
+        name: &'static str,
+        entries: &[(u32, u32)],
+    ) -> Result<bool, DatapathError> {
+        if entries.len() > names::PORTS_CAPACITY as usize {
+            return Err(DatapathError::TooManyPorts {
+                map: name,
+                count: entries.len(),
+            });
+        }
+        let mut map = self.devmap(name)?;
+        let keys: Vec<u32> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(name))?;
+        let mut changed = false;
+        for key in keys
+            .iter()
+            .filter(|k| !entries.iter().any(|(e, _)| e == *k))
+        {
+            map.remove(*key).map_err(map_err(name))?;
+            changed = true;
+        }
+        for &(key, target) in entries {
+            let same = map.get(key, 0).is_ok_and(|v| v.if_index == target);
+            if !same {
+                map.insert(key, target, None, 0)
+                    .map_err(|source| DatapathError::Port {
+                        map: name,
+                        key,
+                        source,
+                    })?;
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Makes FWD_PORTS hold exactly `ifindexes`: the interfaces XDP forwarding may send to.
+    /// Bumps the FIB generation when the set changed, so no cached next hop outlives its port.
+    pub fn set_fwd_ports(&mut self, ifindexes: &[u32]) -> Result<bool, DatapathError> {
+        let entries: Vec<(u32, u32)> = ifindexes.iter().map(|&i| (i, i)).collect();
+        let changed = self.set_ports(names::FWD_PORTS, &entries)?;
+        if changed {
+            self.bump_fib_generation()?;
+        }
+        Ok(changed)
+    }
+
+    /// Makes VWIRE_PORTS hold exactly the wires `pairs` (each end → the other, both ways).
+    pub fn set_vwire_ports(&mut self, pairs: &[(u32, u32)]) -> Result<bool, DatapathError> {
+        let entries: Vec<(u32, u32)> = pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
+        self.set_ports(names::VWIRE_PORTS, &entries)
+    }
+
+    /// Invalidates every cached next hop: routes or neighbours changed. Returns the new
+    /// generation.
+    pub fn bump_fib_generation(&mut self) -> Result<u32, DatapathError> {
+        let name = names::FIB_GENERATION;
+        let mut map: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let next = map.get(&0, 0).map_err(map_err(name))?.wrapping_add(1);
+        map.set(0, next, 0).map_err(map_err(name))?;
+        Ok(next)
+    }
+}

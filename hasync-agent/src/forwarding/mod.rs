@@ -1,0 +1,241 @@
+//! Forwarding in XDP, the agent's side (the program's is `hasync_ebpf::forward`): which
+//! interfaces the program may redirect to (FWD_PORTS: zone interfaces whose driver takes XDP
+//! redirects; VWIRE_PORTS: the virtual wires' pairs), kept current every second, and the FIB
+//! generation, bumped on every route, neighbour, address or link notification so no cached
+//! next hop outlives a change.
+
+pub mod features;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, TokioSocket};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, ForwardingName},
+    datapath::{error_chain, Datapath},
+    lock::lock,
+    netlink::{self, Ifaces},
+};
+use features::Features;
+
+/// How often the ports are checked again (interfaces come and go, a veth's peer gains or
+/// loses its XDP program).
+const RECHECK: Duration = Duration::from_secs(1);
+/// Routing netlink groups whose notifications change what a FIB lookup answers: links,
+/// neighbours, IPv4 and IPv6 addresses and routes (RTNLGRP_*).
+const FIB_GROUPS: [u32; 6] = [1, 3, 5, 7, 9, 11];
+/// Receive buffer for notifications.
+const RECV_BUFFER: usize = 1 << 20;
+
+/// Why forwarding could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardingError {
+    #[error("routing netlink socket for route and neighbour notifications: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("filling the forwarding maps: {0}")]
+    Datapath(String),
+}
+
+/// What the forwarding maps should hold, given the interfaces as they are now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Ports {
+    /// FWD_PORTS: the zone interfaces XDP forwarding may send to.
+    pub forward: Vec<u32>,
+    /// VWIRE_PORTS: the wires whose two ends exist and take redirects.
+    pub wires: Vec<(u32, u32)>,
+    /// Why an interface or a wire is left out, one line each.
+    pub left_out: Vec<String>,
+}
+
+/// The interfaces as the plan sees them.
+pub trait Devices {
+    /// The index of interface `name`, if it exists.
+    fn index(&self, name: &str) -> Option<u32>;
+    /// Can XDP redirect frames to `ifindex`? `Err`: the kernel could not tell.
+    fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String>;
+}
+
+/// Why `name` cannot take redirects, or `Ok(index)`.
+fn usable(devices: &mut impl Devices, name: &str) -> Result<u32, String> {
+    let index = devices
+        .index(name)
+        .ok_or_else(|| format!("{name}: no such interface"))?;
+    match devices.takes_redirects(index) {
+        Ok(true) => Ok(index),
+        Ok(false) => Err(format!(
+            "{name}: its driver takes no XDP redirects (no ndo_xdp_xmit; a veth needs an XDP program or GRO on its peer)"
+        )),
+        Err(e) => Err(format!("{name}: its XDP features are unknown: {e}")),
+    }
+}
+
+/// The ports `config` asks for on `devices`.
+pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
+    let mut ports = Ports::default();
+    for w in &config.vwire {
+        let Some((a, b)) = w.ends() else { continue };
+        match (usable(devices, a), usable(devices, b)) {
+            (Ok(a), Ok(b)) => ports.wires.push((a, b)),
+            (Err(e), _) | (_, Err(e)) => ports
+                .left_out
+                .push(format!("virtual wire {} is down: {e}", w.name)),
+        }
+    }
+    if config.local.forwarding == ForwardingName::Xdp {
+        for (name, _, binding) in config.interface_zones() {
+            if binding.flags != 0 {
+                continue; // a wire's end: never a routed egress
+            }
+            match usable(devices, name) {
+                Ok(index) => ports.forward.push(index),
+                Err(e) => ports.left_out.push(format!("forwarding to {e}")),
+            }
+        }
+    }
+    ports
+}
+
+/// The running system's interfaces: a netlink dump and the `netdev` family's answers.
+struct System {
+    ifaces: Ifaces,
+    features: Result<Features, String>,
+}
+
+impl System {
+    fn now(features: Result<Features, String>) -> Result<System, String> {
+        let ifaces = netlink::list_now().map_err(|e| format!("listing the interfaces: {e}"))?;
+        Ok(System { ifaces, features })
+    }
+}
+
+impl Devices for System {
+    fn index(&self, name: &str) -> Option<u32> {
+        self.ifaces.get(name).map(|i| i.index)
+    }
+
+    fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
+        match &mut self.features {
+            Ok(f) => f.takes_redirects(ifindex).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// Writes `ports` into the datapath.
+fn apply(dp: &Mutex<Datapath>, ports: &Ports) -> Result<(), String> {
+    let mut dp = lock(dp);
+    dp.set_fwd_ports(&ports.forward)
+        .map_err(|e| error_chain(&e))?;
+    dp.set_vwire_ports(&ports.wires)
+        .map_err(|e| error_chain(&e))?;
+    Ok(())
+}
+
+/// Fills the forwarding maps now and keeps them (and the FIB generation) current from a task;
+/// `None` when the config forwards nothing in XDP.
+pub fn spawn(
+    config: &Config,
+    dp: Arc<Mutex<Datapath>>,
+) -> Result<Option<JoinHandle<()>>, ForwardingError> {
+    let routed = config.local.forwarding == ForwardingName::Xdp;
+    if !routed && config.vwire.is_empty() {
+        return Ok(None);
+    }
+    let socket = if routed {
+        Some(fib_socket().map_err(ForwardingError::Socket)?)
+    } else {
+        None
+    };
+    let features = Features::open().map_err(|e| e.to_string());
+    let mut system = System::now(features).map_err(ForwardingError::Datapath)?;
+    let ports = plan(config, &mut system);
+    apply(&dp, &ports).map_err(ForwardingError::Datapath)?;
+    report(&[], &ports);
+    let config = Arc::new(config.clone());
+    Ok(Some(tokio::spawn(keep_current(config, dp, socket, ports))))
+}
+
+fn fib_socket() -> std::io::Result<TokioSocket> {
+    let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+    socket.socket_mut().bind_auto()?;
+    for group in FIB_GROUPS {
+        socket.socket_mut().add_membership(group)?;
+    }
+    // Best effort: a small buffer only means an overrun, which bumps the generation too.
+    let _ = socket.socket_ref().set_rx_buf_sz(RECV_BUFFER);
+    Ok(socket)
+}
+
+/// Logs what is left out now that was not before.
+fn report(before: &[String], ports: &Ports) {
+    for line in ports.left_out.iter().filter(|l| !before.contains(l)) {
+        warn!(cause = %line, "forwarding in XDP left out");
+    }
+    if !before.is_empty() && ports.left_out.is_empty() {
+        info!("forwarding in XDP: every configured port takes redirects again");
+    }
+}
+
+async fn keep_current(
+    config: Arc<Config>,
+    dp: Arc<Mutex<Datapath>>,
+    mut socket: Option<TokioSocket>,
+    mut ports: Ports,
+) {
+    let mut tick = tokio::time::interval(RECHECK);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let cfg = config.clone();
+                let next = tokio::task::spawn_blocking(move || {
+                    let features = Features::open().map_err(|e| e.to_string());
+                    System::now(features).map(|mut sys| plan(&cfg, &mut sys))
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
+                match next {
+                    Ok(next) if next != ports => {
+                        if let Err(e) = apply(&dp, &next) {
+                            warn!(error = %e, "updating the forwarding ports failed");
+                            continue;
+                        }
+                        report(&ports.left_out, &next);
+                        ports = next;
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "checking the forwarding ports failed"),
+                }
+            }
+            changed = notified(&mut socket) => {
+                if let Err(e) = changed {
+                    // An overrun lost notifications: the generation moves anyway. Anything
+                    // else is waited out a little, so a broken socket cannot spin.
+                    if e.raw_os_error() != Some(libc::ENOBUFS) {
+                        warn!(error = %e, "reading route and neighbour notifications failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                if let Err(e) = lock(&dp).bump_fib_generation() {
+                    warn!(error = %error_chain(&e), "invalidating the FIB cache failed");
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the next batch of route, neighbour, address or link notifications (never, when
+/// there is no socket).
+async fn notified(socket: &mut Option<TokioSocket>) -> std::io::Result<()> {
+    match socket {
+        Some(s) => s.recv_from_full().await.map(drop),
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// Interfaces by name: index and whether they take redirects (`None`: the kernel cannot tell).
+struct Fake(BTreeMap<&'static str, (u32, Option<bool>)>);
+
+impl Devices for Fake {
+    fn index(&self, name: &str) -> Option<u32> {
+        self.0.get(name).map(|d| d.0)
+    }
+    fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
+        let d = self.0.values().find(|d| d.0 == ifindex).ok_or("gone")?;
+        d.1.ok_or_else(|| "no netdev family".to_owned())
+    }
+}
+
+fn config(extra: &str) -> Config {
+    let text = format!(
+        r#"
+[cluster]
+id = 1
+key_file = "/nonexistent"
+[local]
+member = 1
+{extra}
+[ha4]
+interface = "ha4"
+address = "198.18.100.1/24"
+[[zones]]
+name = "trust"
+interfaces = ["in0", "in1"]
+[[zones]]
+name = "untrust"
+interfaces = ["out0", "w0", "w1"]
+[[members]]
+id = 1
+serial = "a"
+ha4 = "198.18.100.1"
+"#
+    );
+    let wires = "\n[[vwire]]\nname = \"vw\"\ninterfaces = [\"w0\", \"w1\"]\n";
+    Config::from_toml("t.toml".as_ref(), &(text + wires)).expect("parses")
+}
+
+#[test]
+fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends() {
+    let mut devices = Fake(BTreeMap::from([
+        ("in0", (4, Some(true))),
+        ("in1", (5, Some(false))),
+        ("out0", (6, None)),
+        ("w0", (7, Some(true))),
+        ("w1", (8, Some(true))),
+    ]));
+    let ports = plan(&config("forwarding = \"xdp\""), &mut devices);
+    assert_eq!(
+        ports.forward,
+        vec![4],
+        "not in1 (no xmit), not out0 (unknown), not a wire end"
+    );
+    assert_eq!(ports.wires, vec![(7, 8)]);
+    assert_eq!(ports.left_out.len(), 2, "{:#?}", ports.left_out);
+    assert!(ports.left_out[0].contains("in1: its driver takes no XDP redirects"));
+    assert!(ports.left_out[1].contains("out0: its XDP features are unknown: no netdev family"));
+
+    devices.0.remove("w1");
+    let ports = plan(&config(""), &mut devices);
+    assert!(
+        ports.forward.is_empty(),
+        "forwarding = kernel: no routed ports"
+    );
+    assert!(ports.wires.is_empty());
+    assert_eq!(
+        ports.left_out,
+        vec!["virtual wire vw is down: w1: no such interface"]
+    );
+}
