@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 use hasync_common::{
-    session::tcp, tcp_window::track, Counter, EventKind, FlowKey, MalformedAction, MemberId,
-    OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
+    session::tcp, tcp_window::track, Counter, EventKind, FlowKey, Forwarding, MalformedAction,
+    MemberId, OtherProtocols, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -213,6 +213,7 @@ pub struct Row {
     pub name: String,
     policy: Policy,
     malformed: MalformedAction,
+    forwarding: Forwarding,
     zone: Option<ZoneBinding>,
     local: MemberId,
     refresh_interval_ns: Option<u64>,
@@ -233,6 +234,7 @@ impl Row {
             name: name.into(),
             policy: Policy::Strict,
             malformed: MalformedAction::Drop,
+            forwarding: Forwarding::Kernel,
             zone: None,
             local: LOCAL,
             refresh_interval_ns: None,
@@ -257,6 +259,13 @@ impl Row {
 
     pub fn malformed(mut self, m: MalformedAction) -> Self {
         self.malformed = m;
+        self
+    }
+
+    /// Who forwards established sessions. The table's rows stop before the FIB lookup (whose
+    /// answer would be the test host's): the netns tests cover what follows it.
+    pub fn forwarding(mut self, f: Forwarding) -> Self {
+        self.forwarding = f;
         self
     }
 
@@ -431,6 +440,7 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     cfg.local_member = row.local;
     cfg.policy = row.policy as u8;
     cfg.malformed = row.malformed as u8;
+    cfg.forwarding = row.forwarding as u8;
     if let Some(ns) = row.refresh_interval_ns {
         cfg.refresh_interval_ns = ns;
     }

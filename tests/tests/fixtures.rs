@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use hasync_common::{
     session::tcp::{ACK, FIN, PSH, RST, SYN, URG},
     tcp_window::track,
-    Counter as C, EventKind as E, MalformedAction, MemberId, OtherProtocols, Policy,
+    Counter as C, EventKind as E, Forwarding, MalformedAction, MemberId, OtherProtocols, Policy,
     SessionFlags as F, State, ZoneId,
 };
 use hasync_tests::{
@@ -1777,6 +1777,79 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
 /// Malformed reasons that mean the parser could not place the traffic (not a truncation).
 const UNPLACEABLE: [C; 3] = [C::ErrVlanTooDeep, C::ErrIpv6TooManyExt, C::ErrTcpFlags];
 
+/// `forwarding = "xdp"`: what the fast path leaves to the kernel before any FIB lookup, each
+/// counted by reason (the lookup itself, and what follows it, run in the netns tests, where
+/// the FIB is the test's own).
+fn forwarding_rows() -> Vec<Row> {
+    let xdp = |name: &str| Row::new(name).forwarding(Forwarding::Xdp);
+    let established = || Existing::local(State::Established);
+    let replied = || Existing::local(State::UdpReplied);
+    vec![
+        xdp("xdp forwarding: packets of a session not answered yet go to the kernel")
+            .pass(udp(C4, S4))
+            .pass(udp(C4, S4))
+            .session(Expect::new(State::UdpNew).packets(2, 0))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::PassFwdNotEstablished, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
+        xdp("xdp forwarding: a tcp handshake stays with the kernel until established")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .session(Expect::new(State::SynRecv).version(2).packets(1, 1))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::PassFwdNotEstablished, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        xdp("xdp forwarding: a vlan-tagged packet goes to the kernel (its vlan device routes it)")
+            .existing(established())
+            .pass(tcp(C4, S4).ack().vlan(100))
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdVlan, 1)]),
+        xdp("xdp forwarding: ipv4 options go to the kernel")
+            .existing(replied())
+            .pass(udp(C4, S4).ipv4_options(4))
+            .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdIpOptions, 1)]),
+        xdp("xdp forwarding: ttl 1 goes to the kernel, which sends the time exceeded")
+            .existing(replied())
+            .pass(udp(C4, S4).set_l3_byte(8, 1))
+            .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdTtl, 1)]),
+        xdp("xdp forwarding: hop limit 1 goes to the kernel")
+            .existing(replied())
+            .pass(udp(C6, S6).set_l3_byte(7, 1))
+            .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdTtl, 1)]),
+        xdp("xdp forwarding: a first fragment goes to the kernel")
+            .existing(replied())
+            .pass(udp(C4, S4).ipv4_fragment(0, true))
+            .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
+            .counters(&[
+                (C::Hits, 1),
+                (C::Ipv4FirstFragment, 1),
+                (C::PassFwdFragment, 1),
+            ]),
+        xdp("xdp forwarding: an icmp echo stays with the kernel")
+            .existing(Existing::local(State::IcmpEcho))
+            .pass(ping(C4, S4, 7, true))
+            .session(Expect::new(State::IcmpEcho).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdNotEstablished, 1)]),
+        Row::new("kernel forwarding: an established session's packet passes, nothing counted")
+            .existing(established())
+            .pass(tcp(C4, S4).ack())
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1)]),
+    ]
+}
+
 fn malformed_rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for (name, frame, reason) in malformed_frames() {
@@ -1857,6 +1930,7 @@ fn packet_fixtures() {
     rows.extend(policy_zone_and_config_rows());
     rows.extend(ownership_rows());
     rows.extend(malformed_rows());
+    rows.extend(forwarding_rows());
     run_rows(&rows);
 }
 
