@@ -184,6 +184,14 @@ const _: () = assert!(
 pub const UDP_ASSURED_AFTER_NS: u64 = 2_000_000_000;
 
 impl Session {
+    /// Has the TCP handshake completed: the initiator acknowledged, the responder answered with
+    /// SYN-ACK?
+    #[inline(always)]
+    pub const fn handshake_completed(&self) -> bool {
+        self.tcp_flags[DIR_ORIGINAL] & tcp::ACK != 0
+            && self.tcp_flags[DIR_REPLY] & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
+    }
+
     /// Is the session *assured* (conntrack's word): a TCP connection whose handshake completed,
     /// or a UDP flow that was answered and still carried traffic 2 s after it began? One
     /// answer is not enough: a spoofed SYN draws a SYN-ACK, a spoofed query an answer. Assured
@@ -191,8 +199,7 @@ impl Session {
     /// EMBRYOS ring is full. ICMP echoes are never assured.
     #[inline(always)]
     pub const fn is_assured(&self) -> bool {
-        let handshake = self.tcp_flags[DIR_ORIGINAL] & tcp::ACK != 0
-            && self.tcp_flags[DIR_REPLY] & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK;
+        let handshake = self.handshake_completed();
         match State::from_u8(self.state) {
             Some(State::Established) => true,
             Some(State::Closing | State::Closed) => handshake,

@@ -105,11 +105,14 @@ pub fn routed(
     }
 }
 
-/// Sessions that have seen both directions: the kernel's policy saw their setup. ICMP echoes
-/// stay with the kernel.
+/// Sessions that have seen both directions: the kernel's policy saw their setup. A TCP
+/// connection half-closed after its handshake still carries data; ICMP echoes stay with the
+/// kernel.
 #[inline(always)]
 fn both_ways(s: &Session) -> bool {
-    s.state == State::Established as u8 || s.state == State::UdpReplied as u8
+    s.state == State::Established as u8
+        || s.state == State::UdpReplied as u8
+        || (s.state == State::Closing as u8 && s.handshake_completed())
 }
 
 #[inline(always)]

@@ -5,6 +5,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod fixture;
+pub mod forwarder;
 pub mod frame;
 pub mod fuzz;
 pub mod netns;

@@ -160,6 +160,12 @@ impl Netns {
         Ok(lab::sysctl(&self.name, key, value)?)
     }
 
+    /// Turns off transmit checksum offload on `ifname` (see `hasync_agent::lab::netns`): for
+    /// endpoints whose traffic XDP redirects.
+    pub fn tx_checksum_off(&self, ifname: &str) -> Result<()> {
+        Ok(lab::tx_checksum_off(&self.name, ifname)?)
+    }
+
     /// The index of interface `ifname` in this namespace.
     pub fn ifindex(&self, ifname: &str) -> Result<u32> {
         let name = std::ffi::CString::new(ifname)?;

@@ -1,5 +1,5 @@
 //! Real TCP and UDP through a forwarding namespace that runs the XDP program in native mode on
-//! both of its interfaces:
+//! both of its interfaces (`hasync_tests::forwarder`):
 //!
 //! ```text
 //!  cli [c0] ──veth── [fc0] fw [fs0] ──veth── [s0] srv
@@ -11,213 +11,23 @@
 //! Sockets are created on threads that joined a lab namespace, so they belong to it; every
 //! exchange is bounded in count and time.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use hasync_agent::datapath::{attach::AttachMode, Datapath, DatapathOptions};
 use hasync_common::{
     session::tcp::{ACK, FIN, RST, SYN},
-    Counter, DatapathConfig, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State,
-    ZoneBinding, ZoneId,
+    Counter, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State, ZoneId,
 };
 use hasync_tests::{
     fixture::show,
+    forwarder::{
+        sa, tcp_exchange, udp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6, TRUST,
+        UNTRUST,
+    },
     frame::Frame,
-    netns::{veth, wait_for, DropIsolated, Lab, Netns},
-    testrun::{CounterDelta, LOCAL, TEST_CAPACITY},
+    netns::wait_for,
+    testrun::{CounterDelta, LOCAL},
 };
-
-const TRUST: ZoneId = ZoneId(1);
-const UNTRUST: ZoneId = ZoneId(2);
-/// Bound of every socket operation.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-const CLI4: &str = "198.18.0.2";
-const SRV4: &str = "198.18.1.2";
-const CLI6: &str = "fd00:18::2";
-const SRV6: &str = "fd00:18:1::2";
-
-/// The three namespaces and the datapath attached in `fw`. Fields drop in order: the datapath
-/// first (on an isolated thread), then the namespaces.
-struct Forwarder {
-    dp: DropIsolated<Datapath>,
-    events: hasync_agent::datapath::events::EventStream,
-    cli: Netns,
-    fw: Netns,
-    srv: Netns,
-}
-
-impl Forwarder {
-    fn new(tag: &str, policy: Policy) -> Result<Self> {
-        let lab = Lab::new(tag)?;
-        let cli = lab.netns("cli")?;
-        let fw = lab.netns("fw")?;
-        let srv = lab.netns("srv")?;
-        veth(&cli, "c0", &fw, "fc0")?;
-        veth(&fw, "fs0", &srv, "s0")?;
-        cli.addr("c0", "198.18.0.2/24")?;
-        cli.addr("c0", "fd00:18::2/64")?;
-        fw.addr("fc0", "198.18.0.1/24")?;
-        fw.addr("fc0", "fd00:18::1/64")?;
-        fw.addr("fs0", "198.18.1.1/24")?;
-        fw.addr("fs0", "fd00:18:1::1/64")?;
-        srv.addr("s0", "198.18.1.2/24")?;
-        srv.addr("s0", "fd00:18:1::2/64")?;
-        fw.sysctl("net.ipv4.ip_forward", "1")?;
-        fw.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        cli.default_route("198.18.0.1")?;
-        cli.default_route("fd00:18::1")?;
-        srv.default_route("198.18.1.1")?;
-        srv.default_route("fd00:18:1::1")?;
-
-        let mut config = DatapathConfig::with_defaults(LOCAL);
-        config.policy = policy as u8;
-        let mut opts = DatapathOptions::new(LOCAL);
-        opts.session_capacity = TEST_CAPACITY;
-        opts.config = config;
-        let mut dp = DropIsolated::new(Datapath::load(&opts).context("loading the XDP program")?);
-        dp.set_member_alive(LOCAL, true)?;
-        dp.set_zone(fw.ifindex("fc0")?, ZoneBinding::new(TRUST))?;
-        dp.set_zone(fw.ifindex("fs0")?, ZoneBinding::new(UNTRUST))?;
-        let events = dp.take_events()?;
-        let dp_ref = &mut *dp;
-        fw.run(move || -> Result<()> {
-            for ifname in ["fc0", "fs0"] {
-                let mode = dp_ref
-                    .attach(ifname)
-                    .with_context(|| format!("attaching to {ifname}"))?;
-                ensure!(
-                    mode == AttachMode::Native,
-                    "{ifname}: attached in {mode} mode, not native"
-                );
-            }
-            Ok(())
-        })??;
-        Ok(Forwarder {
-            dp,
-            events,
-            cli,
-            fw,
-            srv,
-        })
-    }
-
-    fn session(&self, key: &FlowKey) -> Result<Option<Session>> {
-        Ok(self.dp.session(key)?)
-    }
-
-    fn counters(&self) -> Result<hasync_common::Counters> {
-        Ok(self.dp.counters()?)
-    }
-
-    fn events(&mut self) -> Vec<Event> {
-        let mut out = Vec::new();
-        self.events.drain(&mut out);
-        out
-    }
-}
-
-/// A request of `up` bytes, a response of `down` bytes, then an orderly close (client FIN
-/// first). Returns the client's address as the server saw it.
-fn tcp_exchange(fwd: &Forwarder, server: SocketAddr, up: usize, down: usize) -> Result<SocketAddr> {
-    let listener = fwd.srv.run(move || TcpListener::bind(server))??;
-    listener.set_nonblocking(true)?;
-    let srv = std::thread::spawn(move || -> Result<(SocketAddr, usize)> {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        let (mut stream, peer) = loop {
-            match listener.accept() {
-                Ok(conn) => break conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        bail!("no connection within {IO_TIMEOUT:?}");
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let mut request = Vec::new();
-        stream
-            .read_to_end(&mut request)
-            .context("server reading the request")?;
-        stream
-            .write_all(&vec![0x5a; down])
-            .context("server writing the response")?;
-        // Closing with nothing unread sends a FIN, not a RST.
-        drop(stream);
-        Ok((peer, request.len()))
-    });
-    let mut client = fwd
-        .cli
-        .run(move || TcpStream::connect_timeout(&server, IO_TIMEOUT))??;
-    client.set_read_timeout(Some(IO_TIMEOUT))?;
-    client.set_write_timeout(Some(IO_TIMEOUT))?;
-    let local = client.local_addr()?;
-    client
-        .write_all(&vec![0xa5; up])
-        .context("client writing the request")?;
-    client.shutdown(std::net::Shutdown::Write)?;
-    let mut response = Vec::new();
-    client
-        .read_to_end(&mut response)
-        .context("client reading the response")?;
-    drop(client);
-    let (peer, got_up) = srv.join().expect("server thread")?;
-    ensure!(peer == local, "server saw {peer}, client is {local}");
-    ensure!(got_up == up, "server got {got_up} of {up} bytes");
-    ensure!(
-        response.len() == down,
-        "client got {} of {down} bytes",
-        response.len()
-    );
-    Ok(local)
-}
-
-/// A datagram from a socket on `from_ip` in `from` to `to_addr` in `to` (retried up to 5
-/// times), and one back. Returns the initiator's address.
-fn udp_exchange(
-    from: &Netns,
-    from_ip: IpAddr,
-    to: &Netns,
-    to_addr: SocketAddr,
-) -> Result<SocketAddr> {
-    let responder = to.run(move || UdpSocket::bind(to_addr))??;
-    let initiator = from.run(move || UdpSocket::bind(SocketAddr::new(from_ip, 0)))??;
-    responder.set_read_timeout(Some(Duration::from_secs(1)))?;
-    initiator.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 64];
-    let mut from_addr = None;
-    for _attempt in 0..5 {
-        initiator.send_to(b"request", to_addr)?;
-        if let Ok((n, peer)) = responder.recv_from(&mut buf) {
-            ensure!(&buf[..n] == b"request", "responder got {:?}", &buf[..n]);
-            from_addr = Some(peer);
-            break;
-        }
-    }
-    let peer = from_addr.context("no request arrived in 5 attempts")?;
-    responder.send_to(b"reply", peer)?;
-    let (n, replier) = initiator
-        .recv_from(&mut buf)
-        .context("waiting for the reply")?;
-    ensure!(
-        &buf[..n] == b"reply" && replier == to_addr,
-        "initiator got {:?} from {replier}",
-        &buf[..n]
-    );
-    Ok(initiator.local_addr()?)
-}
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("lab address"), port)
-}
 
 /// Checks a TCP session that completed a handshake, carried data and closed with FINs.
 fn check_closed_tcp(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {

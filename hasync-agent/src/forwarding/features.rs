@@ -61,13 +61,13 @@ impl Features {
             family: GENL_ID_CTRL,
             seq: 0,
         };
-        let mut name = b"netdev\0".to_vec();
+        let name = b"netdev\0";
         let reply = f.ask(
             "family",
             GENL_ID_CTRL,
             CTRL_CMD_GETFAMILY,
             CTRL_ATTR_FAMILY_NAME,
-            &mut name,
+            name,
         );
         let attrs = match reply {
             Err(FeatureError::Refused { source, .. })
@@ -87,13 +87,13 @@ impl Features {
 
     /// The XDP features (`NETDEV_XDP_ACT_*` bits) of interface `ifindex`.
     pub fn xdp_features(&mut self, ifindex: u32) -> Result<u64, FeatureError> {
-        let mut index = ifindex.to_ne_bytes().to_vec();
+        let index = ifindex.to_ne_bytes();
         let attrs = self.ask(
             "device",
             self.family,
             NETDEV_CMD_DEV_GET,
             NETDEV_A_DEV_IFINDEX,
-            &mut index,
+            &index,
         )?;
         match attr(&attrs, NETDEV_A_DEV_XDP_FEATURES) {
             Some(v) => v
@@ -116,7 +116,7 @@ impl Features {
         family: u16,
         cmd: u8,
         attr_type: u16,
-        value: &mut Vec<u8>,
+        value: &[u8],
     ) -> Result<Vec<u8>, FeatureError> {
         self.seq = self.seq.wrapping_add(1);
         let request = encode(family, self.seq, cmd, attr_type, value);

@@ -212,6 +212,55 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// Turns off transmit checksum offload on `ifname` in namespace `ns` (the legacy
+/// `ETHTOOL_STXCSUM` ioctl, so no `ethtool` binary is needed). A veth hands its peer packets
+/// whose TCP/UDP checksum is left for "the hardware" to finish; the kernel's stack tolerates
+/// that, but a frame that XDP redirects leaves as it is, with the checksum unfinished. Lab
+/// endpoints that send through an XDP-forwarding member compute their checksums themselves,
+/// as a real NIC's peer would have.
+pub fn tx_checksum_off(ns: &str, ifname: &str) -> Result<()> {
+    /// `ETHTOOL_STXCSUM` of linux/ethtool.h.
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let what = || format!("turning off tx checksum offload on {ifname} in namespace {ns}");
+    let name = std::ffi::CString::new(ifname).map_err(|e| LabError::io(what(), e.into()))?;
+    let done = run_in(ns, || -> std::io::Result<()> {
+        let mut value = EthtoolValue {
+            cmd: ETHTOOL_STXCSUM,
+            data: 0,
+        };
+        // SAFETY: a zeroed ifreq is valid; the name (≤ 15 bytes, checked below) is copied in.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes_with_nul();
+        if bytes.len() > req.ifr_name.len() {
+            return Err(std::io::Error::other("interface name too long"));
+        }
+        for (d, s) in req.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+        // SAFETY: plain socket(2); closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `req` points at `value`, both live across the call.
+        let rc = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut req) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(fd) };
+        if rc < 0 {
+            return Err(err);
+        }
+        Ok(())
+    })?;
+    done.map_err(|e| LabError::io(what(), e))
+}
+
 /// A command that runs `program` inside namespace `ns`: the child joins it with `setns(2)`
 /// between fork and exec.
 ///

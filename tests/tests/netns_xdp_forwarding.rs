@@ -1,0 +1,323 @@
+//! `forwarding = "xdp"` with real traffic: established TCP and UDP cross the forwarder in XDP
+//! (the kernel forwards only their setup), the TTL or hop limit drops by one, and what the
+//! fast path should not decide after its FIB lookup goes to the kernel, counted by reason.
+//! Topology: `hasync_tests::forwarder` (cli ─ fw ─ srv). The agent bumps the FIB generation on
+//! route, neighbour and link notifications; here the test bumps it where it changes them.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use hasync_common::{Counter, Counters, Forwarding, Policy};
+use hasync_tests::{
+    forwarder::{sa, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
+    netns::{wait_for, Netns},
+    testrun::CounterDelta,
+};
+
+/// The kernel's count of datagrams it forwarded in `ns` (IPv4 or IPv6), from the
+/// namespace's own /proc view (`thread-self`: the thread joined the namespace).
+fn kernel_forwarded(ns: &Netns, v6: bool) -> Result<u64> {
+    let (file, key) = if v6 {
+        ("/proc/thread-self/net/snmp6", "Ip6OutForwDatagrams")
+    } else {
+        ("/proc/thread-self/net/snmp", "ForwDatagrams")
+    };
+    let text = ns.run(|| std::fs::read_to_string(file))??;
+    if v6 {
+        let line = text.lines().find(|l| l.starts_with(key));
+        let value = line.and_then(|l| l.split_whitespace().nth(1));
+        return value
+            .context("no Ip6OutForwDatagrams")?
+            .parse()
+            .context(key);
+    }
+    // Two "Ip:" lines: the names, then the values.
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (
+        ip.next().context("Ip names")?,
+        ip.next().context("Ip values")?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == key)
+        .context(key)?;
+    values
+        .split_whitespace()
+        .nth(at)
+        .context(key)?
+        .parse()
+        .context(key)
+}
+
+/// A UDP flow opened and answered, whose initiator then sends more.
+struct Flow {
+    initiator: UdpSocket,
+    responder: UdpSocket,
+    to: SocketAddr,
+}
+
+impl Flow {
+    fn open(fwd: &Forwarder, client_ip: &str, server: SocketAddr) -> Result<Flow> {
+        let from = SocketAddr::new(client_ip.parse()?, 0);
+        let responder = fwd.srv.run(move || UdpSocket::bind(server))??;
+        let initiator = fwd.cli.run(move || UdpSocket::bind(from))??;
+        responder.set_read_timeout(Some(Duration::from_secs(1)))?;
+        initiator.set_read_timeout(Some(IO_TIMEOUT))?;
+        recv_ttl(&responder, server.is_ipv6())?;
+        let flow = Flow {
+            initiator,
+            responder,
+            to: server,
+        };
+        let mut buf = [0u8; 16];
+        let mut peer = None;
+        for _ in 0..5 {
+            flow.initiator.send_to(b"open", server)?;
+            if let Ok((_, from)) = flow.responder.recv_from(&mut buf) {
+                peer = Some(from);
+                break;
+            }
+        }
+        flow.responder.send_to(
+            b"answer",
+            peer.context("the opening datagram never arrived")?,
+        )?;
+        let (n, _) = flow.initiator.recv_from(&mut buf).context("the answer")?;
+        ensure!(&buf[..n] == b"answer", "initiator got {:?}", &buf[..n]);
+        Ok(flow)
+    }
+
+    /// Sends `payload` until the responder has it (at most `attempts` times); returns the TTL or
+    /// hop limit it arrived with.
+    fn send(&self, payload: &[u8], attempts: usize) -> Result<u8> {
+        for _ in 0..attempts {
+            self.initiator.send_to(payload, self.to)?;
+            if let Some(got) = recv_with_ttl(&self.responder, payload.len())? {
+                return Ok(got);
+            }
+        }
+        anyhow::bail!("{} bytes to {} never arrived", payload.len(), self.to)
+    }
+}
+
+/// Asks for the TTL (IPv4) or hop limit (IPv6) of received datagrams.
+fn recv_ttl(socket: &UdpSocket, v6: bool) -> Result<()> {
+    let (level, name) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_RECVTTL)
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int for the option's length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(rc == 0, "setsockopt: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// One datagram of `len` bytes with its TTL or hop limit; `None` on timeout.
+fn recv_with_ttl(socket: &UdpSocket, len: usize) -> Result<Option<u8>> {
+    let mut data = vec![0u8; len.max(1) + 1];
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; its pointers are set below to live buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: every buffer `msg` points at outlives the call.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            return Ok(None);
+        }
+        return Err(e.into());
+    }
+    ensure!(n as usize == len, "received {n} bytes, expected {len}");
+    let mut ttl = None;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled, within its length.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            let ours = (h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_TTL)
+                || (h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_HOPLIMIT);
+            if ours {
+                ttl = Some(*(libc::CMSG_DATA(c) as *const libc::c_int) as u8);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Some(ttl.context("no TTL / hop limit control message")?))
+}
+
+fn delta(fwd: &Forwarder, before: Counters) -> Result<CounterDelta> {
+    Ok(CounterDelta {
+        before,
+        after: fwd.counters()?,
+    })
+}
+
+/// Established TCP (a 200 kB answer) and UDP cross in XDP: the kernel forwards only the
+/// packets of their setup and close, the receiver sees the TTL or hop limit one lower, and
+/// the sessions are tracked as always.
+fn established_flows_cross_in_xdp(tag: &str, client_ip: &str, server_ip: &str) -> Result<()> {
+    let v6 = server_ip.contains(':');
+    let fwd = Forwarder::with(tag, Policy::Strict, Forwarding::Xdp)?;
+    let kernel_before = kernel_forwarded(&fwd.fw, v6)?;
+    let before = fwd.counters()?;
+    tcp_exchange(&fwd, sa(server_ip, 8080), 1000, 200_000)?;
+    let flow = Flow::open(&fwd, client_ip, sa(server_ip, 5353))?;
+    for i in 0..20u8 {
+        let ttl = flow.send(&[i; 100], 5)?;
+        ensure!(
+            ttl == 63,
+            "datagram {i} arrived with TTL / hop limit {ttl}, expected 64 - 1"
+        );
+    }
+    let d = delta(&fwd, before)?;
+    let kernel = kernel_forwarded(&fwd.fw, v6)? - kernel_before;
+    eprintln!("{tag}: kernel forwarded {kernel}; {d}");
+    let xdp = d.get(Counter::ForwardedXdp);
+    ensure!(
+        xdp >= 120,
+        "TCP data and 20 datagrams forwarded in XDP: {d}"
+    );
+    ensure!(
+        kernel <= 20 && kernel < xdp / 5,
+        "the kernel forwarded {kernel} packets, XDP {xdp}: only setup and close should reach it"
+    );
+    ensure!(
+        d.get(Counter::PassFwdNotEstablished) >= 3,
+        "the handshakes went to the kernel: {d}"
+    );
+    for c in [
+        Counter::PassFwdNoRoute,
+        Counter::PassFwdEgress,
+        Counter::PassFwdMtu,
+    ] {
+        ensure!(d.get(c) == 0, "{} moved: {d}", c.name());
+    }
+    Ok(())
+}
+
+#[test]
+fn established_flows_cross_in_xdp_ipv4() {
+    established_flows_cross_in_xdp("xfw4", CLI4, SRV4).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn established_flows_cross_in_xdp_ipv6() {
+    established_flows_cross_in_xdp("xfw6", CLI6, SRV6).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Sends `payload` on `flow` after `change`, and checks that counter `c` moved by one and
+/// nothing was forwarded in XDP; `arrives` says whether the kernel delivers it.
+fn left_to_kernel(
+    fwd: &mut Forwarder,
+    flow: &Flow,
+    payload: &[u8],
+    c: Counter,
+    arrives: bool,
+) -> Result<()> {
+    fwd.dp.bump_fib_generation()?;
+    let before = fwd.counters()?;
+    if arrives {
+        flow.send(payload, 1).with_context(|| c.name())?;
+    } else {
+        flow.initiator.send_to(payload, flow.to)?;
+        let what = wait_for(IO_TIMEOUT, || {
+            let d = delta(fwd, before).ok()?;
+            (d.get(c) >= 1).then_some(())
+        });
+        what.with_context(|| format!("{} did not move", c.name()))?;
+    }
+    let d = delta(fwd, before)?;
+    ensure!(
+        d.get(c) == 1 && d.get(Counter::ForwardedXdp) == 0,
+        "{}: {d}",
+        c.name()
+    );
+    Ok(())
+}
+
+/// After the FIB lookup: no neighbour yet, larger than the egress MTU, an egress that takes no
+/// redirects, no forwarding route, TTL 1. Each goes to the kernel, counted; XDP forwarding
+/// resumes after each.
+fn after_the_lookup(fwd: &mut Forwarder, flow: &Flow) -> Result<()> {
+    let resumes = |fwd: &mut Forwarder| -> Result<()> {
+        fwd.dp.bump_fib_generation()?;
+        let before = fwd.counters()?;
+        // The kernel may still be resolving a neighbour: a few tries.
+        for _ in 0..20 {
+            flow.send(b"again", 5)?;
+            if delta(fwd, before)?.get(Counter::ForwardedXdp) > 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("XDP forwarding did not resume: {}", delta(fwd, before)?)
+    };
+    fwd.fw.ip(&["neigh", "flush", "dev", "fs0"])?;
+    left_to_kernel(
+        fwd,
+        flow,
+        b"no neighbour",
+        Counter::PassFwdNoNeighbour,
+        true,
+    )?;
+    resumes(fwd)?;
+
+    fwd.fw.ip(&["link", "set", "fs0", "mtu", "1280"])?;
+    left_to_kernel(fwd, flow, &[7; 1300], Counter::PassFwdMtu, false)?;
+    resumes(fwd)?;
+    fwd.fw.ip(&["link", "set", "fs0", "mtu", "1500"])?;
+
+    let fc0 = fwd.fw.ifindex("fc0")?;
+    let fs0 = fwd.fw.ifindex("fs0")?;
+    fwd.set_ports(&[fc0])?;
+    left_to_kernel(fwd, flow, b"no port", Counter::PassFwdEgress, true)?;
+    fwd.set_ports(&[fc0, fs0])?;
+    resumes(fwd)?;
+
+    fwd.fw
+        .ip(&["route", "add", "prohibit", &format!("{SRV4}/32")])?;
+    left_to_kernel(fwd, flow, b"prohibited", Counter::PassFwdNoRoute, false)?;
+    fwd.fw
+        .ip(&["route", "del", "prohibit", &format!("{SRV4}/32")])?;
+    resumes(fwd)?;
+
+    flow.initiator.set_ttl(1)?;
+    left_to_kernel(fwd, flow, b"ttl 1", Counter::PassFwdTtl, false)?;
+    flow.initiator.set_ttl(64)?;
+    resumes(fwd)
+}
+
+#[test]
+fn what_xdp_leaves_to_the_kernel_after_its_lookup_is_counted() {
+    let run = || -> Result<()> {
+        let mut fwd = Forwarder::with("xfwk", Policy::Strict, Forwarding::Xdp)?;
+        let flow = Flow::open(&fwd, CLI4, sa(SRV4, 5354))?;
+        after_the_lookup(&mut fwd, &flow)
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
