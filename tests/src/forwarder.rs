@@ -189,7 +189,18 @@ pub fn tcp_exchange(
     up: usize,
     down: usize,
 ) -> Result<SocketAddr> {
-    let listener = fwd.srv.run(move || TcpListener::bind(server))??;
+    tcp_exchange_between(&fwd.cli, &fwd.srv, server, up, down)
+}
+
+/// As [`tcp_exchange`], from namespace `cli` to a server in `srv`.
+pub fn tcp_exchange_between(
+    cli: &Netns,
+    srv: &Netns,
+    server: SocketAddr,
+    up: usize,
+    down: usize,
+) -> Result<SocketAddr> {
+    let listener = srv.run(move || TcpListener::bind(server))??;
     listener.set_nonblocking(true)?;
     let srv = std::thread::spawn(move || -> Result<(SocketAddr, usize)> {
         let deadline = Instant::now() + IO_TIMEOUT;
@@ -219,9 +230,7 @@ pub fn tcp_exchange(
         drop(stream);
         Ok((peer, request.len()))
     });
-    let mut client = fwd
-        .cli
-        .run(move || TcpStream::connect_timeout(&server, IO_TIMEOUT))??;
+    let mut client = cli.run(move || TcpStream::connect_timeout(&server, IO_TIMEOUT))??;
     client.set_read_timeout(Some(IO_TIMEOUT))?;
     client.set_write_timeout(Some(IO_TIMEOUT))?;
     let local = client.local_addr()?;

@@ -1,0 +1,300 @@
+//! A virtual wire: two interfaces of a member joined in XDP, with no address, no routing and no
+//! MAC rewrite. What crosses is tracked under the strict policy; ARP and neighbour discovery
+//! cross too (or are dropped when the wire says so); VLAN tags cross unchanged.
+//!
+//! ```text
+//!  cli [c0] ──veth── [w0] fw [w1] ──veth── [s0] srv
+//!  198.18.5.2        zone 1   zone 2       198.18.5.3
+//!  fd00:18:5::2                            fd00:18:5::3
+//! ```
+
+use std::{os::fd::RawFd, time::Duration};
+
+use anyhow::{ensure, Context as _, Result};
+use hasync_agent::datapath::{Datapath, DatapathOptions};
+use hasync_common::{Counter, DatapathConfig, MemberId, Policy, State, ZoneBinding};
+use hasync_tests::{
+    forwarder::{sa, tcp_exchange_between, TRUST, UNTRUST},
+    frame::Frame,
+    netns::{veth, wait_for, DropIsolated, Lab, Netns},
+    testrun::{CounterDelta, LOCAL, TEST_CAPACITY},
+};
+
+const CLI4: &str = "198.18.5.2";
+const SRV4: &str = "198.18.5.3";
+const CLI6: &str = "fd00:18:5::2";
+const SRV6: &str = "fd00:18:5::3";
+
+/// The wire's namespaces and datapaths; fields drop in order, the datapaths first.
+struct Wire {
+    dp: DropIsolated<Datapath>,
+    _peers: DropIsolated<Datapath>,
+    cli: Netns,
+    fw: Netns,
+    srv: Netns,
+}
+
+impl Wire {
+    fn new(tag: &str) -> Result<Wire> {
+        let lab = Lab::new(tag)?;
+        let (cli, fw, srv) = (lab.netns("cli")?, lab.netns("fw")?, lab.netns("srv")?);
+        veth(&cli, "c0", &fw, "w0")?;
+        veth(&fw, "w1", &srv, "s0")?;
+        for (ns, ifname, v4, v6) in [(&cli, "c0", CLI4, CLI6), (&srv, "s0", SRV4, SRV6)] {
+            ns.addr(ifname, &format!("{v4}/24"))?;
+            ns.addr(ifname, &format!("{v6}/64"))?;
+            ns.tx_checksum_off(ifname)?;
+        }
+        let mut config = DatapathConfig::with_defaults(LOCAL);
+        config.policy = Policy::Strict as u8;
+        config.vwire = 1;
+        let mut opts = DatapathOptions::new(LOCAL);
+        opts.session_capacity = TEST_CAPACITY;
+        opts.config = config;
+        let mut dp = DropIsolated::new(Datapath::load(&opts)?);
+        dp.set_member_alive(LOCAL, true)?;
+        let (w0, w1) = (fw.ifindex("w0")?, fw.ifindex("w1")?);
+        dp.set_zone(w0, wire_end(TRUST.0, 0))?;
+        dp.set_zone(w1, wire_end(UNTRUST.0, 0))?;
+        let dp_ref = &mut *dp;
+        fw.run(|| -> Result<()> {
+            dp_ref.attach("w0")?;
+            dp_ref.attach("w1")?;
+            // DEVMAP entries resolve in the writer's namespace.
+            dp_ref.set_vwire_ports(&[(w0, w1)])?;
+            Ok(())
+        })??;
+        // A veth takes XDP redirects only while its peer runs XDP: an unconfigured datapath
+        // (it passes everything) on the outer ends.
+        let mut opts = DatapathOptions::new(MemberId::NONE);
+        opts.session_capacity = TEST_CAPACITY;
+        let mut peers = DropIsolated::new(Datapath::load(&opts)?);
+        let peers_ref = &mut *peers;
+        cli.run(|| peers_ref.attach("c0"))??;
+        srv.run(|| peers_ref.attach("s0"))??;
+        Ok(Wire {
+            dp,
+            _peers: peers,
+            cli,
+            fw,
+            srv,
+        })
+    }
+
+    fn delta(&self, before: hasync_common::Counters) -> Result<CounterDelta> {
+        Ok(CounterDelta {
+            before,
+            after: self.dp.counters()?,
+        })
+    }
+}
+
+fn wire_end(zone: u16, extra: u8) -> ZoneBinding {
+    ZoneBinding {
+        flags: ZoneBinding::VWIRE | extra,
+        ..ZoneBinding::new(hasync_common::ZoneId(zone))
+    }
+}
+
+/// The member's own stack's count of IP packets it received (it has no address on the wire:
+/// nothing should reach it).
+fn stack_received(ns: &Netns) -> Result<u64> {
+    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp"))??;
+    let mut ip = text.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().context("names")?, ip.next().context("values")?);
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "InReceives")
+        .context("InReceives")?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .context("value")?
+        .parse()?)
+}
+
+fn tcp_and_neighbours_cross(wire: &Wire, server: &str) -> Result<()> {
+    let before = wire.dp.counters()?;
+    let stack_before = stack_received(&wire.fw)?;
+    let server = sa(server, 8080);
+    tcp_exchange_between(&wire.cli, &wire.srv, server, 500, 50_000)?;
+    let d = wire.delta(before)?;
+    let sessions = wire.dp.sessions()?;
+    let tcp = sessions
+        .iter()
+        .find(|(k, _)| k.proto == 6)
+        .context("no TCP session on the wire")?;
+    ensure!(tcp.1.state == State::Closed as u8, "{:?}", tcp.1);
+    ensure!(tcp.1.zone == TRUST, "created on the client's side");
+    ensure!(d.get(Counter::VwireForwarded) >= 40, "{d}");
+    ensure!(
+        d.get(Counter::PassNonIp) + d.get(Counter::PassUntracked) >= 1,
+        "ARP or neighbour discovery crossed: {d}"
+    );
+    ensure!(
+        stack_received(&wire.fw)? == stack_before,
+        "the member's own stack saw the traffic"
+    );
+    Ok(())
+}
+
+/// Sends `frame` raw on `ifname` of `ns` (AF_PACKET).
+fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) -> Result<()> {
+    let index = ns.ifindex(ifname)?;
+    ns.run(move || -> Result<()> {
+        let fd = packet_socket()?;
+        // SAFETY: a zeroed sockaddr_ll is valid; its fields are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        // SAFETY: `frame` and `to` are valid for the lengths given; the fd is closed below.
+        let sent = unsafe {
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
+            libc::close(fd);
+            n
+        };
+        ensure!(
+            sent == frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    })?
+}
+
+fn packet_socket() -> Result<RawFd> {
+    let all = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all) };
+    ensure!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(fd)
+}
+
+/// Waits (bounded) on `fd` for a frame whose bytes contain `marker`; returns its VLAN id
+/// (the kernel hands tags over beside the frame, in PACKET_AUXDATA).
+fn receive_tagged(fd: RawFd, marker: &[u8]) -> Result<Option<u16>> {
+    let on: libc::c_int = 1;
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: valid option values for their lengths.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            (&on as *const i32).cast(),
+            4,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as u32,
+        );
+    }
+    for _ in 0..50 {
+        let mut data = [0u8; 2048];
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: a zeroed msghdr is valid; it points at live buffers below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = size_of_val(&control);
+        // SAFETY: every buffer `msg` points at outlives the call.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+        if n <= 0 {
+            continue;
+        }
+        let frame = &data[..n as usize];
+        if !frame.windows(marker.len()).any(|w| w == marker) {
+            continue;
+        }
+        // SAFETY: the CMSG macros walk the control buffer the kernel filled.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            if !c.is_null() && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                let aux = &*(libc::CMSG_DATA(c) as *const libc::tpacket_auxdata);
+                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                    return Ok(Some(aux.tp_vlan_tci & 0x0fff));
+                }
+            }
+        }
+        return Ok(None);
+    }
+    anyhow::bail!("the marked frame never arrived")
+}
+
+/// A tagged datagram crosses with its tag, tracked; the strict policy drops a stray ACK; a
+/// wire that drops non-IP frames drops ARP.
+fn tags_policy_and_non_ip(wire: &mut Wire) -> Result<()> {
+    // The ports, 4000 → 4001, mark the frame.
+    let marker = [0x0f, 0xa0, 0x0f, 0xa1];
+    let frame = Frame::udp(sa(CLI4, 4000), sa(SRV4, 4001)).vlan(100);
+    let listen = wire.srv.run(packet_socket)??;
+    let before = wire.dp.counters()?;
+    send_raw(&wire.cli, "c0", frame.build())?;
+    let tag = receive_tagged(listen, &marker);
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(listen) };
+    ensure!(tag? == Some(100), "the tag did not cross unchanged");
+    let key = frame.key();
+    ensure!(
+        wire.dp.session(&key)?.is_some(),
+        "the tagged flow is tracked"
+    );
+
+    send_raw(
+        &wire.cli,
+        "c0",
+        Frame::tcp(sa(CLI4, 4002), sa(SRV4, 80)).ack().build(),
+    )?;
+    let dropped = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropNoSession) == 1).then_some(d)
+    });
+    dropped.context("the stray ACK was not dropped")?;
+
+    let w0 = wire.fw.ifindex("w0")?;
+    wire.dp
+        .set_zone(w0, wire_end(TRUST.0, ZoneBinding::NON_IP_DROP))?;
+    send_raw(&wire.cli, "c0", Frame::arp().build())?;
+    let arp = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropVwireNonIp) == 1).then_some(d)
+    });
+    arp.context("ARP crossed a wire with non_ip = drop")?;
+    Ok(())
+}
+
+#[test]
+fn a_virtual_wire_tracks_what_crosses_it() {
+    let run = || -> Result<()> {
+        let mut wire = Wire::new("vw")?;
+        tcp_and_neighbours_cross(&wire, SRV4).context("ipv4")?;
+        let keys: Vec<_> = wire.dp.sessions()?.iter().map(|s| s.0).collect();
+        wire.dp.delete_sessions(&keys)?;
+        tcp_and_neighbours_cross(&wire, SRV6).context("ipv6")?;
+        tags_policy_and_non_ip(&mut wire)
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
