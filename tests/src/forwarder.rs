@@ -23,7 +23,7 @@ use hasync_agent::{
     forwarding::features::Features,
 };
 use hasync_common::{
-    DatapathConfig, Event, FlowKey, Forwarding, MemberId, Policy, Session, ZoneBinding, ZoneId,
+    DatapathConfig, Event, FlowKey, Forwarding, Policy, Session, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -46,9 +46,6 @@ pub const SRV6: &str = "fd00:18:1::2";
 pub struct Forwarder {
     pub dp: DropIsolated<Datapath>,
     pub events: hasync_agent::datapath::events::EventStream,
-    /// The pass program on the outer ends (`c0`, `s0`) when XDP forwards: a veth takes XDP
-    /// redirects only while its peer runs XDP.
-    _peers: Option<DropIsolated<Datapath>>,
     pub cli: Netns,
     pub fw: Netns,
     pub srv: Netns,
@@ -115,17 +112,15 @@ impl Forwarder {
             }
             Ok(())
         })??;
-        let peers = match forwarding {
-            Forwarding::Kernel => None,
-            Forwarding::Xdp => Some(xdp_ports(&mut dp, &cli, &fw, &srv)?),
-        };
+        if forwarding == Forwarding::Xdp {
+            xdp_ports(&mut dp, &cli, &fw, &srv)?;
+        }
         Ok(Forwarder {
             dp,
             events,
             cli,
             fw,
             srv,
-            _peers: peers,
         })
     }
 
@@ -149,23 +144,12 @@ impl Forwarder {
     }
 }
 
-/// Makes `fc0` and `fs0` ports XDP may redirect to: runs an unconfigured datapath (it passes
-/// everything) on their peers `c0` and `s0`, checks that the kernel now says they take
-/// redirects, fills FWD_PORTS and starts a FIB generation. Returns the peers' datapath.
-fn xdp_ports(
-    dp: &mut Datapath,
-    cli: &Netns,
-    fw: &Netns,
-    srv: &Netns,
-) -> Result<DropIsolated<Datapath>> {
-    let mut opts = DatapathOptions::new(MemberId::NONE);
-    opts.session_capacity = TEST_CAPACITY;
-    let mut peers = DropIsolated::new(Datapath::load(&opts).context("loading the peers' program")?);
-    let peers_ref = &mut *peers;
-    cli.run(|| peers_ref.attach("c0"))??;
-    srv.run(|| peers_ref.attach("s0"))??;
-    cli.tx_checksum_off("c0")?;
-    srv.tx_checksum_off("s0")?;
+/// Makes `fc0` and `fs0` ports XDP may redirect to: the outer ends `c0` and `s0` become XDP
+/// endpoints (see [`Netns::xdp_endpoint`]), the kernel must then say `fc0` and `fs0` take
+/// redirects, and FWD_PORTS gets them.
+fn xdp_ports(dp: &mut Datapath, cli: &Netns, fw: &Netns, srv: &Netns) -> Result<()> {
+    cli.xdp_endpoint("c0")?;
+    srv.xdp_endpoint("s0")?;
     let ports = [fw.ifindex("fc0")?, fw.ifindex("fs0")?];
     fw.run(|| -> Result<()> {
         let mut features = Features::open()?;
@@ -177,8 +161,7 @@ fn xdp_ports(
         }
         Ok(())
     })??;
-    set_ports(dp, fw, &ports)?;
-    Ok(peers)
+    set_ports(dp, fw, &ports)
 }
 
 /// A request of `up` bytes, a response of `down` bytes, then an orderly close (client FIN

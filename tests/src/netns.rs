@@ -160,10 +160,13 @@ impl Netns {
         Ok(lab::sysctl(&self.name, key, value)?)
     }
 
-    /// Turns off transmit checksum offload on `ifname` (see `hasync_agent::lab::netns`): for
-    /// endpoints whose traffic XDP redirects.
-    pub fn tx_checksum_off(&self, ifname: &str) -> Result<()> {
-        Ok(lab::tx_checksum_off(&self.name, ifname)?)
+    /// Makes `ifname`, an endpoint facing a member that forwards in XDP, take XDP redirects
+    /// (GRO on) and send finished checksums (transmit checksum offload off); see
+    /// `hasync_agent::lab::netns::Offload`.
+    pub fn xdp_endpoint(&self, ifname: &str) -> Result<()> {
+        lab::set_offload(&self.name, ifname, lab::Offload::Gro, true)?;
+        lab::set_offload(&self.name, ifname, lab::Offload::TxChecksum, false)?;
+        Ok(())
     }
 
     /// The index of interface `ifname` in this namespace.

@@ -12,7 +12,7 @@ use std::{os::fd::RawFd, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
 use hasync_agent::datapath::{Datapath, DatapathOptions};
-use hasync_common::{Counter, DatapathConfig, MemberId, Policy, State, ZoneBinding};
+use hasync_common::{Counter, DatapathConfig, Policy, State, ZoneBinding};
 use hasync_tests::{
     forwarder::{sa, tcp_exchange_between, TRUST, UNTRUST},
     frame::Frame,
@@ -28,7 +28,6 @@ const SRV6: &str = "fd00:18:5::3";
 /// The wire's namespaces and datapaths; fields drop in order, the datapaths first.
 struct Wire {
     dp: DropIsolated<Datapath>,
-    _peers: DropIsolated<Datapath>,
     cli: Netns,
     fw: Netns,
     srv: Netns,
@@ -43,7 +42,7 @@ impl Wire {
         for (ns, ifname, v4, v6) in [(&cli, "c0", CLI4, CLI6), (&srv, "s0", SRV4, SRV6)] {
             ns.addr(ifname, &format!("{v4}/24"))?;
             ns.addr(ifname, &format!("{v6}/64"))?;
-            ns.tx_checksum_off(ifname)?;
+            ns.xdp_endpoint(ifname)?;
         }
         let mut config = DatapathConfig::with_defaults(LOCAL);
         config.policy = Policy::Strict as u8;
@@ -64,21 +63,7 @@ impl Wire {
             dp_ref.set_vwire_ports(&[(w0, w1)])?;
             Ok(())
         })??;
-        // A veth takes XDP redirects only while its peer runs XDP: an unconfigured datapath
-        // (it passes everything) on the outer ends.
-        let mut opts = DatapathOptions::new(MemberId::NONE);
-        opts.session_capacity = TEST_CAPACITY;
-        let mut peers = DropIsolated::new(Datapath::load(&opts)?);
-        let peers_ref = &mut *peers;
-        cli.run(|| peers_ref.attach("c0"))??;
-        srv.run(|| peers_ref.attach("s0"))??;
-        Ok(Wire {
-            dp,
-            _peers: peers,
-            cli,
-            fw,
-            srv,
-        })
+        Ok(Wire { dp, cli, fw, srv })
     }
 
     fn delta(&self, before: hasync_common::Counters) -> Result<CounterDelta> {

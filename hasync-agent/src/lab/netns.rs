@@ -212,28 +212,46 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// Turns off transmit checksum offload on `ifname` in namespace `ns` (the legacy
-/// `ETHTOOL_STXCSUM` ioctl, so no `ethtool` binary is needed). A veth hands its peer packets
-/// whose TCP/UDP checksum is left for "the hardware" to finish; the kernel's stack tolerates
-/// that, but a frame that XDP redirects leaves as it is, with the checksum unfinished. Lab
-/// endpoints that send through an XDP-forwarding member compute their checksums themselves,
-/// as a real NIC's peer would have.
-pub fn tx_checksum_off(ns: &str, ifname: &str) -> Result<()> {
-    /// `ETHTOOL_STXCSUM` of linux/ethtool.h.
-    const ETHTOOL_STXCSUM: u32 = 0x17;
+/// An offload the lab switches on a veth, with the legacy ethtool ioctl (no `ethtool` binary
+/// needed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offload {
+    /// Transmit checksum offload. A veth hands its peer packets whose TCP/UDP checksum is
+    /// left for "the hardware" to finish; the kernel's stack tolerates that, but a frame that
+    /// XDP redirects leaves as it is, with the checksum unfinished. Endpoints whose traffic a
+    /// member forwards in XDP turn it off, as a real NIC's peer computes its checksums.
+    TxChecksum,
+    /// Generic receive offload. A veth takes XDP redirects (`ndo_xdp_xmit`) only while its
+    /// peer runs XDP or has GRO on: switch ports and endpoints facing a member that forwards
+    /// in XDP turn it on.
+    Gro,
+}
+
+impl Offload {
+    /// `ETHTOOL_S*` of linux/ethtool.h.
+    fn command(self) -> u32 {
+        match self {
+            Offload::TxChecksum => 0x17,
+            Offload::Gro => 0x2c,
+        }
+    }
+}
+
+/// Turns `offload` on or off on `ifname` in namespace `ns`.
+pub fn set_offload(ns: &str, ifname: &str, offload: Offload, on: bool) -> Result<()> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
-    let what = || format!("turning off tx checksum offload on {ifname} in namespace {ns}");
+    let what = || format!("setting {offload:?} to {on} on {ifname} in namespace {ns}");
     let name = std::ffi::CString::new(ifname).map_err(|e| LabError::io(what(), e.into()))?;
     let done = run_in(ns, || -> std::io::Result<()> {
         let mut value = EthtoolValue {
-            cmd: ETHTOOL_STXCSUM,
-            data: 0,
+            cmd: offload.command(),
+            data: u32::from(on),
         };
-        // SAFETY: a zeroed ifreq is valid; the name (≤ 15 bytes, checked below) is copied in.
+        // SAFETY: a zeroed ifreq is valid; the name (checked to fit) is copied in.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
         let bytes = name.as_bytes_with_nul();
         if bytes.len() > req.ifr_name.len() {
