@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use hasync_agent::{
+    config::ForwardingName,
     control::SessionFilter,
     lab::{
         cluster::AgentState,
@@ -25,6 +26,7 @@ const KEEPALIVE_THRESHOLD_MS: u64 = 5_000;
 
 fn options(sync: bool) -> ClusterOptions {
     ClusterOptions {
+        forwarding: ForwardingName::Kernel,
         keepalive_threshold_ms: Some(KEEPALIVE_THRESHOLD_MS),
         timeouts: [("closed".to_owned(), 1)].into(),
         session_sync: if sync {
@@ -74,21 +76,45 @@ fn log_records(c: &Cluster, k: u8, row: &Row) -> Vec<TrafficRecord> {
         .collect()
 }
 
+/// Member `k`'s count of packets it forwarded in XDP.
+fn forwarded_xdp(c: &Cluster, k: u8) -> u64 {
+    let counters = c.try_counters(k).unwrap_or_else(|e| c.fail(&e));
+    counters.get("forwarded-xdp").copied().unwrap_or(0)
+}
+
 #[test]
 fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
-    const PORT: u16 = 7500;
-    let c = Cluster::start("cfo-", 2, options(true));
+    synced_failover("cfo-", 7500, ForwardingName::Kernel);
+}
+
+/// The same with `forwarding = "xdp"`: fw1 forwards the established connection in XDP, and
+/// fw2, once it has taken the session over, forwards it in XDP too (after its own FIB lookup).
+#[test]
+fn an_xdp_forwarded_connection_survives_fw1s_death() {
+    synced_failover("cfox-", 7520, ForwardingName::Xdp);
+}
+
+fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
+    let xdp = forwarding == ForwardingName::Xdp;
+    let c = Cluster::start(
+        tag,
+        2,
+        ClusterOptions {
+            forwarding,
+            ..options(true)
+        },
+    );
     let _server = tcp_echo_server(
         c.topology().server(),
-        (SERVER_V4, PORT).into(),
+        (SERVER_V4, port).into(),
         Bounds::new(4, Duration::from_secs(60)),
     )
     .expect("TCP echo server");
-    let (client, row) = c.tcp_connection_through_fw1(PORT);
+    let (client, row) = c.tcp_connection_through_fw1(port);
     // fw2 holds the session before anything fails.
     let filter = SessionFilter {
         proto: Some("tcp".into()),
-        port: Some(PORT),
+        port: Some(port),
         ..SessionFilter::default()
     };
     c.wait(
@@ -103,6 +129,16 @@ fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
         },
     );
 
+    if xdp {
+        c.wait(
+            "fw1 to forward the connection in XDP",
+            Duration::from_secs(10),
+            || {
+                let n = forwarded_xdp(&c, 1);
+                (n > 0).then_some(()).ok_or(format!("forwarded-xdp = {n}"))
+            },
+        );
+    }
     let steered = fw1_dies(&c);
     let before = client.progress();
     let p = client
@@ -141,6 +177,7 @@ fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
     );
     // Still working after the takeover, both ways: chunks go out and come back intact.
     let after_takeover = Instant::now();
+    let fw2_xdp = forwarded_xdp(&c, 2);
     let p = client
         .wait_until(Duration::from_secs(5), |p| {
             p.last_ok.is_some_and(|t| t > after_takeover) && p.ok >= before.ok + 20
@@ -152,6 +189,19 @@ fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
             ))
         });
     assert!(p.fatal.is_none(), "{p:?}");
+    if xdp {
+        // Echoes every 50 ms, both ways: fw2 forwards them in XDP now that it owns the session.
+        c.wait(
+            "fw2 to forward the connection in XDP",
+            Duration::from_secs(5),
+            || {
+                let n = forwarded_xdp(&c, 2) - fw2_xdp;
+                (n >= 20)
+                    .then_some(())
+                    .ok_or(format!("{n} forwarded in XDP since the takeover"))
+            },
+        );
+    }
     let counters = c.try_counters(2).unwrap_or_else(|e| c.fail(&e));
     assert!(
         counters.get("takeovers").copied().unwrap_or(0) >= 1,

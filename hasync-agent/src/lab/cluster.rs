@@ -27,7 +27,7 @@ use super::{
     topology::{check_prefix, Link, Topology, MAX_MEMBERS},
     LabError, Result,
 };
-use crate::config::{Config, PolicyName, MIN_KEY_BYTES};
+use crate::config::{Config, ForwardingName, PolicyName, MIN_KEY_BYTES};
 
 /// Cluster id of a lab.
 pub const LAB_CLUSTER_ID: u32 = 7;
@@ -55,6 +55,9 @@ pub struct ClusterOptions {
     /// `[local] embryonic_capacity` (default: the agent's, 1/8 of the table).
     pub embryonic_capacity: Option<u32>,
     pub policy: PolicyName,
+    /// `[local] forwarding`; with XDP, the switch and the endpoints are made ready for
+    /// redirected frames ([`Topology::ready_for_xdp_forwarding`]).
+    pub forwarding: ForwardingName,
     pub keepalive_threshold_ms: Option<u64>,
     pub tentative_hold_s: Option<u64>,
     pub sync_timeout_min: Option<u64>,
@@ -82,6 +85,7 @@ impl Default for ClusterOptions {
             session_capacity: LAB_SESSION_CAPACITY,
             embryonic_capacity: None,
             policy: PolicyName::Strict,
+            forwarding: ForwardingName::Kernel,
             keepalive_threshold_ms: None,
             tentative_hold_s: None,
             sync_timeout_min: None,
@@ -225,6 +229,9 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
             PolicyName::Loose => "loose",
         })
     ));
+    if options.forwarding == ForwardingName::Xdp {
+        line("forwarding = \"xdp\"".into());
+    }
     line(format!("session_capacity = {}", options.session_capacity));
     if let Some(n) = options.embryonic_capacity {
         line(format!("embryonic_capacity = {n}"));
@@ -417,6 +424,9 @@ impl LabCluster {
             topology,
         };
         write_configs(&cluster.dir, cluster.topology.members(), &options)?;
+        if options.forwarding == ForwardingName::Xdp {
+            cluster.topology.ready_for_xdp_forwarding()?;
+        }
         Ok(cluster)
     }
 

@@ -421,6 +421,21 @@ impl Topology {
         ip(self.try_ns(name)?, args)
     }
 
+    /// Makes the lab carry frames that members forward in XDP: the switch ports facing the
+    /// members' data interfaces take XDP redirects (GRO on), and the client and the server
+    /// send finished checksums (see [`netns::Offload`]).
+    pub fn ready_for_xdp_forwarding(&self) -> Result<()> {
+        for k in self.member_ids() {
+            for link in [Link::In, Link::Out] {
+                netns::set_offload(self.hasw(), &link.switch_port(k), netns::Offload::Gro, true)?;
+            }
+        }
+        for ns in [self.client(), self.server()] {
+            netns::set_offload(ns, "eth0", netns::Offload::TxChecksum, false)?;
+        }
+        Ok(())
+    }
+
     /// Sends client→server traffic through member `k` and the server's replies back through
     /// it.
     pub fn steer(&self, k: u8) -> Result<()> {
