@@ -13,6 +13,7 @@ pub struct ChaosArgs {
     pub duration: u64,
     pub seed: u64,
     pub out: PathBuf,
+    pub forwarding: String,
 }
 
 /// Builds the agent (release: 16 debug agents would starve a small host) and runs the long
@@ -24,6 +25,7 @@ pub fn chaos(root: &Path, args: &ChaosArgs) -> Result<()> {
         .args(["--members", &args.members.to_string()])
         .args(["--duration", &args.duration.to_string()])
         .args(["--seed", &args.seed.to_string()])
+        .args(["--forwarding", &args.forwarding])
         .arg("--out")
         .arg(&args.out);
     cmd::run(&mut run)

@@ -92,6 +92,9 @@ Modes:
         /// Where the table goes.
         #[arg(long, default_value = "target/chaos-report.md")]
         out: PathBuf,
+        /// The members' `[local] forwarding`: `kernel` or `xdp`.
+        #[arg(long, default_value = "kernel")]
+        forwarding: String,
     },
     /// Lint the XDP program (hasync-ebpf) for bpfel-unknown-none with nightly clippy.
     ClippyEbpf,
@@ -263,6 +266,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             duration,
             seed,
             out,
+            forwarding,
         } => {
             setup::setup(Mode::Install, Report::Summary)?;
             chaos::chaos(
@@ -272,6 +276,7 @@ fn dispatch(cli: Cli) -> Result<()> {
                     duration,
                     seed,
                     out,
+                    forwarding,
                 },
             )
         }

@@ -5,6 +5,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
+use hasync_agent::config::ForwardingName;
 use hasync_tests::chaos::{run, Profile};
 
 #[derive(Parser)]
@@ -25,15 +26,25 @@ struct Args {
     /// Where to write the Markdown table.
     #[arg(long, default_value = "target/chaos-report.md")]
     out: PathBuf,
+    /// The members' `[local] forwarding`.
+    #[arg(long, value_enum, default_value_t = Forwarding::Kernel)]
+    forwarding: Forwarding,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Forwarding {
+    Kernel,
+    Xdp,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let report = run(&Profile::long(
-        args.members,
-        Duration::from_secs(args.duration),
-        args.seed,
-    ));
+    let mut profile = Profile::long(args.members, Duration::from_secs(args.duration), args.seed);
+    profile.forwarding = match args.forwarding {
+        Forwarding::Kernel => ForwardingName::Kernel,
+        Forwarding::Xdp => ForwardingName::Xdp,
+    };
+    let report = run(&profile);
     println!("{}", report.text());
     if let Err(e) = std::fs::write(&args.out, report.markdown()) {
         eprintln!("error: writing {}: {e}", args.out.display());

@@ -29,6 +29,7 @@ use std::{
 };
 
 use hasync_agent::{
+    config::ForwardingName,
     lab::{cluster::AgentState, ClusterOptions},
     lock::lock,
 };
@@ -60,6 +61,8 @@ pub struct Profile {
     pub stall_bound: Duration,
     pub rss_bound_kib: u64,
     pub fd_bound: u64,
+    /// The members' `[local] forwarding`.
+    pub forwarding: ForwardingName,
 }
 
 impl Profile {
@@ -83,6 +86,7 @@ impl Profile {
             stall_bound: Duration::from_secs(10),
             rss_bound_kib: 256 * 1024,
             fd_bound: 0,
+            forwarding: ForwardingName::Kernel,
         }
         .with_fd_bound()
     }
@@ -118,6 +122,7 @@ impl Profile {
     fn options(&self) -> ClusterOptions {
         let ms = u64::try_from(self.keepalive.as_millis()).unwrap_or(u64::MAX);
         ClusterOptions {
+            forwarding: self.forwarding,
             keepalive_threshold_ms: Some(ms),
             tentative_hold_s: Some(0),
             // Sessions outlive the run: expiry is not what this checks, and it would make
