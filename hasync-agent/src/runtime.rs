@@ -154,6 +154,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     dp.retain_zones(&indexes)
         .context("unbinding interfaces no longer in a zone")?;
     let mut events = dp.take_events().context("opening the events ring buffer")?;
+    let forwarding =
+        crate::forwarding::prepare(&config, &mut dp).context("starting forwarding in XDP")?;
     for (ifname, _, _, zone) in &bindings {
         let mode = dp.attach(ifname)?;
         let reused = dp.attachments().last().is_some_and(|a| a.reused);
@@ -207,9 +209,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         dp.clone(),
         membership.clone(),
     )?);
-    tasks.extend(
-        crate::forwarding::spawn(&config, dp.clone()).context("starting forwarding in XDP")?,
-    );
+    if let Some(prepared) = forwarding {
+        tasks.extend(crate::forwarding::spawn(&config, dp.clone(), prepared));
+    }
     let member = Arc::new(Member {
         config,
         dp,

@@ -64,8 +64,13 @@ counters! {
     RingbufFull = "ringbuf-full",
     /// Frames passed untouched because the datapath is not configured yet.
     PassUnconfigured = "pass-unconfigured",
-    /// Non-IP frames (ARP, LLDP, ...), passed.
+    /// Non-IP frames of the link layer's own protocols (ARP, RARP, LLDP, LACP and other slow
+    /// protocols, STP), passed.
     PassNonIp = "pass-non-ip",
+    /// Frames of any other ethertype (MPLS, PPPoE, 802.3 frames other than STP, ...), passed
+    /// to the kernel; a virtual wire never lets them cross (they may carry IP the program
+    /// cannot see).
+    PassOtherEthertype = "pass-other-ethertype",
     /// ICMP/ICMPv6 messages that are neither echoes nor errors (neighbour discovery, MLD,
     /// router advertisements, timestamps, ...), passed untracked.
     PassUntracked = "pass-untracked-protocol",
@@ -113,11 +118,23 @@ counters! {
     /// Left to the kernel (`forwarding = "xdp"`): the session has not seen both directions
     /// (TCP not established, UDP not answered), so the kernel's policy still sees the setup.
     PassFwdNotEstablished = "pass-fwd-not-established",
+    /// Left to the kernel: a TCP segment outside the window the session has seen (conntrack
+    /// would call it invalid).
+    PassFwdOutOfWindow = "pass-fwd-out-of-window",
+    /// Left to the kernel on purpose: about one packet in 16 s of every forwarded session,
+    /// so the kernel's own connection tracking sees the flow alive.
+    PassFwdRefresh = "pass-fwd-refresh",
+    /// Left to the kernel: not for unicast forwarding (an Ethernet broadcast or multicast,
+    /// an IPv4 multicast or broadcast address, an IPv6 multicast or link-local address).
+    PassFwdNotUnicast = "pass-fwd-not-unicast",
+    /// Left to the kernel: the route leaves through another zone than the session's other
+    /// side (a route change, or a reply zone not learned yet).
+    PassFwdZone = "pass-fwd-zone",
     /// Left to the kernel: a VLAN-tagged frame (the kernel owns the VLAN devices).
     PassFwdVlan = "pass-fwd-vlan",
     /// Left to the kernel: a fragment.
     PassFwdFragment = "pass-fwd-fragment",
-    /// Left to the kernel: IPv4 options.
+    /// Left to the kernel: IPv4 options, or an IPv6 hop-by-hop header.
     PassFwdIpOptions = "pass-fwd-ip-options",
     /// Left to the kernel: TTL or hop limit ≤ 1 (the kernel sends the ICMP time exceeded).
     PassFwdTtl = "pass-fwd-ttl",
@@ -134,7 +151,8 @@ counters! {
     PassFwdEgress = "pass-fwd-egress",
     /// Frames that crossed a virtual wire (redirected to the wire's other end).
     VwireForwarded = "vwire-forwarded",
-    /// Non-IP frames dropped on a virtual wire configured with `non_ip = "drop"`.
+    /// Non-IP frames dropped on a virtual wire: any of another ethertype, and the link
+    /// layer's own with `non_ip = "drop"`.
     DropVwireNonIp = "drop-vwire-non-ip",
     /// Malformed or truncated frames passed (malformed = pass).
     PassMalformed = "pass-malformed",

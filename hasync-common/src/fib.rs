@@ -1,14 +1,23 @@
 //! The forwarding cache of the XDP program (`Forwarding::Xdp`): what a FIB lookup found for a
-//! destination, kept per ingress interface and destination, and valid while the agent's FIB
-//! generation (bumped on every route or neighbour change) has not moved. Node-local: never
-//! synced; a member that takes a session over fills its own.
+//! source and destination coming in on an interface. An entry holds while the agent's FIB
+//! generation (bumped on route, rule, neighbour, address and link changes) has not moved and
+//! for at most [`FIB_ENTRY_LIFETIME_NS`], so it stays right when the agent is not there to
+//! bump. Node-local: never synced; a member that takes a session over fills its own.
 
-/// The key of FIB_CACHE.
+use crate::ids::ZoneId;
+
+/// The longest an entry is used without a new lookup.
+pub const FIB_ENTRY_LIFETIME_NS: u64 = 2_000_000_000;
+
+/// The key of FIB_CACHE. The source is part of it because the lookup uses it (policy routing,
+/// multipath hashing on addresses).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FibKey {
     /// Destination address in network byte order (IPv4: first word, the rest zero).
     pub dst: [u32; 4],
+    /// Source address, the same way.
+    pub src: [u32; 4],
     /// The interface the packets come in on (the lookup's input interface).
     pub ifindex: u32,
     /// A [`crate::Family`] as `u8`.
@@ -16,12 +25,17 @@ pub struct FibKey {
     /// Padding; zero.
     pub _pad: [u8; 3],
 }
-crate::assert_size!(FibKey, 24);
+crate::assert_size!(FibKey, 40);
 
-/// The value of FIB_CACHE: where packets to the key's destination leave, and how.
+/// The value of FIB_CACHE: where packets of the key leave, and how.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FibEntry {
+    /// The key again: an LRU map reuses an element at once, so a reader checks that the copy
+    /// it took is the one it asked for.
+    pub key: FibKey,
+    /// Session clock: after this the entry is looked up again.
+    pub expires_ns: u64,
     /// The FIB generation the entry was looked up in; stale when FIB_GENERATION differs.
     pub generation: u32,
     /// Egress interface.
@@ -32,7 +46,7 @@ pub struct FibEntry {
     pub smac: [u8; 6],
     /// Destination MAC: the next hop's.
     pub dmac: [u8; 6],
-    /// Padding; zero.
-    pub _pad: [u8; 2],
+    /// The zone of the egress interface ([`ZoneId::NONE`]: in none).
+    pub zone: ZoneId,
 }
-crate::assert_size!(FibEntry, 24);
+crate::assert_size!(FibEntry, 72);

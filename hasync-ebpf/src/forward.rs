@@ -1,22 +1,23 @@
-//! Forwarding in XDP: Layer 3 (`forwarding = "xdp"`: a FIB lookup cached per destination, MAC
+//! Forwarding in XDP: Layer 3 (`forwarding = "xdp"`: a FIB lookup cached per source and
+//! destination, MAC
 //! rewrite, TTL or hop-limit decrement, DEVMAP redirect) and virtual wires (redirect to the
 //! wire's other end). What the fast path should not decide goes to the kernel, counted.
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use hasync_common::{
-    flow::Family, Counter, Counters, DatapathConfig, FibEntry, FibKey, Forwarding, Session, State,
-    ZoneBinding,
+    fib::FIB_ENTRY_LIFETIME_NS, flow::Family, session::DIR_ORIGINAL, Counter, Counters,
+    DatapathConfig, FibEntry, FibKey, Forwarding, Session, State, ZoneBinding, ZoneId,
 };
 
 use crate::{
-    maps::{FIB_CACHE, FIB_GENERATION, FWD_PORTS, VWIRE_PORTS, ZONES},
+    maps::{FIB_CACHE, FIB_GENERATION, FIB_SCRATCH, FWD_PORTS, VWIRE_PORTS, ZONES},
     parse::{frame_mut, raw32, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -24,16 +25,47 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 /// Offset of the IPv4 TTL in an untagged frame: what `ip_decrease_ttl` rewrites starts here.
 const IPV4_TTL_AT: usize = 22;
-/// The largest IP packet: the MTU asked of a lookup that should report the route's MTU.
+/// The MTU of a device that takes the largest IP packets.
 const MAX_IP_LEN: u16 = u16::MAX;
+/// IPv6 next header: hop-by-hop options.
+const NEXTHDR_HOP: u8 = 0;
 
 /// What the forwarding reads of the IP header of an untagged frame.
 struct Ip {
     family: Family,
-    src: [u32; 4],
-    dst: [u32; 4],
-    /// The IP packet's length (IPv6: header included).
-    len: u16,
+    /// The IP packet's length as it would leave (the frame past its Ethernet header).
+    len: u64,
+}
+
+/// This CPU's working space for a lookup, off the 512-byte stack: the cache key (addresses
+/// and ingress), the kernel's lookup parameters, and the entry a miss builds.
+pub struct FibScratch {
+    pub key: FibKey,
+    pub params: FibParams,
+    pub entry: FibEntry,
+}
+
+/// What the forwarding needs of a FIB_CACHE entry: copied out small, the entry stays in the
+/// map (the program's stack is 512 bytes).
+struct Hop {
+    ifindex: u32,
+    mtu: u16,
+    zone: ZoneId,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+impl Hop {
+    #[inline(always)]
+    fn of(e: &FibEntry) -> Hop {
+        Hop {
+            ifindex: e.ifindex,
+            mtu: e.mtu,
+            zone: e.zone,
+            smac: e.smac,
+            dmac: e.dmac,
+        }
+    }
 }
 
 /// The ingress binding of a frame, when virtual wires are configured.
@@ -48,15 +80,17 @@ fn wire_end(ctx: &XdpContext, cfg: &DatapathConfig) -> Option<ZoneBinding> {
         .filter(|b| b.has(ZoneBinding::VWIRE))
 }
 
-/// The last step of every frame: on a virtual-wire end, what passes crosses to the other end
-/// (non-IP frames too, unless the wire drops them); elsewhere `verdict` stands.
+/// The last step of every frame: on a virtual-wire end, what passes crosses to the other end;
+/// elsewhere `verdict` stands. `link_layer` is why a non-IP frame passed: the link layer's own
+/// protocols cross unless the wire drops them, other ethertypes (which may carry IP the
+/// program cannot see) never cross.
 #[inline(always)]
 pub fn wire(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     counters: &mut Counters,
     verdict: u32,
-    non_ip: bool,
+    link_layer: Option<Counter>,
 ) -> u32 {
     if verdict != xdp_action::XDP_PASS {
         return verdict;
@@ -64,7 +98,12 @@ pub fn wire(
     let Some(end) = wire_end(ctx, cfg) else {
         return verdict;
     };
-    if non_ip && end.has(ZoneBinding::NON_IP_DROP) {
+    let refused = match link_layer {
+        Some(Counter::PassOtherEthertype) => true,
+        Some(Counter::PassNonIp) => end.has(ZoneBinding::NON_IP_DROP),
+        _ => false,
+    };
+    if refused {
         counters.inc(Counter::DropVwireNonIp);
         return xdp_action::XDP_DROP;
     }
@@ -79,6 +118,27 @@ pub fn wire(
     }
 }
 
+/// What the session table knows of a packet it accepted, for the forwarding decision.
+pub struct Accepted {
+    /// The session has seen both directions ([`both_ways`]).
+    pub both_ways: bool,
+    /// The session's version after this packet.
+    pub version: u32,
+    /// The session's zone (its initiator's side) and reply zone.
+    pub zone: ZoneId,
+    pub reply_zone: ZoneId,
+    /// `DIR_ORIGINAL` or `DIR_REPLY`.
+    pub dir: usize,
+    /// A first fragment.
+    pub fragment: bool,
+    /// TCP: the segment fits the window (UDP: always).
+    pub in_window: bool,
+    /// The packet carried a refresh event (about once a second per session).
+    pub refreshed: bool,
+    /// Session clock.
+    pub now: u64,
+}
+
 /// A packet of an owned session that the table accepted: forward it in XDP when the
 /// configuration asks for it and nothing unusual is about it; else pass it to the kernel,
 /// counted by reason.
@@ -87,13 +147,12 @@ pub fn routed(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     counters: &mut Counters,
-    s: &Session,
-    fragment: bool,
+    pkt: &Accepted,
 ) -> u32 {
     if cfg.forwarding != Forwarding::Xdp as u8 || wire_end(ctx, cfg).is_some() {
         return xdp_action::XDP_PASS;
     }
-    match try_route(ctx, s, fragment) {
+    match try_route(ctx, pkt) {
         Ok(action) => {
             counters.inc(Counter::ForwardedXdp);
             action
@@ -109,24 +168,56 @@ pub fn routed(
 /// connection half-closed after its handshake still carries data; ICMP echoes stay with the
 /// kernel.
 #[inline(always)]
-fn both_ways(s: &Session) -> bool {
+pub fn both_ways(s: &Session) -> bool {
     s.state == State::Established as u8
         || s.state == State::UdpReplied as u8
         || (s.state == State::Closing as u8 && s.handshake_completed())
 }
 
+/// Every 16th refresh of a session: the kernel's connection tracking forgets a UDP stream
+/// after 120 s without a packet, so a packet the fast path later hands it mid-flow would be
+/// new or invalid there.
 #[inline(always)]
-fn try_route(ctx: &XdpContext, s: &Session, fragment: bool) -> Result<u32, Counter> {
-    if !both_ways(s) {
+fn kernel_refresh_due(pkt: &Accepted) -> bool {
+    pkt.refreshed && pkt.version & 15 == 0
+}
+
+#[inline(always)]
+fn try_route(ctx: &XdpContext, pkt: &Accepted) -> Result<u32, Counter> {
+    if !pkt.both_ways {
         return Err(Counter::PassFwdNotEstablished);
     }
-    if fragment {
+    if !pkt.in_window {
+        return Err(Counter::PassFwdOutOfWindow);
+    }
+    if pkt.fragment {
         return Err(Counter::PassFwdFragment);
     }
-    let ip = ip_header(ctx)?;
-    let ingress = ctx.ingress_ifindex() as u32;
-    let hop = next_hop(ctx, &ip, ingress)?;
-    if ip.len > hop.mtu {
+    if kernel_refresh_due(pkt) {
+        return Err(Counter::PassFwdRefresh);
+    }
+    let scratch = FIB_SCRATCH.get_ptr_mut(0).ok_or(Counter::PassFwdNoRoute)?;
+    // SAFETY: this CPU's scratch slot; only this program run uses it.
+    let scratch = unsafe { &mut *scratch };
+    let ip = ip_header(ctx, &mut scratch.key)?;
+    let hop = next_hop(ctx, scratch, pkt.now)?;
+    // Out through the session's other side only: a route into a third zone is the kernel's
+    // (and its policy's) to decide. The reply side is learned from the first reply; a member
+    // that took the session over learns it again, until then any other zone will do.
+    let other_side = if pkt.dir == DIR_ORIGINAL {
+        pkt.reply_zone
+    } else {
+        pkt.zone
+    };
+    let zone_ok = if other_side == ZoneId::NONE {
+        hop.zone != ZoneId::NONE && hop.zone != pkt.zone
+    } else {
+        hop.zone == other_side
+    };
+    if !zone_ok {
+        return Err(Counter::PassFwdZone);
+    }
+    if ip.len > u64::from(hop.mtu) {
         return Err(Counter::PassFwdMtu);
     }
     let action = FWD_PORTS
@@ -139,41 +230,64 @@ fn try_route(ctx: &XdpContext, s: &Session, fragment: bool) -> Result<u32, Count
 
 /// Reads the IP header of an untagged frame, refusing what the fast path leaves to the kernel.
 #[inline(always)]
-fn ip_header(ctx: &XdpContext) -> Result<Ip, Counter> {
+fn ip_header(ctx: &XdpContext, key: &mut FibKey) -> Result<Ip, Counter> {
     let eth = frame_mut::<ETH_HLEN>(ctx, 0).ok_or(Counter::PassFwdVlan)?;
-    // SAFETY: `frame_mut` checked the bytes lie inside the frame.
-    let eth = unsafe { *eth };
+    // SAFETY: `frame_mut` checked the bytes lie inside the frame. The headers are read in
+    // place, not copied: the program's stack is small.
+    let eth = unsafe { &*eth };
+    if eth[0] & 1 != 0 {
+        // Ethernet broadcast or multicast: never forwarded as unicast.
+        return Err(Counter::PassFwdNotUnicast);
+    }
+    // What leaves is the whole frame past the Ethernet header.
+    let len = (ctx.data_end().wrapping_sub(ctx.data()) as u64).saturating_sub(ETH_HLEN as u64);
     match u16::from_be_bytes([eth[12], eth[13]]) {
         ETH_P_IP => {
             let h = frame_mut::<20>(ctx, ETH_HLEN).ok_or(Counter::PassFwdVlan)?;
             // SAFETY: as above.
-            let h = unsafe { *h };
+            let h = unsafe { &*h };
             if h[0] != 0x45 {
                 return Err(Counter::PassFwdIpOptions);
             }
             if h[8] <= 1 {
                 return Err(Counter::PassFwdTtl);
             }
+            // 224/4 multicast, 240/4 reserved and the limited broadcast.
+            if h[16] >= 224 {
+                return Err(Counter::PassFwdNotUnicast);
+            }
+            key.src = [raw32(h, 12), 0, 0, 0];
+            key.dst = [raw32(h, 16), 0, 0, 0];
+            key.family = Family::V4 as u8;
+            key.ifindex = ctx.ingress_ifindex() as u32;
             Ok(Ip {
                 family: Family::V4,
-                src: [raw32(&h, 12), 0, 0, 0],
-                dst: [raw32(&h, 16), 0, 0, 0],
-                len: u16::from_be_bytes([h[2], h[3]]),
+                len,
             })
         }
         ETH_P_IPV6 => {
             let h = frame_mut::<40>(ctx, ETH_HLEN).ok_or(Counter::PassFwdVlan)?;
             // SAFETY: as above.
-            let h = unsafe { *h };
+            let h = unsafe { &*h };
             if h[7] <= 1 {
                 return Err(Counter::PassFwdTtl);
             }
-            let word = |at: usize| raw32(&h, at);
+            if h[6] == NEXTHDR_HOP {
+                return Err(Counter::PassFwdIpOptions);
+            }
+            // Multicast (ff00::/8) and link-local (fe80::/10) stay on their link.
+            let link_local = |hi: u8, lo: u8| hi == 0xfe && lo & 0xc0 == 0x80;
+            if h[24] == 0xff || link_local(h[24], h[25]) || link_local(h[8], h[9]) {
+                return Err(Counter::PassFwdNotUnicast);
+            }
+            let word = |at: usize| raw32(h, at);
+            key.src = [word(8), word(12), word(16), word(20)];
+            key.dst = [word(24), word(28), word(32), word(36)];
+            key.family = Family::V6 as u8;
+            key.ifindex = ctx.ingress_ifindex() as u32;
             Ok(Ip {
                 family: Family::V6,
-                src: [word(8), word(12), word(16), word(20)],
-                dst: [word(24), word(28), word(32), word(36)],
-                len: u16::from_be_bytes([h[4], h[5]]).saturating_add(40),
+                len,
             })
         }
         // 802.1Q / 802.1ad: the kernel owns the VLAN devices and their routes.
@@ -181,78 +295,74 @@ fn ip_header(ctx: &XdpContext) -> Result<Ip, Counter> {
     }
 }
 
-/// Where packets to `ip.dst` leave: the cached lookup while the FIB generation holds, else a
-/// new lookup, cached.
+/// Where packets of `scratch.key` leave: the cached lookup while the FIB generation holds
+/// and the entry has not expired, else a new lookup, cached.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, ip: &Ip, ingress: u32) -> Result<FibEntry, Counter> {
+fn next_hop(ctx: &XdpContext, scratch: &mut FibScratch, now: u64) -> Result<Hop, Counter> {
     let generation = FIB_GENERATION.get(0).copied().unwrap_or(0);
-    let key = FibKey {
-        dst: ip.dst,
-        ifindex: ingress,
-        family: ip.family as u8,
-        _pad: [0; 3],
-    };
-    if let Some(hop) = FIB_CACHE.get_ptr(key) {
-        // SAFETY: a map value stays valid while the program runs; a torn read of an entry
-        // being replaced on another CPU is caught by its generation or by the next lookup.
-        let hop = unsafe { *hop };
-        if hop.generation == generation {
-            return Ok(hop);
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "the key in the scratch map, not a copy on the stack"
+    )]
+    let cached = FIB_CACHE.get_ptr(&scratch.key);
+    if let Some(hop) = cached {
+        // SAFETY: a map value stays readable while the program runs. An LRU map may reuse the
+        // element for another key at once: the entry is checked against the key it was asked
+        // for, in place.
+        let hop = unsafe { &*hop };
+        if hop.key == scratch.key && hop.generation == generation && now < hop.expires_ns {
+            return Ok(Hop::of(hop));
         }
     }
-    let mut hop = lookup(ctx, ip, ingress)?;
-    hop.generation = generation;
+    lookup(ctx, scratch)?;
+    let entry = &mut scratch.entry;
+    entry.key = scratch.key;
+    entry.generation = generation;
+    entry.expires_ns = now.wrapping_add(FIB_ENTRY_LIFETIME_NS);
     // A full cache evicts its least recently used entry; an insert error only costs a lookup.
-    let _ = FIB_CACHE.insert(key, hop, BPF_ANY as u64);
-    Ok(hop)
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "key and value in the scratch map, not copies on the stack"
+    )]
+    let _ = FIB_CACHE.insert(&scratch.key, &scratch.entry, BPF_ANY as u64);
+    Ok(Hop::of(&scratch.entry))
 }
 
-/// The kernel's FIB lookup for `ip`, as the kernel would forward it: egress, MACs, and the
-/// route's MTU (asked with a second lookup for the largest packet, which the kernel answers
-/// with the MTU it would allow).
+/// The kernel's FIB lookup for `scratch.key`, as the kernel would forward it, into
+/// `scratch.entry`: egress, MACs, its zone, and the MTU it would allow (a successful lookup
+/// reports it since Linux 5.12).
 #[inline(always)]
-fn lookup(ctx: &XdpContext, ip: &Ip, ingress: u32) -> Result<FibEntry, Counter> {
-    let mut params = fib_params(ip, ingress, 0);
-    match fib(ctx, &mut params) {
+fn lookup(ctx: &XdpContext, scratch: &mut FibScratch) -> Result<(), Counter> {
+    let key = &scratch.key;
+    let p = &mut scratch.params;
+    // SAFETY: the struct is plain integers and unions of integers; all zero is valid.
+    *p = unsafe { core::mem::zeroed() };
+    p.ifindex = key.ifindex;
+    if key.family == Family::V4 as u8 {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = key.src[0];
+        p.__bindgen_anon_4.ipv4_dst = key.dst[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = key.src;
+        p.__bindgen_anon_4.ipv6_dst = key.dst;
+    }
+    match fib(ctx, p) {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassFwdNoNeighbour),
         _ => return Err(Counter::PassFwdNoRoute),
     }
-    let mut probe = fib_params(ip, ingress, MAX_IP_LEN);
-    let mtu = match fib(ctx, &mut probe) {
-        // SAFETY: on FRAG_NEEDED the kernel wrote the MTU into the union.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => unsafe { probe.__bindgen_anon_1.mtu_result },
-        _ => MAX_IP_LEN,
+    let entry = &mut scratch.entry;
+    // SAFETY: after a successful lookup the union holds the MTU (0: 65,536 truncated).
+    entry.mtu = match unsafe { p.__bindgen_anon_1.mtu_result } {
+        0 => MAX_IP_LEN,
+        mtu => mtu,
     };
-    Ok(FibEntry {
-        generation: 0,
-        ifindex: params.ifindex,
-        mtu,
-        smac: params.smac,
-        dmac: params.dmac,
-        _pad: [0; 2],
-    })
-}
-
-#[inline(always)]
-fn fib_params(ip: &Ip, ingress: u32, tot_len: u16) -> FibParams {
-    // SAFETY: the struct is plain integers and unions of integers; all zero is valid.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.ifindex = ingress;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    match ip.family {
-        Family::V4 => {
-            p.family = AF_INET;
-            p.__bindgen_anon_3.ipv4_src = ip.src[0];
-            p.__bindgen_anon_4.ipv4_dst = ip.dst[0];
-        }
-        Family::V6 => {
-            p.family = AF_INET6;
-            p.__bindgen_anon_3.ipv6_src = ip.src;
-            p.__bindgen_anon_4.ipv6_dst = ip.dst;
-        }
-    }
-    p
+    entry.ifindex = p.ifindex;
+    entry.smac = p.smac;
+    entry.dmac = p.dmac;
+    entry.zone = ZONES.get(p.ifindex).map_or(ZoneId::NONE, |b| b.zone);
+    Ok(())
 }
 
 #[inline(always)]
@@ -273,7 +383,7 @@ fn fib(ctx: &XdpContext, params: &mut FibParams) -> u32 {
 /// Rewrites the Ethernet addresses and decrements the TTL (IPv4, with the checksum updated
 /// incrementally as RFC 1624 does) or the hop limit (IPv6).
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, family: Family, hop: &FibEntry) -> Result<(), Counter> {
+fn rewrite(ctx: &XdpContext, family: Family, hop: &Hop) -> Result<(), Counter> {
     let eth = frame_mut::<12>(ctx, 0).ok_or(Counter::PassFwdVlan)?;
     let [d0, d1, d2, d3, d4, d5] = hop.dmac;
     let [s0, s1, s2, s3, s4, s5] = hop.smac;

@@ -1,6 +1,7 @@
 //! The maps of the product program. Names match `hasync_common::maps`; sizes are defaults the
 //! agent may change at load time.
 
+use crate::forward::FibScratch;
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -65,3 +66,7 @@ pub static FIB_CACHE: LruHashMap<FibKey, FibEntry> =
 
 #[map]
 pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Where a FIB_CACHE entry is built before it is inserted: off the 512-byte stack.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);

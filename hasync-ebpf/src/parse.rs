@@ -13,6 +13,15 @@ pub(crate) const ETH_HLEN: usize = 14;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_RARP: u16 = 0x8035;
+const ETH_P_LLDP: u16 = 0x88cc;
+/// Slow protocols: LACP, marker, OAM.
+const ETH_P_SLOW: u16 = 0x8809;
+/// Below this the field is an 802.3 length, and an LLC header follows.
+const ETH_P_802_3_MIN: u16 = 0x0600;
+/// The LLC service access point of the spanning tree protocol.
+const LLC_SAP_BSPAN: u8 = 0x42;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers walked before giving up (counted as malformed).
@@ -199,11 +208,26 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     let l3 = match ethertype {
         ETH_P_IP => parse_ipv4(&frame, l3),
         ETH_P_IPV6 => parse_ipv6(&frame, l3),
-        _ => return Parsed::Pass(Counter::PassNonIp),
+        other => return Parsed::Pass(link_layer(&frame, l3, other)),
     };
     match l3 {
         Ok(l3) => parse_l4(&frame, l3),
         Err(parsed) => parsed,
+    }
+}
+
+/// Why a frame of ethertype `ethertype` (its payload at `at`) passes: one of the link layer's
+/// own protocols, or another ethertype.
+#[inline(always)]
+fn link_layer(frame: &Frame, at: usize, ethertype: u16) -> Counter {
+    match ethertype {
+        ETH_P_ARP | ETH_P_RARP | ETH_P_LLDP | ETH_P_SLOW => Counter::PassNonIp,
+        // An 802.3 length field: STP's LLC header has both service access points 0x42.
+        len if len < ETH_P_802_3_MIN => match frame.read::<2>(at) {
+            Some([LLC_SAP_BSPAN, LLC_SAP_BSPAN]) => Counter::PassNonIp,
+            _ => Counter::PassOtherEthertype,
+        },
+        _ => Counter::PassOtherEthertype,
     }
 }
 

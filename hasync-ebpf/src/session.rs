@@ -60,7 +60,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         counters.inc(Counter::PassUnconfigured);
         return xdp_action::XDP_PASS;
     }
-    let mut non_ip = false;
+    let mut link_layer = None;
     let verdict = match parse(ctx) {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
@@ -75,7 +75,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::Pass(reason) => {
             counters.inc(reason);
-            non_ip = reason == Counter::PassNonIp;
+            link_layer = Some(reason);
             xdp_action::XDP_PASS
         }
         Parsed::Malformed(reason) => {
@@ -94,7 +94,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
             }
         }
     };
-    forward::wire(ctx, cfg, counters, verdict, non_ip)
+    forward::wire(ctx, cfg, counters, verdict, link_layer)
 }
 
 #[inline(always)]
@@ -172,19 +172,34 @@ fn hit(
         );
     }
     account(s, dir, pkt, now, fit);
-    if !owned {
+    let refreshed = if !owned {
         take_over(cfg, counters, pkt, s, dir, now);
-        return forward::routed(ctx, cfg, counters, s, pkt.first_fragment.is_some());
-    }
-    if let Some(kind) = advance(counters, pkt, s, dir) {
+        false
+    } else if let Some(kind) = advance(counters, pkt, s, dir) {
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
+        false
     } else if now.saturating_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
         s.version = s.version.wrapping_add(1);
         s.last_event_ns = now;
         emit(counters, EventKind::Refresh, &pkt.key, s);
-    }
-    forward::routed(ctx, cfg, counters, s, pkt.first_fragment.is_some())
+        true
+    } else {
+        false
+    };
+    // One call site: the forwarding path is inlined once.
+    let accepted = forward::Accepted {
+        both_ways: forward::both_ways(s),
+        version: s.version,
+        zone: s.zone,
+        reply_zone: s.reply_zone,
+        dir,
+        fragment: pkt.first_fragment.is_some(),
+        in_window: fit != Fit::Outside,
+        refreshed,
+        now,
+    };
+    forward::routed(ctx, cfg, counters, &accepted)
 }
 
 /// Is the member that owns `s` alive?

@@ -873,6 +873,26 @@ fn untracked_and_encapsulation_rows() -> Vec<Row> {
         Row::new("lldp passes as non-ip")
             .pass(Frame::arp().set_byte(12, 0x88).set_byte(13, 0xcc))
             .counters(&[(C::PassNonIp, 1)]),
+        Row::new("stp (an 802.3 frame with the bridge LLC) passes as non-ip")
+            .pass(
+                Frame::arp()
+                    .set_byte(12, 0x00)
+                    .set_byte(13, 0x26)
+                    .set_byte(14, 0x42)
+                    .set_byte(15, 0x42),
+            )
+            .counters(&[(C::PassNonIp, 1)]),
+        Row::new("mpls passes as another ethertype (it may carry ip)")
+            .pass(Frame::arp().set_byte(12, 0x88).set_byte(13, 0x47))
+            .counters(&[(C::PassOtherEthertype, 1)]),
+        Row::new("an 802.3 frame that is not stp passes as another ethertype")
+            .pass(
+                Frame::arp()
+                    .set_byte(12, 0x00)
+                    .set_byte(13, 0x26)
+                    .set_byte(14, 0xaa),
+            )
+            .counters(&[(C::PassOtherEthertype, 1)]),
         Row::new("tcp syn in a vlan (v4)")
             .pass(tcp(C4, S4).syn().vlan(100))
             .session(Expect::new(State::SynSent))
@@ -1837,6 +1857,30 @@ fn forwarding_rows() -> Vec<Row> {
                 (C::Ipv4FirstFragment, 1),
                 (C::PassFwdFragment, 1),
             ]),
+        xdp("xdp forwarding: an ethernet broadcast goes to the kernel")
+            .existing(replied())
+            .pass(udp(C4, S4).set_byte(0, 0xff))
+            .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdNotUnicast, 1)]),
+        xdp("xdp forwarding: an ipv6 link-local source goes to the kernel")
+            .existing(replied())
+            .pass(udp("[fe80::10]:40000", S6))
+            .session(
+                Expect::new(State::UdpReplied)
+                    .version(7)
+                    .packets(6, 4)
+                    .flags(F::INITIATOR_HI),
+            )
+            .counters(&[(C::Hits, 1), (C::PassFwdNotUnicast, 1)]),
+        xdp("xdp forwarding: a tcp segment outside the window goes to the kernel")
+            .existing(established().tcp_window(
+                [track::KNOWN, track::KNOWN],
+                [1000, 1000],
+                [5000, 9000],
+            ))
+            .pass(tcp(C4, S4).ack().seq(900_000).payload(10))
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdOutOfWindow, 1)]),
         xdp("xdp forwarding: an icmp echo stays with the kernel")
             .existing(Existing::local(State::IcmpEcho))
             .pass(ping(C4, S4, 7, true))

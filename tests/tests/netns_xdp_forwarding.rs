@@ -292,6 +292,22 @@ fn after_the_lookup(fwd: &mut Forwarder, flow: &Flow) -> Result<()> {
     resumes(fwd)?;
     fwd.fw.ip(&["link", "set", "fs0", "mtu", "1500"])?;
 
+    // A route's own MTU counts too, where the kernel's forwarding honours it (locked). The
+    // client learned a path MTU of 1280 above: this datagram stays under it.
+    let host = format!("{SRV4}/32");
+    fwd.fw
+        .ip(&["route", "add", &host, "dev", "fs0", "mtu", "lock", "1200"])?;
+    left_to_kernel(fwd, flow, &[7; 1240], Counter::PassFwdMtu, false)?;
+    fwd.fw.ip(&["route", "del", &host])?;
+    resumes(fwd)?;
+
+    // A route that leads back into the session's own zone is the kernel's to decide.
+    fwd.fw
+        .ip(&["route", "add", &host, "via", CLI4, "dev", "fc0"])?;
+    left_to_kernel(fwd, flow, b"third zone", Counter::PassFwdZone, false)?;
+    fwd.fw.ip(&["route", "del", &host])?;
+    resumes(fwd)?;
+
     let fc0 = fwd.fw.ifindex("fc0")?;
     let fs0 = fwd.fw.ifindex("fs0")?;
     fwd.set_ports(&[fc0])?;

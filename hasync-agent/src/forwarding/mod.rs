@@ -26,9 +26,13 @@ use features::Features;
 /// How often the ports are checked again (interfaces come and go, a veth's peer gains or
 /// loses its XDP program).
 const RECHECK: Duration = Duration::from_secs(1);
-/// Routing netlink groups whose notifications change what a FIB lookup answers: links,
-/// neighbours, IPv4 and IPv6 addresses and routes (RTNLGRP_*).
-const FIB_GROUPS: [u32; 6] = [1, 3, 5, 7, 9, 11];
+/// Routing netlink groups whose notifications change what a FIB lookup answers (RTNLGRP_*):
+/// links, neighbours, IPv4 addresses, routes and rules, IPv6 addresses, routes and rules,
+/// IPv4 and IPv6 per-interface settings (forwarding on or off), next-hop objects.
+const FIB_GROUPS: [u32; 11] = [1, 3, 5, 7, 8, 9, 11, 19, 24, 25, 32];
+/// Notifications come in bursts (a link going down withdraws its routes and neighbours): one
+/// bump after the burst has been quiet this long.
+const COALESCE: Duration = Duration::from_millis(20);
 /// Receive buffer for notifications.
 const RECV_BUFFER: usize = 1 << 20;
 
@@ -127,8 +131,7 @@ impl Devices for System {
 }
 
 /// Writes `ports` into the datapath.
-fn apply(dp: &Mutex<Datapath>, ports: &Ports) -> Result<(), String> {
-    let mut dp = lock(dp);
+fn apply(dp: &mut Datapath, ports: &Ports) -> Result<(), String> {
     dp.set_fwd_ports(&ports.forward)
         .map_err(|e| error_chain(&e))?;
     dp.set_vwire_ports(&ports.wires)
@@ -136,12 +139,16 @@ fn apply(dp: &Mutex<Datapath>, ports: &Ports) -> Result<(), String> {
     Ok(())
 }
 
-/// Fills the forwarding maps now and keeps them (and the FIB generation) current from a task;
+/// What [`spawn`] needs from before the datapath was attached.
+pub struct Prepared {
+    socket: Option<TokioSocket>,
+    ports: Ports,
+}
+
+/// Fills the forwarding maps, before the program is attached (a restart must not leave a
+/// wire or a port empty while the new program runs), and opens the notification socket;
 /// `None` when the config forwards nothing in XDP.
-pub fn spawn(
-    config: &Config,
-    dp: Arc<Mutex<Datapath>>,
-) -> Result<Option<JoinHandle<()>>, ForwardingError> {
+pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, ForwardingError> {
     let routed = config.local.forwarding == ForwardingName::Xdp;
     if !routed && config.vwire.is_empty() {
         return Ok(None);
@@ -154,10 +161,24 @@ pub fn spawn(
     let features = Features::open().map_err(|e| e.to_string());
     let mut system = System::now(features).map_err(ForwardingError::Datapath)?;
     let ports = plan(config, &mut system);
-    apply(&dp, &ports).map_err(ForwardingError::Datapath)?;
+    apply(dp, &ports).map_err(ForwardingError::Datapath)?;
     report(&[], &ports);
-    let config = Arc::new(config.clone());
-    Ok(Some(tokio::spawn(keep_current(config, dp, socket, ports))))
+    Ok(Some(Prepared { socket, ports }))
+}
+
+/// Keeps the ports current (every second) and the FIB generation moving with every route,
+/// rule, neighbour, address and link change: two tasks, so a slow port check never holds a
+/// notification back.
+pub fn spawn(config: &Config, dp: Arc<Mutex<Datapath>>, prepared: Prepared) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(keep_ports(
+        Arc::new(config.clone()),
+        dp.clone(),
+        prepared.ports,
+    ))];
+    if let Some(socket) = prepared.socket {
+        tasks.push(tokio::spawn(follow_fib(socket, dp)));
+    }
+    tasks
 }
 
 fn fib_socket() -> std::io::Result<TokioSocket> {
@@ -181,59 +202,53 @@ fn report(before: &[String], ports: &Ports) {
     }
 }
 
-async fn keep_current(
-    config: Arc<Config>,
-    dp: Arc<Mutex<Datapath>>,
-    mut socket: Option<TokioSocket>,
-    mut ports: Ports,
-) {
+async fn keep_ports(config: Arc<Config>, dp: Arc<Mutex<Datapath>>, mut ports: Ports) {
     let mut tick = tokio::time::interval(RECHECK);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let cfg = config.clone();
-                let next = tokio::task::spawn_blocking(move || {
-                    let features = Features::open().map_err(|e| e.to_string());
-                    System::now(features).map(|mut sys| plan(&cfg, &mut sys))
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
-                match next {
-                    Ok(next) if next != ports => {
-                        if let Err(e) = apply(&dp, &next) {
-                            warn!(error = %e, "updating the forwarding ports failed");
-                            continue;
-                        }
-                        report(&ports.left_out, &next);
-                        ports = next;
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "checking the forwarding ports failed"),
+        tick.tick().await;
+        let cfg = config.clone();
+        let next = tokio::task::spawn_blocking(move || {
+            let features = Features::open().map_err(|e| e.to_string());
+            System::now(features).map(|mut sys| plan(&cfg, &mut sys))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
+        match next {
+            Ok(next) if next != ports => {
+                let applied = {
+                    let mut dp = lock(&dp);
+                    apply(&mut dp, &next)
+                };
+                if let Err(e) = applied {
+                    warn!(error = %e, "updating the forwarding ports failed");
+                    continue;
                 }
+                report(&ports.left_out, &next);
+                ports = next;
             }
-            changed = notified(&mut socket) => {
-                if let Err(e) = changed {
-                    // An overrun lost notifications: the generation moves anyway. Anything
-                    // else is waited out a little, so a broken socket cannot spin.
-                    if e.raw_os_error() != Some(libc::ENOBUFS) {
-                        warn!(error = %e, "reading route and neighbour notifications failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                if let Err(e) = lock(&dp).bump_fib_generation() {
-                    warn!(error = %error_chain(&e), "invalidating the FIB cache failed");
-                }
-            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "checking the forwarding ports failed"),
         }
     }
 }
 
-/// Waits for the next batch of route, neighbour, address or link notifications (never, when
-/// there is no socket).
-async fn notified(socket: &mut Option<TokioSocket>) -> std::io::Result<()> {
-    match socket {
-        Some(s) => s.recv_from_full().await.map(drop),
-        None => std::future::pending().await,
+/// Bumps the FIB generation after every burst of notifications. An overrun lost some: the
+/// generation moves anyway. Any other error is waited out a little, so a broken socket cannot
+/// spin.
+async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
+    loop {
+        if let Err(e) = socket.recv_from_full().await {
+            if e.raw_os_error() != Some(libc::ENOBUFS) {
+                warn!(error = %e, "reading route and neighbour notifications failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // The rest of the burst.
+        while let Ok(Ok(_)) = tokio::time::timeout(COALESCE, socket.recv_from_full()).await {}
+        let bumped = lock(&dp).bump_fib_generation();
+        if let Err(e) = bumped {
+            warn!(error = %error_chain(&e), "invalidating the FIB cache failed");
+        }
     }
 }
 
