@@ -87,10 +87,17 @@ pub struct DatapathConfig {
     /// Slots of the replicas' part of the EMBRYOS ring: peers' embryonic sessions held at most
     /// (0: no limit). Set by the agent like `embryo_slots`.
     pub embryo_replica_slots: u32,
-    /// Padding; zero.
-    pub _pad2: u32,
+    /// Nanoseconds per jiffy (the kernel's tick): the program reads its clock as
+    /// [`DatapathConfig::jiffies_ns`], so session times stay in the agent's monotonic clock
+    /// without a helper call per packet. 0 (not measured, or an agent that predates it): the
+    /// program reads the kernel's coarse monotonic clock instead. Set by the agent, which
+    /// measures it at load time.
+    pub ns_per_jiffy: u32,
+    /// What to add to `jiffies * ns_per_jiffy` (wrapping) to read the agent's monotonic clock.
+    /// Set by the agent with `ns_per_jiffy`.
+    pub jiffies_offset_ns: u64,
 }
-crate::assert_size!(DatapathConfig, 88);
+crate::assert_size!(DatapathConfig, 96);
 
 impl DatapathConfig {
     /// The idle timeout of a session in `state` (a [`crate::State`] as `u8`), in nanoseconds;
@@ -101,6 +108,13 @@ impl DatapathConfig {
             Some(t) => *t,
             None => 0,
         }
+    }
+
+    /// The session clock (the agent's monotonic clock, in nanoseconds) when the kernel's
+    /// `jiffies` is `jiffies`, by the agent's measurement (`ns_per_jiffy` not 0).
+    #[inline(always)]
+    pub fn jiffies_ns(&self, jiffies: u64) -> u64 {
+        crate::clock::jiffies_ns(jiffies, self.ns_per_jiffy, self.jiffies_offset_ns)
     }
 
     /// Firewall defaults for `local` member.
@@ -120,7 +134,8 @@ impl DatapathConfig {
             _pad: 0,
             embryo_slots: 0,
             embryo_replica_slots: 0,
-            _pad2: 0,
+            ns_per_jiffy: 0,
+            jiffies_offset_ns: 0,
         }
     }
 }

@@ -6,6 +6,7 @@
 #![no_std]
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod event;
@@ -17,6 +18,7 @@ pub mod member;
 pub mod session;
 pub mod tcp_window;
 
+pub use clock::ClockSample;
 pub use config::{DatapathConfig, MalformedAction, OtherProtocols, Policy, ZoneBinding};
 pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
@@ -68,5 +70,6 @@ mod pod {
         EmbryoSlot,
         FragmentKey,
         ZoneBinding,
+        ClockSample,
     );
 }
