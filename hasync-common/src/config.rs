@@ -111,13 +111,22 @@ pub struct DatapathConfig {
     /// Slots of the replicas' part of the EMBRYOS ring: peers' embryonic sessions held at most
     /// (0: no limit). Set by the agent like `embryo_slots`.
     pub embryo_replica_slots: u32,
+    /// Nanoseconds per jiffy (the kernel's tick): the program reads its clock as
+    /// [`DatapathConfig::jiffies_ns`], so session times stay in the agent's monotonic clock
+    /// without a helper call per packet. 0 (not measured, or an agent that predates it): the
+    /// program reads the kernel's coarse monotonic clock instead. Set by the agent, which
+    /// measures it at load time.
+    pub ns_per_jiffy: u32,
+    /// What to add to `jiffies * ns_per_jiffy` (wrapping) to read the agent's monotonic clock.
+    /// Set by the agent with `ns_per_jiffy`.
+    pub jiffies_offset_ns: u64,
     /// 1 when some interface is one end of a virtual wire (its ZONES entry says which): only
     /// then does the program read the ingress binding of every frame it passes.
     pub vwire: u8,
     /// Padding; zero.
-    pub _pad2: [u8; 3],
+    pub _pad2: [u8; 7],
 }
-crate::assert_size!(DatapathConfig, 88);
+crate::assert_size!(DatapathConfig, 104);
 
 impl DatapathConfig {
     /// The idle timeout of a session in `state` (a [`crate::State`] as `u8`), in nanoseconds;
@@ -128,6 +137,13 @@ impl DatapathConfig {
             Some(t) => *t,
             None => 0,
         }
+    }
+
+    /// The session clock (the agent's monotonic clock, in nanoseconds) when the kernel's
+    /// `jiffies` is `jiffies`, by the agent's measurement (`ns_per_jiffy` not 0).
+    #[inline(always)]
+    pub fn jiffies_ns(&self, jiffies: u64) -> u64 {
+        crate::clock::jiffies_ns(jiffies, self.ns_per_jiffy, self.jiffies_offset_ns)
     }
 
     /// Firewall defaults for `local` member.
@@ -147,8 +163,10 @@ impl DatapathConfig {
             forwarding: Forwarding::Kernel as u8,
             embryo_slots: 0,
             embryo_replica_slots: 0,
+            ns_per_jiffy: 0,
+            jiffies_offset_ns: 0,
             vwire: 0,
-            _pad2: [0; 3],
+            _pad2: [0; 7],
         }
     }
 }

@@ -6,6 +6,7 @@
 #![no_std]
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod config;
 pub mod counters;
 pub mod event;
@@ -18,6 +19,7 @@ pub mod member;
 pub mod session;
 pub mod tcp_window;
 
+pub use clock::ClockSample;
 pub use config::{
     DatapathConfig, Forwarding, MalformedAction, OtherProtocols, Policy, ZoneBinding,
 };
@@ -74,5 +76,6 @@ mod pod {
         ZoneBinding,
         FibKey,
         FibEntry,
+        ClockSample,
     );
 }

@@ -60,6 +60,9 @@ pub const PROGRAM: &str = "hasync";
 pub const INSTALL_PROGRAM: &str = "hasync_install";
 /// Name of the program that reads sessions for the sender (run like the install program).
 pub const READ_PROGRAM: &str = "hasync_read";
+/// Name of the program that samples the kernel's clocks for the agent (run like the install
+/// program; see `crate::ClockSample`).
+pub const CLOCK_PROGRAM: &str = "hasync_clock";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;

@@ -127,7 +127,8 @@ pub const DIR_REPLY: usize = 1;
 /// The value of a SESSIONS entry.
 ///
 /// `created_ns`, `last_seen_ns` and `last_event_ns` are this host's `CLOCK_MONOTONIC_COARSE`
-/// (`bpf_ktime_get_coarse_ns`): node-local, never sent to a peer as such (sync sends ages).
+/// (the program reads jiffies converted to it: see `DatapathConfig::ns_per_jiffy`): node-local,
+/// never sent to a peer as such (sync sends ages).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Session {

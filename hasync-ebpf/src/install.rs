@@ -44,7 +44,7 @@ fn load<T>(ctx: &XdpContext, offset: usize) -> Option<T> {
 
 /// Writes `v` over the test-run data at `offset` (which holds a `T` already).
 #[inline(always)]
-fn store<T>(ctx: &XdpContext, offset: usize, v: &mut T) -> bool {
+pub(crate) fn store<T>(ctx: &XdpContext, offset: usize, v: &mut T) -> bool {
     // SAFETY: the helper checks `offset + size` against the data and copies from `v`.
     let rc = unsafe {
         bpf_xdp_store_bytes(

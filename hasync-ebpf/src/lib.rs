@@ -9,6 +9,7 @@
     clippy::panic
 )]
 
+pub mod clock;
 pub mod embryo;
 pub mod events;
 pub mod forward;

@@ -9,7 +9,7 @@
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use hasync_ebpf::{
-    install,
+    clock, install,
     session::{process, NoMix},
 };
 
@@ -28,4 +28,10 @@ pub fn hasync_install(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn hasync_read(ctx: XdpContext) -> u32 {
     install::read(&ctx)
+}
+
+/// Samples the kernel's clocks for the agent: run with BPF_PROG_TEST_RUN, never attached.
+#[xdp]
+pub fn hasync_clock(ctx: XdpContext) -> u32 {
+    clock::sample(&ctx)
 }

@@ -15,7 +15,10 @@ use hasync_common::{
     ZoneBinding, ZoneId,
 };
 
-use crate::maps::{FRAGMENTS, SESSIONS, ZONES};
+use crate::{
+    clock,
+    maps::{FRAGMENTS, SESSIONS, ZONES},
+};
 
 /// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
 /// ifindex past the array, which the agent never binds).
@@ -84,6 +87,8 @@ pub fn open_datagram(verdict: u32, datagram: Option<FragmentKey>) -> u32 {
 /// A first fragment passed: its datagram's later fragments may follow for a while.
 #[inline(always)]
 fn remember_datagram(datagram: &FragmentKey) {
+    // The kernel's coarse clock (the agent's), not the jiffies one: fragments are rare, and
+    // only `later_fragment` compares these times.
     // SAFETY: the helper takes no arguments and only reads the clock.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // A full table forgets its oldest datagram; a failed insert leaves the later fragments to
@@ -147,9 +152,7 @@ pub fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<
     if let Some(key) = quoted {
         // SAFETY: plain-data value, read by copy of the fields needed.
         if let Some(s) = unsafe { SESSIONS.get(key) } {
-            // SAFETY: the helper takes no arguments and only reads the clock.
-            let now = unsafe { bpf_ktime_get_coarse_ns() };
-            if !expired(now, s.last_seen_ns, cfg.timeout_ns(s.state)) {
+            if !expired(clock::now(cfg), s.last_seen_ns, cfg.timeout_ns(s.state)) {
                 counters.inc(Counter::IcmpErrorRelated);
                 return xdp_action::XDP_PASS;
             }

@@ -2,7 +2,6 @@
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_ANY},
-    helpers::bpf_ktime_get_coarse_ns,
     programs::XdpContext,
 };
 use hasync_common::{
@@ -14,7 +13,7 @@ use hasync_common::{
 };
 
 use crate::{
-    embryo,
+    clock, embryo,
     events::emit,
     forward,
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
@@ -102,8 +101,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     if let Some(note) = pkt.note {
         counters.inc(note);
     }
-    // SAFETY: the helper takes no arguments and only reads the clock.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = clock::now(cfg);
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a
     // peer still holding the old one takes the new one by (version, owner).

@@ -19,7 +19,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
-use hasync_agent::datapath::monotonic_ns;
+use hasync_agent::datapath::{clock, monotonic_ns, JiffyClock};
 use hasync_common::{
     maps as names, member::MEMBER_SLOTS, session::tcp, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, SessionFlags, State,
@@ -129,7 +129,13 @@ impl Bench {
             .map_max_entries("BASE_LRU", capacity)
             .load(BENCH_OBJECT)
             .context("loading the fastpath-bench object")?;
-        for name in [names::PROGRAM, "base_parse", "base_lookup", "base_insert"] {
+        for name in [
+            names::PROGRAM,
+            names::CLOCK_PROGRAM,
+            "base_parse",
+            "base_lookup",
+            "base_insert",
+        ] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("no program {name}"))?
@@ -137,12 +143,18 @@ impl Bench {
             prog.load()
                 .with_context(|| format!("verifier rejected {name}"))?;
         }
+        // The session clock as the agent sets it up: the product's jiffies path is measured.
+        let clock_prog: &Xdp = ebpf
+            .program(names::CLOCK_PROGRAM)
+            .ok_or_else(|| anyhow!("no program {}", names::CLOCK_PROGRAM))?
+            .try_into()?;
+        let clock = clock::measure(clock_prog).context("measuring the session clock")?;
         let mut bench = Bench { ebpf };
         let mut cfg: Array<_, DatapathConfig> = Array::try_from(bench.map(names::CONFIG)?)?;
         let config = DatapathConfig {
             embryo_slots,
             embryo_replica_slots: embryo_slots * cpus,
-            ..DatapathConfig::with_defaults(MemberId(1))
+            ..JiffyClock::configure(Some(clock), &DatapathConfig::with_defaults(MemberId(1)))
         };
         cfg.set(0, config, 0)?;
         let mut members: Array<_, MemberEntry> = Array::try_from(bench.map(names::MEMBERS)?)?;

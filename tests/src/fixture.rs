@@ -15,9 +15,7 @@ use hasync_common::{
 
 use crate::{
     frame::Frame,
-    testrun::{
-        fixture_config, monotonic_ns, CounterDelta, TestDatapath, Verdict, LOCAL, TEST_IFINDEX,
-    },
+    testrun::{fixture_config, CounterDelta, TestDatapath, Verdict, LOCAL, TEST_IFINDEX},
 };
 
 /// One step of a row.
@@ -458,7 +456,7 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
 
 /// Writes the row's existing session; returns it as installed.
 fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
-    let now = monotonic_ns();
+    let now = tdp.datapath().now_ns()?;
     let Existing {
         state,
         owner,
@@ -507,7 +505,8 @@ fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Resu
 fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     let name = &row.name;
     reset(tdp, row).with_context(|| format!("row `{name}`: reset"))?;
-    let start = monotonic_ns();
+    // The session clock as the program reads it: rows compare its times exactly.
+    let start = tdp.datapath().now_ns()?;
     let key = row.row_key();
     let mut installed = None;
     if let Some(e) = &row.existing {
@@ -542,7 +541,7 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
             }
         }
     }
-    let end = monotonic_ns();
+    let end = tdp.datapath().now_ns()?;
     let delta = CounterDelta {
         before,
         after: tdp.counters()?,

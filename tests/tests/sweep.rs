@@ -3,15 +3,17 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
+use aya::maps::Array;
 use hasync_agent::datapath::sweep::{RemoveReason, Removed};
 use hasync_common::{
+    maps as names,
     session::tcp::{ACK, RST},
-    FlowKey, State,
+    DatapathConfig, FlowKey, State,
 };
 use hasync_tests::{
     fixture::show,
     frame::Frame,
-    testrun::{fixture_config, TestDatapath, Verdict},
+    testrun::{fixture_config, monotonic_ns, TestDatapath, Verdict},
 };
 
 const SECOND: u64 = 1_000_000_000;
@@ -171,4 +173,79 @@ fn sweep_in_small_chunks_removes_every_expired_session() {
     assert_eq!(removed.len(), usize::from(N));
     assert!(removed.values().all(|r| r.reason == RemoveReason::Expired));
     assert!(tdp.sessions().expect("dump").is_empty());
+}
+
+/// Creates sessions over about 300 ms and returns, for each, how far its creation time is past
+/// the agent's clock read just before (negative: behind) and how far it is past the agent's
+/// clock read just after.
+fn stamps(tdp: &TestDatapath) -> Vec<(i64, i64)> {
+    (0..60u16)
+        .map(|port| {
+            let server = SocketAddr::new(sa("198.18.1.20:0").ip(), 20_000 + port);
+            let f = Frame::udp(sa("198.18.0.10:1"), server);
+            let before = monotonic_ns();
+            run(tdp, &f);
+            let after = monotonic_ns();
+            let s = tdp.session(&f.key()).expect("lookup").expect("created");
+            std::thread::sleep(Duration::from_millis(5));
+            (
+                s.created_ns.wrapping_sub(before) as i64,
+                s.created_ns.wrapping_sub(after) as i64,
+            )
+        })
+        .collect()
+}
+
+/// The program reads jiffies and stamps sessions in the agent's clock (the sweep compares the
+/// two): never ahead of it (but for a sample caught between the kernel's updates of jiffies
+/// and of the coarse clock, by less than a tick), and behind it by at most a tick and the
+/// clock's margin.
+#[test]
+fn sessions_are_stamped_in_the_agents_clock_from_jiffies() {
+    let tdp = TestDatapath::load().expect("load");
+    let clock = tdp
+        .datapath()
+        .clock()
+        .expect("this kernel's jiffies follow a known tick");
+    let cfg = tdp.datapath().config().expect("config");
+    assert_eq!(
+        (cfg.ns_per_jiffy, cfg.jiffies_offset_ns),
+        (clock.ns_per_jiffy, clock.offset_ns)
+    );
+    let tick = i64::from(clock.ns_per_jiffy);
+    for (past_before, past_after) in stamps(&tdp) {
+        assert!(
+            past_before >= -2 * tick && past_after < tick,
+            "stamped {past_before} ns past the agent's clock before, {past_after} after \
+             ({} Hz)",
+            clock.hz()
+        );
+    }
+}
+
+/// A config without the clock (an agent that predates it, or one that could not measure it):
+/// the program reads the coarse clock itself, the agent's, exactly.
+#[test]
+fn without_the_jiffies_clock_the_program_reads_the_coarse_clock() {
+    let mut tdp = TestDatapath::load().expect("load");
+    let cfg = DatapathConfig {
+        ns_per_jiffy: 0,
+        jiffies_offset_ns: 0,
+        ..tdp.datapath().config().expect("config")
+    };
+    let map = tdp
+        .datapath_mut()
+        .ebpf_mut()
+        .map_mut(names::CONFIG)
+        .expect("CONFIG");
+    Array::<_, DatapathConfig>::try_from(map)
+        .expect("array")
+        .set(0, cfg, 0)
+        .expect("write");
+    for (past_before, past_after) in stamps(&tdp) {
+        assert!(
+            past_before >= 0 && past_after <= 0,
+            "stamped {past_before} ns past the agent's clock before, {past_after} after"
+        );
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod batch;
+pub mod clock;
 pub mod events;
 pub mod health;
 pub mod install;
@@ -15,7 +16,7 @@ pub mod sweep;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::{os::fd::AsFd as _, path::PathBuf};
+use std::{os::fd::AsFd as _, path::PathBuf, time::Instant};
 
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
@@ -29,6 +30,7 @@ use hasync_common::{
 
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
 pub use batch::{BatchError, BatchMap};
+pub use clock::{ClockError, JiffyClock};
 pub use events::{EventStats, EventStream, SessionEvent};
 pub use pin::{PinDir, PinReport, TeardownReport, DEFAULT_PIN_DIR};
 pub use sweep::{RemoveReason, Removed, SweepReport};
@@ -60,6 +62,8 @@ pub enum DatapathError {
         items: usize,
         verdict: u32,
     },
+    #[error("measuring the kernel's jiffies: {0}")]
+    Clock(#[from] ClockError),
     #[error("member id {0} is out of range 1–16")]
     MemberOutOfRange(u8),
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
@@ -182,10 +186,10 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// Sessions per batch call when a caller does not choose (about 14 KiB of keys and values).
 pub const DEFAULT_CHUNK: u32 = 128;
 
-/// This host's CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`,
-/// hence of every timestamp in a [`Session`]. The XDP program reads the coarse clock because
-/// it costs a fraction of the precise one per packet; its resolution (one tick, a few
-/// milliseconds) is far below any session timeout.
+/// This host's CLOCK_MONOTONIC_COARSE in nanoseconds: the agent's clock, and the clock of
+/// every timestamp in a [`Session`]: the XDP program reads `jiffies` converted to it (see
+/// [`clock`]; or the coarse clock itself, `bpf_ktime_get_coarse_ns`, when that cannot be
+/// measured). Both advance once per tick (a few milliseconds), far below any session timeout.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -277,6 +281,10 @@ pub struct Datapath {
     lost: Vec<(String, u32, AttachMode)>,
     /// Where the maps and links are pinned, and what was found there.
     pins: Option<(PinDir, PinReport)>,
+    /// The session clock written into CONFIG (`None`: the program reads the coarse clock).
+    clock: Option<JiffyClock>,
+    /// When the clock is checked next.
+    clock_check: Instant,
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -355,13 +363,22 @@ impl Datapath {
             attachments: Vec::new(),
             lost: Vec::new(),
             pins,
+            clock: None,
+            clock_check: Instant::now() + clock::CHECK_EVERY,
         };
-        dp.set_config(&opts.config)?;
-        for name in [names::PROGRAM, names::INSTALL_PROGRAM, names::READ_PROGRAM] {
+        for name in [
+            names::PROGRAM,
+            names::INSTALL_PROGRAM,
+            names::READ_PROGRAM,
+            names::CLOCK_PROGRAM,
+        ] {
             dp.xdp_mut(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
+        // Measured by every agent, a restarted one too: it rewrites the whole config.
+        dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
+        dp.set_config(&opts.config)?;
         Ok(dp)
     }
 
@@ -466,12 +483,12 @@ impl Datapath {
     }
 
     /// Replaces the datapath config (timeouts, policy, local member); the EMBRYOS ring's
-    /// size is the loaded map's, whatever `cfg` says.
+    /// size is the loaded map's and the session clock the measured one, whatever `cfg` says.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), DatapathError> {
         let cfg = DatapathConfig {
             embryo_slots: self.embryos.per_cpu,
             embryo_replica_slots: self.embryos.local_slots(),
-            ..*cfg
+            ..JiffyClock::configure(self.clock, cfg)
         };
         let mut map: Array<_, DatapathConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
@@ -482,6 +499,47 @@ impl Datapath {
         let map: Array<_, DatapathConfig> =
             Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         map.get(&0, 0).map_err(map_err(names::CONFIG))
+    }
+
+    /// The session clock the program reads (`None`: the coarse clock helper).
+    pub fn clock(&self) -> Option<JiffyClock> {
+        self.clock
+    }
+
+    /// Now, on the session clock as the program reads it (one run of the clock program).
+    pub fn now_ns(&self) -> Result<u64, DatapathError> {
+        let s = clock::sample(self.xdp(names::CLOCK_PROGRAM)?)?;
+        Ok(self.clock.map_or(s.coarse_ns, |c| c.ns(s.jiffies)))
+    }
+
+    /// Checks the session clock against the kernel's, every [`clock::CHECK_EVERY`] at most
+    /// (the sweep calls it: it compares the program's times with the agent's clock); measures
+    /// it again and rewrites the config if it drifted. Errors are logged: the clock is
+    /// checked again next time.
+    fn keep_clock(&mut self) {
+        let now = Instant::now();
+        let Some(clock) = self.clock.filter(|_| now >= self.clock_check) else {
+            return;
+        };
+        self.clock_check = now + clock::CHECK_EVERY;
+        if let Err(error) = self.recheck_clock(clock) {
+            tracing::warn!(error = %error_chain(&error), "checking the session clock failed");
+        }
+    }
+
+    fn recheck_clock(&mut self, clock: JiffyClock) -> Result<(), DatapathError> {
+        let prog = self.xdp(names::CLOCK_PROGRAM)?;
+        let s = clock::sample(prog)?;
+        if !clock.drifted(&s) {
+            return Ok(());
+        }
+        tracing::warn!(
+            deviation_us = clock.deviation_ns(&s) / 1000,
+            "the kernel's jiffies drifted from the session clock: measuring it again"
+        );
+        self.clock = clock::find(prog)?;
+        let cfg = self.config()?;
+        self.set_config(&cfg)
     }
 
     fn zones_map(&mut self) -> Result<Array<&mut MapData, ZoneBinding>, DatapathError> {
@@ -667,25 +725,29 @@ impl Datapath {
     }
 
     /// Removes sessions idle past their state's timeout (from the live CONFIG), `chunk` at a
-    /// time; `on_removed` gets each chunk's removals (see [`sweep`]).
+    /// time; `on_removed` gets each chunk's removals (see [`sweep`]). Checks the session clock
+    /// first, at most every [`clock::CHECK_EVERY`].
     pub fn sweep(
         &mut self,
         chunk: u32,
         on_removed: impl FnMut(&[Removed]),
     ) -> Result<SweepReport, DatapathError> {
+        self.keep_clock();
         let cfg = self.config()?;
         sweep::sweep(&self.sessions_batch()?, &cfg, chunk, on_removed)
             .map_err(batch_err(names::SESSIONS))
     }
 
     /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
-    /// sessions, with the live CONFIG's timeouts.
+    /// sessions, with the live CONFIG's timeouts. Checks the session clock first, like
+    /// [`Datapath::sweep`].
     pub fn sweep_step(
         &mut self,
         state: &mut sweep::IncrementalSweep,
         budget: u64,
         on_removed: impl FnMut(&[Removed]),
     ) -> Result<Option<sweep::PassSummary>, DatapathError> {
+        self.keep_clock();
         let cfg = self.config()?;
         state
             .step(

@@ -808,7 +808,7 @@ mod tests {
         testing::{create_map, in_fresh_netns, ip, shows_xdp, test_run, udp_frame},
         Datapath, DatapathOptions,
     };
-    use hasync_common::{Counter, FlowKey, MemberId};
+    use hasync_common::{Counter, DatapathConfig, FlowKey, MemberId};
 
     /// A pin directory of this test process on the host's bpffs, torn down on drop.
     struct TestPins(PathBuf);
@@ -902,6 +902,18 @@ mod tests {
             assert_eq!(test_run(&dp, &frame()), 2, "XDP_PASS");
             assert_eq!(dp.sessions().expect("sessions").len(), 1);
             let first = xdp_link_info(&dir.join("links/hsp-t0:native")).expect("link");
+            // A clock the next agent must not trust: it measures its own.
+            let stale = DatapathConfig {
+                ns_per_jiffy: 1,
+                jiffies_offset_ns: 42,
+                ..dp.config().expect("config")
+            };
+            aya::maps::Array::<_, DatapathConfig>::try_from(
+                dp.ebpf_mut().map_mut(names::CONFIG).expect("CONFIG"),
+            )
+            .expect("array")
+            .set(0, stale, 0)
+            .expect("write");
             drop(dp); // the agent exits without detaching
 
             assert!(shows_xdp("hsp-t0") && shows_xdp("lo"), "detached on exit");
@@ -916,6 +928,12 @@ mod tests {
             assert_eq!(report.reused.len(), MAPS.len(), "{report:?}");
             assert_eq!(report.kept_capacity, Some(4096));
             assert_eq!(dp.capacity(), 4096);
+            let (cfg, clock) = (dp.config().expect("config"), dp.clock().expect("clock"));
+            assert_eq!(
+                (cfg.ns_per_jiffy, cfg.jiffies_offset_ns),
+                (clock.ns_per_jiffy, clock.offset_ns),
+                "the session clock in the reused CONFIG"
+            );
             let sessions = dp.sessions().expect("sessions");
             assert_eq!(sessions.len(), 1, "the session survived the restart");
             let (key, before): (FlowKey, _) = sessions[0];

@@ -7,6 +7,9 @@
 //! - `base_lookup`: parse plus exactly one hash lookup (the product's table type);
 //! - `base_insert`: parse plus exactly one LRU-hash insert: a table that makes room for new
 //!   entries by itself, as the product's admission ring does for embryonic sessions.
+//!
+//! It also holds the product's clock program (`hasync_clock`), which the bench runs to set the
+//! session clock up as the agent does.
 #![no_std]
 #![no_main]
 #![deny(
@@ -23,6 +26,7 @@ use aya_ebpf::{
 };
 use hasync_common::{maps::DEFAULT_SESSION_CAPACITY, FlowKey, Session};
 use hasync_ebpf::{
+    clock,
     parse::{parse, Parsed},
     session::{process, KeyMix},
 };
@@ -82,6 +86,12 @@ fn parsed_key(ctx: &XdpContext) -> Option<FlowKey> {
 #[xdp]
 pub fn hasync(ctx: XdpContext) -> u32 {
     process::<IterMix>(&ctx)
+}
+
+/// The product's clock program, so the bench configures the session clock as the agent does.
+#[xdp]
+pub fn hasync_clock(ctx: XdpContext) -> u32 {
+    clock::sample(&ctx)
 }
 
 #[xdp]
