@@ -1107,6 +1107,7 @@ impl Lab {
         let frozen = frozen_at.elapsed();
         let created = created?;
         resumed?;
+        let cpu_from = [self.sample(1)?.cpu_s, self.sample(2)?.cpu_s];
         let start = Instant::now();
         let from = (created as f64 * BACKLOG_FROM) as u64;
         let mut first: Option<(Instant, u64)> = None;
@@ -1128,8 +1129,13 @@ impl Lab {
             },
         )?;
         let (t0, c0) = first.unwrap_or((start, 0));
+        let cpu = [
+            self.sample(1)?.cpu_s - cpu_from[0],
+            self.sample(2)?.cpu_s - cpu_from[1],
+        ];
         let after = self.sync_counters()?;
         Ok(Drain {
+            cpu,
             created,
             frozen,
             took: end.duration_since(start),
@@ -1284,6 +1290,9 @@ struct Drain {
     /// took: the steady rate.
     steady_sessions: u64,
     steady: Duration,
+    /// CPU seconds of fw1's and fw2's agents from the resumption to the end: against `took`,
+    /// how much of the drain the agents spent running.
+    cpu: [f64; 2],
     delta: SyncCounters,
 }
 
@@ -1301,6 +1310,7 @@ impl Drain {
             "steady_sessions": self.steady_sessions,
             "steady_seconds": self.steady.as_secs_f64(),
             "sessions_per_s": self.rate(),
+            "agents_cpu_s": { "fw1": r2(self.cpu[0]), "fw2": r2(self.cpu[1]) },
             "counters": self.delta.json(),
         })
     }
@@ -1603,6 +1613,12 @@ fn print_table(f: &Figures) {
         BACKLOG_FROM * 100.0,
         f.drain.delta.ringbuf_full,
         f.drain.delta.full_syncs_sent
+    );
+    println!(
+        "agents' CPU while the backlog drained ({:.3} s): fw1 {:.2} s, fw2 {:.2} s",
+        f.drain.took.as_secs_f64(),
+        f.drain.cpu[0],
+        f.drain.cpu[1]
     );
     println!(
         "replication lag at {LAG_RATE}/s for {LAG_SECS} s (fw1's statistics, peer 2; {} frames acked in the phase, window 4096): p50 {} ms, p99 {} ms",
