@@ -1073,23 +1073,25 @@ mod tests {
         let rec = good[12..].to_vec();
         // Head, family and protocol, two 4-byte addresses, ports, state and owner; then the
         // varints: flags, zone, ...
-        let (head, varints) = (0, 17);
-        let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+        const HEAD: usize = 0;
+        const VARINTS: usize = 17;
+        type Edit = fn(&mut Vec<u8>);
+        let edit = |f: Edit| {
             let mut r = rec.clone();
             f(&mut r);
             Message::decode(&raw_frame(&r))
         };
-        assert!(edit(&|_| ()).is_ok());
-        let cases: [(&str, &dyn Fn(&mut Vec<u8>), WireError); 6] = [
+        assert!(edit(|_| ()).is_ok());
+        let cases: [(&str, Edit, WireError); 6] = [
             (
                 "unknown bit",
-                &|r| r[head] |= 0x40,
+                |r| r[HEAD] |= 0x40,
                 WireError::UnknownRecordBits(0x40),
             ),
             (
                 "long addresses that fit one word",
-                &|r| {
-                    r[head] &= !0x02;
+                |r| {
+                    r[HEAD] &= !0x02;
                     r.splice(11..11, [0; 12]);
                     r.splice(7..7, [0; 12]);
                 },
@@ -1097,32 +1099,32 @@ mod tests {
             ),
             (
                 "empty TCP flags",
-                &|r| {
-                    r[head] |= 0x04;
-                    r.splice(varints..varints, [0, 0]);
+                |r| {
+                    r[HEAD] |= 0x04;
+                    r.splice(VARINTS..VARINTS, [0, 0]);
                 },
                 WireError::NotCanonical("empty TCP flags sent"),
             ),
             (
                 "empty TCP state",
-                &|r| {
-                    r[head] |= 0x08;
+                |r| {
+                    r[HEAD] |= 0x08;
                     r.extend_from_slice(&[0; 12]);
                 },
                 WireError::NotCanonical("an empty TCP sequence state sent"),
             ),
             (
                 "padded varint",
-                &|r| {
-                    r[varints] |= 0x80;
-                    r.insert(varints + 1, 0);
+                |r| {
+                    r[VARINTS] |= 0x80;
+                    r.insert(VARINTS + 1, 0);
                 },
                 WireError::VarintNotMinimal("flags"),
             ),
             (
                 "zone past 16 bits",
-                &|r| {
-                    r.splice(varints + 1..varints + 2, [0x80, 0x80, 0x04]);
+                |r| {
+                    r.splice(VARINTS + 1..VARINTS + 2, [0x80, 0x80, 0x04]);
                 },
                 WireError::VarintOverflow("zone"),
             ),
