@@ -28,7 +28,13 @@
 //!    empty table; the time from the full sync's start to its end as fw2 reports them, polled
 //!    every 10 ms;
 //! 6. per phase, the agents' CPU seconds (utime + stime), what an idle full table costs them,
-//!    and their peak RSS at 1k and at 1M.
+//!    and their peak RSS at 1k and at 1M;
+//! 7. bytes on the sync link per replicated session in the lag, backlog and fill phases: fw1's
+//!    authenticated frames to fw2 (length prefix and tag included, keepalives too) over the
+//!    records fw1 sent (a session announced again after lost events counts again) and over
+//!    the sessions fw2 installed. The bench's sessions are one-way UDP; for TCP, and for the 1.1
+//!    layout against the current one, the encoder's figure for full frames is printed beside
+//!    it (no lab: a record encoded [`MAX_RECORDS_PER_FRAME`] times, plus tag and prefix).
 //!
 //! Baselines: a BPF hash (the session table's type) of the same key, value and capacity,
 //! created in this process and filled with the same number of entries by BPF_MAP_UPDATE_BATCH, then dumped whole by
@@ -37,7 +43,8 @@
 //!
 //! Targets: replication ≥ 0.5 × the raw insert rate; full sync ≤ 2 × (raw dump + raw insert);
 //! each agent's peak RSS at 1M ≤ its peak at 1k + 64 MiB (and the restarted fw2's ≤ fw2's at
-//! 1k + 64 MiB). A missed target is printed as such; the exit status is 0 unless the bench
+//! 1k + 64 MiB); at most 60 bytes on the sync link per replicated UDP session in every phase
+//! (conntrackd: 80). A missed target is printed as such; the exit status is 0 unless the bench
 //! itself failed.
 
 use std::{
@@ -67,9 +74,15 @@ use hasync_agent::{
         topology::{test_prefix, SERVER_V4},
         ClusterOptions, LabCluster, Signal, Topology,
     },
+    sync::{
+        channel::FRAME_OVERHEAD,
+        wire::{Message, Record, RecordLayout, MAX_RECORDS_PER_FRAME},
+    },
 };
 use hasync_common::{
-    flow::IPPROTO_UDP, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
+    flow::{IPPROTO_TCP, IPPROTO_UDP},
+    tcp_window::track,
+    Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
 
 /// Sessions in the table for the throughput, full-sync and RSS figures.
@@ -79,7 +92,7 @@ const SMALL: u64 = 1_000;
 /// Sessions of the backlog phase: under the outbox's 262,144 keys, so it stays incremental.
 const BACKLOG: u64 = 200_000;
 /// The backlog rate counts from this share installed, so frames fw1 had in flight when fw2
-/// froze (up to 64 × 682 records, encoded before the clock starts) do not flatter it.
+/// froze (up to 64 frames of records encoded before the clock starts) do not flatter it.
 const BACKLOG_FROM: f64 = 0.25;
 /// How often the backlog phase polls fw2.
 const BACKLOG_POLL: Duration = Duration::from_millis(2);
@@ -99,6 +112,8 @@ const RAW_RUNS: usize = 2;
 const TARGET_REPLICATION: f64 = 0.5;
 const TARGET_FULL_SYNC: f64 = 2.0;
 const TARGET_RSS_GROWTH_MIB: f64 = 64.0;
+/// Bytes on the sync link per replicated UDP session (conntrackd: 80).
+const TARGET_WIRE_BYTES: f64 = 60.0;
 
 /// Longest any single wait may take: a stuck agent fails the bench instead of hanging it.
 const WAIT_LIMIT: Duration = Duration::from_secs(180);
@@ -328,6 +343,83 @@ fn raw_runs(n: u64, when: &str) -> Result<Vec<Raw>> {
         runs.push(r);
     }
     Ok(runs)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bytes per session on the sync link, as the encoder makes them (no lab).
+
+/// An established TCP session over IPv4 as fw1 would announce it: a minute old, a few kB each
+/// way, with its TCP flags and sequence state.
+fn tcp_record(now: u64) -> Record {
+    let (src, sport) = source(7);
+    let (key, _) = FlowKey::canonical(
+        Family::V4,
+        IPPROTO_TCP,
+        v4_words(src),
+        sport.to_be(),
+        v4_words(SERVER_V4),
+        443u16.to_be(),
+    );
+    let s = Session {
+        created_ns: now - 60_000_000_000,
+        last_seen_ns: now - 40_000_000,
+        packets: [14, 12],
+        bytes: [2_300, 11_800],
+        version: 6,
+        tcp_flags: [0x1b, 0x1b],
+        state: State::Established as u8,
+        tcp_track: [
+            track::KNOWN | track::WSCALE | 7,
+            track::KNOWN | track::WSCALE | 9,
+        ],
+        max_win: [502, 509],
+        seq_end: [0x6b3a_09f1, 0x1c0f_77e2],
+        ..value(&key, now)
+    };
+    Record::upsert(key, &s, now)
+}
+
+/// Bytes per record on the sync link when frames are full: a frame's plaintext, Noise tag and
+/// length prefix over the records it carries.
+fn encoded_bytes(rec: Record, layout: RecordLayout) -> Result<f64> {
+    let frame = Message::Sessions {
+        seq: 1,
+        bulk: false,
+        records: vec![rec; MAX_RECORDS_PER_FRAME],
+    };
+    let mut bytes = Vec::new();
+    frame.encode_as(&mut bytes, layout)?;
+    Ok((bytes.len() + FRAME_OVERHEAD) as f64 / MAX_RECORDS_PER_FRAME as f64)
+}
+
+/// The encoder's bytes per session, in the 1.1 layout and the current one.
+#[derive(Clone, Copy, Debug)]
+struct Encoded {
+    udp: [f64; 2],
+    tcp: [f64; 2],
+}
+
+impl Encoded {
+    fn measure() -> Result<Encoded> {
+        let now = 1_000_000_000_000;
+        let udp = Record::upsert(key(7), &value(&key(7), now - 5_000_000), now);
+        let tcp = tcp_record(now);
+        let both = |r| -> Result<[f64; 2]> {
+            Ok([
+                encoded_bytes(r, RecordLayout::V1_1)?,
+                encoded_bytes(r, RecordLayout::CURRENT)?,
+            ])
+        };
+        Ok(Encoded {
+            udp: both(udp)?,
+            tcp: both(tcp)?,
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let one = |v: [f64; 2]| serde_json::json!({ "v1_1": v[0], "current": v[1], "ratio": v[1] / v[0] });
+        serde_json::json!({ "udp": one(self.udp), "tcp": one(self.tcp) })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -943,6 +1035,8 @@ impl Lab {
             creates: self.counter(1, "session-creates")?,
             ringbuf_full: self.counter(1, "ringbuf-full")?,
             records_sent: fw1.links.values().map(|l| l.records_sent).sum(),
+            bytes_sent: fw1.links.values().map(|l| l.bytes_sent).sum(),
+            frames_sent: fw1.links.values().map(|l| l.frames_sent).sum(),
             frames_acked: fw1.links.values().map(|l| l.acks_received).sum(),
             full_syncs_sent: fw1.full_syncs.sent.count,
             resends: fw1.resends,
@@ -1013,6 +1107,7 @@ impl Lab {
         let frozen = frozen_at.elapsed();
         let created = created?;
         resumed?;
+        let cpu_from = [self.sample(1)?.cpu_s, self.sample(2)?.cpu_s];
         let start = Instant::now();
         let from = (created as f64 * BACKLOG_FROM) as u64;
         let mut first: Option<(Instant, u64)> = None;
@@ -1034,8 +1129,13 @@ impl Lab {
             },
         )?;
         let (t0, c0) = first.unwrap_or((start, 0));
+        let cpu = [
+            self.sample(1)?.cpu_s - cpu_from[0],
+            self.sample(2)?.cpu_s - cpu_from[1],
+        ];
         let after = self.sync_counters()?;
         Ok(Drain {
+            cpu,
             created,
             frozen,
             took: end.duration_since(start),
@@ -1085,6 +1185,9 @@ struct SyncCounters {
     creates: u64,
     ringbuf_full: u64,
     records_sent: u64,
+    /// Bytes of fw1's authenticated frames to fw2 (length prefixes included), all links.
+    bytes_sent: u64,
+    frames_sent: u64,
     frames_acked: u64,
     full_syncs_sent: u64,
     resends: u64,
@@ -1093,11 +1196,24 @@ struct SyncCounters {
 }
 
 impl SyncCounters {
+    /// Bytes on the sync link per session fw2 installed.
+    fn wire_bytes_per_session(&self) -> f64 {
+        self.bytes_sent as f64 / self.installed.max(1) as f64
+    }
+
+    /// Bytes on the sync link per record fw1 sent: per session replicated, counting a
+    /// session announced again (after lost events: `ringbuf-full`) once more.
+    fn wire_bytes_per_record(&self) -> f64 {
+        self.bytes_sent as f64 / self.records_sent.max(1) as f64
+    }
+
     fn minus(&self, b: &SyncCounters) -> SyncCounters {
         SyncCounters {
             creates: self.creates - b.creates,
             ringbuf_full: self.ringbuf_full - b.ringbuf_full,
             records_sent: self.records_sent - b.records_sent,
+            bytes_sent: self.bytes_sent - b.bytes_sent,
+            frames_sent: self.frames_sent - b.frames_sent,
             frames_acked: self.frames_acked - b.frames_acked,
             full_syncs_sent: self.full_syncs_sent - b.full_syncs_sent,
             resends: self.resends - b.resends,
@@ -1111,6 +1227,10 @@ impl SyncCounters {
             "fw1_session_creates": self.creates,
             "fw1_ringbuf_full": self.ringbuf_full,
             "fw1_records_sent": self.records_sent,
+            "fw1_bytes_sent": self.bytes_sent,
+            "fw1_frames_sent": self.frames_sent,
+            "wire_bytes_per_session": self.wire_bytes_per_session(),
+            "wire_bytes_per_record": self.wire_bytes_per_record(),
             "fw1_frames_acked": self.frames_acked,
             "fw1_full_syncs_sent": self.full_syncs_sent,
             "fw1_resends": self.resends,
@@ -1170,6 +1290,9 @@ struct Drain {
     /// took: the steady rate.
     steady_sessions: u64,
     steady: Duration,
+    /// CPU seconds of fw1's and fw2's agents from the resumption to the end: against `took`,
+    /// how much of the drain the agents spent running.
+    cpu: [f64; 2],
     delta: SyncCounters,
 }
 
@@ -1187,6 +1310,7 @@ impl Drain {
             "steady_sessions": self.steady_sessions,
             "steady_seconds": self.steady.as_secs_f64(),
             "sessions_per_s": self.rate(),
+            "agents_cpu_s": { "fw1": r2(self.cpu[0]), "fw2": r2(self.cpu[1]) },
             "counters": self.delta.json(),
         })
     }
@@ -1232,6 +1356,7 @@ struct Figures {
     /// CPU seconds per second of fw1 and fw2 left idle with the full table.
     idle_cpu: [f64; 2],
     fw2_own_sessions: u64,
+    encoded: Encoded,
 }
 
 impl Figures {
@@ -1264,6 +1389,15 @@ impl Figures {
 
     fn rejoined_growth(&self) -> f64 {
         self.hwm_rejoined - self.hwm_1k[1]
+    }
+
+    /// Bytes on the sync link per replicated session (record sent), in the phase where they
+    /// were most.
+    fn wire_bytes(&self) -> f64 {
+        [&self.lag.delta, &self.drain.delta, &self.fill.delta]
+            .iter()
+            .map(|d| d.wire_bytes_per_record())
+            .fold(0.0, f64::max)
     }
 }
 
@@ -1420,6 +1554,7 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
         cpu,
         idle_cpu,
         fw2_own_sessions,
+        encoded: Encoded::measure()?,
     })
 }
 
@@ -1480,6 +1615,12 @@ fn print_table(f: &Figures) {
         f.drain.delta.full_syncs_sent
     );
     println!(
+        "agents' CPU while the backlog drained ({:.3} s): fw1 {:.2} s, fw2 {:.2} s",
+        f.drain.took.as_secs_f64(),
+        f.drain.cpu[0],
+        f.drain.cpu[1]
+    );
+    println!(
         "replication lag at {LAG_RATE}/s for {LAG_SECS} s (fw1's statistics, peer 2; {} frames acked in the phase, window 4096): p50 {} ms, p99 {} ms",
         f.lag_frames_in_window,
         opt_ms(f.lag_p50_ms),
@@ -1495,6 +1636,40 @@ fn print_table(f: &Figures) {
         f.full.from_restart.as_secs_f64(),
         f.full.fw2_table
     );
+    println!();
+    println!("| sync link fw1 → fw2 (authenticated frames, keepalives included) | sessions installed | records sent | frames | bytes | per session installed | per record sent |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, d) in [
+        ("lag phase", &f.lag.delta),
+        ("backlog", &f.drain.delta),
+        ("fill to 1M", &f.fill.delta),
+    ] {
+        println!(
+            "| {name} | {} | {} | {} | {} | {:.1} | {:.1} |",
+            d.installed,
+            d.records_sent,
+            d.frames_sent,
+            d.bytes_sent,
+            d.wire_bytes_per_session(),
+            d.wire_bytes_per_record()
+        );
+    }
+    println!();
+    println!(
+        "| encoder, full frames of {MAX_RECORDS_PER_FRAME} records (bytes per session) | 1.1 layout | current | current / 1.1 |"
+    );
+    println!("|---|---|---|---|");
+    for (name, v) in [
+        ("UDP one-way (the bench's sessions)", f.encoded.udp),
+        ("TCP established, with sequence state", f.encoded.tcp),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2} |",
+            v[0],
+            v[1],
+            v[1] / v[0]
+        );
+    }
     println!();
     println!("| agent CPU seconds | fw1 | fw2 |");
     println!("|---|---|---|");
@@ -1529,6 +1704,11 @@ fn print_table(f: &Figures) {
     println!(
         "| full sync / (raw dump + raw insert) | {full:.2} | ≤ {TARGET_FULL_SYNC} | {} |",
         met(full <= TARGET_FULL_SYNC)
+    );
+    let wire = f.wire_bytes();
+    println!(
+        "| sync link bytes per replicated UDP session (worst phase) | {wire:.1} | ≤ {TARGET_WIRE_BYTES} | {} |",
+        met(wire <= TARGET_WIRE_BYTES)
     );
     println!(
         "| RSS growth 1k → 1M, MiB (worst agent) | {worst:.1} | ≤ {TARGET_RSS_GROWTH_MIB} | {} |",
@@ -1601,19 +1781,23 @@ fn print_json(f: &Figures) {
                 "growth_worst": r2(worst),
             },
         },
+        "encoded_bytes_per_session": f.encoded.json(),
         "ratios": {
             "replication_vs_raw_insert": rep,
             "full_sync_vs_raw": full,
         },
+        "wire_bytes_per_session_worst": f.wire_bytes(),
         "targets": {
             "replication_vs_raw_insert_min": TARGET_REPLICATION,
             "full_sync_vs_raw_max": TARGET_FULL_SYNC,
             "rss_growth_mib_max": TARGET_RSS_GROWTH_MIB,
+            "wire_bytes_per_session_max": TARGET_WIRE_BYTES,
         },
         "met": {
             "replication_vs_raw_insert": rep >= TARGET_REPLICATION,
             "full_sync_vs_raw": full <= TARGET_FULL_SYNC,
             "rss_growth": worst <= TARGET_RSS_GROWTH_MIB,
+            "wire_bytes_per_session": f.wire_bytes() <= TARGET_WIRE_BYTES,
         },
     });
     println!("{out}");

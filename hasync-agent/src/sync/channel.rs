@@ -22,6 +22,11 @@ use super::wire::{Message, RecordLayout, WireError, MAX_PLAINTEXT};
 
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 const MAX_NOISE_MESSAGE: usize = 65_535;
+/// The length prefix of every frame on the stream.
+const LENGTH_PREFIX: usize = 2;
+/// Bytes a message takes on the stream beyond its plaintext: the Noise authentication tag and
+/// the length prefix.
+pub const FRAME_OVERHEAD: usize = MAX_NOISE_MESSAGE - MAX_PLAINTEXT + LENGTH_PREFIX;
 
 /// Errors of a sync channel.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +107,7 @@ fn builder(psk: &[u8; 32]) -> Result<Builder<'_>, ChannelError> {
 
 async fn write_frame(w: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), ChannelError> {
     let len = u16::try_from(bytes.len()).map_err(|_| ChannelError::TooLarge(bytes.len()))?;
-    let mut out = Vec::with_capacity(bytes.len() + 2);
+    let mut out = Vec::with_capacity(bytes.len() + LENGTH_PREFIX);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(bytes);
     w.write_all(&out).await?;
@@ -241,7 +246,7 @@ impl Sender {
                 .map_err(ChannelError::Noise)?
         };
         write_frame(&mut self.w, &self.cipher[..n]).await?;
-        Ok(n + 2)
+        Ok(n + LENGTH_PREFIX)
     }
 }
 
@@ -263,7 +268,7 @@ impl Receiver {
         let plain = self.plain.get(..n).ok_or(ChannelError::TooLarge(n))?;
         Ok((
             Message::decode_as(plain, self.layout)?,
-            self.cipher.len() + 2,
+            self.cipher.len() + LENGTH_PREFIX,
         ))
     }
 }

@@ -15,7 +15,7 @@ use hasync_agent::{
     sync::{
         install::{decide, Decision, Installer, OwnerRefusal, ZoneMap},
         outbox::Outbox,
-        wire::{Hello, LinkKind, Message, Op, Record, PROTO_MAJOR, PROTO_MINOR},
+        wire::{Hello, LinkKind, Message, Op, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR},
     },
 };
 use hasync_common::{
@@ -41,15 +41,22 @@ fn fuzz_path() -> &'static Path {
     Path::new("fuzz-input.toml")
 }
 
-/// `wire_message`: `Message::decode` never panics, and what decodes is in one canonical form:
-/// it encodes to as many bytes as it came in, which decode to the same message and encode to
-/// the same bytes again.
+/// `wire_message`: decoding never panics in any record layout, and what decodes is in one
+/// canonical form: it encodes to as many bytes as it came in, which decode to the same message
+/// and encode to the same bytes again.
 pub fn wire_message(data: &[u8]) -> Result<()> {
-    let Ok(msg) = Message::decode(data) else {
+    for layout in RecordLayout::ALL {
+        canonical(data, layout).with_context(|| format!("records in the {layout:?} layout"))?;
+    }
+    Ok(())
+}
+
+fn canonical(data: &[u8], layout: RecordLayout) -> Result<()> {
+    let Ok(msg) = Message::decode_as(data, layout) else {
         return Ok(());
     };
     let mut bytes = Vec::new();
-    msg.encode(&mut bytes)
+    msg.encode_as(&mut bytes, layout)
         .context("a decoded message does not encode")?;
     ensure!(
         bytes.len() == data.len(),
@@ -57,22 +64,29 @@ pub fn wire_message(data: &[u8]) -> Result<()> {
         data.len(),
         bytes.len()
     );
-    let again = Message::decode(&bytes).context("a re-encoded message does not decode")?;
+    let again =
+        Message::decode_as(&bytes, layout).context("a re-encoded message does not decode")?;
     ensure!(again == msg, "round trip changed {msg:?} into {again:?}");
     let mut twice = Vec::new();
-    again.encode(&mut twice)?;
+    again.encode_as(&mut twice, layout)?;
     ensure!(twice == bytes, "encoding is not canonical for {msg:?}");
     Ok(())
 }
 
-/// `channel_payload`: a decrypted frame as the receiver handles it: decode, then for a hello
-/// the version and zone checks, for session records the install decision (zone translation,
-/// ownership, clock re-anchoring) and the conflict rule, for a keepalive the member state, for
-/// an ack the release of frames in flight.
+/// `channel_payload`: a decrypted frame as the receiver handles it, in every record layout
+/// it decodes in: decode, then for a hello the version and zone checks, for session records
+/// the install decision (zone translation, ownership, clock re-anchoring) and the conflict
+/// rule, for a keepalive the member state, for an ack the release of frames in flight.
 pub fn channel_payload(data: &[u8]) -> Result<()> {
-    let Ok(msg) = Message::decode(data) else {
-        return Ok(());
-    };
+    for layout in RecordLayout::ALL {
+        if let Ok(msg) = Message::decode_as(data, layout) {
+            handle(msg).with_context(|| format!("records in the {layout:?} layout"))?;
+        }
+    }
+    Ok(())
+}
+
+fn handle(msg: Message) -> Result<()> {
     match msg {
         Message::Hello(hello) => check_hello(&hello),
         Message::Sessions { records, bulk, .. } => check_records(&records, bulk),

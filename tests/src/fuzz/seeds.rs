@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use hasync_agent::{
     control::{Request, SessionFilter},
     provision::{MemberFiles, Spec, EXAMPLE_SPEC},
-    sync::wire::{Hello, Keepalive, LinkKind, Message, Record, PROTO_MAJOR, PROTO_MINOR},
+    sync::wire::{
+        Hello, Keepalive, LinkKind, Message, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR,
+    },
 };
 use hasync_common::{Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId};
 
@@ -58,6 +60,41 @@ fn record(i: u32) -> Record {
     Record::upsert(record_key(i), &s, now)
 }
 
+/// Records as real traffic makes them: one-way UDP over IPv4 (single-word addresses), and an
+/// established TCP session with its sequence state.
+fn traffic_records() -> Vec<Record> {
+    let now = 100_000_000_000;
+    let a = [u32::from_ne_bytes([198, 18, 0, 20]), 0, 0, 0];
+    let b = [u32::from_ne_bytes([198, 18, 1, 20]), 0, 0, 0];
+    let udp_key = FlowKey::canonical(Family::V4, 17, a, 1024u16.to_be(), b, 9u16.to_be()).0;
+    let tcp_key = FlowKey::canonical(Family::V4, 6, a, 40000u16.to_be(), b, 443u16.to_be()).0;
+    let udp = Session {
+        created_ns: now - 5_000_000,
+        last_seen_ns: now - 5_000_000,
+        packets: [1, 0],
+        bytes: [58, 0],
+        version: 1,
+        zone: ZoneId(1),
+        owner: MemberId(1),
+        state: State::UdpNew as u8,
+        ..Session::default()
+    };
+    let tcp = Session {
+        state: State::Established as u8,
+        packets: [12, 10],
+        bytes: [1_400, 90_000],
+        tcp_flags: [0x1a, 0x1a],
+        tcp_track: [0x87, 0x80],
+        max_win: [502, 65_535],
+        seq_end: [0xdead_0001, 77],
+        ..udp
+    };
+    vec![
+        Record::upsert(udp_key, &udp, now),
+        Record::upsert(tcp_key, &tcp, now),
+    ]
+}
+
 fn messages() -> Vec<Seed> {
     let hello = Message::Hello(Hello {
         major: PROTO_MAJOR,
@@ -87,6 +124,7 @@ fn messages() -> Vec<Seed> {
             }),
         ),
         ("sessions", sessions(false, (0..3).map(record).collect())),
+        ("sessions-traffic", sessions(false, traffic_records())),
         (
             "sessions-bulk-delete",
             sessions(
@@ -105,10 +143,23 @@ fn messages() -> Vec<Seed> {
         ),
     ]
     .into_iter()
-    .filter_map(|(name, msg)| {
-        let mut bytes = Vec::new();
-        msg.encode(&mut bytes).ok()?;
-        Some(named(name, bytes))
+    .flat_map(|(name, msg)| {
+        // Session records in the current layout and in the 1.1 one (what a 1.1 peer sends);
+        // the other messages are the same in both.
+        let layouts = match msg {
+            Message::Sessions { .. } => &[RecordLayout::CURRENT, RecordLayout::V1_1][..],
+            _ => &[RecordLayout::CURRENT][..],
+        };
+        layouts.iter().filter_map(move |&layout| {
+            let mut bytes = Vec::new();
+            msg.encode_as(&mut bytes, layout).ok()?;
+            let name = if layout == RecordLayout::CURRENT {
+                name.to_owned()
+            } else {
+                format!("{name}-{layout:?}")
+            };
+            Some(named(&name, bytes))
+        })
     })
     .collect()
 }
