@@ -60,6 +60,7 @@ use hasync_agent::{
 };
 use hasync_tests::{
     frame::Frame,
+    interrupt::{catch_signals, check_stop},
     netns::{veth, DropIsolated, Lab, Netns},
     testrun::{stay_on_this_cpu, xdp_md},
 };
@@ -392,6 +393,7 @@ fn send_from_here(
         if sent >= total || start.elapsed() >= time {
             break;
         }
+        check_stop()?;
         let repeat = u32::try_from((total - sent).min(u64::from(chunk))).unwrap_or(chunk);
         prog.test_run(TestRunOptions {
             data_in: Some(&frame),
@@ -581,7 +583,8 @@ impl Agent {
                 case.letter()
             )
         })?;
-        let dir = std::env::temp_dir().join(format!("hasync-bench-fwd-{}", std::process::id()));
+        remove_stale_pins();
+        let dir = std::env::temp_dir().join(format!("{AGENT_DIR}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let agent = Agent {
@@ -625,6 +628,7 @@ impl Agent {
         let deadline = Instant::now() + AGENT_READY;
         let mut state = String::from("not listening");
         while Instant::now() < deadline {
+            check_stop()?;
             if let Some(status) = self.procs.exit_status(self.pid)? {
                 bail!(
                     "the agent exited ({status}); its log:\n{}",
@@ -660,6 +664,32 @@ impl Drop for Agent {
             eprintln!("cleanup: tearing down {}: {e}", pins.display());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The agent's lab directory: this prefix and the bench's pid.
+const AGENT_DIR: &str = "hasync-bench-fwd-";
+
+/// Removes the pinned datapaths that earlier runs, killed before they could clean up, left
+/// behind (their pid is gone, their namespaces with it).
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir(hasync_agent::datapath::pin::BPFFS_MOUNT) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(AGENT_DIR)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            if let Err(e) = hasync_agent::datapath::pin::teardown(&entry.path()) {
+                eprintln!("removing stale pins {name}: {e}");
+            }
+        }
     }
 }
 
@@ -806,9 +836,10 @@ fn original_path(b: &Bench, case: Case) -> (u32, [[u8; 6]; 2]) {
 }
 
 /// One pass of every flow in the original direction, then one of replies from recv, so the
-/// member has seen both directions of each; repeated once if frames went missing. Says on
-/// stderr how many arrived.
+/// member has seen both directions of each. Says on stderr how many arrived and how long it
+/// took.
 fn establish(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<()> {
+    let started = Instant::now();
     let (ingress, macs) = original_path(b, case);
     let reply_macs = if case.bridged() {
         [b.mac("g0"), b.mac("r0")]
@@ -818,30 +849,22 @@ fn establish(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<()
     let orig = stream(family, case.bridged(), Direction::Original, macs, flows);
     let reply = stream(family, case.bridged(), Direction::Reply, reply_macs, flows);
     let limit = Duration::from_secs(60);
-    let mut seen = (0, 0);
-    for _ in 0..2 {
-        b.gen_st.set_stream(&orig)?;
-        let before = b.recv_st.received()?;
-        b.gen_st
-            .send(&b.gen, ingress, SETUP_CHUNK, flows.into(), limit)?;
-        std::thread::sleep(Duration::from_millis(50));
-        let forward = b.recv_st.received()? - before;
-        b.recv_st.set_stream(&reply)?;
-        let before = b.gen_st.received()?;
-        b.recv_st
-            .send(&b.recv, b.ports.r0, SETUP_CHUNK, flows.into(), limit)?;
-        std::thread::sleep(Duration::from_millis(50));
-        seen = (forward, b.gen_st.received()? - before);
-        if seen.0 >= u64::from(flows) && seen.1 >= u64::from(flows) {
-            break;
-        }
-    }
+    b.gen_st.set_stream(&orig)?;
+    let before = b.recv_st.received()?;
+    b.gen_st
+        .send(&b.gen, ingress, SETUP_CHUNK, flows.into(), limit)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let forward = b.recv_st.received()? - before;
+    b.recv_st.set_stream(&reply)?;
+    let before = b.gen_st.received()?;
+    b.recv_st
+        .send(&b.recv, b.ports.r0, SETUP_CHUNK, flows.into(), limit)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let replies = b.gen_st.received()? - before;
     eprintln!(
-        "  ({}) {} {flows} flows established: {} of {flows} forward, {} replies through",
-        case.letter(),
+        "  {} {flows} flows established in {:.1?}: {forward} forwarded, {replies} replies through",
         family.label(),
-        seen.0,
-        seen.1
+        started.elapsed()
     );
     b.gen_st.set_stream(&orig)
 }
@@ -888,7 +911,9 @@ fn measure(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<Figu
 
 fn run_case(b: &mut Bench, case: Case, results: &mut Results) -> Result<()> {
     eprintln!("({}) {}", case.letter(), case.what());
+    let started = Instant::now();
     let dut = b.setup(case)?;
+    eprintln!("  set up in {:.1?}", started.elapsed());
     for family in Family::ALL {
         for (label, flows) in SIZES {
             let f = measure(b, case, family, flows)?;
@@ -1081,12 +1106,14 @@ fn main() -> Result<()> {
         Some(i) => Case::parse_list(args.get(i + 1).map_or("", String::as_str))?,
         None => Case::ALL.to_vec(),
     };
+    catch_signals()?;
     let mut bench = Bench::create()?;
     bench.binary = agent_binary();
     add_neighbours(&bench, SIZES.iter().map(|s| s.1).max().unwrap_or(0))?;
     let started = Instant::now();
     let mut results = Results::new();
     for case in cases {
+        check_stop()?;
         run_case(&mut bench, case, &mut results)?;
     }
     eprintln!("forward bench took {:.0?}", started.elapsed());

@@ -7,5 +7,6 @@ pub mod cluster;
 pub mod fixture;
 pub mod frame;
 pub mod fuzz;
+pub mod interrupt;
 pub mod netns;
 pub mod testrun;
