@@ -78,6 +78,9 @@ Modes:
         /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
         #[arg(long, value_name = "LIST")]
         cases: Option<String>,
+        /// `forward` only: the numbers of flows to measure, e.g. `1000,1000000` (the default).
+        #[arg(long, value_name = "LIST")]
+        flows: Option<String>,
     },
     /// Setup, then a fault-injection run against a netns cluster (needs root): partitions,
     /// loss, stopped, killed and restarted agents, floods, a hostile peer; invariants checked
@@ -257,7 +260,12 @@ fn dispatch(cli: Cli) -> Result<()> {
             ignore_interrupts_while_children_run()?;
             cmd::run(&mut hasync)
         }
-        Task::Bench { bench, json, cases } => {
+        Task::Bench {
+            bench,
+            json,
+            cases,
+            flows,
+        } => {
             setup::setup(Mode::Install, Report::Summary)?;
             let mut cargo =
                 cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
@@ -268,12 +276,14 @@ fn dispatch(cli: Cli) -> Result<()> {
             if json {
                 cargo.arg("--json");
             }
-            if let Some(cases) = cases {
-                anyhow::ensure!(
-                    matches!(bench, Bench::Forward),
-                    "--cases is for `bench forward` only"
-                );
-                cargo.args(["--cases", &cases]);
+            for (flag, value) in [("--cases", cases), ("--flows", flows)] {
+                if let Some(value) = value {
+                    anyhow::ensure!(
+                        matches!(bench, Bench::Forward),
+                        "{flag} is for `bench forward` only"
+                    );
+                    cargo.args([flag, value.as_str()]);
+                }
             }
             cmd::run(&mut cargo)
         }
