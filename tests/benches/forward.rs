@@ -234,7 +234,7 @@ fn hosts(flows: u32) -> u16 {
 // ---------------------------------------------------------------------------------------------
 // What a generator sends: a template and the fields it varies.
 
-/// Parameter slots of the program's GEN_PARAMS.
+/// What a generator sends: the frame template and the values of its GEN_PARAMS slots.
 struct Stream {
     template: [u8; FRAME_LEN],
     /// flows, address word, port, IPv4 header checksum, transport checksum (offsets; 0 none).

@@ -177,7 +177,7 @@ pub fn redirect(ctx: XdpContext) -> u32 {
     }
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: a plain read of a map value; the agent side writes it before traffic starts.
-    let Some(macs) = (unsafe { REDIRECT_MACS.get(&ingress) }) else {
+    let Some(macs) = (unsafe { REDIRECT_MACS.get(ingress) }) else {
         return xdp_action::XDP_DROP;
     };
     // SAFETY: 12 bytes from `data` are in the frame (checked above).
