@@ -67,10 +67,10 @@ use hasync_agent::{
         ClusterOptions, LabCluster, Signal, Topology,
     },
 };
-use hasync_tests::interrupt::{catch_signals, check_stop};
 use hasync_common::{
     flow::IPPROTO_UDP, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
+use hasync_tests::interrupt::{catch_signals, check_stop};
 
 /// Sessions in the table for the throughput, full-sync and RSS figures.
 const SESSIONS: u64 = 1_000_000;
