@@ -1,6 +1,7 @@
 //! Builds the XDP program (hasync-ebpf) for the BPF target with the nightly toolchain, so the
-//! agent can embed it. The bench-only object (`fastpath-bench`) is built alongside; its
-//! directory is passed to dependants' build scripts as `DEP_HASYNC_EBPF_OUT_DIR`.
+//! agent can embed it. The bench-only objects (`fastpath-bench`, `forward-bench`) are built
+//! alongside; their directory is passed to dependants' build scripts as
+//! `DEP_HASYNC_EBPF_OUT_DIR`.
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {

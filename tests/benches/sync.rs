@@ -54,7 +54,6 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::PathBuf,
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -84,6 +83,7 @@ use hasync_common::{
     tcp_window::track,
     Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
+use hasync_tests::interrupt::{catch_signals, check_stop};
 
 /// Sessions in the table for the throughput, full-sync and RSS figures.
 const SESSIONS: u64 = 1_000_000;
@@ -124,37 +124,6 @@ const IDLE: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------------
 // Interruption: Ctrl-C ends every loop so the lab is cleaned up.
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn catch_signals() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
-        // async-signal-safe.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error()).context("installing a signal handler");
-        }
-    }
-    Ok(())
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 /// Sleeps `d` unless interrupted.
 fn pause(d: Duration) -> Result<()> {

@@ -8,5 +8,6 @@ pub mod fixture;
 pub mod forwarder;
 pub mod frame;
 pub mod fuzz;
+pub mod interrupt;
 pub mod netns;
 pub mod testrun;

@@ -169,6 +169,48 @@ impl Netns {
         Ok(())
     }
 
+    /// The MAC address of `ifname` in this namespace.
+    pub fn mac(&self, ifname: &str) -> Result<[u8; 6]> {
+        let json = self.ip(&["-j", "link", "show", ifname])?;
+        let v: serde_json::Value = serde_json::from_str(&json).context("`ip -j link` output")?;
+        let text = v[0]["address"]
+            .as_str()
+            .with_context(|| format!("no MAC address for {ifname} in {}: {json}", self.name))?;
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = text.split(':').collect();
+        ensure!(parts.len() == 6, "MAC address {text:?} of {ifname}");
+        for (o, p) in out.iter_mut().zip(parts) {
+            *o = u8::from_str_radix(p, 16).with_context(|| format!("MAC address {text:?}"))?;
+        }
+        Ok(out)
+    }
+
+    /// Loads nftables `script` (`nft -f -`) in this namespace.
+    pub fn nft(&self, script: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = lab::command_in(&self.name, "nft")?
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running `nft`")?;
+        child
+            .stdin
+            .take()
+            .context("nft's stdin")?
+            .write_all(script.as_bytes())
+            .context("writing to nft")?;
+        let out = child.wait_with_output().context("waiting for nft")?;
+        ensure!(
+            out.status.success(),
+            "nft in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
     /// The index of interface `ifname` in this namespace.
     pub fn ifindex(&self, ifname: &str) -> Result<u32> {
         let name = std::ffi::CString::new(ifname)?;

@@ -189,7 +189,7 @@ pub fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
 
 /// The `struct xdp_md` a test run takes as context: data = 0, data_end = frame length,
 /// data_meta = 0, ingress_ifindex, rx_queue_index = 0, egress_ifindex = 0.
-fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+pub fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
     let fields = [0u32, len as u32, 0, ifindex, 0, 0];
     let mut out = [0u8; 24];
     for (chunk, v) in out.chunks_exact_mut(4).zip(fields) {

@@ -75,6 +75,12 @@ Modes:
         /// Ask the bench for JSON output.
         #[arg(long)]
         json: bool,
+        /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
+        #[arg(long, value_name = "LIST")]
+        cases: Option<String>,
+        /// `forward` only: the numbers of flows to measure, e.g. `1000,1000000` (the default).
+        #[arg(long, value_name = "LIST")]
+        flows: Option<String>,
     },
     /// Setup, then a fault-injection run against a netns cluster (needs root): partitions,
     /// loss, stopped, killed and restarted agents, floods, a hostile peer; invariants checked
@@ -120,6 +126,10 @@ enum Bench {
     /// Session sync between lab members: replication, lag, full sync, agent CPU and memory
     /// (the `sync` bench in hasync-tests).
     Sync,
+    /// Live frames through a member in a netns lab: XDP redirect, kernel forwarding with and
+    /// without conntrack, and hasync (the `forward` bench in hasync-tests; builds the release
+    /// agent).
+    Forward,
 }
 
 impl Bench {
@@ -127,6 +137,7 @@ impl Bench {
         match self {
             Self::Fastpath => "fastpath",
             Self::Sync => "sync",
+            Self::Forward => "forward",
         }
     }
 }
@@ -252,12 +263,30 @@ fn dispatch(cli: Cli) -> Result<()> {
             ignore_interrupts_while_children_run()?;
             cmd::run(&mut hasync)
         }
-        Task::Bench { bench, json } => {
+        Task::Bench {
+            bench,
+            json,
+            cases,
+            flows,
+        } => {
             setup::setup(Mode::Install, Report::Summary)?;
             let mut cargo =
                 cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
+            if matches!(bench, Bench::Forward) && std::env::var_os("HASYNC_BIN").is_none() {
+                build_release_agent()?;
+                cargo.env("HASYNC_BIN", release_binary(root));
+            }
             if json {
                 cargo.arg("--json");
+            }
+            for (flag, value) in [("--cases", cases), ("--flows", flows)] {
+                if let Some(value) = value {
+                    anyhow::ensure!(
+                        matches!(bench, Bench::Forward),
+                        "{flag} is for `bench forward` only"
+                    );
+                    cargo.args([flag, value.as_str()]);
+                }
             }
             cmd::run(&mut cargo)
         }
