@@ -1,39 +1,16 @@
-//! Interruption for the benches: SIGINT, SIGTERM and SIGHUP set a flag that every loop checks,
-//! so a bench stopped by Ctrl-C or `timeout` still unwinds and cleans its lab up (agents
-//! stopped, pins and namespaces removed).
+//! Interruption for the benches (`hasync_agent::lab::interrupt`): a bench stopped by Ctrl-C or
+//! `timeout` still unwinds and cleans its lab up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use anyhow::{bail, Context as _, Result};
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
+use anyhow::{bail, Result};
 
 /// Installs the handler for SIGINT, SIGTERM and SIGHUP.
 pub fn catch_signals() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
-        // async-signal-safe.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
-        }
-    }
-    Ok(())
+    Ok(hasync_agent::lab::interrupt::catch_signals()?)
 }
 
 /// Fails with "interrupted" once a signal came.
 pub fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
+    if hasync_agent::lab::interrupt::stopped() {
         bail!("interrupted");
     }
     Ok(())

@@ -10,4 +10,5 @@ pub mod frame;
 pub mod fuzz;
 pub mod interrupt;
 pub mod netns;
+pub mod sockets;
 pub mod testrun;

@@ -17,6 +17,7 @@ use hasync_tests::{
     forwarder::{sa, tcp_exchange_between, TRUST, UNTRUST},
     frame::Frame,
     netns::{veth, wait_for, DropIsolated, Lab, Netns},
+    sockets::recv_with_control,
     testrun::{CounterDelta, LOCAL, TEST_CAPACITY},
 };
 
@@ -194,37 +195,23 @@ fn receive_tagged(fd: RawFd, marker: &[u8]) -> Result<Option<u16>> {
     }
     for _ in 0..50 {
         let mut data = [0u8; 2048];
-        let mut control = [0u64; 16];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: a zeroed msghdr is valid; it points at live buffers below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = size_of_val(&control);
-        // SAFETY: every buffer `msg` points at outlives the call.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
-        if n <= 0 {
+        let Some((n, controls)) = recv_with_control(fd, &mut data)? else {
             continue;
-        }
-        let frame = &data[..n as usize];
+        };
+        let frame = &data[..n];
         if !frame.windows(marker.len()).any(|w| w == marker) {
             continue;
         }
-        // SAFETY: the CMSG macros walk the control buffer the kernel filled.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            if !c.is_null() && (*c).cmsg_type == libc::PACKET_AUXDATA {
-                let aux = &*(libc::CMSG_DATA(c) as *const libc::tpacket_auxdata);
-                if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
-                    return Ok(Some(aux.tp_vlan_tci & 0x0fff));
-                }
-            }
-        }
-        return Ok(None);
+        // tpacket_auxdata: tp_status (u32) first, tp_vlan_tci (u16) at byte 16.
+        let aux = controls
+            .iter()
+            .find(|c| c.level == libc::SOL_PACKET && c.kind == libc::PACKET_AUXDATA);
+        let tag = aux.and_then(|a| {
+            let status = u32::from_ne_bytes(a.data.get(..4)?.try_into().ok()?);
+            let tci = u16::from_ne_bytes(a.data.get(16..18)?.try_into().ok()?);
+            (status & libc::TP_STATUS_VLAN_VALID != 0).then_some(tci & 0x0fff)
+        });
+        return Ok(tag);
     }
     anyhow::bail!("the marked frame never arrived")
 }

@@ -15,6 +15,7 @@ use hasync_common::{Counter, Counters, Forwarding, Policy};
 use hasync_tests::{
     forwarder::{sa, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
     netns::{wait_for, Netns},
+    sockets::recv_with_control,
     testrun::CounterDelta,
 };
 
@@ -129,44 +130,16 @@ fn recv_ttl(socket: &UdpSocket, v6: bool) -> Result<()> {
 /// One datagram of `len` bytes with its TTL or hop limit; `None` on timeout.
 fn recv_with_ttl(socket: &UdpSocket, len: usize) -> Result<Option<u8>> {
     let mut data = vec![0u8; len.max(1) + 1];
-    let mut control = [0u64; 16];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
+    let Some((n, controls)) = recv_with_control(socket.as_raw_fd(), &mut data)? else {
+        return Ok(None);
     };
-    // SAFETY: zeroed msghdr is valid; its pointers are set below to live buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control);
-    // SAFETY: every buffer `msg` points at outlives the call.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            return Ok(None);
-        }
-        return Err(e.into());
-    }
-    ensure!(n as usize == len, "received {n} bytes, expected {len}");
-    let mut ttl = None;
-    // SAFETY: the CMSG macros walk the control buffer the kernel filled, within its length.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            let h = &*c;
-            let ours = (h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_TTL)
-                || (h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_HOPLIMIT);
-            if ours {
-                ttl = Some(*(libc::CMSG_DATA(c) as *const libc::c_int) as u8);
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
+    ensure!(n == len, "received {n} bytes, expected {len}");
+    let ttl = controls.iter().find_map(|c| {
+        let ours = (c.level == libc::IPPROTO_IP && c.kind == libc::IP_TTL)
+            || (c.level == libc::IPPROTO_IPV6 && c.kind == libc::IPV6_HOPLIMIT);
+        let value: [u8; 4] = c.data.get(..4)?.try_into().ok()?;
+        ours.then(|| i32::from_ne_bytes(value) as u8)
+    });
     Ok(Some(ttl.context("no TTL / hop limit control message")?))
 }
 

@@ -6,7 +6,6 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -14,6 +13,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     cluster::{AgentState, ClusterOptions, LabCluster},
+    interrupt,
     netns::netns_exists,
     topology::{existing_namespaces, CLIENT_V4, SERVER_V4},
     traffic::{
@@ -53,42 +53,13 @@ pub struct LabArgs {
     pub keep: bool,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT, SIGTERM and SIGHUP set [`STOP`]; the lab then tears down.
-fn catch_signals() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
-        // async-signal-safe.
-        let rc = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("installing a signal handler");
-        }
-    }
-    Ok(())
-}
-
-fn stopped() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
-
 /// Runs the lab until Ctrl-C or `--duration`, then removes it.
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the lab creates network namespaces: run it as root");
     }
-    catch_signals()?;
+    interrupt::catch_signals()?;
     let duration = Duration::from_secs(args.duration);
     let start = Instant::now();
     let exe = std::env::current_exe().context("finding the hasync executable")?;
@@ -156,7 +127,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
 
     let tty = std::io::stdout().is_terminal();
     let mut next = Instant::now();
-    while !stopped() && start.elapsed() < duration {
+    while !interrupt::stopped() && start.elapsed() < duration {
         if Instant::now() >= next {
             let frame = status(
                 &lab,
@@ -179,7 +150,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
 
     println!(
         "\nstopping ({}) ...",
-        if stopped() {
+        if interrupt::stopped() {
             "signal"
         } else {
             "--duration reached"
@@ -232,7 +203,7 @@ fn print_intro(lab: &LabCluster, exe: &Path) {
 fn wait_for_agents(lab: &LabCluster) {
     let deadline = Instant::now() + READY_TIMEOUT;
     for k in lab.topology().member_ids() {
-        if stopped() {
+        if interrupt::stopped() {
             return;
         }
         let left = deadline.saturating_duration_since(Instant::now());

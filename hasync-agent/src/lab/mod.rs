@@ -19,6 +19,7 @@
 
 pub mod cluster;
 mod command;
+pub mod interrupt;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

@@ -39,6 +39,7 @@ const OUTCOMES: &[Counter] = &[
     Counter::PassOtherProtocol,
     Counter::DropOtherProtocol,
     Counter::PassNonIp,
+    Counter::PassOtherEthertype,
     Counter::PassFragment,
     Counter::DropFragmentUnseenFirst,
     Counter::PassFragmentUnseenFirst,
