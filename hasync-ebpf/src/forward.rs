@@ -1,7 +1,7 @@
 //! Forwarding in XDP: Layer 3 (`forwarding = "xdp"`: a FIB lookup cached per source and
-//! destination, MAC
-//! rewrite, TTL or hop-limit decrement, DEVMAP redirect) and virtual wires (redirect to the
-//! wire's other end). What the fast path should not decide goes to the kernel, counted.
+//! destination, MAC rewrite, TTL or hop-limit decrement, DEVMAP redirect) and virtual wires
+//! (redirect to the wire's other end). What the fast path should not decide goes to the
+//! kernel, counted.
 
 use aya_ebpf::{
     bindings::{
