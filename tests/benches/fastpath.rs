@@ -24,7 +24,7 @@ use hasync_common::{
     maps as names, member::MEMBER_SLOTS, session::tcp, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, SessionFlags, State,
 };
-use hasync_tests::frame::Frame;
+use hasync_tests::{frame::Frame, testrun::load_xdp_programs};
 
 static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("HASYNC_EBPF_OUT_DIR"), "/fastpath-bench"));
@@ -129,20 +129,16 @@ impl Bench {
             .map_max_entries("BASE_LRU", capacity)
             .load(BENCH_OBJECT)
             .context("loading the fastpath-bench object")?;
-        for name in [
-            names::PROGRAM,
-            names::CLOCK_PROGRAM,
-            "base_parse",
-            "base_lookup",
-            "base_insert",
-        ] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("no program {name}"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
+        load_xdp_programs(
+            &mut ebpf,
+            &[
+                names::PROGRAM,
+                names::CLOCK_PROGRAM,
+                "base_parse",
+                "base_lookup",
+                "base_insert",
+            ],
+        )?;
         // The session clock as the agent sets it up: the product's jiffies path is measured.
         let clock_prog: &Xdp = ebpf
             .program(names::CLOCK_PROGRAM)

@@ -66,7 +66,7 @@ use hasync_tests::{
     frame::Frame,
     interrupt::{catch_signals, check_stop},
     netns::{veth, DropIsolated, Lab, Netns},
-    testrun::{stay_on_this_cpu, xdp_md},
+    testrun::{load_xdp_programs, stay_on_this_cpu, xdp_md},
 };
 
 static OBJECT: &[u8] =
@@ -293,14 +293,7 @@ struct Station {
 impl Station {
     fn load() -> Result<Station> {
         let mut ebpf = Ebpf::load(OBJECT).context("loading the forward-bench object")?;
-        for name in ["generate", "count", "pass", "redirect"] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("no program {name}"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("verifier rejected {name}"))?;
-        }
+        load_xdp_programs(&mut ebpf, &["generate", "count", "pass", "redirect"])?;
         Ok(Station {
             ebpf: DropIsolated::new(ebpf),
             links: Vec::new(),
