@@ -136,7 +136,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     }
     let mut opts = DatapathOptions::new(local);
     opts.session_capacity = config.local.session_capacity;
-    opts.embryonic_capacity = config.local.embryonic_capacity;
+    opts.embryonic_capacity = Some(config.embryonic_capacity());
+    opts.replica_parts = config.replica_parts();
     opts.config = config.datapath();
     opts.pin_dir = config.pin_dir().map(Path::to_owned);
     let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;

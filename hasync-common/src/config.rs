@@ -108,8 +108,10 @@ pub struct DatapathConfig {
     /// that the table holds at most (0: no limit, nothing is evicted). Set by the agent from
     /// the map it loaded.
     pub embryo_slots: u32,
-    /// Slots of the replicas' part of the EMBRYOS ring: peers' embryonic sessions held at most
-    /// (0: no limit). Set by the agent like `embryo_slots`.
+    /// Slots of each replica part of the EMBRYOS ring: one part per member id, holding that
+    /// member's embryonic sessions copied here (0: no limit). Set by the agent like
+    /// `embryo_slots`, as large as this member's own parts together, so that a peer with the
+    /// same geometry is mirrored slot for slot.
     pub embryo_replica_slots: u32,
     /// Nanoseconds per jiffy (the kernel's tick): the program reads its clock as
     /// [`DatapathConfig::jiffies_ns`], so session times stay in the agent's monotonic clock
@@ -123,8 +125,15 @@ pub struct DatapathConfig {
     /// 1 when some interface is one end of a virtual wire (its ZONES entry says which): only
     /// then does the program read the ingress binding of every frame it passes.
     pub vwire: u8,
+    /// Replica parts in the EMBRYOS ring: member ids 1 to this have one each (a replica of a
+    /// member past it is refused while embryonic). Set by the agent.
+    pub embryo_replica_parts: u8,
     /// Padding; zero.
-    pub _pad2: [u8; 7],
+    pub _pad2: [u8; 2],
+    /// CPUs with a part of their own in the EMBRYOS ring (possible CPUs): an admission ticket
+    /// is `counter * embryo_cpus + cpu`, so a ticket says which slot its session took, here
+    /// and in a peer's replica part. Set by the agent.
+    pub embryo_cpus: u32,
 }
 crate::assert_size!(DatapathConfig, 104);
 
@@ -166,7 +175,9 @@ impl DatapathConfig {
             ns_per_jiffy: 0,
             jiffies_offset_ns: 0,
             vwire: 0,
-            _pad2: [0; 7],
+            embryo_replica_parts: 0,
+            _pad2: [0; 2],
+            embryo_cpus: 0,
         }
     }
 }

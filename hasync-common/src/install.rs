@@ -37,10 +37,28 @@ pub struct InstallRecord {
     pub session: Session,
     /// An [`InstallOp`] as `u8`.
     pub op: u8,
+    /// 1: `session.ticket` is the owner's admission ticket (an embryonic session from a peer
+    /// that sends them), which places the replica in the slot of the owner's part that mirrors
+    /// the owner's own; 0: the owner's part hands out the next ticket.
+    pub owner_ticket: u8,
     /// Padding; zero.
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
 crate::assert_size!(InstallRecord, 136);
+
+impl InstallRecord {
+    /// The record doing `op` with `session` under `key`: with the owner's admission ticket
+    /// (in `session.ticket`) when `owner_ticket`.
+    pub const fn new(key: FlowKey, session: Session, op: InstallOp, owner_ticket: bool) -> Self {
+        InstallRecord {
+            key,
+            session,
+            op: op as u8,
+            owner_ticket: owner_ticket as u8,
+            _pad: [0; 6],
+        }
+    }
+}
 
 /// The batch header: what the agent says, then what the program did.
 #[repr(C)]

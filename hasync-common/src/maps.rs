@@ -14,14 +14,17 @@ pub const COUNTERS: &str = "COUNTERS";
 /// Ring buffer of `Event`s.
 pub const EVENTS: &str = "EVENTS";
 /// Array of `EmbryoSlot`: the admission ring of embryonic sessions (see
-/// [`crate::session::EmbryoSlot`]): first the part for peers' replicas
-/// (`DatapathConfig::embryo_replica_slots`), then one part of `DatapathConfig::embryo_slots`
-/// per possible CPU for the sessions traffic creates here; the agent sizes it at load time.
+/// [`crate::session::EmbryoSlot`]): first one part of `DatapathConfig::embryo_replica_slots`
+/// per member id (`DatapathConfig::embryo_replica_parts`, member 1 first) for peers'
+/// replicas, so one member's flood can evict only its own replicas; then one part of
+/// `DatapathConfig::embryo_slots` per possible CPU for the sessions traffic creates here. The
+/// agent sizes it at load time.
 pub const EMBRYOS: &str = "EMBRYOS";
 /// Per-CPU array of one `u64`: the tickets each CPU's part of the EMBRYOS ring handed out.
 pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
-/// Array of one `u64`: the tickets the replicas' part of the EMBRYOS ring handed out (only the
-/// install program writes it, and the agent runs it one batch at a time).
+/// Array of one `u64` per member id: the tickets each replica part of the EMBRYOS ring handed
+/// out to records that came without their owner's ticket (only the install program writes it,
+/// and the agent runs it one batch at a time).
 pub const REPLICA_EMBRYO_HEAD: &str = "REPLICA_EMBRYO_HEAD";
 /// LRU hash: `FragmentKey` → when its first fragment passed (`u64`, session clock ns).
 pub const FRAGMENTS: &str = "FRAGMENTS";

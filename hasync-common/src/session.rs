@@ -155,9 +155,10 @@ pub struct Session {
     pub state: u8,
     /// TCP flags seen per direction (OR of every segment's flags).
     pub tcp_flags: [u8; 2],
-    /// Node-local: the admission ticket of an embryonic session, matching its slot in the
-    /// EMBRYOS ring (see [`EmbryoSlot`]); never synced (a member's tickets mean nothing to
-    /// another).
+    /// The admission ticket of an embryonic session, matching its slot in the EMBRYOS ring
+    /// (see [`EmbryoSlot`]). The owner's ticket travels with an embryonic record, so a replica
+    /// takes the slot of the owner's part that mirrors the owner's own, and is evicted when
+    /// the owner evicts it.
     pub ticket: u32,
     /// Zone the first reply came in through (the responder's side; [`ZoneId::NONE`] until a
     /// reply is seen): replies must keep coming in through it. Node-local, learned again by a
@@ -220,10 +221,11 @@ impl Session {
 
 /// One slot of the EMBRYOS ring: the admission ring of embryonic sessions.
 ///
-/// Every embryonic session that enters the table takes the next ticket (a shared counter) and
-/// the slot `ticket % slots`. Whoever held that slot before, if it is still in the table,
-/// still embryonic and still holds that ticket, is evicted: at most `slots` embryonic sessions
-/// live at once, the oldest goes first, and a session that was answered is never touched.
+/// Every embryonic session that enters the table takes the next ticket of its part (its CPU's
+/// for the sessions traffic creates here, its owner's for a peer's) and the slot the ticket
+/// names. Whoever held that slot before, if it is still in the table, still embryonic and
+/// still holds that ticket, is evicted: at most `slots` embryonic sessions live at once per
+/// part, the oldest goes first, and an assured session is never touched.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct EmbryoSlot {

@@ -19,40 +19,26 @@
 //! moment fails and is retried by the client.
 
 use aya_ebpf::helpers::bpf_get_smp_processor_id;
-use hasync_common::{Counter, Counters, DatapathConfig, EventKind, FlowKey, Session, State};
+use hasync_common::{
+    Counter, Counters, DatapathConfig, EventKind, FlowKey, MemberId, Session, State,
+};
 
 use crate::{
     events::{prepare, submit},
     maps::{EMBRYOS, EMBRYO_HEAD, REPLICA_EMBRYO_HEAD, SESSIONS},
 };
 
-/// Which part of the ring a session is admitted to.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    /// The part of the CPU the program runs on: sessions created by traffic here.
-    ThisCpu,
-    /// The replicas' part: sessions installed from peers.
-    Replicas,
-}
-
-/// The head (ticket counter), slot count and first slot of `part`.
+/// The first slot and slot count of `owner`'s replica part, if it has one.
 #[inline(always)]
-fn part(cfg: &DatapathConfig, part: Part) -> Option<(*mut u64, u32, u32)> {
-    match part {
-        Part::Replicas => Some((
-            REPLICA_EMBRYO_HEAD.get_ptr_mut(0)?,
-            cfg.embryo_replica_slots,
-            0,
-        )),
-        Part::ThisCpu => {
-            // SAFETY: the helper takes no arguments.
-            let cpu = unsafe { bpf_get_smp_processor_id() };
-            let first = cpu
-                .wrapping_mul(cfg.embryo_slots)
-                .wrapping_add(cfg.embryo_replica_slots);
-            Some((EMBRYO_HEAD.get_ptr_mut(0)?, cfg.embryo_slots, first))
-        }
+fn replica_part(cfg: &DatapathConfig, owner: MemberId) -> Option<(u32, u32)> {
+    let index = u32::from(owner.0).checked_sub(1)?;
+    if index >= u32::from(cfg.embryo_replica_parts) {
+        return None;
     }
+    Some((
+        index.wrapping_mul(cfg.embryo_replica_slots),
+        cfg.embryo_replica_slots,
+    ))
 }
 
 /// The eviction counter of a session last in `state`.
@@ -84,41 +70,100 @@ fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
     }
 }
 
-/// Gives `session`, about to enter the table under `key` embryonic, the next ticket of `to`,
-/// evicting the slot's previous holder if it is still embryonic (an `Evicted` event carries it
-/// to the agent). Without slots in that part nothing is evicted.
+/// Gives `session`, about to enter the table under `key` embryonic, the next ticket of this
+/// CPU's part, evicting the slot's previous holder if it is still embryonic (an `Evicted`
+/// event carries it to the agent). The ticket is `counter * cpus + cpu`: a peer that copies
+/// the session places it by the ticket alone (see [`admit_replica`]).
+#[inline(always)]
+pub fn admit_own(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    key: &FlowKey,
+    session: &mut Session,
+) {
+    let slots = cfg.embryo_slots;
+    if slots == 0 {
+        return;
+    }
+    let Some(head) = EMBRYO_HEAD.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU value of this CPU, valid for the program's run; one writer.
+    let head = unsafe { &mut *head };
+    let counter = *head;
+    *head = counter.wrapping_add(1);
+    // SAFETY: the helper takes no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let replicas = u32::from(cfg.embryo_replica_parts).wrapping_mul(cfg.embryo_replica_slots);
+    let first = replicas.wrapping_add(cpu.wrapping_mul(slots));
+    let offset = counter.checked_rem(u64::from(slots)).unwrap_or(0) as u32;
+    let ticket = counter
+        .wrapping_mul(u64::from(cfg.embryo_cpus.max(1)))
+        .wrapping_add(u64::from(cpu)) as u32;
+    take_slot(counters, first.wrapping_add(offset), key, session, ticket);
+}
+
+/// Gives `session`, a peer's embryonic session about to enter the table under `key`, its slot
+/// in its owner's replica part: the one `owner_ticket` (the owner's own ticket) names, which
+/// mirrors the owner's slot when both members have the same geometry, so the replica is
+/// evicted when the owner evicts the session; without it, the part's next ticket. A flood
+/// copied from one member evicts only that member's replicas. False when the owner has no
+/// part (the replica is refused).
+#[inline(always)]
+pub fn admit_replica(
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    key: &FlowKey,
+    session: &mut Session,
+    owner_ticket: Option<u32>,
+) -> bool {
+    let Some((first, slots)) = replica_part(cfg, session.owner) else {
+        return cfg.embryo_replica_parts == 0;
+    };
+    let ticket = match owner_ticket {
+        Some(t) => t,
+        None => {
+            let Some(head) = REPLICA_EMBRYO_HEAD.get_ptr_mut(u32::from(session.owner.0)) else {
+                return false;
+            };
+            // SAFETY: a map value valid for the program's run; only the (serialized) install
+            // program writes it.
+            let head = unsafe { &mut *head };
+            let t = *head as u32;
+            *head = head.wrapping_add(1);
+            t
+        }
+    };
+    let Some(offset) = ticket.checked_rem(slots) else {
+        return true;
+    };
+    take_slot(counters, first.wrapping_add(offset), key, session, ticket);
+    true
+}
+
+/// `key` (with `session`) takes slot `index` under `ticket`, evicting the slot's previous
+/// holder if that is another session, still embryonic and still holding the slot's ticket.
 #[inline(always)]
 #[allow(
     clippy::needless_borrows_for_generic_args,
     reason = "keys and values passed by value are copied to the stack, which this program has \
               no room left for"
 )]
-pub fn admit(
-    cfg: &DatapathConfig,
+fn take_slot(
     counters: &mut Counters,
+    index: u32,
     key: &FlowKey,
     session: &mut Session,
-    to: Part,
+    ticket: u32,
 ) {
-    let Some((head, slots, first)) = part(cfg, to) else {
+    let Some(slot) = EMBRYOS.get_ptr_mut(index) else {
         return;
     };
-    // SAFETY: a map value valid for the program's run, with one writer: a per-CPU value of
-    // this CPU, or the replicas' head, which only the (serialized) install program writes.
-    let head = unsafe { &mut *head };
-    let ticket = *head as u32;
-    *head = head.wrapping_add(1);
-    // No slots in that part: nothing is admitted, nothing evicted.
-    let Some(offset) = ticket.checked_rem(slots) else {
-        return;
-    };
-    let Some(slot) = EMBRYOS.get_ptr_mut(first.wrapping_add(offset)) else {
-        return;
-    };
-    // SAFETY: array value valid for the program's run; the part has this one writer.
+    // SAFETY: array value valid for the program's run; the part has one writer (this CPU's
+    // program, or the serialized install program).
     let slot = unsafe { &mut *slot };
     // A slot never used holds a zero key (no flow has protocol 0): nothing to look up.
-    let used = slot.key.proto != 0;
+    let used = slot.key.proto != 0 && slot.key != *key;
     if let Some(held) = used.then(|| SESSIONS.get_ptr_mut(&slot.key)).flatten() {
         // SAFETY: the value stays valid for the program's run.
         let held = unsafe { &*held };

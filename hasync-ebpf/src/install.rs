@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use hasync_common::{
     install::{resolve, Resolution, INSTALL_BATCH, READ_BATCH},
-    Counters, DatapathConfig, FlowKey, InstallHeader, InstallOutcome, InstallRecord, ReadHeader,
-    ReadSlot, Session,
+    Counters, DatapathConfig, InstallHeader, InstallOutcome, InstallRecord, ReadHeader, ReadSlot,
+    Session,
 };
 
 use crate::{
@@ -154,27 +154,33 @@ pub fn run(ctx: &XdpContext) -> u32 {
 }
 
 /// Readies a peer's `incoming` session to be written over `local`: it keeps the local copy's
-/// node-local facts (the zone its replies are bound to here), and an embryonic replica keeps
-/// the local copy's admission ticket, or takes a new one (which may evict the oldest
-/// embryonic replica; never an assured session).
+/// node-local facts (the zone its replies are bound to here), and an embryonic replica takes
+/// its slot in its owner's part of the EMBRYOS ring, unless the local copy holds that slot
+/// already (which may evict the owner's oldest embryonic replica; never an assured session,
+/// never another member's). False when the replica is refused (its owner has no part).
 #[inline(always)]
 fn admit(
     cfg: &DatapathConfig,
     counters: &mut Counters,
-    key: &FlowKey,
-    incoming: &mut Session,
+    rec: &mut InstallRecord,
     local: Option<&Session>,
-) {
+) -> bool {
+    let owner_ticket = (rec.owner_ticket != 0).then_some(rec.session.ticket);
+    let incoming = &mut rec.session;
     incoming.ticket = 0;
     if let Some(l) = local {
         incoming.reply_zone = l.reply_zone;
     }
-    if incoming.is_embryonic() {
-        match local {
-            Some(l) if l.is_embryonic() => incoming.ticket = l.ticket,
-            _ => embryo::admit(cfg, counters, key, incoming, embryo::Part::Replicas),
+    if !incoming.is_embryonic() {
+        return true;
+    }
+    if let Some(l) = local.filter(|l| l.is_embryonic() && l.owner == incoming.owner) {
+        if owner_ticket.is_none_or(|t| t == l.ticket) {
+            incoming.ticket = l.ticket;
+            return true;
         }
     }
+    embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
 }
 
 /// Applies one record. An insert that races a session the fast path just created is resolved
@@ -207,7 +213,10 @@ fn apply(
                 } else {
                     BPF_EXIST
                 };
-                admit(cfg, counters, &rec.key, &mut rec.session, local);
+                if !admit(cfg, counters, rec, local) {
+                    out.full = out.full.wrapping_add(1);
+                    return;
+                }
                 match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
                         out.installed = out.installed.wrapping_add(1);

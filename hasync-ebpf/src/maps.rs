@@ -30,7 +30,7 @@ pub static EMBRYOS: Array<EmbryoSlot> =
 pub static EMBRYO_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-pub static REPLICA_EMBRYO_HEAD: Array<u64> = Array::with_max_entries(1, 0);
+pub static REPLICA_EMBRYO_HEAD: Array<u64> = Array::with_max_entries(MEMBER_SLOTS, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =

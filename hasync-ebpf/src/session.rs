@@ -341,7 +341,7 @@ fn miss(
         );
     }
     // A new session is embryonic: it may evict the oldest embryonic one, never anything else.
-    embryo::admit(cfg, counters, &pkt.key, &mut session, embryo::Part::ThisCpu);
+    embryo::admit_own(cfg, counters, &pkt.key, &mut session);
     if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {
         return not_tracked(cfg, counters, e);
     }

@@ -217,10 +217,15 @@ pub fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
 pub fn stay_on_this_cpu() -> Result<()> {
     // SAFETY: no arguments; returns the CPU or -1.
     let cpu = unsafe { libc::sched_getcpu() };
-    let cpu = usize::try_from(cpu).context("sched_getcpu")?;
+    stay_on_cpu(usize::try_from(cpu).context("sched_getcpu")?)
+}
+
+/// Moves the calling thread to CPU `cpu` and keeps it there.
+pub fn stay_on_cpu(cpu: usize) -> Result<()> {
+    anyhow::ensure!(cpu < libc::CPU_SETSIZE as usize, "no CPU {cpu}");
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE (the kernel handed it out).
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };

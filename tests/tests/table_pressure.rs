@@ -254,12 +254,12 @@ fn replicas_never_evict_assured_sessions() {
             session.packets = [1, 0];
             session.state = State::UdpNew as u8;
         }
-        InstallRecord {
-            key: Frame::udp(src, sa("198.18.1.20:53")).key(),
+        InstallRecord::new(
+            Frame::udp(src, sa("198.18.1.20:53")).key(),
             session,
-            op: InstallOp::Upsert as u8,
-            _pad: [0; 7],
-        }
+            InstallOp::Upsert,
+            false,
+        )
     };
     let install = |tdp: &mut TestDatapath, records: &[InstallRecord]| {
         tdp.datapath_mut()
@@ -299,4 +299,167 @@ fn replicas_never_evict_assured_sessions() {
     assert_eq!((out.installed, out.full), (room, 10), "{out:?}");
     assert_eq!(tdp.sessions().expect("sessions").len(), CAPACITY as usize);
     assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);
+}
+
+/// An answered UDP session of `owner`'s, not a stream yet (embryonic), from `host:port`.
+fn answered(now: u64, owner: MemberId, host: u8, port: u16) -> (FlowKey, Session) {
+    let src = SocketAddr::new(IpAddr::from([198, 18, 0, host]), port);
+    let session = Session {
+        created_ns: now,
+        ..replied(now, owner)
+    };
+    (Frame::udp(src, sa("198.18.1.20:53")).key(), session)
+}
+
+/// Each member's embryonic replicas have a part of the ring of their own: a flood copied from
+/// one member evicts only that member's replicas. Before, all peers shared one part: in a
+/// 3-member chaos run, 10,000 new flows on fw3 evicted fw1's answered flows from fw2's table
+/// (and fw2's from fw1's), and nothing sent them again.
+#[test]
+fn one_members_flood_evicts_only_its_own_replicas() {
+    let (mut tdp, _) = load(Policy::Strict);
+    let replica_slots = tdp
+        .datapath()
+        .config()
+        .expect("config")
+        .embryo_replica_slots;
+    let now = monotonic_ns();
+    let records = |owner: u8, host: u8, n: u32| -> Vec<InstallRecord> {
+        (0..n)
+            .map(|i| {
+                let port = 1_000 + u16::try_from(i).expect("port");
+                let (key, session) = answered(now, MemberId(owner), host, port);
+                InstallRecord::new(key, session, InstallOp::Upsert, false)
+            })
+            .collect()
+    };
+    let quiet = records(2, 17, 20);
+    let flood = records(3, 18, replica_slots + 100);
+    for batch in [&quiet, &flood] {
+        let out = tdp
+            .datapath_mut()
+            .install(batch, MemberId::NONE, now)
+            .expect("install");
+        assert_eq!(out.installed as usize, batch.len(), "{out:?}");
+    }
+    let counters = tdp.counters().expect("counters");
+    assert_eq!(
+        counters.get(Counter::EvictedUdpReplied),
+        100,
+        "member 3's oldest replicas made room for its newest"
+    );
+    let gone: Vec<&InstallRecord> = quiet
+        .iter()
+        .filter(|r| tdp.session(&r.key).expect("read").is_none())
+        .collect();
+    assert!(gone.is_empty(), "member 2's replicas evicted: {gone:?}");
+}
+
+/// The owner's admission ticket travels with an embryonic record, and its replica takes the
+/// slot that mirrors the owner's: the replica holds exactly the embryonic sessions the owner
+/// holds, even when the owner's CPUs see unequal floods. Before, the replicas' part was one
+/// ring in arrival order: a flood on one of the owner's CPUs evicted replicas of sessions
+/// another CPU's part still held (541 of fw3's in the 3-member chaos run).
+#[test]
+fn a_replica_part_mirrors_its_owners_ring() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("skipped: one CPU, and the owner's parts are per CPU");
+        return;
+    }
+    let (owner, _) = load(Policy::Strict);
+    let (mut replica, _) = load(Policy::Strict);
+    let replica_slots = replica
+        .datapath()
+        .config()
+        .expect("config")
+        .embryo_replica_slots;
+    // Answered flows on CPU 1, then a flood of unanswered ones on CPU 0, synced as the agent
+    // does: each batch's flows as they are then, and what the owner evicted as deletes.
+    let answered_on_1: Vec<Frame> = (0..10)
+        .map(|i| {
+            Frame::udp(
+                sa(&format!("198.18.0.19:{}", 2_000 + i)),
+                sa("198.18.1.20:53"),
+            )
+        })
+        .collect();
+    let mut owner = owner;
+    hasync_tests::testrun::stay_on_cpu(1).expect("CPU 1");
+    for i in 0..10 {
+        let (c, s) = (
+            sa(&format!("198.18.0.19:{}", 2_000 + i)),
+            sa("198.18.1.20:53"),
+        );
+        for f in [Frame::udp(c, s), Frame::udp(s, c)] {
+            assert_eq!(owner.run(&f.build()).expect("run"), Verdict::Pass);
+        }
+    }
+    sync_to(&mut owner, &mut replica, &answered_on_1);
+    hasync_tests::testrun::stay_on_cpu(0).expect("CPU 0");
+    let flood: Vec<Frame> = (0..u16::try_from(4 * replica_slots).expect("flood"))
+        .map(flood_flow)
+        .collect();
+    for chunk in flood.chunks(32) {
+        for f in chunk {
+            assert_eq!(owner.run(&f.build()).expect("run"), Verdict::Pass);
+        }
+        sync_to(&mut owner, &mut replica, chunk);
+    }
+    let held = |tdp: &TestDatapath| {
+        let mut keys: Vec<FlowKey> = tdp
+            .sessions()
+            .expect("sessions")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        keys.sort_by_key(|k| format!("{k:?}"));
+        keys
+    };
+    let (at_owner, at_replica) = (held(&owner), held(&replica));
+    for f in &answered_on_1 {
+        assert!(at_owner.contains(&f.key()), "the owner keeps CPU 1's flows");
+    }
+    assert_eq!(
+        at_replica.len(),
+        at_owner.len(),
+        "replicas of the owner's sessions"
+    );
+    assert_eq!(at_replica, at_owner);
+}
+
+/// Sends what changed on `owner` to `replica` the way the agent does: `frames`' sessions as
+/// they are now (the record carries the owner's ticket), and a delete for each session the
+/// owner evicted.
+fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame]) {
+    use hasync_agent::sync::wire::Record;
+    let now = monotonic_ns();
+    let mut records = Vec::new();
+    for f in frames {
+        let key = f.key();
+        if let Some(s) = owner.session(&key).expect("read") {
+            let rec = Record::upsert(key, &s, now);
+            let session = rec.to_session(now, s.zone);
+            records.push(InstallRecord::new(
+                key,
+                session,
+                InstallOp::Upsert,
+                rec.ticket.is_some(),
+            ));
+        }
+    }
+    for e in owner.drain_events().expect("events") {
+        if e.kind == EventKind::Evicted as u8 {
+            let gone = Session {
+                owner: e.session.owner,
+                version: e.session.version,
+                ..Session::default()
+            };
+            records.push(InstallRecord::new(e.key, gone, InstallOp::Delete, false));
+        }
+    }
+    replica
+        .datapath_mut()
+        .install(&records, MemberId::NONE, now)
+        .expect("install");
 }

@@ -13,8 +13,8 @@ use std::{
 };
 
 use hasync_common::{
-    DatapathConfig, MalformedAction, MemberId, OtherProtocols, Policy, State, ZoneBinding, ZoneId,
-    STATE_COUNT,
+    maps::EMBRYONIC_SHARE, DatapathConfig, MalformedAction, MemberId, OtherProtocols, Policy,
+    State, ZoneBinding, ZoneId, STATE_COUNT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -154,9 +154,11 @@ pub struct Local {
     pub session_capacity: u32,
     /// Embryonic sessions (not assured yet: a TCP handshake not completed, a UDP flow not yet
     /// a stream, any ICMP echo) of this member's the table holds at most; past this, each new
-    /// one evicts the oldest, and assured sessions are never evicted. Peers' embryonic
-    /// sessions get as many again, so at most half of `session_capacity`. Default: one eighth
-    /// of `session_capacity`.
+    /// one evicts the oldest, and assured sessions are never evicted. Each other member's
+    /// embryonic sessions get as many again here (apart, so one member's flood evicts only its
+    /// own), so all members' together take at most half of `session_capacity`. Default: one
+    /// eighth of `session_capacity`, less in clusters of more than 4 members (see
+    /// [`Config::embryonic_capacity`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embryonic_capacity: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
@@ -383,8 +385,8 @@ impl Config {
                 &mut p,
                 "local.embryonic_capacity",
                 u64::from(e),
-                // As many again are kept for peers' embryonic sessions.
-                (1, u64::from(l.session_capacity / 2)),
+                // As many again are kept for each other member's embryonic sessions.
+                (1, u64::from(self.embryonic_capacity_max())),
             );
         }
         check_pin_dir(&mut p, &l.pin_dir);
@@ -539,6 +541,28 @@ impl Config {
 
     pub fn local_member(&self) -> MemberId {
         MemberId(u8::try_from(self.local.member).unwrap_or(0))
+    }
+
+    /// Embryonic sessions of this member's the table holds at most: `local.embryonic_capacity`,
+    /// or one eighth of the table, at most [`Config::embryonic_capacity_max`].
+    pub fn embryonic_capacity(&self) -> u32 {
+        self.local.embryonic_capacity.unwrap_or_else(|| {
+            (self.local.session_capacity / EMBRYONIC_SHARE).min(self.embryonic_capacity_max())
+        })
+    }
+
+    /// The largest embryonic capacity: every member's embryonic sessions (this member's own,
+    /// and as many replicas of each other member's) take at most half the table.
+    fn embryonic_capacity_max(&self) -> u32 {
+        let members = u32::try_from(self.members.len()).unwrap_or(u32::MAX).max(1);
+        (self.local.session_capacity / 2 / members).max(1)
+    }
+
+    /// Member ids that get a replica part in the datapath's embryonic ring: 1 to the highest
+    /// configured.
+    pub fn replica_parts(&self) -> u8 {
+        let highest = self.members.iter().map(|m| m.id).max().unwrap_or(0);
+        u8::try_from(highest).unwrap_or(MemberId::MAX)
     }
 
     /// The datapath configuration this file asks for.

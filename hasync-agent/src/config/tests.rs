@@ -188,8 +188,8 @@ fn invalid_values_are_named_with_their_range() {
         ),
         (
             "member = 1\n",
-            "member = 1\nsession_capacity = 1024\nembryonic_capacity = 513\n",
-            "local.embryonic_capacity = 513 is out of range 1–512",
+            "member = 1\nsession_capacity = 1024\nembryonic_capacity = 257\n",
+            "local.embryonic_capacity = 257 is out of range 1–256",
         ),
         (
             "member = 1\n",

@@ -177,15 +177,15 @@ mod tests {
         };
         local.reply_zone = hasync_common::ZoneId(4);
         dp.insert_sessions(&[(key(1), local)]).expect("insert");
-        let update = InstallRecord {
-            key: key(1),
-            session: Session {
+        let update = InstallRecord::new(
+            key(1),
+            Session {
                 version: 2,
                 ..local
             },
-            op: hasync_common::InstallOp::Upsert as u8,
-            _pad: [0; 7],
-        };
+            hasync_common::InstallOp::Upsert,
+            false,
+        );
         let mut update = update;
         update.session.reply_zone = hasync_common::ZoneId::NONE;
         let out = dp.install(&[update], MemberId::NONE, 0).expect("install");
@@ -204,12 +204,12 @@ mod tests {
             count: INSTALL_BATCH as u32 + 1,
             ..InstallHeader::default()
         };
-        let rec = InstallRecord {
-            key: key(1),
-            session: Session::default(),
-            op: hasync_common::InstallOp::Upsert as u8,
-            _pad: [0; 7],
-        };
+        let rec = InstallRecord::new(
+            key(1),
+            Session::default(),
+            hasync_common::InstallOp::Upsert,
+            false,
+        );
         let err = Run::new()
             .once(prog, names::INSTALL_PROGRAM, &header, &[rec])
             .expect_err("refused");

@@ -207,6 +207,10 @@ pub fn monotonic_ns() -> u64 {
 /// Largest SESSIONS capacity accepted (64 Mi entries, about 9 GiB of kernel memory).
 pub const MAX_SESSION_CAPACITY: u32 = 1 << 26;
 
+/// Replica parts of a datapath whose cluster is not known (tests, benches, the standalone
+/// agent): members 1 to 4.
+pub const DEFAULT_REPLICA_PARTS: u8 = 4;
+
 /// What to load.
 #[derive(Clone, Debug)]
 pub struct DatapathOptions {
@@ -215,6 +219,10 @@ pub struct DatapathOptions {
     /// Embryonic sessions the table holds at most (the EMBRYOS ring): past this, each new one
     /// evicts the oldest. `None`: one eighth of the table's capacity.
     pub embryonic_capacity: Option<u32>,
+    /// Member ids (1 to this) whose embryonic sessions get a replica part in the EMBRYOS ring:
+    /// the highest member id of the cluster (replicas of a member past it are refused while
+    /// embryonic).
+    pub replica_parts: u8,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
     /// Pin the maps and XDP links here (on bpffs) and reuse what an earlier agent pinned there
@@ -228,25 +236,36 @@ impl DatapathOptions {
         DatapathOptions {
             session_capacity: names::DEFAULT_SESSION_CAPACITY,
             embryonic_capacity: None,
+            replica_parts: DEFAULT_REPLICA_PARTS,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
         }
     }
 }
 
-/// How the EMBRYOS ring is cut: `per_cpu` slots for each of `cpus` possible CPUs (this
-/// member's own embryonic sessions), and as many again for peers' replicas.
+/// How the EMBRYOS ring is cut: one replica part per member id up to `replica_parts`, each as
+/// large as this member's own parts together (so a peer with the same geometry is mirrored
+/// slot for slot), then `per_cpu` slots for each of `cpus` possible CPUs (this member's own
+/// embryonic sessions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmbryoRing {
     pub per_cpu: u32,
     pub cpus: u32,
+    pub replica_parts: u8,
 }
 
 impl EmbryoRing {
-    /// The ring for at most `capacity` embryonic sessions of this member's own (and as many
-    /// replicas) in a table of `table` entries, on `cpus` possible CPUs: at least one slot per
-    /// CPU. `None` when both together could take more than the table.
-    pub fn new(capacity: Option<u32>, table: u32, cpus: u32) -> Option<EmbryoRing> {
+    /// The ring for at most `capacity` embryonic sessions of this member's own in a table of
+    /// `table` entries, on `cpus` possible CPUs (at least one slot per CPU), with a replica
+    /// part for each member id up to `replica_parts`. `None` when this member's own could take
+    /// more than half the table. (How many members' embryonic sessions the table can hold
+    /// together is the configuration's check: see `Config::embryonic_capacity`.)
+    pub fn new(
+        capacity: Option<u32>,
+        table: u32,
+        cpus: u32,
+        replica_parts: u8,
+    ) -> Option<EmbryoRing> {
         let capacity = capacity.unwrap_or(table / names::EMBRYONIC_SHARE);
         if capacity > table / 2 {
             return None;
@@ -255,17 +274,20 @@ impl EmbryoRing {
         Some(EmbryoRing {
             per_cpu: (capacity / cpus).max(1),
             cpus,
+            replica_parts: replica_parts.min(MemberId::MAX),
         })
     }
 
-    /// Slots of the parts for this member's own sessions, together; as many for replicas.
+    /// Slots of the parts for this member's own sessions, together; as many in each replica
+    /// part.
     pub fn local_slots(&self) -> u32 {
         self.per_cpu.saturating_mul(self.cpus)
     }
 
-    /// Slots in the EMBRYOS map: replicas' part, then the CPUs' parts.
+    /// Slots in the EMBRYOS map: the replica parts, then the CPUs' parts.
     pub fn slots(&self) -> u32 {
-        self.local_slots().saturating_mul(2)
+        self.local_slots()
+            .saturating_mul(u32::from(self.replica_parts) + 1)
     }
 }
 
@@ -325,12 +347,16 @@ impl Datapath {
             .as_ref()
             .and_then(pin::pinned_capacity)
             .unwrap_or(capacity);
-        let embryos = EmbryoRing::new(opts.embryonic_capacity, table, possible_cpus()?).ok_or(
-            DatapathError::EmbryonicCapacity {
-                embryonic: opts.embryonic_capacity.unwrap_or(0),
-                table,
-            },
-        )?;
+        let embryos = EmbryoRing::new(
+            opts.embryonic_capacity,
+            table,
+            possible_cpus()?,
+            opts.replica_parts,
+        )
+        .ok_or(DatapathError::EmbryonicCapacity {
+            embryonic: opts.embryonic_capacity.unwrap_or(0),
+            table,
+        })?;
         let pins = match pins {
             None => None,
             Some(pins) => {
@@ -388,9 +414,12 @@ impl Datapath {
     }
 
     /// Embryonic sessions the table holds at most: this member's own (all CPUs' parts of the
-    /// EMBRYOS ring) and as many peers' replicas.
+    /// EMBRYOS ring) and as many replicas of each other member's (the replica part of this
+    /// member's own id stays empty).
     pub fn embryonic_slots(&self) -> u32 {
-        self.embryos.slots()
+        self.embryos
+            .local_slots()
+            .saturating_mul(u32::from(self.embryos.replica_parts).max(1))
     }
 
     /// The pin directory, when the datapath is pinned (it then outlives this value: dropping it
@@ -488,6 +517,8 @@ impl Datapath {
         let cfg = DatapathConfig {
             embryo_slots: self.embryos.per_cpu,
             embryo_replica_slots: self.embryos.local_slots(),
+            embryo_replica_parts: self.embryos.replica_parts,
+            embryo_cpus: self.embryos.cpus,
             ..JiffyClock::configure(self.clock, cfg)
         };
         let mut map: Array<_, DatapathConfig> =
@@ -813,18 +844,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_embryo_ring_is_cut_per_cpu_and_doubled_for_replicas() {
-        let ring = EmbryoRing::new(None, 1024, 2).expect("default share");
+    fn the_embryo_ring_is_cut_per_cpu_with_a_replica_part_per_member() {
+        let ring = EmbryoRing::new(None, 1024, 2, 3).expect("default share");
         assert_eq!(
             (ring.per_cpu, ring.local_slots(), ring.slots()),
-            (64, 128, 256)
+            (64, 128, 512)
         );
         // Every CPU gets a slot, whatever the share.
-        let ring = EmbryoRing::new(Some(1), 1024, 4).expect("tiny");
+        let ring = EmbryoRing::new(Some(1), 1024, 4, 1).expect("tiny");
         assert_eq!((ring.per_cpu, ring.slots()), (1, 8));
-        // Own and replicas' together may take the whole table, not more.
-        assert!(EmbryoRing::new(Some(512), 1024, 2).is_some());
-        assert_eq!(EmbryoRing::new(Some(513), 1024, 2), None);
+        // This member's own may take half the table, not more.
+        assert!(EmbryoRing::new(Some(512), 1024, 2, 1).is_some());
+        assert_eq!(EmbryoRing::new(Some(513), 1024, 2, 1), None);
+        // No more parts than member ids.
+        let ring = EmbryoRing::new(None, 1024, 1, 200).expect("parts");
+        assert_eq!(ring.replica_parts, MemberId::MAX);
     }
 
     #[test]

@@ -170,7 +170,8 @@ policy = "strict"
 # session_capacity = 1048576
 # Embryonic sessions (handshake not completed, UDP not yet a stream, ICMP echoes) held at
 # most; past it the oldest is evicted for each new one. Assured sessions are never evicted.
-# Default: 1/8 of session_capacity, at most 1/2 (peers' get as many again).
+# Default: 1/8 of session_capacity; each other member's get as many again, and all
+# members' together take at most 1/2.
 # embryonic_capacity = 131072
 
 # The sync link, and its backup on another interface.

@@ -176,12 +176,12 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
             (InstallOp::Upsert, rec.to_session(now_ns, zone))
         }
     };
-    Decision::Forward(InstallRecord {
-        key: rec.key,
+    Decision::Forward(InstallRecord::new(
+        rec.key,
         session,
-        op: op as u8,
-        _pad: [0; 7],
-    })
+        op,
+        rec.ticket.is_some(),
+    ))
 }
 
 /// Outcome of installing one frame.

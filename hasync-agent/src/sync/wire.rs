@@ -20,8 +20,10 @@ mod compact;
 /// fingerprint is one digest per section of the agreed settings, so a mismatch is named (and
 /// acted on).
 /// 1.2: session records are compact ([`RecordLayout::V1_2`]).
+/// 1.3: an embryonic session's record carries its owner's admission ticket
+/// ([`RecordLayout::V1_3`]), so a replica is evicted when its owner evicts the session.
 pub const PROTO_MAJOR: u8 = 1;
-pub const PROTO_MINOR: u8 = 2;
+pub const PROTO_MINOR: u8 = 3;
 
 /// The layout of the session records on one connection: the one of the lower minor version
 /// of its two ends, so a member one minor version apart still syncs.
@@ -33,22 +35,31 @@ pub enum RecordLayout {
     /// Protocol 1.1: the 1.0 record, then the TCP sequence state (112 bytes).
     V1_1,
     /// Protocol 1.2: variable length, only what the peer needs (see [`compact`]).
-    #[default]
     V1_2,
+    /// Protocol 1.3: the 1.2 record, with the owner's admission ticket when the session is
+    /// embryonic.
+    #[default]
+    V1_3,
 }
 
 impl RecordLayout {
     /// What this member speaks.
-    pub const CURRENT: RecordLayout = RecordLayout::V1_2;
+    pub const CURRENT: RecordLayout = RecordLayout::V1_3;
     /// Every layout, oldest first.
-    pub const ALL: [RecordLayout; 3] = [RecordLayout::V1_0, RecordLayout::V1_1, RecordLayout::V1_2];
+    pub const ALL: [RecordLayout; 4] = [
+        RecordLayout::V1_0,
+        RecordLayout::V1_1,
+        RecordLayout::V1_2,
+        RecordLayout::V1_3,
+    ];
 
     /// The layout of a connection between members of minor versions `ours` and `theirs`.
     pub fn between(ours: u8, theirs: u8) -> RecordLayout {
         match ours.min(theirs) {
             0 => RecordLayout::V1_0,
             1 => RecordLayout::V1_1,
-            _ => RecordLayout::V1_2,
+            2 => RecordLayout::V1_2,
+            _ => RecordLayout::V1_3,
         }
     }
 
@@ -57,7 +68,7 @@ impl RecordLayout {
         match self {
             RecordLayout::V1_0 => 96,
             RecordLayout::V1_1 => 112,
-            RecordLayout::V1_2 => compact::MAX_BYTES,
+            RecordLayout::V1_2 | RecordLayout::V1_3 => compact::MAX_BYTES,
         }
     }
 
@@ -65,7 +76,7 @@ impl RecordLayout {
     const fn min_bytes(self) -> usize {
         match self {
             RecordLayout::V1_0 | RecordLayout::V1_1 => self.max_bytes(),
-            RecordLayout::V1_2 => compact::MIN_BYTES,
+            RecordLayout::V1_2 | RecordLayout::V1_3 => compact::MIN_BYTES,
         }
     }
 
@@ -82,7 +93,7 @@ const TCP_STATE_AT: usize = 96;
 pub const MAX_PLAINTEXT: usize = 65_535 - 16;
 /// Records per `Sessions` frame this member sends: a full frame fits in one Noise message in
 /// every layout (the compact one has the largest records at most).
-pub const MAX_RECORDS_PER_FRAME: usize = RecordLayout::V1_2.max_records();
+pub const MAX_RECORDS_PER_FRAME: usize = RecordLayout::V1_3.max_records();
 const _: () = assert!(
     MAX_RECORDS_PER_FRAME <= RecordLayout::V1_0.max_records()
         && MAX_RECORDS_PER_FRAME <= RecordLayout::V1_1.max_records()
@@ -202,6 +213,9 @@ pub struct Record {
     /// TCP sequence state (`Session::tcp_track`, `max_win`, `seq_end`; zero from a 1.0 peer):
     /// a member that takes the session over keeps checking RST and FIN against it.
     pub tcp: TcpState,
+    /// The owner's admission ticket of an embryonic session (`Session::ticket`; 1.3 on): the
+    /// receiver puts its replica in the slot of the owner's part that the ticket names.
+    pub ticket: Option<u32>,
 }
 
 /// The TCP sequence state a record carries (see `hasync_common::tcp_window`).
@@ -236,7 +250,7 @@ impl Record {
             owner,
             state,
             tcp_flags,
-            ticket: _,
+            ticket,
             reply_zone: _,
             tcp_track,
             max_win,
@@ -260,6 +274,7 @@ impl Record {
                 max_win,
                 seq_end,
             },
+            ticket: s.is_embryonic().then_some(ticket),
         }
     }
 
@@ -279,6 +294,7 @@ impl Record {
             packets: [0; 2],
             bytes: [0; 2],
             tcp: TcpState::default(),
+            ticket: None,
         }
     }
 
@@ -305,7 +321,7 @@ impl Record {
             owner: self.owner,
             state: self.state,
             tcp_flags: self.tcp_flags,
-            ticket: 0,
+            ticket: self.ticket.unwrap_or(0),
             // Node-local: learned from the first reply this member sees.
             reply_zone: ZoneId::NONE,
             tcp_track: mark_stale(self.tcp.track),
@@ -317,14 +333,22 @@ impl Record {
     fn encode(&self, w: &mut Vec<u8>, layout: RecordLayout) {
         match layout {
             RecordLayout::V1_0 | RecordLayout::V1_1 => self.encode_fixed(w, layout),
-            RecordLayout::V1_2 => compact::encode(self, w),
+            RecordLayout::V1_2 => compact::encode(
+                &Record {
+                    ticket: None,
+                    ..*self
+                },
+                w,
+            ),
+            RecordLayout::V1_3 => compact::encode(self, w),
         }
     }
 
     fn decode(r: &mut Reader<'_>, layout: RecordLayout) -> Result<Record, WireError> {
         match layout {
             RecordLayout::V1_0 | RecordLayout::V1_1 => Self::decode_fixed(r, layout),
-            RecordLayout::V1_2 => compact::decode(r),
+            RecordLayout::V1_2 => compact::decode(r, false),
+            RecordLayout::V1_3 => compact::decode(r, true),
         }
     }
 
@@ -367,7 +391,7 @@ impl Record {
         let (head, tail) = rec.split_at(TCP_STATE_AT);
         let tcp = match layout {
             RecordLayout::V1_1 => TcpState::decode(&mut Reader(tail))?,
-            RecordLayout::V1_0 | RecordLayout::V1_2 => TcpState::default(),
+            RecordLayout::V1_0 | RecordLayout::V1_2 | RecordLayout::V1_3 => TcpState::default(),
         };
         let mut r = Reader(head);
         let mut key = FlowKey::default();
@@ -398,6 +422,7 @@ impl Record {
             packets: [r.u64("packets")?, r.u64("packets")?],
             bytes: [r.u64("bytes")?, r.u64("bytes")?],
             tcp,
+            ticket: None,
         })
     }
 }
@@ -1001,6 +1026,7 @@ mod tests {
                 max_win: [u16::MAX; 2],
                 seq_end: [u32::MAX; 2],
             },
+            ticket: Some(u32::MAX),
         }
     }
 
@@ -1033,10 +1059,10 @@ mod tests {
         }
         let all = sessions_frame(records);
         assert_eq!(round_trip(&all), all);
-        let largest = encoded(&sessions_frame(vec![largest()]), RecordLayout::V1_2);
+        let largest = encoded(&sessions_frame(vec![largest()]), RecordLayout::CURRENT);
         assert_eq!(largest.len(), 12 + compact::MAX_BYTES, "the bound is tight");
         let smallest = Record::delete(FlowKey::default(), MemberId(0), 0);
-        let smallest = encoded(&sessions_frame(vec![smallest]), RecordLayout::V1_2);
+        let smallest = encoded(&sessions_frame(vec![smallest]), RecordLayout::CURRENT);
         assert_eq!(
             smallest.len(),
             12 + compact::MIN_BYTES,
@@ -1051,7 +1077,7 @@ mod tests {
         let tcp = Record::upsert(key(0), &session(now), now);
         for (what, rec, at_most) in [("UDP", udp_one_way(7), 28), ("TCP", tcp, 48)] {
             let frame = sessions_frame(vec![rec; 100]);
-            let compact = encoded(&frame, RecordLayout::V1_2).len() - 12;
+            let compact = encoded(&frame, RecordLayout::CURRENT).len() - 12;
             let fixed = encoded(&frame, RecordLayout::V1_1).len() - 12;
             assert_eq!(fixed, 100 * 112);
             assert!(compact <= 100 * at_most, "{what}: {compact} bytes per 100");
@@ -1069,7 +1095,7 @@ mod tests {
 
     #[test]
     fn a_compact_record_has_one_encoding_and_others_are_named() {
-        let good = encoded(&sessions_frame(vec![udp_one_way(3)]), RecordLayout::V1_2);
+        let good = encoded(&sessions_frame(vec![udp_one_way(3)]), RecordLayout::CURRENT);
         let rec = good[12..].to_vec();
         // Head, family and protocol, two 4-byte addresses, ports, state and owner; then the
         // varints: flags, zone, ...
@@ -1140,7 +1166,7 @@ mod tests {
     fn mutated_compact_frames_fail_cleanly_or_are_canonical() {
         let now = 500_000_000_000;
         let frame = sessions_frame(vec![udp_one_way(1), tcp_v6(now), largest()]);
-        let good = encoded(&frame, RecordLayout::V1_2);
+        let good = encoded(&frame, RecordLayout::CURRENT);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut decoded = 0;
         for _ in 0..20_000 {
@@ -1152,7 +1178,7 @@ mod tests {
             m[at] ^= (x >> 32) as u8 | 1;
             if let Ok(msg) = Message::decode(&m) {
                 decoded += 1;
-                assert_eq!(encoded(&msg, RecordLayout::V1_2), m, "{msg:?}");
+                assert_eq!(encoded(&msg, RecordLayout::CURRENT), m, "{msg:?}");
             }
         }
         assert!(
@@ -1161,11 +1187,46 @@ mod tests {
         );
     }
 
+    /// An embryonic session's record carries its owner's ticket from 1.3 on; to a 1.2 peer
+    /// it goes without, and a 1.2 reader refuses the ticket's bit.
+    #[test]
+    fn tickets_travel_from_1_3_on() {
+        let rec = udp_one_way(5);
+        assert_eq!(rec.ticket, Some(0), "an unanswered flow is embryonic");
+        let now = 500_000_000_000;
+        assert_eq!(
+            Record::upsert(key(0), &session(now), now).ticket,
+            None,
+            "assured"
+        );
+        let frame = sessions_frame(vec![Record {
+            ticket: Some(300),
+            ..rec
+        }]);
+        let v1_3 = encoded(&frame, RecordLayout::V1_3);
+        assert_eq!(
+            Message::decode_as(&v1_3, RecordLayout::V1_3),
+            Ok(frame.clone())
+        );
+        assert_eq!(
+            Message::decode_as(&v1_3, RecordLayout::V1_2),
+            Err(WireError::UnknownRecordBits(0x10))
+        );
+        let v1_2 = encoded(&frame, RecordLayout::V1_2);
+        assert_eq!(v1_2.len() + 2, v1_3.len(), "300 takes a 2-byte varint");
+        let without = sessions_frame(vec![Record {
+            ticket: None,
+            ..rec
+        }]);
+        assert_eq!(Message::decode_as(&v1_2, RecordLayout::V1_2), Ok(without));
+    }
+
     #[test]
     fn a_minor_1_peer_and_a_minor_2_peer_speak_the_1_1_layout() {
         assert_eq!(RecordLayout::between(2, 1), RecordLayout::V1_1);
         assert_eq!(RecordLayout::between(2, 2), RecordLayout::V1_2);
         assert_eq!(RecordLayout::between(3, 2), RecordLayout::V1_2);
+        assert_eq!(RecordLayout::between(3, 3), RecordLayout::V1_3);
         let now = 500_000_000_000;
         let frame = sessions_frame(vec![Record::upsert(key(0), &session(now), now); 3]);
         // What a 1.1 member sends (its current layout) is what this one reads on that

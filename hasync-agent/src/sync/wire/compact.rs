@@ -1,7 +1,9 @@
 //! The 1.2 session record ([`RecordLayout::V1_2`](super::RecordLayout::V1_2)): variable
 //! length, only what the peer needs. A first byte says what follows: IPv4 addresses take 4
 //! bytes, the TCP flags and sequence state appear only when known, and the numbers are LEB128
-//! varints (a one-way UDP session takes 26 to 30 bytes, against 112 in 1.1).
+//! varints (a one-way UDP session takes 26 to 30 bytes, against 112 in 1.1). The 1.3 record
+//! ([`RecordLayout::V1_3`](super::RecordLayout::V1_3)) is the same, with the owner's admission
+//! ticket last when the session is embryonic (one more bit in the first byte).
 //!
 //! Decoding is strict: a record has exactly one encoding (minimal varints, the short form
 //! whenever it fits, unknown bits refused), so what decodes encodes to the same bytes again.
@@ -20,7 +22,12 @@ mod bits {
     pub const TCP_FLAGS: u8 = 1 << 2;
     /// The TCP sequence state follows.
     pub const TCP_STATE: u8 = 1 << 3;
-    pub const ALL: u8 = DELETE | SHORT_ADDRESSES | TCP_FLAGS | TCP_STATE;
+    /// The owner's admission ticket follows, last (1.3 on; an embryonic session's).
+    pub const TICKET: u8 = 1 << 4;
+    /// The bits of 1.2.
+    pub const V1_2: u8 = DELETE | SHORT_ADDRESSES | TCP_FLAGS | TCP_STATE;
+    /// The bits of 1.3.
+    pub const V1_3: u8 = V1_2 | TICKET;
 }
 
 /// Bytes of a varint of a `bits`-bit number, at most.
@@ -30,7 +37,8 @@ const fn varint_max(bits: usize) -> usize {
 
 /// Largest encoding of one record: first byte, family and protocol, long addresses, ports,
 /// state and owner, TCP flags, the varints (flags, zone, version, age, idle, 4 counters) and
-/// the TCP sequence state (track bytes, two window varints, two sequence numbers).
+/// the TCP sequence state (track bytes, two window varints, two sequence numbers), and the
+/// ticket.
 pub const MAX_BYTES: usize = 1
     + 2
     + 32
@@ -42,7 +50,8 @@ pub const MAX_BYTES: usize = 1
     + 4 * varint_max(64)
     + 2
     + 2 * varint_max(16)
-    + 8;
+    + 8
+    + varint_max(32);
 
 /// Smallest encoding of one record (an IPv4 delete with every number zero).
 pub const MIN_BYTES: usize = 1 + 2 + 8 + 4 + 2 + 5 + 4;
@@ -61,7 +70,7 @@ fn put_varint(w: &mut Vec<u8>, mut v: u64) {
     w.push(v as u8);
 }
 
-/// Appends the 1.2 encoding of `rec` to `w`.
+/// Appends the compact encoding of `rec` to `w`: 1.3, or 1.2 when `rec` has no ticket.
 pub fn encode(rec: &Record, w: &mut Vec<u8>) {
     let Record {
         op,
@@ -77,6 +86,7 @@ pub fn encode(rec: &Record, w: &mut Vec<u8>) {
         packets,
         bytes,
         tcp,
+        ticket,
     } = *rec;
     let short = short_addresses(&key);
     let with_tcp = tcp != TcpState::default();
@@ -85,7 +95,8 @@ pub fn encode(rec: &Record, w: &mut Vec<u8>) {
     let head = bit(op == Op::Delete, bits::DELETE)
         | bit(short, bits::SHORT_ADDRESSES)
         | bit(with_flags, bits::TCP_FLAGS)
-        | bit(with_tcp, bits::TCP_STATE);
+        | bit(with_tcp, bits::TCP_STATE)
+        | bit(ticket.is_some(), bits::TICKET);
     w.extend_from_slice(&[head, key.family, key.proto]);
     let words = if short { 1 } else { 4 };
     for addr in [&key.addr_lo, &key.addr_hi] {
@@ -113,6 +124,9 @@ pub fn encode(rec: &Record, w: &mut Vec<u8>) {
         for v in tcp.seq_end {
             w.extend_from_slice(&v.to_be_bytes());
         }
+    }
+    if let Some(t) = ticket {
+        put_varint(w, t.into());
     }
 }
 
@@ -188,11 +202,12 @@ fn decode_tcp(r: &mut Reader<'_>) -> Result<TcpState, WireError> {
     Ok(tcp)
 }
 
-/// Decodes one 1.2 record.
-pub fn decode(r: &mut Reader<'_>) -> Result<Record, WireError> {
+/// Decodes one record: 1.3 when `tickets`, else 1.2.
+pub fn decode(r: &mut Reader<'_>, tickets: bool) -> Result<Record, WireError> {
     let [head] = r.array("record header")?;
-    if head & !bits::ALL != 0 {
-        return Err(WireError::UnknownRecordBits(head & !bits::ALL));
+    let known = if tickets { bits::V1_3 } else { bits::V1_2 };
+    if head & !known != 0 {
+        return Err(WireError::UnknownRecordBits(head & !known));
     }
     let key = decode_key(r, head & bits::SHORT_ADDRESSES != 0)?;
     let [state, owner] = r.array("record state and owner")?;
@@ -226,6 +241,11 @@ pub fn decode(r: &mut Reader<'_>) -> Result<Record, WireError> {
             decode_tcp(r)?
         } else {
             TcpState::default()
+        },
+        ticket: if head & bits::TICKET != 0 {
+            Some(r.var_u32("ticket")?)
+        } else {
+            None
         },
     })
 }
