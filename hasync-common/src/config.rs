@@ -128,8 +128,13 @@ pub struct DatapathConfig {
     /// Replica parts in the EMBRYOS ring: member ids 1 to this have one each (a replica of a
     /// member past it is refused while embryonic). Set by the agent.
     pub embryo_replica_parts: u8,
+    /// 1: the FIB cache of the XDP forwarding keys on the source address as well as the
+    /// destination (some rule or IPv6 route selects by source here); 0: on the destination
+    /// (and the ingress interface) alone, so flows from many sources to one destination share
+    /// an entry. Set by the agent, which watches the rules and routes; 1 until it has looked.
+    pub fib_by_source: u8,
     /// Padding; zero.
-    pub _pad2: [u8; 2],
+    pub _pad2: u8,
     /// CPUs with a part of their own in the EMBRYOS ring (possible CPUs): an admission ticket
     /// is `counter * embryo_cpus + cpu`, so a ticket says which slot its session took, here
     /// and in a peer's replica part. Set by the agent.
@@ -176,7 +181,8 @@ impl DatapathConfig {
             jiffies_offset_ns: 0,
             vwire: 0,
             embryo_replica_parts: 0,
-            _pad2: [0; 2],
+            fib_by_source: 1,
+            _pad2: 0,
             embryo_cpus: 0,
         }
     }

@@ -16,7 +16,8 @@ pub const FIB_ENTRY_LIFETIME_NS: u64 = 2_000_000_000;
 pub struct FibKey {
     /// Destination address in network byte order (IPv4: first word, the rest zero).
     pub dst: [u32; 4],
-    /// Source address, the same way.
+    /// Source address, the same way; zero when nothing here routes by source
+    /// (`DatapathConfig::fib_by_source`).
     pub src: [u32; 4],
     /// The interface the packets come in on (the lookup's input interface).
     pub ifindex: u32,

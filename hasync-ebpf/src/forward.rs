@@ -152,7 +152,7 @@ pub fn routed(
     if cfg.forwarding != Forwarding::Xdp as u8 || wire_end(ctx, cfg).is_some() {
         return xdp_action::XDP_PASS;
     }
-    match try_route(ctx, pkt) {
+    match try_route(ctx, cfg, pkt) {
         Ok(action) => {
             counters.inc(Counter::ForwardedXdp);
             action
@@ -183,7 +183,7 @@ fn kernel_refresh_due(pkt: &Accepted) -> bool {
 }
 
 #[inline(always)]
-fn try_route(ctx: &XdpContext, pkt: &Accepted) -> Result<u32, Counter> {
+fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u32, Counter> {
     if !pkt.both_ways {
         return Err(Counter::PassFwdNotEstablished);
     }
@@ -200,6 +200,10 @@ fn try_route(ctx: &XdpContext, pkt: &Accepted) -> Result<u32, Counter> {
     // SAFETY: this CPU's scratch slot; only this program run uses it.
     let scratch = unsafe { &mut *scratch };
     let ip = ip_header(ctx, &mut scratch.key)?;
+    if cfg.fib_by_source == 0 {
+        // No rule or route here selects by source: one entry serves every source.
+        scratch.key.src = [0; 4];
+    }
     let hop = next_hop(ctx, scratch, pkt.now)?;
     // Out through the session's other side only: a route into a third zone is the kernel's
     // (and its policy's) to decide. The reply side is learned from the first reply; a member

@@ -310,3 +310,26 @@ fn what_xdp_leaves_to_the_kernel_after_its_lookup_is_counted() {
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
 }
+
+/// The agent keys the FIB cache on the destination alone unless something routes by source:
+/// it lists the rules and IPv6 routes of its namespace, and a `from` rule or an IPv6 route
+/// with a source prefix each make it keep the source in the key.
+#[test]
+fn a_from_rule_or_a_source_route_keeps_the_source_in_the_fib_key() -> Result<()> {
+    use hasync_agent::forwarding::source::routes_by_source;
+    let lab = hasync_tests::netns::Lab::new("srcrt")?;
+    let ns = lab.netns("r")?;
+    let look = || -> Result<bool> { Ok(ns.run(routes_by_source)??) };
+    ensure!(!look()?, "a fresh namespace routes by destination only");
+    let rule = ["rule", "add", "from", "198.18.7.0/24", "table", "100"];
+    ns.ip(&rule)?;
+    ensure!(look()?, "a `from` rule");
+    ns.ip(&["rule", "del", "from", "198.18.7.0/24", "table", "100"])?;
+    ensure!(!look()?, "the rule is gone");
+    ns.ip(&["rule", "add", "to", "198.18.8.0/24", "table", "100"])?;
+    ensure!(!look()?, "a `to` rule selects by destination");
+    let route = ["unreachable", "fd00:9::/64", "from", "fd00:8::/64"];
+    ns.ip(&[&["-6", "route", "add"][..], &route].concat())?;
+    ensure!(look()?, "an IPv6 route with a source prefix");
+    Ok(())
+}

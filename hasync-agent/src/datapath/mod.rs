@@ -307,6 +307,9 @@ pub struct Datapath {
     clock: Option<JiffyClock>,
     /// When the clock is checked next.
     clock_check: Instant,
+    /// `DatapathConfig::fib_by_source`, as the agent last found the rules and routes (`None`:
+    /// not looked yet, the config's own value holds).
+    fib_by_source: Option<bool>,
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -391,6 +394,7 @@ impl Datapath {
             pins,
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
+            fib_by_source: None,
         };
         for name in [
             names::PROGRAM,
@@ -519,6 +523,7 @@ impl Datapath {
             embryo_replica_slots: self.embryos.local_slots(),
             embryo_replica_parts: self.embryos.replica_parts,
             embryo_cpus: self.embryos.cpus,
+            fib_by_source: self.fib_by_source.map_or(cfg.fib_by_source, u8::from),
             ..JiffyClock::configure(self.clock, cfg)
         };
         let mut map: Array<_, DatapathConfig> =

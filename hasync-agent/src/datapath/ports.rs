@@ -72,6 +72,19 @@ impl Datapath {
         self.set_ports(names::VWIRE_PORTS, &entries)
     }
 
+    /// Keys the FIB cache on the source as well as the destination (`true`: some rule or
+    /// route selects by source), or on the destination alone; every cached next hop is
+    /// dropped when that changes. Kept across [`Datapath::set_config`]. True when it changed.
+    pub fn set_fib_by_source(&mut self, by_source: bool) -> Result<bool, DatapathError> {
+        if self.fib_by_source == Some(by_source) {
+            return Ok(false);
+        }
+        self.fib_by_source = Some(by_source);
+        let cfg = self.config()?;
+        self.set_config(&cfg)?;
+        self.bump_fib_generation().map(|_| true)
+    }
+
     /// Invalidates every cached next hop: routes or neighbours changed. Returns the new
     /// generation.
     pub fn bump_fib_generation(&mut self) -> Result<u32, DatapathError> {

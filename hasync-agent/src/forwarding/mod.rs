@@ -5,6 +5,7 @@
 //! next hop outlives a change.
 
 pub mod features;
+pub mod source;
 
 use std::{
     sync::{Arc, Mutex},
@@ -154,7 +155,10 @@ pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, F
         return Ok(None);
     }
     let socket = if routed {
-        Some(fib_socket().map_err(ForwardingError::Socket)?)
+        // Subscribed before the first look at the rules: a change in between is not missed.
+        let socket = fib_socket().map_err(ForwardingError::Socket)?;
+        key_fib_cache(dp, source::routes_by_source());
+        Some(socket)
     } else {
         None
     };
@@ -232,19 +236,52 @@ async fn keep_ports(config: Arc<Config>, dp: Arc<Mutex<Datapath>>, mut ports: Po
     }
 }
 
-/// Bumps the FIB generation after every burst of notifications. An overrun lost some: the
-/// generation moves anyway. Any other error is waited out a little, so a broken socket cannot
+/// Keys the FIB cache on the source too when `found` says something routes by source, or
+/// could not tell (then the source is kept: correct, only slower).
+fn key_fib_cache(dp: &mut Datapath, found: std::io::Result<bool>) {
+    let by_source = found.unwrap_or_else(|e| {
+        warn!(error = %e, "listing the rules and IPv6 routes failed; the FIB cache keys on the source too");
+        true
+    });
+    match dp.set_fib_by_source(by_source) {
+        Ok(true) if by_source => info!("FIB cache keyed on the destination and the source"),
+        Ok(true) => info!("FIB cache keyed on the destination alone: nothing routes by source"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %error_chain(&e), "setting the FIB cache key failed"),
+    }
+}
+
+/// One read of notifications: whether it might change how the FIB cache is keyed (an overrun
+/// lost some, which might). Any other error is waited out a little, so a broken socket cannot
 /// spin.
+async fn read_notifications(socket: &TokioSocket) -> bool {
+    match socket.recv_from_full().await {
+        Ok((datagram, _)) => source::may_change(&datagram),
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
+        Err(e) => {
+            warn!(error = %e, "reading route and neighbour notifications failed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            false
+        }
+    }
+}
+
+/// Bumps the FIB generation after every burst of notifications (an overrun lost some: the
+/// generation moves anyway), and looks at the rules and IPv6 routes again when the burst had
+/// a rule or a source route in it.
 async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
     loop {
-        if let Err(e) = socket.recv_from_full().await {
-            if e.raw_os_error() != Some(libc::ENOBUFS) {
-                warn!(error = %e, "reading route and neighbour notifications failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        let mut recheck = read_notifications(&socket).await;
         // The rest of the burst.
-        while let Ok(Ok(_)) = tokio::time::timeout(COALESCE, socket.recv_from_full()).await {}
+        while let Ok(more) = tokio::time::timeout(COALESCE, read_notifications(&socket)).await {
+            recheck |= more;
+        }
+        if recheck {
+            let found = tokio::task::spawn_blocking(source::routes_by_source)
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            key_fib_cache(&mut lock(&dp), found);
+        }
         let bumped = lock(&dp).bump_fib_generation();
         if let Err(e) = bumped {
             warn!(error = %error_chain(&e), "invalidating the FIB cache failed");

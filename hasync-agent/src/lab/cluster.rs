@@ -58,6 +58,10 @@ pub struct ClusterOptions {
     /// `[local] forwarding`; with XDP, the switch and the endpoints are made ready for
     /// redirected frames ([`Topology::ready_for_xdp_forwarding`]).
     pub forwarding: ForwardingName,
+    /// A `[[vwire]]` joining `in0` and `out0` (name `wire`): the members bridge the client's
+    /// and the server's segments instead of routing between them, and the switch and the
+    /// endpoints are made ready for redirected frames.
+    pub vwire: bool,
     pub keepalive_threshold_ms: Option<u64>,
     pub tentative_hold_s: Option<u64>,
     pub sync_timeout_min: Option<u64>,
@@ -86,6 +90,7 @@ impl Default for ClusterOptions {
             embryonic_capacity: None,
             policy: PolicyName::Strict,
             forwarding: ForwardingName::Kernel,
+            vwire: false,
             keepalive_threshold_ms: None,
             tentative_hold_s: None,
             sync_timeout_min: None,
@@ -261,6 +266,13 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         let list: Vec<String> = interfaces.iter().map(|i| quote(i)).collect();
         line(format!("interfaces = [{}]", list.join(", ")));
     }
+    if options.vwire {
+        line(String::new());
+        line("[[vwire]]".into());
+        line("name = \"wire\"".into());
+        let ends = [Link::In, Link::Out].map(|l| quote(l.ifname()));
+        line(format!("interfaces = [{}]", ends.join(", ")));
+    }
     for m in 1..=members {
         line(String::new());
         line("[[members]]".into());
@@ -424,7 +436,7 @@ impl LabCluster {
             topology,
         };
         write_configs(&cluster.dir, cluster.topology.members(), &options)?;
-        if options.forwarding == ForwardingName::Xdp {
+        if options.forwarding == ForwardingName::Xdp || options.vwire {
             cluster.topology.ready_for_xdp_forwarding()?;
         }
         Ok(cluster)
