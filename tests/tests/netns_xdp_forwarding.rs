@@ -333,3 +333,38 @@ fn a_from_rule_or_a_source_route_keeps_the_source_in_the_fib_key() -> Result<()>
     ensure!(look()?, "an IPv6 route with a source prefix");
     Ok(())
 }
+
+/// Where nothing routes by source, one cached next hop serves every source of a destination;
+/// where something does, each source has its own.
+#[test]
+fn without_source_routing_one_fib_entry_serves_every_source() {
+    let run = || -> Result<()> {
+        let mut fwd = Forwarder::with("xfws", Policy::Strict, Forwarding::Xdp)?;
+        fwd.cli.addr("c0", "198.18.0.3/24")?;
+        let flows = [
+            Flow::open(&fwd, CLI4, sa(SRV4, 5390))?,
+            Flow::open(&fwd, "198.18.0.3", sa(SRV4, 5391))?,
+        ];
+        let srv: std::net::Ipv4Addr = SRV4.parse()?;
+        let srv = u32::from_ne_bytes(srv.octets());
+        for (by_source, entries) in [(false, 1), (true, 2)] {
+            fwd.dp.set_fib_by_source(by_source)?;
+            let before = fwd.counters()?;
+            for f in &flows {
+                f.send(b"keyed", 5)?;
+            }
+            ensure!(
+                delta(&fwd, before)?.get(Counter::ForwardedXdp) >= 2,
+                "forwarded in XDP"
+            );
+            // (Entries of the other keying stay until they age out, unused.)
+            let keys = fwd.dp.fib_cache_keys()?;
+            let keyed =
+                |k: &&hasync_common::FibKey| k.dst[0] == srv && (k.src[0] != 0) == by_source;
+            let to_srv: Vec<_> = keys.iter().filter(keyed).collect();
+            ensure!(to_srv.len() == entries, "by source {by_source}: {keys:?}");
+        }
+        Ok(())
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}

@@ -1,8 +1,8 @@
 //! The forwarding maps: which interfaces XDP may redirect to (FWD_PORTS), the virtual wires'
 //! pairs (VWIRE_PORTS), and the FIB generation that invalidates the forwarding cache.
 
-use aya::maps::{Array, DevMapHash};
-use hasync_common::maps as names;
+use aya::maps::{Array, DevMapHash, HashMap};
+use hasync_common::{maps as names, FibEntry, FibKey};
 
 use super::{map_err, Datapath, DatapathError};
 
@@ -83,6 +83,14 @@ impl Datapath {
         let cfg = self.config()?;
         self.set_config(&cfg)?;
         self.bump_fib_generation().map(|_| true)
+    }
+
+    /// The keys of the next hops the XDP forwarding has cached (diagnostics and tests).
+    pub fn fib_cache_keys(&self) -> Result<Vec<FibKey>, DatapathError> {
+        let name = names::FIB_CACHE;
+        let map: HashMap<_, FibKey, FibEntry> =
+            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.keys().collect::<Result<_, _>>().map_err(map_err(name))
     }
 
     /// Invalidates every cached next hop: routes or neighbours changed. Returns the new
