@@ -1,22 +1,19 @@
-//! `hasync agent`: load the datapath, attach it, then consume events and sweep expired
-//! sessions until SIGINT/SIGTERM.
+//! `hasync agent` without a configuration file: bring the datapath up from the flags
+//! ([`crate::startup`]), then consume events and sweep expired sessions until SIGINT/SIGTERM.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{Counter, Counters, Event, EventKind, State, ZoneBinding, ZoneId};
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    time::{interval, interval_at, Instant, MissedTickBehavior},
-};
+use hasync_common::{Counter, Counters, Event, EventKind, State};
+use tokio::time::{interval, interval_at, Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use crate::{
     cli::AgentArgs,
     datapath::{
-        error_chain, Datapath, DatapathOptions, EventStream, Removed, SessionEvent, SweepReport,
-        DEFAULT_CHUNK,
+        error_chain, Datapath, EventStream, Removed, SessionEvent, SweepReport, DEFAULT_CHUNK,
     },
+    startup::{bring_up, Signals, StartPlan, Started},
 };
 
 /// How often the agent logs a summary.
@@ -37,72 +34,23 @@ pub fn run(args: &AgentArgs) -> anyhow::Result<()> {
 async fn run_async(args: &AgentArgs) -> anyhow::Result<()> {
     // Signal handlers first, so a signal during start-up also ends in a clean detach.
     let signals = Signals::new()?;
-    let plan = args.zone_plan().map_err(|e| anyhow!(e))?;
-    // Resolve every interface before loading anything: a typo fails fast and touches nothing.
-    let indexes = plan
-        .bindings
-        .iter()
-        .map(|b| crate::datapath::ifindex(&b.interface))
-        .collect::<Result<Vec<u32>, _>>()?;
-
-    let mut opts = DatapathOptions::new(args.member);
-    opts.session_capacity = args.session_capacity;
-    opts.config.policy = hasync_common::Policy::from(args.policy) as u8;
-    let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;
-    dp.set_member_alive(args.member, true)
-        .with_context(|| format!("marking member {} alive", args.member.0))?;
-    for (name, id) in &plan.zones {
-        info!(zone = %name, id = id.0, "zone");
-    }
-    for (b, &index) in plan.bindings.iter().zip(&indexes) {
-        if b.zone != ZoneId::NONE {
-            dp.set_zone(index, ZoneBinding::new(b.zone))
-                .with_context(|| {
-                    format!("binding interface `{}` to zone {}", b.interface, b.zone.0)
-                })?;
-        }
-    }
-    let mut events = dp.take_events().context("opening the events ring buffer")?;
-
-    let result = attach_and_serve(&mut dp, &mut events, args, signals).await;
-    let detached = dp.detach_all().context("detaching XDP");
-    result?;
-    detached?;
-    info!("stopped");
-    Ok(())
-}
-
-async fn attach_and_serve(
-    dp: &mut Datapath,
-    events: &mut EventStream,
-    args: &AgentArgs,
-    signals: Signals,
-) -> anyhow::Result<()> {
-    for arg in &args.interfaces {
-        let mode = dp.attach(&arg.name)?;
-        info!(interface = %arg.name, zone = arg.zone.as_deref().unwrap_or("-"), %mode, "attached");
-    }
+    let plan = StartPlan::from_args(args).map_err(|e| anyhow!(e))?;
+    let (started, ()) = bring_up(&plan, |_| Ok(()))?;
+    let Started {
+        mut dp, mut events, ..
+    } = started;
     info!(
         member = args.member.0,
         capacity = dp.capacity(),
         sweep_interval_ms = args.sweep_interval_ms,
         "agent running"
     );
-    serve(dp, events, args.sweep_interval(), signals).await
-}
-
-struct Signals {
-    interrupt: tokio::signal::unix::Signal,
-    terminate: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-        })
-    }
+    let result = serve(&mut dp, &mut events, args.sweep_interval(), signals).await;
+    let detached = dp.detach_all().context("detaching XDP");
+    result?;
+    detached?;
+    info!("stopped");
+    Ok(())
 }
 
 /// What the agent saw since the last summary.
@@ -169,12 +117,8 @@ async fn serve(
     let mut last_counters = dp.counters().context("reading datapath counters")?;
     loop {
         tokio::select! {
-            _ = signals.interrupt.recv() => {
-                info!(signal = "SIGINT", "stopping");
-                return Ok(());
-            }
-            _ = signals.terminate.recv() => {
-                info!(signal = "SIGTERM", "stopping");
+            signal = signals.recv() => {
+                info!(signal, "stopping");
                 return Ok(());
             }
             batch = events.next_batch() => tally.add_events(&batch),

@@ -19,6 +19,7 @@ pub mod netlink;
 pub mod provision;
 pub mod runtime;
 pub mod service;
+pub mod startup;
 pub mod sync;
 pub mod traffic_log;
 

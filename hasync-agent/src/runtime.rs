@@ -10,22 +10,22 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _};
-use hasync_common::{Counter, EventKind, MemberId};
-use tokio::signal::unix::{signal, SignalKind};
+use hasync_common::{Counter, Event, EventKind, FlowKey, MemberId};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{
-        error_chain, ifindex, Datapath, DatapathOptions, RemoveReason, Removed, DEFAULT_CHUNK,
-    },
+    datapath::{error_chain, Datapath, RemoveReason, Removed, DEFAULT_CHUNK},
     member::{lock, Member},
+    startup::{bring_up, Signals, StartPlan, Started},
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
         wire::LinkKind,
     },
+    traffic_log::TrafficLog,
 };
 
 /// How often the expiry sweep takes a step, and how many sessions a step looks at: the table
@@ -122,59 +122,99 @@ fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut signals = Signals::new()?;
     let psk = config::read_cluster_key(&config.cluster.key_file)?;
-    let local = config.local_member();
+    let plan = StartPlan::from_config(&config);
+    let (started, forwarding) = bring_up(&plan, |dp| {
+        crate::forwarding::prepare(&config, dp).context("starting forwarding in XDP")
+    })?;
+    let Started {
+        dp,
+        mut events,
+        restarted,
+    } = started;
+    let (member, mut tasks) = start_member(config, psk, dp, restarted)?;
+    if let Some(prepared) = forwarding {
+        tasks.extend(crate::forwarding::spawn(
+            &member.config,
+            member.dp.clone(),
+            prepared,
+        ));
+    }
+    let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
+        .with_context(|| {
+            format!(
+                "opening the traffic log {}",
+                member.config.local.traffic_log.display()
+            )
+        })?;
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
+    tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
+    tasks.push(serve_control(&member, control_tx).await?);
+    announce_ready(&member, plan.interfaces.len(), restarted);
+    let mut main = MainLoop::new(&member, restarted);
+    let result: anyhow::Result<()> = loop {
+        tokio::select! {
+            signal = signals.recv() => { info!(signal, "stopping"); break Ok(()); }
+            batch = events.next_batch() => main.on_events(&member, &batch, &mut log),
+            _ = main.sweep_tick.tick() => main.on_sweep(&member, &mut log),
+            _ = main.membership_tick.tick() => main.on_membership(&member),
+            Some((request, reply)) = control_rx.recv() => {
+                let response = crate::control::handler::handle(&member, request);
+                let _ = reply.send(response);
+            }
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    crate::service::notify::stopping();
+    let detached = leave_datapath(&member);
+    result?;
+    detached?;
+    info!("stopped");
+    Ok(())
+}
 
-    // Resolve every data interface before loading anything: a typo fails fast.
-    let mut bindings = Vec::new();
-    for (ifname, zone, binding) in config.interface_zones() {
-        let index = ifindex(ifname).with_context(|| format!("zone `{}`", zone.name))?;
-        bindings.push((ifname.to_owned(), index, binding, zone.name.clone()));
-    }
-    let mut opts = DatapathOptions::new(local);
-    opts.session_capacity = config.local.session_capacity;
-    opts.embryonic_capacity = Some(config.embryonic_capacity());
-    opts.replica_parts = config.replica_parts();
-    opts.config = config.datapath();
-    opts.pin_dir = config.pin_dir().map(Path::to_owned);
-    let mut dp = Datapath::load(&opts).context("loading the XDP datapath")?;
-    // Pinned maps from an earlier agent: its sessions (and events) carry over.
-    let restarted = dp.pin_report().is_some_and(|r| r.sessions_reused());
-    dp.set_member_alive(local, true)
-        .context("marking the local member alive")?;
-    dp.record_zones(&config.zone_names())
-        .context("checking the zones against the pinned sessions")?;
-    for (ifname, index, zone, name) in &bindings {
-        dp.set_zone(*index, *zone)
-            .with_context(|| format!("binding `{ifname}` to zone `{name}`"))?;
-    }
-    let indexes: Vec<u32> = bindings.iter().map(|b| b.1).collect();
-    dp.retain_zones(&indexes)
-        .context("unbinding interfaces no longer in a zone")?;
-    let mut events = dp.take_events().context("opening the events ring buffer")?;
-    let forwarding =
-        crate::forwarding::prepare(&config, &mut dp).context("starting forwarding in XDP")?;
-    for (ifname, _, _, zone) in &bindings {
-        let mode = dp.attach(ifname)?;
-        let reused = dp.attachments().last().is_some_and(|a| a.reused);
-        info!(interface = %ifname, zone = %zone, %mode, reused, "attached");
-    }
-    dp.release_stale_links()
-        .context("detaching interfaces no longer configured")?;
+/// The membership rules and the sync engine over `dp`, with the tasks they run (the engine's,
+/// the monitors').
+fn start_member(
+    config: Config,
+    psk: [u8; 32],
+    dp: Datapath,
+    restarted: bool,
+) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let dp = Arc::new(Mutex::new(dp));
+    let sync_cfg = sync_config(&config, psk, !restarted)?;
+    let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
+    let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
+    let mut tasks = engine.start();
+    tasks.extend(crate::monitor::spawn(
+        &config,
+        dp.clone(),
+        membership.clone(),
+    )?);
+    let member = Arc::new(Member {
+        config,
+        dp,
+        membership,
+        engine,
+        started: Instant::now(),
+    });
+    Ok((member, tasks))
+}
 
-    let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
+/// The membership rules' starting point: the peers (and whether each sends us a full sync),
+/// the timers, the agreed settings, and the links, down where both ends have them and
+/// not-configured elsewhere.
+fn membership(config: &Config, sync_cfg: &SyncConfig) -> Membership {
     let timers = Timers {
-        keepalive_threshold: threshold,
+        keepalive_threshold: Duration::from_millis(config.cluster.keepalive_threshold_ms),
         sync_timeout: Duration::from_secs(config.cluster.sync_timeout_min * 60),
         tentative_hold: Duration::from_secs(config.cluster.tentative_hold_s),
         monitor_hold_down: config.monitor_hold_down(),
         discovery: DISCOVERY,
     };
-    let sync_cfg = sync_config(&config, psk, !restarted)?;
     let peers = sync_cfg
         .peers
         .iter()
@@ -185,193 +225,209 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             (p.id, p.serial.clone(), syncs)
         })
         .collect();
-    let mut m = Membership::new(local, timers, peers, Instant::now());
+    let mut m = Membership::new(sync_cfg.local, timers, peers, Instant::now());
     m.set_agreed(config::without_zones(config.fingerprint()));
-    // Links start down where both ends have them, not-configured elsewhere.
     for p in &sync_cfg.peers {
         for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {
             let both = p.addrs.contains_key(&link) && sync_cfg.local_links.contains_key(&link);
-            m.set_link(
-                p.id,
-                link,
-                if both {
-                    LinkState::Down
-                } else {
-                    LinkState::NotConfigured
-                },
-            );
+            let state = if both {
+                LinkState::Down
+            } else {
+                LinkState::NotConfigured
+            };
+            m.set_link(p.id, link, state);
         }
     }
-    let membership = Arc::new(Mutex::new(m));
-    let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
-    let mut tasks = engine.start();
-    tasks.extend(crate::monitor::spawn(
-        &config,
-        dp.clone(),
-        membership.clone(),
-    )?);
-    if let Some(prepared) = forwarding {
-        tasks.extend(crate::forwarding::spawn(&config, dp.clone(), prepared));
-    }
-    let member = Arc::new(Member {
-        config,
-        dp,
-        membership,
-        engine,
-        started: Instant::now(),
-    });
-    let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
-        .with_context(|| {
-            format!(
-                "opening the traffic log {}",
-                member.config.local.traffic_log.display()
-            )
-        })?;
-    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
-    let http = crate::http::start(&member.config, control_tx.clone()).await;
-    let control = crate::control::serve(&member.config.local.control_socket, control_tx)
+    m
+}
+
+/// Serves the control socket; requests come through `control_tx` to the main loop.
+async fn serve_control(
+    member: &Member,
+    control_tx: crate::control::ControlSender,
+) -> anyhow::Result<JoinHandle<()>> {
+    let path = &member.config.local.control_socket;
+    crate::control::serve(path, control_tx)
         .await
-        .with_context(|| {
-            format!(
-                "serving the control socket {}",
-                member.config.local.control_socket.display()
-            )
-        })?;
+        .with_context(|| format!("serving the control socket {}", path.display()))
+}
+
+/// Logs that the member runs and tells systemd it is ready (Type=notify): attached, maps
+/// filled, control socket up. After a restart, every owned session is announced once: the
+/// ring buffer may have filled while no agent read it, and the pinned loss counter cannot
+/// tell those losses from older ones (peers coalesce what they already have).
+fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
+    let (local, cluster) = (member.config.local_member(), member.config.cluster.id);
     info!(
         member = local.0,
-        cluster = member.config.cluster.id,
-        restarted,
-        "cluster member running"
+        cluster, restarted, "cluster member running"
     );
-    // Attached, maps filled, control socket up: ready for systemd (Type=notify).
+    let kept = if restarted {
+        ", sessions kept from the previous run"
+    } else {
+        ""
+    };
     crate::service::notify::ready(&format!(
-        "member {} of cluster {}: attached to {} interface(s){}",
-        local.0,
-        member.config.cluster.id,
-        bindings.len(),
-        if restarted {
-            ", sessions kept from the previous run"
-        } else {
-            ""
-        }
+        "member {} of cluster {cluster}: attached to {interfaces} interface(s){kept}",
+        local.0
     ));
     if restarted {
-        // The ring buffer may have filled while no agent read it, and the pinned loss counter
-        // cannot tell those losses from older ones: announce every owned session once (peers
-        // coalesce what they already have).
-        reannounce(&member);
+        reannounce(member);
     }
-    // The takeover rule's MEMBERS map, reused, still says who was alive before the restart.
-    // Once a keepalive threshold has passed, the membership knows better: write it all.
-    let mut members_unsettled = restarted.then(|| Instant::now() + threshold);
+}
 
-    let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
-    let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
-    let mut last_membership = Instant::now();
-    let mut sweep = crate::datapath::sweep::IncrementalSweep::default();
-    let mut table_access = crate::monitor::TableAccess::default();
-    for t in [&mut sweep_tick, &mut membership_tick] {
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
-    let mut lost_events = lock(&member.dp)
-        .counters()
-        .map(|c| c.get(Counter::RingbufFull))
-        .unwrap_or(0);
-    let mut owned = Vec::new();
-    let mut reannounce_backoff = Backoff::new(REANNOUNCE_BACKOFF.0, REANNOUNCE_BACKOFF.1);
-    let result: anyhow::Result<()> = loop {
-        tokio::select! {
-            _ = interrupt.recv() => { info!(signal = "SIGINT", "stopping"); break Ok(()); }
-            _ = terminate.recv() => { info!(signal = "SIGTERM", "stopping"); break Ok(()); }
-            batch = events.next_batch() => {
-                owned.clear();
-                owned.extend(batch.iter().filter(|e| e.session.owner == local).map(|e| e.key));
-                // An evicted session of ours ended: its log line; the sync sends its removal.
-                for e in batch.iter().filter(|e| e.session.owner == local && e.kind == EventKind::Evicted as u8) {
-                    log.write_removed(&Removed { key: e.key, session: e.session, reason: RemoveReason::Evicted }, &member.config);
-                }
-                member.engine.enqueue(&owned);
-                member.engine.flush();
-            }
-            _ = sweep_tick.tick() => {
-                let engine = member.engine.clone();
-                let swept = tokio::task::block_in_place(|| {
-                    lock(&member.dp).sweep_step(&mut sweep, SWEEP_BUDGET, |removed: &[Removed]| {
-                        let mut gone = Vec::new();
-                        for r in removed.iter().filter(|r| r.session.owner == local) {
-                            log.write_removed(r, &member.config);
-                            gone.push(r.key);
-                        }
-                        engine.enqueue(&gone);
-                    })
-                });
-                let error = swept.as_ref().err().map(|e| error_chain(e));
-                table_access.step(&member.membership, error);
-                match swept {
-                    Ok(Some(pass)) => {
-                        // A pass over the whole table also counted the sessions each member owns.
-                        let owned = pass.owners.get(usize::from(local.0)).copied().unwrap_or(0);
-                        lock(&member.membership).local_sessions_owned = u32::try_from(owned).unwrap_or(u32::MAX);
-                    }
-                    Ok(None) => {}
-                    Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
-                }
-                member.engine.flush();
-                // Events lost to a full ring buffer: announce every owned session again, at
-                // most once per backoff step (losses meanwhile wait for the next).
-                let lost = lock(&member.dp).counters().map(|c| c.get(Counter::RingbufFull)).unwrap_or(lost_events);
-                if lost != lost_events && reannounce_backoff.try_start(Instant::now()) {
-                    warn!(lost = lost - lost_events, "datapath events were lost; re-announcing owned sessions");
-                    lost_events = lost;
-                    reannounce(&member);
-                }
-            }
-            _ = membership_tick.tick() => {
-                let now = Instant::now();
-                let gap = now.saturating_duration_since(last_membership);
-                last_membership = now;
-                if gap > STALL_GAP {
-                    warn!(stalled_ms = gap.as_millis() as u64, "this agent did not run for a while: peers' silence over it is not held against them");
-                    lock(&member.membership).forgive_stall(gap, now);
-                }
-                apply_membership(&member);
-                if members_unsettled.is_some_and(|at| Instant::now() >= at) {
-                    members_unsettled = None;
-                    write_all_liveness(&member);
-                }
-            }
-            Some((request, reply)) = control_rx.recv() => {
-                let response = crate::control::handler::handle(&member, request);
-                let _ = reply.send(response);
-            }
+/// What the main loop keeps between its events.
+struct MainLoop {
+    sweep_tick: tokio::time::Interval,
+    membership_tick: tokio::time::Interval,
+    last_membership: Instant,
+    sweep: crate::datapath::sweep::IncrementalSweep,
+    table_access: crate::monitor::TableAccess,
+    /// The datapath's count of lost events when they were last made up for.
+    lost_events: u64,
+    reannounce_backoff: Backoff,
+    /// After a restart, the takeover rule's reused MEMBERS map still says who was alive
+    /// before; once a keepalive threshold has passed, the membership knows better.
+    members_unsettled: Option<Instant>,
+    owned: Vec<FlowKey>,
+}
+
+impl MainLoop {
+    fn new(member: &Member, restarted: bool) -> MainLoop {
+        let threshold = Duration::from_millis(member.config.cluster.keepalive_threshold_ms);
+        let mut sweep_tick = tokio::time::interval(SWEEP_EVERY);
+        let mut membership_tick = tokio::time::interval(MEMBERSHIP_EVERY);
+        for t in [&mut sweep_tick, &mut membership_tick] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
-    };
-    for t in tasks {
-        t.abort();
-    }
-    control.abort();
-    if let Some(http) = http {
-        http.abort();
-    }
-    crate::service::notify::stopping();
-    let detached = {
-        let mut dp = lock(&member.dp);
-        match dp.pin_dir() {
-            // Pinned: XDP stays attached and the table stays, for the next agent.
-            Some(pins) => {
-                info!(
-                    pin_dir = %pins.root().display(),
-                    "datapath left running and pinned; `hasync teardown` removes it"
-                );
-                Ok(())
-            }
-            None => dp.detach_all().context("detaching XDP"),
+        MainLoop {
+            sweep_tick,
+            membership_tick,
+            last_membership: Instant::now(),
+            sweep: Default::default(),
+            table_access: Default::default(),
+            lost_events: lost_events(member).unwrap_or(0),
+            reannounce_backoff: Backoff::new(REANNOUNCE_BACKOFF.0, REANNOUNCE_BACKOFF.1),
+            members_unsettled: restarted.then(|| Instant::now() + threshold),
+            owned: Vec::new(),
         }
-    };
-    result?;
-    detached?;
-    info!("stopped");
-    Ok(())
+    }
+
+    /// Datapath events: this member's sessions go to the sync; an evicted one of ours ended
+    /// (its log line; the sync sends its removal).
+    fn on_events(&mut self, member: &Member, batch: &[Event], log: &mut TrafficLog) {
+        let local = member.config.local_member();
+        self.owned.clear();
+        self.owned.extend(
+            batch
+                .iter()
+                .filter(|e| e.session.owner == local)
+                .map(|e| e.key),
+        );
+        let evicted = batch
+            .iter()
+            .filter(|e| e.session.owner == local && e.kind == EventKind::Evicted as u8);
+        for e in evicted {
+            let removed = Removed {
+                key: e.key,
+                session: e.session,
+                reason: RemoveReason::Evicted,
+            };
+            log.write_removed(&removed, &member.config);
+        }
+        member.engine.enqueue(&self.owned);
+        member.engine.flush();
+    }
+
+    /// One step of the expiry sweep: this member's removed sessions are logged and synced;
+    /// a pass over the whole table also counts the sessions each member owns. Then events
+    /// lost to a full ring buffer are made up for.
+    fn on_sweep(&mut self, member: &Member, log: &mut TrafficLog) {
+        let local = member.config.local_member();
+        let engine = member.engine.clone();
+        let swept = tokio::task::block_in_place(|| {
+            lock(&member.dp).sweep_step(&mut self.sweep, SWEEP_BUDGET, |removed: &[Removed]| {
+                let mut gone = Vec::new();
+                for r in removed.iter().filter(|r| r.session.owner == local) {
+                    log.write_removed(r, &member.config);
+                    gone.push(r.key);
+                }
+                engine.enqueue(&gone);
+            })
+        });
+        let error = swept.as_ref().err().map(|e| error_chain(e));
+        self.table_access.step(&member.membership, error);
+        match swept {
+            Ok(Some(pass)) => {
+                let owned = pass.owners.get(usize::from(local.0)).copied().unwrap_or(0);
+                lock(&member.membership).local_sessions_owned =
+                    u32::try_from(owned).unwrap_or(u32::MAX);
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
+        }
+        member.engine.flush();
+        self.make_up_for_lost_events(member);
+    }
+
+    /// Events lost to a full ring buffer: announces every owned session again, at most once
+    /// per backoff step (losses meanwhile wait for the next).
+    fn make_up_for_lost_events(&mut self, member: &Member) {
+        let lost = lost_events(member).unwrap_or(self.lost_events);
+        if lost != self.lost_events && self.reannounce_backoff.try_start(Instant::now()) {
+            let n = lost.wrapping_sub(self.lost_events);
+            warn!(
+                lost = n,
+                "datapath events were lost; re-announcing owned sessions"
+            );
+            self.lost_events = lost;
+            reannounce(member);
+        }
+    }
+
+    /// Liveness and the local state, evaluated; a stall of this agent itself is forgiven.
+    fn on_membership(&mut self, member: &Member) {
+        let now = Instant::now();
+        let gap = now.saturating_duration_since(self.last_membership);
+        self.last_membership = now;
+        if gap > STALL_GAP {
+            warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "this agent did not run for a while: peers' silence over it is not held against them"
+            );
+            lock(&member.membership).forgive_stall(gap, now);
+        }
+        apply_membership(member);
+        if self
+            .members_unsettled
+            .is_some_and(|at| Instant::now() >= at)
+        {
+            self.members_unsettled = None;
+            write_all_liveness(member);
+        }
+    }
+}
+
+/// The datapath's count of events lost to a full ring buffer.
+fn lost_events(member: &Member) -> Option<u64> {
+    let counters = lock(&member.dp).counters().ok()?;
+    Some(counters.get(Counter::RingbufFull))
+}
+
+/// Leaves a pinned datapath attached, with its table, for the next agent; detaches one that
+/// is not pinned.
+fn leave_datapath(member: &Member) -> anyhow::Result<()> {
+    let mut dp = lock(&member.dp);
+    match dp.pin_dir() {
+        Some(pins) => {
+            info!(
+                pin_dir = %pins.root().display(),
+                "datapath left running and pinned; `hasync teardown` removes it"
+            );
+            Ok(())
+        }
+        None => dp.detach_all().context("detaching XDP"),
+    }
 }
 
 /// Writes every member slot of the takeover rule's map from the membership's view.

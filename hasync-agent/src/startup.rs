@@ -1,0 +1,240 @@
+//! One start-up path for both ways of running the agent, from flags (`hasync agent
+//! --interface ...`) or from a configuration file: a [`StartPlan`] says what to load and which
+//! interface goes into which zone, and [`bring_up`] brings the datapath up from it in one order:
+//! resolve every interface (a typo fails fast and touches nothing), load, mark the local member
+//! alive, record and bind the zones, open the events ring, prepare what must be in place before
+//! traffic (the caller's step), attach, and drop what an earlier agent left attached.
+
+use anyhow::Context as _;
+use hasync_common::{maps as names, MemberId, Policy, ZoneBinding, ZoneId};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tracing::info;
+
+use crate::{
+    cli::AgentArgs,
+    config::Config,
+    datapath::{ifindex, Datapath, DatapathOptions, EventStream},
+};
+
+/// One interface to attach to, and its zone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedInterface {
+    pub name: String,
+    /// Its zone's binding (`None`: attached in no zone).
+    pub binding: Option<ZoneBinding>,
+    /// Its zone's name, for the logs (`-`: none).
+    pub zone: String,
+}
+
+/// What to bring up.
+#[derive(Clone, Debug)]
+pub struct StartPlan {
+    pub opts: DatapathOptions,
+    /// Zone names in id order (id 1 first).
+    pub zones: Vec<String>,
+    /// The interfaces, in attach order.
+    pub interfaces: Vec<PlannedInterface>,
+}
+
+impl StartPlan {
+    /// The plan a cluster member's configuration gives.
+    pub fn from_config(config: &Config) -> StartPlan {
+        let mut opts = DatapathOptions::new(config.local_member());
+        opts.session_capacity = config.local.session_capacity;
+        opts.embryonic_capacity = Some(config.embryonic_capacity());
+        opts.replica_parts = config.replica_parts();
+        opts.config = config.datapath();
+        opts.pin_dir = config.pin_dir().map(Into::into);
+        let interfaces = config
+            .interface_zones()
+            .map(|(name, zone, binding)| PlannedInterface {
+                name: name.to_owned(),
+                binding: Some(binding),
+                zone: zone.name.clone(),
+            })
+            .collect();
+        StartPlan {
+            opts,
+            zones: config.zone_names(),
+            interfaces,
+        }
+    }
+
+    /// The plan the standalone agent's flags give: zones numbered in order of first
+    /// appearance, nothing pinned.
+    pub fn from_args(args: &AgentArgs) -> Result<StartPlan, String> {
+        let plan = args.zone_plan()?;
+        let mut opts = DatapathOptions::new(args.member);
+        opts.session_capacity = args.session_capacity;
+        opts.config.policy = Policy::from(args.policy) as u8;
+        let zone_name = |id: ZoneId| {
+            let named = plan.zones.iter().find(|(_, z)| *z == id);
+            named.map_or("-".to_owned(), |(name, _)| name.clone())
+        };
+        let interfaces = plan
+            .bindings
+            .iter()
+            .map(|b| PlannedInterface {
+                name: b.interface.clone(),
+                binding: (b.zone != ZoneId::NONE).then(|| ZoneBinding::new(b.zone)),
+                zone: zone_name(b.zone),
+            })
+            .collect();
+        Ok(StartPlan {
+            opts,
+            zones: plan.zones.into_iter().map(|(name, _)| name).collect(),
+            interfaces,
+        })
+    }
+
+    fn local(&self) -> MemberId {
+        MemberId(self.opts.config.local_member.0)
+    }
+}
+
+/// A datapath brought up and attached.
+pub struct Started {
+    pub dp: Datapath,
+    pub events: EventStream,
+    /// The session table was kept from an earlier agent (pinned): its sessions carry over.
+    pub restarted: bool,
+}
+
+/// Brings the datapath up as `plan` says. `before_attach` runs once the maps are filled and
+/// before any interface is attached (a restart must not leave a map empty while the new
+/// program runs); its result is handed back.
+pub fn bring_up<T>(
+    plan: &StartPlan,
+    before_attach: impl FnOnce(&mut Datapath) -> anyhow::Result<T>,
+) -> anyhow::Result<(Started, T)> {
+    let indexes = resolve(plan)?;
+    let mut dp = Datapath::load(&plan.opts).context("loading the XDP datapath")?;
+    let restarted = dp.pin_report().is_some_and(|r| r.sessions_reused());
+    let local = plan.local();
+    dp.set_member_alive(local, true)
+        .with_context(|| format!("marking the local member {} alive", local.0))?;
+    bind_zones(&mut dp, plan, &indexes)?;
+    let events = dp.take_events().context("opening the events ring buffer")?;
+    let prepared = before_attach(&mut dp)?;
+    for i in &plan.interfaces {
+        let mode = dp.attach(&i.name)?;
+        let reused = dp.attachments().last().is_some_and(|a| a.reused);
+        info!(interface = %i.name, zone = %i.zone, %mode, reused, "attached");
+    }
+    dp.release_stale_links()
+        .context("detaching interfaces no longer configured")?;
+    let started = Started {
+        dp,
+        events,
+        restarted,
+    };
+    Ok((started, prepared))
+}
+
+/// Every interface's index, before anything is loaded.
+fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
+    plan.interfaces
+        .iter()
+        .map(|i| ifindex(&i.name).with_context(|| format!("zone `{}`", i.zone)))
+        .collect()
+}
+
+/// Records the zone names (checked against a pinned table's sessions) and binds each
+/// interface to its zone; a reused pinned zone map loses the bindings of interfaces no longer
+/// in a zone.
+fn bind_zones(dp: &mut Datapath, plan: &StartPlan, indexes: &[u32]) -> anyhow::Result<()> {
+    for (id, name) in (1..).zip(&plan.zones) {
+        info!(zone = %name, id, "zone");
+    }
+    dp.record_zones(&plan.zones)
+        .context("checking the zones against the pinned sessions")?;
+    let mut bound = Vec::new();
+    for (i, &index) in plan.interfaces.iter().zip(indexes) {
+        let Some(binding) = i.binding else { continue };
+        dp.set_zone(index, binding)
+            .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))?;
+        bound.push(index);
+    }
+    let zones_reused = dp
+        .pin_report()
+        .is_some_and(|r| r.reused.contains(&names::ZONES));
+    if zones_reused {
+        dp.retain_zones(&bound)
+            .context("unbinding interfaces no longer in a zone")?;
+    }
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a
+/// clean stop.
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// The name of the next signal that arrives.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_and_a_config_make_the_same_kind_of_plan() {
+        let args = crate::cli::Cli::try_parse_from([
+            "hasync",
+            "agent",
+            "--member",
+            "2",
+            "--interface",
+            "lan0=trust",
+            "--interface",
+            "mgmt0",
+            "--interface",
+            "wan0=untrust",
+        ])
+        .expect("flags");
+        let crate::cli::Command::Agent(args) = args.command else {
+            panic!("not the agent command")
+        };
+        let plan = StartPlan::from_args(&args).expect("plan");
+        assert_eq!(plan.zones, ["trust", "untrust"]);
+        let got: Vec<(&str, Option<u16>, &str)> = plan
+            .interfaces
+            .iter()
+            .map(|i| {
+                (
+                    i.name.as_str(),
+                    i.binding.map(|b| b.zone.0),
+                    i.zone.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("lan0", Some(1), "trust"),
+                ("mgmt0", None, "-"),
+                ("wan0", Some(2), "untrust")
+            ]
+        );
+        assert_eq!(plan.local(), MemberId(2));
+        assert_eq!(plan.opts.pin_dir, None, "the standalone agent pins nothing");
+    }
+}
