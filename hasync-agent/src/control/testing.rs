@@ -257,7 +257,7 @@ pub fn answer(request: Request) -> Response {
                 .unwrap()
                 .record(Duration::from_micros(4_250));
             let rejections = Rejections::default();
-            rejections.count("bad-key");
+            rejections.count(crate::sync::stats::Rejection::BadKey);
             Response::ok(StatisticsView::from_stats(
                 [(MemberId(2), &stats, true)],
                 &rejections,

@@ -939,8 +939,8 @@ mod tests {
         a.lag.lock().unwrap().record(Duration::from_millis(2));
         let b = PeerStats::default();
         let r = Rejections::default();
-        r.count("wrong-cluster");
-        r.count("connection");
+        r.count(crate::sync::stats::Rejection::WrongCluster);
+        r.count(crate::sync::stats::Rejection::Connection);
         let v = StatisticsView::from_stats([(MemberId(3), &b, false), (MemberId(2), &a, true)], &r);
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["peers"][0]["id"], 2, "by id");

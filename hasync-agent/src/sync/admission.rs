@@ -11,6 +11,8 @@ use std::{
 
 use hasync_common::MemberId;
 
+use super::stats::Rejection;
+
 /// Handshakes under way from one address.
 pub const MAX_PER_SOURCE: usize = 2;
 /// Handshakes under way in all, per listener.
@@ -26,11 +28,11 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Reason name for counters.
-    pub const fn reason(self) -> &'static str {
+    /// The reason counters give.
+    pub const fn reason(self) -> Rejection {
         match self {
-            Refusal::UnknownAddress => "unknown-address",
-            Refusal::Busy => "pre-auth-limit",
+            Refusal::UnknownAddress => Rejection::UnknownAddress,
+            Refusal::Busy => Rejection::PreAuthLimit,
         }
     }
 }

@@ -18,7 +18,10 @@ use tokio::{
     sync::Mutex,
 };
 
-use super::wire::{Message, RecordLayout, WireError, MAX_PLAINTEXT};
+use super::{
+    stats::Rejection,
+    wire::{Message, RecordLayout, WireError, MAX_PLAINTEXT},
+};
 
 const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 const MAX_NOISE_MESSAGE: usize = 65_535;
@@ -54,14 +57,14 @@ pub enum ChannelError {
 }
 
 impl ChannelError {
-    /// Short reason for counters and logs.
-    pub fn reason(&self) -> &'static str {
+    /// The reason counters and logs give.
+    pub fn reason(&self) -> Rejection {
         match self {
-            ChannelError::Io(_) | ChannelError::Closed => "connection",
-            ChannelError::BadKey(_) | ChannelError::HandshakeRefused => "bad-key",
-            ChannelError::Noise(_) | ChannelError::Auth(_) => "bad-frame",
-            ChannelError::Malformed(_) | ChannelError::TooLarge(_) => "malformed",
-            ChannelError::Stalled(_) => "stalled",
+            ChannelError::Io(_) | ChannelError::Closed => Rejection::Connection,
+            ChannelError::BadKey(_) | ChannelError::HandshakeRefused => Rejection::BadKey,
+            ChannelError::Noise(_) | ChannelError::Auth(_) => Rejection::BadFrame,
+            ChannelError::Malformed(_) | ChannelError::TooLarge(_) => Rejection::Malformed,
+            ChannelError::Stalled(_) => Rejection::Stalled,
         }
     }
 }
@@ -316,12 +319,12 @@ mod tests {
     async fn another_key_is_rejected_in_the_handshake() {
         let (c, s) = pair([1; 32], [2; 32]).await;
         match s {
-            Err(e) => assert_eq!(e.reason(), "bad-key", "{e}"),
+            Err(e) => assert_eq!(e.reason(), Rejection::BadKey, "{e}"),
             Ok(_) => panic!("responder accepted a peer with another key"),
         }
         // The initiator learns it too: the responder hung up on its first message.
         match c {
-            Err(e) => assert_eq!(e.reason(), "bad-key", "{e}"),
+            Err(e) => assert_eq!(e.reason(), Rejection::BadKey, "{e}"),
             Ok(_) => panic!("initiator completed a handshake with another key"),
         }
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use hasync_common::{InstallOp, InstallRecord, MemberId, Session, ZoneId};
 
+use super::stats::Rejection;
 use super::table::SessionTable;
 use super::wire::{Op, Record};
 use crate::datapath::DatapathError;
@@ -75,11 +76,11 @@ pub enum OwnerRefusal {
 }
 
 impl OwnerRefusal {
-    /// Reason name for counters.
-    pub const fn reason(self) -> &'static str {
+    /// The reason counters give.
+    pub const fn reason(self) -> Rejection {
         match self {
-            OwnerRefusal::Unknown => "unknown-owner",
-            OwnerRefusal::Foreign => "foreign-owner",
+            OwnerRefusal::Unknown => Rejection::UnknownOwner,
+            OwnerRefusal::Foreign => Rejection::ForeignOwner,
         }
     }
 }

@@ -110,39 +110,143 @@ impl PeerStats {
     }
 }
 
-/// Connections and frames rejected, by reason ("bad-key", "wrong-cluster", ...).
+/// Why a connection, a frame or a record was turned away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Rejection {
+    /// Before the handshake: the source is no member's address on this link.
+    UnknownAddress,
+    /// Before the handshake: too many handshakes under way from the source, or in all.
+    PreAuthLimit,
+    /// The connection failed (not counted: the link's failures are).
+    Connection,
+    /// The handshake failed: another cluster key.
+    BadKey,
+    /// A frame failed authentication or decryption.
+    BadFrame,
+    /// A message does not decode, or says what it may not.
+    Malformed,
+    /// A write made no progress: the peer stopped reading.
+    Stalled,
+    /// The handshake and hello took too long.
+    Timeout,
+    /// The hello's protocol version is too far from ours.
+    Version,
+    /// The hello names another cluster.
+    WrongCluster,
+    /// The hello names a member the configuration lacks.
+    UnknownMember,
+    /// The hello names a member the configuration disables.
+    DisabledMember,
+    /// The hello names another member than the one configured at its address.
+    WrongMember,
+    /// The peer already has a live connection on this link.
+    DuplicateLink,
+    /// A frame of a connection or a boot that was replaced.
+    StaleFrame,
+    /// A full sync ended without all its records.
+    BulkIncomplete,
+    /// Records of a zone this member lacks.
+    ZoneUnknown,
+    /// Records the session table had no room for.
+    TableFull,
+    /// Records naming an owner the sender may not speak for: unknown to the configuration.
+    UnknownOwner,
+    /// Records naming another live member as owner.
+    ForeignOwner,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 20] = [
+        Rejection::UnknownAddress,
+        Rejection::PreAuthLimit,
+        Rejection::Connection,
+        Rejection::BadKey,
+        Rejection::BadFrame,
+        Rejection::Malformed,
+        Rejection::Stalled,
+        Rejection::Timeout,
+        Rejection::Version,
+        Rejection::WrongCluster,
+        Rejection::UnknownMember,
+        Rejection::DisabledMember,
+        Rejection::WrongMember,
+        Rejection::DuplicateLink,
+        Rejection::StaleFrame,
+        Rejection::BulkIncomplete,
+        Rejection::ZoneUnknown,
+        Rejection::TableFull,
+        Rejection::UnknownOwner,
+        Rejection::ForeignOwner,
+    ];
+
+    /// The name counters, logs and `show cluster statistics` use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Rejection::UnknownAddress => "unknown-address",
+            Rejection::PreAuthLimit => "pre-auth-limit",
+            Rejection::Connection => "connection",
+            Rejection::BadKey => "bad-key",
+            Rejection::BadFrame => "bad-frame",
+            Rejection::Malformed => "malformed",
+            Rejection::Stalled => "stalled",
+            Rejection::Timeout => "timeout",
+            Rejection::Version => "version",
+            Rejection::WrongCluster => "wrong-cluster",
+            Rejection::UnknownMember => "unknown-member",
+            Rejection::DisabledMember => "disabled-member",
+            Rejection::WrongMember => "wrong-member",
+            Rejection::DuplicateLink => "duplicate-link",
+            Rejection::StaleFrame => "stale-frame",
+            Rejection::BulkIncomplete => "bulk-incomplete",
+            Rejection::ZoneUnknown => "zone-unknown",
+            Rejection::TableFull => "table-full",
+            Rejection::UnknownOwner => "unknown-owner",
+            Rejection::ForeignOwner => "foreign-owner",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Connections, frames and records turned away, by [`Rejection`].
 #[derive(Debug, Default)]
 pub struct Rejections {
-    by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    by_reason: [AtomicU64; Rejection::ALL.len()],
 }
 
 impl Rejections {
     /// Counts one; returns true the first time this reason is seen (to log it once).
-    pub fn count(&self, reason: &'static str) -> bool {
+    pub fn count(&self, reason: Rejection) -> bool {
         self.count_n(reason, 1)
     }
 
-    /// Counts `n` refusals for `reason` at once; true if they are the first.
-    pub fn count_n(&self, reason: &'static str, n: u64) -> bool {
+    /// Counts `n` at once; true if they are the first of their reason.
+    pub fn count_n(&self, reason: Rejection, n: u64) -> bool {
         if n == 0 {
             return false;
         }
-        let mut m = self.by_reason.lock().unwrap_or_else(|e| e.into_inner());
-        let total = m.entry(reason).or_insert(0);
-        let first = *total == 0;
-        *total += n;
-        first
+        let Some(counter) = self.by_reason.get(reason as usize) else {
+            return false;
+        };
+        counter.fetch_add(n, Relaxed) == 0
     }
 
+    /// The reasons seen so far, by name, with their counts.
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.by_reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        Rejection::ALL
+            .iter()
+            .zip(&self.by_reason)
+            .map(|(r, n)| (r.name(), n.load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     pub fn total(&self) -> u64 {
-        self.snapshot().values().sum()
+        self.by_reason.iter().map(|n| n.load(Relaxed)).sum()
     }
 }
 
@@ -168,10 +272,22 @@ mod tests {
     #[test]
     fn rejections_count_by_reason_and_report_first_sight() {
         let r = Rejections::default();
-        assert!(r.count("bad-key"));
-        assert!(!r.count("bad-key"));
-        assert!(r.count("wrong-cluster"));
+        assert!(r.count(Rejection::BadKey));
+        assert!(!r.count(Rejection::BadKey));
+        assert!(r.count(Rejection::WrongCluster));
+        assert!(!r.count_n(Rejection::TableFull, 0), "nothing counted");
         assert_eq!(r.snapshot().get("bad-key"), Some(&2));
+        assert_eq!(r.snapshot().len(), 2);
         assert_eq!(r.total(), 3);
+    }
+
+    #[test]
+    fn every_rejection_has_its_own_slot_and_name() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r}: ALL is in declaration order");
+        }
+        let names: std::collections::BTreeSet<_> =
+            Rejection::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), Rejection::ALL.len(), "names are unique");
     }
 }

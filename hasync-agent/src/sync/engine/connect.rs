@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::sync::stats::Rejection;
 use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
@@ -110,7 +111,7 @@ struct Established {
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
 enum Admit {
     Attach,
-    Refuse(&'static str),
+    Refuse(Rejection),
 }
 
 impl<T: SessionTable> Engine<T> {
@@ -134,10 +135,10 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Counts a refusal; logs the first of each reason.
-    fn refuse(&self, reason: &'static str, from: SocketAddr, link: LinkKind, detail: &str) {
+    fn refuse(&self, reason: Rejection, from: SocketAddr, link: LinkKind, detail: &str) {
         if self.inner.rejections.count(reason) {
             warn!(
-                peer = %from, link = link.name(), reason, detail,
+                peer = %from, link = link.name(), %reason, detail,
                 "sync connection rejected (further rejections are counted, not logged)"
             );
         }
@@ -154,16 +155,16 @@ impl<T: SessionTable> Engine<T> {
     ) -> Option<Arc<Peer>> {
         let ours = self.hello(link, h.member);
         let reason = if !ours.compatible(h) {
-            Some("version")
+            Some(Rejection::Version)
         } else if h.cluster_id != self.inner.cfg.cluster_id {
-            Some("wrong-cluster")
+            Some(Rejection::WrongCluster)
         } else if h.link != link {
-            Some("malformed")
+            Some(Rejection::Malformed)
         } else {
             match self.inner.peers.get(&h.member) {
-                None => Some("unknown-member"),
-                Some(p) if !p.cfg.enabled => Some("disabled-member"),
-                Some(_) if h.member != expected => Some("wrong-member"),
+                None => Some(Rejection::UnknownMember),
+                Some(p) if !p.cfg.enabled => Some(Rejection::DisabledMember),
+                Some(_) if h.member != expected => Some(Rejection::WrongMember),
                 Some(_) => None,
             }
         };
@@ -258,7 +259,12 @@ impl<T: SessionTable> Engine<T> {
             Ok(Ok(Some((peer, conn)))) => self.attach(peer, link, conn, from),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => self.reject(from, link, &e),
-            Err(_) => self.refuse("timeout", from, link, "handshake and hello took too long"),
+            Err(_) => self.refuse(
+                Rejection::Timeout,
+                from,
+                link,
+                "handshake and hello took too long",
+            ),
         }
     }
 
@@ -311,7 +317,7 @@ impl<T: SessionTable> Engine<T> {
 
     fn reject(&self, from: SocketAddr, link: LinkKind, e: &ChannelError) {
         let reason = e.reason();
-        if reason == "connection" {
+        if reason == Rejection::Connection {
             debug!(peer = %from, link = link.name(), error = %e, "sync connection failed");
             return;
         }
@@ -414,7 +420,7 @@ impl<T: SessionTable> Engine<T> {
         if silent || old.writer.is_closed() {
             Admit::Attach
         } else {
-            Admit::Refuse("duplicate-link")
+            Admit::Refuse(Rejection::DuplicateLink)
         }
     }
 
@@ -449,7 +455,7 @@ impl<T: SessionTable> Engine<T> {
                 let stats = p.stats.link(link);
                 let result = writer_run.run(|msg, n| count_sent(stats, msg, n)).await;
                 if let Err(err) = result {
-                    e.detach(&p, link, Some(generation), err.reason());
+                    e.detach(&p, link, Some(generation), err.reason().name());
                 }
             })
         };

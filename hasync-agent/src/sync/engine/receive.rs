@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Instant};
 use tracing::{info, warn};
 
 use super::{lock, BulkRx, Engine, Peer, SessionTable};
+use crate::sync::stats::Rejection;
 use crate::{
     cluster::MemberState,
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -64,10 +65,12 @@ impl<T: SessionTable> Engine<T> {
             let (msg, bytes) = match rx.recv().await {
                 Ok(m) => m,
                 Err(e) => {
-                    if e.reason() != "connection" && self.inner.rejections.count(e.reason()) {
+                    if e.reason() != Rejection::Connection
+                        && self.inner.rejections.count(e.reason())
+                    {
                         warn!(peer = peer.cfg.id.0, link = link.name(), error = %e, "bad frame from peer");
                     }
-                    self.detach(&peer, link, Some(generation), e.reason());
+                    self.detach(&peer, link, Some(generation), e.reason().name());
                     return;
                 }
             };
@@ -95,7 +98,7 @@ impl<T: SessionTable> Engine<T> {
         let stats = f.peer.stats.link(f.link);
         let current_boot = f.peer.lock().hello.as_ref().map(|h| h.boot_id);
         if current_boot != Some(f.boot_id) {
-            self.inner.rejections.count("stale-frame");
+            self.inner.rejections.count(Rejection::StaleFrame);
             return Ok(());
         }
         match msg {
@@ -109,7 +112,7 @@ impl<T: SessionTable> Engine<T> {
                 match applied {
                     Applied::Done => writer.ack(seq),
                     Applied::Stale | Applied::Superseded => {
-                        self.inner.rejections.count("stale-frame");
+                        self.inner.rejections.count(Rejection::StaleFrame);
                     }
                 }
             }
@@ -117,7 +120,7 @@ impl<T: SessionTable> Engine<T> {
             Message::BulkStart { bulk_id } => self.on_bulk_start(f, bulk_id),
             Message::BulkEnd { bulk_id, records } => self.on_bulk_end(f, bulk_id, records),
             Message::Hello(_) => {
-                if self.inner.rejections.count("malformed") {
+                if self.inner.rejections.count(Rejection::Malformed) {
                     warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
                 }
             }
@@ -211,7 +214,7 @@ impl<T: SessionTable> Engine<T> {
             return;
         };
         if ended.applied != records {
-            self.inner.rejections.count("bulk-incomplete");
+            self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
                 peer = peer.cfg.id.0,
                 bulk_id,
@@ -345,8 +348,10 @@ impl<T: SessionTable> Engine<T> {
         LinkStats::add(&stats.refused_zone, r.refused_zone);
         self.inner
             .rejections
-            .count_n("zone-unknown", r.refused_zone);
-        self.inner.rejections.count_n("table-full", r.refused_full);
+            .count_n(Rejection::ZoneUnknown, r.refused_zone);
+        self.inner
+            .rejections
+            .count_n(Rejection::TableFull, r.refused_full);
         for (why, n) in r.refused_owner {
             LinkStats::add(&stats.refused_owner, n);
             self.inner.rejections.count_n(why.reason(), n);

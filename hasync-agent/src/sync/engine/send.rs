@@ -118,7 +118,7 @@ impl<T: SessionTable> Engine<T> {
                     peer.lock().bulk_wanted = true;
                 }
                 debug!(peer = peer.cfg.id.0, error = %e, "send failed");
-                self.detach(peer, link, Some(generation), e.reason());
+                self.detach(peer, link, Some(generation), e.reason().name());
             }
             SendError::Table(e) => {
                 warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "reading the session table failed; the full sync to this peer is aborted and tried again");
