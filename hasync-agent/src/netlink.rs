@@ -84,10 +84,10 @@ pub enum Body {
 }
 
 /// Why the watcher could not start or stopped reading.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NetlinkError {
     #[error("routing netlink socket: {0}")]
-    Socket(#[source] io::Error),
+    Socket(#[source] Arc<io::Error>),
 }
 
 /// Splits one datagram into its messages. A message that does not parse becomes
@@ -307,7 +307,7 @@ impl LinkWatch {
     /// Opens the socket, asks for a dump and starts the reading task (inside a tokio
     /// runtime).
     pub fn spawn() -> Result<LinkWatch, NetlinkError> {
-        let socket = open().map_err(NetlinkError::Socket)?;
+        let socket = open().map_err(|e| NetlinkError::Socket(Arc::new(e)))?;
         let (tx, rx) = watch::channel(None);
         tokio::spawn(read_loop(socket, tx));
         Ok(LinkWatch { rx })

@@ -19,6 +19,7 @@ use crate::{
     config::{self, parse_cidr, Config},
     datapath::{error_chain, Datapath, RemoveReason, Removed, DEFAULT_CHUNK},
     member::{lock, Member},
+    netlink::LinkWatch,
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
         backoff::Backoff,
@@ -188,10 +189,14 @@ fn start_member(
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
-    let mut tasks = engine.start();
+    // One interface watcher (a netlink socket and its reader) for the sync links and the
+    // link groups.
+    let links = LinkWatch::spawn();
+    let mut tasks = engine.start(links.clone());
     tasks.extend(crate::monitor::spawn(
         &config,
         dp.clone(),
+        links,
         membership.clone(),
     )?);
     let member = Arc::new(Member {

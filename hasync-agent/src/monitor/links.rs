@@ -9,7 +9,7 @@ use super::record;
 use crate::{
     cluster::{Condition, Membership},
     config::monitor::LinkGroup,
-    netlink::{Ifaces, LinkWatch},
+    netlink::{Ifaces, LinkWatch, NetlinkError},
 };
 
 /// Why `group` fails with the interfaces as `ifaces` lists them, if it does.
@@ -29,8 +29,12 @@ pub fn link_group_cause(group: &LinkGroup, ifaces: &Ifaces) -> Option<String> {
         .then(|| failed.join(", "))
 }
 
-pub(super) async fn watch_link_groups(groups: Vec<LinkGroup>, membership: Arc<Mutex<Membership>>) {
-    let mut watch = match LinkWatch::spawn() {
+pub(super) async fn watch_link_groups(
+    groups: Vec<LinkGroup>,
+    links: Result<LinkWatch, NetlinkError>,
+    membership: Arc<Mutex<Membership>>,
+) {
+    let mut watch = match links {
         Ok(w) => w,
         Err(e) => {
             // Not knowing is not "up": the groups fail, naming why.

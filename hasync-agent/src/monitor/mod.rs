@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     datapath::Datapath,
     lock::lock,
+    netlink::{LinkWatch, NetlinkError},
 };
 pub use links::link_group_cause;
 
@@ -75,6 +76,7 @@ pub enum MonitorError {
 pub fn spawn(
     config: &Config,
     dp: Arc<Mutex<Datapath>>,
+    links: Result<LinkWatch, NetlinkError>,
     membership: Arc<Mutex<Membership>>,
 ) -> Result<Vec<JoinHandle<()>>, MonitorError> {
     let mut pingers = Vec::new();
@@ -85,7 +87,7 @@ pub fn spawn(
     let groups = config.monitor.link_groups.clone();
     if !groups.is_empty() {
         let m = membership.clone();
-        tasks.push(tokio::spawn(links::watch_link_groups(groups, m)));
+        tasks.push(tokio::spawn(links::watch_link_groups(groups, links, m)));
     }
     for pinger in pingers {
         tasks.push(tokio::spawn(pinger.run(membership.clone())));

@@ -17,7 +17,7 @@ use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF
 use crate::{
     cluster::LinkState,
     config::{differing_sections, without_zones, AgreedSection},
-    netlink::{Ifaces, LinkWatch},
+    netlink::{Ifaces, LinkWatch, NetlinkError},
     sync::{
         admission::{Admission, Ticket},
         backoff::Backoff,
@@ -518,8 +518,8 @@ impl<T: SessionTable> Engine<T> {
     /// disappears, its connections are dropped at once (rather than after the keepalive
     /// threshold) and data moves to the other link. Without netlink (the socket could not be
     /// opened, or its reader stopped) the last known state stays: keepalives still tell.
-    pub(super) async fn monitor_links(self) {
-        let mut watch = match LinkWatch::spawn() {
+    pub(super) async fn monitor_links(self, links: Result<LinkWatch, NetlinkError>) {
+        let mut watch = match links {
             Ok(w) => w,
             Err(e) => {
                 warn!(error = %e, "cannot watch the sync interfaces' state; sync links are judged by keepalives alone");

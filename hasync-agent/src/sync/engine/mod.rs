@@ -45,6 +45,7 @@ use super::{
 use crate::{
     cluster::{LinkState, Membership},
     datapath::Datapath,
+    netlink::{LinkWatch, NetlinkError},
 };
 
 /// Pending keys per peer before the outbox falls back to a full sync.
@@ -310,8 +311,9 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    /// Starts listeners, dialers, senders, keepalives and the link monitor.
-    pub fn start(&self) -> Vec<JoinHandle<()>> {
+    /// Starts listeners, dialers, senders, keepalives and the link monitor, which follows
+    /// the local sync interfaces in `links` (the agent's one interface watcher).
+    pub fn start(&self, links: Result<LinkWatch, NetlinkError>) -> Vec<JoinHandle<()>> {
         let mut tasks = Vec::new();
         for (&link, (addr, _)) in &self.inner.cfg.local_links {
             let e = self.clone();
@@ -336,7 +338,7 @@ impl<T: SessionTable> Engine<T> {
             tasks.push(tokio::spawn(async move { e.keepalive_loop(p).await }));
         }
         let e = self.clone();
-        tasks.push(tokio::spawn(async move { e.monitor_links().await }));
+        tasks.push(tokio::spawn(async move { e.monitor_links(links).await }));
         tasks
     }
 
