@@ -19,7 +19,7 @@ use crate::{
     config::{self, parse_cidr, Config},
     datapath::{error_chain, Datapath, RemoveReason, Removed, DEFAULT_CHUNK},
     member::{lock, Member},
-    netlink::LinkWatch,
+    netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
         backoff::Backoff,
@@ -134,12 +134,16 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         mut events,
         restarted,
     } = started;
-    let (member, mut tasks) = start_member(config, psk, dp, restarted)?;
+    // One interface watcher (a netlink socket and its reader) for the sync links, the link
+    // groups and the forwarding ports.
+    let links = LinkWatch::spawn();
+    let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone())?;
     if let Some(prepared) = forwarding {
         tasks.extend(crate::forwarding::spawn(
             &member.config,
             member.dp.clone(),
             prepared,
+            links.ok(),
         ));
     }
     let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
@@ -184,14 +188,12 @@ fn start_member(
     psk: [u8; 32],
     dp: Datapath,
     restarted: bool,
+    links: Result<LinkWatch, NetlinkError>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let dp = Arc::new(Mutex::new(dp));
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
-    // One interface watcher (a netlink socket and its reader) for the sync links and the
-    // link groups.
-    let links = LinkWatch::spawn();
     let mut tasks = engine.start(links.clone());
     tasks.extend(crate::monitor::spawn(
         &config,

@@ -13,6 +13,8 @@ use std::{
 };
 
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, TokioSocket};
+
+use crate::netlink::LinkWatch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -105,15 +107,33 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
     ports
 }
 
-/// The running system's interfaces: a netlink dump and the `netdev` family's answers.
+/// The running system's interfaces: the interface table and the `netdev` family's answers.
 struct System {
-    ifaces: Ifaces,
+    ifaces: Arc<Ifaces>,
     features: Result<Features, String>,
 }
 
 impl System {
-    fn now(features: Result<Features, String>) -> Result<System, String> {
-        let ifaces = netlink::list_now().map_err(|e| format!("listing the interfaces: {e}"))?;
+    /// The `netdev` socket, unless it failed (then the next check opens another).
+    fn sound_features(self) -> Option<Features> {
+        self.features.ok()
+    }
+}
+
+impl System {
+    /// The interfaces as `watch` knows them (a dump of its own when it does not), asking
+    /// `features` (opened here when `None`) about each.
+    fn now(watch: Option<&LinkWatch>, features: Option<Features>) -> Result<System, String> {
+        let ifaces = match watch.and_then(LinkWatch::now) {
+            Some(table) => table,
+            None => {
+                Arc::new(netlink::list_now().map_err(|e| format!("listing the interfaces: {e}"))?)
+            }
+        };
+        let features = match features {
+            Some(f) => Ok(f),
+            None => Features::open().map_err(|e| e.to_string()),
+        };
         Ok(System { ifaces, features })
     }
 }
@@ -124,10 +144,15 @@ impl Devices for System {
     }
 
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
-        match &mut self.features {
+        let asked = match &mut self.features {
             Ok(f) => f.takes_redirects(ifindex).map_err(|e| e.to_string()),
-            Err(e) => Err(e.clone()),
+            Err(e) => return Err(e.clone()),
+        };
+        if let Err(e) = &asked {
+            // The socket is not trusted again: the next check opens another.
+            self.features = Err(e.clone());
         }
+        asked
     }
 }
 
@@ -162,22 +187,27 @@ pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, F
     } else {
         None
     };
-    let features = Features::open().map_err(|e| e.to_string());
-    let mut system = System::now(features).map_err(ForwardingError::Datapath)?;
+    let mut system = System::now(None, None).map_err(ForwardingError::Datapath)?;
     let ports = plan(config, &mut system);
     apply(dp, &ports).map_err(ForwardingError::Datapath)?;
     report(&[], &ports);
     Ok(Some(Prepared { socket, ports }))
 }
 
-/// Keeps the ports current (every second) and the FIB generation moving with every route,
-/// rule, neighbour, address and link change: two tasks, so a slow port check never holds a
-/// notification back.
-pub fn spawn(config: &Config, dp: Arc<Mutex<Datapath>>, prepared: Prepared) -> Vec<JoinHandle<()>> {
+/// Keeps the ports current (every second, from the interface table `links` keeps) and the
+/// FIB generation moving with every route, rule, neighbour, address and link change: two
+/// tasks, so a slow port check never holds a notification back.
+pub fn spawn(
+    config: &Config,
+    dp: Arc<Mutex<Datapath>>,
+    prepared: Prepared,
+    links: Option<LinkWatch>,
+) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![tokio::spawn(keep_ports(
         Arc::new(config.clone()),
         dp.clone(),
         prepared.ports,
+        links,
     ))];
     if let Some(socket) = prepared.socket {
         tasks.push(tokio::spawn(follow_fib(socket, dp)));
@@ -206,17 +236,29 @@ fn report(before: &[String], ports: &Ports) {
     }
 }
 
-async fn keep_ports(config: Arc<Config>, dp: Arc<Mutex<Datapath>>, mut ports: Ports) {
+async fn keep_ports(
+    config: Arc<Config>,
+    dp: Arc<Mutex<Datapath>>,
+    mut ports: Ports,
+    links: Option<LinkWatch>,
+) {
     let mut tick = tokio::time::interval(RECHECK);
+    // The `netdev` family's socket, kept between checks (opened again after a failure).
+    let mut features = None;
     loop {
         tick.tick().await;
-        let cfg = config.clone();
-        let next = tokio::task::spawn_blocking(move || {
-            let features = Features::open().map_err(|e| e.to_string());
-            System::now(features).map(|mut sys| plan(&cfg, &mut sys))
+        let (cfg, watch, kept) = (config.clone(), links.clone(), features.take());
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut sys = System::now(watch.as_ref(), kept)?;
+            let next = plan(&cfg, &mut sys);
+            Ok((next, sys.sound_features()))
         })
         .await
         .unwrap_or_else(|e| Err(format!("the check stopped: {e}")));
+        let next = checked.map(|(next, kept)| {
+            features = kept;
+            next
+        });
         match next {
             Ok(next) if next != ports => {
                 let applied = {
