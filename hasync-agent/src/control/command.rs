@@ -11,8 +11,8 @@ use super::{
     client,
     protocol::{Request, SessionFilter, MAX_SESSION_PAGE, PROTOCOLS},
     view::{
-        CountersView, FlapsView, LinkStatisticsView, LocalStateView, MembersView, SessionsView,
-        StatisticsView,
+        CountersView, FlapsView, LinkStatisticsView, LocalStateView, MembersView, SessionView,
+        SessionsView, StatisticsView,
     },
     DEFAULT_SOCKET,
 };
@@ -560,72 +560,89 @@ pub fn render_sessions(
     filter: &SessionFilter,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
+    let matching = if filter.is_empty() { "" } else { " matching" };
+    let Some(sessions) = &v.sessions else {
+        return render_session_count(v, matching, out);
+    };
+    if v.total == 0 {
+        return writeln!(out, "no{matching} sessions");
+    }
+    if !sessions.is_empty() {
+        session_table(sessions).write(out)?;
+        writeln!(out)?;
+    }
     let owners = v
         .by_owner
         .iter()
         .map(|(owner, n)| format!("member {owner}: {n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let matching = if filter.is_empty() { "" } else { " matching" };
-    let Some(sessions) = &v.sessions else {
-        writeln!(out, "{}{matching} sessions", v.total)?;
-        if !v.by_owner.is_empty() {
-            let mut t = Table::new(&[">Owner", ">Sessions"]);
-            for (owner, n) in &v.by_owner {
-                t.row(vec![owner.to_string(), n.to_string()]);
-            }
-            t.write(out)?;
-        }
-        return Ok(());
-    };
-    if v.total == 0 {
-        return writeln!(out, "no{matching} sessions");
-    }
-    if !sessions.is_empty() {
-        let mut t = Table::new(&[
-            "Proto",
-            "Source",
-            ">Sport",
-            "Destination",
-            ">Dport",
-            "State",
-            ">Owner",
-            "Zone",
-        ]);
-        for s in sessions {
-            t.row(vec![
-                s.proto.clone(),
-                s.src.to_string(),
-                s.sport.to_string(),
-                s.dst.to_string(),
-                s.dport.to_string(),
-                s.state.clone(),
-                s.owner.to_string(),
-                if s.zone.is_empty() {
-                    "-".to_owned()
-                } else {
-                    s.zone.clone()
-                },
-            ]);
+    writeln!(out, "{}{matching} sessions ({owners})", v.total)?;
+    render_page(v.total, offset, sessions.len() as u64, out)
+}
+
+/// `--count`: the number of sessions, and by owner.
+fn render_session_count(
+    v: &SessionsView,
+    matching: &str,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    writeln!(out, "{}{matching} sessions", v.total)?;
+    if !v.by_owner.is_empty() {
+        let mut t = Table::new(&[">Owner", ">Sessions"]);
+        for (owner, n) in &v.by_owner {
+            t.row(vec![owner.to_string(), n.to_string()]);
         }
         t.write(out)?;
-        writeln!(out)?;
     }
-    writeln!(out, "{}{matching} sessions ({owners})", v.total)?;
-    let shown = sessions.len() as u64;
+    Ok(())
+}
+
+/// A row per session.
+fn session_table(sessions: &[SessionView]) -> Table {
+    let mut t = Table::new(&[
+        "Proto",
+        "Source",
+        ">Sport",
+        "Destination",
+        ">Dport",
+        "State",
+        ">Owner",
+        "Zone",
+    ]);
+    for s in sessions {
+        t.row(vec![
+            s.proto.clone(),
+            s.src.to_string(),
+            s.sport.to_string(),
+            s.dst.to_string(),
+            s.dport.to_string(),
+            s.state.clone(),
+            s.owner.to_string(),
+            if s.zone.is_empty() {
+                "-".to_owned()
+            } else {
+                s.zone.clone()
+            },
+        ]);
+    }
+    t
+}
+
+/// Which part of the `total` matches the `shown` sessions from `offset` are, when they are
+/// not all of them.
+fn render_page(total: u64, offset: u64, shown: u64, out: &mut dyn Write) -> std::io::Result<()> {
     if shown == 0 {
         writeln!(
             out,
-            "showing none of {}: --offset {offset} is past the end",
-            v.total
+            "showing none of {total}: --offset {offset} is past the end"
         )?;
-    } else if offset > 0 || offset + shown < v.total {
+    } else if offset > 0 || offset + shown < total {
         writeln!(
             out,
-            "showing {}–{} of {}; use --offset/--limit",
+            "showing {}–{} of {total}; use --offset/--limit",
             offset + 1,
-            offset + shown,
-            v.total
+            offset + shown
         )?;
     }
     Ok(())
