@@ -62,8 +62,18 @@ pub struct TeardownArgs {
 /// Every capability is explained next to the bounding set; `tests/tests/restart.rs` runs the
 /// agent with exactly this set (it works, restart included) and with each one dropped (it fails).
 pub fn unit_text(bin: &Path, config: &Path) -> String {
-    format!(
-        r#"# hasync: the session-sync agent of an XDP HA firewall cluster.
+    [
+        UNIT_HEADER,
+        &unit_service(bin, config),
+        UNIT_PRIVILEGES,
+        UNIT_SANDBOX,
+        UNIT_INSTALL,
+    ]
+    .concat()
+}
+
+/// The unit file's head: what it is, and `[Unit]`.
+const UNIT_HEADER: &str = r#"# hasync: the session-sync agent of an XDP HA firewall cluster.
 # Written by `hasync install`, which rewrites it: put local changes in a drop-in
 # (`systemctl edit hasync`).
 
@@ -72,7 +82,12 @@ Description=hasync session-sync agent (XDP HA firewall cluster)
 Wants=network-online.target
 After=network-online.target
 
-[Service]
+"#;
+
+/// `[Service]`: how systemd runs `bin` with `config`, when it is ready, and how it restarts.
+fn unit_service(bin: &Path, config: &Path) -> String {
+    format!(
+        r#"[Service]
 # Ready (READY=1) once the XDP program is attached, its maps are filled and the control
 # socket is up.
 Type=notify
@@ -85,7 +100,15 @@ RestartSec=2s
 TimeoutStartSec=90s
 TimeoutStopSec=20s
 
-# Root (the pins live in root-owned /sys/fs/bpf), with only these capabilities; without any
+"#,
+        bin = bin.display(),
+        config = config.display(),
+    )
+}
+
+/// Who the agent runs as: root with only the capabilities it needs (each explained), and
+/// its limits.
+const UNIT_PRIVILEGES: &str = r#"# Root (the pins live in root-owned /sys/fs/bpf), with only these capabilities; without any
 # one of them the agent cannot load its program (the tests run it so):
 # - CAP_BPF: bpf(2): create the maps and load the program (else EPERM).
 # - CAP_NET_ADMIN: load a networking (XDP) program (else EPERM) and attach it to interfaces.
@@ -106,7 +129,11 @@ LimitMEMLOCK=infinity
 # many; this leaves room far above the systemd default soft limit of 1024.
 LimitNOFILE=65536
 
-# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
+"#;
+
+/// The sandbox: a read-only system but for where the agent writes, and nothing it does not
+/// use.
+const UNIT_SANDBOX: &str = r#"# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
 ProtectSystem=strict
 ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync
 RuntimeDirectory=hasync
@@ -133,13 +160,12 @@ SystemCallArchitectures=native
 # attach on kernels without XDP links.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 
-[Install]
+"#;
+
+/// `[Install]`: started at boot once enabled.
+const UNIT_INSTALL: &str = r#"[Install]
 WantedBy=multi-user.target
-"#,
-        bin = bin.display(),
-        config = config.display(),
-    )
-}
+"#;
 
 /// The example config `hasync install` writes where none is: a valid two-member cluster to
 /// edit.
