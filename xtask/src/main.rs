@@ -196,35 +196,11 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
-    // xtask lives at <root>/xtask; every command runs from the workspace root.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask's manifest directory has no parent")?;
-    // A relative `run --config FILE` names a file where the user is, not at the root.
-    let cli = match cli.task {
-        Task::Run {
-            members,
-            duration,
-            config: Some(config),
-            args,
-        } if config.is_relative() => Cli {
-            task: Task::Run {
-                members,
-                duration,
-                config: Some(
-                    std::env::current_dir()
-                        .context("cannot read the current directory")?
-                        .join(config),
-                ),
-                args,
-            },
-        },
-        task => Cli { task },
-    };
+    let root = workspace_root()?;
+    let task = with_config_from_here(cli.task)?;
     std::env::set_current_dir(root)
         .with_context(|| format!("cannot change to the workspace root {}", root.display()))?;
-
-    match cli.task {
+    match task {
         Task::Setup { check } => setup::setup(
             if check {
                 Mode::CheckOnly
@@ -242,54 +218,13 @@ fn dispatch(cli: Cli) -> Result<()> {
             duration,
             config,
             args,
-        } => {
-            setup::setup(Mode::Install, Report::Summary)?;
-            build_release_agent()?;
-            let mut hasync = Command::new(release_binary(root));
-            if !args.is_empty() {
-                hasync.arg("agent").args(args);
-            } else if let Some(config) = config {
-                hasync.args(["agent", "--config"]).arg(config);
-            } else {
-                hasync.arg("lab");
-                if let Some(n) = members {
-                    hasync.args(["--members", &n.to_string()]);
-                }
-                if let Some(secs) = duration {
-                    hasync.args(["--duration", &secs.to_string()]);
-                }
-            }
-            // Ctrl-C reaches hasync too: let it clean its lab up, then report how it ended.
-            ignore_interrupts_while_children_run()?;
-            cmd::run(&mut hasync)
-        }
+        } => run_hasync(root, members, duration, config, args),
         Task::Bench {
             bench,
             json,
             cases,
             flows,
-        } => {
-            setup::setup(Mode::Install, Report::Summary)?;
-            let mut cargo =
-                cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
-            if matches!(bench, Bench::Forward) && std::env::var_os("HASYNC_BIN").is_none() {
-                build_release_agent()?;
-                cargo.env("HASYNC_BIN", release_binary(root));
-            }
-            if json {
-                cargo.arg("--json");
-            }
-            for (flag, value) in [("--cases", cases), ("--flows", flows)] {
-                if let Some(value) = value {
-                    anyhow::ensure!(
-                        matches!(bench, Bench::Forward),
-                        "{flag} is for `bench forward` only"
-                    );
-                    cargo.args([flag, value.as_str()]);
-                }
-            }
-            cmd::run(&mut cargo)
-        }
+        } => run_bench(root, bench, json, cases, flows),
         Task::Chaos {
             members,
             duration,
@@ -319,4 +254,91 @@ fn dispatch(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// The workspace root: xtask lives at <root>/xtask, and every command runs from the root.
+fn workspace_root() -> Result<&'static Path> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask's manifest directory has no parent")
+}
+
+/// `task`, where a relative `run --config FILE` becomes absolute: it names a file where the
+/// user is, not at the workspace root.
+fn with_config_from_here(task: Task) -> Result<Task> {
+    match task {
+        Task::Run {
+            members,
+            duration,
+            config: Some(config),
+            args,
+        } if config.is_relative() => {
+            let here = std::env::current_dir().context("cannot read the current directory")?;
+            Ok(Task::Run {
+                members,
+                duration,
+                config: Some(here.join(config)),
+                args,
+            })
+        }
+        task => Ok(task),
+    }
+}
+
+/// `run`: the release `hasync` as an agent (with `args`, or `config`), else as a lab.
+fn run_hasync(
+    root: &Path,
+    members: Option<u8>,
+    duration: Option<u64>,
+    config: Option<PathBuf>,
+    args: Vec<OsString>,
+) -> Result<()> {
+    setup::setup(Mode::Install, Report::Summary)?;
+    build_release_agent()?;
+    let mut hasync = Command::new(release_binary(root));
+    if !args.is_empty() {
+        hasync.arg("agent").args(args);
+    } else if let Some(config) = config {
+        hasync.args(["agent", "--config"]).arg(config);
+    } else {
+        hasync.arg("lab");
+        if let Some(n) = members {
+            hasync.args(["--members", &n.to_string()]);
+        }
+        if let Some(secs) = duration {
+            hasync.args(["--duration", &secs.to_string()]);
+        }
+    }
+    // Ctrl-C reaches hasync too: let it clean its lab up, then report how it ended.
+    ignore_interrupts_while_children_run()?;
+    cmd::run(&mut hasync)
+}
+
+/// `bench`: `cargo bench` of hasync-tests' `bench`, with the release agent for `forward`.
+fn run_bench(
+    root: &Path,
+    bench: Bench,
+    json: bool,
+    cases: Option<String>,
+    flows: Option<String>,
+) -> Result<()> {
+    setup::setup(Mode::Install, Report::Summary)?;
+    let mut cargo = cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
+    if matches!(bench, Bench::Forward) && std::env::var_os("HASYNC_BIN").is_none() {
+        build_release_agent()?;
+        cargo.env("HASYNC_BIN", release_binary(root));
+    }
+    if json {
+        cargo.arg("--json");
+    }
+    for (flag, value) in [("--cases", cases), ("--flows", flows)] {
+        if let Some(value) = value {
+            anyhow::ensure!(
+                matches!(bench, Bench::Forward),
+                "{flag} is for `bench forward` only"
+            );
+            cargo.args([flag, value.as_str()]);
+        }
+    }
+    cmd::run(&mut cargo)
 }

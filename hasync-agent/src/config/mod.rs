@@ -325,79 +325,57 @@ impl Config {
     /// Checks every rule, reporting all problems at once. `path` only names the file.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let mut p = Vec::new();
-        let c = &self.cluster;
-        check_range(&mut p, "cluster.id", u64::from(c.id), range::CLUSTER_ID);
-        check_range(
-            &mut p,
-            "cluster.keepalive_threshold_ms",
-            c.keepalive_threshold_ms,
-            range::KEEPALIVE_MS,
-        );
-        check_range(
-            &mut p,
-            "cluster.sync_timeout_min",
-            c.sync_timeout_min,
-            range::SYNC_TIMEOUT_MIN,
-        );
-        check_range(
-            &mut p,
-            "cluster.monitor_fail_hold_down_min",
-            c.monitor_fail_hold_down_min,
-            range::HOLD_DOWN_MIN,
-        );
-        if let Some(secs) = c.monitor_fail_hold_down_s {
-            check_range(
-                &mut p,
-                "cluster.monitor_fail_hold_down_s",
-                secs,
-                range::HOLD_DOWN_S,
-            );
-        }
-        if c.tentative_hold_s != 0 {
-            let (lo, hi) = range::TENTATIVE_S;
-            if c.tentative_hold_s < lo || c.tentative_hold_s > hi {
-                p.push(format!(
-                    "cluster.tentative_hold_s = {} is out of range: 0, or {lo}–{hi}",
-                    c.tentative_hold_s
-                ));
-            }
-        }
-        if c.sync_port == 0 {
-            p.push("cluster.sync_port = 0 is out of range 1–65535".into());
-        }
-        check_key_file(&mut p, &c.key_file);
+        self.cluster.check(&mut p);
+        self.check_local(&mut p);
+        self.check_sync_links(&mut p);
+        self.check_zones(&mut p);
+        self.check_members(&mut p);
+        self.check_local_member(&mut p);
+        self.check_timeouts(&mut p);
+        self.monitor.check(&mut p);
+        self.check_vwires(&mut p);
 
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems: p,
+            })
+        }
+    }
+
+    /// `[local]`: the member id, the table's capacities, the pin directory, the HTTP address.
+    fn check_local(&self, p: &mut Vec<String>) {
         let l = &self.local;
+        check_range(p, "local.member", u64::from(l.member), range::MEMBER_ID);
         check_range(
-            &mut p,
-            "local.member",
-            u64::from(l.member),
-            range::MEMBER_ID,
-        );
-        check_range(
-            &mut p,
+            p,
             "local.session_capacity",
             u64::from(l.session_capacity),
             range::SESSION_CAPACITY,
         );
         if let Some(e) = l.embryonic_capacity {
             check_range(
-                &mut p,
+                p,
                 "local.embryonic_capacity",
                 u64::from(e),
                 // As many again are kept for each other member's embryonic sessions.
                 (1, u64::from(self.embryonic_capacity_max())),
             );
         }
-        check_pin_dir(&mut p, &l.pin_dir);
+        check_pin_dir(p, &l.pin_dir);
 
         if let Err(e) = l.http_addr() {
             p.push(e);
         }
+    }
 
-        check_link(&mut p, "ha4", &self.ha4);
+    /// `[ha4]` and `[ha4_backup]`: valid, and on two different interfaces.
+    fn check_sync_links(&self, p: &mut Vec<String>) {
+        check_link(p, "ha4", &self.ha4);
         if let Some(b) = &self.ha4_backup {
-            check_link(&mut p, "ha4_backup", b);
+            check_link(p, "ha4_backup", b);
             if b.interface == self.ha4.interface {
                 p.push(format!(
                     "ha4_backup.interface = \"{}\" is the same interface as ha4.interface",
@@ -405,8 +383,10 @@ impl Config {
                 ));
             }
         }
+    }
 
-        // Zones: unique names, an interface in at most one zone, never a sync interface.
+    /// Zones: unique names, an interface in at most one zone, never a sync interface.
+    fn check_zones(&self, p: &mut Vec<String>) {
         let mut zone_names = BTreeSet::new();
         let mut iface_zone: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, z) in self.zones.iter().enumerate() {
@@ -420,7 +400,7 @@ impl Config {
                 p.push(format!("zones[{i}].name = \"{}\" is defined twice", z.name));
             }
             for ifname in &z.interfaces {
-                check_ifname(&mut p, &format!("zones[{i}].interfaces"), ifname);
+                check_ifname(p, &format!("zones[{i}].interfaces"), ifname);
                 if let Some(other) = iface_zone.insert(ifname, &z.name) {
                     p.push(format!(
                         "interface \"{ifname}\" is in two zones: \"{other}\" and \"{}\"",
@@ -438,8 +418,10 @@ impl Config {
         if u16::try_from(self.zones.len()).is_err() {
             p.push(format!("{} zones is more than 65535", self.zones.len()));
         }
+    }
 
-        // Members: ids and serials unique, at most 16, the local one present.
+    /// Members: ids and serials unique, at most 16.
+    fn check_members(&self, p: &mut Vec<String>) {
         if self.members.len() > range::MAX_MEMBERS {
             p.push(format!(
                 "{} [[members]] is more than the maximum of 16",
@@ -450,7 +432,7 @@ impl Config {
         let mut serials = BTreeSet::new();
         for (i, m) in self.members.iter().enumerate() {
             check_range(
-                &mut p,
+                p,
                 &format!("members[{i}].id"),
                 u64::from(m.id),
                 range::MEMBER_ID,
@@ -467,36 +449,32 @@ impl Config {
                 ));
             }
         }
-        match self.members.iter().find(|m| m.id == l.member) {
-            None => p.push(format!(
-                "local.member = {} is missing from [[members]] (every member, the local one included, must be listed)",
-                l.member
-            )),
-            Some(me) => {
-                if let Ok((addr, _)) = parse_cidr(&self.ha4.address) {
-                    if addr != me.ha4 {
-                        p.push(format!(
-                            "ha4.address = \"{}\" does not match members[id={}].ha4 = {}",
-                            self.ha4.address, me.id, me.ha4
-                        ));
-                    }
-                }
-                if let (Some(b), Some(mine)) = (&self.ha4_backup, me.ha4_backup) {
-                    if let Ok((addr, _)) = parse_cidr(&b.address) {
-                        if addr != mine {
-                            p.push(format!(
-                                "ha4_backup.address = \"{}\" does not match members[id={}].ha4_backup = {mine}",
-                                b.address, me.id
-                            ));
-                        }
-                    }
-                }
-                if !me.enabled {
-                    p.push(format!("members[id={}] is the local member but enabled = false", me.id));
-                }
-            }
-        }
+    }
 
+    /// The local member: listed in `[[members]]`, enabled, with the addresses of its sync
+    /// links.
+    fn check_local_member(&self, p: &mut Vec<String>) {
+        let Some(me) = self.members.iter().find(|m| m.id == self.local.member) else {
+            p.push(format!(
+                "local.member = {} is missing from [[members]] (every member, the local one included, must be listed)",
+                self.local.member
+            ));
+            return;
+        };
+        check_own_address(p, "ha4", &self.ha4, me.id, me.ha4);
+        if let (Some(b), Some(mine)) = (&self.ha4_backup, me.ha4_backup) {
+            check_own_address(p, "ha4_backup", b, me.id, mine);
+        }
+        if !me.enabled {
+            p.push(format!(
+                "members[id={}] is the local member but enabled = false",
+                me.id
+            ));
+        }
+    }
+
+    /// `[timeouts]`: known session states, durations in range.
+    fn check_timeouts(&self, p: &mut Vec<String>) {
         for (name, secs) in &self.timeouts {
             if !State::ALL.iter().any(|s| s.name() == name) {
                 let known: Vec<_> = State::ALL.iter().map(|s| s.name()).collect();
@@ -505,18 +483,7 @@ impl Config {
                     known.join(", ")
                 ));
             }
-            check_range(&mut p, &format!("timeouts.{name}"), *secs, range::TIMEOUT_S);
-        }
-        self.monitor.check(&mut p);
-        self.check_vwires(&mut p);
-
-        if p.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                problems: p,
-            })
+            check_range(p, &format!("timeouts.{name}"), *secs, range::TIMEOUT_S);
         }
     }
 
@@ -737,6 +704,52 @@ pub fn differing_sections(a: &[u8; 32], b: &[u8; 32]) -> Vec<AgreedSection> {
         .collect()
 }
 
+impl Cluster {
+    /// `[cluster]`: every setting in its range, and a key file that is safe to use.
+    fn check(&self, p: &mut Vec<String>) {
+        check_range(p, "cluster.id", u64::from(self.id), range::CLUSTER_ID);
+        check_range(
+            p,
+            "cluster.keepalive_threshold_ms",
+            self.keepalive_threshold_ms,
+            range::KEEPALIVE_MS,
+        );
+        check_range(
+            p,
+            "cluster.sync_timeout_min",
+            self.sync_timeout_min,
+            range::SYNC_TIMEOUT_MIN,
+        );
+        check_range(
+            p,
+            "cluster.monitor_fail_hold_down_min",
+            self.monitor_fail_hold_down_min,
+            range::HOLD_DOWN_MIN,
+        );
+        if let Some(secs) = self.monitor_fail_hold_down_s {
+            check_range(
+                p,
+                "cluster.monitor_fail_hold_down_s",
+                secs,
+                range::HOLD_DOWN_S,
+            );
+        }
+        if self.tentative_hold_s != 0 {
+            let (lo, hi) = range::TENTATIVE_S;
+            if self.tentative_hold_s < lo || self.tentative_hold_s > hi {
+                p.push(format!(
+                    "cluster.tentative_hold_s = {} is out of range: 0, or {lo}–{hi}",
+                    self.tentative_hold_s
+                ));
+            }
+        }
+        if self.sync_port == 0 {
+            p.push("cluster.sync_port = 0 is out of range 1–65535".into());
+        }
+        check_key_file(p, &self.key_file);
+    }
+}
+
 impl Local {
     /// `http` as a socket address; `None` when empty (disabled).
     pub fn http_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
@@ -793,6 +806,18 @@ fn check_link(p: &mut Vec<String>, section: &str, link: &Link) {
     check_ifname(p, &format!("{section}.interface"), &link.interface);
     if let Err(e) = parse_cidr(&link.address) {
         p.push(format!("{section}.address: {e}"));
+    }
+}
+
+/// `{section}.address` is the address `[[members]]` gives the local member's `{section}`.
+fn check_own_address(p: &mut Vec<String>, section: &str, link: &Link, id: u32, listed: IpAddr) {
+    if let Ok((addr, _)) = parse_cidr(&link.address) {
+        if addr != listed {
+            p.push(format!(
+                "{section}.address = \"{}\" does not match members[id={id}].{section} = {listed}",
+                link.address
+            ));
+        }
     }
 }
 

@@ -224,7 +224,17 @@ fn invalid_values_are_named_with_their_range() {
         (
             "address = \"198.18.100.1/24\"",
             "address = \"198.18.100.9/24\"",
-            "does not match members[id=1].ha4",
+            "ha4.address = \"198.18.100.9/24\" does not match members[id=1].ha4 = 198.18.100.1",
+        ),
+        (
+            "address = \"198.18.101.1/24\"",
+            "address = \"198.18.101.9/24\"",
+            "ha4_backup.address = \"198.18.101.9/24\" does not match members[id=1].ha4_backup = 198.18.101.1",
+        ),
+        (
+            "enabled = true",
+            "enabled = false",
+            "members[id=1] is the local member but enabled = false",
         ),
         (
             "policy = \"strict\"",

@@ -10,7 +10,10 @@ use hasync_common::{Counter, MemberId, State};
 use super::{
     client,
     protocol::{Request, SessionFilter, MAX_SESSION_PAGE, PROTOCOLS},
-    view::{CountersView, FlapsView, LocalStateView, MembersView, SessionsView, StatisticsView},
+    view::{
+        CountersView, FlapsView, LinkStatisticsView, LocalStateView, MembersView, SessionView,
+        SessionsView, StatisticsView,
+    },
     DEFAULT_SOCKET,
 };
 use crate::config::Config;
@@ -403,123 +406,16 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
     if v.peers.is_empty() {
         writeln!(out, "No peers configured.")?;
     } else {
-        writeln!(out, "Sync traffic")?;
-        let mut t = Table::new(&[
-            ">Peer",
-            "Link",
-            ">Records sent",
-            ">Records recv",
-            ">Frames sent",
-            ">Frames recv",
-            ">Bytes sent",
-            ">Bytes recv",
-        ]);
-        for p in &v.peers {
-            for (link, s) in &p.links {
-                t.row(vec![
-                    p.id.to_string(),
-                    link.clone(),
-                    s.records_sent.to_string(),
-                    s.records_received.to_string(),
-                    s.frames_sent.to_string(),
-                    s.frames_received.to_string(),
-                    s.bytes_sent.to_string(),
-                    s.bytes_received.to_string(),
-                ]);
-            }
+        for (title, table) in [
+            ("Sync traffic", sync_traffic_table(v)),
+            ("Link health", link_health_table(v)),
+            ("Records", records_table(v)),
+            ("Full syncs", full_syncs_table(v)),
+        ] {
+            writeln!(out, "{title}")?;
+            table.write(out)?;
+            writeln!(out)?;
         }
-        t.write(out)?;
-
-        writeln!(out)?;
-        writeln!(out, "Link health")?;
-        let mut t = Table::new(&[
-            ">Peer",
-            "Link",
-            ">Acks sent",
-            ">Acks recv",
-            ">Keepalives sent",
-            ">Keepalives recv",
-            ">Failures",
-            ">Stalled",
-        ]);
-        for p in &v.peers {
-            for (link, s) in &p.links {
-                t.row(vec![
-                    p.id.to_string(),
-                    link.clone(),
-                    s.acks_sent.to_string(),
-                    s.acks_received.to_string(),
-                    s.keepalives_sent.to_string(),
-                    s.keepalives_received.to_string(),
-                    s.failures.to_string(),
-                    s.stalls.to_string(),
-                ]);
-            }
-        }
-        t.write(out)?;
-
-        writeln!(out)?;
-        writeln!(out, "Records")?;
-        let mut t = Table::new(&[
-            ">Peer",
-            ">Resent",
-            ">Installed",
-            ">Deleted",
-            ">Kept (ours newer)",
-            ">Refused (zone)",
-            ">Refused (owner)",
-            ">Lag p50 (ms)",
-            ">Lag p99 (ms)",
-        ]);
-        let ms = |v: Option<f64>| or_dash(v.map(|ms| format!("{ms:.1}")));
-        for p in &v.peers {
-            t.row(vec![
-                p.id.to_string(),
-                p.resends.to_string(),
-                p.records_installed.to_string(),
-                p.records_deleted.to_string(),
-                p.records_kept.to_string(),
-                p.records_refused_zone.to_string(),
-                p.records_refused_owner.to_string(),
-                ms(p.replication_lag.p50_ms),
-                ms(p.replication_lag.p99_ms),
-            ]);
-        }
-        t.write(out)?;
-
-        writeln!(out)?;
-        writeln!(out, "Full syncs")?;
-        let mut t = Table::new(&[
-            ">Peer",
-            ">Sent",
-            ">Last (ms)",
-            ">Last records",
-            ">Received",
-            ">Last (ms)",
-            ">Last records",
-            "Running",
-        ]);
-        for p in &v.peers {
-            let (s, r) = (&p.full_syncs.sent, &p.full_syncs.received);
-            let running = match (s.running, r.running) {
-                (true, true) => "both ways",
-                (true, false) => "sending",
-                (false, true) => "receiving",
-                (false, false) => "-",
-            };
-            t.row(vec![
-                p.id.to_string(),
-                s.count.to_string(),
-                or_dash(s.last_duration_ms),
-                or_dash(s.last_records),
-                r.count.to_string(),
-                or_dash(r.last_duration_ms),
-                or_dash(r.last_records),
-                running.to_owned(),
-            ]);
-        }
-        t.write(out)?;
-        writeln!(out)?;
     }
 
     writeln!(out, "Rejected")?;
@@ -530,6 +426,133 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
     t.write(out)
 }
 
+/// A row per peer and link: the peer, the link, and the `columns` that `values` reads.
+fn link_table(
+    v: &StatisticsView,
+    columns: [&'static str; 6],
+    values: fn(&LinkStatisticsView) -> [u64; 6],
+) -> Table {
+    let mut header = vec![">Peer", "Link"];
+    header.extend(columns);
+    let mut t = Table::new(&header);
+    for p in &v.peers {
+        for (link, s) in &p.links {
+            let mut row = vec![p.id.to_string(), link.clone()];
+            row.extend(values(s).iter().map(u64::to_string));
+            t.row(row);
+        }
+    }
+    t
+}
+
+/// Records, frames and bytes each way, per peer and link.
+fn sync_traffic_table(v: &StatisticsView) -> Table {
+    let columns = [
+        ">Records sent",
+        ">Records recv",
+        ">Frames sent",
+        ">Frames recv",
+        ">Bytes sent",
+        ">Bytes recv",
+    ];
+    link_table(v, columns, |s| {
+        [
+            s.records_sent,
+            s.records_received,
+            s.frames_sent,
+            s.frames_received,
+            s.bytes_sent,
+            s.bytes_received,
+        ]
+    })
+}
+
+/// Acknowledgements, keepalives, failures and stalls, per peer and link.
+fn link_health_table(v: &StatisticsView) -> Table {
+    let columns = [
+        ">Acks sent",
+        ">Acks recv",
+        ">Keepalives sent",
+        ">Keepalives recv",
+        ">Failures",
+        ">Stalled",
+    ];
+    link_table(v, columns, |s| {
+        [
+            s.acks_sent,
+            s.acks_received,
+            s.keepalives_sent,
+            s.keepalives_received,
+            s.failures,
+            s.stalls,
+        ]
+    })
+}
+
+/// What became of each peer's records, and the replication lag.
+fn records_table(v: &StatisticsView) -> Table {
+    let mut t = Table::new(&[
+        ">Peer",
+        ">Resent",
+        ">Installed",
+        ">Deleted",
+        ">Kept (ours newer)",
+        ">Refused (zone)",
+        ">Refused (owner)",
+        ">Lag p50 (ms)",
+        ">Lag p99 (ms)",
+    ]);
+    let ms = |v: Option<f64>| or_dash(v.map(|ms| format!("{ms:.1}")));
+    for p in &v.peers {
+        t.row(vec![
+            p.id.to_string(),
+            p.resends.to_string(),
+            p.records_installed.to_string(),
+            p.records_deleted.to_string(),
+            p.records_kept.to_string(),
+            p.records_refused_zone.to_string(),
+            p.records_refused_owner.to_string(),
+            ms(p.replication_lag.p50_ms),
+            ms(p.replication_lag.p99_ms),
+        ]);
+    }
+    t
+}
+
+/// Full syncs with each peer, sent and received.
+fn full_syncs_table(v: &StatisticsView) -> Table {
+    let mut t = Table::new(&[
+        ">Peer",
+        ">Sent",
+        ">Last (ms)",
+        ">Last records",
+        ">Received",
+        ">Last (ms)",
+        ">Last records",
+        "Running",
+    ]);
+    for p in &v.peers {
+        let (s, r) = (&p.full_syncs.sent, &p.full_syncs.received);
+        let running = match (s.running, r.running) {
+            (true, true) => "both ways",
+            (true, false) => "sending",
+            (false, true) => "receiving",
+            (false, false) => "-",
+        };
+        t.row(vec![
+            p.id.to_string(),
+            s.count.to_string(),
+            or_dash(s.last_duration_ms),
+            or_dash(s.last_records),
+            r.count.to_string(),
+            or_dash(r.last_duration_ms),
+            or_dash(r.last_records),
+            running.to_owned(),
+        ]);
+    }
+    t
+}
+
 /// The session table, its totals and, when it is a part of the matches, which part.
 pub fn render_sessions(
     v: &SessionsView,
@@ -537,72 +560,89 @@ pub fn render_sessions(
     filter: &SessionFilter,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
+    let matching = if filter.is_empty() { "" } else { " matching" };
+    let Some(sessions) = &v.sessions else {
+        return render_session_count(v, matching, out);
+    };
+    if v.total == 0 {
+        return writeln!(out, "no{matching} sessions");
+    }
+    if !sessions.is_empty() {
+        session_table(sessions).write(out)?;
+        writeln!(out)?;
+    }
     let owners = v
         .by_owner
         .iter()
         .map(|(owner, n)| format!("member {owner}: {n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let matching = if filter.is_empty() { "" } else { " matching" };
-    let Some(sessions) = &v.sessions else {
-        writeln!(out, "{}{matching} sessions", v.total)?;
-        if !v.by_owner.is_empty() {
-            let mut t = Table::new(&[">Owner", ">Sessions"]);
-            for (owner, n) in &v.by_owner {
-                t.row(vec![owner.to_string(), n.to_string()]);
-            }
-            t.write(out)?;
-        }
-        return Ok(());
-    };
-    if v.total == 0 {
-        return writeln!(out, "no{matching} sessions");
-    }
-    if !sessions.is_empty() {
-        let mut t = Table::new(&[
-            "Proto",
-            "Source",
-            ">Sport",
-            "Destination",
-            ">Dport",
-            "State",
-            ">Owner",
-            "Zone",
-        ]);
-        for s in sessions {
-            t.row(vec![
-                s.proto.clone(),
-                s.src.to_string(),
-                s.sport.to_string(),
-                s.dst.to_string(),
-                s.dport.to_string(),
-                s.state.clone(),
-                s.owner.to_string(),
-                if s.zone.is_empty() {
-                    "-".to_owned()
-                } else {
-                    s.zone.clone()
-                },
-            ]);
+    writeln!(out, "{}{matching} sessions ({owners})", v.total)?;
+    render_page(v.total, offset, sessions.len() as u64, out)
+}
+
+/// `--count`: the number of sessions, and by owner.
+fn render_session_count(
+    v: &SessionsView,
+    matching: &str,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    writeln!(out, "{}{matching} sessions", v.total)?;
+    if !v.by_owner.is_empty() {
+        let mut t = Table::new(&[">Owner", ">Sessions"]);
+        for (owner, n) in &v.by_owner {
+            t.row(vec![owner.to_string(), n.to_string()]);
         }
         t.write(out)?;
-        writeln!(out)?;
     }
-    writeln!(out, "{}{matching} sessions ({owners})", v.total)?;
-    let shown = sessions.len() as u64;
+    Ok(())
+}
+
+/// A row per session.
+fn session_table(sessions: &[SessionView]) -> Table {
+    let mut t = Table::new(&[
+        "Proto",
+        "Source",
+        ">Sport",
+        "Destination",
+        ">Dport",
+        "State",
+        ">Owner",
+        "Zone",
+    ]);
+    for s in sessions {
+        t.row(vec![
+            s.proto.clone(),
+            s.src.to_string(),
+            s.sport.to_string(),
+            s.dst.to_string(),
+            s.dport.to_string(),
+            s.state.clone(),
+            s.owner.to_string(),
+            if s.zone.is_empty() {
+                "-".to_owned()
+            } else {
+                s.zone.clone()
+            },
+        ]);
+    }
+    t
+}
+
+/// Which part of the `total` matches the `shown` sessions from `offset` are, when they are
+/// not all of them.
+fn render_page(total: u64, offset: u64, shown: u64, out: &mut dyn Write) -> std::io::Result<()> {
     if shown == 0 {
         writeln!(
             out,
-            "showing none of {}: --offset {offset} is past the end",
-            v.total
+            "showing none of {total}: --offset {offset} is past the end"
         )?;
-    } else if offset > 0 || offset + shown < v.total {
+    } else if offset > 0 || offset + shown < total {
         writeln!(
             out,
-            "showing {}–{} of {}; use --offset/--limit",
+            "showing {}–{} of {total}; use --offset/--limit",
             offset + 1,
-            offset + shown,
-            v.total
+            offset + shown
         )?;
     }
     Ok(())

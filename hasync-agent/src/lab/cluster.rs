@@ -175,27 +175,75 @@ fn quote(s: &str) -> String {
     out
 }
 
+/// A path as a TOML basic string.
+fn quote_path(path: &Path) -> String {
+    quote(&path.to_string_lossy())
+}
+
+/// TOML text, written a line at a time.
+#[derive(Default)]
+struct TomlText(String);
+
+impl TomlText {
+    fn line(&mut self, s: impl AsRef<str>) {
+        self.0.push_str(s.as_ref());
+        self.0.push('\n');
+    }
+
+    /// A blank line, then `header` (`[name]` or `[[name]]`).
+    fn table(&mut self, header: &str) {
+        self.line("");
+        self.line(header);
+    }
+}
+
 /// Member `k`'s config file text for a lab of `members` members in `dir`.
 pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> String {
     let over = options.overrides.get(&k).cloned().unwrap_or_default();
-    let mut t = String::new();
-    let mut line = |s: String| {
-        t.push_str(&s);
-        t.push('\n');
-    };
-    line(format!(
+    let mut t = TomlText::default();
+    t.line(format!(
         "# hasync lab: member {k} of {members}, written by the lab; see {}",
         dir.display()
     ));
-    line("[cluster]".into());
-    line(format!(
-        "id = {}",
-        over.cluster_id.unwrap_or(options.cluster_id)
-    ));
-    line(format!("description = {}", quote("hasync lab")));
-    line(format!(
+    write_cluster(&mut t, dir, k, options, over.cluster_id);
+    write_local(&mut t, dir, k, options);
+    write_sync_links(&mut t, k, options);
+    write_zones(&mut t, over.zones);
+    if options.vwire {
+        t.table("[[vwire]]");
+        t.line("name = \"wire\"");
+        let ends = [Link::In, Link::Out].map(|l| quote(l.ifname()));
+        t.line(format!("interfaces = [{}]", ends.join(", ")));
+    }
+    write_members(&mut t, members, options);
+    if !options.timeouts.is_empty() {
+        t.table("[timeouts]");
+        for (state, secs) in &options.timeouts {
+            t.line(format!("{state} = {secs}"));
+        }
+    }
+    if let Some(monitor) = over.monitor {
+        t.line("");
+        t.line(monitor_section(monitor));
+    }
+    t.0
+}
+
+/// `[cluster]`: the cluster id (member `k`'s own with an override), its key, and the timers
+/// the options set.
+fn write_cluster(
+    t: &mut TomlText,
+    dir: &Path,
+    k: u8,
+    options: &ClusterOptions,
+    cluster_id: Option<u32>,
+) {
+    t.line("[cluster]");
+    t.line(format!("id = {}", cluster_id.unwrap_or(options.cluster_id)));
+    t.line(format!("description = {}", quote("hasync lab")));
+    t.line(format!(
         "key_file = {}",
-        quote(&key_path(dir, k, options).to_string_lossy())
+        quote_path(&key_path(dir, k, options))
     ));
     for (key, value) in [
         ("keepalive_threshold_ms", options.keepalive_threshold_ms),
@@ -209,25 +257,25 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         ("sync_port", options.sync_port.map(u64::from)),
     ] {
         if let Some(value) = value {
-            line(format!("{key} = {value}"));
+            t.line(format!("{key} = {value}"));
         }
     }
-    line(String::new());
-    line("[local]".into());
-    line(format!("member = {k}"));
-    line(format!(
+}
+
+/// `[local]` of member `k`: its files in `dir`, and the datapath settings of the options.
+fn write_local(t: &mut TomlText, dir: &Path, k: u8, options: &ClusterOptions) {
+    t.table("[local]");
+    t.line(format!("member = {k}"));
+    t.line(format!(
         "control_socket = {}",
-        quote(&socket_path(dir, k).to_string_lossy())
+        quote_path(&socket_path(dir, k))
     ));
-    line(format!(
+    t.line(format!(
         "traffic_log = {}",
-        quote(&traffic_log_path(dir, k).to_string_lossy())
+        quote_path(&traffic_log_path(dir, k))
     ));
-    line(format!(
-        "pin_dir = {}",
-        quote(&pin_dir(dir, k).to_string_lossy())
-    ));
-    line(format!(
+    t.line(format!("pin_dir = {}", quote_path(&pin_dir(dir, k))));
+    t.line(format!(
         "policy = {}",
         quote(match options.policy {
             PolicyName::Strict => "strict",
@@ -235,12 +283,16 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         })
     ));
     if options.forwarding == ForwardingName::Xdp {
-        line("forwarding = \"xdp\"".into());
+        t.line("forwarding = \"xdp\"");
     }
-    line(format!("session_capacity = {}", options.session_capacity));
+    t.line(format!("session_capacity = {}", options.session_capacity));
     if let Some(n) = options.embryonic_capacity {
-        line(format!("embryonic_capacity = {n}"));
+        t.line(format!("embryonic_capacity = {n}"));
     }
+}
+
+/// `[ha4]`, and `[ha4_backup]` when the options have a backup link, of member `k`.
+fn write_sync_links(t: &mut TomlText, k: u8, options: &ClusterOptions) {
     let links: &[(Link, &str)] = if options.backup_link {
         &[(Link::Ha4, "ha4"), (Link::Ha4Backup, "ha4_backup")]
     } else {
@@ -248,60 +300,47 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
     };
     for (link, section) in links {
         let (addr, len) = link.v4(k);
-        line(String::new());
-        line(format!("[{section}]"));
-        line(format!("interface = {}", quote(link.ifname())));
-        line(format!("address = {}", quote(&format!("{addr}/{len}"))));
+        t.table(&format!("[{section}]"));
+        t.line(format!("interface = {}", quote(link.ifname())));
+        t.line(format!("address = {}", quote(&format!("{addr}/{len}"))));
     }
-    let zones = over.zones.unwrap_or_else(|| {
+}
+
+/// `[[zones]]`: `zones` as `(name, interfaces)`, by default `trust` (in0) and `untrust`
+/// (out0).
+fn write_zones(t: &mut TomlText, zones: Option<Vec<(String, Vec<String>)>>) {
+    let zones = zones.unwrap_or_else(|| {
         vec![
             ("trust".into(), vec![Link::In.ifname().into()]),
             ("untrust".into(), vec![Link::Out.ifname().into()]),
         ]
     });
     for (name, interfaces) in zones {
-        line(String::new());
-        line("[[zones]]".into());
-        line(format!("name = {}", quote(&name)));
+        t.table("[[zones]]");
+        t.line(format!("name = {}", quote(&name)));
         let list: Vec<String> = interfaces.iter().map(|i| quote(i)).collect();
-        line(format!("interfaces = [{}]", list.join(", ")));
+        t.line(format!("interfaces = [{}]", list.join(", ")));
     }
-    if options.vwire {
-        line(String::new());
-        line("[[vwire]]".into());
-        line("name = \"wire\"".into());
-        let ends = [Link::In, Link::Out].map(|l| quote(l.ifname()));
-        line(format!("interfaces = [{}]", ends.join(", ")));
-    }
+}
+
+/// `[[members]]`: members 1 to `members`, with their sync addresses.
+fn write_members(t: &mut TomlText, members: u8, options: &ClusterOptions) {
     for m in 1..=members {
-        line(String::new());
-        line("[[members]]".into());
-        line(format!("id = {m}"));
-        line(format!("serial = {}", quote(&format!("fw{m}"))));
-        line(format!("ha4 = {}", quote(&Link::Ha4.v4(m).0.to_string())));
+        t.table("[[members]]");
+        t.line(format!("id = {m}"));
+        t.line(format!("serial = {}", quote(&format!("fw{m}"))));
+        t.line(format!("ha4 = {}", quote(&Link::Ha4.v4(m).0.to_string())));
         if options.backup_link {
-            line(format!(
+            t.line(format!(
                 "ha4_backup = {}",
                 quote(&Link::Ha4Backup.v4(m).0.to_string())
             ));
         }
-        line(format!(
+        t.line(format!(
             "session_sync = {}",
             options.session_sync.get(&m).copied().unwrap_or(true)
         ));
     }
-    if !options.timeouts.is_empty() {
-        line(String::new());
-        line("[timeouts]".into());
-        for (state, secs) in &options.timeouts {
-            line(format!("{state} = {secs}"));
-        }
-    }
-    if let Some(monitor) = over.monitor {
-        line(String::new());
-        line(monitor_section(monitor));
-    }
-    t
 }
 
 /// `[monitor]` as TOML (`[[monitor.link_groups]]`, ...).

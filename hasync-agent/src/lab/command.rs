@@ -3,7 +3,7 @@
 
 use std::{
     io::{IsTerminal as _, Read as _},
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -17,8 +17,8 @@ use super::{
     netns::netns_exists,
     topology::{existing_namespaces, CLIENT_V4, SERVER_V4},
     traffic::{
-        tcp_client, tcp_echo_server, udp_client, udp_echo_server, Bounds, Progress,
-        TcpClientOptions, UdpClientOptions,
+        tcp_client, tcp_echo_server, udp_client, udp_echo_server, Bounds, EchoServer, Progress,
+        TcpClientOptions, TrafficClient, UdpClientOptions,
     },
     Topology,
 };
@@ -26,6 +26,8 @@ use super::{
 /// Ports of the lab's echo servers.
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
+const TCP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(SERVER_V4, TCP_PORT));
+const UDP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(SERVER_V4, UDP_PORT));
 /// How long a `show` subprocess may take.
 const SHOW_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long agents get to open their control socket before the lab goes on without them.
@@ -64,6 +66,26 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let exe = std::env::current_exe().context("finding the hasync executable")?;
 
+    let lab = start_lab(args, &exe)?;
+    let left = duration.saturating_sub(start.elapsed());
+    let _servers = start_echo_servers(lab.topology(), left)?;
+    let traffic = LabTraffic::start(lab.topology(), left)?;
+    show_until_stopped(&lab, &exe, start, duration, &traffic);
+
+    println!(
+        "\nstopping ({}) ...",
+        if interrupt::stopped() {
+            "signal"
+        } else {
+            "--duration reached"
+        }
+    );
+    println!("{}", traffic.stop());
+    remove_lab(lab, args.keep)
+}
+
+/// Creates the namespaces, writes the configs and starts every member's agent.
+fn start_lab(args: &LabArgs, exe: &Path) -> anyhow::Result<LabCluster> {
     let existing = existing_namespaces(&args.prefix, args.members);
     let topology = Topology::create(&args.prefix, args.members).with_context(|| {
         if existing.is_empty() {
@@ -77,67 +99,93 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     })?;
     let lab = LabCluster::new(
         topology,
-        &exe,
+        exe,
         ClusterOptions {
             keep_dir: args.keep,
             ..ClusterOptions::default()
         },
     )
     .context("writing the lab's configs")?;
-    print_intro(&lab, &exe);
+    print_intro(&lab, exe);
 
     lab.start_all().context("starting the agents")?;
     wait_for_agents(&lab);
+    Ok(lab)
+}
 
-    let left = duration.saturating_sub(start.elapsed());
-    let tcp_addr: SocketAddr = (SERVER_V4, TCP_PORT).into();
-    let udp_addr: SocketAddr = (SERVER_V4, UDP_PORT).into();
-    let topo = lab.topology();
+/// The TCP and UDP echo servers in the server namespace, for `left` (and a little more).
+fn start_echo_servers(topo: &Topology, left: Duration) -> anyhow::Result<[EchoServer; 2]> {
     let server_bounds = Bounds::new(1_000_000, left + Duration::from_secs(5));
-    let _tcp_server = tcp_echo_server(
+    let tcp = tcp_echo_server(
         topo.server(),
-        tcp_addr,
+        TCP_ADDR,
         Bounds::new(64, server_bounds.duration),
     )?;
-    let _udp_server = udp_echo_server(topo.server(), udp_addr, server_bounds)?;
-    let traffic_start = Instant::now();
-    let tcp = tcp_client(
-        topo.client(),
-        tcp_addr,
-        TcpClientOptions {
-            bounds: Bounds::new(left.as_secs() * 20 + 20, left),
-            ..TcpClientOptions::default()
-        },
-    );
-    let tcp = match tcp {
-        Ok(c) => Some(c),
-        Err(e) => {
-            println!("TCP client could not connect: {e}");
-            None
-        }
-    };
-    let udp = udp_client(
-        topo.client(),
-        udp_addr,
-        UdpClientOptions {
-            bounds: Bounds::new(left.as_secs() * 10 + 10, left),
-            ..UdpClientOptions::default()
-        },
-    )?;
+    let udp = udp_echo_server(topo.server(), UDP_ADDR, server_bounds)?;
+    Ok([tcp, udp])
+}
 
+/// The lab's traffic: a TCP and a UDP client in the client namespace, through the cluster to
+/// the echo servers.
+struct LabTraffic {
+    start: Instant,
+    /// `None` when the client could not connect.
+    tcp: Option<TrafficClient>,
+    udp: TrafficClient,
+}
+
+impl LabTraffic {
+    /// Starts both clients for `left`.
+    fn start(topo: &Topology, left: Duration) -> anyhow::Result<LabTraffic> {
+        let start = Instant::now();
+        let tcp = tcp_client(
+            topo.client(),
+            TCP_ADDR,
+            TcpClientOptions {
+                bounds: Bounds::new(left.as_secs() * 20 + 20, left),
+                ..TcpClientOptions::default()
+            },
+        );
+        let tcp = match tcp {
+            Ok(c) => Some(c),
+            Err(e) => {
+                println!("TCP client could not connect: {e}");
+                None
+            }
+        };
+        let udp = udp_client(
+            topo.client(),
+            UDP_ADDR,
+            UdpClientOptions {
+                bounds: Bounds::new(left.as_secs() * 10 + 10, left),
+                ..UdpClientOptions::default()
+            },
+        )?;
+        Ok(LabTraffic { start, tcp, udp })
+    }
+
+    /// Stops both clients; what they did.
+    fn stop(self) -> String {
+        let tcp = self.tcp.map(|c| c.stop());
+        let udp = self.udp.stop();
+        traffic_lines(self.start, tcp.as_ref(), &udp)
+    }
+}
+
+/// Shows the lab's status every second (redrawn on a terminal) until a signal or `duration`
+/// since `start`.
+fn show_until_stopped(
+    lab: &LabCluster,
+    exe: &Path,
+    start: Instant,
+    duration: Duration,
+    traffic: &LabTraffic,
+) {
     let tty = std::io::stdout().is_terminal();
     let mut next = Instant::now();
     while !interrupt::stopped() && start.elapsed() < duration {
         if Instant::now() >= next {
-            let frame = status(
-                &lab,
-                &exe,
-                start,
-                duration,
-                traffic_start,
-                tcp.as_ref().map(|c| c.progress()),
-                &udp.progress(),
-            );
+            let frame = status(lab, exe, start, duration, traffic);
             if tty {
                 print!("\x1b[H\x1b[2J{frame}");
             } else {
@@ -147,18 +195,10 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
 
-    println!(
-        "\nstopping ({}) ...",
-        if interrupt::stopped() {
-            "signal"
-        } else {
-            "--duration reached"
-        }
-    );
-    let tcp = tcp.map(|c| c.stop());
-    let udp = udp.stop();
-    println!("{}", traffic_lines(traffic_start, tcp.as_ref(), &udp));
+/// Removes the lab (its directory too, unless `keep`) and checks its namespaces are gone.
+fn remove_lab(lab: LabCluster, keep: bool) -> anyhow::Result<()> {
     let dir = lab.dir().to_owned();
     let names: Vec<String> = lab.topology().namespaces().map(str::to_owned).collect();
     drop(lab);
@@ -167,7 +207,7 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         bail!("could not remove namespaces {left:?}: see the messages above");
     }
     println!("removed namespaces {}", names.join(", "));
-    if args.keep {
+    if keep {
         println!("kept {}", dir.display());
     }
     Ok(())
@@ -214,14 +254,14 @@ fn wait_for_agents(lab: &LabCluster) {
     }
 }
 
+/// One frame of the live view: the agents, the traffic, and the cluster as the first running
+/// agent sees it.
 fn status(
     lab: &LabCluster,
     exe: &Path,
     start: Instant,
     duration: Duration,
-    traffic_start: Instant,
-    tcp: Option<Progress>,
-    udp: &Progress,
+    traffic: &LabTraffic,
 ) -> String {
     let t = lab.topology();
     let mut out = format!(
@@ -233,48 +273,59 @@ fn status(
     );
     let mut running = None;
     for k in t.member_ids() {
-        let state = match lab.agent_state(k) {
-            AgentState::NotStarted => "not started".to_owned(),
-            AgentState::Running { pid } => {
-                running.get_or_insert(k);
-                format!("running (pid {pid})")
-            }
-            AgentState::Exited { status } => {
-                let tail = lab.log_tail(k, 20);
-                let why = tail
-                    .lines()
-                    .find(|l| l.contains("error"))
-                    .or_else(|| tail.lines().rev().find(|l| !l.trim().is_empty()))
-                    .unwrap_or("");
-                format!(
-                    "exited ({status}): {} (see {})",
-                    why.trim(),
-                    lab.log_path(k).display()
-                )
-            }
-        };
-        out.push_str(&format!("  fw{k}: {state}\n"));
+        let state = lab.agent_state(k);
+        if matches!(state, AgentState::Running { .. }) {
+            running.get_or_insert(k);
+        }
+        out.push_str(&format!("  fw{k}: {}\n", agent_line(lab, k, state)));
     }
+    let tcp = traffic.tcp.as_ref().map(TrafficClient::progress);
     out.push_str(&format!(
         "\ntraffic {CLIENT_V4} → {SERVER_V4} through fw1:\n{}\n",
-        traffic_lines(traffic_start, tcp.as_ref(), udp)
+        traffic_lines(traffic.start, tcp.as_ref(), &traffic.udp.progress())
     ));
     match running {
         None => out.push_str("\nno agent is running: no cluster view\n"),
-        Some(k) => {
-            let socket = lab.socket_path(k);
-            for (title, args) in [
-                ("cluster members", &["show", "cluster", "members"][..]),
-                ("sessions", &["show", "cluster", "sessions", "--count"][..]),
-            ] {
-                out.push_str(&format!("\n{title} (as fw{k} sees them):\n"));
-                let shown = show(exe, args, &socket);
-                for line in shown.lines() {
-                    out.push_str("  ");
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
+        Some(k) => out.push_str(&cluster_view(lab, exe, k)),
+    }
+    out
+}
+
+/// Member `k`'s agent in `state`; when it exited, why (from its log).
+fn agent_line(lab: &LabCluster, k: u8, state: AgentState) -> String {
+    match state {
+        AgentState::NotStarted => "not started".to_owned(),
+        AgentState::Running { pid } => format!("running (pid {pid})"),
+        AgentState::Exited { status } => {
+            let tail = lab.log_tail(k, 20);
+            let why = tail
+                .lines()
+                .find(|l| l.contains("error"))
+                .or_else(|| tail.lines().rev().find(|l| !l.trim().is_empty()))
+                .unwrap_or("");
+            format!(
+                "exited ({status}): {} (see {})",
+                why.trim(),
+                lab.log_path(k).display()
+            )
+        }
+    }
+}
+
+/// The members and the session count as member `k` shows them, indented.
+fn cluster_view(lab: &LabCluster, exe: &Path, k: u8) -> String {
+    let socket = lab.socket_path(k);
+    let mut out = String::new();
+    for (title, args) in [
+        ("cluster members", &["show", "cluster", "members"][..]),
+        ("sessions", &["show", "cluster", "sessions", "--count"][..]),
+    ] {
+        out.push_str(&format!("\n{title} (as fw{k} sees them):\n"));
+        let shown = show(exe, args, &socket);
+        for line in shown.lines() {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
         }
     }
     out

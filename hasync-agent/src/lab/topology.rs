@@ -209,6 +209,18 @@ fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
     format!("{}/{len}", addr.into())
 }
 
+/// An endpoint's `eth0` in namespace `ns`: its addresses (IPv6 without DAD: usable at once),
+/// up, then its `routes`.
+fn configure_endpoint(ns: &str, (v4, v6): (Ipv4Addr, Ipv6Addr), routes: [String; 2]) -> Result<()> {
+    let mut lines = vec![
+        format!("addr add {} dev eth0", cidr(v4, 24)),
+        format!("addr add {} dev eth0 nodad", cidr(v6, 64)),
+        "link set eth0 up".into(),
+    ];
+    lines.extend(routes);
+    ip_batch(ns, &lines)
+}
+
 impl Topology {
     /// Builds the lab: `prefix` ("" for the interactive lab, e.g. "t7-" for a test) and 1–16
     /// members. Refuses if any of its namespaces exists. Needs root.
@@ -235,12 +247,47 @@ impl Topology {
     }
 
     fn build(&mut self) -> Result<()> {
+        self.create_namespaces()?;
+        self.enable_forwarding()?;
+        self.build_switch()?;
+        // The client's default route and the server's return route go through fw1.
+        let (fw1_in, _) = Link::In.v4(1);
+        let (fw1_out, _) = Link::Out.v4(1);
+        configure_endpoint(
+            self.client(),
+            (CLIENT_V4, CLIENT_V6),
+            [
+                format!("route add default via {fw1_in}"),
+                format!("route add ::/0 via {}", inside_v6(1)),
+            ],
+        )?;
+        configure_endpoint(
+            self.server(),
+            (SERVER_V4, SERVER_V6),
+            [
+                format!("route add {INSIDE_V4} via {fw1_out}"),
+                format!("route add {INSIDE_V6} via {}", outside_v6(1)),
+            ],
+        )?;
+        for k in self.member_ids() {
+            self.configure_member(k)?;
+        }
+        Ok(())
+    }
+
+    /// Every namespace, with its loopback up; recorded as created as soon as it exists.
+    fn create_namespaces(&mut self) -> Result<()> {
         let fulls: Vec<String> = self.names.iter().map(|(_, f)| f.clone()).collect();
         for full in &fulls {
             ip_netns(&["netns", "add", full])?;
             self.created.push(full.clone());
             ip(full, &["link", "set", "lo", "up"])?;
         }
+        Ok(())
+    }
+
+    /// Members forward IPv4 and IPv6, without reverse path filters or redirects.
+    fn enable_forwarding(&self) -> Result<()> {
         for k in self.member_ids() {
             let fw = self.fw(k).to_owned();
             // Before the interfaces exist, so they inherit `default`.
@@ -255,10 +302,12 @@ impl Topology {
                 sysctl(&fw, key, value)?;
             }
         }
+        Ok(())
+    }
 
-        // The switch: bridges, then one veth pair per port, created in `hasw` with the peer
-        // placed straight into its namespace.
-        let hasw = self.hasw().to_owned();
+    /// The switch: bridges, then one veth pair per port, created in `hasw` with the peer
+    /// placed straight into its namespace.
+    fn build_switch(&self) -> Result<()> {
         let mut lines = Vec::new();
         for link in Link::ALL {
             let br = link.bridge();
@@ -285,52 +334,29 @@ impl Topology {
                 );
             }
         }
-        ip_batch(&hasw, &lines)?;
+        ip_batch(self.hasw(), &lines)
+    }
 
-        // Ends: addresses (IPv6 without DAD: usable at once), up, routes.
-        let (fw1_in, _) = Link::In.v4(1);
-        let (fw1_out, _) = Link::Out.v4(1);
-        let fw1_in6 = inside_v6(1);
-        let fw1_out6 = outside_v6(1);
-        ip_batch(
-            self.client(),
-            &[
-                format!("addr add {} dev eth0", cidr(CLIENT_V4, 24)),
-                format!("addr add {} dev eth0 nodad", cidr(CLIENT_V6, 64)),
-                "link set eth0 up".into(),
-                format!("route add default via {fw1_in}"),
-                format!("route add ::/0 via {fw1_in6}"),
-            ],
-        )?;
-        ip_batch(
-            self.server(),
-            &[
-                format!("addr add {} dev eth0", cidr(SERVER_V4, 24)),
-                format!("addr add {} dev eth0 nodad", cidr(SERVER_V6, 64)),
-                "link set eth0 up".into(),
-                format!("route add {INSIDE_V4} via {fw1_out}"),
-                format!("route add {INSIDE_V6} via {fw1_out6}"),
-            ],
-        )?;
-        for k in self.member_ids() {
-            let mut lines = Vec::new();
-            for link in Link::ALL {
-                let name = link.ifname();
-                let (a4, l4) = link.v4(k);
-                lines.push(format!("addr add {} dev {name}", cidr(a4, l4)));
-                if let Some((a6, l6)) = link.v6(k) {
-                    lines.push(format!("addr add {} dev {name} nodad", cidr(a6, l6)));
-                }
-                lines.push(format!("link set {name} up"));
+    /// Member `k`'s interfaces: addresses (IPv6 without DAD: usable at once), up, no reverse
+    /// path filter.
+    fn configure_member(&self, k: u8) -> Result<()> {
+        let mut lines = Vec::new();
+        for link in Link::ALL {
+            let name = link.ifname();
+            let (a4, l4) = link.v4(k);
+            lines.push(format!("addr add {} dev {name}", cidr(a4, l4)));
+            if let Some((a6, l6)) = link.v6(k) {
+                lines.push(format!("addr add {} dev {name} nodad", cidr(a6, l6)));
             }
-            ip_batch(self.fw(k), &lines)?;
-            for link in Link::ALL {
-                sysctl(
-                    self.fw(k),
-                    &format!("net.ipv4.conf.{}.rp_filter", link.ifname()),
-                    "0",
-                )?;
-            }
+            lines.push(format!("link set {name} up"));
+        }
+        ip_batch(self.fw(k), &lines)?;
+        for link in Link::ALL {
+            sysctl(
+                self.fw(k),
+                &format!("net.ipv4.conf.{}.rp_filter", link.ifname()),
+                "0",
+            )?;
         }
         Ok(())
     }

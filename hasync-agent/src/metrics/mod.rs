@@ -63,7 +63,10 @@ use crate::{
     config::Config,
     control::{
         protocol::{Request, SessionFilter},
-        view::{CountersView, MembersView, SessionsView, StatisticsView},
+        view::{
+            CountersView, FullSyncView, LinkStatisticsView, MembersView, PeerStatisticsView,
+            SessionsView, StatisticsView,
+        },
         ControlSender,
     },
     sync::wire::LinkKind,
@@ -322,15 +325,12 @@ fn state_rows(base: &Labels, known: &[&'static str], current: &str) -> Vec<(Labe
     let mut rows: Vec<(Labels, i64)> = known
         .iter()
         .map(|s| {
-            let mut l = base.clone();
-            l.push(("state", (*s).to_owned()));
+            let l = with_label(base.clone(), "state", (*s).to_owned());
             (l, i64::from(*s == current))
         })
         .collect();
     if !known.contains(&current) {
-        let mut l = base.clone();
-        l.push(("state", current.to_owned()));
-        rows.push((l, 1));
+        rows.push((with_label(base.clone(), "state", current.to_owned()), 1));
     }
     rows
 }
@@ -407,311 +407,370 @@ impl Collector for SnapshotCollector {
             capacity,
             description,
         } = &self.0;
-        let member = |id: u8| -> Labels { vec![("member", id.to_string())] };
-
-        let info = Info::new(vec![
-            ("cluster_id", members.cluster_id.to_string()),
-            ("local_member", members.local.to_string()),
-            ("description", description.clone()),
-        ]);
-        info.encode(e.encode_descriptor(
-            "cluster",
-            "This member and its cluster.",
-            None,
-            info.metric_type(),
-        )?)?;
-
-        // Members and links.
-        let member_states: Vec<&'static str> = MEMBER_STATES.iter().map(|s| s.name()).collect();
-        gauges(
-            &mut e,
-            "member_state",
-            "State of each member, as this member sees it: 1 for its state, 0 for the others.",
-            None,
-            members.members.iter().flat_map(|m| {
-                let mut base = member(m.id);
-                base.push(("serial", m.serial.clone()));
-                state_rows(&base, &member_states, &m.state)
-            }),
-        )?;
-        gauges(
-            &mut e,
-            "member_state_age",
-            "Time since the member's state last changed.",
-            Some(&Unit::Seconds),
-            members
-                .members
-                .iter()
-                .filter_map(|m| Some((member(m.id), m.last_change?))),
-        )?;
-        counters(
-            &mut e,
-            "member_flaps",
-            "Times the member left a state that keeps sessions.",
-            None,
-            members
-                .members
-                .iter()
-                .map(|m| (member(m.id), u64::from(m.flaps))),
-        )?;
-        gauges(
-            &mut e,
-            "member_sessions_owned",
-            "Sessions the member owns, as it reports them.",
-            None,
-            members
-                .members
-                .iter()
-                .map(|m| (member(m.id), m.sessions_owned)),
-        )?;
-        let link_states: Vec<&'static str> = LINK_STATES.iter().map(|s| s.name()).collect();
-        gauges(
-            &mut e,
-            "link_state",
-            "State of the HA4 and HA4 backup sync links to each peer (for the local member: \
-             its own interface): 1 for the state, 0 for the others.",
-            None,
-            members.members.iter().flat_map(|m| {
-                [
-                    (LinkKind::Ha4.name(), &m.ha4),
-                    (LinkKind::Ha4Backup.name(), &m.ha4_backup),
-                ]
-                .into_iter()
-                .flat_map(|(link, state)| {
-                    let mut base = member(m.id);
-                    base.push(("link", link.to_owned()));
-                    state_rows(&base, &link_states, state)
-                })
-                .collect::<Vec<_>>()
-            }),
-        )?;
-
+        encode_cluster_info(&mut e, members, description)?;
+        encode_members(&mut e, members)?;
+        encode_link_states(&mut e, members)?;
         encode_sessions(&mut e, sessions, *capacity, members.local)?;
+        encode_link_statistics(&mut e, statistics)?;
+        encode_peer_statistics(&mut e, statistics)?;
+        encode_full_syncs(&mut e, statistics)?;
+        encode_replication(&mut e, statistics)?;
+        encode_datapath_counters(&mut e, datapath)
+    }
+}
 
-        // Sync, per peer and link.
-        let links: Vec<(Labels, &crate::control::view::LinkStatisticsView)> = statistics
-            .peers
-            .iter()
-            .flat_map(|p| {
-                p.links
-                    .iter()
-                    .map(|(link, s)| (vec![("peer", p.id.to_string()), ("link", link.clone())], s))
-            })
-            .collect();
-        type LinkField = fn(&crate::control::view::LinkStatisticsView) -> u64;
-        let per_link: [(&str, &str, Option<Unit>, LinkField); 12] = [
-            ("sync_records_sent", "Session records sent.", None, |s| {
-                s.records_sent
-            }),
-            (
-                "sync_records_received",
-                "Session records received.",
-                None,
-                |s| s.records_received,
-            ),
-            ("sync_frames_sent", "Sync frames sent.", None, |s| {
-                s.frames_sent
-            }),
-            ("sync_frames_received", "Sync frames received.", None, |s| {
-                s.frames_received
-            }),
-            ("sync_sent", "Sync bytes sent.", Some(Unit::Bytes), |s| {
-                s.bytes_sent
-            }),
-            (
-                "sync_received",
-                "Sync bytes received.",
-                Some(Unit::Bytes),
-                |s| s.bytes_received,
-            ),
-            ("sync_acks_sent", "Acknowledgements sent.", None, |s| {
-                s.acks_sent
-            }),
-            (
-                "sync_acks_received",
-                "Acknowledgements received.",
-                None,
-                |s| s.acks_received,
-            ),
-            ("sync_keepalives_sent", "Keepalives sent.", None, |s| {
-                s.keepalives_sent
-            }),
-            (
-                "sync_keepalives_received",
-                "Keepalives received.",
-                None,
-                |s| s.keepalives_received,
-            ),
-            (
-                "sync_link_failures",
-                "Sync connections lost on the link (errors, silence, interface down).",
-                None,
-                |s| s.failures,
-            ),
-            (
-                "sync_link_stalls",
-                "Sync connections closed because writes to the peer made no progress.",
-                None,
-                |s| s.stalls,
-            ),
-        ];
-        for (name, help, unit, field) in per_link {
-            counters(
-                &mut e,
-                name,
-                help,
-                unit.as_ref(),
-                links.iter().map(|(l, s)| (l.clone(), field(s))),
-            )?;
-        }
-        let peer = |id: u8| -> Labels { vec![("peer", id.to_string())] };
-        type PeerField = fn(&crate::control::view::PeerStatisticsView) -> u64;
-        let per_peer: [(&str, &str, PeerField); 6] = [
-            (
-                "sync_resends",
-                "Records sent again (link failure or switch, or unacknowledged).",
-                |p| p.resends,
-            ),
-            (
-                "sync_records_installed",
-                "Records from the peer installed in the session table.",
-                |p| p.records_installed,
-            ),
-            (
-                "sync_records_deleted",
-                "Delete records from the peer applied.",
-                |p| p.records_deleted,
-            ),
-            (
-                "sync_records_kept",
-                "Records from the peer not applied: the local copy wins.",
-                |p| p.records_kept,
-            ),
-            (
-                "sync_records_refused_zone",
-                "Records from the peer refused: their zone does not exist here.",
-                |p| p.records_refused_zone,
-            ),
-            (
-                "sync_records_refused_owner",
-                "Records from the peer refused: it may not speak for their owner.",
-                |p| p.records_refused_owner,
-            ),
-        ];
-        for (name, help, field) in per_peer {
-            counters(
-                &mut e,
-                name,
-                help,
-                None,
-                statistics.peers.iter().map(|p| (peer(p.id), field(p))),
-            )?;
-        }
-        counters(
-            &mut e,
-            "sync_rejections",
-            "Sync connections and frames refused, by reason.",
-            None,
-            statistics
-                .rejected
-                .iter()
-                .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
-        )?;
+/// `labels` and one more label.
+fn with_label(mut labels: Labels, name: &'static str, value: String) -> Labels {
+    labels.push((name, value));
+    labels
+}
 
-        // Full syncs and replication lag.
-        let full_syncs: Vec<(Labels, crate::control::view::FullSyncView)> = statistics
-            .peers
+fn member_labels(id: u8) -> Labels {
+    vec![("member", id.to_string())]
+}
+
+fn peer_labels(id: u8) -> Labels {
+    vec![("peer", id.to_string())]
+}
+
+/// `cluster_info`: this member and its cluster.
+fn encode_cluster_info(
+    e: &mut DescriptorEncoder,
+    members: &MembersView,
+    description: &str,
+) -> fmt::Result {
+    let info = Info::new(vec![
+        ("cluster_id", members.cluster_id.to_string()),
+        ("local_member", members.local.to_string()),
+        ("description", description.to_owned()),
+    ]);
+    info.encode(e.encode_descriptor(
+        "cluster",
+        "This member and its cluster.",
+        None,
+        info.metric_type(),
+    )?)
+}
+
+/// Each member's state, its age, flaps and the sessions the member owns.
+fn encode_members(e: &mut DescriptorEncoder, members: &MembersView) -> fmt::Result {
+    let member_states: Vec<&'static str> = MEMBER_STATES.iter().map(|s| s.name()).collect();
+    let members = &members.members;
+    gauges(
+        e,
+        "member_state",
+        "State of each member, as this member sees it: 1 for its state, 0 for the others.",
+        None,
+        members.iter().flat_map(|m| {
+            let base = with_label(member_labels(m.id), "serial", m.serial.clone());
+            state_rows(&base, &member_states, &m.state)
+        }),
+    )?;
+    gauges(
+        e,
+        "member_state_age",
+        "Time since the member's state last changed.",
+        Some(&Unit::Seconds),
+        members
             .iter()
-            .flat_map(|p| {
-                [
-                    ("sent", p.full_syncs.sent),
-                    ("received", p.full_syncs.received),
-                ]
-                .map(|(direction, f)| {
-                    (
-                        vec![("peer", p.id.to_string()), ("direction", direction.into())],
-                        f,
-                    )
-                })
+            .filter_map(|m| Some((member_labels(m.id), m.last_change?))),
+    )?;
+    counters(
+        e,
+        "member_flaps",
+        "Times the member left a state that keeps sessions.",
+        None,
+        members
+            .iter()
+            .map(|m| (member_labels(m.id), u64::from(m.flaps))),
+    )?;
+    gauges(
+        e,
+        "member_sessions_owned",
+        "Sessions the member owns, as it reports them.",
+        None,
+        members
+            .iter()
+            .map(|m| (member_labels(m.id), m.sessions_owned)),
+    )
+}
+
+/// `link_state`: the HA4 and HA4 backup links to each peer.
+fn encode_link_states(e: &mut DescriptorEncoder, members: &MembersView) -> fmt::Result {
+    let link_states: Vec<&'static str> = LINK_STATES.iter().map(|s| s.name()).collect();
+    gauges(
+        e,
+        "link_state",
+        "State of the HA4 and HA4 backup sync links to each peer (for the local member: \
+         its own interface): 1 for the state, 0 for the others.",
+        None,
+        members.members.iter().flat_map(|m| {
+            [
+                (LinkKind::Ha4.name(), &m.ha4),
+                (LinkKind::Ha4Backup.name(), &m.ha4_backup),
+            ]
+            .into_iter()
+            .flat_map(|(link, state)| {
+                let base = with_label(member_labels(m.id), "link", link.to_owned());
+                state_rows(&base, &link_states, state)
             })
-            .collect();
+            .collect::<Vec<_>>()
+        }),
+    )
+}
+
+/// A counter of one sync link: name, help, unit and where its value is.
+type LinkCounter = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    fn(&LinkStatisticsView) -> u64,
+);
+
+/// The counters kept per peer and link, in the order they are exposed.
+const LINK_COUNTERS: [LinkCounter; 12] = [
+    ("sync_records_sent", "Session records sent.", None, |s| {
+        s.records_sent
+    }),
+    (
+        "sync_records_received",
+        "Session records received.",
+        None,
+        |s| s.records_received,
+    ),
+    ("sync_frames_sent", "Sync frames sent.", None, |s| {
+        s.frames_sent
+    }),
+    ("sync_frames_received", "Sync frames received.", None, |s| {
+        s.frames_received
+    }),
+    ("sync_sent", "Sync bytes sent.", Some(Unit::Bytes), |s| {
+        s.bytes_sent
+    }),
+    (
+        "sync_received",
+        "Sync bytes received.",
+        Some(Unit::Bytes),
+        |s| s.bytes_received,
+    ),
+    ("sync_acks_sent", "Acknowledgements sent.", None, |s| {
+        s.acks_sent
+    }),
+    (
+        "sync_acks_received",
+        "Acknowledgements received.",
+        None,
+        |s| s.acks_received,
+    ),
+    ("sync_keepalives_sent", "Keepalives sent.", None, |s| {
+        s.keepalives_sent
+    }),
+    (
+        "sync_keepalives_received",
+        "Keepalives received.",
+        None,
+        |s| s.keepalives_received,
+    ),
+    (
+        "sync_link_failures",
+        "Sync connections lost on the link (errors, silence, interface down).",
+        None,
+        |s| s.failures,
+    ),
+    (
+        "sync_link_stalls",
+        "Sync connections closed because writes to the peer made no progress.",
+        None,
+        |s| s.stalls,
+    ),
+];
+
+/// A counter of one peer: name, help and where its value is.
+type PeerCounter = (&'static str, &'static str, fn(&PeerStatisticsView) -> u64);
+
+/// The counters kept per peer, in the order they are exposed.
+const PEER_COUNTERS: [PeerCounter; 6] = [
+    (
+        "sync_resends",
+        "Records sent again (link failure or switch, or unacknowledged).",
+        |p| p.resends,
+    ),
+    (
+        "sync_records_installed",
+        "Records from the peer installed in the session table.",
+        |p| p.records_installed,
+    ),
+    (
+        "sync_records_deleted",
+        "Delete records from the peer applied.",
+        |p| p.records_deleted,
+    ),
+    (
+        "sync_records_kept",
+        "Records from the peer not applied: the local copy wins.",
+        |p| p.records_kept,
+    ),
+    (
+        "sync_records_refused_zone",
+        "Records from the peer refused: their zone does not exist here.",
+        |p| p.records_refused_zone,
+    ),
+    (
+        "sync_records_refused_owner",
+        "Records from the peer refused: it may not speak for their owner.",
+        |p| p.records_refused_owner,
+    ),
+];
+
+/// Sync traffic per peer and link ([`LINK_COUNTERS`]).
+fn encode_link_statistics(e: &mut DescriptorEncoder, statistics: &StatisticsView) -> fmt::Result {
+    let links: Vec<(Labels, &LinkStatisticsView)> = statistics
+        .peers
+        .iter()
+        .flat_map(|p| {
+            p.links
+                .iter()
+                .map(|(link, s)| (with_label(peer_labels(p.id), "link", link.clone()), s))
+        })
+        .collect();
+    for (name, help, unit, field) in LINK_COUNTERS {
         counters(
-            &mut e,
-            "full_syncs",
-            "Full syncs completed with the peer (sent to it, received from it).",
-            None,
-            full_syncs.iter().map(|(l, f)| (l.clone(), f.count)),
+            e,
+            name,
+            help,
+            unit.as_ref(),
+            links.iter().map(|(l, s)| (l.clone(), field(s))),
         )?;
-        gauges(
-            &mut e,
-            "full_sync_running",
-            "1 while a full sync with the peer is under way.",
-            None,
-            full_syncs
-                .iter()
-                .map(|(l, f)| (l.clone(), i64::from(f.running))),
-        )?;
-        gauges(
-            &mut e,
-            "full_sync_last_duration",
-            "Duration of the last completed full sync.",
-            Some(&Unit::Seconds),
-            full_syncs
-                .iter()
-                .filter_map(|(l, f)| Some((l.clone(), f.last_duration_ms? as f64 / 1000.0))),
-        )?;
-        gauges(
-            &mut e,
-            "full_sync_last_records",
-            "Session records of the last completed full sync.",
-            None,
-            full_syncs
-                .iter()
-                .filter_map(|(l, f)| Some((l.clone(), f.last_records?))),
-        )?;
-        gauges(
-            &mut e,
-            "sync_records_pending",
-            "Records queued for the peer or sent and not acknowledged yet.",
+    }
+    Ok(())
+}
+
+/// What became of each peer's records ([`PEER_COUNTERS`]), and the rejections by reason.
+fn encode_peer_statistics(e: &mut DescriptorEncoder, statistics: &StatisticsView) -> fmt::Result {
+    for (name, help, field) in PEER_COUNTERS {
+        counters(
+            e,
+            name,
+            help,
             None,
             statistics
                 .peers
                 .iter()
-                .map(|p| (vec![("peer", p.id.to_string())], p.records_pending)),
+                .map(|p| (peer_labels(p.id), field(p))),
         )?;
-        gauges(
-            &mut e,
-            "replication_lag",
-            "Replication lag of recent changes (queued to acknowledged by the peer), by quantile.",
-            Some(&Unit::Seconds),
-            statistics.peers.iter().flat_map(|p| {
-                [
-                    ("0.5", p.replication_lag.p50_ms),
-                    ("0.99", p.replication_lag.p99_ms),
-                ]
-                .into_iter()
-                .filter_map(|(q, ms)| {
-                    Some((
-                        vec![("peer", p.id.to_string()), ("quantile", q.to_owned())],
-                        ms? / 1000.0,
-                    ))
-                })
-                .collect::<Vec<_>>()
-            }),
-        )?;
-
-        // The datapath's counters.
-        for (name, value) in &datapath.counters {
-            counters(
-                &mut e,
-                &datapath_metric(name),
-                &format!("Datapath counter `{name}` (see `hasync show counters`)."),
-                None,
-                [(Labels::new(), *value)],
-            )?;
-        }
-        Ok(())
     }
+    counters(
+        e,
+        "sync_rejections",
+        "Sync connections and frames refused, by reason.",
+        None,
+        statistics
+            .rejected
+            .iter()
+            .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
+    )
+}
+
+/// Full syncs with each peer, sent and received: completed, running, the last one.
+fn encode_full_syncs(e: &mut DescriptorEncoder, statistics: &StatisticsView) -> fmt::Result {
+    let full_syncs: Vec<(Labels, FullSyncView)> = statistics
+        .peers
+        .iter()
+        .flat_map(|p| {
+            [
+                ("sent", p.full_syncs.sent),
+                ("received", p.full_syncs.received),
+            ]
+            .map(|(direction, f)| {
+                (
+                    with_label(peer_labels(p.id), "direction", direction.into()),
+                    f,
+                )
+            })
+        })
+        .collect();
+    counters(
+        e,
+        "full_syncs",
+        "Full syncs completed with the peer (sent to it, received from it).",
+        None,
+        full_syncs.iter().map(|(l, f)| (l.clone(), f.count)),
+    )?;
+    gauges(
+        e,
+        "full_sync_running",
+        "1 while a full sync with the peer is under way.",
+        None,
+        full_syncs
+            .iter()
+            .map(|(l, f)| (l.clone(), i64::from(f.running))),
+    )?;
+    gauges(
+        e,
+        "full_sync_last_duration",
+        "Duration of the last completed full sync.",
+        Some(&Unit::Seconds),
+        full_syncs
+            .iter()
+            .filter_map(|(l, f)| Some((l.clone(), f.last_duration_ms? as f64 / 1000.0))),
+    )?;
+    gauges(
+        e,
+        "full_sync_last_records",
+        "Session records of the last completed full sync.",
+        None,
+        full_syncs
+            .iter()
+            .filter_map(|(l, f)| Some((l.clone(), f.last_records?))),
+    )
+}
+
+/// Records waiting for each peer, and the replication lag's quantiles.
+fn encode_replication(e: &mut DescriptorEncoder, statistics: &StatisticsView) -> fmt::Result {
+    gauges(
+        e,
+        "sync_records_pending",
+        "Records queued for the peer or sent and not acknowledged yet.",
+        None,
+        statistics
+            .peers
+            .iter()
+            .map(|p| (peer_labels(p.id), p.records_pending)),
+    )?;
+    gauges(
+        e,
+        "replication_lag",
+        "Replication lag of recent changes (queued to acknowledged by the peer), by quantile.",
+        Some(&Unit::Seconds),
+        statistics.peers.iter().flat_map(|p| {
+            [
+                ("0.5", p.replication_lag.p50_ms),
+                ("0.99", p.replication_lag.p99_ms),
+            ]
+            .into_iter()
+            .filter_map(|(q, ms)| {
+                Some((
+                    with_label(peer_labels(p.id), "quantile", q.to_owned()),
+                    ms? / 1000.0,
+                ))
+            })
+            .collect::<Vec<_>>()
+        }),
+    )
+}
+
+/// Every datapath counter, one metric each.
+fn encode_datapath_counters(e: &mut DescriptorEncoder, datapath: &CountersView) -> fmt::Result {
+    for (name, value) in &datapath.counters {
+        counters(
+            e,
+            &datapath_metric(name),
+            &format!("Datapath counter `{name}` (see `hasync show counters`)."),
+            None,
+            [(Labels::new(), *value)],
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -222,147 +222,37 @@ impl Spec {
     /// check would find (ranges, duplicates) are left to [`Config::validate`].
     pub fn configs(&self, path: &Path) -> Result<Vec<Config>, ProvisionError> {
         let mut p = Vec::new();
-        let mut cluster_table = self.cluster.clone();
-        cluster_table
-            .entry("key_file")
-            .or_insert_with(|| toml::Value::String(DEFAULT_KEY_FILE.into()));
-        let cluster = match toml::Value::Table(cluster_table).try_into::<Cluster>() {
-            Ok(c) => Some(c),
-            Err(e) => {
-                p.push(format!("[cluster]: {}", e.message()));
-                None
-            }
-        };
+        let cluster = self.cluster_section(&mut p);
         if self.members.is_empty() {
             p.push("no [[members]]: a cluster needs at least one".into());
         }
         let zone_names: BTreeSet<&str> = self.zones.iter().map(|z| z.name.as_str()).collect();
         let mut serials = BTreeSet::new();
-        let mut entries = Vec::new();
+        let mut links = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             let at = format!("members[{i}] (serial \"{}\")", m.serial);
-            if !is_safe_dir_name(&m.serial) {
-                p.push(format!(
-                    "members[{i}].serial = \"{}\" names the member's output directory: use 1–64 of A–Z, a–z, 0–9, `.`, `_`, `-` (not only dots)",
-                    m.serial
-                ));
-            } else if !serials.insert(m.serial.as_str()) {
-                p.push(format!(
-                    "members[{i}].serial = \"{}\" is used by two members",
-                    m.serial
-                ));
-            }
-            for zone in m.zones.keys() {
-                if !zone_names.contains(zone.as_str()) {
-                    p.push(format!(
-                        "{at}: zones.{zone} is not a zone of [[zones]] (known: {})",
-                        zone_names.iter().copied().collect::<Vec<_>>().join(", ")
-                    ));
-                }
-            }
-            let ha4 = address(&mut p, &at, "ha4", &m.ha4, self.ha4.prefix);
-            let ha4_backup = m.ha4_backup.as_ref().and_then(|a| {
-                address(
-                    &mut p,
-                    &at,
-                    "ha4_backup",
-                    a,
-                    self.ha4_backup.as_ref().and_then(|l| l.prefix),
-                )
-            });
-            let ha4_if = m
-                .ha4_interface
-                .clone()
-                .or_else(|| self.ha4.interface.clone());
-            if ha4_if.is_none() {
-                p.push(format!(
-                    "{at}: no HA4 interface: set [ha4].interface, or ha4_interface for the member"
-                ));
-            }
-            let backup_if = m
-                .ha4_backup_interface
-                .clone()
-                .or_else(|| self.ha4_backup.as_ref().and_then(|l| l.interface.clone()));
-            if m.ha4_backup.is_some() && backup_if.is_none() {
-                p.push(format!(
-                    "{at}: ha4_backup is set but there is no HA4 backup interface: set [ha4_backup].interface, or ha4_backup_interface for the member"
-                ));
-            }
-            if m.ha4_backup.is_none() && m.ha4_backup_interface.is_some() {
-                p.push(format!(
-                    "{at}: ha4_backup_interface is set but ha4_backup (its address) is not"
-                ));
-            }
-            entries.push((ha4, ha4_backup, ha4_if, backup_if));
+            check_member_names(&mut p, i, m, &at, &zone_names, &mut serials);
+            links.push(self.member_links(&mut p, &at, m));
         }
         let (Some(cluster), true) = (cluster, p.is_empty()) else {
-            return Err(ProvisionError::Invalid {
-                path: path.to_owned(),
-                problems: p,
-            });
+            return Err(invalid(path, p));
         };
 
-        let members: Vec<Member> = self
-            .members
-            .iter()
-            .zip(&entries)
-            .map(|(m, (ha4, backup, _, _))| Member {
-                id: m.id,
-                serial: m.serial.clone(),
-                ha4: ha4.map_or(IpAddr::from([0, 0, 0, 0]), |(a, _)| a),
-                ha4_backup: backup.map(|(a, _)| a),
-                session_sync: m.session_sync,
-                enabled: m.enabled,
-                description: m.description.clone(),
-            })
-            .collect();
+        let members = self.member_list(&links);
         let mut configs = Vec::new();
-        for (i, (m, (ha4, backup, ha4_if, backup_if))) in
-            self.members.iter().zip(&entries).enumerate()
-        {
-            let mut local_table = self.local.clone();
-            for (k, v) in &m.local {
-                local_table.insert(k.clone(), v.clone());
-            }
-            local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id)));
-            let local = match toml::Value::Table(local_table).try_into::<Local>() {
-                Ok(l) => l,
-                Err(e) => {
-                    p.push(format!(
-                        "[local] with members[{i}].local (serial \"{}\"): {}",
-                        m.serial,
-                        e.message()
-                    ));
-                    continue;
-                }
+        for (i, (m, l)) in self.members.iter().zip(&links).enumerate() {
+            let Some(local) = self.member_local(&mut p, i, m) else {
+                continue;
             };
-            let link = |interface: &Option<String>, addr: &Option<(IpAddr, u8)>| {
-                Some(Link {
-                    interface: interface.clone()?,
-                    address: addr.map(|(a, len)| format!("{a}/{len}"))?,
-                })
-            };
-            let Some(ha4) = link(ha4_if, ha4) else {
+            let Some(ha4) = link(&l.ha4_interface, &l.ha4) else {
                 continue; // reported above
             };
             configs.push(Config {
                 cluster: cluster.clone(),
                 local,
                 ha4,
-                ha4_backup: link(backup_if, backup),
-                zones: self
-                    .zones
-                    .iter()
-                    .map(|z| Zone {
-                        name: z.name.clone(),
-                        interfaces: m
-                            .zones
-                            .get(&z.name)
-                            .cloned()
-                            .unwrap_or_else(|| z.interfaces.clone()),
-                        other_protocols: z.other_protocols,
-                    })
-                    .collect(),
+                ha4_backup: link(&l.backup_interface, &l.ha4_backup),
+                zones: self.member_zones(m),
                 members: members.clone(),
                 timeouts: self.timeouts.clone(),
                 monitor: Default::default(),
@@ -370,12 +260,178 @@ impl Spec {
             });
         }
         if !p.is_empty() {
-            return Err(ProvisionError::Invalid {
-                path: path.to_owned(),
-                problems: p,
-            });
+            return Err(invalid(path, p));
         }
         Ok(configs)
+    }
+
+    /// `[cluster]` with the default `key_file`; `None` (and a problem) if it does not parse.
+    fn cluster_section(&self, p: &mut Vec<String>) -> Option<Cluster> {
+        let mut cluster_table = self.cluster.clone();
+        cluster_table
+            .entry("key_file")
+            .or_insert_with(|| toml::Value::String(DEFAULT_KEY_FILE.into()));
+        match toml::Value::Table(cluster_table).try_into::<Cluster>() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                p.push(format!("[cluster]: {}", e.message()));
+                None
+            }
+        }
+    }
+
+    /// Member `m`'s sync addresses and interfaces, its own or the common ones; `at` names it
+    /// in problems.
+    fn member_links(&self, p: &mut Vec<String>, at: &str, m: &SpecMember) -> MemberLinks {
+        let ha4 = address(p, at, "ha4", &m.ha4, self.ha4.prefix);
+        let ha4_backup = m.ha4_backup.as_ref().and_then(|a| {
+            address(
+                p,
+                at,
+                "ha4_backup",
+                a,
+                self.ha4_backup.as_ref().and_then(|l| l.prefix),
+            )
+        });
+        let ha4_interface = m
+            .ha4_interface
+            .clone()
+            .or_else(|| self.ha4.interface.clone());
+        if ha4_interface.is_none() {
+            p.push(format!(
+                "{at}: no HA4 interface: set [ha4].interface, or ha4_interface for the member"
+            ));
+        }
+        let backup_interface = m
+            .ha4_backup_interface
+            .clone()
+            .or_else(|| self.ha4_backup.as_ref().and_then(|l| l.interface.clone()));
+        if m.ha4_backup.is_some() && backup_interface.is_none() {
+            p.push(format!(
+                "{at}: ha4_backup is set but there is no HA4 backup interface: set [ha4_backup].interface, or ha4_backup_interface for the member"
+            ));
+        }
+        if m.ha4_backup.is_none() && m.ha4_backup_interface.is_some() {
+            p.push(format!(
+                "{at}: ha4_backup_interface is set but ha4_backup (its address) is not"
+            ));
+        }
+        MemberLinks {
+            ha4,
+            ha4_backup,
+            ha4_interface,
+            backup_interface,
+        }
+    }
+
+    /// `[[members]]` of every member's config, with the addresses in `links`.
+    fn member_list(&self, links: &[MemberLinks]) -> Vec<Member> {
+        self.members
+            .iter()
+            .zip(links)
+            .map(|(m, l)| Member {
+                id: m.id,
+                serial: m.serial.clone(),
+                ha4: l.ha4.map_or(IpAddr::from([0, 0, 0, 0]), |(a, _)| a),
+                ha4_backup: l.ha4_backup.map(|(a, _)| a),
+                session_sync: m.session_sync,
+                enabled: m.enabled,
+                description: m.description.clone(),
+            })
+            .collect()
+    }
+
+    /// The `[local]` of member `m` (the `i`th): the common one with the member's overrides;
+    /// `None` (and a problem) if it does not parse.
+    fn member_local(&self, p: &mut Vec<String>, i: usize, m: &SpecMember) -> Option<Local> {
+        let mut local_table = self.local.clone();
+        for (k, v) in &m.local {
+            local_table.insert(k.clone(), v.clone());
+        }
+        local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id)));
+        match toml::Value::Table(local_table).try_into::<Local>() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                p.push(format!(
+                    "[local] with members[{i}].local (serial \"{}\"): {}",
+                    m.serial,
+                    e.message()
+                ));
+                None
+            }
+        }
+    }
+
+    /// The zones of member `m`: its own interfaces where it lists them, else the common ones.
+    fn member_zones(&self, m: &SpecMember) -> Vec<Zone> {
+        self.zones
+            .iter()
+            .map(|z| Zone {
+                name: z.name.clone(),
+                interfaces: m
+                    .zones
+                    .get(&z.name)
+                    .cloned()
+                    .unwrap_or_else(|| z.interfaces.clone()),
+                other_protocols: z.other_protocols,
+            })
+            .collect()
+    }
+}
+
+/// One member's sync addresses and interfaces, as the spec gives them (`None` where it does
+/// not, reported as a problem).
+struct MemberLinks {
+    ha4: Option<(IpAddr, u8)>,
+    ha4_backup: Option<(IpAddr, u8)>,
+    ha4_interface: Option<String>,
+    backup_interface: Option<String>,
+}
+
+/// A config's sync link, if the spec gives both its interface and its address.
+fn link(interface: &Option<String>, address: &Option<(IpAddr, u8)>) -> Option<Link> {
+    Some(Link {
+        interface: interface.clone()?,
+        address: address.map(|(a, len)| format!("{a}/{len}"))?,
+    })
+}
+
+/// The problems of `problems` with the spec at `path`.
+fn invalid(path: &Path, problems: Vec<String>) -> ProvisionError {
+    ProvisionError::Invalid {
+        path: path.to_owned(),
+        problems,
+    }
+}
+
+/// Member `m` (the `i`th, `at` in problems): a serial usable as a directory and unique, zones
+/// that `[[zones]]` defines.
+fn check_member_names<'a>(
+    p: &mut Vec<String>,
+    i: usize,
+    m: &'a SpecMember,
+    at: &str,
+    zone_names: &BTreeSet<&str>,
+    serials: &mut BTreeSet<&'a str>,
+) {
+    if !is_safe_dir_name(&m.serial) {
+        p.push(format!(
+            "members[{i}].serial = \"{}\" names the member's output directory: use 1–64 of A–Z, a–z, 0–9, `.`, `_`, `-` (not only dots)",
+            m.serial
+        ));
+    } else if !serials.insert(m.serial.as_str()) {
+        p.push(format!(
+            "members[{i}].serial = \"{}\" is used by two members",
+            m.serial
+        ));
+    }
+    for zone in m.zones.keys() {
+        if !zone_names.contains(zone.as_str()) {
+            p.push(format!(
+                "{at}: zones.{zone} is not a zone of [[zones]] (known: {})",
+                zone_names.iter().copied().collect::<Vec<_>>().join(", ")
+            ));
+        }
     }
 }
 
@@ -534,11 +590,7 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         files.push(MemberFiles::new(config, spec_path)?);
     }
     if !problems.is_empty() {
-        return Err(ProvisionError::Invalid {
-            path: spec_path.to_owned(),
-            problems,
-        }
-        .into());
+        return Err(invalid(spec_path, problems).into());
     }
     let fingerprint = files
         .first()

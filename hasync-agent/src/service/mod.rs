@@ -62,8 +62,18 @@ pub struct TeardownArgs {
 /// Every capability is explained next to the bounding set; `tests/tests/restart.rs` runs the
 /// agent with exactly this set (it works, restart included) and with each one dropped (it fails).
 pub fn unit_text(bin: &Path, config: &Path) -> String {
-    format!(
-        r#"# hasync: the session-sync agent of an XDP HA firewall cluster.
+    [
+        UNIT_HEADER,
+        &unit_service(bin, config),
+        UNIT_PRIVILEGES,
+        UNIT_SANDBOX,
+        UNIT_INSTALL,
+    ]
+    .concat()
+}
+
+/// The unit file's head: what it is, and `[Unit]`.
+const UNIT_HEADER: &str = r#"# hasync: the session-sync agent of an XDP HA firewall cluster.
 # Written by `hasync install`, which rewrites it: put local changes in a drop-in
 # (`systemctl edit hasync`).
 
@@ -72,7 +82,12 @@ Description=hasync session-sync agent (XDP HA firewall cluster)
 Wants=network-online.target
 After=network-online.target
 
-[Service]
+"#;
+
+/// `[Service]`: how systemd runs `bin` with `config`, when it is ready, and how it restarts.
+fn unit_service(bin: &Path, config: &Path) -> String {
+    format!(
+        r#"[Service]
 # Ready (READY=1) once the XDP program is attached, its maps are filled and the control
 # socket is up.
 Type=notify
@@ -85,7 +100,15 @@ RestartSec=2s
 TimeoutStartSec=90s
 TimeoutStopSec=20s
 
-# Root (the pins live in root-owned /sys/fs/bpf), with only these capabilities; without any
+"#,
+        bin = bin.display(),
+        config = config.display(),
+    )
+}
+
+/// Who the agent runs as: root with only the capabilities it needs (each explained), and
+/// its limits.
+const UNIT_PRIVILEGES: &str = r#"# Root (the pins live in root-owned /sys/fs/bpf), with only these capabilities; without any
 # one of them the agent cannot load its program (the tests run it so):
 # - CAP_BPF: bpf(2): create the maps and load the program (else EPERM).
 # - CAP_NET_ADMIN: load a networking (XDP) program (else EPERM) and attach it to interfaces.
@@ -106,7 +129,11 @@ LimitMEMLOCK=infinity
 # many; this leaves room far above the systemd default soft limit of 1024.
 LimitNOFILE=65536
 
-# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
+"#;
+
+/// The sandbox: a read-only system but for where the agent writes, and nothing it does not
+/// use.
+const UNIT_SANDBOX: &str = r#"# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
 ProtectSystem=strict
 ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync
 RuntimeDirectory=hasync
@@ -133,13 +160,12 @@ SystemCallArchitectures=native
 # attach on kernels without XDP links.
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 
-[Install]
+"#;
+
+/// `[Install]`: started at boot once enabled.
+const UNIT_INSTALL: &str = r#"[Install]
 WantedBy=multi-user.target
-"#,
-        bin = bin.display(),
-        config = config.display(),
-    )
-}
+"#;
 
 /// The example config `hasync install` writes where none is: a valid two-member cluster to
 /// edit.
@@ -338,40 +364,55 @@ fn check_root(prefix: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `hasync` binary in `bin_dir`.
+fn binary_path(bin_dir: &Path) -> PathBuf {
+    bin_dir.join("hasync")
+}
+
 /// Puts `exe` (the running binary), the unit, an example config (if none) and a new cluster key
 /// (if none) in place below `prefix`.
 pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Vec<Step>> {
     check_bin_dir(bin_dir)?;
-    let mut steps = Vec::new();
-    let bin = bin_dir.join("hasync");
+    Ok(vec![
+        install_binary(prefix, bin_dir, exe)?,
+        install_unit(prefix, &binary_path(bin_dir))?,
+        install_example_config(prefix)?,
+        install_key(prefix)?,
+    ])
+}
 
-    let bin_at = under(prefix, &bin);
+/// `exe` copied into `bin_dir` (as seen from the root) below `prefix`, unless it is already
+/// there.
+fn install_binary(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Step> {
+    let bin_at = under(prefix, &binary_path(bin_dir));
     mkdirs(&under(prefix, bin_dir), 0o755)?;
     let same = matches!(
         (fs::canonicalize(exe), fs::canonicalize(&bin_at)),
         (Ok(a), Ok(b)) if a == b
     );
     if same {
-        steps.push(Step {
+        return Ok(Step {
             what: "binary",
             path: bin_at,
             done: Done::Unchanged,
             note: Some("it is the running executable".into()),
         });
-    } else {
-        let bytes = fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-        let existed = replace_file(&bin_at, &bytes, 0o755)?;
-        steps.push(Step {
-            what: "binary",
-            path: bin_at,
-            done: if existed { Done::Replaced } else { Done::Wrote },
-            note: None,
-        });
     }
+    let bytes = fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+    let existed = replace_file(&bin_at, &bytes, 0o755)?;
+    Ok(Step {
+        what: "binary",
+        path: bin_at,
+        done: if existed { Done::Replaced } else { Done::Wrote },
+        note: None,
+    })
+}
 
+/// The unit running `bin`, written unless it already says the same.
+fn install_unit(prefix: &Path, bin: &Path) -> anyhow::Result<Step> {
     let unit_at = under(prefix, Path::new(UNIT_PATH));
     mkdirs(unit_at.parent().unwrap_or(prefix), 0o755)?;
-    let unit = unit_text(&bin, Path::new(DEFAULT_PATH));
+    let unit = unit_text(bin, Path::new(DEFAULT_PATH));
     let done = if fs::read(&unit_at).is_ok_and(|old| old == unit.as_bytes()) {
         Done::Unchanged
     } else if replace_file(&unit_at, unit.as_bytes(), 0o644)? {
@@ -379,17 +420,20 @@ pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Resul
     } else {
         Done::Wrote
     };
-    steps.push(Step {
+    Ok(Step {
         what: "unit",
         path: unit_at,
         done,
         note: None,
-    });
+    })
+}
 
+/// The example config, where there is no config yet.
+fn install_example_config(prefix: &Path) -> anyhow::Result<Step> {
     let config_at = under(prefix, Path::new(DEFAULT_PATH));
     mkdirs(config_at.parent().unwrap_or(prefix), 0o755)?;
     let wrote = write_new(&config_at, example_config().as_bytes(), 0o644)?;
-    steps.push(Step {
+    Ok(Step {
         what: "config",
         path: config_at,
         done: if wrote { Done::Wrote } else { Done::Kept },
@@ -398,8 +442,11 @@ pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Resul
         } else {
             "not overwritten".into()
         }),
-    });
+    })
+}
 
+/// A new cluster key, where there is none yet; an existing one others can read is flagged.
+fn install_key(prefix: &Path) -> anyhow::Result<Step> {
     let key_at = under(prefix, Path::new(KEY_PATH));
     let wrote = write_new(&key_at, &random_key()?, 0o600)?;
     let note = if wrote {
@@ -412,13 +459,12 @@ pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Resul
             _ => "not overwritten".to_owned(),
         }
     };
-    steps.push(Step {
+    Ok(Step {
         what: "cluster key",
         path: key_at,
         done: if wrote { Done::Wrote } else { Done::Kept },
         note: Some(note),
-    });
-    Ok(steps)
+    })
 }
 
 /// Removes the binary and the unit below `prefix`; the config and the key stay (reported as
@@ -430,7 +476,7 @@ pub fn uninstall_files(prefix: &Path, bin_dir: &Path) -> anyhow::Result<Vec<Step
         .with_file_name("multi-user.target.wants")
         .join(UNIT_NAME);
     for (what, path) in [
-        ("binary", bin_dir.join("hasync")),
+        ("binary", binary_path(bin_dir)),
         ("unit", PathBuf::from(UNIT_PATH)),
         // What `systemctl enable` made, which would dangle.
         ("enablement link", wants),
