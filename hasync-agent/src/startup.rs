@@ -41,7 +41,8 @@ impl StartPlan {
     pub fn from_config(config: &Config) -> StartPlan {
         let mut opts = DatapathOptions::new(config.local_member());
         opts.session_capacity = config.local.session_capacity;
-        opts.embryonic_capacity = Some(config.embryonic_capacity());
+        opts.embryonic_capacity = config.local.embryonic_capacity;
+        opts.embryonic_share = config.embryonic_share();
         opts.replica_parts = config.replica_parts();
         opts.config = config.datapath();
         opts.pin_dir = config.pin_dir().map(Into::into);

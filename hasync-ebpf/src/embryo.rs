@@ -72,8 +72,10 @@ fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
 
 /// Gives `session`, about to enter the table under `key` embryonic, the next ticket of this
 /// CPU's part, evicting the slot's previous holder if it is still embryonic (an `Evicted`
-/// event carries it to the agent). The ticket is `counter * cpus + cpu`: a peer that copies
-/// the session places it by the ticket alone (see [`admit_replica`]).
+/// event carries it to the agent). The ticket is `counter * cpus + cpu`, the counter taken
+/// modulo the largest multiple of the part's size that keeps the ticket within 32 bits: a peer
+/// that copies the session places it by the ticket alone, `ticket % (cpus * slots)` being this
+/// CPU's slot in every lap (see [`admit_replica`]).
 #[inline(always)]
 pub fn admit_own(
     cfg: &DatapathConfig,
@@ -97,10 +99,23 @@ pub fn admit_own(
     let replicas = u32::from(cfg.embryo_replica_parts).wrapping_mul(cfg.embryo_replica_slots);
     let first = replicas.wrapping_add(cpu.wrapping_mul(slots));
     let offset = counter.checked_rem(u64::from(slots)).unwrap_or(0) as u32;
-    let ticket = counter
-        .wrapping_mul(u64::from(cfg.embryo_cpus.max(1)))
-        .wrapping_add(u64::from(cpu)) as u32;
-    take_slot(counters, first.wrapping_add(offset), key, session, ticket);
+    let cpus = u64::from(cfg.embryo_cpus.max(1));
+    let ring = u64::from(slots).wrapping_mul(cpus);
+    // Laps of the ring that fit in 32 bits (at least one: a ring is at most 2^32 slots).
+    let laps = (1u64 << 32).checked_div(ring).unwrap_or(1).max(1);
+    let lapped = counter
+        .checked_rem(laps.wrapping_mul(u64::from(slots)))
+        .unwrap_or(counter);
+    let ticket = lapped.wrapping_mul(cpus).wrapping_add(u64::from(cpu)) as u32;
+    let owner = cfg.local_member;
+    take_slot(
+        counters,
+        first.wrapping_add(offset),
+        owner,
+        key,
+        session,
+        ticket,
+    );
 }
 
 /// Gives `session`, a peer's embryonic session about to enter the table under `key`, its slot
@@ -137,12 +152,22 @@ pub fn admit_replica(
     let Some(offset) = ticket.checked_rem(slots) else {
         return true;
     };
-    take_slot(counters, first.wrapping_add(offset), key, session, ticket);
+    let owner = session.owner;
+    take_slot(
+        counters,
+        first.wrapping_add(offset),
+        owner,
+        key,
+        session,
+        ticket,
+    );
     true
 }
 
-/// `key` (with `session`) takes slot `index` under `ticket`, evicting the slot's previous
-/// holder if that is another session, still embryonic and still holding the slot's ticket.
+/// `key` (with `session`) takes slot `index` of `owner`'s part under `ticket`, evicting the
+/// slot's previous holder if that is another session, still `owner`'s, still embryonic and
+/// still holding the slot's ticket (a session taken over since keeps its old ticket, and is
+/// no longer its old owner's to evict).
 #[inline(always)]
 #[allow(
     clippy::needless_borrows_for_generic_args,
@@ -152,6 +177,7 @@ pub fn admit_replica(
 fn take_slot(
     counters: &mut Counters,
     index: u32,
+    owner: MemberId,
     key: &FlowKey,
     session: &mut Session,
     ticket: u32,
@@ -167,7 +193,7 @@ fn take_slot(
     if let Some(held) = used.then(|| SESSIONS.get_ptr_mut(&slot.key)).flatten() {
         // SAFETY: the value stays valid for the program's run.
         let held = unsafe { &*held };
-        if held.ticket == slot.ticket && held.is_embryonic() {
+        if held.ticket == slot.ticket && held.owner == owner && held.is_embryonic() {
             evict(counters, &slot.key, held);
         }
     }

@@ -199,6 +199,8 @@ fn apply(
     counters: &mut Counters,
     out: &mut InstallOutcome,
 ) {
+    // Admitted once: a retry must not take a second ticket (and evict one more replica).
+    let mut admitted = false;
     for _attempt in 0..2 {
         let existing = SESSIONS.get_ptr_mut(&rec.key);
         // SAFETY: the value stays valid for the program's run.
@@ -213,10 +215,13 @@ fn apply(
                 } else {
                     BPF_EXIST
                 };
-                if !admit(cfg, counters, rec, local) {
+                // A replica refused for want of a part (its owner's id is past the configured
+                // ones, which the agent's owner check already refuses) counts as no room.
+                if !admitted && !admit(cfg, counters, rec, local) {
                     out.full = out.full.wrapping_add(1);
                     return;
                 }
+                admitted = true;
                 match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
                         out.installed = out.installed.wrapping_add(1);

@@ -220,6 +220,22 @@ pub fn stay_on_this_cpu() -> Result<()> {
     stay_on_cpu(usize::try_from(cpu).context("sched_getcpu")?)
 }
 
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is the calling thread.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    anyhow::ensure!(
+        rc == 0,
+        "sched_getaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `cpu` is below CPU_SETSIZE; CPU_ISSET only reads the set.
+    let on = |cpu: usize| unsafe { libc::CPU_ISSET(cpu, &set) };
+    Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| on(c)).collect())
+}
+
 /// Moves the calling thread to CPU `cpu` and keeps it there.
 pub fn stay_on_cpu(cpu: usize) -> Result<()> {
     anyhow::ensure!(cpu < libc::CPU_SETSIZE as usize, "no CPU {cpu}");

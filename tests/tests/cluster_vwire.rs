@@ -135,8 +135,9 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
     let steered = Instant::now();
     let fw2_before = counter(&c, 2, "vwire-forwarded");
     let before = client.progress();
+    // (A lost segment waits for TCP's retransmission backoff: a few seconds at most.)
     client
-        .wait_ok_after(steered, Duration::from_secs(5))
+        .wait_ok_after(steered, Duration::from_secs(10))
         .unwrap_or_else(|| {
             c.fail(&format!(
                 "no echo across fw2's wire: {:?}; fw2's counters {:?}",

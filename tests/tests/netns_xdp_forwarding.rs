@@ -312,8 +312,8 @@ fn what_xdp_leaves_to_the_kernel_after_its_lookup_is_counted() {
 }
 
 /// The agent keys the FIB cache on the destination alone unless something routes by source:
-/// it lists the rules and IPv6 routes of its namespace, and a `from` rule or an IPv6 route
-/// with a source prefix each make it keep the source in the key.
+/// it lists the rules and routes of its namespace, and a `from` rule, an IPv6 route with a
+/// source prefix or a route through a next-hop object each make it keep the source.
 #[test]
 fn a_from_rule_or_a_source_route_keeps_the_source_in_the_fib_key() -> Result<()> {
     use hasync_agent::forwarding::source::routes_by_source;
@@ -331,6 +331,13 @@ fn a_from_rule_or_a_source_route_keeps_the_source_in_the_fib_key() -> Result<()>
     let route = ["unreachable", "fd00:9::/64", "from", "fd00:8::/64"];
     ns.ip(&[&["-6", "route", "add"][..], &route].concat())?;
     ensure!(look()?, "an IPv6 route with a source prefix");
+    ns.ip(&[&["-6", "route", "del"][..], &route].concat())?;
+    ensure!(!look()?, "the source route is gone");
+    // A route through a next-hop object, which may be a group (multipath: the leg is chosen
+    // by a hash of the source).
+    ns.ip(&["nexthop", "add", "id", "7", "blackhole"])?;
+    ns.ip(&["route", "add", "198.18.9.0/24", "nhid", "7"])?;
+    ensure!(look()?, "a route through a next-hop object");
     Ok(())
 }
 

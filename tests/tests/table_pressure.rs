@@ -362,11 +362,11 @@ fn one_members_flood_evicts_only_its_own_replicas() {
 /// another CPU's part still held (541 of fw3's in the 3-member chaos run).
 #[test]
 fn a_replica_part_mirrors_its_owners_ring() {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    if cpus < 2 {
+    let cpus = hasync_tests::testrun::allowed_cpus().expect("CPUs");
+    let [first, second, ..] = cpus[..] else {
         eprintln!("skipped: one CPU, and the owner's parts are per CPU");
         return;
-    }
+    };
     let (owner, _) = load(Policy::Strict);
     let (mut replica, _) = load(Policy::Strict);
     let replica_slots = replica
@@ -385,7 +385,7 @@ fn a_replica_part_mirrors_its_owners_ring() {
         })
         .collect();
     let mut owner = owner;
-    hasync_tests::testrun::stay_on_cpu(1).expect("CPU 1");
+    hasync_tests::testrun::stay_on_cpu(second).expect("second CPU");
     for i in 0..10 {
         let (c, s) = (
             sa(&format!("198.18.0.19:{}", 2_000 + i)),
@@ -396,7 +396,7 @@ fn a_replica_part_mirrors_its_owners_ring() {
         }
     }
     sync_to(&mut owner, &mut replica, &answered_on_1);
-    hasync_tests::testrun::stay_on_cpu(0).expect("CPU 0");
+    hasync_tests::testrun::stay_on_cpu(first).expect("first CPU");
     let flood: Vec<Frame> = (0..u16::try_from(4 * replica_slots).expect("flood"))
         .map(flood_flow)
         .collect();

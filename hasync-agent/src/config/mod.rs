@@ -510,19 +510,18 @@ impl Config {
         MemberId(u8::try_from(self.local.member).unwrap_or(0))
     }
 
-    /// Embryonic sessions of this member's the table holds at most: `local.embryonic_capacity`,
-    /// or one eighth of the table, at most [`Config::embryonic_capacity_max`].
-    pub fn embryonic_capacity(&self) -> u32 {
-        self.local.embryonic_capacity.unwrap_or_else(|| {
-            (self.local.session_capacity / EMBRYONIC_SHARE).min(self.embryonic_capacity_max())
-        })
+    /// The share of the table this member's embryonic sessions take by default (1 / this),
+    /// unless `local.embryonic_capacity` says: one eighth, less in clusters whose member ids go
+    /// past 4, so that every member's (this member's own, and as many copies of each other
+    /// member's, in a part of the ring per member id) take at most half the table. The
+    /// datapath applies it to the table it uses (a pinned one keeps its size).
+    pub fn embryonic_share(&self) -> u32 {
+        EMBRYONIC_SHARE.max(2 * u32::from(self.replica_parts()).max(1))
     }
 
-    /// The largest embryonic capacity: every member's embryonic sessions (this member's own,
-    /// and as many replicas of each other member's) take at most half the table.
+    /// The largest `local.embryonic_capacity` for `session_capacity`.
     fn embryonic_capacity_max(&self) -> u32 {
-        let members = u32::try_from(self.members.len()).unwrap_or(u32::MAX).max(1);
-        (self.local.session_capacity / 2 / members).max(1)
+        (self.local.session_capacity / 2 / u32::from(self.replica_parts()).max(1)).max(1)
     }
 
     /// Member ids that get a replica part in the datapath's embryonic ring: 1 to the highest

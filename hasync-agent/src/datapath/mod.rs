@@ -217,8 +217,10 @@ pub struct DatapathOptions {
     /// Capacity of the SESSIONS hash.
     pub session_capacity: u32,
     /// Embryonic sessions the table holds at most (the EMBRYOS ring): past this, each new one
-    /// evicts the oldest. `None`: one eighth of the table's capacity.
+    /// evicts the oldest. `None`: the table's capacity divided by `embryonic_share`.
     pub embryonic_capacity: Option<u32>,
+    /// See `embryonic_capacity` (default 8: one eighth of the table).
+    pub embryonic_share: u32,
     /// Member ids (1 to this) whose embryonic sessions get a replica part in the EMBRYOS ring:
     /// the highest member id of the cluster (replicas of a member past it are refused while
     /// embryonic).
@@ -236,6 +238,7 @@ impl DatapathOptions {
         DatapathOptions {
             session_capacity: names::DEFAULT_SESSION_CAPACITY,
             embryonic_capacity: None,
+            embryonic_share: names::EMBRYONIC_SHARE,
             replica_parts: DEFAULT_REPLICA_PARTS,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
@@ -255,18 +258,20 @@ pub struct EmbryoRing {
 }
 
 impl EmbryoRing {
-    /// The ring for at most `capacity` embryonic sessions of this member's own in a table of
-    /// `table` entries, on `cpus` possible CPUs (at least one slot per CPU), with a replica
-    /// part for each member id up to `replica_parts`. `None` when this member's own could take
-    /// more than half the table. (How many members' embryonic sessions the table can hold
-    /// together is the configuration's check: see `Config::embryonic_capacity`.)
+    /// The ring for at most `capacity` embryonic sessions of this member's own (default: the
+    /// table's `share`-th part) in a table of `table` entries, on `cpus` possible CPUs (at
+    /// least one slot per CPU), with a replica part for each member id up to
+    /// `replica_parts`. `None` when this member's own could take more than half the table.
+    /// (How many members' embryonic sessions the table can hold together is the
+    /// configuration's check: see `Config::embryonic_share`.)
     pub fn new(
         capacity: Option<u32>,
+        share: u32,
         table: u32,
         cpus: u32,
         replica_parts: u8,
     ) -> Option<EmbryoRing> {
-        let capacity = capacity.unwrap_or(table / names::EMBRYONIC_SHARE);
+        let capacity = capacity.unwrap_or(table / share.max(2));
         if capacity > table / 2 {
             return None;
         }
@@ -352,6 +357,7 @@ impl Datapath {
             .unwrap_or(capacity);
         let embryos = EmbryoRing::new(
             opts.embryonic_capacity,
+            opts.embryonic_share,
             table,
             possible_cpus()?,
             opts.replica_parts,
@@ -850,19 +856,19 @@ mod tests {
 
     #[test]
     fn the_embryo_ring_is_cut_per_cpu_with_a_replica_part_per_member() {
-        let ring = EmbryoRing::new(None, 1024, 2, 3).expect("default share");
+        let ring = EmbryoRing::new(None, 8, 1024, 2, 3).expect("default share");
         assert_eq!(
             (ring.per_cpu, ring.local_slots(), ring.slots()),
             (64, 128, 512)
         );
         // Every CPU gets a slot, whatever the share.
-        let ring = EmbryoRing::new(Some(1), 1024, 4, 1).expect("tiny");
+        let ring = EmbryoRing::new(Some(1), 8, 1024, 4, 1).expect("tiny");
         assert_eq!((ring.per_cpu, ring.slots()), (1, 8));
         // This member's own may take half the table, not more.
-        assert!(EmbryoRing::new(Some(512), 1024, 2, 1).is_some());
-        assert_eq!(EmbryoRing::new(Some(513), 1024, 2, 1), None);
+        assert!(EmbryoRing::new(Some(512), 8, 1024, 2, 1).is_some());
+        assert_eq!(EmbryoRing::new(Some(513), 8, 1024, 2, 1), None);
         // No more parts than member ids.
-        let ring = EmbryoRing::new(None, 1024, 1, 200).expect("parts");
+        let ring = EmbryoRing::new(None, 8, 1024, 1, 200).expect("parts");
         assert_eq!(ring.replica_parts, MemberId::MAX);
     }
 

@@ -15,6 +15,7 @@ use std::{
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use crate::netlink::LinkWatch;
+use source::Change;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -293,36 +294,39 @@ fn key_fib_cache(dp: &mut Datapath, found: std::io::Result<bool>) {
     }
 }
 
-/// One read of notifications: whether it might change how the FIB cache is keyed (an overrun
-/// lost some, which might). Any other error is waited out a little, so a broken socket cannot
-/// spin.
-async fn read_notifications(socket: &TokioSocket) -> bool {
+/// One read of notifications: what it changes for the FIB cache's key (an overrun lost some,
+/// which might have). Any other error is waited out a little, so a broken socket cannot spin.
+async fn read_notifications(socket: &TokioSocket) -> Change {
     match socket.recv_from_full().await {
-        Ok((datagram, _)) => source::may_change(&datagram),
-        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
+        Ok((datagram, _)) => source::change(&datagram),
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Change::Recheck,
         Err(e) => {
             warn!(error = %e, "reading route and neighbour notifications failed");
             tokio::time::sleep(Duration::from_millis(100)).await;
-            false
+            Change::None
         }
     }
 }
 
 /// Bumps the FIB generation after every burst of notifications (an overrun lost some: the
-/// generation moves anyway), and looks at the rules and IPv6 routes again when the burst had
-/// a rule or a source route in it.
+/// generation moves anyway). A rule or route that selects by source, added, keys the cache on
+/// the source at once; one removed (or notifications lost) makes the agent list them again.
 async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
     loop {
-        let mut recheck = read_notifications(&socket).await;
+        let mut change = read_notifications(&socket).await;
         // The rest of the burst.
         while let Ok(more) = tokio::time::timeout(COALESCE, read_notifications(&socket)).await {
-            recheck |= more;
+            change = change.max(more);
         }
-        if recheck {
-            let found = tokio::task::spawn_blocking(source::routes_by_source)
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            key_fib_cache(&mut lock(&dp), found);
+        match change {
+            Change::None => {}
+            Change::BySource => key_fib_cache(&mut lock(&dp), Ok(true)),
+            Change::Recheck => {
+                let found = tokio::task::spawn_blocking(source::routes_by_source)
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                key_fib_cache(&mut lock(&dp), found);
+            }
         }
         let bumped = lock(&dp).bump_fib_generation();
         if let Err(e) = bumped {

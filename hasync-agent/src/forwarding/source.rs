@@ -1,12 +1,14 @@
-//! Does this host route by source address? A rule with a `from` prefix, or an IPv6 route with
-//! a source prefix (`ip -6 route add ... from ...`), makes the next hop depend on the source.
-//! Only then does the XDP FIB cache key on the source too; otherwise one entry per destination
-//! (and ingress interface) serves every source, so a million clients behind one route cost one
-//! lookup, not a million.
+//! Does this host route by source address? A rule with a `from` prefix, an IPv6 route with a
+//! source prefix (`ip -6 route add ... from ...`), or a multipath route (its leg is chosen by a
+//! hash of the source and destination; a route through a next-hop object may be one) makes the
+//! next hop depend on the source. Only then does the XDP FIB cache key on the source too, and
+//! the lookup see the real source; otherwise one entry per destination (and ingress interface)
+//! serves every source, so a million clients behind one route cost one lookup, not a million.
 //!
-//! Rules are few: they are listed again after any rule notification. IPv6 routes may be
-//! many (a full table): they are listed once at start, and afterwards only a notification of
-//! a route with a source prefix lists them again.
+//! The routes may be many (a full table): they are listed once at start. Afterwards a
+//! notification that adds such a rule or route switches to keying on the source at once,
+//! without a listing; one that removes a rule or such a route (or cannot be read) lists them
+//! all again to see whether any is left.
 
 use std::{io, time::Duration};
 
@@ -14,23 +16,23 @@ use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    route::RouteMessage, rule::RuleMessage, AddressFamily, RouteNetlinkMessage,
+    route::{RouteAttribute, RouteMessage},
+    rule::RuleMessage,
+    RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 
 /// How long one reply of a listing may take.
 const REPLY_WITHIN: Duration = Duration::from_secs(2);
 
-/// Does some rule or IPv6 route select by source now? One listing of the rules (both
-/// families) and one of the IPv6 routes (every table), on a socket of their own.
+/// Does some rule or route select by source now? One listing of the rules and one of the
+/// routes (both families, every table), on a socket of their own.
 pub fn routes_by_source() -> io::Result<bool> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_WITHIN))?;
     let rules = RouteNetlinkMessage::GetRule(RuleMessage::default());
-    let mut routes = RouteMessage::default();
-    routes.header.address_family = AddressFamily::Inet6;
-    let routes = RouteNetlinkMessage::GetRoute(routes);
+    let routes = RouteNetlinkMessage::GetRoute(RouteMessage::default());
     for (seq, request) in [(1, rules), (2, routes)] {
         if list(&mut socket, seq, request)? {
             return Ok(true);
@@ -98,34 +100,76 @@ fn messages(
     out
 }
 
-/// Does `m` select by source: a rule with a `from` prefix, or a route with a source prefix?
+/// Does `m` select by source: a rule with a `from` prefix, or a route with a source prefix,
+/// several next hops, or a next-hop object (which may be a group)?
 fn by_source(m: &RouteNetlinkMessage) -> bool {
     match m {
         RouteNetlinkMessage::NewRule(r) => r.header.src_len > 0,
-        RouteNetlinkMessage::NewRoute(r) => r.header.source_prefix_length > 0,
+        RouteNetlinkMessage::NewRoute(r) => route_by_source(r),
         _ => false,
     }
 }
 
-/// Might `datagram` (notifications) change the answer of [`routes_by_source`]: a rule added
-/// or removed, or a route with a source prefix? A datagram that does not parse might.
-pub fn may_change(datagram: &[u8]) -> bool {
-    messages(datagram).iter().any(|m| match m {
+fn route_by_source(r: &RouteMessage) -> bool {
+    r.header.source_prefix_length > 0
+        || r.attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::MultiPath(_) | RouteAttribute::NhId(_)))
+}
+
+/// What a datagram of notifications means for [`routes_by_source`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Change {
+    /// Nothing it depends on.
+    None,
+    /// Something that selects by source was removed, or the datagram does not parse: list
+    /// again.
+    Recheck,
+    /// Something that selects by source was added: key on the source now.
+    BySource,
+}
+
+/// What `datagram` (notifications) changes.
+pub fn change(datagram: &[u8]) -> Change {
+    let one = |m: &Result<NetlinkMessage<RouteNetlinkMessage>, _>| match m {
         Ok(m) => match &m.payload {
-            NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewRule(_) | RouteNetlinkMessage::DelRule(_),
-            ) => true,
-            NetlinkPayload::InnerMessage(
-                RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r),
-            ) => r.header.source_prefix_length > 0,
-            _ => false,
+            NetlinkPayload::InnerMessage(inner @ RouteNetlinkMessage::NewRule(_)) => {
+                if by_source(inner) {
+                    Change::BySource
+                } else {
+                    Change::None
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRule(_)) => Change::Recheck,
+            NetlinkPayload::InnerMessage(inner @ RouteNetlinkMessage::NewRoute(_)) => {
+                if by_source(inner) {
+                    Change::BySource
+                } else {
+                    Change::None
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
+                if route_by_source(r) {
+                    Change::Recheck
+                } else {
+                    Change::None
+                }
+            }
+            _ => Change::None,
         },
-        Err(_) => true,
-    })
+        Err(_) => Change::Recheck,
+    };
+    messages(datagram)
+        .iter()
+        .map(one)
+        .max()
+        .unwrap_or(Change::None)
 }
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_route::AddressFamily;
+
     use super::*;
 
     fn datagram(msgs: Vec<RouteNetlinkMessage>) -> Vec<u8> {
@@ -150,21 +194,34 @@ mod tests {
     }
 
     #[test]
-    fn only_rules_and_source_routes_make_the_answer_change() {
+    fn additions_switch_at_once_and_removals_list_again() {
         let plain = datagram(vec![
             RouteNetlinkMessage::NewRoute(route(0)),
             RouteNetlinkMessage::DelRoute(route(0)),
         ]);
-        assert!(!may_change(&plain), "ordinary routes come and go");
-        let sourced = datagram(vec![
+        assert_eq!(change(&plain), Change::None, "ordinary routes come and go");
+        let gone = datagram(vec![
             RouteNetlinkMessage::NewRoute(route(0)),
             RouteNetlinkMessage::DelRoute(route(48)),
         ]);
-        assert!(may_change(&sourced), "a source route went away");
+        assert_eq!(change(&gone), Change::Recheck, "a source route went away");
+        let added = datagram(vec![
+            RouteNetlinkMessage::DelRoute(route(48)),
+            RouteNetlinkMessage::NewRoute(route(48)),
+        ]);
+        assert_eq!(change(&added), Change::BySource, "a source route came");
+        let mut multipath = route(0);
+        multipath
+            .attributes
+            .push(RouteAttribute::MultiPath(Vec::new()));
+        let ecmp = datagram(vec![RouteNetlinkMessage::NewRoute(multipath)]);
+        assert_eq!(change(&ecmp), Change::BySource, "a multipath route came");
         let rule = datagram(vec![RouteNetlinkMessage::DelRule(RuleMessage::default())]);
-        assert!(may_change(&rule), "any rule change");
-        assert!(may_change(&[0xff; 20]), "what does not parse might");
-        assert!(!may_change(&[]));
+        assert_eq!(change(&rule), Change::Recheck, "a rule went");
+        let to_rule = datagram(vec![RouteNetlinkMessage::NewRule(RuleMessage::default())]);
+        assert_eq!(change(&to_rule), Change::None, "a rule without `from`");
+        assert_eq!(change(&[0xff; 20]), Change::Recheck, "what does not parse");
+        assert_eq!(change(&[]), Change::None);
     }
 
     #[test]
@@ -175,5 +232,8 @@ mod tests {
         assert!(by_source(&RouteNetlinkMessage::NewRule(rule)));
         assert!(!by_source(&RouteNetlinkMessage::NewRoute(route(0))));
         assert!(by_source(&RouteNetlinkMessage::NewRoute(route(56))));
+        let mut via_object = route(0);
+        via_object.attributes.push(RouteAttribute::NhId(7));
+        assert!(by_source(&RouteNetlinkMessage::NewRoute(via_object)));
     }
 }

@@ -177,12 +177,10 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
             (InstallOp::Upsert, rec.to_session(now_ns, zone))
         }
     };
-    Decision::Forward(InstallRecord::new(
-        rec.key,
-        session,
-        op,
-        rec.ticket.is_some(),
-    ))
+    // Only the owner's own ticket places a copy: a relayed record (a full sync speaking for a
+    // member not alive here) must not pick slots in another member's part.
+    let owner_ticket = rec.ticket.is_some() && rec.owner == who.sender;
+    Decision::Forward(InstallRecord::new(rec.key, session, op, owner_ticket))
 }
 
 /// Outcome of installing one frame.

@@ -68,7 +68,8 @@ impl RecordLayout {
         match self {
             RecordLayout::V1_0 => 96,
             RecordLayout::V1_1 => 112,
-            RecordLayout::V1_2 | RecordLayout::V1_3 => compact::MAX_BYTES,
+            RecordLayout::V1_2 => compact::MAX_BYTES_V1_2,
+            RecordLayout::V1_3 => compact::MAX_BYTES,
         }
     }
 
@@ -92,11 +93,13 @@ const TCP_STATE_AT: usize = 96;
 /// the authentication tag).
 pub const MAX_PLAINTEXT: usize = 65_535 - 16;
 /// Records per `Sessions` frame this member sends: a full frame fits in one Noise message in
-/// every layout (the compact one has the largest records at most).
+/// every layout (the 1.3 one has the largest records at most). A frame it reads may hold up to
+/// its layout's [`RecordLayout::max_records`] (a 1.2 peer sends more per frame).
 pub const MAX_RECORDS_PER_FRAME: usize = RecordLayout::V1_3.max_records();
 const _: () = assert!(
     MAX_RECORDS_PER_FRAME <= RecordLayout::V1_0.max_records()
         && MAX_RECORDS_PER_FRAME <= RecordLayout::V1_1.max_records()
+        && MAX_RECORDS_PER_FRAME <= RecordLayout::V1_2.max_records()
 );
 /// Zones a hello may name.
 pub const MAX_ZONES: usize = 1024;
@@ -274,7 +277,9 @@ impl Record {
                 max_win,
                 seq_end,
             },
-            ticket: s.is_embryonic().then_some(ticket),
+            // A session taken over keeps the ticket of its old owner's ring: it names no slot
+            // of the new owner's, so it travels without one.
+            ticket: (s.is_embryonic() && !flags.has(SessionFlags::TAKEN_OVER)).then_some(ticket),
         }
     }
 
@@ -1219,6 +1224,24 @@ mod tests {
             ..rec
         }]);
         assert_eq!(Message::decode_as(&v1_2, RecordLayout::V1_2), Ok(without));
+    }
+
+    /// A 1.2 peer fills its frames by the 1.2 record bound: a 1.3 member reads them whole.
+    #[test]
+    fn a_full_frame_of_a_1_2_peer_is_read() {
+        let n = RecordLayout::V1_2.max_records();
+        assert!(n > MAX_RECORDS_PER_FRAME, "1.2 frames hold more records");
+        let frame = sessions_frame(vec![udp_one_way(1); n]);
+        let bytes = encoded(&frame, RecordLayout::V1_2);
+        let back = Message::decode_as(&bytes, RecordLayout::V1_2);
+        let plain = sessions_frame(vec![
+            Record {
+                ticket: None,
+                ..udp_one_way(1)
+            };
+            n
+        ]);
+        assert_eq!(back, Ok(plain));
     }
 
     #[test]

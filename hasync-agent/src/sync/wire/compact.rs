@@ -37,9 +37,9 @@ const fn varint_max(bits: usize) -> usize {
 
 /// Largest encoding of one record: first byte, family and protocol, long addresses, ports,
 /// state and owner, TCP flags, the varints (flags, zone, version, age, idle, 4 counters) and
-/// the TCP sequence state (track bytes, two window varints, two sequence numbers), and the
-/// ticket.
-pub const MAX_BYTES: usize = 1
+/// the TCP sequence state (track bytes, two window varints, two sequence numbers): a 1.2
+/// record. A 1.2 peer fills its frames by this bound, so it must stay as it is.
+pub const MAX_BYTES_V1_2: usize = 1
     + 2
     + 32
     + 4
@@ -50,8 +50,10 @@ pub const MAX_BYTES: usize = 1
     + 4 * varint_max(64)
     + 2
     + 2 * varint_max(16)
-    + 8
-    + varint_max(32);
+    + 8;
+
+/// Largest encoding of one 1.3 record: a 1.2 record and the ticket.
+pub const MAX_BYTES: usize = MAX_BYTES_V1_2 + varint_max(32);
 
 /// Smallest encoding of one record (an IPv4 delete with every number zero).
 pub const MIN_BYTES: usize = 1 + 2 + 8 + 4 + 2 + 5 + 4;
