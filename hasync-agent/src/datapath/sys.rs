@@ -4,8 +4,8 @@
 //! bindings (include/uapi/linux/bpf.h), never hand-written copies.
 //!
 //! [`sys_bpf`] is the seam where unit tests play the kernel: a test thread installs a fake
-//! ([`fake::install`]) that answers the commands of that thread, so the logic around a syscall
-//! (retries, end of a walk, partial progress, errors) is tested without root.
+//! (`fake::install`, test builds only) that answers the commands of that thread, so the logic
+//! around a syscall (retries, end of a walk, partial progress, errors) is tested without root.
 
 use std::{
     io,
