@@ -1,8 +1,10 @@
 //! Batch map operations (`BPF_MAP_{LOOKUP,UPDATE,DELETE}_BATCH`), which aya 0.14 lacks, and
 //! the single-element lookup that goes with them.
 //!
-//! A safe wrapper around the bpf(2) syscall on a bare map fd: the agent walks the session
-//! table in bounded chunks with these, never keeping a copy of it.
+//! A safe wrapper around the bpf(2) syscall ([`super::sys`]) on a bare map fd: the agent walks
+//! the session table in bounded chunks with these, never keeping a copy of it. The unit tests
+//! play the kernel with a fake (`sys::fake`) for the edge cases below; the ones that need root
+//! check them against the real one.
 //!
 //! Semantics follow the kernel (`kernel/bpf/hashtab.c`, `kernel/bpf/syscall.c`):
 //! - lookup: the kernel fills up to `count` entries and a resume token. `ENOENT` means the end
@@ -20,14 +22,17 @@
 //! copies whole arrays of them. Per-CPU maps are refused (there a value is
 //! `round_up(value_size, 8) * possible_cpus` bytes).
 
-use std::{
-    io,
-    marker::PhantomData,
-    mem::size_of,
-    os::fd::{AsRawFd, BorrowedFd},
-};
+use std::{io, marker::PhantomData, mem::size_of, os::fd::BorrowedFd};
 
 use bytemuck::Pod;
+
+use super::sys::{
+    bpf_attr, bpf_cmd, bpf_map_info, bpf_map_type, fd_u32, map_type_u32, obj_info, sys_bpf,
+    zeroed_attr,
+};
+
+// Kept at this path for the callers outside the datapath (tests, benches).
+pub use super::sys::{create_map, link_detach, obj_get, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
 
 /// Which map command failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,14 +57,13 @@ impl BatchOp {
         }
     }
 
-    const fn cmd(self) -> libc::c_long {
-        // Values of `enum bpf_cmd` (include/uapi/linux/bpf.h).
+    const fn cmd(self) -> bpf_cmd {
         match self {
-            BatchOp::LookupElem => 1,
-            BatchOp::Info => 15,
-            BatchOp::Lookup => 24,
-            BatchOp::Update => 26,
-            BatchOp::Delete => 27,
+            BatchOp::LookupElem => bpf_cmd::BPF_MAP_LOOKUP_ELEM,
+            BatchOp::Info => bpf_cmd::BPF_OBJ_GET_INFO_BY_FD,
+            BatchOp::Lookup => bpf_cmd::BPF_MAP_LOOKUP_BATCH,
+            BatchOp::Update => bpf_cmd::BPF_MAP_UPDATE_BATCH,
+            BatchOp::Delete => bpf_cmd::BPF_MAP_DELETE_BATCH,
         }
     }
 }
@@ -126,140 +130,34 @@ impl BatchError {
     }
 }
 
-/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h):
-/// ```c
-/// struct { /* struct used by BPF_MAP_*_BATCH commands */
-///     __aligned_u64 in_batch;  /* start batch, NULL to start from beginning */
-///     __aligned_u64 out_batch; /* output: next start batch */
-///     __aligned_u64 keys;
-///     __aligned_u64 values;
-///     __u32 count;             /* input/output */
-///     __u32 map_fd;
-///     __u64 elem_flags;
-///     __u64 flags;
-/// } batch;
-/// ```
-/// We pass only this member's size: the kernel zero-fills the rest of `bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+/// A `bpf_attr` for a batch command on `fd`: `count` keys and values at `keys` and `values`.
+fn batch_attr(fd: BorrowedFd<'_>, keys: u64, values: u64, count: u32) -> bpf_attr {
+    let mut attr = zeroed_attr();
+    attr.batch.map_fd = fd_u32(fd);
+    attr.batch.keys = keys;
+    attr.batch.values = values;
+    attr.batch.count = count;
+    attr
 }
-const _: () = assert!(size_of::<BatchAttr>() == 56);
 
-/// `union bpf_attr`'s member for `BPF_MAP_*_ELEM` commands:
-/// `{ __u32 map_fd; __aligned_u64 key; __aligned_u64 value; __u64 flags; }`.
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
+/// The batch `count` the kernel wrote back: how many elements it returned or processed.
+fn batch_count(attr: &bpf_attr) -> u32 {
+    // SAFETY: `bpf_attr` is a union of integer structs: reading any member is defined.
+    unsafe { attr.batch.count }
 }
-const _: () = assert!(size_of::<ElemAttr>() == 32);
 
-/// Issues one map command (`BatchAttr`, `ElemAttr` or `InfoAttr`, as `op` requires). The kernel updates
-/// `attr` in place (batch `count`, tokens).
+/// Issues one map command on `attr` (its member for `op`), which the kernel updates in place
+/// (batch `count`, tokens).
 ///
 /// # Safety
 ///
-/// `A` must be the attr layout of `op`, and every non-zero pointer in `attr` must be valid for
-/// what the command does with it: `keys` and `values` for `count` elements of the map's key
-/// and value size (written by lookup, read by update/delete), `in_batch`/`out_batch` for a
-/// token of the map's token size, `key`/`value` for one key and value.
-unsafe fn sys_batch<A>(op: BatchOp, attr: &mut A) -> io::Result<()> {
+/// Every non-zero pointer in `attr` must be valid for what the command does with it: `keys`
+/// and `values` for `count` elements of the map's key and value size (written by lookup, read
+/// by update/delete), `in_batch`/`out_batch` for a token of the map's token size, `key`/`value`
+/// for one key and value.
+unsafe fn sys_batch(op: BatchOp, attr: &mut bpf_attr) -> io::Result<()> {
     // SAFETY: this function's contract.
     unsafe { sys_bpf(op.cmd(), attr) }.map(drop)
-}
-
-/// The bpf(2) syscall: every command hasync issues itself goes through here.
-///
-/// # Safety
-///
-/// `A` must be the `union bpf_attr` member of `cmd`, and every pointer in `attr` valid for
-/// what the command does with it.
-unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, initialised attr of the size we pass; the pointers it holds
-    // are valid per this function's contract.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<A>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
-}
-
-/// Takes ownership of the fd a bpf(2) command returned.
-fn owned_fd(rc: libc::c_long) -> io::Result<std::os::fd::OwnedFd> {
-    let fd = i32::try_from(rc).map_err(io::Error::other)?;
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-}
-
-/// Opens a pinned object (BPF_OBJ_GET).
-pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::unix::ffi::OsStrExt as _;
-    /// `union bpf_attr`'s member for BPF_OBJ_*: `{ __aligned_u64 pathname; __u32 bpf_fd;
-    /// __u32 file_flags; }`.
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `attr` is a valid BPF_OBJ_GET attr whose path outlives the call.
-    owned_fd(unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }?)
-}
-
-/// Detaches a link from its hook now (BPF_LINK_DETACH); the link object lives on, defunct,
-/// until its last reference goes.
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    use aya_obj::generated::{bpf_attr, bpf_cmd};
-    // SAFETY: all-zero is a valid `bpf_attr` (a union of integer structs).
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-    attr.link_detach.link_fd = fd_u32(link);
-    // SAFETY: `attr` is a BPF_LINK_DETACH attr; it holds no pointers.
-    unsafe { sys_bpf(bpf_cmd::BPF_LINK_DETACH as libc::c_long, &mut attr) }.map(drop)
-}
-
-/// BPF_OBJ_GET_INFO_BY_FD into `info`, the head of a `bpf_*_info` struct (the kernel fills
-/// only what fits). `T` must be a `#[repr(C)]` struct of integers.
-pub(crate) fn obj_info<T>(fd: BorrowedFd<'_>, info: &mut T) -> io::Result<()> {
-    let mut attr = InfoAttr {
-        bpf_fd: fd_u32(fd),
-        info_len: size_of::<T>() as u32,
-        info: std::ptr::from_mut(info) as u64,
-    };
-    // SAFETY: `attr` points at `info`, writable for `info_len` bytes.
-    unsafe { sys_batch(BatchOp::Info, &mut attr) }
-}
-
-fn fd_u32(fd: BorrowedFd<'_>) -> u32 {
-    // A valid fd is non-negative, so this never wraps.
-    fd.as_raw_fd() as u32
 }
 
 /// Where a chunked lookup resumes. Start with [`BatchCursor::new`]; reuse for every chunk of
@@ -291,56 +189,13 @@ impl BatchCursor {
     }
 }
 
-/// `union bpf_attr`'s member for BPF_OBJ_GET_INFO_BY_FD: `{ __u32 bpf_fd; __u32 info_len;
-/// __aligned_u64 info; }`.
-#[repr(C)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
-}
-
-/// The head of `struct bpf_map_info`: all we check. The kernel fills only `info_len` bytes.
-#[repr(C)]
-#[derive(Default)]
-struct MapInfoHead {
-    map_type: u32,
-    id: u32,
-    key_size: u32,
-    value_size: u32,
-}
-
-pub const BPF_MAP_TYPE_HASH: u32 = 1;
-pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-
-/// Creates a map of `map_type` for `K → V` with room for `max_entries` and no flags (as the
-/// product's SESSIONS map): for tests and benchmark baselines that need a map of the same
-/// shape without loading a program.
-pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> io::Result<std::os::fd::OwnedFd> {
-    /// The first fields of `bpf_attr` for BPF_MAP_CREATE; the kernel zero-fills the rest.
-    #[repr(C)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    const BPF_MAP_CREATE: libc::c_long = 0;
-    let mut attr = CreateAttr {
-        map_type,
-        key_size: size_of::<K>() as u32,
-        value_size: size_of::<V>() as u32,
-        max_entries,
-        map_flags: 0,
-    };
-    // SAFETY: a valid, initialised attr holding no pointers.
-    owned_fd(unsafe { sys_bpf(BPF_MAP_CREATE, &mut attr) }?)
-}
-
-/// Map types whose values are per CPU (`BPF_MAP_TYPE_PERCPU_HASH`, `_PERCPU_ARRAY`,
-/// `_LRU_PERCPU_HASH`, `_PERCPU_CGROUP_STORAGE`).
-const PER_CPU_MAP_TYPES: [u32; 4] = [5, 6, 10, 21];
+/// Map types whose values are per CPU.
+const PER_CPU_MAP_TYPES: [bpf_map_type; 4] = [
+    bpf_map_type::BPF_MAP_TYPE_PERCPU_HASH,
+    bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+    bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH,
+    bpf_map_type::BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE,
+];
 
 /// A map fd checked to hold `K → V`: the key and value sizes match, and values are not per
 /// CPU. The kernel copies `count × key_size` and `count × value_size` bytes to and from our
@@ -358,18 +213,12 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
     /// Checks that the map behind `fd` holds `K → V`.
     pub fn new(fd: BorrowedFd<'fd>) -> Result<Self, BatchError> {
         const OP: BatchOp = BatchOp::Info;
-        let mut info = MapInfoHead::default();
-        obj_info(fd, &mut info).map_err(|source| BatchError::Syscall {
+        let info: bpf_map_info = obj_info(fd).map_err(|source| BatchError::Syscall {
             op: OP,
             done: 0,
             source,
         })?;
-        let MapInfoHead {
-            map_type,
-            id: _,
-            key_size,
-            value_size,
-        } = info;
+        let (map_type, key_size, value_size) = (info.type_, info.key_size, info.value_size);
         let (want_key, want_value) = (size_of::<K>(), size_of::<V>());
         if key_size as usize != want_key || value_size as usize != want_value {
             return Err(BatchError::WrongSizes {
@@ -379,7 +228,7 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                 want_value,
             });
         }
-        if PER_CPU_MAP_TYPES.contains(&map_type) {
+        if PER_CPU_MAP_TYPES.map(map_type_u32).contains(&map_type) {
             return Err(BatchError::PerCpu { map_type });
         }
         Ok(BatchMap {
@@ -435,24 +284,20 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
             // The kernel reads the token from `in_batch` and writes the next one to
             // `out_batch`; both may point at the same buffer (it reads before it writes).
             let token = cursor.token.as_mut_ptr() as u64;
-            let mut attr = BatchAttr {
-                in_batch: if cursor.started { token } else { 0 },
-                out_batch: token,
-                keys: keys.as_mut_ptr() as u64,
-                values: values.as_mut_ptr() as u64,
-                count: asked,
-                map_fd: fd_u32(self.fd),
-                ..Default::default()
-            };
+            let (k, v) = (keys.as_mut_ptr() as u64, values.as_mut_ptr() as u64);
+            let mut attr = batch_attr(self.fd, k, v, asked);
+            attr.batch.in_batch = if cursor.started { token } else { 0 };
+            attr.batch.out_batch = token;
             // SAFETY: the map holds `K → V` (checked in `new`) and `keys`/`values` hold
             // `asked` of them; the token buffer holds max(8, size_of::<K>())
             // bytes, which covers both token kinds.
             let res = unsafe { sys_batch(OP, &mut attr) };
             let errno = res.as_ref().err().and_then(io::Error::raw_os_error);
+            let got = batch_count(&attr);
             let more = match res {
                 Ok(()) => true,
                 Err(_) if errno == Some(libc::ENOENT) => false,
-                Err(_) if errno == Some(libc::ENOSPC) && attr.count == 0 => {
+                Err(_) if errno == Some(libc::ENOSPC) && got == 0 => {
                     // The next bucket alone does not fit: ask again for more, in that place.
                     if asked >= MAX_BUCKET_RETRY {
                         return Err(BatchError::BucketTooLarge { op: OP, max: asked });
@@ -470,15 +315,11 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                     });
                 }
             };
-            if attr.count > asked {
-                return Err(BatchError::Overrun {
-                    op: OP,
-                    got: attr.count,
-                    asked,
-                });
+            if got > asked {
+                return Err(BatchError::Overrun { op: OP, got, asked });
             }
-            keys.truncate(attr.count as usize);
-            values.truncate(attr.count as usize);
+            keys.truncate(got as usize);
+            values.truncate(got as usize);
             cursor.started = true;
             cursor.done = !more;
             return Ok(more);
@@ -503,19 +344,13 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
             op: OP,
             len: keys.len(),
         })?;
-        let mut attr = BatchAttr {
-            keys: keys.as_ptr() as u64,
-            values: values.as_ptr() as u64,
-            count,
-            map_fd: fd_u32(self.fd),
-            elem_flags: flags,
-            ..Default::default()
-        };
+        let mut attr = batch_attr(self.fd, keys.as_ptr() as u64, values.as_ptr() as u64, count);
+        attr.batch.elem_flags = flags;
         // SAFETY: the map holds `K → V`; the kernel reads `count` of each, which the slices
         // hold.
         unsafe { sys_batch(OP, &mut attr) }.map_err(|source| BatchError::Syscall {
             op: OP,
-            done: attr.count as usize,
+            done: batch_count(&attr) as usize,
             source,
         })
     }
@@ -528,12 +363,7 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
         let mut rest = keys;
         while !rest.is_empty() {
             let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-            let mut attr = BatchAttr {
-                keys: rest.as_ptr() as u64,
-                count,
-                map_fd: fd_u32(self.fd),
-                ..Default::default()
-            };
+            let mut attr = batch_attr(self.fd, rest.as_ptr() as u64, 0, count);
             // SAFETY: the map's keys are `K`; the kernel reads `count` of them, which `rest`
             // holds.
             let res = unsafe { sys_batch(OP, &mut attr) };
@@ -545,12 +375,12 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                 }
                 // The kernel stopped at `rest[attr.count]`, which is missing: skip it.
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    let done = (attr.count as usize).min(rest.len());
+                    let done = (batch_count(&attr) as usize).min(rest.len());
                     deleted += done;
                     rest = rest.get(done + 1..).unwrap_or_default();
                 }
                 Err(source) => {
-                    let done = (attr.count as usize).min(rest.len());
+                    let done = (batch_count(&attr) as usize).min(rest.len());
                     return Err(BatchError::Syscall {
                         op: OP,
                         done: deleted + done,
@@ -566,12 +396,10 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
     pub fn lookup(&self, key: &K) -> Result<Option<V>, BatchError> {
         const OP: BatchOp = BatchOp::LookupElem;
         let mut value = V::zeroed();
-        let mut attr = ElemAttr {
-            map_fd: fd_u32(self.fd),
-            key: std::ptr::from_ref(key) as u64,
-            value: std::ptr::from_mut(&mut value) as u64,
-            ..Default::default()
-        };
+        let mut attr = zeroed_attr();
+        attr.__bindgen_anon_2.map_fd = fd_u32(self.fd);
+        attr.__bindgen_anon_2.key = std::ptr::from_ref(key) as u64;
+        attr.__bindgen_anon_2.__bindgen_anon_1.value = std::ptr::from_mut(&mut value) as u64;
         // SAFETY: the map holds `K → V`; the kernel reads one key and writes one value.
         match unsafe { sys_batch(OP, &mut attr) } {
             Ok(()) => Ok(Some(value)),
@@ -733,8 +561,8 @@ mod tests {
             "the map holds 40-byte keys and 72-byte values, not 40 and 8"
         );
         assert!(BatchMap::<u32, Value>::new(fd.as_fd()).is_err());
-        const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
-        let per_cpu = create_map::<Key, Value>(BPF_MAP_TYPE_LRU_PERCPU_HASH, 8);
+        let lru_percpu_hash = map_type_u32(bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH);
+        let per_cpu = create_map::<Key, Value>(lru_percpu_hash, 8);
         assert!(matches!(
             BatchMap::<Key, Value>::new(per_cpu.as_fd()),
             Err(BatchError::PerCpu { map_type: 10 })
@@ -775,5 +603,296 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// The batch logic against a fake kernel (`sys::fake`), which plays a hash map bucket by
+    /// bucket as `kernel/bpf/hashtab.c` does: no root needed.
+    mod fake_kernel {
+        use super::{key, value, Key, Value};
+        use crate::datapath::{
+            batch::{BatchCursor, BatchError, BatchMap, BatchOp},
+            sys::{
+                bpf_cmd, bpf_map_type,
+                fake::{Call, FakeHash},
+                map_type_u32,
+            },
+        };
+
+        /// The entries `ids` as one bucket.
+        fn bucket(ids: impl IntoIterator<Item = u64>) -> Vec<(Key, Value)> {
+            ids.into_iter().map(|i| (key(i), value(i))).collect()
+        }
+
+        fn ids(keys: &[Key]) -> Vec<u64> {
+            keys.iter().map(|k| k.0[0]).collect()
+        }
+
+        fn lookup(in_batch: Option<u32>, count: u32) -> Call {
+            Call {
+                cmd: bpf_cmd::BPF_MAP_LOOKUP_BATCH,
+                count,
+                in_batch,
+            }
+        }
+
+        fn delete(count: u32) -> Call {
+            Call {
+                cmd: bpf_cmd::BPF_MAP_DELETE_BATCH,
+                count,
+                in_batch: None,
+            }
+        }
+
+        /// A fake hash map of `buckets`, with room for 64.
+        fn fake(buckets: Vec<Vec<(Key, Value)>>) -> FakeHash<Key, Value> {
+            FakeHash::new(buckets, 64)
+        }
+
+        /// The fake as a `BatchMap`, the calls of its check forgotten.
+        fn map_of(fake: &FakeHash<Key, Value>) -> BatchMap<'_, Key, Value> {
+            let map = BatchMap::new(fake.fd()).expect("a Key → Value map");
+            fake.take_calls();
+            map
+        }
+
+        /// Walks the map chunk by chunk with `lookup_batch` (at most 20 chunks): the ids of
+        /// each chunk, checking every value goes with its key.
+        fn walk(map: &BatchMap<'_, Key, Value>, max: u32) -> Vec<Vec<u64>> {
+            let (mut cursor, mut chunks) = (BatchCursor::new(), Vec::new());
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                let more = map
+                    .lookup_batch(&mut cursor, &mut k, &mut v, max)
+                    .expect("chunk");
+                let values: Vec<Value> = k.iter().map(|k| value(k.0[0])).collect();
+                assert_eq!(v, values, "values of {:?}", ids(&k));
+                chunks.push(ids(&k));
+                if !more {
+                    assert!(cursor.is_done());
+                    return chunks;
+                }
+            }
+            panic!("no end of the map after 20 chunks: {chunks:?}");
+        }
+
+        /// Chunks never split a bucket: one larger than the chunk is asked for again (ENOSPC)
+        /// with twice the count, at that bucket, until it fits; the end of the map comes with
+        /// the last entries (ENOENT), and a finished cursor asks the kernel nothing more.
+        #[test]
+        fn walks_retry_enospc_at_the_bucket_and_end_at_enoent() {
+            struct Row {
+                buckets: Vec<Vec<u64>>,
+                max: u32,
+                chunks: Vec<Vec<u64>>,
+                calls: Vec<Call>,
+            }
+            let rows = [
+                // A bucket of five after a chunk of one: 2 and 4 do not fit, 8 does (and
+                // takes the last bucket, and the end, with it).
+                Row {
+                    buckets: vec![vec![0], vec![1, 2, 3, 4, 5], vec![], vec![6]],
+                    max: 2,
+                    chunks: vec![vec![0], vec![1, 2, 3, 4, 5, 6]],
+                    calls: vec![
+                        lookup(None, 2),
+                        lookup(Some(1), 2),
+                        lookup(Some(1), 4),
+                        lookup(Some(1), 8),
+                    ],
+                },
+                // The very first bucket with entries is too large: the retry resumes at the
+                // bucket the kernel named, not at the start.
+                Row {
+                    buckets: vec![vec![], vec![], vec![0, 1, 2], vec![3]],
+                    max: 1,
+                    chunks: vec![vec![0, 1, 2, 3]],
+                    calls: vec![lookup(None, 1), lookup(Some(2), 2), lookup(Some(2), 4)],
+                },
+                // A chunk stops before a bucket that does not fit in what is left of it.
+                Row {
+                    buckets: vec![vec![0], vec![1], vec![2, 3]],
+                    max: 3,
+                    chunks: vec![vec![0, 1], vec![2, 3]],
+                    calls: vec![lookup(None, 3), lookup(Some(2), 3)],
+                },
+                // The last entries come with ENOENT.
+                Row {
+                    buckets: vec![vec![0, 1]],
+                    max: 2,
+                    chunks: vec![vec![0, 1]],
+                    calls: vec![lookup(None, 2)],
+                },
+                // An empty map: one call, nothing.
+                Row {
+                    buckets: vec![vec![], vec![]],
+                    max: 4,
+                    chunks: vec![vec![]],
+                    calls: vec![lookup(None, 4)],
+                },
+            ];
+            for (i, row) in rows.into_iter().enumerate() {
+                let fake = fake(row.buckets.into_iter().map(bucket).collect());
+                let map = map_of(&fake);
+                assert_eq!(walk(&map, row.max), row.chunks, "row {i}");
+                assert_eq!(fake.take_calls(), row.calls, "row {i}");
+            }
+        }
+
+        #[test]
+        fn a_finished_walk_asks_the_kernel_nothing() {
+            let fake = fake(vec![bucket([0])]);
+            let map = map_of(&fake);
+            let mut cursor = BatchCursor::new();
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            assert!(!map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 8)
+                .expect("all"));
+            fake.take_calls();
+            assert!(!map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 8)
+                .expect("again"));
+            assert!(k.is_empty() && v.is_empty());
+            assert_eq!(fake.take_calls(), []);
+        }
+
+        /// A bucket larger than the largest count we ask for is an error naming the command,
+        /// after doubling up to that count.
+        #[test]
+        fn a_bucket_too_large_for_any_request_is_an_error() {
+            let fake = fake(vec![bucket(0..=65_536)]);
+            let map = map_of(&fake);
+            let mut cursor = BatchCursor::new();
+            let (mut k, mut v) = (vec![key(9)], vec![value(9)]);
+            let err = map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 1)
+                .expect_err("65537 entries in one bucket");
+            assert!(
+                matches!(err, BatchError::BucketTooLarge { max: 65_536, .. }),
+                "{err:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                "BPF_MAP_LOOKUP_BATCH: a hash bucket holds more than 65536 entries"
+            );
+            let asked: Vec<u32> = fake.take_calls().iter().map(|c| c.count).collect();
+            assert_eq!(asked, (0..=16).map(|p| 1 << p).collect::<Vec<u32>>());
+            assert!(k.is_empty() && v.is_empty(), "nothing half-read is left");
+        }
+
+        /// An error the walk does not expect is passed up naming the command and the errno;
+        /// nothing of the failed chunk is left, and the walk can go on from where it was.
+        #[test]
+        fn a_lookup_error_is_passed_up_and_the_walk_can_go_on() {
+            let fake = fake(vec![bucket([0]), bucket([1]), bucket([2])]);
+            let map = map_of(&fake);
+            let mut cursor = BatchCursor::new();
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            assert!(map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 1)
+                .expect("first"));
+            assert_eq!(ids(&k), [0]);
+            fake.state()
+                .faults
+                .push_back((bpf_cmd::BPF_MAP_LOOKUP_BATCH, libc::EBUSY));
+            let err = map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 1)
+                .expect_err("EBUSY");
+            assert_eq!(err.errno(), Some(libc::EBUSY));
+            assert!(
+                err.to_string().starts_with(
+                    "BPF_MAP_LOOKUP_BATCH failed after 0 elements: Device or resource busy"
+                ),
+                "{err}"
+            );
+            assert!(k.is_empty() && v.is_empty(), "nothing half-read is left");
+            assert!(!cursor.is_done());
+            assert!(map
+                .lookup_batch(&mut cursor, &mut k, &mut v, 1)
+                .expect("on"));
+            assert_eq!(ids(&k), [1]);
+            let calls = fake.take_calls();
+            assert_eq!(calls[1..], [lookup(Some(1), 1), lookup(Some(1), 1)]);
+        }
+
+        /// A delete batch stops at a missing key (ENOENT, with the count done before it): the
+        /// rest is deleted in the next call, past that key.
+        #[test]
+        fn deletes_skip_missing_keys_and_count_what_went() {
+            let fake = fake(vec![bucket(0..6)]);
+            let map = map_of(&fake);
+            let doomed = [1, 100, 3, 101, 102, 5].map(key);
+            assert_eq!(map.delete_batch(&doomed).expect("delete"), 3);
+            assert_eq!(
+                fake.take_calls(),
+                [delete(6), delete(4), delete(2), delete(1)]
+            );
+            let state = fake.state();
+            let left: Vec<bool> = (0..6).map(|i| state.contains(&key(i))).collect();
+            assert_eq!(left, [true, false, true, false, true, false]);
+        }
+
+        /// A delete that fails for another reason says how many keys went before, over all the
+        /// calls it made.
+        #[test]
+        fn a_failed_delete_reports_how_many_went_before() {
+            let fake = fake(vec![bucket(0..6)]);
+            fake.state().stuck = Some((key(4), libc::EBUSY));
+            let map = map_of(&fake);
+            let doomed = [1, 100, 2, 3, 4, 5].map(key);
+            let err = map.delete_batch(&doomed).expect_err("key 4 is stuck");
+            assert!(
+                matches!(
+                    err,
+                    BatchError::Syscall {
+                        op: BatchOp::Delete,
+                        done: 3,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().starts_with(
+                    "BPF_MAP_DELETE_BATCH failed after 3 elements: Device or resource busy"
+                ),
+                "{err}"
+            );
+            assert_eq!(fake.take_calls(), [delete(6), delete(4)]);
+            assert_eq!(fake.state().len(), 3, "0, 4 and 5 are left");
+        }
+
+        /// An update stops where the kernel stopped (the map is full) and says so.
+        #[test]
+        fn an_update_into_a_full_map_reports_how_many_went_in() {
+            let fake = FakeHash::<Key, Value>::new(vec![vec![]; 4], 4);
+            let map = map_of(&fake);
+            let keys: Vec<Key> = (0..6).map(key).collect();
+            let values: Vec<Value> = (0..6).map(value).collect();
+            let err = map.update_batch(&keys, &values, 0).expect_err("full");
+            assert_eq!(err.errno(), Some(libc::E2BIG));
+            assert!(
+                err.to_string()
+                    .starts_with("BPF_MAP_UPDATE_BATCH failed after 4 elements"),
+                "{err}"
+            );
+            assert_eq!(map.lookup(&key(3)).expect("lookup"), Some(value(3)));
+            assert_eq!(map.lookup(&key(4)).expect("lookup"), None);
+        }
+
+        /// `BatchMap::new` reads the map's info and refuses other sizes and per-CPU values.
+        #[test]
+        fn maps_of_other_shapes_are_refused() {
+            let fake = FakeHash::<Key, Value>::new(Vec::new(), 4);
+            let err = BatchMap::<Key, [u8; 8]>::new(fake.fd()).expect_err("value size");
+            assert_eq!(
+                err.to_string(),
+                "the map holds 40-byte keys and 72-byte values, not 40 and 8"
+            );
+            fake.state().map_type = map_type_u32(bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH);
+            assert!(matches!(
+                BatchMap::<Key, Value>::new(fake.fd()),
+                Err(BatchError::PerCpu { map_type: 10 })
+            ));
+        }
     }
 }

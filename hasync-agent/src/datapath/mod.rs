@@ -13,6 +13,7 @@ pub mod pin;
 pub mod pod;
 mod ports;
 pub mod sweep;
+pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod testing;
 

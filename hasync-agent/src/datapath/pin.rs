@@ -24,7 +24,6 @@ use std::{
     fmt,
     fs::{self, DirBuilder},
     io,
-    mem::size_of,
     os::{
         fd::{BorrowedFd, OwnedFd},
         unix::{
@@ -39,7 +38,10 @@ use hasync_common::maps as names;
 
 use super::{
     attach::check_interface_name,
-    batch::{self, obj_get, obj_info},
+    sys::{
+        self, bpf_link_info, bpf_link_type, bpf_map_info, bpf_map_type, map_type_u32, obj_get,
+        obj_info,
+    },
     AttachMode, DatapathError,
 };
 
@@ -68,10 +70,7 @@ pub const MAPS: [&str; 11] = [
 const MAPS_DIR: &str = "maps";
 const LINKS_DIR: &str = "links";
 
-/// `enum bpf_map_type` values named in messages (include/uapi/linux/bpf.h).
-const BPF_MAP_TYPE_RINGBUF: u32 = 27;
-/// `BPF_LINK_TYPE_XDP`.
-const BPF_LINK_TYPE_XDP: u32 = 6;
+const BPF_MAP_TYPE_RINGBUF: u32 = map_type_u32(bpf_map_type::BPF_MAP_TYPE_RINGBUF);
 
 /// A pin directory and its layout.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -303,19 +302,24 @@ impl MapShape {
 
 impl fmt::Display for MapShape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.map_type {
-            1 => "hash".to_owned(),
-            2 => "array".to_owned(),
-            5 => "percpu_hash".to_owned(),
-            6 => "percpu_array".to_owned(),
-            9 => "lru_hash".to_owned(),
-            10 => "lru_percpu_hash".to_owned(),
-            BPF_MAP_TYPE_RINGBUF => "ringbuf".to_owned(),
-            t => format!("map type {t}"),
+        use bpf_map_type as T;
+        let kind = match bpf_map_type::try_from(self.map_type) {
+            Ok(T::BPF_MAP_TYPE_HASH) => Some("hash"),
+            Ok(T::BPF_MAP_TYPE_ARRAY) => Some("array"),
+            Ok(T::BPF_MAP_TYPE_PERCPU_HASH) => Some("percpu_hash"),
+            Ok(T::BPF_MAP_TYPE_PERCPU_ARRAY) => Some("percpu_array"),
+            Ok(T::BPF_MAP_TYPE_LRU_HASH) => Some("lru_hash"),
+            Ok(T::BPF_MAP_TYPE_LRU_PERCPU_HASH) => Some("lru_percpu_hash"),
+            Ok(T::BPF_MAP_TYPE_RINGBUF) => Some("ringbuf"),
+            _ => None,
         };
+        match kind {
+            Some(kind) => f.write_str(kind)?,
+            None => write!(f, "map type {}", self.map_type)?,
+        }
         write!(
             f,
-            "{kind}, key {} B, value {} B, {} entries",
+            ", key {} B, value {} B, {} entries",
             self.key_size, self.value_size, self.max_entries
         )?;
         if self.flags != 0 {
@@ -449,35 +453,16 @@ pub fn pinned_capacity(pins: &PinDir) -> Option<u32> {
     Some(shape.max_entries)
 }
 
-/// The shape of a map fd (the head of `struct bpf_map_info`).
+/// The shape of a map fd (from `struct bpf_map_info`).
 fn map_shape(fd: &OwnedFd) -> io::Result<MapShape> {
     use std::os::fd::AsFd as _;
-    #[repr(C)]
-    #[derive(Default)]
-    struct MapInfoHead {
-        map_type: u32,
-        id: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    let mut info = MapInfoHead::default();
-    obj_info(fd.as_fd(), &mut info)?;
-    let MapInfoHead {
-        map_type,
-        id: _,
-        key_size,
-        value_size,
-        max_entries,
-        map_flags,
-    } = info;
+    let info: bpf_map_info = obj_info(fd.as_fd())?;
     Ok(MapShape {
-        map_type,
-        key_size,
-        value_size,
-        max_entries,
-        flags: map_flags,
+        map_type: info.type_,
+        key_size: info.key_size,
+        value_size: info.value_size,
+        max_entries: info.max_entries,
+        flags: info.map_flags,
     })
 }
 
@@ -506,7 +491,7 @@ pub(crate) fn detach_pinned_link(path: &Path) -> Result<Option<XdpLinkInfo>, Dat
         Ok(fd) => {
             let info = xdp_link_info_of(fd.as_fd()).ok();
             if info.is_some() {
-                batch::link_detach(fd.as_fd()).map_err(pin_io("detaching", path))?;
+                sys::link_detach(fd.as_fd()).map_err(pin_io("detaching", path))?;
             }
             info
         }
@@ -518,30 +503,19 @@ pub(crate) fn detach_pinned_link(path: &Path) -> Result<Option<XdpLinkInfo>, Dat
 
 /// Reads the XDP link `fd`; an error if it is not an XDP link.
 pub(crate) fn xdp_link_info_of(fd: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
-    /// The head of `struct bpf_link_info`: its union is 8-byte aligned, so the XDP member's
-    /// `ifindex` is at offset 16.
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkInfoHead {
-        link_type: u32,
-        id: u32,
-        prog_id: u32,
-        _pad: u32,
-        xdp_ifindex: u32,
-        _pad2: u32,
-    }
-    const _: () = assert!(size_of::<LinkInfoHead>() == 24);
-    let mut info = LinkInfoHead::default();
-    obj_info(fd, &mut info)?;
-    if info.link_type != BPF_LINK_TYPE_XDP {
+    let info: bpf_link_info = obj_info(fd)?;
+    if info.type_ != bpf_link_type::BPF_LINK_TYPE_XDP as u32 {
         return Err(io::Error::other(format!(
             "it is not an XDP link (link type {})",
-            info.link_type
+            info.type_
         )));
     }
+    // SAFETY: the union is integer structs (any bytes are valid); the kernel filled its `xdp`
+    // member for an XDP link.
+    let ifindex = unsafe { info.__bindgen_anon_1.xdp.ifindex };
     Ok(XdpLinkInfo {
         program_id: info.prog_id,
-        ifindex: info.xdp_ifindex,
+        ifindex,
     })
 }
 
@@ -710,6 +684,37 @@ mod tests {
             pins.map_path("SESSIONS"),
             Path::new("/sys/fs/bpf/hasync/maps/SESSIONS")
         );
+    }
+
+    /// A link's info is read from `struct bpf_link_info` as the kernel fills it: an XDP link's
+    /// program and interface; another kind of link is refused naming its type (a fake kernel
+    /// answers: no root needed).
+    #[test]
+    fn xdp_link_info_is_read_from_the_kernel_struct() {
+        use crate::datapath::sys::{bpf_cmd, fake, zeroed_info};
+        use std::{cell::Cell, os::fd::AsFd as _, rc::Rc};
+        let link_type = Rc::new(Cell::new(bpf_link_type::BPF_LINK_TYPE_XDP));
+        let kernel_link_type = Rc::clone(&link_type);
+        let _fake = fake::install(move |cmd, attr| {
+            assert_eq!(cmd, bpf_cmd::BPF_OBJ_GET_INFO_BY_FD);
+            let mut info: bpf_link_info = zeroed_info();
+            info.type_ = kernel_link_type.get() as u32;
+            info.prog_id = 42;
+            info.__bindgen_anon_1.xdp.ifindex = 7;
+            // SAFETY: `attr` came through `sys_bpf` for BPF_OBJ_GET_INFO_BY_FD.
+            unsafe { fake::reply_info(attr, &info) }
+        });
+        let link = fs::File::open("/dev/null").expect("/dev/null");
+        assert_eq!(
+            xdp_link_info_of(link.as_fd()).expect("an XDP link"),
+            XdpLinkInfo {
+                program_id: 42,
+                ifindex: 7
+            }
+        );
+        link_type.set(bpf_link_type::BPF_LINK_TYPE_TCX);
+        let e = xdp_link_info_of(link.as_fd()).expect_err("a tcx link");
+        assert_eq!(e.to_string(), "it is not an XDP link (link type 11)");
     }
 
     #[test]
@@ -1034,7 +1039,7 @@ mod tests {
             let mut dp = Datapath::load(&pins.options(1024)).expect("load");
             dp.attach("hsp-h0").expect("veth");
             let link = obj_get(&dir.join("links/hsp-h0:native")).expect("pinned link");
-            batch::link_detach(link.as_fd()).expect("detach");
+            sys::link_detach(link.as_fd()).expect("detach");
             let broken = dp.broken_attachments(&crate::netlink::list_now().expect("dump"));
             assert_eq!(broken.len(), 1, "{broken:?}");
             assert_eq!(
@@ -1050,7 +1055,7 @@ mod tests {
             // Detached again, and another program takes the interface: attaching again fails,
             // and the interface stays broken (never forgotten, so never healthy by omission).
             let link = obj_get(&dir.join("links/hsp-h0:native")).expect("pinned link");
-            batch::link_detach(link.as_fd()).expect("detach");
+            sys::link_detach(link.as_fd()).expect("detach");
             let mut other = crate::datapath::testing::datapath();
             other.attach("hsp-h0").expect("the other program");
             let now = crate::netlink::list_now().expect("dump");
@@ -1092,8 +1097,13 @@ mod tests {
                 .expect("pin");
         };
         // An older SESSIONS: same key, a 16-byte value.
-        pin(create_map::<FlowKey, [u8; 16]>(9, 64), names::SESSIONS);
-        pin(create_map::<u32, u64>(6, 1), names::COUNTERS);
+        let lru_hash = map_type_u32(bpf_map_type::BPF_MAP_TYPE_LRU_HASH);
+        let percpu_array = map_type_u32(bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY);
+        pin(
+            create_map::<FlowKey, [u8; 16]>(lru_hash, 64),
+            names::SESSIONS,
+        );
+        pin(create_map::<u32, u64>(percpu_array, 1), names::COUNTERS);
         let e = Datapath::load(&pins.options(64)).err().expect("refused");
         let msg = e.to_string();
         for want in [

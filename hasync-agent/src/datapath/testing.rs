@@ -7,11 +7,11 @@ use hasync_common::{DatapathConfig, MemberId};
 
 use super::{Datapath, DatapathOptions};
 
-pub use super::batch::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+pub use super::sys::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
 
 /// Creates a map of `map_type` for `K → V` with room for `max_entries` (tests need root).
 pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> OwnedFd {
-    super::batch::create_map::<K, V>(map_type, max_entries)
+    super::sys::create_map::<K, V>(map_type, max_entries)
         .unwrap_or_else(|e| panic!("BPF_MAP_CREATE (tests need root): {e}"))
 }
 
