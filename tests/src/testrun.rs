@@ -83,9 +83,9 @@ impl TestDatapath {
     }
 
     /// Like [`Self::load_with`], with a session table of `capacity` entries, as much of which
-    /// embryonic sessions may take as there can be (half for this member's own, half for
-    /// replicas; however many CPUs share the ring, test runs on one CPU see only its part:
-    /// `DatapathConfig::embryo_slots`).
+    /// embryonic sessions may take as there can be (half for this member's own, and as many
+    /// for each member's copies in their own part; however many CPUs share the ring, test
+    /// runs on one CPU see only its part: `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
         let mut opts = DatapathOptions::new(config.local_member);
         opts.session_capacity = capacity;

@@ -11,7 +11,9 @@ use hasync_common::{
 };
 use hasync_tests::{
     frame::Frame,
-    testrun::{fixture_config, monotonic_ns, stay_on_this_cpu, with_delta, TestDatapath, Verdict},
+    testrun::{
+        fixture_config, monotonic_ns, stay_on_this_cpu, with_delta, TestDatapath, Verdict, LOCAL,
+    },
 };
 
 const CAPACITY: u32 = 1024;
@@ -462,4 +464,45 @@ fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame
         .datapath_mut()
         .install(&records, MemberId::NONE, now)
         .expect("install");
+}
+
+/// A copy this member took over (its owner died) keeps the old owner's ticket but is no
+/// longer the old owner's: when that member comes back, its newer sessions taking the same slot
+/// of its part must not evict it.
+#[test]
+fn a_session_taken_over_is_not_evicted_by_its_old_owners_part() {
+    let (mut tdp, _) = load(Policy::Loose);
+    let replica_slots = tdp
+        .datapath()
+        .config()
+        .expect("config")
+        .embryo_replica_slots;
+    let peer = MemberId(2);
+    let now = monotonic_ns();
+    let copy = |port: u16, ticket: u32| {
+        let (key, mut session) = answered(now, peer, 21, port);
+        session.ticket = ticket;
+        InstallRecord::new(key, session, InstallOp::Upsert, true)
+    };
+    let install = |tdp: &mut TestDatapath, r: InstallRecord| {
+        let out = tdp
+            .datapath_mut()
+            .install(&[r], MemberId::NONE, now)
+            .expect("install");
+        assert_eq!(out.installed, 1, "{out:?}");
+    };
+    let taken = copy(3_000, 5);
+    install(&mut tdp, taken);
+    // Member 2 is not alive here: the next packet of the flow takes the session over.
+    let src = SocketAddr::new(IpAddr::from([198, 18, 0, 21]), 3_000);
+    let packet = Frame::udp(src, sa("198.18.1.20:53"));
+    assert_eq!(tdp.run(&packet.build()).expect("run"), Verdict::Pass);
+    let held = tdp.session(&taken.key).expect("read").expect("held");
+    assert_eq!(held.owner, LOCAL, "taken over");
+    // Member 2 is back, and its newer session lands on the same slot of its part.
+    install(&mut tdp, copy(3_001, 5 + replica_slots));
+    assert!(
+        tdp.session(&taken.key).expect("read").is_some(),
+        "the session taken over was evicted by its old owner's part"
+    );
 }
