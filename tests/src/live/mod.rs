@@ -6,5 +6,6 @@
 
 pub mod agent;
 pub mod member;
+pub mod series;
 pub mod station;
 pub mod stream;
