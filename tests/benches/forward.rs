@@ -38,58 +38,30 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::Stdio,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{
-        xdp::{XdpLinkId, XdpMode},
-        TestRun, TestRunAttrs, TestRunOptions, Xdp,
-    },
-    Ebpf,
-};
-use hasync_agent::{
-    control::{self, Request},
-    lab::{
-        cluster::{config_path, log_path, pin_dir, socket_path},
-        command_in,
-        netns::Processes,
-        write_configs, ClusterOptions,
-    },
-};
+use anyhow::{anyhow, ensure, Context as _, Result};
+use aya::maps::HashMap;
+use hasync_agent::lab::ClusterOptions;
 use hasync_tests::{
-    frame::Frame,
     interrupt::{catch_signals, check_stop},
-    netns::{veth, DropIsolated, Lab, Netns},
-    testrun::{load_xdp_programs, stay_on_this_cpu, xdp_md},
+    live::{
+        agent::{agent_binary, Agents},
+        member,
+        station::{establish, End, Station},
+        stream::{size_label, stream, Direction, Family, FRAME_LEN},
+    },
+    netns::{veth, Lab, Netns},
 };
 
-static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("HASYNC_EBPF_OUT_DIR"), "/forward-bench"));
-
-/// Bytes per frame (the generator's template size).
-const FRAME_LEN: usize = 64;
-/// Flow `i` uses port `BASE_PORT + i % 2^14` and address `base + i / 2^14` (as the program).
-const PORT_BITS: u32 = 14;
-const BASE_PORT: u16 = 10_000;
-/// The receiver's port.
-const DST_PORT: u16 = 9;
-/// Live frames per batch (the kernel's default).
-const BATCH: u32 = 64;
-/// Frames per test run while measuring, and while establishing flows: large, since each
-/// live-frames run sets up and tears down its page pool (tens of ms here).
+/// Frames per test run while measuring: large, since each live-frames run sets up and tears
+/// down its page pool (tens of ms here).
 const CHUNK: u32 = 1 << 18;
-const SETUP_CHUNK: u32 = 1 << 16;
 /// Sending time of one run, and runs per figure.
 const RUN_TIME: Duration = Duration::from_millis(500);
 const RUNS: usize = 3;
-/// Bound of any loop: a generator call that never returns fails the bench, not hangs it.
-const MAX_CALLS: u32 = 100_000;
 /// Flows per figure, unless `--flows` says otherwise.
 const SIZES: [u32; 2] = [1_000, 1_000_000];
 /// Most flows `--flows` takes: 2^14 ports times 64 hosts; the agent's table holds them all
@@ -98,7 +70,6 @@ const MAX_FLOWS: u32 = 1 << 20;
 /// The agent's session table: room for 1M flows before any is replied to.
 const CAPACITY: u32 = 1 << 22;
 const EMBRYONIC: u32 = CAPACITY / 2;
-const AGENT_READY: Duration = Duration::from_secs(30);
 
 const TARGET_XDP_VS_REDIRECT: f64 = 0.8;
 const TARGET_XDP_VS_CONNTRACK: f64 = 3.0;
@@ -183,251 +154,6 @@ impl Case {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    fn label(self) -> &'static str {
-        match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        }
-    }
-
-    /// The first generator host; flow `i` uses this + `i / 2^14` in the last 16 bits.
-    fn gen_host(self) -> IpAddr {
-        match self {
-            Family::V4 => Ipv4Addr::new(198, 18, 0, 10).into(),
-            Family::V6 => Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 10).into(),
-        }
-    }
-
-    /// The receiver: behind the member (routed), or in the generator's subnet.
-    fn recv_host(self, bridged: bool) -> IpAddr {
-        match (self, bridged) {
-            (Family::V4, false) => Ipv4Addr::new(198, 18, 1, 2).into(),
-            (Family::V4, true) => Ipv4Addr::new(198, 18, 0, 200).into(),
-            (Family::V6, false) => Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 2).into(),
-            (Family::V6, true) => Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x200).into(),
-        }
-    }
-
-    /// The `n`th generator host.
-    fn nth_gen_host(self, n: u16) -> IpAddr {
-        match self.gen_host() {
-            IpAddr::V4(a) => Ipv4Addr::from(u32::from(a) + u32::from(n)).into(),
-            IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) + u128::from(n)).into(),
-        }
-    }
-}
-
-/// Generator hosts `flows` flows need.
-fn hosts(flows: u32) -> u16 {
-    u16::try_from(flows.div_ceil(1 << PORT_BITS)).unwrap_or(u16::MAX)
-}
-
-// ---------------------------------------------------------------------------------------------
-// What a generator sends: a template and the fields it varies.
-
-/// What a generator sends: the frame template and the values of its GEN_PARAMS slots.
-struct Stream {
-    template: [u8; FRAME_LEN],
-    /// flows, address word, port, IPv4 header checksum, transport checksum (offsets; 0 none).
-    params: [u32; 5],
-}
-
-/// Whether a stream goes gen → recv (varying its source) or back (varying its destination).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
-    Original,
-    Reply,
-}
-
-/// The stream of `flows` UDP flows of `family` between the gen hosts and recv, in `dir`,
-/// with the given Ethernet addresses.
-fn stream(family: Family, bridged: bool, dir: Direction, macs: [[u8; 6]; 2], flows: u32) -> Stream {
-    let gen = SocketAddr::new(family.gen_host(), BASE_PORT);
-    let recv = SocketAddr::new(family.recv_host(bridged), DST_PORT);
-    let (src, dst) = match dir {
-        Direction::Original => (gen, recv),
-        Direction::Reply => (recv, gen),
-    };
-    let (bare, _) = Frame::udp(src, dst).build_with_layout();
-    let (bytes, layout) = Frame::udp(src, dst)
-        .payload(FRAME_LEN - bare.len())
-        .build_with_layout();
-    let mut template = [0u8; FRAME_LEN];
-    template.copy_from_slice(&bytes);
-    template[..6].copy_from_slice(&macs[0]);
-    template[6..12].copy_from_slice(&macs[1]);
-    let (l3, l4) = (layout.l3 as u32, layout.l4 as u32);
-    // The last 16 bits of the source or destination address, the port, the checksums.
-    let (addr, port) = match (family, dir) {
-        (Family::V4, Direction::Original) => (l3 + 14, l4),
-        (Family::V4, Direction::Reply) => (l3 + 18, l4 + 2),
-        (Family::V6, Direction::Original) => (l3 + 22, l4),
-        (Family::V6, Direction::Reply) => (l3 + 38, l4 + 2),
-    };
-    let ip_csum = if family == Family::V4 { l3 + 10 } else { 0 };
-    Stream {
-        template,
-        params: [flows, addr, port, ip_csum, l4 + 6],
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Stations: the generator and counter programs of one namespace.
-
-/// The bench object loaded for one namespace: its generator, its counter (attached to the
-/// namespace's interfaces) and, in the member, the pass and redirect programs.
-struct Station {
-    ebpf: DropIsolated<Ebpf>,
-    links: Vec<(&'static str, XdpLinkId)>,
-}
-
-impl Station {
-    fn load() -> Result<Station> {
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the forward-bench object")?;
-        load_xdp_programs(&mut ebpf, &["generate", "count", "pass", "redirect"])?;
-        Ok(Station {
-            ebpf: DropIsolated::new(ebpf),
-            links: Vec::new(),
-        })
-    }
-
-    fn prog_mut(&mut self, name: &str) -> Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("no program {name}"))?
-            .try_into()?)
-    }
-
-    /// Attaches program `name` to `ifname` in `ns` (native XDP).
-    fn attach(&mut self, ns: &Netns, name: &'static str, ifname: &str) -> Result<()> {
-        let prog = self.prog_mut(name)?;
-        let id = ns
-            .run(|| prog.attach(ifname, XdpMode::Driver))?
-            .with_context(|| format!("attaching {name} to {ifname} in {}", ns.name()))?;
-        self.links.push((name, id));
-        Ok(())
-    }
-
-    /// Detaches every program this station attached.
-    fn detach_all(&mut self) -> Result<()> {
-        for (name, id) in std::mem::take(&mut self.links) {
-            self.prog_mut(name)?
-                .detach(id)
-                .with_context(|| format!("detaching {name}"))?;
-        }
-        Ok(())
-    }
-
-    fn map(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("no map {name}"))
-    }
-
-    /// Frames the counter counted, all CPUs.
-    fn received(&mut self) -> Result<u64> {
-        let map: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(self.map("RX_COUNT")?)?;
-        Ok(map.get(&0, 0)?.iter().sum())
-    }
-
-    /// What the generator sends from now on, starting at flow 0 on every CPU.
-    fn set_stream(&mut self, s: &Stream) -> Result<()> {
-        let mut t: Array<_, [u64; FRAME_LEN / 8]> = Array::try_from(self.map("GEN_TEMPLATE")?)?;
-        let mut words = [0u64; FRAME_LEN / 8];
-        for (w, chunk) in words.iter_mut().zip(s.template.chunks_exact(8)) {
-            *w = u64::from_ne_bytes(chunk.try_into()?);
-        }
-        t.set(0, words, 0)?;
-        let mut p: Array<_, u32> = Array::try_from(self.map("GEN_PARAMS")?)?;
-        for (i, v) in (0u32..).zip(s.params) {
-            p.set(i, v, 0)?;
-        }
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let mut iter: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("GEN_ITER")?)?;
-        iter.set(0, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
-        Ok(())
-    }
-
-    /// Sends frames out of `ifindex` in `ns` (from a thread there, kept on one CPU): `chunk`
-    /// per test run until `total` are sent or `time` has passed. Returns frames sent and the
-    /// time the kernel's run loops took (BPF_PROG_TEST_RUN's duration: without each run's
-    /// page-pool setup and teardown, nor time the thread was preempted).
-    fn send(
-        &self,
-        ns: &Netns,
-        ifindex: u32,
-        chunk: u32,
-        total: u64,
-        time: Duration,
-    ) -> Result<(u64, Duration)> {
-        let prog: &Xdp = self
-            .ebpf
-            .program("generate")
-            .ok_or_else(|| anyhow!("no program generate"))?
-            .try_into()?;
-        ns.run(|| send_from_here(prog, ifindex, chunk, total, time))?
-    }
-}
-
-/// [`Station::send`] on the calling thread.
-fn send_from_here(
-    prog: &Xdp,
-    ifindex: u32,
-    chunk: u32,
-    total: u64,
-    time: Duration,
-) -> Result<(u64, Duration)> {
-    stay_on_this_cpu()?;
-    let frame = [0u8; FRAME_LEN];
-    let ctx = xdp_md(FRAME_LEN, ifindex);
-    let start = Instant::now();
-    let (mut sent, mut running) = (0u64, Duration::ZERO);
-    for _ in 0..MAX_CALLS {
-        if sent >= total || start.elapsed() >= time {
-            break;
-        }
-        check_stop()?;
-        let repeat = u32::try_from((total - sent).min(u64::from(chunk))).unwrap_or(chunk);
-        let out = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                ctx_in: Some(&ctx),
-                repeat,
-                attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                ..TestRunOptions::new()
-            })
-            .map_err(live_frames_error)?;
-        sent += u64::from(repeat);
-        // The kernel reports the mean time per frame of its run loop, in whole ns.
-        running += out.duration * repeat;
-    }
-    Ok((sent, running))
-}
-
-/// A failed live-frames test run, saying what the kernel lacks when that is the cause.
-fn live_frames_error(e: aya::programs::ProgramError) -> anyhow::Error {
-    let text = format!("{e:#}");
-    if text.contains("Invalid argument") || text.contains("not supported") {
-        anyhow!(
-            "BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES, Linux ≥ 5.18) \
-             failed: {text}. This kernel does not support it, or refuses the generator's \
-             frame; the forward bench needs it"
-        )
-    } else {
-        anyhow!("live-frames test run of the generator: {text}")
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The lab.
 
@@ -505,199 +231,20 @@ impl Bench {
     }
 }
 
-/// The member's forwarding setup: addresses, a sync interface for the agent (one member has
-/// no peer), static neighbours for recv and every generator host.
+/// The member's forwarding setup ([`member::configure`]) and a sync interface for the agent
+/// (one member has no peer).
 fn configure_member(m: &Netns) -> Result<()> {
-    for (key, value) in [
-        ("net.ipv4.ip_forward", "1"),
-        ("net.ipv4.conf.all.rp_filter", "0"),
-        ("net.ipv4.conf.default.rp_filter", "0"),
-        ("net.ipv6.conf.all.forwarding", "1"),
-    ] {
-        m.sysctl(key, value)?;
-    }
-    for (ifname, v4, v6) in [
-        ("in0", "198.18.0.1/24", "fd00:18::1/64"),
-        ("out0", "198.18.1.1/24", "fd00:18:1::1/64"),
-    ] {
-        m.addr(ifname, v4)?;
-        m.addr(ifname, v6)?;
-        m.sysctl(&format!("net.ipv4.conf.{ifname}.rp_filter"), "0")?;
-    }
+    member::configure(m)?;
     // A veth pair inside the member (this kernel may lack the dummy driver).
     veth(m, "ha4", m, "ha4-peer")?;
     m.addr("ha4", "198.18.100.1/24")
 }
 
-/// Static neighbours on the member: recv behind out0, the generator hosts behind in0.
-fn add_neighbours(b: &Bench, flows: u32) -> Result<()> {
-    let (g0, r0) = (mac_text(b.mac("g0")), mac_text(b.mac("r0")));
-    for family in Family::ALL {
-        let recv = family.recv_host(false).to_string();
-        b.member.ip(&[
-            "neigh",
-            "replace",
-            &recv,
-            "lladdr",
-            &r0,
-            "dev",
-            "out0",
-            "nud",
-            "permanent",
-        ])?;
-        for n in 0..hosts(flows) {
-            let host = family.nth_gen_host(n).to_string();
-            b.member.ip(&[
-                "neigh",
-                "replace",
-                &host,
-                "lladdr",
-                &g0,
-                "dev",
-                "in0",
-                "nud",
-                "permanent",
-            ])?;
-        }
-    }
-    Ok(())
-}
-
-fn mac_text(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 // ---------------------------------------------------------------------------------------------
 // The device under test, per case.
 
-/// The hasync agent running in the member namespace, stopped and its pinned datapath removed
-/// when dropped.
-struct Agent {
-    procs: Processes,
-    pid: u32,
-    dir: PathBuf,
-}
-
-impl Agent {
-    fn start(b: &Bench, case: Case) -> Result<Agent> {
-        let binary = b.binary.as_deref().ok_or_else(|| {
-            anyhow!(
-                "case ({}) needs the release agent: set HASYNC_BIN",
-                case.letter()
-            )
-        })?;
-        remove_stale_pins();
-        let dir = std::env::temp_dir().join(format!("{AGENT_DIR}{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let agent = Agent {
-            procs: Processes::default(),
-            pid: 0,
-            dir,
-        };
-        let options = ClusterOptions {
-            session_capacity: CAPACITY,
-            embryonic_capacity: Some(EMBRYONIC),
-            backup_link: false,
-            timeouts: [("udp-new", 3600), ("udp-replied", 3600)]
-                .into_iter()
-                .map(|(s, t)| (s.to_owned(), t))
-                .collect(),
-            ..ClusterOptions::default()
-        };
-        write_configs(&agent.dir, 1, &options).context("writing the agent's config")?;
-        let path = config_path(&agent.dir, 1);
-        let text = std::fs::read_to_string(&path)?;
-        std::fs::write(&path, case_config(case, &text))?;
-        agent.spawn(b, binary)
-    }
-
-    fn spawn(mut self, b: &Bench, binary: &Path) -> Result<Agent> {
-        let log = std::fs::File::create(log_path(&self.dir, 1))?;
-        let mut cmd = command_in(b.member.name(), binary)?;
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(config_path(&self.dir, 1))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        self.pid = self.procs.spawn("hasync agent", cmd)?;
-        self.wait_active()?;
-        Ok(self)
-    }
-
-    /// Waits until the agent says it is active; fails with its log if it exits first.
-    fn wait_active(&self) -> Result<()> {
-        let deadline = Instant::now() + AGENT_READY;
-        let mut state = String::from("not listening");
-        while Instant::now() < deadline {
-            check_stop()?;
-            if let Some(status) = self.procs.exit_status(self.pid)? {
-                bail!(
-                    "the agent exited ({status}); its log:\n{}",
-                    std::fs::read_to_string(log_path(&self.dir, 1)).unwrap_or_default()
-                );
-            }
-            if let Ok(resp) = control::request(&socket_path(&self.dir, 1), &Request::ShowMembers) {
-                state = resp.data["members"][0]["state"]
-                    .as_str()
-                    .unwrap_or("unknown")
-                    .to_owned();
-                if state == "active" {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "the agent is not active after {} s (state: {state}); its log:\n{}",
-            AGENT_READY.as_secs(),
-            std::fs::read_to_string(log_path(&self.dir, 1)).unwrap_or_default()
-        )
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Err(e) = self.procs.stop(self.pid, Duration::from_secs(5)) {
-            eprintln!("cleanup: stopping the agent: {e}");
-        }
-        let pins = pin_dir(&self.dir, 1);
-        if let Err(e) = hasync_agent::datapath::pin::teardown(&pins) {
-            eprintln!("cleanup: tearing down {}: {e}", pins.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The agent's lab directory: this prefix and the bench's pid.
+/// The agents' lab directory: this prefix and the bench's pid.
 const AGENT_DIR: &str = "hasync-bench-fwd-";
-
-/// Removes the pinned datapaths that earlier runs, killed before they could clean up, left
-/// behind (their pid is gone, their namespaces with it).
-fn remove_stale_pins() {
-    let Ok(entries) = std::fs::read_dir(hasync_agent::datapath::pin::BPFFS_MOUNT) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(AGENT_DIR)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            if let Err(e) = hasync_agent::datapath::pin::teardown(&entry.path()) {
-                eprintln!("removing stale pins {name}: {e}");
-            }
-        }
-    }
-}
 
 /// The lab config text with what `case` adds: `[local] forwarding = "xdp"` for (f), a
 /// `[[vwire]]` of in0 and out0 for (g).
@@ -727,7 +274,7 @@ enum Dut {
     Nothing,
     Programs,
     Nft,
-    Agent(Agent),
+    Agent(Agents),
 }
 
 impl Bench {
@@ -748,7 +295,7 @@ impl Bench {
                 Ok(Dut::Nft)
             }
             Case::HasyncKernel | Case::HasyncXdp | Case::Vwire => {
-                Ok(Dut::Agent(Agent::start(self, case)?))
+                Ok(Dut::Agent(self.start_agent(case)?))
             }
         }
     }
@@ -777,6 +324,30 @@ impl Bench {
         } = self;
         member_st.attach(member, "pass", "in0")?;
         member_st.attach(member, "pass", "out0")
+    }
+
+    /// The hasync agent (release binary) in the member for `case`, active.
+    fn start_agent(&self, case: Case) -> Result<Agents> {
+        let binary = self.binary.as_deref().ok_or_else(|| {
+            anyhow!(
+                "case ({}) needs the release agent: set HASYNC_BIN",
+                case.letter()
+            )
+        })?;
+        let options = ClusterOptions {
+            session_capacity: CAPACITY,
+            embryonic_capacity: Some(EMBRYONIC),
+            backup_link: false,
+            timeouts: [("udp-new", 3600), ("udp-replied", 3600)]
+                .into_iter()
+                .map(|(s, t)| (s.to_owned(), t))
+                .collect(),
+            ..ClusterOptions::default()
+        };
+        let mut agents =
+            Agents::configure(AGENT_DIR, 1, &options, |_, text| case_config(case, text))?;
+        agents.start(1, &self.member, binary)?;
+        Ok(agents)
     }
 
     fn setup_redirect(&mut self) -> Result<()> {
@@ -813,15 +384,6 @@ struct Figure {
 /// (family, flows) → case → figure.
 type Results = BTreeMap<(Family, u32), BTreeMap<Case, Figure>>;
 
-/// `1k`, `1m`, or the number.
-fn size_label(flows: u32) -> String {
-    match flows {
-        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}m", n / 1_000_000),
-        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
-        n => n.to_string(),
-    }
-}
-
 /// System, irq and softirq time of all CPUs so far, in ns (/proc/stat counts in USER_HZ, 100).
 fn kernel_cpu_ns() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -851,10 +413,8 @@ fn original_path(b: &Bench, case: Case) -> (u32, [[u8; 6]; 2]) {
 }
 
 /// One pass of every flow in the original direction, then one of replies from recv, so the
-/// member has seen both directions of each. Says on stderr how many arrived and how long it
-/// took.
-fn establish(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<()> {
-    let started = Instant::now();
+/// member has seen both directions of each ([`establish`]).
+fn establish_flows(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<()> {
     let (ingress, macs) = original_path(b, case);
     let reply_macs = if case.bridged() {
         [b.mac("g0"), b.mac("r0")]
@@ -863,34 +423,32 @@ fn establish(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<()
     };
     let orig = stream(family, case.bridged(), Direction::Original, macs, flows);
     let reply = stream(family, case.bridged(), Direction::Reply, reply_macs, flows);
-    let limit = Duration::from_secs(60);
-    b.gen_st.set_stream(&orig)?;
-    let before = b.recv_st.received()?;
-    b.gen_st
-        .send(&b.gen, ingress, SETUP_CHUNK, flows.into(), limit)?;
-    std::thread::sleep(Duration::from_millis(50));
-    let forward = b.recv_st.received()? - before;
-    let forward_took = started.elapsed();
-    b.recv_st.set_stream(&reply)?;
-    let before = b.gen_st.received()?;
-    b.recv_st
-        .send(&b.recv, b.ports.r0, SETUP_CHUNK, flows.into(), limit)?;
-    std::thread::sleep(Duration::from_millis(50));
-    let replies = b.gen_st.received()? - before;
-    eprintln!(
-        "  {} {flows} flows established: {forward} forwarded in {forward_took:.1?}, {replies} \
-         replies through in {:.1?}",
-        family.label(),
-        started.elapsed() - forward_took
-    );
-    b.gen_st.set_stream(&orig)
+    let Bench {
+        gen_st,
+        recv_st,
+        gen,
+        recv,
+        ports,
+        ..
+    } = b;
+    let gen = End {
+        station: gen_st,
+        ns: gen,
+        ifindex: ingress,
+    };
+    let recv = End {
+        station: recv_st,
+        ns: recv,
+        ifindex: ports.r0,
+    };
+    establish(gen, recv, (&orig, &reply), flows, family.label()).map(drop)
 }
 
 /// The rate of `case` for `family` and `flows`: the median of [`RUNS`] runs.
 fn measure(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<Figure> {
     let (ingress, macs) = original_path(b, case);
     if case.stateful() {
-        establish(b, case, family, flows)?;
+        establish_flows(b, case, family, flows)?;
     } else {
         b.gen_st.set_stream(&stream(
             family,
@@ -1124,18 +682,6 @@ fn parse_flows(text: &str) -> Result<Vec<u32>> {
     Ok(out)
 }
 
-/// The agent binary for (e)–(g): $HASYNC_BIN, else the release build in the target dir.
-fn agent_binary() -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("HASYNC_BIN").filter(|b| !b.is_empty()) {
-        return Some(PathBuf::from(bin));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Some(root.join(target).join("release/hasync")).filter(|p| p.is_file())
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
@@ -1150,7 +696,12 @@ fn main() -> Result<()> {
     catch_signals()?;
     let mut bench = Bench::create()?;
     bench.binary = agent_binary();
-    add_neighbours(&bench, sizes.iter().copied().max().unwrap_or(0))?;
+    member::add_neighbours(
+        &bench.member,
+        bench.mac("g0"),
+        bench.mac("r0"),
+        sizes.iter().copied().max().unwrap_or(0),
+    )?;
     let started = Instant::now();
     let mut results = Results::new();
     for case in cases {

@@ -9,6 +9,7 @@ pub mod forwarder;
 pub mod frame;
 pub mod fuzz;
 pub mod interrupt;
+pub mod live;
 pub mod netns;
 pub mod sockets;
 pub mod testrun;

@@ -78,9 +78,20 @@ Modes:
         /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
         #[arg(long, value_name = "LIST")]
         cases: Option<String>,
-        /// `forward` only: the numbers of flows to measure, e.g. `1000,1000000` (the default).
+        /// `forward`: the numbers of flows to measure, e.g. `1000,1000000` (the default);
+        /// `failover`: the number of flows (default 1000).
         #[arg(long, value_name = "LIST")]
         flows: Option<String>,
+        /// `failover` only: `ipv4` (the default) or `ipv6`.
+        #[arg(long, value_name = "FAMILY")]
+        family: Option<String>,
+        /// `failover` only: the generator's rate in Mpps (default: half of fw1's capacity
+        /// measured in the same run).
+        #[arg(long, value_name = "MPPS")]
+        rate: Option<String>,
+        /// `failover` only: write the run's time series (sent, received every 2 ms) as CSV.
+        #[arg(long, value_name = "FILE")]
+        series: Option<String>,
     },
     /// Setup, then a fault-injection run against a netns cluster (needs root): partitions,
     /// loss, stopped, killed and restarted agents, floods, a hostile peer; invariants checked
@@ -130,6 +141,10 @@ enum Bench {
     /// without conntrack, and hasync (the `forward` bench in hasync-tests; builds the release
     /// agent).
     Forward,
+    /// Live frames through fw1 of a two-member cluster forwarding in XDP; fw1 killed and the
+    /// traffic steered to fw2: frames lost, time until fw2 forwards at full rate (the
+    /// `failover` bench in hasync-tests; builds the release agent).
+    Failover,
 }
 
 impl Bench {
@@ -138,6 +153,7 @@ impl Bench {
             Self::Fastpath => "fastpath",
             Self::Sync => "sync",
             Self::Forward => "forward",
+            Self::Failover => "failover",
         }
     }
 }
@@ -224,7 +240,21 @@ fn dispatch(cli: Cli) -> Result<()> {
             json,
             cases,
             flows,
-        } => run_bench(root, bench, json, cases, flows),
+            family,
+            rate,
+            series,
+        } => run_bench(
+            root,
+            bench,
+            json,
+            BenchOptions {
+                cases,
+                flows,
+                family,
+                rate,
+                series,
+            },
+        ),
         Task::Chaos {
             members,
             duration,
@@ -315,28 +345,44 @@ fn run_hasync(
 }
 
 /// `bench`: `cargo bench` of hasync-tests' `bench`, with the release agent for `forward`.
-fn run_bench(
-    root: &Path,
-    bench: Bench,
-    json: bool,
+/// `cargo xtask bench`'s options that only some benches take.
+struct BenchOptions {
     cases: Option<String>,
     flows: Option<String>,
-) -> Result<()> {
+    family: Option<String>,
+    rate: Option<String>,
+    series: Option<String>,
+}
+
+fn run_bench(root: &Path, bench: Bench, json: bool, options: BenchOptions) -> Result<()> {
     setup::setup(Mode::Install, Report::Summary)?;
     let mut cargo = cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
-    if matches!(bench, Bench::Forward) && std::env::var_os("HASYNC_BIN").is_none() {
+    let live = matches!(bench, Bench::Forward | Bench::Failover);
+    if live && std::env::var_os("HASYNC_BIN").is_none() {
         build_release_agent()?;
         cargo.env("HASYNC_BIN", release_binary(root));
     }
     if json {
         cargo.arg("--json");
     }
-    for (flag, value) in [("--cases", cases), ("--flows", flows)] {
+    let forward = matches!(bench, Bench::Forward);
+    let failover = matches!(bench, Bench::Failover);
+    let BenchOptions {
+        cases,
+        flows,
+        family,
+        rate,
+        series,
+    } = options;
+    for (flag, value, ok, only) in [
+        ("--cases", cases, forward, "forward"),
+        ("--flows", flows, live, "forward` and `bench failover"),
+        ("--family", family, failover, "failover"),
+        ("--rate", rate, failover, "failover"),
+        ("--series", series, failover, "failover"),
+    ] {
         if let Some(value) = value {
-            anyhow::ensure!(
-                matches!(bench, Bench::Forward),
-                "{flag} is for `bench forward` only"
-            );
+            anyhow::ensure!(ok, "{flag} is for `bench {only}` only");
             cargo.args([flag, value.as_str()]);
         }
     }

@@ -5,7 +5,12 @@
 //!   receivers wrote into them, so every frame is rewritten whole from `GEN_TEMPLATE`; then one
 //!   address word and one port of the template are offset by the flow (a per-CPU counter modulo
 //!   the number of flows) and the checksums adjusted incrementally. Returns XDP_TX: the frame
-//!   leaves through the test run's ingress interface.
+//!   leaves through the test run's ingress interface; or, when `GEN_PACE` says so, a redirect
+//!   to the interface in the `GEN_EGRESS` slot that `GEN_SLOT` names (userspace switches
+//!   slots while the run goes on).
+//!   Paced (`GEN_PACE`), it sends a frame only when its schedule says one is due and drops the
+//!   run's frame otherwise (a live-frames test run cannot be slowed down, only made to send
+//!   less).
 //! - `count`: the receiver: counts frames per CPU and drops them.
 //! - `pass`: XDP_PASS, so a veth takes XDP frames (its peer's `ndo_xdp_xmit` needs a program
 //!   on this end) while the kernel stack does the work.
@@ -22,8 +27,9 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMap, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 // The panic handler and the license section.
@@ -52,6 +58,29 @@ static GEN_PARAMS: Array<u32> = Array::with_max_entries(5, 0);
 /// Frames generated, per CPU: the flow index is this modulo the flows.
 #[map]
 static GEN_ITER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Pacing: the interval between frames in ns (0: no pacing, every run of the program sends);
+/// the most a paced generator may lag behind its schedule, in ns (frames due longer ago are
+/// not sent, and counted in `GEN_LAGGED`); non-zero to send by redirect to `GEN_EGRESS`
+/// instead of XDP_TX.
+#[map]
+static GEN_PACE: Array<[u64; 3]> = Array::with_max_entries(1, 0);
+
+/// A paced generator's next send time (`bpf_ktime_get_ns`; 0: the next run), per CPU.
+#[map]
+static GEN_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Frames a paced generator did not send because they were due too long ago, per CPU.
+#[map]
+static GEN_LAGGED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a redirecting generator may send...
+#[map]
+static GEN_EGRESS: DevMap = DevMap::with_max_entries(2, 0);
+
+/// ...and the slot of `GEN_EGRESS` it sends to.
+#[map]
+static GEN_SLOT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Frames received, per CPU.
 #[map]
@@ -120,11 +149,49 @@ fn adjust_checksum(ctx: &XdpContext, off: u32, delta: u32, udp: bool) {
     }
 }
 
+/// Whether a paced generator sends a frame now (an unpaced one always does): advances the
+/// schedule by one interval, after skipping the frames due more than the lag allowed ago.
+#[inline(always)]
+fn due(interval: u64, max_lag: u64) -> bool {
+    if interval == 0 {
+        return true;
+    }
+    let Some(next) = GEN_NEXT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, only this program writes it on this CPU.
+    let mut n = unsafe { *next };
+    if n == 0 {
+        n = now;
+    }
+    if now < n {
+        return false;
+    }
+    let oldest = now.saturating_sub(max_lag);
+    if n < oldest {
+        let behind = oldest.wrapping_sub(n).checked_div(interval).unwrap_or(0);
+        if let Some(lagged) = GEN_LAGGED.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this program writes it on this CPU.
+            unsafe { *lagged = (*lagged).wrapping_add(behind) };
+        }
+        n = n.wrapping_add(behind.wrapping_mul(interval));
+    }
+    // SAFETY: as above.
+    unsafe { *next = n.wrapping_add(interval) };
+    true
+}
+
 #[xdp]
 pub fn generate(ctx: XdpContext) -> u32 {
     let data = ctx.data();
     if data.wrapping_add(FRAME_LEN) > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
+    }
+    let [interval, max_lag, redirect] = GEN_PACE.get(0).copied().unwrap_or([0; 3]);
+    if !due(interval, max_lag) {
+        return xdp_action::XDP_DROP;
     }
     let Some(template) = GEN_TEMPLATE.get(0) else {
         return xdp_action::XDP_ABORTED;
@@ -152,7 +219,13 @@ pub fn generate(ctx: XdpContext) -> u32 {
     add_word(&ctx, param(2), port);
     adjust_checksum(&ctx, param(3), host, false);
     adjust_checksum(&ctx, param(4), host.wrapping_add(port), true);
-    xdp_action::XDP_TX
+    if redirect == 0 {
+        return xdp_action::XDP_TX;
+    }
+    let slot = GEN_SLOT.get(0).copied().unwrap_or(0);
+    GEN_EGRESS
+        .redirect(slot, 0)
+        .unwrap_or(xdp_action::XDP_ABORTED)
 }
 
 #[xdp]
