@@ -263,34 +263,8 @@ impl Cluster {
     /// lists it.
     pub fn tcp_connection_through_fw1(&self, port: u16) -> (TrafficClient, Row) {
         let c = self;
-        let topo = c.topology();
-        // Both members active (with or without session sync), and fw2 hears fw1.
-        for (k, of) in [(1, 1), (2, 2), (2, 1)] {
-            c.wait(
-                &format!("fw{k} to see fw{of} active"),
-                Duration::from_secs(20),
-                || {
-                    let m = c.try_member(k, of)?;
-                    (m.state == "active" && m.ha4 == "up")
-                        .then_some(())
-                        .ok_or(format!("{m:?}"))
-                },
-            );
-        }
-        let client = tcp_client(
-            topo.client(),
-            (SERVER_V4, port).into(),
-            TcpClientOptions {
-                interval: Duration::from_millis(50),
-                io_timeout: Duration::from_millis(200),
-                bounds: Bounds::new(2_000, Duration::from_secs(60)),
-                ..TcpClientOptions::default()
-            },
-        )
-        .unwrap_or_else(|e| c.fail(&format!("TCP through fw1: {e}")));
-        client
-            .wait_until(Duration::from_secs(5), |p| p.ok >= 5)
-            .unwrap_or_else(|| c.fail(&format!("no echoes through fw1: {:?}", client.progress())));
+        c.wait_pair_active();
+        let client = c.echo_client((SERVER_V4, port).into(), "through fw1");
         let filter = SessionFilter {
             proto: Some("tcp".into()),
             port: Some(port),
@@ -308,6 +282,58 @@ impl Cluster {
             (IpAddr::V4(CLIENT_V4), IpAddr::V4(SERVER_V4), 1, "trust")
         );
         (client, row)
+    }
+
+    /// Waits until fw1 and fw2 are active (with or without session sync) and fw2 hears fw1.
+    pub fn wait_pair_active(&self) {
+        for (k, of) in [(1, 1), (2, 2), (2, 1)] {
+            self.wait(
+                &format!("fw{k} to see fw{of} active"),
+                Duration::from_secs(20),
+                || {
+                    let m = self.try_member(k, of)?;
+                    (m.state == "active" && m.ha4 == "up")
+                        .then_some(())
+                        .ok_or(format!("{m:?}"))
+                },
+            );
+        }
+    }
+
+    /// A TCP echo client in the client namespace, a chunk every 50 ms to `server` (which must
+    /// listen), once 5 echoes came back; `path` names the way it goes, for failures.
+    pub fn echo_client(&self, server: SocketAddr, path: &str) -> TrafficClient {
+        let client = tcp_client(
+            self.topology().client(),
+            server,
+            TcpClientOptions {
+                interval: Duration::from_millis(50),
+                io_timeout: Duration::from_millis(200),
+                bounds: Bounds::new(2_000, Duration::from_secs(60)),
+                ..TcpClientOptions::default()
+            },
+        )
+        .unwrap_or_else(|e| self.fail(&format!("TCP {path}: {e}")));
+        client
+            .wait_until(Duration::from_secs(5), |p| p.ok >= 5)
+            .unwrap_or_else(|| self.fail(&format!("no echoes {path}: {:?}", client.progress())));
+        client
+    }
+
+    /// Waits until member `k` lists exactly one session that `filter` selects, owned by
+    /// `owner`, and returns it.
+    pub fn wait_owned(&self, k: u8, filter: &SessionFilter, owner: u8, timeout: Duration) -> Row {
+        self.wait(
+            &format!("fw{k} to list the connection, owned by fw{owner}"),
+            timeout,
+            || {
+                let v = self.try_sessions(k, filter.clone())?;
+                match v.sessions.as_deref() {
+                    Some([s]) if s.owner == owner => Ok(Row::from(s)),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
     }
 
     /// The last [`LOG_LINES`] lines of every member's agent log.

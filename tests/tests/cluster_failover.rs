@@ -155,16 +155,11 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
             .map_or(0.0, |t| t.duration_since(steered).as_secs_f64())
     );
     // fw2 declares fw1 dead and takes the session over on its next packet.
-    let taken = c.wait(
-        "fw2 to take the connection over",
+    let taken = c.wait_owned(
+        2,
+        &filter,
+        2,
         Duration::from_secs(KEEPALIVE_THRESHOLD_MS / 1000 + 10),
-        || {
-            let v = c.try_sessions(2, filter.clone())?;
-            match v.sessions.as_deref() {
-                Some([s]) if s.owner == 2 => Ok(Row::from(s)),
-                other => Err(format!("{other:?}")),
-            }
-        },
     );
     assert_eq!(
         (taken.sport, taken.state.as_str(), taken.zone.as_str()),

@@ -32,9 +32,10 @@ fn a_late_member_receives_100k_sessions_and_becomes_active() {
         "clate-",
         2,
         ClusterOptions {
-            session_capacity: 524_288,
+            session_capacity: 1 << 20,
             // The injected flows are never answered: all of them fit in one CPU's part of the
-            // embryonic share (half the table, cut per CPU).
+            // embryonic share (each member's a quarter of the table in a 2-member cluster, cut
+            // per CPU), here and in the late member's part for fw1's copies.
             embryonic_capacity: Some(262_144),
             // The injected flows are never answered: udp-new must outlive the test.
             timeouts: [("udp-new".to_owned(), 600)].into(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hasync_agent::{
     control::SessionFilter,
     lab::{
-        traffic::{tcp_client, tcp_echo_server, Bounds, TcpClientOptions},
+        traffic::{tcp_echo_server, Bounds},
         ClusterOptions, Link, Signal,
     },
 };
@@ -64,18 +64,7 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
     for k in [1, 2] {
         c.start_member(k);
     }
-    for (k, of) in [(1, 1), (2, 2), (2, 1)] {
-        c.wait(
-            &format!("fw{k} to see fw{of} active"),
-            Duration::from_secs(20),
-            || {
-                let m = c.try_member(k, of)?;
-                (m.state == "active" && m.ha4 == "up")
-                    .then_some(())
-                    .ok_or(format!("{m:?}"))
-            },
-        );
-    }
+    c.wait_pair_active();
     let server_addr = (SERVER.parse::<std::net::IpAddr>().expect("ip"), PORT).into();
     let _server = tcp_echo_server(
         topo.server(),
@@ -83,25 +72,7 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
         Bounds::new(4, Duration::from_secs(60)),
     )
     .expect("TCP echo server");
-    let client = tcp_client(
-        topo.client(),
-        server_addr,
-        TcpClientOptions {
-            interval: Duration::from_millis(50),
-            io_timeout: Duration::from_millis(200),
-            bounds: Bounds::new(2_000, Duration::from_secs(60)),
-            ..TcpClientOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| c.fail(&format!("TCP across fw1's wire: {e}")));
-    client
-        .wait_until(Duration::from_secs(5), |p| p.ok >= 5)
-        .unwrap_or_else(|| {
-            c.fail(&format!(
-                "no echoes across fw1's wire: {:?}",
-                client.progress()
-            ))
-        });
+    let client = c.echo_client(server_addr, "across fw1's wire");
     assert!(
         counter(&c, 1, "vwire-forwarded") > 0,
         "fw1's wire carried it"
@@ -114,17 +85,8 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
         ..SessionFilter::default()
     };
     for k in [1, 2] {
-        c.wait(
-            &format!("fw{k} to hold the connection"),
-            Duration::from_secs(10),
-            || {
-                let v = c.try_sessions(k, filter.clone())?;
-                match v.sessions.as_deref() {
-                    Some([s]) if s.owner == 1 && s.state == "established" => Ok(()),
-                    other => Err(format!("{other:?}")),
-                }
-            },
-        );
+        let row = c.wait_owned(k, &filter, 1, Duration::from_secs(10));
+        assert_eq!(row.state, "established", "fw{k}");
     }
 
     // fw1 dies; its wire is pulled out and fw2's plugged in.
@@ -145,18 +107,9 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
                 c.try_counters(2)
             ))
         });
-    let taken = c.wait(
-        "fw2 to take the connection over",
-        Duration::from_secs(KEEPALIVE_THRESHOLD_MS / 1000 + 10),
-        || {
-            let v = c.try_sessions(2, filter.clone())?;
-            match v.sessions.as_deref() {
-                Some([s]) if s.owner == 2 => Ok(s.state.clone()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    );
-    assert_eq!(taken, "established");
+    let timeout = Duration::from_secs(KEEPALIVE_THRESHOLD_MS / 1000 + 10);
+    let taken = c.wait_owned(2, &filter, 2, timeout);
+    assert_eq!(taken.state, "established");
     let p = client
         .wait_until(Duration::from_secs(5), |p| p.ok >= before.ok + 20)
         .unwrap_or_else(|| {
