@@ -55,7 +55,7 @@ use hasync_agent::{
 use hasync_tests::{
     interrupt::{catch_signals, check_stop},
     live::{
-        agent::{agent_binary, Agents},
+        agent::{agent_binary, bench_timeouts, Agents},
         member,
         series::{count_at, rate, Criteria, Recovery, Sample},
         station::{establish, End, LongRun, Station, Steering},
@@ -214,10 +214,7 @@ fn start_agents(b: &Bench) -> Result<Agents> {
         // The most two members may have: a quarter of the table.
         embryonic_capacity: Some(capacity / 4),
         backup_link: false,
-        timeouts: [("udp-new", 3600), ("udp-replied", 3600)]
-            .into_iter()
-            .map(|(s, t)| (s.to_owned(), t))
-            .collect(),
+        timeouts: bench_timeouts(),
         ..ClusterOptions::default()
     };
     let mut agents = Agents::configure(AGENT_DIR, 2, &options, |_, text| text.to_owned())?;

@@ -48,7 +48,7 @@ use hasync_agent::lab::ClusterOptions;
 use hasync_tests::{
     interrupt::{catch_signals, check_stop},
     live::{
-        agent::{agent_binary, Agents},
+        agent::{agent_binary, bench_timeouts, Agents},
         member,
         station::{establish, End, Station},
         stream::{size_label, stream, Direction, Family, FRAME_LEN},
@@ -338,10 +338,7 @@ impl Bench {
             session_capacity: CAPACITY,
             embryonic_capacity: Some(EMBRYONIC),
             backup_link: false,
-            timeouts: [("udp-new", 3600), ("udp-replied", 3600)]
-                .into_iter()
-                .map(|(s, t)| (s.to_owned(), t))
-                .collect(),
+            timeouts: bench_timeouts(),
             ..ClusterOptions::default()
         };
         let mut agents =

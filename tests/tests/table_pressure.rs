@@ -197,6 +197,15 @@ fn a_full_table_refuses_new_flows_and_keeps_what_it_holds() {
     }
 }
 
+/// Slots of each member's part of the ring for copies: embryonic copies of one member that
+/// `tdp` holds at most.
+fn replica_slots(tdp: &TestDatapath) -> u32 {
+    tdp.datapath()
+        .config()
+        .expect("config")
+        .embryo_replica_slots
+}
+
 /// Fills the whole table with replied UDP sessions owned here.
 fn fill_with_replied(tdp: &mut TestDatapath) {
     let now = monotonic_ns();
@@ -240,11 +249,7 @@ fn replied(now: u64, owner: MemberId) -> Session {
 #[test]
 fn replicas_never_evict_assured_sessions() {
     let (mut tdp, _) = load(Policy::Strict);
-    let replica_slots = tdp
-        .datapath()
-        .config()
-        .expect("config")
-        .embryo_replica_slots;
+    let replica_slots = replica_slots(&tdp);
     let (c, s) = establish(&tdp);
     let peer = MemberId(2);
     let now = monotonic_ns();
@@ -320,11 +325,7 @@ fn answered(now: u64, owner: MemberId, host: u8, port: u16) -> (FlowKey, Session
 #[test]
 fn one_members_flood_evicts_only_its_own_replicas() {
     let (mut tdp, _) = load(Policy::Strict);
-    let replica_slots = tdp
-        .datapath()
-        .config()
-        .expect("config")
-        .embryo_replica_slots;
+    let replica_slots = replica_slots(&tdp);
     let now = monotonic_ns();
     let records = |owner: u8, host: u8, n: u32| -> Vec<InstallRecord> {
         (0..n)
@@ -371,11 +372,7 @@ fn a_replica_part_mirrors_its_owners_ring() {
     };
     let (owner, _) = load(Policy::Strict);
     let (mut replica, _) = load(Policy::Strict);
-    let replica_slots = replica
-        .datapath()
-        .config()
-        .expect("config")
-        .embryo_replica_slots;
+    let replica_slots = replica_slots(&replica);
     // Answered flows on CPU 1, then a flood of unanswered ones on CPU 0, synced as the agent
     // does: each batch's flows as they are then, and what the owner evicted as deletes.
     let answered_on_1: Vec<Frame> = (0..10)
@@ -472,11 +469,7 @@ fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame
 #[test]
 fn a_session_taken_over_is_not_evicted_by_its_old_owners_part() {
     let (mut tdp, _) = load(Policy::Loose);
-    let replica_slots = tdp
-        .datapath()
-        .config()
-        .expect("config")
-        .embryo_replica_slots;
+    let replica_slots = replica_slots(&tdp);
     let peer = MemberId(2);
     let now = monotonic_ns();
     let copy = |port: u16, ticket: u32| {

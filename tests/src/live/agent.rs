@@ -26,6 +26,15 @@ use crate::{interrupt::check_stop, netns::Netns};
 /// How long an agent may take to become active.
 const AGENT_READY: Duration = Duration::from_secs(30);
 
+/// Idle timeouts that outlive a bench: its UDP flows, answered or not, are never expired
+/// while it measures.
+pub fn bench_timeouts() -> BTreeMap<String, u64> {
+    [("udp-new", 3600), ("udp-replied", 3600)]
+        .into_iter()
+        .map(|(s, t)| (s.to_owned(), t))
+        .collect()
+}
+
 /// The agent binary: $HASYNC_BIN, else the release build in the target dir.
 pub fn agent_binary() -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("HASYNC_BIN").filter(|b| !b.is_empty()) {
