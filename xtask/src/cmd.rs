@@ -1,6 +1,10 @@
 //! The one place xtask starts child processes, so every failure names its command.
 
-use std::process::{Command, Stdio};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -35,6 +39,53 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("`{line}` failed ({status})");
     }
     Ok(())
+}
+
+/// A child started by [`spawn_logged`].
+pub struct Logged {
+    child: Child,
+    line: String,
+    log: PathBuf,
+}
+
+/// Echoes `cmd`, then starts it with its output going to `log` (created or truncated).
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Logged> {
+    let line = display(cmd);
+    eprintln!("$ {line} > {}", log.display());
+    let file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = file
+        .try_clone()
+        .with_context(|| format!("opening {} twice", log.display()))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("could not start `{line}`"))?;
+    Ok(Logged {
+        child,
+        line,
+        log: log.to_owned(),
+    })
+}
+
+impl Logged {
+    /// Waits for the child, copies its log to stderr, and fails if the child did.
+    pub fn wait(mut self) -> Result<()> {
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("waiting for `{}`", self.line))?;
+        eprintln!("==> output of `{}`:", self.line);
+        match std::fs::read_to_string(&self.log) {
+            Ok(text) => eprint!("{text}"),
+            Err(e) => eprintln!("(could not read {}: {e})", self.log.display()),
+        }
+        if !status.success() {
+            bail!("`{}` failed ({status})", self.line);
+        }
+        Ok(())
+    }
 }
 
 /// Runs `cmd` quietly and returns its trimmed stdout; a failure carries its stderr.

@@ -56,14 +56,51 @@ fn run_steps(steps: &mut Steps, args: &[String]) -> Result<()> {
     }
     steps.run("unit tests", "unit tests failed (above)", &mut unit)?;
 
-    // The integration tests share the kernel (network namespaces, bpffs): one at a time.
-    let mut integration = cmd::cargo(["test", "-p", "hasync-tests", "--", "--test-threads=1"]);
-    integration.args(args);
     steps.run(
-        "integration tests",
-        "integration tests failed (above)",
-        &mut integration,
-    )
+        "integration build",
+        "the integration tests do not build (above)",
+        &mut cmd::cargo(["test", "-p", "hasync-tests", "--no-run"]),
+    )?;
+    steps.run_lanes(args)
+}
+
+/// The long fault run of the integration tests, in a lane of its own: it mostly waits on
+/// timers and faults, so the other tests run beside it.
+const SIDE_LANE: &str = "chaos_short";
+
+/// The integration tests' two lanes: [`SIDE_LANE`], and every other test target. Each lane
+/// runs one test at a time (they create namespaces, pins and agents); every test's names carry
+/// its process id, so the lanes never share one.
+fn integration_lanes(args: &[String]) -> Result<(Command, Command)> {
+    let mut side = cmd::cargo(["test", "-p", "hasync-tests", "--test", SIDE_LANE]);
+    let mut main = cmd::cargo(["test", "-p", "hasync-tests", "--lib", "--bins"]);
+    for name in integration_targets()? {
+        if name != SIDE_LANE {
+            main.args(["--test", &name]);
+        }
+    }
+    for lane in [&mut side, &mut main] {
+        lane.args(["--", "--test-threads=1"]).args(args);
+    }
+    Ok((side, main))
+}
+
+/// The names of `tests/tests/*.rs`.
+fn integration_targets() -> Result<Vec<String>> {
+    let dir = std::path::Path::new("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            if let Some(stem) = path.file_stem() {
+                names.push(stem.to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// `cargo xtask clippy-ebpf`.
@@ -99,6 +136,11 @@ impl Steps {
     fn run(&mut self, name: &str, on_failure: &str, cmd: &mut Command) -> Result<()> {
         let start = Instant::now();
         let result = cmd::run(cmd).context(on_failure.to_owned());
+        self.record(name, start, &result);
+        result
+    }
+
+    fn record(&mut self, name: &str, start: Instant, result: &Result<()>) {
         let line = format!(
             "{:<18} {:<6} {:>7.1}s",
             name,
@@ -107,6 +149,21 @@ impl Steps {
         );
         eprintln!("==> {line}");
         self.done.push(line);
+    }
+
+    /// The integration lanes side by side; the side lane's output is printed when it ends.
+    fn run_lanes(&mut self, args: &[String]) -> Result<()> {
+        let (mut side, mut main) = integration_lanes(args)?;
+        let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
+        let log = std::path::Path::new(&target).join(format!("{SIDE_LANE}.log"));
+        let start = Instant::now();
+        let side_lane = cmd::spawn_logged(&mut side, &log)?;
+        let main_result = cmd::run(&mut main).context("integration tests failed (above)");
+        let side_result = side_lane
+            .wait()
+            .with_context(|| format!("{SIDE_LANE} failed (its output is above)"));
+        let result = main_result.and(side_result);
+        self.record("integration tests", start, &result);
         result
     }
 
