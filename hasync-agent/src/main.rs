@@ -11,9 +11,13 @@ use tracing_subscriber::{filter::LevelFilter, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::builder()
+    let mut filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .from_env_lossy();
+    // The datapath's records are filtered by `[local] datapath_log` already.
+    if let Ok(all) = hasync_agent::datapath::LOG_DIRECTIVE.parse() {
+        filter = filter.add_directive(all);
+    }
     if hasync_agent::service::journal::stderr_is_journal() {
         // Under systemd: journald adds the time; lines carry a priority and key=value fields.
         tracing_subscriber::fmt()

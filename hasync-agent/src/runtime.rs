@@ -37,6 +37,8 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: u64 = 8192;
 /// How often liveness and the local state are evaluated.
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
+/// How often the datapath's noted events are logged: each kind at most once per CPU per this.
+const LOG_DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// A gap this long between two evaluations means this agent itself did not run: the peers'
 /// silence over it is forgiven (`Membership::forgive_stall`).
 const STALL_GAP: Duration = Duration::from_secs(1);
@@ -297,6 +299,8 @@ struct MainLoop {
     /// before; once a keepalive threshold has passed, the membership knows better.
     members_unsettled: Option<Instant>,
     owned: Vec<FlowKey>,
+    /// When the datapath's log is drained next.
+    next_log_drain: Instant,
 }
 
 impl MainLoop {
@@ -317,6 +321,7 @@ impl MainLoop {
             reannounce_backoff: Backoff::new(REANNOUNCE_BACKOFF.0, REANNOUNCE_BACKOFF.1),
             members_unsettled: restarted.then(|| Instant::now() + threshold),
             owned: Vec::new(),
+            next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
         }
     }
 
@@ -375,6 +380,19 @@ impl MainLoop {
         }
         member.engine.flush();
         self.make_up_for_lost_events(member);
+        self.drain_datapath_log(member);
+    }
+
+    /// Logs what the datapath noted (`[local] datapath_log`), once every [`LOG_DRAIN_EVERY`].
+    fn drain_datapath_log(&mut self, member: &Member) {
+        if Instant::now() < self.next_log_drain {
+            return;
+        }
+        self.next_log_drain = Instant::now() + LOG_DRAIN_EVERY;
+        let drained = tokio::task::block_in_place(|| lock(&member.dp).drain_log());
+        if let Err(e) = drained {
+            warn!(error = %error_chain(&e), "reading the datapath's log failed");
+        }
     }
 
     /// Events lost to a full ring buffer: announces every owned session again, at most once

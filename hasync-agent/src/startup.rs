@@ -46,6 +46,7 @@ impl StartPlan {
         opts.replica_parts = config.replica_parts();
         opts.config = config.datapath();
         opts.pin_dir = config.pin_dir().map(Into::into);
+        opts.log = config.local.datapath_log;
         let interfaces = config
             .interface_zones()
             .map(|(name, zone, binding)| PlannedInterface {

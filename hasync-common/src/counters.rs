@@ -197,20 +197,92 @@ counters! {
 /// Number of counters.
 pub const COUNTER_COUNT: usize = Counter::ALL.len();
 
-/// The single value of the COUNTERS per-CPU array.
+/// The single value of the COUNTERS per-CPU array: the counters, and the last rare event of
+/// each kind the program noted on this CPU, for its log.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct Counters {
     /// One value per [`Counter`], indexed by `Counter as usize`.
     pub values: [u64; COUNTER_COUNT],
+    /// Not counters: one [`LogNote`] per [`LogNoteKind`], indexed by `LogNoteKind as usize`.
+    pub notes: [LogNote; LOG_NOTE_KINDS],
 }
-crate::assert_size!(Counters, COUNTER_COUNT * 8);
+crate::assert_size!(Counters, COUNTER_COUNT * 8 + LOG_NOTE_KINDS * 64);
 
 impl Default for Counters {
     fn default() -> Self {
         Counters {
             values: [0; COUNTER_COUNT],
+            notes: [LogNote::default(); LOG_NOTE_KINDS],
         }
+    }
+}
+
+/// The rare datapath events that are logged (`[local] datapath_log`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogNoteKind {
+    /// This member took the session `key` over from `member`; its version is now `version`
+    /// (logged at info).
+    TakenOver = 0,
+    /// A session `key` this member owned was replaced by `member`'s newer `version` (warn).
+    Superseded = 1,
+    /// A malformed frame: `reason`, `ifindex`, `len` (debug).
+    Malformed = 2,
+}
+
+/// How many [`LogNoteKind`]s there are.
+pub const LOG_NOTE_KINDS: usize = 3;
+
+/// The last event of one kind on one CPU. The program notes it where it happens, a few stores
+/// into the counters value it holds already (it has no stack left to build a log record); the
+/// agent sees `seq` change and runs the log program (`LOG_PROGRAM`) for that CPU and kind, which
+/// logs it with aya-log. So each kind is logged at most once per CPU per drain: a burst is
+/// sampled, and counted in full by its counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LogNote {
+    /// Odd while the program writes the note; bumped twice per note.
+    pub seq: u32,
+    /// The session's version after the event.
+    pub version: u32,
+    /// The malformed frame's reason (a [`Counter`] index).
+    pub reason: u32,
+    /// The malformed frame's ingress interface.
+    pub ifindex: u32,
+    /// The malformed frame's length.
+    pub len: u32,
+    /// The other member of the event.
+    pub member: u8,
+    /// Padding; zero.
+    pub _pad: [u8; 3],
+    /// The session's key.
+    pub key: crate::FlowKey,
+}
+crate::assert_size!(LogNote, 64);
+
+/// What the agent hands the log program (the start of its test-run data): log the note of
+/// `kind` on `cpu`. The program answers XDP_PASS when it logged it (or there was nothing new
+/// to log), XDP_DROP when the note was being written (try again later).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LogRequest {
+    /// The CPU whose note to log.
+    pub cpu: u32,
+    /// A [`LogNoteKind`].
+    pub kind: u32,
+}
+
+impl Counters {
+    /// The note of `kind`.
+    #[inline(always)]
+    pub fn note_mut(&mut self, kind: LogNoteKind) -> Option<&mut LogNote> {
+        self.notes.get_mut(kind as usize)
+    }
+
+    /// The note of `kind`.
+    pub fn note(&self, kind: LogNoteKind) -> Option<&LogNote> {
+        self.notes.get(kind as usize)
     }
 }
 

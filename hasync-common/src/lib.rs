@@ -23,7 +23,9 @@ pub use clock::ClockSample;
 pub use config::{
     DatapathConfig, Forwarding, MalformedAction, OtherProtocols, Policy, ZoneBinding,
 };
-pub use counters::{Counter, Counters, COUNTER_COUNT};
+pub use counters::{
+    Counter, Counters, LogNote, LogNoteKind, LogRequest, COUNTER_COUNT, LOG_NOTE_KINDS,
+};
 pub use event::{Event, EventKind};
 pub use fib::{FibEntry, FibKey};
 pub use flow::{Family, FlowKey, FragmentKey};

@@ -66,6 +66,14 @@ pub const READ_PROGRAM: &str = "hasync_read";
 /// Name of the program that samples the kernel's clocks for the agent (run like the install
 /// program; see `crate::ClockSample`).
 pub const CLOCK_PROGRAM: &str = "hasync_clock";
+/// Logs the rare events the other programs noted (see [`crate::LogNote`]): run by the agent
+/// with BPF_PROG_TEST_RUN, never attached.
+pub const LOG_PROGRAM: &str = "hasync_log";
+/// The ring buffer aya-log's records go through (aya-log's own name for it).
+pub const AYA_LOGS: &str = "AYA_LOGS";
+/// The global that sets the programs' log level (aya-log's own name for it), written before
+/// load.
+pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
 /// Default capacity of SESSIONS; the agent may resize it at load time.
 pub const DEFAULT_SESSION_CAPACITY: u32 = 1 << 20;

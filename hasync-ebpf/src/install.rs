@@ -16,14 +16,14 @@ use hasync_common::{
 };
 
 use crate::{
-    embryo,
+    embryo, log,
     maps::{CONFIG, COUNTERS, SESSIONS},
     session::E2BIG,
 };
 
 /// Copies a `T` out of the test-run data at `offset`.
 #[inline(always)]
-fn load<T>(ctx: &XdpContext, offset: usize) -> Option<T> {
+pub(crate) fn load<T>(ctx: &XdpContext, offset: usize) -> Option<T> {
     let mut v = MaybeUninit::<T>::uninit();
     // SAFETY: the helper checks `offset + size` against the data and fills all of `v` or
     // fails; `T` is plain data, valid for any bytes.
@@ -222,9 +222,14 @@ fn apply(
                     return;
                 }
                 admitted = true;
+                let was_ours = local.is_some_and(|l| l.owner == cfg.local_member);
                 match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
                         out.installed = out.installed.wrapping_add(1);
+                        if was_ours && rec.session.owner != cfg.local_member {
+                            let (by, version) = (rec.session.owner, rec.session.version);
+                            log::superseded(counters, &rec.key, by, version);
+                        }
                         return;
                     }
                     Err(e) if e == -E2BIG => {

@@ -14,6 +14,7 @@ pub mod embryo;
 pub mod events;
 pub mod forward;
 pub mod install;
+pub mod log;
 pub mod maps;
 pub mod parse;
 pub mod policy;

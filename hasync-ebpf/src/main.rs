@@ -9,7 +9,7 @@
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use hasync_ebpf::{
-    clock, install,
+    clock, install, log,
     session::{process, NoMix},
 };
 
@@ -34,4 +34,11 @@ pub fn hasync_read(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn hasync_clock(ctx: XdpContext) -> u32 {
     clock::sample(&ctx)
+}
+
+/// Logs the rare events the other programs noted: run by the agent with BPF_PROG_TEST_RUN,
+/// never attached.
+#[xdp]
+pub fn hasync_log(ctx: XdpContext) -> u32 {
+    log::run(&ctx)
 }

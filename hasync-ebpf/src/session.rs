@@ -15,7 +15,7 @@ use hasync_common::{
 use crate::{
     clock, embryo,
     events::emit,
-    forward,
+    forward, log,
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
@@ -79,6 +79,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::Malformed(reason) => {
             counters.inc(reason);
+            log::malformed(ctx, counters, reason);
             // Passing malformed frames never lets one around the policy: a frame the parser
             // cannot place is unknown traffic, and goes where the ingress zone's rule for
             // untracked protocols sends it.
@@ -220,6 +221,7 @@ fn take_over(
     dir: usize,
     now: u64,
 ) {
+    let from = s.owner;
     s.owner = cfg.local_member;
     s.version = s.version.wrapping_add(1);
     s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
@@ -228,6 +230,7 @@ fn take_over(
     s.last_event_ns = now;
     // One event carries both the new owner and any state change.
     emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
+    log::taken_over(counters, &pkt.key, from, s.version);
 }
 
 /// Runs the state machine for the packet; on a change, bumps the version and returns the event

@@ -19,7 +19,7 @@ use aya::{
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
-use hasync_agent::datapath::{clock, monotonic_ns, JiffyClock};
+use hasync_agent::datapath::{clock, monotonic_ns, DatapathLog, JiffyClock};
 use hasync_common::{
     maps as names, member::MEMBER_SLOTS, session::tcp, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, SessionFlags, State,
@@ -118,11 +118,12 @@ struct Bench {
 }
 
 impl Bench {
-    fn load(capacity: u32) -> Result<Self> {
+    fn load(capacity: u32, log: DatapathLog) -> Result<Self> {
         let cpus = u32::try_from(aya::util::nr_cpus().map_err(|(_, e)| e)?)?;
         // The agent's default: one eighth of the table for embryonic sessions.
         let embryo_slots = (capacity / names::EMBRYONIC_SHARE / cpus).max(1);
         let mut ebpf = EbpfLoader::new()
+            .override_global(names::AYA_LOG_LEVEL, &log.aya_level(), true)
             .map_max_entries(names::SESSIONS, capacity)
             .map_max_entries(names::EMBRYOS, 2 * embryo_slots * cpus)
             .map_max_entries("BASE_TABLE", capacity)
@@ -223,9 +224,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(size: &Size) -> Result<Figures> {
+fn measure(size: &Size, log: DatapathLog) -> Result<Figures> {
     let capacity = (size.sessions * 2).max(4096);
-    let mut bench = Bench::load(capacity)?;
+    let mut bench = Bench::load(capacity, log)?;
     let t = Instant::now();
     bench.prefill(size.sessions)?;
     eprintln!(
@@ -263,11 +264,21 @@ fn measure(size: &Size) -> Result<Figures> {
     })
 }
 
+/// The datapath log level the hasync program runs at: `HASYNC_DATAPATH_LOG` (as in `[local]
+/// datapath_log`), default the product's.
+fn log_level() -> Result<DatapathLog> {
+    match std::env::var("HASYNC_DATAPATH_LOG") {
+        Ok(name) => name.parse().map_err(|e: String| anyhow!(e)),
+        Err(_) => Ok(DatapathLog::default()),
+    }
+}
+
 fn main() -> Result<()> {
     let json = std::env::args().any(|a| a == "--json");
+    let log = log_level()?;
     let mut results = Vec::new();
     for size in &SIZES {
-        results.push((size.label, measure(size)?));
+        results.push((size.label, measure(size, log)?));
     }
     if json {
         let mut figures = serde_json::Map::new();
@@ -287,13 +298,14 @@ fn main() -> Result<()> {
             "bench": "fastpath",
             "unit": "ns_per_packet",
             "runs": RUNS,
+            "datapath_log": log.name(),
             "target": TARGET,
             "figures": figures,
             "ratios": ratios,
         });
         println!("{out}");
     } else {
-        println!("fastpath: ns/packet through BPF_PROG_TEST_RUN, median of {RUNS} runs (target: c/b and d/e <= {TARGET})");
+        println!("fastpath: ns/packet through BPF_PROG_TEST_RUN, median of {RUNS} runs, datapath_log = {} (target: c/b and d/e <= {TARGET})", log.name());
         println!(
             "| sessions | (a) parse | (b) +lookup | (c) hasync hit | c/b | (e) +insert | (d) hasync create | d/e |"
         );

@@ -7,7 +7,7 @@ use aya::{
     maps::MapError,
     programs::{TestRun, TestRunOptions},
 };
-use hasync_agent::datapath::{events::EventStream, Datapath, DatapathOptions};
+use hasync_agent::datapath::{events::EventStream, Datapath, DatapathLog, DatapathOptions};
 use hasync_common::{Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session};
 
 /// The XDP verdict a test run returned.
@@ -87,10 +87,26 @@ impl TestDatapath {
     /// for each member's copies in their own part; however many CPUs share the ring, test
     /// runs on one CPU see only its part: `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
+        Self::load_options(Self::options(config, capacity))
+    }
+
+    /// Like [`Self::load_with`], with the datapath's log at `log`.
+    pub fn load_logging(config: DatapathConfig, log: DatapathLog) -> Result<Self> {
+        let mut opts = Self::options(config, TEST_CAPACITY);
+        opts.log = log;
+        Self::load_options(opts)
+    }
+
+    fn options(config: DatapathConfig, capacity: u32) -> DatapathOptions {
         let mut opts = DatapathOptions::new(config.local_member);
         opts.session_capacity = capacity;
         opts.embryonic_capacity = Some(capacity / 2);
         opts.config = config;
+        opts
+    }
+
+    fn load_options(opts: DatapathOptions) -> Result<Self> {
+        let config = opts.config;
         let mut dp = Datapath::load(&opts).context("loading the XDP program")?;
         if config.local_member.is_valid() {
             dp.set_member_alive(config.local_member, true)?;

@@ -168,6 +168,11 @@ pub struct Local {
     /// Who forwards established sessions: the kernel (default) or XDP.
     #[serde(default, skip_serializing_if = "is_default")]
     pub forwarding: ForwardingName,
+    /// The least severe datapath event the XDP programs log: `off`, `error`, `warn` (default:
+    /// sessions of ours replaced by a peer's newer version), `info` (also sessions taken over)
+    /// or `debug` (also malformed frames, sampled).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub datapath_log: crate::datapath::DatapathLog,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -498,3 +498,21 @@ fn bad_wires_are_named() {
         assert!(e.contains(want), "missing {want:?} in {e}");
     }
 }
+
+/// `[local] datapath_log` reaches the datapath's options; the default is `warn`, and a level
+/// that does not exist is named with the ones that do.
+#[test]
+fn datapath_log_reaches_the_start_plan() {
+    use crate::{datapath::DatapathLog, startup::StartPlan};
+    let key = KeyFile::new("datapath-log", 32, 0o600);
+    let c = check(&sample(&key.path())).expect("valid");
+    assert_eq!(StartPlan::from_config(&c).opts.log, DatapathLog::Warn);
+    let text = sample(&key.path()).replace("policy = \"strict\"", "datapath_log = \"debug\"");
+    let c = check(&text).expect("valid");
+    assert_eq!(StartPlan::from_config(&c).opts.log, DatapathLog::Debug);
+    let e = check(&sample(&key.path()).replace("policy = \"strict\"", "datapath_log = \"loud\""))
+        .expect_err("unknown level");
+    assert!(e.contains("loud") && e.contains("`debug`"), "{e}");
+    assert_eq!("info".parse(), Ok(DatapathLog::Info));
+    assert!("loud".parse::<DatapathLog>().unwrap_err().contains("off, error, warn"));
+}

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod events;
 pub mod health;
 pub mod install;
+pub mod logger;
 pub mod pin;
 pub mod pod;
 mod ports;
@@ -20,7 +21,7 @@ pub(crate) mod testing;
 use std::{os::fd::AsFd as _, path::PathBuf, time::Instant};
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{ProgramError, Xdp},
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -33,6 +34,7 @@ pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
 pub use batch::{BatchError, BatchMap};
 pub use clock::{ClockError, JiffyClock};
 pub use events::{EventStats, EventStream, SessionEvent};
+pub use logger::{DatapathLog, DatapathLogger};
 pub use pin::{PinDir, PinReport, TeardownReport, DEFAULT_PIN_DIR};
 pub use sweep::{RemoveReason, Removed, SweepReport};
 
@@ -63,6 +65,8 @@ pub enum DatapathError {
         items: usize,
         verdict: u32,
     },
+    #[error("reading the datapath's log records: {0}")]
+    Log(#[source] aya_log::Error),
     #[error("measuring the kernel's jiffies: {0}")]
     Clock(#[from] ClockError),
     #[error("member id {0} is out of range 1–16")]
@@ -232,7 +236,13 @@ pub struct DatapathOptions {
     /// (see [`pin`]): the datapath then outlives the agent. `None`: nothing is pinned, and the
     /// datapath goes away with the [`Datapath`] (tests, benches, the standalone agent).
     pub pin_dir: Option<PathBuf>,
+    /// The least severe datapath event logged (`[local] datapath_log`).
+    pub log: DatapathLog,
 }
+
+/// The tracing directive that lets every datapath record through: `[local] datapath_log`
+/// filters them already.
+pub const LOG_DIRECTIVE: &str = "hasync::datapath=trace";
 
 impl DatapathOptions {
     pub fn new(local: MemberId) -> Self {
@@ -243,6 +253,7 @@ impl DatapathOptions {
             replica_parts: DEFAULT_REPLICA_PARTS,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
+            log: DatapathLog::default(),
         }
     }
 }
@@ -316,6 +327,8 @@ pub struct Datapath {
     /// `DatapathConfig::fib_by_source`, as the agent last found the rules and routes (`None`:
     /// not looked yet, the config's own value holds).
     fib_by_source: Option<bool>,
+    /// Forwards the log program's records (`None`: `[local] datapath_log = "off"`).
+    logger: Option<DatapathLogger>,
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -385,7 +398,9 @@ impl Datapath {
                 Some((pins, report))
             }
         };
+        let level = opts.log.aya_level();
         let ebpf = loader
+            .override_global(names::AYA_LOG_LEVEL, &level, true)
             .map_max_entries(names::SESSIONS, capacity)
             .map_max_entries(names::EMBRYOS, embryos.slots())
             .load(object)?;
@@ -402,12 +417,14 @@ impl Datapath {
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
             fib_by_source: None,
+            logger: None,
         };
         for name in [
             names::PROGRAM,
             names::INSTALL_PROGRAM,
             names::READ_PROGRAM,
             names::CLOCK_PROGRAM,
+            names::LOG_PROGRAM,
         ] {
             dp.xdp_mut(name)?
                 .load()
@@ -416,6 +433,10 @@ impl Datapath {
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;
+        if opts.log != DatapathLog::Off {
+            let counters = dp.per_cpu_counters()?;
+            dp.logger = Some(DatapathLogger::new(&mut dp.ebpf, &counters)?);
+        }
         Ok(dp)
     }
 
@@ -673,9 +694,7 @@ impl Datapath {
 
     /// The datapath counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let map: PerCpuArray<_, Counters> =
-            PerCpuArray::try_from(self.map(names::COUNTERS)?).map_err(map_err(names::COUNTERS))?;
-        let per_cpu = map.get(&0, 0).map_err(map_err(names::COUNTERS))?;
+        let per_cpu = self.per_cpu_counters()?;
         let mut total = Counters::default();
         for cpu in per_cpu.iter() {
             for (t, v) in total.values.iter_mut().zip(cpu.values.iter()) {
@@ -683,6 +702,35 @@ impl Datapath {
             }
         }
         Ok(total)
+    }
+
+    /// Each CPU's counters value.
+    fn per_cpu_counters(&self) -> Result<PerCpuValues<Counters>, DatapathError> {
+        let map: PerCpuArray<_, Counters> =
+            PerCpuArray::try_from(self.map(names::COUNTERS)?).map_err(map_err(names::COUNTERS))?;
+        map.get(&0, 0).map_err(map_err(names::COUNTERS))
+    }
+
+    /// Logs the rare events the programs noted since the last call (see [`logger`]); returns
+    /// how many. Nothing when `[local] datapath_log = "off"`.
+    pub fn drain_log(&mut self) -> Result<usize, DatapathError> {
+        if self.logger.is_none() {
+            return Ok(0);
+        }
+        let counters = self.per_cpu_counters()?;
+        let prog: &Xdp = self
+            .ebpf
+            .program(names::LOG_PROGRAM)
+            .ok_or(DatapathError::NoProgram(names::LOG_PROGRAM))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                name: names::LOG_PROGRAM,
+                source,
+            })?;
+        match self.logger.as_mut() {
+            Some(logger) => logger.drain(prog, &counters),
+            None => Ok(0),
+        }
     }
 
     /// One session by key.

@@ -1,0 +1,187 @@
+//! The datapath's own log (`[local] datapath_log`): rare events the XDP programs note (a
+//! session taken over, a session of ours replaced by a peer's newer version, malformed frames),
+//! logged with aya-log by the log program and forwarded to tracing under the target
+//! `hasync::datapath`.
+//!
+//! The programs only note an event (`hasync_common::LogNote`, one per CPU and kind, in the
+//! per-CPU counters value); [`DatapathLogger::drain`] runs the log program for each note that
+//! changed since the last drain and forwards the records it wrote. So each kind is logged at
+//! most once per CPU per drain; its counter counts every one.
+
+use aya::{
+    maps::PerCpuValues,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+    Ebpf,
+};
+use aya_log::EbpfLogger;
+use bytemuck::bytes_of;
+use hasync_common::{maps as names, Counters, LogRequest, LOG_NOTE_KINDS};
+use serde::{Deserialize, Serialize};
+
+use super::DatapathError;
+
+/// `[local] datapath_log`: the least severe datapath event that is logged.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathLog {
+    /// Nothing: the programs' log branches are removed by the verifier.
+    Off,
+    Error,
+    /// Sessions of ours replaced by a peer's newer version (the default).
+    #[default]
+    Warn,
+    /// Also sessions taken over.
+    Info,
+    /// Also malformed frames (sampled).
+    Debug,
+}
+
+impl DatapathLog {
+    /// Every level, in the order of the config's values.
+    pub const ALL: [DatapathLog; 5] = [
+        DatapathLog::Off,
+        DatapathLog::Error,
+        DatapathLog::Warn,
+        DatapathLog::Info,
+        DatapathLog::Debug,
+    ];
+
+    /// The config's name of the level.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatapathLog::Off => "off",
+            DatapathLog::Error => "error",
+            DatapathLog::Warn => "warn",
+            DatapathLog::Info => "info",
+            DatapathLog::Debug => "debug",
+        }
+    }
+
+    /// The value of the programs' `AYA_LOG_LEVEL` (aya-log's levels: error 1 to trace 5).
+    pub fn aya_level(self) -> u8 {
+        match self {
+            DatapathLog::Off => 0,
+            DatapathLog::Error => 1,
+            DatapathLog::Warn => 2,
+            DatapathLog::Info => 3,
+            DatapathLog::Debug => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for DatapathLog {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        DatapathLog::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| {
+                format!("unknown datapath log level `{s}`: off, error, warn, info or debug")
+            })
+    }
+}
+
+/// The log program's answer when it logged the note (or there was none).
+const LOGGED: u32 = 2; // XDP_PASS
+/// The log program's answer when the note was being written: asked again next drain.
+const BUSY: u32 = 1; // XDP_DROP
+
+/// Reads the records the log program writes, and remembers which notes it has logged.
+pub struct DatapathLogger {
+    records: EbpfLogger<ToTracing>,
+    /// Per CPU, the sequence of each kind's note when it was last logged.
+    seen: Vec<[u32; LOG_NOTE_KINDS]>,
+}
+
+impl DatapathLogger {
+    /// Takes aya-log's ring out of `ebpf`. Notes already in `counters` (a pinned map's, from an
+    /// earlier agent) count as logged.
+    pub fn new(ebpf: &mut Ebpf, counters: &PerCpuValues<Counters>) -> Result<Self, DatapathError> {
+        let records = EbpfLogger::init_with_logger(ebpf, ToTracing).map_err(DatapathError::Log)?;
+        Ok(DatapathLogger {
+            records,
+            seen: counters.iter().map(sequences).collect(),
+        })
+    }
+
+    /// Runs `prog` (the log program) for every note in `counters` that changed since it was
+    /// last logged, then forwards the records. Returns how many notes were logged.
+    pub fn drain(
+        &mut self,
+        prog: &Xdp,
+        counters: &PerCpuValues<Counters>,
+    ) -> Result<usize, DatapathError> {
+        let mut logged = 0;
+        for (cpu, (values, seen)) in counters.iter().zip(self.seen.iter_mut()).enumerate() {
+            for (kind, (now, last)) in sequences(values).iter().zip(seen.iter_mut()).enumerate() {
+                if now == last || now % 2 == 1 {
+                    continue;
+                }
+                if run(prog, cpu, kind)? {
+                    *last = *now;
+                    logged += 1;
+                }
+            }
+        }
+        self.records.flush();
+        Ok(logged)
+    }
+}
+
+/// Each kind's note sequence in one CPU's counters value.
+fn sequences(values: &Counters) -> [u32; LOG_NOTE_KINDS] {
+    values.notes.map(|n| n.seq)
+}
+
+/// Runs the log program for `cpu`'s note of `kind`: true when it logged it.
+fn run(prog: &Xdp, cpu: usize, kind: usize) -> Result<bool, DatapathError> {
+    // Both fit: CPUs are counted in u32 by the kernel, kinds are a handful.
+    let request = LogRequest {
+        cpu: cpu as u32,
+        kind: kind as u32,
+    };
+    // XDP test runs take at least an Ethernet header's worth of data.
+    let mut data = [0u8; 32];
+    data[..size_of::<LogRequest>()].copy_from_slice(bytes_of(&request));
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| DatapathError::Program {
+            name: names::LOG_PROGRAM,
+            source,
+        })?;
+    match result.return_value {
+        LOGGED => Ok(true),
+        BUSY => Ok(false),
+        verdict => Err(DatapathError::BatchRejected {
+            program: names::LOG_PROGRAM,
+            items: 1,
+            verdict,
+        }),
+    }
+}
+
+/// aya-log's records, forwarded to tracing at their level.
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "hasync::datapath", "{message}"),
+            log::Level::Warn => tracing::warn!(target: "hasync::datapath", "{message}"),
+            log::Level::Info => tracing::info!(target: "hasync::datapath", "{message}"),
+            log::Level::Debug => tracing::debug!(target: "hasync::datapath", "{message}"),
+            log::Level::Trace => tracing::trace!(target: "hasync::datapath", "{message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}

@@ -1,0 +1,174 @@
+//! The datapath's own log (issue 11 §3, `[local] datapath_log`): the XDP programs note rare
+//! events, the log program logs them with aya-log, and the agent forwards the records to
+//! tracing at their level. Driven through BPF_PROG_TEST_RUN; what reaches tracing is captured.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use hasync_agent::datapath::DatapathLog;
+use hasync_common::{
+    Counter, InstallOp, InstallRecord, MemberId, Session, SessionFlags, State, ZoneId,
+};
+use hasync_tests::{
+    frame::Frame,
+    testrun::{fixture_config, monotonic_ns, stay_on_this_cpu, TestDatapath, Verdict, LOCAL},
+};
+
+/// What tracing printed while `f` ran, and what `f` returned.
+fn traced<T>(f: impl FnOnce() -> T) -> (String, T) {
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("capture").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&capture.0.lock().expect("capture")).into_owned();
+    (text, out)
+}
+
+fn load(log: DatapathLog) -> TestDatapath {
+    let tdp = TestDatapath::load_logging(fixture_config(), log).expect("load");
+    // The notes are per CPU: every run on one, so the drain sees each kind's last note.
+    stay_on_this_cpu().expect("pin the test to one CPU");
+    tdp
+}
+
+/// A UDP flow from 198.18.0.21:`port` to 198.18.1.20:53 that `owner` answered.
+fn flow(port: u16) -> Frame {
+    let src = SocketAddr::new(IpAddr::from([198, 18, 0, 21]), port);
+    Frame::udp(src, "198.18.1.20:53".parse().expect("address"))
+}
+
+fn replica(port: u16, owner: MemberId, version: u32) -> InstallRecord {
+    let now = monotonic_ns();
+    let session = Session {
+        created_ns: now,
+        last_seen_ns: now,
+        last_event_ns: now,
+        packets: [1, 1],
+        bytes: [100, 100],
+        version,
+        zone: ZoneId::NONE,
+        flags: SessionFlags::default(),
+        owner,
+        state: State::UdpReplied as u8,
+        tcp_flags: [0, 0],
+        ticket: 0,
+        reply_zone: ZoneId::NONE,
+        tcp_track: [0; 2],
+        max_win: [0; 2],
+        seq_end: [0; 2],
+    };
+    InstallRecord::new(flow(port).key(), session, InstallOp::Upsert, false)
+}
+
+/// Member 2 (not alive here) owns a flow; its next packet makes this member take it over.
+fn take_over(tdp: &mut TestDatapath, port: u16) {
+    let out = tdp
+        .datapath_mut()
+        .install(
+            &[replica(port, MemberId(2), 7)],
+            MemberId::NONE,
+            monotonic_ns(),
+        )
+        .expect("install");
+    assert_eq!(out.installed, 1, "{out:?}");
+    assert_eq!(tdp.run(&flow(port).build()).expect("run"), Verdict::Pass);
+    let held = tdp.session(&flow(port).key()).expect("read").expect("held");
+    assert_eq!(held.owner, LOCAL, "taken over");
+}
+
+fn drain(tdp: &mut TestDatapath) -> (String, usize) {
+    let (text, drained) = traced(|| tdp.datapath_mut().drain_log());
+    (text, drained.expect("drain the datapath's log"))
+}
+
+#[test]
+fn a_takeover_is_logged_at_info_with_its_flow_and_old_owner_once() {
+    let mut tdp = load(DatapathLog::Info);
+    take_over(&mut tdp, 3_000);
+    let (text, logged) = drain(&mut tdp);
+    assert_eq!(logged, 1, "{text}");
+    assert!(
+        text.contains("INFO hasync::datapath: took over session proto 17 198.18.0.21:3000 <-> 198.18.1.20:53 from member 2, now version 8"),
+        "{text}"
+    );
+    let (again, logged) = drain(&mut tdp);
+    assert_eq!((logged, again.as_str()), (0, ""), "logged twice");
+}
+
+#[test]
+fn a_burst_is_sampled_one_line_per_kind_and_cpu_and_counted_in_full() {
+    let mut tdp = load(DatapathLog::Debug);
+    let before = tdp.counters().expect("counters");
+    for n in 0..3 {
+        let frame = flow(4_000 + n).truncate_l4(4).build();
+        assert_eq!(tdp.run(&frame).expect("run"), Verdict::Drop);
+    }
+    let after = tdp.counters().expect("counters");
+    let counted = after.get(Counter::ErrUdpTruncated) - before.get(Counter::ErrUdpTruncated);
+    assert_eq!(counted, 3);
+    let (text, logged) = drain(&mut tdp);
+    assert_eq!(logged, 1, "{text}");
+    let expected = format!(
+        "DEBUG hasync::datapath: malformed frame on ifindex 1, {} bytes: counter {}",
+        flow(4_002).truncate_l4(4).build().len(),
+        Counter::ErrUdpTruncated as u32
+    );
+    assert!(text.contains(&expected), "{expected}\n{text}");
+}
+
+#[test]
+fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
+    let mut tdp = load(DatapathLog::Warn);
+    assert_eq!(tdp.run(&flow(5_000).build()).expect("run"), Verdict::Pass);
+    let ours = tdp
+        .session(&flow(5_000).key())
+        .expect("read")
+        .expect("created");
+    assert_eq!(ours.owner, LOCAL);
+    let newer = replica(5_000, MemberId(3), ours.version + 5);
+    let out = tdp
+        .datapath_mut()
+        .install(&[newer], MemberId::NONE, monotonic_ns())
+        .expect("install");
+    assert_eq!(out.installed, 1, "{out:?}");
+    let (text, logged) = drain(&mut tdp);
+    assert_eq!(logged, 1, "{text}");
+    let expected = format!(
+        "WARN hasync::datapath: session proto 17 198.18.0.21:5000 <-> 198.18.1.20:53 owned here was replaced by member 3's version {}",
+        ours.version + 5
+    );
+    assert!(text.contains(&expected), "{expected}\n{text}");
+}
+
+/// Below the level, or off, nothing is logged, and the programs work the same.
+#[test]
+fn below_the_level_or_off_nothing_is_logged() {
+    for level in [DatapathLog::Warn, DatapathLog::Off] {
+        let mut tdp = load(level);
+        take_over(&mut tdp, 6_000);
+        let frame = flow(6_001).truncate_l4(4).build();
+        assert_eq!(tdp.run(&frame).expect("run"), Verdict::Drop);
+        let counters = tdp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::Takeovers), 1, "{level:?}");
+        let (text, logged) = drain(&mut tdp);
+        assert_eq!((logged, text.as_str()), (0, ""), "{level:?}");
+    }
+}
