@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use hasync_agent::{
     config::ForwardingName,
     control::SessionFilter,
+    datapath::DatapathLog,
     lab::{
         cluster::AgentState,
         topology::SERVER_V4,
@@ -101,6 +102,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
         2,
         ClusterOptions {
             forwarding,
+            datapath_log: DatapathLog::Info,
             ..options(true)
         },
     );
@@ -201,6 +203,20 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
     assert!(
         counters.get("takeovers").copied().unwrap_or(0) >= 1,
         "fw2's counters: {counters:?}"
+    );
+    // ... and its datapath logs it (`datapath_log = "info"`), within a drain.
+    let server_end = format!(":{port} from member 1, now version");
+    c.wait(
+        "fw2's datapath to log the takeover",
+        Duration::from_secs(5),
+        || {
+            let text = std::fs::read_to_string(c.log_path(2)).unwrap_or_default();
+            let logged = text.lines().any(|l| {
+                l.contains("INFO hasync::datapath: took over session proto 6")
+                    && l.contains(&server_end)
+            });
+            logged.then_some(()).ok_or("no takeover line yet".to_owned())
+        },
     );
 
     // The connection ends (FINs through fw2): fw2 logs it once, as its owner; fw1 never does.

@@ -27,7 +27,10 @@ use super::{
     topology::{check_prefix, Link, Topology, MAX_MEMBERS},
     LabError, Result,
 };
-use crate::config::{Config, ForwardingName, PolicyName, MIN_KEY_BYTES};
+use crate::{
+    config::{Config, ForwardingName, PolicyName, MIN_KEY_BYTES},
+    datapath::DatapathLog,
+};
 
 /// Cluster id of a lab.
 pub const LAB_CLUSTER_ID: u32 = 7;
@@ -58,6 +61,8 @@ pub struct ClusterOptions {
     /// `[local] forwarding`; with XDP, the switch and the endpoints are made ready for
     /// redirected frames ([`Topology::ready_for_xdp_forwarding`]).
     pub forwarding: ForwardingName,
+    /// `[local] datapath_log`.
+    pub datapath_log: DatapathLog,
     /// A `[[vwire]]` joining `in0` and `out0` (name `wire`): the members bridge the client's
     /// and the server's segments instead of routing between them, and the switch and the
     /// endpoints are made ready for redirected frames.
@@ -90,6 +95,7 @@ impl Default for ClusterOptions {
             embryonic_capacity: None,
             policy: PolicyName::Strict,
             forwarding: ForwardingName::Kernel,
+            datapath_log: DatapathLog::default(),
             vwire: false,
             keepalive_threshold_ms: None,
             tentative_hold_s: None,
@@ -284,6 +290,12 @@ fn write_local(t: &mut TomlText, dir: &Path, k: u8, options: &ClusterOptions) {
     ));
     if options.forwarding == ForwardingName::Xdp {
         t.line("forwarding = \"xdp\"");
+    }
+    if options.datapath_log != DatapathLog::default() {
+        t.line(format!(
+            "datapath_log = {}",
+            quote(options.datapath_log.name())
+        ));
     }
     t.line(format!("session_capacity = {}", options.session_capacity));
     if let Some(n) = options.embryonic_capacity {
