@@ -514,5 +514,8 @@ fn datapath_log_reaches_the_start_plan() {
         .expect_err("unknown level");
     assert!(e.contains("loud") && e.contains("`debug`"), "{e}");
     assert_eq!("info".parse(), Ok(DatapathLog::Info));
-    assert!("loud".parse::<DatapathLog>().unwrap_err().contains("off, error, warn"));
+    assert!("loud"
+        .parse::<DatapathLog>()
+        .unwrap_err()
+        .contains("off, error, warn"));
 }
