@@ -475,7 +475,7 @@ fn apply_membership(member: &Member) {
 
 /// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
 /// too many, which each peer's full-sync backoff then paces). The table is read a chunk per
-/// hold of the datapath lock, so installs and the fast path's event reader go on meanwhile.
+/// hold of the datapath lock, so applying peers' records and the fast path's event reader go on meanwhile.
 fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {

@@ -29,7 +29,7 @@ enum Step {
     Zone(ZoneId),
 }
 
-/// A session that exists before the row's first frame, as if installed by a peer's sync.
+/// A session that exists before the row's first frame, as if applied from a peer's sync.
 #[derive(Clone, Debug)]
 pub struct Existing {
     pub state: State,
@@ -52,7 +52,7 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// Defaults: version 7, zone 3, 5 and 4 packets, flags seen SYN|ACK both ways, installed
+    /// Defaults: version 7, zone 3, 5 and 4 packets, flags seen SYN|ACK both ways, applied
     /// from a peer when the owner is not the local member. The initiator is the row's first
     /// frame's sender unless told otherwise.
     pub fn new(state: State, owner: MemberId, alive: bool) -> Self {
@@ -454,8 +454,8 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     Ok(())
 }
 
-/// Writes the row's existing session; returns it as installed.
-fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
+/// Writes the row's existing session; returns it as written.
+fn write_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
     let now = tdp.datapath().now_ns()?;
     let Existing {
         state,
@@ -508,15 +508,15 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     // The session clock as the program reads it: rows compare its times exactly.
     let start = tdp.datapath().now_ns()?;
     let key = row.row_key();
-    let mut installed = None;
+    let mut written = None;
     if let Some(e) = &row.existing {
         let key = key.with_context(|| format!("row `{name}`: an existing session needs a key"))?;
         let mut e = e.clone();
         if e.initiator_hi.is_none() {
             e.initiator_hi = row.frames().next().map(|f| f.key_and_side().1);
         }
-        let s = install_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
-        installed = Some(s);
+        let s = write_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
+        written = Some(s);
     }
     let before = tdp.counters()?;
     let mut errors = Vec::new();
@@ -547,7 +547,7 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
         after: tdp.counters()?,
     };
     check_counters(row, frames, &delta, &mut errors);
-    check_table(tdp, row, key, installed, (start, end), &mut errors)?;
+    check_table(tdp, row, key, written, (start, end), &mut errors)?;
     check_events(tdp, row, key, &mut errors)?;
     if errors.is_empty() {
         return Ok(());
@@ -579,7 +579,7 @@ fn check_table(
     tdp: &mut TestDatapath,
     row: &Row,
     key: Option<FlowKey>,
-    installed: Option<Session>,
+    written: Option<Session>,
     (start, end): (u64, u64),
     errors: &mut Vec<String>,
 ) -> Result<()> {
@@ -599,13 +599,13 @@ fn check_table(
     let got = tdp.session(&key)?;
     let (want, got) = match (&row.session, got) {
         (None, None) => return Ok(()),
-        (None, Some(s)) if installed.is_some() => {
+        (None, Some(s)) if written.is_some() => {
             // No expectation on a row with an existing session: it must be untouched.
-            if Some(s) != installed {
+            if Some(s) != written {
                 errors.push(format!(
                     "the existing session changed: {} (was {})",
                     show(&s),
-                    installed.as_ref().map(show).unwrap_or_default()
+                    written.as_ref().map(show).unwrap_or_default()
                 ));
             }
             return Ok(());

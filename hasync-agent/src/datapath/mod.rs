@@ -1,19 +1,21 @@
 //! The datapath: loads the XDP program, fills its maps, reads its counters and sessions.
 //!
 //! The SESSIONS map is the session table; nothing here keeps a copy of it: whole-table work
-//! (dumps, sweeps) walks it in bounded chunks with batch operations ([`batch`]).
+//! (dumps, sweeps) walks it in bounded chunks with batch map operations ([`batch`]); peers'
+//! records are applied, and sessions read for the sender, by the table programs, which
+//! [`table_runner`] runs a batch at a time.
 
 pub mod attach;
 pub mod batch;
 pub mod clock;
 pub mod events;
 pub mod health;
-pub mod install;
 pub mod pin;
 pub mod pod;
 mod ports;
 pub mod sweep;
 pub(crate) mod sys;
+pub mod table_runner;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -25,7 +27,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
-    maps as names, Counters, DatapathConfig, FlowKey, InstallOutcome, InstallRecord, MemberEntry,
+    maps as names, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, ZoneBinding,
 };
 
@@ -405,7 +407,7 @@ impl Datapath {
         };
         for name in [
             names::PROGRAM,
-            names::INSTALL_PROGRAM,
+            names::APPLY_PROGRAM,
             names::READ_PROGRAM,
             names::CLOCK_PROGRAM,
         ] {
@@ -480,16 +482,16 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    /// Applies peers' records to the session table with the install program (see
-    /// [`install`]): each against the local copy by the conflict rule, in the kernel.
-    pub fn install(
+    /// Applies peers' records to the session table with the apply program (see
+    /// [`table_runner`]): each against the local copy by the conflict rule, in the kernel.
+    pub fn apply_records(
         &mut self,
-        records: &[InstallRecord],
+        records: &[ApplyRecord],
         reconciling: MemberId,
         now_ns: u64,
-    ) -> Result<InstallOutcome, DatapathError> {
-        install::install(
-            self.xdp(names::INSTALL_PROGRAM)?,
+    ) -> Result<ApplyOutcome, DatapathError> {
+        table_runner::apply(
+            self.xdp(names::APPLY_PROGRAM)?,
             records,
             reconciling,
             now_ns,
@@ -503,7 +505,7 @@ impl Datapath {
         keys: &[FlowKey],
         out: &mut Vec<Option<Session>>,
     ) -> Result<(), DatapathError> {
-        install::read(self.xdp(names::READ_PROGRAM)?, keys, out)
+        table_runner::read(self.xdp(names::READ_PROGRAM)?, keys, out)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {

@@ -3,8 +3,8 @@
 //! Every message starts with a one-byte type. Session records are many per frame, in the
 //! layout both ends speak ([`RecordLayout`]: fixed up to 1.1, compact from 1.2, see
 //! [`compact`]). Fixed-size integers are big-endian. Times are never absolute:
-//! a record carries the session's age and idle time, re-anchored to the receiver's clock on
-//! install. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
+//! a record carries the session's age and idle time, re-anchored to the receiver's clock when
+//! applied. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
 //! in the hello.
 
 use hasync_common::{
@@ -188,7 +188,7 @@ pub struct Keepalive {
 /// What a record asks the receiver to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Install or update the session.
+    /// Insert or update the session.
     Upsert = 1,
     /// The owner removed the session.
     Delete = 2,
@@ -230,7 +230,7 @@ pub struct TcpState {
     pub seq_end: [u32; 2],
 }
 
-/// Session flags that travel: the others are local (installed-from-peer is set by the
+/// Session flags that travel: the others are local (from-peer is set by the
 /// receiver; asymmetric is what this member saw).
 const SYNCED_FLAGS: u16 = SessionFlags::INITIATOR_HI | SessionFlags::TAKEN_OVER;
 
@@ -303,7 +303,7 @@ impl Record {
         }
     }
 
-    /// The session to install locally at local time `now_ns`, with `zone` already translated
+    /// The session to apply locally at local time `now_ns`, with `zone` already translated
     /// to this member's numbering. A session cannot have been idle longer than it exists: an
     /// idle time past the age is taken as the age (else the copy would count as created after
     /// it was last seen, a re-created flow newer than itself).
@@ -315,7 +315,7 @@ impl Record {
         Session {
             created_ns: now_ns.saturating_sub(ms(self.age_ms)),
             last_seen_ns,
-            // Installed sessions are not announced again by this member's refresh logic
+            // Applied sessions are not announced again by this member's refresh logic
             // until they see local traffic.
             last_event_ns: now_ns,
             packets: self.packets,
@@ -453,7 +453,7 @@ pub enum Message {
         bulk: bool,
         records: Vec<Record>,
     },
-    /// Cumulative: every `Sessions` frame up to `seq` was installed.
+    /// Cumulative: every `Sessions` frame up to `seq` was applied.
     Ack {
         seq: u64,
     },
@@ -792,7 +792,7 @@ mod tests {
     }
 
     #[test]
-    fn records_carry_ages_and_are_reanchored_on_install() {
+    fn records_carry_ages_and_are_reanchored_on_apply() {
         let sender_now = 500_000_000_000;
         let rec = Record::upsert(key(1), &session(sender_now), sender_now);
         assert_eq!((rec.age_ms, rec.idle_ms), (5000, 250));
@@ -822,10 +822,10 @@ mod tests {
         let s = rec.to_session(now, ZoneId(1));
         assert_eq!(s.last_seen_ns, s.created_ns);
         // Found by the channel_payload fuzz target: such a copy was newer than itself.
-        let op = hasync_common::InstallOp::Upsert as u8;
+        let op = hasync_common::ApplyOp::Upsert as u8;
         assert_eq!(
-            hasync_common::install::resolve(op, &s, Some(&s), MemberId::NONE),
-            hasync_common::install::Resolution::Keep
+            hasync_common::conflict::resolve(op, &s, Some(&s), MemberId::NONE),
+            hasync_common::conflict::Resolution::Keep
         );
     }
 

@@ -20,9 +20,9 @@ use crate::{
     netlink::{Ifaces, LinkWatch, NetlinkError},
     sync::{
         admission::{Admission, Ticket},
+        apply::ZoneMap,
         backoff::Backoff,
         channel::{self, ChannelError, Receiver, Sender},
-        install::ZoneMap,
         stats::LinkStats,
         wire::{Hello, LinkKind, Message, RecordLayout, WireError, PROTO_MAJOR, PROTO_MINOR},
         writer::writer,

@@ -1,5 +1,5 @@
 //! The sync engine: listens and dials on HA4 and HA4 backup, authenticates peers, streams
-//! session changes to each peer over its active link, installs what peers send, and runs full
+//! session changes to each peer over its active link, applies what peers send, and runs full
 //! syncs.
 //!
 //! One TCP connection per peer and link; the member with the lower id dials. Session data
@@ -33,8 +33,8 @@ use tracing::{info, warn};
 
 use super::{
     admission::Admission,
+    apply::ZoneMap,
     backoff::Backoff,
-    install::ZoneMap,
     outbox::Outbox,
     stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
