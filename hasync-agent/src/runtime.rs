@@ -68,20 +68,19 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
     let peers = config
         .members
         .iter()
-        .filter_map(|m| {
-            let id = MemberId(u8::try_from(m.id).ok()?);
+        .map(|m| {
             let mut addrs = BTreeMap::new();
             addrs.insert(LinkKind::Ha4, m.ha4);
             if let Some(b) = m.ha4_backup {
                 addrs.insert(LinkKind::Ha4Backup, b);
             }
-            Some(PeerConfig {
-                id,
+            PeerConfig {
+                id: m.id,
                 serial: m.serial.clone(),
                 addrs,
                 session_sync: m.session_sync,
                 enabled: m.enabled,
-            })
+            }
         })
         .collect::<Vec<_>>();
     let local_session_sync = peers
@@ -90,7 +89,7 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
         .is_some_and(|p| p.session_sync);
     let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
     Ok(SyncConfig {
-        cluster_id: u8::try_from(config.cluster.id).context("cluster id")?,
+        cluster_id: config.cluster.id,
         local,
         local_session_sync,
         psk,
@@ -267,7 +266,9 @@ fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
     let (local, cluster) = (member.config.local_member(), member.config.cluster.id);
     info!(
         member = local.0,
-        cluster, restarted, "cluster member running"
+        cluster = cluster.0,
+        restarted,
+        "cluster member running"
     );
     let kept = if restarted {
         ", sessions kept from the previous run"

@@ -28,7 +28,7 @@ pub use counters::{Counter, Counters, COUNTER_COUNT};
 pub use event::{Event, EventKind};
 pub use fib::{FibEntry, FibKey};
 pub use flow::{Family, FlowKey, FragmentKey};
-pub use ids::{MemberId, ZoneId};
+pub use ids::{ClusterId, MemberId, ZoneId};
 pub use member::MemberEntry;
 pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
 pub use table_programs::{ApplyHeader, ApplyOp, ApplyOutcome, ApplyRecord, ReadHeader, ReadSlot};

@@ -193,7 +193,7 @@ pub fn sample_sessions() -> Vec<(FlowKey, Session)> {
 pub fn answer(request: Request) -> Response {
     match request {
         Request::ShowMembers => Response::ok(MembersView {
-            cluster_id: 7,
+            cluster_id: hasync_common::ClusterId(7),
             local: 1,
             members: vec![
                 MemberView {

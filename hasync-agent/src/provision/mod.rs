@@ -162,7 +162,8 @@ pub struct SpecZone {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecMember {
-    pub id: u32,
+    #[serde(with = "crate::config::ids::member_id")]
+    pub id: hasync_common::MemberId,
     pub serial: String,
     #[serde(default)]
     pub description: String,
@@ -348,7 +349,7 @@ impl Spec {
         for (k, v) in &m.local {
             local_table.insert(k.clone(), v.clone());
         }
-        local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id)));
+        local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id.0)));
         match toml::Value::Table(local_table).try_into::<Local>() {
             Ok(l) => Some(l),
             Err(e) => {

@@ -9,7 +9,7 @@
 
 use hasync_common::{
     tcp_window::{mark_stale, track},
-    FlowKey, MemberId, Session, SessionFlags, ZoneId,
+    ClusterId, FlowKey, MemberId, Session, SessionFlags, ZoneId,
 };
 
 mod compact;
@@ -144,7 +144,8 @@ fn link_from_u8(v: u8) -> Result<LinkKind, WireError> {
 pub struct Hello {
     pub major: u8,
     pub minor: u8,
-    pub cluster_id: u8,
+    /// Any byte a peer sends; a member refuses a hello whose id is not its own cluster's.
+    pub cluster_id: ClusterId,
     pub member: MemberId,
     pub link: LinkKind,
     /// Random per agent start: a new value tells peers this member restarted and needs a full
@@ -499,7 +500,7 @@ impl Message {
                     tag::HELLO,
                     h.major,
                     h.minor,
-                    h.cluster_id,
+                    h.cluster_id.0,
                     h.member.0,
                     h.link as u8,
                     (if h.wants_bulk {
@@ -576,7 +577,7 @@ impl Message {
                 Message::Hello(Hello {
                     major,
                     minor,
-                    cluster_id,
+                    cluster_id: ClusterId(cluster_id),
                     member: MemberId(member),
                     link: link_from_u8(link)?,
                     boot_id,
@@ -720,7 +721,7 @@ mod tests {
         let hello = Message::Hello(Hello {
             major: PROTO_MAJOR,
             minor: PROTO_MINOR,
-            cluster_id: 7,
+            cluster_id: ClusterId(7),
             member: MemberId(2),
             link: LinkKind::Ha4Backup,
             boot_id: 0xdead_beef_0000_0001,
@@ -950,7 +951,7 @@ mod tests {
         let h = |major, minor| Hello {
             major,
             minor,
-            cluster_id: 1,
+            cluster_id: ClusterId(1),
             member: MemberId(1),
             link: LinkKind::Ha4,
             boot_id: 1,

@@ -103,7 +103,7 @@ fn our_hello() -> Hello {
     Hello {
         major: PROTO_MAJOR,
         minor: PROTO_MINOR,
-        cluster_id: 7,
+        cluster_id: hasync_common::ClusterId(7),
         member: LOCAL,
         link: LinkKind::Ha4,
         boot_id: 1,

@@ -600,7 +600,7 @@ mod tests {
         let mut h = Hello {
             major: PROTO_MAJOR,
             minor: PROTO_MINOR,
-            cluster_id: 1,
+            cluster_id: hasync_common::ClusterId(1),
             member: MemberId(2),
             link: LinkKind::Ha4,
             boot_id: 1,

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hasync_common::{FlowKey, MemberId};
+use hasync_common::{ClusterId, FlowKey, MemberId};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -68,7 +68,7 @@ pub struct PeerConfig {
 /// What the engine needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
-    pub cluster_id: u8,
+    pub cluster_id: ClusterId,
     pub local: MemberId,
     pub local_session_sync: bool,
     pub psk: [u8; 32],

@@ -37,7 +37,7 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
         enabled: true,
     };
     let cfg = SyncConfig {
-        cluster_id: 1,
+        cluster_id: hasync_common::ClusterId(1),
         local: MemberId(1),
         local_session_sync: true,
         psk: [0; 32],
@@ -82,7 +82,7 @@ fn hello_from_2<T: SessionTable>(e: &Engine<T>, boot_id: u64) {
     g.hello = Some(Hello {
         major: 1,
         minor: 0,
-        cluster_id: 1,
+        cluster_id: hasync_common::ClusterId(1),
         member: MemberId(2),
         link: LinkKind::Ha4,
         boot_id,
