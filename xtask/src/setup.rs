@@ -36,6 +36,17 @@ pub enum Mode {
     CheckOnly,
 }
 
+impl Mode {
+    /// `CheckOnly` when `check` (`cargo xtask setup --check`), else `Install`.
+    pub const fn check_only_if(check: bool) -> Mode {
+        if check {
+            Mode::CheckOnly
+        } else {
+            Mode::Install
+        }
+    }
+}
+
 struct Requirement {
     name: &'static str,
     check: fn() -> Result<Status>,
