@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{error_chain, Datapath, RemoveReason, Removed, DEFAULT_CHUNK},
+    control::ControlRequest,
+    datapath::{error_chain, Datapath, EventStream, RemoveReason, Removed, DEFAULT_CHUNK},
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
@@ -145,39 +146,75 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             links.ok(),
         ));
     }
-    let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
-        .with_context(|| {
-            format!(
-                "opening the traffic log {}",
-                member.config.local.traffic_log.display()
-            )
-        })?;
+    let mut log = open_traffic_log(&member.config)?;
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
     tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
     tasks.push(serve_control(&member, control_tx).await?);
     announce_ready(&member, plan.interfaces.len(), restarted);
-    let mut main = MainLoop::new(&member, restarted);
-    let result: anyhow::Result<()> = loop {
+    let inputs = Inputs {
+        signals: &mut signals,
+        events: &mut events,
+        control: &mut control_rx,
+    };
+    let result = main_loop(&member, restarted, inputs, &mut log).await;
+    shut_down(tasks, &member, result)
+}
+
+/// What the main loop waits on.
+struct Inputs<'a> {
+    signals: &'a mut Signals,
+    events: &'a mut EventStream,
+    control: &'a mut tokio::sync::mpsc::Receiver<ControlRequest>,
+}
+
+/// Serves the datapath's events, the timers and the control requests until a signal comes.
+async fn main_loop(
+    member: &Member,
+    restarted: bool,
+    inputs: Inputs<'_>,
+    log: &mut TrafficLog,
+) -> anyhow::Result<()> {
+    let Inputs {
+        signals,
+        events,
+        control,
+    } = inputs;
+    let mut main = MainLoop::new(member, restarted);
+    loop {
         tokio::select! {
-            signal = signals.recv() => { info!(signal, "stopping"); break Ok(()); }
-            batch = events.next_batch() => main.on_events(&member, &batch, &mut log),
-            _ = main.sweep_tick.tick() => main.on_sweep(&member, &mut log),
-            _ = main.membership_tick.tick() => main.on_membership(&member),
-            Some((request, reply)) = control_rx.recv() => {
-                let response = crate::control::handler::handle(&member, request);
+            signal = signals.recv() => { info!(signal, "stopping"); return Ok(()); }
+            batch = events.next_batch() => main.on_events(member, &batch, log),
+            _ = main.sweep_tick.tick() => main.on_sweep(member, log),
+            _ = main.membership_tick.tick() => main.on_membership(member),
+            Some((request, reply)) = control.recv() => {
+                let response = crate::control::handler::handle(member, request);
                 let _ = reply.send(response);
             }
         }
-    };
+    }
+}
+
+/// Stops `tasks`, tells systemd, and leaves the datapath (pinned, or detached); the main
+/// loop's `result` first, then any failure to leave.
+fn shut_down(
+    tasks: Vec<JoinHandle<()>>,
+    member: &Member,
+    result: anyhow::Result<()>,
+) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
     crate::service::notify::stopping();
-    let detached = leave_datapath(&member);
+    let detached = leave_datapath(member);
     result?;
     detached?;
     info!("stopped");
     Ok(())
+}
+
+fn open_traffic_log(config: &Config) -> anyhow::Result<TrafficLog> {
+    let path = &config.local.traffic_log;
+    TrafficLog::open(path).with_context(|| format!("opening the traffic log {}", path.display()))
 }
 
 /// The membership rules and the sync engine over `dp`, with the tasks they run (the engine's,

@@ -492,51 +492,14 @@ impl Message {
     /// Appends the encoding of `self` to `w`, records in `layout`.
     pub fn encode_as(&self, w: &mut Vec<u8>, layout: RecordLayout) -> Result<(), WireError> {
         match self {
-            Message::Hello(h) => {
-                if h.zones.len() > MAX_ZONES {
-                    return Err(WireError::TooManyZones(h.zones.len()));
-                }
-                w.extend_from_slice(&[
-                    tag::HELLO,
-                    h.major,
-                    h.minor,
-                    h.cluster_id.0,
-                    h.member.0,
-                    h.link as u8,
-                    (if h.wants_bulk {
-                        hello_flags::WANTS_BULK
-                    } else {
-                        0
-                    }) | (if h.fresh_table {
-                        hello_flags::FRESH_TABLE
-                    } else {
-                        0
-                    }),
-                ]);
-                w.extend_from_slice(&h.boot_id.to_be_bytes());
-                w.extend_from_slice(&h.fingerprint);
-                w.extend_from_slice(&(h.zones.len() as u16).to_be_bytes());
-                for z in &h.zones {
-                    let bytes = &z.as_bytes()[..z.len().min(255)];
-                    w.push(bytes.len() as u8);
-                    w.extend_from_slice(bytes);
-                }
-            }
+            Message::Hello(h) => h.encode(w)?,
             Message::Keepalive(k) => {
                 w.extend_from_slice(&[tag::KEEPALIVE, k.state]);
                 w.extend_from_slice(&k.sessions_owned.to_be_bytes());
                 w.extend_from_slice(&k.flaps.to_be_bytes());
             }
             Message::Sessions { seq, bulk, records } => {
-                if records.len() > layout.max_records() {
-                    return Err(WireError::TooManyRecords(records.len()));
-                }
-                w.extend_from_slice(&[tag::SESSIONS, u8::from(*bulk)]);
-                w.extend_from_slice(&seq.to_be_bytes());
-                w.extend_from_slice(&(records.len() as u16).to_be_bytes());
-                for r in records {
-                    r.encode(w, layout);
-                }
+                encode_sessions(w, *seq, *bulk, records, layout)?;
             }
             Message::Ack { seq } => {
                 w.push(tag::ACK);
@@ -560,33 +523,7 @@ impl Message {
         let mut r = Reader(bytes);
         let [t] = r.array("message type")?;
         let msg = match t {
-            tag::HELLO => {
-                let [major, minor, cluster_id, member, link, flags] = r.array("hello")?;
-                let boot_id = r.u64("boot id")?;
-                let fingerprint = r.array("fingerprint")?;
-                let n = usize::from(r.u16("zone count")?);
-                if n > MAX_ZONES {
-                    return Err(WireError::TooManyZones(n));
-                }
-                let mut zones = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let [len] = r.array("zone name length")?;
-                    let name = r.take(usize::from(len), "zone name")?;
-                    zones.push(String::from_utf8(name.to_vec()).map_err(|_| WireError::ZoneName)?);
-                }
-                Message::Hello(Hello {
-                    major,
-                    minor,
-                    cluster_id: ClusterId(cluster_id),
-                    member: MemberId(member),
-                    link: link_from_u8(link)?,
-                    boot_id,
-                    fingerprint,
-                    zones,
-                    wants_bulk: flags & hello_flags::WANTS_BULK != 0,
-                    fresh_table: flags & hello_flags::FRESH_TABLE != 0,
-                })
-            }
+            tag::HELLO => Message::Hello(Hello::decode(&mut r)?),
             tag::KEEPALIVE => {
                 let [state] = r.array("keepalive")?;
                 Message::Keepalive(Keepalive {
@@ -595,24 +532,7 @@ impl Message {
                     flaps: r.u32("flaps")?,
                 })
             }
-            tag::SESSIONS => {
-                let [bulk] = r.array("sessions header")?;
-                let seq = r.u64("sequence")?;
-                let n = usize::from(r.u16("record count")?);
-                if n > layout.max_records() {
-                    return Err(WireError::TooManyRecords(n));
-                }
-                // A lying count does not reserve more than the bytes that follow can hold.
-                let mut records = Vec::with_capacity(n.min(r.0.len() / layout.min_bytes()));
-                for _ in 0..n {
-                    records.push(Record::decode(&mut r, layout)?);
-                }
-                Message::Sessions {
-                    seq,
-                    bulk: bulk != 0,
-                    records,
-                }
-            }
+            tag::SESSIONS => decode_sessions(&mut r, layout)?,
             tag::ACK => Message::Ack { seq: r.u64("ack")? },
             tag::BULK_START => Message::BulkStart {
                 bulk_id: r.u32("bulk id")?,
@@ -628,6 +548,104 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+impl Hello {
+    /// Appends the hello after its tag.
+    fn encode(&self, w: &mut Vec<u8>) -> Result<(), WireError> {
+        if self.zones.len() > MAX_ZONES {
+            return Err(WireError::TooManyZones(self.zones.len()));
+        }
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        w.extend_from_slice(&[
+            tag::HELLO,
+            self.major,
+            self.minor,
+            self.cluster_id.0,
+            self.member.0,
+            self.link as u8,
+            flag(self.wants_bulk, hello_flags::WANTS_BULK)
+                | flag(self.fresh_table, hello_flags::FRESH_TABLE),
+        ]);
+        w.extend_from_slice(&self.boot_id.to_be_bytes());
+        w.extend_from_slice(&self.fingerprint);
+        w.extend_from_slice(&(self.zones.len() as u16).to_be_bytes());
+        for z in &self.zones {
+            let bytes = &z.as_bytes()[..z.len().min(255)];
+            w.push(bytes.len() as u8);
+            w.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    /// Reads a hello after its tag.
+    fn decode(r: &mut Reader<'_>) -> Result<Hello, WireError> {
+        let [major, minor, cluster_id, member, link, flags] = r.array("hello")?;
+        let boot_id = r.u64("boot id")?;
+        let fingerprint = r.array("fingerprint")?;
+        let n = usize::from(r.u16("zone count")?);
+        if n > MAX_ZONES {
+            return Err(WireError::TooManyZones(n));
+        }
+        let mut zones = Vec::with_capacity(n);
+        for _ in 0..n {
+            let [len] = r.array("zone name length")?;
+            let name = r.take(usize::from(len), "zone name")?;
+            zones.push(String::from_utf8(name.to_vec()).map_err(|_| WireError::ZoneName)?);
+        }
+        Ok(Hello {
+            major,
+            minor,
+            cluster_id: ClusterId(cluster_id),
+            member: MemberId(member),
+            link: link_from_u8(link)?,
+            boot_id,
+            fingerprint,
+            zones,
+            wants_bulk: flags & hello_flags::WANTS_BULK != 0,
+            fresh_table: flags & hello_flags::FRESH_TABLE != 0,
+        })
+    }
+}
+
+/// Appends a `Sessions` message: header, then `records` in `layout`.
+fn encode_sessions(
+    w: &mut Vec<u8>,
+    seq: u64,
+    bulk: bool,
+    records: &[Record],
+    layout: RecordLayout,
+) -> Result<(), WireError> {
+    if records.len() > layout.max_records() {
+        return Err(WireError::TooManyRecords(records.len()));
+    }
+    w.extend_from_slice(&[tag::SESSIONS, u8::from(bulk)]);
+    w.extend_from_slice(&seq.to_be_bytes());
+    w.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    for r in records {
+        r.encode(w, layout);
+    }
+    Ok(())
+}
+
+/// Reads a `Sessions` message after its tag, records in `layout`.
+fn decode_sessions(r: &mut Reader<'_>, layout: RecordLayout) -> Result<Message, WireError> {
+    let [bulk] = r.array("sessions header")?;
+    let seq = r.u64("sequence")?;
+    let n = usize::from(r.u16("record count")?);
+    if n > layout.max_records() {
+        return Err(WireError::TooManyRecords(n));
+    }
+    // A lying count does not reserve more than the bytes that follow can hold.
+    let mut records = Vec::with_capacity(n.min(r.0.len() / layout.min_bytes()));
+    for _ in 0..n {
+        records.push(Record::decode(r, layout)?);
+    }
+    Ok(Message::Sessions {
+        seq,
+        bulk: bulk != 0,
+        records,
+    })
 }
 
 /// Cursor over a received message.
