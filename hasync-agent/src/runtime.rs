@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
-    datapath::{error_chain, Datapath, RemoveReason, Removed, DEFAULT_CHUNK},
+    control::ControlRequest,
+    datapath::{error_chain, Datapath, EventStream, RemoveReason, Removed, DEFAULT_CHUNK},
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
@@ -70,20 +71,19 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
     let peers = config
         .members
         .iter()
-        .filter_map(|m| {
-            let id = MemberId(u8::try_from(m.id).ok()?);
+        .map(|m| {
             let mut addrs = BTreeMap::new();
             addrs.insert(LinkKind::Ha4, m.ha4);
             if let Some(b) = m.ha4_backup {
                 addrs.insert(LinkKind::Ha4Backup, b);
             }
-            Some(PeerConfig {
-                id,
+            PeerConfig {
+                id: m.id,
                 serial: m.serial.clone(),
                 addrs,
                 session_sync: m.session_sync,
                 enabled: m.enabled,
-            })
+            }
         })
         .collect::<Vec<_>>();
     let local_session_sync = peers
@@ -92,7 +92,7 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
         .is_some_and(|p| p.session_sync);
     let threshold = Duration::from_millis(config.cluster.keepalive_threshold_ms);
     Ok(SyncConfig {
-        cluster_id: u8::try_from(config.cluster.id).context("cluster id")?,
+        cluster_id: config.cluster.id,
         local,
         local_session_sync,
         psk,
@@ -148,39 +148,75 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             links.ok(),
         ));
     }
-    let mut log = crate::traffic_log::TrafficLog::open(&member.config.local.traffic_log)
-        .with_context(|| {
-            format!(
-                "opening the traffic log {}",
-                member.config.local.traffic_log.display()
-            )
-        })?;
+    let mut log = open_traffic_log(&member.config)?;
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
     tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
     tasks.push(serve_control(&member, control_tx).await?);
     announce_ready(&member, plan.interfaces.len(), restarted);
-    let mut main = MainLoop::new(&member, restarted);
-    let result: anyhow::Result<()> = loop {
+    let inputs = Inputs {
+        signals: &mut signals,
+        events: &mut events,
+        control: &mut control_rx,
+    };
+    let result = main_loop(&member, restarted, inputs, &mut log).await;
+    shut_down(tasks, &member, result)
+}
+
+/// What the main loop waits on.
+struct Inputs<'a> {
+    signals: &'a mut Signals,
+    events: &'a mut EventStream,
+    control: &'a mut tokio::sync::mpsc::Receiver<ControlRequest>,
+}
+
+/// Serves the datapath's events, the timers and the control requests until a signal comes.
+async fn main_loop(
+    member: &Member,
+    restarted: bool,
+    inputs: Inputs<'_>,
+    log: &mut TrafficLog,
+) -> anyhow::Result<()> {
+    let Inputs {
+        signals,
+        events,
+        control,
+    } = inputs;
+    let mut main = MainLoop::new(member, restarted);
+    loop {
         tokio::select! {
-            signal = signals.recv() => { info!(signal, "stopping"); break Ok(()); }
-            batch = events.next_batch() => main.on_events(&member, &batch, &mut log),
-            _ = main.sweep_tick.tick() => main.on_sweep(&member, &mut log),
-            _ = main.membership_tick.tick() => main.on_membership(&member),
-            Some((request, reply)) = control_rx.recv() => {
-                let response = crate::control::handler::handle(&member, request);
+            signal = signals.recv() => { info!(signal, "stopping"); return Ok(()); }
+            batch = events.next_batch() => main.on_events(member, &batch, log),
+            _ = main.sweep_tick.tick() => main.on_sweep(member, log),
+            _ = main.membership_tick.tick() => main.on_membership(member),
+            Some((request, reply)) = control.recv() => {
+                let response = crate::control::handler::handle(member, request);
                 let _ = reply.send(response);
             }
         }
-    };
+    }
+}
+
+/// Stops `tasks`, tells systemd, and leaves the datapath (pinned, or detached); the main
+/// loop's `result` first, then any failure to leave.
+fn shut_down(
+    tasks: Vec<JoinHandle<()>>,
+    member: &Member,
+    result: anyhow::Result<()>,
+) -> anyhow::Result<()> {
     for t in tasks {
         t.abort();
     }
     crate::service::notify::stopping();
-    let detached = leave_datapath(&member);
+    let detached = leave_datapath(member);
     result?;
     detached?;
     info!("stopped");
     Ok(())
+}
+
+fn open_traffic_log(config: &Config) -> anyhow::Result<TrafficLog> {
+    let path = &config.local.traffic_log;
+    TrafficLog::open(path).with_context(|| format!("opening the traffic log {}", path.display()))
 }
 
 /// The membership rules and the sync engine over `dp`, with the tasks they run (the engine's,
@@ -269,7 +305,9 @@ fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
     let (local, cluster) = (member.config.local_member(), member.config.cluster.id);
     info!(
         member = local.0,
-        cluster, restarted, "cluster member running"
+        cluster = cluster.0,
+        restarted,
+        "cluster member running"
     );
     let kept = if restarted {
         ", sessions kept from the previous run"
@@ -493,7 +531,7 @@ fn apply_membership(member: &Member) {
 
 /// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
 /// too many, which each peer's full-sync backoff then paces). The table is read a chunk per
-/// hold of the datapath lock, so installs and the fast path's event reader go on meanwhile.
+/// hold of the datapath lock, so applying peers' records and the fast path's event reader go on meanwhile.
 fn reannounce(member: &Member) {
     let local = member.config.local_member();
     let walked = tokio::task::block_in_place(|| {

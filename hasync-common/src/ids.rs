@@ -53,5 +53,36 @@ impl ZoneId {
     pub const NONE: ZoneId = ZoneId(0);
 }
 
+/// A cluster, 1–99. Every hello names it, and a member refuses a peer of another cluster; the
+/// datapath never sees it.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterId(pub u8);
+
+impl ClusterId {
+    /// Lowest cluster id.
+    pub const MIN: u8 = 1;
+    /// Highest cluster id.
+    pub const MAX: u8 = 99;
+
+    /// Is this an id a cluster may use ([`MIN`](Self::MIN)–[`MAX`](Self::MAX))?
+    pub const fn is_valid(self) -> bool {
+        self.0 >= Self::MIN && self.0 <= Self::MAX
+    }
+}
+
+impl core::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl core::fmt::Display for MemberId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+crate::assert_size!(ClusterId, 1);
 crate::assert_size!(MemberId, 1);
 crate::assert_size!(ZoneId, 2);

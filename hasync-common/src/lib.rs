@@ -8,15 +8,16 @@
 
 pub mod clock;
 pub mod config;
+pub mod conflict;
 pub mod counters;
 pub mod event;
 pub mod fib;
 pub mod flow;
 pub mod ids;
-pub mod install;
 pub mod maps;
 pub mod member;
 pub mod session;
+pub mod table_programs;
 pub mod tcp_window;
 
 pub use clock::ClockSample;
@@ -29,10 +30,10 @@ pub use counters::{
 pub use event::{Event, EventKind};
 pub use fib::{FibEntry, FibKey};
 pub use flow::{Family, FlowKey, FragmentKey};
-pub use ids::{MemberId, ZoneId};
-pub use install::{InstallHeader, InstallOp, InstallOutcome, InstallRecord, ReadHeader, ReadSlot};
+pub use ids::{ClusterId, MemberId, ZoneId};
 pub use member::MemberEntry;
 pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
+pub use table_programs::{ApplyHeader, ApplyOp, ApplyOutcome, ApplyRecord, ReadHeader, ReadSlot};
 pub use tcp_window::TcpSegment;
 
 /// Asserts at compile time that a shared type has exactly the expected size.
@@ -69,8 +70,8 @@ mod pod {
         DatapathConfig,
         MemberEntry,
         ZoneId,
-        InstallRecord,
-        InstallHeader,
+        ApplyRecord,
+        ApplyHeader,
         ReadHeader,
         ReadSlot,
         EmbryoSlot,

@@ -23,7 +23,7 @@ pub const EMBRYOS: &str = "EMBRYOS";
 /// Per-CPU array of one `u64`: the tickets each CPU's part of the EMBRYOS ring handed out.
 pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
 /// Array of one `u64` per member id: the tickets each replica part of the EMBRYOS ring handed
-/// out to records that came without their owner's ticket (only the install program writes it,
+/// out to records that came without their owner's ticket (only the apply program writes it,
 /// and the agent runs it one batch at a time).
 pub const REPLICA_EMBRYO_HEAD: &str = "REPLICA_EMBRYO_HEAD";
 /// LRU hash: `FragmentKey` → when its first fragment passed (`u64`, session clock ns).
@@ -58,13 +58,15 @@ pub const FIB_CACHE_CAPACITY: u32 = 65_536;
 pub const FIB_GENERATION: &str = "FIB_GENERATION";
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "hasync";
-/// Name of the program that installs peers' sessions (run by BPF_PROG_TEST_RUN, never
-/// attached; see `crate::install`).
-pub const INSTALL_PROGRAM: &str = "hasync_install";
-/// Name of the program that reads sessions for the sender (run like the install program).
+/// Name of the table program that applies peers' records to the session table (run by
+/// BPF_PROG_TEST_RUN, never attached; see `crate::table_programs`). Programs are not pinned:
+/// every agent loads them anew from its own object, so this name may change between versions
+/// (it was `hasync_install`).
+pub const APPLY_PROGRAM: &str = "hasync_apply";
+/// Name of the table program that reads sessions for the sender (run like the apply program).
 pub const READ_PROGRAM: &str = "hasync_read";
-/// Name of the program that samples the kernel's clocks for the agent (run like the install
-/// program; see `crate::ClockSample`).
+/// Name of the program that samples the kernel's clocks for the agent (run like the table
+/// programs; see `crate::ClockSample`).
 pub const CLOCK_PROGRAM: &str = "hasync_clock";
 /// Logs the rare events the other programs noted (see [`crate::LogNote`]): run by the agent
 /// with BPF_PROG_TEST_RUN, never attached.

@@ -105,7 +105,7 @@ pub struct SessionFlags(pub u16);
 impl SessionFlags {
     /// The initiator is the higher endpoint of the key (`FlowKey::addr_hi`).
     pub const INITIATOR_HI: u16 = 1 << 0;
-    /// Installed from a peer's sync stream, not created by local traffic.
+    /// Written from a peer's sync stream, not created by local traffic.
     pub const FROM_PEER: u16 = 1 << 1;
     /// This member saw traffic for the session while its owner was alive elsewhere.
     pub const ASYMMETRIC: u16 = 1 << 2;

@@ -15,7 +15,7 @@
 //! segment cannot carry the window to where a blind RST would then fit.
 //!
 //! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
-//! the SYN-ACK of a new session, the first packets of a session installed from a peer that sent
+//! the SYN-ACK of a new session, the first packets of a session applied from a peer that sent
 //! no sequence state (protocol 1.0), or of a session taken over mid-stream. When the other
 //! direction is known, that segment must acknowledge what the other side sent (its ACK inside
 //! the window); without an ACK it is refused only in `syn-sent` (RFC 793: such a RST is ignored
@@ -25,7 +25,7 @@
 //!
 //! A replica's numbers are as old as the last record its owner sent (a refresh per second at
 //! most), and a busy connection moves further than a window in that time. So directions
-//! installed from a peer are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead
+//! applied from a peer are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead
 //! of the replica's end re-learns it (sequence numbers only move forward). RST and FIN are
 //! checked against the replica's numbers throughout.
 
@@ -39,7 +39,7 @@ pub mod track {
     /// when both directions offered it (RFC 7323).
     pub const WSCALE: u8 = 0x40;
     /// The direction's numbers came from a peer and may lag behind: the next segment ahead of
-    /// them re-learns them. Set on install, never sent.
+    /// them re-learns them. Set when applied from a peer, never sent.
     pub const STALE: u8 = 0x20;
     /// The window scale shift the direction offered.
     pub const SHIFT: u8 = 0x0f;

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use hasync_common::{ClockSample, DatapathConfig};
 
-use crate::install::store;
+use crate::table_programs::store;
 
 /// Now, in the session clock's nanoseconds.
 #[inline(always)]

@@ -10,7 +10,7 @@
 //! CPU for the sessions traffic creates (no atomic operation and no cache line shared between
 //! CPUs on the path a flood takes: the BPF target has no atomic read-modify-write in Rust's
 //! core, and a shared counter would bounce), and one for peers' replicas, which only the
-//! install program writes (the agent runs it one batch at a time, on whatever CPU). A bound is
+//! apply program writes (the agent runs it one batch at a time, on whatever CPU). A bound is
 //! per part: a flood that one CPU receives evicts that CPU's embryonic sessions only.
 //!
 //! There is no compare-and-delete for BPF hash maps: a packet on another CPU that assures the
@@ -141,7 +141,7 @@ pub fn admit_replica(
             let Some(head) = REPLICA_EMBRYO_HEAD.get_ptr_mut(u32::from(session.owner.0)) else {
                 return false;
             };
-            // SAFETY: a map value valid for the program's run; only the (serialized) install
+            // SAFETY: a map value valid for the program's run; only the (serialized) apply
             // program writes it.
             let head = unsafe { &mut *head };
             let t = *head as u32;
@@ -186,7 +186,7 @@ fn take_slot(
         return;
     };
     // SAFETY: array value valid for the program's run; the part has one writer (this CPU's
-    // program, or the serialized install program).
+    // program, or the serialized apply program).
     let slot = unsafe { &mut *slot };
     // A slot never used holds a zero key (no flow has protocol 0): nothing to look up.
     let used = slot.key.proto != 0 && slot.key != *key;

@@ -13,12 +13,12 @@ pub mod clock;
 pub mod embryo;
 pub mod events;
 pub mod forward;
-pub mod install;
 pub mod log;
 pub mod maps;
 pub mod parse;
 pub mod policy;
 pub mod session;
+pub mod table_programs;
 
 /// Unreachable: the crate has no panicking paths, and the verifier rejects any it finds.
 /// Defined once here for every program binary of the crate.

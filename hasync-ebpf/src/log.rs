@@ -26,7 +26,7 @@ use hasync_common::{
     flow::Family, Counter, Counters, FlowKey, LogNote, LogNoteKind, LogRequest, MemberId,
 };
 
-use crate::{install::load, maps::COUNTERS};
+use crate::{maps::COUNTERS, table_programs::load};
 
 /// This member took `key` over from `from`; its version is now `version`.
 #[inline(always)]

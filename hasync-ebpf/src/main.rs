@@ -9,8 +9,9 @@
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use hasync_ebpf::{
-    clock, install, log,
+    clock, log,
     session::{process, NoMix},
+    table_programs,
 };
 
 #[xdp]
@@ -18,16 +19,17 @@ pub fn hasync(ctx: XdpContext) -> u32 {
     process::<NoMix>(&ctx)
 }
 
-/// Installs peers' sessions: run by the agent with BPF_PROG_TEST_RUN, never attached.
+/// Applies peers' records to the session table: run by the agent with BPF_PROG_TEST_RUN, never
+/// attached. Not pinned, so free to be renamed (it was `hasync_install`).
 #[xdp]
-pub fn hasync_install(ctx: XdpContext) -> u32 {
-    install::run(&ctx)
+pub fn hasync_apply(ctx: XdpContext) -> u32 {
+    table_programs::apply_batch(&ctx)
 }
 
 /// Reads sessions for the sync sender: run by the agent with BPF_PROG_TEST_RUN, never attached.
 #[xdp]
 pub fn hasync_read(ctx: XdpContext) -> u32 {
-    install::read(&ctx)
+    table_programs::read_batch(&ctx)
 }
 
 /// Samples the kernel's clocks for the agent: run with BPF_PROG_TEST_RUN, never attached.

@@ -697,20 +697,33 @@ fn send_raw(
     limit: Duration,
 ) -> Result<u64, String> {
     let deadline = Instant::now() + limit;
+    let addr = link_addr(ifname, dst_mac)?;
+    let fd = packet_socket()?;
+    let mut sent = 0u64;
+    for burst in frames.chunks(INJECT_BURST) {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "only {sent} of {} frames sent within {limit:?}",
+                frames.len()
+            ));
+        }
+        for frame in burst {
+            send_frame(&fd, &addr, frame, deadline)
+                .map_err(|e| format!("sendto on {ifname}: {e}"))?;
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(sent)
+}
+
+/// The link-layer address of `dst_mac` through interface `ifname`, for IPv4 frames.
+fn link_addr(ifname: &str, dst_mac: [u8; 6]) -> Result<libc::sockaddr_ll, String> {
     let c_name = std::ffi::CString::new(ifname).map_err(|e| e.to_string())?;
     // SAFETY: a valid NUL-terminated name.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
         return Err(format!("no interface {ifname} here"));
-    }
-    // Protocol 0: this socket sends only, it receives nothing.
-    // SAFETY: plain socket creation; closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "socket(AF_PACKET): {}",
-            std::io::Error::last_os_error()
-        ));
     }
     // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -719,46 +732,53 @@ fn send_raw(
     addr.sll_ifindex = index as i32;
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&dst_mac);
-    let mut sent = 0u64;
-    let mut result = Ok(());
-    'outer: for burst in frames.chunks(INJECT_BURST) {
-        if Instant::now() >= deadline {
-            result = Err(format!(
-                "only {sent} of {} frames sent within {limit:?}",
-                frames.len()
-            ));
-            break;
-        }
-        for frame in burst {
-            loop {
-                // SAFETY: `frame` and `addr` are valid for the lengths given.
-                let rc = unsafe {
-                    libc::sendto(
-                        fd,
-                        frame.as_ptr().cast(),
-                        frame.len(),
-                        0,
-                        std::ptr::addr_of!(addr).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                if rc >= 0 {
-                    sent += 1;
-                    break;
-                }
-                let e = std::io::Error::last_os_error();
-                // A full queue: give it a moment (bounded by the deadline).
-                if e.raw_os_error() == Some(libc::ENOBUFS) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                result = Err(format!("sendto on {ifname}: {e}"));
-                break 'outer;
-            }
-        }
-        std::thread::sleep(Duration::from_micros(500));
+    Ok(addr)
+}
+
+/// An `AF_PACKET` socket that only sends (protocol 0: it receives nothing).
+fn packet_socket() -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        ));
     }
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    result.map(|()| sent)
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `frame` to `addr`, waiting a moment while the queue is full (until `deadline`).
+fn send_frame(
+    fd: &std::os::fd::OwnedFd,
+    addr: &libc::sockaddr_ll,
+    frame: &[u8],
+    deadline: Instant,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        // SAFETY: `frame` and `addr` are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // A full queue: give it a moment (bounded by the deadline).
+        if e.raw_os_error() == Some(libc::ENOBUFS) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        return Err(e);
+    }
 }

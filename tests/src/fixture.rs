@@ -29,7 +29,7 @@ enum Step {
     Zone(ZoneId),
 }
 
-/// A session that exists before the row's first frame, as if installed by a peer's sync.
+/// A session that exists before the row's first frame, as if applied from a peer's sync.
 #[derive(Clone, Debug)]
 pub struct Existing {
     pub state: State,
@@ -52,7 +52,7 @@ pub struct Existing {
 }
 
 impl Existing {
-    /// Defaults: version 7, zone 3, 5 and 4 packets, flags seen SYN|ACK both ways, installed
+    /// Defaults: version 7, zone 3, 5 and 4 packets, flags seen SYN|ACK both ways, applied
     /// from a peer when the owner is not the local member. The initiator is the row's first
     /// frame's sender unless told otherwise.
     pub fn new(state: State, owner: MemberId, alive: bool) -> Self {
@@ -454,8 +454,8 @@ fn reset(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     Ok(())
 }
 
-/// Writes the row's existing session; returns it as installed.
-fn install_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
+/// Writes the row's existing session; returns it as written.
+fn write_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result<Session> {
     let now = tdp.datapath().now_ns()?;
     let Existing {
         state,
@@ -508,15 +508,15 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     // The session clock as the program reads it: rows compare its times exactly.
     let start = tdp.datapath().now_ns()?;
     let key = row.row_key();
-    let mut installed = None;
+    let mut written = None;
     if let Some(e) = &row.existing {
         let key = key.with_context(|| format!("row `{name}`: an existing session needs a key"))?;
         let mut e = e.clone();
         if e.initiator_hi.is_none() {
             e.initiator_hi = row.frames().next().map(|f| f.key_and_side().1);
         }
-        let s = install_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
-        installed = Some(s);
+        let s = write_existing(tdp, &key, &e).with_context(|| format!("row `{name}`: setup"))?;
+        written = Some(s);
     }
     let before = tdp.counters()?;
     let mut errors = Vec::new();
@@ -547,7 +547,7 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
         after: tdp.counters()?,
     };
     check_counters(row, frames, &delta, &mut errors);
-    check_table(tdp, row, key, installed, (start, end), &mut errors)?;
+    check_table(tdp, row, key, written, (start, end), &mut errors)?;
     check_events(tdp, row, key, &mut errors)?;
     if errors.is_empty() {
         return Ok(());
@@ -579,47 +579,83 @@ fn check_table(
     tdp: &mut TestDatapath,
     row: &Row,
     key: Option<FlowKey>,
-    installed: Option<Session>,
-    (start, end): (u64, u64),
+    written: Option<Session>,
+    run: (u64, u64),
     errors: &mut Vec<String>,
 ) -> Result<()> {
-    let all = tdp.sessions()?;
+    let held = tdp.sessions()?.len();
     let want_size = row
         .table_size
         .unwrap_or(usize::from(row.session.is_some() || row.existing.is_some()));
-    if all.len() != want_size {
-        errors.push(format!(
-            "table holds {} sessions, expected {want_size}",
-            all.len()
-        ));
+    if held != want_size {
+        errors.push(format!("table holds {held} sessions, expected {want_size}"));
     }
     let Some(key) = key else {
         return Ok(());
     };
     let got = tdp.session(&key)?;
-    let (want, got) = match (&row.session, got) {
-        (None, None) => return Ok(()),
-        (None, Some(s)) if installed.is_some() => {
-            // No expectation on a row with an existing session: it must be untouched.
-            if Some(s) != installed {
+    if let Some((want, got)) = session_to_compare(row, got, written, errors) {
+        check_session(row, want, &got, run, errors);
+    }
+    Ok(())
+}
+
+/// The row's expected session and the one under its key, when there are both; otherwise
+/// records what is wrong with what is there (or is not): a row without an expected session
+/// must leave its existing one untouched, and create none.
+fn session_to_compare<'r>(
+    row: &'r Row,
+    got: Option<Session>,
+    written: Option<Session>,
+    errors: &mut Vec<String>,
+) -> Option<(&'r Expect, Session)> {
+    match (&row.session, got) {
+        (None, None) => {}
+        (None, Some(s)) if written.is_some() => {
+            if Some(s) != written {
                 errors.push(format!(
                     "the existing session changed: {} (was {})",
                     show(&s),
-                    installed.as_ref().map(show).unwrap_or_default()
+                    written.as_ref().map(show).unwrap_or_default()
                 ));
             }
-            return Ok(());
         }
-        (None, Some(s)) => {
-            errors.push(format!("a session exists: {}", show(&s)));
-            return Ok(());
-        }
-        (Some(_), None) => {
-            errors.push("no session under the row's key".to_string());
-            return Ok(());
-        }
-        (Some(want), Some(got)) => (want, got),
-    };
+        (None, Some(s)) => errors.push(format!("a session exists: {}", show(&s))),
+        (Some(_), None) => errors.push("no session under the row's key".to_string()),
+        (Some(want), Some(got)) => return Some((want, got)),
+    }
+    None
+}
+
+/// Records "session WHAT: GOT, expected WANT" unless `got == want`, both shown by `show`.
+fn same<T: PartialEq>(
+    errors: &mut Vec<String>,
+    what: &str,
+    (got, want): (T, T),
+    show: impl Fn(&T) -> String,
+) {
+    if got != want {
+        errors.push(format!(
+            "session {what}: {}, expected {}",
+            show(&got),
+            show(&want)
+        ));
+    }
+}
+
+fn debug<T: std::fmt::Debug>(v: &T) -> String {
+    format!("{v:?}")
+}
+
+/// Compares every field of `got` that `want` has an expectation for; `start..=end` is when
+/// the row ran.
+fn check_session(
+    row: &Row,
+    want: &Expect,
+    got: &Session,
+    (start, end): (u64, u64),
+    errors: &mut Vec<String>,
+) {
     let Session {
         created_ns,
         last_seen_ns,
@@ -637,7 +673,7 @@ fn check_table(
         tcp_track,
         max_win: _,
         seq_end,
-    } = got;
+    } = *got;
     let Expect {
         state: want_state,
         owner: want_owner,
@@ -654,84 +690,43 @@ fn check_table(
         Some(e) => e.zone,
         None => row.zone.map_or(ZoneId::NONE, |z| z.zone),
     });
-    let mut check = |what: &str, ok: bool, got: String, want: String| {
-        if !ok {
-            errors.push(format!("session {what}: {got}, expected {want}"));
-        }
-    };
     let state_name =
-        |s: u8| State::from_u8(s).map_or(format!("invalid state {s}"), |s| s.name().to_string());
-    check(
-        "state",
-        state == want_state as u8,
-        state_name(state),
-        want_state.name().to_string(),
-    );
-    check(
-        "owner",
-        owner == want_owner,
-        format!("{}", owner.0),
-        format!("{}", want_owner.0),
-    );
-    check(
-        "zone",
-        zone == want_zone,
-        format!("{}", zone.0),
-        format!("{}", want_zone.0),
-    );
+        |s: &u8| State::from_u8(*s).map_or(format!("invalid state {s}"), |s| s.name().to_string());
+    same(errors, "state", (state, want_state as u8), state_name);
+    same(errors, "owner", (owner.0, want_owner.0), u8::to_string);
+    same(errors, "zone", (zone.0, want_zone.0), u16::to_string);
     if let Some(v) = want_version {
-        check("version", version == v, version.to_string(), v.to_string());
+        same(errors, "version", (version, v), u32::to_string);
     }
-    check(
-        "flags",
-        flags.0 == want_flags,
-        format!("{:#06x}", flags.0),
-        format!("{want_flags:#06x}"),
-    );
-    check(
-        "packets",
-        packets == want_packets,
-        format!("{packets:?}"),
-        format!("{want_packets:?}"),
-    );
+    same(errors, "flags", (flags.0, want_flags), |f| {
+        format!("{f:#06x}")
+    });
+    same(errors, "packets", (packets, want_packets), debug);
     if let Some(b) = want_bytes {
-        check("bytes", bytes == b, format!("{bytes:?}"), format!("{b:?}"));
+        same(errors, "bytes", (bytes, b), debug);
     }
     for d in 0..2 {
-        check(
-            "bytes/packets",
-            (packets[d] == 0) == (bytes[d] == 0),
-            format!("{packets:?} packets, {bytes:?} bytes"),
-            "bytes exactly where packets were counted".to_string(),
-        );
+        if (packets[d] == 0) != (bytes[d] == 0) {
+            errors.push(format!(
+                "session bytes/packets: {packets:?} packets, {bytes:?} bytes, expected bytes exactly where packets were counted"
+            ));
+        }
     }
     if let Some(f) = want_tcp_flags {
-        check("tcp flags", tcp_flags == f, hex2(tcp_flags), hex2(f));
+        same(errors, "tcp flags", (tcp_flags, f), |f| hex2(*f));
     }
     if let Some(z) = want_reply_zone {
-        check(
-            "reply zone",
-            reply_zone == z,
-            reply_zone.0.to_string(),
-            z.0.to_string(),
-        );
+        same(errors, "reply zone", (reply_zone.0, z.0), u16::to_string);
     }
     if let Some(want) = want_seq_end {
         let got = [0, 1].map(|d| (tcp_track[d] & track::KNOWN != 0).then_some(seq_end[d]));
-        check(
-            "seq end",
-            got == want,
-            format!("{got:?}"),
-            format!("{want:?}"),
-        );
+        same(errors, "seq end", (got, want), debug);
     }
-    check(
-        "last seen",
-        (start..=end).contains(&last_seen_ns) && created_ns <= last_seen_ns,
-        format!("created {created_ns}, last seen {last_seen_ns}"),
-        format!("last seen within the row's run {start}..={end}"),
-    );
-    Ok(())
+    if !(start..=end).contains(&last_seen_ns) || created_ns > last_seen_ns {
+        errors.push(format!(
+            "session last seen: created {created_ns}, last seen {last_seen_ns}, expected last seen within the row's run {start}..={end}"
+        ));
+    }
 }
 
 fn check_events(

@@ -215,7 +215,9 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
                 l.contains("INFO hasync::datapath: took over session proto 6")
                     && l.contains(&server_end)
             });
-            logged.then_some(()).ok_or("no takeover line yet".to_owned())
+            logged
+                .then_some(())
+                .ok_or("no takeover line yet".to_owned())
         },
     );
 

@@ -116,7 +116,7 @@ fn a_member_of_another_cluster_is_refused() {
     fw2_is_refused(
         "crjc-",
         MemberOverride {
-            cluster_id: Some(8),
+            cluster_id: Some(hasync_common::ClusterId(8)),
             ..MemberOverride::default()
         },
         "wrong-cluster",

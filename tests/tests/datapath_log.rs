@@ -10,7 +10,7 @@ use std::{
 
 use hasync_agent::datapath::DatapathLog;
 use hasync_common::{
-    Counter, InstallOp, InstallRecord, MemberId, Session, SessionFlags, State, ZoneId,
+    ApplyOp, ApplyRecord, Counter, MemberId, Session, SessionFlags, State, ZoneId,
 };
 use hasync_tests::{
     frame::Frame,
@@ -55,7 +55,7 @@ fn flow(port: u16) -> Frame {
     Frame::udp(src, "198.18.1.20:53".parse().expect("address"))
 }
 
-fn replica(port: u16, owner: MemberId, version: u32) -> InstallRecord {
+fn replica(port: u16, owner: MemberId, version: u32) -> ApplyRecord {
     let now = monotonic_ns();
     let session = Session {
         created_ns: now,
@@ -75,14 +75,14 @@ fn replica(port: u16, owner: MemberId, version: u32) -> InstallRecord {
         max_win: [0; 2],
         seq_end: [0; 2],
     };
-    InstallRecord::new(flow(port).key(), session, InstallOp::Upsert, false)
+    ApplyRecord::new(flow(port).key(), session, ApplyOp::Upsert, false)
 }
 
 /// Member 2 (not alive here) owns a flow; its next packet makes this member take it over.
 fn take_over(tdp: &mut TestDatapath, port: u16) {
     let out = tdp
         .datapath_mut()
-        .install(
+        .apply_records(
             &[replica(port, MemberId(2), 7)],
             MemberId::NONE,
             monotonic_ns(),
@@ -146,7 +146,7 @@ fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
     let newer = replica(5_000, MemberId(3), ours.version + 5);
     let out = tdp
         .datapath_mut()
-        .install(&[newer], MemberId::NONE, monotonic_ns())
+        .apply_records(&[newer], MemberId::NONE, monotonic_ns())
         .expect("install");
     assert_eq!(out.installed, 1, "{out:?}");
     let (text, logged) = drain(&mut tdp);

@@ -492,7 +492,7 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     assert!(lab.log_tail(1, 20).contains("restarted=true"));
 
     // Sync works within them too: fw1 reads the sessions it sends with its read program, fw2
-    // installs them with its install program (both BPF_PROG_TEST_RUN).
+    // applies them with its apply program (both BPF_PROG_TEST_RUN).
     run_member_with(2, &all);
     lab.wait_ready(2, READY)
         .unwrap_or_else(|e| fail(&lab, &format!("fw2 with {caps:?}: {e}")));

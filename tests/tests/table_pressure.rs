@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
-    Counter, EventKind, FlowKey, InstallOp, InstallRecord, MemberId, Policy, Session, SessionFlags,
+    ApplyOp, ApplyRecord, Counter, EventKind, FlowKey, MemberId, Policy, Session, SessionFlags,
     State, ZoneId,
 };
 use hasync_tests::{
@@ -245,7 +245,7 @@ fn replied(now: u64, owner: MemberId) -> Session {
 /// Peers' records go through the same admission, in the replicas' own part of the ring: a
 /// flood of embryonic replicas evicts only embryonic replicas, never an assured replica nor
 /// this member's own sessions; assured records that find the table full are refused and
-/// counted, not installed over anything.
+/// counted, not written over anything.
 #[test]
 fn replicas_never_evict_assured_sessions() {
     let (mut tdp, _) = load(Policy::Strict);
@@ -261,25 +261,25 @@ fn replicas_never_evict_assured_sessions() {
             session.packets = [1, 0];
             session.state = State::UdpNew as u8;
         }
-        InstallRecord::new(
+        ApplyRecord::new(
             Frame::udp(src, sa("198.18.1.20:53")).key(),
             session,
-            InstallOp::Upsert,
+            ApplyOp::Upsert,
             false,
         )
     };
-    let install = |tdp: &mut TestDatapath, records: &[InstallRecord]| {
+    let apply = |tdp: &mut TestDatapath, records: &[ApplyRecord]| {
         tdp.datapath_mut()
-            .install(records, MemberId::NONE, now)
-            .expect("install")
+            .apply_records(records, MemberId::NONE, now)
+            .expect("apply")
     };
     // 100 assured replicas, then a flood of embryonic ones.
-    let assured: Vec<InstallRecord> = (0..100).map(|i| record(i, true)).collect();
-    assert_eq!(install(&mut tdp, &assured).installed, 100);
-    let flood: Vec<InstallRecord> = (100..100 + u32::from(FLOOD))
+    let assured: Vec<ApplyRecord> = (0..100).map(|i| record(i, true)).collect();
+    assert_eq!(apply(&mut tdp, &assured).installed, 100);
+    let flood: Vec<ApplyRecord> = (100..100 + u32::from(FLOOD))
         .map(|i| record(i, false))
         .collect();
-    assert_eq!(install(&mut tdp, &flood).installed, u32::from(FLOOD));
+    assert_eq!(apply(&mut tdp, &flood).installed, u32::from(FLOOD));
     let counters = tdp.counters().expect("counters");
     assert_eq!(
         counters.get(Counter::EvictedUdpNew),
@@ -299,10 +299,10 @@ fn replicas_never_evict_assured_sessions() {
     // and evict nothing.
     let held = tdp.sessions().expect("sessions").len() as u32;
     let room = CAPACITY - held;
-    let more: Vec<InstallRecord> = (0..room + 10)
+    let more: Vec<ApplyRecord> = (0..room + 10)
         .map(|i| record(100 + u32::from(FLOOD) + i, true))
         .collect();
-    let out = install(&mut tdp, &more);
+    let out = apply(&mut tdp, &more);
     assert_eq!((out.installed, out.full), (room, 10), "{out:?}");
     assert_eq!(tdp.sessions().expect("sessions").len(), CAPACITY as usize);
     assert_eq!(tdp.run(&data.build()).expect("run"), Verdict::Pass);
@@ -327,12 +327,12 @@ fn one_members_flood_evicts_only_its_own_replicas() {
     let (mut tdp, _) = load(Policy::Strict);
     let replica_slots = replica_slots(&tdp);
     let now = monotonic_ns();
-    let records = |owner: u8, host: u8, n: u32| -> Vec<InstallRecord> {
+    let records = |owner: u8, host: u8, n: u32| -> Vec<ApplyRecord> {
         (0..n)
             .map(|i| {
                 let port = 1_000 + u16::try_from(i).expect("port");
                 let (key, session) = answered(now, MemberId(owner), host, port);
-                InstallRecord::new(key, session, InstallOp::Upsert, false)
+                ApplyRecord::new(key, session, ApplyOp::Upsert, false)
             })
             .collect()
     };
@@ -341,8 +341,8 @@ fn one_members_flood_evicts_only_its_own_replicas() {
     for batch in [&quiet, &flood] {
         let out = tdp
             .datapath_mut()
-            .install(batch, MemberId::NONE, now)
-            .expect("install");
+            .apply_records(batch, MemberId::NONE, now)
+            .expect("apply");
         assert_eq!(out.installed as usize, batch.len(), "{out:?}");
     }
     let counters = tdp.counters().expect("counters");
@@ -351,7 +351,7 @@ fn one_members_flood_evicts_only_its_own_replicas() {
         100,
         "member 3's oldest replicas made room for its newest"
     );
-    let gone: Vec<&InstallRecord> = quiet
+    let gone: Vec<&ApplyRecord> = quiet
         .iter()
         .filter(|r| tdp.session(&r.key).expect("read").is_none())
         .collect();
@@ -439,10 +439,10 @@ fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame
         if let Some(s) = owner.session(&key).expect("read") {
             let rec = Record::upsert(key, &s, now);
             let session = rec.to_session(now, s.zone);
-            records.push(InstallRecord::new(
+            records.push(ApplyRecord::new(
                 key,
                 session,
-                InstallOp::Upsert,
+                ApplyOp::Upsert,
                 rec.ticket.is_some(),
             ));
         }
@@ -454,13 +454,13 @@ fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame
                 version: e.session.version,
                 ..Session::default()
             };
-            records.push(InstallRecord::new(e.key, gone, InstallOp::Delete, false));
+            records.push(ApplyRecord::new(e.key, gone, ApplyOp::Delete, false));
         }
     }
     replica
         .datapath_mut()
-        .install(&records, MemberId::NONE, now)
-        .expect("install");
+        .apply_records(&records, MemberId::NONE, now)
+        .expect("apply");
 }
 
 /// A copy this member took over (its owner died) keeps the old owner's ticket but is no
@@ -475,17 +475,17 @@ fn a_session_taken_over_is_not_evicted_by_its_old_owners_part() {
     let copy = |port: u16, ticket: u32| {
         let (key, mut session) = answered(now, peer, 21, port);
         session.ticket = ticket;
-        InstallRecord::new(key, session, InstallOp::Upsert, true)
+        ApplyRecord::new(key, session, ApplyOp::Upsert, true)
     };
-    let install = |tdp: &mut TestDatapath, r: InstallRecord| {
+    let apply = |tdp: &mut TestDatapath, r: ApplyRecord| {
         let out = tdp
             .datapath_mut()
-            .install(&[r], MemberId::NONE, now)
-            .expect("install");
+            .apply_records(&[r], MemberId::NONE, now)
+            .expect("apply");
         assert_eq!(out.installed, 1, "{out:?}");
     };
     let taken = copy(3_000, 5);
-    install(&mut tdp, taken);
+    apply(&mut tdp, taken);
     // Member 2 is not alive here: the next packet of the flow takes the session over.
     let src = SocketAddr::new(IpAddr::from([198, 18, 0, 21]), 3_000);
     let packet = Frame::udp(src, sa("198.18.1.20:53"));
@@ -493,7 +493,7 @@ fn a_session_taken_over_is_not_evicted_by_its_old_owners_part() {
     let held = tdp.session(&taken.key).expect("read").expect("held");
     assert_eq!(held.owner, LOCAL, "taken over");
     // Member 2 is back, and its newer session lands on the same slot of its part.
-    install(&mut tdp, copy(3_001, 5 + replica_slots));
+    apply(&mut tdp, copy(3_001, 5 + replica_slots));
     assert!(
         tdp.session(&taken.key).expect("read").is_some(),
         "the session taken over was evicted by its old owner's part"

@@ -7,12 +7,23 @@ use anyhow::Result;
 
 use crate::{build_release_agent, cmd, release_binary};
 
-/// What `cargo xtask chaos` passes on.
+/// What `cargo xtask chaos` takes and passes on.
+#[derive(clap::Args)]
 pub struct ChaosArgs {
+    /// Cluster members, 3–16.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(3..=16))]
     pub members: u8,
+    /// Seconds after which no new fault starts.
+    #[arg(long, default_value_t = 600)]
     pub duration: u64,
+    /// Seed of the fault schedule (the same seed replays it).
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Where the table goes.
+    #[arg(long, default_value = "target/chaos-report.md")]
     pub out: PathBuf,
+    /// The members' `[local] forwarding`: `kernel` or `xdp`.
+    #[arg(long, default_value = "kernel")]
     pub forwarding: String,
 }
 

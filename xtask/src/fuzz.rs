@@ -28,12 +28,17 @@ pub const TARGETS: &[&str] = &[
 /// Files libFuzzer leaves in `fuzz/artifacts/<target>/` for a failing input.
 const FINDING_PREFIXES: &[&str] = &["crash-", "oom-", "timeout-", "leak-"];
 
+/// What `cargo xtask fuzz` takes.
+#[derive(clap::Args)]
 pub struct Options {
     /// Seconds per target.
+    #[arg(long = "time", value_name = "S", default_value_t = 60)]
     pub seconds: u64,
-    /// One target, or all.
+    /// Only this target.
+    #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     pub target: Option<String>,
-    /// Minimise each corpus after its run.
+    /// Minimise each corpus after its run (`cargo fuzz cmin`).
+    #[arg(long)]
     pub cmin: bool,
 }
 

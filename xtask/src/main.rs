@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use setup::{Mode, Report};
 
@@ -51,83 +51,72 @@ Modes:
                                                     fw1..fwN, server, hasw; needs root)
   cargo xtask run --config FILE                     this host as a member: `hasync agent --config FILE`
   cargo xtask run -- ARGS...                        `hasync agent ARGS...`, verbatim")]
-    Run {
-        /// Members of the lab, 2–16 (`hasync lab` defaults to 2).
-        #[arg(long, value_name = "N", conflicts_with = "config")]
-        members: Option<u8>,
-        /// Stop the lab after SECS seconds (`hasync lab` defaults to 3600).
-        #[arg(long, value_name = "SECS", conflicts_with = "config")]
-        duration: Option<u64>,
-        /// Run the agent on this host with this config file instead of a lab.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Arguments for `hasync agent`, after `--`, instead of a lab.
-        #[arg(
-            last = true,
-            value_name = "ARGS",
-            conflicts_with_all = ["members", "duration", "config"]
-        )]
-        args: Vec<OsString>,
-    },
+    Run(RunArgs),
     /// Setup, then run a benchmark from hasync-tests.
-    Bench {
-        bench: Bench,
-        /// Ask the bench for JSON output.
-        #[arg(long)]
-        json: bool,
-        /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
-        #[arg(long, value_name = "LIST")]
-        cases: Option<String>,
-        /// `forward`: the numbers of flows to measure, e.g. `1000,1000000` (the default);
-        /// `failover`: the number of flows (default 1000).
-        #[arg(long, value_name = "LIST")]
-        flows: Option<String>,
-        /// `failover` only: `ipv4` (the default) or `ipv6`.
-        #[arg(long, value_name = "FAMILY")]
-        family: Option<String>,
-        /// `failover` only: the generator's rate in Mpps (default: half of fw1's capacity
-        /// measured in the same run).
-        #[arg(long, value_name = "MPPS")]
-        rate: Option<String>,
-        /// `failover` only: write the run's time series (sent, received every 2 ms) as CSV.
-        #[arg(long, value_name = "FILE")]
-        series: Option<String>,
-    },
+    Bench(BenchArgs),
     /// Setup, then a fault-injection run against a netns cluster (needs root): partitions,
     /// loss, stopped, killed and restarted agents, floods, a hostile peer; invariants checked
     /// throughout. Writes a Markdown table of the results.
-    Chaos {
-        /// Cluster members, 3–16.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(3..=16))]
-        members: u8,
-        /// Seconds after which no new fault starts.
-        #[arg(long, default_value_t = 600)]
-        duration: u64,
-        /// Seed of the fault schedule (the same seed replays it).
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Where the table goes.
-        #[arg(long, default_value = "target/chaos-report.md")]
-        out: PathBuf,
-        /// The members' `[local] forwarding`: `kernel` or `xdp`.
-        #[arg(long, default_value = "kernel")]
-        forwarding: String,
-    },
+    Chaos(chaos::ChaosArgs),
     /// Lint the XDP program (hasync-ebpf) for bpfel-unknown-none with nightly clippy.
     ClippyEbpf,
     /// Setup (and cargo-fuzz), then run the fuzz targets in fuzz/ (libFuzzer, nightly) one at
     /// a time, growing the corpora in fuzz/corpus/; prints executions and crashes per target.
-    Fuzz {
-        /// Seconds per target.
-        #[arg(long, value_name = "S", default_value_t = 60)]
-        time: u64,
-        /// Only this target.
-        #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
-        target: Option<String>,
-        /// Minimise each corpus after its run (`cargo fuzz cmin`).
-        #[arg(long)]
-        cmin: bool,
-    },
+    Fuzz(fuzz::Options),
+}
+
+/// `cargo xtask run`'s arguments.
+#[derive(Args)]
+struct RunArgs {
+    /// Members of the lab, 2–16 (`hasync lab` defaults to 2).
+    #[arg(long, value_name = "N", conflicts_with = "config")]
+    members: Option<u8>,
+    /// Stop the lab after SECS seconds (`hasync lab` defaults to 3600).
+    #[arg(long, value_name = "SECS", conflicts_with = "config")]
+    duration: Option<u64>,
+    /// Run the agent on this host with this config file instead of a lab.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Arguments for `hasync agent`, after `--`, instead of a lab.
+    #[arg(
+        last = true,
+        value_name = "ARGS",
+        conflicts_with_all = ["members", "duration", "config"]
+    )]
+    args: Vec<OsString>,
+}
+
+/// `cargo xtask bench`'s arguments.
+#[derive(Args)]
+struct BenchArgs {
+    bench: Bench,
+    /// Ask the bench for JSON output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    options: BenchOptions,
+}
+
+/// `cargo xtask bench`'s options that only some benches take.
+#[derive(Args)]
+struct BenchOptions {
+    /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
+    #[arg(long, value_name = "LIST")]
+    cases: Option<String>,
+    /// `forward`: the numbers of flows to measure, e.g. `1000,1000000` (the default);
+    /// `failover`: the number of flows (default 1000).
+    #[arg(long, value_name = "LIST")]
+    flows: Option<String>,
+    /// `failover` only: `ipv4` (the default) or `ipv6`.
+    #[arg(long, value_name = "FAMILY")]
+    family: Option<String>,
+    /// `failover` only: the generator's rate in Mpps (default: half of fw1's capacity
+    /// measured in the same run).
+    #[arg(long, value_name = "MPPS")]
+    rate: Option<String>,
+    /// `failover` only: write the run's time series (sent, received every 2 ms) as CSV.
+    #[arg(long, value_name = "FILE")]
+    series: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -217,71 +206,21 @@ fn dispatch(cli: Cli) -> Result<()> {
     std::env::set_current_dir(root)
         .with_context(|| format!("cannot change to the workspace root {}", root.display()))?;
     match task {
-        Task::Setup { check } => setup::setup(
-            if check {
-                Mode::CheckOnly
-            } else {
-                Mode::Install
-            },
-            Report::Full,
-        ),
+        Task::Setup { check } => setup::setup(Mode::check_only_if(check), Report::Full),
         Task::Test { args } => {
             setup::setup(Mode::Install, Report::Summary)?;
             test::test(&args)
         }
-        Task::Run {
-            members,
-            duration,
-            config,
-            args,
-        } => run_hasync(root, members, duration, config, args),
-        Task::Bench {
-            bench,
-            json,
-            cases,
-            flows,
-            family,
-            rate,
-            series,
-        } => run_bench(
-            root,
-            bench,
-            json,
-            BenchOptions {
-                cases,
-                flows,
-                family,
-                rate,
-                series,
-            },
-        ),
-        Task::Chaos {
-            members,
-            duration,
-            seed,
-            out,
-            forwarding,
-        } => {
+        Task::Run(args) => run_hasync(root, args),
+        Task::Bench(args) => run_bench(root, args),
+        Task::Chaos(args) => {
             setup::setup(Mode::Install, Report::Summary)?;
-            chaos::chaos(
-                root,
-                &chaos::ChaosArgs {
-                    members,
-                    duration,
-                    seed,
-                    out,
-                    forwarding,
-                },
-            )
+            chaos::chaos(root, &args)
         }
         Task::ClippyEbpf => test::clippy_ebpf(),
-        Task::Fuzz { time, target, cmin } => {
+        Task::Fuzz(options) => {
             setup::setup_fuzz(Mode::Install, Report::Summary)?;
-            fuzz::fuzz(&fuzz::Options {
-                seconds: time,
-                target,
-                cmin,
-            })
+            fuzz::fuzz(&options)
         }
     }
 }
@@ -295,34 +234,28 @@ fn workspace_root() -> Result<&'static Path> {
 
 /// `task`, where a relative `run --config FILE` becomes absolute: it names a file where the
 /// user is, not at the workspace root.
-fn with_config_from_here(task: Task) -> Result<Task> {
-    match task {
-        Task::Run {
-            members,
-            duration,
-            config: Some(config),
-            args,
-        } if config.is_relative() => {
+fn with_config_from_here(mut task: Task) -> Result<Task> {
+    if let Task::Run(RunArgs {
+        config: Some(config),
+        ..
+    }) = &mut task
+    {
+        if config.is_relative() {
             let here = std::env::current_dir().context("cannot read the current directory")?;
-            Ok(Task::Run {
-                members,
-                duration,
-                config: Some(here.join(config)),
-                args,
-            })
+            *config = here.join(&*config);
         }
-        task => Ok(task),
     }
+    Ok(task)
 }
 
 /// `run`: the release `hasync` as an agent (with `args`, or `config`), else as a lab.
-fn run_hasync(
-    root: &Path,
-    members: Option<u8>,
-    duration: Option<u64>,
-    config: Option<PathBuf>,
-    args: Vec<OsString>,
-) -> Result<()> {
+fn run_hasync(root: &Path, run: RunArgs) -> Result<()> {
+    let RunArgs {
+        members,
+        duration,
+        config,
+        args,
+    } = run;
     setup::setup(Mode::Install, Report::Summary)?;
     build_release_agent()?;
     let mut hasync = Command::new(release_binary(root));
@@ -344,17 +277,14 @@ fn run_hasync(
     cmd::run(&mut hasync)
 }
 
-/// `bench`: `cargo bench` of hasync-tests' `bench`, with the release agent for `forward`.
-/// `cargo xtask bench`'s options that only some benches take.
-struct BenchOptions {
-    cases: Option<String>,
-    flows: Option<String>,
-    family: Option<String>,
-    rate: Option<String>,
-    series: Option<String>,
-}
-
-fn run_bench(root: &Path, bench: Bench, json: bool, options: BenchOptions) -> Result<()> {
+/// `bench`: `cargo bench` of hasync-tests' `bench`, with the release agent for `forward` and
+/// `failover`.
+fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        bench,
+        json,
+        options,
+    } = args;
     setup::setup(Mode::Install, Report::Summary)?;
     let mut cargo = cmd::cargo(["bench", "-p", "hasync-tests", "--bench", bench.name(), "--"]);
     let live = matches!(bench, Bench::Forward | Bench::Failover);

@@ -36,6 +36,17 @@ pub enum Mode {
     CheckOnly,
 }
 
+impl Mode {
+    /// `CheckOnly` when `check` (`cargo xtask setup --check`), else `Install`.
+    pub const fn check_only_if(check: bool) -> Mode {
+        if check {
+            Mode::CheckOnly
+        } else {
+            Mode::Install
+        }
+    }
+}
+
 struct Requirement {
     name: &'static str,
     check: fn() -> Result<Status>,
@@ -108,29 +119,9 @@ pub fn setup_fuzz(mode: Mode, report: Report) -> Result<()> {
 fn check_and_install(requirements: &[&Requirement], mode: Mode, report: Report) -> Result<()> {
     let start = Instant::now();
     if mode == Mode::Install {
-        if let Status::Missing {
-            why,
-            fix: Fix::Manual(what_to_do),
-        } = root()?
-        {
-            bail!("{why}: {what_to_do}");
-        }
+        ensure_root()?;
     }
-    let mut missing = Vec::new();
-    for &requirement in requirements {
-        match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
-            Status::Present(detail) => {
-                if report == Report::Full {
-                    eprintln!("ok: {} present ({detail})", requirement.name);
-                }
-            }
-            Status::Missing { why, fix } => {
-                eprintln!("missing: {}: {why}", requirement.name);
-                missing.push((requirement, fix));
-            }
-        }
-    }
-
+    let missing = find_missing(requirements, report)?;
     if missing.is_empty() {
         if report == Report::Summary {
             eprintln!(
@@ -148,6 +139,50 @@ fn check_and_install(requirements: &[&Requirement], mode: Mode, report: Report) 
             requirements.len()
         );
     }
+    refuse_manual_fixes(&missing)?;
+    install(&missing)?;
+    check_installed(&missing)?;
+    eprintln!("setup: done ({:.1}s)", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Installing needs root: says so, with what to do, when this is not root.
+fn ensure_root() -> Result<()> {
+    if let Status::Missing {
+        why,
+        fix: Fix::Manual(what_to_do),
+    } = root()?
+    {
+        bail!("{why}: {what_to_do}");
+    }
+    Ok(())
+}
+
+/// Checks every requirement, reporting each missing one (and with [`Report::Full`] each
+/// present one); returns the missing ones with their fixes.
+fn find_missing<'r>(
+    requirements: &[&'r Requirement],
+    report: Report,
+) -> Result<Vec<(&'r Requirement, Fix)>> {
+    let mut missing = Vec::new();
+    for &requirement in requirements {
+        match (requirement.check)().with_context(|| format!("checking {}", requirement.name))? {
+            Status::Present(detail) => {
+                if report == Report::Full {
+                    eprintln!("ok: {} present ({detail})", requirement.name);
+                }
+            }
+            Status::Missing { why, fix } => {
+                eprintln!("missing: {}: {why}", requirement.name);
+                missing.push((requirement, fix));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Fails, naming each, when some missing requirements need a hand.
+fn refuse_manual_fixes(missing: &[(&Requirement, Fix)]) -> Result<()> {
     let manual: Vec<String> = missing
         .iter()
         .filter_map(|(requirement, fix)| match fix {
@@ -158,12 +193,13 @@ fn check_and_install(requirements: &[&Requirement], mode: Mode, report: Report) 
     if !manual.is_empty() {
         bail!("setup cannot fix these itself:\n  {}", manual.join("\n  "));
     }
+    Ok(())
+}
 
-    install(&missing)?;
-
-    // Check again, so that an install which "worked" but left the thing unusable (say, a binary
-    // off PATH) is caught here rather than in the middle of a build.
-    for (requirement, _) in &missing {
+/// Checks again, so that an install which "worked" but left the thing unusable (say, a binary
+/// off PATH) is caught here rather than in the middle of a build.
+fn check_installed(missing: &[(&Requirement, Fix)]) -> Result<()> {
+    for (requirement, _) in missing {
         match (requirement.check)()? {
             Status::Present(detail) => eprintln!("installed {} ({detail})", requirement.name),
             Status::Missing { why, .. } => {
@@ -174,7 +210,6 @@ fn check_and_install(requirements: &[&Requirement], mode: Mode, report: Report) 
             }
         }
     }
-    eprintln!("setup: done ({:.1}s)", start.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -447,7 +447,21 @@ impl Membership {
 
     /// Re-evaluates liveness and the local state at `now`.
     pub fn evaluate(&mut self, now: Instant) -> Changes {
-        let mut changes = Changes::default();
+        let liveness = self.evaluate_peers(now);
+        let mismatch = self.config_mismatch();
+        self.set_condition(Condition::ConfigMismatch, mismatch, now);
+        self.end_hold_times(now);
+        self.synced_once = self.synced_once || self.synced(now);
+        Changes {
+            liveness,
+            local_state: self.enter(self.next_state(now), now),
+        }
+    }
+
+    /// Which peers are alive at `now` (heard within the keepalive threshold, and keeping
+    /// sessions); returns those that changed.
+    fn evaluate_peers(&mut self, now: Instant) -> Vec<(MemberId, bool)> {
+        let mut changed = Vec::new();
         for p in self.peers.values_mut() {
             let heard_recently = p
                 .last_heard
@@ -464,11 +478,14 @@ impl Membership {
                     // A peer that comes back will send a new full sync.
                     p.bulk_done = None;
                 }
-                changes.liveness.push((p.id, alive));
+                changed.push((p.id, alive));
             }
         }
-        let mismatch = self.config_mismatch();
-        self.set_condition(Condition::ConfigMismatch, mismatch, now);
+        changed
+    }
+
+    /// Ends the monitor hold-down and the quiet time that resets the flap count, when due.
+    fn end_hold_times(&mut self, now: Instant) {
         if self.hold_down_until.is_some_and(|t| now >= t) {
             self.hold_down_until = None;
             if self.faults.is_empty() {
@@ -480,8 +497,11 @@ impl Membership {
             self.quiet_until = None;
             self.flaps = 0;
         }
-        self.synced_once = self.synced_once || self.synced(now);
-        let next = if self.suspended {
+    }
+
+    /// The local state the conditions call for at `now`.
+    fn next_state(&self, now: Instant) -> MemberState {
+        if self.suspended {
             MemberState::Suspended
         } else if !self.faults.is_empty() || self.hold_down_until.is_some() {
             MemberState::NonFunctional
@@ -491,17 +511,22 @@ impl Membership {
             MemberState::Tentative
         } else {
             MemberState::Active
-        };
-        if next != self.state {
-            if self.state == MemberState::Active && next == MemberState::NonFunctional {
-                self.flaps += 1;
-                self.quiet_until = None;
-            }
-            self.state = next;
-            self.state_since = now;
-            changes.local_state = Some(next);
         }
-        changes
+    }
+
+    /// Moves to `next` at `now` (a fall from Active counts as a flap); the new state, if it
+    /// changed.
+    fn enter(&mut self, next: MemberState, now: Instant) -> Option<MemberState> {
+        if next == self.state {
+            return None;
+        }
+        if self.state == MemberState::Active && next == MemberState::NonFunctional {
+            self.flaps += 1;
+            self.quiet_until = None;
+        }
+        self.state = next;
+        self.state_since = now;
+        Some(next)
     }
 }
 

@@ -13,12 +13,13 @@ use std::{
 };
 
 use hasync_common::{
-    maps::EMBRYONIC_SHARE, DatapathConfig, MalformedAction, MemberId, OtherProtocols, Policy,
-    State, ZoneBinding, ZoneId, STATE_COUNT,
+    maps::EMBRYONIC_SHARE, ClusterId, DatapathConfig, MalformedAction, MemberId, OtherProtocols,
+    Policy, State, ZoneBinding, ZoneId, STATE_COUNT,
 };
 use serde::{Deserialize, Serialize};
 
 pub mod forwarding;
+pub mod ids;
 pub mod monitor;
 pub use forwarding::{ForwardingName, Vwire};
 pub use monitor::Monitor;
@@ -94,7 +95,8 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
-    pub id: u32,
+    #[serde(with = "ids::cluster_id")]
+    pub id: ClusterId,
     #[serde(default)]
     pub description: String,
     pub key_file: PathBuf,
@@ -134,7 +136,8 @@ pub enum MalformedName {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Local {
-    pub member: u32,
+    #[serde(with = "ids::member_id")]
+    pub member: MemberId,
     #[serde(default = "defaults::control_socket")]
     pub control_socket: PathBuf,
     #[serde(default = "defaults::traffic_log")]
@@ -221,7 +224,8 @@ impl Zone {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
-    pub id: u32,
+    #[serde(with = "ids::member_id")]
+    pub id: MemberId,
     pub serial: String,
     pub ha4: IpAddr,
     #[serde(default)]
@@ -271,8 +275,10 @@ mod defaults {
 
 /// Ranges, named once so messages and checks agree.
 mod range {
-    pub const CLUSTER_ID: (u64, u64) = (1, 99);
-    pub const MEMBER_ID: (u64, u64) = (1, 16);
+    use hasync_common::{ClusterId, MemberId};
+
+    pub const CLUSTER_ID: (u64, u64) = (ClusterId::MIN as u64, ClusterId::MAX as u64);
+    pub const MEMBER_ID: (u64, u64) = (1, MemberId::MAX as u64);
     pub const KEEPALIVE_MS: (u64, u64) = (5_000, 60_000);
     pub const SYNC_TIMEOUT_MIN: (u64, u64) = (0, 30);
     pub const HOLD_DOWN_MIN: (u64, u64) = (1, 60);
@@ -353,7 +359,7 @@ impl Config {
     /// `[local]`: the member id, the table's capacities, the pin directory, the HTTP address.
     fn check_local(&self, p: &mut Vec<String>) {
         let l = &self.local;
-        check_range(p, "local.member", u64::from(l.member), range::MEMBER_ID);
+        check_range(p, "local.member", u64::from(l.member.0), range::MEMBER_ID);
         check_range(
             p,
             "local.session_capacity",
@@ -439,7 +445,7 @@ impl Config {
             check_range(
                 p,
                 &format!("members[{i}].id"),
-                u64::from(m.id),
+                u64::from(m.id.0),
                 range::MEMBER_ID,
             );
             if !ids.insert(m.id) {
@@ -512,7 +518,7 @@ impl Config {
     }
 
     pub fn local_member(&self) -> MemberId {
-        MemberId(u8::try_from(self.local.member).unwrap_or(0))
+        self.local.member
     }
 
     /// The share of the table this member's embryonic sessions take by default (1 / this),
@@ -532,8 +538,7 @@ impl Config {
     /// Member ids that get a replica part in the datapath's embryonic ring: 1 to the highest
     /// configured.
     pub fn replica_parts(&self) -> u8 {
-        let highest = self.members.iter().map(|m| m.id).max().unwrap_or(0);
-        u8::try_from(highest).unwrap_or(MemberId::MAX)
+        self.members.iter().map(|m| m.id.0).max().unwrap_or(0)
     }
 
     /// The datapath configuration this file asks for.
@@ -711,7 +716,7 @@ pub fn differing_sections(a: &[u8; 32], b: &[u8; 32]) -> Vec<AgreedSection> {
 impl Cluster {
     /// `[cluster]`: every setting in its range, and a key file that is safe to use.
     fn check(&self, p: &mut Vec<String>) {
-        check_range(p, "cluster.id", u64::from(self.id), range::CLUSTER_ID);
+        check_range(p, "cluster.id", u64::from(self.id.0), range::CLUSTER_ID);
         check_range(
             p,
             "cluster.keepalive_threshold_ms",
@@ -814,7 +819,13 @@ fn check_link(p: &mut Vec<String>, section: &str, link: &Link) {
 }
 
 /// `{section}.address` is the address `[[members]]` gives the local member's `{section}`.
-fn check_own_address(p: &mut Vec<String>, section: &str, link: &Link, id: u32, listed: IpAddr) {
+fn check_own_address(
+    p: &mut Vec<String>,
+    section: &str,
+    link: &Link,
+    id: MemberId,
+    listed: IpAddr,
+) {
     if let Ok((addr, _)) = parse_cidr(&link.address) {
         if addr != listed {
             p.push(format!(

@@ -130,7 +130,7 @@ fn a_zone_rule_for_other_protocols_reaches_the_datapath() {
 fn the_documented_example_is_valid() {
     let key = KeyFile::new("ok", 32, 0o600);
     let c = check(&sample(&key.path())).expect("valid");
-    assert_eq!(c.cluster.id, 7);
+    assert_eq!(c.cluster.id, ClusterId(7));
     assert_eq!(c.local_member(), MemberId(1));
     assert_eq!(c.zone_names(), vec!["trust", "untrust"]);
     assert_eq!(c.datapath().policy, Policy::Strict as u8);
@@ -160,6 +160,32 @@ fn invalid_values_are_named_with_their_range() {
             "id = 7\n",
             "id = 100\n",
             "cluster.id = 100 is out of range 1–99",
+        ),
+        // Past an id's byte: refused while parsing, named the same way.
+        (
+            "id = 7\n",
+            "id = 300\n",
+            "cluster id 300 is out of range 1–99",
+        ),
+        (
+            "id = 7\n",
+            "id = -1\n",
+            "cluster id -1 is out of range 1–99",
+        ),
+        (
+            "member = 1\n",
+            "member = 256\n",
+            "member id 256 is out of range 1–16",
+        ),
+        (
+            "id = 2\nserial",
+            "id = 1000\nserial",
+            "member id 1000 is out of range 1–16",
+        ),
+        (
+            "member = 1\n",
+            "member = \"fw1\"\n",
+            "invalid type: string \"fw1\", expected a member id, an integer 1–16",
         ),
         (
             "keepalive_threshold_ms = 10000",
@@ -374,7 +400,7 @@ fn fingerprint_follows_what_members_must_agree_on() {
     let key = KeyFile::new("fp", 32, 0o600);
     let a = check(&sample(&key.path())).expect("valid");
     let mut b = a.clone();
-    b.local.member = 2;
+    b.local.member = MemberId(2);
     b.ha4.address = "198.18.100.2/24".into();
     assert_eq!(
         a.fingerprint(),

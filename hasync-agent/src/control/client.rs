@@ -62,34 +62,8 @@ pub enum ControlError {
 /// Sends `req` to the agent listening on `path` and returns its answer (which may be an
 /// error answer: see [`call`]).
 pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
-    let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => ControlError::NotRunning {
-            path: path.to_owned(),
-        },
-        io::ErrorKind::ConnectionRefused => ControlError::Stale {
-            path: path.to_owned(),
-        },
-        io::ErrorKind::PermissionDenied => ControlError::PermissionDenied {
-            path: path.to_owned(),
-        },
-        _ => ControlError::Connect {
-            path: path.to_owned(),
-            source,
-        },
-    })?;
-    let io_err = |source: io::Error| match source.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Timeout {
-            path: path.to_owned(),
-        },
-        // The agent hung up before reading the request, or before answering.
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ControlError::NoAnswer {
-            path: path.to_owned(),
-        },
-        _ => ControlError::Io {
-            path: path.to_owned(),
-            source,
-        },
-    };
+    let stream = connect(path)?;
+    let io_err = |source| exchange_error(path, source);
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(io_err)?;
@@ -103,12 +77,52 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
     })?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io_err)?;
+    read_answer(path, &stream)
+}
 
+/// Connects to the agent's socket at `path`, naming why that failed.
+fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    UnixStream::connect(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => ControlError::NotRunning {
+            path: path.to_owned(),
+        },
+        io::ErrorKind::ConnectionRefused => ControlError::Stale {
+            path: path.to_owned(),
+        },
+        io::ErrorKind::PermissionDenied => ControlError::PermissionDenied {
+            path: path.to_owned(),
+        },
+        _ => ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        },
+    })
+}
+
+/// What an I/O error while talking to the agent at `path` means.
+fn exchange_error(path: &Path, source: io::Error) -> ControlError {
+    match source.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ControlError::Timeout {
+            path: path.to_owned(),
+        },
+        // The agent hung up before reading the request, or before answering.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => ControlError::NoAnswer {
+            path: path.to_owned(),
+        },
+        _ => ControlError::Io {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// Reads the agent's one-line answer from `stream`.
+fn read_answer(path: &Path, stream: &UnixStream) -> Result<Response, ControlError> {
     let mut answer = Vec::new();
-    BufReader::new(&stream)
+    BufReader::new(stream)
         .take(MAX_RESPONSE_LINE)
         .read_until(b'\n', &mut answer)
-        .map_err(io_err)?;
+        .map_err(|source| exchange_error(path, source))?;
     if answer.is_empty() {
         return Err(ControlError::NoAnswer {
             path: path.to_owned(),

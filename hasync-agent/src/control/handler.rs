@@ -63,7 +63,7 @@ fn show_members(member: &Member, now: Instant) -> Response {
         .config
         .members
         .iter()
-        .find(|c| c.id == u32::from(m.local.0))
+        .find(|c| c.id == m.local)
         .map_or("", |c| c.serial.as_str());
     let local = MemberView::local(
         &m,
@@ -80,8 +80,13 @@ fn show_members(member: &Member, now: Instant) -> Response {
             .find(|p| p.cfg.id == id)
             .and_then(|p| p.version())
     };
-    let cluster_id = u8::try_from(member.config.cluster.id).unwrap_or(0);
-    Response::ok(MembersView::new(cluster_id, &m, local, version, now))
+    Response::ok(MembersView::new(
+        member.config.cluster.id,
+        &m,
+        local,
+        version,
+        now,
+    ))
 }
 
 /// `show cluster sessions`: `page` filled from a walk of the session table.

@@ -14,7 +14,7 @@ use hasync_common::{
 use tokio::sync::mpsc;
 
 use super::{
-    protocol::{Request, Response},
+    protocol::{Request, Response, SessionFilter},
     view::{
         CountersView, FlapView, FlapsView, LocalStateView, MemberView, MembersView, SessionPage,
         StatisticsView,
@@ -192,101 +192,117 @@ pub fn sample_sessions() -> Vec<(FlowKey, Session)> {
 /// What the fake agent answers.
 pub fn answer(request: Request) -> Response {
     match request {
-        Request::ShowMembers => Response::ok(MembersView {
-            cluster_id: 7,
-            local: 1,
-            members: vec![
-                MemberView {
-                    id: 1,
-                    serial: "FW-A".into(),
-                    state: MemberState::Active.name().into(),
-                    ha4: "up".into(),
-                    ha4_backup: "not-configured".into(),
-                    sessions_owned: 2,
-                    flaps: 0,
-                    version: Some("1.0".into()),
-                    last_change: Some(3725),
-                },
-                MemberView {
-                    id: 12,
-                    serial: "FW-LONG-SERIAL".into(),
-                    state: MemberState::Down.name().into(),
-                    ha4: "down".into(),
-                    ha4_backup: "not-configured".into(),
-                    sessions_owned: 1,
-                    flaps: 3,
-                    version: None,
-                    last_change: None,
-                },
-            ],
-            faults: vec!["link group `uplinks`: out0 down".into()],
-            warnings: vec!["zones differ from member 12's (only here: dmz)".into()],
-        }),
+        Request::ShowMembers => Response::ok(members()),
         Request::ShowSessions {
             count_only,
             filter,
             offset,
             limit,
-        } => {
-            let zones = ["trust".to_string(), "untrust".to_string()];
-            Response::from_result(
-                SessionPage::new(count_only, filter, offset, limit, &zones).map(|mut page| {
-                    for (k, s) in sample_sessions() {
-                        page.add(&k, &s);
-                    }
-                    page.finish(65536, 8192)
-                }),
-            )
-        }
-        Request::ShowStatistics => {
-            let stats = PeerStats::default();
-            LinkStats::add(&stats.ha4.frames_sent, 2);
-            LinkStats::add(&stats.ha4.records_sent, 120);
-            LinkStats::add(&stats.ha4.bytes_sent, 11_000);
-            LinkStats::add(&stats.ha4.acks_received, 1);
-            *stats.bulk_sent.lock().unwrap() = BulkStats {
-                count: 1,
-                last_records: 120,
-                last_duration_ms: 812,
-                running: false,
-                started_ms: 0,
-            };
-            stats
-                .lag
-                .lock()
-                .unwrap()
-                .record(Duration::from_micros(4_250));
-            let rejections = Rejections::default();
-            rejections.count(crate::sync::stats::Rejection::BadKey);
-            Response::ok(StatisticsView::from_stats(
-                [(MemberId(2), &stats, true)],
-                &rejections,
-            ))
-        }
+        } => sessions(count_only, filter, offset, limit),
+        Request::ShowStatistics => statistics(),
         Request::ShowCounters { prefix } => {
             let mut c = Counters::default();
             c.add(Counter::Packets, 123_456);
             c.add(Counter::ErrTcpFlags, 2);
             Response::ok(CountersView::new(&c, prefix.as_deref()))
         }
-        Request::ShowFlaps => Response::ok(FlapsView {
-            members: vec![
-                FlapView {
-                    id: 1,
-                    flaps: 0,
-                    last_change: Some(59),
-                },
-                FlapView {
-                    id: 2,
-                    flaps: 4,
-                    last_change: Some(90_061),
-                },
-            ],
-        }),
+        Request::ShowFlaps => Response::ok(flaps()),
         Request::Suspend => Response::ok(LocalStateView::new(MemberId(1), MemberState::Suspended)),
         Request::Functional => {
             Response::ok(LocalStateView::new(MemberId(1), MemberState::Tentative))
         }
+    }
+}
+
+/// The fake's `show cluster members`: two members, a fault and a warning.
+fn members() -> MembersView {
+    MembersView {
+        cluster_id: hasync_common::ClusterId(7),
+        local: 1,
+        members: vec![
+            MemberView {
+                id: 1,
+                serial: "FW-A".into(),
+                state: MemberState::Active.name().into(),
+                ha4: "up".into(),
+                ha4_backup: "not-configured".into(),
+                sessions_owned: 2,
+                flaps: 0,
+                version: Some("1.0".into()),
+                last_change: Some(3725),
+            },
+            MemberView {
+                id: 12,
+                serial: "FW-LONG-SERIAL".into(),
+                state: MemberState::Down.name().into(),
+                ha4: "down".into(),
+                ha4_backup: "not-configured".into(),
+                sessions_owned: 1,
+                flaps: 3,
+                version: None,
+                last_change: None,
+            },
+        ],
+        faults: vec!["link group `uplinks`: out0 down".into()],
+        warnings: vec!["zones differ from member 12's (only here: dmz)".into()],
+    }
+}
+
+/// The fake's `show cluster sessions`: [`sample_sessions`] through the real filter and pager.
+fn sessions(count_only: bool, filter: SessionFilter, offset: u64, limit: Option<u64>) -> Response {
+    let zones = ["trust".to_string(), "untrust".to_string()];
+    Response::from_result(
+        SessionPage::new(count_only, filter, offset, limit, &zones).map(|mut page| {
+            for (k, s) in sample_sessions() {
+                page.add(&k, &s);
+            }
+            page.finish(65536, 8192)
+        }),
+    )
+}
+
+/// The fake's `show cluster statistics`: one peer with some traffic, a full sync, a rejection.
+fn statistics() -> Response {
+    let stats = PeerStats::default();
+    LinkStats::add(&stats.ha4.frames_sent, 2);
+    LinkStats::add(&stats.ha4.records_sent, 120);
+    LinkStats::add(&stats.ha4.bytes_sent, 11_000);
+    LinkStats::add(&stats.ha4.acks_received, 1);
+    *stats.bulk_sent.lock().unwrap() = BulkStats {
+        count: 1,
+        last_records: 120,
+        last_duration_ms: 812,
+        running: false,
+        started_ms: 0,
+    };
+    stats
+        .lag
+        .lock()
+        .unwrap()
+        .record(Duration::from_micros(4_250));
+    let rejections = Rejections::default();
+    rejections.count(crate::sync::stats::Rejection::BadKey);
+    Response::ok(StatisticsView::from_stats(
+        [(MemberId(2), &stats, true)],
+        &rejections,
+    ))
+}
+
+/// The fake's `show cluster flaps`.
+fn flaps() -> FlapsView {
+    FlapsView {
+        members: vec![
+            FlapView {
+                id: 1,
+                flaps: 0,
+                last_change: Some(59),
+            },
+            FlapView {
+                id: 2,
+                flaps: 4,
+                last_change: Some(90_061),
+            },
+        ],
     }
 }
 

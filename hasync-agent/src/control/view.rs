@@ -6,7 +6,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr, time::Instant};
 
-use hasync_common::{Counter, Counters, FlowKey, MemberId, Session, SessionFlags, State, ZoneId};
+use hasync_common::{
+    ClusterId, Counter, Counters, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
+};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{proto_name, SessionFilter, MAX_SESSION_PAGE};
@@ -34,7 +36,8 @@ pub fn version_string(major: u8, minor: u8) -> String {
 /// `show cluster members`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembersView {
-    pub cluster_id: u8,
+    #[serde(with = "crate::config::ids::cluster_id")]
+    pub cluster_id: ClusterId,
     /// The local member's id.
     pub local: u8,
     /// Every configured member, the local one included, by id.
@@ -121,7 +124,7 @@ impl MembersView {
     /// The local member and every peer, by id. `version(id)` is the protocol version a peer's
     /// hello announced.
     pub fn new(
-        cluster_id: u8,
+        cluster_id: ClusterId,
         m: &Membership,
         local: MemberView,
         version: impl Fn(MemberId) -> Option<(u8, u8)>,
@@ -1012,7 +1015,7 @@ mod tests {
         m.evaluate(now);
         let local = MemberView::local(&m, "FW-A", 7, LinkState::Up, LinkState::NotConfigured, now);
         let view = MembersView::new(
-            7,
+            ClusterId(7),
             &m,
             local,
             |id| (id == MemberId(2)).then_some((1, 0)),

@@ -227,7 +227,7 @@ impl ClusterApi {
             .collect();
         ClusterApi {
             cluster: ClusterSummary {
-                id: members.cluster_id,
+                id: members.cluster_id.0,
                 description: description.clone(),
                 local: members.local,
                 local_state,

@@ -26,7 +26,7 @@ fn cluster(local_ha4: &str, peers: &[&str]) -> MembersView {
         members.push(member(id, "active", state, "not-configured"));
     }
     MembersView {
-        cluster_id: 7,
+        cluster_id: hasync_common::ClusterId(7),
         local: 1,
         members,
         faults: Vec::new(),

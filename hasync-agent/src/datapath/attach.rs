@@ -188,31 +188,9 @@ impl Datapath {
         let Some((path, mode)) = pins.find_link(interface)? else {
             return Ok(None);
         };
-        let (stale, old_program) = match pin::xdp_link_info(&path) {
-            Ok(info) if info.ifindex == index => (None, info.program_id),
-            Ok(info) => (
-                Some(format!(
-                    "it is attached to ifindex {} (0: gone), not to {interface}'s {index}",
-                    info.ifindex
-                )),
-                0,
-            ),
-            Err(e) => (Some(e.to_string()), 0),
-        };
-        if let Some(why) = stale {
-            tracing::warn!(
-                interface,
-                pin = %path.display(),
-                why = %why,
-                "removing a stale pinned XDP link; attaching anew"
-            );
-            std::fs::remove_file(&path).map_err(|source| DatapathError::PinIo {
-                what: "removing",
-                path: path.clone(),
-                source,
-            })?;
+        let Some(old_program) = keep_or_remove_pinned_link(&path, interface, index)? else {
             return Ok(None);
-        }
+        };
         let link_err = |path: &Path| {
             let path = path.to_owned();
             move |source| DatapathError::PinnedLink { path, source }
@@ -344,6 +322,36 @@ fn program_err(source: aya::programs::ProgramError) -> DatapathError {
         name: hasync_common::maps::PROGRAM,
         source,
     }
+}
+
+/// The program a link pinned at `path` for `interface` runs, if the link can be reused: it is
+/// still attached to `index`. Otherwise (its interface is gone, or is another one now,
+/// re-created under the same name) the pin is removed, with a warning, and `None` returned.
+fn keep_or_remove_pinned_link(
+    path: &Path,
+    interface: &str,
+    index: u32,
+) -> Result<Option<u32>, DatapathError> {
+    let why = match pin::xdp_link_info(path) {
+        Ok(info) if info.ifindex == index => return Ok(Some(info.program_id)),
+        Ok(info) => format!(
+            "it is attached to ifindex {} (0: gone), not to {interface}'s {index}",
+            info.ifindex
+        ),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(
+        interface,
+        pin = %path.display(),
+        why = %why,
+        "removing a stale pinned XDP link; attaching anew"
+    );
+    std::fs::remove_file(path).map_err(|source| DatapathError::PinIo {
+        what: "removing",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(None)
 }
 
 #[cfg(test)]

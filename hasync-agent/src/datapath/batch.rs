@@ -34,6 +34,14 @@ use super::sys::{
 // Kept at this path for the callers outside the datapath (tests, benches).
 pub use super::sys::{create_map, link_detach, obj_get, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
 
+/// What one lookup call read.
+enum Lookup {
+    /// `got` entries; `more`: the end of the map is not reached yet.
+    Read { got: u32, more: bool },
+    /// Nothing: the next bucket holds more entries than were asked for.
+    BucketTooLarge,
+}
+
 /// Which map command failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchOp {
@@ -277,27 +285,9 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
         cursor.ensure_token_len(size_of::<K>());
         let mut asked = max;
         loop {
-            // Zeroed room for `asked` of each (plain data: zero is a valid value), cut to
-            // what the kernel wrote below.
-            keys.resize(asked as usize, K::zeroed());
-            values.resize(asked as usize, V::zeroed());
-            // The kernel reads the token from `in_batch` and writes the next one to
-            // `out_batch`; both may point at the same buffer (it reads before it writes).
-            let token = cursor.token.as_mut_ptr() as u64;
-            let (k, v) = (keys.as_mut_ptr() as u64, values.as_mut_ptr() as u64);
-            let mut attr = batch_attr(self.fd, k, v, asked);
-            attr.batch.in_batch = if cursor.started { token } else { 0 };
-            attr.batch.out_batch = token;
-            // SAFETY: the map holds `K → V` (checked in `new`) and `keys`/`values` hold
-            // `asked` of them; the token buffer holds max(8, size_of::<K>())
-            // bytes, which covers both token kinds.
-            let res = unsafe { sys_batch(OP, &mut attr) };
-            let errno = res.as_ref().err().and_then(io::Error::raw_os_error);
-            let got = batch_count(&attr);
-            let more = match res {
-                Ok(()) => true,
-                Err(_) if errno == Some(libc::ENOENT) => false,
-                Err(_) if errno == Some(libc::ENOSPC) && got == 0 => {
+            let (got, more) = match self.lookup_once(cursor, keys, values, asked)? {
+                Lookup::Read { got, more } => (got, more),
+                Lookup::BucketTooLarge => {
                     // The next bucket alone does not fit: ask again for more, in that place.
                     if asked >= MAX_BUCKET_RETRY {
                         return Err(BatchError::BucketTooLarge { op: OP, max: asked });
@@ -306,13 +296,6 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                     cursor.started = true;
                     asked = asked.saturating_mul(2).min(MAX_BUCKET_RETRY);
                     continue;
-                }
-                Err(source) => {
-                    return Err(BatchError::Syscall {
-                        op: OP,
-                        done: 0,
-                        source,
-                    });
                 }
             };
             if got > asked {
@@ -323,6 +306,44 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
             cursor.started = true;
             cursor.done = !more;
             return Ok(more);
+        }
+    }
+
+    /// One BPF_MAP_LOOKUP_BATCH of up to `asked` entries at `cursor` into `keys` and `values`
+    /// (resized to `asked`, zeroed; the caller cuts them to what was read).
+    fn lookup_once(
+        &self,
+        cursor: &mut BatchCursor,
+        keys: &mut Vec<K>,
+        values: &mut Vec<V>,
+        asked: u32,
+    ) -> Result<Lookup, BatchError> {
+        // Zeroed room for `asked` of each (plain data: zero is a valid value).
+        keys.resize(asked as usize, K::zeroed());
+        values.resize(asked as usize, V::zeroed());
+        // The kernel reads the token from `in_batch` and writes the next one to `out_batch`;
+        // both may point at the same buffer (it reads before it writes).
+        let token = cursor.token.as_mut_ptr() as u64;
+        let (k, v) = (keys.as_mut_ptr() as u64, values.as_mut_ptr() as u64);
+        let mut attr = batch_attr(self.fd, k, v, asked);
+        attr.batch.in_batch = if cursor.started { token } else { 0 };
+        attr.batch.out_batch = token;
+        // SAFETY: the map holds `K → V` (checked in `new`) and `keys`/`values` hold `asked` of
+        // them; the token buffer holds max(8, size_of::<K>()) bytes, which covers both token
+        // kinds.
+        let res = unsafe { sys_batch(BatchOp::Lookup, &mut attr) };
+        let got = batch_count(&attr);
+        match res {
+            Ok(()) => Ok(Lookup::Read { got, more: true }),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(Lookup::Read { got, more: false }),
+                Some(libc::ENOSPC) if got == 0 => Ok(Lookup::BucketTooLarge),
+                _ => Err(BatchError::Syscall {
+                    op: BatchOp::Lookup,
+                    done: 0,
+                    source: e,
+                }),
+            },
         }
     }
 

@@ -2,7 +2,7 @@
 //! where the coarse clock is a helper call per packet) and converts it with a tick length and
 //! an offset measured here (`DatapathConfig::ns_per_jiffy`), so every session time stays in the
 //! agent's clock ([`super::monotonic_ns`], CLOCK_MONOTONIC_COARSE) and the sweep, the sync's
-//! ages and the install program need no conversion.
+//! ages and the apply program need no conversion.
 //!
 //! The kernel advances `jiffies` from its monotonic clock, whole ticks at a time, and the
 //! coarse clock in the same tick handler: `coarse - jiffies × tick` stays within a tick of a

@@ -1,20 +1,22 @@
 //! The datapath: loads the XDP program, fills its maps, reads its counters and sessions.
 //!
 //! The SESSIONS map is the session table; nothing here keeps a copy of it: whole-table work
-//! (dumps, sweeps) walks it in bounded chunks with batch operations ([`batch`]).
+//! (dumps, sweeps) walks it in bounded chunks with batch map operations ([`batch`]); peers'
+//! records are applied, and sessions read for the sender, by the table programs, which
+//! [`table_runner`] runs a batch at a time.
 
 pub mod attach;
 pub mod batch;
 pub mod clock;
 pub mod events;
 pub mod health;
-pub mod install;
 pub mod logger;
 pub mod pin;
 pub mod pod;
 mod ports;
 pub mod sweep;
 pub(crate) mod sys;
+pub mod table_runner;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -26,7 +28,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
-    maps as names, Counters, DatapathConfig, FlowKey, InstallOutcome, InstallRecord, MemberEntry,
+    maps as names, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, ZoneBinding,
 };
 
@@ -340,6 +342,49 @@ fn zone_name_bytes(name: &str) -> [u8; names::ZONE_NAME_BYTES] {
     out
 }
 
+/// The EMBRYOS ring `opts` ask for, sized after the table that will be used: a pinned one keeps
+/// its size.
+fn embryo_ring(opts: &DatapathOptions, pins: Option<&PinDir>) -> Result<EmbryoRing, DatapathError> {
+    let table = pins
+        .and_then(pin::pinned_capacity)
+        .unwrap_or(opts.session_capacity);
+    EmbryoRing::new(
+        opts.embryonic_capacity,
+        opts.embryonic_share,
+        table,
+        possible_cpus()?,
+        opts.replica_parts,
+    )
+    .ok_or(DatapathError::EmbryonicCapacity {
+        embryonic: opts.embryonic_capacity.unwrap_or(0),
+        table,
+    })
+}
+
+/// Readies `pins` and checks the maps pinned there against those `object` declares (with
+/// `capacity` sessions and `embryos`); has `loader` reuse them, or create and pin them there.
+/// Returns what was found and the capacity of the table that will be used (a pinned one keeps
+/// its size).
+fn use_pins(
+    loader: &mut EbpfLoader<'_>,
+    pins: &PinDir,
+    object: &[u8],
+    capacity: u32,
+    embryos: &EmbryoRing,
+) -> Result<(PinReport, u32), DatapathError> {
+    pins.prepare()?;
+    let sizes = [
+        (names::SESSIONS, capacity),
+        (names::EMBRYOS, embryos.slots()),
+    ];
+    let declared = pin::declared_shapes(object, &sizes)?;
+    let (report, kept) = pin::check_pinned_maps(pins, &declared, capacity)?;
+    for name in pin::MAPS {
+        loader.map_pin_path(name, pins.map_path(name));
+    }
+    Ok((report, kept))
+}
+
 /// How many CPUs per-CPU maps have values for.
 fn possible_cpus() -> Result<u32, DatapathError> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PossibleCpus(e))?;
@@ -362,40 +407,14 @@ impl Datapath {
             return Err(DatapathError::CapacityOutOfRange(opts.session_capacity));
         }
         let mut loader = EbpfLoader::new();
-        let mut capacity = opts.session_capacity;
         let pins = opts.pin_dir.as_ref().map(PinDir::new);
-        // The ring is sized after the table that will be used: a pinned one keeps its size.
-        let table = pins
-            .as_ref()
-            .and_then(pin::pinned_capacity)
-            .unwrap_or(capacity);
-        let embryos = EmbryoRing::new(
-            opts.embryonic_capacity,
-            opts.embryonic_share,
-            table,
-            possible_cpus()?,
-            opts.replica_parts,
-        )
-        .ok_or(DatapathError::EmbryonicCapacity {
-            embryonic: opts.embryonic_capacity.unwrap_or(0),
-            table,
-        })?;
-        let pins = match pins {
-            None => None,
+        let embryos = embryo_ring(opts, pins.as_ref())?;
+        let (pins, capacity) = match pins {
+            None => (None, opts.session_capacity),
             Some(pins) => {
-                pins.prepare()?;
-                let sizes = [
-                    (names::SESSIONS, capacity),
-                    (names::EMBRYOS, embryos.slots()),
-                ];
-                let declared = pin::declared_shapes(object, &sizes)?;
-                let (report, kept) = pin::check_pinned_maps(&pins, &declared, capacity)?;
-                capacity = kept;
-                for name in pin::MAPS {
-                    // Reused when pinned there, else created and pinned there.
-                    loader.map_pin_path(name, pins.map_path(name));
-                }
-                Some((pins, report))
+                let (report, capacity) =
+                    use_pins(&mut loader, &pins, object, opts.session_capacity, &embryos)?;
+                (Some((pins, report)), capacity)
             }
         };
         let level = opts.log.aya_level();
@@ -419,17 +438,7 @@ impl Datapath {
             fib_by_source: None,
             logger: None,
         };
-        for name in [
-            names::PROGRAM,
-            names::INSTALL_PROGRAM,
-            names::READ_PROGRAM,
-            names::CLOCK_PROGRAM,
-            names::LOG_PROGRAM,
-        ] {
-            dp.xdp_mut(name)?
-                .load()
-                .map_err(|source| DatapathError::Program { name, source })?;
-        }
+        dp.load_programs()?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;
@@ -438,6 +447,23 @@ impl Datapath {
             dp.logger = Some(DatapathLogger::new(&mut dp.ebpf, &counters)?);
         }
         Ok(dp)
+    }
+
+    /// Loads the XDP program and the ones the agent runs with BPF_PROG_TEST_RUN into the
+    /// kernel.
+    fn load_programs(&mut self) -> Result<(), DatapathError> {
+        for name in [
+            names::PROGRAM,
+            names::APPLY_PROGRAM,
+            names::READ_PROGRAM,
+            names::CLOCK_PROGRAM,
+            names::LOG_PROGRAM,
+        ] {
+            self.xdp_mut(name)?
+                .load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
     }
 
     /// Capacity of the session table.
@@ -501,16 +527,16 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    /// Applies peers' records to the session table with the install program (see
-    /// [`install`]): each against the local copy by the conflict rule, in the kernel.
-    pub fn install(
+    /// Applies peers' records to the session table with the apply program (see
+    /// [`table_runner`]): each against the local copy by the conflict rule, in the kernel.
+    pub fn apply_records(
         &mut self,
-        records: &[InstallRecord],
+        records: &[ApplyRecord],
         reconciling: MemberId,
         now_ns: u64,
-    ) -> Result<InstallOutcome, DatapathError> {
-        install::install(
-            self.xdp(names::INSTALL_PROGRAM)?,
+    ) -> Result<ApplyOutcome, DatapathError> {
+        table_runner::apply(
+            self.xdp(names::APPLY_PROGRAM)?,
             records,
             reconciling,
             now_ns,
@@ -524,7 +550,7 @@ impl Datapath {
         keys: &[FlowKey],
         out: &mut Vec<Option<Session>>,
     ) -> Result<(), DatapathError> {
-        install::read(self.xdp(names::READ_PROGRAM)?, keys, out)
+        table_runner::read(self.xdp(names::READ_PROGRAM)?, keys, out)
     }
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {

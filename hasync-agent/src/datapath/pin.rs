@@ -218,24 +218,7 @@ fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
     }
     let fs = fs_type(existing).map_err(pin_io("inspecting", existing))?;
     if fs != BPF_FS_MAGIC {
-        let mounted = on_bpffs(Path::new(BPFFS_MOUNT));
-        return Err(pin_dir_error(
-            dir,
-            if mounted {
-                format!(
-                    "{} is not on a BPF filesystem (bpffs); pinned objects must live on one: \
-                     set [local] pin_dir to a directory below {BPFFS_MOUNT}",
-                    existing.display()
-                )
-            } else {
-                format!(
-                    "{} is not on a BPF filesystem (bpffs), and none is mounted at \
-                     {BPFFS_MOUNT}: mount it with `mount -t bpf bpf {BPFFS_MOUNT}` (systemd \
-                     does at boot; `cargo xtask setup` does for a lab)",
-                    existing.display()
-                )
-            },
-        ));
+        return Err(pin_dir_error(dir, not_on_bpffs(existing)));
     }
     // bpffs refuses names with a dot (reserved for its own files): say so before mkdir does.
     if let Ok(below) = dir.strip_prefix(existing) {
@@ -263,6 +246,25 @@ fn check_bpffs(dir: &Path) -> Result<(), DatapathError> {
         ));
     }
     Ok(())
+}
+
+/// Why `existing` (the nearest existing part of a pin directory, not on bpffs) will not do,
+/// and what to do: pick a directory below the bpffs mount, or mount one there.
+fn not_on_bpffs(existing: &Path) -> String {
+    if on_bpffs(Path::new(BPFFS_MOUNT)) {
+        format!(
+            "{} is not on a BPF filesystem (bpffs); pinned objects must live on one: \
+             set [local] pin_dir to a directory below {BPFFS_MOUNT}",
+            existing.display()
+        )
+    } else {
+        format!(
+            "{} is not on a BPF filesystem (bpffs), and none is mounted at \
+             {BPFFS_MOUNT}: mount it with `mount -t bpf bpf {BPFFS_MOUNT}` (systemd \
+             does at boot; `cargo xtask setup` does for a lab)",
+            existing.display()
+        )
+    }
 }
 
 fn is_mount_root(dir: &Path) -> io::Result<bool> {
@@ -608,6 +610,26 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
     report.existed = true;
     check_bpffs(dir)?;
     let pins = PinDir::new(dir);
+    remove_links(&pins, &mut report)?;
+    remove_maps(&pins, &mut report)?;
+    for sub in [pins.links_dir(), pins.maps_dir()] {
+        if fs::symlink_metadata(&sub).is_ok() && !report.kept.iter().any(|k| k.starts_with(&sub)) {
+            fs::remove_dir(&sub).map_err(pin_io("removing", &sub))?;
+            report.dirs.push(sub);
+        }
+    }
+    let others = sorted_entries(dir)?;
+    if others.is_empty() {
+        fs::remove_dir(dir).map_err(pin_io("removing", dir))?;
+        report.dirs.push(dir.to_owned());
+    } else {
+        report.kept.extend(others);
+    }
+    Ok(report)
+}
+
+/// Detaches and removes every pinned link of `pins` (a directory in their place is kept).
+fn remove_links(pins: &PinDir, report: &mut TeardownReport) -> Result<(), DatapathError> {
     for (path, named) in pins.pinned_links()? {
         if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
             report.kept.push(path);
@@ -622,44 +644,42 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
             attached_to,
         });
     }
+    Ok(())
+}
+
+/// Removes every pinned map of `pins` (a directory in their place is kept); no `maps/` is
+/// nothing to do.
+fn remove_maps(pins: &PinDir, report: &mut TeardownReport) -> Result<(), DatapathError> {
     let maps_dir = pins.maps_dir();
-    match fs::read_dir(&maps_dir) {
-        Ok(entries) => {
-            let mut paths = Vec::new();
-            for entry in entries {
-                paths.push(entry.map_err(pin_io("reading", &maps_dir))?.path());
-            }
-            paths.sort();
-            for path in paths {
-                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                    report.kept.push(path);
-                    continue;
-                }
-                fs::remove_file(&path).map_err(pin_io("removing", &path))?;
-                report.maps.push(path);
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+    let entries = match fs::read_dir(&maps_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(pin_io("reading", &maps_dir)(e)),
-    }
-    for sub in [pins.links_dir(), maps_dir] {
-        if fs::symlink_metadata(&sub).is_ok() && !report.kept.iter().any(|k| k.starts_with(&sub)) {
-            fs::remove_dir(&sub).map_err(pin_io("removing", &sub))?;
-            report.dirs.push(sub);
+    };
+    for path in sort_entries(&maps_dir, entries)? {
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            report.kept.push(path);
+            continue;
         }
+        fs::remove_file(&path).map_err(pin_io("removing", &path))?;
+        report.maps.push(path);
     }
-    let mut others = Vec::new();
-    for entry in fs::read_dir(dir).map_err(pin_io("reading", dir))? {
-        others.push(entry.map_err(pin_io("reading", dir))?.path());
+    Ok(())
+}
+
+/// The entries of directory `dir`, sorted.
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    sort_entries(dir, fs::read_dir(dir).map_err(pin_io("reading", dir))?)
+}
+
+/// The paths of `entries` (of directory `dir`), sorted.
+fn sort_entries(dir: &Path, entries: fs::ReadDir) -> Result<Vec<PathBuf>, DatapathError> {
+    let mut paths = Vec::new();
+    for entry in entries {
+        paths.push(entry.map_err(pin_io("reading", dir))?.path());
     }
-    if others.is_empty() {
-        fs::remove_dir(dir).map_err(pin_io("removing", dir))?;
-        report.dirs.push(dir.to_owned());
-    } else {
-        others.sort();
-        report.kept.extend(others);
-    }
-    Ok(report)
+    paths.sort();
+    Ok(paths)
 }
 
 #[cfg(test)]

@@ -31,9 +31,10 @@ use crate::{
     config::{Config, ForwardingName, PolicyName, MIN_KEY_BYTES},
     datapath::DatapathLog,
 };
+use hasync_common::ClusterId;
 
 /// Cluster id of a lab.
-pub const LAB_CLUSTER_ID: u32 = 7;
+pub const LAB_CLUSTER_ID: ClusterId = ClusterId(7);
 /// Session table capacity of a lab member: small, so 16 members do not eat the host's memory.
 pub const LAB_SESSION_CAPACITY: u32 = 65_536;
 
@@ -43,7 +44,7 @@ pub struct MemberOverride {
     /// Its own key (at least 32 bytes), written to `fwK.key`: a wrong key.
     pub key: Option<Vec<u8>>,
     /// Another cluster id (1–99).
-    pub cluster_id: Option<u32>,
+    pub cluster_id: Option<ClusterId>,
     /// Other zones, `(name, interfaces)`: e.g. a renamed zone.
     pub zones: Option<Vec<(String, Vec<String>)>>,
     /// Its `[monitor]` section (link and path groups).
@@ -53,7 +54,7 @@ pub struct MemberOverride {
 /// How a lab cluster's configs are written. `None` leaves a setting at hasync's default.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterOptions {
-    pub cluster_id: u32,
+    pub cluster_id: ClusterId,
     pub session_capacity: u32,
     /// `[local] embryonic_capacity` (default: the agent's, 1/8 of the table).
     pub embryonic_capacity: Option<u32>,
@@ -242,7 +243,7 @@ fn write_cluster(
     dir: &Path,
     k: u8,
     options: &ClusterOptions,
-    cluster_id: Option<u32>,
+    cluster_id: Option<ClusterId>,
 ) {
     t.line("[cluster]");
     t.line(format!("id = {}", cluster_id.unwrap_or(options.cluster_id)));
@@ -727,6 +728,7 @@ impl Drop for LabCluster {
 mod tests {
     use super::*;
     use crate::lab::topology::SERVER_V4;
+    use hasync_common::MemberId;
     use std::time::Duration;
 
     /// A directory under the system temp dir, removed on drop.
@@ -761,7 +763,7 @@ mod tests {
             let k = u8::try_from(i + 1).expect("k");
             let c = Config::load(path).expect("valid");
             assert_eq!(c.cluster.id, LAB_CLUSTER_ID);
-            assert_eq!(c.local.member, u32::from(k));
+            assert_eq!(c.local.member, MemberId(k));
             assert_eq!(c.local.control_socket, socket_path(&dir.0, k));
             assert_eq!(c.local.traffic_log, traffic_log_path(&dir.0, k));
             assert_eq!(c.pin_dir(), Some(pin_dir(&dir.0, k).as_path()));
@@ -798,7 +800,7 @@ mod tests {
     fn knobs_reach_the_files() {
         let dir = TempDir::new("knobs");
         let options = ClusterOptions {
-            cluster_id: 42,
+            cluster_id: ClusterId(42),
             session_capacity: 1024,
             policy: PolicyName::Loose,
             keepalive_threshold_ms: Some(5_000),
@@ -814,7 +816,7 @@ mod tests {
                 2,
                 MemberOverride {
                     key: Some(vec![0x42; 40]),
-                    cluster_id: Some(8),
+                    cluster_id: Some(ClusterId(8)),
                     zones: Some(vec![
                         ("inside".into(), vec!["in0".into()]),
                         ("outside".into(), vec!["out0".into()]),
@@ -828,7 +830,7 @@ mod tests {
         let paths = write_configs(&dir.0, 3, &options).expect("write");
         let c1 = Config::load(&paths[0]).expect("member 1");
         let c2 = Config::load(&paths[1]).expect("member 2");
-        assert_eq!(c1.cluster.id, 42);
+        assert_eq!(c1.cluster.id, ClusterId(42));
         assert_eq!(c1.cluster.keepalive_threshold_ms, 5_000);
         assert_eq!(c1.cluster.tentative_hold_s, 0);
         assert_eq!(c1.cluster.sync_timeout_min, 1);
@@ -848,7 +850,7 @@ mod tests {
         );
         assert_eq!(c1.cluster.key_file, dir.0.join("cluster.key"));
         // Member 2 differs where asked.
-        assert_eq!(c2.cluster.id, 8);
+        assert_eq!(c2.cluster.id, ClusterId(8));
         assert_eq!(c2.cluster.key_file, dir.0.join("fw2.key"));
         assert_eq!(
             std::fs::read(dir.0.join("fw2.key")).expect("key"),

@@ -30,8 +30,11 @@ const TCP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(SERVER_V4, TCP_POR
 const UDP_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(SERVER_V4, UDP_PORT));
 /// How long a `show` subprocess may take.
 const SHOW_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long agents get to open their control socket before the lab goes on without them.
+/// How long agents get to open their control socket before the lab goes on without them:
+/// this, and [`READY_PER_MEMBER`] more for each member (they load their programs at once, and
+/// the verifier's work is shared by the host's CPUs: 16 members took about 50 s on 2 CPUs).
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_PER_MEMBER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
@@ -239,10 +242,16 @@ fn print_intro(lab: &LabCluster, exe: &Path) {
     println!("Ctrl-C stops the lab and removes it.\n");
 }
 
-/// Waits until every agent listens or has exited, at most [`READY_TIMEOUT`]; reports each.
+/// How long `members` agents get to start, together.
+fn ready_timeout(members: usize) -> Duration {
+    READY_TIMEOUT + READY_PER_MEMBER * u32::try_from(members).unwrap_or(u32::MAX)
+}
+
+/// Waits until every agent listens or has exited, at most [`ready_timeout`]; reports each.
 fn wait_for_agents(lab: &LabCluster) {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    for k in lab.topology().member_ids() {
+    let members = lab.topology().member_ids();
+    let deadline = Instant::now() + ready_timeout(members.len());
+    for k in members {
         if interrupt::stopped() {
             return;
         }
@@ -416,5 +425,22 @@ fn show(exe: &Path, args: &[&str], socket: &Path) -> String {
                 .unwrap_or("")
                 .trim()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 16 members took about 50 s to start on a 2-CPU host; the lab gave them 10 s, and
+    /// reported every one as timed out.
+    #[test]
+    fn agents_get_more_time_to_start_in_a_bigger_lab() {
+        assert_eq!(ready_timeout(2), Duration::from_secs(20));
+        assert!(
+            ready_timeout(16) >= Duration::from_secs(60),
+            "{:?}",
+            ready_timeout(16)
+        );
     }
 }

@@ -115,37 +115,80 @@ pub(crate) fn ip_netns(args: &[&str]) -> Result<String> {
 /// failing line.
 pub fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
     check_ns_name(ns)?;
+    batch(&["-n", ns, "-batch", "-"], lines, &format!("ip -n {ns}"))
+}
+
+/// Adds namespaces `names` in order through one `ip -batch` in the caller's namespace,
+/// stopping at the first failure; returns how many were added (the first ones of `names`),
+/// and the failure. When `ip` does not say which line failed, none is counted as added:
+/// better to leave a namespace behind than to delete one we did not create.
+pub(crate) fn add_namespaces(names: &[String]) -> (usize, Result<()>) {
+    match netns_batch("add", names) {
+        Ok(()) => (names.len(), Ok(())),
+        Err(e) => {
+            let added = match &e {
+                LabError::Command { stderr, .. } => failed_line(stderr).map_or(0, |n| n - 1),
+                _ => 0,
+            };
+            (added, Err(e))
+        }
+    }
+}
+
+/// Deletes namespaces `names` through one `ip -batch` in the caller's namespace. It goes on
+/// past a failure, so one namespace that cannot go does not leave the others behind; the
+/// error names the last line that failed.
+pub(crate) fn del_namespaces(names: &[String]) -> Result<()> {
+    netns_batch("del", names)
+}
+
+/// `ip netns VERB NAME` for each of `names`, in one batch (`-force` for `del`).
+fn netns_batch(verb: &str, names: &[String]) -> Result<()> {
+    for name in names {
+        check_ns_name(name)?;
+    }
+    let args: &[&str] = if verb == "del" {
+        &["-force", "-batch", "-"]
+    } else {
+        &["-batch", "-"]
+    };
+    let lines: Vec<String> = names.iter().map(|n| format!("netns {verb} {n}")).collect();
+    batch(args, &lines, "ip")
+}
+
+/// The line (1-based) that `ip -batch` says failed last: "Command failed -:3".
+fn failed_line(stderr: &str) -> Option<usize> {
+    let (_, n) = stderr.rsplit_once("-:")?;
+    n.trim().parse().ok().filter(|&n| n > 0)
+}
+
+/// Feeds `lines` to `ip ARGS` (a `-batch -`); a failure is reported as `{prefix} {line}` for
+/// the line `ip` names ("Command failed -:3").
+fn batch(args: &[&str], lines: &[String], prefix: &str) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
     let script = lines.join("\n") + "\n";
-    output(
-        Command::new("ip").args(["-n", ns, "-batch", "-"]),
-        Some(&script),
-    )
-    .map(drop)
-    .map_err(|e| match e {
-        // "Command failed -:3": name the line.
-        LabError::Command {
-            command,
-            status,
-            stderr,
-        } => {
-            let failed = stderr
-                .rsplit_once("-:")
-                .and_then(|(_, n)| n.trim().parse::<usize>().ok())
-                .and_then(|n| lines.get(n.wrapping_sub(1)));
+    output(Command::new("ip").args(args), Some(&script))
+        .map(drop)
+        .map_err(|e| match e {
             LabError::Command {
-                command: match failed {
-                    Some(line) => format!("ip -n {ns} {line}"),
-                    None => command,
-                },
+                command,
                 status,
                 stderr,
+            } => {
+                let failed = failed_line(&stderr).and_then(|n| lines.get(n - 1));
+                LabError::Command {
+                    command: match failed {
+                        Some(line) => format!("{prefix} {line}"),
+                        None => command,
+                    },
+                    status,
+                    stderr,
+                }
             }
-        }
-        other => other,
-    })
+            other => other,
+        })
 }
 
 /// Moves the calling thread into namespace `ns`.
@@ -503,5 +546,48 @@ pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> O
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root, as the lab does. A namespace that exists already stops the batch: only
+    /// those added before it count as ours, the other one is left alone and the error names
+    /// its line; deleting goes on past a namespace that is not there and removes the rest.
+    #[test]
+    fn namespaces_are_added_and_deleted_in_one_batch() {
+        let tag = format!("nsb{}-", std::process::id());
+        let names: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|n| format!("{tag}{n}"))
+            .collect();
+        ip_netns(&["netns", "add", &names[1]]).expect("add the other namespace");
+        let (added, result) = add_namespaces(&names);
+        let error = result.expect_err("b exists").to_string();
+        let existed: Vec<bool> = names.iter().map(|n| netns_exists(n)).collect();
+        let deleted = del_namespaces(&[names[0].clone(), names[2].clone(), names[1].clone()]);
+        let left: Vec<&String> = names.iter().filter(|n| netns_exists(n)).collect();
+        assert_eq!(added, 1);
+        assert!(
+            error.contains(&format!("ip netns add {}", names[1])),
+            "{error}"
+        );
+        assert_eq!(existed, [true, true, false]);
+        let deleted = deleted.expect_err("c was never added").to_string();
+        assert!(
+            deleted.contains(&format!("netns del {}", names[2])),
+            "{deleted}"
+        );
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn the_failed_line_is_read_from_ip() {
+        let stderr = "Error: x\nCommand failed -:2\nError: y\nCommand failed -:17";
+        assert_eq!(failed_line(stderr), Some(17));
+        assert_eq!(failed_line("Command failed -:0"), None);
+        assert_eq!(failed_line("Error: no line"), None);
     }
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use super::{
-    netns::{self, ip, ip_batch, ip_netns, sysctl, Processes},
+    netns::{self, add_namespaces, del_namespaces, ip, ip_batch, ip_netns, sysctl, Processes},
     LabError, Result,
 };
 
@@ -209,10 +209,14 @@ fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
     format!("{}/{len}", addr.into())
 }
 
+/// The first line of every namespace's batch: `ip netns add` leaves the loopback down.
+const LO_UP: &str = "link set lo up";
+
 /// An endpoint's `eth0` in namespace `ns`: its addresses (IPv6 without DAD: usable at once),
 /// up, then its `routes`.
 fn configure_endpoint(ns: &str, (v4, v6): (Ipv4Addr, Ipv6Addr), routes: [String; 2]) -> Result<()> {
     let mut lines = vec![
+        LO_UP.into(),
         format!("addr add {} dev eth0", cidr(v4, 24)),
         format!("addr add {} dev eth0 nodad", cidr(v6, 64)),
         "link set eth0 up".into(),
@@ -275,15 +279,14 @@ impl Topology {
         Ok(())
     }
 
-    /// Every namespace, with its loopback up; recorded as created as soon as it exists.
+    /// Every namespace, in one `ip -batch`; those added are recorded as created even if a
+    /// later one failed.
     fn create_namespaces(&mut self) -> Result<()> {
-        let fulls: Vec<String> = self.names.iter().map(|(_, f)| f.clone()).collect();
-        for full in &fulls {
-            ip_netns(&["netns", "add", full])?;
-            self.created.push(full.clone());
-            ip(full, &["link", "set", "lo", "up"])?;
-        }
-        Ok(())
+        let mut fulls: Vec<String> = self.names.iter().map(|(_, f)| f.clone()).collect();
+        let (added, result) = add_namespaces(&fulls);
+        fulls.truncate(added);
+        self.created = fulls;
+        result
     }
 
     /// Members forward IPv4 and IPv6, without reverse path filters or redirects.
@@ -305,10 +308,10 @@ impl Topology {
         Ok(())
     }
 
-    /// The switch: bridges, then one veth pair per port, created in `hasw` with the peer
-    /// placed straight into its namespace.
+    /// The switch: its loopback, bridges, then one veth pair per port, created in `hasw` with
+    /// the peer placed straight into its namespace.
     fn build_switch(&self) -> Result<()> {
-        let mut lines = Vec::new();
+        let mut lines = vec![LO_UP.to_owned()];
         for link in Link::ALL {
             let br = link.bridge();
             lines.push(format!(
@@ -337,10 +340,10 @@ impl Topology {
         ip_batch(self.hasw(), &lines)
     }
 
-    /// Member `k`'s interfaces: addresses (IPv6 without DAD: usable at once), up, no reverse
-    /// path filter.
+    /// Member `k`'s loopback and interfaces: addresses (IPv6 without DAD: usable at once),
+    /// up, no reverse path filter.
     fn configure_member(&self, k: u8) -> Result<()> {
-        let mut lines = Vec::new();
+        let mut lines = vec![LO_UP.to_owned()];
         for link in Link::ALL {
             let name = link.ifname();
             let (a4, l4) = link.v4(k);
@@ -612,10 +615,9 @@ impl Drop for Topology {
     fn drop(&mut self) {
         // Processes first: a namespace outlives `ip netns del` while anything runs in it.
         self.processes.stop_all(Duration::from_secs(3));
-        for full in self.created.iter().rev() {
-            if let Err(e) = ip_netns(&["netns", "del", full]) {
-                eprintln!("lab cleanup: {e}");
-            }
+        let created: Vec<String> = self.created.iter().rev().cloned().collect();
+        if let Err(e) = del_namespaces(&created) {
+            eprintln!("lab cleanup: {e}");
         }
     }
 }

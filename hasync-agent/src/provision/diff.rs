@@ -3,7 +3,10 @@
 //! members). Exit status 0 when they agree, 1 when they differ, 2 on error. And
 //! `hasync config check FILE...`: each file loaded as the agent would.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use crate::{
     config::{Config, DEFAULT_PATH},
@@ -106,63 +109,70 @@ pub fn report(a: &str, b: &str, diffs: &[Difference], settings: usize) -> String
 /// `hasync config ...`: the exit status as documented on [`ConfigCommand`].
 pub fn run(args: &ConfigArgs) -> ExitCode {
     match &args.command {
-        ConfigCommand::Diff { a, b } => {
-            let load = |path: &PathBuf| {
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))
-                    .and_then(|text| Config::from_toml(path, &text).map_err(|e| error_chain(&e)))
-            };
-            match (load(a), load(b)) {
-                (Ok(ca), Ok(cb)) => {
-                    let diffs = differences(&ca, &cb);
-                    print!(
-                        "{}",
-                        report(
-                            &a.display().to_string(),
-                            &b.display().to_string(),
-                            &diffs,
-                            ca.agreed_lines().len()
-                        )
-                    );
-                    if diffs.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        ConfigCommand::Check { files } => {
-            let mut ok = true;
-            for path in files {
-                match Config::load(path) {
-                    Ok(c) => {
-                        let hex: String = c.fingerprint()[..8]
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect();
-                        println!(
-                            "ok: {} (member {}, cluster {}, fingerprint {hex})",
-                            path.display(),
-                            c.local.member,
-                            c.cluster.id
-                        );
-                    }
-                    Err(e) => {
-                        ok = false;
-                        eprintln!("error: {e}");
-                    }
-                }
-            }
-            if ok {
+        ConfigCommand::Diff { a, b } => diff(a, b),
+        ConfigCommand::Check { files } => check(files),
+    }
+}
+
+/// `hasync config diff A B`: 0 when they agree, 1 when they differ, 2 when one does not load.
+fn diff(a: &Path, b: &Path) -> ExitCode {
+    let load = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))
+            .and_then(|text| Config::from_toml(path, &text).map_err(|e| error_chain(&e)))
+    };
+    match (load(a), load(b)) {
+        (Ok(ca), Ok(cb)) => {
+            let diffs = differences(&ca, &cb);
+            print!(
+                "{}",
+                report(
+                    &a.display().to_string(),
+                    &b.display().to_string(),
+                    &diffs,
+                    ca.agreed_lines().len()
+                )
+            );
+            if diffs.is_empty() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(1)
             }
         }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `hasync config check FILE...`: each file's member, cluster and fingerprint, or its
+/// problems; fails if any file does.
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for path in files {
+        match Config::load(path) {
+            Ok(c) => {
+                let hex: String = c.fingerprint()[..8]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                println!(
+                    "ok: {} (member {}, cluster {}, fingerprint {hex})",
+                    path.display(),
+                    c.local.member,
+                    c.cluster.id
+                );
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {e}");
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

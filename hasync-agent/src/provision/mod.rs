@@ -162,7 +162,8 @@ pub struct SpecZone {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecMember {
-    pub id: u32,
+    #[serde(with = "crate::config::ids::member_id")]
+    pub id: hasync_common::MemberId,
     pub serial: String,
     #[serde(default)]
     pub description: String,
@@ -348,7 +349,7 @@ impl Spec {
         for (k, v) in &m.local {
             local_table.insert(k.clone(), v.clone());
         }
-        local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id)));
+        local_table.insert("member".into(), toml::Value::Integer(i64::from(m.id.0)));
         match toml::Value::Table(local_table).try_into::<Local>() {
             Ok(l) => Some(l),
             Err(e) => {
@@ -571,13 +572,36 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         path: key.clone(),
         source,
     })?;
+    let files = member_files(spec_path, configs, &key)?;
+    let fingerprint = files
+        .first()
+        .map(|f| f.config.fingerprint())
+        .unwrap_or_default();
+    anyhow::ensure!(
+        files.iter().all(|f| f.config.fingerprint() == fingerprint),
+        "internal error: the provisioned configs disagree"
+    );
+    let members = write_members(out, &files, &key_bytes)?;
+    Ok(Provisioned {
+        key,
+        new_key,
+        members,
+        fingerprint,
+    })
+}
 
-    // Validate everything (each config with the key it comes with) before writing any config.
+/// Every member's files, once every config is valid with the key at `key` (all problems of
+/// all members at once otherwise): nothing is written before.
+fn member_files(
+    spec_path: &Path,
+    configs: Vec<Config>,
+    key: &Path,
+) -> anyhow::Result<Vec<MemberFiles>> {
     let mut files = Vec::new();
     let mut problems = Vec::new();
     for config in configs {
         let mut check = config.clone();
-        check.cluster.key_file = key.clone();
+        check.cluster.key_file = key.to_owned();
         if let Err(e) = check.validate(Path::new("hasync.toml")) {
             let serial = check
                 .members
@@ -592,30 +616,26 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     if !problems.is_empty() {
         return Err(invalid(spec_path, problems).into());
     }
-    let fingerprint = files
-        .first()
-        .map(|f| f.config.fingerprint())
-        .unwrap_or_default();
-    anyhow::ensure!(
-        files.iter().all(|f| f.config.fingerprint() == fingerprint),
-        "internal error: the provisioned configs disagree"
-    );
+    Ok(files)
+}
 
+/// Writes each member's directory under `out`: its config, the key, its link setup script.
+/// Returns each member's serial and directory.
+fn write_members(
+    out: &Path,
+    files: &[MemberFiles],
+    key_bytes: &[u8],
+) -> Result<Vec<(String, PathBuf)>, ProvisionError> {
     let mut members = Vec::new();
-    for f in &files {
+    for f in files {
         let dir = out.join(&f.serial);
         mkdir(&dir, 0o755)?;
         write_file(&dir.join("hasync.toml"), f.config_text.as_bytes(), 0o644)?;
-        write_file(&dir.join("cluster.key"), &key_bytes, 0o600)?;
+        write_file(&dir.join("cluster.key"), key_bytes, 0o600)?;
         write_file(&dir.join("setup-links.sh"), f.setup_links.as_bytes(), 0o755)?;
         members.push((f.serial.clone(), dir));
     }
-    Ok(Provisioned {
-        key,
-        new_key,
-        members,
-        fingerprint,
-    })
+    Ok(members)
 }
 
 fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {

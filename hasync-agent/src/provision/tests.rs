@@ -2,6 +2,7 @@ use std::os::unix::fs::PermissionsExt as _;
 
 use super::{diff::differences, *};
 use crate::control::testing::TempDir;
+use hasync_common::{ClusterId, MemberId};
 
 /// The example spec with the key kept in `out` (so the configs load on this machine).
 fn example_in(out: &Path) -> String {
@@ -41,8 +42,8 @@ fn a_three_member_spec_provisions_configs_that_load_and_agree() {
     // What members must agree on is the same everywhere.
     assert!(configs.iter().all(|c| c.fingerprint() == done.fingerprint));
     for (i, c) in configs.iter().enumerate() {
-        assert_eq!(c.local.member, u32::try_from(i + 1).unwrap());
-        assert_eq!(c.cluster.id, 7);
+        assert_eq!(c.local.member, MemberId(u8::try_from(i + 1).unwrap()));
+        assert_eq!(c.cluster.id, ClusterId(7));
         assert_eq!(c.cluster.description, "edge cluster, site A");
         assert_eq!(c.zone_names(), ["trust", "untrust"]);
         assert_eq!(c.timeouts.get("established"), Some(&3600));

@@ -1,11 +1,11 @@
-//! Cluster session sync: the wire format, the encrypted channel, per-peer outboxes, installing
+//! Cluster session sync: the wire format, the encrypted channel, per-peer outboxes, applying
 //! what peers send, and the engine that runs the links.
 
 pub mod admission;
+pub mod apply;
 pub mod backoff;
 pub mod channel;
 pub mod engine;
-pub mod install;
 pub mod outbox;
 pub mod stale;
 pub mod stats;

@@ -1,5 +1,5 @@
 //! The session table as the sync engine sees it: read what to send, walk it for a full sync,
-//! install what peers send, remove replicas. The datapath implements it with its batch
+//! apply what peers send, remove replicas. The datapath implements it with its table
 //! programs and batch map calls; [`FakeTable`] implements it in memory with the same conflict
 //! rule, so the engine's rules are unit-tested without root, and with a table that fails on
 //! purpose.
@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use hasync_common::{
-    install::unseen_replica, FlowKey, InstallOutcome, InstallRecord, MemberId, Session,
+    conflict::unseen_replica, ApplyOutcome, ApplyRecord, FlowKey, MemberId, Session,
 };
 
 use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
@@ -29,17 +29,17 @@ pub trait SessionTable: Send + 'static {
         max: u32,
     ) -> Result<bool, DatapathError>;
 
-    /// Installs records by the conflict rule (`hasync_common::install::resolve`).
-    fn install(
+    /// Applies records by the conflict rule (`hasync_common::conflict::resolve`).
+    fn apply_records(
         &mut self,
-        records: &[InstallRecord],
+        records: &[ApplyRecord],
         reconciling: MemberId,
         now_ns: u64,
-    ) -> Result<InstallOutcome, DatapathError>;
+    ) -> Result<ApplyOutcome, DatapathError>;
 
     /// Of `keys`, removes those that are still replicas of `owner`'s sessions that its full
-    /// sync started at `mark_ns` neither installed nor marked
-    /// ([`hasync_common::install::unseen_replica`]: the owner no longer holds them). Returns
+    /// sync started at `mark_ns` neither wrote nor marked
+    /// ([`hasync_common::conflict::unseen_replica`]: the owner no longer holds them). Returns
     /// how many went.
     fn remove_if_unseen(
         &mut self,
@@ -66,13 +66,13 @@ impl SessionTable for Datapath {
         self.session_chunk(cursor, keys, values, max)
     }
 
-    fn install(
+    fn apply_records(
         &mut self,
-        records: &[InstallRecord],
+        records: &[ApplyRecord],
         reconciling: MemberId,
         now_ns: u64,
-    ) -> Result<InstallOutcome, DatapathError> {
-        Datapath::install(self, records, reconciling, now_ns)
+    ) -> Result<ApplyOutcome, DatapathError> {
+        Datapath::apply_records(self, records, reconciling, now_ns)
     }
 
     fn remove_if_unseen(
@@ -83,7 +83,7 @@ impl SessionTable for Datapath {
     ) -> Result<usize, DatapathError> {
         let mut now = Vec::with_capacity(keys.len());
         self.read_sessions(keys, &mut now)?;
-        // Read and removed under the caller's hold of the table: no install comes between.
+        // Read and removed under the caller's hold of the table: no apply comes between.
         // (The fast path may take one over in between; the window is the two calls.)
         let doomed: Vec<FlowKey> = keys
             .iter()
@@ -96,7 +96,7 @@ impl SessionTable for Datapath {
 }
 
 /// Walks the whole table a chunk at a time, taking `table`'s lock for each chunk only, so
-/// installs, sends and the event reader go on between chunks (a walk of a million sessions
+/// applies, sends and the event reader go on between chunks (a walk of a million sessions
 /// under one hold would stall them).
 pub fn walk<T: SessionTable>(
     table: &Mutex<T>,
@@ -132,8 +132,8 @@ pub struct FakeTable {
     pub entries: Vec<(FlowKey, Session)>,
     /// Chunks a walk may read before the next one fails (`None`: never).
     pub chunks_before_failure: Option<usize>,
-    /// Installs fail.
-    pub fail_installs: bool,
+    /// Applying records fails.
+    pub fail_applies: bool,
 }
 
 #[cfg(test)]
@@ -192,17 +192,17 @@ impl SessionTable for FakeTable {
         Ok(*cursor < self.entries.len())
     }
 
-    fn install(
+    fn apply_records(
         &mut self,
-        records: &[InstallRecord],
+        records: &[ApplyRecord],
         reconciling: MemberId,
         now_ns: u64,
-    ) -> Result<InstallOutcome, DatapathError> {
-        use hasync_common::install::{resolve, Resolution};
-        if self.fail_installs {
+    ) -> Result<ApplyOutcome, DatapathError> {
+        use hasync_common::conflict::{resolve, Resolution};
+        if self.fail_applies {
             return Err(fake_failure(records.len()));
         }
-        let mut out = InstallOutcome::default();
+        let mut out = ApplyOutcome::default();
         for r in records {
             let existing = self.get(&r.key);
             match resolve(r.op, &r.session, existing.as_ref(), reconciling) {

@@ -3,13 +3,13 @@
 //! Every message starts with a one-byte type. Session records are many per frame, in the
 //! layout both ends speak ([`RecordLayout`]: fixed up to 1.1, compact from 1.2, see
 //! [`compact`]). Fixed-size integers are big-endian. Times are never absolute:
-//! a record carries the session's age and idle time, re-anchored to the receiver's clock on
-//! install. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
+//! a record carries the session's age and idle time, re-anchored to the receiver's clock when
+//! applied. Node-local facts (ifindex, MACs) are never sent; zones travel as ids agreed by name
 //! in the hello.
 
 use hasync_common::{
     tcp_window::{mark_stale, track},
-    FlowKey, MemberId, Session, SessionFlags, ZoneId,
+    ClusterId, FlowKey, MemberId, Session, SessionFlags, ZoneId,
 };
 
 mod compact;
@@ -144,7 +144,8 @@ fn link_from_u8(v: u8) -> Result<LinkKind, WireError> {
 pub struct Hello {
     pub major: u8,
     pub minor: u8,
-    pub cluster_id: u8,
+    /// Any byte a peer sends; a member refuses a hello whose id is not its own cluster's.
+    pub cluster_id: ClusterId,
     pub member: MemberId,
     pub link: LinkKind,
     /// Random per agent start: a new value tells peers this member restarted and needs a full
@@ -188,7 +189,7 @@ pub struct Keepalive {
 /// What a record asks the receiver to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Install or update the session.
+    /// Insert or update the session.
     Upsert = 1,
     /// The owner removed the session.
     Delete = 2,
@@ -230,7 +231,7 @@ pub struct TcpState {
     pub seq_end: [u32; 2],
 }
 
-/// Session flags that travel: the others are local (installed-from-peer is set by the
+/// Session flags that travel: the others are local (from-peer is set by the
 /// receiver; asymmetric is what this member saw).
 const SYNCED_FLAGS: u16 = SessionFlags::INITIATOR_HI | SessionFlags::TAKEN_OVER;
 
@@ -303,7 +304,7 @@ impl Record {
         }
     }
 
-    /// The session to install locally at local time `now_ns`, with `zone` already translated
+    /// The session to apply locally at local time `now_ns`, with `zone` already translated
     /// to this member's numbering. A session cannot have been idle longer than it exists: an
     /// idle time past the age is taken as the age (else the copy would count as created after
     /// it was last seen, a re-created flow newer than itself).
@@ -315,7 +316,7 @@ impl Record {
         Session {
             created_ns: now_ns.saturating_sub(ms(self.age_ms)),
             last_seen_ns,
-            // Installed sessions are not announced again by this member's refresh logic
+            // Applied sessions are not announced again by this member's refresh logic
             // until they see local traffic.
             last_event_ns: now_ns,
             packets: self.packets,
@@ -453,7 +454,7 @@ pub enum Message {
         bulk: bool,
         records: Vec<Record>,
     },
-    /// Cumulative: every `Sessions` frame up to `seq` was installed.
+    /// Cumulative: every `Sessions` frame up to `seq` was applied.
     Ack {
         seq: u64,
     },
@@ -491,51 +492,14 @@ impl Message {
     /// Appends the encoding of `self` to `w`, records in `layout`.
     pub fn encode_as(&self, w: &mut Vec<u8>, layout: RecordLayout) -> Result<(), WireError> {
         match self {
-            Message::Hello(h) => {
-                if h.zones.len() > MAX_ZONES {
-                    return Err(WireError::TooManyZones(h.zones.len()));
-                }
-                w.extend_from_slice(&[
-                    tag::HELLO,
-                    h.major,
-                    h.minor,
-                    h.cluster_id,
-                    h.member.0,
-                    h.link as u8,
-                    (if h.wants_bulk {
-                        hello_flags::WANTS_BULK
-                    } else {
-                        0
-                    }) | (if h.fresh_table {
-                        hello_flags::FRESH_TABLE
-                    } else {
-                        0
-                    }),
-                ]);
-                w.extend_from_slice(&h.boot_id.to_be_bytes());
-                w.extend_from_slice(&h.fingerprint);
-                w.extend_from_slice(&(h.zones.len() as u16).to_be_bytes());
-                for z in &h.zones {
-                    let bytes = &z.as_bytes()[..z.len().min(255)];
-                    w.push(bytes.len() as u8);
-                    w.extend_from_slice(bytes);
-                }
-            }
+            Message::Hello(h) => h.encode(w)?,
             Message::Keepalive(k) => {
                 w.extend_from_slice(&[tag::KEEPALIVE, k.state]);
                 w.extend_from_slice(&k.sessions_owned.to_be_bytes());
                 w.extend_from_slice(&k.flaps.to_be_bytes());
             }
             Message::Sessions { seq, bulk, records } => {
-                if records.len() > layout.max_records() {
-                    return Err(WireError::TooManyRecords(records.len()));
-                }
-                w.extend_from_slice(&[tag::SESSIONS, u8::from(*bulk)]);
-                w.extend_from_slice(&seq.to_be_bytes());
-                w.extend_from_slice(&(records.len() as u16).to_be_bytes());
-                for r in records {
-                    r.encode(w, layout);
-                }
+                encode_sessions(w, *seq, *bulk, records, layout)?;
             }
             Message::Ack { seq } => {
                 w.push(tag::ACK);
@@ -559,33 +523,7 @@ impl Message {
         let mut r = Reader(bytes);
         let [t] = r.array("message type")?;
         let msg = match t {
-            tag::HELLO => {
-                let [major, minor, cluster_id, member, link, flags] = r.array("hello")?;
-                let boot_id = r.u64("boot id")?;
-                let fingerprint = r.array("fingerprint")?;
-                let n = usize::from(r.u16("zone count")?);
-                if n > MAX_ZONES {
-                    return Err(WireError::TooManyZones(n));
-                }
-                let mut zones = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let [len] = r.array("zone name length")?;
-                    let name = r.take(usize::from(len), "zone name")?;
-                    zones.push(String::from_utf8(name.to_vec()).map_err(|_| WireError::ZoneName)?);
-                }
-                Message::Hello(Hello {
-                    major,
-                    minor,
-                    cluster_id,
-                    member: MemberId(member),
-                    link: link_from_u8(link)?,
-                    boot_id,
-                    fingerprint,
-                    zones,
-                    wants_bulk: flags & hello_flags::WANTS_BULK != 0,
-                    fresh_table: flags & hello_flags::FRESH_TABLE != 0,
-                })
-            }
+            tag::HELLO => Message::Hello(Hello::decode(&mut r)?),
             tag::KEEPALIVE => {
                 let [state] = r.array("keepalive")?;
                 Message::Keepalive(Keepalive {
@@ -594,24 +532,7 @@ impl Message {
                     flaps: r.u32("flaps")?,
                 })
             }
-            tag::SESSIONS => {
-                let [bulk] = r.array("sessions header")?;
-                let seq = r.u64("sequence")?;
-                let n = usize::from(r.u16("record count")?);
-                if n > layout.max_records() {
-                    return Err(WireError::TooManyRecords(n));
-                }
-                // A lying count does not reserve more than the bytes that follow can hold.
-                let mut records = Vec::with_capacity(n.min(r.0.len() / layout.min_bytes()));
-                for _ in 0..n {
-                    records.push(Record::decode(&mut r, layout)?);
-                }
-                Message::Sessions {
-                    seq,
-                    bulk: bulk != 0,
-                    records,
-                }
-            }
+            tag::SESSIONS => decode_sessions(&mut r, layout)?,
             tag::ACK => Message::Ack { seq: r.u64("ack")? },
             tag::BULK_START => Message::BulkStart {
                 bulk_id: r.u32("bulk id")?,
@@ -627,6 +548,104 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+impl Hello {
+    /// Appends the hello after its tag.
+    fn encode(&self, w: &mut Vec<u8>) -> Result<(), WireError> {
+        if self.zones.len() > MAX_ZONES {
+            return Err(WireError::TooManyZones(self.zones.len()));
+        }
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        w.extend_from_slice(&[
+            tag::HELLO,
+            self.major,
+            self.minor,
+            self.cluster_id.0,
+            self.member.0,
+            self.link as u8,
+            flag(self.wants_bulk, hello_flags::WANTS_BULK)
+                | flag(self.fresh_table, hello_flags::FRESH_TABLE),
+        ]);
+        w.extend_from_slice(&self.boot_id.to_be_bytes());
+        w.extend_from_slice(&self.fingerprint);
+        w.extend_from_slice(&(self.zones.len() as u16).to_be_bytes());
+        for z in &self.zones {
+            let bytes = &z.as_bytes()[..z.len().min(255)];
+            w.push(bytes.len() as u8);
+            w.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    /// Reads a hello after its tag.
+    fn decode(r: &mut Reader<'_>) -> Result<Hello, WireError> {
+        let [major, minor, cluster_id, member, link, flags] = r.array("hello")?;
+        let boot_id = r.u64("boot id")?;
+        let fingerprint = r.array("fingerprint")?;
+        let n = usize::from(r.u16("zone count")?);
+        if n > MAX_ZONES {
+            return Err(WireError::TooManyZones(n));
+        }
+        let mut zones = Vec::with_capacity(n);
+        for _ in 0..n {
+            let [len] = r.array("zone name length")?;
+            let name = r.take(usize::from(len), "zone name")?;
+            zones.push(String::from_utf8(name.to_vec()).map_err(|_| WireError::ZoneName)?);
+        }
+        Ok(Hello {
+            major,
+            minor,
+            cluster_id: ClusterId(cluster_id),
+            member: MemberId(member),
+            link: link_from_u8(link)?,
+            boot_id,
+            fingerprint,
+            zones,
+            wants_bulk: flags & hello_flags::WANTS_BULK != 0,
+            fresh_table: flags & hello_flags::FRESH_TABLE != 0,
+        })
+    }
+}
+
+/// Appends a `Sessions` message: header, then `records` in `layout`.
+fn encode_sessions(
+    w: &mut Vec<u8>,
+    seq: u64,
+    bulk: bool,
+    records: &[Record],
+    layout: RecordLayout,
+) -> Result<(), WireError> {
+    if records.len() > layout.max_records() {
+        return Err(WireError::TooManyRecords(records.len()));
+    }
+    w.extend_from_slice(&[tag::SESSIONS, u8::from(bulk)]);
+    w.extend_from_slice(&seq.to_be_bytes());
+    w.extend_from_slice(&(records.len() as u16).to_be_bytes());
+    for r in records {
+        r.encode(w, layout);
+    }
+    Ok(())
+}
+
+/// Reads a `Sessions` message after its tag, records in `layout`.
+fn decode_sessions(r: &mut Reader<'_>, layout: RecordLayout) -> Result<Message, WireError> {
+    let [bulk] = r.array("sessions header")?;
+    let seq = r.u64("sequence")?;
+    let n = usize::from(r.u16("record count")?);
+    if n > layout.max_records() {
+        return Err(WireError::TooManyRecords(n));
+    }
+    // A lying count does not reserve more than the bytes that follow can hold.
+    let mut records = Vec::with_capacity(n.min(r.0.len() / layout.min_bytes()));
+    for _ in 0..n {
+        records.push(Record::decode(r, layout)?);
+    }
+    Ok(Message::Sessions {
+        seq,
+        bulk: bulk != 0,
+        records,
+    })
 }
 
 /// Cursor over a received message.
@@ -720,7 +739,7 @@ mod tests {
         let hello = Message::Hello(Hello {
             major: PROTO_MAJOR,
             minor: PROTO_MINOR,
-            cluster_id: 7,
+            cluster_id: ClusterId(7),
             member: MemberId(2),
             link: LinkKind::Ha4Backup,
             boot_id: 0xdead_beef_0000_0001,
@@ -792,7 +811,7 @@ mod tests {
     }
 
     #[test]
-    fn records_carry_ages_and_are_reanchored_on_install() {
+    fn records_carry_ages_and_are_reanchored_on_apply() {
         let sender_now = 500_000_000_000;
         let rec = Record::upsert(key(1), &session(sender_now), sender_now);
         assert_eq!((rec.age_ms, rec.idle_ms), (5000, 250));
@@ -822,10 +841,10 @@ mod tests {
         let s = rec.to_session(now, ZoneId(1));
         assert_eq!(s.last_seen_ns, s.created_ns);
         // Found by the channel_payload fuzz target: such a copy was newer than itself.
-        let op = hasync_common::InstallOp::Upsert as u8;
+        let op = hasync_common::ApplyOp::Upsert as u8;
         assert_eq!(
-            hasync_common::install::resolve(op, &s, Some(&s), MemberId::NONE),
-            hasync_common::install::Resolution::Keep
+            hasync_common::conflict::resolve(op, &s, Some(&s), MemberId::NONE),
+            hasync_common::conflict::Resolution::Keep
         );
     }
 
@@ -950,7 +969,7 @@ mod tests {
         let h = |major, minor| Hello {
             major,
             minor,
-            cluster_id: 1,
+            cluster_id: ClusterId(1),
             member: MemberId(1),
             link: LinkKind::Ha4,
             boot_id: 1,

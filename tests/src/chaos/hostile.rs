@@ -235,7 +235,7 @@ fn hello(cfg: &Config, claimed: u8) -> Hello {
     Hello {
         major: PROTO_MAJOR,
         minor: PROTO_MINOR,
-        cluster_id: cfg.cluster.id as u8,
+        cluster_id: cfg.cluster.id,
         member: MemberId(claimed),
         link: LinkKind::Ha4,
         boot_id,

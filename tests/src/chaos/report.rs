@@ -71,11 +71,6 @@ impl Report {
 
     /// The summary table (Markdown), then one row per fault kind.
     pub fn markdown(&self) -> String {
-        let times = self.convergence_times();
-        let mut kinds: BTreeMap<&str, Vec<&Applied>> = BTreeMap::new();
-        for a in &self.applied {
-            kinds.entry(a.kind).or_default().push(a);
-        }
         let mut t = String::new();
         let _ = writeln!(
             t,
@@ -86,7 +81,35 @@ impl Report {
             self.wall.as_secs_f64()
         );
         let _ = writeln!(t, "| figure | value | bound |\n|---|---|---|");
-        let rows = [
+        for (name, value, bound) in self.summary_rows() {
+            let _ = writeln!(t, "| {name} | {value} | {bound} |");
+        }
+        let _ = writeln!(
+            t,
+            "\n| fault | applied | converged | p50 | max |\n|---|---|---|---|---|"
+        );
+        let mut kinds: BTreeMap<&str, Vec<&Applied>> = BTreeMap::new();
+        for a in &self.applied {
+            kinds.entry(a.kind).or_default().push(a);
+        }
+        for (kind, list) in &kinds {
+            let times: Vec<Duration> = list.iter().filter_map(|a| a.convergence).collect();
+            let _ = writeln!(
+                t,
+                "| {kind} | {} | {} | {} | {} |",
+                list.len(),
+                times.len(),
+                secs(quantile(&times, 0.5)),
+                secs(times.iter().max().copied())
+            );
+        }
+        t
+    }
+
+    /// The summary table's rows: figure, value, bound.
+    fn summary_rows(&self) -> [(&'static str, String, String); 9] {
+        let times = self.convergence_times();
+        [
             (
                 "faults applied",
                 self.applied.len().to_string(),
@@ -128,26 +151,7 @@ impl Report {
                 self.most_full_syncs.1.to_string(),
             ),
             ("violations", self.violations.len().to_string(), "0".into()),
-        ];
-        for (name, value, bound) in rows {
-            let _ = writeln!(t, "| {name} | {value} | {bound} |");
-        }
-        let _ = writeln!(
-            t,
-            "\n| fault | applied | converged | p50 | max |\n|---|---|---|---|---|"
-        );
-        for (kind, list) in &kinds {
-            let times: Vec<Duration> = list.iter().filter_map(|a| a.convergence).collect();
-            let _ = writeln!(
-                t,
-                "| {kind} | {} | {} | {} | {} |",
-                list.len(),
-                times.len(),
-                secs(quantile(&times, 0.5)),
-                secs(times.iter().max().copied())
-            );
-        }
-        t
+        ]
     }
 
     /// The table, then the violations and notes, for a terminal.

@@ -13,14 +13,14 @@ use hasync_agent::{
     },
     provision::{MemberFiles, Spec},
     sync::{
-        install::{decide, Decision, Installer, OwnerRefusal, ZoneMap},
+        apply::{decide, Applier, Decision, OwnerRefusal, ZoneMap},
         outbox::Outbox,
         wire::{Hello, LinkKind, Message, Op, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR},
     },
 };
 use hasync_common::{
-    install::{resolve, InstallOp, Resolution},
-    Counters, FlowKey, MemberId, Session, SessionFlags, ZoneId,
+    conflict::{resolve, Resolution},
+    ApplyOp, Counters, FlowKey, MemberId, Session, SessionFlags, ZoneId,
 };
 
 /// Zones of the receiving member in the checks below.
@@ -75,7 +75,7 @@ fn canonical(data: &[u8], layout: RecordLayout) -> Result<()> {
 
 /// `channel_payload`: a decrypted frame as the receiver handles it, in every record layout
 /// it decodes in: decode, then for a hello the version and zone checks, for session records
-/// the install decision (zone translation, ownership, clock re-anchoring) and the conflict
+/// the apply decision (zone translation, ownership, clock re-anchoring) and the conflict
 /// rule, for a keepalive the member state, for an ack the release of frames in flight.
 pub fn channel_payload(data: &[u8]) -> Result<()> {
     for layout in RecordLayout::ALL {
@@ -103,7 +103,7 @@ fn our_hello() -> Hello {
     Hello {
         major: PROTO_MAJOR,
         minor: PROTO_MINOR,
-        cluster_id: 7,
+        cluster_id: hasync_common::ClusterId(7),
         member: LOCAL,
         link: LinkKind::Ha4,
         boot_id: 1,
@@ -146,13 +146,13 @@ fn check_hello(h: &Hello) -> Result<()> {
     Ok(())
 }
 
-/// Every record through the install decision, as a full sync and as an update, into a fresh
+/// Every record through the apply decision, as a full sync and as an update, into a fresh
 /// table and an old one, at two clock readings (early after boot, and late), then through the
 /// conflict rule.
 fn check_records(records: &[Record], bulk: bool) -> Result<()> {
     let zones = ZoneMap::new(&names(&OUR_ZONES), &names(&PEER_ZONES));
     for fresh_table in [false, true] {
-        let who = Installer {
+        let who = Applier {
             local: LOCAL,
             sender: PEER,
             bulk,
@@ -177,7 +177,7 @@ fn check_decision(
     decision: &Decision,
     zones: &ZoneMap,
     now_ns: u64,
-    who: &Installer,
+    who: &Applier,
 ) -> Result<()> {
     let r = match decision {
         Decision::RefuseOwner(why) => {
@@ -205,7 +205,7 @@ fn check_decision(
     );
     ensure!(r.key == rec.key, "the key changed");
     let s = &r.session;
-    if r.op == InstallOp::Upsert as u8 {
+    if r.op == ApplyOp::Upsert as u8 {
         ensure!(
             s.created_ns <= now_ns && s.last_seen_ns <= now_ns,
             "session in the future"
@@ -222,9 +222,9 @@ fn check_decision(
 
 /// The conflict rule against no local copy, a copy equal to the record (never newer than
 /// itself) and, for a delete, a copy of another owner (never deleted).
-fn check_resolution(op: u8, incoming: &Session, who: &Installer) -> Result<()> {
+fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
     let reconciling = who.reconciling.unwrap_or(MemberId::NONE);
-    let upsert = op == InstallOp::Upsert as u8;
+    let upsert = op == ApplyOp::Upsert as u8;
     let absent = resolve(op, incoming, None, reconciling);
     let expected = if upsert {
         Resolution::Insert

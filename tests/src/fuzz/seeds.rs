@@ -99,7 +99,7 @@ fn messages() -> Vec<Seed> {
     let hello = Message::Hello(Hello {
         major: PROTO_MAJOR,
         minor: PROTO_MINOR,
-        cluster_id: 7,
+        cluster_id: hasync_common::ClusterId(7),
         member: MemberId(2),
         link: LinkKind::Ha4Backup,
         boot_id: 0xdead_beef_0000_0001,

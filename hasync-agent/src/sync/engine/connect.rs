@@ -20,9 +20,9 @@ use crate::{
     netlink::{Ifaces, LinkWatch, NetlinkError},
     sync::{
         admission::{Admission, Ticket},
+        apply::ZoneMap,
         backoff::Backoff,
         channel::{self, ChannelError, Receiver, Sender},
-        install::ZoneMap,
         stats::LinkStats,
         wire::{Hello, LinkKind, Message, RecordLayout, WireError, PROTO_MAJOR, PROTO_MINOR},
         writer::writer,
@@ -600,7 +600,7 @@ mod tests {
         let mut h = Hello {
             major: PROTO_MAJOR,
             minor: PROTO_MINOR,
-            cluster_id: 1,
+            cluster_id: hasync_common::ClusterId(1),
             member: MemberId(2),
             link: LinkKind::Ha4,
             boot_id: 1,

@@ -1,5 +1,5 @@
 //! The sync engine: listens and dials on HA4 and HA4 backup, authenticates peers, streams
-//! session changes to each peer over its active link, installs what peers send, and runs full
+//! session changes to each peer over its active link, applies what peers send, and runs full
 //! syncs.
 //!
 //! One TCP connection per peer and link; the member with the lower id dials. Session data
@@ -27,14 +27,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hasync_common::{FlowKey, MemberId};
+use hasync_common::{ClusterId, FlowKey, MemberId};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
     admission::Admission,
+    apply::ZoneMap,
     backoff::Backoff,
-    install::ZoneMap,
     outbox::Outbox,
     stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
@@ -68,7 +68,7 @@ pub struct PeerConfig {
 /// What the engine needs from the configuration.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
-    pub cluster_id: u8,
+    pub cluster_id: ClusterId,
     pub local: MemberId,
     pub local_session_sync: bool,
     pub psk: [u8; 32],

@@ -13,8 +13,8 @@ use crate::{
     cluster::MemberState,
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
+        apply::{self, Applier, MemberSet, RecordCounts},
         channel::Receiver,
-        install::{self, Installed, Installer, MemberSet},
         stale::StaleScan,
         stats::{LinkStats, PeerStats},
         wire::{Keepalive, LinkKind, Message, Record},
@@ -30,7 +30,7 @@ pub(super) enum Applied {
     /// was queued again by the sender): dropped, not acknowledged.
     Stale,
     /// A full sync's frame from a connection that carries no running full sync (one aborted
-    /// or superseded): dropped, not acknowledged. Installing it could bring back a session
+    /// or superseded): dropped, not acknowledged. Applying it could bring back a session
     /// removed since, and mark it as seen by the newer full sync.
     Superseded,
 }
@@ -247,7 +247,7 @@ impl<T: SessionTable> Engine<T> {
 
     /// Applies a session frame if it is the peer's next in sequence (any gap was queued
     /// again by the sender) and, for a full sync's frame, if it belongs to the full sync
-    /// running on its connection. A failed install is not acknowledged: the connection closes
+    /// running on its connection. A frame that fails to apply is not acknowledged: the connection closes
     /// and the peer sends the frame's sessions again.
     pub(super) fn apply_in_order(
         &self,
@@ -268,8 +268,9 @@ impl<T: SessionTable> Engine<T> {
         if bulk && running != Some(f.generation) {
             return Ok(Applied::Superseded);
         }
-        if let Err(e) = self.install(f.peer, records, bulk) {
-            warn!(peer = f.peer.cfg.id.0, seq, error = %error_chain(&e), "installing sessions failed; the peer will send them again");
+        if let Err(e) = self.apply_records(f.peer, records, bulk) {
+            warn!(peer = f.peer.cfg.id.0, seq, error = %error_chain(&e), "applying sessions failed; the peer will send them again");
+            // The reason keeps its old name: operators and dashboards count it by that name.
             return Err("install-failed");
         }
         order.last_seq = seq;
@@ -285,8 +286,13 @@ impl<T: SessionTable> Engine<T> {
         Ok(Applied::Done)
     }
 
-    /// Installs a frame's records into the session table.
-    fn install(&self, peer: &Peer, records: &[Record], bulk: bool) -> Result<(), DatapathError> {
+    /// Applies a frame's records to the session table.
+    fn apply_records(
+        &self,
+        peer: &Peer,
+        records: &[Record],
+        bulk: bool,
+    ) -> Result<(), DatapathError> {
         if !self.reconciles(peer) {
             return Ok(());
         }
@@ -298,21 +304,21 @@ impl<T: SessionTable> Engine<T> {
                     .then_some(peer.cfg.id),
             )
         };
-        let who = self.installer(peer, bulk, reconciling);
+        let who = self.applier(peer, bulk, reconciling);
         let r = {
             let mut dp = lock(&self.inner.dp);
-            install::apply(&mut *dp, records, &zones, monotonic_ns(), &who)?
+            apply::apply(&mut *dp, records, &zones, monotonic_ns(), &who)?
         };
-        self.count_installed(&peer.stats, &r);
+        self.count_applied(&peer.stats, &r);
         Ok(())
     }
 
-    fn installer(
+    fn applier(
         &self,
         peer: &Peer,
         bulk: bool,
         reconciling: Option<hasync_common::MemberId>,
-    ) -> Installer {
+    ) -> Applier {
         let local = self.inner.cfg.local;
         let alive: MemberSet = {
             let m = lock(&self.inner.membership);
@@ -323,7 +329,7 @@ impl<T: SessionTable> Engine<T> {
                 .chain([local])
                 .collect()
         };
-        Installer {
+        Applier {
             local,
             sender: peer.cfg.id,
             bulk,
@@ -341,7 +347,7 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    fn count_installed(&self, stats: &PeerStats, r: &Installed) {
+    fn count_applied(&self, stats: &PeerStats, r: &RecordCounts) {
         LinkStats::add(&stats.installed, r.installed);
         LinkStats::add(&stats.deleted, r.deleted);
         LinkStats::add(&stats.kept, r.kept);

@@ -1,4 +1,4 @@
-//! The engine's receive rules against the real session table (the install program through
+//! The engine's receive rules against the real session table (the apply program through
 //! BPF_PROG_TEST_RUN; needs root, as every datapath unit test).
 
 use std::{
@@ -37,7 +37,7 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
         enabled: true,
     };
     let cfg = SyncConfig {
-        cluster_id: 1,
+        cluster_id: hasync_common::ClusterId(1),
         local: MemberId(1),
         local_session_sync: true,
         psk: [0; 32],
@@ -82,7 +82,7 @@ fn hello_from_2<T: SessionTable>(e: &Engine<T>, boot_id: u64) {
     g.hello = Some(Hello {
         major: 1,
         minor: 0,
-        cluster_id: 1,
+        cluster_id: hasync_common::ClusterId(1),
         member: MemberId(2),
         link: LinkKind::Ha4,
         boot_id,
@@ -172,7 +172,7 @@ fn connect<T: SessionTable>(e: &Engine<T>, link: LinkKind) -> tokio::sync::mpsc:
 }
 
 /// The peer's full sync 2 runs on HA4 backup when full sync 4 starts on HA4: the end of 2,
-/// read late, must not reconcile against 4's start (which would remove everything 2 installed
+/// read late, must not reconcile against 4's start (which would remove everything 2 applied
 /// before it), and a late frame of 2 must not be applied (it could bring back a session
 /// removed since and mark it as seen by 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,12 +464,12 @@ async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
     assert_eq!(drain.await.expect("join"), 6000);
 }
 
-/// A frame whose install fails is not acknowledged and does not advance the peer's sequence:
+/// A frame that fails to apply is not acknowledged and does not advance the peer's sequence:
 /// the connection closes and the peer sends it again, and then it applies.
 #[test]
-fn a_failed_install_is_not_acknowledged() {
+fn a_frame_that_fails_to_apply_is_not_acknowledged() {
     let e = engine_over(FakeTable {
-        fail_installs: true,
+        fail_applies: true,
         ..FakeTable::default()
     });
     hello_from_2(&e, 7);
@@ -477,7 +477,7 @@ fn a_failed_install_is_not_acknowledged() {
     let from = from(&peer, LinkKind::Ha4, 7);
     let failed = e.apply_in_order(&from, 4, &[upsert(1, 2)], false);
     assert!(matches!(failed, Err("install-failed")));
-    e.inner.dp.lock().expect("table").fail_installs = false;
+    e.inner.dp.lock().expect("table").fail_applies = false;
     let again = e.apply_in_order(&from, 4, &[upsert(1, 2)], false);
     assert!(
         matches!(again, Ok(Applied::Done)),

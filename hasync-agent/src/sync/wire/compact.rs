@@ -14,7 +14,7 @@ use super::{Op, Reader, Record, TcpState, WireError};
 
 /// Bits of a record's first byte.
 mod bits {
-    /// The owner removed the session (else: install or update it).
+    /// The owner removed the session (else: insert or update it).
     pub const DELETE: u8 = 1 << 0;
     /// Both addresses are a single word (IPv4): 4 bytes each instead of 16.
     pub const SHORT_ADDRESSES: u8 = 1 << 1;

@@ -1,14 +1,14 @@
-//! Runs the batch programs over the session table: `hasync_install` over peers' records and
-//! `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per batch (see
-//! `hasync_common::install`).
+//! The table-program runner: runs the table programs over the session table, `hasync_apply`
+//! over peers' records and `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per
+//! batch (see `hasync_common::table_programs`).
 
 use std::mem::size_of;
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
-    install::{INSTALL_BATCH, INSTALL_MAX_BYTES, READ_BATCH},
-    maps as names, FlowKey, InstallHeader, InstallOutcome, InstallRecord, MemberId, ReadHeader,
-    ReadSlot, Session,
+    maps as names,
+    table_programs::{APPLY_BATCH, READ_BATCH, RUN_MAX_BYTES},
+    ApplyHeader, ApplyOutcome, ApplyRecord, FlowKey, MemberId, ReadHeader, ReadSlot, Session,
 };
 
 use super::{
@@ -20,16 +20,16 @@ use super::{
 const DONE: u32 = 2;
 
 /// Reusable buffers for one program run's data.
-struct Run {
+struct Runner {
     data: Vec<u8>,
     out: Vec<u8>,
 }
 
-impl Run {
+impl Runner {
     fn new() -> Self {
-        Run {
-            data: Vec::with_capacity(INSTALL_MAX_BYTES),
-            out: vec![0; INSTALL_MAX_BYTES],
+        Runner {
+            data: Vec::with_capacity(RUN_MAX_BYTES),
+            out: vec![0; RUN_MAX_BYTES],
         }
     }
 
@@ -67,26 +67,26 @@ impl Run {
     }
 }
 
-/// Applies `records` with the install program; `reconciling` is the member whose full sync is
+/// Applies `records` with the apply program; `reconciling` is the member whose full sync is
 /// running (or [`MemberId::NONE`]), `now_ns` the session clock's now.
-pub fn install(
+pub fn apply(
     prog: &Xdp,
-    records: &[InstallRecord],
+    records: &[ApplyRecord],
     reconciling: MemberId,
     now_ns: u64,
-) -> Result<InstallOutcome, DatapathError> {
-    let mut total = InstallOutcome::default();
-    let mut run = Run::new();
-    for part in records.chunks(INSTALL_BATCH) {
-        let header = InstallHeader {
-            // At most INSTALL_BATCH: fits.
+) -> Result<ApplyOutcome, DatapathError> {
+    let mut total = ApplyOutcome::default();
+    let mut run = Runner::new();
+    for part in records.chunks(APPLY_BATCH) {
+        let header = ApplyHeader {
+            // At most APPLY_BATCH: fits.
             count: part.len() as u32,
             reconciling,
             now_ns,
-            ..InstallHeader::default()
+            ..ApplyHeader::default()
         };
-        let out = run.once(prog, names::INSTALL_PROGRAM, &header, part)?;
-        let done: InstallHeader = read_at(out, 0).unwrap_or_default();
+        let out = run.once(prog, names::APPLY_PROGRAM, &header, part)?;
+        let done: ApplyHeader = read_at(out, 0).unwrap_or_default();
         total.add(&done.outcome);
     }
     Ok(total)
@@ -100,7 +100,7 @@ pub fn read(
     out: &mut Vec<Option<Session>>,
 ) -> Result<(), DatapathError> {
     out.clear();
-    let mut run = Run::new();
+    let mut run = Runner::new();
     let mut slots = Vec::with_capacity(READ_BATCH);
     for part in keys.chunks(READ_BATCH) {
         slots.clear();
@@ -177,41 +177,43 @@ mod tests {
         };
         local.reply_zone = hasync_common::ZoneId(4);
         dp.insert_sessions(&[(key(1), local)]).expect("insert");
-        let update = InstallRecord::new(
+        let update = ApplyRecord::new(
             key(1),
             Session {
                 version: 2,
                 ..local
             },
-            hasync_common::InstallOp::Upsert,
+            hasync_common::ApplyOp::Upsert,
             false,
         );
         let mut update = update;
         update.session.reply_zone = hasync_common::ZoneId::NONE;
-        let out = dp.install(&[update], MemberId::NONE, 0).expect("install");
+        let out = dp
+            .apply_records(&[update], MemberId::NONE, 0)
+            .expect("apply");
         assert_eq!(out.installed, 1);
         let now = dp.session(&key(1)).expect("lookup").expect("held");
         assert_eq!(now.version, 2);
         assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
     }
 
-    /// A header claiming more records than a run takes is refused, and nothing is installed.
+    /// A header claiming more records than a run takes is refused, and nothing is written.
     #[test]
     fn an_oversized_batch_is_refused() {
         let dp = datapath();
-        let prog = dp.xdp(names::INSTALL_PROGRAM).expect("program");
-        let header = InstallHeader {
-            count: INSTALL_BATCH as u32 + 1,
-            ..InstallHeader::default()
+        let prog = dp.xdp(names::APPLY_PROGRAM).expect("program");
+        let header = ApplyHeader {
+            count: APPLY_BATCH as u32 + 1,
+            ..ApplyHeader::default()
         };
-        let rec = InstallRecord::new(
+        let rec = ApplyRecord::new(
             key(1),
             Session::default(),
-            hasync_common::InstallOp::Upsert,
+            hasync_common::ApplyOp::Upsert,
             false,
         );
-        let err = Run::new()
-            .once(prog, names::INSTALL_PROGRAM, &header, &[rec])
+        let err = Runner::new()
+            .once(prog, names::APPLY_PROGRAM, &header, &[rec])
             .expect_err("refused");
         assert!(
             matches!(err, DatapathError::BatchRejected { verdict: 0, .. }),

@@ -1,146 +1,8 @@
-//! Installing sessions received from peers.
-//!
-//! The agent hands records to the `hasync_install` program as BPF_PROG_TEST_RUN data: an
-//! [`InstallHeader`] followed by up to [`INSTALL_BATCH`] [`InstallRecord`]s. For each record the
-//! program looks the key up, applies [`resolve`] against the local copy and writes the outcome
-//! to the table, then writes what it did back into the header. Deciding in the kernel, next to
-//! the table, costs one hash walk per record instead of a lookup syscall plus a write, and
-//! leaves no window between reading the local copy and replacing it.
-//!
-//! What does not depend on the local copy (zones, records naming this member) is decided by
-//! the agent before a record gets here.
-//!
-//! The sending side reads sessions the same way: a [`ReadHeader`] and up to [`READ_BATCH`]
-//! [`ReadSlot`]s holding keys, which the `hasync_read` program fills with the sessions' current
-//! state: one program run per batch instead of one lookup syscall per session.
+//! The conflict rule: which of two copies of a session wins, and what a peer's record does to
+//! the local copy. The apply program runs it in the kernel, next to the table (see
+//! [`crate::table_programs`]); the agent's tests and fuzzers run the same code.
 
-use crate::{ids::MemberId, session::Session, FlowKey};
-
-/// What a record asks for.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InstallOp {
-    /// Install or update the session.
-    Upsert = 1,
-    /// The sender no longer holds the session.
-    Delete = 2,
-}
-
-/// One record for the install program.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct InstallRecord {
-    /// Key of the session.
-    pub key: FlowKey,
-    /// The session as it would be installed (zone and clock already local). For a delete,
-    /// only `owner` counts: the member that no longer holds it.
-    pub session: Session,
-    /// An [`InstallOp`] as `u8`.
-    pub op: u8,
-    /// 1: `session.ticket` is the owner's admission ticket (an embryonic session from a peer
-    /// that sends them), which places the replica in the slot of the owner's part that mirrors
-    /// the owner's own; 0: the owner's part hands out the next ticket.
-    pub owner_ticket: u8,
-    /// Padding; zero.
-    pub _pad: [u8; 6],
-}
-crate::assert_size!(InstallRecord, 136);
-
-impl InstallRecord {
-    /// The record doing `op` with `session` under `key`: with the owner's admission ticket
-    /// (in `session.ticket`) when `owner_ticket`.
-    pub const fn new(key: FlowKey, session: Session, op: InstallOp, owner_ticket: bool) -> Self {
-        InstallRecord {
-            key,
-            session,
-            op: op as u8,
-            owner_ticket: owner_ticket as u8,
-            _pad: [0; 6],
-        }
-    }
-}
-
-/// The batch header: what the agent says, then what the program did.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct InstallHeader {
-    /// Records that follow.
-    pub count: u32,
-    /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
-    /// kept as they are get marked as seen (see [`Resolution::Mark`]).
-    pub reconciling: MemberId,
-    /// Padding; zero.
-    pub _pad: [u8; 3],
-    /// Now, on the session clock (the mark).
-    pub now_ns: u64,
-    /// Written by the program.
-    pub outcome: InstallOutcome,
-}
-crate::assert_size!(InstallHeader, 32);
-
-/// What the program did with a batch.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct InstallOutcome {
-    /// Sessions inserted or replaced.
-    pub installed: u32,
-    /// Sessions removed by a delete.
-    pub deleted: u32,
-    /// Records that lost to the local copy (including deletes of sessions not held by the
-    /// sender, and replicas marked as seen by a full sync).
-    pub kept: u32,
-    /// Records refused because the session table was full (nothing was evicted for them).
-    pub full: u32,
-}
-crate::assert_size!(InstallOutcome, 16);
-
-impl InstallOutcome {
-    /// Adds the counts of `o` (one batch) to these.
-    pub fn add(&mut self, o: &InstallOutcome) {
-        self.installed += o.installed;
-        self.deleted += o.deleted;
-        self.kept += o.kept;
-        self.full += o.full;
-    }
-}
-
-/// Bytes of test-run data a batch program takes: what fits the linear part of one page
-/// beside the kernel's XDP headroom and shared info, with room to spare.
-pub const INSTALL_MAX_BYTES: usize = 3072;
-/// Records per install program run.
-pub const INSTALL_BATCH: usize = (INSTALL_MAX_BYTES - core::mem::size_of::<InstallHeader>())
-    / core::mem::size_of::<InstallRecord>();
-const _: () = assert!(INSTALL_BATCH >= 16);
-
-/// The header of a read batch.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct ReadHeader {
-    /// Slots that follow.
-    pub count: u32,
-    /// Written by the program: slots found in the table.
-    pub found: u32,
-}
-crate::assert_size!(ReadHeader, 8);
-
-/// One key to read; the program fills `session` and sets `found` when the table holds it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct ReadSlot {
-    /// Key to look up.
-    pub key: FlowKey,
-    /// Written by the program: the session, when found.
-    pub session: Session,
-    /// Written by the program: 1 when the table holds the key.
-    pub found: u8,
-    /// Padding; zero.
-    pub _pad: [u8; 7],
-}
-crate::assert_size!(ReadSlot, 136);
-
-/// Slots per read program run.
-pub const READ_BATCH: usize =
-    (INSTALL_MAX_BYTES - core::mem::size_of::<ReadHeader>()) / core::mem::size_of::<ReadSlot>();
+use crate::{ids::MemberId, session::Session, table_programs::ApplyOp};
 
 /// What to do with one record, given the local copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,13 +67,13 @@ pub fn resolve(
     reconciling: MemberId,
 ) -> Resolution {
     let Some(s) = existing else {
-        return if op == InstallOp::Upsert as u8 {
+        return if op == ApplyOp::Upsert as u8 {
             Resolution::Insert
         } else {
             Resolution::Keep
         };
     };
-    if op == InstallOp::Delete as u8 {
+    if op == ApplyOp::Delete as u8 {
         let stale = incoming.version != 0 && version_after(s.version, incoming.version);
         return if s.owner.0 == incoming.owner.0 && !stale {
             Resolution::Delete
@@ -229,7 +91,7 @@ pub fn resolve(
 }
 
 /// Is `s` a replica of `owner`'s session that the full sync started at `mark_ns` neither
-/// installed nor marked (so `owner` no longer holds it)?
+/// wrote nor marked (so `owner` no longer holds it)?
 #[inline(always)]
 pub fn unseen_replica(s: &Session, owner: MemberId, mark_ns: u64) -> bool {
     s.owner.0 == owner.0 && s.flags.has(crate::SessionFlags::FROM_PEER) && s.last_event_ns < mark_ns
@@ -247,8 +109,8 @@ mod tests {
         }
     }
 
-    const UP: u8 = InstallOp::Upsert as u8;
-    const DEL: u8 = InstallOp::Delete as u8;
+    const UP: u8 = ApplyOp::Upsert as u8;
+    const DEL: u8 = ApplyOp::Delete as u8;
 
     #[test]
     fn higher_version_then_higher_owner_wins() {
@@ -370,7 +232,7 @@ mod tests {
         // Someone else's copy, or a record for someone else: not the sender's replica.
         assert_eq!(resolve(UP, &s(3, 2), Some(&s(4, 3)), two), Resolution::Keep);
         assert_eq!(resolve(UP, &s(3, 3), Some(&s(3, 3)), two), Resolution::Keep);
-        // A newer record is installed (which marks it too: it is fresh).
+        // A newer record replaces the copy (which marks it too: it is fresh).
         assert_eq!(
             resolve(UP, &s(4, 2), Some(&s(3, 2)), two),
             Resolution::Replace

@@ -1,6 +1,7 @@
-//! The install and read programs' logic: applies a batch of peers' records to the session
-//! table, and reads a batch of sessions for the sender (see `hasync_common::install` for the
-//! batch layouts and the conflict rule).
+//! The table programs' logic (XDP programs the agent runs with BPF_PROG_TEST_RUN, never
+//! attached): the apply program writes a batch of peers' records into the session table, the
+//! read program reads a batch of sessions for the sender (see `hasync_common::table_programs`
+//! for the batch layouts, `hasync_common::conflict` for the rule that decides each record).
 
 use core::mem::{size_of, MaybeUninit};
 
@@ -10,8 +11,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use hasync_common::{
-    install::{resolve, Resolution, INSTALL_BATCH, READ_BATCH},
-    Counters, DatapathConfig, InstallHeader, InstallOutcome, InstallRecord, ReadHeader, ReadSlot,
+    conflict::{resolve, Resolution},
+    table_programs::{APPLY_BATCH, READ_BATCH},
+    ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, ReadHeader, ReadSlot,
     Session,
 };
 
@@ -102,7 +104,7 @@ fn finish<H>(ctx: &XdpContext, done: bool, header: &mut H) -> u32 {
     reason = "keys and values passed by value are copied to the stack, which this program has \
               no room left for"
 )]
-pub fn read(ctx: &XdpContext) -> u32 {
+pub fn read_batch(ctx: &XdpContext) -> u32 {
     let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -128,10 +130,10 @@ pub fn read(ctx: &XdpContext) -> u32 {
     finish(ctx, done, &mut header)
 }
 
-/// Applies the install batch in the test-run data; the outcome goes back into its header.
+/// Applies the batch of records in the test-run data; the outcome goes back into its header.
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> u32 {
-    let Some(mut header) = load::<InstallHeader>(ctx, 0) else {
+pub fn apply_batch(ctx: &XdpContext) -> u32 {
+    let Some(mut header) = load::<ApplyHeader>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
     let (Some(cfg), Some(counters)) = (CONFIG.get(0), COUNTERS.get_ptr_mut(0)) else {
@@ -139,13 +141,13 @@ pub fn run(ctx: &XdpContext) -> u32 {
     };
     // SAFETY: per-CPU value; the fast path cannot run on this CPU while this program does.
     let counters = unsafe { &mut *counters };
-    let mut out = InstallOutcome::default();
-    let done = each_item::<InstallHeader, InstallRecord>(
+    let mut out = ApplyOutcome::default();
+    let done = each_item::<ApplyHeader, ApplyRecord>(
         ctx,
         header.count as usize,
-        INSTALL_BATCH,
+        APPLY_BATCH,
         |_, mut rec| {
-            apply(&mut rec, &header, cfg, counters, &mut out);
+            apply_record(&mut rec, &header, cfg, counters, &mut out);
             true
         },
     );
@@ -162,7 +164,7 @@ pub fn run(ctx: &XdpContext) -> u32 {
 fn admit(
     cfg: &DatapathConfig,
     counters: &mut Counters,
-    rec: &mut InstallRecord,
+    rec: &mut ApplyRecord,
     local: Option<&Session>,
 ) -> bool {
     let owner_ticket = (rec.owner_ticket != 0).then_some(rec.session.ticket);
@@ -192,12 +194,12 @@ fn admit(
     reason = "keys and values passed by value are copied to the stack, which this program has \
               no room left for"
 )]
-fn apply(
-    rec: &mut InstallRecord,
-    h: &InstallHeader,
+fn apply_record(
+    rec: &mut ApplyRecord,
+    h: &ApplyHeader,
     cfg: &DatapathConfig,
     counters: &mut Counters,
-    out: &mut InstallOutcome,
+    out: &mut ApplyOutcome,
 ) {
     // Admitted once: a retry must not take a second ticket (and evict one more replica).
     let mut admitted = false;

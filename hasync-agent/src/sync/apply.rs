@@ -1,9 +1,10 @@
-//! Installing what a peer sent: zone translation, then the install program, which resolves
-//! each record against the local copy by (version, owner) in the kernel.
+//! Applying what a peer sent to the session table: who may speak for which owner, zone
+//! translation, then the apply program, which resolves each record against the local copy by
+//! (version, owner) in the kernel (`hasync_common::conflict`).
 
 use std::collections::HashMap;
 
-use hasync_common::{InstallOp, InstallRecord, MemberId, Session, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, MemberId, Session, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -56,8 +57,8 @@ impl ZoneMap {
 /// What the agent decides about one record before the table is consulted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// For the install program, which resolves it against the local copy.
-    Forward(InstallRecord),
+    /// For the apply program, which resolves it against the local copy.
+    Forward(ApplyRecord),
     /// The record names this member as owner and this member's table is the authority.
     Keep,
     /// The record is for a zone we do not have.
@@ -105,9 +106,9 @@ impl FromIterator<MemberId> for MemberSet {
     }
 }
 
-/// Who installs what from whom: see [`decide`] and [`apply`].
+/// Who applies what from whom: see [`decide`] and [`apply`].
 #[derive(Clone, Copy, Debug)]
-pub struct Installer {
+pub struct Applier {
     /// This member.
     pub local: MemberId,
     /// The peer the frame came from.
@@ -126,7 +127,7 @@ pub struct Installer {
     pub reconciling: Option<MemberId>,
 }
 
-impl Installer {
+impl Applier {
     /// May the sender speak for `owner`'s session? Its own, always; in a full sync, also those
     /// of members not alive here (someone must hand them on) and, into a fresh table, ours.
     fn owner_check(&self, owner: MemberId, op: Op) -> Result<(), OwnerRefusal> {
@@ -152,9 +153,9 @@ impl Installer {
 /// The part of the conflict rule that needs no local copy: the sender must be allowed to speak
 /// for the record's owner; a record naming this member as owner is kept out unless this
 /// member's table started empty (and it comes in a full sync); an upsert for a zone we lack is
-/// refused; anything else goes to the install program with the zone and clock made local.
-/// (The rest, by version and owner, is `hasync_common::install::resolve`, run in the kernel.)
-pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> Decision {
+/// refused; anything else goes to the apply program with the zone and clock made local.
+/// (The rest, by version and owner, is `hasync_common::conflict::resolve`, run in the kernel.)
+pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Decision {
     if let Err(why) = who.owner_check(rec.owner, rec.op) {
         return Decision::RefuseOwner(why);
     }
@@ -163,7 +164,7 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
     }
     let (op, session) = match rec.op {
         Op::Delete => (
-            InstallOp::Delete,
+            ApplyOp::Delete,
             Session {
                 owner: rec.owner,
                 version: rec.version,
@@ -174,18 +175,18 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Installer) -> De
             let Some(zone) = zones.translate(rec.zone) else {
                 return Decision::RefuseZone;
             };
-            (InstallOp::Upsert, rec.to_session(now_ns, zone))
+            (ApplyOp::Upsert, rec.to_session(now_ns, zone))
         }
     };
     // Only the owner's own ticket places a copy: a relayed record (a full sync speaking for a
     // member not alive here) must not pick slots in another member's part.
     let owner_ticket = rec.ticket.is_some() && rec.owner == who.sender;
-    Decision::Forward(InstallRecord::new(rec.key, session, op, owner_ticket))
+    Decision::Forward(ApplyRecord::new(rec.key, session, op, owner_ticket))
 }
 
-/// Outcome of installing one frame.
+/// What became of one frame's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Installed {
+pub struct RecordCounts {
     pub installed: u64,
     pub deleted: u64,
     pub kept: u64,
@@ -196,9 +197,9 @@ pub struct Installed {
     pub refused_owner: [(OwnerRefusal, u64); 2],
 }
 
-impl Default for Installed {
+impl Default for RecordCounts {
     fn default() -> Self {
-        Installed {
+        RecordCounts {
             installed: 0,
             deleted: 0,
             kept: 0,
@@ -209,7 +210,7 @@ impl Default for Installed {
     }
 }
 
-impl Installed {
+impl RecordCounts {
     fn refuse_owner(&mut self, why: OwnerRefusal) {
         for (reason, n) in &mut self.refused_owner {
             if *reason == why {
@@ -219,7 +220,7 @@ impl Installed {
     }
 }
 
-/// Applies `records` from a peer to the session table through the install program.
+/// Applies `records` from a peer to the session table through the apply program.
 ///
 /// During a full sync from `who.reconciling` (the sender, authoritative for its own sessions), a
 /// replica of one of its sessions that is kept as it is gets marked as seen (its node-local
@@ -230,9 +231,9 @@ pub fn apply(
     records: &[Record],
     zones: &ZoneMap,
     now_ns: u64,
-    who: &Installer,
-) -> Result<Installed, DatapathError> {
-    let mut out = Installed::default();
+    who: &Applier,
+) -> Result<RecordCounts, DatapathError> {
+    let mut out = RecordCounts::default();
     let mut batch = Vec::with_capacity(records.len());
     for rec in records {
         match decide(rec, zones, now_ns, who) {
@@ -243,7 +244,7 @@ pub fn apply(
         }
     }
     if !batch.is_empty() {
-        let done = dp.install(&batch, who.reconciling.unwrap_or(MemberId::NONE), now_ns)?;
+        let done = dp.apply_records(&batch, who.reconciling.unwrap_or(MemberId::NONE), now_ns)?;
         out.installed += u64::from(done.installed);
         out.deleted += u64::from(done.deleted);
         out.kept += u64::from(done.kept);
@@ -302,7 +303,7 @@ mod tests {
     /// A row: the record, what the table holds, what the table holds after, the row's name.
     type Row<'a> = (Record, Option<Session>, Option<(u32, u8)>, &'a str);
 
-    /// The whole conflict rule, through the install program in the kernel.
+    /// The whole conflict rule, through the apply program in the kernel.
     #[test]
     fn conflicts_resolve_by_version_then_owner() {
         let mut dp = crate::datapath::testing::datapath();
@@ -359,7 +360,7 @@ mod tests {
             if let Some(s) = existing {
                 dp.insert_sessions(&[(r.key, *s)]).expect("insert");
             }
-            let from_owner = Installer {
+            let from_owner = Applier {
                 sender: r.owner,
                 ..member(9, false)
             };
@@ -392,10 +393,10 @@ mod tests {
 
     /// Batches longer than one program run are split and every record is applied.
     #[test]
-    fn a_frame_larger_than_one_run_is_installed_whole() {
+    fn a_frame_larger_than_one_run_is_applied_whole() {
         let mut dp = crate::datapath::testing::datapath();
         let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
-        let n = hasync_common::install::INSTALL_BATCH * 3 + 7;
+        let n = hasync_common::table_programs::APPLY_BATCH * 3 + 7;
         let records: Vec<Record> = (0..n)
             .map(|i| {
                 let key = FlowKey::canonical(
@@ -420,8 +421,8 @@ mod tests {
     }
 
     /// Member `id` receiving from member 2, every member configured and alive.
-    fn member(id: u8, fresh_table: bool) -> Installer {
-        Installer {
+    fn member(id: u8, fresh_table: bool) -> Applier {
+        Applier {
             local: MemberId(id),
             sender: MemberId(2),
             bulk: false,
@@ -432,13 +433,13 @@ mod tests {
         }
     }
 
-    /// Who may speak for whom: one row per rule of `Installer::owner_check`.
+    /// Who may speak for whom: one row per rule of `Applier::owner_check`.
     #[test]
     fn a_peer_speaks_only_for_its_own_sessions_and_in_a_full_sync_for_the_dead() {
         let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
         let configured: MemberSet = [1, 2, 3, 4].map(MemberId).into_iter().collect();
         let alive: MemberSet = [1, 2, 3].map(MemberId).into_iter().collect();
-        let who = |bulk: bool, fresh_table: bool| Installer {
+        let who = |bulk: bool, fresh_table: bool| Applier {
             local: MemberId(1),
             sender: MemberId(2),
             bulk,
@@ -500,7 +501,7 @@ mod tests {
             Decision::Keep,
             "our table is the authority"
         );
-        let full_sync = Installer {
+        let full_sync = Applier {
             bulk: true,
             ..member(1, true)
         };
@@ -545,7 +546,7 @@ mod tests {
             r.version = version;
             r
         };
-        let who = Installer {
+        let who = Applier {
             reconciling: Some(MemberId(2)),
             bulk: true,
             ..member(1, false)
@@ -570,18 +571,18 @@ mod tests {
     }
 
     #[test]
-    fn installed_sessions_are_marked_from_peer_with_local_zone() {
+    fn applied_sessions_are_marked_from_peer_with_local_zone() {
         let z = ZoneMap::new(&names(&["a", "b"]), &names(&["b", "a"]));
-        let Decision::Forward(InstallRecord { session: s, .. }) = decide(
+        let Decision::Forward(ApplyRecord { session: s, .. }) = decide(
             &rec(Op::Upsert, 2, 3, 1),
             &z,
             5_000_000_000,
-            &Installer {
+            &Applier {
                 sender: MemberId(3),
                 ..member(9, false)
             },
         ) else {
-            panic!("expected an install");
+            panic!("expected a record for the apply program");
         };
         assert_eq!(s.zone, ZoneId(2));
         assert_eq!(s.owner, MemberId(3));

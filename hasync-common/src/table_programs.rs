@@ -1,0 +1,148 @@
+//! The table programs' batches. The table programs are XDP programs that are never attached:
+//! the agent runs them with BPF_PROG_TEST_RUN, one batch per run, to apply peers' records to
+//! the session table (`hasync_apply`) and to read sessions from it (`hasync_read`).
+//!
+//! The agent hands records to the apply program as BPF_PROG_TEST_RUN data: an
+//! [`ApplyHeader`] followed by up to [`APPLY_BATCH`] [`ApplyRecord`]s. For each record the
+//! program looks the key up, applies the conflict rule ([`crate::conflict::resolve`]) against
+//! the local copy and writes the outcome to the table, then writes what it did back into the
+//! header. Deciding in the kernel, next to
+//! the table, costs one hash walk per record instead of a lookup syscall plus a write, and
+//! leaves no window between reading the local copy and replacing it.
+//!
+//! What does not depend on the local copy (zones, records naming this member) is decided by
+//! the agent before a record gets here.
+//!
+//! The sending side reads sessions the same way: a [`ReadHeader`] and up to [`READ_BATCH`]
+//! [`ReadSlot`]s holding keys, which the `hasync_read` program fills with the sessions' current
+//! state: one program run per batch instead of one lookup syscall per session.
+
+#[cfg(doc)]
+use crate::conflict::Resolution;
+use crate::{ids::MemberId, session::Session, FlowKey};
+
+/// What a record asks for.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyOp {
+    /// Insert or update the session.
+    Upsert = 1,
+    /// The sender no longer holds the session.
+    Delete = 2,
+}
+
+/// One record for the apply program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ApplyRecord {
+    /// Key of the session.
+    pub key: FlowKey,
+    /// The session as it would be written (zone and clock already local). For a delete,
+    /// only `owner` counts: the member that no longer holds it.
+    pub session: Session,
+    /// An [`ApplyOp`] as `u8`.
+    pub op: u8,
+    /// 1: `session.ticket` is the owner's admission ticket (an embryonic session from a peer
+    /// that sends them), which places the replica in the slot of the owner's part that mirrors
+    /// the owner's own; 0: the owner's part hands out the next ticket.
+    pub owner_ticket: u8,
+    /// Padding; zero.
+    pub _pad: [u8; 6],
+}
+crate::assert_size!(ApplyRecord, 136);
+
+impl ApplyRecord {
+    /// The record doing `op` with `session` under `key`: with the owner's admission ticket
+    /// (in `session.ticket`) when `owner_ticket`.
+    pub const fn new(key: FlowKey, session: Session, op: ApplyOp, owner_ticket: bool) -> Self {
+        ApplyRecord {
+            key,
+            session,
+            op: op as u8,
+            owner_ticket: owner_ticket as u8,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// The batch header: what the agent says, then what the program did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ApplyHeader {
+    /// Records that follow.
+    pub count: u32,
+    /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
+    /// kept as they are get marked as seen (see [`Resolution::Mark`]).
+    pub reconciling: MemberId,
+    /// Padding; zero.
+    pub _pad: [u8; 3],
+    /// Now, on the session clock (the mark).
+    pub now_ns: u64,
+    /// Written by the program.
+    pub outcome: ApplyOutcome,
+}
+crate::assert_size!(ApplyHeader, 32);
+
+/// What the program did with a batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ApplyOutcome {
+    /// Sessions inserted or replaced (named like the `sync_records_installed` metric it feeds).
+    pub installed: u32,
+    /// Sessions removed by a delete.
+    pub deleted: u32,
+    /// Records that lost to the local copy (including deletes of sessions not held by the
+    /// sender, and replicas marked as seen by a full sync).
+    pub kept: u32,
+    /// Records refused because the session table was full (nothing was evicted for them).
+    pub full: u32,
+}
+crate::assert_size!(ApplyOutcome, 16);
+
+impl ApplyOutcome {
+    /// Adds the counts of `o` (one batch) to these.
+    pub fn add(&mut self, o: &ApplyOutcome) {
+        self.installed += o.installed;
+        self.deleted += o.deleted;
+        self.kept += o.kept;
+        self.full += o.full;
+    }
+}
+
+/// Bytes of test-run data a table program takes: what fits the linear part of one page
+/// beside the kernel's XDP headroom and shared info, with room to spare.
+pub const RUN_MAX_BYTES: usize = 3072;
+/// Records per apply program run.
+pub const APPLY_BATCH: usize =
+    (RUN_MAX_BYTES - core::mem::size_of::<ApplyHeader>()) / core::mem::size_of::<ApplyRecord>();
+const _: () = assert!(APPLY_BATCH >= 16);
+
+/// The header of a read batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ReadHeader {
+    /// Slots that follow.
+    pub count: u32,
+    /// Written by the program: slots found in the table.
+    pub found: u32,
+}
+crate::assert_size!(ReadHeader, 8);
+
+/// One key to read; the program fills `session` and sets `found` when the table holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ReadSlot {
+    /// Key to look up.
+    pub key: FlowKey,
+    /// Written by the program: the session, when found.
+    pub session: Session,
+    /// Written by the program: 1 when the table holds the key.
+    pub found: u8,
+    /// Padding; zero.
+    pub _pad: [u8; 7],
+}
+crate::assert_size!(ReadSlot, 136);
+
+/// Slots per read program run.
+pub const READ_BATCH: usize =
+    (RUN_MAX_BYTES - core::mem::size_of::<ReadHeader>()) / core::mem::size_of::<ReadSlot>();
