@@ -525,17 +525,17 @@ fn bad_wires_are_named() {
     }
 }
 
-/// `[local] datapath_log` reaches the datapath's options; the default is `warn`, and a level
-/// that does not exist is named with the ones that do.
+/// `[local] datapath_log`: the default is `warn`, and a level that does not exist is named
+/// with the ones that do. (The failover test checks that `info` reaches the datapath.)
 #[test]
-fn datapath_log_reaches_the_start_plan() {
-    use crate::{datapath::DatapathLog, startup::StartPlan};
+fn datapath_log_levels_are_read_and_unknown_ones_named() {
+    use crate::datapath::DatapathLog;
     let key = KeyFile::new("datapath-log", 32, 0o600);
     let c = check(&sample(&key.path())).expect("valid");
-    assert_eq!(StartPlan::from_config(&c).opts.log, DatapathLog::Warn);
+    assert_eq!(c.local.datapath_log, DatapathLog::Warn);
     let text = sample(&key.path()).replace("policy = \"strict\"", "datapath_log = \"debug\"");
     let c = check(&text).expect("valid");
-    assert_eq!(StartPlan::from_config(&c).opts.log, DatapathLog::Debug);
+    assert_eq!(c.local.datapath_log, DatapathLog::Debug);
     let e = check(&sample(&key.path()).replace("policy = \"strict\"", "datapath_log = \"loud\""))
         .expect_err("unknown level");
     assert!(e.contains("loud") && e.contains("`debug`"), "{e}");
