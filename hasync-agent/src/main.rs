@@ -14,8 +14,10 @@ fn main() -> ExitCode {
     let mut filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .from_env_lossy();
-    // The datapath's records are filtered by `[local] datapath_log` already.
-    if let Ok(all) = hasync_agent::datapath::LOG_DIRECTIVE.parse() {
+    // The datapath's records are filtered by `[local] datapath_log` already, unless RUST_LOG
+    // says otherwise of them.
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hasync::datapath"));
+    if let (false, Ok(all)) = (named, hasync_agent::datapath::LOG_DIRECTIVE.parse()) {
         filter = filter.add_directive(all);
     }
     if hasync_agent::service::journal::stderr_is_journal() {

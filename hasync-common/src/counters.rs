@@ -262,15 +262,18 @@ pub struct LogNote {
 crate::assert_size!(LogNote, 64);
 
 /// What the agent hands the log program (the start of its test-run data): log the note of
-/// `kind` on `cpu`. The program answers XDP_PASS when it logged it (or there was nothing new
-/// to log), XDP_DROP when the note was being written (try again later).
+/// `kind` on `cpu` if it is still the one numbered `seq`. The program answers XDP_PASS when
+/// it logged it (or the request names no note), XDP_DROP when the note was being written or
+/// has changed since (the agent asks again at its next drain).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LogRequest {
-    /// The CPU whose note to log.
+    /// The id of the CPU whose note to log.
     pub cpu: u32,
     /// A [`LogNoteKind`].
     pub kind: u32,
+    /// The note's [`LogNote::seq`] when the agent read it.
+    pub seq: u32,
 }
 
 impl Counters {

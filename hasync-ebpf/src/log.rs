@@ -73,7 +73,9 @@ pub fn malformed(ctx: &XdpContext, counters: &mut Counters, why: Counter) {
 }
 
 /// Writes `n` with `f` between two bumps of its sequence, so that the log program, reading on
-/// another CPU, can tell a note being written from a whole one.
+/// another CPU, can tell a note being written from a whole one. The fences order the compiler,
+/// not the CPU: on x86 (stores in order, loads in order) that is enough; on a weaker memory
+/// order a rare log line could mix two events' fields (only the line: nothing else reads it).
 #[inline(always)]
 fn write(n: &mut LogNote, f: impl FnOnce(&mut LogNote)) {
     let seq = n.seq.wrapping_add(1);
@@ -113,7 +115,8 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(note) = counters.notes.get(req.kind as usize) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(n) = read(note) else {
+    // Being written, or another note than the agent saw: it asks again at its next drain.
+    let Some(n) = read(note).filter(|n| n.seq == req.seq) else {
         return xdp_action::XDP_DROP;
     };
     if req.kind == LogNoteKind::TakenOver as u32 {

@@ -162,7 +162,10 @@ impl Steps {
         let side_result = side_lane
             .wait()
             .with_context(|| format!("{SIDE_LANE} failed (its output is above)"));
-        let result = main_result.and(side_result);
+        let result = match (main_result, side_result) {
+            (Err(main), Err(side)) => Err(anyhow::anyhow!("{main:#}; and {side:#}")),
+            (main, side) => main.and(side),
+        };
         self.record("integration tests", start, &result);
         result
     }

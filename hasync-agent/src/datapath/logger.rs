@@ -90,6 +90,8 @@ const BUSY: u32 = 1; // XDP_DROP
 /// Reads the records the log program writes, and remembers which notes it has logged.
 pub struct DatapathLogger {
     records: EbpfLogger<ToTracing>,
+    /// The id of the CPU of each per-CPU value, in the kernel's order (the possible CPUs).
+    cpu_ids: Vec<u32>,
     /// Per CPU, the sequence of each kind's note when it was last logged.
     seen: Vec<[u32; LOG_NOTE_KINDS]>,
 }
@@ -101,32 +103,71 @@ impl DatapathLogger {
         let records = EbpfLogger::init_with_logger(ebpf, ToTracing).map_err(DatapathError::Log)?;
         Ok(DatapathLogger {
             records,
+            cpu_ids: possible_cpu_ids().map_err(DatapathError::PossibleCpus)?,
             seen: counters.iter().map(sequences).collect(),
         })
     }
 
     /// Runs `prog` (the log program) for every note in `counters` that changed since it was
-    /// last logged, then forwards the records. Returns how many notes were logged.
+    /// last logged, forwarding each record at once (the ring stays small however many CPUs
+    /// there are). Returns how many notes were logged.
     pub fn drain(
         &mut self,
         prog: &Xdp,
         counters: &PerCpuValues<Counters>,
     ) -> Result<usize, DatapathError> {
         let mut logged = 0;
-        for (cpu, (values, seen)) in counters.iter().zip(self.seen.iter_mut()).enumerate() {
-            for (kind, (now, last)) in sequences(values).iter().zip(seen.iter_mut()).enumerate() {
-                if now == last || now % 2 == 1 {
+        let cpus = self.cpu_ids.iter().zip(self.seen.iter_mut());
+        for ((&cpu, seen), values) in cpus.zip(counters.iter()) {
+            for (kind, (&now, last)) in sequences(values).iter().zip(seen.iter_mut()).enumerate() {
+                if now == *last || now % 2 == 1 {
                     continue;
                 }
-                if run(prog, cpu, kind)? {
-                    *last = *now;
+                if run(prog, cpu, kind, now)? {
+                    *last = now;
                     logged += 1;
                 }
+                forward(&mut self.records)?;
             }
         }
-        self.records.flush();
         Ok(logged)
     }
+}
+
+/// Forwards the records in the ring to tracing. aya-log panics on a record it cannot read:
+/// only the log program writes the ring, but that panic must not stop the agent.
+fn forward(records: &mut EbpfLogger<ToTracing>) -> Result<(), DatapathError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| records.flush()))
+        .map_err(|_| DatapathError::LogRecord)
+}
+
+/// The ids of the possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-3,8-11`): the
+/// order of a per-CPU map's values.
+fn possible_cpu_ids() -> std::io::Result<Vec<u32>> {
+    const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+    let text = std::fs::read_to_string(POSSIBLE)?;
+    parse_cpu_ids(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{POSSIBLE}: not a CPU list: {text:?}"),
+        )
+    })
+}
+
+/// `0-3,8-11` → 0, 1, 2, 3, 8, 9, 10, 11.
+fn parse_cpu_ids(text: &str) -> Option<Vec<u32>> {
+    let mut ids = Vec::new();
+    for part in text.trim().split(',') {
+        let (first, last): (u32, u32) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => (part.parse().ok()?, part.parse().ok()?),
+        };
+        if first > last {
+            return None;
+        }
+        ids.extend(first..=last);
+    }
+    Some(ids)
 }
 
 /// Each kind's note sequence in one CPU's counters value.
@@ -134,12 +175,14 @@ fn sequences(values: &Counters) -> [u32; LOG_NOTE_KINDS] {
     values.notes.map(|n| n.seq)
 }
 
-/// Runs the log program for `cpu`'s note of `kind`: true when it logged it.
-fn run(prog: &Xdp, cpu: usize, kind: usize) -> Result<bool, DatapathError> {
-    // Both fit: CPUs are counted in u32 by the kernel, kinds are a handful.
+/// Runs the log program for CPU `cpu`'s note of `kind`, numbered `seq`: true when it logged
+/// it.
+fn run(prog: &Xdp, cpu: u32, kind: usize, seq: u32) -> Result<bool, DatapathError> {
     let request = LogRequest {
-        cpu: cpu as u32,
+        cpu,
+        // Fits: kinds are a handful.
         kind: kind as u32,
+        seq,
     };
     // XDP test runs take at least an Ethernet header's worth of data.
     let mut data = [0u8; 32];
@@ -184,4 +227,18 @@ impl log::Log for ToTracing {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_read_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_ids("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(parse_cpu_ids("0-3,8-9"), Some(vec![0, 1, 2, 3, 8, 9]));
+        assert_eq!(parse_cpu_ids("0,2"), Some(vec![0, 2]));
+        assert_eq!(parse_cpu_ids("3-1"), None);
+        assert_eq!(parse_cpu_ids("a-b"), None);
+    }
 }

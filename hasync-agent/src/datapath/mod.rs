@@ -69,6 +69,8 @@ pub enum DatapathError {
     },
     #[error("reading the datapath's log records: {0}")]
     Log(#[source] aya_log::Error),
+    #[error("the datapath's log ring held a record aya-log could not read")]
+    LogRecord,
     #[error("measuring the kernel's jiffies: {0}")]
     Clock(#[from] ClockError),
     #[error("member id {0} is out of range 1–16")]
