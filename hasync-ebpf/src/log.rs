@@ -31,28 +31,37 @@ use crate::{maps::COUNTERS, table_programs::load};
 /// This member took `key` over from `from`; its version is now `version`.
 #[inline(always)]
 pub fn taken_over(counters: &mut Counters, key: &FlowKey, from: MemberId, version: u32) {
-    if level_enabled(Level::Info) {
-        if let Some(n) = counters.note_mut(LogNoteKind::TakenOver) {
-            write(n, |n| {
-                n.member = from.0;
-                n.version = version;
-                n.key = *key;
-            });
-        }
-    }
+    let kind = LogNoteKind::TakenOver;
+    note_session(counters, Level::Info, kind, key, from, version);
 }
 
 /// A session `key` this member owned was replaced by `by`'s newer `version`.
 #[inline(always)]
 pub fn superseded(counters: &mut Counters, key: &FlowKey, by: MemberId, version: u32) {
-    if level_enabled(Level::Warn) {
-        if let Some(n) = counters.note_mut(LogNoteKind::Superseded) {
-            write(n, |n| {
-                n.member = by.0;
-                n.version = version;
-                n.key = *key;
-            });
-        }
+    let kind = LogNoteKind::Superseded;
+    note_session(counters, Level::Warn, kind, key, by, version);
+}
+
+/// Notes an event of `kind` (logged at `level`) on session `key`, with the other `member` and
+/// the session's `version`.
+#[inline(always)]
+fn note_session(
+    counters: &mut Counters,
+    level: Level,
+    kind: LogNoteKind,
+    key: &FlowKey,
+    member: MemberId,
+    version: u32,
+) {
+    if !level_enabled(level) {
+        return;
+    }
+    if let Some(n) = counters.note_mut(kind) {
+        write(n, |n| {
+            n.member = member.0;
+            n.version = version;
+            n.key = *key;
+        });
     }
 }
 

@@ -8,7 +8,10 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use hasync_agent::datapath::{events::EventStream, Datapath, DatapathLog, DatapathOptions};
-use hasync_common::{Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session};
+use hasync_common::{
+    Counter, Counters, DatapathConfig, Event, FlowKey, MemberId, Session, SessionFlags, State,
+    ZoneId,
+};
 
 /// The XDP verdict a test run returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,4 +326,26 @@ pub fn timed<T>(f: impl FnOnce() -> T) -> (T, std::time::Duration) {
     let start = Instant::now();
     let out = f();
     (out, start.elapsed())
+}
+
+/// An assured UDP session (answered, a stream for 3 s) owned by `owner`, as of `now`.
+pub fn replied_session(now: u64, owner: MemberId) -> Session {
+    Session {
+        created_ns: now.saturating_sub(3_000_000_000),
+        last_seen_ns: now,
+        last_event_ns: now,
+        packets: [1, 1],
+        bytes: [100, 100],
+        version: 1,
+        zone: ZoneId::NONE,
+        flags: SessionFlags::default(),
+        owner,
+        state: State::UdpReplied as u8,
+        tcp_flags: [0, 0],
+        ticket: 0,
+        reply_zone: ZoneId::NONE,
+        tcp_track: [0; 2],
+        max_win: [0; 2],
+        seq_end: [0; 2],
+    }
 }

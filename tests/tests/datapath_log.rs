@@ -9,12 +9,13 @@ use std::{
 };
 
 use hasync_agent::datapath::DatapathLog;
-use hasync_common::{
-    ApplyOp, ApplyRecord, Counter, MemberId, Session, SessionFlags, State, ZoneId,
-};
+use hasync_common::{ApplyOp, ApplyRecord, Counter, MemberId, Session};
 use hasync_tests::{
     frame::Frame,
-    testrun::{fixture_config, monotonic_ns, stay_on_this_cpu, TestDatapath, Verdict, LOCAL},
+    testrun::{
+        fixture_config, monotonic_ns, replied_session, stay_on_this_cpu, TestDatapath, Verdict,
+        LOCAL,
+    },
 };
 
 /// What tracing printed while `f` ran, and what `f` returned.
@@ -56,24 +57,9 @@ fn flow(port: u16) -> Frame {
 }
 
 fn replica(port: u16, owner: MemberId, version: u32) -> ApplyRecord {
-    let now = monotonic_ns();
     let session = Session {
-        created_ns: now,
-        last_seen_ns: now,
-        last_event_ns: now,
-        packets: [1, 1],
-        bytes: [100, 100],
         version,
-        zone: ZoneId::NONE,
-        flags: SessionFlags::default(),
-        owner,
-        state: State::UdpReplied as u8,
-        tcp_flags: [0, 0],
-        ticket: 0,
-        reply_zone: ZoneId::NONE,
-        tcp_track: [0; 2],
-        max_win: [0; 2],
-        seq_end: [0; 2],
+        ..replied_session(monotonic_ns(), owner)
     };
     ApplyRecord::new(flow(port).key(), session, ApplyOp::Upsert, false)
 }

@@ -6,13 +6,13 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
-    ApplyOp, ApplyRecord, Counter, EventKind, FlowKey, MemberId, Policy, Session, SessionFlags,
-    State, ZoneId,
+    ApplyOp, ApplyRecord, Counter, EventKind, FlowKey, MemberId, Policy, Session, State,
 };
 use hasync_tests::{
     frame::Frame,
     testrun::{
-        fixture_config, monotonic_ns, stay_on_this_cpu, with_delta, TestDatapath, Verdict, LOCAL,
+        fixture_config, monotonic_ns, replied_session, stay_on_this_cpu, with_delta, TestDatapath,
+        Verdict, LOCAL,
     },
 };
 
@@ -214,32 +214,10 @@ fn fill_with_replied(tdp: &mut TestDatapath) {
             let port = u16::try_from(i).expect("port");
             let src = SocketAddr::new("198.18.0.15".parse().expect("ip"), 30_000 + port);
             let key = Frame::udp(src, sa("198.18.1.20:53")).key();
-            (key, replied(now, MemberId(1)))
+            (key, replied_session(now, MemberId(1)))
         })
         .collect();
     tdp.insert_sessions(&entries).expect("fill");
-}
-
-/// An assured UDP session (answered, a stream for 3 s) owned by `owner`.
-fn replied(now: u64, owner: MemberId) -> Session {
-    Session {
-        created_ns: now.saturating_sub(3_000_000_000),
-        last_seen_ns: now,
-        last_event_ns: now,
-        packets: [1, 1],
-        bytes: [100, 100],
-        version: 1,
-        zone: ZoneId::NONE,
-        flags: SessionFlags::default(),
-        owner,
-        state: State::UdpReplied as u8,
-        tcp_flags: [0, 0],
-        ticket: 0,
-        reply_zone: ZoneId::NONE,
-        tcp_track: [0; 2],
-        max_win: [0; 2],
-        seq_end: [0; 2],
-    }
 }
 
 /// Peers' records go through the same admission, in the replicas' own part of the ring: a
@@ -256,7 +234,7 @@ fn replicas_never_evict_assured_sessions() {
     let record = |i: u32, assured: bool| {
         let port = u16::try_from(i % 60_000).expect("port");
         let src = SocketAddr::new("198.18.0.16".parse().expect("ip"), 1_000 + port);
-        let mut session = replied(now, peer);
+        let mut session = replied_session(now, peer);
         if !assured {
             session.packets = [1, 0];
             session.state = State::UdpNew as u8;
@@ -313,7 +291,7 @@ fn answered(now: u64, owner: MemberId, host: u8, port: u16) -> (FlowKey, Session
     let src = SocketAddr::new(IpAddr::from([198, 18, 0, host]), port);
     let session = Session {
         created_ns: now,
-        ..replied(now, owner)
+        ..replied_session(now, owner)
     };
     (Frame::udp(src, sa("198.18.1.20:53")).key(), session)
 }
