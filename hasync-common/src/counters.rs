@@ -262,9 +262,12 @@ pub struct LogNote {
 crate::assert_size!(LogNote, 64);
 
 /// What the agent hands the log program (the start of its test-run data): log the note of
-/// `kind` on `cpu` if it is still the one numbered `seq`. The program answers XDP_PASS when
-/// it logged it (or the request names no note), XDP_DROP when the note was being written or
-/// has changed since (the agent asks again at its next drain).
+/// `kind` on `cpu` unless it is still the one numbered `seq`, the last the agent had logged.
+/// The program writes the sequence of the note it logged back into `seq`, so a note that
+/// changed since the agent read the counters is logged as it is now, and a CPU that keeps
+/// noting one kind is still sampled once per drain. It answers XDP_PASS when it logged a
+/// note or had nothing new (or the request names no note), XDP_DROP when the note was being
+/// written (the agent asks again at its next drain).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct LogRequest {
@@ -272,7 +275,7 @@ pub struct LogRequest {
     pub cpu: u32,
     /// A [`LogNoteKind`].
     pub kind: u32,
-    /// The note's [`LogNote::seq`] when the agent read it.
+    /// In: the [`LogNote::seq`] of the note the agent logged last. Out: the one logged now.
     pub seq: u32,
 }
 

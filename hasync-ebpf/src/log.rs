@@ -26,7 +26,10 @@ use hasync_common::{
     flow::Family, Counter, Counters, FlowKey, LogNote, LogNoteKind, LogRequest, MemberId,
 };
 
-use crate::{maps::COUNTERS, table_programs::load};
+use crate::{
+    maps::COUNTERS,
+    table_programs::{load, store},
+};
 
 /// This member took `key` over from `from`; its version is now `version`.
 #[inline(always)]
@@ -97,12 +100,14 @@ fn write(n: &mut LogNote, f: impl FnOnce(&mut LogNote)) {
     unsafe { write_volatile(&mut n.seq, seq.wrapping_add(1)) };
 }
 
-/// The log program: logs the note the [`LogRequest`] at the start of the test-run data names.
-/// XDP_PASS when it did (or the request names no note), XDP_DROP when the note was being
-/// written, XDP_ABORTED when the data holds no request.
+/// The log program: logs the note the [`LogRequest`] at the start of the test-run data names,
+/// unless it is still the one the agent logged last (`seq`), and writes the sequence of the
+/// note it logged back into the request. XDP_PASS when it logged one, or had nothing new (or
+/// the request names no note); XDP_DROP when the note was being written (the agent asks again
+/// at its next drain); XDP_ABORTED when the data holds no request.
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
-    let Some(req) = load::<LogRequest>(ctx, 0) else {
+    let Some(mut req) = load::<LogRequest>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
     let key = 0u32;
@@ -124,10 +129,17 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(note) = counters.notes.get(req.kind as usize) else {
         return xdp_action::XDP_PASS;
     };
-    // Being written, or another note than the agent saw: it asks again at its next drain.
-    let Some(n) = read(note).filter(|n| n.seq == req.seq) else {
+    // Being written: the agent asks again at its next drain.
+    let Some(n) = read(note) else {
         return xdp_action::XDP_DROP;
     };
+    if n.seq == req.seq {
+        return xdp_action::XDP_PASS;
+    }
+    req.seq = n.seq;
+    if !store(ctx, 0, &mut req) {
+        return xdp_action::XDP_ABORTED;
+    }
     if req.kind == LogNoteKind::TakenOver as u32 {
         let (proto, lo, plo, hi, phi) = endpoints(&n.key);
         info!(

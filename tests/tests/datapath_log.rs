@@ -120,6 +120,27 @@ fn a_burst_is_sampled_one_line_per_kind_and_cpu_and_counted_in_full() {
     assert!(text.contains(&expected), "{expected}\n{text}");
 }
 
+/// The programs keep noting while the agent drains: a note that changed after the agent read
+/// the counters is logged as it is now (before, it waited for a second in which that CPU
+/// noted nothing of its kind, so a steady flood was never logged).
+#[test]
+fn a_note_that_changed_since_the_agent_read_it_is_logged_as_it_is_now() {
+    let mut tdp = load(DatapathLog::Debug);
+    let short = |port: u16, cut: usize| flow(port).truncate_l4(cut).build();
+    assert_eq!(tdp.run(&short(4_100, 4)).expect("run"), Verdict::Drop);
+    let read = tdp.datapath_mut().per_cpu_counters().expect("counters");
+    assert_eq!(tdp.run(&short(4_101, 2)).expect("run"), Verdict::Drop);
+    let (text, drained) = traced(|| tdp.datapath_mut().drain_log_as_read(&read));
+    assert_eq!(drained.expect("drain"), 1, "{text}");
+    let expected = format!(
+        "DEBUG hasync::datapath: malformed frame on ifindex 1, {} bytes",
+        short(4_101, 2).len()
+    );
+    assert!(text.contains(&expected), "{expected}\n{text}");
+    let (again, logged) = drain(&mut tdp);
+    assert_eq!((logged, again.as_str()), (0, ""), "logged twice");
+}
+
 #[test]
 fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
     let mut tdp = load(DatapathLog::Warn);

@@ -82,7 +82,7 @@ impl std::str::FromStr for DatapathLog {
     }
 }
 
-/// The log program's answer when it logged the note (or there was none).
+/// The log program's answer when it logged a note (or had nothing new).
 const LOGGED: u32 = 2; // XDP_PASS
 /// The log program's answer when the note was being written: asked again next drain.
 const BUSY: u32 = 1; // XDP_DROP
@@ -123,9 +123,11 @@ impl DatapathLogger {
                 if now == *last || now % 2 == 1 {
                     continue;
                 }
-                if run(prog, cpu, kind, now)? {
-                    *last = now;
-                    logged += 1;
+                if let Some(seq) = run(prog, cpu, kind, *last)? {
+                    if seq != *last {
+                        *last = seq;
+                        logged += 1;
+                    }
                 }
                 forward(&mut self.records)?;
             }
@@ -175,31 +177,37 @@ fn sequences(values: &Counters) -> [u32; LOG_NOTE_KINDS] {
     values.notes.map(|n| n.seq)
 }
 
-/// Runs the log program for CPU `cpu`'s note of `kind`, numbered `seq`: true when it logged
-/// it.
-fn run(prog: &Xdp, cpu: u32, kind: usize, seq: u32) -> Result<bool, DatapathError> {
+/// Runs the log program for CPU `cpu`'s note of `kind`, the last logged being numbered
+/// `last`: the sequence of the note it logged (`last` again when nothing was new), or `None`
+/// when the note was being written.
+fn run(prog: &Xdp, cpu: u32, kind: usize, last: u32) -> Result<Option<u32>, DatapathError> {
     let request = LogRequest {
         cpu,
         // Fits: kinds are a handful.
         kind: kind as u32,
-        seq,
+        seq: last,
     };
     // XDP test runs take at least an Ethernet header's worth of data.
     let mut data = [0u8; 32];
     data[..size_of::<LogRequest>()].copy_from_slice(bytes_of(&request));
+    let mut out = [0u8; 32];
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(&data),
+            data_out: Some(&mut out),
             ..TestRunOptions::default()
         })
         .map_err(|source| DatapathError::Program {
             name: names::LOG_PROGRAM,
             source,
         })?;
-    match result.return_value {
-        LOGGED => Ok(true),
-        BUSY => Ok(false),
-        verdict => Err(DatapathError::BatchRejected {
+    let answered = out
+        .get(..size_of::<LogRequest>())
+        .and_then(|b| bytemuck::try_pod_read_unaligned::<LogRequest>(b).ok());
+    match (result.return_value, answered) {
+        (LOGGED, Some(answer)) => Ok(Some(answer.seq)),
+        (BUSY, _) => Ok(None),
+        (verdict, _) => Err(DatapathError::BatchRejected {
             program: names::LOG_PROGRAM,
             items: 1,
             verdict,

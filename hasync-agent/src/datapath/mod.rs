@@ -733,7 +733,7 @@ impl Datapath {
     }
 
     /// Each CPU's counters value.
-    fn per_cpu_counters(&self) -> Result<PerCpuValues<Counters>, DatapathError> {
+    pub fn per_cpu_counters(&self) -> Result<PerCpuValues<Counters>, DatapathError> {
         let map: PerCpuArray<_, Counters> =
             PerCpuArray::try_from(self.map(names::COUNTERS)?).map_err(map_err(names::COUNTERS))?;
         map.get(&0, 0).map_err(map_err(names::COUNTERS))
@@ -746,6 +746,15 @@ impl Datapath {
             return Ok(0);
         }
         let counters = self.per_cpu_counters()?;
+        self.drain_log_as_read(&counters)
+    }
+
+    /// [`Datapath::drain_log`] for the notes as they were in `counters`, read earlier: the
+    /// programs may have noted newer events since, and those are what is logged.
+    pub fn drain_log_as_read(
+        &mut self,
+        counters: &PerCpuValues<Counters>,
+    ) -> Result<usize, DatapathError> {
         let prog: &Xdp = self
             .ebpf
             .program(names::LOG_PROGRAM)
@@ -756,7 +765,7 @@ impl Datapath {
                 source,
             })?;
         match self.logger.as_mut() {
-            Some(logger) => logger.drain(prog, &counters),
+            Some(logger) => logger.drain(prog, counters),
             None => Ok(0),
         }
     }
