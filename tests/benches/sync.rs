@@ -100,10 +100,13 @@ const BACKLOG_POLL: Duration = Duration::from_millis(2);
 const LAG_RATE: u64 = 20_000;
 const LAG_SECS: u64 = 3;
 /// Session table capacity of the members and of the baseline map.
-const CAPACITY: u32 = 1 << 22;
-/// The bench's sessions are embryonic (one direction of UDP): they may take half the table,
-/// so one CPU's part of the admission ring holds all of them and none is evicted.
-const EMBRYONIC: u32 = CAPACITY / 2;
+const CAPACITY: u32 = 1 << 23;
+/// The bench's sessions are embryonic (one direction of UDP). A member's embryonic sessions
+/// take at most half the table, shared with one replica part per member id
+/// (`local.embryonic_capacity` ≤ capacity / 2 / 2 here): this is that most. The injector may
+/// create every session on one CPU, so one CPU's part of the ring (this / CPUs) must hold them
+/// all, or some would be evicted ([`check_embryonic_room`]).
+const EMBRYONIC: u32 = CAPACITY / 4;
 /// Entries per batch call of the baselines.
 const RAW_CHUNK: usize = 8192;
 /// Baseline runs before the lab and after it.
@@ -1378,7 +1381,20 @@ fn met(ok: bool) -> &'static str {
     }
 }
 
+/// Fails, naming the figures, when one CPU's part of fw1's embryonic ring cannot hold every
+/// session the bench creates.
+fn check_embryonic_room() -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let per_cpu = u64::from(EMBRYONIC) / cpus as u64;
+    ensure!(
+        per_cpu >= SESSIONS,
+        "one CPU's part of the embryonic ring holds {per_cpu} sessions ({EMBRYONIC} over {cpus} CPUs), fewer than the bench's {SESSIONS}: raise CAPACITY for this host"
+    );
+    Ok(())
+}
+
 fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
+    check_embryonic_room()?;
     let mut raw_all = raw_runs(SESSIONS, "before the lab")?;
 
     eprintln!("starting a 2-member lab (session capacity {CAPACITY})");
