@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod forwarding;
 pub mod ha_link;
 pub mod http;
+pub mod huge_pages;
 pub mod lab;
 pub mod lock;
 pub mod member;
