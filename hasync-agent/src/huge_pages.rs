@@ -3,9 +3,8 @@
 //! The sync's hottest structures are large and read at random: a peer's outbox (a hash set of
 //! up to 262,144 pending keys, tens of MiB while a peer catches up) and the batches around
 //! it. With 4 KiB pages every random access there is a TLB miss as well as a cache miss, and
-//! under virtualisation a TLB miss walks two page tables. Hosts default to transparent huge
-//! pages only "on request" on many hosts (`madvise`, Debian's default), and glibc does not
-//! request them. So blocks of [`ADVISE_FROM`] and more are advised `MADV_HUGEPAGE`, their
+//! under virtualisation a TLB miss walks two page tables. Many hosts give transparent huge
+//! pages only on request (`madvise`, Debian's default), and glibc does not request them. So blocks of [`ADVISE_FROM`] and more are advised `MADV_HUGEPAGE`, their
 //! whole mapping: the kernel backs its 2 MiB-aligned part with huge pages where it can.
 //! Smaller blocks, and hosts with huge pages off, are left as they are; the advice changes no
 //! contents and failing is harmless.
@@ -23,8 +22,8 @@ pub const ADVISE_FROM: usize = 2 * HUGE_PAGE;
 /// [`System`], with large blocks advised to use transparent huge pages.
 pub struct LargeOnHugePages;
 
-// SAFETY: every call is passed to `System` unchanged; `advise` only gives advice on memory
-// inside the block `System` returned, and never reads or writes it.
+// SAFETY: every call is passed to `System` unchanged; `advise` only gives advice on the pages
+// that hold the block `System` returned, and never reads or writes them.
 unsafe impl GlobalAlloc for LargeOnHugePages {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract for `alloc`, passed on.
