@@ -17,10 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use aya::programs::Xdp;
 use hasync_common::{clock::jiffies_ns, maps as names, ClockSample, DatapathConfig};
 
-use super::{pod::read_at, DatapathError};
+use super::{table_runner::run_one, DatapathError};
 
 /// Tick lengths of the HZ values the kernel can be built with (x86 and arm64 offer 100, 250,
 /// 300 and 1000), rounded as the kernel's `TICK_NSEC` is.
@@ -172,28 +172,16 @@ fn base_offset(offsets: &[u64], tick: u32) -> u64 {
 
 /// One sample from the clock program.
 pub fn sample(prog: &Xdp) -> Result<ClockSample, DatapathError> {
-    // XDP test runs take at least an Ethernet header's worth of data.
-    let data = [0u8; 32];
-    let mut out = [0u8; 32];
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(&data),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .map_err(|source| DatapathError::Program {
-            name: names::CLOCK_PROGRAM,
-            source,
-        })?;
     const DONE: u32 = 2;
-    let sample = (result.return_value == DONE)
-        .then(|| read_at::<ClockSample>(&out, 0))
-        .flatten();
-    sample.ok_or(DatapathError::BatchRejected {
-        program: names::CLOCK_PROGRAM,
-        items: 1,
-        verdict: result.return_value,
-    })
+    // The program writes its sample over a zeroed frame.
+    let (verdict, sample) = run_one(prog, names::CLOCK_PROGRAM, &ClockSample::default())?;
+    sample
+        .filter(|_| verdict == DONE)
+        .ok_or(DatapathError::BatchRejected {
+            program: names::CLOCK_PROGRAM,
+            items: 1,
+            verdict,
+        })
 }
 
 /// Measures the jiffies clock with the clock program: samples over [`MEASURE_SPAN`] (sleeps

@@ -8,17 +8,12 @@
 //! changed since the last drain and forwards the records it wrote. So each kind is logged at
 //! most once per CPU per drain; its counter counts every one.
 
-use aya::{
-    maps::PerCpuValues,
-    programs::{TestRun as _, TestRunOptions, Xdp},
-    Ebpf,
-};
+use aya::{maps::PerCpuValues, programs::Xdp, Ebpf};
 use aya_log::EbpfLogger;
-use bytemuck::bytes_of;
 use hasync_common::{maps as names, Counters, LogRequest, LOG_NOTE_KINDS};
 use serde::{Deserialize, Serialize};
 
-use super::DatapathError;
+use super::{table_runner::run_one, DatapathError};
 
 /// `[local] datapath_log`: the least severe datapath event that is logged.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -189,26 +184,7 @@ fn run(prog: &Xdp, cpu: u32, kind: usize, last: u32) -> Result<Option<u32>, Data
         kind: kind as u32,
         seq: last,
     };
-    // XDP test runs take at least an Ethernet header's worth of data.
-    let mut data = [0u8; 32];
-    data[..size_of::<LogRequest>()].copy_from_slice(bytes_of(&request));
-    // The request again: a reply the kernel did not write back reads as "nothing new".
-    let mut out = data;
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(&data),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
-        .map_err(|source| DatapathError::Program {
-            name: names::LOG_PROGRAM,
-            source,
-        })?;
-    let answered = out
-        .get(..size_of::<LogRequest>())
-        .filter(|_| result.data_size_out as usize >= size_of::<LogRequest>())
-        .and_then(|b| bytemuck::try_pod_read_unaligned::<LogRequest>(b).ok());
-    match (result.return_value, answered) {
+    match run_one::<_, LogRequest>(prog, names::LOG_PROGRAM, &request)? {
         (LOGGED, Some(answer)) => Ok(Some(answer.seq)),
         (BUSY, _) => Ok(None),
         (verdict, _) => Err(DatapathError::BatchRejected {

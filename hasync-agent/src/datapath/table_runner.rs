@@ -1,6 +1,7 @@
 //! The table-program runner: runs the table programs over the session table, `hasync_apply`
 //! over peers' records and `hasync_read` over keys the sender needs, one BPF_PROG_TEST_RUN per
-//! batch (see `hasync_common::table_programs`).
+//! batch (see `hasync_common::table_programs`); and the small programs that answer in place,
+//! the clock and log programs, one struct in and one back ([`run_one`]).
 
 use std::mem::size_of;
 
@@ -65,6 +66,36 @@ impl Runner {
         }
         Ok(&self.out[..size])
     }
+}
+
+/// Runs `prog` (named `name`) once over `input` at the start of a short frame, for the small
+/// programs that answer in place (the clock and log programs): the verdict, and the `O` the
+/// program left at the start of the data (`None` when the kernel wrote none back).
+pub fn run_one<I: bytemuck::Pod, O: bytemuck::Pod>(
+    prog: &Xdp,
+    name: &'static str,
+    input: &I,
+) -> Result<(u32, Option<O>), DatapathError> {
+    // XDP test runs take at least an Ethernet header's worth of data.
+    const FRAME: usize = 32;
+    const { assert!(size_of::<I>() <= FRAME, "the input must fit the frame") };
+    let mut data = [0u8; FRAME];
+    let bytes = bytes_of(input);
+    if let Some(head) = data.get_mut(..bytes.len()) {
+        head.copy_from_slice(bytes);
+    }
+    // The input again: a reply the kernel did not write back reads as none.
+    let mut out = data;
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(&data),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| DatapathError::Program { name, source })?;
+    let written = (result.data_size_out as usize).min(FRAME);
+    let answer = out.get(..written).and_then(|out| read_at::<O>(out, 0));
+    Ok((result.return_value, answer))
 }
 
 /// Applies `records` with the apply program; `reconciling` is the member whose full sync is
