@@ -25,6 +25,7 @@ use crate::{
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
+        outbox::Change,
         wire::LinkKind,
     },
     traffic_log::TrafficLog,
@@ -336,7 +337,7 @@ struct MainLoop {
     /// After a restart, the takeover rule's reused MEMBERS map still says who was alive
     /// before; once a keepalive threshold has passed, the membership knows better.
     members_unsettled: Option<Instant>,
-    owned: Vec<FlowKey>,
+    owned: Vec<(FlowKey, Change)>,
     /// When the datapath's log is drained next.
     next_log_drain: Instant,
 }
@@ -363,17 +364,19 @@ impl MainLoop {
         }
     }
 
-    /// Datapath events: this member's sessions go to the sync; an evicted one of ours ended
-    /// (its log line; the sync sends its removal).
+    /// Datapath events: this member's sessions go to the sync, each with the event's snapshot
+    /// of it; an evicted one of ours ended (its log line; the sync reads it gone and sends its
+    /// removal).
     fn on_events(&mut self, member: &Member, batch: &[Event], log: &mut TrafficLog) {
         let local = member.config.local_member();
         self.owned.clear();
-        self.owned.extend(
-            batch
-                .iter()
-                .filter(|e| e.session.owner == local)
-                .map(|e| e.key),
-        );
+        self.owned
+            .extend(batch.iter().filter(|e| e.session.owner == local).map(|e| {
+                match e.kind == EventKind::Evicted as u8 {
+                    true => (e.key, Change::Read),
+                    false => (e.key, Change::Snapshot(e.session)),
+                }
+            }));
         let evicted = batch
             .iter()
             .filter(|e| e.session.owner == local && e.kind == EventKind::Evicted as u8);
@@ -385,7 +388,7 @@ impl MainLoop {
             };
             log.write_removed(&removed, &member.config);
         }
-        member.engine.enqueue(&self.owned);
+        member.engine.enqueue_changes(self.owned.iter().copied());
         member.engine.flush();
     }
 

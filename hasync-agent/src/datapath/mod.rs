@@ -173,6 +173,8 @@ pub enum DatapathError {
          with `ip link set dev {interface} xdp off`"
     )]
     Unpinnable { interface: String },
+    #[error("the table answered {got} of {asked} keys read")]
+    ShortRead { asked: usize, got: usize },
 }
 
 /// `error` and its sources, joined by ": ", each source once: some errors (aya's

@@ -1,20 +1,42 @@
-//! What one peer still has to receive from us: a coalescing queue of session keys and the
+//! What one peer still has to receive from us: a coalescing queue of session changes and the
 //! frames sent but not yet acknowledged.
 //!
-//! The queue holds keys, not copies: a frame is built from the session's state at send time,
-//! so many updates of one session coalesce into one record, and a resend carries the current
-//! state. Memory is bounded: past `capacity` pending keys the outbox gives up on incremental
-//! sync and asks for a full sync instead (`take_overflow`).
+//! A queued key's record is built from what its [`Change`] says: the session as the
+//! datapath's event left it, so sending needs no table read; or, for a change no event
+//! describes (a removal, a resend, a re-announcement), the table's state read at send time.
+//! Many updates of one session coalesce into one record.
+//!
+//! Memory is bounded: past `capacity` pending keys the outbox gives up on incremental sync and
+//! asks for a full sync instead (`take_overflow`); and at most [`MAX_SNAPSHOTS`] of the keys
+//! keep a snapshot (about 17 MiB); the keys queued beyond it are read at send time.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     time::Instant,
 };
 
-/// Keys come from traffic: a seeded hasher (not SipHash: this is the agent's hottest path).
-type KeySet = HashSet<FlowKey, foldhash::quality::RandomState>;
+use hasync_common::{FlowKey, Session};
 
-use hasync_common::FlowKey;
+/// Keys come from traffic: a seeded hasher (not SipHash: this is the agent's hottest path).
+type Hasher = foldhash::quality::RandomState;
+
+/// How many queued keys may keep their event's snapshot of the session.
+pub const MAX_SNAPSHOTS: usize = 100_000;
+
+/// What a change's record is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The session as the datapath's event left it: sent as it is, without reading the table.
+    Snapshot(Session),
+    /// The session as the table holds it at send time (absent: a removal).
+    Read,
+}
+
+/// Is version `a` later than `b` (the owner bumps it on every change; it wraps)? Two CPUs'
+/// events of one session can reach the ring buffer in the other order.
+fn newer(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
 
 /// A frame sent and not yet acknowledged.
 #[derive(Debug)]
@@ -30,7 +52,12 @@ struct InFlight {
 #[derive(Debug)]
 pub struct Outbox {
     pending: VecDeque<(FlowKey, Instant)>,
-    queued: KeySet,
+    queued: HashSet<FlowKey, Hasher>,
+    /// Of the queued keys, those whose latest change is an event's snapshot. A key queued
+    /// without one is read at send time, whatever snapshot comes for it later: that snapshot
+    /// may be older than what the table holds (an event drained after the sweep removed its
+    /// session).
+    snapshots: HashMap<FlowKey, Session, Hasher>,
     capacity: usize,
     overflowed: bool,
     in_flight: VecDeque<InFlight>,
@@ -44,7 +71,8 @@ impl Outbox {
     pub fn new(capacity: usize, max_in_flight: usize) -> Self {
         Outbox {
             pending: VecDeque::new(),
-            queued: KeySet::default(),
+            queued: HashSet::default(),
+            snapshots: HashMap::default(),
             capacity,
             overflowed: false,
             in_flight: VecDeque::new(),
@@ -53,24 +81,39 @@ impl Outbox {
         }
     }
 
-    /// Queues `key` unless it is already queued (its latest state will be sent either way).
-    pub fn enqueue(&mut self, key: FlowKey, now: Instant) {
+    /// Queues `change` of `key`, coalesced with what is still queued for it: a read wins over
+    /// a snapshot, and of two snapshots the later version.
+    pub fn enqueue(&mut self, key: FlowKey, change: Change, now: Instant) {
         if self.overflowed {
             return;
         }
-        if self.queued.len() >= self.capacity {
-            if self.queued.contains(&key) {
-                return;
+        if self.queued.contains(&key) {
+            match change {
+                Change::Read => {
+                    self.snapshots.remove(&key);
+                }
+                Change::Snapshot(s) => {
+                    if let Some(held) = self.snapshots.get_mut(&key) {
+                        if !newer(held.version, s.version) {
+                            *held = s;
+                        }
+                    }
+                }
             }
-            // Too far behind to track sessions one by one: a full sync replaces the queue.
-            self.overflowed = true;
-            self.pending.clear();
-            self.queued.clear();
-            self.release_memory();
             return;
         }
-        if self.queued.insert(key) {
-            self.pending.push_back((key, now));
+        if self.queued.len() >= self.capacity {
+            // Too far behind to track sessions one by one: a full sync replaces the queue.
+            self.overflowed = true;
+            self.forget_pending();
+            return;
+        }
+        self.queued.insert(key);
+        self.pending.push_back((key, now));
+        if let Change::Snapshot(s) = change {
+            if self.snapshots.len() < MAX_SNAPSHOTS {
+                self.snapshots.insert(key, s);
+            }
         }
     }
 
@@ -90,9 +133,14 @@ impl Outbox {
     /// Forgets the queued keys and any overflow: a full sync that starts now carries their
     /// sessions' current state (or their absence, which its end reconciles).
     pub fn clear_pending(&mut self) {
+        self.forget_pending();
+        self.overflowed = false;
+    }
+
+    fn forget_pending(&mut self) {
         self.pending.clear();
         self.queued.clear();
-        self.overflowed = false;
+        self.snapshots.clear();
         self.release_memory();
     }
 
@@ -101,20 +149,27 @@ impl Outbox {
         std::mem::take(&mut self.overflowed)
     }
 
-    /// Takes up to `max` keys to send, with the time the oldest was queued.
-    pub fn take(&mut self, max: usize) -> (Vec<FlowKey>, Option<Instant>) {
+    /// Takes up to `max` changes to send, with the time the oldest was queued.
+    pub fn take(&mut self, max: usize) -> (Vec<(FlowKey, Change)>, Option<Instant>) {
         let n = max.min(self.pending.len());
-        let mut keys = Vec::with_capacity(n);
+        let mut changes = Vec::with_capacity(n);
         let mut oldest = None;
         for (key, at) in self.pending.drain(..n) {
             self.queued.remove(&key);
+            let change = match self.snapshots.is_empty() {
+                true => Change::Read,
+                false => self
+                    .snapshots
+                    .remove(&key)
+                    .map_or(Change::Read, Change::Snapshot),
+            };
             oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
-            keys.push(key);
+            changes.push((key, change));
         }
         if self.pending.is_empty() {
             self.release_memory();
         }
-        (keys, oldest)
+        (changes, oldest)
     }
 
     /// A drained queue gives back what a burst made it grow to, so an idle agent's memory does
@@ -127,6 +182,9 @@ impl Outbox {
         if self.queued.capacity() > KEEP {
             self.queued.shrink_to(KEEP);
         }
+        if self.snapshots.capacity() > KEEP {
+            self.snapshots.shrink_to(KEEP);
+        }
     }
 
     /// Allocates the sequence number of the next frame.
@@ -136,11 +194,11 @@ impl Outbox {
         seq
     }
 
-    /// Records that frame `seq` carrying `keys` was sent.
-    pub fn sent(&mut self, seq: u64, keys: Vec<FlowKey>, oldest: Instant) {
+    /// Records that frame `seq` carrying `changes` was sent.
+    pub fn sent(&mut self, seq: u64, changes: &[(FlowKey, Change)], oldest: Instant) {
         self.in_flight.push_back(InFlight {
             seq,
-            keys,
+            keys: changes.iter().map(|(key, _)| *key).collect(),
             oldest,
             bulk: false,
         });
@@ -174,7 +232,8 @@ impl Outbox {
     }
 
     /// The link carrying the frames in flight failed: queue their keys again (ahead of newer
-    /// ones) so they are resent, with their current state, on whatever link comes next.
+    /// ones) so they are resent, with their current state read at send time (a change queued
+    /// since is newer and stays), on whatever link comes next.
     /// Returns how many keys, and whether frames of a full sync were lost (then it must start
     /// over: they cannot be resent key by key).
     pub fn requeue_in_flight(&mut self) -> (usize, bool) {
@@ -202,19 +261,85 @@ mod tests {
         FlowKey::canonical(Family::V4, IPPROTO_UDP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
     }
 
+    /// The datapath's snapshot of a session at `version`.
+    fn snapshot(version: u32) -> Change {
+        Change::Snapshot(Session {
+            version,
+            ..Session::default()
+        })
+    }
+
+    fn keys(changes: &[(FlowKey, Change)]) -> Vec<FlowKey> {
+        changes.iter().map(|(k, _)| *k).collect()
+    }
+
     #[test]
     fn updates_of_one_session_coalesce() {
         let now = Instant::now();
         let mut o = Outbox::new(100, 4);
-        for _ in 0..10 {
-            o.enqueue(key(1), now);
+        for v in 1..=10 {
+            o.enqueue(key(1), snapshot(v), now);
         }
-        o.enqueue(key(2), now);
+        o.enqueue(key(2), Change::Read, now);
         assert_eq!(o.pending(), 2);
-        let (keys, _) = o.take(10);
-        assert_eq!(keys, vec![key(1), key(2)]);
-        o.enqueue(key(1), now);
+        let (changes, _) = o.take(10);
+        assert_eq!(
+            changes,
+            vec![(key(1), snapshot(10)), (key(2), Change::Read)]
+        );
+        o.enqueue(key(1), snapshot(11), now);
         assert_eq!(o.pending(), 1, "a key sent already can be queued again");
+    }
+
+    #[test]
+    fn the_later_version_of_a_session_is_sent_whichever_event_came_last() {
+        let now = Instant::now();
+        let mut o = Outbox::new(100, 4);
+        o.enqueue(key(1), snapshot(7), now);
+        o.enqueue(key(1), snapshot(6), now);
+        // Versions wrap: 0 follows u32::MAX.
+        o.enqueue(key(2), snapshot(u32::MAX), now);
+        o.enqueue(key(2), snapshot(0), now);
+        let (changes, _) = o.take(10);
+        assert_eq!(changes, vec![(key(1), snapshot(7)), (key(2), snapshot(0))]);
+    }
+
+    #[test]
+    fn a_queued_read_is_not_replaced_by_a_snapshot() {
+        let now = Instant::now();
+        let mut o = Outbox::new(100, 4);
+        // Removed by the sweep, then an event of the session as it was drained late.
+        o.enqueue(key(1), Change::Read, now);
+        o.enqueue(key(1), snapshot(9), now);
+        // A snapshot gives way to a read.
+        o.enqueue(key(2), snapshot(3), now);
+        o.enqueue(key(2), Change::Read, now);
+        let (changes, _) = o.take(10);
+        assert_eq!(
+            changes,
+            vec![(key(1), Change::Read), (key(2), Change::Read)]
+        );
+    }
+
+    #[test]
+    fn keys_queued_beyond_the_snapshot_bound_are_read_at_send_time() {
+        let now = Instant::now();
+        let n = u32::try_from(MAX_SNAPSHOTS).expect("fits") + 2;
+        let mut o = Outbox::new(MAX_SNAPSHOTS * 2, 4);
+        for i in 0..n {
+            o.enqueue(key(i), snapshot(1), now);
+        }
+        // A later snapshot of a key queued without one does not add one.
+        o.enqueue(key(n - 1), snapshot(2), now);
+        let (changes, _) = o.take(MAX_SNAPSHOTS * 2);
+        let snapshots = changes
+            .iter()
+            .filter(|(_, c)| matches!(c, Change::Snapshot(_)))
+            .count();
+        assert_eq!(snapshots, MAX_SNAPSHOTS);
+        assert_eq!(changes[MAX_SNAPSHOTS - 1].1, snapshot(1));
+        assert_eq!(changes[MAX_SNAPSHOTS].1, Change::Read);
+        assert_eq!(changes[MAX_SNAPSHOTS + 1].1, Change::Read);
     }
 
     #[test]
@@ -222,22 +347,24 @@ mod tests {
         let now = Instant::now();
         let mut o = Outbox::new(100, 2);
         for i in 0..6 {
-            o.enqueue(key(i), now);
+            o.enqueue(key(i), snapshot(1), now);
         }
         let (a, _) = o.take(2);
         let s1 = o.next_seq();
-        o.sent(s1, a, now);
+        o.sent(s1, &a, now);
         let (b, _) = o.take(2);
         let s2 = o.next_seq();
-        o.sent(s2, b, now);
+        o.sent(s2, &b, now);
         assert!(!o.can_send(), "window of 2 frames is full");
         assert_eq!(o.ack(s1).len(), 1);
         assert!(o.can_send());
-        o.enqueue(key(9), now);
-        // The link fails: frame s2 (keys 2, 3) goes back ahead of 4, 5, 9.
+        o.enqueue(key(9), snapshot(1), now);
+        // The link fails: frame s2 (keys 2, 3) goes back ahead of 4, 5, 9, to be read again.
         assert_eq!(o.requeue_in_flight(), (2, false));
-        let (keys, _) = o.take(10);
-        assert_eq!(keys, vec![key(2), key(3), key(4), key(5), key(9)]);
+        let (changes, _) = o.take(10);
+        assert_eq!(keys(&changes), vec![key(2), key(3), key(4), key(5), key(9)]);
+        assert_eq!(changes[0].1, Change::Read);
+        assert_eq!(changes[2].1, snapshot(1));
         assert_eq!(
             o.ack(s2).len(),
             0,
@@ -246,29 +373,32 @@ mod tests {
     }
 
     #[test]
-    fn a_requeued_key_already_pending_is_not_duplicated() {
+    fn a_requeued_key_already_pending_keeps_its_newer_change() {
         let now = Instant::now();
         let mut o = Outbox::new(100, 4);
-        o.enqueue(key(1), now);
+        o.enqueue(key(1), snapshot(1), now);
         let (k, _) = o.take(1);
         let s = o.next_seq();
-        o.sent(s, k, now);
-        o.enqueue(key(1), now);
+        o.sent(s, &k, now);
+        o.enqueue(key(1), snapshot(2), now);
         o.requeue_in_flight();
-        assert_eq!(o.pending(), 1);
+        assert_eq!(o.take(10).0, vec![(key(1), snapshot(2))]);
     }
 
     #[test]
     fn overflow_drops_the_queue_and_asks_for_a_full_sync() {
         let now = Instant::now();
         let mut o = Outbox::new(3, 4);
-        for i in 0..4 {
-            o.enqueue(key(i), now);
+        for i in 0..3 {
+            o.enqueue(key(i), Change::Read, now);
         }
+        o.enqueue(key(0), snapshot(1), now);
+        assert_eq!(o.pending(), 3, "a key already queued does not overflow");
+        o.enqueue(key(3), Change::Read, now);
         assert_eq!(o.pending(), 0);
         assert!(o.take_overflow());
         assert!(!o.take_overflow(), "reported once");
-        o.enqueue(key(7), now);
+        o.enqueue(key(7), Change::Read, now);
         assert_eq!(o.pending(), 1);
     }
 

@@ -134,6 +134,8 @@ pub struct FakeTable {
     pub chunks_before_failure: Option<usize>,
     /// Applying records fails.
     pub fail_applies: bool,
+    /// Keys asked for by `read` so far.
+    pub keys_read: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(test)]
@@ -165,6 +167,8 @@ impl SessionTable for FakeTable {
     type Cursor = usize;
 
     fn read(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), DatapathError> {
+        self.keys_read
+            .fetch_add(keys.len(), std::sync::atomic::Ordering::Relaxed);
         out.clear();
         out.extend(keys.iter().map(|k| self.get(k)));
         Ok(())

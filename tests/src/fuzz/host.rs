@@ -14,7 +14,7 @@ use hasync_agent::{
     provision::{MemberFiles, Spec},
     sync::{
         apply::{decide, Applier, Decision, OwnerRefusal, ZoneMap},
-        outbox::Outbox,
+        outbox::{Change, Outbox},
         wire::{Hello, LinkKind, Message, Op, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR},
     },
 };
@@ -259,7 +259,7 @@ fn check_ack(seq: u64) -> Result<()> {
     let now = Instant::now();
     for _ in 0..3 {
         let s = outbox.next_seq();
-        outbox.sent(s, vec![FlowKey::default()], now);
+        outbox.sent(s, &[(FlowKey::default(), Change::Read)], now);
     }
     let released = outbox.ack(seq).len();
     let expected = usize::try_from(seq.min(3)).unwrap_or(3);

@@ -35,7 +35,7 @@ use super::{
     admission::Admission,
     apply::ZoneMap,
     backoff::Backoff,
-    outbox::Outbox,
+    outbox::{Change, Outbox},
     stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
     table::SessionTable,
@@ -342,17 +342,27 @@ impl<T: SessionTable> Engine<T> {
         tasks
     }
 
-    /// Locally owned sessions changed (or were removed): queue them for every syncing peer.
+    /// Locally owned sessions changed (or were removed): queue them for every syncing peer,
+    /// each to be read from the table when it is sent.
     pub fn enqueue(&self, keys: &[FlowKey]) {
-        if !self.inner.cfg.local_session_sync || keys.is_empty() {
+        self.enqueue_changes(keys.iter().map(|key| (*key, Change::Read)));
+    }
+
+    /// Locally owned sessions changed: queue each with what its record is built from
+    /// ([`Change`]) for every syncing peer.
+    pub fn enqueue_changes<I>(&self, changes: I)
+    where
+        I: IntoIterator<Item = (FlowKey, Change)> + Clone,
+    {
+        if !self.inner.cfg.local_session_sync {
             return;
         }
         let now = Instant::now();
         for peer in self.inner.peers.values() {
             if peer.cfg.session_sync && peer.cfg.enabled {
                 let mut g = peer.lock();
-                for key in keys {
-                    g.outbox.enqueue(*key, now);
+                for (key, change) in changes.clone() {
+                    g.outbox.enqueue(key, change, now);
                 }
             }
         }

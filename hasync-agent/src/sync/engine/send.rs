@@ -16,6 +16,7 @@ use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
         channel::ChannelError,
+        outbox::Change,
         stats::LinkStats,
         wire::{Keepalive, LinkKind, Message, Record, MAX_RECORDS_PER_FRAME},
         writer::Writer,
@@ -127,16 +128,16 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    async fn send_queued(&self, peer: &Peer, writer: &Writer) -> Result<(), SendError> {
+    pub(super) async fn send_queued(&self, peer: &Peer, writer: &Writer) -> Result<(), SendError> {
         loop {
-            let (keys, oldest) = {
+            let (changes, oldest) = {
                 let mut g = peer.lock();
                 if !g.outbox.can_send() || g.outbox.pending() == 0 {
                     return Ok(());
                 }
                 g.outbox.take(MAX_RECORDS_PER_FRAME)
             };
-            let records = match self.records_for(&keys) {
+            let records = match self.records_for(&changes) {
                 Ok(r) => r,
                 Err(e) => {
                     // The keys are out of the queue: a full sync carries them instead.
@@ -150,7 +151,7 @@ impl<T: SessionTable> Engine<T> {
                 let mut g = peer.lock();
                 let seq = g.outbox.next_seq();
                 g.outbox
-                    .sent(seq, keys, oldest.unwrap_or_else(Instant::now));
+                    .sent(seq, &changes, oldest.unwrap_or_else(Instant::now));
                 seq
             };
             writer
@@ -163,20 +164,40 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    /// Records for queued keys, with each session's current state. Sessions no longer ours are
-    /// skipped; sessions gone from the table are announced as deleted.
-    fn records_for(&self, keys: &[FlowKey]) -> Result<Vec<Record>, DatapathError> {
+    /// Records for queued changes: a snapshot as it is, a read change with the session's
+    /// current state. Sessions no longer ours are skipped; sessions gone from the table are
+    /// announced as deleted.
+    fn records_for(&self, changes: &[(FlowKey, Change)]) -> Result<Vec<Record>, DatapathError> {
         let local = self.inner.cfg.local;
-        let now = monotonic_ns();
-        let mut sessions = Vec::with_capacity(keys.len());
-        tokio::task::block_in_place(|| lock(&self.inner.dp).read(keys, &mut sessions))?;
-        Ok(keys
+        let to_read: Vec<FlowKey> = changes
             .iter()
-            .zip(sessions)
-            .filter_map(|(key, s)| match s {
-                Some(s) if s.owner == local => Some(Record::upsert(*key, &s, now)),
-                Some(_) => None,
-                None => Some(Record::delete(*key, local, 0)),
+            .filter(|(_, c)| *c == Change::Read)
+            .map(|(key, _)| *key)
+            .collect();
+        let mut read = Vec::with_capacity(to_read.len());
+        if !to_read.is_empty() {
+            tokio::task::block_in_place(|| lock(&self.inner.dp).read(&to_read, &mut read))?;
+        }
+        if read.len() != to_read.len() {
+            return Err(DatapathError::ShortRead {
+                asked: to_read.len(),
+                got: read.len(),
+            });
+        }
+        let mut read = read.into_iter();
+        let now = monotonic_ns();
+        Ok(changes
+            .iter()
+            .filter_map(|(key, change)| {
+                let session = match change {
+                    Change::Snapshot(s) => Some(*s),
+                    Change::Read => read.next().flatten(),
+                };
+                match session {
+                    Some(s) if s.owner == local => Some(Record::upsert(*key, &s, now)),
+                    Some(_) => None,
+                    None => Some(Record::delete(*key, local, 0)),
+                }
             })
             .collect())
     }

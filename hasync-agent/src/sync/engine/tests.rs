@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,8 +18,9 @@ use crate::{
     cluster::{Membership, Timers},
     datapath::testing::datapath,
     sync::{
+        outbox::Change,
         table::FakeTable,
-        wire::{Hello, LinkKind, Message, Record},
+        wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
     },
 };
@@ -406,6 +407,49 @@ fn owned_by_us(n: u32) -> Vec<(FlowKey, Session)> {
             (key, s)
         })
         .collect()
+}
+
+/// A change queued with the datapath's snapshot goes out as the snapshot says, without a
+/// table read; a change to read goes out as the table holds the session now (and as a removal
+/// once it is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_sent_as_they_are_and_only_the_other_changes_read_the_table() {
+    let sessions = owned_by_us(3);
+    let [(held, in_table), (fresh, _), (gone, _)] = sessions[..] else {
+        panic!("three sessions");
+    };
+    let table = FakeTable {
+        entries: vec![(held, in_table)],
+        ..FakeTable::default()
+    };
+    let e = engine_over(table);
+    let snapshot = Session {
+        version: 5,
+        ..in_table
+    };
+    e.enqueue_changes([
+        (fresh, Change::Snapshot(snapshot)),
+        (held, Change::Read),
+        (gone, Change::Read),
+    ]);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (w, mut rx) = Writer::detached();
+    e.send_queued(&peer, &w).await.expect("sent");
+    drop(w);
+    let Some(Message::Sessions { records, .. }) = rx.recv().await else {
+        panic!("no frame sent");
+    };
+    let got: Vec<(FlowKey, Op, u32)> = records.iter().map(|r| (r.key, r.op, r.version)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (fresh, Op::Upsert, 5),
+            (held, Op::Upsert, 1),
+            (gone, Op::Delete, 0)
+        ]
+    );
+    let read = e.inner.dp.lock().expect("table").keys_read.load(Relaxed);
+    assert_eq!(read, 2, "only the changes to read were read");
 }
 
 /// Reading the table fails in the middle of a full sync: the full sync is aborted, never
