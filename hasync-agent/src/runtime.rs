@@ -18,14 +18,16 @@ use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
     control::ControlRequest,
-    datapath::{error_chain, Datapath, EventStream, RemoveReason, Removed, DEFAULT_CHUNK},
+    datapath::{
+        error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed, DEFAULT_CHUNK,
+    },
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
-        outbox::Change,
+        outbox::{Change, RecentRemovals},
         wire::LinkKind,
     },
     traffic_log::TrafficLog,
@@ -338,6 +340,8 @@ struct MainLoop {
     /// before; once a keepalive threshold has passed, the membership knows better.
     members_unsettled: Option<Instant>,
     owned: Vec<(FlowKey, Change)>,
+    /// Keys removed from the table whose earlier events may still be in the ring buffer.
+    removals: RecentRemovals,
     /// When the datapath's log is drained next.
     next_log_drain: Instant,
 }
@@ -360,35 +364,38 @@ impl MainLoop {
             reannounce_backoff: Backoff::new(REANNOUNCE_BACKOFF.0, REANNOUNCE_BACKOFF.1),
             members_unsettled: restarted.then(|| Instant::now() + threshold),
             owned: Vec::new(),
+            removals: RecentRemovals::default(),
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
         }
     }
 
     /// Datapath events: this member's sessions go to the sync, each with the event's snapshot
-    /// of it; an evicted one of ours ended (its log line; the sync reads it gone and sends its
-    /// removal).
+    /// of it unless the session was removed since (`RecentRemovals`); an evicted one of ours
+    /// ended (its log line; the sync reads it gone and sends its removal).
     fn on_events(&mut self, member: &Member, batch: &[Event], log: &mut TrafficLog) {
         let local = member.config.local_member();
         self.owned.clear();
-        self.owned
-            .extend(batch.iter().filter(|e| e.session.owner == local).map(|e| {
-                match e.kind == EventKind::Evicted as u8 {
-                    true => (e.key, Change::Read),
-                    false => (e.key, Change::Snapshot(e.session)),
-                }
-            }));
-        let evicted = batch
-            .iter()
-            .filter(|e| e.session.owner == local && e.kind == EventKind::Evicted as u8);
-        for e in evicted {
-            let removed = Removed {
-                key: e.key,
-                session: e.session,
-                reason: RemoveReason::Evicted,
-            };
-            log.write_removed(&removed, &member.config);
+        for e in batch.iter().filter(|e| e.session.owner == local) {
+            if e.kind == EventKind::Evicted as u8 {
+                self.removals.removed(e.key);
+                log.write_removed(
+                    &Removed {
+                        key: e.key,
+                        session: e.session,
+                        reason: RemoveReason::Evicted,
+                    },
+                    &member.config,
+                );
+            }
+            let change = self.removals.change(&e.key, &e.session);
+            self.owned.push((e.key, change));
         }
-        member.engine.enqueue_changes(self.owned.iter().copied());
+        if batch.len() < MAX_BATCH {
+            self.removals.drained();
+        }
+        if !self.owned.is_empty() {
+            member.engine.enqueue_changes(self.owned.iter().copied());
+        }
         member.engine.flush();
     }
 
@@ -403,6 +410,7 @@ impl MainLoop {
                 let mut gone = Vec::new();
                 for r in removed.iter().filter(|r| r.session.owner == local) {
                     log.write_removed(r, &member.config);
+                    self.removals.removed(r.key);
                     gone.push(r.key);
                 }
                 engine.enqueue(&gone);

@@ -8,14 +8,14 @@
 //!
 //! Memory is bounded: past `capacity` pending keys the outbox gives up on incremental sync and
 //! asks for a full sync instead (`take_overflow`); and at most [`MAX_SNAPSHOTS`] of the keys
-//! keep a snapshot (about 17 MiB); the keys queued beyond it are read at send time.
+//! keep a snapshot (about 17 MiB per peer); the keys queued beyond it are read at send time.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     time::Instant,
 };
 
-use hasync_common::{FlowKey, Session};
+use hasync_common::{conflict::version_after, FlowKey, Session};
 
 /// Keys come from traffic: a seeded hasher (not SipHash: this is the agent's hottest path).
 type Hasher = foldhash::quality::RandomState;
@@ -32,10 +32,56 @@ pub enum Change {
     Read,
 }
 
-/// Is version `a` later than `b` (the owner bumps it on every change; it wraps)? Two CPUs'
-/// events of one session can reach the ring buffer in the other order.
-fn newer(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+/// Keys this member removed from its table (the sweep, an eviction) whose earlier events may
+/// still wait in the ring buffer: the session such an event shows is gone, so events of these
+/// keys are queued as [`Change::Read`]. A key is remembered until two drains that emptied the
+/// ring have passed (the program commits an event in the run that wrote it, so by then every
+/// event from before the removal was drained). Past [`MAX_REMOVALS`] keys in a generation,
+/// every event is read until that generation is forgotten.
+#[derive(Debug, Default)]
+pub struct RecentRemovals {
+    newer: Removals,
+    older: Removals,
+}
+
+/// How many removed keys one generation of [`RecentRemovals`] holds.
+pub const MAX_REMOVALS: usize = 65_536;
+
+#[derive(Debug, Default)]
+struct Removals {
+    keys: HashSet<FlowKey, Hasher>,
+    overflowed: bool,
+}
+
+impl Removals {
+    fn covers(&self, key: &FlowKey) -> bool {
+        self.overflowed || self.keys.contains(key)
+    }
+}
+
+impl RecentRemovals {
+    /// `key` was removed from the table.
+    pub fn removed(&mut self, key: FlowKey) {
+        if self.newer.keys.len() < MAX_REMOVALS {
+            self.newer.keys.insert(key);
+        } else {
+            self.newer.overflowed = true;
+        }
+    }
+
+    /// The change that an event's snapshot `session` of `key` stands for.
+    pub fn change(&self, key: &FlowKey, session: &Session) -> Change {
+        if self.newer.covers(key) || self.older.covers(key) {
+            Change::Read
+        } else {
+            Change::Snapshot(*session)
+        }
+    }
+
+    /// A drain of the ring buffer emptied it.
+    pub fn drained(&mut self) {
+        self.older = std::mem::take(&mut self.newer);
+    }
 }
 
 /// A frame sent and not yet acknowledged.
@@ -92,13 +138,7 @@ impl Outbox {
                 Change::Read => {
                     self.snapshots.remove(&key);
                 }
-                Change::Snapshot(s) => {
-                    if let Some(held) = self.snapshots.get_mut(&key) {
-                        if !newer(held.version, s.version) {
-                            *held = s;
-                        }
-                    }
-                }
+                Change::Snapshot(s) => self.replace_snapshot(key, s),
             }
             return;
         }
@@ -114,6 +154,21 @@ impl Outbox {
             if self.snapshots.len() < MAX_SNAPSHOTS {
                 self.snapshots.insert(key, s);
             }
+        }
+    }
+
+    /// Keeps `s` as `key`'s snapshot if it is later than the one held. Two CPUs' events of one
+    /// session can reach the ring buffer in the other order, and can even carry the same
+    /// version (its increments are not atomic): then neither is known to be the latest, and
+    /// the table is read at send time.
+    fn replace_snapshot(&mut self, key: FlowKey, s: Session) {
+        let Some(held) = self.snapshots.get_mut(&key) else {
+            return;
+        };
+        if held.version == s.version && *held != s {
+            self.snapshots.remove(&key);
+        } else if !version_after(held.version, s.version) {
+            *held = s;
         }
     }
 
@@ -302,6 +357,50 @@ mod tests {
         o.enqueue(key(2), snapshot(0), now);
         let (changes, _) = o.take(10);
         assert_eq!(changes, vec![(key(1), snapshot(7)), (key(2), snapshot(0))]);
+    }
+
+    #[test]
+    fn two_snapshots_of_one_version_that_differ_are_read_at_send_time() {
+        let now = Instant::now();
+        let mut o = Outbox::new(100, 4);
+        let Change::Snapshot(a) = snapshot(4) else {
+            unreachable!("a snapshot")
+        };
+        let b = Session { state: 3, ..a };
+        o.enqueue(key(1), Change::Snapshot(a), now);
+        o.enqueue(key(1), Change::Snapshot(a), now);
+        o.enqueue(key(2), Change::Snapshot(a), now);
+        o.enqueue(key(2), Change::Snapshot(b), now);
+        let (changes, _) = o.take(10);
+        assert_eq!(
+            changes,
+            vec![(key(1), Change::Snapshot(a)), (key(2), Change::Read)]
+        );
+    }
+
+    #[test]
+    fn events_of_a_removed_key_are_read_until_two_drains_emptied_the_ring() {
+        let mut r = RecentRemovals::default();
+        let s = Session::default();
+        r.removed(key(1));
+        assert_eq!(r.change(&key(1), &s), Change::Read);
+        assert_eq!(r.change(&key(2), &s), Change::Snapshot(s));
+        r.drained();
+        assert_eq!(
+            r.change(&key(1), &s),
+            Change::Read,
+            "one drain is not enough"
+        );
+        r.drained();
+        assert_eq!(r.change(&key(1), &s), Change::Snapshot(s));
+        // Too many removals at once: every event is read until they are forgotten.
+        for i in 0..=u32::try_from(MAX_REMOVALS).expect("fits") {
+            r.removed(key(i + 10));
+        }
+        assert_eq!(r.change(&key(2), &s), Change::Read);
+        r.drained();
+        r.drained();
+        assert_eq!(r.change(&key(2), &s), Change::Snapshot(s));
     }
 
     #[test]

@@ -165,8 +165,9 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Records for queued changes: a snapshot as it is, a read change with the session's
-    /// current state. Sessions no longer ours are skipped; sessions gone from the table are
-    /// announced as deleted.
+    /// current state. Read sessions no longer ours are skipped (a snapshot is always of our
+    /// own: if a peer's record replaced it since, the peer's copy wins by (version, owner));
+    /// sessions gone from the table are announced as deleted.
     fn records_for(&self, changes: &[(FlowKey, Change)]) -> Result<Vec<Record>, DatapathError> {
         let local = self.inner.cfg.local;
         let to_read: Vec<FlowKey> = changes
