@@ -35,7 +35,8 @@ use crate::{
 
 /// How often the expiry sweep takes a step, and how many sessions a step looks at: the table
 /// is never held for long (a few milliseconds a step), and a pass over a million sessions
-/// takes about 12 s. Expired sessions the sweep has not reached yet are already treated as
+/// takes about 12 s. A new pass waits until a session may have expired (see
+/// `IncrementalSweep`). Expired sessions the sweep has not reached yet are already treated as
 /// absent by the XDP program.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 const SWEEP_BUDGET: u64 = 8192;

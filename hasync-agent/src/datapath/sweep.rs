@@ -124,6 +124,8 @@ struct Pass {
     values: Vec<Session>,
     removed: Vec<Removed>,
     doomed: Vec<FlowKey>,
+    /// The earliest time a session the pass kept expires (session clock ns).
+    earliest_expiry: Option<u64>,
 }
 
 impl Pass {
@@ -149,6 +151,10 @@ impl Pass {
                 if let Some(n) = self.owners.get_mut(usize::from(session.owner.0)) {
                     *n += 1;
                 }
+                let expiry = session
+                    .last_seen_ns
+                    .saturating_add(cfg.timeout_ns(session.state));
+                self.earliest_expiry = Some(self.earliest_expiry.map_or(expiry, |e| e.min(expiry)));
                 continue;
             }
             // Re-read right before deleting (see the module docs for the window left).
@@ -194,10 +200,27 @@ pub struct PassSummary {
 /// A sweep spread over many short steps, so the agent never holds the table for long: each
 /// step looks at a bounded number of sessions and the next one resumes where it stopped.
 /// A pass that completes also tells how many sessions each member owns.
+///
+/// A new pass starts only when a session may have expired since the last one started: at the
+/// earliest expiry among the sessions that pass kept, and at the latest the shortest timeout
+/// after it started (a session created or changed since expires no sooner, a replica written
+/// by a peer with its owner's idle time may). A table that is small, or holds only long-lived
+/// sessions, is no longer walked whole ten times a second. A session still leaves the table
+/// at most a pass and the shortest timeout after it expired; the XDP program treats it as
+/// absent from the moment it expires.
 #[derive(Default)]
 pub struct IncrementalSweep {
     cursor: BatchCursor,
     pass: Pass,
+    /// When the pass under way started (session clock ns); `None` between passes.
+    started: Option<u64>,
+    /// When the next pass is due (session clock ns).
+    next_pass_at: u64,
+}
+
+/// The shortest timeout of `cfg`'s states.
+fn shortest_timeout(cfg: &DatapathConfig) -> u64 {
+    cfg.timeouts_ns.iter().copied().min().unwrap_or(0)
 }
 
 impl IncrementalSweep {
@@ -223,21 +246,36 @@ impl IncrementalSweep {
         clock: &impl Fn() -> u64,
         mut on_removed: impl FnMut(&[Removed]),
     ) -> Result<Option<PassSummary>, BatchError> {
+        if self.started.is_none() {
+            let now = clock();
+            if now < self.next_pass_at {
+                return Ok(None);
+            }
+            self.started = Some(now);
+        }
         let start = self.pass.report.scanned;
         while self.pass.report.scanned - start < budget {
             let more =
                 self.pass
                     .chunk(map, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
             if !more {
-                let done = std::mem::take(&mut self.pass);
-                self.cursor = BatchCursor::new();
-                return Ok(Some(PassSummary {
-                    report: done.report,
-                    owners: done.owners,
-                }));
+                return Ok(Some(self.finish_pass(cfg, clock)));
             }
         }
         Ok(None)
+    }
+
+    /// Ends the pass under way and schedules the next one (see [`IncrementalSweep`]).
+    fn finish_pass(&mut self, cfg: &DatapathConfig, clock: &impl Fn() -> u64) -> PassSummary {
+        let done = std::mem::take(&mut self.pass);
+        self.cursor = BatchCursor::new();
+        let started = self.started.take().unwrap_or_else(clock);
+        let latest = started.saturating_add(shortest_timeout(cfg));
+        self.next_pass_at = done.earliest_expiry.map_or(latest, |e| e.min(latest));
+        PassSummary {
+            report: done.report,
+            owners: done.owners,
+        }
     }
 }
 
@@ -382,11 +420,49 @@ mod tests {
         assert_eq!(removed as u64, summary.report.removed());
         assert_eq!(summary.owners[1], live, "every kept session is member 1's");
         assert_eq!(summary.owners.iter().sum::<u64>(), live);
-        // The next step starts a new pass over what is left.
-        let again = sweep
-            .step_with_clock(&map, &cfg, 64, 1 << 20, &|| NOW, |_| {})
-            .expect("step");
-        assert_eq!(again.map(|p| p.report.scanned), Some(live));
+        // A new pass over what is left starts when the first kept session may expire: in 1 s.
+        let mut step_at = |now: u64| {
+            sweep
+                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
+                .expect("step")
+                .map(|p| p.report.scanned)
+        };
+        assert_eq!(
+            step_at(NOW + S - 1),
+            None,
+            "no session may have expired yet"
+        );
+        assert_eq!(step_at(NOW + S), Some(live));
+    }
+
+    #[test]
+    fn a_new_pass_waits_for_the_shortest_timeout_when_nothing_expires_sooner() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        map.update_batch(&[key(1)], &[session(State::Established, 0, NOW)], 0)
+            .expect("fill");
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let shortest = State::ALL
+            .iter()
+            .map(|s| s.default_timeout_s() * S)
+            .min()
+            .expect("states");
+        let mut sweep = IncrementalSweep::default();
+        let mut step_at = |now: u64| {
+            sweep
+                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
+                .expect("step")
+                .map(|p| p.report.scanned)
+        };
+        assert_eq!(step_at(NOW), Some(1));
+        assert_eq!(step_at(NOW + S), None);
+        assert_eq!(step_at(NOW + shortest - 1), None);
+        assert_eq!(step_at(NOW + shortest), Some(1));
+        // An empty table too: a session created after a pass started expires no sooner.
+        map.delete_batch(&[key(1)]).expect("empty");
+        assert_eq!(step_at(NOW + 2 * shortest), Some(0));
+        assert_eq!(step_at(NOW + 3 * shortest - 1), None);
+        assert_eq!(step_at(NOW + 3 * shortest), Some(0));
     }
 
     #[test]
