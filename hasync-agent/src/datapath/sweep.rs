@@ -207,7 +207,8 @@ pub struct PassSummary {
 /// by a peer with its owner's idle time may). A table that is small, or holds only long-lived
 /// sessions, is no longer walked whole ten times a second. A session still leaves the table
 /// at most a pass and the shortest timeout after it expired; the XDP program treats it as
-/// absent from the moment it expires.
+/// absent from the moment it expires. A step between passes reads one key, so its result
+/// still says whether the table can be read (the session-table condition counts on it).
 #[derive(Default)]
 pub struct IncrementalSweep {
     cursor: BatchCursor,
@@ -249,6 +250,9 @@ impl IncrementalSweep {
         if self.started.is_none() {
             let now = clock();
             if now < self.next_pass_at {
+                // Resting, the step still reads the table once, so a table that cannot be
+                // read shows in its result as it did in every walk's.
+                map.lookup(&FlowKey::default())?;
                 return Ok(None);
             }
             self.started = Some(now);
