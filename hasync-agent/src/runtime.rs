@@ -27,7 +27,8 @@ use crate::{
     sync::{
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
-        outbox::{Change, RecentRemovals},
+        outbox::Change,
+        removals::RecentRemovals,
         wire::LinkKind,
     },
     traffic_log::TrafficLog,

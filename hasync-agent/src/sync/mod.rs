@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod channel;
 pub mod engine;
 pub mod outbox;
+pub mod removals;
 pub mod stale;
 pub mod stats;
 pub mod table;

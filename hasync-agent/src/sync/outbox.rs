@@ -18,7 +18,7 @@ use std::{
 use hasync_common::{conflict::version_after, FlowKey, Session};
 
 /// Keys come from traffic: a seeded hasher (not SipHash: this is the agent's hottest path).
-type Hasher = foldhash::quality::RandomState;
+pub(super) type Hasher = foldhash::quality::RandomState;
 
 /// How many queued keys may keep their event's snapshot of the session.
 pub const MAX_SNAPSHOTS: usize = 100_000;
@@ -30,58 +30,6 @@ pub enum Change {
     Snapshot(Session),
     /// The session as the table holds it at send time (absent: a removal).
     Read,
-}
-
-/// Keys this member removed from its table (the sweep, an eviction) whose earlier events may
-/// still wait in the ring buffer: the session such an event shows is gone, so events of these
-/// keys are queued as [`Change::Read`]. A key is remembered until two drains that emptied the
-/// ring have passed (the program commits an event in the run that wrote it, so by then every
-/// event from before the removal was drained). Past [`MAX_REMOVALS`] keys in a generation,
-/// every event is read until that generation is forgotten.
-#[derive(Debug, Default)]
-pub struct RecentRemovals {
-    newer: Removals,
-    older: Removals,
-}
-
-/// How many removed keys one generation of [`RecentRemovals`] holds.
-pub const MAX_REMOVALS: usize = 65_536;
-
-#[derive(Debug, Default)]
-struct Removals {
-    keys: HashSet<FlowKey, Hasher>,
-    overflowed: bool,
-}
-
-impl Removals {
-    fn covers(&self, key: &FlowKey) -> bool {
-        self.overflowed || self.keys.contains(key)
-    }
-}
-
-impl RecentRemovals {
-    /// `key` was removed from the table.
-    pub fn removed(&mut self, key: FlowKey) {
-        if self.newer.keys.len() < MAX_REMOVALS {
-            self.newer.keys.insert(key);
-        } else {
-            self.newer.overflowed = true;
-        }
-    }
-
-    /// The change that an event's snapshot `session` of `key` stands for.
-    pub fn change(&self, key: &FlowKey, session: &Session) -> Change {
-        if self.newer.covers(key) || self.older.covers(key) {
-            Change::Read
-        } else {
-            Change::Snapshot(*session)
-        }
-    }
-
-    /// A drain of the ring buffer emptied it.
-    pub fn drained(&mut self) {
-        self.older = std::mem::take(&mut self.newer);
-    }
 }
 
 /// A frame sent and not yet acknowledged.
@@ -211,12 +159,12 @@ impl Outbox {
         let mut oldest = None;
         for (key, at) in self.pending.drain(..n) {
             self.queued.remove(&key);
-            let change = match self.snapshots.is_empty() {
-                true => Change::Read,
-                false => self
-                    .snapshots
+            let change = if self.snapshots.is_empty() {
+                Change::Read
+            } else {
+                self.snapshots
                     .remove(&key)
-                    .map_or(Change::Read, Change::Snapshot),
+                    .map_or(Change::Read, Change::Snapshot)
             };
             oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
             changes.push((key, change));
@@ -376,31 +324,6 @@ mod tests {
             changes,
             vec![(key(1), Change::Snapshot(a)), (key(2), Change::Read)]
         );
-    }
-
-    #[test]
-    fn events_of_a_removed_key_are_read_until_two_drains_emptied_the_ring() {
-        let mut r = RecentRemovals::default();
-        let s = Session::default();
-        r.removed(key(1));
-        assert_eq!(r.change(&key(1), &s), Change::Read);
-        assert_eq!(r.change(&key(2), &s), Change::Snapshot(s));
-        r.drained();
-        assert_eq!(
-            r.change(&key(1), &s),
-            Change::Read,
-            "one drain is not enough"
-        );
-        r.drained();
-        assert_eq!(r.change(&key(1), &s), Change::Snapshot(s));
-        // Too many removals at once: every event is read until they are forgotten.
-        for i in 0..=u32::try_from(MAX_REMOVALS).expect("fits") {
-            r.removed(key(i + 10));
-        }
-        assert_eq!(r.change(&key(2), &s), Change::Read);
-        r.drained();
-        r.drained();
-        assert_eq!(r.change(&key(2), &s), Change::Snapshot(s));
     }
 
     #[test]
