@@ -202,13 +202,17 @@ pub struct PassSummary {
 /// A pass that completes also tells how many sessions each member owns.
 ///
 /// A new pass starts only when a session may have expired since the last one started: at the
-/// earliest expiry among the sessions that pass kept, and at the latest the shortest timeout
-/// after it started (a session created or changed since expires no sooner, a replica written
-/// by a peer with its owner's idle time may). A table that is small, or holds only long-lived
-/// sessions, is no longer walked whole ten times a second. A session still leaves the table
-/// at most a pass and the shortest timeout after it expired; the XDP program treats it as
-/// absent from the moment it expires. A step between passes reads one key, so its result
-/// still says whether the table can be read (the session-table condition counts on it).
+/// earliest expiry among the sessions that pass kept, but no sooner than [`MIN_REST`] after
+/// it started, and at the latest the shortest timeout after it started (a session created or
+/// changed since expires no sooner). The cost of a pass is the map's size, not the table's: a
+/// small table in a large map was walked whole ten times a second, and is now walked at most
+/// once a second, and less often when nothing expires sooner. An expired session leaves the
+/// table at most a pass plus [`MIN_REST`] after it expired, or, for one written after its pass
+/// went by (a peer's replica carries its owner's idle time; a chunk that failed), at most a
+/// pass plus the shortest timeout after it was written; the XDP program treats it as absent
+/// from the moment it expires. The owners' counts are as old as the last pass. A step between
+/// passes reads one key, so its result still says whether the table can be read (the
+/// session-table condition counts on it).
 #[derive(Default)]
 pub struct IncrementalSweep {
     cursor: BatchCursor,
@@ -219,6 +223,9 @@ pub struct IncrementalSweep {
     next_pass_at: u64,
 }
 
+/// The least time between the starts of two passes.
+pub const MIN_REST: u64 = 1_000_000_000;
+
 /// The shortest timeout of `cfg`'s states.
 fn shortest_timeout(cfg: &DatapathConfig) -> u64 {
     cfg.timeouts_ns.iter().copied().min().unwrap_or(0)
@@ -226,7 +233,8 @@ fn shortest_timeout(cfg: &DatapathConfig) -> u64 {
 
 impl IncrementalSweep {
     /// Looks at up to about `budget` sessions (in chunks of `chunk`); returns the summary when
-    /// this step completed a pass over the table (the next step starts a new one).
+    /// this step completed a pass over the table (a later step starts a new one when one is
+    /// due).
     pub fn step(
         &mut self,
         map: &BatchMap<'_, FlowKey, Session>,
@@ -275,7 +283,10 @@ impl IncrementalSweep {
         self.cursor = BatchCursor::new();
         let started = self.started.take().unwrap_or_else(clock);
         let latest = started.saturating_add(shortest_timeout(cfg));
-        self.next_pass_at = done.earliest_expiry.map_or(latest, |e| e.min(latest));
+        let soonest = started.saturating_add(MIN_REST);
+        self.next_pass_at = done
+            .earliest_expiry
+            .map_or(latest, |e| e.max(soonest).min(latest));
         PassSummary {
             report: done.report,
             owners: done.owners,
@@ -467,6 +478,32 @@ mod tests {
         assert_eq!(step_at(NOW + 2 * shortest), Some(0));
         assert_eq!(step_at(NOW + 3 * shortest - 1), None);
         assert_eq!(step_at(NOW + 3 * shortest), Some(0));
+    }
+
+    #[test]
+    fn passes_start_at_most_once_per_minimum_rest() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        // Expires half a second after the pass that keeps it starts.
+        let mut soon = session(State::UdpNew, 0, NOW);
+        soon.last_seen_ns = NOW + S / 2 - State::UdpNew.default_timeout_s() * S;
+        map.update_batch(&[key(1)], &[soon], 0).expect("fill");
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let mut sweep = IncrementalSweep::default();
+        let mut step_at = |now: u64| {
+            sweep
+                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
+                .expect("step")
+                .map(|p| p.report.removed())
+        };
+        assert_eq!(step_at(NOW), Some(0));
+        assert_eq!(
+            step_at(NOW + S / 2),
+            None,
+            "expired, but the rest is not over"
+        );
+        assert_eq!(step_at(NOW + MIN_REST - 1), None);
+        assert_eq!(step_at(NOW + MIN_REST), Some(1));
     }
 
     #[test]
