@@ -64,18 +64,25 @@ fn run_steps(steps: &mut Steps, args: &[String]) -> Result<()> {
     steps.run_lanes(args)
 }
 
-/// The long fault run of the integration tests, in a lane of its own: it mostly waits on
-/// timers and faults, so the other tests run beside it.
-const SIDE_LANE: &str = "chaos_short";
+/// The side lane of the integration tests: the long fault run, which mostly waits on timers
+/// and faults, then the longest of the others (a failover that waits on keepalive timers), so
+/// the two lanes take about as long.
+const SIDE_LANE: [&str; 2] = ["chaos_short", "cluster_failover"];
+
+/// Where the side lane's output is kept (it is printed when the lane ends).
+const SIDE_LANE_LOG: &str = "chaos_short.log";
 
 /// The integration tests' two lanes: [`SIDE_LANE`], and every other test target. Each lane
 /// runs one test at a time (they create namespaces, pins and agents); every test's names carry
 /// its process id, so the lanes never share one.
 fn integration_lanes(args: &[String]) -> Result<(Command, Command)> {
-    let mut side = cmd::cargo(["test", "-p", "hasync-tests", "--test", SIDE_LANE]);
+    let mut side = cmd::cargo(["test", "-p", "hasync-tests"]);
+    for name in SIDE_LANE {
+        side.args(["--test", name]);
+    }
     let mut main = cmd::cargo(["test", "-p", "hasync-tests", "--lib", "--bins"]);
     for name in integration_targets()? {
-        if name != SIDE_LANE {
+        if !SIDE_LANE.contains(&name.as_str()) {
             main.args(["--test", &name]);
         }
     }
@@ -155,13 +162,13 @@ impl Steps {
     fn run_lanes(&mut self, args: &[String]) -> Result<()> {
         let (mut side, mut main) = integration_lanes(args)?;
         let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
-        let log = std::path::Path::new(&target).join(format!("{SIDE_LANE}.log"));
+        let log = std::path::Path::new(&target).join(SIDE_LANE_LOG);
         let start = Instant::now();
         let side_lane = cmd::spawn_logged(&mut side, &log)?;
         let main_result = cmd::run(&mut main).context("integration tests failed (above)");
         let side_result = side_lane
             .wait()
-            .with_context(|| format!("{SIDE_LANE} failed (its output is above)"));
+            .with_context(|| format!("{} failed (its output is above)", SIDE_LANE.join(", ")));
         let result = match (main_result, side_result) {
             (Err(main), Err(side)) => Err(anyhow::anyhow!("{main:#}; and {side:#}")),
             (main, side) => main.and(side),
