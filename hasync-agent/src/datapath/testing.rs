@@ -3,11 +3,16 @@
 
 use std::{io, os::fd::OwnedFd};
 
-use hasync_common::{DatapathConfig, MemberId};
+use hasync_common::{flow::IPPROTO_UDP, DatapathConfig, Family, FlowKey, MemberId};
 
 use super::{Datapath, DatapathOptions};
 
 pub use super::sys::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+
+/// A UDP flow key numbered `i` (distinct for every `i`).
+pub fn udp_key(i: u32) -> FlowKey {
+    FlowKey::canonical(Family::V4, IPPROTO_UDP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
+}
 
 /// Creates a map of `map_type` for `K → V` with room for `max_entries` (tests need root).
 pub fn create_map<K, V>(map_type: u32, max_entries: u32) -> OwnedFd {

@@ -256,13 +256,8 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
-    use hasync_common::{flow::IPPROTO_UDP, Family};
-
     use super::*;
-
-    fn key(i: u32) -> FlowKey {
-        FlowKey::canonical(Family::V4, IPPROTO_UDP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
-    }
+    use crate::datapath::testing::udp_key as key;
 
     /// The datapath's snapshot of a session at `version`.
     fn snapshot(version: u32) -> Change {

@@ -61,13 +61,8 @@ impl RecentRemovals {
 
 #[cfg(test)]
 mod tests {
-    use hasync_common::{flow::IPPROTO_UDP, Family};
-
     use super::*;
-
-    fn key(i: u32) -> FlowKey {
-        FlowKey::canonical(Family::V4, IPPROTO_UDP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
-    }
+    use crate::datapath::testing::udp_key as key;
 
     #[test]
     fn events_of_a_removed_key_are_read_until_two_drains_emptied_the_ring() {
