@@ -436,18 +436,26 @@ mod tests {
         assert_eq!(summary.owners[1], live, "every kept session is member 1's");
         assert_eq!(summary.owners.iter().sum::<u64>(), live);
         // A new pass over what is left starts when the first kept session may expire: in 1 s.
-        let mut step_at = |now: u64| {
-            sweep
-                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
-                .expect("step")
-                .map(|p| p.report.scanned)
-        };
+        let mut step_at =
+            |now: u64| step_once(&mut sweep, &map, &cfg, now).map(|p| p.report.scanned);
         assert_eq!(
             step_at(NOW + S - 1),
             None,
             "no session may have expired yet"
         );
         assert_eq!(step_at(NOW + S), Some(live));
+    }
+
+    /// One step of `sweep` at `now`, with a budget larger than the tests' tables.
+    fn step_once(
+        sweep: &mut IncrementalSweep,
+        map: &BatchMap<'_, FlowKey, Session>,
+        cfg: &DatapathConfig,
+        now: u64,
+    ) -> Option<PassSummary> {
+        sweep
+            .step_with_clock(map, cfg, 64, 1 << 20, &|| now, |_| {})
+            .expect("step")
     }
 
     #[test]
@@ -463,12 +471,8 @@ mod tests {
             .min()
             .expect("states");
         let mut sweep = IncrementalSweep::default();
-        let mut step_at = |now: u64| {
-            sweep
-                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
-                .expect("step")
-                .map(|p| p.report.scanned)
-        };
+        let mut step_at =
+            |now: u64| step_once(&mut sweep, &map, &cfg, now).map(|p| p.report.scanned);
         assert_eq!(step_at(NOW), Some(1));
         assert_eq!(step_at(NOW + S), None);
         assert_eq!(step_at(NOW + shortest - 1), None);
@@ -490,12 +494,8 @@ mod tests {
         map.update_batch(&[key(1)], &[soon], 0).expect("fill");
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut sweep = IncrementalSweep::default();
-        let mut step_at = |now: u64| {
-            sweep
-                .step_with_clock(&map, &cfg, 64, 1 << 20, &|| now, |_| {})
-                .expect("step")
-                .map(|p| p.report.removed())
-        };
+        let mut step_at =
+            |now: u64| step_once(&mut sweep, &map, &cfg, now).map(|p| p.report.removed());
         assert_eq!(step_at(NOW), Some(0));
         assert_eq!(
             step_at(NOW + S / 2),
