@@ -27,11 +27,15 @@
 //!     `forwarding = "kernel"` (the default);
 //! (f) hasync, `[local] forwarding = "xdp"`;
 //! (g) hasync virtual wire `[[vwire]] interfaces = ["in0", "out0"]` (gen and recv in one
-//!     subnet, frames addressed to recv's MAC).
+//!     subnet, frames addressed to recv's MAC);
+//! (h) (b) after exactly one lookup of the frame's flow key (the product's parser) in a hash of
+//!     the agent's table's key, value and capacity, holding every flow (a learning pass
+//!     inserts them first): the ceiling of any design that keeps a session per flow in that
+//!     table, so h/b bounds what f/b and g/b can reach on this host.
 //! In (d)–(g) every flow is established first: one pass of frames in the original direction,
 //! then one of replies from recv, then the measurement.
 //!
-//! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85. The generator and the device under test share
+//! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85 (h/b is reported beside them, not a target). The generator and the device under test share
 //! this host's CPUs (2 on the CI machines): every figure is a same-run ratio. CPU per packet
 //! is the system + irq + softirq time of all CPUs (/proc/stat) over the sending time, per
 //! frame received: the generator's share included.
@@ -87,10 +91,11 @@ enum Case {
     HasyncKernel,
     HasyncXdp,
     Vwire,
+    Lookup,
 }
 
 impl Case {
-    const ALL: [Case; 7] = [
+    const ALL: [Case; 8] = [
         Case::Floor,
         Case::Redirect,
         Case::Kernel,
@@ -98,6 +103,7 @@ impl Case {
         Case::HasyncKernel,
         Case::HasyncXdp,
         Case::Vwire,
+        Case::Lookup,
     ];
 
     fn letter(self) -> char {
@@ -109,6 +115,7 @@ impl Case {
             Case::HasyncKernel => 'e',
             Case::HasyncXdp => 'f',
             Case::Vwire => 'g',
+            Case::Lookup => 'h',
         }
     }
 
@@ -121,6 +128,7 @@ impl Case {
             Case::HasyncKernel => "hasync, kernel forwarding",
             Case::HasyncXdp => "hasync, XDP forwarding",
             Case::Vwire => "hasync vwire",
+            Case::Lookup => "(b) + one session lookup",
         }
     }
 
@@ -131,10 +139,10 @@ impl Case {
             let case = Case::ALL
                 .into_iter()
                 .find(|c| part.len() == 1 && part.starts_with(c.letter()))
-                .ok_or_else(|| anyhow!("--cases: unknown case `{part}` (known: a–g)"))?;
+                .ok_or_else(|| anyhow!("--cases: unknown case `{part}` (known: a–h)"))?;
             out.push(case);
         }
-        ensure!(!out.is_empty(), "--cases: no case given (known: a–g)");
+        ensure!(!out.is_empty(), "--cases: no case given (known: a–h)");
         out.sort();
         out.dedup();
         Ok(out)
@@ -217,7 +225,7 @@ impl Bench {
         Ok(Bench {
             gen_st,
             recv_st,
-            member_st: Station::load()?,
+            member_st: Station::load_with_table(CAPACITY)?,
             gen,
             member,
             recv,
@@ -282,7 +290,11 @@ impl Bench {
         match case {
             Case::Floor => Ok(Dut::Nothing),
             Case::Redirect => {
-                self.setup_redirect()?;
+                self.setup_redirect("redirect")?;
+                Ok(Dut::Programs)
+            }
+            Case::Lookup => {
+                self.setup_redirect("redirect_lookup")?;
                 Ok(Dut::Programs)
             }
             Case::Kernel => {
@@ -347,7 +359,8 @@ impl Bench {
         Ok(agents)
     }
 
-    fn setup_redirect(&mut self) -> Result<()> {
+    /// `prog` (`redirect` or `redirect_lookup`) on in0, sending to out0.
+    fn setup_redirect(&mut self, prog: &'static str) -> Result<()> {
         let (in0, out0) = (self.ports.in0, self.ports.out0);
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&self.mac("r0"));
@@ -364,7 +377,7 @@ impl Bench {
             .context("REDIRECT_PORTS: in0 → out0")?;
         let mut m: HashMap<_, u32, [u8; 12]> = HashMap::try_from(member_st.map("REDIRECT_MACS")?)?;
         m.insert(in0, macs, 0)?;
-        member_st.attach(member, "redirect", "in0")
+        member_st.attach(member, prog, "in0")
     }
 }
 
@@ -441,11 +454,40 @@ fn establish_flows(b: &mut Bench, case: Case, family: Family, flows: u32) -> Res
     establish(gen, recv, (&orig, &reply), flows, family.label()).map(drop)
 }
 
+/// One pass of every flow through `redirect_lookup` while it learns, so the measured runs find
+/// each in its table.
+fn learn_flows(b: &mut Bench, family: Family, flows: u32) -> Result<()> {
+    let (ingress, macs) = original_path(b, Case::Lookup);
+    b.gen_st
+        .set_stream(&stream(family, false, Direction::Original, macs, flows))?;
+    b.member_st.set_learn(true)?;
+    let before = b.recv_st.received()?;
+    let sent = b.gen_st.send(
+        &b.gen,
+        ingress,
+        CHUNK,
+        flows.into(),
+        Duration::from_secs(60),
+    );
+    let learnt = b.member_st.set_learn(false);
+    sent?;
+    learnt?;
+    std::thread::sleep(Duration::from_millis(50));
+    let through = b.recv_st.received()? - before;
+    eprintln!(
+        "  {} {flows} flows learnt: {through} through",
+        family.label()
+    );
+    Ok(())
+}
+
 /// The rate of `case` for `family` and `flows`: the median of [`RUNS`] runs.
 fn measure(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<Figure> {
     let (ingress, macs) = original_path(b, case);
     if case.stateful() {
         establish_flows(b, case, family, flows)?;
+    } else if case == Case::Lookup {
+        learn_flows(b, family, flows)?;
     } else {
         b.gen_st.set_stream(&stream(
             family,
@@ -537,6 +579,7 @@ struct Summary {
     xdp_vs_redirect: Option<f64>,
     xdp_vs_kernel_conntrack: Option<f64>,
     vwire_vs_redirect: Option<f64>,
+    lookup_vs_redirect: Option<f64>,
 }
 
 fn summary(results: &Results) -> Summary {
@@ -549,6 +592,7 @@ fn summary(results: &Results) -> Summary {
             over_conntrack,
         )),
         vwire_vs_redirect: worst(&ratios(results, Case::Vwire, Case::Redirect, |_| false)),
+        lookup_vs_redirect: worst(&ratios(results, Case::Lookup, Case::Redirect, |_| false)),
     }
 }
 
@@ -572,10 +616,13 @@ fn print_table(results: &Results) {
         .map(|c| format!("({}) {}", c.letter(), c.what()))
         .collect();
     println!(
-        "| family | flows | {} | f/b | f/d | g/b |",
+        "| family | flows | {} | f/b | f/d | g/b | h/b |",
         letters.join(" | ")
     );
-    println!("|---|---|{}---|---|---|", "---|".repeat(Case::ALL.len()));
+    println!(
+        "|---|---|{}---|---|---|---|",
+        "---|".repeat(Case::ALL.len())
+    );
     for (&(family, flows), cases) in results {
         let label = size_label(flows);
         let mpps: Vec<String> = Case::ALL
@@ -583,12 +630,13 @@ fn print_table(results: &Results) {
             .map(|c| cell(cases.get(c).map(|f| f.mpps), 3))
             .collect();
         println!(
-            "| {} | {label} | {} | {} | {} | {} |",
+            "| {} | {label} | {} | {} | {} | {} | {} |",
             family.label(),
             mpps.join(" | "),
             cell(ratio_of(cases, Case::HasyncXdp, Case::Redirect), 2),
             cell(ratio_of(cases, Case::HasyncXdp, Case::Conntrack), 2),
             cell(ratio_of(cases, Case::Vwire, Case::Redirect), 2),
+            cell(ratio_of(cases, Case::Lookup, Case::Redirect), 2),
         );
     }
     println!("\nCPU ns per frame received (system + irq + softirq, generator included):");
@@ -609,10 +657,12 @@ fn print_table(results: &Results) {
     let s = summary(results);
     println!(
         "\nworst over families and sizes: f/b {} (target ≥ {TARGET_XDP_VS_REDIRECT}), f/d {} \
-         (target ≥ {TARGET_XDP_VS_CONNTRACK}), g/b {} (target ≥ {TARGET_VWIRE_VS_REDIRECT})",
+         (target ≥ {TARGET_XDP_VS_CONNTRACK}), g/b {} (target ≥ {TARGET_VWIRE_VS_REDIRECT}); \
+         h/b {} (the ceiling of f/b and g/b with a session per flow in this table)",
         cell(s.xdp_vs_redirect, 2),
         cell(s.xdp_vs_kernel_conntrack, 2),
         cell(s.vwire_vs_redirect, 2),
+        cell(s.lookup_vs_redirect, 2),
     );
     if let Some(max) = conntrack_max() {
         println!(
@@ -652,6 +702,7 @@ fn print_json(results: &Results) {
             "xdp_vs_redirect": s.xdp_vs_redirect,
             "xdp_vs_kernel_conntrack": s.xdp_vs_kernel_conntrack,
             "vwire_vs_redirect": s.vwire_vs_redirect,
+            "lookup_vs_redirect": s.lookup_vs_redirect,
         },
         "targets": {
             "xdp_vs_redirect": TARGET_XDP_VS_REDIRECT,

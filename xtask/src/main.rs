@@ -100,7 +100,7 @@ struct BenchArgs {
 /// `cargo xtask bench`'s options that only some benches take.
 #[derive(Args)]
 struct BenchOptions {
-    /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–g).
+    /// `forward` only: the cases to run, e.g. `a,b,c,d,e` (default: all, a–h).
     #[arg(long, value_name = "LIST")]
     cases: Option<String>,
     /// `forward`: the numbers of flows to measure, e.g. `1000,1000000` (the default);

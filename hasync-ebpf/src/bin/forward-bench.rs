@@ -17,6 +17,10 @@
 //! - `redirect`: the XDP floor of a forwarding member: a fixed egress per ingress interface
 //!   (`REDIRECT_PORTS`, a DEVMAP), MAC rewrite (`REDIRECT_MACS`), no parsing beyond Ethernet
 //!   and no session logic.
+//! - `redirect_lookup`: `redirect` after exactly one lookup of the frame's flow key (the
+//!   product's parser) in `LOOKUP_TABLE`, a hash of the session table's key, value and
+//!   capacity: the most any design that keeps a session per flow in that table can forward.
+//!   While `LOOKUP_LEARN` is 1 a missing flow is inserted; otherwise it is dropped.
 #![no_std]
 #![no_main]
 #![deny(
@@ -32,8 +36,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
-// The panic handler and the license section.
-use hasync_ebpf as _;
+use hasync_common::{FlowKey, Session};
+use hasync_ebpf::parse::{parse, Parsed};
 
 /// Bytes of every generated frame (without FCS): the template's size.
 const FRAME_LEN: usize = 64;
@@ -93,6 +97,15 @@ static REDIRECT_PORTS: DevMapHash = DevMapHash::with_max_entries(8, 0);
 /// Ingress ifindex → the egress frame's destination and source MAC addresses.
 #[map]
 static REDIRECT_MACS: HashMap<u32, [u8; 12]> = HashMap::with_max_entries(8, 0);
+
+/// The session table's stand-in for `redirect_lookup`; userspace sizes it at load time as the
+/// agent sizes its table (one entry unless it says otherwise).
+#[map]
+static LOOKUP_TABLE: HashMap<FlowKey, Session> = HashMap::with_max_entries(1, 0);
+
+/// 1: `redirect_lookup` inserts the flows it does not find (the learning pass).
+#[map]
+static LOOKUP_LEARN: Array<u32> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 fn param(i: u32) -> u32 {
@@ -244,6 +257,27 @@ pub fn pass(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn redirect(ctx: XdpContext) -> u32 {
+    redirect_frame(&ctx)
+}
+
+#[xdp]
+pub fn redirect_lookup(ctx: XdpContext) -> u32 {
+    let Parsed::Track(pkt) = parse(&ctx) else {
+        return xdp_action::XDP_DROP;
+    };
+    if LOOKUP_TABLE.get_ptr(pkt.key).is_none() {
+        let learn = LOOKUP_LEARN.get(0).copied().unwrap_or(0) == 1;
+        let session = Session::default();
+        if !learn || LOOKUP_TABLE.insert(pkt.key, session, 0).is_err() {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    redirect_frame(&ctx)
+}
+
+/// Rewrites the MACs and redirects to the ingress interface's egress.
+#[inline(always)]
+fn redirect_frame(ctx: &XdpContext) -> u32 {
     let data = ctx.data();
     if data.wrapping_add(12) > ctx.data_end() {
         return xdp_action::XDP_DROP;

@@ -17,7 +17,7 @@ use aya::{
         xdp::{XdpLinkId, XdpMode},
         TestRun, TestRunAttrs, TestRunOptions, Xdp,
     },
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 
 use super::stream::{Stream, FRAME_LEN};
@@ -44,8 +44,20 @@ pub struct Station {
 
 impl Station {
     pub fn load() -> Result<Station> {
-        let mut ebpf = Ebpf::load(OBJECT).context("loading the forward-bench object")?;
-        load_xdp_programs(&mut ebpf, &["generate", "count", "pass", "redirect"])?;
+        Station::load_with_table(1)
+    }
+
+    /// [`Station::load`], with `redirect_lookup`'s table sized to `entries` (a member's: the
+    /// agent's session capacity).
+    pub fn load_with_table(entries: u32) -> Result<Station> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("LOOKUP_TABLE", entries)
+            .load(OBJECT)
+            .context("loading the forward-bench object")?;
+        load_xdp_programs(
+            &mut ebpf,
+            &["generate", "count", "pass", "redirect", "redirect_lookup"],
+        )?;
         Ok(Station {
             ebpf: DropIsolated::new(ebpf),
             links: Vec::new(),
@@ -103,6 +115,13 @@ impl Station {
             .ok_or_else(|| anyhow!("no map {name}"))?;
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         Ok(map.get(&0, 0)?.iter().sum())
+    }
+
+    /// Whether `redirect_lookup` inserts the flows it does not find.
+    pub fn set_learn(&mut self, learn: bool) -> Result<()> {
+        let mut m: Array<_, u32> = Array::try_from(self.map("LOOKUP_LEARN")?)?;
+        m.set(0, u32::from(learn), 0)?;
+        Ok(())
     }
 
     /// Frames the counter counted, all CPUs.
