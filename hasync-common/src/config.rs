@@ -86,6 +86,11 @@ pub enum Forwarding {
     Xdp = 1,
 }
 
+/// A state's refresh interval is its timeout divided by this ([`DatapathConfig::refresh_ns`])...
+pub const REFRESH_SHARE: u64 = 8;
+/// ...and at most this, in nanoseconds.
+pub const REFRESH_MAX_NS: u64 = 30_000_000_000;
+
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
 #[repr(C)]
@@ -93,7 +98,8 @@ pub enum Forwarding {
 pub struct DatapathConfig {
     /// Idle timeout per [`crate::State`], in nanoseconds.
     pub timeouts_ns: [u64; STATE_COUNT],
-    /// Minimum interval between two refresh events of one session, in nanoseconds.
+    /// The shortest interval between two refresh events of one session, in nanoseconds; a
+    /// state's own interval is longer when its timeout is ([`DatapathConfig::refresh_ns`]).
     pub refresh_interval_ns: u64,
     /// This member's id, owner of the sessions it creates; [`MemberId::NONE`] until the agent
     /// configures the datapath.
@@ -153,6 +159,27 @@ impl DatapathConfig {
         }
     }
 
+    /// How long after its last event an owned session that still sees traffic is announced
+    /// again (a refresh event: peers' replicas take its idle time and counters), in `state`:
+    /// [`REFRESH_SHARE`] of the state's timeout, at most [`REFRESH_MAX_NS`], and never less
+    /// than `refresh_interval_ns`. A replica is then never older than this interval plus the
+    /// gap between two of the flow's packets; an interval fixed at one second made a table of
+    /// flows that each send less than once a second announce every packet.
+    #[inline(always)]
+    pub fn refresh_ns(&self, state: u8) -> u64 {
+        let share = self.timeout_ns(state) / REFRESH_SHARE;
+        let capped = if share < REFRESH_MAX_NS {
+            share
+        } else {
+            REFRESH_MAX_NS
+        };
+        if capped > self.refresh_interval_ns {
+            capped
+        } else {
+            self.refresh_interval_ns
+        }
+    }
+
     /// The session clock (the agent's monotonic clock, in nanoseconds) when the kernel's
     /// `jiffies` is `jiffies`, by the agent's measurement (`ns_per_jiffy` not 0).
     #[inline(always)]
@@ -185,5 +212,37 @@ impl DatapathConfig {
             _pad2: 0,
             embryo_cpus: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::State;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_state_refreshes_every_eighth_of_its_timeout_within_the_floor_and_the_cap() {
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let every = |state: State| cfg.refresh_ns(state as u8);
+        // 3600 s / 8 is past the cap; 120 s / 8 and 30 s / 8 are not.
+        assert_eq!(every(State::Established), 30 * S);
+        assert_eq!(every(State::UdpReplied), 15 * S);
+        assert_eq!(every(State::UdpNew), 3_750_000_000);
+        // 6 s / 8 is under the configured floor of one second.
+        assert_eq!(every(State::IcmpEcho), S);
+    }
+
+    #[test]
+    fn the_configured_interval_is_a_floor_and_a_state_without_timeout_has_only_the_floor() {
+        let mut cfg = DatapathConfig::with_defaults(MemberId(1));
+        cfg.refresh_interval_ns = 60 * S;
+        assert_eq!(cfg.refresh_ns(State::UdpReplied as u8), 60 * S);
+        cfg.refresh_interval_ns = 0;
+        cfg.timeouts_ns[State::UdpNew as usize] = 0;
+        assert_eq!(cfg.refresh_ns(State::UdpNew as u8), 0);
+        // A state this build does not know has no timeout, hence no share.
+        assert_eq!(cfg.refresh_ns(u8::MAX), 0);
     }
 }

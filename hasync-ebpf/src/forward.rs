@@ -133,8 +133,10 @@ pub struct Accepted {
     pub fragment: bool,
     /// TCP: the segment fits the window (UDP: always).
     pub in_window: bool,
-    /// The packet carried a refresh event (about once a second per session).
+    /// The packet carried a refresh event.
     pub refreshed: bool,
+    /// The session's refresh interval (`DatapathConfig::refresh_ns`).
+    pub refresh_ns: u64,
     /// Session clock.
     pub now: u64,
 }
@@ -174,12 +176,16 @@ pub fn both_ways(s: &Session) -> bool {
         || (s.state == State::Closing as u8 && s.handshake_completed())
 }
 
-/// Every 16th refresh of a session: the kernel's connection tracking forgets a UDP stream
-/// after 120 s without a packet, so a packet the fast path later hands it mid-flow would be
-/// new or invalid there.
+/// A refresh interval from which every refresh's packet goes to the kernel; shorter ones send
+/// every 16th. Either way the kernel sees a packet of a forwarded session at least every 32 s
+/// (the refresh interval is at most 30 s): its connection tracking forgets a UDP stream after
+/// 120 s without a packet, so a packet the fast path later hands it mid-flow would be new or
+/// invalid there.
+const KERNEL_EVERY_REFRESH_NS: u64 = 2_000_000_000;
+
 #[inline(always)]
 fn kernel_refresh_due(pkt: &Accepted) -> bool {
-    pkt.refreshed && pkt.version & 15 == 0
+    pkt.refreshed && (pkt.refresh_ns >= KERNEL_EVERY_REFRESH_NS || pkt.version & 15 == 0)
 }
 
 #[inline(always)]

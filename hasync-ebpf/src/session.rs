@@ -171,6 +171,9 @@ fn hit(
         );
     }
     account(s, dir, pkt, now, fit);
+    // The state's interval, read before `advance`: a packet that changes the state sends an
+    // event of its own, never a refresh.
+    let refresh_ns = cfg.refresh_ns(s.state);
     let refreshed = if !owned {
         take_over(cfg, counters, pkt, s, dir, now);
         false
@@ -178,7 +181,7 @@ fn hit(
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
         false
-    } else if now.saturating_sub(s.last_event_ns) >= cfg.refresh_interval_ns {
+    } else if now.saturating_sub(s.last_event_ns) >= refresh_ns {
         s.version = s.version.wrapping_add(1);
         s.last_event_ns = now;
         emit(counters, EventKind::Refresh, &pkt.key, s);
@@ -196,6 +199,7 @@ fn hit(
         fragment: pkt.first_fragment.is_some(),
         in_window: fit != Fit::Outside,
         refreshed,
+        refresh_ns,
         now,
     };
     forward::routed(ctx, cfg, counters, &accepted)

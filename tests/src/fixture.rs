@@ -46,6 +46,8 @@ pub struct Existing {
     /// `last_seen_ns` relative to the setup's clock reading (positive: in the future, as when
     /// another CPU stored a later time than a packet's own reading).
     pub last_seen_offset_ns: i64,
+    /// `last_event_ns` relative to the setup's clock reading, like `last_seen_offset_ns`.
+    pub last_event_offset_ns: i64,
     /// TCP sequence state (`tcp_track`, `max_win`, `seq_end`); zero: none, as a replica from
     /// a protocol 1.0 peer.
     pub tcp_window: ([u8; 2], [u16; 2], [u32; 2]),
@@ -72,6 +74,7 @@ impl Existing {
             tcp_flags: [tcp::SYN | tcp::ACK, tcp::SYN | tcp::ACK],
             initiator_hi: None,
             last_seen_offset_ns: 0,
+            last_event_offset_ns: 0,
             tcp_window: Default::default(),
         }
     }
@@ -86,6 +89,12 @@ impl Existing {
     /// Last seen `ns` away from now (negative: in the past).
     pub fn last_seen_offset_ns(mut self, ns: i64) -> Self {
         self.last_seen_offset_ns = ns;
+        self
+    }
+
+    /// Last event (created, changed or refreshed) `ns` away from now (negative: in the past).
+    pub fn last_event_offset_ns(mut self, ns: i64) -> Self {
+        self.last_event_offset_ns = ns;
         self
     }
 
@@ -468,6 +477,7 @@ fn write_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result
         tcp_flags,
         initiator_hi,
         last_seen_offset_ns,
+        last_event_offset_ns,
         tcp_window: (tcp_track, max_win, seq_end),
     } = e.clone();
     if owner.is_valid() && owner != LOCAL {
@@ -476,7 +486,7 @@ fn write_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result
     let session = Session {
         created_ns: now.saturating_sub(1_000_000_000),
         last_seen_ns: now.saturating_add_signed(last_seen_offset_ns),
-        last_event_ns: now,
+        last_event_ns: now.saturating_add_signed(last_event_offset_ns),
         packets,
         bytes: [packets[0] * 100, packets[1] * 100],
         version,

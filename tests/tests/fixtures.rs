@@ -78,13 +78,6 @@ fn tcp_rows() -> Vec<Row> {
             .session(Expect::new(State::SynSent).packets(2, 0))
             .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
             .events(&[E::Created]),
-        Row::new("tcp refresh event once the refresh interval has passed")
-            .refresh_interval_ns(0)
-            .pass(tcp(C4, S4).syn())
-            .pass(tcp(C4, S4).syn())
-            .session(Expect::new(State::SynSent).version(2).packets(2, 0))
-            .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 2)])
-            .events(&[E::Created, E::Refresh]),
         Row::new("tcp syn-ack from the initiator side does not advance")
             .pass(tcp(C4, S4).syn())
             .pass(tcp(C4, S4).syn_ack())
@@ -381,6 +374,7 @@ fn tcp_rows() -> Vec<Row> {
     ];
     rows.extend(tcp_window_rows());
     rows.extend(udp_icmp_rows());
+    rows.extend(refresh_rows());
     rows
 }
 
@@ -647,6 +641,68 @@ fn replica_with_window() -> Existing {
     Existing::peer(State::Established, false)
         .initiator_hi(false)
         .tcp_window([known; 2], [65535; 2], [50_000, 90_000])
+}
+
+/// An owned session that sees traffic is announced again (a refresh event, version + 1) once
+/// an eighth of its state's timeout has passed since its last event, at most 30 s, never
+/// sooner than the configured interval (the product's: 1 s).
+fn refresh_rows() -> Vec<Row> {
+    const S: i64 = 1_000_000_000;
+    let refreshed = |name: &str, existing: Existing, frame: Frame| {
+        Row::new(name)
+            .refresh_interval_ns(S as u64)
+            .existing(existing)
+            .pass(frame)
+            .counters(&[(C::Hits, 1), (C::Events, 1)])
+            .events(&[E::Refresh])
+    };
+    let quiet = |name: &str, existing: Existing, frame: Frame| {
+        Row::new(name)
+            .refresh_interval_ns(S as u64)
+            .existing(existing)
+            .pass(frame)
+            .counters(&[(C::Hits, 1)])
+    };
+    let udp_replied = |last_event: i64| {
+        Existing::local(State::UdpReplied)
+            .tcp_flags(0, 0)
+            .last_event_offset_ns(last_event)
+    };
+    let established =
+        |last_event: i64| Existing::local(State::Established).last_event_offset_ns(last_event);
+    vec![
+        refreshed(
+            "refresh: established, 31 s after its last event (the 30 s cap)",
+            established(-31 * S),
+            tcp(C4, S4).ack(),
+        )
+        .session(Expect::new(State::Established).version(8).packets(6, 4)),
+        quiet(
+            "refresh: none for established 29 s after its last event",
+            established(-29 * S),
+            tcp(C4, S4).ack(),
+        )
+        .session(Expect::new(State::Established).version(7).packets(6, 4)),
+        refreshed(
+            "refresh: udp-replied (120 s), 16 s after its last event (an eighth: 15 s)",
+            udp_replied(-16 * S),
+            udp(C4, S4),
+        )
+        .session(Expect::new(State::UdpReplied).version(8).packets(6, 4)),
+        quiet(
+            "refresh: none for udp-replied 14 s after its last event",
+            udp_replied(-14 * S),
+            udp(C4, S4),
+        )
+        .session(Expect::new(State::UdpReplied).version(7).packets(6, 4)),
+        quiet(
+            "refresh: none before the configured interval, however short the state's",
+            udp_replied(-16 * S),
+            udp(C4, S4),
+        )
+        .refresh_interval_ns(20 * S as u64)
+        .session(Expect::new(State::UdpReplied).version(7).packets(6, 4)),
+    ]
 }
 
 fn udp_icmp_rows() -> Vec<Row> {
@@ -1828,6 +1884,16 @@ fn forwarding_rows() -> Vec<Row> {
                 (C::Events, 2),
             ])
             .events(&[E::Created, E::StateChanged]),
+        // The kernel's connection tracking must see a forwarded flow now and then: every
+        // refresh of a state whose interval is 2 s or more (udp-replied: 15 s) takes the
+        // refreshing packet there, whatever the version (8 here; every 16th before).
+        xdp("xdp forwarding: the packet that refreshes a udp-replied session goes to the kernel")
+            .refresh_interval_ns(1_000_000_000)
+            .existing(replied().last_event_offset_ns(-16_000_000_000))
+            .pass(udp(C4, S4))
+            .session(Expect::new(State::UdpReplied).version(8).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdRefresh, 1), (C::Events, 1)])
+            .events(&[E::Refresh]),
         xdp("xdp forwarding: a vlan-tagged packet goes to the kernel (its vlan device routes it)")
             .existing(established())
             .pass(tcp(C4, S4).ack().vlan(100))
