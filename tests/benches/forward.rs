@@ -35,10 +35,10 @@
 //! In (d)–(g) every flow is established first: one pass of frames in the original direction,
 //! then one of replies from recv, then the measurement.
 //!
-//! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85 (h/b is reported beside them, not a target). The generator and the device under test share
-//! this host's CPUs (2 on the CI machines): every figure is a same-run ratio. CPU per packet
-//! is the system + irq + softirq time of all CPUs (/proc/stat) over the sending time, per
-//! frame received: the generator's share included.
+//! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85 (h/b is reported beside them, not a target). The
+//! generator and the device under test share this host's CPUs (2 on the CI machines): every
+//! figure is a same-run ratio. CPU per packet is the system + irq + softirq time of all CPUs
+//! (/proc/stat) over the sending time, per frame received: the generator's share included.
 
 use std::{
     collections::BTreeMap,
