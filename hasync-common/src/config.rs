@@ -90,6 +90,11 @@ pub enum Forwarding {
 pub const REFRESH_SHARE: u64 = 8;
 /// ...and at most this, in nanoseconds.
 pub const REFRESH_MAX_NS: u64 = 30_000_000_000;
+/// A session is also refreshed when the byte count of a direction crosses a multiple of 2 to
+/// this power (1 GiB): a direction's sequence numbers move by no more than its bytes, so a
+/// replica's stay less than 2^31 behind its owner's however fast the flow (a taking-over
+/// member re-learns only numbers ahead of its replica's, by less than 2^31).
+pub const REFRESH_BYTES_SHIFT: u32 = 30;
 
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
@@ -160,7 +165,9 @@ impl DatapathConfig {
     }
 
     /// How long after its last event an owned session that still sees traffic is announced
-    /// again (a refresh event: peers' replicas take its idle time and counters), in `state`:
+    /// again (a refresh event: peers' replicas take its idle time and counters; the XDP
+    /// program also refreshes at once a session that becomes assured, and one whose direction
+    /// crossed a multiple of 2^[`REFRESH_BYTES_SHIFT`] bytes), in `state`:
     /// [`REFRESH_SHARE`] of the state's timeout, at most [`REFRESH_MAX_NS`], and never less
     /// than `refresh_interval_ns`. A replica is then never older than this interval plus the
     /// gap between two of the flow's packets; an interval fixed at one second made a table of

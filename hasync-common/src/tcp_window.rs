@@ -23,11 +23,13 @@
 //! segment of each is taken as it comes: one unchecked segment per direction is the price of
 //! not cutting taken-over connections.
 //!
-//! A replica's numbers are as old as the last record its owner sent (a refresh per second at
-//! most), and a busy connection moves further than a window in that time. So directions
-//! applied from a peer are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead
-//! of the replica's end re-learns it (sequence numbers only move forward). RST and FIN are
-//! checked against the replica's numbers throughout.
+//! A replica's numbers are as old as the last record its owner sent (a refresh up to 30 s
+//! apart, and at every GiB a direction sends: [`crate::config::REFRESH_BYTES_SHIFT`]), and a
+//! busy connection moves further than a window in that time. So directions applied from a peer
+//! are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead of the replica's end
+//! (by less than 2^31, which the refresh at every GiB keeps true) re-learns it (sequence
+//! numbers only move forward). RST and FIN are checked against the replica's numbers
+//! throughout.
 
 use crate::session::{tcp, Session, State, DIR_ORIGINAL, DIR_REPLY};
 

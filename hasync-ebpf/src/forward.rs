@@ -122,8 +122,6 @@ pub fn wire(
 pub struct Accepted {
     /// The session has seen both directions ([`both_ways`]).
     pub both_ways: bool,
-    /// The session's version after this packet.
-    pub version: u32,
     /// The session's zone (its initiator's side) and reply zone.
     pub zone: ZoneId,
     pub reply_zone: ZoneId,
@@ -135,8 +133,6 @@ pub struct Accepted {
     pub in_window: bool,
     /// The packet carried a refresh event.
     pub refreshed: bool,
-    /// The session's refresh interval (`DatapathConfig::refresh_ns`).
-    pub refresh_ns: u64,
     /// Session clock.
     pub now: u64,
 }
@@ -176,16 +172,14 @@ pub fn both_ways(s: &Session) -> bool {
         || (s.state == State::Closing as u8 && s.handshake_completed())
 }
 
-/// A refresh interval from which every refresh's packet goes to the kernel; shorter ones send
-/// every 16th. Either way the kernel sees a packet of a forwarded session at least every 32 s
-/// (the refresh interval is at most 30 s): its connection tracking forgets a UDP stream after
-/// 120 s without a packet, so a packet the fast path later hands it mid-flow would be new or
-/// invalid there.
-const KERNEL_EVERY_REFRESH_NS: u64 = 2_000_000_000;
-
+/// The packet that carries a refresh goes to the kernel: its connection tracking, which saw
+/// the session's setup (see `both_ways` in `session::hit`), then sees a packet of the flow at
+/// least every refresh interval (at most 30 s) plus the gap between two of its packets. It
+/// forgets a UDP stream after 120 s without one, and a packet the fast path later hands it
+/// mid-flow would then be new or invalid there.
 #[inline(always)]
 fn kernel_refresh_due(pkt: &Accepted) -> bool {
-    pkt.refreshed && (pkt.refresh_ns >= KERNEL_EVERY_REFRESH_NS || pkt.version & 15 == 0)
+    pkt.refreshed
 }
 
 #[inline(always)]

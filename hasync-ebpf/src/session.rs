@@ -5,6 +5,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use hasync_common::{
+    config::REFRESH_BYTES_SHIFT,
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     tcp_window::{self, Fit},
@@ -170,6 +171,7 @@ fn hit(
             Counter::DropTcpOutOfWindow,
         );
     }
+    let was = Before::of(s, dir);
     account(s, dir, pkt, now, fit);
     // The state's interval, read before `advance`: a packet that changes the state sends an
     // event of its own, never a refresh.
@@ -181,7 +183,7 @@ fn hit(
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
         false
-    } else if now.saturating_sub(s.last_event_ns) >= refresh_ns {
+    } else if refresh_due(s, &was, dir, now, refresh_ns) {
         s.version = s.version.wrapping_add(1);
         s.last_event_ns = now;
         emit(counters, EventKind::Refresh, &pkt.key, s);
@@ -191,18 +193,51 @@ fn hit(
     };
     // One call site: the forwarding path is inlined once.
     let accepted = forward::Accepted {
-        both_ways: forward::both_ways(s),
-        version: s.version,
+        // The packet that completes a session's setup (the first reply, the handshake's last
+        // ACK) goes to the kernel too, so its connection tracking sees both directions.
+        both_ways: was.both_ways && forward::both_ways(s),
         zone: s.zone,
         reply_zone: s.reply_zone,
         dir,
         fragment: pkt.first_fragment.is_some(),
         in_window: fit != Fit::Outside,
         refreshed,
-        refresh_ns,
         now,
     };
     forward::routed(ctx, cfg, counters, &accepted)
+}
+
+/// What a packet may change about its session that decides its refresh and its forwarding.
+struct Before {
+    assured: bool,
+    both_ways: bool,
+    /// Bytes of the packet's direction.
+    bytes: u64,
+}
+
+impl Before {
+    #[inline(always)]
+    fn of(s: &Session, dir: usize) -> Self {
+        Before {
+            assured: s.is_assured(),
+            both_ways: forward::both_ways(s),
+            bytes: s.bytes.get(dir).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Whether the packet of an owned session that announces nothing else sends a refresh: when
+/// the state's interval has passed since the last event; when this packet made the session
+/// assured (a UDP stream two seconds old: a peer's replica stops being evictable only when a
+/// record says so); or when the direction's byte count crossed a multiple of
+/// 2^[`REFRESH_BYTES_SHIFT`] (the sequence numbers a replica holds then stay less than 2^31
+/// behind, which a member taking the connection over needs to re-learn them).
+#[inline(always)]
+fn refresh_due(s: &Session, was: &Before, dir: usize, now: u64, refresh_ns: u64) -> bool {
+    let bytes = s.bytes.get(dir).copied().unwrap_or(0);
+    now.saturating_sub(s.last_event_ns) >= refresh_ns
+        || (!was.assured && s.is_assured())
+        || (bytes ^ was.bytes) >> REFRESH_BYTES_SHIFT != 0
 }
 
 /// Is the member that owns `s` alive?

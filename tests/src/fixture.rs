@@ -48,6 +48,10 @@ pub struct Existing {
     pub last_seen_offset_ns: i64,
     /// `last_event_ns` relative to the setup's clock reading, like `last_seen_offset_ns`.
     pub last_event_offset_ns: i64,
+    /// `created_ns` relative to the setup's clock reading (default: a second ago).
+    pub created_offset_ns: i64,
+    /// Bytes per direction (default: 100 per packet).
+    pub bytes: Option<[u64; 2]>,
     /// TCP sequence state (`tcp_track`, `max_win`, `seq_end`); zero: none, as a replica from
     /// a protocol 1.0 peer.
     pub tcp_window: ([u8; 2], [u16; 2], [u32; 2]),
@@ -75,6 +79,8 @@ impl Existing {
             initiator_hi: None,
             last_seen_offset_ns: 0,
             last_event_offset_ns: 0,
+            created_offset_ns: -1_000_000_000,
+            bytes: None,
             tcp_window: Default::default(),
         }
     }
@@ -95,6 +101,17 @@ impl Existing {
     /// Last event (created, changed or refreshed) `ns` away from now (negative: in the past).
     pub fn last_event_offset_ns(mut self, ns: i64) -> Self {
         self.last_event_offset_ns = ns;
+        self
+    }
+
+    /// Created `ns` away from now (negative: in the past).
+    pub fn created_offset_ns(mut self, ns: i64) -> Self {
+        self.created_offset_ns = ns;
+        self
+    }
+
+    pub fn bytes(mut self, original: u64, reply: u64) -> Self {
+        self.bytes = Some([original, reply]);
         self
     }
 
@@ -478,17 +495,19 @@ fn write_existing(tdp: &mut TestDatapath, key: &FlowKey, e: &Existing) -> Result
         initiator_hi,
         last_seen_offset_ns,
         last_event_offset_ns,
+        created_offset_ns,
+        bytes,
         tcp_window: (tcp_track, max_win, seq_end),
     } = e.clone();
     if owner.is_valid() && owner != LOCAL {
         tdp.datapath_mut().set_member_alive(owner, alive)?;
     }
     let session = Session {
-        created_ns: now.saturating_sub(1_000_000_000),
+        created_ns: now.saturating_add_signed(created_offset_ns),
         last_seen_ns: now.saturating_add_signed(last_seen_offset_ns),
         last_event_ns: now.saturating_add_signed(last_event_offset_ns),
         packets,
-        bytes: [packets[0] * 100, packets[1] * 100],
+        bytes: bytes.unwrap_or([packets[0] * 100, packets[1] * 100]),
         version,
         zone,
         flags: SessionFlags(

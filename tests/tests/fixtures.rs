@@ -695,6 +695,20 @@ fn refresh_rows() -> Vec<Row> {
             udp(C4, S4),
         )
         .session(Expect::new(State::UdpReplied).version(7).packets(6, 4)),
+        refreshed(
+            "refresh: udp-replied at once when the packet makes it assured (2 s old)",
+            udp_replied(-S)
+                .created_offset_ns(-5 * S / 2)
+                .last_seen_offset_ns(-S),
+            udp(C4, S4),
+        )
+        .session(Expect::new(State::UdpReplied).version(8).packets(6, 4)),
+        refreshed(
+            "refresh: established at once when a direction's bytes cross a GiB",
+            established(0).bytes((1 << 30) - 10, 400),
+            tcp(C4, S4).ack(),
+        )
+        .session(Expect::new(State::Established).version(8).packets(6, 4)),
         quiet(
             "refresh: none before the configured interval, however short the state's",
             udp_replied(-16 * S),
@@ -1884,9 +1898,8 @@ fn forwarding_rows() -> Vec<Row> {
                 (C::Events, 2),
             ])
             .events(&[E::Created, E::StateChanged]),
-        // The kernel's connection tracking must see a forwarded flow now and then: every
-        // refresh of a state whose interval is 2 s or more (udp-replied: 15 s) takes the
-        // refreshing packet there, whatever the version (8 here; every 16th before).
+        // The kernel's connection tracking must see a forwarded flow now and then: the packet
+        // of every refresh goes there, whatever the version (8 here; every 16th before).
         xdp("xdp forwarding: the packet that refreshes a udp-replied session goes to the kernel")
             .refresh_interval_ns(1_000_000_000)
             .existing(replied().last_event_offset_ns(-16_000_000_000))
@@ -1894,6 +1907,37 @@ fn forwarding_rows() -> Vec<Row> {
             .session(Expect::new(State::UdpReplied).version(8).packets(6, 4))
             .counters(&[(C::Hits, 1), (C::PassFwdRefresh, 1), (C::Events, 1)])
             .events(&[E::Refresh]),
+        // The packet that completes the setup goes to the kernel, so its connection tracking
+        // sees both directions (a UDP stream then lives 120 s there, not 30 s).
+        xdp("xdp forwarding: the first reply goes to the kernel")
+            .existing(
+                Existing::local(State::UdpNew)
+                    .tcp_flags(0, 0)
+                    .initiator_hi(false),
+            )
+            .pass(udp(S4, C4))
+            .session(Expect::new(State::UdpReplied).version(8).packets(5, 5))
+            .counters(&[
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::PassFwdNotEstablished, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::StateChanged]),
+        handshake_seq(
+            xdp("xdp forwarding: the handshake's last ack goes to the kernel"),
+            C4,
+            S4,
+        )
+        .session(Expect::new(State::Established).version(3).packets(2, 1))
+        .counters(&[
+            (C::Creates, 1),
+            (C::Hits, 2),
+            (C::StateChanges, 2),
+            (C::PassFwdNotEstablished, 2),
+            (C::Events, 3),
+        ])
+        .events(&[E::Created, E::StateChanged, E::StateChanged]),
         xdp("xdp forwarding: a vlan-tagged packet goes to the kernel (its vlan device routes it)")
             .existing(established())
             .pass(tcp(C4, S4).ack().vlan(100))
