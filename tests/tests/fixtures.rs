@@ -645,23 +645,26 @@ fn replica_with_window() -> Existing {
 
 /// An owned session that sees traffic is announced again (a refresh event, version + 1) once
 /// an eighth of its state's timeout has passed since its last event, at most 30 s, never
-/// sooner than the configured interval (the product's: 1 s).
+/// sooner than the configured interval (the product's: 1 s); and at once when the packet makes
+/// it assured or carries a direction's byte count past a multiple of 1 GiB.
 fn refresh_rows() -> Vec<Row> {
     const S: i64 = 1_000_000_000;
-    let refreshed = |name: &str, existing: Existing, frame: Frame| {
+    // The existing session has version 7 and 5 / 4 packets; the frame comes from the initiator.
+    let row = |name: &str, existing: Existing, frame: Frame, version: u32| {
+        let state = existing.state;
         Row::new(name)
             .refresh_interval_ns(S as u64)
             .existing(existing)
             .pass(frame)
+            .session(Expect::new(state).version(version).packets(6, 4))
+    };
+    let refreshed = |name: &str, existing: Existing, frame: Frame| {
+        row(name, existing, frame, 8)
             .counters(&[(C::Hits, 1), (C::Events, 1)])
             .events(&[E::Refresh])
     };
     let quiet = |name: &str, existing: Existing, frame: Frame| {
-        Row::new(name)
-            .refresh_interval_ns(S as u64)
-            .existing(existing)
-            .pass(frame)
-            .counters(&[(C::Hits, 1)])
+        row(name, existing, frame, 7).counters(&[(C::Hits, 1)])
     };
     let udp_replied = |last_event: i64| {
         Existing::local(State::UdpReplied)
@@ -675,47 +678,40 @@ fn refresh_rows() -> Vec<Row> {
             "refresh: established, 31 s after its last event (the 30 s cap)",
             established(-31 * S),
             tcp(C4, S4).ack(),
-        )
-        .session(Expect::new(State::Established).version(8).packets(6, 4)),
+        ),
         quiet(
             "refresh: none for established 29 s after its last event",
             established(-29 * S),
             tcp(C4, S4).ack(),
-        )
-        .session(Expect::new(State::Established).version(7).packets(6, 4)),
+        ),
         refreshed(
             "refresh: udp-replied (120 s), 16 s after its last event (an eighth: 15 s)",
             udp_replied(-16 * S),
             udp(C4, S4),
-        )
-        .session(Expect::new(State::UdpReplied).version(8).packets(6, 4)),
+        ),
         quiet(
             "refresh: none for udp-replied 14 s after its last event",
             udp_replied(-14 * S),
             udp(C4, S4),
-        )
-        .session(Expect::new(State::UdpReplied).version(7).packets(6, 4)),
+        ),
         refreshed(
             "refresh: udp-replied at once when the packet makes it assured (2 s old)",
             udp_replied(-S)
                 .created_offset_ns(-5 * S / 2)
                 .last_seen_offset_ns(-S),
             udp(C4, S4),
-        )
-        .session(Expect::new(State::UdpReplied).version(8).packets(6, 4)),
+        ),
         refreshed(
             "refresh: established at once when a direction's bytes cross a GiB",
             established(0).bytes((1 << 30) - 10, 400),
             tcp(C4, S4).ack(),
-        )
-        .session(Expect::new(State::Established).version(8).packets(6, 4)),
+        ),
         quiet(
             "refresh: none before the configured interval, however short the state's",
             udp_replied(-16 * S),
             udp(C4, S4),
         )
-        .refresh_interval_ns(20 * S as u64)
-        .session(Expect::new(State::UdpReplied).version(7).packets(6, 4)),
+        .refresh_interval_ns(20 * S as u64),
     ]
 }
 
