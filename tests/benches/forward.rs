@@ -54,7 +54,7 @@ use hasync_tests::{
     live::{
         agent::{agent_binary, bench_timeouts, Agents},
         member,
-        station::{establish, End, Station},
+        station::{establish, one_pass, End, Station},
         stream::{size_label, stream, Direction, Family, FRAME_LEN},
     },
     netns::{veth, Lab, Netns},
@@ -457,23 +457,17 @@ fn establish_flows(b: &mut Bench, case: Case, family: Family, flows: u32) -> Res
 /// One pass of every flow through `redirect_lookup` while it learns, so the measured runs find
 /// each in its table.
 fn learn_flows(b: &mut Bench, family: Family, flows: u32) -> Result<()> {
-    let (ingress, macs) = original_path(b, Case::Lookup);
-    b.gen_st
-        .set_stream(&stream(family, false, Direction::Original, macs, flows))?;
+    let (ifindex, macs) = original_path(b, Case::Lookup);
+    let orig = stream(family, false, Direction::Original, macs, flows);
+    let mut gen = End {
+        station: &mut b.gen_st,
+        ns: &b.gen,
+        ifindex,
+    };
     b.member_st.set_learn(true)?;
-    let before = b.recv_st.received()?;
-    let sent = b.gen_st.send(
-        &b.gen,
-        ingress,
-        CHUNK,
-        flows.into(),
-        Duration::from_secs(60),
-    );
-    let learnt = b.member_st.set_learn(false);
-    sent?;
-    learnt?;
-    std::thread::sleep(Duration::from_millis(50));
-    let through = b.recv_st.received()? - before;
+    let through = one_pass(&mut gen, &b.recv_st, &orig, flows);
+    b.member_st.set_learn(false)?;
+    let through = through?;
     eprintln!(
         "  {} {flows} flows learnt: {through} through",
         family.label()

@@ -401,27 +401,16 @@ const SETUP_CHUNK: u32 = 1 << 16;
 /// directions of each; then `gen` is left sending `orig` again. Says on stderr (after
 /// `label`) how many arrived and how long it took; returns (forwarded, replies).
 pub fn establish(
-    gen: End<'_>,
-    recv: End<'_>,
+    mut gen: End<'_>,
+    mut recv: End<'_>,
     (orig, reply): (&Stream, &Stream),
     flows: u32,
     label: &str,
 ) -> Result<(u64, u64)> {
     let started = Instant::now();
-    let limit = Duration::from_secs(60);
-    gen.station.set_stream(orig)?;
-    let before = recv.station.received()?;
-    gen.station
-        .send(gen.ns, gen.ifindex, SETUP_CHUNK, flows.into(), limit)?;
-    std::thread::sleep(Duration::from_millis(50));
-    let forward = recv.station.received()? - before;
+    let forward = one_pass(&mut gen, recv.station, orig, flows)?;
     let forward_took = started.elapsed();
-    recv.station.set_stream(reply)?;
-    let before = gen.station.received()?;
-    recv.station
-        .send(recv.ns, recv.ifindex, SETUP_CHUNK, flows.into(), limit)?;
-    std::thread::sleep(Duration::from_millis(50));
-    let replies = gen.station.received()? - before;
+    let replies = one_pass(&mut recv, gen.station, reply, flows)?;
     eprintln!(
         "  {label} {flows} flows established: {forward} forwarded in {forward_took:.1?}, \
          {replies} replies through in {:.1?}",
@@ -429,4 +418,20 @@ pub fn establish(
     );
     gen.station.set_stream(orig)?;
     Ok((forward, replies))
+}
+
+/// Sends one pass of `stream` (`flows` frames, one per flow) from `from`; returns how many
+/// `to` counted meanwhile (and in the 50 ms after, for frames still in flight).
+pub fn one_pass(from: &mut End<'_>, to: &Station, stream: &Stream, flows: u32) -> Result<u64> {
+    from.station.set_stream(stream)?;
+    let before = to.received()?;
+    from.station.send(
+        from.ns,
+        from.ifindex,
+        SETUP_CHUNK,
+        flows.into(),
+        Duration::from_secs(60),
+    )?;
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(to.received()? - before)
 }
