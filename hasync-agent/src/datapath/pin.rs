@@ -1094,6 +1094,17 @@ mod tests {
                 "XDP could not be attached to hsp-h0 again"
             );
             drop(other);
+            // The kernel lets go of the other link when its last file reference goes, which
+            // under load can come a little after the drop: wait (bounded) until the interface
+            // runs no XDP, as the health check's next round would.
+            let freed = std::time::Instant::now();
+            while shows_xdp("hsp-h0") {
+                assert!(
+                    freed.elapsed() < std::time::Duration::from_secs(5),
+                    "the other program still holds hsp-h0 5 s after it was dropped"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             dp.reattach("hsp-h0").expect("free again");
             assert_eq!(
                 dp.broken_attachments(&crate::netlink::list_now().expect("dump")),
