@@ -35,13 +35,19 @@
 //! In (d)–(g) every flow is established first: one pass of frames in the original direction,
 //! then one of replies from recv, then the measurement.
 //!
+//! The cases run in rounds (`--rounds N`, default 3), in the order above in the first round,
+//! reversed in the second, and so on: on a shared VM the rates drift by tens of percent over
+//! minutes, more than the differences between cases. A ratio is taken within each round, from
+//! cases measured seconds apart, and the median of the rounds' ratios is reported with their
+//! range; a case's rate is the median of its rounds'.
+//!
 //! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85 (h/b is reported beside them, not a target). The
 //! generator and the device under test share this host's CPUs (2 on the CI machines): every
 //! figure is a same-run ratio. CPU per packet is the system + irq + softirq time of all CPUs
 //! (/proc/stat) over the sending time, per frame received: the generator's share included.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -66,6 +72,9 @@ const CHUNK: u32 = 1 << 18;
 /// Sending time of one run, and runs per figure.
 const RUN_TIME: Duration = Duration::from_millis(500);
 const RUNS: usize = 3;
+/// Rounds of all the cases, unless `--rounds` says otherwise, and the most it takes.
+const ROUNDS: usize = 3;
+const MAX_ROUNDS: usize = 20;
 /// Flows per figure, unless `--flows` says otherwise.
 const SIZES: [u32; 2] = [1_000, 1_000_000];
 /// Most flows `--flows` takes: 2^14 ports times 64 hosts; the agent's table holds them all
@@ -391,7 +400,7 @@ struct Figure {
     cpu_ns: Option<f64>,
 }
 
-/// (family, flows) → case → figure.
+/// One round's figures: (family, flows) → case → figure.
 type Results = BTreeMap<(Family, u32), BTreeMap<Case, Figure>>;
 
 /// System, irq and softirq time of all CPUs so far, in ns (/proc/stat counts in USER_HZ, 100).
@@ -408,9 +417,10 @@ fn kernel_cpu_ns() -> Option<u64> {
     Some(ticks * 10_000_000)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle value (the upper one of an even count); `None` of nothing.
+fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    v.get(v.len() / 2).copied()
 }
 
 /// Where the generator sends for `case`: its ingress interface and the frame's MACs.
@@ -512,8 +522,8 @@ fn measure(b: &mut Bench, case: Case, family: Family, flows: u32) -> Result<Figu
         }
     }
     Ok(Figure {
-        mpps: median(rates),
-        cpu_ns: (!cpu.is_empty()).then(|| median(cpu)),
+        mpps: median(rates).unwrap_or(0.0),
+        cpu_ns: median(cpu),
     })
 }
 
@@ -541,13 +551,41 @@ fn run_case(b: &mut Bench, case: Case, sizes: &[u32], results: &mut Results) -> 
 // ---------------------------------------------------------------------------------------------
 // Ratios and output.
 
-/// A ratio of two cases' rates per (family, size), where both were measured; `skip` leaves
-/// sizes out (with the reason printed by the caller).
-fn ratios(results: &Results, num: Case, den: Case, skip: impl Fn(u32) -> bool) -> Vec<f64> {
-    results
+/// Every (family, size) some round measured.
+fn sizes_measured(rounds: &[Results]) -> BTreeSet<(Family, u32)> {
+    rounds.iter().flat_map(|r| r.keys().copied()).collect()
+}
+
+/// `case`'s figure at `key`: the median rate and CPU of the rounds that measured it.
+fn median_figure(rounds: &[Results], key: (Family, u32), case: Case) -> Option<Figure> {
+    let figures: Vec<Figure> = rounds
         .iter()
-        .filter(|((_, flows), _)| !skip(*flows))
-        .filter_map(|(_, cases)| Some(cases.get(&num)?.mpps / cases.get(&den)?.mpps))
+        .filter_map(|r| r.get(&key)?.get(&case).copied())
+        .collect();
+    Some(Figure {
+        mpps: median(figures.iter().map(|f| f.mpps).collect())?,
+        cpu_ns: median(figures.iter().filter_map(|f| f.cpu_ns).collect()),
+    })
+}
+
+/// `num`'s rate over `den`'s at `key`, in each round that measured both.
+fn round_ratios(rounds: &[Results], key: (Family, u32), num: Case, den: Case) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|r| {
+            let cases = r.get(&key)?;
+            Some(cases.get(&num)?.mpps / cases.get(&den)?.mpps)
+        })
+        .collect()
+}
+
+/// The median of the rounds' ratios of two cases per (family, size) where both were
+/// measured; `skip` leaves sizes out (with the reason printed by the caller).
+fn ratios(rounds: &[Results], num: Case, den: Case, skip: impl Fn(u32) -> bool) -> Vec<f64> {
+    sizes_measured(rounds)
+        .into_iter()
+        .filter(|(_, flows)| !skip(*flows))
+        .filter_map(|key| median(round_ratios(rounds, key, num, den)))
         .collect()
 }
 
@@ -576,7 +614,7 @@ struct Summary {
     lookup_vs_redirect: Option<f64>,
 }
 
-fn summary(results: &Results) -> Summary {
+fn summary(results: &[Results]) -> Summary {
     Summary {
         xdp_vs_redirect: worst(&ratios(results, Case::HasyncXdp, Case::Redirect, |_| false)),
         xdp_vs_kernel_conntrack: worst(&ratios(
@@ -594,15 +632,32 @@ fn cell(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
-fn ratio_of(cases: &BTreeMap<Case, Figure>, num: Case, den: Case) -> Option<f64> {
-    Some(cases.get(&num)?.mpps / cases.get(&den)?.mpps)
+/// The median of the rounds' ratios at `key`, and their range when there were several.
+fn ratio_cell(rounds: &[Results], key: (Family, u32), num: Case, den: Case) -> String {
+    let all = round_ratios(rounds, key, num, den);
+    let (lo, hi) = (worst(&all), all.iter().copied().max_by(f64::total_cmp));
+    match (median(all.clone()), lo, hi) {
+        (Some(m), Some(lo), Some(hi)) if all.len() > 1 => format!("{m:.2} ({lo:.2}–{hi:.2})"),
+        (m, ..) => cell(m, 2),
+    }
 }
 
-fn print_table(results: &Results) {
+/// The ratios the table and the JSON report, as (numerator, denominator, JSON name).
+const RATIOS: [(Case, Case, &str); 4] = [
+    (Case::HasyncXdp, Case::Redirect, "xdp_vs_redirect"),
+    (Case::HasyncXdp, Case::Conntrack, "xdp_vs_kernel_conntrack"),
+    (Case::Vwire, Case::Redirect, "vwire_vs_redirect"),
+    (Case::Lookup, Case::Redirect, "lookup_vs_redirect"),
+];
+
+fn print_table(rounds: &[Results]) {
     println!(
-        "forward: Mpps received at recv, median of {RUNS} runs of {} ms; live frames of {FRAME_LEN} \
-         bytes. The generator and the device under test share this host's {} CPUs.",
+        "forward: Mpps received at recv, median of {RUNS} runs of {} ms, then of {} rounds (the \
+         cases' order alternating); each ratio is the median of the rounds' ratios, their range \
+         in brackets. Live frames of {FRAME_LEN} bytes. The generator and the device under test \
+         share this host's {} CPUs.",
         RUN_TIME.as_millis(),
+        rounds.len(),
         aya::util::nr_cpus().unwrap_or(0)
     );
     let letters: Vec<String> = Case::ALL
@@ -617,38 +672,41 @@ fn print_table(results: &Results) {
         "|---|---|{}---|---|---|---|",
         "---|".repeat(Case::ALL.len())
     );
-    for (&(family, flows), cases) in results {
-        let label = size_label(flows);
+    let keys = sizes_measured(rounds);
+    for &key in &keys {
         let mpps: Vec<String> = Case::ALL
             .iter()
-            .map(|c| cell(cases.get(c).map(|f| f.mpps), 3))
+            .map(|&c| cell(median_figure(rounds, key, c).map(|f| f.mpps), 3))
+            .collect();
+        let ratios: Vec<String> = RATIOS
+            .iter()
+            .map(|&(num, den, _)| ratio_cell(rounds, key, num, den))
             .collect();
         println!(
-            "| {} | {label} | {} | {} | {} | {} | {} |",
-            family.label(),
+            "| {} | {} | {} | {} |",
+            key.0.label(),
+            size_label(key.1),
             mpps.join(" | "),
-            cell(ratio_of(cases, Case::HasyncXdp, Case::Redirect), 2),
-            cell(ratio_of(cases, Case::HasyncXdp, Case::Conntrack), 2),
-            cell(ratio_of(cases, Case::Vwire, Case::Redirect), 2),
-            cell(ratio_of(cases, Case::Lookup, Case::Redirect), 2),
+            ratios.join(" | "),
         );
     }
     println!("\nCPU ns per frame received (system + irq + softirq, generator included):");
-    for (&(family, flows), cases) in results {
-        let label = size_label(flows);
+    for &key in &keys {
         let cpu: Vec<String> = Case::ALL
             .iter()
-            .map(|c| {
-                format!(
-                    "({}) {}",
-                    c.letter(),
-                    cell(cases.get(c).and_then(|f| f.cpu_ns), 0)
-                )
+            .map(|&c| {
+                let ns = median_figure(rounds, key, c).and_then(|f| f.cpu_ns);
+                format!("({}) {}", c.letter(), cell(ns, 0))
             })
             .collect();
-        println!("  {} {label}: {}", family.label(), cpu.join(", "));
+        println!(
+            "  {} {}: {}",
+            key.0.label(),
+            size_label(key.1),
+            cpu.join(", ")
+        );
     }
-    let s = summary(results);
+    let s = summary(rounds);
     println!(
         "\nworst over families and sizes: f/b {} (target ≥ {TARGET_XDP_VS_REDIRECT}), f/d {} \
          (target ≥ {TARGET_XDP_VS_CONNTRACK}), g/b {} (target ≥ {TARGET_VWIRE_VS_REDIRECT}); \
@@ -666,29 +724,35 @@ fn print_table(results: &Results) {
     }
 }
 
-fn print_json(results: &Results) {
+fn print_json(rounds: &[Results]) {
     let mut figures = serde_json::Map::new();
-    for (&(family, flows), cases) in results {
-        let label = size_label(flows);
+    let mut by_round = serde_json::Map::new();
+    for key in sizes_measured(rounds) {
+        let label = format!("{}_{}", key.0.label().to_lowercase(), size_label(key.1));
         let mut row = serde_json::Map::new();
-        for (case, f) in cases {
-            row.insert(
-                case.letter().to_string(),
-                serde_json::json!({ "mpps": f.mpps, "cpu_ns_per_frame": f.cpu_ns }),
-            );
+        for case in Case::ALL {
+            if let Some(f) = median_figure(rounds, key, case) {
+                row.insert(
+                    case.letter().to_string(),
+                    serde_json::json!({ "mpps": f.mpps, "cpu_ns_per_frame": f.cpu_ns }),
+                );
+            }
         }
-        figures.insert(
-            format!("{}_{label}", family.label().to_lowercase()),
-            row.into(),
-        );
+        figures.insert(label.clone(), row.into());
+        let per_round: serde_json::Map<_, _> = RATIOS
+            .iter()
+            .map(|&(num, den, name)| (name.to_owned(), round_ratios(rounds, key, num, den).into()))
+            .collect();
+        by_round.insert(label, per_round.into());
     }
-    let s = summary(results);
+    let s = summary(rounds);
     let out = serde_json::json!({
         "bench": "forward",
         "unit": "Mpps",
         "note": "the generator and the device under test share this host's CPUs",
         "cpus": aya::util::nr_cpus().ok(),
         "runs": RUNS,
+        "rounds": rounds.len(),
         "frame_bytes": FRAME_LEN,
         "nf_conntrack_max": conntrack_max(),
         "figures": figures,
@@ -698,6 +762,7 @@ fn print_json(results: &Results) {
             "vwire_vs_redirect": s.vwire_vs_redirect,
             "lookup_vs_redirect": s.lookup_vs_redirect,
         },
+        "ratios_by_round": by_round,
         "targets": {
             "xdp_vs_redirect": TARGET_XDP_VS_REDIRECT,
             "xdp_vs_kernel_conntrack": TARGET_XDP_VS_CONNTRACK,
@@ -724,6 +789,19 @@ fn parse_flows(text: &str) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// `--rounds 5`: how many rounds of the cases.
+fn parse_rounds(text: &str) -> Result<usize> {
+    let n: usize = text
+        .trim()
+        .parse()
+        .with_context(|| format!("--rounds: `{text}` is not a number"))?;
+    ensure!(
+        (1..=MAX_ROUNDS).contains(&n),
+        "--rounds: {n} is out of range 1–{MAX_ROUNDS}"
+    );
+    Ok(n)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
@@ -735,6 +813,10 @@ fn main() -> Result<()> {
         Some(i) => parse_flows(args.get(i + 1).map_or("", String::as_str))?,
         None => SIZES.to_vec(),
     };
+    let rounds = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => parse_rounds(args.get(i + 1).map_or("", String::as_str))?,
+        None => ROUNDS,
+    };
     catch_signals()?;
     let mut bench = Bench::create()?;
     bench.binary = agent_binary();
@@ -745,16 +827,25 @@ fn main() -> Result<()> {
         sizes.iter().copied().max().unwrap_or(0),
     )?;
     let started = Instant::now();
-    let mut results = Results::new();
-    for case in cases {
-        check_stop()?;
-        run_case(&mut bench, case, &sizes, &mut results)?;
+    let mut all = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        let mut results = Results::new();
+        let mut order = cases.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for case in order {
+            check_stop()?;
+            run_case(&mut bench, case, &sizes, &mut results)?;
+        }
+        all.push(results);
     }
     eprintln!("forward bench took {:.0?}", started.elapsed());
     if json {
-        print_json(&results);
+        print_json(&all);
     } else {
-        print_table(&results);
+        print_table(&all);
     }
     Ok(())
 }

@@ -107,6 +107,10 @@ struct BenchOptions {
     /// `failover`: the number of flows (default 1000).
     #[arg(long, value_name = "LIST")]
     flows: Option<String>,
+    /// `forward` only: how many times the cases run, alternating their order; each ratio is
+    /// the median of the rounds' (default 3).
+    #[arg(long, value_name = "N")]
+    rounds: Option<String>,
     /// `failover` only: `ipv4` (the default) or `ipv6`.
     #[arg(long, value_name = "FAMILY")]
     family: Option<String>,
@@ -300,6 +304,7 @@ fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
     let BenchOptions {
         cases,
         flows,
+        rounds,
         family,
         rate,
         series,
@@ -307,6 +312,7 @@ fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
     for (flag, value, ok, only) in [
         ("--cases", cases, forward, "forward"),
         ("--flows", flows, live, "forward` and `bench failover"),
+        ("--rounds", rounds, forward, "forward"),
         ("--family", family, failover, "failover"),
         ("--rate", rate, failover, "failover"),
         ("--series", series, failover, "failover"),
