@@ -49,10 +49,12 @@ pub const FWD_PORTS: &str = "FWD_PORTS";
 pub const VWIRE_PORTS: &str = "VWIRE_PORTS";
 /// Interfaces FWD_PORTS and VWIRE_PORTS hold at most.
 pub const PORTS_CAPACITY: u32 = 256;
-/// LRU hash: `FibKey` → `FibEntry`, the XDP forwarding's FIB cache (node-local).
+/// Per-CPU array of `FibEntry`, the XDP forwarding's FIB cache (node-local): direct-mapped,
+/// each key in the slot [`crate::fib::slot`] names, which it shares with the keys that hash
+/// there (the last one looked up holds it).
 pub const FIB_CACHE: &str = "FIB_CACHE";
-/// Destinations FIB_CACHE holds (the least recently used is forgotten first).
-pub const FIB_CACHE_CAPACITY: u32 = 65_536;
+/// Slots of FIB_CACHE, per CPU; a power of two.
+pub const FIB_CACHE_SLOTS: u32 = 4096;
 /// Array of one `u32`: the FIB generation, bumped by the agent on every route or neighbour
 /// change; a FIB_CACHE entry of another generation is looked up again.
 pub const FIB_GENERATION: &str = "FIB_GENERATION";

@@ -1,19 +1,22 @@
-//! Forwarding in XDP: Layer 3 (`forwarding = "xdp"`: a FIB lookup cached per source and
+//! Forwarding in XDP: Layer 3 (`forwarding = "xdp"`: a FIB lookup cached per CPU, source and
 //! destination, MAC rewrite, TTL or hop-limit decrement, DEVMAP redirect) and virtual wires
 //! (redirect to the wire's other end). What the fast path should not decide goes to the
 //! kernel, counted.
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_ANY, BPF_FIB_LKUP_RET_NO_NEIGH,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use hasync_common::{
-    fib::FIB_ENTRY_LIFETIME_NS, flow::Family, session::DIR_ORIGINAL, Counter, Counters,
-    DatapathConfig, FibEntry, FibKey, Forwarding, Session, State, ZoneBinding, ZoneId,
+    fib::{self, FIB_ENTRY_LIFETIME_NS},
+    flow::Family,
+    session::DIR_ORIGINAL,
+    Counter, Counters, DatapathConfig, FibEntry, FibKey, Forwarding, Session, State, ZoneBinding,
+    ZoneId,
 };
 
 use crate::{
@@ -199,11 +202,7 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     let scratch = FIB_SCRATCH.get_ptr_mut(0).ok_or(Counter::PassFwdNoRoute)?;
     // SAFETY: this CPU's scratch slot; only this program run uses it.
     let scratch = unsafe { &mut *scratch };
-    let ip = ip_header(ctx, &mut scratch.key)?;
-    if cfg.fib_by_source == 0 {
-        // No rule or route here selects by source: one entry serves every source.
-        scratch.key.src = [0; 4];
-    }
+    let ip = ip_header(ctx, &mut scratch.key, cfg.fib_by_source != 0)?;
     let hop = next_hop(ctx, scratch, pkt.now)?;
     // Out through the session's other side only: a route into a third zone is the kernel's
     // (and its policy's) to decide. The reply side is learned from the first reply; a member
@@ -232,9 +231,14 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     Ok(action)
 }
 
-/// Reads the IP header of an untagged frame, refusing what the fast path leaves to the kernel.
+/// Reads the IP header of an untagged frame, refusing what the fast path leaves to the kernel,
+/// into the cache key: the source only `by_source` (some rule or route here selects by it;
+/// otherwise zero, so one entry serves every source).
 #[inline(always)]
-fn ip_header(ctx: &XdpContext, key: &mut FibKey) -> Result<Ip, Counter> {
+fn ip_header(ctx: &XdpContext, key: &mut FibKey, by_source: bool) -> Result<Ip, Counter> {
+    // Written word by word whatever `by_source` says: a constant zero source would be stored
+    // through a byte-wise memset call.
+    let src = |word: u32| if by_source { word } else { 0 };
     let eth = frame_mut::<ETH_HLEN>(ctx, 0).ok_or(Counter::PassFwdVlan)?;
     // SAFETY: `frame_mut` checked the bytes lie inside the frame. The headers are read in
     // place, not copied: the program's stack is small.
@@ -260,7 +264,7 @@ fn ip_header(ctx: &XdpContext, key: &mut FibKey) -> Result<Ip, Counter> {
             if h[16] >= 224 {
                 return Err(Counter::PassFwdNotUnicast);
             }
-            key.src = [raw32(h, 12), 0, 0, 0];
+            key.src = [src(raw32(h, 12)), 0, 0, 0];
             key.dst = [raw32(h, 16), 0, 0, 0];
             key.family = Family::V4 as u8;
             key.ifindex = ctx.ingress_ifindex() as u32;
@@ -285,7 +289,7 @@ fn ip_header(ctx: &XdpContext, key: &mut FibKey) -> Result<Ip, Counter> {
                 return Err(Counter::PassFwdNotUnicast);
             }
             let word = |at: usize| raw32(h, at);
-            key.src = [word(8), word(12), word(16), word(20)];
+            key.src = [src(word(8)), src(word(12)), src(word(16)), src(word(20))];
             key.dst = [word(24), word(28), word(32), word(36)];
             key.family = Family::V6 as u8;
             key.ifindex = ctx.ingress_ifindex() as u32;
@@ -299,20 +303,14 @@ fn ip_header(ctx: &XdpContext, key: &mut FibKey) -> Result<Ip, Counter> {
     }
 }
 
-/// Where packets of `scratch.key` leave: the cached lookup while the FIB generation holds
-/// and the entry has not expired, else a new lookup, cached.
+/// Where packets of `scratch.key` leave: this CPU's cached lookup while the FIB generation
+/// holds and the entry has not expired, else a new lookup, cached in the key's slot.
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, scratch: &mut FibScratch, now: u64) -> Result<Hop, Counter> {
     let generation = FIB_GENERATION.get(0).copied().unwrap_or(0);
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "the key in the scratch map, not a copy on the stack"
-    )]
-    let cached = FIB_CACHE.get_ptr(&scratch.key);
+    let cached = FIB_CACHE.get_ptr_mut(fib::slot(&scratch.key));
     if let Some(hop) = cached {
-        // SAFETY: a map value stays readable while the program runs. An LRU map may reuse the
-        // element for another key at once: the entry is checked against the key it was asked
-        // for, in place.
+        // SAFETY: this CPU's slot: only this program run reads or writes it now.
         let hop = unsafe { &*hop };
         if hop.key == scratch.key && hop.generation == generation && now < hop.expires_ns {
             return Ok(Hop::of(hop));
@@ -323,12 +321,10 @@ fn next_hop(ctx: &XdpContext, scratch: &mut FibScratch, now: u64) -> Result<Hop,
     entry.key = scratch.key;
     entry.generation = generation;
     entry.expires_ns = now.wrapping_add(FIB_ENTRY_LIFETIME_NS);
-    // A full cache evicts its least recently used entry; an insert error only costs a lookup.
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "key and value in the scratch map, not copies on the stack"
-    )]
-    let _ = FIB_CACHE.insert(&scratch.key, &scratch.entry, BPF_ANY as u64);
+    if let Some(hop) = cached {
+        // SAFETY: as above; the slot's previous key is forgotten.
+        unsafe { *hop = scratch.entry };
+    }
     Ok(Hop::of(&scratch.entry))
 }
 

@@ -8,12 +8,12 @@ use aya_ebpf::{
 };
 use hasync_common::{
     maps::{
-        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FIB_CACHE_CAPACITY,
+        DEFAULT_SESSION_CAPACITY, EMBRYONIC_SHARE, EVENTS_BYTES, FIB_CACHE_SLOTS,
         FRAGMENTS_CAPACITY, MAX_ZONES, PORTS_CAPACITY, ZONE_IFINDEX_LIMIT, ZONE_NAME_BYTES,
     },
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, EmbryoSlot, FibEntry, FibKey, FlowKey, FragmentKey, MemberEntry,
-    Session, ZoneBinding,
+    Counters, DatapathConfig, EmbryoSlot, FibEntry, FlowKey, FragmentKey, MemberEntry, Session,
+    ZoneBinding,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Embryonic sessions are bounded and
@@ -61,12 +61,11 @@ pub static FWD_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 
 pub static VWIRE_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 0);
 
 #[map]
-pub static FIB_CACHE: LruHashMap<FibKey, FibEntry> =
-    LruHashMap::with_max_entries(FIB_CACHE_CAPACITY, 0);
+pub static FIB_CACHE: PerCpuArray<FibEntry> = PerCpuArray::with_max_entries(FIB_CACHE_SLOTS, 0);
 
 #[map]
 pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Where a FIB_CACHE entry is built before it is inserted: off the 512-byte stack.
+/// Where a FIB_CACHE entry is built before it is stored: off the 512-byte stack.
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -1,7 +1,9 @@
 //! The forwarding maps: which interfaces XDP may redirect to (FWD_PORTS), the virtual wires'
 //! pairs (VWIRE_PORTS), and the FIB generation that invalidates the forwarding cache.
 
-use aya::maps::{Array, DevMapHash, HashMap};
+use std::collections::HashSet;
+
+use aya::maps::{Array, DevMapHash, PerCpuArray};
 use hasync_common::{maps as names, FibEntry, FibKey};
 
 use super::{map_err, Datapath, DatapathError};
@@ -85,12 +87,19 @@ impl Datapath {
         self.bump_fib_generation().map(|_| true)
     }
 
-    /// The keys of the next hops the XDP forwarding has cached (diagnostics and tests).
+    /// The keys of the next hops the XDP forwarding has cached, on any CPU, each once
+    /// (diagnostics and tests).
     pub fn fib_cache_keys(&self) -> Result<Vec<FibKey>, DatapathError> {
         let name = names::FIB_CACHE;
-        let map: HashMap<_, FibKey, FibEntry> =
-            HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-        map.keys().collect::<Result<_, _>>().map_err(map_err(name))
+        let map: PerCpuArray<_, FibEntry> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let mut keys = HashSet::new();
+        for slot in 0..map.len() {
+            let per_cpu = map.get(&slot, 0).map_err(map_err(name))?;
+            // A slot never written holds all zeros: family 0.
+            keys.extend(per_cpu.iter().map(|e| e.key).filter(|k| k.family != 0));
+        }
+        Ok(keys.into_iter().collect())
     }
 
     /// Invalidates every cached next hop: routes or neighbours changed. Returns the new
