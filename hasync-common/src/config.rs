@@ -150,8 +150,14 @@ pub struct DatapathConfig {
     /// is `counter * embryo_cpus + cpu`, so a ticket says which slot its session took, here
     /// and in a peer's replica part. Set by the agent.
     pub embryo_cpus: u32,
+    /// Mixed into the FIB cache's slot of every key ([`crate::fib::slot`]), so that which keys
+    /// share a slot cannot be worked out from the addresses alone. Chosen at random by the
+    /// agent at every start; 0 in a config it has not written yet.
+    pub fib_seed: u32,
+    /// Padding; zero.
+    pub _pad3: u32,
 }
-crate::assert_size!(DatapathConfig, 104);
+crate::assert_size!(DatapathConfig, 112);
 
 impl DatapathConfig {
     /// The idle timeout of a session in `state` (a [`crate::State`] as `u8`), in nanoseconds;
@@ -218,6 +224,8 @@ impl DatapathConfig {
             fib_by_source: 1,
             _pad2: 0,
             embryo_cpus: 0,
+            fib_seed: 0,
+            _pad3: 0,
         }
     }
 }

@@ -56,18 +56,21 @@ pub struct FibEntry {
 }
 crate::assert_size!(FibEntry, 72);
 
-/// The FIB_CACHE slot of `key`: its words folded and multiplied (Fibonacci hashing), the top
-/// bits kept. Cheap enough for every packet; any key may land anywhere, and a collision costs
-/// only a lookup.
+/// The FIB_CACHE slot of `key` under `seed` (`DatapathConfig::fib_seed`): its words folded
+/// and multiplied (Fibonacci hashing), the seed mixed in before the first and the last
+/// multiplication, the top bits kept. Cheap enough for every packet; any key may land
+/// anywhere, and a collision costs only a lookup. Not a keyed cryptographic hash: the seed
+/// only keeps a sender from choosing addresses that share a slot offline.
 #[inline(always)]
-pub const fn slot(key: &FibKey) -> u32 {
+pub const fn slot(key: &FibKey, seed: u32) -> u32 {
     const BITS: u32 = FIB_CACHE_SLOTS.trailing_zeros();
     let [d0, d1, d2, d3] = key.dst;
     let [s0, s1, s2, s3] = key.src;
-    let mut h = d0 ^ d1.rotate_left(5) ^ d2.rotate_left(10) ^ d3.rotate_left(15);
+    let mut h = seed ^ d0 ^ d1.rotate_left(5) ^ d2.rotate_left(10) ^ d3.rotate_left(15);
     h = h.wrapping_mul(0x9e37_79b1) ^ s0 ^ s1.rotate_left(7) ^ s2.rotate_left(13);
     h = h.wrapping_mul(0x9e37_79b1) ^ s3.rotate_left(19) ^ key.ifindex ^ (key.family as u32);
-    h.wrapping_mul(0x9e37_79b1) >> (32 - BITS)
+    h = (h ^ seed.rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    h >> (32 - BITS)
 }
 
 const _: () = assert!(FIB_CACHE_SLOTS.is_power_of_two() && FIB_CACHE_SLOTS >= 2);
@@ -86,28 +89,66 @@ mod tests {
         }
     }
 
-    /// Every slot is in range, and neighbouring destinations, sources and interfaces spread
-    /// over the slots instead of piling into a few (each pile-up would cost lookups).
-    #[test]
-    fn keys_spread_over_the_slots() {
-        let mut used = [false; FIB_CACHE_SLOTS as usize];
-        let mut n = 0;
-        for i in 0..1024u32 {
+    /// Neighbouring destinations, sources and interfaces, 3,072 keys.
+    fn neighbours() -> impl Iterator<Item = FibKey> {
+        (0..1024u32).flat_map(|i| {
             let [_, _, c, d] = i.to_be_bytes();
-            for key in [
+            [
                 v4([198, 18, c, d], [0; 4], 2),
                 v4([198, 19, 0, 1], [198, 18, c, d], 2),
                 v4([198, 18, 0, 1], [0; 4], 3 + i),
-            ] {
-                let s = slot(&key);
+            ]
+        })
+    }
+
+    /// Every slot is in range, and neighbouring keys spread over the slots instead of piling
+    /// into a few (each pile-up would cost lookups), whatever the seed.
+    #[test]
+    fn keys_spread_over_the_slots() {
+        for seed in [0, 1, 0x8000_0000, 0xdead_beef] {
+            let mut used = [false; FIB_CACHE_SLOTS as usize];
+            let mut n = 0;
+            for key in neighbours() {
+                let s = slot(&key, seed);
                 assert!(s < FIB_CACHE_SLOTS, "{key:?} → {s}");
                 used[s as usize] = true;
                 n += 1;
             }
+            // 3,072 random keys would take about 2,160 of 4,096 slots.
+            let taken = used.iter().filter(|u| **u).count();
+            assert!(
+                taken >= n * 6 / 10,
+                "seed {seed:#x}: {taken} slots for {n} keys"
+            );
         }
-        // 3,072 random keys would take about 2,160 of 4,096 slots.
-        let taken = used.iter().filter(|u| **u).count();
-        assert!(taken >= n * 6 / 10, "{taken} slots for {n} keys");
+    }
+
+    /// Keys that share a slot under one seed mostly do not under another: which keys collide
+    /// cannot be known without the seed.
+    #[test]
+    fn the_seed_decides_which_keys_share_a_slot() {
+        extern crate std;
+        use std::{collections::HashMap, vec::Vec};
+        let keys: Vec<FibKey> = neighbours().collect();
+        let mut first = HashMap::new();
+        let mut colliding = Vec::new();
+        for key in &keys {
+            if let Some(other) = first.insert(slot(key, 7), *key) {
+                colliding.push((other, *key));
+            }
+        }
+        assert!(colliding.len() > 100, "{} pairs", colliding.len());
+        for seed in [8, 0x7000_0000, 0xdead_beef] {
+            let still = colliding
+                .iter()
+                .filter(|(a, b)| slot(a, seed) == slot(b, seed))
+                .count();
+            assert!(
+                still * 20 < colliding.len(),
+                "seed {seed:#x}: {still} of {} pairs still share a slot",
+                colliding.len()
+            );
+        }
     }
 
     /// The two keys of one destination that only the source tells apart (routing by source)
@@ -116,9 +157,9 @@ mod tests {
     fn keys_that_differ_in_source_or_family_differ_in_slot() {
         let a = v4([198, 18, 1, 2], [198, 18, 0, 2], 2);
         let b = v4([198, 18, 1, 2], [198, 18, 0, 3], 2);
-        assert_ne!(slot(&a), slot(&b));
+        assert_ne!(slot(&a, 0), slot(&b, 0));
         let mut six = a;
         six.family = 10;
-        assert_ne!(slot(&a), slot(&six));
+        assert_ne!(slot(&a, 0), slot(&six, 0));
     }
 }

@@ -203,7 +203,7 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     // SAFETY: this CPU's scratch slot; only this program run uses it.
     let scratch = unsafe { &mut *scratch };
     let ip = ip_header(ctx, &mut scratch.key, cfg.fib_by_source != 0)?;
-    let hop = next_hop(ctx, scratch, pkt.now)?;
+    let hop = next_hop(ctx, scratch, pkt.now, cfg.fib_seed)?;
     // Out through the session's other side only: a route into a third zone is the kernel's
     // (and its policy's) to decide. The reply side is learned from the first reply; a member
     // that took the session over learns it again, until then any other zone will do.
@@ -306,9 +306,14 @@ fn ip_header(ctx: &XdpContext, key: &mut FibKey, by_source: bool) -> Result<Ip, 
 /// Where packets of `scratch.key` leave: this CPU's cached lookup while the FIB generation
 /// holds and the entry has not expired, else a new lookup, cached in the key's slot.
 #[inline(always)]
-fn next_hop(ctx: &XdpContext, scratch: &mut FibScratch, now: u64) -> Result<Hop, Counter> {
+fn next_hop(
+    ctx: &XdpContext,
+    scratch: &mut FibScratch,
+    now: u64,
+    seed: u32,
+) -> Result<Hop, Counter> {
     let generation = FIB_GENERATION.get(0).copied().unwrap_or(0);
-    let cached = FIB_CACHE.get_ptr_mut(fib::slot(&scratch.key));
+    let cached = FIB_CACHE.get_ptr_mut(fib::slot(&scratch.key, seed));
     if let Some(hop) = cached {
         // SAFETY: this CPU's slot: only this program run reads or writes it now.
         let hop = unsafe { &*hop };

@@ -37,9 +37,10 @@
 //!
 //! The cases run in rounds (`--rounds N`, default 3), in the order above in the first round,
 //! reversed in the second, and so on: on a shared VM the rates drift by tens of percent over
-//! minutes, more than the differences between cases. A ratio is taken within each round, from
-//! cases measured seconds apart, and the median of the rounds' ratios is reported with their
-//! range; a case's rate is the median of its rounds'.
+//! minutes, more than the differences between cases. A ratio is taken within each round (its
+//! two cases at most a round, about two minutes, apart; a forward and a reversed round
+//! together cancel a steady drift, an odd count leaves one round's), and the median of the
+//! rounds' ratios is reported with their range; a case's rate is the median of its rounds'.
 //!
 //! Targets: f/b ≥ 0.8, f/d ≥ 3, g/b ≥ 0.85 (h/b is reported beside them, not a target). The
 //! generator and the device under test share this host's CPUs (2 on the CI machines): every
@@ -417,10 +418,15 @@ fn kernel_cpu_ns() -> Option<u64> {
     Some(ticks * 10_000_000)
 }
 
-/// The middle value (the upper one of an even count); `None` of nothing.
+/// The middle value (the mean of the two middle ones of an even count); `None` of nothing.
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    let upper = *v.get(v.len() / 2)?;
+    if v.len() % 2 == 1 {
+        return Some(upper);
+    }
+    let lower = v.get(v.len() / 2 - 1).copied().unwrap_or(upper);
+    Some((lower + upper) / 2.0)
 }
 
 /// Where the generator sends for `case`: its ingress interface and the frame's MACs.

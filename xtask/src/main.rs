@@ -108,9 +108,10 @@ struct BenchOptions {
     #[arg(long, value_name = "LIST")]
     flows: Option<String>,
     /// `forward` only: how many times the cases run, alternating their order; each ratio is
-    /// the median of the rounds' (default 3).
-    #[arg(long, value_name = "N")]
-    rounds: Option<String>,
+    /// the median of the rounds' (default 3, at most 20: checked here, before any build,
+    /// and again by the bench).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: Option<u32>,
     /// `failover` only: `ipv4` (the default) or `ipv6`.
     #[arg(long, value_name = "FAMILY")]
     family: Option<String>,
@@ -312,7 +313,12 @@ fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
     for (flag, value, ok, only) in [
         ("--cases", cases, forward, "forward"),
         ("--flows", flows, live, "forward` and `bench failover"),
-        ("--rounds", rounds, forward, "forward"),
+        (
+            "--rounds",
+            rounds.map(|n| n.to_string()),
+            forward,
+            "forward",
+        ),
         ("--family", family, failover, "failover"),
         ("--rate", rate, failover, "failover"),
         ("--series", series, failover, "failover"),

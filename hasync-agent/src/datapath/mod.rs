@@ -333,8 +333,20 @@ pub struct Datapath {
     /// `DatapathConfig::fib_by_source`, as the agent last found the rules and routes (`None`:
     /// not looked yet, the config's own value holds).
     fib_by_source: Option<bool>,
+    /// `DatapathConfig::fib_seed`: random, chosen at load.
+    fib_seed: u32,
     /// Forwards the log program's records (`None`: `[local] datapath_log = "off"`).
     logger: Option<DatapathLogger>,
+}
+
+/// A seed from the standard library's per-process random keys (drawn from the kernel's
+/// random source), without a file to open.
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let h = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (h ^ h >> 32) as u32
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -440,6 +452,7 @@ impl Datapath {
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
             fib_by_source: None,
+            fib_seed: random_seed(),
             logger: None,
         };
         dp.load_programs()?;
@@ -582,6 +595,7 @@ impl Datapath {
             embryo_replica_parts: self.embryos.replica_parts,
             embryo_cpus: self.embryos.cpus,
             fib_by_source: self.fib_by_source.map_or(cfg.fib_by_source, u8::from),
+            fib_seed: self.fib_seed,
             ..JiffyClock::configure(self.clock, cfg)
         };
         let mut map: Array<_, DatapathConfig> =

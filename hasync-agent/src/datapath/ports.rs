@@ -1,7 +1,7 @@
 //! The forwarding maps: which interfaces XDP may redirect to (FWD_PORTS), the virtual wires'
 //! pairs (VWIRE_PORTS), and the FIB generation that invalidates the forwarding cache.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 
 use aya::maps::{Array, DevMapHash, PerCpuArray};
 use hasync_common::{maps as names, FibEntry, FibKey};
@@ -87,27 +87,45 @@ impl Datapath {
         self.bump_fib_generation().map(|_| true)
     }
 
-    /// The keys of the next hops the XDP forwarding has cached, on any CPU, each once
-    /// (diagnostics and tests).
+    /// The keys of the next hops the XDP forwarding has cached in the current FIB generation,
+    /// on any CPU, each once, in order (diagnostics and tests; an entry may have expired since).
     pub fn fib_cache_keys(&self) -> Result<Vec<FibKey>, DatapathError> {
+        let generation = self.fib_generation()?;
         let name = names::FIB_CACHE;
         let map: PerCpuArray<_, FibEntry> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
-        let mut keys = HashSet::new();
+        let mut keys = BTreeSet::new();
         for slot in 0..map.len() {
             let per_cpu = map.get(&slot, 0).map_err(map_err(name))?;
             // A slot never written holds all zeros: family 0.
-            keys.extend(per_cpu.iter().map(|e| e.key).filter(|k| k.family != 0));
+            let live = per_cpu
+                .iter()
+                .filter(|e| e.key.family != 0 && e.generation == generation);
+            keys.extend(live.map(|e| (e.key.family, e.key.dst, e.key.src, e.key.ifindex)));
         }
-        Ok(keys.into_iter().collect())
+        let key = |(family, dst, src, ifindex)| FibKey {
+            dst,
+            src,
+            ifindex,
+            family,
+            _pad: [0; 3],
+        };
+        Ok(keys.into_iter().map(key).collect())
+    }
+
+    /// The FIB generation: cached next hops of another one are looked up again.
+    pub fn fib_generation(&self) -> Result<u32, DatapathError> {
+        let name = names::FIB_GENERATION;
+        let map: Array<_, u32> = Array::try_from(self.map(name)?).map_err(map_err(name))?;
+        map.get(&0, 0).map_err(map_err(name))
     }
 
     /// Invalidates every cached next hop: routes or neighbours changed. Returns the new
     /// generation.
     pub fn bump_fib_generation(&mut self) -> Result<u32, DatapathError> {
         let name = names::FIB_GENERATION;
+        let next = self.fib_generation()?.wrapping_add(1);
         let mut map: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        let next = map.get(&0, 0).map_err(map_err(name))?.wrapping_add(1);
         map.set(0, next, 0).map_err(map_err(name))?;
         Ok(next)
     }
