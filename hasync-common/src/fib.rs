@@ -6,8 +6,10 @@
 //!
 //! The cache is a per-CPU array, direct-mapped: a key lives in the slot [`slot`] names, an
 //! index computed from its words, read and written in place (no hash-table walk, no lock; a
-//! CPU reads only the entries it wrote, so never a half-written one). Two keys that share a
-//! slot take turns: each miss costs one `bpf_fib_lookup`, never a wrong answer.
+//! CPU reads only the entries it wrote, so never a half-written one: this relies, as the
+//! program's per-CPU scratch slot does, on two runs of the XDP program not interleaving on one
+//! CPU; the agent reads slots only for diagnostics). Two keys that share a slot take turns:
+//! each miss costs one `bpf_fib_lookup`, never a wrong answer.
 
 use crate::{ids::ZoneId, maps::FIB_CACHE_SLOTS};
 
