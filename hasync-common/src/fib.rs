@@ -19,7 +19,19 @@ pub const FIB_ENTRY_LIFETIME_NS: u64 = 2_000_000_000;
 /// The key of FIB_CACHE. The source is part of it because the lookup uses it (policy routing,
 /// multipath hashing on addresses).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
+)]
 pub struct FibKey {
     /// Destination address in network byte order (IPv4: first word, the rest zero).
     pub dst: [u32; 4],

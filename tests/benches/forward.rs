@@ -588,8 +588,6 @@ fn over_conntrack(flows: u32) -> bool {
 struct Ratio {
     num: Case,
     den: Case,
-    /// Its column in the table (`f/b`).
-    label: &'static str,
     /// Its key in the JSON's `ratios`, `targets` and `ratios_by_round`.
     name: &'static str,
     /// The issue's target for its worst value (`None`: reported, not a target).
@@ -606,7 +604,6 @@ const RATIOS: [Ratio; 4] = [
     Ratio {
         num: Case::HasyncXdp,
         den: Case::Redirect,
-        label: "f/b",
         name: "xdp_vs_redirect",
         target: Some(0.8),
         skip: no_size,
@@ -614,7 +611,6 @@ const RATIOS: [Ratio; 4] = [
     Ratio {
         num: Case::HasyncXdp,
         den: Case::Conntrack,
-        label: "f/d",
         name: "xdp_vs_kernel_conntrack",
         target: Some(3.0),
         skip: over_conntrack,
@@ -622,7 +618,6 @@ const RATIOS: [Ratio; 4] = [
     Ratio {
         num: Case::Vwire,
         den: Case::Redirect,
-        label: "g/b",
         name: "vwire_vs_redirect",
         target: Some(0.85),
         skip: no_size,
@@ -630,7 +625,6 @@ const RATIOS: [Ratio; 4] = [
     Ratio {
         num: Case::Lookup,
         den: Case::Redirect,
-        label: "h/b",
         name: "lookup_vs_redirect",
         target: None,
         skip: no_size,
@@ -638,6 +632,11 @@ const RATIOS: [Ratio; 4] = [
 ];
 
 impl Ratio {
+    /// Its column in the table: the cases' letters (`f/b`).
+    fn label(&self) -> String {
+        format!("{}/{}", self.num.letter(), self.den.letter())
+    }
+
     /// `num` over `den` at `key`, in each round that measured both.
     fn by_round(&self, rounds: &[Results], key: (Family, u32)) -> Vec<f64> {
         rounds
@@ -675,11 +674,11 @@ impl Ratio {
     fn summary(&self, rounds: &[Results]) -> String {
         let value = cell(self.worst(rounds), 2);
         match self.target {
-            Some(t) => format!("{} {value} (target ≥ {t})", self.label),
+            Some(t) => format!("{} {value} (target ≥ {t})", self.label()),
             None => format!(
                 "{} {value} (not a target: the ceiling of f/b and g/b with a session per flow \
                  in this table)",
-                self.label
+                self.label()
             ),
         }
     }
@@ -702,7 +701,7 @@ fn print_table(rounds: &[Results]) {
     let columns: Vec<String> = Case::ALL
         .iter()
         .map(|c| format!("({}) {}", c.letter(), c.what()))
-        .chain(RATIOS.iter().map(|r| r.label.to_owned()))
+        .chain(RATIOS.iter().map(Ratio::label))
         .collect();
     println!("| family | flows | {} |", columns.join(" | "));
     println!("|---|---|{}", "---|".repeat(columns.len()));

@@ -358,6 +358,7 @@ fn without_source_routing_one_fib_entry_serves_every_source() {
         };
         let srv = word(SRV4)?;
         let sources = [word(CLI4)?, word("198.18.0.3")?];
+        let seed = fwd.dp.config()?.fib_seed;
         for by_source in [false, true] {
             fwd.dp.set_fib_by_source(by_source)?;
             let before = fwd.counters()?;
@@ -372,7 +373,6 @@ fn without_source_routing_one_fib_entry_serves_every_source() {
             let keyed = |k: &&FibKey| k.dst[0] == srv && (k.src[0] != 0) == by_source;
             let to_srv: Vec<_> = keys.iter().filter(keyed).collect();
             // Two keys that share a slot on one CPU take turns (one in 4,096 seeds).
-            let seed = fwd.dp.config()?.fib_seed;
             let share = |k: &FibKey| {
                 let slots = sources.map(|s| {
                     fib::slot(

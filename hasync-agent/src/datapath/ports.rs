@@ -101,16 +101,9 @@ impl Datapath {
             let live = per_cpu
                 .iter()
                 .filter(|e| e.key.family != 0 && e.generation == generation);
-            keys.extend(live.map(|e| (e.key.family, e.key.dst, e.key.src, e.key.ifindex)));
+            keys.extend(live.map(|e| e.key));
         }
-        let key = |(family, dst, src, ifindex)| FibKey {
-            dst,
-            src,
-            ifindex,
-            family,
-            _pad: [0; 3],
-        };
-        Ok(keys.into_iter().map(key).collect())
+        Ok(keys.into_iter().collect())
     }
 
     /// The FIB generation: cached next hops of another one are looked up again.
