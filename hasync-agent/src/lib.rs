@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod netlink;
 pub mod provision;
+pub mod random;
 pub mod runtime;
 pub mod service;
 pub mod startup;

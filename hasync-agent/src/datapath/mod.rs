@@ -339,16 +339,6 @@ pub struct Datapath {
     logger: Option<DatapathLogger>,
 }
 
-/// A seed from the standard library's per-process random keys (drawn from the kernel's
-/// random source), without a file to open.
-fn random_seed() -> u32 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let h = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (h ^ h >> 32) as u32
-}
-
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
 fn zone_name_bytes(name: &str) -> [u8; names::ZONE_NAME_BYTES] {
     let mut out = [0; names::ZONE_NAME_BYTES];
@@ -452,7 +442,7 @@ impl Datapath {
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
             fib_by_source: None,
-            fib_seed: random_seed(),
+            fib_seed: crate::random::random_u64() as u32,
             logger: None,
         };
         dp.load_programs()?;

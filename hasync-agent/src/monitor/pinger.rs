@@ -24,11 +24,7 @@ struct EchoSecret {
 
 impl EchoSecret {
     fn new() -> EchoSecret {
-        use std::hash::{BuildHasher as _, Hasher as _};
-        // The standard library seeds RandomState from the OS's randomness.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let key = h.finish();
+        let key = crate::random::random_u64();
         EchoSecret {
             id: (key >> 48) as u16,
             key,
