@@ -18,7 +18,7 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -561,21 +561,20 @@ pub fn show(table: &Table, max: usize) -> String {
     out
 }
 
-/// `count` short UDP flows from namespace `ns` to the echo server at `server`: each from a
-/// fresh socket (a new source port, so a new session), one datagram answered by its echo
-/// (resent up to 3 times, 500 ms each). Returns the source ports, in order. Fails if a flow
-/// got no echo.
+/// `count` short UDP flows from namespace `ns` to the echo server at `server`, one datagram
+/// each answered by its echo (resent up to 3 times, 500 ms each). Each flow has a source
+/// port that no earlier flow from `ns` had in this process ([`fresh_socket`]), so each is a
+/// new session. Returns the source ports, in order. Fails if a flow got no echo.
 pub fn udp_flows(ns: &str, server: SocketAddr, count: usize) -> Result<Vec<u16>, String> {
+    let name = ns.to_owned();
     let run = run_in(ns, move || -> Result<Vec<u16>, String> {
         let mut ports = Vec::with_capacity(count);
         let mut buf = [0u8; 64];
         for i in 0..count {
-            let any: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
-            let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+            let (s, port) = fresh_socket(&name)?;
             s.connect(server).map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(Duration::from_millis(500)))
                 .map_err(|e| e.to_string())?;
-            let port = s.local_addr().map_err(|e| e.to_string())?.port();
             let msg = format!("flow {i} from port {port}");
             let mut answered = false;
             for _ in 0..3 {
@@ -596,6 +595,30 @@ pub fn udp_flows(ns: &str, server: SocketAddr, count: usize) -> Result<Vec<u16>,
         Ok(ports)
     });
     run.map_err(|e| e.to_string())?
+}
+
+/// A UDP socket bound to a port the kernel chose and that [`udp_flows`] never used before
+/// in namespace `ns` in this process. The kernel picks ports at random and may hand a
+/// closed socket's port out again, which would make a "new" flow an old session; a port
+/// seen before is held while the next is drawn (at most 64 draws).
+fn fresh_socket(ns: &str) -> Result<(UdpSocket, u16), String> {
+    static USED: Mutex<BTreeMap<String, BTreeSet<u16>>> = Mutex::new(BTreeMap::new());
+    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+    let used = used.entry(ns.to_owned()).or_default();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let any: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
+        let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
+        let port = s.local_addr().map_err(|e| e.to_string())?.port();
+        if used.insert(port) {
+            return Ok((s, port));
+        }
+        held.push(s);
+    }
+    Err(format!(
+        "no unused UDP source port in {ns} after 64 draws ({} used)",
+        used.len()
+    ))
 }
 
 /// The MAC address of `ifname` in the lab namespace `name` (short name: `fw1`, `client`).

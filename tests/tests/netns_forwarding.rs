@@ -11,14 +11,16 @@
 //! Sockets are created on threads that joined a lab namespace, so they belong to it; every
 //! exchange is bounded in count and time.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use anyhow::{bail, ensure, Context as _, Result};
+use hasync_agent::lab::traffic::{udp_echo_server, Bounds};
 use hasync_common::{
     session::tcp::{ACK, FIN, RST, SYN},
     Counter, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State, ZoneId,
 };
 use hasync_tests::{
+    cluster::udp_flows,
     fixture::show,
     forwarder::{
         sa, tcp_exchange, udp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6, TRUST,
@@ -372,4 +374,50 @@ fn lab_leaves_the_root_namespace_alone() {
         root_before,
         "the root namespace changed"
     );
+}
+
+/// `hasync_tests::cluster::udp_flows`, which many cluster tests count sessions with, gives
+/// every flow a source port of its own: in one call and across calls in one namespace, so
+/// two batches of flows create as many sessions as they have flows.
+#[test]
+fn every_udp_flow_of_the_test_helper_is_its_own_session() {
+    const BATCH: usize = 400;
+    let run = || -> Result<()> {
+        let fwd = Forwarder::new("fwdport", Policy::Strict)?;
+        let server = sa(SRV4, 7402);
+        let _echo = udp_echo_server(
+            fwd.srv.name(),
+            server,
+            Bounds::new(4 * BATCH as u64, Duration::from_secs(60)),
+        )?;
+        let before = fwd.counters()?;
+        let mut ports = udp_flows(fwd.cli.name(), server, BATCH).map_err(anyhow::Error::msg)?;
+        ports.extend(udp_flows(fwd.cli.name(), server, BATCH).map_err(anyhow::Error::msg)?);
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        ensure!(
+            distinct.len() == 2 * BATCH,
+            "{} flows used only {} source ports",
+            2 * BATCH,
+            distinct.len()
+        );
+        // Each flow made a session; the embryo ring (256 slots per CPU here) evicted the
+        // oldest unassured ones to admit newer ones, so the table holds the rest.
+        let delta = CounterDelta {
+            before,
+            after: fwd.counters()?,
+        };
+        let flows = 2 * BATCH as u64;
+        ensure!(
+            delta.get(Counter::Creates) == flows,
+            "{flows} flows: {delta}"
+        );
+        let evicted = delta.get(Counter::EvictedUdpReplied) + delta.get(Counter::EvictedUdpNew);
+        let held = fwd.dp.sessions()?.len() as u64;
+        ensure!(
+            held + evicted == flows,
+            "{flows} flows: {held} sessions held, {evicted} evicted"
+        );
+        Ok(())
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
 }
