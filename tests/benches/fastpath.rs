@@ -24,7 +24,7 @@ use hasync_common::{
     maps as names, member::MEMBER_SLOTS, session::tcp, DatapathConfig, FlowKey, MemberEntry,
     MemberId, Session, SessionFlags, State,
 };
-use hasync_tests::{frame::Frame, testrun::load_xdp_programs};
+use hasync_tests::{frame::Frame, stats::median, testrun::load_xdp_programs};
 
 static BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("HASYNC_EBPF_OUT_DIR"), "/fastpath-bench"));
@@ -219,11 +219,6 @@ impl Bench {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn measure(size: &Size, log: DatapathLog) -> Result<Figures> {
     let capacity = (size.sessions * 2).max(4096);
     let mut bench = Bench::load(capacity, log)?;
@@ -254,7 +249,8 @@ fn measure(size: &Size, log: DatapathLog) -> Result<Figures> {
             samples[slot].push(bench.run(prog, &syn, size.repeat)?);
         }
     }
-    let [parse, lookup, hit, insert, create] = samples.map(median);
+    // RUNS ≥ 1 samples each: never empty.
+    let [parse, lookup, hit, insert, create] = samples.map(|v| median(v).unwrap_or(f64::NAN));
     Ok(Figures {
         parse,
         lookup,

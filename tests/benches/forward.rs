@@ -65,6 +65,7 @@ use hasync_tests::{
         stream::{size_label, stream, Direction, Family, FRAME_LEN},
     },
     netns::{veth, Lab, Netns},
+    stats::median,
 };
 
 /// Frames per test run while measuring: large, since each live-frames run sets up and tears
@@ -412,17 +413,6 @@ fn kernel_cpu_ns() -> Option<u64> {
         .collect();
     let ticks = fields.get(2)? + fields.get(5)? + fields.get(6)?;
     Some(ticks * 10_000_000)
-}
-
-/// The middle value (the mean of the two middle ones of an even count); `None` of nothing.
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let upper = *v.get(v.len() / 2)?;
-    if v.len() % 2 == 1 {
-        return Some(upper);
-    }
-    let lower = v.get(v.len() / 2 - 1).copied().unwrap_or(upper);
-    Some((lower + upper) / 2.0)
 }
 
 /// Where the generator sends for `case`: its ingress interface and the frame's MACs.

@@ -12,4 +12,5 @@ pub mod interrupt;
 pub mod live;
 pub mod netns;
 pub mod sockets;
+pub mod stats;
 pub mod testrun;
