@@ -3,7 +3,7 @@
 //!
 //! A two-member lab (namespaces `bsync<pid>-*`, see `hasync_agent::lab`) runs the release
 //! `hasync` agent ($HASYNC_BIN, else built with `cargo build --release -p hasync-agent --bin
-//! hasync`) with a 2^21-session table and one-hour UDP and ICMP timeouts. Every session is
+//! hasync`) with a 2^23-session table and one-hour UDP and ICMP timeouts. Every session is
 //! created by fw1's own XDP program from a frame: a distinct UDP datagram (source
 //! 198.18.0.20–220 except .100, source port from 1024 up) to a silent sink on the server. The
 //! small and lag phases send real frames from the client's AF_PACKET socket to fw1's `in0` (a
@@ -60,7 +60,6 @@ use std::{
     net::{Ipv4Addr, UdpSocket},
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::PathBuf,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -91,6 +90,7 @@ use hasync_common::{
     Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
 use hasync_tests::{
+    build,
     interrupt::{catch_signals, check_stop},
     stats::median,
 };
@@ -843,44 +843,8 @@ fn mac_text(m: [u8; 6]) -> String {
 
 /// The `hasync` executable: $HASYNC_BIN, else built in release by cargo.
 fn hasync_binary() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("HASYNC_BIN") {
-        let bin = PathBuf::from(bin);
-        ensure!(bin.is_file(), "HASYNC_BIN={} is not a file", bin.display());
-        return Ok(bin);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("the tests crate has no parent directory"))?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("building the agent: cargo build --release -p hasync-agent --bin hasync");
-    let out = Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "hasync-agent",
-            "--bin",
-            "hasync",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build for the hasync binary")?;
-    ensure!(
-        out.status.success(),
-        "cargo build --release -p hasync-agent --bin hasync failed ({})",
-        out.status
-    );
-    // The compiler-artifact message of the `hasync` binary names the executable.
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "hasync")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .ok_or_else(|| anyhow!("cargo build did not report the hasync executable"))
+    build::hasync(build::Profile::Release).map_err(|e| anyhow!(e))
 }
 
 /// The answer of member `k` to `req`, as JSON.

@@ -17,7 +17,6 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    process::Command,
     sync::{Mutex, OnceLock},
     time::{Duration, Instant},
 };
@@ -41,69 +40,23 @@ use hasync_common::{
     flow::IPPROTO_UDP, Family, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
 };
 
-use crate::frame::Frame;
+use crate::{build::Profile, frame::Frame};
 
 /// How long an agent may take to open its control socket.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Lines of each agent's log quoted when a check fails.
 pub const LOG_LINES: usize = 40;
 
-/// The `hasync` executable: `$HASYNC_BIN` if set, else `cargo build -p hasync-agent --bin
-/// hasync` (once per test process; cargo from `$CARGO`, run in the workspace root) and
-/// `<target dir>/debug/hasync`, the target dir being `$CARGO_TARGET_DIR` or `<root>/target`.
+/// The `hasync` executable: [`crate::build::hasync`] in the debug profile, once per test
+/// process.
 ///
 /// # Panics
 /// If the build fails (with cargo's output) or the executable is missing.
 pub fn hasync_binary() -> &'static Path {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BINARY.get_or_init(find_or_build) {
+    match BINARY.get_or_init(|| crate::build::hasync(Profile::Debug)) {
         Ok(path) => path,
         Err(e) => panic!("{e}"),
-    }
-}
-
-fn find_or_build() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("HASYNC_BIN").filter(|b| !b.is_empty()) {
-        let bin = PathBuf::from(bin);
-        return if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!("HASYNC_BIN={} is not a file", bin.display()))
-        };
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or("the tests crate has no parent directory")?
-        .to_owned();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
-        .args(["build", "-p", "hasync-agent", "--bin", "hasync"])
-        .current_dir(&root)
-        .output()
-        .map_err(|e| format!("running {} build: {e}", cargo.to_string_lossy()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`cargo build -p hasync-agent --bin hasync` failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|t| !t.is_empty())
-        .map_or_else(|| root.join("target"), PathBuf::from);
-    let target = if target.is_relative() {
-        root.join(target)
-    } else {
-        target
-    };
-    let bin = target.join("debug").join("hasync");
-    if bin.is_file() {
-        Ok(bin)
-    } else {
-        Err(format!(
-            "built hasync, but {} does not exist (set HASYNC_BIN)",
-            bin.display()
-        ))
     }
 }
 

@@ -2,6 +2,7 @@
 //! packet fixture runner, network-namespace labs and the fuzz targets' checks. The tests
 //! themselves live in `tests/`.
 
+pub mod build;
 pub mod chaos;
 pub mod cluster;
 pub mod fixture;
