@@ -79,9 +79,15 @@ impl<T: SessionTable> Engine<T> {
             if let Some(c) = peer.lock().links.get_mut(&link) {
                 c.last_rx = Instant::now();
             }
+            let applies = matches!(msg, Message::Sessions { .. });
             if let Err(why) = self.handle(&from, msg, &writer) {
                 self.detach(&peer, link, Some(generation), why);
                 return;
+            }
+            if applies {
+                // The frame was applied on this worker: other tasks get their turn now, not
+                // after the next frames too.
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -105,10 +111,12 @@ impl<T: SessionTable> Engine<T> {
             Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
             Message::Sessions { seq, bulk, records } => {
                 LinkStats::add(&stats.records_received, records.len() as u64);
-                // The table work blocks: off the async workers, and so is the wait for the other
-                // link's reader, which may be applying a frame of this peer.
-                let applied =
-                    tokio::task::block_in_place(|| self.apply_in_order(f, seq, &records, bulk))?;
+                // The table work runs on this worker. It is short: one frame (at most a few
+                // hundred records, a few hundred µs), after waits for locks that are held a
+                // frame or a table chunk at a time (the other link's reader applying a frame
+                // of this peer, a walk of the table). Handing the worker to another thread for
+                // it (`block_in_place`) cost more CPU than the apply itself.
+                let applied = self.apply_in_order(f, seq, &records, bulk)?;
                 match applied {
                     Applied::Done => writer.ack(seq),
                     Applied::Stale | Applied::Superseded => {

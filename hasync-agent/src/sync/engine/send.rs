@@ -177,7 +177,8 @@ impl<T: SessionTable> Engine<T> {
             .collect();
         let mut read = Vec::with_capacity(to_read.len());
         if !to_read.is_empty() {
-            tokio::task::block_in_place(|| lock(&self.inner.dp).read(&to_read, &mut read))?;
+            // At most a frame's keys, on this worker (as a frame is applied: see `handle`).
+            lock(&self.inner.dp).read(&to_read, &mut read)?;
         }
         if read.len() != to_read.len() {
             return Err(DatapathError::ShortRead {
