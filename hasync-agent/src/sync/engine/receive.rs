@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Instant};
 use tracing::{info, warn};
 
 use super::{lock, BulkRx, Engine, Peer, SessionTable};
+use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
 use crate::{
     cluster::MemberState,
@@ -111,11 +112,11 @@ impl<T: SessionTable> Engine<T> {
             Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
             Message::Sessions { seq, bulk, records } => {
                 LinkStats::add(&stats.records_received, records.len() as u64);
-                // The table work runs on this worker. It is short: one frame (at most a few
-                // hundred records, a few hundred µs), after waits for locks that are held a
-                // frame or a table chunk at a time (the other link's reader applying a frame
-                // of this peer, a walk of the table). Handing the worker to another thread for
-                // it (`block_in_place`) cost more CPU than the apply itself.
+                // The table work runs on this worker: one frame, at most a few hundred records
+                // (a few hundred µs). Handing the worker to another thread for every frame
+                // (`block_in_place`) cost more CPU than the apply itself; only a wait for a
+                // lock that another holder has (the other link's reader, a sweep step) is
+                // taken off the worker (`lock_on_worker`).
                 let applied = self.apply_in_order(f, seq, &records, bulk)?;
                 match applied {
                     Applied::Done => writer.ack(seq),
@@ -264,7 +265,7 @@ impl<T: SessionTable> Engine<T> {
         records: &[Record],
         bulk: bool,
     ) -> Result<Applied, &'static str> {
-        let mut order = lock(&f.peer.applied);
+        let mut order = lock_on_worker(&f.peer.applied);
         if order.boot_id != f.boot_id {
             order.boot_id = f.boot_id;
             order.last_seq = 0;
@@ -314,7 +315,7 @@ impl<T: SessionTable> Engine<T> {
         };
         let who = self.applier(peer, bulk, reconciling);
         let r = {
-            let mut dp = lock(&self.inner.dp);
+            let mut dp = lock_on_worker(&self.inner.dp);
             apply::apply(&mut *dp, records, &zones, monotonic_ns(), &who)?
         };
         self.count_applied(&peer.stats, &r);

@@ -12,6 +12,7 @@ use hasync_common::{FlowKey, MemberId, Session};
 use tracing::{debug, info, warn};
 
 use super::{lock, Engine, Peer, SessionTable};
+use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
@@ -178,7 +179,7 @@ impl<T: SessionTable> Engine<T> {
         let mut read = Vec::with_capacity(to_read.len());
         if !to_read.is_empty() {
             // At most a frame's keys, on this worker (as a frame is applied: see `handle`).
-            lock(&self.inner.dp).read(&to_read, &mut read)?;
+            lock_on_worker(&self.inner.dp).read(&to_read, &mut read)?;
         }
         if read.len() != to_read.len() {
             return Err(DatapathError::ShortRead {
