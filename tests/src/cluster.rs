@@ -516,15 +516,15 @@ pub fn show(table: &Table, max: usize) -> String {
 
 /// `count` short UDP flows from namespace `ns` to the echo server at `server`, one datagram
 /// each answered by its echo (resent up to 3 times, 500 ms each). Each flow has a source
-/// port that no earlier flow from `ns` had in this process ([`fresh_socket`]), so each is a
-/// new session. Returns the source ports, in order. Fails if a flow got no echo.
+/// port that no recent flow from `ns` to `server` had ([`fresh_socket`]), so each is a new
+/// session. Returns the source ports, in order. Fails if a flow got no echo.
 pub fn udp_flows(ns: &str, server: SocketAddr, count: usize) -> Result<Vec<u16>, String> {
     let name = ns.to_owned();
     let run = run_in(ns, move || -> Result<Vec<u16>, String> {
         let mut ports = Vec::with_capacity(count);
         let mut buf = [0u8; 64];
         for i in 0..count {
-            let (s, port) = fresh_socket(&name)?;
+            let (s, port) = fresh_socket(&name, server)?;
             s.connect(server).map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(Duration::from_millis(500)))
                 .map_err(|e| e.to_string())?;
@@ -550,26 +550,35 @@ pub fn udp_flows(ns: &str, server: SocketAddr, count: usize) -> Result<Vec<u16>,
     run.map_err(|e| e.to_string())?
 }
 
-/// A UDP socket bound to a port the kernel chose and that [`udp_flows`] never used before
-/// in namespace `ns` in this process. The kernel picks ports at random and may hand a
-/// closed socket's port out again, which would make a "new" flow an old session; a port
-/// seen before is held while the next is drawn (at most 64 draws).
-fn fresh_socket(ns: &str) -> Result<(UdpSocket, u16), String> {
-    static USED: Mutex<BTreeMap<String, BTreeSet<u16>>> = Mutex::new(BTreeMap::new());
-    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
-    let used = used.entry(ns.to_owned()).or_default();
+/// How long a source port [`udp_flows`] used stays out of its draws: five times the default
+/// timeout of an answered UDP session (120 s), after which the session it made is gone.
+const PORT_MEMORY: Duration = Duration::from_secs(600);
+
+/// A UDP socket bound to a port the kernel chose and that [`udp_flows`] did not use toward
+/// `server` from namespace `ns` in this process within [`PORT_MEMORY`]. The kernel picks
+/// ports at random and may hand a closed socket's port out again, which would make a "new"
+/// flow an old session; a port seen before is held while the next is drawn (at most 64
+/// draws).
+fn fresh_socket(ns: &str, server: SocketAddr) -> Result<(UdpSocket, u16), String> {
+    type Used = BTreeMap<(String, SocketAddr), BTreeMap<u16, Instant>>;
+    static USED: Mutex<Used> = Mutex::new(BTreeMap::new());
+    let mut all = USED.lock().unwrap_or_else(|e| e.into_inner());
+    let used = all.entry((ns.to_owned(), server)).or_default();
+    let now = Instant::now();
+    used.retain(|_, at| now.duration_since(*at) < PORT_MEMORY);
     let mut held = Vec::new();
     for _ in 0..64 {
         let any: SocketAddr = (Ipv4Addr::UNSPECIFIED, 0).into();
         let s = UdpSocket::bind(any).map_err(|e| format!("bind: {e}"))?;
         let port = s.local_addr().map_err(|e| e.to_string())?.port();
-        if used.insert(port) {
+        if let std::collections::btree_map::Entry::Vacant(e) = used.entry(port) {
+            e.insert(now);
             return Ok((s, port));
         }
         held.push(s);
     }
     Err(format!(
-        "no unused UDP source port in {ns} after 64 draws ({} used)",
+        "no unused UDP source port toward {server} in {ns} after 64 draws ({} used in the last {PORT_MEMORY:?})",
         used.len()
     ))
 }
