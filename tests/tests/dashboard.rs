@@ -158,7 +158,15 @@ fn http_get(c: &Cluster, path: &str) -> Result<String, String> {
 
 #[test]
 fn the_dashboard_shows_a_healthy_two_member_cluster() {
-    let c = Cluster::start("dash", 2, ClusterOptions::default());
+    // The ping's session outlives the checks below (its default timeout is 6 s).
+    let c = Cluster::start(
+        "dash",
+        2,
+        ClusterOptions {
+            timeouts: [("icmp-echo".to_owned(), 300)].into(),
+            ..ClusterOptions::default()
+        },
+    );
     // Both members active, and fw1's sync links up to fw2.
     c.wait(
         "fw1 to see both members active with HA4 and HA4 backup up",
@@ -205,6 +213,22 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
             let raw = http_get(&c, "/api/history")?;
             let n = raw.matches("\"owned\":").count();
             (n >= 3).then_some(()).ok_or(format!("{n} samples"))
+        },
+    );
+
+    // The agent reuses a session count for 5 s (counting walks the table): one taken just
+    // before the ping may still be served. Wait until the count includes the ping's session.
+    c.wait(
+        "fw1's session count to include the ping's session",
+        Duration::from_secs(15),
+        || {
+            let raw = http_get(&c, "/api/cluster")?;
+            let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let api: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+            let total = api["sessions"]["total"].as_u64().unwrap_or(0);
+            (total >= 1)
+                .then_some(())
+                .ok_or(format!("{total} sessions"))
         },
     );
 
