@@ -65,7 +65,7 @@ use hasync_tests::{
         stream::{size_label, stream, Direction, Family, FRAME_LEN},
     },
     netns::{veth, Lab, Netns},
-    stats::median,
+    stats::{median, range},
 };
 
 /// Frames per test run while measuring: large, since each live-frames run sets up and tears
@@ -649,11 +649,10 @@ impl Ratio {
 
     /// The median of the rounds' ratios at `key`, and their range when there were several.
     fn cell(&self, rounds: &[Results], key: (Family, u32)) -> String {
-        let mut all = self.by_round(rounds, key);
-        all.sort_by(f64::total_cmp);
-        match (all.first(), all.last()) {
-            (Some(lo), Some(hi)) if all.len() > 1 => {
-                let m = median(all.clone()).unwrap_or(*lo);
+        let all = self.by_round(rounds, key);
+        match range(&all) {
+            Some((lo, hi)) if all.len() > 1 => {
+                let m = median(all).unwrap_or(lo);
                 format!("{m:.2} ({lo:.2}–{hi:.2})")
             }
             _ => cell(median(all), 2),

@@ -92,7 +92,7 @@ use hasync_common::{
 use hasync_tests::{
     build,
     interrupt::{catch_signals, check_stop},
-    stats::median,
+    stats::{median, range},
 };
 
 /// Sessions in the table for the throughput, full-sync and RSS figures.
@@ -280,15 +280,32 @@ struct Raw {
     dump: Duration,
 }
 
-fn raw_once(keys: &[FlowKey], values: &[Session]) -> Result<Raw> {
-    let fd = batch::create_map::<FlowKey, Session>(batch::BPF_MAP_TYPE_HASH, CAPACITY)
-        .context("BPF_MAP_CREATE of the baseline hash")?;
-    let map = BatchMap::<FlowKey, Session>::new(fd.as_fd())?;
+/// The baselines' entries: the sessions `keys` names, as the bench creates them.
+fn entries(keys: std::ops::Range<u64>) -> (Vec<FlowKey>, Vec<Session>) {
+    let now = monotonic_ns();
+    let keys: Vec<FlowKey> = keys.map(key).collect();
+    let values = keys.iter().map(|k| value(k, now)).collect();
+    (keys, values)
+}
+
+/// Batch-inserts `keys` and `values` into `map`, [`RAW_CHUNK`] at a time; how long it took.
+fn insert_timed(
+    map: &BatchMap<'_, FlowKey, Session>,
+    keys: &[FlowKey],
+    values: &[Session],
+) -> Result<Duration> {
     let t = Instant::now();
     for (k, v) in keys.chunks(RAW_CHUNK).zip(values.chunks(RAW_CHUNK)) {
         map.update_batch(k, v, 0)?;
     }
-    let insert = t.elapsed();
+    Ok(t.elapsed())
+}
+
+fn raw_once(keys: &[FlowKey], values: &[Session]) -> Result<Raw> {
+    let fd = batch::create_map::<FlowKey, Session>(batch::BPF_MAP_TYPE_HASH, CAPACITY)
+        .context("BPF_MAP_CREATE of the baseline hash")?;
+    let map = BatchMap::<FlowKey, Session>::new(fd.as_fd())?;
+    let insert = insert_timed(&map, keys, values)?;
     let mut cursor = BatchCursor::new();
     let mut kb = Vec::with_capacity(RAW_CHUNK);
     let mut vb = Vec::with_capacity(RAW_CHUNK);
@@ -312,9 +329,7 @@ fn raw_once(keys: &[FlowKey], values: &[Session]) -> Result<Raw> {
 
 /// `RAW_RUNS` baseline runs of `n` entries, logged to stderr.
 fn raw_runs(n: u64, when: &str) -> Result<Vec<Raw>> {
-    let now = monotonic_ns();
-    let keys: Vec<FlowKey> = (0..n).map(key).collect();
-    let values: Vec<Session> = keys.iter().map(|k| value(k, now)).collect();
+    let (keys, values) = entries(0..n);
     let mut runs = Vec::new();
     for _ in 0..RAW_RUNS {
         check_stop()?;
@@ -347,14 +362,8 @@ impl PairedBaseline {
     /// Inserts the sessions `keys` names; only the batch updates are timed.
     fn insert(&self, keys: std::ops::Range<u64>) -> Result<Duration> {
         let map = BatchMap::<FlowKey, Session>::new(self.fd.as_fd())?;
-        let now = monotonic_ns();
-        let keys: Vec<FlowKey> = keys.map(key).collect();
-        let values: Vec<Session> = keys.iter().map(|k| value(k, now)).collect();
-        let t = Instant::now();
-        for (k, v) in keys.chunks(RAW_CHUNK).zip(values.chunks(RAW_CHUNK)) {
-            map.update_batch(k, v, 0)?;
-        }
-        Ok(t.elapsed())
+        let (keys, values) = entries(keys);
+        insert_timed(&map, &keys, &values)
     }
 
     /// Inserts `n` keys from `first` and returns the rate measured as a drain's is: over
@@ -1413,10 +1422,8 @@ impl Figures {
 
     /// The lowest and highest of the rounds' ratios.
     fn replication_range(&self) -> (f64, f64) {
-        self.drains
-            .iter()
-            .map(DrainRound::ratio)
-            .fold((f64::INFINITY, 0.0), |(lo, hi), r| (lo.min(r), hi.max(r)))
+        let ratios: Vec<f64> = self.drains.iter().map(DrainRound::ratio).collect();
+        range(&ratios).unwrap_or((0.0, 0.0))
     }
 
     /// The median round's drain rate over the fastest raw insert of 1M: the figure of the
@@ -1851,7 +1858,7 @@ fn print_json(f: &Figures) {
         "replication": {
             "rounds": f.drains.iter().map(DrainRound::json).collect::<Vec<_>>(),
             "ratio_median": rep,
-            "ratio_range": [f.replication_range().0, f.replication_range().1],
+            "ratio_range": <[f64; 2]>::from(f.replication_range()),
             "median_rate_vs_fastest_raw_insert": f.replication_vs_fastest(),
         },
         "fill": f.fill.json(),

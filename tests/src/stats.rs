@@ -13,9 +13,23 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     Some((lower + upper) / 2.0)
 }
 
+/// The lowest and the highest of the values that are numbers; `None` of none.
+pub fn range(v: &[f64]) -> Option<(f64, f64)> {
+    let mut numbers = v.iter().copied().filter(|x| !x.is_nan());
+    let first = numbers.next()?;
+    Some(numbers.fold((first, first), |(lo, hi), x| (lo.min(x), hi.max(x))))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, range};
+
+    #[test]
+    fn a_range_is_the_lowest_and_highest_number() {
+        assert_eq!(range(&[]), None);
+        assert_eq!(range(&[f64::NAN]), None);
+        assert_eq!(range(&[2.0, f64::NAN, -1.0, 3.0]), Some((-1.0, 3.0)));
+    }
 
     #[test]
     fn odd_counts_take_the_middle_even_counts_the_mean_of_the_two_and_nan_is_left_out() {
