@@ -8,10 +8,10 @@
 //!
 //! Memory is bounded: past `capacity` pending keys the outbox gives up on incremental sync and
 //! asks for a full sync instead (`take_overflow`); and at most [`MAX_SNAPSHOTS`] of the keys
-//! keep a snapshot (about 17 MiB per peer); the keys queued beyond it are read at send time.
+//! keep a snapshot (under 9 MiB per peer); the keys queued beyond it are read at send time.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{hash_map::Entry, HashMap, VecDeque},
     time::Instant,
 };
 
@@ -43,15 +43,76 @@ struct InFlight {
     bulk: bool,
 }
 
+/// A queued key, in queue order.
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    key: FlowKey,
+    /// When it was first queued (for the replication lag).
+    at: Instant,
+    /// Its snapshot's slot in [`Snapshots`], or [`NO_SNAPSHOT`]: read at send time.
+    snapshot: u32,
+}
+
+const NO_SNAPSHOT: u32 = u32::MAX;
+
+/// Where the queue's positions start: far from both ends of `u64`, since keys requeued
+/// after a link failure go in front.
+const ORIGIN: u64 = 1 << 62;
+
+/// The queued keys' snapshots, in slots (at most [`MAX_SNAPSHOTS`]). A slot is taken in queue
+/// order and read back in it, so sending reads them nearly in sequence.
+#[derive(Debug, Default)]
+struct Snapshots {
+    slots: Vec<Session>,
+    free: Vec<u32>,
+}
+
+impl Snapshots {
+    /// A slot holding `s`; [`NO_SNAPSHOT`] when all are taken.
+    fn put(&mut self, s: Session) -> u32 {
+        if let Some(i) = self.free.pop() {
+            if let Some(slot) = self.slots.get_mut(i as usize) {
+                *slot = s;
+                return i;
+            }
+        }
+        if self.slots.len() >= MAX_SNAPSHOTS {
+            return NO_SNAPSHOT;
+        }
+        self.slots.push(s);
+        u32::try_from(self.slots.len() - 1).unwrap_or(NO_SNAPSHOT)
+    }
+
+    fn get_mut(&mut self, i: u32) -> Option<&mut Session> {
+        self.slots.get_mut(i as usize)
+    }
+
+    /// Frees slot `i`, returning what it held.
+    fn take(&mut self, i: u32) -> Option<Session> {
+        let s = *self.slots.get(i as usize)?;
+        self.free.push(i);
+        Some(s)
+    }
+
+    fn clear(&mut self) {
+        self.slots.clear();
+        self.free.clear();
+    }
+}
+
 #[derive(Debug)]
 pub struct Outbox {
-    pending: VecDeque<(FlowKey, Instant)>,
-    queued: HashSet<FlowKey, Hasher>,
-    /// Of the queued keys, those whose latest change is an event's snapshot. A key queued
-    /// without one is read at send time, whatever snapshot comes for it later: that snapshot
-    /// may be older than what the table holds (an event drained after the sweep removed its
-    /// session).
-    snapshots: HashMap<FlowKey, Session, Hasher>,
+    /// The queued keys, oldest first; `pending[0]` is at position `front`.
+    pending: VecDeque<Queued>,
+    front: u64,
+    /// Each queued key's position in `pending`: one hash operation per key queued, coalesced
+    /// or taken.
+    queued: HashMap<FlowKey, u64, Hasher>,
+    /// Of the queued keys, those whose latest change is an event's snapshot keep it here. A
+    /// key queued without one is read at send time, whatever snapshot comes for it later: that
+    /// snapshot may be older than what the table holds (an event drained after the sweep
+    /// removed its session).
+    snapshots: Snapshots,
     capacity: usize,
     overflowed: bool,
     in_flight: VecDeque<InFlight>,
@@ -65,8 +126,9 @@ impl Outbox {
     pub fn new(capacity: usize, max_in_flight: usize) -> Self {
         Outbox {
             pending: VecDeque::new(),
-            queued: HashSet::default(),
-            snapshots: HashMap::default(),
+            front: ORIGIN,
+            queued: HashMap::default(),
+            snapshots: Snapshots::default(),
             capacity,
             overflowed: false,
             in_flight: VecDeque::new(),
@@ -81,42 +143,35 @@ impl Outbox {
         if self.overflowed {
             return;
         }
-        if self.queued.contains(&key) {
-            match change {
-                Change::Read => {
-                    self.snapshots.remove(&key);
+        let back = self.front + self.pending.len() as u64;
+        let full = self.pending.len() >= self.capacity;
+        match self.queued.entry(key) {
+            Entry::Occupied(e) => {
+                let at = e
+                    .get()
+                    .checked_sub(self.front)
+                    .and_then(|i| usize::try_from(i).ok());
+                if let Some(q) = at.and_then(|i| self.pending.get_mut(i)) {
+                    coalesce(q, change, &mut self.snapshots);
                 }
-                Change::Snapshot(s) => self.replace_snapshot(key, s),
             }
-            return;
-        }
-        if self.queued.len() >= self.capacity {
-            // Too far behind to track sessions one by one: a full sync replaces the queue.
-            self.overflowed = true;
-            self.forget_pending();
-            return;
-        }
-        self.queued.insert(key);
-        self.pending.push_back((key, now));
-        if let Change::Snapshot(s) = change {
-            if self.snapshots.len() < MAX_SNAPSHOTS {
-                self.snapshots.insert(key, s);
+            Entry::Vacant(_) if full => {
+                // Too far behind to track sessions one by one: a full sync replaces the queue.
+                self.overflowed = true;
+                self.forget_pending();
             }
-        }
-    }
-
-    /// Keeps `s` as `key`'s snapshot if it is later than the one held. Two CPUs' events of one
-    /// session can reach the ring buffer in the other order, and can even carry the same
-    /// version (its increments are not atomic): then neither is known to be the latest, and
-    /// the table is read at send time.
-    fn replace_snapshot(&mut self, key: FlowKey, s: Session) {
-        let Some(held) = self.snapshots.get_mut(&key) else {
-            return;
-        };
-        if held.version == s.version && *held != s {
-            self.snapshots.remove(&key);
-        } else if !version_after(held.version, s.version) {
-            *held = s;
+            Entry::Vacant(e) => {
+                e.insert(back);
+                let snapshot = match change {
+                    Change::Snapshot(s) => self.snapshots.put(s),
+                    Change::Read => NO_SNAPSHOT,
+                };
+                self.pending.push_back(Queued {
+                    key,
+                    at: now,
+                    snapshot,
+                });
+            }
         }
     }
 
@@ -142,6 +197,7 @@ impl Outbox {
 
     fn forget_pending(&mut self) {
         self.pending.clear();
+        self.front = ORIGIN;
         self.queued.clear();
         self.snapshots.clear();
         self.release_memory();
@@ -157,19 +213,19 @@ impl Outbox {
         let n = max.min(self.pending.len());
         let mut changes = Vec::with_capacity(n);
         let mut oldest = None;
-        for (key, at) in self.pending.drain(..n) {
-            self.queued.remove(&key);
-            let change = if self.snapshots.is_empty() {
-                Change::Read
-            } else {
-                self.snapshots
-                    .remove(&key)
-                    .map_or(Change::Read, Change::Snapshot)
-            };
-            oldest = Some(oldest.map_or(at, |o: Instant| o.min(at)));
-            changes.push((key, change));
+        for q in self.pending.drain(..n) {
+            self.queued.remove(&q.key);
+            let change = self
+                .snapshots
+                .take(q.snapshot)
+                .map_or(Change::Read, Change::Snapshot);
+            oldest = Some(oldest.map_or(q.at, |o: Instant| o.min(q.at)));
+            changes.push((q.key, change));
         }
+        self.front += n as u64;
         if self.pending.is_empty() {
+            self.front = ORIGIN;
+            self.snapshots.clear();
             self.release_memory();
         }
         (changes, oldest)
@@ -185,8 +241,9 @@ impl Outbox {
         if self.queued.capacity() > KEEP {
             self.queued.shrink_to(KEEP);
         }
-        if self.snapshots.capacity() > KEEP {
-            self.snapshots.shrink_to(KEEP);
+        if self.snapshots.slots.capacity() > KEEP {
+            self.snapshots.slots.shrink_to(KEEP);
+            self.snapshots.free.shrink_to(KEEP);
         }
     }
 
@@ -244,13 +301,46 @@ impl Outbox {
         let bulk_lost = self.bulk_in_flight();
         while let Some(f) = self.in_flight.pop_back() {
             for key in f.keys.into_iter().rev() {
-                if self.queued.insert(key) {
-                    self.pending.push_front((key, f.oldest));
+                if let Entry::Vacant(e) = self.queued.entry(key) {
+                    self.front -= 1;
+                    e.insert(self.front);
+                    self.pending.push_front(Queued {
+                        key,
+                        at: f.oldest,
+                        snapshot: NO_SNAPSHOT,
+                    });
                     n += 1;
                 }
             }
         }
         (n, bulk_lost)
+    }
+}
+
+/// Coalesces `change` into the queued key `q`: a read replaces a snapshot; of two snapshots
+/// the later version is kept. Two CPUs' events of one session can reach the ring buffer in
+/// the other order, and can even carry the same version (its increments are not atomic):
+/// then neither is known to be the latest, and the table is read at send time.
+fn coalesce(q: &mut Queued, change: Change, snapshots: &mut Snapshots) {
+    let held = snapshots.get_mut(q.snapshot);
+    let read = match (change, held) {
+        // Queued to be read: it stays so.
+        (_, None) => false,
+        (Change::Read, Some(_)) => true,
+        (Change::Snapshot(s), Some(held)) => {
+            if held.version == s.version && *held != s {
+                true
+            } else {
+                if !version_after(held.version, s.version) {
+                    *held = s;
+                }
+                false
+            }
+        }
+    };
+    if read {
+        snapshots.take(q.snapshot);
+        q.snapshot = NO_SNAPSHOT;
     }
 }
 
@@ -400,6 +490,68 @@ mod tests {
         o.enqueue(key(1), snapshot(2), now);
         o.requeue_in_flight();
         assert_eq!(o.take(10).0, vec![(key(1), snapshot(2))]);
+    }
+
+    #[test]
+    fn keys_requeued_in_front_coalesce_like_any_other() {
+        let now = Instant::now();
+        let mut o = Outbox::new(100, 4);
+        for i in 0..5 {
+            o.enqueue(key(i), snapshot(1), now);
+        }
+        let (a, _) = o.take(2);
+        let s = o.next_seq();
+        o.sent(s, &a, now);
+        o.enqueue(key(5), snapshot(1), now);
+        assert_eq!(o.requeue_in_flight(), (2, false));
+        // Keys 0 and 1 now sit in front of those queued before them.
+        o.enqueue(key(1), snapshot(2), now);
+        o.enqueue(key(3), Change::Read, now);
+        o.enqueue(key(4), snapshot(2), now);
+        o.enqueue(key(5), snapshot(3), now);
+        assert_eq!(o.pending(), 6);
+        let (changes, _) = o.take(3);
+        assert_eq!(
+            changes,
+            vec![
+                (key(0), Change::Read),
+                (key(1), Change::Read),
+                (key(2), snapshot(1)),
+            ]
+        );
+        o.enqueue(key(4), snapshot(4), now);
+        o.enqueue(key(0), snapshot(5), now);
+        let (changes, _) = o.take(10);
+        assert_eq!(
+            changes,
+            vec![
+                (key(3), Change::Read),
+                (key(4), snapshot(4)),
+                (key(5), snapshot(3)),
+                (key(0), snapshot(5)),
+            ]
+        );
+    }
+
+    #[test]
+    fn snapshots_sent_make_room_for_keys_queued_later() {
+        let now = Instant::now();
+        let n = u32::try_from(MAX_SNAPSHOTS).expect("fits");
+        let mut o = Outbox::new(MAX_SNAPSHOTS * 2, 4);
+        for i in 0..n {
+            o.enqueue(key(i), snapshot(1), now);
+        }
+        o.take(10);
+        for i in n..n + 11 {
+            o.enqueue(key(i), snapshot(2), now);
+        }
+        let (changes, _) = o.take(MAX_SNAPSHOTS * 2);
+        let tail: Vec<Change> = changes.iter().rev().take(11).map(|(_, c)| *c).collect();
+        assert_eq!(&tail[..1], &[Change::Read], "the bound holds");
+        assert!(
+            tail[1..].iter().all(|c| *c == snapshot(2)),
+            "the 10 slots sent were given to later keys"
+        );
     }
 
     #[test]
