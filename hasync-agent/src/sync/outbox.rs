@@ -11,7 +11,7 @@
 //! keep a snapshot (under 9 MiB per peer); the keys queued beyond it are read at send time.
 
 use std::{
-    collections::{hash_map::Entry, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     time::Instant,
 };
 
@@ -54,6 +54,13 @@ struct Queued {
 }
 
 const NO_SNAPSHOT: u32 = u32::MAX;
+
+/// Entries a drained queue keeps room for (and stale positions a queue may hold beyond twice
+/// its keys).
+const KEEP: usize = 4096;
+
+/// A position no queued key has.
+const NOWHERE: u64 = u64::MAX;
 
 /// Where the queue's positions start: far from both ends of `u64`, since keys requeued
 /// after a link failure go in front.
@@ -105,8 +112,8 @@ pub struct Outbox {
     /// The queued keys, oldest first; `pending[0]` is at position `front`.
     pending: VecDeque<Queued>,
     front: u64,
-    /// Each queued key's position in `pending`: one hash operation per key queued, coalesced
-    /// or taken.
+    /// Each queued key's position in `pending` (and, until they are dropped, those of keys
+    /// taken since): one hash operation per key queued or coalesced.
     queued: HashMap<FlowKey, u64, Hasher>,
     /// Of the queued keys, those whose latest change is an event's snapshot keep it here. A
     /// key queued without one is read at send time, whatever snapshot comes for it later: that
@@ -144,35 +151,28 @@ impl Outbox {
             return;
         }
         let back = self.front + self.pending.len() as u64;
-        let full = self.pending.len() >= self.capacity;
-        match self.queued.entry(key) {
-            Entry::Occupied(e) => {
-                let at = e
-                    .get()
-                    .checked_sub(self.front)
-                    .and_then(|i| usize::try_from(i).ok());
-                if let Some(q) = at.and_then(|i| self.pending.get_mut(i)) {
-                    coalesce(q, change, &mut self.snapshots);
-                }
-            }
-            Entry::Vacant(_) if full => {
-                // Too far behind to track sessions one by one: a full sync replaces the queue.
-                self.overflowed = true;
-                self.forget_pending();
-            }
-            Entry::Vacant(e) => {
-                e.insert(back);
-                let snapshot = match change {
-                    Change::Snapshot(s) => self.snapshots.put(s),
-                    Change::Read => NO_SNAPSHOT,
-                };
-                self.pending.push_back(Queued {
-                    key,
-                    at: now,
-                    snapshot,
-                });
-            }
+        let pos = self.queued.entry(key).or_insert(back);
+        if let Some(q) = queued_at(&mut self.pending, self.front, *pos, &key) {
+            coalesce(q, change, &mut self.snapshots);
+            return;
         }
+        // Not queued, or sent since it was.
+        *pos = back;
+        if self.pending.len() >= self.capacity {
+            // Too far behind to track sessions one by one: a full sync replaces the queue.
+            self.overflowed = true;
+            self.forget_pending();
+            return;
+        }
+        let snapshot = match change {
+            Change::Snapshot(s) => self.snapshots.put(s),
+            Change::Read => NO_SNAPSHOT,
+        };
+        self.pending.push_back(Queued {
+            key,
+            at: now,
+            snapshot,
+        });
     }
 
     pub fn pending(&self) -> usize {
@@ -208,13 +208,15 @@ impl Outbox {
         std::mem::take(&mut self.overflowed)
     }
 
-    /// Takes up to `max` changes to send, with the time the oldest was queued.
+    /// Takes up to `max` changes to send, with the time the oldest was queued. Their keys'
+    /// positions stay in `queued`, out of the queue's range (a hash operation per key, a cache
+    /// miss in a large queue, saved): a drained queue clears them, and a queue that never
+    /// drains drops them once they are as many as the keys queued.
     pub fn take(&mut self, max: usize) -> (Vec<(FlowKey, Change)>, Option<Instant>) {
         let n = max.min(self.pending.len());
         let mut changes = Vec::with_capacity(n);
         let mut oldest = None;
         for q in self.pending.drain(..n) {
-            self.queued.remove(&q.key);
             let change = self
                 .snapshots
                 .take(q.snapshot)
@@ -225,8 +227,13 @@ impl Outbox {
         self.front += n as u64;
         if self.pending.is_empty() {
             self.front = ORIGIN;
+            self.queued.clear();
             self.snapshots.clear();
             self.release_memory();
+        } else if self.queued.len() > 2 * self.pending.len() + KEEP {
+            let (pending, front) = (&mut self.pending, self.front);
+            self.queued
+                .retain(|key, pos| queued_at(pending, front, *pos, key).is_some());
         }
         (changes, oldest)
     }
@@ -234,7 +241,6 @@ impl Outbox {
     /// A drained queue gives back what a burst made it grow to, so an idle agent's memory does
     /// not stay at its high-water mark.
     fn release_memory(&mut self) {
-        const KEEP: usize = 4096;
         if self.pending.capacity() > KEEP {
             self.pending.shrink_to(KEEP);
         }
@@ -301,9 +307,10 @@ impl Outbox {
         let bulk_lost = self.bulk_in_flight();
         while let Some(f) = self.in_flight.pop_back() {
             for key in f.keys.into_iter().rev() {
-                if let Entry::Vacant(e) = self.queued.entry(key) {
+                let pos = self.queued.entry(key).or_insert(NOWHERE);
+                if queued_at(&mut self.pending, self.front, *pos, &key).is_none() {
                     self.front -= 1;
-                    e.insert(self.front);
+                    *pos = self.front;
                     self.pending.push_front(Queued {
                         key,
                         at: f.oldest,
@@ -315,6 +322,18 @@ impl Outbox {
         }
         (n, bulk_lost)
     }
+}
+
+/// The queue's entry of `key` if it is at `pos`: a key's position in `queued` is out of date
+/// once the key was taken (sent), and then points outside the queue or at another key.
+fn queued_at<'a>(
+    pending: &'a mut VecDeque<Queued>,
+    front: u64,
+    pos: u64,
+    key: &FlowKey,
+) -> Option<&'a mut Queued> {
+    let i = usize::try_from(pos.checked_sub(front)?).ok()?;
+    pending.get_mut(i).filter(|q| q.key == *key)
 }
 
 /// Coalesces `change` into the queued key `q`: a read replaces a snapshot; of two snapshots
@@ -346,6 +365,8 @@ fn coalesce(q: &mut Queued, change: Change, snapshots: &mut Snapshots) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::datapath::testing::udp_key as key;
 
@@ -552,6 +573,32 @@ mod tests {
             tail[1..].iter().all(|c| *c == snapshot(2)),
             "the 10 slots sent were given to later keys"
         );
+    }
+
+    #[test]
+    fn a_queue_that_never_drains_forgets_the_keys_it_sent() {
+        let now = Instant::now();
+        let mut o = Outbox::new(1 << 20, 4);
+        let (mut queued, mut sent) = (0u32, Vec::new());
+        for round in 0..20_000u32 {
+            // Two new keys and one sent before (queued anew), two taken.
+            for k in [queued, queued + 1] {
+                o.enqueue(key(k), snapshot(1), now);
+            }
+            queued += 2;
+            if round % 3 == 0 {
+                o.enqueue(key(round / 2), snapshot(2), now);
+            }
+            sent.extend(keys(&o.take(2).0));
+            assert!(o.queued.len() <= 2 * o.pending() + KEEP, "round {round}");
+        }
+        assert!(o.pending() > 0, "it never drained");
+        sent.extend(keys(&o.take(usize::MAX).0));
+        let fresh: HashSet<FlowKey> = (0..queued).map(key).collect();
+        // Round 0's key 0 was still queued: it coalesced.
+        let again = (1..20_000).filter(|r| r % 3 == 0).count();
+        assert_eq!(sent.len(), fresh.len() + again);
+        assert!(sent.iter().all(|k| fresh.contains(k)));
     }
 
     #[test]
