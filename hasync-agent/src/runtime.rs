@@ -194,8 +194,7 @@ async fn main_loop(
             _ = main.sweep_tick.tick() => main.on_sweep(member, log),
             _ = main.membership_tick.tick() => main.on_membership(member),
             Some((request, reply)) = control.recv() => {
-                let response = crate::control::handler::handle(member, request);
-                let _ = reply.send(response);
+                crate::control::handler::answer(member, request, reply);
             }
         }
     }

@@ -1,6 +1,17 @@
 //! Answers control-socket requests from the running member's state.
+//!
+//! Most answers are read at once on the runtime's main loop. `show sessions` walks the whole
+//! session table (hundreds of milliseconds for a large one, even to count it): it runs on a
+//! blocking thread of its own, one walk at a time, and answers from there, so the main loop
+//! goes on draining the datapath's events meanwhile (a walk on it once stalled them long
+//! enough for a flood of new sessions to fill the ring buffer and lose events).
 
-use std::time::Instant;
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::{
     control::{
@@ -10,13 +21,62 @@ use crate::{
             StatisticsView,
         },
     },
-    datapath::DEFAULT_CHUNK,
+    datapath::{Datapath, DEFAULT_CHUNK},
     member::{lock, Member},
     sync::{table::walk, wire::LinkKind},
 };
 
-/// Builds the answer to one request.
-pub fn handle(member: &Member, request: Request) -> Response {
+/// Session walks that may run at once; more wait their turn.
+static WALKS: Semaphore = Semaphore::const_new(1);
+
+/// Answers `request` on `reply`: at once, or from a walk of the session table that runs off
+/// the caller's thread (see the module's note). Call it on a Tokio runtime.
+pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response>) {
+    let Request::ShowSessions {
+        count_only,
+        filter,
+        offset,
+        limit,
+    } = request
+    else {
+        let _ = reply.send(handle(member, request));
+        return;
+    };
+    match SessionPage::new(
+        count_only,
+        filter,
+        offset,
+        limit,
+        &member.config.zone_names(),
+    ) {
+        Ok(page) => sessions_later(member.dp.clone(), page, reply),
+        Err(e) => {
+            let _ = reply.send(Response::error(e));
+        }
+    }
+}
+
+/// Fills `page` from a walk of `dp` on a blocking thread, after the walks before it, and
+/// sends the answer on `reply`. Returns at once.
+pub fn sessions_later(
+    dp: Arc<Mutex<Datapath>>,
+    page: SessionPage,
+    reply: oneshot::Sender<Response>,
+) {
+    tokio::spawn(async move {
+        let response = match WALKS.acquire().await {
+            Ok(_turn) => tokio::task::spawn_blocking(move || show_sessions(&dp, page))
+                .await
+                .unwrap_or_else(|e| Response::error(format!("the session walk failed: {e}"))),
+            Err(e) => Response::error(format!("no session walk possible: {e}")),
+        };
+        let _ = reply.send(response);
+    });
+}
+
+/// Builds the answer to one request (`show sessions` too, walking the table on this thread:
+/// [`answer`] does not).
+fn handle(member: &Member, request: Request) -> Response {
     let now = Instant::now();
     match request {
         Request::ShowMembers => show_members(member, now),
@@ -32,7 +92,7 @@ pub fn handle(member: &Member, request: Request) -> Response {
             limit,
             &member.config.zone_names(),
         ) {
-            Ok(page) => show_sessions(member, page),
+            Ok(page) => tokio::task::block_in_place(|| show_sessions(&member.dp, page)),
             Err(e) => Response::error(e),
         },
         Request::ShowStatistics => Response::ok(statistics(member)),
@@ -90,12 +150,10 @@ fn show_members(member: &Member, now: Instant) -> Response {
 }
 
 /// `show cluster sessions`: `page` filled from a walk of the session table.
-fn show_sessions(member: &Member, mut page: SessionPage) -> Response {
-    let walked = tokio::task::block_in_place(|| {
-        walk(&*member.dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
-    });
+fn show_sessions(dp: &Mutex<Datapath>, mut page: SessionPage) -> Response {
+    let walked = walk(dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v));
     let (capacity, embryonic) = {
-        let dp = lock(&member.dp);
+        let dp = lock(dp);
         (dp.capacity(), dp.embryonic_slots())
     };
     match walked {
@@ -121,4 +179,47 @@ fn statistics(member: &Member) -> StatisticsView {
         }
     }
     view
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        control::{protocol::SessionFilter, view::SessionsView},
+        datapath::testing::{datapath, test_run, udp_frame},
+    };
+
+    /// The walk waits for the table, its caller does not: `sessions_later` returns while
+    /// another holder keeps the table, and the count comes once it lets go. (Before, the main
+    /// loop walked the table itself and its events waited for the walk.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "the test holds the table as a busy holder would, while the walk waits"
+    )]
+    async fn a_session_walk_leaves_its_caller_free() {
+        let dp = Arc::new(Mutex::new(datapath()));
+        for port in 1..=3 {
+            test_run(
+                &lock(&dp),
+                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
+            );
+        }
+        let held = lock(&dp);
+        let (tx, mut rx) = oneshot::channel();
+        let page = SessionPage::new(true, SessionFilter::default(), 0, None, &[]).expect("a page");
+        sessions_later(dp.clone(), page, tx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err(), "no answer while the table is held");
+        drop(held);
+        let response = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .expect("the answer once the table is free")
+            .expect("an answer");
+        assert!(response.ok, "{response:?}");
+        let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
+        assert_eq!(view.total, 3);
+    }
 }
