@@ -7,7 +7,10 @@
 //! enough for a flood of new sessions to fill the ring buffer and lose events).
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Instant,
 };
 
@@ -28,6 +31,11 @@ use crate::{
 
 /// Session walks that may run at once; more wait their turn.
 static WALKS: Semaphore = Semaphore::const_new(1);
+/// Walks asked for and not finished; past [`MAX_WALKS`] a request is refused at once.
+static WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
+/// The most walks that may be asked for at a time (running and waiting): a walk of a large
+/// table takes a CPU for a fraction of a second, and callers that give up do not cancel it.
+const MAX_WALKS: usize = 4;
 
 /// Answers `request` on `reply`: at once, or from a walk of the session table that runs off
 /// the caller's thread (see the module's note). Call it on a Tokio runtime.
@@ -57,44 +65,45 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
 }
 
 /// Fills `page` from a walk of `dp` on a blocking thread, after the walks before it, and
-/// sends the answer on `reply`. Returns at once.
+/// sends the answer on `reply`; a caller gone by its turn costs no walk. Returns at once;
+/// refuses when [`MAX_WALKS`] walks are asked for already.
 pub fn sessions_later(
     dp: Arc<Mutex<Datapath>>,
     page: SessionPage,
     reply: oneshot::Sender<Response>,
 ) {
+    if WALKS_ASKED.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
+        WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
+        let _ = reply.send(Response::error(format!(
+            "busy: {MAX_WALKS} walks of the session table are running or waiting; ask again later"
+        )));
+        return;
+    }
     tokio::spawn(async move {
         let response = match WALKS.acquire().await {
-            Ok(_turn) => tokio::task::spawn_blocking(move || show_sessions(&dp, page))
-                .await
-                .unwrap_or_else(|e| Response::error(format!("the session walk failed: {e}"))),
-            Err(e) => Response::error(format!("no session walk possible: {e}")),
+            Ok(_) if reply.is_closed() => None,
+            Ok(_turn) => Some(
+                tokio::task::spawn_blocking(move || show_sessions(&dp, page))
+                    .await
+                    .unwrap_or_else(|e| Response::error(format!("the session walk failed: {e}"))),
+            ),
+            Err(e) => Some(Response::error(format!("no session walk possible: {e}"))),
         };
-        let _ = reply.send(response);
+        WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
+        if let Some(response) = response {
+            let _ = reply.send(response);
+        }
     });
 }
 
-/// Builds the answer to one request (`show sessions` too, walking the table on this thread:
-/// [`answer`] does not).
+/// Builds the answer to any request but `show sessions`, which [`answer`] walks elsewhere.
 fn handle(member: &Member, request: Request) -> Response {
     let now = Instant::now();
     match request {
         Request::ShowMembers => show_members(member, now),
-        Request::ShowSessions {
-            count_only,
-            filter,
-            offset,
-            limit,
-        } => match SessionPage::new(
-            count_only,
-            filter,
-            offset,
-            limit,
-            &member.config.zone_names(),
-        ) {
-            Ok(page) => tokio::task::block_in_place(|| show_sessions(&member.dp, page)),
-            Err(e) => Response::error(e),
-        },
+        Request::ShowSessions { .. } => Response::error(
+            "show sessions walks the session table: it is answered off the main loop (answer)",
+        ),
         Request::ShowStatistics => Response::ok(statistics(member)),
         Request::ShowCounters { prefix } => match lock(&member.dp).counters() {
             Ok(c) => Response::ok(CountersView::new(&c, prefix.as_deref())),
@@ -193,13 +202,14 @@ mod tests {
 
     /// The walk waits for the table, its caller does not: `sessions_later` returns while
     /// another holder keeps the table, and the count comes once it lets go. (Before, the main
-    /// loop walked the table itself and its events waited for the walk.)
+    /// loop walked the table itself and its events waited for the walk.) Past `MAX_WALKS`
+    /// asked for, a request is refused at once. One test: the bound is process-wide.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[expect(
         clippy::await_holding_lock,
-        reason = "the test holds the table as a busy holder would, while the walk waits"
+        reason = "the test holds the table as a busy holder would, while the walks wait"
     )]
-    async fn a_session_walk_leaves_its_caller_free() {
+    async fn session_walks_leave_their_callers_free_and_are_bounded() {
         let dp = Arc::new(Mutex::new(datapath()));
         for port in 1..=3 {
             test_run(
@@ -208,18 +218,33 @@ mod tests {
             );
         }
         let held = lock(&dp);
-        let (tx, mut rx) = oneshot::channel();
-        let page = SessionPage::new(true, SessionFilter::default(), 0, None, &[]).expect("a page");
-        sessions_later(dp.clone(), page, tx);
+        let mut replies = Vec::new();
+        for _ in 0..=MAX_WALKS {
+            let (tx, rx) = oneshot::channel();
+            let page =
+                SessionPage::new(true, SessionFilter::default(), 0, None, &[]).expect("a page");
+            sessions_later(dp.clone(), page, tx);
+            replies.push(rx);
+        }
+        let mut refused = replies.pop().expect("the last");
+        let busy = refused.try_recv().expect("refused at once");
+        assert!(!busy.ok);
+        assert!(busy.error.is_some_and(|e| e.starts_with("busy:")));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(rx.try_recv().is_err(), "no answer while the table is held");
+        for rx in &mut replies {
+            assert!(rx.try_recv().is_err(), "no answer while the table is held");
+        }
         drop(held);
-        let response = tokio::time::timeout(Duration::from_secs(10), rx)
-            .await
-            .expect("the answer once the table is free")
-            .expect("an answer");
-        assert!(response.ok, "{response:?}");
-        let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
-        assert_eq!(view.total, 3);
+        for rx in replies {
+            let response = tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .expect("the answer once the table is free")
+                .expect("an answer");
+            assert!(response.ok, "{response:?}");
+            let view: SessionsView =
+                serde_json::from_value(response.data).expect("a sessions view");
+            assert_eq!(view.total, 3);
+        }
+        assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0, "all walks done");
     }
 }
