@@ -2,9 +2,11 @@
 //!
 //! Most answers are read at once on the runtime's main loop. `show sessions` walks the whole
 //! session table (hundreds of milliseconds for a large one, even to count it): it runs on a
-//! blocking thread of its own, one walk at a time, and answers from there, so the main loop
-//! goes on draining the datapath's events meanwhile (a walk on it once stalled them long
-//! enough for a flood of new sessions to fill the ring buffer and lose events).
+//! thread of its own at a lower priority, one walk at a time, with a reader of the table that
+//! takes no lock of the agent's, and answers from there. The main loop goes on draining the
+//! datapath's events meanwhile (a walk on it once stalled them long enough for a flood of new
+//! sessions to fill the ring buffer and lose events), and the agent's busier threads keep
+//! their CPU (a walk beside them halved the replication rate of a bench round).
 
 use std::{
     sync::{
@@ -26,7 +28,7 @@ use crate::{
     },
     datapath::{Datapath, DEFAULT_CHUNK},
     member::{lock, Member},
-    sync::{table::walk, wire::LinkKind},
+    sync::wire::LinkKind,
 };
 
 /// Session walks that may run at once; more wait their turn.
@@ -64,7 +66,7 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
     }
 }
 
-/// Fills `page` from a walk of `dp` on a blocking thread, after the walks before it, and
+/// Fills `page` from a walk of `dp` on a thread of its own, after the walks before it, and
 /// sends the answer on `reply`; a caller gone by its turn costs no walk. Returns at once;
 /// refuses when [`MAX_WALKS`] walks are asked for already.
 pub fn sessions_later(
@@ -82,11 +84,7 @@ pub fn sessions_later(
     tokio::spawn(async move {
         let response = match WALKS.acquire().await {
             Ok(_) if reply.is_closed() => None,
-            Ok(_turn) => Some(
-                tokio::task::spawn_blocking(move || show_sessions(&dp, page))
-                    .await
-                    .unwrap_or_else(|e| Response::error(format!("the session walk failed: {e}"))),
-            ),
+            Ok(_turn) => Some(walk_aside(dp, page).await),
             Err(e) => Some(Response::error(format!("no session walk possible: {e}"))),
         };
         WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
@@ -94,6 +92,55 @@ pub fn sessions_later(
             let _ = reply.send(response);
         }
     });
+}
+
+/// The nice value of a walk's thread: it yields the CPUs to the agent's own work (draining
+/// events, applying peers' records) and to the fast path's softirqs when they need them, and
+/// still finishes on a busy host (a tenth of a CPU against one busy thread).
+const WALK_NICE: i32 = 10;
+
+/// Runs [`show_sessions`] on a thread of its own at [`WALK_NICE`], with a reader of the table
+/// of its own: the walk takes no lock of the agent's, so a walk slowed down by busier threads
+/// holds nothing up.
+async fn walk_aside(dp: Arc<Mutex<Datapath>>, page: SessionPage) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("session-walk".into())
+        .spawn(move || {
+            lower_priority(WALK_NICE);
+            let _ = tx.send(show_sessions(&dp, page));
+        });
+    if let Err(e) = spawned {
+        return Response::error(format!("starting the session walk: {e}"));
+    }
+    rx.await
+        .unwrap_or_else(|_| Response::error("the session walk failed (see the agent's log)"))
+}
+
+/// Lowers the calling thread's priority to nice `nice` (Linux: per thread), never raises it.
+/// Best effort: a walk at the normal priority is still right, only less polite.
+fn lower_priority(nice: i32) {
+    // SAFETY: gettid, getpriority and setpriority take and return plain integers.
+    let rc = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        if libc::getpriority(libc::PRIO_PROCESS, tid) >= nice {
+            return;
+        }
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the session walk keeps the normal priority"
+        );
+    }
+}
+
+/// The calling thread's nice value.
+#[cfg(test)]
+fn priority() -> i32 {
+    // SAFETY: as in `lower_priority`.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
 }
 
 /// Builds the answer to any request but `show sessions`, which [`answer`] walks elsewhere.
@@ -158,15 +205,21 @@ fn show_members(member: &Member, now: Instant) -> Response {
     ))
 }
 
-/// `show cluster sessions`: `page` filled from a walk of the session table.
+/// `show cluster sessions`: `page` filled from a walk of the session table, with a reader of
+/// its own (the agent's lock is taken only to open it).
 fn show_sessions(dp: &Mutex<Datapath>, mut page: SessionPage) -> Response {
-    let walked = walk(dp, DEFAULT_CHUNK, |k, v| page.add_chunk(k, v));
-    let (capacity, embryonic) = {
+    let opened = {
         let dp = lock(dp);
-        (dp.capacity(), dp.embryonic_slots())
+        dp.session_reader()
+            .map(|r| (r, dp.capacity(), dp.embryonic_slots()))
     };
+    let walked = opened.and_then(|(reader, capacity, embryonic)| {
+        reader
+            .chunked(DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
+            .map(|_| (capacity, embryonic))
+    });
     match walked {
-        Ok(_) => Response::ok(page.finish(capacity, embryonic)),
+        Ok((capacity, embryonic)) => Response::ok(page.finish(capacity, embryonic)),
         Err(e) => Response::error(crate::datapath::error_chain(&e)),
     }
 }
@@ -246,5 +299,39 @@ mod tests {
             assert_eq!(view.total, 3);
         }
         assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0, "all walks done");
+    }
+
+    /// The walk's thread, and only it, runs at the lower priority.
+    #[test]
+    fn a_walks_priority_is_its_threads_own() {
+        let before = priority();
+        let (walk, after) = std::thread::spawn(|| {
+            lower_priority(WALK_NICE);
+            priority()
+        })
+        .join()
+        .map(|walk| (walk, priority()))
+        .expect("the thread");
+        assert_eq!(walk, WALK_NICE.max(before));
+        assert_eq!(after, before, "the caller's priority is left alone");
+    }
+
+    /// A reader walks the table while the agent's lock is held by someone else.
+    #[test]
+    fn a_session_reader_needs_no_lock() {
+        let dp = Mutex::new(datapath());
+        for port in 1..=3 {
+            test_run(
+                &lock(&dp),
+                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
+            );
+        }
+        let reader = lock(&dp).session_reader().expect("a reader");
+        let _held = lock(&dp);
+        let mut seen = 0;
+        let counted = reader
+            .chunked(2, |keys, _| seen += keys.len())
+            .expect("a walk");
+        assert_eq!((counted, seen), (3, 3));
     }
 }

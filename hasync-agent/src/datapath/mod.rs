@@ -61,6 +61,12 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program `{program}` refused a batch of {items} (verdict {verdict})")]
     BatchRejected {
         program: &'static str,
@@ -315,6 +321,26 @@ impl EmbryoRing {
 }
 
 /// A loaded XDP program and its maps.
+/// The session table's own descriptor, for walks that take no lock of the agent's (see
+/// [`Datapath::session_reader`]).
+#[derive(Debug)]
+pub struct SessionReader {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl SessionReader {
+    /// As [`Datapath::sessions_chunked`].
+    pub fn chunked(
+        &self,
+        chunk: u32,
+        f: impl FnMut(&[FlowKey], &[Session]),
+    ) -> Result<u64, DatapathError> {
+        BatchMap::<FlowKey, Session>::new(self.fd.as_fd())
+            .and_then(|m| m.for_each_chunk(chunk, f))
+            .map_err(batch_err(names::SESSIONS))
+    }
+}
+
 pub struct Datapath {
     ebpf: Ebpf,
     capacity: u32,
@@ -803,6 +829,23 @@ impl Datapath {
         self.sessions_batch()?
             .for_each_chunk(chunk, f)
             .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// A reader of the session table of its own (the map's file descriptor, duplicated): it
+    /// walks the table without this `Datapath`, so a long walk holds no lock of the agent's.
+    pub fn session_reader(&self) -> Result<SessionReader, DatapathError> {
+        let fd = self
+            .sessions_map()?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Io {
+                what: "duplicating the session table's descriptor",
+                source,
+            })?;
+        // Checked once here: the map holds FlowKey → Session.
+        BatchMap::<FlowKey, Session>::new(fd.as_fd()).map_err(batch_err(names::SESSIONS))?;
+        Ok(SessionReader { fd })
     }
 
     /// Reads the next chunk of the session table at `cursor` into `keys`/`values` (see
