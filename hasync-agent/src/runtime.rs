@@ -18,9 +18,7 @@ use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
     control::ControlRequest,
-    datapath::{
-        error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed, DEFAULT_CHUNK,
-    },
+    datapath::{error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed},
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
@@ -449,7 +447,11 @@ impl MainLoop {
     /// per backoff step (losses meanwhile wait for the next).
     fn make_up_for_lost_events(&mut self, member: &Member) {
         let lost = lost_events(member).unwrap_or(self.lost_events);
-        if lost != self.lost_events && self.reannounce_backoff.try_start(Instant::now()) {
+        // While a walk runs, losses wait: the first check after it ends makes up for them.
+        if lost != self.lost_events
+            && !member.engine.reannouncing()
+            && self.reannounce_backoff.try_start(Instant::now())
+        {
             let n = lost.wrapping_sub(self.lost_events);
             warn!(
                 lost = n,
@@ -542,26 +544,33 @@ fn apply_membership(member: &Member) {
 }
 
 /// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
-/// too many, which each peer's full-sync backoff then paces). The table is read a chunk per
-/// hold of the datapath lock, so applying peers' records and the fast path's event reader go on meanwhile.
+/// too many, which each peer's full-sync backoff then paces), from a walk of the table on a
+/// thread of its own with a reader of its own: the main loop goes on draining events (a walk
+/// on it stopped the event reader just when events were being lost), and applies and sends
+/// take the table's lock as usual.
 fn reannounce(member: &Member) {
-    let local = member.config.local_member();
-    let walked = tokio::task::block_in_place(|| {
-        let mut owned = Vec::new();
-        crate::sync::table::walk(&*member.dp, DEFAULT_CHUNK, |keys, values| {
-            owned.clear();
-            owned.extend(
-                keys.iter()
-                    .zip(values)
-                    .filter(|(_, s)| s.owner == local)
-                    .map(|(k, _)| *k),
-            );
-            member.engine.enqueue(&owned);
-        })
+    let engine = member.engine.clone();
+    let reader = lock(&member.dp).session_reader();
+    let spawned = reader.map(|reader| {
+        std::thread::Builder::new()
+            .name("reannounce".into())
+            .spawn(move || match engine.reannounce_from(&reader) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
+                    engine.request_bulk_all();
+                }
+            })
     });
-    if let Err(e) = walked {
-        warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
-        member.engine.request_bulk_all();
+    match spawned {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "starting the re-announcement failed; asking for full syncs");
+            member.engine.request_bulk_all();
+        }
+        Err(e) => {
+            warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
+            member.engine.request_bulk_all();
+        }
     }
-    member.engine.flush();
 }

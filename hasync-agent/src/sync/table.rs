@@ -97,19 +97,7 @@ impl SessionTable for Datapath {
 
 /// Walks the whole table a chunk at a time, taking `table`'s lock for each chunk only, so
 /// applies, sends and the event reader go on between chunks (a walk of a million sessions
-/// under one hold would stall them).
-pub fn walk<T: SessionTable>(
-    table: &Mutex<T>,
-    chunk: u32,
-    mut f: impl FnMut(&[FlowKey], &[Session]),
-) -> Result<(), DatapathError> {
-    walk_while(table, chunk, |k, v| {
-        f(k, v);
-        true
-    })
-}
-
-/// [`walk`], stopping early when `f` returns false.
+/// under one hold would stall them), stopping early when `f` returns false.
 pub fn walk_while<T: SessionTable>(
     table: &Mutex<T>,
     chunk: u32,

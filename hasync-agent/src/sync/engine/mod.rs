@@ -44,7 +44,7 @@ use super::{
 };
 use crate::{
     cluster::{LinkState, Membership},
-    datapath::Datapath,
+    datapath::{Datapath, DatapathError, SessionReader, DEFAULT_CHUNK},
     netlink::{LinkWatch, NetlinkError},
 };
 
@@ -257,6 +257,8 @@ struct EngineInner<T> {
     fresh_table: AtomicBool,
     /// Per listening link: who may start a handshake.
     admission: BTreeMap<LinkKind, Arc<Admission>>,
+    /// A re-announcement walk is running ([`Engine::reannounce_from`]).
+    reannouncing: AtomicBool,
 }
 
 use crate::lock::lock;
@@ -282,8 +284,40 @@ impl<T: SessionTable> Engine<T> {
                 logged: Mutex::new(HashSet::new()),
                 local_up: Mutex::new(BTreeMap::new()),
                 admission,
+                reannouncing: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Queues every session this member owns for every syncing peer, from a walk of `reader`
+    /// (after events lost to a full ring buffer, or a restart that kept the table): each is
+    /// read when sent, so peers coalesce what they have. The walk takes no lock of the table,
+    /// so it can run on a thread of its own while the event reader goes on. False when another
+    /// re-announcement is still running (it carries everything this one would).
+    pub fn reannounce_from(&self, reader: &SessionReader) -> Result<bool, DatapathError> {
+        if self.inner.reannouncing.swap(true, Relaxed) {
+            return Ok(false);
+        }
+        let local = self.inner.cfg.local;
+        let mut owned = Vec::new();
+        let walked = reader.chunked(DEFAULT_CHUNK, |keys, values| {
+            owned.clear();
+            owned.extend(
+                keys.iter()
+                    .zip(values)
+                    .filter(|(_, s)| s.owner == local)
+                    .map(|(k, _)| *k),
+            );
+            self.enqueue(&owned);
+        });
+        self.inner.reannouncing.store(false, Relaxed);
+        self.flush();
+        walked.map(|_| true)
+    }
+
+    /// Is a re-announcement walk running?
+    pub fn reannouncing(&self) -> bool {
+        self.inner.reannouncing.load(Relaxed)
     }
 
     pub fn peers(&self) -> impl Iterator<Item = &Arc<Peer>> {

@@ -562,3 +562,29 @@ async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
     );
     assert!(peer.lock().bulk_wanted, "the last request still waits");
 }
+
+/// A re-announcement queues every session this member owns for each syncing peer, and walks
+/// with a reader of its own: it runs while another holder keeps the table's lock (the old walk
+/// took that lock per chunk, on the main loop, whose event reader then stopped).
+#[test]
+fn a_reannouncement_walks_without_the_tables_lock() {
+    use crate::{
+        datapath::testing::{test_run, udp_frame},
+        lock::lock,
+    };
+    let e = engine();
+    for port in 1..=3 {
+        test_run(
+            &lock(&e.inner.dp),
+            &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
+        );
+    }
+    let reader = lock(&e.inner.dp).session_reader().expect("a reader");
+    let _held = lock(&e.inner.dp);
+    assert_eq!(e.reannounce_from(&reader).ok(), Some(true));
+    assert!(!e.reannouncing());
+    for id in [2, 3] {
+        let peer = e.peers().find(|p| p.cfg.id == MemberId(id)).expect("peer");
+        assert_eq!(peer.backlog(), (3, 0), "peer {id}");
+    }
+}
