@@ -320,7 +320,6 @@ impl EmbryoRing {
     }
 }
 
-/// A loaded XDP program and its maps.
 /// The session table's own descriptor, for walks that take no lock of the agent's (see
 /// [`Datapath::session_reader`]).
 #[derive(Debug)]
@@ -341,6 +340,7 @@ impl SessionReader {
     }
 }
 
+/// A loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
     capacity: u32,

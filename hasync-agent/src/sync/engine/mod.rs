@@ -293,7 +293,7 @@ impl<T: SessionTable> Engine<T> {
     /// (after events lost to a full ring buffer, or a restart that kept the table): each is
     /// read when sent, so peers coalesce what they have. The walk takes no lock of the table,
     /// so it can run on a thread of its own while the event reader goes on. False when another
-    /// re-announcement is still running (it carries everything this one would).
+    /// re-announcement is still running (losses since it started wait for the next one).
     pub fn reannounce_from(&self, reader: &SessionReader) -> Result<bool, DatapathError> {
         if self.inner.reannouncing.swap(true, Relaxed) {
             return Ok(false);
