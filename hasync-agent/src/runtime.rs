@@ -551,26 +551,21 @@ fn apply_membership(member: &Member) {
 fn reannounce(member: &Member) {
     let engine = member.engine.clone();
     let reader = lock(&member.dp).session_reader();
-    let spawned = reader.map(|reader| {
-        std::thread::Builder::new()
-            .name("reannounce".into())
-            .spawn(move || match engine.reannounce_from(&reader) {
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
-                    engine.request_bulk_all();
-                }
-            })
-    });
-    match spawned {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            warn!(error = %e, "starting the re-announcement failed; asking for full syncs");
-            member.engine.request_bulk_all();
-        }
-        Err(e) => {
-            warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
-            member.engine.request_bulk_all();
-        }
+    let started = reader
+        .map_err(|e| error_chain(&e))
+        .and_then(|reader| {
+            std::thread::Builder::new()
+                .name("reannounce".into())
+                .spawn(move || {
+                    if let Err(e) = engine.reannounce_from(&reader) {
+                        warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
+                        engine.request_bulk_all();
+                    }
+                })
+                .map_err(|e| format!("starting its thread: {e}"))
+        });
+    if let Err(e) = started {
+        warn!(error = %e, "re-announcing sessions failed; asking for full syncs");
+        member.engine.request_bulk_all();
     }
 }

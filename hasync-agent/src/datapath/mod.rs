@@ -328,7 +328,7 @@ pub struct SessionReader {
 }
 
 impl SessionReader {
-    /// As [`Datapath::sessions_chunked`].
+    /// As [`Datapath::sessions_chunked`] (the map's key and value types checked each walk).
     pub fn chunked(
         &self,
         chunk: u32,
@@ -843,8 +843,6 @@ impl Datapath {
                 what: "duplicating the session table's descriptor",
                 source,
             })?;
-        // Checked once here: the map holds FlowKey → Session.
-        BatchMap::<FlowKey, Session>::new(fd.as_fd()).map_err(batch_err(names::SESSIONS))?;
         Ok(SessionReader { fd })
     }
 

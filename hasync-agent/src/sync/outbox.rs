@@ -227,10 +227,7 @@ impl Outbox {
         }
         self.front += n as u64;
         if self.pending.is_empty() {
-            self.front = ORIGIN;
-            self.queued.clear();
-            self.snapshots.clear();
-            self.release_memory();
+            self.forget_pending();
         } else if self.queued.len() > self.pending.len() + self.pending.len() / 2 + KEEP {
             let (pending, front) = (&mut self.pending, self.front);
             self.queued
