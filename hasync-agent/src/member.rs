@@ -7,7 +7,12 @@ use std::{
 };
 
 pub use crate::lock::lock;
-use crate::{cluster::Membership, config::Config, datapath::Datapath, sync::engine::Engine};
+use crate::{
+    cluster::Membership,
+    config::Config,
+    datapath::{sweep::Tally, Datapath},
+    sync::engine::Engine,
+};
 
 /// Everything the running member shares between its tasks.
 pub struct Member {
@@ -16,4 +21,8 @@ pub struct Member {
     pub membership: Arc<Mutex<Membership>>,
     pub engine: Engine,
     pub started: Instant,
+    /// What the expiry sweep's last complete pass counted of the table (`None` until one
+    /// completes): the session counts the metrics and the dashboard show, at no walk of
+    /// their own.
+    pub swept: Mutex<Option<Tally>>,
 }

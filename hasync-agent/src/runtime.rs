@@ -247,6 +247,7 @@ fn start_member(
         membership,
         engine,
         started: Instant::now(),
+        swept: Mutex::default(),
     });
     Ok((member, tasks))
 }
@@ -419,9 +420,10 @@ impl MainLoop {
         self.table_access.step(&member.membership, error);
         match swept {
             Ok(Some(pass)) => {
-                let owned = pass.owners.get(usize::from(local.0)).copied().unwrap_or(0);
+                let owned = pass.kept.by_owner.get(usize::from(local.0)).copied();
                 lock(&member.membership).local_sessions_owned =
-                    u32::try_from(owned).unwrap_or(u32::MAX);
+                    u32::try_from(owned.unwrap_or(0)).unwrap_or(u32::MAX);
+                *lock(&member.swept) = Some(pass.kept);
             }
             Ok(None) => {}
             Err(e) => warn!(error = %error_chain(&e), "sweep failed"),

@@ -216,11 +216,12 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
         },
     );
 
-    // The agent reuses a session count for 5 s (counting walks the table): one taken just
-    // before the ping may still be served. Wait until the count includes the ping's session.
+    // Session counts are those of the expiry sweep's last pass (one at least every 6 s, the
+    // shortest timeout), reused for 5 s: one from before the ping may still be served. Wait
+    // until the count includes the ping's session.
     c.wait(
         "fw1's session count to include the ping's session",
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         || {
             let raw = http_get(&c, "/api/cluster")?;
             let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);

@@ -221,6 +221,10 @@ pub fn show_to(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         Request::ShowSessions { offset, filter, .. } => {
             render_sessions(&client::parse(&socket, data)?, offset, &filter, out)?
         }
+        Request::ShowSessionCounts => {
+            let filter = SessionFilter::default();
+            render_sessions(&client::parse(&socket, data)?, 0, &filter, out)?
+        }
         Request::Suspend | Request::Functional => unreachable!("not a show request"),
     }
     Ok(())

@@ -20,13 +20,13 @@ use tokio::sync::{oneshot, Semaphore};
 
 use crate::{
     control::{
-        protocol::{Request, Response},
+        protocol::{Request, Response, SessionFilter},
         view::{
             CountersView, FlapsView, LocalStateView, MemberView, MembersView, SessionPage,
-            StatisticsView,
+            SessionsView, StatisticsView,
         },
     },
-    datapath::{Datapath, DEFAULT_CHUNK},
+    datapath::{sweep::Tally, Datapath, DEFAULT_CHUNK},
     member::{lock, Member},
     sync::wire::LinkKind,
 };
@@ -42,28 +42,45 @@ const MAX_WALKS: usize = 4;
 /// Answers `request` on `reply`: at once, or from a walk of the session table that runs off
 /// the caller's thread (see the module's note). Call it on a Tokio runtime.
 pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response>) {
-    let Request::ShowSessions {
-        count_only,
-        filter,
-        offset,
-        limit,
-    } = request
-    else {
-        let _ = reply.send(handle(member, request));
-        return;
+    let zones = member.config.zone_names();
+    let page = match request {
+        Request::ShowSessions {
+            count_only,
+            filter,
+            offset,
+            limit,
+        } => SessionPage::new(count_only, filter, offset, limit, &zones),
+        Request::ShowSessionCounts => return session_counts(&member.swept, &member.dp, reply),
+        _ => {
+            let _ = reply.send(handle(member, request));
+            return;
+        }
     };
-    match SessionPage::new(
-        count_only,
-        filter,
-        offset,
-        limit,
-        &member.config.zone_names(),
-    ) {
+    match page {
         Ok(page) => sessions_later(member.dp.clone(), page, reply),
         Err(e) => {
             let _ = reply.send(Response::error(e));
         }
     }
+}
+
+/// `show-session-counts`: what the expiry sweep's last complete pass counted (`swept`), at
+/// once; before the first pass completes, the counts of a walk, as `show-sessions` has them.
+fn session_counts(
+    swept: &Mutex<Option<Tally>>,
+    dp: &Arc<Mutex<Datapath>>,
+    reply: oneshot::Sender<Response>,
+) {
+    let Some(tally) = *lock(swept) else {
+        match SessionPage::new(true, SessionFilter::default(), 0, None, &[]) {
+            Ok(page) => sessions_later(dp.clone(), page, reply),
+            Err(e) => drop(reply.send(Response::error(e))),
+        }
+        return;
+    };
+    let dp = lock(dp);
+    let view = SessionsView::tallied(&tally, dp.capacity(), dp.embryonic_slots());
+    let _ = reply.send(Response::ok(view));
 }
 
 /// Fills `page` from a walk of `dp` on a thread of its own, after the walks before it, and
@@ -148,8 +165,8 @@ fn handle(member: &Member, request: Request) -> Response {
     let now = Instant::now();
     match request {
         Request::ShowMembers => show_members(member, now),
-        Request::ShowSessions { .. } => Response::error(
-            "show sessions walks the session table: it is answered off the main loop (answer)",
+        Request::ShowSessions { .. } | Request::ShowSessionCounts => Response::error(
+            "the session table's counts and pages are answered by `answer`, off the main loop",
         ),
         Request::ShowStatistics => Response::ok(statistics(member)),
         Request::ShowCounters { prefix } => match lock(&member.dp).counters() {
@@ -252,6 +269,37 @@ mod tests {
         control::{protocol::SessionFilter, view::SessionsView},
         datapath::testing::{datapath, test_run, udp_frame},
     };
+
+    /// Session counts come from the sweep's tally once a pass completed: no walk (the table
+    /// holds 3 sessions, the tally says otherwise, and the answer is the tally's).
+    #[tokio::test]
+    async fn session_counts_are_the_sweeps_once_it_counted() {
+        let dp = Arc::new(Mutex::new(datapath()));
+        for port in 1..=3 {
+            test_run(
+                &lock(&dp),
+                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
+            );
+        }
+        let mut by_owner = [0; crate::datapath::sweep::OWNER_SLOTS];
+        (by_owner[1], by_owner[2]) = (30, 12);
+        let swept = Mutex::new(Some(Tally {
+            total: 42,
+            embryonic: 5,
+            by_owner,
+        }));
+        let (tx, rx) = oneshot::channel();
+        session_counts(&swept, &dp, tx);
+        let response = rx.await.expect("an answer at once");
+        let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
+        assert_eq!((view.total, view.embryonic), (42, 5));
+        assert_eq!(
+            view.by_owner.into_iter().collect::<Vec<_>>(),
+            [(1, 30), (2, 12)]
+        );
+        assert_eq!(view.capacity, u64::from(lock(&dp).capacity()));
+        assert!(view.embryonic_capacity > 0 && view.sessions.is_none());
+    }
 
     /// The walk waits for the table, its caller does not: `sessions_later` returns while
     /// another holder keeps the table, and the count comes once it lets go. (Before, the main

@@ -63,6 +63,11 @@ pub enum Request {
         #[serde(default)]
         limit: Option<u64>,
     },
+    /// The session table's counts as the expiry sweep's last pass over it found them (as
+    /// old as that pass; no walk of its own): a [`super::view::SessionsView`] without a
+    /// page. Before the first pass completes, counted by a walk as `show-sessions` does.
+    /// What the metrics and the dashboard show.
+    ShowSessionCounts,
     /// Sync statistics per peer and link: a [`super::view::StatisticsView`].
     ShowStatistics,
     /// Datapath counters: a [`super::view::CountersView`].
@@ -100,6 +105,7 @@ impl Request {
         match self {
             Request::ShowMembers => "show-members",
             Request::ShowSessions { .. } => "show-sessions",
+            Request::ShowSessionCounts => "show-session-counts",
             Request::ShowStatistics => "show-statistics",
             Request::ShowCounters { .. } => "show-counters",
             Request::ShowFlaps => "show-flaps",
@@ -286,6 +292,7 @@ mod tests {
                 offset: 1000,
                 limit: Some(500),
             },
+            Request::ShowSessionCounts,
             Request::ShowStatistics,
             Request::ShowCounters { prefix: None },
             Request::ShowCounters {

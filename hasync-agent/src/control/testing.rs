@@ -199,6 +199,7 @@ pub fn answer(request: Request) -> Response {
             offset,
             limit,
         } => sessions(count_only, filter, offset, limit),
+        Request::ShowSessionCounts => sessions(true, SessionFilter::default(), 0, None),
         Request::ShowStatistics => statistics(),
         Request::ShowCounters { prefix } => {
             let mut c = Counters::default();

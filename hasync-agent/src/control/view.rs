@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::protocol::{proto_name, SessionFilter, MAX_SESSION_PAGE};
 use crate::{
     cluster::{LinkState, MemberState, Membership, Peer},
+    datapath::sweep::Tally,
     sync::{
         stats::{BulkStats, LinkStats, PeerStats, Rejections},
         wire::{LinkKind, PROTO_MAJOR, PROTO_MINOR},
@@ -309,6 +310,20 @@ impl SessionView {
 }
 
 impl SessionsView {
+    /// The counts of `tally` (the expiry sweep's), in a table of `capacity` holding at most
+    /// `embryonic_capacity` embryonic sessions; no page.
+    pub fn tallied(tally: &Tally, capacity: u32, embryonic_capacity: u32) -> SessionsView {
+        let owners = (0..=MemberId::MAX).zip(tally.by_owner);
+        SessionsView {
+            total: tally.total,
+            by_owner: owners.filter(|(_, n)| *n > 0).collect(),
+            embryonic: tally.embryonic,
+            capacity: u64::from(capacity),
+            embryonic_capacity: u64::from(embryonic_capacity),
+            sessions: None,
+        }
+    }
+
     /// The sessions `local` owns (the session table) and the peers' copies (the session
     /// cache) among those counted.
     pub fn owned_and_cached(&self, local: u8) -> (u64, u64) {

@@ -16,7 +16,7 @@
 //! packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN is
 //! retransmitted. We accept that: the entry was past its timeout anyway.
 
-use hasync_common::{DatapathConfig, FlowKey, Session, State};
+use hasync_common::{DatapathConfig, FlowKey, MemberId, Session, State};
 
 use super::batch::{BatchCursor, BatchError, BatchMap};
 
@@ -112,14 +112,14 @@ fn sweep_with_clock(
 }
 
 /// Owner slots counted by a sweep: member ids 0–16.
-pub const OWNER_SLOTS: usize = hasync_common::MemberId::MAX as usize + 1;
+pub const OWNER_SLOTS: usize = MemberId::MAX as usize + 1;
 
 /// The work of one pass over the table, chunk by chunk.
 #[derive(Default)]
 struct Pass {
     report: SweepReport,
-    /// Sessions kept, per owner id.
-    owners: [u64; OWNER_SLOTS],
+    /// The sessions kept.
+    kept: Tally,
     keys: Vec<FlowKey>,
     values: Vec<Session>,
     removed: Vec<Removed>,
@@ -148,9 +148,7 @@ impl Pass {
         self.doomed.clear();
         for (key, session) in self.keys.iter().zip(&self.values) {
             if verdict(cfg, session, now).is_none() {
-                if let Some(n) = self.owners.get_mut(usize::from(session.owner.0)) {
-                    *n += 1;
-                }
+                self.kept.add(session);
                 let expiry = session
                     .last_seen_ns
                     .saturating_add(cfg.timeout_ns(session.state));
@@ -189,17 +187,41 @@ impl Pass {
     }
 }
 
+/// What a pass counted of the sessions it left in the table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Sessions in all.
+    pub total: u64,
+    /// Of them, sessions with no reply yet.
+    pub embryonic: u64,
+    /// Per owner id (index = member id); an owner past [`MemberId::MAX`] counts in `total`
+    /// only.
+    pub by_owner: [u64; OWNER_SLOTS],
+}
+
+impl Tally {
+    /// Counts `session`.
+    fn add(&mut self, session: &Session) {
+        self.total += 1;
+        self.embryonic += u64::from(session.is_embryonic());
+        if let Some(n) = self.by_owner.get_mut(usize::from(session.owner.0)) {
+            *n += 1;
+        }
+    }
+}
+
 /// A completed pass of an [`IncrementalSweep`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PassSummary {
     pub report: SweepReport,
-    /// Sessions left in the table per owner id (index = member id).
-    pub owners: [u64; OWNER_SLOTS],
+    /// The sessions it left in the table.
+    pub kept: Tally,
 }
 
 /// A sweep spread over many short steps, so the agent never holds the table for long: each
 /// step looks at a bounded number of sessions and the next one resumes where it stopped.
-/// A pass that completes also tells how many sessions each member owns.
+/// A pass that completes also tells what it left in the table: sessions in all, embryonic,
+/// and by owner ([`Tally`]).
 ///
 /// A new pass starts only when a session may have expired since the last one started: at the
 /// earliest expiry among the sessions that pass kept, but no sooner than [`MIN_REST`] after
@@ -210,7 +232,7 @@ pub struct PassSummary {
 /// table at most a pass plus [`MIN_REST`] after it expired, or, for one written after its pass
 /// went by (a peer's replica carries its owner's idle time; a chunk that failed), at most a
 /// pass plus the shortest timeout after it was written; the XDP program treats it as absent
-/// from the moment it expires. The owners' counts are as old as the last pass. A step between
+/// from the moment it expires. Its counts are as old as the last pass. A step between
 /// passes reads one key, so its result still says whether the table can be read (the
 /// session-table condition counts on it).
 #[derive(Default)]
@@ -289,7 +311,7 @@ impl IncrementalSweep {
             .map_or(latest, |e| e.max(soonest).min(latest));
         PassSummary {
             report: done.report,
-            owners: done.owners,
+            kept: done.kept,
         }
     }
 }
@@ -407,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn an_incremental_sweep_covers_the_table_in_bounded_steps_and_counts_owners() {
+    fn an_incremental_sweep_covers_the_table_in_bounded_steps_and_counts_what_it_keeps() {
         let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 8192);
         let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
         let want = fill(&map, 200);
@@ -433,8 +455,20 @@ mod tests {
         );
         assert_eq!(summary.report.scanned, want.len() as u64);
         assert_eq!(removed as u64, summary.report.removed());
-        assert_eq!(summary.owners[1], live, "every kept session is member 1's");
-        assert_eq!(summary.owners.iter().sum::<u64>(), live);
+        assert_eq!(
+            summary.kept.by_owner[1], live,
+            "every kept session is member 1's"
+        );
+        assert_eq!(summary.kept.by_owner.iter().sum::<u64>(), live);
+        assert_eq!(summary.kept.total, live);
+        let embryonic_rows = TABLE
+            .iter()
+            .filter(|(state, idle, reason)| {
+                reason.is_none() && session(*state, *idle, NOW).is_embryonic()
+            })
+            .count() as u64;
+        assert!(embryonic_rows > 0 && embryonic_rows * 200 < live);
+        assert_eq!(summary.kept.embryonic, embryonic_rows * 200);
         // A new pass over what is left starts when the first kept session may expire: in 1 s.
         let mut step_at =
             |now: u64| step_once(&mut sweep, &map, &cfg, now).map(|p| p.report.scanned);

@@ -22,14 +22,14 @@ async fn snapshot() -> Snapshot {
         .expect("snapshot")
 }
 
-/// A fake runtime that counts the session walks it is asked for.
+/// A fake runtime that counts the session counts it is asked for.
 fn counting_runtime() -> (ControlSender, Arc<AtomicU32>) {
     let (tx, mut rx) = mpsc::channel::<ControlRequest>(8);
     let walks = Arc::new(AtomicU32::new(0));
     let counted = walks.clone();
     tokio::spawn(async move {
         while let Some((request, reply)) = rx.recv().await {
-            if matches!(request, Request::ShowSessions { .. }) {
+            if matches!(request, Request::ShowSessionCounts) {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
             let _ = reply.send(answer(request));
@@ -129,7 +129,7 @@ async fn the_session_count_is_cached_and_shared() {
     assert_eq!(
         walks.load(Ordering::Relaxed),
         1,
-        "one walk for three scrapes"
+        "one count for three scrapes"
     );
 }
 

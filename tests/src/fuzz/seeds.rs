@@ -219,6 +219,7 @@ fn requests() -> Vec<Seed> {
             offset: 0,
             limit: None,
         },
+        Request::ShowSessionCounts,
         Request::ShowStatistics,
         Request::ShowCounters {
             prefix: Some("err-".into()),
