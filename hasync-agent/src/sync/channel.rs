@@ -276,29 +276,32 @@ impl Receiver {
     }
 }
 
+/// Both ends of a channel over loopback TCP, the initiator's with key `a` and the
+/// responder's with key `b` (for tests).
+#[cfg(test)]
+pub(crate) async fn pair(
+    a: [u8; 32],
+    b: [u8; 32],
+) -> (
+    Result<(Sender, Receiver), ChannelError>,
+    Result<(Sender, Receiver), ChannelError>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.expect("accept");
+        respond(s, &b).await
+    });
+    let client = initiate(TcpStream::connect(addr).await.expect("connect"), &a).await;
+    (client, server.await.expect("join"))
+}
+
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
-
     use super::*;
     use crate::sync::wire::Keepalive;
-
-    async fn pair(
-        a: [u8; 32],
-        b: [u8; 32],
-    ) -> (
-        Result<(Sender, Receiver), ChannelError>,
-        Result<(Sender, Receiver), ChannelError>,
-    ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
-            let (s, _) = listener.accept().await.expect("accept");
-            respond(s, &b).await
-        });
-        let client = initiate(TcpStream::connect(addr).await.expect("connect"), &a).await;
-        (client, server.await.expect("join"))
-    }
 
     #[tokio::test]
     async fn same_key_talks_both_ways() {

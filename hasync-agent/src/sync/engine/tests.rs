@@ -588,3 +588,42 @@ fn a_reannouncement_walks_without_the_tables_lock() {
         assert_eq!(peer.backlog(), (3, 0), "peer {id}");
     }
 }
+
+/// The read-ahead task passes frames on in order, then the error that ended the connection;
+/// dropping its guard ends it even while the peer is silent (its sender still open).
+#[tokio::test]
+async fn reading_ahead_keeps_order_and_ends_with_its_guard_or_the_connection() {
+    use crate::sync::{channel::pair, wire::Keepalive};
+    let keepalive = |n| {
+        Message::Keepalive(Keepalive {
+            state: 1,
+            sessions_owned: n,
+            flaps: 0,
+        })
+    };
+    let (c, s) = pair([3; 32], [3; 32]).await;
+    let ((mut tx, _), (_, rx)) = (c.expect("client"), s.expect("server"));
+    let (mut frames, guard) = super::receive::read_ahead(rx);
+    for n in 0..5 {
+        tx.send(&keepalive(n)).await.expect("send");
+    }
+    for n in 0..5 {
+        let (msg, _) = frames.recv().await.expect("a frame").expect("read");
+        assert_eq!(msg, keepalive(n));
+    }
+    drop(guard);
+    let ended = tokio::time::timeout(Duration::from_secs(5), frames.recv()).await;
+    assert!(matches!(ended, Ok(None)), "the task ended with its guard");
+
+    let (c, s) = pair([4; 32], [4; 32]).await;
+    let ((mut tx, _), (_, rx)) = (c.expect("client"), s.expect("server"));
+    let (mut frames, _guard) = super::receive::read_ahead(rx);
+    tx.send(&keepalive(7)).await.expect("send");
+    drop(tx);
+    assert!(matches!(frames.recv().await, Some(Ok(_))));
+    assert!(
+        matches!(frames.recv().await, Some(Err(_))),
+        "the error comes last"
+    );
+    assert!(frames.recv().await.is_none());
+}
