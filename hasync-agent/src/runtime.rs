@@ -406,9 +406,7 @@ impl MainLoop {
         let local = member.config.local_member();
         let engine = member.engine.clone();
         let swept = tokio::task::block_in_place(|| {
-            // The datapath is held only to set the step up: the walk runs beside applies.
-            let sweeper = lock(&member.dp).sweeper()?;
-            sweeper.step(&mut self.sweep, SWEEP_BUDGET, |removed: &[Removed]| {
+            lock(&member.dp).sweep_step(&mut self.sweep, SWEEP_BUDGET, |removed: &[Removed]| {
                 let mut gone = Vec::new();
                 for r in removed.iter().filter(|r| r.session.owner == local) {
                     log.write_removed(r, &member.config);

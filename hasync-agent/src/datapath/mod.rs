@@ -340,29 +340,6 @@ impl SessionReader {
     }
 }
 
-/// One step of the expiry sweep, without the datapath: see [`Datapath::sweeper`].
-#[derive(Debug)]
-pub struct Sweeper {
-    reader: SessionReader,
-    cfg: DatapathConfig,
-}
-
-impl Sweeper {
-    /// One step of `state` (see [`sweep::IncrementalSweep`]): about `budget` sessions.
-    /// Applies and the fast path go on beside it: it re-reads each session just before
-    /// removing it, as it always did for the fast path.
-    pub fn step(
-        &self,
-        state: &mut sweep::IncrementalSweep,
-        budget: u64,
-        on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<sweep::PassSummary>, DatapathError> {
-        BatchMap::<FlowKey, Session>::new(self.reader.fd.as_fd())
-            .and_then(|map| state.step(&map, &self.cfg, DEFAULT_CHUNK * 8, budget, on_removed))
-            .map_err(batch_err(names::SESSIONS))
-    }
-}
-
 /// A loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -936,16 +913,26 @@ impl Datapath {
             .map_err(batch_err(names::SESSIONS))
     }
 
-    /// What one step of an incremental sweep needs, taken while the caller holds the
-    /// datapath (the session clock checked first, like [`Datapath::sweep`]): the live
-    /// CONFIG's timeouts and a reader of the table of its own, so the step itself holds
-    /// nothing of the agent's.
-    pub fn sweeper(&mut self) -> Result<Sweeper, DatapathError> {
+    /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
+    /// sessions, with the live CONFIG's timeouts. Checks the session clock first, like
+    /// [`Datapath::sweep`].
+    pub fn sweep_step(
+        &mut self,
+        state: &mut sweep::IncrementalSweep,
+        budget: u64,
+        on_removed: impl FnMut(&[Removed]),
+    ) -> Result<Option<sweep::PassSummary>, DatapathError> {
         self.keep_clock();
-        Ok(Sweeper {
-            reader: self.session_reader()?,
-            cfg: self.config()?,
-        })
+        let cfg = self.config()?;
+        state
+            .step(
+                &self.sessions_batch()?,
+                &cfg,
+                DEFAULT_CHUNK * 8,
+                budget,
+                on_removed,
+            )
+            .map_err(batch_err(names::SESSIONS))
     }
 
     /// Takes the EVENTS ring buffer out of the program's maps. Only once: a second call fails

@@ -647,31 +647,4 @@ mod tests {
         assert_eq!((report.scanned, report.expired), (1, 1));
         assert!(dp.sessions().expect("dump").is_empty());
     }
-
-    /// A sweep step set up by [`Datapath::sweeper`] walks and removes while another holder
-    /// keeps the datapath: applies and sends need not wait for it.
-    #[test]
-    fn a_sweep_step_runs_while_the_datapath_is_held() {
-        let dp = std::sync::Mutex::new(datapath());
-        let now = monotonic_ns();
-        assert!(now > 40 * S, "host up for less than 40 s");
-        let live = (key(1), session(State::UdpNew, 5, now));
-        let old = (key(2), session(State::UdpNew, 40, now));
-        crate::lock::lock(&dp)
-            .insert_sessions(&[live, old])
-            .expect("insert");
-        let sweeper = crate::lock::lock(&dp).sweeper().expect("a sweeper");
-        let held = crate::lock::lock(&dp);
-        let mut state = IncrementalSweep::default();
-        let mut removed = Vec::new();
-        let pass = sweeper
-            .step(&mut state, 1000, |r| {
-                removed.extend(r.iter().map(|r| r.key))
-            })
-            .expect("a step")
-            .expect("the whole table in one step");
-        assert_eq!(removed, [old.0]);
-        assert_eq!((pass.report.expired, pass.kept.total), (1, 1));
-        assert_eq!(held.session(&old.0).expect("lookup"), None);
-    }
 }
