@@ -423,7 +423,7 @@ impl MainLoop {
                 let owned = pass.kept.by_owner.get(usize::from(local.0)).copied();
                 lock(&member.membership).local_sessions_owned =
                     u32::try_from(owned.unwrap_or(0)).unwrap_or(u32::MAX);
-                *lock(&member.swept) = Some(pass.kept);
+                *lock(&member.swept) = Some((Instant::now(), pass.kept));
             }
             Ok(None) => {}
             Err(e) => warn!(error = %error_chain(&e), "sweep failed"),

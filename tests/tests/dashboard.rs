@@ -216,12 +216,13 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
         },
     );
 
-    // Session counts are those of the expiry sweep's last pass (one at least every 6 s, the
-    // shortest timeout), reused for 5 s: one from before the ping may still be served. Wait
-    // until the count includes the ping's session.
+    // Session counts are those of the expiry sweep's last pass (a pass at the latest the
+    // shortest timeout after the last one started: 10 s with this lab's timeouts), reused for
+    // 5 s: one from before the ping may still be served. Wait until the count includes the
+    // ping's session.
     c.wait(
         "fw1's session count to include the ping's session",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || {
             let raw = http_get(&c, "/api/cluster")?;
             let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);

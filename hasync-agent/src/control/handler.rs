@@ -67,11 +67,11 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
 /// `show-session-counts`: what the expiry sweep's last complete pass counted (`swept`), at
 /// once; before the first pass completes, the counts of a walk, as `show-sessions` has them.
 fn session_counts(
-    swept: &Mutex<Option<Tally>>,
+    swept: &Mutex<Option<(Instant, Tally)>>,
     dp: &Arc<Mutex<Datapath>>,
     reply: oneshot::Sender<Response>,
 ) {
-    let Some(tally) = *lock(swept) else {
+    let Some((at, tally)) = *lock(swept) else {
         match SessionPage::new(true, SessionFilter::default(), 0, None, &[]) {
             Ok(page) => sessions_later(dp.clone(), page, reply),
             Err(e) => drop(reply.send(Response::error(e))),
@@ -79,7 +79,7 @@ fn session_counts(
         return;
     };
     let dp = lock(dp);
-    let view = SessionsView::tallied(&tally, dp.capacity(), dp.embryonic_slots());
+    let view = SessionsView::tallied(&tally, at.elapsed(), dp.capacity(), dp.embryonic_slots());
     let _ = reply.send(Response::ok(view));
 }
 
@@ -283,22 +283,27 @@ mod tests {
         }
         let mut by_owner = [0; crate::datapath::sweep::OWNER_SLOTS];
         (by_owner[1], by_owner[2]) = (30, 12);
-        let swept = Mutex::new(Some(Tally {
-            total: 42,
-            embryonic: 5,
-            by_owner,
-        }));
+        let at = Instant::now() - Duration::from_secs(3);
+        let swept = Mutex::new(Some((
+            at,
+            Tally {
+                total: 42,
+                embryonic: 5,
+                by_owner,
+            },
+        )));
         let (tx, rx) = oneshot::channel();
         session_counts(&swept, &dp, tx);
         let response = rx.await.expect("an answer at once");
         let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
         assert_eq!((view.total, view.embryonic), (42, 5));
         assert_eq!(
-            view.by_owner.into_iter().collect::<Vec<_>>(),
+            view.by_owner.clone().into_iter().collect::<Vec<_>>(),
             [(1, 30), (2, 12)]
         );
         assert_eq!(view.capacity, u64::from(lock(&dp).capacity()));
         assert!(view.embryonic_capacity > 0 && view.sessions.is_none());
+        assert!(view.counted_ms_ago.is_some_and(|ms| ms >= 3000), "{view:?}");
     }
 
     /// The walk waits for the table, its caller does not: `sessions_later` returns while

@@ -4,7 +4,11 @@
 //! Names (states, links, protocols) are strings, not enums, so a CLI talking to an agent one
 //! version apart still reads an answer with a name it does not know.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use hasync_common::{
     ClusterId, Counter, Counters, FlowKey, MemberId, Session, SessionFlags, State, ZoneId,
@@ -243,6 +247,10 @@ pub struct SessionsView {
     /// The requested page; absent when only counts were asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionView>>,
+    /// How old the counts are, in ms, when they are the expiry sweep's
+    /// (`show-session-counts`); absent when this answer's walk counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_ms_ago: Option<u64>,
 }
 
 /// One session, initiator first.
@@ -310,9 +318,14 @@ impl SessionView {
 }
 
 impl SessionsView {
-    /// The counts of `tally` (the expiry sweep's), in a table of `capacity` holding at most
-    /// `embryonic_capacity` embryonic sessions; no page.
-    pub fn tallied(tally: &Tally, capacity: u32, embryonic_capacity: u32) -> SessionsView {
+    /// The counts of `tally` (the expiry sweep's, taken `age` ago), in a table of `capacity`
+    /// holding at most `embryonic_capacity` embryonic sessions; no page.
+    pub fn tallied(
+        tally: &Tally,
+        age: Duration,
+        capacity: u32,
+        embryonic_capacity: u32,
+    ) -> SessionsView {
         let owners = (0..=MemberId::MAX).zip(tally.by_owner);
         SessionsView {
             total: tally.total,
@@ -321,6 +334,7 @@ impl SessionsView {
             capacity: u64::from(capacity),
             embryonic_capacity: u64::from(embryonic_capacity),
             sessions: None,
+            counted_ms_ago: Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 
@@ -375,6 +389,7 @@ impl SessionPage {
                 capacity: 0,
                 embryonic_capacity: 0,
                 sessions: (!count_only).then(Vec::new),
+                counted_ms_ago: None,
             },
         })
     }

@@ -159,6 +159,7 @@ fn the_session_table_warns_from_ninety_percent() {
         capacity: 1000,
         embryonic_capacity: 100,
         sessions: None,
+        counted_ms_ago: None,
     };
     let warning = |v: &SessionsView| SessionSummary::new(v, 1000, 1).warning;
     assert_eq!(warning(&view(899, 0)), None);

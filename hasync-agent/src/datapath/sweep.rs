@@ -11,10 +11,16 @@
 //! delete. Each candidate is therefore read again with a single lookup just before the chunk's
 //! batch delete, and spared if it is no longer idle (a packet refreshed it, or recreated it
 //! after it had expired). What remains is the window between that re-read and the delete
-//! (microseconds): a packet arriving then finds the old entry expired, the program replaces it
-//! with a new session (UDP, ICMP, TCP SYN), and our delete removes that new session. The next
-//! packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN is
-//! retransmitted. We accept that: the entry was past its timeout anyway.
+//! (the re-reads of the chunk's other candidates: microseconds, a millisecond when much
+//! expires at once): a packet arriving then finds the old entry expired, the program replaces
+//! it with a new session (UDP, ICMP, TCP SYN), and our delete removes that new session. The
+//! next packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN
+//! is retransmitted. We accept that: the entry was past its timeout anyway.
+//!
+//! Peers' records cannot come in that window: the agent applies them under its hold of the
+//! datapath, which a sweep step keeps for the whole step (a replica installed and
+//! acknowledged in the window, then deleted, would be missing until the owner's next
+//! refresh).
 
 use hasync_common::{DatapathConfig, FlowKey, MemberId, Session, State};
 
@@ -148,24 +154,24 @@ impl Pass {
         self.doomed.clear();
         for (key, session) in self.keys.iter().zip(&self.values) {
             if verdict(cfg, session, now).is_none() {
-                self.kept.add(session);
-                let expiry = session
-                    .last_seen_ns
-                    .saturating_add(cfg.timeout_ns(session.state));
-                self.earliest_expiry = Some(self.earliest_expiry.map_or(expiry, |e| e.min(expiry)));
+                keep(&mut self.kept, &mut self.earliest_expiry, cfg, session);
                 continue;
             }
             // Re-read right before deleting (see the module docs for the window left).
             let fresh = map.lookup(key)?;
             let now = clock();
-            match fresh.and_then(|s| verdict(cfg, &s, now).map(|reason| (s, reason))) {
-                Some((session, reason)) => {
+            match fresh.map(|s| (s, verdict(cfg, &s, now))) {
+                Some((session, Some(reason))) => {
                     self.removed.push(Removed {
                         key: *key,
                         session,
                         reason,
                     });
                     self.doomed.push(*key);
+                }
+                Some((session, None)) => {
+                    self.report.spared += 1;
+                    keep(&mut self.kept, &mut self.earliest_expiry, cfg, &session);
                 }
                 None => self.report.spared += 1,
             }
@@ -187,6 +193,16 @@ impl Pass {
     }
 }
 
+/// Counts `session`, which a pass leaves in the table (in `kept`), and notes when it expires
+/// (in `earliest`).
+fn keep(kept: &mut Tally, earliest: &mut Option<u64>, cfg: &DatapathConfig, session: &Session) {
+    kept.add(session);
+    let expiry = session
+        .last_seen_ns
+        .saturating_add(cfg.timeout_ns(session.state));
+    *earliest = Some(earliest.map_or(expiry, |e| e.min(expiry)));
+}
+
 /// What a pass counted of the sessions it left in the table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -201,7 +217,7 @@ pub struct Tally {
 
 impl Tally {
     /// Counts `session`.
-    fn add(&mut self, session: &Session) {
+    pub fn add(&mut self, session: &Session) {
         self.total += 1;
         self.embryonic += u64::from(session.is_embryonic());
         if let Some(n) = self.by_owner.get_mut(usize::from(session.owner.0)) {
@@ -646,5 +662,36 @@ mod tests {
         let report = dp.sweep(16, |_| {}).expect("sweep");
         assert_eq!((report.scanned, report.expired), (1, 1));
         assert!(dp.sessions().expect("dump").is_empty());
+    }
+
+    /// A candidate spared on its re-read is left in the table, so the pass counts it.
+    #[test]
+    fn a_spared_session_counts_among_those_kept() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let (stale, refreshed) = (key(1), key(2));
+        let old = session(State::UdpNew, 60, NOW);
+        map.update_batch(&[stale, refreshed], &[old, old], 0)
+            .expect("fill");
+        // Read 1 starts the pass, read 2 follows the chunk's scan: `refreshed` gets a packet
+        // then, before its re-read.
+        let reads = std::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            if reads.get() == 2 {
+                let mut fresh = old;
+                fresh.last_seen_ns = NOW;
+                map.update_batch(&[refreshed], &[fresh], 0)
+                    .expect("refresh");
+            }
+            NOW
+        };
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let pass = IncrementalSweep::default()
+            .step_with_clock(&map, &cfg, 64, 100, &clock, |_| {})
+            .expect("a step")
+            .expect("the whole table in one step");
+        assert_eq!((pass.report.expired, pass.report.spared), (1, 1));
+        assert_eq!((pass.kept.total, pass.kept.by_owner[1]), (1, 1));
     }
 }

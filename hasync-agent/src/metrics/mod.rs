@@ -9,10 +9,12 @@
 //! `/api/cluster` ([`crate::dashboard`]) is built from the same snapshot.
 //!
 //! Session counts are those of the expiry sweep's last pass over the table (it counts what it
-//! keeps as it goes: `show-session-counts`), no walk of their own, so as old as that pass (a
-//! pass every few seconds; at the sweep's pace, about 80,000 sessions a second, a table of a
-//! million takes some 12 s). Until the first pass completes they are counted by a walk. A
-//! count is reused for [`SESSIONS_CACHE`]; everything else is read fresh on every scrape.
+//! keeps as it goes: `show-session-counts`), no walk of their own, so as old as that pass
+//! (`sessions_counted_age_seconds`: a new pass at the latest the shortest timeout after the
+//! last one started, 6 s with the defaults; at the sweep's pace, about 80,000 sessions a
+//! second, a pass over a million takes some 12 s). Until the first pass completes they are
+//! counted by a walk. A count is reused for [`SESSIONS_CACHE`]; everything else is read fresh
+//! on every scrape.
 //!
 //! Names (all prefixed `hasync_`; labels in braces):
 //!
@@ -29,6 +31,7 @@
 //! | `sessions_held{kind}` | gauge | `owned` (this member's: the session table) and `cached` (peers': the session cache) |
 //! | `session_capacity` | gauge | capacity of the session table (owned and cached share it) |
 //! | `sessions_embryonic`, `sessions_embryonic_capacity` | gauge | sessions with no reply yet (the evictable ones), and their bound |
+//! | `sessions_counted_age_seconds` | gauge | how old the session counts are (the expiry sweep's last complete pass) |
 //! | `sync_records_sent_total{peer, link}`, `..._received_total` | counter | session records |
 //! | `sync_frames_sent_total{peer, link}`, `..._received_total` | counter | sync frames |
 //! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
@@ -181,7 +184,7 @@ impl Source {
         let sessions = {
             let mut cached = self.sessions.lock().await;
             match &*cached {
-                Some((at, view)) if at.elapsed() < SESSIONS_CACHE => view.clone(),
+                Some((at, view)) if at.elapsed() < SESSIONS_CACHE => aged(view, at.elapsed()),
                 _ => {
                     let view: SessionsView = self.ask(Request::ShowSessionCounts).await?;
                     *cached = Some((Instant::now(), view.clone()));
@@ -332,6 +335,15 @@ fn state_rows(base: &Labels, known: &[&'static str], current: &str) -> Vec<(Labe
     rows
 }
 
+/// `view`, reused `reused` after it was answered: its counts that much older.
+fn aged(view: &SessionsView, reused: Duration) -> SessionsView {
+    let reused = u64::try_from(reused.as_millis()).unwrap_or(u64::MAX);
+    SessionsView {
+        counted_ms_ago: Some(view.counted_ms_ago.unwrap_or(0).saturating_add(reused)),
+        ..view.clone()
+    }
+}
+
 /// The session table: what it holds (owned here, peers' copies, embryonic) against its
 /// capacities.
 fn encode_sessions(
@@ -391,6 +403,15 @@ fn encode_sessions(
         "Embryonic sessions the table holds at most (this member's and peers' parts).",
         None,
         [(Labels::new(), sessions.embryonic_capacity)],
+    )?;
+    let age_ms = sessions.counted_ms_ago.unwrap_or(0);
+    gauges(
+        e,
+        "sessions_counted_age",
+        "How old the session counts above are: they are the expiry sweep's, from its last \
+         complete pass over the table.",
+        Some(&Unit::Seconds),
+        [(Labels::new(), age_ms as f64 / 1000.0)],
     )
 }
 

@@ -8,9 +8,10 @@ use hasync_agent::{
     cluster::MemberState,
     config::Config,
     control::{
-        view::{CountersView, SessionPage},
+        view::{CountersView, SessionPage, SessionsView},
         Request, Response,
     },
+    datapath::sweep::Tally,
     provision::{MemberFiles, Spec},
     sync::{
         apply::{decide, Applier, Decision, OwnerRefusal, ZoneMap},
@@ -342,6 +343,14 @@ fn answer(request: Request) -> Response {
                 }
                 page.finish(65536, 8192)
             }))
+        }
+        Request::ShowSessionCounts => {
+            let mut tally = Tally::default();
+            for (_, session) in sample_sessions() {
+                tally.add(&session);
+            }
+            let age = std::time::Duration::from_secs(2);
+            Response::ok(SessionsView::tallied(&tally, age, 65536, 8192))
         }
         Request::ShowCounters { prefix } => {
             Response::ok(CountersView::new(&Counters::default(), prefix.as_deref()))

@@ -27,8 +27,8 @@ use crate::{
 };
 
 /// Frames read and decoded ahead of the one being applied: the reader stops reading the
-/// connection when they wait (the peer's sends then wait too), so at most this many frames
-/// and the one being applied are held.
+/// connection when they wait (the peer's sends then wait too), so a connection holds at most
+/// this many decoded frames, one more in the reader's hands and the one being applied.
 const READ_AHEAD: usize = 2;
 
 /// A frame as [`Receiver::recv`] gives it.
@@ -154,7 +154,7 @@ impl<T: SessionTable> Engine<T> {
                 // The table work runs on this worker: one frame, at most a few hundred records
                 // (a few hundred µs). Handing the worker to another thread for every frame
                 // (`block_in_place`) cost more CPU than the apply itself; only a wait for a
-                // lock that another holder has (the other link's reader, the sender) is
+                // lock that another holder has (the other link's reader, a sweep step) is
                 // taken off the worker (`lock_on_worker`).
                 let applied = self.apply_in_order(f, seq, &records, bulk)?;
                 match applied {
