@@ -600,19 +600,22 @@ mod tests {
         );
     }
 
+    /// A candidate refreshed between the scan and its re-read is spared: left in the table,
+    /// and counted among the sessions the pass kept.
     #[test]
-    fn a_session_refreshed_after_the_scan_is_spared() {
+    fn a_session_refreshed_after_the_scan_is_spared_and_counted() {
         let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
         let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
         let (stale, refreshed) = (key(1), key(2));
         let old = session(State::UdpNew, 60, NOW);
         map.update_batch(&[stale, refreshed], &[old, old], 0)
             .expect("fill");
-        // The clock is read right after the chunk is scanned: a packet for `refreshed`
+        // Read 1 starts the pass, read 2 follows the chunk's scan: a packet for `refreshed`
         // "arrives" then, before the sweep re-reads its candidates.
-        let scanned = std::cell::Cell::new(false);
+        let reads = std::cell::Cell::new(0);
         let clock = || {
-            if !scanned.replace(true) {
+            reads.set(reads.get() + 1);
+            if reads.get() == 2 {
                 let mut fresh = old;
                 fresh.last_seen_ns = NOW;
                 map.update_batch(&[refreshed], &[fresh], 0)
@@ -622,11 +625,17 @@ mod tests {
         };
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut removed = Vec::new();
-        let report = sweep_with_clock(&map, &cfg, 64, clock, |r| removed.extend_from_slice(r))
-            .expect("sweep");
+        let pass = IncrementalSweep::default()
+            .step_with_clock(&map, &cfg, 64, 100, &clock, |r| {
+                removed.extend(r.iter().map(|r| r.key))
+            })
+            .expect("a step")
+            .expect("the whole table in one step");
+        let report = pass.report;
         assert_eq!((report.scanned, report.expired, report.spared), (2, 1, 1));
-        assert_eq!(removed.iter().map(|r| r.key).collect::<Vec<_>>(), [stale]);
+        assert_eq!(removed, [stale]);
         assert!(map.lookup(&refreshed).expect("lookup").is_some());
+        assert_eq!((pass.kept.total, pass.kept.by_owner[1]), (1, 1));
     }
 
     #[test]
@@ -662,36 +671,5 @@ mod tests {
         let report = dp.sweep(16, |_| {}).expect("sweep");
         assert_eq!((report.scanned, report.expired), (1, 1));
         assert!(dp.sessions().expect("dump").is_empty());
-    }
-
-    /// A candidate spared on its re-read is left in the table, so the pass counts it.
-    #[test]
-    fn a_spared_session_counts_among_those_kept() {
-        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
-        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
-        let (stale, refreshed) = (key(1), key(2));
-        let old = session(State::UdpNew, 60, NOW);
-        map.update_batch(&[stale, refreshed], &[old, old], 0)
-            .expect("fill");
-        // Read 1 starts the pass, read 2 follows the chunk's scan: `refreshed` gets a packet
-        // then, before its re-read.
-        let reads = std::cell::Cell::new(0);
-        let clock = || {
-            reads.set(reads.get() + 1);
-            if reads.get() == 2 {
-                let mut fresh = old;
-                fresh.last_seen_ns = NOW;
-                map.update_batch(&[refreshed], &[fresh], 0)
-                    .expect("refresh");
-            }
-            NOW
-        };
-        let cfg = DatapathConfig::with_defaults(MemberId(1));
-        let pass = IncrementalSweep::default()
-            .step_with_clock(&map, &cfg, 64, 100, &clock, |_| {})
-            .expect("a step")
-            .expect("the whole table in one step");
-        assert_eq!((pass.report.expired, pass.report.spared), (1, 1));
-        assert_eq!((pass.kept.total, pass.kept.by_owner[1]), (1, 1));
     }
 }
