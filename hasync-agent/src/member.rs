@@ -21,8 +21,8 @@ pub struct Member {
     pub membership: Arc<Mutex<Membership>>,
     pub engine: Engine,
     pub started: Instant,
-    /// What the expiry sweep's last complete pass counted of the table, and when (`None`
-    /// until one completes): the session counts the metrics and the dashboard show, at no
-    /// walk of their own.
+    /// What the expiry sweep's last complete pass counted of the table, and when that pass
+    /// started (`None` until one completes): the session counts the metrics and the
+    /// dashboard show, at no walk of their own.
     pub swept: Mutex<Option<(Instant, Tally)>>,
 }

@@ -423,7 +423,12 @@ impl MainLoop {
                 let owned = pass.kept.by_owner.get(usize::from(local.0)).copied();
                 lock(&member.membership).local_sessions_owned =
                     u32::try_from(owned.unwrap_or(0)).unwrap_or(u32::MAX);
-                *lock(&member.swept) = Some((Instant::now(), pass.kept));
+                // Counted from the pass's start on: as old as its start.
+                let took = Duration::from_nanos(pass.took_ns);
+                let at = Instant::now()
+                    .checked_sub(took)
+                    .unwrap_or_else(Instant::now);
+                *lock(&member.swept) = Some((at, pass.kept));
             }
             Ok(None) => {}
             Err(e) => warn!(error = %error_chain(&e), "sweep failed"),

@@ -64,7 +64,7 @@ pub enum Request {
         limit: Option<u64>,
     },
     /// The session table's counts as the expiry sweep's last pass over it found them (as
-    /// old as that pass, which the answer's `counted_ms_ago` says; no walk of its own): a
+    /// old as that pass's start, which the answer's `counted_ms_ago` says; no walk of its own): a
     /// [`super::view::SessionsView`] without a page. The sweep counts the sessions it left,
     /// not the expired ones it removed, and owners 0–16 only by owner. Before the first
     /// pass completes, counted by a walk as `show-sessions` does. What the metrics and the

@@ -248,7 +248,8 @@ pub struct SessionsView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<SessionView>>,
     /// How old the counts are, in ms, when they are the expiry sweep's
-    /// (`show-session-counts`); absent when this answer's walk counted them.
+    /// (`show-session-counts`: since the start of the pass that counted them); absent when
+    /// this answer's walk counted them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted_ms_ago: Option<u64>,
 }

@@ -915,7 +915,9 @@ impl Datapath {
 
     /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
     /// sessions, with the live CONFIG's timeouts. Checks the session clock first, like
-    /// [`Datapath::sweep`].
+    /// [`Datapath::sweep`]. Call it holding the agent's lock of the datapath for the whole
+    /// step: that keeps peers' applies out of the window between its re-reads and its
+    /// deletes (see the `sweep` module).
     pub fn sweep_step(
         &mut self,
         state: &mut sweep::IncrementalSweep,

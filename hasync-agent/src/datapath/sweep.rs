@@ -232,6 +232,9 @@ pub struct PassSummary {
     pub report: SweepReport,
     /// The sessions it left in the table.
     pub kept: Tally,
+    /// How long the pass took, from its start to its end (session clock ns): its first
+    /// chunks' counts are that much older than its end.
+    pub took_ns: u64,
 }
 
 /// A sweep spread over many short steps, so the agent never holds the table for long: each
@@ -328,6 +331,7 @@ impl IncrementalSweep {
         PassSummary {
             report: done.report,
             kept: done.kept,
+            took_ns: clock().saturating_sub(started),
         }
     }
 }
@@ -616,8 +620,10 @@ mod tests {
         let clock = || {
             reads.set(reads.get() + 1);
             if reads.get() == 2 {
+                // Taken over by member 2 meanwhile: the count is of the session re-read.
                 let mut fresh = old;
                 fresh.last_seen_ns = NOW;
+                fresh.owner = MemberId(2);
                 map.update_batch(&[refreshed], &[fresh], 0)
                     .expect("refresh");
             }
@@ -635,7 +641,7 @@ mod tests {
         assert_eq!((report.scanned, report.expired, report.spared), (2, 1, 1));
         assert_eq!(removed, [stale]);
         assert!(map.lookup(&refreshed).expect("lookup").is_some());
-        assert_eq!((pass.kept.total, pass.kept.by_owner[1]), (1, 1));
+        assert_eq!((pass.kept.total, pass.kept.by_owner[2]), (1, 1));
     }
 
     #[test]

@@ -9,12 +9,12 @@
 //! `/api/cluster` ([`crate::dashboard`]) is built from the same snapshot.
 //!
 //! Session counts are those of the expiry sweep's last pass over the table (it counts what it
-//! keeps as it goes: `show-session-counts`), no walk of their own, so as old as that pass
-//! (`sessions_counted_age_seconds`: a new pass at the latest the shortest timeout after the
-//! last one started, 6 s with the defaults; at the sweep's pace, about 80,000 sessions a
-//! second, a pass over a million takes some 12 s). Until the first pass completes they are
-//! counted by a walk. A count is reused for [`SESSIONS_CACHE`]; everything else is read fresh
-//! on every scrape.
+//! keeps as it goes: `show-session-counts`), no walk of their own, so as old as that pass's
+//! start (`sessions_counted_age_seconds`: a new pass starts at the latest the shortest timeout
+//! after the last one started, 6 s with the defaults, or when the last one ends if that is
+//! later; at the sweep's pace, about 80,000 sessions a second, a pass over a million takes
+//! some 12 s). Until the first pass completes they are counted by a walk. A count is reused
+//! for [`SESSIONS_CACHE`]; everything else is read fresh on every scrape.
 //!
 //! Names (all prefixed `hasync_`; labels in braces):
 //!
@@ -408,8 +408,9 @@ fn encode_sessions(
     gauges(
         e,
         "sessions_counted_age",
-        "How old the session counts above are: they are the expiry sweep's, from its last \
-         complete pass over the table.",
+        "How old the session counts above are: those of the expiry sweep's last complete pass \
+         over the table, from the pass's start (a count walked for the answer, before the \
+         first pass, from the answer), plus the time the scrape reused it.",
         Some(&Unit::Seconds),
         [(Labels::new(), age_ms as f64 / 1000.0)],
     )
