@@ -270,17 +270,20 @@ mod tests {
         datapath::testing::{datapath, test_run, udp_frame},
     };
 
+    /// A datapath whose table holds 3 UDP sessions, made by frames through the program.
+    fn three_sessions() -> Datapath {
+        let dp = datapath();
+        for port in 1..=3 {
+            test_run(&dp, &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53));
+        }
+        dp
+    }
+
     /// Session counts come from the sweep's tally once a pass completed: no walk (the table
     /// holds 3 sessions, the tally says otherwise, and the answer is the tally's).
     #[tokio::test]
     async fn session_counts_are_the_sweeps_once_it_counted() {
-        let dp = Arc::new(Mutex::new(datapath()));
-        for port in 1..=3 {
-            test_run(
-                &lock(&dp),
-                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
-            );
-        }
+        let dp = Arc::new(Mutex::new(three_sessions()));
         let mut by_owner = [0; crate::datapath::sweep::OWNER_SLOTS];
         (by_owner[1], by_owner[2]) = (30, 12);
         let at = Instant::now() - Duration::from_secs(3);
@@ -316,13 +319,7 @@ mod tests {
         reason = "the test holds the table as a busy holder would, while the walks wait"
     )]
     async fn session_walks_leave_their_callers_free_and_are_bounded() {
-        let dp = Arc::new(Mutex::new(datapath()));
-        for port in 1..=3 {
-            test_run(
-                &lock(&dp),
-                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
-            );
-        }
+        let dp = Arc::new(Mutex::new(three_sessions()));
         let held = lock(&dp);
         let mut replies = Vec::new();
         for _ in 0..=MAX_WALKS {
@@ -372,13 +369,7 @@ mod tests {
     /// A reader walks the table while the agent's lock is held by someone else.
     #[test]
     fn a_session_reader_needs_no_lock() {
-        let dp = Mutex::new(datapath());
-        for port in 1..=3 {
-            test_run(
-                &lock(&dp),
-                &udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53),
-            );
-        }
+        let dp = Mutex::new(three_sessions());
         let reader = lock(&dp).session_reader().expect("a reader");
         let _held = lock(&dp);
         let mut seen = 0;

@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     cluster::MemberState,
+    datapath::sweep::Tally,
     sync::stats::{BulkStats, LinkStats, PeerStats, Rejections},
 };
 
@@ -199,15 +200,7 @@ pub fn answer(request: Request) -> Response {
             offset,
             limit,
         } => sessions(count_only, filter, offset, limit),
-        Request::ShowSessionCounts => {
-            // Counted by the sweep 2 s ago, as a running agent answers.
-            let view = sessions(true, SessionFilter::default(), 0, None);
-            let Ok(mut counts) = serde_json::from_value::<SessionsView>(view.data) else {
-                return Response::error("the fake's counts do not parse");
-            };
-            counts.counted_ms_ago = Some(2000);
-            Response::ok(counts)
-        }
+        Request::ShowSessionCounts => session_counts(),
         Request::ShowStatistics => statistics(),
         Request::ShowCounters { prefix } => {
             let mut c = Counters::default();
@@ -268,6 +261,16 @@ fn sessions(count_only: bool, filter: SessionFilter, offset: u64, limit: Option<
             page.finish(65536, 8192)
         }),
     )
+}
+
+/// The fake's `show-session-counts`: [`sample_sessions`] as the sweep counts them, 2 s ago.
+fn session_counts() -> Response {
+    let mut tally = Tally::default();
+    for (_, s) in sample_sessions() {
+        tally.add(&s);
+    }
+    let age = std::time::Duration::from_secs(2);
+    Response::ok(SessionsView::tallied(&tally, age, 65536, 8192))
 }
 
 /// The fake's `show cluster statistics`: one peer with some traffic, a full sync, a rejection.
