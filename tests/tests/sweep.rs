@@ -159,7 +159,20 @@ fn sweep_in_small_chunks_removes_every_expired_session() {
             ),
         );
     }
-    assert_eq!(tdp.sessions().expect("dump").len(), usize::from(N));
+    let sessions = tdp.sessions().expect("dump");
+    assert_eq!(sessions.len(), usize::from(N));
+    // A stamp from jiffies may lead the agent's clock by under a tick (see the stamps test
+    // below), and a session seen after the sweep's now is not idle: wait until the agent's
+    // clock has passed every stamp (at most a second).
+    let newest = sessions
+        .iter()
+        .map(|(_, s)| s.last_seen_ns)
+        .max()
+        .unwrap_or(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while monotonic_ns() <= newest && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // The sweep reads the live config: make every udp-new session overdue.
     let mut cfg = fixture_config();
     cfg.timeouts_ns[State::UdpNew as usize] = 0;
