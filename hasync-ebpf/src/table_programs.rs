@@ -6,15 +6,16 @@
 use core::mem::{size_of, MaybeUninit};
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_EXIST, BPF_NOEXIST},
-    helpers::generated::{bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    bindings::{xdp_action, xdp_md, BPF_EXIST, BPF_NOEXIST},
+    cty::{c_long, c_void},
+    helpers::generated::{bpf_loop, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
     programs::XdpContext,
 };
 use hasync_common::{
     conflict::{resolve, Resolution},
     table_programs::{APPLY_BATCH, READ_BATCH},
-    ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, ReadHeader, ReadSlot,
-    Session,
+    ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, MemberId, ReadHeader,
+    ReadSlot, Session,
 };
 
 use crate::{
@@ -59,100 +60,147 @@ pub(crate) fn store<T>(ctx: &XdpContext, offset: usize, v: &mut T) -> bool {
     rc == 0
 }
 
-/// Calls `f` with the offset and a copy of each of the `count` items `T` that follow the
-/// header `H` (at most `max`). False when the batch is malformed or `f` says so.
-#[inline(always)]
-fn each_item<H, T>(
-    ctx: &XdpContext,
-    count: usize,
-    max: usize,
-    mut f: impl FnMut(usize, T) -> bool,
-) -> bool {
-    if count > max {
-        return false;
-    }
-    for i in 0..max {
-        if i >= count {
-            break;
-        }
-        let offset = size_of::<H>().wrapping_add(i.wrapping_mul(size_of::<T>()));
-        let Some(item) = load::<T>(ctx, offset) else {
-            return false;
-        };
-        if !f(offset, item) {
-            return false;
-        }
-    }
-    true
+/// A table program's batch: a header `Self` followed by `count` items.
+trait Batch: Sized {
+    /// What follows the header.
+    type Item;
+    /// Items a run may hold.
+    const MAX: usize;
+    /// Items the header says follow.
+    fn count(&self) -> u32;
+    /// Does the work of `item` (read from `offset`, where it may be written back). False
+    /// when it could not be done (the batch is then malformed).
+    fn each(&mut self, ctx: &XdpContext, offset: usize, item: Self::Item) -> bool;
 }
 
-/// Writes `header` back and returns the verdict: XDP_PASS when the batch was done whole,
-/// XDP_ABORTED when it was malformed.
+/// A run's state, on the program's stack: its context, its header (which the items' work
+/// writes to) and whether an item could not be read or written.
+struct Run<H> {
+    ctx: *mut xdp_md,
+    header: H,
+    malformed: bool,
+}
+
+/// Runs the batch in the test-run data, its header's `each` once per item, and writes the
+/// header back. The items are walked with `bpf_loop`: a run holds hundreds, more than the
+/// verifier would follow an unrolled loop through.
 #[inline(always)]
-fn finish<H>(ctx: &XdpContext, done: bool, header: &mut H) -> u32 {
-    if done && store(ctx, 0, header) {
+fn run_batch<H: Batch>(ctx: &XdpContext, prepare: impl FnOnce(&mut H)) -> u32 {
+    let Some(mut header) = load::<H>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let count = header.count();
+    if count as usize > H::MAX {
+        return xdp_action::XDP_ABORTED;
+    }
+    prepare(&mut header);
+    let mut run = Run {
+        ctx: ctx.ctx,
+        header,
+        malformed: false,
+    };
+    // SAFETY: the callback has the signature bpf_loop calls, and `run` outlives the call.
+    let rc = unsafe {
+        bpf_loop(
+            count,
+            each_item::<H> as *mut c_void,
+            core::ptr::addr_of_mut!(run).cast(),
+            0,
+        )
+    };
+    let done = rc == c_long::from(count) && !run.malformed;
+    if done && store(ctx, 0, &mut run.header) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_ABORTED
     }
 }
 
+/// Item `index` of a run: 0 to go on, 1 to stop (the batch is malformed).
+#[inline(never)]
+extern "C" fn each_item<H: Batch>(index: u64, run: *mut Run<H>) -> c_long {
+    // SAFETY: bpf_loop passes the caller's `Run`, valid and not otherwise borrowed for the
+    // call.
+    let run = unsafe { &mut *run };
+    let ctx = XdpContext::new(run.ctx);
+    let offset = (index as usize)
+        .wrapping_mul(size_of::<H::Item>())
+        .wrapping_add(size_of::<H>());
+    let done =
+        load::<H::Item>(&ctx, offset).is_some_and(|item| run.header.each(&ctx, offset, item));
+    if done {
+        0
+    } else {
+        run.malformed = true;
+        1
+    }
+}
+
 /// Fills the read batch in the test-run data with the sessions the table holds.
 #[inline(always)]
-#[allow(
-    clippy::needless_borrows_for_generic_args,
-    reason = "keys and values passed by value are copied to the stack, which this program has \
-              no room left for"
-)]
 pub fn read_batch(ctx: &XdpContext) -> u32 {
-    let Some(mut header) = load::<ReadHeader>(ctx, 0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let mut found: u32 = 0;
-    let done = each_item::<ReadHeader, ReadSlot>(
-        ctx,
-        header.count as usize,
-        READ_BATCH,
-        |offset, mut slot| {
-            let Some(s) = SESSIONS.get_ptr_mut(&slot.key) else {
-                return true;
-            };
-            // SAFETY: the value stays valid for the program's run; a concurrent update on
-            // another CPU can at worst make this copy a mix of two states, as any reader of
-            // the map sees.
-            slot.session = unsafe { *s };
-            slot.found = 1;
-            found = found.wrapping_add(1);
-            store(ctx, offset, &mut slot)
-        },
-    );
-    header.found = found;
-    finish(ctx, done, &mut header)
+    run_batch::<ReadHeader>(ctx, |h| h.found = 0)
+}
+
+impl Batch for ReadHeader {
+    type Item = ReadSlot;
+    const MAX: usize = READ_BATCH;
+
+    fn count(&self) -> u32 {
+        self.count
+    }
+
+    #[inline(always)]
+    #[allow(
+        clippy::needless_borrows_for_generic_args,
+        reason = "keys and values passed by value are copied to the stack, which this program \
+                  has no room left for"
+    )]
+    fn each(&mut self, ctx: &XdpContext, offset: usize, mut slot: ReadSlot) -> bool {
+        let Some(s) = SESSIONS.get_ptr_mut(&slot.key) else {
+            return true;
+        };
+        // SAFETY: the value stays valid for the program's run; a concurrent update on another
+        // CPU can at worst make this copy a mix of two states, as any reader of the map sees.
+        slot.session = unsafe { *s };
+        slot.found = 1;
+        self.found = self.found.wrapping_add(1);
+        store(ctx, offset, &mut slot)
+    }
 }
 
 /// Applies the batch of records in the test-run data; the outcome goes back into its header.
 #[inline(always)]
 pub fn apply_batch(ctx: &XdpContext) -> u32 {
-    let Some(mut header) = load::<ApplyHeader>(ctx, 0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let (Some(cfg), Some(counters)) = (CONFIG.get(0), COUNTERS.get_ptr_mut(0)) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    // SAFETY: per-CPU value; the fast path cannot run on this CPU while this program does.
-    let counters = unsafe { &mut *counters };
-    let mut out = ApplyOutcome::default();
-    let done = each_item::<ApplyHeader, ApplyRecord>(
-        ctx,
-        header.count as usize,
-        APPLY_BATCH,
-        |_, mut rec| {
-            apply_record(&mut rec, &header, cfg, counters, &mut out);
-            true
-        },
-    );
-    header.outcome = out;
-    finish(ctx, done, &mut header)
+    run_batch::<ApplyHeader>(ctx, |h| h.outcome = ApplyOutcome::default())
+}
+
+impl Batch for ApplyHeader {
+    type Item = ApplyRecord;
+    const MAX: usize = APPLY_BATCH;
+
+    fn count(&self) -> u32 {
+        self.count
+    }
+
+    #[inline(always)]
+    fn each(&mut self, _: &XdpContext, _: usize, mut rec: ApplyRecord) -> bool {
+        let (Some(cfg), Some(counters)) = (CONFIG.get(0), COUNTERS.get_ptr_mut(0)) else {
+            return false;
+        };
+        // SAFETY: per-CPU value; the fast path cannot run on this CPU while this program does.
+        let counters = unsafe { &mut *counters };
+        let (reconciling, now_ns) = (self.reconciling, self.now_ns);
+        apply_record(
+            &mut rec,
+            reconciling,
+            now_ns,
+            cfg,
+            counters,
+            &mut self.outcome,
+        );
+        true
+    }
 }
 
 /// Readies a peer's `incoming` session to be written over `local`: it keeps the local copy's
@@ -196,7 +244,8 @@ fn admit(
 )]
 fn apply_record(
     rec: &mut ApplyRecord,
-    h: &ApplyHeader,
+    reconciling: MemberId,
+    now_ns: u64,
     cfg: &DatapathConfig,
     counters: &mut Counters,
     out: &mut ApplyOutcome,
@@ -207,7 +256,7 @@ fn apply_record(
         let existing = SESSIONS.get_ptr_mut(&rec.key);
         // SAFETY: the value stays valid for the program's run.
         let local = existing.map(|p| unsafe { &*p });
-        match resolve(rec.op, &rec.session, local, h.reconciling) {
+        match resolve(rec.op, &rec.session, local, reconciling) {
             how @ (Resolution::Insert | Resolution::Replace) => {
                 // Only if still absent (insert) or still there (replace); otherwise the fast
                 // path changed it meanwhile: look again. A replace is a whole-value update,
@@ -257,7 +306,7 @@ fn apply_record(
                 if let Some(p) = existing {
                     // SAFETY: as above; `last_event_ns` is node-local and only this member's
                     // agent and fast path write it.
-                    unsafe { (*p).last_event_ns = h.now_ns };
+                    unsafe { (*p).last_event_ns = now_ns };
                 }
                 out.kept = out.kept.wrapping_add(1);
                 return;

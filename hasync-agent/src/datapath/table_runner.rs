@@ -27,6 +27,8 @@ struct Runner {
 }
 
 impl Runner {
+    /// Buffers for runs of at most [`RUN_MAX_BYTES`] (the kernel writes a run's data back
+    /// whole, or fails the run, so the output buffer takes all of it).
     fn new() -> Self {
         Runner {
             data: Vec::with_capacity(RUN_MAX_BYTES),
@@ -226,6 +228,46 @@ mod tests {
         let now = dp.session(&key(1)).expect("lookup").expect("held");
         assert_eq!(now.version, 2);
         assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
+    }
+
+    /// A run as large as one may be lays its data out over page fragments: every record in it
+    /// is applied and counted; a header claiming one more record than the data carries is
+    /// refused at the missing record.
+    #[test]
+    fn a_full_run_spans_page_fragments() {
+        let dp = datapath();
+        let prog = dp.xdp(names::APPLY_PROGRAM).expect("program");
+        let session = Session {
+            version: 1,
+            owner: MemberId(2),
+            state: hasync_common::State::Established as u8,
+            ..Session::default()
+        };
+        let records: Vec<ApplyRecord> = (0..APPLY_BATCH as u32)
+            .map(|i| ApplyRecord::new(key(i), session, hasync_common::ApplyOp::Upsert, false))
+            .collect();
+        assert!(size_of::<ApplyHeader>() + records.len() * size_of::<ApplyRecord>() > 4096 * 15);
+        let header = ApplyHeader {
+            count: APPLY_BATCH as u32,
+            ..ApplyHeader::default()
+        };
+        let mut run = Runner::new();
+        let out = run
+            .once(prog, names::APPLY_PROGRAM, &header, &records)
+            .expect("one run");
+        let done: ApplyHeader = read_at(out, 0).expect("header");
+        assert_eq!(done.outcome.installed, APPLY_BATCH as u32);
+        for r in &records {
+            assert_eq!(dp.session(&r.key).expect("lookup"), Some(session));
+        }
+        let short = &records[..APPLY_BATCH - 1];
+        let err = run
+            .once(prog, names::APPLY_PROGRAM, &header, short)
+            .expect_err("refused");
+        assert!(
+            matches!(err, DatapathError::BatchRejected { verdict: 0, .. }),
+            "{err}"
+        );
     }
 
     /// A header claiming more records than a run takes is refused, and nothing is written.
