@@ -25,4 +25,23 @@ pub struct Member {
     /// started (`None` until one completes): the session counts the metrics and the
     /// dashboard show, at no walk of their own.
     pub swept: Mutex<Option<(Instant, Tally)>>,
+    /// The session table's bounds, fixed when the datapath was loaded: read without the
+    /// datapath's lock (which an apply or a sweep step may hold).
+    pub bounds: TableBounds,
+}
+
+/// How many sessions the table holds at most, in all and embryonic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBounds {
+    pub capacity: u32,
+    pub embryonic_slots: u32,
+}
+
+impl TableBounds {
+    pub fn of(dp: &Datapath) -> Self {
+        TableBounds {
+            capacity: dp.capacity(),
+            embryonic_slots: dp.embryonic_slots(),
+        }
+    }
 }

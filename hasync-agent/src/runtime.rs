@@ -19,7 +19,7 @@ use crate::{
     config::{self, parse_cidr, Config},
     control::ControlRequest,
     datapath::{error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed},
-    member::{lock, Member},
+    member::{lock, Member, TableBounds},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
@@ -230,6 +230,7 @@ fn start_member(
     restarted: bool,
     links: Result<LinkWatch, NetlinkError>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
+    let bounds = TableBounds::of(&dp);
     let dp = Arc::new(Mutex::new(dp));
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
@@ -248,6 +249,7 @@ fn start_member(
         engine,
         started: Instant::now(),
         swept: Mutex::default(),
+        bounds,
     });
     Ok((member, tasks))
 }

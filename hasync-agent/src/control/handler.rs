@@ -27,7 +27,7 @@ use crate::{
         },
     },
     datapath::{sweep::Tally, Datapath, DEFAULT_CHUNK},
-    member::{lock, Member},
+    member::{lock, Member, TableBounds},
     sync::wire::LinkKind,
 };
 
@@ -50,7 +50,9 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
             offset,
             limit,
         } => SessionPage::new(count_only, filter, offset, limit, &zones),
-        Request::ShowSessionCounts => return session_counts(&member.swept, &member.dp, reply),
+        Request::ShowSessionCounts => {
+            return session_counts(&member.swept, member.bounds, &member.dp, reply)
+        }
         _ => {
             let _ = reply.send(handle(member, request));
             return;
@@ -66,8 +68,10 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
 
 /// `show-session-counts`: what the expiry sweep's last complete pass counted (`swept`), at
 /// once; before the first pass completes, the counts of a walk, as `show-sessions` has them.
+/// The table's `bounds` come from the member, not from `dp`: its lock may be held a while.
 fn session_counts(
     swept: &Mutex<Option<(Instant, Tally)>>,
+    bounds: TableBounds,
     dp: &Arc<Mutex<Datapath>>,
     reply: oneshot::Sender<Response>,
 ) {
@@ -78,8 +82,11 @@ fn session_counts(
         }
         return;
     };
-    let dp = lock(dp);
-    let view = SessionsView::tallied(&tally, at.elapsed(), dp.capacity(), dp.embryonic_slots());
+    let TableBounds {
+        capacity,
+        embryonic_slots,
+    } = bounds;
+    let view = SessionsView::tallied(&tally, at.elapsed(), capacity, embryonic_slots);
     let _ = reply.send(Response::ok(view));
 }
 
@@ -280,8 +287,13 @@ mod tests {
     }
 
     /// Session counts come from the sweep's tally once a pass completed: no walk (the table
-    /// holds 3 sessions, the tally says otherwise, and the answer is the tally's).
-    #[tokio::test]
+    /// holds 3 sessions, the tally says otherwise, and the answer is the tally's), and no wait
+    /// for the datapath (held here by another holder: the table's bounds are the member's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(
+        clippy::await_holding_lock,
+        reason = "the test holds the table as a busy holder would, while the count is asked for"
+    )]
     async fn session_counts_are_the_sweeps_once_it_counted() {
         let dp = Arc::new(Mutex::new(three_sessions()));
         let mut by_owner = [0; crate::datapath::sweep::OWNER_SLOTS];
@@ -295,17 +307,30 @@ mod tests {
                 by_owner,
             },
         )));
+        let bounds = TableBounds {
+            capacity: 1_000,
+            embryonic_slots: 100,
+        };
         let (tx, rx) = oneshot::channel();
-        session_counts(&swept, &dp, tx);
-        let response = rx.await.expect("an answer at once");
+        let held = lock(&dp);
+        let asker = {
+            let dp = dp.clone();
+            tokio::task::spawn_blocking(move || session_counts(&swept, bounds, &dp, tx))
+        };
+        let response = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        drop(held);
+        asker.await.expect("the asker ends");
+        let response = response
+            .expect("an answer while the datapath is held")
+            .expect("an answer");
         let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
         assert_eq!((view.total, view.embryonic), (42, 5));
         assert_eq!(
             view.by_owner.clone().into_iter().collect::<Vec<_>>(),
             [(1, 30), (2, 12)]
         );
-        assert_eq!(view.capacity, u64::from(lock(&dp).capacity()));
-        assert!(view.embryonic_capacity > 0 && view.sessions.is_none());
+        assert_eq!((view.capacity, view.embryonic_capacity), (1_000, 100));
+        assert!(view.sessions.is_none());
         assert!(view.counted_ms_ago.is_some_and(|ms| ms >= 3000), "{view:?}");
     }
 
