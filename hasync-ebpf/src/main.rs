@@ -21,7 +21,8 @@ pub fn hasync(ctx: XdpContext) -> u32 {
 
 /// Applies peers' records to the session table: run by the agent with BPF_PROG_TEST_RUN, never
 /// attached. Not pinned, so free to be renamed (it was `hasync_install`). Fragments allowed: a
-/// run's records fill several pages (`hasync_common::table_programs::RUN_MAX_BYTES`).
+/// run's records fill several pages (`hasync_common::table_programs::RUN_MAX_BYTES`), read
+/// with `bpf_xdp_load_bytes`.
 #[xdp(frags)]
 pub fn hasync_apply(ctx: XdpContext) -> u32 {
     table_programs::apply_batch(&ctx)

@@ -82,18 +82,18 @@ struct Run<H> {
 }
 
 /// Runs the batch in the test-run data, its header's `each` once per item, and writes the
-/// header back. The items are walked with `bpf_loop`: a run holds hundreds, more than the
-/// verifier would follow an unrolled loop through.
+/// header back. `prepare` readies the header first; false refuses the batch before any item.
+/// The items are walked with `bpf_loop`: a run holds hundreds, more than the verifier would
+/// follow an unrolled loop through.
 #[inline(always)]
-fn run_batch<H: Batch>(ctx: &XdpContext, prepare: impl FnOnce(&mut H)) -> u32 {
+fn run_batch<H: Batch>(ctx: &XdpContext, prepare: impl FnOnce(&mut H) -> bool) -> u32 {
     let Some(mut header) = load::<H>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
     let count = header.count();
-    if count as usize > H::MAX {
+    if count as usize > H::MAX || !prepare(&mut header) {
         return xdp_action::XDP_ABORTED;
     }
-    prepare(&mut header);
     let mut run = Run {
         ctx: ctx.ctx,
         header,
@@ -139,7 +139,10 @@ extern "C" fn each_item<H: Batch>(index: u64, run: *mut Run<H>) -> c_long {
 /// Fills the read batch in the test-run data with the sessions the table holds.
 #[inline(always)]
 pub fn read_batch(ctx: &XdpContext) -> u32 {
-    run_batch::<ReadHeader>(ctx, |h| h.found = 0)
+    run_batch::<ReadHeader>(ctx, |h| {
+        h.found = 0;
+        true
+    })
 }
 
 impl Batch for ReadHeader {
@@ -172,7 +175,12 @@ impl Batch for ReadHeader {
 /// Applies the batch of records in the test-run data; the outcome goes back into its header.
 #[inline(always)]
 pub fn apply_batch(ctx: &XdpContext) -> u32 {
-    run_batch::<ApplyHeader>(ctx, |h| h.outcome = ApplyOutcome::default())
+    run_batch::<ApplyHeader>(ctx, |h| {
+        h.outcome = ApplyOutcome::default();
+        // Looked up again per record (array lookups the verifier inlines); checked here so
+        // that a batch is refused whole, never stopped half done, if they were missing.
+        CONFIG.get(0).is_some() && COUNTERS.get_ptr_mut(0).is_some()
+    })
 }
 
 impl Batch for ApplyHeader {

@@ -8,7 +8,7 @@ use std::mem::size_of;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
     maps as names,
-    table_programs::{APPLY_BATCH, READ_BATCH, RUN_MAX_BYTES},
+    table_programs::{APPLY_BATCH, READ_BATCH},
     ApplyHeader, ApplyOutcome, ApplyRecord, FlowKey, MemberId, ReadHeader, ReadSlot, Session,
 };
 
@@ -21,21 +21,13 @@ use super::{
 const DONE: u32 = 2;
 
 /// Reusable buffers for one program run's data.
+#[derive(Default)]
 struct Runner {
     data: Vec<u8>,
     out: Vec<u8>,
 }
 
 impl Runner {
-    /// Buffers for runs of at most [`RUN_MAX_BYTES`] (the kernel writes a run's data back
-    /// whole, or fails the run, so the output buffer takes all of it).
-    fn new() -> Self {
-        Runner {
-            data: Vec::with_capacity(RUN_MAX_BYTES),
-            out: vec![0; RUN_MAX_BYTES],
-        }
-    }
-
     /// Runs `prog` (named `name`) once over `header` followed by `items`; returns the data as
     /// the program left it.
     fn once<H: bytemuck::Pod, T: bytemuck::Pod>(
@@ -50,6 +42,9 @@ impl Runner {
         for item in items {
             self.data.extend_from_slice(bytes_of(item));
         }
+        // The kernel writes the run's data back whole; into a shorter buffer it writes what
+        // fits and fails the call, after the program has run (and written to the table).
+        self.out.resize(self.data.len(), 0);
         let opts = TestRunOptions {
             data_in: Some(&self.data),
             data_out: Some(&mut self.out),
@@ -109,7 +104,7 @@ pub fn apply(
     now_ns: u64,
 ) -> Result<ApplyOutcome, DatapathError> {
     let mut total = ApplyOutcome::default();
-    let mut run = Runner::new();
+    let mut run = Runner::default();
     for part in records.chunks(APPLY_BATCH) {
         let header = ApplyHeader {
             // At most APPLY_BATCH: fits.
@@ -133,7 +128,7 @@ pub fn read(
     out: &mut Vec<Option<Session>>,
 ) -> Result<(), DatapathError> {
     out.clear();
-    let mut run = Runner::new();
+    let mut run = Runner::default();
     let mut slots = Vec::with_capacity(READ_BATCH);
     for part in keys.chunks(READ_BATCH) {
         slots.clear();
@@ -231,8 +226,9 @@ mod tests {
     }
 
     /// A run as large as one may be lays its data out over page fragments: every record in it
-    /// is applied and counted; a header claiming one more record than the data carries is
-    /// refused at the missing record.
+    /// is applied and counted. A header claiming more records than the data carries is
+    /// refused at the first one missing, the records before it applied (the agent then fails
+    /// the frame and the peer sends it again: applying a record twice changes nothing).
     #[test]
     fn a_full_run_spans_page_fragments() {
         let dp = datapath();
@@ -243,31 +239,36 @@ mod tests {
             state: hasync_common::State::Established as u8,
             ..Session::default()
         };
-        let records: Vec<ApplyRecord> = (0..APPLY_BATCH as u32)
+        let records: Vec<ApplyRecord> = (0..APPLY_BATCH as u32 * 2)
             .map(|i| ApplyRecord::new(key(i), session, hasync_common::ApplyOp::Upsert, false))
             .collect();
-        assert!(size_of::<ApplyHeader>() + records.len() * size_of::<ApplyRecord>() > 4096 * 15);
+        let (full, short) = records.split_at(APPLY_BATCH);
+        assert!(size_of::<ApplyHeader>() + std::mem::size_of_val(full) > 4096 * 8);
         let header = ApplyHeader {
             count: APPLY_BATCH as u32,
             ..ApplyHeader::default()
         };
-        let mut run = Runner::new();
+        let mut run = Runner::default();
         let out = run
-            .once(prog, names::APPLY_PROGRAM, &header, &records)
+            .once(prog, names::APPLY_PROGRAM, &header, full)
             .expect("one run");
         let done: ApplyHeader = read_at(out, 0).expect("header");
         assert_eq!(done.outcome.installed, APPLY_BATCH as u32);
-        for r in &records {
+        for r in full {
             assert_eq!(dp.session(&r.key).expect("lookup"), Some(session));
         }
-        let short = &records[..APPLY_BATCH - 1];
+        let applied = APPLY_BATCH - 3;
         let err = run
-            .once(prog, names::APPLY_PROGRAM, &header, short)
+            .once(prog, names::APPLY_PROGRAM, &header, &short[..applied])
             .expect_err("refused");
         assert!(
             matches!(err, DatapathError::BatchRejected { verdict: 0, .. }),
             "{err}"
         );
+        for r in &short[..applied] {
+            assert_eq!(dp.session(&r.key).expect("lookup"), Some(session));
+        }
+        assert_eq!(dp.session(&short[applied].key).expect("lookup"), None);
     }
 
     /// A header claiming more records than a run takes is refused, and nothing is written.
@@ -285,7 +286,7 @@ mod tests {
             hasync_common::ApplyOp::Upsert,
             false,
         );
-        let err = Runner::new()
+        let err = Runner::default()
             .once(prog, names::APPLY_PROGRAM, &header, &[rec])
             .expect_err("refused");
         assert!(
