@@ -25,8 +25,9 @@ pub struct Member {
     /// started (`None` until one completes): the session counts the metrics and the
     /// dashboard show, at no walk of their own.
     pub swept: Mutex<Option<(Instant, Tally)>>,
-    /// The session table's bounds, fixed when the datapath was loaded: read without the
-    /// datapath's lock (which an apply or a sweep step may hold).
+    /// The session table's bounds, fixed when the datapath was loaded (a pinned table's own):
+    /// read without the datapath's lock, which the sync engine holds for each apply, each
+    /// batch of the sender's reads and the end of a full sync.
     pub bounds: TableBounds,
 }
 

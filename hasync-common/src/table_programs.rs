@@ -113,9 +113,9 @@ impl ApplyOutcome {
 
 /// Records per apply program run. A run's fixed cost (the syscall and the kernel's set-up of
 /// the test run, 2–2.5 µs here) is spread over its records: per kept record at 1M sessions,
-/// medians of 8 runs, 768 ns at 22 records per run, 715 at 128, 669 at 256, 673 at 481. The
-/// kernel holds the CPU for the whole run (preemption and, on recent kernels, softirqs off: the
-/// fast path's packets on that CPU wait), about 0.2 ms at 256 records: where the gain stops.
+/// medians of 8 runs, 768 ns at 22 records per run, 715 at 128, 669 at 256, 673 at 481. A run
+/// keeps its CPU (no migration; on recent kernels softirqs are off for it, so the fast path's
+/// packets on that CPU wait) for about 0.2 ms at 256 records: where the gain stops.
 pub const APPLY_BATCH: usize = 256;
 
 /// Bytes of one run's test-run data at most (the larger of the two programs' batches). Past

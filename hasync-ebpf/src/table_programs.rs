@@ -177,8 +177,9 @@ impl Batch for ReadHeader {
 pub fn apply_batch(ctx: &XdpContext) -> u32 {
     run_batch::<ApplyHeader>(ctx, |h| {
         h.outcome = ApplyOutcome::default();
-        // Looked up again per record (array lookups the verifier inlines); checked here so
-        // that a batch is refused whole, never stopped half done, if they were missing.
+        // One-entry arrays, looked up again per record: checked here too so that, were they
+        // ever missing, a batch would be refused whole. (A malformed batch still stops at its
+        // first unreadable record, the ones before it applied.)
         CONFIG.get(0).is_some() && COUNTERS.get_ptr_mut(0).is_some()
     })
 }
@@ -196,7 +197,9 @@ impl Batch for ApplyHeader {
         let (Some(cfg), Some(counters)) = (CONFIG.get(0), COUNTERS.get_ptr_mut(0)) else {
             return false;
         };
-        // SAFETY: per-CPU value; the fast path cannot run on this CPU while this program does.
+        // SAFETY: per-CPU value, valid for the program's run. Where the kernel leaves softirqs
+        // on during a test run, the fast path may interrupt this program on its CPU: a counter
+        // it bumps meanwhile may then be lost, nothing worse.
         let counters = unsafe { &mut *counters };
         let (reconciling, now_ns) = (self.reconciling, self.now_ns);
         apply_record(

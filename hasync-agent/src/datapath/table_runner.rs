@@ -8,7 +8,7 @@ use std::mem::size_of;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
     maps as names,
-    table_programs::{APPLY_BATCH, READ_BATCH},
+    table_programs::{APPLY_BATCH, READ_BATCH, RUN_MAX_BYTES},
     ApplyHeader, ApplyOutcome, ApplyRecord, FlowKey, MemberId, ReadHeader, ReadSlot, Session,
 };
 
@@ -42,6 +42,10 @@ impl Runner {
         for item in items {
             self.data.extend_from_slice(bytes_of(item));
         }
+        debug_assert!(
+            self.data.len() <= RUN_MAX_BYTES,
+            "a run past the programs' bound"
+        );
         // The kernel writes the run's data back whole; into a shorter buffer it writes what
         // fits and fails the call, after the program has run (and written to the table).
         self.out.resize(self.data.len(), 0);
