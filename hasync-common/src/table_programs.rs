@@ -114,9 +114,9 @@ impl ApplyOutcome {
 /// Records per apply program run. A run's fixed cost (the syscall and the kernel's set-up of
 /// the test run, 2–2.5 µs here) is spread over its records: per record kept (applied again)
 /// in a 2^23-bucket table of 200,000 sessions, medians of 8 alternated runs, 768 ns at 22
-/// records per run, 715 at 128, 669 at 256, 673 at 481. A run
-/// keeps its CPU (no migration; on recent kernels softirqs are off for it, so the fast path's
-/// packets on that CPU wait) for about 0.2 ms at 256 records: where the gain stops.
+/// records per run, 715 at 128, 669 at 256, 673 at 481. A run keeps its CPU (no migration; on
+/// recent kernels softirqs are off for it, so the fast path's packets on that CPU wait) for
+/// about 0.2 ms at 256 records: where the gain stops.
 pub const APPLY_BATCH: usize = 256;
 
 /// Bytes of one run's test-run data at most (the larger of the two programs' batches). Past
