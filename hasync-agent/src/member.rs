@@ -10,7 +10,7 @@ pub use crate::lock::lock;
 use crate::{
     cluster::Membership,
     config::Config,
-    datapath::{sweep::Tally, Datapath},
+    datapath::{sweep::Tally, CountersReader, Datapath},
     sync::engine::Engine,
 };
 
@@ -29,6 +29,8 @@ pub struct Member {
     /// read without the datapath's lock, which the sync engine holds for each apply, each
     /// batch of the sender's reads and the end of a full sync.
     pub bounds: TableBounds,
+    /// The datapath's counters, read without the datapath's lock.
+    pub counters: CountersReader,
 }
 
 /// How many sessions the table holds at most, in all and embryonic.

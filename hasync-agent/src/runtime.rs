@@ -231,6 +231,9 @@ fn start_member(
     links: Result<LinkWatch, NetlinkError>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let bounds = TableBounds::of(&dp);
+    let counters = dp
+        .counters_reader()
+        .context("opening the datapath's counters")?;
     let dp = Arc::new(Mutex::new(dp));
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
@@ -250,6 +253,7 @@ fn start_member(
         started: Instant::now(),
         swept: Mutex::default(),
         bounds,
+        counters,
     });
     Ok((member, tasks))
 }
@@ -496,7 +500,7 @@ impl MainLoop {
 
 /// The datapath's count of events lost to a full ring buffer.
 fn lost_events(member: &Member) -> Option<u64> {
-    let counters = lock(&member.dp).counters().ok()?;
+    let counters = member.counters.counters().ok()?;
     Some(counters.get(Counter::RingbufFull))
 }
 

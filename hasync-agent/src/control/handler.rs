@@ -176,7 +176,7 @@ fn handle(member: &Member, request: Request) -> Response {
             "the session table's counts and pages are answered by `answer`, off the main loop",
         ),
         Request::ShowStatistics => Response::ok(statistics(member)),
-        Request::ShowCounters { prefix } => match lock(&member.dp).counters() {
+        Request::ShowCounters { prefix } => match member.counters.counters() {
             Ok(c) => Response::ok(CountersView::new(&c, prefix.as_deref())),
             Err(e) => Response::error(crate::datapath::error_chain(&e)),
         },

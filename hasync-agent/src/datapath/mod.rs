@@ -340,6 +340,31 @@ impl SessionReader {
     }
 }
 
+/// The counters map's own descriptor, for reads that take no lock of the agent's (see
+/// [`Datapath::counters_reader`]).
+pub struct CountersReader {
+    map: PerCpuArray<MapData, Counters>,
+}
+
+impl CountersReader {
+    /// As [`Datapath::counters`].
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let per_cpu = self.map.get(&0, 0).map_err(map_err(names::COUNTERS))?;
+        Ok(sum_counters(&per_cpu))
+    }
+}
+
+/// The counters of all CPUs added up.
+fn sum_counters(per_cpu: &PerCpuValues<Counters>) -> Counters {
+    let mut total = Counters::default();
+    for cpu in per_cpu.iter() {
+        for (t, v) in total.values.iter_mut().zip(cpu.values.iter()) {
+            *t = t.wrapping_add(*v);
+        }
+    }
+    total
+}
+
 /// A loaded XDP program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -754,14 +779,27 @@ impl Datapath {
 
     /// The datapath counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        let per_cpu = self.per_cpu_counters()?;
-        let mut total = Counters::default();
-        for cpu in per_cpu.iter() {
-            for (t, v) in total.values.iter_mut().zip(cpu.values.iter()) {
-                *t = t.wrapping_add(*v);
-            }
-        }
-        Ok(total)
+        Ok(sum_counters(&self.per_cpu_counters()?))
+    }
+
+    /// A reader of the counters with a descriptor of its own: its reads need no hold of this
+    /// value (which the sync engine keeps for each apply and each of the sender's reads).
+    pub fn counters_reader(&self) -> Result<CountersReader, DatapathError> {
+        let aya::maps::Map::PerCpuArray(data) = self.map(names::COUNTERS)? else {
+            return Err(DatapathError::NoMap(names::COUNTERS));
+        };
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| DatapathError::Io {
+                what: "duplicating the counters map's descriptor",
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(map_err(names::COUNTERS))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_err(names::COUNTERS))?;
+        Ok(CountersReader { map })
     }
 
     /// Each CPU's counters value.
@@ -988,6 +1026,23 @@ fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counters reader has a descriptor of its own on the same map: frames run after it
+    /// was opened show in its reads exactly as in the datapath's own.
+    #[test]
+    fn a_counters_reader_reads_the_live_counters() {
+        use hasync_common::Counter;
+        let dp = testing::datapath();
+        let reader = dp.counters_reader().expect("a reader");
+        let before = reader.counters().expect("read").get(Counter::Packets);
+        for port in 0..3 {
+            let frame = testing::udp_frame([198, 18, 0, 1], 1000 + port, [198, 18, 0, 2], 53);
+            testing::test_run(&dp, &frame);
+        }
+        let after = reader.counters().expect("read");
+        assert_eq!(after.get(Counter::Packets), before + 3);
+        assert_eq!(after.values, dp.counters().expect("counters").values);
+    }
 
     #[test]
     fn the_embryo_ring_is_cut_per_cpu_with_a_replica_part_per_member() {
