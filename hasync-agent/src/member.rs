@@ -10,7 +10,7 @@ pub use crate::lock::lock;
 use crate::{
     cluster::Membership,
     config::Config,
-    datapath::{sweep::Tally, CountersReader, Datapath},
+    datapath::{sweep::Tally, CountersReader, Datapath, TableBounds},
     sync::engine::Engine,
 };
 
@@ -31,20 +31,4 @@ pub struct Member {
     pub bounds: TableBounds,
     /// The datapath's counters, read without the datapath's lock.
     pub counters: CountersReader,
-}
-
-/// How many sessions the table holds at most, in all and embryonic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TableBounds {
-    pub capacity: u32,
-    pub embryonic_slots: u32,
-}
-
-impl TableBounds {
-    pub fn of(dp: &Datapath) -> Self {
-        TableBounds {
-            capacity: dp.capacity(),
-            embryonic_slots: dp.embryonic_slots(),
-        }
-    }
 }

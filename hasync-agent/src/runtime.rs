@@ -19,7 +19,7 @@ use crate::{
     config::{self, parse_cidr, Config},
     control::ControlRequest,
     datapath::{error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed},
-    member::{lock, Member, TableBounds},
+    member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
@@ -230,7 +230,7 @@ fn start_member(
     restarted: bool,
     links: Result<LinkWatch, NetlinkError>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
-    let bounds = TableBounds::of(&dp);
+    let bounds = dp.bounds();
     let counters = dp
         .counters_reader()
         .context("opening the datapath's counters")?;

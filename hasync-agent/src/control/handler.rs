@@ -26,8 +26,8 @@ use crate::{
             SessionsView, StatisticsView,
         },
     },
-    datapath::{sweep::Tally, Datapath, DEFAULT_CHUNK},
-    member::{lock, Member, TableBounds},
+    datapath::{sweep::Tally, Datapath, TableBounds, DEFAULT_CHUNK},
+    member::{lock, Member},
     sync::wire::LinkKind,
 };
 
@@ -234,16 +234,15 @@ fn show_members(member: &Member, now: Instant) -> Response {
 fn show_sessions(dp: &Mutex<Datapath>, mut page: SessionPage) -> Response {
     let opened = {
         let dp = lock(dp);
-        dp.session_reader()
-            .map(|r| (r, dp.capacity(), dp.embryonic_slots()))
+        dp.session_reader().map(|r| (r, dp.bounds()))
     };
-    let walked = opened.and_then(|(reader, capacity, embryonic)| {
+    let walked = opened.and_then(|(reader, bounds)| {
         reader
             .chunked(DEFAULT_CHUNK, |k, v| page.add_chunk(k, v))
-            .map(|_| (capacity, embryonic))
+            .map(|_| bounds)
     });
     match walked {
-        Ok((capacity, embryonic)) => Response::ok(page.finish(capacity, embryonic)),
+        Ok(b) => Response::ok(page.finish(b.capacity, b.embryonic_slots)),
         Err(e) => Response::error(crate::datapath::error_chain(&e)),
     }
 }

@@ -354,6 +354,22 @@ impl CountersReader {
     }
 }
 
+/// A descriptor of `map`'s own (duplicated), for a reader that outlives any hold of the
+/// [`Datapath`]; `what` names the step in the error.
+fn own_fd(map: &MapData, what: &'static str) -> Result<std::os::fd::OwnedFd, DatapathError> {
+    map.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| DatapathError::Io { what, source })
+}
+
+/// How many sessions the table holds at most, in all and embryonic (fixed at load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBounds {
+    pub capacity: u32,
+    pub embryonic_slots: u32,
+}
+
 /// The counters of all CPUs added up.
 fn sum_counters(per_cpu: &PerCpuValues<Counters>) -> Counters {
     let mut total = Counters::default();
@@ -527,6 +543,14 @@ impl Datapath {
     /// Capacity of the session table.
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// The table's capacity and embryonic slots together.
+    pub fn bounds(&self) -> TableBounds {
+        TableBounds {
+            capacity: self.capacity(),
+            embryonic_slots: self.embryonic_slots(),
+        }
     }
 
     /// Embryonic sessions the table holds at most: this member's own (all CPUs' parts of the
@@ -788,14 +812,7 @@ impl Datapath {
         let aya::maps::Map::PerCpuArray(data) = self.map(names::COUNTERS)? else {
             return Err(DatapathError::NoMap(names::COUNTERS));
         };
-        let fd = data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DatapathError::Io {
-                what: "duplicating the counters map's descriptor",
-                source,
-            })?;
+        let fd = own_fd(data, "duplicating the counters map's descriptor")?;
         let data = MapData::from_fd(fd).map_err(map_err(names::COUNTERS))?;
         let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_err(names::COUNTERS))?;
@@ -872,15 +889,10 @@ impl Datapath {
     /// A reader of the session table of its own (the map's file descriptor, duplicated): it
     /// walks the table without this `Datapath`, so a long walk holds no lock of the agent's.
     pub fn session_reader(&self) -> Result<SessionReader, DatapathError> {
-        let fd = self
-            .sessions_map()?
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| DatapathError::Io {
-                what: "duplicating the session table's descriptor",
-                source,
-            })?;
+        let fd = own_fd(
+            self.sessions_map()?,
+            "duplicating the session table's descriptor",
+        )?;
         Ok(SessionReader { fd })
     }
 
