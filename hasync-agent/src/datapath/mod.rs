@@ -959,8 +959,12 @@ impl Datapath {
     ) -> Result<SweepReport, DatapathError> {
         self.keep_clock();
         let cfg = self.config()?;
-        sweep::sweep(&self.sessions_batch()?, &cfg, chunk, on_removed)
-            .map_err(batch_err(names::SESSIONS))
+        let map = self.sessions_batch()?;
+        let table = sweep::Table {
+            map: &map,
+            reread: self,
+        };
+        sweep::sweep(&table, &cfg, chunk, on_removed).map_err(sweep_err)
     }
 
     /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
@@ -976,15 +980,14 @@ impl Datapath {
     ) -> Result<Option<sweep::PassSummary>, DatapathError> {
         self.keep_clock();
         let cfg = self.config()?;
+        let map = self.sessions_batch()?;
+        let table = sweep::Table {
+            map: &map,
+            reread: self,
+        };
         state
-            .step(
-                &self.sessions_batch()?,
-                &cfg,
-                DEFAULT_CHUNK * 8,
-                budget,
-                on_removed,
-            )
-            .map_err(batch_err(names::SESSIONS))
+            .step(&table, &cfg, DEFAULT_CHUNK * 8, budget, on_removed)
+            .map_err(sweep_err)
     }
 
     /// Takes the EVENTS ring buffer out of the program's maps. Only once: a second call fails
@@ -1033,6 +1036,26 @@ fn log_pin_report(pins: &PinDir, report: &PinReport, asked_capacity: u32) {
 
 fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
     move |source| DatapathError::Batch { map, source }
+}
+
+/// The sweep's candidates are re-read by the read program, a batch of keys per run.
+impl sweep::Reread for Datapath {
+    type Error = DatapathError;
+
+    fn reread(
+        &self,
+        keys: &[FlowKey],
+        out: &mut Vec<Option<Session>>,
+    ) -> Result<(), DatapathError> {
+        self.read_sessions(keys, out)
+    }
+}
+
+fn sweep_err(e: sweep::SweepError<DatapathError>) -> DatapathError {
+    match e {
+        sweep::SweepError::Map(source) => batch_err(names::SESSIONS)(source),
+        sweep::SweepError::Reread(e) => e,
+    }
 }
 
 #[cfg(test)]

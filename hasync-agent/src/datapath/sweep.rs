@@ -8,11 +8,12 @@
 //! # The race with the datapath
 //!
 //! There is no compare-and-delete for BPF maps. A session can change between our read and our
-//! delete. Each candidate is therefore read again with a single lookup just before the chunk's
-//! batch delete, and spared if it is no longer idle (a packet refreshed it, or recreated it
-//! after it had expired). What remains is the window between that re-read and the delete
-//! (the re-reads of the chunk's other candidates: microseconds, a millisecond when much
-//! expires at once): a packet arriving then finds the old entry expired, the program replaces
+//! delete. A chunk's candidates are therefore read again just before the chunk's batch delete
+//! (by the datapath's read program, a few hundred keys per run: [`Reread`]), and each is
+//! spared if it is no longer idle (a packet refreshed it, or recreated it after it had
+//! expired). What remains is the window between that re-read and the delete (the re-reads of
+//! the chunk's other candidates: microseconds, about a millisecond when a whole chunk expires
+//! at once): a packet arriving then finds the old entry expired, the program replaces
 //! it with a new session (UDP, ICMP, TCP SYN), and our delete removes that new session. The
 //! next packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN
 //! is retransmitted. We accept that: the entry was past its timeout anyway.
@@ -25,6 +26,43 @@
 use hasync_common::{DatapathConfig, FlowKey, MemberId, Session, State};
 
 use super::batch::{BatchCursor, BatchError, BatchMap};
+
+/// Reads a sweep's candidates again, by key, right before it deletes them.
+pub trait Reread {
+    type Error;
+    /// The sessions of `keys`, in order, into `out` (cleared first; `None` where the table has
+    /// none).
+    fn reread(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), Self::Error>;
+}
+
+/// One lookup syscall per key: for a map that no read program serves (tests).
+impl Reread for BatchMap<'_, FlowKey, Session> {
+    type Error = BatchError;
+
+    fn reread(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), BatchError> {
+        out.clear();
+        for key in keys {
+            out.push(self.lookup(key)?);
+        }
+        Ok(())
+    }
+}
+
+/// What a sweep works on: the session map, which it walks and deletes from in batches, and the
+/// way its candidates are read again before their delete.
+pub struct Table<'m, R> {
+    pub map: &'m BatchMap<'m, FlowKey, Session>,
+    pub reread: &'m R,
+}
+
+/// Why a sweep stopped: the map failed, or the re-read did (its own error).
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError<E> {
+    #[error(transparent)]
+    Map(#[from] BatchError),
+    #[error("re-reading the sweep's candidates: {0}")]
+    Reread(#[source] E),
+}
 
 /// Why the sweep removed a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -92,28 +130,28 @@ pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<Remo
     })
 }
 
-/// Sweeps the session `map` with `cfg`'s timeouts, `chunk` entries at a time.
+/// Sweeps the session `table` with `cfg`'s timeouts, `chunk` entries at a time.
 /// `on_removed` gets each chunk's removed sessions right after they were deleted.
-pub fn sweep(
-    map: &BatchMap<'_, FlowKey, Session>,
+pub fn sweep<R: Reread>(
+    table: &Table<'_, R>,
     cfg: &DatapathConfig,
     chunk: u32,
     on_removed: impl FnMut(&[Removed]),
-) -> Result<SweepReport, BatchError> {
-    sweep_with_clock(map, cfg, chunk, super::monotonic_ns, on_removed)
+) -> Result<SweepReport, SweepError<R::Error>> {
+    sweep_with_clock(table, cfg, chunk, super::monotonic_ns, on_removed)
 }
 
 /// [`sweep`] reading the time from `clock` (session clock ns; tests use their own).
-fn sweep_with_clock(
-    map: &BatchMap<'_, FlowKey, Session>,
+fn sweep_with_clock<R: Reread>(
+    table: &Table<'_, R>,
     cfg: &DatapathConfig,
     chunk: u32,
     clock: impl Fn() -> u64,
     mut on_removed: impl FnMut(&[Removed]),
-) -> Result<SweepReport, BatchError> {
+) -> Result<SweepReport, SweepError<R::Error>> {
     let mut pass = Pass::default();
     let mut cursor = BatchCursor::new();
-    while pass.chunk(map, cfg, chunk, &clock, &mut cursor, &mut on_removed)? {}
+    while pass.chunk(table, cfg, chunk, &clock, &mut cursor, &mut on_removed)? {}
     Ok(pass.report)
 }
 
@@ -128,6 +166,9 @@ struct Pass {
     kept: Tally,
     keys: Vec<FlowKey>,
     values: Vec<Session>,
+    /// The chunk's sessions found expired, and what their re-read found.
+    candidates: Vec<FlowKey>,
+    fresh: Vec<Option<Session>>,
     removed: Vec<Removed>,
     doomed: Vec<FlowKey>,
     /// The earliest time a session the pass kept expires (session clock ns).
@@ -137,29 +178,57 @@ struct Pass {
 impl Pass {
     /// Looks at the next chunk at `cursor`, removes what expired and counts the rest by owner.
     /// Returns whether more may follow.
-    fn chunk(
+    fn chunk<R: Reread>(
         &mut self,
-        map: &BatchMap<'_, FlowKey, Session>,
+        table: &Table<'_, R>,
         cfg: &DatapathConfig,
         chunk: u32,
         clock: &impl Fn() -> u64,
         cursor: &mut BatchCursor,
         on_removed: &mut impl FnMut(&[Removed]),
-    ) -> Result<bool, BatchError> {
-        let more = map.lookup_batch(cursor, &mut self.keys, &mut self.values, chunk)?;
+    ) -> Result<bool, SweepError<R::Error>> {
+        let more = table
+            .map
+            .lookup_batch(cursor, &mut self.keys, &mut self.values, chunk)?;
         self.report.scanned += self.keys.len() as u64;
         // Read the clock after the lookup: nothing we saw is newer than `now`.
-        let now = clock();
-        self.removed.clear();
-        self.doomed.clear();
+        self.pick_candidates(cfg, clock());
+        if self.candidates.is_empty() {
+            return Ok(more);
+        }
+        // Re-read right before deleting (see the module docs for the window left), and judge
+        // what was read by a clock read after it.
+        table
+            .reread
+            .reread(&self.candidates, &mut self.fresh)
+            .map_err(SweepError::Reread)?;
+        self.judge_candidates(cfg, clock());
+        if !self.doomed.is_empty() {
+            // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
+            table.map.delete_batch(&self.doomed)?;
+            self.count_removed();
+            on_removed(&self.removed);
+        }
+        Ok(more)
+    }
+
+    /// Keeps the chunk's sessions still live at `now` and makes the others candidates.
+    fn pick_candidates(&mut self, cfg: &DatapathConfig, now: u64) {
+        self.candidates.clear();
         for (key, session) in self.keys.iter().zip(&self.values) {
             if verdict(cfg, session, now).is_none() {
                 keep(&mut self.kept, &mut self.earliest_expiry, cfg, session);
-                continue;
+            } else {
+                self.candidates.push(*key);
             }
-            // Re-read right before deleting (see the module docs for the window left).
-            let fresh = map.lookup(key)?;
-            let now = clock();
+        }
+    }
+
+    /// Dooms the candidates whose re-read copy is still expired at `now`; spares the others.
+    fn judge_candidates(&mut self, cfg: &DatapathConfig, now: u64) {
+        self.removed.clear();
+        self.doomed.clear();
+        for (key, fresh) in self.candidates.iter().zip(&self.fresh) {
             match fresh.map(|s| (s, verdict(cfg, &s, now))) {
                 Some((session, Some(reason))) => {
                     self.removed.push(Removed {
@@ -176,20 +245,17 @@ impl Pass {
                 None => self.report.spared += 1,
             }
         }
-        if !self.doomed.is_empty() {
-            // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
-            map.delete_batch(&self.doomed)?;
-            for r in &self.removed {
-                match r.reason {
-                    RemoveReason::Expired => self.report.expired += 1,
-                    RemoveReason::Closed => self.report.closed += 1,
-                    // Evictions are the XDP program's, reported by events.
-                    RemoveReason::Evicted => {}
-                }
+    }
+
+    fn count_removed(&mut self) {
+        for r in &self.removed {
+            match r.reason {
+                RemoveReason::Expired => self.report.expired += 1,
+                RemoveReason::Closed => self.report.closed += 1,
+                // Evictions are the XDP program's, reported by events.
+                RemoveReason::Evicted => {}
             }
-            on_removed(&self.removed);
         }
-        Ok(more)
     }
 }
 
@@ -276,32 +342,32 @@ impl IncrementalSweep {
     /// Looks at up to about `budget` sessions (in chunks of `chunk`); returns the summary when
     /// this step completed a pass over the table (a later step starts a new one when one is
     /// due).
-    pub fn step(
+    pub fn step<R: Reread>(
         &mut self,
-        map: &BatchMap<'_, FlowKey, Session>,
+        table: &Table<'_, R>,
         cfg: &DatapathConfig,
         chunk: u32,
         budget: u64,
         on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<PassSummary>, BatchError> {
-        self.step_with_clock(map, cfg, chunk, budget, &super::monotonic_ns, on_removed)
+    ) -> Result<Option<PassSummary>, SweepError<R::Error>> {
+        self.step_with_clock(table, cfg, chunk, budget, &super::monotonic_ns, on_removed)
     }
 
-    fn step_with_clock(
+    fn step_with_clock<R: Reread>(
         &mut self,
-        map: &BatchMap<'_, FlowKey, Session>,
+        table: &Table<'_, R>,
         cfg: &DatapathConfig,
         chunk: u32,
         budget: u64,
         clock: &impl Fn() -> u64,
         mut on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<PassSummary>, BatchError> {
+    ) -> Result<Option<PassSummary>, SweepError<R::Error>> {
         if self.started.is_none() {
             let now = clock();
             if now < self.next_pass_at {
                 // Resting, the step still reads the table once, so a table that cannot be
                 // read shows in its result as it did in every walk's.
-                map.lookup(&FlowKey::default())?;
+                table.map.lookup(&FlowKey::default())?;
                 return Ok(None);
             }
             self.started = Some(now);
@@ -310,7 +376,7 @@ impl IncrementalSweep {
         while self.pass.report.scanned - start < budget {
             let more =
                 self.pass
-                    .chunk(map, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
+                    .chunk(table, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
             if !more {
                 return Ok(Some(self.finish_pass(cfg, clock)));
             }
@@ -423,6 +489,13 @@ mod tests {
         assert_eq!(verdict(&cfg, &s, now), Some(RemoveReason::Expired));
     }
 
+    /// `map` as a sweep's table, re-read one lookup per key.
+    fn table<'m>(
+        map: &'m BatchMap<'m, FlowKey, Session>,
+    ) -> Table<'m, BatchMap<'m, FlowKey, Session>> {
+        Table { map, reread: map }
+    }
+
     /// A fixed point on a fake CLOCK_MONOTONIC, later than every idle time in [`TABLE`].
     const NOW: u64 = 10_000 * S;
 
@@ -462,7 +535,7 @@ mod tests {
             steps += 1;
             assert!(steps < 100, "no pass completed");
             let done = sweep
-                .step_with_clock(&map, &cfg, 64, 500, &|| NOW, |r| removed += r.len())
+                .step_with_clock(&table(&map), &cfg, 64, 500, &|| NOW, |r| removed += r.len())
                 .expect("step");
             if let Some(done) = done {
                 break done;
@@ -508,7 +581,7 @@ mod tests {
         now: u64,
     ) -> Option<PassSummary> {
         sweep
-            .step_with_clock(map, cfg, 64, 1 << 20, &|| now, |_| {})
+            .step_with_clock(&table(map), cfg, 64, 1 << 20, &|| now, |_| {})
             .expect("step")
     }
 
@@ -569,7 +642,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut largest = 0;
         let report = sweep_with_clock(
-            &map,
+            &table(&map),
             &cfg,
             64,
             || NOW,
@@ -632,7 +705,7 @@ mod tests {
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut removed = Vec::new();
         let pass = IncrementalSweep::default()
-            .step_with_clock(&map, &cfg, 64, 100, &clock, |r| {
+            .step_with_clock(&table(&map), &cfg, 64, 100, &clock, |r| {
                 removed.extend(r.iter().map(|r| r.key))
             })
             .expect("a step")
@@ -642,6 +715,75 @@ mod tests {
         assert_eq!(removed, [stale]);
         assert!(map.lookup(&refreshed).expect("lookup").is_some());
         assert_eq!((pass.kept.total, pass.kept.by_owner[2]), (1, 1));
+    }
+
+    /// The datapath re-reads a chunk's candidates with its read program, several runs of keys
+    /// for a large chunk: each candidate is judged by its own fresh copy, in order.
+    #[test]
+    fn the_datapath_rereads_a_chunks_candidates_by_program_runs() {
+        let dp = datapath();
+        let map = dp.sessions_batch().expect("SESSIONS");
+        let n = 3 * hasync_common::table_programs::READ_BATCH as u32 + 5;
+        let keys: Vec<FlowKey> = (0..n).map(key).collect();
+        let mut values = vec![session(State::UdpNew, 60, NOW); keys.len()];
+        // One live session in every ten.
+        let live = |i: usize| i.is_multiple_of(10);
+        for v in values.iter_mut().step_by(10) {
+            *v = session(State::UdpNew, 1, NOW);
+        }
+        map.update_batch(&keys, &values, 0).expect("fill");
+        // After the scan, before the re-read: every seventh key refreshed (taken over by member
+        // 2), every eleventh gone.
+        let refreshed = |i: usize| !live(i) && i.is_multiple_of(7);
+        let changed = |i: usize| refreshed(i) || (!live(i) && i.is_multiple_of(11));
+        let reads = std::cell::Cell::new(0);
+        let clock = || {
+            reads.set(reads.get() + 1);
+            if reads.get() == 1 {
+                for (i, k) in keys.iter().enumerate().filter(|&(i, _)| changed(i)) {
+                    if refreshed(i) {
+                        let mut fresh = session(State::UdpNew, 0, NOW);
+                        fresh.owner = MemberId(2);
+                        map.update_batch(&[*k], &[fresh], 0).expect("refresh");
+                    } else {
+                        map.delete_batch(&[*k]).expect("delete");
+                    }
+                }
+            }
+            NOW
+        };
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let table = Table {
+            map: &map,
+            reread: &dp,
+        };
+        let mut removed = Vec::new();
+        // Removed sessions by key index (`key(i)`), checked against the key each came from.
+        let report = sweep_with_clock(&table, &cfg, 2 * n, clock, |r| {
+            removed.extend(r.iter().map(|r| {
+                let i = r.key.addr_lo[0];
+                assert_eq!(r.key, key(i));
+                (i as usize, r.session.owner)
+            }))
+        })
+        .expect("sweep");
+        assert_eq!(reads.get(), 2, "the whole table in one chunk");
+        let doomed: Vec<(usize, MemberId)> = (0..keys.len())
+            .filter(|&i| !live(i) && !changed(i))
+            .map(|i| (i, MemberId(1)))
+            .collect();
+        removed.sort_unstable();
+        assert_eq!(removed, doomed);
+        let spared = (0..keys.len()).filter(|&i| changed(i)).count() as u64;
+        assert_eq!(
+            (report.scanned, report.expired, report.spared),
+            (n.into(), doomed.len() as u64, spared)
+        );
+        for (i, k) in keys.iter().enumerate() {
+            let left = map.lookup(k).expect("lookup");
+            let want = live(i) || refreshed(i);
+            assert_eq!(left.is_some(), want, "key {i}");
+        }
     }
 
     #[test]
