@@ -270,7 +270,7 @@ impl Runner<'_> {
             genuine: false,
         };
         for claim in [foreign(other), foreign(UNKNOWN_MEMBER)] {
-            let frames = hostile::hostile_frames(&table, claim.member, self.p.members, true);
+            let frames = hostile::hostile_frames(&table, claim.member, k, self.p.members, true);
             let out = hostile::hostile_peer(self.c, k, &claim, frames)?;
             self.note_hostile(k, &claim, &out);
         }
@@ -336,7 +336,7 @@ impl Runner<'_> {
                 ))?;
                 let before = invariants::rejections(c, k)?;
                 // Nothing here is fw`m`'s to change, even for a client that truly is fw`m`.
-                let frames = hostile::hostile_frames(table, m, r.p.members, false);
+                let frames = hostile::hostile_frames(table, m, k, r.p.members, false);
                 let out = hostile::hostile_peer(c, k, claim, frames)?;
                 r.note_hostile(k, claim, &out);
                 for (why, n) in invariants::rejections(c, k)? {

@@ -154,21 +154,32 @@ fn record(op: Op, key: FlowKey, owner: u8, version: u32, state: State) -> Record
     }
 }
 
-/// The hostile frames for a target whose table is `table`, claiming `claimed`: new sessions of
-/// foreign and unknown owners, deletes and huge-version rewrites (state closed, ownership
-/// stolen) of other owners' sessions, and replays; with `bulk`, the same in a full sync too.
+/// The hostile frames for member `target`, whose table is `table`, claiming `claimed`: new
+/// sessions of a third member (neither `claimed` nor `target`: refused as foreign whatever the
+/// table holds) and of unknown owners, deletes and huge-version rewrites (state closed,
+/// ownership stolen) of other owners' sessions, and replays; with `bulk`, the same in a full
+/// sync too.
 ///
 /// Without `bulk` nothing here is the claimed member's to change, even for a client that
 /// truly is that member. A full sync is left out then: its end legitimately drops the
 /// receiver's replicas of the claimed member's sessions that it did not carry.
-pub fn hostile_frames(table: &Table, claimed: u8, members: u8, bulk: bool) -> Vec<Message> {
+pub fn hostile_frames(
+    table: &Table,
+    claimed: u8,
+    target: u8,
+    members: u8,
+    bulk: bool,
+) -> Vec<Message> {
     let victims: Vec<(FlowKey, u8)> = table
         .iter()
         .filter(|r| r.owner != claimed)
         .filter_map(|r| key_of(r).map(|k| (k, r.owner)))
         .take(60)
         .collect();
-    let other = (1..=members).find(|&m| m != claimed).unwrap_or(1);
+    // A chaos run has 3 members or more; with 2 there is no third.
+    let other = (1..=members)
+        .find(|&m| m != claimed && m != target)
+        .unwrap_or(UNKNOWN_MEMBER);
     let fresh = |i: u16| {
         Frame::udp(
             SocketAddr::from(([198, 18, 0, 250], 40_000 + i)),
@@ -319,4 +330,54 @@ async fn session(
 fn ended(mut out: HostileOutcome, why: String) -> HostileOutcome {
     out.ended = Some(why);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use hasync_agent::sync::apply::{decide, Applier, Decision, MemberSet, OwnerRefusal, ZoneMap};
+
+    use super::*;
+
+    /// What the target's owner check makes of each record the impersonator sends, all members
+    /// alive, outside a full sync.
+    fn refusals(frames: &[Message], claimed: u8, target: u8, members: u8) -> Vec<Decision> {
+        let all: MemberSet = (1..=members).map(MemberId).collect();
+        let who = Applier {
+            local: MemberId(target),
+            sender: MemberId(claimed),
+            bulk: false,
+            members: all,
+            alive: all,
+            fresh_table: false,
+            reconciling: None,
+        };
+        let zones = ZoneMap::new(&["z".into()], &["z".into()]);
+        frames
+            .iter()
+            .filter_map(|m| match m {
+                Message::Sessions { records, .. } => Some(records),
+                _ => None,
+            })
+            .flatten()
+            .map(|r| decide(r, &zones, 0, &who))
+            .collect()
+    }
+
+    /// Whatever the target's table holds (here nothing), the impersonator's frames reach every
+    /// owner check the chaos run asks for: a record of another live member's session, refused
+    /// as foreign, and records of unknown owners. (The seed-31 run met a table with none of a
+    /// third member's sessions, and no foreign-owner refusal was counted.)
+    #[test]
+    fn the_impersonators_frames_reach_the_owner_checks_on_an_empty_table() {
+        for (claimed, target, members) in [(1, 2, 3), (1, 3, 3), (2, 3, 3), (1, 2, 16)] {
+            let frames = hostile_frames(&Table::new(), claimed, target, members, false);
+            let said = refusals(&frames, claimed, target, members);
+            for want in [OwnerRefusal::Foreign, OwnerRefusal::Unknown] {
+                assert!(
+                    said.contains(&Decision::RefuseOwner(want)),
+                    "fw{claimed} speaking to fw{target} of {members}: no {want:?} refusal"
+                );
+            }
+        }
+    }
 }
