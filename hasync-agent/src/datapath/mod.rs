@@ -25,6 +25,7 @@ use std::{os::fd::AsFd as _, path::PathBuf, time::Instant};
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf},
     programs::{ProgramError, Xdp},
+    util::KernelVersion,
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
@@ -60,6 +61,15 @@ pub enum DatapathError {
         name: &'static str,
         #[source]
         source: ProgramError,
+    },
+    #[error(
+        "loading the datapath failed on Linux {found}: hasync needs Linux {MIN_KERNEL} or later \
+         (XDP fragments in test runs, bpf_loop): {source}"
+    )]
+    KernelTooOld {
+        found: KernelVersion,
+        #[source]
+        source: Box<DatapathError>,
     },
     #[error("{what}: {source}")]
     Io {
@@ -474,8 +484,16 @@ impl Datapath {
         Self::load_object(crate::EBPF_OBJECT, opts)
     }
 
-    /// Loads `object` (the product's or a bench build with the same maps).
+    /// Loads `object` (the product's or a bench build with the same maps). On a kernel older
+    /// than [`MIN_KERNEL`] a failure says so.
     pub fn load_object(object: &[u8], opts: &DatapathOptions) -> Result<Self, DatapathError> {
+        Self::load_unchecked(object, opts).map_err(|e| match KernelVersion::current() {
+            Ok(running) => kernel_hint(e, running),
+            Err(_) => e,
+        })
+    }
+
+    fn load_unchecked(object: &[u8], opts: &DatapathOptions) -> Result<Self, DatapathError> {
         if opts.session_capacity == 0 || opts.session_capacity > MAX_SESSION_CAPACITY {
             return Err(DatapathError::CapacityOutOfRange(opts.session_capacity));
         }
@@ -1034,6 +1052,24 @@ fn log_pin_report(pins: &PinDir, report: &PinReport, asked_capacity: u32) {
     );
 }
 
+/// The oldest kernel the programs load on: the table programs are loaded with XDP fragments
+/// allowed (5.18) and walk their items with `bpf_loop` (5.17).
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 18, 0);
+
+/// `e`, a failure to load the datapath, said to be the kernel's age's where it may be: the
+/// kernel refused the object or a program and `running` is older than [`MIN_KERNEL`].
+fn kernel_hint(e: DatapathError, running: KernelVersion) -> DatapathError {
+    let kernels = matches!(e, DatapathError::Load(_) | DatapathError::Program { .. });
+    if kernels && running < MIN_KERNEL {
+        DatapathError::KernelTooOld {
+            found: running,
+            source: Box::new(e),
+        }
+    } else {
+        e
+    }
+}
+
 fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
     move |source| DatapathError::Batch { map, source }
 }
@@ -1061,6 +1097,34 @@ fn sweep_err(e: sweep::SweepError<DatapathError>) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A program the kernel refused is said to be the kernel's age's on kernels older than
+    /// 5.18, and only there; a config error stays what it is.
+    #[test]
+    fn a_refused_program_on_an_old_kernel_names_the_kernel() {
+        let refused = || DatapathError::Program {
+            name: names::APPLY_PROGRAM,
+            source: ProgramError::NotLoaded,
+        };
+        let said = kernel_hint(refused(), KernelVersion::new(5, 17, 9)).to_string();
+        assert!(
+            said.starts_with(
+                "loading the datapath failed on Linux 5.17.9: hasync needs Linux 5.18.0 or later"
+            ) && said.contains(names::APPLY_PROGRAM),
+            "{said}"
+        );
+        for running in [KernelVersion::new(5, 18, 0), KernelVersion::new(6, 18, 0)] {
+            assert!(matches!(
+                kernel_hint(refused(), running),
+                DatapathError::Program { .. }
+            ));
+        }
+        let config = kernel_hint(
+            DatapathError::CapacityOutOfRange(0),
+            KernelVersion::new(5, 10, 0),
+        );
+        assert!(matches!(config, DatapathError::CapacityOutOfRange(0)));
+    }
 
     /// The counters reader has a descriptor of its own on the same map: frames run after it
     /// was opened show in its reads exactly as in the datapath's own.

@@ -17,8 +17,9 @@ use crate::testrun::{fixture_config, CounterDelta, TestDatapath, Verdict, LOCAL}
 pub const NAME: &str = "xdp_parser";
 /// Frames per input.
 pub const MAX_FRAMES: usize = 8;
-/// `BPF_PROG_TEST_RUN` takes frames from an Ethernet header up to what fits in one page with
-/// XDP's head- and tailroom; shorter or longer ones are refused by the kernel, not the program.
+/// `BPF_PROG_TEST_RUN` refuses frames shorter than an Ethernet header. Inputs stay within what
+/// fits in one page with XDP's head- and tailroom, as the fast path's frames do on links of the
+/// usual MTUs: past it, kernels since 5.18 lay a frame out in page fragments.
 const FRAME_LEN: std::ops::RangeInclusive<usize> = 14..=3_000;
 /// The member that takes the sessions over in a hand-over input.
 const OTHER: MemberId = MemberId(2);
