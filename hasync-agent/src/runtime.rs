@@ -18,7 +18,10 @@ use crate::{
     cluster::{LinkState, Membership, Timers},
     config::{self, parse_cidr, Config},
     control::ControlRequest,
-    datapath::{error_chain, events::MAX_BATCH, Datapath, EventStream, RemoveReason, Removed},
+    datapath::{
+        error_chain, events::MAX_BATCH, sweep_table::step_beside, Datapath, EventStream,
+        RemoveReason, Removed,
+    },
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
@@ -412,15 +415,20 @@ impl MainLoop {
         let local = member.config.local_member();
         let engine = member.engine.clone();
         let swept = tokio::task::block_in_place(|| {
-            lock(&member.dp).sweep_step(&mut self.sweep, SWEEP_BUDGET, |removed: &[Removed]| {
-                let mut gone = Vec::new();
-                for r in removed.iter().filter(|r| r.session.owner == local) {
-                    log.write_removed(r, &member.config);
-                    self.removals.removed(r.key);
-                    gone.push(r.key);
-                }
-                engine.enqueue(&gone);
-            })
+            step_beside(
+                &member.dp,
+                &mut self.sweep,
+                SWEEP_BUDGET,
+                |removed: &[Removed]| {
+                    let mut gone = Vec::new();
+                    for r in removed.iter().filter(|r| r.session.owner == local) {
+                        log.write_removed(r, &member.config);
+                        self.removals.removed(r.key);
+                        gone.push(r.key);
+                    }
+                    engine.enqueue(&gone);
+                },
+            )
         });
         let error = swept.as_ref().err().map(|e| error_chain(e));
         self.table_access.step(&member.membership, error);

@@ -15,6 +15,7 @@ pub mod pin;
 pub mod pod;
 mod ports;
 pub mod sweep;
+pub mod sweep_table;
 pub(crate) mod sys;
 pub mod table_runner;
 #[cfg(test)]
@@ -344,9 +345,32 @@ impl SessionReader {
         chunk: u32,
         f: impl FnMut(&[FlowKey], &[Session]),
     ) -> Result<u64, DatapathError> {
-        BatchMap::<FlowKey, Session>::new(self.fd.as_fd())
-            .and_then(|m| m.for_each_chunk(chunk, f))
+        self.map()?
+            .for_each_chunk(chunk, f)
             .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// As [`Datapath::session_chunk`].
+    pub fn chunk_at(
+        &self,
+        cursor: &mut batch::BatchCursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        max: u32,
+    ) -> Result<bool, DatapathError> {
+        self.map()?
+            .lookup_batch(cursor, keys, values, max)
+            .map_err(batch_err(names::SESSIONS))
+    }
+
+    /// As [`Datapath::session`].
+    pub fn lookup(&self, key: &FlowKey) -> Result<Option<Session>, DatapathError> {
+        self.map()?.lookup(key).map_err(batch_err(names::SESSIONS))
+    }
+
+    /// The map, its key and value types checked.
+    fn map(&self) -> Result<BatchMap<'_, FlowKey, Session>, DatapathError> {
+        BatchMap::new(self.fd.as_fd()).map_err(batch_err(names::SESSIONS))
     }
 }
 
@@ -977,35 +1001,7 @@ impl Datapath {
     ) -> Result<SweepReport, DatapathError> {
         self.keep_clock();
         let cfg = self.config()?;
-        let map = self.sessions_batch()?;
-        let table = sweep::Table {
-            map: &map,
-            reread: self,
-        };
-        sweep::sweep(&table, &cfg, chunk, on_removed).map_err(sweep_err)
-    }
-
-    /// One step of an incremental sweep (see [`sweep::IncrementalSweep`]): about `budget`
-    /// sessions, with the live CONFIG's timeouts. Checks the session clock first, like
-    /// [`Datapath::sweep`]. Call it holding the agent's lock of the datapath for the whole
-    /// step: that keeps peers' applies out of the window between its re-reads and its
-    /// deletes (see the `sweep` module).
-    pub fn sweep_step(
-        &mut self,
-        state: &mut sweep::IncrementalSweep,
-        budget: u64,
-        on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<sweep::PassSummary>, DatapathError> {
-        self.keep_clock();
-        let cfg = self.config()?;
-        let map = self.sessions_batch()?;
-        let table = sweep::Table {
-            map: &map,
-            reread: self,
-        };
-        state
-            .step(&table, &cfg, DEFAULT_CHUNK * 8, budget, on_removed)
-            .map_err(sweep_err)
+        sweep::sweep(&*self, &cfg, chunk, on_removed)
     }
 
     /// Takes the EVENTS ring buffer out of the program's maps. Only once: a second call fails
@@ -1072,26 +1068,6 @@ fn kernel_hint(e: DatapathError, running: KernelVersion) -> DatapathError {
 
 fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
     move |source| DatapathError::Batch { map, source }
-}
-
-/// The sweep's candidates are re-read by the read program, a batch of keys per run.
-impl sweep::Reread for Datapath {
-    type Error = DatapathError;
-
-    fn reread(
-        &self,
-        keys: &[FlowKey],
-        out: &mut Vec<Option<Session>>,
-    ) -> Result<(), DatapathError> {
-        self.read_sessions(keys, out)
-    }
-}
-
-fn sweep_err(e: sweep::SweepError<DatapathError>) -> DatapathError {
-    match e {
-        sweep::SweepError::Map(source) => batch_err(names::SESSIONS)(source),
-        sweep::SweepError::Reread(e) => e,
-    }
 }
 
 #[cfg(test)]

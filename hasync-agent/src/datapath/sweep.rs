@@ -9,8 +9,8 @@
 //!
 //! There is no compare-and-delete for BPF maps. A session can change between our read and our
 //! delete. A chunk's candidates are therefore read again just before the chunk's batch delete
-//! (by the datapath's read program, a few hundred keys per run: [`Reread`]), and each is
-//! spared if it is no longer idle (a packet refreshed it, or recreated it after it had
+//! (by the datapath's read program, a few hundred keys per run: [`SweptTable::settle`]), and
+//! each is spared if it is no longer idle (a packet refreshed it, or recreated it after it had
 //! expired). What remains is the window between that re-read and the delete (the re-reads of
 //! the chunk's other candidates: microseconds, about a millisecond when a whole chunk expires
 //! at once): a packet arriving then finds the old entry expired, the program replaces
@@ -19,49 +19,80 @@
 //! is retransmitted. We accept that: the entry was past its timeout anyway.
 //!
 //! Peers' records cannot come in that window: the agent applies them under its hold of the
-//! datapath, which a sweep step keeps for the whole step (a replica installed and
-//! acknowledged in the window, then deleted, would be missing until the owner's next
-//! refresh).
+//! datapath, which the sweep keeps from a chunk's re-read to its delete (a replica installed
+//! and acknowledged in the window, then deleted, would be missing until the owner's next
+//! refresh). The walk itself needs no hold: what it reads only picks the candidates.
 
 use hasync_common::{DatapathConfig, FlowKey, MemberId, Session, State};
 
 use super::batch::{BatchCursor, BatchError, BatchMap};
 
-/// Reads a sweep's candidates again, by key, right before it deletes them.
-pub trait Reread {
+/// The session table a sweep works on.
+pub trait SweptTable {
     type Error;
-    /// The sessions of `keys`, in order, into `out` (cleared first; `None` where the table has
-    /// none).
-    fn reread(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), Self::Error>;
+
+    /// Reads the next chunk at `cursor` (see [`BatchMap::lookup_batch`]); needs no hold of
+    /// the table.
+    fn walk(
+        &self,
+        cursor: &mut BatchCursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        chunk: u32,
+    ) -> Result<bool, Self::Error>;
+
+    /// Reads one key, whether the table holds it or not: a step between passes still finds
+    /// out whether the table can be read.
+    fn probe(&self) -> Result<(), Self::Error>;
+
+    /// Holding the table (peers' records wait): reads `candidates` again into `fresh` (in
+    /// order, `None` where the table has none), lets `pick` put the keys to delete in `doomed`
+    /// (cleared first), and deletes them (keys gone meanwhile are skipped).
+    fn settle(
+        &self,
+        candidates: &[FlowKey],
+        fresh: &mut Vec<Option<Session>>,
+        doomed: &mut Vec<FlowKey>,
+        pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
+    ) -> Result<(), Self::Error>;
 }
 
-/// One lookup syscall per key: for a map that no read program serves (tests).
-impl Reread for BatchMap<'_, FlowKey, Session> {
+/// A plain map, which nothing else holds: one lookup syscall per candidate (tests).
+impl SweptTable for BatchMap<'_, FlowKey, Session> {
     type Error = BatchError;
 
-    fn reread(&self, keys: &[FlowKey], out: &mut Vec<Option<Session>>) -> Result<(), BatchError> {
-        out.clear();
-        for key in keys {
-            out.push(self.lookup(key)?);
+    fn walk(
+        &self,
+        cursor: &mut BatchCursor,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<Session>,
+        chunk: u32,
+    ) -> Result<bool, BatchError> {
+        self.lookup_batch(cursor, keys, values, chunk)
+    }
+
+    fn probe(&self) -> Result<(), BatchError> {
+        self.lookup(&FlowKey::default()).map(|_| ())
+    }
+
+    fn settle(
+        &self,
+        candidates: &[FlowKey],
+        fresh: &mut Vec<Option<Session>>,
+        doomed: &mut Vec<FlowKey>,
+        pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
+    ) -> Result<(), BatchError> {
+        fresh.clear();
+        for key in candidates {
+            fresh.push(self.lookup(key)?);
+        }
+        doomed.clear();
+        pick(fresh, doomed);
+        if !doomed.is_empty() {
+            self.delete_batch(doomed)?;
         }
         Ok(())
     }
-}
-
-/// What a sweep works on: the session map, which it walks and deletes from in batches, and the
-/// way its candidates are read again before their delete.
-pub struct Table<'m, R> {
-    pub map: &'m BatchMap<'m, FlowKey, Session>,
-    pub reread: &'m R,
-}
-
-/// Why a sweep stopped: the map failed, or the re-read did (its own error).
-#[derive(Debug, thiserror::Error)]
-pub enum SweepError<E> {
-    #[error(transparent)]
-    Map(#[from] BatchError),
-    #[error("re-reading the sweep's candidates: {0}")]
-    Reread(#[source] E),
 }
 
 /// Why the sweep removed a session.
@@ -132,27 +163,27 @@ pub fn verdict(cfg: &DatapathConfig, session: &Session, now: u64) -> Option<Remo
 
 /// Sweeps the session `table` with `cfg`'s timeouts, `chunk` entries at a time.
 /// `on_removed` gets each chunk's removed sessions right after they were deleted.
-pub fn sweep<R: Reread>(
-    table: &Table<'_, R>,
+pub fn sweep<T: SweptTable>(
+    table: &T,
     cfg: &DatapathConfig,
     chunk: u32,
     on_removed: impl FnMut(&[Removed]),
-) -> Result<SweepReport, SweepError<R::Error>> {
+) -> Result<SweepReport, T::Error> {
     sweep_with_clock(table, cfg, chunk, super::monotonic_ns, on_removed)
 }
 
 /// [`sweep`] reading the time from `clock` (session clock ns; tests use their own).
-fn sweep_with_clock<R: Reread>(
-    table: &Table<'_, R>,
+fn sweep_with_clock<T: SweptTable>(
+    table: &T,
     cfg: &DatapathConfig,
     chunk: u32,
     clock: impl Fn() -> u64,
     mut on_removed: impl FnMut(&[Removed]),
-) -> Result<SweepReport, SweepError<R::Error>> {
+) -> Result<SweepReport, T::Error> {
     let mut pass = Pass::default();
     let mut cursor = BatchCursor::new();
     while pass.chunk(table, cfg, chunk, &clock, &mut cursor, &mut on_removed)? {}
-    Ok(pass.report)
+    Ok(pass.count.report)
 }
 
 /// Owner slots counted by a sweep: member ids 0–16.
@@ -161,9 +192,7 @@ pub const OWNER_SLOTS: usize = MemberId::MAX as usize + 1;
 /// The work of one pass over the table, chunk by chunk.
 #[derive(Default)]
 struct Pass {
-    report: SweepReport,
-    /// The sessions kept.
-    kept: Tally,
+    count: Count,
     keys: Vec<FlowKey>,
     values: Vec<Session>,
     /// The chunk's sessions found expired, and what their re-read found.
@@ -171,84 +200,30 @@ struct Pass {
     fresh: Vec<Option<Session>>,
     removed: Vec<Removed>,
     doomed: Vec<FlowKey>,
+}
+
+/// What a pass has counted so far.
+#[derive(Default)]
+struct Count {
+    report: SweepReport,
+    /// The sessions kept.
+    kept: Tally,
     /// The earliest time a session the pass kept expires (session clock ns).
     earliest_expiry: Option<u64>,
 }
 
-impl Pass {
-    /// Looks at the next chunk at `cursor`, removes what expired and counts the rest by owner.
-    /// Returns whether more may follow.
-    fn chunk<R: Reread>(
-        &mut self,
-        table: &Table<'_, R>,
-        cfg: &DatapathConfig,
-        chunk: u32,
-        clock: &impl Fn() -> u64,
-        cursor: &mut BatchCursor,
-        on_removed: &mut impl FnMut(&[Removed]),
-    ) -> Result<bool, SweepError<R::Error>> {
-        let more = table
-            .map
-            .lookup_batch(cursor, &mut self.keys, &mut self.values, chunk)?;
-        self.report.scanned += self.keys.len() as u64;
-        // Read the clock after the lookup: nothing we saw is newer than `now`.
-        self.pick_candidates(cfg, clock());
-        if self.candidates.is_empty() {
-            return Ok(more);
-        }
-        // Re-read right before deleting (see the module docs for the window left), and judge
-        // what was read by a clock read after it.
-        table
-            .reread
-            .reread(&self.candidates, &mut self.fresh)
-            .map_err(SweepError::Reread)?;
-        self.judge_candidates(cfg, clock());
-        if !self.doomed.is_empty() {
-            // Keys evicted meanwhile are skipped by delete_batch; they are gone either way.
-            table.map.delete_batch(&self.doomed)?;
-            self.count_removed();
-            on_removed(&self.removed);
-        }
-        Ok(more)
+impl Count {
+    /// Counts `session`, which the pass leaves in the table, and notes when it expires.
+    fn keep(&mut self, cfg: &DatapathConfig, session: &Session) {
+        self.kept.add(session);
+        let expiry = session
+            .last_seen_ns
+            .saturating_add(cfg.timeout_ns(session.state));
+        self.earliest_expiry = Some(self.earliest_expiry.map_or(expiry, |e| e.min(expiry)));
     }
 
-    /// Keeps the chunk's sessions still live at `now` and makes the others candidates.
-    fn pick_candidates(&mut self, cfg: &DatapathConfig, now: u64) {
-        self.candidates.clear();
-        for (key, session) in self.keys.iter().zip(&self.values) {
-            if verdict(cfg, session, now).is_none() {
-                keep(&mut self.kept, &mut self.earliest_expiry, cfg, session);
-            } else {
-                self.candidates.push(*key);
-            }
-        }
-    }
-
-    /// Dooms the candidates whose re-read copy is still expired at `now`; spares the others.
-    fn judge_candidates(&mut self, cfg: &DatapathConfig, now: u64) {
-        self.removed.clear();
-        self.doomed.clear();
-        for (key, fresh) in self.candidates.iter().zip(&self.fresh) {
-            match fresh.map(|s| (s, verdict(cfg, &s, now))) {
-                Some((session, Some(reason))) => {
-                    self.removed.push(Removed {
-                        key: *key,
-                        session,
-                        reason,
-                    });
-                    self.doomed.push(*key);
-                }
-                Some((session, None)) => {
-                    self.report.spared += 1;
-                    keep(&mut self.kept, &mut self.earliest_expiry, cfg, &session);
-                }
-                None => self.report.spared += 1,
-            }
-        }
-    }
-
-    fn count_removed(&mut self) {
-        for r in &self.removed {
+    fn count_removed(&mut self, removed: &[Removed]) {
+        for r in removed {
             match r.reason {
                 RemoveReason::Expired => self.report.expired += 1,
                 RemoveReason::Closed => self.report.closed += 1,
@@ -259,14 +234,88 @@ impl Pass {
     }
 }
 
-/// Counts `session`, which a pass leaves in the table (in `kept`), and notes when it expires
-/// (in `earliest`).
-fn keep(kept: &mut Tally, earliest: &mut Option<u64>, cfg: &DatapathConfig, session: &Session) {
-    kept.add(session);
-    let expiry = session
-        .last_seen_ns
-        .saturating_add(cfg.timeout_ns(session.state));
-    *earliest = Some(earliest.map_or(expiry, |e| e.min(expiry)));
+impl Pass {
+    /// Looks at the next chunk at `cursor`, removes what expired and counts the rest by owner.
+    /// Returns whether more may follow.
+    fn chunk<T: SweptTable>(
+        &mut self,
+        table: &T,
+        cfg: &DatapathConfig,
+        chunk: u32,
+        clock: &impl Fn() -> u64,
+        cursor: &mut BatchCursor,
+        on_removed: &mut impl FnMut(&[Removed]),
+    ) -> Result<bool, T::Error> {
+        let more = table.walk(cursor, &mut self.keys, &mut self.values, chunk)?;
+        self.count.report.scanned += self.keys.len() as u64;
+        // Read the clock after the lookup: nothing we saw is newer than `now`.
+        self.pick_candidates(cfg, clock());
+        if self.candidates.is_empty() {
+            return Ok(more);
+        }
+        // Re-read right before deleting (see the module docs for the window left), and judge
+        // what was read by a clock read after it.
+        let Pass {
+            count,
+            candidates,
+            fresh,
+            removed,
+            doomed,
+            ..
+        } = self;
+        removed.clear();
+        table.settle(candidates, fresh, doomed, |fresh, doomed| {
+            let now = clock();
+            for (key, fresh) in candidates.iter().zip(fresh) {
+                judge(count, cfg, now, *key, *fresh, removed, doomed);
+            }
+        })?;
+        if !self.removed.is_empty() {
+            self.count.count_removed(&self.removed);
+            on_removed(&self.removed);
+        }
+        Ok(more)
+    }
+
+    /// Keeps the chunk's sessions still live at `now` and makes the others candidates.
+    fn pick_candidates(&mut self, cfg: &DatapathConfig, now: u64) {
+        self.candidates.clear();
+        for (key, session) in self.keys.iter().zip(&self.values) {
+            if verdict(cfg, session, now).is_none() {
+                self.count.keep(cfg, session);
+            } else {
+                self.candidates.push(*key);
+            }
+        }
+    }
+}
+
+/// Dooms candidate `key` if its re-read copy `fresh` is still expired at `now`; spares it
+/// otherwise.
+fn judge(
+    count: &mut Count,
+    cfg: &DatapathConfig,
+    now: u64,
+    key: FlowKey,
+    fresh: Option<Session>,
+    removed: &mut Vec<Removed>,
+    doomed: &mut Vec<FlowKey>,
+) {
+    match fresh.map(|s| (s, verdict(cfg, &s, now))) {
+        Some((session, Some(reason))) => {
+            removed.push(Removed {
+                key,
+                session,
+                reason,
+            });
+            doomed.push(key);
+        }
+        Some((session, None)) => {
+            count.report.spared += 1;
+            count.keep(cfg, &session);
+        }
+        None => count.report.spared += 1,
+    }
 }
 
 /// What a pass counted of the sessions it left in the table.
@@ -342,38 +391,38 @@ impl IncrementalSweep {
     /// Looks at up to about `budget` sessions (in chunks of `chunk`); returns the summary when
     /// this step completed a pass over the table (a later step starts a new one when one is
     /// due).
-    pub fn step<R: Reread>(
+    pub fn step<T: SweptTable>(
         &mut self,
-        table: &Table<'_, R>,
+        table: &T,
         cfg: &DatapathConfig,
         chunk: u32,
         budget: u64,
         on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<PassSummary>, SweepError<R::Error>> {
+    ) -> Result<Option<PassSummary>, T::Error> {
         self.step_with_clock(table, cfg, chunk, budget, &super::monotonic_ns, on_removed)
     }
 
-    fn step_with_clock<R: Reread>(
+    fn step_with_clock<T: SweptTable>(
         &mut self,
-        table: &Table<'_, R>,
+        table: &T,
         cfg: &DatapathConfig,
         chunk: u32,
         budget: u64,
         clock: &impl Fn() -> u64,
         mut on_removed: impl FnMut(&[Removed]),
-    ) -> Result<Option<PassSummary>, SweepError<R::Error>> {
+    ) -> Result<Option<PassSummary>, T::Error> {
         if self.started.is_none() {
             let now = clock();
             if now < self.next_pass_at {
                 // Resting, the step still reads the table once, so a table that cannot be
                 // read shows in its result as it did in every walk's.
-                table.map.lookup(&FlowKey::default())?;
+                table.probe()?;
                 return Ok(None);
             }
             self.started = Some(now);
         }
-        let start = self.pass.report.scanned;
-        while self.pass.report.scanned - start < budget {
+        let start = self.pass.count.report.scanned;
+        while self.pass.count.report.scanned - start < budget {
             let more =
                 self.pass
                     .chunk(table, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
@@ -386,7 +435,7 @@ impl IncrementalSweep {
 
     /// Ends the pass under way and schedules the next one (see [`IncrementalSweep`]).
     fn finish_pass(&mut self, cfg: &DatapathConfig, clock: &impl Fn() -> u64) -> PassSummary {
-        let done = std::mem::take(&mut self.pass);
+        let done = std::mem::take(&mut self.pass).count;
         self.cursor = BatchCursor::new();
         let started = self.started.take().unwrap_or_else(clock);
         let latest = started.saturating_add(shortest_timeout(cfg));
@@ -489,13 +538,6 @@ mod tests {
         assert_eq!(verdict(&cfg, &s, now), Some(RemoveReason::Expired));
     }
 
-    /// `map` as a sweep's table, re-read one lookup per key.
-    fn table<'m>(
-        map: &'m BatchMap<'m, FlowKey, Session>,
-    ) -> Table<'m, BatchMap<'m, FlowKey, Session>> {
-        Table { map, reread: map }
-    }
-
     /// A fixed point on a fake CLOCK_MONOTONIC, later than every idle time in [`TABLE`].
     const NOW: u64 = 10_000 * S;
 
@@ -535,7 +577,7 @@ mod tests {
             steps += 1;
             assert!(steps < 100, "no pass completed");
             let done = sweep
-                .step_with_clock(&table(&map), &cfg, 64, 500, &|| NOW, |r| removed += r.len())
+                .step_with_clock(&map, &cfg, 64, 500, &|| NOW, |r| removed += r.len())
                 .expect("step");
             if let Some(done) = done {
                 break done;
@@ -581,7 +623,7 @@ mod tests {
         now: u64,
     ) -> Option<PassSummary> {
         sweep
-            .step_with_clock(&table(map), cfg, 64, 1 << 20, &|| now, |_| {})
+            .step_with_clock(map, cfg, 64, 1 << 20, &|| now, |_| {})
             .expect("step")
     }
 
@@ -642,7 +684,7 @@ mod tests {
         let mut seen = Vec::new();
         let mut largest = 0;
         let report = sweep_with_clock(
-            &table(&map),
+            &map,
             &cfg,
             64,
             || NOW,
@@ -705,7 +747,7 @@ mod tests {
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut removed = Vec::new();
         let pass = IncrementalSweep::default()
-            .step_with_clock(&table(&map), &cfg, 64, 100, &clock, |r| {
+            .step_with_clock(&map, &cfg, 64, 100, &clock, |r| {
                 removed.extend(r.iter().map(|r| r.key))
             })
             .expect("a step")
@@ -753,13 +795,9 @@ mod tests {
             NOW
         };
         let cfg = DatapathConfig::with_defaults(MemberId(1));
-        let table = Table {
-            map: &map,
-            reread: &dp,
-        };
         let mut removed = Vec::new();
         // Removed sessions by key index (`key(i)`), checked against the key each came from.
-        let report = sweep_with_clock(&table, &cfg, 2 * n, clock, |r| {
+        let report = sweep_with_clock(&dp, &cfg, 2 * n, clock, |r| {
             removed.extend(r.iter().map(|r| {
                 let i = r.key.addr_lo[0];
                 assert_eq!(r.key, key(i));
