@@ -10,9 +10,9 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Locks `m` from an async task: at once if it is free; if another holder has it, the wait
-/// happens off the async worker (`block_in_place`), so a long hold elsewhere (a sweep step,
-/// a reattach) stalls this task only, not the other tasks of the worker. Taking a free lock
-/// costs no hand-off. Outside a runtime it is [`lock`]; on a current-thread runtime a
+/// happens off the async worker (`block_in_place`), so a long hold elsewhere (the sweep
+/// settling a chunk of expired sessions, a reattach) stalls this task only, not the other
+/// tasks of the worker. Taking a free lock costs no hand-off. Outside a runtime it is [`lock`]; on a current-thread runtime a
 /// contended lock panics, as `block_in_place` does.
 pub fn lock_on_worker<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.try_lock() {

@@ -19,7 +19,7 @@ use crate::{
     config::{self, parse_cidr, Config},
     control::ControlRequest,
     datapath::{
-        error_chain, events::MAX_BATCH, sweep_table::step_beside, Datapath, EventStream,
+        error_chain, events::MAX_BATCH, sweep_table::SweepBeside, Datapath, EventStream,
         RemoveReason, Removed,
     },
     member::{lock, Member},
@@ -340,7 +340,7 @@ struct MainLoop {
     sweep_tick: tokio::time::Interval,
     membership_tick: tokio::time::Interval,
     last_membership: Instant,
-    sweep: crate::datapath::sweep::IncrementalSweep,
+    sweep: SweepBeside,
     table_access: crate::monitor::TableAccess,
     /// The datapath's count of lost events when they were last made up for.
     lost_events: u64,
@@ -415,11 +415,8 @@ impl MainLoop {
         let local = member.config.local_member();
         let engine = member.engine.clone();
         let swept = tokio::task::block_in_place(|| {
-            step_beside(
-                &member.dp,
-                &mut self.sweep,
-                SWEEP_BUDGET,
-                |removed: &[Removed]| {
+            self.sweep
+                .step(&member.dp, SWEEP_BUDGET, |removed: &[Removed]| {
                     let mut gone = Vec::new();
                     for r in removed.iter().filter(|r| r.session.owner == local) {
                         log.write_removed(r, &member.config);
@@ -427,8 +424,7 @@ impl MainLoop {
                         gone.push(r.key);
                     }
                     engine.enqueue(&gone);
-                },
-            )
+                })
         });
         let error = swept.as_ref().err().map(|e| error_chain(e));
         self.table_access.step(&member.membership, error);

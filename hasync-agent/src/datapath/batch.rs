@@ -85,7 +85,8 @@ impl std::fmt::Display for BatchOp {
 /// Errors of batch map operations.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// The syscall failed; `done` elements were processed before the failure (update/delete).
+    /// The syscall failed; `done` elements were processed before the failure (update/delete;
+    /// a delete counts the keys it skipped as missing among them).
     #[error("{op} failed after {done} elements: {source}")]
     Syscall {
         op: BatchOp,
@@ -404,7 +405,7 @@ impl<'fd, K: Pod, V: Pod> BatchMap<'fd, K, V> {
                     let done = (batch_count(&attr) as usize).min(rest.len());
                     return Err(BatchError::Syscall {
                         op: OP,
-                        done: deleted + done,
+                        done: keys.len() - rest.len() + done,
                         source,
                     });
                 }

@@ -46,8 +46,10 @@ pub trait SweptTable {
     fn probe(&self) -> Result<(), Self::Error>;
 
     /// Holding the table (peers' records wait): reads `candidates` again into `fresh` (in
-    /// order, `None` where the table has none), lets `pick` put the keys to delete in `doomed`
-    /// (cleared first), and deletes them (keys gone meanwhile are skipped).
+    /// order, one per candidate, `None` where the table has none), lets `pick` put the keys to
+    /// delete in `doomed` (cleared first), and deletes them (keys gone meanwhile are skipped).
+    /// On an error, `doomed` keeps the keys that were deleted before it (see
+    /// [`delete_doomed`]).
     fn settle(
         &self,
         candidates: &[FlowKey],
@@ -82,17 +84,31 @@ impl SweptTable for BatchMap<'_, FlowKey, Session> {
         doomed: &mut Vec<FlowKey>,
         pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
     ) -> Result<(), BatchError> {
+        doomed.clear();
         fresh.clear();
         for key in candidates {
             fresh.push(self.lookup(key)?);
         }
-        doomed.clear();
         pick(fresh, doomed);
-        if !doomed.is_empty() {
-            self.delete_batch(doomed)?;
-        }
-        Ok(())
+        delete_doomed(self, doomed)
     }
+}
+
+/// Deletes `doomed` from `map`; when that fails part way, `doomed` keeps only the keys handled
+/// before the failure (deleted, or missing already), so that their removals are still told.
+pub(super) fn delete_doomed(
+    map: &BatchMap<'_, FlowKey, Session>,
+    doomed: &mut Vec<FlowKey>,
+) -> Result<(), BatchError> {
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    map.delete_batch(doomed)
+        .map(|_| ())
+        .inspect_err(|e| match e {
+            BatchError::Syscall { done, .. } => doomed.truncate(*done),
+            _ => doomed.clear(),
+        })
 }
 
 /// Why the sweep removed a session.
@@ -264,16 +280,21 @@ impl Pass {
             ..
         } = self;
         removed.clear();
-        table.settle(candidates, fresh, doomed, |fresh, doomed| {
+        let settled = table.settle(candidates, fresh, doomed, |fresh, doomed| {
+            debug_assert_eq!(fresh.len(), candidates.len(), "one re-read per candidate");
             let now = clock();
             for (key, fresh) in candidates.iter().zip(fresh) {
                 judge(count, cfg, now, *key, *fresh, removed, doomed);
             }
-        })?;
-        if !self.removed.is_empty() {
-            self.count.count_removed(&self.removed);
-            on_removed(&self.removed);
+        });
+        // `removed` and `doomed` are filled in step; after a failure, what was deleted before
+        // it is still told.
+        removed.truncate(doomed.len());
+        if !removed.is_empty() {
+            count.count_removed(removed);
+            on_removed(removed);
         }
+        settled?;
         Ok(more)
     }
 
@@ -757,6 +778,91 @@ mod tests {
         assert_eq!(removed, [stale]);
         assert!(map.lookup(&refreshed).expect("lookup").is_some());
         assert_eq!((pass.kept.total, pass.kept.by_owner[2]), (1, 1));
+    }
+
+    /// A map whose batch delete fails after its first `ok` keys, as a kernel error part way
+    /// would.
+    struct FailingDeletes<'m> {
+        map: &'m BatchMap<'m, FlowKey, Session>,
+        ok: usize,
+    }
+
+    impl SweptTable for FailingDeletes<'_> {
+        type Error = BatchError;
+
+        fn walk(
+            &self,
+            cursor: &mut BatchCursor,
+            keys: &mut Vec<FlowKey>,
+            values: &mut Vec<Session>,
+            chunk: u32,
+        ) -> Result<bool, BatchError> {
+            self.map.walk(cursor, keys, values, chunk)
+        }
+
+        fn probe(&self) -> Result<(), BatchError> {
+            self.map.probe()
+        }
+
+        fn settle(
+            &self,
+            candidates: &[FlowKey],
+            fresh: &mut Vec<Option<Session>>,
+            doomed: &mut Vec<FlowKey>,
+            pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
+        ) -> Result<(), BatchError> {
+            doomed.clear();
+            fresh.clear();
+            for key in candidates {
+                fresh.push(self.map.lookup(key)?);
+            }
+            pick(fresh, doomed);
+            let ok = self.ok.min(doomed.len());
+            self.map.delete_batch(&doomed[..ok])?;
+            doomed.truncate(ok);
+            Err(BatchError::Syscall {
+                op: super::super::batch::BatchOp::Delete,
+                done: ok,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            })
+        }
+    }
+
+    /// A delete that fails part way still has the removals it made told (logged, and sent to
+    /// peers by the caller), and only those: the next pass removes and tells the rest.
+    #[test]
+    fn removals_before_a_failed_delete_are_still_told() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let expired: Vec<FlowKey> = (0..10).map(key).collect();
+        map.update_batch(&expired, &[session(State::UdpNew, 60, NOW); 10], 0)
+            .expect("fill");
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let mut told = Vec::new();
+        let failing = FailingDeletes { map: &map, ok: 4 };
+        let failed = sweep_with_clock(
+            &failing,
+            &cfg,
+            64,
+            || NOW,
+            |r| told.extend(r.iter().map(|r| r.key)),
+        );
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(told.len(), 4, "the deletes made before the failure");
+        assert!(told
+            .iter()
+            .all(|k| map.lookup(k).expect("lookup").is_none()));
+        let report = sweep_with_clock(
+            &map,
+            &cfg,
+            64,
+            || NOW,
+            |r| told.extend(r.iter().map(|r| r.key)),
+        )
+        .expect("sweep");
+        assert_eq!(report.expired, 6);
+        told.sort_by_key(|k| k.addr_lo[0]);
+        assert_eq!(told, expired, "each removal told once");
     }
 
     /// The datapath re-reads a chunk's candidates with its read program, several runs of keys

@@ -10,7 +10,7 @@ use hasync_common::{maps as names, FlowKey, Session};
 use super::{
     batch::BatchCursor,
     batch_err,
-    sweep::{IncrementalSweep, PassSummary, Removed, SweptTable},
+    sweep::{delete_doomed, IncrementalSweep, PassSummary, Removed, SweptTable},
     Datapath, DatapathError, SessionReader, DEFAULT_CHUNK,
 };
 use crate::lock::lock;
@@ -44,15 +44,11 @@ impl SweptTable for Datapath {
         doomed: &mut Vec<FlowKey>,
         pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
     ) -> Result<(), DatapathError> {
-        self.read_sessions(candidates, fresh)?;
         doomed.clear();
+        let map = self.sessions_batch()?;
+        self.read_sessions(candidates, fresh)?;
         pick(fresh, doomed);
-        if !doomed.is_empty() {
-            self.sessions_batch()?
-                .delete_batch(doomed)
-                .map_err(batch_err(names::SESSIONS))?;
-        }
-        Ok(())
+        delete_doomed(&map, doomed).map_err(batch_err(names::SESSIONS))
     }
 }
 
@@ -91,26 +87,43 @@ impl SweptTable for Beside<'_> {
     }
 }
 
-/// One step of the agent's incremental sweep (see [`IncrementalSweep`]): about `budget`
-/// sessions, with the live CONFIG's timeouts, the session clock checked first (as
-/// [`Datapath::sweep`] does). `dp` is locked briefly to set the step up and then for each
-/// chunk's re-read and delete only: the walk goes beside it.
-pub fn step_beside(
-    dp: &Mutex<Datapath>,
-    state: &mut IncrementalSweep,
-    budget: u64,
-    on_removed: impl FnMut(&[Removed]),
-) -> Result<Option<PassSummary>, DatapathError> {
-    let (cfg, reader) = {
-        let mut dp = lock(dp);
-        dp.keep_clock();
-        (dp.config()?, dp.session_reader()?)
-    };
-    let table = Beside {
-        reader: &reader,
-        dp,
-    };
-    state.step(&table, &cfg, STEP_CHUNK, budget, on_removed)
+/// The agent's incremental sweep (see [`IncrementalSweep`]), walking beside its lock of the
+/// datapath through a descriptor of its own (opened at the first step and kept).
+#[derive(Default)]
+pub struct SweepBeside {
+    state: IncrementalSweep,
+    reader: Option<SessionReader>,
+}
+
+impl SweepBeside {
+    /// One step: about `budget` sessions, with the live CONFIG's timeouts, the session clock
+    /// checked first (as [`Datapath::sweep`] does). `dp` is locked briefly to set the step up
+    /// and then for each chunk's re-read and delete only. Every step also runs the read
+    /// program once and reads the table through its descriptor, so its result says whether
+    /// both ways of reading the table work, whether or not anything expired.
+    pub fn step(
+        &mut self,
+        dp: &Mutex<Datapath>,
+        budget: u64,
+        on_removed: impl FnMut(&[Removed]),
+    ) -> Result<Option<PassSummary>, DatapathError> {
+        let (cfg, reader) = {
+            let mut dp = lock(dp);
+            dp.keep_clock();
+            dp.read_sessions(&[FlowKey::default()], &mut Vec::new())?;
+            let reader = match self.reader.take() {
+                Some(reader) => reader,
+                None => dp.session_reader()?,
+            };
+            (dp.config()?, reader)
+        };
+        let table = Beside {
+            reader: self.reader.insert(reader),
+            dp,
+        };
+        self.state
+            .step(&table, &cfg, STEP_CHUNK, budget, on_removed)
+    }
 }
 
 #[cfg(test)]

@@ -154,8 +154,8 @@ impl<T: SessionTable> Engine<T> {
                 // The table work runs on this worker: one frame, at most a few hundred records
                 // (a few hundred µs). Handing the worker to another thread for every frame
                 // (`block_in_place`) cost more CPU than the apply itself; only a wait for a
-                // lock that another holder has (the other link's reader, the sender, a sweep
-                // step) is taken off the worker (`lock_on_worker`).
+                // lock that another holder has (the other link's reader, the sender, the sweep
+                // settling a chunk) is taken off the worker (`lock_on_worker`).
                 let applied = self.apply_in_order(f, seq, &records, bulk)?;
                 match applied {
                     Applied::Done => writer.ack(seq),
