@@ -115,6 +115,10 @@ pub struct ShowSessionsArgs {
     /// Only the number of sessions, in total and per owner.
     #[arg(long)]
     pub count: bool,
+    /// With `--count`: the counts of the expiry sweep's last pass, at once and as old as that
+    /// pass (the answer says how old), instead of a walk of the whole table now.
+    #[arg(long, requires = "count", conflicts_with_all = ["owner", "zone", "proto", "address", "port", "state"])]
+    pub swept: bool,
     /// Only sessions owned by this member.
     #[arg(long, value_name = "N", value_parser = parse_owner)]
     pub owner: Option<u8>,
@@ -147,6 +151,9 @@ pub struct ShowSessionsArgs {
 
 impl ShowSessionsArgs {
     pub fn request(&self) -> Request {
+        if self.swept {
+            return Request::ShowSessionCounts;
+        }
         Request::ShowSessions {
             count_only: self.count,
             filter: SessionFilter {
@@ -591,7 +598,15 @@ fn render_session_count(
     matching: &str,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
-    writeln!(out, "{}{matching} sessions", v.total)?;
+    match v.counted_ms_ago {
+        Some(ms) => writeln!(
+            out,
+            "{}{matching} sessions, as the expiry sweep counted them {:.1} s ago",
+            v.total,
+            ms as f64 / 1000.0
+        )?,
+        None => writeln!(out, "{}{matching} sessions", v.total)?,
+    }
     if !v.by_owner.is_empty() {
         let mut t = Table::new(&[">Owner", ">Sessions"]);
         for (owner, n) in &v.by_owner {

@@ -116,6 +116,16 @@ fn bad_options_are_refused_naming_the_value() {
         ),
         (&["show", "cluster", "sessions", "--port", "65536"], "65536"),
         (
+            &["show", "cluster", "sessions", "--swept"],
+            "the following required arguments were not provided",
+        ),
+        (
+            &[
+                "show", "cluster", "sessions", "--count", "--swept", "--owner", "1",
+            ],
+            "cannot be used with",
+        ),
+        (
             &[
                 "show", "cluster", "members", "--socket", "a", "--config", "b",
             ],
@@ -272,6 +282,21 @@ showing 2–2 of 3; use --offset/--limit
 2 matching sessions
 Owner  Sessions
     1         2
+"
+    );
+
+    assert_eq!(
+        run(
+            &socket,
+            &["show", "cluster", "sessions", "--count", "--swept"]
+        )
+        .await
+        .unwrap(),
+        "\
+3 sessions, as the expiry sweep counted them 2.0 s ago
+Owner  Sessions
+    1         2
+    2         1
 "
     );
 
