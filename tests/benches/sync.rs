@@ -1487,30 +1487,84 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
 
     eprintln!("starting a 2-member lab (session capacity {CAPACITY})");
     let mut lab = Lab::start(binary)?;
-    let mut cpu = Cpu::default();
-    let mut last = [lab.sample(1)?, lab.sample(2)?];
-    let mut phase = |lab: &Lab, name: &'static str| -> Result<[ProcSample; 2]> {
-        let now = [lab.sample(1)?, lab.sample(2)?];
-        cpu.phases.push((
-            name,
-            now[0].cpu_s - last[0].cpu_s,
-            now[1].cpu_s - last[1].cpu_s,
-        ));
-        last = now;
-        Ok(now)
-    };
-    phase(&lab, "start and first sync")?;
+    let mut phases = Phases::start(&lab)?;
+    phases.mark(&lab, "start and first sync")?;
 
     eprintln!("phase 1: {SMALL} sessions");
     let small = lab.replicate(Inject::Wire, SMALL, None)?;
-    let s = phase(&lab, "1k sessions")?;
+    let s = phases.mark(&lab, "1k sessions")?;
     let hwm_1k = [s[0].hwm_mib, s[1].hwm_mib];
 
     eprintln!("phase 2: {LAG_RATE} sessions/s for {LAG_SECS} s");
     let lag = lab.replicate(Inject::Wire, LAG_RATE * LAG_SECS, Some(LAG_RATE))?;
     let lag_stats = lab.peer_stats(1, 2)?.replication_lag;
-    phase(&lab, "lag at fixed rate")?;
+    phases.mark(&lab, "lag at fixed rate")?;
 
+    let drains = drain_rounds(&mut lab)?;
+    phases.mark(&lab, "backlogs (fw2 frozen, then draining)")?;
+    let filled = fill_to_full(&mut lab, fill_how, &mut phases)?;
+    let (full, rejoined) = full_sync_to_restarted(&mut lab, filled.fw1_table, &mut phases)?;
+    eprintln!("stopping the lab");
+    drop(lab);
+
+    raw_all.extend(raw_runs(SESSIONS, "after the lab")?);
+    let raw = Raw {
+        insert: raw_all.iter().map(|r| r.insert).min().unwrap_or_default(),
+        dump: raw_all.iter().map(|r| r.dump).min().unwrap_or_default(),
+    };
+    Ok(Figures {
+        raw,
+        raw_runs: raw_all,
+        small,
+        lag,
+        lag_p50_ms: lag_stats.p50_ms,
+        lag_p99_ms: lag_stats.p99_ms,
+        lag_frames_in_window: lag.delta.frames_acked,
+        drains,
+        fill: filled.fill,
+        fw1_table: filled.fw1_table,
+        full,
+        hwm_1k,
+        hwm_1m: filled.hwm_1m,
+        hwm_rejoined: rejoined.hwm_mib,
+        cpu: phases.cpu,
+        idle_cpu: filled.idle_cpu,
+        fw2_own_sessions: filled.fw2_own_sessions,
+        encoded: Encoded::measure()?,
+    })
+}
+
+/// The agents' CPU per phase of the run.
+struct Phases {
+    cpu: Cpu,
+    /// Both agents' samples at the end of the last phase.
+    last: [ProcSample; 2],
+}
+
+impl Phases {
+    fn start(lab: &Lab) -> Result<Phases> {
+        Ok(Phases {
+            cpu: Cpu::default(),
+            last: [lab.sample(1)?, lab.sample(2)?],
+        })
+    }
+
+    /// Ends phase `name`: records each agent's CPU since the last phase ended; returns their
+    /// samples.
+    fn mark(&mut self, lab: &Lab, name: &'static str) -> Result<[ProcSample; 2]> {
+        let now = [lab.sample(1)?, lab.sample(2)?];
+        self.cpu.phases.push((
+            name,
+            now[0].cpu_s - self.last[0].cpu_s,
+            now[1].cpu_s - self.last[1].cpu_s,
+        ));
+        self.last = now;
+        Ok(now)
+    }
+}
+
+/// Phase 3: the backlog rounds, each paired with a baseline insert of its keys.
+fn drain_rounds(lab: &mut Lab) -> Result<Vec<DrainRound>> {
     eprintln!("phase 3: {DRAIN_ROUNDS} backlogs of {BACKLOG} sessions queued on fw1 while fw2 is frozen, each paired with a baseline insert of its keys");
     let paired = PairedBaseline::open()?;
     paired.insert(0..lab.next)?;
@@ -1527,9 +1581,22 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
         );
         drains.push(r);
     }
-    drop(paired);
-    phase(&lab, "backlogs (fw2 frozen, then draining)")?;
+    Ok(drains)
+}
 
+/// What phase 4 measured.
+struct Filled {
+    fill: Replication,
+    fw1_table: u64,
+    fw2_own_sessions: u64,
+    /// CPU seconds per second of fw1 and fw2 left idle with the full table.
+    idle_cpu: [f64; 2],
+    hwm_1m: [f64; 2],
+}
+
+/// Phase 4: the table filled to [`SESSIONS`] by `fill_how`, counted on both members, then
+/// left idle a while.
+fn fill_to_full(lab: &mut Lab, fill_how: Inject, phases: &mut Phases) -> Result<Filled> {
     let have = lab.count(1)?.total;
     let fill_n = SESSIONS.saturating_sub(have);
     eprintln!(
@@ -1537,7 +1604,7 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
         fill_how.name()
     );
     let fill = lab.replicate(fill_how, fill_n, None)?;
-    let s = phase(&lab, "fill to 1M")?;
+    let s = phases.mark(lab, "fill to 1M")?;
     let fw1_table = lab.count(1)?.total;
     let fw2_count = lab.count(2)?;
     ensure!(
@@ -1546,34 +1613,37 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
         fw2_count.total
     );
     let fw2_own_sessions = fw2_count.by_owner.get(&2).copied().unwrap_or(0);
-    let s1 = phase(&lab, "the bench's table counts at 1M")?;
+    let s1 = phases.mark(lab, "the bench's table counts at 1M")?;
     // A settled table: the agents' peaks at 1M include their own walks of a full table, and
     // the idle cost of a full table shows.
     let idle_from = Instant::now();
     pause(IDLE)?;
-    let s2 = phase(&lab, "idle at 1M")?;
+    let s2 = phases.mark(lab, "idle at 1M")?;
     let idle_s = idle_from.elapsed().as_secs_f64();
-    let idle_cpu = cpu
+    let idle_cpu = phases
+        .cpu
         .phases
         .last()
         .map_or([0.0; 2], |(_, a, b)| [a / idle_s, b / idle_s]);
-    let hwm_1m = [0, 1].map(|i| s[i].hwm_mib.max(s1[i].hwm_mib).max(s2[i].hwm_mib));
+    Ok(Filled {
+        fill,
+        fw1_table,
+        fw2_own_sessions,
+        idle_cpu,
+        hwm_1m: [0, 1].map(|i| s[i].hwm_mib.max(s1[i].hwm_mib).max(s2[i].hwm_mib)),
+    })
+}
 
+/// Phase 5: fw2 killed, its pinned table removed, and started again: the full sync of fw1's
+/// `fw1_table` sessions it receives, and fw2's sample after it.
+fn full_sync_to_restarted(
+    lab: &mut Lab,
+    fw1_table: u64,
+    phases: &mut Phases,
+) -> Result<(FullSync, ProcSample)> {
     eprintln!("phase 5: full sync of {fw1_table} sessions to a restarted fw2");
     let sent_before = lab.peer_stats(1, 2)?.full_syncs.sent.count;
-    let pid2 = lab.pid(2)?;
-    lab.cluster.kill_agent(2, Signal::Kill)?;
-    lab.cluster
-        .topology()
-        .processes()
-        .wait(pid2, Duration::from_secs(10))?
-        .ok_or_else(|| anyhow!("fw2's agent outlived SIGKILL for 10 s"))?;
-    // A killed agent leaves its datapath pinned, table included: remove it, so fw2 comes
-    // back empty, as a new member would.
-    lab.cluster.teardown(2)?;
-    let restarted = Instant::now();
-    lab.cluster.start_agent(2)?;
-    lab.cluster.wait_ready(2, Duration::from_secs(30))?;
+    let restarted = restart_empty(lab)?;
     let mut started: Option<Instant> = None;
     let ended = wait_for(
         || format!("fw2's full sync from fw1 to end\n{}", lab.log_tails()),
@@ -1598,11 +1668,15 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
     let rejoined = lab.sample(2)?;
     // fw1's CPU through the full sync; the restarted fw2's whole life.
     let fw1_now = lab.sample(1)?;
-    cpu.phases.push((
+    phases.cpu.phases.push((
         "full sync (fw2: restarted agent)",
-        fw1_now.cpu_s - last[0].cpu_s,
+        fw1_now.cpu_s - phases.last[0].cpu_s,
         rejoined.cpu_s,
     ));
+    ensure!(
+        fw2_table >= fw1_table,
+        "after its full sync fw2 holds {fw2_table} sessions, fw1 {fw1_table}"
+    );
     let full = FullSync {
         sessions: fw1_table,
         took,
@@ -1612,38 +1686,24 @@ fn run(binary: &std::path::Path, fill_how: Inject) -> Result<Figures> {
         records: fw2_view.last_records,
         fw2_table,
     };
-    ensure!(
-        fw2_table >= fw1_table,
-        "after its full sync fw2 holds {fw2_table} sessions, fw1 {fw1_table}"
-    );
-    eprintln!("stopping the lab");
-    drop(lab);
+    Ok((full, rejoined))
+}
 
-    raw_all.extend(raw_runs(SESSIONS, "after the lab")?);
-    let raw = Raw {
-        insert: raw_all.iter().map(|r| r.insert).min().unwrap_or_default(),
-        dump: raw_all.iter().map(|r| r.dump).min().unwrap_or_default(),
-    };
-    Ok(Figures {
-        raw,
-        raw_runs: raw_all,
-        small,
-        lag,
-        lag_p50_ms: lag_stats.p50_ms,
-        lag_p99_ms: lag_stats.p99_ms,
-        lag_frames_in_window: lag.delta.frames_acked,
-        drains,
-        fill,
-        fw1_table,
-        full,
-        hwm_1k,
-        hwm_1m,
-        hwm_rejoined: rejoined.hwm_mib,
-        cpu,
-        idle_cpu,
-        fw2_own_sessions,
-        encoded: Encoded::measure()?,
-    })
+/// Kills fw2's agent, removes its pinned datapath (so it comes back empty, as a new member
+/// would) and starts it again; returns when it was started.
+fn restart_empty(lab: &mut Lab) -> Result<Instant> {
+    let pid2 = lab.pid(2)?;
+    lab.cluster.kill_agent(2, Signal::Kill)?;
+    lab.cluster
+        .topology()
+        .processes()
+        .wait(pid2, Duration::from_secs(10))?
+        .ok_or_else(|| anyhow!("fw2's agent outlived SIGKILL for 10 s"))?;
+    lab.cluster.teardown(2)?;
+    let restarted = Instant::now();
+    lab.cluster.start_agent(2)?;
+    lab.cluster.wait_ready(2, Duration::from_secs(30))?;
+    Ok(restarted)
 }
 
 /// The backlog rounds, one row each, and their ratio.
@@ -1686,7 +1746,14 @@ fn opt_ms(v: Option<f64>) -> String {
 }
 
 fn print_table(f: &Figures) {
-    let growth = f.rss_growth();
+    print_replication(f);
+    print_wire(f);
+    print_usage(f);
+    print_targets(f);
+}
+
+/// The baselines, the phases' replication, the backlog rounds, the lag and the full sync.
+fn print_replication(f: &Figures) {
     println!(
         "sync: 2 members, {SESSIONS} sessions, each created by fw1's XDP program (1k and lag phases from client frames, the fill by {})",
         f.fill.how.name()
@@ -1743,6 +1810,10 @@ fn print_table(f: &Figures) {
         f.full.fw2_table
     );
     println!();
+}
+
+/// What the sync link carried per session, and the encoder's figure for full frames.
+fn print_wire(f: &Figures) {
     println!("| sync link fw1 → fw2 (authenticated frames, keepalives included) | sessions installed | records sent | frames | bytes | per session installed | per record sent |");
     println!("|---|---|---|---|---|---|---|");
     let backlogs = f.drains.iter().enumerate();
@@ -1779,6 +1850,11 @@ fn print_table(f: &Figures) {
         );
     }
     println!();
+}
+
+/// The agents' CPU per phase and their peak RSS.
+fn print_usage(f: &Figures) {
+    let growth = f.rss_growth();
     println!("| agent CPU seconds | fw1 | fw2 |");
     println!("|---|---|---|");
     for (name, a, b) in &f.cpu.phases {
@@ -1800,6 +1876,11 @@ fn print_table(f: &Figures) {
         f.rejoined_growth()
     );
     println!();
+}
+
+/// The targets, each met or missed.
+fn print_targets(f: &Figures) {
+    let growth = f.rss_growth();
     let rep = f.replication_ratio();
     let full = f.full_sync_ratio();
     let worst = growth[0].max(growth[1]).max(f.rejoined_growth());
