@@ -33,7 +33,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 /// A measurement gives up after this long (a host too loaded to sample).
 const MEASURE_LIMIT: Duration = Duration::from_secs(2);
 /// How often a running agent checks the clock against one sample (see
-/// `sweep_table::step_beside`).
+/// `sweep_table::SweepBeside::step`).
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// The offset is set this fraction of a tick below the lowest sample: tick handlers run
 /// microseconds after the tick starts, and one may run sooner than any the samples caught.

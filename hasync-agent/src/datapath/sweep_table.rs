@@ -1,7 +1,7 @@
 //! The session table as the expiry sweep works on it ([`SweptTable`]): the datapath itself,
 //! or, for the agent's incremental sweep, a walk through a descriptor of its own beside the
 //! agent's lock of the datapath, which is taken only to re-read and delete a chunk's
-//! candidates ([`step_beside`]).
+//! candidates ([`SweepBeside`]).
 
 use std::sync::Mutex;
 
