@@ -277,6 +277,9 @@ fn the_dashboard_shows_a_healthy_two_member_cluster() {
     // Owned here and peers' copies make the total (both counted in one walk).
     assert_eq!(number("sessions-owned") + number("sessions-cached"), total);
     assert!(number("sessions-embryonic-capacity") > 0);
+    // The sweep's counts or a walk's, and the page says which.
+    let age = get("sessions-age").1;
+    assert!(age.starts_with("counted by "), "sessions-age: `{age}`");
     let (tag, _) = get("sessions-warning");
     assert!(tag.contains(" hidden"), "no warning below 90 %: {tag}");
     let (tag, _) = get("member-faults");

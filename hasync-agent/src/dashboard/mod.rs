@@ -100,6 +100,10 @@ pub struct SessionSummary {
     pub warning: Option<String>,
     /// By owner member id.
     pub by_owner: BTreeMap<u8, u64>,
+    /// How old the counts were when they were sampled, in ms, when they are the expiry
+    /// sweep's (from the start of its last pass); `None` when a walk counted them then.
+    #[serde(default)]
+    pub counted_ms_ago: Option<u64>,
 }
 
 fn percent(n: u64, of: u64) -> f64 {
@@ -138,6 +142,7 @@ impl SessionSummary {
             embryonic_capacity: sessions.embryonic_capacity,
             warning,
             by_owner: sessions.by_owner.clone(),
+            counted_ms_ago: sessions.counted_ms_ago,
         }
     }
 }

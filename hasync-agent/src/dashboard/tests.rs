@@ -123,7 +123,9 @@ async fn the_api_summarises_the_views() {
         serde_json::json!({
             "total": 3, "capacity": 65536, "fill_percent": 3.0 * 100.0 / 65536.0,
             "owned": 2, "cached": 1, "embryonic": 2, "embryonic_capacity": 8192,
-            "warning": null, "by_owner": {"1": 2, "2": 1}
+            "warning": null, "by_owner": {"1": 2, "2": 1},
+            // The fake's counts are the sweep's, 2 s old.
+            "counted_ms_ago": 2000
         })
     );
     // The views as `show` has them.
@@ -170,6 +172,16 @@ fn the_session_table_warns_from_ninety_percent() {
     assert!(flood.contains("embryonic sessions at 95 %"), "{flood}");
     let s = SessionSummary::new(&view(500, 95), 1000, 1);
     assert_eq!((s.owned, s.cached), (500, 0));
+    assert_eq!(s.counted_ms_ago, None, "a walk's counts");
+    let swept = SessionsView {
+        counted_ms_ago: Some(2_500),
+        ..view(500, 0)
+    };
+    assert_eq!(
+        SessionSummary::new(&swept, 1000, 1).counted_ms_ago,
+        Some(2_500),
+        "the sweep's counts keep their age"
+    );
 }
 
 #[test]
