@@ -85,13 +85,23 @@ impl SweptTable for BatchMap<'_, FlowKey, Session> {
         pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
     ) -> Result<(), BatchError> {
         doomed.clear();
-        fresh.clear();
-        for key in candidates {
-            fresh.push(self.lookup(key)?);
-        }
+        reread_each(self, candidates, fresh)?;
         pick(fresh, doomed);
         delete_doomed(self, doomed)
     }
+}
+
+/// Reads `candidates` again into `fresh`, one lookup syscall each.
+fn reread_each(
+    map: &BatchMap<'_, FlowKey, Session>,
+    candidates: &[FlowKey],
+    fresh: &mut Vec<Option<Session>>,
+) -> Result<(), BatchError> {
+    fresh.clear();
+    for key in candidates {
+        fresh.push(map.lookup(key)?);
+    }
+    Ok(())
 }
 
 /// Deletes `doomed` from `map`; when that fails part way, `doomed` keeps only the keys handled
@@ -812,10 +822,7 @@ mod tests {
             pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
         ) -> Result<(), BatchError> {
             doomed.clear();
-            fresh.clear();
-            for key in candidates {
-                fresh.push(self.map.lookup(key)?);
-            }
+            reread_each(self.map, candidates, fresh)?;
             pick(fresh, doomed);
             let ok = self.ok.min(doomed.len());
             self.map.delete_batch(&doomed[..ok])?;
