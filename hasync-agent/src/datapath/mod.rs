@@ -350,24 +350,6 @@ impl SessionReader {
             .map_err(batch_err(names::SESSIONS))
     }
 
-    /// As [`Datapath::session_chunk`].
-    pub fn chunk_at(
-        &self,
-        cursor: &mut batch::BatchCursor,
-        keys: &mut Vec<FlowKey>,
-        values: &mut Vec<Session>,
-        max: u32,
-    ) -> Result<bool, DatapathError> {
-        self.map()?
-            .lookup_batch(cursor, keys, values, max)
-            .map_err(batch_err(names::SESSIONS))
-    }
-
-    /// As [`Datapath::session`].
-    pub fn lookup(&self, key: &FlowKey) -> Result<Option<Session>, DatapathError> {
-        self.map()?.lookup(key).map_err(batch_err(names::SESSIONS))
-    }
-
     /// The map, its key and value types checked.
     fn map(&self) -> Result<BatchMap<'_, FlowKey, Session>, DatapathError> {
         BatchMap::new(self.fd.as_fd()).map_err(batch_err(names::SESSIONS))

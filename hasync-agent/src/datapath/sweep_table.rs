@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use hasync_common::{maps as names, FlowKey, Session};
 
 use super::{
-    batch::BatchCursor,
+    batch::{BatchCursor, BatchMap},
     batch_err,
     sweep::{delete_doomed, IncrementalSweep, PassSummary, Removed, SweptTable},
     Datapath, DatapathError, SessionReader, DEFAULT_CHUNK,
@@ -52,11 +52,21 @@ impl SweptTable for Datapath {
     }
 }
 
-/// The table walked through `reader`, a descriptor of its own, with no lock; `dp` is locked
-/// only to settle a chunk's candidates, so peers' records wait for that alone.
+/// The table walked through `map`, a descriptor of its own (a [`SessionReader`]'s), with no
+/// lock; `dp` is locked only to settle a chunk's candidates, so peers' records wait for that
+/// alone.
 struct Beside<'a> {
-    reader: &'a SessionReader,
+    map: BatchMap<'a, FlowKey, Session>,
     dp: &'a Mutex<Datapath>,
+}
+
+impl<'a> Beside<'a> {
+    fn new(reader: &'a SessionReader, dp: &'a Mutex<Datapath>) -> Result<Self, DatapathError> {
+        Ok(Beside {
+            map: reader.map()?,
+            dp,
+        })
+    }
 }
 
 impl SweptTable for Beside<'_> {
@@ -69,11 +79,16 @@ impl SweptTable for Beside<'_> {
         values: &mut Vec<Session>,
         chunk: u32,
     ) -> Result<bool, DatapathError> {
-        self.reader.chunk_at(cursor, keys, values, chunk)
+        self.map
+            .lookup_batch(cursor, keys, values, chunk)
+            .map_err(batch_err(names::SESSIONS))
     }
 
     fn probe(&self) -> Result<(), DatapathError> {
-        self.reader.lookup(&FlowKey::default()).map(|_| ())
+        self.map
+            .lookup(&FlowKey::default())
+            .map(|_| ())
+            .map_err(batch_err(names::SESSIONS))
     }
 
     fn settle(
@@ -117,10 +132,7 @@ impl SweepBeside {
             };
             (dp.config()?, reader)
         };
-        let table = Beside {
-            reader: self.reader.insert(reader),
-            dp,
-        };
+        let table = Beside::new(self.reader.insert(reader), dp)?;
         self.state
             .step(&table, &cfg, STEP_CHUNK, budget, on_removed)
     }
@@ -164,8 +176,9 @@ mod tests {
     ) -> mpsc::Receiver<Result<Option<SweepReport>, DatapathError>> {
         let (tx, rx) = mpsc::channel();
         scope.spawn(move || {
-            let table = Beside { reader, dp };
-            let step = IncrementalSweep::default().step(&table, cfg, 64, 1 << 20, |_| {});
+            let step = Beside::new(reader, dp).and_then(|table| {
+                IncrementalSweep::default().step(&table, cfg, 64, 1 << 20, |_| {})
+            });
             tx.send(step.map(|p| p.map(|p| p.report)))
         });
         rx
