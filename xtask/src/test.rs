@@ -67,7 +67,7 @@ fn run_steps(steps: &mut Steps, args: &[String]) -> Result<()> {
 /// The side lane of the integration tests: the long fault run, which mostly waits on timers
 /// and faults, then the longest of the others (a failover that waits on keepalive timers), so
 /// the two lanes take about as long.
-const SIDE_LANE: [&str; 2] = ["chaos_short", "cluster_failover"];
+const SIDE_LANE: [&str; 3] = ["chaos_short", "cluster_failover", "cluster_expiry"];
 
 /// Where the side lane's output is kept (it is printed when the lane ends).
 const SIDE_LANE_LOG: &str = "chaos_short.log";
