@@ -133,7 +133,13 @@ impl<'a> SessionEnd<'a> {
             state: _,
             owner,
             zone,
-        } = SessionView::from(&self.key, &self.session, self.zone);
+            idle_ms: _,
+        } = SessionView::from(
+            &self.key,
+            &self.session,
+            self.zone,
+            self.session.last_seen_ns,
+        );
         let s = &self.session;
         TrafficRecord {
             proto,

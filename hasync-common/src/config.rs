@@ -174,22 +174,33 @@ impl DatapathConfig {
     /// again (a refresh event: peers' replicas take its idle time and counters; the XDP
     /// program also refreshes at once a session that becomes assured, and one whose direction
     /// crossed a multiple of 2^[`REFRESH_BYTES_SHIFT`] bytes), in `state`:
-    /// [`REFRESH_SHARE`] of the state's timeout, at most [`REFRESH_MAX_NS`], and never less
-    /// than `refresh_interval_ns`. A replica is then never older than this interval plus the
-    /// gap between two of the flow's packets; an interval fixed at one second made a table of
-    /// flows that each send less than once a second announce every packet.
+    /// [`REFRESH_SHARE`] of the state's timeout, at most [`REFRESH_MAX_NS`], never less than
+    /// `refresh_interval_ns`, and in any case at most half the timeout. A replica is then never
+    /// older than this interval plus the gap between two of the flow's packets, so it outlives
+    /// its owner's idle timeout for flows that send at least every half timeout (a floor of one
+    /// second under a one-second timeout let the replica of any flow lapse before each
+    /// refresh); an interval fixed at one second made a table of flows that each send less
+    /// than once a second announce every packet.
     #[inline(always)]
     pub fn refresh_ns(&self, state: u8) -> u64 {
-        let share = self.timeout_ns(state) / REFRESH_SHARE;
+        let timeout = self.timeout_ns(state);
+        let share = timeout / REFRESH_SHARE;
         let capped = if share < REFRESH_MAX_NS {
             share
         } else {
             REFRESH_MAX_NS
         };
-        if capped > self.refresh_interval_ns {
+        let floored = if capped > self.refresh_interval_ns {
             capped
         } else {
             self.refresh_interval_ns
+        };
+        // A state without a timeout (expired at once) keeps the floor.
+        let half = timeout / 2;
+        if half > 0 && floored > half {
+            half
+        } else {
+            floored
         }
     }
 
@@ -247,6 +258,20 @@ mod tests {
         assert_eq!(every(State::UdpNew), 3_750_000_000);
         // 6 s / 8 is under the configured floor of one second.
         assert_eq!(every(State::IcmpEcho), S);
+    }
+
+    #[test]
+    fn a_refresh_comes_within_half_the_timeout_even_under_the_floor() {
+        let mut cfg = DatapathConfig::with_defaults(MemberId(1));
+        let udp = State::UdpReplied as usize;
+        for (timeout_s, every) in [(1, S / 2), (2, S), (3, S), (16, 2 * S)] {
+            cfg.timeouts_ns[udp] = timeout_s * S;
+            assert_eq!(cfg.refresh_ns(udp as u8), every, "timeout {timeout_s} s");
+        }
+        // A floor above half the timeout gives way too.
+        cfg.refresh_interval_ns = 60 * S;
+        cfg.timeouts_ns[udp] = 30 * S;
+        assert_eq!(cfg.refresh_ns(udp as u8), 15 * S);
     }
 
     #[test]

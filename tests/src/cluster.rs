@@ -84,6 +84,7 @@ impl From<&SessionView> for Row {
             state,
             owner,
             zone,
+            idle_ms: _,
         } = v;
         Row {
             proto: proto.clone(),

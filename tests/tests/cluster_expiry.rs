@@ -20,12 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hasync_agent::control::SessionFilter;
 use hasync_agent::lab::{
     topology::{Link, SERVER_V4},
-    traffic::{udp_client, udp_echo_server, Bounds, TrafficClient, UdpClientOptions},
+    traffic::{udp_client, udp_echo_server, Bounds, EchoServer, TrafficClient, UdpClientOptions},
     ClusterOptions,
 };
-use hasync_tests::cluster::{udp_flows, Cluster, Table};
+use hasync_tests::cluster::{udp_flows, Cluster};
 
 const UDP_PORT: u16 = 7801;
 /// `udp-new` and `udp-replied`: a refresh every second (the shortest interval), well inside
@@ -44,11 +45,19 @@ const BACK: Duration = Duration::from_secs(20);
 const SAMPLE: Duration = Duration::from_millis(200);
 const BURST: usize = 8;
 
-/// The source ports of `t`'s UDP sessions to the echo port.
-fn udp_ports(t: &Table) -> BTreeSet<u16> {
-    t.iter()
-        .filter(|r| r.proto == "udp" && r.dport == UDP_PORT)
-        .map(|r| r.sport)
+/// Member `k`'s UDP sessions to the echo port: source port and idle time.
+fn udp_idle(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
+    let filter = SessionFilter {
+        proto: Some("udp".into()),
+        port: Some(UDP_PORT),
+        ..SessionFilter::default()
+    };
+    let v = c.try_sessions(k, filter).unwrap_or_else(|e| c.fail(&e));
+    v.sessions
+        .iter()
+        .flatten()
+        .filter(|s| s.dport == UDP_PORT)
+        .map(|s| (s.sport, Duration::from_millis(s.idle_ms)))
         .collect()
 }
 
@@ -63,14 +72,15 @@ fn cut(c: &Cluster, on: bool) {
     }
 }
 
-/// When each member held each UDP port: the first and last sample that listed it, and the
-/// first sample that listed it again after a gap (if any).
+/// What the samples of one member's table showed of one UDP port.
 #[derive(Default)]
 struct Seen {
-    first: Option<Instant>,
+    /// The last sample that listed it.
     last: Option<Instant>,
     /// Samples in which the port was missing after it had been listed.
     gaps: Vec<Instant>,
+    /// The idle time each sample listed.
+    idle: Vec<(Instant, Duration)>,
 }
 
 /// Both members' tables, sampled.
@@ -107,22 +117,23 @@ impl Watch<'_> {
         }
     }
 
+    /// Each member's UDP sessions to the echo port: source port and idle time.
     fn sample(&mut self) -> [BTreeSet<u16>; 2] {
-        let ports = [1, 2].map(|k| udp_ports(&self.c.table(k)));
+        let tables = [1, 2].map(|k| udp_idle(self.c, k));
         let at = Instant::now();
-        for (k, listed) in [(1u8, &ports[0]), (2, &ports[1])] {
-            for &p in listed {
+        for (k, listed) in [(1u8, &tables[0]), (2, &tables[1])] {
+            for (&p, &idle) in listed {
                 let s = self.seen.entry((k, p)).or_default();
-                s.first.get_or_insert(at);
                 s.last = Some(at);
+                s.idle.push((at, idle));
             }
             for ((_, p), s) in self.seen.range_mut((k, 0)..=(k, u16::MAX)) {
-                if !listed.contains(p) && s.last.is_some() {
+                if !listed.contains_key(p) {
                     s.gaps.push(at);
                 }
             }
         }
-        ports
+        tables.map(|t| t.into_keys().collect())
     }
 
     fn last(&self, k: u8, port: u16) -> Option<Instant> {
@@ -137,51 +148,127 @@ fn short_flows(c: &Cluster, server: SocketAddr) -> BTreeSet<u16> {
         .collect()
 }
 
-fn live_flow(c: &Cluster, server: SocketAddr) -> TrafficClient {
+fn live_flow(c: &Cluster, server: SocketAddr, interval: Duration) -> TrafficClient {
     udp_client(
         c.topology().client(),
         server,
         UdpClientOptions {
-            interval: Duration::from_millis(200),
-            bounds: Bounds::new(2_000, Duration::from_secs(240)),
+            interval,
+            bounds: Bounds::new(3_000, Duration::from_secs(240)),
             ..UdpClientOptions::default()
         },
     )
     .unwrap_or_else(|e| c.fail(&format!("UDP flow through fw1: {e}")))
 }
 
-#[test]
-fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
-    let secs = TIMEOUT.as_secs();
+/// Two members whose UDP sessions time out after `timeout_s`, with a UDP echo server.
+fn lab(tag: &str, timeout_s: u64) -> (Cluster, EchoServer) {
     let c = Cluster::start(
-        "exp-",
+        tag,
         2,
         ClusterOptions {
             keepalive_threshold_ms: Some(KEEPALIVE.as_millis() as u64),
             timeouts: [
-                ("udp-new".to_owned(), secs),
-                ("udp-replied".to_owned(), secs),
+                ("udp-new".to_owned(), timeout_s),
+                ("udp-replied".to_owned(), timeout_s),
             ]
             .into(),
             ..ClusterOptions::default()
         },
     );
     c.wait_pair_active();
-    let server: SocketAddr = (SERVER_V4, UDP_PORT).into();
     let bounds = Bounds::new(100_000, Duration::from_secs(240));
-    let _echo = udp_echo_server(c.topology().server(), server, bounds).expect("UDP echo server");
-    let flow = live_flow(&c, server);
+    let echo = udp_echo_server(c.topology().server(), server(), bounds)
+        .unwrap_or_else(|e| c.fail(&format!("UDP echo server: {e}")));
+    (c, echo)
+}
+
+fn server() -> SocketAddr {
+    (SERVER_V4, UDP_PORT).into()
+}
+
+impl Watch<'_> {
+    /// Waits for the live flow, the one UDP session on both members before any burst; its port.
+    fn live(&mut self) -> u16 {
+        self.until("the live flow on both members", BACK, |t| {
+            t[0].len() == 1 && t[0] == t[1]
+        });
+        let c = self.c;
+        *self.sample()[0]
+            .first()
+            .unwrap_or_else(|| c.fail("no live flow"))
+    }
+
+    /// When, counted from `from`, samples missed `port` on member `k` after it had been listed.
+    fn gaps_since(&self, k: u8, port: u16, from: Instant) -> Vec<Duration> {
+        let gaps = self.seen.get(&(k, port)).map(|s| s.gaps.as_slice());
+        gaps.unwrap_or_default()
+            .iter()
+            .filter(|&&g| g >= from)
+            .map(|g| g.duration_since(from))
+            .collect()
+    }
+
+    /// The samples since `from` that listed `port` on member `k` idle longer than `timeout`,
+    /// counted from `from`, with that idle time: the datapath took it for absent then.
+    fn expired_since(&self, k: u8, port: u16, from: Instant, timeout: Duration) -> Vec<String> {
+        let idle = self.seen.get(&(k, port)).map(|s| s.idle.as_slice());
+        idle.unwrap_or_default()
+            .iter()
+            .filter(|&&(at, idle)| at >= from && idle > timeout)
+            .map(|(at, idle)| format!("at {:?}: idle {idle:?}", at.duration_since(from)))
+            .collect()
+    }
+
+    /// What a live flow's replica on fw2 should never show while the links work: a gap, or an
+    /// idle time past the timeout (the datapath takes such a session for absent).
+    fn replica_lapses(&self, port: u16, from: Instant, timeout: Duration) -> Vec<String> {
+        let gaps = self.gaps_since(2, port, from);
+        let gaps = gaps.iter().map(|g| format!("at {g:?}: missing"));
+        gaps.chain(self.expired_since(2, port, from, timeout))
+            .collect()
+    }
+}
+
+/// A timeout as short as the refresh interval's floor (a second): a live flow's replica must
+/// still not expire between two refreshes.
+#[test]
+fn a_live_flows_replica_outlasts_a_one_second_timeout() {
+    let (c, _echo) = lab("exp1-", 1);
+    // A packet every 400 ms: a refresh a second after the last one comes up to 0.4 s late.
+    let flow = live_flow(&c, server(), Duration::from_millis(400));
     let mut w = Watch {
         c: &c,
         seen: BTreeMap::new(),
     };
-    // The live flow is the one port on both members before any burst.
-    w.until("the live flow on both members", BACK, |t| {
-        t[0].len() == 1 && t[0] == t[1]
-    });
-    let live = *w.sample()[0]
-        .first()
-        .unwrap_or_else(|| c.fail("no live flow"));
+    let live = w.live();
+    let from = Instant::now();
+    w.run(Duration::from_secs(8));
+    let p = flow.stop();
+    assert!(p.fatal.is_none() && p.timeouts == 0, "the live flow: {p:?}");
+    assert!(
+        w.expired_since(1, live, from, Duration::from_secs(1))
+            .is_empty(),
+        "the live flow went idle on fw1 itself"
+    );
+    let lapses = w.replica_lapses(live, from, Duration::from_secs(1));
+    assert!(
+        lapses.is_empty(),
+        "the live flow's replica on fw2 lapsed while its owner kept it ({lapses:?}): \
+         refreshes came too late for a one-second timeout"
+    );
+}
+
+#[test]
+fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
+    let (c, _echo) = lab("exp-", TIMEOUT.as_secs());
+    let server = server();
+    let flow = live_flow(&c, server, Duration::from_millis(200));
+    let mut w = Watch {
+        c: &c,
+        seen: BTreeMap::new(),
+    };
+    let live = w.live();
     let steady_from = Instant::now();
 
     // 1. Links up: a burst replicates and expires on both; the live flow's replica stays.
@@ -192,16 +279,11 @@ fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
     w.until("the first burst to expire on both", TIMEOUT * 4, |t| {
         t.iter().all(|t| t.is_disjoint(&b1))
     });
-    let steady_gaps: Vec<Duration> = w.seen[&(2, live)]
-        .gaps
-        .iter()
-        .filter(|&&g| g >= steady_from)
-        .map(|g| g.duration_since(steady_from))
-        .collect();
+    let lapses = w.replica_lapses(live, steady_from, TIMEOUT);
     assert!(
-        steady_gaps.is_empty(),
-        "the live flow's replica left fw2 while the links worked (at {steady_gaps:?} after \
-         the steady phase began): refreshes did not keep it"
+        lapses.is_empty(),
+        "the live flow's replica on fw2 lapsed while the links worked ({lapses:?}): \
+         refreshes did not keep it"
     );
 
     // 2. A cut shorter than the keepalive threshold: a burst made at its start expires on fw1
@@ -283,7 +365,7 @@ fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
             "port {port} came back on fw{k} after it had gone"
         );
     }
-    let final_tables = [c.table(1), c.table(2)].map(|t| udp_ports(&t));
+    let final_tables = [1, 2].map(|k| udp_idle(&c, k).into_keys().collect::<BTreeSet<_>>());
     assert_eq!(
         final_tables,
         [BTreeSet::from([live]), BTreeSet::from([live])],

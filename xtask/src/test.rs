@@ -65,8 +65,8 @@ fn run_steps(steps: &mut Steps, args: &[String]) -> Result<()> {
 }
 
 /// The side lane of the integration tests: the long fault run, which mostly waits on timers
-/// and faults, then the longest of the others (a failover that waits on keepalive timers), so
-/// the two lanes take about as long.
+/// and faults, then two of the longest others, which also wait on timers (a failover on the
+/// keepalive threshold, expiry on session timeouts), so the two lanes take about as long.
 const SIDE_LANE: [&str; 3] = ["chaos_short", "cluster_failover", "cluster_expiry"];
 
 /// Where the side lane's output is kept (it is printed when the lane ends).

@@ -628,6 +628,7 @@ fn session_table(sessions: &[SessionView]) -> Table {
         "State",
         ">Owner",
         "Zone",
+        ">Idle",
     ]);
     for s in sessions {
         t.row(vec![
@@ -643,6 +644,7 @@ fn session_table(sessions: &[SessionView]) -> Table {
             } else {
                 s.zone.clone()
             },
+            format!("{:.1} s", s.idle_ms as f64 / 1000.0),
         ]);
     }
     t

@@ -256,7 +256,7 @@ fn sessions(count_only: bool, filter: SessionFilter, offset: u64, limit: Option<
     Response::from_result(
         SessionPage::new(count_only, filter, offset, limit, &zones).map(|mut page| {
             for (k, s) in sample_sessions() {
-                page.add(&k, &s);
+                page.add(&k, &s, s.last_seen_ns + 2_000_000_000);
             }
             page.finish(65536, 8192)
         }),

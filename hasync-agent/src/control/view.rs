@@ -270,6 +270,10 @@ pub struct SessionView {
     pub owner: u8,
     /// Zone name; empty when the ingress interface is in no zone.
     pub zone: String,
+    /// Time since the session's last packet when the table was read, in ms (in a replica,
+    /// since the last packet its owner reported); 0 from an agent too old to send it.
+    #[serde(default)]
+    pub idle_ms: u64,
 }
 
 /// The name of `zone`: its configured name (`zones` in id order, id 1 first), empty for
@@ -285,9 +289,9 @@ pub fn zone_name(zones: &[String], zone: ZoneId) -> String {
 }
 
 impl SessionView {
-    /// Renders a SESSIONS entry: addresses and ports as people read them, the initiator as
-    /// `src`.
-    pub fn from(key: &FlowKey, s: &Session, zone_name: &str) -> SessionView {
+    /// Renders a SESSIONS entry as read at `now_ns` (session clock): addresses and ports as
+    /// people read them, the initiator as `src`.
+    pub fn from(key: &FlowKey, s: &Session, zone_name: &str, now_ns: u64) -> SessionView {
         let FlowKey {
             addr_lo: _,
             addr_hi: _,
@@ -314,6 +318,7 @@ impl SessionView {
                 .map_or_else(|| format!("state-{}", s.state), |st| st.name().to_owned()),
             owner: s.owner.0,
             zone: zone_name.to_owned(),
+            idle_ms: now_ns.saturating_sub(s.last_seen_ns) / 1_000_000,
         }
     }
 }
@@ -395,10 +400,11 @@ impl SessionPage {
         })
     }
 
-    /// Counts `s` if it matches, and lists it if it falls in the page.
-    pub fn add(&mut self, key: &FlowKey, s: &Session) {
+    /// Counts `s`, read at `now_ns` (session clock), if it matches, and lists it if it falls
+    /// in the page.
+    pub fn add(&mut self, key: &FlowKey, s: &Session, now_ns: u64) {
         let zone = zone_name(&self.zones, s.zone);
-        let view = SessionView::from(key, s, &zone);
+        let view = SessionView::from(key, s, &zone, now_ns);
         if !self.filter.matches(&view) {
             return;
         }
@@ -415,8 +421,10 @@ impl SessionPage {
 
     /// [`Self::add`] for each key and value of a chunk.
     pub fn add_chunk(&mut self, keys: &[FlowKey], values: &[Session]) {
+        // Read after the chunk: nothing in it is newer.
+        let now = crate::datapath::monotonic_ns();
         for (key, s) in keys.iter().zip(values) {
-            self.add(key, s);
+            self.add(key, s, now);
         }
     }
 
@@ -714,23 +722,27 @@ mod tests {
         // Initiator is the lower endpoint.
         let (k, s) = Flow::tcp("198.18.0.10", 40000, "198.18.1.10", 80)
             .zone(1)
+            .times(1_000_000_000, 5_000_000_000)
             .entry();
         assert!(!s.flags.has(SessionFlags::INITIATOR_HI));
-        let v = SessionView::from(&k, &s, "trust");
+        let v = SessionView::from(&k, &s, "trust", s.last_seen_ns + 1_500_999_999);
         assert_eq!(
             serde_json::to_value(&v).unwrap(),
             serde_json::json!({
                 "proto": "tcp", "src": "198.18.0.10", "sport": 40000,
                 "dst": "198.18.1.10", "dport": 80, "state": "established",
-                "owner": 1, "zone": "trust"
+                "owner": 1, "zone": "trust", "idle_ms": 1500
             })
         );
+        // Seen after the clock was read (a packet during the walk): not idle at all.
+        let v = SessionView::from(&k, &s, "trust", s.last_seen_ns - 1);
+        assert_eq!(v.idle_ms, 0);
         // Initiator is the higher endpoint: a reply-side address compares lower.
         let (k, s) = Flow::udp("198.18.1.10", 5353, "198.18.0.255", 53)
             .owner(2)
             .entry();
         assert!(s.flags.has(SessionFlags::INITIATOR_HI));
-        let v = SessionView::from(&k, &s, "");
+        let v = SessionView::from(&k, &s, "", 0);
         assert_eq!(
             (v.src.to_string(), v.sport, v.dst.to_string(), v.dport),
             ("198.18.1.10".into(), 5353, "198.18.0.255".into(), 53)
@@ -747,7 +759,7 @@ mod tests {
             .state(State::SynSent)
             .owner(3)
             .entry();
-        let v = SessionView::from(&k, &s, "untrust");
+        let v = SessionView::from(&k, &s, "untrust", 0);
         assert_eq!(v.src, "2001:db8::2".parse::<IpAddr>().unwrap());
         assert_eq!(v.dst, "2001:db8::1".parse::<IpAddr>().unwrap());
         assert_eq!(
@@ -756,13 +768,13 @@ mod tests {
         );
 
         let (k, s) = Flow::icmp("10.0.0.1", "10.0.0.2", 77).entry();
-        let v = SessionView::from(&k, &s, "trust");
+        let v = SessionView::from(&k, &s, "trust", 0);
         assert_eq!((v.proto.as_str(), v.sport, v.dport), ("icmp", 77, 77));
 
         let (mut k, mut s) = (k, s);
         k.proto = 132;
         s.state = 42;
-        let v = SessionView::from(&k, &s, "trust");
+        let v = SessionView::from(&k, &s, "trust", 0);
         assert_eq!(
             (v.proto.as_str(), v.state.as_str()),
             ("proto-132", "state-42")
@@ -916,7 +928,7 @@ mod tests {
         let mut count =
             SessionPage::new(true, SessionFilter::default(), 0, None, &zones()).unwrap();
         for (k, s) in table() {
-            count.add(&k, &s);
+            count.add(&k, &s, 0);
         }
         let v = count.finish(1024, 128);
         assert_eq!(v.sessions, None);

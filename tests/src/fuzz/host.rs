@@ -339,7 +339,7 @@ fn answer(request: Request) -> Response {
             let page = SessionPage::new(count_only, filter, offset, limit, &zones);
             Response::from_result(page.map(|mut page| {
                 for (key, session) in sample_sessions() {
-                    page.add(&key, &session);
+                    page.add(&key, &session, session.last_seen_ns);
                 }
                 page.finish(65536, 8192)
             }))

@@ -246,10 +246,10 @@ warning: zones differ from member 12's (only here: dmz)
             .await
             .unwrap(),
         "\
-Proto  Source       Sport  Destination   Dport  State        Owner  Zone
-tcp    198.18.0.10  40000  198.18.1.10     443  established      1  trust
-udp    198.18.1.10   5353  198.18.0.255     53  udp-replied      2  untrust
-tcp    198.18.0.11  40001  198.18.1.10      22  syn-sent         1  -
+Proto  Source       Sport  Destination   Dport  State        Owner  Zone      Idle
+tcp    198.18.0.10  40000  198.18.1.10     443  established      1  trust    2.0 s
+udp    198.18.1.10   5353  198.18.0.255     53  udp-replied      2  untrust  2.0 s
+tcp    198.18.0.11  40001  198.18.1.10      22  syn-sent         1  -        2.0 s
 
 3 sessions (member 1: 2, member 2: 1)
 "
@@ -263,8 +263,8 @@ tcp    198.18.0.11  40001  198.18.1.10      22  syn-sent         1  -
         .await
         .unwrap(),
         "\
-Proto  Source       Sport  Destination   Dport  State        Owner  Zone
-udp    198.18.1.10   5353  198.18.0.255     53  udp-replied      2  untrust
+Proto  Source       Sport  Destination   Dport  State        Owner  Zone      Idle
+udp    198.18.1.10   5353  198.18.0.255     53  udp-replied      2  untrust  2.0 s
 
 3 sessions (member 1: 2, member 2: 1)
 showing 2–2 of 3; use --offset/--limit
