@@ -25,6 +25,10 @@ pub struct ChaosArgs {
     /// The members' `[local] forwarding`: `kernel` or `xdp`.
     #[arg(long, default_value = "kernel")]
     pub forwarding: String,
+    /// UDP session timeout in seconds, 5–3600: below an hour, sessions expire during the
+    /// faults and the run checks that none is held past it.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    pub udp_timeout: u64,
 }
 
 /// Builds the agent (release: 16 debug agents would starve a small host) and runs the long
@@ -37,6 +41,7 @@ pub fn chaos(root: &Path, args: &ChaosArgs) -> Result<()> {
         .args(["--duration", &args.duration.to_string()])
         .args(["--seed", &args.seed.to_string()])
         .args(["--forwarding", &args.forwarding])
+        .args(["--udp-timeout", &args.udp_timeout.to_string()])
         .arg("--out")
         .arg(&args.out);
     cmd::run(&mut run)

@@ -29,6 +29,10 @@ struct Args {
     /// The members' `[local] forwarding`.
     #[arg(long, value_enum, default_value_t = Forwarding::Kernel)]
     forwarding: Forwarding,
+    /// UDP session timeout in seconds (`udp-new`, `udp-replied`), 5–3600: below an hour,
+    /// sessions expire during the faults and the run also checks that none is held past it.
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    udp_timeout: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Forwarding::Kernel => ForwardingName::Kernel,
         Forwarding::Xdp => ForwardingName::Xdp,
     };
+    profile.udp_timeout = Duration::from_secs(args.udp_timeout);
     let report = run(&profile);
     println!("{}", report.text());
     if let Err(e) = std::fs::write(&args.out, report.markdown()) {

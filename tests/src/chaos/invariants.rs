@@ -8,6 +8,8 @@
 //! - Full syncs: the full syncs a member sends one peer stay under a bound set by the faults
 //!   that touched either of them (a storm of them breaks it).
 //! - No panic: no agent log says `panicked`, and no agent exits unless the harness ended it.
+//! - Expiry (when UDP sessions time out within the run): no member holds a UDP session idle
+//!   past the timeout and a slack for its sweep ([`overdue`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hasync_agent::control::SessionFilter;
+use hasync_agent::control::{view::SessionView, SessionFilter};
 
 use crate::cluster::{Cluster, Row, Table};
 
@@ -238,6 +240,44 @@ pub fn changes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     out
 }
 
+/// The sessions of `views` that are UDP and idle longer than `timeout + slack`: the datapath
+/// has taken them for absent since `timeout`, and the sweep should have freed them.
+pub fn overdue_in(views: &[SessionView], timeout: Duration, slack: Duration) -> Vec<&SessionView> {
+    let bound = timeout + slack;
+    views
+        .iter()
+        .filter(|v| v.proto == "udp" && Duration::from_millis(v.idle_ms) > bound)
+        .collect()
+}
+
+/// One line per member of `members` that holds UDP sessions [`overdue_in`], with an example.
+pub fn overdue(
+    c: &Cluster,
+    members: &[u8],
+    timeout: Duration,
+    slack: Duration,
+) -> Result<Vec<String>, String> {
+    let udp = SessionFilter {
+        proto: Some("udp".into()),
+        ..SessionFilter::default()
+    };
+    let mut lines = Vec::new();
+    for &k in members {
+        let views = c.try_sessions(k, udp.clone())?.sessions.unwrap_or_default();
+        let late = overdue_in(&views, timeout, slack);
+        if let Some(v) = late.first() {
+            lines.push(format!(
+                "fw{k} holds {} UDP sessions idle past {timeout:?} + {slack:?} (e.g. {}, idle \
+                 {:.1} s)",
+                late.len(),
+                Row::from(*v),
+                v.idle_ms as f64 / 1000.0
+            ));
+        }
+    }
+    Ok(lines)
+}
+
 /// One agent's resident memory (KiB) and open descriptors, from /proc.
 pub fn resources(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -316,6 +356,30 @@ mod tests {
         assert_eq!(m.missing, 1);
         assert_eq!(m.lines.len(), 1, "{m:?}");
         assert!(m.lines[0].starts_with("fw3's replicas of fw1"), "{m:?}");
+    }
+
+    #[test]
+    fn only_udp_sessions_idle_past_the_timeout_and_slack_are_overdue() {
+        let view = |proto: &str, idle_ms: u64| SessionView {
+            proto: proto.into(),
+            src: "198.18.0.101".parse().expect("ip"),
+            sport: 1,
+            dst: "198.18.1.101".parse().expect("ip"),
+            dport: 7601,
+            state: "udp-replied".into(),
+            owner: 1,
+            zone: "trust".into(),
+            idle_ms,
+        };
+        let views = [
+            view("udp", 12_000),
+            view("udp", 12_001),
+            view("tcp", 60_000),
+        ];
+        let (t, slack) = (Duration::from_secs(10), Duration::from_secs(2));
+        let late = overdue_in(&views, t, slack);
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].idle_ms, 12_001);
     }
 
     #[test]

@@ -63,7 +63,19 @@ pub struct Profile {
     pub fd_bound: u64,
     /// The members' `[local] forwarding`.
     pub forwarding: ForwardingName,
+    /// `udp-new` and `udp-replied`: an hour (nothing expires during a run) unless a run asks
+    /// for expiry under the faults; then [`invariants::overdue`] is checked too.
+    pub udp_timeout: Duration,
 }
+
+/// The UDP timeout of a run that checks no expiry: sessions outlive it, so tables move only
+/// with the faults.
+pub const NO_EXPIRY: Duration = Duration::from_secs(3600);
+
+/// How long past the UDP timeout a session may stay in a table: a sweep pass starts within a
+/// second of an expiry and the run's tables take well under a second to walk; a member back
+/// from SIGSTOP or a restart needs its first pass.
+pub const EXPIRY_SLACK: Duration = Duration::from_secs(3);
 
 impl Profile {
     /// The profile `cargo xtask test` runs: 3 members, every fault kind once, a few minutes.
@@ -87,6 +99,7 @@ impl Profile {
             rss_bound_kib: 256 * 1024,
             fd_bound: 0,
             forwarding: ForwardingName::Kernel,
+            udp_timeout: NO_EXPIRY,
         }
         .with_fd_bound()
     }
@@ -121,19 +134,20 @@ impl Profile {
 
     fn options(&self) -> ClusterOptions {
         let ms = u64::try_from(self.keepalive.as_millis()).unwrap_or(u64::MAX);
+        let udp = self.udp_timeout.as_secs();
         ClusterOptions {
             forwarding: self.forwarding,
             keepalive_threshold_ms: Some(ms),
             tentative_hold_s: Some(0),
-            // Sessions outlive the run: expiry is not what this checks, and it would make
-            // tables move under the comparisons.
-            timeouts: [
-                ("udp-new".to_owned(), 3600),
-                ("udp-replied".to_owned(), 3600),
-            ]
-            .into(),
+            timeouts: [("udp-new".to_owned(), udp), ("udp-replied".to_owned(), udp)].into(),
             ..ClusterOptions::default()
         }
+    }
+
+    /// Whether UDP sessions expire during the run (the lanes' own flows do not: they send
+    /// every 250 ms).
+    pub fn expires(&self) -> bool {
+        self.udp_timeout < NO_EXPIRY
     }
 }
 
@@ -323,6 +337,9 @@ impl Runner<'_> {
                 ));
             }
         }
+        if self.p.expires() {
+            self.check_expiry(after);
+        }
         for (k, table) in &conv.snapshot {
             for (i, _) in self.lanes.vias() {
                 if !table.iter().any(|r| lanes::is_lane_tcp(r, i)) {
@@ -333,6 +350,28 @@ impl Runner<'_> {
             }
         }
         conv.took
+    }
+
+    /// No member holds a UDP session past the timeout and the slack, polled for a few seconds
+    /// (a member just back from SIGSTOP sweeps its backlog first).
+    fn check_expiry(&mut self, after: &str) {
+        let (members, timeout) = (self.members(), self.p.udp_timeout);
+        let start = Instant::now();
+        let last = loop {
+            let found = invariants::overdue(self.c, &members, timeout, EXPIRY_SLACK);
+            match found {
+                Ok(lines) if lines.is_empty() => return,
+                Ok(lines) => {
+                    if start.elapsed() >= EXPIRY_SLACK * 2 {
+                        break lines.join("; ");
+                    }
+                }
+                Err(e) if start.elapsed() >= EXPIRY_SLACK * 2 => break e,
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        self.violation(format!("after {after}: expired sessions held: {last}"));
     }
 
     /// End-of-run checks: panics, broken lanes, stalls, full syncs.
@@ -358,6 +397,7 @@ impl Runner<'_> {
         self.report.members = p.members;
         self.report.lanes = p.lanes;
         self.report.seed = p.seed;
+        self.report.udp_timeout = p.expires().then_some(p.udp_timeout);
         self.report.convergence_bound = p.convergence_bound;
         self.report.stall_bound = p.stall_bound;
         self.report.rss_bound_kib = p.rss_bound_kib;

@@ -18,6 +18,8 @@ pub struct Report {
     pub members: u8,
     pub lanes: u8,
     pub seed: u64,
+    /// The UDP timeout, when sessions expired during the run.
+    pub udp_timeout: Option<Duration>,
     pub wall: Duration,
     pub convergence_bound: Duration,
     pub stall_bound: Duration,
@@ -72,9 +74,12 @@ impl Report {
     /// The summary table (Markdown), then one row per fault kind.
     pub fn markdown(&self) -> String {
         let mut t = String::new();
+        let expiry = self.udp_timeout.map_or_else(String::new, |d| {
+            format!(", UDP sessions expiring after {} s", d.as_secs())
+        });
         let _ = writeln!(
             t,
-            "Chaos run: {} members, {} lanes, seed {}, {:.0} s wall time.\n",
+            "Chaos run: {} members, {} lanes, seed {}, {:.0} s wall time{expiry}.\n",
             self.members,
             self.lanes,
             self.seed,
