@@ -250,6 +250,15 @@ pub fn overdue_in(views: &[SessionView], timeout: Duration, slack: Duration) -> 
         .collect()
 }
 
+/// Member `k`'s UDP sessions, with their idle times.
+fn udp_views(c: &Cluster, k: u8) -> Result<Vec<SessionView>, String> {
+    let udp = SessionFilter {
+        proto: Some("udp".into()),
+        ..SessionFilter::default()
+    };
+    Ok(c.try_sessions(k, udp)?.sessions.unwrap_or_default())
+}
+
 /// One line per member of `members` that holds UDP sessions [`overdue_in`], with an example.
 pub fn overdue(
     c: &Cluster,
@@ -257,13 +266,9 @@ pub fn overdue(
     timeout: Duration,
     slack: Duration,
 ) -> Result<Vec<String>, String> {
-    let udp = SessionFilter {
-        proto: Some("udp".into()),
-        ..SessionFilter::default()
-    };
     let mut lines = Vec::new();
     for &k in members {
-        let views = c.try_sessions(k, udp.clone())?.sessions.unwrap_or_default();
+        let views = udp_views(c, k)?;
         let late = overdue_in(&views, timeout, slack);
         if let Some(v) = late.first() {
             lines.push(format!(
@@ -276,6 +281,43 @@ pub fn overdue(
         }
     }
     Ok(lines)
+}
+
+/// Per member, each UDP session's 5-tuple and idle time.
+pub type Idle = BTreeMap<u8, BTreeMap<RowKey, Duration>>;
+
+/// [`Idle`] of `members`, read now.
+pub fn udp_idle(c: &Cluster, members: &[u8]) -> Result<Idle, String> {
+    members
+        .iter()
+        .map(|&k| {
+            let views = udp_views(c, k)?;
+            let idle = views
+                .iter()
+                .map(|v| (row_key(&Row::from(v)), Duration::from_millis(v.idle_ms)))
+                .collect();
+            Ok((k, idle))
+        })
+        .collect()
+}
+
+/// Adds to `keys`, per member, the sessions `idle` listed that may have expired `elapsed`
+/// later under `timeout` (with a second's margin for the reads): those may have left a table
+/// without anything being wrong.
+pub fn add_expiring(
+    keys: &mut BTreeMap<u8, BTreeSet<RowKey>>,
+    idle: &Idle,
+    timeout: Duration,
+    elapsed: Duration,
+) {
+    let margin = Duration::from_secs(1);
+    for (&k, sessions) in idle {
+        let expiring = sessions
+            .iter()
+            .filter(|(_, &i)| i + elapsed + margin >= timeout)
+            .map(|(key, _)| key.clone());
+        keys.entry(k).or_default().extend(expiring);
+    }
 }
 
 /// One agent's resident memory (KiB) and open descriptors, from /proc.
@@ -380,6 +422,16 @@ mod tests {
         let late = overdue_in(&views, t, slack);
         assert_eq!(late.len(), 1);
         assert_eq!(late[0].idle_ms, 12_001);
+    }
+
+    #[test]
+    fn sessions_that_may_expire_meanwhile_are_set_aside() {
+        let key = |port: u16| row_key(&row(port, 1));
+        let s = Duration::from_secs;
+        let idle: Idle = [(1, [(key(1), s(3)), (key(2), s(8)), (key(3), s(9))].into())].into();
+        let mut keys = BTreeMap::from([(1, BTreeSet::from([key(7)]))]);
+        add_expiring(&mut keys, &idle, s(15), s(6));
+        assert_eq!(keys[&1], BTreeSet::from([key(2), key(3), key(7)]));
     }
 
     #[test]
