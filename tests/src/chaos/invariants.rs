@@ -259,16 +259,20 @@ fn udp_views(c: &Cluster, k: u8) -> Result<Vec<SessionView>, String> {
     Ok(c.try_sessions(k, udp)?.sessions.unwrap_or_default())
 }
 
-/// One line per member of `members` that holds UDP sessions [`overdue_in`], with an example.
+/// One line per member of `members` that holds UDP sessions [`overdue_in`], with an example;
+/// and the longest idle time of all the members' UDP sessions.
 pub fn overdue(
     c: &Cluster,
     members: &[u8],
     timeout: Duration,
     slack: Duration,
-) -> Result<Vec<String>, String> {
+) -> Result<(Vec<String>, Duration), String> {
     let mut lines = Vec::new();
+    let mut oldest = Duration::ZERO;
     for &k in members {
         let views = udp_views(c, k)?;
+        let idle = views.iter().map(|v| Duration::from_millis(v.idle_ms));
+        oldest = oldest.max(idle.max().unwrap_or_default());
         let late = overdue_in(&views, timeout, slack);
         if let Some(v) = late.first() {
             lines.push(format!(
@@ -280,7 +284,7 @@ pub fn overdue(
             ));
         }
     }
-    Ok(lines)
+    Ok((lines, oldest))
 }
 
 /// Per member, each UDP session's 5-tuple and idle time.

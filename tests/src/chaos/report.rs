@@ -20,6 +20,9 @@ pub struct Report {
     pub seed: u64,
     /// The UDP timeout, when sessions expired during the run.
     pub udp_timeout: Option<Duration>,
+    /// With expiry: the longest a UDP session any checkpoint found had been idle, and its bound
+    /// (the timeout and the sweep's slack).
+    pub oldest_udp: Option<(Duration, Duration)>,
     pub wall: Duration,
     pub convergence_bound: Duration,
     pub stall_bound: Duration,
@@ -112,9 +115,9 @@ impl Report {
     }
 
     /// The summary table's rows: figure, value, bound.
-    fn summary_rows(&self) -> [(&'static str, String, String); 9] {
+    fn summary_rows(&self) -> Vec<(&'static str, String, String)> {
         let times = self.convergence_times();
-        [
+        let mut rows = vec![
             (
                 "faults applied",
                 self.applied.len().to_string(),
@@ -155,8 +158,13 @@ impl Report {
                 self.most_full_syncs.0.to_string(),
                 self.most_full_syncs.1.to_string(),
             ),
-            ("violations", self.violations.len().to_string(), "0".into()),
-        ]
+        ];
+        if let Some((oldest, bound)) = self.oldest_udp {
+            let (oldest, bound) = (secs(Some(oldest)), secs(Some(bound)));
+            rows.push(("oldest UDP session held", oldest, bound));
+        }
+        rows.push(("violations", self.violations.len().to_string(), "0".into()));
+        rows
     }
 
     /// The table, then the violations and notes, for a terminal.
