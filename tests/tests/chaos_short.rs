@@ -1,7 +1,8 @@
 //! The short chaos profile: a 3-member cluster with TCP and UDP lanes through every member
 //! takes every fault kind once (partitions, loss, SIGSTOP, SIGKILL, a rolling restart,
-//! re-steering, a connection flood, a hostile authenticated peer, a session flood), and every
-//! invariant holds: replicas converge to their owners' tables within 30 s with nothing lost,
+//! re-steering, a connection flood, a hostile authenticated peer, a session flood) while UDP
+//! sessions time out after 20 s, and every invariant holds: replicas converge to their
+//! owners' tables within 30 s with nothing lost, no member holds an expired session,
 //! the lanes' TCP connections survive every re-steer, agents stay within their memory and
 //! descriptor bounds, full syncs stay under their bound, nothing panics.
 //! `cargo xtask chaos` runs the long profile.
