@@ -30,7 +30,7 @@ use hasync_agent::{
     datapath::{batch::obj_get, monotonic_ns, BatchMap},
     lab::{
         netns::run_in,
-        topology::{test_prefix, Topology, CLIENT_V4, SERVER_V4},
+        topology::{test_prefix, Link, Topology, CLIENT_V4, SERVER_V4},
         traffic::{tcp_client, Bounds, TcpClientOptions, TrafficClient},
         ClusterOptions, LabCluster,
     },
@@ -417,6 +417,19 @@ impl Cluster {
         for (ks, vs) in keys.chunks(4096).zip(values.chunks(4096)) {
             map.update_batch(ks, vs, 0)
                 .unwrap_or_else(|e| self.fail(&format!("filling fw{k}'s table: {e}")));
+        }
+    }
+
+    /// Cuts (`on`) or restores member `k`'s HA4 and HA4 backup: nftables inside the member
+    /// drops everything on both, the links stay up.
+    pub fn cut_sync_links(&self, k: u8, on: bool) {
+        for link in [Link::Ha4, Link::Ha4Backup] {
+            let done = if on {
+                self.topology().drop_with_nft(k, link, 100)
+            } else {
+                self.topology().undrop_nft(k, link)
+            };
+            done.unwrap_or_else(|e| self.fail(&format!("{link} on fw{k}: {e}")));
         }
     }
 

@@ -22,7 +22,7 @@ use std::{
 
 use hasync_agent::control::SessionFilter;
 use hasync_agent::lab::{
-    topology::{Link, SERVER_V4},
+    topology::SERVER_V4,
     traffic::{udp_client, udp_echo_server, Bounds, EchoServer, TrafficClient, UdpClientOptions},
     ClusterOptions,
 };
@@ -59,17 +59,6 @@ fn udp_idle(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
         .filter(|s| s.dport == UDP_PORT)
         .map(|s| (s.sport, Duration::from_millis(s.idle_ms)))
         .collect()
-}
-
-fn cut(c: &Cluster, on: bool) {
-    for link in [Link::Ha4, Link::Ha4Backup] {
-        let done = if on {
-            c.topology().drop_with_nft(2, link, 100)
-        } else {
-            c.topology().undrop_nft(2, link)
-        };
-        done.unwrap_or_else(|e| c.fail(&format!("{link} on fw2: {e}")));
-    }
 }
 
 /// What the samples of one member's table showed of one UDP port.
@@ -289,11 +278,11 @@ fn steady(w: &mut Watch, live: u16) -> BTreeSet<u16> {
 /// Cuts both sync links, makes a burst, holds the cut until `hold` says so (sampling), heals
 /// it and waits for the live flow's replica on fw2.
 fn dark(w: &mut Watch, live: u16, what: &str, hold: impl FnOnce(&mut Watch)) -> Dark {
-    cut(w.c, true);
+    w.c.cut_sync_links(2, true);
     let from = Instant::now();
     let burst = short_flows(w.c, server());
     hold(w);
-    cut(w.c, false);
+    w.c.cut_sync_links(2, false);
     let healed = Instant::now();
     w.until(
         &format!("the live flow's replica back on fw2 after the {what}"),

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use hasync_agent::lab::{topology::Link, ClusterOptions};
+use hasync_agent::lab::ClusterOptions;
 use hasync_tests::cluster::Cluster;
 
 /// Sessions each member gains while cut off.
@@ -15,17 +15,6 @@ const PER_MEMBER: u32 = 300_000;
 /// Bound for convergence after the heal (an invariant, not a speed target: the figure is
 /// printed; `cargo xtask chaos` reports its distribution).
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn cut(c: &Cluster, on: bool) {
-    for link in [Link::Ha4, Link::Ha4Backup] {
-        let done = if on {
-            c.topology().drop_with_nft(2, link, 100)
-        } else {
-            c.topology().undrop_nft(2, link)
-        };
-        done.unwrap_or_else(|e| c.fail(&format!("{link} on fw2: {e}")));
-    }
-}
 
 #[test]
 fn a_healed_partition_converges_without_echoing_sessions_to_their_owner() {
@@ -42,7 +31,7 @@ fn a_healed_partition_converges_without_echoing_sessions_to_their_owner() {
     for k in [1, 2] {
         c.wait_active(k, Duration::from_secs(20));
     }
-    cut(&c, true);
+    c.cut_sync_links(2, true);
     for (k, of) in [(1, 2), (2, 1)] {
         c.wait(
             &format!("fw{k} to declare fw{of} down"),
@@ -57,7 +46,7 @@ fn a_healed_partition_converges_without_echoing_sessions_to_their_owner() {
         c.fill_table(k, k, PER_MEMBER);
     }
     let healed = Instant::now();
-    cut(&c, false);
+    c.cut_sync_links(2, false);
     // Polled through the statistics, which cost the agents nothing (counting sessions by owner
     // walks the whole table); the tables are checked once after.
     let converged = c.wait("both full syncs after the heal to end", CONVERGE, || {
