@@ -134,12 +134,7 @@ impl<'a> SessionEnd<'a> {
             owner,
             zone,
             idle_ms: _,
-        } = SessionView::from(
-            &self.key,
-            &self.session,
-            self.zone,
-            self.session.last_seen_ns,
-        );
+        } = SessionView::from(&self.key, &self.session, self.zone);
         let s = &self.session;
         TrafficRecord {
             proto,

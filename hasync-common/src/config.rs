@@ -103,8 +103,9 @@ pub const REFRESH_BYTES_SHIFT: u32 = 30;
 pub struct DatapathConfig {
     /// Idle timeout per [`crate::State`], in nanoseconds.
     pub timeouts_ns: [u64; STATE_COUNT],
-    /// The shortest interval between two refresh events of one session, in nanoseconds; a
-    /// state's own interval is longer when its timeout is ([`DatapathConfig::refresh_ns`]).
+    /// The floor of the interval between two refresh events of one session, in nanoseconds:
+    /// a state's own interval is longer when its timeout is, and shorter only when the floor
+    /// is more than half the timeout ([`DatapathConfig::refresh_ns`]).
     pub refresh_interval_ns: u64,
     /// This member's id, owner of the sessions it creates; [`MemberId::NONE`] until the agent
     /// configures the datapath.
@@ -278,11 +279,15 @@ mod tests {
     fn the_configured_interval_is_a_floor_and_a_state_without_timeout_has_only_the_floor() {
         let mut cfg = DatapathConfig::with_defaults(MemberId(1));
         cfg.refresh_interval_ns = 60 * S;
-        assert_eq!(cfg.refresh_ns(State::UdpReplied as u8), 60 * S);
-        cfg.refresh_interval_ns = 0;
+        // Established: 3600 s, capped at 30 s, under the floor (and half the timeout).
+        assert_eq!(cfg.refresh_ns(State::Established as u8), 60 * S);
+        // A state with no timeout (expired at once), or one this build does not know (no
+        // timeout, hence no share): the floor.
         cfg.timeouts_ns[State::UdpNew as usize] = 0;
+        assert_eq!(cfg.refresh_ns(State::UdpNew as u8), 60 * S);
+        assert_eq!(cfg.refresh_ns(u8::MAX), 60 * S);
+        cfg.refresh_interval_ns = 0;
         assert_eq!(cfg.refresh_ns(State::UdpNew as u8), 0);
-        // A state this build does not know has no timeout, hence no share.
         assert_eq!(cfg.refresh_ns(u8::MAX), 0);
     }
 }

@@ -60,8 +60,9 @@ pub const LOCAL: MemberId = MemberId(1);
 
 pub use hasync_agent::datapath::monotonic_ns;
 
-/// The config fixtures start from: the firewall defaults for member 1, but refresh events only
-/// once a minute, so a row's frames never race the refresh interval.
+/// The config fixtures start from: the firewall defaults for member 1, but a refresh floor of a
+/// minute (a state's interval is then a minute, or half its timeout when that is shorter), so
+/// a row's frames never race the refresh interval.
 pub fn fixture_config() -> DatapathConfig {
     let mut cfg = DatapathConfig::with_defaults(LOCAL);
     cfg.refresh_interval_ns = 60_000_000_000;

@@ -1,12 +1,14 @@
 //! Expiry across a cluster, through partitions that heal. UDP sessions time out after a few
 //! seconds; a long-lived UDP flow runs through fw1 the whole test and bursts of short flows
 //! come and go. Both tables are sampled every 200 ms, and the test checks:
-//! - a live flow's replica never expires on fw2 while the link works (refreshes reach it in
-//!   time), and comes back within a bound after each heal (it expires during a cut longer than
-//!   the timeout);
-//! - a short flow leaves fw2's table no later than a slack after it left its owner's, or after
-//!   the heal of a cut that held its removal back: a replica never outlives its owner's copy
-//!   (no resurrection by a late record, a resend or a full sync);
+//! - a live flow's replica never lapses on fw2 (missing, or idle past the timeout) while the
+//!   link works (refreshes reach it in time); it lapses during each cut, which is longer than
+//!   the timeout, and is back, live, within a bound after each heal;
+//! - a burst replicated before a cut expires on fw2 by fw2's own clock, as late as on its
+//!   owner at most, without the owner's removal, and never comes back (neither the delayed
+//!   removal nor the full sync brings it);
+//! - a burst made during a cut leaves fw2 no later than a slack after records flow again (a
+//!   record written before the heal may bring it back for the moment its removal follows);
 //! - at the end no member holds a short flow.
 //!
 //! Two cuts of both sync links (nftables drops everything on fw2's): one shorter than the
@@ -29,15 +31,13 @@ use hasync_agent::lab::{
 use hasync_tests::cluster::{udp_flows, Cluster};
 
 const UDP_PORT: u16 = 7801;
-/// `udp-new` and `udp-replied`: a refresh every second (the shortest interval), well inside
-/// the timeout.
+/// `udp-new` and `udp-replied`: a refresh every second (the floor), well inside the timeout.
 const TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(10);
-/// Below the keepalive threshold; long enough for a burst made at its start to expire on fw1
-/// (the timeout, and a second or so for the sweep to find it).
-const SHORT_CUT: Duration = Duration::from_secs(8);
-/// How much later than its owner's copy (or than a heal) a replica may leave: each member's
-/// sweep finds an expired session within a second or so of its expiry.
+/// Past the timeout, 3 s short of the keepalive threshold (checked: no member goes down).
+const SHORT_CUT: Duration = Duration::from_secs(7);
+/// How much later than its owner's copy (or than records flowing again) a replica may leave:
+/// each member's sweep removes an expired session it has seen within a pass and a second.
 const SLACK: Duration = Duration::from_millis(2_500);
 /// After a heal: the stalled connection's retransmissions, or a new connection and a full
 /// sync, bring the live flow's replica back.
@@ -46,7 +46,7 @@ const SAMPLE: Duration = Duration::from_millis(200);
 const BURST: usize = 8;
 
 /// Member `k`'s UDP sessions to the echo port: source port and idle time.
-fn udp_idle(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
+fn udp_sessions(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
     let filter = SessionFilter {
         proto: Some("udp".into()),
         port: Some(UDP_PORT),
@@ -57,7 +57,12 @@ fn udp_idle(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
         .iter()
         .flatten()
         .filter(|s| s.dport == UDP_PORT)
-        .map(|s| (s.sport, Duration::from_millis(s.idle_ms)))
+        .map(|s| {
+            let idle = s
+                .idle_ms
+                .unwrap_or_else(|| c.fail("a session without its idle time"));
+            (s.sport, Duration::from_millis(idle))
+        })
         .collect()
 }
 
@@ -70,6 +75,18 @@ struct Seen {
     gaps: Vec<Instant>,
     /// The idle time each sample listed.
     idle: Vec<(Instant, Duration)>,
+}
+
+/// Each member's UDP sessions to the echo port in one sample: source port and idle time.
+type Tables = [BTreeMap<u16, Duration>; 2];
+
+/// Does `t` list every port of `ports`? None of them?
+fn all_in(ports: &BTreeSet<u16>, t: &BTreeMap<u16, Duration>) -> bool {
+    ports.iter().all(|p| t.contains_key(p))
+}
+
+fn none_in(ports: &BTreeSet<u16>, t: &BTreeMap<u16, Duration>) -> bool {
+    !ports.iter().any(|p| t.contains_key(p))
 }
 
 /// Both members' tables, sampled.
@@ -89,7 +106,7 @@ impl Watch<'_> {
     }
 
     /// Samples until `done` holds for the latest tables, for at most `bound`.
-    fn until(&mut self, what: &str, bound: Duration, done: impl Fn(&[BTreeSet<u16>; 2]) -> bool) {
+    fn until(&mut self, what: &str, bound: Duration, done: impl Fn(&Tables) -> bool) {
         let start = Instant::now();
         loop {
             let now = self.sample();
@@ -106,11 +123,11 @@ impl Watch<'_> {
         }
     }
 
-    /// Each member's UDP sessions to the echo port: source port and idle time.
-    fn sample(&mut self) -> [BTreeSet<u16>; 2] {
-        let tables = [1, 2].map(|k| udp_idle(self.c, k));
-        let at = Instant::now();
-        for (k, listed) in [(1u8, &tables[0]), (2, &tables[1])] {
+    /// Each member's UDP sessions to the echo port, each stamped when its read returned.
+    fn sample(&mut self) -> Tables {
+        let tables = [1, 2].map(|k| (udp_sessions(self.c, k), Instant::now()));
+        for (k, (listed, at)) in [(1u8, &tables[0]), (2, &tables[1])] {
+            let at = *at;
             for (&p, &idle) in listed {
                 let s = self.seen.entry((k, p)).or_default();
                 s.last = Some(at);
@@ -122,7 +139,7 @@ impl Watch<'_> {
                 }
             }
         }
-        tables.map(|t| t.into_keys().collect())
+        tables.map(|(t, _)| t)
     }
 
     fn last(&self, k: u8, port: u16) -> Option<Instant> {
@@ -180,11 +197,12 @@ impl Watch<'_> {
     /// Waits for the live flow, the one UDP session on both members before any burst; its port.
     fn live(&mut self) -> u16 {
         self.until("the live flow on both members", BACK, |t| {
-            t[0].len() == 1 && t[0] == t[1]
+            t[0].len() == 1 && t[0].keys().eq(t[1].keys())
         });
         let c = self.c;
         *self.sample()[0]
-            .first()
+            .keys()
+            .next()
             .unwrap_or_else(|| c.fail("no live flow"))
     }
 
@@ -224,8 +242,9 @@ impl Watch<'_> {
 #[test]
 fn a_live_flows_replica_outlasts_a_one_second_timeout() {
     let (c, _echo) = lab("exp1-", 1);
-    // A packet every 400 ms: a refresh a second after the last one comes up to 0.4 s late.
-    let flow = live_flow(&c, server(), Duration::from_millis(400));
+    // A packet every 300 ms: a refresh is due half a second after the last one and goes with
+    // the packet at 0.6 s (at 1.2 s with the old floor of a second).
+    let flow = live_flow(&c, server(), Duration::from_millis(300));
     let mut w = Watch {
         c: &c,
         seen: BTreeMap::new(),
@@ -248,23 +267,22 @@ fn a_live_flows_replica_outlasts_a_one_second_timeout() {
     );
 }
 
-/// A cut of both sync links: from when it began until the link carried records again (the
-/// live flow's replica back on fw2), and the burst made at its start.
+/// A cut of both sync links: from when it began until records flowed again (the live flow's
+/// replica back and live on fw2); the burst replicated just before it, and the one made at its
+/// start.
 struct Dark {
     from: Instant,
     until: Instant,
-    burst: BTreeSet<u16>,
+    before: BTreeSet<u16>,
+    during: BTreeSet<u16>,
 }
 
 /// Links up: a burst replicates and expires on both members; the live flow's replica stays.
 fn steady(w: &mut Watch, live: u16) -> BTreeSet<u16> {
     let from = Instant::now();
-    let burst = short_flows(w.c, server());
-    w.until("the first burst on both members", BACK, |t| {
-        burst.is_subset(&t[0]) && burst.is_subset(&t[1])
-    });
+    let burst = replicated_burst(w);
     w.until("the first burst to expire on both", TIMEOUT * 4, |t| {
-        t.iter().all(|t| t.is_disjoint(&burst))
+        t.iter().all(|t| none_in(&burst, t))
     });
     let lapses = w.replica_lapses(live, from, TIMEOUT);
     assert!(
@@ -275,19 +293,34 @@ fn steady(w: &mut Watch, live: u16) -> BTreeSet<u16> {
     burst
 }
 
-/// Cuts both sync links, makes a burst, holds the cut until `hold` says so (sampling), heals
-/// it and waits for the live flow's replica on fw2.
+/// A burst through fw1, once fw2 holds it too.
+fn replicated_burst(w: &mut Watch) -> BTreeSet<u16> {
+    let burst = short_flows(w.c, server());
+    w.until("a burst on both members", BACK, |t| {
+        all_in(&burst, &t[0]) && all_in(&burst, &t[1])
+    });
+    burst
+}
+
+/// Makes a burst and waits for its replicas; cuts both sync links, makes another burst, holds
+/// the cut until `hold` returns (sampling), heals it and waits until records flow again.
 fn dark(w: &mut Watch, live: u16, what: &str, hold: impl FnOnce(&mut Watch)) -> Dark {
+    let before = replicated_burst(w);
     w.c.cut_sync_links(2, true);
     let from = Instant::now();
-    let burst = short_flows(w.c, server());
+    let during = short_flows(w.c, server());
     hold(w);
+    let lapses = w.replica_lapses(live, from, TIMEOUT);
+    assert!(
+        !lapses.is_empty(),
+        "the live flow's replica on fw2 did not lapse during the {what}: the cut did not hold"
+    );
     w.c.cut_sync_links(2, false);
     let healed = Instant::now();
     w.until(
-        &format!("the live flow's replica back on fw2 after the {what}"),
+        &format!("the live flow's replica back and live on fw2 after the {what}"),
         BACK,
-        |t| t[1].contains(&live),
+        |t| t[1].get(&live).is_some_and(|&idle| idle < TIMEOUT),
     );
     eprintln!(
         "{what}: {:.1} s, the live flow's replica back {:.1} s after the heal",
@@ -297,15 +330,20 @@ fn dark(w: &mut Watch, live: u16, what: &str, hold: impl FnOnce(&mut Watch)) -> 
     Dark {
         from,
         until: Instant::now(),
-        burst,
+        before,
+        during,
     }
 }
 
 /// No replica of a port in `ports` outlived its owner's copy by more than the slack; a removal
-/// made while the link was dark is due from the end of that.
-fn no_late_replica(w: &Watch, ports: &BTreeSet<u16>, dark: &[Dark]) {
+/// made while the link was `dark` is due from the end of that. Replicas `fw2` must have held
+/// (`required`) are checked to have been there.
+fn no_late_replica(w: &Watch, ports: &BTreeSet<u16>, dark: &[&Dark], required: bool) {
     for &port in ports {
-        let Some(on2) = w.last(2, port) else { continue };
+        let Some(on2) = w.last(2, port) else {
+            assert!(!required, "fw2 never listed port {port}'s replica");
+            continue;
+        };
         let on1 = w
             .last(1, port)
             .unwrap_or_else(|| w.c.fail(&format!("port {port} never on fw1")));
@@ -337,6 +375,29 @@ fn nothing_came_back(w: &Watch, seen: impl IntoIterator<Item = (u8, u16)>) {
     }
 }
 
+/// Holds a cut past the timeout and checks, at its end, that it stayed short of the keepalive
+/// threshold.
+fn short_hold(w: &mut Watch) {
+    w.run(SHORT_CUT);
+    for (k, of) in [(1, 2), (2, 1)] {
+        let m = w.c.try_member(k, of).unwrap_or_else(|e| w.c.fail(&e));
+        assert_ne!(
+            m.state, "down",
+            "fw{k} declared fw{of} down: the short cut became long"
+        );
+    }
+}
+
+/// Holds a cut until each member declared the other down, then the timeout.
+fn long_hold(w: &mut Watch) {
+    let c = w.c;
+    let down = |k: u8, of: u8| c.try_member(k, of).is_ok_and(|m| m.state == "down");
+    w.until("each member to declare the other down", BACK, |_| {
+        down(1, 2) && down(2, 1)
+    });
+    w.run(TIMEOUT);
+}
+
 #[test]
 fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
     let (c, _echo) = lab("exp-", TIMEOUT.as_secs());
@@ -346,42 +407,35 @@ fn replicas_expire_with_their_owners_copy_through_partitions_that_heal() {
         seen: BTreeMap::new(),
     };
     let live = w.live();
-    let b1 = steady(&mut w, live);
-    // Shorter than the keepalive threshold: the burst expires on fw1 during it, as does the
-    // live flow's replica on fw2.
-    let short = dark(&mut w, live, "short cut", |w| w.run(SHORT_CUT));
-    // Past the keepalive threshold: each member declares the other down; a full sync follows.
-    let long = dark(&mut w, live, "long cut", |w| {
-        let c = w.c;
-        let down = |k: u8, of: u8| c.try_member(k, of).is_ok_and(|m| m.state == "down");
-        w.until("each member to declare the other down", BACK, |_| {
-            down(1, 2) && down(2, 1)
-        });
-        w.run(TIMEOUT);
-    });
-    let every: BTreeSet<u16> = [&b1, &short.burst, &long.burst]
-        .into_iter()
-        .flatten()
+    let steady_burst = steady(&mut w, live);
+    let short = dark(&mut w, live, "short cut", short_hold);
+    let long = dark(&mut w, live, "long cut", long_hold);
+    let before: BTreeSet<u16> = steady_burst
+        .iter()
+        .chain(&short.before)
+        .chain(&long.before)
         .copied()
         .collect();
+    let during: BTreeSet<u16> = short.during.union(&long.during).copied().collect();
     w.until("no short flow left on either member", TIMEOUT * 4, |t| {
-        t.iter().all(|t| t.is_disjoint(&every))
+        t.iter().all(|t| none_in(&before, t) && none_in(&during, t))
     });
     w.run(TIMEOUT);
+    let lapses = w.replica_lapses(live, long.until, TIMEOUT);
+    assert!(
+        lapses.is_empty(),
+        "the live flow's replica lapsed after the heals: {lapses:?}"
+    );
     let p = flow.stop();
     assert!(p.fatal.is_none(), "the live flow: {p:?}");
 
-    no_late_replica(&w, &every, &[short, long]);
-    // On fw1, the owner, no short flow came back; on fw2 none of the burst made while the
-    // links worked (a record delayed by a cut may bring one back until its removal follows).
-    nothing_came_back(
-        &w,
-        every
-            .iter()
-            .map(|&p| (1, p))
-            .chain(b1.iter().map(|&p| (2, p))),
-    );
-    let final_tables = [1, 2].map(|k| udp_idle(&c, k).into_keys().collect::<BTreeSet<_>>());
+    // Replicated before a cut: gone from fw2 by fw2's own clock, with its owner's copy.
+    no_late_replica(&w, &before, &[], true);
+    no_late_replica(&w, &during, &[&short, &long], false);
+    // On fw1, the owner, no short flow came back; on fw2 none of those it held before a cut.
+    let owned = before.iter().chain(&during).map(|&p| (1, p));
+    nothing_came_back(&w, owned.chain(before.iter().map(|&p| (2, p))));
+    let final_tables = [1, 2].map(|k| udp_sessions(&c, k).into_keys().collect::<BTreeSet<_>>());
     assert_eq!(
         final_tables,
         [BTreeSet::from([live]), BTreeSet::from([live])],

@@ -645,8 +645,9 @@ fn replica_with_window() -> Existing {
 
 /// An owned session that sees traffic is announced again (a refresh event, version + 1) once
 /// an eighth of its state's timeout has passed since its last event, at most 30 s, never
-/// sooner than the configured interval (the product's: 1 s); and at once when the packet makes
-/// it assured or carries a direction's byte count past a multiple of 1 GiB.
+/// sooner than the configured interval (the product's: 1 s) unless that is more than half the
+/// timeout; and at once when the packet makes it assured or carries a direction's byte count
+/// past a multiple of 1 GiB.
 fn refresh_rows() -> Vec<Row> {
     const S: i64 = 1_000_000_000;
     // The existing session has version 7 and 5 / 4 packets; the frame comes from the initiator.
@@ -707,7 +708,7 @@ fn refresh_rows() -> Vec<Row> {
             tcp(C4, S4).ack(),
         ),
         quiet(
-            "refresh: none before the configured interval, however short the state's",
+            "refresh: none before the configured interval, when the state's share is shorter",
             udp_replied(-16 * S),
             udp(C4, S4),
         )

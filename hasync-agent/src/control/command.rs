@@ -644,7 +644,10 @@ fn session_table(sessions: &[SessionView]) -> Table {
             } else {
                 s.zone.clone()
             },
-            format!("{:.1} s", s.idle_ms as f64 / 1000.0),
+            s.idle_ms.map_or_else(
+                || "-".to_owned(),
+                |ms| format!("{:.1} s", ms as f64 / 1000.0),
+            ),
         ]);
     }
     t

@@ -270,10 +270,11 @@ pub struct SessionView {
     pub owner: u8,
     /// Zone name; empty when the ingress interface is in no zone.
     pub zone: String,
-    /// Time since the session's last packet when the table was read, in ms (in a replica,
-    /// since the last packet its owner reported); 0 from an agent too old to send it.
-    #[serde(default)]
-    pub idle_ms: u64,
+    /// Time since the session's last packet when the table was read, in ms (in a replica, since
+    /// the last packet its owner reported, less the record's time in flight); none from an
+    /// agent too old to send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 /// The name of `zone`: its configured name (`zones` in id order, id 1 first), empty for
@@ -289,9 +290,9 @@ pub fn zone_name(zones: &[String], zone: ZoneId) -> String {
 }
 
 impl SessionView {
-    /// Renders a SESSIONS entry as read at `now_ns` (session clock): addresses and ports as
-    /// people read them, the initiator as `src`.
-    pub fn from(key: &FlowKey, s: &Session, zone_name: &str, now_ns: u64) -> SessionView {
+    /// Renders a SESSIONS entry: addresses and ports as people read them, the initiator as
+    /// `src`; no idle time ([`Self::read_at`] adds it).
+    pub fn from(key: &FlowKey, s: &Session, zone_name: &str) -> SessionView {
         let FlowKey {
             addr_lo: _,
             addr_hi: _,
@@ -318,8 +319,15 @@ impl SessionView {
                 .map_or_else(|| format!("state-{}", s.state), |st| st.name().to_owned()),
             owner: s.owner.0,
             zone: zone_name.to_owned(),
-            idle_ms: now_ns.saturating_sub(s.last_seen_ns) / 1_000_000,
+            idle_ms: None,
         }
+    }
+
+    /// The view with its idle time, for `s` read from the table at `now_ns` (session clock);
+    /// a session seen after the clock was read is not idle at all.
+    pub fn read_at(mut self, s: &Session, now_ns: u64) -> SessionView {
+        self.idle_ms = Some(now_ns.saturating_sub(s.last_seen_ns) / 1_000_000);
+        self
     }
 }
 
@@ -404,7 +412,7 @@ impl SessionPage {
     /// in the page.
     pub fn add(&mut self, key: &FlowKey, s: &Session, now_ns: u64) {
         let zone = zone_name(&self.zones, s.zone);
-        let view = SessionView::from(key, s, &zone, now_ns);
+        let view = SessionView::from(key, s, &zone).read_at(s, now_ns);
         if !self.filter.matches(&view) {
             return;
         }
@@ -725,7 +733,7 @@ mod tests {
             .times(1_000_000_000, 5_000_000_000)
             .entry();
         assert!(!s.flags.has(SessionFlags::INITIATOR_HI));
-        let v = SessionView::from(&k, &s, "trust", s.last_seen_ns + 1_500_999_999);
+        let v = SessionView::from(&k, &s, "trust").read_at(&s, s.last_seen_ns + 1_500_999_999);
         assert_eq!(
             serde_json::to_value(&v).unwrap(),
             serde_json::json!({
@@ -735,14 +743,19 @@ mod tests {
             })
         );
         // Seen after the clock was read (a packet during the walk): not idle at all.
-        let v = SessionView::from(&k, &s, "trust", s.last_seen_ns - 1);
-        assert_eq!(v.idle_ms, 0);
+        let v = SessionView::from(&k, &s, "trust").read_at(&s, s.last_seen_ns - 1);
+        assert_eq!(v.idle_ms, Some(0));
+        // An agent too old to send it: none, not 0.
+        let mut old = serde_json::to_value(&v).unwrap();
+        old.as_object_mut().unwrap().remove("idle_ms");
+        let parsed: SessionView = serde_json::from_value(old).unwrap();
+        assert_eq!(parsed.idle_ms, None);
         // Initiator is the higher endpoint: a reply-side address compares lower.
         let (k, s) = Flow::udp("198.18.1.10", 5353, "198.18.0.255", 53)
             .owner(2)
             .entry();
         assert!(s.flags.has(SessionFlags::INITIATOR_HI));
-        let v = SessionView::from(&k, &s, "", 0);
+        let v = SessionView::from(&k, &s, "");
         assert_eq!(
             (v.src.to_string(), v.sport, v.dst.to_string(), v.dport),
             ("198.18.1.10".into(), 5353, "198.18.0.255".into(), 53)
@@ -759,7 +772,7 @@ mod tests {
             .state(State::SynSent)
             .owner(3)
             .entry();
-        let v = SessionView::from(&k, &s, "untrust", 0);
+        let v = SessionView::from(&k, &s, "untrust");
         assert_eq!(v.src, "2001:db8::2".parse::<IpAddr>().unwrap());
         assert_eq!(v.dst, "2001:db8::1".parse::<IpAddr>().unwrap());
         assert_eq!(
@@ -768,13 +781,13 @@ mod tests {
         );
 
         let (k, s) = Flow::icmp("10.0.0.1", "10.0.0.2", 77).entry();
-        let v = SessionView::from(&k, &s, "trust", 0);
+        let v = SessionView::from(&k, &s, "trust");
         assert_eq!((v.proto.as_str(), v.sport, v.dport), ("icmp", 77, 77));
 
         let (mut k, mut s) = (k, s);
         k.proto = 132;
         s.state = 42;
-        let v = SessionView::from(&k, &s, "trust", 0);
+        let v = SessionView::from(&k, &s, "trust");
         assert_eq!(
             (v.proto.as_str(), v.state.as_str()),
             ("proto-132", "state-42")

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use hasync_agent::config::ForwardingName;
-use hasync_tests::chaos::{run, Profile};
+use hasync_tests::chaos::{run, Profile, NO_EXPIRY};
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +31,8 @@ struct Args {
     forwarding: Forwarding,
     /// UDP session timeout in seconds (`udp-new`, `udp-replied`), 5–3600: below an hour,
     /// sessions expire during the faults and the run also checks that none is held past it.
-    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    #[arg(long, default_value_t = NO_EXPIRY.as_secs(),
+          value_parser = clap::value_parser!(u64).range(5..=NO_EXPIRY.as_secs()))]
     udp_timeout: u64,
 }
 

@@ -2,7 +2,7 @@
 //! failed half-way, and every loop in here is bounded.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
@@ -259,28 +259,17 @@ impl Runner<'_> {
         // Whole tables, converged or not: what matters is that the peer changes none of them.
         let started = Instant::now();
         let before = invariants::tables(self.c, &members)?;
-        // With expiry on, what may time out meanwhile is set aside below.
-        let idle = self
-            .p
-            .expires()
-            .then(|| invariants::udp_idle(self.c, &members));
-        let idle = idle.transpose()?;
+        // With expiry on, what times out meanwhile is excused below.
+        let idle = if self.p.expires() {
+            Some(invariants::udp_idle(self.c, &members)?)
+        } else {
+            None
+        };
         let table = before.get(&k).cloned().unwrap_or_default();
         let other = members.iter().copied().find(|&m| m != k).unwrap_or(k);
         // A member that dials fw`k` (a lower id): its address is admitted.
         let third = members.iter().copied().find(|&m| m < k).unwrap_or(other);
-        let intruder = self.intruder.ns().to_owned();
-        let foreign = |member| Claim {
-            ns: intruder.clone(),
-            from: IpAddr::V4(INTRUDER_V4),
-            member,
-            genuine: false,
-        };
-        for claim in [foreign(other), foreign(UNKNOWN_MEMBER)] {
-            let frames = hostile::hostile_frames(&table, claim.member, k, self.p.members, true);
-            let out = hostile::hostile_peer(self.c, k, &claim, frames)?;
-            self.note_hostile(k, &claim, &out);
-        }
+        self.foreign_claims(k, other, &table)?;
         let genuine = Claim {
             ns: self.c.topology().fw(third).to_owned(),
             from: IpAddr::V4(Link::Ha4.v4(third).0),
@@ -296,10 +285,19 @@ impl Runner<'_> {
         ));
         // While fw`third` was down, the members its flows pass through took them over (a
         // takeover by traffic, as HA wants): at each member, the flows it held as fw`third`'s
-        // may have changed owner; everything else must be as it was.
+        // may have changed owner; with expiry on, UDP sessions that may have timed out may be
+        // gone; everything else must be as it was.
         let mut skip = invariants::keys_owned_by(&before, third);
         if let Some(idle) = &idle {
-            invariants::add_expiring(&mut skip, idle, self.p.udp_timeout, started.elapsed());
+            let (timeout, elapsed) = (self.p.udp_timeout, started.elapsed());
+            let gone = invariants::expired_meanwhile(idle, &after, timeout, elapsed);
+            let n: usize = gone.values().map(BTreeSet::len).sum();
+            self.report.note(format!(
+                "hostile peer against fw{k}: {n} sessions gone that may have timed out"
+            ));
+            for (m, keys) in gone {
+                skip.entry(m).or_default().extend(keys);
+            }
         }
         let changed = invariants::changes(
             &invariants::without(&before, &skip),
@@ -319,6 +317,24 @@ impl Runner<'_> {
                 "fw{k} counted no {missing:?} while the impersonator spoke: checks not reached"
             ))
         }
+    }
+
+    /// The hostile peer from a foreign address, claiming member `other` and then an unknown
+    /// member, sending records made from fw`k`'s `table`.
+    fn foreign_claims(&mut self, k: u8, other: u8, table: &Table) -> Result<(), String> {
+        let intruder = self.intruder.ns().to_owned();
+        let foreign = |member| Claim {
+            ns: intruder.clone(),
+            from: IpAddr::V4(INTRUDER_V4),
+            member,
+            genuine: false,
+        };
+        for claim in [foreign(other), foreign(UNKNOWN_MEMBER)] {
+            let frames = hostile::hostile_frames(table, claim.member, k, self.p.members, true);
+            let out = hostile::hostile_peer(self.c, k, &claim, frames)?;
+            self.note_hostile(k, &claim, &out);
+        }
+        Ok(())
     }
 
     /// Stops `claim.member`'s agent until fw`k` holds it down, speaks as it from its own

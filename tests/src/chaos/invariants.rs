@@ -240,13 +240,18 @@ pub fn changes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     out
 }
 
+/// How long `v` had been idle when its table was read ([`udp_views`] has every one).
+fn idle(v: &SessionView) -> Duration {
+    Duration::from_millis(v.idle_ms.unwrap_or_default())
+}
+
 /// The sessions of `views` that are UDP and idle longer than `timeout + slack`: the datapath
 /// has taken them for absent since `timeout`, and the sweep should have freed them.
 pub fn overdue_in(views: &[SessionView], timeout: Duration, slack: Duration) -> Vec<&SessionView> {
     let bound = timeout + slack;
     views
         .iter()
-        .filter(|v| v.proto == "udp" && Duration::from_millis(v.idle_ms) > bound)
+        .filter(|v| v.proto == "udp" && idle(v) > bound)
         .collect()
 }
 
@@ -256,7 +261,14 @@ fn udp_views(c: &Cluster, k: u8) -> Result<Vec<SessionView>, String> {
         proto: Some("udp".into()),
         ..SessionFilter::default()
     };
-    Ok(c.try_sessions(k, udp)?.sessions.unwrap_or_default())
+    let views = c.try_sessions(k, udp)?.sessions.unwrap_or_default();
+    match views.iter().find(|v| v.idle_ms.is_none()) {
+        Some(v) => Err(format!(
+            "fw{k} lists {} without its idle time",
+            Row::from(v)
+        )),
+        None => Ok(views),
+    }
 }
 
 /// One line per member of `members` that holds UDP sessions [`overdue_in`], with an example;
@@ -271,8 +283,7 @@ pub fn overdue(
     let mut oldest = Duration::ZERO;
     for &k in members {
         let views = udp_views(c, k)?;
-        let idle = views.iter().map(|v| Duration::from_millis(v.idle_ms));
-        oldest = oldest.max(idle.max().unwrap_or_default());
+        oldest = oldest.max(views.iter().map(idle).max().unwrap_or_default());
         let late = overdue_in(&views, timeout, slack);
         if let Some(v) = late.first() {
             lines.push(format!(
@@ -280,7 +291,7 @@ pub fn overdue(
                  {:.1} s)",
                 late.len(),
                 Row::from(*v),
-                v.idle_ms as f64 / 1000.0
+                idle(v).as_secs_f64()
             ));
         }
     }
@@ -298,30 +309,34 @@ pub fn udp_idle(c: &Cluster, members: &[u8]) -> Result<Idle, String> {
             let views = udp_views(c, k)?;
             let idle = views
                 .iter()
-                .map(|v| (row_key(&Row::from(v)), Duration::from_millis(v.idle_ms)))
+                .map(|v| (row_key(&Row::from(v)), idle(v)))
                 .collect();
             Ok((k, idle))
         })
         .collect()
 }
 
-/// Adds to `keys`, per member, the sessions `idle` listed that may have expired `elapsed`
-/// later under `timeout` (with a second's margin for the reads): those may have left a table
-/// without anything being wrong.
-pub fn add_expiring(
-    keys: &mut BTreeMap<u8, BTreeSet<RowKey>>,
+/// Per member, the sessions `idle` listed that `after` (taken `elapsed` later) no longer has
+/// and that may have expired meanwhile under `timeout` (with a second's margin for the reads):
+/// they may have left the table without anything being wrong. A session still listed is not
+/// excused, however close to its timeout.
+pub fn expired_meanwhile(
     idle: &Idle,
+    after: &Snapshot,
     timeout: Duration,
     elapsed: Duration,
-) {
+) -> BTreeMap<u8, BTreeSet<RowKey>> {
     let margin = Duration::from_secs(1);
+    let mut gone = BTreeMap::new();
     for (&k, sessions) in idle {
-        let expiring = sessions
+        let still: BTreeSet<RowKey> = after.get(&k).into_iter().flatten().map(row_key).collect();
+        let expired = sessions
             .iter()
-            .filter(|(_, &i)| i + elapsed + margin >= timeout)
+            .filter(|&(key, &i)| i + elapsed + margin >= timeout && !still.contains(key))
             .map(|(key, _)| key.clone());
-        keys.entry(k).or_default().extend(expiring);
+        gone.insert(k, expired.collect());
     }
+    gone
 }
 
 /// One agent's resident memory (KiB) and open descriptors, from /proc.
@@ -415,7 +430,7 @@ mod tests {
             state: "udp-replied".into(),
             owner: 1,
             zone: "trust".into(),
-            idle_ms,
+            idle_ms: Some(idle_ms),
         };
         let views = [
             view("udp", 12_000),
@@ -425,17 +440,28 @@ mod tests {
         let (t, slack) = (Duration::from_secs(10), Duration::from_secs(2));
         let late = overdue_in(&views, t, slack);
         assert_eq!(late.len(), 1);
-        assert_eq!(late[0].idle_ms, 12_001);
+        assert_eq!(late[0].idle_ms, Some(12_001));
     }
 
     #[test]
-    fn sessions_that_may_expire_meanwhile_are_set_aside() {
+    fn only_sessions_gone_that_may_have_expired_are_excused() {
         let key = |port: u16| row_key(&row(port, 1));
         let s = Duration::from_secs;
-        let idle: Idle = [(1, [(key(1), s(3)), (key(2), s(8)), (key(3), s(9))].into())].into();
-        let mut keys = BTreeMap::from([(1, BTreeSet::from([key(7)]))]);
-        add_expiring(&mut keys, &idle, s(15), s(6));
-        assert_eq!(keys[&1], BTreeSet::from([key(2), key(3), key(7)]));
+        let idle: Idle = [(
+            1,
+            [
+                (key(1), s(3)),
+                (key(2), s(8)),
+                (key(3), s(9)),
+                (key(4), s(9)),
+            ]
+            .into(),
+        )]
+        .into();
+        // 1 is gone too early to have expired; 4 is old enough but still there.
+        let after: Snapshot = [(1, [row(4, 1)].into())].into();
+        let gone = expired_meanwhile(&idle, &after, s(15), s(6));
+        assert_eq!(gone[&1], BTreeSet::from([key(2), key(3)]));
     }
 
     #[test]
