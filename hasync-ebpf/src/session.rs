@@ -147,7 +147,7 @@ fn hit(
         return xdp_action::XDP_DROP;
     }
     let owned = s.owner == cfg.local_member;
-    if !owned && owner_alive(s) {
+    if !owned && owner_alive(s) && !owner_silent(cfg, s, now) {
         // The owner writes the session (and checks its window); we only keep our replica
         // from idling out.
         counters.inc(Counter::Asymmetric);
@@ -249,8 +249,20 @@ fn owner_alive(s: &Session) -> bool {
     }
 }
 
-/// The owner is gone: this member takes the session over, then handles the packet (already
-/// accounted) as the owner would.
+/// Has the owner of replica `s` said nothing of it for longer than it does while it sees the
+/// flow (a refresh interval and a half since the last record applied here: `last_event_ns` of
+/// a replica is node-local)? Then the flow has moved here whole (a route change, a rehash) and
+/// this member takes it over: left to its owner, the session would idle out there, and the
+/// owner's removal would delete the copy that carries the traffic. A flow whose owner still
+/// sees one direction is refreshed by it and stays its own.
+#[inline(always)]
+fn owner_silent(cfg: &DatapathConfig, s: &Session, now: u64) -> bool {
+    let refresh = cfg.refresh_ns(s.state);
+    now.saturating_sub(s.last_event_ns) > refresh.saturating_add(refresh >> 1)
+}
+
+/// The owner is gone, or silent about a flow that came here ([`owner_silent`]): this member
+/// takes the session over, then handles the packet (already accounted) as the owner would.
 #[inline(always)]
 fn take_over(
     cfg: &DatapathConfig,

@@ -1372,6 +1372,7 @@ fn policy_zone_and_config_rows() -> Vec<Row> {
 }
 
 fn ownership_rows() -> Vec<Row> {
+    const S: i64 = 1_000_000_000;
     let peer = MemberId(2);
     let asym = F::FROM_PEER | F::ASYMMETRIC;
     vec![
@@ -1430,6 +1431,37 @@ fn ownership_rows() -> Vec<Row> {
             .pass(udp(S4, C4))
             .session(
                 Expect::new(State::UdpNew)
+                    .owner(peer)
+                    .version(7)
+                    .flags(asym)
+                    .packets(5, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer alive, silent past a refresh interval and a half: ack takes the flow over")
+            .existing(
+                // The fixtures' refresh interval for established: a minute (their floor).
+                Existing::peer(State::Established, true)
+                    .created_offset_ns(-200 * S)
+                    .last_event_offset_ns(-91 * S),
+            )
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER)
+                    .packets(6, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
+        Row::new("peer alive, heard from within a refresh interval and a half: ack is asymmetric")
+            .existing(
+                Existing::peer(State::Established, true)
+                    .created_offset_ns(-200 * S)
+                    .last_event_offset_ns(-89 * S),
+            )
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
                     .owner(peer)
                     .version(7)
                     .flags(asym)

@@ -15,7 +15,7 @@ use hasync_agent::lab::{
 
 use super::{
     hostile::{self, Claim, INTRUDER_V4, UNKNOWN_MEMBER},
-    invariants, lock,
+    invariants, lanes, lock,
     schedule::{Fault, Step},
     Runner,
 };
@@ -285,9 +285,17 @@ impl Runner<'_> {
         ));
         // While fw`third` was down, the members its flows pass through took them over (a
         // takeover by traffic, as HA wants): at each member, the flows it held as fw`third`'s
-        // may have changed owner; with expiry on, UDP sessions that may have timed out may be
-        // gone; everything else must be as it was.
+        // may have changed owner, and so may a lane's flows, to the member the lane runs
+        // through (which takes over what its owner has stopped refreshing); with expiry on,
+        // UDP sessions that may have timed out may be gone; everything else must be as it was.
         let mut skip = invariants::keys_owned_by(&before, third);
+        let via = self.lanes.vias().into_iter();
+        let via = via
+            .map(|(i, k)| (IpAddr::V4(lanes::client_addr(i)), k))
+            .collect();
+        for (m, keys) in invariants::carried_by_lanes(&after, &via) {
+            skip.entry(m).or_default().extend(keys);
+        }
         if let Some(idle) = &idle {
             let (timeout, elapsed) = (self.p.udp_timeout, started.elapsed());
             let gone = invariants::expired_meanwhile(idle, &after, timeout, elapsed);

@@ -316,6 +316,22 @@ pub fn udp_idle(c: &Cluster, members: &[u8]) -> Result<Idle, String> {
         .collect()
 }
 
+/// Per member of `after`, the sessions now owned by the member their lane runs through
+/// (`via`: lane client address → member), which a takeover by traffic may have given it at any
+/// time since the lane was steered there.
+pub fn carried_by_lanes(
+    after: &Snapshot,
+    via: &BTreeMap<std::net::IpAddr, u8>,
+) -> BTreeMap<u8, BTreeSet<RowKey>> {
+    after
+        .iter()
+        .map(|(&k, t)| {
+            let carried = t.iter().filter(|r| via.get(&r.src) == Some(&r.owner));
+            (k, carried.map(row_key).collect())
+        })
+        .collect()
+}
+
 /// Per member, the sessions `idle` listed that `after` (taken `elapsed` later) no longer has
 /// and that may have expired meanwhile under `timeout` (with a second's margin for the reads):
 /// they may have left the table without anything being wrong. A session still listed is not
