@@ -109,8 +109,13 @@ impl SessionFlags {
     pub const FROM_PEER: u16 = 1 << 1;
     /// This member saw traffic for the session while its owner was alive elsewhere.
     pub const ASYMMETRIC: u16 = 1 << 2;
-    /// Ownership was taken over from a member that was no longer alive.
+    /// Ownership was taken over from a member that was no longer alive, or that removed the
+    /// session while this member still carried its traffic ([`Self::ORPHANED`]).
     pub const TAKEN_OVER: u16 = 1 << 3;
+    /// Node-local: the owner removed this replica (it saw no traffic for the session's
+    /// timeout) while this member still carried the flow (an assured session, [`Self::
+    /// ASYMMETRIC`], live here); its next packet here takes it over.
+    pub const ORPHANED: u16 = 1 << 4;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]

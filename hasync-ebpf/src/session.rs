@@ -147,7 +147,7 @@ fn hit(
         return xdp_action::XDP_DROP;
     }
     let owned = s.owner == cfg.local_member;
-    if !owned && owner_alive(s) && !owner_silent(cfg, s, now) {
+    if !owned && owner_alive(s) && !s.flags.has(SessionFlags::ORPHANED) {
         // The owner writes the session (and checks its window); we only keep our replica
         // from idling out.
         counters.inc(Counter::Asymmetric);
@@ -249,20 +249,9 @@ fn owner_alive(s: &Session) -> bool {
     }
 }
 
-/// Has the owner of replica `s` said nothing of it for longer than it does while it sees the
-/// flow (a refresh interval and a half since the last record applied here: `last_event_ns` of
-/// a replica is node-local)? Then the flow has moved here whole (a route change, a rehash) and
-/// this member takes it over: left to its owner, the session would idle out there, and the
-/// owner's removal would delete the copy that carries the traffic. A flow whose owner still
-/// sees one direction is refreshed by it and stays its own.
-#[inline(always)]
-fn owner_silent(cfg: &DatapathConfig, s: &Session, now: u64) -> bool {
-    let refresh = cfg.refresh_ns(s.state);
-    now.saturating_sub(s.last_event_ns) > refresh.saturating_add(refresh >> 1)
-}
-
-/// The owner is gone, or silent about a flow that came here ([`owner_silent`]): this member
-/// takes the session over, then handles the packet (already accounted) as the owner would.
+/// The owner is gone, or removed the session while this member carried its flow
+/// ([`SessionFlags::ORPHANED`]): this member takes the session over, then handles the packet
+/// (already accounted) as the owner would.
 #[inline(always)]
 fn take_over(
     cfg: &DatapathConfig,
@@ -275,7 +264,8 @@ fn take_over(
     let from = s.owner;
     s.owner = cfg.local_member;
     s.version = s.version.wrapping_add(1);
-    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !SessionFlags::FROM_PEER;
+    let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED;
+    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !replica;
     counters.inc(Counter::Takeovers);
     advance(counters, pkt, s, dir);
     s.last_event_ns = now;

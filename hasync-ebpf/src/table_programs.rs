@@ -13,9 +13,10 @@ use aya_ebpf::{
 };
 use hasync_common::{
     conflict::{resolve, Resolution},
+    session::expired,
     table_programs::{APPLY_BATCH, READ_BATCH},
     ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, MemberId, ReadHeader,
-    ReadSlot, Session,
+    ReadSlot, Session, SessionFlags, State,
 };
 
 use crate::{
@@ -244,6 +245,20 @@ fn admit(
     embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
 }
 
+/// Does the owner's removal of replica `s` leave it here, orphaned, for this member to take
+/// over (see [`SessionFlags::ORPHANED`])? When this member carries the flow: it saw the
+/// flow's packets while the owner was alive (asymmetric), the session is assured and not
+/// closed, and it is live here (its last packet here within its timeout). An embryonic or
+/// closed session goes, as the owner decided.
+#[inline(always)]
+fn orphan(cfg: &DatapathConfig, s: &Session, now_ns: u64) -> bool {
+    s.owner != cfg.local_member
+        && s.flags.has(SessionFlags::ASYMMETRIC)
+        && s.is_assured()
+        && s.state != State::Closed as u8
+        && !expired(now_ns, s.last_seen_ns, cfg.timeout_ns(s.state))
+}
+
 /// Applies one record. An insert that races a session the fast path just created is resolved
 /// again against it. A full table refuses the record: nothing is evicted for a replica but
 /// the oldest embryonic session.
@@ -302,7 +317,13 @@ fn apply_record(
                 }
             }
             Resolution::Delete => {
-                if SESSIONS.remove(&rec.key).is_ok() {
+                if let Some(p) = existing.filter(|_| local.is_some_and(|l| orphan(cfg, l, now_ns)))
+                {
+                    // SAFETY: as for `Mark` below; `flags` is written in place, and the
+                    // orphan bit is node-local.
+                    unsafe { (*p).flags.0 |= SessionFlags::ORPHANED };
+                    out.kept = out.kept.wrapping_add(1);
+                } else if SESSIONS.remove(&rec.key).is_ok() {
                     out.deleted = out.deleted.wrapping_add(1);
                 } else {
                     out.kept = out.kept.wrapping_add(1);

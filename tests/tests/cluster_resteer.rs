@@ -1,9 +1,9 @@
 //! A connection re-steered to a live peer. A TCP echo connection runs through fw1; then routing
 //! moves both its directions to fw2 while fw1 stays up (a route change, ECMP rehashing, an
-//! operator's move). fw1 sees no more of the flow, so its copy idles toward its timeout (short
-//! here), and its removal would delete fw2's copy, which carries the traffic: the connection
-//! must outlive fw1's timeout, because fw2, seeing the flow while fw1 has said nothing of it
-//! for longer than fw1's refreshes would take, takes the session over.
+//! operator's move). fw2 passes the flow as asymmetric (its owner is alive); fw1 sees no more
+//! of it, so its copy idles out (the timeout is short here) and fw1 sends its removal. That
+//! removal must not delete fw2's copy, which carries the traffic: fw2 keeps it, orphaned, and
+//! takes it over on its next packet, so the connection outlives fw1's timeout.
 
 use std::time::{Duration, Instant};
 

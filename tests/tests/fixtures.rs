@@ -1437,27 +1437,11 @@ fn ownership_rows() -> Vec<Row> {
                     .packets(5, 4),
             )
             .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
-        Row::new("peer alive, silent past a refresh interval and a half: ack takes the flow over")
-            .existing(
-                // The fixtures' refresh interval for established: a minute (their floor).
-                Existing::peer(State::Established, true)
-                    .created_offset_ns(-200 * S)
-                    .last_event_offset_ns(-91 * S),
-            )
-            .pass(tcp(C4, S4).ack())
-            .session(
-                Expect::new(State::Established)
-                    .version(8)
-                    .flags(F::TAKEN_OVER)
-                    .packets(6, 4),
-            )
-            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
-            .events(&[E::OwnershipTaken]),
-        Row::new("peer alive, heard from within a refresh interval and a half: ack is asymmetric")
+        Row::new("peer alive, silent for long: ack still passes as asymmetric")
             .existing(
                 Existing::peer(State::Established, true)
-                    .created_offset_ns(-200 * S)
-                    .last_event_offset_ns(-89 * S),
+                    .created_offset_ns(-2000 * S)
+                    .last_event_offset_ns(-1000 * S),
             )
             .pass(tcp(C4, S4).ack())
             .session(
@@ -1468,6 +1452,20 @@ fn ownership_rows() -> Vec<Row> {
                     .packets(5, 4),
             )
             .counters(&[(C::Hits, 1), (C::Asymmetric, 1)]),
+        Row::new("peer alive, orphaned (it removed the flow we carry): ack takes it over")
+            .existing(Existing {
+                flags: asym | F::ORPHANED,
+                ..Existing::peer(State::Established, true)
+            })
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(8)
+                    .flags(F::TAKEN_OVER | F::ASYMMETRIC)
+                    .packets(6, 4),
+            )
+            .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
+            .events(&[E::OwnershipTaken]),
         Row::new("peer dead: ack takes the session over")
             .existing(Existing::peer(State::Established, false))
             .pass(tcp(C4, S4).ack())

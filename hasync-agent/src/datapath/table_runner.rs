@@ -229,6 +229,58 @@ mod tests {
         assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
     }
 
+    /// The owner's removal of a replica this member carries the flow of (asymmetric, assured,
+    /// live here) leaves it, orphaned, for the next packet to take over; every other replica
+    /// goes, as the owner decided.
+    #[test]
+    fn a_removal_orphans_only_a_live_assured_flow_carried_here() {
+        use hasync_common::{session::tcp, ApplyOp, SessionFlags as F, State};
+        let mut dp = datapath();
+        let now = crate::datapath::monotonic_ns();
+        let s = |state: State, flags: u16, idle_s: u64| Session {
+            version: 7,
+            owner: MemberId(2),
+            state: state as u8,
+            flags: F(F::FROM_PEER | flags),
+            tcp_flags: [tcp::SYN | tcp::ACK, tcp::SYN | tcp::ACK],
+            created_ns: now - 4_000_000_000_000,
+            last_seen_ns: now - idle_s * 1_000_000_000,
+            ..Session::default()
+        };
+        let cases = [
+            (
+                "carried here",
+                s(State::Established, F::ASYMMETRIC, 1),
+                true,
+            ),
+            ("never seen here", s(State::Established, 0, 1), false),
+            ("embryonic", s(State::SynSent, F::ASYMMETRIC, 1), false),
+            (
+                "idle past its timeout here",
+                s(State::Established, F::ASYMMETRIC, 3601),
+                false,
+            ),
+            ("closed", s(State::Closed, F::ASYMMETRIC, 1), false),
+        ];
+        let held: Vec<(FlowKey, Session)> = (0..).map(key).zip(cases.map(|c| c.1)).collect();
+        dp.insert_sessions(&held).expect("insert");
+        let removals: Vec<ApplyRecord> = held
+            .iter()
+            .map(|(k, s)| ApplyRecord::new(*k, *s, ApplyOp::Delete, false))
+            .collect();
+        let out = dp
+            .apply_records(&removals, MemberId::NONE, now)
+            .expect("apply");
+        assert_eq!((out.deleted, out.kept), (4, 1));
+        for ((what, _, orphaned), (k, _)) in cases.iter().zip(&held) {
+            let left = dp.session(k).expect("lookup");
+            assert_eq!(left.is_some(), *orphaned, "{what}");
+            if let Some(left) = left {
+                assert!(left.flags.has(F::ORPHANED), "{what}: {left:?}");
+            }
+        }
+    }
+
     /// A run as large as one may be lays its data out over page fragments: every record in it
     /// is applied and counted. A header claiming more records than the data carries is
     /// refused at the first one missing, the records before it applied (the agent then fails

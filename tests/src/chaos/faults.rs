@@ -286,14 +286,15 @@ impl Runner<'_> {
         // While fw`third` was down, the members its flows pass through took them over (a
         // takeover by traffic, as HA wants): at each member, the flows it held as fw`third`'s
         // may have changed owner, and so may a lane's flows, to the member the lane runs
-        // through (which takes over what its owner has stopped refreshing); with expiry on,
-        // UDP sessions that may have timed out may be gone; everything else must be as it was.
+        // through (it takes over a flow it carries once the old owner's copy expires); with
+        // expiry on, UDP sessions that may have timed out may be gone; everything else must be
+        // as it was.
         let mut skip = invariants::keys_owned_by(&before, third);
         let via = self.lanes.vias().into_iter();
         let via = via
             .map(|(i, k)| (IpAddr::V4(lanes::client_addr(i)), k))
             .collect();
-        for (m, keys) in invariants::carried_by_lanes(&after, &via) {
+        for (m, keys) in invariants::taken_by_lanes(&before, &after, &via) {
             skip.entry(m).or_default().extend(keys);
         }
         if let Some(idle) = &idle {

@@ -316,20 +316,31 @@ pub fn udp_idle(c: &Cluster, members: &[u8]) -> Result<Idle, String> {
         .collect()
 }
 
-/// Per member of `after`, the sessions now owned by the member their lane runs through
-/// (`via`: lane client address → member), which a takeover by traffic may have given it at any
-/// time since the lane was steered there.
-pub fn carried_by_lanes(
+/// Per member, the lanes' sessions that passed, between `before` and `after`, to the member
+/// their lane runs through (`via`: lane client address → member), in the same zone: a takeover
+/// by traffic gives it a flow it carries once the old owner's copy expires, at any time after
+/// the lane was steered there.
+pub fn taken_by_lanes(
+    before: &Snapshot,
     after: &Snapshot,
     via: &BTreeMap<std::net::IpAddr, u8>,
 ) -> BTreeMap<u8, BTreeSet<RowKey>> {
-    after
-        .iter()
-        .map(|(&k, t)| {
-            let carried = t.iter().filter(|r| via.get(&r.src) == Some(&r.owner));
-            (k, carried.map(row_key).collect())
-        })
-        .collect()
+    let mut taken = BTreeMap::new();
+    for (&k, t) in after {
+        let was: BTreeMap<RowKey, &Row> = before
+            .get(&k)
+            .into_iter()
+            .flatten()
+            .map(|r| (row_key(r), r))
+            .collect();
+        let moved = t.iter().filter(|r| {
+            let old = was.get(&row_key(r));
+            let to_via = via.get(&r.src) == Some(&r.owner);
+            to_via && old.is_some_and(|o| o.owner != r.owner && o.zone == r.zone)
+        });
+        taken.insert(k, moved.map(row_key).collect());
+    }
+    taken
 }
 
 /// Per member, the sessions `idle` listed that `after` (taken `elapsed` later) no longer has
