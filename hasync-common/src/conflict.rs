@@ -2,7 +2,7 @@
 //! the local copy. The apply program runs it in the kernel, next to the table (see
 //! [`crate::table_programs`]); the agent's tests and fuzzers run the same code.
 
-use crate::{ids::MemberId, session::Session, table_programs::ApplyOp};
+use crate::{config::DatapathConfig, ids::MemberId, session::Session, table_programs::ApplyOp};
 
 /// What to do with one record, given the local copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +88,21 @@ pub fn resolve(
         return Resolution::Mark;
     }
     Resolution::Keep
+}
+
+/// Does the owner's removal of `s` (a delete record, or a full sync that no longer carries it)
+/// leave it here, orphaned ([`crate::SessionFlags::ORPHANED`]), for this member to take over on
+/// its next packet? When this member carries the flow: `s` is a replica it saw packets of while
+/// the owner was alive (asymmetric), assured, not closed, and live here at `now_ns` (its last
+/// packet here within its timeout). The owner then saw none of it for a whole timeout: the flow
+/// moved here. Anything else goes, as the owner decided.
+#[inline(always)]
+pub fn orphaned_by_removal(cfg: &DatapathConfig, s: &Session, now_ns: u64) -> bool {
+    s.owner.0 != cfg.local_member.0
+        && s.flags.has(crate::SessionFlags::ASYMMETRIC)
+        && s.is_assured()
+        && s.state != crate::State::Closed as u8
+        && !crate::session::expired(now_ns, s.last_seen_ns, cfg.timeout_ns(s.state))
 }
 
 /// Is `s` a replica of `owner`'s session that the full sync started at `mark_ns` neither

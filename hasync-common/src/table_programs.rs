@@ -94,7 +94,8 @@ pub struct ApplyOutcome {
     /// Sessions removed by a delete.
     pub deleted: u32,
     /// Records that lost to the local copy (including deletes of sessions not held by the
-    /// sender, and replicas marked as seen by a full sync).
+    /// sender, replicas marked as seen by a full sync, and removals of a replica this member
+    /// carries the flow of, left orphaned: [`crate::conflict::orphaned_by_removal`]).
     pub kept: u32,
     /// Records refused because the session table was full (nothing was evicted for them).
     pub full: u32,

@@ -12,11 +12,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use hasync_common::{
-    conflict::{resolve, Resolution},
-    session::expired,
+    conflict::{orphaned_by_removal, resolve, Resolution},
     table_programs::{APPLY_BATCH, READ_BATCH},
     ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, MemberId, ReadHeader,
-    ReadSlot, Session, SessionFlags, State,
+    ReadSlot, Session, SessionFlags,
 };
 
 use crate::{
@@ -245,20 +244,6 @@ fn admit(
     embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
 }
 
-/// Does the owner's removal of replica `s` leave it here, orphaned, for this member to take
-/// over (see [`SessionFlags::ORPHANED`])? When this member carries the flow: it saw the
-/// flow's packets while the owner was alive (asymmetric), the session is assured and not
-/// closed, and it is live here (its last packet here within its timeout). An embryonic or
-/// closed session goes, as the owner decided.
-#[inline(always)]
-fn orphan(cfg: &DatapathConfig, s: &Session, now_ns: u64) -> bool {
-    s.owner != cfg.local_member
-        && s.flags.has(SessionFlags::ASYMMETRIC)
-        && s.is_assured()
-        && s.state != State::Closed as u8
-        && !expired(now_ns, s.last_seen_ns, cfg.timeout_ns(s.state))
-}
-
 /// Applies one record. An insert that races a session the fast path just created is resolved
 /// again against it. A full table refuses the record: nothing is evicted for a replica but
 /// the oldest embryonic session.
@@ -317,10 +302,12 @@ fn apply_record(
                 }
             }
             Resolution::Delete => {
-                if let Some(p) = existing.filter(|_| local.is_some_and(|l| orphan(cfg, l, now_ns)))
-                {
+                let orphaned = local.is_some_and(|l| orphaned_by_removal(cfg, l, now_ns));
+                if let Some(p) = existing.filter(|_| orphaned) {
                     // SAFETY: as for `Mark` below; `flags` is written in place, and the
-                    // orphan bit is node-local.
+                    // orphan bit is node-local. (A take-over on another CPU at this instant,
+                    // were this member to take the owner for dead meanwhile, could get back
+                    // the replica's flags from this write: an owned session ignores them.)
                     unsafe { (*p).flags.0 |= SessionFlags::ORPHANED };
                     out.kept = out.kept.wrapping_add(1);
                 } else if SESSIONS.remove(&rec.key).is_ok() {

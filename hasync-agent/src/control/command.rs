@@ -507,7 +507,7 @@ fn records_table(v: &StatisticsView) -> Table {
         ">Resent",
         ">Installed",
         ">Deleted",
-        ">Kept (ours newer)",
+        ">Kept (local)",
         ">Refused (zone)",
         ">Refused (owner)",
         ">Lag p50 (ms)",

@@ -516,7 +516,8 @@ pub struct PeerStatisticsView {
     pub records_installed: u64,
     /// Delete records from the peer applied.
     pub records_deleted: u64,
-    /// Records from the peer not applied because the local copy wins (version, owner).
+    /// Records from the peer not applied because the local copy wins (version, owner), or
+    /// removals of a replica this member carries the flow of (kept, orphaned, to take over).
     pub records_kept: u64,
     /// Records from the peer refused: their zone does not exist here.
     pub records_refused_zone: u64,

@@ -231,9 +231,11 @@ mod tests {
 
     /// The owner's removal of a replica this member carries the flow of (asymmetric, assured,
     /// live here) leaves it, orphaned, for the next packet to take over; every other replica
-    /// goes, as the owner decided.
+    /// goes, as the owner decided. The same whether the removal is a delete record or the end
+    /// of a full sync that no longer carried the session.
     #[test]
     fn a_removal_orphans_only_a_live_assured_flow_carried_here() {
+        use crate::sync::table::SessionTable as _;
         use hasync_common::{session::tcp, ApplyOp, SessionFlags as F, State};
         let mut dp = datapath();
         let now = crate::datapath::monotonic_ns();
@@ -262,21 +264,36 @@ mod tests {
             ),
             ("closed", s(State::Closed, F::ASYMMETRIC, 1), false),
         ];
-        let held: Vec<(FlowKey, Session)> = (0..).map(key).zip(cases.map(|c| c.1)).collect();
-        dp.insert_sessions(&held).expect("insert");
-        let removals: Vec<ApplyRecord> = held
+        // Delete records as the owner sends them (version 0: whatever it had), then the same
+        // sessions under other keys left out by a full sync from the owner.
+        let by_record: Vec<(FlowKey, Session)> = (0..).map(key).zip(cases.map(|c| c.1)).collect();
+        let by_sync: Vec<(FlowKey, Session)> = (100..).map(key).zip(cases.map(|c| c.1)).collect();
+        dp.insert_sessions(&by_record).expect("insert");
+        dp.insert_sessions(&by_sync).expect("insert");
+        let gone = Session {
+            owner: MemberId(2),
+            ..Session::default()
+        };
+        let removals: Vec<ApplyRecord> = by_record
             .iter()
-            .map(|(k, s)| ApplyRecord::new(*k, *s, ApplyOp::Delete, false))
+            .map(|(k, _)| ApplyRecord::new(*k, gone, ApplyOp::Delete, false))
             .collect();
         let out = dp
             .apply_records(&removals, MemberId::NONE, now)
             .expect("apply");
         assert_eq!((out.deleted, out.kept), (4, 1));
-        for ((what, _, orphaned), (k, _)) in cases.iter().zip(&held) {
-            let left = dp.session(k).expect("lookup");
-            assert_eq!(left.is_some(), *orphaned, "{what}");
-            if let Some(left) = left {
-                assert!(left.flags.has(F::ORPHANED), "{what}: {left:?}");
+        let keys: Vec<FlowKey> = by_sync.iter().map(|(k, _)| *k).collect();
+        let removed = dp
+            .remove_if_unseen(&keys, MemberId(2), now)
+            .expect("remove");
+        assert_eq!(removed, 4);
+        for held in [&by_record, &by_sync] {
+            for ((what, _, orphaned), (k, _)) in cases.iter().zip(held) {
+                let left = dp.session(k).expect("lookup");
+                assert_eq!(left.is_some(), *orphaned, "{what}");
+                if let Some(left) = left {
+                    assert!(left.flags.has(F::ORPHANED), "{what}: {left:?}");
+                }
             }
         }
     }

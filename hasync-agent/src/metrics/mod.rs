@@ -626,7 +626,8 @@ const PEER_COUNTERS: [PeerCounter; 6] = [
     ),
     (
         "sync_records_kept",
-        "Records from the peer not applied: the local copy wins.",
+        "Records from the peer not applied: the local copy wins (or, for a removal, this \
+         member carries the flow and keeps it to take over).",
         |p| p.records_kept,
     ),
     (
