@@ -361,6 +361,13 @@ impl Runner<'_> {
         let mut refused = BTreeMap::new();
         self.with_heal(
             |r| {
+                // A down state left by an earlier fault (fw`m` partitioned just before) is not
+                // this stop's: fw`m`'s own connection may be back already, and live.
+                let alive = hasync_agent::lab::netns::wait_for(bound, || {
+                    let s = c.try_member(k, m).ok()?;
+                    (s.state != "down").then_some(())
+                });
+                alive.ok_or(format!("fw{k} did not see fw{m} alive within {bound:?}"))?;
                 c.kill_agent(m, Signal::Stop).map_err(|e| e.to_string())?;
                 let down = hasync_agent::lab::netns::wait_for(bound, || {
                     let s = c.try_member(k, m).ok()?;
