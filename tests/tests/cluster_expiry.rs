@@ -69,12 +69,17 @@ fn udp_sessions(c: &Cluster, k: u8) -> BTreeMap<u16, Duration> {
 /// What the samples of one member's table showed of one UDP port.
 #[derive(Default)]
 struct Seen {
-    /// The last sample that listed it.
-    last: Option<Instant>,
     /// Samples in which the port was missing after it had been listed.
     gaps: Vec<Instant>,
-    /// The idle time each sample listed.
+    /// The samples that listed it, with the idle time each showed.
     idle: Vec<(Instant, Duration)>,
+}
+
+impl Seen {
+    /// The last sample that listed it.
+    fn last(&self) -> Option<Instant> {
+        self.idle.last().map(|&(at, _)| at)
+    }
 }
 
 /// Each member's UDP sessions to the echo port in one sample: source port and idle time.
@@ -130,7 +135,6 @@ impl Watch<'_> {
             let at = *at;
             for (&p, &idle) in listed {
                 let s = self.seen.entry((k, p)).or_default();
-                s.last = Some(at);
                 s.idle.push((at, idle));
             }
             for ((_, p), s) in self.seen.range_mut((k, 0)..=(k, u16::MAX)) {
@@ -143,7 +147,7 @@ impl Watch<'_> {
     }
 
     fn last(&self, k: u8, port: u16) -> Option<Instant> {
-        self.seen.get(&(k, port)).and_then(|s| s.last)
+        self.seen.get(&(k, port)).and_then(Seen::last)
     }
 }
 
@@ -369,7 +373,7 @@ fn nothing_came_back(w: &Watch, seen: impl IntoIterator<Item = (u8, u16)>) {
             .get(&(k, port))
             .unwrap_or_else(|| w.c.fail(&format!("no sample listed port {port} on fw{k}")));
         assert!(
-            !s.gaps.iter().any(|&g| Some(g) < s.last),
+            !s.gaps.iter().any(|&g| Some(g) < s.last()),
             "port {port} came back on fw{k} after it had gone"
         );
     }

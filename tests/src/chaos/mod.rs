@@ -374,11 +374,8 @@ impl Runner<'_> {
         };
         match found {
             Ok((lines, oldest)) => {
-                let seen = self
-                    .report
-                    .oldest_udp
-                    .map_or(oldest, |(o, _)| o.max(oldest));
-                self.report.oldest_udp = Some((seen, timeout + EXPIRY_SLACK));
+                let seen = self.report.oldest_udp.map_or(oldest, |o| o.max(oldest));
+                self.report.oldest_udp = Some(seen);
                 if !lines.is_empty() {
                     let lines = lines.join("; ");
                     self.violation(format!("after {after}: expired sessions held: {lines}"));

@@ -20,9 +20,9 @@ pub struct Report {
     pub seed: u64,
     /// The UDP timeout, when sessions expired during the run.
     pub udp_timeout: Option<Duration>,
-    /// With expiry: the longest a UDP session any checkpoint found had been idle, and its bound
-    /// (the timeout and the sweep's slack).
-    pub oldest_udp: Option<(Duration, Duration)>,
+    /// With expiry: the longest a UDP session any checkpoint found had been idle (its bound:
+    /// the timeout and [`super::EXPIRY_SLACK`]).
+    pub oldest_udp: Option<Duration>,
     pub wall: Duration,
     pub convergence_bound: Duration,
     pub stall_bound: Duration,
@@ -159,9 +159,9 @@ impl Report {
                 self.most_full_syncs.1.to_string(),
             ),
         ];
-        if let Some((oldest, bound)) = self.oldest_udp {
-            let (oldest, bound) = (secs(Some(oldest)), secs(Some(bound)));
-            rows.push(("oldest UDP session held", oldest, bound));
+        if let (Some(oldest), Some(timeout)) = (self.oldest_udp, self.udp_timeout) {
+            let bound = secs(Some(timeout + super::EXPIRY_SLACK));
+            rows.push(("oldest UDP session held", secs(Some(oldest)), bound));
         }
         rows.push(("violations", self.violations.len().to_string(), "0".into()));
         rows
