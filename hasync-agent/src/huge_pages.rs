@@ -1,7 +1,7 @@
 //! The agent's allocator: the system's, asking for transparent huge pages for large blocks.
 //!
-//! The sync's hottest structures are large and read at random: a peer's outbox (a hash set of
-//! up to 262,144 pending keys, tens of MiB while a peer catches up) and the batches around
+//! The sync's hottest structures are large and read at random: the sync's backlog (a hash map
+//! of up to 262,144 keys queued for the peers, tens of MiB while they catch up) and the batches around
 //! it. With 4 KiB pages every random access there is a TLB miss as well as a cache miss, and
 //! under virtualisation a TLB miss walks two page tables. Many hosts give transparent huge
 //! pages only on request (`madvise`, Debian's default), and glibc does not request them. So blocks of [`ADVISE_FROM`] and more are advised `MADV_HUGEPAGE`, their

@@ -1,6 +1,8 @@
 //! hasync agent library: everything the `hasync` binary does, testable without it.
 
 pub mod agent;
+#[cfg(test)]
+mod alloc_count;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -9,7 +9,7 @@ use hasync_agent::{
 };
 use tracing_subscriber::{filter::LevelFilter, EnvFilter};
 
-/// Large blocks (the sync's outboxes) on transparent huge pages: see `huge_pages`.
+/// Large blocks (the sync's backlog) on transparent huge pages: see `huge_pages`.
 #[global_allocator]
 static ALLOCATOR: hasync_agent::huge_pages::LargeOnHugePages =
     hasync_agent::huge_pages::LargeOnHugePages;

@@ -26,9 +26,9 @@ use crate::{
     netlink::{LinkWatch, NetlinkError},
     startup::{bring_up, Signals, StartPlan, Started},
     sync::{
+        backlog::Change,
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
-        outbox::Change,
         removals::RecentRemovals,
         wire::LinkKind,
     },
@@ -560,7 +560,7 @@ fn apply_membership(member: &Member) {
     }
 }
 
-/// Queues every owned session for every peer (the outboxes fall back to a full sync if that is
+/// Queues every owned session for every peer (the backlog falls back to full syncs if that is
 /// too many, which each peer's full-sync backoff then paces), from a walk of the table on a
 /// thread of its own with a reader of its own: the main loop goes on draining events (a walk
 /// on it stopped the event reader just when events were being lost), and applies and sends

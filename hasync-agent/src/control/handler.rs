@@ -258,7 +258,7 @@ fn statistics(member: &Member) -> StatisticsView {
     });
     let mut view = StatisticsView::from_stats(peers, member.engine.rejections());
     for p in member.engine.peers() {
-        let (queued, in_flight) = p.backlog();
+        let (queued, in_flight) = member.engine.backlog_of(p);
         if let Some(v) = view.peers.iter_mut().find(|v| v.id == p.cfg.id.0) {
             v.records_pending = (queued + in_flight) as u64;
         }

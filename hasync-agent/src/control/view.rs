@@ -528,7 +528,7 @@ pub struct PeerStatisticsView {
     pub full_syncs: FullSyncsView,
     pub replication_lag: LagView,
     /// Records queued for the peer or sent and not acknowledged yet (filled by the agent from
-    /// its outbox; 0 in views built from counters alone).
+    /// its backlog and window; 0 in views built from counters alone).
     #[serde(default)]
     pub records_pending: u64,
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use hasync_common::{FlowKey, Session};
 
-use super::outbox::{Change, Hasher};
+use super::backlog::{Change, Hasher};
 
 /// Keys this member removed from its table (the sweep, an eviction) whose earlier events may
 /// still wait in the ring buffer: the session such an event shows is gone, so events of these

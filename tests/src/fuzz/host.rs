@@ -15,7 +15,8 @@ use hasync_agent::{
     provision::{MemberFiles, Spec},
     sync::{
         apply::{decide, Applier, Decision, OwnerRefusal, ZoneMap},
-        outbox::{Change, Outbox},
+        backlog::Change,
+        window::Window,
         wire::{Hello, LinkKind, Message, Op, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR},
     },
 };
@@ -256,16 +257,16 @@ fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
 
 /// An ack releases exactly the frames in flight up to its sequence number.
 fn check_ack(seq: u64) -> Result<()> {
-    let mut outbox = Outbox::new(16, 4);
+    let mut window = Window::new(4);
     let now = Instant::now();
     for _ in 0..3 {
-        let s = outbox.next_seq();
-        outbox.sent(s, &[(FlowKey::default(), Change::Read)], now);
+        let s = window.next_seq();
+        window.sent(s, &[(FlowKey::default(), Change::Read)], now);
     }
-    let released = outbox.ack(seq).len();
+    let released = window.ack(seq).len();
     let expected = usize::try_from(seq.min(3)).unwrap_or(3);
     ensure!(released == expected, "ack {seq} released {released} frames");
-    ensure!(outbox.in_flight() == 3 - expected, "frames left in flight");
+    ensure!(window.in_flight() == 3 - expected, "frames left in flight");
     Ok(())
 }
 

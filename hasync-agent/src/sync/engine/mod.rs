@@ -34,11 +34,12 @@ use tracing::{info, warn};
 use super::{
     admission::Admission,
     apply::ZoneMap,
+    backlog::{Backlog, Change},
     backoff::Backoff,
-    outbox::{Change, Outbox},
     stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
     table::SessionTable,
+    window::Window,
     wire::{Hello, LinkKind},
     writer::Writer,
 };
@@ -48,8 +49,9 @@ use crate::{
     netlink::{LinkWatch, NetlinkError},
 };
 
-/// Pending keys per peer before the outbox falls back to a full sync.
-const OUTBOX_CAPACITY: usize = 262_144;
+/// Keys held for the peers, all of them together, before the peer furthest behind falls back
+/// to a full sync.
+const BACKLOG_CAPACITY: usize = 262_144;
 /// Frames per peer sent and not yet acknowledged.
 const MAX_IN_FLIGHT: usize = 64;
 /// The shortest wait between two full syncs to one peer, and the longest.
@@ -135,7 +137,7 @@ struct Applied {
 }
 
 struct PeerInner {
-    outbox: Outbox,
+    window: Window,
     links: BTreeMap<LinkKind, LinkConn>,
     /// HA4 failed since it last carried data: when it returns, it waits out the hold-down.
     ha4_failed: bool,
@@ -158,6 +160,8 @@ struct PeerInner {
 /// One peer at run time.
 pub struct Peer {
     pub cfg: PeerConfig,
+    /// Its line in the engine's [`Backlog`].
+    line: usize,
     inner: Mutex<PeerInner>,
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
     applied: Mutex<Applied>,
@@ -166,11 +170,12 @@ pub struct Peer {
 }
 
 impl Peer {
-    fn new(cfg: PeerConfig) -> Self {
+    fn new(cfg: PeerConfig, line: usize) -> Self {
         Peer {
             cfg,
+            line,
             inner: Mutex::new(PeerInner {
-                outbox: Outbox::new(OUTBOX_CAPACITY, MAX_IN_FLIGHT),
+                window: Window::new(MAX_IN_FLIGHT),
                 links: BTreeMap::new(),
                 ha4_failed: false,
                 ha4_usable_at: None,
@@ -206,12 +211,6 @@ impl Peer {
     /// The peer's protocol version, once it said hello.
     pub fn version(&self) -> Option<(u8, u8)> {
         self.lock().hello.as_ref().map(|h| (h.major, h.minor))
-    }
-
-    /// Pending keys and frames in flight.
-    pub fn backlog(&self) -> (usize, usize) {
-        let g = self.lock();
-        (g.outbox.pending(), g.outbox.in_flight())
     }
 
     /// The peer's zone names we do not have (from its hello).
@@ -259,18 +258,28 @@ struct EngineInner<T> {
     admission: BTreeMap<LinkKind, Arc<Admission>>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
     reannouncing: AtomicBool,
+    /// The changes queued for the peers. Taken after a peer's lock, never before it.
+    backlog: Mutex<Backlog>,
 }
 
 use crate::lock::lock;
 
 impl<T: SessionTable> Engine<T> {
     pub fn new(cfg: SyncConfig, dp: Arc<Mutex<T>>, membership: Arc<Mutex<Membership>>) -> Self {
-        let peers = cfg
+        let peers: BTreeMap<MemberId, Arc<Peer>> = cfg
             .peers
             .iter()
             .filter(|p| p.id != cfg.local)
-            .map(|p| (p.id, Arc::new(Peer::new(p.clone()))))
+            .enumerate()
+            .map(|(line, p)| (p.id, Arc::new(Peer::new(p.clone(), line))))
             .collect();
+        let mut targets = vec![false; peers.len()];
+        for p in peers.values() {
+            if let Some(t) = targets.get_mut(p.line) {
+                *t = cfg.local_session_sync && p.cfg.session_sync && p.cfg.enabled;
+            }
+        }
+        let backlog = Mutex::new(Backlog::new(BACKLOG_CAPACITY, &targets));
         let admission = connect::admissions(&cfg);
         Engine {
             inner: Arc::new(EngineInner {
@@ -285,6 +294,7 @@ impl<T: SessionTable> Engine<T> {
                 local_up: Mutex::new(BTreeMap::new()),
                 admission,
                 reannouncing: AtomicBool::new(false),
+                backlog,
             }),
         }
     }
@@ -386,20 +396,31 @@ impl<T: SessionTable> Engine<T> {
     /// ([`Change`]) for every syncing peer.
     pub fn enqueue_changes<I>(&self, changes: I)
     where
-        I: IntoIterator<Item = (FlowKey, Change)> + Clone,
+        I: IntoIterator<Item = (FlowKey, Change)>,
     {
         if !self.inner.cfg.local_session_sync {
             return;
         }
         let now = Instant::now();
-        for peer in self.inner.peers.values() {
-            if peer.cfg.session_sync && peer.cfg.enabled {
-                let mut g = peer.lock();
-                for (key, change) in changes.clone() {
-                    g.outbox.enqueue(key, change, now);
-                }
-            }
+        let mut backlog = lock(&self.inner.backlog);
+        for (key, change) in changes {
+            backlog.enqueue(key, change, now);
         }
+    }
+
+    /// `peer`'s keys queued and frames in flight.
+    pub fn backlog_of(&self, peer: &Peer) -> (usize, usize) {
+        let in_flight = peer.lock().window.in_flight();
+        (lock(&self.inner.backlog).pending(peer.line), in_flight)
+    }
+
+    /// The link `peer`'s data went out on failed: what it had in flight is queued again, in
+    /// front. Returns how many keys, and whether frames of a full sync were lost (then it must
+    /// start over: they cannot be resent key by key).
+    fn requeue_unacked(&self, peer: &Peer, g: &mut PeerInner) -> (usize, bool) {
+        let (unacked, bulk_lost) = g.window.unacked();
+        let n = lock(&self.inner.backlog).requeue(peer.line, &unacked);
+        (n, bulk_lost)
     }
 
     /// Wakes every sender (after a burst of `enqueue`s).
@@ -453,7 +474,7 @@ impl<T: SessionTable> Engine<T> {
                         g.ha4_usable_at = None;
                     }
                     if g.data_link == Some(link) {
-                        let (n, bulk_lost) = g.outbox.requeue_in_flight();
+                        let (n, bulk_lost) = self.requeue_unacked(peer, &mut g);
                         LinkStats::add(&peer.stats.resends, n as u64);
                         g.data_link = None;
                         // Frames of a full sync cannot be resent key by key: it starts over.

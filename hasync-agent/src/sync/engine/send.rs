@@ -16,8 +16,8 @@ use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
+        backlog::Change,
         channel::ChannelError,
-        outbox::Change,
         stats::LinkStats,
         wire::{Keepalive, LinkKind, Message, Record, MAX_RECORDS_PER_FRAME},
         writer::Writer,
@@ -59,13 +59,13 @@ impl<T: SessionTable> Engine<T> {
         let now = Instant::now();
         let mut link = Self::pick_link(&g, now)?;
         if let Some(current) = g.data_link.filter(|l| *l != link) {
-            if g.outbox.bulk_in_flight() && g.links.contains_key(&current) {
+            if g.window.bulk_in_flight() && g.links.contains_key(&current) {
                 // A full sync is unacknowledged on the current link: it ends there (its
                 // frames, read after newer ones from the other link, would be dropped).
                 link = current;
             } else {
                 // Switching links: what the old one had in flight may be lost.
-                let (n, bulk_lost) = g.outbox.requeue_in_flight();
+                let (n, bulk_lost) = self.requeue_unacked(peer, &mut g);
                 g.bulk_wanted |= bulk_lost;
                 LinkStats::add(&peer.stats.resends, n as u64);
                 info!(
@@ -77,7 +77,7 @@ impl<T: SessionTable> Engine<T> {
             }
         }
         g.data_link = Some(link);
-        if g.outbox.take_overflow() {
+        if lock(&self.inner.backlog).take_overflow(peer.line) {
             g.bulk_wanted = true;
         }
         let c = g.links.get(&link)?;
@@ -89,7 +89,7 @@ impl<T: SessionTable> Engine<T> {
             // if our hello on this connection said our table was fresh: then the peer does not
             // reconcile our full sync, and a queued removal would be lost.
             if !sent_fresh {
-                g.outbox.clear_pending();
+                lock(&self.inner.backlog).clear_pending(peer.line);
             }
         }
         Some((link, writer, generation, bulk))
@@ -132,11 +132,15 @@ impl<T: SessionTable> Engine<T> {
     pub(super) async fn send_queued(&self, peer: &Peer, writer: &Writer) -> Result<(), SendError> {
         loop {
             let (changes, oldest) = {
-                let mut g = peer.lock();
-                if !g.outbox.can_send() || g.outbox.pending() == 0 {
+                let g = peer.lock();
+                if !g.window.can_send() {
                     return Ok(());
                 }
-                g.outbox.take(MAX_RECORDS_PER_FRAME)
+                let mut backlog = lock(&self.inner.backlog);
+                if backlog.pending(peer.line) == 0 {
+                    return Ok(());
+                }
+                backlog.take(peer.line, MAX_RECORDS_PER_FRAME, Instant::now())
             };
             let records = match self.records_for(&changes) {
                 Ok(r) => r,
@@ -150,8 +154,8 @@ impl<T: SessionTable> Engine<T> {
             };
             let seq = {
                 let mut g = peer.lock();
-                let seq = g.outbox.next_seq();
-                g.outbox
+                let seq = g.window.next_seq();
+                g.window
                     .sent(seq, &changes, oldest.unwrap_or_else(Instant::now));
                 seq
             };
@@ -287,9 +291,9 @@ impl<T: SessionTable> Engine<T> {
     ) -> Result<(), SendError> {
         let seq = {
             let mut g = peer.lock();
-            let seq = g.outbox.next_seq();
+            let seq = g.window.next_seq();
             // Bulk frames are not resent key by key: a broken full sync starts over.
-            g.outbox.sent_bulk(seq, Instant::now());
+            g.window.sent_bulk(seq, Instant::now());
             seq
         };
         writer

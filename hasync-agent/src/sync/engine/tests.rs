@@ -18,7 +18,7 @@ use crate::{
     cluster::{Membership, Timers},
     datapath::testing::datapath,
     sync::{
-        outbox::Change,
+        backlog::Change,
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -30,6 +30,11 @@ fn engine() -> Engine {
 }
 
 fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
+    engine_of(table, 3)
+}
+
+/// An engine of member 1 in a cluster of `members` (members 1 to `members`).
+fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
     let peer = |id: u8| PeerConfig {
         id: MemberId(id),
         serial: format!("fw{id}"),
@@ -46,7 +51,7 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
         fingerprint: [0; 32],
         port: 0,
         local_links: BTreeMap::new(),
-        peers: vec![peer(1), peer(2), peer(3)],
+        peers: (1..=members).map(peer).collect(),
         keepalive_interval: Duration::from_secs(1),
         keepalive_threshold: Duration::from_secs(5),
         hold_down: Duration::from_secs(60),
@@ -60,15 +65,10 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
         monitor_hold_down: Duration::from_secs(60),
         discovery: Duration::ZERO,
     };
-    let membership = Membership::new(
-        MemberId(1),
-        timers,
-        vec![
-            (MemberId(2), "fw2".into(), true),
-            (MemberId(3), "fw3".into(), true),
-        ],
-        Instant::now(),
-    );
+    let others = (2..=members)
+        .map(|id| (MemberId(id), format!("fw{id}"), true))
+        .collect();
+    let membership = Membership::new(MemberId(1), timers, others, Instant::now());
     Engine::new(
         cfg,
         Arc::new(Mutex::new(table)),
@@ -283,12 +283,12 @@ async fn data_stays_on_its_link_while_a_full_sync_is_unacknowledged() {
     {
         let mut g = peer.lock();
         g.data_link = Some(LinkKind::Ha4Backup);
-        let seq = g.outbox.next_seq();
-        g.outbox.sent_bulk(seq, Instant::now());
+        let seq = g.window.next_seq();
+        g.window.sent_bulk(seq, Instant::now());
     }
     let (link, ..) = e.prepare_send(&peer).expect("a link");
     assert_eq!(link, LinkKind::Ha4Backup);
-    peer.lock().outbox.ack(1);
+    peer.lock().window.ack(1);
     let (link, ..) = e.prepare_send(&peer).expect("a link");
     assert_eq!(link, LinkKind::Ha4, "acknowledged: data moves to HA4");
 }
@@ -303,8 +303,8 @@ async fn a_full_sync_lost_with_its_link_starts_over() {
     {
         let mut g = peer.lock();
         g.data_link = Some(LinkKind::Ha4);
-        let seq = g.outbox.next_seq();
-        g.outbox.sent_bulk(seq, Instant::now());
+        let seq = g.window.next_seq();
+        g.window.sent_bulk(seq, Instant::now());
     }
     e.detach(&peer, LinkKind::Ha4, None, "test");
     assert!(peer.lock().bulk_wanted);
@@ -585,7 +585,7 @@ fn a_reannouncement_walks_without_the_tables_lock() {
     assert!(!e.reannouncing());
     for id in [2, 3] {
         let peer = e.peers().find(|p| p.cfg.id == MemberId(id)).expect("peer");
-        assert_eq!(peer.backlog(), (3, 0), "peer {id}");
+        assert_eq!(e.backlog_of(peer), (3, 0), "peer {id}");
     }
 }
 
@@ -626,4 +626,35 @@ async fn reading_ahead_keeps_order_and_ends_with_its_guard_or_the_connection() {
         "the error comes last"
     );
     assert!(frames.recv().await.is_none());
+}
+
+/// Heap bytes the engine of member 1 in a cluster of `members` holds for `changes` queued
+/// to every peer (none sent), and each peer's pending keys.
+fn backlog_bytes(members: u8, changes: &[(FlowKey, Session)]) -> (isize, Vec<usize>) {
+    let e = engine_of(FakeTable::default(), members);
+    let before = crate::alloc_count::held();
+    e.enqueue_changes(changes.iter().map(|(k, s)| (*k, Change::Snapshot(*s))));
+    let held = crate::alloc_count::held() - before;
+    let pending = e.peers().map(|p| e.backlog_of(p).0).collect();
+    (held, pending)
+}
+
+/// Fifteen peers that all fall behind (stalled, or a flood faster than the links) must not
+/// cost fifteen times one peer's backlog: a member of a full cluster would need most of a
+/// GiB before its queues overflow into full syncs. Queued changes are held once; each peer
+/// keeps only its place in them.
+#[test]
+fn what_is_queued_for_fifteen_peers_is_held_once() {
+    let changes = owned_by_us(100_000);
+    let (one, pending) = backlog_bytes(2, &changes);
+    assert_eq!(pending, vec![changes.len()]);
+    let (fifteen, pending) = backlog_bytes(16, &changes);
+    assert_eq!(pending, vec![changes.len(); 15]);
+    let mib = |b: isize| b as f64 / f64::from(1 << 20);
+    assert!(
+        fifteen <= 2 * one,
+        "15 peers' backlog {:.1} MiB, one peer's {:.1} MiB",
+        mib(fifteen),
+        mib(one)
+    );
 }
