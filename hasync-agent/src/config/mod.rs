@@ -274,7 +274,7 @@ mod defaults {
 }
 
 /// Ranges, named once so messages and checks agree.
-mod range {
+pub(crate) mod range {
     use hasync_common::{ClusterId, MemberId};
 
     pub const CLUSTER_ID: (u64, u64) = (ClusterId::MIN as u64, ClusterId::MAX as u64);

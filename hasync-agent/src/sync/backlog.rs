@@ -12,7 +12,9 @@
 //! them still wanted, the peer furthest behind gives up on incremental sync and gets a full
 //! sync instead (`take_overflow`), which frees what only that peer waited for. At most
 //! [`MAX_SNAPSHOTS`] of the keys keep a snapshot (under 9 MiB); the others are read at send
-//! time.
+//! time. A snapshot is freed when the last peer waiting for its key takes it, so a peer far
+//! behind keeps snapshots from the others, which then read more at send time: the cost of a
+//! slow peer, until its line overflows.
 
 use std::{
     collections::{hash_map, HashMap, VecDeque},
@@ -27,8 +29,9 @@ pub(super) type Hasher = foldhash::quality::RandomState;
 /// How many queued keys may keep their event's snapshot of the session.
 pub const MAX_SNAPSHOTS: usize = 100_000;
 
-/// How many peers one backlog serves (a cluster has at most 16 members: 15 peers).
+/// How many peers one backlog serves.
 pub const MAX_PEERS: usize = 32;
+const _: () = assert!(crate::config::range::MAX_MEMBERS - 1 <= MAX_PEERS);
 
 /// What a change's record is built from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +41,9 @@ pub enum Change {
     /// The session as the table holds it at send time (absent: a removal).
     Read,
 }
+
+/// Changes taken to send, with when the oldest of them was queued.
+pub type Taken = (Vec<(FlowKey, Change)>, Option<Instant>);
 
 /// A set of peers, one bit per peer's line.
 type Peers = u32;
@@ -49,7 +55,7 @@ struct Entry {
     /// Its snapshot's slot in [`Snapshots`], or [`NO_SNAPSHOT`]: read at send time.
     snapshot: u32,
     /// The peers whose lines hold it. None: retired (sent to every peer that wanted it), kept
-    /// under its key until a sweep, so that sending needs no hash operation.
+    /// under its key until it is freed, so that sending needs no hash operation.
     waiting: Peers,
 }
 
@@ -136,6 +142,11 @@ pub struct Backlog {
     /// Held keys by slot; a slot is either in `index` or in `free`.
     entries: Vec<Entry>,
     free: Vec<u32>,
+    /// Slots that may be retired: each whose last waiter took it, and each held anew and left
+    /// without a waiter. A retired slot stays in `index` until it is freed; a slot may be
+    /// listed more than once (retired, queued again, retired again), and is freed only if it
+    /// is retired when its turn comes.
+    retired: Vec<u32>,
     /// Each held key's slot: one hash operation per key queued, none per key sent.
     index: HashMap<FlowKey, u32, Hasher>,
     snapshots: Snapshots,
@@ -165,6 +176,7 @@ impl Backlog {
         Backlog {
             entries: Vec::new(),
             free: Vec::new(),
+            retired: Vec::new(),
             index: HashMap::default(),
             snapshots: Snapshots::default(),
             lines: vec![VecDeque::new(); lines],
@@ -188,6 +200,7 @@ impl Backlog {
         // Making room may have overflowed every line.
         let wanted = self.wanted();
         if wanted == 0 {
+            self.abandon(slot);
             self.settle();
             return;
         }
@@ -241,12 +254,7 @@ impl Backlog {
     }
 
     /// Takes up to `max` changes to send to peer `line`, with the time the oldest was queued.
-    pub fn take(
-        &mut self,
-        line: usize,
-        max: usize,
-        now: Instant,
-    ) -> (Vec<(FlowKey, Change)>, Option<Instant>) {
+    pub fn take(&mut self, line: usize, max: usize, now: Instant) -> Taken {
         let now_us = self.micros(now);
         let n = max.min(self.pending(line));
         let mut changes = Vec::with_capacity(n);
@@ -283,12 +291,13 @@ impl Backlog {
                 break;
             };
             let (at_us, wanted) = (self.micros(*at), self.wanted());
+            if wanted & bit == 0 {
+                self.abandon(slot);
+                break;
+            }
             let Some(e) = self.entries.get_mut(slot as usize) else {
                 break;
             };
-            if wanted & bit == 0 {
-                break;
-            }
             if e.waiting & bit != 0 {
                 continue;
             }
@@ -301,6 +310,10 @@ impl Backlog {
                 l.push_front(Place::new(slot, at_us));
                 n += 1;
             }
+        }
+        if self.wanted() & bit == 0 {
+            // Its line overflowed while room was made: none of them is queued.
+            return 0;
         }
         n
     }
@@ -316,7 +329,8 @@ impl Backlog {
     }
 
     /// `key`'s slot, held anew if it is not; None when no room could be made (every peer's
-    /// queue overflowed, so nobody wants it).
+    /// queue overflowed, so nobody wants it). A caller that leaves it without a waiter lists
+    /// it as retired ([`Self::abandon`]).
     fn slot_of(&mut self, key: FlowKey) -> Option<u32> {
         match self.index.entry(key) {
             hash_map::Entry::Occupied(o) => return Some(*o.get()),
@@ -339,8 +353,9 @@ impl Backlog {
     }
 
     /// Every slot is taken: frees the retired entries, after overflowing the line furthest
-    /// behind if none is retired. False when nothing can be freed.
+    /// behind if none is retired. False when that changed nothing.
     fn make_room(&mut self) -> bool {
+        let mut overflowed = false;
         if self.live == self.held() {
             let longest = (0..self.lines.len())
                 .filter(|i| self.pending(*i) > 0)
@@ -350,9 +365,11 @@ impl Backlog {
             };
             self.forget_line(line);
             self.overflowed |= bit(line);
+            overflowed = true;
         }
-        self.sweep();
-        true
+        let free = self.free.len();
+        self.free_retired();
+        overflowed || self.free.len() > free
     }
 
     /// Empties peer `line`'s queue.
@@ -362,6 +379,17 @@ impl Backlog {
         };
         for place in places {
             self.release(place.slot(), bit(line));
+        }
+    }
+
+    /// Lists `slot` as retired if nobody waits for it (held anew and left so).
+    fn abandon(&mut self, slot: u32) {
+        if self
+            .entries
+            .get(slot as usize)
+            .is_some_and(|e| e.waiting == 0)
+        {
+            self.retired.push(slot);
         }
     }
 
@@ -381,35 +409,56 @@ impl Backlog {
             self.snapshots.free(e.snapshot);
             e.snapshot = NO_SNAPSHOT;
             self.live -= 1;
+            self.retired.push(slot);
         }
         Some((e.key, change))
     }
 
     /// After keys left the lines: a drained backlog starts over (and gives back what a burst
-    /// made it grow to); one that never drains sweeps its retired entries once they are half as
-    /// many as the live ones.
+    /// made it grow to); one that never drains frees its retired entries once they are listed
+    /// half as many times as there are live ones.
     fn settle(&mut self) {
         if self.live == 0 {
             self.entries.clear();
             self.free.clear();
+            self.retired.clear();
             self.index.clear();
             self.snapshots.clear();
             self.release_memory();
-        } else if self.held() - self.live > self.live / 2 + KEEP {
-            self.sweep();
+        } else if self.retired.len() > self.live / 2 + KEEP {
+            self.free_retired();
         }
     }
 
-    /// Frees every retired entry's slot.
-    fn sweep(&mut self) {
-        let (entries, free) = (&self.entries, &mut self.free);
-        self.index.retain(|_, slot| {
-            let live = entries.get(*slot as usize).is_some_and(|e| e.waiting != 0);
-            if !live {
-                free.push(*slot);
+    /// Frees the slots of the retired entries: a hash operation for each one listed, or, when
+    /// they are many, one pass over the index that removes them in place.
+    fn free_retired(&mut self) {
+        if self.retired.len() >= self.index.len() / 4 {
+            self.retired.clear();
+            let (entries, free) = (&self.entries, &mut self.free);
+            self.index.retain(|_, slot| {
+                let live = entries.get(*slot as usize).is_some_and(|e| e.waiting != 0);
+                if !live {
+                    free.push(*slot);
+                }
+                live
+            });
+            return;
+        }
+        for slot in std::mem::take(&mut self.retired) {
+            let Some(e) = self.entries.get(slot as usize) else {
+                continue;
+            };
+            if e.waiting != 0 {
+                continue;
             }
-            live
-        });
+            if let hash_map::Entry::Occupied(o) = self.index.entry(e.key) {
+                if *o.get() == slot {
+                    o.remove();
+                    self.free.push(slot);
+                }
+            }
+        }
     }
 
     /// A drained backlog gives back what a burst made it grow to, so an idle agent's memory
@@ -417,6 +466,7 @@ impl Backlog {
     fn release_memory(&mut self) {
         self.entries.shrink_to(KEEP);
         self.free.shrink_to(KEEP);
+        self.retired.shrink_to(KEEP);
         self.index.shrink_to(KEEP);
         self.snapshots.slots.shrink_to(KEEP);
         self.snapshots.free.shrink_to(KEEP);
@@ -801,19 +851,67 @@ mod tests {
     fn a_full_backlog_overflows_the_peer_furthest_behind_only() {
         let now = Instant::now();
         let mut b = Backlog::new(4, &[true, true, true]);
-        for i in 0..20 {
+        for i in 0..4 {
             b.enqueue(key(i), snapshot(1), now);
             // Peer 0 keeps up; peer 1 takes every other key; peer 2 never takes.
-            assert_eq!(keys(&take(&mut b, 0, 10)), vec![key(i)], "key {i}");
+            take(&mut b, 0, 10);
             if i % 2 == 0 {
                 take(&mut b, 1, 1);
             }
-            assert!(b.held() <= 4, "key {i}");
         }
-        assert!(!b.take_overflow(0), "peer 0 kept up");
-        assert!(b.take_overflow(1), "peer 1 fell four behind");
-        assert!(b.take_overflow(2), "peer 2 fell behind first");
-        assert!(b.pending(1) + b.pending(2) <= 4);
+        assert_eq!([b.pending(0), b.pending(1), b.pending(2)], [0, 2, 4]);
+        assert_eq!(b.overflowed, 0);
+        b.enqueue(key(4), snapshot(1), now);
+        assert_eq!(b.overflowed, 1 << 2, "only peer 2, furthest behind");
+        assert_eq!([b.pending(0), b.pending(1), b.pending(2)], [1, 3, 0]);
+        assert_eq!(b.held(), 3, "what only peer 2 waited for is freed");
+        assert_eq!(keys(&take(&mut b, 1, 10)), vec![key(2), key(3), key(4)]);
+        assert!(b.take_overflow(2));
+        b.enqueue(key(5), snapshot(1), now);
+        assert_eq!(
+            b.pending(2),
+            1,
+            "queued for again once it took its overflow"
+        );
+    }
+
+    #[test]
+    fn a_full_sync_starting_for_one_peer_leaves_the_others_their_changes() {
+        let now = Instant::now();
+        let mut b = Backlog::new(100, &[true, true]);
+        for i in 0..3 {
+            b.enqueue(key(i), snapshot(1), now);
+        }
+        b.clear_pending(0);
+        assert_eq!((b.pending(0), b.pending(1)), (0, 3));
+        assert_eq!(
+            take(&mut b, 1, 10),
+            vec![
+                (key(0), snapshot(1)),
+                (key(1), snapshot(1)),
+                (key(2), snapshot(1))
+            ]
+        );
+        assert_eq!(b.held(), 0);
+    }
+
+    #[test]
+    fn keys_requeued_into_a_full_backlog_are_counted_only_if_queued() {
+        let now = Instant::now();
+        let (mut b, mut w) = (Backlog::new(2, &[true, true]), Window::new(4));
+        b.enqueue(key(0), snapshot(1), now);
+        b.enqueue(key(1), snapshot(1), now);
+        send(&mut b, &mut w, 0, 2);
+        take(&mut b, 1, 2);
+        b.enqueue(key(2), snapshot(1), now);
+        b.enqueue(key(3), snapshot(1), now);
+        take(&mut b, 1, 1);
+        // Peer 0's link fails: its two keys need slots, both slots are held (key 2 for peer 0,
+        // key 3 for both), and peer 0's line is the longest.
+        assert_eq!(fail(&mut b, &mut w, 0), (0, false));
+        assert!(b.take_overflow(0), "a full sync carries them");
+        assert!(!b.take_overflow(1));
+        assert_eq!(keys(&take(&mut b, 1, 10)), vec![key(3)]);
     }
 
     #[test]
@@ -859,5 +957,112 @@ mod tests {
         let oldest = oldest.expect("two keys taken");
         let error = oldest.max(t0) - oldest.min(t0);
         assert!(error <= Duration::from_micros(1), "{error:?}");
+    }
+
+    /// Checks that every place in a line is its entry's, once, and the counts agree.
+    fn check(b: &Backlog) {
+        let mut places = HashMap::new();
+        for (i, line) in b.lines.iter().enumerate() {
+            for p in line {
+                *places.entry((i, p.slot())).or_insert(0) += 1;
+            }
+        }
+        let mut live = 0;
+        let mut snapshots = HashSet::new();
+        for (key, slot) in &b.index {
+            let e = b.entries[*slot as usize];
+            assert_eq!(e.key, *key);
+            assert!(!b.free.contains(slot), "slot {slot} both free and held");
+            for i in 0..b.lines.len() {
+                let listed = places.get(&(i, *slot)).copied().unwrap_or(0);
+                let waits = e.waiting & bit(i) != 0;
+                assert_eq!(listed, usize::from(waits), "slot {slot} on line {i}");
+            }
+            if e.waiting != 0 {
+                live += 1;
+            }
+            if e.snapshot != NO_SNAPSHOT {
+                assert!(e.waiting != 0, "a retired entry keeps no snapshot");
+                assert!(snapshots.insert(e.snapshot), "snapshot slot shared");
+            }
+        }
+        assert_eq!(live, b.live);
+        assert_eq!(b.index.len(), b.held());
+        assert!(b.held() <= b.capacity);
+    }
+
+    /// Random operations against a model of what each peer must still get: every key a peer
+    /// takes was queued for it, at the latest version queued (or read), and none is lost
+    /// unless its line overflowed (a full sync then carries it).
+    #[test]
+    fn random_operations_keep_the_backlog_whole() {
+        let now = Instant::now();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let peers = 3;
+        let mut b = Backlog::new(6, &[true, true, true]);
+        let mut windows: Vec<Window> = (0..peers).map(|_| Window::new(8)).collect();
+        // Per peer: keys it must still get, with the latest version queued.
+        let mut owed: Vec<HashMap<FlowKey, u32>> = vec![HashMap::new(); peers];
+        let mut version = 0;
+        for step in 0..50_000 {
+            let peer = usize::try_from(next(3)).expect("small");
+            match next(10) {
+                0..=4 => {
+                    version += 1;
+                    let k = key(u32::try_from(next(10)).expect("small"));
+                    b.enqueue(k, snapshot(version), now);
+                    for (i, o) in owed.iter_mut().enumerate() {
+                        if b.overflowed & bit(i) == 0 {
+                            o.insert(k, version);
+                        }
+                    }
+                }
+                5..=6 if windows[peer].can_send() => {
+                    let max = usize::try_from(next(4)).expect("small") + 1;
+                    let (changes, oldest) = b.take(peer, max, now);
+                    for (k, change) in &changes {
+                        let want = owed[peer].remove(k).expect("a key it was owed");
+                        if let Change::Snapshot(s) = change {
+                            assert!(s.version >= want, "step {step}: stale snapshot");
+                        }
+                    }
+                    let seq = windows[peer].next_seq();
+                    windows[peer].sent(seq, &changes, oldest.unwrap_or(now));
+                }
+                7 => {
+                    let (unacked, _) = windows[peer].unacked();
+                    b.requeue(peer, &unacked);
+                    if b.overflowed & bit(peer) == 0 {
+                        for (k, _) in unacked {
+                            owed[peer].entry(k).or_insert(0);
+                        }
+                    }
+                }
+                8 => {
+                    let seq = windows[peer].next_seq();
+                    windows[peer].ack(seq);
+                }
+                5..=6 => {}
+                _ => {
+                    if b.take_overflow(peer) {
+                        b.clear_pending(peer);
+                    }
+                }
+            }
+            for (i, o) in owed.iter_mut().enumerate() {
+                if b.overflowed & bit(i) != 0 {
+                    // A full sync carries what it was owed.
+                    o.clear();
+                }
+                assert_eq!(b.pending(i), o.len(), "step {step}: peer {i}");
+            }
+            check(&b);
+        }
     }
 }

@@ -52,6 +52,8 @@ use crate::{
 /// Keys held for the peers, all of them together, before the peer furthest behind falls back
 /// to a full sync.
 const BACKLOG_CAPACITY: usize = 262_144;
+/// Changes queued per hold of the backlog's lock: every peer's sender may be waiting for it.
+const ENQUEUE_RUN: usize = 256;
 /// Frames per peer sent and not yet acknowledged.
 const MAX_IN_FLIGHT: usize = 64;
 /// The shortest wait between two full syncs to one peer, and the longest.
@@ -402,9 +404,12 @@ impl<T: SessionTable> Engine<T> {
             return;
         }
         let now = Instant::now();
-        let mut backlog = lock(&self.inner.backlog);
-        for (key, change) in changes {
-            backlog.enqueue(key, change, now);
+        let mut changes = changes.into_iter().peekable();
+        while changes.peek().is_some() {
+            let mut backlog = lock(&self.inner.backlog);
+            for (key, change) in changes.by_ref().take(ENQUEUE_RUN) {
+                backlog.enqueue(key, change, now);
+            }
         }
     }
 

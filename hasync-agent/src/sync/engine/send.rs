@@ -16,7 +16,7 @@ use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
-        backlog::Change,
+        backlog::{Change, Taken},
         channel::ChannelError,
         stats::LinkStats,
         wire::{Keepalive, LinkKind, Message, Record, MAX_RECORDS_PER_FRAME},
@@ -105,7 +105,7 @@ impl<T: SessionTable> Engine<T> {
             if bulk {
                 self.send_bulk(peer, link, &writer).await?;
             }
-            self.send_queued(peer, &writer).await
+            self.send_queued(peer, (link, generation), &writer).await
         }
         .await;
         let Err(e) = result else {
@@ -129,18 +129,17 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    pub(super) async fn send_queued(&self, peer: &Peer, writer: &Writer) -> Result<(), SendError> {
+    /// Sends `peer`'s queued changes on connection `conn` (its link and generation) while
+    /// the window allows.
+    pub(super) async fn send_queued(
+        &self,
+        peer: &Peer,
+        conn: (LinkKind, u64),
+        writer: &Writer,
+    ) -> Result<(), SendError> {
         loop {
-            let (changes, oldest) = {
-                let g = peer.lock();
-                if !g.window.can_send() {
-                    return Ok(());
-                }
-                let mut backlog = lock(&self.inner.backlog);
-                if backlog.pending(peer.line) == 0 {
-                    return Ok(());
-                }
-                backlog.take(peer.line, MAX_RECORDS_PER_FRAME, Instant::now())
+            let Some((changes, oldest)) = self.take_frame(peer) else {
+                return Ok(());
             };
             let records = match self.records_for(&changes) {
                 Ok(r) => r,
@@ -152,12 +151,8 @@ impl<T: SessionTable> Engine<T> {
                     return Ok(());
                 }
             };
-            let seq = {
-                let mut g = peer.lock();
-                let seq = g.window.next_seq();
-                g.window
-                    .sent(seq, &changes, oldest.unwrap_or_else(Instant::now));
-                seq
+            let Some(seq) = self.record_frame(peer, conn, &changes, oldest) else {
+                return Ok(());
             };
             writer
                 .send(Message::Sessions {
@@ -167,6 +162,50 @@ impl<T: SessionTable> Engine<T> {
                 })
                 .await?;
         }
+    }
+
+    /// Up to a frame's worth of `peer`'s queued changes, with when the oldest was queued, if
+    /// its window has room.
+    pub(super) fn take_frame(&self, peer: &Peer) -> Option<Taken> {
+        let g = peer.lock();
+        if !g.window.can_send() {
+            return None;
+        }
+        let mut backlog = lock(&self.inner.backlog);
+        if backlog.pending(peer.line) == 0 {
+            return None;
+        }
+        Some(backlog.take(peer.line, MAX_RECORDS_PER_FRAME, Instant::now()))
+    }
+
+    /// Puts a frame of `changes` in `peer`'s window, to go out on connection `conn`: its
+    /// sequence number. None if that connection failed since the changes were taken (its
+    /// failure queued again only what the window held, and an ack on the next connection would
+    /// release this frame unsent): they are queued again, in front.
+    pub(super) fn record_frame(
+        &self,
+        peer: &Peer,
+        (link, generation): (LinkKind, u64),
+        changes: &[(FlowKey, Change)],
+        oldest: Option<Instant>,
+    ) -> Option<u64> {
+        let oldest = oldest.unwrap_or_else(Instant::now);
+        let mut g = peer.lock();
+        let current = g.data_link == Some(link)
+            && g.links
+                .get(&link)
+                .is_some_and(|c| c.generation == generation);
+        if !current {
+            let keys: Vec<(FlowKey, Instant)> = changes.iter().map(|(k, _)| (*k, oldest)).collect();
+            let n = lock(&self.inner.backlog).requeue(peer.line, &keys);
+            drop(g);
+            LinkStats::add(&peer.stats.resends, n as u64);
+            peer.wake.notify_one();
+            return None;
+        }
+        let seq = g.window.next_seq();
+        g.window.sent(seq, changes, oldest);
+        Some(seq)
     }
 
     /// Records for queued changes: a snapshot as it is, a read change with the session's
