@@ -195,6 +195,7 @@ impl Backlog {
             return;
         }
         let Some(slot) = self.slot_of(key) else {
+            self.overflow_all();
             return;
         };
         // Making room may have overflowed every line.
@@ -288,7 +289,8 @@ impl Backlog {
         for (key, at) in unacked.iter().rev() {
             // Its line may overflow while room is made: a full sync carries the rest.
             let Some(slot) = self.slot_of(*key) else {
-                break;
+                self.overflow_all();
+                return 0;
             };
             let (at_us, wanted) = (self.micros(*at), self.wanted());
             if wanted & bit == 0 {
@@ -328,9 +330,10 @@ impl Backlog {
         u64::try_from(us & u128::from(TIME_MASK)).unwrap_or(0)
     }
 
-    /// `key`'s slot, held anew if it is not; None when no room could be made (every peer's
-    /// queue overflowed, so nobody wants it). A caller that leaves it without a waiter lists
-    /// it as retired ([`Self::abandon`]).
+    /// `key`'s slot, held anew if it is not; None when no room could be made (which the
+    /// listing of retired entries rules out: the caller then overflows every line, so that a
+    /// full sync carries what could not be queued). A caller that leaves the slot without a
+    /// waiter lists it as retired ([`Self::abandon`]).
     fn slot_of(&mut self, key: FlowKey) -> Option<u32> {
         match self.index.entry(key) {
             hash_map::Entry::Occupied(o) => return Some(*o.get()),
@@ -368,8 +371,22 @@ impl Backlog {
             overflowed = true;
         }
         let free = self.free.len();
-        self.free_retired();
+        self.free_listed();
+        if self.free.len() == free && self.live < self.held() {
+            debug_assert!(false, "a retired entry was not listed");
+            self.sweep();
+        }
         overflowed || self.free.len() > free
+    }
+
+    /// Every line overflows: each peer gets a full sync.
+    fn overflow_all(&mut self) {
+        debug_assert!(false, "no room could be made in the backlog");
+        for line in 0..self.lines.len() {
+            self.forget_line(line);
+        }
+        self.overflowed = self.targets;
+        self.settle();
     }
 
     /// Empties peer `line`'s queue.
@@ -426,39 +443,43 @@ impl Backlog {
             self.snapshots.clear();
             self.release_memory();
         } else if self.retired.len() > self.live / 2 + KEEP {
-            self.free_retired();
+            self.sweep();
         }
     }
 
-    /// Frees the slots of the retired entries: a hash operation for each one listed, or, when
-    /// they are many, one pass over the index that removes them in place.
-    fn free_retired(&mut self) {
+    /// Frees every retired entry's slot in one pass over the index, removing them in place.
+    fn sweep(&mut self) {
+        self.retired.clear();
+        let (entries, free) = (&self.entries, &mut self.free);
+        self.index.retain(|_, slot| {
+            let live = entries.get(*slot as usize).is_some_and(|e| e.waiting != 0);
+            if !live {
+                free.push(*slot);
+            }
+            live
+        });
+    }
+
+    /// Frees the slots listed as retired that still are, two hash operations each: what a
+    /// full backlog makes room with, a frame's worth at a time, without a pass over the index.
+    /// When the list is a quarter of the index or more, a [`Self::sweep`] is cheaper.
+    fn free_listed(&mut self) {
         if self.retired.len() >= self.index.len() / 4 {
-            self.retired.clear();
-            let (entries, free) = (&self.entries, &mut self.free);
-            self.index.retain(|_, slot| {
-                let live = entries.get(*slot as usize).is_some_and(|e| e.waiting != 0);
-                if !live {
-                    free.push(*slot);
-                }
-                live
-            });
+            self.sweep();
             return;
         }
-        for slot in std::mem::take(&mut self.retired) {
+        let mut listed = std::mem::take(&mut self.retired);
+        for slot in listed.drain(..) {
             let Some(e) = self.entries.get(slot as usize) else {
                 continue;
             };
-            if e.waiting != 0 {
-                continue;
-            }
-            if let hash_map::Entry::Occupied(o) = self.index.entry(e.key) {
-                if *o.get() == slot {
-                    o.remove();
-                    self.free.push(slot);
-                }
+            if e.waiting == 0 && self.index.get(&e.key) == Some(&slot) {
+                self.index.remove(&e.key);
+                self.free.push(slot);
             }
         }
+        // Keeps the list's room.
+        self.retired = listed;
     }
 
     /// A drained backlog gives back what a burst made it grow to, so an idle agent's memory
@@ -969,6 +990,9 @@ mod tests {
         }
         let mut live = 0;
         let mut snapshots = HashSet::new();
+        let listed: HashSet<u32> = b.retired.iter().copied().collect();
+        let free: HashSet<u32> = b.free.iter().copied().collect();
+        assert_eq!(free.len(), b.free.len(), "a slot freed twice");
         for (key, slot) in &b.index {
             let e = b.entries[*slot as usize];
             assert_eq!(e.key, *key);
@@ -980,6 +1004,8 @@ mod tests {
             }
             if e.waiting != 0 {
                 live += 1;
+            } else {
+                assert!(listed.contains(slot), "retired slot {slot} not listed");
             }
             if e.snapshot != NO_SNAPSHOT {
                 assert!(e.waiting != 0, "a retired entry keeps no snapshot");
@@ -992,10 +1018,17 @@ mod tests {
     }
 
     /// Random operations against a model of what each peer must still get: every key a peer
-    /// takes was queued for it, at the latest version queued (or read), and none is lost
-    /// unless its line overflowed (a full sync then carries it).
+    /// takes was queued for it, at the latest version queued (or read), none is lost unless its
+    /// line overflowed (a full sync then carries it), and a line overflows only when a new key
+    /// finds every slot held for some peer. Small (10 keys, 6 slots: overflows all the time)
+    /// and larger (200 keys, 64 slots: room made from the list of retired slots).
     #[test]
     fn random_operations_keep_the_backlog_whole() {
+        run_model(6, 10, 50_000);
+        run_model(64, 200, 50_000);
+    }
+
+    fn run_model(capacity: usize, keys: u64, steps: usize) {
         let now = Instant::now();
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = |n: u64| {
@@ -1005,18 +1038,25 @@ mod tests {
             seed % n
         };
         let peers = 3;
-        let mut b = Backlog::new(6, &[true, true, true]);
+        let mut b = Backlog::new(capacity, &[true, true, true]);
         let mut windows: Vec<Window> = (0..peers).map(|_| Window::new(8)).collect();
         // Per peer: keys it must still get, with the latest version queued.
         let mut owed: Vec<HashMap<FlowKey, u32>> = vec![HashMap::new(); peers];
         let mut version = 0;
-        for step in 0..50_000 {
+        for step in 0..steps {
             let peer = usize::try_from(next(3)).expect("small");
             match next(10) {
                 0..=4 => {
                     version += 1;
-                    let k = key(u32::try_from(next(10)).expect("small"));
+                    let k = key(u32::try_from(next(keys)).expect("small"));
+                    let (held, live, overflowed) = (b.held(), b.live, b.overflowed);
                     b.enqueue(k, snapshot(version), now);
+                    if b.overflowed != overflowed {
+                        assert!(
+                            held == capacity && live == held,
+                            "step {step}: room was left"
+                        );
+                    }
                     for (i, o) in owed.iter_mut().enumerate() {
                         if b.overflowed & bit(i) == 0 {
                             o.insert(k, version);
@@ -1037,12 +1077,17 @@ mod tests {
                 }
                 7 => {
                     let (unacked, _) = windows[peer].unacked();
-                    b.requeue(peer, &unacked);
+                    let n = b.requeue(peer, &unacked);
+                    let mut newly = 0;
                     if b.overflowed & bit(peer) == 0 {
                         for (k, _) in unacked {
-                            owed[peer].entry(k).or_insert(0);
+                            if let hash_map::Entry::Vacant(v) = owed[peer].entry(k) {
+                                v.insert(0);
+                                newly += 1;
+                            }
                         }
                     }
+                    assert_eq!(n, newly, "step {step}: requeued count");
                 }
                 8 => {
                     let seq = windows[peer].next_seq();
