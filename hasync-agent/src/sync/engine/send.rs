@@ -11,7 +11,7 @@ use std::{
 use hasync_common::{FlowKey, MemberId, Session};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, Peer, SessionTable};
+use super::{lock, Engine, Peer, PeerInner, SessionTable};
 use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -39,6 +39,15 @@ pub(super) enum SendError {
     /// (never ended: the peer would take what it did not get as removed) and tried again.
     #[error("reading the session table: {0}")]
     Table(#[from] DatapathError),
+}
+
+/// Is connection `(link, generation)` still the one `peer`'s data goes out on? A frame is put
+/// in the window only if it is: the window of a failed connection was queued again already.
+fn carries(g: &PeerInner, (link, generation): (LinkKind, u64)) -> bool {
+    g.data_link == Some(link)
+        && g.links
+            .get(&link)
+            .is_some_and(|c| c.generation == generation)
 }
 
 impl<T: SessionTable> Engine<T> {
@@ -103,7 +112,7 @@ impl<T: SessionTable> Engine<T> {
         };
         let result = async {
             if bulk {
-                self.send_bulk(peer, link, &writer).await?;
+                self.send_bulk(peer, (link, generation), &writer).await?;
             }
             self.send_queued(peer, (link, generation), &writer).await
         }
@@ -185,17 +194,13 @@ impl<T: SessionTable> Engine<T> {
     pub(super) fn record_frame(
         &self,
         peer: &Peer,
-        (link, generation): (LinkKind, u64),
+        conn: (LinkKind, u64),
         changes: &[(FlowKey, Change)],
         oldest: Option<Instant>,
     ) -> Option<u64> {
         let oldest = oldest.unwrap_or_else(Instant::now);
         let mut g = peer.lock();
-        let current = g.data_link == Some(link)
-            && g.links
-                .get(&link)
-                .is_some_and(|c| c.generation == generation);
-        if !current {
+        if !carries(&g, conn) {
             let keys: Vec<(FlowKey, Instant)> = changes.iter().map(|(k, _)| (*k, oldest)).collect();
             let n = lock(&self.inner.backlog).requeue(peer.line, &keys);
             drop(g);
@@ -275,9 +280,10 @@ impl<T: SessionTable> Engine<T> {
     pub(super) async fn send_bulk(
         &self,
         peer: &Arc<Peer>,
-        link: LinkKind,
+        conn: (LinkKind, u64),
         writer: &Writer,
     ) -> Result<(), SendError> {
+        let link = conn.0;
         let started = Instant::now();
         let bulk_id =
             u32::try_from(self.inner.generation.fetch_add(1, Relaxed) & 0xffff_ffff).unwrap_or(0);
@@ -306,7 +312,8 @@ impl<T: SessionTable> Engine<T> {
                 .collect();
             for frame in carried.chunks(MAX_RECORDS_PER_FRAME) {
                 total += frame.len() as u64;
-                self.send_bulk_frame(peer, writer, frame.to_vec()).await?;
+                self.send_bulk_frame(peer, conn, writer, frame.to_vec())
+                    .await?;
             }
             if !more {
                 break;
@@ -322,14 +329,20 @@ impl<T: SessionTable> Engine<T> {
         Ok(())
     }
 
+    /// Sends a frame of a full sync on connection `conn`; an error if that connection failed
+    /// (the full sync then starts over).
     async fn send_bulk_frame(
         &self,
         peer: &Peer,
+        conn: (LinkKind, u64),
         writer: &Writer,
         records: Vec<Record>,
     ) -> Result<(), SendError> {
         let seq = {
             let mut g = peer.lock();
+            if !carries(&g, conn) {
+                return Err(ChannelError::Closed.into());
+            }
             let seq = g.window.next_seq();
             // Bulk frames are not resent key by key: a broken full sync starts over.
             g.window.sent_bulk(seq, Instant::now());

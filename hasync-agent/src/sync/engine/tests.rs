@@ -467,7 +467,8 @@ async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
     let e = engine_over(table);
     hello_from_2(&e, 7);
     let peer = e.inner.peers[&MemberId(2)].clone();
-    let (w, mut rx) = Writer::detached();
+    let mut rx = connect(&e, LinkKind::Ha4);
+    let (link, w, generation, _) = e.prepare_send(&peer).expect("a link");
     let drain = tokio::spawn(async move {
         let mut got = Vec::new();
         while let Some(m) = rx.recv().await {
@@ -475,9 +476,11 @@ async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
         }
         got
     });
-    let result = e.send_bulk(&peer, LinkKind::Ha4, &w).await;
+    let result = e.send_bulk(&peer, (link, generation), &w).await;
     assert!(matches!(result, Err(SendError::Table(_))), "{result:?}");
     drop(w);
+    // The connection goes, and with it the last sender of what `drain` reads.
+    e.detach(&peer, link, Some(generation), "test");
     let sent = drain.await.expect("join");
     assert!(matches!(sent.first(), Some(Message::BulkStart { .. })));
     let records: usize = sent
@@ -494,7 +497,8 @@ async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
     );
     // Once the table reads again, the full sync goes through to its end.
     e.inner.dp.lock().expect("table").chunks_before_failure = None;
-    let (w, mut rx) = Writer::detached();
+    let mut rx = connect(&e, LinkKind::Ha4);
+    let (link, w, generation, _) = e.prepare_send(&peer).expect("a link");
     let drain = tokio::spawn(async move {
         let mut n = 0;
         while let Some(m) = rx.recv().await {
@@ -504,10 +508,11 @@ async fn a_failed_table_read_aborts_the_full_sync_instead_of_ending_it() {
         }
         n
     });
-    e.send_bulk(&peer, LinkKind::Ha4, &w)
+    e.send_bulk(&peer, (link, generation), &w)
         .await
         .expect("full sync");
     drop(w);
+    e.detach(&peer, link, Some(generation), "test");
     assert_eq!(drain.await.expect("join"), 6000);
 }
 
@@ -708,4 +713,27 @@ async fn changes_taken_for_a_frame_whose_link_failed_meanwhile_are_queued_again(
         .record_frame(&peer, (link, generation), &again, oldest)
         .is_some());
     assert_eq!(e.backlog_of(&peer), (0, 1));
+}
+
+/// A full sync whose connection fails between two frames puts no further frame in the
+/// window of that connection (a frame recorded there would count as a full sync in flight,
+/// and be lost again, until an ack on the next connection): it stops, to start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_whose_link_failed_meanwhile_stops_without_recording_a_frame() {
+    let e = engine_over(FakeTable {
+        entries: owned_by_us(10),
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let _rx = connect(&e, LinkKind::Ha4);
+    let (link, w, generation, _) = e.prepare_send(&peer).expect("a link");
+    e.detach(&peer, link, Some(generation), "test");
+    let result = e.send_bulk(&peer, (link, generation), &w).await;
+    assert!(matches!(result, Err(SendError::Channel(_))), "{result:?}");
+    let g = peer.lock();
+    assert!(
+        !g.window.bulk_in_flight(),
+        "a frame recorded on the failed connection"
+    );
 }
