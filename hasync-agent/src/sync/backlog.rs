@@ -246,6 +246,19 @@ impl Backlog {
         was
     }
 
+    /// Gives up on incremental sync to peer `line`, as when its line overflows: what is queued
+    /// for it goes, nothing more is queued for it, and `take_overflow` then says a full sync
+    /// is due.
+    pub fn overflow(&mut self, line: usize) {
+        let bit = bit(line);
+        if self.wanted() & bit == 0 {
+            return;
+        }
+        self.forget_line(line);
+        self.overflowed |= bit;
+        self.settle();
+    }
+
     /// Forgets what is queued for peer `line`, and any overflow: a full sync that starts now
     /// carries their sessions' current state (or their absence, which its end reconciles).
     pub fn clear_pending(&mut self, line: usize) {

@@ -15,10 +15,11 @@ use super::{
     Engine, PeerConfig, SessionTable, SyncConfig,
 };
 use crate::{
-    cluster::{Membership, Timers},
+    cluster::{MemberState, Membership, Timers},
     datapath::testing::datapath,
+    lock::lock,
     sync::{
-        backlog::Change,
+        backlog::{Change, MAX_SNAPSHOTS},
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -736,4 +737,48 @@ async fn a_full_sync_whose_link_failed_meanwhile_stops_without_recording_a_frame
         !g.window.bulk_in_flight(),
         "a frame recorded on the failed connection"
     );
+}
+
+/// A member down (cut off on every link, not heard within the keepalive threshold) does not
+/// keep what is queued for it: its line would hold the backlog's snapshots until it
+/// overflowed, and every change to the members alive would be read from the table instead.
+/// It gets a full sync when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_down_holds_nothing_back_and_gets_a_full_sync_when_it_returns() {
+    let e = engine_over(FakeTable::default());
+    let t0 = Instant::now();
+    let late = t0 + Duration::from_secs(6);
+    {
+        let mut m = lock(&e.inner.membership);
+        m.heard(MemberId(2), MemberState::Active, 0, t0);
+        m.heard(MemberId(3), MemberState::Active, 0, late);
+        m.evaluate(late);
+    }
+    // More changes than the backlog keeps snapshots for, and one more to come.
+    let changes = owned_by_us(u32::try_from(MAX_SNAPSHOTS).expect("fits") + 2);
+    let (later, now) = changes.split_last().expect("changes");
+    e.enqueue_changes(now.iter().map(|(k, s)| (*k, Change::Snapshot(*s))));
+    let (down, up) = (
+        e.inner.peers[&MemberId(2)].clone(),
+        e.inner.peers[&MemberId(3)].clone(),
+    );
+    e.send_pending(&down).await;
+    assert_eq!(
+        e.backlog_of(&down),
+        (0, 0),
+        "nothing kept for a member down"
+    );
+    // Member 3 takes everything; a change of another session goes to it as the event's
+    // snapshot (member 2's line would have kept every snapshot slot).
+    lock(&e.inner.backlog).take(up.line, usize::MAX, Instant::now());
+    let (key, next) = *later;
+    e.enqueue_changes([(key, Change::Snapshot(next))]);
+    let (got, _) = lock(&e.inner.backlog).take(up.line, usize::MAX, Instant::now());
+    assert_eq!(got, vec![(key, Change::Snapshot(next))]);
+    assert_eq!(e.backlog_of(&down), (0, 0), "nor queued for it since");
+    // Member 2 is back: a full sync goes to it.
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let (_, _, _, bulk) = e.prepare_send(&down).expect("a link");
+    assert!(bulk, "a full sync is due");
 }
