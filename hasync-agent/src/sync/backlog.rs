@@ -156,6 +156,8 @@ pub struct Backlog {
     targets: Peers,
     /// Peers whose line overflowed: nothing is queued for them until `take_overflow`.
     overflowed: Peers,
+    /// Peers cut off and not heard: see [`Backlog::set_silent`].
+    silent: Peers,
     /// Entries some peer waits for (the others are retired).
     live: usize,
     capacity: usize,
@@ -182,6 +184,7 @@ impl Backlog {
             lines: vec![VecDeque::new(); lines],
             targets,
             overflowed: 0,
+            silent: 0,
             live: 0,
             capacity: capacity.clamp(1, 1 << SLOT_BITS),
             epoch: Instant::now(),
@@ -210,8 +213,9 @@ impl Backlog {
         };
         if e.waiting == 0 {
             e.snapshot = match change {
-                Change::Snapshot(s) => self.snapshots.put(s),
-                Change::Read => NO_SNAPSHOT,
+                // Not for silent peers alone: see `set_silent`.
+                Change::Snapshot(s) if wanted & !self.silent != 0 => self.snapshots.put(s),
+                _ => NO_SNAPSHOT,
             };
             self.live += 1;
         } else {
@@ -246,17 +250,28 @@ impl Backlog {
         was
     }
 
-    /// Gives up on incremental sync to peer `line`, as when its line overflows: what is queued
-    /// for it goes, nothing more is queued for it, and `take_overflow` then says a full sync
-    /// is due.
-    pub fn overflow(&mut self, line: usize) {
+    /// Peer `line` is cut off and not heard (down, or stopped), or is heard again. While it
+    /// is, what only such peers wait for keeps no snapshot: it is read from the table when they
+    /// are back, and the snapshots stay for the peers that send now (a member down would
+    /// otherwise hold them all until its line overflowed).
+    pub fn set_silent(&mut self, line: usize, silent: bool) {
         let bit = bit(line);
-        if self.wanted() & bit == 0 {
+        if !silent {
+            self.silent &= !bit;
             return;
         }
-        self.forget_line(line);
-        self.overflowed |= bit;
-        self.settle();
+        if self.silent & bit != 0 {
+            return;
+        }
+        self.silent |= bit;
+        let Some(places) = self.lines.get(line) else {
+            return;
+        };
+        for place in places {
+            if let Some(e) = self.entries.get_mut(place.slot() as usize) {
+                drop_snapshot_if_silent(e, self.silent, &mut self.snapshots);
+            }
+        }
     }
 
     /// Forgets what is queued for peer `line`, and any overflow: a full sync that starts now
@@ -435,9 +450,8 @@ impl Backlog {
             return None;
         }
         e.waiting &= !peer;
+        drop_snapshot_if_silent(e, self.silent, &mut self.snapshots);
         if e.waiting == 0 {
-            self.snapshots.free(e.snapshot);
-            e.snapshot = NO_SNAPSHOT;
             self.live -= 1;
             self.retired.push(slot);
         }
@@ -507,6 +521,14 @@ impl Backlog {
         for line in &mut self.lines {
             line.shrink_to(KEEP);
         }
+    }
+}
+
+/// Frees `e`'s snapshot if only `silent` peers (or none) wait for it: it is read at send time.
+fn drop_snapshot_if_silent(e: &mut Entry, silent: Peers, snapshots: &mut Snapshots) {
+    if e.waiting & !silent == 0 && e.snapshot != NO_SNAPSHOT {
+        snapshots.free(e.snapshot);
+        e.snapshot = NO_SNAPSHOT;
     }
 }
 
@@ -949,6 +971,43 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_peer_keeps_its_changes_but_not_the_snapshots_the_others_send_from() {
+        let now = Instant::now();
+        let mut b = Backlog::new(100, &[true, true]);
+        b.enqueue(key(1), snapshot(1), now);
+        b.enqueue(key(2), snapshot(1), now);
+        take(&mut b, 1, 1);
+        b.set_silent(0, true);
+        assert_eq!(
+            b.snapshots.slots.len() - b.snapshots.free.len(),
+            1,
+            "key 2's: peer 1 waits"
+        );
+        b.enqueue(key(3), snapshot(1), now);
+        assert_eq!(
+            take(&mut b, 1, 10),
+            vec![(key(2), snapshot(1)), (key(3), snapshot(1))]
+        );
+        assert_eq!(
+            b.snapshots.slots.len() - b.snapshots.free.len(),
+            0,
+            "peer 0 alone waits"
+        );
+        b.set_silent(0, false);
+        b.enqueue(key(4), snapshot(1), now);
+        assert_eq!(
+            take(&mut b, 0, 10),
+            vec![
+                (key(1), Change::Read),
+                (key(2), Change::Read),
+                (key(3), Change::Read),
+                (key(4), snapshot(1)),
+            ],
+            "back: every change it missed, read from the table"
+        );
+    }
+
+    #[test]
     fn a_peer_without_session_sync_gets_nothing() {
         let now = Instant::now();
         let mut b = Backlog::new(100, &[false, true]);
@@ -1021,7 +1080,10 @@ mod tests {
                 assert!(listed.contains(slot), "retired slot {slot} not listed");
             }
             if e.snapshot != NO_SNAPSHOT {
-                assert!(e.waiting != 0, "a retired entry keeps no snapshot");
+                assert!(
+                    e.waiting & !b.silent != 0,
+                    "an entry retired or only for silent peers keeps no snapshot"
+                );
                 assert!(snapshots.insert(e.snapshot), "snapshot slot shared");
             }
         }
@@ -1105,6 +1167,7 @@ mod tests {
                 8 => {
                     let seq = windows[peer].next_seq();
                     windows[peer].ack(seq);
+                    b.set_silent(peer, next(2) == 0);
                 }
                 5..=6 => {}
                 _ => {

@@ -104,27 +104,23 @@ impl<T: SessionTable> Engine<T> {
         Some((link, writer, generation, bulk))
     }
 
-    /// A peer cut off on every link and not heard within the keepalive threshold (down, or
-    /// stopped) gets a full sync when it is back, as after an overflow: what is queued for it
-    /// goes now, and nothing more is queued for it meanwhile. Otherwise a dead member's line
-    /// would hold backlog slots, and the snapshots the others send from, until it overflowed.
-    fn release_silent(&self, peer: &Peer) {
-        if !peer.lock().links.is_empty() {
-            return;
-        }
-        let silent = lock(&self.inner.membership)
-            .peers
-            .get(&peer.cfg.id)
-            .is_some_and(|p| p.last_heard.is_some() && !p.heard_recently);
-        if silent {
-            lock(&self.inner.backlog).overflow(peer.line);
-        }
+    /// Tells the backlog whether `peer` is cut off on every link and not heard within the
+    /// keepalive threshold (down, stopped, or never seen): what only such peers wait for is
+    /// then read when they are back instead of holding the snapshots the others send from.
+    fn mark_silent(&self, peer: &Peer) {
+        let cut_off = peer.lock().links.is_empty();
+        let silent = cut_off
+            && lock(&self.inner.membership)
+                .peers
+                .get(&peer.cfg.id)
+                .is_none_or(|p| !p.heard_recently);
+        lock(&self.inner.backlog).set_silent(peer.line, silent);
     }
 
     /// Sends what is due to `peer` on its data link: a full sync if one is wanted, then queued
     /// changes while the window allows.
     pub(super) async fn send_pending(&self, peer: &Arc<Peer>) {
-        self.release_silent(peer);
+        self.mark_silent(peer);
         let Some((link, writer, generation, bulk)) = self.prepare_send(peer) else {
             return;
         };
