@@ -362,10 +362,12 @@ impl Runner<'_> {
         self.with_heal(
             |r| {
                 // A down state left by an earlier fault (fw`m` partitioned just before) is not
-                // this stop's: fw`m`'s own connection may be back already, and live.
+                // this stop's: fw`m`'s own connection may be back already, and live. Nor is
+                // "unknown" alive: fw`k` just restarted has not heard fw`m` yet, and a member
+                // it never hears stays unknown, never down.
                 let alive = hasync_agent::lab::netns::wait_for(bound, || {
                     let s = c.try_member(k, m).ok()?;
-                    (s.state != "down").then_some(())
+                    (s.state != "down" && s.state != "unknown").then_some(())
                 });
                 alive.ok_or(format!("fw{k} did not see fw{m} alive within {bound:?}"))?;
                 c.kill_agent(m, Signal::Stop).map_err(|e| e.to_string())?;

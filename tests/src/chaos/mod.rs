@@ -319,6 +319,8 @@ impl Runner<'_> {
         }
         if let Err(e) = self.apply(step) {
             self.violation(format!("{}: {e}", step.fault));
+            // The run goes on; what the agents said is kept with it (the lab goes at the end).
+            eprintln!("{}", self.c.logs());
         }
         let took = self.checkpoint(&step.fault.to_string());
         self.report.applied.push(Applied {
