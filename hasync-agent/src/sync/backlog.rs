@@ -14,7 +14,8 @@
 //! [`MAX_SNAPSHOTS`] of the keys keep a snapshot (under 9 MiB); the others are read at send
 //! time. A snapshot is freed when the last peer waiting for its key takes it, so a peer far
 //! behind keeps snapshots from the others, which then read more at send time: the cost of a
-//! slow peer, until its line overflows.
+//! slow peer, until its line overflows. Not a peer cut off and not heard (`set_silent`): what
+//! only such peers wait for keeps no snapshot.
 
 use std::{
     collections::{hash_map, HashMap, VecDeque},
