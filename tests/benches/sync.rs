@@ -99,7 +99,7 @@ use hasync_tests::{
 const SESSIONS: u64 = 1_000_000;
 /// Sessions of the small-table phase (the RSS reference).
 const SMALL: u64 = 1_000;
-/// Sessions of the backlog phase: under the outbox's 262,144 keys, so it stays incremental.
+/// Sessions of the backlog phase: under the backlog's 262,144 keys, so it stays incremental.
 const BACKLOG: u64 = 200_000;
 /// Backlog rounds; the replication ratio is the median of theirs.
 const DRAIN_ROUNDS: usize = 3;
@@ -1091,7 +1091,7 @@ impl Lab {
 
     /// Replication throughput with the generator out of the way: fw2's agent is frozen
     /// (SIGSTOP) while fw1's program creates `n` sessions and fw1's agent takes their events
-    /// into its outbox as always; then fw2 resumes and both agents stream and install the
+    /// into its backlog as always; then fw2 resumes and both agents stream and install the
     /// backlog, with the two CPUs to themselves. The rate counts from the poll that first
     /// sees [`BACKLOG_FROM`] of them installed to the poll that sees the last.
     fn drain(&mut self, n: u64) -> Result<Drain> {
