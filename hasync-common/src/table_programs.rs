@@ -65,6 +65,17 @@ impl ApplyRecord {
             _pad: [0; 6],
         }
     }
+
+    /// `owner`'s removal of the session under `key`, as its delete record says it (`version`:
+    /// what it last held, 0 when it no longer knows).
+    pub fn removal(key: FlowKey, owner: MemberId, version: u32) -> Self {
+        let session = Session {
+            owner,
+            version,
+            ..Session::default()
+        };
+        ApplyRecord::new(key, session, ApplyOp::Delete, false)
+    }
 }
 
 /// The batch header: what the agent says, then what the program did.

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn a_removal_orphans_only_a_live_assured_flow_carried_here() {
         use crate::sync::table::SessionTable as _;
-        use hasync_common::{session::tcp, ApplyOp, SessionFlags as F, State};
+        use hasync_common::{session::tcp, SessionFlags as F, State};
         let mut dp = datapath();
         let now = crate::datapath::monotonic_ns();
         let s = |state: State, flags: u16, idle_s: u64| Session {
@@ -270,13 +270,9 @@ mod tests {
         let by_sync: Vec<(FlowKey, Session)> = (100..).map(key).zip(cases.map(|c| c.1)).collect();
         dp.insert_sessions(&by_record).expect("insert");
         dp.insert_sessions(&by_sync).expect("insert");
-        let gone = Session {
-            owner: MemberId(2),
-            ..Session::default()
-        };
         let removals: Vec<ApplyRecord> = by_record
             .iter()
-            .map(|(k, _)| ApplyRecord::new(*k, gone, ApplyOp::Delete, false))
+            .map(|(k, _)| ApplyRecord::removal(*k, MemberId(2), 0))
             .collect();
         let out = dp
             .apply_records(&removals, MemberId::NONE, now)

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{ApplyOp, ApplyRecord, MemberId, Session, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, MemberId, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -163,14 +163,9 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
         return Decision::Keep;
     }
     let (op, session) = match rec.op {
-        Op::Delete => (
-            ApplyOp::Delete,
-            Session {
-                owner: rec.owner,
-                version: rec.version,
-                ..Session::default()
-            },
-        ),
+        Op::Delete => {
+            return Decision::Forward(ApplyRecord::removal(rec.key, rec.owner, rec.version))
+        }
         Op::Upsert => {
             let Some(zone) = zones.translate(rec.zone) else {
                 return Decision::RefuseZone;
@@ -255,7 +250,9 @@ pub fn apply(
 
 #[cfg(test)]
 mod tests {
-    use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, SessionFlags, State};
+    use hasync_common::{
+        flow::IPPROTO_TCP, Family, FlowKey, MemberId, Session, SessionFlags, State,
+    };
 
     use super::*;
 

@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use hasync_common::{
-    conflict::unseen_replica, ApplyOp, ApplyOutcome, ApplyRecord, FlowKey, MemberId, Session,
+    conflict::unseen_replica, ApplyOutcome, ApplyRecord, FlowKey, MemberId, Session,
 };
 
 use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
@@ -93,13 +93,9 @@ impl SessionTable for Datapath {
             .collect();
         // Removed as the owner's delete records are, by the apply program, so that a replica
         // this member carries the flow of stays, orphaned (`orphaned_by_removal`).
-        let gone = Session {
-            owner,
-            ..Session::default()
-        };
         let removals: Vec<ApplyRecord> = doomed
             .iter()
-            .map(|k| ApplyRecord::new(*k, gone, ApplyOp::Delete, false))
+            .map(|k| ApplyRecord::removal(*k, owner, 0))
             .collect();
         let now = crate::datapath::monotonic_ns();
         let out = Datapath::apply_records(self, &removals, MemberId::NONE, now)?;
