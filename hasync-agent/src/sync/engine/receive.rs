@@ -191,7 +191,7 @@ impl<T: SessionTable> Engine<T> {
         );
     }
 
-    fn on_ack(&self, peer: &Peer, stats: &LinkStats, seq: u64) {
+    pub(super) fn on_ack(&self, peer: &Peer, stats: &LinkStats, seq: u64) {
         LinkStats::add(&stats.acks_received, 1);
         let released = peer.lock().window.ack(seq);
         let now = Instant::now();

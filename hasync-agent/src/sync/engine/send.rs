@@ -326,7 +326,7 @@ impl<T: SessionTable> Engine<T> {
                 .collect();
             for frame in carried.chunks(MAX_RECORDS_PER_FRAME) {
                 total += frame.len() as u64;
-                self.send_bulk_frame(peer, conn, writer, frame.to_vec())
+                self.send_bulk_frame(peer, conn, writer, frame.to_vec(), true)
                     .await?;
             }
             if !more {
@@ -339,18 +339,27 @@ impl<T: SessionTable> Engine<T> {
                 records: total,
             })
             .await?;
+        // The end has no sequence number of its own: an empty frame after it, part of the
+        // full sync in the window, is acknowledged only once the end was read (one connection
+        // keeps order). If the link fails before, the full sync starts over, as it does for a
+        // frame lost: a peer that never read the end has not reconciled it, nor left its
+        // initial state for it.
+        self.send_bulk_frame(peer, conn, writer, Vec::new(), false)
+            .await?;
         self.bulk_sent(peer, link, bulk_id, total, started);
         Ok(())
     }
 
-    /// Sends a frame of a full sync on connection `conn`; an error if that connection failed
-    /// (the full sync then starts over).
+    /// Sends a frame of a full sync on connection `conn`, marked as one if `bulk` (the empty
+    /// frame that confirms the end is not: the peer applies it after the full sync ended); an
+    /// error if that connection failed (the full sync then starts over).
     async fn send_bulk_frame(
         &self,
         peer: &Peer,
         conn: (LinkKind, u64),
         writer: &Writer,
         records: Vec<Record>,
+        bulk: bool,
     ) -> Result<(), SendError> {
         let seq = {
             let mut g = peer.lock();
@@ -363,11 +372,7 @@ impl<T: SessionTable> Engine<T> {
             seq
         };
         writer
-            .send(Message::Sessions {
-                seq,
-                bulk: true,
-                records,
-            })
+            .send(Message::Sessions { seq, bulk, records })
             .await?;
         Ok(())
     }

@@ -20,6 +20,7 @@ use crate::{
     lock::lock,
     sync::{
         backlog::{Change, MAX_SNAPSHOTS},
+        backoff::Backoff,
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -245,6 +246,11 @@ async fn a_complete_full_sync_removes_what_it_did_not_carry() {
         None,
         "the replica the full sync did not carry stayed"
     );
+    // The empty frame that follows the end is applied, so that its ack confirms the end.
+    assert!(matches!(
+        e.apply_in_order(&ha4, 3, &[], false),
+        Ok(Applied::Done)
+    ));
     let dp = e.inner.dp.lock().expect("dp");
     assert!(
         dp.session(&other.key).expect("lookup").is_some(),
@@ -783,4 +789,67 @@ async fn a_member_down_keeps_its_changes_but_not_the_snapshots() {
     assert!(!bulk, "no full sync");
     let (first, _) = e.take_frame(&down).expect("changes to send");
     assert!(first.iter().all(|(_, c)| *c == Change::Read), "{first:?}");
+}
+
+/// A full sync whose frames were all acknowledged but whose end never arrived (its connection
+/// failed after the last ack) starts over: the peer has not reconciled it nor left its initial
+/// state, and with another link up it would not ask again (it asks on a new connection only
+/// after a new boot or being cut off on every link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
+    let e = engine_over(FakeTable {
+        entries: owned_by_us(10),
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let mut backup = connect(&e, LinkKind::Ha4Backup);
+    let mut rx = connect(&e, LinkKind::Ha4);
+    peer.lock().bulk_wanted = true;
+    let (link, w, generation, bulk) = e.prepare_send(&peer).expect("a link");
+    assert!(bulk && link == LinkKind::Ha4);
+    e.send_bulk(&peer, (link, generation), &w)
+        .await
+        .expect("full sync");
+    drop(w);
+    let mut last_bulk_seq = 0;
+    while let Ok(m) = rx.try_recv() {
+        if let Message::Sessions {
+            seq, bulk: true, ..
+        } = m
+        {
+            last_bulk_seq = seq;
+        }
+    }
+    assert!(last_bulk_seq > 0, "no frame of the full sync went out");
+    // The peer acknowledges every frame of the full sync; then the link fails before the end
+    // is read.
+    let stats = peer.stats.link(link);
+    e.on_ack(&peer, stats, last_bulk_seq);
+    e.detach(&peer, link, Some(generation), "test");
+    assert!(
+        peer.lock().bulk_wanted,
+        "the full sync whose end was lost is not sent again"
+    );
+    // Again on HA4 backup (the backoff let through at once); this time the peer reads the
+    // end: every frame sent is acknowledged, and a link failure then leaves the full sync done.
+    peer.lock().bulk_backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
+    let (link, w, generation, bulk) = e.prepare_send(&peer).expect("a link");
+    assert!(bulk && link == LinkKind::Ha4Backup);
+    e.send_bulk(&peer, (link, generation), &w)
+        .await
+        .expect("full sync");
+    drop(w);
+    let mut last_seq = 0;
+    while let Ok(m) = backup.try_recv() {
+        if let Message::Sessions { seq, .. } = m {
+            last_seq = seq;
+        }
+    }
+    e.on_ack(&peer, peer.stats.link(link), last_seq);
+    e.detach(&peer, link, Some(generation), "test");
+    assert!(
+        !peer.lock().bulk_wanted,
+        "a full sync acknowledged to its end is sent again"
+    );
 }
