@@ -291,6 +291,19 @@ impl Membership {
         }
     }
 
+    /// An authenticated hello from `id`: it is heard (if it falls silent now, it goes `down`),
+    /// but its state is known only from its keepalives: one not heard recently counts as
+    /// `unknown`, not as what it said before it went silent, until its first keepalive.
+    pub fn greeted(&mut self, id: MemberId, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.heard_recently && p.reported != MemberState::Unknown {
+                p.reported = MemberState::Unknown;
+                p.last_change = Some(now);
+            }
+            p.last_heard = Some(now);
+        }
+    }
+
     pub fn set_link(&mut self, id: MemberId, link: LinkKind, state: LinkState) {
         if let Some(p) = self.peers.get_mut(&id) {
             p.links.insert(link, state);

@@ -99,6 +99,26 @@ fn a_silent_peer_goes_down_and_its_return_counts_a_flap() {
     assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
 }
 
+/// A hello from a member gone silent makes it heard but not alive: the state it reported
+/// before it went silent is not taken for its state now; its first keepalive says it.
+#[test]
+fn a_hello_from_a_member_down_is_heard_but_not_alive_until_its_keepalive() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 5, t0);
+    m.evaluate(t0 + s(1));
+    assert_eq!(m.evaluate(t0 + s(11)).liveness, vec![(MemberId(2), false)]);
+    m.greeted(MemberId(2), t0 + s(12));
+    assert_eq!(m.evaluate(t0 + s(12)).liveness, vec![]);
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Unknown);
+    m.heard(MemberId(2), MemberState::Initial, 0, t0 + s(13));
+    assert_eq!(m.evaluate(t0 + s(13)).liveness, vec![(MemberId(2), true)]);
+    // A hello on its second link while it is heard leaves its state as it said.
+    m.greeted(MemberId(2), t0 + s(14));
+    assert_eq!(m.evaluate(t0 + s(14)).liveness, vec![]);
+    assert_eq!(m.peers[&MemberId(2)].state(), MemberState::Initial);
+}
+
 /// A member whose agent was stopped for 30 s does not take its peers for dead when it runs
 /// again: their silence over the stall is forgiven; silence after it still counts.
 #[test]

@@ -146,7 +146,7 @@ impl<T: SessionTable> Engine<T> {
 
     /// Checks a peer's hello against what the configuration says is at its address
     /// (`expected`); on refusal, counts and logs the reason once.
-    fn check_hello(
+    pub(super) fn check_hello(
         &self,
         h: &Hello,
         link: LinkKind,
@@ -178,6 +178,7 @@ impl<T: SessionTable> Engine<T> {
         }
         let peer = self.inner.peers.get(&h.member)?.clone();
         self.warn_differences(h);
+        lock(&self.inner.membership).greeted(h.member, Instant::now());
         Some(peer)
     }
 

@@ -853,3 +853,34 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
         "a full sync acknowledged to its end is sent again"
     );
 }
+
+/// A member whose hello reached us is heard: if it falls silent before its first keepalive
+/// (it said hello, started its full sync and died), it goes `down` after the keepalive
+/// threshold, as any member heard, instead of staying `unknown` as one never seen.
+#[test]
+fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
+    let e = engine_over(FakeTable::default());
+    let mut h = e.hello(LinkKind::Ha4, MemberId(2));
+    h.member = MemberId(2);
+    h.boot_id = 7;
+    let from: std::net::SocketAddr = "198.18.0.2:4700".parse().expect("address");
+    let t0 = Instant::now();
+    assert!(e
+        .check_hello(&h, LinkKind::Ha4, from, MemberId(2))
+        .is_some());
+    let state = |at: Instant| {
+        let mut m = lock(&e.inner.membership);
+        m.evaluate(at);
+        (m.peers[&MemberId(2)].state(), m.peers[&MemberId(2)].alive)
+    };
+    assert_eq!(
+        state(t0),
+        (MemberState::Unknown, false),
+        "heard, its state not said yet"
+    );
+    assert_eq!(
+        state(t0 + Duration::from_secs(6)),
+        (MemberState::Down, false),
+        "silent past the threshold"
+    );
+}
