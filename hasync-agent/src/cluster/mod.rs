@@ -131,7 +131,10 @@ pub struct Peer {
     pub serial: String,
     /// Its own state, as its last keepalive said.
     pub reported: MemberState,
+    /// Its last keepalive (only keepalives say its state and keep it alive).
     pub last_heard: Option<Instant>,
+    /// Its last authenticated hello on a sync link.
+    pub last_hello: Option<Instant>,
     pub links: BTreeMap<LinkKind, LinkState>,
     pub sessions_owned: u32,
     pub flaps: u32,
@@ -140,6 +143,8 @@ pub struct Peer {
     pub alive: bool,
     /// Was it heard within the keepalive threshold at the last evaluation?
     pub heard_recently: bool,
+    /// Did it say hello within the keepalive threshold at the last evaluation?
+    pub greeted_recently: bool,
     /// What of the settings members must agree on differs from ours (cluster settings,
     /// timeouts, members), as its hello said.
     pub config_mismatch: Option<String>,
@@ -153,13 +158,17 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The state shown for the peer: its own report while it is heard (non-functional and
-    /// suspended included), `down` once it is not.
+    /// The state shown for the peer: its own report while its keepalives are heard
+    /// (non-functional and suspended included); `unknown` while it only says hello (a
+    /// connection came up, its first keepalive has not) or if it was never heard; `down` once
+    /// it fell silent.
     pub fn state(&self) -> MemberState {
-        match (self.last_heard, self.heard_recently) {
-            (None, _) => MemberState::Unknown,
-            (Some(_), false) => MemberState::Down,
-            (Some(_), true) => self.reported,
+        if self.heard_recently {
+            self.reported
+        } else if self.greeted_recently || (self.last_heard, self.last_hello) == (None, None) {
+            MemberState::Unknown
+        } else {
+            MemberState::Down
         }
     }
 }
@@ -233,12 +242,14 @@ impl Membership {
                         serial,
                         reported: MemberState::Unknown,
                         last_heard: None,
+                        last_hello: None,
                         links: BTreeMap::new(),
                         sessions_owned: 0,
                         flaps: 0,
                         last_change: None,
                         alive: false,
                         heard_recently: false,
+                        greeted_recently: false,
                         config_mismatch: None,
                         zone_warning: None,
                         agreed: None,
@@ -273,7 +284,7 @@ impl Membership {
     /// peer for dead (and their sessions over) before it has read what they sent meanwhile.
     pub fn forgive_stall(&mut self, gap: Duration, now: Instant) {
         for p in self.peers.values_mut() {
-            if let Some(t) = p.last_heard.as_mut() {
+            for t in [&mut p.last_heard, &mut p.last_hello].into_iter().flatten() {
                 *t = t.checked_add(gap).map_or(now, |t| t.min(now));
             }
         }
@@ -291,16 +302,13 @@ impl Membership {
         }
     }
 
-    /// An authenticated hello from `id`: it is heard (if it falls silent now, it goes `down`),
-    /// but its state is known only from its keepalives: one not heard recently counts as
-    /// `unknown`, not as what it said before it went silent, until its first keepalive.
+    /// An authenticated hello from `id`. It shows the member as `unknown` rather than `down`
+    /// until its first keepalive, and `down` once it falls silent even if no keepalive ever
+    /// came; it does not make the member alive, nor count in the configuration vote (hellos
+    /// of a member that restarts in a loop say nothing of its state).
     pub fn greeted(&mut self, id: MemberId, now: Instant) {
         if let Some(p) = self.peers.get_mut(&id) {
-            if !p.heard_recently && p.reported != MemberState::Unknown {
-                p.reported = MemberState::Unknown;
-                p.last_change = Some(now);
-            }
-            p.last_heard = Some(now);
+            p.last_hello = Some(now);
         }
     }
 
@@ -475,11 +483,16 @@ impl Membership {
     /// sessions); returns those that changed.
     fn evaluate_peers(&mut self, now: Instant) -> Vec<(MemberId, bool)> {
         let mut changed = Vec::new();
+        let threshold = self.timers.keepalive_threshold;
+        let recent = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) <= threshold);
         for p in self.peers.values_mut() {
-            let heard_recently = p
-                .last_heard
-                .is_some_and(|t| now.duration_since(t) <= self.timers.keepalive_threshold);
+            let shown = p.state();
+            let heard_recently = recent(p.last_heard);
             p.heard_recently = heard_recently;
+            p.greeted_recently = recent(p.last_hello);
+            if p.state() != shown {
+                p.last_change = Some(now);
+            }
             let alive = heard_recently && p.reported.keeps_sessions();
             if alive != p.alive {
                 if p.alive {
