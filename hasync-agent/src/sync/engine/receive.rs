@@ -166,7 +166,10 @@ impl<T: SessionTable> Engine<T> {
             }
             Message::Ack { seq } => self.on_ack(f.peer, stats, seq),
             Message::BulkStart { bulk_id } => self.on_bulk_start(f, bulk_id),
-            Message::BulkEnd { bulk_id, records } => self.on_bulk_end(f, bulk_id, records),
+            Message::BulkEnd { bulk_id, records } => {
+                // The stale replicas' removal runs on its own; this reader goes on reading.
+                let _removal = self.on_bulk_end(f, bulk_id, records);
+            }
             Message::Hello(_) => {
                 if self.inner.rejections.count(Rejection::Malformed) {
                     warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
@@ -245,7 +248,13 @@ impl<T: SessionTable> Engine<T> {
 
     /// A full sync ends. Only the running one's end, from its connection, counts; it removes
     /// the replicas the peer no longer holds only if every record it announced was applied.
-    pub(super) fn on_bulk_end(&self, f: &FrameFrom<'_>, bulk_id: u32, records: u64) {
+    /// Returns the removal of the replicas it did not carry, if one started.
+    pub(super) fn on_bulk_end(
+        &self,
+        f: &FrameFrom<'_>,
+        bulk_id: u32,
+        records: u64,
+    ) -> Option<JoinHandle<()>> {
         let peer = f.peer;
         let ended = {
             let mut g = peer.lock();
@@ -259,8 +268,9 @@ impl<T: SessionTable> Engine<T> {
                 peer = peer.cfg.id.0,
                 bulk_id, "end of a full sync that is not running here ignored"
             );
-            return;
+            return None;
         };
+        let mut removal = None;
         if ended.applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
@@ -271,11 +281,12 @@ impl<T: SessionTable> Engine<T> {
                 "full sync from peer ended incomplete: its replicas are not reconciled"
             );
         } else if let (Some(mark), Some(scan)) = (ended.mark, ended.stale) {
-            self.remove_stale_replicas(peer, scan, mark);
+            removal = Some(self.remove_stale_replicas(peer.clone(), scan, mark));
         }
         lock(&self.inner.membership).bulk(peer.cfg.id, true);
         self.bulk_received(peer, bulk_id, records);
         self.settle_fresh_table();
+        removal
     }
 
     fn bulk_received(&self, peer: &Peer, bulk_id: u32, records: u64) {
@@ -419,9 +430,17 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// After an authoritative full sync from `peer`: drops our replicas of its sessions that it
-    /// did not send (it closed or expired them while we could not hear of it).
-    fn remove_stale_replicas(&self, peer: &Peer, scan: StaleScan, mark: u64) {
-        let removed = tokio::task::block_in_place(|| scan.finish(&self.inner.dp, mark));
+    /// did not send (it closed or expired them while we could not hear of it), those still
+    /// unseen since `mark` once `scan`'s walk of the table ended, on a thread of the blocking pool: the walk grows with the table and
+    /// waits for its lock between chunks, and a reader waiting for it would read neither the peer's keepalives (after the
+    /// keepalive threshold this member would take the peer for dead, and drop the link) nor
+    /// its next frames. Records applied meanwhile were seen after `mark`: they stay.
+    fn remove_stale_replicas(&self, peer: Arc<Peer>, scan: StaleScan, mark: u64) -> JoinHandle<()> {
+        let dp = self.inner.dp.clone();
+        tokio::task::spawn_blocking(move || Self::stale_removed(&peer, scan.finish(&dp, mark)))
+    }
+
+    fn stale_removed(peer: &Peer, removed: Result<usize, DatapathError>) {
         match removed {
             Ok(0) => {}
             Ok(n) => {

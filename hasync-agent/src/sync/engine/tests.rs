@@ -240,7 +240,10 @@ async fn a_complete_full_sync_removes_what_it_did_not_carry() {
         apply_frame(&e, LinkKind::Ha4, 7, 2, other, true),
         Applied::Done
     ));
-    e.on_bulk_end(&ha4, 3, 1);
+    e.on_bulk_end(&ha4, 3, 1)
+        .expect("a removal of stale replicas")
+        .await
+        .expect("removal");
     assert_eq!(
         held(&e),
         None,
@@ -257,6 +260,51 @@ async fn a_complete_full_sync_removes_what_it_did_not_carry() {
         "the carried one went"
     );
     assert_eq!(crate::sync::stats::LinkStats::get(&peer.stats.deleted), 1);
+}
+
+/// The end of a full sync does not wait for the walk that collects the replicas to check
+/// (it grows with the table): the reader would read neither the peer's keepalives, and this
+/// member would take the peer for dead after the keepalive threshold, nor its next frames.
+/// The stale replicas go once the walk ends; a record applied meanwhile stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
+        Applied::Done
+    ));
+    std::thread::sleep(Duration::from_millis(5));
+    // The walk cannot read a chunk while this lock is held: as long as on a large table.
+    let table = e.inner.dp.lock().expect("dp");
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
+    let (tx, ended) = std::sync::mpsc::channel();
+    {
+        let (e, peer) = (e.clone(), peer.clone());
+        tokio::task::spawn_blocking(move || {
+            let _ = tx.send(e.on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 3, 0));
+        });
+    }
+    let ended = ended.recv_timeout(Duration::from_secs(5));
+    drop(table);
+    let removal = ended
+        .expect("the end of the full sync waited for the walk")
+        .expect("a removal of stale replicas");
+    let mut late = upsert(1, 2);
+    late.key = other_key();
+    assert!(matches!(
+        apply(&e, LinkKind::Ha4, 7, 2, late),
+        Applied::Done
+    ));
+    removal.await.expect("removal");
+    assert_eq!(held(&e), None, "the stale replica stayed");
+    let dp = e.inner.dp.lock().expect("dp");
+    assert!(
+        dp.session(&other_key()).expect("lookup").is_some(),
+        "the record applied after the end went"
+    );
 }
 
 /// A full sync whose end announces more records than were applied (frames dropped on the
