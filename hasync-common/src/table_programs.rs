@@ -105,13 +105,17 @@ pub struct ApplyOutcome {
     /// Sessions removed by a delete.
     pub deleted: u32,
     /// Records that lost to the local copy (including deletes of sessions not held by the
-    /// sender, replicas marked as seen by a full sync, and removals of a replica this member
-    /// carries the flow of, left orphaned: [`crate::conflict::orphaned_by_removal`]).
+    /// sender, and replicas marked as seen by a full sync).
     pub kept: u32,
-    /// Records refused because the session table was full (nothing was evicted for them).
-    pub full: u32,
+    /// Records refused because the session table was full (nothing was evicted for them; at
+    /// most a batch, [`APPLY_BATCH`]).
+    pub full: u16,
+    /// Removals of a replica this member carries the flow of: kept here, orphaned, for this
+    /// member to take over ([`crate::conflict::orphaned_by_removal`]; at most a batch).
+    pub orphaned: u16,
 }
 crate::assert_size!(ApplyOutcome, 16);
+const _: () = assert!(APPLY_BATCH <= u16::MAX as usize);
 
 impl ApplyOutcome {
     /// Adds the counts of `o` (one batch) to these.
@@ -119,7 +123,10 @@ impl ApplyOutcome {
         self.installed += o.installed;
         self.deleted += o.deleted;
         self.kept += o.kept;
-        self.full += o.full;
+        // At most a batch each per run; a call's runs cover a frame or a chunk of keys, far
+        // from 65,535 of them (saturating rather than wrapping, were one ever larger).
+        self.full = self.full.saturating_add(o.full);
+        self.orphaned = self.orphaned.saturating_add(o.orphaned);
     }
 }
 

@@ -309,7 +309,7 @@ fn apply_record(
                     // were this member to take the owner for dead meanwhile, could get back
                     // the replica's flags from this write: an owned session ignores them.)
                     unsafe { (*p).flags.0 |= SessionFlags::ORPHANED };
-                    out.kept = out.kept.wrapping_add(1);
+                    out.orphaned = out.orphaned.wrapping_add(1);
                 } else if SESSIONS.remove(&rec.key).is_ok() {
                     out.deleted = out.deleted.wrapping_add(1);
                 } else {

@@ -70,4 +70,11 @@ fn a_connection_steered_to_a_live_peer_outlives_its_first_owners_timeout() {
     }
     let p = client.stop();
     assert!(p.fatal.is_none(), "the connection broke: {p:?}");
+    // fw2 counted fw1's removal as what it was: an orphan, not a record that lost.
+    let stats = c.statistics(2);
+    let from_fw1 = stats.peers.iter().find(|p| p.id == 1);
+    assert!(
+        from_fw1.is_some_and(|p| p.records_orphaned >= 1),
+        "fw2's statistics for fw1: {from_fw1:?}"
+    );
 }

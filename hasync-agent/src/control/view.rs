@@ -516,9 +516,12 @@ pub struct PeerStatisticsView {
     pub records_installed: u64,
     /// Delete records from the peer applied.
     pub records_deleted: u64,
-    /// Records from the peer not applied because the local copy wins (version, owner), or
-    /// removals of a replica this member carries the flow of (kept, orphaned, to take over).
+    /// Records from the peer not applied because the local copy wins (version, owner).
     pub records_kept: u64,
+    /// Removals of a replica this member carries the flow of: kept, orphaned, for this member
+    /// to take over (counted as kept before stop 30).
+    #[serde(default)]
+    pub records_orphaned: u64,
     /// Records from the peer refused: their zone does not exist here.
     pub records_refused_zone: u64,
     /// Records from the peer refused: it may not speak for their owner (another live
@@ -647,6 +650,7 @@ impl PeerStatisticsView {
             installed,
             deleted,
             kept,
+            orphaned,
             lag,
             bulk_sent,
             bulk_received,
@@ -670,6 +674,7 @@ impl PeerStatisticsView {
             records_installed: LinkStats::get(installed),
             records_deleted: LinkStats::get(deleted),
             records_kept: LinkStats::get(kept),
+            records_orphaned: LinkStats::get(orphaned),
             records_refused_zone: LinkStats::get(refused_zone),
             records_refused_owner: LinkStats::get(refused_owner),
             full_syncs: FullSyncsView {

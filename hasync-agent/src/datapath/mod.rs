@@ -1145,3 +1145,47 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod verifier_tests {
+    use super::*;
+
+    /// The kernel's limit on instructions processed while verifying one program.
+    const KERNEL_LIMIT: u32 = 1_000_000;
+
+    /// Every program verifies at every log level with a quarter of the kernel's limit to
+    /// spare: a small change can multiply the verifier's states (a 40-byte apply header
+    /// instead of 32 took the apply program from 455,000 instructions past the limit), and a
+    /// program past it does not load at all. The figures are printed.
+    #[test]
+    fn every_program_verifies_well_under_the_kernels_limit() {
+        for log in [DatapathLog::Off, DatapathLog::Warn, DatapathLog::Debug] {
+            let mut opts = DatapathOptions::new(MemberId(1));
+            opts.session_capacity = 4096;
+            opts.config = DatapathConfig::with_defaults(MemberId(1));
+            opts.log = log;
+            let dp = Datapath::load(&opts).expect("load (tests need root)");
+            for name in [
+                names::PROGRAM,
+                names::APPLY_PROGRAM,
+                names::READ_PROGRAM,
+                names::CLOCK_PROGRAM,
+                names::LOG_PROGRAM,
+            ] {
+                let info = dp.xdp(name).and_then(|p| {
+                    p.info()
+                        .map_err(|source| DatapathError::Program { name, source })
+                });
+                let verified = info
+                    .expect("program info")
+                    .verified_instruction_count()
+                    .expect("the kernel says how many instructions it verified");
+                eprintln!("{name} at {log:?}: {verified} instructions verified");
+                assert!(
+                    verified <= KERNEL_LIMIT / 4 * 3,
+                    "{name} at {log:?}: {verified} instructions verified, near the kernel's limit of {KERNEL_LIMIT}"
+                );
+            }
+        }
+    }
+}

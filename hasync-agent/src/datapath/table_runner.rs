@@ -277,7 +277,7 @@ mod tests {
         let out = dp
             .apply_records(&removals, MemberId::NONE, now)
             .expect("apply");
-        assert_eq!((out.deleted, out.kept), (4, 1));
+        assert_eq!((out.deleted, out.kept, out.orphaned), (4, 0, 1));
         let keys: Vec<FlowKey> = by_sync.iter().map(|(k, _)| *k).collect();
         let removed = dp
             .remove_if_unseen(&keys, MemberId(2), now)

@@ -608,7 +608,7 @@ const LINK_COUNTERS: [LinkCounter; 12] = [
 type PeerCounter = (&'static str, &'static str, fn(&PeerStatisticsView) -> u64);
 
 /// The counters kept per peer, in the order they are exposed.
-const PEER_COUNTERS: [PeerCounter; 6] = [
+const PEER_COUNTERS: [PeerCounter; 7] = [
     (
         "sync_resends",
         "Records sent again (link failure or switch, or unacknowledged).",
@@ -626,9 +626,14 @@ const PEER_COUNTERS: [PeerCounter; 6] = [
     ),
     (
         "sync_records_kept",
-        "Records from the peer not applied: the local copy wins (or, for a removal, this \
-         member carries the flow and keeps it to take over).",
+        "Records from the peer not applied: the local copy wins.",
         |p| p.records_kept,
+    ),
+    (
+        "sync_records_orphaned",
+        "Removals from the peer of a session this member carries the flow of: kept, \
+         orphaned, to take over.",
+        |p| p.records_orphaned,
     ),
     (
         "sync_records_refused_zone",

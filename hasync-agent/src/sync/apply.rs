@@ -185,6 +185,8 @@ pub struct RecordCounts {
     pub installed: u64,
     pub deleted: u64,
     pub kept: u64,
+    /// Removals of a replica this member carries the flow of: kept, orphaned, to take over.
+    pub orphaned: u64,
     pub refused_zone: u64,
     /// Refused: the session table was full (of replied sessions).
     pub refused_full: u64,
@@ -198,6 +200,7 @@ impl Default for RecordCounts {
             installed: 0,
             deleted: 0,
             kept: 0,
+            orphaned: 0,
             refused_zone: 0,
             refused_full: 0,
             refused_owner: [(OwnerRefusal::Unknown, 0), (OwnerRefusal::Foreign, 0)],
@@ -243,6 +246,7 @@ pub fn apply(
         out.installed += u64::from(done.installed);
         out.deleted += u64::from(done.deleted);
         out.kept += u64::from(done.kept);
+        out.orphaned += u64::from(done.orphaned);
         out.refused_full += u64::from(done.full);
     }
     Ok(out)

@@ -96,6 +96,8 @@ pub struct PeerStats {
     pub installed: AtomicU64,
     pub deleted: AtomicU64,
     pub kept: AtomicU64,
+    /// Removals of a replica this member carries the flow of (kept, orphaned, to take over).
+    pub orphaned: AtomicU64,
     pub lag: Mutex<Lag>,
     pub bulk_sent: Mutex<BulkStats>,
     pub bulk_received: Mutex<BulkStats>,

@@ -410,6 +410,7 @@ impl<T: SessionTable> Engine<T> {
         LinkStats::add(&stats.installed, r.installed);
         LinkStats::add(&stats.deleted, r.deleted);
         LinkStats::add(&stats.kept, r.kept);
+        LinkStats::add(&stats.orphaned, r.orphaned);
         LinkStats::add(&stats.refused_zone, r.refused_zone);
         self.inner
             .rejections
