@@ -308,7 +308,13 @@ impl Membership {
     /// of a member that restarts in a loop say nothing of its state).
     pub fn greeted(&mut self, id: MemberId, now: Instant) {
         if let Some(p) = self.peers.get_mut(&id) {
+            let shown = p.state();
             p.last_hello = Some(now);
+            // Shown `unknown` from now on, not `down` until the next evaluation.
+            p.greeted_recently = true;
+            if p.state() != shown {
+                p.last_change = Some(now);
+            }
         }
     }
 
@@ -318,10 +324,22 @@ impl Membership {
         }
     }
 
-    /// A peer started a full sync to us, or ended it.
-    pub fn bulk(&mut self, id: MemberId, done: bool) {
+    /// A peer started a full sync to us.
+    pub fn bulk_started(&mut self, id: MemberId) {
         if let Some(p) = self.peers.get_mut(&id) {
-            p.bulk_done = Some(done);
+            p.bulk_done = Some(false);
+        }
+    }
+
+    /// A peer's full sync to us is done. Not if none was running: the peer went silent since
+    /// it started (it sends a new one when back). Returns whether it counted.
+    pub fn bulk_ended(&mut self, id: MemberId) -> bool {
+        match self.peers.get_mut(&id) {
+            Some(p) if p.bulk_done == Some(false) => {
+                p.bulk_done = Some(true);
+                true
+            }
+            _ => false,
         }
     }
 

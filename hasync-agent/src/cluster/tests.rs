@@ -41,17 +41,17 @@ fn initial_until_every_reachable_peer_finished_its_full_sync() {
     let mut m = cluster(t0);
     m.heard(MemberId(2), MemberState::Active, 10, t0 + s(1));
     m.heard(MemberId(3), MemberState::Active, 10, t0 + s(1));
-    m.bulk(MemberId(2), false);
-    m.bulk(MemberId(3), false);
+    m.bulk_started(MemberId(2));
+    m.bulk_started(MemberId(3));
     let c = m.evaluate(t0 + s(3));
     assert_eq!(c.liveness, vec![(MemberId(2), true), (MemberId(3), true)]);
     assert_eq!(m.state, MemberState::Initial);
-    m.bulk(MemberId(2), true);
+    assert!(m.bulk_ended(MemberId(2)));
     m.heard(MemberId(2), MemberState::Active, 10, t0 + s(3));
     m.heard(MemberId(3), MemberState::Active, 10, t0 + s(3));
     m.evaluate(t0 + s(4));
     assert_eq!(m.state, MemberState::Initial, "member 3 is still sending");
-    m.bulk(MemberId(3), true);
+    assert!(m.bulk_ended(MemberId(3)));
     assert_eq!(m.evaluate(t0 + s(5)).local_state, Some(MemberState::Active));
 }
 
@@ -69,7 +69,7 @@ fn sync_timeout_bounds_the_wait() {
     );
     for i in 0..6 {
         m.heard(MemberId(2), MemberState::Active, 1, t0 + s(i * 10));
-        m.bulk(MemberId(2), false);
+        m.bulk_started(MemberId(2));
         m.evaluate(t0 + s(i * 10 + 1));
         assert_eq!(m.state, MemberState::Initial);
     }
@@ -97,6 +97,47 @@ fn a_silent_peer_goes_down_and_its_return_counts_a_flap() {
     m.heard(MemberId(2), MemberState::Initial, 0, t0 + s(20));
     assert_eq!(m.evaluate(t0 + s(20)).liveness, vec![(MemberId(2), true)]);
     assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
+}
+
+/// A full sync counts as done only if it was running: a peer that went silent since it
+/// started must send a new one (its next hello asks for it), not have the old one's end count.
+#[test]
+fn the_end_of_a_full_sync_from_a_peer_gone_silent_meanwhile_does_not_count() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.heard(MemberId(2), MemberState::Active, 0, t0);
+    m.evaluate(t0);
+    m.bulk_started(MemberId(2));
+    m.evaluate(t0 + s(11));
+    assert!(
+        !m.bulk_ended(MemberId(2)),
+        "counted after the peer went silent"
+    );
+    assert_eq!(m.peers[&MemberId(2)].bulk_done, None);
+    m.bulk_started(MemberId(2));
+    assert!(m.bulk_ended(MemberId(2)));
+    assert_eq!(m.peers[&MemberId(2)].bulk_done, Some(true));
+}
+
+/// A member's first hello shows it `unknown` at once (not `down` until the next
+/// evaluation), with no change of state to date; silent past the threshold, it goes `down`.
+#[test]
+fn a_first_hello_shows_unknown_then_down_when_silent() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0);
+    m.greeted(MemberId(3), t0 + s(1));
+    assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
+    assert_eq!(m.peers[&MemberId(3)].last_change, None);
+    m.evaluate(t0 + s(11));
+    assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
+    m.evaluate(t0 + s(12));
+    assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Down);
+    assert_eq!(m.peers[&MemberId(3)].last_change, Some(t0 + s(12)));
+    // Back with a hello: `unknown` at once, a change.
+    m.greeted(MemberId(3), t0 + s(13));
+    assert_eq!(m.peers[&MemberId(3)].state(), MemberState::Unknown);
+    assert_eq!(m.peers[&MemberId(3)].last_change, Some(t0 + s(13)));
 }
 
 /// Hellos alone do not keep a member alive: one that restarts in a loop faster than the
@@ -442,7 +483,8 @@ fn a_member_that_fails_before_its_full_syncs_ended_waits_for_them_after_recoveri
         MemberState::Initial,
         "member 2's full sync has not ended"
     );
-    m.bulk(MemberId(2), true);
+    m.bulk_started(MemberId(2));
+    assert!(m.bulk_ended(MemberId(2)));
     m.evaluate(t0 + s(131));
     assert_eq!(m.state, MemberState::Tentative);
 }

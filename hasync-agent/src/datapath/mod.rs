@@ -1159,7 +1159,7 @@ mod verifier_tests {
     /// program past it does not load at all. The figures are printed.
     #[test]
     fn every_program_verifies_well_under_the_kernels_limit() {
-        for log in [DatapathLog::Off, DatapathLog::Warn, DatapathLog::Debug] {
+        for log in DatapathLog::ALL {
             let mut opts = DatapathOptions::new(MemberId(1));
             opts.session_capacity = 4096;
             opts.config = DatapathConfig::with_defaults(MemberId(1));

@@ -282,7 +282,13 @@ mod tests {
         let removed = dp
             .remove_if_unseen(&keys, MemberId(2), now)
             .expect("remove");
-        assert_eq!(removed, 4);
+        assert_eq!(
+            removed,
+            crate::sync::table::Unseen {
+                removed: 4,
+                orphaned: 1
+            }
+        );
         for held in [&by_record, &by_sync] {
             for ((what, _, orphaned), (k, _)) in cases.iter().zip(held) {
                 let left = dp.session(k).expect("lookup");

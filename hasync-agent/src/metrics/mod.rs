@@ -40,7 +40,7 @@
 //! | `sync_link_failures_total{peer, link}` | counter | connections lost on the link |
 //! | `sync_link_stalls_total{peer, link}` | counter | of those, closed because writes made no progress |
 //! | `sync_resends_total{peer}` | counter | records sent again |
-//! | `sync_records_installed_total{peer}`, `_deleted_`, `_kept_`, `_refused_zone_`, `_refused_owner_` | counter | what became of the peer's records |
+//! | `sync_records_installed_total{peer}`, `_deleted_`, `_kept_`, `_orphaned_`, `_refused_zone_`, `_refused_owner_` | counter | what became of the peer's records |
 //! | `sync_rejections_total{reason}` | counter | connections and frames refused |
 //! | `full_syncs_total{peer, direction}` | counter | full syncs completed (`sent`, `received`) |
 //! | `full_sync_running{peer, direction}` | gauge | 1 while one is under way |

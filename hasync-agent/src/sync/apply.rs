@@ -385,7 +385,12 @@ mod tests {
                 "{name}: counted as a change exactly when the table changed: {done:?}"
             );
             assert_eq!(
-                done.installed + done.deleted + done.kept + done.refused_zone,
+                done.installed
+                    + done.deleted
+                    + done.kept
+                    + done.orphaned
+                    + done.refused_zone
+                    + done.refused_full,
                 1,
                 "{name}"
             );
@@ -560,7 +565,7 @@ mod tests {
         let r = apply(&mut *dp.lock().expect("table"), &records, &zones, 150, &who).expect("apply");
         assert_eq!((r.installed, r.kept), (1, 1));
         assert_eq!(
-            scan.finish(&dp, mark).expect("reconcile"),
+            scan.finish(&dp, mark).expect("reconcile").removed,
             1,
             "only session 3 went"
         );

@@ -21,7 +21,7 @@ use std::{
 
 use hasync_common::{FlowKey, MemberId, SessionFlags};
 
-use super::table::{walk_while, SessionTable};
+use super::table::{walk_while, SessionTable, Unseen};
 use crate::{
     datapath::{DatapathError, DEFAULT_CHUNK},
     lock::lock,
@@ -88,24 +88,25 @@ impl StaleScan {
     }
 
     /// The full sync started at `mark_ns` ended with every record applied: waits for the walk,
-    /// then removes the candidates still unseen. Returns how many went.
+    /// then removes the candidates still unseen (those whose flows this member carries stay,
+    /// orphaned).
     pub fn finish<T: SessionTable>(
         mut self,
         table: &Mutex<T>,
         mark_ns: u64,
-    ) -> Result<usize, DatapathError> {
+    ) -> Result<Unseen, DatapathError> {
+        let mut unseen = Unseen::default();
         if let Some(walk) = self.walk.take() {
             match walk.join() {
                 Ok(r) => r?,
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(unseen),
             }
         }
         let left: Vec<FlowKey> = lock(&self.keys).drain().collect();
-        let mut removed = 0;
         for part in left.chunks(DEFAULT_CHUNK as usize) {
-            removed += lock(table).remove_if_unseen(part, self.owner, mark_ns)?;
+            unseen.add(lock(table).remove_if_unseen(part, self.owner, mark_ns)?);
         }
-        Ok(removed)
+        Ok(unseen)
     }
 }
 
@@ -165,7 +166,7 @@ mod tests {
             .collect();
         let expected: Vec<u32> = (0..500).filter(|&i| i < 200 || i % 5 == 0).collect();
         assert_eq!(held, expected);
-        assert_eq!(removed, 500 - expected.len());
+        assert_eq!(removed.removed, 500 - expected.len());
         assert!(lock(&table).get(&key(900)).is_some(), "local session kept");
     }
 

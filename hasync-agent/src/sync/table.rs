@@ -39,14 +39,30 @@ pub trait SessionTable: Send + 'static {
 
     /// Of `keys`, removes those that are still replicas of `owner`'s sessions that its full
     /// sync started at `mark_ns` neither wrote nor marked
-    /// ([`hasync_common::conflict::unseen_replica`]: the owner no longer holds them). Returns
-    /// how many went.
+    /// ([`hasync_common::conflict::unseen_replica`]: the owner no longer holds them), except
+    /// those this member carries the flow of, which stay, orphaned.
     fn remove_if_unseen(
         &mut self,
         keys: &[FlowKey],
         owner: MemberId,
         mark_ns: u64,
-    ) -> Result<usize, DatapathError>;
+    ) -> Result<Unseen, DatapathError>;
+}
+
+/// What became of the replicas a full sync found unseen.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Unseen {
+    /// Removed.
+    pub removed: usize,
+    /// Kept, orphaned: this member carries their flows, to take them over.
+    pub orphaned: usize,
+}
+
+impl Unseen {
+    pub fn add(&mut self, o: Unseen) {
+        self.removed += o.removed;
+        self.orphaned += o.orphaned;
+    }
 }
 
 impl SessionTable for Datapath {
@@ -80,7 +96,7 @@ impl SessionTable for Datapath {
         keys: &[FlowKey],
         owner: MemberId,
         mark_ns: u64,
-    ) -> Result<usize, DatapathError> {
+    ) -> Result<Unseen, DatapathError> {
         let mut now = Vec::with_capacity(keys.len());
         self.read_sessions(keys, &mut now)?;
         // Read and removed under the caller's hold of the table: no apply comes between.
@@ -99,7 +115,10 @@ impl SessionTable for Datapath {
             .collect();
         let now = crate::datapath::monotonic_ns();
         let out = Datapath::apply_records(self, &removals, MemberId::NONE, now)?;
-        Ok(out.deleted as usize)
+        Ok(Unseen {
+            removed: out.deleted as usize,
+            orphaned: usize::from(out.orphaned),
+        })
     }
 }
 
@@ -232,10 +251,13 @@ impl SessionTable for FakeTable {
         keys: &[FlowKey],
         owner: MemberId,
         mark_ns: u64,
-    ) -> Result<usize, DatapathError> {
+    ) -> Result<Unseen, DatapathError> {
         let before = self.entries.len();
         self.entries
             .retain(|(k, s)| !(keys.contains(k) && unseen_replica(s, owner, mark_ns)));
-        Ok(before - self.entries.len())
+        Ok(Unseen {
+            removed: before - self.entries.len(),
+            orphaned: 0,
+        })
     }
 }

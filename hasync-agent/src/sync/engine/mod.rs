@@ -167,6 +167,10 @@ pub struct Peer {
     inner: Mutex<PeerInner>,
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
     applied: Mutex<Applied>,
+    /// The removal of replicas its last full sync did not carry is running: a full sync that
+    /// starts meanwhile does not walk the table for its own (one walk per peer at a time,
+    /// however fast a peer starts and ends full syncs).
+    removing: AtomicBool,
     wake: Notify,
     pub stats: PeerStats,
 }
@@ -191,6 +195,7 @@ impl Peer {
                 hello: None,
             }),
             applied: Mutex::new(Applied::default()),
+            removing: AtomicBool::new(false),
             wake: Notify::new(),
             stats: PeerStats::default(),
         }

@@ -5,7 +5,10 @@
 //! frames ahead of the apply, on a task of their own ([`read_ahead`]): on two CPUs the next
 //! frame's decryption overlaps this one's apply.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Instant,
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -21,6 +24,7 @@ use crate::{
         channel::{ChannelError, Receiver},
         stale::StaleScan,
         stats::{LinkStats, PeerStats},
+        table::Unseen,
         wire::{Keepalive, LinkKind, Message, Record},
         writer::Writer,
     },
@@ -229,8 +233,10 @@ impl<T: SessionTable> Engine<T> {
                 .links
                 .get(&f.link)
                 .is_some_and(|c| c.generation == f.generation && !c.peer_fresh);
-            let stale = (authoritative && self.reconciles(peer))
-                .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id));
+            // Not while the last one's removal runs: its replicas left unseen stay, until a
+            // later full sync or their timeout.
+            let walk = authoritative && self.reconciles(peer) && !peer.removing.load(Relaxed);
+            let stale = walk.then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id));
             g.bulk_rx = Some(BulkRx {
                 id: bulk_id,
                 generation: f.generation,
@@ -240,15 +246,16 @@ impl<T: SessionTable> Engine<T> {
             });
         }
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
-        lock(&self.inner.membership).bulk(peer.cfg.id, false);
+        lock(&self.inner.membership).bulk_started(peer.cfg.id);
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
         b.started_ms = monotonic_ns() / 1_000_000;
     }
 
     /// A full sync ends. Only the running one's end, from its connection, counts; it removes
-    /// the replicas the peer no longer holds only if every record it announced was applied.
-    /// Returns the removal of the replicas it did not carry, if one started.
+    /// the replicas the peer no longer holds only if every record it announced was applied,
+    /// and counts as done (for this member's initial state, and what the next hello asks for)
+    /// once they are gone. Returns that removal, if one started.
     pub(super) fn on_bulk_end(
         &self,
         f: &FrameFrom<'_>,
@@ -281,12 +288,27 @@ impl<T: SessionTable> Engine<T> {
                 "full sync from peer ended incomplete: its replicas are not reconciled"
             );
         } else if let (Some(mark), Some(scan)) = (ended.mark, ended.stale) {
-            removal = Some(self.remove_stale_replicas(peer.clone(), scan, mark));
+            let bulk = (f.boot_id, bulk_id);
+            removal = Some(self.remove_stale_replicas(peer.clone(), bulk, scan, mark));
         }
-        lock(&self.inner.membership).bulk(peer.cfg.id, true);
         self.bulk_received(peer, bulk_id, records);
-        self.settle_fresh_table();
+        if removal.is_none() {
+            self.bulk_done(peer, (f.boot_id, bulk_id));
+        }
         removal
+    }
+
+    /// Full sync `bulk` (the peer's boot and the full sync's id) from `peer` ended and its
+    /// stale replicas are gone: it counts as done, unless a newer one started since (whose end
+    /// says when it is done) or the peer went silent meanwhile (it will send a new one).
+    fn bulk_done(&self, peer: &Peer, bulk: (u64, u32)) {
+        let latest = {
+            let g = peer.lock();
+            g.bulk_rx.is_none() && g.bulk_rx_last == Some(bulk)
+        };
+        if latest && lock(&self.inner.membership).bulk_ended(peer.cfg.id) {
+            self.settle_fresh_table();
+        }
     }
 
     fn bulk_received(&self, peer: &Peer, bulk_id: u32, records: u64) {
@@ -430,26 +452,44 @@ impl<T: SessionTable> Engine<T> {
         peer.cfg.session_sync && self.inner.cfg.local_session_sync
     }
 
-    /// After an authoritative full sync from `peer`: drops our replicas of its sessions that it
-    /// did not send (it closed or expired them while we could not hear of it), those still
-    /// unseen since `mark` once `scan`'s walk of the table ended, on a thread of the blocking pool: the walk grows with the table and
-    /// waits for its lock between chunks, and a reader waiting for it would read neither the peer's keepalives (after the
-    /// keepalive threshold this member would take the peer for dead, and drop the link) nor
-    /// its next frames. Records applied meanwhile were seen after `mark`: they stay.
-    fn remove_stale_replicas(&self, peer: Arc<Peer>, scan: StaleScan, mark: u64) -> JoinHandle<()> {
-        let dp = self.inner.dp.clone();
-        tokio::task::spawn_blocking(move || Self::stale_removed(&peer, scan.finish(&dp, mark)))
+    /// After an authoritative full sync `bulk` from `peer`: drops our replicas of its sessions
+    /// that it did not send (it closed or expired them while we could not hear of it), those
+    /// still unseen since `mark` once `scan`'s walk of the table ended; then the full sync is
+    /// done. On a thread of the blocking pool: the walk grows with the table and waits for its
+    /// lock between chunks, and a reader waiting for it would read neither the peer's
+    /// keepalives (after the keepalive threshold this member would take the peer for dead,
+    /// and drop the link) nor its next frames. Records applied meanwhile were seen after
+    /// `mark`: they stay.
+    fn remove_stale_replicas(
+        &self,
+        peer: Arc<Peer>,
+        bulk: (u64, u32),
+        scan: StaleScan,
+        mark: u64,
+    ) -> JoinHandle<()> {
+        let e = self.clone();
+        peer.removing.store(true, Relaxed);
+        tokio::task::spawn_blocking(move || {
+            Self::stale_removed(&peer, scan.finish(&e.inner.dp, mark));
+            peer.removing.store(false, Relaxed);
+            e.bulk_done(&peer, bulk);
+        })
     }
 
-    fn stale_removed(peer: &Peer, removed: Result<usize, DatapathError>) {
-        match removed {
-            Ok(0) => {}
-            Ok(n) => {
-                LinkStats::add(&peer.stats.deleted, n as u64);
+    fn stale_removed(peer: &Peer, unseen: Result<Unseen, DatapathError>) {
+        match unseen {
+            Ok(Unseen {
+                removed: 0,
+                orphaned: 0,
+            }) => {}
+            Ok(Unseen { removed, orphaned }) => {
+                LinkStats::add(&peer.stats.deleted, removed as u64);
+                LinkStats::add(&peer.stats.orphaned, orphaned as u64);
                 info!(
                     peer = peer.cfg.id.0,
-                    removed = n,
-                    "stale replicas the peer no longer holds removed after its full sync"
+                    removed,
+                    orphaned,
+                    "stale replicas the peer no longer holds removed after its full sync (those whose flows come through here kept, orphaned)"
                 );
             }
             Err(e) => {

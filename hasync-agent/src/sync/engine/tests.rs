@@ -211,7 +211,9 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
         apply_frame(&e, LinkKind::Ha4, 7, 3, rec, true),
         Applied::Done
     ));
-    e.on_bulk_end(&ha4, 4, 1);
+    if let Some(removal) = e.on_bulk_end(&ha4, 4, 1) {
+        removal.await.expect("removal");
+    }
     assert_eq!(held(&e), Some((1, 2)), "full sync 4 carried it");
     assert_eq!(
         e.inner.membership.lock().expect("m").peers[&MemberId(2)].bulk_done,
@@ -288,6 +290,23 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
         });
     }
     let ended = ended.recv_timeout(Duration::from_secs(5));
+    let bulk_done = || lock(&e.inner.membership).peers[&MemberId(2)].bulk_done;
+    assert_eq!(
+        bulk_done(),
+        Some(false),
+        "done before its stale replicas went"
+    );
+    // A full sync started and ended meanwhile walks nothing: one walk per peer at a time,
+    // however fast a peer (a hostile one with the key) starts and ends them.
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
+    assert!(peer
+        .lock()
+        .bulk_rx
+        .as_ref()
+        .is_some_and(|b| b.stale.is_none()));
+    assert!(e
+        .on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 4, 0)
+        .is_none());
     drop(table);
     let removal = ended
         .expect("the end of the full sync waited for the walk")
@@ -300,6 +319,8 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     ));
     removal.await.expect("removal");
     assert_eq!(held(&e), None, "the stale replica stayed");
+    // Full sync 4 ended (done: it removed nothing); 3's removal, older, counts for nothing.
+    assert_eq!(bulk_done(), Some(true));
     let dp = e.inner.dp.lock().expect("dp");
     assert!(
         dp.session(&other_key()).expect("lookup").is_some(),
