@@ -149,6 +149,8 @@ pub struct FakeTable {
     pub chunks_before_failure: Option<usize>,
     /// Applying records fails.
     pub fail_applies: bool,
+    /// Removing unseen replicas panics.
+    pub panics_removing: bool,
     /// Keys asked for by `read` so far.
     pub keys_read: std::sync::atomic::AtomicUsize,
 }
@@ -252,6 +254,10 @@ impl SessionTable for FakeTable {
         owner: MemberId,
         mark_ns: u64,
     ) -> Result<Unseen, DatapathError> {
+        assert!(
+            !self.panics_removing,
+            "removing unseen replicas: a panic, as told"
+        );
         let before = self.entries.len();
         self.entries
             .retain(|(k, s)| !(keys.contains(k) && unseen_replica(s, owner, mark_ns)));

@@ -155,6 +155,11 @@ struct PeerInner {
     bulk_rx: Option<BulkRx>,
     /// The id of the last full sync this peer started, and the boot it came from.
     bulk_rx_last: Option<(u64, u32)>,
+    /// The removal of replicas its last full sync did not carry is running: a full sync that
+    /// starts meanwhile does not walk the table for its own (one walk per peer at a time,
+    /// however fast a peer starts and ends full syncs), and one that ends meanwhile counts
+    /// as done when that removal is over.
+    removing: bool,
     zones: ZoneMap,
     hello: Option<Hello>,
 }
@@ -167,10 +172,6 @@ pub struct Peer {
     inner: Mutex<PeerInner>,
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
     applied: Mutex<Applied>,
-    /// The removal of replicas its last full sync did not carry is running: a full sync that
-    /// starts meanwhile does not walk the table for its own (one walk per peer at a time,
-    /// however fast a peer starts and ends full syncs).
-    removing: AtomicBool,
     wake: Notify,
     pub stats: PeerStats,
 }
@@ -191,11 +192,11 @@ impl Peer {
                 bulk_granted_boot: None,
                 bulk_rx: None,
                 bulk_rx_last: None,
+                removing: false,
                 zones: ZoneMap::default(),
                 hello: None,
             }),
             applied: Mutex::new(Applied::default()),
-            removing: AtomicBool::new(false),
             wake: Notify::new(),
             stats: PeerStats::default(),
         }

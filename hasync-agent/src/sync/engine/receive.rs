@@ -5,10 +5,7 @@
 //! frames ahead of the apply, on a task of their own ([`read_ahead`]): on two CPUs the next
 //! frame's decryption overlaps this one's apply.
 
-use std::{
-    sync::{atomic::Ordering::Relaxed, Arc},
-    time::Instant,
-};
+use std::{sync::Arc, time::Instant};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
@@ -235,7 +232,7 @@ impl<T: SessionTable> Engine<T> {
                 .is_some_and(|c| c.generation == f.generation && !c.peer_fresh);
             // Not while the last one's removal runs: its replicas left unseen stay, until a
             // later full sync or their timeout.
-            let walk = authoritative && self.reconciles(peer) && !peer.removing.load(Relaxed);
+            let walk = authoritative && self.reconciles(peer) && !g.removing;
             let stale = walk.then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id));
             g.bulk_rx = Some(BulkRx {
                 id: bulk_id,
@@ -244,18 +241,20 @@ impl<T: SessionTable> Engine<T> {
                 applied: 0,
                 stale,
             });
+            // Under the peer's lock: a removal ending now sees this full sync running.
+            lock(&self.inner.membership).bulk_started(peer.cfg.id);
         }
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
-        lock(&self.inner.membership).bulk_started(peer.cfg.id);
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
         b.started_ms = monotonic_ns() / 1_000_000;
     }
 
     /// A full sync ends. Only the running one's end, from its connection, counts; it removes
-    /// the replicas the peer no longer holds only if every record it announced was applied,
-    /// and counts as done (for this member's initial state, and what the next hello asks for)
-    /// once they are gone. Returns that removal, if one started.
+    /// the replicas the peer no longer holds only if every record it announced was applied.
+    /// It counts as done (for this member's initial state, and what the next hello asks for)
+    /// at once if no removal of stale replicas runs for the peer, else when that removal is
+    /// over. Returns the removal it started, if any.
     pub(super) fn on_bulk_end(
         &self,
         f: &FrameFrom<'_>,
@@ -263,50 +262,55 @@ impl<T: SessionTable> Engine<T> {
         records: u64,
     ) -> Option<JoinHandle<()>> {
         let peer = f.peer;
-        let ended = {
+        let (ended, removal, counted) = {
             let mut g = peer.lock();
-            match &g.bulk_rx {
+            let ended = match &g.bulk_rx {
                 Some(b) if b.id == bulk_id && b.generation == f.generation => g.bulk_rx.take(),
                 _ => None,
-            }
+            };
+            let Some(ended) = ended else {
+                drop(g);
+                info!(
+                    peer = peer.cfg.id.0,
+                    bulk_id, "end of a full sync that is not running here ignored"
+                );
+                return None;
+            };
+            let removal = match (ended.applied == records, ended.mark, ended.stale) {
+                (true, Some(mark), Some(scan)) => Some((mark, scan)),
+                _ => None,
+            };
+            // Set with the full sync taken, so that no start on the other link walks too.
+            g.removing |= removal.is_some();
+            let counted = !g.removing && lock(&self.inner.membership).bulk_ended(peer.cfg.id);
+            (ended.applied, removal, counted)
         };
-        let Some(ended) = ended else {
-            info!(
-                peer = peer.cfg.id.0,
-                bulk_id, "end of a full sync that is not running here ignored"
-            );
-            return None;
-        };
-        let mut removal = None;
-        if ended.applied != records {
+        if ended != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
                 peer = peer.cfg.id.0,
                 bulk_id,
                 announced = records,
-                applied = ended.applied,
+                applied = ended,
                 "full sync from peer ended incomplete: its replicas are not reconciled"
             );
-        } else if let (Some(mark), Some(scan)) = (ended.mark, ended.stale) {
-            let bulk = (f.boot_id, bulk_id);
-            removal = Some(self.remove_stale_replicas(peer.clone(), bulk, scan, mark));
         }
         self.bulk_received(peer, bulk_id, records);
-        if removal.is_none() {
-            self.bulk_done(peer, (f.boot_id, bulk_id));
+        if counted {
+            self.settle_fresh_table();
         }
-        removal
+        removal.map(|(mark, scan)| self.remove_stale_replicas(peer.clone(), scan, mark))
     }
 
-    /// Full sync `bulk` (the peer's boot and the full sync's id) from `peer` ended and its
-    /// stale replicas are gone: it counts as done, unless a newer one started since (whose end
-    /// says when it is done) or the peer went silent meanwhile (it will send a new one).
-    fn bulk_done(&self, peer: &Peer, bulk: (u64, u32)) {
-        let latest = {
-            let g = peer.lock();
-            g.bulk_rx.is_none() && g.bulk_rx_last == Some(bulk)
+    /// The removal of `peer`'s stale replicas is over (done, failed, or its thread gone): the
+    /// latest full sync ended counts as done, unless another one is running (its end counts).
+    fn removal_over(&self, peer: &Peer) {
+        let counted = {
+            let mut g = peer.lock();
+            g.removing = false;
+            g.bulk_rx.is_none() && lock(&self.inner.membership).bulk_ended(peer.cfg.id)
         };
-        if latest && lock(&self.inner.membership).bulk_ended(peer.cfg.id) {
+        if counted {
             self.settle_fresh_table();
         }
     }
@@ -452,27 +456,22 @@ impl<T: SessionTable> Engine<T> {
         peer.cfg.session_sync && self.inner.cfg.local_session_sync
     }
 
-    /// After an authoritative full sync `bulk` from `peer`: drops our replicas of its sessions
-    /// that it did not send (it closed or expired them while we could not hear of it), those
-    /// still unseen since `mark` once `scan`'s walk of the table ended; then the full sync is
-    /// done. On a thread of the blocking pool: the walk grows with the table and waits for its
-    /// lock between chunks, and a reader waiting for it would read neither the peer's
-    /// keepalives (after the keepalive threshold this member would take the peer for dead,
-    /// and drop the link) nor its next frames. Records applied meanwhile were seen after
-    /// `mark`: they stay.
-    fn remove_stale_replicas(
-        &self,
-        peer: Arc<Peer>,
-        bulk: (u64, u32),
-        scan: StaleScan,
-        mark: u64,
-    ) -> JoinHandle<()> {
-        let e = self.clone();
-        peer.removing.store(true, Relaxed);
+    /// After an authoritative full sync from `peer`: drops our replicas of its sessions that
+    /// it did not send (it closed or expired them while we could not hear of it), those still
+    /// unseen since `mark` once `scan`'s walk of the table ended; then the full sync is done
+    /// ([`Self::removal_over`], however the removal ends). On a thread of the blocking pool:
+    /// the walk grows with the table and waits for its lock between chunks, and a reader
+    /// waiting for it would read neither the peer's keepalives (after the keepalive threshold
+    /// this member would take the peer for dead, and drop the link) nor its next frames.
+    /// Records applied meanwhile were seen after `mark`: they stay.
+    fn remove_stale_replicas(&self, peer: Arc<Peer>, scan: StaleScan, mark: u64) -> JoinHandle<()> {
+        let over = RemovalOver {
+            engine: self.clone(),
+            peer,
+        };
         tokio::task::spawn_blocking(move || {
-            Self::stale_removed(&peer, scan.finish(&e.inner.dp, mark));
-            peer.removing.store(false, Relaxed);
-            e.bulk_done(&peer, bulk);
+            let unseen = scan.finish(&over.engine.inner.dp, mark);
+            Self::stale_removed(&over.peer, unseen);
         })
     }
 
@@ -496,6 +495,20 @@ impl<T: SessionTable> Engine<T> {
                 warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "removing stale replicas failed")
             }
         }
+    }
+}
+
+/// A removal of stale replicas under way: when it is dropped (the removal over, a panic in it,
+/// or its task dropped unrun at shutdown), the peer's next full sync may walk again, and the
+/// latest one ended counts as done.
+struct RemovalOver<T: SessionTable> {
+    engine: Engine<T>,
+    peer: Arc<Peer>,
+}
+
+impl<T: SessionTable> Drop for RemovalOver<T> {
+    fn drop(&mut self) {
+        self.engine.removal_over(&self.peer);
     }
 }
 

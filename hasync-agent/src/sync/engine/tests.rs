@@ -297,7 +297,8 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
         "done before its stale replicas went"
     );
     // A full sync started and ended meanwhile walks nothing: one walk per peer at a time,
-    // however fast a peer (a hostile one with the key) starts and ends them.
+    // however fast a peer (a hostile one with the key) starts and ends them. Nor does it count
+    // as done while the last one's stale replicas are still held.
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
     assert!(peer
         .lock()
@@ -307,6 +308,11 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     assert!(e
         .on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 4, 0)
         .is_none());
+    assert_eq!(
+        bulk_done(),
+        Some(false),
+        "done while the last removal still runs"
+    );
     drop(table);
     let removal = ended
         .expect("the end of the full sync waited for the walk")
@@ -319,13 +325,50 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     ));
     removal.await.expect("removal");
     assert_eq!(held(&e), None, "the stale replica stayed");
-    // Full sync 4 ended (done: it removed nothing); 3's removal, older, counts for nothing.
+    // 3's removal over, the latest full sync ended (4) is done.
     assert_eq!(bulk_done(), Some(true));
+    assert!(!peer.lock().removing);
     let dp = e.inner.dp.lock().expect("dp");
     assert!(
         dp.session(&other_key()).expect("lookup").is_some(),
         "the record applied after the end went"
     );
+}
+
+/// A removal of stale replicas that panics still ends as a removal: the peer's next full
+/// sync walks again (stale removal is not off for that peer for good), and the full sync
+/// counts as done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_panics_leaves_the_next_full_sync_its_walk() {
+    let replica = Session {
+        owner: MemberId(2),
+        flags: hasync_common::SessionFlags(hasync_common::SessionFlags::FROM_PEER),
+        ..Session::default()
+    };
+    let e = engine_over(FakeTable {
+        entries: vec![(key(), replica)],
+        panics_removing: true,
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
+    let removal = e
+        .on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 3, 0)
+        .expect("a removal of stale replicas");
+    assert!(removal.await.is_err(), "the removal did not panic");
+    assert!(!peer.lock().removing, "stale removal off for the peer");
+    assert_eq!(
+        lock(&e.inner.membership).peers[&MemberId(2)].bulk_done,
+        Some(true)
+    );
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
+    assert!(peer
+        .lock()
+        .bulk_rx
+        .as_ref()
+        .is_some_and(|b| b.stale.is_some()));
 }
 
 /// A full sync whose end announces more records than were applied (frames dropped on the
