@@ -214,6 +214,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 /// Sessions per batch call when a caller does not choose (about 14 KiB of keys and values).
 pub const DEFAULT_CHUNK: u32 = 128;
 
+/// The programs loaded: the XDP program, and the ones the agent runs with BPF_PROG_TEST_RUN.
+const PROGRAMS: [&str; 5] = [
+    names::PROGRAM,
+    names::APPLY_PROGRAM,
+    names::READ_PROGRAM,
+    names::CLOCK_PROGRAM,
+    names::LOG_PROGRAM,
+];
+
 /// This host's CLOCK_MONOTONIC_COARSE in nanoseconds: the agent's clock, and the clock of
 /// every timestamp in a [`Session`]: the XDP program reads `jiffies` converted to it (see
 /// [`clock`]; or the coarse clock itself, `bpf_ktime_get_coarse_ns`, when that cannot be
@@ -550,13 +559,7 @@ impl Datapath {
     /// Loads the XDP program and the ones the agent runs with BPF_PROG_TEST_RUN into the
     /// kernel.
     fn load_programs(&mut self) -> Result<(), DatapathError> {
-        for name in [
-            names::PROGRAM,
-            names::APPLY_PROGRAM,
-            names::READ_PROGRAM,
-            names::CLOCK_PROGRAM,
-            names::LOG_PROGRAM,
-        ] {
+        for name in PROGRAMS {
             self.xdp_mut(name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -1165,13 +1168,7 @@ mod verifier_tests {
             opts.config = DatapathConfig::with_defaults(MemberId(1));
             opts.log = log;
             let dp = Datapath::load(&opts).expect("load (tests need root)");
-            for name in [
-                names::PROGRAM,
-                names::APPLY_PROGRAM,
-                names::READ_PROGRAM,
-                names::CLOCK_PROGRAM,
-                names::LOG_PROGRAM,
-            ] {
+            for name in PROGRAMS {
                 let info = dp.xdp(name).and_then(|p| {
                     p.info()
                         .map_err(|source| DatapathError::Program { name, source })

@@ -221,19 +221,31 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
     );
 }
 
-/// A complete authoritative full sync removes the peer's replica it did not carry (the peer
-/// dropped that session while we could not hear of it), and keeps the one it carried.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_complete_full_sync_removes_what_it_did_not_carry() {
+/// An engine connected to peer 2 on HA4 that holds a replica of peer 2's session (`key()`,
+/// applied from frame 1), written a little before now (so that a full sync starting now sees
+/// it as not seen since).
+fn holding_a_replica_of_2() -> (
+    Engine,
+    Arc<super::Peer>,
+    tokio::sync::mpsc::Receiver<Message>,
+) {
     let e = engine();
     hello_from_2(&e, 7);
-    let _rx = connect(&e, LinkKind::Ha4);
+    let rx = connect(&e, LinkKind::Ha4);
     let peer = e.inner.peers[&MemberId(2)].clone();
     assert!(matches!(
         apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
         Applied::Done
     ));
     std::thread::sleep(Duration::from_millis(5));
+    (e, peer, rx)
+}
+
+/// A complete authoritative full sync removes the peer's replica it did not carry (the peer
+/// dropped that session while we could not hear of it), and keeps the one it carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_full_sync_removes_what_it_did_not_carry() {
+    let (e, peer, _rx) = holding_a_replica_of_2();
     let ha4 = from(&peer, LinkKind::Ha4, 7);
     e.on_bulk_start(&ha4, 3);
     let mut other = upsert(1, 2);
@@ -270,15 +282,7 @@ async fn a_complete_full_sync_removes_what_it_did_not_carry() {
 /// The stale replicas go once the walk ends; a record applied meanwhile stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
-    let e = engine();
-    hello_from_2(&e, 7);
-    let _rx = connect(&e, LinkKind::Ha4);
-    let peer = e.inner.peers[&MemberId(2)].clone();
-    assert!(matches!(
-        apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
-        Applied::Done
-    ));
-    std::thread::sleep(Duration::from_millis(5));
+    let (e, peer, _rx) = holding_a_replica_of_2();
     // The walk cannot read a chunk while this lock is held: as long as on a large table.
     let table = e.inner.dp.lock().expect("dp");
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
@@ -375,15 +379,7 @@ async fn a_removal_that_panics_leaves_the_next_full_sync_its_walk() {
 /// way) does not remove the replicas it did not mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incomplete_full_sync_removes_nothing() {
-    let e = engine();
-    hello_from_2(&e, 7);
-    let _rx = connect(&e, LinkKind::Ha4);
-    let peer = e.inner.peers[&MemberId(2)].clone();
-    assert!(matches!(
-        apply(&e, LinkKind::Ha4, 7, 1, upsert(1, 2)),
-        Applied::Done
-    ));
-    std::thread::sleep(Duration::from_millis(5));
+    let (e, peer, _rx) = holding_a_replica_of_2();
     let ha4 = from(&peer, LinkKind::Ha4, 7);
     e.on_bulk_start(&ha4, 3);
     e.on_bulk_end(&ha4, 3, 680);
