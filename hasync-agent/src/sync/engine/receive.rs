@@ -262,7 +262,7 @@ impl<T: SessionTable> Engine<T> {
         records: u64,
     ) -> Option<JoinHandle<()>> {
         let peer = f.peer;
-        let (ended, removal, counted) = {
+        let (applied, removal, counted) = {
             let mut g = peer.lock();
             let ended = match &g.bulk_rx {
                 Some(b) if b.id == bulk_id && b.generation == f.generation => g.bulk_rx.take(),
@@ -285,13 +285,13 @@ impl<T: SessionTable> Engine<T> {
             let counted = !g.removing && lock(&self.inner.membership).bulk_ended(peer.cfg.id);
             (ended.applied, removal, counted)
         };
-        if ended != records {
+        if applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
                 peer = peer.cfg.id.0,
                 bulk_id,
                 announced = records,
-                applied = ended,
+                applied,
                 "full sync from peer ended incomplete: its replicas are not reconciled"
             );
         }
