@@ -871,7 +871,7 @@ fn ask(cluster: &LabCluster, k: u8, req: &Request) -> Result<serde_json::Value> 
             resp.error.unwrap_or_default()
         );
     }
-    Ok(resp.data)
+    Ok(resp.view()?)
 }
 
 impl Lab {

@@ -146,12 +146,17 @@ fn read_answer(path: &Path, stream: &UnixStream) -> Result<Response, ControlErro
 
 /// [`request`], turning an error answer into [`ControlError::Refused`]: the answer's data.
 pub fn call(path: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
-    let Response { ok, error, data } = request(path, req)?;
-    if ok {
-        Ok(data)
+    let response = request(path, req)?;
+    if response.ok {
+        response.view().map_err(|e| ControlError::BadAnswer {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
     } else {
         Err(ControlError::Refused(
-            error.unwrap_or_else(|| "no reason given".to_owned()),
+            response
+                .error
+                .unwrap_or_else(|| "no reason given".to_owned()),
         ))
     }
 }

@@ -322,7 +322,7 @@ mod tests {
         let response = response
             .expect("an answer while the datapath is held")
             .expect("an answer");
-        let view: SessionsView = serde_json::from_value(response.data).expect("a sessions view");
+        let view: SessionsView = response.view().expect("a sessions view");
         assert_eq!((view.total, view.embryonic), (42, 5));
         assert_eq!(
             view.by_owner.clone().into_iter().collect::<Vec<_>>(),
@@ -368,8 +368,7 @@ mod tests {
                 .expect("the answer once the table is free")
                 .expect("an answer");
             assert!(response.ok, "{response:?}");
-            let view: SessionsView =
-                serde_json::from_value(response.data).expect("a sessions view");
+            let view: SessionsView = response.view().expect("a sessions view");
             assert_eq!(view.total, 3);
         }
         assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0, "all walks done");

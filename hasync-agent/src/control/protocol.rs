@@ -19,6 +19,7 @@ use hasync_common::{
     MemberId, State,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::view::SessionView;
 
@@ -118,20 +119,32 @@ impl Request {
 }
 
 /// The agent's answer to one request. `data` is the view the request asked for (`null` on
-/// error).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// error), as the JSON text it is written out as: the agent renders a view straight to text,
+/// never through a tree of JSON values (a full session page of 100,000 sessions took 69 MiB
+/// as such a tree, beside its 17 MiB view and 16 MiB of text, against 13 MB of JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default)]
     pub error: Option<String>,
-    #[serde(default)]
-    pub data: serde_json::Value,
+    #[serde(default = "null_data")]
+    pub data: Box<RawValue>,
+}
+
+fn null_data() -> Box<RawValue> {
+    RawValue::NULL.to_owned()
+}
+
+impl PartialEq for Response {
+    fn eq(&self, other: &Response) -> bool {
+        (self.ok, &self.error, self.data.get()) == (other.ok, &other.error, other.data.get())
+    }
 }
 
 impl Response {
     /// A successful answer carrying `data` (a view from [`super::view`]).
     pub fn ok(data: impl Serialize) -> Response {
-        match serde_json::to_value(data) {
+        match serde_json::value::to_raw_value(&data) {
             Ok(data) => Response {
                 ok: true,
                 error: None,
@@ -147,8 +160,13 @@ impl Response {
         Response {
             ok: false,
             error: Some(message.into()),
-            data: serde_json::Value::Null,
+            data: null_data(),
         }
+    }
+
+    /// The answer's data read as `T` (a view, or [`serde_json::Value`]).
+    pub fn view<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.data.get())
     }
 
     /// `Ok(data)` → [`Response::ok`], `Err(message)` → [`Response::error`].
@@ -360,7 +378,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), ok);
         let err = Response::from_result::<(), _>(Err("zone \"dmz\" is not configured"));
         assert!(!err.ok);
-        assert_eq!(err.data, serde_json::Value::Null);
+        assert_eq!(err.data.get(), "null");
         assert_eq!(err.error.as_deref(), Some("zone \"dmz\" is not configured"));
     }
 

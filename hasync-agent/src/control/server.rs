@@ -350,7 +350,7 @@ mod tests {
         .unwrap()
         .expect("request");
         assert!(answer.ok, "{answer:?}");
-        let view: SessionsView = serde_json::from_value(answer.data).unwrap();
+        let view: SessionsView = answer.view().unwrap();
         assert_eq!(view.total, 2);
         assert_eq!(view.sessions.unwrap().len(), 1);
 
@@ -382,7 +382,10 @@ mod tests {
         let answers = exchange(&path, input.as_bytes()).await;
         assert_eq!(answers.len(), 6, "{answers:?}");
         assert!(answers[0].ok);
-        assert_eq!(answers[0].data["counters"]["packets"], 123_456);
+        assert_eq!(
+            answers[0].view::<serde_json::Value>().unwrap()["counters"]["packets"],
+            123_456
+        );
         for (answer, want) in [
             (
                 &answers[1],
@@ -399,7 +402,10 @@ mod tests {
             let e = answer.error.as_deref().unwrap();
             assert!(e.contains(want), "{e}");
         }
-        assert_eq!(answers[5].data["state"], "suspended");
+        assert_eq!(
+            answers[5].view::<serde_json::Value>().unwrap()["state"],
+            "suspended"
+        );
     }
 
     #[tokio::test]
@@ -470,7 +476,10 @@ mod tests {
             .await
             .expect("replaces the stale socket");
         let answers = exchange(&stale, b"{\"request\":\"functional\"}\n").await;
-        assert_eq!(answers[0].data["state"], "tentative");
+        assert_eq!(
+            answers[0].view::<serde_json::Value>().unwrap()["state"],
+            "tentative"
+        );
 
         // Never remove something that is not a socket.
         let file = dir.path().join("file");

@@ -1122,4 +1122,31 @@ mod tests {
             serde_json::json!({"id": 2, "flaps": 1, "last_change": 0})
         );
     }
+
+    /// A full session page (100,000 sessions) is rendered straight to the text it is sent
+    /// as, never through a tree of JSON values: the answer holds its text and little more.
+    /// (Through a tree, the answer to such a page took 69 MiB for its 13 MB of text.)
+    #[test]
+    fn a_full_session_page_is_rendered_straight_to_text() {
+        use crate::{alloc_count::held, control::protocol::Response};
+        let keys: Vec<FlowKey> = (0..100_000)
+            .map(crate::datapath::testing::udp_key)
+            .collect();
+        let values = vec![Session::default(); keys.len()];
+        let mut page =
+            SessionPage::new(false, SessionFilter::default(), 0, None, &[]).expect("a page");
+        for (k, v) in keys.chunks(128).zip(values.chunks(128)) {
+            page.add_chunk(k, v);
+        }
+        let view = page.finish(1 << 20, 1 << 17);
+        assert_eq!(view.sessions.as_ref().map(Vec::len), Some(keys.len()));
+        let before = held();
+        let response = Response::ok(&view);
+        let grew = held() - before;
+        let text = isize::try_from(response.data.get().len()).expect("fits");
+        assert!(
+            grew <= text + text / 4,
+            "the answer holds {grew} bytes for {text} bytes of text"
+        );
+    }
 }

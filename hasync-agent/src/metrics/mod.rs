@@ -227,7 +227,7 @@ impl Source {
                 message: response.error.unwrap_or_default(),
             });
         }
-        serde_json::from_value(response.data).map_err(|e| GatherError::Malformed {
+        response.view().map_err(|e| GatherError::Malformed {
             request: name,
             message: e.to_string(),
         })

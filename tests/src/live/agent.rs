@@ -116,7 +116,7 @@ impl Agents {
             .with_context(|| format!("asking member {k}'s agent"))?;
         match resp.error {
             Some(e) if !resp.ok => bail!("member {k}'s agent: {e}"),
-            _ => Ok(resp.data),
+            _ => Ok(resp.view()?),
         }
     }
 
