@@ -154,6 +154,8 @@ pub struct Peer {
     pub agreed: Option<[u8; 32]>,
     /// Its full sync to us: None = not started, Some(false) = running, Some(true) = ended.
     pub bulk_done: Option<bool>,
+    /// The running full sync (its sender's boot and id), as [`Membership::bulk_started`] said.
+    pub bulk_running: Option<(u64, u32)>,
     pub session_sync: bool,
 }
 
@@ -254,6 +256,7 @@ impl Membership {
                         zone_warning: None,
                         agreed: None,
                         bulk_done: None,
+                        bulk_running: None,
                         session_sync,
                     },
                 )
@@ -325,17 +328,21 @@ impl Membership {
     }
 
     /// A peer started a full sync to us.
-    pub fn bulk_started(&mut self, id: MemberId) {
+    /// `bulk` is the full sync's sender boot and id.
+    pub fn bulk_started(&mut self, id: MemberId, bulk: (u64, u32)) {
         if let Some(p) = self.peers.get_mut(&id) {
             p.bulk_done = Some(false);
+            p.bulk_running = Some(bulk);
         }
     }
 
-    /// A peer's full sync to us is done. Not if none was running: the peer went silent since
-    /// it started (it sends a new one when back). Returns whether it counted.
-    pub fn bulk_ended(&mut self, id: MemberId) -> bool {
+    /// A peer's full sync `bulk` to us is done. Not if it is not the one running: a newer one
+    /// started since, or the peer went silent since (it sends a new one when back). Callers
+    /// need not hold the peer's lock (the membership's is taken before a peer's, never after).
+    /// Returns whether it counted.
+    pub fn bulk_ended(&mut self, id: MemberId, bulk: (u64, u32)) -> bool {
         match self.peers.get_mut(&id) {
-            Some(p) if p.bulk_done == Some(false) => {
+            Some(p) if p.bulk_done == Some(false) && p.bulk_running == Some(bulk) => {
                 p.bulk_done = Some(true);
                 true
             }

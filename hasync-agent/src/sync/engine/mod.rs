@@ -155,6 +155,8 @@ struct PeerInner {
     bulk_rx: Option<BulkRx>,
     /// The id of the last full sync this peer started, and the boot it came from.
     bulk_rx_last: Option<(u64, u32)>,
+    /// The same of the last one that ended here.
+    bulk_rx_ended: Option<(u64, u32)>,
     /// The removal of replicas its last full sync did not carry is running: a full sync that
     /// starts meanwhile does not walk the table for its own (one walk per peer at a time,
     /// however fast a peer starts and ends full syncs), and one that ends meanwhile counts
@@ -192,6 +194,7 @@ impl Peer {
                 bulk_granted_boot: None,
                 bulk_rx: None,
                 bulk_rx_last: None,
+                bulk_rx_ended: None,
                 removing: false,
                 zones: ZoneMap::default(),
                 hello: None,
@@ -251,6 +254,8 @@ impl<T> Clone for Engine<T> {
 struct EngineInner<T> {
     cfg: SyncConfig,
     dp: Arc<Mutex<T>>,
+    /// Taken before a peer's lock, never under it (`show cluster members` reads peers under
+    /// it).
     membership: Arc<Mutex<Membership>>,
     peers: BTreeMap<MemberId, Arc<Peer>>,
     rejections: Rejections,

@@ -241,9 +241,10 @@ impl<T: SessionTable> Engine<T> {
                 applied: 0,
                 stale,
             });
-            // Under the peer's lock: a removal ending now sees this full sync running.
-            lock(&self.inner.membership).bulk_started(peer.cfg.id);
         }
+        // After the peer's lock (the membership's is never taken under a peer's): a removal
+        // ending meanwhile counts its own full sync, by id, not this one.
+        lock(&self.inner.membership).bulk_started(peer.cfg.id, (f.boot_id, bulk_id));
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
@@ -282,9 +283,10 @@ impl<T: SessionTable> Engine<T> {
             };
             // Set with the full sync taken, so that no start on the other link walks too.
             g.removing |= removal.is_some();
-            let counted = !g.removing && lock(&self.inner.membership).bulk_ended(peer.cfg.id);
-            (ended.applied, removal, counted)
+            g.bulk_rx_ended = Some((f.boot_id, bulk_id));
+            (ended.applied, removal, !g.removing)
         };
+        let counted = counted && self.count_bulk_done(peer, (f.boot_id, bulk_id));
         if applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
@@ -305,14 +307,21 @@ impl<T: SessionTable> Engine<T> {
     /// The removal of `peer`'s stale replicas is over (done, failed, or its thread gone): the
     /// latest full sync ended counts as done, unless another one is running (its end counts).
     fn removal_over(&self, peer: &Peer) {
-        let counted = {
+        let ended = {
             let mut g = peer.lock();
             g.removing = false;
-            g.bulk_rx.is_none() && lock(&self.inner.membership).bulk_ended(peer.cfg.id)
+            g.bulk_rx_ended.filter(|_| g.bulk_rx.is_none())
         };
-        if counted {
+        if ended.is_some_and(|bulk| self.count_bulk_done(peer, bulk)) {
             self.settle_fresh_table();
         }
+    }
+
+    /// Full sync `bulk` (its sender's boot and id) from `peer` is done, if it is still the one
+    /// the membership knows as running. Takes the membership's lock: never under a peer's
+    /// (`show cluster members` takes a peer's under the membership's).
+    fn count_bulk_done(&self, peer: &Peer, bulk: (u64, u32)) -> bool {
+        lock(&self.inner.membership).bulk_ended(peer.cfg.id, bulk)
     }
 
     fn bulk_received(&self, peer: &Peer, bulk_id: u32, records: u64) {

@@ -1006,3 +1006,35 @@ fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
         "silent past the threshold"
     );
 }
+
+/// The membership's lock is taken before a peer's, never under it: `show cluster members`
+/// reads peers under the membership's lock, so a full sync's start that held its peer's lock
+/// while waiting for the membership's deadlocked the agent (a 16-member fault run's rolling
+/// restart: fw1 answered nothing for a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_never_holds_its_peers_lock_while_waiting_for_the_membership() {
+    let (e, peer, _rx) = holding_a_replica_of_2();
+    let membership = lock(&e.inner.membership);
+    let start = {
+        let (e, peer) = (e.clone(), peer.clone());
+        tokio::task::spawn_blocking(move || {
+            e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
+            e.on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 3, 0)
+        })
+    };
+    // Time for the start to reach the membership's lock; then, as `show cluster members`
+    // does, a peer's lock under the membership's.
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut got = false;
+    while !got && Instant::now() < deadline {
+        got = peer.inner.try_lock().is_ok();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(membership);
+    let removal = start.await.expect("join");
+    if let Some(r) = removal {
+        r.await.expect("removal");
+    }
+    assert!(got, "the peer's lock was held while waiting for the membership's");
+}
