@@ -1036,5 +1036,8 @@ async fn a_full_sync_never_holds_its_peers_lock_while_waiting_for_the_membership
     if let Some(r) = removal {
         r.await.expect("removal");
     }
-    assert!(got, "the peer's lock was held while waiting for the membership's");
+    assert!(
+        got,
+        "the peer's lock was held while waiting for the membership's"
+    );
 }
