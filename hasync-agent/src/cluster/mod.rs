@@ -152,11 +152,28 @@ pub struct Peer {
     pub zone_warning: Option<String>,
     /// Its agreed settings' digest, zones aside (from a hello that sections it).
     pub agreed: Option<[u8; 32]>,
-    /// Its full sync to us: None = not started, Some(false) = running, Some(true) = ended.
-    pub bulk_done: Option<bool>,
-    /// The running full sync (its sender's boot and id), as [`Membership::bulk_started`] said.
-    pub bulk_running: Option<(u64, u32)>,
+    /// Its full sync to us.
+    pub full_sync: FullSyncIn,
     pub session_sync: bool,
+}
+
+/// A full sync, as its sender names it: the sender's boot, and an id that grows within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullSyncId {
+    pub boot: u64,
+    pub id: u32,
+}
+
+/// Where a peer's full sync to this member stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FullSyncIn {
+    /// None since the peer was last taken for gone (it sends one when back), or ever.
+    #[default]
+    NotStarted,
+    /// Running, as [`Membership::bulk_started`] said.
+    Running(FullSyncId),
+    /// The last one ended (and its stale replicas' removal ran).
+    Done,
 }
 
 impl Peer {
@@ -255,8 +272,7 @@ impl Membership {
                         config_mismatch: None,
                         zone_warning: None,
                         agreed: None,
-                        bulk_done: None,
-                        bulk_running: None,
+                        full_sync: FullSyncIn::NotStarted,
                         session_sync,
                     },
                 )
@@ -327,12 +343,10 @@ impl Membership {
         }
     }
 
-    /// A peer started a full sync to us.
-    /// `bulk` is the full sync's sender boot and id.
-    pub fn bulk_started(&mut self, id: MemberId, bulk: (u64, u32)) {
+    /// A peer started full sync `bulk` to us.
+    pub fn bulk_started(&mut self, id: MemberId, bulk: FullSyncId) {
         if let Some(p) = self.peers.get_mut(&id) {
-            p.bulk_done = Some(false);
-            p.bulk_running = Some(bulk);
+            p.full_sync = FullSyncIn::Running(bulk);
         }
     }
 
@@ -340,10 +354,10 @@ impl Membership {
     /// started since, or the peer went silent since (it sends a new one when back). Callers
     /// need not hold the peer's lock (the membership's is taken before a peer's, never after).
     /// Returns whether it counted.
-    pub fn bulk_ended(&mut self, id: MemberId, bulk: (u64, u32)) -> bool {
+    pub fn bulk_ended(&mut self, id: MemberId, bulk: FullSyncId) -> bool {
         match self.peers.get_mut(&id) {
-            Some(p) if p.bulk_done == Some(false) && p.bulk_running == Some(bulk) => {
-                p.bulk_done = Some(true);
+            Some(p) if p.full_sync == FullSyncIn::Running(bulk) => {
+                p.full_sync = FullSyncIn::Done;
                 true
             }
             _ => false,
@@ -488,7 +502,7 @@ impl Membership {
         self.peers
             .values()
             .filter(|p| p.alive && p.session_sync)
-            .all(|p| p.bulk_done == Some(true))
+            .all(|p| p.full_sync == FullSyncIn::Done)
     }
 
     /// Re-evaluates liveness and the local state at `now`.
@@ -527,7 +541,7 @@ impl Membership {
                 p.last_change = Some(now);
                 if !heard_recently {
                     // A peer that comes back will send a new full sync.
-                    p.bulk_done = None;
+                    p.full_sync = FullSyncIn::NotStarted;
                 }
                 changed.push((p.id, alive));
             }

@@ -1,5 +1,8 @@
 use super::*;
 
+/// A peer's full sync (its boot and id).
+const BULK: FullSyncId = FullSyncId { boot: 1, id: 1 };
+
 fn timers() -> Timers {
     Timers {
         keepalive_threshold: Duration::from_secs(10),
@@ -41,17 +44,17 @@ fn initial_until_every_reachable_peer_finished_its_full_sync() {
     let mut m = cluster(t0);
     m.heard(MemberId(2), MemberState::Active, 10, t0 + s(1));
     m.heard(MemberId(3), MemberState::Active, 10, t0 + s(1));
-    m.bulk_started(MemberId(2), (1, 1));
-    m.bulk_started(MemberId(3), (1, 1));
+    m.bulk_started(MemberId(2), BULK);
+    m.bulk_started(MemberId(3), BULK);
     let c = m.evaluate(t0 + s(3));
     assert_eq!(c.liveness, vec![(MemberId(2), true), (MemberId(3), true)]);
     assert_eq!(m.state, MemberState::Initial);
-    assert!(m.bulk_ended(MemberId(2), (1, 1)));
+    assert!(m.bulk_ended(MemberId(2), BULK));
     m.heard(MemberId(2), MemberState::Active, 10, t0 + s(3));
     m.heard(MemberId(3), MemberState::Active, 10, t0 + s(3));
     m.evaluate(t0 + s(4));
     assert_eq!(m.state, MemberState::Initial, "member 3 is still sending");
-    assert!(m.bulk_ended(MemberId(3), (1, 1)));
+    assert!(m.bulk_ended(MemberId(3), BULK));
     assert_eq!(m.evaluate(t0 + s(5)).local_state, Some(MemberState::Active));
 }
 
@@ -69,7 +72,7 @@ fn sync_timeout_bounds_the_wait() {
     );
     for i in 0..6 {
         m.heard(MemberId(2), MemberState::Active, 1, t0 + s(i * 10));
-        m.bulk_started(MemberId(2), (1, 1));
+        m.bulk_started(MemberId(2), BULK);
         m.evaluate(t0 + s(i * 10 + 1));
         assert_eq!(m.state, MemberState::Initial);
     }
@@ -107,16 +110,21 @@ fn the_end_of_a_full_sync_from_a_peer_gone_silent_meanwhile_does_not_count() {
     let mut m = cluster(t0);
     m.heard(MemberId(2), MemberState::Active, 0, t0);
     m.evaluate(t0);
-    m.bulk_started(MemberId(2), (1, 1));
+    let bulk = BULK;
+    m.bulk_started(MemberId(2), bulk);
     m.evaluate(t0 + s(11));
     assert!(
-        !m.bulk_ended(MemberId(2), (1, 1)),
+        !m.bulk_ended(MemberId(2), bulk),
         "counted after the peer went silent"
     );
-    assert_eq!(m.peers[&MemberId(2)].bulk_done, None);
-    m.bulk_started(MemberId(2), (1, 1));
-    assert!(m.bulk_ended(MemberId(2), (1, 1)));
-    assert_eq!(m.peers[&MemberId(2)].bulk_done, Some(true));
+    assert_eq!(m.peers[&MemberId(2)].full_sync, FullSyncIn::NotStarted);
+    m.bulk_started(MemberId(2), bulk);
+    assert!(
+        !m.bulk_ended(MemberId(2), FullSyncId { boot: 1, id: 2 }),
+        "another full sync's end counted"
+    );
+    assert!(m.bulk_ended(MemberId(2), bulk));
+    assert_eq!(m.peers[&MemberId(2)].full_sync, FullSyncIn::Done);
 }
 
 /// A member's first hello shows it `unknown` at once (not `down` until the next
@@ -483,8 +491,8 @@ fn a_member_that_fails_before_its_full_syncs_ended_waits_for_them_after_recoveri
         MemberState::Initial,
         "member 2's full sync has not ended"
     );
-    m.bulk_started(MemberId(2), (1, 1));
-    assert!(m.bulk_ended(MemberId(2), (1, 1)));
+    m.bulk_started(MemberId(2), BULK);
+    assert!(m.bulk_ended(MemberId(2), BULK));
     m.evaluate(t0 + s(131));
     assert_eq!(m.state, MemberState::Tentative);
 }

@@ -1070,8 +1070,9 @@ mod tests {
         );
         m.set_link(MemberId(2), LinkKind::Ha4, LinkState::Up);
         m.set_link(MemberId(2), LinkKind::Ha4Backup, LinkState::Down);
-        m.bulk_started(MemberId(2), (1, 1));
-        m.bulk_ended(MemberId(2), (1, 1));
+        let bulk = crate::cluster::FullSyncId { boot: 1, id: 1 };
+        m.bulk_started(MemberId(2), bulk);
+        m.bulk_ended(MemberId(2), bulk);
         m.evaluate(t0 + Duration::from_secs(2));
         let now = t0 + Duration::from_secs(32);
         // Not heard for 31 s: down, one flap.

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
-    cluster::LinkState,
+    cluster::{FullSyncIn, LinkState},
     config::{differing_sections, without_zones, AgreedSection},
     netlink::{Ifaces, LinkWatch, NetlinkError},
     sync::{
@@ -119,7 +119,7 @@ impl<T: SessionTable> Engine<T> {
         let wants_bulk = lock(&self.inner.membership)
             .peers
             .get(&peer)
-            .is_none_or(|p| p.bulk_done != Some(true));
+            .is_none_or(|p| p.full_sync != FullSyncIn::Done);
         Hello {
             major: PROTO_MAJOR,
             minor: PROTO_MINOR,

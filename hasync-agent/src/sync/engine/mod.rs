@@ -14,6 +14,7 @@
 //! task ([`super::writer`]), so reading never waits on writing.
 
 mod connect;
+mod full_sync_rx;
 mod receive;
 mod send;
 
@@ -31,12 +32,12 @@ use hasync_common::{ClusterId, FlowKey, MemberId};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
+use self::full_sync_rx::FullSyncRx;
 use super::{
     admission::Admission,
     apply::ZoneMap,
     backlog::{Backlog, Change},
     backoff::Backoff,
-    stale::StaleScan,
     stats::{LinkStats, PeerStats, Rejections},
     table::SessionTable,
     window::Window,
@@ -44,7 +45,7 @@ use super::{
     writer::Writer,
 };
 use crate::{
-    cluster::{LinkState, Membership},
+    cluster::{FullSyncIn, LinkState, Membership},
     datapath::{Datapath, DatapathError, SessionReader, DEFAULT_CHUNK},
     netlink::{LinkWatch, NetlinkError},
 };
@@ -112,25 +113,6 @@ impl LinkConn {
     }
 }
 
-/// A full sync being received. All of it travels on one connection (the sender does not
-/// move data to another link while a full sync is unacknowledged): its frames and its end
-/// count only from that connection.
-#[derive(Debug)]
-struct BulkRx {
-    /// Its id, increasing per boot of the peer: only its own end ends it, and an older start
-    /// read late from another connection is ignored.
-    id: u32,
-    /// The connection it runs on.
-    generation: u64,
-    /// It will reconcile the peer's replicas (the peer's table is intact, so it is the
-    /// authority on its sessions): the session clock when it started.
-    mark: Option<u64>,
-    /// Records of its frames applied so far: its end reconciles only if they are all of them.
-    applied: u64,
-    /// With a mark: the peer's replicas it has not carried yet (dropped with the full sync).
-    stale: Option<StaleScan>,
-}
-
 /// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
 #[derive(Debug, Default)]
 struct Applied {
@@ -151,17 +133,8 @@ struct PeerInner {
     bulk_backoff: Backoff,
     /// The peer boot whose request for a full sync was honoured last.
     bulk_granted_boot: Option<u64>,
-    /// The full sync being received from this peer, if any.
-    bulk_rx: Option<BulkRx>,
-    /// The id of the last full sync this peer started, and the boot it came from.
-    bulk_rx_last: Option<(u64, u32)>,
-    /// The same of the last one that ended here.
-    bulk_rx_ended: Option<(u64, u32)>,
-    /// The removal of replicas its last full sync did not carry is running: a full sync that
-    /// starts meanwhile does not walk the table for its own (one walk per peer at a time,
-    /// however fast a peer starts and ends full syncs), and one that ends meanwhile counts
-    /// as done when that removal is over.
-    removing: bool,
+    /// The full syncs received from this peer.
+    full_sync_rx: FullSyncRx,
     zones: ZoneMap,
     hello: Option<Hello>,
 }
@@ -192,10 +165,7 @@ impl Peer {
                 bulk_wanted: false,
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
-                bulk_rx: None,
-                bulk_rx_last: None,
-                bulk_rx_ended: None,
-                removing: false,
+                full_sync_rx: FullSyncRx::default(),
                 zones: ZoneMap::default(),
                 hello: None,
             }),
@@ -496,14 +466,8 @@ impl<T: SessionTable> Engine<T> {
                         // Frames of a full sync cannot be resent key by key: it starts over.
                         g.bulk_wanted |= bulk_lost;
                     }
-                    let gen = c.as_ref().map(|c| c.generation);
-                    if g.bulk_rx
-                        .as_ref()
-                        .is_some_and(|b| Some(b.generation) == gen)
-                    {
-                        // The full sync it carried is broken: it never ends here, and the
-                        // peer starts it over.
-                        g.bulk_rx = None;
+                    if let Some(c) = &c {
+                        g.full_sync_rx.link_lost(c.generation);
                     }
                     c
                 }
@@ -546,7 +510,7 @@ impl<T: SessionTable> Engine<T> {
             .collect();
         let settled = {
             let m = lock(&self.inner.membership);
-            let done = |p: &crate::cluster::Peer| p.bulk_done == Some(true);
+            let done = |p: &crate::cluster::Peer| p.full_sync == FullSyncIn::Done;
             let intact_done = intact.iter().any(|id| m.peers.get(id).is_some_and(done));
             let syncing = || m.peers.values().filter(|p| p.session_sync);
             let all_done = syncing().next().is_some() && syncing().all(done);

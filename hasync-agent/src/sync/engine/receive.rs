@@ -10,11 +10,11 @@ use std::{sync::Arc, time::Instant};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{lock, BulkRx, Engine, Peer, SessionTable};
+use super::{full_sync_rx::Ended, lock, Engine, Peer, SessionTable};
 use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
 use crate::{
-    cluster::MemberState,
+    cluster::{FullSyncId, MemberState},
     datapath::{error_chain, monotonic_ns, DatapathError},
     sync::{
         apply::{self, Applier, MemberSet, RecordCounts},
@@ -211,18 +211,12 @@ impl<T: SessionTable> Engine<T> {
     /// of the peer started is an old one read late from another connection: ignored.
     pub(super) fn on_bulk_start(&self, f: &FrameFrom<'_>, bulk_id: u32) {
         let peer = f.peer;
+        let bulk = FullSyncId {
+            boot: f.boot_id,
+            id: bulk_id,
+        };
         {
             let mut g = peer.lock();
-            if g.bulk_rx_last
-                .is_some_and(|(boot, last)| boot == f.boot_id && bulk_id <= last)
-            {
-                info!(
-                    peer = peer.cfg.id.0,
-                    bulk_id, "start of an older full sync ignored"
-                );
-                return;
-            }
-            g.bulk_rx_last = Some((f.boot_id, bulk_id));
             // A peer with its table intact (as its hello on this connection said) is the
             // authority on its sessions: its full sync also removes the replicas it no longer
             // holds.
@@ -230,21 +224,23 @@ impl<T: SessionTable> Engine<T> {
                 .links
                 .get(&f.link)
                 .is_some_and(|c| c.generation == f.generation && !c.peer_fresh);
-            // Not while the last one's removal runs: its replicas left unseen stay, until a
-            // later full sync or their timeout.
-            let walk = authoritative && self.reconciles(peer) && !g.removing;
-            let stale = walk.then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id));
-            g.bulk_rx = Some(BulkRx {
-                id: bulk_id,
-                generation: f.generation,
-                mark: authoritative.then(monotonic_ns),
-                applied: 0,
-                stale,
-            });
+            let walk = || {
+                self.reconciles(peer)
+                    .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id))
+            };
+            let mark = authoritative.then(monotonic_ns);
+            if !g.full_sync_rx.start(bulk, f.generation, mark, walk) {
+                drop(g);
+                info!(
+                    peer = peer.cfg.id.0,
+                    bulk_id, "start of an older full sync ignored"
+                );
+                return;
+            }
         }
         // After the peer's lock (the membership's is never taken under a peer's): a removal
         // ending meanwhile counts its own full sync, by id, not this one.
-        lock(&self.inner.membership).bulk_started(peer.cfg.id, (f.boot_id, bulk_id));
+        lock(&self.inner.membership).bulk_started(peer.cfg.id, bulk);
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
         let mut b = lock(&peer.stats.bulk_received);
         b.running = true;
@@ -263,30 +259,24 @@ impl<T: SessionTable> Engine<T> {
         records: u64,
     ) -> Option<JoinHandle<()>> {
         let peer = f.peer;
-        let (applied, removal, counted) = {
-            let mut g = peer.lock();
-            let ended = match &g.bulk_rx {
-                Some(b) if b.id == bulk_id && b.generation == f.generation => g.bulk_rx.take(),
-                _ => None,
-            };
-            let Some(ended) = ended else {
-                drop(g);
-                info!(
-                    peer = peer.cfg.id.0,
-                    bulk_id, "end of a full sync that is not running here ignored"
-                );
-                return None;
-            };
-            let removal = match (ended.applied == records, ended.mark, ended.stale) {
-                (true, Some(mark), Some(scan)) => Some((mark, scan)),
-                _ => None,
-            };
-            // Set with the full sync taken, so that no start on the other link walks too.
-            g.removing |= removal.is_some();
-            g.bulk_rx_ended = Some((f.boot_id, bulk_id));
-            (ended.applied, removal, !g.removing)
+        let bulk = FullSyncId {
+            boot: f.boot_id,
+            id: bulk_id,
         };
-        let counted = counted && self.count_bulk_done(peer, (f.boot_id, bulk_id));
+        let ended = peer.lock().full_sync_rx.end(bulk, f.generation, records);
+        let Some(Ended {
+            applied,
+            removal,
+            done_now,
+        }) = ended
+        else {
+            info!(
+                peer = peer.cfg.id.0,
+                bulk_id, "end of a full sync that is not running here ignored"
+            );
+            return None;
+        };
+        let counted = done_now && self.count_bulk_done(peer, bulk);
         if applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             warn!(
@@ -307,11 +297,7 @@ impl<T: SessionTable> Engine<T> {
     /// The removal of `peer`'s stale replicas is over (done, failed, or its thread gone): the
     /// latest full sync ended counts as done, unless another one is running (its end counts).
     fn removal_over(&self, peer: &Peer) {
-        let ended = {
-            let mut g = peer.lock();
-            g.removing = false;
-            g.bulk_rx_ended.filter(|_| g.bulk_rx.is_none())
-        };
+        let ended = peer.lock().full_sync_rx.removal_over();
         if ended.is_some_and(|bulk| self.count_bulk_done(peer, bulk)) {
             self.settle_fresh_table();
         }
@@ -320,7 +306,7 @@ impl<T: SessionTable> Engine<T> {
     /// Full sync `bulk` (its sender's boot and id) from `peer` is done, if it is still the one
     /// the membership knows as running. Takes the membership's lock: never under a peer's
     /// (`show cluster members` takes a peer's under the membership's).
-    fn count_bulk_done(&self, peer: &Peer, bulk: (u64, u32)) -> bool {
+    fn count_bulk_done(&self, peer: &Peer, bulk: FullSyncId) -> bool {
         lock(&self.inner.membership).bulk_ended(peer.cfg.id, bulk)
     }
 
@@ -358,8 +344,13 @@ impl<T: SessionTable> Engine<T> {
         if seq <= order.last_seq {
             return Ok(Applied::Stale);
         }
-        let running = f.peer.lock().bulk_rx.as_ref().map(|b| b.generation);
-        if bulk && running != Some(f.generation) {
+        if bulk
+            && f.peer
+                .lock()
+                .full_sync_rx
+                .running_on(f.generation)
+                .is_none()
+        {
             return Ok(Applied::Superseded);
         }
         if let Err(e) = self.apply_records(f.peer, records, bulk) {
@@ -369,13 +360,8 @@ impl<T: SessionTable> Engine<T> {
         }
         order.last_seq = seq;
         if bulk {
-            let mut g = f.peer.lock();
-            if let Some(b) = g.bulk_rx.as_mut().filter(|b| b.generation == f.generation) {
-                b.applied += records.len() as u64;
-                if let Some(scan) = &b.stale {
-                    scan.carried(records.iter().map(|r| &r.key));
-                }
-            }
+            let keys = records.iter().map(|r| &r.key);
+            f.peer.lock().full_sync_rx.carried(f.generation, keys);
         }
         Ok(Applied::Done)
     }
@@ -394,8 +380,7 @@ impl<T: SessionTable> Engine<T> {
             let g = peer.lock();
             (
                 g.zones.clone(),
-                (bulk && g.bulk_rx.as_ref().is_some_and(|b| b.mark.is_some()))
-                    .then_some(peer.cfg.id),
+                (bulk && g.full_sync_rx.reconciling()).then_some(peer.cfg.id),
             )
         };
         let who = self.applier(peer, bulk, reconciling);

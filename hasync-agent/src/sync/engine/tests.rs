@@ -15,7 +15,7 @@ use super::{
     Engine, PeerConfig, SessionTable, SyncConfig,
 };
 use crate::{
-    cluster::{MemberState, Membership, Timers},
+    cluster::{FullSyncId, FullSyncIn, MemberState, Membership, Timers},
     datapath::testing::datapath,
     lock::lock,
     sync::{
@@ -216,8 +216,8 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
     }
     assert_eq!(held(&e), Some((1, 2)), "full sync 4 carried it");
     assert_eq!(
-        e.inner.membership.lock().expect("m").peers[&MemberId(2)].bulk_done,
-        Some(true)
+        e.inner.membership.lock().expect("m").peers[&MemberId(2)].full_sync,
+        FullSyncIn::Done
     );
 }
 
@@ -294,10 +294,10 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
         });
     }
     let ended = ended.recv_timeout(Duration::from_secs(5));
-    let bulk_done = || lock(&e.inner.membership).peers[&MemberId(2)].bulk_done;
+    let full_sync = || lock(&e.inner.membership).peers[&MemberId(2)].full_sync;
     assert_eq!(
-        bulk_done(),
-        Some(false),
+        full_sync(),
+        FullSyncIn::Running(FullSyncId { boot: 7, id: 3 }),
         "done before its stale replicas went"
     );
     // A full sync started and ended meanwhile walks nothing: one walk per peer at a time,
@@ -306,15 +306,15 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
     assert!(peer
         .lock()
-        .bulk_rx
-        .as_ref()
+        .full_sync_rx
+        .running()
         .is_some_and(|b| b.stale.is_none()));
     assert!(e
         .on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 4, 0)
         .is_none());
     assert_eq!(
-        bulk_done(),
-        Some(false),
+        full_sync(),
+        FullSyncIn::Running(FullSyncId { boot: 7, id: 4 }),
         "done while the last removal still runs"
     );
     drop(table);
@@ -330,8 +330,8 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     removal.await.expect("removal");
     assert_eq!(held(&e), None, "the stale replica stayed");
     // 3's removal over, the latest full sync ended (4) is done.
-    assert_eq!(bulk_done(), Some(true));
-    assert!(!peer.lock().removing);
+    assert_eq!(full_sync(), FullSyncIn::Done);
+    assert!(!peer.lock().full_sync_rx.removing());
     let dp = e.inner.dp.lock().expect("dp");
     assert!(
         dp.session(&other_key()).expect("lookup").is_some(),
@@ -362,16 +362,19 @@ async fn a_removal_that_panics_leaves_the_next_full_sync_its_walk() {
         .on_bulk_end(&from(&peer, LinkKind::Ha4, 7), 3, 0)
         .expect("a removal of stale replicas");
     assert!(removal.await.is_err(), "the removal did not panic");
-    assert!(!peer.lock().removing, "stale removal off for the peer");
+    assert!(
+        !peer.lock().full_sync_rx.removing(),
+        "stale removal off for the peer"
+    );
     assert_eq!(
-        lock(&e.inner.membership).peers[&MemberId(2)].bulk_done,
-        Some(true)
+        lock(&e.inner.membership).peers[&MemberId(2)].full_sync,
+        FullSyncIn::Done
     );
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
     assert!(peer
         .lock()
-        .bulk_rx
-        .as_ref()
+        .full_sync_rx
+        .running()
         .is_some_and(|b| b.stale.is_some()));
 }
 

@@ -1,0 +1,256 @@
+//! The full syncs this member receives from one peer, kept under the peer's lock: the one
+//! running, the last one started and the last one ended, and whether the removal of the
+//! replicas an earlier one did not carry still runs. Which start, frame and end counts is
+//! decided here, without I/O; the engine does the applying, the walking and the removing.
+
+use hasync_common::FlowKey;
+
+use crate::{cluster::FullSyncId, sync::stale::StaleScan};
+
+/// A full sync being received. All of it travels on one connection (the sender does not
+/// move data to another link while a full sync is unacknowledged): its frames and its end
+/// count only from that connection.
+#[derive(Debug)]
+pub(super) struct BulkRx {
+    /// Its sender's boot and id: only its own end ends it.
+    pub(super) id: FullSyncId,
+    /// The connection it runs on.
+    pub(super) generation: u64,
+    /// It will reconcile the peer's replicas (the peer's table is intact, so it is the
+    /// authority on its sessions): the session clock when it started.
+    pub(super) mark: Option<u64>,
+    /// Records of its frames applied so far: its end reconciles only if they are all of them.
+    pub(super) applied: u64,
+    /// With a mark: the peer's replicas it has not carried yet (dropped with the full sync).
+    pub(super) stale: Option<StaleScan>,
+}
+
+/// A full sync that ended on its own connection.
+#[derive(Debug)]
+pub(super) struct Ended {
+    /// Records of its frames applied.
+    pub(super) applied: u64,
+    /// The replicas to remove (every record it announced was applied, and it walked the
+    /// table): its mark and the keys it did not carry.
+    pub(super) removal: Option<(u64, StaleScan)>,
+    /// It counts as done now; else when the removal running (its own or an earlier one's)
+    /// is over ([`FullSyncRx::removal_over`]).
+    pub(super) done_now: bool,
+}
+
+/// See the module's documentation.
+#[derive(Debug, Default)]
+pub(super) struct FullSyncRx {
+    running: Option<BulkRx>,
+    /// Ids grow within a boot of the peer: a start not above this one's is an old start read
+    /// late from another connection.
+    last_started: Option<FullSyncId>,
+    /// Counts as done when the removal running is over.
+    last_ended: Option<FullSyncId>,
+    /// A removal of stale replicas runs: a full sync that starts meanwhile does not walk the
+    /// table for its own (one walk per peer at a time, however fast a peer starts and ends
+    /// full syncs), and one that ends meanwhile counts as done when that removal is over.
+    removing: bool,
+}
+
+impl FullSyncRx {
+    /// Full sync `id` starts on connection `generation`, reconciling the peer's replicas
+    /// from `mark` if set; `walk` starts the walk of the table that collects them. False for
+    /// an old start read late (ignored). While an earlier removal runs it walks nothing: the
+    /// replicas it leaves unseen stay, until a later full sync or their timeout.
+    pub(super) fn start(
+        &mut self,
+        id: FullSyncId,
+        generation: u64,
+        mark: Option<u64>,
+        walk: impl FnOnce() -> Option<StaleScan>,
+    ) -> bool {
+        if self
+            .last_started
+            .is_some_and(|last| last.boot == id.boot && id.id <= last.id)
+        {
+            return false;
+        }
+        self.last_started = Some(id);
+        let stale = if mark.is_some() && !self.removing {
+            walk()
+        } else {
+            None
+        };
+        self.running = Some(BulkRx {
+            id,
+            generation,
+            mark,
+            applied: 0,
+            stale,
+        });
+        true
+    }
+
+    /// The full sync running on connection `generation`, if any.
+    pub(super) fn running_on(&mut self, generation: u64) -> Option<&mut BulkRx> {
+        self.running.as_mut().filter(|b| b.generation == generation)
+    }
+
+    /// Whether the running full sync reconciles the peer's replicas.
+    pub(super) fn reconciling(&self) -> bool {
+        self.running.as_ref().is_some_and(|b| b.mark.is_some())
+    }
+
+    /// A full sync frame's `keys` were applied on connection `generation`.
+    pub(super) fn carried<'a>(
+        &mut self,
+        generation: u64,
+        keys: impl ExactSizeIterator<Item = &'a FlowKey>,
+    ) {
+        if let Some(b) = self.running_on(generation) {
+            b.applied += keys.len() as u64;
+            if let Some(scan) = &b.stale {
+                scan.carried(keys);
+            }
+        }
+    }
+
+    /// Full sync `id`'s end, announcing `records`, came on connection `generation`: None
+    /// unless that full sync runs there. A removal it starts runs until
+    /// [`Self::removal_over`].
+    pub(super) fn end(&mut self, id: FullSyncId, generation: u64, records: u64) -> Option<Ended> {
+        let ended = self
+            .running
+            .take_if(|b| b.id == id && b.generation == generation)?;
+        let removal = match (ended.applied == records, ended.mark, ended.stale) {
+            (true, Some(mark), Some(scan)) => Some((mark, scan)),
+            _ => None,
+        };
+        self.removing |= removal.is_some();
+        self.last_ended = Some(id);
+        Some(Ended {
+            applied: ended.applied,
+            removal,
+            done_now: !self.removing,
+        })
+    }
+
+    /// The removal of stale replicas is over (done, failed, or its thread gone): returns the
+    /// last full sync ended, which counts as done now, unless another one runs (its own end
+    /// counts).
+    pub(super) fn removal_over(&mut self) -> Option<FullSyncId> {
+        self.removing = false;
+        self.last_ended.filter(|_| self.running.is_none())
+    }
+
+    /// Connection `generation` is gone: the full sync it carried never ends here (the peer
+    /// starts it over).
+    pub(super) fn link_lost(&mut self, generation: u64) {
+        self.running.take_if(|b| b.generation == generation);
+    }
+
+    #[cfg(test)]
+    pub(super) fn running(&self) -> Option<&BulkRx> {
+        self.running.as_ref()
+    }
+
+    #[cfg(test)]
+    pub(super) fn removing(&self) -> bool {
+        self.removing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn bulk(boot: u64, id: u32) -> FullSyncId {
+        FullSyncId { boot, id }
+    }
+
+    /// Starts `id` on connection 1, reconciling (a mark), with a walk if one may start:
+    /// returns whether it walks. The walk's scan stands for any: these rules never read it.
+    fn start(rx: &mut FullSyncRx, id: FullSyncId) -> Option<bool> {
+        let mut walked = false;
+        let started = rx.start(id, 1, Some(5), || {
+            walked = true;
+            None
+        });
+        started.then_some(walked)
+    }
+
+    #[test]
+    fn an_older_start_read_late_is_ignored_and_a_new_boot_starts_over() {
+        let mut rx = FullSyncRx::default();
+        assert_eq!(start(&mut rx, bulk(1, 3)), Some(true));
+        assert_eq!(start(&mut rx, bulk(1, 3)), None, "the same start twice");
+        assert_eq!(start(&mut rx, bulk(1, 2)), None, "an older start");
+        assert_eq!(rx.running().map(|b| b.id), Some(bulk(1, 3)));
+        assert_eq!(start(&mut rx, bulk(2, 1)), Some(true), "a new boot's first");
+    }
+
+    #[test]
+    fn only_the_running_full_syncs_end_on_its_own_connection_ends_it() {
+        let mut rx = FullSyncRx::default();
+        start(&mut rx, bulk(1, 3));
+        assert!(rx.end(bulk(1, 2), 1, 0).is_none(), "another id");
+        assert!(rx.end(bulk(2, 3), 1, 0).is_none(), "another boot");
+        assert!(rx.end(bulk(1, 3), 2, 0).is_none(), "another connection");
+        let ended = rx.end(bulk(1, 3), 1, 0).expect("its own end");
+        assert!(ended.done_now, "no removal without a walk");
+        assert!(rx.end(bulk(1, 3), 1, 0).is_none(), "ended twice");
+    }
+
+    #[test]
+    fn frames_count_on_the_full_syncs_connection_only() {
+        let keys = [FlowKey::default(); 3];
+        let mut rx = FullSyncRx::default();
+        start(&mut rx, bulk(1, 3));
+        rx.carried(2, keys.iter());
+        rx.carried(1, keys.iter());
+        let ended = rx.end(bulk(1, 3), 1, 6).expect("ended");
+        assert_eq!(ended.applied, 3);
+    }
+
+    #[test]
+    fn a_lost_connection_ends_its_full_sync_unended() {
+        let mut rx = FullSyncRx::default();
+        start(&mut rx, bulk(1, 3));
+        rx.link_lost(2);
+        assert!(rx.running().is_some(), "another connection's loss");
+        rx.link_lost(1);
+        assert!(rx.running().is_none());
+        assert!(rx.end(bulk(1, 3), 1, 0).is_none());
+        assert_eq!(rx.removal_over(), None, "nothing ended");
+    }
+
+    /// While a removal runs: a full sync that starts walks nothing, one that ends counts when
+    /// the removal is over; the next full sync after it walks again.
+    #[test]
+    fn one_removal_at_a_time_and_the_last_end_counts_after_it() {
+        // An earlier full sync's removal runs.
+        let mut rx = FullSyncRx {
+            removing: true,
+            ..FullSyncRx::default()
+        };
+        assert_eq!(
+            start(&mut rx, bulk(1, 4)),
+            Some(false),
+            "walked during a removal"
+        );
+        let ended = rx.end(bulk(1, 4), 1, 0).expect("ended");
+        assert!(!ended.done_now, "done while the last removal runs");
+        assert!(ended.removal.is_none());
+        assert_eq!(rx.removal_over(), Some(bulk(1, 4)));
+        assert_eq!(start(&mut rx, bulk(1, 5)), Some(true));
+        assert_eq!(
+            rx.removal_over(),
+            None,
+            "an ended one counted while another runs"
+        );
+    }
+
+    /// A full sync without a mark (the peer's table is not intact) walks nothing.
+    #[test]
+    fn a_full_sync_that_does_not_reconcile_walks_nothing() {
+        let mut rx = FullSyncRx::default();
+        assert!(rx.start(bulk(1, 1), 1, None, || panic!("walked")));
+        assert!(!rx.reconciling());
+    }
+}
