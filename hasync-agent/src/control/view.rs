@@ -559,7 +559,8 @@ pub struct LinkStatisticsView {
 /// Full syncs with one peer, both ways.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FullSyncsView {
-    /// Full syncs this member sent to the peer.
+    /// Full syncs this member sent to the peer: each counts once the peer acknowledged the
+    /// frame after its end (it read the end); a duration runs from its start to that ack.
     pub sent: FullSyncView,
     /// Full syncs the peer sent to this member.
     pub received: FullSyncView,

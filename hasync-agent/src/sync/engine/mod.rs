@@ -113,6 +113,16 @@ impl LinkConn {
     }
 }
 
+/// A full sync sent to its end, which the ack of the empty frame `seq` after it confirms.
+#[derive(Debug)]
+struct BulkSent {
+    seq: u64,
+    link: LinkKind,
+    bulk_id: u32,
+    records: u64,
+    started: Instant,
+}
+
 /// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
 #[derive(Debug, Default)]
 struct Applied {
@@ -129,6 +139,9 @@ struct PeerInner {
     /// The link data went out on last; a change requeues what was in flight.
     data_link: Option<LinkKind>,
     bulk_wanted: bool,
+    /// The full sync whose end was sent and not yet confirmed (the empty frame after it
+    /// unacknowledged): it counts as sent when it is.
+    bulk_unconfirmed: Option<BulkSent>,
     /// Full syncs to this peer: at most one per backoff step.
     bulk_backoff: Backoff,
     /// The peer boot whose request for a full sync was honoured last.
@@ -163,6 +176,7 @@ impl Peer {
                 ha4_usable_at: None,
                 data_link: None,
                 bulk_wanted: false,
+                bulk_unconfirmed: None,
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
                 full_sync_rx: FullSyncRx::default(),
@@ -406,6 +420,11 @@ impl<T: SessionTable> Engine<T> {
     fn requeue_unacked(&self, peer: &Peer, g: &mut PeerInner) -> (usize, bool) {
         let (unacked, bulk_lost) = g.window.unacked();
         let n = lock(&self.inner.backlog).requeue(peer.line, &unacked);
+        if bulk_lost {
+            // Its end, if sent, was not confirmed: it starts over.
+            g.bulk_unconfirmed = None;
+            lock(&peer.stats.bulk_sent).running = false;
+        }
         (n, bulk_lost)
     }
 

@@ -197,7 +197,14 @@ impl<T: SessionTable> Engine<T> {
 
     pub(super) fn on_ack(&self, peer: &Peer, stats: &LinkStats, seq: u64) {
         LinkStats::add(&stats.acks_received, 1);
-        let released = peer.lock().window.ack(seq);
+        let (released, confirmed) = {
+            let mut g = peer.lock();
+            let released = g.window.ack(seq);
+            (released, g.bulk_unconfirmed.take_if(|b| b.seq <= seq))
+        };
+        if let Some(sent) = confirmed {
+            Self::bulk_confirmed(peer, sent);
+        }
         let now = Instant::now();
         let mut lag = lock(&peer.stats.lag);
         for oldest in released {

@@ -11,7 +11,7 @@ use std::{
 use hasync_common::{FlowKey, MemberId, Session};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, Peer, PeerInner, SessionTable};
+use super::{lock, BulkSent, Engine, Peer, PeerInner, SessionTable};
 use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -344,15 +344,23 @@ impl<T: SessionTable> Engine<T> {
         // keeps order). If the link fails before, the full sync starts over, as it does for a
         // frame lost: a peer that never read the end has not reconciled it, nor left its
         // initial state for it.
-        self.send_bulk_frame(peer, conn, writer, Vec::new(), false)
+        let seq = self
+            .send_bulk_frame(peer, conn, writer, Vec::new(), false)
             .await?;
-        self.bulk_sent(peer, link, bulk_id, total, started);
+        peer.lock().bulk_unconfirmed = Some(BulkSent {
+            seq,
+            link,
+            bulk_id,
+            records: total,
+            started,
+        });
         Ok(())
     }
 
     /// Sends a frame of a full sync on connection `conn`, marked as one if `bulk` (the empty
-    /// frame that confirms the end is not: the peer applies it after the full sync ended); an
-    /// error if that connection failed (the full sync then starts over).
+    /// frame that confirms the end is not: the peer applies it after the full sync ended);
+    /// returns its sequence number, or an error if that connection failed (the full sync then
+    /// starts over).
     async fn send_bulk_frame(
         &self,
         peer: &Peer,
@@ -360,7 +368,7 @@ impl<T: SessionTable> Engine<T> {
         writer: &Writer,
         records: Vec<Record>,
         bulk: bool,
-    ) -> Result<(), SendError> {
+    ) -> Result<u64, SendError> {
         let seq = {
             let mut g = peer.lock();
             if !carries(&g, conn) {
@@ -374,25 +382,33 @@ impl<T: SessionTable> Engine<T> {
         writer
             .send(Message::Sessions { seq, bulk, records })
             .await?;
-        Ok(())
+        Ok(seq)
     }
 
-    fn bulk_sent(&self, peer: &Peer, link: LinkKind, bulk_id: u32, total: u64, started: Instant) {
+    /// A full sync's end was confirmed (the peer read it): it counts as sent.
+    pub(super) fn bulk_confirmed(peer: &Peer, sent: BulkSent) {
+        let BulkSent {
+            seq: _,
+            link,
+            bulk_id,
+            records,
+            started,
+        } = sent;
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         {
             let mut b = lock(&peer.stats.bulk_sent);
             b.running = false;
             b.count += 1;
-            b.last_records = total;
+            b.last_records = records;
             b.last_duration_ms = ms;
         }
         info!(
             peer = peer.cfg.id.0,
             link = link.name(),
             bulk_id,
-            records = total,
+            records,
             ms,
-            "full sync to peer ended"
+            "full sync to peer ended (its end acknowledged)"
         );
     }
 

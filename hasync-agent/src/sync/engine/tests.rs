@@ -950,12 +950,22 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
     // The peer acknowledges every frame of the full sync; then the link fails before the end
     // is read.
     let stats = peer.stats.link(link);
+    let sent_count = || {
+        let b = lock(&peer.stats.bulk_sent);
+        (b.count, b.running)
+    };
     e.on_ack(&peer, stats, last_bulk_seq);
+    assert_eq!(
+        sent_count(),
+        (0, true),
+        "counted sent before its end was read"
+    );
     e.detach(&peer, link, Some(generation), "test");
     assert!(
         peer.lock().bulk_wanted,
         "the full sync whose end was lost is not sent again"
     );
+    assert_eq!(sent_count(), (0, false), "a lost end counted as sent");
     // Again on HA4 backup (the backoff let through at once); this time the peer reads the
     // end: every frame sent is acknowledged, and a link failure then leaves the full sync done.
     peer.lock().bulk_backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
@@ -972,11 +982,13 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
         }
     }
     e.on_ack(&peer, peer.stats.link(link), last_seq);
+    assert_eq!(sent_count(), (1, false), "an acknowledged end not counted");
     e.detach(&peer, link, Some(generation), "test");
     assert!(
         !peer.lock().bulk_wanted,
         "a full sync acknowledged to its end is sent again"
     );
+    assert_eq!(sent_count().0, 1);
 }
 
 /// A member whose hello reached us is heard: if it falls silent before its first keepalive
