@@ -109,7 +109,8 @@ struct Established {
 }
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
-enum Admit {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Admit {
     Attach,
     Refuse(Rejection),
 }
@@ -178,7 +179,6 @@ impl<T: SessionTable> Engine<T> {
         }
         let peer = self.inner.peers.get(&h.member)?.clone();
         self.warn_differences(h);
-        lock(&self.inner.membership).greeted(h.member, Instant::now());
         Some(peer)
     }
 
@@ -411,18 +411,26 @@ impl<T: SessionTable> Engine<T> {
     /// connection on that link stays, whatever boot the newcomer claims (a key holder cannot
     /// push the real peer's connection aside); one gone silent or closed is replaced. (A
     /// restarted peer's old connection closes with its process, or falls silent with its
-    /// host.)
-    fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
-        let g = peer.lock();
-        let Some(old) = g.links.get(&link) else {
-            return Admit::Attach;
+    /// host.) A connection admitted shows the peer as greeting (`unknown` until its first
+    /// keepalive); a refused one says nothing of it.
+    pub(super) fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
+        let admit = match peer.lock().links.get(&link) {
+            None => Admit::Attach,
+            Some(old) => {
+                let silent =
+                    now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
+                if silent || old.writer.is_closed() {
+                    Admit::Attach
+                } else {
+                    Admit::Refuse(Rejection::DuplicateLink)
+                }
+            }
         };
-        let silent = now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
-        if silent || old.writer.is_closed() {
-            Admit::Attach
-        } else {
-            Admit::Refuse(Rejection::DuplicateLink)
+        // After the peer's lock: the membership's is never taken under it.
+        if admit == Admit::Attach {
+            lock(&self.inner.membership).greeted(peer.cfg.id, now);
         }
+        admit
     }
 
     /// Registers an authenticated connection and starts its writer, then its reader.

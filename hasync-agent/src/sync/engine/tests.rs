@@ -10,6 +10,7 @@ use std::{
 use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, Session, State, ZoneId};
 
 use super::{
+    connect::Admit,
     receive::{Applied, FrameFrom},
     send::SendError,
     Engine, PeerConfig, SessionTable, SyncConfig,
@@ -21,6 +22,7 @@ use crate::{
     sync::{
         backlog::{Change, MAX_SNAPSHOTS},
         backoff::Backoff,
+        stats::Rejection,
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -991,34 +993,53 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
     assert_eq!(sent_count().0, 1);
 }
 
-/// A member whose hello reached us is heard: if it falls silent before its first keepalive
-/// (it said hello, started its full sync and died), it goes `down` after the keepalive
-/// threshold, as any member heard, instead of staying `unknown` as one never seen.
-#[test]
-fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
+/// A member whose hello reached us on a connection we admit is heard: if it falls silent
+/// before its first keepalive (it said hello, started its full sync and died), it goes `down`
+/// after the keepalive threshold, as any member heard, instead of staying `unknown` as one
+/// never seen. A hello on a connection refused (a live one holds its link) shows nothing.
+#[tokio::test]
+async fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
     let e = engine_over(FakeTable::default());
     let mut h = e.hello(LinkKind::Ha4, MemberId(2));
     h.member = MemberId(2);
     h.boot_id = 7;
     let from: std::net::SocketAddr = "198.18.0.2:4700".parse().expect("address");
-    let t0 = Instant::now();
-    assert!(e
+    let now = Instant::now();
+    let t0 = now.checked_sub(Duration::from_secs(20)).expect("an uptime");
+    let peer = e
         .check_hello(&h, LinkKind::Ha4, from, MemberId(2))
-        .is_some());
+        .expect("a valid hello");
     let state = |at: Instant| {
         let mut m = lock(&e.inner.membership);
         m.evaluate(at);
         (m.peers[&MemberId(2)].state(), m.peers[&MemberId(2)].alive)
     };
+    let (t1, t2) = (t0 + Duration::from_secs(6), t0 + Duration::from_secs(12));
+    assert_eq!(state(t1), (MemberState::Unknown, false), "never heard");
+    assert_eq!(e.admit_connection(&peer, LinkKind::Ha4, t1), Admit::Attach);
     assert_eq!(
-        state(t0),
+        state(t1),
         (MemberState::Unknown, false),
         "heard, its state not said yet"
     );
     assert_eq!(
-        state(t0 + Duration::from_secs(6)),
+        state(t2),
         (MemberState::Down, false),
         "silent past the threshold"
+    );
+    // A live connection holds HA4 (its last frame read now); another says hello on it.
+    let _live = connect(&e, LinkKind::Ha4);
+    assert!(e
+        .check_hello(&h, LinkKind::Ha4, from, MemberId(2))
+        .is_some());
+    assert_eq!(
+        e.admit_connection(&peer, LinkKind::Ha4, now),
+        Admit::Refuse(Rejection::DuplicateLink)
+    );
+    assert_eq!(
+        state(now),
+        (MemberState::Down, false),
+        "a refused connection's hello counted"
     );
 }
 
