@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "config",
     "control_request",
     "provision_spec",
+    "backlog",
     "xdp_parser",
 ];
 

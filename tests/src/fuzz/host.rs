@@ -421,3 +421,12 @@ pub fn provision_spec(data: &[u8]) -> Result<()> {
     );
     Ok(())
 }
+
+/// `backlog`: operations on the queue of what the peers still have to receive (session
+/// changes of a few keys, frames taken, links failing, acks, peers falling silent, full
+/// syncs), checked op by op against the model of what each peer is owed
+/// (`hasync_agent::sync::backlog::model`, which the agent's own random-operations test runs
+/// too).
+pub fn backlog(data: &[u8]) -> Result<()> {
+    hasync_agent::sync::backlog::model::run(data).map_err(anyhow::Error::msg)
+}

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-pub use host::{channel_payload, config, control_request, provision_spec, wire_message};
+pub use host::{backlog, channel_payload, config, control_request, provision_spec, wire_message};
 
 /// A check over one fuzz input.
 pub type Check = fn(&[u8]) -> Result<()>;
@@ -25,6 +25,7 @@ pub const HOST_TARGETS: &[(&str, Check)] = &[
     ("config", config),
     ("control_request", control_request),
     ("provision_spec", provision_spec),
+    ("backlog", backlog),
 ];
 
 /// The corpus kept in the repository for `target`: `fuzz/corpus/<target>/`.

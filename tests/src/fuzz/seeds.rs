@@ -27,6 +27,7 @@ pub fn seeds(target: &str) -> Vec<Seed> {
         "config" => configs(),
         "control_request" => requests(),
         "provision_spec" => specs(),
+        "backlog" => operations(),
         xdp::NAME => frames(),
         _ => Vec::new(),
     }
@@ -325,4 +326,28 @@ fn frames() -> Vec<Seed> {
         named(name, xdp::input(setup, &built))
     })
     .collect()
+}
+
+/// Runs of backlog operations: tight (2 slots, 3 keys, every line overflowing) to roomy (64
+/// slots, 40 keys), one to four peers, each a few hundred pseudo-random operations.
+fn operations() -> Vec<Seed> {
+    let shapes: [(&str, [u8; 3]); 4] = [
+        ("tight", [1, 2, 2]),
+        ("one-peer", [15, 0, 20]),
+        ("four-peers", [31, 3, 40]),
+        ("roomy", [63, 2, 39]),
+    ];
+    shapes
+        .into_iter()
+        .map(|(name, head)| {
+            let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(head[0]);
+            let ops = (0..600).map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed.to_le_bytes()[0]
+            });
+            named(name, head.into_iter().chain(ops).collect())
+        })
+        .collect()
 }
