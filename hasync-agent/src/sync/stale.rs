@@ -14,7 +14,7 @@ use std::{
     collections::HashSet,
     sync::{
         atomic::{AtomicBool, Ordering::Relaxed},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
     thread::JoinHandle,
 };
@@ -35,6 +35,19 @@ pub struct StaleScan {
     keys: Arc<Mutex<KeySet>>,
     stop: Arc<AtomicBool>,
     walk: Option<JoinHandle<Result<(), DatapathError>>>,
+    /// Held by the walk's thread alone: see [`Walking`].
+    walking: Weak<()>,
+}
+
+/// Whether a walk's thread still runs, after its full sync was abandoned too (it stops at its
+/// next chunk, which may wait for the table's lock).
+#[derive(Clone, Debug, Default)]
+pub struct Walking(Weak<()>);
+
+impl Walking {
+    pub fn running(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 impl std::fmt::Debug for StaleScan {
@@ -51,9 +64,12 @@ impl StaleScan {
         let keys = Arc::new(Mutex::new(KeySet::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (k, s) = (keys.clone(), stop.clone());
+        let alive = Arc::new(());
+        let walking = Arc::downgrade(&alive);
         let walk = std::thread::Builder::new()
             .name("hasync-stale".into())
             .spawn(move || {
+                let _alive = alive;
                 walk_while(&table, DEFAULT_CHUNK, |chunk, sessions| {
                     let mut set = lock(&k);
                     set.extend(chunk.iter().zip(sessions).filter_map(|(key, s)| {
@@ -76,7 +92,13 @@ impl StaleScan {
             keys,
             stop,
             walk,
+            walking,
         }
+    }
+
+    /// Whether its walk's thread still runs (however its full sync ended).
+    pub fn walking(&self) -> Walking {
+        Walking(self.walking.clone())
     }
 
     /// The full sync carried `keys`: they are not stale.

@@ -5,7 +5,10 @@
 
 use hasync_common::FlowKey;
 
-use crate::{cluster::FullSyncId, sync::stale::StaleScan};
+use crate::{
+    cluster::FullSyncId,
+    sync::stale::{StaleScan, Walking},
+};
 
 /// A full sync being received. All of it travels on one connection (the sender does not
 /// move data to another link while a full sync is unacknowledged): its frames and its end
@@ -51,13 +54,18 @@ pub(super) struct FullSyncRx {
     /// table for its own (one walk per peer at a time, however fast a peer starts and ends
     /// full syncs), and one that ends meanwhile counts as done when that removal is over.
     removing: bool,
+    /// The last walk's thread, which may outlive its full sync by a chunk (abandoned for a
+    /// newer one, or its connection lost): a full sync that starts while it runs walks
+    /// nothing either (a peer starting full syncs faster than abandoned walks stop would
+    /// otherwise pile up a thread per start, each waiting for the table's lock).
+    walk: Walking,
 }
 
 impl FullSyncRx {
     /// Full sync `id` starts on connection `generation`, reconciling the peer's replicas
     /// from `mark` if set; `walk` starts the walk of the table that collects them. False for
-    /// an old start read late (ignored). While an earlier removal runs it walks nothing: the
-    /// replicas it leaves unseen stay, until a later full sync or their timeout.
+    /// an old start read late (ignored). While an earlier removal or walk runs it walks
+    /// nothing: the replicas it leaves unseen stay, until a later full sync or their timeout.
     pub(super) fn start(
         &mut self,
         id: FullSyncId,
@@ -72,11 +80,14 @@ impl FullSyncRx {
             return false;
         }
         self.last_started = Some(id);
-        let stale = if mark.is_some() && !self.removing {
+        let stale = if mark.is_some() && !self.removing && !self.walk.running() {
             walk()
         } else {
             None
         };
+        if let Some(scan) = &stale {
+            self.walk = scan.walking();
+        }
         self.running = Some(BulkRx {
             id,
             generation,

@@ -341,6 +341,43 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     );
 }
 
+/// A full sync started while the last one's walk still runs (that one abandoned, its thread
+/// not yet at its next chunk) walks nothing: a peer (a hostile one with the key) starting
+/// full syncs faster than abandoned walks stop would otherwise leave a thread per start, all
+/// waiting for the table's lock. Once the walk is over, the next full sync walks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
+    let (e, peer, _rx) = holding_a_replica_of_2();
+    let walking = |e: &Engine| {
+        let g = peer.lock();
+        let scan = g.full_sync_rx.running().and_then(|b| b.stale.as_ref());
+        scan.map(|s| s.walking())
+    };
+    // The walk cannot read a chunk while this lock is held.
+    let table = e.inner.dp.lock().expect("dp");
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
+    let first = walking(&e).expect("full sync 3 walks");
+    for id in 4..20 {
+        e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), id);
+        assert!(
+            walking(&e).is_none(),
+            "full sync {id} walked while an abandoned walk still ran"
+        );
+    }
+    assert!(first.running(), "the abandoned walk ended under the lock");
+    drop(table);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while first.running() {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned walk never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 20);
+    assert!(walking(&e).is_some(), "no walk once the last one ended");
+}
+
 /// A removal of stale replicas that panics still ends as a removal: the peer's next full
 /// sync walks again (stale removal is not off for that peer for good), and the full sync
 /// counts as done.
