@@ -348,7 +348,7 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
     let (e, peer, _rx) = holding_a_replica_of_2();
-    let walking = |e: &Engine| {
+    let walking = || {
         let g = peer.lock();
         let scan = g.full_sync_rx.running().and_then(|b| b.stale.as_ref());
         scan.map(|s| s.walking())
@@ -356,11 +356,11 @@ async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
     // The walk cannot read a chunk while this lock is held.
     let table = e.inner.dp.lock().expect("dp");
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
-    let first = walking(&e).expect("full sync 3 walks");
+    let first = walking().expect("full sync 3 walks");
     for id in 4..20 {
         e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), id);
         assert!(
-            walking(&e).is_none(),
+            walking().is_none(),
             "full sync {id} walked while an abandoned walk still ran"
         );
     }
@@ -375,7 +375,7 @@ async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 20);
-    assert!(walking(&e).is_some(), "no walk once the last one ended");
+    assert!(walking().is_some(), "no walk once the last one ended");
 }
 
 /// A removal of stale replicas that panics still ends as a removal: the peer's next full
