@@ -48,6 +48,12 @@ impl Walking {
     pub fn running(&self) -> bool {
         self.0.strong_count() > 0
     }
+
+    /// Running while `alive` is held.
+    #[cfg(test)]
+    pub fn of(alive: &Arc<()>) -> Walking {
+        Walking(Arc::downgrade(alive))
+    }
 }
 
 impl std::fmt::Debug for StaleScan {

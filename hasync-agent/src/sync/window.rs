@@ -45,6 +45,11 @@ impl Window {
         self.in_flight.len() < self.max
     }
 
+    /// The sequence number the next frame will get: every one below it was sent.
+    pub fn next_unsent(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Allocates the sequence number of the next frame.
     pub fn next_seq(&mut self) -> u64 {
         let seq = self.next_seq;

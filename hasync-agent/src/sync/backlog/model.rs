@@ -82,12 +82,13 @@ enum Op {
     Take { peer: usize, max: usize },
     /// Peer `peer`'s link fails: what it had unacknowledged is queued again.
     LinkFails { peer: usize },
-    /// Peer `peer` acknowledges every frame sent.
-    Ack { peer: usize },
+    /// Peer `peer` acknowledges the frames sent but the last `unacked` of them.
+    Ack { peer: usize, unacked: u64 },
     /// Peer `peer` falls silent or is heard again.
     Silent { peer: usize, silent: bool },
-    /// Peer `peer`'s sender checks for an overflow and starts its full sync.
-    FullSync { peer: usize },
+    /// Peer `peer`'s sender starts a full sync if its line overflowed, or if `anyway` (the
+    /// peer asked for one): what was queued for it is forgotten.
+    FullSync { peer: usize, anyway: bool },
 }
 
 impl Op {
@@ -104,12 +105,18 @@ impl Op {
                 max: usize::from(b[1] % 8) + 1,
             },
             4 => Op::LinkFails { peer },
-            5 => Op::Ack { peer },
+            5 => Op::Ack {
+                peer,
+                unacked: u64::from(b[1] % 4),
+            },
             6 => Op::Silent {
                 peer,
                 silent: flag & 1 == 0,
             },
-            _ => Op::FullSync { peer },
+            _ => Op::FullSync {
+                peer,
+                anyway: flag & 1 == 1,
+            },
         }
     }
 }
@@ -117,6 +124,8 @@ impl Op {
 /// A backlog and what its peers are owed.
 struct Model {
     b: Backlog,
+    /// The peers changes are queued for.
+    targets: Vec<bool>,
     windows: Vec<Window>,
     owed: Vec<HashMap<FlowKey, Owed>>,
     /// The last version queued, and the session it went with.
@@ -124,17 +133,22 @@ struct Model {
 }
 
 /// Runs the operations `data` describes: its first three bytes are the capacity (1–64
-/// keys), the peers (1–4) and the keys used (1–64), then two bytes an operation. Returns the
-/// first rule broken, naming the operation.
+/// keys), the peers (1–4 in the low bits; a bit set above them for each of peers 2–4 that
+/// gets nothing queued, as one that does not sync sessions) and the keys used (1–256), then
+/// two bytes an operation. Returns the first rule broken, naming the operation.
 pub fn run(data: &[u8]) -> Result<(), String> {
-    let [capacity, peers, keys, ops @ ..] = data else {
+    let [capacity, peers_byte, keys, ops @ ..] = data else {
         return Ok(());
     };
     let capacity = usize::from(capacity % 64) + 1;
-    let peers = usize::from(peers % 4) + 1;
-    let keys = u32::from(keys % 64) + 1;
+    let peers = usize::from(peers_byte % 4) + 1;
+    let targets: Vec<bool> = (0..peers)
+        .map(|i| i == 0 || (peers_byte >> (1 + i)) & 1 == 0)
+        .collect();
+    let keys = u32::from(*keys) + 1;
     let mut m = Model {
-        b: Backlog::new(capacity, &vec![true; peers]),
+        b: Backlog::new(capacity, &targets),
+        targets,
         windows: (0..peers).map(|_| Window::new(WINDOW)).collect(),
         owed: vec![HashMap::new(); peers],
         // Versions wrap around within a long input.
@@ -168,14 +182,15 @@ impl Model {
             }
             Op::Take { .. } => {}
             Op::LinkFails { peer } => self.link_fails(peer)?,
-            Op::Ack { peer } => {
-                let seq = self.windows[peer].next_seq();
-                self.windows[peer].ack(seq);
+            Op::Ack { peer, unacked } => {
+                let sent = self.windows[peer].next_unsent().saturating_sub(1);
+                self.windows[peer].ack(sent.saturating_sub(unacked));
             }
             Op::Silent { peer, silent } => self.b.set_silent(peer, silent),
-            Op::FullSync { peer } => {
-                if self.b.take_overflow(peer) {
+            Op::FullSync { peer, anyway } => {
+                if self.b.take_overflow(peer) || anyway {
                     self.b.clear_pending(peer);
+                    self.owed[peer].clear();
                 }
             }
         }
@@ -192,7 +207,7 @@ impl Model {
             ));
         }
         for (i, owed) in self.owed.iter_mut().enumerate() {
-            if self.b.overflowed & bit(i) == 0 {
+            if self.targets[i] && self.b.overflowed & bit(i) == 0 {
                 owed.entry(key).or_default().queue(change);
             }
         }
@@ -230,7 +245,7 @@ impl Model {
         let (unacked, _) = self.windows[peer].unacked();
         let n = self.b.requeue(peer, &unacked);
         let mut newly = 0;
-        if self.b.overflowed & bit(peer) == 0 {
+        if self.targets[peer] && self.b.overflowed & bit(peer) == 0 {
             let fresh: HashSet<FlowKey> = unacked.iter().map(|(k, _)| *k).collect();
             for k in fresh {
                 // Sent once: what it is sent as now is whatever the others get, or a read.

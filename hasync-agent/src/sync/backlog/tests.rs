@@ -463,20 +463,21 @@ fn the_oldest_wait_of_a_take_comes_back_as_an_instant() {
 /// queued for it and is no older than what was queued, none is lost unless its line
 /// overflowed (a full sync then carries it), and a line overflows only when a new key finds
 /// every slot held for some peer. Small (10 keys, 6 slots: overflows all the time) and larger
-/// (64 keys, 64 slots: room made from the list of retired slots), three peers.
+/// (200 keys, 64 slots: room made from the list of retired slots), three peers; and four
+/// peers of which one gets nothing queued (it does not sync sessions).
 #[test]
 fn random_operations_keep_the_backlog_whole() {
-    for (capacity, keys) in [(6, 10), (64, 64)] {
+    for (capacity, peers, keys) in [(6, 2, 10), (64, 2, 200), (16, 0b1011, 40)] {
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut input = vec![capacity - 1, 2, keys - 1];
-        input.extend((0..60_000).map(|_| {
+        let mut input = vec![capacity - 1, peers, keys - 1];
+        input.extend((0..40_000).map(|_| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed.to_le_bytes()[0]
         }));
         if let Err(e) = super::model::run(&input) {
-            panic!("{capacity} slots, {keys} keys: {e}");
+            panic!("{capacity} slots, peers {peers:#b}, {keys} keys: {e}");
         }
     }
 }

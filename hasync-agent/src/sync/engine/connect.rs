@@ -99,18 +99,17 @@ pub(super) fn admissions(cfg: &SyncConfig) -> BTreeMap<LinkKind, Arc<Admission>>
 }
 
 /// An authenticated connection whose hellos were exchanged.
-struct Established {
+pub(super) struct Established {
     /// The peer's.
-    hello: Hello,
-    tx: Sender,
-    rx: Receiver,
+    pub(super) hello: Hello,
+    pub(super) tx: Sender,
+    pub(super) rx: Receiver,
     /// Our hello said our table was fresh.
-    sent_fresh: bool,
+    pub(super) sent_fresh: bool,
 }
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Admit {
+enum Admit {
     Attach,
     Refuse(Rejection),
 }
@@ -411,30 +410,30 @@ impl<T: SessionTable> Engine<T> {
     /// connection on that link stays, whatever boot the newcomer claims (a key holder cannot
     /// push the real peer's connection aside); one gone silent or closed is replaced. (A
     /// restarted peer's old connection closes with its process, or falls silent with its
-    /// host.) A connection admitted shows the peer as greeting (`unknown` until its first
-    /// keepalive); a refused one says nothing of it.
-    pub(super) fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
-        let admit = match peer.lock().links.get(&link) {
-            None => Admit::Attach,
-            Some(old) => {
-                let silent =
-                    now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
-                if silent || old.writer.is_closed() {
-                    Admit::Attach
-                } else {
-                    Admit::Refuse(Rejection::DuplicateLink)
-                }
-            }
+    /// host.)
+    fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
+        let g = peer.lock();
+        let Some(old) = g.links.get(&link) else {
+            return Admit::Attach;
         };
-        // After the peer's lock: the membership's is never taken under it.
-        if admit == Admit::Attach {
-            lock(&self.inner.membership).greeted(peer.cfg.id, now);
+        let silent = now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
+        if silent || old.writer.is_closed() {
+            Admit::Attach
+        } else {
+            Admit::Refuse(Rejection::DuplicateLink)
         }
-        admit
     }
 
-    /// Registers an authenticated connection and starts its writer, then its reader.
-    fn attach(&self, peer: Arc<Peer>, link: LinkKind, conn: Established, from: SocketAddr) {
+    /// Registers an authenticated connection and starts its writer, then its reader. The
+    /// peer's hello on a connection attached shows it greeting (`unknown` until its first
+    /// keepalive); one on a connection refused says nothing of it.
+    pub(super) fn attach(
+        &self,
+        peer: Arc<Peer>,
+        link: LinkKind,
+        conn: Established,
+        from: SocketAddr,
+    ) {
         let now = Instant::now();
         if let Admit::Refuse(reason) = self.admit_connection(&peer, link, now) {
             self.refuse(
@@ -445,6 +444,7 @@ impl<T: SessionTable> Engine<T> {
             );
             return;
         }
+        lock(&self.inner.membership).greeted(peer.cfg.id, now);
         // What the old connection had in flight is queued again, as for any lost link.
         self.detach(&peer, link, None, "replaced");
         let Established {

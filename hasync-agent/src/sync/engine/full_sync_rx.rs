@@ -257,6 +257,31 @@ mod tests {
         );
     }
 
+    /// A full sync replaced by a newer start never ends; one lost with its connection during
+    /// a removal leaves the last one ended to count when the removal is over; a walk still
+    /// running (abandoned) keeps the next start from walking.
+    #[test]
+    fn a_replaced_or_lost_full_sync_leaves_the_last_ended_to_count() {
+        let mut rx = FullSyncRx::default();
+        start(&mut rx, bulk(1, 3));
+        assert!(rx.end(bulk(1, 3), 1, 0).is_some());
+        rx.removing = true;
+        start(&mut rx, bulk(1, 4));
+        start(&mut rx, bulk(1, 5));
+        assert!(rx.end(bulk(1, 4), 1, 0).is_none(), "a replaced one ended");
+        rx.link_lost(1);
+        assert_eq!(rx.removal_over(), Some(bulk(1, 3)));
+        let alive = std::sync::Arc::new(());
+        rx.walk = Walking::of(&alive);
+        assert_eq!(
+            start(&mut rx, bulk(1, 6)),
+            Some(false),
+            "walked beside a walk"
+        );
+        drop(alive);
+        assert_eq!(start(&mut rx, bulk(1, 7)), Some(true));
+    }
+
     /// A full sync without a mark (the peer's table is not intact) walks nothing.
     #[test]
     fn a_full_sync_that_does_not_reconcile_walks_nothing() {

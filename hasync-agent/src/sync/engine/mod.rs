@@ -113,10 +113,9 @@ impl LinkConn {
     }
 }
 
-/// A full sync sent to its end, which the ack of the empty frame `seq` after it confirms.
+/// A full sync sent to its end, which the ack of the empty frame after it confirms.
 #[derive(Debug)]
 struct BulkSent {
-    seq: u64,
     link: LinkKind,
     bulk_id: u32,
     records: u64,
@@ -139,9 +138,9 @@ struct PeerInner {
     /// The link data went out on last; a change requeues what was in flight.
     data_link: Option<LinkKind>,
     bulk_wanted: bool,
-    /// The full sync whose end was sent and not yet confirmed (the empty frame after it
-    /// unacknowledged): it counts as sent when it is.
-    bulk_unconfirmed: Option<BulkSent>,
+    /// The full sync whose end was sent and not yet confirmed, with the sequence number of the
+    /// empty frame after it (in the window until acknowledged): it counts as sent when it is.
+    bulk_unconfirmed: Option<(u64, BulkSent)>,
     /// Full syncs to this peer: at most one per backoff step.
     bulk_backoff: Backoff,
     /// The peer boot whose request for a full sync was honoured last.

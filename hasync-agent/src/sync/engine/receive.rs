@@ -199,10 +199,19 @@ impl<T: SessionTable> Engine<T> {
         LinkStats::add(&stats.acks_received, 1);
         let (released, confirmed) = {
             let mut g = peer.lock();
+            if seq >= g.window.next_unsent() {
+                drop(g);
+                // A lie (or a bug): it would release frames the peer never read.
+                if self.inner.rejections.count(Rejection::Malformed) {
+                    warn!(peer = peer.cfg.id.0, seq, "ack of a frame never sent");
+                }
+                return;
+            }
             let released = g.window.ack(seq);
-            (released, g.bulk_unconfirmed.take_if(|b| b.seq <= seq))
+            let confirmed = g.bulk_unconfirmed.take_if(|(end, _)| *end <= seq);
+            (released, confirmed)
         };
-        if let Some(sent) = confirmed {
+        if let Some((_, sent)) = confirmed {
             Self::bulk_confirmed(peer, sent);
         }
         let now = Instant::now();
@@ -238,10 +247,13 @@ impl<T: SessionTable> Engine<T> {
             let mark = authoritative.then(monotonic_ns);
             if !g.full_sync_rx.start(bulk, f.generation, mark, walk) {
                 drop(g);
-                info!(
-                    peer = peer.cfg.id.0,
-                    bulk_id, "start of an older full sync ignored"
-                );
+                // Counted, logged once: a peer can send them as fast as it likes.
+                if self.inner.rejections.count(Rejection::StaleFrame) {
+                    info!(
+                        peer = peer.cfg.id.0,
+                        bulk_id, "start of an older full sync ignored (further ones are counted as stale-frame)"
+                    );
+                }
                 return;
             }
         }
@@ -277,10 +289,12 @@ impl<T: SessionTable> Engine<T> {
             done_now,
         }) = ended
         else {
-            info!(
-                peer = peer.cfg.id.0,
-                bulk_id, "end of a full sync that is not running here ignored"
-            );
+            if self.inner.rejections.count(Rejection::StaleFrame) {
+                info!(
+                    peer = peer.cfg.id.0,
+                    bulk_id, "end of a full sync that is not running here ignored (further ones are counted as stale-frame)"
+                );
+            }
             return None;
         };
         let counted = done_now && self.count_bulk_done(peer, bulk);

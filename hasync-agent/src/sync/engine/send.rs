@@ -91,7 +91,9 @@ impl<T: SessionTable> Engine<T> {
         }
         let c = g.links.get(&link)?;
         let (writer, generation, sent_fresh) = (c.writer.clone(), c.generation, c.sent_fresh);
-        let bulk = g.bulk_wanted && g.bulk_backoff.try_start(now);
+        // Not while the last one's end is unacknowledged: an ack confirms every end up to it,
+        // and one full sync in the air at a time keeps each counted once.
+        let bulk = g.bulk_wanted && g.bulk_unconfirmed.is_none() && g.bulk_backoff.try_start(now);
         if bulk {
             g.bulk_wanted = false;
             // The full sync reads the table after this point: it carries what is queued. Not
@@ -326,7 +328,7 @@ impl<T: SessionTable> Engine<T> {
                 .collect();
             for frame in carried.chunks(MAX_RECORDS_PER_FRAME) {
                 total += frame.len() as u64;
-                self.send_bulk_frame(peer, conn, writer, frame.to_vec(), true)
+                self.send_bulk_frame(peer, conn, writer, frame.to_vec(), None)
                     .await?;
             }
             if !more {
@@ -344,31 +346,29 @@ impl<T: SessionTable> Engine<T> {
         // keeps order). If the link fails before, the full sync starts over, as it does for a
         // frame lost: a peer that never read the end has not reconciled it, nor left its
         // initial state for it.
-        let seq = self
-            .send_bulk_frame(peer, conn, writer, Vec::new(), false)
-            .await?;
-        peer.lock().bulk_unconfirmed = Some(BulkSent {
-            seq,
+        let end = BulkSent {
             link,
             bulk_id,
             records: total,
             started,
-        });
-        Ok(())
+        };
+        self.send_bulk_frame(peer, conn, writer, Vec::new(), Some(end))
+            .await
     }
 
-    /// Sends a frame of a full sync on connection `conn`, marked as one if `bulk` (the empty
-    /// frame that confirms the end is not: the peer applies it after the full sync ended);
-    /// returns its sequence number, or an error if that connection failed (the full sync then
-    /// starts over).
+    /// Sends a frame of a full sync on connection `conn`: its records, or, with `end`, the
+    /// empty frame after its end (not marked as the full sync's: the peer applies it after the
+    /// full sync ended), whose ack confirms the end; an error if that connection failed (the
+    /// full sync then starts over).
     async fn send_bulk_frame(
         &self,
         peer: &Peer,
         conn: (LinkKind, u64),
         writer: &Writer,
         records: Vec<Record>,
-        bulk: bool,
-    ) -> Result<u64, SendError> {
+        end: Option<BulkSent>,
+    ) -> Result<(), SendError> {
+        let bulk = end.is_none();
         let seq = {
             let mut g = peer.lock();
             if !carries(&g, conn) {
@@ -377,18 +377,22 @@ impl<T: SessionTable> Engine<T> {
             let seq = g.window.next_seq();
             // Bulk frames are not resent key by key: a broken full sync starts over.
             g.window.sent_bulk(seq, Instant::now());
+            // Under the lock that put the frame in the window: its ack, or its link's failure,
+            // may come before the write returns.
+            if let Some(end) = end {
+                g.bulk_unconfirmed = Some((seq, end));
+            }
             seq
         };
         writer
             .send(Message::Sessions { seq, bulk, records })
             .await?;
-        Ok(seq)
+        Ok(())
     }
 
     /// A full sync's end was confirmed (the peer read it): it counts as sent.
     pub(super) fn bulk_confirmed(peer: &Peer, sent: BulkSent) {
         let BulkSent {
-            seq: _,
             link,
             bulk_id,
             records,

@@ -10,7 +10,6 @@ use std::{
 use hasync_common::{flow::IPPROTO_TCP, Family, FlowKey, MemberId, Session, State, ZoneId};
 
 use super::{
-    connect::Admit,
     receive::{Applied, FrameFrom},
     send::SendError,
     Engine, PeerConfig, SessionTable, SyncConfig,
@@ -22,7 +21,6 @@ use crate::{
     sync::{
         backlog::{Change, MAX_SNAPSHOTS},
         backoff::Backoff,
-        stats::Rejection,
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -207,6 +205,11 @@ async fn a_superseded_full_sync_neither_ends_nor_applies() {
         Applied::Superseded
     ));
     e.on_bulk_end(&backup, 2, 2);
+    assert_eq!(
+        e.inner.rejections.snapshot()["stale-frame"],
+        2,
+        "the late start and end are counted (a peer may send them without end)"
+    );
     assert_eq!(held(&e), Some((1, 2)), "the superseded end reconciled");
     assert_eq!(crate::sync::stats::LinkStats::get(&peer.stats.deleted), 0);
     assert!(matches!(
@@ -706,13 +709,24 @@ async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
     hello_from_2(&e, 7);
     let peer = e.inner.peers[&MemberId(2)].clone();
     let mut rx = connect(&e, LinkKind::Ha4);
-    let drain = tokio::spawn(async move {
-        let mut starts = 0;
-        while let Some(m) = rx.recv().await {
-            starts += usize::from(matches!(m, Message::BulkStart { .. }));
-        }
-        starts
-    });
+    // The peer reads and acknowledges every frame (the next full sync waits for the last
+    // one's end to be acknowledged).
+    let drain = {
+        let (e, peer) = (e.clone(), peer.clone());
+        tokio::spawn(async move {
+            let mut starts = 0;
+            while let Some(m) = rx.recv().await {
+                match m {
+                    Message::BulkStart { .. } => starts += 1,
+                    Message::Sessions { seq, .. } => {
+                        e.on_ack(&peer, peer.stats.link(LinkKind::Ha4), seq);
+                    }
+                    _ => {}
+                }
+            }
+            starts
+        })
+    };
     let storm = Instant::now() + Duration::from_millis(3500);
     while Instant::now() < storm {
         e.request_bulk_all();
@@ -1030,19 +1044,76 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
     assert_eq!(sent_count().0, 1);
 }
 
-/// A member whose hello reached us on a connection we admit is heard: if it falls silent
+/// A full sync whose end is not yet confirmed counts once: an ack of a frame never sent (a
+/// lie) confirms nothing, and no other full sync starts before the end is acknowledged (an
+/// ack confirms every end up to it: a second one in the air would be counted with the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_counts_once_its_end_is_acknowledged_and_the_next_waits_for_it() {
+    let e = engine_over(FakeTable {
+        entries: owned_by_us(10),
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let mut rx = connect(&e, LinkKind::Ha4);
+    peer.lock().bulk_wanted = true;
+    peer.lock().bulk_backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
+    let (link, w, generation, bulk) = e.prepare_send(&peer).expect("a link");
+    assert!(bulk);
+    e.send_bulk(&peer, (link, generation), &w)
+        .await
+        .expect("full sync");
+    let mut last_seq = 0;
+    while let Ok(m) = rx.try_recv() {
+        if let Message::Sessions { seq, .. } = m {
+            last_seq = seq;
+        }
+    }
+    let sent_count = || {
+        let b = lock(&peer.stats.bulk_sent);
+        (b.count, b.running)
+    };
+    let stats = peer.stats.link(link);
+    e.on_ack(&peer, stats, last_seq + 1);
+    assert_eq!(
+        sent_count(),
+        (0, true),
+        "an ack of a frame never sent confirmed"
+    );
+    assert_eq!(
+        peer.lock().window.in_flight(),
+        2,
+        "a lying ack released frames"
+    );
+    assert_eq!(e.inner.rejections.snapshot()["malformed"], 1);
+    peer.lock().bulk_wanted = true;
+    let (.., bulk) = e.prepare_send(&peer).expect("a link");
+    assert!(
+        !bulk,
+        "a full sync started before the last one's end was confirmed"
+    );
+    e.on_ack(&peer, stats, last_seq);
+    assert_eq!(sent_count(), (1, false));
+    let (.., bulk) = e.prepare_send(&peer).expect("a link");
+    assert!(
+        bulk,
+        "the full sync wanted did not start once the end was confirmed"
+    );
+}
+
+/// A member whose hello reached us on a connection we attach is heard: if it falls silent
 /// before its first keepalive (it said hello, started its full sync and died), it goes `down`
 /// after the keepalive threshold, as any member heard, instead of staying `unknown` as one
-/// never seen. A hello on a connection refused (a live one holds its link) shows nothing.
+/// never seen. A hello on a connection refused (a live one holds its link: a dial and an
+/// accept crossed, or a key holder's) shows nothing.
 #[tokio::test]
 async fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
+    use crate::sync::channel::pair;
     let e = engine_over(FakeTable::default());
     let mut h = e.hello(LinkKind::Ha4, MemberId(2));
     h.member = MemberId(2);
     h.boot_id = 7;
     let from: std::net::SocketAddr = "198.18.0.2:4700".parse().expect("address");
-    let now = Instant::now();
-    let t0 = now.checked_sub(Duration::from_secs(20)).expect("an uptime");
     let peer = e
         .check_hello(&h, LinkKind::Ha4, from, MemberId(2))
         .expect("a valid hello");
@@ -1051,32 +1122,35 @@ async fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
         m.evaluate(at);
         (m.peers[&MemberId(2)].state(), m.peers[&MemberId(2)].alive)
     };
-    let (t1, t2) = (t0 + Duration::from_secs(6), t0 + Duration::from_secs(12));
-    assert_eq!(state(t1), (MemberState::Unknown, false), "never heard");
-    assert_eq!(e.admit_connection(&peer, LinkKind::Ha4, t1), Admit::Attach);
+    let last_hello = || lock(&e.inner.membership).peers[&MemberId(2)].last_hello;
+    // A live connection holds HA4 (its last frame read now); another says hello on it.
+    let _live = connect(&e, LinkKind::Ha4);
+    let (ours, theirs) = pair([5; 32], [5; 32]).await;
+    let ((tx, rx), _theirs) = (ours.expect("client"), theirs.expect("server"));
+    let conn = |hello: &Hello, tx, rx| super::connect::Established {
+        hello: hello.clone(),
+        tx,
+        rx,
+        sent_fresh: false,
+    };
+    e.attach(peer.clone(), LinkKind::Ha4, conn(&h, tx, rx), from);
+    assert_eq!(last_hello(), None, "a refused connection's hello counted");
+    let t0 = Instant::now();
+    assert_eq!(state(t0), (MemberState::Unknown, false), "never heard");
+    let (ours, theirs) = pair([6; 32], [6; 32]).await;
+    let ((tx, rx), _theirs) = (ours.expect("client"), theirs.expect("server"));
+    h.link = LinkKind::Ha4Backup;
+    e.attach(peer.clone(), LinkKind::Ha4Backup, conn(&h, tx, rx), from);
+    let greeted = last_hello().expect("an attached connection's hello not counted");
     assert_eq!(
-        state(t1),
+        state(greeted),
         (MemberState::Unknown, false),
         "heard, its state not said yet"
     );
     assert_eq!(
-        state(t2),
+        state(greeted + Duration::from_secs(6)),
         (MemberState::Down, false),
         "silent past the threshold"
-    );
-    // A live connection holds HA4 (its last frame read now); another says hello on it.
-    let _live = connect(&e, LinkKind::Ha4);
-    assert!(e
-        .check_hello(&h, LinkKind::Ha4, from, MemberId(2))
-        .is_some());
-    assert_eq!(
-        e.admit_connection(&peer, LinkKind::Ha4, now),
-        Admit::Refuse(Rejection::DuplicateLink)
-    );
-    assert_eq!(
-        state(now),
-        (MemberState::Down, false),
-        "a refused connection's hello counted"
     );
 }
 
