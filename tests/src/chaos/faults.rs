@@ -315,7 +315,7 @@ impl Runner<'_> {
         if !changed.is_empty() {
             return Err(format!("tables changed: {}", changed.join("; ")));
         }
-        let missing: Vec<&str> = ["foreign-owner", "unknown-owner", "stale-frame"]
+        let missing: Vec<&str> = ["foreign-owner", "unknown-owner", "stale-frame", "malformed"]
             .into_iter()
             .filter(|r| !refused.contains_key(*r))
             .collect();

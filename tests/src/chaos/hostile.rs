@@ -236,6 +236,10 @@ pub fn hostile_frames(
         sessions(u64::MAX, false, &rewrites),
         sessions(6, false, &deletes),
     ]);
+    // Full syncs started by the hundred and never ended (each abandons the last, and its
+    // walk of the table), and an ack of a frame never sent.
+    frames.extend((100..300).map(|bulk_id| Message::BulkStart { bulk_id }));
+    frames.push(Message::Ack { seq: u64::MAX });
     frames
 }
 

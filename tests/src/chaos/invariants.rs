@@ -366,18 +366,15 @@ pub fn expired_meanwhile(
     gone
 }
 
-/// One agent's resident memory (KiB) and open descriptors, from /proc.
-pub fn resources(pid: u32) -> Option<(u64, u64)> {
+/// One agent's resident memory (KiB), open descriptors and threads, from /proc.
+pub fn resources(pid: u32) -> Option<(u64, u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find_map(|l| l.strip_prefix(name))?;
+        line.split_whitespace().next()?.parse().ok()
+    };
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    Some((rss, fds))
+    Some((field("VmRSS:")?, fds, field("Threads:")?))
 }
 
 /// Full syncs member `k` sent to each peer.

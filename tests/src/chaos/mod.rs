@@ -9,7 +9,7 @@
 //! - TCP: no lane's connection breaks, and none goes longer than [`Profile::stall_bound`]
 //!   (10 s) without an echo, wherever it is steered;
 //! - resources: agent RSS under [`Profile::rss_bound_kib`], open descriptors under
-//!   [`Profile::fd_bound`];
+//!   [`Profile::fd_bound`], threads under [`Profile::thread_bound`];
 //! - full syncs: see [`invariants::full_sync_bound`]; no panic, no agent exit it did not cause.
 
 pub mod faults;
@@ -61,6 +61,7 @@ pub struct Profile {
     pub stall_bound: Duration,
     pub rss_bound_kib: u64,
     pub fd_bound: u64,
+    pub thread_bound: u64,
     /// The members' `[local] forwarding`.
     pub forwarding: ForwardingName,
     /// `udp-new` and `udp-replied`: an hour (nothing expires during a run) unless a run asks
@@ -103,11 +104,12 @@ impl Profile {
             stall_bound: Duration::from_secs(10),
             rss_bound_kib: 256 * 1024,
             fd_bound: 0,
+            thread_bound: 0,
             forwarding: ForwardingName::Kernel,
             // Bursts time out a few faults after they were made: expiry runs under the faults.
             udp_timeout: Duration::from_secs(20),
         }
-        .with_fd_bound()
+        .with_resource_bounds()
     }
 
     /// `cargo xtask chaos`: rounds until `duration` is spent.
@@ -128,14 +130,18 @@ impl Profile {
             udp_timeout: NO_EXPIRY,
             ..Profile::short()
         }
-        .with_fd_bound()
+        .with_resource_bounds()
     }
 
     /// Descriptors an agent may hold: its files and sockets, per peer two links, each
     /// dialled and accepted, with a connection being replaced, and room for a bounded number
-    /// of handshakes in progress. The connection floods are larger than this.
-    fn with_fd_bound(mut self) -> Profile {
+    /// of handshakes in progress. The connection floods are larger than this. Threads: its
+    /// two workers and its own threads (event reader, sweep, walks), and per peer a stale
+    /// replicas' walk and its removal at most (a hostile peer starts full syncs by the
+    /// hundred), with room for the blocking pool's idle threads.
+    fn with_resource_bounds(mut self) -> Profile {
         self.fd_bound = 256 + 8 * u64::from(self.members);
+        self.thread_bound = 32 + 4 * u64::from(self.members);
         self
     }
 
@@ -163,6 +169,7 @@ impl Profile {
 struct Watch {
     peak_rss: Mutex<BTreeMap<u8, u64>>,
     peak_fds: Mutex<BTreeMap<u8, u64>>,
+    peak_threads: Mutex<BTreeMap<u8, u64>>,
     violations: Mutex<Vec<String>>,
     /// Members whose agent the harness has ended on purpose (killed, restarting).
     ended: Mutex<BTreeSet<u8>>,
@@ -258,6 +265,11 @@ pub fn run(p: &Profile) -> Report {
     report.violations.extend(lock(&watch.violations).drain(..));
     report.peak_rss_kib = lock(&watch.peak_rss).values().copied().max().unwrap_or(0);
     report.peak_fds = lock(&watch.peak_fds).values().copied().max().unwrap_or(0);
+    report.peak_threads = lock(&watch.peak_threads)
+        .values()
+        .copied()
+        .max()
+        .unwrap_or(0);
     report.wall = start.elapsed();
     if !report.violations.is_empty() {
         eprintln!("{}", c.logs());
@@ -283,7 +295,7 @@ fn monitor(c: &Cluster, lanes: &Lanes, watch: &Watch, done: &AtomicBool) {
 fn sample_agent(c: &Cluster, k: u8, watch: &Watch) {
     match c.agent_state(k) {
         AgentState::Running { pid } => {
-            let Some((rss, fds)) = invariants::resources(pid) else {
+            let Some((rss, fds, threads)) = invariants::resources(pid) else {
                 return;
             };
             let peak = |m: &Mutex<BTreeMap<u8, u64>>, v: u64| {
@@ -293,6 +305,7 @@ fn sample_agent(c: &Cluster, k: u8, watch: &Watch) {
             };
             peak(&watch.peak_rss, rss);
             peak(&watch.peak_fds, fds);
+            peak(&watch.peak_threads, threads);
         }
         AgentState::Exited { status } if !lock(&watch.ended).contains(&k) => watch.once(
             format!("exit-{k}"),
@@ -415,6 +428,7 @@ impl Runner<'_> {
         self.report.stall_bound = p.stall_bound;
         self.report.rss_bound_kib = p.rss_bound_kib;
         self.report.fd_bound = p.fd_bound;
+        self.report.thread_bound = p.thread_bound;
         let peaks = [
             (
                 "RSS (KiB)",
@@ -422,6 +436,11 @@ impl Runner<'_> {
                 p.rss_bound_kib,
             ),
             ("open fds", lock(&self.watch.peak_fds).clone(), p.fd_bound),
+            (
+                "threads",
+                lock(&self.watch.peak_threads).clone(),
+                p.thread_bound,
+            ),
         ];
         for (what, peaks, bound) in peaks {
             for (k, v) in peaks.into_iter().filter(|(_, v)| *v > bound) {

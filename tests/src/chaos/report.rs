@@ -28,6 +28,7 @@ pub struct Report {
     pub stall_bound: Duration,
     pub rss_bound_kib: u64,
     pub fd_bound: u64,
+    pub thread_bound: u64,
     pub applied: Vec<Applied>,
     /// Distinct sessions compared across all members, summed over checkpoints.
     pub sessions_checked: u64,
@@ -36,6 +37,7 @@ pub struct Report {
     pub lost: u64,
     pub peak_rss_kib: u64,
     pub peak_fds: u64,
+    pub peak_threads: u64,
     pub longest_stall: Duration,
     /// Most full syncs one member sent one peer, and that pair's bound.
     pub most_full_syncs: (u64, u64),
@@ -152,6 +154,11 @@ impl Report {
                 "peak agent fds",
                 self.peak_fds.to_string(),
                 self.fd_bound.to_string(),
+            ),
+            (
+                "peak agent threads",
+                self.peak_threads.to_string(),
+                self.thread_bound.to_string(),
             ),
             (
                 "most full syncs to one peer",

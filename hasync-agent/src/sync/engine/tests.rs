@@ -246,6 +246,17 @@ fn holding_a_replica_of_2() -> (
     (e, peer, rx)
 }
 
+/// An engine over a table of 10 sessions of its own, which peer 2 (boot 7) said hello to.
+fn owning_10_greeted_by_2() -> (Engine<FakeTable>, Arc<super::Peer>) {
+    let e = engine_over(FakeTable {
+        entries: owned_by_us(10),
+        ..FakeTable::default()
+    });
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    (e, peer)
+}
+
 /// A complete authoritative full sync removes the peer's replica it did not carry (the peer
 /// dropped that session while we could not hear of it), and keeps the one it carried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,12 +713,7 @@ fn a_frame_that_fails_to_apply_is_not_acknowledged() {
 /// start at most once per backoff step: here at 0, 1 and 3 s of a 3.5 s storm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
-    let e = engine_over(FakeTable {
-        entries: owned_by_us(10),
-        ..FakeTable::default()
-    });
-    hello_from_2(&e, 7);
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (e, peer) = owning_10_greeted_by_2();
     let mut rx = connect(&e, LinkKind::Ha4);
     // The peer reads and acknowledges every frame (the next full sync waits for the last
     // one's end to be acknowledged).
@@ -891,12 +897,7 @@ async fn changes_taken_for_a_frame_whose_link_failed_meanwhile_are_queued_again(
 /// and be lost again, until an ack on the next connection): it stops, to start over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_whose_link_failed_meanwhile_stops_without_recording_a_frame() {
-    let e = engine_over(FakeTable {
-        entries: owned_by_us(10),
-        ..FakeTable::default()
-    });
-    hello_from_2(&e, 7);
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (e, peer) = owning_10_greeted_by_2();
     let _rx = connect(&e, LinkKind::Ha4);
     let (link, w, generation, _) = e.prepare_send(&peer).expect("a link");
     e.detach(&peer, link, Some(generation), "test");
@@ -961,12 +962,7 @@ async fn a_member_down_keeps_its_changes_but_not_the_snapshots() {
 /// after a new boot or being cut off on every link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
-    let e = engine_over(FakeTable {
-        entries: owned_by_us(10),
-        ..FakeTable::default()
-    });
-    hello_from_2(&e, 7);
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (e, peer) = owning_10_greeted_by_2();
     let mut backup = connect(&e, LinkKind::Ha4Backup);
     let mut rx = connect(&e, LinkKind::Ha4);
     peer.lock().bulk_wanted = true;
@@ -1049,12 +1045,7 @@ async fn a_full_sync_whose_end_was_lost_with_its_link_starts_over() {
 /// ack confirms every end up to it: a second one in the air would be counted with the first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_counts_once_its_end_is_acknowledged_and_the_next_waits_for_it() {
-    let e = engine_over(FakeTable {
-        entries: owned_by_us(10),
-        ..FakeTable::default()
-    });
-    hello_from_2(&e, 7);
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (e, peer) = owning_10_greeted_by_2();
     let mut rx = connect(&e, LinkKind::Ha4);
     peer.lock().bulk_wanted = true;
     peer.lock().bulk_backoff = Backoff::new(Duration::ZERO, Duration::ZERO);
