@@ -54,18 +54,21 @@ pub(super) struct FullSyncRx {
     /// table for its own (one walk per peer at a time, however fast a peer starts and ends
     /// full syncs), and one that ends meanwhile counts as done when that removal is over.
     removing: bool,
-    /// The last walk's thread, which may outlive its full sync by a chunk (abandoned for a
-    /// newer one, or its connection lost): a full sync that starts while it runs walks
-    /// nothing either (a peer starting full syncs faster than abandoned walks stop would
-    /// otherwise pile up a thread per start, each waiting for the table's lock).
-    walk: Walking,
+    /// The threads of walks abandoned (their full sync replaced by a newer one, lost with its
+    /// connection, or ended without a removal), which stop at their next chunk: a full sync
+    /// that starts while one of them runs walks nothing (a peer starting full syncs faster
+    /// than abandoned walks stop would otherwise pile up a thread per start, each waiting for
+    /// the table's lock). The walk of the full sync a start replaces does not count: a peer
+    /// that starts over after a link failure its side saw first still reconciles.
+    abandoned: Vec<Walking>,
 }
 
 impl FullSyncRx {
     /// Full sync `id` starts on connection `generation`, reconciling the peer's replicas
     /// from `mark` if set; `walk` starts the walk of the table that collects them. False for
-    /// an old start read late (ignored). While an earlier removal or walk runs it walks
-    /// nothing: the replicas it leaves unseen stay, until a later full sync or their timeout.
+    /// an old start read late (ignored). While an earlier removal, or an abandoned walk, runs
+    /// it walks nothing: the replicas it leaves unseen stay, until a later full sync or their
+    /// timeout.
     pub(super) fn start(
         &mut self,
         id: FullSyncId,
@@ -80,22 +83,28 @@ impl FullSyncRx {
             return false;
         }
         self.last_started = Some(id);
-        let stale = if mark.is_some() && !self.removing && !self.walk.running() {
+        self.abandoned.retain(Walking::running);
+        let stale = if mark.is_some() && !self.removing && self.abandoned.is_empty() {
             walk()
         } else {
             None
         };
-        if let Some(scan) = &stale {
-            self.walk = scan.walking();
-        }
-        self.running = Some(BulkRx {
+        let replaced = self.running.replace(BulkRx {
             id,
             generation,
             mark,
             applied: 0,
             stale,
         });
+        self.abandon(replaced.and_then(|b| b.stale));
         true
+    }
+
+    /// `scan`'s full sync is over without a removal: its walk stops at its next chunk.
+    fn abandon(&mut self, scan: Option<StaleScan>) {
+        if let Some(scan) = scan {
+            self.abandoned.push(scan.walking());
+        }
     }
 
     /// The full sync running on connection `generation`, if any.
@@ -131,7 +140,10 @@ impl FullSyncRx {
             .take_if(|b| b.id == id && b.generation == generation)?;
         let removal = match (ended.applied == records, ended.mark, ended.stale) {
             (true, Some(mark), Some(scan)) => Some((mark, scan)),
-            _ => None,
+            (_, _, scan) => {
+                self.abandon(scan);
+                None
+            }
         };
         self.removing |= removal.is_some();
         self.last_ended = Some(id);
@@ -151,9 +163,12 @@ impl FullSyncRx {
     }
 
     /// Connection `generation` is gone: the full sync it carried never ends here (the peer
-    /// starts it over).
-    pub(super) fn link_lost(&mut self, generation: u64) {
-        self.running.take_if(|b| b.generation == generation);
+    /// starts it over). Returns whether it carried one.
+    pub(super) fn link_lost(&mut self, generation: u64) -> bool {
+        let lost = self.running.take_if(|b| b.generation == generation);
+        let carried = lost.is_some();
+        self.abandon(lost.and_then(|b| b.stale));
+        carried
     }
 
     #[cfg(test)]
@@ -258,8 +273,8 @@ mod tests {
     }
 
     /// A full sync replaced by a newer start never ends; one lost with its connection during
-    /// a removal leaves the last one ended to count when the removal is over; a walk still
-    /// running (abandoned) keeps the next start from walking.
+    /// a removal leaves the last one ended to count when the removal is over; an abandoned
+    /// walk still running keeps the next start from walking.
     #[test]
     fn a_replaced_or_lost_full_sync_leaves_the_last_ended_to_count() {
         let mut rx = FullSyncRx::default();
@@ -272,7 +287,7 @@ mod tests {
         rx.link_lost(1);
         assert_eq!(rx.removal_over(), Some(bulk(1, 3)));
         let alive = std::sync::Arc::new(());
-        rx.walk = Walking::of(&alive);
+        rx.abandoned.push(Walking::of(&alive));
         assert_eq!(
             start(&mut rx, bulk(1, 6)),
             Some(false),
@@ -280,6 +295,7 @@ mod tests {
         );
         drop(alive);
         assert_eq!(start(&mut rx, bulk(1, 7)), Some(true));
+        assert!(rx.abandoned.is_empty(), "walks over are still listed");
     }
 
     /// A full sync without a mark (the peer's table is not intact) walks nothing.

@@ -485,7 +485,9 @@ impl<T: SessionTable> Engine<T> {
                         g.bulk_wanted |= bulk_lost;
                     }
                     if let Some(c) = &c {
-                        g.full_sync_rx.link_lost(c.generation);
+                        if g.full_sync_rx.link_lost(c.generation) {
+                            lock(&peer.stats.bulk_received).running = false;
+                        }
                     }
                     c
                 }

@@ -202,9 +202,14 @@ impl<T: SessionTable> Engine<T> {
             if seq >= g.window.next_unsent() {
                 drop(g);
                 // A lie (or a bug): it would release frames the peer never read.
-                if self.inner.rejections.count(Rejection::Malformed) {
-                    warn!(peer = peer.cfg.id.0, seq, "ack of a frame never sent");
-                }
+                self.inner.rejections.count(Rejection::Malformed);
+                self.log_once(format!("ack-unsent-{}", peer.cfg.id.0), || {
+                    warn!(
+                        peer = peer.cfg.id.0,
+                        seq,
+                        "ack of a frame never sent refused (further ones are counted as malformed)"
+                    );
+                });
                 return;
             }
             let released = g.window.ack(seq);
@@ -247,13 +252,14 @@ impl<T: SessionTable> Engine<T> {
             let mark = authoritative.then(monotonic_ns);
             if !g.full_sync_rx.start(bulk, f.generation, mark, walk) {
                 drop(g);
-                // Counted, logged once: a peer can send them as fast as it likes.
-                if self.inner.rejections.count(Rejection::StaleFrame) {
+                // Counted, logged once per peer: a peer can send them as fast as it likes.
+                self.inner.rejections.count(Rejection::StaleFrame);
+                self.log_once(format!("late-bulk-start-{}", peer.cfg.id.0), || {
                     info!(
                         peer = peer.cfg.id.0,
                         bulk_id, "start of an older full sync ignored (further ones are counted as stale-frame)"
                     );
-                }
+                });
                 return;
             }
         }
@@ -289,12 +295,13 @@ impl<T: SessionTable> Engine<T> {
             done_now,
         }) = ended
         else {
-            if self.inner.rejections.count(Rejection::StaleFrame) {
+            self.inner.rejections.count(Rejection::StaleFrame);
+            self.log_once(format!("late-bulk-end-{}", peer.cfg.id.0), || {
                 info!(
                     peer = peer.cfg.id.0,
                     bulk_id, "end of a full sync that is not running here ignored (further ones are counted as stale-frame)"
                 );
-            }
+            });
             return None;
         };
         let counted = done_now && self.count_bulk_done(peer, bulk);

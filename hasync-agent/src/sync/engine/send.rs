@@ -126,9 +126,13 @@ impl<T: SessionTable> Engine<T> {
         let Some((link, writer, generation, bulk)) = self.prepare_send(peer) else {
             return;
         };
+        // A full sync that failed starts over; one sent to its end is over (its end's ack,
+        // or its link's failure, decides: see `on_ack` and `requeue_unacked`).
+        let mut bulk_failed = bulk;
         let result = async {
             if bulk {
                 self.send_bulk(peer, (link, generation), &writer).await?;
+                bulk_failed = false;
             }
             self.send_queued(peer, (link, generation), &writer).await
         }
@@ -136,12 +140,12 @@ impl<T: SessionTable> Engine<T> {
         let Err(e) = result else {
             return;
         };
-        if bulk {
+        if bulk_failed {
             lock(&peer.stats.bulk_sent).running = false;
         }
         match e {
             SendError::Channel(e) => {
-                if bulk {
+                if bulk_failed {
                     peer.lock().bulk_wanted = true;
                 }
                 debug!(peer = peer.cfg.id.0, error = %e, "send failed");

@@ -355,10 +355,11 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     );
 }
 
-/// A full sync started while the last one's walk still runs (that one abandoned, its thread
-/// not yet at its next chunk) walks nothing: a peer (a hostile one with the key) starting
-/// full syncs faster than abandoned walks stop would otherwise leave a thread per start, all
-/// waiting for the table's lock. Once the walk is over, the next full sync walks again.
+/// A full sync that replaces a running one walks (the peer starts over after a link failure
+/// its side saw first: it must still reconcile), but none starts while an abandoned walk's
+/// thread still runs (not yet at its next chunk): a peer (a hostile one with the key)
+/// starting full syncs faster than abandoned walks stop would otherwise leave a thread per
+/// start, all waiting for the table's lock. Once those walks are over, the next one walks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
     let (e, peer, _rx) = holding_a_replica_of_2();
@@ -367,29 +368,47 @@ async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
         let scan = g.full_sync_rx.running().and_then(|b| b.stale.as_ref());
         scan.map(|s| s.walking())
     };
-    // The walk cannot read a chunk while this lock is held.
+    // No walk can read a chunk while this lock is held.
     let table = e.inner.dp.lock().expect("dp");
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
-    let first = walking().expect("full sync 3 walks");
-    for id in 4..20 {
+    let third = walking().expect("full sync 3 walks");
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
+    let fourth = walking().expect("full sync 4, replacing 3, does not walk");
+    for id in 5..20 {
         e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), id);
         assert!(
             walking().is_none(),
             "full sync {id} walked while an abandoned walk still ran"
         );
     }
-    assert!(first.running(), "the abandoned walk ended under the lock");
+    assert!(third.running(), "the abandoned walk ended under the lock");
     drop(table);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while first.running() {
+    while third.running() || fourth.running() {
         assert!(
             Instant::now() < deadline,
-            "the abandoned walk never stopped"
+            "the abandoned walks never stopped"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 20);
-    assert!(walking().is_some(), "no walk once the last one ended");
+    assert!(walking().is_some(), "no walk once the last ones ended");
+}
+
+/// A full sync lost with its connection is not shown running any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_lost_with_its_link_is_not_shown_running() {
+    let (e, peer, _rx) = holding_a_replica_of_2();
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
+    let running = || lock(&peer.stats.bulk_received).running;
+    assert!(running());
+    e.detach(
+        &peer,
+        LinkKind::Ha4,
+        Some(generation(LinkKind::Ha4)),
+        "test",
+    );
+    assert!(!running(), "shown running after its link was lost");
 }
 
 /// A removal of stale replicas that panics still ends as a removal: the peer's next full
