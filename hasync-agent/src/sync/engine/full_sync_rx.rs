@@ -51,40 +51,55 @@ pub(super) struct FullSyncRx {
     /// Counts as done when the removal running is over.
     last_ended: Option<FullSyncId>,
     /// A removal of stale replicas runs: a full sync that starts meanwhile does not walk the
-    /// table for its own (one walk per peer at a time, however fast a peer starts and ends
-    /// full syncs), and one that ends meanwhile counts as done when that removal is over.
+    /// table for its own (however fast a peer starts and ends full syncs, a removal's walk is
+    /// the only one), and one that ends meanwhile counts as done when that removal is over.
     removing: bool,
     /// The threads of walks abandoned (their full sync replaced by a newer one, lost with its
     /// connection, or ended without a removal), which stop at their next chunk: a full sync
-    /// that starts while one of them runs walks nothing (a peer starting full syncs faster
-    /// than abandoned walks stop would otherwise pile up a thread per start, each waiting for
-    /// the table's lock). The walk of the full sync a start replaces does not count: a peer
-    /// that starts over after a link failure its side saw first still reconciles.
+    /// that starts while [`MAX_ABANDONED`] of them run walks nothing (a peer starting full
+    /// syncs faster than abandoned walks stop would otherwise pile up a thread per start, each
+    /// waiting for the table's lock). One may run: a peer that starts over at once after its
+    /// connection was dropped here (or on the other link, replacing the full sync running)
+    /// still reconciles. A peer has at most three walk threads.
     abandoned: Vec<Walking>,
+}
+
+/// Abandoned walks still running that keep a new full sync from walking.
+const MAX_ABANDONED: usize = 2;
+
+/// What [`FullSyncRx::start`] made of a start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Start {
+    /// An old start read late: ignored.
+    Ignored,
+    /// Started; it walks the table if it reconciles.
+    Started,
+    /// Started to reconcile, but without a walk (a removal, or abandoned walks, still run):
+    /// the replicas it leaves unseen stay, until a later full sync or their timeout.
+    Unwalked,
 }
 
 impl FullSyncRx {
     /// Full sync `id` starts on connection `generation`, reconciling the peer's replicas
-    /// from `mark` if set; `walk` starts the walk of the table that collects them. False for
-    /// an old start read late (ignored). While an earlier removal, or an abandoned walk, runs
-    /// it walks nothing: the replicas it leaves unseen stay, until a later full sync or their
-    /// timeout.
+    /// from `mark` if set; `walk` starts the walk of the table that collects them. While an
+    /// earlier removal, or [`MAX_ABANDONED`] abandoned walks, run it walks nothing.
     pub(super) fn start(
         &mut self,
         id: FullSyncId,
         generation: u64,
         mark: Option<u64>,
         walk: impl FnOnce() -> Option<StaleScan>,
-    ) -> bool {
+    ) -> Start {
         if self
             .last_started
             .is_some_and(|last| last.boot == id.boot && id.id <= last.id)
         {
-            return false;
+            return Start::Ignored;
         }
         self.last_started = Some(id);
         self.abandoned.retain(Walking::running);
-        let stale = if mark.is_some() && !self.removing && self.abandoned.is_empty() {
+        let may_walk = !self.removing && self.abandoned.len() < MAX_ABANDONED;
+        let stale = if mark.is_some() && may_walk {
             walk()
         } else {
             None
@@ -97,7 +112,11 @@ impl FullSyncRx {
             stale,
         });
         self.abandon(replaced.and_then(|b| b.stale));
-        true
+        if mark.is_some() && !may_walk {
+            Start::Unwalked
+        } else {
+            Start::Started
+        }
     }
 
     /// `scan`'s full sync is over without a removal: its walk stops at its next chunk.
@@ -191,14 +210,19 @@ mod tests {
     }
 
     /// Starts `id` on connection 1, reconciling (a mark), with a walk if one may start:
-    /// returns whether it walks. The walk's scan stands for any: these rules never read it.
+    /// returns whether it walks (None: ignored). The walk's scan stands for any: these rules
+    /// never read it.
     fn start(rx: &mut FullSyncRx, id: FullSyncId) -> Option<bool> {
         let mut walked = false;
         let started = rx.start(id, 1, Some(5), || {
             walked = true;
             None
         });
-        started.then_some(walked)
+        assert_eq!(
+            started == Start::Unwalked,
+            started != Start::Ignored && !walked
+        );
+        (started != Start::Ignored).then_some(walked)
     }
 
     #[test]
@@ -290,11 +314,13 @@ mod tests {
         rx.abandoned.push(Walking::of(&alive));
         assert_eq!(
             start(&mut rx, bulk(1, 6)),
-            Some(false),
-            "walked beside a walk"
+            Some(true),
+            "one abandoned walk blocked"
         );
+        rx.abandoned.push(Walking::of(&alive));
+        assert_eq!(start(&mut rx, bulk(1, 7)), Some(false), "walked beside two");
         drop(alive);
-        assert_eq!(start(&mut rx, bulk(1, 7)), Some(true));
+        assert_eq!(start(&mut rx, bulk(1, 8)), Some(true));
         assert!(rx.abandoned.is_empty(), "walks over are still listed");
     }
 
@@ -302,7 +328,10 @@ mod tests {
     #[test]
     fn a_full_sync_that_does_not_reconcile_walks_nothing() {
         let mut rx = FullSyncRx::default();
-        assert!(rx.start(bulk(1, 1), 1, None, || panic!("walked")));
+        assert_eq!(
+            rx.start(bulk(1, 1), 1, None, || panic!("walked")),
+            Start::Started
+        );
         assert!(!rx.reconciling());
     }
 }

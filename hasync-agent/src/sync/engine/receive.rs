@@ -10,7 +10,10 @@ use std::{sync::Arc, time::Instant};
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
-use super::{full_sync_rx::Ended, lock, Engine, Peer, SessionTable};
+use super::{
+    full_sync_rx::{Ended, Start},
+    lock, Engine, Peer, SessionTable,
+};
 use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
 use crate::{
@@ -250,26 +253,39 @@ impl<T: SessionTable> Engine<T> {
                     .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id))
             };
             let mark = authoritative.then(monotonic_ns);
-            if !g.full_sync_rx.start(bulk, f.generation, mark, walk) {
-                drop(g);
-                // Counted, logged once per peer: a peer can send them as fast as it likes.
-                self.inner.rejections.count(Rejection::StaleFrame);
-                self.log_once(format!("late-bulk-start-{}", peer.cfg.id.0), || {
+            let start = g.full_sync_rx.start(bulk, f.generation, mark, walk);
+            if start != Start::Ignored {
+                // Under the peer's lock, as its loss with the link (`detach`).
+                let mut b = lock(&peer.stats.bulk_received);
+                b.running = true;
+                b.started_ms = monotonic_ns() / 1_000_000;
+            }
+            drop(g);
+            // Logged once per peer: a peer can send these as fast as it likes.
+            match start {
+                Start::Ignored => {
+                    self.inner.rejections.count(Rejection::StaleFrame);
+                    self.log_once(format!("late-bulk-start-{}", peer.cfg.id.0), || {
+                        info!(
+                            peer = peer.cfg.id.0,
+                            bulk_id, "start of an older full sync ignored (further ones are counted as stale-frame)"
+                        );
+                    });
+                    return;
+                }
+                Start::Unwalked => self.log_once(format!("unwalked-{}", peer.cfg.id.0), || {
                     info!(
                         peer = peer.cfg.id.0,
-                        bulk_id, "start of an older full sync ignored (further ones are counted as stale-frame)"
+                        bulk_id, "full sync from peer started while earlier ones' walks or removal still run: the replicas it does not carry stay until a later full sync or their timeout (logged once)"
                     );
-                });
-                return;
+                }),
+                Start::Started => {}
             }
         }
         // After the peer's lock (the membership's is never taken under a peer's): a removal
         // ending meanwhile counts its own full sync, by id, not this one.
         lock(&self.inner.membership).bulk_started(peer.cfg.id, bulk);
         info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
-        let mut b = lock(&peer.stats.bulk_received);
-        b.running = true;
-        b.started_ms = monotonic_ns() / 1_000_000;
     }
 
     /// A full sync ends. Only the running one's end, from its connection, counts; it removes

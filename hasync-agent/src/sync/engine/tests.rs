@@ -21,6 +21,7 @@ use crate::{
     sync::{
         backlog::{Change, MAX_SNAPSHOTS},
         backoff::Backoff,
+        stale::Walking,
         table::FakeTable,
         wire::{Hello, LinkKind, Message, Op, Record},
         writer::Writer,
@@ -316,9 +317,9 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
         FullSyncIn::Running(FullSyncId { boot: 7, id: 3 }),
         "done before its stale replicas went"
     );
-    // A full sync started and ended meanwhile walks nothing: one walk per peer at a time,
-    // however fast a peer (a hostile one with the key) starts and ends them. Nor does it count
-    // as done while the last one's stale replicas are still held.
+    // A full sync started and ended meanwhile walks nothing: a removal's walk is the only
+    // one, however fast a peer (a hostile one with the key) starts and ends them. Nor does it
+    // count as done while the last one's stale replicas are still held.
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
     assert!(peer
         .lock()
@@ -355,13 +356,14 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
     );
 }
 
-/// A full sync that replaces a running one walks (the peer starts over after a link failure
-/// its side saw first: it must still reconcile), but none starts while an abandoned walk's
-/// thread still runs (not yet at its next chunk): a peer (a hostile one with the key)
-/// starting full syncs faster than abandoned walks stop would otherwise leave a thread per
-/// start, all waiting for the table's lock. Once those walks are over, the next one walks.
+/// A full sync that replaces a running one walks, and so does one that starts while one
+/// abandoned walk's thread still runs (not yet at its next chunk: the peer started over at
+/// once after its connection was dropped here); none starts while two do: a peer (a hostile
+/// one with the key) starting full syncs faster than abandoned walks stop would otherwise
+/// leave a thread per start, all waiting for the table's lock. Once those walks are over,
+/// the next one walks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
+async fn full_syncs_started_while_abandoned_walks_run_start_no_other() {
     let (e, peer, _rx) = holding_a_replica_of_2();
     let walking = || {
         let g = peer.lock();
@@ -370,21 +372,25 @@ async fn full_syncs_started_while_an_abandoned_walk_runs_start_no_other() {
     };
     // No walk can read a chunk while this lock is held.
     let table = e.inner.dp.lock().expect("dp");
-    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 3);
-    let third = walking().expect("full sync 3 walks");
-    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 4);
-    let fourth = walking().expect("full sync 4, replacing 3, does not walk");
-    for id in 5..20 {
+    let mut walks = Vec::new();
+    for id in 3..6 {
+        e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), id);
+        walks.push(walking().unwrap_or_else(|| panic!("full sync {id} did not walk")));
+    }
+    for id in 6..20 {
         e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), id);
         assert!(
             walking().is_none(),
-            "full sync {id} walked while an abandoned walk still ran"
+            "full sync {id} walked while two abandoned walks still ran"
         );
     }
-    assert!(third.running(), "the abandoned walk ended under the lock");
+    assert!(
+        walks.iter().all(Walking::running),
+        "abandoned walks ended under the lock"
+    );
     drop(table);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while third.running() || fourth.running() {
+    while walks.iter().any(Walking::running) {
         assert!(
             Instant::now() < deadline,
             "the abandoned walks never stopped"
