@@ -33,7 +33,9 @@ pub use flow::{Family, FlowKey, FragmentKey};
 pub use ids::{ClusterId, MemberId, ZoneId};
 pub use member::MemberEntry;
 pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
-pub use table_programs::{ApplyHeader, ApplyOp, ApplyOutcome, ApplyRecord, ReadHeader, ReadSlot};
+pub use table_programs::{
+    ApplyHeader, ApplyOp, ApplyOutcome, ApplyRecord, ApplySource, ReadHeader, ReadSlot,
+};
 pub use tcp_window::TcpSegment;
 
 /// Asserts at compile time that a shared type has exactly the expected size.

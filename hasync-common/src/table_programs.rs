@@ -84,17 +84,37 @@ impl ApplyRecord {
 pub struct ApplyHeader {
     /// Records that follow.
     pub count: u32,
-    /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
-    /// kept as they are get marked as seen (see [`Resolution::Mark`]).
-    pub reconciling: MemberId,
+    /// Who sent the records, and whose full sync is running.
+    pub from: ApplySource,
     /// Padding; zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// Now, on the session clock (the mark).
     pub now_ns: u64,
     /// Written by the program.
     pub outcome: ApplyOutcome,
 }
 crate::assert_size!(ApplyHeader, 32);
+
+/// Where a batch of records comes from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ApplySource {
+    /// The peer that sent them ([`MemberId::NONE`]: unknown): its own sessions' records come
+    /// in the order it sent them (see [`crate::conflict::newer`]).
+    pub sender: MemberId,
+    /// A full sync from this member is running ([`MemberId::NONE`] otherwise): its replicas
+    /// kept as they are get marked as seen (see [`Resolution::Mark`]).
+    pub reconciling: MemberId,
+}
+crate::assert_size!(ApplySource, 2);
+
+impl ApplySource {
+    /// No sender known, no full sync running.
+    pub const NONE: ApplySource = ApplySource {
+        sender: MemberId::NONE,
+        reconciling: MemberId::NONE,
+    };
+}
 
 /// What the program did with a batch.
 #[repr(C)]

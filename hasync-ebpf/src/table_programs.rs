@@ -14,7 +14,7 @@ use aya_ebpf::{
 use hasync_common::{
     conflict::{orphaned_by_removal, resolve, Resolution},
     table_programs::{APPLY_BATCH, READ_BATCH},
-    ApplyHeader, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, MemberId, ReadHeader,
+    ApplyHeader, ApplyOutcome, ApplyRecord, ApplySource, Counters, DatapathConfig, ReadHeader,
     ReadSlot, Session, SessionFlags,
 };
 
@@ -201,15 +201,8 @@ impl Batch for ApplyHeader {
         // on during a test run, the fast path may interrupt this program on its CPU: a counter
         // it bumps meanwhile may then be lost, nothing worse.
         let counters = unsafe { &mut *counters };
-        let (reconciling, now_ns) = (self.reconciling, self.now_ns);
-        apply_record(
-            &mut rec,
-            reconciling,
-            now_ns,
-            cfg,
-            counters,
-            &mut self.outcome,
-        );
+        let (from, now_ns) = (self.from, self.now_ns);
+        apply_record(&mut rec, from, now_ns, cfg, counters, &mut self.outcome);
         true
     }
 }
@@ -255,7 +248,7 @@ fn admit(
 )]
 fn apply_record(
     rec: &mut ApplyRecord,
-    reconciling: MemberId,
+    from: ApplySource,
     now_ns: u64,
     cfg: &DatapathConfig,
     counters: &mut Counters,
@@ -267,7 +260,7 @@ fn apply_record(
         let existing = SESSIONS.get_ptr_mut(&rec.key);
         // SAFETY: the value stays valid for the program's run.
         let local = existing.map(|p| unsafe { &*p });
-        match resolve(rec.op, &rec.session, local, reconciling) {
+        match resolve(rec.op, &rec.session, local, from) {
             how @ (Resolution::Insert | Resolution::Replace) => {
                 // Only if still absent (insert) or still there (replace); otherwise the fast
                 // path changed it meanwhile: look again. A replace is a whole-value update,

@@ -70,7 +70,7 @@ fn take_over(tdp: &mut TestDatapath, port: u16) {
         .datapath_mut()
         .apply_records(
             &[replica(port, MemberId(2), 7)],
-            MemberId::NONE,
+            hasync_common::ApplySource::NONE,
             monotonic_ns(),
         )
         .expect("install");
@@ -153,7 +153,7 @@ fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
     let newer = replica(5_000, MemberId(3), ours.version + 5);
     let out = tdp
         .datapath_mut()
-        .apply_records(&[newer], MemberId::NONE, monotonic_ns())
+        .apply_records(&[newer], hasync_common::ApplySource::NONE, monotonic_ns())
         .expect("install");
     assert_eq!(out.installed, 1, "{out:?}");
     let (text, logged) = drain(&mut tdp);

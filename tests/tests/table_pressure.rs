@@ -6,7 +6,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use hasync_common::{
-    ApplyOp, ApplyRecord, Counter, EventKind, FlowKey, MemberId, Policy, Session, State,
+    ApplyOp, ApplyRecord, ApplySource, Counter, EventKind, FlowKey, MemberId, Policy, Session,
+    State,
 };
 use hasync_tests::{
     frame::Frame,
@@ -248,7 +249,7 @@ fn replicas_never_evict_assured_sessions() {
     };
     let apply = |tdp: &mut TestDatapath, records: &[ApplyRecord]| {
         tdp.datapath_mut()
-            .apply_records(records, MemberId::NONE, now)
+            .apply_records(records, ApplySource::NONE, now)
             .expect("apply")
     };
     // 100 assured replicas, then a flood of embryonic ones.
@@ -319,7 +320,7 @@ fn one_members_flood_evicts_only_its_own_replicas() {
     for batch in [&quiet, &flood] {
         let out = tdp
             .datapath_mut()
-            .apply_records(batch, MemberId::NONE, now)
+            .apply_records(batch, ApplySource::NONE, now)
             .expect("apply");
         assert_eq!(out.installed as usize, batch.len(), "{out:?}");
     }
@@ -437,7 +438,7 @@ fn sync_to(owner: &mut TestDatapath, replica: &mut TestDatapath, frames: &[Frame
     }
     replica
         .datapath_mut()
-        .apply_records(&records, MemberId::NONE, now)
+        .apply_records(&records, ApplySource::NONE, now)
         .expect("apply");
 }
 
@@ -458,7 +459,7 @@ fn a_session_taken_over_is_not_evicted_by_its_old_owners_part() {
     let apply = |tdp: &mut TestDatapath, r: ApplyRecord| {
         let out = tdp
             .datapath_mut()
-            .apply_records(&[r], MemberId::NONE, now)
+            .apply_records(&[r], ApplySource::NONE, now)
             .expect("apply");
         assert_eq!(out.installed, 1, "{out:?}");
     };

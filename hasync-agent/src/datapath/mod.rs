@@ -30,8 +30,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
-    maps as names, ApplyOutcome, ApplyRecord, Counters, DatapathConfig, FlowKey, MemberEntry,
-    MemberId, Session, ZoneBinding,
+    maps as names, ApplyOutcome, ApplyRecord, ApplySource, Counters, DatapathConfig, FlowKey,
+    MemberEntry, MemberId, Session, ZoneBinding,
 };
 
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
@@ -641,15 +641,10 @@ impl Datapath {
     pub fn apply_records(
         &mut self,
         records: &[ApplyRecord],
-        reconciling: MemberId,
+        from: ApplySource,
         now_ns: u64,
     ) -> Result<ApplyOutcome, DatapathError> {
-        table_runner::apply(
-            self.xdp(names::APPLY_PROGRAM)?,
-            records,
-            reconciling,
-            now_ns,
-        )
+        table_runner::apply(self.xdp(names::APPLY_PROGRAM)?, records, from, now_ns)
     }
 
     /// The sessions of `keys`, in order (`None` where the table has none), read by the read

@@ -9,7 +9,7 @@ use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use hasync_common::{
     maps as names,
     table_programs::{APPLY_BATCH, READ_BATCH, RUN_MAX_BYTES},
-    ApplyHeader, ApplyOutcome, ApplyRecord, FlowKey, MemberId, ReadHeader, ReadSlot, Session,
+    ApplyHeader, ApplyOutcome, ApplyRecord, ApplySource, FlowKey, ReadHeader, ReadSlot, Session,
 };
 
 use super::{
@@ -99,12 +99,12 @@ pub fn run_one<I: bytemuck::Pod, O: bytemuck::Pod>(
     Ok((result.return_value, answer))
 }
 
-/// Applies `records` with the apply program; `reconciling` is the member whose full sync is
-/// running (or [`MemberId::NONE`]), `now_ns` the session clock's now.
+/// Applies `records` from `from` (their sender, and the member whose full sync is running)
+/// with the apply program; `now_ns` is the session clock's now.
 pub fn apply(
     prog: &Xdp,
     records: &[ApplyRecord],
-    reconciling: MemberId,
+    from: ApplySource,
     now_ns: u64,
 ) -> Result<ApplyOutcome, DatapathError> {
     let mut total = ApplyOutcome::default();
@@ -113,7 +113,7 @@ pub fn apply(
         let header = ApplyHeader {
             // At most APPLY_BATCH: fits.
             count: part.len() as u32,
-            reconciling,
+            from,
             now_ns,
             ..ApplyHeader::default()
         };
@@ -221,12 +221,50 @@ mod tests {
         let mut update = update;
         update.session.reply_zone = hasync_common::ZoneId::NONE;
         let out = dp
-            .apply_records(&[update], MemberId::NONE, 0)
+            .apply_records(&[update], hasync_common::ApplySource::NONE, 0)
             .expect("apply");
         assert_eq!(out.installed, 1);
         let now = dp.session(&key(1)).expect("lookup").expect("held");
         assert_eq!(now.version, 2);
         assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
+    }
+
+    /// In the kernel as in the rule's own tests: the owner's next record of a flow replaces a
+    /// copy whose record was delayed in transit (its times anchored here two seconds late);
+    /// from an unknown sender the times still say "a re-created flow" and the copy stays.
+    #[test]
+    fn the_owners_record_replaces_a_copy_its_delayed_record_made() {
+        let mut dp = datapath();
+        let sec = 1_000_000_000u64;
+        let delayed = Session {
+            version: 7,
+            owner: MemberId(2),
+            created_ns: 102 * sec,
+            last_seen_ns: 102 * sec,
+            state: hasync_common::State::UdpNew as u8,
+            ..Session::default()
+        };
+        let replied = Session {
+            version: 8,
+            created_ns: 100 * sec,
+            last_seen_ns: 100 * sec + sec / 5,
+            state: hasync_common::State::UdpReplied as u8,
+            ..delayed
+        };
+        let record = ApplyRecord::new(key(1), replied, hasync_common::ApplyOp::Upsert, false);
+        let from = |sender| ApplySource {
+            sender: MemberId(sender),
+            reconciling: MemberId::NONE,
+        };
+        for (sender, installed, version) in [(0, 0, 7), (3, 0, 7), (2, 1, 8)] {
+            dp.insert_sessions(&[(key(1), delayed)]).expect("insert");
+            let out = dp
+                .apply_records(&[record], from(sender), 103 * sec)
+                .expect("apply");
+            assert_eq!(out.installed, installed, "sender {sender}");
+            let held = dp.session(&key(1)).expect("lookup").expect("held");
+            assert_eq!(held.version, version, "sender {sender}");
+        }
     }
 
     /// The owner's removal of a replica this member carries the flow of (asymmetric, assured,
@@ -275,7 +313,7 @@ mod tests {
             .map(|(k, _)| ApplyRecord::removal(*k, MemberId(2), 0))
             .collect();
         let out = dp
-            .apply_records(&removals, MemberId::NONE, now)
+            .apply_records(&removals, hasync_common::ApplySource::NONE, now)
             .expect("apply");
         assert_eq!((out.deleted, out.kept, out.orphaned), (4, 0, 1));
         let keys: Vec<FlowKey> = by_sync.iter().map(|(k, _)| *k).collect();

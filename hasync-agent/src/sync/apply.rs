@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{ApplyOp, ApplyRecord, MemberId, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -242,7 +242,11 @@ pub fn apply(
         }
     }
     if !batch.is_empty() {
-        let done = dp.apply_records(&batch, who.reconciling.unwrap_or(MemberId::NONE), now_ns)?;
+        let from = ApplySource {
+            sender: who.sender,
+            reconciling: who.reconciling.unwrap_or(MemberId::NONE),
+        };
+        let done = dp.apply_records(&batch, from, now_ns)?;
         out.installed += u64::from(done.installed);
         out.deleted += u64::from(done.deleted);
         out.kept += u64::from(done.kept);

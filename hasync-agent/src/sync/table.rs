@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 
 use hasync_common::{
-    conflict::unseen_replica, ApplyOutcome, ApplyRecord, FlowKey, MemberId, Session,
+    conflict::unseen_replica, ApplyOutcome, ApplyRecord, ApplySource, FlowKey, MemberId, Session,
 };
 
 use crate::datapath::{batch::BatchCursor, Datapath, DatapathError};
@@ -29,11 +29,11 @@ pub trait SessionTable: Send + 'static {
         max: u32,
     ) -> Result<bool, DatapathError>;
 
-    /// Applies records by the conflict rule (`hasync_common::conflict::resolve`).
+    /// Applies records from `from` by the conflict rule (`hasync_common::conflict::resolve`).
     fn apply_records(
         &mut self,
         records: &[ApplyRecord],
-        reconciling: MemberId,
+        from: ApplySource,
         now_ns: u64,
     ) -> Result<ApplyOutcome, DatapathError>;
 
@@ -85,10 +85,10 @@ impl SessionTable for Datapath {
     fn apply_records(
         &mut self,
         records: &[ApplyRecord],
-        reconciling: MemberId,
+        from: ApplySource,
         now_ns: u64,
     ) -> Result<ApplyOutcome, DatapathError> {
-        Datapath::apply_records(self, records, reconciling, now_ns)
+        Datapath::apply_records(self, records, from, now_ns)
     }
 
     fn remove_if_unseen(
@@ -114,7 +114,7 @@ impl SessionTable for Datapath {
             .map(|k| ApplyRecord::removal(*k, owner, 0))
             .collect();
         let now = crate::datapath::monotonic_ns();
-        let out = Datapath::apply_records(self, &removals, MemberId::NONE, now)?;
+        let out = Datapath::apply_records(self, &removals, ApplySource::NONE, now)?;
         Ok(Unseen {
             removed: out.deleted as usize,
             orphaned: usize::from(out.orphaned),
@@ -216,7 +216,7 @@ impl SessionTable for FakeTable {
     fn apply_records(
         &mut self,
         records: &[ApplyRecord],
-        reconciling: MemberId,
+        from: ApplySource,
         now_ns: u64,
     ) -> Result<ApplyOutcome, DatapathError> {
         use hasync_common::conflict::{resolve, Resolution};
@@ -226,7 +226,7 @@ impl SessionTable for FakeTable {
         let mut out = ApplyOutcome::default();
         for r in records {
             let existing = self.get(&r.key);
-            match resolve(r.op, &r.session, existing.as_ref(), reconciling) {
+            match resolve(r.op, &r.session, existing.as_ref(), from) {
                 Resolution::Insert | Resolution::Replace => {
                     self.put(r.key, r.session);
                     out.installed += 1;

@@ -22,7 +22,7 @@ use hasync_agent::{
 };
 use hasync_common::{
     conflict::{resolve, Resolution},
-    ApplyOp, Counters, FlowKey, MemberId, Session, SessionFlags, ZoneId,
+    ApplyOp, ApplySource, Counters, FlowKey, MemberId, Session, SessionFlags, ZoneId,
 };
 
 /// Zones of the receiving member in the checks below.
@@ -225,7 +225,10 @@ fn check_decision(
 /// The conflict rule against no local copy, a copy equal to the record (never newer than
 /// itself) and, for a delete, a copy of another owner (never deleted).
 fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
-    let reconciling = who.reconciling.unwrap_or(MemberId::NONE);
+    let reconciling = ApplySource {
+        sender: who.sender,
+        reconciling: who.reconciling.unwrap_or(MemberId::NONE),
+    };
     let upsert = op == ApplyOp::Upsert as u8;
     let absent = resolve(op, incoming, None, reconciling);
     let expected = if upsert {
