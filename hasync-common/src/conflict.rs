@@ -44,22 +44,17 @@ pub const fn version_after(a: u32, b: u32) -> bool {
 /// the higher owner id. (Only the same owner: another member cannot take a session over by
 /// claiming to have created it anew.)
 ///
-/// `a_from_owner`: `a` came from its owner itself, whose records arrive in the order it sent
-/// them, each with its latest state: then `b` is never a flow created after `a`, whatever
-/// their times say. A record's times are relative (ages) and anchored here when it is applied,
-/// so a record delayed in transit (TCP retransmissions on a lossy link, a full send queue)
-/// makes its copy look created later than it was: by more than a second, the owner's next
-/// record of the same flow lost to that copy as "older than a re-created flow", for good.
+/// `a_from_owner` is 1 if `a` came from its owner itself, else 0: its owner's records arrive
+/// in the order it sent them, each with its latest state, so then `b` is never a flow created
+/// after `a`, whatever their times say. A record's times are relative (ages) and anchored here
+/// when it is applied, so a record delayed in transit (TCP retransmissions on a lossy link, a
+/// full send queue) makes its copy look created later than it was: by more than a second, the
+/// owner's next record of the same flow lost to that copy as "older than a re-created flow",
+/// for good. A number, not a bool, so that it is used without a branch: the apply program's
+/// verifier walks both sides of every branch for each record of a batch (a branch here took
+/// it from 455,000 instructions verified to 965,000, of the kernel's 1,000,000).
 #[inline(always)]
-pub fn newer(a: &Session, b: &Session, a_from_owner: bool) -> bool {
-    newer_unless(a, b, a_from_owner as u64)
-}
-
-/// [`newer`], with `a_from_owner` as 1 or 0: computed without a branch, since the apply
-/// program's verifier walks both sides of every branch for each record of a batch (a branch
-/// here took it from 455,000 instructions verified to 965,000, of the kernel's 1,000,000).
-#[inline(always)]
-fn newer_unless(a: &Session, b: &Session, a_from_owner: u64) -> bool {
+pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
     if a.owner.0 == b.owner.0 {
         if a.created_ns > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
             return true;
@@ -109,7 +104,7 @@ pub fn resolve(
     }
     // 1 if the sender is known and owns the session, else 0, without a branch.
     let from_owner = (1 ^ nonzero(sender.0 ^ incoming.owner.0)) & nonzero(sender.0);
-    if newer_unless(incoming, s, from_owner) {
+    if newer(incoming, s, from_owner) {
         return Resolution::Replace;
     }
     if reconciling.0 != 0 && s.owner.0 == reconciling.0 && incoming.owner.0 == reconciling.0 {
