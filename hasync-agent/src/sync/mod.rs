@@ -8,6 +8,7 @@ pub mod backlog;
 pub mod backoff;
 pub mod channel;
 pub mod engine;
+pub mod log_limit;
 pub mod removals;
 pub mod stale;
 pub mod stats;

@@ -22,6 +22,9 @@ use super::{
 use crate::cluster::{Table, UdpInjector};
 
 const SYNC_LINKS: [Link; 2] = [Link::Ha4, Link::Ha4Backup];
+/// The most "full sync from peer started" lines a hostile peer's many starts may leave in
+/// the log (the agent's burst, one more per 2 s, and the real member's own after it resumes).
+const MAX_FULL_SYNC_LINES: usize = 20;
 /// The nftables table a half-partition adds in a member.
 const PARTITION_TABLE: &str = "hasync_chaos_partition";
 
@@ -276,10 +279,12 @@ impl Runner<'_> {
             member: third,
             genuine: true,
         };
+        let log_from = self.log_len(k);
         let refused = self.impersonate(k, &genuine, &table);
         std::thread::sleep(hold);
         let after = invariants::tables(self.c, &members)?;
         let refused = refused?;
+        self.full_sync_lines_bounded(k, third, log_from)?;
         self.report.note(format!(
             "fw{k} refusals while fw{third}'s address spoke: {refused:?}"
         ));
@@ -324,6 +329,42 @@ impl Runner<'_> {
         } else {
             Err(format!(
                 "fw{k} counted no {missing:?} while the impersonator spoke: checks not reached"
+            ))
+        }
+    }
+
+    /// The length of fw`k`'s agent log now.
+    fn log_len(&self, k: u8) -> u64 {
+        std::fs::metadata(self.c.log_path(k)).map_or(0, |m| m.len())
+    }
+
+    /// The hostile peer started [`hostile::BULK_STARTS`] full syncs: fw`k` must have logged
+    /// a few of them ("full sync from peer started", a burst and then one per interval), not
+    /// each.
+    fn full_sync_lines_bounded(
+        &mut self,
+        k: u8,
+        from_member: u8,
+        since: u64,
+    ) -> Result<(), String> {
+        let log = std::fs::read(self.c.log_path(k)).map_err(|e| format!("fw{k}'s log: {e}"))?;
+        let since = usize::try_from(since).unwrap_or(usize::MAX);
+        let text = String::from_utf8_lossy(log.get(since..).unwrap_or_default());
+        let peer = format!("peer={from_member} ");
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("full sync from peer started") && l.contains(&peer))
+            .count();
+        self.report.note(format!(
+            "fw{k} logged {lines} full sync starts from fw{from_member}'s address while the hostile peer sent {}",
+            hostile::BULK_STARTS
+        ));
+        if (1..=MAX_FULL_SYNC_LINES).contains(&lines) {
+            Ok(())
+        } else {
+            Err(format!(
+                "fw{k} logged {lines} full sync starts from fw{from_member}'s address (expected 1 to {MAX_FULL_SYNC_LINES}): \
+                 a peer's repeated starts must be rate-limited in the log, and logged"
             ))
         }
     }

@@ -154,6 +154,9 @@ fn record(op: Op, key: FlowKey, owner: u8, version: u32, state: State) -> Record
     }
 }
 
+/// How many full syncs the hostile peer starts, one after the other, without ending any.
+pub const BULK_STARTS: u32 = 200;
+
 /// The hostile frames for member `target`, whose table is `table`, claiming `claimed`: new
 /// sessions of a third member (neither `claimed` nor `target`: refused as foreign whatever the
 /// table holds) and of unknown owners, deletes and huge-version rewrites (state closed,
@@ -238,7 +241,7 @@ pub fn hostile_frames(
     ]);
     // Full syncs started by the hundred and never ended (each abandons the last, and its
     // walk of the table), and an ack of a frame never sent.
-    frames.extend((100..300).map(|bulk_id| Message::BulkStart { bulk_id }));
+    frames.extend((100..100 + BULK_STARTS).map(|bulk_id| Message::BulkStart { bulk_id }));
     frames.push(Message::Ack { seq: u64::MAX });
     frames
 }

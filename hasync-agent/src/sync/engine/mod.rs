@@ -38,6 +38,7 @@ use super::{
     apply::ZoneMap,
     backlog::{Backlog, Change},
     backoff::Backoff,
+    log_limit::LogLimiter,
     stats::{LinkStats, PeerStats, Rejections},
     table::SessionTable,
     window::Window,
@@ -244,6 +245,8 @@ struct EngineInner<T> {
     rejections: Rejections,
     generation: AtomicU64,
     logged: Mutex<HashSet<String>>,
+    /// Lines a peer can repeat by what it sends, at most one per key per interval.
+    log_limits: LogLimiter,
     /// Local interface state per link, as last read.
     local_up: Mutex<BTreeMap<LinkKind, bool>>,
     /// This member's table started empty and it has not yet had every reachable peer's full
@@ -287,6 +290,7 @@ impl<T: SessionTable> Engine<T> {
                 rejections: Rejections::default(),
                 generation: AtomicU64::new(1),
                 logged: Mutex::new(HashSet::new()),
+                log_limits: LogLimiter::default(),
                 local_up: Mutex::new(BTreeMap::new()),
                 admission,
                 reannouncing: AtomicBool::new(false),
@@ -449,6 +453,14 @@ impl<T: SessionTable> Engine<T> {
     fn log_once(&self, key: String, f: impl FnOnce()) {
         if lock(&self.inner.logged).insert(key) {
             f();
+        }
+    }
+
+    /// Logs through `f` unless `key` used up its lines for now ([`LogLimiter`]: a burst, then
+    /// one per interval); `f` gets how many lines of `key` were left out since the last one.
+    fn log_limited(&self, key: String, f: impl FnOnce(u64)) {
+        if let Some(skipped) = self.inner.log_limits.allow(&key, Instant::now()) {
+            f(skipped);
         }
     }
 

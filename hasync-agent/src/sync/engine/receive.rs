@@ -220,7 +220,7 @@ impl<T: SessionTable> Engine<T> {
             (released, confirmed)
         };
         if let Some((_, sent)) = confirmed {
-            Self::bulk_confirmed(peer, sent);
+            self.bulk_confirmed(peer, sent);
         }
         let now = Instant::now();
         let mut lag = lock(&peer.stats.lag);
@@ -285,7 +285,12 @@ impl<T: SessionTable> Engine<T> {
         // After the peer's lock (the membership's is never taken under a peer's): a removal
         // ending meanwhile counts its own full sync, by id, not this one.
         lock(&self.inner.membership).bulk_started(peer.cfg.id, bulk);
-        info!(peer = peer.cfg.id.0, bulk_id, "full sync from peer started");
+        self.log_limited(format!("bulk-rx-start-{}", peer.cfg.id.0), |skipped| {
+            info!(
+                peer = peer.cfg.id.0,
+                bulk_id, skipped, "full sync from peer started"
+            )
+        });
     }
 
     /// A full sync ends. Only the running one's end, from its connection, counts; it removes
@@ -323,13 +328,16 @@ impl<T: SessionTable> Engine<T> {
         let counted = done_now && self.count_bulk_done(peer, bulk);
         if applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
-            warn!(
-                peer = peer.cfg.id.0,
-                bulk_id,
-                announced = records,
-                applied,
-                "full sync from peer ended incomplete: its replicas are not reconciled"
-            );
+            self.log_limited(format!("bulk-rx-incomplete-{}", peer.cfg.id.0), |skipped| {
+                warn!(
+                    peer = peer.cfg.id.0,
+                    bulk_id,
+                    announced = records,
+                    applied,
+                    skipped,
+                    "full sync from peer ended incomplete: its replicas are not reconciled"
+                )
+            });
         }
         self.bulk_received(peer, bulk_id, records);
         if counted {
@@ -360,13 +368,14 @@ impl<T: SessionTable> Engine<T> {
         b.count += 1;
         b.last_records = records;
         b.last_duration_ms = (monotonic_ns() / 1_000_000).saturating_sub(b.started_ms);
-        info!(
-            peer = peer.cfg.id.0,
-            bulk_id,
-            records,
-            ms = b.last_duration_ms,
-            "full sync from peer ended"
-        );
+        let ms = b.last_duration_ms;
+        drop(b);
+        self.log_limited(format!("bulk-rx-end-{}", peer.cfg.id.0), |skipped| {
+            info!(
+                peer = peer.cfg.id.0,
+                bulk_id, records, ms, skipped, "full sync from peer ended"
+            )
+        });
     }
 
     /// Applies a session frame if it is the peer's next in sequence (any gap was queued
@@ -509,11 +518,11 @@ impl<T: SessionTable> Engine<T> {
         };
         tokio::task::spawn_blocking(move || {
             let unseen = scan.finish(&over.engine.inner.dp, mark);
-            Self::stale_removed(&over.peer, unseen);
+            over.engine.stale_removed(&over.peer, unseen);
         })
     }
 
-    fn stale_removed(peer: &Peer, unseen: Result<Unseen, DatapathError>) {
+    fn stale_removed(&self, peer: &Peer, unseen: Result<Unseen, DatapathError>) {
         match unseen {
             Ok(Unseen {
                 removed: 0,
@@ -522,12 +531,15 @@ impl<T: SessionTable> Engine<T> {
             Ok(Unseen { removed, orphaned }) => {
                 LinkStats::add(&peer.stats.deleted, removed as u64);
                 LinkStats::add(&peer.stats.orphaned, orphaned as u64);
-                info!(
-                    peer = peer.cfg.id.0,
-                    removed,
-                    orphaned,
-                    "stale replicas the peer no longer holds removed after its full sync (those whose flows come through here kept, orphaned)"
-                );
+                self.log_limited(format!("stale-removed-{}", peer.cfg.id.0), |skipped| {
+                    info!(
+                        peer = peer.cfg.id.0,
+                        removed,
+                        orphaned,
+                        skipped,
+                        "stale replicas the peer no longer holds removed after its full sync (those whose flows come through here kept, orphaned)"
+                    )
+                });
             }
             Err(e) => {
                 warn!(peer = peer.cfg.id.0, error = %error_chain(&e), "removing stale replicas failed")

@@ -77,12 +77,15 @@ impl<T: SessionTable> Engine<T> {
                 let (n, bulk_lost) = self.requeue_unacked(peer, &mut g);
                 g.bulk_wanted |= bulk_lost;
                 LinkStats::add(&peer.stats.resends, n as u64);
-                info!(
-                    peer = peer.cfg.id.0,
-                    link = link.name(),
-                    requeued = n,
-                    "sync data moves to another link"
-                );
+                self.log_limited(format!("link-move-{}", peer.cfg.id.0), |skipped| {
+                    info!(
+                        peer = peer.cfg.id.0,
+                        link = link.name(),
+                        requeued = n,
+                        skipped,
+                        "sync data moves to another link"
+                    )
+                });
             }
         }
         g.data_link = Some(link);
@@ -308,12 +311,15 @@ impl<T: SessionTable> Engine<T> {
         let bulk_id =
             u32::try_from(self.inner.generation.fetch_add(1, Relaxed) & 0xffff_ffff).unwrap_or(0);
         lock(&peer.stats.bulk_sent).running = true;
-        info!(
-            peer = peer.cfg.id.0,
-            link = link.name(),
-            bulk_id,
-            "full sync to peer started"
-        );
+        self.log_limited(format!("bulk-tx-start-{}", peer.cfg.id.0), |skipped| {
+            info!(
+                peer = peer.cfg.id.0,
+                link = link.name(),
+                bulk_id,
+                skipped,
+                "full sync to peer started"
+            )
+        });
         writer.send(Message::BulkStart { bulk_id }).await?;
         let carries = self.bulk_carries(peer);
         let mut cursor = T::Cursor::default();
@@ -395,7 +401,7 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// A full sync's end was confirmed (the peer read it): it counts as sent.
-    pub(super) fn bulk_confirmed(peer: &Peer, sent: BulkSent) {
+    pub(super) fn bulk_confirmed(&self, peer: &Peer, sent: BulkSent) {
         let BulkSent {
             link,
             bulk_id,
@@ -410,14 +416,17 @@ impl<T: SessionTable> Engine<T> {
             b.last_records = records;
             b.last_duration_ms = ms;
         }
-        info!(
-            peer = peer.cfg.id.0,
-            link = link.name(),
-            bulk_id,
-            records,
-            ms,
-            "full sync to peer ended (its end acknowledged)"
-        );
+        self.log_limited(format!("bulk-tx-end-{}", peer.cfg.id.0), |skipped| {
+            info!(
+                peer = peer.cfg.id.0,
+                link = link.name(),
+                bulk_id,
+                records,
+                ms,
+                skipped,
+                "full sync to peer ended (its end acknowledged)"
+            )
+        });
     }
 
     /// Sends keepalives on every link to `peer` and drops links that went silent.

@@ -1,0 +1,99 @@
+//! Lines a peer can repeat as fast as it sends frames on one connection (full syncs started
+//! and ended, stale replicas removed after them) are written a few at a time and then at most
+//! one per interval, per key; the ones left out in between are counted and the next line
+//! written says how many. The keys are per peer, so the map stays as small as the cluster.
+//! (State changes, a link going up or down and a member alive or not, are always logged: the
+//! last line must say the state.)
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::lock::lock;
+
+/// Lines one key may write in a burst.
+pub const BURST: u32 = 5;
+/// One more line is allowed per this interval, up to [`BURST`].
+pub const REFILL_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Limit {
+    /// Lines the key may still write now.
+    allowance: u32,
+    /// Where the allowance was last brought up to date.
+    refilled: Instant,
+    left_out: u64,
+}
+
+/// Per key: how many lines it may still write and how many it left out since the last.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    keys: Mutex<HashMap<String, Limit>>,
+}
+
+impl LogLimiter {
+    /// `Some(left_out)` if `key` may log at `now` (`left_out`: the lines it left out since
+    /// the last one written), else `None` (this one is counted as left out).
+    pub fn allow(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut keys = lock(&self.keys);
+        let limit = keys.entry(key.to_owned()).or_insert(Limit {
+            allowance: BURST,
+            refilled: now,
+            left_out: 0,
+        });
+        limit.refill(now);
+        if limit.allowance == 0 {
+            limit.left_out += 1;
+            return None;
+        }
+        limit.allowance -= 1;
+        Some(std::mem::take(&mut limit.left_out))
+    }
+}
+
+impl Limit {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled);
+        let earned = elapsed.as_nanos() / REFILL_EVERY.as_nanos();
+        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+        if self.allowance.saturating_add(earned) >= BURST {
+            self.allowance = BURST;
+            self.refilled = now;
+        } else {
+            self.allowance += earned;
+            self.refilled += REFILL_EVERY * earned;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_logs_a_burst_then_one_per_interval_and_says_how_many_it_left_out() {
+        let limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for i in 0..u64::from(BURST) {
+            assert_eq!(limiter.allow("peer-2", t0 + ms(i)), Some(0));
+        }
+        for i in 0..7 {
+            assert_eq!(limiter.allow("peer-2", t0 + ms(10 + i)), None);
+        }
+        // Another key is not held back by the first.
+        assert_eq!(limiter.allow("peer-3", t0), Some(0));
+        // One interval earns one line, which says how many were left out.
+        assert_eq!(limiter.allow("peer-2", t0 + REFILL_EVERY), Some(7));
+        assert_eq!(limiter.allow("peer-2", t0 + REFILL_EVERY + ms(1)), None);
+        assert_eq!(limiter.allow("peer-2", t0 + REFILL_EVERY * 2), Some(1));
+        // A quiet key earns its whole burst back, no more.
+        let later = t0 + REFILL_EVERY * 100;
+        for _ in 0..BURST {
+            assert!(limiter.allow("peer-2", later).is_some());
+        }
+        assert_eq!(limiter.allow("peer-2", later), None);
+    }
+}
