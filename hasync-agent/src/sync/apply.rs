@@ -152,14 +152,15 @@ impl Applier {
 
 /// The part of the conflict rule that needs no local copy: the sender must be allowed to speak
 /// for the record's owner; a record naming this member as owner is kept out unless this
-/// member's table started empty (and it comes in a full sync); an upsert for a zone we lack is
+/// member's table started empty and it is a session in a full sync; an upsert for a zone we lack is
 /// refused; anything else goes to the apply program with the zone and clock made local.
 /// (The rest, by version and owner, is `hasync_common::conflict::resolve`, run in the kernel.)
 pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Decision {
     if let Err(why) = who.owner_check(rec.owner, rec.op) {
         return Decision::RefuseOwner(why);
     }
-    if rec.owner == who.local && !(who.fresh_table && who.bulk) {
+    // Ours come back only as sessions, never as removals: a full sync carries none.
+    if rec.owner == who.local && !(who.fresh_table && who.bulk && rec.op == Op::Upsert) {
         return Decision::Keep;
     }
     let (op, session) = match rec.op {
@@ -263,6 +264,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::sync::table::FakeTable;
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
@@ -597,5 +599,41 @@ mod tests {
         assert_eq!(s.zone, ZoneId(2));
         assert_eq!(s.owner, MemberId(3));
         assert!(s.flags.has(SessionFlags::FROM_PEER));
+    }
+
+    /// A full sync into a fresh table may hand our sessions back (upserts), never remove one:
+    /// a delete naming us as owner must be kept out as any other record naming us. Seen
+    /// failing (removed) when only the upsert's owner check held it.
+    #[test]
+    fn a_full_sync_into_a_fresh_table_cannot_remove_our_own_session() {
+        let key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, 0, 0], 1, [2, 0, 0, 0], 2).0;
+        let ours = Session {
+            version: 3,
+            owner: MemberId(1),
+            zone: ZoneId(1),
+            state: State::Established as u8,
+            ..Session::default()
+        };
+        let mut dp = FakeTable {
+            entries: vec![(key, ours)],
+            ..FakeTable::default()
+        };
+        let who = Applier {
+            local: MemberId(1),
+            sender: MemberId(2),
+            bulk: true,
+            members: (1..=3).map(MemberId).collect(),
+            alive: (1..=3).map(MemberId).collect(),
+            fresh_table: true,
+            reconciling: Some(MemberId(2)),
+        };
+        let z = ZoneMap::new(&["trust".into()], &["trust".into()]);
+        let del = Record::delete(key, MemberId(1), 0);
+        apply(&mut dp, &[del], &z, 1, &who).expect("apply");
+        assert!(
+            dp.get(&key).is_some(),
+            "peer 2 removed member 1's own session"
+        );
+        assert_eq!(decide(&del, &z, 0, &who), Decision::Keep);
     }
 }

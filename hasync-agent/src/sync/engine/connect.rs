@@ -176,9 +176,7 @@ impl<T: SessionTable> Engine<T> {
             self.refuse(reason, from, link, &detail);
             return None;
         }
-        let peer = self.inner.peers.get(&h.member)?.clone();
-        self.warn_differences(h);
-        Some(peer)
+        self.inner.peers.get(&h.member).cloned()
     }
 
     /// Records in the membership what `h` says of the peer's configuration against ours
@@ -444,6 +442,8 @@ impl<T: SessionTable> Engine<T> {
             );
             return;
         }
+        // Only an admitted connection's hello says what the peer's configuration is.
+        self.warn_differences(&conn.hello);
         lock(&self.inner.membership).greeted(peer.cfg.id, now);
         // What the old connection had in flight is queued again, as for any lost link.
         self.detach(&peer, link, None, "replaced");
@@ -502,9 +502,12 @@ impl<T: SessionTable> Engine<T> {
             g.ha4_failed = false;
             g.ha4_usable_at = Some(now + self.inner.cfg.hold_down);
         }
-        // A request for a full sync is honoured once per boot of the peer (at once: a
-        // restarted peer needs it), or again after the peer was cut off from us on every link
-        // (it may have missed changes; paced by the backoff, as link flaps are).
+        // A request for a full sync is honoured once per boot of the peer, or again after the
+        // peer was cut off from us on every link (it may have missed changes); paced by the
+        // backoff, as link flaps are. A new boot starts the backoff over (a restarted peer
+        // needs its full sync at once), but at most once per backoff ceiling: a boot id is
+        // whatever the hello says, and a peer restarting in a loop, or inventing boots, would
+        // otherwise get a walk of the whole table per connection.
         let cut_off = g.links.is_empty();
         let new_boot = g.bulk_granted_boot != Some(hello.boot_id);
         if hello.wants_bulk
@@ -514,8 +517,12 @@ impl<T: SessionTable> Engine<T> {
         {
             g.bulk_wanted = true;
             g.bulk_granted_boot = Some(hello.boot_id);
-            if new_boot {
+            let restart_allowed = g
+                .bulk_backoff_reset
+                .is_none_or(|t| now.saturating_duration_since(t) >= BULK_BACKOFF.1);
+            if new_boot && restart_allowed {
                 g.bulk_backoff = Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1);
+                g.bulk_backoff_reset = Some(now);
             }
         }
         g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
@@ -586,6 +593,7 @@ fn count_sent(stats: &LinkStats, msg: &Message, bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::{admission::Admission, table::FakeTable, wire::Message};
 
     /// Refusals slow the dialler down, doubling up to a bound; no refusal (nobody answered,
     /// or the last attempt succeeded) keeps it at the quick pace a heal needs.
@@ -644,6 +652,87 @@ mod tests {
         assert_eq!(
             zone_difference(&names(&["a", "b"]), &names(&["b", "a"])),
             None
+        );
+    }
+
+    /// A connection refused because the peer's live one holds the link (a dial and an accept
+    /// crossed, or a key holder at its address) says nothing of the peer: its hello must not
+    /// replace what the live connection's hello said of the peer's configuration (the
+    /// membership votes on it). Seen failing when the hello was checked and recorded before
+    /// admission.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_duplicates_hello_does_not_rewrite_the_peers_config() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let from = SocketAddr::new(lo, 4700);
+        // Member 2's real connection: its hello checked, then attached.
+        let mut real = e.hello(LinkKind::Ha4, MemberId(2));
+        real.member = MemberId(2);
+        let p = e.check_hello(&real, LinkKind::Ha4, from, MemberId(2));
+        let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
+        let (tx, rx) = ours.expect("client");
+        let live = Established {
+            hello: real.clone(),
+            tx,
+            rx,
+            sent_fresh: false,
+        };
+        e.attach(p.expect("a valid hello"), LinkKind::Ha4, live, from);
+        let agreed = || lock(&e.inner.membership).peers[&MemberId(2)].agreed;
+        let before = agreed();
+        assert!(before.is_some());
+        // Another connection from member 2's address, whose hello says other settings.
+        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let (mut tx, mut rx) = channel::initiate(stream, &[0; 32])
+                .await
+                .expect("handshake");
+            real.fingerprint[0] ^= 1;
+            tx.send(&Message::Hello(real)).await.expect("hello");
+            let _ = rx.recv().await;
+        });
+        let (stream, peer_addr) = listener.accept().await.expect("accept");
+        let ticket = Admission::new([(lo, MemberId(2))].into())
+            .admit(peer_addr.ip())
+            .expect("admitted");
+        let r = e.respond(stream, peer_addr, LinkKind::Ha4, &ticket).await;
+        assert!(r.expect("respond").is_none(), "the duplicate was attached");
+        client.abort();
+        let refused = e.rejections().snapshot();
+        assert_eq!(refused.get("duplicate-link"), Some(&1));
+        assert_eq!(
+            agreed(),
+            before,
+            "a refused connection's hello rewrote the peer's settings"
+        );
+    }
+
+    /// A peer that reconnects at once with a new boot id each time, asking for a full sync
+    /// (a boot id is whatever the peer says): after the first, its full syncs are paced by
+    /// the backoff. Seen failing (10 in 10) when every new boot reset the backoff.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_inventing_boots_gets_full_syncs_at_the_backoffs_pace() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let mut granted = 0;
+        for boot in 1..=10u64 {
+            let mut h = e.hello(LinkKind::Ha4, MemberId(2));
+            h.member = MemberId(2);
+            h.boot_id = boot;
+            h.wants_bulk = true;
+            let (conn, _sent) = super::super::tests::placeholder_conn(boot);
+            e.register(&p, LinkKind::Ha4, h, conn, Instant::now());
+            if e.prepare_send(&p).is_some_and(|(_, _, _, bulk)| bulk) {
+                granted += 1;
+            }
+            // The peer drops the connection and comes back at once.
+            e.detach(&p, LinkKind::Ha4, None, "test");
+        }
+        assert_eq!(
+            granted, 1,
+            "full syncs in 10 reconnections within milliseconds"
         );
     }
 }

@@ -146,6 +146,8 @@ struct PeerInner {
     bulk_backoff: Backoff,
     /// The peer boot whose request for a full sync was honoured last.
     bulk_granted_boot: Option<u64>,
+    /// When a new boot of the peer last started the backoff over.
+    bulk_backoff_reset: Option<Instant>,
     /// The full syncs received from this peer.
     full_sync_rx: FullSyncRx,
     zones: ZoneMap,
@@ -179,6 +181,7 @@ impl Peer {
                 bulk_unconfirmed: None,
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
+                bulk_backoff_reset: None,
                 full_sync_rx: FullSyncRx::default(),
                 zones: ZoneMap::default(),
                 hello: None,

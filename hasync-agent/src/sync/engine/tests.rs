@@ -37,7 +37,7 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
 }
 
 /// An engine of member 1 in a cluster of `members` (members 1 to `members`).
-fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
+pub(super) fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
     let peer = |id: u8| PeerConfig {
         id: MemberId(id),
         serial: format!("fw{id}"),
@@ -161,9 +161,19 @@ fn from(peer: &Arc<super::Peer>, link: LinkKind, boot_id: u64) -> FrameFrom<'_> 
 /// Registers a connection of peer 2 on `link` whose writer hands what it sends to the
 /// returned receiver (needs a runtime for its placeholder tasks).
 fn connect<T: SessionTable>(e: &Engine<T>, link: LinkKind) -> tokio::sync::mpsc::Receiver<Message> {
+    let (conn, rx) = placeholder_conn(generation(link));
+    e.inner.peers[&MemberId(2)].lock().links.insert(link, conn);
+    rx
+}
+
+/// A connection of generation `generation` with placeholder tasks, whose writer hands what it
+/// sends to the returned receiver (needs a runtime).
+pub(super) fn placeholder_conn(
+    generation: u64,
+) -> (super::LinkConn, tokio::sync::mpsc::Receiver<Message>) {
     let (writer, rx) = Writer::detached();
     let conn = super::LinkConn {
-        generation: generation(link),
+        generation,
         sent_fresh: false,
         peer_fresh: false,
         writer,
@@ -171,8 +181,7 @@ fn connect<T: SessionTable>(e: &Engine<T>, link: LinkKind) -> tokio::sync::mpsc:
         reader: tokio::spawn(async {}),
         writer_task: tokio::spawn(async {}),
     };
-    e.inner.peers[&MemberId(2)].lock().links.insert(link, conn);
-    rx
+    (conn, rx)
 }
 
 /// The peer's full sync 2 runs on HA4 backup when full sync 4 starts on HA4: the end of 2,
