@@ -11,8 +11,12 @@
 //! window scale in `tcp_track`). A segment from direction `d` is in the window when its
 //! sequence number lies within the largest window the other side advertised ([`window`]) of
 //! `d`'s end, either way: below for retransmissions and for a RST answering a late ACK, above
-//! for segments this member did not see. Only segments in the window move it, so a blind data
-//! segment cannot carry the window to where a blind RST would then fit.
+//! for segments this member did not see; and its ACK, if it carries one, must lie within the
+//! window `d` advertised of the other side's end (unless that end came from a peer), so a
+//! blind sender who chose its own sequence number (a spoofed SYN's) cannot complete the
+//! handshake. Only segments in the window move it or the session's state, so a blind data
+//! segment can neither carry the window to where a blind RST would then fit nor make a
+//! half-open session established (assured, and never evicted).
 //!
 //! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
 //! the SYN-ACK of a new session, the first packets of a session applied from a peer that sent
@@ -78,7 +82,8 @@ pub enum Fit {
     InWindow,
     /// Its direction's sequence is (re-)learned from it.
     Learn,
-    /// Outside: a RST or FIN here is refused, and nothing is learned from any segment.
+    /// Outside: a RST or FIN here is refused; from any segment nothing is learned, and the
+    /// session's state does not move.
     Outside,
 }
 
@@ -163,7 +168,7 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     let mine = pick(s.tcp_track, dir);
     if mine & track::KNOWN != 0 {
         let end = pick(s.seq_end, dir);
-        if within(seg.seq, end, window(s, other(dir))) {
+        if within(seg.seq, end, window(s, other(dir))) && acks_in_window(s, dir, flags, seg) {
             return Fit::InWindow;
         }
         if mine & track::STALE != 0 && !closing && ahead(seg.seq, end) {
@@ -187,6 +192,19 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     } else {
         Fit::Outside
     }
+}
+
+/// Does the segment's ACK, if it carries one, lie within the window of what the other side
+/// sent? Not checked against a direction not known yet, or known only from a peer (its end
+/// lags: a real ACK may be far ahead of it). A blind sender who chose its own sequence (a
+/// spoofed SYN's) but never saw the answer cannot complete the handshake with it.
+#[inline(always)]
+fn acks_in_window(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
+    let theirs = pick(s.tcp_track, other(dir));
+    flags & tcp::ACK == 0
+        || theirs & track::KNOWN == 0
+        || theirs & track::STALE != 0
+        || within(seg.ack, pick(s.seq_end, other(dir)), window(s, dir))
 }
 
 /// A SYN from the initiator while the handshake has not been answered: a new attempt, maybe
@@ -321,6 +339,33 @@ mod tests {
         assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
         assert_eq!(window(&s, O), 1000 << 7);
         assert_eq!(window(&s, R), MIN_WINDOW, "nothing advertised yet");
+    }
+
+    /// A spoofer chose the SYN (so knows its sequence) but never saw the SYN-ACK: its ACK,
+    /// acknowledging nothing the responder sent, falls outside and records nothing. Seen
+    /// failing (InWindow) when only the sequence number was checked.
+    #[test]
+    fn a_blind_handshake_ack_falls_outside() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        run(&mut s, [(O, SYN, seg(100, 0))]);
+        s.state = State::SynRecv as u8;
+        run(&mut s, [(R, SYN | ACK, seg(700, 101))]);
+        let before = s;
+        assert_eq!(
+            run(&mut s, [(O, ACK, seg(101, 0x4000_0000))]),
+            [Fit::Outside]
+        );
+        assert_eq!(s.seq_end, before.seq_end);
+        // The genuine ACK, and the same blind one against a replica's (stale) numbers.
+        assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
+        s.tcp_track = mark_stale(s.tcp_track);
+        assert_eq!(
+            run(&mut s, [(O, ACK, seg(101, 0x4000_0000))]),
+            [Fit::InWindow]
+        );
     }
 
     #[test]

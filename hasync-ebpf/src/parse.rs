@@ -420,7 +420,9 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             }
             (raw16(h[0], h[1]), raw16(h[2], h[3]), 0)
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        // ICMP only over IPv4 and ICMPv6 only over IPv6: the other pairing is a protocol
+        // like any unknown one (no stack sends it), not an echo or a neighbour discovery.
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if (proto == IPPROTO_ICMPV6) == (family == Family::V6) => {
             let Some(h) = frame.read::<8>(l4) else {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             };

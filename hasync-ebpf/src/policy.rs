@@ -168,15 +168,16 @@ pub fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<
 
 /// Is a packet of `s` travelling in `dir` that came in through zone `ingress` where the
 /// session is bound? The original direction is bound to the zone the session was created in,
-/// the reply direction to the zone its first reply came in through (learned here). A session
-/// of no zone is not bound, and an interface in no zone (the agent attaches to zones' only,
-/// unless run without a config) binds nothing. A packet from elsewhere is dropped by the strict
-/// policy (passed by the loose one), counted either way, and does not touch the session.
+/// the reply direction to the zone its first valid reply came in through
+/// ([`learn_reply_zone`]). A session of no zone is not bound, and an interface in no zone (the
+/// agent attaches to zones' only, unless run without a config) binds nothing. A packet from
+/// elsewhere is dropped by the strict policy (passed by the loose one), counted either way,
+/// and does not touch the session.
 #[inline(always)]
 pub fn zone_allows(
     cfg: &DatapathConfig,
     counters: &mut Counters,
-    s: &mut Session,
+    s: &Session,
     dir: usize,
     ingress: ZoneId,
 ) -> bool {
@@ -185,13 +186,7 @@ pub fn zone_allows(
     } else {
         s.reply_zone
     };
-    if bound == ingress || ingress == ZoneId::NONE {
-        return true;
-    }
-    if bound == ZoneId::NONE {
-        if dir == DIR_REPLY {
-            s.reply_zone = ingress;
-        }
+    if bound == ingress || ingress == ZoneId::NONE || bound == ZoneId::NONE {
         return true;
     }
     let verdict = by_policy(
@@ -201,4 +196,15 @@ pub fn zone_allows(
         Counter::DropZoneMismatch,
     );
     verdict == xdp_action::XDP_PASS
+}
+
+/// Binds the reply direction to the zone of a reply the session accepted (its owner's, inside
+/// the TCP window): learned before those checks, one spoofed packet from a third zone (a blind
+/// RST during the handshake, any reply to a replica) would bind it there and make the strict
+/// policy drop every genuine reply.
+#[inline(always)]
+pub fn learn_reply_zone(s: &mut Session, dir: usize, ingress: ZoneId) {
+    if dir == DIR_REPLY && s.reply_zone == ZoneId::NONE {
+        s.reply_zone = ingress;
+    }
 }

@@ -20,8 +20,8 @@ use crate::{
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
-        by_policy, icmp_error, ingress_zone_id, later_fragment, open_datagram, other_protocol,
-        unknown_traffic_passes, unplaceable, zone_allows,
+        by_policy, icmp_error, ingress_zone_id, later_fragment, learn_reply_zone, open_datagram,
+        other_protocol, unknown_traffic_passes, unplaceable, zone_allows,
     },
 };
 
@@ -171,15 +171,18 @@ fn hit(
             Counter::DropTcpOutOfWindow,
         );
     }
+    if fit != Fit::Outside {
+        learn_reply_zone(s, dir, ingress);
+    }
     let was = Before::of(s, dir);
     account(s, dir, pkt, now, fit);
     // The state's interval, read before `advance`: a packet that changes the state sends an
     // event of its own, never a refresh.
     let refresh_ns = cfg.refresh_ns(s.state);
     let refreshed = if !owned {
-        take_over(cfg, counters, pkt, s, dir, now);
+        take_over(cfg, counters, pkt, s, (dir, fit), now);
         false
-    } else if let Some(kind) = advance(counters, pkt, s, dir) {
+    } else if let Some(kind) = advance(counters, pkt, s, dir, fit) {
         s.last_event_ns = now;
         emit(counters, kind, &pkt.key, s);
         false
@@ -258,7 +261,7 @@ fn take_over(
     counters: &mut Counters,
     pkt: &Packet,
     s: &mut Session,
-    dir: usize,
+    (dir, fit): (usize, Fit),
     now: u64,
 ) {
     let from = s.owner;
@@ -267,7 +270,7 @@ fn take_over(
     let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED;
     s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !replica;
     counters.inc(Counter::Takeovers);
-    advance(counters, pkt, s, dir);
+    advance(counters, pkt, s, dir, fit);
     s.last_event_ns = now;
     // One event carries both the new owner and any state change.
     emit(counters, EventKind::OwnershipTaken, &pkt.key, s);
@@ -282,9 +285,12 @@ fn advance(
     pkt: &Packet,
     s: &mut Session,
     dir: usize,
+    fit: Fit,
 ) -> Option<EventKind> {
     let old = s.state;
     let new = match State::from_u8(old) {
+        // A segment outside the window moves nothing (a blind ACK would establish).
+        Some(_) if fit == Fit::Outside => old,
         Some(state) if pkt.key.proto == IPPROTO_TCP => {
             tcp_next(state, dir, pkt.tcp_flags, s.tcp_flags) as u8
         }
@@ -318,6 +324,10 @@ fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64, fit: Fit) {
     }
     if let Some(b) = s.bytes.get_mut(dir) {
         *b = b.wrapping_add(pkt.len);
+    }
+    if fit == Fit::Outside {
+        // Its flags are not the direction's: the state machine reads them.
+        return;
     }
     if let Some(f) = s.tcp_flags.get_mut(dir) {
         *f |= pkt.tcp_flags;

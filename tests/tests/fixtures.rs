@@ -428,6 +428,23 @@ fn tcp_window_rows() -> Vec<Row> {
             &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
         ))
         .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        Row::new("tcp window: a blind ack does not complete the handshake")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + BLIND))
+            .session(
+                Expect::new(State::SynRecv)
+                    .version(2)
+                    .packets(2, 1)
+                    .tcp_flags(SYN, SA),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
         handshake_seq(
             Row::new("tcp window: blind rst dropped, session stays established"),
             C4,
@@ -910,6 +927,10 @@ fn untracked_and_encapsulation_rows() -> Vec<Row> {
             .drop(Frame::other_proto(ip(C6), ip(S6), IPPROTO_GRE).ipv6_ext(Ipv6Ext::HopByHop))
             .drop(Frame::other_proto(ip(C6), ip(S6), 59).ipv6_ext(Ipv6Ext::DestOpts))
             .counters(&[(C::DropOtherProtocol, 5)]),
+        Row::new("strict: icmp over ipv6 and icmpv6 over ipv4 are other protocols, dropped")
+            .drop(ping(C4, S4, 7, true).set_l3_byte(9, 58))
+            .drop(Frame::icmp(ip(C6), ip(S6), 128, 0).set_l3_byte(6, 1))
+            .counters(&[(C::DropOtherProtocol, 2)]),
         Row::new("loose: other protocols pass by default, counted")
             .policy(Policy::Loose)
             .pass(Frame::other_proto(ip(C4), ip(S4), IPPROTO_ESP))
@@ -1257,6 +1278,29 @@ fn policy_zone_and_config_rows() -> Vec<Row> {
                 (C::Hits, 2),
                 (C::StateChanges, 1),
                 (C::DropZoneMismatch, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::Created, E::StateChanged]),
+        Row::new("strict: a blind rst from a third zone does not bind the reply direction")
+            .zone(ZoneId(1))
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .from_zone(ZoneId(3))
+            .drop(tcp(S4, C4).rst().seq(S_ISN))
+            .from_zone(ZoneId(2))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .session(
+                Expect::new(State::SynRecv)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId(2))
+                    .version(2)
+                    .packets(1, 1)
+                    .tcp_flags(SYN, SYN | ACK),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 2),
+                (C::StateChanges, 1),
+                (C::DropTcpOutOfWindow, 1),
                 (C::Events, 2),
             ])
             .events(&[E::Created, E::StateChanged]),
