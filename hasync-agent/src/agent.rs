@@ -13,7 +13,7 @@ use crate::{
     datapath::{
         error_chain, Datapath, EventStream, Removed, SessionEvent, SweepReport, DEFAULT_CHUNK,
     },
-    startup::{bring_up, Signals, StartPlan, Started},
+    startup::{bring_up, Signalled, Signals, StartPlan, Started},
 };
 
 /// How often the agent logs a summary.
@@ -117,10 +117,13 @@ async fn serve(
     let mut last_counters = dp.counters().context("reading datapath counters")?;
     loop {
         tokio::select! {
-            signal = signals.recv() => {
-                info!(signal, "stopping");
-                return Ok(());
-            }
+            signal = signals.recv() => match signal {
+                Signalled::Stop(name) => {
+                    info!(signal = name, "stopping");
+                    return Ok(());
+                }
+                Signalled::Reopen => info!("SIGHUP: without a config there is no traffic log to reopen"),
+            },
             batch = events.next_batch() => tally.add_events(&batch),
             _ = sweep_tick.tick() => {
                 // Synchronous: a sweep of a large table holds the loop for a while; the ring

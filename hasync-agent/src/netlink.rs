@@ -259,7 +259,11 @@ impl Tracker {
         }
         match m.body {
             Body::Present(name, iface) => {
-                if let Some(d) = self.dump.as_mut().filter(|_| ours) {
+                // A notification read while a dump runs is newer than what the dump listed
+                // of that interface before it (an up or down does not interrupt a dump): the
+                // dump's table takes it too, or its end would bring the older state back.
+                if let Some(d) = self.dump.as_mut() {
+                    d.table.retain(|_, i| i.index != iface.index);
                     d.table.insert(name.clone(), iface);
                 }
                 // A rename: the old name no longer exists.
@@ -623,6 +627,24 @@ mod tests {
         t.apply(vec![msg(3, Body::Error(-16))]);
         assert!(t.wants_dump());
         assert_eq!(known(&t), whole);
+    }
+
+    /// A link that goes down while a dump is being read (after the dump listed it up) reads
+    /// down after the dump's end. Seen failing (up again) when notifications only went to
+    /// the current table.
+    #[test]
+    fn a_notification_during_a_dump_is_not_undone_by_its_end() {
+        let mut t = Tracker::default();
+        t.dump_started(1);
+        t.apply(vec![msg(1, Body::Present("in0".into(), iface(2, true)))]);
+        t.apply(vec![msg(0, Body::Present("in0".into(), iface(2, false)))]);
+        t.apply(vec![
+            msg(1, Body::Present("out0".into(), iface(3, true))),
+            msg(1, Body::Done(0)),
+        ]);
+        let up = |name: &str| t.known().and_then(|k| k.get(name)).map(|i| i.up);
+        assert_eq!(up("in0"), Some(false), "in0 reads up again after the dump");
+        assert_eq!(up("out0"), Some(true));
     }
 
     /// Against the kernel: the loopback interface is listed, up, with its index.

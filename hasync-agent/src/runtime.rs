@@ -24,7 +24,7 @@ use crate::{
     },
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
-    startup::{bring_up, Signals, StartPlan, Started},
+    startup::{bring_up, Signalled, Signals, StartPlan, Started},
     sync::{
         backlog::Change,
         backoff::Backoff,
@@ -190,7 +190,10 @@ async fn main_loop(
     let mut main = MainLoop::new(member, restarted);
     loop {
         tokio::select! {
-            signal = signals.recv() => { info!(signal, "stopping"); return Ok(()); }
+            signal = signals.recv() => match signal {
+                Signalled::Stop(name) => { info!(signal = name, "stopping"); return Ok(()); }
+                Signalled::Reopen => reopen_traffic_log(log),
+            },
             batch = events.next_batch() => main.on_events(member, &batch, log),
             _ = main.sweep_tick.tick() => main.on_sweep(member, log),
             _ = main.membership_tick.tick() => main.on_membership(member),
@@ -217,6 +220,17 @@ fn shut_down(
     detached?;
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: the traffic log's path is opened again (logrotate renamed the file); on failure
+/// the old file stays in use.
+fn reopen_traffic_log(log: &mut TrafficLog) {
+    match log.reopen() {
+        Ok(()) => info!(path = %log.path().display(), "traffic log reopened (SIGHUP)"),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "reopening the traffic log failed; writing on to the file open before")
+        }
+    }
 }
 
 fn open_traffic_log(config: &Config) -> anyhow::Result<TrafficLog> {

@@ -168,10 +168,21 @@ fn bind_zones(dp: &mut Datapath, plan: &StartPlan, indexes: &[u32]) -> anyhow::R
 }
 
 /// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a
-/// clean stop.
+/// clean stop; and SIGHUP, which reopens the traffic log (after a rotation renamed it) rather
+/// than ending the agent as its default action would.
 pub struct Signals {
     interrupt: Signal,
     terminate: Signal,
+    hangup: Signal,
+}
+
+/// What a signal asks of the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signalled {
+    /// Stop (the signal's name).
+    Stop(&'static str),
+    /// Reopen the traffic log.
+    Reopen,
 }
 
 impl Signals {
@@ -179,14 +190,16 @@ impl Signals {
         Ok(Signals {
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    /// The name of the next signal that arrives.
-    pub async fn recv(&mut self) -> &'static str {
+    /// What the next signal that arrives asks.
+    pub async fn recv(&mut self) -> Signalled {
         tokio::select! {
-            _ = self.interrupt.recv() => "SIGINT",
-            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => Signalled::Stop("SIGINT"),
+            _ = self.terminate.recv() => Signalled::Stop("SIGTERM"),
+            _ = self.hangup.recv() => Signalled::Reopen,
         }
     }
 }

@@ -7,8 +7,8 @@
 //!
 //! The file is opened with `O_APPEND` and each record goes out in one `write(2)`, unbuffered:
 //! lines from concurrent writers never interleave, and a record is on disk (in the page
-//! cache) as soon as `write` returns. For log rotation, either `copytruncate` or rename the file
-//! and call [`TrafficLog::reopen`] (e.g. on SIGHUP).
+//! cache) as soon as `write` returns. For log rotation, either `copytruncate`, or rename the
+//! file and send the agent SIGHUP (`systemctl reload hasync`): it calls [`TrafficLog::reopen`].
 
 use std::{
     borrow::Cow,

@@ -77,6 +77,26 @@ fn log_records(c: &Cluster, k: u8, row: &Row) -> Vec<TrafficRecord> {
         .collect()
 }
 
+/// Rotates member `k`'s traffic log as logrotate would: renames the file, then sends the agent
+/// SIGHUP, which must reopen the path (a new file) and leave the agent running.
+fn rotate_traffic_log(c: &Cluster, k: u8) {
+    let path = c.traffic_log_path(k);
+    let rotated = path.with_extension("rotated");
+    std::fs::rename(&path, &rotated)
+        .unwrap_or_else(|e| c.fail(&format!("renaming {}: {e}", path.display())));
+    c.kill_agent(k, Signal::Hup)
+        .unwrap_or_else(|e| c.fail(&format!("SIGHUP to fw{k}: {e}")));
+    c.wait(
+        &format!("fw{k} to reopen its traffic log after SIGHUP"),
+        Duration::from_secs(5),
+        || {
+            path.exists()
+                .then_some(())
+                .ok_or_else(|| format!("no {} yet", path.display()))
+        },
+    );
+}
+
 /// Member `k`'s count of packets it forwarded in XDP.
 fn forwarded_xdp(c: &Cluster, k: u8) -> u64 {
     let counters = c.try_counters(k).unwrap_or_else(|e| c.fail(&e));
@@ -221,6 +241,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
         },
     );
 
+    rotate_traffic_log(&c, 2);
     // The connection ends (FINs through fw2): fw2 logs it once, as its owner; fw1 never does.
     let end = client.stop();
     assert!(end.fatal.is_none(), "the connection broke: {end:?}");

@@ -441,6 +441,7 @@ impl Config {
         }
         let mut ids = BTreeSet::new();
         let mut serials = BTreeSet::new();
+        self.check_member_addresses(p);
         for (i, m) in self.members.iter().enumerate() {
             check_range(
                 p,
@@ -462,8 +463,43 @@ impl Config {
         }
     }
 
+    /// Members' sync addresses: of their link's family (a member of the other one could never
+    /// be dialled or admitted), and each at one member only (the listener tells members apart
+    /// by address).
+    fn check_member_addresses(&self, p: &mut Vec<String>) {
+        let links = [
+            ("ha4", Some(&self.ha4)),
+            ("ha4_backup", self.ha4_backup.as_ref()),
+        ];
+        for (section, link) in links {
+            let family = link
+                .and_then(|l| parse_cidr(&l.address).ok())
+                .map(|(a, _)| a.is_ipv4());
+            let mut seen: BTreeMap<IpAddr, MemberId> = BTreeMap::new();
+            for (i, m) in self.members.iter().enumerate() {
+                let addr = if section == "ha4" {
+                    Some(m.ha4)
+                } else {
+                    m.ha4_backup
+                };
+                let Some(addr) = addr else { continue };
+                if family.is_some_and(|v4| v4 != addr.is_ipv4()) {
+                    p.push(format!(
+                        "members[{i}].{section} = {addr} is not of the family of {section}.address = \"{}\" (a sync link is IPv4 or IPv6 at every member)",
+                        link.map_or("", |l| l.address.as_str())
+                    ));
+                }
+                if let Some(other) = seen.insert(addr, m.id) {
+                    p.push(format!(
+                        "members[{i}].{section} = {addr} is also member {other}'s: each member needs its own address"
+                    ));
+                }
+            }
+        }
+    }
+
     /// The local member: listed in `[[members]]`, enabled, with the addresses of its sync
-    /// links.
+    /// links (a backup address exactly when there is a `[ha4_backup]` link).
     fn check_local_member(&self, p: &mut Vec<String>) {
         let Some(me) = self.members.iter().find(|m| m.id == self.local.member) else {
             p.push(format!(
@@ -473,8 +509,17 @@ impl Config {
             return;
         };
         check_own_address(p, "ha4", &self.ha4, me.id, me.ha4);
-        if let (Some(b), Some(mine)) = (&self.ha4_backup, me.ha4_backup) {
-            check_own_address(p, "ha4_backup", b, me.id, mine);
+        match (&self.ha4_backup, me.ha4_backup) {
+            (Some(b), Some(mine)) => check_own_address(p, "ha4_backup", b, me.id, mine),
+            (Some(_), None) => p.push(format!(
+                "[ha4_backup] is configured but members[id={}] (the local member) has no ha4_backup address: peers could never reach its backup link",
+                me.id
+            )),
+            (None, Some(mine)) => p.push(format!(
+                "members[id={}].ha4_backup = {mine} is the local member's, but there is no [ha4_backup] link to carry it",
+                me.id
+            )),
+            (None, None) => {}
         }
         if !me.enabled {
             p.push(format!(

@@ -545,3 +545,37 @@ fn datapath_log_levels_are_read_and_unknown_ones_named() {
         .unwrap_err()
         .contains("off, error, warn"));
 }
+
+/// Sync addresses that could never connect are named, not accepted: a peer of the other family
+/// than its link, two members at one address, a backup link the local member has no address
+/// for, or the reverse. Seen failing (all four accepted) before these checks.
+#[test]
+fn unusable_sync_addresses_are_refused_and_named() {
+    let key = KeyFile::new("sync-addrs", 32, 0o600);
+    let base = sample(&key.path());
+    let cases = [
+        (
+            base.replace("ha4 = \"198.18.100.2\"", "ha4 = \"fd00:100::2\""),
+            "members[1].ha4 = fd00:100::2 is not of the family",
+        ),
+        (
+            base.replace("ha4 = \"198.18.100.2\"", "ha4 = \"198.18.100.1\""),
+            "members[1].ha4 = 198.18.100.1 is also member 1's",
+        ),
+        (
+            base.replacen("ha4_backup = \"198.18.101.1\"\n", "", 1),
+            "has no ha4_backup address",
+        ),
+        (
+            base.replace(
+                "[ha4_backup]\ninterface = \"ha4b\"\naddress = \"198.18.101.1/24\"\n",
+                "",
+            ),
+            "there is no [ha4_backup] link",
+        ),
+    ];
+    for (text, named) in cases {
+        let err = check(&text).expect_err(named);
+        assert!(err.contains(named), "{named:?} not in: {err}");
+    }
+}

@@ -30,6 +30,12 @@ pub const DIR_MODE: u32 = 0o755;
 pub const MAX_CONNECTIONS: usize = 32;
 /// How long a request may wait for the runtime's answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may wait with no request (or half of one) before it is closed: a
+/// client that connects and says nothing holds one of the [`MAX_CONNECTIONS`] slots.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long writing one answer may take: a client that asks and never reads holds its
+/// slot and the answer's memory.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -233,11 +239,15 @@ async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<(
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = (&mut read)
-            .take(MAX_REQUEST_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if n == 0 {
+        let mut limited = (&mut read).take(MAX_REQUEST_LINE as u64 + 1);
+        let reading = limited.read_until(b'\n', &mut line);
+        let Ok(n) = tokio::time::timeout(IDLE_TIMEOUT, reading).await else {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no request within {} s", IDLE_TIMEOUT.as_secs()),
+            ));
+        };
+        if n? == 0 {
             return Ok(());
         }
         let complete = line.last() == Some(&b'\n');
@@ -287,8 +297,21 @@ async fn forward(request: Request, requests: &ControlSender) -> Response {
 async fn write_response(w: &mut (impl AsyncWrite + Unpin), response: &Response) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    w.write_all(&bytes).await?;
-    w.flush().await
+    let writing = async {
+        w.write_all(&bytes).await?;
+        w.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, writing)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read no answer within {} s",
+                    WRITE_TIMEOUT.as_secs()
+                ),
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -430,6 +453,31 @@ mod tests {
         input.push(b'\n');
         let answers = exchange(&path, &input).await;
         assert!(answers[0].ok, "{answers:?}");
+    }
+
+    /// Clients that connect and say nothing hold a slot each only until the idle timeout:
+    /// with every slot held, a request is answered once it passed (the clock paused, and
+    /// advanced by tokio when nothing else can run). Seen failing (never answered) before the
+    /// timeout.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_do_not_lock_the_operator_out() {
+        let dir = TempDir::new("control-idle");
+        let path = dir.path().join("hasync.sock");
+        let (tx, _runtime) = fake_runtime();
+        let _server = serve(&path, tx).await.expect("serve");
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(UnixStream::connect(&path).await.expect("connect"));
+        }
+        let asked = tokio::time::Instant::now();
+        let answer = exchange(&path, b"{\"request\":\"show-flaps\"}\n");
+        let answers = tokio::time::timeout(IDLE_TIMEOUT * 3, answer).await;
+        let answers = answers.expect("no answer while idle clients held every slot");
+        assert!(answers[0].ok, "{answers:?}");
+        assert!(
+            asked.elapsed() >= IDLE_TIMEOUT,
+            "answered before a slot was free"
+        );
     }
 
     #[tokio::test]

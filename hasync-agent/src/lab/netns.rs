@@ -372,6 +372,8 @@ pub enum Signal {
     Stop,
     /// SIGCONT: resumes a stopped process.
     Cont,
+    /// SIGHUP: the agent reopens its traffic log (after a rotation).
+    Hup,
 }
 
 impl Signal {
@@ -382,6 +384,7 @@ impl Signal {
             Signal::Kill => libc::SIGKILL,
             Signal::Stop => libc::SIGSTOP,
             Signal::Cont => libc::SIGCONT,
+            Signal::Hup => libc::SIGHUP,
         }
     }
 }

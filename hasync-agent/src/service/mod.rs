@@ -93,6 +93,9 @@ fn unit_service(bin: &Path, config: &Path) -> String {
 Type=notify
 NotifyAccess=main
 ExecStart={bin} agent --config {config}
+# `systemctl reload hasync` (and logrotate's postrotate) sends SIGHUP: the agent reopens its
+# traffic log at the configured path; nothing else is reloaded.
+ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM stops the agent; the datapath stays pinned and attached, so traffic and sessions
 # survive a restart or an upgrade. `hasync teardown` removes it.
 Restart=on-failure
