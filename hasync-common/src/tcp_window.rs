@@ -11,10 +11,11 @@
 //! window scale in `tcp_track`). A segment from direction `d` is in the window when its
 //! sequence number lies within the largest window the other side advertised ([`window`]) of
 //! `d`'s end, either way: below for retransmissions and for a RST answering a late ACK, above
-//! for segments this member did not see; and its ACK, if it carries one, must lie within the
-//! window `d` advertised of the other side's end (unless that end came from a peer), so a
-//! blind sender who chose its own sequence number (a spoofed SYN's) cannot complete the
-//! handshake. Only segments in the window move it or the session's state, so a blind data
+//! for segments this member did not see; and during the handshake its ACK, if it carries one,
+//! must lie within the window `d` advertised of the other side's end (unless that end came
+//! from a peer), so a blind sender who chose its own sequence number (a spoofed SYN's) cannot
+//! complete the handshake. A SYN-ACK that acknowledges exactly the SYN re-learns the
+//! responder's sequence (a server that answered a retransmitted SYN with a new one). Only segments in the window move it or the session's state, so a blind data
 //! segment can neither carry the window to where a blind RST would then fit nor make a
 //! half-open session established (assured, and never evicted).
 //!
@@ -162,7 +163,7 @@ pub fn window(s: &Session, dir: usize) -> u32 {
 #[inline(always)]
 pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     let closing = flags & (tcp::RST | tcp::FIN) != 0;
-    if restarts_handshake(s, dir, flags) {
+    if restarts_handshake(s, dir, flags) || answers_again(s, dir, flags, seg) {
         return Fit::Learn;
     }
     let mine = pick(s.tcp_track, dir);
@@ -194,17 +195,35 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     }
 }
 
-/// Does the segment's ACK, if it carries one, lie within the window of what the other side
-/// sent? Not checked against a direction not known yet, or known only from a peer (its end
-/// lags: a real ACK may be far ahead of it). A blind sender who chose its own sequence (a
-/// spoofed SYN's) but never saw the answer cannot complete the handshake with it.
+/// During the handshake, does the segment's ACK, if it carries one, lie within the window of
+/// what the other side sent? A blind sender who chose its own sequence (a spoofed SYN's) but
+/// never saw the answer cannot complete the handshake with it. Not checked afterwards: a member
+/// that stopped seeing one direction (only it moved to another member) would refuse the other
+/// direction's FIN and RST; nor against a direction not known yet, or known only from a peer
+/// (its end lags: a real ACK may be far ahead of it).
 #[inline(always)]
 fn acks_in_window(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
     let theirs = pick(s.tcp_track, other(dir));
-    flags & tcp::ACK == 0
+    let handshake = s.state == State::SynSent as u8 || s.state == State::SynRecv as u8;
+    !handshake
+        || flags & tcp::ACK == 0
         || theirs & track::KNOWN == 0
         || theirs & track::STALE != 0
         || within(seg.ack, pick(s.seq_end, other(dir)), window(s, dir))
+}
+
+/// A SYN-ACK that answers the initiator's SYN (it acknowledges exactly the SYN's end) with
+/// another initial sequence number than the answer seen before: a server that answered a
+/// retransmitted SYN anew (SYN cookies across their time slot, a restart). The responder's
+/// sequence is learned again from it, as conntrack does; without that, the ACK completing the
+/// handshake would fall outside and the session would stay half-open.
+#[inline(always)]
+fn answers_again(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
+    dir == DIR_REPLY
+        && flags & (tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN) == tcp::SYN | tcp::ACK
+        && s.state == State::SynRecv as u8
+        && known(s, DIR_ORIGINAL)
+        && seg.ack == pick(s.seq_end, DIR_ORIGINAL)
 }
 
 /// A SYN from the initiator while the handshake has not been answered: a new attempt, maybe
@@ -364,6 +383,42 @@ mod tests {
         s.tcp_track = mark_stale(s.tcp_track);
         assert_eq!(
             run(&mut s, [(O, ACK, seg(101, 0x4000_0000))]),
+            [Fit::InWindow]
+        );
+    }
+
+    /// Once established, the ACK is not checked: a member that stopped seeing the server's
+    /// direction (it moved to another member) still lets the client close. Seen failing
+    /// (Outside) when the ACK was checked in every state.
+    #[test]
+    fn an_established_sessions_ack_is_not_checked() {
+        let mut s = established(5000, 9000);
+        let far = 9000 + 4 * MIN_WINDOW;
+        assert_eq!(
+            run(&mut s, [(O, FIN | ACK, seg(5000, far))]),
+            [Fit::InWindow]
+        );
+    }
+
+    /// A server that answers the retransmitted SYN with a new initial sequence: its SYN-ACK
+    /// re-learns the reply direction and the client's ACK of it completes the handshake; a
+    /// SYN-ACK that does not acknowledge the SYN exactly learns nothing. Seen failing
+    /// (Outside) before the re-answer was learned.
+    #[test]
+    fn a_new_answer_to_the_syn_is_learned() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        run(&mut s, [(O, SYN, seg(100, 0))]);
+        s.state = State::SynRecv as u8;
+        run(&mut s, [(R, SYN | ACK, seg(700, 101))]);
+        let again = seg(0x4000_0000, 101);
+        let wrong = seg(0x2000_0000, 102);
+        assert_eq!(run(&mut s, [(R, SYN | ACK, wrong)]), [Fit::Outside]);
+        assert_eq!(run(&mut s, [(R, SYN | ACK, again)]), [Fit::Learn]);
+        assert_eq!(
+            run(&mut s, [(O, ACK, seg(101, 0x4000_0001))]),
             [Fit::InWindow]
         );
     }

@@ -475,6 +475,33 @@ fn tcp_window_rows() -> Vec<Row> {
                 E::StateChanged,
             ]),
         handshake_seq(
+            Row::new("tcp window: an established fin acking what this member never saw closes"),
+            C4,
+            S4,
+        )
+        .pass(
+            tcp(C4, S4)
+                .fin()
+                .seq(C_ISN + 1)
+                .ack_number(S_ISN + 1_000_000),
+        )
+        .session(Expect::new(State::Closing).version(4).packets(3, 1))
+        .counters(&after_handshake(1, &[(C::StateChanges, 1), (C::Events, 1)]))
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+        ]),
+        Row::new("tcp window: a new answer to the syn is learned and completes the handshake")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(tcp(S4, C4).syn_ack().seq(BLIND).ack_number(C_ISN + 1))
+            .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(BLIND + 1))
+            .session(Expect::new(State::Established).version(3).packets(2, 2))
+            .counters(&after_handshake(1, &[]))
+            .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
             Row::new("tcp window: blind fin dropped, session stays established"),
             C4,
             S4,

@@ -547,8 +547,8 @@ fn datapath_log_levels_are_read_and_unknown_ones_named() {
 }
 
 /// Sync addresses that could never connect are named, not accepted: a peer of the other family
-/// than its link, two members at one address, a backup link the local member has no address
-/// for, or the reverse. Seen failing (all four accepted) before these checks.
+/// than its link, two enabled members at one address, a backup link the local member has no
+/// address for. Seen failing (all three accepted) before these checks.
 #[test]
 fn unusable_sync_addresses_are_refused_and_named() {
     let key = KeyFile::new("sync-addrs", 32, 0o600);
@@ -566,16 +566,23 @@ fn unusable_sync_addresses_are_refused_and_named() {
             base.replacen("ha4_backup = \"198.18.101.1\"\n", "", 1),
             "has no ha4_backup address",
         ),
-        (
-            base.replace(
-                "[ha4_backup]\ninterface = \"ha4b\"\naddress = \"198.18.101.1/24\"\n",
-                "",
-            ),
-            "there is no [ha4_backup] link",
-        ),
     ];
     for (text, named) in cases {
         let err = check(&text).expect_err(named);
         assert!(err.contains(named), "{named:?} not in: {err}");
+    }
+    // Still valid: a disabled member at another's address (an old entry whose address a
+    // replacement took), and this member without its [ha4_backup] link (taken out here alone).
+    let disabled = base.replacen(
+        "ha4 = \"198.18.100.2\"",
+        "ha4 = \"198.18.100.1\"\nenabled = false",
+        1,
+    );
+    let no_link = base.replace(
+        "[ha4_backup]\ninterface = \"ha4b\"\naddress = \"198.18.101.1/24\"\n",
+        "",
+    );
+    for text in [disabled, no_link] {
+        check(&text).unwrap_or_else(|e| panic!("refused: {e}\n{text}"));
     }
 }
