@@ -336,6 +336,18 @@ mod tests {
     const O: usize = DIR_ORIGINAL;
     const R: usize = DIR_REPLY;
 
+    /// A session after the SYN (sequence 100) and its SYN-ACK (700, acknowledging 101).
+    fn half_open() -> Session {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        run(&mut s, [(O, SYN, seg(100, 0))]);
+        s.state = State::SynRecv as u8;
+        run(&mut s, [(R, SYN | ACK, seg(700, 101))]);
+        s
+    }
+
     #[test]
     fn handshake_learns_both_directions() {
         let mut s = Session {
@@ -365,13 +377,7 @@ mod tests {
     /// failing (InWindow) when only the sequence number was checked.
     #[test]
     fn a_blind_handshake_ack_falls_outside() {
-        let mut s = Session {
-            state: State::SynSent as u8,
-            ..Session::default()
-        };
-        run(&mut s, [(O, SYN, seg(100, 0))]);
-        s.state = State::SynRecv as u8;
-        run(&mut s, [(R, SYN | ACK, seg(700, 101))]);
+        let mut s = half_open();
         let before = s;
         assert_eq!(
             run(&mut s, [(O, ACK, seg(101, 0x4000_0000))]),
@@ -406,13 +412,7 @@ mod tests {
     /// (Outside) before the re-answer was learned.
     #[test]
     fn a_new_answer_to_the_syn_is_learned() {
-        let mut s = Session {
-            state: State::SynSent as u8,
-            ..Session::default()
-        };
-        run(&mut s, [(O, SYN, seg(100, 0))]);
-        s.state = State::SynRecv as u8;
-        run(&mut s, [(R, SYN | ACK, seg(700, 101))]);
+        let mut s = half_open();
         let again = seg(0x4000_0000, 101);
         let wrong = seg(0x2000_0000, 102);
         assert_eq!(run(&mut s, [(R, SYN | ACK, wrong)]), [Fit::Outside]);
