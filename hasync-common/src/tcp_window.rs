@@ -15,9 +15,10 @@
 //! must lie within the window `d` advertised of the other side's end (unless that end came
 //! from a peer), so a blind sender who chose its own sequence number (a spoofed SYN's) cannot
 //! complete the handshake. A SYN-ACK that acknowledges exactly the SYN re-learns the
-//! responder's sequence (a server that answered a retransmitted SYN with a new one). Only segments in the window move it or the session's state, so a blind data
-//! segment can neither carry the window to where a blind RST would then fit nor make a
-//! half-open session established (assured, and never evicted).
+//! responder's sequence (a server that answered a retransmitted SYN with a new one). Only
+//! segments in the window move it or the session's state, so a blind data segment can neither
+//! carry the window to where a blind RST would then fit nor make a half-open session
+//! established (assured, and never evicted).
 //!
 //! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
 //! the SYN-ACK of a new session, the first packets of a session applied from a peer that sent

@@ -152,8 +152,9 @@ impl Applier {
 
 /// The part of the conflict rule that needs no local copy: the sender must be allowed to speak
 /// for the record's owner; a record naming this member as owner is kept out unless this
-/// member's table started empty and it is a session in a full sync; an upsert for a zone we lack is
-/// refused; anything else goes to the apply program with the zone and clock made local.
+/// member's table started empty and it is a session in a full sync; an upsert for a zone we
+/// lack is refused; anything else goes to the apply program with the zone and clock made
+/// local.
 /// (The rest, by version and owner, is `hasync_common::conflict::resolve`, run in the kernel.)
 pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Decision {
     if let Err(why) = who.owner_check(rec.owner, rec.op) {

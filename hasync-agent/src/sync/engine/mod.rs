@@ -248,7 +248,7 @@ struct EngineInner<T> {
     rejections: Rejections,
     generation: AtomicU64,
     logged: Mutex<HashSet<String>>,
-    /// Lines a peer can repeat by what it sends, at most one per key per interval.
+    /// Lines a peer can repeat by what it sends: per key, a burst, then one per interval.
     log_limits: LogLimiter,
     /// Local interface state per link, as last read.
     local_up: Mutex<BTreeMap<LinkKind, bool>>,
