@@ -620,15 +620,11 @@ mod tests {
             ..FakeTable::default()
         };
         let who = Applier {
-            local: MemberId(1),
-            sender: MemberId(2),
             bulk: true,
-            members: (1..=3).map(MemberId).collect(),
-            alive: (1..=3).map(MemberId).collect(),
-            fresh_table: true,
             reconciling: Some(MemberId(2)),
+            ..member(1, true)
         };
-        let z = ZoneMap::new(&["trust".into()], &["trust".into()]);
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
         let del = Record::delete(key, MemberId(1), 0);
         apply(&mut dp, &[del], &z, 1, &who).expect("apply");
         assert!(
