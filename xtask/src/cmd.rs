@@ -8,6 +8,12 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `target` (xtask runs from the
+/// workspace root).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from)
+}
+
 /// `cmd` as the line a user would type: `LLVM_PREFIX=/usr/lib/llvm-22 cargo install ...`.
 pub fn display(cmd: &Command) -> String {
     let mut line = String::new();

@@ -138,9 +138,7 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
 
 /// `target/fuzz-logs`, honouring `CARGO_TARGET_DIR`.
 fn log_dir() -> Result<PathBuf> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
-    let dir = target.join("fuzz-logs");
+    let dir = cmd::target_dir().join("fuzz-logs");
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

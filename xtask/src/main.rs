@@ -166,10 +166,7 @@ fn build_release_agent() -> Result<()> {
 
 /// `target/release/hasync`, honouring `CARGO_TARGET_DIR`.
 fn release_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    root.join(target).join("release/hasync")
+    root.join(cmd::target_dir()).join("release/hasync")
 }
 
 extern "C" fn on_interrupt(_: libc::c_int) {}

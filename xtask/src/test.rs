@@ -123,22 +123,31 @@ pub fn clippy_ebpf() -> Result<()> {
     cmd::run(&mut clippy_ebpf_command()).context("clippy found problems in hasync-ebpf (above)")
 }
 
+/// Where hasync-agent's build script builds the XDP program (its `build.rs`, and aya-build's
+/// `aya-build/target/<package>` inside): clippy runs there too, with the same (release)
+/// profile, so it finds the build's host crates (the proc macros) fresh and checks only the
+/// BPF target's.
+const EBPF_TARGET_DIR: &str = "hasync-ebpf-build/aya-build/target/hasync-ebpf";
+
 /// The XDP program is `no_std`/`no_main` for bpfel-unknown-none, a tier-3 target without a
 /// shipped `core`: nightly builds one from rust-src.
 fn clippy_ebpf_command() -> Command {
-    cmd::cargo([
+    let mut clippy = cmd::cargo([
         "+nightly",
         "clippy",
         "-p",
         "hasync-ebpf",
+        "--release",
         "--target",
         "bpfel-unknown-none",
         "-Z",
         "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ])
+    ]);
+    clippy
+        .arg("--target-dir")
+        .arg(cmd::target_dir().join(EBPF_TARGET_DIR))
+        .args(["--", "-D", "warnings"]);
+    clippy
 }
 
 /// Runs steps in order, timing each, and keeps a line per step for the summary.
@@ -169,8 +178,7 @@ impl Steps {
     /// The integration lanes side by side; the side lane's output is printed when it ends.
     fn run_lanes(&mut self, args: &[String]) -> Result<()> {
         let (mut side, mut main) = integration_lanes(args)?;
-        let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
-        let log = std::path::Path::new(&target).join(SIDE_LANE_LOG);
+        let log = cmd::target_dir().join(SIDE_LANE_LOG);
         let start = Instant::now();
         let side_lane = cmd::spawn_logged(&mut side, &log)?;
         let main_result = cmd::run(&mut main).context("integration tests failed (above)");

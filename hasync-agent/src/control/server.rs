@@ -37,6 +37,20 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// slot and the answer's memory.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection's two timeouts: [`IDLE_TIMEOUT`] and [`WRITE_TIMEOUT`] (tests shorten them).
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    idle: Duration,
+    write: Duration,
+}
+
+impl Timeouts {
+    const DEFAULT: Timeouts = Timeouts {
+        idle: IDLE_TIMEOUT,
+        write: WRITE_TIMEOUT,
+    };
+}
+
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -92,10 +106,20 @@ pub enum ServerError {
 /// The server runs until the receiving end of `requests` is dropped (or the task is aborted);
 /// it then removes the socket file, if it is still the one it created.
 pub async fn serve(path: &Path, requests: ControlSender) -> Result<JoinHandle<()>, ServerError> {
+    serve_with(path, requests, Timeouts::DEFAULT)
+}
+
+fn serve_with(
+    path: &Path,
+    requests: ControlSender,
+    timeouts: Timeouts,
+) -> Result<JoinHandle<()>, ServerError> {
     let listener = bind(path)?;
     let file = SocketFile::new(path);
     info!(socket = %path.display(), "control socket listening");
-    Ok(tokio::spawn(accept_loop(listener, requests, file)))
+    Ok(tokio::spawn(accept_loop(
+        listener, requests, file, timeouts,
+    )))
 }
 
 fn bind(path: &Path) -> Result<UnixListener, ServerError> {
@@ -198,7 +222,12 @@ impl Drop for SocketFile {
     }
 }
 
-async fn accept_loop(listener: UnixListener, requests: ControlSender, file: SocketFile) {
+async fn accept_loop(
+    listener: UnixListener,
+    requests: ControlSender,
+    file: SocketFile,
+    timeouts: Timeouts,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -222,7 +251,7 @@ async fn accept_loop(listener: UnixListener, requests: ControlSender, file: Sock
         };
         let requests = requests.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection(stream, requests).await {
+            if let Err(error) = connection(stream, requests, timeouts).await {
                 debug!(%error, "control connection ended");
             }
             drop(permit);
@@ -233,7 +262,11 @@ async fn accept_loop(listener: UnixListener, requests: ControlSender, file: Sock
 }
 
 /// Serves one connection: request lines in, response lines out, until EOF.
-async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<()> {
+async fn connection(
+    stream: UnixStream,
+    requests: ControlSender,
+    timeouts: Timeouts,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut line = Vec::new();
@@ -241,10 +274,10 @@ async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<(
         line.clear();
         let mut limited = (&mut read).take(MAX_REQUEST_LINE as u64 + 1);
         let reading = limited.read_until(b'\n', &mut line);
-        let Ok(n) = tokio::time::timeout(IDLE_TIMEOUT, reading).await else {
+        let Ok(n) = tokio::time::timeout(timeouts.idle, reading).await else {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("no request within {} s", IDLE_TIMEOUT.as_secs()),
+                format!("no request within {:?}", timeouts.idle),
             ));
         };
         if n? == 0 {
@@ -256,14 +289,14 @@ async fn connection(stream: UnixStream, requests: ControlSender) -> io::Result<(
             let response = Response::error(format!(
                 "request line longer than {MAX_REQUEST_LINE} bytes; closing the connection"
             ));
-            return write_response(&mut write, &response).await;
+            return write_response(&mut write, &response, timeouts.write).await;
         }
         if let Some(parsed) = Request::parse_line(&line) {
             let response = match parsed {
                 Ok(request) => forward(request, &requests).await,
                 Err(malformed) => malformed,
             };
-            write_response(&mut write, &response).await?;
+            write_response(&mut write, &response, timeouts.write).await?;
         }
         if !complete {
             // EOF after a last line without a newline.
@@ -294,22 +327,23 @@ async fn forward(request: Request, requests: &ControlSender) -> Response {
     }
 }
 
-async fn write_response(w: &mut (impl AsyncWrite + Unpin), response: &Response) -> io::Result<()> {
+async fn write_response(
+    w: &mut (impl AsyncWrite + Unpin),
+    response: &Response,
+    timeout: Duration,
+) -> io::Result<()> {
     let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
     bytes.push(b'\n');
     let writing = async {
         w.write_all(&bytes).await?;
         w.flush().await
     };
-    tokio::time::timeout(WRITE_TIMEOUT, writing)
+    tokio::time::timeout(timeout, writing)
         .await
         .unwrap_or_else(|_| {
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the client read no answer within {} s",
-                    WRITE_TIMEOUT.as_secs()
-                ),
+                format!("the client read no answer within {timeout:?}"),
             ))
         })
 }
@@ -455,29 +489,30 @@ mod tests {
         assert!(answers[0].ok, "{answers:?}");
     }
 
-    /// Clients that connect and say nothing hold a slot each only until the idle timeout:
-    /// with every slot held, a request is answered once it passed (the clock paused, and
-    /// advanced by tokio when nothing else can run). Seen failing (never answered) before the
-    /// timeout.
-    #[tokio::test(start_paused = true)]
+    /// Clients that connect and say nothing hold a slot each only until the idle timeout
+    /// (shortened here): with every slot held, a request is answered once it passed. Seen
+    /// failing (never answered) before the timeout.
+    #[tokio::test]
     async fn idle_connections_do_not_lock_the_operator_out() {
+        const IDLE: Duration = Duration::from_millis(300);
         let dir = TempDir::new("control-idle");
         let path = dir.path().join("hasync.sock");
         let (tx, _runtime) = fake_runtime();
-        let _server = serve(&path, tx).await.expect("serve");
+        let timeouts = Timeouts {
+            idle: IDLE,
+            ..Timeouts::DEFAULT
+        };
+        let _server = serve_with(&path, tx, timeouts).expect("serve");
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(UnixStream::connect(&path).await.expect("connect"));
         }
         let asked = tokio::time::Instant::now();
         let answer = exchange(&path, b"{\"request\":\"show-flaps\"}\n");
-        let answers = tokio::time::timeout(IDLE_TIMEOUT * 3, answer).await;
+        let answers = tokio::time::timeout(IDLE * 10, answer).await;
         let answers = answers.expect("no answer while idle clients held every slot");
         assert!(answers[0].ok, "{answers:?}");
-        assert!(
-            asked.elapsed() >= IDLE_TIMEOUT,
-            "answered before a slot was free"
-        );
+        assert!(asked.elapsed() >= IDLE, "answered before a slot was free");
     }
 
     #[tokio::test]

@@ -591,7 +591,8 @@ fn coalesce(e: &mut Entry, change: Change, snapshots: &mut Snapshots) {
     }
 }
 
-#[cfg(any(test, feature = "model"))]
+// Compiled in every build, not behind a feature: the agent's tests, the integration tests and
+// the executable then share one compiled agent library (`cargo xtask test` builds it once).
 pub mod model;
 #[cfg(test)]
 mod tests;
