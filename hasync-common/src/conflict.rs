@@ -5,7 +5,7 @@
 use crate::{
     config::DatapathConfig,
     ids::MemberId,
-    session::Session,
+    session::{Session, SessionFlags},
     table_programs::{ApplyOp, ApplySource},
 };
 
@@ -40,9 +40,11 @@ pub const fn version_after(a: u32, b: u32) -> bool {
 
 /// Does `a` win over `b`? Of one owner, a session created after the other was last seen is a
 /// new flow on the same 5-tuple (the owner lost the old one, and its removal did not reach us)
-/// and wins whatever the versions say. Otherwise the later version (serial arithmetic), then
-/// the higher owner id. (Only the same owner: another member cannot take a session over by
-/// claiming to have created it anew.)
+/// and wins whatever the versions say; so does the owner's own record over a copy another
+/// member handed on ([`SessionFlags::HANDED_ON`]): the owner is the authority on its sessions,
+/// and a relayed copy at a version far ahead would otherwise keep its records out for good.
+/// Otherwise the later version (serial arithmetic), then the higher owner id. (Only the same
+/// owner: another member cannot take a session over by claiming to have created it anew.)
 ///
 /// `a_from_owner` is 1 if `a` came from its owner itself, else 0: its owner's records arrive
 /// in the order it sent them, each with its latest state, so then `b` is never a flow created
@@ -56,7 +58,10 @@ pub const fn version_after(a: u32, b: u32) -> bool {
 #[inline(always)]
 pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
     if a.owner.0 == b.owner.0 {
-        if a.created_ns > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
+        // All ones when `a` is from its owner and `b` was handed on: then `a` wins.
+        let handed_on = u64::from(b.flags.has(SessionFlags::HANDED_ON));
+        let owner_over_relay = 0u64.wrapping_sub(a_from_owner & handed_on);
+        if a.created_ns | owner_over_relay > b.last_seen_ns.saturating_add(RECREATED_AFTER_NS) {
             return true;
         }
         // All ones from the owner: no creation time is later than that.

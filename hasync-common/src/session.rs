@@ -116,6 +116,11 @@ impl SessionFlags {
     /// timeout) while this member still carried the flow (an assured session, [`Self::
     /// ASYMMETRIC`], live here); its next packet here takes it over.
     pub const ORPHANED: u16 = 1 << 4;
+    /// Node-local: written from a record that did not come from its owner (a full sync
+    /// handing on the session of a member not alive here); the owner's own next record
+    /// replaces it whatever the versions and times say
+    /// ([`crate::conflict::newer`]).
+    pub const HANDED_ON: u16 = 1 << 5;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]
@@ -177,8 +182,8 @@ pub struct Session {
     /// field; scaled when both directions offered scaling).
     pub max_win: [u16; 2],
     /// TCP, per direction: the highest sequence end the direction sent (seq + payload + SYN +
-    /// FIN), when `tcp_track` says it is known. RST and FIN count only near it
-    /// ([`crate::tcp_window`]).
+    /// FIN), when `tcp_track` says it is known. RST and FIN count only near it, an established
+    /// session's RST only at it ([`crate::tcp_window`]).
     pub seq_end: [u32; 2],
 }
 crate::assert_size!(Session, 88);
@@ -263,7 +268,9 @@ pub mod tcp {
 /// `DIR_REPLY`), given the flags already seen per direction *including* this segment.
 ///
 /// Shared by the XDP program and userspace (tests, tools) so both agree on the machine.
-/// A SYN that reopens a closed session is handled by the caller (it recreates the session).
+/// A SYN that reopens a closed session is handled by the caller (it recreates the session),
+/// and so is a segment that does not count in the window ([`crate::tcp_window::Fit::counts`]:
+/// it moves nothing); every RST that reaches this function closes.
 #[inline(always)]
 pub const fn tcp_next(state: State, dir: usize, flags: u8, seen: [u8; 2]) -> State {
     if flags & tcp::RST != 0 {

@@ -472,7 +472,7 @@ impl CountersView {
 // show cluster statistics
 
 /// Reasons a sync connection or frame is rejected, always listed (zeros included).
-pub const REJECT_REASONS: [&str; 19] = [
+pub const REJECT_REASONS: [&str; 20] = [
     "bad-key",
     "wrong-cluster",
     "unknown-member",
@@ -485,6 +485,7 @@ pub const REJECT_REASONS: [&str; 19] = [
     "pre-auth-limit",
     "wrong-member",
     "duplicate-link",
+    "other-boot",
     "unknown-owner",
     "foreign-owner",
     "stalled",

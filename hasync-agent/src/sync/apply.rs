@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, SessionFlags, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -172,7 +172,11 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
             let Some(zone) = zones.translate(rec.zone) else {
                 return Decision::RefuseZone;
             };
-            (ApplyOp::Upsert, rec.to_session(now_ns, zone))
+            let mut session = rec.to_session(now_ns, zone);
+            if rec.owner != who.sender && rec.owner != who.local {
+                session.flags.0 |= SessionFlags::HANDED_ON;
+            }
+            (ApplyOp::Upsert, session)
         }
     };
     // Only the owner's own ticket places a copy: a relayed record (a full sync speaking for a
@@ -444,6 +448,48 @@ mod tests {
             fresh_table,
             reconciling: None,
         }
+    }
+
+    /// A full sync may hand on the sessions of a member not alive here, but a relayed copy
+    /// must give way to its owner's own next record: a key holder handing on member 3's session
+    /// at a version half the serial space ahead kept member 3's own later records out for
+    /// good. Seen failing (the relayed version stayed) before.
+    #[test]
+    fn a_relayed_copy_gives_way_to_its_owners_own_record() {
+        let mut dp = crate::datapath::testing::datapath();
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let ahead = 5u32.wrapping_add(0x7fff_ffff);
+        let relayed = rec(Op::Upsert, ahead, 3, 1);
+        let key = relayed.key;
+        dp.insert_sessions(&[(key, held(5, 3))]).expect("insert");
+        let relay = Applier {
+            bulk: true,
+            alive: [1, 2].map(MemberId).into_iter().collect(),
+            ..member(1, false)
+        };
+        apply(&mut dp, &[relayed], &z, 1_000_000_000, &relay).expect("apply");
+        let version = |dp: &crate::datapath::Datapath| {
+            let s = dp.session(&key).expect("lookup").expect("held");
+            (s.version, s.owner.0)
+        };
+        assert_eq!(
+            version(&dp),
+            (ahead, 3),
+            "handed on while member 3 is not alive"
+        );
+        let owner = Applier {
+            sender: MemberId(3),
+            ..member(1, false)
+        };
+        apply(
+            &mut dp,
+            &[rec(Op::Upsert, 6, 3, 1)],
+            &z,
+            2_000_000_000,
+            &owner,
+        )
+        .expect("apply");
+        assert_eq!(version(&dp), (6, 3), "member 3's own record was kept out");
     }
 
     /// Who may speak for whom: one row per rule of `Applier::owner_check`.

@@ -143,6 +143,8 @@ pub enum Rejection {
     WrongMember,
     /// The peer already has a live connection on this link.
     DuplicateLink,
+    /// The peer has a live connection of another boot (on the other link).
+    OtherBoot,
     /// A frame of a connection or a boot that was replaced.
     StaleFrame,
     /// A full sync ended without all its records.
@@ -158,7 +160,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 20] = [
+    pub const ALL: [Rejection; 21] = [
         Rejection::UnknownAddress,
         Rejection::PreAuthLimit,
         Rejection::Connection,
@@ -173,6 +175,7 @@ impl Rejection {
         Rejection::DisabledMember,
         Rejection::WrongMember,
         Rejection::DuplicateLink,
+        Rejection::OtherBoot,
         Rejection::StaleFrame,
         Rejection::BulkIncomplete,
         Rejection::ZoneUnknown,
@@ -198,6 +201,7 @@ impl Rejection {
             Rejection::DisabledMember => "disabled-member",
             Rejection::WrongMember => "wrong-member",
             Rejection::DuplicateLink => "duplicate-link",
+            Rejection::OtherBoot => "other-boot",
             Rejection::StaleFrame => "stale-frame",
             Rejection::BulkIncomplete => "bulk-incomplete",
             Rejection::ZoneUnknown => "zone-unknown",

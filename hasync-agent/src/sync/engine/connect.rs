@@ -290,13 +290,7 @@ impl<T: SessionTable> Engine<T> {
             return Ok(None);
         };
         // Refused before our hello goes out: the dialer must not see a link come up and drop.
-        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, Instant::now()) {
-            self.refuse(
-                reason,
-                from,
-                link,
-                "the peer already has a live connection on this link",
-            );
+        if self.refused_admission(&peer, link, &h, from, Instant::now()) {
             return Ok(None);
         }
         let ours = self.hello(link, h.member);
@@ -404,22 +398,48 @@ impl<T: SessionTable> Engine<T> {
             .unwrap_or_else(|_| Err(ChannelError::Io(std::io::ErrorKind::TimedOut.into())))
     }
 
-    /// May a new authenticated connection from `peer` on `link` be attached? A live
-    /// connection on that link stays, whatever boot the newcomer claims (a key holder cannot
-    /// push the real peer's connection aside); one gone silent or closed is replaced. (A
-    /// restarted peer's old connection closes with its process, or falls silent with its
-    /// host.)
-    fn admit_connection(&self, peer: &Peer, link: LinkKind, now: Instant) -> Admit {
+    /// May a new authenticated connection from `peer` on `link`, whose hello says `hello`, be
+    /// attached? A live connection on that link stays, whatever boot the newcomer claims (a key
+    /// holder cannot push the real peer's connection aside); one gone silent or closed is
+    /// replaced. Nor is a connection of another boot than the peer's live connections' (on the
+    /// other link) attached: its hello would make their frames an earlier boot's, dropped
+    /// unread while they kept the connection looking alive, and the peer would look dead to
+    /// us while connected. (A restarted peer's old connections close with its process, or
+    /// fall silent with its host.)
+    fn admit_connection(&self, peer: &Peer, link: LinkKind, hello: &Hello, now: Instant) -> Admit {
         let g = peer.lock();
-        let Some(old) = g.links.get(&link) else {
-            return Admit::Attach;
+        let live = |c: &LinkConn| {
+            now.duration_since(c.last_rx) <= self.inner.cfg.keepalive_interval * 2
+                && !c.writer.is_closed()
         };
-        let silent = now.duration_since(old.last_rx) > self.inner.cfg.keepalive_interval * 2;
-        if silent || old.writer.is_closed() {
-            Admit::Attach
-        } else {
-            Admit::Refuse(Rejection::DuplicateLink)
+        if g.links.get(&link).is_some_and(live) {
+            return Admit::Refuse(Rejection::DuplicateLink);
         }
+        let other_boot = g.hello.as_ref().is_some_and(|h| h.boot_id != hello.boot_id);
+        if other_boot && g.links.values().any(live) {
+            return Admit::Refuse(Rejection::OtherBoot);
+        }
+        Admit::Attach
+    }
+
+    /// [`Self::admit_connection`], counting and logging a refusal; true if refused.
+    fn refused_admission(
+        &self,
+        peer: &Peer,
+        link: LinkKind,
+        hello: &Hello,
+        from: SocketAddr,
+        now: Instant,
+    ) -> bool {
+        let Admit::Refuse(reason) = self.admit_connection(peer, link, hello, now) else {
+            return false;
+        };
+        let detail = match reason {
+            Rejection::OtherBoot => "the peer has a live connection of another boot",
+            _ => "the peer already has a live connection on this link",
+        };
+        self.refuse(reason, from, link, detail);
+        true
     }
 
     /// Registers an authenticated connection and starts its writer, then its reader. The
@@ -433,13 +453,7 @@ impl<T: SessionTable> Engine<T> {
         from: SocketAddr,
     ) {
         let now = Instant::now();
-        if let Admit::Refuse(reason) = self.admit_connection(&peer, link, now) {
-            self.refuse(
-                reason,
-                from,
-                link,
-                "the peer already has a live connection on this link",
-            );
+        if self.refused_admission(&peer, link, &conn.hello, from, now) {
             return;
         }
         // Only an admitted connection's hello says what the peer's configuration is.
@@ -707,6 +721,98 @@ mod tests {
             before,
             "a refused connection's hello rewrote the peer's settings"
         );
+    }
+
+    /// Member 2's hello on `link`, of boot `boot`.
+    fn hello_of_2<T: SessionTable>(e: &Engine<T>, link: LinkKind, boot: u64) -> Hello {
+        let mut h = e.hello(link, MemberId(2));
+        h.member = MemberId(2);
+        h.boot_id = boot;
+        h
+    }
+
+    /// A key holder at member 2's other sync address claims another boot while member 2's
+    /// connection on HA4 is live: refused (`other-boot`). Attached, its hello made every frame
+    /// of the live connection an earlier boot's, dropped unread (member 2 no longer heard,
+    /// so taken for dead) while those frames kept the connection looking alive, so it was
+    /// never replaced. Seen failing (not heard) before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_of_another_boot_cannot_mute_the_live_one() {
+        use crate::sync::{engine::receive::FrameFrom, wire::Keepalive, writer::Writer};
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let (conn, _sent) = super::super::tests::placeholder_conn(1);
+        let live = hello_of_2(&e, LinkKind::Ha4, 1);
+        e.register(&p, LinkKind::Ha4, live, conn, Instant::now());
+        let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
+        let (tx, rx) = ours.expect("client");
+        let impostor = Established {
+            hello: hello_of_2(&e, LinkKind::Ha4Backup, 2),
+            tx,
+            rx,
+            sent_fresh: false,
+        };
+        let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
+        e.attach(p.clone(), LinkKind::Ha4Backup, impostor, from);
+
+        let (writer, _rx) = Writer::detached();
+        let frame = FrameFrom {
+            peer: &p,
+            link: LinkKind::Ha4,
+            boot_id: 1,
+            generation: 1,
+        };
+        let keepalive = Message::Keepalive(Keepalive {
+            state: 1,
+            sessions_owned: 0,
+            flaps: 0,
+        });
+        e.handle(&frame, keepalive, &writer).expect("handled");
+        let heard = lock(&e.inner.membership).peers[&MemberId(2)].last_heard;
+        assert!(
+            heard.is_some(),
+            "the live connection's keepalive was dropped"
+        );
+        assert_eq!(e.rejections().snapshot().get("other-boot"), Some(&1));
+    }
+
+    /// Frames of an earlier boot (or of a replaced connection) do not keep a connection
+    /// looking alive: only the link's current connection of the current boot is heard from.
+    #[tokio::test]
+    async fn only_the_current_boots_frames_keep_a_connection_alive() {
+        use crate::sync::{engine::receive::FrameFrom, writer::Writer};
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let (conn, _sent) = super::super::tests::placeholder_conn(1);
+        e.register(
+            &p,
+            LinkKind::Ha4,
+            hello_of_2(&e, LinkKind::Ha4, 1),
+            conn,
+            Instant::now(),
+        );
+        let long_ago = Instant::now() - Duration::from_secs(60);
+        let last_rx = || p.lock().links[&LinkKind::Ha4].last_rx;
+        let (writer, _rx) = Writer::detached();
+        for (boot_id, generation) in [(2, 1), (1, 7)] {
+            p.lock()
+                .links
+                .get_mut(&LinkKind::Ha4)
+                .expect("conn")
+                .last_rx = long_ago;
+            let frame = FrameFrom {
+                peer: &p,
+                link: LinkKind::Ha4,
+                boot_id,
+                generation,
+            };
+            e.handle(&frame, Message::Ack { seq: 0 }, &writer).ok();
+            assert_eq!(
+                last_rx(),
+                long_ago,
+                "boot {boot_id} generation {generation}"
+            );
+        }
     }
 
     /// A peer that reconnects at once with a new boot id each time, asking for a full sync

@@ -120,9 +120,6 @@ impl<T: SessionTable> Engine<T> {
             };
             LinkStats::add(&stats.bytes_received, bytes as u64);
             LinkStats::add(&stats.frames_received, 1);
-            if let Some(c) = peer.lock().links.get_mut(&link) {
-                c.last_rx = Instant::now();
-            }
             let applies = matches!(msg, Message::Sessions { .. });
             if let Err(why) = self.handle(&from, msg, &writer) {
                 self.detach(&peer, link, Some(generation), why);
@@ -136,9 +133,27 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Is the frame of the peer's current boot? If so, its connection (if still the link's
+    /// current one) was heard from now.
+    fn heard_on(&self, f: &FrameFrom<'_>) -> bool {
+        let mut g = f.peer.lock();
+        if g.hello.as_ref().map(|h| h.boot_id) != Some(f.boot_id) {
+            return false;
+        }
+        if let Some(c) = g.links.get_mut(&f.link) {
+            if c.generation == f.generation {
+                c.last_rx = Instant::now();
+            }
+        }
+        true
+    }
+
     /// Handles one message; an error closes the connection, with the reason. Messages from a
     /// connection of an earlier boot of the peer (still draining while the new boot's hello
-    /// came on the other link) are dropped, whatever they are.
+    /// came on the other link) are dropped, whatever they are, and do not keep their
+    /// connection alive: only a frame of the current boot on the link's current connection
+    /// counts as heard from it (so a connection whose frames are all dropped falls silent and
+    /// is replaced).
     pub(super) fn handle(
         &self,
         f: &FrameFrom<'_>,
@@ -146,8 +161,7 @@ impl<T: SessionTable> Engine<T> {
         writer: &Writer,
     ) -> Result<(), &'static str> {
         let stats = f.peer.stats.link(f.link);
-        let current_boot = f.peer.lock().hello.as_ref().map(|h| h.boot_id);
-        if current_boot != Some(f.boot_id) {
+        if !self.heard_on(f) {
             self.inner.rejections.count(Rejection::StaleFrame);
             return Ok(());
         }
