@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::bucket::Bucket;
 use crate::lock::lock;
 
 /// Lines one key may write in a burst.
@@ -20,10 +21,7 @@ pub const REFILL_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct Limit {
-    /// Lines the key may still write now.
-    allowance: u32,
-    /// Where the allowance was last brought up to date.
-    refilled: Instant,
+    lines: Bucket,
     left_out: u64,
 }
 
@@ -39,32 +37,14 @@ impl LogLimiter {
     pub fn allow(&self, key: &str, now: Instant) -> Option<u64> {
         let mut keys = lock(&self.keys);
         let limit = keys.entry(key.to_owned()).or_insert(Limit {
-            allowance: BURST,
-            refilled: now,
+            lines: Bucket::new(BURST, REFILL_EVERY, now),
             left_out: 0,
         });
-        limit.refill(now);
-        if limit.allowance == 0 {
+        if !limit.lines.take(now) {
             limit.left_out += 1;
             return None;
         }
-        limit.allowance -= 1;
         Some(std::mem::take(&mut limit.left_out))
-    }
-}
-
-impl Limit {
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.refilled);
-        let earned = elapsed.as_nanos() / REFILL_EVERY.as_nanos();
-        let earned = u32::try_from(earned).unwrap_or(u32::MAX);
-        if self.allowance.saturating_add(earned) >= BURST {
-            self.allowance = BURST;
-            self.refilled = now;
-        } else {
-            self.allowance += earned;
-            self.refilled += REFILL_EVERY * earned;
-        }
     }
 }
 

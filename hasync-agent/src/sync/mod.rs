@@ -6,6 +6,7 @@ pub mod admission;
 pub mod apply;
 pub mod backlog;
 pub mod backoff;
+pub mod bucket;
 pub mod channel;
 pub mod engine;
 pub mod log_limit;

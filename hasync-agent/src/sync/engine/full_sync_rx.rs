@@ -3,11 +3,16 @@
 //! replicas an earlier one did not carry still runs. Which start, frame and end counts is
 //! decided here, without I/O; the engine does the applying, the walking and the removing.
 
+use std::time::{Duration, Instant};
+
 use hasync_common::FlowKey;
 
 use crate::{
     cluster::FullSyncId,
-    sync::stale::{StaleScan, Walking},
+    sync::{
+        bucket::Bucket,
+        stale::{StaleScan, Walking},
+    },
 };
 
 /// A full sync being received. All of it travels on one connection (the sender does not
@@ -62,10 +67,21 @@ pub(super) struct FullSyncRx {
     /// connection was dropped here (or on the other link, replacing the full sync running)
     /// still reconciles. A peer has at most three walk threads.
     abandoned: Vec<Walking>,
+    /// Walks started: [`WALK_BURST`], then one per [`WALK_EVERY`] (created with the first).
+    walks: Option<Bucket>,
 }
 
 /// Abandoned walks still running that keep a new full sync from walking.
 const MAX_ABANDONED: usize = 2;
+
+/// Walks a peer's full syncs may start at once: two, so that a peer starting over at once
+/// after its connection dropped still reconciles.
+const WALK_BURST: u32 = 2;
+/// Then one more per this interval: a peer sending starts as fast as it likes otherwise had a
+/// thread started per start (each abandoned at its next chunk, so [`MAX_ABANDONED`] held only
+/// how many ran at once), each taking the table's lock. The peers' own full syncs are paced
+/// by their backoff, which starts at a second.
+const WALK_EVERY: Duration = Duration::from_secs(1);
 
 /// What [`FullSyncRx::start`] made of a start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,14 +96,16 @@ pub(super) enum Start {
 }
 
 impl FullSyncRx {
-    /// Full sync `id` starts on connection `generation`, reconciling the peer's replicas
-    /// from `mark` if set; `walk` starts the walk of the table that collects them. While an
-    /// earlier removal, or [`MAX_ABANDONED`] abandoned walks, run it walks nothing.
+    /// Full sync `id` starts on connection `generation` at `now`, reconciling the peer's
+    /// replicas from `mark` if set; `walk` starts the walk of the table that collects them.
+    /// While an earlier removal, or [`MAX_ABANDONED`] abandoned walks, run, or when walks
+    /// started faster than [`WALK_EVERY`] used up their burst, it walks nothing.
     pub(super) fn start(
         &mut self,
         id: FullSyncId,
         generation: u64,
         mark: Option<u64>,
+        now: Instant,
         walk: impl FnOnce() -> Option<StaleScan>,
     ) -> Start {
         if self
@@ -98,12 +116,14 @@ impl FullSyncRx {
         }
         self.last_started = Some(id);
         self.abandoned.retain(Walking::running);
-        let may_walk = !self.removing && self.abandoned.len() < MAX_ABANDONED;
-        let stale = if mark.is_some() && may_walk {
-            walk()
-        } else {
-            None
-        };
+        let may_walk = mark.is_some()
+            && !self.removing
+            && self.abandoned.len() < MAX_ABANDONED
+            && self
+                .walks
+                .get_or_insert_with(|| Bucket::new(WALK_BURST, WALK_EVERY, now))
+                .take(now);
+        let stale = if may_walk { walk() } else { None };
         let replaced = self.running.replace(BulkRx {
             id,
             generation,
@@ -213,8 +233,23 @@ mod tests {
     /// returns whether it walks (None: ignored). The walk's scan stands for any: these rules
     /// never read it.
     fn start(rx: &mut FullSyncRx, id: FullSyncId) -> Option<bool> {
+        start_at(rx, id, later())
+    }
+
+    /// An instant a long while after the last one this gave: walks are never paced.
+    fn later() -> Instant {
+        thread_local!(static LAST: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) });
+        LAST.with(|last| {
+            let t = last.get().unwrap_or_else(Instant::now) + WALK_EVERY * 100;
+            last.set(Some(t));
+            t
+        })
+    }
+
+    /// [`start`] at `now`.
+    fn start_at(rx: &mut FullSyncRx, id: FullSyncId, now: Instant) -> Option<bool> {
         let mut walked = false;
-        let started = rx.start(id, 1, Some(5), || {
+        let started = rx.start(id, 1, Some(5), now, || {
             walked = true;
             None
         });
@@ -324,12 +359,34 @@ mod tests {
         assert!(rx.abandoned.is_empty(), "walks over are still listed");
     }
 
+    /// A peer starting full syncs as fast as it sends frames: their walks (a thread each)
+    /// start two at once, then one per interval. Seen failing (100 walks) before.
+    #[test]
+    fn walks_start_at_a_bounded_pace() {
+        let mut rx = FullSyncRx::default();
+        let t0 = Instant::now();
+        let walks = (1..=100)
+            .filter(|&id| start_at(&mut rx, bulk(1, id), t0) == Some(true))
+            .count();
+        assert_eq!(walks, WALK_BURST as usize, "walks started in one instant");
+        assert_eq!(start_at(&mut rx, bulk(1, 101), t0 + WALK_EVERY), Some(true));
+        assert_eq!(
+            start_at(&mut rx, bulk(1, 102), t0 + WALK_EVERY),
+            Some(false)
+        );
+        assert_eq!(
+            rx.running().map(|b| b.id),
+            Some(bulk(1, 102)),
+            "still started"
+        );
+    }
+
     /// A full sync without a mark (the peer's table is not intact) walks nothing.
     #[test]
     fn a_full_sync_that_does_not_reconcile_walks_nothing() {
         let mut rx = FullSyncRx::default();
         assert_eq!(
-            rx.start(bulk(1, 1), 1, None, || panic!("walked")),
+            rx.start(bulk(1, 1), 1, None, Instant::now(), || panic!("walked")),
             Start::Started
         );
         assert!(!rx.reconciling());

@@ -267,7 +267,9 @@ impl<T: SessionTable> Engine<T> {
                     .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id))
             };
             let mark = authoritative.then(monotonic_ns);
-            let start = g.full_sync_rx.start(bulk, f.generation, mark, walk);
+            let start = g
+                .full_sync_rx
+                .start(bulk, f.generation, mark, Instant::now(), walk);
             if start != Start::Ignored {
                 // Under the peer's lock, as its loss with the link (`detach`).
                 let mut b = lock(&peer.stats.bulk_received);
