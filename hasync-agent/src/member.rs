@@ -11,7 +11,7 @@ use crate::{
     cluster::Membership,
     config::Config,
     datapath::{sweep::Tally, CountersReader, Datapath, TableBounds},
-    sync::engine::Engine,
+    sync::{engine::Engine, log_limit::LogLimiter},
 };
 
 /// Everything the running member shares between its tasks.
@@ -31,4 +31,7 @@ pub struct Member {
     pub bounds: TableBounds,
     /// The datapath's counters, read without the datapath's lock.
     pub counters: CountersReader,
+    /// The "member alive" and "no longer alive" lines: a key holder can flip a member's
+    /// liveness as fast as the membership is evaluated.
+    pub liveness_lines: LogLimiter,
 }

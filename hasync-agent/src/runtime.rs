@@ -29,6 +29,7 @@ use crate::{
         backlog::Change,
         backoff::Backoff,
         engine::{Engine, PeerConfig, SyncConfig},
+        log_limit::LogLimiter,
         removals::RecentRemovals,
         wire::LinkKind,
     },
@@ -271,6 +272,7 @@ fn start_member(
         swept: Mutex::default(),
         bounds,
         counters,
+        liveness_lines: LogLimiter::default(),
     });
     Ok((member, tasks))
 }
@@ -556,21 +558,49 @@ fn write_all_liveness(member: &Member) {
     }
 }
 
-/// Applies what the membership rules decided: the XDP member map (takeover) and logs.
+/// Applies what the membership rules decided: the XDP member map (takeover) and logs (a
+/// burst per member, then one line per interval, and the state once more after lines were
+/// left out: [`LogLimiter`]).
 fn apply_membership(member: &Member) {
-    let changes = lock(&member.membership).evaluate(Instant::now());
+    let now = Instant::now();
+    let changes = lock(&member.membership).evaluate(now);
     for (id, alive) in changes.liveness {
-        if alive {
-            info!(peer = id.0, "member alive");
-        } else {
-            warn!(peer = id.0, "member no longer alive: its sessions are taken over when their traffic arrives here");
+        if let Some(skipped) = member.liveness_lines.allow(&liveness_key(id), now) {
+            log_liveness(id, alive, skipped);
         }
         if let Err(e) = lock(&member.dp).set_member_alive(id, alive) {
             warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
         }
     }
+    let peers: Vec<(MemberId, bool)> = lock(&member.membership)
+        .peers
+        .iter()
+        .map(|(id, p)| (*id, p.alive))
+        .collect();
+    for (id, alive) in peers {
+        if let Some(skipped) = member.liveness_lines.catch_up(&liveness_key(id), now) {
+            log_liveness(id, alive, skipped);
+        }
+    }
     if let Some(state) = changes.local_state {
         info!(state = state.name(), "local member state changed");
+    }
+}
+
+/// The log limiter's key of member `id`'s liveness lines.
+fn liveness_key(id: MemberId) -> String {
+    format!("member-{}", id.0)
+}
+
+fn log_liveness(id: MemberId, alive: bool, skipped: u64) {
+    if alive {
+        info!(peer = id.0, skipped, "member alive");
+    } else {
+        warn!(
+            peer = id.0,
+            skipped,
+            "member no longer alive: its sessions are taken over when their traffic arrives here"
+        );
     }
 }
 

@@ -2,8 +2,10 @@
 //! and ended, stale replicas removed after them) are written a few at a time and then at most
 //! one per interval, per key; the ones left out in between are counted and the next line
 //! written says how many. The keys are per peer, so the map stays as small as the cluster.
-//! (State changes, a link going up or down and a member alive or not, are always logged: the
-//! last line must say the state.)
+//! State changes (a link going up or down, a member alive or not) are limited too, since a key
+//! holder can repeat them as fast as handshakes complete; but the last line must say the
+//! state: a key that left lines out is caught up ([`LogLimiter::catch_up`]) on a timer, with
+//! one line saying the state as it is then.
 
 use std::{
     collections::HashMap,
@@ -46,6 +48,17 @@ impl LogLimiter {
         }
         Some(std::mem::take(&mut limit.left_out))
     }
+
+    /// `Some(left_out)` if `key` left lines out since its last one and may log again at `now`
+    /// (which takes its allowance): the caller then writes one line saying the state now.
+    pub fn catch_up(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut keys = lock(&self.keys);
+        let limit = keys.get_mut(key).filter(|l| l.left_out > 0)?;
+        if !limit.lines.take(now) {
+            return None;
+        }
+        Some(std::mem::take(&mut limit.left_out))
+    }
 }
 
 #[cfg(test)]
@@ -75,5 +88,27 @@ mod tests {
             assert!(limiter.allow("peer-2", later).is_some());
         }
         assert_eq!(limiter.allow("peer-2", later), None);
+    }
+
+    /// A key that left lines out is caught up once its allowance is back, once; one that left
+    /// none out never is.
+    #[test]
+    fn a_key_that_left_lines_out_is_caught_up_once() {
+        let limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(limiter.catch_up("link", t0), None, "unknown key");
+        for _ in 0..BURST {
+            assert!(limiter.allow("link", t0).is_some());
+        }
+        assert_eq!(limiter.catch_up("link", t0), None, "nothing left out");
+        assert_eq!(limiter.allow("link", t0), None);
+        assert_eq!(limiter.allow("link", t0), None);
+        assert_eq!(limiter.catch_up("link", t0), None, "no allowance yet");
+        assert_eq!(limiter.catch_up("link", t0 + REFILL_EVERY), Some(2));
+        assert_eq!(
+            limiter.catch_up("link", t0 + REFILL_EVERY * 9),
+            None,
+            "caught up"
+        );
     }
 }

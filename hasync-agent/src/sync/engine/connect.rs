@@ -13,7 +13,7 @@ use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
+use super::{link_state_key, lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
 use crate::{
     cluster::{FullSyncIn, LinkState},
     config::{differing_sections, without_zones, AgreedSection},
@@ -503,7 +503,14 @@ impl<T: SessionTable> Engine<T> {
         self.register(&peer, link, hello, conn, now);
         let _ = registered.send(());
         lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
-        info!(peer = peer.cfg.id.0, link = link.name(), "sync link up");
+        self.log_limited(link_state_key(&peer, link), |skipped| {
+            info!(
+                peer = peer.cfg.id.0,
+                link = link.name(),
+                skipped,
+                "sync link up"
+            );
+        });
         peer.wake.notify_one();
     }
 
@@ -813,6 +820,61 @@ mod tests {
                 "boot {boot_id} generation {generation}"
             );
         }
+    }
+
+    /// What a test's tracing subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A key holder reconnecting as fast as handshakes complete: the link's up and down lines
+    /// are a burst, then one per interval, and the last line written says the link's state.
+    /// Seen failing (40 lines) before.
+    #[tokio::test]
+    async fn link_flaps_log_a_burst_then_the_state() {
+        use crate::sync::log_limit::{BURST, REFILL_EVERY};
+        let lines = Lines::default();
+        let out = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
+        for _ in 0..20 {
+            let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
+            let (tx, rx) = ours.expect("client");
+            let conn = Established {
+                hello: hello_of_2(&e, LinkKind::Ha4, 1),
+                tx,
+                rx,
+                sent_fresh: false,
+            };
+            e.attach(p.clone(), LinkKind::Ha4, conn, from);
+            e.detach(&p, LinkKind::Ha4, None, "test");
+        }
+        let text = || String::from_utf8(lock(&lines.0).clone()).expect("utf-8");
+        let count = |what: &str| text().lines().filter(|l| l.contains(what)).count();
+        let flaps = count("sync link up") + count("sync link down");
+        assert_eq!(flaps, BURST as usize, "{}", text());
+        e.catch_up_link_lines(&p, Instant::now() + REFILL_EVERY);
+        let last = text().lines().last().map(str::to_owned).unwrap_or_default();
+        assert!(
+            last.contains("sync link state") && last.contains("state=\"down\""),
+            "{last}"
+        );
+        assert!(last.contains("skipped=35"), "{last}");
     }
 
     /// A peer that reconnects at once with a new boot id each time, asking for a full sync

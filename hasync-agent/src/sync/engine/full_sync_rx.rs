@@ -74,9 +74,10 @@ pub(super) struct FullSyncRx {
 /// Abandoned walks still running that keep a new full sync from walking.
 const MAX_ABANDONED: usize = 2;
 
-/// Walks a peer's full syncs may start at once: two, so that a peer starting over at once
-/// after its connection dropped still reconciles.
-const WALK_BURST: u32 = 2;
+/// Walks a peer's full syncs may start at once: as many as may run at once (the running full
+/// sync's and [`MAX_ABANDONED`] abandoned ones), so that a peer starting over at once after
+/// its connection dropped still reconciles.
+const WALK_BURST: u32 = MAX_ABANDONED as u32 + 1;
 /// Then one more per this interval: a peer sending starts as fast as it likes otherwise had a
 /// thread started per start (each abandoned at its next chunk, so [`MAX_ABANDONED`] held only
 /// how many ran at once), each taking the table's lock. The peers' own full syncs are paced
@@ -360,7 +361,7 @@ mod tests {
     }
 
     /// A peer starting full syncs as fast as it sends frames: their walks (a thread each)
-    /// start two at once, then one per interval. Seen failing (100 walks) before.
+    /// start a burst at once, then one per interval. Seen failing (100 walks) before.
     #[test]
     fn walks_start_at_a_bounded_pace() {
         let mut rx = FullSyncRx::default();

@@ -467,6 +467,24 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Writes the state of `peer`'s links whose up/down lines were left out ([`LogLimiter::
+    /// catch_up`]): the last line about a link says its state.
+    fn catch_up_link_lines(&self, peer: &Peer, now: Instant) {
+        for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {
+            let key = link_state_key(peer, link);
+            if let Some(skipped) = self.inner.log_limits.catch_up(&key, now) {
+                let up = peer.lock().links.contains_key(&link);
+                info!(
+                    peer = peer.cfg.id.0,
+                    link = link.name(),
+                    state = if up { "up" } else { "down" },
+                    skipped,
+                    "sync link state (after up and down lines left out)"
+                );
+            }
+        }
+    }
+
     /// The link data should go out on now, if any.
     fn pick_link(g: &PeerInner, now: Instant) -> Option<LinkKind> {
         let ha4 = g.links.contains_key(&LinkKind::Ha4);
@@ -517,12 +535,15 @@ impl<T: SessionTable> Engine<T> {
                 LinkStats::add(&stats.stalls, 1);
             }
             lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Down);
-            warn!(
-                peer = peer.cfg.id.0,
-                link = link.name(),
-                reason = why,
-                "sync link down"
-            );
+            self.log_limited(link_state_key(peer, link), |skipped| {
+                warn!(
+                    peer = peer.cfg.id.0,
+                    link = link.name(),
+                    reason = why,
+                    skipped,
+                    "sync link down"
+                );
+            });
             peer.wake.notify_one();
         }
     }
@@ -556,6 +577,11 @@ impl<T: SessionTable> Engine<T> {
             info!("initial full syncs ended: this member's table is the authority on its sessions again");
         }
     }
+}
+
+/// The log limiter's key of `peer`'s up and down lines on `link`.
+fn link_state_key(peer: &Peer, link: LinkKind) -> String {
+    format!("link-state-{}-{}", peer.cfg.id.0, link.name())
 }
 
 #[cfg(test)]

@@ -445,6 +445,7 @@ impl<T: SessionTable> Engine<T> {
                 }
             };
             let now = Instant::now();
+            self.catch_up_link_lines(&peer, now);
             let links: Vec<(LinkKind, u64, Writer, Instant)> = peer
                 .lock()
                 .links

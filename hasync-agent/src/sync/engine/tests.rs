@@ -370,7 +370,8 @@ async fn the_end_of_a_full_sync_does_not_wait_for_the_stale_replica_walk() {
 /// once after its connection was dropped here); none starts while two do: a peer (a hostile
 /// one with the key) starting full syncs faster than abandoned walks stop would otherwise
 /// leave a thread per start, all waiting for the table's lock. Once those walks are over,
-/// the next one walks.
+/// the next one walks (a second later: walks also start at most one per second after the
+/// first three).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_syncs_started_while_abandoned_walks_run_start_no_other() {
     let (e, peer, _rx) = holding_a_replica_of_2();
@@ -406,6 +407,7 @@ async fn full_syncs_started_while_abandoned_walks_run_start_no_other() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 20);
     assert!(walking().is_some(), "no walk once the last ones ended");
 }
