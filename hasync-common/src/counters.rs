@@ -108,6 +108,11 @@ counters! {
     DropTcpOutOfWindow = "drop-tcp-out-of-window",
     /// The same, passed (loose policy), the session unchanged.
     PassTcpOutOfWindow = "pass-tcp-out-of-window",
+    /// An established session's RST inside the window but not at the sender's next sequence
+    /// number (RFC 5961 §3.2): passed whatever the policy, so the endpoint can answer it with
+    /// a challenge ACK; the session unchanged. A blind reset lands here with odds of the
+    /// window in 2^32.
+    PassTcpInexactRst = "pass-tcp-inexact-rst",
     /// TCP without SYN and without a session, passed by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",
     /// TCP without SYN and without a session, dropped by the strict policy.

@@ -1,10 +1,17 @@
 //! TCP sequence tracking: is a segment inside the window its session has seen?
 //!
 //! RST and FIN change a session's state, so they count only inside the window (RFC 5961 §3;
-//! conntrack's `tcp_in_window` is the model, simplified): a blind sender who knows the 5-tuple
-//! but not the sequence numbers can neither close nor half-close a session. A middlebox sends
-//! no challenge ACK: what falls outside is dropped (strict policy) or passed (loose), and the
-//! session is left as it was.
+//! conntrack's `tcp_in_window` is the model, simplified). A window may be 2^30 bytes with
+//! scaling, where a blind sender who knows the 5-tuple but not the sequence numbers lands a
+//! segment in a few hundred guesses; so in an established session a RST counts only at exactly
+//! the sender's next sequence number as this member saw it (§3.2, as conntrack). A middlebox
+//! sends no challenge ACK: what falls outside is dropped (strict policy) or passed (loose); a
+//! RST inside the window but not exact ([`Fit::Inexact`]) is passed whatever the policy, so
+//! the endpoint can answer it with its challenge ACK. Either way the session is left as it
+//! was. A blind sender therefore cannot close an established session; a FIN it lands inside
+//! the window still half-closes it (closing: a shorter timeout), and in the handshake, while
+//! closing and against a peer's numbers (below) any RST inside the window closes, as in
+//! conntrack.
 //!
 //! Per direction the session keeps the highest sequence end the direction sent (`seq_end`:
 //! seq + payload + SYN + FIN) and the largest window it advertised (`max_win`, with its
@@ -16,9 +23,9 @@
 //! from a peer), so a blind sender who chose its own sequence number (a spoofed SYN's) cannot
 //! complete the handshake. A SYN-ACK that acknowledges exactly the SYN re-learns the
 //! responder's sequence (a server that answered a retransmitted SYN with a new one). Only
-//! segments in the window move it or the session's state, so a blind data segment can neither
-//! carry the window to where a blind RST would then fit nor make a half-open session
-//! established (assured, and never evicted).
+//! segments in the window (but no inexact RST) move it or the session's state, so a blind data
+//! segment can neither carry the window to where a blind RST would then fit nor make a
+//! half-open session established (assured, and never evicted).
 //!
 //! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
 //! the SYN-ACK of a new session, the first packets of a session applied from a peer that sent
@@ -35,7 +42,8 @@
 //! are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead of the replica's end
 //! (by less than 2^31, which the refresh at every GiB keeps true) re-learns it (sequence
 //! numbers only move forward). RST and FIN are checked against the replica's numbers
-//! throughout.
+//! throughout, by the window alone: the exact next sequence number of a direction that moved
+//! on since would almost never come, and the session would never close on a RST.
 
 use crate::session::{tcp, Session, State, DIR_ORIGINAL, DIR_REPLY};
 
@@ -87,6 +95,19 @@ pub enum Fit {
     /// Outside: a RST or FIN here is refused; from any segment nothing is learned, and the
     /// session's state does not move.
     Outside,
+    /// An established session's RST inside the window but not at the sender's next sequence
+    /// number (RFC 5961 §3.2): passed on, so the endpoint can answer it with a challenge ACK,
+    /// and changes nothing (not the state, the direction's flags or its window).
+    Inexact,
+}
+
+impl Fit {
+    /// Does a segment that fell here count for its session: move its state, add its flags to
+    /// its direction's, bind its reply zone? Only inside the window or learned from.
+    #[inline(always)]
+    pub const fn counts(self) -> bool {
+        matches!(self, Fit::InWindow | Fit::Learn)
+    }
 }
 
 #[inline(always)]
@@ -171,7 +192,11 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     if mine & track::KNOWN != 0 {
         let end = pick(s.seq_end, dir);
         if within(seg.seq, end, window(s, other(dir))) && acks_in_window(s, dir, flags, seg) {
-            return Fit::InWindow;
+            return if inexact_rst(s, mine, flags, seg.seq, end) {
+                Fit::Inexact
+            } else {
+                Fit::InWindow
+            };
         }
         if mine & track::STALE != 0 && !closing && ahead(seg.seq, end) {
             return Fit::Learn;
@@ -194,6 +219,17 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     } else {
         Fit::Outside
     }
+}
+
+/// Is the segment an established session's RST, from a direction whose numbers this member
+/// saw itself (not a peer's, which lag: `mine` is its track byte), at another sequence number
+/// than the direction's next (`end`)? Such a RST is passed and changes nothing (RFC 5961 §3.2).
+#[inline(always)]
+fn inexact_rst(s: &Session, mine: u8, flags: u8, seq: u32, end: u32) -> bool {
+    flags & tcp::RST != 0
+        && s.state == State::Established as u8
+        && mine & track::STALE == 0
+        && seq != end
 }
 
 /// During the handshake, does the segment's ACK, if it carries one, lie within the window of
@@ -252,7 +288,7 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         .wrapping_add(u32::from(flags & tcp::SYN != 0))
         .wrapping_add(u32::from(flags & tcp::FIN != 0));
     match fit {
-        Fit::Outside => return,
+        Fit::Outside | Fit::Inexact => return,
         Fit::Learn => {
             if restarts_handshake(s, dir, flags) {
                 *pick_mut(&mut s.tcp_track, other(dir)) = 0;
@@ -304,7 +340,10 @@ pub fn mark_stale(tcp_track: [u8; 2]) -> [u8; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::tcp::{ACK, FIN, RST, SYN};
+    use crate::session::{
+        tcp::{ACK, FIN, RST, SYN},
+        tcp_next,
+    };
 
     fn seg(seq: u32, ack: u32) -> TcpSegment {
         TcpSegment {
@@ -322,6 +361,20 @@ mod tests {
             record(s, dir, flags, &g, fit);
             fit
         })
+    }
+
+    /// Runs a segment as the XDP program does: classify and record it and, when it counts,
+    /// add its flags and run the state machine. Returns the fit.
+    fn step(s: &mut Session, dir: usize, flags: u8, g: TcpSegment) -> Fit {
+        let fit = classify(s, dir, flags, &g);
+        assert!(!refused(fit, flags), "{fit:?} refused");
+        record(s, dir, flags, &g, fit);
+        if fit.counts() {
+            s.tcp_flags[dir] |= flags;
+            let state = State::from_u8(s.state).expect("a TCP state");
+            s.state = tcp_next(state, dir, flags, s.tcp_flags) as u8;
+        }
+        fit
     }
 
     fn established(c: u32, srv: u32) -> Session {
@@ -424,6 +477,39 @@ mod tests {
         );
     }
 
+    /// With window scaling a blind sender lands a RST inside the window in a few hundred
+    /// guesses. Once established, only a RST at the sender's next sequence number counts (RFC
+    /// 5961 §3.2, as conntrack); one merely inside the window passes and changes nothing, so
+    /// the endpoint can answer it with a challenge ACK. A replica's numbers lag: there the
+    /// window still decides. Seen failing (InWindow) when any RST inside the window closed.
+    #[test]
+    fn an_established_session_closes_only_on_the_exact_rst() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        let scaled = |g: TcpSegment| TcpSegment {
+            wscale: Some(7),
+            ..g
+        };
+        step(&mut s, O, SYN, scaled(seg(100, 0)));
+        step(&mut s, R, SYN | ACK, scaled(seg(700, 101)));
+        step(&mut s, O, ACK, seg(101, 701));
+        assert_eq!(s.state, State::Established as u8);
+        assert_eq!(window(&s, O), 1000 << 7);
+
+        let inexact = seg(701 + 20_000, 0);
+        let mut replica = s;
+        replica.tcp_track = mark_stale(replica.tcp_track);
+        assert_eq!(classify(&replica, R, RST, &inexact), Fit::InWindow);
+        let before = s;
+        assert_eq!(step(&mut s, R, RST, inexact), Fit::Inexact);
+        assert_eq!(s, before, "state, flags and window unchanged");
+        assert_eq!(s.state, State::Established as u8);
+        assert_eq!(step(&mut s, R, RST, seg(701, 0)), Fit::InWindow);
+        assert_eq!(s.state, State::Closed as u8);
+    }
+
     #[test]
     fn scaling_needs_both_sides() {
         let mut s = Session {
@@ -440,23 +526,45 @@ mod tests {
         assert_eq!(window(&s, O), MIN_WINDOW);
     }
 
+    /// FIN, and RST outside `established`, count anywhere inside the window; an established
+    /// session's RST only at the sender's next sequence number.
     #[test]
     fn rst_and_fin_inside_the_window_only() {
-        let s = established(500_000, 9000);
+        let mut s = established(500_000, 9000);
         let win = MIN_WINDOW;
-        for (seq, fit) in [
-            (500_000, Fit::InWindow),
-            (500_000 - win, Fit::InWindow),
-            (500_000 + win, Fit::InWindow),
-            (500_000 + win + 1, Fit::Outside),
-            (500_000 - win - 1, Fit::Outside),
-            (500_000u32.wrapping_sub(0x8000_0000), Fit::Outside),
+        for (seq, fit, established_rst) in [
+            (500_000, Fit::InWindow, Fit::InWindow),
+            (500_000 - win, Fit::InWindow, Fit::Inexact),
+            (500_000 + win, Fit::InWindow, Fit::Inexact),
+            (500_000 + win + 1, Fit::Outside, Fit::Outside),
+            (500_000 - win - 1, Fit::Outside, Fit::Outside),
+            (
+                500_000u32.wrapping_sub(0x8000_0000),
+                Fit::Outside,
+                Fit::Outside,
+            ),
         ] {
-            assert_eq!(classify(&s, O, RST, &seg(seq, 0)), fit, "seq {seq}");
-            assert_eq!(classify(&s, O, FIN | ACK, &seg(seq, 0)), fit, "seq {seq}");
+            s.state = State::Established as u8;
+            assert_eq!(
+                classify(&s, O, FIN | ACK, &seg(seq, 0)),
+                fit,
+                "fin, seq {seq}"
+            );
+            assert_eq!(
+                classify(&s, O, RST, &seg(seq, 0)),
+                established_rst,
+                "seq {seq}"
+            );
+            s.state = State::Closing as u8;
+            assert_eq!(
+                classify(&s, O, RST, &seg(seq, 0)),
+                fit,
+                "closing, seq {seq}"
+            );
         }
         assert!(refused(Fit::Outside, RST));
         assert!(!refused(Fit::Outside, ACK));
+        assert!(!refused(Fit::Inexact, RST));
     }
 
     #[test]

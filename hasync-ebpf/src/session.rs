@@ -171,7 +171,13 @@ fn hit(
             Counter::DropTcpOutOfWindow,
         );
     }
-    if fit != Fit::Outside {
+    if fit == Fit::Inexact {
+        // Passed on for the endpoint's challenge ACK (whatever the policy), and, like a blind
+        // RST outside the window, not the session's: it stays exactly as it was.
+        counters.inc(Counter::PassTcpInexactRst);
+        return xdp_action::XDP_PASS;
+    }
+    if fit.counts() {
         learn_reply_zone(s, dir, ingress);
     }
     let was = Before::of(s, dir);
@@ -203,7 +209,7 @@ fn hit(
         reply_zone: s.reply_zone,
         dir,
         fragment: pkt.first_fragment.is_some(),
-        in_window: fit != Fit::Outside,
+        in_window: fit.counts(),
         refreshed,
         now,
     };
@@ -290,7 +296,7 @@ fn advance(
     let old = s.state;
     let new = match State::from_u8(old) {
         // A segment outside the window moves nothing (a blind ACK would establish).
-        Some(_) if fit == Fit::Outside => old,
+        Some(_) if !fit.counts() => old,
         Some(state) if pkt.key.proto == IPPROTO_TCP => {
             tcp_next(state, dir, pkt.tcp_flags, s.tcp_flags) as u8
         }
@@ -325,7 +331,7 @@ fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64, fit: Fit) {
     if let Some(b) = s.bytes.get_mut(dir) {
         *b = b.wrapping_add(pkt.len);
     }
-    if fit == Fit::Outside {
+    if !fit.counts() {
         // Its flags are not the direction's: the state machine reads them.
         return;
     }

@@ -57,6 +57,10 @@ fn handshake(row: Row, c: &str, s: &str) -> Row {
         .pass(tcp(c, s).ack())
 }
 
+/// Either side's next sequence number after [`handshake`]: the frames' default, 1000, plus
+/// the SYN. An established session's RST counts only there.
+const NEXT: u32 = 1001;
+
 const SA: u8 = SYN | ACK;
 const SAF: u8 = SYN | ACK | FIN;
 
@@ -228,7 +232,7 @@ fn tcp_rows() -> Vec<Row> {
             ])
             .events(&[E::Created, E::StateChanged, E::StateChanged]),
         handshake(Row::new("tcp rst from the initiator closes"), C4, S4)
-            .pass(tcp(C4, S4).rst())
+            .pass(tcp(C4, S4).rst().seq(NEXT))
             .session(Expect::new(State::Closed).version(4).packets(3, 1))
             .counters(&[
                 (C::Creates, 1),
@@ -239,7 +243,7 @@ fn tcp_rows() -> Vec<Row> {
             ])
             .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
         handshake(Row::new("tcp rst from the responder closes (v6)"), C6, S6)
-            .pass(tcp(S6, C6).flags(RST | ACK))
+            .pass(tcp(S6, C6).flags(RST | ACK).seq(NEXT))
             .session(Expect::new(State::Closed).version(4).packets(2, 2))
             .counters(&[
                 (C::Creates, 1),
@@ -297,7 +301,7 @@ fn tcp_rows() -> Vec<Row> {
             C4,
             S4,
         )
-        .pass(tcp(C4, S4).rst())
+        .pass(tcp(C4, S4).rst().seq(NEXT))
         .pass(tcp(S4, C4).ack())
         .session(Expect::new(State::Closed).version(4).packets(3, 2))
         .counters(&[
@@ -313,7 +317,7 @@ fn tcp_rows() -> Vec<Row> {
             C4,
             S4,
         )
-        .pass(tcp(C4, S4).rst())
+        .pass(tcp(C4, S4).rst().seq(NEXT))
         .pass(tcp(S4, C4).syn_ack())
         .session(Expect::new(State::Closed).version(4).packets(3, 2))
         .counters(&[
@@ -325,7 +329,7 @@ fn tcp_rows() -> Vec<Row> {
         ])
         .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
         handshake(Row::new("tcp syn reopens a closed session"), C4, S4)
-            .pass(tcp(C4, S4).rst())
+            .pass(tcp(C4, S4).rst().seq(NEXT))
             .pass(tcp(C4, S4).syn())
             // The version is the next row's business.
             .session(Expect::new(State::SynSent).any_version().tcp_flags(SYN, 0))
@@ -348,7 +352,7 @@ fn tcp_rows() -> Vec<Row> {
             C4,
             S4,
         )
-        .pass(tcp(C4, S4).rst())
+        .pass(tcp(C4, S4).rst().seq(NEXT))
         .pass(tcp(C4, S4).syn())
         .session(Expect::new(State::SynSent).version(5).tcp_flags(SYN, 0))
         .counters(&[
@@ -390,6 +394,26 @@ fn handshake_seq(row: Row, c: &str, s: &str) -> Row {
     row.pass(tcp(c, s).syn().seq(C_ISN))
         .pass(tcp(s, c).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
         .pass(tcp(c, s).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+}
+
+/// [`handshake_seq`] with window scaling: both SYNs offer a shift of 7 and the client
+/// advertises 1000, a window of 128,000 bytes for the server's segments.
+fn handshake_scaled(row: Row, c: &str, s: &str) -> Row {
+    row.pass(tcp(c, s).syn().seq(C_ISN).wscale(7))
+        .pass(
+            tcp(s, c)
+                .syn_ack()
+                .seq(S_ISN)
+                .ack_number(C_ISN + 1)
+                .wscale(7),
+        )
+        .pass(
+            tcp(c, s)
+                .ack()
+                .seq(C_ISN + 1)
+                .ack_number(S_ISN + 1)
+                .window(1000),
+        )
 }
 
 /// Counters of [`handshake_seq`] plus `hits` more hits and `extra`.
@@ -633,29 +657,75 @@ fn tcp_window_rows() -> Vec<Row> {
                 (C::DropTcpOutOfWindow, 2),
             ])
             .events(&[E::OwnershipTaken, E::StateChanged]),
-        Row::new("tcp window: scaled windows widen the window both SYNs agreed on")
-            .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
-            .pass(
-                tcp(S4, C4)
-                    .syn_ack()
-                    .seq(S_ISN)
-                    .ack_number(C_ISN + 1)
-                    .wscale(7),
-            )
-            .pass(
-                tcp(C4, S4)
-                    .ack()
-                    .seq(C_ISN + 1)
-                    .ack_number(S_ISN + 1)
-                    .window(1000),
-            )
-            .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
-            .session(Expect::new(State::Closed).version(4).packets(2, 2))
-            .counters(&after_handshake(
-                1,
-                &[(C::StateChanges, 1), (C::Closed, 1), (C::Events, 1)],
-            ))
-            .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
+        handshake_scaled(
+            Row::new("tcp window: scaled windows widen the window both SYNs agreed on"),
+            C4,
+            S4,
+        )
+        .pass(tcp(S4, C4).fin().seq(S_ISN + 1 + 120_000))
+        .session(Expect::new(State::Closing).version(4).packets(2, 2))
+        .counters(&after_handshake(1, &[(C::StateChanges, 1), (C::Events, 1)]))
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+        ]),
+        // In a window this wide a blind RST lands in a few hundred guesses: once established,
+        // only one at the sender's next sequence number counts (RFC 5961 §3.2, as conntrack).
+        // Others pass whatever the policy, so the endpoint answers with a challenge ACK, and
+        // touch nothing (not even the packet counts), as a blind RST outside the window.
+        handshake_scaled(
+            Row::new(
+                "tcp window: an inexact rst inside the window leaves an established session open",
+            ),
+            C4,
+            S4,
+        )
+        .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
+        .session(
+            Expect::new(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .tcp_flags(SA, SA)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(1, &[(C::PassTcpInexactRst, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
+            Row::new("tcp window: an inexact rst passes the loose policy the same way (v6)"),
+            C6,
+            S6,
+        )
+        .policy(Policy::Loose)
+        .pass(tcp(C6, S6).flags(RST | ACK).seq(C_ISN + 1 + 30_000))
+        .session(
+            Expect::new(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .tcp_flags(SA, SA),
+        )
+        .counters(&after_handshake(1, &[(C::PassTcpInexactRst, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
+            Row::new("tcp window: the exact rst answering a challenge ack closes"),
+            C4,
+            S4,
+        )
+        .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 20_000))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+        .pass(tcp(S4, C4).rst().seq(S_ISN + 1))
+        .session(Expect::new(State::Closed).version(4).packets(3, 2))
+        .counters(&after_handshake(
+            3,
+            &[
+                (C::PassTcpInexactRst, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::Events, 1),
+            ],
+        ))
+        .events(&[E::Created, E::StateChanged, E::StateChanged, E::Closed]),
         Row::new("tcp window: a window scale only one SYN offered does not apply")
             .pass(tcp(C4, S4).syn().seq(C_ISN).wscale(7))
             .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
@@ -2089,6 +2159,14 @@ fn forwarding_rows() -> Vec<Row> {
             .pass(tcp(C4, S4).ack().seq(900_000).payload(10))
             .session(Expect::new(State::Established).version(7).packets(6, 4))
             .counters(&[(C::Hits, 1), (C::PassFwdOutOfWindow, 1)]),
+        xdp("xdp forwarding: an inexact rst goes to the kernel, the session untouched")
+            .existing(established().tcp_window(
+                [track::KNOWN, track::KNOWN],
+                [1000, 1000],
+                [5000, 9000],
+            ))
+            .pass(tcp(C4, S4).rst().seq(5000 + 100))
+            .counters(&[(C::Hits, 1), (C::PassTcpInexactRst, 1)]),
         xdp("xdp forwarding: an icmp echo stays with the kernel")
             .existing(Existing::local(State::IcmpEcho))
             .pass(ping(C4, S4, 7, true))
