@@ -40,6 +40,17 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("creating {}/.lock", shared.display()))?;
     lock.lock()
         .with_context(|| format!("locking {}/.lock", shared.display()))?;
+    // The objects are copied anew by every build: none left from an earlier one (a renamed
+    // program, or a build aya-build skipped) is taken for this one's.
+    for object in OBJECTS {
+        let stale = shared.join(object);
+        match fs::remove_file(&stale) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", stale.display()));
+            }
+            _ => {}
+        }
+    }
     // aya-build builds in, and copies the objects to, the directory `OUT_DIR` names.
     std::env::set_var("OUT_DIR", &shared);
     let built = aya_build::build_ebpf(
@@ -52,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     );
     std::env::set_var("OUT_DIR", &out_dir);
     built?;
-    for object in OBJECTS {
+    for object in OBJECTS.into_iter().filter(|_| shared != out_dir) {
         let (from, to) = (shared.join(object), out_dir.join(object));
         fs::copy(&from, &to)
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;

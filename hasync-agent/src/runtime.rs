@@ -579,7 +579,10 @@ fn apply_membership(member: &Member) {
         .collect();
     for (id, alive) in peers {
         if let Some(skipped) = member.liveness_lines.catch_up(&liveness_key(id), now) {
-            log_liveness(id, alive, skipped);
+            info!(
+                peer = id.0,
+                alive, skipped, "member state (after alive and not-alive lines left out)"
+            );
         }
     }
     if let Some(state) = changes.local_state {

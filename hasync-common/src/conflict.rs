@@ -99,16 +99,18 @@ pub fn resolve(
             Resolution::Keep
         };
     };
+    // 1 if the sender is known and owns the session, else 0, without a branch.
+    let from_owner = (1 ^ nonzero(sender.0 ^ incoming.owner.0)) & nonzero(sender.0);
     if op == ApplyOp::Delete as u8 {
+        // A later version here is kept, unless it was handed on and the owner deletes.
+        let over_relay = from_owner & u64::from(s.flags.has(SessionFlags::HANDED_ON)) != 0;
         let stale = incoming.version != 0 && version_after(s.version, incoming.version);
-        return if s.owner.0 == incoming.owner.0 && !stale {
+        return if s.owner.0 == incoming.owner.0 && (!stale || over_relay) {
             Resolution::Delete
         } else {
             Resolution::Keep
         };
     }
-    // 1 if the sender is known and owns the session, else 0, without a branch.
-    let from_owner = (1 ^ nonzero(sender.0 ^ incoming.owner.0)) & nonzero(sender.0);
     if newer(incoming, s, from_owner) {
         return Resolution::Replace;
     }
@@ -197,6 +199,33 @@ mod tests {
         );
         assert_eq!(
             resolve(DEL, &s(0, 2), Some(&s(1, 3)), none),
+            Resolution::Keep
+        );
+    }
+
+    /// A copy another member handed on gives way to its owner's own records, session or
+    /// removal, whatever its version; against anyone else's it is an ordinary copy.
+    #[test]
+    fn a_handed_on_copy_gives_way_to_its_owner_only() {
+        let from = |id| ApplySource {
+            sender: MemberId(id),
+            reconciling: MemberId::NONE,
+        };
+        let ahead = 5u32.wrapping_add(0x7fff_ffff);
+        let mut handed = s(ahead, 3);
+        handed.flags.0 |= SessionFlags::HANDED_ON;
+        let h = Some(&handed);
+        assert_eq!(resolve(UP, &s(6, 3), h, from(3)), Resolution::Replace);
+        assert_eq!(resolve(UP, &s(6, 3), h, from(2)), Resolution::Keep);
+        assert_eq!(resolve(DEL, &s(6, 3), h, from(3)), Resolution::Delete);
+        assert_eq!(resolve(DEL, &s(6, 3), h, from(2)), Resolution::Keep);
+        let plain = s(ahead, 3);
+        assert_eq!(
+            resolve(UP, &s(6, 3), Some(&plain), from(3)),
+            Resolution::Keep
+        );
+        assert_eq!(
+            resolve(DEL, &s(6, 3), Some(&plain), from(3)),
             Resolution::Keep
         );
     }

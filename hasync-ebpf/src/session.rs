@@ -273,7 +273,7 @@ fn take_over(
     let from = s.owner;
     s.owner = cfg.local_member;
     s.version = s.version.wrapping_add(1);
-    let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED;
+    let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED | SessionFlags::HANDED_ON;
     s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !replica;
     counters.inc(Counter::Takeovers);
     advance(counters, pkt, s, dir, fit);

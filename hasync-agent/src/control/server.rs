@@ -503,11 +503,12 @@ mod tests {
             ..Timeouts::DEFAULT
         };
         let _server = serve_with(&path, tx, timeouts).expect("serve");
+        // Before the idle clients connect: the first slot frees an idle timeout after that.
+        let asked = tokio::time::Instant::now();
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(UnixStream::connect(&path).await.expect("connect"));
         }
-        let asked = tokio::time::Instant::now();
         let answer = exchange(&path, b"{\"request\":\"show-flaps\"}\n");
         let answers = tokio::time::timeout(IDLE * 10, answer).await;
         let answers = answers.expect("no answer while idle clients held every slot");

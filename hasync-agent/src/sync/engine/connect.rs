@@ -13,7 +13,9 @@ use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::{link_state_key, lock, Engine, LinkConn, Peer, SessionTable, SyncConfig, BULK_BACKOFF};
+use super::{
+    link_state_key, lock, Engine, LinkConn, Peer, PeerInner, SessionTable, SyncConfig, BULK_BACKOFF,
+};
 use crate::{
     cluster::{FullSyncIn, LinkState},
     config::{differing_sections, without_zones, AgreedSection},
@@ -109,6 +111,7 @@ pub(super) struct Established {
 }
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Admit {
     Attach,
     Refuse(Rejection),
@@ -290,7 +293,8 @@ impl<T: SessionTable> Engine<T> {
             return Ok(None);
         };
         // Refused before our hello goes out: the dialer must not see a link come up and drop.
-        if self.refused_admission(&peer, link, &h, from, Instant::now()) {
+        let admit = self.admit_connection(&peer, link, &h, Instant::now());
+        if self.refused_admission(admit, from, link) {
             return Ok(None);
         }
         let ours = self.hello(link, h.member);
@@ -405,9 +409,13 @@ impl<T: SessionTable> Engine<T> {
     /// other link) attached: its hello would make their frames an earlier boot's, dropped
     /// unread while they kept the connection looking alive, and the peer would look dead to
     /// us while connected. (A restarted peer's old connections close with its process, or
-    /// fall silent with its host.)
+    /// fall silent with its host.) Checked again when the connection registers, under the
+    /// same hold of the peer's lock: two connections admitted at once do not both attach.
     fn admit_connection(&self, peer: &Peer, link: LinkKind, hello: &Hello, now: Instant) -> Admit {
-        let g = peer.lock();
+        self.admission(&peer.lock(), link, hello.boot_id, now)
+    }
+
+    fn admission(&self, g: &PeerInner, link: LinkKind, boot_id: u64, now: Instant) -> Admit {
         let live = |c: &LinkConn| {
             now.duration_since(c.last_rx) <= self.inner.cfg.keepalive_interval * 2
                 && !c.writer.is_closed()
@@ -415,23 +423,16 @@ impl<T: SessionTable> Engine<T> {
         if g.links.get(&link).is_some_and(live) {
             return Admit::Refuse(Rejection::DuplicateLink);
         }
-        let other_boot = g.hello.as_ref().is_some_and(|h| h.boot_id != hello.boot_id);
+        let other_boot = g.hello.as_ref().is_some_and(|h| h.boot_id != boot_id);
         if other_boot && g.links.values().any(live) {
             return Admit::Refuse(Rejection::OtherBoot);
         }
         Admit::Attach
     }
 
-    /// [`Self::admit_connection`], counting and logging a refusal; true if refused.
-    fn refused_admission(
-        &self,
-        peer: &Peer,
-        link: LinkKind,
-        hello: &Hello,
-        from: SocketAddr,
-        now: Instant,
-    ) -> bool {
-        let Admit::Refuse(reason) = self.admit_connection(peer, link, hello, now) else {
+    /// Counts and logs `admit` if it refuses; true if it does.
+    fn refused_admission(&self, admit: Admit, from: SocketAddr, link: LinkKind) -> bool {
+        let Admit::Refuse(reason) = admit else {
             return false;
         };
         let detail = match reason {
@@ -453,7 +454,8 @@ impl<T: SessionTable> Engine<T> {
         from: SocketAddr,
     ) {
         let now = Instant::now();
-        if self.refused_admission(&peer, link, &conn.hello, from, now) {
+        let admit = self.admit_connection(&peer, link, &conn.hello, now);
+        if self.refused_admission(admit, from, link) {
             return;
         }
         // Only an admitted connection's hello says what the peer's configuration is.
@@ -500,7 +502,11 @@ impl<T: SessionTable> Engine<T> {
             reader,
             writer_task,
         };
-        self.register(&peer, link, hello, conn, now);
+        let admit = self.register(&peer, link, hello, conn, now);
+        if self.refused_admission(admit, from, link) {
+            // Its reader ends unregistered.
+            return;
+        }
         let _ = registered.send(());
         lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
         self.log_limited(link_state_key(&peer, link), |skipped| {
@@ -514,8 +520,21 @@ impl<T: SessionTable> Engine<T> {
         peer.wake.notify_one();
     }
 
-    fn register(&self, peer: &Peer, link: LinkKind, hello: Hello, conn: LinkConn, now: Instant) {
+    /// Registers `conn` unless [`Self::admission`] refuses it now (then closes it).
+    fn register(
+        &self,
+        peer: &Peer,
+        link: LinkKind,
+        hello: Hello,
+        conn: LinkConn,
+        now: Instant,
+    ) -> Admit {
         let mut g = peer.lock();
+        if let Admit::Refuse(reason) = self.admission(&g, link, hello.boot_id, now) {
+            drop(g);
+            conn.close();
+            return Admit::Refuse(reason);
+        }
         if let Some(old) = g.links.remove(&link) {
             old.close();
         }
@@ -549,6 +568,7 @@ impl<T: SessionTable> Engine<T> {
         g.zones = ZoneMap::new(&self.inner.cfg.zones, &hello.zones);
         g.links.insert(link, conn);
         g.hello = Some(hello);
+        Admit::Attach
     }
 
     /// Watches the local sync interfaces (netlink notifications): when one goes down or
@@ -750,7 +770,8 @@ mod tests {
         let p = e.inner.peers[&MemberId(2)].clone();
         let (conn, _sent) = super::super::tests::placeholder_conn(1);
         let live = hello_of_2(&e, LinkKind::Ha4, 1);
-        e.register(&p, LinkKind::Ha4, live, conn, Instant::now());
+        let registered = e.register(&p, LinkKind::Ha4, live, conn, Instant::now());
+        assert_eq!(registered, Admit::Attach);
         let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
         let (tx, rx) = ours.expect("client");
         let impostor = Established {
@@ -783,6 +804,33 @@ mod tests {
         assert_eq!(e.rejections().snapshot().get("other-boot"), Some(&1));
     }
 
+    /// Two connections admitted at once (both checked before either registered) do not both
+    /// attach: registering checks again under the peer's lock, so the second is refused (and
+    /// closed), on the same link (`duplicate-link`) or, of another boot, on the other one
+    /// (`other-boot`); the first stays.
+    #[tokio::test]
+    async fn connections_admitted_at_once_do_not_both_register() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let now = Instant::now();
+        let (first, _sent) = super::super::tests::placeholder_conn(1);
+        let hello = |link, boot| hello_of_2(&e, link, boot);
+        let registered = e.register(&p, LinkKind::Ha4, hello(LinkKind::Ha4, 1), first, now);
+        assert_eq!(registered, Admit::Attach);
+        for (link, boot, refusal) in [
+            (LinkKind::Ha4, 1, Rejection::DuplicateLink),
+            (LinkKind::Ha4Backup, 2, Rejection::OtherBoot),
+        ] {
+            let (second, _sent) = super::super::tests::placeholder_conn(2);
+            let registered = e.register(&p, link, hello(link, boot), second, now);
+            assert_eq!(registered, Admit::Refuse(refusal), "{link:?}");
+        }
+        let g = p.lock();
+        assert_eq!(g.links.keys().collect::<Vec<_>>(), [&LinkKind::Ha4]);
+        assert_eq!(g.links[&LinkKind::Ha4].generation, 1);
+        assert_eq!(g.hello.as_ref().map(|h| h.boot_id), Some(1));
+    }
+
     /// Frames of an earlier boot (or of a replaced connection) do not keep a connection
     /// looking alive: only the link's current connection of the current boot is heard from.
     #[tokio::test]
@@ -791,13 +839,9 @@ mod tests {
         let e = super::super::tests::engine_of(FakeTable::default(), 2);
         let p = e.inner.peers[&MemberId(2)].clone();
         let (conn, _sent) = super::super::tests::placeholder_conn(1);
-        e.register(
-            &p,
-            LinkKind::Ha4,
-            hello_of_2(&e, LinkKind::Ha4, 1),
-            conn,
-            Instant::now(),
-        );
+        let hello = hello_of_2(&e, LinkKind::Ha4, 1);
+        let registered = e.register(&p, LinkKind::Ha4, hello, conn, Instant::now());
+        assert_eq!(registered, Admit::Attach);
         let long_ago = Instant::now() - Duration::from_secs(60);
         let last_rx = || p.lock().links[&LinkKind::Ha4].last_rx;
         let (writer, _rx) = Writer::detached();
@@ -891,7 +935,8 @@ mod tests {
             h.boot_id = boot;
             h.wants_bulk = true;
             let (conn, _sent) = super::super::tests::placeholder_conn(boot);
-            e.register(&p, LinkKind::Ha4, h, conn, Instant::now());
+            let registered = e.register(&p, LinkKind::Ha4, h, conn, Instant::now());
+            assert_eq!(registered, Admit::Attach);
             if e.prepare_send(&p).is_some_and(|(_, _, _, bulk)| bulk) {
                 granted += 1;
             }

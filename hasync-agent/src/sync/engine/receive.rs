@@ -292,7 +292,7 @@ impl<T: SessionTable> Engine<T> {
                 Start::Unwalked => self.log_once(format!("unwalked-{}", peer.cfg.id.0), || {
                     info!(
                         peer = peer.cfg.id.0,
-                        bulk_id, "full sync from peer started while earlier ones' walks or removal still run: the replicas it does not carry stay until a later full sync or their timeout (logged once)"
+                        bulk_id, "full sync from peer started without a walk of the table (earlier ones' walks or removal still run, or full syncs started faster than one a second): the replicas it does not carry stay until a later full sync or their timeout (logged once)"
                     );
                 }),
                 Start::Started => {}
