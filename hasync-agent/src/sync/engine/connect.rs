@@ -634,6 +634,8 @@ fn count_sent(stats: &LinkStats, msg: &Message, bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
+
     use crate::sync::{admission::Admission, table::FakeTable, wire::Message};
 
     /// Refusals slow the dialler down, doubling up to a bound; no refusal (nobody answered,
@@ -758,6 +760,36 @@ mod tests {
         h
     }
 
+    /// An engine whose member 2 has a live connection on HA4, of boot 1 and generation 1
+    /// (needs a runtime for its placeholder tasks), member 2, and what the connection sends
+    /// (dropped, the connection is closed).
+    fn live_on_ha4() -> (Engine<FakeTable>, Arc<Peer>, mpsc::Receiver<Message>) {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let (conn, sent) = super::super::tests::placeholder_conn(1);
+        let hello = hello_of_2(&e, LinkKind::Ha4, 1);
+        let registered = e.register(&p, LinkKind::Ha4, hello, conn, Instant::now());
+        assert_eq!(registered, Admit::Attach);
+        (e, p, sent)
+    }
+
+    /// An authenticated connection (its far end dropped) whose hello is member 2's on `link`,
+    /// of boot `boot`.
+    async fn connection_of_2<T: SessionTable>(
+        e: &Engine<T>,
+        link: LinkKind,
+        boot: u64,
+    ) -> Established {
+        let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
+        let (tx, rx) = ours.expect("client");
+        Established {
+            hello: hello_of_2(e, link, boot),
+            tx,
+            rx,
+            sent_fresh: false,
+        }
+    }
+
     /// A key holder at member 2's other sync address claims another boot while member 2's
     /// connection on HA4 is live: refused (`other-boot`). Attached, its hello made every frame
     /// of the live connection an earlier boot's, dropped unread (member 2 no longer heard,
@@ -766,20 +798,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_of_another_boot_cannot_mute_the_live_one() {
         use crate::sync::{engine::receive::FrameFrom, wire::Keepalive, writer::Writer};
-        let e = super::super::tests::engine_of(FakeTable::default(), 2);
-        let p = e.inner.peers[&MemberId(2)].clone();
-        let (conn, _sent) = super::super::tests::placeholder_conn(1);
-        let live = hello_of_2(&e, LinkKind::Ha4, 1);
-        let registered = e.register(&p, LinkKind::Ha4, live, conn, Instant::now());
-        assert_eq!(registered, Admit::Attach);
-        let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
-        let (tx, rx) = ours.expect("client");
-        let impostor = Established {
-            hello: hello_of_2(&e, LinkKind::Ha4Backup, 2),
-            tx,
-            rx,
-            sent_fresh: false,
-        };
+        let (e, p, _sent) = live_on_ha4();
+        let impostor = connection_of_2(&e, LinkKind::Ha4Backup, 2).await;
         let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
         e.attach(p.clone(), LinkKind::Ha4Backup, impostor, from);
 
@@ -810,13 +830,9 @@ mod tests {
     /// (`other-boot`); the first stays.
     #[tokio::test]
     async fn connections_admitted_at_once_do_not_both_register() {
-        let e = super::super::tests::engine_of(FakeTable::default(), 2);
-        let p = e.inner.peers[&MemberId(2)].clone();
+        let (e, p, _sent) = live_on_ha4();
         let now = Instant::now();
-        let (first, _sent) = super::super::tests::placeholder_conn(1);
         let hello = |link, boot| hello_of_2(&e, link, boot);
-        let registered = e.register(&p, LinkKind::Ha4, hello(LinkKind::Ha4, 1), first, now);
-        assert_eq!(registered, Admit::Attach);
         for (link, boot, refusal) in [
             (LinkKind::Ha4, 1, Rejection::DuplicateLink),
             (LinkKind::Ha4Backup, 2, Rejection::OtherBoot),
@@ -836,12 +852,7 @@ mod tests {
     #[tokio::test]
     async fn only_the_current_boots_frames_keep_a_connection_alive() {
         use crate::sync::{engine::receive::FrameFrom, writer::Writer};
-        let e = super::super::tests::engine_of(FakeTable::default(), 2);
-        let p = e.inner.peers[&MemberId(2)].clone();
-        let (conn, _sent) = super::super::tests::placeholder_conn(1);
-        let hello = hello_of_2(&e, LinkKind::Ha4, 1);
-        let registered = e.register(&p, LinkKind::Ha4, hello, conn, Instant::now());
-        assert_eq!(registered, Admit::Attach);
+        let (e, p, _sent) = live_on_ha4();
         let long_ago = Instant::now() - Duration::from_secs(60);
         let last_rx = || p.lock().links[&LinkKind::Ha4].last_rx;
         let (writer, _rx) = Writer::detached();
@@ -897,14 +908,7 @@ mod tests {
         let p = e.inner.peers[&MemberId(2)].clone();
         let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
         for _ in 0..20 {
-            let (ours, _theirs) = channel::pair([0; 32], [0; 32]).await;
-            let (tx, rx) = ours.expect("client");
-            let conn = Established {
-                hello: hello_of_2(&e, LinkKind::Ha4, 1),
-                tx,
-                rx,
-                sent_fresh: false,
-            };
+            let conn = connection_of_2(&e, LinkKind::Ha4, 1).await;
             e.attach(p.clone(), LinkKind::Ha4, conn, from);
             e.detach(&p, LinkKind::Ha4, None, "test");
         }
