@@ -292,8 +292,9 @@ impl Runner<'_> {
         // takeover by traffic, as HA wants): at each member, the flows it held as fw`third`'s
         // may have changed owner, and so may a lane's flows, to the member the lane runs
         // through (it takes over a flow it carries once the old owner's copy expires); with
-        // expiry on, UDP sessions that may have timed out may be gone; everything else must be
-        // as it was.
+        // expiry on, UDP sessions that may have timed out may be gone, or held again as
+        // fw`third`'s own (it may create the sessions it owns); everything else must be as it
+        // was.
         let mut skip = invariants::keys_owned_by(&before, third);
         let via = self.lanes.vias().into_iter();
         let via = via
@@ -304,7 +305,8 @@ impl Runner<'_> {
         }
         if let Some(idle) = &idle {
             let (timeout, elapsed) = (self.p.udp_timeout, started.elapsed());
-            let gone = invariants::expired_meanwhile(idle, &after, timeout, elapsed);
+            // The claimed member may create its own sessions on 5-tuples that freed up.
+            let gone = invariants::expired_meanwhile(idle, &after, timeout, elapsed, Some(third));
             let n: usize = gone.values().map(BTreeSet::len).sum();
             self.report.note(format!(
                 "hostile peer against fw{k}: {n} sessions gone that may have timed out"

@@ -345,18 +345,27 @@ pub fn taken_by_lanes(
 
 /// Per member, the sessions `idle` listed that `after` (taken `elapsed` later) no longer has
 /// and that may have expired meanwhile under `timeout` (with a second's margin for the reads):
-/// they may have left the table without anything being wrong. A session still listed is not
+/// they may have left the table without anything being wrong. Nor is it wrong that member
+/// `creator`, if given, created its own session on such a 5-tuple once it was free (a peer may
+/// create sessions it owns): those count as gone too. A session still listed otherwise is not
 /// excused, however close to its timeout.
 pub fn expired_meanwhile(
     idle: &Idle,
     after: &Snapshot,
     timeout: Duration,
     elapsed: Duration,
+    creator: Option<u8>,
 ) -> BTreeMap<u8, BTreeSet<RowKey>> {
     let margin = Duration::from_secs(1);
     let mut gone = BTreeMap::new();
     for (&k, sessions) in idle {
-        let still: BTreeSet<RowKey> = after.get(&k).into_iter().flatten().map(row_key).collect();
+        let still: BTreeSet<RowKey> = after
+            .get(&k)
+            .into_iter()
+            .flatten()
+            .filter(|r| Some(r.owner) != creator)
+            .map(row_key)
+            .collect();
         let expired = sessions
             .iter()
             .filter(|&(key, &i)| i + elapsed + margin >= timeout && !still.contains(key))
@@ -484,7 +493,11 @@ mod tests {
         .into();
         // 1 is gone too early to have expired; 4 is old enough but still there.
         let after: Snapshot = [(1, [row(4, 1)].into())].into();
-        let gone = expired_meanwhile(&idle, &after, s(15), s(6));
+        let gone = expired_meanwhile(&idle, &after, s(15), s(6), None);
+        assert_eq!(gone[&1], BTreeSet::from([key(2), key(3)]));
+        // 3, old enough, and 1, too young, held again as member 2's own: only 3 is excused.
+        let after: Snapshot = [(1, [row(4, 1), row(3, 2), row(1, 2)].into())].into();
+        let gone = expired_meanwhile(&idle, &after, s(15), s(6), Some(2));
         assert_eq!(gone[&1], BTreeSet::from([key(2), key(3)]));
     }
 
