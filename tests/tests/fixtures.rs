@@ -684,9 +684,7 @@ fn tcp_window_rows() -> Vec<Row> {
         )
         .pass(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
         .session(
-            Expect::new(State::Established)
-                .version(3)
-                .packets(2, 1)
+            established()
                 .tcp_flags(SA, SA)
                 .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
         )
@@ -699,12 +697,7 @@ fn tcp_window_rows() -> Vec<Row> {
         )
         .policy(Policy::Loose)
         .pass(tcp(C6, S6).flags(RST | ACK).seq(C_ISN + 1 + 30_000))
-        .session(
-            Expect::new(State::Established)
-                .version(3)
-                .packets(2, 1)
-                .tcp_flags(SA, SA),
-        )
+        .session(established().tcp_flags(SA, SA))
         .counters(&after_handshake(1, &[(C::PassTcpInexactRst, 1)]))
         .events(&HANDSHAKE_EVENTS),
         handshake_seq(
@@ -737,12 +730,7 @@ fn tcp_window_rows() -> Vec<Row> {
                     .window(1000),
             )
             .drop(tcp(S4, C4).rst().seq(S_ISN + 1 + 120_000))
-            .session(
-                Expect::new(State::Established)
-                    .version(3)
-                    .packets(2, 1)
-                    .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
-            )
+            .session(established().seq_end(Some(C_ISN + 1), Some(S_ISN + 1)))
             .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
             .events(&HANDSHAKE_EVENTS),
     ]
