@@ -15,6 +15,8 @@ pub mod http;
 pub mod huge_pages;
 pub mod lab;
 pub mod lock;
+#[cfg(test)]
+mod log_capture;
 pub mod member;
 pub mod metrics;
 pub mod monitor;

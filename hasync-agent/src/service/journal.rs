@@ -157,29 +157,12 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        io,
-        sync::{Arc, Mutex},
-    };
-
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Buf {
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("buf").extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::log_capture::LogLines;
 
     #[test]
     fn lines_carry_priority_level_target_message_and_fields() {
-        let buf = Buf::default();
+        let buf = LogLines::default();
         let out = buf.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || out.clone())
@@ -192,7 +175,7 @@ mod tests {
             tracing::warn!(peer = 2, error = %"link \"ha4\" down", "member no longer alive");
             tracing::error!("plain");
         });
-        let text = String::from_utf8(buf.0.lock().expect("buf").clone()).expect("utf-8");
+        let text = buf.text();
         let lines: Vec<&str> = text.lines().collect();
         let target = module_path!();
         assert_eq!(

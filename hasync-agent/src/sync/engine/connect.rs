@@ -877,27 +877,16 @@ mod tests {
         }
     }
 
-    /// What a test's tracing subscriber wrote.
-    #[derive(Clone, Default)]
-    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            lock(&self.0).extend_from_slice(data);
-            Ok(data.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// A key holder reconnecting as fast as handshakes complete: the link's up and down lines
     /// are a burst, then one per interval, and the last line written says the link's state.
     /// Seen failing (40 lines) before.
     #[tokio::test]
     async fn link_flaps_log_a_burst_then_the_state() {
-        use crate::sync::log_limit::{BURST, REFILL_EVERY};
-        let lines = Lines::default();
+        use crate::{
+            log_capture::LogLines,
+            sync::log_limit::{BURST, REFILL_EVERY},
+        };
+        let lines = LogLines::default();
         let out = lines.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || out.clone())
@@ -912,7 +901,7 @@ mod tests {
             e.attach(p.clone(), LinkKind::Ha4, conn, from);
             e.detach(&p, LinkKind::Ha4, None, "test");
         }
-        let text = || String::from_utf8(lock(&lines.0).clone()).expect("utf-8");
+        let text = || lines.text();
         let count = |what: &str| text().lines().filter(|l| l.contains(what)).count();
         let flaps = count("sync link up") + count("sync link down");
         assert_eq!(flaps, BURST as usize, "{}", text());
