@@ -46,7 +46,8 @@ pub struct ZoneBinding {
     pub zone: crate::ZoneId,
     /// An [`OtherProtocols`] as `u8`.
     pub other_protocols: u8,
-    /// [`ZoneBinding::VWIRE`] and [`ZoneBinding::NON_IP_DROP`] bits.
+    /// [`ZoneBinding::VWIRE`], [`ZoneBinding::NON_IP_DROP`] and
+    /// [`ZoneBinding::NO_ROUTE_CHECK`] bits.
     pub flags: u8,
 }
 crate::assert_size!(ZoneBinding, 4);
@@ -57,6 +58,10 @@ impl ZoneBinding {
     pub const VWIRE: u8 = 1 << 0;
     /// On a virtual wire: non-IP frames (ARP, LLDP, STP, ...) are dropped instead of crossing.
     pub const NON_IP_DROP: u8 = 1 << 1;
+    /// A zone whose flows' first packets are not checked against the routing table
+    /// (`route_check = false`): their replies are bound to the zone of the first reply, and
+    /// neither their source (reverse path) nor hairpins are checked.
+    pub const NO_ROUTE_CHECK: u8 = 1 << 2;
 
     /// `zone` with the policy's rules.
     pub const fn new(zone: crate::ZoneId) -> Self {

@@ -103,6 +103,26 @@ counters! {
     DropZoneMismatch = "drop-zone-mismatch",
     /// The same, passed (loose policy).
     PassZoneMismatch = "pass-zone-mismatch",
+    /// Flows' first packets whose replies the routing table bound to a zone (the zone of the
+    /// interface their destination is routed out of; or to none: a destination in no zone,
+    /// local here, not routed, broadcast or multicast), in zones that check routes.
+    ReplyZoneRouted = "reply-zone-routed",
+    /// Flows' first packets, in zones that check routes, whose reply zone the routing table
+    /// could not give (a helper error: a kernel before 6.3; a lightweight tunnel): learned
+    /// from their first reply instead.
+    ReplyZoneLearned = "reply-zone-learned",
+    /// A flow's first packet whose source is not routed back into the zone it came in from (a
+    /// spoofed source, or routing asymmetric across zones: see `route_check`): dropped (strict
+    /// policy), no session made.
+    DropReversePath = "drop-reverse-path",
+    /// The same, passed untracked (loose policy).
+    PassReversePath = "pass-reverse-path",
+    /// A flow's first packet routed back out of the interface it came in on (a hairpin: its
+    /// two ends on one link, which only a forger needs this member for): dropped (strict
+    /// policy), no session made.
+    DropHairpin = "drop-hairpin",
+    /// The same, passed untracked (loose policy).
+    PassHairpin = "pass-hairpin",
     /// TCP RST or FIN whose sequence number lies outside the window the session has seen (a
     /// blind reset or close): dropped (strict policy), the session unchanged.
     DropTcpOutOfWindow = "drop-tcp-out-of-window",

@@ -51,6 +51,12 @@ pub struct ZoneId(pub u16);
 impl ZoneId {
     /// No zone.
     pub const NONE: ZoneId = ZoneId(0);
+    /// A session's reply zone when the routing table says its replies never come in through a
+    /// zone: its destination is routed out of an interface in no zone, or is local to this
+    /// host (whose answers it sends itself, never through XDP). A reply that comes in through
+    /// a zone then does not match. Never a configured zone's id (there are at most
+    /// `maps::MAX_ZONES`), never synced.
+    pub const UNZONED: ZoneId = ZoneId(u16::MAX);
 }
 
 /// A cluster, 1–99. Every hello names it, and a member refuses a peer of another cluster; the

@@ -170,9 +170,11 @@ pub struct Session {
     /// takes the slot of the owner's part that mirrors the owner's own, and is evicted when
     /// the owner evicts it.
     pub ticket: u32,
-    /// Zone the first reply came in through (the responder's side; [`ZoneId::NONE`] until a
-    /// reply is seen): replies must keep coming in through it. Node-local, learned again by a
-    /// member that takes the session over.
+    /// Zone replies must come in through (the responder's side): the zone the destination is
+    /// routed to, bound when the session is made ([`ZoneId::UNZONED`]: replies never come in
+    /// through a zone), or, where routes are not checked, the zone of the first reply
+    /// ([`ZoneId::NONE`] until one is seen). Node-local, learned again by a member that takes
+    /// the session over.
     pub reply_zone: ZoneId,
     /// TCP, per direction: what is known of the sender's sequence space
     /// ([`crate::tcp_window::track`] bits: sequence known, window scale offered and its shift,

@@ -8,7 +8,6 @@ use aya_ebpf::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS,
     },
-    helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use hasync_common::{
@@ -22,10 +21,9 @@ use hasync_common::{
 use crate::{
     maps::{FIB_CACHE, FIB_GENERATION, FIB_SCRATCH, FWD_PORTS, VWIRE_PORTS, ZONES},
     parse::{frame_mut, raw32, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
+    route::{fib_lookup, Query},
 };
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 /// Offset of the IPv4 TTL in an untagged frame: what `ip_decrease_ttl` rewrites starts here.
 const IPV4_TTL_AT: usize = 22;
 /// The MTU of a device that takes the largest IP packets.
@@ -205,8 +203,9 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     let ip = ip_header(ctx, &mut scratch.key, cfg.fib_by_source != 0)?;
     let hop = next_hop(ctx, scratch, pkt.now, cfg.fib_seed)?;
     // Out through the session's other side only: a route into a third zone is the kernel's
-    // (and its policy's) to decide. The reply side is learned from the first reply; a member
-    // that took the session over learns it again, until then any other zone will do.
+    // (and its policy's) to decide. The reply side is bound when the session is made (see
+    // `route`) or learned from its first reply; a member that took the session over learns it
+    // again, until then any other zone will do.
     let other_side = if pkt.dir == DIR_ORIGINAL {
         pkt.reply_zone
     } else {
@@ -340,19 +339,15 @@ fn next_hop(
 fn lookup(ctx: &XdpContext, scratch: &mut FibScratch) -> Result<(), Counter> {
     let key = &scratch.key;
     let p = &mut scratch.params;
-    // SAFETY: the struct is plain integers and unions of integers; all zero is valid.
-    *p = unsafe { core::mem::zeroed() };
-    p.ifindex = key.ifindex;
-    if key.family == Family::V4 as u8 {
-        p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = key.src[0];
-        p.__bindgen_anon_4.ipv4_dst = key.dst[0];
-    } else {
-        p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = key.src;
-        p.__bindgen_anon_4.ipv6_dst = key.dst;
-    }
-    match fib(ctx, p) {
+    let query = Query {
+        family: key.family,
+        proto: 0,
+        src: &key.src,
+        dst: &key.dst,
+        ports: (0, 0),
+        ifindex: key.ifindex,
+    };
+    match fib_lookup(ctx, p, &query, 0) {
         BPF_FIB_LKUP_RET_SUCCESS => {}
         BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Counter::PassFwdNoNeighbour),
         _ => return Err(Counter::PassFwdNoRoute),
@@ -368,21 +363,6 @@ fn lookup(ctx: &XdpContext, scratch: &mut FibScratch) -> Result<(), Counter> {
     entry.dmac = p.dmac;
     entry.zone = ZONES.get(p.ifindex).map_or(ZoneId::NONE, |b| b.zone);
     Ok(())
-}
-
-#[inline(always)]
-fn fib(ctx: &XdpContext, params: &mut FibParams) -> u32 {
-    // SAFETY: `params` is a valid, writable `bpf_fib_lookup` of the size passed; the helper
-    // writes only inside it.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            params,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    rc as u32
 }
 
 /// Rewrites the Ethernet addresses and decrements the TTL (IPv4, with the checksum updated

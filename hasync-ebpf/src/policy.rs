@@ -23,7 +23,7 @@ use crate::{
 /// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
 /// ifindex past the array, which the agent never binds).
 #[inline(always)]
-fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
+pub fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
     ZONES.get(ctx.ingress_ifindex() as u32).copied()
 }
 
@@ -168,8 +168,9 @@ pub fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<
 
 /// Is a packet of `s` travelling in `dir` that came in through zone `ingress` where the
 /// session is bound? The original direction is bound to the zone the session was created in,
-/// the reply direction to the zone its first valid reply came in through
-/// ([`learn_reply_zone`]). A session of no zone is not bound, and an interface in no zone (the
+/// the reply direction to the zone its destination is routed to (`route::reply_zone`; or, when
+/// the routing table could not tell, the zone its first valid reply came in through:
+/// [`learn_reply_zone`]). A session of no zone is not bound, and an interface in no zone (the
 /// agent attaches to zones' only, unless run without a config) binds nothing. A packet from
 /// elsewhere is dropped by the strict policy (passed by the loose one), counted either way,
 /// and does not touch the session.
@@ -198,10 +199,11 @@ pub fn zone_allows(
     verdict == xdp_action::XDP_PASS
 }
 
-/// Binds the reply direction to the zone of a reply the session accepted (its owner's, inside
-/// the TCP window): learned before those checks, one spoofed packet from a third zone (a blind
-/// RST during the handshake, any reply to a replica whose owner lives) would bind it there and
-/// make the strict policy drop every genuine reply. (A taken-over session's first reply ahead
+/// Binds the reply direction, when its creation left it unbound, to the zone of a reply the
+/// session accepted (its owner's, inside the TCP window): learned before those checks, one
+/// spoofed packet from a third zone (a blind RST during the handshake, any reply to a replica
+/// whose owner lives) would bind it there and make the strict policy drop every genuine
+/// reply. (A taken-over session's first reply ahead
 /// of the replica's sequence is accepted unchecked, and binds: the price of not cutting
 /// taken-over connections, `hasync_common::tcp_window`.)
 #[inline(always)]

@@ -20,9 +20,10 @@ use crate::{
     maps::{CONFIG, COUNTERS, MEMBERS, SESSIONS},
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
-        by_policy, icmp_error, ingress_zone_id, later_fragment, learn_reply_zone, open_datagram,
-        other_protocol, unknown_traffic_passes, unplaceable, zone_allows,
+        by_policy, icmp_error, ingress_zone, ingress_zone_id, later_fragment, learn_reply_zone,
+        open_datagram, other_protocol, unknown_traffic_passes, unplaceable, zone_allows,
     },
+    route,
 };
 
 /// `E2BIG`: what a full hash map answers to an insert.
@@ -368,7 +369,16 @@ fn miss(
             return xdp_action::XDP_PASS;
         }
     };
-    let zone = ingress_zone_id(ctx);
+    let ingress = ingress_zone(ctx);
+    let first = route::First {
+        key: &pkt.key,
+        src_is_hi: pkt.src_is_hi,
+    };
+    let reply_zone = match route::reply_zone(ctx, counters, &first, ingress) {
+        Ok(zone) => zone,
+        Err(refused) => return by_policy(cfg, counters, refused.pass, refused.drop),
+    };
+    let zone = ingress.map_or(ZoneId::NONE, |b| b.zone);
     let mut session = Session {
         created_ns: now,
         last_seen_ns: now,
@@ -386,7 +396,7 @@ fn miss(
         state: state as u8,
         tcp_flags: [pkt.tcp_flags, 0],
         ticket: 0,
-        reply_zone: ZoneId::NONE,
+        reply_zone,
         tcp_track: [0; 2],
         max_win: [0; 2],
         seq_end: [0; 2],

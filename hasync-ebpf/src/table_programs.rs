@@ -208,7 +208,8 @@ impl Batch for ApplyHeader {
 }
 
 /// Readies a peer's `incoming` session to be written over `local`: it keeps the local copy's
-/// node-local facts (the zone its replies are bound to here), and an embryonic replica takes
+/// node-local facts (the zone its replies are bound to here, when both copies have the same
+/// initiator and zone), and an embryonic replica takes
 /// its slot in its owner's part of the EMBRYOS ring, unless the local copy holds that slot
 /// already (which may evict the owner's oldest embryonic replica; never an assured session,
 /// never another member's). False when the replica is refused (its owner has no part).
@@ -222,7 +223,14 @@ fn admit(
     let owner_ticket = (rec.owner_ticket != 0).then_some(rec.session.ticket);
     let incoming = &mut rec.session;
     incoming.ticket = 0;
-    if let Some(l) = local {
+    // Only for the same two sides: a local copy created from the other end (its first packet
+    // was the flow's reply here) bound the other direction.
+    let same_sides = |l: &&Session| {
+        l.zone == incoming.zone
+            && l.flags.has(SessionFlags::INITIATOR_HI)
+                == incoming.flags.has(SessionFlags::INITIATOR_HI)
+    };
+    if let Some(l) = local.filter(same_sides) {
         incoming.reply_zone = l.reply_zone;
     }
     if !incoming.is_embryonic() {

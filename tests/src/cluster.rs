@@ -688,8 +688,9 @@ impl UdpInjector {
 }
 
 /// Sends `frames` on `ifname` of the calling thread's namespace with an `AF_PACKET` socket,
-/// in bursts, for at most `limit`.
-fn send_raw(
+/// in bursts, for at most `limit`. Each frame leaves as it is: its Ethernet header names the
+/// receiver.
+pub fn send_raw(
     ifname: &str,
     dst_mac: [u8; 6],
     frames: &[Vec<u8>],

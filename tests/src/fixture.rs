@@ -26,7 +26,17 @@ enum Step {
     MemberAlive(MemberId, bool),
     /// Binds the test-run ingress interface to another zone between frames: the next frames
     /// come in through that zone.
-    Zone(ZoneId),
+    Zone(ZoneBinding),
+}
+
+/// `zone` as the rows bind it unless told otherwise: without route checks (replies bound to
+/// the zone of the first reply), the zone rules the rows are about. The table's namespace has
+/// no routes to check against: see [`Row::route_checked_zone`].
+fn learned(zone: ZoneId) -> ZoneBinding {
+    ZoneBinding {
+        flags: ZoneBinding::NO_ROUTE_CHECK,
+        ..ZoneBinding::new(zone)
+    }
 }
 
 /// A session that exists before the row's first frame, as if applied from a peer's sync.
@@ -293,8 +303,15 @@ impl Row {
         self
     }
 
-    /// Binds the test-run ingress interface to `zone`.
+    /// Binds the test-run ingress interface to `zone`, routes not checked.
     pub fn zone(mut self, zone: ZoneId) -> Self {
+        self.zone = Some(learned(zone));
+        self
+    }
+
+    /// Binds the test-run ingress interface to `zone`, routes checked: the fixtures run in a
+    /// namespace of their own with forwarding off, where the kernel forwards nothing.
+    pub fn route_checked_zone(mut self, zone: ZoneId) -> Self {
         self.zone = Some(ZoneBinding::new(zone));
         self
     }
@@ -303,7 +320,7 @@ impl Row {
     pub fn other_protocols(mut self, rule: OtherProtocols) -> Self {
         self.zone = Some(ZoneBinding {
             other_protocols: rule as u8,
-            ..ZoneBinding::new(ZoneId(1))
+            ..learned(ZoneId(1))
         });
         self
     }
@@ -352,9 +369,14 @@ impl Row {
         self
     }
 
-    /// The frames after this step come in through `zone`.
+    /// The frames after this step come in through `zone` (its routes checked as the row's
+    /// first zone's are).
     pub fn from_zone(mut self, zone: ZoneId) -> Self {
-        self.steps.push(Step::Zone(zone));
+        let flags = self.zone.map_or(0, |z| z.flags);
+        self.steps.push(Step::Zone(ZoneBinding {
+            flags,
+            ..ZoneBinding::new(zone)
+        }));
         self
     }
 
@@ -554,9 +576,7 @@ fn run_row(tdp: &mut TestDatapath, row: &Row) -> Result<()> {
     for step in &row.steps {
         match step {
             Step::MemberAlive(m, alive) => tdp.datapath_mut().set_member_alive(*m, *alive)?,
-            Step::Zone(z) => tdp
-                .datapath_mut()
-                .set_zone(TEST_IFINDEX, ZoneBinding::new(*z))?,
+            Step::Zone(z) => tdp.datapath_mut().set_zone(TEST_IFINDEX, *z)?,
             Step::Frame(f, want) => {
                 let bytes = f.build();
                 let got = tdp

@@ -53,6 +53,30 @@ impl fmt::Display for Verdict {
 /// Interface index the test runs claim as ingress: `lo`, which exists in every namespace, so
 /// the zone map can be exercised.
 pub const TEST_IFINDEX: u32 = 1;
+/// Moves the calling thread into a network namespace of its own, with forwarding off: test
+/// runs on [`TEST_IFINDEX`] then come in on that namespace's `lo`, and the program's FIB
+/// lookups answer "forwarding disabled" whatever the host's routes and sysctls are (a new
+/// namespace inherits the host's IPv4 settings). Nothing is added to it; it goes with the
+/// thread.
+pub fn isolate_thread() -> Result<()> {
+    // SAFETY: plain unshare(2); it changes only the calling thread's network namespace.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    anyhow::ensure!(
+        rc == 0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    // /proc/sys/net shows the namespace of the thread that opens it.
+    for path in [
+        "/proc/sys/net/ipv4/conf/all/forwarding",
+        "/proc/sys/net/ipv4/conf/lo/forwarding",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        std::fs::write(path, "0").with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
+}
+
 /// Capacity of the SESSIONS map in tests: small, so loading is cheap.
 pub const TEST_CAPACITY: u32 = 4096;
 /// The member the test datapath runs as.

@@ -16,7 +16,7 @@ use hasync_common::{
 use hasync_tests::{
     fixture::{run_rows, Existing, Expect, Row},
     frame::{Frame, Ipv6Ext, IPPROTO_ESP, IPPROTO_GRE, IPPROTO_SCTP},
-    testrun::{TestDatapath, Verdict},
+    testrun::{isolate_thread, TestDatapath, Verdict},
 };
 
 const C4: &str = "198.18.0.10:40000";
@@ -1307,8 +1307,10 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
 fn policy_zone_and_config_rows() -> Vec<Row> {
     vec![
         // A session is bound to the zones it was created between: the original direction to
-        // the zone it was created in, replies to the zone the first reply came through.
-        Row::new("a session learns the zone of its first reply")
+        // the zone it was created in, replies to the zone its destination is routed to (the
+        // netns tests), or, in a zone that does not check routes (these rows, unless told),
+        // to the zone the first reply came through.
+        Row::new("a session learns the zone of its first reply where routes are not checked")
             .zone(ZoneId(1))
             .pass(udp(C4, S4))
             .from_zone(ZoneId(2))
@@ -1330,6 +1332,34 @@ fn policy_zone_and_config_rows() -> Vec<Row> {
                 (C::Events, 2),
             ])
             .events(&[E::Created, E::StateChanged]),
+        Row::new("routes checked: the kernel forwards nothing here, so no reply comes in")
+            .route_checked_zone(ZoneId(1))
+            .pass(udp(C4, S4))
+            .from_zone(ZoneId(2))
+            .drop(udp(S4, C4))
+            .session(
+                Expect::new(State::UdpNew)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId::UNZONED),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::ReplyZoneRouted, 1),
+                (C::Hits, 1),
+                (C::DropZoneMismatch, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
+        Row::new("routes checked: nothing answers from a multicast group (v6)")
+            .route_checked_zone(ZoneId(1))
+            .pass(udp(C6, "[ff02::fb]:5353"))
+            .session(
+                Expect::new(State::UdpNew)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId::UNZONED),
+            )
+            .counters(&[(C::Creates, 1), (C::ReplyZoneRouted, 1), (C::Events, 1)])
+            .events(&[E::Created]),
         Row::new("strict: the original direction from another zone is dropped")
             .zone(ZoneId(1))
             .pass(udp(C4, S4))
@@ -2242,6 +2272,8 @@ fn malformed_rows() -> Vec<Row> {
 
 #[test]
 fn packet_fixtures() {
+    // The zone rows' FIB lookups then answer "forwarding disabled", on any host.
+    isolate_thread().expect("a network namespace of the test's own");
     let mut rows = tcp_rows();
     rows.extend(untracked_and_encapsulation_rows());
     rows.extend(ipv6_ext_and_fragment_rows());

@@ -17,10 +17,10 @@ use anyhow::{bail, ensure, Context as _, Result};
 use hasync_agent::lab::traffic::{udp_echo_server, Bounds};
 use hasync_common::{
     session::tcp::{ACK, FIN, RST, SYN},
-    Counter, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State, ZoneId,
+    Counter, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
 };
 use hasync_tests::{
-    cluster::udp_flows,
+    cluster::{send_raw, udp_flows},
     fixture::show,
     forwarder::{
         sa, tcp_exchange, udp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6, TRUST,
@@ -126,6 +126,10 @@ fn check_clean(delta: &CounterDelta, allowed: &[Counter]) -> Result<()> {
                     | Counter::PassUnconfigured
                     | Counter::Asymmetric
                     | Counter::Takeovers
+                    | Counter::DropZoneMismatch
+                    | Counter::DropReversePath
+                    | Counter::DropHairpin
+                    | Counter::ReplyZoneLearned
             );
         ensure!(
             !bad || delta.get(c) == 0,
@@ -420,4 +424,206 @@ fn every_udp_flow_of_the_test_helper_is_its_own_session() {
         Ok(())
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// What a host in the trust zone forges, sent raw from `c0` to `fc0`'s MAC: frames of flows
+/// between addresses that are not its own.
+struct Forger {
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
+impl Forger {
+    fn new(fwd: &Forwarder) -> Result<Self> {
+        Ok(Forger {
+            src_mac: fwd.cli.mac("c0")?,
+            dst_mac: fwd.fw.mac("fc0")?,
+        })
+    }
+
+    /// Sends `frames` into the trust zone and waits until the program counted them all.
+    fn send(&self, fwd: &Forwarder, frames: &[Frame]) -> Result<CounterDelta> {
+        let before = fwd.counters()?;
+        let raw: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| {
+                let mut b = f.build();
+                b[0..6].copy_from_slice(&self.dst_mac);
+                b[6..12].copy_from_slice(&self.src_mac);
+                b
+            })
+            .collect();
+        let n = raw.len() as u64;
+        fwd.cli
+            .run(move || send_raw("c0", [0; 6], &raw, IO_TIMEOUT))?
+            .map_err(anyhow::Error::msg)?;
+        // Other traffic (neighbour discovery) may come in too: at least these frames.
+        wait_for(IO_TIMEOUT, || {
+            let d = CounterDelta {
+                before,
+                after: fwd.counters().ok()?,
+            };
+            (d.get(Counter::Packets) >= n).then_some(d)
+        })
+        .context("the program did not see the forged frames")
+    }
+}
+
+/// The three frames of a handshake between `x` and `y`, all forged by one host.
+fn forged_handshake(x: SocketAddr, y: SocketAddr) -> [Frame; 3] {
+    [
+        Frame::tcp(x, y).syn(),
+        Frame::tcp(y, x).syn_ack(),
+        Frame::tcp(x, y).ack(),
+    ]
+}
+
+/// A host in one zone forges both ends of handshakes. Its answer in the name of a server in
+/// another zone comes in through the wrong zone (the reply zone is the one the destination is
+/// routed to, bound when the session is made), a source routed into another zone makes no
+/// session (reverse path), nor does a flow between two addresses of its own link (hairpin):
+/// no assured session, which the admission ring could never evict, comes of any of them.
+/// Before, the reply zone was learned from the forged answer and every such handshake made an
+/// established session.
+fn forged_handshakes(tag: &str, x: &str, y: &str, spoofed: &str, neighbour: &str) -> Result<()> {
+    let mut fwd = Forwarder::new(tag, Policy::Strict)?;
+    let forger = Forger::new(&fwd)?;
+    let (x, y) = (sa(x, 40001), sa(y, 80));
+    let d = forger.send(&fwd, &forged_handshake(x, y))?;
+    let key = Frame::tcp(x, y).key();
+    let s = fwd.session(&key)?.context("the SYN made no session")?;
+    ensure!(
+        s.state == State::SynSent as u8 && !s.is_assured(),
+        "{tag}: forged handshake {x} ↔ {y}: {} ({d})",
+        show(&s)
+    );
+    ensure!(
+        s.reply_zone == UNTRUST && d.get(Counter::DropZoneMismatch) >= 1,
+        "{tag}: reply zone {} ({d})",
+        s.reply_zone.0
+    );
+    ensure!(d.get(Counter::ReplyZoneRouted) == 1, "{tag}: {d}");
+
+    // Tagged frames (no VLAN device here: the kernel drops them after the program tracked
+    // them) have their destination routed too.
+    let tx = SocketAddr::new(x.ip(), 40006);
+    let tagged = forged_handshake(tx, y).map(|f| f.vlan(10));
+    let d = forger.send(&fwd, &tagged)?;
+    let s = fwd.session(&Frame::tcp(tx, y).key())?;
+    ensure!(
+        s.is_some_and(|s| s.reply_zone == UNTRUST && !s.is_assured())
+            && d.get(Counter::DropZoneMismatch) >= 1,
+        "{tag}: tagged: {:?} ({d})",
+        s.as_ref().map(show)
+    );
+
+    let (from, to) = (sa(spoofed, 40002), y);
+    let d = forger.send(&fwd, &forged_handshake(from, to))?;
+    ensure!(
+        fwd.session(&Frame::tcp(from, to).key())?.is_none() && d.get(Counter::DropReversePath) == 1,
+        "{tag}: a source of the untrust zone came in through trust: {d}"
+    );
+    let (a, b) = (sa(neighbour, 40003), x);
+    let d = forger.send(&fwd, &forged_handshake(a, b))?;
+    ensure!(
+        fwd.session(&Frame::tcp(a, b).key())?.is_none() && d.get(Counter::DropHairpin) >= 1,
+        "{tag}: a flow within the trust link: {d}"
+    );
+    // A destination local to the member: its answers never come in through XDP, so the
+    // replies are bound to no zone and the forged answer in its name is a mismatch.
+    let local = sa(
+        if x.is_ipv4() {
+            "198.18.0.1"
+        } else {
+            "fd00:18::1"
+        },
+        22,
+    );
+    let d = forger.send(&fwd, &forged_handshake(x, local))?;
+    let s = fwd.session(&Frame::tcp(x, local).key())?;
+    ensure!(
+        s.is_some_and(|s| s.reply_zone == ZoneId::UNZONED && !s.is_assured())
+            && d.get(Counter::DropZoneMismatch) >= 1,
+        "{tag}: to the member itself: {:?} ({d})",
+        s.as_ref().map(show)
+    );
+    // DHCP and the like: a broadcast or multicast destination is never a hairpin or a forged
+    // source; nothing answers from it.
+    let (client, group) = if x.is_ipv4() {
+        (sa("0.0.0.0", 68), sa("255.255.255.255", 67))
+    } else {
+        (sa("fe80::50", 546), sa("ff02::1:2", 547))
+    };
+    forger.send(&fwd, &[Frame::udp(client, group)])?;
+    let s = fwd.session(&Frame::udp(client, group).key())?;
+    ensure!(
+        s.is_some_and(|s| s.reply_zone == ZoneId::UNZONED),
+        "{tag}: {client} → {group}: {:?}",
+        s.as_ref().map(show)
+    );
+    ensure!(
+        fwd.dp.sessions()?.iter().all(|(_, s)| !s.is_assured()),
+        "{tag}: an assured session came of forged frames"
+    );
+    // The loose policy passes what it refuses, untracked.
+    let mut cfg = fwd.dp.config()?;
+    cfg.policy = Policy::Loose as u8;
+    fwd.dp.set_config(&cfg)?;
+    let (from, to) = (sa(spoofed, 40004), y);
+    let d = forger.send(&fwd, &[Frame::tcp(from, to).syn()])?;
+    ensure!(
+        fwd.session(&Frame::tcp(from, to).key())?.is_none() && d.get(Counter::PassReversePath) == 1,
+        "{tag}: loose: {d}"
+    );
+    // A zone may turn the check off (asymmetric routing, policy routing by mark, ...): the
+    // spoofed source then makes a session whose replies are bound by the first one.
+    cfg.policy = Policy::Strict as u8;
+    fwd.dp.set_config(&cfg)?;
+    let fc0 = fwd.fw.ifindex("fc0")?;
+    let mut binding = ZoneBinding::new(TRUST);
+    binding.flags |= ZoneBinding::NO_ROUTE_CHECK;
+    fwd.dp.set_zone(fc0, binding)?;
+    let (from, to) = (sa(spoofed, 40005), y);
+    let d = forger.send(&fwd, &[Frame::tcp(from, to).syn()])?;
+    let s = fwd.session(&Frame::tcp(from, to).key())?;
+    ensure!(
+        s.is_some_and(|s| s.reply_zone == ZoneId::NONE) && d.get(Counter::ReplyZoneRouted) == 0,
+        "{tag}: route_check = false: {:?} ({d})",
+        s.as_ref().map(show)
+    );
+    fwd.dp.set_zone(fc0, ZoneBinding::new(TRUST))?;
+    // And a real connection still completes, its replies bound to the server's zone.
+    let server = sa(if x.is_ipv4() { SRV4 } else { SRV6 }, 8080);
+    let client = tcp_exchange(&fwd, server, 100, 100)?;
+    let key = check_closed_tcp(&fwd, client, server)?;
+    let s = fwd
+        .session(&key)?
+        .context("the real connection's session")?;
+    ensure!(s.reply_zone == UNTRUST, "{tag}: {}", show(&s));
+    drop(fwd.events());
+    Ok(())
+}
+
+#[test]
+fn forged_handshakes_from_one_zone_make_no_assured_session_ipv4() {
+    forged_handshakes(
+        "forge4",
+        "198.18.0.50",
+        "198.18.1.60",
+        "198.18.1.77",
+        "198.18.0.51",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn forged_handshakes_from_one_zone_make_no_assured_session_ipv6() {
+    forged_handshakes(
+        "forge6",
+        "fd00:18::50",
+        "fd00:18:1::60",
+        "fd00:18:1::77",
+        "fd00:18::51",
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -196,6 +196,15 @@ pub struct Zone {
     /// as `[local] policy` says (strict drops, loose passes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other_protocols: Option<OtherProtocolsName>,
+    /// Whether a flow's first packet that comes in on this zone is checked against the
+    /// routing table (default `true`): its replies are bound to the zone its destination is
+    /// routed to, and it makes no session when its source is not routed back into this zone
+    /// or its destination is routed back out of the interface it came in on. `false`: replies
+    /// are bound to the zone of the first reply, nothing checked (routing asymmetric across
+    /// zones, policy routing by firewall mark, VLAN devices on the zone's interfaces, hosts of
+    /// two subnets on one link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_check: Option<bool>,
 }
 
 /// `[[zones]] other_protocols`.
@@ -214,8 +223,13 @@ impl Zone {
             Some(OtherProtocolsName::Drop) => OtherProtocols::Drop,
             Some(OtherProtocolsName::Pass) => OtherProtocols::Pass,
         };
+        let flags = match self.route_check {
+            Some(false) => ZoneBinding::NO_ROUTE_CHECK,
+            None | Some(true) => 0,
+        };
         ZoneBinding {
             other_protocols: other as u8,
+            flags,
             ..ZoneBinding::new(id)
         }
     }
@@ -614,7 +628,7 @@ impl Config {
         self.zones.iter().zip(1u16..).flat_map(move |(zone, id)| {
             zone.interfaces.iter().map(move |ifname| {
                 let mut binding = zone.binding(ZoneId(id));
-                binding.flags = self.wire_flags(ifname);
+                binding.flags |= self.wire_flags(ifname);
                 (ifname.as_str(), zone, binding)
             })
         })

@@ -126,6 +126,45 @@ fn a_zone_rule_for_other_protocols_reaches_the_datapath() {
     assert!(e.contains("other_protocols") && e.contains("`drop`"), "{e}");
 }
 
+/// A zone's `route_check = false` reaches its interfaces' bindings (and only that zone's),
+/// beside a virtual wire's flags on the same interface; `true` is the default; a value of
+/// another type is refused with the key named.
+#[test]
+fn a_zone_may_turn_its_route_check_off() {
+    use hasync_common::ZoneBinding;
+    let key = KeyFile::new("zone-route", 32, 0o600);
+    let with = |rule: &str| {
+        sample(&key.path()).replace(
+            "interfaces = [\"veth-out\"]",
+            &format!("interfaces = [\"veth-out\"]\nroute_check = {rule}"),
+        )
+    };
+    let flags = |c: &Config, ifname: &str| {
+        let (_, _, b) = c
+            .interface_zones()
+            .find(|(i, _, _)| *i == ifname)
+            .expect("a zone interface");
+        b.flags
+    };
+    let c = check(&with("false")).expect("valid");
+    assert_eq!(flags(&c, "veth-out"), ZoneBinding::NO_ROUTE_CHECK);
+    assert_eq!(flags(&c, "veth-in"), 0);
+    let c = check(&with("true")).expect("valid");
+    assert_eq!(flags(&c, "veth-out"), 0);
+    let wired = format!(
+        "{}\n[[vwire]]\nname = \"vw\"\ninterfaces = [\"veth-in\", \"veth-out\"]\n",
+        with("false")
+    );
+    let c = check(&wired).expect("valid");
+    assert_eq!(
+        flags(&c, "veth-out"),
+        ZoneBinding::NO_ROUTE_CHECK | ZoneBinding::VWIRE
+    );
+    assert_eq!(flags(&c, "veth-in"), ZoneBinding::VWIRE);
+    let e = check(&with("\"off\"")).expect_err("a string");
+    assert!(e.contains("route_check"), "{e}");
+}
+
 #[test]
 fn the_documented_example_is_valid() {
     let key = KeyFile::new("ok", 32, 0o600);

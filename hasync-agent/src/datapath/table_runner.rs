@@ -195,38 +195,64 @@ mod tests {
         }
     }
 
-    /// A peer's update replaces the session but not what only this member knows: the zone its
-    /// replies are bound to here (and the admission ticket).
-    #[test]
-    fn an_update_keeps_the_local_reply_zone() {
+    /// `incoming`, a peer's record of key 1 (its reply zone unbound, as records carry none),
+    /// applied over `local`: the session then held.
+    fn applied_over(local: Session, incoming: Session) -> Session {
         let mut dp = datapath();
-        let mut local = Session {
-            version: 1,
-            owner: MemberId(2),
-            packets: [3, 2],
-            state: hasync_common::State::UdpReplied as u8,
-            ..Session::default()
-        };
-        local.reply_zone = hasync_common::ZoneId(4);
         dp.insert_sessions(&[(key(1), local)]).expect("insert");
-        let update = ApplyRecord::new(
-            key(1),
-            Session {
-                version: 2,
-                ..local
-            },
-            hasync_common::ApplyOp::Upsert,
-            false,
-        );
-        let mut update = update;
+        let mut update = ApplyRecord::new(key(1), incoming, hasync_common::ApplyOp::Upsert, false);
         update.session.reply_zone = hasync_common::ZoneId::NONE;
         let out = dp
             .apply_records(&[update], hasync_common::ApplySource::NONE, 0)
             .expect("apply");
         assert_eq!(out.installed, 1);
-        let now = dp.session(&key(1)).expect("lookup").expect("held");
+        dp.session(&key(1)).expect("lookup").expect("held")
+    }
+
+    /// A peer's update replaces the session but not what only this member knows: the zone its
+    /// replies are bound to here (and the admission ticket).
+    #[test]
+    fn an_update_keeps_the_local_reply_zone() {
+        let local = Session {
+            version: 1,
+            owner: MemberId(2),
+            packets: [3, 2],
+            state: hasync_common::State::UdpReplied as u8,
+            reply_zone: hasync_common::ZoneId(4),
+            ..Session::default()
+        };
+        let now = applied_over(
+            local,
+            Session {
+                version: 2,
+                ..local
+            },
+        );
         assert_eq!(now.version, 2);
         assert_eq!(now.reply_zone, hasync_common::ZoneId(4));
+    }
+
+    /// A local copy made from the flow's other end (its first packet here was the reply) bound
+    /// the other direction: the peer's copy does not take that zone as its replies'.
+    #[test]
+    fn an_update_from_the_other_end_drops_the_local_reply_zone() {
+        let local = Session {
+            version: 1,
+            owner: MemberId(2),
+            packets: [1, 0],
+            state: hasync_common::State::UdpNew as u8,
+            flags: hasync_common::SessionFlags(hasync_common::SessionFlags::INITIATOR_HI),
+            reply_zone: hasync_common::ZoneId(4),
+            ..Session::default()
+        };
+        let incoming = Session {
+            version: 2,
+            flags: hasync_common::SessionFlags(0),
+            ..local
+        };
+        let now = applied_over(local, incoming);
+        assert_eq!(now.version, 2);
+        assert_eq!(now.reply_zone, hasync_common::ZoneId::NONE);
     }
 
     /// In the kernel as in the rule's own tests: the owner's next record of a flow replaces a

@@ -26,6 +26,7 @@ use crate::{
     netlink::{self, Ifaces},
 };
 use features::Features;
+use hasync_common::ZoneBinding;
 
 /// How often the ports are checked again (interfaces come and go, a veth's peer gains or
 /// loses its XDP program).
@@ -96,7 +97,7 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
     }
     if config.local.forwarding == ForwardingName::Xdp {
         for (name, _, binding) in config.interface_zones() {
-            if binding.flags != 0 {
+            if binding.has(ZoneBinding::VWIRE) {
                 continue; // a wire's end: never a routed egress
             }
             match usable(devices, name) {

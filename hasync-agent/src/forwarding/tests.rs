@@ -75,3 +75,21 @@ fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends()
         vec!["virtual wire vw is down: w1: no such interface"]
     );
 }
+
+/// A zone that turns its route check off is still a routed zone: its interfaces stay ports
+/// (its binding carries a flag, as a wire's end does, but only wire ends are left out).
+#[test]
+fn a_zone_without_route_check_keeps_its_ports() {
+    let mut devices = Fake(BTreeMap::from([
+        ("in0", (4, Some(true))),
+        ("in1", (5, Some(true))),
+        ("out0", (6, Some(true))),
+        ("w0", (7, Some(true))),
+        ("w1", (8, Some(true))),
+    ]));
+    let mut c = config("forwarding = \"xdp\"");
+    c.zones[0].route_check = Some(false);
+    let ports = plan(&c, &mut devices);
+    assert_eq!(ports.forward, vec![4, 5, 6], "{:#?}", ports.left_out);
+    assert_eq!(ports.wires, vec![(7, 8)]);
+}

@@ -157,6 +157,9 @@ pub struct SpecZone {
     /// The zone's `other_protocols` rule, on every member.
     #[serde(default)]
     pub other_protocols: Option<OtherProtocolsName>,
+    /// The zone's `route_check`, on every member.
+    #[serde(default)]
+    pub route_check: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -375,6 +378,7 @@ impl Spec {
                     .cloned()
                     .unwrap_or_else(|| z.interfaces.clone()),
                 other_protocols: z.other_protocols,
+                route_check: z.route_check,
             })
             .collect()
     }

@@ -47,6 +47,10 @@ const OUTCOMES: &[Counter] = &[
     Counter::PassMalformed,
     Counter::DropMalformed,
     Counter::PassUnconfigured,
+    Counter::DropReversePath,
+    Counter::PassReversePath,
+    Counter::DropHairpin,
+    Counter::PassHairpin,
 ];
 
 /// What the first byte of an input selects.
@@ -230,6 +234,8 @@ pub fn check_frame(verdict: Verdict, d: &CounterDelta) -> Result<()> {
         Counter::DropOtherProtocol,
         Counter::DropZoneMismatch,
         Counter::DropTcpOutOfWindow,
+        Counter::DropReversePath,
+        Counter::DropHairpin,
     ]
     .iter()
     .map(|&c| d.get(c))
