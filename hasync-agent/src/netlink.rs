@@ -39,6 +39,8 @@ pub struct Iface {
     /// Administratively up with its carrier on (`IFF_UP` and `IFF_RUNNING`).
     pub up: bool,
     pub mtu: Option<u32>,
+    /// Its Ethernet address (`None`: it has none, or not six bytes long).
+    pub mac: Option<[u8; 6]>,
     /// The XDP programs attached to it, by mode.
     pub xdp: XdpPrograms,
 }
@@ -141,11 +143,13 @@ fn body(payload: NetlinkPayload<RouteNetlinkMessage>) -> Body {
 fn present(m: &LinkMessage) -> Option<Body> {
     let mut name = None;
     let mut mtu = None;
+    let mut mac = None;
     let mut xdp = XdpPrograms::default();
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Mtu(v) => mtu = Some(*v),
+            LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::Xdp(nlas) => xdp = xdp_programs(nlas),
             _ => {}
         }
@@ -155,6 +159,7 @@ fn present(m: &LinkMessage) -> Option<Body> {
         index: m.header.index,
         up: m.header.flags.contains(want),
         mtu,
+        mac,
         xdp,
     };
     Some(Body::Present(name?, iface))
@@ -484,6 +489,7 @@ mod tests {
             index,
             up,
             mtu: Some(1500),
+            mac: None,
             xdp: XdpPrograms::default(),
         }
     }

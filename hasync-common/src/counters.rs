@@ -155,6 +155,10 @@ counters! {
     /// Left to the kernel: the route leaves through another zone than the session's other
     /// side (a route change, or a reply zone not learned yet).
     PassFwdZone = "pass-fwd-zone",
+    /// Left to the kernel: a frame not sent to the ingress interface's MAC address (flooded by
+    /// a switch, picked up by a promiscuous interface: the kernel drops it), or an interface
+    /// whose address the agent has not written yet.
+    PassFwdOtherHost = "pass-fwd-other-host",
     /// Left to the kernel: a VLAN-tagged frame (the kernel owns the VLAN devices).
     PassFwdVlan = "pass-fwd-vlan",
     /// Left to the kernel: a fragment.

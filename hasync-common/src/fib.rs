@@ -70,6 +70,23 @@ pub struct FibEntry {
 }
 crate::assert_size!(FibEntry, 72);
 
+/// The value of INGRESS_MACS: the MAC address of a routed zone interface as the agent last
+/// read it. XDP forwarding takes only frames sent to it, as the kernel forwards only those (it
+/// drops the others, PACKET_OTHERHOST): a frame a switch floods to every member, or one a
+/// promiscuous interface picks up (a capture running on it), is forwarded once, by the member
+/// it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct IngressMac {
+    /// The interface's Ethernet address.
+    pub mac: [u8; 6],
+    /// 1: `mac` is the interface's; 0: not known (its frames go to the kernel).
+    pub known: u8,
+    /// Padding; zero.
+    pub _pad: u8,
+}
+crate::assert_size!(IngressMac, 8);
+
 /// The FIB_CACHE slot of `key` under `seed` (`DatapathConfig::fib_seed`): its words folded
 /// and multiplied (Fibonacci hashing), the seed mixed in before the first and the last
 /// multiplication, the top bits kept. Cheap enough for every packet; any key may land

@@ -28,7 +28,7 @@ pub use counters::{
     Counter, Counters, LogNote, LogNoteKind, LogRequest, COUNTER_COUNT, LOG_NOTE_KINDS,
 };
 pub use event::{Event, EventKind};
-pub use fib::{FibEntry, FibKey};
+pub use fib::{FibEntry, FibKey, IngressMac};
 pub use flow::{Family, FlowKey, FragmentKey};
 pub use ids::{ClusterId, MemberId, ZoneId};
 pub use member::MemberEntry;
@@ -81,6 +81,7 @@ mod pod {
         ZoneBinding,
         FibKey,
         FibEntry,
+        IngressMac,
         ClockSample,
     );
 }

@@ -47,6 +47,9 @@ pub const MAX_ZONES: u32 = 1024;
 pub const FWD_PORTS: &str = "FWD_PORTS";
 /// DEVMAP_HASH: ingress ifindex of a virtual-wire end → the other end.
 pub const VWIRE_PORTS: &str = "VWIRE_PORTS";
+/// Array indexed by ingress ifindex → `IngressMac`: the addresses of the routed zone
+/// interfaces, which XDP forwarding compares a frame's destination with.
+pub const INGRESS_MACS: &str = "INGRESS_MACS";
 /// Interfaces FWD_PORTS and VWIRE_PORTS hold at most.
 pub const PORTS_CAPACITY: u32 = 256;
 /// Per-CPU array of `FibEntry`, the XDP forwarding's FIB cache (node-local): direct-mapped,

@@ -19,7 +19,7 @@ use hasync_common::{
 };
 
 use crate::{
-    maps::{FIB_CACHE, FIB_GENERATION, FIB_SCRATCH, FWD_PORTS, VWIRE_PORTS, ZONES},
+    maps::{FIB_CACHE, FIB_GENERATION, FIB_SCRATCH, FWD_PORTS, INGRESS_MACS, VWIRE_PORTS, ZONES},
     parse::{frame_mut, raw32, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
     route::{fib_lookup, Query},
 };
@@ -201,6 +201,9 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     // SAFETY: this CPU's scratch slot; only this program run uses it.
     let scratch = unsafe { &mut *scratch };
     let ip = ip_header(ctx, &mut scratch.key, cfg.fib_by_source != 0)?;
+    if !sent_here(ctx) {
+        return Err(Counter::PassFwdOtherHost);
+    }
     let hop = next_hop(ctx, scratch, pkt.now, cfg.fib_seed)?;
     // Out through the session's other side only: a route into a third zone is the kernel's
     // (and its policy's) to decide. The reply side is bound when the session is made (see
@@ -228,6 +231,19 @@ fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u
     // The redirect happens after the program returns, so rewriting now is safe.
     rewrite(ctx, ip.family, &hop)?;
     Ok(action)
+}
+
+/// Was the frame sent to the ingress interface's own MAC address (as far as the agent has told)?
+#[inline(always)]
+fn sent_here(ctx: &XdpContext) -> bool {
+    let Some(dst) = frame_mut::<6>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: `frame_mut` checked the bytes lie inside the frame.
+    let dst = unsafe { *dst };
+    INGRESS_MACS
+        .get(ctx.ingress_ifindex() as u32)
+        .is_some_and(|m| m.known != 0 && m.mac == dst)
 }
 
 /// Reads the IP header of an untagged frame, refusing what the fast path leaves to the kernel,

@@ -12,8 +12,8 @@ use hasync_common::{
         FRAGMENTS_CAPACITY, MAX_ZONES, PORTS_CAPACITY, ZONE_IFINDEX_LIMIT, ZONE_NAME_BYTES,
     },
     member::MEMBER_SLOTS,
-    Counters, DatapathConfig, EmbryoSlot, FibEntry, FlowKey, FragmentKey, MemberEntry, Session,
-    ZoneBinding,
+    Counters, DatapathConfig, EmbryoSlot, FibEntry, FlowKey, FragmentKey, IngressMac, MemberEntry,
+    Session, ZoneBinding,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Embryonic sessions are bounded and
@@ -56,6 +56,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map]
 pub static FWD_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 0);
+
+#[map]
+pub static INGRESS_MACS: Array<IngressMac> = Array::with_max_entries(ZONE_IFINDEX_LIMIT, 0);
 
 #[map]
 pub static VWIRE_PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_CAPACITY, 0);

@@ -146,7 +146,8 @@ impl Forwarder {
 
 /// Makes `fc0` and `fs0` ports XDP may redirect to: the outer ends `c0` and `s0` become XDP
 /// endpoints (see [`Netns::xdp_endpoint`]), the kernel must then say `fc0` and `fs0` take
-/// redirects, and FWD_PORTS gets them.
+/// redirects, and FWD_PORTS gets them; INGRESS_MACS gets their addresses, as the agent writes
+/// them.
 fn xdp_ports(dp: &mut Datapath, cli: &Netns, fw: &Netns, srv: &Netns) -> Result<()> {
     cli.xdp_endpoint("c0")?;
     srv.xdp_endpoint("s0")?;
@@ -161,7 +162,10 @@ fn xdp_ports(dp: &mut Datapath, cli: &Netns, fw: &Netns, srv: &Netns) -> Result<
         }
         Ok(())
     })??;
-    set_ports(dp, fw, &ports)
+    set_ports(dp, fw, &ports)?;
+    let macs = [(ports[0], fw.mac("fc0")?), (ports[1], fw.mac("fs0")?)];
+    dp.set_ingress_macs(&macs)?;
+    Ok(())
 }
 
 /// A request of `up` bytes, a response of `down` bytes, then an orderly close (client FIN

@@ -13,7 +13,9 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use hasync_common::{fib, Counter, Counters, FibKey, Forwarding, Policy};
 use hasync_tests::{
+    cluster::send_raw,
     forwarder::{sa, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
+    frame::Frame,
     netns::{wait_for, Netns},
     sockets::recv_with_control,
     testrun::CounterDelta,
@@ -298,7 +300,45 @@ fn after_the_lookup(fwd: &mut Forwarder, flow: &Flow) -> Result<()> {
     flow.initiator.set_ttl(1)?;
     left_to_kernel(fwd, flow, b"ttl 1", Counter::PassFwdTtl, false)?;
     flow.initiator.set_ttl(64)?;
+    resumes(fwd)?;
+
+    // An interface whose address the agent has not written: its frames are the kernel's.
+    fwd.dp.set_ingress_macs(&[])?;
+    left_to_kernel(fwd, flow, b"unknown mac", Counter::PassFwdOtherHost, true)?;
+    let macs = [(fc0, fwd.fw.mac("fc0")?), (fs0, fwd.fw.mac("fs0")?)];
+    fwd.dp.set_ingress_macs(&macs)?;
+    resumes(fwd)?;
+    sent_elsewhere(fwd, flow)?;
     resumes(fwd)
+}
+
+/// A frame of the flow sent to another host's MAC address (a switch floods it to every member,
+/// or a capture made the interface promiscuous): not forwarded in XDP, and the kernel drops it
+/// as not its own, so it never arrives.
+fn sent_elsewhere(fwd: &mut Forwarder, flow: &Flow) -> Result<()> {
+    let from = flow.initiator.local_addr()?;
+    let mut frame = Frame::udp(from, flow.to).payload(8).build();
+    frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x99]);
+    frame[6..12].copy_from_slice(&fwd.cli.mac("c0")?);
+    let before = fwd.counters()?;
+    fwd.cli
+        .run(move || send_raw("c0", [0; 6], &[frame], IO_TIMEOUT))?
+        .map_err(anyhow::Error::msg)?;
+    let d = wait_for(IO_TIMEOUT, || {
+        let d = delta(fwd, before).ok()?;
+        (d.get(Counter::PassFwdOtherHost) >= 1).then_some(d)
+    })
+    .context("pass-fwd-other-host did not move")?;
+    ensure!(
+        d.get(Counter::PassFwdOtherHost) == 1 && d.get(Counter::ForwardedXdp) == 0,
+        "another host's frame: {d}"
+    );
+    let mut buf = [0u8; 64];
+    ensure!(
+        flow.responder.recv_from(&mut buf).is_err(),
+        "the frame sent to another host arrived"
+    );
+    Ok(())
 }
 
 #[test]

@@ -425,6 +425,8 @@ pub struct Datapath {
     /// `DatapathConfig::fib_by_source`, as the agent last found the rules and routes (`None`:
     /// not looked yet, the config's own value holds).
     fib_by_source: Option<bool>,
+    /// What INGRESS_MACS holds (the map starts empty with each load).
+    ingress_macs: std::collections::BTreeMap<u32, [u8; 6]>,
     /// `DatapathConfig::fib_seed`: random, chosen at load.
     fib_seed: u32,
     /// Forwards the log program's records (`None`: `[local] datapath_log = "off"`).
@@ -542,6 +544,7 @@ impl Datapath {
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
             fib_by_source: None,
+            ingress_macs: Default::default(),
             fib_seed: crate::random::random_u64() as u32,
             logger: None,
         };

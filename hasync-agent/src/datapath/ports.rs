@@ -1,10 +1,11 @@
 //! The forwarding maps: which interfaces XDP may redirect to (FWD_PORTS), the virtual wires'
-//! pairs (VWIRE_PORTS), and the FIB generation that invalidates the forwarding cache.
+//! pairs (VWIRE_PORTS), the routed interfaces' addresses (INGRESS_MACS), and the FIB
+//! generation that invalidates the forwarding cache.
 
 use std::collections::BTreeSet;
 
 use aya::maps::{Array, DevMapHash, PerCpuArray};
-use hasync_common::{maps as names, FibEntry, FibKey};
+use hasync_common::{maps as names, FibEntry, FibKey, IngressMac};
 
 use super::{map_err, Datapath, DatapathError};
 
@@ -72,6 +73,42 @@ impl Datapath {
     pub fn set_vwire_ports(&mut self, pairs: &[(u32, u32)]) -> Result<bool, DatapathError> {
         let entries: Vec<(u32, u32)> = pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
         self.set_ports(names::VWIRE_PORTS, &entries)
+    }
+
+    /// Makes INGRESS_MACS hold exactly `macs` (ifindex → the interface's Ethernet address):
+    /// XDP forwarding takes only frames sent to the address of the interface they came in on.
+    /// Returns whether it changed.
+    pub fn set_ingress_macs(&mut self, macs: &[(u32, [u8; 6])]) -> Result<bool, DatapathError> {
+        if let Some(&(index, _)) = macs.iter().find(|(i, _)| *i >= names::ZONE_IFINDEX_LIMIT) {
+            return Err(DatapathError::IfindexTooLarge(index));
+        }
+        let want: std::collections::BTreeMap<u32, [u8; 6]> = macs.iter().copied().collect();
+        if want == self.ingress_macs {
+            return Ok(false);
+        }
+        let gone: Vec<u32> = self
+            .ingress_macs
+            .keys()
+            .filter(|i| !want.contains_key(i))
+            .copied()
+            .collect();
+        let name = names::INGRESS_MACS;
+        let mut map: Array<_, IngressMac> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for index in gone {
+            map.set(index, IngressMac::default(), 0)
+                .map_err(map_err(name))?;
+        }
+        for (&index, &mac) in &want {
+            let entry = IngressMac {
+                mac,
+                known: 1,
+                _pad: 0,
+            };
+            map.set(index, entry, 0).map_err(map_err(name))?;
+        }
+        self.ingress_macs = want;
+        Ok(true)
     }
 
     /// Keys the FIB cache on the source as well as the destination (`true`: some rule or

@@ -57,6 +57,9 @@ pub struct Ports {
     pub forward: Vec<u32>,
     /// VWIRE_PORTS: the wires whose two ends exist and take redirects.
     pub wires: Vec<(u32, u32)>,
+    /// INGRESS_MACS: the routed zone interfaces' addresses (XDP forwarding takes only frames
+    /// sent to them).
+    pub macs: Vec<(u32, [u8; 6])>,
     /// Why an interface or a wire is left out, one line each.
     pub left_out: Vec<String>,
 }
@@ -67,6 +70,8 @@ pub trait Devices {
     fn index(&self, name: &str) -> Option<u32>;
     /// Can XDP redirect frames to `ifindex`? `Err`: the kernel could not tell.
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String>;
+    /// The Ethernet address of interface `name`, if it exists and has one.
+    fn mac(&self, name: &str) -> Option<[u8; 6]>;
 }
 
 /// Why `name` cannot take redirects, or `Ok(index)`.
@@ -99,6 +104,10 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
         for (name, _, binding) in config.interface_zones() {
             if binding.has(ZoneBinding::VWIRE) {
                 continue; // a wire's end: never a routed egress
+            }
+            // An ingress too, whether or not it takes redirects.
+            if let (Some(index), Some(mac)) = (devices.index(name), devices.mac(name)) {
+                ports.macs.push((index, mac));
             }
             match usable(devices, name) {
                 Ok(index) => ports.forward.push(index),
@@ -145,6 +154,10 @@ impl Devices for System {
         self.ifaces.get(name).map(|i| i.index)
     }
 
+    fn mac(&self, name: &str) -> Option<[u8; 6]> {
+        self.ifaces.get(name).and_then(|i| i.mac)
+    }
+
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
         let asked = match &mut self.features {
             Ok(f) => f.takes_redirects(ifindex).map_err(|e| e.to_string()),
@@ -163,6 +176,8 @@ fn apply(dp: &mut Datapath, ports: &Ports) -> Result<(), String> {
     dp.set_fwd_ports(&ports.forward)
         .map_err(|e| error_chain(&e))?;
     dp.set_vwire_ports(&ports.wires)
+        .map_err(|e| error_chain(&e))?;
+    dp.set_ingress_macs(&ports.macs)
         .map_err(|e| error_chain(&e))?;
     Ok(())
 }

@@ -13,6 +13,9 @@ impl Devices for Fake {
         let d = self.0.values().find(|d| d.0 == ifindex).ok_or("gone")?;
         d.1.ok_or_else(|| "no netdev family".to_owned())
     }
+    fn mac(&self, name: &str) -> Option<[u8; 6]> {
+        self.0.get(name).map(|d| [2, 0, 0, 0, 0, d.0 as u8])
+    }
 }
 
 fn config(extra: &str) -> Config {
@@ -59,6 +62,12 @@ fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends()
         "not in1 (no xmit), not out0 (unknown), not a wire end"
     );
     assert_eq!(ports.wires, vec![(7, 8)]);
+    let mac = |i: u8| [2, 0, 0, 0, 0, i];
+    assert_eq!(
+        ports.macs,
+        vec![(4, mac(4)), (5, mac(5)), (6, mac(6))],
+        "every routed zone interface is an ingress, a port or not"
+    );
     assert_eq!(ports.left_out.len(), 2, "{:#?}", ports.left_out);
     assert!(ports.left_out[0].contains("in1: its driver takes no XDP redirects"));
     assert!(ports.left_out[1].contains("out0: its XDP features are unknown: no netdev family"));
@@ -66,7 +75,7 @@ fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends()
     devices.0.remove("w1");
     let ports = plan(&config(""), &mut devices);
     assert!(
-        ports.forward.is_empty(),
+        ports.forward.is_empty() && ports.macs.is_empty(),
         "forwarding = kernel: no routed ports"
     );
     assert!(ports.wires.is_empty());

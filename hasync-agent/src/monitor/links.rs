@@ -78,6 +78,7 @@ mod tests {
             index,
             up,
             mtu: Some(1500),
+            mac: None,
             xdp: Default::default(),
         };
         let mut ifaces = Ifaces::new();
