@@ -105,7 +105,9 @@ counters! {
     PassZoneMismatch = "pass-zone-mismatch",
     /// Flows' first packets whose replies the routing table bound to a zone (the zone of the
     /// interface their destination is routed out of; or to none: a destination in no zone,
-    /// local here, not routed, broadcast or multicast), in zones that check routes.
+    /// local here, not routed, broadcast or multicast), in zones that check routes; and later
+    /// packets of such a flow bound to none that no reply reached yet, which ask again (a
+    /// route may have come since).
     ReplyZoneRouted = "reply-zone-routed",
     /// Flows' first packets, in zones that check routes, whose reply zone the routing table
     /// could not give (a helper error: a kernel before 6.3; a lightweight tunnel): learned

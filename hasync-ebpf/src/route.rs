@@ -49,8 +49,10 @@ pub struct Refused {
 enum Route {
     /// Forwarded out of this interface.
     Out(u32),
-    /// Not forwarded (local, broadcast, no route, a discarding route, forwarding disabled).
+    /// Not forwarded (local, broadcast, no route, a discarding route).
     Nowhere,
+    /// Forwarding is disabled on the lookup's input interface.
+    Disabled,
     /// No answer (a helper error, a lightweight tunnel).
     Unknown,
 }
@@ -98,7 +100,7 @@ pub fn reply_zone(
     };
     let egress = match lookup(ctx, &query) {
         Route::Out(egress) => egress,
-        Route::Nowhere => {
+        Route::Nowhere | Route::Disabled => {
             counters.inc(Counter::ReplyZoneRouted);
             return Ok(ZoneId::UNZONED);
         }
@@ -124,7 +126,8 @@ pub fn reply_zone(
         };
         let back = match lookup(ctx, &query) {
             Route::Out(back) => zone_of(back) == ingress.zone,
-            Route::Unknown => true,
+            // `lo` may forward nothing where forwarding is set per interface: no answer.
+            Route::Unknown | Route::Disabled => true,
             Route::Nowhere => false,
         };
         if !back {
@@ -186,8 +189,8 @@ fn lookup(ctx: &XdpContext, query: &Query) -> Route {
     let p = unsafe { &mut (*scratch).params };
     match fib_lookup(ctx, p, query, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Out(p.ifindex),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Route::Disabled,
         BPF_FIB_LKUP_RET_NOT_FWDED
-        | BPF_FIB_LKUP_RET_FWD_DISABLED
         | BPF_FIB_LKUP_RET_BLACKHOLE
         | BPF_FIB_LKUP_RET_UNREACHABLE
         | BPF_FIB_LKUP_RET_PROHIBIT => Route::Nowhere,

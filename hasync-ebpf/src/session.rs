@@ -158,6 +158,10 @@ fn hit(
         }
         return xdp_action::XDP_PASS;
     }
+    if owned && dir == DIR_ORIGINAL && s.reply_zone == ZoneId::UNZONED && s.packets[DIR_REPLY] == 0
+    {
+        route_again(ctx, counters, pkt, s);
+    }
     let fit = if pkt.key.proto == IPPROTO_TCP {
         tcp_window::classify(s, dir, pkt.tcp_flags, &pkt.tcp)
     } else {
@@ -215,6 +219,20 @@ fn hit(
         now,
     };
     forward::routed(ctx, cfg, counters, &accepted)
+}
+
+/// The routing table gave `s`'s replies no zone when it was made (no route yet: a flap, a
+/// boot) and no reply has come: asks it again, so the flow is not blackholed for as long as it
+/// keeps sending. A refusal now changes nothing (the session exists).
+#[inline(always)]
+fn route_again(ctx: &XdpContext, counters: &mut Counters, pkt: &Packet, s: &mut Session) {
+    let first = route::First {
+        key: &pkt.key,
+        src_is_hi: pkt.src_is_hi,
+    };
+    if let Ok(zone) = route::reply_zone(ctx, counters, &first, ingress_zone(ctx)) {
+        s.reply_zone = zone;
+    }
 }
 
 /// What a packet may change about its session that decides its refresh and its forwarding.

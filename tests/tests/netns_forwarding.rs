@@ -547,6 +547,23 @@ fn forged_handshakes(tag: &str, x: &str, y: &str, spoofed: &str, neighbour: &str
         "{tag}: to the member itself: {:?} ({d})",
         s.as_ref().map(show)
     );
+    // A destination with no route yet (a flap, a boot): bound to no zone, and bound again by
+    // the flow's next packet once the route is there, so the flow is not blackholed.
+    let (net, via, later) = if x.is_ipv4() {
+        ("198.18.5.0/24", SRV4, "198.18.5.5")
+    } else {
+        ("fd00:18:5::/64", SRV6, "fd00:18:5::5")
+    };
+    let (from, to) = (SocketAddr::new(x.ip(), 40007), sa(later, 53));
+    forger.send(&fwd, &[Frame::udp(from, to)])?;
+    let bound = |fwd: &Forwarder| -> Result<ZoneId> {
+        let s = fwd.session(&Frame::udp(from, to).key())?;
+        Ok(s.context("no session for the unrouted flow")?.reply_zone)
+    };
+    ensure!(bound(&fwd)? == ZoneId::UNZONED, "{tag}: no route yet");
+    fwd.fw.ip(&["route", "add", net, "via", via])?;
+    forger.send(&fwd, &[Frame::udp(from, to)])?;
+    ensure!(bound(&fwd)? == UNTRUST, "{tag}: the route came");
     // DHCP and the like: a broadcast or multicast destination is never a hairpin or a forged
     // source; nothing answers from it.
     let (client, group) = if x.is_ipv4() {
