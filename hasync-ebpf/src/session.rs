@@ -148,6 +148,11 @@ fn hit(
         return xdp_action::XDP_DROP;
     }
     let owned = s.owner == cfg.local_member;
+    if unbound(s, dir, owned, ingress) {
+        if let Err(r) = route_again(ctx, counters, pkt, s, owned) {
+            return by_policy(cfg, counters, r.pass, r.drop);
+        }
+    }
     if !owned && owner_alive(s) && !s.flags.has(SessionFlags::ORPHANED) {
         // The owner writes the session (and checks its window); we only keep our replica
         // from idling out.
@@ -157,10 +162,6 @@ fn hit(
             s.flags.0 |= SessionFlags::ASYMMETRIC;
         }
         return xdp_action::XDP_PASS;
-    }
-    if owned && dir == DIR_ORIGINAL && s.reply_zone == ZoneId::UNZONED && s.packets[DIR_REPLY] == 0
-    {
-        route_again(ctx, counters, pkt, s);
     }
     let fit = if pkt.key.proto == IPPROTO_TCP {
         tcp_window::classify(s, dir, pkt.tcp_flags, &pkt.tcp)
@@ -221,18 +222,54 @@ fn hit(
     forward::routed(ctx, cfg, counters, &accepted)
 }
 
-/// The routing table gave `s`'s replies no zone when it was made (no route yet: a flap, a
-/// boot) and no reply has come: asks it again, so the flow is not blackholed for as long as it
-/// keeps sending. A refusal now changes nothing (the session exists).
+/// Does the routing table bind `s`'s replies before its packet in `dir`, which came in through
+/// zone `ingress`, is checked against its zones? Yes, for
+/// - a session of ours that it gave no zone when it was made (no route yet: a flap, a boot),
+///   while it has had no reply: asked again with each packet of its original direction, so
+///   the flow is not blackholed for as long as it keeps sending;
+/// - a peer's session, whose replica came with its replies unbound (a record does not carry
+///   them: the owner's zones' interfaces are its own), at a reply here: before, such a reply
+///   passed from any zone while the owner lived, and a member that took the session over
+///   bound its replies to the zone of the first one, wherever a forger sent it from.
 #[inline(always)]
-fn route_again(ctx: &XdpContext, counters: &mut Counters, pkt: &Packet, s: &mut Session) {
+fn unbound(s: &Session, dir: usize, owned: bool, ingress: ZoneId) -> bool {
+    if owned {
+        dir == DIR_ORIGINAL
+            && s.reply_zone == ZoneId::UNZONED
+            && s.packets[DIR_REPLY] == 0
+            && ingress == s.zone
+    } else {
+        dir == DIR_REPLY && s.reply_zone == ZoneId::NONE
+    }
+}
+
+/// Binds `s`'s replies as [`unbound`] says. The packet is asked about as a first packet is
+/// (`route::reply_zone`). Ours: its destination's zone binds the replies; a refusal changes
+/// nothing (the session exists). A replica's reply: its source must be routed back into the
+/// zone it came in through (the reverse path), which then binds the replies; a refusal
+/// refuses the packet, which leaves the replica unbound; a lookup that names no zone leaves
+/// it to learn the zone from its first reply after a takeover, as before.
+#[inline(always)]
+fn route_again(
+    ctx: &XdpContext,
+    counters: &mut Counters,
+    pkt: &Packet,
+    s: &mut Session,
+    owned: bool,
+) -> Result<(), route::Refused> {
     let first = route::First {
         key: &pkt.key,
         src_is_hi: pkt.src_is_hi,
     };
-    if let Ok(zone) = route::reply_zone(ctx, counters, &first, ingress_zone(ctx)) {
-        s.reply_zone = zone;
+    let ingress = ingress_zone(ctx);
+    match route::reply_zone(ctx, counters, &first, ingress) {
+        Ok(zone) if owned => s.reply_zone = zone,
+        Ok(ZoneId::NONE | ZoneId::UNZONED) => {}
+        Ok(_) => s.reply_zone = ingress.map_or(ZoneId::NONE, |b| b.zone),
+        Err(refused) if !owned => return Err(refused),
+        Err(_) => {}
     }
+    Ok(())
 }
 
 /// What a packet may change about its session that decides its refresh and its forwarding.

@@ -190,9 +190,8 @@ impl Bench {
 
     /// Key index = offset + (iteration % modulo), or offset + iteration when `modulo` is 0.
     fn set_mix(&mut self, modulo: u64, offset: u64) -> Result<()> {
-        let mut params: Array<_, u64> = Array::try_from(self.map("BENCH_PARAMS")?)?;
-        params.set(0, modulo, 0)?;
-        params.set(1, offset, 0)?;
+        let mut params: Array<_, [u64; 2]> = Array::try_from(self.map("BENCH_PARAMS")?)?;
+        params.set(0, [modulo, offset], 0)?;
         Ok(())
     }
 

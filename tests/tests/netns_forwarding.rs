@@ -17,7 +17,8 @@ use anyhow::{bail, ensure, Context as _, Result};
 use hasync_agent::lab::traffic::{udp_echo_server, Bounds};
 use hasync_common::{
     session::tcp::{ACK, FIN, RST, SYN},
-    Counter, Event, EventKind, FlowKey, Policy, Session, SessionFlags, State, ZoneBinding, ZoneId,
+    Counter, Event, EventKind, FlowKey, MemberId, Policy, Session, SessionFlags, State,
+    ZoneBinding, ZoneId,
 };
 use hasync_tests::{
     cluster::{send_raw, udp_flows},
@@ -28,7 +29,7 @@ use hasync_tests::{
     },
     frame::Frame,
     netns::wait_for,
-    testrun::{CounterDelta, LOCAL},
+    testrun::{monotonic_ns, replied_session, CounterDelta, LOCAL},
 };
 
 /// Checks a TCP session that completed a handshake, carried data and closed with FINs.
@@ -426,11 +427,13 @@ fn every_udp_flow_of_the_test_helper_is_its_own_session() {
     run().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-/// What a host in the trust zone forges, sent raw from `c0` to `fc0`'s MAC: frames of flows
-/// between addresses that are not its own.
+/// What a host in the trust zone forges, sent raw from `c0` to `fc0`'s MAC (or, made `at_server`,
+/// a host in the untrust zone, from `s0` to `fs0`'s): frames of flows between addresses that
+/// are not its own.
 struct Forger {
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
+    at_server: bool,
 }
 
 impl Forger {
@@ -438,6 +441,15 @@ impl Forger {
         Ok(Forger {
             src_mac: fwd.cli.mac("c0")?,
             dst_mac: fwd.fw.mac("fc0")?,
+            at_server: false,
+        })
+    }
+
+    fn at_server(fwd: &Forwarder) -> Result<Self> {
+        Ok(Forger {
+            src_mac: fwd.srv.mac("s0")?,
+            dst_mac: fwd.fw.mac("fs0")?,
+            at_server: true,
         })
     }
 
@@ -454,8 +466,12 @@ impl Forger {
             })
             .collect();
         let n = raw.len() as u64;
-        fwd.cli
-            .run(move || send_raw("c0", [0; 6], &raw, IO_TIMEOUT))?
+        let (ns, ifname) = if self.at_server {
+            (&fwd.srv, "s0")
+        } else {
+            (&fwd.cli, "c0")
+        };
+        ns.run(move || send_raw(ifname, [0; 6], &raw, IO_TIMEOUT))?
             .map_err(anyhow::Error::msg)?;
         // Other traffic (neighbour discovery) may come in too: at least these frames.
         wait_for(IO_TIMEOUT, || {
@@ -643,4 +659,91 @@ fn forged_handshakes_from_one_zone_make_no_assured_session_ipv6() {
         "fd00:18::51",
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// A peer's session from `x` (trust) to `y` (untrust), as its replica here holds it: owned by
+/// member 2, replies bound to no zone (records do not carry the owner's binding).
+fn install_replica(fwd: &mut Forwarder, x: SocketAddr, y: SocketAddr) -> Result<FlowKey> {
+    let (key, x_is_hi) = Frame::udp(x, y).key_and_side();
+    let mut flags = SessionFlags::FROM_PEER;
+    if x_is_hi {
+        flags |= SessionFlags::INITIATOR_HI;
+    }
+    let s = Session {
+        zone: TRUST,
+        flags: SessionFlags(flags),
+        ..replied_session(monotonic_ns(), PEER)
+    };
+    fwd.dp.insert_sessions(&[(key, s)])?;
+    Ok(key)
+}
+
+const PEER: MemberId = MemberId(2);
+
+/// A reply to a replica must come from a source the routing table routes back into the zone it
+/// came in through, which then binds the replica's replies, before it may pass (its owner
+/// alive) or take the session over (its owner dead). Before, a replica's replies were bound to
+/// no zone: a host in the trust zone passed its forged replies through the strict policy while
+/// the owner lived, and after a failover its first forged reply took the session over and bound
+/// its replies to the trust zone, so the server's genuine ones were dropped from then on.
+fn replica_replies(tag: &str, x: &str, y: &str) -> Result<()> {
+    let mut fwd = Forwarder::new(tag, Policy::Strict)?;
+    fwd.dp.set_member_alive(PEER, true)?;
+    let forger = Forger::new(&fwd)?;
+    let server = Forger::at_server(&fwd)?;
+    let (x, y) = (sa(x, 40010), sa(y, 53));
+    let key = install_replica(&mut fwd, x, y)?;
+    // Refused as a first packet would be: its destination is routed back out of the interface
+    // it came in on (a hairpin), and its source is not routed into the trust zone.
+    let refused = |d: &CounterDelta| d.get(Counter::DropHairpin) + d.get(Counter::DropReversePath);
+    let d = forger.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the replica is gone")?;
+    ensure!(
+        refused(&d) == 1 && d.get(Counter::Asymmetric) == 0 && s.reply_zone == ZoneId::NONE,
+        "{tag}: a forged reply to a live owner's replica: {} ({d})",
+        show(&s)
+    );
+    let d = server.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the replica is gone")?;
+    ensure!(
+        d.get(Counter::Asymmetric) == 1 && s.reply_zone == UNTRUST,
+        "{tag}: the server's reply to a live owner's replica: {} ({d})",
+        show(&s)
+    );
+    let d = forger.send(&fwd, &[Frame::udp(y, x)])?;
+    ensure!(
+        d.get(Counter::DropZoneMismatch) == 1 && d.get(Counter::Asymmetric) == 0,
+        "{tag}: a forged reply once the replica is bound: {d}"
+    );
+
+    // The owner dies: a forged reply does not take the session over, the server's does.
+    fwd.dp.set_member_alive(PEER, false)?;
+    let (x, y) = (SocketAddr::new(x.ip(), 40011), y);
+    let key = install_replica(&mut fwd, x, y)?;
+    let d = forger.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the replica is gone")?;
+    ensure!(
+        refused(&d) == 1 && s.owner == PEER && s.reply_zone == ZoneId::NONE,
+        "{tag}: a forged reply to a dead owner's replica: {} ({d})",
+        show(&s)
+    );
+    let d = server.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the replica is gone")?;
+    ensure!(
+        d.get(Counter::Takeovers) == 1 && s.owner == LOCAL && s.reply_zone == UNTRUST,
+        "{tag}: the server's reply after the failover: {} ({d})",
+        show(&s)
+    );
+    drop(fwd.events());
+    Ok(())
+}
+
+#[test]
+fn a_replica_binds_its_replies_by_the_routing_table_ipv4() {
+    replica_replies("repl4", "198.18.0.50", "198.18.1.60").unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn a_replica_binds_its_replies_by_the_routing_table_ipv6() {
+    replica_replies("repl6", "fd00:18::50", "fd00:18:1::60").unwrap_or_else(|e| panic!("{e:#}"));
 }

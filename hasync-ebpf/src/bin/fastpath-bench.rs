@@ -36,8 +36,10 @@ use hasync_ebpf::{
 static BENCH_ITER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `[modulo, offset]`: the mixed index is `offset + (iter % modulo)` (`modulo` 0: no modulo).
+/// One entry, read with one lookup: two took the product program over BPF's 512 bytes of stack
+/// in this bench's build.
 #[map]
-static BENCH_PARAMS: Array<u64> = Array::with_max_entries(2, 0);
+static BENCH_PARAMS: Array<[u64; 2]> = Array::with_max_entries(1, 0);
 
 /// The lookup baseline's table: same type, key, value and size as SESSIONS.
 #[map]
@@ -64,8 +66,7 @@ impl KeyMix for IterMix {
             *iter = n.wrapping_add(1);
             n
         };
-        let modulo = BENCH_PARAMS.get(0).copied().unwrap_or(0);
-        let offset = BENCH_PARAMS.get(1).copied().unwrap_or(0);
+        let [modulo, offset] = BENCH_PARAMS.get(0).copied().unwrap_or([0, 0]);
         let idx = n.checked_rem(modulo).unwrap_or(n);
         key.addr_hi[2] = offset.wrapping_add(idx) as u32;
     }
