@@ -25,6 +25,7 @@ pub mod provision;
 pub mod random;
 pub mod runtime;
 pub mod service;
+pub mod stacked;
 pub mod startup;
 pub mod sync;
 pub mod traffic_log;

@@ -15,7 +15,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
@@ -43,6 +43,9 @@ pub struct Iface {
     pub mac: Option<[u8; 6]>,
     /// The XDP programs attached to it, by mode.
     pub xdp: XdpPrograms,
+    /// The interface it is stacked on, when it is a VLAN, macvlan, macvtap or ipvlan device
+    /// whose lower device is in this namespace (IFLA_LINK): its frames cross that one.
+    pub lower: Option<u32>,
 }
 
 /// The ids of the XDP programs attached to an interface (IFLA_XDP), by mode. Attaching or
@@ -145,12 +148,16 @@ fn present(m: &LinkMessage) -> Option<Body> {
     let mut mtu = None;
     let mut mac = None;
     let mut xdp = XdpPrograms::default();
+    let (mut link, mut other_netns, mut stacked) = (None, false, false);
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Mtu(v) => mtu = Some(*v),
             LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::Xdp(nlas) => xdp = xdp_programs(nlas),
+            LinkAttribute::Link(index) => link = Some(*index),
+            LinkAttribute::LinkNetNsId(_) => other_netns = true,
+            LinkAttribute::LinkInfo(infos) => stacked = is_stacked(infos),
             _ => {}
         }
     }
@@ -161,8 +168,22 @@ fn present(m: &LinkMessage) -> Option<Body> {
         mtu,
         mac,
         xdp,
+        lower: link.filter(|_| stacked && !other_netns),
     };
     Some(Body::Present(name?, iface))
+}
+
+/// Is the device one whose frames cross its lower device's receive path (where XDP sees
+/// them), as a VLAN's tagged frames do? (A veth's IFLA_LINK names its peer: not stacked.)
+fn is_stacked(infos: &[LinkInfo]) -> bool {
+    infos.iter().any(|i| {
+        matches!(
+            i,
+            LinkInfo::Kind(
+                InfoKind::Vlan | InfoKind::MacVlan | InfoKind::MacVtap | InfoKind::IpVlan
+            )
+        )
+    })
 }
 
 fn xdp_programs(nlas: &[LinkXdp]) -> XdpPrograms {
@@ -467,6 +488,33 @@ mod tests {
         RouteNetlinkMessage::NewLink(m)
     }
 
+    /// The lower device of `kind` linked to interface 2, as `present` reads it.
+    fn lower_of(kind: InfoKind, other_netns: bool) -> Option<u32> {
+        let RouteNetlinkMessage::NewLink(mut m) = link(7, "x", up()) else {
+            unreachable!("link() makes a NewLink");
+        };
+        m.attributes.push(LinkAttribute::Link(2));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+        if other_netns {
+            m.attributes.push(LinkAttribute::LinkNetNsId(0));
+        }
+        match present(&m) {
+            Some(Body::Present(_, iface)) => iface.lower,
+            _ => panic!("not read as an interface"),
+        }
+    }
+
+    #[test]
+    fn vlan_and_macvlan_devices_name_the_device_they_are_stacked_on() {
+        assert_eq!(lower_of(InfoKind::Vlan, false), Some(2));
+        assert_eq!(lower_of(InfoKind::MacVlan, false), Some(2));
+        assert_eq!(lower_of(InfoKind::IpVlan, false), Some(2));
+        // A veth's link is its peer; a lower device in another namespace is not ours.
+        assert_eq!(lower_of(InfoKind::Veth, false), None);
+        assert_eq!(lower_of(InfoKind::Vlan, true), None);
+    }
+
     fn bytes(msgs: Vec<NetlinkPayload<RouteNetlinkMessage>>) -> Vec<u8> {
         let mut out = Vec::new();
         for p in msgs {
@@ -491,6 +539,7 @@ mod tests {
             mtu: Some(1500),
             mac: None,
             xdp: XdpPrograms::default(),
+            lower: None,
         }
     }
 

@@ -142,11 +142,17 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         dp,
         mut events,
         restarted,
+        stacked,
     } = started;
     // One interface watcher (a netlink socket and its reader) for the sync links, the link
-    // groups and the forwarding ports.
+    // groups, the stacked devices and the forwarding ports.
     let links = LinkWatch::spawn();
     let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone())?;
+    if let Ok(watch) = &links {
+        let zones = plan.zone_interfaces();
+        let dp = member.dp.clone();
+        tasks.push(crate::stacked::spawn(dp, zones, watch.clone(), stacked));
+    }
     if let Some(prepared) = forwarding {
         tasks.extend(crate::forwarding::spawn(
             &member.config,

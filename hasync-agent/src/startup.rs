@@ -8,12 +8,14 @@
 use anyhow::Context as _;
 use hasync_common::{maps as names, MemberId, Policy, ZoneBinding, ZoneId};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     cli::AgentArgs,
     config::Config,
     datapath::{ifindex, Datapath, DatapathOptions, EventStream},
+    netlink,
+    stacked::{self, ZoneInterfaces},
 };
 
 /// One interface to attach to, and its zone.
@@ -89,6 +91,14 @@ impl StartPlan {
         })
     }
 
+    /// The zone interfaces, by name, with their bindings.
+    pub fn zone_interfaces(&self) -> ZoneInterfaces {
+        self.interfaces
+            .iter()
+            .filter_map(|i| Some((i.name.clone(), i.binding?)))
+            .collect()
+    }
+
     fn local(&self) -> MemberId {
         MemberId(self.opts.config.local_member.0)
     }
@@ -100,6 +110,8 @@ pub struct Started {
     pub events: EventStream,
     /// The session table was kept from an earlier agent (pinned): its sessions carry over.
     pub restarted: bool,
+    /// The devices stacked on zone interfaces, bound to their zones (`stacked`).
+    pub stacked: Vec<(u32, ZoneBinding)>,
 }
 
 /// Brings the datapath up as `plan` says. `before_attach` runs once the maps are filled and
@@ -115,7 +127,7 @@ pub fn bring_up<T>(
     let local = plan.local();
     dp.set_member_alive(local, true)
         .with_context(|| format!("marking the local member {} alive", local.0))?;
-    bind_zones(&mut dp, plan, &indexes)?;
+    let stacked = bind_zones(&mut dp, plan, &indexes)?;
     let events = dp.take_events().context("opening the events ring buffer")?;
     let prepared = before_attach(&mut dp)?;
     for i in &plan.interfaces {
@@ -129,6 +141,7 @@ pub fn bring_up<T>(
         dp,
         events,
         restarted,
+        stacked,
     };
     Ok((started, prepared))
 }
@@ -142,9 +155,13 @@ fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
 }
 
 /// Records the zone names (checked against a pinned table's sessions) and binds each
-/// interface to its zone; a reused pinned zone map loses the bindings of interfaces no longer
-/// in a zone.
-fn bind_zones(dp: &mut Datapath, plan: &StartPlan, indexes: &[u32]) -> anyhow::Result<()> {
+/// interface, and each device stacked on one, to its zone; a reused pinned zone map loses the
+/// bindings of interfaces no longer in a zone. Returns the stacked devices' bindings.
+fn bind_zones(
+    dp: &mut Datapath,
+    plan: &StartPlan,
+    indexes: &[u32],
+) -> anyhow::Result<Vec<(u32, ZoneBinding)>> {
     for (id, name) in (1..).zip(&plan.zones) {
         info!(zone = %name, id, "zone");
     }
@@ -157,6 +174,27 @@ fn bind_zones(dp: &mut Datapath, plan: &StartPlan, indexes: &[u32]) -> anyhow::R
             .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))?;
         bound.push(index);
     }
+    let stacked = match netlink::list_now() {
+        Ok(ifaces) => stacked::bindings(&plan.zone_interfaces(), &ifaces),
+        Err(e) => {
+            warn!(error = %e, "listing the interfaces for devices stacked on zone interfaces failed; they are bound once the interface table is read");
+            Vec::new()
+        }
+    };
+    for &(index, binding) in &stacked {
+        dp.set_zone(index, binding).with_context(|| {
+            format!(
+                "binding the stacked device {index} to zone {}",
+                binding.zone.0
+            )
+        })?;
+        info!(
+            ifindex = index,
+            zone = binding.zone.0,
+            "stacked device bound to its zone"
+        );
+        bound.push(index);
+    }
     let zones_reused = dp
         .pin_report()
         .is_some_and(|r| r.reused.contains(&names::ZONES));
@@ -164,7 +202,7 @@ fn bind_zones(dp: &mut Datapath, plan: &StartPlan, indexes: &[u32]) -> anyhow::R
         dp.retain_zones(&bound)
             .context("unbinding interfaces no longer in a zone")?;
     }
-    Ok(())
+    Ok(stacked)
 }
 
 /// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a

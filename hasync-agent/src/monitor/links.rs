@@ -80,6 +80,7 @@ mod tests {
             mtu: Some(1500),
             mac: None,
             xdp: Default::default(),
+            lower: None,
         };
         let mut ifaces = Ifaces::new();
         ifaces.insert("in0".into(), iface(2, true));
