@@ -6,6 +6,7 @@
 //! traffic (the caller's step), attach, and drop what an earlier agent left attached.
 
 use anyhow::Context as _;
+use aya::util::KernelVersion;
 use hasync_common::{maps as names, MemberId, Policy, ZoneBinding, ZoneId};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
@@ -128,6 +129,12 @@ pub fn bring_up<T>(
     dp.set_member_alive(local, true)
         .with_context(|| format!("marking the local member {} alive", local.0))?;
     let stacked = bind_zones(&mut dp, plan, &indexes)?;
+    if let Some(note) = KernelVersion::current()
+        .ok()
+        .and_then(|running| unanswered_route_checks(running, plan))
+    {
+        warn!("{note}");
+    }
     let events = dp.take_events().context("opening the events ring buffer")?;
     let prepared = before_attach(&mut dp)?;
     for i in &plan.interfaces {
@@ -152,6 +159,36 @@ fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
         .iter()
         .map(|i| ifindex(&i.name).with_context(|| format!("zone `{}`", i.zone)))
         .collect()
+}
+
+/// The oldest kernel whose FIB lookup helper answers the route checks (it takes
+/// `BPF_FIB_LOOKUP_SKIP_NEIGH` from 6.3 on; before, every check's lookup fails).
+pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
+
+/// What to tell the operator when zones check routes (`route_check`, the default) on a kernel
+/// too old to answer: the checks then learn each reply zone from the first reply and check no
+/// source, as `route_check = false` does. `None` when nothing is lost.
+pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Option<String> {
+    let checked: Vec<&str> = plan
+        .interfaces
+        .iter()
+        .filter(|i| {
+            i.binding
+                .is_some_and(|b| !b.has(ZoneBinding::VWIRE) && !b.has(ZoneBinding::NO_ROUTE_CHECK))
+        })
+        .map(|i| i.zone.as_str())
+        .collect();
+    if running >= ROUTE_CHECK_KERNEL || checked.is_empty() {
+        return None;
+    }
+    let mut zones = checked;
+    zones.dedup();
+    Some(format!(
+        "Linux {running} cannot answer the route checks of zones {} (they need \
+         {ROUTE_CHECK_KERNEL} or later): their new flows' sources go unchecked and their \
+         replies are bound to the zone of the first reply, as with route_check = false",
+        zones.join(", ")
+    ))
 }
 
 /// Records the zone names (checked against a pinned table's sessions) and binds each
@@ -289,5 +326,42 @@ mod tests {
         );
         assert_eq!(plan.local(), MemberId(2));
         assert_eq!(plan.opts.pin_dir, None, "the standalone agent pins nothing");
+    }
+
+    fn planned(name: &str, zone: &str, flags: u8) -> PlannedInterface {
+        let mut binding = ZoneBinding::new(ZoneId(1));
+        binding.flags = flags;
+        PlannedInterface {
+            name: name.into(),
+            binding: Some(binding),
+            zone: zone.into(),
+        }
+    }
+
+    /// Zones that check routes on a kernel older than 6.3 are named in a warning; wires and
+    /// zones without the check are not, and a kernel that answers says nothing.
+    #[test]
+    fn route_checks_a_kernel_cannot_answer_are_named() {
+        let mut plan = StartPlan {
+            opts: DatapathOptions::new(MemberId(1)),
+            zones: Vec::new(),
+            interfaces: vec![
+                planned("in0", "trust", 0),
+                planned("in1", "trust", 0),
+                planned("out0", "untrust", ZoneBinding::NO_ROUTE_CHECK),
+                planned("vw0", "wire", ZoneBinding::VWIRE),
+            ],
+        };
+        let old = KernelVersion::new(6, 1, 0);
+        let said = unanswered_route_checks(old, &plan).expect("a warning");
+        assert!(
+            said.starts_with("Linux 6.1.0 cannot answer the route checks of zones trust (they"),
+            "{said}"
+        );
+        assert_eq!(unanswered_route_checks(ROUTE_CHECK_KERNEL, &plan), None);
+        plan.interfaces.truncate(0);
+        plan.interfaces
+            .push(planned("out0", "untrust", ZoneBinding::NO_ROUTE_CHECK));
+        assert_eq!(unanswered_route_checks(old, &plan), None);
     }
 }
