@@ -28,10 +28,7 @@ use aya_ebpf::{
 };
 use hasync_common::{flow::Family, Counter, Counters, FlowKey, ZoneBinding, ZoneId};
 
-use crate::{
-    maps::{FIB_SCRATCH, ZONES},
-    parse::{frame_mut, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
-};
+use crate::maps::{FIB_SCRATCH, ZONES};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -115,27 +112,26 @@ pub fn reply_zone(
             drop: Counter::DropHairpin,
         });
     }
-    // A tagged frame's source is routed through its VLAN device, which is in no zone.
-    if untagged(ctx) {
-        query = Query {
-            src: dst,
-            dst: src,
-            ports: (dport, sport),
-            ifindex: LOOPBACK_IFINDEX,
-            ..query
-        };
-        let back = match lookup(ctx, &query) {
-            Route::Out(back) => zone_of(back) == ingress.zone,
-            // `lo` may forward nothing where forwarding is set per interface: no answer.
-            Route::Unknown | Route::Disabled => true,
-            Route::Nowhere => false,
-        };
-        if !back {
-            return Err(Refused {
-                pass: Counter::PassReversePath,
-                drop: Counter::DropReversePath,
-            });
-        }
+    // A tagged frame's source is routed through its VLAN device, which the agent binds to the
+    // zone of the interface it sits on.
+    query = Query {
+        src: dst,
+        dst: src,
+        ports: (dport, sport),
+        ifindex: LOOPBACK_IFINDEX,
+        ..query
+    };
+    let back = match lookup(ctx, &query) {
+        Route::Out(back) => zone_of(back) == ingress.zone,
+        // `lo` may forward nothing where forwarding is set per interface: no answer.
+        Route::Unknown | Route::Disabled => true,
+        Route::Nowhere => false,
+    };
+    if !back {
+        return Err(Refused {
+            pass: Counter::PassReversePath,
+            drop: Counter::DropReversePath,
+        });
     }
     counters.inc(Counter::ReplyZoneRouted);
     Ok(match zone_of(egress) {
@@ -161,20 +157,6 @@ fn not_unicast(family: u8, dst: &[u32; 4]) -> bool {
 #[inline(always)]
 fn zone_of(ifindex: u32) -> ZoneId {
     ZONES.get(ifindex).map_or(ZoneId::NONE, |b| b.zone)
-}
-
-/// Is the frame untagged IP (no VLAN tag)?
-#[inline(always)]
-fn untagged(ctx: &XdpContext) -> bool {
-    let Some(eth) = frame_mut::<ETH_HLEN>(ctx, 0) else {
-        return false;
-    };
-    // SAFETY: `frame_mut` checked the bytes lie inside the frame; read in place.
-    let eth = unsafe { &*eth };
-    matches!(
-        u16::from_be_bytes([eth[12], eth[13]]),
-        ETH_P_IP | ETH_P_IPV6
-    )
 }
 
 /// The kernel's FIB lookup of `query`, as the kernel would forward it; neighbours are not

@@ -539,6 +539,14 @@ fn forged_handshakes(tag: &str, x: &str, y: &str, spoofed: &str, neighbour: &str
         fwd.session(&Frame::tcp(from, to).key())?.is_none() && d.get(Counter::DropReversePath) == 1,
         "{tag}: a source of the untrust zone came in through trust: {d}"
     );
+    // Tagged too: its source is looked up as an untagged one's (a VLAN device is in the zone
+    // of the interface it sits on).
+    let (from, to) = (sa(spoofed, 40008), y);
+    let d = forger.send(&fwd, &forged_handshake(from, to).map(|f| f.vlan(10)))?;
+    ensure!(
+        fwd.session(&Frame::tcp(from, to).key())?.is_none() && d.get(Counter::DropReversePath) == 1,
+        "{tag}: a tagged source of the untrust zone came in through trust: {d}"
+    );
     let (a, b) = (sa(neighbour, 40003), x);
     let d = forger.send(&fwd, &forged_handshake(a, b))?;
     ensure!(
