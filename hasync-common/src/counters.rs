@@ -115,13 +115,14 @@ counters! {
     ReplyZoneLearned = "reply-zone-learned",
     /// A flow's first packet whose source is not routed back into the zone it came in from (a
     /// spoofed source, or routing asymmetric across zones: see `route_check`): dropped (strict
-    /// policy), no session made.
+    /// policy), no session made. Also a reply to a peer's session (a replica, or one taken
+    /// over and not yet bound), checked as a first packet is: dropped, the session unchanged.
     DropReversePath = "drop-reverse-path",
     /// The same, passed untracked (loose policy).
     PassReversePath = "pass-reverse-path",
     /// A flow's first packet routed back out of the interface it came in on (a hairpin: its
     /// two ends on one link, which only a forger needs this member for): dropped (strict
-    /// policy), no session made.
+    /// policy), no session made; or such a reply to a peer's session, as above.
     DropHairpin = "drop-hairpin",
     /// The same, passed untracked (loose policy).
     PassHairpin = "pass-hairpin",

@@ -203,10 +203,10 @@ pub fn zone_allows(
 /// session accepted (its owner's, inside the TCP window): learned before those checks, one
 /// spoofed packet from a third zone (a blind RST during the handshake, any reply to a replica
 /// whose owner lives) would bind it there and make the strict policy drop every genuine
-/// reply. (A replica is bound by the routing table where it names a zone,
-/// `route::replica_reply_zone`; otherwise a taken-over session's first reply ahead of the
-/// replica's sequence is accepted unchecked, and binds: the price of not cutting taken-over
-/// connections, `hasync_common::tcp_window`.)
+/// reply. (A replica's, or a taken-over session's, reply is first checked against the routing
+/// table, `session::route_again`, which binds it where it names a zone; otherwise a
+/// taken-over session's first reply ahead of the replica's sequence is accepted unchecked,
+/// and binds: the price of not cutting taken-over connections, `hasync_common::tcp_window`.)
 #[inline(always)]
 pub fn learn_reply_zone(s: &mut Session, dir: usize, ingress: ZoneId) {
     if dir == DIR_REPLY && s.reply_zone == ZoneId::NONE {

@@ -149,7 +149,7 @@ fn hit(
     }
     let owned = s.owner == cfg.local_member;
     if unbound(s, dir, owned, ingress) {
-        if let Err(r) = route_again(ctx, counters, pkt, s, owned) {
+        if let Err(r) = route_again(ctx, counters, pkt, s, dir) {
             return by_policy(cfg, counters, r.pass, r.drop);
         }
     }
@@ -225,37 +225,48 @@ fn hit(
 /// Does the routing table bind `s`'s replies before its packet in `dir`, which came in through
 /// zone `ingress`, is checked against its zones? Yes, for
 /// - a session of ours that it gave no zone when it was made (no route yet: a flap, a boot),
-///   while it has had no reply: asked again with each packet of its original direction, so
-///   the flow is not blackholed for as long as it keeps sending;
+///   while it has had no reply: asked again with its original direction's first packets and
+///   every 64th after them, so the flow is not blackholed for as long as it keeps sending
+///   (and a flow whose replies never come through XDP, to this host itself, does not pay a
+///   lookup per packet);
 /// - a peer's session, whose replica came with its replies unbound (a record does not carry
-///   them: the owner's zones' interfaces are its own), at a reply here: before, such a reply
-///   passed from any zone while the owner lived, and a member that took the session over
-///   bound its replies to the zone of the first one, wherever a forger sent it from.
+///   them: the owner's zones' interfaces are its own) or bound to no zone, at a reply here,
+///   and a session taken over from a peer until it is bound: before, such a reply passed from any zone while the
+///   owner lived, and after a failover the first one bound the replies to its zone, wherever
+///   a forger sent it from.
 #[inline(always)]
 fn unbound(s: &Session, dir: usize, owned: bool, ingress: ZoneId) -> bool {
-    if owned {
-        dir == DIR_ORIGINAL
+    let sent = s.packets[DIR_ORIGINAL];
+    if dir == DIR_ORIGINAL {
+        owned
             && s.reply_zone == ZoneId::UNZONED
             && s.packets[DIR_REPLY] == 0
             && ingress == s.zone
+            && (sent < ASK_FIRST || sent % ASK_EVERY == 0)
     } else {
-        dir == DIR_REPLY && s.reply_zone == ZoneId::NONE
+        let open = s.reply_zone == ZoneId::NONE || s.reply_zone == ZoneId::UNZONED;
+        open && (!owned || s.flags.has(SessionFlags::TAKEN_OVER))
     }
 }
 
+/// An unrouted flow's first packets that ask the routing table again, each.
+const ASK_FIRST: u64 = 16;
+/// After them, one packet in this many asks.
+const ASK_EVERY: u64 = 64;
+
 /// Binds `s`'s replies as [`unbound`] says. The packet is asked about as a first packet is
-/// (`route::reply_zone`). Ours: its destination's zone binds the replies; a refusal changes
-/// nothing (the session exists). A replica's reply: its source must be routed back into the
-/// zone it came in through (the reverse path), which then binds the replies; a refusal
-/// refuses the packet, which leaves the replica unbound; a lookup that names no zone leaves
-/// it to learn the zone from its first reply after a takeover, as before.
+/// (`route::reply_zone`). One of the original direction: its destination's zone binds the
+/// replies; a refusal changes nothing (the session exists). A reply: its source must be
+/// routed back into the zone it came in through (the reverse path), which then binds the
+/// replies; a refusal refuses the packet and leaves the session unbound; a lookup that names
+/// no zone leaves it to learn the zone from its first accepted reply, as before.
 #[inline(always)]
 fn route_again(
     ctx: &XdpContext,
     counters: &mut Counters,
     pkt: &Packet,
     s: &mut Session,
-    owned: bool,
+    dir: usize,
 ) -> Result<(), route::Refused> {
     let first = route::First {
         key: &pkt.key,
@@ -263,11 +274,11 @@ fn route_again(
     };
     let ingress = ingress_zone(ctx);
     match route::reply_zone(ctx, counters, &first, ingress) {
-        Ok(zone) if owned => s.reply_zone = zone,
+        Ok(zone) if dir == DIR_ORIGINAL => s.reply_zone = zone,
+        Err(_) if dir == DIR_ORIGINAL => {}
         Ok(ZoneId::NONE | ZoneId::UNZONED) => {}
         Ok(_) => s.reply_zone = ingress.map_or(ZoneId::NONE, |b| b.zone),
-        Err(refused) if !owned => return Err(refused),
-        Err(_) => {}
+        Err(refused) => return Err(refused),
     }
     Ok(())
 }

@@ -1350,6 +1350,27 @@ fn policy_zone_and_config_rows() -> Vec<Row> {
                 (C::Events, 1),
             ])
             .events(&[E::Created]),
+        (0..19)
+            .fold(
+                Row::new("routes checked: an unrouted flow asks again with its first 16 packets")
+                    .route_checked_zone(ZoneId(1))
+                    .pass(udp(C4, S4)),
+                |row, _| row.pass(udp(C4, S4)),
+            )
+            .session(
+                Expect::new(State::UdpNew)
+                    .zone(ZoneId(1))
+                    .reply_zone(ZoneId::UNZONED)
+                    .packets(20, 0),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                // The creation's lookup and the next 15 packets' (then one in 64).
+                (C::ReplyZoneRouted, 16),
+                (C::Hits, 19),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
         Row::new("routes checked: nothing answers from a multicast group (v6)")
             .route_checked_zone(ZoneId(1))
             .pass(udp(C6, "[ff02::fb]:5353"))

@@ -702,7 +702,8 @@ fn replica_replies(tag: &str, x: &str, y: &str) -> Result<()> {
     let (x, y) = (sa(x, 40010), sa(y, 53));
     let key = install_replica(&mut fwd, x, y)?;
     // Refused as a first packet would be: its destination is routed back out of the interface
-    // it came in on (a hairpin), and its source is not routed into the trust zone.
+    // it came in on (a hairpin; with two zones every forged reply is one: the reverse path's
+    // refusal is the first packets' test's).
     let refused = |d: &CounterDelta| d.get(Counter::DropHairpin) + d.get(Counter::DropReversePath);
     let d = forger.send(&fwd, &[Frame::udp(y, x)])?;
     let s = fwd.session(&key)?.context("the replica is gone")?;
@@ -740,6 +741,29 @@ fn replica_replies(tag: &str, x: &str, y: &str) -> Result<()> {
     ensure!(
         d.get(Counter::Takeovers) == 1 && s.owner == LOCAL && s.reply_zone == UNTRUST,
         "{tag}: the server's reply after the failover: {} ({d})",
+        show(&s)
+    );
+
+    // The client's packet takes the session over: its replies are still checked until bound.
+    let (x, y) = (SocketAddr::new(x.ip(), 40012), y);
+    let key = install_replica(&mut fwd, x, y)?;
+    let d = forger.send(&fwd, &[Frame::udp(x, y)])?;
+    ensure!(
+        d.get(Counter::Takeovers) == 1,
+        "{tag}: the client's takeover: {d}"
+    );
+    let d = forger.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the session is gone")?;
+    ensure!(
+        refused(&d) == 1 && s.reply_zone == ZoneId::NONE,
+        "{tag}: a forged reply after the client's takeover: {} ({d})",
+        show(&s)
+    );
+    server.send(&fwd, &[Frame::udp(y, x)])?;
+    let s = fwd.session(&key)?.context("the session is gone")?;
+    ensure!(
+        s.reply_zone == UNTRUST,
+        "{tag}: the server's reply after the client's takeover: {}",
         show(&s)
     );
     drop(fwd.events());
