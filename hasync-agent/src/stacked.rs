@@ -56,6 +56,21 @@ pub fn bindings(zones: &[(String, ZoneBinding)], ifaces: &Ifaces) -> Vec<(u32, Z
     stacked.into_iter().collect()
 }
 
+/// The zone interfaces of `names` that sit on another one of them, as `(upper, lower)`: XDP
+/// sees the upper one's frames on the lower one first, in the lower one's zone, and then on the
+/// upper one in its own, where the strict policy drops them as zone mismatches.
+pub fn nested<'a>(names: &'a [String], ifaces: &Ifaces) -> Vec<(&'a str, &'a str)> {
+    let index = |name: &str| ifaces.get(name).map(|i| i.index);
+    names
+        .iter()
+        .filter_map(|upper| {
+            let lower = ifaces.get(upper)?.lower?;
+            let under = names.iter().find(|n| index(n) == Some(lower))?;
+            Some((upper.as_str(), under.as_str()))
+        })
+        .collect()
+}
+
 /// Writes `next` into ZONES and unbinds what `applied` had that `next` has not (unless a zone
 /// interface has that index now). Returns what is bound now; an index whose write failed is
 /// tried again at the next change.
@@ -183,6 +198,16 @@ mod tests {
             bindings(&zones(), &ifaces),
             vec![(10, zone(2)), (11, zone(2)), (12, zone(1)), (14, zone(1))]
         );
+    }
+
+    #[test]
+    fn a_zone_interface_on_another_is_found() {
+        let mut ifaces = Ifaces::new();
+        ifaces.insert("out0".into(), iface(3, None));
+        ifaces.insert("out0.30".into(), iface(13, Some(3)));
+        ifaces.insert("out0.40".into(), iface(14, Some(3)));
+        let names: Vec<String> = ["out0", "out0.30"].map(String::from).to_vec();
+        assert_eq!(nested(&names, &ifaces), [("out0.30", "out0")]);
     }
 
     #[test]

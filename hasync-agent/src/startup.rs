@@ -161,6 +161,18 @@ fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
         .collect()
 }
 
+/// Warns of each zone interface configured on top of another ([`stacked::nested`]).
+fn warn_nested(plan: &StartPlan, ifaces: &netlink::Ifaces) {
+    let names: Vec<String> = plan.interfaces.iter().map(|i| i.name.clone()).collect();
+    for (upper, lower) in stacked::nested(&names, ifaces) {
+        warn!(
+            interface = upper,
+            lower,
+            "a zone interface sits on another configured interface: XDP sees its frames first on the lower one, in that one's zone, and the strict policy then drops them on this one as zone mismatches (a zone per VLAN of one trunk is not supported); configure only the lower one, whose stacked devices are in its zone"
+        );
+    }
+}
+
 /// The oldest kernel whose FIB lookup helper answers the route checks (it takes
 /// `BPF_FIB_LOOKUP_SKIP_NEIGH` from 6.3 on; before, every check's lookup fails).
 pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
@@ -212,7 +224,10 @@ fn bind_zones(
         bound.push(index);
     }
     let stacked = match netlink::list_now() {
-        Ok(ifaces) => stacked::bindings(&plan.zone_interfaces(), &ifaces),
+        Ok(ifaces) => {
+            warn_nested(plan, &ifaces);
+            stacked::bindings(&plan.zone_interfaces(), &ifaces)
+        }
         Err(e) => {
             warn!(error = %e, "listing the interfaces for devices stacked on zone interfaces failed; they are bound once the interface table is read");
             Vec::new()
