@@ -148,10 +148,15 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // groups, the stacked devices and the forwarding ports.
     let links = LinkWatch::spawn();
     let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone())?;
-    if let Ok(watch) = &links {
-        let zones = plan.zone_interfaces();
-        let dp = member.dp.clone();
-        tasks.push(crate::stacked::spawn(dp, zones, watch.clone(), stacked));
+    match &links {
+        Ok(watch) => {
+            let zones = plan.zone_interfaces();
+            let dp = member.dp.clone();
+            tasks.push(crate::stacked::spawn(dp, zones, watch.clone(), stacked));
+        }
+        Err(e) => {
+            warn!(error = %e, "no interface notifications: devices stacked on zone interfaces keep the zones they had at start")
+        }
     }
     if let Some(prepared) = forwarding {
         tasks.extend(crate::forwarding::spawn(

@@ -14,13 +14,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use hasync_common::ZoneBinding;
+use hasync_common::{maps::ZONE_IFINDEX_LIMIT, ZoneBinding};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{error_chain, Datapath},
-    lock::lock,
+    lock::lock_on_worker,
     netlink::{Ifaces, LinkWatch},
 };
 
@@ -32,8 +32,27 @@ pub type ZoneInterfaces = Vec<(String, ZoneBinding)>;
 
 /// The bindings the stacked devices of `ifaces` get from the zone interfaces they sit on:
 /// `(index, binding)`, in index order. A virtual wire's end routes nothing: devices on it get
-/// none. A device the config names keeps its own.
+/// none. A device the config names keeps its own. Indexes ZONES cannot hold
+/// ([`ZONE_IFINDEX_LIMIT`] and above) are left out: see [`unbindable`].
 pub fn bindings(zones: &[(String, ZoneBinding)], ifaces: &Ifaces) -> Vec<(u32, ZoneBinding)> {
+    let mut all = stacked_on_zones(zones, ifaces);
+    all.retain(|(index, _)| *index < ZONE_IFINDEX_LIMIT);
+    all
+}
+
+/// The indexes of the stacked devices ZONES cannot hold: they stay in no zone (a route out
+/// of one binds replies to no zone).
+pub fn unbindable(zones: &[(String, ZoneBinding)], ifaces: &Ifaces) -> Vec<u32> {
+    let mut all: Vec<u32> = stacked_on_zones(zones, ifaces)
+        .into_iter()
+        .map(|(index, _)| index)
+        .collect();
+    all.retain(|index| *index >= ZONE_IFINDEX_LIMIT);
+    all
+}
+
+/// Every stacked device's binding, as [`bindings`] says, whatever its index.
+fn stacked_on_zones(zones: &[(String, ZoneBinding)], ifaces: &Ifaces) -> Vec<(u32, ZoneBinding)> {
     let configured = |name: &str| zones.iter().any(|(n, _)| n == name);
     let mut bound: BTreeMap<u32, ZoneBinding> = zones
         .iter()
@@ -137,13 +156,23 @@ pub fn spawn(
     mut applied: Vec<(u32, ZoneBinding)>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut told = Vec::new();
         while let Some(ifaces) = links.changed().await {
+            let unbound = unbindable(&zones, &ifaces);
+            for index in unbound.iter().filter(|i| !told.contains(*i)) {
+                warn!(
+                    ifindex = index,
+                    limit = ZONE_IFINDEX_LIMIT,
+                    "a stacked device's index is too large for the zone map: it stays in no zone"
+                );
+            }
+            told = unbound;
             let next = bindings(&zones, &ifaces);
             if next == applied {
                 continue;
             }
             let indexes = zone_indexes(&zones, &ifaces);
-            applied = apply(&mut lock(&dp), &applied, &next, &indexes);
+            applied = apply(&mut lock_on_worker(&dp), &applied, &next, &indexes);
         }
     })
 }
@@ -208,6 +237,17 @@ mod tests {
         ifaces.insert("out0.40".into(), iface(14, Some(3)));
         let names: Vec<String> = ["out0", "out0.30"].map(String::from).to_vec();
         assert_eq!(nested(&names, &ifaces), [("out0.30", "out0")]);
+    }
+
+    #[test]
+    fn a_device_whose_index_the_zone_map_cannot_hold_is_left_out() {
+        let mut ifaces = Ifaces::new();
+        ifaces.insert("out0".into(), iface(3, None));
+        ifaces.insert("mv0".into(), iface(10, Some(3)));
+        ifaces.insert("mv1".into(), iface(ZONE_IFINDEX_LIMIT, Some(3)));
+        let zone = ZoneBinding::new(ZoneId(2));
+        assert_eq!(bindings(&zones(), &ifaces), [(10, zone)]);
+        assert_eq!(unbindable(&zones(), &ifaces), [ZONE_IFINDEX_LIMIT]);
     }
 
     #[test]

@@ -181,20 +181,21 @@ pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
 /// too old to answer: the checks then learn each reply zone from the first reply and check no
 /// source, as `route_check = false` does. `None` when nothing is lost.
 pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Option<String> {
-    let checked: Vec<&str> = plan
+    let mut zones: Vec<&str> = Vec::new();
+    let checks =
+        |b: &ZoneBinding| !b.has(ZoneBinding::VWIRE) && !b.has(ZoneBinding::NO_ROUTE_CHECK);
+    for i in plan
         .interfaces
         .iter()
-        .filter(|i| {
-            i.binding
-                .is_some_and(|b| !b.has(ZoneBinding::VWIRE) && !b.has(ZoneBinding::NO_ROUTE_CHECK))
-        })
-        .map(|i| i.zone.as_str())
-        .collect();
-    if running >= ROUTE_CHECK_KERNEL || checked.is_empty() {
+        .filter(|i| i.binding.is_some_and(|b| checks(&b)))
+    {
+        if !zones.contains(&i.zone.as_str()) {
+            zones.push(&i.zone);
+        }
+    }
+    if running >= ROUTE_CHECK_KERNEL || zones.is_empty() {
         return None;
     }
-    let mut zones = checked;
-    zones.dedup();
     Some(format!(
         "Linux {running} cannot answer the route checks of zones {} (they need \
          {ROUTE_CHECK_KERNEL} or later): their new flows' sources go unchecked and their \
@@ -223,30 +224,8 @@ fn bind_zones(
             .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))?;
         bound.push(index);
     }
-    let stacked = match netlink::list_now() {
-        Ok(ifaces) => {
-            warn_nested(plan, &ifaces);
-            stacked::bindings(&plan.zone_interfaces(), &ifaces)
-        }
-        Err(e) => {
-            warn!(error = %e, "listing the interfaces for devices stacked on zone interfaces failed; they are bound once the interface table is read");
-            Vec::new()
-        }
-    };
-    for &(index, binding) in &stacked {
-        dp.set_zone(index, binding).with_context(|| {
-            format!(
-                "binding the stacked device {index} to zone {}",
-                binding.zone.0
-            )
-        })?;
-        info!(
-            ifindex = index,
-            zone = binding.zone.0,
-            "stacked device bound to its zone"
-        );
-        bound.push(index);
-    }
+    let stacked = bind_stacked(dp, plan);
+    bound.extend(stacked.iter().map(|(index, _)| *index));
     let zones_reused = dp
         .pin_report()
         .is_some_and(|r| r.reused.contains(&names::ZONES));
@@ -255,6 +234,45 @@ fn bind_zones(
             .context("unbinding interfaces no longer in a zone")?;
     }
     Ok(stacked)
+}
+
+/// Binds the devices stacked on zone interfaces to their zones (`stacked`), warning of zone
+/// interfaces configured on top of others. Returns what it bound: what it could not (an
+/// interface table that could not be read, an index too large) is left to the task that
+/// follows the interfaces, and never stops the start.
+fn bind_stacked(dp: &mut Datapath, plan: &StartPlan) -> Vec<(u32, ZoneBinding)> {
+    let ifaces = match netlink::list_now() {
+        Ok(ifaces) => ifaces,
+        Err(e) => {
+            warn!(error = %e, "listing the interfaces for devices stacked on zone interfaces failed; they are bound once the interface table is read");
+            return Vec::new();
+        }
+    };
+    warn_nested(plan, &ifaces);
+    let zones = plan.zone_interfaces();
+    for index in stacked::unbindable(&zones, &ifaces) {
+        warn!(
+            ifindex = index,
+            "a stacked device's index is too large for the zone map: it stays in no zone"
+        );
+    }
+    let mut bound = Vec::new();
+    for (index, binding) in stacked::bindings(&zones, &ifaces) {
+        match dp.set_zone(index, binding) {
+            Ok(()) => {
+                info!(
+                    ifindex = index,
+                    zone = binding.zone.0,
+                    "stacked device bound to its zone"
+                );
+                bound.push((index, binding));
+            }
+            Err(e) => {
+                warn!(ifindex = index, error = %e, "binding a stacked device to its zone failed")
+            }
+        }
+    }
+    bound
 }
 
 /// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a
