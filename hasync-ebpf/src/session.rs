@@ -230,8 +230,8 @@ fn hit(
 ///   (and a flow whose replies never come through XDP, to this host itself, does not pay a
 ///   lookup per packet);
 /// - a peer's session, whose replica came with its replies unbound (a record does not carry
-///   them: the owner's zones' interfaces are its own) or bound to no zone, at a reply here,
-///   and a session taken over from a peer until it is bound: before, such a reply passed from any zone while the
+///   them: the owner's zones' interfaces are its own), at a reply here, and a session taken
+///   over from a peer until it is bound: before, such a reply passed from any zone while the
 ///   owner lived, and after a failover the first one bound the replies to its zone, wherever
 ///   a forger sent it from.
 #[inline(always)]
@@ -242,10 +242,9 @@ fn unbound(s: &Session, dir: usize, owned: bool, ingress: ZoneId) -> bool {
             && s.reply_zone == ZoneId::UNZONED
             && s.packets[DIR_REPLY] == 0
             && ingress == s.zone
-            && (sent < ASK_FIRST || sent % ASK_EVERY == 0)
+            && (sent < ASK_FIRST || sent.is_multiple_of(ASK_EVERY))
     } else {
-        let open = s.reply_zone == ZoneId::NONE || s.reply_zone == ZoneId::UNZONED;
-        open && (!owned || s.flags.has(SessionFlags::TAKEN_OVER))
+        s.reply_zone == ZoneId::NONE && (!owned || s.flags.has(SessionFlags::TAKEN_OVER))
     }
 }
 

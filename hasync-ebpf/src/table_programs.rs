@@ -15,7 +15,7 @@ use hasync_common::{
     conflict::{orphaned_by_removal, resolve, Resolution},
     table_programs::{APPLY_BATCH, READ_BATCH},
     ApplyHeader, ApplyOutcome, ApplyRecord, ApplySource, Counters, DatapathConfig, ReadHeader,
-    ReadSlot, Session, SessionFlags,
+    ReadSlot, Session, SessionFlags, ZoneId,
 };
 
 use crate::{
@@ -230,7 +230,11 @@ fn admit(
             && l.flags.has(SessionFlags::INITIATOR_HI)
                 == incoming.flags.has(SessionFlags::INITIATOR_HI)
     };
-    if let Some(l) = local.filter(same_sides) {
+    // A local "no zone" is this member's own answer for its own session: a peer's copy asks
+    // the routing table again at its first reply here (`session::unbound`).
+    let bound =
+        |l: &&Session| l.reply_zone != ZoneId::UNZONED || incoming.owner == cfg.local_member;
+    if let Some(l) = local.filter(same_sides).filter(bound) {
         incoming.reply_zone = l.reply_zone;
     }
     if !incoming.is_embryonic() {

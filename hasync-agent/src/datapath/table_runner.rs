@@ -255,6 +255,30 @@ mod tests {
         assert_eq!(now.reply_zone, hasync_common::ZoneId::NONE);
     }
 
+    /// A local "no zone" (this member's routing table had no zone for the flow's replies when
+    /// it owned it) is not kept by a peer's copy, which asks again at its first reply here; kept,
+    /// every reply here was a zone mismatch for the session's life.
+    #[test]
+    fn a_peers_update_does_not_keep_a_local_no_zone() {
+        let local = Session {
+            version: 1,
+            owner: MemberId(1),
+            packets: [3, 0],
+            state: hasync_common::State::UdpNew as u8,
+            reply_zone: hasync_common::ZoneId::UNZONED,
+            ..Session::default()
+        };
+        let peers = Session {
+            version: 2,
+            owner: MemberId(2),
+            ..local
+        };
+        assert_eq!(
+            applied_over(local, peers).reply_zone,
+            hasync_common::ZoneId::NONE
+        );
+    }
+
     /// In the kernel as in the rule's own tests: the owner's next record of a flow replaces a
     /// copy whose record was delayed in transit (its times anchored here two seconds late);
     /// from an unknown sender the times still say "a re-created flow" and the copy stays.
