@@ -75,6 +75,15 @@ fn stacked_on_zones(zones: &[(String, ZoneBinding)], ifaces: &Ifaces) -> Vec<(u3
     stacked.into_iter().collect()
 }
 
+/// Says that stacked device `index` stays in no zone: ZONES cannot hold its index.
+pub fn say_unbindable(index: u32) {
+    warn!(
+        ifindex = index,
+        limit = ZONE_IFINDEX_LIMIT,
+        "a stacked device's index is too large for the zone map: it stays in no zone"
+    );
+}
+
 /// The zone interfaces of `names` that sit on another one of them, as `(upper, lower)`: XDP
 /// sees the upper one's frames on the lower one first, in the lower one's zone, and then on the
 /// upper one in its own, where the strict policy drops them as zone mismatches.
@@ -159,12 +168,8 @@ pub fn spawn(
         let mut told = Vec::new();
         while let Some(ifaces) = links.changed().await {
             let unbound = unbindable(&zones, &ifaces);
-            for index in unbound.iter().filter(|i| !told.contains(*i)) {
-                warn!(
-                    ifindex = index,
-                    limit = ZONE_IFINDEX_LIMIT,
-                    "a stacked device's index is too large for the zone map: it stays in no zone"
-                );
+            for &index in unbound.iter().filter(|i| !told.contains(*i)) {
+                say_unbindable(index);
             }
             told = unbound;
             let next = bindings(&zones, &ifaces);

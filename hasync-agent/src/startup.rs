@@ -251,28 +251,9 @@ fn bind_stacked(dp: &mut Datapath, plan: &StartPlan) -> Vec<(u32, ZoneBinding)> 
     warn_nested(plan, &ifaces);
     let zones = plan.zone_interfaces();
     for index in stacked::unbindable(&zones, &ifaces) {
-        warn!(
-            ifindex = index,
-            "a stacked device's index is too large for the zone map: it stays in no zone"
-        );
+        stacked::say_unbindable(index);
     }
-    let mut bound = Vec::new();
-    for (index, binding) in stacked::bindings(&zones, &ifaces) {
-        match dp.set_zone(index, binding) {
-            Ok(()) => {
-                info!(
-                    ifindex = index,
-                    zone = binding.zone.0,
-                    "stacked device bound to its zone"
-                );
-                bound.push((index, binding));
-            }
-            Err(e) => {
-                warn!(ifindex = index, error = %e, "binding a stacked device to its zone failed")
-            }
-        }
-    }
-    bound
+    stacked::apply(dp, &[], &stacked::bindings(&zones, &ifaces), &[])
 }
 
 /// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a

@@ -26,19 +26,26 @@ fn ip(c: &Cluster, name: &str, args: &[&str]) {
     }
 }
 
-/// Waits until fw1 has logged `what` about a stacked device.
-fn wait_logged(c: &Cluster, what: &str) {
+/// How often fw1's log says `what`.
+fn logged(c: &Cluster, what: &str) -> usize {
+    c.log_tail(1, 5_000).matches(what).count()
+}
+
+/// Waits until fw1 has said `what` more than `before` times.
+fn wait_logged(c: &Cluster, what: &str, before: usize) {
     c.wait(
         &format!("fw1 to log {what:?}"),
         Duration::from_secs(10),
         || {
-            let log = c.log_tail(1, 400);
-            log.contains(what)
+            let n = logged(c, what);
+            (n > before)
                 .then_some(())
-                .ok_or_else(|| "not yet".to_owned())
+                .ok_or_else(|| format!("{n} times"))
         },
     );
 }
+
+const BOUND: &str = "stacked device bound to its zone";
 
 #[test]
 fn a_server_behind_a_macvlan_device_on_a_zone_interface_answers_through_the_strict_policy() {
@@ -51,7 +58,7 @@ fn a_server_behind_a_macvlan_device_on_a_zone_interface_answers_through_the_stri
     ip(&c, "fw1", &["link", "set", "out0mv", "up"]);
     let cidr = format!("{SERVER_STACKED}/24");
     ip(&c, "server", &["addr", "add", &cidr, "dev", "eth0"]);
-    wait_logged(&c, "stacked device bound to its zone");
+    wait_logged(&c, BOUND, 0);
     let server: SocketAddr = format!("{SERVER_STACKED}:{PORT}")
         .parse()
         .unwrap_or_else(|e| c.fail(&format!("{e}")));
@@ -67,6 +74,23 @@ fn a_server_behind_a_macvlan_device_on_a_zone_interface_answers_through_the_stri
     let mismatches = counters.get("drop-zone-mismatch").copied().unwrap_or(0);
     assert_eq!(mismatches, 0, "fw1 dropped replies as zone mismatches");
 
+    // A restarted agent binds the device at start, before it attaches.
+    let before = logged(&c, BOUND);
+    if let Err(e) = c.stop_agent(1, Duration::from_secs(10)) {
+        c.fail(&format!("stopping fw1's agent: {e}"));
+    }
+    c.start_member(1);
+    wait_logged(&c, BOUND, before);
+    let log = c.log_tail(1, 5_000);
+    let run = &log[log.rfind("zone zone=trust").unwrap_or(0)..];
+    let (bound, attached) = (run.find(BOUND), run.find("attached"));
+    assert!(
+        matches!((bound, attached), (Some(b), Some(a)) if b < a),
+        "the restarted agent did not bind out0mv before attaching:\n{run}"
+    );
+    let client = c.echo_client(server, "behind out0mv, after a restart");
+    drop(client);
+
     ip(&c, "fw1", &["link", "del", "out0mv"]);
-    wait_logged(&c, "stacked device gone from its zone");
+    wait_logged(&c, "stacked device gone from its zone", 0);
 }
