@@ -182,12 +182,10 @@ pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
 /// source, as `route_check = false` does. `None` when nothing is lost.
 pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Option<String> {
     let mut zones: Vec<&str> = Vec::new();
-    let checks =
-        |b: &ZoneBinding| !b.has(ZoneBinding::VWIRE) && !b.has(ZoneBinding::NO_ROUTE_CHECK);
     for i in plan
         .interfaces
         .iter()
-        .filter(|i| i.binding.is_some_and(|b| checks(&b)))
+        .filter(|i| i.binding.is_some_and(ZoneBinding::checks_routes))
     {
         if !zones.contains(&i.zone.as_str()) {
             zones.push(&i.zone);

@@ -77,6 +77,15 @@ impl ZoneBinding {
     pub const fn has(self, bit: u8) -> bool {
         self.flags & bit != 0
     }
+
+    /// Are the first packets that come in through this binding checked against the routing
+    /// table (a zone, neither a virtual wire's end nor `route_check = false`)?
+    #[inline(always)]
+    pub fn checks_routes(self) -> bool {
+        self.zone != crate::ZoneId::NONE
+            && !self.has(Self::VWIRE)
+            && !self.has(Self::NO_ROUTE_CHECK)
+    }
 }
 
 /// Who forwards the packets of established sessions.

@@ -70,10 +70,7 @@ pub fn reply_zone(
     first: &First,
     ingress: Option<ZoneBinding>,
 ) -> Result<ZoneId, Refused> {
-    let checked = |b: &ZoneBinding| {
-        b.zone != ZoneId::NONE && !b.has(ZoneBinding::VWIRE) && !b.has(ZoneBinding::NO_ROUTE_CHECK)
-    };
-    let Some(ingress) = ingress.filter(checked) else {
+    let Some(ingress) = ingress.filter(|b| b.checks_routes()) else {
         return Ok(ZoneId::NONE);
     };
     let key = first.key;
