@@ -100,6 +100,13 @@ impl StartPlan {
             .collect()
     }
 
+    /// The interfaces whose zones check new flows against the routing table.
+    fn route_checking(&self) -> impl Iterator<Item = &PlannedInterface> {
+        self.interfaces
+            .iter()
+            .filter(|i| i.binding.is_some_and(ZoneBinding::checks_routes))
+    }
+
     fn local(&self) -> MemberId {
         MemberId(self.opts.config.local_member.0)
     }
@@ -133,6 +140,9 @@ pub fn bring_up<T>(
         .ok()
         .and_then(|running| unanswered_route_checks(running, plan))
     {
+        warn!("{note}");
+    }
+    for note in unchecked_sources(plan, read_forwarding) {
         warn!("{note}");
     }
     let events = dp.take_events().context("opening the events ring buffer")?;
@@ -181,16 +191,7 @@ pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
 /// too old to answer: the checks then learn each reply zone from the first reply and check no
 /// source, as `route_check = false` does. `None` when nothing is lost.
 pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Option<String> {
-    let mut zones: Vec<&str> = Vec::new();
-    for i in plan
-        .interfaces
-        .iter()
-        .filter(|i| i.binding.is_some_and(ZoneBinding::checks_routes))
-    {
-        if !zones.contains(&i.zone.as_str()) {
-            zones.push(&i.zone);
-        }
-    }
+    let zones = route_checking_zones(plan.route_checking());
     if running >= ROUTE_CHECK_KERNEL || zones.is_empty() {
         return None;
     }
@@ -200,6 +201,63 @@ pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Opti
          replies are bound to the zone of the first reply, as with route_check = false",
         zones.join(", ")
     ))
+}
+
+/// The zones of `interfaces`, each named once, in order.
+fn route_checking_zones<'a>(
+    interfaces: impl Iterator<Item = &'a PlannedInterface>,
+) -> Vec<&'a str> {
+    let mut zones: Vec<&str> = Vec::new();
+    for i in interfaces {
+        if !zones.contains(&i.zone.as_str()) {
+            zones.push(&i.zone);
+        }
+    }
+    zones
+}
+
+/// The sysctl that says whether `family` (`"ipv4"` or `"ipv6"`) forwards on `iface`.
+fn forwarding_sysctl(family: &str, iface: &str) -> String {
+    format!("net.{family}.conf.{iface}.forwarding")
+}
+
+/// Reads a forwarding sysctl of this network namespace (`None`: unreadable, no such device).
+fn read_forwarding(family: &str, iface: &str) -> Option<bool> {
+    let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.trim() != "0")
+}
+
+/// What to tell the operator when a family's forwarding is on for a zone interface that
+/// checks routes but off for `lo`: the reverse-path check looks the source up from `lo`, as
+/// the kernel's `rp_filter` does, and the lookup then answers "forwarding disabled", which
+/// passes every source. One message per family; `forwards(family, iface)` reads the sysctl.
+pub fn unchecked_sources(
+    plan: &StartPlan,
+    forwards: impl Fn(&str, &str) -> Option<bool>,
+) -> Vec<String> {
+    let mut said = Vec::new();
+    for family in ["ipv4", "ipv6"] {
+        if forwards(family, "lo") != Some(false) {
+            continue;
+        }
+        let on: Vec<&PlannedInterface> = plan
+            .route_checking()
+            .filter(|i| forwards(family, &i.name) == Some(true))
+            .collect();
+        let Some(first) = on.first() else {
+            continue;
+        };
+        said.push(format!(
+            "{} is 1 but {} is 0: the reverse-path checks of zones {} look sources up from lo \
+             and pass every {family} source unchecked; set {} = 1",
+            forwarding_sysctl(family, &first.name),
+            forwarding_sysctl(family, "lo"),
+            route_checking_zones(on.iter().copied()).join(", "),
+            forwarding_sysctl(family, "lo"),
+        ));
+    }
+    said
 }
 
 /// Records the zone names (checked against a pinned table's sessions) and binds each
@@ -375,5 +433,40 @@ mod tests {
         plan.interfaces
             .push(planned("out0", "untrust", ZoneBinding::NO_ROUTE_CHECK));
         assert_eq!(unanswered_route_checks(old, &plan), None);
+    }
+
+    /// Forwarding on for a zone interface that checks routes but off for `lo` is named, per
+    /// family, with the zones whose reverse-path checks it turns off; `lo` forwarding, or no
+    /// route-checking interface that forwards, says nothing.
+    #[test]
+    fn sources_left_unchecked_by_lo_are_named() {
+        let plan = StartPlan {
+            opts: DatapathOptions::new(MemberId(1)),
+            zones: Vec::new(),
+            interfaces: vec![
+                planned("in0", "trust", 0),
+                planned("in1", "trust", 0),
+                planned("dmz0", "dmz", 0),
+                planned("out0", "untrust", ZoneBinding::NO_ROUTE_CHECK),
+            ],
+        };
+        let per_interface = |family: &str, iface: &str| match (family, iface) {
+            ("ipv4", "lo") => Some(false),
+            ("ipv4", _) => Some(true),
+            (_, "lo") => Some(false),
+            (_, "out0") => Some(true),
+            _ => Some(false),
+        };
+        let said = unchecked_sources(&plan, per_interface);
+        assert_eq!(
+            said,
+            [
+                "net.ipv4.conf.in0.forwarding is 1 but net.ipv4.conf.lo.forwarding is 0: the \
+              reverse-path checks of zones trust, dmz look sources up from lo and pass every \
+              ipv4 source unchecked; set net.ipv4.conf.lo.forwarding = 1"
+            ]
+        );
+        assert!(unchecked_sources(&plan, |_, _| Some(true)).is_empty());
+        assert!(unchecked_sources(&plan, |_, i| (i != "lo").then_some(true)).is_empty());
     }
 }
