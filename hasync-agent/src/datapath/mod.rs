@@ -418,6 +418,8 @@ pub struct Datapath {
     lost: Vec<(String, u32, AttachMode)>,
     /// Where the maps and links are pinned, and what was found there.
     pins: Option<(PinDir, PinReport)>,
+    /// This agent's hold of the pin directory, released when the datapath is dropped.
+    _pin_lock: Option<pin::PinLock>,
     /// The session clock written into CONFIG (`None`: the program reads the coarse clock).
     clock: Option<JiffyClock>,
     /// When the clock is checked next.
@@ -461,7 +463,7 @@ fn embryo_ring(opts: &DatapathOptions, pins: Option<&PinDir>) -> Result<EmbryoRi
     })
 }
 
-/// Readies `pins` and checks the maps pinned there against those `object` declares (with
+/// Checks the maps pinned in `pins` (readied and locked) against those `object` declares (with
 /// `capacity` sessions and `embryos`); has `loader` reuse them, or create and pin them there.
 /// Returns what was found and the capacity of the table that will be used (a pinned one keeps
 /// its size).
@@ -472,7 +474,6 @@ fn use_pins(
     capacity: u32,
     embryos: &EmbryoRing,
 ) -> Result<(PinReport, u32), DatapathError> {
-    pins.prepare()?;
     let sizes = [
         (names::SESSIONS, capacity),
         (names::EMBRYOS, embryos.slots()),
@@ -516,6 +517,7 @@ impl Datapath {
         }
         let mut loader = EbpfLoader::new();
         let pins = opts.pin_dir.as_ref().map(PinDir::new);
+        let pin_lock = pins.as_ref().map(PinDir::lock).transpose()?;
         let embryos = embryo_ring(opts, pins.as_ref())?;
         let (pins, capacity) = match pins {
             None => (None, opts.session_capacity),
@@ -541,6 +543,7 @@ impl Datapath {
             attachments: Vec::new(),
             lost: Vec::new(),
             pins,
+            _pin_lock: pin_lock,
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
             fib_by_source: None,

@@ -25,7 +25,7 @@ use std::{
     fs::{self, DirBuilder},
     io,
     os::{
-        fd::{BorrowedFd, OwnedFd},
+        fd::{AsRawFd as _, BorrowedFd, OwnedFd},
         unix::{
             ffi::OsStrExt as _,
             fs::{DirBuilderExt as _, MetadataExt as _},
@@ -118,6 +118,13 @@ impl PinDir {
         Ok(())
     }
 
+    /// Readies the directory ([`PinDir::prepare`]) and takes it for this process: refused
+    /// while another agent, or a teardown, holds it.
+    pub fn lock(&self) -> Result<PinLock, DatapathError> {
+        self.prepare()?;
+        PinLock::take(&self.root)
+    }
+
     /// Every entry of `links/`, with the interface and mode its name gives (`None`: a name
     /// this layout does not use).
     pub fn pinned_links(&self) -> Result<Vec<(PathBuf, Option<LinkName>)>, DatapathError> {
@@ -166,6 +173,56 @@ pub fn parse_link_name(name: &str) -> Option<LinkName> {
     let interface = interface.replace(':', ".");
     check_interface_name(&interface).ok()?;
     Some((interface, mode))
+}
+
+/// An exclusive hold of a pin directory for as long as it lives: `flock` on the directory
+/// itself (bpffs holds no plain files), taken by every agent that loads a pinned datapath and
+/// by `hasync teardown`. Without it a second agent started by hand while the service runs
+/// rewrote the running one's config, zones and links before it found the control socket taken
+/// and stopped, leaving the running member's interfaces on its own program.
+#[derive(Debug)]
+pub struct PinLock {
+    _dir: fs::File,
+}
+
+impl PinLock {
+    fn take(dir: &Path) -> Result<PinLock, DatapathError> {
+        let file = fs::File::open(dir).map_err(pin_io("opening", dir))?;
+        // SAFETY: `file` is an open descriptor; flock(2) reads nothing from memory.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(PinLock { _dir: file });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(pin_io("locking", dir)(e));
+        }
+        let holder = file
+            .metadata()
+            .ok()
+            .and_then(|m| flock_holder(&fs::read_to_string("/proc/locks").ok()?, m.dev(), m.ino()))
+            .map_or_else(String::new, |pid| format!(" (process {pid})"));
+        Err(pin_dir_error(
+            dir,
+            format!(
+                "in use by another hasync agent or teardown{holder}: stop it first \
+                 (`systemctl stop hasync`), or give this agent another `[local] pin_dir`"
+            ),
+        ))
+    }
+}
+
+/// The process that holds a `flock` on the file `dev`/`ino`, as `/proc/locks` (`locks`) lists
+/// it: `N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO START END`, device numbers in hex.
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let file = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, id, ..] if *id == file => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 fn pin_io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
@@ -595,8 +652,8 @@ impl TeardownReport {
     }
 }
 
-/// Removes the pin directory `dir`: every pinned XDP link (detaching XDP, unless a running agent
-/// still holds the link), every pinned map, then the directories. Idempotent: a missing
+/// Removes the pin directory `dir`: every pinned XDP link (which detaches XDP), every pinned
+/// map, then the directories; refused while an agent holds the directory ([`PinLock`]). Idempotent: a missing
 /// directory is reported, not an error. Refuses a directory that is not below a bpffs mount.
 /// Entries outside hasync's layout are left in place and reported.
 pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
@@ -609,6 +666,7 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
     }
     report.existed = true;
     check_bpffs(dir)?;
+    let _held = PinLock::take(dir)?;
     let pins = PinDir::new(dir);
     remove_links(&pins, &mut report)?;
     remove_maps(&pins, &mut report)?;
@@ -898,6 +956,54 @@ mod tests {
         // What the last agent recorded counts, nothing of the longer list before it.
         dp.record_zones(&names(&["trust", "dmz2"]))
             .expect("zone 2 was dropped, so it may be another zone now");
+    }
+
+    /// While one agent holds a pinned datapath, a second load of the same directory and a
+    /// teardown are refused before they touch it, naming the holder; once the first is gone the
+    /// directory is free again.
+    #[test]
+    fn a_held_pin_directory_is_refused_to_a_second_agent_and_to_teardown() {
+        let pins = TestPins::new("held");
+        let dp = Datapath::load(&pins.options(1024)).expect("first load");
+        let before = dp.config().expect("config");
+        let mut other = pins.options(2048);
+        other.config.local_member = MemberId(9);
+        let e = Datapath::load(&other).err().expect("a second agent");
+        let holder = format!("(process {})", std::process::id());
+        for said in [
+            e.to_string(),
+            teardown(&pins.0).expect_err("teardown").to_string(),
+        ] {
+            assert!(
+                said.contains("in use by another hasync agent or teardown"),
+                "{said}"
+            );
+            assert!(said.contains(&holder), "{said}");
+        }
+        assert_eq!(
+            dp.config().expect("config"),
+            before,
+            "the running one's config"
+        );
+        assert!(pins.0.join("maps").join(names::SESSIONS).exists());
+        drop(dp);
+        Datapath::load(&other).expect("the directory is free once the first agent is gone");
+    }
+
+    #[test]
+    fn the_holder_of_a_flock_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 00:19:4242 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 1234 00:1f:4242 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 99 103:02:4242 0 EOF\n";
+        let dev = |major, minor| libc::makedev(major, minor);
+        assert_eq!(flock_holder(locks, dev(0, 0x1f), 4242), Some(1234));
+        assert_eq!(flock_holder(locks, dev(0x103, 2), 4242), Some(99));
+        assert_eq!(
+            flock_holder(locks, dev(0, 0x19), 4242),
+            None,
+            "a POSIX lock"
+        );
+        assert_eq!(flock_holder(locks, dev(0, 0x1f), 4243), None);
     }
 
     #[test]
