@@ -110,6 +110,9 @@ pub const REFRESH_MAX_NS: u64 = 30_000_000_000;
 /// member re-learns only numbers ahead of its replica's, by less than 2^31).
 pub const REFRESH_BYTES_SHIFT: u32 = 30;
 
+/// [`DatapathConfig::claim_quiet_ms`] by default: the default keepalive threshold.
+pub const DEFAULT_CLAIM_QUIET_MS: u32 = 10_000;
+
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
 #[repr(C)]
@@ -169,8 +172,12 @@ pub struct DatapathConfig {
     /// share a slot cannot be worked out from the addresses alone. Chosen at random by the
     /// agent at every start; 0 in a config it has not written yet.
     pub fib_seed: u32,
-    /// Padding; zero.
-    pub _pad3: u32,
+    /// How long, in milliseconds, a session must have seen no packet (here, or at its owner as
+    /// its last record tells) before a peer's record may hand it from an owner this member
+    /// considers alive to another member: the keepalive threshold, which a genuine takeover
+    /// waits out ([`crate::conflict::claimable`]). 0 (a config written by an agent that
+    /// predates it): no wait. Set by the agent.
+    pub claim_quiet_ms: u32,
 }
 crate::assert_size!(DatapathConfig, 112);
 
@@ -251,7 +258,7 @@ impl DatapathConfig {
             _pad2: 0,
             embryo_cpus: 0,
             fib_seed: 0,
-            _pad3: 0,
+            claim_quiet_ms: DEFAULT_CLAIM_QUIET_MS,
         }
     }
 }

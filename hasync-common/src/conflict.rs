@@ -20,6 +20,9 @@ pub enum Resolution {
     Delete,
     /// The local copy stays.
     Keep,
+    /// The local copy stays: the record would hand it to another owner while its owner is
+    /// alive here and it still sees traffic ([`claimable`]).
+    RefuseClaim,
     /// The local copy stays and is marked as seen by the running full sync from its owner
     /// (its node-local `last_event_ns` set to now), so the end of that full sync does not
     /// remove it.
@@ -77,16 +80,36 @@ pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
     }
 }
 
-/// The conflict rule: the newer session wins ([`newer`]); a delete applies only to a session
-/// still held by the member that sent it, and not to a later version of it (a delete's
-/// version 0 means "whatever version the sender had"). `from` names the sender and the member
-/// whose full sync is running.
+/// May a record hand the local copy `s` to another owner? Versions alone cannot say: any
+/// authenticated peer can name itself the owner at a higher version, and a delete of its own
+/// then removes the session everywhere, its owner's table included. A genuine takeover comes
+/// from a member that saw the flow's packets after it found the owner dead, a keepalive
+/// threshold after the owner last spoke; so the copy may change hands only when its owner is
+/// not alive here (`owner_alive`: the local member always is), when it saw no packet for
+/// [`DatapathConfig::claim_quiet_ms`] (here, or at its owner as its last record tells: the
+/// flow has left the owner), or when it was taken over already (its owner took it from
+/// a member it found dead; two members that both did, their flow's two directions crossing
+/// both, settle it by version as before).
+#[inline(always)]
+pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u64) -> bool {
+    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;
+    !owner_alive
+        || s.flags.has(SessionFlags::TAKEN_OVER)
+        || now_ns.saturating_sub(s.last_seen_ns) >= quiet_ns
+}
+
+/// The conflict rule: the newer session wins ([`newer`]), but a record that would hand the
+/// local copy to another owner only when `claimable` ([`claimable`]); a delete applies only
+/// to a session still held by the member that sent it, and not to a later version of it (a
+/// delete's version 0 means "whatever version the sender had"). `from` names the sender and
+/// the member whose full sync is running.
 #[inline(always)]
 pub fn resolve(
     op: u8,
     incoming: &Session,
     existing: Option<&Session>,
     from: ApplySource,
+    claimable: bool,
 ) -> Resolution {
     let ApplySource {
         sender,
@@ -112,7 +135,11 @@ pub fn resolve(
         };
     }
     if newer(incoming, s, from_owner) {
-        return Resolution::Replace;
+        return if claimable || incoming.owner.0 == s.owner.0 {
+            Resolution::Replace
+        } else {
+            Resolution::RefuseClaim
+        };
     }
     if reconciling.0 != 0 && s.owner.0 == reconciling.0 && incoming.owner.0 == reconciling.0 {
         return Resolution::Mark;
@@ -166,39 +193,91 @@ mod tests {
     #[test]
     fn higher_version_then_higher_owner_wins() {
         let none = ApplySource::NONE;
-        assert_eq!(resolve(UP, &s(3, 2), None, none), Resolution::Insert);
+        assert_eq!(resolve(UP, &s(3, 2), None, none, true), Resolution::Insert);
         assert_eq!(
-            resolve(UP, &s(3, 2), Some(&s(2, 3)), none),
+            resolve(UP, &s(3, 2), Some(&s(2, 3)), none, true),
             Resolution::Replace
         );
         assert_eq!(
-            resolve(UP, &s(3, 2), Some(&s(3, 1)), none),
+            resolve(UP, &s(3, 2), Some(&s(3, 1)), none, true),
             Resolution::Replace
         );
         assert_eq!(
-            resolve(UP, &s(3, 2), Some(&s(3, 2)), none),
+            resolve(UP, &s(3, 2), Some(&s(3, 2)), none, true),
             Resolution::Keep
         );
         assert_eq!(
-            resolve(UP, &s(3, 2), Some(&s(3, 3)), none),
+            resolve(UP, &s(3, 2), Some(&s(3, 3)), none, true),
             Resolution::Keep
         );
         assert_eq!(
-            resolve(UP, &s(3, 2), Some(&s(4, 1)), none),
+            resolve(UP, &s(3, 2), Some(&s(4, 1)), none, true),
             Resolution::Keep
         );
+    }
+
+    /// A newer record of another owner replaces the local copy only when the copy may change
+    /// hands; of the same owner, it does whatever the copy.
+    #[test]
+    fn a_copy_changes_hands_only_when_claimable() {
+        let none = ApplySource::NONE;
+        let claimed = |ok| resolve(UP, &s(9, 2), Some(&s(3, 1)), none, ok);
+        assert_eq!(claimed(true), Resolution::Replace);
+        assert_eq!(claimed(false), Resolution::RefuseClaim);
+        assert_eq!(
+            resolve(UP, &s(9, 1), Some(&s(3, 1)), none, false),
+            Resolution::Replace
+        );
+        assert_eq!(
+            resolve(UP, &s(2, 2), Some(&s(3, 1)), none, false),
+            Resolution::Keep,
+            "older: kept anyway"
+        );
+    }
+
+    /// The owner alive here, a copy that saw a packet within the quiet time and was never
+    /// taken over cannot change hands; its owner dead here, a quiet copy, or one taken over
+    /// already can; a config from before the field (0) never waits.
+    #[test]
+    fn a_claim_waits_for_a_dead_owner_or_a_quiet_flow() {
+        let cfg = DatapathConfig {
+            claim_quiet_ms: 10_000,
+            ..DatapathConfig::with_defaults(MemberId(1))
+        };
+        let now = 100_000_000_000;
+        let copy = |seen_ms_ago: u64, flags: u16| Session {
+            last_seen_ns: now - seen_ms_ago * 1_000_000,
+            flags: SessionFlags(flags),
+            ..s(3, 2)
+        };
+        assert!(!claimable(&cfg, &copy(9_999, 0), true, now));
+        assert!(
+            claimable(&cfg, &copy(9_999, 0), false, now),
+            "owner dead here"
+        );
+        assert!(claimable(&cfg, &copy(10_000, 0), true, now), "quiet");
+        let taken = SessionFlags::TAKEN_OVER;
+        assert!(
+            claimable(&cfg, &copy(0, taken), true, now),
+            "taken over already"
+        );
+        let older = DatapathConfig {
+            claim_quiet_ms: 0,
+            ..cfg
+        };
+        assert!(claimable(&older, &copy(0, 0), true, now));
     }
 
     #[test]
     fn a_delete_applies_only_to_the_senders_session() {
         let none = ApplySource::NONE;
-        assert_eq!(resolve(DEL, &s(0, 2), None, none), Resolution::Keep);
+        assert_eq!(resolve(DEL, &s(0, 2), None, none, true), Resolution::Keep);
         assert_eq!(
-            resolve(DEL, &s(0, 2), Some(&s(9, 2)), none),
+            resolve(DEL, &s(0, 2), Some(&s(9, 2)), none, true),
             Resolution::Delete
         );
         assert_eq!(
-            resolve(DEL, &s(0, 2), Some(&s(1, 3)), none),
+            resolve(DEL, &s(0, 2), Some(&s(1, 3)), none, true),
             Resolution::Keep
         );
     }
@@ -215,17 +294,17 @@ mod tests {
         let mut handed = s(ahead, 3);
         handed.flags.0 |= SessionFlags::HANDED_ON;
         let h = Some(&handed);
-        assert_eq!(resolve(UP, &s(6, 3), h, from(3)), Resolution::Replace);
-        assert_eq!(resolve(UP, &s(6, 3), h, from(2)), Resolution::Keep);
-        assert_eq!(resolve(DEL, &s(6, 3), h, from(3)), Resolution::Delete);
-        assert_eq!(resolve(DEL, &s(6, 3), h, from(2)), Resolution::Keep);
+        assert_eq!(resolve(UP, &s(6, 3), h, from(3), true), Resolution::Replace);
+        assert_eq!(resolve(UP, &s(6, 3), h, from(2), true), Resolution::Keep);
+        assert_eq!(resolve(DEL, &s(6, 3), h, from(3), true), Resolution::Delete);
+        assert_eq!(resolve(DEL, &s(6, 3), h, from(2), true), Resolution::Keep);
         let plain = s(ahead, 3);
         assert_eq!(
-            resolve(UP, &s(6, 3), Some(&plain), from(3)),
+            resolve(UP, &s(6, 3), Some(&plain), from(3), true),
             Resolution::Keep
         );
         assert_eq!(
-            resolve(DEL, &s(6, 3), Some(&plain), from(3)),
+            resolve(DEL, &s(6, 3), Some(&plain), from(3), true),
             Resolution::Keep
         );
     }
@@ -235,11 +314,11 @@ mod tests {
         let none = ApplySource::NONE;
         // u32::MAX does not win every later conflict: 1 came after it.
         assert_eq!(
-            resolve(UP, &s(1, 2), Some(&s(u32::MAX, 2)), none),
+            resolve(UP, &s(1, 2), Some(&s(u32::MAX, 2)), none, true),
             Resolution::Replace
         );
         assert_eq!(
-            resolve(UP, &s(u32::MAX, 2), Some(&s(1, 2)), none),
+            resolve(UP, &s(u32::MAX, 2), Some(&s(1, 2)), none, true),
             Resolution::Keep
         );
         // A version half the space ahead is not "newer" forever either.
@@ -265,17 +344,20 @@ mod tests {
             ..s(1, 2)
         };
         assert_eq!(
-            resolve(UP, &recreated, Some(&old), none),
+            resolve(UP, &recreated, Some(&old), none, true),
             Resolution::Replace
         );
-        assert_eq!(resolve(UP, &old, Some(&recreated), none), Resolution::Keep);
+        assert_eq!(
+            resolve(UP, &old, Some(&recreated), none, true),
+            Resolution::Keep
+        );
         // Overlapping lifetimes: the versions decide.
         let overlapping = Session {
             created_ns: 20 * sec,
             ..recreated
         };
         assert_eq!(
-            resolve(UP, &overlapping, Some(&old), none),
+            resolve(UP, &overlapping, Some(&old), none, true),
             Resolution::Keep
         );
         // Another member cannot take the session over by claiming a new flow.
@@ -283,7 +365,10 @@ mod tests {
             owner: MemberId(3),
             ..recreated
         };
-        assert_eq!(resolve(UP, &claimed, Some(&old), none), Resolution::Keep);
+        assert_eq!(
+            resolve(UP, &claimed, Some(&old), none, true),
+            Resolution::Keep
+        );
     }
 
     /// The owner's next record of a flow wins over a copy written from a record delayed in
@@ -310,15 +395,15 @@ mod tests {
             reconciling: MemberId::NONE,
         };
         assert_eq!(
-            resolve(UP, &replied, Some(&delayed), from(2)),
+            resolve(UP, &replied, Some(&delayed), from(2), true),
             Resolution::Replace
         );
         assert_eq!(
-            resolve(UP, &replied, Some(&delayed), from(3)),
+            resolve(UP, &replied, Some(&delayed), from(3), true),
             Resolution::Keep
         );
         assert_eq!(
-            resolve(UP, &replied, Some(&delayed), ApplySource::NONE),
+            resolve(UP, &replied, Some(&delayed), ApplySource::NONE, true),
             Resolution::Keep
         );
     }
@@ -327,15 +412,15 @@ mod tests {
     fn a_delete_does_not_remove_a_later_version() {
         let none = ApplySource::NONE;
         assert_eq!(
-            resolve(DEL, &s(4, 2), Some(&s(5, 2)), none),
+            resolve(DEL, &s(4, 2), Some(&s(5, 2)), none, true),
             Resolution::Keep
         );
         assert_eq!(
-            resolve(DEL, &s(5, 2), Some(&s(5, 2)), none),
+            resolve(DEL, &s(5, 2), Some(&s(5, 2)), none, true),
             Resolution::Delete
         );
         assert_eq!(
-            resolve(DEL, &s(0, 2), Some(&s(5, 2)), none),
+            resolve(DEL, &s(0, 2), Some(&s(5, 2)), none, true),
             Resolution::Delete
         );
     }
@@ -346,13 +431,22 @@ mod tests {
             sender: MemberId(2),
             reconciling: MemberId(2),
         };
-        assert_eq!(resolve(UP, &s(3, 2), Some(&s(3, 2)), two), Resolution::Mark);
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(3, 2)), two, true),
+            Resolution::Mark
+        );
         // Someone else's copy, or a record for someone else: not the sender's replica.
-        assert_eq!(resolve(UP, &s(3, 2), Some(&s(4, 3)), two), Resolution::Keep);
-        assert_eq!(resolve(UP, &s(3, 3), Some(&s(3, 3)), two), Resolution::Keep);
+        assert_eq!(
+            resolve(UP, &s(3, 2), Some(&s(4, 3)), two, true),
+            Resolution::Keep
+        );
+        assert_eq!(
+            resolve(UP, &s(3, 3), Some(&s(3, 3)), two, true),
+            Resolution::Keep
+        );
         // A newer record replaces the copy (which marks it too: it is fresh).
         assert_eq!(
-            resolve(UP, &s(4, 2), Some(&s(3, 2)), two),
+            resolve(UP, &s(4, 2), Some(&s(3, 2)), two, true),
             Resolution::Replace
         );
     }

@@ -58,6 +58,10 @@ counters! {
     Asymmetric = "asymmetric",
     /// Sessions taken over from a member that is no longer alive.
     Takeovers = "takeovers",
+    /// Peers' records that would have handed a session to another owner while its owner is
+    /// alive here and the flow still sees traffic: the session is kept as it was
+    /// (`hasync_common::conflict::claimable`).
+    ClaimsRefused = "claims-refused",
     /// Events written to the ring buffer.
     Events = "events",
     /// Events lost because the ring buffer was full.

@@ -317,7 +317,7 @@ fn refresh_due(s: &Session, was: &Before, dir: usize, now: u64, refresh_ns: u64)
 
 /// Is the member that owns `s` alive?
 #[inline(always)]
-fn owner_alive(s: &Session) -> bool {
+pub(crate) fn owner_alive(s: &Session) -> bool {
     match MEMBERS.get(s.owner.0 as u32) {
         Some(m) => m.alive != 0,
         None => false,

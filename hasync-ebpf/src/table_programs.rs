@@ -12,16 +12,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use hasync_common::{
-    conflict::{orphaned_by_removal, resolve, Resolution},
+    conflict::{claimable, orphaned_by_removal, resolve, Resolution},
     table_programs::{APPLY_BATCH, READ_BATCH},
-    ApplyHeader, ApplyOutcome, ApplyRecord, ApplySource, Counters, DatapathConfig, ReadHeader,
-    ReadSlot, Session, SessionFlags, ZoneId,
+    ApplyHeader, ApplyOutcome, ApplyRecord, ApplySource, Counter, Counters, DatapathConfig,
+    ReadHeader, ReadSlot, Session, SessionFlags, ZoneId,
 };
 
 use crate::{
     embryo, log,
     maps::{CONFIG, COUNTERS, SESSIONS},
-    session::E2BIG,
+    session::{owner_alive, E2BIG},
 };
 
 /// Copies a `T` out of the test-run data at `offset`.
@@ -272,7 +272,8 @@ fn apply_record(
         let existing = SESSIONS.get_ptr_mut(&rec.key);
         // SAFETY: the value stays valid for the program's run.
         let local = existing.map(|p| unsafe { &*p });
-        match resolve(rec.op, &rec.session, local, from) {
+        let may_move = local.is_none_or(|l| claimable(cfg, l, owner_alive(l), now_ns));
+        match resolve(rec.op, &rec.session, local, from, may_move) {
             how @ (Resolution::Insert | Resolution::Replace) => {
                 // Only if still absent (insert) or still there (replace); otherwise the fast
                 // path changed it meanwhile: look again. A replace is a whole-value update,
@@ -323,6 +324,11 @@ fn apply_record(
                 return;
             }
             Resolution::Keep => {
+                out.kept = out.kept.wrapping_add(1);
+                return;
+            }
+            Resolution::RefuseClaim => {
+                counters.inc(Counter::ClaimsRefused);
                 out.kept = out.kept.wrapping_add(1);
                 return;
             }

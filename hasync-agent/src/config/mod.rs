@@ -619,6 +619,8 @@ impl Config {
         };
         cfg.forwarding = self.local.forwarding.datapath() as u8;
         cfg.vwire = u8::from(!self.vwire.is_empty());
+        // A genuine takeover waits out the keepalive threshold (validation keeps it ≤ 60 s).
+        cfg.claim_quiet_ms = u32::try_from(self.cluster.keepalive_threshold_ms).unwrap_or(u32::MAX);
         cfg
     }
 

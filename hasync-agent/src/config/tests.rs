@@ -538,6 +538,11 @@ fn forwarding_and_wires_reach_the_datapath() {
         "the default"
     );
     assert_eq!(c.datapath().vwire, 0);
+    assert_eq!(
+        u64::from(c.datapath().claim_quiet_ms),
+        c.cluster.keepalive_threshold_ms,
+        "a peer's claim waits out the keepalive threshold"
+    );
     assert!(c.interface_zones().all(|(_, _, b)| b.flags == 0));
     let e = check(&sample(&key.path()).replace("policy = \"strict\"", "forwarding = \"fast\""))
         .expect_err("unknown mode");

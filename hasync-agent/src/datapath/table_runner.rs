@@ -279,6 +279,67 @@ mod tests {
         );
     }
 
+    /// A peer that names itself the owner of a session at a higher version takes it only where
+    /// a takeover could be genuine: the owner not alive here, or the flow quiet for the
+    /// keepalive threshold (10 s by default). Before, any authenticated peer took this member's
+    /// own live sessions, and a third member's, that way, and its delete then removed them.
+    #[test]
+    fn a_peer_claims_a_live_owners_session_only_once_its_flow_is_quiet() {
+        use hasync_common::{ApplyOp, Counter, State};
+        let mut dp = datapath();
+        for member in [1, 3] {
+            dp.set_member_alive(MemberId(member), true).expect("alive");
+        }
+        let sec = 1_000_000_000u64;
+        let now = 100 * sec;
+        let from_2 = ApplySource {
+            sender: MemberId(2),
+            reconciling: MemberId::NONE,
+        };
+        for (owner, waits) in [(1, true), (3, true), (4, false)] {
+            let k = key(u32::from(owner));
+            let held = Session {
+                version: 5,
+                owner: MemberId(owner),
+                created_ns: now - 20 * sec,
+                last_seen_ns: now - sec,
+                state: State::UdpReplied as u8,
+                ..Session::default()
+            };
+            let claim = Session {
+                version: 6,
+                owner: MemberId(2),
+                ..held
+            };
+            let up = ApplyRecord::new(k, claim, ApplyOp::Upsert, false);
+            let del = ApplyRecord::removal(k, MemberId(2), 0);
+            dp.insert_sessions(&[(k, held)]).expect("insert");
+            let refused = |dp: &crate::datapath::Datapath| {
+                dp.counters().expect("counters").get(Counter::ClaimsRefused)
+            };
+            let before = refused(&dp);
+            let out = dp.apply_records(&[up, del], from_2, now).expect("apply");
+            let got = dp.session(&k).expect("lookup");
+            if waits {
+                assert_eq!((out.installed, out.deleted), (0, 0), "owner {owner}");
+                assert_eq!(
+                    got.map(|s| (s.owner, s.version)),
+                    Some((MemberId(owner), 5))
+                );
+                assert_eq!(refused(&dp), before + 1, "owner {owner}");
+                let later = now + 9 * sec;
+                let out = dp.apply_records(&[up], from_2, later).expect("apply");
+                assert_eq!(out.installed, 1, "quiet for 10 s: owner {owner}");
+            } else {
+                assert_eq!(
+                    (out.installed, out.deleted),
+                    (1, 1),
+                    "owner {owner} is not alive"
+                );
+            }
+        }
+    }
+
     /// In the kernel as in the rule's own tests: the owner's next record of a flow replaces a
     /// copy whose record was delayed in transit (its times anchored here two seconds late);
     /// from an unknown sender the times still say "a re-created flow" and the copy stays.

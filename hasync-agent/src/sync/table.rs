@@ -226,7 +226,8 @@ impl SessionTable for FakeTable {
         let mut out = ApplyOutcome::default();
         for r in records {
             let existing = self.get(&r.key);
-            match resolve(r.op, &r.session, existing.as_ref(), from) {
+            // Every copy may change hands here: this table knows no member's liveness.
+            match resolve(r.op, &r.session, existing.as_ref(), from, true) {
                 Resolution::Insert | Resolution::Replace => {
                     self.put(r.key, r.session);
                     out.installed += 1;
@@ -235,7 +236,7 @@ impl SessionTable for FakeTable {
                     self.entries.retain(|(k, _)| *k != r.key);
                     out.deleted += 1;
                 }
-                Resolution::Keep => out.kept += 1,
+                Resolution::Keep | Resolution::RefuseClaim => out.kept += 1,
                 Resolution::Mark => {
                     if let Some(mut s) = existing {
                         s.last_event_ns = now_ns;

@@ -843,7 +843,13 @@ mod tests {
         // Found by the channel_payload fuzz target: such a copy was newer than itself.
         let op = hasync_common::ApplyOp::Upsert as u8;
         assert_eq!(
-            hasync_common::conflict::resolve(op, &s, Some(&s), hasync_common::ApplySource::NONE),
+            hasync_common::conflict::resolve(
+                op,
+                &s,
+                Some(&s),
+                hasync_common::ApplySource::NONE,
+                true
+            ),
             hasync_common::conflict::Resolution::Keep
         );
     }

@@ -223,21 +223,22 @@ fn check_decision(
 }
 
 /// The conflict rule against no local copy, a copy equal to the record (never newer than
-/// itself) and, for a delete, a copy of another owner (never deleted).
+/// itself), for a delete, a copy of another owner (never deleted), and an older copy of
+/// another owner that may not change hands (never replaced).
 fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
     let reconciling = ApplySource {
         sender: who.sender,
         reconciling: who.reconciling.unwrap_or(MemberId::NONE),
     };
     let upsert = op == ApplyOp::Upsert as u8;
-    let absent = resolve(op, incoming, None, reconciling);
+    let absent = resolve(op, incoming, None, reconciling, true);
     let expected = if upsert {
         Resolution::Insert
     } else {
         Resolution::Keep
     };
     ensure!(absent == expected, "with no local copy: {absent:?}");
-    let same = resolve(op, incoming, Some(incoming), reconciling);
+    let same = resolve(op, incoming, Some(incoming), reconciling, true);
     let ok = if upsert {
         matches!(same, Resolution::Keep | Resolution::Mark)
     } else {
@@ -249,12 +250,22 @@ fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
             owner: MemberId(incoming.owner.0.wrapping_add(1)),
             ..*incoming
         };
-        let got = resolve(op, incoming, Some(&other), reconciling);
+        let got = resolve(op, incoming, Some(&other), reconciling, true);
         ensure!(
             got == Resolution::Keep,
             "deleted another owner's copy: {got:?}"
         );
     }
+    let held = Session {
+        owner: MemberId(incoming.owner.0.wrapping_add(1)),
+        version: incoming.version.wrapping_sub(1),
+        ..*incoming
+    };
+    let got = resolve(op, incoming, Some(&held), reconciling, false);
+    ensure!(
+        got != Resolution::Replace,
+        "handed a copy that may not change hands to another owner: {got:?}"
+    );
     Ok(())
 }
 
