@@ -140,6 +140,11 @@ counters! {
     /// a challenge ACK; the session unchanged. A blind reset lands here with odds of the
     /// window in 2^32.
     PassTcpInexactRst = "pass-tcp-inexact-rst",
+    /// TCP RST or FIN inside the window whose ACK acknowledges nothing the other side sent
+    /// (not within the window of its end, as this member saw it): passed on, the session
+    /// unchanged. A blind close lands here; so does a genuine one where this member stopped
+    /// seeing the other direction.
+    PassTcpUnconfirmed = "pass-tcp-unconfirmed",
     /// TCP without SYN and without a session, passed by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",
     /// TCP without SYN and without a session, dropped by the strict policy.

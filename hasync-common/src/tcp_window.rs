@@ -8,24 +8,30 @@
 //! sends no challenge ACK: what falls outside is dropped (strict policy) or passed (loose); a
 //! RST inside the window but not exact ([`Fit::Inexact`]) is passed whatever the policy, so
 //! the endpoint can answer it with its challenge ACK. Either way the session is left as it
-//! was. A blind sender therefore cannot close an established session; a FIN it lands inside
-//! the window still half-closes it (closing: a shorter timeout), and in the handshake, while
-//! closing and against a peer's numbers (below) any RST inside the window closes, as in
-//! conntrack.
+//! was. In the handshake, while closing and against a peer's numbers (below) any RST inside the
+//! window closes, as in conntrack.
 //!
 //! Per direction the session keeps the highest sequence end the direction sent (`seq_end`:
 //! seq + payload + SYN + FIN) and the largest window it advertised (`max_win`, with its
 //! window scale in `tcp_track`). A segment from direction `d` is in the window when its
 //! sequence number lies within the largest window the other side advertised ([`window`]) of
 //! `d`'s end, either way: below for retransmissions and for a RST answering a late ACK, above
-//! for segments this member did not see; and during the handshake its ACK, if it carries one,
-//! must lie within the window `d` advertised of the other side's end (unless that end came
-//! from a peer), so a blind sender who chose its own sequence number (a spoofed SYN's) cannot
-//! complete the handshake. A SYN-ACK that acknowledges exactly the SYN re-learns the
-//! responder's sequence (a server that answered a retransmitted SYN with a new one). Only
-//! segments in the window (but no inexact RST) move it or the session's state, so a blind data
-//! segment can neither carry the window to where a blind RST would then fit nor make a
-//! half-open session established (assured, and never evicted).
+//! for segments this member did not see; and when its ACK acknowledges what the other side
+//! sent: within the window `d` advertised of the other side's end ([`acknowledges`]; not
+//! checked where that end is not known here, or came from a peer; a RST needs no ACK, any
+//! other segment without one acknowledges nothing). A blind sender chose neither number: its
+//! segments, data or FIN, land in both windows only with odds of the windows' product in
+//! 2^64, so it can neither carry a direction's end, a window at a time, to a number it then
+//! knows (where its RST would be exact), nor close or complete a handshake. Inside the window
+//! by sequence but not acknowledging, a FIN or RST of an established or closing session is
+//! passed on and changes nothing ([`Fit::Unconfirmed`]: a member that stopped seeing one
+//! direction, which moved to another member, lets the other's close through, but no longer
+//! follows it); in the handshake it is refused, and any other segment is outside. A SYN-ACK
+//! that acknowledges exactly the SYN re-learns the responder's sequence (a server that
+//! answered a retransmitted SYN with a new one); before any answer the initiator's segments
+//! other than its SYN again and a RST are outside. Only segments in the window (but no
+//! inexact RST) move it or the session's state, so no blind segment makes a half-open session
+//! established (assured, and never evicted).
 //!
 //! A direction whose sequence is not known yet learns it from its next segment ([`Fit::Learn`]):
 //! the SYN-ACK of a new session, the first packets of a session applied from a peer that sent
@@ -99,6 +105,10 @@ pub enum Fit {
     /// number (RFC 5961 §3.2): passed on, so the endpoint can answer it with a challenge ACK,
     /// and changes nothing (not the state, the direction's flags or its window).
     Inexact,
+    /// A RST or FIN inside the window, once the handshake is done, whose ACK does not
+    /// acknowledge what the other side sent ([`acknowledges`]): passed on, and changes
+    /// nothing.
+    Unconfirmed,
 }
 
 impl Fit {
@@ -107,6 +117,17 @@ impl Fit {
     #[inline(always)]
     pub const fn counts(self) -> bool {
         matches!(self, Fit::InWindow | Fit::Learn)
+    }
+
+    /// The counter of a segment that is passed on, whatever the policy, and changes nothing;
+    /// `None` for every other fit.
+    #[inline(always)]
+    pub const fn passed_unchanged(self) -> Option<crate::Counter> {
+        match self {
+            Fit::Inexact => Some(crate::Counter::PassTcpInexactRst),
+            Fit::Unconfirmed => Some(crate::Counter::PassTcpUnconfirmed),
+            _ => None,
+        }
     }
 }
 
@@ -188,11 +209,16 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     if restarts_handshake(s, dir, flags) || answers_again(s, dir, flags, seg) {
         return Fit::Learn;
     }
+    if unanswered_initiator(s, dir, flags) {
+        return Fit::Outside;
+    }
     let mine = pick(s.tcp_track, dir);
     if mine & track::KNOWN != 0 {
         let end = pick(s.seq_end, dir);
-        if within(seg.seq, end, window(s, other(dir))) && acks_in_window(s, dir, flags, seg) {
-            return if inexact_rst(s, mine, flags, seg.seq, end) {
+        if within(seg.seq, end, window(s, other(dir))) {
+            return if !acknowledges(s, dir, flags, seg) {
+                unacknowledged(s, closing)
+            } else if inexact_rst(s, mine, flags, seg.seq, end) {
                 Fit::Inexact
             } else {
                 Fit::InWindow
@@ -232,21 +258,53 @@ fn inexact_rst(s: &Session, mine: u8, flags: u8, seq: u32, end: u32) -> bool {
         && seq != end
 }
 
-/// During the handshake, does the segment's ACK, if it carries one, lie within the window of
-/// what the other side sent? A blind sender who chose its own sequence (a spoofed SYN's) but
-/// never saw the answer cannot complete the handshake with it. Not checked afterwards: a member
-/// that stopped seeing one direction (only it moved to another member) would refuse the other
-/// direction's FIN and RST; nor against a direction not known yet, or known only from a peer
-/// (its end lags: a real ACK may be far ahead of it).
+/// Does the segment acknowledge what the other side sent: its ACK within the window `dir`
+/// advertised of the other side's end? Only then does a segment inside the window move it,
+/// or close the session: a blind sender who knows the 5-tuple lands a segment in a window in
+/// a few thousand guesses, and each one it landed would carry the direction's end a window
+/// further, to a number it then knows, where its RST is exact (conntrack's `td_maxend` bounds
+/// the same). Not checked where the other side's end is not known here (not seen, or known
+/// only from a peer: it lags). A RST needs no ACK: one that answers a segment carrying an ACK
+/// has none, and the exact-sequence rule guards it. Any other segment without an ACK
+/// acknowledges nothing.
 #[inline(always)]
-fn acks_in_window(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
+fn acknowledges(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
     let theirs = pick(s.tcp_track, other(dir));
+    if theirs & track::KNOWN == 0 || theirs & track::STALE != 0 {
+        return true;
+    }
+    if flags & tcp::ACK == 0 {
+        return flags & tcp::RST != 0;
+    }
+    within(seg.ack, pick(s.seq_end, other(dir)), window(s, dir))
+}
+
+/// Where a segment inside the window that does not acknowledge what the other side sent
+/// falls: outside during the handshake (a blind RST or FIN is refused there, as a blind ACK
+/// cannot complete it); afterwards a RST or FIN is passed on and changes nothing (a member
+/// that stopped seeing one direction, which moved to another member, must not drop the
+/// other's close), any other segment is outside.
+#[inline(always)]
+fn unacknowledged(s: &Session, closing: bool) -> Fit {
     let handshake = s.state == State::SynSent as u8 || s.state == State::SynRecv as u8;
-    !handshake
-        || flags & tcp::ACK == 0
-        || theirs & track::KNOWN == 0
-        || theirs & track::STALE != 0
-        || within(seg.ack, pick(s.seq_end, other(dir)), window(s, dir))
+    if closing && !handshake {
+        Fit::Unconfirmed
+    } else {
+        Fit::Outside
+    }
+}
+
+/// A segment from the initiator, this member having seen its SYN, before any answer: nothing
+/// but the SYN again or a RST belongs there (conntrack takes it as invalid too). Counted, an
+/// ACK forged there recorded the initiator's window, scaled by the shift its forged SYN
+/// offered (up to 2^30), which the handshake's ACK check then used: four guesses completed a
+/// forged handshake.
+#[inline(always)]
+fn unanswered_initiator(s: &Session, dir: usize, flags: u8) -> bool {
+    dir == DIR_ORIGINAL
+        && s.state == State::SynSent as u8
+        && flags & (tcp::SYN | tcp::RST) == 0
+        && pick(s.tcp_track, DIR_ORIGINAL) & track::STALE == 0
 }
 
 /// A SYN-ACK that answers the initiator's SYN (it acknowledges exactly the SYN's end) with
@@ -288,7 +346,7 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         .wrapping_add(u32::from(flags & tcp::SYN != 0))
         .wrapping_add(u32::from(flags & tcp::FIN != 0));
     match fit {
-        Fit::Outside | Fit::Inexact => return,
+        Fit::Outside | Fit::Inexact | Fit::Unconfirmed => return,
         Fit::Learn => {
             if restarts_handshake(s, dir, flags) {
                 *pick_mut(&mut s.tcp_track, other(dir)) = 0;
@@ -447,17 +505,80 @@ mod tests {
         );
     }
 
-    /// Once established, the ACK is not checked: a member that stopped seeing the server's
-    /// direction (it moved to another member) still lets the client close. Seen failing
-    /// (Outside) when the ACK was checked in every state.
+    /// Once established, a FIN or RST whose ACK acknowledges nothing the other side sent is
+    /// passed on but closes nothing (a member that stopped seeing the server's direction lets
+    /// the client's FIN through, never drops it); one that acknowledges it closes.
     #[test]
-    fn an_established_sessions_ack_is_not_checked() {
+    fn an_established_sessions_close_must_acknowledge_the_other_side() {
         let mut s = established(5000, 9000);
         let far = 9000 + 4 * MIN_WINDOW;
+        for flags in [FIN | ACK, RST | ACK] {
+            assert_eq!(
+                run(&mut s, [(O, flags, seg(5000, far))]),
+                [Fit::Unconfirmed]
+            );
+            assert!(!refused(Fit::Unconfirmed, flags));
+        }
+        assert_eq!(s, established(5000, 9000), "nothing moved");
         assert_eq!(
-            run(&mut s, [(O, FIN | ACK, seg(5000, far))]),
+            run(&mut s, [(O, FIN | ACK, seg(5000, 9000))]),
             [Fit::InWindow]
         );
+    }
+
+    /// A spoofed SYN's sender, who offered the largest window scale, cannot complete the
+    /// handshake in four guesses: its ACK before the answer records nothing (before, it set
+    /// the initiator's window, which the scale took to 2^30, the ACK check's width).
+    #[test]
+    fn an_ack_before_the_answer_records_nothing() {
+        let mut s = Session {
+            state: State::SynSent as u8,
+            ..Session::default()
+        };
+        let syn = TcpSegment {
+            wscale: Some(14),
+            window: 65_535,
+            ..seg(100, 0)
+        };
+        assert_eq!(step(&mut s, O, SYN, syn), Fit::Learn);
+        let early = TcpSegment {
+            window: 65_535,
+            ..seg(101, 5)
+        };
+        assert_eq!(step(&mut s, O, ACK, early), Fit::Outside);
+        assert_eq!((s.max_win[O], s.tcp_flags[O]), (0, SYN), "nothing recorded");
+        let answer = TcpSegment {
+            wscale: Some(7),
+            ..seg(0x7000_0000, 101)
+        };
+        assert_eq!(step(&mut s, R, SYN | ACK, answer), Fit::Learn);
+        for k in 0..4u32 {
+            let guess = seg(101, k << 30);
+            assert_eq!(step(&mut s, O, ACK, guess), Fit::Outside, "guess {k}");
+        }
+        assert_eq!(s.state, State::SynRecv as u8);
+        assert_eq!(step(&mut s, O, ACK, seg(101, 0x7000_0001)), Fit::InWindow);
+        assert_eq!(s.state, State::Established as u8);
+    }
+
+    /// A blind sender who lands ACKs in the window one after the other, each a window ahead
+    /// of the last, no longer carries the direction's end along to a number it knows: its
+    /// ACKs acknowledge nothing the server sent, so they move nothing, and its RST at the last
+    /// one is not exact. Seen failing before the ACK was checked: the end moved to 0xffff_ffff
+    /// and the RST there was in the window.
+    #[test]
+    fn blind_segments_cannot_drag_the_end_to_a_known_number() {
+        let mut s = established(0x1234_5678, 0x9abc_def0);
+        s.max_win = [65_535; 2];
+        let step = 65_535u32;
+        let mut seq = 0u32;
+        for _ in 0..=65_537u32 {
+            run(&mut s, [(O, ACK, seg(seq, 0))]);
+            seq = seq.wrapping_add(step);
+        }
+        let last = seq.wrapping_sub(step);
+        assert_eq!(s.seq_end[O], 0x1234_5678);
+        assert_ne!(classify(&s, O, RST, &seg(last, 0)), Fit::InWindow);
     }
 
     /// A server that answers the retransmitted SYN with a new initial sequence: its SYN-ACK

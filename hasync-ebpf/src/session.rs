@@ -177,10 +177,10 @@ fn hit(
             Counter::DropTcpOutOfWindow,
         );
     }
-    if fit == Fit::Inexact {
-        // Passed on for the endpoint's challenge ACK (whatever the policy), and, like a blind
+    if let Some(passed) = fit.passed_unchanged() {
+        // Passed on (for the endpoint's challenge ACK, whatever the policy) and, like a blind
         // RST outside the window, not the session's: it stays exactly as it was.
-        counters.inc(Counter::PassTcpInexactRst);
+        counters.inc(passed);
         return xdp_action::XDP_PASS;
     }
     if fit.counts() {
