@@ -151,9 +151,15 @@ fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
         .expect("created");
     assert_eq!(ours.owner, LOCAL);
     let newer = replica(5_000, MemberId(3), ours.version + 5);
+    // Quiet here for the keepalive threshold, as a flow another member took over is.
+    let quiet = u64::from(hasync_common::config::DEFAULT_CLAIM_QUIET_MS) * 1_000_000;
     let out = tdp
         .datapath_mut()
-        .apply_records(&[newer], hasync_common::ApplySource::NONE, monotonic_ns())
+        .apply_records(
+            &[newer],
+            hasync_common::ApplySource::NONE,
+            monotonic_ns() + quiet,
+        )
         .expect("install");
     assert_eq!(out.installed, 1, "{out:?}");
     let (text, logged) = drain(&mut tdp);
