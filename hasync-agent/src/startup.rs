@@ -163,11 +163,33 @@ pub fn bring_up<T>(
     Ok((started, prepared))
 }
 
-/// Every interface's index, before anything is loaded.
+/// Every interface's index, before anything is loaded; an interface without an Ethernet
+/// header is refused ([`layer3_interfaces`]).
 fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
-    plan.interfaces
+    let indexes = plan
+        .interfaces
         .iter()
         .map(|i| ifindex(&i.name).with_context(|| format!("zone `{}`", i.zone)))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    // Unlisted, nothing is refused: the attach still works on every Ethernet interface.
+    let listed = netlink::list_now().unwrap_or_default();
+    if let Some(name) = layer3_interfaces(plan, &listed).first() {
+        anyhow::bail!(
+            "interface `{name}` has no Ethernet header (a layer-3 device: WireGuard, tun, PPP, \
+             GRE, ...): XDP there sees bare IP packets, which the datapath cannot parse; put its \
+             zone on the Ethernet interface it runs over"
+        );
+    }
+    Ok(indexes)
+}
+
+/// The planned interfaces that `ifaces` lists with no six-byte link address: layer-3 devices,
+/// whose frames start at the IP header (loopback has an all-zero Ethernet address).
+fn layer3_interfaces<'a>(plan: &'a StartPlan, ifaces: &netlink::Ifaces) -> Vec<&'a str> {
+    plan.interfaces
+        .iter()
+        .filter(|i| ifaces.get(&i.name).is_some_and(|f| f.mac.is_none()))
+        .map(|i| i.name.as_str())
         .collect()
 }
 
@@ -216,9 +238,10 @@ fn route_checking_zones<'a>(
     zones
 }
 
-/// The sysctl that says whether `family` (`"ipv4"` or `"ipv6"`) forwards on `iface`.
+/// The sysctl that says whether `family` (`"ipv4"` or `"ipv6"`) forwards on `iface` (a dot
+/// in an interface name is written `/` there: `net.ipv4.conf.eth0/100.forwarding`).
 fn forwarding_sysctl(family: &str, iface: &str) -> String {
-    format!("net.{family}.conf.{iface}.forwarding")
+    format!("net.{family}.conf.{}.forwarding", iface.replace('.', "/"))
 }
 
 /// Reads a forwarding sysctl of this network namespace (`None`: unreadable, no such device).
@@ -435,6 +458,35 @@ mod tests {
         assert_eq!(unanswered_route_checks(old, &plan), None);
     }
 
+    /// A tun device (no Ethernet header) is found among the planned interfaces by its missing
+    /// link address; a veth and loopback are not.
+    #[test]
+    fn a_layer3_interface_is_found_by_its_missing_ethernet_address() {
+        use crate::datapath::testing::{in_fresh_netns, ip};
+        let found = in_fresh_netns(|| {
+            ip(&[
+                "link", "add", "hsl-e0", "type", "veth", "peer", "name", "hsl-e1",
+            ]);
+            ip(&["tuntap", "add", "dev", "hsl-t0", "mode", "tun"]);
+            let listed = netlink::list_now().expect("listing");
+            let plan = StartPlan {
+                opts: DatapathOptions::new(MemberId(1)),
+                zones: Vec::new(),
+                interfaces: vec![
+                    planned("hsl-e0", "trust", 0),
+                    planned("hsl-t0", "untrust", 0),
+                    planned("lo", "dmz", 0),
+                ],
+            };
+            let found: Vec<String> = layer3_interfaces(&plan, &listed)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            found
+        });
+        assert_eq!(found, ["hsl-t0"]);
+    }
+
     /// Forwarding on for a zone interface that checks routes but off for `lo` is named, per
     /// family, with the zones whose reverse-path checks it turns off; `lo` forwarding, or no
     /// route-checking interface that forwards, says nothing.
@@ -444,7 +496,7 @@ mod tests {
             opts: DatapathOptions::new(MemberId(1)),
             zones: Vec::new(),
             interfaces: vec![
-                planned("in0", "trust", 0),
+                planned("in0.7", "trust", 0),
                 planned("in1", "trust", 0),
                 planned("dmz0", "dmz", 0),
                 planned("out0", "untrust", ZoneBinding::NO_ROUTE_CHECK),
@@ -461,7 +513,7 @@ mod tests {
         assert_eq!(
             said,
             [
-                "net.ipv4.conf.in0.forwarding is 1 but net.ipv4.conf.lo.forwarding is 0: the \
+                "net.ipv4.conf.in0/7.forwarding is 1 but net.ipv4.conf.lo.forwarding is 0: the \
               reverse-path checks of zones trust, dmz look sources up from lo and pass every \
               ipv4 source unchecked; set net.ipv4.conf.lo.forwarding = 1"
             ]

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt as _, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -390,6 +390,17 @@ impl Config {
             );
         }
         check_pin_dir(p, &l.pin_dir);
+        for (key, path) in [
+            ("local.control_socket", &l.control_socket),
+            ("local.traffic_log", &l.traffic_log),
+        ] {
+            if !path.is_absolute() {
+                p.push(format!(
+                    "{key} = \"{}\" must be an absolute path",
+                    path.display()
+                ));
+            }
+        }
 
         if let Err(e) = l.http_addr() {
             p.push(e);
@@ -405,6 +416,13 @@ impl Config {
                 p.push(format!(
                     "ha4_backup.interface = \"{}\" is the same interface as ha4.interface",
                     b.interface
+                ));
+            }
+            let addr = |l: &Link| parse_cidr(&l.address).ok().map(|(a, _)| a);
+            if addr(b).is_some() && addr(b) == addr(&self.ha4) {
+                p.push(format!(
+                    "ha4_backup.address = \"{}\" is ha4's address: the backup link needs an address of its own, on its own interface",
+                    b.address
                 ));
             }
         }
@@ -440,8 +458,12 @@ impl Config {
                 }
             }
         }
-        if u16::try_from(self.zones.len()).is_err() {
-            p.push(format!("{} zones is more than 65535", self.zones.len()));
+        if self.zones.len() > hasync_common::maps::MAX_ZONES as usize {
+            p.push(format!(
+                "{} zones are more than the {} the datapath records",
+                self.zones.len(),
+                hasync_common::maps::MAX_ZONES
+            ));
         }
     }
 
@@ -865,11 +887,11 @@ fn check_pin_dir(p: &mut Vec<String>, dir: &Path) {
     }
 }
 
+/// An interface name by the kernel's rules, as the datapath checks it before attaching (an
+/// alias label such as `eth0:1` names no interface).
 fn check_ifname(p: &mut Vec<String>, key: &str, name: &str) {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-        p.push(format!(
-            "{key}: \"{name}\" is not a valid interface name (1–15 characters, no '/' or spaces)"
-        ));
+    if let Err(e) = crate::datapath::attach::check_interface_name(name) {
+        p.push(format!("{key}: {e}"));
     }
 }
 
@@ -909,6 +931,22 @@ fn check_key_file(p: &mut Vec<String>, path: &Path) {
             return;
         }
     };
+    if !meta.is_file() {
+        p.push(format!(
+            "cluster.key_file = \"{}\" is not a regular file",
+            path.display()
+        ));
+        return;
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != euid {
+        p.push(format!(
+            "cluster.key_file = \"{}\" is owned by uid {}: its owner can read and replace the cluster key, and the service, which runs without CAP_DAC_OVERRIDE, may not read it (chown root:root)",
+            path.display(),
+            meta.uid()
+        ));
+    }
     if meta.len() < MIN_KEY_BYTES as u64 {
         p.push(format!(
             "cluster.key_file = \"{}\" holds {} bytes; at least {MIN_KEY_BYTES} are required",

@@ -331,6 +331,26 @@ fn invalid_values_are_named_with_their_range() {
             "policy = \"strict\"\nhttp = \"localhost\"",
             "local.http = \"localhost\" is not an address with a port",
         ),
+        (
+            "address = \"198.18.101.1/24\"",
+            "address = \"198.18.100.1/24\"",
+            "ha4_backup.address = \"198.18.100.1/24\" is ha4's address",
+        ),
+        (
+            "interfaces = [\"veth-out\"]",
+            "interfaces = [\"eth0:1\"]",
+            "zones[1].interfaces: interface name \"eth0:1\" is invalid: it contains `/`, `:`",
+        ),
+        (
+            "control_socket = \"/run/hasync/hasync.sock\"",
+            "control_socket = \"hasync.sock\"",
+            "local.control_socket = \"hasync.sock\" must be an absolute path",
+        ),
+        (
+            "traffic_log = \"/var/log/hasync/traffic.jsonl\"",
+            "traffic_log = \"traffic.jsonl\"",
+            "local.traffic_log = \"traffic.jsonl\" must be an absolute path",
+        ),
     ];
     for (from, to, expect) in rows {
         assert!(base.contains(from), "row {to:?}: sample lacks {from:?}");
@@ -343,6 +363,44 @@ fn invalid_values_are_named_with_their_range() {
             ),
         }
     }
+}
+
+/// More zones than the datapath records are refused by the check, not at start.
+#[test]
+fn more_zones_than_the_datapath_records_are_refused() {
+    let key = KeyFile::new("zones", 32, 0o600);
+    let max = hasync_common::maps::MAX_ZONES;
+    let extra: String = (0..max)
+        .map(|i| format!("[[zones]]\nname = \"z{i}\"\ninterfaces = [\"zif{i}\"]\n"))
+        .collect();
+    let text = sample(&key.path()).replace(
+        "[[members]]\nid = 1",
+        &format!("{extra}[[members]]\nid = 1"),
+    );
+    let e = check(&text).expect_err("too many zones");
+    assert!(
+        e.contains(&format!(
+            "{} zones are more than the {max} the datapath records",
+            max + 2
+        )),
+        "{e}"
+    );
+}
+
+/// A key file another user owns (its owner can read and replace the key; the service, without
+/// CAP_DAC_OVERRIDE, may not read it) or that is no regular file is refused by name.
+#[test]
+fn a_key_file_owned_by_another_user_is_refused() {
+    use std::os::unix::fs::MetadataExt as _;
+    let key = KeyFile::new("owner", 32, 0o600);
+    let ours = std::fs::metadata(key.path()).expect("stat").uid();
+    let other = if ours == 4242 { 4243 } else { 4242 };
+    std::os::unix::fs::chown(key.path(), Some(other), None).expect("chown (tests run as root)");
+    let e = check(&sample(&key.path())).expect_err("another owner");
+    assert!(e.contains(&format!("is owned by uid {other}")), "{e}");
+    let dir = key.0 .0.clone();
+    let e = check(&sample(&dir)).expect_err("a directory");
+    assert!(e.contains("is not a regular file"), "{e}");
 }
 
 #[test]
