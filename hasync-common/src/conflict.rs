@@ -85,17 +85,29 @@ pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
 /// then removes the session everywhere, its owner's table included. A genuine takeover comes
 /// from a member that saw the flow's packets after it found the owner dead, a keepalive
 /// threshold after the owner last spoke; so the copy may change hands only when its owner is
-/// not alive here (`owner_alive`: the local member always is), when it saw no packet for
-/// [`DatapathConfig::claim_quiet_ms`] (here, or at its owner as its last record tells: the
-/// flow has left the owner), or when it was taken over already (its owner took it from
-/// a member it found dead; two members that both did, their flow's two directions crossing
-/// both, settle it by version as before).
+/// not alive here (`owner_alive`: the local member always is), when the flow has been quiet
+/// for [`DatapathConfig::claim_quiet_ms`], or while the copy is
+/// [`SessionFlags::CONTESTABLE`] (just taken over: two members that both took the flow over,
+/// its two directions crossing them, settle it by version). Quiet: no packet here, and, for
+/// a peer's session, no refresh due from its owner either (an owner announces a flow that
+/// still runs at least once per refresh interval, at most [`crate::config::REFRESH_MAX_NS`]
+/// unless `refresh_interval_ns` is longer; until the next one is due, the flow may still be
+/// running there).
 #[inline(always)]
 pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u64) -> bool {
     let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;
+    // The longest any state's refresh interval is (one figure for all: the state's own took
+    // the apply program's verification from 455,000 instructions to 807,000).
+    let period = cfg.refresh_interval_ns.max(crate::config::REFRESH_MAX_NS);
+    let refresh_due = s.last_event_ns.saturating_add(period);
+    let heard = if s.owner.0 == cfg.local_member.0 || s.last_seen_ns > refresh_due {
+        s.last_seen_ns
+    } else {
+        refresh_due
+    };
     !owner_alive
-        || s.flags.has(SessionFlags::TAKEN_OVER)
-        || now_ns.saturating_sub(s.last_seen_ns) >= quiet_ns
+        || s.flags.has(SessionFlags::CONTESTABLE)
+        || now_ns.saturating_sub(heard) >= quiet_ns
 }
 
 /// The conflict rule: the newer session wins ([`newer`]), but a record that would hand the
@@ -235,9 +247,10 @@ mod tests {
         );
     }
 
-    /// The owner alive here, a copy that saw a packet within the quiet time and was never
-    /// taken over cannot change hands; its owner dead here, a quiet copy, or one taken over
-    /// already can; a config from before the field (0) never waits.
+    /// The owner alive here, a copy that saw a packet within the quiet time and was not just
+    /// taken over cannot change hands; its owner dead here, a quiet copy, or one just taken
+    /// over can; a peer's copy is quiet only once its owner's refresh is overdue; a config
+    /// from before the field (0) never waits.
     #[test]
     fn a_claim_waits_for_a_dead_owner_or_a_quiet_flow() {
         let cfg = DatapathConfig {
@@ -256,11 +269,25 @@ mod tests {
             "owner dead here"
         );
         assert!(claimable(&cfg, &copy(10_000, 0), true, now), "quiet");
+        let contested = SessionFlags::CONTESTABLE;
+        assert!(
+            claimable(&cfg, &copy(0, contested), true, now),
+            "just taken over"
+        );
         let taken = SessionFlags::TAKEN_OVER;
         assert!(
-            claimable(&cfg, &copy(0, taken), true, now),
-            "taken over already"
+            !claimable(&cfg, &copy(0, taken), true, now),
+            "taken over long ago"
         );
+        // A peer's copy: quiet only once its owner's next refresh is overdue by the quiet time.
+        let replica = |record_ms_ago: u64| Session {
+            last_event_ns: now - record_ms_ago * 1_000_000,
+            state: crate::State::Established as u8,
+            ..copy(60_000, 0)
+        };
+        let refresh_ms = crate::config::REFRESH_MAX_NS / 1_000_000;
+        assert!(!claimable(&cfg, &replica(refresh_ms + 9_999), true, now));
+        assert!(claimable(&cfg, &replica(refresh_ms + 10_000), true, now));
         let older = DatapathConfig {
             claim_quiet_ms: 0,
             ..cfg

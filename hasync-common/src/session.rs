@@ -121,6 +121,11 @@ impl SessionFlags {
     /// replaces it whatever the versions and times say
     /// ([`crate::conflict::newer`]).
     pub const HANDED_ON: u16 = 1 << 5;
+    /// Taken over and not announced again since: another member that took the flow over at
+    /// the same moment (its two directions crossing two members) may still claim it, and the
+    /// version settles which ([`crate::conflict::claimable`]). Set at the takeover, cleared by
+    /// the owner's next event or refresh; travels with the records.
+    pub const CONTESTABLE: u16 = 1 << 6;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]

@@ -29,7 +29,8 @@
 //! follows it); in the handshake it is refused, and any other segment is outside. A SYN-ACK
 //! that acknowledges exactly the SYN re-learns the responder's sequence (a server that
 //! answered a retransmitted SYN with a new one); before any answer the initiator's segments
-//! other than its SYN again and a RST are outside. Only segments in the window (but no
+//! other than its SYN again and a RST change nothing (a FIN is passed on, the others are
+//! outside). Only segments in the window (but no
 //! inexact RST) move it or the session's state, so no blind segment makes a half-open session
 //! established (assured, and never evicted).
 //!
@@ -210,7 +211,13 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
         return Fit::Learn;
     }
     if unanswered_initiator(s, dir, flags) {
-        return Fit::Outside;
+        // Its FIN goes through (to this host itself, whose answers XDP never sees, a client
+        // closes before anything here answered it) but closes nothing.
+        return if closing {
+            Fit::Unconfirmed
+        } else {
+            Fit::Outside
+        };
     }
     let mine = pick(s.tcp_track, dir);
     if mine & track::KNOWN != 0 {
@@ -295,10 +302,11 @@ fn unacknowledged(s: &Session, closing: bool) -> Fit {
 }
 
 /// A segment from the initiator, this member having seen its SYN, before any answer: nothing
-/// but the SYN again or a RST belongs there (conntrack takes it as invalid too). Counted, an
-/// ACK forged there recorded the initiator's window, scaled by the shift its forged SYN
-/// offered (up to 2^30), which the handshake's ACK check then used: four guesses completed a
-/// forged handshake.
+/// but the SYN again or a RST counts there (conntrack takes the others as invalid too).
+/// Counted, an ACK forged there recorded the initiator's window, scaled by the shift its
+/// forged SYN offered (up to 2^30), which the handshake's ACK check then used: four guesses
+/// completed a forged handshake; and its ACK flag, with the answer's, made the session
+/// assured once closing.
 #[inline(always)]
 fn unanswered_initiator(s: &Session, dir: usize, flags: u8) -> bool {
     dir == DIR_ORIGINAL
@@ -546,7 +554,9 @@ mod tests {
             ..seg(101, 5)
         };
         assert_eq!(step(&mut s, O, ACK, early), Fit::Outside);
+        assert_eq!(step(&mut s, O, FIN | ACK, early), Fit::Unconfirmed);
         assert_eq!((s.max_win[O], s.tcp_flags[O]), (0, SYN), "nothing recorded");
+        assert_eq!(s.state, State::SynSent as u8);
         let answer = TcpSegment {
             wscale: Some(7),
             ..seg(0x7000_0000, 101)

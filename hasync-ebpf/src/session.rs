@@ -195,13 +195,11 @@ fn hit(
         take_over(cfg, counters, pkt, s, (dir, fit), now);
         false
     } else if let Some(kind) = advance(counters, pkt, s, dir, fit) {
-        s.last_event_ns = now;
-        emit(counters, kind, &pkt.key, s);
+        announce(counters, &pkt.key, s, kind, now);
         false
     } else if refresh_due(s, &was, dir, now, refresh_ns) {
         s.version = s.version.wrapping_add(1);
-        s.last_event_ns = now;
-        emit(counters, EventKind::Refresh, &pkt.key, s);
+        announce(counters, &pkt.key, s, EventKind::Refresh, now);
         true
     } else {
         false
@@ -315,6 +313,15 @@ fn refresh_due(s: &Session, was: &Before, dir: usize, now: u64, refresh_ns: u64)
         || (bytes ^ was.bytes) >> REFRESH_BYTES_SHIFT != 0
 }
 
+/// Announces an owned session's event `kind` at `now`: from then on it is no longer just
+/// taken over ([`SessionFlags::CONTESTABLE`]).
+#[inline(always)]
+fn announce(counters: &mut Counters, key: &FlowKey, s: &mut Session, kind: EventKind, now: u64) {
+    s.flags.0 &= !SessionFlags::CONTESTABLE;
+    s.last_event_ns = now;
+    emit(counters, kind, key, s);
+}
+
 /// Is the member that owns `s` alive?
 #[inline(always)]
 pub(crate) fn owner_alive(s: &Session) -> bool {
@@ -340,7 +347,7 @@ fn take_over(
     s.owner = cfg.local_member;
     s.version = s.version.wrapping_add(1);
     let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED | SessionFlags::HANDED_ON;
-    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER) & !replica;
+    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER | SessionFlags::CONTESTABLE) & !replica;
     counters.inc(Counter::Takeovers);
     advance(counters, pkt, s, dir, fit);
     s.last_event_ns = now;

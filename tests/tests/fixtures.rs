@@ -25,6 +25,10 @@ const HI4: &str = "198.18.2.30:50000";
 const C6: &str = "[fd00::10]:40000";
 const S6: &str = "[fd00:1::20]:443";
 
+/// The flags of a session this member just took over: taken over, and contestable until its
+/// next event.
+const TAKEN: u16 = F::TAKEN_OVER | F::CONTESTABLE;
+
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("fixture address")
 }
@@ -104,14 +108,14 @@ fn tcp_rows() -> Vec<Row> {
                 (C::Events, 2),
             ])
             .events(&[E::Created, E::StateChanged]),
-        Row::new("tcp fin from the initiator before any answer is refused")
+        Row::new("tcp fin from the initiator before any answer passes and closes nothing")
             .pass(tcp(C4, S4).syn())
-            .drop(tcp(C4, S4).fin())
+            .pass(tcp(C4, S4).fin())
             .session(Expect::new(State::SynSent).version(1).packets(1, 0))
             .counters(&[
                 (C::Creates, 1),
                 (C::Hits, 1),
-                (C::DropTcpOutOfWindow, 1),
+                (C::PassTcpUnconfirmed, 1),
                 (C::Events, 1),
             ])
             .events(&[E::Created]),
@@ -638,7 +642,7 @@ fn tcp_window_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Closed)
                     .version(9)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(5, 5),
             )
             .counters(&[
@@ -1654,7 +1658,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::TAKEN_OVER | F::ASYMMETRIC)
+                    .flags(TAKEN | F::ASYMMETRIC)
                     .packets(6, 4),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
@@ -1665,11 +1669,28 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(6, 4),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
             .events(&[E::OwnershipTaken]),
+        Row::new("peer dead: a taken-over session's next event ends the contest")
+            .existing(Existing::peer(State::Established, false))
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).fin())
+            .session(
+                Expect::new(State::Closing)
+                    .version(9)
+                    .flags(F::TAKEN_OVER)
+                    .packets(7, 4),
+            )
+            .counters(&[
+                (C::Hits, 2),
+                (C::Takeovers, 1),
+                (C::StateChanges, 1),
+                (C::Events, 2),
+            ])
+            .events(&[E::OwnershipTaken, E::StateChanged]),
         Row::new("peer dead: the taking-over member binds replies to its own zones")
             .existing(Existing::peer(State::Established, false))
             .zone(ZoneId(3))
@@ -1684,7 +1705,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(6, 5)
                     .zone(ZoneId(3))
                     .reply_zone(ZoneId(4)),
@@ -1702,7 +1723,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(5, 5),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
@@ -1714,7 +1735,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::UdpReplied)
                     .version(8)
-                    .flags(F::TAKEN_OVER | F::INITIATOR_HI)
+                    .flags(TAKEN | F::INITIATOR_HI)
                     .packets(6, 5),
             )
             .counters(&[(C::Hits, 2), (C::Takeovers, 1), (C::Events, 1)])
@@ -1725,7 +1746,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::IcmpEcho)
                     .version(8)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(6, 4),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])
@@ -1757,7 +1778,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Closed)
                     .version(9)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(6, 4),
             )
             .counters(&[
@@ -1776,7 +1797,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::ASYMMETRIC | F::TAKEN_OVER)
+                    .flags(F::ASYMMETRIC | TAKEN)
                     .packets(6, 4),
             )
             .counters(&[
@@ -1794,7 +1815,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(F::TAKEN_OVER)
+                    .flags(TAKEN)
                     .packets(6, 5),
             )
             .counters(&[(C::Hits, 2), (C::Takeovers, 1), (C::Events, 1)])

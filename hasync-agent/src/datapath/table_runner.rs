@@ -340,6 +340,54 @@ mod tests {
         }
     }
 
+    /// A third member's copy whose owner sent a record a second ago may still be running
+    /// there, however old its last packet: it changes hands only once the owner's refresh is
+    /// overdue by the quiet time; a copy just taken over is contestable at once.
+    #[test]
+    fn a_replica_is_claimed_only_once_its_owners_refresh_is_overdue() {
+        use hasync_common::{config::REFRESH_MAX_NS, ApplyOp, SessionFlags, State};
+        let mut dp = datapath();
+        dp.set_member_alive(MemberId(3), true).expect("alive");
+        let sec = 1_000_000_000u64;
+        let now = 200 * sec;
+        let from_2 = ApplySource {
+            sender: MemberId(2),
+            reconciling: MemberId::NONE,
+        };
+        let held = Session {
+            version: 5,
+            owner: MemberId(3),
+            created_ns: now - 100 * sec,
+            last_seen_ns: now - 60 * sec,
+            last_event_ns: now - sec,
+            state: State::Established as u8,
+            ..Session::default()
+        };
+        let claim = ApplyRecord::new(
+            key(7),
+            Session {
+                version: 6,
+                owner: MemberId(2),
+                ..held
+            },
+            ApplyOp::Upsert,
+            false,
+        );
+        dp.insert_sessions(&[(key(7), held)]).expect("insert");
+        let out = dp.apply_records(&[claim], from_2, now).expect("apply");
+        assert_eq!(out.installed, 0, "the owner's refresh is not overdue");
+        let overdue = now - sec + REFRESH_MAX_NS + 10 * sec;
+        let out = dp.apply_records(&[claim], from_2, overdue).expect("apply");
+        assert_eq!(out.installed, 1, "overdue by the quiet time");
+        let contested = Session {
+            flags: SessionFlags(SessionFlags::TAKEN_OVER | SessionFlags::CONTESTABLE),
+            ..held
+        };
+        dp.insert_sessions(&[(key(7), contested)]).expect("insert");
+        let out = dp.apply_records(&[claim], from_2, now).expect("apply");
+        assert_eq!(out.installed, 1, "just taken over: contestable");
+    }
+
     /// In the kernel as in the rule's own tests: the owner's next record of a flow replaces a
     /// copy whose record was delayed in transit (its times anchored here two seconds late);
     /// from an unknown sender the times still say "a re-created flow" and the copy stays.

@@ -233,7 +233,8 @@ pub struct TcpState {
 
 /// Session flags that travel: the others are local (from-peer is set by the
 /// receiver; asymmetric is what this member saw).
-const SYNCED_FLAGS: u16 = SessionFlags::INITIATOR_HI | SessionFlags::TAKEN_OVER;
+const SYNCED_FLAGS: u16 =
+    SessionFlags::INITIATOR_HI | SessionFlags::TAKEN_OVER | SessionFlags::CONTESTABLE;
 
 fn ms_between(later_ns: u64, earlier_ns: u64) -> u32 {
     u32::try_from(later_ns.saturating_sub(earlier_ns) / 1_000_000).unwrap_or(u32::MAX)
