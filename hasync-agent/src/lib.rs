@@ -3,6 +3,7 @@
 pub mod agent;
 #[cfg(test)]
 mod alloc_count;
+pub mod claim_window;
 pub mod cli;
 pub mod cluster;
 pub mod config;

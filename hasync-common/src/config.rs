@@ -113,6 +113,13 @@ pub const REFRESH_BYTES_SHIFT: u32 = 30;
 /// [`DatapathConfig::claim_quiet_ms`] by default: the default keepalive threshold.
 pub const DEFAULT_CLAIM_QUIET_MS: u32 = 10_000;
 
+/// How long after a peer became alive here (a partition healed, a stop or a restart ended)
+/// the agent leaves [`DatapathConfig::claim_quiet_ms`] at 0, so that records settle claims by
+/// version alone, as before the rule (`crate::conflict::claimable`): what each side took over
+/// while the two could not see each other arrives in the full syncs after the return, both
+/// sides' owners alive and their flows live.
+pub const CLAIMS_OPEN_AFTER_RETURN_MS: u64 = 60_000;
+
 /// Datapath configuration. While `local_member` is 0 (not configured yet) the program passes
 /// everything untracked.
 #[repr(C)]

@@ -93,6 +93,11 @@ pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
 /// still runs at least once per refresh interval, at most [`crate::config::REFRESH_MAX_NS`]
 /// unless `refresh_interval_ns` is longer; until the next one is due, the flow may still be
 /// running there).
+///
+/// While a peer is just back (after a partition, a stop or a restart, for
+/// [`crate::config::CLAIMS_OPEN_AFTER_RETURN_MS`]), the agent sets the quiet time to 0:
+/// what each side took over while the two could not see each other arrives then, both sides'
+/// owners alive and their flows live, and the version settles them, as before.
 #[inline(always)]
 pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u64) -> bool {
     let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;

@@ -19,10 +19,12 @@
 //! for segments this member did not see; and when its ACK acknowledges what the other side
 //! sent: within the window `d` advertised of the other side's end ([`acknowledges`]; not
 //! checked where that end is not known here, or came from a peer; a RST needs no ACK, any
-//! other segment without one acknowledges nothing). A blind sender chose neither number: its
-//! segments, data or FIN, land in both windows only with odds of the windows' product in
-//! 2^64, so it can neither carry a direction's end, a window at a time, to a number it then
-//! knows (where its RST would be exact), nor close or complete a handshake. Inside the window
+//! other segment without one acknowledges nothing). A blind sender chose neither number: a
+//! segment of its, data or FIN, lands in both windows with odds of about the windows' product
+//! in 2^64, so carrying a direction's end a window at a time to a number it then knows (where
+//! its RST would be exact) takes it about 2^63 over that product in segments (2^31 with
+//! unscaled windows, a few with the largest scale: conntrack also caps the end by what the
+//! other side acknowledged plus its window, a field the session has no room for). Inside the window
 //! by sequence but not acknowledging, a FIN or RST of an established or closing session is
 //! passed on and changes nothing ([`Fit::Unconfirmed`]: a member that stopped seeing one
 //! direction, which moved to another member, lets the other's close through, but no longer
@@ -48,9 +50,11 @@
 //! busy connection moves further than a window in that time. So directions applied from a peer
 //! are *stale* ([`track::STALE`]): their first non-RST/FIN segment ahead of the replica's end
 //! (by less than 2^31, which the refresh at every GiB keeps true) re-learns it (sequence
-//! numbers only move forward). RST and FIN are checked against the replica's numbers
-//! throughout, by the window alone: the exact next sequence number of a direction that moved
-//! on since would almost never come, and the session would never close on a RST.
+//! numbers only move forward). RST and FIN are checked against the replica's numbers by the
+//! window alone: the exact next sequence number of a direction that moved on since would
+//! almost never come, and the session would never close on a RST. A direction is stale only
+//! until a segment re-learns it or lands in its window: left stale, any segment ahead of the
+//! window re-learned it, a blind one too, whose RST at that number was then exact.
 
 use crate::session::{tcp, Session, State, DIR_ORIGINAL, DIR_REPLY};
 
@@ -369,6 +373,8 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
             if ahead(end, *e) {
                 *e = end;
             }
+            // Followed here now: no longer re-learned from a segment ahead of the window.
+            *pick_mut(&mut s.tcp_track, dir) &= !track::STALE;
         }
     }
     if flags & tcp::SYN == 0 {
@@ -753,6 +759,24 @@ mod tests {
             classify(&s, O, ACK, &seg(far + 10_000_000, 0)),
             Fit::Outside
         );
+    }
+
+    /// A stale direction that a genuine segment landed in is followed from then on: a blind
+    /// segment far ahead no longer re-learns it (it did: the blind RST at that number was then
+    /// exact, and the session taken over closed on two frames).
+    #[test]
+    fn a_stale_direction_is_current_once_a_segment_lands_in_its_window() {
+        let mut s = established(50_000_000, 9000);
+        s.tcp_track = mark_stale(s.tcp_track);
+        let data = TcpSegment {
+            len: 100,
+            ..seg(50_000_000, 9000)
+        };
+        assert_eq!(run(&mut s, [(O, ACK, data)]), [Fit::InWindow]);
+        assert_eq!(s.tcp_track[O] & track::STALE, 0);
+        let blind = 50_000_100 + 0x1000_0000;
+        assert_eq!(run(&mut s, [(O, ACK, seg(blind, 9000))]), [Fit::Outside]);
+        assert_ne!(classify(&s, O, RST, &seg(blind, 0)), Fit::InWindow);
     }
 
     #[test]

@@ -696,6 +696,15 @@ impl Datapath {
         map.set(0, cfg, 0).map_err(map_err(names::CONFIG))
     }
 
+    /// Sets the config's [`DatapathConfig::claim_quiet_ms`] (see `crate::claim_window`).
+    pub fn set_claim_quiet(&mut self, quiet_ms: u32) -> Result<(), DatapathError> {
+        let cfg = DatapathConfig {
+            claim_quiet_ms: quiet_ms,
+            ..self.config()?
+        };
+        self.set_config(&cfg)
+    }
+
     pub fn config(&self) -> Result<DatapathConfig, DatapathError> {
         let map: Array<_, DatapathConfig> =
             Array::try_from(self.map(names::CONFIG)?).map_err(map_err(names::CONFIG))?;

@@ -108,21 +108,17 @@ impl PinDir {
     /// share) and creates it, with `maps/` and `links/`, mode 0700.
     pub fn prepare(&self) -> Result<(), DatapathError> {
         check_bpffs(&self.root)?;
-        for dir in [self.root.clone(), self.maps_dir(), self.links_dir()] {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(pin_io("creating", &dir))?;
-        }
-        Ok(())
+        create_dirs(&[self.root.clone(), self.maps_dir(), self.links_dir()])
     }
 
-    /// Readies the directory ([`PinDir::prepare`]) and takes it for this process: refused
-    /// while another agent, or a teardown, holds it.
+    /// Takes the directory for this process, then readies it ([`PinDir::prepare`]): refused
+    /// while another agent, or a teardown, holds it, before anything in it is made or changed.
     pub fn lock(&self) -> Result<PinLock, DatapathError> {
+        check_bpffs(&self.root)?;
+        create_dirs(std::slice::from_ref(&self.root))?;
+        let held = PinLock::take(&self.root)?;
         self.prepare()?;
-        PinLock::take(&self.root)
+        Ok(held)
     }
 
     /// Every entry of `links/`, with the interface and mode its name gives (`None`: a name
@@ -175,6 +171,18 @@ pub fn parse_link_name(name: &str) -> Option<LinkName> {
     Some((interface, mode))
 }
 
+/// Creates each of `dirs` (and its parents), mode 0700.
+fn create_dirs(dirs: &[PathBuf]) -> Result<(), DatapathError> {
+    for dir in dirs {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(pin_io("creating", dir))?;
+    }
+    Ok(())
+}
+
 /// An exclusive hold of a pin directory for as long as it lives: `flock` on the directory
 /// itself (bpffs holds no plain files), taken by every agent that loads a pinned datapath and
 /// by `hasync teardown`. Without it a second agent started by hand while the service runs
@@ -191,7 +199,7 @@ impl PinLock {
         // SAFETY: `file` is an open descriptor; flock(2) reads nothing from memory.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
-            return Ok(PinLock { _dir: file });
+            return Self::still_named(dir, file);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
@@ -209,6 +217,24 @@ impl PinLock {
                  (`systemctl stop hasync`), or give this agent another `[local] pin_dir`"
             ),
         ))
+    }
+}
+
+impl PinLock {
+    /// The hold of `file`, locked, if `dir` still names it: a teardown that held the directory
+    /// may have removed it between the open and the lock, leaving a hold of nothing.
+    fn still_named(dir: &Path, file: fs::File) -> Result<PinLock, DatapathError> {
+        let held = file.metadata().map_err(pin_io("reading", dir))?;
+        let named = fs::metadata(dir).ok();
+        if named.is_some_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino())) {
+            Ok(PinLock { _dir: file })
+        } else {
+            Err(pin_dir_error(
+                dir,
+                "was removed while this agent took it (a teardown ran): start the agent again"
+                    .to_owned(),
+            ))
+        }
     }
 }
 
