@@ -34,4 +34,6 @@ pub struct Member {
     /// The "member alive" and "no longer alive" lines: a key holder can flip a member's
     /// liveness as fast as the membership is evaluated.
     pub liveness_lines: LogLimiter,
+    /// When records settle claims of live sessions by version alone.
+    pub claims: Mutex<crate::claim_window::ClaimWindow>,
 }

@@ -284,6 +284,7 @@ fn start_member(
         bounds,
         counters,
         liveness_lines: LogLimiter::default(),
+        claims: Mutex::default(),
     });
     Ok((member, tasks))
 }
@@ -380,8 +381,6 @@ struct MainLoop {
     removals: RecentRemovals,
     /// When the datapath's log is drained next.
     next_log_drain: Instant,
-    /// Records settle claims by version for a while after a peer's return.
-    claims: crate::claim_window::ClaimWindow,
 }
 
 impl MainLoop {
@@ -404,7 +403,6 @@ impl MainLoop {
             owned: Vec::new(),
             removals: RecentRemovals::default(),
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
-            claims: Default::default(),
         }
     }
 
@@ -521,10 +519,7 @@ impl MainLoop {
             );
             lock(&member.membership).forgive_stall(gap, now);
         }
-        let returned = apply_membership(member);
-        if let Some(open) = self.claims.update(returned, now) {
-            set_claim_window(member, open);
-        }
+        apply_membership(member);
         if self
             .members_unsettled
             .is_some_and(|at| Instant::now() >= at)
@@ -576,30 +571,40 @@ fn write_all_liveness(member: &Member) {
 }
 
 /// Opens or closes the window in which records settle claims by version alone
-/// ([`crate::claim_window`]): the datapath's quiet time, 0 while open.
-fn set_claim_window(member: &Member, open: bool) {
+/// ([`crate::claim_window`]) as the liveness `changes` say: the datapath's quiet time, 0
+/// while open.
+fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Instant) {
+    let threshold = Duration::from_millis(member.config.cluster.keepalive_threshold_ms);
+    let mut window = lock(&member.claims);
+    let Some(open) = window.due(changes, threshold, now) else {
+        return;
+    };
     let quiet_ms = if open {
         0
     } else {
         member.config.datapath().claim_quiet_ms
     };
     match lock(&member.dp).set_claim_quiet(quiet_ms) {
-        Ok(()) => info!(
-            open,
-            "claims of live sessions settled by version alone: {}",
-            if open { "a peer is back" } else { "no longer" }
-        ),
+        Ok(()) => {
+            window.written(open);
+            info!(
+                open,
+                "claims of live sessions settled by version alone: {}",
+                if open { "a peer is back" } else { "no longer" }
+            );
+        }
         Err(e) => warn!(error = %error_chain(&e), "setting the claim window failed"),
     }
 }
 
-/// Applies what the membership rules decided: the XDP member map (takeover) and logs (a
-/// burst per member, then one line per interval, and the state once more after lines were
-/// left out: [`LogLimiter`]). Returns whether some peer became alive.
-fn apply_membership(member: &Member) -> bool {
+/// Applies what the membership rules decided: the XDP member map (takeover), the claim window
+/// and logs (a burst per member, then one line per interval, and the state once more after
+/// lines were left out: [`LogLimiter`]). Every evaluation of the membership goes through it:
+/// a change is reported once.
+pub(crate) fn apply_membership(member: &Member) {
     let now = Instant::now();
     let changes = lock(&member.membership).evaluate(now);
-    let returned = changes.liveness.iter().any(|&(_, alive)| alive);
+    update_claim_window(member, &changes.liveness, now);
     for (id, alive) in changes.liveness {
         if let Some(skipped) = member.liveness_lines.allow(&liveness_key(id), now) {
             log_liveness(id, alive, skipped);
@@ -624,7 +629,6 @@ fn apply_membership(member: &Member) -> bool {
     if let Some(state) = changes.local_state {
         info!(state = state.name(), "local member state changed");
     }
-    returned
 }
 
 /// The log limiter's key of member `id`'s liveness lines.

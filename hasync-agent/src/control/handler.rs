@@ -184,13 +184,19 @@ fn handle(member: &Member, request: Request) -> Response {
             Response::ok(FlapsView::from_membership(&lock(&member.membership), now))
         }
         Request::Suspend | Request::Functional => {
-            let mut m = lock(&member.membership);
-            if matches!(request, Request::Suspend) {
-                m.suspend();
-            } else {
-                m.functional(now);
+            {
+                let mut m = lock(&member.membership);
+                if matches!(request, Request::Suspend) {
+                    m.suspend();
+                } else {
+                    m.functional(now);
+                }
             }
-            m.evaluate(now);
+            // The main loop's own step: the changes an evaluation reports (once) reach the
+            // XDP member map, the claim window and the logs. (Dropped here, a peer's death
+            // due at that moment never reached the member map.)
+            crate::runtime::apply_membership(member);
+            let m = lock(&member.membership);
             Response::ok(LocalStateView::new(m.local, m.state))
         }
     }
