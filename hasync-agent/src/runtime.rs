@@ -574,9 +574,8 @@ fn write_all_liveness(member: &Member) {
 /// ([`crate::claim_window`]) as the liveness `changes` say: the datapath's quiet time, 0
 /// while open.
 fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Instant) {
-    let threshold = Duration::from_millis(member.config.cluster.keepalive_threshold_ms);
     let mut window = lock(&member.claims);
-    let Some(open) = window.due(changes, threshold, now) else {
+    let Some(open) = window.due(changes, now) else {
         return;
     };
     let quiet_ms = if open {
