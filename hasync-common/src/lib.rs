@@ -31,7 +31,7 @@ pub use event::{Event, EventKind};
 pub use fib::{FibEntry, FibKey, IngressMac};
 pub use flow::{Family, FlowKey, FragmentKey};
 pub use ids::{ClusterId, MemberId, ZoneId};
-pub use member::MemberEntry;
+pub use member::{MemberEntry, ReplicaRoom};
 pub use session::{EmbryoSlot, Session, SessionFlags, State, STATE_COUNT};
 pub use table_programs::{
     ApplyHeader, ApplyOp, ApplyOutcome, ApplyRecord, ApplySource, ReadHeader, ReadSlot,
@@ -71,6 +71,7 @@ mod pod {
         Counters,
         DatapathConfig,
         MemberEntry,
+        ReplicaRoom,
         ZoneId,
         ApplyRecord,
         ApplyHeader,

@@ -13,7 +13,7 @@ use hasync_common::{
     },
     member::MEMBER_SLOTS,
     Counters, DatapathConfig, EmbryoSlot, FibEntry, FlowKey, FragmentKey, IngressMac, MemberEntry,
-    Session, ZoneBinding,
+    ReplicaRoom, Session, ZoneBinding,
 };
 
 /// A plain hash, not an LRU: nothing leaves it silently. Embryonic sessions are bounded and
@@ -31,6 +31,9 @@ pub static EMBRYO_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static REPLICA_EMBRYO_HEAD: Array<u64> = Array::with_max_entries(MEMBER_SLOTS, 0);
+
+#[map]
+pub static REPLICA_ROOM: Array<ReplicaRoom> = Array::with_max_entries(MEMBER_SLOTS, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =

@@ -20,7 +20,7 @@ use hasync_common::{
 
 use crate::{
     embryo, log,
-    maps::{CONFIG, COUNTERS, SESSIONS},
+    maps::{CONFIG, COUNTERS, REPLICA_ROOM, SESSIONS},
     session::{owner_alive, E2BIG},
 };
 
@@ -212,7 +212,9 @@ impl Batch for ApplyHeader {
 /// initiator and zone), and an embryonic replica takes
 /// its slot in its owner's part of the EMBRYOS ring, unless the local copy holds that slot
 /// already (which may evict the owner's oldest embryonic replica; never an assured session,
-/// never another member's). False when the replica is refused (its owner has no part).
+/// never another member's), and a peer's assured copy where the table held none takes room from
+/// its owner's limit ([`take_replica_room`]). False when the replica is refused (its owner has
+/// no part, or no room left).
 #[inline(always)]
 fn admit(
     cfg: &DatapathConfig,
@@ -238,7 +240,8 @@ fn admit(
         incoming.reply_zone = l.reply_zone;
     }
     if !incoming.is_embryonic() {
-        return true;
+        let held = local.is_some_and(|l| !l.is_embryonic() && l.owner == incoming.owner);
+        return held || incoming.owner == cfg.local_member || take_replica_room(counters, incoming);
     }
     if let Some(l) = local.filter(|l| l.is_embryonic() && l.owner == incoming.owner) {
         if owner_ticket.is_none_or(|t| t == l.ticket) {
@@ -247,6 +250,24 @@ fn admit(
         }
     }
     embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
+}
+
+/// Takes room for one more assured copy of `incoming`'s owner's sessions
+/// (`hasync_common::ReplicaRoom`); false, and counted, when its limit is reached.
+#[inline(always)]
+fn take_replica_room(counters: &mut Counters, incoming: &Session) -> bool {
+    let Some(room) = REPLICA_ROOM.get_ptr_mut(u32::from(incoming.owner.0)) else {
+        return false;
+    };
+    // SAFETY: a map value valid for the program's run; only the (serialized) apply program
+    // writes `added`, and the agent writes `limit` under the same hold.
+    let room = unsafe { &mut *room };
+    if room.added >= room.limit {
+        counters.inc(Counter::ReplicasOverLimit);
+        return false;
+    }
+    room.added = room.added.wrapping_add(1);
+    true
 }
 
 /// Applies one record. An insert that races a session the fast path just created is resolved
@@ -284,7 +305,8 @@ fn apply_record(
                     BPF_EXIST
                 };
                 // A replica refused for want of a part (its owner's id is past the configured
-                // ones, which the agent's owner check already refuses) counts as no room.
+                // ones, which the agent's owner check already refuses) or past its owner's
+                // limit counts as no room.
                 if !admitted && !admit(cfg, counters, rec, local) {
                     out.full = out.full.wrapping_add(1);
                     return;

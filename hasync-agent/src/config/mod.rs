@@ -164,6 +164,12 @@ pub struct Local {
     /// [`Config::embryonic_capacity`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embryonic_capacity: Option<u32>,
+    /// Assured sessions of any one other member this member's table holds copies of at most;
+    /// past it, that member's new ones are refused (`replicas-over-limit`), so what a peer sends
+    /// never takes the room this member's own flows need. 1 to `session_capacity`; default
+    /// three quarters of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_limit: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);
     /// empty disables it.
     #[serde(default = "defaults::http")]
@@ -388,6 +394,10 @@ impl Config {
                 // As many again are kept for each other member's embryonic sessions.
                 (1, u64::from(self.embryonic_capacity_max())),
             );
+        }
+        if let Some(r) = l.replica_limit {
+            let most = u64::from(l.session_capacity);
+            check_range(p, "local.replica_limit", u64::from(r), (1, most));
         }
         check_pin_dir(p, &l.pin_dir);
         for (key, path) in [

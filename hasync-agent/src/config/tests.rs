@@ -258,6 +258,16 @@ fn invalid_values_are_named_with_their_range() {
         ),
         (
             "member = 1\n",
+            "member = 1\nsession_capacity = 1024\nreplica_limit = 1025\n",
+            "local.replica_limit = 1025 is out of range 1–1024",
+        ),
+        (
+            "member = 1\n",
+            "member = 1\nreplica_limit = 0\n",
+            "local.replica_limit = 0 is out of range 1–1048576",
+        ),
+        (
+            "member = 1\n",
             "member = 3\n",
             "local.member = 3 is missing from [[members]]",
         ),

@@ -310,6 +310,7 @@ mod tests {
                 total: 42,
                 embryonic: 5,
                 by_owner,
+                assured_by_owner: by_owner,
             },
         )));
         let bounds = TableBounds {

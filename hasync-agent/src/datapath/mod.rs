@@ -14,6 +14,7 @@ pub mod logger;
 pub mod pin;
 pub mod pod;
 mod ports;
+pub mod replica_room;
 pub mod sweep;
 pub mod sweep_table;
 pub(crate) mod sys;
@@ -262,6 +263,9 @@ pub struct DatapathOptions {
     /// the highest member id of the cluster (replicas of a member past it are refused while
     /// embryonic).
     pub replica_parts: u8,
+    /// The most assured sessions of any one peer the table holds copies of (see
+    /// [`replica_room`]); `None`: three quarters of the table. At most the table's capacity.
+    pub replica_limit: Option<u32>,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
     /// Pin the maps and XDP links here (on bpffs) and reuse what an earlier agent pinned there
@@ -283,6 +287,7 @@ impl DatapathOptions {
             embryonic_capacity: None,
             embryonic_share: names::EMBRYONIC_SHARE,
             replica_parts: DEFAULT_REPLICA_PARTS,
+            replica_limit: None,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
             log: DatapathLog::default(),
@@ -433,6 +438,8 @@ pub struct Datapath {
     fib_seed: u32,
     /// Forwards the log program's records (`None`: `[local] datapath_log = "off"`).
     logger: Option<DatapathLogger>,
+    /// The most assured copies of one peer's sessions the table holds ([`replica_room`]).
+    replica_limit: u64,
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -550,8 +557,14 @@ impl Datapath {
             ingress_macs: Default::default(),
             fib_seed: crate::random::random_u64() as u32,
             logger: None,
+            replica_limit: u64::from(
+                opts.replica_limit
+                    .unwrap_or_else(|| replica_room::default_limit(capacity))
+                    .min(capacity),
+            ),
         };
         dp.load_programs()?;
+        dp.open_replica_room()?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;

@@ -10,6 +10,7 @@ use hasync_common::{maps as names, FlowKey, Session};
 use super::{
     batch::{BatchCursor, BatchMap},
     batch_err,
+    replica_room::Added,
     sweep::{delete_doomed, IncrementalSweep, PassSummary, Removed, SweptTable},
     Datapath, DatapathError, SessionReader, DEFAULT_CHUNK,
 };
@@ -103,11 +104,14 @@ impl SweptTable for Beside<'_> {
 }
 
 /// The agent's incremental sweep (see [`IncrementalSweep`]), walking beside its lock of the
-/// datapath through a descriptor of its own (opened at the first step and kept).
+/// datapath through a descriptor of its own (opened at the first step and kept). Each pass also
+/// renews the room peers' replicas have (see [`super::replica_room`]).
 #[derive(Default)]
 pub struct SweepBeside {
     state: IncrementalSweep,
     reader: Option<SessionReader>,
+    /// The apply program's counts of copies made, read as the pass under way started.
+    added_at_start: Added,
 }
 
 impl SweepBeside {
@@ -126,6 +130,10 @@ impl SweepBeside {
             let mut dp = lock(dp);
             dp.keep_clock();
             dp.read_sessions(&[FlowKey::default()], &mut Vec::new())?;
+            if !self.state.under_way() {
+                // This step may start a pass: whatever is added from here on counts.
+                self.added_at_start = dp.replicas_added()?;
+            }
             let reader = match self.reader.take() {
                 Some(reader) => reader,
                 None => dp.session_reader()?,
@@ -133,8 +141,13 @@ impl SweepBeside {
             (dp.config()?, reader)
         };
         let table = Beside::new(self.reader.insert(reader), dp)?;
-        self.state
-            .step(&table, &cfg, STEP_CHUNK, budget, on_removed)
+        let pass = self
+            .state
+            .step(&table, &cfg, STEP_CHUNK, budget, on_removed)?;
+        if let Some(pass) = &pass {
+            lock(dp).renew_replica_room(&self.added_at_start, &pass.kept.assured_by_owner)?;
+        }
+        Ok(pass)
     }
 }
 
