@@ -19,8 +19,8 @@ use crate::{
     config::{self, parse_cidr, Config},
     control::ControlRequest,
     datapath::{
-        error_chain, events::MAX_BATCH, sweep_table::SweepBeside, Datapath, EventStream,
-        RemoveReason, Removed,
+        error_chain, events::MAX_BATCH, replica_room::RECOUNT_EVERY, sweep_table::SweepBeside,
+        Datapath, EventStream, RemoveReason, Removed,
     },
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
@@ -381,6 +381,8 @@ struct MainLoop {
     removals: RecentRemovals,
     /// When the datapath's log is drained next.
     next_log_drain: Instant,
+    /// When the peers' pool of the table is counted again next.
+    next_recount: Instant,
 }
 
 impl MainLoop {
@@ -403,6 +405,7 @@ impl MainLoop {
             owned: Vec::new(),
             removals: RecentRemovals::default(),
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
+            next_recount: Instant::now() + RECOUNT_EVERY,
         }
     }
 
@@ -474,6 +477,20 @@ impl MainLoop {
         member.engine.flush();
         self.make_up_for_lost_events(member);
         self.drain_datapath_log(member);
+        self.recount_replicas(member);
+    }
+
+    /// Counts the peers' pool of the table again, every [`RECOUNT_EVERY`] (see
+    /// `datapath::replica_room`).
+    fn recount_replicas(&mut self, member: &Member) {
+        if Instant::now() < self.next_recount {
+            return;
+        }
+        self.next_recount = Instant::now() + RECOUNT_EVERY;
+        let counted = tokio::task::block_in_place(|| lock(&member.dp).recount_replicas());
+        if let Err(e) = counted {
+            warn!(error = %error_chain(&e), "counting peers' sessions in the table failed");
+        }
     }
 
     /// Logs what the datapath noted (`[local] datapath_log`), once every [`LOG_DRAIN_EVERY`].

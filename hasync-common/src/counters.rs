@@ -62,9 +62,10 @@ counters! {
     /// alive here and the flow still sees traffic: the session is kept as it was
     /// (`hasync_common::conflict::claimable`).
     ClaimsRefused = "claims-refused",
-    /// Peers' records refused because they would have made one more assured copy of a member's
-    /// sessions than `[local] replica_limit` allows (`hasync_common::ReplicaRoom`): what a peer
-    /// sends cannot take the room this member's own flows need.
+    /// Peers' records refused because the peers' pool of the table is full: an assured copy
+    /// where the table held none, or a new embryonic copy, past `[local] replica_limit`
+    /// (`hasync_common::ReplicaRoom`): what peers send cannot take the room this member's own
+    /// flows need.
     ReplicasOverLimit = "replicas-over-limit",
     /// Events written to the ring buffer.
     Events = "events",

@@ -26,10 +26,9 @@ pub const EMBRYO_HEAD: &str = "EMBRYO_HEAD";
 /// out to records that came without their owner's ticket (only the apply program writes it,
 /// and the agent runs it one batch at a time).
 pub const REPLICA_EMBRYO_HEAD: &str = "REPLICA_EMBRYO_HEAD";
-/// Array of one `ReplicaRoom` per member id: how many more assured copies of each member's
-/// sessions this member may make (only the apply program writes `added`, and the agent writes
-/// `limit` under the same hold of the datapath it applies records with). Not pinned: a
-/// restarted agent counts again from its first pass.
+/// Array of one `ReplicaRoom`: the peers' pool of the session table (written by the apply
+/// program and by the agent, both under the agent's hold of the datapath). Not pinned: an
+/// agent counts the table at start.
 pub const REPLICA_ROOM: &str = "REPLICA_ROOM";
 /// LRU hash: `FragmentKey` → when its first fragment passed (`u64`, session clock ns).
 pub const FRAGMENTS: &str = "FRAGMENTS";

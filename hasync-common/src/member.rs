@@ -15,24 +15,25 @@ crate::assert_size!(MemberEntry, 8);
 /// Number of MEMBERS entries: member ids 1–16 index directly.
 pub const MEMBER_SLOTS: u32 = crate::ids::MemberId::MAX as u32 + 1;
 
-/// Entry of the REPLICA_ROOM array, indexed by member id: how many of that member's sessions
-/// this member may still make assured copies of. Peers' assured replicas are never evicted, so
-/// without a bound one peer (a lying one, or one with a larger table) could fill the whole
-/// table and leave no room for this member's own flows.
+/// The one entry of the REPLICA_ROOM array: the peers' pool of the session table. Assured
+/// sessions are never evicted, so without a bound what peers send (a lying peer's made-up
+/// sessions, a peer with a larger table, a full sync bigger than this table) could fill it and
+/// leave no room for this member's own flows. The pool holds the assured sessions written from
+/// peers' records and not taken over since (`SessionFlags::FROM_PEER`): whoever owns them, so a
+/// failover between peers (an owner's copies handed to another) moves nothing in or out.
 ///
-/// The apply program counts in `added` every record that makes an assured copy of the
-/// member's session where the table held none (new, embryonic, or another owner's), and
-/// refuses such records once `added` reaches `limit`. The agent sets `limit` after each pass
-/// of its sweep over the table: `added` as the pass started, plus the member's limit less the
-/// assured copies the pass counted. Copies made during the pass are counted in `added` from
-/// its start, whether or not the walk saw them, so the table never holds more than the limit
-/// (copies that left it meanwhile give their room back at the next pass).
+/// The apply program takes room for every assured copy it writes where the table held none (a
+/// new one, or over an embryonic copy or a session of this member's own), refuses such records
+/// and new embryonic copies while `held` is at `limit`, and gives room back for each copy it
+/// deletes. The agent gives back what its sweep deletes and counts the table again, under the
+/// same hold, at start and then periodically: that catches what the fast path changes (copies
+/// it takes over or makes assured, expired copies it replaces) and what a failed write took.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ReplicaRoom {
-    /// Assured copies made by the apply program since the datapath was loaded.
-    pub added: u64,
-    /// `added` may not reach this.
+    /// Assured copies in the pool.
+    pub held: u64,
+    /// `held` may not pass this (`[local] replica_limit`).
     pub limit: u64,
 }
 crate::assert_size!(ReplicaRoom, 16);

@@ -234,6 +234,13 @@ impl Session {
     pub const fn is_embryonic(&self) -> bool {
         !self.is_assured()
     }
+
+    /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]): an
+    /// assured session written from a peer's record and not taken over since?
+    #[inline(always)]
+    pub const fn in_replica_pool(&self) -> bool {
+        self.flags.has(SessionFlags::FROM_PEER) && self.is_assured()
+    }
 }
 
 /// One slot of the EMBRYOS ring: the admission ring of embryonic sessions.

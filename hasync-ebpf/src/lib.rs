@@ -17,6 +17,7 @@ pub mod log;
 pub mod maps;
 pub mod parse;
 pub mod policy;
+pub mod replica_room;
 pub mod route;
 pub mod session;
 pub mod table_programs;

@@ -33,7 +33,7 @@ pub static EMBRYO_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 pub static REPLICA_EMBRYO_HEAD: Array<u64> = Array::with_max_entries(MEMBER_SLOTS, 0);
 
 #[map]
-pub static REPLICA_ROOM: Array<ReplicaRoom> = Array::with_max_entries(MEMBER_SLOTS, 0);
+pub static REPLICA_ROOM: Array<ReplicaRoom> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, u64> =

@@ -20,7 +20,8 @@ use hasync_common::{
 
 use crate::{
     embryo, log,
-    maps::{CONFIG, COUNTERS, REPLICA_ROOM, SESSIONS},
+    maps::{CONFIG, COUNTERS, SESSIONS},
+    replica_room,
     session::{owner_alive, E2BIG},
 };
 
@@ -212,9 +213,9 @@ impl Batch for ApplyHeader {
 /// initiator and zone), and an embryonic replica takes
 /// its slot in its owner's part of the EMBRYOS ring, unless the local copy holds that slot
 /// already (which may evict the owner's oldest embryonic replica; never an assured session,
-/// never another member's), and a peer's assured copy where the table held none takes room from
-/// its owner's limit ([`take_replica_room`]). False when the replica is refused (its owner has
-/// no part, or no room left).
+/// never another member's), and an assured copy where the table held none takes room from the
+/// peers' pool ([`replica_room`]). False when the replica is refused (its owner has no part, or
+/// the pool is full).
 #[inline(always)]
 fn admit(
     cfg: &DatapathConfig,
@@ -240,8 +241,7 @@ fn admit(
         incoming.reply_zone = l.reply_zone;
     }
     if !incoming.is_embryonic() {
-        let held = local.is_some_and(|l| !l.is_embryonic() && l.owner == incoming.owner);
-        return held || incoming.owner == cfg.local_member || take_replica_room(counters, incoming);
+        return local.is_some_and(|l| l.in_replica_pool()) || replica_room::take(counters);
     }
     if let Some(l) = local.filter(|l| l.is_embryonic() && l.owner == incoming.owner) {
         if owner_ticket.is_none_or(|t| t == l.ticket) {
@@ -249,25 +249,11 @@ fn admit(
             return true;
         }
     }
-    embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
-}
-
-/// Takes room for one more assured copy of `incoming`'s owner's sessions
-/// (`hasync_common::ReplicaRoom`); false, and counted, when its limit is reached.
-#[inline(always)]
-fn take_replica_room(counters: &mut Counters, incoming: &Session) -> bool {
-    let Some(room) = REPLICA_ROOM.get_ptr_mut(u32::from(incoming.owner.0)) else {
-        return false;
-    };
-    // SAFETY: a map value valid for the program's run; only the (serialized) apply program
-    // writes `added`, and the agent writes `limit` under the same hold.
-    let room = unsafe { &mut *room };
-    if room.added >= room.limit {
-        counters.inc(Counter::ReplicasOverLimit);
+    // A full pool takes no new embryonic copies either: traffic here could make them assured.
+    if local.is_none() && replica_room::full(counters) {
         return false;
     }
-    room.added = room.added.wrapping_add(1);
-    true
+    embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
 }
 
 /// Applies one record. An insert that races a session the fast path just created is resolved
@@ -339,6 +325,9 @@ fn apply_record(
                     unsafe { (*p).flags.0 |= SessionFlags::ORPHANED };
                     out.orphaned = out.orphaned.wrapping_add(1);
                 } else if SESSIONS.remove(&rec.key).is_ok() {
+                    if local.is_some_and(|l| l.in_replica_pool()) {
+                        replica_room::release();
+                    }
                     out.deleted = out.deleted.wrapping_add(1);
                 } else {
                     out.kept = out.kept.wrapping_add(1);

@@ -164,10 +164,10 @@ pub struct Local {
     /// [`Config::embryonic_capacity`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embryonic_capacity: Option<u32>,
-    /// Assured sessions of any one other member this member's table holds copies of at most;
-    /// past it, that member's new ones are refused (`replicas-over-limit`), so what a peer sends
-    /// never takes the room this member's own flows need. 1 to `session_capacity`; default
-    /// three quarters of it.
+    /// Assured sessions that peers' records may hold in this member's table, all peers
+    /// together; past it, records that would add one are refused (`replicas-over-limit`), so
+    /// what peers send never takes the room this member's own flows need. 1 to
+    /// `session_capacity`; default three quarters of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_limit: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);

@@ -310,7 +310,6 @@ mod tests {
                 total: 42,
                 embryonic: 5,
                 by_owner,
-                assured_by_owner: by_owner,
             },
         )));
         let bounds = TableBounds {

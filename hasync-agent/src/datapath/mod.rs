@@ -263,8 +263,8 @@ pub struct DatapathOptions {
     /// the highest member id of the cluster (replicas of a member past it are refused while
     /// embryonic).
     pub replica_parts: u8,
-    /// The most assured sessions of any one peer the table holds copies of (see
-    /// [`replica_room`]); `None`: three quarters of the table. At most the table's capacity.
+    /// The most assured sessions peers' records may hold in the table (see [`replica_room`]);
+    /// `None`: three quarters of the table. At most the table's capacity.
     pub replica_limit: Option<u32>,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
@@ -438,7 +438,7 @@ pub struct Datapath {
     fib_seed: u32,
     /// Forwards the log program's records (`None`: `[local] datapath_log = "off"`).
     logger: Option<DatapathLogger>,
-    /// The most assured copies of one peer's sessions the table holds ([`replica_room`]).
+    /// The most assured sessions peers' records may hold in the table ([`replica_room`]).
     replica_limit: u64,
 }
 
@@ -564,7 +564,8 @@ impl Datapath {
             ),
         };
         dp.load_programs()?;
-        dp.open_replica_room()?;
+        // A reused table may hold copies already.
+        dp.recount_replicas()?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;

@@ -1,73 +1,86 @@
-//! Room for peers' replicas: one peer's assured sessions may take at most
-//! `[local] replica_limit` entries of this member's table (three quarters of it by default), so
-//! that what a peer sends (a lying peer's made-up sessions, or a peer with a larger table)
-//! never takes the room this member's own flows and the other peers' need. Replicas are never
-//! evicted, and without a bound the table filled and every new flow here was refused.
+//! The peers' pool of the session table (`[local] replica_limit`, three quarters of the table
+//! by default; see `hasync_common::ReplicaRoom`): the assured sessions peers' records wrote
+//! here may take at most that many entries, so what peers send (a lying peer's made-up
+//! sessions, a peer with a larger table) never takes the room this member's own flows need.
+//! Replicas are never evicted: before the pool, one peer could fill the table and every new
+//! flow here was refused.
 //!
-//! The apply program keeps the count and refuses past the limit
-//! (`hasync_common::ReplicaRoom`, counter `replicas-over-limit`); the agent renews each
-//! member's limit after every pass of its sweep from what the pass counted
-//! ([`Datapath::renew_replica_room`]). A restarted agent that kept its table starts each limit
-//! whole: until its first pass ends (about 12 s for a million sessions) a peer may add up to the
-//! limit again.
+//! The apply program keeps the count as it writes and deletes copies; the sweep gives back
+//! what it deletes ([`pooled`]); the agent counts the table again at load and every
+//! [`RECOUNT_EVERY`] ([`Datapath::recount_replicas`]), holding the datapath, for what the fast
+//! path changed meanwhile.
 
-use aya::maps::Array;
-use hasync_common::{maps as names, member::MEMBER_SLOTS, ReplicaRoom};
+use std::time::Duration;
 
-use super::{map_err, sweep::OWNER_SLOTS, Datapath, DatapathError};
+use hasync_common::{maps as names, FlowKey, ReplicaRoom, Session};
 
-/// The apply program's count of copies made, per member id.
-pub type Added = [u64; OWNER_SLOTS];
+use super::{batch::BatchMap, batch_err, Datapath, DatapathError, DEFAULT_CHUNK};
 
-/// The default limit: three quarters of a table of `capacity` entries.
+/// How often the agent counts the pool again.
+pub const RECOUNT_EVERY: Duration = Duration::from_secs(30);
+
+/// The default limit: three quarters of a table of `capacity` entries (at least one).
 pub fn default_limit(capacity: u32) -> u32 {
-    capacity / 4 * 3
+    (capacity / 4 * 3).max(1)
+}
+
+/// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in the pool
+/// (`fresh`: the candidates' copies as read before the delete).
+pub(super) fn pooled(candidates: &[FlowKey], fresh: &[Option<Session>], doomed: &[FlowKey]) -> u64 {
+    let mut doomed = doomed.iter().peekable();
+    let mut n = 0;
+    for (key, s) in candidates.iter().zip(fresh) {
+        if doomed.peek() == Some(&key) {
+            doomed.next();
+            n += u64::from(s.is_some_and(|s| s.in_replica_pool()));
+        }
+    }
+    n
 }
 
 impl Datapath {
-    fn replica_room(
-        &mut self,
-    ) -> Result<Array<&mut aya::maps::MapData, ReplicaRoom>, DatapathError> {
-        Array::try_from(self.map_mut(names::REPLICA_ROOM)?).map_err(map_err(names::REPLICA_ROOM))
+    fn replica_room(&self) -> Result<BatchMap<'_, u32, ReplicaRoom>, DatapathError> {
+        let map = match self.map(names::REPLICA_ROOM)? {
+            aya::maps::Map::Array(data) => data,
+            _ => return Err(DatapathError::NoMap(names::REPLICA_ROOM)),
+        };
+        BatchMap::new(std::os::fd::AsFd::as_fd(map.fd())).map_err(batch_err(names::REPLICA_ROOM))
     }
 
-    /// Gives every member its whole limit (at load: nothing counted yet).
-    pub(super) fn open_replica_room(&mut self) -> Result<(), DatapathError> {
-        let limit = self.replica_limit;
-        let mut map = self.replica_room()?;
-        for id in 0..MEMBER_SLOTS {
-            let room = ReplicaRoom { added: 0, limit };
-            map.set(id, room, 0).map_err(map_err(names::REPLICA_ROOM))?;
-        }
-        Ok(())
-    }
-
-    /// The apply program's count of copies made, per member id.
-    pub fn replicas_added(&mut self) -> Result<Added, DatapathError> {
+    /// The pool as the apply program sees it.
+    pub fn replica_pool(&self) -> Result<ReplicaRoom, DatapathError> {
         let map = self.replica_room()?;
-        let mut added = [0; OWNER_SLOTS];
-        for (id, n) in (0..).zip(added.iter_mut()) {
-            *n = map.get(&id, 0).map_err(map_err(names::REPLICA_ROOM))?.added;
-        }
-        Ok(added)
+        let room = map.lookup(&0).map_err(batch_err(names::REPLICA_ROOM))?;
+        Ok(room.unwrap_or_default())
     }
 
-    /// After a pass of the sweep that started when the counts were `added_at_start` and found
-    /// `assured` copies of each member's sessions: each member may add its limit less those
-    /// (see `hasync_common::ReplicaRoom`). Under the hold the apply program runs with.
-    pub fn renew_replica_room(
-        &mut self,
-        added_at_start: &Added,
-        assured: &Added,
-    ) -> Result<(), DatapathError> {
+    fn set_replica_pool(&self, room: ReplicaRoom) -> Result<(), DatapathError> {
+        let map = self.replica_room()?;
+        map.update_batch(&[0], &[room], 0)
+            .map_err(batch_err(names::REPLICA_ROOM))
+    }
+
+    /// Counts the pool's copies in the table and sets the pool to that count and the limit;
+    /// returns the count. Holding the datapath, so that no record is applied meanwhile (the walk
+    /// takes about 0.4 s per million sessions).
+    pub fn recount_replicas(&self) -> Result<u64, DatapathError> {
+        let mut held = 0u64;
+        self.sessions_chunked(DEFAULT_CHUNK * 8, |_, values| {
+            held += values.iter().filter(|s| s.in_replica_pool()).count() as u64;
+        })?;
         let limit = self.replica_limit;
-        let mut map = self.replica_room()?;
-        for ((id, start), held) in (0..).zip(added_at_start).zip(assured) {
-            let mut room = map.get(&id, 0).map_err(map_err(names::REPLICA_ROOM))?;
-            room.limit = start.saturating_add(limit.saturating_sub(*held));
-            map.set(id, room, 0).map_err(map_err(names::REPLICA_ROOM))?;
+        self.set_replica_pool(ReplicaRoom { held, limit })?;
+        Ok(held)
+    }
+
+    /// Gives back the room of `n` copies of the pool the agent deleted (holding the datapath).
+    pub(super) fn release_replicas(&self, n: u64) -> Result<(), DatapathError> {
+        if n == 0 {
+            return Ok(());
         }
-        Ok(())
+        let room = self.replica_pool()?;
+        let held = room.held.saturating_sub(n);
+        self.set_replica_pool(ReplicaRoom { held, ..room })
     }
 }
 
@@ -75,7 +88,9 @@ impl Datapath {
 mod tests {
     use std::sync::Mutex;
 
-    use hasync_common::{ApplyOp, ApplyRecord, ApplySource, Counter, MemberId, Session, State};
+    use hasync_common::{
+        ApplyOp, ApplyRecord, ApplySource, Counter, MemberId, SessionFlags, State,
+    };
 
     use super::*;
     use crate::datapath::{
@@ -85,59 +100,60 @@ mod tests {
     };
 
     const XDP_PASS: u32 = 2;
+    const SEC: u64 = 1_000_000_000;
 
-    fn established(owner: u8, version: u32, now: u64) -> Session {
+    /// A peer's copy as the wire decodes it: `owner`'s, at `version`, last seen `idle` ago.
+    fn copy(owner: u8, version: u32, state: State, idle: u64) -> Session {
+        let now = monotonic_ns();
         Session {
             version,
             owner: MemberId(owner),
-            state: State::Established as u8,
-            created_ns: now,
-            last_seen_ns: now,
+            state: state as u8,
+            flags: SessionFlags(SessionFlags::FROM_PEER),
+            created_ns: now - idle,
+            last_seen_ns: now - idle,
             ..Session::default()
         }
     }
 
     fn copies(owner: u8, version: u32, keys: std::ops::Range<u32>) -> Vec<ApplyRecord> {
-        let now = monotonic_ns();
-        keys.map(|i| {
-            let s = established(owner, version, now);
-            ApplyRecord::new(udp_key(i), s, ApplyOp::Upsert, false)
-        })
-        .collect()
-    }
-
-    fn from(sender: u8) -> ApplySource {
-        ApplySource {
-            sender: MemberId(sender),
-            reconciling: MemberId::NONE,
-        }
+        let s = copy(owner, version, State::Established, 0);
+        keys.map(|i| ApplyRecord::new(udp_key(i), s, ApplyOp::Upsert, false))
+            .collect()
     }
 
     /// (installed, refused for want of room) of applying `records` from `sender`.
     fn apply(dp: &mut Datapath, records: &[ApplyRecord], sender: u8) -> (u32, u32) {
+        let from = ApplySource {
+            sender: MemberId(sender),
+            reconciling: MemberId::NONE,
+        };
         let out = dp
-            .apply_records(records, from(sender), monotonic_ns())
+            .apply_records(records, from, monotonic_ns())
             .expect("apply");
         (out.installed, u32::from(out.full))
     }
 
-    /// One peer's established sessions cannot take the whole table: past its limit (three
-    /// quarters of the table by default) its new ones are refused, so this member's own new
-    /// flows still find room. Before, a peer's made-up sessions filled the table and every new
-    /// flow here was dropped (`drop-table-full`). Copies it holds still take its updates, and
-    /// another member's copies have a limit of their own.
+    fn held(dp: &Datapath) -> u64 {
+        dp.replica_pool().expect("pool").held
+    }
+
+    /// Peers' established sessions cannot take the whole table: past the pool's limit (three
+    /// quarters of the table by default) new ones are refused, embryonic ones too, so this
+    /// member's own new flows still find room. Before, a peer's made-up sessions filled the
+    /// table and every new flow here was dropped (`drop-table-full`). Copies held still take
+    /// their owners' updates.
     #[test]
-    fn a_peers_replicas_leave_room_for_this_members_own_flows() {
+    fn peers_copies_leave_room_for_this_members_own_flows() {
         let mut dp = datapath();
         let capacity = dp.capacity();
         let limit = default_limit(capacity);
         let flood = copies(2, 1, 0..capacity);
         assert_eq!(apply(&mut dp, &flood, 2), (limit, capacity - limit));
+        assert_eq!(held(&dp), u64::from(limit));
         let counters = dp.counters().expect("counters");
-        assert_eq!(
-            counters.get(Counter::ReplicasOverLimit),
-            u64::from(capacity - limit)
-        );
+        let refused = u64::from(capacity - limit);
+        assert_eq!(counters.get(Counter::ReplicasOverLimit), refused);
 
         let frame = udp_frame([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53);
         assert_eq!(test_run(&dp, &frame), XDP_PASS);
@@ -151,50 +167,88 @@ mod tests {
 
         assert_eq!(apply(&mut dp, &copies(2, 2, 0..10), 2), (10, 0), "updates");
         let third = copies(3, 1, capacity..capacity + 10);
-        assert_eq!(
-            apply(&mut dp, &third, 3),
-            (10, 0),
-            "another member's copies"
-        );
+        assert_eq!(apply(&mut dp, &third, 3), (0, 10), "one pool for all peers");
+        let embryonic = copy(3, 1, State::UdpNew, 0);
+        let embryonic = ApplyRecord::new(udp_key(capacity), embryonic, ApplyOp::Upsert, false);
+        assert_eq!(apply(&mut dp, &[embryonic], 3), (0, 1), "embryonic too");
+        assert_eq!(held(&dp), u64::from(limit));
     }
 
-    /// A pass of the sweep gives back the room of copies that left the table.
+    /// A failover between peers moves copies from one owner to another: nothing enters the
+    /// pool, and a full pool takes the new owner's records.
     #[test]
-    fn each_sweep_pass_renews_a_peers_room() {
+    fn a_failover_between_peers_takes_no_room() {
         let mut dp = datapath();
         let limit = default_limit(dp.capacity());
         assert_eq!(apply(&mut dp, &copies(2, 1, 0..limit), 2), (limit, 0));
-        let gone: Vec<_> = (0..1000)
+        // Member 2 is not alive here: member 3 took its flows over.
+        assert_eq!(apply(&mut dp, &copies(3, 2, 0..100), 3), (100, 0));
+        assert_eq!(held(&dp), u64::from(limit));
+    }
+
+    /// Copies the apply program or the sweep deletes give their room back at once.
+    #[test]
+    fn deleted_copies_give_their_room_back() {
+        let mut dp = datapath();
+        let limit = default_limit(dp.capacity());
+        assert_eq!(apply(&mut dp, &copies(2, 1, 0..limit), 2), (limit, 0));
+        let gone: Vec<_> = (0..10)
             .map(|i| ApplyRecord::removal(udp_key(i), MemberId(2), 1))
             .collect();
+        let from_2 = ApplySource {
+            sender: MemberId(2),
+            reconciling: MemberId::NONE,
+        };
         let out = dp
-            .apply_records(&gone, from(2), monotonic_ns())
+            .apply_records(&gone, from_2, monotonic_ns())
             .expect("apply");
-        assert_eq!(out.deleted, 1000);
-        let more = copies(2, 1, limit..limit + 1001);
-        assert_eq!(apply(&mut dp, &more, 2), (0, 1001), "no pass yet");
+        assert_eq!(out.deleted, 10);
+        let more = copies(2, 1, limit..limit + 11);
+        assert_eq!(apply(&mut dp, &more, 2), (10, 1));
 
+        // 100 copies idle for 10 s, expired with a 5 s timeout: the sweep removes them.
+        let idle = copy(2, 1, State::Established, 10 * SEC);
+        let idle: Vec<_> = (20_000..20_100).map(|i| (udp_key(i), idle)).collect();
+        dp.insert_sessions(&idle).expect("insert");
+        assert_eq!(
+            dp.recount_replicas().expect("recount"),
+            u64::from(limit) + 100
+        );
+        let mut cfg = dp.config().expect("config");
+        cfg.timeouts_ns[State::Established as usize] = 5 * SEC;
+        dp.set_config(&cfg).expect("config");
         let dp = Mutex::new(dp);
         let pass = SweepBeside::default().step(&dp, 1 << 20, |_| {});
         assert!(pass.expect("step").is_some(), "a whole pass");
-        let mut dp = dp.into_inner().expect("lock");
-        assert_eq!(apply(&mut dp, &more, 2), (1000, 1));
+        let dp = dp.into_inner().expect("lock");
+        assert_eq!(
+            held(&dp),
+            u64::from(limit),
+            "the 100 expired copies' room is back"
+        );
     }
 
-    /// Copies made while a pass walked count against the room it renews, whether the walk saw
-    /// them or not.
+    /// What the fast path changed (a copy taken over, one it made assured) and what the
+    /// apply program did not see is found by the next count.
     #[test]
-    fn copies_made_during_a_pass_count_against_its_renewal() {
+    fn a_recount_finds_what_the_apply_program_did_not_see() {
         let mut dp = datapath();
         let limit = default_limit(dp.capacity());
-        // A pass that started before these 10 were made and did not see them.
-        let at_start = dp.replicas_added().expect("read");
-        let during = copies(3, 1, 10_000..10_010);
-        assert_eq!(apply(&mut dp, &during, 3), (10, 0));
-        dp.renew_replica_room(&at_start, &[0; OWNER_SLOTS])
-            .expect("renew");
-        let after = copies(3, 1, 20_000..20_000 + limit);
-        assert_eq!(apply(&mut dp, &after, 3), (limit - 10, 10));
+        let pooled = copy(2, 1, State::Established, 0);
+        let entries: Vec<_> = (0..100).map(|i| (udp_key(i), pooled)).collect();
+        dp.insert_sessions(&entries).expect("insert");
+        let taken = Session {
+            owner: MemberId(1),
+            flags: SessionFlags(SessionFlags::TAKEN_OVER),
+            ..pooled
+        };
+        let embryonic = copy(2, 1, State::UdpNew, 0);
+        dp.insert_sessions(&[(udp_key(0), taken), (udp_key(1), embryonic)])
+            .expect("insert");
+        assert_eq!(held(&dp), 0);
+        assert_eq!(dp.recount_replicas().expect("recount"), 98);
+        let more = copies(2, 1, 1000..1000 + limit);
+        assert_eq!(apply(&mut dp, &more, 2), (limit - 98, 98));
     }
 
     /// `[local] replica_limit` sets the limit, at most the table.

@@ -359,9 +359,6 @@ pub struct Tally {
     /// Per owner id (index = member id); an owner past [`MemberId::MAX`] counts in `total`
     /// only.
     pub by_owner: [u64; OWNER_SLOTS],
-    /// Of them, the assured ones (what bounds a peer's copies: see
-    /// [`super::replica_room`]).
-    pub assured_by_owner: [u64; OWNER_SLOTS],
 }
 
 impl Tally {
@@ -369,12 +366,8 @@ impl Tally {
     pub fn add(&mut self, session: &Session) {
         self.total += 1;
         self.embryonic += u64::from(session.is_embryonic());
-        let owner = usize::from(session.owner.0);
-        if let Some(n) = self.by_owner.get_mut(owner) {
+        if let Some(n) = self.by_owner.get_mut(usize::from(session.owner.0)) {
             *n += 1;
-        }
-        if let Some(n) = self.assured_by_owner.get_mut(owner) {
-            *n += u64::from(!session.is_embryonic());
         }
     }
 }
@@ -426,11 +419,6 @@ fn shortest_timeout(cfg: &DatapathConfig) -> u64 {
 }
 
 impl IncrementalSweep {
-    /// Whether a pass is under way (between passes, the next step may start one).
-    pub fn under_way(&self) -> bool {
-        self.started.is_some()
-    }
-
     /// Looks at up to about `budget` sessions (in chunks of `chunk`); returns the summary when
     /// this step completed a pass over the table (a later step starts a new one when one is
     /// due).

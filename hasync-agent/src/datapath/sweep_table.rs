@@ -9,8 +9,7 @@ use hasync_common::{maps as names, FlowKey, Session};
 
 use super::{
     batch::{BatchCursor, BatchMap},
-    batch_err,
-    replica_room::Added,
+    batch_err, replica_room,
     sweep::{delete_doomed, IncrementalSweep, PassSummary, Removed, SweptTable},
     Datapath, DatapathError, SessionReader, DEFAULT_CHUNK,
 };
@@ -49,7 +48,10 @@ impl SweptTable for Datapath {
         let map = self.sessions_batch()?;
         self.read_sessions(candidates, fresh)?;
         pick(fresh, doomed);
-        delete_doomed(&map, doomed).map_err(batch_err(names::SESSIONS))
+        let deleted = delete_doomed(&map, doomed).map_err(batch_err(names::SESSIONS));
+        // What was deleted, also before a failure.
+        self.release_replicas(replica_room::pooled(candidates, fresh, doomed))?;
+        deleted
     }
 }
 
@@ -104,14 +106,11 @@ impl SweptTable for Beside<'_> {
 }
 
 /// The agent's incremental sweep (see [`IncrementalSweep`]), walking beside its lock of the
-/// datapath through a descriptor of its own (opened at the first step and kept). Each pass also
-/// renews the room peers' replicas have (see [`super::replica_room`]).
+/// datapath through a descriptor of its own (opened at the first step and kept).
 #[derive(Default)]
 pub struct SweepBeside {
     state: IncrementalSweep,
     reader: Option<SessionReader>,
-    /// The apply program's counts of copies made, read as the pass under way started.
-    added_at_start: Added,
 }
 
 impl SweepBeside {
@@ -130,10 +129,6 @@ impl SweepBeside {
             let mut dp = lock(dp);
             dp.keep_clock();
             dp.read_sessions(&[FlowKey::default()], &mut Vec::new())?;
-            if !self.state.under_way() {
-                // This step may start a pass: whatever is added from here on counts.
-                self.added_at_start = dp.replicas_added()?;
-            }
             let reader = match self.reader.take() {
                 Some(reader) => reader,
                 None => dp.session_reader()?,
@@ -141,13 +136,8 @@ impl SweepBeside {
             (dp.config()?, reader)
         };
         let table = Beside::new(self.reader.insert(reader), dp)?;
-        let pass = self
-            .state
-            .step(&table, &cfg, STEP_CHUNK, budget, on_removed)?;
-        if let Some(pass) = &pass {
-            lock(dp).renew_replica_room(&self.added_at_start, &pass.kept.assured_by_owner)?;
-        }
-        Ok(pass)
+        self.state
+            .step(&table, &cfg, STEP_CHUNK, budget, on_removed)
     }
 }
 

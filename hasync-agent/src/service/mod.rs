@@ -202,8 +202,8 @@ policy = "strict"
 # Default: 1/8 of session_capacity; each other member's get as many again, and all
 # members' together take at most 1/2.
 # embryonic_capacity = 131072
-# Assured sessions of any one other member held as copies at most (default: 3/4 of
-# session_capacity), so a peer's sessions never take the room this member's own need.
+# Assured sessions peers' records may hold here, all peers together (default: 3/4 of
+# session_capacity), so peers' sessions never take the room this member's own need.
 # replica_limit = 786432
 
 # The sync link, and its backup on another interface.

@@ -194,7 +194,7 @@ pub struct RecordCounts {
     /// Removals of a replica this member carries the flow of: kept, orphaned, to take over.
     pub orphaned: u64,
     pub refused_zone: u64,
-    /// Refused: the session table was full (of replied sessions).
+    /// Refused: the session table was full (of replied sessions), or its peers' pool.
     pub refused_full: u64,
     /// Refused: the sender may not speak for the owner, by reason.
     pub refused_owner: [(OwnerRefusal, u64); 2],

@@ -151,7 +151,8 @@ pub enum Rejection {
     BulkIncomplete,
     /// Records of a zone this member lacks.
     ZoneUnknown,
-    /// Records the session table had no room for.
+    /// Records the session table had no room for: the table full, or the peers' pool of it
+    /// (`[local] replica_limit`; the datapath counter `replicas-over-limit` tells which).
     TableFull,
     /// Records naming an owner the sender may not speak for: unknown to the configuration.
     UnknownOwner,
