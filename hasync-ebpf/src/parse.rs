@@ -40,8 +40,10 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// ICMP errors that quote the offending packet: destination unreachable, source quench,
 /// redirect, time exceeded, parameter problem.
 const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
-/// ICMPv6 errors: destination unreachable, packet too big, time exceeded, parameter problem.
-const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
+/// ICMPv6 error messages are the types below this (RFC 4443 §2.1: the high bit clear): the four
+/// named ones (destination unreachable, packet too big, time exceeded, parameter problem) and
+/// any other a sender may use, each quoting the packet it answers.
+const ICMPV6_FIRST_INFO: u8 = 128;
 /// Bytes of an ICMP/ICMPv6 header before the quoted packet.
 const ICMP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
@@ -437,7 +439,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             } else {
                 (
                     h[0] == ICMPV6_ECHO_REQUEST || h[0] == ICMPV6_ECHO_REPLY,
-                    ICMPV6_ERRORS.contains(&h[0]),
+                    h[0] < ICMPV6_FIRST_INFO,
                 )
             };
             if error {

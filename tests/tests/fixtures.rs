@@ -1015,6 +1015,19 @@ fn udp_icmp_rows() -> Vec<Row> {
             .pass(Frame::icmp(ip(C6), ip(S6), 135, 0).payload(16))
             .pass(Frame::icmp(ip(S6), ip(C6), 136, 0).payload(16))
             .counters(&[(C::DropIcmpErrorUnrelated, 3), (C::PassUntracked, 4)]),
+        Row::new("icmpv6 error types past the four named are errors too: related or dropped")
+            .pass(udp(C6, S6))
+            .pass(icmp_error(S6, C6, 42, &udp(C6, S6)))
+            .drop(icmp_error(S6, C6, 100, &udp("[fd00::10]:40001", S6)))
+            .drop(Frame::icmp(ip(S6), ip(C6), 127, 0))
+            .session(Expect::new(State::UdpNew))
+            .counters(&[
+                (C::Creates, 1),
+                (C::IcmpErrorRelated, 1),
+                (C::DropIcmpErrorUnrelated, 2),
+                (C::Events, 1),
+            ])
+            .events(&[E::Created]),
     ]
 }
 
