@@ -42,6 +42,9 @@ use crate::{
 pub struct Backend {
     source: Source,
     history: Arc<Mutex<History>>,
+    /// The server listens on a loopback address: it answers only requests addressed to
+    /// `localhost` or an IP address ([`addressed_here`]).
+    loopback: bool,
 }
 
 impl From<Source> for Backend {
@@ -49,6 +52,7 @@ impl From<Source> for Backend {
         Backend {
             source,
             history: Arc::default(),
+            loopback: false,
         }
     }
 }
@@ -112,7 +116,10 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| HttpError::Bind { addr, source })?;
     info!(address = %local, "metrics and dashboard listening (http://{local}/)");
-    let backend = Backend::from(source);
+    let backend = Backend {
+        loopback: local.ip().is_loopback(),
+        ..Backend::from(source)
+    };
     let sampler = tokio::spawn(sample_loop(backend.clone()));
     let server = tokio::spawn(async move {
         accept_loop(listener, backend).await;
@@ -168,7 +175,45 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
 }
 
 async fn handle(request: Request<Incoming>, backend: &Backend) -> Response<Full<Bytes>> {
+    if backend.loopback {
+        if let Some(host) = request.headers().get(header::HOST) {
+            if !addressed_here(host.as_bytes()) {
+                return misdirected(host);
+            }
+        }
+    }
     respond(request.method(), request.uri().path(), backend).await
+}
+
+/// Is `host` (a request's `Host`) a name a server on a loopback address answers to: an IP
+/// address, `localhost` or a name under it (which browsers resolve to loopback themselves),
+/// with or without a port? Any other name is a web page's whose own DNS name was made to point
+/// here (DNS rebinding): answered, the page would read the dashboard and the metrics across the
+/// browser's same-origin rule.
+pub fn addressed_here(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((inside, _)) => inside,
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost")
+}
+
+fn misdirected(host: &HeaderValue) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "Host {host:?} is not a name of this server: it listens on a loopback address and \
+             answers requests for localhost or an IP address only (a DNS name made to point \
+             here is a web page's, refused)\n"
+        ),
+    )
 }
 
 /// The answer to `method path`: the routing, without sockets (tests call it directly).

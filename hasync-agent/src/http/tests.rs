@@ -37,7 +37,7 @@ async fn exchange(addr: SocketAddrForTest, request: &[u8]) -> (u16, String, Stri
 type SocketAddrForTest = std::net::SocketAddr;
 
 fn get(path: &str) -> Vec<u8> {
-    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").into_bytes()
+    format!("GET {path} HTTP/1.1\r\nHost: localhost:9471\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 #[tokio::test]
@@ -74,14 +74,14 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
 
     let (status, head, body) = exchange(
         addr,
-        b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"HEAD /metrics HTTP/1.1\r\nHost: localhost:9471\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!((status, body.as_str()), (200, ""), "{head}");
 
     let (status, head, _) = exchange(
         addr,
-        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nHost: localhost:9471\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert_eq!(status, 405);
@@ -95,11 +95,31 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
     );
 
     // An oversized request head is refused, not buffered.
-    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
+    let mut big = b"GET / HTTP/1.1\r\nHost: localhost:9471\r\nX-Pad: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 64 * 1024));
     big.extend(b"\r\n\r\n");
     let (status, _, _) = exchange(addr, &big).await;
     assert_eq!(status, 431);
+
+    // A page's own name made to point here (DNS rebinding) is refused; addresses and localhost
+    // are served.
+    let rebound = b"GET /metrics HTTP/1.1\r\nHost: evil.example:9471\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = exchange(addr, rebound).await;
+    assert_eq!(status, 421);
+    assert!(
+        body.contains("\"evil.example:9471\" is not a name of this server"),
+        "{body}"
+    );
+    for host in [
+        "127.0.0.1:9471",
+        "[::1]:9471",
+        "LocalHost",
+        "grafana.localhost:80",
+    ] {
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let (status, _, _) = exchange(addr, request.as_bytes()).await;
+        assert_eq!(status, 200, "{host}");
+    }
 
     // The server stops with the runtime.
     drop(tx);
@@ -108,6 +128,31 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
         .await
         .expect("the server stops once the runtime is gone")
         .ok();
+}
+
+/// Only names a browser cannot be made to resolve elsewhere pass on a loopback listener.
+#[test]
+fn a_loopback_server_answers_addresses_and_localhost_only() {
+    for (host, here) in [
+        ("localhost", true),
+        ("localhost:9471", true),
+        ("localhost.:9471", true),
+        ("a.localhost", true),
+        ("127.0.0.1", true),
+        ("127.0.0.1:9471", true),
+        ("198.18.0.1:9471", true),
+        ("[::1]:9471", true),
+        ("[fd00::1]", true),
+        ("evil.example", false),
+        ("evil.example:9471", false),
+        ("localhost.evil.example", false),
+        ("127.0.0.1.nip.io:9471", false),
+        ("[::1", false),
+        ("", false),
+    ] {
+        assert_eq!(addressed_here(host.as_bytes()), here, "{host:?}");
+    }
+    assert!(!addressed_here(b"\xff"));
 }
 
 #[tokio::test]
