@@ -50,7 +50,9 @@ use std::{
     fs::{DirBuilder, OpenOptions},
     io::{Read as _, Write as _},
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -107,6 +109,8 @@ pub enum ProvisionError {
     },
     #[error("the existing key {path} holds {len} bytes; at least {MIN_KEY_BYTES} are required (remove it to get a new one)")]
     ShortKey { path: PathBuf, len: u64 },
+    #[error("{path} {why}")]
+    Unsafe { path: PathBuf, why: String },
 }
 
 fn bullets(problems: &[String]) -> String {
@@ -569,6 +573,12 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     let spec = Spec::load(spec_path)?;
     let configs = spec.configs(spec_path)?;
     mkdir(out, 0o755)?;
+    let meta = std::fs::metadata(out).map_err(|source| ProvisionError::Io {
+        what: "checking",
+        path: out.to_owned(),
+        source,
+    })?;
+    check_own_dir(out, &meta)?;
     let key = out.join("cluster.key");
     let new_key = ensure_key(&key)?;
     let key_bytes = std::fs::read(&key).map_err(|source| ProvisionError::Io {
@@ -634,12 +644,59 @@ fn write_members(
     for f in files {
         let dir = out.join(&f.serial);
         mkdir(&dir, 0o755)?;
+        check_own_dir(&dir, &unfollowed(&dir)?)?;
         write_file(&dir.join("hasync.toml"), f.config_text.as_bytes(), 0o644)?;
         write_file(&dir.join("cluster.key"), key_bytes, 0o600)?;
         write_file(&dir.join("setup-links.sh"), f.setup_links.as_bytes(), 0o755)?;
         members.push((f.serial.clone(), dir));
     }
     Ok(members)
+}
+
+/// `path`'s own metadata (a symbolic link's, not its target's).
+fn unfollowed(path: &Path) -> Result<std::fs::Metadata, ProvisionError> {
+    std::fs::symlink_metadata(path).map_err(|source| ProvisionError::Io {
+        what: "checking",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Refuses a directory to write the key and member files into that someone else could have
+/// filled (a planted key, a member directory linked elsewhere): `meta` (the directory's) must
+/// be a real directory, this user's or root's, that no group or other user may write.
+fn check_own_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
+    let unsafe_dir = |why: String| ProvisionError::Unsafe {
+        path: path.to_owned(),
+        why,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "is a symbolic link: member files are written only into directories of their own \
+             (remove the link)"
+                .into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(unsafe_dir(format!(
+            "is owned by uid {}: its owner could plant a key or a member directory in it (use a \
+             directory of your own)",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "is writable by group or others (mode {mode:04o}): any of them could plant a key or \
+             a member directory in it (chmod go-w)"
+        )));
+    }
+    Ok(())
 }
 
 fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {
@@ -679,7 +736,13 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProvisionError
 
 /// Creates `path` with 32 random bytes (mode 0600) unless it exists; true if it was created.
 fn ensure_key(path: &Path) -> Result<bool, ProvisionError> {
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(ProvisionError::Unsafe {
+            path: path.to_owned(),
+            why: "is not a regular file (a symbolic link or other): remove it, or put the \
+                  cluster's key there"
+                .into(),
+        }),
         Ok(meta) => {
             if meta.len() < MIN_KEY_BYTES as u64 {
                 return Err(ProvisionError::ShortKey {

@@ -282,3 +282,43 @@ fn the_example_parses_and_interface_names_are_quoted_for_the_shell() {
         assert!(!is_safe_dir_name(bad), "{bad:?}");
     }
 }
+
+/// An output directory someone else could have filled is refused before anything is written
+/// into it: one that others may write, one owned by another user, a member directory that is a
+/// symbolic link (its files would land where the link points), a key that is not a plain file.
+#[test]
+fn an_output_directory_others_could_fill_is_refused() {
+    use std::os::unix::fs::{symlink, PermissionsExt as _};
+    let dir = TempDir::new("provision-unsafe");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let refused = |why: &str| {
+        let e = provision(&spec, &out).expect_err("refused").to_string();
+        assert!(e.contains(why), "{e}");
+    };
+
+    std::fs::create_dir(&out).expect("mkdir");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    refused("is writable by group or others (mode 0777)");
+    assert!(!out.join("cluster.key").exists(), "nothing written");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    std::os::unix::fs::chown(&out, Some(12345), None).expect("chown (tests run as root)");
+    refused("is owned by uid 12345");
+    std::os::unix::fs::chown(&out, Some(0), None).expect("chown");
+
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    symlink(&elsewhere, out.join("FW-B")).expect("symlink");
+    refused("FW-B is a symbolic link");
+    assert_eq!(std::fs::read_dir(&elsewhere).expect("list").count(), 0);
+    std::fs::remove_file(out.join("FW-B")).expect("unlink");
+
+    std::fs::remove_file(out.join("cluster.key")).expect("the key made by the runs above");
+    symlink(spec.as_path(), out.join("cluster.key")).expect("symlink");
+    refused("cluster.key is not a regular file");
+    std::fs::remove_file(out.join("cluster.key")).expect("unlink");
+
+    provision(&spec, &out).expect("a directory of our own");
+}
