@@ -19,7 +19,10 @@ use crate::{
     config::{self, parse_cidr, Config},
     control::ControlRequest,
     datapath::{
-        error_chain, events::MAX_BATCH, replica_room::RECOUNT_EVERY, sweep_table::SweepBeside,
+        error_chain,
+        events::MAX_BATCH,
+        replica_room::{recount_beside, recount_every},
+        sweep_table::SweepBeside,
         Datapath, EventStream, RemoveReason, Removed,
     },
     member::{lock, Member},
@@ -381,8 +384,9 @@ struct MainLoop {
     removals: RecentRemovals,
     /// When the datapath's log is drained next.
     next_log_drain: Instant,
-    /// When the peers' pool of the table is counted again next.
+    /// When the peers' pool of the table is counted again next, and the count under way.
     next_recount: Instant,
+    recounting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl MainLoop {
@@ -405,7 +409,8 @@ impl MainLoop {
             owned: Vec::new(),
             removals: RecentRemovals::default(),
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
-            next_recount: Instant::now() + RECOUNT_EVERY,
+            next_recount: Instant::now() + recount_every(lock(&member.dp).capacity()),
+            recounting: None,
         }
     }
 
@@ -480,17 +485,20 @@ impl MainLoop {
         self.recount_replicas(member);
     }
 
-    /// Counts the peers' pool of the table again, every [`RECOUNT_EVERY`] (see
-    /// `datapath::replica_room`).
+    /// Counts the peers' pool of the table again, every `recount_every` (see
+    /// `datapath::replica_room`), on a thread of its own: the walk holds nothing.
     fn recount_replicas(&mut self, member: &Member) {
-        if Instant::now() < self.next_recount {
+        let running = self.recounting.as_ref().is_some_and(|h| !h.is_finished());
+        if running || Instant::now() < self.next_recount {
             return;
         }
-        self.next_recount = Instant::now() + RECOUNT_EVERY;
-        let counted = tokio::task::block_in_place(|| lock(&member.dp).recount_replicas());
-        if let Err(e) = counted {
-            warn!(error = %error_chain(&e), "counting peers' sessions in the table failed");
-        }
+        let dp = member.dp.clone();
+        self.next_recount = Instant::now() + recount_every(lock(&dp).capacity());
+        self.recounting = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = recount_beside(&dp) {
+                warn!(error = %error_chain(&e), "counting peers' sessions in the table failed");
+            }
+        }));
     }
 
     /// Logs what the datapath noted (`[local] datapath_log`), once every [`LOG_DRAIN_EVERY`].

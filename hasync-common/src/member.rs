@@ -19,21 +19,25 @@ pub const MEMBER_SLOTS: u32 = crate::ids::MemberId::MAX as u32 + 1;
 /// sessions are never evicted, so without a bound what peers send (a lying peer's made-up
 /// sessions, a peer with a larger table, a full sync bigger than this table) could fill it and
 /// leave no room for this member's own flows. The pool holds the assured sessions written from
-/// peers' records and not taken over since (`SessionFlags::FROM_PEER`): whoever owns them, so a
-/// failover between peers (an owner's copies handed to another) moves nothing in or out.
+/// peers' records and owned by other members (`Session::in_replica_pool`), whoever they are, so
+/// a failover between peers (an owner's copies handed to another) moves nothing in or out.
 ///
-/// The apply program takes room for every assured copy it writes where the table held none (a
-/// new one, or over an embryonic copy or a session of this member's own), refuses such records
-/// and new embryonic copies while `held` is at `limit`, and gives room back for each copy it
-/// deletes. The agent gives back what its sweep deletes and counts the table again, under the
-/// same hold, at start and then periodically: that catches what the fast path changes (copies
-/// it takes over or makes assured, expired copies it replaces) and what a failed write took.
+/// The apply program refuses a record that would add to the pool, and a new embryonic copy
+/// where the table holds none, while `held` is at `limit`; after each write and delete it
+/// counts what entered or left the pool. The agent gives back what its sweep deletes and
+/// counts the table again at load and periodically, beside its hold of the datapath: `held`
+/// becomes what the walk found plus what the apply program added meanwhile (`added`), which
+/// catches what the fast path changed (copies it took over or made assured, expired copies it
+/// replaced).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ReplicaRoom {
-    /// Assured copies in the pool.
+    /// Copies in the pool.
     pub held: u64,
     /// `held` may not pass this (`[local] replica_limit`).
     pub limit: u64,
+    /// Copies the apply program ever added to the pool (wrapping): what a walk beside the apply
+    /// program may have missed.
+    pub added: u64,
 }
-crate::assert_size!(ReplicaRoom, 16);
+crate::assert_size!(ReplicaRoom, 24);

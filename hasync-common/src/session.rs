@@ -235,11 +235,12 @@ impl Session {
         !self.is_assured()
     }
 
-    /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]): an
-    /// assured session written from a peer's record and not taken over since?
+    /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]) of
+    /// member `local`: an assured session written from a peer's record, owned by another
+    /// member (not taken over since, nor one of `local`'s own sent back to it)?
     #[inline(always)]
-    pub const fn in_replica_pool(&self) -> bool {
-        self.flags.has(SessionFlags::FROM_PEER) && self.is_assured()
+    pub const fn in_replica_pool(&self, local: MemberId) -> bool {
+        self.flags.has(SessionFlags::FROM_PEER) && self.owner.0 != local.0 && self.is_assured()
     }
 }
 

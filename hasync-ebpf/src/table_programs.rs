@@ -240,8 +240,9 @@ fn admit(
     if let Some(l) = local.filter(same_sides).filter(bound) {
         incoming.reply_zone = l.reply_zone;
     }
+    let pooled = |s: &Session| s.in_replica_pool(cfg.local_member);
     if !incoming.is_embryonic() {
-        return local.is_some_and(|l| l.in_replica_pool()) || replica_room::take(counters);
+        return local.is_some_and(pooled) || !pooled(incoming) || replica_room::has_room(counters);
     }
     if let Some(l) = local.filter(|l| l.is_embryonic() && l.owner == incoming.owner) {
         if owner_ticket.is_none_or(|t| t == l.ticket) {
@@ -250,7 +251,7 @@ fn admit(
         }
     }
     // A full pool takes no new embryonic copies either: traffic here could make them assured.
-    if local.is_none() && replica_room::full(counters) {
+    if local.is_none() && !replica_room::has_room(counters) {
         return false;
     }
     embryo::admit_replica(cfg, counters, &rec.key, incoming, owner_ticket)
@@ -291,16 +292,20 @@ fn apply_record(
                     BPF_EXIST
                 };
                 // A replica refused for want of a part (its owner's id is past the configured
-                // ones, which the agent's owner check already refuses) or past its owner's
-                // limit counts as no room.
+                // ones, which the agent's owner check already refuses) or of room in the peers'
+                // pool counts as no room.
                 if !admitted && !admit(cfg, counters, rec, local) {
                     out.full = out.full.wrapping_add(1);
                     return;
                 }
                 admitted = true;
                 let was_ours = local.is_some_and(|l| l.owner == cfg.local_member);
+                // Read before the write: the old value's memory may be reused after it.
+                let was_pooled = local.is_some_and(|l| l.in_replica_pool(cfg.local_member));
                 match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
+                        let pooled = rec.session.in_replica_pool(cfg.local_member);
+                        replica_room::account(was_pooled, pooled);
                         out.installed = out.installed.wrapping_add(1);
                         if was_ours && rec.session.owner != cfg.local_member {
                             let (by, version) = (rec.session.owner, rec.session.version);
@@ -324,10 +329,11 @@ fn apply_record(
                     // the replica's flags from this write: an owned session ignores them.)
                     unsafe { (*p).flags.0 |= SessionFlags::ORPHANED };
                     out.orphaned = out.orphaned.wrapping_add(1);
-                } else if SESSIONS.remove(&rec.key).is_ok() {
-                    if local.is_some_and(|l| l.in_replica_pool()) {
-                        replica_room::release();
-                    }
+                    return;
+                }
+                let was_pooled = local.is_some_and(|l| l.in_replica_pool(cfg.local_member));
+                if SESSIONS.remove(&rec.key).is_ok() {
+                    replica_room::account(was_pooled, false);
                     out.deleted = out.deleted.wrapping_add(1);
                 } else {
                     out.kept = out.kept.wrapping_add(1);

@@ -194,6 +194,7 @@ pub struct PinLock {
 }
 
 impl PinLock {
+    /// Takes `dir`, or says who holds it.
     fn take(dir: &Path) -> Result<PinLock, DatapathError> {
         let file = fs::File::open(dir).map_err(pin_io("opening", dir))?;
         // SAFETY: `file` is an open descriptor; flock(2) reads nothing from memory.
@@ -218,9 +219,7 @@ impl PinLock {
             ),
         ))
     }
-}
 
-impl PinLock {
     /// The hold of `file`, locked, if `dir` still names it: a teardown that held the directory
     /// may have removed it between the open and the lock, leaving a hold of nothing.
     fn still_named(dir: &Path, file: fs::File) -> Result<PinLock, DatapathError> {

@@ -1,41 +1,82 @@
 //! The peers' pool of the session table (`[local] replica_limit`, three quarters of the table
 //! by default; see `hasync_common::ReplicaRoom`): the assured sessions peers' records wrote
-//! here may take at most that many entries, so what peers send (a lying peer's made-up
-//! sessions, a peer with a larger table) never takes the room this member's own flows need.
-//! Replicas are never evicted: before the pool, one peer could fill the table and every new
-//! flow here was refused.
+//! here, owned by other members, may take at most that many entries, so what peers send (a
+//! lying peer's made-up sessions, a peer with a larger table) cannot take all the room this
+//! member's own flows need. Assured sessions are never evicted: before the pool, one peer could
+//! fill the table and every new flow here was refused.
 //!
 //! The apply program keeps the count as it writes and deletes copies; the sweep gives back
-//! what it deletes ([`pooled`]); the agent counts the table again at load and every
-//! [`RECOUNT_EVERY`] ([`Datapath::recount_replicas`]), holding the datapath, for what the fast
-//! path changed meanwhile.
+//! what it deletes ([`pooled`]); the agent counts the table again at load
+//! ([`Datapath::recount_replicas`], holding it) and then every [`recount_every`] beside its
+//! hold ([`recount_beside`]), for what the fast path changed meanwhile.
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
-use hasync_common::{maps as names, FlowKey, ReplicaRoom, Session};
+use hasync_common::{maps as names, FlowKey, MemberId, ReplicaRoom, Session};
 
-use super::{batch::BatchMap, batch_err, Datapath, DatapathError, DEFAULT_CHUNK};
+use super::{batch::BatchMap, batch_err, Datapath, DatapathError, SessionReader, DEFAULT_CHUNK};
+use crate::lock::lock;
 
-/// How often the agent counts the pool again.
-pub const RECOUNT_EVERY: Duration = Duration::from_secs(30);
+/// Sessions a count reads per batch lookup.
+const COUNT_CHUNK: u32 = DEFAULT_CHUNK * 8;
+
+/// How often the agent counts the pool again in a table of `capacity` entries: every 30 s,
+/// and less often in large tables, so the walk (about 0.35 s per million entries of one CPU)
+/// takes at most 1 % of one.
+pub fn recount_every(capacity: u32) -> Duration {
+    Duration::from_secs(30).max(Duration::from_micros(35) * capacity)
+}
 
 /// The default limit: three quarters of a table of `capacity` entries (at least one).
 pub fn default_limit(capacity: u32) -> u32 {
     (capacity / 4 * 3).max(1)
 }
 
-/// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in the pool
-/// (`fresh`: the candidates' copies as read before the delete).
-pub(super) fn pooled(candidates: &[FlowKey], fresh: &[Option<Session>], doomed: &[FlowKey]) -> u64 {
+/// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in member
+/// `local`'s pool (`fresh`: the candidates' copies as read before the delete).
+pub(super) fn pooled(
+    candidates: &[FlowKey],
+    fresh: &[Option<Session>],
+    doomed: &[FlowKey],
+    local: MemberId,
+) -> u64 {
     let mut doomed = doomed.iter().peekable();
     let mut n = 0;
     for (key, s) in candidates.iter().zip(fresh) {
         if doomed.peek() == Some(&key) {
             doomed.next();
-            n += u64::from(s.is_some_and(|s| s.in_replica_pool()));
+            n += u64::from(s.is_some_and(|s| s.in_replica_pool(local)));
         }
     }
     n
+}
+
+/// How many of `values` are in member `local`'s pool.
+fn count(values: &[Session], local: MemberId) -> u64 {
+    values.iter().filter(|s| s.in_replica_pool(local)).count() as u64
+}
+
+/// Counts the pool of the datapath behind `dp` again, walking the table through a descriptor
+/// of its own while records are applied (the lock is taken only to read and to write the
+/// pool): the pool's count becomes what the walk found plus what the apply program added
+/// meanwhile, which may count a copy added during the walk twice, never one not at all (what
+/// the fast path changes during the walk waits for the next count). Returns the count.
+pub fn recount_beside(dp: &Mutex<Datapath>) -> Result<u64, DatapathError> {
+    let (reader, before, local): (SessionReader, ReplicaRoom, MemberId) = {
+        let dp = lock(dp);
+        (
+            dp.session_reader()?,
+            dp.replica_pool()?,
+            dp.config()?.local_member,
+        )
+    };
+    let mut walked = 0;
+    reader.chunked(COUNT_CHUNK, |_, values| walked += count(values, local))?;
+    let dp = lock(dp);
+    let now = dp.replica_pool()?;
+    let held = walked.saturating_add(now.added.wrapping_sub(before.added));
+    dp.set_replica_pool(ReplicaRoom { held, ..now })?;
+    Ok(held)
 }
 
 impl Datapath {
@@ -60,16 +101,19 @@ impl Datapath {
             .map_err(batch_err(names::REPLICA_ROOM))
     }
 
-    /// Counts the pool's copies in the table and sets the pool to that count and the limit;
-    /// returns the count. Holding the datapath, so that no record is applied meanwhile (the walk
-    /// takes about 0.4 s per million sessions).
+    /// Counts the pool's copies in the table, holding it (no record is applied meanwhile), and
+    /// sets the pool to that count and the limit; returns the count. At load, and in tests; the
+    /// running agent counts beside its hold ([`recount_beside`]).
     pub fn recount_replicas(&self) -> Result<u64, DatapathError> {
+        let local = self.config()?.local_member;
         let mut held = 0u64;
-        self.sessions_chunked(DEFAULT_CHUNK * 8, |_, values| {
-            held += values.iter().filter(|s| s.in_replica_pool()).count() as u64;
-        })?;
-        let limit = self.replica_limit;
-        self.set_replica_pool(ReplicaRoom { held, limit })?;
+        self.sessions_chunked(COUNT_CHUNK, |_, values| held += count(values, local))?;
+        let room = ReplicaRoom {
+            held,
+            limit: self.replica_limit,
+            ..self.replica_pool()?
+        };
+        self.set_replica_pool(room)?;
         Ok(held)
     }
 
@@ -249,6 +293,55 @@ mod tests {
         assert_eq!(dp.recount_replicas().expect("recount"), 98);
         let more = copies(2, 1, 1000..1000 + limit);
         assert_eq!(apply(&mut dp, &more, 2), (limit - 98, 98));
+    }
+
+    /// Only what enters or leaves the pool moves its count: a write the table has no room for
+    /// takes nothing, nor does a session of this member's own sent back by a peer, and a copy
+    /// that goes embryonic and assured again is counted once.
+    #[test]
+    fn the_count_follows_what_the_table_holds() {
+        let mut opts = crate::datapath::DatapathOptions::new(MemberId(1));
+        opts.session_capacity = 4096;
+        opts.replica_limit = Some(4096);
+        let mut dp = Datapath::load(&opts).expect("load (tests need root)");
+        let ours = copies(1, 1, 0..100);
+        assert_eq!(
+            apply(&mut dp, &ours, 2),
+            (100, 0),
+            "our own, back from a peer"
+        );
+        assert_eq!(held(&dp), 0);
+        assert_eq!(apply(&mut dp, &copies(2, 1, 100..4096), 2), (3996, 0));
+        assert_eq!(
+            apply(&mut dp, &copies(2, 1, 5000..5001), 2),
+            (0, 1),
+            "the table is full"
+        );
+        assert_eq!(held(&dp), 3996);
+        let embryonic = copy(2, 2, State::UdpNew, 0);
+        let flip = [
+            ApplyRecord::new(udp_key(100), embryonic, ApplyOp::Upsert, false),
+            copies(2, 3, 100..101)[0],
+        ];
+        for _ in 0..5 {
+            apply(&mut dp, &flip, 2);
+        }
+        assert_eq!(held(&dp), 3996);
+        assert_eq!(dp.recount_replicas().expect("count"), 3996);
+    }
+
+    /// The running agent's count walks beside its hold and reaches what the table holds.
+    #[test]
+    fn a_count_beside_the_hold_finds_what_the_table_holds() {
+        let mut dp = datapath();
+        let pooled = copy(2, 1, State::Established, 0);
+        let entries: Vec<_> = (0..100).map(|i| (udp_key(i), pooled)).collect();
+        dp.insert_sessions(&entries).expect("insert");
+        assert_eq!(apply(&mut dp, &copies(3, 1, 200..210), 3), (10, 0));
+        assert_eq!(held(&dp), 10);
+        let dp = Mutex::new(dp);
+        assert_eq!(recount_beside(&dp).expect("count"), 110);
+        assert_eq!(held(&dp.into_inner().expect("lock")), 110);
     }
 
     /// `[local] replica_limit` sets the limit, at most the table.

@@ -49,9 +49,12 @@ impl SweptTable for Datapath {
         self.read_sessions(candidates, fresh)?;
         pick(fresh, doomed);
         let deleted = delete_doomed(&map, doomed).map_err(batch_err(names::SESSIONS));
-        // What was deleted, also before a failure.
-        self.release_replicas(replica_room::pooled(candidates, fresh, doomed))?;
-        deleted
+        // What was deleted, also before a failure (which a failed release does not hide: the
+        // next count of the pool makes up for that).
+        let local = self.config()?.local_member;
+        let released =
+            self.release_replicas(replica_room::pooled(candidates, fresh, doomed, local));
+        deleted.and(released)
     }
 }
 
