@@ -130,13 +130,13 @@ pub fn bring_up<T>(
     plan: &StartPlan,
     before_attach: impl FnOnce(&mut Datapath) -> anyhow::Result<T>,
 ) -> anyhow::Result<(Started, T)> {
-    let indexes = resolve(plan)?;
+    let resolved = resolve(plan)?;
     let mut dp = Datapath::load(&plan.opts).context("loading the XDP datapath")?;
     let restarted = dp.pin_report().is_some_and(|r| r.sessions_reused());
     let local = plan.local();
     dp.set_member_alive(local, true)
         .with_context(|| format!("marking the local member {} alive", local.0))?;
-    let stacked = bind_zones(&mut dp, plan, &indexes)?;
+    let stacked = bind_zones(&mut dp, plan, &resolved)?;
     if let Some(note) = KernelVersion::current()
         .ok()
         .and_then(|running| unanswered_route_checks(running, plan))
@@ -164,24 +164,36 @@ pub fn bring_up<T>(
     Ok((started, prepared))
 }
 
+/// What start-up learned of the interfaces before loading anything.
+struct Resolved {
+    /// Each planned interface's index, in order.
+    indexes: Vec<u32>,
+    /// The interface table, listed once for the checks and the stacked devices.
+    listed: std::io::Result<netlink::Ifaces>,
+}
+
 /// Every interface's index, before anything is loaded; an interface without an Ethernet
 /// header is refused ([`layer3_interfaces`]).
-fn resolve(plan: &StartPlan) -> anyhow::Result<Vec<u32>> {
+fn resolve(plan: &StartPlan) -> anyhow::Result<Resolved> {
     let indexes = plan
         .interfaces
         .iter()
         .map(|i| ifindex(&i.name).with_context(|| format!("zone `{}`", i.zone)))
         .collect::<anyhow::Result<Vec<u32>>>()?;
+    let listed = netlink::list_now();
     // Unlisted, nothing is refused: the attach still works on every Ethernet interface.
-    let listed = netlink::list_now().unwrap_or_default();
-    if let Some(name) = layer3_interfaces(plan, &listed).first() {
+    let layer3 = listed
+        .as_ref()
+        .map(|l| layer3_interfaces(plan, l))
+        .unwrap_or_default();
+    if let Some(name) = layer3.first() {
         anyhow::bail!(
             "interface `{name}` has no Ethernet header (a layer-3 device: WireGuard, tun, PPP, \
              GRE, ...): XDP there sees bare IP packets, which the datapath cannot parse; put its \
              zone on the Ethernet interface it runs over"
         );
     }
-    Ok(indexes)
+    Ok(Resolved { indexes, listed })
 }
 
 /// The planned interfaces that `ifaces` lists with no six-byte link address: layer-3 devices,
@@ -214,7 +226,7 @@ pub const ROUTE_CHECK_KERNEL: KernelVersion = KernelVersion::new(6, 3, 0);
 /// too old to answer: the checks then learn each reply zone from the first reply and check no
 /// source, as `route_check = false` does. `None` when nothing is lost.
 pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Option<String> {
-    let zones = route_checking_zones(plan.route_checking());
+    let zones = distinct_zones(plan.route_checking());
     if running >= ROUTE_CHECK_KERNEL || zones.is_empty() {
         return None;
     }
@@ -227,9 +239,7 @@ pub fn unanswered_route_checks(running: KernelVersion, plan: &StartPlan) -> Opti
 }
 
 /// The zones of `interfaces`, each named once, in order.
-fn route_checking_zones<'a>(
-    interfaces: impl Iterator<Item = &'a PlannedInterface>,
-) -> Vec<&'a str> {
+fn distinct_zones<'a>(interfaces: impl Iterator<Item = &'a PlannedInterface>) -> Vec<&'a str> {
     let mut zones: Vec<&str> = Vec::new();
     for i in interfaces {
         if !zones.contains(&i.zone.as_str()) {
@@ -277,7 +287,7 @@ pub fn unchecked_sources(
              and pass every {family} source unchecked; set {} = 1",
             forwarding_sysctl(family, &first.name),
             forwarding_sysctl(family, "lo"),
-            route_checking_zones(on.iter().copied()).join(", "),
+            distinct_zones(on.iter().copied()).join(", "),
             forwarding_sysctl(family, "lo"),
         ));
     }
@@ -290,7 +300,7 @@ pub fn unchecked_sources(
 fn bind_zones(
     dp: &mut Datapath,
     plan: &StartPlan,
-    indexes: &[u32],
+    resolved: &Resolved,
 ) -> anyhow::Result<Vec<(u32, ZoneBinding)>> {
     for (id, name) in (1..).zip(&plan.zones) {
         info!(zone = %name, id, "zone");
@@ -298,13 +308,13 @@ fn bind_zones(
     dp.record_zones(&plan.zones)
         .context("checking the zones against the pinned sessions")?;
     let mut bound = Vec::new();
-    for (i, &index) in plan.interfaces.iter().zip(indexes) {
+    for (i, &index) in plan.interfaces.iter().zip(&resolved.indexes) {
         let Some(binding) = i.binding else { continue };
         dp.set_zone(index, binding)
             .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))?;
         bound.push(index);
     }
-    let stacked = bind_stacked(dp, plan);
+    let stacked = bind_stacked(dp, plan, &resolved.listed);
     bound.extend(stacked.iter().map(|(index, _)| *index));
     let zones_reused = dp
         .pin_report()
@@ -320,20 +330,24 @@ fn bind_zones(
 /// interfaces configured on top of others. Returns what it bound: what it could not (an
 /// interface table that could not be read, an index too large) is left to the task that
 /// follows the interfaces, and never stops the start.
-fn bind_stacked(dp: &mut Datapath, plan: &StartPlan) -> Vec<(u32, ZoneBinding)> {
-    let ifaces = match netlink::list_now() {
+fn bind_stacked(
+    dp: &mut Datapath,
+    plan: &StartPlan,
+    listed: &std::io::Result<netlink::Ifaces>,
+) -> Vec<(u32, ZoneBinding)> {
+    let ifaces = match listed {
         Ok(ifaces) => ifaces,
         Err(e) => {
             warn!(error = %e, "listing the interfaces for devices stacked on zone interfaces failed; they are bound once the interface table is read");
             return Vec::new();
         }
     };
-    warn_nested(plan, &ifaces);
+    warn_nested(plan, ifaces);
     let zones = plan.zone_interfaces();
-    for index in stacked::unbindable(&zones, &ifaces) {
+    for index in stacked::unbindable(&zones, ifaces) {
         stacked::say_unbindable(index);
     }
-    stacked::apply(dp, &[], &stacked::bindings(&zones, &ifaces), &[])
+    stacked::apply(dp, &[], &stacked::bindings(&zones, ifaces), &[])
 }
 
 /// SIGINT and SIGTERM, installed first thing, so a signal during start-up also ends in a
