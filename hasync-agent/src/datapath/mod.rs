@@ -564,11 +564,11 @@ impl Datapath {
             ),
         };
         dp.load_programs()?;
-        // A reused table may hold copies already.
-        dp.recount_replicas()?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;
+        // A reused table may hold copies already (counted for this config's member).
+        dp.recount_replicas()?;
         if opts.log != DatapathLog::Off {
             let counters = dp.per_cpu_counters()?;
             dp.logger = Some(DatapathLogger::new(&mut dp.ebpf, &counters)?);

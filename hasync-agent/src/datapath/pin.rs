@@ -4,7 +4,8 @@
 //! interrupted nor seen by no program.
 //!
 //! Layout of a pin directory (`[local] pin_dir`, default [`DEFAULT_PIN_DIR`]):
-//! - `maps/NAME`: every map of the program ([`MAPS`]);
+//! - `maps/NAME`: the maps that carry state across a restart ([`MAPS`]; the others, such as the
+//!   forwarding ports and the peers' pool, are made again at each load);
 //! - `links/IF:MODE`: the XDP link of data interface IF, attached in MODE (`native`, `generic`).
 //!   bpffs reserves names with dots, which interface names may have (`eth0.100`): a dot of IF
 //!   is written as `:`, which interface names never have (`links/eth0:100:native`).

@@ -42,9 +42,6 @@ use crate::{
 pub struct Backend {
     source: Source,
     history: Arc<Mutex<History>>,
-    /// The server listens on a loopback address: it answers only requests addressed to
-    /// `localhost` or an IP address ([`addressed_here`]).
-    loopback: bool,
 }
 
 impl From<Source> for Backend {
@@ -52,7 +49,6 @@ impl From<Source> for Backend {
         Backend {
             source,
             history: Arc::default(),
-            loopback: false,
         }
     }
 }
@@ -116,10 +112,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| HttpError::Bind { addr, source })?;
     info!(address = %local, "metrics and dashboard listening (http://{local}/)");
-    let backend = Backend {
-        loopback: local.ip().is_loopback(),
-        ..Backend::from(source)
-    };
+    let backend = Backend::from(source);
     let sampler = tokio::spawn(sample_loop(backend.clone()));
     let server = tokio::spawn(async move {
         accept_loop(listener, backend).await;
@@ -152,10 +145,15 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
             },
         };
         let backend = backend.clone();
+        // Came in on a loopback address (also through a listener on every address): answered
+        // only when addressed to it ([`addressed_here`]).
+        let loopback = stream
+            .local_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let backend = backend.clone();
-                async move { Ok::<_, Infallible>(handle(request, &backend).await) }
+                async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -174,8 +172,12 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
     debug!("metrics server stopped");
 }
 
-async fn handle(request: Request<Incoming>, backend: &Backend) -> Response<Full<Bytes>> {
-    if backend.loopback {
+async fn handle(
+    request: Request<Incoming>,
+    backend: &Backend,
+    loopback: bool,
+) -> Response<Full<Bytes>> {
+    if loopback {
         if let Some(host) = request.headers().get(header::HOST) {
             if !addressed_here(host.as_bytes()) {
                 return misdirected(host);
@@ -211,7 +213,8 @@ fn misdirected(host: &HeaderValue) -> Response<Full<Bytes>> {
         format!(
             "Host {host:?} is not a name of this server: it listens on a loopback address and \
              answers requests for localhost or an IP address only (a DNS name made to point \
-             here is a web page's, refused)\n"
+             here is a web page's, refused; a reverse proxy in front must pass Host as \
+             localhost or an address)\n"
         ),
     )
 }

@@ -130,6 +130,42 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
         .ok();
 }
 
+/// A server on every address checks what comes in over loopback as one on loopback does (in
+/// a network namespace of its own: nothing listens on the host's addresses).
+#[test]
+fn a_server_on_every_address_checks_what_comes_over_loopback() {
+    crate::datapath::testing::in_fresh_netns(|| {
+        crate::datapath::testing::ip(&["link", "set", "lo", "up"]);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(every_address_over_loopback());
+    });
+}
+
+async fn every_address_over_loopback() {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = serve("0.0.0.0:0".parse().unwrap(), source)
+        .await
+        .expect("serve");
+    let local: SocketAddrForTest = ([127, 0, 0, 1], addr.port()).into();
+    let rebound = b"GET /metrics HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    let (status, _, _) = exchange(local, rebound).await;
+    assert_eq!(status, 421);
+    let (status, _, _) = exchange(local, &get("/metrics")).await;
+    assert_eq!(status, 200);
+
+    // The server stops with the runtime.
+    drop(tx);
+    runtime.abort();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the runtime is gone")
+        .ok();
+}
+
 /// Only names a browser cannot be made to resolve elsewhere pass on a loopback listener.
 #[test]
 fn a_loopback_server_answers_addresses_and_localhost_only() {

@@ -572,13 +572,7 @@ pub struct Provisioned {
 pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     let spec = Spec::load(spec_path)?;
     let configs = spec.configs(spec_path)?;
-    mkdir(out, 0o755)?;
-    let meta = std::fs::metadata(out).map_err(|source| ProvisionError::Io {
-        what: "checking",
-        path: out.to_owned(),
-        source,
-    })?;
-    check_own_dir(out, &meta)?;
+    check_output(out, &configs)?;
     let key = out.join("cluster.key");
     let new_key = ensure_key(&key)?;
     let key_bytes = std::fs::read(&key).map_err(|source| ProvisionError::Io {
@@ -651,6 +645,60 @@ fn write_members(
         members.push((f.serial.clone(), dir));
     }
     Ok(members)
+}
+
+/// Readies `out` before anything is written into it: the directories above it must be ones
+/// no one else can replace (each this user's or root's, and not writable by group or others
+/// unless sticky, as `/tmp` is; checked where symbolic links lead), `out` itself a directory of
+/// this user's (created if missing), and what already sits where the members' directories and
+/// the key go must be directories and a plain file.
+fn check_output(out: &Path, configs: &[Config]) -> Result<(), ProvisionError> {
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| ProvisionError::Io { what, path, source }
+    };
+    let absolute = std::path::absolute(out).map_err(io("resolving", out))?;
+    if let Some(existing) = absolute.ancestors().skip(1).find(|p| p.exists()) {
+        let real = existing.canonicalize().map_err(io("resolving", existing))?;
+        for above in real.ancestors() {
+            check_above(above, &unfollowed(above)?)?;
+        }
+    }
+    mkdir(out, 0o755)?;
+    check_own_dir(out, &unfollowed(out)?)?;
+    for config in configs {
+        let local = config.local.member;
+        let Some(member) = config.members.iter().find(|m| m.id == local) else {
+            continue;
+        };
+        let dir = out.join(&member.serial);
+        if let Ok(meta) = std::fs::symlink_metadata(&dir) {
+            check_own_dir(&dir, &meta)?;
+        }
+    }
+    let key = out.join("cluster.key");
+    match std::fs::symlink_metadata(&key) {
+        Ok(meta) if !meta.is_file() => Err(not_plain(&key)),
+        _ => Ok(()),
+    }
+}
+
+/// A directory above the output (resolved): refused when someone else could replace what is
+/// below it; a sticky one lets only an entry's owner rename it.
+fn check_above(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
+    if meta.mode() & 0o1000 != 0 {
+        return Ok(());
+    }
+    check_own_dir(path, meta)
+}
+
+fn not_plain(path: &Path) -> ProvisionError {
+    ProvisionError::Unsafe {
+        path: path.to_owned(),
+        why: "is not a regular file (a symbolic link or other): remove it, or put the cluster's \
+              key there"
+            .into(),
+    }
 }
 
 /// `path`'s own metadata (a symbolic link's, not its target's).
@@ -737,12 +785,7 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProvisionError
 /// Creates `path` with 32 random bytes (mode 0600) unless it exists; true if it was created.
 fn ensure_key(path: &Path) -> Result<bool, ProvisionError> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.is_file() => Err(ProvisionError::Unsafe {
-            path: path.to_owned(),
-            why: "is not a regular file (a symbolic link or other): remove it, or put the \
-                  cluster's key there"
-                .into(),
-        }),
+        Ok(meta) if !meta.is_file() => Err(not_plain(path)),
         Ok(meta) => {
             if meta.len() < MIN_KEY_BYTES as u64 {
                 return Err(ProvisionError::ShortKey {

@@ -285,7 +285,8 @@ fn the_example_parses_and_interface_names_are_quoted_for_the_shell() {
 
 /// An output directory someone else could have filled is refused before anything is written
 /// into it: one that others may write, one owned by another user, a member directory that is a
-/// symbolic link (its files would land where the link points), a key that is not a plain file.
+/// symbolic link (its files would land where the link points), a key that is not a plain file,
+/// the output given as a link, or below a directory others may write.
 #[test]
 fn an_output_directory_others_could_fill_is_refused() {
     use std::os::unix::fs::{symlink, PermissionsExt as _};
@@ -315,10 +316,27 @@ fn an_output_directory_others_could_fill_is_refused() {
     assert_eq!(std::fs::read_dir(&elsewhere).expect("list").count(), 0);
     std::fs::remove_file(out.join("FW-B")).expect("unlink");
 
-    std::fs::remove_file(out.join("cluster.key")).expect("the key made by the runs above");
     symlink(spec.as_path(), out.join("cluster.key")).expect("symlink");
     refused("cluster.key is not a regular file");
     std::fs::remove_file(out.join("cluster.key")).expect("unlink");
+    assert_eq!(
+        std::fs::read_dir(&out).expect("list").count(),
+        0,
+        "nothing written"
+    );
+
+    // The output given as a link, or below a directory others may write.
+    let linked = dir.path().join("linked");
+    symlink(&out, &linked).expect("symlink");
+    let e = provision(&spec, &linked).expect_err("refused").to_string();
+    assert!(e.contains("linked is a symbolic link"), "{e}");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let e = provision(&spec, &shared.join("out"))
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("shared is writable by group or others"), "{e}");
 
     provision(&spec, &out).expect("a directory of our own");
 }
