@@ -410,7 +410,15 @@ pub fn render_counters(v: &CountersView, out: &mut dyn Write) -> std::io::Result
     if t.rows.is_empty() {
         return writeln!(out, "no counter matches");
     }
-    t.write(out)
+    t.write(out)?;
+    if let Some(pool) = v.replica_pool {
+        let (held, limit) = (pool.held, pool.limit);
+        writeln!(
+            out,
+            "\nPeers' pool: {held} of {limit} sessions ([local] replica_limit)"
+        )?;
+    }
+    Ok(())
 }
 
 pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Result<()> {

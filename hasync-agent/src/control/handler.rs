@@ -177,7 +177,12 @@ fn handle(member: &Member, request: Request) -> Response {
         ),
         Request::ShowStatistics => Response::ok(statistics(member)),
         Request::ShowCounters { prefix } => match member.counters.counters() {
-            Ok(c) => Response::ok(CountersView::new(&c, prefix.as_deref())),
+            Ok(c) => {
+                let pool = prefix
+                    .is_none()
+                    .then(|| member.counters.replica_pool().ok());
+                Response::ok(CountersView::new(&c, prefix.as_deref()).with_pool(pool.flatten()))
+            }
             Err(e) => Response::error(crate::datapath::error_chain(&e)),
         },
         Request::ShowFlaps => {

@@ -206,7 +206,8 @@ pub fn answer(request: Request) -> Response {
             let mut c = Counters::default();
             c.add(Counter::Packets, 123_456);
             c.add(Counter::ErrTcpFlags, 2);
-            Response::ok(CountersView::new(&c, prefix.as_deref()))
+            let pool = prefix.is_none().then_some((3, 49_152));
+            Response::ok(CountersView::new(&c, prefix.as_deref()).with_pool(pool))
         }
         Request::ShowFlaps => Response::ok(flaps()),
         Request::Suspend => Response::ok(LocalStateView::new(MemberId(1), MemberState::Suspended)),

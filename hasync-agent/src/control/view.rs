@@ -449,10 +449,22 @@ impl SessionPage {
 // ---------------------------------------------------------------------------------------------
 // show counters
 
-/// `show counters`: datapath counters by [`Counter::name`].
+/// `show counters`: datapath counters by [`Counter::name`], and the peers' pool of the table.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CountersView {
     pub counters: BTreeMap<String, u64>,
+    /// The peers' pool (absent from an agent that did not say, or when a prefix was asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_pool: Option<PoolView>,
+}
+
+/// The peers' pool of the session table (`[local] replica_limit`; see
+/// `hasync_common::ReplicaRoom`): assured copies of other members' sessions held, and the
+/// limit past which peers' records that would add one are refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolView {
+    pub held: u64,
+    pub limit: u64,
 }
 
 impl CountersView {
@@ -464,6 +476,16 @@ impl CountersView {
                 .filter(|c| prefix.is_none_or(|p| c.name().starts_with(p)))
                 .map(|&c| (c.name().to_owned(), values.get(c)))
                 .collect(),
+            replica_pool: None,
+        }
+    }
+
+    /// With the peers' pool `held` of `limit`.
+    pub fn with_pool(self, pool: Option<(u64, u64)>) -> CountersView {
+        let replica_pool = pool.map(|(held, limit)| PoolView { held, limit });
+        CountersView {
+            replica_pool,
+            ..self
         }
     }
 }

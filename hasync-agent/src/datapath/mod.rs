@@ -374,6 +374,8 @@ impl SessionReader {
 /// [`Datapath::counters_reader`]).
 pub struct CountersReader {
     map: PerCpuArray<MapData, Counters>,
+    /// REPLICA_ROOM's own descriptor.
+    pool: std::os::fd::OwnedFd,
 }
 
 impl CountersReader {
@@ -381,6 +383,14 @@ impl CountersReader {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         let per_cpu = self.map.get(&0, 0).map_err(map_err(names::COUNTERS))?;
         Ok(sum_counters(&per_cpu))
+    }
+
+    /// As [`Datapath::replica_pool`]: (held, limit).
+    pub fn replica_pool(&self) -> Result<(u64, u64), DatapathError> {
+        let map: BatchMap<'_, u32, hasync_common::ReplicaRoom> =
+            BatchMap::new(self.pool.as_fd()).map_err(batch_err(names::REPLICA_ROOM))?;
+        let room = map.lookup(&0).map_err(batch_err(names::REPLICA_ROOM))?;
+        Ok(room.map_or((0, 0), |r| (r.held, r.limit)))
     }
 }
 
@@ -867,7 +877,11 @@ impl Datapath {
         let data = MapData::from_fd(fd).map_err(map_err(names::COUNTERS))?;
         let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(map_err(names::COUNTERS))?;
-        Ok(CountersReader { map })
+        let aya::maps::Map::Array(room) = self.map(names::REPLICA_ROOM)? else {
+            return Err(DatapathError::NoMap(names::REPLICA_ROOM));
+        };
+        let pool = own_fd(room, "duplicating the peers' pool map's descriptor")?;
+        Ok(CountersReader { map, pool })
     }
 
     /// Each CPU's counters value.

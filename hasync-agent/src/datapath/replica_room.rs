@@ -195,6 +195,13 @@ mod tests {
         let flood = copies(2, 1, 0..capacity);
         assert_eq!(apply(&mut dp, &flood, 2), (limit, capacity - limit));
         assert_eq!(held(&dp), u64::from(limit));
+        let reader = dp.counters_reader().expect("reader");
+        let limits = (u64::from(limit), u64::from(limit));
+        assert_eq!(
+            reader.replica_pool().expect("pool"),
+            limits,
+            "as show counters reads it"
+        );
         let counters = dp.counters().expect("counters");
         let refused = u64::from(capacity - limit);
         assert_eq!(counters.get(Counter::ReplicasOverLimit), refused);

@@ -32,6 +32,7 @@
 //! | `session_capacity` | gauge | capacity of the session table (owned and cached share it) |
 //! | `sessions_embryonic`, `sessions_embryonic_capacity` | gauge | sessions with no reply yet (the evictable ones), and their bound |
 //! | `sessions_counted_age_seconds` | gauge | how old the session counts are (the expiry sweep's last complete pass) |
+//! | `replica_pool_sessions`, `replica_pool_limit` | gauge | assured copies of other members' sessions in the peers' pool, and `[local] replica_limit` |
 //! | `sync_records_sent_total{peer, link}`, `..._received_total` | counter | session records |
 //! | `sync_frames_sent_total{peer, link}`, `..._received_total` | counter | sync frames |
 //! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
@@ -784,7 +785,7 @@ fn encode_replication(e: &mut DescriptorEncoder, statistics: &StatisticsView) ->
     )
 }
 
-/// Every datapath counter, one metric each.
+/// Every datapath counter, one metric each, and the peers' pool.
 fn encode_datapath_counters(e: &mut DescriptorEncoder, datapath: &CountersView) -> fmt::Result {
     for (name, value) in &datapath.counters {
         counters(
@@ -795,7 +796,24 @@ fn encode_datapath_counters(e: &mut DescriptorEncoder, datapath: &CountersView) 
             [(Labels::new(), *value)],
         )?;
     }
-    Ok(())
+    let Some(pool) = datapath.replica_pool else {
+        return Ok(());
+    };
+    gauges(
+        e,
+        "replica_pool_sessions",
+        "Assured copies of other members' sessions in the peers' pool of the table.",
+        None,
+        [(Labels::new(), pool.held)],
+    )?;
+    gauges(
+        e,
+        "replica_pool_limit",
+        "The peers' pool's limit ([local] replica_limit): past it, peers' records that would \
+         add a copy are refused (replicas-over-limit).",
+        None,
+        [(Labels::new(), pool.limit)],
+    )
 }
 
 #[cfg(test)]

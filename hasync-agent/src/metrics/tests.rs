@@ -64,6 +64,8 @@ async fn the_exposition_names_every_metric_with_its_values() {
         "hasync_sessions_embryonic 2",
         "hasync_sessions_counted_age_seconds 2.0",
         "hasync_sessions_embryonic_capacity 8192",
+        "hasync_replica_pool_sessions 3",
+        "hasync_replica_pool_limit 49152",
         // Sync.
         r#"hasync_sync_records_sent_total{peer="2",link="ha4"} 120"#,
         r#"hasync_sync_frames_sent_total{peer="2",link="ha4"} 2"#,

@@ -401,3 +401,16 @@ async fn json_prints_the_answer_as_is_and_errors_name_the_problem() {
         "{e}"
     );
 }
+
+#[test]
+fn counters_show_the_peers_pool_under_the_table() {
+    let mut c = hasync_common::Counters::default();
+    c.add(hasync_common::Counter::ReplicasOverLimit, 4);
+    let v = CountersView::new(&c, None).with_pool(Some((3, 49_152)));
+    let mut out = Vec::new();
+    render_counters(&v, &mut out).expect("render");
+    let text = String::from_utf8(out).expect("utf-8");
+    assert!(text.contains("replicas-over-limit"), "{text}");
+    let pool = "Peers' pool: 3 of 49152 sessions ([local] replica_limit)\n";
+    assert!(text.ends_with(pool), "{text}");
+}
