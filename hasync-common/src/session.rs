@@ -235,6 +235,25 @@ impl Session {
         !self.is_assured()
     }
 
+    /// What a packet seen at `now` leaves as `last_seen_ns` of a copy whose owner is alive
+    /// elsewhere (the member only carries it): `now`, except that such packets never make an
+    /// embryonic UDP copy assured (it stays a moment short of [`UDP_ASSURED_AFTER_NS`]): only its
+    /// owner's record may, which the peers' pool counts ([`crate::ReplicaRoom`]); a lying peer's
+    /// embryonic copies made assured by its own packets here would pass the pool's bound.
+    #[inline(always)]
+    pub const fn replica_seen_at(&self, now: u64) -> u64 {
+        let unassured = self.state == State::UdpReplied as u8 && self.is_embryonic();
+        let last_embryonic = self
+            .created_ns
+            .saturating_add(UDP_ASSURED_AFTER_NS)
+            .saturating_sub(1);
+        if unassured && now > last_embryonic {
+            last_embryonic
+        } else {
+            now
+        }
+    }
+
     /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]) of
     /// member `local`: an assured session written from a peer's record, owned by another
     /// member (not taken over since, nor one of `local`'s own sent back to it)?

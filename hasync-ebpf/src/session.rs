@@ -157,7 +157,7 @@ fn hit(
         // The owner writes the session (and checks its window); we only keep our replica
         // from idling out.
         counters.inc(Counter::Asymmetric);
-        s.last_seen_ns = now;
+        s.last_seen_ns = s.replica_seen_at(now);
         if !s.flags.has(SessionFlags::ASYMMETRIC) {
             s.flags.0 |= SessionFlags::ASYMMETRIC;
         }

@@ -351,6 +351,35 @@ mod tests {
         assert_eq!(held(&dp.into_inner().expect("lock")), 110);
     }
 
+    /// Packets through this member never make a live owner's embryonic UDP copy assured (only
+    /// the owner's record may, which the pool counts): a lying peer's copies stay embryonic,
+    /// evictable in its part, whatever traffic it sends through here.
+    #[test]
+    fn traffic_here_does_not_make_a_peers_copy_assured() {
+        let mut dp = datapath();
+        dp.set_member_alive(MemberId(2), true).expect("alive");
+        let frame = udp_frame([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53);
+        assert_eq!(test_run(&dp, &frame), XDP_PASS);
+        let (key, own) = dp.sessions().expect("dump")[0];
+        let now = dp.now_ns().expect("clock");
+        let copy = Session {
+            owner: MemberId(2),
+            flags: SessionFlags(own.flags.0 | SessionFlags::FROM_PEER),
+            state: State::UdpReplied as u8,
+            created_ns: now - 3 * SEC,
+            last_seen_ns: now - 5 * SEC / 2,
+            ..own
+        };
+        assert!(copy.is_embryonic());
+        dp.insert_sessions(&[(key, copy)]).expect("insert");
+        assert_eq!(test_run(&dp, &frame), XDP_PASS);
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::Asymmetric), 1);
+        let after = dp.session(&key).expect("lookup").expect("kept");
+        assert!(after.last_seen_ns > copy.last_seen_ns, "kept alive");
+        assert!(after.is_embryonic(), "not made assured: {after:?}");
+    }
+
     /// `[local] replica_limit` sets the limit, at most the table.
     #[test]
     fn the_limit_is_the_configured_one_and_at_most_the_table() {
