@@ -36,6 +36,20 @@ async fn exchange(addr: SocketAddrForTest, request: &[u8]) -> (u16, String, Stri
 
 type SocketAddrForTest = std::net::SocketAddr;
 
+/// Drops the runtime's request channel and checks that `server` stops with it.
+async fn stops_with_the_runtime(
+    tx: crate::control::ControlSender,
+    runtime: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+) {
+    drop(tx);
+    runtime.abort();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the runtime is gone")
+        .ok();
+}
+
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: localhost:9471\r\nConnection: close\r\n\r\n").into_bytes()
 }
@@ -121,13 +135,7 @@ async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
         assert_eq!(status, 200, "{host}");
     }
 
-    // The server stops with the runtime.
-    drop(tx);
-    runtime.abort();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the server stops once the runtime is gone")
-        .ok();
+    stops_with_the_runtime(tx, runtime, server).await;
 }
 
 /// A server on every address checks what comes in over loopback as one on loopback does (in
@@ -157,13 +165,7 @@ async fn every_address_over_loopback() {
     let (status, _, _) = exchange(local, &get("/metrics")).await;
     assert_eq!(status, 200);
 
-    // The server stops with the runtime.
-    drop(tx);
-    runtime.abort();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("the server stops once the runtime is gone")
-        .ok();
+    stops_with_the_runtime(tx, runtime, server).await;
 }
 
 /// Only names a browser cannot be made to resolve elsewhere pass on a loopback listener.
