@@ -684,12 +684,15 @@ fn check_output(out: &Path, configs: &[Config]) -> Result<(), ProvisionError> {
 }
 
 /// A directory above the output (resolved): refused when someone else could replace what is
-/// below it; a sticky one lets only an entry's owner rename it.
+/// below it. In a sticky one (`/tmp`) only an entry's owner, or the directory's, may rename
+/// it: others may write it if the directory itself is this user's or root's.
 fn check_above(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    if meta.mode() & 0o1000 != 0 {
+    check_owned_dir(path, meta)?;
+    let sticky = meta.mode() & 0o1000 != 0;
+    if sticky {
         return Ok(());
     }
-    check_own_dir(path, meta)
+    check_closed(path, meta)
 }
 
 fn not_plain(path: &Path) -> ProvisionError {
@@ -714,10 +717,20 @@ fn unfollowed(path: &Path) -> Result<std::fs::Metadata, ProvisionError> {
 /// filled (a planted key, a member directory linked elsewhere): `meta` (the directory's) must
 /// be a real directory, this user's or root's, that no group or other user may write.
 fn check_own_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    let unsafe_dir = |why: String| ProvisionError::Unsafe {
+    check_owned_dir(path, meta)?;
+    check_closed(path, meta)
+}
+
+fn unsafe_dir(path: &Path, why: String) -> ProvisionError {
+    ProvisionError::Unsafe {
         path: path.to_owned(),
         why,
-    };
+    }
+}
+
+/// `meta` (`path`'s) is a real directory, this user's or root's.
+fn check_owned_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
+    let unsafe_dir = |why: String| unsafe_dir(path, why);
     if meta.file_type().is_symlink() {
         return Err(unsafe_dir(
             "is a symbolic link: member files are written only into directories of their own \
@@ -737,12 +750,20 @@ fn check_own_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionE
             meta.uid()
         )));
     }
+    Ok(())
+}
+
+/// `meta` (`path`'s) is not writable by group or others.
+fn check_closed(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
-        return Err(unsafe_dir(format!(
-            "is writable by group or others (mode {mode:04o}): any of them could plant a key or \
-             a member directory in it (chmod go-w)"
-        )));
+        return Err(unsafe_dir(
+            path,
+            format!(
+                "is writable by group or others (mode {mode:04o}): any of them could plant a key \
+                 or a member directory in it (chmod go-w)"
+            ),
+        ));
     }
     Ok(())
 }

@@ -337,6 +337,15 @@ fn an_output_directory_others_could_fill_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(e.contains("shared is writable by group or others"), "{e}");
+    // Sticky, as /tmp is: only an entry's owner or the directory's may rename what is in it.
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    std::os::unix::fs::chown(&shared, Some(12345), None).expect("chown");
+    let e = provision(&spec, &shared.join("out"))
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("shared is owned by uid 12345"), "{e}");
+    std::os::unix::fs::chown(&shared, Some(0), None).expect("chown");
+    provision(&spec, &shared.join("out")).expect("a sticky directory of root's");
 
     provision(&spec, &out).expect("a directory of our own");
 }
