@@ -4,7 +4,8 @@
 //!
 //! Read-only and small: GET and HEAD only, request heads of at most [`MAX_HEAD_BYTES`] read
 //! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections, each closed after
-//! [`CONNECTION_LIFETIME`]. Like the control socket it owns none of the member's state: every
+//! [`CONNECTION_LIFETIME`]; over a loopback address, only requests addressed to it
+//! ([`addressed_here`]). Like the control socket it owns none of the member's state: every
 //! answer is gathered from the runtime through [`Source`].
 
 use std::{
@@ -211,10 +212,10 @@ fn misdirected(host: &HeaderValue) -> Response<Full<Bytes>> {
     text(
         StatusCode::MISDIRECTED_REQUEST,
         format!(
-            "Host {host:?} is not a name of this server: it listens on a loopback address and \
-             answers requests for localhost or an IP address only (a DNS name made to point \
-             here is a web page's, refused; a reverse proxy in front must pass Host as \
-             localhost or an address)\n"
+            "Host {host:?} is not a name of this server: over a loopback address it answers \
+             requests for localhost or an IP address only (a DNS name made to point here is a \
+             web page's, refused; a reverse proxy in front must pass Host as localhost or an \
+             address)\n"
         ),
     )
 }
