@@ -409,7 +409,7 @@ impl MainLoop {
             owned: Vec::new(),
             removals: RecentRemovals::default(),
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
-            next_recount: Instant::now() + recount_every(lock(&member.dp).capacity()),
+            next_recount: Instant::now() + recount_every(member.bounds.capacity),
             recounting: None,
         }
     }
@@ -493,7 +493,7 @@ impl MainLoop {
             return;
         }
         let dp = member.dp.clone();
-        self.next_recount = Instant::now() + recount_every(lock(&dp).capacity());
+        self.next_recount = Instant::now() + recount_every(member.bounds.capacity);
         self.recounting = Some(tokio::task::spawn_blocking(move || {
             if let Err(e) = recount_beside(&dp) {
                 warn!(error = %error_chain(&e), "counting peers' sessions in the table failed");
