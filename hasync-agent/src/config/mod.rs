@@ -167,7 +167,8 @@ pub struct Local {
     /// Assured sessions that peers' records may hold in this member's table, all peers
     /// together; past it, records that would add one are refused (`replicas-over-limit`), so
     /// what peers send never takes the room this member's own flows need. 1 to
-    /// `session_capacity`; default three quarters of it.
+    /// `session_capacity`; default three quarters of it, or in a cluster of n > 4 members the
+    /// others' (n−1)/n.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_limit: Option<u32>,
     /// Address of the HTTP server for `/metrics` and the dashboard (`127.0.0.1:9471`);

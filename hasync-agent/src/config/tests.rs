@@ -476,6 +476,22 @@ fn more_than_sixteen_members_is_refused() {
     );
 }
 
+/// The datapath's peers' pool learns the cluster's size (its default limit follows it).
+#[test]
+fn the_start_plan_counts_the_members() {
+    let key = KeyFile::new("size", 32, 0o600);
+    let mut text = sample(&key.path());
+    let plan = crate::startup::StartPlan::from_config(&check(&text).expect("valid"));
+    assert_eq!(plan.opts.cluster_members, 2);
+    for id in 3..=16 {
+        text.push_str(&format!(
+            "\n[[members]]\nid = {id}\nserial = \"fw{id}\"\nha4 = \"198.18.100.{id}\"\n"
+        ));
+    }
+    let plan = crate::startup::StartPlan::from_config(&check(&text).expect("16 members"));
+    assert_eq!(plan.opts.cluster_members, 16);
+}
+
 #[test]
 fn unknown_keys_and_timeouts_are_named() {
     let key = KeyFile::new("unknown", 32, 0o600);

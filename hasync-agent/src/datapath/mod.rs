@@ -264,8 +264,11 @@ pub struct DatapathOptions {
     /// embryonic).
     pub replica_parts: u8,
     /// The most assured sessions peers' records may hold in the table (see [`replica_room`]);
-    /// `None`: three quarters of the table. At most the table's capacity.
+    /// `None`: [`replica_room::default_limit`] of the table and `cluster_members`. At most the
+    /// table's capacity.
     pub replica_limit: Option<u32>,
+    /// Members of the cluster, this one included (the peers' pool's default limit).
+    pub cluster_members: usize,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
     /// Pin the maps and XDP links here (on bpffs) and reuse what an earlier agent pinned there
@@ -288,6 +291,7 @@ impl DatapathOptions {
             embryonic_share: names::EMBRYONIC_SHARE,
             replica_parts: DEFAULT_REPLICA_PARTS,
             replica_limit: None,
+            cluster_members: 2,
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
             log: DatapathLog::default(),
@@ -569,7 +573,7 @@ impl Datapath {
             logger: None,
             replica_limit: u64::from(
                 opts.replica_limit
-                    .unwrap_or_else(|| replica_room::default_limit(capacity))
+                    .unwrap_or_else(|| replica_room::default_limit(capacity, opts.cluster_members))
                     .min(capacity),
             ),
         };

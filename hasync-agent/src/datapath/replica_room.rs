@@ -1,5 +1,6 @@
-//! The peers' pool of the session table (`[local] replica_limit`, three quarters of the table
-//! by default; see `hasync_common::ReplicaRoom`): the assured sessions peers' records wrote
+//! The peers' pool of the session table (`[local] replica_limit`, by default three quarters of
+//! the table or the other members' share of a larger cluster, see [`default_limit`]; and
+//! `hasync_common::ReplicaRoom`): the assured sessions peers' records wrote
 //! here, owned by other members, may take at most that many entries, so what peers send (a
 //! lying peer's made-up sessions, a peer with a larger table) cannot take all the room this
 //! member's own flows need. Assured sessions are never evicted: before the pool, one peer could
@@ -27,9 +28,13 @@ pub fn recount_every(capacity: u32) -> Duration {
     Duration::from_secs(30).max(Duration::from_micros(35) * capacity)
 }
 
-/// The default limit: three quarters of a table of `capacity` entries (at least one).
-pub fn default_limit(capacity: u32) -> u32 {
-    (capacity / 4 * 3).max(1)
+/// The default limit for a table of `capacity` entries in a cluster of `members` (this one
+/// included): what the other members' sessions take when every member holds as many, (n−1)/n
+/// of the table, and at least three quarters of it (an active/passive pair fails over to one
+/// member holding most of them); at least one.
+pub fn default_limit(capacity: u32, members: usize) -> u32 {
+    let members = u32::try_from(members.max(4)).unwrap_or(u32::MAX);
+    (capacity - capacity / members).max(1)
 }
 
 /// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in member
@@ -191,7 +196,7 @@ mod tests {
     fn peers_copies_leave_room_for_this_members_own_flows() {
         let mut dp = datapath();
         let capacity = dp.capacity();
-        let limit = default_limit(capacity);
+        let limit = default_limit(capacity, 2);
         let flood = copies(2, 1, 0..capacity);
         assert_eq!(apply(&mut dp, &flood, 2), (limit, capacity - limit));
         assert_eq!(held(&dp), u64::from(limit));
@@ -230,7 +235,7 @@ mod tests {
     #[test]
     fn a_failover_between_peers_takes_no_room() {
         let mut dp = datapath();
-        let limit = default_limit(dp.capacity());
+        let limit = default_limit(dp.capacity(), 2);
         assert_eq!(apply(&mut dp, &copies(2, 1, 0..limit), 2), (limit, 0));
         // Member 2 is not alive here: member 3 took its flows over.
         assert_eq!(apply(&mut dp, &copies(3, 2, 0..100), 3), (100, 0));
@@ -241,7 +246,7 @@ mod tests {
     #[test]
     fn deleted_copies_give_their_room_back() {
         let mut dp = datapath();
-        let limit = default_limit(dp.capacity());
+        let limit = default_limit(dp.capacity(), 2);
         assert_eq!(apply(&mut dp, &copies(2, 1, 0..limit), 2), (limit, 0));
         let gone: Vec<_> = (0..10)
             .map(|i| ApplyRecord::removal(udp_key(i), MemberId(2), 1))
@@ -284,7 +289,7 @@ mod tests {
     #[test]
     fn a_recount_finds_what_the_apply_program_did_not_see() {
         let mut dp = datapath();
-        let limit = default_limit(dp.capacity());
+        let limit = default_limit(dp.capacity(), 2);
         let pooled = copy(2, 1, State::Established, 0);
         let entries: Vec<_> = (0..100).map(|i| (udp_key(i), pooled)).collect();
         dp.insert_sessions(&entries).expect("insert");
@@ -380,16 +385,36 @@ mod tests {
         assert!(after.is_embryonic(), "not made assured: {after:?}");
     }
 
-    /// `[local] replica_limit` sets the limit, at most the table.
+    /// `[local] replica_limit` sets the limit, at most the table; without it the limit leaves
+    /// this member a quarter of the table, or its own share in a cluster of more than four.
     #[test]
     fn the_limit_is_the_configured_one_and_at_most_the_table() {
-        for (asked, got) in [(Some(100), 100), (Some(1 << 30), 4096), (None, 3072)] {
+        let cases = [
+            (Some(100), 2, 100),
+            (Some(1 << 30), 2, 4096),
+            (None, 2, 3072),
+            (None, 16, 3840),
+        ];
+        for (asked, members, got) in cases {
             let mut opts = crate::datapath::DatapathOptions::new(MemberId(1));
             opts.session_capacity = 4096;
             opts.replica_limit = asked;
+            opts.cluster_members = members;
             let mut dp = Datapath::load(&opts).expect("load (tests need root)");
             let (installed, _) = apply(&mut dp, &copies(2, 1, 0..4096), 2);
-            assert_eq!(installed, got, "{asked:?}");
+            assert_eq!(installed, got, "{asked:?}, {members} members");
         }
+    }
+
+    /// Each member of a cluster of five or more holds the others' (n−1)/n of the sessions:
+    /// the default leaves that room (before, three quarters in any cluster refused a
+    /// 16-member cluster's copies once its table was four fifths full).
+    #[test]
+    fn the_default_limit_fits_the_clusters_copies() {
+        for (members, limit) in [(1, 768), (2, 768), (4, 768), (5, 820), (16, 960)] {
+            assert_eq!(default_limit(1024, members), limit, "{members} members");
+        }
+        assert_eq!(default_limit(1, 16), 1);
+        assert_eq!(default_limit(u32::MAX, 16), u32::MAX - u32::MAX / 16);
     }
 }

@@ -203,7 +203,8 @@ policy = "strict"
 # members' together take at most 1/2.
 # embryonic_capacity = 131072
 # Assured sessions peers' records may hold here, all peers together (default: 3/4 of
-# session_capacity), so peers' sessions never take the room this member's own need.
+# session_capacity, or (n-1)/n of it in a cluster of n > 4 members), so peers' sessions
+# never take the room this member's own need.
 # replica_limit = 786432
 
 # The sync link, and its backup on another interface.
