@@ -11,7 +11,11 @@
 //! ([`Datapath::recount_replicas`], holding it) and then every [`recount_every`] beside its
 //! hold ([`recount_beside`]), for what the fast path changed meanwhile.
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    sync::Mutex,
+    time::Duration,
+};
 
 use hasync_common::{maps as names, FlowKey, MemberId, ReplicaRoom, Session};
 
@@ -69,11 +73,7 @@ fn count(values: &[Session], local: MemberId) -> u64 {
 pub fn recount_beside(dp: &Mutex<Datapath>) -> Result<u64, DatapathError> {
     let (reader, before, local): (SessionReader, ReplicaRoom, MemberId) = {
         let dp = lock(dp);
-        (
-            dp.session_reader()?,
-            dp.replica_pool()?,
-            dp.config()?.local_member,
-        )
+        (dp.session_reader()?, dp.replica_pool()?, dp.local_member())
     };
     let mut walked = 0;
     reader.chunked(COUNT_CHUNK, |_, values| walked += count(values, local))?;
@@ -84,24 +84,30 @@ pub fn recount_beside(dp: &Mutex<Datapath>) -> Result<u64, DatapathError> {
     Ok(held)
 }
 
+/// The pool in REPLICA_ROOM behind `fd`, as the apply program sees it.
+pub(super) fn read(fd: BorrowedFd<'_>) -> Result<ReplicaRoom, DatapathError> {
+    let map: BatchMap<'_, u32, ReplicaRoom> =
+        BatchMap::new(fd).map_err(batch_err(names::REPLICA_ROOM))?;
+    let room = map.lookup(&0).map_err(batch_err(names::REPLICA_ROOM))?;
+    Ok(room.unwrap_or_default())
+}
+
 impl Datapath {
-    fn replica_room(&self) -> Result<BatchMap<'_, u32, ReplicaRoom>, DatapathError> {
-        let map = match self.map(names::REPLICA_ROOM)? {
-            aya::maps::Map::Array(data) => data,
-            _ => return Err(DatapathError::NoMap(names::REPLICA_ROOM)),
-        };
-        BatchMap::new(std::os::fd::AsFd::as_fd(map.fd())).map_err(batch_err(names::REPLICA_ROOM))
+    fn replica_room_fd(&self) -> Result<BorrowedFd<'_>, DatapathError> {
+        match self.map(names::REPLICA_ROOM)? {
+            aya::maps::Map::Array(data) => Ok(data.fd().as_fd()),
+            _ => Err(DatapathError::NoMap(names::REPLICA_ROOM)),
+        }
     }
 
     /// The pool as the apply program sees it.
     pub fn replica_pool(&self) -> Result<ReplicaRoom, DatapathError> {
-        let map = self.replica_room()?;
-        let room = map.lookup(&0).map_err(batch_err(names::REPLICA_ROOM))?;
-        Ok(room.unwrap_or_default())
+        read(self.replica_room_fd()?)
     }
 
     fn set_replica_pool(&self, room: ReplicaRoom) -> Result<(), DatapathError> {
-        let map = self.replica_room()?;
+        let map: BatchMap<'_, u32, ReplicaRoom> =
+            BatchMap::new(self.replica_room_fd()?).map_err(batch_err(names::REPLICA_ROOM))?;
         map.update_batch(&[0], &[room], 0)
             .map_err(batch_err(names::REPLICA_ROOM))
     }
@@ -110,7 +116,7 @@ impl Datapath {
     /// sets the pool to that count and the limit; returns the count. At load, and in tests; the
     /// running agent counts beside its hold ([`recount_beside`]).
     pub fn recount_replicas(&self) -> Result<u64, DatapathError> {
-        let local = self.config()?.local_member;
+        let local = self.local_member();
         let mut held = 0u64;
         self.sessions_chunked(COUNT_CHUNK, |_, values| held += count(values, local))?;
         let room = ReplicaRoom {
