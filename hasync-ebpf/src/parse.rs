@@ -1,7 +1,9 @@
 //! Header parsing: Ethernet (up to two VLAN tags), IPv4 (any IHL, fragments), IPv6 (bounded
-//! extension headers, fragments), TCP, UDP, ICMP/ICMPv6 echo, and the packet an ICMP/ICMPv6
-//! error quotes. Every read goes through [`Frame::read`], the one bounds-checked accessor.
+//! extension headers, fragments), TCP, UDP, ICMP/ICMPv6 (by kind: [`IcmpKind`]), and the
+//! packet an ICMP/ICMPv6 error quotes. Every read goes through [`Frame::read`], the one
+//! bounds-checked accessor.
 
+use crate::maps::ICMP_QUERY_TYPE;
 use aya_ebpf::programs::XdpContext;
 use hasync_common::{
     flow::{Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -33,17 +35,6 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
-/// ICMP errors that quote the offending packet: destination unreachable, source quench,
-/// redirect, time exceeded, parameter problem.
-const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
-/// ICMPv6 error messages are the types below this (RFC 4443 §2.1: the high bit clear): the four
-/// named ones (destination unreachable, packet too big, time exceeded, parameter problem) and
-/// any other a sender may use, each quoting the packet it answers.
-const ICMPV6_FIRST_INFO: u8 = 128;
 /// Bytes of an ICMP/ICMPv6 header before the quoted packet.
 const ICMP_HLEN: usize = 8;
 const TCP_HLEN: usize = 20;
@@ -65,11 +56,40 @@ pub struct Packet {
     pub tcp: TcpSegment,
     /// Frame length in bytes.
     pub len: u64,
-    /// An extra counter to bump (first fragments), if any.
-    pub note: Option<Counter>,
     /// The identification of the datagram, when this is its first fragment: once the packet
     /// passes, its later fragments may follow.
     pub first_fragment: Option<FirstFragment>,
+}
+
+impl Packet {
+    /// The packet may open a session: a TCP SYN (without ACK), a UDP datagram, an ICMP query's
+    /// request. Without a session, the others are mid-flow to this member (TCP not a SYN, an
+    /// ICMP reply).
+    #[inline(always)]
+    pub fn opens(&self) -> bool {
+        match self.key.proto {
+            IPPROTO_TCP => self.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                let v6 = self.key.proto == IPPROTO_ICMPV6;
+                ICMP_QUERY_TYPE
+                    .get(0)
+                    .is_some_and(|&ty| icmp_kind(v6, ty) == IcmpKind::Request)
+            }
+            _ => true,
+        }
+    }
+
+    /// The extra counter the packet bumps: a first fragment's.
+    #[inline(always)]
+    pub fn note(&self) -> Option<Counter> {
+        let v4 = self.key.family == Family::V4 as u8;
+        let counter = if v4 {
+            Counter::Ipv4FirstFragment
+        } else {
+            Counter::Ipv6Fragment
+        };
+        self.first_fragment.map(|_| counter)
+    }
 }
 
 /// What identifies a datagram of which a packet is the first fragment, beside its addresses.
@@ -88,9 +108,9 @@ pub enum Parsed {
     /// A later fragment (no transport header) of the datagram `FragmentKey`; `note` is an extra
     /// counter to bump.
     LaterFragment(FragmentKey, Option<Counter>),
-    /// An IP protocol the datapath does not track (neither TCP, UDP, ICMP nor ICMPv6): its
-    /// zone's rule decides. When it is a first fragment, its datagram, whose later fragments
-    /// may follow if it passes.
+    /// An IP protocol the datapath does not track (neither TCP, UDP, ICMP nor ICMPv6), or an
+    /// ICMP type it does not ([`IcmpKind::Other`]): its zone's rule decides. When it is a
+    /// first fragment, its datagram, whose later fragments may follow if it passes.
     OtherProtocol(Option<FragmentKey>),
     /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
     /// be read and the error travels back to its sender (else `None`: related to nothing).
@@ -172,8 +192,6 @@ struct L3 {
     /// End of the IP packet (from its length field); the transport header must fit before
     /// it: bytes past it are an Ethernet trailer the stack trims away.
     end: usize,
-    /// Fragment note carried to [`Packet::note`].
-    note: Option<Counter>,
     /// Carried to [`Packet::first_fragment`].
     first_fragment: Option<FirstFragment>,
 }
@@ -260,14 +278,7 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
             None,
         ));
     }
-    let (note, first_fragment) = if frag & 0x2000 != 0 {
-        (
-            Some(Counter::Ipv4FirstFragment),
-            Some(FirstFragment { id, proto: h[9] }),
-        )
-    } else {
-        (None, None)
-    };
+    let first_fragment = (frag & 0x2000 != 0).then_some(FirstFragment { id, proto: h[9] });
     Ok(L3 {
         family: Family::V4,
         proto: h[9],
@@ -275,7 +286,6 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         dst,
         l4: off.wrapping_add(hlen),
         end: off.wrapping_add(total),
-        note,
         first_fragment,
     })
 }
@@ -298,7 +308,6 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     let src = [raw32(&h, 8), raw32(&h, 12), raw32(&h, 16), raw32(&h, 20)];
     let dst = [raw32(&h, 24), raw32(&h, 28), raw32(&h, 32), raw32(&h, 36)];
     let mut l4 = off.wrapping_add(IPV6_HLEN);
-    let mut note = None;
     let mut first_fragment = None;
     let mut i = 0;
     while i < IPV6_MAX_EXT {
@@ -327,12 +336,11 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 if l4.wrapping_add(8) > end {
                     return Err(Parsed::Malformed(Counter::ErrIpv6ExtTruncated));
                 }
-                note = Some(Counter::Ipv6Fragment);
                 let id = raw32(&e, 4);
                 if be16(e[2], e[3]) & 0xfff8 != 0 {
                     // A later fragment: no transport header to read.
                     let key = fragment_key(Family::V6, e[0], src, dst, id);
-                    return Err(Parsed::LaterFragment(key, note));
+                    return Err(Parsed::LaterFragment(key, Some(Counter::Ipv6Fragment)));
                 }
                 first_fragment = Some(FirstFragment { id, proto: e[0] });
                 next = e[0];
@@ -346,7 +354,6 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                     dst,
                     l4,
                     end,
-                    note,
                     first_fragment,
                 })
             }
@@ -364,7 +371,6 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
             dst,
             l4,
             end,
-            note,
             first_fragment,
         }),
     }
@@ -382,6 +388,49 @@ fn tcp_flags_valid(f: u8) -> bool {
     f & (tcp::SYN | tcp::ACK | tcp::RST) != 0
 }
 
+/// What an ICMP or ICMPv6 message is, by its type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IcmpKind {
+    /// A query's request: echo, timestamp, information, address mask (ICMPv4), extended echo
+    /// (RFC 8335). It may open a session ([`Packet::opens`]), its identifier standing for both
+    /// ports.
+    Request,
+    /// A query's reply: it needs its request's session.
+    Reply,
+    /// An error, quoting the packet it answers: destination unreachable, source quench,
+    /// redirect, time exceeded, parameter problem; in ICMPv6 every type below 128 (RFC 4443
+    /// §2.1: the high bit clear), the four named ones and any other a sender may use.
+    Error,
+    /// A link-scope control message, for this host or its link and never forwarded: router
+    /// discovery (ICMPv4); MLD, neighbour discovery, inverse neighbour discovery, SEND,
+    /// multicast router discovery (ICMPv6). Not a session of its own.
+    LinkScope,
+    /// Anything else (deprecated, unassigned, experimental types): not tracked, so the
+    /// ingress zone's rule for untracked protocols decides.
+    Other,
+}
+
+#[inline(always)]
+fn icmp_kind(v6: bool, ty: u8) -> IcmpKind {
+    if v6 {
+        match ty {
+            0..=127 => IcmpKind::Error,
+            128 | 160 => IcmpKind::Request,
+            129 | 161 => IcmpKind::Reply,
+            130..=137 | 141..=143 | 148 | 149 | 151..=153 => IcmpKind::LinkScope,
+            _ => IcmpKind::Other,
+        }
+    } else {
+        match ty {
+            3 | 4 | 5 | 11 | 12 => IcmpKind::Error,
+            8 | 13 | 15 | 17 | 42 => IcmpKind::Request,
+            0 | 14 | 16 | 18 | 43 => IcmpKind::Reply,
+            9 | 10 => IcmpKind::LinkScope,
+            _ => IcmpKind::Other,
+        }
+    }
+}
+
 #[inline(always)]
 fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
     let L3 {
@@ -391,7 +440,6 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         dst,
         l4,
         end,
-        note,
         first_fragment,
     } = l3;
     let mut segment = TcpSegment::default();
@@ -431,25 +479,27 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             }
-            let (echo, error) = if proto == IPPROTO_ICMP {
-                (
-                    h[0] == ICMP_ECHO_REQUEST || h[0] == ICMP_ECHO_REPLY,
-                    ICMP_ERRORS.contains(&h[0]),
-                )
-            } else {
-                (
-                    h[0] == ICMPV6_ECHO_REQUEST || h[0] == ICMPV6_ECHO_REPLY,
-                    h[0] < ICMPV6_FIRST_INFO,
-                )
-            };
-            if error {
-                let quoted = l4.wrapping_add(ICMP_HLEN);
-                return Parsed::IcmpError(quoted_flow(frame, family, dst, quoted));
+            let kind = icmp_kind(proto == IPPROTO_ICMPV6, h[0]);
+            match kind {
+                IcmpKind::Error => {
+                    let quoted = l4.wrapping_add(ICMP_HLEN);
+                    return Parsed::IcmpError(quoted_flow(frame, family, dst, quoted));
+                }
+                IcmpKind::LinkScope => return Parsed::Pass(Counter::PassUntracked),
+                IcmpKind::Other => {
+                    let datagram =
+                        first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id));
+                    return Parsed::OtherProtocol(datagram);
+                }
+                IcmpKind::Request | IcmpKind::Reply => {
+                    if let Some(ty) = ICMP_QUERY_TYPE.get_ptr_mut(0) {
+                        // SAFETY: this CPU's value, valid for the program's run, which alone
+                        // uses it.
+                        unsafe { *ty = h[0] };
+                    }
+                }
             }
-            if !echo {
-                // Neighbour discovery, MLD, timestamps, ...: not sessions of their own.
-                return Parsed::Pass(Counter::PassUntracked);
-            }
+            // The query's identifier stands for both ports.
             let id = raw16(h[4], h[5]);
             (id, id, 0)
         }
@@ -465,7 +515,6 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         tcp_flags: flags,
         tcp: segment,
         len: frame.len(),
-        note,
         first_fragment,
     })
 }
@@ -551,10 +600,13 @@ fn quoted_flow(frame: &Frame, family: Family, outer_dst: [u32; 4], at: usize) ->
     let q = frame.read::<8>(l4)?;
     let (sport, dport) = match proto {
         IPPROTO_TCP | IPPROTO_UDP => (raw16(q[0], q[1]), raw16(q[2], q[3])),
-        IPPROTO_ICMP if q[0] == ICMP_ECHO_REQUEST || q[0] == ICMP_ECHO_REPLY => {
-            (raw16(q[4], q[5]), raw16(q[4], q[5]))
-        }
-        IPPROTO_ICMPV6 if q[0] == ICMPV6_ECHO_REQUEST || q[0] == ICMPV6_ECHO_REPLY => {
+        IPPROTO_ICMP | IPPROTO_ICMPV6
+            if (proto == IPPROTO_ICMPV6) == (family == Family::V6)
+                && matches!(
+                    icmp_kind(proto == IPPROTO_ICMPV6, q[0]),
+                    IcmpKind::Request | IcmpKind::Reply
+                ) =>
+        {
             (raw16(q[4], q[5]), raw16(q[4], q[5]))
         }
         _ => return None,

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use hasync_common::{
     config::REFRESH_BYTES_SHIFT,
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
+    session::{expired, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     tcp_window::{self, Fit},
     Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Session, SessionFlags,
     State, ZoneId,
@@ -100,22 +100,26 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a key or session passed by value is copied to the stack, which this program has \
+              no room left for"
+)]
 fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet) -> u32 {
-    if let Some(note) = pkt.note {
+    if let Some(note) = pkt.note() {
         counters.inc(note);
     }
     let now = clock::now(cfg);
-    let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a
     // peer still holding the old one takes the new one by (version, owner).
     let mut replaced_version = 0;
-    if let Some(s) = SESSIONS.get_ptr_mut(pkt.key) {
+    if let Some(s) = SESSIONS.get_ptr_mut(&pkt.key) {
         // SAFETY: the value stays valid for the program's run; concurrent writers on other
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
         let expired = expired(now, s.last_seen_ns, cfg.timeout_ns(s.state));
         // A fresh SYN on a closed session is a new connection reusing the ports.
-        let reopened = is_syn && s.state == State::Closed as u8;
+        let reopened = s.state == State::Closed as u8 && pkt.opens();
         if !expired && !reopened {
             counters.inc(Counter::Hits);
             return hit(ctx, cfg, counters, pkt, s, now);
@@ -125,7 +129,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         }
         replaced_version = s.version;
     }
-    miss(ctx, cfg, counters, pkt, now, is_syn, replaced_version)
+    miss(ctx, cfg, counters, pkt, now, replaced_version)
 }
 
 /// The packet found its session.
@@ -415,25 +419,30 @@ fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64, fit: Fit) {
 
 /// The packet has no (live) session: create one, or apply the policy.
 #[inline(always)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "a key or session passed by value is copied to the stack, which this program has \
+              no room left for"
+)]
 fn miss(
     ctx: &XdpContext,
     cfg: &DatapathConfig,
     counters: &mut Counters,
     pkt: &Packet,
     now: u64,
-    is_syn: bool,
     replaced_version: u32,
 ) -> u32 {
+    // TCP not a SYN, an ICMP reply: the flow is not new, and not known here.
+    if !pkt.opens() {
+        return by_policy(
+            cfg,
+            counters,
+            Counter::PassNoSessionLoose,
+            Counter::DropNoSession,
+        );
+    }
     let state = match pkt.key.proto {
-        IPPROTO_TCP if is_syn => State::SynSent,
-        IPPROTO_TCP => {
-            return by_policy(
-                cfg,
-                counters,
-                Counter::PassNoSessionLoose,
-                Counter::DropNoSession,
-            );
-        }
+        IPPROTO_TCP => State::SynSent,
         IPPROTO_UDP => State::UdpNew,
         IPPROTO_ICMP | IPPROTO_ICMPV6 => State::IcmpEcho,
         _ => {
@@ -484,7 +493,7 @@ fn miss(
     }
     // A new session is embryonic: it may evict the oldest embryonic one, never anything else.
     embryo::admit_own(cfg, counters, &pkt.key, &mut session);
-    if let Err(e) = SESSIONS.insert(pkt.key, session, BPF_ANY as u64) {
+    if let Err(e) = SESSIONS.insert(&pkt.key, &session, BPF_ANY as u64) {
         return not_tracked(cfg, counters, e);
     }
     counters.inc(Counter::Creates);

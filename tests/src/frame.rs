@@ -183,6 +183,12 @@ impl Frame {
             (false, true) => 128,
             (false, false) => 129,
         };
+        Self::icmp_query(a, b, ty, id)
+    }
+
+    /// An ICMP/ICMPv6 query message `a → b` of type `ty` (a timestamp request, ...) with
+    /// identifier `id`.
+    pub fn icmp_query(a: IpAddr, b: IpAddr, ty: u8, id: u16) -> Self {
         Self::new(a, b, id, id, L4::Icmp { ty, code: 0, id })
     }
 

@@ -198,8 +198,9 @@ pub struct Link {
 pub struct Zone {
     pub name: String,
     pub interfaces: Vec<String>,
-    /// What packets of IP protocols the datapath does not track (GRE, ESP, SCTP, ...) that
-    /// come in on this zone's interfaces get: `drop` or `pass`, counted either way. Default:
+    /// What packets of IP protocols the datapath does not track (GRE, ESP, SCTP, ...), and
+    /// ICMP types it does not (neither queries, errors nor link-scope messages), that come in
+    /// on this zone's interfaces get: `drop` or `pass`, counted either way. Default:
     /// as `[local] policy` says (strict drops, loose passes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other_protocols: Option<OtherProtocolsName>,

@@ -280,6 +280,9 @@ fn frames() -> Vec<Seed> {
         Frame::icmp_echo(ip(S4), ip(C4), 7, false),
         Frame::icmp_echo(ip(C6), ip(S6), 8, true),
         Frame::icmp(ip(C4), ip(S4), 3, 1),
+        Frame::icmp_query(ip(C4), ip(S4), 13, 7),
+        Frame::icmp_query(ip(S6), ip(C6), 161, 8),
+        Frame::icmp(ip(C4), ip(S4), 37, 0),
         Frame::other_proto(ip(C4), ip(S4), IPPROTO_GRE),
         Frame::arp(),
     ];
