@@ -48,7 +48,7 @@ impl StartPlan {
         opts.embryonic_share = config.embryonic_share();
         opts.replica_parts = config.replica_parts();
         opts.replica_limit = config.local.replica_limit;
-        opts.cluster_members = config.members.len();
+        opts.cluster_members = config.members.iter().filter(|m| m.enabled).count();
         opts.config = config.datapath();
         opts.pin_dir = config.pin_dir().map(Into::into);
         opts.log = config.local.datapath_log;

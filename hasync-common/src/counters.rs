@@ -80,11 +80,11 @@ counters! {
     /// to the kernel; a virtual wire never lets them cross (they may carry IP the program
     /// cannot see).
     PassOtherEthertype = "pass-other-ethertype",
-    /// ICMP/ICMPv6 messages that are neither echoes nor errors (neighbour discovery, MLD,
-    /// router advertisements, timestamps, ...), passed untracked.
+    /// ICMP/ICMPv6 link-scope control messages (neighbour and router discovery, MLD, ...) with
+    /// the TTL or hop limit their protocol sends, passed untracked.
     PassUntracked = "pass-untracked-protocol",
-    /// IP protocols other than TCP, UDP, ICMP, ICMPv6 (GRE, ESP, SCTP, ...), passed untracked
-    /// by their zone's rule (`other_protocols = "pass"`, or the loose policy).
+    /// IP protocols other than TCP, UDP, ICMP, ICMPv6 (GRE, ESP, SCTP, ...), and ICMP types
+    /// neither queries, errors nor link-scope messages, passed untracked by their zone's rule (`other_protocols = "pass"`, or the loose policy).
     PassOtherProtocol = "pass-other-protocol",
     /// The same, dropped by their zone's rule (`other_protocols = "drop"`, or the strict
     /// policy).
@@ -150,9 +150,11 @@ counters! {
     /// unchanged. A blind close lands here; so does a genuine one where this member stopped
     /// seeing the other direction.
     PassTcpUnconfirmed = "pass-tcp-unconfirmed",
-    /// TCP without SYN and without a session, passed by the loose policy.
+    /// TCP without SYN, or an ICMP query's reply on its way through, without a session, passed
+    /// by the loose policy.
     PassNoSessionLoose = "pass-no-session-loose",
-    /// TCP without SYN and without a session, dropped by the strict policy.
+    /// TCP without SYN, or an ICMP query's reply on its way through, without a session,
+    /// dropped by the strict policy.
     DropNoSession = "drop-no-session",
     /// Packets of established sessions forwarded by XDP (`forwarding = "xdp"`): FIB lookup,
     /// MAC rewrite, TTL decrement, DEVMAP redirect.

@@ -76,9 +76,9 @@ pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// The type of the ICMP query being handled on this CPU: the parser writes it, the session
-/// logic reads it in the same run ([`crate::parse::Packet::opens`]). Kept out of the packet's
-/// stack copy: a value there that TCP and UDP packets lack keeps the verifier from merging
-/// their paths (+160,000 instructions verified).
+/// The type of the ICMP query being handled on this CPU: the parser writes it, the new
+/// session's route check reads it in the same run ([`crate::parse::is_icmp_reply`]). Kept
+/// out of the packet's stack copy: a value there that TCP and UDP packets lack keeps the
+/// verifier from merging their paths (+160,000 instructions verified).
 #[map]
 pub static ICMP_QUERY_TYPE: PerCpuArray<u8> = PerCpuArray::with_max_entries(1, 0);

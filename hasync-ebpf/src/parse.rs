@@ -62,23 +62,6 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// The packet may open a session: a TCP SYN (without ACK), a UDP datagram, an ICMP query's
-    /// request. Without a session, the others are mid-flow to this member (TCP not a SYN, an
-    /// ICMP reply).
-    #[inline(always)]
-    pub fn opens(&self) -> bool {
-        match self.key.proto {
-            IPPROTO_TCP => self.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN,
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                let v6 = self.key.proto == IPPROTO_ICMPV6;
-                ICMP_QUERY_TYPE
-                    .get(0)
-                    .is_some_and(|&ty| icmp_kind(v6, ty) == IcmpKind::Request)
-            }
-            _ => true,
-        }
-    }
-
     /// The extra counter the packet bumps: a first fragment's.
     #[inline(always)]
     pub fn note(&self) -> Option<Counter> {
@@ -90,6 +73,17 @@ impl Packet {
         };
         self.first_fragment.map(|_| counter)
     }
+}
+
+/// Is the packet of flow `key` an ICMP query's reply? Its type is in [`ICMP_QUERY_TYPE`],
+/// which the parser wrote in this run.
+#[inline(always)]
+pub fn is_icmp_reply(key: &FlowKey) -> bool {
+    let v6 = key.proto == IPPROTO_ICMPV6;
+    (v6 || key.proto == IPPROTO_ICMP)
+        && ICMP_QUERY_TYPE
+            .get(0)
+            .is_some_and(|&ty| icmp_kind(v6, ty) == IcmpKind::Reply)
 }
 
 /// What identifies a datagram of which a packet is the first fragment, beside its addresses.
@@ -185,6 +179,8 @@ pub(crate) fn raw32(b: &[u8], at: usize) -> u32 {
 struct L3 {
     family: Family,
     proto: u8,
+    /// Offset of the IP header.
+    ip: usize,
     src: [u32; 4],
     dst: [u32; 4],
     /// Offset of the transport header.
@@ -282,6 +278,7 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     Ok(L3 {
         family: Family::V4,
         proto: h[9],
+        ip: off,
         src,
         dst,
         l4: off.wrapping_add(hlen),
@@ -350,6 +347,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
                 return Ok(L3 {
                     family: Family::V6,
                     proto: next,
+                    ip: off,
                     src,
                     dst,
                     l4,
@@ -367,6 +365,7 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
         _ => Ok(L3 {
             family: Family::V6,
             proto: next,
+            ip: off,
             src,
             dst,
             l4,
@@ -391,22 +390,24 @@ fn tcp_flags_valid(f: u8) -> bool {
 /// What an ICMP or ICMPv6 message is, by its type.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum IcmpKind {
-    /// A query's request: echo, timestamp, information, address mask (ICMPv4), extended echo
-    /// (RFC 8335). It may open a session ([`Packet::opens`]), its identifier standing for both
-    /// ports.
+    /// A query's request: echo, timestamp (ICMPv4), node information (ICMPv6), extended echo
+    /// (RFC 8335). It opens a session, its identifier standing for both ports.
     Request,
-    /// A query's reply: it needs its request's session.
+    /// A query's reply: it needs its request's session when it is on its way through this
+    /// member (see `session::miss`).
     Reply,
     /// An error, quoting the packet it answers: destination unreachable, source quench,
     /// redirect, time exceeded, parameter problem; in ICMPv6 every type below 128 (RFC 4443
     /// §2.1: the high bit clear), the four named ones and any other a sender may use.
     Error,
-    /// A link-scope control message, for this host or its link and never forwarded: router
-    /// discovery (ICMPv4); MLD, neighbour discovery, inverse neighbour discovery, SEND,
-    /// multicast router discovery (ICMPv6). Not a session of its own.
+    /// A link-scope control message, for this host or its link: router discovery (ICMPv4);
+    /// MLD, neighbour discovery, inverse neighbour discovery, SEND, multicast router discovery
+    /// (ICMPv6). Not a session of its own; passed untracked when its TTL or hop limit is the
+    /// one its protocol sends and its receivers require ([`link_scope_hops`]), which no
+    /// router forwards.
     LinkScope,
-    /// Anything else (deprecated, unassigned, experimental types): not tracked, so the
-    /// ingress zone's rule for untracked protocols decides.
+    /// Anything else (deprecated, unassigned, experimental, mobility types): not tracked, so
+    /// the ingress zone's rule for untracked protocols decides.
     Other,
 }
 
@@ -415,19 +416,41 @@ fn icmp_kind(v6: bool, ty: u8) -> IcmpKind {
     if v6 {
         match ty {
             0..=127 => IcmpKind::Error,
-            128 | 160 => IcmpKind::Request,
-            129 | 161 => IcmpKind::Reply,
+            128 | 139 | 160 => IcmpKind::Request,
+            129 | 140 | 161 => IcmpKind::Reply,
             130..=137 | 141..=143 | 148 | 149 | 151..=153 => IcmpKind::LinkScope,
             _ => IcmpKind::Other,
         }
     } else {
+        // Information (15, 16) and address mask (17, 18) are deprecated (RFC 6918): Other.
         match ty {
             3 | 4 | 5 | 11 | 12 => IcmpKind::Error,
-            8 | 13 | 15 | 17 | 42 => IcmpKind::Request,
-            0 | 14 | 16 | 18 | 43 => IcmpKind::Reply,
+            8 | 13 | 42 => IcmpKind::Request,
+            0 | 14 | 43 => IcmpKind::Reply,
             9 | 10 => IcmpKind::LinkScope,
             _ => IcmpKind::Other,
         }
+    }
+}
+
+/// The TTL or hop limit a link-scope message of type `ty` is sent with: 255 for neighbour
+/// discovery, inverse neighbour discovery and SEND (RFC 4861, 3122, 3971: receivers discard
+/// any other), 1 for MLD, multicast router discovery (RFC 3810, 4286) and ICMPv4 router
+/// discovery (RFC 1256).
+/// The TTL or hop limit of the IP header at `ip`, read again: carried from the IP header's
+/// parse it would stay live through every packet's path (+160,000 instructions verified).
+#[inline(always)]
+fn hops(frame: &Frame, ip: usize, v6: bool) -> Option<u8> {
+    let h = frame.read::<12>(ip)?;
+    Some(if v6 { h[7] } else { h[8] })
+}
+
+#[inline(always)]
+fn link_scope_hops(v6: bool, ty: u8) -> u8 {
+    if v6 && matches!(ty, 133..=137 | 141 | 142 | 148 | 149) {
+        255
+    } else {
+        1
     }
 }
 
@@ -436,6 +459,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
     let L3 {
         family,
         proto,
+        ip,
         src,
         dst,
         l4,
@@ -479,14 +503,16 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrIcmpTruncated);
             }
-            let kind = icmp_kind(proto == IPPROTO_ICMPV6, h[0]);
-            match kind {
+            let v6 = proto == IPPROTO_ICMPV6;
+            match icmp_kind(v6, h[0]) {
                 IcmpKind::Error => {
                     let quoted = l4.wrapping_add(ICMP_HLEN);
                     return Parsed::IcmpError(quoted_flow(frame, family, dst, quoted));
                 }
-                IcmpKind::LinkScope => return Parsed::Pass(Counter::PassUntracked),
-                IcmpKind::Other => {
+                IcmpKind::LinkScope if hops(frame, ip, v6) == Some(link_scope_hops(v6, h[0])) => {
+                    return Parsed::Pass(Counter::PassUntracked)
+                }
+                IcmpKind::LinkScope | IcmpKind::Other => {
                     let datagram =
                         first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id));
                     return Parsed::OtherProtocol(datagram);

@@ -29,6 +29,7 @@ use aya_ebpf::{
 use hasync_common::{flow::Family, Counter, Counters, FlowKey, ZoneBinding, ZoneId};
 
 use crate::maps::{FIB_SCRATCH, ZONES};
+use crate::parse::is_icmp_reply;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -93,6 +94,16 @@ pub fn reply_zone(
         ifindex,
     };
     let egress = match lookup(ctx, &query) {
+        // An ICMP query's reply with no session, on its way through this member: its request
+        // never crossed here. (One to this host itself makes a session as a request does: the
+        // host's own requests, path monitoring's too, leave without crossing XDP. So does one
+        // in a zone that checks no routes.)
+        Route::Out(_) if is_icmp_reply(key) => {
+            return Err(Refused {
+                pass: Counter::PassNoSessionLoose,
+                drop: Counter::DropNoSession,
+            })
+        }
         Route::Out(egress) => egress,
         Route::Nowhere | Route::Disabled => {
             counters.inc(Counter::ReplyZoneRouted);

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use hasync_common::{
     config::REFRESH_BYTES_SHIFT,
     flow::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
-    session::{expired, tcp_next, DIR_ORIGINAL, DIR_REPLY},
+    session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     tcp_window::{self, Fit},
     Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Session, SessionFlags,
     State, ZoneId,
@@ -110,6 +110,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         counters.inc(note);
     }
     let now = clock::now(cfg);
+    let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a
     // peer still holding the old one takes the new one by (version, owner).
     let mut replaced_version = 0;
@@ -119,7 +120,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         let s = unsafe { &mut *s };
         let expired = expired(now, s.last_seen_ns, cfg.timeout_ns(s.state));
         // A fresh SYN on a closed session is a new connection reusing the ports.
-        let reopened = s.state == State::Closed as u8 && pkt.opens();
+        let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
             counters.inc(Counter::Hits);
             return hit(ctx, cfg, counters, pkt, s, now);
@@ -129,7 +130,7 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         }
         replaced_version = s.version;
     }
-    miss(ctx, cfg, counters, pkt, now, replaced_version)
+    miss(ctx, cfg, counters, pkt, now, is_syn, replaced_version)
 }
 
 /// The packet found its session.
@@ -430,19 +431,19 @@ fn miss(
     counters: &mut Counters,
     pkt: &Packet,
     now: u64,
+    is_syn: bool,
     replaced_version: u32,
 ) -> u32 {
-    // TCP not a SYN, an ICMP reply: the flow is not new, and not known here.
-    if !pkt.opens() {
-        return by_policy(
-            cfg,
-            counters,
-            Counter::PassNoSessionLoose,
-            Counter::DropNoSession,
-        );
-    }
     let state = match pkt.key.proto {
-        IPPROTO_TCP => State::SynSent,
+        IPPROTO_TCP if is_syn => State::SynSent,
+        IPPROTO_TCP => {
+            return by_policy(
+                cfg,
+                counters,
+                Counter::PassNoSessionLoose,
+                Counter::DropNoSession,
+            );
+        }
         IPPROTO_UDP => State::UdpNew,
         IPPROTO_ICMP | IPPROTO_ICMPV6 => State::IcmpEcho,
         _ => {

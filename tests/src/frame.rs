@@ -124,6 +124,8 @@ pub struct Frame {
     pad_to: Option<usize>,
     damage: Vec<Damage>,
     truncate: Option<usize>,
+    /// TTL / hop limit; `None`: what a stack sends ([`Frame::default_hops`]).
+    hops: Option<u8>,
 }
 
 impl Frame {
@@ -150,6 +152,37 @@ impl Frame {
             pad_to: None,
             damage: Vec::new(),
             truncate: None,
+            hops: None,
+        }
+    }
+
+    /// Sets the TTL (IPv4) or hop limit (IPv6).
+    pub fn hops(mut self, n: u8) -> Self {
+        self.hops = Some(n);
+        self
+    }
+
+    /// The TTL or hop limit stacks send the frame with: 255 for neighbour discovery, inverse
+    /// neighbour discovery and SEND, 1 for MLD, multicast and ICMPv4 router discovery, 64
+    /// otherwise.
+    fn default_hops(&self) -> u8 {
+        match (self.is_ipv4(), &self.l4) {
+            (
+                false,
+                L4::Icmp {
+                    ty: 133..=137 | 141 | 142 | 148 | 149,
+                    ..
+                },
+            ) => 255,
+            (
+                false,
+                L4::Icmp {
+                    ty: 130..=132 | 143 | 151..=153,
+                    ..
+                },
+            ) => 1,
+            (true, L4::Icmp { ty: 9 | 10, .. }) => 1,
+            _ => 64,
         }
     }
 
@@ -613,7 +646,7 @@ impl Frame {
             None => 0x4000, // DF
         };
         out.extend_from_slice(&frag.to_be_bytes());
-        out.push(64); // TTL
+        out.push(self.hops.unwrap_or(self.default_hops())); // TTL
         out.push(self.proto().expect("IPv4 frame has a protocol"));
         out.extend_from_slice(&[0, 0]); // checksum, below
         out.extend_from_slice(&src.octets());
@@ -662,7 +695,7 @@ impl Frame {
         out.extend_from_slice(&[0x60, 0, 0, 0]); // version, traffic class, flow label
         out.extend_from_slice(&((exts.len() + l4_len) as u16).to_be_bytes());
         out.push(first);
-        out.push(64); // hop limit
+        out.push(self.hops.unwrap_or(self.default_hops())); // hop limit
         out.extend_from_slice(&src.octets());
         out.extend_from_slice(&dst.octets());
         out.extend_from_slice(&exts);

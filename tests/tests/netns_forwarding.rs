@@ -11,7 +11,11 @@
 //! Sockets are created on threads that joined a lab namespace, so they belong to it; every
 //! exchange is bounded in count and time.
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use hasync_agent::lab::traffic::{udp_echo_server, Bounds};
@@ -28,7 +32,7 @@ use hasync_tests::{
         UNTRUST,
     },
     frame::Frame,
-    netns::wait_for,
+    netns::{wait_for, Netns},
     testrun::{monotonic_ns, replied_session, CounterDelta, LOCAL},
 };
 
@@ -227,11 +231,17 @@ fn tcp_and_udp_through_the_forwarder_ipv6() {
 /// socket. Returns its key.
 fn send_stray_ack(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Result<FlowKey> {
     let frame = Frame::tcp(client, server).ack().payload(8);
+    send_ip(&fwd.cli, &frame, server.ip())?;
+    Ok(frame.key())
+}
+
+/// Sends `frame`'s IPv4 packet to `dst` from namespace `ns` with a raw socket.
+fn send_ip(ns: &Netns, frame: &Frame, dst: IpAddr) -> Result<()> {
     let packet = frame.build()[14..].to_vec();
-    let SocketAddr::V4(dst) = server else {
+    let IpAddr::V4(dst) = dst else {
         bail!("raw IPv4 only");
     };
-    fwd.cli.run(move || -> Result<()> {
+    ns.run(move || -> Result<()> {
         // SAFETY: plain socket(2); the fd is closed below.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
@@ -239,7 +249,7 @@ fn send_stray_ack(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Re
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
             sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+                s_addr: u32::from_ne_bytes(dst.octets()),
             },
             sin_zero: [0; 8],
         };
@@ -259,8 +269,7 @@ fn send_stray_ack(fwd: &Forwarder, client: SocketAddr, server: SocketAddr) -> Re
         unsafe { libc::close(fd) };
         ensure!(sent == packet.len() as isize, "raw sendto: {err}");
         Ok(())
-    })??;
-    Ok(frame.key())
+    })?
 }
 
 /// Makes sure the client has resolved its gateway, so a raw packet leaves at once.
@@ -326,6 +335,47 @@ fn loose_policy_passes_mid_stream_tcp_of_an_unknown_flow() {
             "a session was created for the stray ack"
         );
         check_clean(&delta, &[])
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// An echo reply nobody asked for, on its way through the firewall, is dropped like a stray
+/// ACK (until stop 38 it made a session and passed); the firewall's own ping, whose request
+/// leaves without crossing XDP, still gets its reply (path monitoring pings so).
+#[test]
+fn strict_policy_drops_a_stray_echo_reply_but_not_the_hosts_own() {
+    let run = || -> Result<()> {
+        let fwd = Forwarder::new("icmprep", Policy::Strict)?;
+        warm_up(&fwd)?;
+        let before = fwd.counters()?;
+        let stray = Frame::icmp_echo(CLI4.parse()?, SRV4.parse()?, 77, false);
+        send_ip(&fwd.cli, &stray, SRV4.parse()?)?;
+        let delta = wait_counter(&fwd, before, Counter::DropNoSession, 1)
+            .context("drop-no-session never moved for the stray echo reply")?;
+        ensure!(delta.get(Counter::Creates) == 0, "{delta}");
+        ensure!(fwd.session(&stray.key())?.is_none(), "a session for it");
+
+        let before = fwd.counters()?;
+        let ping = fwd.fw.run(|| {
+            std::process::Command::new("ping")
+                .args(["-n", "-c", "1", "-W", "2", SRV4])
+                .output()
+        })??;
+        ensure!(
+            ping.status.success(),
+            "the firewall's own ping got no reply: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+        let delta = CounterDelta {
+            before,
+            after: fwd.counters()?,
+        };
+        ensure!(delta.get(Counter::DropNoSession) == 0, "{delta}");
+        ensure!(
+            delta.get(Counter::Creates) == 1,
+            "the reply's session: {delta}"
+        );
+        Ok(())
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
 }

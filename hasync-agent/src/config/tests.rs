@@ -476,7 +476,8 @@ fn more_than_sixteen_members_is_refused() {
     );
 }
 
-/// The datapath's peers' pool learns the cluster's size (its default limit follows it).
+/// The datapath's peers' pool learns the cluster's size, its enabled members (its default
+/// limit follows it).
 #[test]
 fn the_start_plan_counts_the_members() {
     let key = KeyFile::new("size", 32, 0o600);
@@ -490,6 +491,12 @@ fn the_start_plan_counts_the_members() {
     }
     let plan = crate::startup::StartPlan::from_config(&check(&text).expect("16 members"));
     assert_eq!(plan.opts.cluster_members, 16);
+    let text = text.replace("serial = \"fw16\"", "serial = \"fw16\"\nenabled = false");
+    let plan = crate::startup::StartPlan::from_config(&check(&text).expect("one disabled"));
+    assert_eq!(
+        plan.opts.cluster_members, 15,
+        "disabled members hold nothing here"
+    );
 }
 
 #[test]

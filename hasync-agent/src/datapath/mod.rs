@@ -267,7 +267,7 @@ pub struct DatapathOptions {
     /// `None`: [`replica_room::default_limit`] of the table and `cluster_members`. At most the
     /// table's capacity.
     pub replica_limit: Option<u32>,
-    /// Members of the cluster, this one included (the peers' pool's default limit).
+    /// Enabled members of the cluster, this one included (the peers' pool's default limit).
     pub cluster_members: usize,
     /// Written to CONFIG before the program can see traffic.
     pub config: DatapathConfig,
