@@ -336,6 +336,10 @@ pub(crate) fn owner_alive(s: &Session) -> bool {
     }
 }
 
+/// How far [`SessionFlags::ORPHANED`]'s bit moves to [`SessionFlags::FROM_ORPHAN`]'s.
+const ORPHAN_TO_POOL: u32 =
+    SessionFlags::FROM_ORPHAN.trailing_zeros() - SessionFlags::ORPHANED.trailing_zeros();
+
 /// The owner is gone, or removed the session while this member carried its flow
 /// ([`SessionFlags::ORPHANED`]): this member takes the session over, then handles the packet
 /// (already accounted) as the owner would.
@@ -352,7 +356,11 @@ fn take_over(
     s.owner = cfg.local_member;
     s.version = s.version.wrapping_add(1);
     let replica = SessionFlags::FROM_PEER | SessionFlags::ORPHANED | SessionFlags::HANDED_ON;
-    s.flags.0 = (s.flags.0 | SessionFlags::TAKEN_OVER | SessionFlags::CONTESTABLE) & !replica;
+    // An orphaned copy stays in the peers' pool: ORPHANED becomes FROM_ORPHAN, bit for bit
+    // (no branch: the rest of the program would be walked once per outcome).
+    let from_orphan = (s.flags.0 & SessionFlags::ORPHANED).wrapping_shl(ORPHAN_TO_POOL);
+    let taken = SessionFlags::TAKEN_OVER | SessionFlags::CONTESTABLE | from_orphan;
+    s.flags.0 = (s.flags.0 | taken) & !replica;
     counters.inc(Counter::Takeovers);
     advance(counters, pkt, s, dir, fit);
     s.last_event_ns = now;

@@ -391,6 +391,57 @@ mod tests {
         assert!(after.is_embryonic(), "not made assured: {after:?}");
     }
 
+    /// A copy its owner orphaned (removed while this member carried the flow) and that traffic
+    /// here then took over stays in the pool: a lying peer cannot make room again by orphaning
+    /// its copies and sending their packets here (before, the next count gave their room back,
+    /// and the peer filled it again). A copy taken over from an owner that died leaves the
+    /// pool: a failover.
+    #[test]
+    fn an_orphaned_copy_taken_over_stays_in_the_pool() {
+        let mut opts = crate::datapath::DatapathOptions::new(MemberId(1));
+        opts.session_capacity = 4096;
+        opts.replica_limit = Some(2);
+        let mut dp = Datapath::load(&opts).expect("load (tests need root)");
+        dp.set_member_alive(MemberId(2), true).expect("alive");
+        let flow = |port| udp_frame([198, 18, 0, 1], port, [198, 18, 0, 2], 53);
+        let (orphan, dead) = (flow(40000), flow(40001));
+        assert_eq!(test_run(&dp, &orphan), XDP_PASS);
+        assert_eq!(test_run(&dp, &dead), XDP_PASS);
+        let now = dp.now_ns().expect("clock");
+        let taken: Vec<_> = dp.sessions().expect("dump");
+        let held: Vec<_> = taken
+            .iter()
+            .map(|&(key, own)| {
+                let flags = SessionFlags::FROM_PEER | SessionFlags::ASYMMETRIC;
+                let orphaned = key.port_lo == 40000u16.to_be() || key.port_hi == 40000u16.to_be();
+                let owner = if orphaned { 2 } else { 3 };
+                let copy = Session {
+                    owner: MemberId(owner),
+                    state: State::UdpReplied as u8,
+                    flags: SessionFlags(flags | if orphaned { SessionFlags::ORPHANED } else { 0 }),
+                    created_ns: now - 10 * SEC,
+                    last_seen_ns: now - SEC,
+                    packets: [5, 5],
+                    ..own
+                };
+                assert!(copy.in_replica_pool(MemberId(1)));
+                (key, copy)
+            })
+            .collect();
+        dp.insert_sessions(&held).expect("insert");
+        assert_eq!(dp.recount_replicas().expect("count"), 2);
+        assert_eq!(test_run(&dp, &orphan), XDP_PASS);
+        assert_eq!(test_run(&dp, &dead), XDP_PASS);
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::Takeovers), 2);
+        assert_eq!(
+            dp.recount_replicas().expect("count"),
+            1,
+            "the orphan's stays"
+        );
+        assert_eq!(apply(&mut dp, &copies(2, 1, 0..2), 2), (1, 1));
+    }
+
     /// `[local] replica_limit` sets the limit, at most the table; without it the limit leaves
     /// this member a quarter of the table, or its own share in a cluster of more than four.
     #[test]
