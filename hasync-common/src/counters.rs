@@ -83,8 +83,9 @@ counters! {
     /// ICMP/ICMPv6 link-scope control messages (neighbour and router discovery, MLD, ...) with
     /// the TTL or hop limit their protocol sends, passed untracked.
     PassUntracked = "pass-untracked-protocol",
-    /// IP protocols other than TCP, UDP, ICMP, ICMPv6 (GRE, ESP, SCTP, ...), and ICMP types
-    /// neither queries, errors nor link-scope messages, passed untracked by their zone's rule (`other_protocols = "pass"`, or the loose policy).
+    /// IP protocols other than TCP, UDP, ICMP, ICMPv6 (GRE, ESP, SCTP, ...), and ICMP messages
+    /// neither queries, errors nor link-scope ones (with their TTL or hop limit), passed
+    /// untracked by their zone's rule (`other_protocols = "pass"`, or the loose policy).
     PassOtherProtocol = "pass-other-protocol",
     /// The same, dropped by their zone's rule (`other_protocols = "drop"`, or the strict
     /// policy).

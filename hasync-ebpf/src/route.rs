@@ -43,6 +43,17 @@ pub struct Refused {
     pub drop: Counter,
 }
 
+impl Refused {
+    /// An ICMP query's reply with no session, on its way through this member: its request
+    /// never crossed here. (One to this host itself makes a session as a request does: the
+    /// host's own requests, path monitoring's too, leave without crossing XDP; so does one in a
+    /// zone that checks no routes.)
+    const STRAY_REPLY: Refused = Refused {
+        pass: Counter::PassNoSessionLoose,
+        drop: Counter::DropNoSession,
+    };
+}
+
 /// What one lookup answered.
 enum Route {
     /// Forwarded out of this interface.
@@ -60,6 +71,9 @@ pub struct First<'a> {
     pub key: &'a FlowKey,
     /// The sender is the key's higher endpoint.
     pub src_is_hi: bool,
+    /// The packet would open a session here (not a reply to a peer's copy or to a session
+    /// taken over, looked up again): an ICMP query's reply on its way through is refused.
+    pub opening: bool,
 }
 
 /// The reply zone of a new session whose first packet came in through `ingress`, or why it
@@ -71,6 +85,11 @@ pub fn reply_zone(
     first: &First,
     ingress: Option<ZoneBinding>,
 ) -> Result<ZoneId, Refused> {
+    // Across a virtual wire every packet is on its way through.
+    let wire = ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE));
+    if wire && first.opening && is_icmp_reply(first.key) {
+        return Err(Refused::STRAY_REPLY);
+    }
     let Some(ingress) = ingress.filter(|b| b.checks_routes()) else {
         return Ok(ZoneId::NONE);
     };
@@ -94,16 +113,7 @@ pub fn reply_zone(
         ifindex,
     };
     let egress = match lookup(ctx, &query) {
-        // An ICMP query's reply with no session, on its way through this member: its request
-        // never crossed here. (One to this host itself makes a session as a request does: the
-        // host's own requests, path monitoring's too, leave without crossing XDP. So does one
-        // in a zone that checks no routes.)
-        Route::Out(_) if is_icmp_reply(key) => {
-            return Err(Refused {
-                pass: Counter::PassNoSessionLoose,
-                drop: Counter::DropNoSession,
-            })
-        }
+        Route::Out(_) if first.opening && is_icmp_reply(key) => return Err(Refused::STRAY_REPLY),
         Route::Out(egress) => egress,
         Route::Nowhere | Route::Disabled => {
             counters.inc(Counter::ReplyZoneRouted);

@@ -273,6 +273,7 @@ fn route_again(
     let first = route::First {
         key: &pkt.key,
         src_is_hi: pkt.src_is_hi,
+        opening: false,
     };
     let ingress = ingress_zone(ctx);
     match route::reply_zone(ctx, counters, &first, ingress) {
@@ -463,6 +464,7 @@ fn miss(
     let first = route::First {
         key: &pkt.key,
         src_is_hi: pkt.src_is_hi,
+        opening: true,
     };
     let reply_zone = match route::reply_zone(ctx, counters, &first, ingress) {
         Ok(zone) => zone,

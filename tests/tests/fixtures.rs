@@ -1741,7 +1741,7 @@ fn ownership_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::Established)
                     .version(8)
-                    .flags(TAKEN | F::ASYMMETRIC)
+                    .flags(TAKEN | F::ASYMMETRIC | F::FROM_ORPHAN)
                     .packets(6, 4),
             )
             .counters(&[(C::Hits, 1), (C::Takeovers, 1), (C::Events, 1)])

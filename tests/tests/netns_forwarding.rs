@@ -722,7 +722,12 @@ fn forged_handshakes_from_one_zone_make_no_assured_session_ipv6() {
 /// A peer's session from `x` (trust) to `y` (untrust), as its replica here holds it: owned by
 /// member 2, replies bound to no zone (records do not carry the owner's binding).
 fn install_replica(fwd: &mut Forwarder, x: SocketAddr, y: SocketAddr) -> Result<FlowKey> {
-    let (key, x_is_hi) = Frame::udp(x, y).key_and_side();
+    install_replica_of(fwd, &Frame::udp(x, y), State::UdpReplied)
+}
+
+/// Installs member 2's copy of the flow `first` opened, in `state`; returns its key.
+fn install_replica_of(fwd: &mut Forwarder, first: &Frame, state: State) -> Result<FlowKey> {
+    let (key, x_is_hi) = first.key_and_side();
     let mut flags = SessionFlags::FROM_PEER;
     if x_is_hi {
         flags |= SessionFlags::INITIATOR_HI;
@@ -730,6 +735,7 @@ fn install_replica(fwd: &mut Forwarder, x: SocketAddr, y: SocketAddr) -> Result<
     let s = Session {
         zone: TRUST,
         flags: SessionFlags(flags),
+        state: state as u8,
         ..replied_session(monotonic_ns(), PEER)
     };
     fwd.dp.insert_sessions(&[(key, s)])?;
@@ -818,6 +824,42 @@ fn replica_replies(tag: &str, x: &str, y: &str) -> Result<()> {
     );
     drop(fwd.events());
     Ok(())
+}
+
+/// The server's echo reply to a peer's copy of a ping passes (its owner alive) or takes the
+/// session over (its owner dead): only a reply that would open a session is a stray one. (The
+/// first version of stop 38's stray-reply rule refused these too: a ping through another
+/// member, or taken over, lost every reply.)
+#[test]
+fn echo_replies_to_a_peers_copy_pass_or_take_it_over() {
+    let run = || -> Result<()> {
+        let mut fwd = Forwarder::new("icmprepl", Policy::Strict)?;
+        let server = Forger::at_server(&fwd)?;
+        let (cli, srv) = (CLI4.parse()?, SRV4.parse()?);
+        fwd.dp.set_member_alive(PEER, true)?;
+        let request = Frame::icmp_echo(cli, srv, 501, true);
+        let key = install_replica_of(&mut fwd, &request, State::IcmpEcho)?;
+        let d = server.send(&fwd, &[Frame::icmp_echo(srv, cli, 501, false)])?;
+        let s = fwd.session(&key)?.context("the copy is gone")?;
+        ensure!(
+            d.get(Counter::Asymmetric) == 1 && d.get(Counter::DropNoSession) == 0,
+            "the reply to a live owner's copy: {} ({d})",
+            show(&s)
+        );
+        fwd.dp.set_member_alive(PEER, false)?;
+        let request = Frame::icmp_echo(cli, srv, 502, true);
+        let key = install_replica_of(&mut fwd, &request, State::IcmpEcho)?;
+        let d = server.send(&fwd, &[Frame::icmp_echo(srv, cli, 502, false)])?;
+        let s = fwd.session(&key)?.context("the copy is gone")?;
+        ensure!(
+            d.get(Counter::Takeovers) == 1 && s.owner == LOCAL,
+            "the reply after the owner died: {} ({d})",
+            show(&s)
+        );
+        drop(fwd.events());
+        Ok(())
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[test]
