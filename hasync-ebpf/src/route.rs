@@ -58,7 +58,9 @@ impl Refused {
 enum Route {
     /// Forwarded out of this interface.
     Out(u32),
-    /// Not forwarded (local, broadcast, no route, a discarding route).
+    /// Not forwarded: for this host itself (or a broadcast or multicast address).
+    NotForwarded,
+    /// Nowhere: no route, or a discarding one.
     Nowhere,
     /// Forwarding is disabled on the lookup's input interface.
     Disabled,
@@ -74,6 +76,36 @@ pub struct First<'a> {
     /// The packet would open a session here (not a reply to a peer's copy or to a session
     /// taken over, looked up again): an ICMP query's reply on its way through is refused.
     pub opening: bool,
+}
+
+impl First<'_> {
+    /// The packet's (source, destination, source port, destination port).
+    #[inline(always)]
+    fn ends(&self) -> (&[u32; 4], &[u32; 4], u16, u16) {
+        let key = self.key;
+        if self.src_is_hi {
+            (&key.addr_hi, &key.addr_lo, key.port_hi, key.port_lo)
+        } else {
+            (&key.addr_lo, &key.addr_hi, key.port_lo, key.port_hi)
+        }
+    }
+}
+
+/// Is the packet for this host itself: does the routing table deliver its destination here
+/// (the FIB lookup answers "not forwarded")? Where forwarding is off on the ingress interface
+/// the lookup cannot tell, and the answer is no.
+#[inline(always)]
+pub fn for_this_host(ctx: &XdpContext, packet: &First) -> bool {
+    let (src, dst, sport, dport) = packet.ends();
+    let query = Query {
+        family: packet.key.family,
+        proto: packet.key.proto,
+        src,
+        dst,
+        ports: (sport, dport),
+        ifindex: ctx.ingress_ifindex() as u32,
+    };
+    matches!(lookup(ctx, &query), Route::NotForwarded)
 }
 
 /// The reply zone of a new session whose first packet came in through `ingress`, or why it
@@ -94,11 +126,7 @@ pub fn reply_zone(
         return Ok(ZoneId::NONE);
     };
     let key = first.key;
-    let (src, dst, sport, dport) = if first.src_is_hi {
-        (&key.addr_hi, &key.addr_lo, key.port_hi, key.port_lo)
-    } else {
-        (&key.addr_lo, &key.addr_hi, key.port_lo, key.port_hi)
-    };
+    let (src, dst, sport, dport) = first.ends();
     if not_unicast(key.family, dst) {
         counters.inc(Counter::ReplyZoneRouted);
         return Ok(ZoneId::UNZONED);
@@ -115,7 +143,7 @@ pub fn reply_zone(
     let egress = match lookup(ctx, &query) {
         Route::Out(_) if first.opening && is_icmp_reply(key) => return Err(Refused::STRAY_REPLY),
         Route::Out(egress) => egress,
-        Route::Nowhere | Route::Disabled => {
+        Route::NotForwarded | Route::Nowhere | Route::Disabled => {
             counters.inc(Counter::ReplyZoneRouted);
             return Ok(ZoneId::UNZONED);
         }
@@ -143,7 +171,7 @@ pub fn reply_zone(
         Route::Out(back) => zone_of(back) == ingress.zone,
         // `lo` may forward nothing where forwarding is set per interface: no answer.
         Route::Unknown | Route::Disabled => true,
-        Route::Nowhere => false,
+        Route::NotForwarded | Route::Nowhere => false,
     };
     if !back {
         return Err(Refused {
@@ -190,10 +218,10 @@ fn lookup(ctx: &XdpContext, query: &Query) -> Route {
     match fib_lookup(ctx, p, query, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Out(p.ifindex),
         BPF_FIB_LKUP_RET_FWD_DISABLED => Route::Disabled,
-        BPF_FIB_LKUP_RET_NOT_FWDED
-        | BPF_FIB_LKUP_RET_BLACKHOLE
-        | BPF_FIB_LKUP_RET_UNREACHABLE
-        | BPF_FIB_LKUP_RET_PROHIBIT => Route::Nowhere,
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::NotForwarded,
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            Route::Nowhere
+        }
         _ => Route::Unknown,
     }
 }

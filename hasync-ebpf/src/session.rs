@@ -443,8 +443,19 @@ fn miss(
     is_syn: bool,
     replaced_version: u32,
 ) -> u32 {
+    let first = route::First {
+        key: &pkt.key,
+        src_is_hi: pkt.src_is_hi,
+        opening: true,
+    };
     let state = match pkt.key.proto {
         IPPROTO_TCP if is_syn => State::SynSent,
+        // Mid-flow TCP for this host itself: its own connections open without crossing XDP
+        // (their SYNs leave through the stack), and its own firewall decides what reaches it.
+        IPPROTO_TCP if route::for_this_host(ctx, &first) => {
+            counters.inc(Counter::PassToThisHost);
+            return xdp_action::XDP_PASS;
+        }
         IPPROTO_TCP => {
             return by_policy(
                 cfg,
@@ -461,11 +472,6 @@ fn miss(
         }
     };
     let ingress = ingress_zone(ctx);
-    let first = route::First {
-        key: &pkt.key,
-        src_is_hi: pkt.src_is_hi,
-        opening: true,
-    };
     let reply_zone = match route::reply_zone(ctx, counters, &first, ingress) {
         Ok(zone) => zone,
         Err(refused) => return by_policy(cfg, counters, refused.pass, refused.drop),

@@ -36,6 +36,7 @@ const OUTCOMES: &[Counter] = &[
     Counter::PassIcmpErrorUnrelated,
     Counter::PassNoSessionLoose,
     Counter::DropNoSession,
+    Counter::PassToThisHost,
     Counter::PassUntracked,
     Counter::PassOtherProtocol,
     Counter::DropOtherProtocol,
