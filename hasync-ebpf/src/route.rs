@@ -93,9 +93,13 @@ impl First<'_> {
 
 /// Is the packet for this host itself: does the routing table deliver its destination here
 /// (the FIB lookup answers "not forwarded")? Where forwarding is off on the ingress interface
-/// the lookup cannot tell, and the answer is no.
+/// the lookup cannot tell, and the answer is no; across a virtual wire (`ingress`), where
+/// every packet passed crosses to the other end, it is always no.
 #[inline(always)]
-pub fn for_this_host(ctx: &XdpContext, packet: &First) -> bool {
+pub fn for_this_host(ctx: &XdpContext, packet: &First, ingress: Option<ZoneBinding>) -> bool {
+    if ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE)) {
+        return false;
+    }
     let (src, dst, sport, dport) = packet.ends();
     let query = Query {
         family: packet.key.family,

@@ -448,11 +448,12 @@ fn miss(
         src_is_hi: pkt.src_is_hi,
         opening: true,
     };
+    let ingress = ingress_zone(ctx);
     let state = match pkt.key.proto {
         IPPROTO_TCP if is_syn => State::SynSent,
         // Mid-flow TCP for this host itself: its own connections open without crossing XDP
         // (their SYNs leave through the stack), and its own firewall decides what reaches it.
-        IPPROTO_TCP if route::for_this_host(ctx, &first) => {
+        IPPROTO_TCP if route::for_this_host(ctx, &first, ingress) => {
             counters.inc(Counter::PassToThisHost);
             return xdp_action::XDP_PASS;
         }
@@ -471,7 +472,6 @@ fn miss(
             return xdp_action::XDP_PASS;
         }
     };
-    let ingress = ingress_zone(ctx);
     let reply_zone = match route::reply_zone(ctx, counters, &first, ingress) {
         Ok(zone) => zone,
         Err(refused) => return by_policy(cfg, counters, refused.pass, refused.drop),

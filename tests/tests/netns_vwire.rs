@@ -245,6 +245,29 @@ fn tags_policy_and_non_ip(wire: &mut Wire) -> Result<()> {
         (d.get(Counter::DropNoSession) == 1).then_some(d)
     });
     dropped.context("the stray ACK was not dropped")?;
+    // Nothing across a wire is for this host: a stray ACK to one of its addresses is dropped
+    // too (it would cross, passed to the other end), and so is an echo reply nobody asked for
+    // (until stop 38 it made a session and crossed).
+    wire.fw.addr("lo", "198.18.5.99/32")?;
+    send_raw(
+        &wire.cli,
+        "c0",
+        Frame::tcp(sa(CLI4, 4003), sa("198.18.5.99", 80))
+            .ack()
+            .build(),
+    )?;
+    let stray = Frame::icmp_echo(CLI4.parse()?, SRV4.parse()?, 9, false);
+    send_raw(&wire.cli, "c0", stray.build())?;
+    let dropped = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropNoSession) == 3).then_some(d)
+    });
+    let d = dropped.context("the stray ACK to this host or the stray echo reply crossed")?;
+    ensure!(d.get(Counter::PassToThisHost) == 0, "{d}");
+    ensure!(
+        wire.dp.session(&stray.key())?.is_none(),
+        "a session for the reply"
+    );
 
     let w0 = wire.fw.ifindex("w0")?;
     wire.dp
