@@ -157,10 +157,10 @@ counters! {
     /// TCP without SYN, or an ICMP query's reply on its way through, without a session,
     /// dropped by the strict policy.
     DropNoSession = "drop-no-session",
-    /// TCP without SYN and without a session, for this host itself (the kernel would not
-    /// forward it): passed by either policy, since this host's own connections open without
-    /// crossing XDP (their SYNs leave through the stack) and its own firewall decides what
-    /// reaches it.
+    /// TCP without SYN and without a session that came in through a zone checking routes and
+    /// that the kernel would not forward (for this host itself, or no route): passed by either
+    /// policy, since this host's own connections open without crossing XDP (their SYNs leave
+    /// through the stack) and its own firewall decides what reaches it.
     PassToThisHost = "pass-to-this-host",
     /// Packets of established sessions forwarded by XDP (`forwarding = "xdp"`): FIB lookup,
     /// MAC rewrite, TTL decrement, DEVMAP redirect.

@@ -58,9 +58,9 @@ impl Refused {
 enum Route {
     /// Forwarded out of this interface.
     Out(u32),
-    /// Not forwarded: for this host itself (or a broadcast or multicast address).
+    /// Not forwarded: for this host itself, a broadcast or multicast address, or no route.
     NotForwarded,
-    /// Nowhere: no route, or a discarding one.
+    /// A discarding route (blackhole, unreachable, prohibit).
     Nowhere,
     /// Forwarding is disabled on the lookup's input interface.
     Disabled,
@@ -91,13 +91,18 @@ impl First<'_> {
     }
 }
 
-/// Is the packet for this host itself: does the routing table deliver its destination here
-/// (the FIB lookup answers "not forwarded")? Where forwarding is off on the ingress interface
-/// the lookup cannot tell, and the answer is no; across a virtual wire (`ingress`), where
-/// every packet passed crosses to the other end, it is always no.
+/// Is the packet for this host itself, as far as a zone that checks routes (`ingress`) can
+/// tell: the FIB lookup answers "not forwarded" (a local destination; also one with no route,
+/// which the kernel drops). Forwarding off on the ingress interface leaves the lookup unable
+/// to tell: no. Elsewhere always no: across a virtual wire every packet passed crosses to the
+/// other end, and a zone with `route_check = false` says the lookup does not see how the
+/// kernel routes (marks, VRFs).
 #[inline(always)]
 pub fn for_this_host(ctx: &XdpContext, packet: &First, ingress: Option<ZoneBinding>) -> bool {
-    if ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE)) {
+    // (Testing the zone id as well, as `ZoneBinding::checks_routes` does, made LLVM emit code
+    // the verifier refuses; an interface in no zone has no XDP program.)
+    let unchecked = ZoneBinding::VWIRE | ZoneBinding::NO_ROUTE_CHECK;
+    if ingress.is_some_and(|b| b.flags & unchecked != 0) {
         return false;
     }
     let (src, dst, sport, dport) = packet.ends();
