@@ -47,7 +47,7 @@ impl Refused {
     /// An ICMP query's reply with no session, on its way through this member: its request
     /// never crossed here. (One to this host itself makes a session as a request does: the
     /// host's own requests, path monitoring's too, leave without crossing XDP; so does one in a
-    /// zone that checks no routes.)
+    /// zone with `route_check = false`. Across a virtual wire every one is on its way through.)
     const STRAY_REPLY: Refused = Refused {
         pass: Counter::PassNoSessionLoose,
         drop: Counter::DropNoSession,

@@ -398,6 +398,28 @@ fn the_firewalls_own_tcp_connections_work_under_the_strict_policy() {
         ensure!(d.get(Counter::DropNoSession) == 0, "{d}");
         ensure!(d.get(Counter::PassToThisHost) >= 2, "{d}");
         ensure!(d.get(Counter::Creates) == 0, "nothing tracked: {d}");
+
+        // A zone that checks no routes says the lookup does not see how the kernel routes
+        // (marks, VRFs): there, mid-flow TCP is dropped as before.
+        let mut fwd = fwd;
+        let fs0 = fwd.fw.ifindex("fs0")?;
+        let unchecked = ZoneBinding {
+            flags: ZoneBinding::NO_ROUTE_CHECK,
+            ..ZoneBinding::new(UNTRUST)
+        };
+        fwd.dp.set_zone(fs0, unchecked)?;
+        let before = fwd.counters()?;
+        let refused = tcp_exchange_between(&fwd.fw, &fwd.srv, sa(SRV4, 8091), 10, 10);
+        ensure!(
+            refused.is_err(),
+            "connected through a zone without route checks"
+        );
+        let d = CounterDelta {
+            before,
+            after: fwd.counters()?,
+        };
+        ensure!(d.get(Counter::PassToThisHost) == 0, "{d}");
+        ensure!(d.get(Counter::DropNoSession) >= 1, "{d}");
         Ok(())
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
