@@ -403,8 +403,9 @@ enum IcmpKind {
     /// A link-scope control message, for this host or its link: router discovery (ICMPv4);
     /// MLD, neighbour discovery, inverse neighbour discovery, SEND, multicast router discovery
     /// (ICMPv6). Not a session of its own; passed untracked when its TTL or hop limit is the
-    /// one its protocol sends and its receivers require ([`link_scope_hops`]), which no
-    /// router forwards.
+    /// one its protocol sends and its receivers require ([`link_scope_hops`]). (A TTL of 1 is
+    /// never forwarded; Linux does forward ND messages with hop limit 255 addressed beyond the
+    /// link.)
     LinkScope,
     /// Anything else (deprecated, unassigned, experimental, mobility types): not tracked, so
     /// the ingress zone's rule for untracked protocols decides.
@@ -433,10 +434,6 @@ fn icmp_kind(v6: bool, ty: u8) -> IcmpKind {
     }
 }
 
-/// The TTL or hop limit a link-scope message of type `ty` is sent with: 255 for neighbour
-/// discovery, inverse neighbour discovery and SEND (RFC 4861, 3122, 3971: receivers discard
-/// any other), 1 for MLD, multicast router discovery (RFC 3810, 4286) and ICMPv4 router
-/// discovery (RFC 1256).
 /// The TTL or hop limit of the IP header at `ip`, read again: carried from the IP header's
 /// parse it would stay live through every packet's path (+160,000 instructions verified).
 #[inline(always)]
@@ -445,6 +442,10 @@ fn hops(frame: &Frame, ip: usize, v6: bool) -> Option<u8> {
     Some(if v6 { h[7] } else { h[8] })
 }
 
+/// The TTL or hop limit a link-scope message of type `ty` is sent with: 255 for neighbour
+/// discovery, inverse neighbour discovery and SEND (RFC 4861, 3122, 3971: receivers discard
+/// any other), 1 for MLD, multicast router discovery (RFC 3810, 4286) and ICMPv4 router
+/// discovery (RFC 1256).
 #[inline(always)]
 fn link_scope_hops(v6: bool, ty: u8) -> u8 {
     if v6 && matches!(ty, 133..=137 | 141 | 142 | 148 | 149) {
