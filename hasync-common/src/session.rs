@@ -130,7 +130,7 @@ impl SessionFlags {
     /// it while this member carried the flow). It stays in the peers' pool
     /// ([`Session::in_replica_pool`]) until it leaves the table: a peer cannot make room
     /// there again by orphaning its copies and sending their packets here. (A copy taken over
-    /// from a member that died leaves the pool: a failover.)
+    /// from a member that died, not orphaned before, leaves the pool: a failover.)
     pub const FROM_ORPHAN: u16 = 1 << 7;
 
     /// Is `bit` (one of the constants above) set?

@@ -468,6 +468,11 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
         first_fragment,
     } = l3;
     let mut segment = TcpSegment::default();
+    // Not tracked (another protocol, an ICMP type of no session's): the zone's rule decides; a
+    // first fragment's datagram may follow if it passes.
+    let untracked = || {
+        Parsed::OtherProtocol(first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id)))
+    };
     let (sport, dport, flags) = match proto {
         IPPROTO_TCP => {
             let Some(h) = frame.read::<TCP_HLEN>(l4) else {
@@ -513,11 +518,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
                 IcmpKind::LinkScope if hops(frame, ip, v6) == Some(link_scope_hops(v6, h[0])) => {
                     return Parsed::Pass(Counter::PassUntracked)
                 }
-                IcmpKind::LinkScope | IcmpKind::Other => {
-                    let datagram =
-                        first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id));
-                    return Parsed::OtherProtocol(datagram);
-                }
+                IcmpKind::LinkScope | IcmpKind::Other => return untracked(),
                 IcmpKind::Request | IcmpKind::Reply => {
                     if let Some(ty) = ICMP_QUERY_TYPE.get_ptr_mut(0) {
                         // SAFETY: this CPU's value, valid for the program's run, which alone
@@ -530,10 +531,7 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             let id = raw16(h[4], h[5]);
             (id, id, 0)
         }
-        _ => {
-            let datagram = first_fragment.map(|f| fragment_key(family, f.proto, src, dst, f.id));
-            return Parsed::OtherProtocol(datagram);
-        }
+        _ => return untracked(),
     };
     let (key, src_is_hi) = FlowKey::canonical(family, proto, src, sport, dst, dport);
     Parsed::Track(Packet {
