@@ -19,8 +19,9 @@ pub const MEMBER_SLOTS: u32 = crate::ids::MemberId::MAX as u32 + 1;
 /// sessions are never evicted, so without a bound what peers send (a lying peer's made-up
 /// sessions, a peer with a larger table, a full sync bigger than this table) could fill it and
 /// leave no room for this member's own flows. The pool holds the assured sessions written from
-/// peers' records and owned by other members (`Session::in_replica_pool`), whoever they are, so
-/// a failover between peers (an owner's copies handed to another) moves nothing in or out.
+/// peers' records (`Session::in_replica_pool`), whoever owns them (this member's own sent back
+/// into its fresh table too), so a failover between peers (an owner's copies handed to another)
+/// moves nothing in or out.
 ///
 /// The apply program refuses a record that would add to the pool, and a new embryonic copy
 /// where the table holds none, while `held` is at `limit`; after each write and delete it

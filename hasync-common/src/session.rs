@@ -260,23 +260,19 @@ impl Session {
         }
     }
 
-    /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]) of
-    /// member `local`: an assured session written from a peer's record, owned by another
-    /// member (not taken over since, nor one of `local`'s own sent back to it), or taken over
-    /// from an orphaned one ([`SessionFlags::FROM_ORPHAN`])?
+    /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]): an
+    /// assured session written from a peer's record (not taken over since), whoever owns it —
+    /// this member's own sessions that peers send back into its fresh table after a restart
+    /// too, which it cannot tell from made-up ones — or taken over from an orphaned one
+    /// ([`SessionFlags::FROM_ORPHAN`])?
     ///
     /// Bit arithmetic rather than branches before the state's: the apply program asks this of
     /// every record several times, and each branch multiplies the paths its verifier walks
-    /// (with `||` here it passed 830,000 instructions, of a limit of 1,000,000; this way it
-    /// takes 590,000, 470,000 before the orphans' flag).
+    /// (with `||` here it passed 830,000 instructions, of a limit of 1,000,000).
     #[inline(always)]
-    pub const fn in_replica_pool(&self, local: MemberId) -> bool {
-        let flags = self.flags.0 as u32;
-        let from_peer = (flags / SessionFlags::FROM_PEER as u32) & 1;
-        let from_orphan = (flags / SessionFlags::FROM_ORPHAN as u32) & 1;
-        // 1 when the owner is another member: any non-zero byte plus 255 reaches 256.
-        let other_owner = ((self.owner.0 ^ local.0) as u32).wrapping_add(255) >> 8;
-        (from_peer & other_owner) | from_orphan != 0 && self.is_assured()
+    pub const fn in_replica_pool(&self) -> bool {
+        let pooled = SessionFlags::FROM_PEER | SessionFlags::FROM_ORPHAN;
+        self.flags.0 & pooled != 0 && self.is_assured()
     }
 }
 

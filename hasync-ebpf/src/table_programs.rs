@@ -240,7 +240,7 @@ fn admit(
     if let Some(l) = local.filter(same_sides).filter(bound) {
         incoming.reply_zone = l.reply_zone;
     }
-    let pooled = |s: &Session| s.in_replica_pool(cfg.local_member);
+    let pooled = |s: &Session| s.in_replica_pool();
     if !incoming.is_embryonic() {
         return local.is_some_and(pooled) || !pooled(incoming) || replica_room::has_room(counters);
     }
@@ -301,10 +301,10 @@ fn apply_record(
                 admitted = true;
                 let was_ours = local.is_some_and(|l| l.owner == cfg.local_member);
                 // Read before the write: the old value's memory may be reused after it.
-                let was_pooled = local.is_some_and(|l| l.in_replica_pool(cfg.local_member));
+                let was_pooled = local.is_some_and(|l| l.in_replica_pool());
                 match SESSIONS.insert(&rec.key, &rec.session, flag as u64) {
                     Ok(()) => {
-                        let pooled = rec.session.in_replica_pool(cfg.local_member);
+                        let pooled = rec.session.in_replica_pool();
                         replica_room::account(was_pooled, pooled);
                         out.installed = out.installed.wrapping_add(1);
                         if was_ours && rec.session.owner != cfg.local_member {
@@ -331,7 +331,7 @@ fn apply_record(
                     out.orphaned = out.orphaned.wrapping_add(1);
                     return;
                 }
-                let was_pooled = local.is_some_and(|l| l.in_replica_pool(cfg.local_member));
+                let was_pooled = local.is_some_and(|l| l.in_replica_pool());
                 if SESSIONS.remove(&rec.key).is_ok() {
                     replica_room::account(was_pooled, false);
                     out.deleted = out.deleted.wrapping_add(1);

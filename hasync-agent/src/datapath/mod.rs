@@ -452,8 +452,6 @@ pub struct Datapath {
     logger: Option<DatapathLogger>,
     /// The most assured sessions peers' records may hold in the table ([`replica_room`]).
     replica_limit: u64,
-    /// `DatapathConfig::local_member` as last written ([`Datapath::set_config`]).
-    local: MemberId,
 }
 
 /// A zone name as ZONE_NAMES holds it (config names are at most 31 bytes; longer ones are cut).
@@ -576,7 +574,6 @@ impl Datapath {
                     .unwrap_or_else(|| replica_room::default_limit(capacity, opts.cluster_members))
                     .min(capacity),
             ),
-            local: opts.config.local_member,
         };
         dp.load_programs()?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
@@ -723,13 +720,7 @@ impl Datapath {
         let mut map: Array<_, DatapathConfig> =
             Array::try_from(self.map_mut(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         map.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
-        self.local = cfg.local_member;
         Ok(())
-    }
-
-    /// This member's id, as the programs read it from CONFIG.
-    pub fn local_member(&self) -> MemberId {
-        self.local
     }
 
     /// Sets the config's [`DatapathConfig::claim_quiet_ms`] (see `crate::claim_window`).

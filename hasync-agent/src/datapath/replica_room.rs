@@ -1,7 +1,7 @@
 //! The peers' pool of the session table (`[local] replica_limit`, by default three quarters of
 //! the table or the other members' share of a larger cluster, see [`default_limit`]; and
 //! `hasync_common::ReplicaRoom`): the assured sessions peers' records wrote
-//! here, owned by other members, may take at most that many entries, so what peers send (a
+//! here, whoever owns them, may take at most that many entries, so what peers send (a
 //! lying peer's made-up sessions, a peer with a larger table) cannot take all the room this
 //! member's own flows need. Assured sessions are never evicted: before the pool, one peer could
 //! fill the table and every new flow here was refused.
@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use hasync_common::{maps as names, FlowKey, MemberId, ReplicaRoom, Session};
+use hasync_common::{maps as names, FlowKey, ReplicaRoom, Session};
 
 use super::{batch::BatchMap, batch_err, Datapath, DatapathError, SessionReader, DEFAULT_CHUNK};
 use crate::lock::lock;
@@ -41,28 +41,23 @@ pub fn default_limit(capacity: u32, members: usize) -> u32 {
     (capacity - capacity / members).max(1)
 }
 
-/// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in member
-/// `local`'s pool (`fresh`: the candidates' copies as read before the delete).
-pub(super) fn pooled(
-    candidates: &[FlowKey],
-    fresh: &[Option<Session>],
-    doomed: &[FlowKey],
-    local: MemberId,
-) -> u64 {
+/// Of the `doomed` keys (some of `candidates`, in their order), how many had a copy in the
+/// pool (`fresh`: the candidates' copies as read before the delete).
+pub(super) fn pooled(candidates: &[FlowKey], fresh: &[Option<Session>], doomed: &[FlowKey]) -> u64 {
     let mut doomed = doomed.iter().peekable();
     let mut n = 0;
     for (key, s) in candidates.iter().zip(fresh) {
         if doomed.peek() == Some(&key) {
             doomed.next();
-            n += u64::from(s.is_some_and(|s| s.in_replica_pool(local)));
+            n += u64::from(s.is_some_and(|s| s.in_replica_pool()));
         }
     }
     n
 }
 
-/// How many of `values` are in member `local`'s pool.
-fn count(values: &[Session], local: MemberId) -> u64 {
-    values.iter().filter(|s| s.in_replica_pool(local)).count() as u64
+/// How many of `values` are in the pool.
+fn count(values: &[Session]) -> u64 {
+    values.iter().filter(|s| s.in_replica_pool()).count() as u64
 }
 
 /// Counts the pool of the datapath behind `dp` again, walking the table through a descriptor
@@ -71,12 +66,12 @@ fn count(values: &[Session], local: MemberId) -> u64 {
 /// meanwhile, which may count a copy added during the walk twice, never one not at all (what
 /// the fast path changes during the walk waits for the next count). Returns the count.
 pub fn recount_beside(dp: &Mutex<Datapath>) -> Result<u64, DatapathError> {
-    let (reader, before, local): (SessionReader, ReplicaRoom, MemberId) = {
+    let (reader, before): (SessionReader, ReplicaRoom) = {
         let dp = lock(dp);
-        (dp.session_reader()?, dp.replica_pool()?, dp.local_member())
+        (dp.session_reader()?, dp.replica_pool()?)
     };
     let mut walked = 0;
-    reader.chunked(COUNT_CHUNK, |_, values| walked += count(values, local))?;
+    reader.chunked(COUNT_CHUNK, |_, values| walked += count(values))?;
     let dp = lock(dp);
     let now = dp.replica_pool()?;
     let held = walked.saturating_add(now.added.wrapping_sub(before.added));
@@ -116,9 +111,8 @@ impl Datapath {
     /// sets the pool to that count and the limit; returns the count. At load, and in tests; the
     /// running agent counts beside its hold ([`recount_beside`]).
     pub fn recount_replicas(&self) -> Result<u64, DatapathError> {
-        let local = self.local_member();
         let mut held = 0u64;
-        self.sessions_chunked(COUNT_CHUNK, |_, values| held += count(values, local))?;
+        self.sessions_chunked(COUNT_CHUNK, |_, values| held += count(values))?;
         let room = ReplicaRoom {
             held,
             limit: self.replica_limit,
@@ -313,29 +307,42 @@ mod tests {
         assert_eq!(apply(&mut dp, &more, 2), (limit - 98, 98));
     }
 
+    /// This member's own sessions that peers' full syncs send back into its fresh table after
+    /// a restart are peers' records too: they take room in the pool, and past its limit they
+    /// are refused, so this member's own new flows still find room. Before, they were not
+    /// counted and a lying peer could fill a restarting member's table with "its own" made-up
+    /// sessions.
+    #[test]
+    fn our_own_sessions_sent_back_take_room_in_the_pool() {
+        let mut dp = datapath();
+        let capacity = dp.capacity();
+        let limit = default_limit(capacity, 2);
+        let ours = copies(1, 1, 0..capacity);
+        assert_eq!(apply(&mut dp, &ours, 2), (limit, capacity - limit));
+        assert_eq!(held(&dp), u64::from(limit));
+        assert_eq!(dp.recount_replicas().expect("recount"), u64::from(limit));
+        let frame = udp_frame([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53);
+        assert_eq!(test_run(&dp, &frame), XDP_PASS);
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::Creates), 1, "a new flow here");
+        assert_eq!(counters.get(Counter::DropTableFull), 0);
+    }
+
     /// Only what enters or leaves the pool moves its count: a write the table has no room for
-    /// takes nothing, nor does a session of this member's own sent back by a peer, and a copy
-    /// that goes embryonic and assured again is counted once.
+    /// takes nothing, and a copy that goes embryonic and assured again is counted once.
     #[test]
     fn the_count_follows_what_the_table_holds() {
         let mut opts = crate::datapath::DatapathOptions::new(MemberId(1));
         opts.session_capacity = 4096;
         opts.replica_limit = Some(4096);
         let mut dp = Datapath::load(&opts).expect("load (tests need root)");
-        let ours = copies(1, 1, 0..100);
-        assert_eq!(
-            apply(&mut dp, &ours, 2),
-            (100, 0),
-            "our own, back from a peer"
-        );
-        assert_eq!(held(&dp), 0);
-        assert_eq!(apply(&mut dp, &copies(2, 1, 100..4096), 2), (3996, 0));
+        assert_eq!(apply(&mut dp, &copies(2, 1, 0..4096), 2), (4096, 0));
         assert_eq!(
             apply(&mut dp, &copies(2, 1, 5000..5001), 2),
             (0, 1),
             "the table is full"
         );
-        assert_eq!(held(&dp), 3996);
+        assert_eq!(held(&dp), 4096);
         let embryonic = copy(2, 2, State::UdpNew, 0);
         let flip = [
             ApplyRecord::new(udp_key(100), embryonic, ApplyOp::Upsert, false),
@@ -344,8 +351,8 @@ mod tests {
         for _ in 0..5 {
             apply(&mut dp, &flip, 2);
         }
-        assert_eq!(held(&dp), 3996);
-        assert_eq!(dp.recount_replicas().expect("count"), 3996);
+        assert_eq!(held(&dp), 4096);
+        assert_eq!(dp.recount_replicas().expect("count"), 4096);
     }
 
     /// The running agent's count walks beside its hold and reaches what the table holds.
@@ -424,7 +431,7 @@ mod tests {
                     packets: [5, 5],
                     ..own
                 };
-                assert!(copy.in_replica_pool(MemberId(1)));
+                assert!(copy.in_replica_pool());
                 (key, copy)
             })
             .collect();

@@ -51,9 +51,7 @@ impl SweptTable for Datapath {
         let deleted = delete_doomed(&map, doomed).map_err(batch_err(names::SESSIONS));
         // What was deleted, also before a failure (which a failed release does not hide: the
         // next count of the pool makes up for that).
-        let local = self.local_member();
-        let released =
-            self.release_replicas(replica_room::pooled(candidates, fresh, doomed, local));
+        let released = self.release_replicas(replica_room::pooled(candidates, fresh, doomed));
         deleted.and(released)
     }
 }
