@@ -116,6 +116,7 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
         hold_down: config.monitor_hold_down(),
         boot_id: boot_id(),
         fresh_table,
+        initial_sync_limit: config.initial_sync_limit(),
     })
 }
 
@@ -298,7 +299,7 @@ fn start_member(
 fn membership(config: &Config, sync_cfg: &SyncConfig) -> Membership {
     let timers = Timers {
         keepalive_threshold: Duration::from_millis(config.cluster.keepalive_threshold_ms),
-        sync_timeout: Duration::from_secs(config.cluster.sync_timeout_min * 60),
+        sync_timeout: config.initial_sync_limit(),
         tentative_hold: Duration::from_secs(config.cluster.tentative_hold_s),
         monitor_hold_down: config.monitor_hold_down(),
         discovery: DISCOVERY,
@@ -696,5 +697,66 @@ fn reannounce(member: &Member) {
     if let Err(e) = started {
         warn!(error = %e, "re-announcing sessions failed; asking for full syncs");
         member.engine.request_bulk_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::cluster::{FullSyncId, MemberState};
+
+    /// A configuration of member 1 of two, with `sync_timeout_min = 0` (the default).
+    fn config() -> Config {
+        let text = r#"
+[cluster]
+id = 7
+key_file = "/nonexistent/cluster.key"
+sync_timeout_min = 0
+[local]
+member = 1
+[ha4]
+interface = "ha4"
+address = "198.18.100.1/24"
+[[zones]]
+name = "trust"
+interfaces = ["veth-in"]
+[[members]]
+id = 1
+serial = "fw1"
+ha4 = "198.18.100.1"
+[[members]]
+id = 2
+serial = "fw2"
+ha4 = "198.18.100.2"
+"#;
+        Config::from_toml(Path::new("test.toml"), text).expect("config")
+    }
+
+    /// A peer that keeps its keepalives coming but never ends its full sync to a starting
+    /// member (stalled, or lying) holds it in `initial` at most the initial sync limit, also
+    /// with `sync_timeout_min = 0`: before, it waited for good, and its fresh table took the
+    /// peer's records of the sessions it owns for as long.
+    #[test]
+    fn a_full_sync_that_never_ends_holds_a_starting_member_for_a_bounded_time() {
+        let config = config();
+        let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
+        let mut m = membership(&config, &sync_cfg);
+        let t0 = Instant::now();
+        let peer = MemberId(2);
+        let keepalive = |m: &mut Membership, t| m.heard(peer, MemberState::Active, 10, t);
+        keepalive(&mut m, t0);
+        m.bulk_started(peer, FullSyncId { boot: 9, id: 1 });
+        let mut at = |secs: u64| {
+            let t = t0 + Duration::from_secs(secs);
+            keepalive(&mut m, t);
+            m.evaluate(t);
+            m.state
+        };
+        assert_eq!(at(60), MemberState::Initial, "still waiting");
+        let limit = config.initial_sync_limit().as_secs();
+        assert_eq!(limit, 300);
+        assert_ne!(at(limit + 1), MemberState::Initial, "given up on");
     }
 }

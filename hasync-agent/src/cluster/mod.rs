@@ -196,7 +196,8 @@ impl Peer {
 #[derive(Clone, Copy, Debug)]
 pub struct Timers {
     pub keepalive_threshold: Duration,
-    /// 0: wait as long as a reachable peer is still sending its full sync.
+    /// The longest a starting member waits for its reachable peers' full syncs
+    /// (`Config::initial_sync_limit`; 0 here: as long as one is still running, for tests).
     pub sync_timeout: Duration,
     pub tentative_hold: Duration,
     /// How long a member stays non-functional after a failed link or path monitor recovered.

@@ -90,6 +90,9 @@ pub struct SyncConfig {
     pub boot_id: u64,
     /// The session table started empty: peers' full syncs should return our own sessions.
     pub fresh_table: bool,
+    /// How long after the engine's start peers may still return our own sessions into a
+    /// fresh table, whatever their full syncs do (`Config::initial_sync_limit`).
+    pub initial_sync_limit: Duration,
 }
 
 /// A live connection on one link.
@@ -256,6 +259,9 @@ struct EngineInner<T> {
     /// sync: peers send its own sessions back to it ([`SyncConfig::fresh_table`], cleared once
     /// the initial full syncs ended).
     fresh_table: AtomicBool,
+    /// When [`Self::fresh_table`] ends at the latest: a peer whose full sync never ends
+    /// (stalled, or lying) must not keep the sessions this member owns writable for good.
+    fresh_until: Instant,
     /// Per listening link: who may start a handshake.
     admission: BTreeMap<LinkKind, Arc<Admission>>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
@@ -286,6 +292,7 @@ impl<T: SessionTable> Engine<T> {
         Engine {
             inner: Arc::new(EngineInner {
                 fresh_table: AtomicBool::new(cfg.fresh_table),
+                fresh_until: Instant::now() + cfg.initial_sync_limit,
                 cfg,
                 dp,
                 membership,
@@ -341,9 +348,23 @@ impl<T: SessionTable> Engine<T> {
         &self.inner.rejections
     }
 
-    /// Does this member still take its own sessions back from peers' full syncs?
+    /// Does this member still take its own sessions back from peers' full syncs? Not past
+    /// [`SyncConfig::initial_sync_limit`] after the start, whatever the full syncs did.
     pub fn fresh_table(&self) -> bool {
-        self.inner.fresh_table.load(Relaxed)
+        if !self.inner.fresh_table.load(Relaxed) {
+            return false;
+        }
+        if Instant::now() < self.inner.fresh_until {
+            return true;
+        }
+        if self.inner.fresh_table.swap(false, Relaxed) {
+            warn!(
+                limit_s = self.inner.cfg.initial_sync_limit.as_secs(),
+                "initial full syncs not all ended within the limit: this member's table is the \
+                 authority on its sessions again"
+            );
+        }
+        false
     }
 
     /// The local sync interface's state for `link`.

@@ -38,6 +38,15 @@ fn engine_over<T: SessionTable>(table: T) -> Engine<T> {
 
 /// An engine of member 1 in a cluster of `members` (members 1 to `members`).
 pub(super) fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
+    engine_with(table, members, |_| {})
+}
+
+/// [`engine_of`], its sync config changed by `change` first.
+fn engine_with<T: SessionTable>(
+    table: T,
+    members: u8,
+    change: impl FnOnce(&mut SyncConfig),
+) -> Engine<T> {
     let peer = |id: u8| PeerConfig {
         id: MemberId(id),
         serial: format!("fw{id}"),
@@ -45,7 +54,7 @@ pub(super) fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
         session_sync: true,
         enabled: true,
     };
-    let cfg = SyncConfig {
+    let mut cfg = SyncConfig {
         cluster_id: hasync_common::ClusterId(1),
         local: MemberId(1),
         local_session_sync: true,
@@ -60,7 +69,9 @@ pub(super) fn engine_of<T: SessionTable>(table: T, members: u8) -> Engine<T> {
         hold_down: Duration::from_secs(60),
         boot_id: 1,
         fresh_table: false,
+        initial_sync_limit: Duration::from_secs(3600),
     };
+    change(&mut cfg);
     let timers = Timers {
         keepalive_threshold: Duration::from_secs(5),
         sync_timeout: Duration::ZERO,
@@ -1213,5 +1224,45 @@ async fn a_full_sync_never_holds_its_peers_lock_while_waiting_for_the_membership
     assert!(
         got,
         "the peer's lock was held while waiting for the membership's"
+    );
+}
+
+/// A fresh table takes this member's own sessions back from a peer's full sync only until the
+/// initial sync limit: a peer whose full sync never ends (stalled, or lying) cannot keep
+/// writing the sessions this member owns for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
+    let limit = Duration::from_millis(300);
+    let e = engine_with(datapath(), 3, |cfg| {
+        cfg.fresh_table = true;
+        cfg.initial_sync_limit = limit;
+    });
+    hello_from_2(&e, 7);
+    let _rx = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    e.on_bulk_start(&from(&peer, LinkKind::Ha4, 7), 1);
+    assert!(e.fresh_table());
+    let ours = |version| {
+        apply_frame(
+            &e,
+            LinkKind::Ha4,
+            7,
+            u64::from(version),
+            upsert(version, 1),
+            true,
+        )
+    };
+    assert!(matches!(ours(1), Applied::Done));
+    assert_eq!(held(&e), Some((1, 1)), "ours, back");
+    std::thread::sleep(limit);
+    assert!(
+        !e.fresh_table(),
+        "the limit passed, the full sync still running"
+    );
+    assert!(matches!(ours(2), Applied::Done));
+    assert_eq!(
+        held(&e),
+        Some((1, 1)),
+        "kept: our table is the authority again"
     );
 }
