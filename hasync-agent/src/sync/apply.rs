@@ -63,6 +63,9 @@ pub enum Decision {
     Keep,
     /// The record is for a zone we do not have.
     RefuseZone,
+    /// The record's key names no flow the datapath tracks
+    /// ([`hasync_common::FlowKey::is_trackable`]).
+    RefuseKey,
     /// The sender may not speak for the record's owner.
     RefuseOwner(OwnerRefusal),
 }
@@ -160,6 +163,11 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
     if let Err(why) = who.owner_check(rec.owner, rec.op) {
         return Decision::RefuseOwner(why);
     }
+    // A key no packet makes would never be matched, and a protocol 0 one never evicted (the
+    // admission ring takes such a slot for never used): a peer could fill the table with them.
+    if !rec.key.is_trackable() {
+        return Decision::RefuseKey;
+    }
     // Ours come back only as sessions, never as removals: a full sync carries none.
     if rec.owner == who.local && !(who.fresh_table && who.bulk && rec.op == Op::Upsert) {
         return Decision::Keep;
@@ -194,6 +202,8 @@ pub struct RecordCounts {
     /// Removals of a replica this member carries the flow of: kept, orphaned, to take over.
     pub orphaned: u64,
     pub refused_zone: u64,
+    /// Refused: the key names no flow the datapath tracks.
+    pub refused_key: u64,
     /// Refused: the session table was full (of replied sessions), or its peers' pool.
     pub refused_full: u64,
     /// Refused: the sender may not speak for the owner, by reason.
@@ -208,6 +218,7 @@ impl Default for RecordCounts {
             kept: 0,
             orphaned: 0,
             refused_zone: 0,
+            refused_key: 0,
             refused_full: 0,
             refused_owner: [(OwnerRefusal::Unknown, 0), (OwnerRefusal::Foreign, 0)],
         }
@@ -244,6 +255,7 @@ pub fn apply(
             Decision::Forward(r) => batch.push(r),
             Decision::Keep => out.kept += 1,
             Decision::RefuseZone => out.refused_zone += 1,
+            Decision::RefuseKey => out.refused_key += 1,
             Decision::RefuseOwner(why) => out.refuse_owner(why),
         }
     }
@@ -419,7 +431,7 @@ mod tests {
                 let key = FlowKey::canonical(
                     Family::V4,
                     IPPROTO_TCP,
-                    [10, 0, i as u32, 0],
+                    [10 + i as u32, 0, 0, 0],
                     1000,
                     [2, 0, 0, 0],
                     2,
@@ -576,7 +588,15 @@ mod tests {
     fn a_full_sync_removes_the_replicas_its_owner_no_longer_holds() {
         let mut dp = crate::datapath::testing::datapath();
         let key = |i: u32| {
-            FlowKey::canonical(Family::V4, IPPROTO_TCP, [1, 0, i, 0], 1, [2, 0, 0, 0], 2).0
+            FlowKey::canonical(
+                Family::V4,
+                IPPROTO_TCP,
+                [1 + i, 0, 0, 0],
+                1,
+                [200, 0, 0, 0],
+                2,
+            )
+            .0
         };
         let replica = |owner: u8, last_event_ns: u64| Session {
             owner: MemberId(owner),
@@ -678,5 +698,47 @@ mod tests {
             "peer 2 removed member 1's own session"
         );
         assert_eq!(decide(&del, &z, 0, &who), Decision::Keep);
+    }
+
+    /// A record whose key no packet makes is refused before the table: an unknown protocol (0
+    /// took a slot of the admission ring that was never evicted), ICMP of the other family,
+    /// an IPv4 address past the first word, ICMP ports that differ, the higher endpoint first.
+    /// Before, each went to the apply program, and a peer could fill the table with protocol 0
+    /// embryonic copies.
+    #[test]
+    fn records_whose_key_names_no_flow_are_refused() {
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let who = member(1, false);
+        let good = rec(Op::Upsert, 1, 2, 1);
+        assert!(matches!(decide(&good, &z, 0, &who), Decision::Forward(_)));
+        let v6 = FlowKey::canonical(Family::V6, IPPROTO_TCP, [1, 0, 0, 7], 1, [2, 0, 0, 9], 2).0;
+        let mut good_v6 = good;
+        good_v6.key = v6;
+        assert!(matches!(
+            decide(&good_v6, &z, 0, &who),
+            Decision::Forward(_)
+        ));
+        type Edit = fn(&mut FlowKey);
+        let edits: [(&str, Edit); 7] = [
+            ("protocol 0", |k| k.proto = 0),
+            ("an untracked protocol", |k| k.proto = 47),
+            ("ICMPv6 over IPv4", |k| k.proto = 58),
+            ("no family", |k| k.family = 0),
+            ("IPv4 past the first word", |k| k.addr_hi[2] = 1),
+            ("higher endpoint first", |k| {
+                std::mem::swap(&mut k.addr_lo, &mut k.addr_hi);
+            }),
+            ("ICMP ports that differ", |k| k.proto = 1),
+        ];
+        for (what, edit) in edits {
+            let mut bad = good;
+            edit(&mut bad.key);
+            assert_eq!(decide(&bad, &z, 0, &who), Decision::RefuseKey, "{what}");
+        }
+        let mut table = FakeTable::default();
+        let mut bad = good;
+        bad.key.proto = 0;
+        let out = apply(&mut table, &[bad, good], &z, 0, &who).expect("apply");
+        assert_eq!((out.refused_key, out.installed), (1, 1));
     }
 }

@@ -158,10 +158,13 @@ pub enum Rejection {
     UnknownOwner,
     /// Records naming another live member as owner.
     ForeignOwner,
+    /// Records whose key no packet makes (a protocol the datapath does not track, another
+    /// family's ICMP, addresses or ports out of order): they name no flow.
+    UntrackableKey,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 21] = [
+    pub const ALL: [Rejection; 22] = [
         Rejection::UnknownAddress,
         Rejection::PreAuthLimit,
         Rejection::Connection,
@@ -183,6 +186,7 @@ impl Rejection {
         Rejection::TableFull,
         Rejection::UnknownOwner,
         Rejection::ForeignOwner,
+        Rejection::UntrackableKey,
     ];
 
     /// The name counters, logs and `show cluster statistics` use.
@@ -209,6 +213,7 @@ impl Rejection {
             Rejection::TableFull => "table-full",
             Rejection::UnknownOwner => "unknown-owner",
             Rejection::ForeignOwner => "foreign-owner",
+            Rejection::UntrackableKey => "untrackable-key",
         }
     }
 }

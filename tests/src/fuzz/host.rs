@@ -194,6 +194,10 @@ fn check_decision(
             ensure!(rec.owner == who.local, "kept a record of another owner");
             return Ok(());
         }
+        Decision::RefuseKey => {
+            ensure!(!rec.key.is_trackable(), "refused a key a packet makes");
+            return Ok(());
+        }
         Decision::RefuseZone => {
             let refusable = rec.op == Op::Upsert && zones.translate(rec.zone).is_none();
             ensure!(refusable, "refused a record whose zone we have");
@@ -206,6 +210,7 @@ fn check_decision(
         "forwarded an unknown owner"
     );
     ensure!(r.key == rec.key, "the key changed");
+    ensure!(r.key.is_trackable(), "forwarded a key no packet makes");
     let s = &r.session;
     if r.op == ApplyOp::Upsert as u8 {
         ensure!(

@@ -39,7 +39,8 @@ fn named(name: &str, bytes: Vec<u8>) -> Seed {
 
 fn record_key(i: u32) -> FlowKey {
     let a = [u32::from_ne_bytes([198, 18, 0, 10]), 0, 0, 0];
-    let b = [u32::from_ne_bytes([198, 18, 1, 20]), 0, 0, i];
+    let [.., hi, lo] = i.to_be_bytes();
+    let b = [u32::from_ne_bytes([198, 19, hi, lo]), 0, 0, 0];
     FlowKey::canonical(Family::V4, 6, a, 40000u16.to_be(), b, 443u16.to_be()).0
 }
 

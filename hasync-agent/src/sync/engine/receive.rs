@@ -507,6 +507,9 @@ impl<T: SessionTable> Engine<T> {
         self.inner
             .rejections
             .count_n(Rejection::TableFull, r.refused_full);
+        self.inner
+            .rejections
+            .count_n(Rejection::UntrackableKey, r.refused_key);
         for (why, n) in r.refused_owner {
             LinkStats::add(&stats.refused_owner, n);
             self.inner.rejections.count_n(why.reason(), n);
