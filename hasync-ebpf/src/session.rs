@@ -405,9 +405,13 @@ fn advance(
 }
 
 /// Counts the packet on the session, and records what a TCP segment that `fit` the window
-/// tells about its direction's sequence.
+/// tells about its direction's sequence. The session is this member's to write from here on
+/// (its own, or taken over): no longer a peer's record, so it leaves the peers' pool (the
+/// next count gives the room back) — one of ours sent back embryonic by a peer, never
+/// counted there, must not enter it uncounted when this packet makes it assured.
 #[inline(always)]
 fn account(s: &mut Session, dir: usize, pkt: &Packet, now: u64, fit: Fit) {
+    s.flags.0 &= !SessionFlags::FROM_PEER;
     if pkt.key.proto == IPPROTO_TCP {
         tcp_window::record(s, dir, pkt.tcp_flags, &pkt.tcp, fit);
     }

@@ -398,6 +398,34 @@ mod tests {
         assert!(after.is_embryonic(), "not made assured: {after:?}");
     }
 
+    /// Our own sessions sent back by a peer become traffic's once traffic here carries them:
+    /// they leave the pool (the next count gives their room back), and one sent back
+    /// embryonic, which the pool never counted, does not enter it when that traffic makes it
+    /// assured. Before, such a copy was in the pool uncounted: a lying peer that sent our
+    /// "own" embryonic sessions back and packets for them through here passed the bound.
+    #[test]
+    fn traffic_here_makes_our_own_sessions_sent_back_ours() {
+        let mut dp = datapath();
+        let frame = udp_frame([198, 18, 0, 1], 40000, [198, 18, 0, 2], 53);
+        assert_eq!(test_run(&dp, &frame), XDP_PASS);
+        let (key, own) = dp.sessions().expect("dump")[0];
+        let now = dp.now_ns().expect("clock");
+        let back = Session {
+            flags: SessionFlags(own.flags.0 | SessionFlags::FROM_PEER),
+            state: State::UdpReplied as u8,
+            created_ns: now - 5 * SEC,
+            last_seen_ns: now - 4 * SEC,
+            ..own
+        };
+        assert!(back.is_embryonic());
+        dp.insert_sessions(&[(key, back)]).expect("insert");
+        assert_eq!(test_run(&dp, &frame), XDP_PASS);
+        let after = dp.session(&key).expect("lookup").expect("kept");
+        assert!(after.is_assured(), "traffic here made it assured");
+        assert!(!after.in_replica_pool(), "{after:?}");
+        assert_eq!(dp.recount_replicas().expect("count"), 0);
+    }
+
     /// A copy its owner orphaned (removed while this member carried the flow) and that traffic
     /// here then took over stays in the pool: a lying peer cannot make room again by orphaning
     /// its copies and sending their packets here (before, the next count gave their room back,
