@@ -208,6 +208,10 @@ counters! {
     /// Non-IP frames dropped on a virtual wire: any of another ethertype, and the link
     /// layer's own with `non_ip = "drop"`.
     DropVwireNonIp = "drop-vwire-non-ip",
+    /// Frames dropped on a virtual wire end whose other end is not in the map: the wire is
+    /// down (an end's driver takes no XDP redirects, the kernel cannot tell, or the agent is
+    /// changing it). Nothing on a wire is for this host.
+    DropVwireDown = "drop-vwire-down",
     /// Malformed or truncated frames passed (malformed = pass).
     PassMalformed = "pass-malformed",
     /// Malformed or truncated frames dropped (malformed = drop).

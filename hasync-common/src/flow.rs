@@ -174,6 +174,34 @@ fn ip_of(family: u8, words: &[u32; 4]) -> core::net::IpAddr {
 }
 
 impl FlowKey {
+    /// Could the XDP program have made this key? A protocol it tracks, of its family (TCP,
+    /// UDP; ICMP over IPv4, ICMPv6 over IPv6), an IPv4 address in its first word only, the
+    /// identifier in both ports for ICMP, the lower endpoint first, the padding zero. A peer's
+    /// record with any other key names no flow: it could only take room in the table.
+    pub fn is_trackable(&self) -> bool {
+        let family = match self.family {
+            4 => Family::V4,
+            6 => Family::V6,
+            _ => return false,
+        };
+        let icmp = matches!(self.proto, IPPROTO_ICMP | IPPROTO_ICMPV6);
+        let proto_fits = match self.proto {
+            IPPROTO_TCP | IPPROTO_UDP => true,
+            IPPROTO_ICMP => family == Family::V4,
+            IPPROTO_ICMPV6 => family == Family::V6,
+            _ => false,
+        };
+        let words_fit = |a: &[u32; 4]| family == Family::V6 || a[1..] == [0; 3];
+        let (lo, hi) = (self.addr_lo, self.addr_hi);
+        let (canonical, _) =
+            FlowKey::canonical(family, self.proto, lo, self.port_lo, hi, self.port_hi);
+        proto_fits
+            && words_fit(&lo)
+            && words_fit(&hi)
+            && (!icmp || self.port_lo == self.port_hi)
+            && canonical == *self
+    }
+
     /// The lower endpoint's address.
     pub fn ip_lo(&self) -> core::net::IpAddr {
         ip_of(self.family, &self.addr_lo)

@@ -108,14 +108,18 @@ pub fn wire(
         counters.inc(Counter::DropVwireNonIp);
         return xdp_action::XDP_DROP;
     }
-    // A wire end with no other end in the map (the agent is changing it) hands the frame to
-    // the kernel, which has no address on a wire and drops what is not for it.
-    match VWIRE_PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_PASS as u64) {
+    // A wire end with no other end in the map (the wire is down, or the agent is changing it)
+    // drops the frame: the kernel would route one sent to the end's own address (until stop
+    // 39 it was passed), and nothing on a wire is for this host.
+    match VWIRE_PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_DROP as u64) {
         Ok(action) => {
             counters.inc(Counter::VwireForwarded);
             action
         }
-        Err(action) => action,
+        Err(action) => {
+            counters.inc(Counter::DropVwireDown);
+            action
+        }
     }
 }
 

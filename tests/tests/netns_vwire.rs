@@ -281,6 +281,30 @@ fn tags_policy_and_non_ip(wire: &mut Wire) -> Result<()> {
     Ok(())
 }
 
+/// A wire whose other end is not in the map (down: an end takes no XDP redirects) passes
+/// nothing to the member's own stack, not even a frame sent to the end's own address, which
+/// the kernel would route (until stop 39 it was passed to it).
+fn a_wire_that_is_down_passes_nothing(wire: &mut Wire) -> Result<()> {
+    let dp = &mut *wire.dp;
+    wire.fw.run(|| dp.set_vwire_ports(&[]))??;
+    let before = wire.dp.counters()?;
+    let stack_before = stack_received(&wire.fw)?;
+    let mut frame = Frame::udp(sa(CLI4, 4010), sa("198.18.5.99", 4011)).build();
+    frame[..6].copy_from_slice(&wire.fw.mac("w0")?);
+    send_raw(&wire.cli, "c0", frame)?;
+    let dropped = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropVwireDown) == 1).then_some(d)
+    });
+    let d = dropped.context("not dropped at the wire that is down")?;
+    ensure!(d.get(Counter::VwireForwarded) == 0, "{d}");
+    ensure!(
+        stack_received(&wire.fw)? == stack_before,
+        "the member's own stack received the frame"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_virtual_wire_tracks_what_crosses_it() {
     let run = || -> Result<()> {
@@ -289,7 +313,8 @@ fn a_virtual_wire_tracks_what_crosses_it() {
         let keys: Vec<_> = wire.dp.sessions()?.iter().map(|s| s.0).collect();
         wire.dp.delete_sessions(&keys)?;
         tcp_and_neighbours_cross(&wire, SRV6).context("ipv6")?;
-        tags_policy_and_non_ip(&mut wire)
+        tags_policy_and_non_ip(&mut wire)?;
+        a_wire_that_is_down_passes_nothing(&mut wire)
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
 }
