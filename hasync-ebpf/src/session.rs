@@ -119,14 +119,8 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
         // CPUs can only make counters approximate, never unsafe.
         let s = unsafe { &mut *s };
         let expired = expired(now, s.last_seen_ns, cfg.timeout_ns(s.state));
-        // A fresh SYN on a closed session is a new connection reusing the ports; one from the
-        // responder's side before any answer starts the handshake anew from its sender: a SYN
-        // forged from the server's side (with a bad checksum, the client never answers it)
-        // would otherwise hold the client's real connection half-open here for good (its
-        // SYN, SYN-ACK and ACK all outside, its FIN and RST refused, evictable).
-        let responder = pkt.src_is_hi != s.flags.has(SessionFlags::INITIATOR_HI);
-        let unanswered = s.state == State::SynSent as u8 && responder;
-        let reopened = is_syn && (s.state == State::Closed as u8 || unanswered);
+        // A fresh SYN on a closed session is a new connection reusing the ports.
+        let reopened = is_syn && s.state == State::Closed as u8;
         if !expired && !reopened {
             counters.inc(Counter::Hits);
             return hit(ctx, cfg, counters, pkt, s, now);

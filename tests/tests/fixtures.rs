@@ -448,30 +448,7 @@ const HANDSHAKE_EVENTS: [E; 3] = [E::Created, E::StateChanged, E::StateChanged];
 /// is dropped (strict) or passed (loose), counted, and leaves the session as it was.
 fn tcp_window_rows() -> Vec<Row> {
     let established = || Expect::new(State::Established).version(3).packets(2, 1);
-    let client_hi = tcp(C4, S4).key_and_side().1;
     vec![
-        // A SYN forged from the server's side (a bad checksum: the client never answers it)
-        // made a session the server "initiated"; the client's real SYN then fell outside it,
-        // and the connection stayed half-open here for good: its FIN and RST refused, never
-        // assured, evicted by the next flood. A SYN from the responder's side before any
-        // answer now starts the handshake anew from its sender.
-        handshake_seq(
-            Row::new("tcp window: a syn from the responder's side before any answer starts anew")
-                .pass(tcp(S4, C4).syn().seq(BLIND)),
-            C4,
-            S4,
-        )
-        .session(
-            Expect::new(State::Established)
-                .version(4)
-                .packets(2, 1)
-                .flags(if client_hi { F::INITIATOR_HI } else { 0 }),
-        )
-        .counters(&after_handshake(
-            0,
-            &[(C::Creates, 1), (C::Events, 1)],
-        ))
-        .events(&[E::Created, E::Created, E::StateChanged, E::StateChanged]),
         handshake_seq(
             Row::new("tcp window: rst at the sender's next sequence closes"),
             C4,
