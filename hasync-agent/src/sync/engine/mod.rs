@@ -23,7 +23,7 @@ use std::{
     net::IpAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -90,8 +90,9 @@ pub struct SyncConfig {
     pub boot_id: u64,
     /// The session table started empty: peers' full syncs should return our own sessions.
     pub fresh_table: bool,
-    /// How long after the engine's start peers may still return our own sessions into a
-    /// fresh table, whatever their full syncs do (`Config::initial_sync_limit`).
+    /// How long after the first full sync from a peer started peers may still return our own
+    /// sessions into a fresh table, whatever their full syncs do
+    /// (`Config::initial_sync_limit`).
     pub initial_sync_limit: Duration,
 }
 
@@ -259,9 +260,11 @@ struct EngineInner<T> {
     /// sync: peers send its own sessions back to it ([`SyncConfig::fresh_table`], cleared once
     /// the initial full syncs ended).
     fresh_table: AtomicBool,
-    /// When [`Self::fresh_table`] ends at the latest: a peer whose full sync never ends
-    /// (stalled, or lying) must not keep the sessions this member owns writable for good.
-    fresh_until: Instant,
+    /// When [`Self::fresh_table`] ends at the latest: the initial sync limit after the first
+    /// full sync from any peer started (set then). A peer whose full sync never ends (stalled,
+    /// or lying) must not keep the sessions this member owns writable for good; a member
+    /// alone keeps the window until a peer arrives.
+    fresh_until: OnceLock<Instant>,
     /// Per listening link: who may start a handshake.
     admission: BTreeMap<LinkKind, Arc<Admission>>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
@@ -292,7 +295,7 @@ impl<T: SessionTable> Engine<T> {
         Engine {
             inner: Arc::new(EngineInner {
                 fresh_table: AtomicBool::new(cfg.fresh_table),
-                fresh_until: Instant::now() + cfg.initial_sync_limit,
+                fresh_until: OnceLock::new(),
                 cfg,
                 dp,
                 membership,
@@ -349,12 +352,17 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Does this member still take its own sessions back from peers' full syncs? Not past
-    /// [`SyncConfig::initial_sync_limit`] after the start, whatever the full syncs did.
+    /// [`SyncConfig::initial_sync_limit`] after the first one started, whatever they did.
     pub fn fresh_table(&self) -> bool {
         if !self.inner.fresh_table.load(Relaxed) {
             return false;
         }
-        if Instant::now() < self.inner.fresh_until {
+        if self
+            .inner
+            .fresh_until
+            .get()
+            .is_none_or(|&until| Instant::now() < until)
+        {
             return true;
         }
         if self.inner.fresh_table.swap(false, Relaxed) {

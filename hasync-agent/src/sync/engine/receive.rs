@@ -297,6 +297,11 @@ impl<T: SessionTable> Engine<T> {
                 }),
                 Start::Started => {}
             }
+            // The fresh table's window runs from the first full sync that started.
+            let limit = self.inner.cfg.initial_sync_limit;
+            self.inner
+                .fresh_until
+                .get_or_init(|| Instant::now() + limit);
         }
         // After the peer's lock (the membership's is never taken under a peer's): a removal
         // ending meanwhile counts its own full sync, by id, not this one.

@@ -1227,9 +1227,10 @@ async fn a_full_sync_never_holds_its_peers_lock_while_waiting_for_the_membership
     );
 }
 
-/// A fresh table takes this member's own sessions back from a peer's full sync only until the
-/// initial sync limit: a peer whose full sync never ends (stalled, or lying) cannot keep
-/// writing the sessions this member owns for good.
+/// A fresh table takes this member's own sessions back from peers' full syncs only until the
+/// initial sync limit after the first one started: a peer whose full sync never ends
+/// (stalled, or lying) cannot keep writing the sessions this member owns for good. A member
+/// alone (no full sync yet) keeps the window however long that lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
     let limit = Duration::from_millis(300);
@@ -1237,6 +1238,8 @@ async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
         cfg.fresh_table = true;
         cfg.initial_sync_limit = limit;
     });
+    std::thread::sleep(limit);
+    assert!(e.fresh_table(), "alone: no full sync started yet");
     hello_from_2(&e, 7);
     let _rx = connect(&e, LinkKind::Ha4);
     let peer = e.inner.peers[&MemberId(2)].clone();
