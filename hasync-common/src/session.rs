@@ -105,7 +105,9 @@ pub struct SessionFlags(pub u16);
 impl SessionFlags {
     /// The initiator is the higher endpoint of the key (`FlowKey::addr_hi`).
     pub const INITIATOR_HI: u16 = 1 << 0;
-    /// Written from a peer's sync stream, not created by local traffic.
+    /// Written from a peer's sync stream, not created by local traffic; cleared where this
+    /// member's fast path writes the session as its own (one of its own that traffic here
+    /// carries, or one it takes over).
     pub const FROM_PEER: u16 = 1 << 1;
     /// This member saw traffic for the session while its owner was alive elsewhere.
     pub const ASYMMETRIC: u16 = 1 << 2;
@@ -261,10 +263,10 @@ impl Session {
     }
 
     /// Does the session take room in the peers' pool of the table ([`crate::ReplicaRoom`]): an
-    /// assured session written from a peer's record (not taken over since), whoever owns it —
-    /// this member's own sessions that peers send back into its fresh table after a restart
-    /// too, which it cannot tell from made-up ones — or taken over from an orphaned one
-    /// ([`SessionFlags::FROM_ORPHAN`])?
+    /// assured session written from a peer's record and not written by this member's fast path
+    /// since ([`SessionFlags::FROM_PEER`]), whoever owns it — this member's own sessions that
+    /// peers send back into its fresh table after a restart too, which it cannot tell from
+    /// made-up ones — or taken over from an orphaned one ([`SessionFlags::FROM_ORPHAN`])?
     ///
     /// Bit arithmetic rather than branches before the state's: the apply program asks this of
     /// every record several times, and each branch multiplies the paths its verifier walks

@@ -598,9 +598,10 @@ impl Config {
 
     /// The longest a starting member waits for its reachable peers' full syncs
     /// (`sync_timeout_min`; 0 takes [`DEFAULT_INITIAL_SYNC_LIMIT`]), and takes its own sessions
-    /// back from them into an empty table (from the first one's start). Bounded either way: a peer whose full sync never
-    /// ends (stalled, or lying) would otherwise hold the member in `initial` for good, and keep
-    /// open the window in which peers may write the sessions it owns.
+    /// back from them into an empty table (counted from the first one's start). Bounded either
+    /// way: a peer whose full sync never ends (stalled, or lying) would otherwise hold the
+    /// member in `initial` for good, and keep open the window in which peers may write the
+    /// sessions it owns.
     pub fn initial_sync_limit(&self) -> std::time::Duration {
         match self.cluster.sync_timeout_min {
             0 => DEFAULT_INITIAL_SYNC_LIMIT,
