@@ -144,12 +144,30 @@ pub struct Convergence {
     pub snapshot: Snapshot,
 }
 
+/// How long a convergence may take before the run says once what still differs (a slow one
+/// within the bound is otherwise only a figure).
+const SAY_WHAT_DIFFERS_AFTER: Duration = Duration::from_secs(10);
+
 /// Polls every 250 ms, for at most `bound`, until every replica equals its owner's table.
 pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
     let start = Instant::now();
     let mut last = Mismatch::default();
     let mut snap = Snapshot::new();
+    let mut said = false;
     loop {
+        if !said && start.elapsed() >= SAY_WHAT_DIFFERS_AFTER {
+            said = true;
+            let what = match tables(c, members) {
+                Ok(s) => compare(&s).lines,
+                Err(e) => vec![e],
+            };
+            let shown: Vec<&str> = what.iter().take(8).map(String::as_str).collect();
+            eprintln!(
+                "chaos: still differ after {SAY_WHAT_DIFFERS_AFTER:?} ({} lines): {}",
+                what.len(),
+                shown.join("; ")
+            );
+        }
         match snapshot(c, members) {
             Ok(s) => {
                 last = compare(&s);
