@@ -78,15 +78,24 @@ pub struct First<'a> {
     pub opening: bool,
 }
 
-impl First<'_> {
-    /// The packet's (source, destination, source port, destination port).
+impl<'a> First<'a> {
+    /// The lookup of the packet's own route: from its source to its destination, as it came
+    /// in on `ifindex`.
     #[inline(always)]
-    fn ends(&self) -> (&[u32; 4], &[u32; 4], u16, u16) {
+    fn query(&self, ifindex: u32) -> Query<'a> {
         let key = self.key;
-        if self.src_is_hi {
-            (&key.addr_hi, &key.addr_lo, key.port_hi, key.port_lo)
+        let (src, dst, ports) = if self.src_is_hi {
+            (&key.addr_hi, &key.addr_lo, (key.port_hi, key.port_lo))
         } else {
-            (&key.addr_lo, &key.addr_hi, key.port_lo, key.port_hi)
+            (&key.addr_lo, &key.addr_hi, (key.port_lo, key.port_hi))
+        };
+        Query {
+            family: key.family,
+            proto: key.proto,
+            src,
+            dst,
+            ports,
+            ifindex,
         }
     }
 }
@@ -105,15 +114,7 @@ pub fn for_this_host(ctx: &XdpContext, packet: &First, ingress: Option<ZoneBindi
     if ingress.is_some_and(|b| b.flags & unchecked != 0) {
         return false;
     }
-    let (src, dst, sport, dport) = packet.ends();
-    let query = Query {
-        family: packet.key.family,
-        proto: packet.key.proto,
-        src,
-        dst,
-        ports: (sport, dport),
-        ifindex: ctx.ingress_ifindex() as u32,
-    };
+    let query = packet.query(ctx.ingress_ifindex() as u32);
     matches!(lookup(ctx, &query), Route::NotForwarded)
 }
 
@@ -135,20 +136,12 @@ pub fn reply_zone(
         return Ok(ZoneId::NONE);
     };
     let key = first.key;
-    let (src, dst, sport, dport) = first.ends();
-    if not_unicast(key.family, dst) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let mut query = first.query(ifindex);
+    if not_unicast(key.family, query.dst) {
         counters.inc(Counter::ReplyZoneRouted);
         return Ok(ZoneId::UNZONED);
     }
-    let ifindex = ctx.ingress_ifindex() as u32;
-    let mut query = Query {
-        family: key.family,
-        proto: key.proto,
-        src,
-        dst,
-        ports: (sport, dport),
-        ifindex,
-    };
     let egress = match lookup(ctx, &query) {
         Route::Out(_) if first.opening && is_icmp_reply(key) => return Err(Refused::STRAY_REPLY),
         Route::Out(egress) => egress,
@@ -170,9 +163,9 @@ pub fn reply_zone(
     // A tagged frame's source is routed through its VLAN device, which the agent binds to the
     // zone of the interface it sits on.
     query = Query {
-        src: dst,
-        dst: src,
-        ports: (dport, sport),
+        src: query.dst,
+        dst: query.src,
+        ports: (query.ports.1, query.ports.0),
         ifindex: LOOPBACK_IFINDEX,
         ..query
     };
