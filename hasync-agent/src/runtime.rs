@@ -707,31 +707,10 @@ mod tests {
     use super::*;
     use crate::cluster::{FullSyncId, MemberState};
 
-    /// A configuration of member 1 of two, with `sync_timeout_min = 0` (the default).
+    /// The config tests' sample: member 1 of two, `sync_timeout_min = 0` (the default).
     fn config() -> Config {
-        let text = r#"
-[cluster]
-id = 7
-key_file = "/nonexistent/cluster.key"
-sync_timeout_min = 0
-[local]
-member = 1
-[ha4]
-interface = "ha4"
-address = "198.18.100.1/24"
-[[zones]]
-name = "trust"
-interfaces = ["veth-in"]
-[[members]]
-id = 1
-serial = "fw1"
-ha4 = "198.18.100.1"
-[[members]]
-id = 2
-serial = "fw2"
-ha4 = "198.18.100.2"
-"#;
-        Config::from_toml(Path::new("test.toml"), text).expect("config")
+        let text = crate::config::tests::sample(Path::new("/nonexistent/cluster.key"));
+        Config::from_toml(Path::new("test.toml"), &text).expect("config")
     }
 
     /// A peer that keeps its keepalives coming but never ends its full sync to a starting

@@ -1016,4 +1016,4 @@ pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

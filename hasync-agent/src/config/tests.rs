@@ -41,7 +41,8 @@ impl KeyFile {
     }
 }
 
-fn sample(key: &Path) -> String {
+/// A valid configuration of member 1 of two (`sync_timeout_min = 0`), its key file at `key`.
+pub(crate) fn sample(key: &Path) -> String {
     format!(
         r#"
 [cluster]
