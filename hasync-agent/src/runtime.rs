@@ -290,6 +290,12 @@ fn start_member(
         liveness_lines: LogLimiter::default(),
         claims: Mutex::default(),
     });
+    let weak = Arc::downgrade(&member);
+    member.engine.on_return(move || {
+        if let Some(member) = weak.upgrade() {
+            apply_membership(&member);
+        }
+    });
     Ok((member, tasks))
 }
 

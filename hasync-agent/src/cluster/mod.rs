@@ -310,16 +310,26 @@ impl Membership {
         }
     }
 
-    /// A keepalive (or any authenticated message) from `id`.
-    pub fn heard(&mut self, id: MemberId, state: MemberState, sessions_owned: u32, now: Instant) {
-        if let Some(p) = self.peers.get_mut(&id) {
-            p.last_heard = Some(now);
-            if p.reported != state {
-                p.last_change = Some(now);
-            }
-            p.reported = state;
-            p.sessions_owned = sessions_owned;
+    /// A keepalive from `id`. Returns whether it brings back a member not alive here (the
+    /// next [`Membership::evaluate`] makes it alive): what it sends next may settle claims
+    /// only once that evaluation opened the claim window (`crate::claim_window`).
+    pub fn heard(
+        &mut self,
+        id: MemberId,
+        state: MemberState,
+        sessions_owned: u32,
+        now: Instant,
+    ) -> bool {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        p.last_heard = Some(now);
+        if p.reported != state {
+            p.last_change = Some(now);
         }
+        p.reported = state;
+        p.sessions_owned = sessions_owned;
+        !p.alive && state.keeps_sessions()
     }
 
     /// An authenticated hello from `id`. It shows the member as `unknown` rather than `down`

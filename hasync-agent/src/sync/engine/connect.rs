@@ -474,6 +474,9 @@ impl<T: SessionTable> Engine<T> {
         rx.set_layout(layout);
         let generation = self.inner.generation.fetch_add(1, Relaxed);
         let (writer, writer_run) = writer(tx, self.inner.cfg.keepalive_threshold);
+        // The connection's first frame: a peer that took us for dead takes us back (and opens
+        // its claim window) before it applies anything we send on it (`Engine::on_return`).
+        writer.keepalive(self.keepalive());
         let writer_task = {
             let (e, p) = (self.clone(), peer.clone());
             tokio::spawn(async move {
@@ -838,6 +841,23 @@ mod tests {
         assert_eq!(g.links.keys().collect::<Vec<_>>(), [&LinkKind::Ha4]);
         assert_eq!(g.links[&LinkKind::Ha4].generation, 1);
         assert_eq!(g.hello.as_ref().map(|h| h.boot_id), Some(1));
+    }
+
+    /// A connection's first frame is a keepalive, sent at once: a peer that took this member
+    /// for dead takes it back on that frame (`Engine::on_return`), before it applies anything
+    /// sent after it. Before, the first keepalive waited for the keepalive loop's next tick,
+    /// behind the data the sender had queued. Seen failing (nothing sent) before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connections_first_frame_is_a_keepalive() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let (conn, far) = connection_of_2(&e, LinkKind::Ha4, 1).await;
+        let (_far_tx, mut far_rx) = far.expect("server");
+        let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
+        e.attach(p, LinkKind::Ha4, conn, from);
+        let first = tokio::time::timeout(Duration::from_secs(2), far_rx.recv()).await;
+        let (msg, _) = first.expect("nothing sent").expect("a frame");
+        assert!(matches!(msg, Message::Keepalive(_)), "first: {msg:?}");
     }
 
     /// Frames of an earlier boot (or of a replaced connection) do not keep a connection

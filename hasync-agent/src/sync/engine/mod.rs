@@ -271,7 +271,12 @@ struct EngineInner<T> {
     reannouncing: AtomicBool,
     /// The changes queued for the peers. Taken after a peer's lock, never before it.
     backlog: Mutex<Backlog>,
+    /// Evaluates the membership and applies what changed ([`Engine::on_return`]).
+    on_return: OnceLock<ReturnHook>,
 }
+
+/// What the engine calls when a keepalive brings a member back ([`Engine::on_return`]).
+type ReturnHook = Box<dyn Fn() + Send + Sync>;
 
 use crate::lock::lock;
 
@@ -308,8 +313,20 @@ impl<T: SessionTable> Engine<T> {
                 admission,
                 reannouncing: AtomicBool::new(false),
                 backlog,
+                on_return: OnceLock::new(),
             }),
         }
+    }
+
+    /// Sets what evaluates the membership and applies its changes (the XDP member map, the
+    /// claim window: `crate::runtime::apply_membership`) when a keepalive brings back a member
+    /// not alive here. The reader calls it before it reads on: whatever the member sends
+    /// after that keepalive (what it took over while the two could not see each other) is
+    /// then applied with the member alive here and the claim window open, not refused as a
+    /// claim of live sessions because the runtime's next evaluation had not run yet. Set once;
+    /// later calls are ignored.
+    pub fn on_return(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.inner.on_return.set(Box::new(hook));
     }
 
     /// Queues every session this member owns for every syncing peer, from a walk of `reader`

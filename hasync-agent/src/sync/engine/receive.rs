@@ -204,12 +204,17 @@ impl<T: SessionTable> Engine<T> {
             flaps: _,
         } = ka;
         LinkStats::add(&stats.keepalives_received, 1);
-        lock(&self.inner.membership).heard(
+        let back = lock(&self.inner.membership).heard(
             peer.cfg.id,
             MemberState::from_u8(state),
             sessions_owned,
             Instant::now(),
         );
+        if back {
+            if let Some(evaluate) = self.inner.on_return.get() {
+                evaluate();
+            }
+        }
     }
 
     pub(super) fn on_ack(&self, peer: &Peer, stats: &LinkStats, seq: u64) {

@@ -429,6 +429,16 @@ impl<T: SessionTable> Engine<T> {
         });
     }
 
+    /// This member's keepalive as of now.
+    pub(super) fn keepalive(&self) -> Keepalive {
+        let m = lock(&self.inner.membership);
+        Keepalive {
+            state: m.state as u8,
+            sessions_owned: m.local_sessions_owned,
+            flaps: m.flaps,
+        }
+    }
+
     /// Sends keepalives on every link to `peer` and drops links that went silent.
     pub(super) async fn keepalive_loop(self, peer: Arc<Peer>) {
         let mut tick = tokio::time::interval(self.inner.cfg.keepalive_interval);
@@ -436,14 +446,7 @@ impl<T: SessionTable> Engine<T> {
         loop {
             tick.tick().await;
             self.settle_fresh_table();
-            let ka = {
-                let m = lock(&self.inner.membership);
-                Keepalive {
-                    state: m.state as u8,
-                    sessions_owned: m.local_sessions_owned,
-                    flaps: m.flaps,
-                }
-            };
+            let ka = self.keepalive();
             let now = Instant::now();
             self.catch_up_link_lines(&peer, now);
             let links: Vec<(LinkKind, u64, Writer, Instant)> = peer

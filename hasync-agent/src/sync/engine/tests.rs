@@ -1269,3 +1269,79 @@ async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
         "kept: our table is the authority again"
     );
 }
+
+/// A member back from a partition sends, right after its first keepalive on a new
+/// connection, what it took over while the two could not see each other: here a session
+/// whose owner (member 3) is alive here and whose flow was refreshed just now. The keepalive
+/// brings member 2 back at once (`Engine::on_return`: the runtime evaluates the membership
+/// and the claim window opens), so its claim settles by version. Before, it was refused as a
+/// claim of a live session until the runtime's next evaluation, and nothing sent it again
+/// before its next refresh (a 16-member fault run: ~30 s to converge after a partition into
+/// halves, every other fault under 5 s). A keepalive from a member already alive calls
+/// nothing.
+#[test]
+fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
+    use crate::{claim_window::ClaimWindow, datapath::monotonic_ns, sync::wire::Keepalive};
+    use hasync_common::{config::DEFAULT_CLAIM_QUIET_MS, SessionFlags};
+    let e = engine();
+    let now = monotonic_ns();
+    let replica = Session {
+        version: 1,
+        owner: MemberId(3),
+        zone: ZoneId(1),
+        state: State::Established as u8,
+        flags: SessionFlags(SessionFlags::FROM_PEER),
+        created_ns: now,
+        last_seen_ns: now,
+        last_event_ns: now,
+        ..Session::default()
+    };
+    {
+        let mut dp = lock(&e.inner.dp);
+        dp.insert_sessions(&[(key(), replica)]).expect("insert");
+        dp.set_member_alive(MemberId(3), true).expect("member map");
+    }
+    let alive_3 =
+        lock(&e.inner.membership).heard(MemberId(3), MemberState::Active, 1, Instant::now());
+    assert!(alive_3, "member 3 was not alive yet");
+    lock(&e.inner.membership).evaluate(Instant::now());
+    hello_from_2(&e, 7);
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    e.on_return({
+        // What the runtime's `apply_membership` does with the claim window.
+        let (membership, dp) = (e.inner.membership.clone(), e.inner.dp.clone());
+        let window = Mutex::new(ClaimWindow::default());
+        let calls = calls.clone();
+        move || {
+            calls.fetch_add(1, Relaxed);
+            let now = Instant::now();
+            let changes = lock(&membership).evaluate(now);
+            let mut w = lock(&window);
+            if let Some(open) = w.due(&changes.liveness, now) {
+                let quiet = if open { 0 } else { DEFAULT_CLAIM_QUIET_MS };
+                lock(&dp).set_claim_quiet(quiet).expect("claim window");
+                w.written(open);
+            }
+        }
+    });
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let frame = from(&peer, LinkKind::Ha4, 7);
+    let (writer, _sent) = Writer::detached();
+    let keepalive = || {
+        Message::Keepalive(Keepalive {
+            state: MemberState::Active as u8,
+            sessions_owned: 1,
+            flaps: 0,
+        })
+    };
+    e.handle(&frame, keepalive(), &writer).expect("keepalive");
+    let claim = Message::Sessions {
+        seq: 1,
+        bulk: false,
+        records: vec![upsert(5, 2)],
+    };
+    e.handle(&frame, claim, &writer).expect("sessions");
+    assert_eq!(held(&e), Some((5, 2)), "the claim was refused");
+    e.handle(&frame, keepalive(), &writer).expect("keepalive");
+    assert_eq!(calls.load(Relaxed), 1, "called for a member alive here");
+}
