@@ -377,7 +377,6 @@ fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
 struct MainLoop {
     sweep_tick: tokio::time::Interval,
     membership_tick: tokio::time::Interval,
-    last_membership: Instant,
     sweep: SweepBeside,
     table_access: crate::monitor::TableAccess,
     /// The datapath's count of lost events when they were last made up for.
@@ -407,7 +406,6 @@ impl MainLoop {
         MainLoop {
             sweep_tick,
             membership_tick,
-            last_membership: Instant::now(),
             sweep: Default::default(),
             table_access: Default::default(),
             lost_events: lost_events(member).unwrap_or(0),
@@ -539,18 +537,8 @@ impl MainLoop {
         }
     }
 
-    /// Liveness and the local state, evaluated; a stall of this agent itself is forgiven.
+    /// Liveness and the local state, evaluated ([`apply_membership`]).
     fn on_membership(&mut self, member: &Member) {
-        let now = Instant::now();
-        let gap = now.saturating_duration_since(self.last_membership);
-        self.last_membership = now;
-        if gap > STALL_GAP {
-            warn!(
-                stalled_ms = gap.as_millis() as u64,
-                "this agent did not run for a while: peers' silence over it is not held against them"
-            );
-            lock(&member.membership).forgive_stall(gap, now);
-        }
         apply_membership(member);
         if self
             .members_unsettled
@@ -584,16 +572,14 @@ fn leave_datapath(member: &Member) -> anyhow::Result<()> {
     }
 }
 
-/// Writes every member slot of the takeover rule's map from the membership's view.
+/// Writes every member slot of the takeover rule's map from the membership's view, under
+/// the membership's lock (as [`apply_membership`] writes).
 fn write_all_liveness(member: &Member) {
     let local = member.config.local_member();
-    let alive: Vec<(MemberId, bool)> = {
-        let m = lock(&member.membership);
-        (1..=MemberId::MAX)
-            .map(MemberId)
-            .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)))
-            .collect()
-    };
+    let m = lock(&member.membership);
+    let alive = (1..=MemberId::MAX)
+        .map(MemberId)
+        .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)));
     let mut dp = lock(&member.dp);
     for (id, alive) in alive {
         if let Err(e) = dp.set_member_alive(id, alive) {
@@ -628,15 +614,32 @@ fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Insta
     }
 }
 
-/// Applies what the membership rules decided: the XDP member map (takeover), the claim window
-/// and logs (a burst per member, then one line per interval, and the state once more after
-/// lines were left out: [`LogLimiter`]). Every evaluation of the membership goes through it:
-/// a change is reported once.
+/// Evaluates the membership and applies what its rules decided: the XDP member map
+/// (takeover), the claim window and logs (a burst per member, then one line per interval,
+/// and the state once more after lines were left out: [`LogLimiter`]). Every evaluation of
+/// the membership goes through it: a change is reported once. The main loop calls it every
+/// [`MEMBERSHIP_EVERY`], the sync engine when a keepalive brings a member back
+/// (`Engine::on_return`), the control socket after `suspend` and `functional`.
+///
+/// The evaluation and the datapath's writes happen under the membership's lock: a reader
+/// that finds a member alive finds the member map and the claim window already told, and two
+/// callers' writes cannot land out of order. A gap since the last evaluation longer than
+/// [`STALL_GAP`] means this agent did not run: the peers' silence over it is forgiven
+/// first, whoever evaluates.
 pub(crate) fn apply_membership(member: &Member) {
     let now = Instant::now();
-    let changes = lock(&member.membership).evaluate(now);
+    let mut m = lock(&member.membership);
+    let gap = m.since_evaluated(now);
+    if gap > STALL_GAP {
+        warn!(
+            stalled_ms = gap.as_millis() as u64,
+            "this agent did not run for a while: peers' silence over it is not held against them"
+        );
+        m.forgive_stall(gap, now);
+    }
+    let changes = m.evaluate(now);
     update_claim_window(member, &changes.liveness, now);
-    for (id, alive) in changes.liveness {
+    for &(id, alive) in &changes.liveness {
         if let Some(skipped) = member.liveness_lines.allow(&liveness_key(id), now) {
             log_liveness(id, alive, skipped);
         }
@@ -644,11 +647,8 @@ pub(crate) fn apply_membership(member: &Member) {
             warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
         }
     }
-    let peers: Vec<(MemberId, bool)> = lock(&member.membership)
-        .peers
-        .iter()
-        .map(|(id, p)| (*id, p.alive))
-        .collect();
+    let peers: Vec<(MemberId, bool)> = m.peers.iter().map(|(id, p)| (*id, p.alive)).collect();
+    drop(m);
     for (id, alive) in peers {
         if let Some(skipped) = member.liveness_lines.catch_up(&liveness_key(id), now) {
             info!(
