@@ -202,7 +202,7 @@ fn hit(
     } else if let Some(kind) = advance(counters, pkt, s, dir, fit) {
         announce(counters, &pkt.key, s, kind, now);
         false
-    } else if refresh_due(s, &was, dir, now, refresh_ns) {
+    } else if refresh_due(cfg, s, &was, (dir, now), refresh_ns) {
         s.version = s.version.wrapping_add(1);
         announce(counters, &pkt.key, s, EventKind::Refresh, now);
         true
@@ -308,13 +308,30 @@ impl Before {
 /// Whether the packet of an owned session that announces nothing else sends a refresh: when
 /// the state's interval has passed since the last event; when this packet made the session
 /// assured (a UDP stream two seconds old: a peer's replica stops being evictable only when a
-/// record says so); or when the direction's byte count crossed a multiple of
+/// record says so); when the direction's byte count crossed a multiple of
 /// 2^[`REFRESH_BYTES_SHIFT`] (the sequence numbers a replica holds then stay less than 2^31
-/// behind, which a member taking the connection over needs to re-learn them).
+/// behind, which a member taking the connection over needs to re-learn them); or when the
+/// session was taken over ([`SessionFlags::CONTESTABLE`]: nothing announced since) the claim
+/// rule's quiet time ago. Members find a dead member dead up to a keepalive interval apart:
+/// one that still took the old owner for alive when the takeover came refused it as a claim
+/// of a live session (`hasync_common::conflict::claimable`), and takes it now, not a whole
+/// refresh interval later.
 #[inline(always)]
-fn refresh_due(s: &Session, was: &Before, dir: usize, now: u64, refresh_ns: u64) -> bool {
+fn refresh_due(
+    cfg: &DatapathConfig,
+    s: &Session,
+    was: &Before,
+    (dir, now): (usize, u64),
+    refresh_ns: u64,
+) -> bool {
     let bytes = s.bytes.get(dir).copied().unwrap_or(0);
-    now.saturating_sub(s.last_event_ns) >= refresh_ns
+    let since = now.saturating_sub(s.last_event_ns);
+    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;
+    // Without a branch: the rest of the program would be walked once per outcome.
+    let contest_over =
+        u64::from(s.flags.has(SessionFlags::CONTESTABLE)) & u64::from(since >= quiet_ns) != 0;
+    since >= refresh_ns
+        || contest_over
         || (!was.assured && s.is_assured())
         || (bytes ^ was.bytes) >> REFRESH_BYTES_SHIFT != 0
 }

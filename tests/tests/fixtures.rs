@@ -1774,6 +1774,36 @@ fn ownership_rows() -> Vec<Row> {
                 (C::Events, 2),
             ])
             .events(&[E::OwnershipTaken, E::StateChanged]),
+        Row::new(
+            "taken over: announced again once the claim rule's quiet time has passed since \
+             (a member that still took the old owner for alive refused the first)",
+        )
+        .existing(Existing {
+            flags: TAKEN,
+            ..Existing::local(State::Established).last_event_offset_ns(-11 * S)
+        })
+        .pass(tcp(C4, S4).ack())
+        .session(
+            Expect::new(State::Established)
+                .version(8)
+                .flags(F::TAKEN_OVER)
+                .packets(6, 4),
+        )
+        .counters(&[(C::Hits, 1), (C::Events, 1)])
+        .events(&[E::Refresh]),
+        Row::new("taken over: not announced again within the claim rule's quiet time")
+            .existing(Existing {
+                flags: TAKEN,
+                ..Existing::local(State::Established).last_event_offset_ns(-9 * S)
+            })
+            .pass(tcp(C4, S4).ack())
+            .session(
+                Expect::new(State::Established)
+                    .version(7)
+                    .flags(TAKEN)
+                    .packets(6, 4),
+            )
+            .counters(&[(C::Hits, 1)]),
         Row::new("peer dead: the taking-over member binds replies to its own zones")
             .existing(Existing::peer(State::Established, false))
             .zone(ZoneId(3))
