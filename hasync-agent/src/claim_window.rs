@@ -4,7 +4,7 @@
 //! replaces it only once the flow is quiet ([`hasync_common::conflict::claimable`]); but after
 //! a partition both sides took over what moved to them, both sides' owners are alive and their
 //! flows live, and only the version can settle them, as it did before the rule. The window is
-//! the datapath's quiet time set to 0 ([`hasync_common::DatapathConfig::claim_quiet_ms`]). A
+//! [`hasync_common::DatapathConfig::claims_open`] set in the datapath's config. A
 //! return cannot be told from a peer that reports itself gone and back (a death by its
 //! reported state comes without a keepalive threshold of silence; one by silence is declared
 //! only after it, so the silence before a partition's heal may be short of a second threshold):
@@ -18,7 +18,7 @@ use hasync_common::{config::CLAIMS_OPEN_AFTER_RETURN_MS, MemberId};
 #[derive(Debug, Default)]
 pub struct ClaimWindow {
     open_until: Option<Instant>,
-    /// What the datapath was last told (it starts closed: the configured quiet time).
+    /// What the datapath was last told (it starts closed: `claims_open` 0).
     open: bool,
 }
 

@@ -293,7 +293,9 @@ fn start_member(
     let weak = Arc::downgrade(&member);
     member.engine.on_return(move || {
         if let Some(member) = weak.upgrade() {
-            apply_membership(&member);
+            // On a reader's worker: a wait for the datapath's lock leaves the worker to the
+            // other tasks.
+            tokio::task::block_in_place(|| apply_membership(&member));
         }
     });
     Ok((member, tasks))
@@ -589,19 +591,14 @@ fn write_all_liveness(member: &Member) {
 }
 
 /// Opens or closes the window in which records settle claims by version alone
-/// ([`crate::claim_window`]) as the liveness `changes` say: the datapath's quiet time, 0
-/// while open.
+/// ([`crate::claim_window`]) as the liveness `changes` say: the datapath config's
+/// `claims_open`.
 fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Instant) {
     let mut window = lock(&member.claims);
     let Some(open) = window.due(changes, now) else {
         return;
     };
-    let quiet_ms = if open {
-        0
-    } else {
-        member.config.datapath().claim_quiet_ms
-    };
-    match lock(&member.dp).set_claim_quiet(quiet_ms) {
+    match lock(&member.dp).set_claims_open(open) {
         Ok(()) => {
             window.written(open);
             info!(
@@ -627,8 +624,9 @@ fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Insta
 /// [`STALL_GAP`] means this agent did not run: the peers' silence over it is forgiven
 /// first, whoever evaluates.
 pub(crate) fn apply_membership(member: &Member) {
-    let now = Instant::now();
     let mut m = lock(&member.membership);
+    // Read under the lock: an evaluation that waited for it must not go back in time.
+    let now = Instant::now();
     let gap = m.since_evaluated(now);
     if gap > STALL_GAP {
         warn!(

@@ -114,7 +114,7 @@ pub const REFRESH_BYTES_SHIFT: u32 = 30;
 pub const DEFAULT_CLAIM_QUIET_MS: u32 = 10_000;
 
 /// How long after a peer became alive here (a partition healed, a stop or a restart ended)
-/// the agent leaves [`DatapathConfig::claim_quiet_ms`] at 0, so that records settle claims by
+/// the agent keeps [`DatapathConfig::claims_open`] set, so that records settle claims by
 /// version alone, as before the rule (`crate::conflict::claimable`): what each side took over
 /// while the two could not see each other arrives in the full syncs after the return, both
 /// sides' owners alive and their flows live.
@@ -169,8 +169,10 @@ pub struct DatapathConfig {
     /// (and the ingress interface) alone, so flows from many sources to one destination share
     /// an entry. Set by the agent, which watches the rules and routes; 1 until it has looked.
     pub fib_by_source: u8,
-    /// Padding; zero.
-    pub _pad2: u8,
+    /// 1 while records settle claims of live sessions by version alone (a peer just came
+    /// back: `claim_quiet_ms` is then not waited out, [`crate::conflict::claimable`]); 0
+    /// otherwise. Set by the agent ([`CLAIMS_OPEN_AFTER_RETURN_MS`]).
+    pub claims_open: u8,
     /// CPUs with a part of their own in the EMBRYOS ring (possible CPUs): an admission ticket
     /// is `counter * embryo_cpus + cpu`, so a ticket says which slot its session took, here
     /// and in a peer's replica part. Set by the agent.
@@ -262,7 +264,7 @@ impl DatapathConfig {
             vwire: 0,
             embryo_replica_parts: 0,
             fib_by_source: 1,
-            _pad2: 0,
+            claims_open: 0,
             embryo_cpus: 0,
             fib_seed: 0,
             claim_quiet_ms: DEFAULT_CLAIM_QUIET_MS,

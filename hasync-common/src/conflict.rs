@@ -95,12 +95,16 @@ pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
 /// running there).
 ///
 /// While a peer is just back (after a partition, a stop or a restart, for
-/// [`crate::config::CLAIMS_OPEN_AFTER_RETURN_MS`]), the agent sets the quiet time to 0:
+/// [`crate::config::CLAIMS_OPEN_AFTER_RETURN_MS`]), the agent sets
+/// [`DatapathConfig::claims_open`], and the quiet time is not waited out:
 /// what each side took over while the two could not see each other arrives then, both sides'
 /// owners alive and their flows live, and the version settles them, as before.
 #[inline(always)]
 pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u64) -> bool {
-    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;
+    // No wait while claims are open (without a branch: the apply program's verifier walks
+    // both sides of every branch for each record of a batch).
+    let waits = u64::from(cfg.claims_open == 0);
+    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000 * waits;
     // The longest any state's refresh interval is (one figure for all: the state's own took
     // the apply program's verification from 455,000 instructions to 807,000).
     let period = cfg.refresh_interval_ns.max(crate::config::REFRESH_MAX_NS);
@@ -298,6 +302,14 @@ mod tests {
             ..cfg
         };
         assert!(claimable(&older, &copy(0, 0), true, now));
+        let open = DatapathConfig {
+            claims_open: 1,
+            ..cfg
+        };
+        assert!(
+            claimable(&open, &copy(0, 0), true, now),
+            "claims open: no wait"
+        );
     }
 
     #[test]

@@ -312,7 +312,8 @@ impl Before {
 /// 2^[`REFRESH_BYTES_SHIFT`] (the sequence numbers a replica holds then stay less than 2^31
 /// behind, which a member taking the connection over needs to re-learn them); or when the
 /// session was taken over ([`SessionFlags::CONTESTABLE`]: nothing announced since) the claim
-/// rule's quiet time ago. Members find a dead member dead up to a keepalive interval apart:
+/// rule's quiet time ago (`claim_quiet_ms`, the keepalive threshold, whether claims are open
+/// or not: so long the copies stay contestable, for crossing takeovers to settle). Members find a dead member dead up to a keepalive interval apart:
 /// one that still took the old owner for alive when the takeover came refused it as a claim
 /// of a live session (`hasync_common::conflict::claimable`), and takes it now, not a whole
 /// refresh interval later.

@@ -723,10 +723,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Sets the config's [`DatapathConfig::claim_quiet_ms`] (see `crate::claim_window`).
-    pub fn set_claim_quiet(&mut self, quiet_ms: u32) -> Result<(), DatapathError> {
+    /// Sets the config's [`DatapathConfig::claims_open`] (see `crate::claim_window`).
+    pub fn set_claims_open(&mut self, open: bool) -> Result<(), DatapathError> {
         let cfg = DatapathConfig {
-            claim_quiet_ms: quiet_ms,
+            claims_open: u8::from(open),
             ..self.config()?
         };
         self.set_config(&cfg)

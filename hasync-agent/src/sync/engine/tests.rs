@@ -1282,7 +1282,7 @@ async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
 #[test]
 fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
     use crate::{claim_window::ClaimWindow, datapath::monotonic_ns, sync::wire::Keepalive};
-    use hasync_common::{config::DEFAULT_CLAIM_QUIET_MS, SessionFlags};
+    use hasync_common::SessionFlags;
     let e = engine();
     let now = monotonic_ns();
     let replica = Session {
@@ -1318,8 +1318,7 @@ fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
             let changes = lock(&membership).evaluate(now);
             let mut w = lock(&window);
             if let Some(open) = w.due(&changes.liveness, now) {
-                let quiet = if open { 0 } else { DEFAULT_CLAIM_QUIET_MS };
-                lock(&dp).set_claim_quiet(quiet).expect("claim window");
+                lock(&dp).set_claims_open(open).expect("claim window");
                 w.written(open);
             }
         }
