@@ -247,6 +247,27 @@ fn link_layer(frame: &Frame, at: usize, ethertype: u16) -> Counter {
     }
 }
 
+/// Does the IPv4 header `h`, without options, carry its checksum? The ones'-complement sum
+/// of its ten 16-bit words, the checksum among them, is all ones. The kernel drops a packet
+/// whose header fails it before routing or connection tracking see it (`ip_rcv`), so such a
+/// packet must not write a session either: a forged RST or FIN that the endpoint never gets
+/// would close the flow here alone, and XDP forwarding would carry what a router drops. A
+/// header with options is left unchecked (the program reads the first 20 bytes as a whole;
+/// the kernel still checks it when the packet passes).
+#[inline(always)]
+fn ipv4_checksum_ok(h: &[u8; 20]) -> bool {
+    let mut sum = 0u32;
+    for word in h.chunks_exact(2) {
+        if let &[hi, lo] = word {
+            sum = sum.wrapping_add(u32::from(be16(hi, lo)));
+        }
+    }
+    // Ten words sum to less than 2^20: two folds carry everything back in.
+    sum = (sum & 0xffff).wrapping_add(sum >> 16);
+    sum = (sum & 0xffff).wrapping_add(sum >> 16);
+    sum == 0xffff
+}
+
 #[inline(always)]
 fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     let Some(h) = frame.read::<20>(off) else {
@@ -262,6 +283,9 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     let total = be16(h[2], h[3]) as usize;
     if total < hlen || off.wrapping_add(total) as u64 > frame.len() {
         return Err(Parsed::Malformed(Counter::ErrIpv4TotalLen));
+    }
+    if hlen == 20 && !ipv4_checksum_ok(&h) {
+        return Err(Parsed::Malformed(Counter::ErrIpv4Checksum));
     }
     let frag = be16(h[6], h[7]);
     let src = [raw32(&h, 12), 0, 0, 0];

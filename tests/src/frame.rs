@@ -2,8 +2,10 @@
 //!
 //! Frames are correct unless damaged on purpose: lengths are right and checksums (IPv4 header,
 //! TCP, UDP, ICMP/ICMPv6) are filled in, so a built packet can also be sent for real. The XDP
-//! program checks no checksum. Damage is applied after the frame is laid out, by field
-//! (`.ihl(3)`, `.tcp_doff(4)`, ...) or by byte, and leaves checksums as they were.
+//! program checks the IPv4 header's checksum (of a header without options), no other. Damage
+//! is applied after the frame is laid out, by field (`.ihl(3)`, `.tcp_doff(4)`, ...) or by
+//! byte, and leaves checksums as they were; `.ipv4_field` changes a byte of the IPv4 header
+//! and its checksum with it (another valid header).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -90,6 +92,13 @@ enum Damage {
         off: usize,
         value: u8,
     },
+    /// Byte of the IPv4 header, its checksum computed again.
+    Ipv4Field {
+        off: usize,
+        value: u8,
+    },
+    /// The IPv4 header checksum one off.
+    Ipv4ChecksumOff,
     Ihl(u8),
     IpVersion(u8),
     TotalLen(u16),
@@ -407,6 +416,19 @@ impl Frame {
         self
     }
 
+    /// Overwrites byte `off` of the IPv4 header and computes its checksum again: a valid
+    /// header with another protocol, identification, TTL, ...
+    pub fn ipv4_field(mut self, off: usize, value: u8) -> Self {
+        self.damage.push(Damage::Ipv4Field { off, value });
+        self
+    }
+
+    /// Makes the IPv4 header checksum wrong (one off), nothing else moves.
+    pub fn bad_ipv4_checksum(mut self) -> Self {
+        self.damage.push(Damage::Ipv4ChecksumOff);
+        self
+    }
+
     /// Sets the IPv4 IHL field (4-byte units), nothing else moves.
     pub fn ihl(mut self, n: u8) -> Self {
         self.damage.push(Damage::Ihl(n));
@@ -532,6 +554,11 @@ impl Frame {
                 Damage::Byte { off, value } => edit(&mut out, off, |_| value),
                 Damage::L3Byte { off, value } => edit(&mut out, l3 + off, |_| value),
                 Damage::L4Byte { off, value } => edit(&mut out, l4_off + off, |_| value),
+                Damage::Ipv4Field { off, value } => {
+                    edit(&mut out, l3 + off, |_| value);
+                    refill_ipv4_checksum(&mut out, l3);
+                }
+                Damage::Ipv4ChecksumOff => edit(&mut out, l3 + 11, |b| b.wrapping_add(1)),
                 Damage::Ihl(n) => edit(&mut out, l3, |b| (b & 0xf0) | (n & 0x0f)),
                 Damage::IpVersion(n) => edit(&mut out, l3, |b| (b & 0x0f) | (n << 4)),
                 Damage::TotalLen(n) => {
@@ -737,6 +764,18 @@ fn arp_request() -> [u8; 28] {
     a[14..18].copy_from_slice(&[198, 18, 0, 1]);
     a[24..28].copy_from_slice(&[198, 18, 0, 2]);
     a
+}
+
+/// Computes the checksum of the IPv4 header at `l3` of `out` again (a header cut off is left
+/// as it is).
+fn refill_ipv4_checksum(out: &mut [u8], l3: usize) {
+    let hlen = out.get(l3).map_or(0, |b| usize::from(b & 0x0f) * 4);
+    let Some(header) = out.get_mut(l3..l3 + hlen).filter(|h| h.len() >= 20) else {
+        return;
+    };
+    header[10..12].fill(0);
+    let csum = checksum(header);
+    header[10..12].copy_from_slice(&csum.to_be_bytes());
 }
 
 /// The Internet checksum of `data`.

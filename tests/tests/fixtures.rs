@@ -1113,7 +1113,7 @@ fn untracked_and_encapsulation_rows() -> Vec<Row> {
             .drop(Frame::other_proto(ip(C6), ip(S6), 59).ipv6_ext(Ipv6Ext::DestOpts))
             .counters(&[(C::DropOtherProtocol, 5)]),
         Row::new("strict: icmp over ipv6 and icmpv6 over ipv4 are other protocols, dropped")
-            .drop(ping(C4, S4, 7, true).set_l3_byte(9, 58))
+            .drop(ping(C4, S4, 7, true).ipv4_field(9, 58))
             .drop(Frame::icmp(ip(C6), ip(S6), 128, 0).set_l3_byte(6, 1))
             .counters(&[(C::DropOtherProtocol, 2)]),
         Row::new("loose: other protocols pass by default, counted")
@@ -1373,7 +1373,7 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
             .counters(&[(C::PassFragmentUnseenFirst, 1)]),
         Row::new("an ipv4 later fragment of another datagram (identification) is dropped")
             .pass(udp(C4, S4).ipv4_fragment(0, true))
-            .drop(udp(C4, S4).ipv4_fragment(1480, false).set_l3_byte(4, 0x99))
+            .drop(udp(C4, S4).ipv4_fragment(1480, false).ipv4_field(4, 0x99))
             .session(Expect::new(State::UdpNew))
             .counters(&[
                 (C::Creates, 1),
@@ -2012,6 +2012,16 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
             C::ErrIpv4TotalLen,
         ),
         (
+            "ipv4 header checksum wrong (tcp)",
+            tcp4().bad_ipv4_checksum(),
+            C::ErrIpv4Checksum,
+        ),
+        (
+            "ipv4 header checksum wrong behind a vlan tag (udp)",
+            udp4().vlan(7).bad_ipv4_checksum(),
+            C::ErrIpv4Checksum,
+        ),
+        (
             "ipv4 frame cut inside the payload",
             udp4().payload(100).truncate_to(92),
             C::ErrIpv4TotalLen,
@@ -2304,7 +2314,7 @@ fn forwarding_rows() -> Vec<Row> {
             .counters(&[(C::Hits, 1), (C::PassFwdIpOptions, 1)]),
         xdp("xdp forwarding: ttl 1 goes to the kernel, which sends the time exceeded")
             .existing(replied())
-            .pass(udp(C4, S4).set_l3_byte(8, 1))
+            .pass(udp(C4, S4).ipv4_field(8, 1))
             .session(Expect::new(State::UdpReplied).version(7).packets(6, 4))
             .counters(&[(C::Hits, 1), (C::PassFwdTtl, 1)]),
         xdp("xdp forwarding: hop limit 1 goes to the kernel")
@@ -2421,6 +2431,23 @@ fn malformed_rows() -> Vec<Row> {
                 (C::ErrTcpFlags, 1),
                 (C::DropMalformed, 2),
             ]),
+    );
+    // The kernel drops an IPv4 packet whose header fails its checksum before routing or
+    // conntrack see it: here it neither closes a session (a forged RST the endpoint never
+    // gets), nor opens one, also when malformed frames pass.
+    rows.push(
+        Row::new("an ipv4 header that fails its checksum neither closes nor opens a session")
+            .existing(Existing::local(State::Established))
+            .malformed(MalformedAction::Pass)
+            .pass(tcp(C4, S4).rst().bad_ipv4_checksum())
+            .pass(tcp(C4, "198.18.0.77:80").syn().bad_ipv4_checksum())
+            .session(
+                Expect::new(State::Established)
+                    .version(7)
+                    .packets(5, 4)
+                    .zone(ZoneId(3)),
+            )
+            .counters(&[(C::ErrIpv4Checksum, 2), (C::PassMalformed, 2)]),
     );
     // The transport header must lie inside the IP packet: bytes past the IP length are an
     // Ethernet trailer the stack trims away, so tracking them would create sessions for
