@@ -42,6 +42,8 @@ pub struct Mismatch {
     pub missing: u64,
     /// Distinct sessions compared.
     pub checked: u64,
+    /// The members whose replicas differ from an owner's table.
+    pub differing: BTreeSet<u8>,
 }
 
 impl Mismatch {
@@ -78,6 +80,7 @@ pub fn compare(snap: &Snapshot) -> Mismatch {
             let lacks: Vec<&&Row> = owned.difference(&replicas).collect();
             let extra: Vec<&&Row> = replicas.difference(&owned).collect();
             m.missing += lacks.len() as u64;
+            m.differing.insert(y);
             m.lines.push(format!(
                 "fw{y}'s replicas of fw{x}: {} vs {} owned ({} missing{}, {} extra{})",
                 replicas.len(),
@@ -157,16 +160,7 @@ pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
     loop {
         if !said && start.elapsed() >= SAY_WHAT_DIFFERS_AFTER {
             said = true;
-            let what = match tables(c, members) {
-                Ok(s) => compare(&s).lines,
-                Err(e) => vec![e],
-            };
-            let shown: Vec<&str> = what.iter().take(8).map(String::as_str).collect();
-            eprintln!(
-                "chaos: still differ after {SAY_WHAT_DIFFERS_AFTER:?} ({} lines): {}",
-                what.len(),
-                shown.join("; ")
-            );
+            say_what_differs(c, members);
         }
         match snapshot(c, members) {
             Ok(s) => {
@@ -196,6 +190,29 @@ pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
             };
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Says once what differs: the first lines of the comparison, and the refusals counted so
+/// far by the members whose replicas differ (a record refused there names its reason).
+fn say_what_differs(c: &Cluster, members: &[u8]) {
+    let m = match tables(c, members) {
+        Ok(s) => compare(&s),
+        Err(e) => Mismatch {
+            lines: vec![e],
+            ..Mismatch::default()
+        },
+    };
+    let shown: Vec<&str> = m.lines.iter().take(8).map(String::as_str).collect();
+    eprintln!(
+        "chaos: still differ after {SAY_WHAT_DIFFERS_AFTER:?} ({} lines): {}",
+        m.lines.len(),
+        shown.join("; ")
+    );
+    for &k in m.differing.iter().take(4) {
+        let refused = rejections(c, k).map(|r| r.into_iter().filter(|(_, n)| *n > 0).collect());
+        let refused: Result<BTreeMap<String, u64>, String> = refused;
+        eprintln!("chaos:   fw{k}'s refusals so far: {refused:?}");
     }
 }
 
