@@ -76,6 +76,11 @@ pub static FIB_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<FibScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where an IPv4 header's options are copied to have their checksum summed
+/// (`crate::parse`): off the 512-byte stack.
+#[map]
+pub static IPV4_OPTIONS: PerCpuArray<[u32; 16]> = PerCpuArray::with_max_entries(1, 0);
+
 /// The type of the ICMP query being handled on this CPU: the parser writes it, the new
 /// session's route check reads it in the same run ([`crate::parse::is_icmp_reply`]). Kept
 /// out of the packet's stack copy: a value there that TCP and UDP packets lack keeps the

@@ -3,7 +3,7 @@
 //! packet an ICMP/ICMPv6 error quotes. Every read goes through [`Frame::read`], the one
 //! bounds-checked accessor.
 
-use crate::maps::ICMP_QUERY_TYPE;
+use crate::maps::{ICMP_QUERY_TYPE, IPV4_OPTIONS};
 use aya_ebpf::programs::XdpContext;
 use hasync_common::{
     flow::{Family, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -28,6 +28,12 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers walked before giving up (counted as malformed).
 const IPV6_MAX_EXT: usize = 4;
+/// The 4-byte words of IPv4 options an IHL can announce (15 words of header, 5 fixed).
+const IPV4_MAX_OPTION_WORDS: usize = 10;
+/// The buffer IPv4 options are copied to: a power of two of bytes, so that a mask bounds
+/// the copy's length where the verifier can see it.
+const OPTION_BUFFER_WORDS: usize = 16;
+const _: () = assert!(OPTION_BUFFER_WORDS >= IPV4_MAX_OPTION_WORDS);
 
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -123,6 +129,8 @@ pub enum Parsed {
 struct Frame {
     start: usize,
     end: usize,
+    /// The program's context, for the helpers that copy bytes out of the frame.
+    ctx: *mut aya_ebpf::bindings::xdp_md,
 }
 
 impl Frame {
@@ -197,6 +205,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     let frame = Frame {
         start: ctx.data(),
         end: ctx.data_end(),
+        ctx: ctx.ctx,
     };
     let Some(eth) = frame.read::<ETH_HLEN>(0) else {
         return Parsed::Malformed(Counter::ErrEthTruncated);
@@ -247,24 +256,63 @@ fn link_layer(frame: &Frame, at: usize, ethertype: u16) -> Counter {
     }
 }
 
-/// Does the IPv4 header `h`, without options, carry its checksum? The ones'-complement sum
-/// of its ten 16-bit words, the checksum among them, is all ones. The kernel drops a packet
-/// whose header fails it before routing or connection tracking see it (`ip_rcv`), so such a
-/// packet must not write a session either: a forged RST or FIN that the endpoint never gets
-/// would close the flow here alone, and XDP forwarding would carry what a router drops. A
-/// header with options is left unchecked (the program reads the first 20 bytes as a whole;
-/// the kernel still checks it when the packet passes).
+/// Does the IPv4 header at `off`, `h` its first 20 bytes and `hlen` bytes long in all, carry
+/// its checksum? The ones'-complement sum of its 16-bit words, the checksum among them, is
+/// all ones. The kernel drops a packet whose header fails it before routing or connection
+/// tracking see it (`ip_rcv`), so such a packet must not write a session either: a forged
+/// RST or FIN that the endpoint never gets would close the flow here alone, and XDP
+/// forwarding would carry what a router drops. Options (at most [`IPV4_MAX_OPTION_WORDS`]
+/// words, what an IHL can announce) are copied out and summed with the rest; the caller
+/// checked that the header lies inside the frame.
 #[inline(always)]
-fn ipv4_checksum_ok(h: &[u8; 20]) -> bool {
+fn ipv4_checksum_ok(frame: &Frame, off: usize, h: &[u8; 20], hlen: usize) -> bool {
     let mut sum = 0u32;
     for word in h.chunks_exact(2) {
         if let &[hi, lo] = word {
             sum = sum.wrapping_add(u32::from(be16(hi, lo)));
         }
     }
-    // Ten words sum to less than 2^20: two folds carry everything back in.
-    sum = (sum & 0xffff).wrapping_add(sum >> 16);
-    sum = (sum & 0xffff).wrapping_add(sum >> 16);
+    // The options are copied out by the kernel (`bpf_xdp_load_bytes` checks the bounds at
+    // run time): reads of the frame at offsets the IHL decides would each give the verifier
+    // another view of the frame's checked length to carry through the rest of the program
+    // (+120,000 instructions verified). Words past the options stay zero.
+    let len = hlen.wrapping_sub(20) & (OPTION_BUFFER_WORDS * 4 - 4);
+    if len == 0 {
+        return fold_is_all_ones(sum);
+    }
+    let Some(options) = IPV4_OPTIONS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU value, this run's alone; the kernel writes at most `len` bytes of
+    // it, `OPTION_BUFFER_WORDS * 4` the most `len` can be.
+    let options = unsafe {
+        *options = [0; OPTION_BUFFER_WORDS];
+        let copied = aya_ebpf::helpers::bpf_xdp_load_bytes(
+            frame.ctx,
+            off.wrapping_add(20) as u32,
+            options.cast(),
+            len as u32,
+        );
+        if copied != 0 {
+            return false;
+        }
+        &*options
+    };
+    for &word in options {
+        // As the frame has them: big-endian 16-bit words, like the header's above.
+        let word = u32::from_be(word);
+        sum = sum.wrapping_add(word >> 16).wrapping_add(word & 0xffff);
+    }
+    fold_is_all_ones(sum)
+}
+
+/// Is `sum`, a sum of at most 2^16 16-bit words, all ones once its carries are folded back in
+/// (a correct Internet checksum)?
+#[inline(always)]
+fn fold_is_all_ones(sum: u32) -> bool {
+    // Two folds carry everything back in.
+    let sum = (sum & 0xffff).wrapping_add(sum >> 16);
+    let sum = (sum & 0xffff).wrapping_add(sum >> 16);
     sum == 0xffff
 }
 
@@ -284,7 +332,7 @@ fn parse_ipv4(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     if total < hlen || off.wrapping_add(total) as u64 > frame.len() {
         return Err(Parsed::Malformed(Counter::ErrIpv4TotalLen));
     }
-    if hlen == 20 && !ipv4_checksum_ok(&h) {
+    if !ipv4_checksum_ok(frame, off, &h, hlen) {
         return Err(Parsed::Malformed(Counter::ErrIpv4Checksum));
     }
     let frag = be16(h[6], h[7]);

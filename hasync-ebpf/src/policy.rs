@@ -28,13 +28,17 @@ pub fn ingress_zone(ctx: &XdpContext) -> Option<ZoneBinding> {
 }
 
 /// Malformed frames whose traffic the parser cannot even place (a third VLAN tag, more IPv6
-/// extension headers than it walks, a TCP flag combination no stack sends), unlike truncated
-/// ones, which the kernel drops anyway.
+/// extension headers than it walks, a TCP flag combination no stack sends, an IPv4 header
+/// that fails its checksum, so none of its fields can be trusted), unlike truncated ones,
+/// which the kernel drops anyway (a virtual wire carries those across as they are).
 #[inline(always)]
 pub fn unplaceable(reason: Counter) -> bool {
     matches!(
         reason,
-        Counter::ErrVlanTooDeep | Counter::ErrIpv6TooManyExt | Counter::ErrTcpFlags
+        Counter::ErrVlanTooDeep
+            | Counter::ErrIpv6TooManyExt
+            | Counter::ErrTcpFlags
+            | Counter::ErrIpv4Checksum
     )
 }
 

@@ -766,6 +766,25 @@ fn arp_request() -> [u8; 28] {
     a
 }
 
+/// Computes the IPv4 header checksum of `frame` again where it carries one (behind at most
+/// two VLAN tags, version 4, at least 20 bytes, inside the frame); anything else is left as
+/// it is.
+pub fn refill_frame_ipv4_checksum(frame: &mut [u8]) {
+    let mut at = 12;
+    for _ in 0..3 {
+        match frame.get(at..at + 2) {
+            Some(&[0x81, 0x00] | &[0x88, 0xa8]) => at += 4,
+            Some(&[0x08, 0x00]) => {
+                if frame.get(at + 2).is_some_and(|b| b >> 4 == 4) {
+                    refill_ipv4_checksum(frame, at + 2);
+                }
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Computes the checksum of the IPv4 header at `l3` of `out` again (a header cut off is left
 /// as it is).
 fn refill_ipv4_checksum(out: &mut [u8], l3: usize) {

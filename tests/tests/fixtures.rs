@@ -2017,6 +2017,11 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
             C::ErrIpv4Checksum,
         ),
         (
+            "ipv4 header checksum wrong, options summed (tcp)",
+            tcp4().ipv4_options(8).bad_ipv4_checksum(),
+            C::ErrIpv4Checksum,
+        ),
+        (
             "ipv4 header checksum wrong behind a vlan tag (udp)",
             udp4().vlan(7).bad_ipv4_checksum(),
             C::ErrIpv4Checksum,
@@ -2229,7 +2234,12 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
 }
 
 /// Malformed reasons that mean the parser could not place the traffic (not a truncation).
-const UNPLACEABLE: [C; 3] = [C::ErrVlanTooDeep, C::ErrIpv6TooManyExt, C::ErrTcpFlags];
+const UNPLACEABLE: [C; 4] = [
+    C::ErrVlanTooDeep,
+    C::ErrIpv6TooManyExt,
+    C::ErrTcpFlags,
+    C::ErrIpv4Checksum,
+];
 
 /// `forwarding = "xdp"`: what the fast path leaves to the kernel before any FIB lookup, each
 /// counted by reason (the lookup itself, and what follows it, run in the netns tests, where
@@ -2439,15 +2449,17 @@ fn malformed_rows() -> Vec<Row> {
         Row::new("an ipv4 header that fails its checksum neither closes nor opens a session")
             .existing(Existing::local(State::Established))
             .malformed(MalformedAction::Pass)
+            .policy(Policy::Loose)
             .pass(tcp(C4, S4).rst().bad_ipv4_checksum())
             .pass(tcp(C4, "198.18.0.77:80").syn().bad_ipv4_checksum())
+            .pass(tcp(C4, S4).fin().ipv4_options(4).bad_ipv4_checksum())
             .session(
                 Expect::new(State::Established)
                     .version(7)
                     .packets(5, 4)
                     .zone(ZoneId(3)),
             )
-            .counters(&[(C::ErrIpv4Checksum, 2), (C::PassMalformed, 2)]),
+            .counters(&[(C::ErrIpv4Checksum, 3), (C::PassMalformed, 3)]),
     );
     // The transport header must lie inside the IP packet: bytes past the IP length are an
     // Ethernet trailer the stack trims away, so tracking them would create sessions for

@@ -194,7 +194,8 @@ pub fn converge(c: &Cluster, members: &[u8], bound: Duration) -> Convergence {
 }
 
 /// Says once what differs: the first lines of the comparison, and the refusals counted so
-/// far by the members whose replicas differ (a record refused there names its reason).
+/// far by the members whose replicas differ (a record refused there names its reason; a
+/// claim of a live session refused is counted by the datapath).
 fn say_what_differs(c: &Cluster, members: &[u8]) {
     let m = match tables(c, members) {
         Ok(s) => compare(&s),
@@ -212,7 +213,10 @@ fn say_what_differs(c: &Cluster, members: &[u8]) {
     for &k in m.differing.iter().take(4) {
         let refused = rejections(c, k).map(|r| r.into_iter().filter(|(_, n)| *n > 0).collect());
         let refused: Result<BTreeMap<String, u64>, String> = refused;
-        eprintln!("chaos:   fw{k}'s refusals so far: {refused:?}");
+        let claims = c
+            .try_counters(k)
+            .map(|n| n.get("claims-refused").copied().unwrap_or(0));
+        eprintln!("chaos:   fw{k}'s refusals so far: {refused:?}, claims refused: {claims:?}");
     }
 }
 

@@ -310,6 +310,10 @@ fn frames() -> Vec<Seed> {
         Frame::udp(c4, s4).transport_past_ip_length(),
         Frame::udp(c6, s6).truncate_l4(3),
     ];
+    let bad_checksum = vec![
+        Frame::tcp(c4, s4).syn().bad_ipv4_checksum(),
+        Frame::udp(c4, s4).ipv4_options(8).bad_ipv4_checksum(),
+    ];
     let no_session = vec![Frame::tcp(c4, s4).ack(), Frame::tcp(c6, s6).rst()];
     [
         ("tcp-v4", setup(0), tcp_life(C4, S4)),
@@ -321,6 +325,7 @@ fn frames() -> Vec<Seed> {
         ("layers", setup(0), layers),
         ("malformed-drop", setup(0), malformed.clone()),
         ("malformed-pass", setup(2), malformed),
+        ("ipv4-checksum-raw", setup(16), bad_checksum),
         ("no-session-strict", setup(0), no_session.clone()),
         ("no-session-loose", setup(1), no_session),
     ]

@@ -11,7 +11,10 @@
 use anyhow::{ensure, Context as _, Result};
 use hasync_common::{Counter, MalformedAction, MemberId, Policy};
 
-use crate::testrun::{fixture_config, CounterDelta, TestDatapath, Verdict, LOCAL};
+use crate::{
+    frame::refill_frame_ipv4_checksum,
+    testrun::{fixture_config, CounterDelta, TestDatapath, Verdict, LOCAL},
+};
 
 /// The target's cargo-fuzz name and corpus directory.
 pub const NAME: &str = "xdp_parser";
@@ -64,6 +67,10 @@ pub struct Setup {
     pub hand_over: bool,
     /// Member 1 stays alive through a hand-over.
     pub owner_alive: bool,
+    /// IPv4 header checksums stay as the input has them. Otherwise each frame's is computed
+    /// again before it runs: the program drops a header that fails it, and libFuzzer, which
+    /// sees no coverage inside the program, would never mend one after a mutation.
+    pub raw_ipv4_checksum: bool,
 }
 
 impl Setup {
@@ -73,6 +80,7 @@ impl Setup {
             malformed_pass: b & 2 != 0,
             hand_over: b & 4 != 0,
             owner_alive: b & 8 != 0,
+            raw_ipv4_checksum: b & 16 != 0,
         }
     }
 
@@ -81,6 +89,7 @@ impl Setup {
             | u8::from(self.malformed_pass) << 1
             | u8::from(self.hand_over) << 2
             | u8::from(self.owner_alive) << 3
+            | u8::from(self.raw_ipv4_checksum) << 4
     }
 }
 
@@ -146,7 +155,11 @@ impl XdpFuzz {
             if i == 1 && setup.hand_over {
                 self.hand_over(setup)?;
             }
-            let verdict = self.tdp.run(frame)?;
+            let mut frame = frame.to_vec();
+            if !setup.raw_ipv4_checksum {
+                refill_frame_ipv4_checksum(&mut frame);
+            }
+            let verdict = self.tdp.run(&frame)?;
             let after = self.tdp.counters()?;
             let delta = CounterDelta { before, after };
             check_frame(verdict, &delta).with_context(|| {
