@@ -276,10 +276,15 @@ fn ipv4_checksum_ok(frame: &Frame, off: usize, h: &[u8; 20], hlen: usize) -> boo
     // run time): reads of the frame at offsets the IHL decides would each give the verifier
     // another view of the frame's checked length to carry through the rest of the program
     // (+120,000 instructions verified). Words past the options stay zero.
-    let len = hlen.wrapping_sub(20) & (OPTION_BUFFER_WORDS * 4 - 4);
-    if len == 0 {
+    if hlen == 20 {
         return fold_is_all_ones(sum);
     }
+    // hlen - 20 for every IHL past 5, and 1 to 64 whatever the verifier knows of `hlen`: a
+    // helper's size must be provably non-zero, and older verifiers (before 6.8) learn
+    // nothing from a test against zero. Behind `black_box`, so LLVM, which knows as much
+    // of `hlen` as this comment, does not fold the mask away.
+    let len = (core::hint::black_box(hlen).wrapping_sub(21) & (OPTION_BUFFER_WORDS * 4 - 1))
+        .wrapping_add(1);
     let Some(options) = IPV4_OPTIONS.get_ptr_mut(0) else {
         return false;
     };

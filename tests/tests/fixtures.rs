@@ -1222,6 +1222,20 @@ fn untracked_and_encapsulation_rows() -> Vec<Row> {
                 .events(&[E::Created]),
         );
     }
+    // Option bytes that differ within each 16-bit word: summed in the frame's byte order.
+    let record_route = |f: Frame| {
+        [0x07, 0x07, 0x04, 0xc6, 0x12, 0x00, 0x01, 0x00]
+            .into_iter()
+            .enumerate()
+            .fold(f, |f, (i, b)| f.ipv4_field(20 + i, b))
+    };
+    rows.push(
+        Row::new("tcp syn with a record-route option")
+            .pass(record_route(tcp(C4, S4).syn().ipv4_options(8)))
+            .session(Expect::new(State::SynSent))
+            .counters(&[(C::Creates, 1), (C::Events, 1)])
+            .events(&[E::Created]),
+    );
     rows.push(
         Row::new("udp reply with ipv4 options matches the session without")
             .pass(udp(C4, S4))
