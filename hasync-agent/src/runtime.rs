@@ -574,15 +574,15 @@ fn leave_datapath(member: &Member) -> anyhow::Result<()> {
     }
 }
 
-/// Writes every member slot of the takeover rule's map from the membership's view, under
-/// the membership's lock (as [`apply_membership`] writes).
+/// Writes every member slot of the takeover rule's map from the membership's view, both
+/// locks held as [`apply_membership`] holds them.
 fn write_all_liveness(member: &Member) {
     let local = member.config.local_member();
+    let mut dp = lock(&member.dp);
     let m = lock(&member.membership);
     let alive = (1..=MemberId::MAX)
         .map(MemberId)
         .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)));
-    let mut dp = lock(&member.dp);
     for (id, alive) in alive {
         if let Err(e) = dp.set_member_alive(id, alive) {
             warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
@@ -593,12 +593,17 @@ fn write_all_liveness(member: &Member) {
 /// Opens or closes the window in which records settle claims by version alone
 /// ([`crate::claim_window`]) as the liveness `changes` say: the datapath config's
 /// `claims_open`.
-fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Instant) {
+fn update_claim_window(
+    member: &Member,
+    dp: &mut Datapath,
+    changes: &[(MemberId, bool)],
+    now: Instant,
+) {
     let mut window = lock(&member.claims);
     let Some(open) = window.due(changes, now) else {
         return;
     };
-    match lock(&member.dp).set_claims_open(open) {
+    match dp.set_claims_open(open) {
         Ok(()) => {
             window.written(open);
             info!(
@@ -620,10 +625,14 @@ fn update_claim_window(member: &Member, changes: &[(MemberId, bool)], now: Insta
 ///
 /// The evaluation and the datapath's writes happen under the membership's lock: a reader
 /// that finds a member alive finds the member map and the claim window already told, and two
-/// callers' writes cannot land out of order. A gap since the last evaluation longer than
+/// callers' writes cannot land out of order. The datapath's lock is taken first (its holder
+/// may keep it a while: a reattach), so that the membership's, which keepalives, appliers and
+/// senders take on the async workers, is held only for the evaluation and its writes; nothing
+/// takes the datapath's lock while it holds the membership's. A gap since the last evaluation longer than
 /// [`STALL_GAP`] means this agent did not run: the peers' silence over it is forgiven
 /// first, whoever evaluates.
 pub(crate) fn apply_membership(member: &Member) {
+    let mut dp = lock(&member.dp);
     let mut m = lock(&member.membership);
     // Read under the lock: an evaluation that waited for it must not go back in time.
     let now = Instant::now();
@@ -636,17 +645,18 @@ pub(crate) fn apply_membership(member: &Member) {
         m.forgive_stall(gap, now);
     }
     let changes = m.evaluate(now);
-    update_claim_window(member, &changes.liveness, now);
+    update_claim_window(member, &mut dp, &changes.liveness, now);
     for &(id, alive) in &changes.liveness {
         if let Some(skipped) = member.liveness_lines.allow(&liveness_key(id), now) {
             log_liveness(id, alive, skipped);
         }
-        if let Err(e) = lock(&member.dp).set_member_alive(id, alive) {
+        if let Err(e) = dp.set_member_alive(id, alive) {
             warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
         }
     }
     let peers: Vec<(MemberId, bool)> = m.peers.iter().map(|(id, p)| (*id, p.alive)).collect();
     drop(m);
+    drop(dp);
     for (id, alive) in peers {
         if let Some(skipped) = member.liveness_lines.catch_up(&liveness_key(id), now) {
             info!(

@@ -184,8 +184,10 @@ pub struct DatapathConfig {
     /// How long, in milliseconds, a session must have seen no packet (here, or at its owner as
     /// its last record tells) before a peer's record may hand it from an owner this member
     /// considers alive to another member: the keepalive threshold, which a genuine takeover
-    /// waits out ([`crate::conflict::claimable`]). 0 (a config written by an agent that
-    /// predates it): no wait. Set by the agent.
+    /// waits out ([`crate::conflict::claimable`]); also how long after a takeover, with
+    /// nothing announced since, the new owner announces it again (members that still saw the
+    /// old owner alive refused the first). 0 (a config written by an agent that predates it):
+    /// no wait. Set by the agent.
     pub claim_quiet_ms: u32,
 }
 crate::assert_size!(DatapathConfig, 112);

@@ -230,7 +230,7 @@ counters! {
     ErrIpv4Ihl = "err-ipv4-ihl",
     /// Malformed: IPv4 total length shorter than the header or longer than the frame.
     ErrIpv4TotalLen = "err-ipv4-total-length",
-    /// Malformed: the IPv4 header (without options) fails its checksum.
+    /// Malformed: the IPv4 header (options included) fails its checksum.
     ErrIpv4Checksum = "err-ipv4-checksum",
     /// Malformed: IPv6 header cut off.
     ErrIpv6Truncated = "err-ipv6-truncated",

@@ -285,6 +285,8 @@ fn ipv4_checksum_ok(frame: &Frame, off: usize, h: &[u8; 20], hlen: usize) -> boo
     // of `hlen` as this comment, does not fold the mask away.
     let len = (core::hint::black_box(hlen).wrapping_sub(21) & (OPTION_BUFFER_WORDS * 4 - 1))
         .wrapping_add(1);
+    // Neither the buffer's lookup nor the copy fails for a header inside the frame; were
+    // one to, the header would count as failing its checksum (not tracked).
     let Some(options) = IPV4_OPTIONS.get_ptr_mut(0) else {
         return false;
     };

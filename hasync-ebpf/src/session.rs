@@ -313,9 +313,10 @@ impl Before {
 /// behind, which a member taking the connection over needs to re-learn them); or when the
 /// session was taken over ([`SessionFlags::CONTESTABLE`]: nothing announced since) the claim
 /// rule's quiet time ago (`claim_quiet_ms`, the keepalive threshold, whether claims are open
-/// or not: so long the copies stay contestable, for crossing takeovers to settle). Members find a dead member dead up to a keepalive interval apart:
-/// one that still took the old owner for alive when the takeover came refused it as a claim
-/// of a live session (`hasync_common::conflict::claimable`), and takes it now, not a whole
+/// or not: so long the copies stay contestable, for crossing takeovers to settle). Members
+/// find a dead member dead up to a keepalive interval apart: one that still took the old
+/// owner for alive when the takeover came refused it as a claim of a live session
+/// (`hasync_common::conflict::claimable`), and takes it now, not a whole
 /// refresh interval later.
 #[inline(always)]
 fn refresh_due(

@@ -2,7 +2,7 @@
 //!
 //! Frames are correct unless damaged on purpose: lengths are right and checksums (IPv4 header,
 //! TCP, UDP, ICMP/ICMPv6) are filled in, so a built packet can also be sent for real. The XDP
-//! program checks the IPv4 header's checksum (of a header without options), no other. Damage
+//! program checks the IPv4 header's checksum (options included), no other. Damage
 //! is applied after the frame is laid out, by field (`.ihl(3)`, `.tcp_doff(4)`, ...) or by
 //! byte, and leaves checksums as they were; `.ipv4_field` changes a byte of the IPv4 header
 //! and its checksum with it (another valid header).
@@ -679,8 +679,7 @@ impl Frame {
         out.extend_from_slice(&src.octets());
         out.extend_from_slice(&dst.octets());
         out.extend(std::iter::repeat_n(1u8, self.ipv4_options)); // NOP options
-        let csum = checksum(&out[start..]);
-        out[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
+        refill_ipv4_checksum(out, start);
     }
 
     fn ipv6_headers(&self, out: &mut Vec<u8>, src: Ipv6Addr, dst: Ipv6Addr, l4_len: usize) {
