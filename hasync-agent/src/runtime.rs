@@ -628,9 +628,9 @@ fn update_claim_window(
 /// callers' writes cannot land out of order. The datapath's lock is taken first (its holder
 /// may keep it a while: a reattach), so that the membership's, which keepalives, appliers and
 /// senders take on the async workers, is held only for the evaluation and its writes; nothing
-/// takes the datapath's lock while it holds the membership's. A gap since the last evaluation longer than
-/// [`STALL_GAP`] means this agent did not run: the peers' silence over it is forgiven
-/// first, whoever evaluates.
+/// takes the datapath's lock while it holds the membership's. A gap since the last
+/// evaluation longer than [`STALL_GAP`] means this agent did not run: the peers' silence
+/// over it is forgiven first, whoever evaluates.
 pub(crate) fn apply_membership(member: &Member) {
     let mut dp = lock(&member.dp);
     let mut m = lock(&member.membership);

@@ -237,6 +237,13 @@ impl DatapathConfig {
         }
     }
 
+    /// [`Self::claim_quiet_ms`] in nanoseconds: how long a claim of a live session waits
+    /// ([`crate::conflict::claimable`]), and a takeover before it is announced again.
+    #[inline(always)]
+    pub fn claim_quiet_ns(&self) -> u64 {
+        u64::from(self.claim_quiet_ms) * 1_000_000
+    }
+
     /// The session clock (the agent's monotonic clock, in nanoseconds) when the kernel's
     /// `jiffies` is `jiffies`, by the agent's measurement (`ns_per_jiffy` not 0).
     #[inline(always)]

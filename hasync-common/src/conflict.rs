@@ -104,7 +104,7 @@ pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u
     // No wait while claims are open (without a branch: the apply program's verifier walks
     // both sides of every branch for each record of a batch).
     let waits = u64::from(cfg.claims_open == 0);
-    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000 * waits;
+    let quiet_ns = cfg.claim_quiet_ns() * waits;
     // The longest any state's refresh interval is (one figure for all: the state's own took
     // the apply program's verification from 455,000 instructions to 807,000).
     let period = cfg.refresh_interval_ns.max(crate::config::REFRESH_MAX_NS);

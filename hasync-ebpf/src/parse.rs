@@ -272,13 +272,13 @@ fn ipv4_checksum_ok(frame: &Frame, off: usize, h: &[u8; 20], hlen: usize) -> boo
             sum = sum.wrapping_add(u32::from(be16(hi, lo)));
         }
     }
+    if hlen == 20 {
+        return fold_is_all_ones(sum);
+    }
     // The options are copied out by the kernel (`bpf_xdp_load_bytes` checks the bounds at
     // run time): reads of the frame at offsets the IHL decides would each give the verifier
     // another view of the frame's checked length to carry through the rest of the program
     // (+120,000 instructions verified). Words past the options stay zero.
-    if hlen == 20 {
-        return fold_is_all_ones(sum);
-    }
     // hlen - 20 for every IHL past 5, and 1 to 64 whatever the verifier knows of `hlen`: a
     // helper's size must be provably non-zero, and older verifiers (before 6.8) learn
     // nothing from a test against zero. Behind `black_box`, so LLVM, which knows as much

@@ -328,10 +328,10 @@ fn refresh_due(
 ) -> bool {
     let bytes = s.bytes.get(dir).copied().unwrap_or(0);
     let since = now.saturating_sub(s.last_event_ns);
-    let quiet_ns = u64::from(cfg.claim_quiet_ms) * 1_000_000;
     // Without a branch: the rest of the program would be walked once per outcome.
-    let contest_over =
-        u64::from(s.flags.has(SessionFlags::CONTESTABLE)) & u64::from(since >= quiet_ns) != 0;
+    let contest_over = u64::from(s.flags.has(SessionFlags::CONTESTABLE))
+        & u64::from(since >= cfg.claim_quiet_ns())
+        != 0;
     since >= refresh_ns
         || contest_over
         || (!was.assured && s.is_assured())

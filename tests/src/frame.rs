@@ -771,9 +771,12 @@ fn arp_request() -> [u8; 28] {
 pub fn refill_frame_ipv4_checksum(frame: &mut [u8]) {
     let mut at = 12;
     for _ in 0..3 {
-        match frame.get(at..at + 2) {
-            Some(&[0x81, 0x00] | &[0x88, 0xa8]) => at += 4,
-            Some(&[0x08, 0x00]) => {
+        let ethertype = frame
+            .get(at..at + 2)
+            .map(|t| u16::from_be_bytes([t[0], t[1]]));
+        match ethertype {
+            Some(ETH_P_8021Q | ETH_P_8021AD) => at += 4,
+            Some(ETH_P_IP) => {
                 if frame.get(at + 2).is_some_and(|b| b >> 4 == 4) {
                     refill_ipv4_checksum(frame, at + 2);
                 }
