@@ -263,21 +263,28 @@ fn start_member(
     restarted: bool,
     links: Result<LinkWatch, NetlinkError>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
+    let sync_cfg = sync_config(&config, psk, !restarted)?;
+    let member = new_member(config, sync_cfg, dp)?;
+    let mut tasks = member.engine.start(links.clone());
+    tasks.extend(crate::monitor::spawn(
+        &member.config,
+        member.dp.clone(),
+        links,
+        member.membership.clone(),
+    )?);
+    Ok((member, tasks))
+}
+
+/// The member over `dp`, its engine not started yet: the membership rules, the sync engine
+/// and the hook by which the engine has the membership applied when a member comes back.
+fn new_member(config: Config, sync_cfg: SyncConfig, dp: Datapath) -> anyhow::Result<Arc<Member>> {
     let bounds = dp.bounds();
     let counters = dp
         .counters_reader()
         .context("opening the datapath's counters")?;
     let dp = Arc::new(Mutex::new(dp));
-    let sync_cfg = sync_config(&config, psk, !restarted)?;
     let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
-    let mut tasks = engine.start(links.clone());
-    tasks.extend(crate::monitor::spawn(
-        &config,
-        dp.clone(),
-        links,
-        membership.clone(),
-    )?);
     let member = Arc::new(Member {
         config,
         dp,
@@ -290,7 +297,14 @@ fn start_member(
         liveness_lines: LogLimiter::default(),
         claims: Mutex::default(),
     });
-    let weak = Arc::downgrade(&member);
+    apply_membership_on_return(&member);
+    Ok(member)
+}
+
+/// Has the sync engine run [`apply_membership`] when a keepalive brings a member back
+/// (`Engine::on_return`), for as long as `member` lives.
+fn apply_membership_on_return(member: &Arc<Member>) {
+    let weak = Arc::downgrade(member);
     member.engine.on_return(move || {
         if let Some(member) = weak.upgrade() {
             // On a reader's worker: a wait for the datapath's lock leaves the worker to the
@@ -298,7 +312,6 @@ fn start_member(
             tokio::task::block_in_place(|| apply_membership(&member));
         }
     });
-    Ok((member, tasks))
 }
 
 /// The membership rules' starting point: the peers (and whether each sends us a full sync),
@@ -751,5 +764,35 @@ mod tests {
         let limit = config.initial_sync_limit().as_secs();
         assert_eq!(limit, 300);
         assert_ne!(at(limit + 1), MemberState::Initial, "given up on");
+    }
+
+    /// A keepalive that brings a member back has the engine run the runtime's
+    /// `apply_membership` at once (not at the main loop's next evaluation): the member map
+    /// says the member is alive and the claim window is open before the reader reads on
+    /// (the engine's test of the same drives a copy of the window's logic). Once the member
+    /// is gone, the hook holds nothing of it and does nothing.
+    #[test]
+    fn a_member_back_has_the_membership_applied_at_once() {
+        let config = config();
+        let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
+        let member =
+            new_member(config, sync_cfg, crate::datapath::testing::datapath()).expect("member");
+        let peer = MemberId(2);
+        let claims_open = |m: &Member| lock(&m.dp).config().expect("config").claims_open;
+        let alive_here = |m: &Member| lock(&m.membership).peers[&peer].alive;
+        assert_eq!(claims_open(&member), 0, "closed at start");
+        let back = lock(&member.membership).heard(peer, MemberState::Active, 1, Instant::now());
+        assert!(back, "not alive before its first keepalive");
+        member.engine.member_returned();
+        assert!(alive_here(&member), "the membership was not evaluated");
+        assert_eq!(claims_open(&member), 1, "the claim window is still closed");
+        let (engine, dp) = (member.engine.clone(), member.dp.clone());
+        drop(member);
+        assert_eq!(
+            Arc::strong_count(&dp),
+            2,
+            "the member outlived its last holder: the hook holds it (a cycle through its engine)"
+        );
+        engine.member_returned();
     }
 }

@@ -329,6 +329,14 @@ impl<T: SessionTable> Engine<T> {
         let _ = self.inner.on_return.set(Box::new(hook));
     }
 
+    /// Runs the hook [`Engine::on_return`] set (nothing if none was): a keepalive brought a
+    /// member back.
+    pub(crate) fn member_returned(&self) {
+        if let Some(evaluate) = self.inner.on_return.get() {
+            evaluate();
+        }
+    }
+
     /// Queues every session this member owns for every syncing peer, from a walk of `reader`
     /// (after events lost to a full ring buffer, or a restart that kept the table): each is
     /// read when sent, so peers coalesce what they have. The walk takes no lock of the table,

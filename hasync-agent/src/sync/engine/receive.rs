@@ -211,9 +211,7 @@ impl<T: SessionTable> Engine<T> {
             Instant::now(),
         );
         if back {
-            if let Some(evaluate) = self.inner.on_return.get() {
-                evaluate();
-            }
+            self.member_returned();
         }
     }
 
