@@ -122,8 +122,9 @@ pub fn claimable(cfg: &DatapathConfig, s: &Session, owner_alive: bool, now_ns: u
 /// The conflict rule: the newer session wins ([`newer`]), but a record that would hand the
 /// local copy to another owner only when `claimable` ([`claimable`]); a delete applies only
 /// to a session still held by the member that sent it, and not to a later version of it (a
-/// delete's version 0 means "whatever version the sender had"). `from` names the sender and
-/// the member whose full sync is running.
+/// delete's version 0 means "whatever version the sender had"); a restore
+/// ([`ApplyOp::Restore`]) only fills a gap. `from` names the sender and the member whose full
+/// sync is running.
 #[inline(always)]
 pub fn resolve(
     op: u8,
@@ -137,12 +138,15 @@ pub fn resolve(
         reconciling,
     } = from;
     let Some(s) = existing else {
-        return if op == ApplyOp::Upsert as u8 {
+        return if op == ApplyOp::Upsert as u8 || op == ApplyOp::Restore as u8 {
             Resolution::Insert
         } else {
             Resolution::Keep
         };
     };
+    if op == ApplyOp::Restore as u8 {
+        return Resolution::Keep;
+    }
     // 1 if the sender is known and owns the session, else 0, without a branch.
     let from_owner = (1 ^ nonzero(sender.0 ^ incoming.owner.0)) & nonzero(sender.0);
     if op == ApplyOp::Delete as u8 {
@@ -235,6 +239,27 @@ mod tests {
             resolve(UP, &s(3, 2), Some(&s(4, 1)), none, true),
             Resolution::Keep
         );
+    }
+
+    /// A session of ours handed back by a peer fills a gap only: whatever copy is here (ours,
+    /// made since a restart, or another owner's) stays, however new the record. Before, it
+    /// was an upsert whose owner matched ours, and a key holder's full sync into a fresh table
+    /// rewrote this member's live sessions (and, marked contestable, then claimed them).
+    #[test]
+    fn a_restore_fills_a_gap_only() {
+        let none = ApplySource::NONE;
+        let restore = ApplyOp::Restore as u8;
+        assert_eq!(
+            resolve(restore, &s(9, 1), None, none, true),
+            Resolution::Insert
+        );
+        for here in [s(3, 1), s(3, 2), s(12, 1)] {
+            assert_eq!(
+                resolve(restore, &s(9, 1), Some(&here), none, true),
+                Resolution::Keep,
+                "{here:?}"
+            );
+        }
     }
 
     /// A newer record of another owner replaces the local copy only when the copy may change

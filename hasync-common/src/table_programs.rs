@@ -31,6 +31,10 @@ pub enum ApplyOp {
     Upsert = 1,
     /// The sender no longer holds the session.
     Delete = 2,
+    /// One of this member's own sessions, handed back by a peer's full sync into a table that
+    /// started empty: inserted where the table lacks it, never replacing a copy here (what
+    /// this member made or took over since it started is the authority on it).
+    Restore = 3,
 }
 
 /// One record for the apply program.

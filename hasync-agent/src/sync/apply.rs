@@ -155,7 +155,8 @@ impl Applier {
 
 /// The part of the conflict rule that needs no local copy: the sender must be allowed to speak
 /// for the record's owner; a record naming this member as owner is kept out unless this
-/// member's table started empty and it is a session in a full sync; an upsert for a zone we
+/// member's table started empty and it is a session in a full sync, and then it only fills a
+/// gap ([`ApplyOp::Restore`]); an upsert for a zone we
 /// lack is refused; anything else goes to the apply program with the zone and clock made
 /// local.
 /// (The rest, by version and owner, is `hasync_common::conflict::resolve`, run in the kernel.)
@@ -181,10 +182,17 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
                 return Decision::RefuseZone;
             };
             let mut session = rec.to_session(now_ns, zone);
-            if rec.owner != who.sender && rec.owner != who.local {
-                session.flags.0 |= SessionFlags::HANDED_ON;
+            if rec.owner == who.local {
+                // Ours back (see `owner_check`): into a gap only, and not contestable, which
+                // others' claims could then take without waiting.
+                session.flags.0 &= !SessionFlags::CONTESTABLE;
+                (ApplyOp::Restore, session)
+            } else {
+                if rec.owner != who.sender {
+                    session.flags.0 |= SessionFlags::HANDED_ON;
+                }
+                (ApplyOp::Upsert, session)
             }
-            (ApplyOp::Upsert, session)
         }
     };
     // Only the owner's own ticket places a copy: a relayed record (a full sync speaking for a
@@ -698,6 +706,52 @@ mod tests {
             "peer 2 removed member 1's own session"
         );
         assert_eq!(decide(&del, &z, 0, &who), Decision::Keep);
+    }
+
+    /// A key holder's full sync into a fresh table hands our sessions back into gaps only:
+    /// a record naming us the owner, at a later version and marked contestable, leaves our
+    /// live copy as it is (before, it replaced it as the same owner's newer copy, and the
+    /// sender's next record, naming itself, then claimed it at once), and a session we lack
+    /// comes back without the mark. Seen failing ((6, 1) held) on the old code.
+    #[test]
+    fn a_fresh_table_takes_our_sessions_back_into_gaps_only() {
+        let mut dp = crate::datapath::testing::datapath();
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let mut back = rec(Op::Upsert, 6, 1, 1);
+        back.flags |= SessionFlags::CONTESTABLE;
+        let live = back.key;
+        let ours = Session {
+            state: State::Established as u8,
+            last_seen_ns: 1_900_000_000,
+            last_event_ns: 1_900_000_000,
+            ..held(5, 1)
+        };
+        dp.insert_sessions(&[(live, ours)]).expect("insert");
+        dp.set_member_alive(MemberId(1), true).expect("member map");
+        let mut gap = back;
+        gap.key = FlowKey::canonical(Family::V4, IPPROTO_TCP, [3, 0, 0, 0], 1, [4, 0, 0, 0], 2).0;
+        let fresh_bulk = Applier {
+            bulk: true,
+            ..member(1, true)
+        };
+        apply(&mut dp, &[back, gap], &z, 1_000_000_000, &fresh_bulk).expect("apply");
+        let held_now = |dp: &crate::datapath::Datapath, key| {
+            let s: Session = dp.session(key).expect("lookup").expect("held");
+            (s.version, s.owner.0, s.flags.has(SessionFlags::CONTESTABLE))
+        };
+        assert_eq!(
+            held_now(&dp, &live),
+            (5, 1, false),
+            "our live copy was rewritten"
+        );
+        assert_eq!(
+            held_now(&dp, &gap.key),
+            (6, 1, false),
+            "a session we lack came back"
+        );
+        let claim = rec(Op::Upsert, 7, 2, 1);
+        apply(&mut dp, &[claim], &z, 2_000_000_000, &member(1, true)).expect("apply");
+        assert_eq!(held_now(&dp, &live), (5, 1, false), "claimed at once");
     }
 
     /// A record whose key no packet makes is refused before the table: an unknown protocol (0
