@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use hasync_common::{flow::Family, Counter, Counters, FlowKey, ZoneBinding, ZoneId};
 
-use crate::maps::{FIB_SCRATCH, ZONES};
+use crate::maps::{FIB_SCRATCH, VWIRE_PORTS, ZONES};
 use crate::parse::is_icmp_reply;
 
 const AF_INET: u8 = 2;
@@ -127,10 +127,18 @@ pub fn reply_zone(
     first: &First,
     ingress: Option<ZoneBinding>,
 ) -> Result<ZoneId, Refused> {
-    // Across a virtual wire every packet is on its way through.
+    // Across a virtual wire every packet is on its way through, and every reply comes back
+    // in through the wire's other end: the replies are bound to that end's zone at once, so
+    // one forged from the first packet's side is a zone mismatch (before, it was learned as
+    // the first reply, and a handshake forged from one side made an assured session). Ends in
+    // one zone bind nothing tighter than that zone.
     let wire = ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE));
-    if wire && first.opening && is_icmp_reply(first.key) {
-        return Err(Refused::STRAY_REPLY);
+    if wire && first.opening {
+        if is_icmp_reply(first.key) {
+            return Err(Refused::STRAY_REPLY);
+        }
+        let far_end = VWIRE_PORTS.get_ifindex(ctx.ingress_ifindex() as u32);
+        return Ok(far_end.map_or(ZoneId::NONE, zone_of));
     }
     let Some(ingress) = ingress.filter(|b| b.checks_routes()) else {
         return Ok(ZoneId::NONE);

@@ -281,6 +281,38 @@ fn tags_policy_and_non_ip(wire: &mut Wire) -> Result<()> {
     Ok(())
 }
 
+/// A handshake forged from one side of the wire (its answer sent in through the end the SYN
+/// came in by) stays embryonic: the session's replies are bound to the other end's zone when
+/// it is made, so the forged answer is a zone mismatch, dropped by the strict policy, and the
+/// ACK after it completes nothing. Before, the answer was learned as the first reply and three
+/// frames made an assured session, never evicted: a table filled from one host.
+fn a_handshake_forged_from_one_side_stays_embryonic(wire: &Wire) -> Result<()> {
+    let before = wire.dp.counters()?;
+    let (cli, srv) = (sa(CLI4, 4020), sa(SRV4, 80));
+    let syn = Frame::tcp(cli, srv).syn().seq(1000);
+    send_raw(&wire.cli, "c0", syn.build())?;
+    let forged = Frame::tcp(srv, cli).syn_ack().seq(5000).ack_number(1001);
+    send_raw(&wire.cli, "c0", forged.build())?;
+    let ack = Frame::tcp(cli, srv).ack().seq(1001).ack_number(5001);
+    send_raw(&wire.cli, "c0", ack.build())?;
+    let seen = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::Creates) + d.get(Counter::Hits) >= 3).then_some(d)
+    });
+    let d = seen.context("the three frames did not all reach the program")?;
+    ensure!(d.get(Counter::DropZoneMismatch) == 1, "{d}");
+    let s = wire
+        .dp
+        .session(&syn.key())?
+        .context("the SYN made no session")?;
+    ensure!(
+        s.reply_zone == UNTRUST,
+        "replies bound to the far end: {s:?}"
+    );
+    ensure!(s.state == State::SynSent as u8 && !s.is_assured(), "{s:?}");
+    Ok(())
+}
+
 /// A wire whose other end is not in the map (down: an end takes no XDP redirects) passes
 /// nothing to the member's own stack, not even a frame sent to the end's own address, which
 /// the kernel would route (until stop 39 it was passed to it).
@@ -314,6 +346,7 @@ fn a_virtual_wire_tracks_what_crosses_it() {
         wire.dp.delete_sessions(&keys)?;
         tcp_and_neighbours_cross(&wire, SRV6).context("ipv6")?;
         tags_policy_and_non_ip(&mut wire)?;
+        a_handshake_forged_from_one_side_stays_embryonic(&wire)?;
         a_wire_that_is_down_passes_nothing(&mut wire)
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
