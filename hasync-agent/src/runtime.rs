@@ -136,8 +136,9 @@ fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
 }
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
-    let mut signals = Signals::new()?;
     let psk = config::read_cluster_key(&config.cluster.key_file)?;
+    let mut log = preflight(&config)?;
+    let mut signals = Signals::new()?;
     let plan = StartPlan::from_config(&config);
     let (started, forwarding) = bring_up(&plan, |dp| {
         crate::forwarding::prepare(&config, dp).context("starting forwarding in XDP")
@@ -170,10 +171,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
             links.ok(),
         ));
     }
-    let mut log = open_traffic_log(&member.config)?;
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
     tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
-    tasks.push(serve_control(&member, control_tx).await?);
+    tasks.push(serve_control(&member.config, control_tx).await?);
     announce_ready(&member, plan.interfaces.len(), restarted);
     let inputs = Inputs {
         signals: &mut signals,
@@ -182,6 +182,18 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     };
     let result = main_loop(&member, restarted, inputs, &mut log).await;
     shut_down(tasks, &member, result)
+}
+
+/// Opens what the config names that can fail before the datapath is touched: the traffic
+/// log, and a check of the control socket (served once the datapath is up). A start refused
+/// after the datapath was loaded would leave a pinned datapath, whose program an earlier agent
+/// left running, with this config's maps, or interfaces switched to this agent's program.
+fn preflight(config: &Config) -> anyhow::Result<TrafficLog> {
+    let log = open_traffic_log(config)?;
+    let socket = &config.local.control_socket;
+    crate::control::server::check(socket)
+        .with_context(|| format!("checking the control socket {}", socket.display()))?;
+    Ok(log)
 }
 
 /// What the main loop waits on.
@@ -353,10 +365,10 @@ fn membership(config: &Config, sync_cfg: &SyncConfig) -> Membership {
 
 /// Serves the control socket; requests come through `control_tx` to the main loop.
 async fn serve_control(
-    member: &Member,
+    config: &Config,
     control_tx: crate::control::ControlSender,
 ) -> anyhow::Result<JoinHandle<()>> {
-    let path = &member.config.local.control_socket;
+    let path = &config.local.control_socket;
     crate::control::serve(path, control_tx)
         .await
         .with_context(|| format!("serving the control socket {}", path.display()))
@@ -764,6 +776,41 @@ mod tests {
         let limit = config.initial_sync_limit().as_secs();
         assert_eq!(limit, 300);
         assert_ne!(at(limit + 1), MemberState::Initial, "given up on");
+    }
+
+    /// A control socket that cannot be served (here under a regular file; a read-only path
+    /// under the unit's sandbox fails the same way) refuses the start before the datapath is
+    /// touched: before its interfaces are even looked up (this host has no `veth-in`), with
+    /// an error that names the socket. Before, the agent loaded and attached first (a pinned
+    /// datapath then ran with the refused config's maps). Seen failing (the interface's
+    /// error) on the old order.
+    #[test]
+    fn a_control_socket_that_cannot_be_served_refuses_the_start_before_the_datapath() {
+        let dir = std::env::temp_dir().join(format!("hasync-preflight-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let key = dir.join("cluster.key");
+        std::fs::write(&key, [7u8; 32]).expect("key");
+        let blocker = dir.join("not-a-dir");
+        std::fs::write(&blocker, b"x").expect("blocker");
+        let socket = blocker.join("hasync.sock");
+        let text = crate::config::tests::sample(&key)
+            .replace("/run/hasync/hasync.sock", &socket.display().to_string())
+            .replace(
+                "/var/log/hasync/traffic.jsonl",
+                &dir.join("traffic.jsonl").display().to_string(),
+            );
+        let config = Config::from_toml(Path::new("test.toml"), &text).expect("config");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let e = runtime.block_on(run_async(config)).expect_err("refused");
+        let said = format!("{e:#}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        assert!(
+            said.starts_with(&format!("checking the control socket {}", socket.display())),
+            "{said}"
+        );
     }
 
     /// A keepalive that brings a member back has the engine run the runtime's

@@ -32,9 +32,8 @@ pub struct PlannedInterface {
 /// What to bring up.
 #[derive(Clone, Debug)]
 pub struct StartPlan {
+    /// What to load; its `zones` are the zone names in id order (id 1 first).
     pub opts: DatapathOptions,
-    /// Zone names in id order (id 1 first).
-    pub zones: Vec<String>,
     /// The interfaces, in attach order.
     pub interfaces: Vec<PlannedInterface>,
 }
@@ -52,6 +51,7 @@ impl StartPlan {
         opts.config = config.datapath();
         opts.pin_dir = config.pin_dir().map(Into::into);
         opts.log = config.local.datapath_log;
+        opts.zones = config.zone_names();
         let interfaces = config
             .interface_zones()
             .map(|(name, zone, binding)| PlannedInterface {
@@ -60,11 +60,7 @@ impl StartPlan {
                 zone: zone.name.clone(),
             })
             .collect();
-        StartPlan {
-            opts,
-            zones: config.zone_names(),
-            interfaces,
-        }
+        StartPlan { opts, interfaces }
     }
 
     /// The plan the standalone agent's flags give: zones numbered in order of first
@@ -87,11 +83,8 @@ impl StartPlan {
                 zone: zone_name(b.zone),
             })
             .collect();
-        Ok(StartPlan {
-            opts,
-            zones: plan.zones.into_iter().map(|(name, _)| name).collect(),
-            interfaces,
-        })
+        opts.zones = plan.zones.into_iter().map(|(name, _)| name).collect();
+        Ok(StartPlan { opts, interfaces })
     }
 
     /// The zone interfaces, by name, with their bindings.
@@ -303,10 +296,10 @@ fn bind_zones(
     plan: &StartPlan,
     resolved: &Resolved,
 ) -> anyhow::Result<Vec<(u32, ZoneBinding)>> {
-    for (id, name) in (1..).zip(&plan.zones) {
+    for (id, name) in (1..).zip(&plan.opts.zones) {
         info!(zone = %name, id, "zone");
     }
-    dp.record_zones(&plan.zones)
+    dp.record_zones(&plan.opts.zones)
         .context("checking the zones against the pinned sessions")?;
     let mut bound = Vec::new();
     for (i, &index) in plan.interfaces.iter().zip(&resolved.indexes) {
@@ -413,7 +406,7 @@ mod tests {
             panic!("not the agent command")
         };
         let plan = StartPlan::from_args(&args).expect("plan");
-        assert_eq!(plan.zones, ["trust", "untrust"]);
+        assert_eq!(plan.opts.zones, ["trust", "untrust"]);
         let got: Vec<(&str, Option<u16>, &str)> = plan
             .interfaces
             .iter()
@@ -453,7 +446,6 @@ mod tests {
     fn route_checks_a_kernel_cannot_answer_are_named() {
         let mut plan = StartPlan {
             opts: DatapathOptions::new(MemberId(1)),
-            zones: Vec::new(),
             interfaces: vec![
                 planned("in0", "trust", 0),
                 planned("in1", "trust", 0),
@@ -487,7 +479,6 @@ mod tests {
             let listed = netlink::list_now().expect("listing");
             let plan = StartPlan {
                 opts: DatapathOptions::new(MemberId(1)),
-                zones: Vec::new(),
                 interfaces: vec![
                     planned("hsl-e0", "trust", 0),
                     planned("hsl-t0", "untrust", 0),
@@ -510,7 +501,6 @@ mod tests {
     fn sources_left_unchecked_by_lo_are_named() {
         let plan = StartPlan {
             opts: DatapathOptions::new(MemberId(1)),
-            zones: Vec::new(),
             interfaces: vec![
                 planned("in0.7", "trust", 0),
                 planned("in1", "trust", 0),

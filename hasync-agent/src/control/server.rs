@@ -81,6 +81,12 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot remove the control socket {path}, bound to check it: {source}")]
+    RemoveChecked {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot listen on the control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -107,6 +113,23 @@ pub enum ServerError {
 /// it then removes the socket file, if it is still the one it created.
 pub async fn serve(path: &Path, requests: ControlSender) -> Result<JoinHandle<()>, ServerError> {
     serve_with(path, requests, Timeouts::DEFAULT)
+}
+
+/// Checks that the socket can be served at `path` as [`serve`] would (its directory made,
+/// nobody else answering on it, a socket bound and its mode set), then removes it again: the
+/// agent checks this before it touches the datapath, and listens only once that is up (a
+/// client's connection is its sign that the agent is ready).
+pub fn check(path: &Path) -> Result<(), ServerError> {
+    drop(bind(path)?);
+    match std::fs::remove_file(path) {
+        Err(source) if source.kind() != io::ErrorKind::NotFound => {
+            Err(ServerError::RemoveChecked {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 fn serve_with(

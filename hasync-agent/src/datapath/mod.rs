@@ -277,6 +277,10 @@ pub struct DatapathOptions {
     pub pin_dir: Option<PathBuf>,
     /// The least severe datapath event logged (`[local] datapath_log`).
     pub log: DatapathLog,
+    /// The zone names in id order (id 1 first), which [`Datapath::record_zones`] records: a
+    /// pinned table's sessions name zones by id, so a list that renumbers them is refused
+    /// before the load writes anything pinned (a running datapath keeps its config).
+    pub zones: Vec<String>,
 }
 
 /// The tracing directive that lets every datapath record through: `[local] datapath_log`
@@ -295,6 +299,7 @@ impl DatapathOptions {
             config: DatapathConfig::with_defaults(local),
             pin_dir: None,
             log: DatapathLog::default(),
+            zones: Vec::new(),
         }
     }
 }
@@ -576,6 +581,8 @@ impl Datapath {
             ),
         };
         dp.load_programs()?;
+        // Before the first write to a map an earlier agent pinned: its program still runs.
+        dp.check_zones(&opts.zones)?;
         // Measured by every agent, a restarted one too: it rewrites the whole config.
         dp.clock = clock::find(dp.xdp(names::CLOCK_PROGRAM)?)?;
         dp.set_config(&opts.config)?;
@@ -814,38 +821,43 @@ impl Datapath {
     /// reorders what was there is refused (one that adds zones at the end, or drops some from
     /// it, is not).
     pub fn record_zones(&mut self, zones: &[String]) -> Result<(), DatapathError> {
-        if zones.len() > names::MAX_ZONES as usize {
-            return Err(DatapathError::TooManyZones(zones.len()));
-        }
-        let kept_sessions = self.pin_report().is_some_and(|r| r.sessions_reused());
+        self.check_zones(zones)?;
         let mut map: Array<_, [u8; names::ZONE_NAME_BYTES]> =
             Array::try_from(self.map_mut(names::ZONE_NAMES)?)
                 .map_err(map_err(names::ZONE_NAMES))?;
-        for id in 0..names::MAX_ZONES {
-            let was = map.get(&id, 0).map_err(map_err(names::ZONE_NAMES))?;
-            let now = zones.get(id as usize).map(|z| zone_name_bytes(z));
-            if was == [0; names::ZONE_NAME_BYTES] && now.is_none() {
-                break;
-            }
-            match now {
-                Some(now) if kept_sessions && was != [0; names::ZONE_NAME_BYTES] && was != now => {
-                    return Err(DatapathError::ZonesReordered {
-                        id: id as usize + 1,
-                        was: String::from_utf8_lossy(&was)
-                            .trim_end_matches('\0')
-                            .to_owned(),
-                        now: zones.get(id as usize).cloned().unwrap_or_default(),
-                    });
-                }
-                _ => {}
-            }
-        }
         // Every entry, so nothing of a longer earlier list stays behind.
         for id in 0..names::MAX_ZONES {
             let now = zones
                 .get(id as usize)
                 .map_or([0; names::ZONE_NAME_BYTES], |z| zone_name_bytes(z));
             map.set(id, now, 0).map_err(map_err(names::ZONE_NAMES))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses `zones` where they would renumber the zones a kept (pinned) table's sessions
+    /// name by id: a zone recorded by the last agent must keep its id (zones may be added or
+    /// dropped at the end). Reads only.
+    fn check_zones(&self, zones: &[String]) -> Result<(), DatapathError> {
+        if zones.len() > names::MAX_ZONES as usize {
+            return Err(DatapathError::TooManyZones(zones.len()));
+        }
+        if !self.pin_report().is_some_and(|r| r.sessions_reused()) {
+            return Ok(());
+        }
+        let map: Array<_, [u8; names::ZONE_NAME_BYTES]> =
+            Array::try_from(self.map(names::ZONE_NAMES)?).map_err(map_err(names::ZONE_NAMES))?;
+        for (id, now) in (0..names::MAX_ZONES).zip(zones) {
+            let was = map.get(&id, 0).map_err(map_err(names::ZONE_NAMES))?;
+            if was != [0; names::ZONE_NAME_BYTES] && was != zone_name_bytes(now) {
+                return Err(DatapathError::ZonesReordered {
+                    id: id as usize + 1,
+                    was: String::from_utf8_lossy(&was)
+                        .trim_end_matches('\0')
+                        .to_owned(),
+                    now: now.clone(),
+                });
+            }
         }
         Ok(())
     }

@@ -984,6 +984,37 @@ mod tests {
             .expect("zone 2 was dropped, so it may be another zone now");
     }
 
+    /// A zone list that renumbers the zones a kept table's sessions name is refused by the
+    /// load itself, before anything pinned is written: the earlier agent's program, still
+    /// attached, keeps its config (policy and all). Before, the load wrote the new config and
+    /// only the zones' record refused it after. Seen failing (the policy became loose).
+    #[test]
+    fn renumbered_zones_are_refused_before_the_pinned_config_is_written() {
+        let pins = TestPins::new("zones-first");
+        let zones = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut first = pins.options(1024);
+        first.config.policy = hasync_common::Policy::Strict as u8;
+        first.zones = zones(&["trust", "untrust"]);
+        let mut dp = Datapath::load(&first).expect("first load");
+        dp.record_zones(&first.zones).expect("fresh table");
+        drop(dp);
+        let mut second = first.clone();
+        second.config.policy = hasync_common::Policy::Loose as u8;
+        second.zones = zones(&["untrust", "trust"]);
+        let e = Datapath::load(&second).err().expect("renumbered zones");
+        assert!(e.to_string().starts_with("zone 1 was `trust`"), "{e}");
+        let pinned = aya::maps::MapData::from_pin(pins.0.join("maps").join(names::CONFIG))
+            .expect("the pinned config");
+        let config: aya::maps::Array<_, DatapathConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(pinned)).expect("an array");
+        let kept = config.get(&0, 0).expect("read");
+        assert_eq!(
+            kept.policy,
+            hasync_common::Policy::Strict as u8,
+            "rewritten"
+        );
+    }
+
     /// While one agent holds a pinned datapath, a second load of the same directory and a
     /// teardown are refused before they touch it, naming the holder; once the first is gone the
     /// directory is free again.
