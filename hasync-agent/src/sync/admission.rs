@@ -2,14 +2,25 @@
 //! addresses the configuration gives the members that dial this one, and only a few
 //! handshakes at a time per address and in all. Everything else is closed at once, so a host
 //! without the key cannot hold the agent's descriptors or tasks.
+//!
+//! A slot is held until the handshake's first message proved the key ([`Ticket::spoke`]).
+//! Before that, a new connection from the same address, its slots all taken, takes the slot
+//! of the oldest one that has not spoken ([`Ticket::evicted`] tells it to go): a process that
+//! can send from a member's address (any local user on that member, a neighbour that spoofs
+//! it) and keeps idle connections open would otherwise hold every slot and lock the member
+//! out of the link; a member's own dial speaks within a round trip and is then safe.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc, Mutex,
+    },
 };
 
 use hasync_common::MemberId;
+use tokio::sync::Notify;
 
 use super::stats::Rejection;
 
@@ -23,7 +34,8 @@ pub const MAX_TOTAL: usize = 32;
 pub enum Refusal {
     /// The source is not the address of a member that dials this one on this link.
     UnknownAddress,
-    /// Too many handshakes under way from this address, or in all.
+    /// Too many handshakes under way from this address, all past their first message, or in
+    /// all.
     Busy,
 }
 
@@ -42,7 +54,23 @@ impl Refusal {
 pub struct Admission {
     /// Configured address → the member there.
     members: BTreeMap<IpAddr, MemberId>,
-    under_way: Mutex<HashMap<IpAddr, usize>>,
+    under_way: Mutex<UnderWay>,
+}
+
+/// The handshakes under way, oldest first per address.
+#[derive(Debug, Default)]
+struct UnderWay {
+    by_source: HashMap<IpAddr, Vec<Arc<Slot>>>,
+    total: usize,
+}
+
+/// One handshake's slot.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Its first message proved the key: it keeps its slot.
+    spoke: AtomicBool,
+    /// Its slot was given to a newer connection from its address.
+    evicted: Notify,
 }
 
 /// A handshake slot, given back on drop.
@@ -50,6 +78,7 @@ pub struct Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     ip: IpAddr,
+    slot: Arc<Slot>,
     /// The member the configuration places at the source address.
     pub member: MemberId,
 }
@@ -59,41 +88,69 @@ impl Admission {
     pub fn new(members: BTreeMap<IpAddr, MemberId>) -> Arc<Self> {
         Arc::new(Admission {
             members,
-            under_way: Mutex::new(HashMap::new()),
+            under_way: Mutex::new(UnderWay::default()),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnderWay> {
         self.under_way.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A slot for a handshake from `ip`, or why not.
+    /// A slot for a handshake from `ip` (taken from the oldest of its handshakes that has not
+    /// spoken, when all of its slots are taken), or why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refusal> {
         let ip = ip.to_canonical();
         let member = *self.members.get(&ip).ok_or(Refusal::UnknownAddress)?;
         let mut g = self.lock();
-        let total: usize = g.values().sum();
-        let mine = g.entry(ip).or_default();
-        if *mine >= MAX_PER_SOURCE || total >= MAX_TOTAL {
+        let UnderWay { by_source, total } = &mut *g;
+        let mine = by_source.entry(ip).or_default();
+        if mine.len() >= MAX_PER_SOURCE {
+            let silent = mine.iter().position(|s| !s.spoke.load(Relaxed));
+            let oldest = silent.ok_or(Refusal::Busy)?;
+            mine.remove(oldest).evicted.notify_one();
+            *total = total.saturating_sub(1);
+        } else if *total >= MAX_TOTAL {
             return Err(Refusal::Busy);
         }
-        *mine += 1;
+        let slot = Arc::new(Slot::default());
+        mine.push(slot.clone());
+        *total += 1;
         Ok(Ticket {
             admission: self.clone(),
             ip,
+            slot,
             member,
         })
+    }
+}
+
+impl Ticket {
+    /// The handshake's first message proved the key: the slot is no longer given away.
+    pub fn spoke(&self) {
+        self.slot.spoke.store(true, Relaxed);
+    }
+
+    /// Resolves once the slot was given to a newer connection from the same address (never
+    /// after [`Ticket::spoke`]): the handshake must end.
+    pub async fn evicted(&self) {
+        self.slot.evicted.notified().await;
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut g = self.admission.lock();
-        if let Some(n) = g.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                g.remove(&self.ip);
-            }
+        let UnderWay { by_source, total } = &mut *g;
+        let Some(mine) = by_source.get_mut(&self.ip) else {
+            return;
+        };
+        // An evicted slot was taken out of the list (and the total) when it was given away.
+        if let Some(at) = mine.iter().position(|s| Arc::ptr_eq(s, &self.slot)) {
+            mine.remove(at);
+            *total = total.saturating_sub(1);
+        }
+        if mine.is_empty() {
+            by_source.remove(&self.ip);
         }
     }
 }
@@ -126,6 +183,8 @@ mod tests {
         let t1 = a.admit(ip("198.18.100.1")).expect("first");
         assert_eq!(t1.member, MemberId(1));
         let t2 = a.admit(ip("198.18.100.1")).expect("second");
+        t1.spoke();
+        t2.spoke();
         assert_eq!(
             a.admit(ip("198.18.100.1")).map(|t| t.member),
             Err(Refusal::Busy)
@@ -136,7 +195,8 @@ mod tests {
         drop(t1);
         assert!(a.admit(ip("198.18.100.1")).is_ok(), "slot given back");
         drop((t2, t3));
-        assert!(a.lock().is_empty());
+        let g = a.lock();
+        assert!(g.by_source.is_empty() && g.total == 0);
     }
 
     #[test]
@@ -144,5 +204,41 @@ mod tests {
         let a = admission();
         let t = a.admit(ip("::ffff:198.18.100.1")).expect("mapped");
         assert_eq!(t.member, MemberId(1));
+    }
+
+    /// A new connection from an address whose slots are all taken takes the slot of its oldest
+    /// handshake that has not spoken, which is told to go; a handshake that spoke keeps its
+    /// slot. Before, idle connections from a member's address (a local user on that member
+    /// can make them) held both slots for the hello's whole timeout, again and again, and
+    /// the member's own dial was refused (`pre-auth-limit`).
+    #[tokio::test]
+    async fn a_silent_handshake_gives_its_slot_to_a_newer_one() {
+        let a = admission();
+        let member = ip("198.18.100.1");
+        let idle_1 = a.admit(member).expect("first");
+        let idle_2 = a.admit(member).expect("second");
+        let dial = a.admit(member).expect("the oldest silent one's slot");
+        tokio::time::timeout(std::time::Duration::from_secs(1), idle_1.evicted())
+            .await
+            .expect("the oldest was told to go");
+        dial.spoke();
+        let again = a.admit(member).expect("the other silent one's slot");
+        tokio::time::timeout(std::time::Duration::from_secs(1), idle_2.evicted())
+            .await
+            .expect("the second was told to go");
+        again.spoke();
+        assert_eq!(
+            a.admit(member).map(|t| t.member),
+            Err(Refusal::Busy),
+            "both slots spoke"
+        );
+        drop((idle_1, idle_2));
+        assert_eq!(
+            a.lock().total,
+            2,
+            "the evicted ones gave back nothing twice"
+        );
+        drop((dial, again));
+        assert_eq!(a.lock().total, 0);
     }
 }

@@ -253,8 +253,20 @@ impl<T: SessionTable> Engine<T> {
 
     async fn accept(self, stream: TcpStream, from: SocketAddr, link: LinkKind, ticket: Ticket) {
         let _ = channel::tune_socket(&stream, self.inner.cfg.keepalive_threshold);
-        let result =
-            tokio::time::timeout(HELLO_TIMEOUT, self.respond(stream, from, link, &ticket)).await;
+        let handshake =
+            tokio::time::timeout(HELLO_TIMEOUT, self.respond(stream, from, link, &ticket));
+        let result = tokio::select! {
+            result = handshake => result,
+            () = ticket.evicted() => {
+                drop(ticket);
+                return self.refuse(
+                    Rejection::PreAuthLimit,
+                    from,
+                    link,
+                    "a newer connection from its address took its slot before it spoke",
+                );
+            }
+        };
         drop(ticket);
         match result {
             Ok(Ok(Some((peer, conn)))) => self.attach(peer, link, conn, from),
@@ -277,6 +289,7 @@ impl<T: SessionTable> Engine<T> {
         ticket: &Ticket,
     ) -> Result<Option<(Arc<Peer>, Established)>, ChannelError> {
         let (mut tx, mut rx) = channel::respond(stream, &self.inner.cfg.psk).await?;
+        ticket.spoke();
         let (msg, _) = rx.recv().await?;
         let Message::Hello(h) = msg else {
             return Err(ChannelError::Malformed(WireError::UnknownType(0)));
