@@ -131,6 +131,8 @@ pub enum WireError {
     VarintNotMinimal(&'static str),
     #[error("record not in its one encoding: {0}")]
     NotCanonical(&'static str),
+    #[error("{got} message where a hello must come first")]
+    NotHello { got: &'static str },
 }
 
 pub use crate::ha_link::LinkKind;
@@ -480,6 +482,18 @@ mod tag {
 }
 
 impl Message {
+    /// The message's kind, as errors name it.
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Keepalive(_) => "keepalive",
+            Message::Sessions { .. } => "sessions",
+            Message::Ack { .. } => "ack",
+            Message::BulkStart { .. } => "full-sync start",
+            Message::BulkEnd { .. } => "full-sync end",
+        }
+    }
+
     /// Appends the encoding of `self` to `w`, records in the current layout.
     pub fn encode(&self, w: &mut Vec<u8>) -> Result<(), WireError> {
         self.encode_as(w, RecordLayout::CURRENT)

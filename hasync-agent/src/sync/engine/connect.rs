@@ -292,7 +292,9 @@ impl<T: SessionTable> Engine<T> {
         ticket.spoke();
         let (msg, _) = rx.recv().await?;
         let Message::Hello(h) = msg else {
-            return Err(ChannelError::Malformed(WireError::UnknownType(0)));
+            return Err(ChannelError::Malformed(WireError::NotHello {
+                got: msg.name(),
+            }));
         };
         let Some(peer) = self.check_hello(&h, link, from, ticket.member) else {
             // A peer of another cluster, or of an incompatible version, refuses us as well
@@ -407,7 +409,9 @@ impl<T: SessionTable> Engine<T> {
                     rx,
                     sent_fresh,
                 }),
-                _ => Err(ChannelError::Malformed(WireError::UnknownType(0))),
+                (other, _) => Err(ChannelError::Malformed(WireError::NotHello {
+                    got: other.name(),
+                })),
             }
         };
         tokio::time::timeout(HELLO_TIMEOUT, fut)
@@ -711,6 +715,35 @@ mod tests {
         assert_eq!(
             zone_difference(&names(&["a", "b"]), &names(&["b", "a"])),
             None
+        );
+    }
+
+    /// A connection whose first message is not a hello is refused with an error that names
+    /// what came (before: "unknown message type 0", a type that does not exist).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_message_other_than_a_hello_is_named() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let (mut tx, mut rx) = channel::initiate(stream, &[0; 32])
+                .await
+                .expect("handshake");
+            tx.send(&Message::Ack { seq: 1 }).await.expect("ack");
+            let _ = rx.recv().await;
+        });
+        let (stream, peer_addr) = listener.accept().await.expect("accept");
+        let ticket = Admission::new([(lo, MemberId(2))].into())
+            .admit(peer_addr.ip())
+            .expect("admitted");
+        let r = e.respond(stream, peer_addr, LinkKind::Ha4, &ticket).await;
+        client.abort();
+        let said = r.err().expect("refused").to_string();
+        assert!(
+            said.contains("ack message where a hello must come first"),
+            "{said}"
         );
     }
 
