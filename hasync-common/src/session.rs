@@ -58,6 +58,22 @@ impl State {
         })
     }
 
+    /// Is this a state of a session of protocol `proto`: TCP's for TCP, UDP's for UDP, the
+    /// echo's for ICMP and ICMPv6?
+    pub const fn fits(self, proto: u8) -> bool {
+        match self {
+            State::SynSent
+            | State::SynRecv
+            | State::Established
+            | State::Closing
+            | State::Closed => proto == crate::flow::IPPROTO_TCP,
+            State::UdpNew | State::UdpReplied => proto == crate::flow::IPPROTO_UDP,
+            State::IcmpEcho => {
+                proto == crate::flow::IPPROTO_ICMP || proto == crate::flow::IPPROTO_ICMPV6
+            }
+        }
+    }
+
     /// Name used in configuration, `show` output and logs.
     pub const fn name(self) -> &'static str {
         match self {

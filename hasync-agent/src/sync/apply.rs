@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, SessionFlags, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, SessionFlags, State, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -66,6 +66,9 @@ pub enum Decision {
     /// The record's key names no flow the datapath tracks
     /// ([`hasync_common::FlowKey::is_trackable`]).
     RefuseKey,
+    /// The record's state is no state of a session of its key's protocol
+    /// ([`hasync_common::State::fits`]).
+    RefuseState,
     /// The sender may not speak for the record's owner.
     RefuseOwner(OwnerRefusal),
 }
@@ -178,6 +181,10 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
             return Decision::Forward(ApplyRecord::removal(rec.key, rec.owner, rec.version))
         }
         Op::Upsert => {
+            let fits = State::from_u8(rec.state).is_some_and(|s| s.fits(rec.key.proto));
+            if !fits {
+                return Decision::RefuseState;
+            }
             let Some(zone) = zones.translate(rec.zone) else {
                 return Decision::RefuseZone;
             };
@@ -212,6 +219,8 @@ pub struct RecordCounts {
     pub refused_zone: u64,
     /// Refused: the key names no flow the datapath tracks.
     pub refused_key: u64,
+    /// Refused: the state fits no session of the key's protocol.
+    pub refused_state: u64,
     /// Refused: the session table was full (of replied sessions), or its peers' pool.
     pub refused_full: u64,
     /// Refused: the sender may not speak for the owner, by reason.
@@ -227,6 +236,7 @@ impl Default for RecordCounts {
             orphaned: 0,
             refused_zone: 0,
             refused_key: 0,
+            refused_state: 0,
             refused_full: 0,
             refused_owner: [(OwnerRefusal::Unknown, 0), (OwnerRefusal::Foreign, 0)],
         }
@@ -264,6 +274,7 @@ pub fn apply(
             Decision::Keep => out.kept += 1,
             Decision::RefuseZone => out.refused_zone += 1,
             Decision::RefuseKey => out.refused_key += 1,
+            Decision::RefuseState => out.refused_state += 1,
             Decision::RefuseOwner(why) => out.refuse_owner(why),
         }
     }
@@ -752,6 +763,47 @@ mod tests {
         let claim = rec(Op::Upsert, 7, 2, 1);
         apply(&mut dp, &[claim], &z, 2_000_000_000, &member(1, true)).expect("apply");
         assert_eq!(held_now(&dp, &live), (5, 1, false), "claimed at once");
+    }
+
+    /// A record whose state no session of its key's protocol has is refused before the
+    /// table (`invalid-state`): an unknown state (before, installed as an embryonic copy with
+    /// a timeout of 0), a UDP state on a TCP key, a TCP state on an ICMP key. Seen failing
+    /// (forwarded) on the old code.
+    #[test]
+    fn a_record_whose_state_fits_no_session_of_its_protocol_is_refused() {
+        let z = ZoneMap::new(&names(&["trust"]), &names(&["trust"]));
+        let who = member(1, false);
+        let good = rec(Op::Upsert, 1, 2, 1);
+        assert!(matches!(decide(&good, &z, 0, &who), Decision::Forward(_)));
+        let icmp = FlowKey::canonical(Family::V4, 1, [1, 0, 0, 0], 7, [2, 0, 0, 0], 7).0;
+        let cases = [
+            ("an unknown state", good.key, 200),
+            (
+                "a UDP state on a TCP key",
+                good.key,
+                State::UdpReplied as u8,
+            ),
+            ("a TCP state on an ICMP key", icmp, State::Established as u8),
+        ];
+        for (what, key, state) in cases {
+            let bad = Record { key, state, ..good };
+            assert_eq!(decide(&bad, &z, 0, &who), Decision::RefuseState, "{what}");
+        }
+        let echo = Record {
+            key: icmp,
+            state: State::IcmpEcho as u8,
+            ..good
+        };
+        assert!(matches!(decide(&echo, &z, 0, &who), Decision::Forward(_)));
+        let removal = Record::delete(good.key, MemberId(2), 1);
+        assert!(
+            matches!(decide(&removal, &z, 0, &who), Decision::Forward(_)),
+            "a delete has no state"
+        );
+        let mut table = FakeTable::default();
+        let bad = Record { state: 200, ..good };
+        let out = apply(&mut table, &[bad, good], &z, 0, &who).expect("apply");
+        assert_eq!((out.refused_state, out.installed), (1, 1));
     }
 
     /// A record whose key no packet makes is refused before the table: an unknown protocol (0

@@ -161,10 +161,13 @@ pub enum Rejection {
     /// Records whose key no packet makes (a protocol the datapath does not track, another
     /// family's ICMP, addresses or ports out of order): they name no flow.
     UntrackableKey,
+    /// Records whose state no session of their key's protocol has (an unknown state, a UDP
+    /// state for a TCP key, ...).
+    InvalidState,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 22] = [
+    pub const ALL: [Rejection; 23] = [
         Rejection::UnknownAddress,
         Rejection::PreAuthLimit,
         Rejection::Connection,
@@ -187,6 +190,7 @@ impl Rejection {
         Rejection::UnknownOwner,
         Rejection::ForeignOwner,
         Rejection::UntrackableKey,
+        Rejection::InvalidState,
     ];
 
     /// The name counters, logs and `show cluster statistics` use.
@@ -214,6 +218,7 @@ impl Rejection {
             Rejection::UnknownOwner => "unknown-owner",
             Rejection::ForeignOwner => "foreign-owner",
             Rejection::UntrackableKey => "untrackable-key",
+            Rejection::InvalidState => "invalid-state",
         }
     }
 }

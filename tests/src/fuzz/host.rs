@@ -198,6 +198,10 @@ fn check_decision(
             ensure!(!rec.key.is_trackable(), "refused a key a packet makes");
             return Ok(());
         }
+        Decision::RefuseState => {
+            ensure!(!state_fits(rec), "refused a state its key's protocol has");
+            return Ok(());
+        }
         Decision::RefuseZone => {
             let refusable = rec.op == Op::Upsert && zones.translate(rec.zone).is_none();
             ensure!(refusable, "refused a record whose zone we have");
@@ -212,7 +216,20 @@ fn check_decision(
     ensure!(r.key == rec.key, "the key changed");
     ensure!(r.key.is_trackable(), "forwarded a key no packet makes");
     let s = &r.session;
-    if r.op == ApplyOp::Upsert as u8 {
+    let restore = r.op == ApplyOp::Restore as u8;
+    ensure!(
+        restore == (rec.owner == who.local),
+        "ours back as another op, or another's as ours"
+    );
+    if r.op == ApplyOp::Upsert as u8 || restore {
+        ensure!(
+            state_fits(rec),
+            "forwarded a state its key's protocol lacks"
+        );
+        ensure!(
+            !restore || !s.flags.has(SessionFlags::CONTESTABLE),
+            "ours back contestable"
+        );
         ensure!(
             s.created_ns <= now_ns && s.last_seen_ns <= now_ns,
             "session in the future"
@@ -227,6 +244,11 @@ fn check_decision(
     check_resolution(r.op, s, who)
 }
 
+/// Is the record's state one of its key's protocol's sessions?
+fn state_fits(rec: &Record) -> bool {
+    hasync_common::State::from_u8(rec.state).is_some_and(|s| s.fits(rec.key.proto))
+}
+
 /// The conflict rule against no local copy, a copy equal to the record (never newer than
 /// itself), for a delete, a copy of another owner (never deleted), and an older copy of
 /// another owner that may not change hands (never replaced).
@@ -235,7 +257,7 @@ fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
         sender: who.sender,
         reconciling: who.reconciling.unwrap_or(MemberId::NONE),
     };
-    let upsert = op == ApplyOp::Upsert as u8;
+    let upsert = op == ApplyOp::Upsert as u8 || op == ApplyOp::Restore as u8;
     let absent = resolve(op, incoming, None, reconciling, true);
     let expected = if upsert {
         Resolution::Insert
@@ -259,6 +281,17 @@ fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
         ensure!(
             got == Resolution::Keep,
             "deleted another owner's copy: {got:?}"
+        );
+    }
+    if op == ApplyOp::Restore as u8 {
+        let older = Session {
+            version: incoming.version.wrapping_sub(1),
+            ..*incoming
+        };
+        let got = resolve(op, incoming, Some(&older), reconciling, true);
+        ensure!(
+            got == Resolution::Keep,
+            "ours back replaced a copy: {got:?}"
         );
     }
     let held = Session {

@@ -518,6 +518,9 @@ impl<T: SessionTable> Engine<T> {
         self.inner
             .rejections
             .count_n(Rejection::UntrackableKey, r.refused_key);
+        self.inner
+            .rejections
+            .count_n(Rejection::InvalidState, r.refused_state);
         for (why, n) in r.refused_owner {
             LinkStats::add(&stats.refused_owner, n);
             self.inner.rejections.count_n(why.reason(), n);
