@@ -47,12 +47,10 @@ pub mod diff;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    fs::{DirBuilder, OpenOptions},
-    io::{Read as _, Write as _},
+    fs::DirBuilder,
+    io::Read as _,
     net::IpAddr,
-    os::unix::fs::{
-        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
-    },
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -249,6 +247,10 @@ impl Spec {
         let members = self.member_list(&links);
         let mut configs = Vec::new();
         for (i, (m, l)) in self.members.iter().zip(&links).enumerate() {
+            if !m.enabled {
+                // Listed in everyone's members; no config of its own until it is enabled.
+                continue;
+            }
             let Some(local) = self.member_local(&mut p, i, m) else {
                 continue;
             };
@@ -564,23 +566,27 @@ pub struct Provisioned {
     pub new_key: bool,
     /// Per member: serial and directory.
     pub members: Vec<(String, PathBuf)>,
+    /// The serials of the members the spec lists with `enabled = false`: in every config's
+    /// members, with no directory of their own.
+    pub disabled: Vec<String>,
     /// The fingerprint all members share.
     pub fingerprint: [u8; 32],
 }
 
-/// Validates the spec's configs and writes every file into `out`.
+/// Validates the spec's configs and writes every file into `out`: nothing, not `out` nor the
+/// key, before every config is valid.
 pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     let spec = Spec::load(spec_path)?;
     let configs = spec.configs(spec_path)?;
-    check_output(out, &configs)?;
     let key = out.join("cluster.key");
+    let files = with_check_key(&key, |k| member_files(spec_path, configs, k))?;
+    check_output(out, &files)?;
     let new_key = ensure_key(&key)?;
     let key_bytes = std::fs::read(&key).map_err(|source| ProvisionError::Io {
         what: "reading the key",
         path: key.clone(),
         source,
     })?;
-    let files = member_files(spec_path, configs, &key)?;
     let fingerprint = files
         .first()
         .map(|f| f.config.fingerprint())
@@ -590,12 +596,49 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         "internal error: the provisioned configs disagree"
     );
     let members = write_members(out, &files, &key_bytes)?;
+    let disabled = spec
+        .members
+        .iter()
+        .filter(|m| !m.enabled)
+        .map(|m| m.serial.clone())
+        .collect();
     Ok(Provisioned {
         key,
         new_key,
         members,
+        disabled,
         fingerprint,
     })
+}
+
+/// Runs `check` with a key file as the one at `key` will be: that one where it exists, else a
+/// temporary one of the same size and mode (removed after), so the configs are validated with
+/// their key before anything is written.
+fn with_check_key<T>(
+    key: &Path,
+    check: impl FnOnce(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match std::fs::symlink_metadata(key) {
+        Ok(meta) if !meta.is_file() => return Err(not_plain(key).into()),
+        Ok(_) => return check(key),
+        Err(_) => {}
+    }
+    let stand_in = std::env::temp_dir().join(format!(
+        "hasync-provision-key-{}-{:016x}",
+        std::process::id(),
+        crate::random::random_u64()
+    ));
+    let _ = std::fs::remove_file(&stand_in);
+    crate::files::create_new(&stand_in, &[0; MIN_KEY_BYTES], 0o600).map_err(|source| {
+        ProvisionError::Io {
+            what: "writing a stand-in key to check the configs with",
+            path: stand_in.clone(),
+            source,
+        }
+    })?;
+    let checked = check(&stand_in);
+    let _ = std::fs::remove_file(&stand_in);
+    checked
 }
 
 /// Every member's files, once every config is valid with the key at `key` (all problems of
@@ -652,7 +695,7 @@ fn write_members(
 /// unless sticky, as `/tmp` is; checked where symbolic links lead), `out` itself a directory of
 /// this user's (created if missing), and what already sits where the members' directories and
 /// the key go must be directories and a plain file.
-fn check_output(out: &Path, configs: &[Config]) -> Result<(), ProvisionError> {
+fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError> {
     let io = |what, path: &Path| {
         let path = path.to_owned();
         move |source| ProvisionError::Io { what, path, source }
@@ -666,12 +709,8 @@ fn check_output(out: &Path, configs: &[Config]) -> Result<(), ProvisionError> {
     }
     mkdir(out, 0o755)?;
     check_own_dir(out, &unfollowed(out)?)?;
-    for config in configs {
-        let local = config.local.member;
-        let Some(member) = config.members.iter().find(|m| m.id == local) else {
-            continue;
-        };
-        let dir = out.join(&member.serial);
+    for f in files {
+        let dir = out.join(&f.serial);
         if let Ok(meta) = std::fs::symlink_metadata(&dir) {
             check_own_dir(&dir, &meta)?;
         }
@@ -780,27 +819,14 @@ fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {
         })
 }
 
-/// Writes `bytes` to `path` with `mode`, replacing what was there (never through a symlink).
+/// Writes `bytes` to `path` with `mode`, whole or not at all, replacing what was there (a
+/// symbolic link there is replaced, never followed).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ProvisionError> {
-    let io = |source| ProvisionError::Io {
+    crate::files::replace(path, bytes, mode).map_err(|source| ProvisionError::Io {
         what: "writing",
         path: path.to_owned(),
         source,
-    };
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    // The umask may have taken bits away from a script's mode.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io)
+    })
 }
 
 /// Creates `path` with 32 random bytes (mode 0600) unless it exists; true if it was created.
@@ -825,8 +851,12 @@ fn ensure_key(path: &Path) -> Result<bool, ProvisionError> {
                     path: "/dev/urandom".into(),
                     source,
                 })?;
-            write_file(path, &key, 0o600)?;
-            Ok(true)
+            // Never over a key that appeared meanwhile.
+            crate::files::create_new(path, &key, 0o600).map_err(|source| ProvisionError::Io {
+                what: "writing",
+                path: path.to_owned(),
+                source,
+            })
         }
         Err(source) => Err(ProvisionError::Io {
             what: "checking the key",
@@ -859,6 +889,12 @@ pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
         println!(
             "{serial}: {}/{{hasync.toml, cluster.key, setup-links.sh}}",
             dir.display()
+        );
+    }
+    for serial in &done.disabled {
+        println!(
+            "{serial}: enabled = false, no config of its own (in every other member's list; set \
+             enabled = true and provision again to bring it in)"
         );
     }
     let hex: String = done.fingerprint[..8]

@@ -175,8 +175,38 @@ fn spec_problems_are_all_reported_naming_the_member() {
             "row {to:?}:\n{msg}\ndoes not contain {want:?}"
         );
     }
-    // Nothing of a member was written by a failed run.
-    assert!(!out.join("FW-A").exists());
+    // Nothing was written by a failed run: not a member's directory, not even `out` or the
+    // key (before, `out` and a fresh key were made before the configs were validated, and
+    // the next run said it "kept the existing cluster key" the operator never had).
+    assert!(!out.exists(), "a failed run created {}", out.display());
+}
+
+/// A member the spec lists with `enabled = false` (as `hasync.toml` allows) is in every other
+/// member's list and gets no directory of its own; the run says so. Before, its own config
+/// (refused: the local member disabled) failed the whole run.
+#[test]
+fn a_disabled_member_is_listed_without_a_config_of_its_own() {
+    let dir = TempDir::new("provision-disabled");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    let text = example_in(&out).replacen(
+        "serial = \"FW-C\"\n",
+        "serial = \"FW-C\"\nenabled = false\n",
+        1,
+    );
+    std::fs::write(&spec, text).expect("write spec");
+    let done = provision(&spec, &out).expect("provision");
+    assert_eq!(done.disabled, ["FW-C"]);
+    let serials: Vec<_> = done.members.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(serials, ["FW-A", "FW-B"]);
+    assert!(!out.join("FW-C").exists());
+    let a = Config::load(&out.join("FW-A").join("hasync.toml")).expect("FW-A loads");
+    let c = a
+        .members
+        .iter()
+        .find(|m| m.id == MemberId(3))
+        .expect("FW-C listed");
+    assert!(!c.enabled);
 }
 
 #[test]

@@ -11,9 +11,9 @@ pub mod notify;
 
 use std::{
     fmt,
-    fs::{self, DirBuilder, OpenOptions},
-    io::{self, Read as _, Write as _},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    fs::{self, DirBuilder},
+    io::{self, Read as _},
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -302,47 +302,16 @@ fn mkdirs(dir: &Path, mode: u32) -> anyhow::Result<()> {
 /// (or a running binary) never sees half a file. Returns whether `path` existed.
 fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
     let existed = fs::symlink_metadata(path).is_ok();
-    let name = path
-        .file_name()
-        .map_or_else(|| "hasync".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.new-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        // The umask may have narrowed the mode.
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-        fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
+    crate::files::replace(path, bytes, mode)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(existed)
 }
 
-/// Writes `bytes` to `path` only if nothing is there (`O_EXCL`): never overwrites.
+/// Writes `bytes` to `path` only if nothing is there: never overwrites, and never leaves a
+/// part of the file (a later install would keep a short key for good).
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<bool> {
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(bytes)
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
-    }
+    crate::files::create_new(path, bytes, mode)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 fn random_key() -> anyhow::Result<Vec<u8>> {
@@ -357,6 +326,19 @@ fn check_bin_dir(bin_dir: &Path) -> anyhow::Result<()> {
     if !bin_dir.is_absolute() {
         bail!(
             "--bin-dir {} must be an absolute path (as seen from the root)",
+            bin_dir.display()
+        );
+    }
+    // The unit's ExecStart takes the path as it is: systemd splits it at white space and
+    // expands `%` and `$`.
+    let text = bin_dir.to_string_lossy();
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '%' | '$' | '"' | '\'' | '\\'))
+    {
+        bail!(
+            "--bin-dir {} holds {c:?}, which the unit's ExecStart would not keep: choose a path \
+             without white space, quotes, backslashes, % or $",
             bin_dir.display()
         );
     }
@@ -459,8 +441,12 @@ fn install_key(prefix: &Path) -> anyhow::Result<Step> {
     let note = if wrote {
         "32 random bytes, mode 0600: copy this same file to every member".to_owned()
     } else {
-        match fs::metadata(&key_at).map(|m| m.permissions().mode() & 0o777) {
-            Ok(mode) if mode & 0o077 != 0 => {
+        match fs::metadata(&key_at).map(|m| (m.permissions().mode() & 0o777, m.len())) {
+            Ok((_, len)) if len < MIN_KEY_BYTES as u64 => format!(
+                "not overwritten; it holds {len} bytes, fewer than the {MIN_KEY_BYTES} the agent \
+                 needs: replace it with the cluster's key"
+            ),
+            Ok((mode, _)) if mode & 0o077 != 0 => {
                 format!("not overwritten; its mode {mode:04o} exposes it: chmod 600 it")
             }
             _ => "not overwritten".to_owned(),

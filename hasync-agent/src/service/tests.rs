@@ -135,6 +135,32 @@ fn the_example_config_is_valid_once_the_key_exists() {
     assert_eq!(config.members.len(), 2);
 }
 
+/// A key left short by an earlier install (a full disk, a crash) is kept, as any key is, but
+/// the install says it is too short to use (before: a plain "not overwritten", and the agent
+/// refused to start); a --bin-dir the unit's ExecStart would split or expand is refused.
+#[test]
+fn a_short_key_is_named_and_an_unquotable_bin_dir_refused() {
+    let root = Root::new("shortkey");
+    let prefix = root.0.join("root");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let key = prefix.join("etc/hasync/cluster.key");
+    fs::create_dir_all(key.parent().expect("parent")).expect("mkdir");
+    fs::write(&key, b"").expect("empty key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let steps = install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
+    let step = steps
+        .iter()
+        .find(|s| s.what == "cluster key")
+        .expect("key step");
+    assert_eq!(step.done, Done::Kept);
+    let note = step.note.as_deref().unwrap_or_default();
+    assert!(note.contains("holds 0 bytes"), "{note}");
+    for bad in ["/opt/ha sync", "/opt/%h", "/opt/$X"] {
+        let e = install_files(&prefix, Path::new(bad), &exe).expect_err(bad);
+        assert!(e.to_string().contains("would not keep"), "{bad}: {e}");
+    }
+}
+
 /// `systemd-analyze verify` checks the unit's syntax, every directive, and that ExecStart's
 /// binary exists: the unit is written pointing at a binary installed into the scratch root.
 #[test]

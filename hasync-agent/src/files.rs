@@ -1,0 +1,121 @@
+//! Files written whole or not at all: through a temporary file beside the target, synced, then
+//! renamed (or linked) into place, so a failure (a full disk, a crash) never leaves a config
+//! or a key half written where a reader looks, or an old one gone.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+/// Writes `bytes` to `path` with `mode`, replacing what was there (a symbolic link there is
+/// replaced, never followed).
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(path, bytes, mode)?;
+    let placed = fs::rename(&tmp, path);
+    finish(path, &tmp, placed)
+}
+
+/// Writes `bytes` to `path` with `mode` only if nothing is there: false, and `path` untouched,
+/// if something is.
+pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
+    let tmp = write_temp(path, bytes, mode)?;
+    // A hard link fails where the name exists, as `O_EXCL` does, but only ever shows the whole
+    // file.
+    match fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = fs::remove_file(&tmp);
+            Ok(false)
+        }
+        linked => {
+            let removed = linked.and_then(|()| fs::remove_file(&tmp));
+            finish(path, &tmp, removed).map(|()| true)
+        }
+    }
+}
+
+/// The whole of `bytes` in a new temporary file beside `path`, synced, with `mode` (which the
+/// umask may have narrowed at its creation).
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "hasync".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.new-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.sync_all()
+    };
+    match write() {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// After the step that put the file in place: on failure the temporary file goes; on success
+/// the directory's entry is synced too (best effort: a file system that cannot sync a
+/// directory still has the file whole).
+fn finish(path: &Path, tmp: &Path, placed: io::Result<()>) -> io::Result<()> {
+    if let Err(e) = placed {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("hasync-files-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    /// A replace puts the whole new file in place with its mode; a failed one (here: the
+    /// target is a directory) leaves what was there and no temporary file.
+    #[test]
+    fn a_replace_is_whole_or_not_at_all() {
+        let d = dir("replace");
+        let f = d.join("hasync.toml");
+        fs::write(&f, b"old").expect("old");
+        replace(&f, b"new config", 0o600).expect("replace");
+        assert_eq!(fs::read(&f).expect("read"), b"new config");
+        assert_eq!(fs::metadata(&f).expect("meta").mode() & 0o777, 0o600);
+        let blocked = d.join("sub");
+        fs::create_dir_all(blocked.join("inside")).expect("dir");
+        replace(&blocked, b"x", 0o644).expect_err("a directory with entries is not replaced");
+        assert!(blocked.join("inside").is_dir());
+        let left: Vec<_> = fs::read_dir(&d).expect("list").collect();
+        assert_eq!(left.len(), 2, "a temporary file was left: {left:?}");
+        fs::remove_dir_all(&d).expect("clean up");
+    }
+
+    /// A create_new never overwrites: what is there stays, and no temporary file is left.
+    #[test]
+    fn a_create_new_never_overwrites() {
+        let d = dir("create");
+        let key = d.join("cluster.key");
+        assert!(create_new(&key, &[1; 32], 0o600).expect("created"));
+        assert!(!create_new(&key, &[2; 32], 0o600).expect("kept"));
+        assert_eq!(fs::read(&key).expect("read"), [1; 32]);
+        assert_eq!(fs::read_dir(&d).expect("list").count(), 1);
+        fs::remove_dir_all(&d).expect("clean up");
+    }
+}
