@@ -250,6 +250,9 @@ counters! {
     ErrTcpFlags = "err-tcp-flags",
     /// Malformed: UDP header cut off.
     ErrUdpTruncated = "err-udp-truncated",
+    /// Malformed: the UDP length is below the header's 8 bytes or, outside a fragment, runs
+    /// past the IP payload (the receiver drops it; conntrack takes it as invalid).
+    ErrUdpLength = "err-udp-length",
     /// Malformed: ICMP/ICMPv6 header cut off.
     ErrIcmpTruncated = "err-icmp-truncated",
 }

@@ -454,11 +454,15 @@ fn parse_ipv6(frame: &Frame, off: usize) -> Result<L3, Parsed> {
     }
 }
 
-/// Rejects flag combinations no legitimate stack sends.
+/// Rejects flag combinations no legitimate stack sends (conntrack's `tcp_valid_flags` refuses
+/// them too): SYN with FIN or RST, FIN with RST, and none of SYN, ACK and RST.
 #[inline(always)]
 fn tcp_flags_valid(f: u8) -> bool {
     let syn = f & tcp::SYN != 0;
     if syn && f & (tcp::FIN | tcp::RST) != 0 {
+        return false;
+    }
+    if f & (tcp::FIN | tcp::RST) == tcp::FIN | tcp::RST {
         return false;
     }
     // Every segment carries at least one of SYN, ACK, RST (a "null" or FIN/URG/PSH-only
@@ -576,6 +580,11 @@ fn parse_l4(frame: &Frame, l3: L3) -> Parsed {
             };
             if l4.wrapping_add(8) > end {
                 return Parsed::Malformed(Counter::ErrUdpTruncated);
+            }
+            // The length covers the whole datagram: past a fragment's end is expected there.
+            let len = usize::from(be16(h[4], h[5]));
+            if len < 8 || (first_fragment.is_none() && l4.wrapping_add(len) > end) {
+                return Parsed::Malformed(Counter::ErrUdpLength);
             }
             (raw16(h[0], h[1]), raw16(h[2], h[3]), 0)
         }

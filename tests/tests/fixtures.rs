@@ -1347,8 +1347,14 @@ fn ipv6_ext_and_fragment_rows() -> Vec<Row> {
                 (C::DropFragmentUnseenFirst, 1),
             ])
             .events(&[E::Created]),
-        Row::new("ipv4 first fragment is tracked (udp)")
-            .pass(udp(C4, S4).payload(1400).ipv4_fragment(0, true))
+        Row::new("ipv4 first fragment is tracked (udp, its length the whole datagram's)")
+            .pass(
+                udp(C4, S4)
+                    .payload(1400)
+                    .ipv4_fragment(0, true)
+                    .set_l4_byte(4, 0x0b)
+                    .set_l4_byte(5, 0xb8),
+            )
             .session(Expect::new(State::UdpNew))
             .counters(&[(C::Creates, 1), (C::Events, 1), (C::Ipv4FirstFragment, 1)])
             .events(&[E::Created]),
@@ -2197,6 +2203,12 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
             C::ErrTcpFlags,
         ),
         ("tcp psh only (v4)", tcp4().flags(PSH), C::ErrTcpFlags),
+        ("tcp fin+rst (v4)", tcp4().flags(FIN | RST), C::ErrTcpFlags),
+        (
+            "tcp fin+rst+ack (v6)",
+            tcp6().flags(FIN | RST | ACK),
+            C::ErrTcpFlags,
+        ),
         // UDP
         (
             "udp header cut off (v4)",
@@ -2217,6 +2229,16 @@ fn malformed_frames() -> Vec<(&'static str, Frame, C)> {
             "udp header missing after an ipv6 fragment header",
             udp6().ipv6_ext(FragmentFirst).truncate_l4(0),
             C::ErrUdpTruncated,
+        ),
+        (
+            "udp length below its header (v4)",
+            udp4().set_l4_byte(4, 0).set_l4_byte(5, 7),
+            C::ErrUdpLength,
+        ),
+        (
+            "udp length past the ip payload (v6)",
+            udp6().set_l4_byte(4, 0).set_l4_byte(5, 200),
+            C::ErrUdpLength,
         ),
         // ICMP
         (
