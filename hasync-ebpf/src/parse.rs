@@ -112,9 +112,10 @@ pub enum Parsed {
     /// ICMP type it does not ([`IcmpKind::Other`]): its zone's rule decides. When it is a
     /// first fragment, its datagram, whose later fragments may follow if it passes.
     OtherProtocol(Option<FragmentKey>),
-    /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, when that packet could
-    /// be read and the error travels back to its sender (else `None`: related to nothing).
-    IcmpError(Option<FlowKey>),
+    /// An ICMP/ICMPv6 error: the key of the flow whose packet it quotes, and whether that
+    /// packet's sender is the key's higher endpoint, when the packet could be read and the error
+    /// travels back to its sender (else `None`: related to nothing).
+    IcmpError(Option<(FlowKey, bool)>),
     /// Not trackable but legitimate: pass, counting the reason.
     Pass(Counter),
     /// Truncated or malformed: counted by reason, passed or dropped by policy.
@@ -685,7 +686,12 @@ fn wscale_option(frame: &Frame, l4: usize, doff: usize) -> Option<u8> {
 /// the 8 bytes after it can be read, name a trackable flow (TCP, UDP, an echo; not a later
 /// fragment), and the error goes back to that packet's sender (`outer_dst`).
 #[inline(always)]
-fn quoted_flow(frame: &Frame, family: Family, outer_dst: [u32; 4], at: usize) -> Option<FlowKey> {
+fn quoted_flow(
+    frame: &Frame,
+    family: Family,
+    outer_dst: [u32; 4],
+    at: usize,
+) -> Option<(FlowKey, bool)> {
     let (proto, src, dst, l4) = match family {
         Family::V4 => {
             let h = frame.read::<20>(at)?;
@@ -724,7 +730,7 @@ fn quoted_flow(frame: &Frame, family: Family, outer_dst: [u32; 4], at: usize) ->
         }
         _ => return None,
     };
-    Some(FlowKey::canonical(family, proto, src, sport, dst, dport).0)
+    Some(FlowKey::canonical(family, proto, src, sport, dst, dport))
 }
 
 #[inline(always)]

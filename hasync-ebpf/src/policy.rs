@@ -18,6 +18,7 @@ use hasync_common::{
 use crate::{
     clock,
     maps::{FRAGMENTS, SESSIONS, ZONES},
+    route,
 };
 
 /// The zone binding of the interface the packet came in on (zone 0: in no zone; `None`: an
@@ -149,17 +150,36 @@ pub fn by_policy(
 }
 
 /// An ICMP/ICMPv6 error passes when the flow it quotes has a live session (conntrack's
-/// RELATED); otherwise the strict policy drops it, the loose one passes it, counted either way.
-/// It changes nothing in the session.
+/// RELATED), or when it is for this host itself, as far as a zone that checks routes can tell
+/// (`route::for_this_host`: its quoted packet's sender, the error's destination, is local): the
+/// host's own connections open through the stack, unseen by XDP, and its own firewall decides
+/// (`pass-to-this-host`; before, a "fragmentation needed" for the firewall's own TCP was
+/// dropped: a path-MTU black hole). Otherwise the strict policy drops it, the loose one passes
+/// it, counted either way. It changes nothing in the session.
 #[inline(always)]
-pub fn icmp_error(cfg: &DatapathConfig, counters: &mut Counters, quoted: Option<FlowKey>) -> u32 {
-    if let Some(key) = quoted {
+pub fn icmp_error(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    quoted: Option<(FlowKey, bool)>,
+) -> u32 {
+    if let Some((key, sender_is_hi)) = quoted {
         // SAFETY: plain-data value, read by copy of the fields needed.
         if let Some(s) = unsafe { SESSIONS.get(key) } {
             if !expired(clock::now(cfg), s.last_seen_ns, cfg.timeout_ns(s.state)) {
                 counters.inc(Counter::IcmpErrorRelated);
                 return xdp_action::XDP_PASS;
             }
+        }
+        // Asked as the quoted packet's answer would be: from its destination to its sender.
+        let answer = route::First {
+            key: &key,
+            src_is_hi: !sender_is_hi,
+            opening: false,
+        };
+        if route::for_this_host(ctx, &answer, ingress_zone(ctx)) {
+            counters.inc(Counter::PassToThisHost);
+            return xdp_action::XDP_PASS;
         }
     }
     by_policy(

@@ -70,7 +70,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
             open_datagram(verdict, datagram)
         }
         Parsed::LaterFragment(datagram, note) => later_fragment(cfg, counters, &datagram, note),
-        Parsed::IcmpError(quoted) => icmp_error(cfg, counters, quoted),
+        Parsed::IcmpError(quoted) => icmp_error(ctx, cfg, counters, quoted),
         Parsed::OtherProtocol(datagram) => {
             open_datagram(other_protocol(ctx, cfg, counters), datagram)
         }

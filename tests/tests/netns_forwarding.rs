@@ -382,7 +382,7 @@ fn strict_policy_drops_a_stray_echo_reply_but_not_the_hosts_own() {
 
 /// The firewall's own TCP connection through a zone interface works under the strict policy:
 /// its SYN leaves through the stack, unseen by XDP, and the SYN-ACK and what follows, for this
-/// host itself, pass (`pass-to-this-host`). Before, they had no session and were dropped: the
+/// host itself, pass (`pass-to-this-host`), as do ICMP errors answering its own traffic. Before, they had no session and were dropped: the
 /// firewall could not open a connection through a zone (a package download, an API call).
 #[test]
 fn the_firewalls_own_tcp_connections_work_under_the_strict_policy() {
@@ -398,6 +398,32 @@ fn the_firewalls_own_tcp_connections_work_under_the_strict_policy() {
         ensure!(d.get(Counter::DropNoSession) == 0, "{d}");
         ensure!(d.get(Counter::PassToThisHost) >= 2, "{d}");
         ensure!(d.get(Counter::Creates) == 0, "nothing tracked: {d}");
+
+        // An ICMP error for the firewall's own traffic reaches it: a port unreachable
+        // answering its own UDP datagram (no session: it left through the stack) makes its
+        // connected socket see the refusal (before, dropped as unrelated; for its TCP, a
+        // "fragmentation needed" dropped so was a path-MTU black hole).
+        let before = fwd.counters()?;
+        let refused = fwd.fw.run(|| -> Result<std::io::ErrorKind> {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(sa(SRV4, 9))?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send(b"anyone?")?;
+            let mut buf = [0u8; 16];
+            Ok(socket
+                .recv(&mut buf)
+                .map_or_else(|e| e.kind(), |_| std::io::ErrorKind::Other))
+        })??;
+        let d = CounterDelta {
+            before,
+            after: fwd.counters()?,
+        };
+        ensure!(
+            refused == std::io::ErrorKind::ConnectionRefused,
+            "the port unreachable did not reach the socket ({refused:?}): {d}"
+        );
+        ensure!(d.get(Counter::DropIcmpErrorUnrelated) == 0, "{d}");
+        ensure!(d.get(Counter::PassToThisHost) == 1, "{d}");
 
         // A zone that checks no routes says the lookup does not see how the kernel routes
         // (marks, VRFs): there, mid-flow TCP is dropped as before.
