@@ -68,11 +68,14 @@ Modes:
 /// `cargo xtask run`'s arguments.
 #[derive(Args)]
 struct RunArgs {
-    /// Members of the lab, 2–16 (`hasync lab` defaults to 2).
-    #[arg(long, value_name = "N", conflicts_with = "config")]
+    /// Members of the lab, 2–16 (`hasync lab` defaults to 2; checked here, before any build,
+    /// and again by the lab).
+    #[arg(long, value_name = "N", conflicts_with = "config",
+          value_parser = clap::value_parser!(u8).range(2..=16))]
     members: Option<u8>,
-    /// Stop the lab after SECS seconds (`hasync lab` defaults to 3600).
-    #[arg(long, value_name = "SECS", conflicts_with = "config")]
+    /// Stop the lab after SECS seconds, 1–86400 (`hasync lab` defaults to 3600).
+    #[arg(long, value_name = "SECS", conflicts_with = "config",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     duration: Option<u64>,
     /// Run the agent on this host with this config file instead of a lab.
     #[arg(long, value_name = "FILE")]
@@ -119,9 +122,10 @@ struct BenchOptions {
     /// measured in the same run).
     #[arg(long, value_name = "MPPS")]
     rate: Option<String>,
-    /// `failover` only: write the run's time series (sent, received every 2 ms) as CSV.
+    /// `failover` only: write the run's time series (sent, received every 2 ms) as CSV (a
+    /// relative path is taken from where the command runs).
     #[arg(long, value_name = "FILE")]
-    series: Option<String>,
+    series: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -234,18 +238,25 @@ fn workspace_root() -> Result<&'static Path> {
         .context("xtask's manifest directory has no parent")
 }
 
-/// `task`, where a relative `run --config FILE` becomes absolute: it names a file where the
-/// user is, not at the workspace root.
+/// `task`, where a relative `run --config FILE` or `bench --series FILE` becomes absolute: it
+/// names a file where the user is, not at the workspace root (nor in `tests/`, where benches
+/// run).
 fn with_config_from_here(mut task: Task) -> Result<Task> {
-    if let Task::Run(RunArgs {
-        config: Some(config),
-        ..
-    }) = &mut task
-    {
-        if config.is_relative() {
-            let here = std::env::current_dir().context("cannot read the current directory")?;
-            *config = here.join(&*config);
-        }
+    let path = match &mut task {
+        Task::Run(RunArgs {
+            config: Some(path), ..
+        }) => path,
+        Task::Bench(BenchArgs {
+            options: BenchOptions {
+                series: Some(path), ..
+            },
+            ..
+        }) => path,
+        _ => return Ok(task),
+    };
+    if path.is_relative() {
+        let here = std::env::current_dir().context("cannot read the current directory")?;
+        *path = here.join(&*path);
     }
     Ok(task)
 }
@@ -318,7 +329,12 @@ fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
         ),
         ("--family", family, failover, "failover"),
         ("--rate", rate, failover, "failover"),
-        ("--series", series, failover, "failover"),
+        (
+            "--series",
+            series.map(|p| p.to_string_lossy().into_owned()),
+            failover,
+            "failover",
+        ),
     ] {
         if let Some(value) = value {
             anyhow::ensure!(ok, "{flag} is for `bench {only}` only");
@@ -326,4 +342,40 @@ fn run_bench(root: &Path, args: BenchArgs) -> Result<()> {
         }
     }
     cmd::run(&mut cargo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lab size or duration out of the lab's range is refused as the command is parsed,
+    /// before setup and a release build (before: after both, by the lab itself).
+    #[test]
+    fn a_lab_out_of_range_is_refused_before_any_build() {
+        for bad in [["run", "--members", "1"], ["run", "--members", "17"]] {
+            let e = Cli::try_parse_from(std::iter::once("xtask").chain(bad)).err();
+            assert!(
+                e.is_some_and(|e| e.to_string().contains("2..=16")),
+                "{bad:?}"
+            );
+        }
+        let e = Cli::try_parse_from(["xtask", "run", "--duration", "0"]).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("1..=86400")));
+        assert!(Cli::try_parse_from(["xtask", "run", "--members", "16"]).is_ok());
+    }
+
+    /// A relative `bench --series FILE` names a file where the user is: benches run in
+    /// `tests/`, where it landed before (or failed, after the whole run, when its directory
+    /// was only where the user is).
+    #[test]
+    fn a_relative_series_file_is_taken_from_where_the_command_runs() {
+        let cli = Cli::try_parse_from(["xtask", "bench", "failover", "--series", "out.csv"])
+            .expect("parse");
+        let task = with_config_from_here(cli.task).expect("task");
+        let here = std::env::current_dir().expect("cwd");
+        let Task::Bench(BenchArgs { options, .. }) = task else {
+            panic!("not a bench");
+        };
+        assert_eq!(options.series, Some(here.join("out.csv")));
+    }
 }
