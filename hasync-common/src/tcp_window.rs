@@ -214,6 +214,9 @@ pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
     if restarts_handshake(s, dir, flags) || answers_again(s, dir, flags, seg) {
         return Fit::Learn;
     }
+    if no_handshake_sends(s, dir, flags) {
+        return Fit::Outside;
+    }
     if unanswered_initiator(s, dir, flags) {
         // Its FIN goes through (to this host itself, whose answers XDP never sees, a client
         // closes before anything here answered it) but closes nothing.
@@ -317,6 +320,27 @@ fn unanswered_initiator(s: &Session, dir: usize, flags: u8) -> bool {
         && s.state == State::SynSent as u8
         && flags & (tcp::SYN | tcp::RST) == 0
         && pick(s.tcp_track, DIR_ORIGINAL) & track::STALE == 0
+}
+
+/// A segment no handshake sends in `syn-sent`, nothing answered yet (conntrack takes them for
+/// invalid): from the initiator, a SYN-ACK (only a simultaneous open, which is not followed,
+/// answers a SYN with one); from the responder, anything but a SYN (the answer) or a RST
+/// (refusing the SYN). Counted, the first put ACK in the initiator's flags, and a handshake
+/// forged around the real answer ended "completed" (assured); the second taught the
+/// responder's numbers from a blind ACK near the SYN's end (one guess in 2^15), the real
+/// SYN-ACK then fell outside, and the session stayed half-open under a running connection
+/// until it expired. A session from a peer (the initiator's numbers stale) may be further on
+/// than its record says: not judged so.
+#[inline(always)]
+fn no_handshake_sends(s: &Session, dir: usize, flags: u8) -> bool {
+    if s.state != State::SynSent as u8 || pick(s.tcp_track, DIR_ORIGINAL) & track::STALE != 0 {
+        return false;
+    }
+    if dir == DIR_ORIGINAL {
+        flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
+    } else {
+        flags & (tcp::SYN | tcp::RST) == 0
+    }
 }
 
 /// A SYN-ACK that answers the initiator's SYN (it acknowledges exactly the SYN's end) with

@@ -91,10 +91,10 @@ fn tcp_rows() -> Vec<Row> {
             .session(Expect::new(State::SynSent).packets(2, 0))
             .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
             .events(&[E::Created]),
-        Row::new("tcp syn-ack from the initiator side does not advance")
+        Row::new("tcp syn-ack from the initiator side does not advance (nor count)")
             .pass(tcp(C4, S4).syn())
             .pass(tcp(C4, S4).syn_ack())
-            .session(Expect::new(State::SynSent).packets(2, 0).tcp_flags(SA, 0))
+            .session(Expect::new(State::SynSent).packets(2, 0).tcp_flags(SYN, 0))
             .counters(&[(C::Creates, 1), (C::Hits, 1), (C::Events, 1)])
             .events(&[E::Created]),
         Row::new("tcp syn-ack makes syn-recv")
@@ -539,6 +539,33 @@ fn tcp_window_rows() -> Vec<Row> {
         )
         .counters(&after_handshake(3, &[(C::DropTcpOutOfWindow, 1)]))
         .events(&HANDSHAKE_EVENTS),
+        Row::new("tcp window: the initiator's syn-ack before any answer counts for nothing")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .pass(tcp(C4, S4).syn_ack().seq(C_ISN).ack_number(BLIND))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(tcp(C4, S4).rst().seq(C_ISN + 1))
+            .session(
+                Expect::new(State::Closed)
+                    .version(3)
+                    .packets(3, 1)
+                    .tcp_flags(SYN | RST, SA),
+            )
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 3),
+                (C::StateChanges, 2),
+                (C::Closed, 1),
+                (C::Events, 3),
+            ])
+            .events(&[E::Created, E::StateChanged, E::Closed]),
+        Row::new("tcp window: in syn-sent a reply other than the syn-ack teaches nothing")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .pass(tcp(S4, C4).ack().seq(BLIND).ack_number(C_ISN + 1))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+            .session(Expect::new(State::Established).version(3).packets(2, 2))
+            .counters(&after_handshake(1, &[]))
+            .events(&HANDSHAKE_EVENTS),
         Row::new("tcp window: a new answer to the syn is learned and completes the handshake")
             .pass(tcp(C4, S4).syn().seq(C_ISN))
             .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
