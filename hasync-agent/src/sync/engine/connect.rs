@@ -470,16 +470,47 @@ impl<T: SessionTable> Engine<T> {
         conn: Established,
         from: SocketAddr,
     ) {
-        let now = Instant::now();
-        let admit = self.admit_connection(&peer, link, &conn.hello, now);
-        if self.refused_admission(admit, from, link) {
-            return;
+        if let Some(replaced) = self.judge_attach(&peer, link, &conn.hello, from) {
+            self.attach_judged(peer, link, conn, from, replaced);
         }
-        // Only an admitted connection's hello says what the peer's configuration is.
-        self.warn_differences(&conn.hello);
-        lock(&self.inner.membership).greeted(peer.cfg.id, now);
-        // What the old connection had in flight is queued again, as for any lost link.
-        self.detach(&peer, link, None, "replaced");
+    }
+
+    /// Whether an authenticated connection may attach on `link` now and, if so, the
+    /// generation of the connection it replaces there (one gone silent or closed); `None`,
+    /// counted and logged, if refused. Decided under the peer's lock: the replacement then
+    /// removes that connection only (before, whatever was on the link, a live one that had
+    /// registered since included), and the registration refuses this one if another
+    /// registered meanwhile.
+    fn judge_attach(
+        &self,
+        peer: &Peer,
+        link: LinkKind,
+        hello: &Hello,
+        from: SocketAddr,
+    ) -> Option<Option<u64>> {
+        let (admit, replaced) = {
+            let g = peer.lock();
+            let admit = self.admission(&g, link, hello.boot_id, Instant::now());
+            (admit, g.links.get(&link).map(|c| c.generation))
+        };
+        (!self.refused_admission(admit, from, link)).then_some(replaced)
+    }
+
+    /// [`Engine::attach`] once judged: `replaced` is the generation of the connection this
+    /// one replaces.
+    fn attach_judged(
+        &self,
+        peer: Arc<Peer>,
+        link: LinkKind,
+        conn: Established,
+        from: SocketAddr,
+        replaced: Option<u64>,
+    ) {
+        let now = Instant::now();
+        if let Some(old) = replaced {
+            // What the old connection had in flight is queued again, as for any lost link.
+            self.detach(&peer, link, Some(old), "replaced");
+        }
         let Established {
             hello,
             mut tx,
@@ -527,6 +558,13 @@ impl<T: SessionTable> Engine<T> {
             // Its reader ends unregistered.
             return;
         }
+        // Only a registered connection's hello says what the peer's configuration is (taken
+        // out: the membership's lock is never taken under a peer's).
+        let hello = peer.lock().hello.clone();
+        if let Some(hello) = &hello {
+            self.warn_differences(hello);
+        }
+        lock(&self.inner.membership).greeted(peer.cfg.id, now);
         let _ = registered.send(());
         lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
         self.log_limited(link_state_key(&peer, link), |skipped| {
@@ -830,6 +868,30 @@ mod tests {
             sent_fresh: false,
         };
         (conn, theirs)
+    }
+
+    /// A connection judged free to attach, when another registered on the link before it
+    /// went on (a dial and an accept crossing), leaves that one in place and is refused
+    /// (`duplicate-link`). Before, its replacement of "whatever was on the link" removed the
+    /// live connection that had just registered. Seen failing (generation replaced) so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_judged_before_another_registered_leaves_it_in_place() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let from = SocketAddr::new("127.0.0.1".parse().expect("ip"), 4700);
+        let (late, _far) = connection_of_2(&e, LinkKind::Ha4, 1).await;
+        let replaced = e
+            .judge_attach(&p, LinkKind::Ha4, &late.hello, from)
+            .expect("nothing on the link yet");
+        let (first, _sent) = super::super::tests::placeholder_conn(1000);
+        let hello = hello_of_2(&e, LinkKind::Ha4, 1);
+        let registered = e.register(&p, LinkKind::Ha4, hello, first, Instant::now());
+        assert_eq!(registered, Admit::Attach);
+        e.attach_judged(p.clone(), LinkKind::Ha4, late, from, replaced);
+        let on_link = p.lock().links.get(&LinkKind::Ha4).map(|c| c.generation);
+        assert_eq!(on_link, Some(1000), "the live connection was pushed aside");
+        let refused = e.rejections().snapshot();
+        assert_eq!(refused.get("duplicate-link"), Some(&1));
     }
 
     /// A key holder at member 2's other sync address claims another boot while member 2's
