@@ -3,20 +3,21 @@
 //! handshakes at a time per address and in all. Everything else is closed at once, so a host
 //! without the key cannot hold the agent's descriptors or tasks.
 //!
-//! A slot is held until the handshake's first message proved the key ([`Ticket::spoke`]).
-//! Before that, a new connection from the same address, its slots all taken, takes the slot
-//! of the oldest one that has not spoken ([`Ticket::evicted`] tells it to go): a process that
-//! can send from a member's address (any local user on that member, a neighbour that spoofs
-//! it) and keeps idle connections open would otherwise hold every slot and lock the member
-//! out of the link; a member's own dial speaks within a round trip and is then safe.
+//! A slot is held for good once the peer's hello came ([`Ticket::spoke`]): it proves the key
+//! and that the connection is fresh (it is encrypted to this side's ephemeral key; the
+//! handshake's first message alone could be a replay). Before that, a new connection from the
+//! same address, its slots all taken, takes the slot of the oldest one that has not spoken
+//! ([`Ticket::evicted`] tells it to go): a process that can send from a member's address (any
+//! local user on that member, a neighbour that spoofs it) and keeps idle connections open
+//! would otherwise hold every slot for the hello's whole timeout, again and again, and lock
+//! the member out of the link. Its own dial speaks within two round trips. (One that floods
+//! connections from that address faster than the dial's handshake can still evict it: a
+//! member keeps local users off the sync port with its own output rules.)
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
 };
 
 use hasync_common::MemberId;
@@ -64,13 +65,20 @@ struct UnderWay {
     total: usize,
 }
 
-/// One handshake's slot.
+/// One handshake's slot. Whether it spoke is read and written under the admission's lock
+/// only, so a slot is never both kept and given away.
 #[derive(Debug, Default)]
 struct Slot {
-    /// Its first message proved the key: it keeps its slot.
-    spoke: AtomicBool,
+    /// Its hello came: it keeps its slot.
+    spoke: Mutex<bool>,
     /// Its slot was given to a newer connection from its address.
     evicted: Notify,
+}
+
+impl Slot {
+    fn spoke(&self) -> bool {
+        *self.spoke.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A handshake slot, given back on drop.
@@ -105,7 +113,7 @@ impl Admission {
         let UnderWay { by_source, total } = &mut *g;
         let mine = by_source.entry(ip).or_default();
         if mine.len() >= MAX_PER_SOURCE {
-            let silent = mine.iter().position(|s| !s.spoke.load(Relaxed));
+            let silent = mine.iter().position(|s| !s.spoke());
             let oldest = silent.ok_or(Refusal::Busy)?;
             mine.remove(oldest).evicted.notify_one();
             *total = total.saturating_sub(1);
@@ -125,9 +133,19 @@ impl Admission {
 }
 
 impl Ticket {
-    /// The handshake's first message proved the key: the slot is no longer given away.
-    pub fn spoke(&self) {
-        self.slot.spoke.store(true, Relaxed);
+    /// The peer's hello came: the slot is no longer given away. False if it was given away
+    /// already (the handshake must end).
+    pub fn spoke(&self) -> bool {
+        let g = self.admission.lock();
+        let given_away = !g
+            .by_source
+            .get(&self.ip)
+            .is_some_and(|mine| mine.iter().any(|s| Arc::ptr_eq(s, &self.slot)));
+        if given_away {
+            return false;
+        }
+        *self.slot.spoke.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        true
     }
 
     /// Resolves once the slot was given to a newer connection from the same address (never
@@ -183,8 +201,7 @@ mod tests {
         let t1 = a.admit(ip("198.18.100.1")).expect("first");
         assert_eq!(t1.member, MemberId(1));
         let t2 = a.admit(ip("198.18.100.1")).expect("second");
-        t1.spoke();
-        t2.spoke();
+        assert!(t1.spoke() && t2.spoke());
         assert_eq!(
             a.admit(ip("198.18.100.1")).map(|t| t.member),
             Err(Refusal::Busy)
@@ -221,12 +238,13 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), idle_1.evicted())
             .await
             .expect("the oldest was told to go");
-        dial.spoke();
+        assert!(dial.spoke());
+        assert!(!idle_1.spoke(), "a slot given away is not kept");
         let again = a.admit(member).expect("the other silent one's slot");
         tokio::time::timeout(std::time::Duration::from_secs(1), idle_2.evicted())
             .await
             .expect("the second was told to go");
-        again.spoke();
+        assert!(again.spoke());
         assert_eq!(
             a.admit(member).map(|t| t.member),
             Err(Refusal::Busy),

@@ -289,13 +289,22 @@ impl<T: SessionTable> Engine<T> {
         ticket: &Ticket,
     ) -> Result<Option<(Arc<Peer>, Established)>, ChannelError> {
         let (mut tx, mut rx) = channel::respond(stream, &self.inner.cfg.psk).await?;
-        ticket.spoke();
         let (msg, _) = rx.recv().await?;
         let Message::Hello(h) = msg else {
             return Err(ChannelError::Malformed(WireError::NotHello {
                 got: msg.name(),
             }));
         };
+        // Only a hello proves a fresh connection of the key's (a first message may be replayed).
+        if !ticket.spoke() {
+            self.refuse(
+                Rejection::PreAuthLimit,
+                from,
+                link,
+                "a newer connection from its address took its slot before its hello came",
+            );
+            return Ok(None);
+        }
         let Some(peer) = self.check_hello(&h, link, from, ticket.member) else {
             // A peer of another cluster, or of an incompatible version, refuses us as well
             // once it reads our hello: send it, so the dialing side counts and logs the
