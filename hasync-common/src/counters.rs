@@ -157,10 +157,11 @@ counters! {
     /// TCP without SYN, or an ICMP query's reply on its way through, without a session,
     /// dropped by the strict policy.
     DropNoSession = "drop-no-session",
-    /// TCP without SYN and without a session that came in through a zone checking routes and
-    /// that the kernel would not forward (for this host itself, or no route): passed by either
-    /// policy, since this host's own connections open without crossing XDP (their SYNs leave
-    /// through the stack) and its own firewall decides what reaches it.
+    /// TCP without SYN, or an ICMP error, without a session, that came in through a zone
+    /// checking routes and that the kernel would not forward (for this host itself, or no
+    /// route; not a multicast or broadcast destination): passed by either policy, since this
+    /// host's own connections open without crossing XDP (their SYNs leave through the stack)
+    /// and its own firewall decides what reaches it.
     PassToThisHost = "pass-to-this-host",
     /// Packets of established sessions forwarded by XDP (`forwarding = "xdp"`): FIB lookup,
     /// MAC rewrite, TTL decrement, DEVMAP redirect.
@@ -251,7 +252,7 @@ counters! {
     /// Malformed: UDP header cut off.
     ErrUdpTruncated = "err-udp-truncated",
     /// Malformed: the UDP length is below the header's 8 bytes or, outside a fragment, runs
-    /// past the IP payload (the receiver drops it; conntrack takes it as invalid).
+    /// past the IP payload (conntrack takes it for invalid).
     ErrUdpLength = "err-udp-length",
     /// Malformed: ICMP/ICMPv6 header cut off.
     ErrIcmpTruncated = "err-icmp-truncated",

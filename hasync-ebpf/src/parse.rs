@@ -728,7 +728,10 @@ fn quoted_flow(
         {
             (raw16(q[4], q[5]), raw16(q[4], q[5]))
         }
-        _ => return None,
+        // No session has such a key (ESP, GRE, ...: the addresses alone): it is asked about
+        // only as this host's own (a tunnel it terminates needs its path-MTU errors).
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => return None,
+        _ => (0, 0),
     };
     Some(FlowKey::canonical(family, proto, src, sport, dst, dport))
 }

@@ -115,7 +115,9 @@ pub fn for_this_host(ctx: &XdpContext, packet: &First, ingress: Option<ZoneBindi
         return false;
     }
     let query = packet.query(ctx.ingress_ifindex() as u32);
-    matches!(lookup(ctx, &query), Route::NotForwarded)
+    // A multicast or broadcast destination is nobody's own: the local table's routes for them
+    // answer "not forwarded" too.
+    !not_unicast(packet.key.family, query.dst) && matches!(lookup(ctx, &query), Route::NotForwarded)
 }
 
 /// The reply zone of a new session whose first packet came in through `ingress`, or why it

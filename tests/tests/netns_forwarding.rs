@@ -425,6 +425,57 @@ fn the_firewalls_own_tcp_connections_work_under_the_strict_policy() {
         ensure!(d.get(Counter::DropIcmpErrorUnrelated) == 0, "{d}");
         ensure!(d.get(Counter::PassToThisHost) == 1, "{d}");
 
+        // A "fragmentation needed" quoting the firewall's own ESP (a tunnel it terminates)
+        // passes as well; one quoting another host's packet, with no session, is still
+        // dropped, and so is one to a multicast address (the local table's route for it says
+        // "not forwarded" too).
+        let (fw4, srv4): (IpAddr, IpAddr) = ("198.18.1.1".parse()?, SRV4.parse()?);
+        let own_esp = Frame::other_proto(fw4, srv4, 50);
+        let others = Frame::udp(sa(CLI4, 5000), sa(SRV4, 53));
+        let multicast = Frame::udp(sa("224.0.0.9", 520), sa(SRV4, 520));
+        let fs0 = fwd.fw.mac("fs0")?;
+        let outcome = |to: IpAddr, quoted: &Frame| -> Result<Counter> {
+            let error = vec![Frame::icmp_error(srv4, to, 3, 4, quoted).build()];
+            let before = fwd.counters()?;
+            fwd.srv
+                .run(move || hasync_tests::cluster::send_raw("s0", fs0, &error, IO_TIMEOUT))?
+                .map_err(anyhow::Error::msg)?;
+            wait_for(IO_TIMEOUT, || {
+                let d = CounterDelta {
+                    before,
+                    after: fwd.counters().ok()?,
+                };
+                [Counter::PassToThisHost, Counter::DropIcmpErrorUnrelated]
+                    .into_iter()
+                    .find(|&c| d.get(c) > 0)
+            })
+            .context("the error did not reach the program")
+        };
+        let cases = [
+            (
+                "the firewall's own ESP",
+                fw4,
+                &own_esp,
+                Counter::PassToThisHost,
+            ),
+            (
+                "another host's UDP",
+                CLI4.parse()?,
+                &others,
+                Counter::DropIcmpErrorUnrelated,
+            ),
+            (
+                "a multicast sender",
+                "224.0.0.9".parse()?,
+                &multicast,
+                Counter::DropIcmpErrorUnrelated,
+            ),
+        ];
+        for (what, to, quoted, want) in cases {
+            let got = outcome(to, quoted)?;
+            ensure!(got == want, "{what}: {got:?}, expected {want:?}");
+        }
+
         // A zone that checks no routes says the lookup does not see how the kernel routes
         // (marks, VRFs): there, mid-flow TCP is dropped as before.
         let mut fwd = fwd;
