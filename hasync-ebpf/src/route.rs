@@ -52,6 +52,11 @@ impl Refused {
         pass: Counter::PassNoSessionLoose,
         drop: Counter::DropNoSession,
     };
+    /// A packet that came in through another zone than its session allows.
+    pub const ZONE_MISMATCH: Refused = Refused {
+        pass: Counter::PassZoneMismatch,
+        drop: Counter::DropZoneMismatch,
+    };
 }
 
 /// What one lookup answered.
@@ -130,13 +135,13 @@ pub fn reply_zone(
     ingress: Option<ZoneBinding>,
 ) -> Result<ZoneId, Refused> {
     // Across a virtual wire every packet is on its way through, and every reply comes back
-    // in through the wire's other end: the replies are bound to that end's zone at once, so
-    // one forged from the first packet's side is a zone mismatch (before, it was learned as
-    // the first reply, and a handshake forged from one side made an assured session). Ends in
-    // one zone bind nothing tighter than that zone.
-    let wire = ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE));
-    if wire && first.opening {
-        if is_icmp_reply(first.key) {
+    // in through the wire's other end: a new session's replies are bound to that end's zone
+    // at once, so one forged from the first packet's side is a zone mismatch (before, it was
+    // learned as the first reply, and a handshake forged from one side made an assured
+    // session); a reply looked up again (`session::route_again`) must have come from the far
+    // end of the session's own zone. Ends in one zone bind nothing tighter than that zone.
+    if ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE)) {
+        if first.opening && is_icmp_reply(first.key) {
             return Err(Refused::STRAY_REPLY);
         }
         let far_end = VWIRE_PORTS.get_ifindex(ctx.ingress_ifindex() as u32);

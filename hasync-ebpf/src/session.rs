@@ -10,7 +10,7 @@ use hasync_common::{
     session::{expired, tcp, tcp_next, DIR_ORIGINAL, DIR_REPLY},
     tcp_window::{self, Fit},
     Counter, Counters, DatapathConfig, EventKind, FlowKey, MalformedAction, Session, SessionFlags,
-    State, ZoneId,
+    State, ZoneBinding, ZoneId,
 };
 
 use crate::{
@@ -276,10 +276,15 @@ fn route_again(
         opening: false,
     };
     let ingress = ingress_zone(ctx);
+    let wire = ingress.is_some_and(|b| b.has(ZoneBinding::VWIRE));
     match route::reply_zone(ctx, counters, &first, ingress) {
         Ok(zone) if dir == DIR_ORIGINAL => s.reply_zone = zone,
         Err(_) if dir == DIR_ORIGINAL => {}
         Ok(ZoneId::NONE | ZoneId::UNZONED) => {}
+        // Across a wire a reply comes in at the far end from the session's own zone (a peer's
+        // copy, or one taken over, is first bound so: before, whatever side its first reply
+        // came from, a forger's included).
+        Ok(zone) if wire && zone != s.zone => return Err(route::Refused::ZONE_MISMATCH),
         Ok(_) => s.reply_zone = ingress.map_or(ZoneId::NONE, |b| b.zone),
         Err(refused) => return Err(refused),
     }

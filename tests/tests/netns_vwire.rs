@@ -313,6 +313,60 @@ fn a_handshake_forged_from_one_side_stays_embryonic(wire: &Wire) -> Result<()> {
     Ok(())
 }
 
+/// A peer's copy of a session on the wire, its owner dead, is bound by its first reply only
+/// where that reply comes in at the far end from the session's own zone: one forged from the
+/// first packet's side is a zone mismatch and binds nothing (before, the first reply bound the
+/// replies to whatever side it came from, and every genuine reply was then dropped); the
+/// genuine one binds them and takes the session over.
+fn a_peers_copy_is_bound_by_a_reply_from_the_far_end_only(wire: &mut Wire) -> Result<()> {
+    use hasync_common::{MemberId, Session, SessionFlags, ZoneId};
+    let (cli, srv) = (sa(CLI4, 4030), sa(SRV4, 80));
+    let (key, initiator_hi) = Frame::tcp(cli, srv).key_and_side();
+    let now = wire.dp.now_ns()?;
+    let peer = MemberId(2);
+    let copy = Session {
+        created_ns: now,
+        last_seen_ns: now,
+        last_event_ns: now,
+        packets: [5, 5],
+        bytes: [500, 500],
+        version: 4,
+        zone: TRUST,
+        flags: SessionFlags(
+            SessionFlags::FROM_PEER
+                | if initiator_hi {
+                    SessionFlags::INITIATOR_HI
+                } else {
+                    0
+                },
+        ),
+        owner: peer,
+        state: State::Established as u8,
+        reply_zone: ZoneId::NONE,
+        ..Session::default()
+    };
+    wire.dp.insert_sessions(&[(key, copy)])?;
+    wire.dp.set_member_alive(peer, false)?;
+    let reply = Frame::tcp(srv, cli).ack().seq(9000).ack_number(7000);
+    let before = wire.dp.counters()?;
+    send_raw(&wire.cli, "c0", reply.build())?;
+    let d = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropZoneMismatch) == 1).then_some(d)
+    });
+    d.context("a reply forged from the first packet's side was not refused")?;
+    let s = wire.dp.session(&key)?.context("the copy is gone")?;
+    ensure!(s.reply_zone == ZoneId::NONE && s.owner == peer, "{s:?}");
+    send_raw(&wire.srv, "s0", reply.build())?;
+    let bound = wait_for(Duration::from_secs(2), || {
+        let s = wire.dp.session(&key).ok()??;
+        (s.reply_zone == UNTRUST).then_some(s)
+    });
+    let s = bound.context("the genuine reply did not bind the replies")?;
+    ensure!(s.owner == LOCAL, "taken over: {s:?}");
+    Ok(())
+}
+
 /// A wire whose other end is not in the map (down: an end takes no XDP redirects) passes
 /// nothing to the member's own stack, not even a frame sent to the end's own address, which
 /// the kernel would route (until stop 39 it was passed to it).
@@ -347,6 +401,7 @@ fn a_virtual_wire_tracks_what_crosses_it() {
         tcp_and_neighbours_cross(&wire, SRV6).context("ipv6")?;
         tags_policy_and_non_ip(&mut wire)?;
         a_handshake_forged_from_one_side_stays_embryonic(&wire)?;
+        a_peers_copy_is_bound_by_a_reply_from_the_far_end_only(&mut wire)?;
         a_wire_that_is_down_passes_nothing(&mut wire)
     };
     run().unwrap_or_else(|e| panic!("{e:#}"));
