@@ -28,11 +28,39 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
             let _ = fs::remove_file(&tmp);
             Ok(false)
         }
-        linked => {
-            let removed = linked.and_then(|()| fs::remove_file(&tmp));
+        // A file system without hard links (vfat, many FUSE ones): created in place, never
+        // over what is there.
+        Err(_) => {
+            let _ = fs::remove_file(&tmp);
+            create_in_place(path, bytes, mode)
+        }
+        Ok(()) => {
+            let removed = fs::remove_file(&tmp);
             finish(path, &tmp, removed).map(|()| true)
         }
     }
+}
+
+/// `O_EXCL` and a write: false if something is at `path`; a failed write removes the part.
+fn create_in_place(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
+    let mut f = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+    {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        opened => opened?,
+    };
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(mode)))
+        .and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(true)
 }
 
 /// The whole of `bytes` in a new temporary file beside `path`, synced, with `mode` (which the
@@ -116,6 +144,12 @@ mod tests {
         assert!(!create_new(&key, &[2; 32], 0o600).expect("kept"));
         assert_eq!(fs::read(&key).expect("read"), [1; 32]);
         assert_eq!(fs::read_dir(&d).expect("list").count(), 1);
+        // The way taken on a file system without hard links: the same rule.
+        let other = d.join("other.key");
+        assert!(create_in_place(&other, &[3; 32], 0o600).expect("created"));
+        assert!(!create_in_place(&other, &[4; 32], 0o600).expect("kept"));
+        assert_eq!(fs::read(&other).expect("read"), [3; 32]);
+        assert_eq!(fs::metadata(&other).expect("meta").mode() & 0o777, 0o600);
         fs::remove_dir_all(&d).expect("clean up");
     }
 }

@@ -578,6 +578,13 @@ pub struct Provisioned {
 pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     let spec = Spec::load(spec_path)?;
     let configs = spec.configs(spec_path)?;
+    if configs.is_empty() {
+        return Err(invalid(
+            spec_path,
+            vec!["no member is enabled: there is no config to write".to_owned()],
+        )
+        .into());
+    }
     let key = out.join("cluster.key");
     let files = with_check_key(&key, |k| member_files(spec_path, configs, k))?;
     check_output(out, &files)?;
@@ -892,9 +899,18 @@ pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
         );
     }
     for serial in &done.disabled {
+        let stale = out.join(serial).exists();
         println!(
             "{serial}: enabled = false, no config of its own (in every other member's list; set \
-             enabled = true and provision again to bring it in)"
+             enabled = true and provision again to bring it in){}",
+            if stale {
+                format!(
+                    "; {} is left from an earlier run, with an old config: remove it",
+                    out.join(serial).display()
+                )
+            } else {
+                String::new()
+            }
         );
     }
     let hex: String = done.fingerprint[..8]

@@ -207,6 +207,19 @@ fn a_disabled_member_is_listed_without_a_config_of_its_own() {
         .find(|m| m.id == MemberId(3))
         .expect("FW-C listed");
     assert!(!c.enabled);
+    // A spec with no member enabled has nothing to write: refused, nothing written.
+    let nobody = dir.path().join("nobody.toml");
+    let none_out = dir.path().join("none");
+    let all_off = ["FW-A", "FW-B", "FW-C"]
+        .iter()
+        .fold(example_in(&none_out), |t, s| {
+            let line = format!("serial = \"{s}\"\n");
+            t.replacen(&line, &format!("{line}enabled = false\n"), 1)
+        });
+    std::fs::write(&nobody, all_off).expect("write spec");
+    let e = provision(&nobody, &none_out).expect_err("nobody enabled");
+    assert!(e.to_string().contains("no member is enabled"), "{e}");
+    assert!(!none_out.exists());
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, SessionFlags, State, ZoneId};
+use hasync_common::{ApplyOp, ApplyRecord, ApplySource, MemberId, SessionFlags, ZoneId};
 
 use super::stats::Rejection;
 use super::table::SessionTable;
@@ -181,8 +181,7 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
             return Decision::Forward(ApplyRecord::removal(rec.key, rec.owner, rec.version))
         }
         Op::Upsert => {
-            let fits = State::from_u8(rec.state).is_some_and(|s| s.fits(rec.key.proto));
-            if !fits {
+            if !rec.state_fits() {
                 return Decision::RefuseState;
             }
             let Some(zone) = zones.translate(rec.zone) else {

@@ -307,6 +307,12 @@ impl Record {
         }
     }
 
+    /// Is the record's state one of a session of its key's protocol
+    /// ([`hasync_common::State::fits`])?
+    pub fn state_fits(&self) -> bool {
+        hasync_common::State::from_u8(self.state).is_some_and(|s| s.fits(self.key.proto))
+    }
+
     /// The session to apply locally at local time `now_ns`, with `zone` already translated
     /// to this member's numbering. A session cannot have been idle longer than it exists: an
     /// idle time past the age is taken as the age (else the copy would count as created after

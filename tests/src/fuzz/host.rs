@@ -199,7 +199,7 @@ fn check_decision(
             return Ok(());
         }
         Decision::RefuseState => {
-            ensure!(!state_fits(rec), "refused a state its key's protocol has");
+            ensure!(!rec.state_fits(), "refused a state its key's protocol has");
             return Ok(());
         }
         Decision::RefuseZone => {
@@ -223,7 +223,7 @@ fn check_decision(
     );
     if r.op == ApplyOp::Upsert as u8 || restore {
         ensure!(
-            state_fits(rec),
+            rec.state_fits(),
             "forwarded a state its key's protocol lacks"
         );
         ensure!(
@@ -242,11 +242,6 @@ fn check_decision(
         );
     }
     check_resolution(r.op, s, who)
-}
-
-/// Is the record's state one of its key's protocol's sessions?
-fn state_fits(rec: &Record) -> bool {
-    hasync_common::State::from_u8(rec.state).is_some_and(|s| s.fits(rec.key.proto))
 }
 
 /// The conflict rule against no local copy, a copy equal to the record (never newer than
