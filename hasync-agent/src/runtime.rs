@@ -137,7 +137,7 @@ fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
     let psk = config::read_cluster_key(&config.cluster.key_file)?;
-    let mut log = preflight(&config)?;
+    let Preflight { mut log, pingers } = preflight(&config)?;
     let mut signals = Signals::new()?;
     let plan = StartPlan::from_config(&config);
     let (started, forwarding) = bring_up(&plan, |dp| {
@@ -152,7 +152,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // One interface watcher (a netlink socket and its reader) for the sync links, the link
     // groups, the stacked devices and the forwarding ports.
     let links = LinkWatch::spawn();
-    let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone())?;
+    let (member, mut tasks) = start_member(config, psk, dp, restarted, (links.clone(), pingers))?;
     match &links {
         Ok(watch) => {
             let zones = plan.zone_interfaces();
@@ -184,16 +184,24 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     shut_down(tasks, &member, result)
 }
 
+/// What [`preflight`] opened.
+struct Preflight {
+    log: TrafficLog,
+    pingers: crate::monitor::Pingers,
+}
+
 /// Opens what the config names that can fail before the datapath is touched: the traffic
-/// log, and a check of the control socket (served once the datapath is up). A start refused
-/// after the datapath was loaded would leave a pinned datapath, whose program an earlier agent
-/// left running, with this config's maps, or interfaces switched to this agent's program.
-fn preflight(config: &Config) -> anyhow::Result<TrafficLog> {
+/// log, the path groups' raw sockets (CAP_NET_RAW), and a check of the control socket (served
+/// once the datapath is up). A start refused after the datapath was loaded would leave a
+/// pinned datapath, whose program an earlier agent left running, with this config's maps, or
+/// interfaces switched to this agent's program.
+fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     let log = open_traffic_log(config)?;
+    let pingers = crate::monitor::open(config)?;
     let socket = &config.local.control_socket;
     crate::control::server::check(socket)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
-    Ok(log)
+    Ok(Preflight { log, pingers })
 }
 
 /// What the main loop waits on.
@@ -273,7 +281,7 @@ fn start_member(
     psk: [u8; 32],
     dp: Datapath,
     restarted: bool,
-    links: Result<LinkWatch, NetlinkError>,
+    (links, pingers): (Result<LinkWatch, NetlinkError>, crate::monitor::Pingers),
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let member = new_member(config, sync_cfg, dp)?;
@@ -283,7 +291,8 @@ fn start_member(
         member.dp.clone(),
         links,
         member.membership.clone(),
-    )?);
+        pingers,
+    ));
     Ok((member, tasks))
 }
 

@@ -71,18 +71,30 @@ pub enum MonitorError {
     },
 }
 
-/// Starts a task per kind of condition the config asks for (the datapath always). The path
-/// groups' sockets are opened first: a member that cannot ping does not start.
+/// The path groups' sockets, opened before anything else starts ([`open`]).
+pub struct Pingers(Vec<pinger::Pinger>);
+
+/// Opens the sockets of the path groups the config names: a member that cannot ping does not
+/// start (the agent opens them before it touches the datapath).
+pub fn open(config: &Config) -> Result<Pingers, MonitorError> {
+    let pingers = config
+        .monitor
+        .path_groups
+        .iter()
+        .cloned()
+        .map(pinger::Pinger::open);
+    Ok(Pingers(pingers.collect::<Result<_, _>>()?))
+}
+
+/// Starts a task per kind of condition the config asks for (the datapath always), the path
+/// groups' with `pingers`.
 pub fn spawn(
     config: &Config,
     dp: Arc<Mutex<Datapath>>,
     links: Result<LinkWatch, NetlinkError>,
     membership: Arc<Mutex<Membership>>,
-) -> Result<Vec<JoinHandle<()>>, MonitorError> {
-    let mut pingers = Vec::new();
-    for group in &config.monitor.path_groups {
-        pingers.push(pinger::Pinger::open(group.clone())?);
-    }
+    Pingers(pingers): Pingers,
+) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
     let groups = config.monitor.link_groups.clone();
     if !groups.is_empty() {
@@ -97,7 +109,7 @@ pub fn spawn(
         dp,
         membership,
     )));
-    Ok(tasks)
+    tasks
 }
 
 /// Records `condition`'s verdict, logging when it changes.
