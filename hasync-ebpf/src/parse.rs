@@ -682,9 +682,11 @@ fn wscale_option(frame: &Frame, l4: usize, doff: usize) -> Option<u8> {
     None
 }
 
-/// The key of the flow whose packet an ICMP error quotes at `at`, if the quoted IP header and
-/// the 8 bytes after it can be read, name a trackable flow (TCP, UDP, an echo; not a later
-/// fragment), and the error goes back to that packet's sender (`outer_dst`).
+/// The key of the flow whose packet an ICMP error quotes at `at`, and whether that packet's
+/// sender is the key's higher endpoint, if the quoted IP header and the 8 bytes after it can be
+/// read, are not a later fragment nor an ICMP message other than an echo's, and the error goes
+/// back to that packet's sender (`outer_dst`). A protocol no session tracks (ESP, GRE, ...)
+/// gets a key of its addresses alone, ports 0: asked about only as this host's own.
 #[inline(always)]
 fn quoted_flow(
     frame: &Frame,

@@ -120,8 +120,8 @@ pub fn for_this_host(ctx: &XdpContext, packet: &First, ingress: Option<ZoneBindi
         return false;
     }
     let query = packet.query(ctx.ingress_ifindex() as u32);
-    // A multicast or broadcast destination is nobody's own: the local table's routes for them
-    // answer "not forwarded" too.
+    // A multicast destination (or the limited broadcast) is nobody's own: the local table's
+    // routes for them answer "not forwarded" too.
     !not_unicast(packet.key.family, query.dst) && matches!(lookup(ctx, &query), Route::NotForwarded)
 }
 
