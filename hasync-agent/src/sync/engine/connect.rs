@@ -770,23 +770,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_first_message_other_than_a_hello_is_named() {
         let e = super::super::tests::engine_of(FakeTable::default(), 2);
-        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
-        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let client = tokio::spawn(async move {
-            let stream = TcpStream::connect(addr).await.expect("connect");
-            let (mut tx, mut rx) = channel::initiate(stream, &[0; 32])
-                .await
-                .expect("handshake");
-            tx.send(&Message::Ack { seq: 1 }).await.expect("ack");
-            let _ = rx.recv().await;
-        });
-        let (stream, peer_addr) = listener.accept().await.expect("accept");
-        let ticket = Admission::new([(lo, MemberId(2))].into())
-            .admit(peer_addr.ip())
-            .expect("admitted");
-        let r = e.respond(stream, peer_addr, LinkKind::Ha4, &ticket).await;
-        client.abort();
+        let r = respond_to(&e, Message::Ack { seq: 1 }).await;
         let said = r.err().expect("refused").to_string();
         assert!(
             said.contains("ack message where a hello must come first"),
@@ -813,24 +797,9 @@ mod tests {
         let before = agreed();
         assert!(before.is_some());
         // Another connection from member 2's address, whose hello says other settings.
-        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let client = tokio::spawn(async move {
-            let stream = TcpStream::connect(addr).await.expect("connect");
-            let (mut tx, mut rx) = channel::initiate(stream, &[0; 32])
-                .await
-                .expect("handshake");
-            real.fingerprint[0] ^= 1;
-            tx.send(&Message::Hello(real)).await.expect("hello");
-            let _ = rx.recv().await;
-        });
-        let (stream, peer_addr) = listener.accept().await.expect("accept");
-        let ticket = Admission::new([(lo, MemberId(2))].into())
-            .admit(peer_addr.ip())
-            .expect("admitted");
-        let r = e.respond(stream, peer_addr, LinkKind::Ha4, &ticket).await;
+        real.fingerprint[0] ^= 1;
+        let r = respond_to(&e, Message::Hello(real)).await;
         assert!(r.expect("respond").is_none(), "the duplicate was attached");
-        client.abort();
         let refused = e.rejections().snapshot();
         assert_eq!(refused.get("duplicate-link"), Some(&1));
         assert_eq!(
@@ -838,6 +807,32 @@ mod tests {
             before,
             "a refused connection's hello rewrote the peer's settings"
         );
+    }
+
+    /// `e`'s answer on HA4 to a connection from 127.0.0.1 (admitted as member 2's address)
+    /// whose first message after the handshake is `first`.
+    async fn respond_to<T: SessionTable>(
+        e: &Engine<T>,
+        first: Message,
+    ) -> Result<Option<(Arc<Peer>, Established)>, ChannelError> {
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            let (mut tx, mut rx) = channel::initiate(stream, &[0; 32])
+                .await
+                .expect("handshake");
+            tx.send(&first).await.expect("first message");
+            let _ = rx.recv().await;
+        });
+        let (stream, peer_addr) = listener.accept().await.expect("accept");
+        let ticket = Admission::new([(lo, MemberId(2))].into())
+            .admit(peer_addr.ip())
+            .expect("admitted");
+        let answer = e.respond(stream, peer_addr, LinkKind::Ha4, &ticket).await;
+        client.abort();
+        answer
     }
 
     /// Member 2's hello on `link`, of boot `boot`.
