@@ -809,6 +809,31 @@ mod tests {
         );
     }
 
+    /// A handshake whose slot a newer connection from its address took ends at once, counted
+    /// `pre-auth-limit`, instead of holding its task and descriptor for the hello's timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_evicted_handshake_ends_at_once() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        let listener = TcpListener::bind((lo, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent = TcpStream::connect(addr).await.expect("connect");
+        let (stream, from) = listener.accept().await.expect("accept");
+        let admission = Admission::new([(lo, MemberId(2))].into());
+        let ticket = admission.admit(from.ip()).expect("admitted");
+        let other = admission.admit(from.ip()).expect("second slot");
+        let accepting = tokio::spawn(e.clone().accept(stream, from, LinkKind::Ha4, ticket));
+        let newer = admission
+            .admit(from.ip())
+            .expect("the oldest silent one's slot");
+        tokio::time::timeout(Duration::from_secs(2), accepting)
+            .await
+            .expect("the evicted handshake waited on")
+            .expect("accept task");
+        assert_eq!(e.rejections().snapshot().get("pre-auth-limit"), Some(&1));
+        drop((silent, other, newer));
+    }
+
     /// `e`'s answer on HA4 to a connection from 127.0.0.1 (admitted as member 2's address)
     /// whose first message after the handshake is `first`.
     async fn respond_to<T: SessionTable>(
