@@ -1,6 +1,7 @@
 //! Files written whole or not at all: through a temporary file beside the target, synced, then
 //! renamed (or linked) into place, so a failure (a full disk, a crash) never leaves a config
-//! or a key half written where a reader looks, or an old one gone.
+//! or a key half written where a reader looks, or an old one gone. (A new file on a file
+//! system without hard links is created in place: a crash there can leave part of it.)
 
 use std::{
     fs::{self, OpenOptions},
@@ -30,15 +31,20 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<bool> {
         }
         // A file system without hard links (vfat, many FUSE ones): created in place, never
         // over what is there.
-        Err(_) => {
+        Err(e) if no_hard_links(&e) => {
             let _ = fs::remove_file(&tmp);
             create_in_place(path, bytes, mode)
         }
-        Ok(()) => {
-            let removed = fs::remove_file(&tmp);
-            finish(path, &tmp, removed).map(|()| true)
-        }
+        linked => finish(path, &tmp, linked.and_then(|()| fs::remove_file(&tmp))).map(|()| true),
     }
+}
+
+/// Does `e`, from a hard link, say the file system has none?
+fn no_hard_links(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS)
+    )
 }
 
 /// `O_EXCL` and a write: false if something is at `path`; a failed write removes the part.

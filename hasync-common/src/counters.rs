@@ -158,10 +158,10 @@ counters! {
     /// dropped by the strict policy.
     DropNoSession = "drop-no-session",
     /// TCP without SYN, or an ICMP error, without a session, that came in through a zone
-    /// checking routes and that the kernel would not forward (for this host itself, or no
-    /// route; not a multicast or broadcast destination): passed by either policy, since this
-    /// host's own connections open without crossing XDP (their SYNs leave through the stack)
-    /// and its own firewall decides what reaches it.
+    /// checking routes and that the kernel would not forward (for this host itself, a
+    /// subnet's broadcast, or no route; never a multicast destination): passed by either
+    /// policy, since this host's own connections open without crossing XDP (their SYNs leave
+    /// through the stack) and its own firewall decides what reaches it.
     PassToThisHost = "pass-to-this-host",
     /// Packets of established sessions forwarded by XDP (`forwarding = "xdp"`): FIB lookup,
     /// MAC rewrite, TTL decrement, DEVMAP redirect.

@@ -199,7 +199,10 @@ fn check_decision(
             return Ok(());
         }
         Decision::RefuseState => {
-            ensure!(!rec.state_fits(), "refused a state its key's protocol has");
+            ensure!(
+                !state_of_protocol(rec),
+                "refused a state its key's protocol has"
+            );
             return Ok(());
         }
         Decision::RefuseZone => {
@@ -223,7 +226,7 @@ fn check_decision(
     );
     if r.op == ApplyOp::Upsert as u8 || restore {
         ensure!(
-            rec.state_fits(),
+            state_of_protocol(rec),
             "forwarded a state its key's protocol lacks"
         );
         ensure!(
@@ -300,6 +303,17 @@ fn check_resolution(op: u8, incoming: &Session, who: &Applier) -> Result<()> {
         "handed a copy that may not change hands to another owner: {got:?}"
     );
     Ok(())
+}
+
+/// Is the record's state one of its key's protocol's sessions (written out here, apart from the
+/// rule the agent applies): TCP 0–4, UDP 5–6, the echo 7 for ICMP and ICMPv6.
+fn state_of_protocol(rec: &Record) -> bool {
+    match rec.key.proto {
+        6 => rec.state <= 4,
+        17 => (5..=6).contains(&rec.state),
+        1 | 58 => rec.state == 7,
+        _ => false,
+    }
 }
 
 /// An ack releases exactly the frames in flight up to its sequence number.
