@@ -55,30 +55,19 @@ impl Refusal {
 pub struct Admission {
     /// Configured address → the member there.
     members: BTreeMap<IpAddr, MemberId>,
-    under_way: Mutex<UnderWay>,
+    /// The handshakes under way, oldest first per address.
+    under_way: Mutex<HashMap<IpAddr, Vec<Slot>>>,
 }
 
-/// The handshakes under way, oldest first per address.
-#[derive(Debug, Default)]
-struct UnderWay {
-    by_source: HashMap<IpAddr, Vec<Arc<Slot>>>,
-    total: usize,
-}
-
-/// One handshake's slot. Whether it spoke is read and written under the admission's lock
+/// One handshake's slot, in the admission's lock: whether it spoke is read and written there
 /// only, so a slot is never both kept and given away.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
+    /// What tells its handshake the slot was given to a newer connection from its address
+    /// (also the slot's identity).
+    evicted: Arc<Notify>,
     /// Its hello came: it keeps its slot.
-    spoke: Mutex<bool>,
-    /// Its slot was given to a newer connection from its address.
-    evicted: Notify,
-}
-
-impl Slot {
-    fn spoke(&self) -> bool {
-        *self.spoke.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    spoke: bool,
 }
 
 /// A handshake slot, given back on drop.
@@ -86,7 +75,7 @@ impl Slot {
 pub struct Ticket {
     admission: Arc<Admission>,
     ip: IpAddr,
-    slot: Arc<Slot>,
+    evicted: Arc<Notify>,
     /// The member the configuration places at the source address.
     pub member: MemberId,
 }
@@ -96,11 +85,11 @@ impl Admission {
     pub fn new(members: BTreeMap<IpAddr, MemberId>) -> Arc<Self> {
         Arc::new(Admission {
             members,
-            under_way: Mutex::new(UnderWay::default()),
+            under_way: Mutex::new(HashMap::new()),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, UnderWay> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Vec<Slot>>> {
         self.under_way.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -110,23 +99,23 @@ impl Admission {
         let ip = ip.to_canonical();
         let member = *self.members.get(&ip).ok_or(Refusal::UnknownAddress)?;
         let mut g = self.lock();
-        let UnderWay { by_source, total } = &mut *g;
-        let mine = by_source.entry(ip).or_default();
+        let total: usize = g.values().map(Vec::len).sum();
+        let mine = g.entry(ip).or_default();
         if mine.len() >= MAX_PER_SOURCE {
-            let silent = mine.iter().position(|s| !s.spoke());
-            let oldest = silent.ok_or(Refusal::Busy)?;
+            let oldest = mine.iter().position(|s| !s.spoke).ok_or(Refusal::Busy)?;
             mine.remove(oldest).evicted.notify_one();
-            *total = total.saturating_sub(1);
-        } else if *total >= MAX_TOTAL {
+        } else if total >= MAX_TOTAL {
             return Err(Refusal::Busy);
         }
-        let slot = Arc::new(Slot::default());
-        mine.push(slot.clone());
-        *total += 1;
+        let evicted = Arc::new(Notify::new());
+        mine.push(Slot {
+            evicted: evicted.clone(),
+            spoke: false,
+        });
         Ok(Ticket {
             admission: self.clone(),
             ip,
-            slot,
+            evicted,
             member,
         })
     }
@@ -136,39 +125,29 @@ impl Ticket {
     /// The peer's hello came: the slot is no longer given away. False if it was given away
     /// already (the handshake must end).
     pub fn spoke(&self) -> bool {
-        let g = self.admission.lock();
-        let given_away = !g
-            .by_source
-            .get(&self.ip)
-            .is_some_and(|mine| mine.iter().any(|s| Arc::ptr_eq(s, &self.slot)));
-        if given_away {
-            return false;
-        }
-        *self.slot.spoke.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        true
+        let mut g = self.admission.lock();
+        let mut mine = g.get_mut(&self.ip).into_iter().flatten();
+        let slot = mine.find(|s| Arc::ptr_eq(&s.evicted, &self.evicted));
+        slot.map(|s| s.spoke = true).is_some()
     }
 
     /// Resolves once the slot was given to a newer connection from the same address (never
     /// after [`Ticket::spoke`]): the handshake must end.
     pub async fn evicted(&self) {
-        self.slot.evicted.notified().await;
+        self.evicted.notified().await;
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut g = self.admission.lock();
-        let UnderWay { by_source, total } = &mut *g;
-        let Some(mine) = by_source.get_mut(&self.ip) else {
+        let Some(mine) = g.get_mut(&self.ip) else {
             return;
         };
-        // An evicted slot was taken out of the list (and the total) when it was given away.
-        if let Some(at) = mine.iter().position(|s| Arc::ptr_eq(s, &self.slot)) {
-            mine.remove(at);
-            *total = total.saturating_sub(1);
-        }
+        // An evicted slot was taken out of the list when it was given away.
+        mine.retain(|s| !Arc::ptr_eq(&s.evicted, &self.evicted));
         if mine.is_empty() {
-            by_source.remove(&self.ip);
+            g.remove(&self.ip);
         }
     }
 }
@@ -212,8 +191,7 @@ mod tests {
         drop(t1);
         assert!(a.admit(ip("198.18.100.1")).is_ok(), "slot given back");
         drop((t2, t3));
-        let g = a.lock();
-        assert!(g.by_source.is_empty() && g.total == 0);
+        assert!(a.lock().is_empty());
     }
 
     #[test]
@@ -251,12 +229,9 @@ mod tests {
             "both slots spoke"
         );
         drop((idle_1, idle_2));
-        assert_eq!(
-            a.lock().total,
-            2,
-            "the evicted ones gave back nothing twice"
-        );
+        let held = |a: &Admission| a.lock().values().map(Vec::len).sum::<usize>();
+        assert_eq!(held(&a), 2, "the evicted ones gave back nothing twice");
         drop((dial, again));
-        assert_eq!(a.lock().total, 0);
+        assert_eq!(held(&a), 0);
     }
 }
