@@ -152,7 +152,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // One interface watcher (a netlink socket and its reader) for the sync links, the link
     // groups, the stacked devices and the forwarding ports.
     let links = LinkWatch::spawn();
-    let (member, mut tasks) = start_member(config, psk, dp, restarted, (links.clone(), pingers))?;
+    let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone(), pingers)?;
     match &links {
         Ok(watch) => {
             let zones = plan.zone_interfaces();
@@ -275,13 +275,14 @@ fn open_traffic_log(config: &Config) -> anyhow::Result<TrafficLog> {
 }
 
 /// The membership rules and the sync engine over `dp`, with the tasks they run (the engine's,
-/// the monitors').
+/// the monitors', the path groups' with `pingers`).
 fn start_member(
     config: Config,
     psk: [u8; 32],
     dp: Datapath,
     restarted: bool,
-    (links, pingers): (Result<LinkWatch, NetlinkError>, crate::monitor::Pingers),
+    links: Result<LinkWatch, NetlinkError>,
+    pingers: crate::monitor::Pingers,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let member = new_member(config, sync_cfg, dp)?;
