@@ -150,6 +150,12 @@ impl SessionFlags {
     /// there again by orphaning its copies and sending their packets here. (A copy taken over
     /// from a member that died, not orphaned before, leaves the pool: a failover.)
     pub const FROM_ORPHAN: u16 = 1 << 7;
+    /// Node-local: one of this member's own sessions written back from a peer's full sync
+    /// after its table started empty (a restart; `ApplyOp::Restore`). The record carries no
+    /// reply zone (the zones' interfaces are this member's own), so the routing table binds
+    /// the replies at the first reply here, as for a peer's copy: before, the first reply
+    /// from any zone bound them.
+    pub const RESTORED: u16 = 1 << 8;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]

@@ -236,7 +236,8 @@ fn hit(
 ///   them: the owner's zones' interfaces are its own), at a reply here, and a session taken
 ///   over from a peer until it is bound: before, such a reply passed from any zone while the
 ///   owner lived, and after a failover the first one bound the replies to its zone, wherever
-///   a forger sent it from.
+///   a forger sent it from; and one of ours written back from a peer's full sync after a
+///   restart ([`SessionFlags::RESTORED`]), likewise.
 #[inline(always)]
 fn unbound(s: &Session, dir: usize, owned: bool, ingress: ZoneId) -> bool {
     let sent = s.packets[DIR_ORIGINAL];
@@ -247,7 +248,8 @@ fn unbound(s: &Session, dir: usize, owned: bool, ingress: ZoneId) -> bool {
             && ingress == s.zone
             && (sent < ASK_FIRST || sent.is_multiple_of(ASK_EVERY))
     } else {
-        s.reply_zone == ZoneId::NONE && (!owned || s.flags.has(SessionFlags::TAKEN_OVER))
+        let rebound = SessionFlags::TAKEN_OVER | SessionFlags::RESTORED;
+        s.reply_zone == ZoneId::NONE && (!owned || s.flags.0 & rebound != 0)
     }
 }
 

@@ -190,8 +190,10 @@ pub fn decide(rec: &Record, zones: &ZoneMap, now_ns: u64, who: &Applier) -> Deci
             let mut session = rec.to_session(now_ns, zone);
             if rec.owner == who.local {
                 // Ours back (see `owner_check`): into a gap only, and not contestable, which
-                // others' claims could then take without waiting.
-                session.flags.0 &= !SessionFlags::CONTESTABLE;
+                // others' claims could then take without waiting; its replies are bound by
+                // the routing table at their first here (`SessionFlags::RESTORED`).
+                session.flags.0 =
+                    (session.flags.0 & !SessionFlags::CONTESTABLE) | SessionFlags::RESTORED;
                 (ApplyOp::Restore, session)
             } else {
                 if rec.owner != who.sender {
@@ -722,7 +724,8 @@ mod tests {
     /// a record naming us the owner, at a later version and marked contestable, leaves our
     /// live copy as it is (before, it replaced it as the same owner's newer copy, and the
     /// sender's next record, naming itself, then claimed it at once), and a session we lack
-    /// comes back without the mark. Seen failing ((6, 1) held) on the old code.
+    /// comes back without the mark, marked restored instead. Seen failing ((6, 1) held) on the
+    /// old code.
     #[test]
     fn a_fresh_table_takes_our_sessions_back_into_gaps_only() {
         let mut dp = crate::datapath::testing::datapath();
@@ -758,6 +761,14 @@ mod tests {
             held_now(&dp, &gap.key),
             (6, 1, false),
             "a session we lack came back"
+        );
+        let restored = |key| {
+            let s: Session = dp.session(key).expect("lookup").expect("held");
+            s.flags.has(SessionFlags::RESTORED)
+        };
+        assert!(
+            restored(&gap.key) && !restored(&live),
+            "only the session that came back is marked for its replies to be bound again"
         );
         let claim = rec(Op::Upsert, 7, 2, 1);
         apply(&mut dp, &[claim], &z, 2_000_000_000, &member(1, true)).expect("apply");
