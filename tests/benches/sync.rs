@@ -952,7 +952,7 @@ impl Lab {
             || {
                 for k in [1, 2] {
                     let m: MembersView =
-                        serde_json::from_value(ask(&self.cluster, k, &Request::ShowMembers)?)?;
+                        serde_json::from_value(ask(&self.cluster, k, &Request::ShowMembers {})?)?;
                     let linked = m
                         .members
                         .iter()
@@ -991,7 +991,7 @@ impl Lab {
     /// Member `k`'s statistics about `peer`.
     fn peer_stats(&self, k: u8, peer: u8) -> Result<PeerStatisticsView> {
         let s: StatisticsView =
-            serde_json::from_value(ask(&self.cluster, k, &Request::ShowStatistics)?)?;
+            serde_json::from_value(ask(&self.cluster, k, &Request::ShowStatistics {})?)?;
         s.peers
             .into_iter()
             .find(|p| p.id == peer)

@@ -379,7 +379,7 @@ impl Cluster {
 
     /// `show cluster members` on member `k`.
     pub fn try_members(&self, k: u8) -> Result<MembersView, String> {
-        query!(self, k, &Request::ShowMembers, MembersView)
+        query!(self, k, &Request::ShowMembers {}, MembersView)
     }
 
     /// How member `k` sees member `of` (itself included).
@@ -435,7 +435,7 @@ impl Cluster {
 
     /// `show cluster statistics` on member `k`.
     pub fn try_statistics(&self, k: u8) -> Result<StatisticsView, String> {
-        query!(self, k, &Request::ShowStatistics, StatisticsView)
+        query!(self, k, &Request::ShowStatistics {}, StatisticsView)
     }
 
     pub fn statistics(&self, k: u8) -> StatisticsView {

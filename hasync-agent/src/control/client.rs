@@ -178,7 +178,7 @@ mod tests {
     fn a_missing_socket_says_the_agent_is_not_running_and_how_to_start_it() {
         let dir = TempDir::new("control-missing");
         let path = dir.path().join("hasync.sock");
-        let e = request(&path, &Request::ShowMembers).expect_err("no agent");
+        let e = request(&path, &Request::ShowMembers {}).expect_err("no agent");
         assert_eq!(
             e.to_string(),
             format!(
@@ -193,7 +193,7 @@ mod tests {
         let dir = TempDir::new("control-stale");
         let path = dir.path().join("hasync.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        let e = request(&path, &Request::ShowMembers).expect_err("no agent");
+        let e = request(&path, &Request::ShowMembers {}).expect_err("no agent");
         assert!(matches!(e, ControlError::Stale { .. }), "{e:?}");
         let msg = e.to_string();
         assert!(
@@ -217,13 +217,13 @@ mod tests {
             BufReader::new(&b).read_line(&mut line).unwrap();
             b.write_all(b"hello\n").unwrap();
         });
-        let e = request(&path, &Request::ShowFlaps).expect_err("hung up");
+        let e = request(&path, &Request::ShowFlaps {}).expect_err("hung up");
         assert!(
             e.to_string()
                 .contains("closed the connection without answering"),
             "{e}"
         );
-        let e = request(&path, &Request::ShowFlaps).expect_err("garbage");
+        let e = request(&path, &Request::ShowFlaps {}).expect_err("garbage");
         assert!(e.to_string().contains("sent a malformed answer"), "{e}");
         server.join().unwrap();
     }
@@ -241,7 +241,7 @@ mod tests {
             answer.push(b'\n');
             s.write_all(&answer).unwrap();
         });
-        let e = call(&path, &Request::Suspend).expect_err("refused");
+        let e = call(&path, &Request::Suspend {}).expect_err("refused");
         assert_eq!(
             e.to_string(),
             "the agent refused the request: member is busy"

@@ -152,7 +152,7 @@ pub struct ShowSessionsArgs {
 impl ShowSessionsArgs {
     pub fn request(&self) -> Request {
         if self.swept {
-            return Request::ShowSessionCounts;
+            return Request::ShowSessionCounts {};
         }
         Request::ShowSessions {
             count_only: self.count,
@@ -201,9 +201,11 @@ pub fn show(args: &ShowArgs) -> anyhow::Result<()> {
 pub fn show_to(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (connect, json, request) = match &args.what {
         ShowCommand::Cluster(ShowClusterArgs { what }) => match what {
-            ClusterCommand::Members(a) => (&a.connect, a.output.json, Request::ShowMembers),
-            ClusterCommand::Statistics(a) => (&a.connect, a.output.json, Request::ShowStatistics),
-            ClusterCommand::Flaps(a) => (&a.connect, a.output.json, Request::ShowFlaps),
+            ClusterCommand::Members(a) => (&a.connect, a.output.json, Request::ShowMembers {}),
+            ClusterCommand::Statistics(a) => {
+                (&a.connect, a.output.json, Request::ShowStatistics {})
+            }
+            ClusterCommand::Flaps(a) => (&a.connect, a.output.json, Request::ShowFlaps {}),
             ClusterCommand::Sessions(a) => (&a.connect, a.output.json, a.request()),
         },
         ShowCommand::Counters(a) => (
@@ -221,30 +223,30 @@ pub fn show_to(args: &ShowArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         return Ok(());
     }
     match request {
-        Request::ShowMembers => render_members(&client::parse(&socket, data)?, out)?,
-        Request::ShowStatistics => render_statistics(&client::parse(&socket, data)?, out)?,
-        Request::ShowFlaps => render_flaps(&client::parse(&socket, data)?, out)?,
+        Request::ShowMembers {} => render_members(&client::parse(&socket, data)?, out)?,
+        Request::ShowStatistics {} => render_statistics(&client::parse(&socket, data)?, out)?,
+        Request::ShowFlaps {} => render_flaps(&client::parse(&socket, data)?, out)?,
         Request::ShowCounters { .. } => render_counters(&client::parse(&socket, data)?, out)?,
         Request::ShowSessions { offset, filter, .. } => {
             render_sessions(&client::parse(&socket, data)?, offset, &filter, out)?
         }
-        Request::ShowSessionCounts => {
+        Request::ShowSessionCounts {} => {
             let filter = SessionFilter::default();
             render_sessions(&client::parse(&socket, data)?, 0, &filter, out)?
         }
-        Request::Suspend | Request::Functional => unreachable!("not a show request"),
+        Request::Suspend {} | Request::Functional {} => unreachable!("not a show request"),
     }
     Ok(())
 }
 
 /// `hasync suspend`.
 pub fn suspend(args: &ConnectArgs) -> anyhow::Result<()> {
-    change_state(args, Request::Suspend, &mut std::io::stdout().lock())
+    change_state(args, Request::Suspend {}, &mut std::io::stdout().lock())
 }
 
 /// `hasync functional`.
 pub fn functional(args: &ConnectArgs) -> anyhow::Result<()> {
-    change_state(args, Request::Functional, &mut std::io::stdout().lock())
+    change_state(args, Request::Functional {}, &mut std::io::stdout().lock())
 }
 
 fn change_state(args: &ConnectArgs, request: Request, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -50,7 +50,7 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
             offset,
             limit,
         } => SessionPage::new(count_only, filter, offset, limit, &zones),
-        Request::ShowSessionCounts => {
+        Request::ShowSessionCounts {} => {
             return session_counts(&member.swept, member.bounds, &member.dp, reply)
         }
         _ => {
@@ -171,11 +171,11 @@ fn priority() -> i32 {
 fn handle(member: &Member, request: Request) -> Response {
     let now = Instant::now();
     match request {
-        Request::ShowMembers => show_members(member, now),
-        Request::ShowSessions { .. } | Request::ShowSessionCounts => Response::error(
+        Request::ShowMembers {} => show_members(member, now),
+        Request::ShowSessions { .. } | Request::ShowSessionCounts {} => Response::error(
             "the session table's counts and pages are answered by `answer`, off the main loop",
         ),
-        Request::ShowStatistics => Response::ok(statistics(member)),
+        Request::ShowStatistics {} => Response::ok(statistics(member)),
         Request::ShowCounters { prefix } => match member.counters.counters() {
             Ok(c) => {
                 let pool = prefix
@@ -185,13 +185,13 @@ fn handle(member: &Member, request: Request) -> Response {
             }
             Err(e) => Response::error(crate::datapath::error_chain(&e)),
         },
-        Request::ShowFlaps => {
+        Request::ShowFlaps {} => {
             Response::ok(FlapsView::from_membership(&lock(&member.membership), now))
         }
-        Request::Suspend | Request::Functional => {
+        Request::Suspend {} | Request::Functional {} => {
             {
                 let mut m = lock(&member.membership);
-                if matches!(request, Request::Suspend) {
+                if matches!(request, Request::Suspend {}) {
                     m.suspend();
                 } else {
                     m.functional(now);

@@ -49,7 +49,7 @@ pub fn proto_name(proto: u8) -> String {
 #[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// The cluster's members and their states: a [`super::view::MembersView`].
-    ShowMembers,
+    ShowMembers {},
     /// The session table, filtered and paged: a [`super::view::SessionsView`].
     ShowSessions {
         /// Only the totals; no `sessions` list.
@@ -70,9 +70,9 @@ pub enum Request {
     /// not the expired ones it removed, and owners 0–16 only by owner. Before the first
     /// pass completes, counted by a walk as `show-sessions` does. What the metrics and the
     /// dashboard show.
-    ShowSessionCounts,
+    ShowSessionCounts {},
     /// Sync statistics per peer and link: a [`super::view::StatisticsView`].
-    ShowStatistics,
+    ShowStatistics {},
     /// Datapath counters: a [`super::view::CountersView`].
     ShowCounters {
         /// Only counters whose name starts with this.
@@ -80,13 +80,13 @@ pub enum Request {
         prefix: Option<String>,
     },
     /// Flaps per member: a [`super::view::FlapsView`].
-    ShowFlaps,
+    ShowFlaps {},
     /// Suspend the local member (it stays suspended until `functional`): answers a
     /// [`super::view::LocalStateView`].
-    Suspend,
+    Suspend {},
     /// Leave the suspended state (through tentative): answers a
     /// [`super::view::LocalStateView`].
-    Functional,
+    Functional {},
 }
 
 impl Request {
@@ -106,14 +106,14 @@ impl Request {
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Request::ShowMembers => "show-members",
+            Request::ShowMembers {} => "show-members",
             Request::ShowSessions { .. } => "show-sessions",
-            Request::ShowSessionCounts => "show-session-counts",
-            Request::ShowStatistics => "show-statistics",
+            Request::ShowSessionCounts {} => "show-session-counts",
+            Request::ShowStatistics {} => "show-statistics",
             Request::ShowCounters { .. } => "show-counters",
-            Request::ShowFlaps => "show-flaps",
-            Request::Suspend => "suspend",
-            Request::Functional => "functional",
+            Request::ShowFlaps {} => "show-flaps",
+            Request::Suspend {} => "suspend",
+            Request::Functional {} => "functional",
         }
     }
 }
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn every_request_round_trips_as_one_line() {
         for r in [
-            Request::ShowMembers,
+            Request::ShowMembers {},
             Request::ShowSessions {
                 count_only: true,
                 filter: SessionFilter::default(),
@@ -312,15 +312,15 @@ mod tests {
                 offset: 1000,
                 limit: Some(500),
             },
-            Request::ShowSessionCounts,
-            Request::ShowStatistics,
+            Request::ShowSessionCounts {},
+            Request::ShowStatistics {},
             Request::ShowCounters { prefix: None },
             Request::ShowCounters {
                 prefix: Some("err-".into()),
             },
-            Request::ShowFlaps,
-            Request::Suspend,
-            Request::Functional,
+            Request::ShowFlaps {},
+            Request::Suspend {},
+            Request::Functional {},
         ] {
             round_trip(&r);
         }
@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn the_wire_form_is_readable_and_fields_may_be_left_out() {
         assert_eq!(
-            serde_json::to_string(&Request::ShowFlaps).unwrap(),
+            serde_json::to_string(&Request::ShowFlaps {}).unwrap(),
             r#"{"request":"show-flaps"}"#
         );
         let r: Request =
@@ -360,6 +360,15 @@ mod tests {
             ),
             (r#"{"request":"show-sessions","ofset":3}"#, "ofset"),
             (r#"{"nothing":1}"#, "request"),
+            // Requests without parameters take none (before stop 42 a `member` here was
+            // skipped and the local member suspended: seen failing).
+            (r#"{"request":"suspend","member":2}"#, "member"),
+            (r#"{"request":"functional","force":true}"#, "force"),
+            (
+                r#"{"request":"show-session-counts","filter":{"owner":2}}"#,
+                "filter",
+            ),
+            (r#"{"request":"show-members","zone":"dmz"}"#, "zone"),
             (
                 r#"{"request":"show-sessions","filter":{"port":70000}}"#,
                 "70000",

@@ -193,15 +193,15 @@ pub fn sample_sessions() -> Vec<(FlowKey, Session)> {
 /// What the fake agent answers.
 pub fn answer(request: Request) -> Response {
     match request {
-        Request::ShowMembers => Response::ok(members()),
+        Request::ShowMembers {} => Response::ok(members()),
         Request::ShowSessions {
             count_only,
             filter,
             offset,
             limit,
         } => sessions(count_only, filter, offset, limit),
-        Request::ShowSessionCounts => session_counts(),
-        Request::ShowStatistics => statistics(),
+        Request::ShowSessionCounts {} => session_counts(),
+        Request::ShowStatistics {} => statistics(),
         Request::ShowCounters { prefix } => {
             let mut c = Counters::default();
             c.add(Counter::Packets, 123_456);
@@ -209,9 +209,11 @@ pub fn answer(request: Request) -> Response {
             let pool = prefix.is_none().then_some((3, 49_152));
             Response::ok(CountersView::new(&c, prefix.as_deref()).with_pool(pool))
         }
-        Request::ShowFlaps => Response::ok(flaps()),
-        Request::Suspend => Response::ok(LocalStateView::new(MemberId(1), MemberState::Suspended)),
-        Request::Functional => {
+        Request::ShowFlaps {} => Response::ok(flaps()),
+        Request::Suspend {} => {
+            Response::ok(LocalStateView::new(MemberId(1), MemberState::Suspended))
+        }
+        Request::Functional {} => {
             Response::ok(LocalStateView::new(MemberId(1), MemberState::Tentative))
         }
     }

@@ -179,15 +179,15 @@ impl Source {
     /// Gathers the views from the runtime; the session count comes from the cache while it is
     /// fresh (concurrent scrapes share one count).
     pub async fn snapshot(&self) -> Result<Snapshot, GatherError> {
-        let members = self.ask(Request::ShowMembers).await?;
-        let statistics = self.ask(Request::ShowStatistics).await?;
+        let members = self.ask(Request::ShowMembers {}).await?;
+        let statistics = self.ask(Request::ShowStatistics {}).await?;
         let counters = self.ask(Request::ShowCounters { prefix: None }).await?;
         let sessions = {
             let mut cached = self.sessions.lock().await;
             match &*cached {
                 Some((at, view)) if at.elapsed() < SESSIONS_CACHE => aged(view, at.elapsed()),
                 _ => {
-                    let view: SessionsView = self.ask(Request::ShowSessionCounts).await?;
+                    let view: SessionsView = self.ask(Request::ShowSessionCounts {}).await?;
                     *cached = Some((Instant::now(), view.clone()));
                     view
                 }

@@ -29,7 +29,7 @@ fn counting_runtime() -> (ControlSender, Arc<AtomicU32>) {
     let counted = walks.clone();
     tokio::spawn(async move {
         while let Some((request, reply)) = rx.recv().await {
-            if matches!(request, Request::ShowSessionCounts) {
+            if matches!(request, Request::ShowSessionCounts {}) {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
             let _ = reply.send(answer(request));

@@ -406,7 +406,7 @@ fn answer(request: Request) -> Response {
                 page.finish(65536, 8192)
             }))
         }
-        Request::ShowSessionCounts => {
+        Request::ShowSessionCounts {} => {
             let mut tally = Tally::default();
             for (_, session) in sample_sessions() {
                 tally.add(&session);

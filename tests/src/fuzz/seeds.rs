@@ -208,7 +208,7 @@ fn requests() -> Vec<Seed> {
         state: Some("established".into()),
     };
     let requests = [
-        Request::ShowMembers,
+        Request::ShowMembers {},
         Request::ShowSessions {
             count_only: false,
             filter,
@@ -221,14 +221,14 @@ fn requests() -> Vec<Seed> {
             offset: 0,
             limit: None,
         },
-        Request::ShowSessionCounts,
-        Request::ShowStatistics,
+        Request::ShowSessionCounts {},
+        Request::ShowStatistics {},
         Request::ShowCounters {
             prefix: Some("err-".into()),
         },
-        Request::ShowFlaps,
-        Request::Suspend,
-        Request::Functional,
+        Request::ShowFlaps {},
+        Request::Suspend {},
+        Request::Functional {},
     ];
     requests
         .iter()

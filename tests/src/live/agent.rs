@@ -122,7 +122,7 @@ impl Agents {
 
     /// Member `k`'s own state, as it says.
     fn state(&self, k: u8) -> Result<String> {
-        let view: MembersView = serde_json::from_value(self.request(k, &Request::ShowMembers)?)?;
+        let view: MembersView = serde_json::from_value(self.request(k, &Request::ShowMembers {})?)?;
         view.members
             .into_iter()
             .find(|m| m.id == k)

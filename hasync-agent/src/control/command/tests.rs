@@ -208,8 +208,8 @@ async fn run(socket: &Path, args: &[&str]) -> anyhow::Result<String> {
         let mut out = Vec::new();
         match parse(&argv).expect("parse") {
             Command::Show(a) => show_to(&a, &mut out)?,
-            Command::Suspend(c) => change_state(&c, Request::Suspend, &mut out)?,
-            Command::Functional(c) => change_state(&c, Request::Functional, &mut out)?,
+            Command::Suspend(c) => change_state(&c, Request::Suspend {}, &mut out)?,
+            Command::Functional(c) => change_state(&c, Request::Functional {}, &mut out)?,
             other => panic!("{other:?}"),
         }
         Ok(String::from_utf8(out).unwrap())
