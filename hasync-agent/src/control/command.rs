@@ -9,7 +9,7 @@ use hasync_common::{Counter, MemberId, State};
 
 use super::{
     client,
-    protocol::{Request, SessionFilter, MAX_SESSION_PAGE, PROTOCOLS},
+    protocol::{check_limit, Request, SessionFilter, MAX_SESSION_PAGE, PROTOCOLS},
     view::{
         CountersView, FlapsView, LinkStatisticsView, LocalStateView, MembersView, SessionView,
         SessionsView, StatisticsView,
@@ -186,10 +186,7 @@ fn parse_limit(s: &str) -> Result<u64, String> {
     let n: u64 = s
         .parse()
         .map_err(|_| format!("limit `{s}` is not a number in {range}"))?;
-    if !(1..=MAX_SESSION_PAGE).contains(&n) {
-        return Err(format!("limit {n} is out of range {range}"));
-    }
-    Ok(n)
+    check_limit(n)
 }
 
 /// Runs `hasync show ...`, printing to stdout.

@@ -30,6 +30,18 @@ pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 /// line held in memory on both sides (about 150 bytes per session).
 pub const MAX_SESSION_PAGE: u64 = 100_000;
 
+/// `limit` if it is a page size a request may ask for (1 to [`MAX_SESSION_PAGE`]), else the
+/// error that says so.
+pub fn check_limit(limit: u64) -> Result<u64, String> {
+    if (1..=MAX_SESSION_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(format!(
+            "limit {limit} is out of range 1–{MAX_SESSION_PAGE}"
+        ))
+    }
+}
+
 /// Protocol names a session filter accepts, with their IP protocol numbers.
 pub const PROTOCOLS: [(&str, u8); 4] = [
     ("tcp", IPPROTO_TCP),
@@ -60,7 +72,7 @@ pub enum Request {
         /// Matching sessions to skip before the listed ones.
         #[serde(default)]
         offset: u64,
-        /// Most sessions to list; `None` lists up to [`MAX_SESSION_PAGE`].
+        /// Most sessions to list, 1 to [`MAX_SESSION_PAGE`]; `None` lists up to that many.
         #[serde(default)]
         limit: Option<u64>,
     },

@@ -15,7 +15,7 @@ use hasync_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{proto_name, SessionFilter, MAX_SESSION_PAGE};
+use super::protocol::{check_limit, proto_name, SessionFilter, MAX_SESSION_PAGE};
 use crate::{
     cluster::{LinkState, MemberState, Membership, Peer},
     datapath::sweep::Tally,
@@ -382,7 +382,8 @@ pub struct SessionPage {
 
 impl SessionPage {
     /// Checks the filter (zones included) and prepares an empty page. `zones` are the zone
-    /// names in id order. A `limit` above [`MAX_SESSION_PAGE`] (or none) lists that many.
+    /// names in id order. No `limit` lists up to [`MAX_SESSION_PAGE`]; one of 0 or above it
+    /// is refused ([`check_limit`]).
     pub fn new(
         count_only: bool,
         filter: SessionFilter,
@@ -391,11 +392,12 @@ impl SessionPage {
         zones: &[String],
     ) -> Result<SessionPage, String> {
         filter.check(Some(zones))?;
+        let limit = limit.map_or(Ok(MAX_SESSION_PAGE), check_limit)?;
         Ok(SessionPage {
             filter,
             zones: zones.to_vec(),
             offset,
-            limit: limit.unwrap_or(MAX_SESSION_PAGE).min(MAX_SESSION_PAGE),
+            limit,
             view: SessionsView {
                 total: 0,
                 by_owner: BTreeMap::new(),
@@ -994,6 +996,16 @@ mod tests {
         };
         let e = SessionPage::new(false, bad, 0, None, &zones()).expect_err("unknown zone");
         assert!(e.contains("zone \"dmz\" is not configured"), "{e}");
+        // A page of 0 or of more than the most was quietly made something else (an empty
+        // page, which the CLI took for an offset past the end; a cut one): seen failing.
+        for limit in [0, MAX_SESSION_PAGE + 1] {
+            let any = SessionFilter::default();
+            let e = SessionPage::new(false, any, 0, Some(limit), &zones()).expect_err("limit");
+            assert!(
+                e.contains(&format!("limit {limit} is out of range 1–")),
+                "{e}"
+            );
+        }
     }
 
     #[test]
