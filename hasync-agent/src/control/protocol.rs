@@ -115,6 +115,11 @@ impl Request {
         )
     }
 
+    /// Does it change the member's state (rather than show something)?
+    pub fn changes_state(&self) -> bool {
+        matches!(self, Request::Suspend {} | Request::Functional {})
+    }
+
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {

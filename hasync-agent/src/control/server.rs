@@ -316,7 +316,7 @@ async fn connection(
         }
         if let Some(parsed) = Request::parse_line(&line) {
             let response = match parsed {
-                Ok(request) => forward(request, &requests).await,
+                Ok(request) => forward(request, &requests, ANSWER_TIMEOUT).await,
                 Err(malformed) => malformed,
             };
             write_response(&mut write, &response, timeouts.write).await?;
@@ -328,14 +328,25 @@ async fn connection(
     }
 }
 
-/// Hands `request` to the runtime and waits for its answer.
-async fn forward(request: Request, requests: &ControlSender) -> Response {
+/// Hands `request` to the runtime and waits for its answer, both within `wait`. An error
+/// says what became of a request not answered in time: not taken (nothing was done), or taken
+/// and unanswered (one that changes the member's state may still be carried out).
+async fn forward(request: Request, requests: &ControlSender, wait: Duration) -> Response {
     let name = request.name();
+    let changes_state = request.changes_state();
+    let deadline = tokio::time::Instant::now() + wait;
     let (tx, rx) = oneshot::channel();
-    if requests.send((request, tx)).await.is_err() {
-        return Response::error("the agent is shutting down");
+    match tokio::time::timeout_at(deadline, requests.send((request, tx))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Response::error("the agent is shutting down"),
+        Err(_) => {
+            return Response::error(format!(
+                "the agent took no {name} request within {} s (busy); nothing was done",
+                wait.as_secs()
+            ))
+        }
     }
-    match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+    match tokio::time::timeout_at(deadline, rx).await {
         Ok(Ok(response)) => {
             debug!(request = name, ok = response.ok, "control request");
             response
@@ -344,8 +355,13 @@ async fn forward(request: Request, requests: &ControlSender) -> Response {
             "the agent dropped the {name} request without answering"
         )),
         Err(_) => Response::error(format!(
-            "the agent did not answer the {name} request within {} s",
-            ANSWER_TIMEOUT.as_secs()
+            "the agent did not answer the {name} request within {} s{}",
+            wait.as_secs(),
+            if changes_state {
+                "; it may still be carried out: see `hasync show cluster members`"
+            } else {
+                ""
+            }
         )),
     }
 }
@@ -554,6 +570,46 @@ mod tests {
         assert_eq!(
             answers[0].error.as_deref(),
             Some("the agent dropped the show-members request without answering")
+        );
+    }
+
+    /// A request the runtime neither takes nor answers in time gets an error that says what
+    /// became of it: one never queued was not carried out (before, its send waited without
+    /// end); one queued and unanswered may still be, which for `suspend` matters (before,
+    /// the answer read as a plain failure, and the member was suspended later: seen failing).
+    #[tokio::test]
+    async fn a_late_answer_says_whether_the_request_may_still_be_carried_out() {
+        let wait = Duration::from_millis(50);
+        // A runtime that takes requests and never answers them.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::control::ControlRequest>(4);
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(request) = rx.recv().await {
+                held.push(request);
+            }
+        });
+        let e = forward(Request::Suspend {}, &tx, wait).await.error;
+        let e = e.expect("an error");
+        assert!(
+            e.contains("did not answer the suspend request within")
+                && e.contains("it may still be carried out"),
+            "{e}"
+        );
+        let e = forward(Request::ShowMembers {}, &tx, wait).await.error;
+        let e = e.expect("an error");
+        assert!(!e.contains("carried out"), "{e}");
+        holder.abort();
+        // A runtime whose queue is full: the request is never taken.
+        let (tx, _rx) = tokio::sync::mpsc::channel::<crate::control::ControlRequest>(1);
+        let (reply, _answer) = oneshot::channel();
+        tx.send((Request::ShowFlaps {}, reply))
+            .await
+            .expect("queued");
+        let e = forward(Request::Functional {}, &tx, wait).await.error;
+        let e = e.expect("an error");
+        assert!(
+            e.contains("took no functional request within") && e.contains("nothing was done"),
+            "{e}"
         );
     }
 
