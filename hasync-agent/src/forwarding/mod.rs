@@ -74,30 +74,56 @@ pub trait Devices {
     fn mac(&self, name: &str) -> Option<[u8; 6]>;
 }
 
-/// Why `name` cannot take redirects, or `Ok(index)`.
-fn usable(devices: &mut impl Devices, name: &str) -> Result<u32, String> {
-    let index = devices
-        .index(name)
-        .ok_or_else(|| format!("{name}: no such interface"))?;
+/// What the kernel says of one interface as a redirect target.
+enum Usable {
+    /// It takes redirects.
+    Yes(u32),
+    /// It does not, or does not exist: why.
+    No(String),
+    /// It exists, and the kernel could not tell: why.
+    Unknown(u32, String),
+}
+
+/// Whether `name` can take redirects.
+fn usable(devices: &mut impl Devices, name: &str) -> Usable {
+    let Some(index) = devices.index(name) else {
+        return Usable::No(format!("{name}: no such interface"));
+    };
     match devices.takes_redirects(index) {
-        Ok(true) => Ok(index),
-        Ok(false) => Err(format!(
+        Ok(true) => Usable::Yes(index),
+        Ok(false) => Usable::No(format!(
             "{name}: its driver takes no XDP redirects (no ndo_xdp_xmit; a veth needs an XDP program or GRO on its peer)"
         )),
-        Err(e) => Err(format!("{name}: its XDP features are unknown: {e}")),
+        Err(e) => Usable::Unknown(index, format!("{name}: its XDP features are unknown: {e}")),
     }
 }
 
-/// The ports `config` asks for on `devices`.
+/// The ports `config` asks for on `devices`. A wire with an end the kernel cannot tell about
+/// is kept (a redirect the end cannot take is dropped, as a wire that is down drops: leaving
+/// it out would only make sure of the drop); a routed port is not (the kernel forwards).
 pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
     let mut ports = Ports::default();
     for w in &config.vwire {
         let Some((a, b)) = w.ends() else { continue };
         match (usable(devices, a), usable(devices, b)) {
-            (Ok(a), Ok(b)) => ports.wires.push((a, b)),
-            (Err(e), _) | (_, Err(e)) => ports
+            (Usable::No(e), _) | (_, Usable::No(e)) => ports
                 .left_out
                 .push(format!("virtual wire {} is down: {e}", w.name)),
+            (a, b) => {
+                for unknown in [&a, &b] {
+                    if let Usable::Unknown(_, e) = unknown {
+                        let kept = format!("virtual wire {}: {e}; kept", w.name);
+                        ports.left_out.push(kept);
+                    }
+                }
+                if let (
+                    Usable::Yes(a) | Usable::Unknown(a, _),
+                    Usable::Yes(b) | Usable::Unknown(b, _),
+                ) = (a, b)
+                {
+                    ports.wires.push((a, b));
+                }
+            }
         }
     }
     if config.local.forwarding == ForwardingName::Xdp {
@@ -110,8 +136,10 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
                 ports.macs.push((index, mac));
             }
             match usable(devices, name) {
-                Ok(index) => ports.forward.push(index),
-                Err(e) => ports.left_out.push(format!("forwarding to {e}")),
+                Usable::Yes(index) => ports.forward.push(index),
+                Usable::No(e) | Usable::Unknown(_, e) => {
+                    ports.left_out.push(format!("forwarding to {e}"))
+                }
             }
         }
     }
@@ -160,14 +188,19 @@ impl Devices for System {
 
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
         let asked = match &mut self.features {
-            Ok(f) => f.takes_redirects(ifindex).map_err(|e| e.to_string()),
+            Ok(f) => f.takes_redirects(ifindex),
             Err(e) => return Err(e.clone()),
         };
-        if let Err(e) = &asked {
-            // The socket is not trusted again: the next check opens another.
-            self.features = Err(e.clone());
+        match asked {
+            Ok(takes) => Ok(takes),
+            // The kernel's answer for this device alone (gone since the table was read).
+            Err(e @ features::FeatureError::Refused { .. }) => Err(e.to_string()),
+            Err(e) => {
+                // The socket is not trusted again: the next check opens another.
+                self.features = Err(e.to_string());
+                Err(e.to_string())
+            }
         }
-        asked
     }
 }
 
@@ -246,7 +279,7 @@ fn fib_socket() -> std::io::Result<TokioSocket> {
 /// Logs what is left out now that was not before.
 fn report(before: &[String], ports: &Ports) {
     for line in ports.left_out.iter().filter(|l| !before.contains(l)) {
-        warn!(cause = %line, "forwarding in XDP left out");
+        warn!(cause = %line, "forwarding in XDP: a port or wire left out or unchecked");
     }
     if !before.is_empty() && ports.left_out.is_empty() {
         info!("forwarding in XDP: every configured port takes redirects again");

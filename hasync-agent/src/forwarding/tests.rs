@@ -102,3 +102,47 @@ fn a_zone_without_route_check_keeps_its_ports() {
     assert_eq!(ports.forward, vec![4, 5, 6], "{:#?}", ports.left_out);
     assert_eq!(ports.wires, vec![(7, 8)]);
 }
+
+/// A wire end whose XDP features the kernel could not tell (the `netdev` socket timed out, an
+/// older kernel) keeps its wire: a redirect the end cannot take is dropped, as a wire that is
+/// down drops, so leaving it out only made sure of the drop (before stop 42, a failed query
+/// emptied the wires and their traffic was dropped: seen failing). A routed port stays out
+/// (the kernel forwards instead).
+#[test]
+fn a_wire_whose_ends_features_are_unknown_is_kept() {
+    let mut devices = Fake(BTreeMap::from([
+        ("in0", (4, Some(true))),
+        ("in1", (5, None)),
+        ("out0", (6, Some(true))),
+        ("w0", (7, None)),
+        ("w1", (8, Some(true))),
+    ]));
+    let ports = plan(&config("forwarding = \"xdp\""), &mut devices);
+    assert_eq!(ports.wires, vec![(7, 8)], "{:#?}", ports.left_out);
+    assert_eq!(ports.forward, vec![4, 6]);
+    assert!(
+        ports.left_out[0].contains("virtual wire vw: w0: its XDP features are unknown"),
+        "{:#?}",
+        ports.left_out
+    );
+    devices.0.insert("w1", (8, Some(false)));
+    let ports = plan(&config(""), &mut devices);
+    assert!(ports.wires.is_empty(), "an end that says no is down");
+}
+
+/// A device the kernel refuses to describe (gone since the interface table was read) is that
+/// device's answer alone: the next device is still asked on the same socket (before stop 42
+/// the refusal failed every later query of the check, and the wires after it were dropped:
+/// seen failing).
+#[test]
+fn a_refused_query_leaves_the_next_device_to_be_asked() {
+    let features = Features::open().expect("the netdev family (Linux 6.3 or later)");
+    let mut system = System {
+        ifaces: Arc::default(),
+        features: Ok(features),
+    };
+    let gone = system.takes_redirects(u32::MAX - 1);
+    assert!(gone.is_err(), "{gone:?}");
+    let lo = system.takes_redirects(1);
+    assert!(lo.is_ok(), "the loopback device was not asked: {lo:?}");
+}
