@@ -689,7 +689,7 @@ mod tests {
         let mut sweep = IncrementalSweep::default();
         let mut removed = 0;
         // Each step's sessions looked at, until a pass ends (or 60 steps).
-        let mut pass_at = |sweep: &mut IncrementalSweep, now: u64, removed: &mut usize| {
+        let pass_at = |sweep: &mut IncrementalSweep, now: u64, removed: &mut usize| {
             let mut scanned = Vec::new();
             while scanned.len() < 60 {
                 let before = sweep.pass.count.report.scanned;
