@@ -28,7 +28,8 @@ pub struct LinkStats {
     /// Connections lost on this link (errors, silence, interface down).
     pub failures: AtomicU64,
     /// Of those, connections closed because a write made no progress (the peer stopped
-    /// reading).
+    /// reading) or a frame waited longer than the keepalive threshold for its
+    /// acknowledgement (the peer reads and does not apply).
     pub stalls: AtomicU64,
 }
 

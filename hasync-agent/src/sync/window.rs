@@ -17,6 +17,8 @@ struct InFlight {
     oldest: Instant,
     /// A full sync's frame: not resent key by key (a broken full sync starts over).
     bulk: bool,
+    /// When it was handed to the link.
+    sent_at: Instant,
 }
 
 #[derive(Debug)]
@@ -64,6 +66,7 @@ impl Window {
             keys: changes.iter().map(|(key, _)| *key).collect(),
             oldest,
             bulk: false,
+            sent_at: Instant::now(),
         });
     }
 
@@ -74,7 +77,13 @@ impl Window {
             keys: Vec::new(),
             oldest: now,
             bulk: true,
+            sent_at: now,
         });
+    }
+
+    /// Since when the oldest frame in flight has waited for its acknowledgement.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.in_flight.front().map(|f| f.sent_at)
     }
 
     /// Is a frame of a full sync still unacknowledged?

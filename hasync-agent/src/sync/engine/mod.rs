@@ -59,6 +59,9 @@ const ENQUEUE_RUN: usize = 256;
 /// Frames per peer sent and not yet acknowledged.
 const MAX_IN_FLIGHT: usize = 64;
 /// The shortest wait between two full syncs to one peer, and the longest.
+/// Why a data link whose oldest frame waited longer than the keepalive threshold for its
+/// acknowledgement was closed (a peer that reads and never acknowledges): counted as a stall.
+const ACKS_MISSED: &str = "acks missed";
 const BULK_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 
 /// One peer as configured.
@@ -585,7 +588,7 @@ impl<T: SessionTable> Engine<T> {
             c.close();
             let stats = peer.stats.link(link);
             LinkStats::add(&stats.failures, 1);
-            if why == "stalled" {
+            if why == "stalled" || why == ACKS_MISSED {
                 LinkStats::add(&stats.stalls, 1);
             }
             lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Down);

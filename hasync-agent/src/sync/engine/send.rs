@@ -11,7 +11,7 @@ use std::{
 use hasync_common::{FlowKey, MemberId, Session};
 use tracing::{debug, info, warn};
 
-use super::{lock, BulkSent, Engine, Peer, PeerInner, SessionTable};
+use super::{lock, BulkSent, Engine, Peer, PeerInner, SessionTable, ACKS_MISSED};
 use crate::lock::lock_on_worker;
 use crate::{
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -439,6 +439,28 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Closes `peer`'s data link, as a stall, when its oldest frame in flight has waited for
+    /// its acknowledgement longer than the keepalive threshold at `now`.
+    pub(super) fn check_acks(&self, peer: &Peer, now: Instant) {
+        let threshold = self.inner.cfg.keepalive_threshold;
+        let late = {
+            let g = peer.lock();
+            let waited = g
+                .window
+                .waiting_since()
+                .map(|t| now.saturating_duration_since(t));
+            match (g.data_link, waited) {
+                (Some(link), Some(waited)) if waited > threshold => {
+                    g.links.get(&link).map(|c| (link, c.generation))
+                }
+                _ => None,
+            }
+        };
+        if let Some((link, generation)) = late {
+            self.detach(peer, link, Some(generation), ACKS_MISSED);
+        }
+    }
+
     /// Sends keepalives on every link to `peer` and drops links that went silent.
     pub(super) async fn keepalive_loop(self, peer: Arc<Peer>) {
         let mut tick = tokio::time::interval(self.inner.cfg.keepalive_interval);
@@ -463,6 +485,7 @@ impl<T: SessionTable> Engine<T> {
                     writer.keepalive(ka);
                 }
             }
+            self.check_acks(&peer, now);
         }
     }
 }

@@ -511,6 +511,38 @@ async fn data_stays_on_its_link_while_a_full_sync_is_unacknowledged() {
     assert_eq!(link, LinkKind::Ha4, "acknowledged: data moves to HA4");
 }
 
+/// A peer that reads (its keepalives come, its socket takes our writes) but acknowledges
+/// nothing has its data link closed, as a stall, once the oldest frame in flight is older than
+/// the keepalive threshold: before stop 42 the window stayed full, nothing more went out, no
+/// full sync could start, and the link showed up (seen failing: the link stayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_and_never_acknowledges_is_cut_off() {
+    let e = engine_over(FakeTable::default());
+    hello_from_2(&e, 7);
+    let _rx = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let sent = Instant::now();
+    {
+        let mut g = peer.lock();
+        g.data_link = Some(LinkKind::Ha4);
+        let seq = g.window.next_seq();
+        g.window.sent(seq, &[(key(), Change::Read)], sent);
+    }
+    let threshold = e.inner.cfg.keepalive_threshold;
+    e.check_acks(&peer, sent + threshold);
+    assert_eq!(peer.lock().links.len(), 2, "not late yet");
+    e.check_acks(&peer, sent + threshold + Duration::from_millis(1));
+    let g = peer.lock();
+    assert!(
+        !g.links.contains_key(&LinkKind::Ha4) && g.links.contains_key(&LinkKind::Ha4Backup),
+        "the data link is closed, the other kept"
+    );
+    assert_eq!(g.window.in_flight(), 0, "its frame is queued again");
+    drop(g);
+    let stats = peer.stats.link(LinkKind::Ha4);
+    assert_eq!(stats.stalls.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
 /// The link carrying an unacknowledged full sync fails: the full sync starts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_sync_lost_with_its_link_starts_over() {
