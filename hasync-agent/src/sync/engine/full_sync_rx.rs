@@ -186,7 +186,10 @@ impl FullSyncRx {
             }
         };
         self.removing |= removal.is_some();
-        self.last_ended = Some(id);
+        if ended.applied == records {
+            // An incomplete one never counts as done.
+            self.last_ended = Some(id);
+        }
         Some(Ended {
             applied: ended.applied,
             removal,

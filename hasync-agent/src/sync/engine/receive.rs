@@ -317,11 +317,12 @@ impl<T: SessionTable> Engine<T> {
         });
     }
 
-    /// A full sync ends. Only the running one's end, from its connection, counts; it removes
-    /// the replicas the peer no longer holds only if every record it announced was applied.
-    /// It counts as done (for this member's initial state, and what the next hello asks for)
-    /// at once if no removal of stale replicas runs for the peer, else when that removal is
-    /// over. Returns the removal it started, if any.
+    /// A full sync ends. Only the running one's end, from its connection, counts, and only if
+    /// every record it announced was applied: then it removes the replicas the peer no longer
+    /// holds, and counts as done (for this member's initial state, and what the next hello
+    /// asks for) at once if no removal of stale replicas runs for the peer, else when that
+    /// removal is over. One incomplete closes its connection. Returns the removal it
+    /// started, if any.
     pub(super) fn on_bulk_end(
         &self,
         f: &FrameFrom<'_>,
@@ -349,7 +350,6 @@ impl<T: SessionTable> Engine<T> {
             });
             return None;
         };
-        let counted = done_now && self.count_bulk_done(peer, bulk);
         if applied != records {
             self.inner.rejections.count(Rejection::BulkIncomplete);
             self.log_limited(format!("bulk-rx-incomplete-{}", peer.cfg.id.0), |skipped| {
@@ -359,10 +359,14 @@ impl<T: SessionTable> Engine<T> {
                     announced = records,
                     applied,
                     skipped,
-                    "full sync from peer ended incomplete: its replicas are not reconciled"
+                    "full sync from peer ended incomplete: its replicas are not reconciled, and the connection closes (the next one's hello asks for another)"
                 )
             });
+            lock(&peer.stats.bulk_received).running = false;
+            self.detach(peer, f.link, Some(f.generation), "full sync incomplete");
+            return None;
         }
+        let counted = done_now && self.count_bulk_done(peer, bulk);
         self.bulk_received(peer, bulk_id, records);
         if counted {
             self.settle_fresh_table();
