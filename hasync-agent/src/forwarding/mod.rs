@@ -36,8 +36,10 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// IPv4 and IPv6 per-interface settings (forwarding on or off), next-hop objects.
 const FIB_GROUPS: [u32; 11] = [1, 3, 5, 7, 8, 9, 11, 19, 24, 25, 32];
 /// Notifications come in bursts (a link going down withdraws its routes and neighbours): one
-/// bump after the burst has been quiet this long.
+/// bump after the burst has been quiet this long (or [`BURST_MAX`] after it began).
 const COALESCE: Duration = Duration::from_millis(20);
+/// A burst that never pauses for [`COALESCE`] is cut this long after its first notification.
+const BURST_MAX: Duration = Duration::from_millis(100);
 /// Receive buffer for notifications.
 const RECV_BUFFER: usize = 1 << 20;
 
@@ -357,16 +359,33 @@ async fn read_notifications(socket: &TokioSocket) -> Change {
     }
 }
 
+/// What the burst that started with `first` changes: `next` read until it pauses for
+/// [`COALESCE`], or for [`BURST_MAX`] at most.
+async fn rest_of_burst<F: std::future::Future<Output = Change>>(
+    first: Change,
+    mut next: impl FnMut() -> F,
+) -> Change {
+    let cut = tokio::time::Instant::now() + BURST_MAX;
+    let mut change = first;
+    loop {
+        let wait = COALESCE.min(cut.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, next()).await {
+            Ok(more) => change = change.max(more),
+            Err(_) => return change,
+        }
+        if wait.is_zero() {
+            return change;
+        }
+    }
+}
+
 /// Bumps the FIB generation after every burst of notifications (an overrun lost some: the
 /// generation moves anyway). A rule or route that selects by source, added, keys the cache on
 /// the source at once; one removed (or notifications lost) makes the agent list them again.
 async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
     loop {
-        let mut change = read_notifications(&socket).await;
-        // The rest of the burst.
-        while let Ok(more) = tokio::time::timeout(COALESCE, read_notifications(&socket)).await {
-            change = change.max(more);
-        }
+        let first = read_notifications(&socket).await;
+        let change = rest_of_burst(first, || read_notifications(&socket)).await;
         match change {
             Change::None => {}
             Change::BySource => key_fib_cache(&mut lock(&dp), Ok(true)),

@@ -146,3 +146,23 @@ fn a_refused_query_leaves_the_next_device_to_be_asked() {
     let lo = system.takes_redirects(1);
     assert!(lo.is_ok(), "the loopback device was not asked: {lo:?}");
 }
+
+/// Notifications that never pause for [`COALESCE`] (a routing daemon's churn, neighbours
+/// flapping) still bump the generation within [`BURST_MAX`] of the burst's first: before stop
+/// 42 the burst was read until it paused, and cached next hops stayed in use (until their
+/// entries' 2 s lifetime) for as long as the churn lasted (seen failing: no end in 2 s).
+#[tokio::test]
+async fn a_burst_that_never_pauses_is_cut_after_its_longest() {
+    let started = tokio::time::Instant::now();
+    let next = || async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Change::None
+    };
+    let burst = tokio::time::timeout(
+        Duration::from_secs(2),
+        rest_of_burst(Change::BySource, next),
+    );
+    let change = burst.await.expect("the burst was cut");
+    assert_eq!(change, Change::BySource);
+    assert!(started.elapsed() >= BURST_MAX, "{:?}", started.elapsed());
+}
