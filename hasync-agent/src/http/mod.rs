@@ -81,7 +81,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a client may take to send a request head (also the keep-alive idle limit).
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection is closed after this long, whatever it does.
+/// A connection is closed after this long, whatever it does (an answer under way is finished).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The dashboard may run its own inline script and style, and talk to this server only.
@@ -156,21 +156,45 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 let backend = backend.clone();
                 async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
             });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .max_headers(64)
-                .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-                Ok(Err(error)) => debug!(%peer, %error, "metrics connection ended"),
-                Err(_) => debug!(%peer, "metrics connection closed after its lifetime"),
-                Ok(Ok(())) => {}
+            if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME).await {
+                debug!(%peer, %error, "metrics connection ended");
             }
             drop(permit);
         });
     }
     debug!("metrics server stopped");
+}
+
+/// Serves one connection for `lifetime`, whatever it does; then an answer under way is still
+/// sent whole (with `connection: close`), within [`HEAD_TIMEOUT`] more.
+async fn run_connection<S, F>(
+    stream: tokio::net::TcpStream,
+    service: S,
+    lifetime: Duration,
+) -> Result<(), hyper::Error>
+where
+    S: hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Full<Bytes>>,
+        Error = Infallible,
+        Future = F,
+    >,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>>,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(64)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    if let Ok(ended) = tokio::time::timeout(lifetime, connection.as_mut()).await {
+        return ended;
+    }
+    connection.as_mut().graceful_shutdown();
+    tokio::time::timeout(HEAD_TIMEOUT, connection)
+        .await
+        .unwrap_or(Ok(()))
 }
 
 async fn handle(

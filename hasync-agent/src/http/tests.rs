@@ -235,3 +235,26 @@ async fn history_serves_the_samples_taken() {
     let v: crate::dashboard::history::HistoryView = serde_json::from_slice(&bytes).expect("JSON");
     assert!(v.samples.is_empty());
 }
+
+/// A connection's lifetime ends while an answer is being made: the answer is still sent
+/// whole, with `connection: close` (before stop 42 the connection was dropped mid-answer, and
+/// a scrape read nothing: seen failing).
+#[tokio::test]
+async fn an_answer_under_way_when_the_lifetime_ends_is_sent_whole() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let slow = service_fn(|_request| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"whole"))))
+        });
+        run_connection(stream, slow, Duration::from_millis(100)).await
+    });
+    let (status, head, body) = exchange(addr, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
+    assert_eq!((status, body.as_str()), (200, "whole"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    server.await.expect("server task").expect("served");
+}
