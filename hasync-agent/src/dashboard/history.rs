@@ -86,6 +86,13 @@ impl History {
     /// Adds the sample `snapshot` gives at `t` (ms since the epoch), and a mark per member
     /// whose state differs from the last snapshot's (none for the first one).
     pub fn observe(&mut self, snapshot: &Snapshot, t: u64) {
+        // The wall clock stepped back: what was sampled "after" `t` goes.
+        while self.samples.back().is_some_and(|s| s.t > t) {
+            self.samples.pop_back();
+        }
+        while self.marks.back().is_some_and(|m| m.t > t) {
+            self.marks.pop_back();
+        }
         let totals = totals(snapshot, t);
         let (owned, cached) = snapshot.sessions.owned_and_cached(snapshot.members.local);
         let mut sample = Sample {
@@ -172,14 +179,14 @@ fn totals(snapshot: &Snapshot, t: u64) -> Totals {
         ..Totals::default()
     };
     for p in &snapshot.statistics.peers {
-        let records = p
-            .links
-            .values()
-            .map(|l| l.records_sent + l.records_received)
-            .sum();
+        let records = p.links.values().fold(0u64, |sum, l| {
+            sum.saturating_add(l.records_sent)
+                .saturating_add(l.records_received)
+        });
         totals.records.insert(p.id, records);
         for (link, l) in &p.links {
-            *totals.errors.entry(link.clone()).or_insert(0) += l.failures;
+            let errors = totals.errors.entry(link.clone()).or_insert(0);
+            *errors = errors.saturating_add(l.failures);
         }
     }
     for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {
@@ -246,6 +253,21 @@ mod tests {
                 state: "down".into()
             }]
         );
+    }
+
+    /// The wall clock stepped back (NTP, an operator): samples and marks from the "future"
+    /// are dropped, not drawn past the graph's right edge (before stop 42 they stayed: seen
+    /// failing); counters near the top of their range are summed without a panic.
+    #[test]
+    fn a_clock_stepped_back_drops_the_later_samples() {
+        let mut h = History::default();
+        h.observe(&snapshot(100, 1, "active"), 10_000);
+        h.observe(&snapshot(200, 1, "down"), 12_000);
+        h.observe(&snapshot(u64::MAX, 1, "active"), 11_000);
+        let v = h.view();
+        let times: Vec<u64> = v.samples.iter().map(|s| s.t).collect();
+        assert_eq!(times, [10_000, 11_000]);
+        assert!(v.marks.iter().all(|m| m.t <= 11_000), "{:?}", v.marks);
     }
 
     #[test]

@@ -177,8 +177,7 @@ pub fn link_summary(
         .peers
         .iter()
         .filter_map(|p| p.links.get(link.name()))
-        .map(|l| l.failures)
-        .sum();
+        .fold(0u64, |sum, l| sum.saturating_add(l.failures));
     let has_peers = members.members.iter().any(|m| m.id != members.local);
     let status = if local == not_configured || (has_peers && peers.is_empty()) {
         "not-configured"
@@ -239,7 +238,10 @@ impl ClusterApi {
                 state: state.to_owned(),
                 members: members.members.len(),
                 active,
-                rejected: statistics.rejected.values().sum(),
+                rejected: statistics
+                    .rejected
+                    .values()
+                    .fold(0u64, |sum, n| sum.saturating_add(*n)),
             },
             links,
             sessions: SessionSummary::new(sessions, *capacity, members.local),
