@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -167,14 +167,34 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         path: path.to_owned(),
         source,
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(
-        |source| ServerError::Chmod {
-            path: path.to_owned(),
-            mode: SOCKET_MODE,
-            source,
-        },
-    )?;
+    chmod_here(path, SOCKET_MODE).map_err(|source| ServerError::Chmod {
+        path: path.to_owned(),
+        mode: SOCKET_MODE,
+        source,
+    })?;
     Ok(listener)
+}
+
+/// Sets `mode` on `path` itself: a symlink there (swapped in after the bind, in a directory
+/// another user can write) is an error, never followed.
+fn chmod_here(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::fchmodat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            mode,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Removes `path` if it is a socket nobody listens on; fails if someone does.
@@ -611,6 +631,31 @@ mod tests {
             e.contains("took no functional request within") && e.contains("nothing was done"),
             "{e}"
         );
+    }
+
+    /// The socket's mode is set on the path itself, never through a symlink: one swapped in
+    /// between the bind and the chmod (in a directory another user can write) would have had
+    /// root set 0660 on its target (seen failing: the target's mode changed).
+    #[test]
+    fn the_sockets_mode_is_never_set_through_a_symlink() {
+        let dir = TempDir::new("control-chmod");
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"").expect("target");
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).expect("0600");
+        let link = dir.path().join("hasync.sock");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let e = chmod_here(&link, SOCKET_MODE).expect_err("through a symlink");
+        let mode = std::fs::metadata(&target)
+            .expect("target")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o600, "{e}");
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"").expect("file");
+        chmod_here(&file, SOCKET_MODE).expect("a file of its own");
+        let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o7777;
+        assert_eq!(mode, SOCKET_MODE);
     }
 
     #[tokio::test]
