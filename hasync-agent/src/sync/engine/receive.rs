@@ -25,7 +25,7 @@ use crate::{
         stale::StaleScan,
         stats::{LinkStats, PeerStats},
         table::Unseen,
-        wire::{Keepalive, LinkKind, Message, Record},
+        wire::{Hello, Keepalive, LinkKind, Message, Record},
         writer::Writer,
     },
 };
@@ -188,13 +188,50 @@ impl<T: SessionTable> Engine<T> {
                 // The stale replicas' removal runs on its own; this reader goes on reading.
                 let _removal = self.on_bulk_end(f, bulk_id, records);
             }
-            Message::Hello(_) => {
-                if self.inner.rejections.count(Rejection::Malformed) {
-                    warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
-                }
-            }
+            Message::Hello(hello) => self.on_hello_again(f, &hello),
         }
         Ok(())
+    }
+
+    /// A second hello on a connection: taken only when it repeats the peer's first, saying
+    /// its table is no longer fresh (its fresh-table window ended: its full syncs on this
+    /// connection reconcile from now on, and ours stop handing its sessions back); anything
+    /// else is malformed and changes nothing. (A release without it counts ours as malformed
+    /// and goes on.)
+    fn on_hello_again(&self, f: &FrameFrom<'_>, hello: &Hello) {
+        let renewed = {
+            let mut g = f.peer.lock();
+            let repeats = g.hello.as_ref().is_some_and(|first| {
+                let as_first = Hello {
+                    link: first.link,
+                    wants_bulk: first.wants_bulk,
+                    fresh_table: first.fresh_table,
+                    ..hello.clone()
+                };
+                as_first == *first && f.boot_id == first.boot_id
+            });
+            let renewed = repeats && !hello.fresh_table;
+            if renewed {
+                if let Some(first) = g.hello.as_mut() {
+                    first.fresh_table = false;
+                }
+                if let Some(c) = g.links.get_mut(&f.link) {
+                    if c.generation == f.generation {
+                        c.peer_fresh = false;
+                    }
+                }
+            }
+            renewed
+        };
+        if renewed {
+            info!(
+                peer = f.peer.cfg.id.0,
+                link = f.link.name(),
+                "peer's table is no longer fresh: its full syncs reconcile again"
+            );
+        } else if self.inner.rejections.count(Rejection::Malformed) {
+            warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
+        }
     }
 
     fn on_keepalive(&self, peer: &Peer, stats: &LinkStats, ka: Keepalive) {

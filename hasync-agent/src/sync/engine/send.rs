@@ -299,6 +299,25 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Does connection `conn` to `peer` need a hello again before a full sync: its first one
+    /// said our table was fresh, and the fresh-table window has ended since? Without it the
+    /// peer would go on taking our full syncs for a fresh table's and reconcile none (and a
+    /// removal lost from an overflowing line, which is what starts such a full sync, would
+    /// never be made up for). Marks the connection as told.
+    fn renew_fresh_hello(&self, peer: &Peer, (link, generation): (LinkKind, u64)) -> bool {
+        if self.fresh_table() {
+            return false;
+        }
+        let mut g = peer.lock();
+        match g.links.get_mut(&link) {
+            Some(c) if c.generation == generation && c.sent_fresh => {
+                c.sent_fresh = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Sends the whole session table to `peer`, a chunk at a time.
     pub(super) async fn send_bulk(
         &self,
@@ -320,6 +339,10 @@ impl<T: SessionTable> Engine<T> {
                 "full sync to peer started"
             )
         });
+        if self.renew_fresh_hello(peer, conn) {
+            let hello = self.hello(link, peer.cfg.id);
+            writer.send(Message::Hello(hello)).await?;
+        }
         writer.send(Message::BulkStart { bulk_id }).await?;
         let carries = self.bulk_carries(peer);
         let mut cursor = T::Cursor::default();
