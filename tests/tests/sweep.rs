@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use aya::maps::Array;
-use hasync_agent::datapath::sweep::{RemoveReason, Removed};
+use hasync_agent::datapath::sweep::{RemoveReason, Removed, SweptTable};
 use hasync_common::{
     maps as names,
     session::tcp::{ACK, RST},
@@ -162,13 +162,16 @@ fn sweep_in_small_chunks_removes_every_expired_session() {
     let sessions = tdp.sessions().expect("dump");
     assert_eq!(sessions.len(), usize::from(N));
     // A stamp from jiffies may lead the agent's clock by under a tick (see the stamps test
-    // below), and a session seen after the sweep's now is not idle: wait until the agent's
-    // clock has passed every stamp (at most a second).
+    // below), a session seen after the sweep's now is not idle, and the sweep judges expiry
+    // as of its clock less the datapath clock's lag: wait until that has passed every stamp
+    // (at most a second).
+    let lag = SweptTable::clock_lag_ns(tdp.datapath());
     let newest = sessions
         .iter()
         .map(|(_, s)| s.last_seen_ns)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        + lag;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while monotonic_ns() <= newest && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));

@@ -16,7 +16,11 @@
 //! at once): a packet arriving then finds the old entry expired, the program replaces
 //! it with a new session (UDP, ICMP, TCP SYN), and our delete removes that new session. The
 //! next packet of a UDP/ICMP flow creates it again; a TCP handshake is delayed until the SYN
-//! is retransmitted. We accept that: the entry was past its timeout anyway.
+//! is retransmitted. We accept that: the entry was past its timeout anyway. For the program
+//! to take it for expired too, the sweep judges expiry by its clock less the program's clock
+//! lag ([`SweptTable::clock_lag_ns`], two ticks of the jiffies clock): judged by the agent's
+//! clock alone, a session a few milliseconds past its timeout was still live to the program,
+//! which refreshed it in place, and the delete then ended a running connection.
 //!
 //! Peers' records cannot come in that window: the agent applies them under its hold of the
 //! datapath, which the sweep keeps from a chunk's re-read to its delete (a replica installed
@@ -44,6 +48,13 @@ pub trait SweptTable {
     /// Reads one key, whether the table holds it or not: a step between passes still finds
     /// out whether the table can be read.
     fn probe(&self) -> Result<(), Self::Error>;
+
+    /// How far the clock the table's writer reads may run behind the sweep's (ns): a session
+    /// is judged expired only that much later, so the writer takes it for expired too and
+    /// never refreshes in place one the sweep then deletes.
+    fn clock_lag_ns(&self) -> u64 {
+        0
+    }
 
     /// Holding the table (peers' records wait): reads `candidates` again into `fresh` (in
     /// order, one per candidate, `None` where the table has none), lets `pick` put the keys to
@@ -275,7 +286,8 @@ impl Pass {
         let more = table.walk(cursor, &mut self.keys, &mut self.values, chunk)?;
         self.count.report.scanned += self.keys.len() as u64;
         // Read the clock after the lookup: nothing we saw is newer than `now`.
-        self.pick_candidates(cfg, clock());
+        let lag = table.clock_lag_ns();
+        self.pick_candidates(cfg, clock().saturating_sub(lag));
         if self.candidates.is_empty() {
             return Ok(more);
         }
@@ -292,7 +304,7 @@ impl Pass {
         removed.clear();
         let settled = table.settle(candidates, fresh, doomed, |fresh, doomed| {
             debug_assert_eq!(fresh.len(), candidates.len(), "one re-read per candidate");
-            let now = clock();
+            let now = clock().saturating_sub(lag);
             for (key, fresh) in candidates.iter().zip(fresh) {
                 judge(count, cfg, now, *key, *fresh, removed, doomed);
             }
@@ -860,6 +872,76 @@ mod tests {
         assert_eq!(removed, [stale]);
         assert!(map.lookup(&refreshed).expect("lookup").is_some());
         assert_eq!((pass.kept.total, pass.kept.by_owner[2]), (1, 1));
+    }
+
+    /// A map whose writer's clock runs `lag` ns behind the sweep's.
+    struct Lagging<'m> {
+        map: &'m BatchMap<'m, FlowKey, Session>,
+        lag: u64,
+    }
+
+    impl SweptTable for Lagging<'_> {
+        type Error = BatchError;
+
+        fn walk(
+            &self,
+            cursor: &mut BatchCursor,
+            keys: &mut Vec<FlowKey>,
+            values: &mut Vec<Session>,
+            chunk: u32,
+        ) -> Result<bool, BatchError> {
+            self.map.walk(cursor, keys, values, chunk)
+        }
+
+        fn probe(&self) -> Result<(), BatchError> {
+            self.map.probe()
+        }
+
+        fn settle(
+            &self,
+            candidates: &[FlowKey],
+            fresh: &mut Vec<Option<Session>>,
+            doomed: &mut Vec<FlowKey>,
+            pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
+        ) -> Result<(), BatchError> {
+            self.map.settle(candidates, fresh, doomed, pick)
+        }
+
+        fn clock_lag_ns(&self) -> u64 {
+            self.lag
+        }
+    }
+
+    /// A session expired by less than the writer's clock lags is kept: the XDP program, whose
+    /// jiffies clock runs up to two ticks behind the agent's, still takes it for live and
+    /// refreshes it in place, and a delete then would end a running connection (before stop
+    /// 42: seen failing, both removed). One expired by more goes.
+    #[test]
+    fn a_session_expired_by_less_than_the_writers_clock_lag_is_kept() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 64);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let timeout = State::Established.default_timeout_s() * S;
+        let expired_by = |ns: u64| {
+            let mut s = session(State::Established, 0, NOW);
+            s.last_seen_ns = NOW - timeout - ns;
+            s
+        };
+        let (barely, long) = (key(1), key(2));
+        map.update_batch(&[barely, long], &[expired_by(3_000_000), expired_by(S)], 0)
+            .expect("fill");
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let table = Lagging {
+            map: &map,
+            lag: 8_000_000,
+        };
+        let mut removed = Vec::new();
+        IncrementalSweep::default()
+            .step_with_clock(&table, &cfg, 64, 64, &|| NOW, |r| {
+                removed.extend(r.iter().map(|r| r.key))
+            })
+            .expect("step");
+        assert_eq!(removed, [long]);
+        assert!(map.lookup(&barely).expect("lookup").is_some());
     }
 
     /// A map whose batch delete fails after its first `ok` keys, as a kernel error part way

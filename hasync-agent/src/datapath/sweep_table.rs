@@ -11,7 +11,7 @@ use super::{
     batch::{BatchCursor, BatchMap},
     batch_err, replica_room,
     sweep::{delete_doomed, IncrementalSweep, PassSummary, Removed, SweptTable},
-    Datapath, DatapathError, SessionReader, DEFAULT_CHUNK,
+    Datapath, DatapathError, JiffyClock, SessionReader, DEFAULT_CHUNK,
 };
 use crate::lock::lock;
 
@@ -54,6 +54,18 @@ impl SweptTable for Datapath {
         let released = self.release_replicas(replica_room::pooled(candidates, fresh, doomed));
         deleted.and(released)
     }
+
+    fn clock_lag_ns(&self) -> u64 {
+        clock_lag_ns(self.clock())
+    }
+}
+
+/// How far the session clock the XDP program reads may run behind the agent's: two ticks of
+/// the jiffies clock (its margin, a tick handler's latency, and a sample between the kernel's
+/// two updates: `JiffyClock::drifted` allows as much before the clock is measured again);
+/// nothing on the coarse clock helper, the agent's own clock.
+fn clock_lag_ns(clock: Option<JiffyClock>) -> u64 {
+    clock.map_or(0, |c| 2 * u64::from(c.ns_per_jiffy))
 }
 
 /// The table walked through `map`, a descriptor of its own (a [`SessionReader`]'s), with no
@@ -62,13 +74,20 @@ impl SweptTable for Datapath {
 struct Beside<'a> {
     map: BatchMap<'a, FlowKey, Session>,
     dp: &'a Mutex<Datapath>,
+    /// [`SweptTable::clock_lag_ns`], as of the step's start.
+    lag: u64,
 }
 
 impl<'a> Beside<'a> {
-    fn new(reader: &'a SessionReader, dp: &'a Mutex<Datapath>) -> Result<Self, DatapathError> {
+    fn new(
+        reader: &'a SessionReader,
+        dp: &'a Mutex<Datapath>,
+        clock: Option<JiffyClock>,
+    ) -> Result<Self, DatapathError> {
         Ok(Beside {
             map: reader.map()?,
             dp,
+            lag: clock_lag_ns(clock),
         })
     }
 }
@@ -104,6 +123,10 @@ impl SweptTable for Beside<'_> {
     ) -> Result<(), DatapathError> {
         lock(self.dp).settle(candidates, fresh, doomed, pick)
     }
+
+    fn clock_lag_ns(&self) -> u64 {
+        self.lag
+    }
 }
 
 /// The agent's incremental sweep (see [`IncrementalSweep`]), walking beside its lock of the
@@ -126,7 +149,7 @@ impl SweepBeside {
         budget: u64,
         on_removed: impl FnMut(&[Removed]),
     ) -> Result<Option<PassSummary>, DatapathError> {
-        let (cfg, reader) = {
+        let (cfg, reader, clock) = {
             let mut dp = lock(dp);
             dp.keep_clock();
             dp.read_sessions(&[FlowKey::default()], &mut Vec::new())?;
@@ -134,9 +157,9 @@ impl SweepBeside {
                 Some(reader) => reader,
                 None => dp.session_reader()?,
             };
-            (dp.config()?, reader)
+            (dp.config()?, reader, dp.clock())
         };
-        let table = Beside::new(self.reader.insert(reader), dp)?;
+        let table = Beside::new(self.reader.insert(reader), dp, clock)?;
         self.state
             .step(&table, &cfg, STEP_CHUNK, budget, on_removed)
     }
@@ -180,7 +203,7 @@ mod tests {
     ) -> mpsc::Receiver<Result<Option<SweepReport>, DatapathError>> {
         let (tx, rx) = mpsc::channel();
         scope.spawn(move || {
-            let step = Beside::new(reader, dp).and_then(|table| {
+            let step = Beside::new(reader, dp, None).and_then(|table| {
                 IncrementalSweep::default().step(&table, cfg, 64, 1 << 20, |_| {})
             });
             tx.send(step.map(|p| p.map(|p| p.report)))
