@@ -57,7 +57,7 @@ impl From<Source> for Backend {
 impl Backend {
     /// Takes one sample for the graphs (nothing when the runtime does not answer).
     pub async fn sample(&self) {
-        if let Ok(snapshot) = self.source.snapshot().await {
+        if let Ok(snapshot) = self.source.gather().await {
             lock(&self.history).observe(&snapshot, now_ms());
         }
     }

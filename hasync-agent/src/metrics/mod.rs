@@ -12,9 +12,10 @@
 //! keeps as it goes: `show-session-counts`), no walk of their own, so as old as that pass's
 //! start (`sessions_counted_age_seconds`: a new pass starts at the latest the shortest timeout
 //! after the last one started, 6 s with the defaults, or when the last one ends if that is
-//! later; at the sweep's pace, about 80,000 sessions a second, a pass over a million takes
-//! some 12 s). Until the first pass completes they are counted by a walk. A count is reused
-//! for [`SESSIONS_CACHE`]; everything else is read fresh on every scrape.
+//! later; at the sweep's base pace, about 80,000 sessions a second, a pass over a million
+//! takes some 12 s). Until the first pass completes they are counted by a walk. A count is
+//! reused for [`SESSIONS_CACHE`]; everything else is gathered at most once per
+//! [`SNAPSHOT_CACHE`], whatever the number of scrapes (they share one gather).
 //!
 //! Names (all prefixed `hasync_`; labels in braces):
 //!
@@ -82,6 +83,8 @@ use crate::{
 /// How long a session count is reused (one asked for before the sweep's first pass walks the
 /// whole table).
 pub const SESSIONS_CACHE: Duration = Duration::from_secs(5);
+/// How long a whole snapshot answers scrapes (the dashboard polls once a second).
+pub const SNAPSHOT_CACHE: Duration = Duration::from_millis(900);
 /// How long a scrape waits for each of the runtime's answers.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The content type of [`render`]'s output.
@@ -147,6 +150,9 @@ pub struct Source {
     capacity: u64,
     description: String,
     sessions: Arc<tokio::sync::Mutex<Option<(Instant, SessionsView)>>>,
+    /// The last snapshot gathered, and when: scrapes within [`SNAPSHOT_CACHE`] of it (or
+    /// waiting for one under way) are answered from it.
+    latest: Arc<tokio::sync::Mutex<Option<(Instant, Snapshot)>>>,
 }
 
 impl Source {
@@ -158,6 +164,7 @@ impl Source {
             capacity: u64::from(config.local.session_capacity),
             description: config.cluster.description.clone(),
             sessions: Arc::default(),
+            latest: Arc::default(),
         }
     }
 
@@ -168,6 +175,7 @@ impl Source {
             capacity,
             description: description.to_owned(),
             sessions: Arc::default(),
+            latest: Arc::default(),
         }
     }
 
@@ -176,9 +184,31 @@ impl Source {
         self.requests.closed().await;
     }
 
-    /// Gathers the views from the runtime; the session count comes from the cache while it is
-    /// fresh (concurrent scrapes share one count).
+    /// The views as of at most [`SNAPSHOT_CACHE`] ago: scrapes at the same moment share one
+    /// gather, so however many clients there are, the runtime is asked once per view and
+    /// period.
     pub async fn snapshot(&self) -> Result<Snapshot, GatherError> {
+        let mut latest = self.latest.lock().await;
+        if let Some((at, snapshot)) = latest
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < SNAPSHOT_CACHE)
+        {
+            // The session count's age goes on (as for a count reused on its own).
+            let sessions = aged(&snapshot.sessions, at.elapsed());
+            return Ok(Snapshot {
+                sessions,
+                ..snapshot.clone()
+            });
+        }
+        let snapshot = self.gather().await?;
+        *latest = Some((Instant::now(), snapshot.clone()));
+        Ok(snapshot)
+    }
+
+    /// Gathers the views from the runtime now (the graphs' sampler: its own pace, and it does
+    /// not answer scrapes); the session count comes from the cache while it is fresh
+    /// (concurrent scrapes share one count).
+    pub async fn gather(&self) -> Result<Snapshot, GatherError> {
         let members = self.ask(Request::ShowMembers {}).await?;
         let statistics = self.ask(Request::ShowStatistics {}).await?;
         let counters = self.ask(Request::ShowCounters { prefix: None }).await?;

@@ -239,3 +239,31 @@ async fn shipped_rules_and_dashboard_use_only_exposed_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Scrapes at the same moment (many clients of a non-loopback `[local] http`, a dashboard in
+/// many tabs) share one gather: the runtime, whose loop also drains the datapath's events, is
+/// asked once per view (before stop 42, three or four times per scrape: seen failing, 97).
+#[tokio::test]
+async fn concurrent_scrapes_share_one_gather() {
+    let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
+    let asked = Arc::new(AtomicU32::new(0));
+    let counted = asked.clone();
+    tokio::spawn(async move {
+        while let Some((request, reply)) = rx.recv().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let _ = reply.send(answer(request));
+        }
+    });
+    let source = Source::with_settings(tx, 65_536, "");
+    let scrapes: Vec<_> = (0..32)
+        .map(|_| {
+            let source = source.clone();
+            tokio::spawn(async move { source.snapshot().await })
+        })
+        .collect();
+    for scrape in scrapes {
+        scrape.await.expect("join").expect("snapshot");
+    }
+    let asked = asked.load(Ordering::Relaxed);
+    assert!(asked <= 4, "the runtime was asked {asked} times");
+}
