@@ -69,6 +69,16 @@ impl Hop {
     }
 }
 
+/// Did the frame come in on a virtual wire whose other end is not in the map (down)? Then
+/// [`wire`] drops it, and it changes no session.
+#[inline(always)]
+pub fn on_wire_down(ctx: &XdpContext, cfg: &DatapathConfig) -> bool {
+    wire_end(ctx, cfg).is_some()
+        && VWIRE_PORTS
+            .get_ifindex(ctx.ingress_ifindex() as u32)
+            .is_none()
+}
+
 /// The ingress binding of a frame, when virtual wires are configured.
 #[inline(always)]
 fn wire_end(ctx: &XdpContext, cfg: &DatapathConfig) -> Option<ZoneBinding> {

@@ -109,6 +109,12 @@ fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &
     if let Some(note) = pkt.note() {
         counters.inc(note);
     }
+    // Dropped at the wire (`forward::wire`): before, such a frame made or changed a session
+    // first (a reply forged from the wrong side bound a dead peer's copy's replies to its
+    // side and took the copy over, and the genuine replies were refused once the wire was up).
+    if forward::on_wire_down(ctx, cfg) {
+        return xdp_action::XDP_PASS;
+    }
     let now = clock::now(cfg);
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;
     // Version of a stale entry this packet replaces: the new session continues past it, so a

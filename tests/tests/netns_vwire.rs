@@ -346,6 +346,35 @@ fn bound_by_the_far_end(
     owner: hasync_common::MemberId,
     flags: u16,
 ) -> Result<()> {
+    use hasync_common::ZoneId;
+    let (key, reply) = insert_copy(wire, port, owner, flags)?;
+    let before = wire.dp.counters()?;
+    send_raw(&wire.cli, "c0", reply.build())?;
+    let d = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropZoneMismatch) == 1).then_some(d)
+    });
+    d.context("a reply forged from the first packet's side was not refused")?;
+    let s = wire.dp.session(&key)?.context("the copy is gone")?;
+    ensure!(s.reply_zone == ZoneId::NONE && s.owner == owner, "{s:?}");
+    send_raw(&wire.srv, "s0", reply.build())?;
+    let bound = wait_for(Duration::from_secs(2), || {
+        let s = wire.dp.session(&key).ok()??;
+        (s.reply_zone == UNTRUST).then_some(s)
+    });
+    let s = bound.context("the genuine reply did not bind the replies")?;
+    ensure!(s.owner == LOCAL, "ours, or taken over: {s:?}");
+    Ok(())
+}
+
+/// Inserts an established TCP copy of `CLI4:port → SRV4:80` in zone TRUST, its replies
+/// unbound, owned by `owner`, with `flags`; returns its key and a reply in its window.
+fn insert_copy(
+    wire: &mut Wire,
+    port: u16,
+    owner: hasync_common::MemberId,
+    flags: u16,
+) -> Result<(hasync_common::FlowKey, Frame)> {
     use hasync_common::{Session, SessionFlags, ZoneId};
     let (cli, srv) = (sa(CLI4, port), sa(SRV4, 80));
     let (key, initiator_hi) = Frame::tcp(cli, srv).key_and_side();
@@ -370,32 +399,31 @@ fn bound_by_the_far_end(
         ..Session::default()
     };
     wire.dp.insert_sessions(&[(key, copy)])?;
-    let reply = Frame::tcp(srv, cli).ack().seq(9000).ack_number(7000);
-    let before = wire.dp.counters()?;
-    send_raw(&wire.cli, "c0", reply.build())?;
-    let d = wait_for(Duration::from_secs(2), || {
-        let d = wire.delta(before).ok()?;
-        (d.get(Counter::DropZoneMismatch) == 1).then_some(d)
-    });
-    d.context("a reply forged from the first packet's side was not refused")?;
-    let s = wire.dp.session(&key)?.context("the copy is gone")?;
-    ensure!(s.reply_zone == ZoneId::NONE && s.owner == owner, "{s:?}");
-    send_raw(&wire.srv, "s0", reply.build())?;
-    let bound = wait_for(Duration::from_secs(2), || {
-        let s = wire.dp.session(&key).ok()??;
-        (s.reply_zone == UNTRUST).then_some(s)
-    });
-    let s = bound.context("the genuine reply did not bind the replies")?;
-    ensure!(s.owner == LOCAL, "ours, or taken over: {s:?}");
-    Ok(())
+    Ok((key, Frame::tcp(srv, cli).ack().seq(9000).ack_number(7000)))
 }
 
 /// A wire whose other end is not in the map (down: an end takes no XDP redirects) passes
 /// nothing to the member's own stack, not even a frame sent to the end's own address, which
-/// the kernel would route (until stop 39 it was passed to it).
+/// the kernel would route (until stop 39 it was passed to it). What comes in on it changes no
+/// session: a reply forged from the wrong side while the wire is down neither binds a dead
+/// peer's copy's replies nor takes it over (until stop 42 it did both: seen failing).
 fn a_wire_that_is_down_passes_nothing(wire: &mut Wire) -> Result<()> {
+    use hasync_common::{MemberId, SessionFlags, ZoneId};
     let dp = &mut *wire.dp;
     wire.fw.run(|| dp.set_vwire_ports(&[]))??;
+    let (key, reply) = insert_copy(wire, 4032, MemberId(2), SessionFlags::FROM_PEER)?;
+    let before = wire.dp.counters()?;
+    send_raw(&wire.cli, "c0", reply.build())?;
+    wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::DropVwireDown) == 1).then_some(d)
+    })
+    .context("the forged reply was not dropped at the wire that is down")?;
+    let s = wire.dp.session(&key)?.context("the copy is gone")?;
+    ensure!(
+        s.reply_zone == ZoneId::NONE && s.owner == MemberId(2),
+        "a frame on a wire that is down changed its session: {s:?}"
+    );
     let before = wire.dp.counters()?;
     let stack_before = stack_received(&wire.fw)?;
     let mut frame = Frame::udp(sa(CLI4, 4010), sa("198.18.5.99", 4011)).build();
