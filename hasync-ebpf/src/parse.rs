@@ -712,7 +712,8 @@ fn quoted_flow(
             }
             let src = [raw32(&h, 8), raw32(&h, 12), raw32(&h, 16), raw32(&h, 20)];
             let dst = [raw32(&h, 24), raw32(&h, 28), raw32(&h, 32), raw32(&h, 36)];
-            (h[6], src, dst, at.wrapping_add(IPV6_HLEN))
+            let (proto, l4) = quoted_v6_fragment(frame, h[6], at.wrapping_add(IPV6_HLEN))?;
+            (proto, src, dst, l4)
         }
     };
     if src != outer_dst {
@@ -736,6 +737,22 @@ fn quoted_flow(
         _ => (0, 0),
     };
     Some(FlowKey::canonical(family, proto, src, sport, dst, dport))
+}
+
+/// The protocol and the offset of the transport header of a quoted IPv6 packet whose header
+/// names `next` at `at`: past a fragment header, when the packet is a first fragment (a
+/// source-fragmented datagram's, whose path-MTU error quotes it so); `None` for a later one.
+/// Other extension headers are not walked (the quoted packet then relates to nothing).
+#[inline(always)]
+fn quoted_v6_fragment(frame: &Frame, next: u8, at: usize) -> Option<(u8, usize)> {
+    if next != NEXTHDR_FRAGMENT {
+        return Some((next, at));
+    }
+    let f = frame.read::<8>(at)?;
+    if be16(f[2], f[3]) & 0xfff8 != 0 {
+        return None;
+    }
+    Some((f[0], at.wrapping_add(8)))
 }
 
 #[inline(always)]
