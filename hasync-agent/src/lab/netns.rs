@@ -411,7 +411,11 @@ impl Processes {
             source,
         })?;
         let pid = child.id();
-        self.lock().push(Proc {
+        let mut procs = self.lock();
+        // One reaped before with the same PID (they come round) is gone for good: the PID
+        // names this child from now on.
+        procs.retain(|p| p.child.id() != pid);
+        procs.push(Proc {
             label: label.to_owned(),
             child,
             status: None,
@@ -584,6 +588,35 @@ mod tests {
             "{deleted}"
         );
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// A child that gets the PID of one reaped before (PIDs wrap; the fault runs restart
+    /// agents by the hundred) is the one that PID names: before stop 42 the reaped one was
+    /// found first, so the live child was never signalled and `stop_all` left it running
+    /// (seen failing). The PID is made to come round by `ns_last_pid` (root), a few tries.
+    #[test]
+    fn a_pid_that_comes_round_names_the_live_child() {
+        let procs = Processes::default();
+        let mut reused = None;
+        for _ in 0..50 {
+            let first = procs.spawn("first", Command::new("true")).expect("spawn");
+            let ended = procs.wait(first, Duration::from_secs(5)).expect("ours");
+            assert!(ended.is_some(), "`true` did not end");
+            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", first - 1))
+                .expect("ns_last_pid (root)");
+            let mut sleep = Command::new("sleep");
+            sleep.arg("60");
+            let second = procs.spawn("second", sleep).expect("spawn");
+            if second == first {
+                reused = Some(second);
+                break;
+            }
+            procs.stop(second, Duration::from_secs(1)).expect("stop");
+        }
+        let pid = reused.expect("the PID never came round in 50 tries");
+        assert!(procs.running(pid), "the live child reads as exited");
+        procs.stop_all(Duration::from_secs(2));
+        assert!(!procs.running(pid), "stop_all left the live child running");
     }
 
     #[test]
