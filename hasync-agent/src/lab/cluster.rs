@@ -82,7 +82,7 @@ pub struct ClusterOptions {
     pub session_sync: BTreeMap<u8, bool>,
     /// Per-member differences.
     pub overrides: BTreeMap<u8, MemberOverride>,
-    /// The lab directory; default `/tmp/hasync-lab-<prefix>` (`<pid>` without a prefix).
+    /// The lab directory; default `/tmp/hasync-lab-<prefix>` (`_<pid>` without a prefix).
     pub dir: Option<PathBuf>,
     /// Keep the lab directory on drop (it is always kept when dropped during a panic).
     pub keep_dir: bool,
@@ -114,13 +114,39 @@ impl Default for ClusterOptions {
     }
 }
 
-/// The default lab directory for `prefix`.
+/// Refuses a lab directory this process does not own alone: one another user made at its
+/// (predictable) path under /tmp after the old one was removed could have the configs and logs
+/// root writes there (following symlinks) land where that user chose.
+fn check_own_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| LabError::io(format!("lab dir {}", dir.display()), e))?;
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o077 != 0 {
+        let why = format!(
+            "is not a directory of this user's alone (owner uid {}, mode {:04o}): remove it, \
+             or give the lab another directory",
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+        return Err(LabError::io(
+            format!("lab dir {}", dir.display()),
+            std::io::Error::other(why),
+        ));
+    }
+    Ok(())
+}
+
+/// The default lab directory for `prefix`: its own for every prefix, the prefix as it is
+/// (`_<pid>` without one, which no prefix can spell). Until stop 42 a trailing `-` was
+/// dropped, so `l2` and `l2-`, or no prefix and one that was this process's PID, shared a
+/// directory and pins, and a new lab removed a running one's.
 pub fn default_dir(prefix: &str) -> PathBuf {
-    let tag = prefix.trim_end_matches('-');
-    let tag = if tag.is_empty() {
-        std::process::id().to_string()
+    let tag = if prefix.is_empty() {
+        format!("_{}", std::process::id())
     } else {
-        tag.to_owned()
+        prefix.to_owned()
     };
     std::env::temp_dir().join(format!("hasync-lab-{tag}"))
 }
@@ -480,6 +506,7 @@ impl LabCluster {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| LabError::io(format!("creating lab dir {}", dir.display()), e))?;
+        check_own_dir(&dir)?;
         let cluster = LabCluster {
             dir,
             binary: binary.into(),
@@ -901,11 +928,39 @@ mod tests {
         ));
     }
 
+    /// A lab directory someone else owns, or others may write, is refused (before stop 42 an
+    /// existing one was used as it was: seen failing, accepted).
+    #[test]
+    fn a_lab_directory_not_ours_alone_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("hasync-lab-owncheck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        DirBuilder::new().mode(0o700).create(&dir).expect("create");
+        check_own_dir(&dir).expect("ours alone");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let open = check_own_dir(&dir)
+            .expect_err("others may write")
+            .to_string();
+        std::os::unix::fs::chown(&dir, Some(1000), None).expect("chown");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let theirs = check_own_dir(&dir).expect_err("another user's").to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(open.contains("mode 0777"), "{open}");
+        assert!(theirs.contains("owner uid 1000"), "{theirs}");
+    }
+
     #[test]
     fn every_member_pins_in_its_own_directory_on_bpffs() {
-        let dir = default_dir("l2-");
+        let dir = default_dir("l2");
         assert_eq!(dir.file_name().unwrap(), "hasync-lab-l2");
         assert_eq!(pin_dir(&dir, 3), Path::new("/sys/fs/bpf/hasync-lab-l2-fw3"));
+        // Every prefix its own directory and pins (seen failing: `l2` and `l2-` shared them).
+        let pid = std::process::id().to_string();
+        for (a, b) in [("l2", "l2-"), ("", pid.as_str())] {
+            let (a, b) = (default_dir(a), default_dir(b));
+            assert_ne!(a, b);
+            assert_ne!(pin_dir(&a, 1), pin_dir(&b, 1));
+        }
         assert_eq!(
             pin_dir(Path::new("/tmp/my.lab dir"), 1),
             Path::new("/sys/fs/bpf/my-lab-dir-fw1"),
