@@ -13,9 +13,9 @@
 use std::{
     borrow::Cow,
     fs::{File, OpenOptions},
-    io::{self, Write as _},
+    io::{self, Write},
     net::IpAddr,
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -53,6 +53,8 @@ pub enum TrafficLogError {
         #[source]
         source: io::Error,
     },
+    #[error("the traffic log {path} is a FIFO, whose reader could stall the agent: give [local] traffic_log a file")]
+    Fifo { path: PathBuf },
     #[error("cannot write to the traffic log {path}: {source}")]
     Write {
         path: PathBuf,
@@ -244,6 +246,8 @@ pub struct TrafficLog {
     errors: u64,
     /// The last write failed (the failure was logged; the next success is too).
     failing: bool,
+    /// A write failed part way: the file ends in a fragment of a line.
+    cut: std::cell::Cell<bool>,
 }
 
 impl TrafficLog {
@@ -261,21 +265,37 @@ impl TrafficLog {
                     })?;
             }
         }
+        // A FIFO: its reader (if any) could stall every write, in the agent's main loop.
+        // Refused before the open, which would wait for a reader; non-blocking anyway, for
+        // one made at the path meanwhile (the open then fails at once; on a file or a device
+        // such as /dev/null the flag changes nothing).
+        let fifo = |m: &std::fs::Metadata| m.file_type().is_fifo();
+        if std::fs::metadata(path).is_ok_and(|m| fifo(&m)) {
+            return Err(TrafficLogError::Fifo {
+                path: path.to_owned(),
+            });
+        }
         let file = OpenOptions::new()
             .append(true)
             .create(true)
             .mode(FILE_MODE)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(path)
             .map_err(|source| TrafficLogError::Open {
                 path: path.to_owned(),
                 source,
             })?;
+        if file.metadata().is_ok_and(|m| fifo(&m)) {
+            return Err(TrafficLogError::Fifo {
+                path: path.to_owned(),
+            });
+        }
         Ok(TrafficLog {
             path: path.to_owned(),
             file,
             errors: 0,
             failing: false,
+            cut: std::cell::Cell::new(false),
         })
     }
 
@@ -337,10 +357,42 @@ impl TrafficLog {
         };
         let mut line = serde_json::to_vec(&end.record(clock)).map_err(|e| write_err(e.into()))?;
         line.push(b'\n');
-        // One write(2) for the whole line: with O_APPEND the kernel places it atomically at the
-        // end of a regular file.
-        (&self.file).write_all(&line).map_err(write_err)
+        // One write(2) for the whole line as a rule: with O_APPEND the kernel places it
+        // atomically at the end of a regular file (a short write is finished, a failed one
+        // leaves its fragment marked).
+        append_line(&mut &self.file, &line, &self.cut).map_err(write_err)
     }
+}
+
+/// Appends `line` to `w`. A write that fails part way leaves a fragment, and `cut` set: the
+/// next line starts with a newline, so it stays a line of its own.
+fn append_line(w: &mut impl Write, line: &[u8], cut: &std::cell::Cell<bool>) -> io::Result<()> {
+    let mut whole = Vec::new();
+    let line = if cut.get() {
+        whole.reserve(line.len() + 1);
+        whole.push(b'\n');
+        whole.extend_from_slice(line);
+        &whole[..]
+    } else {
+        line
+    };
+    let mut written = 0;
+    while written < line.len() {
+        match w.write(&line[written..]) {
+            Ok(0) => {
+                cut.set(cut.get() || written > 0);
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                cut.set(cut.get() || written > 0);
+                return Err(e);
+            }
+        }
+    }
+    cut.set(false);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -557,5 +609,65 @@ interfaces = ["wan0"]
             std::fs::read_to_string(&rotated).unwrap().lines().count(),
             101
         );
+    }
+
+    /// A traffic log path that names a FIFO is refused at once, naming it: opening one with no reader blocked the agent's start (and, on SIGHUP, its
+    /// main loop) for good (seen failing: no answer within 2 s).
+    #[test]
+    fn a_path_that_is_not_a_file_is_refused_at_once() {
+        let dir = TempDir::new("traffic-fifo");
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(TrafficLog::open(&path).err().map(|e| e.to_string()));
+        });
+        let answer = rx
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap_or_else(|_| {
+                // Unblock the stuck open before failing: open the FIFO for reading.
+                let _ = std::fs::File::open(&fifo);
+                panic!("opening a FIFO did not come back");
+            });
+        let e = answer.expect("a FIFO was taken as a traffic log");
+        assert!(e.contains("is a FIFO"), "{e}");
+    }
+
+    /// A line cut short by a failed write (a full disk) ends before the next record, which
+    /// stays a line of its own (before stop 42 the next record was appended to the fragment,
+    /// and both were lost to a reader: seen failing).
+    #[test]
+    fn a_cut_line_does_not_swallow_the_next_record() {
+        /// Takes `room` bytes, then fails; unbounded once `room` is `usize::MAX`.
+        struct Disk {
+            bytes: Vec<u8>,
+            room: usize,
+        }
+        impl Write for Disk {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = buf.len().min(self.room.saturating_sub(self.bytes.len()));
+                if n == 0 {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                self.bytes.extend_from_slice(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut disk = Disk {
+            bytes: Vec::new(),
+            room: 5,
+        };
+        let cut = std::cell::Cell::new(false);
+        append_line(&mut disk, b"{\"a\":1}\n", &cut).expect_err("the disk is full");
+        disk.room = usize::MAX;
+        append_line(&mut disk, b"{\"b\":2}\n", &cut).expect("room again");
+        let text = String::from_utf8(disk.bytes).expect("utf-8");
+        assert_eq!(text, "{\"a\":\n{\"b\":2}\n");
     }
 }
