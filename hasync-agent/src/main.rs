@@ -57,7 +57,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line with the context chain; no backtrace for an operator's mistake.
-            eprintln!("error: {}", error_chain(error.as_ref()));
+            let journal = hasync_agent::service::journal::stderr_is_journal();
+            let message = error_chain(error.as_ref());
+            eprintln!(
+                "{}",
+                hasync_agent::service::journal::fatal_line(&message, journal)
+            );
             ExitCode::FAILURE
         }
     }

@@ -16,6 +16,20 @@ use tracing_subscriber::{
     registry::LookupSpan,
 };
 
+/// The line a command that failed leaves on stderr: `error: ` and `message`; for the journal,
+/// every line of it at priority err (`<3>`), so `journalctl -p err` shows why the agent
+/// stopped (before stop 42 it was stored at the stream's default, info).
+pub fn fatal_line(message: &str, journal: bool) -> String {
+    let text = format!("error: {message}");
+    if !journal {
+        return text;
+    }
+    text.lines()
+        .map(|line| format!("<3>{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Set by systemd to `DEVICE:INODE` of the stream connected to the journal.
 pub const JOURNAL_STREAM: &str = "JOURNAL_STREAM";
 
@@ -159,6 +173,15 @@ where
 mod tests {
     use super::*;
     use crate::log_capture::LogLines;
+
+    #[test]
+    fn a_fatal_error_is_an_error_in_the_journal_and_plain_elsewhere() {
+        assert_eq!(fatal_line("bad config", false), "error: bad config");
+        assert_eq!(
+            fatal_line("bad config\nat line 3", true),
+            "<3>error: bad config\n<3>at line 3"
+        );
+    }
 
     #[test]
     fn lines_carry_priority_level_target_message_and_fields() {
