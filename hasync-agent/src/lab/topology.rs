@@ -157,6 +157,33 @@ pub fn check_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// What [`Topology::plug`] is given, checked before its first command: `ns` a named namespace
+/// that exists (iproute2 takes a `netns` it cannot find by name for a PID: "1" would have put
+/// the pair's end in the root namespace), the interface names plain (no space or newline,
+/// which would add lines to the `ip` batch), the address a lab's.
+fn check_plug(ns: &str, ifname: &str, port: &str, cidr: &str) -> Result<()> {
+    if !netns::netns_exists(ns) {
+        return Err(LabError::NoSuchNamespace {
+            name: ns.into(),
+            known: "the named namespaces under /run/netns".into(),
+        });
+    }
+    for name in [ifname, port] {
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if name.is_empty() || name.len() > 15 || !name.chars().all(plain) {
+            return Err(LabError::io(
+                format!("interface name {name:?}"),
+                std::io::Error::other("must be 1–15 of A–Z, a–z, 0–9, `-` and `_`"),
+            ));
+        }
+    }
+    let addr = cidr.split('/').next().unwrap_or_default();
+    match addr.parse::<IpAddr>() {
+        Ok(ip) if netns::is_lab_address(ip) && !cidr.contains(char::is_whitespace) => Ok(()),
+        _ => Err(LabError::NotLabAddress(cidr.into())),
+    }
+}
+
 /// The namespaces of a lab with `prefix` and `members` members, short and full names.
 fn namespace_names(prefix: &str, members: u8) -> Vec<(String, String)> {
     let mut short = vec!["hasw".to_owned(), "client".to_owned(), "server".to_owned()];
@@ -573,11 +600,7 @@ impl Topology {
     /// straight into `ns` as `ifname` with address `cidr` (a lab address), both up. Deleting
     /// `ns` removes the pair.
     pub fn plug(&self, ns: &str, ifname: &str, link: Link, port: &str, cidr: &str) -> Result<()> {
-        let addr = cidr.split('/').next().unwrap_or_default();
-        match addr.parse::<IpAddr>() {
-            Ok(ip) if netns::is_lab_address(ip) => {}
-            _ => return Err(LabError::NotLabAddress(cidr.into())),
-        }
+        check_plug(ns, ifname, port, cidr)?;
         ip_batch(
             self.hasw(),
             &[
@@ -619,5 +642,35 @@ impl Drop for Topology {
         if let Err(e) = del_namespaces(&created) {
             eprintln!("lab cleanup: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs root. A namespace given by a name that is not a named namespace (a number, which
+    /// iproute2 would take for a PID: "1" is the root namespace's), an interface name that
+    /// would add a line to the batch, or an address outside the lab's ranges are refused
+    /// before any command runs (before stop 42 the namespace was checked only after the pair
+    /// was made: seen failing, "1" accepted).
+    #[test]
+    fn a_plug_into_anything_but_a_named_namespace_is_refused_first() {
+        let name = format!("plugchk{}", std::process::id());
+        let ip = |verb: &str| {
+            std::process::Command::new("ip")
+                .args(["netns", verb, &name])
+                .status()
+                .expect("ip")
+        };
+        assert!(ip("add").success());
+        let results = [
+            check_plug("1", "x0", "p0", "198.18.100.250/24").is_err(),
+            check_plug(&name, "x0\nlink del hasw", "p0", "198.18.100.250/24").is_err(),
+            check_plug(&name, "x0", "p0", "10.0.0.1/24").is_err(),
+            check_plug(&name, "x0", "p0", "198.18.100.250/24").is_ok(),
+        ];
+        ip("del");
+        assert_eq!(results, [true; 4]);
     }
 }
