@@ -77,6 +77,10 @@ struct RunArgs {
     #[arg(long, value_name = "SECS", conflicts_with = "config",
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     duration: Option<u64>,
+    /// Prefix for the lab's namespace names (`hasync lab --prefix`; default none: `fw1`,
+    /// `client`, ...), for a host where another tool uses those names, or a second lab.
+    #[arg(long, value_name = "PREFIX", conflicts_with = "config")]
+    prefix: Option<String>,
     /// Run the agent on this host with this config file instead of a lab.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -84,7 +88,7 @@ struct RunArgs {
     #[arg(
         last = true,
         value_name = "ARGS",
-        conflicts_with_all = ["members", "duration", "config"]
+        conflicts_with_all = ["members", "duration", "prefix", "config"]
     )]
     args: Vec<OsString>,
 }
@@ -266,6 +270,7 @@ fn run_hasync(root: &Path, run: RunArgs) -> Result<()> {
     let RunArgs {
         members,
         duration,
+        prefix,
         config,
         args,
     } = run;
@@ -283,6 +288,9 @@ fn run_hasync(root: &Path, run: RunArgs) -> Result<()> {
         }
         if let Some(secs) = duration {
             hasync.args(["--duration", &secs.to_string()]);
+        }
+        if let Some(prefix) = prefix {
+            hasync.args(["--prefix", &prefix]);
         }
     }
     // Ctrl-C reaches hasync too: let it clean its lab up, then report how it ended.
@@ -362,6 +370,18 @@ mod tests {
         let e = Cli::try_parse_from(["xtask", "run", "--duration", "0"]).err();
         assert!(e.is_some_and(|e| e.to_string().contains("1..=86400")));
         assert!(Cli::try_parse_from(["xtask", "run", "--members", "16"]).is_ok());
+    }
+
+    /// The lab's namespace prefix can be given through `cargo xtask run` (before stop 42 only
+    /// `hasync lab` took it: on a host where another tool has `fw1`, the README's command
+    /// could not start a lab).
+    #[test]
+    fn the_lab_prefix_passes_through_run() {
+        let cli = Cli::try_parse_from(["xtask", "run", "--prefix", "x-"]).expect("parses");
+        let Task::Run(run) = cli.task else {
+            panic!("not run");
+        };
+        assert_eq!(run.prefix.as_deref(), Some("x-"));
     }
 
     /// A relative `bench --series FILE` names a file where the user is: benches run in

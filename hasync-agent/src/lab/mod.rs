@@ -56,9 +56,10 @@ pub enum LabError {
         source: std::io::Error,
     },
     #[error(
-        "network namespace(s) already exist: {}. A lab is still running, or one was killed \
-         before it could clean up. Stop what runs in them (`ip netns pids NAME`), then remove \
-         them: {}",
+        "network namespace(s) already exist: {}. Another tool may use these names: give this \
+         lab a prefix of its own (`--prefix NAME-`, `cargo xtask run --prefix NAME-`). If they \
+         are a lab's that was killed before it could clean up (see what runs in them: `ip \
+         netns pids NAME`), stop that and remove them: {}",
         names.join(", "),
         names.iter().map(|n| format!("`ip netns del {n}`")).collect::<Vec<_>>().join(", ")
     )]
