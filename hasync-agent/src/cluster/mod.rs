@@ -459,12 +459,14 @@ impl Membership {
         self.flaps = 0;
     }
 
-    /// `hasync functional`: leave Suspended through Tentative.
+    /// `hasync functional`: leave Suspended through Tentative (after a monitor's hold-down
+    /// still running, as a recovery would).
     pub fn functional(&mut self, now: Instant) {
         if self.suspended {
             self.suspended = false;
             self.flaps = 0;
-            self.tentative_until = Some(now + self.timers.tentative_hold);
+            let back = self.hold_down_until.map_or(now, |t| t.max(now));
+            self.tentative_until = Some(back + self.timers.tentative_hold);
         }
     }
 
@@ -606,9 +608,12 @@ impl Membership {
         if next == self.state {
             return None;
         }
-        if self.state == MemberState::Active && next == MemberState::NonFunctional {
-            self.flaps += 1;
+        if next == MemberState::NonFunctional {
+            // Down again (from Tentative too): not in service a hold time.
             self.quiet_until = None;
+            if self.state == MemberState::Active {
+                self.flaps += 1;
+            }
         }
         self.state = next;
         self.state_since = now;

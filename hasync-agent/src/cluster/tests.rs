@@ -324,6 +324,64 @@ fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
     assert_eq!(m.flaps, 1);
 }
 
+/// `hasync functional` while a recovered monitor still holds the member down: it is
+/// Tentative for the tentative hold after the hold-down, as a recovery without the operator
+/// would be (before stop 42 the hold started at the command, ran out under the hold-down, and
+/// the member went from Non-functional straight to Active: seen failing).
+#[test]
+fn functional_during_a_hold_down_is_tentative_after_it() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(10));
+    m.evaluate(t0 + s(10));
+    m.set_condition(uplinks, None, t0 + s(20));
+    m.suspend();
+    m.evaluate(t0 + s(21));
+    m.functional(t0 + s(22));
+    assert_eq!(m.hold_down_until(), Some(t0 + s(140)));
+    assert_eq!(
+        m.evaluate(t0 + s(23)).local_state,
+        Some(MemberState::NonFunctional)
+    );
+    assert_eq!(
+        m.evaluate(t0 + s(140)).local_state,
+        Some(MemberState::Tentative)
+    );
+    assert_eq!(m.evaluate(t0 + s(199)).local_state, None);
+    assert_eq!(
+        m.evaluate(t0 + s(200)).local_state,
+        Some(MemberState::Active)
+    );
+}
+
+/// A member that falls again from Tentative is not "in service a hold time": the quiet time
+/// its earlier recovery started no longer resets the flap count (before stop 42 it did, while
+/// the member was Non-functional again: seen failing, 0 flaps).
+#[test]
+fn a_fall_from_tentative_cancels_the_quiet_time() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.evaluate(t0 + s(2));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(10));
+    m.evaluate(t0 + s(10));
+    m.set_condition(uplinks.clone(), None, t0 + s(20));
+    assert_eq!(
+        m.evaluate(t0 + s(140)).local_state,
+        Some(MemberState::Tentative)
+    );
+    m.set_condition(uplinks, Some("out0 down".into()), t0 + s(150));
+    assert_eq!(
+        m.evaluate(t0 + s(150)).local_state,
+        Some(MemberState::NonFunctional)
+    );
+    m.evaluate(t0 + s(261));
+    assert_eq!(m.state, MemberState::NonFunctional);
+    assert_eq!(m.flaps, 1, "reset while the member was down");
+}
+
 const X: [u8; 32] = [1; 32];
 const Y: [u8; 32] = [2; 32];
 const Z: [u8; 32] = [3; 32];
