@@ -208,28 +208,42 @@ pub fn existing_namespaces(prefix: &str, members: u8) -> Vec<String> {
 
 /// A prefix unique to this process for tests: `<tag><pid>-`. Namespaces of earlier runs with
 /// the same tag whose process is gone (killed before cleaning up) are removed first, when
-/// nothing runs in them.
+/// nothing runs in them; so are their labs' pins (`/sys/fs/bpf/hasync-lab-<tag><pid>-...`:
+/// until stop 42 they stayed, tables sized for 65,536 sessions each, until a reboot).
 pub fn test_prefix(tag: &str) -> Result<String> {
     check_prefix(tag)?;
     let me = std::process::id();
-    if let Ok(entries) = std::fs::read_dir(netns::NETNS_DIR) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix(tag)
-                .and_then(|rest| rest.split_once('-'))
-                .and_then(|(pid, _)| pid.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let gone = pid != me && !std::path::Path::new(&format!("/proc/{pid}")).exists();
-            let idle = ip_netns(&["netns", "pids", &name]).is_ok_and(|p| p.trim().is_empty());
-            if gone && idle {
-                let _ = ip_netns(&["netns", "del", &name]);
-            }
+    for name in names_of_gone_runs(netns::NETNS_DIR, tag, me) {
+        let idle = ip_netns(&["netns", "pids", &name]).is_ok_and(|p| p.trim().is_empty());
+        if idle {
+            let _ = ip_netns(&["netns", "del", &name]);
         }
     }
+    let lab_tag = format!("hasync-lab-{tag}");
+    let bpffs = crate::datapath::pin::BPFFS_MOUNT;
+    for name in names_of_gone_runs(bpffs, &lab_tag, me) {
+        let _ = crate::datapath::pin::teardown(&std::path::Path::new(bpffs).join(name));
+    }
     Ok(format!("{tag}{me}-"))
+}
+
+/// The entries of `dir` named `<tag><pid>-...` whose process `pid` (not `me`) is gone.
+fn names_of_gone_runs(dir: &str, tag: &str, me: u32) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            name.strip_prefix(tag)
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != me && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+        .collect()
 }
 
 fn cidr(addr: impl Into<IpAddr>, len: u8) -> String {
@@ -654,6 +668,26 @@ mod tests {
     /// would add a line to the batch, or an address outside the lab's ranges are refused
     /// before any command runs (before stop 42 the namespace was checked only after the pair
     /// was made: seen failing, "1" accepted).
+    /// Only entries of this tag whose process is gone are a dead run's: not this process's,
+    /// not a live one's, not another tag's (a prefix of it included).
+    #[test]
+    fn a_gone_run_is_told_by_its_tag_and_a_dead_pid() {
+        let dir = crate::control::testing::TempDir::new("goneruns");
+        let me = std::process::id();
+        let dead = 4_194_304 + 7; // above pid_max's largest value: never a live process
+        for name in [
+            format!("t{dead}-fw1"),
+            format!("t{me}-fw1"),
+            "t1-fw1".to_owned(),
+            format!("tt{dead}-fw1"),
+            format!("t{dead}"),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).expect("entry");
+        }
+        let path = dir.path().to_str().expect("utf-8");
+        assert_eq!(names_of_gone_runs(path, "t", me), [format!("t{dead}-fw1")]);
+    }
+
     #[test]
     fn a_plug_into_anything_but_a_named_namespace_is_refused_first() {
         let name = format!("plugchk{}", std::process::id());
