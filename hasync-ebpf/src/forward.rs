@@ -73,10 +73,16 @@ impl Hop {
 /// [`wire`] drops it, and it changes no session.
 #[inline(always)]
 pub fn on_wire_down(ctx: &XdpContext, cfg: &DatapathConfig) -> bool {
-    wire_end(ctx, cfg).is_some()
-        && VWIRE_PORTS
-            .get_ifindex(ctx.ingress_ifindex() as u32)
-            .is_none()
+    if cfg.vwire == 0 {
+        return false;
+    }
+    // Read once: the verifier refuses a load through a context pointer moved to the field,
+    // which two reads may be compiled into.
+    let ifindex = ctx.ingress_ifindex() as u32;
+    ZONES
+        .get(ifindex)
+        .is_some_and(|b| b.has(ZoneBinding::VWIRE))
+        && VWIRE_PORTS.get_ifindex(ifindex).is_none()
 }
 
 /// The ingress binding of a frame, when virtual wires are configured.

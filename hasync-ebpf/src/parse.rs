@@ -741,8 +741,9 @@ fn quoted_flow(
 
 /// The protocol and the offset of the transport header of a quoted IPv6 packet whose header
 /// names `next` at `at`: past a fragment header, when the packet is a first fragment (a
-/// source-fragmented datagram's, whose path-MTU error quotes it so); `None` for a later one.
-/// Other extension headers are not walked (the quoted packet then relates to nothing).
+/// source-fragmented datagram's, whose path-MTU error quotes it so). A later fragment, and
+/// other extension headers, are not walked: the fragment header's own protocol then names
+/// no session, and the error is asked about only as this host's own, as before.
 #[inline(always)]
 fn quoted_v6_fragment(frame: &Frame, next: u8, at: usize) -> Option<(u8, usize)> {
     if next != NEXTHDR_FRAGMENT {
@@ -750,7 +751,7 @@ fn quoted_v6_fragment(frame: &Frame, next: u8, at: usize) -> Option<(u8, usize)>
     }
     let f = frame.read::<8>(at)?;
     if be16(f[2], f[3]) & 0xfff8 != 0 {
-        return None;
+        return Some((next, at));
     }
     Some((f[0], at.wrapping_add(8)))
 }

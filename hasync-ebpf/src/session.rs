@@ -62,7 +62,29 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let mut link_layer = None;
-    let verdict = match parse(ctx) {
+    // A wire that is down drops everything (`forward::wire`), and nothing on it makes or
+    // changes a session or opens a datagram's later fragments: before stop 42 a reply forged
+    // from the wrong side bound a dead peer's copy's replies to its side and took the copy
+    // over (the genuine replies were then refused once the wire was back). (One call of
+    // `forward::wire` below: two made the verifier refuse a context pointer they shared.)
+    let verdict = if forward::on_wire_down(ctx, cfg) {
+        xdp_action::XDP_PASS
+    } else {
+        verdict_of::<M>(ctx, cfg, counters, &mut link_layer)
+    };
+    forward::wire(ctx, cfg, counters, verdict, link_layer)
+}
+
+/// What the frame's parse and its session decide; `link_layer` is set to why a non-IP frame
+/// passed.
+#[inline(always)]
+fn verdict_of<M: KeyMix>(
+    ctx: &XdpContext,
+    cfg: &DatapathConfig,
+    counters: &mut Counters,
+    link_layer: &mut Option<Counter>,
+) -> u32 {
+    match parse(ctx) {
         Parsed::Track(mut pkt) => {
             M::mix(&mut pkt.key);
             let verdict = track(ctx, cfg, counters, &pkt);
@@ -76,7 +98,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         }
         Parsed::Pass(reason) => {
             counters.inc(reason);
-            link_layer = Some(reason);
+            *link_layer = Some(reason);
             xdp_action::XDP_PASS
         }
         Parsed::Malformed(reason) => {
@@ -95,8 +117,7 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
                 xdp_action::XDP_DROP
             }
         }
-    };
-    forward::wire(ctx, cfg, counters, verdict, link_layer)
+    }
 }
 
 #[inline(always)]
@@ -108,12 +129,6 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
 fn track(ctx: &XdpContext, cfg: &DatapathConfig, counters: &mut Counters, pkt: &Packet) -> u32 {
     if let Some(note) = pkt.note() {
         counters.inc(note);
-    }
-    // Dropped at the wire (`forward::wire`): before, such a frame made or changed a session
-    // first (a reply forged from the wrong side bound a dead peer's copy's replies to its
-    // side and took the copy over, and the genuine replies were refused once the wire was up).
-    if forward::on_wire_down(ctx, cfg) {
-        return xdp_action::XDP_PASS;
     }
     let now = clock::now(cfg);
     let is_syn = pkt.tcp_flags & (tcp::SYN | tcp::ACK) == tcp::SYN;

@@ -439,6 +439,39 @@ fn a_wire_that_is_down_passes_nothing(wire: &mut Wire) -> Result<()> {
         stack_received(&wire.fw)? == stack_before,
         "the member's own stack received the frame"
     );
+    a_first_fragment_on_a_wire_that_is_down_opens_nothing(wire)
+}
+
+/// A first fragment that came in while the wire was down opened nothing for its datagram:
+/// once the wire is back, the later fragment finds no first one (before the review of stop
+/// 42's change, the first fragment was recorded, past the policy, and the later one crossed:
+/// seen failing).
+fn a_first_fragment_on_a_wire_that_is_down_opens_nothing(wire: &mut Wire) -> Result<()> {
+    use hasync_tests::frame::Ipv6Ext;
+    let udp = Frame::udp(sa(CLI6, 4040), sa(SRV6, 4041));
+    send_raw(
+        &wire.cli,
+        "c0",
+        udp.clone().ipv6_ext(Ipv6Ext::FragmentFirst).build(),
+    )?;
+    let (w0, w1) = (wire.fw.ifindex("w0")?, wire.fw.ifindex("w1")?);
+    let dp = &mut *wire.dp;
+    wire.fw.run(|| dp.set_vwire_ports(&[(w0, w1)]))??;
+    let before = wire.dp.counters()?;
+    send_raw(
+        &wire.cli,
+        "c0",
+        udp.ipv6_ext(Ipv6Ext::FragmentLater).payload(64).build(),
+    )?;
+    let d = wait_for(Duration::from_secs(2), || {
+        let d = wire.delta(before).ok()?;
+        (d.get(Counter::Ipv6Fragment) == 1).then_some(d)
+    })
+    .context("the later fragment did not reach the program")?;
+    ensure!(
+        d.get(Counter::DropFragmentUnseenFirst) == 1 && d.get(Counter::PassFragment) == 0,
+        "{d}"
+    );
     Ok(())
 }
 
