@@ -112,7 +112,7 @@ pub(super) struct Established {
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Admit {
+pub(super) enum Admit {
     Attach,
     Refuse(Rejection),
 }
@@ -587,8 +587,10 @@ impl<T: SessionTable> Engine<T> {
         peer.wake.notify_one();
     }
 
-    /// Registers `conn` unless [`Self::admission`] refuses it now (then closes it).
-    fn register(
+    /// Registers `conn` unless [`Self::admission`] refuses it now (then closes it). The
+    /// connection it replaces is dropped as a detach drops one (its frames in flight queued
+    /// again).
+    pub(super) fn register(
         &self,
         peer: &Peer,
         link: LinkKind,
@@ -602,7 +604,7 @@ impl<T: SessionTable> Engine<T> {
             conn.close();
             return Admit::Refuse(reason);
         }
-        if let Some(old) = g.links.remove(&link) {
+        if let Some(old) = self.unlink(peer, &mut g, link) {
             old.close();
         }
         if link == LinkKind::Ha4 && g.ha4_failed {

@@ -555,6 +555,23 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// Takes `link`'s connection out of `g`: what it had in flight as the data link is queued
+    /// again (a full sync's frames cannot be resent key by key: it starts over), and a full
+    /// sync it carried in never ends. The caller closes it.
+    fn unlink(&self, peer: &Peer, g: &mut PeerInner, link: LinkKind) -> Option<LinkConn> {
+        let c = g.links.remove(&link)?;
+        if g.data_link == Some(link) {
+            let (n, bulk_lost) = self.requeue_unacked(peer, g);
+            LinkStats::add(&peer.stats.resends, n as u64);
+            g.data_link = None;
+            g.bulk_wanted |= bulk_lost;
+        }
+        if g.full_sync_rx.link_lost(c.generation) {
+            lock(&peer.stats.bulk_received).running = false;
+        }
+        Some(c)
+    }
+
     /// Drops a connection (if it is still the current one for its link): both of its tasks
     /// end, which closes the socket.
     fn detach(&self, peer: &Peer, link: LinkKind, generation: Option<u64>, why: &str) {
@@ -562,24 +579,11 @@ impl<T: SessionTable> Engine<T> {
             let mut g = peer.lock();
             match g.links.get(&link) {
                 Some(c) if generation.is_none_or(|gen| gen == c.generation) => {
-                    let c = g.links.remove(&link);
                     if link == LinkKind::Ha4 {
                         g.ha4_failed = true;
                         g.ha4_usable_at = None;
                     }
-                    if g.data_link == Some(link) {
-                        let (n, bulk_lost) = self.requeue_unacked(peer, &mut g);
-                        LinkStats::add(&peer.stats.resends, n as u64);
-                        g.data_link = None;
-                        // Frames of a full sync cannot be resent key by key: it starts over.
-                        g.bulk_wanted |= bulk_lost;
-                    }
-                    if let Some(c) = &c {
-                        if g.full_sync_rx.link_lost(c.generation) {
-                            lock(&peer.stats.bulk_received).running = false;
-                        }
-                    }
-                    c
+                    self.unlink(peer, &mut g, link)
                 }
                 _ => None,
             }

@@ -193,11 +193,11 @@ impl<T: SessionTable> Engine<T> {
         Ok(())
     }
 
-    /// A second hello on a connection: taken only when it repeats the peer's first, saying
-    /// its table is no longer fresh (its fresh-table window ended: its full syncs on this
-    /// connection reconcile from now on, and ours stop handing its sessions back); anything
-    /// else is malformed and changes nothing. (A release without it counts ours as malformed
-    /// and goes on.)
+    /// A second hello on a connection: taken once, on a connection whose hello said the
+    /// peer's table was fresh, when it repeats the peer's first saying it no longer is (its
+    /// fresh-table window ended: its full syncs on this connection reconcile from now on, and
+    /// ours stop handing its sessions back); anything else is malformed and changes nothing.
+    /// (A release without it counts ours as malformed and goes on.)
     fn on_hello_again(&self, f: &FrameFrom<'_>, hello: &Hello) {
         let renewed = {
             let mut g = f.peer.lock();
@@ -210,15 +210,18 @@ impl<T: SessionTable> Engine<T> {
                 };
                 as_first == *first && f.boot_id == first.boot_id
             });
-            let renewed = repeats && !hello.fresh_table;
+            // Once per connection whose hello said fresh: a repeat changes nothing.
+            let told_fresh = g
+                .links
+                .get(&f.link)
+                .is_some_and(|c| c.generation == f.generation && c.peer_fresh);
+            let renewed = repeats && !hello.fresh_table && told_fresh;
             if renewed {
+                if let Some(c) = g.links.get_mut(&f.link) {
+                    c.peer_fresh = false;
+                }
                 if let Some(first) = g.hello.as_mut() {
                     first.fresh_table = false;
-                }
-                if let Some(c) = g.links.get_mut(&f.link) {
-                    if c.generation == f.generation {
-                        c.peer_fresh = false;
-                    }
                 }
             }
             renewed

@@ -605,6 +605,52 @@ async fn a_second_hello_only_ends_the_peers_fresh_table() {
         peer.lock().full_sync_rx.reconciling(),
         "the next full sync does not reconcile"
     );
+    // Once: a repeat is malformed again (it changes nothing, and is not logged each time).
+    let again = Hello {
+        fresh_table: false,
+        ..peer.lock().hello.clone().expect("hello")
+    };
+    e.handle(&ha4, Message::Hello(again), &writer)
+        .expect("handled");
+    assert_eq!(e.rejections().snapshot().get("malformed"), Some(&2));
+}
+
+/// A quiet connection on the data link replaced by a new one gives its frames in flight back
+/// to the queue, as a detach does: the receiver takes a gap for frames queued again, so the
+/// first ack on the new connection released them, and the changes they carried were lost if
+/// they never arrived (before stop 42: seen failing, 2 frames left in the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_replaced_on_the_data_link_gives_its_frames_back() {
+    let e = engine_over(FakeTable::default());
+    hello_from_2(&e, 7);
+    let _old = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    {
+        let mut g = peer.lock();
+        g.data_link = Some(LinkKind::Ha4);
+        for k in [key(), other_key()] {
+            let seq = g.window.next_seq();
+            g.window.sent(seq, &[(k, Change::Read)], Instant::now());
+        }
+    }
+    let hello = peer.lock().hello.clone().expect("a hello");
+    let (conn, _new) = placeholder_conn(generation(LinkKind::Ha4) + 100);
+    // Later than the old connection's last frame by more than two keepalive intervals.
+    let later = Instant::now() + Duration::from_secs(10);
+    let admitted = e.register(&peer, LinkKind::Ha4, hello, conn, later);
+    assert_eq!(admitted, super::connect::Admit::Attach);
+    let g = peer.lock();
+    assert_eq!(
+        g.window.in_flight(),
+        0,
+        "the old connection's frames stayed in flight"
+    );
+    drop(g);
+    assert_eq!(
+        lock(&e.inner.backlog).pending(peer.line),
+        2,
+        "not queued again"
+    );
 }
 
 /// A peer that reads (its keepalives come, its socket takes our writes) but acknowledges
