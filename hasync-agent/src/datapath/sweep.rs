@@ -432,6 +432,10 @@ pub struct IncrementalSweep {
 pub const MAX_PACE: u64 = 8;
 /// A step that found at least one in this many sessions expired speeds the next one up.
 const BUSY_SHARE: u64 = 8;
+/// Longest a step runs, whatever its budget (the chunk under way is finished): it runs on the
+/// agent's main loop, which drains the datapath's events meanwhile (every removal of this
+/// member's own sessions also writes a traffic-log line and queues a record).
+pub const STEP_TIME: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The least time between the starts of two passes.
 pub const MIN_REST: u64 = 1_000_000_000;
@@ -478,8 +482,12 @@ impl IncrementalSweep {
         let report = |pass: &Pass| (pass.count.report.scanned, pass.count.report.removed());
         let (scanned, removed) = report(&self.pass);
         let budget = budget.saturating_mul(self.pace.max(1));
+        let started = std::time::Instant::now();
         let mut more = true;
-        while more && self.pass.count.report.scanned - scanned < budget {
+        while more
+            && self.pass.count.report.scanned - scanned < budget
+            && started.elapsed() < STEP_TIME
+        {
             more = self
                 .pass
                 .chunk(table, cfg, chunk, clock, &mut self.cursor, &mut on_removed)?;
@@ -727,6 +735,68 @@ mod tests {
         assert!(
             second.get(4).is_some_and(|&n| n <= 500 + 64),
             "over live sessions the steps slow to their base again: {second:?}"
+        );
+    }
+
+    /// A map whose every walk of a chunk takes `pause`.
+    struct Slow<'m> {
+        map: &'m BatchMap<'m, FlowKey, Session>,
+        pause: std::time::Duration,
+    }
+
+    impl SweptTable for Slow<'_> {
+        type Error = BatchError;
+
+        fn walk(
+            &self,
+            cursor: &mut BatchCursor,
+            keys: &mut Vec<FlowKey>,
+            values: &mut Vec<Session>,
+            chunk: u32,
+        ) -> Result<bool, BatchError> {
+            std::thread::sleep(self.pause);
+            self.map.walk(cursor, keys, values, chunk)
+        }
+
+        fn probe(&self) -> Result<(), BatchError> {
+            self.map.probe()
+        }
+
+        fn settle(
+            &self,
+            candidates: &[FlowKey],
+            fresh: &mut Vec<Option<Session>>,
+            doomed: &mut Vec<FlowKey>,
+            pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
+        ) -> Result<(), BatchError> {
+            self.map.settle(candidates, fresh, doomed, pick)
+        }
+    }
+
+    /// A step ends at its time limit, whatever its budget: here chunks that take 5 ms each
+    /// stop it after about five (before the review of stop 42's pace, a step ran through its
+    /// whole budget on the agent's main loop: seen failing, the whole pass in one step).
+    #[test]
+    fn a_step_ends_at_its_time_limit() {
+        let owned = create_map::<FlowKey, Session>(BPF_MAP_TYPE_LRU_HASH, 32_768);
+        let map = BatchMap::new(owned.as_fd()).expect("FlowKey → Session map");
+        let keys: Vec<_> = (0..20_000).map(key).collect();
+        let values = vec![session(State::Closed, 11, NOW); keys.len()];
+        map.update_batch(&keys, &values, 0).expect("fill");
+        let cfg = DatapathConfig::with_defaults(MemberId(1));
+        let slow = Slow {
+            map: &map,
+            pause: std::time::Duration::from_millis(5),
+        };
+        let mut sweep = IncrementalSweep::default();
+        let done = sweep
+            .step_with_clock(&slow, &cfg, 64, 1 << 20, &|| NOW, |_| {})
+            .expect("step");
+        let scanned = sweep.pass.count.report.scanned;
+        assert!(
+            done.is_none() && scanned > 0 && scanned <= 10 * 64,
+            "{scanned} scanned, the pass ended: {}",
+            done.is_some()
         );
     }
 
