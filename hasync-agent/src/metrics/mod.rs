@@ -105,7 +105,7 @@ const MEMBER_STATES: [MemberState; 7] = [
 const LINK_STATES: [LinkState; 3] = [LinkState::Up, LinkState::Down, LinkState::NotConfigured];
 
 /// Errors gathering a [`Snapshot`] from the runtime.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum GatherError {
     #[error("the agent is shutting down")]
     ShuttingDown,
@@ -124,6 +124,9 @@ pub enum GatherError {
         message: String,
     },
 }
+
+/// What one gather of a [`Snapshot`] gave.
+type Gathered = Result<Snapshot, GatherError>;
 
 /// Everything one scrape shows, as the views of `hasync show` hold it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -150,9 +153,9 @@ pub struct Source {
     capacity: u64,
     description: String,
     sessions: Arc<tokio::sync::Mutex<Option<(Instant, SessionsView)>>>,
-    /// The last snapshot gathered, and when: scrapes within [`SNAPSHOT_CACHE`] of it (or
-    /// waiting for one under way) are answered from it.
-    latest: Arc<tokio::sync::Mutex<Option<(Instant, Snapshot)>>>,
+    /// The last gather's result, and when: scrapes within [`SNAPSHOT_CACHE`] of it (or
+    /// waiting for one under way) are answered from it, a failure too.
+    latest: Arc<tokio::sync::Mutex<Option<(Instant, Gathered)>>>,
 }
 
 impl Source {
@@ -189,20 +192,19 @@ impl Source {
     /// period.
     pub async fn snapshot(&self) -> Result<Snapshot, GatherError> {
         let mut latest = self.latest.lock().await;
-        if let Some((at, snapshot)) = latest
+        if let Some((at, result)) = latest
             .as_ref()
             .filter(|(at, _)| at.elapsed() < SNAPSHOT_CACHE)
         {
             // The session count's age goes on (as for a count reused on its own).
-            let sessions = aged(&snapshot.sessions, at.elapsed());
-            return Ok(Snapshot {
-                sessions,
-                ..snapshot.clone()
+            return result.clone().map(|snapshot| Snapshot {
+                sessions: aged(&snapshot.sessions, at.elapsed()),
+                ..snapshot
             });
         }
-        let snapshot = self.gather().await?;
-        *latest = Some((Instant::now(), snapshot.clone()));
-        Ok(snapshot)
+        let result = self.gather().await;
+        *latest = Some((Instant::now(), result.clone()));
+        result
     }
 
     /// Gathers the views from the runtime now (the graphs' sampler: its own pace, and it does
@@ -243,11 +245,13 @@ impl Source {
     async fn ask<T: DeserializeOwned>(&self, request: Request) -> Result<T, GatherError> {
         let name = request.name();
         let (tx, rx) = oneshot::channel();
-        self.requests
-            .send((request, tx))
-            .await
-            .map_err(|_| GatherError::ShuttingDown)?;
-        let response = match tokio::time::timeout(ANSWER_TIMEOUT, rx).await {
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        match tokio::time::timeout_at(deadline, self.requests.send((request, tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(GatherError::ShuttingDown),
+            Err(_) => return Err(GatherError::Timeout { request: name }),
+        }
+        let response = match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(response)) => response,
             Ok(Err(_)) => return Err(GatherError::Dropped { request: name }),
             Err(_) => return Err(GatherError::Timeout { request: name }),

@@ -267,3 +267,34 @@ async fn concurrent_scrapes_share_one_gather() {
     let asked = asked.load(Ordering::Relaxed);
     assert!(asked <= 4, "the runtime was asked {asked} times");
 }
+
+/// A runtime that takes requests and never answers: scrapes waiting for the one gather under
+/// way get its failure, not one gather of their own each, one after the other (before the
+/// review of stop 42's change the fourth waited four answer timeouts: seen failing).
+#[tokio::test]
+async fn scrapes_waiting_for_a_failing_gather_share_its_failure() {
+    let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(request) = rx.recv().await {
+            held.push(request);
+        }
+    });
+    let source = Source::with_settings(tx, 65_536, "");
+    let started = tokio::time::Instant::now();
+    let scrapes: Vec<_> = (0..4)
+        .map(|_| {
+            let source = source.clone();
+            tokio::spawn(async move { source.snapshot().await })
+        })
+        .collect();
+    for scrape in scrapes {
+        let e = scrape.await.expect("join").expect_err("no answer");
+        assert!(matches!(e, GatherError::Timeout { .. }), "{e}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < ANSWER_TIMEOUT + Duration::from_secs(2),
+        "four scrapes took {took:?}"
+    );
+}
