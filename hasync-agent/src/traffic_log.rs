@@ -308,9 +308,15 @@ impl TrafficLog {
         &self.path
     }
 
-    /// Opens the path again (after a rotation renamed the file).
+    /// Opens the path again (after a rotation renamed the file). A line cut short in the old
+    /// file stays there: the new one starts clean (the same file, reopened, still ends in it).
     pub fn reopen(&mut self) -> Result<(), TrafficLogError> {
+        use std::os::unix::fs::MetadataExt as _;
         let TrafficLog { file, .. } = TrafficLog::open(&self.path)?;
+        let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if id(&file) != id(&self.file) {
+            self.cut.set(false);
+        }
         self.file = file;
         Ok(())
     }
@@ -634,6 +640,37 @@ interfaces = ["wan0"]
             });
         let e = answer.expect("a FIFO was taken as a traffic log");
         assert!(e.contains("is a FIFO"), "{e}");
+    }
+
+    /// A line cut short stays with its file: after a rotation the new file starts with the
+    /// next record, not a blank line (seen failing); reopened without one, the file still
+    /// closes the fragment off.
+    #[test]
+    fn a_cut_line_stays_with_its_file_across_a_rotation() {
+        let dir = TempDir::new("traffic-cut-rotate");
+        let path = dir.path().join("traffic.jsonl");
+        let (key, session) = Flow::udp("10.0.0.1", 1000, "10.0.0.2", 2000).entry();
+        let end = SessionEnd {
+            key,
+            session,
+            zone: "",
+            reason: EndReason::Expired,
+        };
+        let mut log = TrafficLog::open(&path).expect("open");
+        log.cut.set(true);
+        log.reopen().expect("reopen");
+        log.write(&end).expect("write");
+        let same = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            same.starts_with('\n'),
+            "the fragment was not closed off: {same:?}"
+        );
+        std::fs::rename(&path, dir.path().join("traffic.jsonl.1")).expect("rotate");
+        log.cut.set(true);
+        log.reopen().expect("reopen");
+        log.write(&end).expect("write");
+        let fresh = std::fs::read_to_string(&path).expect("read");
+        assert!(fresh.starts_with('{'), "{fresh:?}");
     }
 
     /// A line cut short by a failed write (a full disk) ends before the next record, which
