@@ -24,9 +24,10 @@ pub fn netns_path(ns: &str) -> PathBuf {
     PathBuf::from(NETNS_DIR).join(ns)
 }
 
-/// Whether namespace `ns` exists.
+/// Whether namespace `ns` exists: a named one (a name that is a path, which iproute2 would
+/// open as it is, never is).
 pub fn netns_exists(ns: &str) -> bool {
-    netns_path(ns).exists()
+    check_ns_name(ns).is_ok() && netns_path(ns).exists()
 }
 
 fn check_ns_name(ns: &str) -> Result<()> {
