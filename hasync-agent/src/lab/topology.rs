@@ -700,8 +700,8 @@ mod tests {
         assert!(ip("add").success());
         let results = [
             check_plug("1", "x0", "p0", "198.18.100.250/24").is_err(),
-            check_plug("/proc/1/ns/net", "x0", "p0", "198.18.100.250/24").is_err(),
-            check_plug("../../../proc/1/ns/net", "x0", "p0", "198.18.100.250/24").is_err(),
+            check_plug("/proc/self/ns/net", "x0", "p0", "198.18.100.250/24").is_err(),
+            check_plug("../../../proc/self/ns/net", "x0", "p0", "198.18.100.250/24").is_err(),
             check_plug(&name, "x0\nlink del hasw", "p0", "198.18.100.250/24").is_err(),
             check_plug(&name, "x0", "p0", "10.0.0.1/24").is_err(),
             check_plug(&name, "x0", "p0", "198.18.100.250/24").is_ok(),
