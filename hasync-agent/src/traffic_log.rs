@@ -309,12 +309,16 @@ impl TrafficLog {
     }
 
     /// Opens the path again (after a rotation renamed the file). A line cut short in the old
-    /// file stays there: the new one starts clean (the same file, reopened, still ends in it).
+    /// file stays there: the new one starts clean (the same file, reopened, still ends in it,
+    /// unless it was emptied).
     pub fn reopen(&mut self) -> Result<(), TrafficLogError> {
         use std::os::unix::fs::MetadataExt as _;
         let TrafficLog { file, .. } = TrafficLog::open(&self.path)?;
         let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if id(&file) != id(&self.file) {
+        // Another file (renamed away), or this one emptied (copytruncate): the fragment is
+        // not in it.
+        let empty = file.metadata().is_ok_and(|m| m.len() == 0);
+        if empty || id(&file) != id(&self.file) {
             self.cut.set(false);
         }
         self.file = file;
@@ -657,12 +661,14 @@ interfaces = ["wan0"]
             reason: EndReason::Expired,
         };
         let mut log = TrafficLog::open(&path).expect("open");
+        // Stands for a fragment: the file is not empty, and a cut is noted.
+        log.write(&end).expect("write");
         log.cut.set(true);
         log.reopen().expect("reopen");
         log.write(&end).expect("write");
         let same = std::fs::read_to_string(&path).expect("read");
         assert!(
-            same.starts_with('\n'),
+            same.contains("}\n\n{"),
             "the fragment was not closed off: {same:?}"
         );
         std::fs::rename(&path, dir.path().join("traffic.jsonl.1")).expect("rotate");
@@ -671,6 +677,17 @@ interfaces = ["wan0"]
         log.write(&end).expect("write");
         let fresh = std::fs::read_to_string(&path).expect("read");
         assert!(fresh.starts_with('{'), "{fresh:?}");
+        // copytruncate: the same file, emptied (the fragment went to the copy).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(0))
+            .expect("truncate");
+        log.cut.set(true);
+        log.reopen().expect("reopen");
+        log.write(&end).expect("write");
+        let truncated = std::fs::read_to_string(&path).expect("read");
+        assert!(truncated.starts_with('{'), "{truncated:?}");
     }
 
     /// A line cut short by a failed write (a full disk) ends before the next record, which

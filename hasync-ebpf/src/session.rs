@@ -61,17 +61,19 @@ pub fn process<M: KeyMix>(ctx: &XdpContext) -> u32 {
         counters.inc(Counter::PassUnconfigured);
         return xdp_action::XDP_PASS;
     }
+    // A wire that is down drops everything, and nothing on it makes or changes a session or
+    // opens a datagram's later fragments: before stop 42 a reply forged from the wrong side
+    // bound a dead peer's copy's replies to its side and took the copy over (the genuine
+    // replies were then refused once the wire was back). Dropped here, not by
+    // `forward::wire`'s redirect: the agent may put the wire back meanwhile, and the frame,
+    // never checked, would cross. (One call of `forward::wire`: two made the verifier refuse
+    // a context pointer they shared.)
+    if forward::on_wire_down(ctx, cfg) {
+        counters.inc(Counter::DropVwireDown);
+        return xdp_action::XDP_DROP;
+    }
     let mut link_layer = None;
-    // A wire that is down drops everything (`forward::wire`), and nothing on it makes or
-    // changes a session or opens a datagram's later fragments: before stop 42 a reply forged
-    // from the wrong side bound a dead peer's copy's replies to its side and took the copy
-    // over (the genuine replies were then refused once the wire was back). (One call of
-    // `forward::wire` below: two made the verifier refuse a context pointer they shared.)
-    let verdict = if forward::on_wire_down(ctx, cfg) {
-        xdp_action::XDP_PASS
-    } else {
-        verdict_of::<M>(ctx, cfg, counters, &mut link_layer)
-    };
+    let verdict = verdict_of::<M>(ctx, cfg, counters, &mut link_layer);
     forward::wire(ctx, cfg, counters, verdict, link_layer)
 }
 

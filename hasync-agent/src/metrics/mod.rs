@@ -211,15 +211,20 @@ impl Source {
     /// not answer scrapes); the session count comes from the cache while it is fresh
     /// (concurrent scrapes share one count).
     pub async fn gather(&self) -> Result<Snapshot, GatherError> {
-        let members = self.ask(Request::ShowMembers {}).await?;
-        let statistics = self.ask(Request::ShowStatistics {}).await?;
-        let counters = self.ask(Request::ShowCounters { prefix: None }).await?;
+        // One deadline for the whole gather: a scrape waits at most one answer timeout.
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let members = self.ask(Request::ShowMembers {}, deadline).await?;
+        let statistics = self.ask(Request::ShowStatistics {}, deadline).await?;
+        let counters = self
+            .ask(Request::ShowCounters { prefix: None }, deadline)
+            .await?;
         let sessions = {
             let mut cached = self.sessions.lock().await;
             match &*cached {
                 Some((at, view)) if at.elapsed() < SESSIONS_CACHE => aged(view, at.elapsed()),
                 _ => {
-                    let view: SessionsView = self.ask(Request::ShowSessionCounts {}).await?;
+                    let view: SessionsView =
+                        self.ask(Request::ShowSessionCounts {}, deadline).await?;
                     *cached = Some((Instant::now(), view.clone()));
                     view
                 }
@@ -242,10 +247,13 @@ impl Source {
     }
 
     /// Sends `request` to the runtime and reads its answer as a `T`.
-    async fn ask<T: DeserializeOwned>(&self, request: Request) -> Result<T, GatherError> {
+    async fn ask<T: DeserializeOwned>(
+        &self,
+        request: Request,
+        deadline: tokio::time::Instant,
+    ) -> Result<T, GatherError> {
         let name = request.name();
         let (tx, rx) = oneshot::channel();
-        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
         match tokio::time::timeout_at(deadline, self.requests.send((request, tx))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(GatherError::ShuttingDown),

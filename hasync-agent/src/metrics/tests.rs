@@ -298,3 +298,25 @@ async fn scrapes_waiting_for_a_failing_gather_share_its_failure() {
         "four scrapes took {took:?}"
     );
 }
+
+/// A runtime that answers each request just under the answer timeout: a scrape ends within
+/// one timeout, not one per view (before: about four, past Prometheus's scrape timeout;
+/// seen failing).
+#[tokio::test]
+async fn a_slow_runtime_costs_a_scrape_one_answer_timeout() {
+    let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
+    tokio::spawn(async move {
+        while let Some((request, reply)) = rx.recv().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(ANSWER_TIMEOUT - Duration::from_millis(800)).await;
+                let _ = reply.send(answer(request));
+            });
+        }
+    });
+    let source = Source::with_settings(tx, 65_536, "");
+    let started = tokio::time::Instant::now();
+    let e = source.snapshot().await.expect_err("too slow");
+    assert!(matches!(e, GatherError::Timeout { .. }), "{e}");
+    let took = started.elapsed();
+    assert!(took < ANSWER_TIMEOUT + Duration::from_secs(1), "{took:?}");
+}
