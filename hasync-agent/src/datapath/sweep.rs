@@ -803,7 +803,7 @@ mod tests {
             .expect("step");
         let scanned = sweep.pass.count.report.scanned;
         assert!(
-            done.is_none() && scanned >= 64 && scanned < 8 * 64,
+            done.is_none() && (64..8 * 64).contains(&scanned),
             "{scanned} scanned, the pass ended: {}",
             done.is_some()
         );
