@@ -69,8 +69,8 @@ impl Hop {
     }
 }
 
-/// Did the frame come in on a virtual wire whose other end is not in the map (down)? Then
-/// [`wire`] drops it, and it changes no session.
+/// Did the frame come in on a virtual wire whose other end is not in the map (down)? Then it
+/// is dropped before its parse (`session::process`), and it changes no session.
 #[inline(always)]
 pub fn on_wire_down(ctx: &XdpContext, cfg: &DatapathConfig) -> bool {
     if cfg.vwire == 0 {
