@@ -743,41 +743,6 @@ mod tests {
         );
     }
 
-    /// A map whose every walk of a chunk takes `pause`.
-    struct Slow<'m> {
-        map: &'m BatchMap<'m, FlowKey, Session>,
-        pause: std::time::Duration,
-    }
-
-    impl SweptTable for Slow<'_> {
-        type Error = BatchError;
-
-        fn walk(
-            &self,
-            cursor: &mut BatchCursor,
-            keys: &mut Vec<FlowKey>,
-            values: &mut Vec<Session>,
-            chunk: u32,
-        ) -> Result<bool, BatchError> {
-            std::thread::sleep(self.pause);
-            self.map.walk(cursor, keys, values, chunk)
-        }
-
-        fn probe(&self) -> Result<(), BatchError> {
-            self.map.probe()
-        }
-
-        fn settle(
-            &self,
-            candidates: &[FlowKey],
-            fresh: &mut Vec<Option<Session>>,
-            doomed: &mut Vec<FlowKey>,
-            pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
-        ) -> Result<(), BatchError> {
-            self.map.settle(candidates, fresh, doomed, pick)
-        }
-    }
-
     /// A sped-up step ends at its time limit past its base budget: here chunks of 64 that
     /// take 5 ms each stop a step of 8 × 64 after about five (before the review of stop 42's
     /// pace, a step ran through its whole budget on the agent's main loop: seen failing, the
@@ -790,9 +755,9 @@ mod tests {
         let values = vec![session(State::Closed, 11, NOW); keys.len()];
         map.update_batch(&keys, &values, 0).expect("fill");
         let cfg = DatapathConfig::with_defaults(MemberId(1));
-        let slow = Slow {
-            map: &map,
+        let slow = Odd {
             pause: std::time::Duration::from_millis(5),
+            ..Odd::of(&map)
         };
         let mut sweep = IncrementalSweep {
             pace: MAX_PACE,
@@ -953,44 +918,6 @@ mod tests {
         assert_eq!((pass.kept.total, pass.kept.by_owner[2]), (1, 1));
     }
 
-    /// A map whose writer's clock runs `lag` ns behind the sweep's.
-    struct Lagging<'m> {
-        map: &'m BatchMap<'m, FlowKey, Session>,
-        lag: u64,
-    }
-
-    impl SweptTable for Lagging<'_> {
-        type Error = BatchError;
-
-        fn walk(
-            &self,
-            cursor: &mut BatchCursor,
-            keys: &mut Vec<FlowKey>,
-            values: &mut Vec<Session>,
-            chunk: u32,
-        ) -> Result<bool, BatchError> {
-            self.map.walk(cursor, keys, values, chunk)
-        }
-
-        fn probe(&self) -> Result<(), BatchError> {
-            self.map.probe()
-        }
-
-        fn settle(
-            &self,
-            candidates: &[FlowKey],
-            fresh: &mut Vec<Option<Session>>,
-            doomed: &mut Vec<FlowKey>,
-            pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
-        ) -> Result<(), BatchError> {
-            self.map.settle(candidates, fresh, doomed, pick)
-        }
-
-        fn clock_lag_ns(&self) -> u64 {
-            self.lag
-        }
-    }
-
     /// A session expired by less than the writer's clock lags is kept: the XDP program, whose
     /// jiffies clock runs up to two ticks behind the agent's, still takes it for live and
     /// refreshes it in place, and a delete then would end a running connection (before stop
@@ -1009,9 +936,9 @@ mod tests {
         map.update_batch(&[barely, long], &[expired_by(3_000_000), expired_by(S)], 0)
             .expect("fill");
         let cfg = DatapathConfig::with_defaults(MemberId(1));
-        let table = Lagging {
-            map: &map,
+        let table = Odd {
             lag: 8_000_000,
+            ..Odd::of(&map)
         };
         let mut removed = Vec::new();
         IncrementalSweep::default()
@@ -1023,14 +950,28 @@ mod tests {
         assert!(map.lookup(&barely).expect("lookup").is_some());
     }
 
-    /// A map whose batch delete fails after its first `ok` keys, as a kernel error part way
-    /// would.
-    struct FailingDeletes<'m> {
+    /// A map as a test needs it: each chunk's walk takes `pause`, its writer's clock runs
+    /// `lag` ns behind the sweep's, and with `ok_deletes` a batch delete fails after its first
+    /// keys, as a kernel error part way would.
+    struct Odd<'m> {
         map: &'m BatchMap<'m, FlowKey, Session>,
-        ok: usize,
+        pause: std::time::Duration,
+        lag: u64,
+        ok_deletes: Option<usize>,
     }
 
-    impl SweptTable for FailingDeletes<'_> {
+    impl<'m> Odd<'m> {
+        fn of(map: &'m BatchMap<'m, FlowKey, Session>) -> Self {
+            Odd {
+                map,
+                pause: std::time::Duration::ZERO,
+                lag: 0,
+                ok_deletes: None,
+            }
+        }
+    }
+
+    impl SweptTable for Odd<'_> {
         type Error = BatchError;
 
         fn walk(
@@ -1040,6 +981,7 @@ mod tests {
             values: &mut Vec<Session>,
             chunk: u32,
         ) -> Result<bool, BatchError> {
+            std::thread::sleep(self.pause);
             self.map.walk(cursor, keys, values, chunk)
         }
 
@@ -1054,10 +996,13 @@ mod tests {
             doomed: &mut Vec<FlowKey>,
             pick: impl FnOnce(&[Option<Session>], &mut Vec<FlowKey>),
         ) -> Result<(), BatchError> {
+            let Some(ok) = self.ok_deletes else {
+                return self.map.settle(candidates, fresh, doomed, pick);
+            };
             doomed.clear();
             reread_each(self.map, candidates, fresh)?;
             pick(fresh, doomed);
-            let ok = self.ok.min(doomed.len());
+            let ok = ok.min(doomed.len());
             self.map.delete_batch(&doomed[..ok])?;
             doomed.truncate(ok);
             Err(BatchError::Syscall {
@@ -1065,6 +1010,10 @@ mod tests {
                 done: ok,
                 source: std::io::Error::from_raw_os_error(libc::EIO),
             })
+        }
+
+        fn clock_lag_ns(&self) -> u64 {
+            self.lag
         }
     }
 
@@ -1079,7 +1028,10 @@ mod tests {
             .expect("fill");
         let cfg = DatapathConfig::with_defaults(MemberId(1));
         let mut told = Vec::new();
-        let failing = FailingDeletes { map: &map, ok: 4 };
+        let failing = Odd {
+            ok_deletes: Some(4),
+            ..Odd::of(&map)
+        };
         let failed = sweep_with_clock(
             &failing,
             &cfg,
