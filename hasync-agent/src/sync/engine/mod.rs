@@ -58,10 +58,10 @@ const BACKLOG_CAPACITY: usize = 262_144;
 const ENQUEUE_RUN: usize = 256;
 /// Frames per peer sent and not yet acknowledged.
 const MAX_IN_FLIGHT: usize = 64;
-/// The shortest wait between two full syncs to one peer, and the longest.
 /// Why a data link whose oldest frame waited longer than the keepalive threshold for its
 /// acknowledgement was closed (a peer that reads and never acknowledges): counted as a stall.
 const ACKS_MISSED: &str = "acks missed";
+/// The shortest wait between two full syncs to one peer, and the longest.
 const BULK_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 
 /// One peer as configured.
