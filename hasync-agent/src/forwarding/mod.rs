@@ -86,6 +86,24 @@ enum Usable {
     Unknown(u32, String),
 }
 
+impl Usable {
+    /// The interface's index, unless it is down.
+    fn index(&self) -> Option<u32> {
+        match self {
+            Usable::Yes(index) | Usable::Unknown(index, _) => Some(*index),
+            Usable::No(_) => None,
+        }
+    }
+
+    /// Why the kernel could not tell, if it could not.
+    fn unknown(&self) -> Option<&str> {
+        match self {
+            Usable::Unknown(_, why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
 /// Whether `name` can take redirects.
 fn usable(devices: &mut impl Devices, name: &str) -> Usable {
     let Some(index) = devices.index(name) else {
@@ -112,19 +130,11 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
                 .left_out
                 .push(format!("virtual wire {} is down: {e}", w.name)),
             (a, b) => {
-                for unknown in [&a, &b] {
-                    if let Usable::Unknown(_, e) = unknown {
-                        let kept = format!("virtual wire {}: {e}; kept", w.name);
-                        ports.left_out.push(kept);
-                    }
+                for e in [&a, &b].into_iter().filter_map(|u| u.unknown()) {
+                    let kept = format!("virtual wire {}: {e}; kept", w.name);
+                    ports.left_out.push(kept);
                 }
-                if let (
-                    Usable::Yes(a) | Usable::Unknown(a, _),
-                    Usable::Yes(b) | Usable::Unknown(b, _),
-                ) = (a, b)
-                {
-                    ports.wires.push((a, b));
-                }
+                ports.wires.extend(a.index().zip(b.index()));
             }
         }
     }
