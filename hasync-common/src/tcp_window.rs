@@ -373,7 +373,8 @@ pub const fn refused(fit: Fit, flags: u8) -> bool {
 }
 
 /// Records what a segment that fell at `fit` tells about its direction: its sequence end,
-/// its window (not a SYN's: those are never scaled) and, on a SYN, the window scale it offers.
+/// its window (not a SYN's: those are never scaled) and, on a SYN that is learned, the window
+/// scale it offers.
 #[inline(always)]
 pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit) {
     let end = seg
@@ -406,6 +407,10 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         if seg.window > *w {
             *w = seg.window;
         }
+        return;
+    }
+    if !matches!(fit, Fit::Learn) {
+        // A retransmitted SYN inside the window: the scale was settled by the handshake.
         return;
     }
     let t = pick_mut(&mut s.tcp_track, dir);
@@ -498,28 +503,55 @@ mod tests {
         s
     }
 
-    #[test]
-    fn handshake_learns_both_directions() {
+    /// A session after a SYN (sequence 100) offering shift `o` and its SYN-ACK (700)
+    /// offering `r`, asserting both were learned.
+    fn half_open_scaled(o: u8, r: u8) -> Session {
         let mut s = Session {
             state: State::SynSent as u8,
             ..Session::default()
         };
         let syn = TcpSegment {
-            wscale: Some(7),
+            wscale: Some(o),
             ..seg(100, 0)
         };
         let syn_ack = TcpSegment {
-            wscale: Some(9),
+            wscale: Some(r),
             ..seg(700, 101)
         };
         assert_eq!(run(&mut s, [(O, SYN, syn)]), [Fit::Learn]);
         s.state = State::SynRecv as u8;
         assert_eq!(run(&mut s, [(R, SYN | ACK, syn_ack)]), [Fit::Learn]);
+        s
+    }
+
+    #[test]
+    fn handshake_learns_both_directions() {
+        let mut s = half_open_scaled(7, 9);
         assert_eq!(s.seq_end, [101, 701]);
         assert_eq!(s.max_win, [0, 0], "SYN windows are not recorded");
         assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
         assert_eq!(window(&s, O), 1000 << 7);
         assert_eq!(window(&s, R), MIN_WINDOW, "nothing advertised yet");
+    }
+
+    /// A retransmitted SYN-ACK after the handshake (its ACK was lost on the way to the
+    /// server) counts, but the window scale was fixed by the handshake: a copy without the
+    /// option (or with another shift) must not switch scaling off or widen it.
+    #[test]
+    fn a_late_syn_ack_keeps_the_handshakes_scale() {
+        let mut s = half_open_scaled(7, 9);
+        assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
+        assert_eq!(run(&mut s, [(R, ACK, seg(701, 101))]), [Fit::InWindow]);
+        s.state = State::Established as u8;
+        for wscale in [None, Some(14)] {
+            let again = TcpSegment {
+                wscale,
+                ..seg(700, 101)
+            };
+            assert!(step(&mut s, R, SYN | ACK, again).counts());
+            assert_eq!(window(&s, R), 1000 << 9, "after a SYN-ACK with {wscale:?}");
+            assert_eq!(window(&s, O), 1000 << 7);
+        }
     }
 
     /// A spoofer chose the SYN (so knows its sequence) but never saw the SYN-ACK: its ACK,
