@@ -169,9 +169,12 @@ counters! {
     /// Left to the kernel (`forwarding = "xdp"`): the session has not seen both directions
     /// (TCP not established, UDP not answered), so the kernel's policy still sees the setup.
     PassFwdNotEstablished = "pass-fwd-not-established",
-    /// Left to the kernel: a TCP segment outside the window the session has seen (conntrack
-    /// would call it invalid).
-    PassFwdOutOfWindow = "pass-fwd-out-of-window",
+    /// A TCP segment other than RST or FIN outside the window its session has seen (conntrack
+    /// calls it invalid): passed to the kernel, whatever the policy and the forwarding mode,
+    /// and the session left exactly as it was: not refreshed, not announced, not taken over
+    /// (a blind ACK keeps nothing alive). Only a half-open session of ours, whose initiator's
+    /// segments are outside until an answer comes, is kept alive by them.
+    PassTcpOutsideWindow = "pass-tcp-outside-window",
     /// Left to the kernel on purpose: about one packet in 16 s of every forwarded session,
     /// so the kernel's own connection tracking sees the flow alive.
     PassFwdRefresh = "pass-fwd-refresh",

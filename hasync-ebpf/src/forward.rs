@@ -150,8 +150,6 @@ pub struct Accepted {
     pub dir: usize,
     /// A first fragment.
     pub fragment: bool,
-    /// TCP: the segment fits the window (UDP: always).
-    pub in_window: bool,
     /// The packet carried a refresh event.
     pub refreshed: bool,
     /// Session clock.
@@ -207,9 +205,6 @@ fn kernel_refresh_due(pkt: &Accepted) -> bool {
 fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u32, Counter> {
     if !pkt.both_ways {
         return Err(Counter::PassFwdNotEstablished);
-    }
-    if !pkt.in_window {
-        return Err(Counter::PassFwdOutOfWindow);
     }
     if pkt.fragment {
         return Err(Counter::PassFwdFragment);

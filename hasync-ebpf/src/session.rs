@@ -211,6 +211,15 @@ fn hit(
         counters.inc(passed);
         return xdp_action::XDP_PASS;
     }
+    if !fit.counts() && !(owned && s.state == State::SynSent as u8) {
+        // Outside the window (conntrack: invalid): the kernel decides, and the session stays
+        // exactly as it was: a blind ACK refreshed it, announced it to the peers and took a
+        // dead owner's session over. Only our half-open session is kept alive by its
+        // initiator's segments (outside until an answer comes: to this host itself, or routed
+        // back another way).
+        counters.inc(Counter::PassTcpOutsideWindow);
+        return xdp_action::XDP_PASS;
+    }
     if fit.counts() {
         learn_reply_zone(s, dir, ingress);
     }
@@ -241,7 +250,6 @@ fn hit(
         reply_zone: s.reply_zone,
         dir,
         fragment: pkt.first_fragment.is_some(),
-        in_window: fit.counts(),
         refreshed,
         now,
     };

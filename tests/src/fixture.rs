@@ -168,6 +168,9 @@ pub struct Expect {
     pub reply_zone: Option<ZoneId>,
     /// The highest sequence end per direction, and whether it is known (`None`: not checked).
     pub seq_end: Option<[Option<u32>; 2]>,
+    /// Whether the row's packets refreshed the session (its last seen within the row's run)
+    /// or not (its last seen still the existing session's).
+    pub seen: bool,
 }
 
 impl Expect {
@@ -184,7 +187,15 @@ impl Expect {
             tcp_flags: None,
             reply_zone: None,
             seq_end: None,
+            seen: true,
         }
+    }
+
+    /// The row's packets must not have refreshed the session: its last seen is before the
+    /// row ran.
+    pub fn unseen(mut self) -> Self {
+        self.seen = false;
+        self
     }
 
     /// The zone the session's replies are bound to.
@@ -734,6 +745,7 @@ fn check_session(
         tcp_flags: want_tcp_flags,
         reply_zone: want_reply_zone,
         seq_end: want_seq_end,
+        seen,
     } = want.clone();
     let want_zone = want_zone.unwrap_or(match &row.existing {
         Some(e) => e.zone,
@@ -771,7 +783,13 @@ fn check_session(
         let got = [0, 1].map(|d| (tcp_track[d] & track::KNOWN != 0).then_some(seq_end[d]));
         same(errors, "seq end", (got, want), debug);
     }
-    if !(start..=end).contains(&last_seen_ns) || created_ns > last_seen_ns {
+    if !seen {
+        if last_seen_ns >= start {
+            errors.push(format!(
+                "session last seen {last_seen_ns}, expected it unchanged (before the row's run from {start})"
+            ));
+        }
+    } else if !(start..=end).contains(&last_seen_ns) || created_ns > last_seen_ns {
         errors.push(format!(
             "session last seen: created {created_ns}, last seen {last_seen_ns}, expected last seen within the row's run {start}..={end}"
         ));

@@ -468,7 +468,7 @@ fn tcp_window_rows() -> Vec<Row> {
             .session(
                 Expect::new(State::SynRecv)
                     .version(2)
-                    .packets(2, 1)
+                    .packets(1, 1)
                     .tcp_flags(SYN, SA),
             )
             .counters(&[
@@ -476,6 +476,7 @@ fn tcp_window_rows() -> Vec<Row> {
                 (C::Hits, 2),
                 (C::StateChanges, 1),
                 (C::Events, 2),
+                (C::PassTcpOutsideWindow, 1),
             ])
             .events(&[E::Created, E::StateChanged]),
         handshake_seq(
@@ -534,10 +535,13 @@ fn tcp_window_rows() -> Vec<Row> {
         .session(
             Expect::new(State::Established)
                 .version(3)
-                .packets(4, 1)
+                .packets(2, 1)
                 .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
         )
-        .counters(&after_handshake(3, &[(C::DropTcpOutOfWindow, 1)]))
+        .counters(&after_handshake(
+            3,
+            &[(C::DropTcpOutOfWindow, 1), (C::PassTcpOutsideWindow, 2)],
+        ))
         .events(&HANDSHAKE_EVENTS),
         Row::new("tcp window: the initiator's syn-ack before any answer counts for nothing")
             .pass(tcp(C4, S4).syn().seq(C_ISN))
@@ -608,8 +612,11 @@ fn tcp_window_rows() -> Vec<Row> {
         )
         .pass(tcp(S4, C4).ack().seq(S_ISN + BLIND).payload(10))
         .drop(tcp(S4, C4).rst().seq(S_ISN + BLIND + 10))
-        .session(Expect::new(State::Established).version(3).packets(2, 2))
-        .counters(&after_handshake(2, &[(C::DropTcpOutOfWindow, 1)]))
+        .session(Expect::new(State::Established).version(3).packets(2, 1))
+        .counters(&after_handshake(
+            2,
+            &[(C::DropTcpOutOfWindow, 1), (C::PassTcpOutsideWindow, 1)],
+        ))
         .events(&HANDSHAKE_EVENTS),
         Row::new("tcp window: rst refusing a syn must acknowledge it")
             .pass(tcp(C4, S4).syn().seq(C_ISN))
@@ -663,6 +670,34 @@ fn tcp_window_rows() -> Vec<Row> {
                 (C::DropTcpOutOfWindow, 2),
             ])
             .events(&[E::OwnershipTaken, E::Closed]),
+        Row::new("tcp window: a blind ack outside the window keeps nothing alive")
+            .existing(
+                Existing::local(State::Established)
+                    .tcp_window([track::KNOWN; 2], [65535; 2], [50_000, 90_000])
+                    .last_seen_offset_ns(-600_000_000_000)
+                    .last_event_offset_ns(-600_000_000_000),
+            )
+            .pass(tcp(C4, S4).ack().seq(50_000 + BLIND).ack_number(90_000))
+            .pass(tcp(C4, S4).ack().seq(50_000).ack_number(90_000 + BLIND))
+            .session(
+                Expect::new(State::Established)
+                    .version(7)
+                    .packets(5, 4)
+                    .unseen(),
+            )
+            .counters(&[(C::Hits, 2), (C::PassTcpOutsideWindow, 2)]),
+        Row::new("tcp window: a blind ack behind a dead owner's replica takes nothing over")
+            .existing(replica_with_window().last_seen_offset_ns(-1_000_000_000))
+            .pass(tcp(C4, S4).ack().seq(50_000u32.wrapping_sub(BLIND)).ack_number(90_000))
+            .session(
+                Expect::new(State::Established)
+                    .owner(MemberId(2))
+                    .version(7)
+                    .flags(F::FROM_PEER)
+                    .packets(5, 4)
+                    .unseen(),
+            )
+            .counters(&[(C::Hits, 1), (C::PassTcpOutsideWindow, 1)]),
         Row::new("tcp window: a replica with sequence state checks rst before a takeover")
             .existing(replica_with_window())
             .drop(tcp(S4, C4).rst().seq(90_000 + BLIND))
@@ -2469,15 +2504,15 @@ fn forwarding_rows() -> Vec<Row> {
                     .flags(F::INITIATOR_HI),
             )
             .counters(&[(C::Hits, 1), (C::PassFwdNotUnicast, 1)]),
-        xdp("xdp forwarding: a tcp segment outside the window goes to the kernel")
+        xdp("xdp forwarding: a tcp segment outside the window goes to the kernel, untouched")
             .existing(established().tcp_window(
                 [track::KNOWN, track::KNOWN],
                 [1000, 1000],
                 [5000, 9000],
             ))
             .pass(tcp(C4, S4).ack().seq(900_000).payload(10))
-            .session(Expect::new(State::Established).version(7).packets(6, 4))
-            .counters(&[(C::Hits, 1), (C::PassFwdOutOfWindow, 1)]),
+            .session(Expect::new(State::Established).version(7).packets(5, 4))
+            .counters(&[(C::Hits, 1), (C::PassTcpOutsideWindow, 1)]),
         xdp("xdp forwarding: an inexact rst goes to the kernel, the session untouched")
             .existing(established().tcp_window(
                 [track::KNOWN, track::KNOWN],
