@@ -10,7 +10,7 @@ pub enum EventKind {
     Created = 1,
     /// The session's state changed (other than to `Closed`).
     StateChanged = 2,
-    /// TCP reached `Closed` (both FINs or a RST).
+    /// TCP reached `Closed` (both FINs and the ACK after them, or a RST).
     Closed = 3,
     /// This member took over a session whose owner was no longer alive.
     OwnershipTaken = 4,

@@ -13,10 +13,10 @@ pub enum State {
     SynRecv = 1,
     /// TCP: handshake completed (ACK from the initiator after the SYN-ACK).
     Established = 2,
-    /// TCP: a FIN seen from one side.
+    /// TCP: a FIN seen from one side, or from both and the later one not yet acknowledged.
     Closing = 3,
-    /// TCP: FINs seen from both sides, or a RST. Kept for the closed timeout so late segments
-    /// still match, then removed by the sweep.
+    /// TCP: FINs seen from both sides and an ACK after them, or a RST. Kept for the closed
+    /// timeout so late segments still match, then removed by the sweep.
     Closed = 4,
     /// UDP: traffic seen in one direction only.
     UdpNew = 5,
@@ -369,17 +369,15 @@ pub const fn tcp_next(state: State, dir: usize, flags: u8, seen: [u8; 2]) -> Sta
         }
         State::Established => {
             if flags & tcp::FIN != 0 {
-                if fin_both {
-                    State::Closed
-                } else {
-                    State::Closing
-                }
+                State::Closing
             } else {
                 State::Established
             }
         }
+        // Both FINs seen, the later one may still be lost beyond this member and sent again
+        // (conntrack's LAST_ACK): only an ACK without a FIN after both closes.
         State::Closing => {
-            if fin_both {
+            if fin_both && flags & tcp::FIN == 0 && flags & tcp::ACK != 0 {
                 State::Closed
             } else {
                 State::Closing
@@ -425,10 +423,38 @@ mod tests {
                 State::Established,
                 State::Closing,
                 State::Closing,
-                State::Closed,
+                State::Closing,
                 State::Closed
             ]
         );
+    }
+
+    /// Both FINs seen is not the end yet: the later one may be lost beyond this member and
+    /// sent again, and must still find its session (conntrack's LAST_ACK). Only an ACK
+    /// without a FIN after both closes it. Seen failing (closed at the second FIN) before.
+    #[test]
+    fn the_close_waits_for_the_last_fins_ack() {
+        for first in [DIR_ORIGINAL, DIR_REPLY] {
+            let last = 1 - first;
+            let s = run(&[
+                (DIR_REPLY, SYN | ACK),
+                (DIR_ORIGINAL, ACK),
+                (first, FIN | ACK),
+                (last, FIN | ACK),
+                (last, FIN | ACK),
+                (first, ACK),
+            ]);
+            assert_eq!(
+                &s[2..6],
+                &[
+                    State::Closing,
+                    State::Closing,
+                    State::Closing,
+                    State::Closed
+                ],
+                "{first} closed first"
+            );
+        }
     }
 
     #[test]
@@ -438,12 +464,14 @@ mod tests {
             (DIR_ORIGINAL, ACK),
             (DIR_REPLY, FIN | ACK),
             (DIR_ORIGINAL, FIN | ACK),
+            (DIR_REPLY, ACK),
         ]);
         assert_eq!(
-            &s[..4],
+            &s[..5],
             &[
                 State::SynRecv,
                 State::Established,
+                State::Closing,
                 State::Closing,
                 State::Closed
             ]

@@ -207,10 +207,12 @@ fn tcp_rows() -> Vec<Row> {
             .pass(tcp(C4, S4).ack())
             .pass(tcp(C4, S4).fin())
             .pass(tcp(S4, C4).fin())
-            .session(Expect::new(State::Closed).version(5).packets(3, 2))
+            // Closing until the later FIN is acknowledged.
+            .pass(tcp(C4, S4).ack())
+            .session(Expect::new(State::Closed).version(5).packets(4, 2))
             .counters(&[
                 (C::Creates, 1),
-                (C::Hits, 4),
+                (C::Hits, 5),
                 (C::StateChanges, 4),
                 (C::Closed, 1),
                 (C::Events, 5),
@@ -221,6 +223,26 @@ fn tcp_rows() -> Vec<Row> {
                 E::StateChanged,
                 E::StateChanged,
                 E::Closed,
+            ]),
+        Row::new("tcp close: a retransmitted last fin still finds its session")
+            .pass(tcp(C4, S4).syn())
+            .pass(tcp(S4, C4).syn_ack())
+            .pass(tcp(C4, S4).ack())
+            .pass(tcp(C4, S4).fin())
+            .pass(tcp(S4, C4).fin())
+            .pass(tcp(S4, C4).fin())
+            .session(Expect::new(State::Closing).version(4).packets(3, 3))
+            .counters(&[
+                (C::Creates, 1),
+                (C::Hits, 5),
+                (C::StateChanges, 3),
+                (C::Events, 4),
+            ])
+            .events(&[
+                E::Created,
+                E::StateChanged,
+                E::StateChanged,
+                E::StateChanged,
             ]),
         Row::new("tcp handshake from the higher endpoint")
             .pass(tcp(HI4, S4).syn())
@@ -1998,16 +2020,17 @@ fn ownership_rows() -> Vec<Row> {
             .existing(Existing::peer(State::Established, false))
             .pass(tcp(C4, S4).fin())
             .pass(tcp(S4, C4).fin())
-            // Taking over (8), closing (9), closed (10).
+            .pass(tcp(C4, S4).ack())
+            // Taking over (8), closing (9), closed at the last FIN's ACK (10).
             .session(
                 Expect::new(State::Closed)
                     .version(10)
                     .flags(F::TAKEN_OVER)
-                    .packets(6, 5)
+                    .packets(7, 5)
                     .tcp_flags(SAF, SAF),
             )
             .counters(&[
-                (C::Hits, 2),
+                (C::Hits, 3),
                 (C::Takeovers, 1),
                 (C::StateChanges, 2),
                 (C::Closed, 1),
