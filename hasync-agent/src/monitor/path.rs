@@ -204,7 +204,47 @@ fn only_echo_replies(socket: &Socket, v4: bool) -> io::Result<()> {
     set_option(socket, libc::IPPROTO_ICMPV6, ICMPV6_FILTER, &mask)
 }
 
-/// setsockopt(2) with `value`, a plain integer or array of integers, as the option.
+/// Lets only echo replies carrying identifier `id` be queued on `socket` (a classic BPF
+/// socket filter, run before the socket's buffer): a flood of echo replies to the host, which
+/// anyone can send, would otherwise fill the buffer and crowd out the genuine replies, and
+/// the paths would be declared failed. An IPv4 raw socket sees the IP header first, an
+/// ICMPv6 one the ICMPv6 header; the identifier is the header's bytes 4 and 5.
+fn only_identifier(socket: &Socket, v4: bool, id: u16) -> io::Result<()> {
+    use libc::{
+        sock_filter, BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX,
+        BPF_MSH, BPF_RET,
+    };
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let check = [
+        op(BPF_JMP | BPF_JEQ | BPF_K, 0, 1, u32::from(id)),
+        op(BPF_RET | BPF_K, 0, 0, u32::MAX),
+        op(BPF_RET | BPF_K, 0, 0, 0),
+    ];
+    let mut program = if v4 {
+        // X = the IP header's length; A = the half-word at X + 4.
+        vec![
+            op(BPF_LDX | BPF_B | BPF_MSH, 0, 0, 0),
+            op(BPF_LD | BPF_H | BPF_IND, 0, 0, 4),
+        ]
+    } else {
+        vec![op(BPF_LD | BPF_H | BPF_ABS, 0, 0, 4)]
+    };
+    program.extend(check);
+    let prog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_mut_ptr(),
+    };
+    // The kernel copies the program during the call; `program` outlives it.
+    set_option(socket, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+}
+
+/// setsockopt(2) with `value` as the option: a plain integer, an array of integers, or a
+/// `sock_fprog` (whose program the kernel copies during the call).
 fn set_option<T: Copy>(
     socket: &Socket,
     level: libc::c_int,
@@ -237,7 +277,8 @@ pub struct EchoSocket {
 }
 
 impl EchoSocket {
-    pub fn open(v4: bool) -> io::Result<EchoSocket> {
+    /// A socket of `v4`'s family that queues only echo replies carrying identifier `id`.
+    pub fn open(v4: bool, id: u16) -> io::Result<EchoSocket> {
         let (domain, protocol) = if v4 {
             (Domain::IPV4, Protocol::ICMPV4)
         } else {
@@ -246,6 +287,7 @@ impl EchoSocket {
         let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
         socket.set_nonblocking(true)?;
         only_echo_replies(&socket, v4)?;
+        only_identifier(&socket, v4, id)?;
         // SAFETY: a socket2::Socket owns its fd: it stays open, the same, until dropped with
         // the AsyncFd.
         let fd = unsafe { AsyncFd::register(socket) }?;
@@ -362,6 +404,61 @@ mod tests {
                  fd00:18:1::1 (3 echoes in a row)"
             )
         );
+    }
+
+    /// The echo reply `id`/`seq` to `to`, as a target would send it.
+    fn reply_to(to: IpAddr, id: u16, seq: u16) -> Vec<u8> {
+        let mut m = echo_request(to, id, seq, 0);
+        if to.is_ipv4() {
+            m[0] = ICMP_ECHO_REPLY;
+            m[2..4].fill(0);
+            let sum = checksum(&m);
+            m[2..4].copy_from_slice(&sum.to_be_bytes());
+        } else {
+            m[0] = ICMPV6_ECHO_REPLY;
+        }
+        m
+    }
+
+    /// A flood of echo replies to the host (anyone can send them) must not fill the pinger's
+    /// socket: only replies carrying its identifier are queued, so the genuine one is the
+    /// first it reads. Seen failing (a flood reply read first) without the socket filter.
+    #[test]
+    fn only_replies_with_our_identifier_are_queued() {
+        crate::datapath::testing::in_fresh_netns(|| {
+            crate::datapath::testing::ip(&["link", "set", "lo", "up"]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                for to in ["127.0.0.1", "::1"] {
+                    let to: IpAddr = to.parse().expect("address");
+                    let ours = EchoSocket::open(to.is_ipv4(), 0x1234).expect("our socket");
+                    let flood = EchoSocket::open(to.is_ipv4(), 0x4321).expect("flood socket");
+                    for seq in 0..64 {
+                        flood.send(to, &reply_to(to, 0x4321, seq)).expect("flood");
+                    }
+                    flood.send(to, &reply_to(to, 0x1234, 99)).expect("genuine");
+                    let mut buf = [MaybeUninit::uninit(); 1500];
+                    let wait = std::time::Duration::from_secs(2);
+                    let (n, _) = tokio::time::timeout(wait, ours.recv(&mut buf))
+                        .await
+                        .expect("a reply within 2 s")
+                        .expect("recv");
+                    // SAFETY: recv_from initialised the first `n` bytes.
+                    let got: Vec<u8> = buf[..n]
+                        .iter()
+                        .map(|b| unsafe { b.assume_init() })
+                        .collect();
+                    assert_eq!(
+                        reply_seq(&got, to.is_ipv4(), 0x1234, |_| 0),
+                        Some(99),
+                        "{to}: the first reply read is ours"
+                    );
+                }
+            });
+        });
     }
 
     #[test]

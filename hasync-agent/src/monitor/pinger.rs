@@ -46,10 +46,11 @@ pub(super) struct Pinger {
 
 impl Pinger {
     pub(super) fn open(group: PathGroup) -> Result<Pinger, MonitorError> {
+        let secret = EchoSecret::new();
         let open = |v4: bool| {
             let wanted = group.targets.iter().any(|t| t.is_ipv4() == v4);
             wanted
-                .then(|| path::EchoSocket::open(v4))
+                .then(|| path::EchoSocket::open(v4, secret.id))
                 .transpose()
                 .map_err(|source| MonitorError::RawSocket {
                     group: group.name.clone(),
@@ -62,7 +63,7 @@ impl Pinger {
             group,
             v4,
             v6,
-            secret: EchoSecret::new(),
+            secret,
         })
     }
 
