@@ -28,6 +28,7 @@ pub mod random;
 pub mod runtime;
 pub mod service;
 pub mod stacked;
+pub mod stall_watch;
 pub mod startup;
 pub mod sync;
 pub mod traffic_log;

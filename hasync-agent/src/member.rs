@@ -36,4 +36,6 @@ pub struct Member {
     pub liveness_lines: LogLimiter,
     /// When records settle claims of live sessions by version alone.
     pub claims: Mutex<crate::claim_window::ClaimWindow>,
+    /// How long the async workers did not run, for the membership to forgive.
+    pub stall: Arc<crate::stall_watch::StallWatch>,
 }

@@ -27,6 +27,7 @@ use crate::{
     },
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
+    stall_watch::StallWatch,
     startup::{bring_up, Signalled, Signals, StartPlan, Started},
     sync::{
         backlog::Change,
@@ -51,8 +52,8 @@ const SWEEP_BUDGET: u64 = 8192;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
 /// How often the datapath's noted events are logged: each kind at most once per CPU per this.
 const LOG_DRAIN_EVERY: Duration = Duration::from_secs(1);
-/// A gap this long between two evaluations means this agent itself did not run: the peers'
-/// silence over it is forgiven (`Membership::forgive_stall`).
+/// A gap this long between two ticks of the [`StallWatch`] means this agent's async workers
+/// did not run: the peers' silence over it is forgiven (`Membership::forgive_stall`).
 const STALL_GAP: Duration = Duration::from_secs(1);
 /// The shortest and longest wait between two re-announcements after lost events.
 const REANNOUNCE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
@@ -288,6 +289,7 @@ fn start_member(
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let member = new_member(config, sync_cfg, dp)?;
     let mut tasks = member.engine.start(links.clone());
+    tasks.push(StallWatch::spawn(member.stall.clone()));
     tasks.extend(crate::monitor::spawn(
         &member.config,
         member.dp.clone(),
@@ -319,6 +321,7 @@ fn new_member(config: Config, sync_cfg: SyncConfig, dp: Datapath) -> anyhow::Res
         counters,
         liveness_lines: LogLimiter::default(),
         claims: Mutex::default(),
+        stall: Arc::default(),
     });
     apply_membership_on_return(&member);
     Ok(member)
@@ -610,6 +613,15 @@ fn leave_datapath(member: &Member) -> anyhow::Result<()> {
     }
 }
 
+/// How long this agent's async workers, which read the keepalives, did not run since the
+/// last evaluation ([`StallWatch`]), when that is more than [`STALL_GAP`]: the peers' silence
+/// over it is forgiven. Not the time since the last evaluation: one that waited for the
+/// datapath's lock while keepalives could be read would forgive a dead peer's silence.
+fn stall_to_forgive(watch: &StallWatch) -> Option<Duration> {
+    let gap = watch.take();
+    (gap > STALL_GAP).then_some(gap)
+}
+
 /// Writes every member slot of the takeover rule's map from the membership's view, both
 /// locks held as [`apply_membership`] holds them.
 fn write_all_liveness(member: &Member) {
@@ -664,16 +676,15 @@ fn update_claim_window(
 /// callers' writes cannot land out of order. The datapath's lock is taken first (its holder
 /// may keep it a while: a reattach), so that the membership's, which keepalives, appliers and
 /// senders take on the async workers, is held only for the evaluation and its writes; nothing
-/// takes the datapath's lock while it holds the membership's. A gap since the last
-/// evaluation longer than [`STALL_GAP`] means this agent did not run: the peers' silence
-/// over it is forgiven first, whoever evaluates.
+/// takes the datapath's lock while it holds the membership's. A stall of the async workers
+/// longer than [`STALL_GAP`] since the last evaluation ([`stall_to_forgive`]) means this
+/// agent did not run: the peers' silence over it is forgiven first, whoever evaluates.
 pub(crate) fn apply_membership(member: &Member) {
     let mut dp = lock(&member.dp);
     let mut m = lock(&member.membership);
     // Read under the lock: an evaluation that waited for it must not go back in time.
     let now = Instant::now();
-    let gap = m.since_evaluated(now);
-    if gap > STALL_GAP {
+    if let Some(gap) = stall_to_forgive(&member.stall) {
         warn!(
             stalled_ms = gap.as_millis() as u64,
             "this agent did not run for a while: peers' silence over it is not held against them"
@@ -787,6 +798,25 @@ mod tests {
         let limit = config.initial_sync_limit().as_secs();
         assert_eq!(limit, 300);
         assert_ne!(at(limit + 1), MemberState::Initial, "given up on");
+    }
+
+    /// An evaluation that waited 3 s for the datapath's lock (a reattach), while the async
+    /// workers ran on (the watch kept ticking) and read nothing from a dead peer, forgives
+    /// nothing: the peer is declared dead on time. A stall of the workers themselves is still
+    /// forgiven. Seen failing (3 s forgiven) when the gap between evaluations was taken
+    /// (`Membership::since_evaluated`, since removed).
+    #[test]
+    fn a_wait_for_the_datapath_is_not_a_stall() {
+        let watch = StallWatch::new();
+        let t0 = Instant::now();
+        let mut t = t0;
+        while t < t0 + Duration::from_secs(3) {
+            t += crate::stall_watch::TICK;
+            watch.tick(t);
+        }
+        assert_eq!(stall_to_forgive(&watch), None);
+        watch.tick(t + Duration::from_secs(30));
+        assert_eq!(stall_to_forgive(&watch), Some(Duration::from_secs(30)));
     }
 
     /// A control socket that cannot be served (here under a regular file; a read-only path

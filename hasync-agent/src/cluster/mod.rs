@@ -234,8 +234,6 @@ pub struct Membership {
     tentative_until: Option<Instant>,
     timers: Timers,
     pub peers: BTreeMap<MemberId, Peer>,
-    /// When [`Membership::evaluate`] last ran (`None`: not yet).
-    evaluated_at: Option<Instant>,
 }
 
 /// What changed in one evaluation, for the agent to apply.
@@ -297,7 +295,6 @@ impl Membership {
             tentative_until: None,
             timers,
             peers,
-            evaluated_at: None,
         }
     }
 
@@ -521,15 +518,8 @@ impl Membership {
             .all(|p| p.full_sync == FullSyncIn::Done)
     }
 
-    /// How long before `now` [`Membership::evaluate`] last ran (zero before it first ran).
-    pub fn since_evaluated(&self, now: Instant) -> Duration {
-        self.evaluated_at
-            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at))
-    }
-
     /// Re-evaluates liveness and the local state at `now`.
     pub fn evaluate(&mut self, now: Instant) -> Changes {
-        self.evaluated_at = self.evaluated_at.max(Some(now));
         let liveness = self.evaluate_peers(now);
         let mismatch = self.config_mismatch();
         self.set_condition(Condition::ConfigMismatch, mismatch, now);
