@@ -96,12 +96,7 @@ impl Config {
         let mut wire_of: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, w) in self.vwire.iter().enumerate() {
             let key = format!("vwire[{i}]");
-            if w.name.is_empty() || w.name.len() > 31 {
-                p.push(format!(
-                    "{key}.name = \"{}\" must be 1–31 characters",
-                    w.name
-                ));
-            }
+            super::check_name_length(p, &key, &w.name);
             if !names.insert(w.name.as_str()) {
                 p.push(format!("{key}.name = \"{}\" is defined twice", w.name));
             }

@@ -393,13 +393,22 @@ impl Config {
             range::SESSION_CAPACITY,
         );
         if let Some(e) = l.embryonic_capacity {
-            check_range(
-                p,
-                "local.embryonic_capacity",
-                u64::from(e),
-                // As many again are kept for each other member's embryonic sessions.
-                (1, u64::from(self.embryonic_capacity_max())),
-            );
+            // As many again are kept for each other member's embryonic sessions.
+            let most = self.embryonic_capacity_max();
+            if most == 0 {
+                p.push(format!(
+                    "local.embryonic_capacity = {e} does not fit: local.session_capacity = {} leaves no room for embryonic sessions (each member id up to {} gets at most session_capacity / 2 / {0})",
+                    l.session_capacity,
+                    self.replica_parts().max(1),
+                ));
+            } else {
+                check_range(
+                    p,
+                    "local.embryonic_capacity",
+                    u64::from(e),
+                    (1, u64::from(most)),
+                );
+            }
         }
         if let Some(r) = l.replica_limit {
             let most = u64::from(l.session_capacity);
@@ -449,17 +458,17 @@ impl Config {
         let mut zone_names = BTreeSet::new();
         let mut iface_zone: BTreeMap<&str, &str> = BTreeMap::new();
         for (i, z) in self.zones.iter().enumerate() {
-            if z.name.is_empty() || z.name.len() > 31 {
-                p.push(format!(
-                    "zones[{i}].name = \"{}\" must be 1–31 characters",
-                    z.name
-                ));
-            }
+            check_name_length(p, &format!("zones[{i}]"), &z.name);
             if !zone_names.insert(z.name.as_str()) {
                 p.push(format!("zones[{i}].name = \"{}\" is defined twice", z.name));
             }
+            let mut listed = BTreeSet::new();
             for ifname in &z.interfaces {
                 check_ifname(p, &format!("zones[{i}].interfaces"), ifname);
+                if !listed.insert(ifname) {
+                    p.push(format!("zones[{i}].interfaces lists \"{ifname}\" twice"));
+                    continue;
+                }
                 if let Some(other) = iface_zone.insert(ifname, &z.name) {
                     p.push(format!(
                         "interface \"{ifname}\" is in two zones: \"{other}\" and \"{}\"",
@@ -538,6 +547,11 @@ impl Config {
                     m.ha4_backup
                 };
                 let Some(addr) = addr else { continue };
+                if let Some(why) = unusable_sync_address(addr) {
+                    p.push(format!(
+                        "members[{i}].{section} = {addr} is {why}: a member is dialled at and admitted from a unicast address of its own"
+                    ));
+                }
                 if family.is_some_and(|v4| v4 != addr.is_ipv4()) {
                     p.push(format!(
                         "members[{i}].{section} = {addr} is not of the family of {section}.address = \"{}\" (a sync link is IPv4 or IPv6 at every member)",
@@ -641,9 +655,9 @@ impl Config {
         EMBRYONIC_SHARE.max(2 * u32::from(self.replica_parts()).max(1))
     }
 
-    /// The largest `local.embryonic_capacity` for `session_capacity`.
+    /// The largest `local.embryonic_capacity` for `session_capacity` (zero: none fits).
     fn embryonic_capacity_max(&self) -> u32 {
-        (self.local.session_capacity / 2 / u32::from(self.replica_parts()).max(1)).max(1)
+        self.local.session_capacity / 2 / u32::from(self.replica_parts()).max(1)
     }
 
     /// Member ids that get a replica part in the datapath's embryonic ring: 1 to the highest
@@ -914,6 +928,42 @@ fn check_pin_dir(p: &mut Vec<String>, dir: &Path) {
             dir.display()
         ));
     }
+}
+
+/// Why `addr` cannot be a member's sync address, if it cannot: no connection is made to or
+/// from it (unspecified, multicast, broadcast), it is this host's own (loopback), it needs a
+/// scope the configuration cannot give (link-local), or it is an IPv4 address in IPv6
+/// clothing that the link's IPv6 socket never sees as such (IPv4-mapped).
+fn unusable_sync_address(addr: IpAddr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        return Some("unspecified");
+    }
+    if addr.is_loopback() {
+        return Some("loopback");
+    }
+    if addr.is_multicast() {
+        return Some("multicast");
+    }
+    match addr {
+        IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
+        IpAddr::V4(a) if a.is_link_local() => Some("link-local"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some("IPv4-mapped"),
+        _ => None,
+    }
+}
+
+/// A zone's, vwire's or monitor group's name, `{key}.name`: 1–31 bytes (the datapath's and
+/// the metrics' room). Returns whether it fits.
+fn check_name_length(p: &mut Vec<String>, key: &str, name: &str) -> bool {
+    let fits = !name.is_empty() && name.len() <= 31;
+    if !fits {
+        p.push(format!(
+            "{key}.name = \"{name}\" must be 1–31 bytes long (it is {})",
+            name.len()
+        ));
+    }
+    fits
 }
 
 /// An interface name by the kernel's rules, as the datapath checks it before attaching (an

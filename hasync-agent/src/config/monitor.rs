@@ -154,9 +154,7 @@ fn check_group<'a>(
     members: usize,
     names: &mut BTreeSet<&'a str>,
 ) {
-    if name.is_empty() || name.len() > 31 {
-        p.push(format!("{key}.name = \"{name}\" must be 1–31 characters"));
-    } else if !names.insert(name) {
+    if super::check_name_length(p, key, name) && !names.insert(name) {
         p.push(format!(
             "{key}.name = \"{name}\" is used by two monitor groups"
         ));

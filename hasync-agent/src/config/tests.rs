@@ -259,6 +259,21 @@ fn invalid_values_are_named_with_their_range() {
         ),
         (
             "member = 1\n",
+            "member = 1\nsession_capacity = 3\nembryonic_capacity = 1\n",
+            "local.embryonic_capacity = 1 does not fit: local.session_capacity = 3 leaves no room",
+        ),
+        (
+            "name = \"trust\"",
+            "name = \"éééééééééééééééé\"",
+            "zones[0].name = \"éééééééééééééééé\" must be 1–31 bytes long (it is 32)",
+        ),
+        (
+            "interfaces = [\"veth-in\"]",
+            "interfaces = [\"veth-in\", \"veth-in\"]",
+            "zones[0].interfaces lists \"veth-in\" twice",
+        ),
+        (
+            "member = 1\n",
             "member = 1\nsession_capacity = 1024\nreplica_limit = 1025\n",
             "local.replica_limit = 1025 is out of range 1–1024",
         ),
@@ -703,6 +718,25 @@ fn unusable_sync_addresses_are_refused_and_named() {
             "has no ha4_backup address",
         ),
     ];
+    // Addresses a member can be neither dialled at nor admitted from.
+    let unusable = [
+        ("169.254.0.2", "link-local"),
+        ("fe80::2", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("224.0.0.2", "multicast"),
+        ("ff02::2", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("::ffff:198.18.100.2", "IPv4-mapped"),
+    ];
+    let cases = cases.into_iter().chain(unusable.map(|(addr, why)| {
+        (
+            base.replace("ha4 = \"198.18.100.2\"", &format!("ha4 = \"{addr}\"")),
+            format!("members[1].ha4 = {addr} is {why}").leak() as &str,
+        )
+    }));
     for (text, named) in cases {
         let err = check(&text).expect_err(named);
         assert!(err.contains(named), "{named:?} not in: {err}");
