@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::{
     cli::AgentArgs,
     config::Config,
-    datapath::{ifindex, Datapath, DatapathOptions, EventStream},
+    datapath::{ifindex, pin, Datapath, DatapathOptions, EventStream},
     netlink,
     stacked::{self, ZoneInterfaces},
 };
@@ -187,7 +187,54 @@ fn resolve(plan: &StartPlan) -> anyhow::Result<Resolved> {
              zone on the Ethernet interface it runs over"
         );
     }
+    if let Ok(ifaces) = &listed {
+        if let Some(refusal) = foreign_xdp(plan, ifaces, &pinned_links(plan)) {
+            anyhow::bail!(refusal);
+        }
+    }
     Ok(Resolved { indexes, listed })
+}
+
+/// What the XDP links pinned in `plan`'s pin directory run, and where (none without one, or
+/// when it cannot be read: loading reports that).
+fn pinned_links(plan: &StartPlan) -> Vec<pin::XdpLinkInfo> {
+    let Some(dir) = &plan.opts.pin_dir else {
+        return Vec::new();
+    };
+    pin::PinDir::new(dir)
+        .pinned_links()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(path, _)| pin::xdp_link_info(path).ok())
+        .collect()
+}
+
+/// The refusal of the first planned interface that runs an XDP program other than through
+/// one of `pinned` (this member's own links, left by an earlier agent): another tool's, or
+/// an agent's that is still running or did not pin. Attaching there fails (the kernel keeps
+/// one program per interface), so the start is refused before anything is loaded.
+fn foreign_xdp(
+    plan: &StartPlan,
+    ifaces: &netlink::Ifaces,
+    pinned: &[pin::XdpLinkInfo],
+) -> Option<String> {
+    plan.interfaces.iter().find_map(|i| {
+        let iface = ifaces.get(&i.name)?;
+        let modes = [("native", iface.xdp.native), ("generic", iface.xdp.generic)];
+        let (mode, id) = modes.into_iter().find_map(|(mode, id)| Some((mode, id?)))?;
+        let ours = pinned
+            .iter()
+            .any(|l| l.program_id == id && l.ifindex == iface.index);
+        (!ours).then(|| {
+            format!(
+                "interface `{}` (zone `{}`) already runs XDP program {id} in {mode} mode, \
+                 which is not this member's pinned link: detach it (`ip link set dev {} xdp \
+                 off`, or stop the tool or agent that attached it) or take the interface out \
+                 of its zone",
+                i.name, i.zone, i.name
+            )
+        })
+    })
 }
 
 /// The planned interfaces that `ifaces` lists with no six-byte link address: layer-3 devices,
@@ -438,6 +485,77 @@ mod tests {
             binding: Some(binding),
             zone: zone.into(),
         }
+    }
+
+    /// An XDP program on a zone interface that is not hasync's pinned link (another tool's, an
+    /// unpinned agent's) refuses the start before anything is loaded or filled: before, it was
+    /// found only at the attach, after the maps (a pinned datapath's CONFIG among them) had
+    /// been written. Seen failing (the caller's preparation ran first) on the old order.
+    #[test]
+    fn a_foreign_xdp_program_refuses_the_start_before_anything_is_loaded() {
+        use crate::datapath::testing::{datapath, in_fresh_netns, ip};
+        let (err, prepared) = in_fresh_netns(|| {
+            ip(&[
+                "link", "add", "hsf-a0", "type", "veth", "peer", "name", "hsf-a1",
+            ]);
+            let mut foreign = datapath();
+            foreign
+                .attach("hsf-a0")
+                .expect("the foreign program attached");
+            let mut opts = DatapathOptions::new(MemberId(1));
+            opts.zones = vec!["trust".into()];
+            let plan = StartPlan {
+                opts,
+                interfaces: vec![planned("hsf-a0", "trust", 0)],
+            };
+            let mut prepared = false;
+            let result = bring_up(&plan, |_| {
+                prepared = true;
+                Ok(())
+            });
+            let err = result.err().map(|e| format!("{e:#}"));
+            drop(foreign);
+            (err, prepared)
+        });
+        let err = err.expect("the start refused");
+        assert!(
+            err.contains("`hsf-a0` (zone `trust`) already runs XDP program"),
+            "{err}"
+        );
+        assert!(!prepared, "refused before the maps were filled: {err}");
+    }
+
+    /// This member's own pinned link (same program, same interface) is no foreign program;
+    /// the same program pinned for another interface index (re-created since) is.
+    #[test]
+    fn only_this_members_pinned_links_are_its_own() {
+        let iface = |native| netlink::Iface {
+            index: 7,
+            up: true,
+            mtu: None,
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            xdp: netlink::XdpPrograms {
+                native,
+                generic: None,
+            },
+            lower: None,
+        };
+        let plan = StartPlan {
+            opts: DatapathOptions::new(MemberId(1)),
+            interfaces: vec![planned("in0", "trust", 0)],
+        };
+        let link = |ifindex| pin::XdpLinkInfo {
+            program_id: 42,
+            ifindex,
+        };
+        let ifaces = |native| netlink::Ifaces::from([("in0".to_string(), iface(native))]);
+        assert_eq!(foreign_xdp(&plan, &ifaces(None), &[]), None);
+        assert_eq!(foreign_xdp(&plan, &ifaces(Some(42)), &[link(7)]), None);
+        let refused = foreign_xdp(&plan, &ifaces(Some(42)), &[link(8)]).expect("refused");
+        assert!(
+            refused.contains("XDP program 42 in native mode"),
+            "{refused}"
+        );
     }
 
     /// Zones that check routes on a kernel older than 6.3 are named in a warning; wires and
