@@ -111,9 +111,9 @@ impl TestDatapath {
     }
 
     /// Like [`Self::load_with`], with a session table of `capacity` entries, as much of which
-    /// embryonic sessions may take as there can be (half for this member's own, and as many
-    /// for each member's copies in their own part; however many CPUs share the ring, test
-    /// runs on one CPU see only its part: `DatapathConfig::embryo_slots`).
+    /// embryonic sessions may take as there can be (half the table for every member id's
+    /// together: this member's own and each peer's copies in their own part; however many CPUs
+    /// share the ring, test runs on one CPU see only its part: `DatapathConfig::embryo_slots`).
     pub fn load_sized(config: DatapathConfig, capacity: u32) -> Result<Self> {
         Self::load_options(Self::options(config, capacity))
     }
@@ -128,7 +128,7 @@ impl TestDatapath {
     fn options(config: DatapathConfig, capacity: u32) -> DatapathOptions {
         let mut opts = DatapathOptions::new(config.local_member);
         opts.session_capacity = capacity;
-        opts.embryonic_capacity = Some(capacity / 2);
+        opts.embryonic_capacity = Some(capacity / 2 / u32::from(opts.replica_parts.max(1)));
         opts.config = config;
         opts
     }

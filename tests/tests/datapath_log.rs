@@ -151,8 +151,11 @@ fn a_session_of_ours_replaced_by_a_peers_newer_version_is_a_warning() {
         .expect("created");
     assert_eq!(ours.owner, LOCAL);
     let newer = replica(5_000, MemberId(3), ours.version + 5);
-    // Quiet here for the keepalive threshold, as a flow another member took over is.
-    let quiet = u64::from(hasync_common::config::DEFAULT_CLAIM_QUIET_MS) * 1_000_000;
+    // Quiet here for the keepalive threshold, as a flow another member took over is (and a
+    // second more: the datapath's clock, jiffies converted, may read a few ticks ahead of the
+    // agent's monotonic one, and a claim exactly at the threshold then waited).
+    let quiet =
+        u64::from(hasync_common::config::DEFAULT_CLAIM_QUIET_MS) * 1_000_000 + 1_000_000_000;
     let out = tdp
         .datapath_mut()
         .apply_records(

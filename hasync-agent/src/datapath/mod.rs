@@ -96,10 +96,15 @@ pub enum DatapathError {
     #[error("session capacity {0} is out of range 1–{max}", max = MAX_SESSION_CAPACITY)]
     CapacityOutOfRange(u32),
     #[error(
-        "embryonic capacity {embryonic} is more than half the session table ({table} sessions): \
-         peers' embryonic sessions get as many again"
+        "embryonic capacity {embryonic} for each of {members} member ids is more than half the \
+         session table ({table} sessions; a pinned table keeps its size): lower it, or leave it \
+         out"
     )]
-    EmbryonicCapacity { embryonic: u32, table: u32 },
+    EmbryonicCapacity {
+        embryonic: u32,
+        members: u8,
+        table: u32,
+    },
     #[error(
         "interface index {0} is too large to bind to a zone (limit {limit}): recreate the \
          interface, or move it to a namespace with fewer interfaces",
@@ -319,7 +324,8 @@ impl EmbryoRing {
     /// The ring for at most `capacity` embryonic sessions of this member's own (default: the
     /// table's `share`-th part) in a table of `table` entries, on `cpus` possible CPUs (at
     /// least one slot per CPU), with a replica part for each member id up to
-    /// `replica_parts`. `None` when this member's own could take more than half the table.
+    /// `replica_parts`. `None` when every member's own (as many as the member ids) could take
+    /// more than half the table.
     /// (How many members' embryonic sessions the table can hold together is the
     /// configuration's check: see `Config::embryonic_share`.)
     pub fn new(
@@ -330,7 +336,10 @@ impl EmbryoRing {
         replica_parts: u8,
     ) -> Option<EmbryoRing> {
         let capacity = capacity.unwrap_or(table / share.max(2));
-        if capacity > table / 2 {
+        // This member's own and each other member's take as many: together half the table
+        // at most (a pinned table kept smaller than the configured one included).
+        let members = u32::from(replica_parts.clamp(1, MemberId::MAX));
+        if capacity.saturating_mul(members) > table / 2 {
             return None;
         }
         let cpus = cpus.max(1);
@@ -483,6 +492,7 @@ fn embryo_ring(opts: &DatapathOptions, pins: Option<&PinDir>) -> Result<EmbryoRi
     )
     .ok_or(DatapathError::EmbryonicCapacity {
         embryonic: opts.embryonic_capacity.unwrap_or(0),
+        members: opts.replica_parts.max(1),
         table,
     })
 }
@@ -1170,8 +1180,13 @@ mod tests {
         // This member's own may take half the table, not more.
         assert!(EmbryoRing::new(Some(512), 8, 1024, 2, 1).is_some());
         assert_eq!(EmbryoRing::new(Some(513), 8, 1024, 2, 1), None);
+        // Every member's own (one part per member id) take half the table at most: a pinned
+        // table kept smaller than the configured one must not hold more. Seen failing (a ring
+        // of three 256-slot parts in a 1024-session table) before.
+        assert_eq!(EmbryoRing::new(Some(256), 8, 1024, 2, 3), None);
+        assert!(EmbryoRing::new(Some(170), 8, 1024, 2, 3).is_some());
         // No more parts than member ids.
-        let ring = EmbryoRing::new(None, 8, 1024, 1, 200).expect("parts");
+        let ring = EmbryoRing::new(None, 32, 1024, 1, 200).expect("parts");
         assert_eq!(ring.replica_parts, MemberId::MAX);
     }
 
