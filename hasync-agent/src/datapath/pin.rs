@@ -109,7 +109,9 @@ impl PinDir {
     /// share) and creates it, with `maps/` and `links/`, mode 0700.
     pub fn prepare(&self) -> Result<(), DatapathError> {
         check_bpffs(&self.root)?;
-        create_dirs(&[self.root.clone(), self.maps_dir(), self.links_dir()])
+        let dirs = [self.root.clone(), self.maps_dir(), self.links_dir()];
+        create_dirs(&dirs)?;
+        dirs.iter().try_for_each(|d| check_own_dir(d))
     }
 
     /// Takes the directory for this process, then readies it ([`PinDir::prepare`]): refused
@@ -117,6 +119,7 @@ impl PinDir {
     pub fn lock(&self) -> Result<PinLock, DatapathError> {
         check_bpffs(&self.root)?;
         create_dirs(std::slice::from_ref(&self.root))?;
+        check_own_dir(&self.root)?;
         let held = PinLock::take(&self.root)?;
         self.prepare()?;
         Ok(held)
@@ -170,6 +173,40 @@ pub fn parse_link_name(name: &str) -> Option<LinkName> {
     let interface = interface.replace(':', ".");
     check_interface_name(&interface).ok()?;
     Some((interface, mode))
+}
+
+/// Checks that `dir` is a directory of this process's user that no one else may write to,
+/// not a symbolic link: the agent reuses the maps it finds there, so a directory another user
+/// made (on a bpffs mounted for others to write, or delegated) could hand it maps that user
+/// can write, and a link could point it at another datapath's.
+fn check_own_dir(dir: &Path) -> Result<(), DatapathError> {
+    let meta = fs::symlink_metadata(dir).map_err(pin_io("inspecting", dir))?;
+    let why = if meta.file_type().is_symlink() {
+        "it is a symbolic link: give the directory itself".to_string()
+    } else if !meta.is_dir() {
+        "it is not a directory".to_string()
+    } else if meta.uid() != geteuid() {
+        format!(
+            "it is owned by uid {}, not by this agent's ({}): remove it (`hasync teardown`) \
+             and let the agent create it",
+            meta.uid(),
+            geteuid()
+        )
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "others may write to it (mode {:o}): `chmod 700` it",
+            meta.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(pin_dir_error(dir, why))
+}
+
+/// The effective user id of this process.
+fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Creates each of `dirs` (and its parents), mode 0700.
@@ -1045,6 +1082,49 @@ mod tests {
         assert!(pins.0.join("maps").join(names::SESSIONS).exists());
         drop(dp);
         Datapath::load(&other).expect("the directory is free once the first agent is gone");
+    }
+
+    /// Paths on the host's bpffs this test process made, removed on drop.
+    struct Scratch(Vec<PathBuf>);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            for p in self.0.iter().rev() {
+                let _ = fs::remove_file(p).or_else(|_| fs::remove_dir_all(p));
+            }
+        }
+    }
+
+    /// A pin directory another user owns, one others may write to, and a symbolic link are
+    /// refused before anything is made or reused in them, each named. Seen failing (all three
+    /// accepted) before the check.
+    #[test]
+    fn a_pin_directory_not_this_agents_own_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let at = |tag: &str| {
+            Path::new(BPFFS_MOUNT).join(format!("hasync-test-{}-{tag}", std::process::id()))
+        };
+        let (other, open, link) = (at("uid"), at("open"), at("link"));
+        let _scratch = Scratch(vec![other.clone(), open.clone(), link.clone()]);
+        fs::create_dir(&other).expect("mkdir");
+        std::os::unix::fs::chown(&other, Some(65534), None).expect("chown");
+        fs::create_dir(&open).expect("mkdir");
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
+        std::os::unix::fs::symlink(&open, &link).expect("symlink");
+        for (dir, why) in [
+            (&other, "it is owned by uid 65534"),
+            (&open, "others may write to it (mode 777)"),
+            (&link, "it is a symbolic link"),
+        ] {
+            let e = PinDir::new(dir).lock().err().map(|e| e.to_string());
+            let e = e.unwrap_or_else(|| panic!("{} accepted", dir.display()));
+            assert!(e.contains(why), "{why:?} not in: {e}");
+            assert!(
+                !dir.join("maps").exists(),
+                "nothing made in {}",
+                dir.display()
+            );
+        }
     }
 
     #[test]
