@@ -617,8 +617,8 @@ fn leave_datapath(member: &Member) -> anyhow::Result<()> {
 /// last evaluation ([`StallWatch`]), when that is more than [`STALL_GAP`]: the peers' silence
 /// over it is forgiven. Not the time since the last evaluation: one that waited for the
 /// datapath's lock while keepalives could be read would forgive a dead peer's silence.
-fn stall_to_forgive(watch: &StallWatch) -> Option<Duration> {
-    let gap = watch.take();
+fn stall_to_forgive(watch: &StallWatch, now: Instant) -> Option<Duration> {
+    let gap = watch.take(now);
     (gap > STALL_GAP).then_some(gap)
 }
 
@@ -684,7 +684,7 @@ pub(crate) fn apply_membership(member: &Member) {
     let mut m = lock(&member.membership);
     // Read under the lock: an evaluation that waited for it must not go back in time.
     let now = Instant::now();
-    if let Some(gap) = stall_to_forgive(&member.stall) {
+    if let Some(gap) = stall_to_forgive(&member.stall, now) {
         warn!(
             stalled_ms = gap.as_millis() as u64,
             "this agent did not run for a while: peers' silence over it is not held against them"
@@ -814,9 +814,13 @@ mod tests {
             t += crate::stall_watch::TICK;
             watch.tick(t);
         }
-        assert_eq!(stall_to_forgive(&watch), None);
+        assert_eq!(stall_to_forgive(&watch, t), None);
         watch.tick(t + Duration::from_secs(30));
-        assert_eq!(stall_to_forgive(&watch), Some(Duration::from_secs(30)));
+        let later = t + Duration::from_secs(30);
+        assert_eq!(
+            stall_to_forgive(&watch, later),
+            Some(Duration::from_secs(30))
+        );
     }
 
     /// A control socket that cannot be served (here under a regular file; a read-only path

@@ -142,9 +142,15 @@ pub fn bring_up<T>(
     }
     let events = dp.take_events().context("opening the events ring buffer")?;
     let prepared = before_attach(&mut dp)?;
-    for i in &plan.interfaces {
+    for (i, &resolved_index) in plan.interfaces.iter().zip(&resolved.indexes) {
         let mode = dp.attach(&i.name)?;
-        let reused = dp.attachments().last().is_some_and(|a| a.reused);
+        let (index, reused) = dp
+            .attachments()
+            .last()
+            .map_or((resolved_index, false), |a| (a.ifindex, a.reused));
+        if index != resolved_index {
+            rebind_recreated(&mut dp, plan, i, (resolved_index, index))?;
+        }
         info!(interface = %i.name, zone = %i.zone, %mode, reused, "attached");
     }
     dp.release_stale_links()
@@ -187,26 +193,25 @@ fn resolve(plan: &StartPlan) -> anyhow::Result<Resolved> {
              zone on the Ethernet interface it runs over"
         );
     }
-    if let Ok(ifaces) = &listed {
-        if let Some(refusal) = foreign_xdp(plan, ifaces, &pinned_links(plan)) {
+    if let (Ok(ifaces), Some(pinned)) = (&listed, pinned_links(plan)) {
+        if let Some(refusal) = foreign_xdp(plan, ifaces, &pinned) {
             anyhow::bail!(refusal);
         }
     }
     Ok(Resolved { indexes, listed })
 }
 
-/// What the XDP links pinned in `plan`'s pin directory run, and where (none without one, or
-/// when it cannot be read: loading reports that).
-fn pinned_links(plan: &StartPlan) -> Vec<pin::XdpLinkInfo> {
+/// What the XDP links pinned in `plan`'s pin directory run, and where (none without one);
+/// `None` when it cannot be read (loading reports that, and nothing is taken for foreign).
+fn pinned_links(plan: &StartPlan) -> Option<Vec<pin::XdpLinkInfo>> {
     let Some(dir) = &plan.opts.pin_dir else {
-        return Vec::new();
+        return Some(Vec::new());
     };
-    pin::PinDir::new(dir)
-        .pinned_links()
-        .unwrap_or_default()
+    let links = pin::PinDir::new(dir).pinned_links().ok()?;
+    let infos = links
         .iter()
-        .filter_map(|(path, _)| pin::xdp_link_info(path).ok())
-        .collect()
+        .filter_map(|(path, _)| pin::xdp_link_info(path).ok());
+    Some(infos.collect())
 }
 
 /// The refusal of the first planned interface that runs an XDP program other than through
@@ -221,19 +226,29 @@ fn foreign_xdp(
     plan.interfaces.iter().find_map(|i| {
         let iface = ifaces.get(&i.name)?;
         let modes = [("native", iface.xdp.native), ("generic", iface.xdp.generic)];
-        let (mode, id) = modes.into_iter().find_map(|(mode, id)| Some((mode, id?)))?;
-        let ours = pinned
-            .iter()
-            .any(|l| l.program_id == id && l.ifindex == iface.index);
-        (!ours).then(|| {
-            format!(
-                "interface `{}` (zone `{}`) already runs XDP program {id} in {mode} mode, \
-                 which is not this member's pinned link: detach it (`ip link set dev {} xdp \
-                 off`, or stop the tool or agent that attached it) or take the interface out \
-                 of its zone",
-                i.name, i.zone, i.name
-            )
-        })
+        let ours = |id: u32| {
+            pinned
+                .iter()
+                .any(|l| l.program_id == id && l.ifindex == iface.index)
+        };
+        let (mode, id) = modes
+            .into_iter()
+            .find_map(|(mode, id)| id.filter(|&id| !ours(id)).map(|id| (mode, id)))?;
+        Some(format!(
+            "interface `{}` (zone `{}`) already runs XDP program {id} in {mode} mode, which is \
+             not through this member's pinned link: detach it (attached through netlink: `ip \
+             link set dev {} {} off`; through a pinned link: remove its pin, with `hasync \
+             teardown` for another hasync pin directory; or stop the tool or agent that holds \
+             it) or take the interface out of its zone",
+            i.name,
+            i.zone,
+            i.name,
+            if mode == "generic" {
+                "xdpgeneric"
+            } else {
+                "xdp"
+            },
+        ))
     })
 }
 
@@ -365,6 +380,37 @@ fn bind_zones(
             .context("unbinding interfaces no longer in a zone")?;
     }
     Ok(stacked)
+}
+
+/// Interface `i` was re-created between its resolution (`old` index, which its zone was bound
+/// to) and its attach (`new`): its zone moves to the new index, and the old one, unless another
+/// planned interface holds it now, is unbound. Before, the zone stayed at the old index and
+/// the interface's traffic went unzoned until the next start.
+fn rebind_recreated(
+    dp: &mut Datapath,
+    plan: &StartPlan,
+    i: &PlannedInterface,
+    (old, new): (u32, u32),
+) -> anyhow::Result<()> {
+    warn!(
+        interface = %i.name,
+        old,
+        new,
+        "the interface was re-created during start-up: its zone follows its new index"
+    );
+    let Some(binding) = i.binding else {
+        return Ok(());
+    };
+    let taken = plan
+        .interfaces
+        .iter()
+        .any(|p| ifindex(&p.name).is_ok_and(|x| x == old));
+    if !taken {
+        dp.set_zone(old, ZoneBinding::default())
+            .with_context(|| format!("unbinding `{}`'s former index {old}", i.name))?;
+    }
+    dp.set_zone(new, binding)
+        .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))
 }
 
 /// Binds the devices stacked on zone interfaces to their zones (`stacked`), warning of zone
@@ -525,6 +571,38 @@ mod tests {
         assert!(!prepared, "refused before the maps were filled: {err}");
     }
 
+    /// An interface re-created after its zone was bound and before the attach (here in the
+    /// caller's step between the two) gets its zone at its new index, and the old index is
+    /// unbound. Seen failing (the new index unzoned) before.
+    #[test]
+    fn an_interface_recreated_during_start_up_keeps_its_zone() {
+        use crate::datapath::testing::{in_fresh_netns, ip};
+        let (old, new, zones) = in_fresh_netns(|| {
+            let veth = [
+                "link", "add", "hsz-a0", "type", "veth", "peer", "name", "hsz-a1",
+            ];
+            ip(&veth);
+            let old = ifindex("hsz-a0").expect("index");
+            let mut opts = DatapathOptions::new(MemberId(1));
+            opts.zones = vec!["trust".into()];
+            let plan = StartPlan {
+                opts,
+                interfaces: vec![planned("hsz-a0", "trust", 0)],
+            };
+            let (mut started, ()) = bring_up(&plan, |_| {
+                ip(&["link", "del", "hsz-a0"]);
+                ip(&veth);
+                Ok(())
+            })
+            .expect("started");
+            let new = ifindex("hsz-a0").expect("index");
+            let zones = [old, new].map(|x| started.dp.zone_of(x).expect("zone").zone);
+            (old, new, zones)
+        });
+        assert_ne!(old, new, "re-created");
+        assert_eq!(zones, [ZoneId::NONE, ZoneId(1)], "old {old}, new {new}");
+    }
+
     /// This member's own pinned link (same program, same interface) is no foreign program;
     /// the same program pinned for another interface index (re-created since) is.
     #[test]
@@ -554,6 +632,16 @@ mod tests {
         let refused = foreign_xdp(&plan, &ifaces(Some(42)), &[link(8)]).expect("refused");
         assert!(
             refused.contains("XDP program 42 in native mode"),
+            "{refused}"
+        );
+        // Ours in native mode, another's in generic mode beside it.
+        let mut both = ifaces(Some(42));
+        if let Some(i) = both.get_mut("in0") {
+            i.xdp.generic = Some(43);
+        }
+        let refused = foreign_xdp(&plan, &both, &[link(7)]).expect("refused");
+        assert!(
+            refused.contains("XDP program 43 in generic mode"),
             "{refused}"
         );
     }

@@ -172,8 +172,10 @@ counters! {
     /// A TCP segment other than RST or FIN outside the window its session has seen (conntrack
     /// calls it invalid): passed to the kernel, whatever the policy and the forwarding mode,
     /// and the session left exactly as it was: not refreshed, not announced, not taken over
-    /// (a blind ACK keeps nothing alive). Only a half-open session of ours, whose initiator's
-    /// segments are outside until an answer comes, is kept alive by them.
+    /// (a blind ACK keeps nothing alive). Not counted here: a segment inside the window by
+    /// its sequence number whose ACK acknowledges nothing this member saw, which keeps an
+    /// owned session alive (the other direction moved to another member), and the
+    /// initiator's segments of a half-open session of ours (outside until an answer comes).
     PassTcpOutsideWindow = "pass-tcp-outside-window",
     /// Left to the kernel on purpose: about one packet in 16 s of every forwarded session,
     /// so the kernel's own connection tracking sees the flow alive.

@@ -28,7 +28,9 @@
 //! by sequence but not acknowledging, a FIN or RST of an established or closing session is
 //! passed on and changes nothing ([`Fit::Unconfirmed`]: a member that stopped seeing one
 //! direction, which moved to another member, lets the other's close through, but no longer
-//! follows it); in the handshake it is refused, and any other segment is outside. A SYN-ACK
+//! follows it), and any other segment keeps the session alive and changes nothing else
+//! ([`Fit::Unacknowledged`]); in the handshake all of them are outside (a RST or FIN there is
+//! refused). Segments outside the window keep nothing alive. A SYN-ACK
 //! that acknowledges exactly the SYN re-learns the responder's sequence (a server that
 //! answered a retransmitted SYN with a new one); before any answer the initiator's segments
 //! other than its SYN again and a RST change nothing (a FIN is passed on, the others are
@@ -114,6 +116,13 @@ pub enum Fit {
     /// acknowledge what the other side sent ([`acknowledges`]): passed on, and changes
     /// nothing.
     Unconfirmed,
+    /// Any other segment inside the window by its sequence number, once the handshake is
+    /// done, whose ACK does not acknowledge what the other side sent: a member that stopped
+    /// seeing the other direction (it moved to another member) sees only these. Passed on;
+    /// it keeps its owner's session alive (its idle time, the refreshes to the peers) but
+    /// moves nothing and takes nothing over. A blind sender must land the sequence number in
+    /// the window for even that.
+    Unacknowledged,
 }
 
 impl Fit {
@@ -122,6 +131,14 @@ impl Fit {
     #[inline(always)]
     pub const fn counts(self) -> bool {
         matches!(self, Fit::InWindow | Fit::Learn)
+    }
+
+    /// Does a segment that fell here keep its owner's session alive (its idle time and
+    /// packet counts, the refreshes to the peers) without counting? Only one inside the
+    /// window by its sequence number ([`Fit::Unacknowledged`]).
+    #[inline(always)]
+    pub const fn keeps_alive(self) -> bool {
+        matches!(self, Fit::Unacknowledged)
     }
 
     /// The counter of a segment that is passed on, whatever the policy, and changes nothing;
@@ -297,14 +314,16 @@ fn acknowledges(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
 /// falls: outside during the handshake (a blind RST or FIN is refused there, as a blind ACK
 /// cannot complete it); afterwards a RST or FIN is passed on and changes nothing (a member
 /// that stopped seeing one direction, which moved to another member, must not drop the
-/// other's close), any other segment is outside.
+/// other's close), any other segment keeps the session alive and changes nothing else.
 #[inline(always)]
 fn unacknowledged(s: &Session, closing: bool) -> Fit {
     let handshake = s.state == State::SynSent as u8 || s.state == State::SynRecv as u8;
-    if closing && !handshake {
+    if handshake {
+        Fit::Outside
+    } else if closing {
         Fit::Unconfirmed
     } else {
-        Fit::Outside
+        Fit::Unacknowledged
     }
 }
 
@@ -383,7 +402,7 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         .wrapping_add(u32::from(flags & tcp::SYN != 0))
         .wrapping_add(u32::from(flags & tcp::FIN != 0));
     match fit {
-        Fit::Outside | Fit::Inexact | Fit::Unconfirmed => return,
+        Fit::Outside | Fit::Inexact | Fit::Unconfirmed | Fit::Unacknowledged => return,
         Fit::Learn => {
             if restarts_handshake(s, dir, flags) {
                 *pick_mut(&mut s.tcp_track, other(dir)) = 0;

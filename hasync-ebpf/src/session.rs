@@ -211,12 +211,10 @@ fn hit(
         counters.inc(passed);
         return xdp_action::XDP_PASS;
     }
-    if !fit.counts() && !(owned && s.state == State::SynSent as u8) {
+    if !fit.counts() && !(owned && kept_alive(s, dir, fit)) {
         // Outside the window (conntrack: invalid): the kernel decides, and the session stays
         // exactly as it was: a blind ACK refreshed it, announced it to the peers and took a
-        // dead owner's session over. Only our half-open session is kept alive by its
-        // initiator's segments (outside until an answer comes: to this host itself, or routed
-        // back another way).
+        // dead owner's session over.
         counters.inc(Counter::PassTcpOutsideWindow);
         return xdp_action::XDP_PASS;
     }
@@ -254,6 +252,16 @@ fn hit(
         now,
     };
     forward::routed(ctx, cfg, counters, &accepted)
+}
+
+/// Does a segment of an owned session that does not count (at `fit`, travelling in `dir`)
+/// still keep it alive? One inside the window by its sequence number whose ACK acknowledges
+/// nothing this member saw ([`Fit::keeps_alive`]: the other direction moved to another
+/// member), and the initiator's segments of a half-open session (outside until an answer
+/// comes: to this host itself, or routed back another way).
+#[inline(always)]
+fn kept_alive(s: &Session, dir: usize, fit: Fit) -> bool {
+    fit.keeps_alive() || (dir == DIR_ORIGINAL && s.state == State::SynSent as u8)
 }
 
 /// Does the routing table bind `s`'s replies before its packet in `dir`, which came in through

@@ -557,12 +557,14 @@ fn tcp_window_rows() -> Vec<Row> {
         .session(
             Expect::new(State::Established)
                 .version(3)
-                .packets(2, 1)
+                .packets(3, 1)
                 .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
         )
+        // The first ACK, in the window by its sequence number, keeps the session alive; the
+        // second, a window further, is outside (the end did not move).
         .counters(&after_handshake(
             3,
-            &[(C::DropTcpOutOfWindow, 1), (C::PassTcpOutsideWindow, 2)],
+            &[(C::DropTcpOutOfWindow, 1), (C::PassTcpOutsideWindow, 1)],
         ))
         .events(&HANDSHAKE_EVENTS),
         Row::new("tcp window: the initiator's syn-ack before any answer counts for nothing")
@@ -589,8 +591,9 @@ fn tcp_window_rows() -> Vec<Row> {
             .pass(tcp(S4, C4).ack().seq(BLIND).ack_number(C_ISN + 1))
             .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
             .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
-            .session(Expect::new(State::Established).version(3).packets(2, 2))
-            .counters(&after_handshake(1, &[]))
+            // The blind ACK left the session as it was (not even its packet count).
+            .session(Expect::new(State::Established).version(3).packets(2, 1))
+            .counters(&after_handshake(1, &[(C::PassTcpOutsideWindow, 1)]))
             .events(&HANDSHAKE_EVENTS),
         Row::new("tcp window: a new answer to the syn is learned and completes the handshake")
             .pass(tcp(C4, S4).syn().seq(C_ISN))
@@ -700,7 +703,7 @@ fn tcp_window_rows() -> Vec<Row> {
                     .last_event_offset_ns(-600_000_000_000),
             )
             .pass(tcp(C4, S4).ack().seq(50_000 + BLIND).ack_number(90_000))
-            .pass(tcp(C4, S4).ack().seq(50_000).ack_number(90_000 + BLIND))
+            .pass(tcp(C4, S4).ack().seq(50_000 + BLIND).ack_number(90_000 + BLIND))
             .session(
                 Expect::new(State::Established)
                     .version(7)
@@ -708,6 +711,22 @@ fn tcp_window_rows() -> Vec<Row> {
                     .unseen(),
             )
             .counters(&[(C::Hits, 2), (C::PassTcpOutsideWindow, 2)]),
+        Row::new("tcp window: a segment in the window acknowledging nothing seen keeps it alive")
+            // The owner stopped seeing the server's direction (it moved to another member):
+            // the client's segments acknowledge data this member never saw.
+            .existing(
+                Existing::local(State::Established)
+                    .tcp_window([track::KNOWN; 2], [65535; 2], [50_000, 90_000])
+                    .last_seen_offset_ns(-600_000_000_000),
+            )
+            .pass(tcp(C4, S4).ack().seq(50_000).ack_number(90_000 + BLIND).payload(100))
+            .session(
+                Expect::new(State::Established)
+                    .version(7)
+                    .packets(6, 4)
+                    .seq_end(Some(50_000), Some(90_000)),
+            )
+            .counters(&[(C::Hits, 1)]),
         Row::new("tcp window: a blind ack behind a dead owner's replica takes nothing over")
             .existing(replica_with_window().last_seen_offset_ns(-1_000_000_000))
             .pass(tcp(C4, S4).ack().seq(50_000u32.wrapping_sub(BLIND)).ack_number(90_000))

@@ -104,12 +104,21 @@ fn tcp_and_neighbours_cross(wire: &Wire, server: &str) -> Result<()> {
     let stack_before = stack_received(&wire.fw)?;
     let server = sa(server, 8080);
     tcp_exchange_between(&wire.cli, &wire.srv, server, 500, 50_000)?;
+    // The last ACK, which closes the session after both FINs, may still be on its way.
+    let closed = wait_for(Duration::from_secs(2), || {
+        let sessions = wire.dp.sessions().ok()?;
+        let tcp = sessions.into_iter().find(|(k, _)| k.proto == 6)?;
+        (tcp.1.state == State::Closed as u8).then_some(tcp)
+    });
     let d = wire.delta(before)?;
     let sessions = wire.dp.sessions()?;
-    let tcp = sessions
-        .iter()
-        .find(|(k, _)| k.proto == 6)
-        .context("no TCP session on the wire")?;
+    let tcp = match closed {
+        Some(tcp) => tcp,
+        None => *sessions
+            .iter()
+            .find(|(k, _)| k.proto == 6)
+            .context("no TCP session on the wire")?,
+    };
     ensure!(tcp.1.state == State::Closed as u8, "{:?}", tcp.1);
     ensure!(tcp.1.zone == TRUST, "created on the client's side");
     ensure!(d.get(Counter::VwireForwarded) >= 40, "{d}");

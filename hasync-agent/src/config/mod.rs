@@ -396,10 +396,10 @@ impl Config {
             // As many again are kept for each other member's embryonic sessions.
             let most = self.embryonic_capacity_max();
             if most == 0 {
+                let parts = self.replica_parts().max(1);
                 p.push(format!(
-                    "local.embryonic_capacity = {e} does not fit: local.session_capacity = {} leaves no room for embryonic sessions (each member id up to {} gets at most session_capacity / 2 / {0})",
+                    "local.embryonic_capacity = {e} does not fit: local.session_capacity = {} leaves no room for embryonic sessions (each member id up to {parts} gets at most session_capacity / 2 / {parts})",
                     l.session_capacity,
-                    self.replica_parts().max(1),
                 ));
             } else {
                 check_range(
@@ -547,7 +547,7 @@ impl Config {
                     m.ha4_backup
                 };
                 let Some(addr) = addr else { continue };
-                if let Some(why) = unusable_sync_address(addr) {
+                if let Some(why) = not_unicast_elsewhere(addr) {
                     p.push(format!(
                         "members[{i}].{section} = {addr} is {why}: a member is dialled at and admitted from a unicast address of its own"
                     ));
@@ -930,11 +930,13 @@ fn check_pin_dir(p: &mut Vec<String>, dir: &Path) {
     }
 }
 
-/// Why `addr` cannot be a member's sync address, if it cannot: no connection is made to or
-/// from it (unspecified, multicast, broadcast), it is this host's own (loopback), it needs a
-/// scope the configuration cannot give (link-local), or it is an IPv4 address in IPv6
-/// clothing that the link's IPv6 socket never sees as such (IPv4-mapped).
-fn unusable_sync_address(addr: IpAddr) -> Option<&'static str> {
+/// Why `addr` is not a unicast address of another host that the agent can reach, if it is
+/// not: no connection or echo goes to or from it (unspecified, multicast, broadcast), it is
+/// this host's own (loopback), it needs a scope the configuration cannot give (IPv6
+/// link-local; IPv4's 169.254/16, common on direct-cable HA links, needs none), or it is an
+/// IPv4 address in IPv6 clothing that an IPv6 socket never reaches as such (IPv4-mapped).
+/// Sync addresses and path monitor targets must be.
+fn not_unicast_elsewhere(addr: IpAddr) -> Option<&'static str> {
     if addr.is_unspecified() {
         return Some("unspecified");
     }
@@ -946,8 +948,7 @@ fn unusable_sync_address(addr: IpAddr) -> Option<&'static str> {
     }
     match addr {
         IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
-        IpAddr::V4(a) if a.is_link_local() => Some("link-local"),
-        IpAddr::V6(a) if a.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some("link-local (it needs a scope)"),
         IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some("IPv4-mapped"),
         _ => None,
     }

@@ -110,9 +110,9 @@ impl Monitor {
             check_group(p, &key, &g.name, g.targets.len(), &mut names);
             let mut seen = BTreeSet::new();
             for target in &g.targets {
-                if target.is_unspecified() || target.is_multicast() {
+                if let Some(why) = super::not_unicast_elsewhere(*target) {
                     p.push(format!(
-                        "{key}.targets: {target} cannot answer an echo (unspecified or multicast)"
+                        "{key}.targets: {target} cannot test a path: it is {why}"
                     ));
                 }
                 if !seen.insert(target) {

@@ -589,7 +589,19 @@ fn monitor_groups_are_checked_and_their_hold_down_may_be_seconds() {
         ),
         (
             good.replace("\"198.18.1.1\"", "\"224.0.0.1\""),
-            "monitor.path_groups[0].targets: 224.0.0.1 cannot answer an echo",
+            "monitor.path_groups[0].targets: 224.0.0.1 cannot test a path: it is multicast",
+        ),
+        (
+            good.replace("\"fd00:18:1::1\"", "\"fe80::1\""),
+            "monitor.path_groups[0].targets: fe80::1 cannot test a path: it is link-local",
+        ),
+        (
+            good.replace("\"198.18.1.1\"", "\"255.255.255.255\""),
+            "monitor.path_groups[0].targets: 255.255.255.255 cannot test a path: it is broadcast",
+        ),
+        (
+            good.replace("\"198.18.1.1\"", "\"127.0.0.1\""),
+            "monitor.path_groups[0].targets: 127.0.0.1 cannot test a path: it is loopback",
         ),
         (
             good.replace("\"veth-in\"", "\"veth-out\""),
@@ -720,7 +732,6 @@ fn unusable_sync_addresses_are_refused_and_named() {
     ];
     // Addresses a member can be neither dialled at nor admitted from.
     let unusable = [
-        ("169.254.0.2", "link-local"),
         ("fe80::2", "link-local"),
         ("0.0.0.0", "unspecified"),
         ("::", "unspecified"),

@@ -178,17 +178,24 @@ impl Datapath {
 
     /// Switches the link pinned for `interface`, if any, to this program. A pinned link whose
     /// interface is gone or is another one now (re-created under the same name) is removed
-    /// instead, and `None` returned: the caller attaches anew.
+    /// instead; a link pinned under an old name of the interface is taken over
+    /// ([`renamed_pinned_link`]). `None` when none is left: the caller attaches anew.
     fn reattach_pinned(
         &mut self,
         pins: &PinDir,
         interface: &str,
         index: u32,
     ) -> Result<Option<AttachMode>, DatapathError> {
-        let Some((path, mode)) = pins.find_link(interface)? else {
-            return Ok(None);
+        let kept = match pins.find_link(interface)? {
+            Some((path, mode)) => keep_or_remove_pinned_link(&path, interface, index)?
+                .map(|program| (path, mode, program)),
+            None => None,
         };
-        let Some(old_program) = keep_or_remove_pinned_link(&path, interface, index)? else {
+        let kept = match kept {
+            Some(k) => Some(k),
+            None => renamed_pinned_link(pins, interface, index)?,
+        };
+        let Some((path, mode, old_program)) = kept else {
             return Ok(None);
         };
         let link_err = |path: &Path| {
@@ -322,6 +329,37 @@ fn program_err(source: aya::programs::ProgramError) -> DatapathError {
         name: hasync_common::maps::PROGRAM,
         source,
     }
+}
+
+/// A link pinned under another interface's name that is attached to `index`: the interface
+/// was renamed (and the configuration with it) since it was pinned. Its pin moves to
+/// `interface`'s name and the link is reused; before, attaching anew found the interface
+/// busy with it at every start. Returns the new pin, the link's mode and its program.
+fn renamed_pinned_link(
+    pins: &PinDir,
+    interface: &str,
+    index: u32,
+) -> Result<Option<(PathBuf, AttachMode, u32)>, DatapathError> {
+    let found = pins.pinned_links()?.into_iter().find_map(|(path, name)| {
+        let (_, mode) = name?;
+        let info = pin::xdp_link_info(&path).ok()?;
+        (info.ifindex == index).then_some((path, mode, info.program_id))
+    });
+    let Some((old, mode, program)) = found else {
+        return Ok(None);
+    };
+    let new = pins.link_path(interface, mode);
+    std::fs::rename(&old, &new).map_err(|source| DatapathError::PinIo {
+        what: "renaming",
+        path: old.clone(),
+        source,
+    })?;
+    tracing::info!(
+        interface,
+        old_pin = %old.display(),
+        "the interface was renamed since its link was pinned: the pin follows the new name"
+    );
+    Ok(Some((new, mode, program)))
 }
 
 /// The program a link pinned at `path` for `interface` runs, if the link can be reused: it is

@@ -810,6 +810,13 @@ impl Datapath {
             .map_err(map_err(names::ZONES))
     }
 
+    /// The zone binding of ingress interface `ifindex` (the default: none).
+    pub fn zone_of(&mut self, ifindex: u32) -> Result<ZoneBinding, DatapathError> {
+        self.zones_map()?
+            .get(&ifindex, 0)
+            .map_err(map_err(names::ZONES))
+    }
+
     /// Unbinds every interface not in `keep` (left in a reused ZONES by an earlier config).
     /// Returns how many were unbound.
     pub fn retain_zones(&mut self, keep: &[u32]) -> Result<usize, DatapathError> {

@@ -1127,6 +1127,37 @@ mod tests {
         }
     }
 
+    /// A zone interface renamed between two starts (its configuration with it): the link
+    /// pinned under the old name is taken over under the new one, switched to the new program
+    /// and left in place. Seen failing (the attach found the interface busy, EBUSY) before.
+    #[test]
+    fn a_renamed_interface_keeps_its_pinned_link() {
+        let pins = TestPins::new("rename");
+        let dir = pins.0.clone();
+        in_fresh_netns(move || {
+            ip(&[
+                "link", "add", "hsr-a0", "type", "veth", "peer", "name", "hsr-a1",
+            ]);
+            let mut dp = Datapath::load(&pins.options(4096)).expect("first load");
+            dp.attach("hsr-a0").expect("attach");
+            drop(dp);
+            ip(&["link", "set", "dev", "hsr-a0", "name", "hsr-b0"]);
+            let mut dp = Datapath::load(&pins.options(4096)).expect("second load");
+            let mode = dp.attach("hsr-b0").expect("the renamed interface attached");
+            assert_eq!(mode, AttachMode::Native);
+            assert!(dp.attachments()[0].reused, "the pinned link reused");
+            assert!(dir.join("links/hsr-b0:native").exists());
+            assert!(!dir.join("links/hsr-a0:native").exists());
+            assert_eq!(
+                dp.release_stale_links().expect("release"),
+                Vec::<PathBuf>::new()
+            );
+            assert!(shows_xdp("hsr-b0"));
+            drop(dp);
+            drop(pins);
+        });
+    }
+
     #[test]
     fn the_holder_of_a_flock_is_read_from_proc_locks() {
         let locks = "1: POSIX  ADVISORY  WRITE 77 00:19:4242 0 EOF\n\
