@@ -72,6 +72,10 @@ pub mod track {
     pub const STALE: u8 = 0x20;
     /// The window scale shift the direction offered.
     pub const SHIFT: u8 = 0x0f;
+    /// The direction was first learned from a segment other than a SYN (picked up
+    /// mid-stream): its window scale is not known, and the window is judged with the largest
+    /// ([`super::window`]).
+    pub const PICKED_UP: u8 = 0x10;
 }
 
 /// Largest window scale shift (RFC 7323 §2.3).
@@ -201,12 +205,15 @@ pub fn known(s: &Session, dir: usize) -> bool {
     pick(s.tcp_track, dir) & track::KNOWN != 0
 }
 
-/// The largest window `dir` advertised, in bytes, scaled when both directions offered scaling;
-/// at least [`MIN_WINDOW`].
+/// The largest window `dir` advertised, in bytes, scaled when both directions offered scaling,
+/// or by the largest scale when a direction was picked up mid-stream ([`track::PICKED_UP`]:
+/// its scale is not known, and conntrack is liberal there too); at least [`MIN_WINDOW`].
 #[inline(always)]
 pub fn window(s: &Session, dir: usize) -> u32 {
     let [a, b] = s.tcp_track;
-    let shift = if a & b & track::WSCALE != 0 {
+    let shift = if (a | b) & track::PICKED_UP != 0 {
+        MAX_WSCALE
+    } else if a & b & track::WSCALE != 0 {
         let offered = pick(s.tcp_track, dir) & track::SHIFT;
         if offered > MAX_WSCALE {
             MAX_WSCALE
@@ -410,7 +417,10 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
             }
             *pick_mut(&mut s.seq_end, dir) = end;
             let t = pick_mut(&mut s.tcp_track, dir);
-            *t = (*t | track::KNOWN) & !track::STALE;
+            // First learned from anything but a SYN: picked up mid-stream (a stale direction
+            // re-learned keeps what its owner knew of the scale).
+            let picked_up = *t & track::KNOWN == 0 && flags & tcp::SYN == 0;
+            *t = (*t | track::KNOWN | if picked_up { track::PICKED_UP } else { 0 }) & !track::STALE;
         }
         Fit::InWindow => {
             let e = pick_mut(&mut s.seq_end, dir);
@@ -433,7 +443,7 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         return;
     }
     let t = pick_mut(&mut s.tcp_track, dir);
-    *t &= !(track::WSCALE | track::SHIFT);
+    *t &= !(track::WSCALE | track::SHIFT | track::PICKED_UP);
     if let Some(shift) = seg.wscale {
         let shift = if shift > MAX_WSCALE {
             MAX_WSCALE
@@ -551,6 +561,37 @@ mod tests {
         assert_eq!(run(&mut s, [(O, ACK, seg(101, 701))]), [Fit::InWindow]);
         assert_eq!(window(&s, O), 1000 << 7);
         assert_eq!(window(&s, R), MIN_WINDOW, "nothing advertised yet");
+    }
+
+    /// A connection picked up mid-stream (no SYN seen: a 1.0 peer's session, one taken over
+    /// without sequence state) never learns its window scale: its bulk sender's segments run
+    /// far ahead of what the other side acknowledged, and the other side's FIN, acknowledging
+    /// only that, must still close it. As conntrack does for a picked-up connection, the
+    /// window is liberal there (the largest scale). Seen failing (Unconfirmed) before.
+    #[test]
+    fn a_connection_picked_up_mid_stream_is_judged_with_the_largest_scale() {
+        let mut s = Session {
+            state: State::Established as u8,
+            ..Session::default()
+        };
+        let data = |seq| TcpSegment {
+            len: 1000,
+            ..seg(seq, 5000)
+        };
+        assert_eq!(run(&mut s, [(O, ACK, data(1000))]), [Fit::Learn]);
+        assert_eq!(run(&mut s, [(R, ACK, seg(5000, 2000))]), [Fit::Learn]);
+        for k in 1..600u32 {
+            assert_eq!(
+                run(&mut s, [(O, ACK, data(1000 + k * 1000))]),
+                [Fit::InWindow]
+            );
+        }
+        assert_eq!(s.seq_end[O], 601_000);
+        let fin = seg(5000, 102_000);
+        assert_eq!(classify(&s, R, FIN | ACK, &fin), Fit::InWindow);
+        // A handshake seen sets the scale it agreed, not the liberal one.
+        let seen = half_open_scaled(0, 0);
+        assert_eq!(seen.tcp_track.map(|t| t & track::PICKED_UP), [0, 0]);
     }
 
     /// A retransmitted SYN-ACK after the handshake (its ACK was lost on the way to the
