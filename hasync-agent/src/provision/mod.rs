@@ -63,6 +63,9 @@ use crate::config::{
 
 /// Where members keep the cluster key unless the spec says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
+
+/// The cluster key's file name in the output directory and in each member's.
+const KEY_FILE: &str = "cluster.key";
 /// A complete spec: three members, two zones, both sync links.
 pub const EXAMPLE_SPEC: &str = include_str!("example.toml");
 
@@ -233,7 +236,7 @@ impl Spec {
             p.push("no [[members]]: a cluster needs at least one".into());
         }
         let zone_names: BTreeSet<&str> = self.zones.iter().map(|z| z.name.as_str()).collect();
-        let mut serials = BTreeSet::new();
+        let mut serials = BTreeMap::new();
         let mut links = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             let at = format!("members[{i}] (serial \"{}\")", m.serial);
@@ -415,26 +418,40 @@ fn invalid(path: &Path, problems: Vec<String>) -> ProvisionError {
     }
 }
 
-/// Member `m` (the `i`th, `at` in problems): a serial usable as a directory and unique, zones
-/// that `[[zones]]` defines.
+/// Member `m` (the `i`th, `at` in problems): a serial usable as a directory and unique (also
+/// ignoring case: the output may go to a FAT-formatted stick, where `fw1` and `FW1` are one
+/// directory), zones that `[[zones]]` defines. `serials` maps each serial seen, lowercased,
+/// to its member's id and serial.
 fn check_member_names<'a>(
     p: &mut Vec<String>,
     i: usize,
     m: &'a SpecMember,
     at: &str,
     zone_names: &BTreeSet<&str>,
-    serials: &mut BTreeSet<&'a str>,
+    serials: &mut BTreeMap<String, (u8, &'a str)>,
 ) {
+    let folded = m.serial.to_ascii_lowercase();
     if !is_safe_dir_name(&m.serial) {
         p.push(format!(
-            "members[{i}].serial = \"{}\" names the member's output directory: use 1–64 of A–Z, a–z, 0–9, `.`, `_`, `-` (not only dots)",
+            "members[{i}].serial = \"{}\" names the member's output directory: use 1–64 of A–Z, a–z, 0–9, `.`, `_`, `-`, not ending in a dot",
             m.serial
         ));
-    } else if !serials.insert(m.serial.as_str()) {
+    } else if folded == KEY_FILE {
         p.push(format!(
-            "members[{i}].serial = \"{}\" is used by two members",
+            "members[{i}].serial = \"{}\" names the cluster key's file ({KEY_FILE}) in the output: choose another",
             m.serial
         ));
+    } else if let Some(&(id, other)) = serials.get(&folded) {
+        p.push(if other == m.serial {
+            format!("members[{i}].serial = \"{}\" is used by two members", m.serial)
+        } else {
+            format!(
+                "members[{i}].serial = \"{}\" differs from member {id}'s \"{other}\" only in case: one directory on a case-insensitive file system",
+                m.serial
+            )
+        });
+    } else {
+        serials.insert(folded, (m.id.0, m.serial.as_str()));
     }
     for zone in m.zones.keys() {
         if !zone_names.contains(zone.as_str()) {
@@ -473,12 +490,13 @@ fn address(
     }
 }
 
-/// A serial usable as a directory name.
+/// A serial usable as a directory name, also on a FAT-formatted stick (which drops a trailing
+/// dot: `fw1.` would be `fw1`'s directory).
 fn is_safe_dir_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && !s.chars().all(|c| c == '.')
+        && !s.ends_with('.')
 }
 
 /// Single-quotes `s` for a POSIX shell.
@@ -585,7 +603,7 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         )
         .into());
     }
-    let key = out.join("cluster.key");
+    let key = out.join(KEY_FILE);
     let files = with_check_key(&key, |k| member_files(spec_path, configs, k))?;
     check_output(out, &files)?;
     let new_key = ensure_key(&key)?;
@@ -690,7 +708,7 @@ fn write_members(
         mkdir(&dir, 0o755)?;
         check_own_dir(&dir, &unfollowed(&dir)?)?;
         write_file(&dir.join("hasync.toml"), f.config_text.as_bytes(), 0o644)?;
-        write_file(&dir.join("cluster.key"), key_bytes, 0o600)?;
+        write_file(&dir.join(KEY_FILE), key_bytes, 0o600)?;
         write_file(&dir.join("setup-links.sh"), f.setup_links.as_bytes(), 0o755)?;
         members.push((f.serial.clone(), dir));
     }
@@ -722,7 +740,7 @@ fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError>
             check_own_dir(&dir, &meta)?;
         }
     }
-    let key = out.join("cluster.key");
+    let key = out.join(KEY_FILE);
     match std::fs::symlink_metadata(&key) {
         Ok(meta) if !meta.is_file() => Err(not_plain(&key)),
         _ => Ok(()),

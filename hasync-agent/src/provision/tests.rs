@@ -130,6 +130,21 @@ fn spec_problems_are_all_reported_naming_the_member() {
             "\"FW-A\" is used by two members",
         ),
         (
+            "serial = \"FW-B\"",
+            "serial = \"fw-a\"",
+            "members[1].serial = \"fw-a\" differs from member 1's \"FW-A\" only in case",
+        ),
+        (
+            "serial = \"FW-B\"",
+            "serial = \"FW-A.\"",
+            "members[1].serial = \"FW-A.\" names",
+        ),
+        (
+            "serial = \"FW-B\"",
+            "serial = \"Cluster.Key\"",
+            "members[1].serial = \"Cluster.Key\" names the cluster key's file",
+        ),
+        (
             "prefix = 24\n\n[ha4_backup]",
             "\n[ha4_backup]",
             "ha4 = \"198.18.100.1\" has no prefix length",
