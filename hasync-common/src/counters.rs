@@ -261,6 +261,10 @@ counters! {
     ErrUdpLength = "err-udp-length",
     /// Malformed: ICMP/ICMPv6 header cut off.
     ErrIcmpTruncated = "err-icmp-truncated",
+    /// Left to the kernel (`forwarding = "xdp"`): a TCP segment inside the window by its
+    /// sequence number whose ACK acknowledges nothing this member saw (it keeps its session
+    /// alive, but conntrack would call it invalid, and the kernel's policy decides).
+    PassFwdUnacknowledged = "pass-fwd-unacknowledged",
 }
 
 /// Number of counters.

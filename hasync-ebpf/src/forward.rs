@@ -150,6 +150,9 @@ pub struct Accepted {
     pub dir: usize,
     /// A first fragment.
     pub fragment: bool,
+    /// TCP: the segment counts in its session's window (UDP: always); one kept alive without
+    /// counting goes to the kernel.
+    pub counted: bool,
     /// The packet carried a refresh event.
     pub refreshed: bool,
     /// Session clock.
@@ -205,6 +208,9 @@ fn kernel_refresh_due(pkt: &Accepted) -> bool {
 fn try_route(ctx: &XdpContext, cfg: &DatapathConfig, pkt: &Accepted) -> Result<u32, Counter> {
     if !pkt.both_ways {
         return Err(Counter::PassFwdNotEstablished);
+    }
+    if !pkt.counted {
+        return Err(Counter::PassFwdUnacknowledged);
     }
     if pkt.fragment {
         return Err(Counter::PassFwdFragment);

@@ -248,6 +248,7 @@ fn hit(
         reply_zone: s.reply_zone,
         dir,
         fragment: pkt.first_fragment.is_some(),
+        counted: fit.counts(),
         refreshed,
         now,
     };

@@ -2555,6 +2555,15 @@ fn forwarding_rows() -> Vec<Row> {
             .pass(tcp(C4, S4).ack().seq(900_000).payload(10))
             .session(Expect::new(State::Established).version(7).packets(5, 4))
             .counters(&[(C::Hits, 1), (C::PassTcpOutsideWindow, 1)]),
+        xdp("xdp forwarding: an unacknowledging segment in the window goes to the kernel")
+            .existing(established().tcp_window(
+                [track::KNOWN, track::KNOWN],
+                [1000, 1000],
+                [5000, 9000],
+            ))
+            .pass(tcp(C4, S4).ack().seq(5000).ack_number(9000 + 0x4000_0000))
+            .session(Expect::new(State::Established).version(7).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdUnacknowledged, 1)]),
         xdp("xdp forwarding: an inexact rst goes to the kernel, the session untouched")
             .existing(established().tcp_window(
                 [track::KNOWN, track::KNOWN],
