@@ -434,6 +434,9 @@ struct MainLoop {
     /// When the peers' pool of the table is counted again next, and the count under way.
     next_recount: Instant,
     recounting: Option<tokio::task::JoinHandle<()>>,
+    /// How often the service manager's watchdog is pinged, and when next (`None`: no
+    /// watchdog).
+    watchdog: Option<(Duration, Instant)>,
 }
 
 impl MainLoop {
@@ -457,6 +460,21 @@ impl MainLoop {
             next_log_drain: Instant::now() + LOG_DRAIN_EVERY,
             next_recount: Instant::now() + recount_every(member.bounds.capacity),
             recounting: None,
+            watchdog: crate::service::notify::watchdog_every().map(|every| (every, Instant::now())),
+        }
+    }
+
+    /// Pings the service manager's watchdog when due: from the main loop, so a loop that hangs
+    /// (a lock never released, a wait that never ends) stops the pings and gets the agent
+    /// restarted.
+    fn ping_watchdog(&mut self) {
+        let Some((every, next)) = &mut self.watchdog else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= *next {
+            crate::service::notify::watchdog();
+            *next = now + *every;
         }
     }
 
@@ -580,6 +598,7 @@ impl MainLoop {
 
     /// Liveness and the local state, evaluated ([`apply_membership`]).
     fn on_membership(&mut self, member: &Member) {
+        self.ping_watchdog();
         apply_membership(member);
         if self
             .members_unsettled

@@ -1,12 +1,15 @@
 //! sd_notify(3) without libsystemd: one datagram to the socket in `$NOTIFY_SOCKET`, a path or
 //! an abstract socket (`@name`). A `Type=notify` unit is "started" once the agent sends
-//! `READY=1`; `STOPPING=1` tells the manager a stop is under way.
+//! `READY=1`; `STOPPING=1` tells the manager a stop is under way; `WATCHDOG=1`, sent by the
+//! main loop while the unit's `WatchdogSec=` asks for it, tells it the agent still runs (a
+//! hung agent is killed and restarted).
 
 use std::{
     ffi::OsStr,
     io,
     os::unix::{ffi::OsStrExt as _, net::UnixDatagram},
     path::Path,
+    time::Duration,
 };
 
 /// The environment variable the service manager sets.
@@ -54,6 +57,30 @@ pub fn stopping() {
     report("STOPPING=1\nSTATUS=stopping");
 }
 
+/// How often to send `WATCHDOG=1`: half the interval the manager set (`$WATCHDOG_USEC`, for
+/// this process when `$WATCHDOG_PID` names it); `None` without a watchdog.
+pub fn watchdog_every() -> Option<Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    watchdog_interval(usec.as_deref(), pid.as_deref(), std::process::id())
+}
+
+/// [`watchdog_every`] from the variables' values and this process's id.
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own: u32) -> Option<Duration> {
+    if pid.is_some_and(|p| p.parse::<u32>().ok() != Some(own)) {
+        return None;
+    }
+    let usec: u64 = usec?.parse().ok().filter(|&u| u > 0)?;
+    Some(Duration::from_micros(usec / 2))
+}
+
+/// `WATCHDOG=1`; a failure is logged.
+pub fn watchdog() {
+    if let Err(e) = notify("WATCHDOG=1") {
+        tracing::warn!(error = %e, "pinging the service manager's watchdog failed");
+    }
+}
+
 fn report(state: &str) {
     match notify(state) {
         Ok(true) => {
@@ -80,6 +107,21 @@ mod tests {
         let mut buf = [0; 512];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn the_watchdog_is_pinged_at_half_its_interval_for_this_process_only() {
+        let half = Some(Duration::from_secs(15));
+        assert_eq!(watchdog_interval(Some("30000000"), None, 7), half);
+        assert_eq!(watchdog_interval(Some("30000000"), Some("7"), 7), half);
+        assert_eq!(
+            watchdog_interval(Some("30000000"), Some("8"), 7),
+            None,
+            "another's"
+        );
+        assert_eq!(watchdog_interval(None, None, 7), None, "no watchdog");
+        assert_eq!(watchdog_interval(Some("0"), None, 7), None);
+        assert_eq!(watchdog_interval(Some("x"), None, 7), None);
     }
 
     #[test]
