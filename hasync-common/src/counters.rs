@@ -172,10 +172,12 @@ counters! {
     /// A TCP segment other than RST or FIN outside the window its session has seen (conntrack
     /// calls it invalid): passed to the kernel, whatever the policy and the forwarding mode,
     /// and the session left exactly as it was: not refreshed, not announced, not taken over
-    /// (a blind ACK keeps nothing alive). Not counted here: a segment inside the window by
-    /// its sequence number whose ACK acknowledges nothing this member saw, which keeps an
-    /// owned session alive (the other direction moved to another member), and the
-    /// initiator's segments of a half-open session of ours (outside until an answer comes).
+    /// (a blind ACK keeps nothing alive). Counted here too: such a segment inside the window
+    /// by its sequence number whose ACK acknowledges nothing this member saw, on a session
+    /// this member does not own (nothing is taken over by it). Not counted here: that
+    /// segment on an owned session, which it keeps alive (the other direction moved to
+    /// another member), and the initiator's segments of a half-open session of ours (outside
+    /// until an answer comes).
     PassTcpOutsideWindow = "pass-tcp-outside-window",
     /// Left to the kernel on purpose: about one packet in 16 s of every forwarded session,
     /// so the kernel's own connection tracking sees the flow alive.

@@ -729,8 +729,17 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
     }
     report.existed = true;
     check_bpffs(dir)?;
-    let _held = PinLock::take(dir)?;
     let pins = PinDir::new(dir);
+    // Through a symbolic link it would take another datapath's links and maps down.
+    for d in [dir.to_owned(), pins.links_dir(), pins.maps_dir()] {
+        if fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(pin_dir_error(
+                &d,
+                "it is a symbolic link: give the directory itself".into(),
+            ));
+        }
+    }
+    let _held = PinLock::take(dir)?;
     remove_links(&pins, &mut report)?;
     remove_maps(&pins, &mut report)?;
     for sub in [pins.links_dir(), pins.maps_dir()] {
@@ -1125,6 +1134,10 @@ mod tests {
                 dir.display()
             );
         }
+        // Teardown does not follow the link either.
+        let e = teardown(&link).expect_err("teardown through a link");
+        assert!(e.to_string().contains("it is a symbolic link"), "{e}");
+        assert!(open.exists(), "what the link points at is left alone");
     }
 
     /// A zone interface renamed between two starts (its configuration with it): the link

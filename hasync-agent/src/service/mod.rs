@@ -102,8 +102,9 @@ Restart=on-failure
 RestartSec=2s
 TimeoutStartSec=90s
 TimeoutStopSec=20s
-# The main loop pings the watchdog (WATCHDOG=1) every 15 s: an agent hung for 30 s is
-# killed and restarted (its datapath, pinned, forwards meanwhile).
+# The main loop pings the watchdog (WATCHDOG=1) every 15 s: an agent whose main loop stalls
+# for 15 to 30 s (or that is stopped that long) is killed and restarted (its datapath,
+# pinned, forwards meanwhile).
 WatchdogSec=30s
 
 "#,
