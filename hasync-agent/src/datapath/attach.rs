@@ -187,8 +187,10 @@ impl Datapath {
         index: u32,
     ) -> Result<Option<AttachMode>, DatapathError> {
         let kept = match pins.find_link(interface)? {
-            Some((path, mode)) => keep_or_remove_pinned_link(&path, interface, index)?
-                .map(|program| (path, mode, program)),
+            Some((path, mode)) => {
+                keep_or_remove_pinned_link(pins, (&path, mode), interface, index)?
+                    .map(|program| (path, mode, program))
+            }
             None => None,
         };
         let kept = match kept {
@@ -349,11 +351,7 @@ fn renamed_pinned_link(
         return Ok(None);
     };
     let new = pins.link_path(interface, mode);
-    std::fs::rename(&old, &new).map_err(|source| DatapathError::PinIo {
-        what: "renaming",
-        path: old.clone(),
-        source,
-    })?;
+    std::fs::rename(&old, &new).map_err(pin_err("renaming", &old))?;
     tracing::info!(
         interface,
         old_pin = %old.display(),
@@ -362,20 +360,44 @@ fn renamed_pinned_link(
     Ok(Some((new, mode, program)))
 }
 
-/// The program a link pinned at `path` for `interface` runs, if the link can be reused: it is
-/// still attached to `index`. Otherwise (its interface is gone, or is another one now,
-/// re-created under the same name) the pin is removed, with a warning, and `None` returned.
+/// The program a link pinned at `path` (in `mode`) for `interface` runs, if the link can be
+/// reused: it is still attached to `index`, or, the two interfaces having swapped names, the
+/// pin under the other's name is (the two pins are exchanged). A link attached to another
+/// live interface (renamed since) has its pin follow that one's name, and `None` is returned
+/// (the caller looks for a link pinned under another name, then attaches anew); one whose
+/// interface is gone or is another one now (re-created under the same name) is removed, with
+/// a warning, and `None` returned.
 fn keep_or_remove_pinned_link(
-    path: &Path,
+    pins: &PinDir,
+    (path, mode): (&Path, AttachMode),
     interface: &str,
     index: u32,
 ) -> Result<Option<u32>, DatapathError> {
     let why = match pin::xdp_link_info(path) {
         Ok(info) if info.ifindex == index => return Ok(Some(info.program_id)),
-        Ok(info) => format!(
-            "it is attached to ifindex {} (0: gone), not to {interface}'s {index}",
-            info.ifindex
-        ),
+        Ok(info) => {
+            let renamed = pin::interface_name(info.ifindex).filter(|_| info.ifindex != 0);
+            if let Some(now) = renamed.filter(|now| now != interface) {
+                let theirs = pins.link_path(&now, mode);
+                let swapped = pin::xdp_link_info(&theirs)
+                    .ok()
+                    .filter(|t| t.ifindex == index);
+                if let Some(ours) = swapped {
+                    exchange(path, &theirs)?;
+                    tracing::info!(interface, other = %now, "the two interfaces swapped names since their links were pinned: their pins follow");
+                    return Ok(Some(ours.program_id));
+                }
+                if std::fs::symlink_metadata(&theirs).is_err() {
+                    std::fs::rename(path, &theirs).map_err(pin_err("renaming", path))?;
+                    tracing::info!(interface, other = %now, "a pinned link's interface was renamed: its pin follows the new name");
+                    return Ok(None);
+                }
+            }
+            format!(
+                "it is attached to ifindex {} (0: gone), not to {interface}'s {index}",
+                info.ifindex
+            )
+        }
         Err(e) => e.to_string(),
     };
     tracing::warn!(
@@ -384,12 +406,43 @@ fn keep_or_remove_pinned_link(
         why = %why,
         "removing a stale pinned XDP link; attaching anew"
     );
-    std::fs::remove_file(path).map_err(|source| DatapathError::PinIo {
-        what: "removing",
-        path: path.to_owned(),
-        source,
-    })?;
+    std::fs::remove_file(path).map_err(pin_err("removing", path))?;
     Ok(None)
+}
+
+/// A pin I/O error on `path` while `what`.
+fn pin_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let path = path.to_owned();
+    move |source| DatapathError::PinIo { what, path, source }
+}
+
+/// Swaps the pins at `a` and `b` in one step (renameat2 with RENAME_EXCHANGE, which bpffs
+/// supports): neither link is unpinned, so neither detaches.
+fn exchange(a: &Path, b: &Path) -> Result<(), DatapathError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| DatapathError::PinIo {
+            what: "exchanging",
+            path: p.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })
+    };
+    let (ca, cb) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths, alive for the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(pin_err("exchanging", a)(std::io::Error::last_os_error()))
+    }
 }
 
 #[cfg(test)]

@@ -642,7 +642,7 @@ pub(crate) fn xdp_link_info_of(fd: BorrowedFd<'_>) -> io::Result<XdpLinkInfo> {
 }
 
 /// The name of interface `ifindex`, if it exists.
-fn interface_name(ifindex: u32) -> Option<String> {
+pub(crate) fn interface_name(ifindex: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
@@ -1166,6 +1166,49 @@ mod tests {
                 Vec::<PathBuf>::new()
             );
             assert!(shows_xdp("hsr-b0"));
+            drop(dp);
+            drop(pins);
+        });
+    }
+
+    /// Two zone interfaces that swapped names between two starts: each keeps its link (the
+    /// pins are exchanged), nothing is detached or attached anew. Seen failing (the first
+    /// attach removed the other's pin, detaching it, and the second found its interface
+    /// busy) before.
+    #[test]
+    fn two_interfaces_that_swapped_names_keep_their_links() {
+        let pins = TestPins::new("swap");
+        let dir = pins.0.clone();
+        in_fresh_netns(move || {
+            for (a, b) in [("hsw-a0", "hsw-a1"), ("hsw-b0", "hsw-b1")] {
+                ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+            }
+            let mut dp = Datapath::load(&pins.options(4096)).expect("first load");
+            dp.attach("hsw-a0").expect("attach a");
+            dp.attach("hsw-b0").expect("attach b");
+            drop(dp);
+            ip(&["link", "set", "dev", "hsw-a0", "name", "hsw-t0"]);
+            ip(&["link", "set", "dev", "hsw-b0", "name", "hsw-a0"]);
+            ip(&["link", "set", "dev", "hsw-t0", "name", "hsw-b0"]);
+            let mut dp = Datapath::load(&pins.options(4096)).expect("second load");
+            dp.attach("hsw-a0").expect("attach a again");
+            dp.attach("hsw-b0").expect("attach b again");
+            assert!(
+                dp.attachments().iter().all(|a| a.reused),
+                "both links reused"
+            );
+            for name in ["hsw-a0", "hsw-b0"] {
+                let info = xdp_link_info(&dir.join(format!("links/{name}:native"))).expect("pin");
+                assert_eq!(
+                    Some(info.ifindex),
+                    crate::datapath::ifindex(name).ok(),
+                    "{name}"
+                );
+            }
+            assert_eq!(
+                dp.release_stale_links().expect("release"),
+                Vec::<PathBuf>::new()
+            );
             drop(dp);
             drop(pins);
         });
