@@ -351,7 +351,7 @@ fn renamed_pinned_link(
         return Ok(None);
     };
     let new = pins.link_path(interface, mode);
-    std::fs::rename(&old, &new).map_err(pin_err("renaming", &old))?;
+    std::fs::rename(&old, &new).map_err(pin::pin_io("renaming", &old))?;
     tracing::info!(
         interface,
         old_pin = %old.display(),
@@ -383,12 +383,12 @@ fn keep_or_remove_pinned_link(
                     .ok()
                     .filter(|t| t.ifindex == index);
                 if let Some(ours) = swapped {
-                    exchange(path, &theirs)?;
+                    pin::exchange(path, &theirs).map_err(pin::pin_io("exchanging", path))?;
                     tracing::info!(interface, other = %now, "the two interfaces swapped names since their links were pinned: their pins follow");
                     return Ok(Some(ours.program_id));
                 }
                 if std::fs::symlink_metadata(&theirs).is_err() {
-                    std::fs::rename(path, &theirs).map_err(pin_err("renaming", path))?;
+                    std::fs::rename(path, &theirs).map_err(pin::pin_io("renaming", path))?;
                     tracing::info!(interface, other = %now, "a pinned link's interface was renamed: its pin follows the new name");
                     return Ok(None);
                 }
@@ -406,43 +406,8 @@ fn keep_or_remove_pinned_link(
         why = %why,
         "removing a stale pinned XDP link; attaching anew"
     );
-    std::fs::remove_file(path).map_err(pin_err("removing", path))?;
+    std::fs::remove_file(path).map_err(pin::pin_io("removing", path))?;
     Ok(None)
-}
-
-/// A pin I/O error on `path` while `what`.
-fn pin_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
-    let path = path.to_owned();
-    move |source| DatapathError::PinIo { what, path, source }
-}
-
-/// Swaps the pins at `a` and `b` in one step (renameat2 with RENAME_EXCHANGE, which bpffs
-/// supports): neither link is unpinned, so neither detaches.
-fn exchange(a: &Path, b: &Path) -> Result<(), DatapathError> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| DatapathError::PinIo {
-            what: "exchanging",
-            path: p.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        })
-    };
-    let (ca, cb) = (c(a)?, c(b)?);
-    // SAFETY: both are valid NUL-terminated paths, alive for the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(pin_err("exchanging", a)(std::io::Error::last_os_error()))
-    }
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ pub fn parse_link_name(name: &str) -> Option<LinkName> {
 fn check_own_dir(dir: &Path) -> Result<(), DatapathError> {
     let meta = fs::symlink_metadata(dir).map_err(pin_io("inspecting", dir))?;
     let why = if meta.file_type().is_symlink() {
-        "it is a symbolic link: give the directory itself".to_string()
+        SYMLINK_DIR.to_string()
     } else if !meta.is_dir() {
         "it is not a directory".to_string()
     } else if meta.uid() != geteuid() {
@@ -202,6 +202,9 @@ fn check_own_dir(dir: &Path) -> Result<(), DatapathError> {
     };
     Err(pin_dir_error(dir, why))
 }
+
+/// Why a pin directory that is a symbolic link is refused.
+const SYMLINK_DIR: &str = "it is a symbolic link: give the directory itself";
 
 /// The effective user id of this process.
 fn geteuid() -> u32 {
@@ -288,7 +291,7 @@ fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
-fn pin_io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
+pub(crate) fn pin_io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DatapathError {
     let path = path.to_owned();
     move |source| DatapathError::PinIo { what, path, source }
 }
@@ -297,6 +300,28 @@ fn pin_dir_error(path: &Path, why: String) -> DatapathError {
     DatapathError::PinDir {
         path: path.to_owned(),
         why,
+    }
+}
+
+/// Swaps the pins at `a` and `b` in one step (renameat2 with RENAME_EXCHANGE, which bpffs
+/// supports): neither object is unpinned, so a pinned link stays attached.
+pub(crate) fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    let c_path = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (ca, cb) = (c_path(a)?, c_path(b)?);
+    // SAFETY: both are valid NUL-terminated paths, alive for the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -733,10 +758,7 @@ pub fn teardown(dir: &Path) -> Result<TeardownReport, DatapathError> {
     // Through a symbolic link it would take another datapath's links and maps down.
     for d in [dir.to_owned(), pins.links_dir(), pins.maps_dir()] {
         if fs::symlink_metadata(&d).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(pin_dir_error(
-                &d,
-                "it is a symbolic link: give the directory itself".into(),
-            ));
+            return Err(pin_dir_error(&d, SYMLINK_DIR.into()));
         }
     }
     let _held = PinLock::take(dir)?;
