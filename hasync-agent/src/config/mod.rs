@@ -756,6 +756,7 @@ impl Config {
         let timeouts = self
             .timeouts
             .iter()
+            .filter(|(name, secs)| !is_default_timeout(name, **secs))
             .map(|(name, secs)| format!("timeouts.{name} = {secs}"))
             .collect();
         let mut members: Vec<_> = self.members.iter().collect();
@@ -782,6 +783,15 @@ impl Config {
             (AgreedSection::Members, members),
         ]
     }
+}
+
+/// Whether `timeouts.{name} = secs` only writes out its state's default: such a line is left
+/// out of the agreed settings, so a file that spells a default agrees with one that does not
+/// (and with peers of earlier releases, whose digests never held unwritten defaults).
+fn is_default_timeout(name: &str, secs: u64) -> bool {
+    State::ALL
+        .iter()
+        .any(|state| state.name() == name && state.default_timeout_s() == secs)
 }
 
 /// The parts of the settings members must agree on, each with its own digest in the
