@@ -789,9 +789,15 @@ impl Config {
 /// out of the agreed settings, so a file that spells a default agrees with one that does not
 /// (and with peers of earlier releases, whose digests never held unwritten defaults).
 fn is_default_timeout(name: &str, secs: u64) -> bool {
+    default_timeout_s(name) == Some(secs)
+}
+
+/// The default timeout of the session state named `name` (as `[timeouts]` names it).
+pub fn default_timeout_s(name: &str) -> Option<u64> {
     State::ALL
         .iter()
-        .any(|state| state.name() == name && state.default_timeout_s() == secs)
+        .find(|state| state.name() == name)
+        .map(|state| state.default_timeout_s())
 }
 
 /// The parts of the settings members must agree on, each with its own digest in the

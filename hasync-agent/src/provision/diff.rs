@@ -9,7 +9,7 @@ use std::{
 };
 
 use crate::{
-    config::{Config, DEFAULT_PATH},
+    config::{default_timeout_s, Config, DEFAULT_PATH},
     datapath::error_chain,
 };
 
@@ -89,14 +89,8 @@ pub fn report(a: &str, b: &str, diffs: &[Difference], settings: usize) -> String
     }
     let mut s = format!("--- A: {a}\n+++ B: {b}\n");
     for d in diffs {
-        match &d.a {
-            Some(line) => s.push_str(&format!("- {line}\n")),
-            None => s.push_str(&format!("- ({} not in A)\n", d.key)),
-        }
-        match &d.b {
-            Some(line) => s.push_str(&format!("+ {line}\n")),
-            None => s.push_str(&format!("+ ({} not in B)\n", d.key)),
-        }
+        s.push_str(&side('-', 'A', &d.key, d.a.as_deref()));
+        s.push_str(&side('+', 'B', &d.key, d.b.as_deref()));
     }
     s.push_str(&format!(
         "{} setting(s) differ in what members must agree on: these members would refuse each \
@@ -104,6 +98,19 @@ pub fn report(a: &str, b: &str, diffs: &[Difference], settings: usize) -> String
         diffs.len()
     ));
     s
+}
+
+/// One side of a difference: its line, or that the file leaves the setting out (a timeout
+/// left out is its state's default, which the line says).
+fn side(sign: char, file: char, key: &str, line: Option<&str>) -> String {
+    match (
+        line,
+        key.strip_prefix("timeouts.").and_then(default_timeout_s),
+    ) {
+        (Some(line), _) => format!("{sign} {line}\n"),
+        (None, Some(secs)) => format!("{sign} ({key} not in {file}: its default, {secs})\n"),
+        (None, None) => format!("{sign} ({key} not in {file})\n"),
+    }
 }
 
 /// `hasync config ...`: the exit status as documented on [`ConfigCommand`].

@@ -15,8 +15,8 @@
 //!   `sync_port`), with `key_file` optional: where every member keeps the key, default
 //!   [`DEFAULT_KEY_FILE`].
 //! - `[local]` (optional): the `[local]` every member gets (`policy`, `malformed`,
-//!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's id.
-//!   A member's own `[members.local]` overrides keys of it.
+//!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's id (refused in the spec).
+//!   A member's own `[members.local]` overrides keys of it (checked for a disabled member too).
 //! - `[ha4]`, `[ha4_backup]` (optional): the common sync interface name and prefix length of
 //!   the sync network. A member's `ha4_interface` / `ha4_backup_interface` override the name.
 //! - `[[zones]]`: the zones, in order (a zone's id is its position): `name` and the common
@@ -250,13 +250,15 @@ impl Spec {
         let members = self.member_list(&links);
         let mut configs = Vec::new();
         for (i, (m, l)) in self.members.iter().zip(&links).enumerate() {
+            // A disabled member's [local] is checked too: enabling it later must not be when a
+            // mistake in it is found.
+            let Some(local) = self.member_local(&mut p, i, m) else {
+                continue;
+            };
             if !m.enabled {
                 // Listed in everyone's members; no config of its own until it is enabled.
                 continue;
             }
-            let Some(local) = self.member_local(&mut p, i, m) else {
-                continue;
-            };
             let Some(ha4) = link(&l.ha4_interface, &l.ha4) else {
                 continue; // reported above
             };
@@ -357,6 +359,17 @@ impl Spec {
     /// The `[local]` of member `m` (the `i`th): the common one with the member's overrides;
     /// `None` (and a problem) if it does not parse.
     fn member_local(&self, p: &mut Vec<String>, i: usize, m: &SpecMember) -> Option<Local> {
+        const WHY: &str = "each member's id is its [[members]] id; leave member out of the spec";
+        // Reported once, with the common [local] (not again for every member).
+        if let (0, Some(v)) = (i, self.local.get("member")) {
+            p.push(format!("[local].member = {v}: {WHY}"));
+        }
+        if let Some(v) = m.local.get("member") {
+            p.push(format!(
+                "members[{i}].local.member = {v} (serial \"{}\"): {WHY}",
+                m.serial
+            ));
+        }
         let mut local_table = self.local.clone();
         for (k, v) in &m.local {
             local_table.insert(k.clone(), v.clone());
@@ -366,7 +379,7 @@ impl Spec {
             Ok(l) => Some(l),
             Err(e) => {
                 p.push(format!(
-                    "[local] with members[{i}].local (serial \"{}\"): {}",
+                    "members[{i}].local (serial \"{}\"), with [local]: {}",
                     m.serial,
                     e.message()
                 ));
@@ -931,6 +944,9 @@ pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
             }
         );
     }
+    if let Some(warning) = loose_key_warning(&done.key) {
+        eprintln!("warning: {warning}");
+    }
     let hex: String = done.fingerprint[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -942,6 +958,20 @@ pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
         config::DEFAULT_PATH
     );
     Ok(())
+}
+
+/// A warning when the key written at `key` is readable by others all the same: a file system
+/// that keeps no modes (vfat) gives every file the mount's; the agent refuses such a key, so
+/// it must be installed with mode 0600. `None` when its mode is 0600 or stricter.
+fn loose_key_warning(key: &Path) -> Option<String> {
+    let mode = std::fs::metadata(key).ok()?.mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} has mode {mode:04o} (the file system there keeps no modes): install the keys \
+             with mode 0600, e.g. `install -m 0600`; the agent refuses a key others can read",
+            key.display()
+        )
+    })
 }
 
 #[cfg(test)]

@@ -179,6 +179,16 @@ fn spec_problems_are_all_reported_naming_the_member() {
             "[[members]]\nid = 1\nsecret = 1\n",
             "unknown field `secret`",
         ),
+        (
+            "policy = \"strict\"",
+            "policy = \"strict\"\nmember = 2",
+            "[local].member = 2: each member's id is its [[members]] id; leave member out of the spec",
+        ),
+        (
+            "session_capacity = 4194304",
+            "session_capacity = 4194304\nmember = 1",
+            "members[2].local.member = 1 (serial \"FW-C\"): each member's id is its [[members]] id",
+        ),
     ] {
         assert!(base.contains(from), "example lacks {from:?}");
         let spec = dir.path().join("bad.toml");
@@ -235,6 +245,27 @@ fn a_disabled_member_is_listed_without_a_config_of_its_own() {
     let e = provision(&nobody, &none_out).expect_err("nobody enabled");
     assert!(e.to_string().contains("no member is enabled"), "{e}");
     assert!(!none_out.exists());
+    // A disabled member's own [local] is checked all the same: enabling it later must not be
+    // the first time its typo is found (before, it was not read at all).
+    let typo = dir.path().join("typo.toml");
+    let typo_out = dir.path().join("typo");
+    let text = example_in(&typo_out)
+        .replacen(
+            "serial = \"FW-C\"\n",
+            "serial = \"FW-C\"\nenabled = false\n",
+            1,
+        )
+        .replacen("session_capacity = 4194304", "sesion_capacity = 4194304", 1);
+    std::fs::write(&typo, text).expect("write spec");
+    let e = provision(&typo, &typo_out).expect_err("typo in a disabled member");
+    let msg = crate::datapath::error_chain(e.as_ref());
+    assert!(
+        msg.contains(
+            "members[2].local (serial \"FW-C\"), with [local]: unknown field `sesion_capacity`"
+        ),
+        "{msg}"
+    );
+    assert!(!typo_out.exists());
 }
 
 #[test]
@@ -245,7 +276,7 @@ fn config_diff_shows_the_settings_members_disagree_on() {
     std::fs::write(&spec, example_in(&out)).expect("write spec");
     provision(&spec, &out).expect("provision");
     let load = |s: &str| Config::load(&out.join(s).join("hasync.toml")).expect("load");
-    let (a, mut b) = (load("FW-A"), load("FW-B"));
+    let (mut a, mut b) = (load("FW-A"), load("FW-B"));
 
     // Local settings differ (member, addresses), what must agree does not.
     assert_eq!(differences(&a, &b), []);
@@ -253,6 +284,7 @@ fn config_diff_shows_the_settings_members_disagree_on() {
     assert!(text.contains("a.toml and b.toml agree on all"), "{text}");
 
     b.zones[0].name = "inside".into();
+    a.timeouts.insert("established".into(), 1800);
     b.timeouts.clear();
     b.members.pop();
     let d = differences(&a, &b);
@@ -269,8 +301,8 @@ fn config_diff_shows_the_settings_members_disagree_on() {
         "+++ B: b.toml",
         "- zones = [trust, untrust]",
         "+ zones = [inside, untrust]",
-        "- timeouts.established = 3600",
-        "+ (timeouts.established not in B)",
+        "- timeouts.established = 1800",
+        "+ (timeouts.established not in B: its default, 3600)",
     ] {
         assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
     }
@@ -406,4 +438,22 @@ fn an_output_directory_others_could_fill_is_refused() {
     provision(&spec, &shared.join("out")).expect("a sticky directory of root's");
 
     provision(&spec, &out).expect("a directory of our own");
+}
+
+/// A key that ends up readable by others (a file system without modes gives it the mount's)
+/// is named with what to do; before, the run said nothing and the agent refused the key at
+/// install.
+#[test]
+fn a_key_others_can_read_after_writing_is_warned_about() {
+    let dir = TempDir::new("provision-key-mode");
+    let key = dir.path().join("cluster.key");
+    std::fs::write(&key, [7u8; 32]).expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    assert_eq!(super::loose_key_warning(&key), None);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let warning = super::loose_key_warning(&key).expect("a warning");
+    assert!(
+        warning.contains("has mode 0644") && warning.contains("install -m 0600"),
+        "{warning}"
+    );
 }
