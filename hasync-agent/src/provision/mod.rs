@@ -15,8 +15,9 @@
 //!   `sync_port`), with `key_file` optional: where every member keeps the key, default
 //!   [`DEFAULT_KEY_FILE`].
 //! - `[local]` (optional): the `[local]` every member gets (`policy`, `malformed`,
-//!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's id (refused in the spec).
-//!   A member's own `[members.local]` overrides keys of it (checked for a disabled member too).
+//!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's
+//!   id (refused in the spec). A member's own `[members.local]` overrides keys of it (checked
+//!   for a disabled member too).
 //! - `[ha4]`, `[ha4_backup]` (optional): the common sync interface name and prefix length of
 //!   the sync network. A member's `ha4_interface` / `ha4_backup_interface` override the name.
 //! - `[[zones]]`: the zones, in order (a zone's id is its position): `name` and the common
