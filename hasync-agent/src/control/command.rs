@@ -445,10 +445,10 @@ pub fn render_statistics(v: &StatisticsView, out: &mut dyn Write) -> std::io::Re
 }
 
 /// A row per peer and link: the peer, the link, and the `columns` that `values` reads.
-fn link_table(
+fn link_table<const N: usize>(
     v: &StatisticsView,
-    columns: [&'static str; 6],
-    values: fn(&LinkStatisticsView) -> [u64; 6],
+    columns: [&'static str; N],
+    values: fn(&LinkStatisticsView) -> [u64; N],
 ) -> Table {
     let mut header = vec![">Peer", "Link"];
     header.extend(columns);
@@ -492,6 +492,7 @@ fn link_health_table(v: &StatisticsView) -> Table {
         ">Acks recv",
         ">Keepalives sent",
         ">Keepalives recv",
+        ">Late",
         ">Failures",
         ">Stalled",
     ];
@@ -501,6 +502,7 @@ fn link_health_table(v: &StatisticsView) -> Table {
             s.acks_received,
             s.keepalives_sent,
             s.keepalives_received,
+            s.keepalives_late,
             s.failures,
             s.stalls,
         ]

@@ -574,6 +574,9 @@ pub struct LinkStatisticsView {
     pub acks_received: u64,
     pub keepalives_sent: u64,
     pub keepalives_received: u64,
+    /// Of those, read after a later one of the peer (late on this link): not taken.
+    #[serde(default)]
+    pub keepalives_late: u64,
     /// Connections lost on this link (errors, silence, interface down).
     pub failures: u64,
     /// Of those, closed because writes to the peer made no progress (it stopped reading).
@@ -624,6 +627,7 @@ impl LinkStatisticsView {
             acks_received,
             keepalives_sent,
             keepalives_received,
+            keepalives_late,
             failures,
             stalls,
         } = link;
@@ -638,6 +642,7 @@ impl LinkStatisticsView {
             acks_received: LinkStats::get(acks_received),
             keepalives_sent: LinkStats::get(keepalives_sent),
             keepalives_received: LinkStats::get(keepalives_received),
+            keepalives_late: LinkStats::get(keepalives_late),
             failures: LinkStats::get(failures),
             stalls: LinkStats::get(stalls),
         }

@@ -39,6 +39,7 @@
 //! | `sync_sent_bytes_total{peer, link}`, `sync_received_bytes_total` | counter | sync bytes |
 //! | `sync_acks_sent_total{peer, link}`, `..._received_total` | counter | acknowledgements |
 //! | `sync_keepalives_sent_total{peer, link}`, `..._received_total` | counter | keepalives |
+//! | `sync_keepalives_late_total{peer, link}` | counter | of those received, read after a later one: not taken |
 //! | `sync_link_failures_total{peer, link}` | counter | connections lost on the link |
 //! | `sync_link_stalls_total{peer, link}` | counter | of those, closed because writes made no progress |
 //! | `sync_resends_total{peer}` | counter | records sent again |
@@ -590,7 +591,7 @@ type LinkCounter = (
 );
 
 /// The counters kept per peer and link, in the order they are exposed.
-const LINK_COUNTERS: [LinkCounter; 12] = [
+const LINK_COUNTERS: [LinkCounter; 13] = [
     ("sync_records_sent", "Session records sent.", None, |s| {
         s.records_sent
     }),
@@ -632,6 +633,12 @@ const LINK_COUNTERS: [LinkCounter; 12] = [
         "Keepalives received.",
         None,
         |s| s.keepalives_received,
+    ),
+    (
+        "sync_keepalives_late",
+        "Keepalives read after a later one of the peer (late on this link), not taken.",
+        None,
+        |s| s.keepalives_late,
     ),
     (
         "sync_link_failures",

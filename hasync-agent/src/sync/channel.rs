@@ -311,6 +311,7 @@ mod tests {
             state: 1,
             sessions_owned: 5,
             flaps: 0,
+            seq: 1,
         });
         ctx.send(&ka).await.expect("send");
         assert_eq!(srx.recv().await.expect("recv").0, ka);

@@ -25,6 +25,8 @@ pub struct LinkStats {
     pub acks_received: AtomicU64,
     pub keepalives_sent: AtomicU64,
     pub keepalives_received: AtomicU64,
+    /// Of those, read after a later one of the peer (a copy late on this link): not taken.
+    pub keepalives_late: AtomicU64,
     /// Connections lost on this link (errors, silence, interface down).
     pub failures: AtomicU64,
     /// Of those, connections closed because a write made no progress (the peer stopped

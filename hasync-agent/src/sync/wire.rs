@@ -22,11 +22,14 @@ mod compact;
 /// 1.2: session records are compact ([`RecordLayout::V1_2`]).
 /// 1.3: an embryonic session's record carries its owner's admission ticket
 /// ([`RecordLayout::V1_3`]), so a replica is evicted when its owner evicts the session.
+/// 1.4: a keepalive carries the sender's sequence number ([`Keepalive::seq`]), so one read
+/// late on the other sync link does not undo the newer state read on the first.
 pub const PROTO_MAJOR: u8 = 1;
-pub const PROTO_MINOR: u8 = 3;
+pub const PROTO_MINOR: u8 = 4;
 
-/// The layout of the session records on one connection: the one of the lower minor version
-/// of its two ends, so a member one minor version apart still syncs.
+/// The layout of the session records (and from 1.4 of the keepalives) on one connection: the
+/// one of the lower minor version of its two ends, so a member one minor version apart still
+/// syncs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RecordLayout {
     /// Protocol 1.0: no TCP sequence state. A receiver's datapath learns it from the
@@ -38,19 +41,22 @@ pub enum RecordLayout {
     V1_2,
     /// Protocol 1.3: the 1.2 record, with the owner's admission ticket when the session is
     /// embryonic.
-    #[default]
     V1_3,
+    /// Protocol 1.4: the 1.3 record; keepalives carry their sequence number.
+    #[default]
+    V1_4,
 }
 
 impl RecordLayout {
     /// What this member speaks.
-    pub const CURRENT: RecordLayout = RecordLayout::V1_3;
+    pub const CURRENT: RecordLayout = RecordLayout::V1_4;
     /// Every layout, oldest first.
-    pub const ALL: [RecordLayout; 4] = [
+    pub const ALL: [RecordLayout; 5] = [
         RecordLayout::V1_0,
         RecordLayout::V1_1,
         RecordLayout::V1_2,
         RecordLayout::V1_3,
+        RecordLayout::V1_4,
     ];
 
     /// The layout of a connection between members of minor versions `ours` and `theirs`.
@@ -59,8 +65,14 @@ impl RecordLayout {
             0 => RecordLayout::V1_0,
             1 => RecordLayout::V1_1,
             2 => RecordLayout::V1_2,
-            _ => RecordLayout::V1_3,
+            3 => RecordLayout::V1_3,
+            _ => RecordLayout::V1_4,
         }
+    }
+
+    /// Whether keepalives carry their sequence number (1.4 on).
+    const fn keepalive_seq(self) -> bool {
+        matches!(self, RecordLayout::V1_4)
     }
 
     /// Size of one encoded record, at most (the 1.0 and 1.1 records have no other size).
@@ -69,7 +81,7 @@ impl RecordLayout {
             RecordLayout::V1_0 => 96,
             RecordLayout::V1_1 => 112,
             RecordLayout::V1_2 => compact::MAX_BYTES_V1_2,
-            RecordLayout::V1_3 => compact::MAX_BYTES,
+            RecordLayout::V1_3 | RecordLayout::V1_4 => compact::MAX_BYTES,
         }
     }
 
@@ -77,7 +89,7 @@ impl RecordLayout {
     const fn min_bytes(self) -> usize {
         match self {
             RecordLayout::V1_0 | RecordLayout::V1_1 => self.max_bytes(),
-            RecordLayout::V1_2 | RecordLayout::V1_3 => compact::MIN_BYTES,
+            RecordLayout::V1_2 | RecordLayout::V1_3 | RecordLayout::V1_4 => compact::MIN_BYTES,
         }
     }
 
@@ -186,6 +198,10 @@ pub struct Keepalive {
     pub state: u8,
     pub sessions_owned: u32,
     pub flaps: u32,
+    /// The sender's count of keepalives this boot, from 1, the same on every link: a receiver
+    /// ignores one not above the last it read (a copy read late on the other link). Zero from
+    /// a peer of 1.3 or earlier, which sends none: its keepalives count in the order read.
+    pub seq: u64,
 }
 
 /// What a record asks the receiver to do.
@@ -355,7 +371,7 @@ impl Record {
                 },
                 w,
             ),
-            RecordLayout::V1_3 => compact::encode(self, w),
+            RecordLayout::V1_3 | RecordLayout::V1_4 => compact::encode(self, w),
         }
     }
 
@@ -363,7 +379,7 @@ impl Record {
         match layout {
             RecordLayout::V1_0 | RecordLayout::V1_1 => Self::decode_fixed(r, layout),
             RecordLayout::V1_2 => compact::decode(r, false),
-            RecordLayout::V1_3 => compact::decode(r, true),
+            RecordLayout::V1_3 | RecordLayout::V1_4 => compact::decode(r, true),
         }
     }
 
@@ -406,7 +422,9 @@ impl Record {
         let (head, tail) = rec.split_at(TCP_STATE_AT);
         let tcp = match layout {
             RecordLayout::V1_1 => TcpState::decode(&mut Reader(tail))?,
-            RecordLayout::V1_0 | RecordLayout::V1_2 | RecordLayout::V1_3 => TcpState::default(),
+            RecordLayout::V1_0 | RecordLayout::V1_2 | RecordLayout::V1_3 | RecordLayout::V1_4 => {
+                TcpState::default()
+            }
         };
         let mut r = Reader(head);
         let mut key = FlowKey::default();
@@ -518,6 +536,9 @@ impl Message {
                 w.extend_from_slice(&[tag::KEEPALIVE, k.state]);
                 w.extend_from_slice(&k.sessions_owned.to_be_bytes());
                 w.extend_from_slice(&k.flaps.to_be_bytes());
+                if layout.keepalive_seq() {
+                    w.extend_from_slice(&k.seq.to_be_bytes());
+                }
             }
             Message::Sessions { seq, bulk, records } => {
                 encode_sessions(w, *seq, *bulk, records, layout)?;
@@ -551,6 +572,11 @@ impl Message {
                     state,
                     sessions_owned: r.u32("sessions owned")?,
                     flaps: r.u32("flaps")?,
+                    seq: if layout.keepalive_seq() {
+                        r.u64("keepalive sequence")?
+                    } else {
+                        0
+                    },
                 })
             }
             tag::SESSIONS => decode_sessions(&mut r, layout)?,
@@ -779,6 +805,7 @@ mod tests {
                 state: 2,
                 sessions_owned: 12345,
                 flaps: 3,
+                seq: 77,
             }),
             Message::Sessions {
                 seq: 42,
@@ -1288,6 +1315,34 @@ mod tests {
             n
         ]);
         assert_eq!(back, Ok(plain));
+    }
+
+    /// A keepalive's sequence number travels from 1.4 on; a 1.3 peer gets (and sends) the
+    /// keepalive it knows, read here with no sequence number.
+    #[test]
+    fn keepalives_carry_their_sequence_from_1_4_on() {
+        let ka = Message::Keepalive(Keepalive {
+            state: 1,
+            sessions_owned: 2,
+            flaps: 3,
+            seq: 0x0102_0304_0506_0708,
+        });
+        let v1_4 = encoded(&ka, RecordLayout::V1_4);
+        assert_eq!(
+            Message::decode_as(&v1_4, RecordLayout::V1_4),
+            Ok(ka.clone())
+        );
+        assert_eq!(
+            Message::decode_as(&v1_4, RecordLayout::V1_3),
+            Err(WireError::Trailing(8)),
+            "what a 1.3 peer would make of it: never sent to one"
+        );
+        let v1_3 = encoded(&ka, RecordLayout::between(PROTO_MINOR, 3));
+        assert_eq!(v1_3.len(), 10);
+        let Ok(Message::Keepalive(read)) = Message::decode_as(&v1_3, RecordLayout::V1_3) else {
+            panic!("a 1.3 keepalive");
+        };
+        assert_eq!(read.seq, 0, "no order from a 1.3 peer");
     }
 
     #[test]

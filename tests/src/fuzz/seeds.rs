@@ -123,6 +123,7 @@ fn messages() -> Vec<Seed> {
                 state: 1,
                 sessions_owned: 12345,
                 flaps: 3,
+                seq: 1,
             }),
         ),
         ("sessions", sessions(false, (0..3).map(record).collect())),

@@ -949,6 +949,7 @@ mod tests {
             state: 1,
             sessions_owned: 0,
             flaps: 0,
+            seq: 1,
         });
         e.handle(&frame, keepalive, &writer).expect("handled");
         let heard = lock(&e.inner.membership).peers[&MemberId(2)].last_heard;

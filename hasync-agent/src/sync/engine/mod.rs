@@ -130,11 +130,29 @@ struct BulkSent {
     started: Instant,
 }
 
-/// The order a peer's frames are applied in: its sequence numbers, per boot of the peer.
+/// The order of a peer's numbered messages (its data frames, its keepalives): its sequence
+/// numbers, per boot of the peer.
 #[derive(Debug, Default)]
-struct Applied {
+struct SeqOrder {
     boot_id: u64,
     last_seq: u64,
+}
+
+impl SeqOrder {
+    /// Whether `seq` of boot `boot_id` comes after the last one taken (a new boot starts
+    /// the order anew).
+    fn is_new(&mut self, boot_id: u64, seq: u64) -> bool {
+        if self.boot_id != boot_id {
+            self.boot_id = boot_id;
+            self.last_seq = 0;
+        }
+        seq > self.last_seq
+    }
+
+    /// `seq` was taken (after [`SeqOrder::is_new`] said it was new).
+    fn taken(&mut self, seq: u64) {
+        self.last_seq = seq;
+    }
 }
 
 struct PeerInner {
@@ -159,6 +177,8 @@ struct PeerInner {
     full_sync_rx: FullSyncRx,
     zones: ZoneMap,
     hello: Option<Hello>,
+    /// The peer's keepalives taken (from 1.4 on they are numbered, the same on both links).
+    keepalives: SeqOrder,
 }
 
 /// One peer at run time.
@@ -168,7 +188,7 @@ pub struct Peer {
     line: usize,
     inner: Mutex<PeerInner>,
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
-    applied: Mutex<Applied>,
+    applied: Mutex<SeqOrder>,
     wake: Notify,
     pub stats: PeerStats,
 }
@@ -192,8 +212,9 @@ impl Peer {
                 full_sync_rx: FullSyncRx::default(),
                 zones: ZoneMap::default(),
                 hello: None,
+                keepalives: SeqOrder::default(),
             }),
-            applied: Mutex::new(Applied::default()),
+            applied: Mutex::new(SeqOrder::default()),
             wake: Notify::new(),
             stats: PeerStats::default(),
         }
@@ -272,6 +293,9 @@ struct EngineInner<T> {
     admission: BTreeMap<LinkKind, Arc<Admission>>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
     reannouncing: AtomicBool,
+    /// Keepalives taken so far ([`Keepalive::seq`](super::wire::Keepalive::seq) of the last),
+    /// counted under the membership's lock so their order is that of the states they carry.
+    keepalive_seq: AtomicU64,
     /// The changes queued for the peers. Taken after a peer's lock, never before it.
     backlog: Mutex<Backlog>,
     /// Evaluates the membership and applies what changed ([`Engine::on_return`]).
@@ -315,6 +339,7 @@ impl<T: SessionTable> Engine<T> {
                 local_up: Mutex::new(BTreeMap::new()),
                 admission,
                 reannouncing: AtomicBool::new(false),
+                keepalive_seq: AtomicU64::new(0),
                 backlog,
                 on_return: OnceLock::new(),
             }),

@@ -166,7 +166,7 @@ impl<T: SessionTable> Engine<T> {
             return Ok(());
         }
         match msg {
-            Message::Keepalive(ka) => self.on_keepalive(f.peer, stats, ka),
+            Message::Keepalive(ka) => self.on_keepalive(f, stats, ka),
             Message::Sessions { seq, bulk, records } => {
                 LinkStats::add(&stats.records_received, records.len() as u64);
                 // The table work runs on this worker: one frame, at most a few hundred records
@@ -237,13 +237,26 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    fn on_keepalive(&self, peer: &Peer, stats: &LinkStats, ka: Keepalive) {
+    /// A keepalive: the peer's state, unless a later keepalive was read already (this one
+    /// came late on the other link; the link itself was heard from all the same).
+    fn on_keepalive(&self, f: &FrameFrom<'_>, stats: &LinkStats, ka: Keepalive) {
         let Keepalive {
             state,
             sessions_owned,
             flaps: _,
+            seq,
         } = ka;
+        let peer = f.peer;
         LinkStats::add(&stats.keepalives_received, 1);
+        if seq != 0 {
+            let mut g = peer.lock();
+            if !g.keepalives.is_new(f.boot_id, seq) {
+                drop(g);
+                LinkStats::add(&stats.keepalives_late, 1);
+                return;
+            }
+            g.keepalives.taken(seq);
+        }
         let back = lock(&self.inner.membership).heard(
             peer.cfg.id,
             MemberState::from_u8(state),
@@ -458,11 +471,7 @@ impl<T: SessionTable> Engine<T> {
         bulk: bool,
     ) -> Result<Applied, &'static str> {
         let mut order = lock_on_worker(&f.peer.applied);
-        if order.boot_id != f.boot_id {
-            order.boot_id = f.boot_id;
-            order.last_seq = 0;
-        }
-        if seq <= order.last_seq {
+        if !order.is_new(f.boot_id, seq) {
             return Ok(Applied::Stale);
         }
         if bulk
@@ -479,7 +488,7 @@ impl<T: SessionTable> Engine<T> {
             // The reason keeps its old name: operators and dashboards count it by that name.
             return Err("install-failed");
         }
-        order.last_seq = seq;
+        order.taken(seq);
         if bulk {
             let keys = records.iter().map(|r| &r.key);
             f.peer.lock().full_sync_rx.carried(f.generation, keys);

@@ -452,13 +452,14 @@ impl<T: SessionTable> Engine<T> {
         });
     }
 
-    /// This member's keepalive as of now.
+    /// This member's keepalive as of now, numbered after the last one taken.
     pub(super) fn keepalive(&self) -> Keepalive {
         let m = lock(&self.inner.membership);
         Keepalive {
             state: m.state as u8,
             sessions_owned: m.local_sessions_owned,
             flaps: m.flaps,
+            seq: self.inner.keepalive_seq.fetch_add(1, Relaxed) + 1,
         }
     }
 

@@ -23,7 +23,7 @@ use crate::{
         backoff::Backoff,
         stale::Walking,
         table::FakeTable,
-        wire::{Hello, LinkKind, Message, Op, Record},
+        wire::{Hello, Keepalive, LinkKind, Message, Op, Record},
         writer::Writer,
     },
 };
@@ -727,6 +727,67 @@ fn a_late_frame_from_the_other_link_does_not_undo_a_later_one() {
     assert_eq!(held(&e), None, "the late frame was applied");
 }
 
+/// Peer 2 turned Non-functional: its keepalive saying so came on HA4, and the one before it
+/// (still Active) was read afterwards on HA4 backup, whose connection lags. The late one
+/// must not make peer 2 Active again (before 1.4 it did, for an interval each time).
+#[test]
+fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (w, _rx) = Writer::detached();
+    let keepalive = |state: MemberState, seq| {
+        Message::Keepalive(Keepalive {
+            state: state as u8,
+            sessions_owned: 1,
+            flaps: 0,
+            seq,
+        })
+    };
+    let reported = || lock(&e.inner.membership).peers[&MemberId(2)].reported;
+    let (ha4, backup) = (
+        from(&peer, LinkKind::Ha4, 7),
+        from(&peer, LinkKind::Ha4Backup, 7),
+    );
+    e.handle(&ha4, keepalive(MemberState::Active, 4), &w)
+        .expect("keepalive");
+    e.handle(&ha4, keepalive(MemberState::NonFunctional, 5), &w)
+        .expect("keepalive");
+    for seq in [4, 5] {
+        e.handle(&backup, keepalive(MemberState::Active, seq), &w)
+            .expect("keepalive");
+        assert_eq!(
+            reported(),
+            MemberState::NonFunctional,
+            "seq {seq} taken late"
+        );
+    }
+    let late = peer
+        .stats
+        .link(LinkKind::Ha4Backup)
+        .keepalives_late
+        .load(Relaxed);
+    assert_eq!(late, 2);
+    e.handle(&backup, keepalive(MemberState::Active, 6), &w)
+        .expect("keepalive");
+    assert_eq!(
+        reported(),
+        MemberState::Active,
+        "a later one on either link counts"
+    );
+    // A new boot numbers its keepalives from 1 again; a 1.3 peer sends 0: taken as read.
+    hello_from_2(&e, 8);
+    let new_boot = from(&peer, LinkKind::Ha4, 8);
+    e.handle(&new_boot, keepalive(MemberState::NonFunctional, 1), &w)
+        .expect("keepalive");
+    assert_eq!(reported(), MemberState::NonFunctional);
+    for state in [MemberState::Active, MemberState::NonFunctional] {
+        e.handle(&new_boot, keepalive(state, 0), &w)
+            .expect("keepalive");
+        assert_eq!(reported(), state, "unnumbered");
+    }
+}
+
 /// A connection of the peer's previous boot delivers a buffered frame after the new boot said
 /// hello: dropped, and the new boot's sequence starts afresh.
 #[test]
@@ -999,12 +1060,13 @@ fn a_reannouncement_walks_without_the_tables_lock() {
 /// dropping its guard ends it even while the peer is silent (its sender still open).
 #[tokio::test]
 async fn reading_ahead_keeps_order_and_ends_with_its_guard_or_the_connection() {
-    use crate::sync::{channel::pair, wire::Keepalive};
+    use crate::sync::channel::pair;
     let keepalive = |n| {
         Message::Keepalive(Keepalive {
             state: 1,
             sessions_owned: n,
             flaps: 0,
+            seq: u64::from(n),
         })
     };
     let (c, s) = pair([3; 32], [3; 32]).await;
@@ -1455,7 +1517,7 @@ async fn a_fresh_table_takes_its_own_sessions_back_only_until_the_limit() {
 /// nothing.
 #[test]
 fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
-    use crate::{claim_window::ClaimWindow, datapath::monotonic_ns, sync::wire::Keepalive};
+    use crate::{claim_window::ClaimWindow, datapath::monotonic_ns};
     use hasync_common::SessionFlags;
     let e = engine();
     let now = monotonic_ns();
@@ -1500,14 +1562,15 @@ fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
     let peer = e.inner.peers[&MemberId(2)].clone();
     let frame = from(&peer, LinkKind::Ha4, 7);
     let (writer, _sent) = Writer::detached();
-    let keepalive = || {
+    let keepalive = |seq| {
         Message::Keepalive(Keepalive {
             state: MemberState::Active as u8,
             sessions_owned: 1,
             flaps: 0,
+            seq,
         })
     };
-    e.handle(&frame, keepalive(), &writer).expect("keepalive");
+    e.handle(&frame, keepalive(1), &writer).expect("keepalive");
     let claim = Message::Sessions {
         seq: 1,
         bulk: false,
@@ -1515,6 +1578,6 @@ fn a_returning_members_claims_are_applied_with_the_claim_window_open() {
     };
     e.handle(&frame, claim, &writer).expect("sessions");
     assert_eq!(held(&e), Some((5, 2)), "the claim was refused");
-    e.handle(&frame, keepalive(), &writer).expect("keepalive");
+    e.handle(&frame, keepalive(2), &writer).expect("keepalive");
     assert_eq!(calls.load(Relaxed), 1, "called for a member alive here");
 }
