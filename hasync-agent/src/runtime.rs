@@ -733,6 +733,7 @@ pub(crate) fn apply_membership(member: &Member) {
     }
     if let Some(state) = changes.local_state {
         info!(state = state.name(), "local member state changed");
+        member.engine.announce_state();
     }
 }
 

@@ -122,6 +122,13 @@ impl Writer {
     }
 
     /// Has the writer task ended (the connection is closed)?
+    /// The acknowledgement or keepalive waiting to jump the queue, taken (a detached writer's
+    /// are never sent).
+    #[cfg(test)]
+    pub fn take_urgent(&self) -> Option<Message> {
+        self.urgent.take()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.data.is_closed()
     }

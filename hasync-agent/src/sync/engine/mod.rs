@@ -190,6 +190,8 @@ pub struct Peer {
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
     applied: Mutex<SeqOrder>,
     wake: Notify,
+    /// This member's state changed: its keepalive loop sends at once.
+    state_changed: Notify,
     pub stats: PeerStats,
 }
 
@@ -216,6 +218,7 @@ impl Peer {
             }),
             applied: Mutex::new(SeqOrder::default()),
             wake: Notify::new(),
+            state_changed: Notify::new(),
             stats: PeerStats::default(),
         }
     }

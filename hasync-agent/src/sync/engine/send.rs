@@ -452,6 +452,13 @@ impl<T: SessionTable> Engine<T> {
         });
     }
 
+    /// This member's state changed: every peer gets a keepalive now, not at its next tick.
+    pub fn announce_state(&self) {
+        for peer in self.inner.peers.values() {
+            peer.state_changed.notify_one();
+        }
+    }
+
     /// This member's keepalive as of now, numbered after the last one taken.
     pub(super) fn keepalive(&self) -> Keepalive {
         let m = lock(&self.inner.membership);
@@ -485,12 +492,16 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    /// Sends keepalives on every link to `peer` and drops links that went silent.
+    /// Sends keepalives on every link to `peer`, every interval and at once when this
+    /// member's state changed ([`Engine::announce_state`]), and drops links that went silent.
     pub(super) async fn keepalive_loop(self, peer: Arc<Peer>) {
         let mut tick = tokio::time::interval(self.inner.cfg.keepalive_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = peer.state_changed.notified() => {}
+            }
             self.settle_fresh_table();
             let ka = self.keepalive();
             let now = Instant::now();

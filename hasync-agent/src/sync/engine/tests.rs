@@ -788,6 +788,36 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
     }
 }
 
+/// A change of this member's state goes out at once, not at the next keepalive: peers act on
+/// it (a member turning Non-functional) up to a keepalive interval sooner. Before, it waited
+/// for the interval's next tick (1 s here; time is paused, so only a send at once is in time).
+#[tokio::test(start_paused = true)]
+async fn a_local_state_change_is_announced_at_once() {
+    let e = engine();
+    hello_from_2(&e, 7);
+    let _sent = connect(&e, LinkKind::Ha4);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let writer = peer.lock().links[&LinkKind::Ha4].writer.clone();
+    let keepalive = || match writer.take_urgent() {
+        Some(Message::Keepalive(ka)) => Some((ka.state, ka.seq)),
+        _ => None,
+    };
+    let task = tokio::spawn(e.clone().keepalive_loop(peer));
+    let a_moment = Duration::from_millis(100);
+    tokio::time::sleep(a_moment).await;
+    assert_eq!(
+        keepalive(),
+        Some((MemberState::Initial as u8, 1)),
+        "the first tick"
+    );
+    lock(&e.inner.membership).state = MemberState::NonFunctional;
+    e.announce_state();
+    tokio::time::sleep(a_moment).await;
+    let announced = keepalive();
+    task.abort();
+    assert_eq!(announced, Some((MemberState::NonFunctional as u8, 2)));
+}
+
 /// A connection of the peer's previous boot delivers a buffered frame after the new boot said
 /// hello: dropped, and the new boot's sequence starts afresh.
 #[test]
