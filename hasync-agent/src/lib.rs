@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod dashboard;
 pub mod datapath;
+pub mod dir_trust;
 pub mod files;
 pub mod forwarding;
 pub mod ha_link;

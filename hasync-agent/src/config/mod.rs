@@ -1034,8 +1034,7 @@ fn check_key_file(p: &mut Vec<String>, path: &Path) {
         ));
         return;
     }
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::dir_trust::euid();
     if meta.uid() != 0 && meta.uid() != euid {
         p.push(format!(
             "cluster.key_file = \"{}\" is owned by uid {}: its owner can read and replace the cluster key, and the service, which runs without CAP_DAC_OVERRIDE, may not read it (chown root:root)",

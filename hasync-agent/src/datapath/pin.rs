@@ -45,6 +45,7 @@ use super::{
     },
     AttachMode, DatapathError,
 };
+use crate::dir_trust::{dir_risk, euid, Policy, Risk};
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hasync";
@@ -181,36 +182,27 @@ pub fn parse_link_name(name: &str) -> Option<LinkName> {
 /// can write, and a link could point it at another datapath's.
 fn check_own_dir(dir: &Path) -> Result<(), DatapathError> {
     let meta = fs::symlink_metadata(dir).map_err(pin_io("inspecting", dir))?;
-    let why = if meta.file_type().is_symlink() {
-        SYMLINK_DIR.to_string()
-    } else if !meta.is_dir() {
-        "it is not a directory".to_string()
-    } else if meta.uid() != geteuid() {
-        format!(
-            "it is owned by uid {}, not by this agent's ({}): remove it (`hasync teardown`) \
+    let policy = Policy {
+        root_may_own: false,
+        closed: 0o022,
+        sticky_may_be_open: false,
+    };
+    let why = match dir_risk(&meta, policy) {
+        None => return Ok(()),
+        Some(Risk::Symlink) => SYMLINK_DIR.to_string(),
+        Some(Risk::NotDir) => "it is not a directory".to_string(),
+        Some(Risk::OwnedBy(uid)) => format!(
+            "it is owned by uid {uid}, not by this agent's ({}): remove it (`hasync teardown`) \
              and let the agent create it",
-            meta.uid(),
-            geteuid()
-        )
-    } else if meta.mode() & 0o022 != 0 {
-        format!(
-            "others may write to it (mode {:o}): `chmod 700` it",
-            meta.mode() & 0o7777
-        )
-    } else {
-        return Ok(());
+            euid()
+        ),
+        Some(Risk::Open(mode)) => format!("others may write to it (mode {mode:o}): `chmod 700` it"),
     };
     Err(pin_dir_error(dir, why))
 }
 
 /// Why a pin directory that is a symbolic link is refused.
 const SYMLINK_DIR: &str = "it is a symbolic link: give the directory itself";
-
-/// The effective user id of this process.
-fn geteuid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
 
 /// Creates each of `dirs` (and its parents), mode 0700.
 fn create_dirs(dirs: &[PathBuf]) -> Result<(), DatapathError> {

@@ -30,6 +30,7 @@ use super::{
 use crate::{
     config::{Config, ForwardingName, PolicyName, MIN_KEY_BYTES},
     datapath::DatapathLog,
+    dir_trust::{dir_risk, Policy},
 };
 use hasync_common::ClusterId;
 
@@ -121,9 +122,12 @@ fn check_own_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::symlink_metadata(dir)
         .map_err(|e| LabError::io(format!("lab dir {}", dir.display()), e))?;
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o077 != 0 {
+    let alone = Policy {
+        root_may_own: false,
+        closed: 0o077,
+        sticky_may_be_open: false,
+    };
+    if dir_risk(&meta, alone).is_some() {
         let why = format!(
             "is not a directory of this user's alone (owner uid {}, mode {:04o}): remove it, \
              or give the lab another directory",

@@ -60,8 +60,7 @@ pub struct LabArgs {
 
 /// Runs the lab until Ctrl-C or `--duration`, then removes it.
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::dir_trust::euid() != 0 {
         bail!("the lab creates network namespaces: run it as root");
     }
     interrupt::catch_signals()?;

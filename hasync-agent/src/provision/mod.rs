@@ -61,6 +61,7 @@ use serde::Deserialize;
 use crate::config::{
     self, parse_cidr, Cluster, Config, Link, Local, Member, OtherProtocolsName, Zone, MIN_KEY_BYTES,
 };
+use crate::dir_trust::{dir_risk, Policy, Risk};
 
 /// Where members keep the cluster key unless the spec says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
@@ -765,12 +766,7 @@ fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError>
 /// below it. In a sticky one (`/tmp`) only an entry's owner, or the directory's, may rename
 /// it: others may write it if the directory itself is this user's or root's.
 fn check_above(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    check_owned_dir(path, meta)?;
-    let sticky = meta.mode() & 0o1000 != 0;
-    if sticky {
-        return Ok(());
-    }
-    check_closed(path, meta)
+    check_dir(path, meta, true)
 }
 
 fn not_plain(path: &Path) -> ProvisionError {
@@ -795,55 +791,40 @@ fn unfollowed(path: &Path) -> Result<std::fs::Metadata, ProvisionError> {
 /// filled (a planted key, a member directory linked elsewhere): `meta` (the directory's) must
 /// be a real directory, this user's or root's, that no group or other user may write.
 fn check_own_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    check_owned_dir(path, meta)?;
-    check_closed(path, meta)
+    check_dir(path, meta, false)
 }
 
-fn unsafe_dir(path: &Path, why: String) -> ProvisionError {
-    ProvisionError::Unsafe {
+/// `meta` (`path`'s) is a real directory, this user's or root's, not writable by group or
+/// others unless `sticky_may_be_open` and it is sticky.
+fn check_dir(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    sticky_may_be_open: bool,
+) -> Result<(), ProvisionError> {
+    let policy = Policy {
+        root_may_own: true,
+        closed: 0o022,
+        sticky_may_be_open,
+    };
+    let why = match dir_risk(meta, policy) {
+        None => return Ok(()),
+        Some(Risk::Symlink) => "is a symbolic link: member files are written only into \
+                                directories of their own (remove the link)"
+            .to_string(),
+        Some(Risk::NotDir) => "is not a directory".to_string(),
+        Some(Risk::OwnedBy(uid)) => format!(
+            "is owned by uid {uid}: its owner could plant a key or a member directory in it \
+             (use a directory of your own)"
+        ),
+        Some(Risk::Open(mode)) => format!(
+            "is writable by group or others (mode {mode:04o}): any of them could plant a key or \
+             a member directory in it (chmod go-w)"
+        ),
+    };
+    Err(ProvisionError::Unsafe {
         path: path.to_owned(),
         why,
-    }
-}
-
-/// `meta` (`path`'s) is a real directory, this user's or root's.
-fn check_owned_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    let unsafe_dir = |why: String| unsafe_dir(path, why);
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_dir(
-            "is a symbolic link: member files are written only into directories of their own \
-             (remove the link)"
-                .into(),
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(unsafe_dir("is not a directory".into()));
-    }
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let euid = unsafe { libc::geteuid() };
-    if meta.uid() != euid && meta.uid() != 0 {
-        return Err(unsafe_dir(format!(
-            "is owned by uid {}: its owner could plant a key or a member directory in it (use a \
-             directory of your own)",
-            meta.uid()
-        )));
-    }
-    Ok(())
-}
-
-/// `meta` (`path`'s) is not writable by group or others.
-fn check_closed(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    let mode = meta.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Err(unsafe_dir(
-            path,
-            format!(
-                "is writable by group or others (mode {mode:04o}): any of them could plant a key \
-                 or a member directory in it (chmod go-w)"
-            ),
-        ));
-    }
-    Ok(())
+    })
 }
 
 fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {

@@ -350,8 +350,7 @@ fn check_bin_dir(bin_dir: &Path) -> anyhow::Result<()> {
 }
 
 fn check_root(prefix: &Path) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if prefix == Path::new("/") && unsafe { libc::geteuid() } != 0 {
+    if prefix == Path::new("/") && crate::dir_trust::euid() != 0 {
         bail!("installing into / needs root (or give --prefix DIR to stage it elsewhere)");
     }
     Ok(())

@@ -1,0 +1,119 @@
+//! Whether a directory another user could have filled may be trusted: the owner, mode and
+//! symbolic-link checks that the pin directory, provisioning's output (and the directories
+//! above it) and the lab's directory share. Each caller words its own refusal from the
+//! [`Risk`] found.
+
+use std::{fs::Metadata, os::unix::fs::MetadataExt as _};
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+/// What a directory must be to be trusted.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Root may own it too (not only this process's user).
+    pub root_may_own: bool,
+    /// Mode bits no one but the owner may have (`0o022`: no one else writes; `0o077`: no one
+    /// else even reads).
+    pub closed: u32,
+    /// A sticky directory (`/tmp`) may be open to others: there only an entry's owner, or the
+    /// directory's, may rename or remove it.
+    pub sticky_may_be_open: bool,
+}
+
+/// Why a directory is not to be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Risk {
+    /// It is a symbolic link: where it leads is someone's choice.
+    Symlink,
+    /// It is not a directory.
+    NotDir,
+    /// Another user owns it (the uid).
+    OwnedBy(u32),
+    /// Others have the policy's closed bits on it (the mode, `0o7777` bits).
+    Open(u32),
+}
+
+/// The risk of trusting the directory whose own metadata (`symlink_metadata`, not its
+/// target's) is `meta`, under `policy`; `None` when there is none.
+pub fn dir_risk(meta: &Metadata, policy: Policy) -> Option<Risk> {
+    let mode = meta.mode() & 0o7777;
+    let uid = meta.uid();
+    if meta.file_type().is_symlink() {
+        Some(Risk::Symlink)
+    } else if !meta.is_dir() {
+        Some(Risk::NotDir)
+    } else if uid != euid() && !(policy.root_may_own && uid == 0) {
+        Some(Risk::OwnedBy(uid))
+    } else if mode & policy.closed != 0 && !(policy.sticky_may_be_open && mode & 0o1000 != 0) {
+        Some(Risk::Open(mode))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+    use crate::control::testing::TempDir;
+
+    const STRICT: Policy = Policy {
+        root_may_own: false,
+        closed: 0o022,
+        sticky_may_be_open: false,
+    };
+
+    fn risk_of(path: &std::path::Path, policy: Policy) -> Option<Risk> {
+        dir_risk(&std::fs::symlink_metadata(path).expect("metadata"), policy)
+    }
+
+    fn chmod(path: &std::path::Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn each_risk_is_named_and_the_policy_decides() {
+        let tmp = TempDir::new("dir-trust");
+        let dir = tmp.path().join("d");
+        std::fs::create_dir(&dir).expect("mkdir");
+        chmod(&dir, 0o700);
+        assert_eq!(risk_of(&dir, STRICT), None);
+        chmod(&dir, 0o770);
+        assert_eq!(risk_of(&dir, STRICT), Some(Risk::Open(0o770)));
+        chmod(&dir, 0o750);
+        assert_eq!(risk_of(&dir, STRICT), None, "others may read");
+        let private = Policy {
+            closed: 0o077,
+            ..STRICT
+        };
+        assert_eq!(risk_of(&dir, private), Some(Risk::Open(0o750)));
+        chmod(&dir, 0o1777);
+        assert_eq!(risk_of(&dir, STRICT), Some(Risk::Open(0o1777)));
+        let sticky = Policy {
+            sticky_may_be_open: true,
+            ..STRICT
+        };
+        assert_eq!(risk_of(&dir, sticky), None);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).expect("symlink");
+        assert_eq!(risk_of(&link, sticky), Some(Risk::Symlink));
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"").expect("write");
+        assert_eq!(risk_of(&file, STRICT), Some(Risk::NotDir));
+        // Another user's: a directory handed to uid 65534 (the tests run as root).
+        chmod(&dir, 0o700);
+        std::os::unix::fs::chown(&dir, Some(65_534), None).expect("chown");
+        assert_eq!(risk_of(&dir, STRICT), Some(Risk::OwnedBy(65_534)));
+        let root = std::path::Path::new("/");
+        let root_ok = Policy {
+            root_may_own: true,
+            ..STRICT
+        };
+        assert_eq!(risk_of(root, root_ok), None);
+    }
+}
