@@ -1087,6 +1087,13 @@ fn log_pin_report(pins: &PinDir, report: &PinReport, asked_capacity: u32) {
             "a pinned map had another layout (an upgrade changed it); replaced by an empty one"
         );
     }
+    if report.zone_order_unchecked() {
+        tracing::warn!(
+            "the session table was kept but not the zone names its sessions were made with: \
+             the order of [[zones]] cannot be checked against them (sessions name zones by \
+             position); if it changed since, run `hasync teardown` (it drops the sessions)"
+        );
+    }
     if let Some(kept) = kept_capacity {
         tracing::warn!(
             pinned = kept,

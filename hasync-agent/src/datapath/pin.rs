@@ -533,6 +533,13 @@ impl PinReport {
     pub fn sessions_reused(&self) -> bool {
         self.reused.contains(&names::SESSIONS)
     }
+
+    /// Whether the session table was kept but the zone names its sessions were made with were
+    /// not (replaced by another layout, or their pin removed): the order of the zones can then
+    /// not be checked against the sessions, which name zones by position.
+    pub fn zone_order_unchecked(&self) -> bool {
+        self.sessions_reused() && !self.reused.contains(&names::ZONE_NAMES)
+    }
 }
 
 /// Compares the maps pinned in `pins` with `declared`: keeps the compatible ones, removes the
@@ -1042,6 +1049,16 @@ mod tests {
         // What the last agent recorded counts, nothing of the longer list before it.
         dp.record_zones(&names(&["trust", "dmz2"]))
             .expect("zone 2 was dropped, so it may be another zone now");
+        assert!(!dp.pin_report().expect("pinned").zone_order_unchecked());
+        drop(dp);
+        // The zone names lost (their pin removed, or replaced by an upgrade's layout) while
+        // the sessions stay: nothing to check against, and the report says so (logged as a
+        // warning; before, nothing told the operator the order went unchecked).
+        fs::remove_file(pins.0.join("maps").join(names::ZONE_NAMES)).expect("unpin");
+        let mut dp = Datapath::load(&pins.options(1024)).expect("fourth load");
+        assert!(dp.pin_report().expect("pinned").zone_order_unchecked());
+        dp.record_zones(&names(&["dmz2", "trust"]))
+            .expect("unchecked: nothing recorded");
     }
 
     /// A zone list that renumbers the zones a kept table's sessions name is refused by the
