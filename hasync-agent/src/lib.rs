@@ -31,6 +31,7 @@ pub mod service;
 pub mod stacked;
 pub mod stall_watch;
 pub mod startup;
+pub mod suspend_mark;
 pub mod sync;
 pub mod traffic_log;
 

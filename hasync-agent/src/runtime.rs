@@ -29,6 +29,7 @@ use crate::{
     netlink::{LinkWatch, NetlinkError},
     stall_watch::StallWatch,
     startup::{bring_up, Signalled, Signals, StartPlan, Started},
+    suspend_mark,
     sync::{
         backlog::Change,
         backoff::Backoff,
@@ -139,7 +140,11 @@ fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
     let psk = config::read_cluster_key(&config.cluster.key_file)?;
-    let Preflight { mut log, pingers } = preflight(&config)?;
+    let Preflight {
+        mut log,
+        pingers,
+        suspended,
+    } = preflight(&config)?;
     let mut signals = Signals::new()?;
     let plan = StartPlan::from_config(&config);
     let (started, forwarding) = bring_up(&plan, |dp| {
@@ -154,7 +159,15 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // One interface watcher (a netlink socket and its reader) for the sync links, the link
     // groups, the stacked devices and the forwarding ports.
     let links = LinkWatch::spawn();
-    let (member, mut tasks) = start_member(config, psk, dp, restarted, links.clone(), pingers)?;
+    let (member, mut tasks) = start_member(
+        config,
+        psk,
+        dp,
+        restarted,
+        links.clone(),
+        pingers,
+        suspended,
+    )?;
     match &links {
         Ok(watch) => {
             let zones = plan.zone_interfaces();
@@ -190,11 +203,13 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 struct Preflight {
     log: TrafficLog,
     pingers: crate::monitor::Pingers,
+    /// `hasync suspend` was in effect when an earlier agent stopped ([`suspend_mark`]).
+    suspended: bool,
 }
 
 /// Opens what the config names that can fail before the datapath is touched: the traffic
-/// log, the path groups' raw sockets (CAP_NET_RAW), and a check of the control socket (served
-/// once the datapath is up). A start refused after the datapath was loaded would leave a
+/// log, the path groups' raw sockets (CAP_NET_RAW), a check of the control socket (served
+/// once the datapath is up), and the suspend mark. A start refused after the datapath was loaded would leave a
 /// pinned datapath, whose program an earlier agent left running, with this config's maps, or
 /// interfaces switched to this agent's program.
 fn preflight(config: &Config) -> anyhow::Result<Preflight> {
@@ -203,7 +218,20 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     let socket = &config.local.control_socket;
     crate::control::server::check(socket)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
-    Ok(Preflight { log, pingers })
+    let state_dir = &config.local.state_dir;
+    let suspended = suspend_mark::is_marked(state_dir).context("reading the suspend mark")?;
+    if suspended {
+        warn!(
+            mark = %suspend_mark::path(state_dir).display(),
+            "starting suspended: `hasync suspend` was in effect when the agent last stopped; \
+             `hasync functional` brings this member back"
+        );
+    }
+    Ok(Preflight {
+        log,
+        pingers,
+        suspended,
+    })
 }
 
 /// What the main loop waits on.
@@ -285,9 +313,10 @@ fn start_member(
     restarted: bool,
     links: Result<LinkWatch, NetlinkError>,
     pingers: crate::monitor::Pingers,
+    suspended: bool,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let sync_cfg = sync_config(&config, psk, !restarted)?;
-    let member = new_member(config, sync_cfg, dp)?;
+    let member = new_member(config, sync_cfg, dp, suspended)?;
     let mut tasks = member.engine.start(links.clone());
     tasks.push(StallWatch::spawn(member.stall.clone()));
     tasks.extend(crate::monitor::spawn(
@@ -300,15 +329,26 @@ fn start_member(
     Ok((member, tasks))
 }
 
-/// The member over `dp`, its engine not started yet: the membership rules, the sync engine
-/// and the hook by which the engine has the membership applied when a member comes back.
-fn new_member(config: Config, sync_cfg: SyncConfig, dp: Datapath) -> anyhow::Result<Arc<Member>> {
+/// The member over `dp`, its engine not started yet: the membership rules (`suspended` if
+/// the operator's suspend was kept from an earlier start: the first keepalive says so), the
+/// sync engine and the hook by which the engine has the membership applied when a member
+/// comes back.
+fn new_member(
+    config: Config,
+    sync_cfg: SyncConfig,
+    dp: Datapath,
+    suspended: bool,
+) -> anyhow::Result<Arc<Member>> {
     let bounds = dp.bounds();
     let counters = dp
         .counters_reader()
         .context("opening the datapath's counters")?;
     let dp = Arc::new(Mutex::new(dp));
-    let membership = Arc::new(Mutex::new(membership(&config, &sync_cfg)));
+    let mut rules = membership(&config, &sync_cfg);
+    if suspended {
+        rules.suspend();
+    }
+    let membership = Arc::new(Mutex::new(rules));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
     let member = Arc::new(Member {
         config,
@@ -878,6 +918,43 @@ mod tests {
         );
     }
 
+    /// `hasync suspend` outlives the agent: it leaves its mark in the state directory, and a
+    /// member started with it (as the next start's preflight finds it) is suspended from its
+    /// first evaluation; `hasync functional` removes the mark. Before, a restart (the
+    /// watchdog's, an upgrade's, a crash's) brought a suspended member back into service.
+    /// Seen failing: no mark was written.
+    #[test]
+    fn a_suspend_is_kept_across_a_restart_until_functional() {
+        use crate::control::{handler::answer, protocol::Request};
+        let tmp = crate::control::testing::TempDir::new("suspend-kept");
+        let state_dir = tmp.path().join("state");
+        let mut config = config();
+        config.local.state_dir = state_dir.clone();
+        let start = |suspended| {
+            let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
+            let dp = crate::datapath::testing::datapath();
+            new_member(config.clone(), sync_cfg, dp, suspended).expect("member")
+        };
+        let ask = |member: &Member, request| {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            answer(member, request, tx);
+            let response = rx.try_recv().expect("answered at once");
+            assert!(response.error.is_none(), "{:?}", response.error);
+        };
+        let first = start(false);
+        ask(&first, Request::Suspend {});
+        drop(first);
+        let suspended = suspend_mark::is_marked(&state_dir).expect("read the mark");
+        assert!(suspended, "no mark kept");
+        let second = start(suspended);
+        let state = lock(&second.membership)
+            .evaluate(Instant::now())
+            .local_state;
+        assert_eq!(state, Some(MemberState::Suspended));
+        ask(&second, Request::Functional {});
+        assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
+    }
+
     /// A keepalive that brings a member back has the engine run the runtime's
     /// `apply_membership` at once (not at the main loop's next evaluation): the member map
     /// says the member is alive and the claim window is open before the reader reads on
@@ -887,8 +964,8 @@ mod tests {
     fn a_member_back_has_the_membership_applied_at_once() {
         let config = config();
         let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
-        let member =
-            new_member(config, sync_cfg, crate::datapath::testing::datapath()).expect("member");
+        let dp = crate::datapath::testing::datapath();
+        let member = new_member(config, sync_cfg, dp, false).expect("member");
         let peer = MemberId(2);
         let claims_open = |m: &Member| lock(&m.dp).config().expect("config").claims_open;
         let alive_here = |m: &Member| lock(&m.membership).peers[&peer].alive;

@@ -332,6 +332,17 @@ impl Membership {
         !p.alive && state.keeps_sessions()
     }
 
+    /// A keepalive from `id` read after a later one (it came late on the other link): the
+    /// member is heard from, and keeps the state the later one said. Returns what
+    /// [`Membership::heard`] does.
+    pub fn heard_late(&mut self, id: MemberId, now: Instant) -> bool {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return false;
+        };
+        p.last_heard = Some(now);
+        !p.alive && p.reported.keeps_sessions()
+    }
+
     /// An authenticated hello from `id`. It shows the member as `unknown` rather than `down`
     /// until its first keepalive, and `down` once it falls silent even if no keepalive ever
     /// came; it does not make the member alive, nor count in the configuration vote (hellos

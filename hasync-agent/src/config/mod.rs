@@ -142,6 +142,10 @@ pub struct Local {
     pub control_socket: PathBuf,
     #[serde(default = "defaults::traffic_log")]
     pub traffic_log: PathBuf,
+    /// Directory of what the agent keeps across restarts: `hasync suspend`'s mark (see
+    /// [`crate::suspend_mark`]). Default `/var/lib/hasync` (the unit's `StateDirectory`).
+    #[serde(default = "defaults::state_dir")]
+    pub state_dir: PathBuf,
     /// Directory on bpffs where the datapath's maps and XDP links are pinned, so they outlive
     /// the agent: a restart or an upgrade keeps the sessions and the traffic (`hasync teardown`
     /// removes them). Empty: nothing is pinned and the datapath goes away with the agent.
@@ -284,6 +288,9 @@ mod defaults {
     pub fn pin_dir() -> PathBuf {
         crate::datapath::DEFAULT_PIN_DIR.into()
     }
+    pub fn state_dir() -> PathBuf {
+        "/var/lib/hasync".into()
+    }
     pub fn session_capacity() -> u32 {
         hasync_common::maps::DEFAULT_SESSION_CAPACITY
     }
@@ -418,6 +425,7 @@ impl Config {
         for (key, path) in [
             ("local.control_socket", &l.control_socket),
             ("local.traffic_log", &l.traffic_log),
+            ("local.state_dir", &l.state_dir),
         ] {
             if !path.is_absolute() {
                 p.push(format!(
@@ -756,7 +764,6 @@ impl Config {
         let timeouts = self
             .timeouts
             .iter()
-            .filter(|(name, secs)| !is_default_timeout(name, **secs))
             .map(|(name, secs)| format!("timeouts.{name} = {secs}"))
             .collect();
         let mut members: Vec<_> = self.members.iter().collect();
@@ -783,13 +790,6 @@ impl Config {
             (AgreedSection::Members, members),
         ]
     }
-}
-
-/// Whether `timeouts.{name} = secs` only writes out its state's default: such a line is left
-/// out of the agreed settings, so a file that spells a default agrees with one that does not
-/// (and with peers of earlier releases, whose digests never held unwritten defaults).
-fn is_default_timeout(name: &str, secs: u64) -> bool {
-    default_timeout_s(name) == Some(secs)
 }
 
 /// The default timeout of the session state named `name` (as `[timeouts]` names it).

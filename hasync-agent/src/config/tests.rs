@@ -558,25 +558,6 @@ fn fingerprint_follows_what_members_must_agree_on() {
 }
 
 #[test]
-fn a_timeout_written_at_its_default_is_the_same_setting() {
-    let key = KeyFile::new("fp-timeouts", 32, 0o600);
-    let base = sample(&key.path());
-    let plain = check(&base).expect("valid");
-    let spelled = check(&format!("{base}\n[timeouts]\nestablished = 3600\n")).expect("valid");
-    assert_eq!(
-        plain.fingerprint(),
-        spelled.fingerprint(),
-        "a default written out changes nothing members run with"
-    );
-    assert_eq!(plain.agreed_lines(), spelled.agreed_lines());
-    let changed = check(&format!("{base}\n[timeouts]\nestablished = 3599\n")).expect("valid");
-    assert_eq!(
-        differing_sections(&plain.fingerprint(), &changed.fingerprint()),
-        vec![AgreedSection::Timeouts]
-    );
-}
-
-#[test]
 fn monitor_groups_are_checked_and_their_hold_down_may_be_seconds() {
     let key = KeyFile::new("monitor", 32, 0o600);
     let base = sample(&key.path());

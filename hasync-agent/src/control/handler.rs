@@ -189,9 +189,10 @@ fn handle(member: &Member, request: Request) -> Response {
             Response::ok(FlapsView::from_membership(&lock(&member.membership), now))
         }
         Request::Suspend {} | Request::Functional {} => {
+            let suspend = matches!(request, Request::Suspend {});
             {
                 let mut m = lock(&member.membership);
-                if matches!(request, Request::Suspend {}) {
+                if suspend {
                     m.suspend();
                 } else {
                     m.functional(now);
@@ -201,10 +202,36 @@ fn handle(member: &Member, request: Request) -> Response {
             // XDP member map, the claim window and the logs. (Dropped here, a peer's death
             // due at that moment never reached the member map.)
             crate::runtime::apply_membership(member);
+            let kept = keep_suspend(&member.config.local.state_dir, suspend);
             let m = lock(&member.membership);
-            Response::ok(LocalStateView::new(m.local, m.state))
+            match kept {
+                Ok(()) => Response::ok(LocalStateView::new(m.local, m.state)),
+                Err(e) => Response::error(e),
+            }
         }
     }
+}
+
+/// Keeps the operator's suspend (`suspend`) or its end across restarts
+/// ([`crate::suspend_mark`]). The state changed either way: an error says what a restart would
+/// do instead.
+fn keep_suspend(state_dir: &std::path::Path, suspend: bool) -> Result<(), String> {
+    use crate::suspend_mark;
+    let (kept, then) = if suspend {
+        (
+            suspend_mark::mark(state_dir),
+            "this member is suspended now, but a restart would bring it back into service",
+        )
+    } else {
+        (
+            suspend_mark::clear(state_dir),
+            "this member is functional now, but a restart would suspend it again",
+        )
+    };
+    kept.map_err(|e| {
+        tracing::warn!(error = %e, "{then}");
+        format!("{then}: {e}")
+    })
 }
 
 /// `show cluster members`: every member as this one sees it, this one included.

@@ -165,6 +165,11 @@ pub fn socket_path(dir: &Path, k: u8) -> PathBuf {
 pub fn traffic_log_path(dir: &Path, k: u8) -> PathBuf {
     dir.join(format!("fw{k}-traffic.jsonl"))
 }
+/// Member `k`'s state directory (its suspend mark): its own, so one member's `hasync
+/// suspend` never suspends another, nor the host's service.
+pub fn state_dir(dir: &Path, k: u8) -> PathBuf {
+    dir.join(format!("fw{k}-state"))
+}
 pub fn log_path(dir: &Path, k: u8) -> PathBuf {
     dir.join(format!("fw{k}.log"))
 }
@@ -312,6 +317,7 @@ fn write_local(t: &mut TomlText, dir: &Path, k: u8, options: &ClusterOptions) {
         quote_path(&traffic_log_path(dir, k))
     ));
     t.line(format!("pin_dir = {}", quote_path(&pin_dir(dir, k))));
+    t.line(format!("state_dir = {}", quote_path(&state_dir(dir, k))));
     t.line(format!(
         "policy = {}",
         quote(match options.policy {
@@ -797,6 +803,7 @@ mod tests {
             assert_eq!(c.local.member, MemberId(k));
             assert_eq!(c.local.control_socket, socket_path(&dir.0, k));
             assert_eq!(c.local.traffic_log, traffic_log_path(&dir.0, k));
+            assert_eq!(c.local.state_dir, state_dir(&dir.0, k));
             assert_eq!(c.pin_dir(), Some(pin_dir(&dir.0, k).as_path()));
             assert_eq!(c.local.policy, PolicyName::Strict);
             assert_eq!(c.local.session_capacity, LAB_SESSION_CAPACITY);

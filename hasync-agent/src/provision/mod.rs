@@ -16,8 +16,8 @@
 //!   [`DEFAULT_KEY_FILE`].
 //! - `[local]` (optional): the `[local]` every member gets (`policy`, `malformed`,
 //!   `session_capacity`, `control_socket`, `traffic_log`, `http`); `member` is each member's
-//!   id (refused in the spec). A member's own `[members.local]` overrides keys of it (checked
-//!   for a disabled member too).
+//!   id (refused in the spec). A member's own `[members.local]` overrides keys of it (parsed
+//!   for a disabled member too: unknown keys and types).
 //! - `[ha4]`, `[ha4_backup]` (optional): the common sync interface name and prefix length of
 //!   the sync network. A member's `ha4_interface` / `ha4_backup_interface` override the name.
 //! - `[[zones]]`: the zones, in order (a zone's id is its position): `name` and the common
@@ -252,8 +252,8 @@ impl Spec {
         let members = self.member_list(&links);
         let mut configs = Vec::new();
         for (i, (m, l)) in self.members.iter().zip(&links).enumerate() {
-            // A disabled member's [local] is checked too: enabling it later must not be when a
-            // mistake in it is found.
+            // A disabled member's [local] is parsed too (unknown keys, types): enabling it later
+            // must not be when such a mistake in it is found. Its values are checked then.
             let Some(local) = self.member_local(&mut p, i, m) else {
                 continue;
             };
@@ -381,7 +381,7 @@ impl Spec {
             Ok(l) => Some(l),
             Err(e) => {
                 p.push(format!(
-                    "members[{i}].local (serial \"{}\"), with [local]: {}",
+                    "[local] with members[{i}].local (serial \"{}\"): {}",
                     m.serial,
                     e.message()
                 ));
@@ -660,8 +660,11 @@ fn with_check_key<T>(
 ) -> anyhow::Result<T> {
     match std::fs::symlink_metadata(key) {
         Ok(meta) if !meta.is_file() => return Err(not_plain(key).into()),
-        Ok(_) => return check(key),
-        Err(_) => {}
+        // A key others can read (a file system without modes, vfat) is checked through the
+        // stand-in: the run warns of its mode ([`loose_key_warning`]), the mode is the
+        // installer's to set.
+        Ok(meta) if meta.mode() & 0o077 == 0 => return check(key),
+        _ => {}
     }
     let stand_in = std::env::temp_dir().join(format!(
         "hasync-provision-key-{}-{:016x}",

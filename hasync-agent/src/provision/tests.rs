@@ -261,7 +261,7 @@ fn a_disabled_member_is_listed_without_a_config_of_its_own() {
     let msg = crate::datapath::error_chain(e.as_ref());
     assert!(
         msg.contains(
-            "members[2].local (serial \"FW-C\"), with [local]: unknown field `sesion_capacity`"
+            "[local] with members[2].local (serial \"FW-C\"): unknown field `sesion_capacity`"
         ),
         "{msg}"
     );
@@ -456,4 +456,21 @@ fn a_key_others_can_read_after_writing_is_warned_about() {
         warning.contains("has mode 0644") && warning.contains("install -m 0600"),
         "{warning}"
     );
+}
+
+/// Provisioning again into an output whose key others can read (on vfat every file has the
+/// mount's mode) works, and warns: before, the second run was refused, the configs checked
+/// against that key's mode.
+#[test]
+fn a_second_run_over_a_key_others_can_read_provisions() {
+    let dir = TempDir::new("provision-rerun-loose");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    provision(&spec, &out).expect("first run");
+    let key = out.join("cluster.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let again = provision(&spec, &out).expect("second run");
+    assert!(!again.new_key, "the key is kept");
+    assert!(super::loose_key_warning(&again.key).is_some());
 }

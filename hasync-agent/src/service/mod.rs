@@ -140,13 +140,16 @@ LimitNOFILE=65536
 
 /// The sandbox: a read-only system but for where the agent writes, and nothing it does not
 /// use.
-const UNIT_SANDBOX: &str = r#"# Read-only system, writable only where the agent writes: pins, control socket, traffic log.
+const UNIT_SANDBOX: &str = r#"# Read-only system, writable only where the agent writes: pins, control socket, traffic log,
+# state (the suspend mark, kept across restarts and reboots).
 ProtectSystem=strict
 ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync
 RuntimeDirectory=hasync
 RuntimeDirectoryMode=0750
 LogsDirectory=hasync
 LogsDirectoryMode=0750
+StateDirectory=hasync
+StateDirectoryMode=0700
 UMask=0077
 ProtectHome=yes
 PrivateTmp=yes

@@ -233,6 +233,7 @@ fn the_unit_grants_only_the_capabilities_it_explains() {
         "ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync",
         "RuntimeDirectory=hasync",
         "LogsDirectory=hasync",
+        "StateDirectory=hasync",
         "ProtectHome=yes",
         "PrivateTmp=yes",
         "LimitMEMLOCK=infinity",

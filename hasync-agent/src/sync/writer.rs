@@ -121,7 +121,6 @@ impl Writer {
         )
     }
 
-    /// Has the writer task ended (the connection is closed)?
     /// The acknowledgement or keepalive waiting to jump the queue, taken (a detached writer's
     /// are never sent).
     #[cfg(test)]
@@ -129,6 +128,7 @@ impl Writer {
         self.urgent.take()
     }
 
+    /// Has the writer task ended (the connection is closed)?
     pub fn is_closed(&self) -> bool {
         self.data.is_closed()
     }

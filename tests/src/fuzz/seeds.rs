@@ -148,9 +148,11 @@ fn messages() -> Vec<Seed> {
     .into_iter()
     .flat_map(|(name, msg)| {
         // Session records in the current layout and in the 1.1 one (what a 1.1 peer sends);
-        // the other messages are the same in both.
+        // keepalives in the current layout and the 1.3 one (without their number); the other
+        // messages are the same in all.
         let layouts = match msg {
             Message::Sessions { .. } => &[RecordLayout::CURRENT, RecordLayout::V1_1][..],
+            Message::Keepalive(_) => &[RecordLayout::CURRENT, RecordLayout::V1_3][..],
             _ => &[RecordLayout::CURRENT][..],
         };
         layouts.iter().filter_map(move |&layout| {

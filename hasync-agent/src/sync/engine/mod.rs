@@ -153,6 +153,11 @@ impl SeqOrder {
     fn taken(&mut self, seq: u64) {
         self.last_seq = seq;
     }
+
+    /// The last sequence number taken.
+    fn last(&self) -> u64 {
+        self.last_seq
+    }
 }
 
 struct PeerInner {
@@ -177,8 +182,10 @@ struct PeerInner {
     full_sync_rx: FullSyncRx,
     zones: ZoneMap,
     hello: Option<Hello>,
-    /// The peer's keepalives taken (from 1.4 on they are numbered, the same on both links).
+    /// The peer's keepalives taken (from 1.4 on they are numbered, the same on both links),
+    /// and when the last one was.
     keepalives: SeqOrder,
+    keepalive_taken: Option<Instant>,
 }
 
 /// One peer at run time.
@@ -215,6 +222,7 @@ impl Peer {
                 zones: ZoneMap::default(),
                 hello: None,
                 keepalives: SeqOrder::default(),
+                keepalive_taken: None,
             }),
             applied: Mutex::new(SeqOrder::default()),
             wake: Notify::new(),

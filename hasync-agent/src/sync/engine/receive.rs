@@ -5,14 +5,17 @@
 //! frames ahead of the apply, on a task of their own ([`read_ahead`]): on two CPUs the next
 //! frame's decryption overlaps this one's apply.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
     full_sync_rx::{Ended, Start},
-    lock, Engine, Peer, SessionTable,
+    lock, Engine, Peer, PeerInner, SessionTable,
 };
 use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
@@ -237,8 +240,9 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
-    /// A keepalive: the peer's state, unless a later keepalive was read already (this one
-    /// came late on the other link; the link itself was heard from all the same).
+    /// A keepalive: the peer is heard from, and its state is what it says, unless a later
+    /// keepalive was read already (this one came late on the other link: the later one's
+    /// state stands).
     fn on_keepalive(&self, f: &FrameFrom<'_>, stats: &LinkStats, ka: Keepalive) {
         let Keepalive {
             state,
@@ -248,21 +252,28 @@ impl<T: SessionTable> Engine<T> {
         } = ka;
         let peer = f.peer;
         LinkStats::add(&stats.keepalives_received, 1);
-        if seq != 0 {
-            let mut g = peer.lock();
-            if !g.keepalives.is_new(f.boot_id, seq) {
-                drop(g);
+        // The membership's lock first (before the peer's, as everywhere), held from the order
+        // check to the update: a keepalive read at the same time on the other link cannot
+        // slip between them.
+        let mut membership = lock(&self.inner.membership);
+        let now = Instant::now();
+        let expiry = 2 * self.inner.cfg.keepalive_interval;
+        let order = keepalive_order(&mut peer.lock(), f.boot_id, seq, now, expiry);
+        let back = match order {
+            KeepaliveOrder::Take => membership.heard(
+                peer.cfg.id,
+                MemberState::from_u8(state),
+                sessions_owned,
+                now,
+            ),
+            KeepaliveOrder::Copy => membership.heard_late(peer.cfg.id, now),
+            KeepaliveOrder::Late => {
                 LinkStats::add(&stats.keepalives_late, 1);
-                return;
+                membership.heard_late(peer.cfg.id, now)
             }
-            g.keepalives.taken(seq);
-        }
-        let back = lock(&self.inner.membership).heard(
-            peer.cfg.id,
-            MemberState::from_u8(state),
-            sessions_owned,
-            Instant::now(),
-        );
+            KeepaliveOrder::OldBoot => false,
+        };
+        drop(membership);
         if back {
             self.member_returned();
         }
@@ -643,6 +654,51 @@ impl<T: SessionTable> Drop for RemovalOver<T> {
     fn drop(&mut self) {
         self.engine.removal_over(&self.peer);
     }
+}
+
+/// Where a keepalive falls in the order of its peer's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum KeepaliveOrder {
+    /// The latest (or unnumbered, from a 1.3 peer): its state is taken.
+    Take,
+    /// The copy of the latest, read on the other link.
+    Copy,
+    /// Older than one taken: read late on the other link.
+    Late,
+    /// Of a boot of the peer's that a new hello replaced meanwhile: nothing.
+    OldBoot,
+}
+
+/// Places keepalive `seq` of boot `boot_id` in `g`'s order at `now`, taking it if it is the
+/// latest. The order holds for `expiry` after the last one taken: a peer that sent one
+/// numbered far ahead (a forged or corrupt one, by a holder of the cluster key) would
+/// otherwise have every later one refused for the rest of its boot, and its state frozen.
+pub(super) fn keepalive_order(
+    g: &mut PeerInner,
+    boot_id: u64,
+    seq: u64,
+    now: Instant,
+    expiry: Duration,
+) -> KeepaliveOrder {
+    if g.hello.as_ref().map(|h| h.boot_id) != Some(boot_id) {
+        return KeepaliveOrder::OldBoot;
+    }
+    if seq == 0 {
+        return KeepaliveOrder::Take;
+    }
+    let expired = g
+        .keepalive_taken
+        .is_some_and(|t| now.saturating_duration_since(t) > expiry);
+    if !g.keepalives.is_new(boot_id, seq) && !expired {
+        return if seq == g.keepalives.last() {
+            KeepaliveOrder::Copy
+        } else {
+            KeepaliveOrder::Late
+        };
+    }
+    g.keepalives.taken(seq);
+    g.keepalive_taken = Some(now);
+    KeepaliveOrder::Take
 }
 
 /// Where a message came from.

@@ -754,6 +754,7 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
     e.handle(&ha4, keepalive(MemberState::NonFunctional, 5), &w)
         .expect("keepalive");
     for seq in [4, 5] {
+        let before = Instant::now();
         e.handle(&backup, keepalive(MemberState::Active, seq), &w)
             .expect("keepalive");
         assert_eq!(
@@ -761,13 +762,21 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
             MemberState::NonFunctional,
             "seq {seq} taken late"
         );
+        let heard = lock(&e.inner.membership).peers[&MemberId(2)].last_heard;
+        assert!(
+            heard >= Some(before),
+            "a late keepalive still says the peer lives"
+        );
     }
     let late = peer
         .stats
         .link(LinkKind::Ha4Backup)
         .keepalives_late
         .load(Relaxed);
-    assert_eq!(late, 2);
+    assert_eq!(
+        late, 1,
+        "seq 4 was late; seq 5 on the backup was the copy of HA4's"
+    );
     e.handle(&backup, keepalive(MemberState::Active, 6), &w)
         .expect("keepalive");
     assert_eq!(
@@ -786,6 +795,32 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
             .expect("keepalive");
         assert_eq!(reported(), state, "unnumbered");
     }
+}
+
+/// A keepalive numbered far ahead (forged by a holder of the cluster key, or corrupt) holds
+/// the order only until it expires (two keepalive intervals without one taken): the next one
+/// re-anchors it. Without the expiry every later keepalive of that boot was refused and the
+/// peer's state frozen. A copy (the same number on the other link) is no late one, and a
+/// keepalive of a boot a new hello replaced counts for nothing.
+#[test]
+fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_expires() {
+    use super::receive::{keepalive_order, KeepaliveOrder as O};
+    let e = engine();
+    hello_from_2(&e, 7);
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let mut g = peer.lock();
+    let t0 = Instant::now();
+    let at = |secs| t0 + Duration::from_secs(secs);
+    let expiry = Duration::from_secs(2);
+    let mut order = |boot, seq, t| keepalive_order(&mut g, boot, seq, t, expiry);
+    assert_eq!(order(7, u64::MAX, at(0)), O::Take);
+    assert_eq!(order(7, 10, at(1)), O::Late);
+    assert_eq!(order(7, 11, at(2)), O::Late, "within the expiry");
+    assert_eq!(order(7, 12, at(3)), O::Take, "expired: re-anchored");
+    assert_eq!(order(7, 12, at(3)), O::Copy);
+    assert_eq!(order(7, 11, at(3)), O::Late);
+    assert_eq!(order(7, 0, at(3)), O::Take, "unnumbered: a 1.3 peer's");
+    assert_eq!(order(6, 99, at(3)), O::OldBoot);
 }
 
 /// A change of this member's state goes out at once, not at the next keepalive: peers act on
