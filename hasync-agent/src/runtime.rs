@@ -939,7 +939,8 @@ mod tests {
             let (tx, mut rx) = tokio::sync::oneshot::channel();
             answer(member, request, tx);
             let response = rx.try_recv().expect("answered at once");
-            assert!(response.error.is_none(), "{:?}", response.error);
+            let view: crate::control::view::LocalStateView = response.view().expect("a state");
+            assert_eq!(view.not_kept, None);
         };
         let first = start(false);
         ask(&first, Request::Suspend {});
@@ -953,6 +954,39 @@ mod tests {
         assert_eq!(state, Some(MemberState::Suspended));
         ask(&second, Request::Functional {});
         assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
+    }
+
+    /// The start reads the suspend mark before the datapath is touched: a member suspended
+    /// when its last agent stopped starts suspended, and a state directory others may write
+    /// (whose mark anyone could plant or remove) refuses the start, naming it.
+    #[tokio::test]
+    async fn the_start_reads_the_suspend_mark_and_refuses_an_open_state_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = crate::control::testing::TempDir::new("preflight-mark");
+        let state_dir = tmp.path().join("state");
+        let text = crate::config::tests::sample(Path::new("/nonexistent/cluster.key"))
+            .replace(
+                "/run/hasync/hasync.sock",
+                &tmp.path().join("hasync.sock").display().to_string(),
+            )
+            .replace(
+                "/var/log/hasync/traffic.jsonl",
+                &tmp.path().join("traffic.jsonl").display().to_string(),
+            );
+        let mut config = Config::from_toml(Path::new("test.toml"), &text).expect("config");
+        config.local.state_dir = state_dir.clone();
+        assert!(!preflight(&config).expect("preflight").suspended);
+        suspend_mark::mark(&state_dir).expect("mark");
+        assert!(preflight(&config).expect("preflight").suspended);
+        let open = std::fs::Permissions::from_mode(0o777);
+        std::fs::set_permissions(&state_dir, open).expect("chmod");
+        let e = preflight(&config).err().expect("refused");
+        let said = format!("{e:#}");
+        assert!(
+            said.starts_with("reading the suspend mark: the state directory")
+                && said.contains("writable by group or others"),
+            "{said}"
+        );
     }
 
     /// A keepalive that brings a member back has the engine run the runtime's

@@ -71,9 +71,15 @@ pub fn mark(state_dir: &Path) -> Result<(), MarkError> {
     crate::files::replace(&mark, text.as_bytes(), 0o600).map_err(|e| io_error("writing", &mark, e))
 }
 
-/// Removes the mark, if it is there.
+/// Removes the mark, if it is there (looked for first: a state directory this agent cannot
+/// write, read-only under the unit's sandbox, holds no mark to remove).
 pub fn clear(state_dir: &Path) -> Result<(), MarkError> {
     let mark = path(state_dir);
+    match std::fs::symlink_metadata(&mark) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error("inspecting", &mark, e)),
+        Ok(_) => {}
+    }
     match std::fs::remove_file(&mark) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("removing", &mark, e)),
         _ => Ok(()),

@@ -541,6 +541,24 @@ fn unknown_keys_and_timeouts_are_named() {
     );
 }
 
+/// A timeout written at its default stays in what members compare, as in every earlier
+/// release: members of those hash the lines as written (the provisioning example writes
+/// `established = 3600`), so leaving it out made an upgraded member a configuration mismatch.
+#[test]
+fn a_timeout_written_at_its_default_is_compared_as_written() {
+    let key = KeyFile::new("fp-timeouts", 32, 0o600);
+    let base = sample(&key.path());
+    let plain = check(&base).expect("valid");
+    let spelled = check(&format!("{base}\n[timeouts]\nestablished = 3600\n")).expect("valid");
+    assert!(spelled
+        .agreed_lines()
+        .contains(&"timeouts.established = 3600".to_string()));
+    assert_eq!(
+        differing_sections(&plain.fingerprint(), &spelled.fingerprint()),
+        vec![AgreedSection::Timeouts]
+    );
+}
+
 #[test]
 fn fingerprint_follows_what_members_must_agree_on() {
     let key = KeyFile::new("fp", 32, 0o600);

@@ -250,7 +250,16 @@ fn change_state(args: &ConnectArgs, request: Request, out: &mut dyn Write) -> an
     let socket = args.socket_path()?;
     let data = client::call(&socket, &request)?;
     match serde_json::from_value::<LocalStateView>(data) {
-        Ok(LocalStateView { member, state }) => writeln!(out, "member {member} is {state}")?,
+        Ok(LocalStateView {
+            member,
+            state,
+            not_kept,
+        }) => {
+            writeln!(out, "member {member} is {state}")?;
+            if let Some(why) = not_kept {
+                anyhow::bail!("{why}");
+            }
+        }
         Err(_) => writeln!(out, "ok")?,
     }
     Ok(())

@@ -190,6 +190,10 @@ fn handle(member: &Member, request: Request) -> Response {
         }
         Request::Suspend {} | Request::Functional {} => {
             let suspend = matches!(request, Request::Suspend {});
+            let state_dir = &member.config.local.state_dir;
+            // The mark first for a suspend, last for its end: a crash between the two errs
+            // on the side of staying out of service.
+            let mut kept = suspend.then(|| keep_suspend(state_dir, true));
             {
                 let mut m = lock(&member.membership);
                 if suspend {
@@ -202,19 +206,18 @@ fn handle(member: &Member, request: Request) -> Response {
             // XDP member map, the claim window and the logs. (Dropped here, a peer's death
             // due at that moment never reached the member map.)
             crate::runtime::apply_membership(member);
-            let kept = keep_suspend(&member.config.local.state_dir, suspend);
+            let kept = kept.get_or_insert_with(|| keep_suspend(state_dir, false));
             let m = lock(&member.membership);
-            match kept {
-                Ok(()) => Response::ok(LocalStateView::new(m.local, m.state)),
-                Err(e) => Response::error(e),
-            }
+            let mut view = LocalStateView::new(m.local, m.state);
+            view.not_kept = kept.clone().err();
+            Response::ok(view)
         }
     }
 }
 
 /// Keeps the operator's suspend (`suspend`) or its end across restarts
-/// ([`crate::suspend_mark`]). The state changed either way: an error says what a restart would
-/// do instead.
+/// ([`crate::suspend_mark`]). The state changes either way: an error says what a restart would
+/// do instead (the answer carries it, and the command fails with it).
 fn keep_suspend(state_dir: &std::path::Path, suspend: bool) -> Result<(), String> {
     use crate::suspend_mark;
     let (kept, then) = if suspend {

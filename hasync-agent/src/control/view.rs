@@ -214,6 +214,10 @@ pub struct LocalStateView {
     pub member: u8,
     /// [`MemberState::name`].
     pub state: String,
+    /// The state changed, but not what a restart finds (`hasync suspend`'s mark could not be
+    /// written or removed): what a restart would do, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_kept: Option<String>,
 }
 
 impl LocalStateView {
@@ -221,6 +225,7 @@ impl LocalStateView {
         LocalStateView {
             member: member.0,
             state: state.name().to_owned(),
+            not_kept: None,
         }
     }
 }

@@ -662,8 +662,19 @@ fn with_check_key<T>(
         Ok(meta) if !meta.is_file() => return Err(not_plain(key).into()),
         // A key others can read (a file system without modes, vfat) is checked through the
         // stand-in: the run warns of its mode ([`loose_key_warning`]), the mode is the
-        // installer's to set.
+        // installer's to set. Its owner is checked here, as the config check would.
         Ok(meta) if meta.mode() & 0o077 == 0 => return check(key),
+        Ok(meta) if meta.uid() != 0 && meta.uid() != crate::dir_trust::euid() => {
+            return Err(ProvisionError::Unsafe {
+                path: key.to_owned(),
+                why: format!(
+                    "is owned by uid {}: its owner can read and replace the cluster key (remove \
+                     it, or chown it)",
+                    meta.uid()
+                ),
+            }
+            .into())
+        }
         _ => {}
     }
     let stand_in = std::env::temp_dir().join(format!(

@@ -33,8 +33,17 @@ const DATA_QUEUE: usize = 4;
 struct Urgent {
     /// Highest sequence number to acknowledge, 0 when none is due.
     ack: AtomicU64,
-    keepalive: Mutex<Option<Keepalive>>,
+    keepalive: Mutex<KeepaliveSlot>,
     wake: Notify,
+}
+
+/// The keepalive to send next, and the highest number handed to this connection: one numbered
+/// below it (taken before it, handed on after) is dropped, so the connection carries its
+/// keepalives in their order (the receiver relies on it).
+#[derive(Default)]
+struct KeepaliveSlot {
+    next: Option<Keepalive>,
+    highest: u64,
 }
 
 impl Urgent {
@@ -47,6 +56,7 @@ impl Urgent {
             .keepalive
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .next
             .take();
         ka.map(Message::Keepalive)
     }
@@ -98,13 +108,21 @@ impl Writer {
         self.urgent.wake.notify_one();
     }
 
-    /// Asks for a keepalive (replacing one not yet sent); never waits.
+    /// Asks for a keepalive (replacing one not yet sent; one numbered below one asked for
+    /// before is dropped); never waits.
     pub fn keepalive(&self, ka: Keepalive) {
-        *self
-            .urgent
-            .keepalive
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(ka);
+        {
+            let mut slot = self
+                .urgent
+                .keepalive
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if ka.seq != 0 && ka.seq < slot.highest {
+                return;
+            }
+            slot.highest = slot.highest.max(ka.seq);
+            slot.next = Some(ka);
+        }
         self.urgent.wake.notify_one();
     }
 
@@ -251,5 +269,26 @@ mod tests {
         );
         drop(w);
         assert!(run.await.expect("join").is_ok());
+    }
+    /// A connection carries its keepalives in their order: one numbered below one already
+    /// handed to it (the connect path's first keepalive, taken before the loop's, handed on
+    /// after it) is dropped, so the receiver may read a lower number on one connection as a
+    /// sign that the higher one was false.
+    #[test]
+    fn a_keepalive_numbered_below_one_handed_on_before_is_dropped() {
+        let (w, _rx) = Writer::detached();
+        let ka = |seq| Keepalive {
+            state: 1,
+            sessions_owned: 0,
+            flaps: 0,
+            seq,
+        };
+        w.keepalive(ka(5));
+        assert_eq!(w.take_urgent(), Some(Message::Keepalive(ka(5))));
+        w.keepalive(ka(4));
+        assert_eq!(w.take_urgent(), None, "below one sent");
+        w.keepalive(ka(6));
+        w.keepalive(ka(5));
+        assert_eq!(w.take_urgent(), Some(Message::Keepalive(ka(6))));
     }
 }

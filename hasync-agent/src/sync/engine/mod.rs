@@ -183,9 +183,17 @@ struct PeerInner {
     zones: ZoneMap,
     hello: Option<Hello>,
     /// The peer's keepalives taken (from 1.4 on they are numbered, the same on both links),
-    /// and when the last one was.
+    /// and when and on which connection the last one was.
     keepalives: SeqOrder,
-    keepalive_taken: Option<Instant>,
+    keepalive_anchor: Option<KeepaliveAnchor>,
+}
+
+/// Where the last keepalive taken from a peer came from.
+#[derive(Clone, Copy, Debug)]
+struct KeepaliveAnchor {
+    at: Instant,
+    link: LinkKind,
+    generation: u64,
 }
 
 /// One peer at run time.
@@ -222,7 +230,7 @@ impl Peer {
                 zones: ZoneMap::default(),
                 hello: None,
                 keepalives: SeqOrder::default(),
-                keepalive_taken: None,
+                keepalive_anchor: None,
             }),
             applied: Mutex::new(SeqOrder::default()),
             wake: Notify::new(),

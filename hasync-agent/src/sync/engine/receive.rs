@@ -257,8 +257,8 @@ impl<T: SessionTable> Engine<T> {
         // slip between them.
         let mut membership = lock(&self.inner.membership);
         let now = Instant::now();
-        let expiry = 2 * self.inner.cfg.keepalive_interval;
-        let order = keepalive_order(&mut peer.lock(), f.boot_id, seq, now, expiry);
+        let expiry = self.inner.cfg.keepalive_threshold;
+        let order = keepalive_order(&mut peer.lock(), f, seq, now, expiry);
         let back = match order {
             KeepaliveOrder::Take => membership.heard(
                 peer.cfg.id,
@@ -669,35 +669,45 @@ pub(super) enum KeepaliveOrder {
     OldBoot,
 }
 
-/// Places keepalive `seq` of boot `boot_id` in `g`'s order at `now`, taking it if it is the
-/// latest. The order holds for `expiry` after the last one taken: a peer that sent one
-/// numbered far ahead (a forged or corrupt one, by a holder of the cluster key) would
-/// otherwise have every later one refused for the rest of its boot, and its state frozen.
+/// Places keepalive `seq`, read from connection `f`, in `g`'s order at `now`, taking it if it
+/// is the latest. A peer that sent one numbered far ahead (a forged or corrupt one, by a holder
+/// of the cluster key) would have every later one refused for the rest of its boot, and its
+/// state frozen; so a lower number read on the connection that carried the last one taken
+/// (a connection delivers in order, and its writer never sends a number below one it sent)
+/// takes the order back at once, and any keepalive does once `expiry` (the keepalive
+/// threshold: a connection whose writes lag longer is closed) has passed since the last one
+/// taken.
 pub(super) fn keepalive_order(
     g: &mut PeerInner,
-    boot_id: u64,
+    f: &FrameFrom<'_>,
     seq: u64,
     now: Instant,
     expiry: Duration,
 ) -> KeepaliveOrder {
-    if g.hello.as_ref().map(|h| h.boot_id) != Some(boot_id) {
+    if g.hello.as_ref().map(|h| h.boot_id) != Some(f.boot_id) {
         return KeepaliveOrder::OldBoot;
     }
     if seq == 0 {
         return KeepaliveOrder::Take;
     }
-    let expired = g
-        .keepalive_taken
-        .is_some_and(|t| now.saturating_duration_since(t) > expiry);
-    if !g.keepalives.is_new(boot_id, seq) && !expired {
-        return if seq == g.keepalives.last() {
-            KeepaliveOrder::Copy
-        } else {
-            KeepaliveOrder::Late
-        };
+    if !g.keepalives.is_new(f.boot_id, seq) {
+        if seq == g.keepalives.last() {
+            return KeepaliveOrder::Copy;
+        }
+        let anchor = g.keepalive_anchor;
+        let same_connection =
+            anchor.is_some_and(|a| (a.link, a.generation) == (f.link, f.generation));
+        let expired = anchor.is_some_and(|a| now.saturating_duration_since(a.at) > expiry);
+        if !same_connection && !expired {
+            return KeepaliveOrder::Late;
+        }
     }
     g.keepalives.taken(seq);
-    g.keepalive_taken = Some(now);
+    g.keepalive_anchor = Some(super::KeepaliveAnchor {
+        at: now,
+        link: f.link,
+        generation: f.generation,
+    });
     KeepaliveOrder::Take
 }
 

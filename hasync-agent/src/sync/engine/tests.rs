@@ -798,29 +798,52 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
 }
 
 /// A keepalive numbered far ahead (forged by a holder of the cluster key, or corrupt) holds
-/// the order only until it expires (two keepalive intervals without one taken): the next one
-/// re-anchors it. Without the expiry every later keepalive of that boot was refused and the
-/// peer's state frozen. A copy (the same number on the other link) is no late one, and a
+/// the order only until the keepalive threshold passes without one taken, or until the
+/// connection that carried it carries a lower number (a connection delivers in order): then
+/// the next one takes it back. Without that every later keepalive of that boot was refused and
+/// the peer's state frozen. A copy (the same number on the other link) is no late one, and a
 /// keepalive of a boot a new hello replaced counts for nothing.
 #[test]
-fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_expires() {
+fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false() {
     use super::receive::{keepalive_order, KeepaliveOrder as O};
     let e = engine();
     hello_from_2(&e, 7);
     let peer = e.inner.peers[&MemberId(2)].clone();
+    let (ha4, backup) = (
+        from(&peer, LinkKind::Ha4, 7),
+        from(&peer, LinkKind::Ha4Backup, 7),
+    );
+    let old_boot = from(&peer, LinkKind::Ha4, 6);
     let mut g = peer.lock();
     let t0 = Instant::now();
     let at = |secs| t0 + Duration::from_secs(secs);
     let expiry = Duration::from_secs(2);
-    let mut order = |boot, seq, t| keepalive_order(&mut g, boot, seq, t, expiry);
-    assert_eq!(order(7, u64::MAX, at(0)), O::Take);
-    assert_eq!(order(7, 10, at(1)), O::Late);
-    assert_eq!(order(7, 11, at(2)), O::Late, "within the expiry");
-    assert_eq!(order(7, 12, at(3)), O::Take, "expired: re-anchored");
-    assert_eq!(order(7, 12, at(3)), O::Copy);
-    assert_eq!(order(7, 11, at(3)), O::Late);
-    assert_eq!(order(7, 0, at(3)), O::Take, "unnumbered: a 1.3 peer's");
-    assert_eq!(order(6, 99, at(3)), O::OldBoot);
+    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, expiry);
+    // Far ahead on HA4 backup, which then carries nothing more.
+    assert_eq!(order(&backup, u64::MAX, at(0)), O::Take);
+    assert_eq!(order(&ha4, 10, at(1)), O::Late);
+    assert_eq!(order(&ha4, 11, at(2)), O::Late, "within the expiry");
+    assert_eq!(order(&ha4, 12, at(3)), O::Take, "expired: taken back");
+    assert_eq!(order(&backup, 12, at(3)), O::Copy);
+    assert_eq!(
+        order(&backup, 11, at(3)),
+        O::Late,
+        "the other link's older one"
+    );
+    // Far ahead on HA4 itself: HA4's next, lower, number shows it false at once.
+    assert_eq!(order(&ha4, u64::MAX - 1, at(4)), O::Take);
+    assert_eq!(
+        order(&backup, 13, at(4)),
+        O::Late,
+        "the other link cannot tell"
+    );
+    assert_eq!(
+        order(&ha4, 13, at(4)),
+        O::Take,
+        "its own connection went back"
+    );
+    assert_eq!(order(&ha4, 0, at(4)), O::Take, "unnumbered: a 1.3 peer's");
+    assert_eq!(order(&old_boot, 99, at(4)), O::OldBoot);
 }
 
 /// A change of this member's state goes out at once, not at the next keepalive: peers act on
