@@ -24,6 +24,13 @@ pub struct Policy {
     pub sticky_may_be_open: bool,
 }
 
+/// A directory of this user's or root's that no one else may write to (not even a sticky one).
+pub const OURS_OR_ROOTS: Policy = Policy {
+    root_may_own: true,
+    closed: 0o022,
+    sticky_may_be_open: false,
+};
+
 /// Why a directory is not to be trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Risk {

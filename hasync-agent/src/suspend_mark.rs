@@ -9,18 +9,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::dir_trust::{dir_risk, Policy, Risk};
+use crate::dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS};
 
 /// The mark's file name in the state directory.
 const FILE: &str = "suspended";
 
 /// Who may own the state directory, and that no one else may write to it: anyone who could
 /// would decide whether this member takes traffic after its next start.
-const POLICY: Policy = Policy {
-    root_may_own: true,
-    closed: 0o022,
-    sticky_may_be_open: false,
-};
+const POLICY: Policy = OURS_OR_ROOTS;
 
 /// Reading, writing or removing the mark failed.
 #[derive(Debug, thiserror::Error)]

@@ -249,6 +249,12 @@ pub fn functional(args: &ConnectArgs) -> anyhow::Result<()> {
 fn change_state(args: &ConnectArgs, request: Request, out: &mut dyn Write) -> anyhow::Result<()> {
     let socket = args.socket_path()?;
     let data = client::call(&socket, &request)?;
+    report_state(data, out)
+}
+
+/// Prints the state a `suspend` or `functional` answer gives; fails with what a restart would
+/// do when the answer says the change was not kept ([`LocalStateView::not_kept`]).
+fn report_state(data: serde_json::Value, out: &mut dyn Write) -> anyhow::Result<()> {
     match serde_json::from_value::<LocalStateView>(data) {
         Ok(LocalStateView {
             member,

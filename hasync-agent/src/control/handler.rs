@@ -232,6 +232,13 @@ fn keep_suspend(state_dir: &std::path::Path, suspend: bool) -> Result<(), String
         )
     };
     kept.map_err(|e| {
+        // A directory the start refuses: the next start fails until it is fixed.
+        let then = match e {
+            suspend_mark::MarkError::Untrusted { .. } => {
+                "the state changed, but the next start is refused until the state directory is fixed"
+            }
+            suspend_mark::MarkError::Io { .. } => then,
+        };
         tracing::warn!(error = %e, "{then}");
         format!("{then}: {e}")
     })

@@ -61,7 +61,7 @@ use serde::Deserialize;
 use crate::config::{
     self, parse_cidr, Cluster, Config, Link, Local, Member, OtherProtocolsName, Zone, MIN_KEY_BYTES,
 };
-use crate::dir_trust::{dir_risk, Policy, Risk};
+use crate::dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS};
 
 /// Where members keep the cluster key unless the spec says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
@@ -651,9 +651,10 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
     })
 }
 
-/// Runs `check` with a key file as the one at `key` will be: that one where it exists, else a
-/// temporary one of the same size and mode (removed after), so the configs are validated with
-/// their key before anything is written.
+/// Runs `check` with a key file as the one at `key` will be: that one where it exists with
+/// mode 0600 or stricter, else a temporary 32-byte one, mode 0600 (removed after; an existing
+/// key others can read has its owner checked here), so the configs are validated with their
+/// key before anything is written.
 fn with_check_key<T>(
     key: &Path,
     check: impl FnOnce(&Path) -> anyhow::Result<T>,
@@ -816,9 +817,8 @@ fn check_dir(
     sticky_may_be_open: bool,
 ) -> Result<(), ProvisionError> {
     let policy = Policy {
-        root_may_own: true,
-        closed: 0o022,
         sticky_may_be_open,
+        ..OURS_OR_ROOTS
     };
     let why = match dir_risk(meta, policy) {
         None => return Ok(()),

@@ -199,8 +199,9 @@ pub struct Keepalive {
     pub sessions_owned: u32,
     pub flaps: u32,
     /// The sender's count of keepalives this boot, from 1, the same on every link: a receiver
-    /// ignores one not above the last it read (a copy read late on the other link). Zero from
-    /// a peer of 1.3 or earlier, which sends none: its keepalives count in the order read.
+    /// takes the state of one above the last it took, not of one read late on the other link
+    /// (see the engine's `keepalive_order`). Zero from a peer of 1.3 or earlier, which sends
+    /// none: its keepalives count in the order read.
     pub seq: u64,
 }
 

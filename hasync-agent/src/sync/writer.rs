@@ -271,9 +271,9 @@ mod tests {
         assert!(run.await.expect("join").is_ok());
     }
     /// A connection carries its keepalives in their order: one numbered below one already
-    /// handed to it (the connect path's first keepalive, taken before the loop's, handed on
-    /// after it) is dropped, so the receiver may read a lower number on one connection as a
-    /// sign that the higher one was false.
+    /// handed to it (a keepalive loop's, made before another path's and handed on after it)
+    /// is dropped, so the receiver may read a lower number on one connection as a sign that
+    /// the higher one was false.
     #[test]
     fn a_keepalive_numbered_below_one_handed_on_before_is_dropped() {
         let (w, _rx) = Writer::detached();

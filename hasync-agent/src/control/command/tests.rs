@@ -414,3 +414,24 @@ fn counters_show_the_peers_pool_under_the_table() {
     let pool = "Peers' pool: 3 of 49152 sessions ([local] replica_limit)\n";
     assert!(text.ends_with(pool), "{text}");
 }
+
+/// A state change the agent could not keep across restarts (`hasync suspend`'s mark not
+/// written) prints the state it reached and fails with what a restart would do.
+#[test]
+fn a_state_change_not_kept_prints_the_state_and_fails() {
+    let mut out = Vec::new();
+    let kept = serde_json::json!({ "member": 1, "state": "suspended" });
+    super::report_state(kept, &mut out).expect("kept");
+    let not_kept = serde_json::json!({
+        "member": 1,
+        "state": "suspended",
+        "not_kept": "a restart would bring it back into service: disk full",
+    });
+    let e = super::report_state(not_kept, &mut out).expect_err("not kept");
+    assert!(
+        e.to_string().contains("a restart would bring it back"),
+        "{e}"
+    );
+    let printed = String::from_utf8(out).expect("utf-8");
+    assert_eq!(printed, "member 1 is suspended\nmember 1 is suspended\n");
+}

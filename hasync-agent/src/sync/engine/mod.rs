@@ -312,7 +312,7 @@ struct EngineInner<T> {
     admission: BTreeMap<LinkKind, Arc<Admission>>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
     reannouncing: AtomicBool,
-    /// Keepalives taken so far ([`Keepalive::seq`](super::wire::Keepalive::seq) of the last),
+    /// Keepalives made so far ([`Keepalive::seq`](super::wire::Keepalive::seq) of the last),
     /// counted under the membership's lock so their order is that of the states they carry.
     keepalive_seq: AtomicU64,
     /// The changes queued for the peers. Taken after a peer's lock, never before it.

@@ -241,8 +241,8 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// A keepalive: the peer is heard from, and its state is what it says, unless a later
-    /// keepalive was read already (this one came late on the other link: the later one's
-    /// state stands).
+    /// keepalive was taken already (this one came late on the other link: the later one's
+    /// state stands; [`keepalive_order`] says when the order is taken back).
     fn on_keepalive(&self, f: &FrameFrom<'_>, stats: &LinkStats, ka: Keepalive) {
         let Keepalive {
             state,
@@ -659,7 +659,8 @@ impl<T: SessionTable> Drop for RemovalOver<T> {
 /// Where a keepalive falls in the order of its peer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum KeepaliveOrder {
-    /// The latest (or unnumbered, from a 1.3 peer): its state is taken.
+    /// The latest, or the first after the order was taken back (shown false, or lapsed), or
+    /// unnumbered (a 1.3 peer's): its state is taken.
     Take,
     /// The copy of the latest, read on the other link.
     Copy,
@@ -697,7 +698,14 @@ pub(super) fn keepalive_order(
         let anchor = g.keepalive_anchor;
         let same_connection =
             anchor.is_some_and(|a| (a.link, a.generation) == (f.link, f.generation));
-        let expired = anchor.is_some_and(|a| now.saturating_duration_since(a.at) > expiry);
+        // Only from a link's current connection: what a closed one still had buffered may
+        // be older than anything taken.
+        let current = g
+            .links
+            .get(&f.link)
+            .is_some_and(|c| c.generation == f.generation);
+        let expired =
+            current && anchor.is_some_and(|a| now.saturating_duration_since(a.at) > expiry);
         if !same_connection && !expired {
             return KeepaliveOrder::Late;
         }

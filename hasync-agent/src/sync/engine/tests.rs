@@ -803,11 +803,12 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
 /// the next one takes it back. Without that every later keepalive of that boot was refused and
 /// the peer's state frozen. A copy (the same number on the other link) is no late one, and a
 /// keepalive of a boot a new hello replaced counts for nothing.
-#[test]
-fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false() {
+#[tokio::test]
+async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false() {
     use super::receive::{keepalive_order, KeepaliveOrder as O};
     let e = engine();
     hello_from_2(&e, 7);
+    let (_ha4_sent, _backup_sent) = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
     let peer = e.inner.peers[&MemberId(2)].clone();
     let (ha4, backup) = (
         from(&peer, LinkKind::Ha4, 7),
@@ -844,6 +845,17 @@ fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false()
     );
     assert_eq!(order(&ha4, 0, at(4)), O::Take, "unnumbered: a 1.3 peer's");
     assert_eq!(order(&old_boot, 99, at(4)), O::OldBoot);
+    // A connection no longer current (HA4 replaced by generation 9): what it still had
+    // buffered stays late, lapse or not.
+    g.links.get_mut(&LinkKind::Ha4).expect("HA4").generation = 9;
+    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, expiry);
+    assert_eq!(order(&backup, 20, at(5)), O::Take);
+    assert_eq!(order(&ha4, 15, at(9)), O::Late, "its connection is gone");
+    assert_eq!(
+        order(&backup, 16, at(9)),
+        O::Take,
+        "lapsed, on a current one"
+    );
 }
 
 /// A change of this member's state goes out at once, not at the next keepalive: peers act on
