@@ -38,4 +38,7 @@ pub struct Member {
     pub claims: Mutex<crate::claim_window::ClaimWindow>,
     /// How long the async workers did not run, for the membership to forgive.
     pub stall: Arc<crate::stall_watch::StallWatch>,
+    /// Members whose slot in the takeover rule's map a write failed to set (the kernel
+    /// refused it): written again at every evaluation until one succeeds.
+    pub member_map_retry: Mutex<std::collections::BTreeSet<hasync_common::MemberId>>,
 }

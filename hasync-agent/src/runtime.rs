@@ -362,6 +362,7 @@ fn new_member(
         liveness_lines: LogLimiter::default(),
         claims: Mutex::default(),
         stall: Arc::default(),
+        member_map_retry: Mutex::default(),
     });
     apply_membership_on_return(&member);
     Ok(member)
@@ -690,9 +691,25 @@ fn write_all_liveness(member: &Member) {
     let alive = (1..=MemberId::MAX)
         .map(MemberId)
         .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)));
-    for (id, alive) in alive {
+    write_liveness(member, &mut dp, alive);
+}
+
+/// Writes `writes` (member, alive) into the takeover rule's map; a write the kernel refuses
+/// is logged and kept for the next evaluation ([`Member::member_map_retry`]): until stop 45 it
+/// was only logged, and the slot stayed wrong until that member's liveness changed again (a
+/// dead peer's sessions never taken over).
+fn write_liveness(
+    member: &Member,
+    dp: &mut Datapath,
+    writes: impl IntoIterator<Item = (MemberId, bool)>,
+) {
+    for (id, alive) in writes {
         if let Err(e) = dp.set_member_alive(id, alive) {
-            warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
+            lock(&member.member_map_retry).insert(id);
+            let key = format!("member-map-{}", id.0);
+            if let Some(skipped) = member.liveness_lines.allow(&key, Instant::now()) {
+                warn!(peer = id.0, skipped, error = %error_chain(&e), "updating the member map failed; tried again at every evaluation");
+            }
         }
     }
 }
@@ -756,11 +773,15 @@ pub(crate) fn apply_membership(member: &Member) {
         if let Some(skipped) = member.liveness_lines.allow(&liveness_key(id), now) {
             log_liveness(id, alive, skipped);
         }
-        if let Err(e) = dp.set_member_alive(id, alive) {
-            warn!(peer = id.0, error = %error_chain(&e), "updating the member map failed");
-        }
     }
     let peers: Vec<(MemberId, bool)> = m.peers.iter().map(|(id, p)| (*id, p.alive)).collect();
+    let retry = std::mem::take(&mut *lock(&member.member_map_retry));
+    let local = member.config.local_member();
+    let writes: Vec<(MemberId, bool)> = (changes.liveness.iter().map(|(id, _)| *id))
+        .chain(retry)
+        .map(|id| (id, id == local || m.peers.get(&id).is_some_and(|p| p.alive)))
+        .collect();
+    write_liveness(member, &mut dp, writes);
     drop(m);
     drop(dp);
     for (id, alive) in peers {
@@ -987,6 +1008,29 @@ mod tests {
                 && said.contains("writable by group or others"),
             "{said}"
         );
+    }
+
+    /// A slot of the takeover rule's map that a write failed to set is written again at the
+    /// next evaluation from the membership's view. Before, the failure was only logged and
+    /// the slot stayed wrong until that member's liveness changed again (here: peer 2, never
+    /// heard, left marked alive). Seen failing (still alive).
+    #[test]
+    fn a_member_map_write_that_failed_is_tried_again() {
+        let config = config();
+        let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
+        let dp = crate::datapath::testing::datapath();
+        let member = new_member(config, sync_cfg, dp, false).expect("member");
+        let peer = MemberId(2);
+        apply_membership(&member);
+        // What a refused write leaves: the slot says alive, the membership does not.
+        lock(&member.dp)
+            .set_member_alive(peer, true)
+            .expect("write");
+        lock(&member.member_map_retry).insert(peer);
+        apply_membership(&member);
+        let alive = lock(&member.dp).member_alive(peer).expect("read");
+        assert!(!alive, "the slot was not written again");
+        assert!(lock(&member.member_map_retry).is_empty());
     }
 
     /// A keepalive that brings a member back has the engine run the runtime's

@@ -879,6 +879,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether the takeover rule sees `member` alive.
+    pub fn member_alive(&self, member: MemberId) -> Result<bool, DatapathError> {
+        let map: Array<_, MemberEntry> =
+            Array::try_from(self.map(names::MEMBERS)?).map_err(map_err(names::MEMBERS))?;
+        let entry = map
+            .get(&u32::from(member.0), 0)
+            .map_err(map_err(names::MEMBERS))?;
+        Ok(entry.alive != 0)
+    }
+
     /// Marks `member` alive or not, as seen by the takeover rule.
     pub fn set_member_alive(&mut self, member: MemberId, alive: bool) -> Result<(), DatapathError> {
         if !member.is_valid() {
