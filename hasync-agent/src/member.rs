@@ -39,6 +39,7 @@ pub struct Member {
     /// How long the async workers did not run, for the membership to forgive.
     pub stall: Arc<crate::stall_watch::StallWatch>,
     /// Members whose slot in the takeover rule's map a write failed to set (the kernel
-    /// refused it): written again at every evaluation until one succeeds.
+    /// refused it): written again at every evaluation until one succeeds. Touched only with
+    /// the datapath's lock held (and the membership's), so evaluations do not race on it.
     pub member_map_retry: Mutex<std::collections::BTreeSet<hasync_common::MemberId>>,
 }
