@@ -858,6 +858,25 @@ mod tests {
         Config::from_toml(Path::new("test.toml"), &text).expect("config")
     }
 
+    /// The sample config with its key at `key`, its control socket at `socket` and its
+    /// traffic log in `dir`: what a start opens, where a test may open it.
+    fn config_with_files(key: &Path, socket: &Path, dir: &Path) -> Config {
+        let text = crate::config::tests::sample(key)
+            .replace("/run/hasync/hasync.sock", &socket.display().to_string())
+            .replace(
+                "/var/log/hasync/traffic.jsonl",
+                &dir.join("traffic.jsonl").display().to_string(),
+            );
+        Config::from_toml(Path::new("test.toml"), &text).expect("config")
+    }
+
+    /// A member of `config` over a fresh test datapath (`suspended` as a kept mark says).
+    fn member_of(config: &Config, suspended: bool) -> Arc<Member> {
+        let sync_cfg = sync_config(config, [0; 32], true).expect("sync config");
+        let dp = crate::datapath::testing::datapath();
+        new_member(config.clone(), sync_cfg, dp, suspended).expect("member")
+    }
+
     /// A peer that keeps its keepalives coming but never ends its full sync to a starting
     /// member (stalled, or lying) holds it in `initial` at most the initial sync limit, also
     /// with `sync_timeout_min = 0`: before, it waited for good, and its fresh table took the
@@ -922,13 +941,7 @@ mod tests {
         let blocker = dir.join("not-a-dir");
         std::fs::write(&blocker, b"x").expect("blocker");
         let socket = blocker.join("hasync.sock");
-        let text = crate::config::tests::sample(&key)
-            .replace("/run/hasync/hasync.sock", &socket.display().to_string())
-            .replace(
-                "/var/log/hasync/traffic.jsonl",
-                &dir.join("traffic.jsonl").display().to_string(),
-            );
-        let config = Config::from_toml(Path::new("test.toml"), &text).expect("config");
+        let config = config_with_files(&key, &socket, &dir);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -954,11 +967,7 @@ mod tests {
         let state_dir = tmp.path().join("state");
         let mut config = config();
         config.local.state_dir = state_dir.clone();
-        let start = |suspended| {
-            let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
-            let dp = crate::datapath::testing::datapath();
-            new_member(config.clone(), sync_cfg, dp, suspended).expect("member")
-        };
+        let start = |suspended| member_of(&config, suspended);
         let ask = |member: &Member, request| {
             let (tx, mut rx) = tokio::sync::oneshot::channel();
             answer(member, request, tx);
@@ -988,16 +997,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let tmp = crate::control::testing::TempDir::new("preflight-mark");
         let state_dir = tmp.path().join("state");
-        let text = crate::config::tests::sample(Path::new("/nonexistent/cluster.key"))
-            .replace(
-                "/run/hasync/hasync.sock",
-                &tmp.path().join("hasync.sock").display().to_string(),
-            )
-            .replace(
-                "/var/log/hasync/traffic.jsonl",
-                &tmp.path().join("traffic.jsonl").display().to_string(),
-            );
-        let mut config = Config::from_toml(Path::new("test.toml"), &text).expect("config");
+        let key = Path::new("/nonexistent/cluster.key");
+        let socket = tmp.path().join("hasync.sock");
+        let mut config = config_with_files(key, &socket, tmp.path());
         config.local.state_dir = state_dir.clone();
         assert!(!preflight(&config).expect("preflight").suspended);
         suspend_mark::mark(&state_dir).expect("mark");
@@ -1019,10 +1021,7 @@ mod tests {
     /// heard, left marked alive). Seen failing (still alive).
     #[test]
     fn a_member_map_write_that_failed_is_tried_again() {
-        let config = config();
-        let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
-        let dp = crate::datapath::testing::datapath();
-        let member = new_member(config, sync_cfg, dp, false).expect("member");
+        let member = member_of(&config(), false);
         let peer = MemberId(2);
         apply_membership(&member);
         // What a refused write leaves: the slot says alive, the membership does not.
@@ -1046,10 +1045,7 @@ mod tests {
     /// is gone, the hook holds nothing of it and does nothing.
     #[test]
     fn a_member_back_has_the_membership_applied_at_once() {
-        let config = config();
-        let sync_cfg = sync_config(&config, [0; 32], true).expect("sync config");
-        let dp = crate::datapath::testing::datapath();
-        let member = new_member(config, sync_cfg, dp, false).expect("member");
+        let member = member_of(&config(), false);
         let peer = MemberId(2);
         let claims_open = |m: &Member| lock(&m.dp).config().expect("config").claims_open;
         let alive_here = |m: &Member| lock(&m.membership).peers[&peer].alive;

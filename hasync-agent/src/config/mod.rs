@@ -1034,14 +1034,7 @@ fn check_key_file(p: &mut Vec<String>, path: &Path) {
         ));
         return;
     }
-    let euid = crate::dir_trust::euid();
-    if meta.uid() != 0 && meta.uid() != euid {
-        p.push(format!(
-            "cluster.key_file = \"{}\" is owned by uid {}: its owner can read and replace the cluster key, and the service, which runs without CAP_DAC_OVERRIDE, may not read it (chown root:root)",
-            path.display(),
-            meta.uid()
-        ));
-    }
+    p.extend(key_owner_problem(path, meta.uid()));
     if meta.len() < MIN_KEY_BYTES as u64 {
         p.push(format!(
             "cluster.key_file = \"{}\" holds {} bytes; at least {MIN_KEY_BYTES} are required",
@@ -1057,6 +1050,17 @@ fn check_key_file(p: &mut Vec<String>, path: &Path) {
             mode & 0o7777
         ));
     }
+}
+
+/// Why a cluster key owned by `uid` at `path` is refused, if it is: one that is neither root's
+/// nor this user's.
+pub fn key_owner_problem(path: &Path, uid: u32) -> Option<String> {
+    (uid != 0 && uid != crate::dir_trust::euid()).then(|| {
+        format!(
+            "cluster.key_file = \"{}\" is owned by uid {uid}: its owner can read and replace the cluster key, and the service, which runs without CAP_DAC_OVERRIDE, may not read it (chown root:root)",
+            path.display(),
+        )
+    })
 }
 
 /// Reads the cluster key and derives the 32-byte pre-shared key used by the sync links.

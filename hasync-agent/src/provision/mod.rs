@@ -665,18 +665,12 @@ fn with_check_key<T>(
         // stand-in: the run warns of its mode ([`loose_key_warning`]), the mode is the
         // installer's to set. Its owner is checked here, as the config check would.
         Ok(meta) if meta.mode() & 0o077 == 0 => return check(key),
-        Ok(meta) if meta.uid() != 0 && meta.uid() != crate::dir_trust::euid() => {
-            return Err(ProvisionError::Unsafe {
-                path: key.to_owned(),
-                why: format!(
-                    "is owned by uid {}: its owner can read and replace the cluster key (remove \
-                     it, or chown it)",
-                    meta.uid()
-                ),
+        Ok(meta) => {
+            if let Some(problem) = config::key_owner_problem(key, meta.uid()) {
+                return Err(anyhow::anyhow!(problem));
             }
-            .into())
         }
-        _ => {}
+        Err(_) => {}
     }
     let stand_in = std::env::temp_dir().join(format!(
         "hasync-provision-key-{}-{:016x}",
