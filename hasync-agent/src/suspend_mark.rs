@@ -43,11 +43,15 @@ pub fn is_marked(state_dir: &Path) -> Result<bool, MarkError> {
         Err(source) => return Err(io_error("inspecting", state_dir, source)),
         Ok(meta) => check_trusted(state_dir, &meta)?,
     }
-    let mark = path(state_dir);
-    match std::fs::symlink_metadata(&mark) {
+    exists(&path(state_dir))
+}
+
+/// Whether something is at `mark` (a link, a directory too: not followed).
+fn exists(mark: &Path) -> Result<bool, MarkError> {
+    match std::fs::symlink_metadata(mark) {
         Ok(_) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(io_error("inspecting", &mark, source)),
+        Err(source) => Err(io_error("inspecting", mark, source)),
     }
 }
 
@@ -71,10 +75,8 @@ pub fn mark(state_dir: &Path) -> Result<(), MarkError> {
 /// write, read-only under the unit's sandbox, holds no mark to remove).
 pub fn clear(state_dir: &Path) -> Result<(), MarkError> {
     let mark = path(state_dir);
-    match std::fs::symlink_metadata(&mark) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_error("inspecting", &mark, e)),
-        Ok(_) => {}
+    if !exists(&mark)? {
+        return Ok(());
     }
     match std::fs::remove_file(&mark) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("removing", &mark, e)),

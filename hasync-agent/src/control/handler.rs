@@ -193,7 +193,11 @@ fn handle(member: &Member, request: Request) -> Response {
             let state_dir = &member.config.local.state_dir;
             // The mark first for a suspend, last for its end: a crash between the two errs
             // on the side of staying out of service.
-            let mut kept = suspend.then(|| keep_suspend(state_dir, true));
+            let marked = if suspend {
+                keep_suspend(state_dir, true)
+            } else {
+                Ok(())
+            };
             {
                 let mut m = lock(&member.membership);
                 if suspend {
@@ -206,10 +210,14 @@ fn handle(member: &Member, request: Request) -> Response {
             // XDP member map, the claim window and the logs. (Dropped here, a peer's death
             // due at that moment never reached the member map.)
             crate::runtime::apply_membership(member);
-            let kept = kept.get_or_insert_with(|| keep_suspend(state_dir, false));
+            let kept = if suspend {
+                marked
+            } else {
+                keep_suspend(state_dir, false)
+            };
             let m = lock(&member.membership);
             let mut view = LocalStateView::new(m.local, m.state);
-            view.not_kept = kept.clone().err();
+            view.not_kept = kept.err();
             Response::ok(view)
         }
     }
