@@ -404,6 +404,7 @@ fn membership(config: &Config, sync_cfg: &SyncConfig) -> Membership {
         .collect();
     let mut m = Membership::new(sync_cfg.local, timers, peers, Instant::now());
     m.set_agreed(config::without_zones(config.fingerprint()));
+    m.set_max_flaps(config.local.max_flaps);
     for p in &sync_cfg.peers {
         for link in [LinkKind::Ha4, LinkKind::Ha4Backup] {
             let both = p.addrs.contains_key(&link) && sync_cfg.local_links.contains_key(&link);
@@ -799,6 +800,25 @@ pub(crate) fn apply_membership(member: &Member) {
         info!(state = state.name(), "local member state changed");
         member.engine.announce_state();
     }
+    if let Some(flaps) = changes.flap_suspend {
+        keep_flap_suspend(member, flaps);
+    }
+}
+
+/// The member suspended itself at its flap limit: said, and kept across restarts as
+/// `hasync suspend` is (a restart must not bring the flapping member back into service).
+fn keep_flap_suspend(member: &Member, flaps: u32) {
+    let state_dir = &member.config.local.state_dir;
+    let max_flaps = member.config.local.max_flaps;
+    warn!(
+        flaps,
+        max_flaps,
+        "this member flapped too often: suspended until `hasync functional` (its traffic moves to the members in service)"
+    );
+    let why = format!("its flap limit (flap count {flaps}, local.max_flaps = {max_flaps})");
+    if let Err(e) = suspend_mark::mark(state_dir, &why) {
+        warn!(error = %e, "the flap limit's suspend is not kept: a restart would bring this member back into service");
+    }
 }
 
 /// The log limiter's key of member `id`'s liveness lines.
@@ -989,6 +1009,59 @@ mod tests {
         assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
     }
 
+    /// `[local] max_flaps` reaches the membership, and the suspend its limit makes is kept
+    /// across restarts as the operator's is: the member's evaluation writes the mark, saying
+    /// why, and `show cluster members` names it.
+    #[test]
+    fn a_suspend_at_the_flap_limit_is_kept_and_shown() {
+        let tmp = crate::control::testing::TempDir::new("flap-limit");
+        let state_dir = tmp.path().join("state");
+        let mut config = config();
+        config.local.state_dir = state_dir.clone();
+        config.local.max_flaps = 1;
+        let member = member_of(&config, false);
+        let peer = MemberId(2);
+        let now = Instant::now();
+        {
+            // Active, with peer 2 Active (its full sync done); evaluated ahead of the real
+            // clock, past the discovery time, so that the runtime's own evaluation follows.
+            let mut m = lock(&member.membership);
+            m.heard(peer, MemberState::Active, 0, now);
+            m.bulk_started(peer, FullSyncId { boot: 1, id: 1 });
+            m.bulk_ended(peer, FullSyncId { boot: 1, id: 1 });
+            m.evaluate(now + DISCOVERY);
+            assert_eq!(m.state, MemberState::Active);
+            m.set_condition(
+                crate::cluster::Condition::LinkGroup("uplinks".into()),
+                Some("out0 down".into()),
+                now,
+            );
+        }
+        assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
+        apply_membership(&member);
+        assert_eq!(lock(&member.membership).state, MemberState::Suspended);
+        assert!(suspend_mark::is_marked(&state_dir).expect("read the mark"));
+        let text = std::fs::read_to_string(suspend_mark::path(&state_dir)).expect("the mark");
+        assert!(text.contains("local.max_flaps = 1"), "{text}");
+        let m = lock(&member.membership);
+        let local = crate::control::view::MemberView::local(
+            &m,
+            "fw1",
+            0,
+            LinkState::Up,
+            LinkState::Up,
+            now,
+        );
+        let view =
+            crate::control::view::MembersView::new(config.cluster.id, &m, local, |_| None, now);
+        assert!(
+            view.faults
+                .contains(&"suspended: its flap count reached local.max_flaps (1); `hasync functional` brings it back".to_string()),
+            "{:?}",
+            view.faults
+        );
+    }
+
     /// The start reads the suspend mark before the datapath is touched: a member suspended
     /// when its last agent stopped starts suspended, and a state directory others may write
     /// (whose mark anyone could plant or remove) refuses the start, naming it.
@@ -1002,7 +1075,7 @@ mod tests {
         let mut config = config_with_files(key, &socket, tmp.path());
         config.local.state_dir = state_dir.clone();
         assert!(!preflight(&config).expect("preflight").suspended);
-        suspend_mark::mark(&state_dir).expect("mark");
+        suspend_mark::mark(&state_dir, "a test").expect("mark");
         assert!(preflight(&config).expect("preflight").suspended);
         let open = std::fs::Permissions::from_mode(0o777);
         std::fs::set_permissions(&state_dir, open).expect("chmod");

@@ -1,6 +1,7 @@
 //! The operator's `hasync suspend`, kept across restarts: a file `suspended` in
-//! `[local].state_dir`. `hasync suspend` writes it and `hasync functional` removes it; an agent
-//! that starts while it is there starts Suspended. Without it, an agent restarted during a
+//! `[local].state_dir`. `hasync suspend` writes it (and so does a member that suspends itself at
+//! its flap limit, `[local] max_flaps`) and `hasync functional` removes it; an agent that starts
+//! while it is there starts Suspended. Without it, an agent restarted during a
 //! maintenance window (by hand, by the systemd watchdog, after a crash, an upgrade or a
 //! reboot) took traffic back before the operator said `hasync functional`.
 
@@ -55,8 +56,9 @@ fn exists(mark: &Path) -> Result<bool, MarkError> {
     }
 }
 
-/// Writes the mark (creating `state_dir`, mode 0700, if it is missing).
-pub fn mark(state_dir: &Path) -> Result<(), MarkError> {
+/// Writes the mark (creating `state_dir`, mode 0700, if it is missing); `why` names who
+/// suspended the member (`hasync suspend`, its flap limit), for whoever reads the file.
+pub fn mark(state_dir: &Path, why: &str) -> Result<(), MarkError> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -67,7 +69,7 @@ pub fn mark(state_dir: &Path) -> Result<(), MarkError> {
         std::fs::symlink_metadata(state_dir).map_err(|e| io_error("inspecting", state_dir, e))?;
     check_trusted(state_dir, &meta)?;
     let mark = path(state_dir);
-    let text = "suspended by `hasync suspend`; `hasync functional` removes this file\n";
+    let text = format!("suspended by {why}; `hasync functional` removes this file\n");
     crate::files::replace(&mark, text.as_bytes(), 0o600).map_err(|e| io_error("writing", &mark, e))
 }
 
@@ -123,11 +125,11 @@ mod tests {
         let tmp = TempDir::new("suspend-mark");
         let dir = tmp.path().join("state");
         assert!(!is_marked(&dir).expect("no directory: no mark"));
-        mark(&dir).expect("mark");
+        mark(&dir, "a test").expect("mark");
         assert!(is_marked(&dir).expect("read"));
         let mode = std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        mark(&dir).expect("marked twice");
+        mark(&dir, "a test").expect("marked twice");
         clear(&dir).expect("clear");
         assert!(!is_marked(&dir).expect("read"));
         clear(&dir).expect("cleared twice");
@@ -143,7 +145,7 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         for e in [
             is_marked(&dir).expect_err("untrusted"),
-            mark(&dir).expect_err("untrusted"),
+            mark(&dir, "a test").expect_err("untrusted"),
         ] {
             let msg = e.to_string();
             assert!(

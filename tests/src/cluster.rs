@@ -24,7 +24,10 @@ use std::{
 use hasync_agent::{
     control::{
         client::{call, parse},
-        view::{CountersView, MemberView, MembersView, SessionView, SessionsView, StatisticsView},
+        view::{
+            CountersView, LocalStateView, MemberView, MembersView, SessionView, SessionsView,
+            StatisticsView,
+        },
         Request, SessionFilter,
     },
     datapath::{batch::obj_get, monotonic_ns, BatchMap},
@@ -380,6 +383,11 @@ impl Cluster {
     /// `show cluster members` on member `k`.
     pub fn try_members(&self, k: u8) -> Result<MembersView, String> {
         query!(self, k, &Request::ShowMembers {}, MembersView)
+    }
+
+    /// `hasync functional` on member `k`.
+    pub fn try_functional(&self, k: u8) -> Result<LocalStateView, String> {
+        query!(self, k, &Request::Functional {}, LocalStateView)
     }
 
     /// How member `k` sees member `of` (itself included).

@@ -9,6 +9,8 @@
 //! 4. a configuration mismatch: fw2 restarts with other session timeouts and, being the
 //!    newcomer, stays Non-functional (the connection stays on fw1); restarted with an agreeing
 //!    configuration, it is active again.
+//!
+//! And a member that reaches its flap limit (`[local] max_flaps`) suspends itself.
 
 use std::{
     os::fd::AsFd as _,
@@ -20,11 +22,12 @@ use hasync_agent::{
     control::SessionFilter,
     datapath::batch::{link_detach, obj_get},
     lab::{
-        cluster::MemberOverride,
+        cluster::{state_dir, MemberOverride},
         topology::SERVER_V4,
         traffic::{tcp_echo_server, Bounds, TrafficClient},
         ClusterOptions, LabError, Link,
     },
+    suspend_mark,
 };
 use hasync_tests::cluster::Cluster;
 
@@ -269,4 +272,69 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
     c.wait_active(2, Duration::from_secs(20));
     let end = client.stop();
     assert!(end.fatal.is_none(), "the connection broke: {end:?}");
+}
+
+/// `[local] max_flaps`: fw1's uplink fails again soon after fw1 came back, its second flap,
+/// and fw1 suspends itself (fw2 is active to take its traffic), names why, keeps the suspend
+/// across restarts in its state directory, and stays suspended after its monitor recovered
+/// and the hold-down passed, until `hasync functional`.
+#[test]
+fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
+    const HOLD_S: u64 = 3;
+    let fw1 = Monitor {
+        link_groups: vec![LinkGroup {
+            name: "uplink".into(),
+            failure_condition: FailureCondition::Any,
+            interfaces: vec![Link::Out.ifname().into()],
+        }],
+        ..Monitor::default()
+    };
+    let over = MemberOverride {
+        monitor: Some(fw1),
+        max_flaps: Some(2),
+        ..MemberOverride::default()
+    };
+    let options = ClusterOptions {
+        keepalive_threshold_ms: Some(5_000),
+        tentative_hold_s: Some(0),
+        monitor_fail_hold_down_s: Some(HOLD_S),
+        overrides: [(1, over)].into(),
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start("cfl-", 2, options);
+    let topo = c.topology();
+    c.wait_pair_active();
+    // The first flap; back to Active after the hold-down (no tentative hold here).
+    ok(&c, topo.cable_down(1, Link::Out));
+    wait_non_functional(&c, 1, "link group `uplink`: out0 down");
+    ok(&c, topo.cable_up(1, Link::Out));
+    c.wait_active(1, Duration::from_secs(HOLD_S + 5));
+    assert_eq!(c.try_member(1, 1).map(|m| m.flaps), Ok(1));
+    // The second, within a hold-down time of being Active again.
+    ok(&c, topo.cable_down(1, Link::Out));
+    let limit = "its flap count reached local.max_flaps (2)";
+    c.wait("fw1 to suspend itself", Duration::from_secs(10), || {
+        let v = c.try_members(1)?;
+        let state = &v.members.iter().find(|m| m.id == 1).ok_or("no self")?.state;
+        let named = v.faults.iter().any(|f| f.contains(limit));
+        (state == "suspended" && named)
+            .then_some(())
+            .ok_or(format!("{state}, {:?}", v.faults))
+    });
+    c.wait("fw2 to see fw1 suspended", Duration::from_secs(10), || {
+        let m = c.try_member(2, 1)?;
+        (m.state == "suspended").then_some(()).ok_or(m.state)
+    });
+    let mark = suspend_mark::path(&state_dir(c.dir(), 1));
+    let kept = std::fs::read_to_string(&mark).unwrap_or_else(|e| c.fail(&format!("{e}")));
+    assert!(kept.contains("local.max_flaps = 2"), "{kept}");
+    // The uplink recovers and the hold-down passes: still suspended.
+    ok(&c, topo.cable_up(1, Link::Out));
+    std::thread::sleep(Duration::from_secs(HOLD_S + 1));
+    let m = c.try_member(1, 1).unwrap_or_else(|e| c.fail(&e));
+    assert_eq!((m.state.as_str(), m.flaps), ("suspended", 2));
+    let back = c.try_functional(1).unwrap_or_else(|e| c.fail(&e));
+    assert_eq!(back.not_kept, None);
+    c.wait_active(1, Duration::from_secs(5));
+    assert!(!mark.exists(), "`hasync functional` removed the mark");
 }

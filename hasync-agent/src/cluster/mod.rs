@@ -214,8 +214,8 @@ pub struct Membership {
     pub started: Instant,
     pub state_since: Instant,
     /// Times the local member left Active for Non-functional; reset by the operator
-    /// (`suspend`, `functional`) and once the member, back in service after a monitor's
-    /// hold-down, stays so for another hold-down time.
+    /// (`suspend`, `functional`) and once the member, Active again, stays so for a monitor
+    /// hold-down time.
     pub flaps: u32,
     /// Failed conditions and their causes: any one makes the member non-functional.
     faults: BTreeMap<Condition, String>,
@@ -226,9 +226,13 @@ pub struct Membership {
     synced_once: bool,
     /// Its agreed settings' digest, zones aside ([`Membership::set_agreed`]).
     agreed: [u8; 32],
-    /// After a recovery, flaps start anew once the member has stayed in service this long.
+    /// Back in Active after a fall, flaps start anew once the member has stayed so this long.
     quiet_until: Option<Instant>,
     pub suspended: bool,
+    /// Flaps that suspend the member (`[local] max_flaps`); 0: no limit.
+    max_flaps: u32,
+    /// The member suspended itself at its flap limit (this count), not the operator.
+    flap_suspended: Option<u32>,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
     tentative_until: Option<Instant>,
@@ -243,6 +247,8 @@ pub struct Changes {
     pub liveness: Vec<(MemberId, bool)>,
     /// The local state changed to this.
     pub local_state: Option<MemberState>,
+    /// This evaluation suspended the member: its flaps (this many) reached `max_flaps`.
+    pub flap_suspend: Option<u32>,
 }
 
 impl Membership {
@@ -291,6 +297,8 @@ impl Membership {
             agreed: [0; 32],
             quiet_until: None,
             suspended: false,
+            max_flaps: 0,
+            flap_suspended: None,
             local_sessions_owned: 0,
             tentative_until: None,
             timers,
@@ -464,7 +472,19 @@ impl Membership {
     /// `hasync suspend`: the operator's change is not a flap, and starts the count anew.
     pub fn suspend(&mut self) {
         self.suspended = true;
+        self.flap_suspended = None;
         self.flaps = 0;
+    }
+
+    /// `[local] max_flaps`: the flap that brings the count to `max` suspends the member (0: no
+    /// limit), as long as another member is Active to take its traffic.
+    pub fn set_max_flaps(&mut self, max: u32) {
+        self.max_flaps = max;
+    }
+
+    /// The flaps that suspended the member, if its flap limit did (not the operator).
+    pub fn flap_suspended(&self) -> Option<u32> {
+        self.flap_suspended
     }
 
     /// `hasync functional`: leave Suspended through Tentative (after a monitor's hold-down
@@ -472,6 +492,7 @@ impl Membership {
     pub fn functional(&mut self, now: Instant) {
         if self.suspended {
             self.suspended = false;
+            self.flap_suspended = None;
             self.flaps = 0;
             let back = self.hold_down_until.map_or(now, |t| t.max(now));
             self.tentative_until = Some(back + self.timers.tentative_hold);
@@ -536,9 +557,12 @@ impl Membership {
         self.set_condition(Condition::ConfigMismatch, mismatch, now);
         self.end_hold_times(now);
         self.synced_once = self.synced_once || self.synced(now);
+        let before = self.flap_suspended;
+        let local_state = self.enter(self.next_state(now), now);
         Changes {
             liveness,
-            local_state: self.enter(self.next_state(now), now),
+            local_state,
+            flap_suspend: self.flap_suspended.filter(|_| before.is_none()),
         }
     }
 
@@ -577,15 +601,19 @@ impl Membership {
     fn end_hold_times(&mut self, now: Instant) {
         if self.hold_down_until.is_some_and(|t| now >= t) {
             self.hold_down_until = None;
-            if self.faults.is_empty() {
-                // Back in service: if it stays so for another hold time, flaps start anew.
-                self.quiet_until = Some(now + self.timers.monitor_hold_down);
-            }
         }
         if self.quiet_until.is_some_and(|t| now >= t) {
             self.quiet_until = None;
             self.flaps = 0;
         }
+    }
+
+    /// Has the flap count reached `max_flaps` with another member Active to take the traffic?
+    /// (Suspending the last member in service would stop it all.)
+    fn flap_limit_reached(&self) -> bool {
+        let peer_serves =
+            || (self.peers.values()).any(|p| p.alive && p.reported == MemberState::Active);
+        self.max_flaps != 0 && self.flaps >= self.max_flaps && peer_serves()
     }
 
     /// The local state the conditions call for at `now`.
@@ -603,9 +631,9 @@ impl Membership {
         }
     }
 
-    /// Moves to `next` at `now` (a fall from Active counts as a flap); the new state, if it
-    /// changed.
-    fn enter(&mut self, next: MemberState, now: Instant) -> Option<MemberState> {
+    /// Moves to `next` at `now` (a fall from Active counts as a flap, and the one that reaches
+    /// the limit suspends the member instead); the new state, if it changed.
+    fn enter(&mut self, mut next: MemberState, now: Instant) -> Option<MemberState> {
         if next == self.state {
             return None;
         }
@@ -614,7 +642,19 @@ impl Membership {
             self.quiet_until = None;
             if self.state == MemberState::Active {
                 self.flaps += 1;
+                if self.flap_limit_reached() {
+                    self.suspended = true;
+                    self.flap_suspended = Some(self.flaps);
+                    next = MemberState::Suspended;
+                }
             }
+        }
+        if next == MemberState::Active && self.flaps > 0 {
+            // Back in service: if it stays so for a hold-down time, flaps start anew. (From
+            // the hold-down's end, as before stop 46, the time ran out while the member was
+            // still Tentative whenever the tentative hold was as long, as it is by default,
+            // and a flapping link never counted more than one flap.)
+            self.quiet_until = Some(now + self.timers.monitor_hold_down);
         }
         self.state = next;
         self.state_since = now;

@@ -307,19 +307,21 @@ fn a_recovered_monitor_holds_the_member_down_then_tentative_then_active() {
     );
     assert_eq!(
         m.flaps, 1,
-        "counted until the member stays in service a hold time"
+        "counted until the member stays Active a hold time"
     );
-    m.evaluate(t0 + s(270));
+    m.evaluate(t0 + s(329));
+    assert_eq!(m.flaps, 1, "Tentative is not in service yet");
+    m.evaluate(t0 + s(330));
     assert_eq!(
         m.flaps, 0,
-        "in service a hold time since 150 s: flaps start anew"
+        "Active a hold time since 210 s: flaps start anew"
     );
     // Failing again during a hold-down keeps the member down and counts nothing new.
-    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(300));
-    m.evaluate(t0 + s(300));
-    m.set_condition(uplinks.clone(), None, t0 + s(301));
-    m.set_condition(uplinks, Some("out0 down".into()), t0 + s(302));
-    assert_eq!(m.evaluate(t0 + s(500)).local_state, None);
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(400));
+    m.evaluate(t0 + s(400));
+    m.set_condition(uplinks.clone(), None, t0 + s(401));
+    m.set_condition(uplinks, Some("out0 down".into()), t0 + s(402));
+    assert_eq!(m.evaluate(t0 + s(600)).local_state, None);
     assert_eq!(m.state, MemberState::NonFunctional);
     assert_eq!(m.flaps, 1);
 }
@@ -553,4 +555,105 @@ fn a_member_that_fails_before_its_full_syncs_ended_waits_for_them_after_recoveri
     assert!(m.bulk_ended(MemberId(2), BULK));
     m.evaluate(t0 + s(131));
     assert_eq!(m.state, MemberState::Tentative);
+}
+
+/// `[local] max_flaps`: the flap that brings the count to the limit suspends the member, as
+/// `hasync suspend` would (until `hasync functional`), while another member is Active to take
+/// its traffic; a member with no peer in service stays Non-functional and keeps counting.
+#[test]
+fn the_flap_that_reaches_the_limit_suspends_the_member_while_a_peer_serves() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.set_max_flaps(2);
+    m.heard(MemberId(2), MemberState::Active, 0, t0 + s(1));
+    m.bulk_started(MemberId(2), BULK);
+    m.bulk_ended(MemberId(2), BULK);
+    // Peer 2 Active and heard at every evaluation.
+    let tick = |m: &mut Membership, at: u64| {
+        m.heard(MemberId(2), MemberState::Active, 0, t0 + s(at));
+        m.evaluate(t0 + s(at))
+    };
+    assert_eq!(tick(&mut m, 2).local_state, Some(MemberState::Active));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    let flap = |m: &mut Membership, at: u64| {
+        m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(at));
+        let changes = tick(m, at);
+        m.set_condition(uplinks.clone(), None, t0 + s(at + 1));
+        changes
+    };
+    let first = flap(&mut m, 10);
+    assert_eq!(first.local_state, Some(MemberState::NonFunctional));
+    assert_eq!(first.flap_suspend, None);
+    // Held down until 131 s, Tentative until 191 s, Active then; the quiet time runs to 311 s.
+    assert_eq!(tick(&mut m, 191).local_state, Some(MemberState::Active));
+    let second = flap(&mut m, 200);
+    assert_eq!(second.local_state, Some(MemberState::Suspended));
+    assert_eq!(second.flap_suspend, Some(2));
+    assert_eq!(m.flaps, 2, "the count that suspended it is kept for `show`");
+    assert_eq!(m.flap_suspended(), Some(2));
+    // The monitor recovered: the member stays suspended.
+    assert_eq!(tick(&mut m, 1000).local_state, None);
+    assert_eq!(m.state, MemberState::Suspended);
+    m.functional(t0 + s(1001));
+    assert_eq!(m.flap_suspended(), None);
+    assert_eq!(m.flaps, 0);
+    assert_eq!(tick(&mut m, 1001).local_state, Some(MemberState::Tentative));
+    assert_eq!(tick(&mut m, 1061).local_state, Some(MemberState::Active));
+
+    // Peer 2 falls silent: the last member in service is not suspended for flapping.
+    let mut lone = cluster(t0);
+    lone.set_max_flaps(1);
+    assert_eq!(
+        lone.evaluate(t0 + s(2)).local_state,
+        Some(MemberState::Active)
+    );
+    lone.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(10));
+    let changes = lone.evaluate(t0 + s(10));
+    assert_eq!(changes.local_state, Some(MemberState::NonFunctional));
+    assert_eq!(changes.flap_suspend, None);
+    assert_eq!(lone.flaps, 1);
+}
+
+/// A monitor that keeps failing counts a flap at each fall from Active, with the shipped
+/// timers too (tentative hold = monitor hold-down): the count starts anew only once the
+/// member has been Active a hold-down time. Before, the quiet time began at the hold-down's
+/// end, ran out while the member was still Tentative, and the count never passed 1 for a
+/// flapping link: seen failing (1 flap after the second fall).
+#[test]
+fn a_link_that_keeps_failing_counts_every_fall_from_active() {
+    let t0 = Instant::now();
+    let mut m = Membership::new(
+        MemberId(1),
+        Timers {
+            tentative_hold: s(60),
+            monitor_hold_down: s(60),
+            ..timers()
+        },
+        vec![],
+        t0,
+    );
+    assert_eq!(m.evaluate(t0 + s(2)).local_state, Some(MemberState::Active));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    let mut at = 10;
+    for fall in 1..=3 {
+        m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(at));
+        m.evaluate(t0 + s(at));
+        assert_eq!(m.flaps, fall);
+        m.set_condition(uplinks.clone(), None, t0 + s(at + 1));
+        // Held down 60 s, Tentative 60 s, then Active for 30 s before the next fall; evaluated
+        // every second, as the runtime does.
+        for t in at + 1..at + 151 {
+            m.evaluate(t0 + s(t));
+        }
+        assert_eq!(m.state, MemberState::Active);
+        assert_eq!(m.state_since, t0 + s(at + 121));
+        at += 151;
+    }
+    // Active a whole hold-down time: the count starts anew.
+    for t in at..at + 29 {
+        m.evaluate(t0 + s(t));
+    }
+    assert_eq!(m.flaps, 3);
+    m.evaluate(t0 + s(at + 30));
+    assert_eq!(m.flaps, 0);
 }

@@ -187,6 +187,11 @@ pub struct Local {
     /// or `debug` (also malformed frames, sampled).
     #[serde(default, skip_serializing_if = "is_default")]
     pub datapath_log: crate::datapath::DatapathLog,
+    /// Flaps (falls from Active to Non-functional, counted until the member stays in service
+    /// a monitor hold-down time) after which the member suspends itself until `hasync
+    /// functional`, if another member is Active to take its traffic; 0 (default): no limit.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub max_flaps: u32,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -313,6 +318,7 @@ pub(crate) mod range {
     pub const HOLD_DOWN_MIN: (u64, u64) = (1, 60);
     pub const HOLD_DOWN_S: (u64, u64) = (1, 3600);
     pub const TENTATIVE_S: (u64, u64) = (10, 600);
+    pub const MAX_FLAPS: (u64, u64) = (0, 16);
     pub const MAX_MEMBERS: usize = 16;
     pub const SESSION_CAPACITY: (u64, u64) = (1, crate::datapath::MAX_SESSION_CAPACITY as u64);
     pub const TIMEOUT_S: (u64, u64) = (1, 30 * 24 * 3600);
@@ -421,6 +427,12 @@ impl Config {
             let most = u64::from(l.session_capacity);
             check_range(p, "local.replica_limit", u64::from(r), (1, most));
         }
+        check_range(
+            p,
+            "local.max_flaps",
+            u64::from(l.max_flaps),
+            range::MAX_FLAPS,
+        );
         check_pin_dir(p, &l.pin_dir);
         for (key, path) in [
             ("local.control_socket", &l.control_socket),

@@ -288,6 +288,11 @@ fn invalid_values_are_named_with_their_range() {
             "local.member = 3 is missing from [[members]]",
         ),
         (
+            "member = 1\n",
+            "member = 1\nmax_flaps = 17\n",
+            "local.max_flaps = 17 is out of range 0–16",
+        ),
+        (
             "id = 2\nserial",
             "id = 1\nserial",
             "members[1].id = 1 is used by two members",

@@ -48,7 +48,8 @@ pub struct MembersView {
     /// Every configured member, the local one included, by id.
     pub members: Vec<MemberView>,
     /// Why the local member is non-functional: each failed condition with its cause, and a
-    /// monitor's hold-down still running. Empty when nothing holds it down.
+    /// monitor's hold-down still running; and a suspend its flap limit made. Empty when
+    /// nothing holds it down.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<String>,
     /// What does not stop the member but should be seen: zones only some members have.
@@ -149,6 +150,11 @@ impl MembersView {
         if let Some(until) = m.hold_down_until() {
             let left = until.saturating_duration_since(now).as_secs();
             faults.push(format!("monitor fail hold-down: {left} s left"));
+        }
+        if let Some(flaps) = m.flap_suspended() {
+            faults.push(format!(
+                "suspended: its flap count reached local.max_flaps ({flaps}); `hasync functional` brings it back"
+            ));
         }
         let warnings = m
             .zone_warnings()

@@ -50,6 +50,8 @@ pub struct MemberOverride {
     pub zones: Option<Vec<(String, Vec<String>)>>,
     /// Its `[monitor]` section (link and path groups).
     pub monitor: Option<crate::config::Monitor>,
+    /// Its `[local] max_flaps`.
+    pub max_flaps: Option<u32>,
 }
 
 /// How a lab cluster's configs are written. `None` leaves a setting at hasync's default.
@@ -248,7 +250,7 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         dir.display()
     ));
     write_cluster(&mut t, dir, k, options, over.cluster_id);
-    write_local(&mut t, dir, k, options);
+    write_local(&mut t, dir, k, options, over.max_flaps);
     write_sync_links(&mut t, k, options);
     write_zones(&mut t, over.zones);
     if options.vwire {
@@ -304,8 +306,15 @@ fn write_cluster(
     }
 }
 
-/// `[local]` of member `k`: its files in `dir`, and the datapath settings of the options.
-fn write_local(t: &mut TomlText, dir: &Path, k: u8, options: &ClusterOptions) {
+/// `[local]` of member `k`: its files in `dir`, the datapath settings of the options, and its
+/// own `max_flaps`.
+fn write_local(
+    t: &mut TomlText,
+    dir: &Path,
+    k: u8,
+    options: &ClusterOptions,
+    max_flaps: Option<u32>,
+) {
     t.table("[local]");
     t.line(format!("member = {k}"));
     t.line(format!(
@@ -337,6 +346,9 @@ fn write_local(t: &mut TomlText, dir: &Path, k: u8, options: &ClusterOptions) {
     t.line(format!("session_capacity = {}", options.session_capacity));
     if let Some(n) = options.embryonic_capacity {
         t.line(format!("embryonic_capacity = {n}"));
+    }
+    if let Some(n) = max_flaps {
+        t.line(format!("max_flaps = {n}"));
     }
 }
 
@@ -860,6 +872,7 @@ mod tests {
                         ("outside".into(), vec!["out0".into()]),
                     ]),
                     monitor: Some(lab_monitor()),
+                    max_flaps: Some(3),
                 },
             )]
             .into(),
@@ -876,6 +889,7 @@ mod tests {
         assert_eq!(c1.cluster.sync_port, 7999);
         assert_eq!(c1.local.session_capacity, 1024);
         assert_eq!(c1.local.policy, PolicyName::Loose);
+        assert_eq!((c1.local.max_flaps, c2.local.max_flaps), (0, 3));
         assert_eq!(c1.timeouts.get("established"), Some(&30));
         assert!(c1.ha4_backup.is_none());
         assert!(c1.members.iter().all(|m| m.ha4_backup.is_none()));
