@@ -350,6 +350,7 @@ fn new_member(
     }
     let membership = Arc::new(Mutex::new(rules));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
+    let stall = engine.stall_watch();
     let member = Arc::new(Member {
         config,
         dp,
@@ -361,7 +362,7 @@ fn new_member(
         counters,
         liveness_lines: LogLimiter::default(),
         claims: Mutex::default(),
-        stall: Arc::default(),
+        stall,
         member_map_retry: Mutex::default(),
     });
     apply_membership_on_return(&member);

@@ -6,8 +6,13 @@
 //! that measure: an evaluation that waited for the datapath's lock (a reattach) while the
 //! workers ran and read nothing from a dead peer would forgive that peer's silence, again
 //! after every such wait, and the peer might never be declared dead.
+//!
+//! The sync engine asks too, without taking ([`StallWatch::stalled_within`]): how much of a
+//! span of time this agent did not run, so that the order of a peer's keepalives does not
+//! lapse over this agent's own stall.
 
 use std::{
+    collections::VecDeque,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -22,11 +27,20 @@ use crate::lock::lock;
 /// How often the watch ticks.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// A gap between ticks at least this long is a stall [`StallWatch::stalled_within`] counts
+/// (shorter ones are the workers' ordinary delays).
+pub const STALL: Duration = Duration::from_secs(1);
+
+/// The stalls [`StallWatch::stalled_within`] remembers, the latest ones.
+const REMEMBERED: usize = 4;
+
 /// The longest gap between two ticks since it was last taken.
 #[derive(Debug)]
 pub struct StallWatch {
     last_tick: Mutex<Option<Instant>>,
     longest_ns: AtomicU64,
+    /// The latest stalls, as (start, end): gaps of at least [`STALL`].
+    stalls: Mutex<VecDeque<(Instant, Instant)>>,
 }
 
 impl Default for StallWatch {
@@ -40,6 +54,7 @@ impl StallWatch {
         StallWatch {
             last_tick: Mutex::new(None),
             longest_ns: AtomicU64::new(0),
+            stalls: Mutex::new(VecDeque::with_capacity(REMEMBERED)),
         }
     }
 
@@ -50,6 +65,13 @@ impl StallWatch {
             let gap = now.saturating_duration_since(prev);
             let ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
+            if gap >= STALL {
+                let mut stalls = lock(&self.stalls);
+                if stalls.len() == REMEMBERED {
+                    stalls.pop_front();
+                }
+                stalls.push_back((prev, now));
+            }
         }
         *last = Some(now.max(last.unwrap_or(now)));
     }
@@ -66,6 +88,19 @@ impl StallWatch {
         }
         let longest = Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed));
         longest.max(running)
+    }
+
+    /// How long this agent did not run between `since` and `now`: the stalls' overlap with that
+    /// span, the gap still running (the workers not ticked again yet) included. Only the
+    /// latest few stalls are remembered: spans of a keepalive threshold hold one or two.
+    pub fn stalled_within(&self, since: Instant, now: Instant) -> Duration {
+        let running = (*lock(&self.last_tick))
+            .filter(|&t| now.saturating_duration_since(t) >= STALL)
+            .map(|t| (t, now));
+        let stalls = lock(&self.stalls);
+        (stalls.iter().copied().chain(running))
+            .map(|(start, end)| end.min(now).saturating_duration_since(start.max(since)))
+            .sum()
     }
 
     /// Ticks `watch` every [`TICK`] on the async workers until the task is stopped.
@@ -119,5 +154,30 @@ mod tests {
         assert_eq!(w.take(t0 + ms(30_000)), ms(30_000));
         w.tick(t0 + ms(30_050));
         assert_eq!(w.take(t0 + ms(30_100)), ms(50));
+    }
+
+    /// What the sync engine asks: the stalls within a span, whether taken by the membership
+    /// or not, the one still running included, the workers' ordinary delays not.
+    #[test]
+    fn the_stalls_within_a_span_are_counted_without_taking_them() {
+        let w = StallWatch::new();
+        let t0 = Instant::now();
+        w.tick(t0);
+        w.tick(t0 + ms(900));
+        assert_eq!(w.stalled_within(t0, t0 + ms(950)), Duration::ZERO);
+        w.tick(t0 + ms(5_900));
+        w.take(t0 + ms(5_950));
+        assert_eq!(w.stalled_within(t0, t0 + ms(6_000)), ms(5_000));
+        assert_eq!(w.stalled_within(t0 + ms(3_900), t0 + ms(6_000)), ms(2_000));
+        assert_eq!(
+            w.stalled_within(t0 + ms(5_900), t0 + ms(6_000)),
+            Duration::ZERO
+        );
+        // Asked before the workers ticked again: the running gap counts (from the take at
+        // 5.95 s, which stands for a tick).
+        assert_eq!(
+            w.stalled_within(t0 + ms(3_900), t0 + ms(8_000)),
+            ms(2_000 + 2_050)
+        );
     }
 }

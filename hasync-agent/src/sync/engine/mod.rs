@@ -49,6 +49,7 @@ use crate::{
     cluster::{FullSyncIn, LinkState, Membership},
     datapath::{Datapath, DatapathError, SessionReader, DEFAULT_CHUNK},
     netlink::{LinkWatch, NetlinkError},
+    stall_watch::StallWatch,
 };
 
 /// Keys held for the peers, all of them together, before the peer furthest behind falls back
@@ -310,6 +311,9 @@ struct EngineInner<T> {
     fresh_until: OnceLock<Instant>,
     /// Per listening link: who may start a handshake.
     admission: BTreeMap<LinkKind, Arc<Admission>>,
+    /// When this agent did not run (ticked by the runtime's task; [`Engine::stall_watch`]):
+    /// the order of a peer's keepalives does not lapse over it.
+    stall: Arc<StallWatch>,
     /// A re-announcement walk is running ([`Engine::reannounce_from`]).
     reannouncing: AtomicBool,
     /// Keepalives made so far ([`Keepalive::seq`](super::wire::Keepalive::seq) of the last),
@@ -357,12 +361,19 @@ impl<T: SessionTable> Engine<T> {
                 log_limits: LogLimiter::default(),
                 local_up: Mutex::new(BTreeMap::new()),
                 admission,
+                stall: Arc::default(),
                 reannouncing: AtomicBool::new(false),
                 keepalive_seq: AtomicU64::new(0),
                 backlog,
                 on_return: OnceLock::new(),
             }),
         }
+    }
+
+    /// The watch of this agent's stalls the engine reads: the runtime ticks it and takes the
+    /// stalls the membership forgives from it.
+    pub fn stall_watch(&self) -> Arc<StallWatch> {
+        self.inner.stall.clone()
     }
 
     /// Sets what evaluates the membership and applies its changes (the XDP member map, the

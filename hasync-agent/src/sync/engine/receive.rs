@@ -22,6 +22,7 @@ use crate::sync::stats::Rejection;
 use crate::{
     cluster::{FullSyncId, MemberState},
     datapath::{error_chain, monotonic_ns, DatapathError},
+    stall_watch::StallWatch,
     sync::{
         apply::{self, Applier, MemberSet, RecordCounts},
         channel::{ChannelError, Receiver},
@@ -257,8 +258,11 @@ impl<T: SessionTable> Engine<T> {
         // slip between them.
         let mut membership = lock(&self.inner.membership);
         let now = Instant::now();
-        let expiry = self.inner.cfg.keepalive_threshold;
-        let order = keepalive_order(&mut peer.lock(), f, seq, now, expiry);
+        let expiry = Lapse {
+            after: self.inner.cfg.keepalive_threshold,
+            stalls: &self.inner.stall,
+        };
+        let order = keepalive_order(&mut peer.lock(), f, seq, now, &expiry);
         let back = match order {
             KeepaliveOrder::Take => membership.heard(
                 peer.cfg.id,
@@ -670,20 +674,38 @@ pub(super) enum KeepaliveOrder {
     OldBoot,
 }
 
+/// When the order of a peer's keepalives lapses: `after` this long (the keepalive threshold)
+/// without one taken, this agent's own stalls left out.
+pub(super) struct Lapse<'a> {
+    pub(super) after: Duration,
+    pub(super) stalls: &'a StallWatch,
+}
+
+impl Lapse<'_> {
+    /// Has the order taken at `at` lapsed by `now`? Time this agent did not run does not count:
+    /// after a stall of its own both links hold keepalives it could not read, and the first
+    /// read, perhaps an older one the lagging link held, must not be taken over the newer one
+    /// the other link delivered before the stall.
+    fn lapsed(&self, at: Instant, now: Instant) -> bool {
+        let stalled = self.stalls.stalled_within(at, now);
+        now.saturating_duration_since(at).saturating_sub(stalled) > self.after
+    }
+}
+
 /// Places keepalive `seq`, read from connection `f`, in `g`'s order at `now`, taking it if it
 /// is the latest. A peer that sent one numbered far ahead (a forged or corrupt one, by a holder
 /// of the cluster key) would have every later one refused for the rest of its boot, and its
 /// state frozen; so a lower number read on the connection that carried the last one taken
 /// (a connection delivers in order, and its writer never sends a number below one it sent)
-/// takes the order back at once, and any keepalive does once `expiry` (the keepalive
-/// threshold: a connection whose writes lag longer is closed) has passed since the last one
-/// taken.
+/// takes the order back at once, and any keepalive does once the order `expiry` (the
+/// keepalive threshold: a connection whose writes lag longer is closed) has passed since the
+/// last one taken.
 pub(super) fn keepalive_order(
     g: &mut PeerInner,
     f: &FrameFrom<'_>,
     seq: u64,
     now: Instant,
-    expiry: Duration,
+    expiry: &Lapse<'_>,
 ) -> KeepaliveOrder {
     if g.hello.as_ref().map(|h| h.boot_id) != Some(f.boot_id) {
         return KeepaliveOrder::OldBoot;
@@ -704,8 +726,7 @@ pub(super) fn keepalive_order(
             .links
             .get(&f.link)
             .is_some_and(|c| c.generation == f.generation);
-        let expired =
-            current && anchor.is_some_and(|a| now.saturating_duration_since(a.at) > expiry);
+        let expired = current && anchor.is_some_and(|a| expiry.lapsed(a.at, now));
         if !same_connection && !expired {
             return KeepaliveOrder::Late;
         }

@@ -805,7 +805,7 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
 /// keepalive of a boot a new hello replaced counts for nothing.
 #[tokio::test]
 async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false() {
-    use super::receive::{keepalive_order, KeepaliveOrder as O};
+    use super::receive::{keepalive_order, KeepaliveOrder as O, Lapse};
     let e = engine();
     hello_from_2(&e, 7);
     let (_ha4_sent, _backup_sent) = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
@@ -818,8 +818,12 @@ async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_f
     let mut g = peer.lock();
     let t0 = Instant::now();
     let at = |secs| t0 + Duration::from_secs(secs);
-    let expiry = Duration::from_secs(2);
-    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, expiry);
+    let stalls = crate::stall_watch::StallWatch::new();
+    let expiry = Lapse {
+        after: Duration::from_secs(2),
+        stalls: &stalls,
+    };
+    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, &expiry);
     // Far ahead on HA4 backup, which then carries nothing more.
     assert_eq!(order(&backup, u64::MAX, at(0)), O::Take);
     assert_eq!(order(&ha4, 10, at(1)), O::Late);
@@ -848,13 +852,64 @@ async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_f
     // A connection no longer current (HA4 replaced by generation 9): what it still had
     // buffered stays late, lapse or not.
     g.links.get_mut(&LinkKind::Ha4).expect("HA4").generation = 9;
-    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, expiry);
+    let mut order = |f: &FrameFrom<'_>, seq, t| keepalive_order(&mut g, f, seq, t, &expiry);
     assert_eq!(order(&backup, 20, at(5)), O::Take);
     assert_eq!(order(&ha4, 15, at(9)), O::Late, "its connection is gone");
     assert_eq!(
         order(&backup, 16, at(9)),
         O::Take,
         "lapsed, on a current one"
+    );
+}
+
+/// This agent stalls (stopped, a paused VM) longer than the keepalive threshold right after it
+/// took a peer's keepalive from HA4, while HA4 backup lags with older ones: the first read
+/// after the stall, an older one from the backup link, is late, not taken (the peer's state
+/// stepped back to it before: seen failing, taken); the order still lapses once the threshold
+/// passes while the agent runs.
+#[tokio::test]
+async fn the_keepalive_order_does_not_lapse_over_this_agents_own_stall() {
+    use super::receive::{keepalive_order, KeepaliveOrder as O, Lapse};
+    let e = engine();
+    hello_from_2(&e, 7);
+    let (_ha4_sent, _backup_sent) = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
+    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (ha4, backup) = (
+        from(&peer, LinkKind::Ha4, 7),
+        from(&peer, LinkKind::Ha4Backup, 7),
+    );
+    let mut g = peer.lock();
+    let t0 = Instant::now();
+    let at = |ms| t0 + Duration::from_millis(ms);
+    let stalls = crate::stall_watch::StallWatch::new();
+    let expiry = Lapse {
+        after: Duration::from_secs(2),
+        stalls: &stalls,
+    };
+    stalls.tick(at(0));
+    assert_eq!(keepalive_order(&mut g, &ha4, 10, at(50), &expiry), O::Take);
+    // Stopped from 0.1 s to 30 s; the first read after it, before the watch ticked again.
+    stalls.tick(at(100));
+    assert_eq!(
+        keepalive_order(&mut g, &backup, 9, at(30_000), &expiry),
+        O::Late
+    );
+    stalls.tick(at(30_000));
+    assert_eq!(
+        keepalive_order(&mut g, &ha4, 11, at(30_010), &expiry),
+        O::Take
+    );
+    // Running again, ticking: HA4 falls silent, and the order lapses after 2 s.
+    for t in (30_100..=32_100).step_by(100) {
+        stalls.tick(at(t));
+    }
+    assert_eq!(
+        keepalive_order(&mut g, &backup, 10, at(32_000), &expiry),
+        O::Late
+    );
+    assert_eq!(
+        keepalive_order(&mut g, &backup, 10, at(32_100), &expiry),
+        O::Take
     );
 }
 
