@@ -67,16 +67,23 @@ fn every(results: impl Iterator<Item = Result<(), String>>) -> Result<(), String
     first
 }
 
-/// The nftables script that cuts member `k` off from the sync addresses of `others`.
-fn partition_script(others: &[u8]) -> String {
+/// The nftables script that cuts member `k` off from the sync addresses of `others`: both
+/// ways, or (`one_way`) only what it sends.
+fn partition_script(others: &[u8], one_way: bool) -> String {
     let addrs: Vec<String> = others
         .iter()
         .flat_map(|&o| SYNC_LINKS.map(|l| l.v4(o).0.to_string()))
         .collect();
     let set = addrs.join(", ");
+    let chain_in = if one_way {
+        String::new()
+    } else {
+        format!(
+            "\tchain in {{ type filter hook input priority raw; policy accept; ip saddr {{ {set} }} drop; }}\n"
+        )
+    };
     format!(
-        "table ip {PARTITION_TABLE} {{\n\
-         \tchain in {{ type filter hook input priority raw; policy accept; ip saddr {{ {set} }} drop; }}\n\
+        "table ip {PARTITION_TABLE} {{\n{chain_in}\
          \tchain out {{ type filter hook output priority raw; policy accept; ip daddr {{ {set} }} drop; }}\n\
          }}\n"
     )
@@ -87,7 +94,11 @@ impl Runner<'_> {
     pub(super) fn apply(&mut self, step: &Step) -> Result<(), String> {
         match &step.fault {
             Fault::PartitionOne { k } => self.partition_one(*k, step.hold),
-            Fault::PartitionHalves { a, b } => self.partition_halves(a, b, step.hold),
+            Fault::PartitionOneWay { k } => {
+                let others: Vec<u8> = self.members().into_iter().filter(|o| o != k).collect();
+                self.partition_from(&[*k], &others, true, step.hold)
+            }
+            Fault::PartitionHalves { a, b } => self.partition_from(a, b, false, step.hold),
             Fault::Loss { percent } => self.loss(*percent, step.hold),
             Fault::Stop { k, to } => self.stop(*k, *to, step.hold),
             Fault::Kill { k } => self.kill(*k, step.hold),
@@ -139,12 +150,21 @@ impl Runner<'_> {
         )
     }
 
-    fn partition_halves(&mut self, a: &[u8], b: &[u8], hold: Duration) -> Result<(), String> {
+    /// Members `a` cut off from members `b` for `hold`: both ways (the rules in `a`'s
+    /// namespaces drop what comes in from `b` and what goes out to them), or with `one_way`
+    /// only what `a` send.
+    fn partition_from(
+        &mut self,
+        a: &[u8],
+        b: &[u8],
+        one_way: bool,
+        hold: Duration,
+    ) -> Result<(), String> {
         let c = self.c;
         self.with_heal(
             |r| {
                 for &k in a {
-                    nft(c, k, &partition_script(b))?;
+                    nft(c, k, &partition_script(b, one_way))?;
                 }
                 r.hold(hold)
             },
@@ -489,11 +509,21 @@ mod tests {
 
     #[test]
     fn a_half_partition_drops_both_sync_addresses_of_the_other_half() {
-        let s = partition_script(&[3, 4]);
+        let s = partition_script(&[3, 4], false);
         assert!(
             s.contains("ip saddr { 198.18.100.3, 198.18.101.3, 198.18.100.4, 198.18.101.4 } drop"),
             "{s}"
         );
         assert!(s.contains("ip daddr {"), "{s}");
+    }
+
+    #[test]
+    fn a_one_way_partition_drops_only_what_goes_out() {
+        let s = partition_script(&[2], true);
+        assert!(!s.contains("saddr"), "{s}");
+        assert!(
+            s.contains("hook output priority raw; policy accept; ip daddr { 198.18.100.2, 198.18.101.2 } drop;"),
+            "{s}"
+        );
     }
 }

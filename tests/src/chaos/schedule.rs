@@ -13,6 +13,10 @@ pub enum Fault {
     /// Drop everything on member `k`'s HA4 and HA4 backup (nftables), past the keepalive
     /// threshold, then heal.
     PartitionOne { k: u8 },
+    /// Member `k`'s sync traffic out is dropped, what comes in is not (its transmit side
+    /// broken): the peers stop hearing it while it still hears them, until their connections
+    /// stall and close; past the keepalive threshold, then heal.
+    PartitionOneWay { k: u8 },
     /// Members `a` cannot reach members `b` on either sync link (and back); each side still
     /// reaches its own half.
     PartitionHalves { a: Vec<u8>, b: Vec<u8> },
@@ -41,6 +45,7 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::PartitionOne { .. } => "partition-one",
+            Fault::PartitionOneWay { .. } => "partition-one-way",
             Fault::PartitionHalves { .. } => "partition-halves",
             Fault::Loss { percent: 5 } => "loss-5%",
             Fault::Loss { .. } => "loss-30%",
@@ -57,7 +62,10 @@ impl Fault {
     /// Members whose agents or links this fault disturbs (for the full-sync bound).
     pub fn disturbs(&self, members: u8) -> Vec<u8> {
         match self {
-            Fault::PartitionOne { k } | Fault::Stop { k, .. } | Fault::Kill { k } => vec![*k],
+            Fault::PartitionOne { k }
+            | Fault::PartitionOneWay { k }
+            | Fault::Stop { k, .. }
+            | Fault::Kill { k } => vec![*k],
             Fault::PartitionHalves { a, b } => a.iter().chain(b).copied().collect(),
             Fault::Loss { .. } | Fault::RollingRestart => (1..=members).collect(),
             Fault::HostilePeer { .. } => (1..=members).collect(),
@@ -72,6 +80,9 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fault::PartitionOne { k } => write!(f, "partition fw{k} (HA4 and HA4 backup)"),
+            Fault::PartitionOneWay { k } => {
+                write!(f, "drop what fw{k} sends on HA4 and HA4 backup (one way)")
+            }
             Fault::PartitionHalves { a, b } => write!(f, "partition {a:?} | {b:?}"),
             Fault::Loss { percent } => write!(f, "{percent} % loss on every sync link"),
             Fault::Stop { k, to } => write!(f, "SIGSTOP fw{k}, its lanes to fw{to}, SIGCONT"),
@@ -166,6 +177,12 @@ pub fn round(rng: &mut Rng, members: u8, keepalive: Duration, floods: FloodSizes
     let mut steps = vec![
         Step {
             fault: Fault::PartitionOne {
+                k: rng.member(members),
+            },
+            hold: long,
+        },
+        Step {
+            fault: Fault::PartitionOneWay {
                 k: rng.member(members),
             },
             hold: long,
@@ -280,8 +297,8 @@ mod tests {
         let mut kinds: Vec<&str> = a.iter().map(|s| s.fault.kind()).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        assert_eq!(kinds.len(), 11, "{kinds:?}");
-        assert!(matches!(a[10].fault, Fault::HostilePeer { .. }), "{a:?}");
+        assert_eq!(kinds.len(), 12, "{kinds:?}");
+        assert!(matches!(a[11].fault, Fault::HostilePeer { .. }), "{a:?}");
     }
 
     #[test]
