@@ -203,8 +203,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
 struct Preflight {
     log: TrafficLog,
     pingers: crate::monitor::Pingers,
-    /// `hasync suspend` was in effect when an earlier agent stopped ([`suspend_mark`]).
-    suspended: bool,
+    /// A suspend was in effect when an earlier agent stopped ([`suspend_mark`]): whose.
+    suspended: Option<suspend_mark::MarkKind>,
 }
 
 /// Opens what the config names that can fail before the datapath is touched: the traffic
@@ -219,13 +219,21 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     crate::control::server::check(socket)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
     let state_dir = &config.local.state_dir;
-    let suspended = suspend_mark::is_marked(state_dir).context("reading the suspend mark")?;
-    if suspended {
-        warn!(
-            mark = %suspend_mark::path(state_dir).display(),
+    let suspended = suspend_mark::read(state_dir).context("reading the suspend mark")?;
+    let mark = suspend_mark::path(state_dir);
+    match suspended {
+        Some(suspend_mark::MarkKind::Operator) => warn!(
+            mark = %mark.display(),
             "starting suspended: `hasync suspend` was in effect when the agent last stopped; \
              `hasync functional` brings this member back"
-        );
+        ),
+        Some(suspend_mark::MarkKind::FlapLimit) => warn!(
+            mark = %mark.display(),
+            "starting suspended: this member had reached its flap limit (local.max_flaps) when \
+             the agent last stopped; it serves again if no other member is in service, or on \
+             `hasync functional`"
+        ),
+        None => {}
     }
     Ok(Preflight {
         log,
@@ -313,7 +321,7 @@ fn start_member(
     restarted: bool,
     links: Result<LinkWatch, NetlinkError>,
     pingers: crate::monitor::Pingers,
-    suspended: bool,
+    suspended: Option<suspend_mark::MarkKind>,
 ) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let member = new_member(config, sync_cfg, dp, suspended)?;
@@ -329,15 +337,15 @@ fn start_member(
     Ok((member, tasks))
 }
 
-/// The member over `dp`, its engine not started yet: the membership rules (`suspended` if
-/// the operator's suspend was kept from an earlier start: the first keepalive says so), the
+/// The member over `dp`, its engine not started yet: the membership rules (`suspended` as a
+/// mark kept from an earlier start says: the first keepalive says so), the
 /// sync engine and the hook by which the engine has the membership applied when a member
 /// comes back.
 fn new_member(
     config: Config,
     sync_cfg: SyncConfig,
     dp: Datapath,
-    suspended: bool,
+    suspended: Option<suspend_mark::MarkKind>,
 ) -> anyhow::Result<Arc<Member>> {
     let bounds = dp.bounds();
     let counters = dp
@@ -345,8 +353,10 @@ fn new_member(
         .context("opening the datapath's counters")?;
     let dp = Arc::new(Mutex::new(dp));
     let mut rules = membership(&config, &sync_cfg);
-    if suspended {
-        rules.suspend();
+    match suspended {
+        Some(suspend_mark::MarkKind::Operator) => rules.suspend(),
+        Some(suspend_mark::MarkKind::FlapLimit) => rules.restore_flap_suspend(),
+        None => {}
     }
     let membership = Arc::new(Mutex::new(rules));
     let engine = Engine::new(sync_cfg, dp.clone(), membership.clone());
@@ -480,6 +490,8 @@ struct MainLoop {
     /// How often the service manager's watchdog is pinged, and when next (`None`: no
     /// watchdog).
     watchdog: Option<(Duration, Instant)>,
+    /// The flap limit's suspend, kept in the state directory as the membership decides it.
+    flap_mark: suspend_mark::FlapMarkSync,
 }
 
 impl MainLoop {
@@ -504,6 +516,7 @@ impl MainLoop {
             next_recount: Instant::now() + recount_every(member.bounds.capacity),
             recounting: None,
             watchdog: crate::service::notify::watchdog_every().map(|every| (every, Instant::now())),
+            flap_mark: suspend_mark::FlapMarkSync::new(&lock(&member.membership)),
         }
     }
 
@@ -643,6 +656,8 @@ impl MainLoop {
     fn on_membership(&mut self, member: &Member) {
         self.ping_watchdog();
         apply_membership(member);
+        let state_dir = &member.config.local.state_dir;
+        self.flap_mark.sync(&member.membership, state_dir);
         if self
             .members_unsettled
             .is_some_and(|at| Instant::now() >= at)
@@ -802,23 +817,17 @@ pub(crate) fn apply_membership(member: &Member) {
         member.engine.announce_state();
     }
     if let Some(flaps) = changes.flap_suspend {
-        keep_flap_suspend(member, flaps);
+        warn!(
+            flaps,
+            max_flaps = member.config.local.max_flaps,
+            "this member flapped too often: suspended (its traffic moves to the members in \
+             service) until `hasync functional`, or until no other member is in service"
+        );
     }
-}
-
-/// The member suspended itself at its flap limit: said, and kept across restarts as
-/// `hasync suspend` is (a restart must not bring the flapping member back into service).
-fn keep_flap_suspend(member: &Member, flaps: u32) {
-    let state_dir = &member.config.local.state_dir;
-    let max_flaps = member.config.local.max_flaps;
-    warn!(
-        flaps,
-        max_flaps,
-        "this member flapped too often: suspended until `hasync functional` (its traffic moves to the members in service)"
-    );
-    let why = format!("its flap limit (flap count {flaps}, local.max_flaps = {max_flaps})");
-    if let Err(e) = suspend_mark::mark(state_dir, &why) {
-        warn!(error = %e, "the flap limit's suspend is not kept: a restart would bring this member back into service");
+    if changes.flap_released {
+        warn!(
+            "no other member is in service: this member, suspended at its flap limit, serves again"
+        );
     }
 }
 
@@ -892,7 +901,7 @@ mod tests {
     }
 
     /// A member of `config` over a fresh test datapath (`suspended` as a kept mark says).
-    fn member_of(config: &Config, suspended: bool) -> Arc<Member> {
+    fn member_of(config: &Config, suspended: Option<suspend_mark::MarkKind>) -> Arc<Member> {
         let sync_cfg = sync_config(config, [0; 32], true).expect("sync config");
         let dp = crate::datapath::testing::datapath();
         new_member(config.clone(), sync_cfg, dp, suspended).expect("member")
@@ -996,31 +1005,38 @@ mod tests {
             let view: crate::control::view::LocalStateView = response.view().expect("a state");
             assert_eq!(view.not_kept, None);
         };
-        let first = start(false);
+        let first = start(None);
         ask(&first, Request::Suspend {});
         drop(first);
-        let suspended = suspend_mark::is_marked(&state_dir).expect("read the mark");
-        assert!(suspended, "no mark kept");
+        let suspended = suspend_mark::read(&state_dir).expect("read the mark");
+        assert_eq!(
+            suspended,
+            Some(suspend_mark::MarkKind::Operator),
+            "no mark kept"
+        );
         let second = start(suspended);
         let state = lock(&second.membership)
             .evaluate(Instant::now())
             .local_state;
         assert_eq!(state, Some(MemberState::Suspended));
         ask(&second, Request::Functional {});
-        assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
+        assert_eq!(suspend_mark::read(&state_dir).expect("read the mark"), None);
     }
 
     /// `[local] max_flaps` reaches the membership, and the suspend its limit makes is kept
-    /// across restarts as the operator's is: the member's evaluation writes the mark, saying
-    /// why, and `show cluster members` names it.
+    /// across restarts as the operator's is: the main loop's mark follows the evaluation that
+    /// suspended the member, a start with that mark is suspended by the flap limit again, and
+    /// `show cluster members` names it.
     #[test]
     fn a_suspend_at_the_flap_limit_is_kept_and_shown() {
+        use suspend_mark::{FlapMarkSync, MarkKind};
         let tmp = crate::control::testing::TempDir::new("flap-limit");
         let state_dir = tmp.path().join("state");
         let mut config = config();
         config.local.state_dir = state_dir.clone();
         config.local.max_flaps = 1;
-        let member = member_of(&config, false);
+        let member = member_of(&config, None);
+        let mut kept = FlapMarkSync::new(&lock(&member.membership));
         let peer = MemberId(2);
         let now = Instant::now();
         {
@@ -1038,13 +1054,15 @@ mod tests {
                 now,
             );
         }
-        assert!(!suspend_mark::is_marked(&state_dir).expect("read the mark"));
         apply_membership(&member);
         assert_eq!(lock(&member.membership).state, MemberState::Suspended);
-        assert!(suspend_mark::is_marked(&state_dir).expect("read the mark"));
-        let text = std::fs::read_to_string(suspend_mark::path(&state_dir)).expect("the mark");
-        assert!(text.contains("local.max_flaps = 1"), "{text}");
-        let m = lock(&member.membership);
+        assert_eq!(suspend_mark::read(&state_dir).expect("read the mark"), None);
+        kept.sync(&member.membership, &state_dir);
+        let mark = suspend_mark::read(&state_dir).expect("read the mark");
+        assert_eq!(mark, Some(MarkKind::FlapLimit));
+        drop(member);
+        let again = member_of(&config, mark);
+        let m = lock(&again.membership);
         let local = crate::control::view::MemberView::local(
             &m,
             "fw1",
@@ -1055,12 +1073,9 @@ mod tests {
         );
         let view =
             crate::control::view::MembersView::new(config.cluster.id, &m, local, |_| None, now);
-        assert!(
-            view.faults
-                .contains(&"suspended: its flap count reached local.max_flaps (1); `hasync functional` brings it back".to_string()),
-            "{:?}",
-            view.faults
-        );
+        let said = "suspended at its flap limit (1 flaps, local.max_flaps = 1): it serves again \
+                    when no other member is in service, or on `hasync functional`";
+        assert_eq!(view.faults, [said]);
     }
 
     /// The start reads the suspend mark before the datapath is touched: a member suspended
@@ -1075,9 +1090,10 @@ mod tests {
         let socket = tmp.path().join("hasync.sock");
         let mut config = config_with_files(key, &socket, tmp.path());
         config.local.state_dir = state_dir.clone();
-        assert!(!preflight(&config).expect("preflight").suspended);
-        suspend_mark::mark(&state_dir, "a test").expect("mark");
-        assert!(preflight(&config).expect("preflight").suspended);
+        assert_eq!(preflight(&config).expect("preflight").suspended, None);
+        suspend_mark::mark(&state_dir, suspend_mark::MarkKind::Operator).expect("mark");
+        let kept = preflight(&config).expect("preflight").suspended;
+        assert_eq!(kept, Some(suspend_mark::MarkKind::Operator));
         let open = std::fs::Permissions::from_mode(0o777);
         std::fs::set_permissions(&state_dir, open).expect("chmod");
         let e = preflight(&config).err().expect("refused");
@@ -1095,7 +1111,7 @@ mod tests {
     /// heard, left marked alive). Seen failing (still alive).
     #[test]
     fn a_member_map_write_that_failed_is_tried_again() {
-        let member = member_of(&config(), false);
+        let member = member_of(&config(), None);
         let peer = MemberId(2);
         apply_membership(&member);
         // What a refused write leaves: the slot says alive, the membership does not.
@@ -1119,7 +1135,7 @@ mod tests {
     /// is gone, the hook holds nothing of it and does nothing.
     #[test]
     fn a_member_back_has_the_membership_applied_at_once() {
-        let member = member_of(&config(), false);
+        let member = member_of(&config(), None);
         let peer = MemberId(2);
         let claims_open = |m: &Member| lock(&m.dp).config().expect("config").claims_open;
         let alive_here = |m: &Member| lock(&m.membership).peers[&peer].alive;

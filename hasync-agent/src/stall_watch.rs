@@ -65,39 +65,53 @@ impl StallWatch {
             let gap = now.saturating_duration_since(prev);
             let ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
-            if gap >= STALL {
-                let mut stalls = lock(&self.stalls);
-                if stalls.len() == REMEMBERED {
-                    stalls.pop_front();
-                }
-                stalls.push_back((prev, now));
-            }
+            self.remember(prev, now);
+            *last = Some(now.max(prev));
+        } else {
+            *last = Some(now);
         }
-        *last = Some(now.max(last.unwrap_or(now)));
     }
 
     /// The longest gap between two ticks since the last call, or since the last tick to
     /// `now` if that is longer (the workers may not have ticked yet after a stall when this
     /// is asked); zero when they kept coming. A gap counted here is not counted again by the
-    /// next tick.
+    /// next tick (the take stands for one), but [`StallWatch::stalled_within`] still sees it.
     pub fn take(&self, now: Instant) -> Duration {
         let mut last = lock(&self.last_tick);
-        let running = last.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        if last.is_some() {
-            *last = Some(now.max(last.unwrap_or(now)));
+        let mut running = Duration::ZERO;
+        if let Some(prev) = *last {
+            running = now.saturating_duration_since(prev);
+            self.remember(prev, now);
+            *last = Some(now.max(prev));
         }
         let longest = Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed));
         longest.max(running)
+    }
+
+    /// Keeps the gap from `prev` to `now` among the latest stalls if it is one (called with
+    /// `last_tick`'s lock held: the lock order is `last_tick`, then `stalls`).
+    fn remember(&self, prev: Instant, now: Instant) {
+        if now.saturating_duration_since(prev) < STALL {
+            return;
+        }
+        let mut stalls = lock(&self.stalls);
+        if stalls.len() == REMEMBERED {
+            stalls.pop_front();
+        }
+        stalls.push_back((prev, now));
     }
 
     /// How long this agent did not run between `since` and `now`: the stalls' overlap with that
     /// span, the gap still running (the workers not ticked again yet) included. Only the
     /// latest few stalls are remembered: spans of a keepalive threshold hold one or two.
     pub fn stalled_within(&self, since: Instant, now: Instant) -> Duration {
-        let running = (*lock(&self.last_tick))
+        // Both locks at once, as a tick takes them: a tick between reading the running gap
+        // and the stalls would have the same gap counted twice.
+        let last = lock(&self.last_tick);
+        let stalls = lock(&self.stalls);
+        let running = (*last)
             .filter(|&t| now.saturating_duration_since(t) >= STALL)
             .map(|t| (t, now));
-        let stalls = lock(&self.stalls);
         (stalls.iter().copied().chain(running))
             .map(|(start, end)| end.min(now).saturating_duration_since(start.max(since)))
             .sum()
@@ -179,5 +193,18 @@ mod tests {
             w.stalled_within(t0 + ms(3_900), t0 + ms(8_000)),
             ms(2_000 + 2_050)
         );
+    }
+
+    /// The membership's take may come first after a stall, before the workers tick again: the
+    /// stall it takes is still there for the sync engine. Seen failing (zero) when only ticks
+    /// kept stalls.
+    #[test]
+    fn a_stall_the_membership_took_first_is_still_seen() {
+        let w = StallWatch::new();
+        let t0 = Instant::now();
+        w.tick(t0);
+        assert_eq!(w.take(t0 + ms(30_000)), ms(30_000));
+        w.tick(t0 + ms(30_050));
+        assert_eq!(w.stalled_within(t0, t0 + ms(30_060)), ms(30_000));
     }
 }

@@ -1,19 +1,39 @@
 //! The operator's `hasync suspend`, kept across restarts: a file `suspended` in
 //! `[local].state_dir`. `hasync suspend` writes it (and so does a member that suspends itself at
-//! its flap limit, `[local] max_flaps`) and `hasync functional` removes it; an agent that starts
-//! while it is there starts Suspended. Without it, an agent restarted during a
+//! its flap limit, `[local] max_flaps`: the mark says which) and `hasync functional` removes
+//! it; an agent that starts while it is there starts Suspended. Without it, an agent restarted during a
 //! maintenance window (by hand, by the systemd watchdog, after a crash, an upgrade or a
 //! reboot) took traffic back before the operator said `hasync functional`.
 
 use std::{
     io,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
-use crate::dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS};
+use tracing::warn;
+
+use crate::{
+    cluster::Membership,
+    dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS},
+    lock::lock,
+};
 
 /// The mark's file name in the state directory.
 const FILE: &str = "suspended";
+/// The first line of a mark the flap limit wrote; any other content is the operator's.
+const FLAP_LIMIT_LINE: &str = "suspended by its flap limit (local.max_flaps)";
+/// The most of a mark read: its first line says whose it is.
+const READ_LIMIT: u64 = 4096;
+
+/// Who suspended the member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkKind {
+    /// `hasync suspend`: until `hasync functional`.
+    Operator,
+    /// The flap limit: until `hasync functional`, or until no other member is in service.
+    FlapLimit,
+}
 
 /// Who may own the state directory, and that no one else may write to it: anyone who could
 /// would decide whether this member takes traffic after its next start.
@@ -37,14 +57,28 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
 }
 
-/// Whether the mark is in `state_dir` (a missing directory holds none).
-pub fn is_marked(state_dir: &Path) -> Result<bool, MarkError> {
+/// The mark in `state_dir`, if there is one (a missing directory holds none). Anything at its
+/// path that is not a file the flap limit wrote counts as the operator's.
+pub fn read(state_dir: &Path) -> Result<Option<MarkKind>, MarkError> {
+    use std::io::Read as _;
     match std::fs::symlink_metadata(state_dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(io_error("inspecting", state_dir, source)),
         Ok(meta) => check_trusted(state_dir, &meta)?,
     }
-    exists(&path(state_dir))
+    let mark = path(state_dir);
+    if !exists(&mark)? {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    let flap_limit = std::fs::File::open(&mark)
+        .and_then(|f| f.take(READ_LIMIT).read_to_string(&mut text))
+        .is_ok_and(|_| text.lines().next() == Some(FLAP_LIMIT_LINE));
+    Ok(Some(if flap_limit {
+        MarkKind::FlapLimit
+    } else {
+        MarkKind::Operator
+    }))
 }
 
 /// Whether something is at `mark` (a link, a directory too: not followed).
@@ -56,9 +90,8 @@ fn exists(mark: &Path) -> Result<bool, MarkError> {
     }
 }
 
-/// Writes the mark (creating `state_dir`, mode 0700, if it is missing); `why` names who
-/// suspended the member (`hasync suspend`, its flap limit), for whoever reads the file.
-pub fn mark(state_dir: &Path, why: &str) -> Result<(), MarkError> {
+/// Writes the mark of `kind` (creating `state_dir`, mode 0700, if it is missing).
+pub fn mark(state_dir: &Path, kind: MarkKind) -> Result<(), MarkError> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -69,7 +102,15 @@ pub fn mark(state_dir: &Path, why: &str) -> Result<(), MarkError> {
         std::fs::symlink_metadata(state_dir).map_err(|e| io_error("inspecting", state_dir, e))?;
     check_trusted(state_dir, &meta)?;
     let mark = path(state_dir);
-    let text = format!("suspended by {why}; `hasync functional` removes this file\n");
+    let text = match kind {
+        MarkKind::Operator => {
+            "suspended by `hasync suspend`; `hasync functional` removes this file\n".to_owned()
+        }
+        MarkKind::FlapLimit => format!(
+            "{FLAP_LIMIT_LINE}\nit serves again when no other member is in service; \
+             `hasync functional` removes this file\n"
+        ),
+    };
     crate::files::replace(&mark, text.as_bytes(), 0o600).map_err(|e| io_error("writing", &mark, e))
 }
 
@@ -83,6 +124,63 @@ pub fn clear(state_dir: &Path) -> Result<(), MarkError> {
     match std::fs::remove_file(&mark) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("removing", &mark, e)),
         _ => Ok(()),
+    }
+}
+
+/// Keeps the flap limit's suspend in the state directory as the membership decides it: written
+/// when the member suspends itself, removed when it serves again on its own. Run on the main
+/// loop after each evaluation, where the control handler writes and removes the operator's
+/// mark too: one writer at a time. (An evaluation on a reader's worker may suspend the member
+/// first; its mark follows at the main loop's next evaluation.)
+#[derive(Debug)]
+pub struct FlapMarkSync {
+    /// The flap limit's mark is in the state directory, as far as this agent knows.
+    marked: bool,
+    /// The last write or removal failed (said once until one succeeds).
+    failing: bool,
+}
+
+impl FlapMarkSync {
+    /// As `m` starts: marked if it was suspended by a flap limit's mark.
+    pub fn new(m: &Membership) -> FlapMarkSync {
+        FlapMarkSync {
+            marked: m.flap_suspended().is_some(),
+            failing: false,
+        }
+    }
+
+    /// Writes or removes the mark in `state_dir` if the membership's flap limit suspend changed.
+    /// The operator's suspend leaves it alone: its mark is the control handler's.
+    pub fn sync(&mut self, membership: &Mutex<Membership>, state_dir: &Path) {
+        let (operator, flap) = {
+            let m = lock(membership);
+            (m.suspended, m.flap_suspended().is_some())
+        };
+        if operator {
+            self.marked = false;
+            return;
+        }
+        if flap == self.marked {
+            return;
+        }
+        let done = if flap {
+            mark(state_dir, MarkKind::FlapLimit)
+        } else {
+            clear(state_dir)
+        };
+        match done {
+            Ok(()) => (self.marked, self.failing) = (flap, false),
+            Err(e) if !self.failing => {
+                self.failing = true;
+                let then = if flap {
+                    "the flap limit's suspend is not kept: a restart would bring this member back into service"
+                } else {
+                    "the flap limit's suspend ended, but its mark stays: a restart would suspend this member again"
+                };
+                warn!(error = %e, "{then} (tried again at each evaluation)");
+            }
+            Err(_) => {}
+        }
     }
 }
 
@@ -124,15 +222,19 @@ mod tests {
     fn the_mark_is_written_found_and_removed() {
         let tmp = TempDir::new("suspend-mark");
         let dir = tmp.path().join("state");
-        assert!(!is_marked(&dir).expect("no directory: no mark"));
-        mark(&dir, "a test").expect("mark");
-        assert!(is_marked(&dir).expect("read"));
+        assert_eq!(read(&dir).expect("no directory: no mark"), None);
+        mark(&dir, MarkKind::Operator).expect("mark");
+        assert_eq!(read(&dir).expect("read"), Some(MarkKind::Operator));
         let mode = std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
-        mark(&dir, "a test").expect("marked twice");
+        mark(&dir, MarkKind::FlapLimit).expect("marked twice");
+        assert_eq!(read(&dir).expect("read"), Some(MarkKind::FlapLimit));
         clear(&dir).expect("clear");
-        assert!(!is_marked(&dir).expect("read"));
+        assert_eq!(read(&dir).expect("read"), None);
         clear(&dir).expect("cleared twice");
+        // Anything else there (an older release's mark, a hand-made one) is the operator's.
+        std::fs::create_dir(path(&dir)).expect("a directory at the mark's path");
+        assert_eq!(read(&dir).expect("read"), Some(MarkKind::Operator));
     }
 
     /// A state directory others may write to is refused, naming it: its mark decides whether
@@ -144,8 +246,8 @@ mod tests {
         std::fs::create_dir(&dir).expect("mkdir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         for e in [
-            is_marked(&dir).expect_err("untrusted"),
-            mark(&dir, "a test").expect_err("untrusted"),
+            read(&dir).map(drop).expect_err("untrusted"),
+            mark(&dir, MarkKind::Operator).expect_err("untrusted"),
         ] {
             let msg = e.to_string();
             assert!(

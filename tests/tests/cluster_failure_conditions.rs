@@ -275,9 +275,9 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
 }
 
 /// `[local] max_flaps`: fw1's uplink fails again soon after fw1 came back, its second flap,
-/// and fw1 suspends itself (fw2 is active to take its traffic), names why, keeps the suspend
-/// across restarts in its state directory, and stays suspended after its monitor recovered
-/// and the hold-down passed, until `hasync functional`.
+/// and fw1 suspends itself (fw2 is active to take its traffic), names why, stays suspended
+/// after its monitor recovered and the hold-down passed and across a restart (its state
+/// directory keeps the mark), until `hasync functional`.
 #[test]
 fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
     const HOLD_S: u64 = 3;
@@ -312,29 +312,44 @@ fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
     assert_eq!(c.try_member(1, 1).map(|m| m.flaps), Ok(1));
     // The second, within a hold-down time of being Active again.
     ok(&c, topo.cable_down(1, Link::Out));
-    let limit = "its flap count reached local.max_flaps (2)";
-    c.wait("fw1 to suspend itself", Duration::from_secs(10), || {
-        let v = c.try_members(1)?;
-        let state = &v.members.iter().find(|m| m.id == 1).ok_or("no self")?.state;
-        let named = v.faults.iter().any(|f| f.contains(limit));
-        (state == "suspended" && named)
-            .then_some(())
-            .ok_or(format!("{state}, {:?}", v.faults))
-    });
+    let suspended_at_limit = |what: &str| {
+        c.wait(what, Duration::from_secs(10), || {
+            let v = c.try_members(1)?;
+            let state = &v.members.iter().find(|m| m.id == 1).ok_or("no self")?.state;
+            let named = v.faults.iter().any(|f| f.contains("at its flap limit"));
+            (state == "suspended" && named)
+                .then_some(())
+                .ok_or(format!("{state}, {:?}", v.faults))
+        });
+    };
+    suspended_at_limit("fw1 to suspend itself");
     c.wait("fw2 to see fw1 suspended", Duration::from_secs(10), || {
         let m = c.try_member(2, 1)?;
         (m.state == "suspended").then_some(()).ok_or(m.state)
     });
-    let mark = suspend_mark::path(&state_dir(c.dir(), 1));
-    let kept = std::fs::read_to_string(&mark).unwrap_or_else(|e| c.fail(&format!("{e}")));
-    assert!(kept.contains("local.max_flaps = 2"), "{kept}");
+    let state_dir = state_dir(c.dir(), 1);
+    c.wait(
+        "the mark to be kept",
+        Duration::from_secs(5),
+        || match suspend_mark::read(&state_dir).map_err(|e| e.to_string())? {
+            Some(suspend_mark::MarkKind::FlapLimit) => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
     // The uplink recovers and the hold-down passes: still suspended.
     ok(&c, topo.cable_up(1, Link::Out));
     std::thread::sleep(Duration::from_secs(HOLD_S + 1));
     let m = c.try_member(1, 1).unwrap_or_else(|e| c.fail(&e));
     assert_eq!((m.state.as_str(), m.flaps), ("suspended", 2));
+    // Restarted (fw2 still active): suspended again.
+    ok(&c, c.stop_agent(1, Duration::from_secs(5)).map(drop));
+    c.start_member(1);
+    suspended_at_limit("fw1 to be suspended after its restart");
+    std::thread::sleep(Duration::from_secs(3));
+    suspended_at_limit("fw1 to stay suspended while fw2 serves");
     let back = c.try_functional(1).unwrap_or_else(|e| c.fail(&e));
     assert_eq!(back.not_kept, None);
     c.wait_active(1, Duration::from_secs(5));
-    assert!(!mark.exists(), "`hasync functional` removed the mark");
+    let mark = suspend_mark::read(&state_dir).unwrap_or_else(|e| c.fail(&e.to_string()));
+    assert_eq!(mark, None, "`hasync functional` removed the mark");
 }

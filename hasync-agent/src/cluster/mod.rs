@@ -231,7 +231,8 @@ pub struct Membership {
     pub suspended: bool,
     /// Flaps that suspend the member (`[local] max_flaps`); 0: no limit.
     max_flaps: u32,
-    /// The member suspended itself at its flap limit (this count), not the operator.
+    /// The member suspended itself at its flap limit (with this many flaps), apart from the
+    /// operator's `suspended`: it serves again once no other member is in service.
     flap_suspended: Option<u32>,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
@@ -249,6 +250,8 @@ pub struct Changes {
     pub local_state: Option<MemberState>,
     /// This evaluation suspended the member: its flaps (this many) reached `max_flaps`.
     pub flap_suspend: Option<u32>,
+    /// This evaluation ended the flap limit's suspend: no other member is in service.
+    pub flap_released: bool,
 }
 
 impl Membership {
@@ -482,15 +485,26 @@ impl Membership {
         self.max_flaps = max;
     }
 
+    pub fn max_flaps(&self) -> u32 {
+        self.max_flaps
+    }
+
     /// The flaps that suspended the member, if its flap limit did (not the operator).
     pub fn flap_suspended(&self) -> Option<u32> {
         self.flap_suspended
     }
 
-    /// `hasync functional`: leave Suspended through Tentative (after a monitor's hold-down
-    /// still running, as a recovery would).
+    /// A start with the flap limit's mark: suspended by it again (at the limit: the count
+    /// itself is not kept), until no other member is in service or `hasync functional`.
+    pub fn restore_flap_suspend(&mut self) {
+        self.flaps = self.max_flaps;
+        self.flap_suspended = Some(self.max_flaps);
+    }
+
+    /// `hasync functional`: leave Suspended (the operator's or the flap limit's) through
+    /// Tentative (after a monitor's hold-down still running, as a recovery would).
     pub fn functional(&mut self, now: Instant) {
-        if self.suspended {
+        if self.suspended || self.flap_suspended.is_some() {
             self.suspended = false;
             self.flap_suspended = None;
             self.flaps = 0;
@@ -557,13 +571,33 @@ impl Membership {
         self.set_condition(Condition::ConfigMismatch, mismatch, now);
         self.end_hold_times(now);
         self.synced_once = self.synced_once || self.synced(now);
+        let flap_released = self.release_flap_suspend();
         let before = self.flap_suspended;
         let local_state = self.enter(self.next_state(now), now);
         Changes {
             liveness,
             local_state,
             flap_suspend: self.flap_suspended.filter(|_| before.is_none()),
+            flap_released,
         }
+    }
+
+    /// Ends the flap limit's suspend when no other member is in service (Active or
+    /// Tentative) once the start's full syncs are over: a flapping member serves rather than
+    /// nobody (both members of a pair that flapped together, a peer that failed since, a
+    /// start after the site lost power). Returns whether it ended it.
+    fn release_flap_suspend(&mut self) -> bool {
+        let in_service = |p: &Peer| {
+            p.alive && matches!(p.reported, MemberState::Active | MemberState::Tentative)
+        };
+        if self.flap_suspended.is_none() || !self.synced_once {
+            return false;
+        }
+        if self.peers.values().any(in_service) {
+            return false;
+        }
+        self.flap_suspended = None;
+        true
     }
 
     /// Which peers are alive at `now` (heard within the keepalive threshold, and keeping
@@ -608,17 +642,20 @@ impl Membership {
         }
     }
 
-    /// Has the flap count reached `max_flaps` with another member Active to take the traffic?
-    /// (Suspending the last member in service would stop it all.)
+    /// Has the flap count reached `max_flaps` with another member Active to take the traffic
+    /// (suspending the last member in service would stop it all), in a fall that is not only a
+    /// configuration mismatch (the other members' change, not this member's failing)?
     fn flap_limit_reached(&self) -> bool {
         let peer_serves =
             || (self.peers.values()).any(|p| p.alive && p.reported == MemberState::Active);
-        self.max_flaps != 0 && self.flaps >= self.max_flaps && peer_serves()
+        let failing = self.hold_down_until.is_some()
+            || self.faults.keys().any(|c| *c != Condition::ConfigMismatch);
+        self.max_flaps != 0 && self.flaps >= self.max_flaps && failing && peer_serves()
     }
 
     /// The local state the conditions call for at `now`.
     fn next_state(&self, now: Instant) -> MemberState {
-        if self.suspended {
+        if self.suspended || self.flap_suspended.is_some() {
             MemberState::Suspended
         } else if !self.faults.is_empty() || self.hold_down_until.is_some() {
             MemberState::NonFunctional
@@ -643,17 +680,15 @@ impl Membership {
             if self.state == MemberState::Active {
                 self.flaps += 1;
                 if self.flap_limit_reached() {
-                    self.suspended = true;
                     self.flap_suspended = Some(self.flaps);
                     next = MemberState::Suspended;
                 }
             }
         }
         if next == MemberState::Active && self.flaps > 0 {
-            // Back in service: if it stays so for a hold-down time, flaps start anew. (From
-            // the hold-down's end, as before stop 46, the time ran out while the member was
-            // still Tentative whenever the tentative hold was as long, as it is by default,
-            // and a flapping link never counted more than one flap.)
+            // Back in service: if it stays so for a hold-down time, flaps start anew (counted
+            // from here, not from the hold-down's end: a tentative hold as long as the
+            // hold-down would have used the time up before the member served again).
             self.quiet_until = Some(now + self.timers.monitor_hold_down);
         }
         self.state = next;

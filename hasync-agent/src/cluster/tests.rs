@@ -591,6 +591,7 @@ fn the_flap_that_reaches_the_limit_suspends_the_member_while_a_peer_serves() {
     assert_eq!(second.flap_suspend, Some(2));
     assert_eq!(m.flaps, 2, "the count that suspended it is kept for `show`");
     assert_eq!(m.flap_suspended(), Some(2));
+    assert!(!m.suspended, "not the operator's suspend");
     // The monitor recovered: the member stays suspended.
     assert_eq!(tick(&mut m, 1000).local_state, None);
     assert_eq!(m.state, MemberState::Suspended);
@@ -656,4 +657,65 @@ fn a_link_that_keeps_failing_counts_every_fall_from_active() {
     assert_eq!(m.flaps, 3);
     m.evaluate(t0 + s(at + 30));
     assert_eq!(m.flaps, 0);
+}
+
+/// A member suspended at its flap limit serves again, on its own, once no other member is in
+/// service: the peer that was Active fails (or both members of a pair flapped together and
+/// each sees the other suspended); it does not suspend again while the peer is only Tentative
+/// or away. A start with the flap limit's mark is suspended the same way, and released alike.
+/// A fall that is only a configuration mismatch (the other members changed) never suspends.
+#[test]
+fn a_member_suspended_at_its_flap_limit_serves_again_when_no_other_member_does() {
+    let t0 = Instant::now();
+    let mut m = cluster(t0);
+    m.set_max_flaps(1);
+    let hear_2 = |m: &mut Membership, state, at: u64| {
+        m.heard(MemberId(2), state, 0, t0 + s(at));
+    };
+    hear_2(&mut m, MemberState::Active, 1);
+    m.bulk_started(MemberId(2), BULK);
+    m.bulk_ended(MemberId(2), BULK);
+    assert_eq!(m.evaluate(t0 + s(2)).local_state, Some(MemberState::Active));
+    let uplinks = Condition::LinkGroup("uplinks".into());
+    m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(3));
+    hear_2(&mut m, MemberState::Active, 3);
+    assert_eq!(m.evaluate(t0 + s(3)).flap_suspend, Some(1));
+    m.set_condition(uplinks, None, t0 + s(4));
+    // The peer reports itself suspended too (it flapped as well): nobody serves.
+    hear_2(&mut m, MemberState::Suspended, 5);
+    let back = m.evaluate(t0 + s(5));
+    assert!(back.flap_released);
+    assert_eq!(
+        back.local_state,
+        Some(MemberState::NonFunctional),
+        "held down"
+    );
+    assert_eq!(m.flap_suspended(), None);
+    assert_eq!(
+        m.evaluate(t0 + s(200)).local_state,
+        Some(MemberState::Active)
+    );
+
+    // A start with the flap limit's mark: suspended until the start's full syncs are over,
+    // then released since nobody serves (the peer is silent).
+    let mut restarted = cluster(t0);
+    restarted.set_max_flaps(3);
+    restarted.restore_flap_suspend();
+    assert_eq!(restarted.flap_suspended(), Some(3));
+    let first = restarted.evaluate(t0 + s(1));
+    assert_eq!(first.local_state, Some(MemberState::Suspended));
+    assert!(!first.flap_released, "still discovering its peers");
+    let later = restarted.evaluate(t0 + s(2));
+    assert!(later.flap_released);
+    assert_eq!(later.local_state, Some(MemberState::Active));
+
+    // Outvoted by the other members' configuration: a flap, not a suspend.
+    let mut outvoted = member_of_three(1, X, t0);
+    outvoted.set_max_flaps(1);
+    for id in [2, 3] {
+        hear(&mut outvoted, id, MemberState::Active, Y, t0 + s(10));
+    }
+    let changes = outvoted.evaluate(t0 + s(10));
+    assert_eq!(changes.local_state, Some(MemberState::NonFunctional));
+    assert_eq!((outvoted.flaps, changes.flap_suspend), (1, None));
 }

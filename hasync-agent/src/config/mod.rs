@@ -187,9 +187,10 @@ pub struct Local {
     /// or `debug` (also malformed frames, sampled).
     #[serde(default, skip_serializing_if = "is_default")]
     pub datapath_log: crate::datapath::DatapathLog,
-    /// Flaps (falls from Active to Non-functional, counted until the member stays in service
-    /// a monitor hold-down time) after which the member suspends itself until `hasync
-    /// functional`, if another member is Active to take its traffic; 0 (default): no limit.
+    /// Flaps (falls from Active to Non-functional, counted until the member stays Active a
+    /// monitor hold-down time) at which the member suspends itself, if another member is
+    /// Active to take its traffic, until `hasync functional` or until no other member is in
+    /// service; 0 (default): no limit.
     #[serde(default, skip_serializing_if = "is_default")]
     pub max_flaps: u32,
 }

@@ -230,7 +230,7 @@ fn keep_suspend(state_dir: &std::path::Path, suspend: bool) -> Result<(), String
     use crate::suspend_mark;
     let (kept, then) = if suspend {
         (
-            suspend_mark::mark(state_dir, "`hasync suspend`"),
+            suspend_mark::mark(state_dir, suspend_mark::MarkKind::Operator),
             "this member is suspended now, but a restart would bring it back into service",
         )
     } else {

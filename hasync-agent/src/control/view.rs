@@ -47,8 +47,8 @@ pub struct MembersView {
     pub local: u8,
     /// Every configured member, the local one included, by id.
     pub members: Vec<MemberView>,
-    /// Why the local member is non-functional: each failed condition with its cause, and a
-    /// monitor's hold-down still running; and a suspend its flap limit made. Empty when
+    /// Why the local member is out of service: each failed condition with its cause, a
+    /// monitor's hold-down still running, and a suspend its flap limit made. Empty when
     /// nothing holds it down.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<String>,
@@ -153,7 +153,9 @@ impl MembersView {
         }
         if let Some(flaps) = m.flap_suspended() {
             faults.push(format!(
-                "suspended: its flap count reached local.max_flaps ({flaps}); `hasync functional` brings it back"
+                "suspended at its flap limit ({flaps} flaps, local.max_flaps = {}): it serves again \
+                 when no other member is in service, or on `hasync functional`",
+                m.max_flaps()
             ));
         }
         let warnings = m

@@ -258,11 +258,11 @@ impl<T: SessionTable> Engine<T> {
         // slip between them.
         let mut membership = lock(&self.inner.membership);
         let now = Instant::now();
-        let expiry = Lapse {
+        let lapse = Lapse {
             after: self.inner.cfg.keepalive_threshold,
             stalls: &self.inner.stall,
         };
-        let order = keepalive_order(&mut peer.lock(), f, seq, now, &expiry);
+        let order = keepalive_order(&mut peer.lock(), f, seq, now, &lapse);
         let back = match order {
             KeepaliveOrder::Take => membership.heard(
                 peer.cfg.id,
@@ -697,15 +697,15 @@ impl Lapse<'_> {
 /// of the cluster key) would have every later one refused for the rest of its boot, and its
 /// state frozen; so a lower number read on the connection that carried the last one taken
 /// (a connection delivers in order, and its writer never sends a number below one it sent)
-/// takes the order back at once, and any keepalive does once the order `expiry` (the
-/// keepalive threshold: a connection whose writes lag longer is closed) has passed since the
-/// last one taken.
+/// takes the order back at once, and any keepalive does once the order lapsed by `lapse` (the
+/// keepalive threshold since the last one taken, this agent's own stalls left out: a
+/// connection whose writes lag longer is closed).
 pub(super) fn keepalive_order(
     g: &mut PeerInner,
     f: &FrameFrom<'_>,
     seq: u64,
     now: Instant,
-    expiry: &Lapse<'_>,
+    lapse: &Lapse<'_>,
 ) -> KeepaliveOrder {
     if g.hello.as_ref().map(|h| h.boot_id) != Some(f.boot_id) {
         return KeepaliveOrder::OldBoot;
@@ -726,7 +726,7 @@ pub(super) fn keepalive_order(
             .links
             .get(&f.link)
             .is_some_and(|c| c.generation == f.generation);
-        let expired = current && anchor.is_some_and(|a| expiry.lapsed(a.at, now));
+        let expired = current && anchor.is_some_and(|a| lapse.lapsed(a.at, now));
         if !same_connection && !expired {
             return KeepaliveOrder::Late;
         }
