@@ -216,7 +216,8 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     let log = open_traffic_log(config)?;
     let pingers = crate::monitor::open(config)?;
     let socket = &config.local.control_socket;
-    crate::control::server::check(socket)
+    let access = crate::control::server::Access::for_group(config.local.control_group.as_deref())?;
+    crate::control::server::check(socket, access)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
     let state_dir = &config.local.state_dir;
     let suspended = suspend_mark::read(state_dir).context("reading the suspend mark")?;
@@ -436,7 +437,8 @@ async fn serve_control(
     control_tx: crate::control::ControlSender,
 ) -> anyhow::Result<JoinHandle<()>> {
     let path = &config.local.control_socket;
-    crate::control::serve(path, control_tx)
+    let access = crate::control::server::Access::for_group(config.local.control_group.as_deref())?;
+    crate::control::server::serve_for(path, control_tx, access)
         .await
         .with_context(|| format!("serving the control socket {}", path.display()))
 }

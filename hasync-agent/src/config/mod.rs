@@ -140,6 +140,11 @@ pub struct Local {
     pub member: MemberId,
     #[serde(default = "defaults::control_socket")]
     pub control_socket: PathBuf,
+    /// A group whose members may use the control socket read-only (`show`; `suspend` and
+    /// `functional` stay root's and the agent's user's): the socket is given to it. Default:
+    /// none (the socket stays the agent's group's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
     #[serde(default = "defaults::traffic_log")]
     pub traffic_log: PathBuf,
     /// Directory of what the agent keeps across restarts: `hasync suspend`'s mark (see

@@ -1,5 +1,10 @@
 //! The agent side of the control socket: accepts connections, reads request lines, forwards
 //! each request to the runtime over a channel and writes back its answer.
+//!
+//! Two access levels: a connection from root or from the agent's own user may do everything;
+//! one from anyone else the socket lets in (the members of `[local] control_group`, whose
+//! group the socket is given) may only `show`: a request that changes the member's state
+//! (`suspend`, `functional`) is refused, naming the rule, and never reaches the runtime.
 
 use std::{
     io,
@@ -100,6 +105,114 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("local.control_group = \"{group}\": no such group on this host")]
+    NoGroup { group: String },
+    #[error("local.control_group = \"{group}\": cannot look the group up: {source}")]
+    GroupLookup {
+        group: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "cannot give the control socket {path} to group {gid} (local.control_group): {source}"
+    )]
+    Chown {
+        path: PathBuf,
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Who besides root and the agent's own user may connect: the members of this group, which the
+/// socket is given (`[local] control_group`), read-only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    pub readers: Option<u32>,
+}
+
+impl Access {
+    /// The access `[local] control_group` names (looked up by name on this host).
+    pub fn for_group(group: Option<&str>) -> Result<Access, ServerError> {
+        let Some(group) = group else {
+            return Ok(Access::default());
+        };
+        let gid = group_id(group).map_err(|source| ServerError::GroupLookup {
+            group: group.to_owned(),
+            source,
+        })?;
+        let gid = gid.ok_or_else(|| ServerError::NoGroup {
+            group: group.to_owned(),
+        })?;
+        Ok(Access { readers: Some(gid) })
+    }
+}
+
+/// The id of the group named `name` on this host (`/etc/group`, NSS), `None` if there is none.
+fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the name"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        // SAFETY: all-zero bytes are a valid `group` (null pointers, zero id).
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `c_name` NUL-terminated, `group` and
+        // `found` writable, `buf` writable for its length; the result points into them.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => return Ok(None),
+            0 => return Ok(Some(group.gr_gid)),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// What a connection's user may do: everything (root, the agent's own user), or only `show`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Operator,
+    Reader,
+}
+
+impl Level {
+    /// The level of a connection from `uid` to an agent running as `euid`.
+    fn of(uid: u32, euid: u32) -> Level {
+        if uid == 0 || uid == euid {
+            Level::Operator
+        } else {
+            Level::Reader
+        }
+    }
+
+    /// `request` refused at this level, with why; `None` when it may be served.
+    fn refuses(self, request: &Request, uid: u32) -> Option<Response> {
+        (self == Level::Reader && request.changes_state()).then(|| {
+            Response::error(format!(
+                "{} changes this member's state: only root or the agent's own user may ask for \
+                 it (this connection is uid {uid}, which may only show)",
+                request.name()
+            ))
+        })
+    }
+}
+
+/// [`serve`], with `access`'s readers let in (the socket given to their group).
+pub async fn serve_for(
+    path: &Path,
+    requests: ControlSender,
+    access: Access,
+) -> Result<JoinHandle<()>, ServerError> {
+    serve_with(path, requests, Timeouts::DEFAULT, access)
 }
 
 /// Listens on `path` and serves every connection, forwarding requests on `requests`.
@@ -112,15 +225,15 @@ pub enum ServerError {
 /// The server runs until the receiving end of `requests` is dropped (or the task is aborted);
 /// it then removes the socket file, if it is still the one it created.
 pub async fn serve(path: &Path, requests: ControlSender) -> Result<JoinHandle<()>, ServerError> {
-    serve_with(path, requests, Timeouts::DEFAULT)
+    serve_with(path, requests, Timeouts::DEFAULT, Access::default())
 }
 
 /// Checks that the socket can be served at `path` as [`serve`] would (its directory made,
 /// nobody else answering on it, a socket bound and its mode set), then removes it again: the
 /// agent checks this before it touches the datapath, and listens only once that is up (a
 /// client's connection is its sign that the agent is ready).
-pub fn check(path: &Path) -> Result<(), ServerError> {
-    drop(bind(path)?);
+pub fn check(path: &Path, access: Access) -> Result<(), ServerError> {
+    drop(bind(path, access)?);
     match std::fs::remove_file(path) {
         Err(source) if source.kind() != io::ErrorKind::NotFound => {
             Err(ServerError::RemoveChecked {
@@ -136,8 +249,9 @@ fn serve_with(
     path: &Path,
     requests: ControlSender,
     timeouts: Timeouts,
+    access: Access,
 ) -> Result<JoinHandle<()>, ServerError> {
-    let listener = bind(path)?;
+    let listener = bind(path, access)?;
     let file = SocketFile::new(path);
     info!(socket = %path.display(), "control socket listening");
     Ok(tokio::spawn(accept_loop(
@@ -145,7 +259,7 @@ fn serve_with(
     )))
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -167,6 +281,14 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         path: path.to_owned(),
         source,
     })?;
+    if let Some(gid) = access.readers {
+        // Before the mode: until then the socket is the agent's group's alone.
+        chown_here(path, gid).map_err(|source| ServerError::Chown {
+            path: path.to_owned(),
+            gid,
+            source,
+        })?;
+    }
     chmod_here(path, SOCKET_MODE).map_err(|source| ServerError::Chmod {
         path: path.to_owned(),
         mode: SOCKET_MODE,
@@ -175,12 +297,37 @@ fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Gives `path` itself (never a symlink there) to group `gid`.
+fn chown_here(path: &Path, gid: u32) -> io::Result<()> {
+    let c_path = c_path(path)?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call; -1 (as
+    // uid_t) keeps the owner.
+    let rc = unsafe {
+        libc::fchownat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::uid_t::MAX,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))
+}
+
 /// Sets `mode` on `path` itself: a symlink there (swapped in after the bind, in a directory
 /// another user can write) is an error, never followed.
 fn chmod_here(path: &Path, mode: u32) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    let c_path = c_path(path)?;
     // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
     let rc = unsafe {
         libc::fchmodat(
@@ -293,8 +440,11 @@ async fn accept_loop(
             },
         };
         let requests = requests.clone();
+        // Who connected, from the kernel (SO_PEERCRED): unknown counts as a reader.
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+        let client = (Level::of(uid, crate::dir_trust::euid()), uid);
         tokio::spawn(async move {
-            if let Err(error) = connection(stream, requests, timeouts).await {
+            if let Err(error) = connection(stream, requests, timeouts, client).await {
                 debug!(%error, "control connection ended");
             }
             drop(permit);
@@ -304,11 +454,13 @@ async fn accept_loop(
     drop(file);
 }
 
-/// Serves one connection: request lines in, response lines out, until EOF.
+/// Serves one connection from `client` (its level and uid): request lines in, response lines
+/// out, until EOF.
 async fn connection(
     stream: UnixStream,
     requests: ControlSender,
     timeouts: Timeouts,
+    (level, uid): (Level, u32),
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
@@ -336,7 +488,10 @@ async fn connection(
         }
         if let Some(parsed) = Request::parse_line(&line) {
             let response = match parsed {
-                Ok(request) => forward(request, &requests, ANSWER_TIMEOUT).await,
+                Ok(request) => match level.refuses(&request, uid) {
+                    Some(refused) => refused,
+                    None => forward(request, &requests, ANSWER_TIMEOUT).await,
+                },
                 Err(malformed) => malformed,
             };
             write_response(&mut write, &response, timeouts.write).await?;
@@ -434,6 +589,84 @@ mod tests {
             out.push(serde_json::from_str(&line).expect("a response line is JSON"));
         }
         out
+    }
+
+    /// Runs `f` on a thread of its own whose credentials (the kernel keeps them per thread;
+    /// the raw calls change only that thread's, unlike libc's wrappers) are uid and gid
+    /// `id` with no supplementary groups: a user the socket's group lets in.
+    fn as_user<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            // SAFETY: raw setgroups / setresgid / setresuid with valid arguments (an empty
+            // list); they change this thread's credentials only, and the thread ends after
+            // `f`.
+            unsafe {
+                assert_eq!(
+                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                    0
+                );
+                assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+            }
+            f()
+        })
+        .join()
+        .expect("the thread as another user")
+    }
+
+    /// `[local] control_group`: the socket is given to the group, whose members may show but
+    /// not change the member's state (refused before the runtime, naming the rule); root may.
+    /// Before, anyone who could connect could suspend the member.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_control_group_may_show_but_not_change_the_state() {
+        use std::os::unix::fs::MetadataExt as _;
+        const NOBODY: u32 = 65_534;
+        let dir = TempDir::new("control-group");
+        let path = dir.path().join("hasync.sock");
+        let (tx, _runtime) = fake_runtime();
+        let access = Access {
+            readers: Some(NOBODY),
+        };
+        let _server = serve_for(&path, tx, access).await.expect("serve");
+        assert_eq!(std::fs::metadata(&path).expect("socket").gid(), NOBODY);
+        let p = path.clone();
+        let (shown, suspend) = tokio::task::spawn_blocking(move || {
+            as_user(NOBODY, move || {
+                let shown = client::request(&p, &Request::ShowFlaps {}).expect("show");
+                let suspend = client::request(&p, &Request::Suspend {}).expect("suspend");
+                (shown, suspend)
+            })
+        })
+        .await
+        .expect("client");
+        assert!(shown.ok, "{shown:?}");
+        assert!(!suspend.ok);
+        assert_eq!(
+            suspend.error.as_deref(),
+            Some(
+                "suspend changes this member's state: only root or the agent's own user may ask \
+                 for it (this connection is uid 65534, which may only show)"
+            )
+        );
+        let p = path.clone();
+        let as_root =
+            tokio::task::spawn_blocking(move || client::request(&p, &Request::Suspend {}))
+                .await
+                .expect("client")
+                .expect("suspend");
+        assert!(as_root.ok, "{as_root:?}");
+    }
+
+    #[test]
+    fn a_control_group_that_does_not_exist_is_named() {
+        let e = Access::for_group(Some("no-such-group-hasync")).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "local.control_group = \"no-such-group-hasync\": no such group on this host"
+        );
+        assert_eq!(
+            Access::for_group(Some("root")).expect("root"),
+            Access { readers: Some(0) }
+        );
     }
 
     #[tokio::test]
@@ -561,7 +794,7 @@ mod tests {
             idle: IDLE,
             ..Timeouts::DEFAULT
         };
-        let _server = serve_with(&path, tx, timeouts).expect("serve");
+        let _server = serve_with(&path, tx, timeouts, Access::default()).expect("serve");
         // Before the idle clients connect: the first slot frees an idle timeout after that.
         let asked = tokio::time::Instant::now();
         let mut idle = Vec::new();

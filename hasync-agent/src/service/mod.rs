@@ -144,8 +144,10 @@ const UNIT_SANDBOX: &str = r#"# Read-only system, writable only where the agent 
 # state (the suspend mark, kept across restarts and reboots).
 ProtectSystem=strict
 ReadWritePaths=/sys/fs/bpf /run/hasync /var/log/hasync
+# /run/hasync holds only the control socket: its own mode (0660) and group ([local]
+# control_group: read-only users) decide who may use it.
 RuntimeDirectory=hasync
-RuntimeDirectoryMode=0750
+RuntimeDirectoryMode=0755
 LogsDirectory=hasync
 LogsDirectoryMode=0750
 StateDirectory=hasync
