@@ -1,9 +1,13 @@
 //! Whether a directory another user could have filled may be trusted: the owner, mode and
-//! symbolic-link checks that the pin directory, provisioning's output (and the directories
-//! above it) and the lab's directory share. Each caller words its own refusal from the
-//! [`Risk`] found.
+//! symbolic-link checks that the pin directory, provisioning's output, the state directory
+//! (and the directories above those two) and the lab's directory share. Each caller words its
+//! own refusal from the [`Risk`] found.
 
-use std::{fs::Metadata, os::unix::fs::MetadataExt as _};
+use std::{
+    fs::Metadata,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 /// The effective user id of this process.
 pub fn euid() -> u32 {
@@ -30,6 +34,30 @@ pub const OURS_OR_ROOTS: Policy = Policy {
     closed: 0o022,
     sticky_may_be_open: false,
 };
+
+/// A directory above a trusted one: this user's or root's, and no one else may write to it
+/// unless it is sticky (`/tmp`: there only an entry's owner, or the directory's, may rename or
+/// remove it).
+pub const ABOVE: Policy = Policy {
+    sticky_may_be_open: true,
+    ..OURS_OR_ROOTS
+};
+
+/// The first directory above `path` (where symbolic links lead: the real path's directories)
+/// under which someone else could replace what follows, with why ([`ABOVE`]); `None` when
+/// there is none. Only directories that exist are looked at: `path` may be made later.
+pub fn risk_above(path: &Path) -> std::io::Result<Option<(PathBuf, Risk)>> {
+    let absolute = std::path::absolute(path)?;
+    let Some(existing) = absolute.ancestors().skip(1).find(|p| p.exists()) else {
+        return Ok(None);
+    };
+    for above in existing.canonicalize()?.ancestors() {
+        if let Some(risk) = dir_risk(&std::fs::symlink_metadata(above)?, ABOVE) {
+            return Ok(Some((above.to_owned(), risk)));
+        }
+    }
+    Ok(None)
+}
 
 /// Why a directory is not to be trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,5 +152,23 @@ mod tests {
             ..STRICT
         };
         assert_eq!(risk_of(root, root_ok), None);
+    }
+
+    /// The directories above a path: a sticky `/tmp` passes, one that others may write does
+    /// not, also when a symbolic link leads through it; what does not exist yet is skipped.
+    #[test]
+    fn the_first_directory_above_that_others_may_write_is_found() {
+        let tmp = TempDir::new("dir-above");
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        let below = open.join("state");
+        assert_eq!(risk_above(&below.join("not/yet")).expect("walk"), None);
+        chmod(&open, 0o777);
+        let found = risk_above(&below.join("not/yet")).expect("walk");
+        assert_eq!(found, Some((open.clone(), Risk::Open(0o777))));
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&open, &link).expect("symlink");
+        let through = risk_above(&link.join("state")).expect("walk");
+        assert_eq!(through, Some((open.clone(), Risk::Open(0o777))));
     }
 }

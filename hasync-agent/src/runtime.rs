@@ -144,6 +144,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         mut log,
         pingers,
         suspended,
+        access,
     } = preflight(&config)?;
     let mut signals = Signals::new()?;
     let plan = StartPlan::from_config(&config);
@@ -188,7 +189,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     }
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
     tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
-    tasks.push(serve_control(&member.config, control_tx).await?);
+    tasks.push(serve_control(&member.config, control_tx, access).await?);
     announce_ready(&member, plan.interfaces.len(), restarted);
     let inputs = Inputs {
         signals: &mut signals,
@@ -205,6 +206,8 @@ struct Preflight {
     pingers: crate::monitor::Pingers,
     /// A suspend was in effect when an earlier agent stopped ([`suspend_mark`]): whose.
     suspended: Option<suspend_mark::MarkKind>,
+    /// Who may use the control socket read-only (`[local] control_group`, looked up once).
+    access: crate::control::server::Access,
 }
 
 /// Opens what the config names that can fail before the datapath is touched: the traffic
@@ -219,16 +222,38 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     let access = crate::control::server::Access::for_group(config.local.control_group.as_deref())?;
     crate::control::server::check(socket, access)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
+    let suspended = kept_suspend(config)?;
+    Ok(Preflight {
+        log,
+        pingers,
+        suspended,
+        access,
+    })
+}
+
+/// The suspend kept from an earlier start ([`suspend_mark`]), said. A flap limit's mark under
+/// a config without one (`max_flaps` since set to 0) is stale: removed, and said.
+fn kept_suspend(config: &Config) -> anyhow::Result<Option<suspend_mark::MarkKind>> {
+    use suspend_mark::MarkKind;
     let state_dir = &config.local.state_dir;
-    let suspended = suspend_mark::read(state_dir).context("reading the suspend mark")?;
+    let kept = suspend_mark::read(state_dir).context("reading the suspend mark")?;
     let mark = suspend_mark::path(state_dir);
-    match suspended {
-        Some(suspend_mark::MarkKind::Operator) => warn!(
+    match kept {
+        Some(MarkKind::Operator) => warn!(
             mark = %mark.display(),
             "starting suspended: `hasync suspend` was in effect when the agent last stopped; \
              `hasync functional` brings this member back"
         ),
-        Some(suspend_mark::MarkKind::FlapLimit) => warn!(
+        Some(MarkKind::FlapLimit) if config.local.max_flaps == 0 => {
+            warn!(
+                mark = %mark.display(),
+                "not suspended: the flap limit had suspended this member, but local.max_flaps \
+                 is 0 now; its mark is removed"
+            );
+            suspend_mark::clear(state_dir).context("removing a stale suspend mark")?;
+            return Ok(None);
+        }
+        Some(MarkKind::FlapLimit) => warn!(
             mark = %mark.display(),
             "starting suspended: this member had reached its flap limit (local.max_flaps) when \
              the agent last stopped; it serves again if no other member is in service, or on \
@@ -236,11 +261,7 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
         ),
         None => {}
     }
-    Ok(Preflight {
-        log,
-        pingers,
-        suspended,
-    })
+    Ok(kept)
 }
 
 /// What the main loop waits on.
@@ -266,7 +287,13 @@ async fn main_loop(
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
-                Signalled::Stop(name) => { info!(signal = name, "stopping"); return Ok(()); }
+                Signalled::Stop(name) => {
+                    info!(signal = name, "stopping");
+                    // A flap limit's suspend made on a reader's worker since the last
+                    // evaluation is kept too.
+                    main.flap_mark.sync(&member.membership, &member.config.local.state_dir);
+                    return Ok(());
+                }
                 Signalled::Reopen => reopen_traffic_log(log),
             },
             batch = events.next_batch() => main.on_events(member, &batch, log),
@@ -431,13 +458,14 @@ fn membership(config: &Config, sync_cfg: &SyncConfig) -> Membership {
     m
 }
 
-/// Serves the control socket; requests come through `control_tx` to the main loop.
+/// Serves the control socket, its readers let in by `access`; requests come through
+/// `control_tx` to the main loop.
 async fn serve_control(
     config: &Config,
     control_tx: crate::control::ControlSender,
+    access: crate::control::server::Access,
 ) -> anyhow::Result<JoinHandle<()>> {
     let path = &config.local.control_socket;
-    let access = crate::control::server::Access::for_group(config.local.control_group.as_deref())?;
     crate::control::server::serve_for(path, control_tx, access)
         .await
         .with_context(|| format!("serving the control socket {}", path.display()))

@@ -37,7 +37,10 @@ const REMEMBERED: usize = 4;
 /// The longest gap between two ticks since it was last taken.
 #[derive(Debug)]
 pub struct StallWatch {
+    /// The last tick (only ticks move it).
     last_tick: Mutex<Option<Instant>>,
+    /// The last take: a gap is not returned by two takes.
+    taken: Mutex<Option<Instant>>,
     longest_ns: AtomicU64,
     /// The latest stalls, as (start, end): gaps of at least [`STALL`].
     stalls: Mutex<VecDeque<(Instant, Instant)>>,
@@ -53,48 +56,56 @@ impl StallWatch {
     pub fn new() -> StallWatch {
         StallWatch {
             last_tick: Mutex::new(None),
+            taken: Mutex::new(None),
             longest_ns: AtomicU64::new(0),
             stalls: Mutex::new(VecDeque::with_capacity(REMEMBERED)),
         }
     }
 
-    /// A tick at `now`: the gap since the previous one counts.
+    /// A tick at `now`: the gap since the previous one counts (for the next take, the part
+    /// after the last take).
     pub fn tick(&self, now: Instant) {
         let mut last = lock(&self.last_tick);
         if let Some(prev) = *last {
-            let gap = now.saturating_duration_since(prev);
+            let from = (*lock(&self.taken)).map_or(prev, |t| t.max(prev));
+            let gap = now.saturating_duration_since(from);
             let ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
             self.remember(prev, now);
-            *last = Some(now.max(prev));
-        } else {
-            *last = Some(now);
         }
+        *last = Some(last.map_or(now, |prev| prev.max(now)));
     }
 
     /// The longest gap between two ticks since the last call, or since the last tick to
     /// `now` if that is longer (the workers may not have ticked yet after a stall when this
-    /// is asked); zero when they kept coming. A gap counted here is not counted again by the
-    /// next tick (the take stands for one), but [`StallWatch::stalled_within`] still sees it.
+    /// is asked); zero when they kept coming. A gap is returned by one take only, but
+    /// [`StallWatch::stalled_within`] sees all of it.
     pub fn take(&self, now: Instant) -> Duration {
-        let mut last = lock(&self.last_tick);
+        let last = lock(&self.last_tick);
+        let mut taken = lock(&self.taken);
         let mut running = Duration::ZERO;
         if let Some(prev) = *last {
-            running = now.saturating_duration_since(prev);
+            let from = (*taken).map_or(prev, |t| t.max(prev));
+            running = now.saturating_duration_since(from);
             self.remember(prev, now);
-            *last = Some(now.max(prev));
         }
+        *taken = Some((*taken).map_or(now, |t| t.max(now)));
         let longest = Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed));
         longest.max(running)
     }
 
-    /// Keeps the gap from `prev` to `now` among the latest stalls if it is one (called with
-    /// `last_tick`'s lock held: the lock order is `last_tick`, then `stalls`).
+    /// Keeps the gap from the tick at `prev` to `now` among the latest stalls if it is one; a
+    /// gap already kept from that tick (a take's, while it still ran) is extended. Called with
+    /// `last_tick`'s lock held (the lock order: `last_tick`, `taken`, `stalls`).
     fn remember(&self, prev: Instant, now: Instant) {
         if now.saturating_duration_since(prev) < STALL {
             return;
         }
         let mut stalls = lock(&self.stalls);
+        if let Some(last) = stalls.back_mut().filter(|(start, _)| *start == prev) {
+            last.1 = last.1.max(now);
+            return;
+        }
         if stalls.len() == REMEMBERED {
             stalls.pop_front();
         }
@@ -105,14 +116,19 @@ impl StallWatch {
     /// span, the gap still running (the workers not ticked again yet) included. Only the
     /// latest few stalls are remembered: spans of a keepalive threshold hold one or two.
     pub fn stalled_within(&self, since: Instant, now: Instant) -> Duration {
-        // Both locks at once, as a tick takes them: a tick between reading the running gap
-        // and the stalls would have the same gap counted twice.
+        // The locks held together, as a tick takes them: a tick between reading the running
+        // gap and the stalls would have one gap counted twice.
         let last = lock(&self.last_tick);
         let stalls = lock(&self.stalls);
         let running = (*last)
             .filter(|&t| now.saturating_duration_since(t) >= STALL)
             .map(|t| (t, now));
-        (stalls.iter().copied().chain(running))
+        // A running gap a take kept already is that one, up to now.
+        let kept = stalls
+            .iter()
+            .copied()
+            .filter(|s| running.is_none_or(|r| s.0 != r.0));
+        (kept.chain(running))
             .map(|(start, end)| end.min(now).saturating_duration_since(start.max(since)))
             .sum()
     }
@@ -187,17 +203,18 @@ mod tests {
             w.stalled_within(t0 + ms(5_900), t0 + ms(6_000)),
             Duration::ZERO
         );
-        // Asked before the workers ticked again: the running gap counts (from the take at
-        // 5.95 s, which stands for a tick).
+        // Asked before the workers ticked again: the running gap counts (from the last tick,
+        // at 5.9 s: a take is no tick).
         assert_eq!(
             w.stalled_within(t0 + ms(3_900), t0 + ms(8_000)),
-            ms(2_000 + 2_050)
+            ms(2_000 + 2_100)
         );
     }
 
     /// The membership's take may come first after a stall, before the workers tick again: the
-    /// stall it takes is still there for the sync engine. Seen failing (zero) when only ticks
-    /// kept stalls.
+    /// stall it takes is still there for the sync engine, whole, also when takes come every
+    /// 200 ms while the workers do not run. Seen failing (zero) when only ticks kept stalls,
+    /// and when each take cut the stall into pieces too short to keep.
     #[test]
     fn a_stall_the_membership_took_first_is_still_seen() {
         let w = StallWatch::new();
@@ -205,6 +222,14 @@ mod tests {
         w.tick(t0);
         assert_eq!(w.take(t0 + ms(30_000)), ms(30_000));
         w.tick(t0 + ms(30_050));
-        assert_eq!(w.stalled_within(t0, t0 + ms(30_060)), ms(30_000));
+        assert_eq!(w.stalled_within(t0, t0 + ms(30_060)), ms(30_050));
+        for t in (30_250..=32_050).step_by(200) {
+            assert!(w.take(t0 + ms(t)) <= ms(200));
+        }
+        w.tick(t0 + ms(32_100));
+        assert_eq!(
+            w.stalled_within(t0 + ms(30_060), t0 + ms(32_100)),
+            ms(2_040)
+        );
     }
 }

@@ -9,13 +9,14 @@ use std::{
     io,
     path::{Path, PathBuf},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use tracing::warn;
 
 use crate::{
     cluster::Membership,
-    dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS},
+    dir_trust::{dir_risk, risk_above, Policy, Risk, OURS_OR_ROOTS},
     lock::lock,
 };
 
@@ -25,6 +26,10 @@ const FILE: &str = "suspended";
 const FLAP_LIMIT_LINE: &str = "suspended by its flap limit (local.max_flaps)";
 /// The most of a mark read: its first line says whose it is.
 const READ_LIMIT: u64 = 4096;
+
+/// After a failed write or removal of the flap limit's mark, the wait before the next try (on
+/// the main loop: each try may wait for the disk).
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Who suspended the member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +65,7 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// The mark in `state_dir`, if there is one (a missing directory holds none). Anything at its
 /// path that is not a file the flap limit wrote counts as the operator's.
 pub fn read(state_dir: &Path) -> Result<Option<MarkKind>, MarkError> {
-    use std::io::Read as _;
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
     match std::fs::symlink_metadata(state_dir) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(io_error("inspecting", state_dir, source)),
@@ -71,7 +76,11 @@ pub fn read(state_dir: &Path) -> Result<Option<MarkKind>, MarkError> {
         return Ok(None);
     }
     let mut text = String::new();
-    let flap_limit = std::fs::File::open(&mark)
+    // Not through a link, nor waiting on a FIFO: such a mark is the operator's.
+    let flap_limit = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&mark)
         .and_then(|f| f.take(READ_LIMIT).read_to_string(&mut text))
         .is_ok_and(|_| text.lines().next() == Some(FLAP_LIMIT_LINE));
     Ok(Some(if flap_limit {
@@ -136,8 +145,9 @@ pub fn clear(state_dir: &Path) -> Result<(), MarkError> {
 pub struct FlapMarkSync {
     /// The flap limit's mark is in the state directory, as far as this agent knows.
     marked: bool,
-    /// The last write or removal failed (said once until one succeeds).
-    failing: bool,
+    /// The last write or removal failed (said once until one succeeds); not tried again
+    /// before this.
+    failing: Option<Instant>,
 }
 
 impl FlapMarkSync {
@@ -145,7 +155,7 @@ impl FlapMarkSync {
     pub fn new(m: &Membership) -> FlapMarkSync {
         FlapMarkSync {
             marked: m.flap_suspended().is_some(),
-            failing: false,
+            failing: None,
         }
     }
 
@@ -160,7 +170,7 @@ impl FlapMarkSync {
             self.marked = false;
             return;
         }
-        if flap == self.marked {
+        if flap == self.marked || self.failing.is_some_and(|t| Instant::now() < t) {
             return;
         }
         let done = if flap {
@@ -168,23 +178,43 @@ impl FlapMarkSync {
         } else {
             clear(state_dir)
         };
+        let retry = Some(Instant::now() + RETRY_AFTER);
         match done {
-            Ok(()) => (self.marked, self.failing) = (flap, false),
-            Err(e) if !self.failing => {
-                self.failing = true;
+            Ok(()) => (self.marked, self.failing) = (flap, None),
+            Err(e) if self.failing.is_none() => {
+                self.failing = retry;
                 let then = if flap {
                     "the flap limit's suspend is not kept: a restart would bring this member back into service"
                 } else {
                     "the flap limit's suspend ended, but its mark stays: a restart would suspend this member again"
                 };
-                warn!(error = %e, "{then} (tried again at each evaluation)");
+                warn!(error = %e, "{then} (tried again every {} s)", RETRY_AFTER.as_secs());
             }
-            Err(_) => {}
+            Err(_) => self.failing = retry,
         }
     }
 }
 
+/// The state directory (`meta`, its own metadata) and the directories above it: refused when
+/// someone else could write the mark, or replace the directory that holds it.
 fn check_trusted(dir: &Path, meta: &std::fs::Metadata) -> Result<(), MarkError> {
+    let above = risk_above(dir).map_err(|e| io_error("resolving", dir, e))?;
+    if let Some((above, risk)) = above {
+        let why = match risk {
+            Risk::Open(mode) => format!("writable by group or others (mode {mode:04o})"),
+            Risk::OwnedBy(uid) => format!("owned by uid {uid}"),
+            Risk::Symlink | Risk::NotDir => "not a plain directory".to_string(),
+        };
+        return Err(MarkError::Untrusted {
+            path: dir.to_owned(),
+            why: format!(
+                "lies under {}, {why}: whoever may write there could replace the state \
+                 directory and decide whether this member starts suspended (keep it under \
+                 directories only root writes, as /var/lib)",
+                above.display()
+            ),
+        });
+    }
     let why = match dir_risk(meta, POLICY) {
         None => return Ok(()),
         Some(Risk::Symlink) => "is a symbolic link: give the directory itself".to_string(),
@@ -256,6 +286,29 @@ mod tests {
                 "{msg}"
             );
         }
+        assert!(!path(&dir).exists(), "nothing written");
+    }
+
+    /// A state directory under one that others may write (who could rename it away and put
+    /// their own in its place) is refused too, naming that one.
+    #[test]
+    fn a_state_directory_under_one_others_may_write_is_refused() {
+        let tmp = TempDir::new("suspend-above");
+        let open = tmp.path().join("shared");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let dir = open.join("state");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let e = read(&dir).map(drop).expect_err("untrusted").to_string();
+        assert!(
+            e.contains(&format!(
+                "lies under {}, writable by group or others (mode 0777)",
+                open.display()
+            )),
+            "{e}"
+        );
+        mark(&dir, MarkKind::Operator).expect_err("untrusted");
         assert!(!path(&dir).exists(), "nothing written");
     }
 }

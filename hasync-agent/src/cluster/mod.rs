@@ -234,6 +234,8 @@ pub struct Membership {
     /// The member suspended itself at its flap limit (with this many flaps), apart from the
     /// operator's `suspended`: it serves again once no other member is in service.
     flap_suspended: Option<u32>,
+    /// Since when no other member has been in service, while the flap limit's suspend lasts.
+    unserved_since: Option<Instant>,
     /// Sessions this member owns, as last counted.
     pub local_sessions_owned: u32,
     tentative_until: Option<Instant>,
@@ -302,6 +304,7 @@ impl Membership {
             suspended: false,
             max_flaps: 0,
             flap_suspended: None,
+            unserved_since: None,
             local_sessions_owned: 0,
             tentative_until: None,
             timers,
@@ -571,7 +574,7 @@ impl Membership {
         self.set_condition(Condition::ConfigMismatch, mismatch, now);
         self.end_hold_times(now);
         self.synced_once = self.synced_once || self.synced(now);
-        let flap_released = self.release_flap_suspend();
+        let flap_released = self.release_flap_suspend(now);
         let before = self.flap_suspended;
         let local_state = self.enter(self.next_state(now), now);
         Changes {
@@ -582,21 +585,27 @@ impl Membership {
         }
     }
 
-    /// Ends the flap limit's suspend when no other member is in service (Active or
-    /// Tentative) once the start's full syncs are over: a flapping member serves rather than
-    /// nobody (both members of a pair that flapped together, a peer that failed since, a
-    /// start after the site lost power). Returns whether it ended it.
-    fn release_flap_suspend(&mut self) -> bool {
+    /// Ends the flap limit's suspend when no other member has been in service (Active or
+    /// Tentative) for a keepalive threshold and a tentative hold (time for a peer that
+    /// restarts to come back), the start's full syncs over, and nothing else holds this member
+    /// down: a flapping member serves rather than nobody (both members of a pair that flapped
+    /// together, a peer that failed since, a start after the site lost power). Returns whether
+    /// it ended it.
+    fn release_flap_suspend(&mut self, now: Instant) -> bool {
         let in_service = |p: &Peer| {
             p.alive && matches!(p.reported, MemberState::Active | MemberState::Tentative)
         };
-        if self.flap_suspended.is_none() || !self.synced_once {
+        if self.flap_suspended.is_none() || self.peers.values().any(in_service) {
+            self.unserved_since = None;
             return false;
         }
-        if self.peers.values().any(in_service) {
+        let since = *self.unserved_since.get_or_insert(now);
+        let wait = self.timers.keepalive_threshold + self.timers.tentative_hold;
+        let healthy = self.faults.is_empty() && self.hold_down_until.is_none();
+        if !self.synced_once || !healthy || now.saturating_duration_since(since) < wait {
             return false;
         }
-        self.flap_suspended = None;
+        (self.flap_suspended, self.unserved_since) = (None, None);
         true
     }
 

@@ -659,11 +659,12 @@ fn a_link_that_keeps_failing_counts_every_fall_from_active() {
     assert_eq!(m.flaps, 0);
 }
 
-/// A member suspended at its flap limit serves again, on its own, once no other member is in
-/// service: the peer that was Active fails (or both members of a pair flapped together and
-/// each sees the other suspended); it does not suspend again while the peer is only Tentative
-/// or away. A start with the flap limit's mark is suspended the same way, and released alike.
-/// A fall that is only a configuration mismatch (the other members changed) never suspends.
+/// A member suspended at its flap limit serves again, on its own, once no other member has
+/// been in service for a keepalive threshold and a tentative hold and it is healthy itself:
+/// the peer that was Active fails (or both members of a pair flapped together and each sees
+/// the other suspended). A peer that is only Tentative does not suspend it at its next fall.
+/// A start with the flap limit's mark is suspended the same way, and released alike. A fall
+/// that is only a configuration mismatch (the other members changed) never suspends.
 #[test]
 fn a_member_suspended_at_its_flap_limit_serves_again_when_no_other_member_does() {
     let t0 = Instant::now();
@@ -680,32 +681,40 @@ fn a_member_suspended_at_its_flap_limit_serves_again_when_no_other_member_does()
     m.set_condition(uplinks.clone(), Some("out0 down".into()), t0 + s(3));
     hear_2(&mut m, MemberState::Active, 3);
     assert_eq!(m.evaluate(t0 + s(3)).flap_suspend, Some(1));
-    m.set_condition(uplinks, None, t0 + s(4));
-    // The peer reports itself suspended too (it flapped as well): nobody serves.
-    hear_2(&mut m, MemberState::Suspended, 5);
-    let back = m.evaluate(t0 + s(5));
+    m.set_condition(uplinks.clone(), None, t0 + s(4));
+    // The peer reports itself suspended too (it flapped as well): nobody serves from 5 s.
+    // Released once that has lasted 70 s and this member's hold-down (to 124 s) is over.
+    for at in 5..124 {
+        hear_2(&mut m, MemberState::Suspended, at);
+        assert!(!m.evaluate(t0 + s(at)).flap_released, "at {at} s");
+    }
+    let back = m.evaluate(t0 + s(124));
     assert!(back.flap_released);
-    assert_eq!(
-        back.local_state,
-        Some(MemberState::NonFunctional),
-        "held down"
-    );
+    assert_eq!(back.local_state, Some(MemberState::Tentative));
     assert_eq!(m.flap_suspended(), None);
     assert_eq!(
-        m.evaluate(t0 + s(200)).local_state,
+        m.evaluate(t0 + s(184)).local_state,
         Some(MemberState::Active)
     );
+    // The peer returns, Tentative: this member's next fall is a flap, not a suspend.
+    hear_2(&mut m, MemberState::Tentative, 190);
+    m.set_condition(uplinks, Some("out0 down".into()), t0 + s(190));
+    let fall = m.evaluate(t0 + s(190));
+    assert_eq!(fall.local_state, Some(MemberState::NonFunctional));
+    assert_eq!(fall.flap_suspend, None);
 
-    // A start with the flap limit's mark: suspended until the start's full syncs are over,
-    // then released since nobody serves (the peer is silent).
+    // A start with the flap limit's mark: suspended, and released 70 s after its first
+    // evaluation (the peers stay silent; its discovery ended at 2 s).
     let mut restarted = cluster(t0);
     restarted.set_max_flaps(3);
     restarted.restore_flap_suspend();
     assert_eq!(restarted.flap_suspended(), Some(3));
     let first = restarted.evaluate(t0 + s(1));
     assert_eq!(first.local_state, Some(MemberState::Suspended));
-    assert!(!first.flap_released, "still discovering its peers");
-    let later = restarted.evaluate(t0 + s(2));
+    for at in 2..71 {
+        assert!(!restarted.evaluate(t0 + s(at)).flap_released, "at {at} s");
+    }
+    let later = restarted.evaluate(t0 + s(71));
     assert!(later.flap_released);
     assert_eq!(later.local_state, Some(MemberState::Active));
 

@@ -115,9 +115,19 @@ impl Request {
         )
     }
 
-    /// Does it change the member's state (rather than show something)?
+    /// Does it change the member's state (rather than show something)? Readers of the
+    /// control socket may ask only for what does not; every request is named here, so a new
+    /// one must be placed.
     pub fn changes_state(&self) -> bool {
-        matches!(self, Request::Suspend {} | Request::Functional {})
+        match self {
+            Request::Suspend {} | Request::Functional {} => true,
+            Request::ShowMembers {}
+            | Request::ShowSessions { .. }
+            | Request::ShowSessionCounts {}
+            | Request::ShowStatistics {}
+            | Request::ShowCounters { .. }
+            | Request::ShowFlaps {} => false,
+        }
     }
 
     /// Short name for logs.

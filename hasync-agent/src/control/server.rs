@@ -33,6 +33,9 @@ pub const SOCKET_MODE: u32 = 0o660;
 pub const DIR_MODE: u32 = 0o755;
 /// Connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Of those, read-only connections ([`Access::readers`]) served at once; more are refused
+/// at once, so readers cannot take the slots an operator's `suspend` needs.
+pub const MAX_READER_CONNECTIONS: usize = 4;
 /// How long a request may wait for the runtime's answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection may wait with no request (or half of one) before it is closed: a
@@ -171,7 +174,9 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
         match rc {
             0 if found.is_null() => return Ok(None),
             0 => return Ok(Some(group.gr_gid)),
-            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            libc::ERANGE if buf.len() < 1 << 22 => buf.resize(buf.len() * 4, 0),
+            // What getgrnam_r(3) lists as "not found" besides a null result.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
             e => return Err(io::Error::from_raw_os_error(e)),
         }
     }
@@ -282,7 +287,7 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
         source,
     })?;
     if let Some(gid) = access.readers {
-        // Before the mode: until then the socket is the agent's group's alone.
+        // Before the mode, which until then is the umask's (0700 under the unit's 0077).
         chown_here(path, gid).map_err(|source| ServerError::Chown {
             path: path.to_owned(),
             gid,
@@ -419,6 +424,7 @@ async fn accept_loop(
     timeouts: Timeouts,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let reader_slots = Arc::new(Semaphore::new(MAX_READER_CONNECTIONS));
     loop {
         let permit = tokio::select! {
             _ = requests.closed() => break,
@@ -443,15 +449,40 @@ async fn accept_loop(
         // Who connected, from the kernel (SO_PEERCRED): unknown counts as a reader.
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let client = (Level::of(uid, crate::dir_trust::euid()), uid);
+        let reader_permit = match client.0 {
+            Level::Operator => None,
+            Level::Reader => match reader_slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tokio::spawn(refuse_busy(stream, timeouts.write, permit));
+                    continue;
+                }
+            },
+        };
         tokio::spawn(async move {
             if let Err(error) = connection(stream, requests, timeouts, client).await {
                 debug!(%error, "control connection ended");
             }
-            drop(permit);
+            drop((permit, reader_permit));
         });
     }
     debug!(socket = %file.path.display(), "control socket closed");
     drop(file);
+}
+
+/// Answers a reader's connection past [`MAX_READER_CONNECTIONS`] with why, and closes it
+/// (then gives its slot, `permit`, back).
+async fn refuse_busy(
+    stream: UnixStream,
+    timeout: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (_, mut write) = stream.into_split();
+    let response = Response::error(format!(
+        "too many read-only connections ({MAX_READER_CONNECTIONS} at once): try again later"
+    ));
+    let _ = write_response(&mut write, &response, timeout).await;
+    drop(permit);
 }
 
 /// Serves one connection from `client` (its level and uid): request lines in, response lines
@@ -629,15 +660,24 @@ mod tests {
         let _server = serve_for(&path, tx, access).await.expect("serve");
         assert_eq!(std::fs::metadata(&path).expect("socket").gid(), NOBODY);
         let p = path.clone();
-        let (shown, suspend) = tokio::task::spawn_blocking(move || {
+        let (shown, suspend, busy, idle) = tokio::task::spawn_blocking(move || {
             as_user(NOBODY, move || {
                 let shown = client::request(&p, &Request::ShowFlaps {}).expect("show");
                 let suspend = client::request(&p, &Request::Suspend {}).expect("suspend");
-                (shown, suspend)
+                // Readers hold every slot they may have: the next one is refused at once.
+                let idle: Vec<_> = (0..MAX_READER_CONNECTIONS)
+                    .map(|_| std::os::unix::net::UnixStream::connect(&p).expect("connect"))
+                    .collect();
+                let busy = client::request(&p, &Request::ShowFlaps {}).expect("busy");
+                (shown, suspend, busy, idle)
             })
         })
         .await
         .expect("client");
+        assert_eq!(
+            busy.error.as_deref(),
+            Some("too many read-only connections (4 at once): try again later")
+        );
         assert!(shown.ok, "{shown:?}");
         assert!(!suspend.ok);
         assert_eq!(
@@ -647,6 +687,7 @@ mod tests {
                  for it (this connection is uid 65534, which may only show)"
             )
         );
+        // Root is served while the readers hold theirs.
         let p = path.clone();
         let as_root =
             tokio::task::spawn_blocking(move || client::request(&p, &Request::Suspend {}))
@@ -654,6 +695,22 @@ mod tests {
                 .expect("client")
                 .expect("suspend");
         assert!(as_root.ok, "{as_root:?}");
+        drop(idle);
+    }
+
+    /// Who may do what, whatever user runs the tests: root and the agent's own user
+    /// everything, anyone else only what changes nothing.
+    #[test]
+    fn readers_may_ask_only_for_what_changes_nothing() {
+        assert_eq!(Level::of(0, 1000), Level::Operator);
+        assert_eq!(Level::of(1000, 1000), Level::Operator);
+        assert_eq!(Level::of(1001, 1000), Level::Reader);
+        for request in [Request::Suspend {}, Request::Functional {}] {
+            assert!(Level::Reader.refuses(&request, 1001).is_some());
+            assert!(Level::Operator.refuses(&request, 0).is_none());
+        }
+        let show = Request::ShowCounters { prefix: None };
+        assert!(Level::Reader.refuses(&show, 1001).is_none());
     }
 
     #[test]

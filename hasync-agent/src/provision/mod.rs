@@ -61,7 +61,7 @@ use serde::Deserialize;
 use crate::config::{
     self, parse_cidr, Cluster, Config, Link, Local, Member, OtherProtocolsName, Zone, MIN_KEY_BYTES,
 };
-use crate::dir_trust::{dir_risk, Policy, Risk, OURS_OR_ROOTS};
+use crate::dir_trust::{dir_risk, risk_above, Risk, OURS_OR_ROOTS};
 
 /// Where members keep the cluster key unless the spec says otherwise.
 pub const DEFAULT_KEY_FILE: &str = "/etc/hasync/cluster.key";
@@ -749,12 +749,8 @@ fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError>
         let path = path.to_owned();
         move |source| ProvisionError::Io { what, path, source }
     };
-    let absolute = std::path::absolute(out).map_err(io("resolving", out))?;
-    if let Some(existing) = absolute.ancestors().skip(1).find(|p| p.exists()) {
-        let real = existing.canonicalize().map_err(io("resolving", existing))?;
-        for above in real.ancestors() {
-            check_above(above, &unfollowed(above)?)?;
-        }
+    if let Some((above, risk)) = risk_above(out).map_err(io("resolving", out))? {
+        return Err(refusal(&above, risk));
     }
     mkdir(out, 0o755)?;
     check_own_dir(out, &unfollowed(out)?)?;
@@ -769,13 +765,6 @@ fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError>
         Ok(meta) if !meta.is_file() => Err(not_plain(&key)),
         _ => Ok(()),
     }
-}
-
-/// A directory above the output (resolved): refused when someone else could replace what is
-/// below it. In a sticky one (`/tmp`) only an entry's owner, or the directory's, may rename
-/// it: others may write it if the directory itself is this user's or root's.
-fn check_above(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    check_dir(path, meta, true)
 }
 
 fn not_plain(path: &Path) -> ProvisionError {
@@ -800,39 +789,29 @@ fn unfollowed(path: &Path) -> Result<std::fs::Metadata, ProvisionError> {
 /// filled (a planted key, a member directory linked elsewhere): `meta` (the directory's) must
 /// be a real directory, this user's or root's, that no group or other user may write.
 fn check_own_dir(path: &Path, meta: &std::fs::Metadata) -> Result<(), ProvisionError> {
-    check_dir(path, meta, false)
+    dir_risk(meta, OURS_OR_ROOTS).map_or(Ok(()), |risk| Err(refusal(path, risk)))
 }
 
-/// `meta` (`path`'s) is a real directory, this user's or root's, not writable by group or
-/// others unless `sticky_may_be_open` and it is sticky.
-fn check_dir(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    sticky_may_be_open: bool,
-) -> Result<(), ProvisionError> {
-    let policy = Policy {
-        sticky_may_be_open,
-        ..OURS_OR_ROOTS
-    };
-    let why = match dir_risk(meta, policy) {
-        None => return Ok(()),
-        Some(Risk::Symlink) => "is a symbolic link: member files are written only into \
-                                directories of their own (remove the link)"
+/// The refusal of `path`, the output or a directory above it, for `risk`.
+fn refusal(path: &Path, risk: Risk) -> ProvisionError {
+    let why = match risk {
+        Risk::Symlink => "is a symbolic link: member files are written only into directories of \
+                          their own (remove the link)"
             .to_string(),
-        Some(Risk::NotDir) => "is not a directory".to_string(),
-        Some(Risk::OwnedBy(uid)) => format!(
+        Risk::NotDir => "is not a directory".to_string(),
+        Risk::OwnedBy(uid) => format!(
             "is owned by uid {uid}: its owner could plant a key or a member directory in it \
              (use a directory of your own)"
         ),
-        Some(Risk::Open(mode)) => format!(
+        Risk::Open(mode) => format!(
             "is writable by group or others (mode {mode:04o}): any of them could plant a key or \
              a member directory in it (chmod go-w)"
         ),
     };
-    Err(ProvisionError::Unsafe {
+    ProvisionError::Unsafe {
         path: path.to_owned(),
         why,
-    })
+    }
 }
 
 fn mkdir(dir: &Path, mode: u32) -> Result<(), ProvisionError> {
