@@ -46,6 +46,10 @@ pub struct Iface {
     /// The interface it is stacked on, when it is a VLAN, macvlan, macvtap or ipvlan device
     /// whose lower device is in this namespace (IFLA_LINK): its frames cross that one.
     pub lower: Option<u32>,
+    /// Times its carrier went down since it was made (IFLA_CARRIER_DOWN_COUNT; 0 where the
+    /// kernel does not say): a loss so short that the kernel reported only its end (it
+    /// coalesces link events within a second) still counts here.
+    pub carrier_downs: u32,
 }
 
 /// The ids of the XDP programs attached to an interface (IFLA_XDP), by mode. Attaching or
@@ -149,6 +153,7 @@ fn present(m: &LinkMessage) -> Option<Body> {
     let mut mac = None;
     let mut xdp = XdpPrograms::default();
     let (mut link, mut other_netns, mut stacked) = (None, false, false);
+    let mut carrier_downs = 0;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
@@ -158,6 +163,7 @@ fn present(m: &LinkMessage) -> Option<Body> {
             LinkAttribute::Link(index) => link = Some(*index),
             LinkAttribute::LinkNetNsId(_) => other_netns = true,
             LinkAttribute::LinkInfo(infos) => stacked = is_stacked(infos),
+            LinkAttribute::CarrierDownCount(n) => carrier_downs = *n,
             _ => {}
         }
     }
@@ -169,6 +175,7 @@ fn present(m: &LinkMessage) -> Option<Body> {
         mac,
         xdp,
         lower: link.filter(|_| stacked && !other_netns),
+        carrier_downs,
     };
     Some(Body::Present(name?, iface))
 }
@@ -540,6 +547,7 @@ mod tests {
             mac: None,
             xdp: XdpPrograms::default(),
             lower: None,
+            carrier_downs: 0,
         }
     }
 

@@ -197,6 +197,7 @@ mod tests {
             mac: None,
             xdp: Default::default(),
             lower,
+            carrier_downs: 0,
         }
     }
 

@@ -617,6 +617,7 @@ mod tests {
                 generic: None,
             },
             lower: None,
+            carrier_downs: 0,
         };
         let plan = StartPlan {
             opts: DatapathOptions::new(MemberId(1)),

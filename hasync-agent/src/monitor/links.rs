@@ -1,7 +1,13 @@
 //! Link groups: data interfaces down (no carrier, or set down) or missing, from the netlink
-//! link watcher, judged as each change arrives.
+//! link watcher, judged as each change arrives. A carrier loss too short to be seen as a
+//! state (the kernel coalesces link events within a second and reported only its end, or two
+//! changes came between two reads) is seen by the interface's carrier-down count: the group
+//! fails for that moment, and its monitor's hold-down follows.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+};
 
 use tracing::warn;
 
@@ -14,12 +20,19 @@ use crate::{
 
 /// Why `group` fails with the interfaces as `ifaces` lists them, if it does.
 pub fn link_group_cause(group: &LinkGroup, ifaces: &Ifaces) -> Option<String> {
+    group_cause(group, ifaces, &BTreeSet::new())
+}
+
+/// Why `group` fails with the interfaces as `ifaces` lists them and those in `lost` (up, but
+/// their carrier went down since the last look) taken for down, if it does.
+fn group_cause(group: &LinkGroup, ifaces: &Ifaces, lost: &BTreeSet<String>) -> Option<String> {
     let failed: Vec<String> = group
         .interfaces
         .iter()
         .filter_map(|name| match ifaces.get(name) {
             None => Some(format!("{name} missing")),
             Some(i) if !i.up => Some(format!("{name} down")),
+            Some(_) if lost.contains(name) => Some(format!("{name} lost its carrier for a moment")),
             Some(_) => None,
         })
         .collect();
@@ -27,6 +40,50 @@ pub fn link_group_cause(group: &LinkGroup, ifaces: &Ifaces) -> Option<String> {
         .failure_condition
         .fails(failed.len(), group.interfaces.len())
         .then(|| failed.join(", "))
+}
+
+/// Each interface's carrier-down count as last seen, with its index (a re-created interface
+/// counts anew).
+#[derive(Debug, Default)]
+struct CarrierCounts(BTreeMap<String, (u32, u32)>);
+
+impl CarrierCounts {
+    /// The interfaces of `ifaces` that are up but whose carrier went down since the last look
+    /// (a loss seen only by its count); the counts are kept for the next.
+    fn lost_since(&mut self, ifaces: &Ifaces) -> BTreeSet<String> {
+        let mut lost = BTreeSet::new();
+        for (name, i) in ifaces {
+            let before = self.0.insert(name.clone(), (i.index, i.carrier_downs));
+            let missed =
+                before.is_some_and(|(index, downs)| index == i.index && i.carrier_downs > downs);
+            if i.up && missed {
+                lost.insert(name.clone());
+            }
+        }
+        self.0.retain(|name, _| ifaces.contains_key(name));
+        lost
+    }
+}
+
+/// Records `groups`' verdicts on `table`: a group that fails only by a loss seen in the counts
+/// fails and recovers at once (its monitor's hold-down then holds the member down).
+fn judge(
+    groups: &[LinkGroup],
+    table: &Ifaces,
+    counts: &mut CarrierCounts,
+    membership: &Mutex<Membership>,
+) {
+    let lost = counts.lost_since(table);
+    for g in groups {
+        let condition = Condition::LinkGroup(g.name.clone());
+        let cause = link_group_cause(g, table);
+        if cause.is_none() {
+            if let Some(brief) = group_cause(g, table, &lost) {
+                record(membership, condition.clone(), Some(brief));
+            }
+        }
+        record(membership, condition, cause);
+    }
 }
 
 pub(super) async fn watch_link_groups(
@@ -50,12 +107,10 @@ pub(super) async fn watch_link_groups(
         }
     };
     let mut table = watch.now();
+    let mut counts = CarrierCounts::default();
     loop {
         if let Some(t) = &table {
-            for g in &groups {
-                let cause = link_group_cause(g, t);
-                record(&membership, Condition::LinkGroup(g.name.clone()), cause);
-            }
+            judge(&groups, t, &mut counts, &membership);
         }
         table = match watch.changed().await {
             Some(t) => Some(t),
@@ -81,6 +136,7 @@ mod tests {
             mac: None,
             xdp: Default::default(),
             lower: None,
+            carrier_downs: 0,
         };
         let mut ifaces = Ifaces::new();
         ifaces.insert("in0".into(), iface(2, true));
@@ -101,5 +157,79 @@ mod tests {
             link_group_cause(&g, &ifaces).as_deref(),
             Some("in0 down, out0 down, out1 missing")
         );
+    }
+
+    /// A carrier loss seen only by the interface's count (the kernel reported its end only)
+    /// fails the group for that moment: the failure is recorded and recovers at once, so the
+    /// monitor's hold-down holds the member down. An interface made anew (another index, its
+    /// count from zero) and one whose loss was seen as a state count nothing more.
+    #[test]
+    fn a_carrier_loss_seen_only_by_its_count_fails_the_group_for_a_moment() {
+        use std::time::{Duration, Instant};
+
+        use crate::cluster::{MemberState, Timers};
+        let iface = |index, up, carrier_downs| Iface {
+            index,
+            up,
+            mtu: Some(1500),
+            mac: None,
+            xdp: Default::default(),
+            lower: None,
+            carrier_downs,
+        };
+        let table = |i: Iface| Ifaces::from([("out0".to_string(), i)]);
+        let timers = Timers {
+            keepalive_threshold: Duration::from_secs(10),
+            sync_timeout: Duration::ZERO,
+            tentative_hold: Duration::ZERO,
+            monitor_hold_down: Duration::from_secs(60),
+            discovery: Duration::ZERO,
+        };
+        let t0 = Instant::now();
+        let m = Mutex::new(Membership::new(
+            hasync_common::MemberId(1),
+            timers,
+            vec![],
+            t0,
+        ));
+        assert_eq!(
+            crate::lock::lock(&m).evaluate(t0).local_state,
+            Some(MemberState::Active)
+        );
+        let groups = [LinkGroup {
+            name: "uplink".into(),
+            failure_condition: FailureCondition::Any,
+            interfaces: vec!["out0".into()],
+        }];
+        let mut counts = CarrierCounts::default();
+        let held = |m: &Mutex<Membership>| crate::lock::lock(m).hold_down_until().is_some();
+        judge(&groups, &table(iface(3, true, 2)), &mut counts, &m);
+        judge(&groups, &table(iface(3, true, 2)), &mut counts, &m);
+        assert!(!held(&m), "no loss yet");
+        judge(&groups, &table(iface(3, true, 3)), &mut counts, &m);
+        assert!(held(&m), "the loss the count shows");
+        assert_eq!(
+            crate::lock::lock(&m).faults().count(),
+            0,
+            "recovered at once"
+        );
+        let state = crate::lock::lock(&m).evaluate(t0).local_state;
+        assert_eq!(state, Some(MemberState::NonFunctional));
+
+        let mut counts = CarrierCounts::default();
+        let m = Mutex::new(Membership::new(
+            hasync_common::MemberId(1),
+            timers,
+            vec![],
+            t0,
+        ));
+        judge(&groups, &table(iface(3, true, 3)), &mut counts, &m);
+        judge(&groups, &table(iface(3, false, 4)), &mut counts, &m);
+        judge(&groups, &table(iface(3, true, 4)), &mut counts, &m);
+        judge(&groups, &table(iface(9, true, 0)), &mut counts, &m);
+        judge(&groups, &table(iface(9, true, 0)), &mut counts, &m);
+        let lost = counts.lost_since(&table(iface(9, true, 0)));
+        assert!(lost.is_empty(), "{lost:?}");
+        assert_eq!(crate::lock::lock(&m).faults().count(), 0);
     }
 }
