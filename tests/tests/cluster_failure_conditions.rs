@@ -39,15 +39,20 @@ const TENTATIVE_S: u64 = 10;
 /// The monitor fail hold-down.
 const HOLD_DOWN_MS: u64 = 2_000;
 
-fn options() -> ClusterOptions {
-    let fw1 = Monitor {
+/// fw1's monitor: a link group `uplink` of its `out0`.
+fn uplink_monitor() -> Monitor {
+    Monitor {
         link_groups: vec![LinkGroup {
             name: "uplink".into(),
             failure_condition: FailureCondition::Any,
             interfaces: vec![Link::Out.ifname().into()],
         }],
         ..Monitor::default()
-    };
+    }
+}
+
+fn options() -> ClusterOptions {
+    let fw1 = uplink_monitor();
     let fw2 = Monitor {
         path_groups: vec![PathGroup {
             name: "server".into(),
@@ -281,16 +286,8 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
 #[test]
 fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
     const HOLD_S: u64 = 3;
-    let fw1 = Monitor {
-        link_groups: vec![LinkGroup {
-            name: "uplink".into(),
-            failure_condition: FailureCondition::Any,
-            interfaces: vec![Link::Out.ifname().into()],
-        }],
-        ..Monitor::default()
-    };
     let over = MemberOverride {
-        monitor: Some(fw1),
+        monitor: Some(uplink_monitor()),
         max_flaps: Some(2),
         ..MemberOverride::default()
     };

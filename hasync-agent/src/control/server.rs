@@ -316,6 +316,11 @@ fn chown_here(path: &Path, gid: u32) -> io::Result<()> {
             libc::AT_SYMLINK_NOFOLLOW,
         )
     };
+    os_result(rc)
+}
+
+/// A libc call's result: 0 is success, anything else the error in errno.
+fn os_result(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {
@@ -342,11 +347,7 @@ fn chmod_here(path: &Path, mode: u32) -> io::Result<()> {
             libc::AT_SYMLINK_NOFOLLOW,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    os_result(rc)
 }
 
 /// Removes `path` if it is a socket nobody listens on; fails if someone does.

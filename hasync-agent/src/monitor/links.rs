@@ -127,17 +127,22 @@ mod tests {
     use super::*;
     use crate::{config::monitor::FailureCondition, netlink::Iface};
 
-    #[test]
-    fn a_link_group_fails_by_its_condition_naming_the_interfaces() {
-        let iface = |index, up| Iface {
+    /// An interface at `index`, `up` or not, its carrier down `carrier_downs` times.
+    fn iface_at(index: u32, up: bool, carrier_downs: u32) -> Iface {
+        Iface {
             index,
             up,
             mtu: Some(1500),
             mac: None,
             xdp: Default::default(),
             lower: None,
-            carrier_downs: 0,
-        };
+            carrier_downs,
+        }
+    }
+
+    #[test]
+    fn a_link_group_fails_by_its_condition_naming_the_interfaces() {
+        let iface = |index, up| iface_at(index, up, 0);
         let mut ifaces = Ifaces::new();
         ifaces.insert("in0".into(), iface(2, true));
         ifaces.insert("out0".into(), iface(3, false));
@@ -165,33 +170,13 @@ mod tests {
     /// count from zero) and one whose loss was seen as a state count nothing more.
     #[test]
     fn a_carrier_loss_seen_only_by_its_count_fails_the_group_for_a_moment() {
-        use std::time::{Duration, Instant};
+        use std::time::Instant;
 
-        use crate::cluster::{MemberState, Timers};
-        let iface = |index, up, carrier_downs| Iface {
-            index,
-            up,
-            mtu: Some(1500),
-            mac: None,
-            xdp: Default::default(),
-            lower: None,
-            carrier_downs,
-        };
+        use crate::cluster::MemberState;
+        let iface = iface_at;
         let table = |i: Iface| Ifaces::from([("out0".to_string(), i)]);
-        let timers = Timers {
-            keepalive_threshold: Duration::from_secs(10),
-            sync_timeout: Duration::ZERO,
-            tentative_hold: Duration::ZERO,
-            monitor_hold_down: Duration::from_secs(60),
-            discovery: Duration::ZERO,
-        };
         let t0 = Instant::now();
-        let m = Mutex::new(Membership::new(
-            hasync_common::MemberId(1),
-            timers,
-            vec![],
-            t0,
-        ));
+        let m = Mutex::new(super::super::tests::lone_member(t0));
         assert_eq!(
             crate::lock::lock(&m).evaluate(t0).local_state,
             Some(MemberState::Active)
@@ -217,12 +202,7 @@ mod tests {
         assert_eq!(state, Some(MemberState::NonFunctional));
 
         let mut counts = CarrierCounts::default();
-        let m = Mutex::new(Membership::new(
-            hasync_common::MemberId(1),
-            timers,
-            vec![],
-            t0,
-        ));
+        let m = Mutex::new(super::super::tests::lone_member(t0));
         judge(&groups, &table(iface(3, true, 3)), &mut counts, &m);
         judge(&groups, &table(iface(3, false, 4)), &mut counts, &m);
         judge(&groups, &table(iface(3, true, 4)), &mut counts, &m);

@@ -138,8 +138,8 @@ mod tests {
 
     use crate::cluster::Timers;
 
-    #[test]
-    fn a_session_table_the_sweep_cannot_walk_fails_the_member_until_it_can() {
+    /// Member 1 alone: no discovery wait, no tentative hold, a minute's monitor hold-down.
+    pub(super) fn lone_member(now: std::time::Instant) -> Membership {
         let timers = Timers {
             keepalive_threshold: Duration::from_secs(10),
             sync_timeout: Duration::ZERO,
@@ -147,12 +147,12 @@ mod tests {
             monitor_hold_down: Duration::from_secs(60),
             discovery: Duration::ZERO,
         };
-        let m = Mutex::new(Membership::new(
-            hasync_common::MemberId(1),
-            timers,
-            vec![],
-            std::time::Instant::now(),
-        ));
+        Membership::new(hasync_common::MemberId(1), timers, vec![], now)
+    }
+
+    #[test]
+    fn a_session_table_the_sweep_cannot_walk_fails_the_member_until_it_can() {
+        let m = Mutex::new(lone_member(std::time::Instant::now()));
         let mut access = TableAccess::default();
         let faults = |m: &Mutex<Membership>| -> Vec<String> {
             lock(m).faults().map(|(c, e)| format!("{c}: {e}")).collect()

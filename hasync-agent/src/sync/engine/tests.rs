@@ -169,6 +169,16 @@ fn from(peer: &Arc<super::Peer>, link: LinkKind, boot_id: u64) -> FrameFrom<'_> 
     }
 }
 
+/// Peer 2's boot 7, said hello and connected on HA4 and HA4 backup: the peer, and what the
+/// two links' writers are handed (kept for the test).
+fn boot_7_on_both_links(
+    e: &Engine,
+) -> (Arc<super::Peer>, [tokio::sync::mpsc::Receiver<Message>; 2]) {
+    hello_from_2(e, 7);
+    let sent = [LinkKind::Ha4, LinkKind::Ha4Backup].map(|link| connect(e, link));
+    (e.inner.peers[&MemberId(2)].clone(), sent)
+}
+
 /// Registers a connection of peer 2 on `link` whose writer hands what it sends to the
 /// returned receiver (needs a runtime for its placeholder tasks).
 fn connect<T: SessionTable>(e: &Engine<T>, link: LinkKind) -> tokio::sync::mpsc::Receiver<Message> {
@@ -807,9 +817,7 @@ fn a_keepalive_read_late_on_the_other_link_does_not_undo_a_later_one() {
 async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_false() {
     use super::receive::{keepalive_order, KeepaliveOrder as O, Lapse};
     let e = engine();
-    hello_from_2(&e, 7);
-    let (_ha4_sent, _backup_sent) = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (peer, _sent) = boot_7_on_both_links(&e);
     let (ha4, backup) = (
         from(&peer, LinkKind::Ha4, 7),
         from(&peer, LinkKind::Ha4Backup, 7),
@@ -871,9 +879,7 @@ async fn a_keepalive_numbered_far_ahead_holds_the_order_only_until_it_is_shown_f
 async fn the_keepalive_order_does_not_lapse_over_this_agents_own_stall() {
     use super::receive::{keepalive_order, KeepaliveOrder as O, Lapse};
     let e = engine();
-    hello_from_2(&e, 7);
-    let (_ha4_sent, _backup_sent) = (connect(&e, LinkKind::Ha4), connect(&e, LinkKind::Ha4Backup));
-    let peer = e.inner.peers[&MemberId(2)].clone();
+    let (peer, _sent) = boot_7_on_both_links(&e);
     let (ha4, backup) = (
         from(&peer, LinkKind::Ha4, 7),
         from(&peer, LinkKind::Ha4Backup, 7),
