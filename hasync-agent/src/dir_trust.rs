@@ -45,14 +45,20 @@ pub const ABOVE: Policy = Policy {
 
 /// The first directory above `path` (where symbolic links lead: the real path's directories)
 /// under which someone else could replace what follows, with why ([`ABOVE`]); `None` when
-/// there is none. Only directories that exist are looked at: `path` may be made later.
-pub fn risk_above(path: &Path) -> std::io::Result<Option<(PathBuf, Risk)>> {
-    let absolute = std::path::absolute(path)?;
+/// there is none. Only directories that exist are looked at: `path` may be made later. An
+/// error names the path it came from.
+pub fn risk_above(path: &Path) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std::io::Error)> {
+    let at = |p: &Path| {
+        let p = p.to_owned();
+        move |e| (p, e)
+    };
+    let absolute = std::path::absolute(path).map_err(at(path))?;
     let Some(existing) = absolute.ancestors().skip(1).find(|p| p.exists()) else {
         return Ok(None);
     };
-    for above in existing.canonicalize()?.ancestors() {
-        if let Some(risk) = dir_risk(&std::fs::symlink_metadata(above)?, ABOVE) {
+    for above in existing.canonicalize().map_err(at(existing))?.ancestors() {
+        let meta = std::fs::symlink_metadata(above).map_err(at(above))?;
+        if let Some(risk) = dir_risk(&meta, ABOVE) {
             return Ok(Some((above.to_owned(), risk)));
         }
     }

@@ -250,7 +250,9 @@ fn kept_suspend(config: &Config) -> anyhow::Result<Option<suspend_mark::MarkKind
                 "not suspended: the flap limit had suspended this member, but local.max_flaps \
                  is 0 now; its mark is removed"
             );
-            suspend_mark::clear(state_dir).context("removing a stale suspend mark")?;
+            if let Err(e) = suspend_mark::clear(state_dir) {
+                warn!(error = %e, "the stale mark stays (it suspends nothing while local.max_flaps is 0)");
+            }
             return Ok(None);
         }
         Some(MarkKind::FlapLimit) => warn!(
@@ -291,7 +293,7 @@ async fn main_loop(
                     info!(signal = name, "stopping");
                     // A flap limit's suspend made on a reader's worker since the last
                     // evaluation is kept too.
-                    main.flap_mark.sync(&member.membership, &member.config.local.state_dir);
+                    main.flap_mark.sync_now(&member.membership, &member.config.local.state_dir);
                     return Ok(());
                 }
                 Signalled::Reopen => reopen_traffic_log(log),

@@ -159,6 +159,12 @@ impl FlapMarkSync {
         }
     }
 
+    /// [`FlapMarkSync::sync`], tried now even if a failure asked to wait (the agent stops).
+    pub fn sync_now(&mut self, membership: &Mutex<Membership>, state_dir: &Path) {
+        self.failing = None;
+        self.sync(membership, state_dir);
+    }
+
     /// Writes or removes the mark in `state_dir` if the membership's flap limit suspend changed.
     /// The operator's suspend leaves it alone: its mark is the control handler's.
     pub fn sync(&mut self, membership: &Mutex<Membership>, state_dir: &Path) {
@@ -198,7 +204,7 @@ impl FlapMarkSync {
 /// The state directory (`meta`, its own metadata) and the directories above it: refused when
 /// someone else could write the mark, or replace the directory that holds it.
 fn check_trusted(dir: &Path, meta: &std::fs::Metadata) -> Result<(), MarkError> {
-    let above = risk_above(dir).map_err(|e| io_error("resolving", dir, e))?;
+    let above = risk_above(dir).map_err(|(at, e)| io_error("inspecting", &at, e))?;
     if let Some((above, risk)) = above {
         let why = match risk {
             Risk::Open(mode) => format!("writable by group or others (mode {mode:04o})"),

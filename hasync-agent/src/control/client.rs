@@ -76,7 +76,20 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
         source: io::Error::other(e),
     })?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(io_err)?;
+    if let Err(e) = (&stream).write_all(&line) {
+        // An agent that refuses the connection at once (too many readers) answers and hangs
+        // up without reading: its answer may be waiting all the same.
+        let hung_up = matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        );
+        if hung_up {
+            if let Ok(answer) = read_answer(path, &stream) {
+                return Ok(answer);
+            }
+        }
+        return Err(io_err(e));
+    }
     read_answer(path, &stream)
 }
 

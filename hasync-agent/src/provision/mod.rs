@@ -745,11 +745,12 @@ fn write_members(
 /// this user's (created if missing), and what already sits where the members' directories and
 /// the key go must be directories and a plain file.
 fn check_output(out: &Path, files: &[MemberFiles]) -> Result<(), ProvisionError> {
-    let io = |what, path: &Path| {
-        let path = path.to_owned();
-        move |source| ProvisionError::Io { what, path, source }
-    };
-    if let Some((above, risk)) = risk_above(out).map_err(io("resolving", out))? {
+    let above = risk_above(out).map_err(|(path, source)| ProvisionError::Io {
+        what: "checking",
+        path,
+        source,
+    })?;
+    if let Some((above, risk)) = above {
         return Err(refusal(&above, risk));
     }
     mkdir(out, 0o755)?;
