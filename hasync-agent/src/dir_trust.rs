@@ -43,10 +43,11 @@ pub const ABOVE: Policy = Policy {
     ..OURS_OR_ROOTS
 };
 
-/// The first directory above `path` (where symbolic links lead: the real path's directories)
-/// under which someone else could replace what follows, with why ([`ABOVE`]); `None` when
-/// there is none. Only directories that exist are looked at: `path` may be made later. An
-/// error names the path it came from.
+/// The first directory above `path` under which someone else could replace what follows, with
+/// why ([`ABOVE`]); `None` when there is none. Both the path as written (a symbolic link on it
+/// is not refused, but the directory that holds the link is checked) and where its links lead
+/// are walked. Only directories that exist are looked at: `path` may be made later. An error
+/// names the path it came from.
 pub fn risk_above(path: &Path) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std::io::Error)> {
     let at = |p: &Path| {
         let p = p.to_owned();
@@ -56,8 +57,12 @@ pub fn risk_above(path: &Path) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std:
     let Some(existing) = absolute.ancestors().skip(1).find(|p| p.exists()) else {
         return Ok(None);
     };
-    for above in existing.canonicalize().map_err(at(existing))?.ancestors() {
+    let real = existing.canonicalize().map_err(at(existing))?;
+    for above in existing.ancestors().chain(real.ancestors()) {
         let meta = std::fs::symlink_metadata(above).map_err(at(above))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
         if let Some(risk) = dir_risk(&meta, ABOVE) {
             return Ok(Some((above.to_owned(), risk)));
         }
@@ -176,5 +181,13 @@ mod tests {
         std::os::unix::fs::symlink(&open, &link).expect("symlink");
         let through = risk_above(&link.join("state")).expect("walk");
         assert_eq!(through, Some((open.clone(), Risk::Open(0o777))));
+        // A link in a directory others may write, to a directory that is fine: whoever writes
+        // there could point the link elsewhere.
+        let fine = tmp.path().join("fine");
+        std::fs::create_dir(&fine).expect("mkdir");
+        std::os::unix::fs::symlink(&fine, open.join("to-fine")).expect("symlink");
+        assert_eq!(risk_above(&fine.join("state")).expect("walk"), None);
+        let held = risk_above(&open.join("to-fine").join("state")).expect("walk");
+        assert_eq!(held, Some((open.clone(), Risk::Open(0o777))));
     }
 }

@@ -1105,7 +1105,8 @@ mod tests {
         );
         let view =
             crate::control::view::MembersView::new(config.cluster.id, &m, local, |_| None, now);
-        let said = "suspended at its flap limit (1 flaps, local.max_flaps = 1): it serves again \
+        let said =
+            "suspended at its flap limit (flap count 1, local.max_flaps = 1): it serves again \
                     when no other member is in service, or on `hasync functional`";
         assert_eq!(view.faults, [said]);
     }

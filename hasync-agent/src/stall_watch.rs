@@ -34,7 +34,8 @@ pub const STALL: Duration = Duration::from_secs(1);
 /// The stalls [`StallWatch::stalled_within`] remembers, the latest ones.
 const REMEMBERED: usize = 4;
 
-/// The longest gap between two ticks since it was last taken.
+/// The longest gap between two ticks since it was last taken, and the latest stalls (for
+/// [`StallWatch::stalled_within`]).
 #[derive(Debug)]
 pub struct StallWatch {
     /// The last tick (only ticks move it).

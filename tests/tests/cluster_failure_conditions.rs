@@ -285,7 +285,8 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
 /// directory keeps the mark), until `hasync functional`.
 #[test]
 fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
-    const HOLD_S: u64 = 3;
+    /// Long enough for the second flap to fall within it on a loaded runner.
+    const HOLD_S: u64 = 6;
     let over = MemberOverride {
         monitor: Some(uplink_monitor()),
         max_flaps: Some(2),
@@ -308,7 +309,8 @@ fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
     c.wait_active(1, Duration::from_secs(HOLD_S + 5));
     assert_eq!(c.try_member(1, 1).map(|m| m.flaps), Ok(1));
     // The second, within a hold-down time of being Active again: a blip, the cable out and
-    // in at once (the kernel may report only its end: the carrier-down count shows it).
+    // in at once (veth reports both changes; a NIC's coalesced ones the carrier-down count
+    // shows, as the unit test in monitor/links.rs checks).
     ok(&c, topo.cable_down(1, Link::Out));
     ok(&c, topo.cable_up(1, Link::Out));
     let suspended_at_limit = |what: &str| {

@@ -585,12 +585,13 @@ impl Membership {
         }
     }
 
-    /// Ends the flap limit's suspend when no other member has been in service (Active or
-    /// Tentative) for a keepalive threshold and a tentative hold (time for a peer that
-    /// restarts to come back), the start's full syncs over, and nothing else holds this member
-    /// down: a flapping member serves rather than nobody (both members of a pair that flapped
-    /// together, a peer that failed since, a start after the site lost power). Returns whether
-    /// it ended it.
+    /// Ends the flap limit's suspend when no other member is in service (Active or Tentative),
+    /// the start's full syncs over, and nothing else holds this member down: a flapping member
+    /// serves rather than nobody (both members of a pair that flapped together, a peer that
+    /// failed or was suspended since, a start after the site lost power). At once when every
+    /// peer is heard and says it is out of service; with a peer silent, after a keepalive
+    /// threshold and a tentative hold (time for a peer that restarts to come back). Returns
+    /// whether it ended it.
     fn release_flap_suspend(&mut self, now: Instant) -> bool {
         let in_service = |p: &Peer| {
             p.alive && matches!(p.reported, MemberState::Active | MemberState::Tentative)
@@ -600,7 +601,11 @@ impl Membership {
             return false;
         }
         let since = *self.unserved_since.get_or_insert(now);
-        let wait = self.timers.keepalive_threshold + self.timers.tentative_hold;
+        let wait = if self.peers.values().all(|p| p.heard_recently) {
+            Duration::ZERO
+        } else {
+            self.timers.keepalive_threshold + self.timers.tentative_hold
+        };
         let healthy = self.faults.is_empty() && self.hold_down_until.is_none();
         if !self.synced_once || !healthy || now.saturating_duration_since(since) < wait {
             return false;

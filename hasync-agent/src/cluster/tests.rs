@@ -659,10 +659,10 @@ fn a_link_that_keeps_failing_counts_every_fall_from_active() {
     assert_eq!(m.flaps, 0);
 }
 
-/// A member suspended at its flap limit serves again, on its own, once no other member has
-/// been in service for a keepalive threshold and a tentative hold and it is healthy itself:
-/// the peer that was Active fails (or both members of a pair flapped together and each sees
-/// the other suspended). A peer that is only Tentative does not suspend it at its next fall.
+/// A member suspended at its flap limit serves again, on its own, once no other member is in
+/// service and it is healthy itself (at once if every peer is heard saying so, else after a
+/// keepalive threshold and a tentative hold): the peer that was Active fails (or both members
+/// of a pair flapped together and each sees the other suspended). A peer that is only Tentative does not suspend it at its next fall.
 /// A start with the flap limit's mark is suspended the same way, and released alike. A fall
 /// that is only a configuration mismatch (the other members changed) never suspends.
 #[test]
@@ -702,6 +702,28 @@ fn a_member_suspended_at_its_flap_limit_serves_again_when_no_other_member_does()
     let fall = m.evaluate(t0 + s(190));
     assert_eq!(fall.local_state, Some(MemberState::NonFunctional));
     assert_eq!(fall.flap_suspend, None);
+
+    // A pair: its only peer, heard, suspended by its operator: released at once (nothing to
+    // wait for), here at the end of a datapath fault (no hold-down).
+    let mut pair = Membership::new(
+        MemberId(1),
+        timers(),
+        vec![(MemberId(2), "fw2".into(), true)],
+        t0,
+    );
+    pair.set_max_flaps(1);
+    hear_2(&mut pair, MemberState::Active, 1);
+    pair.bulk_started(MemberId(2), BULK);
+    pair.bulk_ended(MemberId(2), BULK);
+    pair.evaluate(t0 + s(2));
+    pair.set_condition(Condition::Datapath, Some("XDP detached".into()), t0 + s(3));
+    hear_2(&mut pair, MemberState::Active, 3);
+    assert_eq!(pair.evaluate(t0 + s(3)).flap_suspend, Some(1));
+    pair.set_condition(Condition::Datapath, None, t0 + s(4));
+    hear_2(&mut pair, MemberState::Suspended, 4);
+    let at_once = pair.evaluate(t0 + s(4));
+    assert!(at_once.flap_released);
+    assert_eq!(at_once.local_state, Some(MemberState::Tentative));
 
     // A start with the flap limit's mark: suspended, and released 70 s after its first
     // evaluation (the peers stay silent; its discovery ended at 2 s).

@@ -645,6 +645,27 @@ mod tests {
         .expect("the thread as another user")
     }
 
+    /// A connection the server serves (one `show` answered on it), kept open; tried again
+    /// (at most 100 times, 10 ms apart) while all reader slots are still taken.
+    fn served(path: &Path) -> std::os::unix::net::UnixStream {
+        use std::io::{BufRead as _, Write as _};
+        for _ in 0..100 {
+            let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+            let mut ask = serde_json::to_vec(&Request::ShowFlaps {}).expect("json");
+            ask.push(b'\n');
+            s.write_all(&ask).expect("ask");
+            let mut line = String::new();
+            std::io::BufReader::new(&s)
+                .read_line(&mut line)
+                .expect("answer");
+            if !line.contains("too many read-only connections") {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no reader slot came free");
+    }
+
     /// `[local] control_group`: the socket is given to the group, whose members may show but
     /// not change the member's state (refused before the runtime, naming the rule); root may.
     /// Before, anyone who could connect could suspend the member.
@@ -665,10 +686,10 @@ mod tests {
             as_user(NOBODY, move || {
                 let shown = client::request(&p, &Request::ShowFlaps {}).expect("show");
                 let suspend = client::request(&p, &Request::Suspend {}).expect("suspend");
-                // Readers hold every slot they may have: the next one is refused at once.
-                let idle: Vec<_> = (0..MAX_READER_CONNECTIONS)
-                    .map(|_| std::os::unix::net::UnixStream::connect(&p).expect("connect"))
-                    .collect();
+                // Readers hold every slot they may have (each shown to be served: the slots of
+                // the connections above come back once the server sees them closed): the next
+                // one is refused at once.
+                let idle: Vec<_> = (0..MAX_READER_CONNECTIONS).map(|_| served(&p)).collect();
                 let busy = client::request(&p, &Request::ShowFlaps {}).expect("busy");
                 (shown, suspend, busy, idle)
             })

@@ -153,7 +153,7 @@ impl MembersView {
         }
         if let Some(flaps) = m.flap_suspended() {
             faults.push(format!(
-                "suspended at its flap limit ({flaps} flaps, local.max_flaps = {}): it serves again \
+                "suspended at its flap limit (flap count {flaps}, local.max_flaps = {}): it serves again \
                  when no other member is in service, or on `hasync functional`",
                 m.max_flaps()
             ));
