@@ -1,9 +1,10 @@
 //! A suspend kept across restarts: a file `suspended` in `[local].state_dir`. `hasync suspend`
 //! writes it, and so does a member that suspends itself at its flap limit (`[local]
 //! max_flaps`: the mark says which); `hasync functional` removes it, and so does the end of a
-//! flap limit's suspend. An agent that starts while it is there starts Suspended. Without it, an agent restarted during a
-//! maintenance window (by hand, by the systemd watchdog, after a crash, an upgrade or a
-//! reboot) took traffic back before the operator said `hasync functional`.
+//! flap limit's suspend. An agent that starts while it is there starts Suspended. Without it,
+//! an agent restarted during a maintenance window (by hand, by the systemd watchdog, after a
+//! crash, an upgrade or a reboot) took traffic back before the operator said `hasync
+//! functional`.
 
 use std::{
     io,

@@ -280,9 +280,9 @@ fn each_failure_condition_moves_the_connection_and_the_member_comes_back_through
 }
 
 /// `[local] max_flaps`: fw1's uplink fails again soon after fw1 came back, a blip of its
-/// cable this time, its second flap, and fw1 suspends itself (fw2 is active to take its traffic), names why, stays suspended
-/// after its monitor recovered and the hold-down passed and across a restart (its state
-/// directory keeps the mark), until `hasync functional`.
+/// cable this time, its second flap, and fw1 suspends itself (fw2 is active to take its
+/// traffic), names why, stays suspended after its monitor recovered and the hold-down passed
+/// and across a restart (its state directory keeps the mark), until `hasync functional`.
 #[test]
 fn a_member_that_reaches_its_flap_limit_suspends_itself_until_functional() {
     /// Long enough for the second flap to fall within it on a loaded runner.

@@ -662,9 +662,10 @@ fn a_link_that_keeps_failing_counts_every_fall_from_active() {
 /// A member suspended at its flap limit serves again, on its own, once no other member is in
 /// service and it is healthy itself (at once if every peer is heard saying so, else after a
 /// keepalive threshold and a tentative hold): the peer that was Active fails (or both members
-/// of a pair flapped together and each sees the other suspended). A peer that is only Tentative does not suspend it at its next fall.
-/// A start with the flap limit's mark is suspended the same way, and released alike. A fall
-/// that is only a configuration mismatch (the other members changed) never suspends.
+/// of a pair flapped together and each sees the other suspended). A peer that is only
+/// Tentative does not suspend it at its next fall. A start with the flap limit's mark is
+/// suspended the same way, and released alike. A fall that is only a configuration mismatch
+/// (the other members changed) never suspends.
 #[test]
 fn a_member_suspended_at_its_flap_limit_serves_again_when_no_other_member_does() {
     let t0 = Instant::now();
