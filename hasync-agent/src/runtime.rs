@@ -53,9 +53,6 @@ const SWEEP_BUDGET: u64 = 8192;
 const MEMBERSHIP_EVERY: Duration = Duration::from_millis(200);
 /// How often the datapath's noted events are logged: each kind at most once per CPU per this.
 const LOG_DRAIN_EVERY: Duration = Duration::from_secs(1);
-/// A gap this long between two ticks of the [`StallWatch`] means this agent's async workers
-/// did not run: the peers' silence over it is forgiven (`Membership::forgive_stall`).
-const STALL_GAP: Duration = Duration::from_secs(1);
 /// The shortest and longest wait between two re-announcements after lost events.
 const REANNOUNCE_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(64));
 /// A starting member waits this long for peers to connect before deciding it is alone.
@@ -723,12 +720,12 @@ fn leave_datapath(member: &Member) -> anyhow::Result<()> {
 }
 
 /// How long this agent's async workers, which read the keepalives, did not run since the
-/// last evaluation ([`StallWatch`]), when that is more than [`STALL_GAP`]: the peers' silence
-/// over it is forgiven. Not the time since the last evaluation: one that waited for the
+/// last evaluation ([`StallWatch`]), when that is more than [`crate::stall_watch::STALL`]: the
+/// peers' silence over it is forgiven. Not the time since the last evaluation: one that waited for the
 /// datapath's lock while keepalives could be read would forgive a dead peer's silence.
 fn stall_to_forgive(watch: &StallWatch, now: Instant) -> Option<Duration> {
     let gap = watch.take(now);
-    (gap > STALL_GAP).then_some(gap)
+    (gap > crate::stall_watch::STALL).then_some(gap)
 }
 
 /// Writes every member slot of the takeover rule's map from the membership's view, both
@@ -802,8 +799,9 @@ fn update_claim_window(
 /// may keep it a while: a reattach), so that the membership's, which keepalives, appliers and
 /// senders take on the async workers, is held only for the evaluation and its writes; nothing
 /// takes the datapath's lock while it holds the membership's. A stall of the async workers
-/// longer than [`STALL_GAP`] since the last evaluation ([`stall_to_forgive`]) means this
-/// agent did not run: the peers' silence over it is forgiven first, whoever evaluates.
+/// longer than [`crate::stall_watch::STALL`] since the last evaluation ([`stall_to_forgive`])
+/// means this agent did not run: the peers' silence over it is forgiven first, whoever
+/// evaluates.
 pub(crate) fn apply_membership(member: &Member) {
     let mut dp = lock(&member.dp);
     let mut m = lock(&member.membership);

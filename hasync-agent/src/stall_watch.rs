@@ -27,8 +27,9 @@ use crate::lock::lock;
 /// How often the watch ticks.
 pub const TICK: Duration = Duration::from_millis(100);
 
-/// A gap between ticks at least this long is a stall [`StallWatch::stalled_within`] counts
-/// (shorter ones are the workers' ordinary delays).
+/// A gap between ticks this long is a stall: [`StallWatch::stalled_within`] counts it, and the
+/// runtime forgives the peers' silence over a longer one (`Membership::forgive_stall`);
+/// shorter ones are the workers' ordinary delays.
 pub const STALL: Duration = Duration::from_secs(1);
 
 /// The stalls [`StallWatch::stalled_within`] remembers, the latest ones.
@@ -53,6 +54,12 @@ impl Default for StallWatch {
     }
 }
 
+/// Where a gap that ends a tick at `prev` starts counting for the next take: after the last
+/// take, `taken`, if that came later (a gap is returned by one take only).
+fn since_take(prev: Instant, taken: Option<Instant>) -> Instant {
+    taken.map_or(prev, |t| t.max(prev))
+}
+
 impl StallWatch {
     pub fn new() -> StallWatch {
         StallWatch {
@@ -68,8 +75,7 @@ impl StallWatch {
     pub fn tick(&self, now: Instant) {
         let mut last = lock(&self.last_tick);
         if let Some(prev) = *last {
-            let from = (*lock(&self.taken)).map_or(prev, |t| t.max(prev));
-            let gap = now.saturating_duration_since(from);
+            let gap = now.saturating_duration_since(since_take(prev, *lock(&self.taken)));
             let ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
             self.remember(prev, now);
@@ -86,8 +92,7 @@ impl StallWatch {
         let mut taken = lock(&self.taken);
         let mut running = Duration::ZERO;
         if let Some(prev) = *last {
-            let from = (*taken).map_or(prev, |t| t.max(prev));
-            running = now.saturating_duration_since(from);
+            running = now.saturating_duration_since(since_take(prev, *taken));
             self.remember(prev, now);
         }
         *taken = Some((*taken).map_or(now, |t| t.max(now)));

@@ -59,6 +59,11 @@ impl MemberState {
         }
     }
 
+    /// Is a member in this state in service (Active, or Tentative on its way there)?
+    pub const fn in_service(self) -> bool {
+        matches!(self, MemberState::Active | MemberState::Tentative)
+    }
+
     /// May sessions owned by a member in this state stay with it? If not, the member that sees
     /// their traffic takes them over.
     pub const fn keeps_sessions(self) -> bool {
@@ -429,14 +434,13 @@ impl Membership {
     /// that group is in service: then keeping traffic flowing comes first.
     /// Reads `heard_recently` as this evaluation's liveness pass left it.
     fn config_mismatch(&self) -> Option<String> {
-        let serving = |s: MemberState| matches!(s, MemberState::Active | MemberState::Tentative);
         let heard = self.peers.values().filter(|p| p.heard_recently);
         // By digest: (members, one in service, lowest id).
         let mut groups: BTreeMap<[u8; 32], (usize, bool, std::cmp::Reverse<MemberId>)> =
             BTreeMap::new();
         let members = heard
-            .filter_map(|p| Some((p.agreed?, serving(p.reported), p.id)))
-            .chain([(self.agreed, serving(self.state), self.local)]);
+            .filter_map(|p| Some((p.agreed?, p.reported.in_service(), p.id)))
+            .chain([(self.agreed, self.state.in_service(), self.local)]);
         for (digest, up, id) in members {
             let g = groups
                 .entry(digest)
@@ -593,9 +597,7 @@ impl Membership {
     /// threshold and a tentative hold (time for a peer that restarts to come back). Returns
     /// whether it ended it.
     fn release_flap_suspend(&mut self, now: Instant) -> bool {
-        let in_service = |p: &Peer| {
-            p.alive && matches!(p.reported, MemberState::Active | MemberState::Tentative)
-        };
+        let in_service = |p: &Peer| p.alive && p.reported.in_service();
         if self.flap_suspended.is_none() || self.peers.values().any(in_service) {
             self.unserved_since = None;
             return false;

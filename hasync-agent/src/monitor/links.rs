@@ -77,7 +77,7 @@ fn judge(
     for g in groups {
         let condition = Condition::LinkGroup(g.name.clone());
         let cause = link_group_cause(g, table);
-        if cause.is_none() {
+        if cause.is_none() && !lost.is_empty() {
             if let Some(brief) = group_cause(g, table, &lost) {
                 record(membership, condition.clone(), Some(brief));
             }
