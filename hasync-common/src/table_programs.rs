@@ -94,7 +94,8 @@ pub struct ApplyHeader {
     pub _pad: [u8; 2],
     /// Now, on the session clock (the mark).
     pub now_ns: u64,
-    /// Written by the program.
+    /// What the program did, added to what the agent sends: zero (the program does not zero
+    /// it itself, for the verifier's sake: see `apply_batch` in the eBPF crate).
     pub outcome: ApplyOutcome,
 }
 crate::assert_size!(ApplyHeader, 32);

@@ -11,6 +11,17 @@ use hasync_common::{
 
 use crate::maps::EVENTS;
 
+// `prepare` writes `kind` and the padding after it, the record's last 8 bytes, as one aligned
+// `u64`.
+const _: () = assert!(
+    core::mem::offset_of!(Event, kind) % 8 == 0
+        && matches!(
+            core::mem::offset_of!(Event, kind).checked_add(8),
+            Some(end) if end == core::mem::size_of::<Event>()
+        )
+        && core::mem::align_of::<Event>() >= 8
+);
+
 /// Sends an event to userspace.
 #[inline(always)]
 pub fn emit(counters: &mut Counters, kind: EventKind, key: &FlowKey, s: &Session) {
@@ -39,8 +50,13 @@ pub fn prepare(
     unsafe {
         (*e).key = *key;
         (*e).session = *s;
-        (*e).kind = kind as u8;
-        (*e)._pad = [0; 7];
+        // `kind` and the padding after it in one 8-byte store: written apart, the padding
+        // became a call to the byte-by-byte `memset`, a loop the verifier walks on every path
+        // through an event (8,000 of the main program's instructions verified, 41,000 of the
+        // apply program's).
+        core::ptr::addr_of_mut!((*e).kind)
+            .cast::<u64>()
+            .write(u64::from_ne_bytes([kind as u8, 0, 0, 0, 0, 0, 0, 0]));
     }
     Some(entry)
 }
