@@ -267,6 +267,12 @@ counters! {
     /// sequence number whose ACK acknowledges nothing this member saw (it keeps its session
     /// alive, but conntrack would call it invalid, and the kernel's policy decides).
     PassFwdUnacknowledged = "pass-fwd-unacknowledged",
+    /// The initiator's SYN on an assured TCP connection still open here (established or
+    /// closing): a new connection reusing the ports (the client lost the old one; this member
+    /// missed its end). Passed on whatever the policy and the forwarding mode, for the
+    /// endpoints to settle, and the session left as it was but for the SYN's sequence end,
+    /// kept until the responder's SYN-ACK acknowledges it.
+    PassTcpNewSyn = "pass-tcp-new-syn",
 }
 
 /// Number of counters.

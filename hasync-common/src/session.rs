@@ -156,6 +156,11 @@ impl SessionFlags {
     /// the replies at the first reply here, as for a peer's copy: before, the first reply
     /// from any zone bound them.
     pub const RESTORED: u16 = 1 << 8;
+    /// Node-local: the initiator sent a SYN on this assured connection while it was still
+    /// open here (established or closing): a new connection reusing the ports, passed on for
+    /// the endpoints to settle. [`Session::ticket`] holds the SYN's sequence end until the
+    /// responder's SYN-ACK acknowledges it ([`crate::tcp_window::Fit::Restart`]).
+    pub const SYN_PASSED: u16 = 1 << 9;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]
@@ -203,7 +208,9 @@ pub struct Session {
     /// The admission ticket of an embryonic session, matching its slot in the EMBRYOS ring
     /// (see [`EmbryoSlot`]). The owner's ticket travels with an embryonic record, so a replica
     /// takes the slot of the owner's part that mirrors the owner's own, and is evicted when
-    /// the owner evicts it.
+    /// the owner evicts it. An assured session has left the ring for good (no slot evicts
+    /// it): with [`SessionFlags::SYN_PASSED`] the field holds the sequence end of a SYN that
+    /// reused its ports (node-local, never sent).
     pub ticket: u32,
     /// Zone replies must come in through (the responder's side): the zone the destination is
     /// routed to, bound when the session is made ([`ZoneId::UNZONED`]: replies never come in

@@ -47,6 +47,13 @@
 //! segment of each is taken as it comes: one unchecked segment per direction is the price of
 //! not cutting taken-over connections.
 //!
+//! A new connection from the port of one still open here (the client lost the old one; this
+//! member missed its end) sends a SYN the old numbers know nothing of: it is passed, whatever
+//! the policy, and changes nothing but its sequence end, kept ([`Fit::NewSyn`]); the responder
+//! settles it, with a challenge ACK whose RST closes the old session (the next SYN then makes
+//! a new one), or with a SYN-ACK acknowledging exactly that SYN, from which the session
+//! follows the new connection ([`Fit::Restart`], conntrack's rule for an ignored SYN).
+//!
 //! A replica's numbers are as old as the last record its owner sent (a refresh up to 30 s
 //! apart, and at every GiB a direction sends: [`crate::config::REFRESH_BYTES_SHIFT`]), and a
 //! busy connection moves further than a window in that time. So directions applied from a peer
@@ -58,7 +65,7 @@
 //! until a segment re-learns it or lands in its window: left stale, any segment ahead of the
 //! window re-learned it, a blind one too, whose RST at that number was then exact.
 
-use crate::session::{tcp, Session, State, DIR_ORIGINAL, DIR_REPLY};
+use crate::session::{tcp, Session, SessionFlags, State, DIR_ORIGINAL, DIR_REPLY};
 
 /// Bits of `Session::tcp_track`, one byte per direction.
 pub mod track {
@@ -127,6 +134,23 @@ pub enum Fit {
     /// moves nothing and takes nothing over. A blind sender must land the sequence number in
     /// the window for even that.
     Unacknowledged,
+    /// The initiator's SYN on an assured connection still open here ([`reuses_ports`]): a new
+    /// connection from the same port (the client lost the old one, a reboot; this member
+    /// missed the old one's end). Passed on whatever the policy, for the endpoints to settle
+    /// (conntrack ignores it the same way): a responder still in the old connection answers
+    /// with a challenge ACK (RFC 5961 §4), and the client's RST at it is exact and closes;
+    /// one that had closed it answers with a SYN-ACK ([`Fit::Restart`]). It changes nothing
+    /// but the SYN's sequence end, kept for that answer ([`record`]).
+    NewSyn,
+    /// The responder's SYN-ACK that acknowledges exactly the SYN kept at [`Fit::NewSyn`]:
+    /// both ends agree on the new connection, and the session follows it from here. Both
+    /// directions' numbers are learned from the two (the initiator's scale is unknown, as for
+    /// a connection picked up mid-stream), the FINs seen are forgotten and the session is
+    /// established; the old connection's segments then fall outside (passed to the kernel,
+    /// keeping nothing alive) and its RST or FIN no longer counts. A forger needs both
+    /// segments, each through its own side's zone (the session's zones bind the directions),
+    /// as conntrack's re-sync does.
+    Restart,
 }
 
 impl Fit {
@@ -134,7 +158,7 @@ impl Fit {
     /// its direction's, bind its reply zone? Only inside the window or learned from.
     #[inline(always)]
     pub const fn counts(self) -> bool {
-        matches!(self, Fit::InWindow | Fit::Learn)
+        matches!(self, Fit::InWindow | Fit::Learn | Fit::Restart)
     }
 
     /// Does a segment that fell here keep its owner's session alive (its idle time and
@@ -152,6 +176,7 @@ impl Fit {
         match self {
             Fit::Inexact => Some(crate::Counter::PassTcpInexactRst),
             Fit::Unconfirmed => Some(crate::Counter::PassTcpUnconfirmed),
+            Fit::NewSyn => Some(crate::Counter::PassTcpNewSyn),
             _ => None,
         }
     }
@@ -255,6 +280,12 @@ fn ack_lag(s: &Session, dir: usize) -> u32 {
 /// Where a segment with `flags` travelling in `dir` falls (see the module docs).
 #[inline(always)]
 pub fn classify(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> Fit {
+    if reuses_ports(s, dir, flags) {
+        return Fit::NewSyn;
+    }
+    if answers_new_syn(s, dir, flags, seg) {
+        return Fit::Restart;
+    }
     let closing = flags & (tcp::RST | tcp::FIN) != 0;
     if restarts_handshake(s, dir, flags) || answers_again(s, dir, flags, seg) {
         return Fit::Learn;
@@ -404,6 +435,37 @@ fn answers_again(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
         && seg.ack == pick(s.seq_end, DIR_ORIGINAL)
 }
 
+/// Can a SYN open a new connection over `s` ([`Fit::NewSyn`])? An assured connection still
+/// open here: established, or closing (a FIN seen, the last ACK maybe lost). One embryonic
+/// has a handshake of its own to follow (and its `ticket` is its admission), a closed one
+/// is made anew by the SYN.
+#[inline(always)]
+fn reopenable(s: &Session) -> bool {
+    (s.state == State::Established as u8 || s.state == State::Closing as u8) && s.is_assured()
+}
+
+/// The initiator's SYN (no ACK, RST or FIN) on a [`reopenable`] session: [`Fit::NewSyn`],
+/// wherever its sequence number lies (RFC 5961 §4: a SYN in a synchronized state is never
+/// accepted as part of it).
+#[inline(always)]
+fn reuses_ports(s: &Session, dir: usize, flags: u8) -> bool {
+    dir == DIR_ORIGINAL && flags & HANDSHAKE_FLAGS == tcp::SYN && reopenable(s)
+}
+
+/// The responder's SYN-ACK (no RST or FIN) that acknowledges exactly the SYN kept at
+/// [`Fit::NewSyn`]: [`Fit::Restart`].
+#[inline(always)]
+fn answers_new_syn(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
+    dir == DIR_REPLY
+        && flags & HANDSHAKE_FLAGS == tcp::SYN | tcp::ACK
+        && s.flags.has(SessionFlags::SYN_PASSED)
+        && seg.ack == s.ticket
+        && reopenable(s)
+}
+
+/// The flags that tell a handshake's segments apart.
+const HANDSHAKE_FLAGS: u8 = tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN;
+
 /// A SYN from the initiator while the handshake has not been answered: a new attempt, maybe
 /// with a new initial sequence number, which starts the tracking afresh.
 #[inline(always)]
@@ -431,6 +493,14 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         .wrapping_add(u32::from(flags & tcp::FIN != 0));
     match fit {
         Fit::Outside | Fit::Inexact | Fit::Unconfirmed | Fit::Unacknowledged => return,
+        Fit::NewSyn => {
+            // Kept for the answer that would restart the session ([`Fit::Restart`]); a later
+            // SYN replaces it (the client's next attempt, maybe with another number).
+            s.ticket = end;
+            s.flags.0 |= SessionFlags::SYN_PASSED;
+            return;
+        }
+        Fit::Restart => restart(s, end),
         Fit::Learn => {
             if restarts_handshake(s, dir, flags) {
                 *pick_mut(&mut s.tcp_track, other(dir)) = 0;
@@ -459,7 +529,7 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         }
         return;
     }
-    if !matches!(fit, Fit::Learn) {
+    if !matches!(fit, Fit::Learn | Fit::Restart) {
         // A retransmitted SYN inside the window: the scale was settled by the handshake.
         return;
     }
@@ -473,6 +543,19 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
         };
         *t |= track::WSCALE | shift;
     }
+}
+
+/// Starts `s`'s tracking afresh for the new connection ([`Fit::Restart`]) from the kept SYN's
+/// end and the answer's (`reply_end`); [`record`] then takes the answer's window scale.
+#[inline(always)]
+fn restart(s: &mut Session, reply_end: u32) {
+    s.seq_end = [s.ticket, reply_end];
+    s.tcp_track = [track::KNOWN | track::PICKED_UP, track::KNOWN];
+    s.max_win = [0, 0];
+    let [original, reply] = s.tcp_flags;
+    s.tcp_flags = [original & !tcp::FIN, reply & !tcp::FIN];
+    s.ticket = 0;
+    s.flags.0 &= !SessionFlags::SYN_PASSED;
 }
 
 /// Marks the known directions of a session received from a peer as stale (see the module
@@ -523,7 +606,11 @@ mod tests {
         if fit.counts() {
             s.tcp_flags[dir] |= flags;
             let state = State::from_u8(s.state).expect("a TCP state");
-            s.state = tcp_next(state, dir, flags, s.tcp_flags) as u8;
+            s.state = if fit == Fit::Restart {
+                State::Established
+            } else {
+                tcp_next(state, dir, flags, s.tcp_flags)
+            } as u8;
         }
         fit
     }
@@ -937,5 +1024,104 @@ mod tests {
         assert_eq!(run(&mut s, [(O, SYN, seg(90_000_000, 0))]), [Fit::Learn]);
         assert_eq!(s.seq_end[O], 90_000_001);
         assert!(!known(&s, R));
+    }
+
+    /// An established session after a handshake this member saw (client from 5000, server
+    /// from 9000).
+    fn assured(c: u32, srv: u32) -> Session {
+        Session {
+            tcp_flags: [SYN | ACK; 2],
+            ..established(c, srv)
+        }
+    }
+
+    #[test]
+    fn a_syn_reusing_an_open_connections_ports_is_passed_and_only_its_answer_restarts_it() {
+        let mut s = assured(5000, 9000);
+        let new_syn = TcpSegment {
+            wscale: Some(7),
+            ..seg(0x9000_0000, 0)
+        };
+        assert_eq!(step(&mut s, O, SYN, new_syn), Fit::NewSyn);
+        assert_eq!(s.seq_end, [5000, 9000], "the old numbers stay");
+        assert_eq!(s.state, State::Established as u8);
+        // An answer to another SYN, or a blind one: nothing.
+        let wrong = seg(0x3000_0000, 0x9000_0002);
+        assert_eq!(step(&mut s, R, SYN | ACK, wrong), Fit::Outside);
+        // The old connection goes on meanwhile.
+        assert_eq!(step(&mut s, O, ACK, seg(5000, 9000)), Fit::InWindow);
+        let answer = TcpSegment {
+            wscale: Some(5),
+            ..seg(0x3000_0000, 0x9000_0001)
+        };
+        assert_eq!(step(&mut s, R, SYN | ACK, answer), Fit::Restart);
+        assert_eq!(s.seq_end, [0x9000_0001, 0x3000_0001]);
+        assert!(!s.flags.has(SessionFlags::SYN_PASSED));
+        assert_eq!(
+            s.tcp_track[O],
+            track::KNOWN | track::PICKED_UP,
+            "scale unknown"
+        );
+        assert_eq!(s.tcp_track[R], track::KNOWN | track::WSCALE | 5);
+        // The new connection's handshake completes, its close counts; the old one's does not.
+        assert_eq!(
+            step(&mut s, O, ACK, seg(0x9000_0001, 0x3000_0001)),
+            Fit::InWindow
+        );
+        let old_fin = classify(&s, O, FIN | ACK, &seg(5000, 9000));
+        assert!(refused(old_fin, FIN | ACK), "{old_fin:?}");
+        let fin = seg(0x9000_0001, 0x3000_0001);
+        assert_eq!(step(&mut s, O, FIN | ACK, fin), Fit::InWindow);
+        assert_eq!(s.state, State::Closing as u8);
+    }
+
+    #[test]
+    fn a_closing_session_restarted_forgets_its_fins() {
+        let mut s = assured(5000, 9000);
+        step(&mut s, O, FIN | ACK, seg(5000, 9000));
+        step(&mut s, R, FIN | ACK, seg(9000, 5001));
+        assert_eq!(s.state, State::Closing as u8);
+        assert_eq!(step(&mut s, O, SYN, seg(77, 0)), Fit::NewSyn);
+        assert_eq!(step(&mut s, R, SYN | ACK, seg(400, 78)), Fit::Restart);
+        assert_eq!(
+            s.tcp_flags,
+            [SYN | ACK; 2],
+            "no FIN seen of the new connection"
+        );
+        // Its ACK no longer closes what both FINs of the old one left.
+        step(&mut s, O, ACK, seg(78, 401));
+        assert_eq!(s.state, State::Established as u8);
+    }
+
+    #[test]
+    fn only_the_initiators_syn_on_an_assured_open_session_is_new() {
+        // The responder's SYN.
+        let s = assured(5000, 9000);
+        assert_ne!(classify(&s, R, SYN, &seg(1, 0)), Fit::NewSyn);
+        // A SYN with an ACK, a RST or a FIN.
+        for flags in [SYN | ACK, SYN | RST, SYN | FIN] {
+            assert_ne!(
+                classify(&s, O, flags, &seg(1, 0)),
+                Fit::NewSyn,
+                "{flags:#x}"
+            );
+        }
+        // An embryonic session (its ticket is its admission), a closed one (made anew).
+        let mut half = half_open();
+        assert_ne!(classify(&half, O, SYN, &seg(1, 0)), Fit::NewSyn);
+        half.state = State::Closing as u8;
+        assert_ne!(
+            classify(&half, O, SYN, &seg(1, 0)),
+            Fit::NewSyn,
+            "not assured"
+        );
+        let closed = Session {
+            state: State::Closed as u8,
+            ..assured(5000, 9000)
+        };
+        assert_ne!(classify(&closed, O, SYN, &seg(1, 0)), Fit::NewSyn);
+        // No answer restarts a session that kept no SYN.
+        let s = assured(5000, 9000);
+        assert_ne!(classify(&s, R, SYN | ACK, &seg(1, 0)), Fit::Restart);
     }
 }

@@ -207,7 +207,10 @@ fn hit(
     }
     if let Some(passed) = fit.passed_unchanged() {
         // Passed on (for the endpoint's challenge ACK, whatever the policy) and, like a blind
-        // RST outside the window, not the session's: it stays exactly as it was.
+        // RST outside the window, not the session's: it stays exactly as it was, but for a
+        // new SYN's end, kept for the answer that would restart it (`record` keeps nothing
+        // of the others).
+        tcp_window::record(s, dir, pkt.tcp_flags, &pkt.tcp, fit);
         counters.inc(passed);
         return xdp_action::XDP_PASS;
     }
@@ -447,16 +450,20 @@ fn advance(
     fit: Fit,
 ) -> Option<EventKind> {
     let old = s.state;
+    let restarted = fit == Fit::Restart;
     let new = match State::from_u8(old) {
         // A segment outside the window moves nothing (a blind ACK would establish).
         Some(_) if !fit.counts() => old,
+        // A new connection over the ports: announced even where the state stays, so the
+        // peers hold its numbers.
+        Some(_) if restarted => State::Established as u8,
         Some(state) if pkt.key.proto == IPPROTO_TCP => {
             tcp_next(state, dir, pkt.tcp_flags, s.tcp_flags) as u8
         }
         Some(State::UdpNew) if dir == DIR_REPLY => State::UdpReplied as u8,
         _ => old,
     };
-    if new == old {
+    if new == old && !restarted {
         return None;
     }
     s.state = new;

@@ -408,6 +408,7 @@ fn tcp_rows() -> Vec<Row> {
             .events(&[E::Created]),
     ];
     rows.extend(tcp_window_rows());
+    rows.extend(tcp_reuse_rows());
     rows.extend(udp_icmp_rows());
     rows.extend(refresh_rows());
     rows
@@ -858,6 +859,139 @@ fn tcp_window_rows() -> Vec<Row> {
             .session(established().seq_end(Some(C_ISN + 1), Some(S_ISN + 1)))
             .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
             .events(&HANDSHAKE_EVENTS),
+    ]
+}
+
+/// A new connection from the port of one still open here (the client lost it, a reboot; this
+/// member missed its end): its SYN passes whatever the policy (conntrack ignores it the same
+/// way), and the endpoints settle it: the responder still in the old connection answers with
+/// a challenge ACK, whose RST closes it; one that closed it answers with a SYN-ACK, which
+/// restarts the session on the new connection when it acknowledges exactly that SYN.
+fn tcp_reuse_rows() -> Vec<Row> {
+    // The new connection's initial sequence numbers, far from the old one's.
+    const C_NEW: u32 = 0x9000_0000;
+    const S_NEW: u32 = 0x3000_0000;
+    let new_syn = || tcp(C4, S4).syn().seq(C_NEW);
+    let answer = || tcp(S4, C4).syn_ack().seq(S_NEW).ack_number(C_NEW + 1);
+    let new_ack = || tcp(C4, S4).ack().seq(C_NEW + 1).ack_number(S_NEW + 1);
+    vec![
+        handshake_seq(
+            Row::new("tcp reuse: a challenge ack's exact rst closes the old session, the syn again reopens it"),
+            C4,
+            S4,
+        )
+        .pass(new_syn())
+        .pass(tcp(S4, C4).ack().seq(S_ISN + 1).ack_number(C_ISN + 1))
+        .pass(tcp(C4, S4).rst().seq(C_ISN + 1))
+        .pass(new_syn())
+        .session(Expect::new(State::SynSent).version(5).tcp_flags(SYN, 0))
+        .counters(&[
+            (C::Creates, 2),
+            (C::Hits, 5),
+            (C::StateChanges, 3),
+            (C::Closed, 1),
+            (C::Events, 5),
+            (C::PassTcpNewSyn, 1),
+        ])
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::Closed,
+            E::Created,
+        ]),
+        handshake_seq(
+            Row::new("tcp reuse: the answer to the new syn restarts the session, whose close then counts"),
+            C4,
+            S4,
+        )
+        .pass(new_syn())
+        .pass(answer())
+        .pass(new_ack())
+        .pass(tcp(C4, S4).fin().seq(C_NEW + 1).ack_number(S_NEW + 1))
+        .session(
+            Expect::new(State::Closing)
+                .version(5)
+                .packets(4, 2)
+                .seq_end(Some(C_NEW + 2), Some(S_NEW + 1)),
+        )
+        .counters(&after_handshake(
+            4,
+            &[(C::PassTcpNewSyn, 1), (C::StateChanges, 2), (C::Events, 2)],
+        ))
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+        ]),
+        handshake_seq(
+            Row::new("tcp reuse: a syn-ack that does not acknowledge the new syn restarts nothing"),
+            C4,
+            S4,
+        )
+        .pass(new_syn())
+        .pass(tcp(S4, C4).syn_ack().seq(S_NEW).ack_number(C_NEW + 2))
+        .drop(tcp(C4, S4).fin().seq(C_NEW + 1).ack_number(S_NEW + 1))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+        .session(
+            Expect::new(State::Established)
+                .version(3)
+                .packets(3, 1)
+                .flags(F::SYN_PASSED)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(
+            4,
+            &[
+                (C::PassTcpNewSyn, 1),
+                (C::PassTcpOutsideWindow, 1),
+                (C::DropTcpOutOfWindow, 1),
+            ],
+        ))
+        .events(&HANDSHAKE_EVENTS),
+        Row::new("tcp reuse: a syn-ack with no new syn before it restarts nothing")
+            .pass(tcp(C4, S4).syn().seq(C_ISN))
+            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
+            .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+            .pass(answer())
+            .session(
+                Expect::new(State::Established)
+                    .version(3)
+                    .packets(2, 1)
+                    .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+            )
+            .counters(&after_handshake(1, &[(C::PassTcpOutsideWindow, 1)]))
+            .events(&HANDSHAKE_EVENTS),
+        handshake_seq(
+            Row::new("tcp reuse: after both fins, the answer to a new syn restarts the session established"),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).fin().seq(C_ISN + 1).ack_number(S_ISN + 1))
+        .pass(tcp(S4, C4).fin().seq(S_ISN + 1).ack_number(C_ISN + 2))
+        .pass(new_syn())
+        .pass(answer())
+        .pass(new_ack())
+        .session(
+            Expect::new(State::Established)
+                .version(5)
+                .packets(4, 3)
+                .tcp_flags(SA, SA)
+                .seq_end(Some(C_NEW + 1), Some(S_NEW + 1)),
+        )
+        .counters(&after_handshake(
+            5,
+            &[(C::PassTcpNewSyn, 1), (C::StateChanges, 2), (C::Events, 2)],
+        ))
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+        ]),
     ]
 }
 
