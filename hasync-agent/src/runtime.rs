@@ -298,8 +298,8 @@ async fn main_loop(
             batch = events.next_batch() => main.on_events(member, &batch, log),
             _ = main.sweep_tick.tick() => main.on_sweep(member, log),
             _ = main.membership_tick.tick() => main.on_membership(member),
-            Some((request, reply)) = control.recv() => {
-                crate::control::handler::answer(member, request, reply);
+            Some((request, level, reply)) = control.recv() => {
+                crate::control::handler::answer(member, request, level, reply);
             }
         }
     }
@@ -1030,7 +1030,7 @@ mod tests {
         let start = |suspended| member_of(&config, suspended);
         let ask = |member: &Member, request| {
             let (tx, mut rx) = tokio::sync::oneshot::channel();
-            answer(member, request, tx);
+            answer(member, request, crate::control::Level::Operator, tx);
             let response = rx.try_recv().expect("answered at once");
             let view: crate::control::view::LocalStateView = response.view().expect("a state");
             assert_eq!(view.not_kept, None);

@@ -25,6 +25,7 @@ use crate::{
             CountersView, FlapsView, LocalStateView, MemberView, MembersView, SessionPage,
             SessionsView, StatisticsView,
         },
+        Level,
     },
     datapath::{sweep::Tally, Datapath, TableBounds, DEFAULT_CHUNK},
     member::{lock, Member},
@@ -38,10 +39,23 @@ static WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
 /// The most walks that may be asked for at a time (running and waiting): a walk of a large
 /// table takes a CPU for a fraction of a second, and callers that give up do not cancel it.
 const MAX_WALKS: usize = 4;
+/// Walks asked for by readers ([`Level::Reader`]) and not finished.
+static READER_WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
+/// The most of [`MAX_WALKS`] readers may hold: the rest stays free for operators. A reader
+/// that hangs up does not cancel its walk, so without a share of its own one reconnecting in
+/// a loop held every walk and the operator's `show sessions` was refused as busy.
+const MAX_READER_WALKS: usize = 2;
+/// Walks asked for by the agent's own metrics ([`Level::Agent`]) and not finished.
+static AGENT_WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
+/// The most of [`MAX_WALKS`] the metrics may hold (they count by a walk only until the
+/// sweep's first pass; a scrape that gave up leaves its walk waiting, and the next asks
+/// again).
+const MAX_AGENT_WALKS: usize = 1;
 
-/// Answers `request` on `reply`: at once, or from a walk of the session table that runs off
-/// the caller's thread (see the module's note). Call it on a Tokio runtime.
-pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response>) {
+/// Answers `request`, asked at `level`, on `reply`: at once, or from a walk of the session
+/// table that runs off the caller's thread (see the module's note). Call it on a Tokio
+/// runtime.
+pub fn answer(member: &Member, request: Request, level: Level, reply: oneshot::Sender<Response>) {
     let zones = member.config.zone_names();
     let page = match request {
         Request::ShowSessions {
@@ -51,7 +65,7 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
             limit,
         } => SessionPage::new(count_only, filter, offset, limit, &zones),
         Request::ShowSessionCounts {} => {
-            return session_counts(&member.swept, member.bounds, &member.dp, reply)
+            return session_counts(&member.swept, member.bounds, &member.dp, level, reply)
         }
         _ => {
             let _ = reply.send(handle(member, request));
@@ -59,7 +73,7 @@ pub fn answer(member: &Member, request: Request, reply: oneshot::Sender<Response
         }
     };
     match page {
-        Ok(page) => sessions_later(member.dp.clone(), page, reply),
+        Ok(page) => sessions_later(member.dp.clone(), page, level, reply),
         Err(e) => {
             let _ = reply.send(Response::error(e));
         }
@@ -73,11 +87,12 @@ fn session_counts(
     swept: &Mutex<Option<(Instant, Tally)>>,
     bounds: TableBounds,
     dp: &Arc<Mutex<Datapath>>,
+    level: Level,
     reply: oneshot::Sender<Response>,
 ) {
     let Some((at, tally)) = *lock(swept) else {
         match SessionPage::new(true, SessionFilter::default(), 0, None, &[]) {
-            Ok(page) => sessions_later(dp.clone(), page, reply),
+            Ok(page) => sessions_later(dp.clone(), page, level, reply),
             Err(e) => drop(reply.send(Response::error(e))),
         }
         return;
@@ -92,30 +107,92 @@ fn session_counts(
 
 /// Fills `page` from a walk of `dp` on a thread of its own, after the walks before it, and
 /// sends the answer on `reply`; a caller gone by its turn costs no walk. Returns at once;
-/// refuses when [`MAX_WALKS`] walks are asked for already.
+/// refuses when [`MAX_WALKS`] walks are asked for already, or its asker's share
+/// ([`MAX_READER_WALKS`], [`MAX_AGENT_WALKS`]) is.
 pub fn sessions_later(
     dp: Arc<Mutex<Datapath>>,
     page: SessionPage,
+    level: Level,
     reply: oneshot::Sender<Response>,
 ) {
-    if WALKS_ASKED.fetch_add(1, Ordering::AcqRel) >= MAX_WALKS {
-        WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
-        let _ = reply.send(Response::error(format!(
-            "busy: {MAX_WALKS} walks of the session table are running or waiting; ask again later"
-        )));
-        return;
-    }
+    let asked = match Asked::new(level) {
+        Ok(asked) => asked,
+        Err(busy) => {
+            let _ = reply.send(Response::error(busy));
+            return;
+        }
+    };
     tokio::spawn(async move {
         let response = match WALKS.acquire().await {
             Ok(_) if reply.is_closed() => None,
             Ok(_turn) => Some(walk_aside(dp, page).await),
             Err(e) => Some(Response::error(format!("no session walk possible: {e}"))),
         };
-        WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
+        drop(asked);
         if let Some(response) = response {
             let _ = reply.send(response);
         }
     });
+}
+
+/// A walk asked for, counted in [`WALKS_ASKED`] and in its asker's share until it is dropped.
+struct Asked {
+    share: Option<&'static AtomicUsize>,
+}
+
+/// The share of [`MAX_WALKS`] walks that `level` may hold: its count, its bound and whose it
+/// is; operators have none of their own (they get what the others leave).
+fn share(level: Level) -> Option<(&'static AtomicUsize, usize, &'static str)> {
+    match level {
+        Level::Operator => None,
+        Level::Reader => Some((&READER_WALKS_ASKED, MAX_READER_WALKS, "read-only users")),
+        Level::Agent => Some((&AGENT_WALKS_ASKED, MAX_AGENT_WALKS, "the agent's metrics")),
+    }
+}
+
+impl Asked {
+    /// Counts a walk asked for at `level`; the refusal that says why when a bound is reached.
+    fn new(level: Level) -> Result<Asked, String> {
+        let share = share(level);
+        if let Some((count, max, whose)) = share {
+            if !take_one(count, max) {
+                return Err(format!(
+                    "busy: {max} walks of the session table asked by {whose} are running or \
+                     waiting; ask again later"
+                ));
+            }
+        }
+        if !take_one(&WALKS_ASKED, MAX_WALKS) {
+            if let Some((count, ..)) = share {
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
+            return Err(format!(
+                "busy: {MAX_WALKS} walks of the session table are running or waiting; ask again \
+                 later"
+            ));
+        }
+        Ok(Asked {
+            share: share.map(|(count, ..)| count),
+        })
+    }
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        if let Some(count) = self.share {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+        WALKS_ASKED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts one more in `count` unless it holds `max` already; whether it did.
+fn take_one(count: &AtomicUsize, max: usize) -> bool {
+    if count.fetch_add(1, Ordering::AcqRel) >= max {
+        count.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    true
 }
 
 /// The nice value of a walk's thread: it yields the CPUs to the agent's own work (draining
@@ -370,7 +447,9 @@ mod tests {
         let held = lock(&dp);
         let asker = {
             let dp = dp.clone();
-            tokio::task::spawn_blocking(move || session_counts(&swept, bounds, &dp, tx))
+            tokio::task::spawn_blocking(move || {
+                session_counts(&swept, bounds, &dp, Level::Operator, tx)
+            })
         };
         let response = tokio::time::timeout(Duration::from_secs(2), rx).await;
         drop(held);
@@ -392,7 +471,9 @@ mod tests {
     /// The walk waits for the table, its caller does not: `sessions_later` returns while
     /// another holder keeps the table, and the count comes once it lets go. (Before, the main
     /// loop walked the table itself and its events waited for the walk.) Past `MAX_WALKS`
-    /// asked for, a request is refused at once. One test: the bound is process-wide.
+    /// asked for, a request is refused at once; readers past `MAX_READER_WALKS` and the
+    /// agent's metrics past `MAX_AGENT_WALKS`, while operators still get the rest (seen
+    /// failing: the readers took every walk). One test: the bounds are process-wide.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[expect(
         clippy::await_holding_lock,
@@ -401,18 +482,35 @@ mod tests {
     async fn session_walks_leave_their_callers_free_and_are_bounded() {
         let dp = Arc::new(Mutex::new(three_sessions()));
         let held = lock(&dp);
-        let mut replies = Vec::new();
-        for _ in 0..=MAX_WALKS {
+        let ask = |level| {
             let (tx, rx) = oneshot::channel();
             let page =
                 SessionPage::new(true, SessionFilter::default(), 0, None, &[]).expect("a page");
-            sessions_later(dp.clone(), page, tx);
-            replies.push(rx);
-        }
-        let mut refused = replies.pop().expect("the last");
-        let busy = refused.try_recv().expect("refused at once");
-        assert!(!busy.ok);
-        assert!(busy.error.is_some_and(|e| e.starts_with("busy:")));
+            sessions_later(dp.clone(), page, level, tx);
+            rx
+        };
+        let refused = |mut rx: oneshot::Receiver<Response>, why: &str| {
+            let busy = rx.try_recv().expect("refused at once");
+            assert!(!busy.ok);
+            assert!(
+                busy.error.as_deref().is_some_and(|e| e.starts_with(why)),
+                "{busy:?}"
+            );
+        };
+        let readers =
+            format!("busy: {MAX_READER_WALKS} walks of the session table asked by read-only");
+        let agent =
+            format!("busy: {MAX_AGENT_WALKS} walks of the session table asked by the agent");
+        let all = format!("busy: {MAX_WALKS} walks");
+        // Readers and the agent's metrics within their shares, operators in the rest.
+        let mut replies: Vec<_> = (0..MAX_READER_WALKS).map(|_| ask(Level::Reader)).collect();
+        refused(ask(Level::Reader), &readers);
+        replies.extend((0..MAX_AGENT_WALKS).map(|_| ask(Level::Agent)));
+        refused(ask(Level::Agent), &agent);
+        let rest = MAX_WALKS - MAX_READER_WALKS - MAX_AGENT_WALKS;
+        replies.extend((0..rest).map(|_| ask(Level::Operator)));
+        refused(ask(Level::Operator), &all);
+        refused(ask(Level::Reader), &readers);
         tokio::time::sleep(Duration::from_millis(100)).await;
         for rx in &mut replies {
             assert!(rx.try_recv().is_err(), "no answer while the table is held");
@@ -428,6 +526,20 @@ mod tests {
             assert_eq!(view.total, 3);
         }
         assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0, "all walks done");
+        assert_eq!(READER_WALKS_ASKED.load(Ordering::Acquire), 0);
+        assert_eq!(AGENT_WALKS_ASKED.load(Ordering::Acquire), 0);
+        // A reader within its share refused because all walks are asked for gives its share
+        // back.
+        let held = lock(&dp);
+        let operators: Vec<_> = (0..MAX_WALKS).map(|_| ask(Level::Operator)).collect();
+        refused(ask(Level::Reader), &all);
+        assert_eq!(READER_WALKS_ASKED.load(Ordering::Acquire), 0);
+        drop(held);
+        for rx in operators {
+            let response = tokio::time::timeout(Duration::from_secs(10), rx).await;
+            assert!(response.is_ok_and(|r| r.is_ok_and(|r| r.ok)));
+        }
+        assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0);
     }
 
     /// The walk's thread, and only it, runs at the lower priority.

@@ -18,13 +18,13 @@ pub mod view;
 
 pub use client::{request, ControlError};
 pub use protocol::{Request, Response, SessionFilter};
-pub use server::serve;
+pub use server::{serve, Level};
 
 /// Where the agent listens when the configuration does not say otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/hasync/hasync.sock";
 
-/// One request for the agent's runtime, with where to send the answer.
-pub type ControlRequest = (Request, tokio::sync::oneshot::Sender<Response>);
+/// One request for the agent's runtime: what is asked, who asks, where to send the answer.
+pub type ControlRequest = (Request, Level, tokio::sync::oneshot::Sender<Response>);
 
 /// The channel the server forwards requests on; the runtime holds the receiving end.
 /// Dropping that receiver stops the server and removes the socket file.

@@ -183,10 +183,16 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
 }
 
 /// What a connection's user may do: everything (root, the agent's own user), or only `show`.
+/// The runtime is told too: readers get a smaller share of what requests contend for (the
+/// session walks: `handler::sessions_later`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Level {
+pub enum Level {
+    /// Root or the agent's own user on the socket.
     Operator,
+    /// Anyone else the socket lets in.
     Reader,
+    /// The agent itself (its metrics and dashboard): never from the socket.
+    Agent,
 }
 
 impl Level {
@@ -451,7 +457,7 @@ async fn accept_loop(
         let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let client = (Level::of(uid, crate::dir_trust::euid()), uid);
         let reader_permit = match client.0 {
-            Level::Operator => None,
+            Level::Operator | Level::Agent => None,
             Level::Reader => match reader_slots.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
@@ -522,7 +528,7 @@ async fn connection(
             let response = match parsed {
                 Ok(request) => match level.refuses(&request, uid) {
                     Some(refused) => refused,
-                    None => forward(request, &requests, ANSWER_TIMEOUT).await,
+                    None => forward(request, level, &requests, ANSWER_TIMEOUT).await,
                 },
                 Err(malformed) => malformed,
             };
@@ -538,12 +544,17 @@ async fn connection(
 /// Hands `request` to the runtime and waits for its answer, both within `wait`. An error
 /// says what became of a request not answered in time: not taken (nothing was done), or taken
 /// and unanswered (one that changes the member's state may still be carried out).
-async fn forward(request: Request, requests: &ControlSender, wait: Duration) -> Response {
+async fn forward(
+    request: Request,
+    level: Level,
+    requests: &ControlSender,
+    wait: Duration,
+) -> Response {
     let name = request.name();
     let changes_state = request.changes_state();
     let deadline = tokio::time::Instant::now() + wait;
     let (tx, rx) = oneshot::channel();
-    match tokio::time::timeout_at(deadline, requests.send((request, tx))).await {
+    match tokio::time::timeout_at(deadline, requests.send((request, level, tx))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return Response::error("the agent is shutting down"),
         Err(_) => {
@@ -893,7 +904,7 @@ mod tests {
         let path = dir.path().join("hasync.sock");
         let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::control::ControlRequest>(1);
         tokio::spawn(async move {
-            while let Some((_request, reply)) = rx.recv().await {
+            while let Some((_request, _, reply)) = rx.recv().await {
                 drop(reply);
             }
         });
@@ -920,24 +931,30 @@ mod tests {
                 held.push(request);
             }
         });
-        let e = forward(Request::Suspend {}, &tx, wait).await.error;
+        let e = forward(Request::Suspend {}, Level::Operator, &tx, wait)
+            .await
+            .error;
         let e = e.expect("an error");
         assert!(
             e.contains("did not answer the suspend request within")
                 && e.contains("it may still be carried out"),
             "{e}"
         );
-        let e = forward(Request::ShowMembers {}, &tx, wait).await.error;
+        let e = forward(Request::ShowMembers {}, Level::Operator, &tx, wait)
+            .await
+            .error;
         let e = e.expect("an error");
         assert!(!e.contains("carried out"), "{e}");
         holder.abort();
         // A runtime whose queue is full: the request is never taken.
         let (tx, _rx) = tokio::sync::mpsc::channel::<crate::control::ControlRequest>(1);
         let (reply, _answer) = oneshot::channel();
-        tx.send((Request::ShowFlaps {}, reply))
+        tx.send((Request::ShowFlaps {}, Level::Operator, reply))
             .await
             .expect("queued");
-        let e = forward(Request::Functional {}, &tx, wait).await.error;
+        let e = forward(Request::Functional {}, Level::Operator, &tx, wait)
+            .await
+            .error;
         let e = e.expect("an error");
         assert!(
             e.contains("took no functional request within") && e.contains("nothing was done"),

@@ -330,7 +330,7 @@ fn flaps() -> FlapsView {
 pub fn fake_runtime() -> (ControlSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<ControlRequest>(8);
     let task = tokio::spawn(async move {
-        while let Some((request, reply)) = rx.recv().await {
+        while let Some((request, _, reply)) = rx.recv().await {
             let _ = reply.send(answer(request));
         }
     });

@@ -76,7 +76,7 @@ use crate::{
             CountersView, FullSyncView, LinkStatisticsView, MembersView, PeerStatisticsView,
             SessionsView, StatisticsView,
         },
-        ControlSender,
+        ControlSender, Level,
     },
     sync::wire::LinkKind,
 };
@@ -255,7 +255,9 @@ impl Source {
     ) -> Result<T, GatherError> {
         let name = request.name();
         let (tx, rx) = oneshot::channel();
-        match tokio::time::timeout_at(deadline, self.requests.send((request, tx))).await {
+        match tokio::time::timeout_at(deadline, self.requests.send((request, Level::Agent, tx)))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(GatherError::ShuttingDown),
             Err(_) => return Err(GatherError::Timeout { request: name }),

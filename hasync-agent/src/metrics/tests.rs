@@ -28,7 +28,7 @@ fn counting_runtime() -> (ControlSender, Arc<AtomicU32>) {
     let walks = Arc::new(AtomicU32::new(0));
     let counted = walks.clone();
     tokio::spawn(async move {
-        while let Some((request, reply)) = rx.recv().await {
+        while let Some((request, _, reply)) = rx.recv().await {
             if matches!(request, Request::ShowSessionCounts {}) {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
@@ -146,7 +146,7 @@ async fn the_session_count_is_cached_and_shared() {
 async fn a_runtime_that_fails_or_stops_is_reported() {
     let (tx, mut rx) = mpsc::channel::<ControlRequest>(8);
     tokio::spawn(async move {
-        while let Some((_, reply)) = rx.recv().await {
+        while let Some((_, _, reply)) = rx.recv().await {
             let _ = reply.send(Response::error("reading the counters failed"));
         }
     });
@@ -249,7 +249,7 @@ async fn concurrent_scrapes_share_one_gather() {
     let asked = Arc::new(AtomicU32::new(0));
     let counted = asked.clone();
     tokio::spawn(async move {
-        while let Some((request, reply)) = rx.recv().await {
+        while let Some((request, _, reply)) = rx.recv().await {
             counted.fetch_add(1, Ordering::Relaxed);
             let _ = reply.send(answer(request));
         }
@@ -306,7 +306,7 @@ async fn scrapes_waiting_for_a_failing_gather_share_its_failure() {
 async fn a_slow_runtime_costs_a_scrape_one_answer_timeout() {
     let (tx, mut rx) = mpsc::channel::<ControlRequest>(64);
     tokio::spawn(async move {
-        while let Some((request, reply)) = rx.recv().await {
+        while let Some((request, _, reply)) = rx.recv().await {
             tokio::spawn(async move {
                 tokio::time::sleep(ANSWER_TIMEOUT - Duration::from_millis(800)).await;
                 let _ = reply.send(answer(request));
