@@ -161,6 +161,12 @@ impl SessionFlags {
     /// the endpoints to settle. [`Session::ticket`] holds the SYN's sequence end until the
     /// responder's SYN-ACK acknowledges it ([`crate::tcp_window::Fit::Restart`]).
     pub const SYN_PASSED: u16 = 1 << 9;
+    /// Node-local, with [`Self::SYN_PASSED`]: that SYN offered window scaling, by the shift
+    /// in [`Self::SYN_PASSED_SHIFT`] (the restarted session's initiator then scales as it
+    /// offered).
+    pub const SYN_PASSED_SCALE: u16 = 1 << 10;
+    /// Node-local: the window scale shift the kept SYN offered, bits 11 to 14.
+    pub const SYN_PASSED_SHIFT: u16 = 0xf << 11;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]

@@ -65,7 +65,10 @@
 //! until a segment re-learns it or lands in its window: left stale, any segment ahead of the
 //! window re-learned it, a blind one too, whose RST at that number was then exact.
 
-use crate::session::{tcp, Session, SessionFlags, State, DIR_ORIGINAL, DIR_REPLY};
+use crate::{
+    session::{tcp, Session, SessionFlags, State, DIR_ORIGINAL, DIR_REPLY},
+    ZoneId,
+};
 
 /// Bits of `Session::tcp_track`, one byte per direction.
 pub mod track {
@@ -147,9 +150,10 @@ pub enum Fit {
     /// directions' numbers are learned from the two (the initiator's scale is unknown, as for
     /// a connection picked up mid-stream), the FINs seen are forgotten and the session is
     /// established; the old connection's segments then fall outside (passed to the kernel,
-    /// keeping nothing alive) and its RST or FIN no longer counts. A forger needs both
-    /// segments, each through its own side's zone (the session's zones bind the directions),
-    /// as conntrack's re-sync does.
+    /// keeping nothing alive) and its RST or FIN no longer counts. A forger who chose the SYN
+    /// knows what its answer must acknowledge, so the answer counts only through the zone the
+    /// session's replies are bound to, one apart from the initiator's ([`Fit::zoned`]):
+    /// a forger must reach both sides. (Conntrack asks for nothing more than the ACK.)
     Restart,
 }
 
@@ -167,6 +171,24 @@ impl Fit {
     #[inline(always)]
     pub const fn keeps_alive(self) -> bool {
         matches!(self, Fit::Unacknowledged)
+    }
+
+    /// `self`, but a [`Fit::Restart`] that came in through zone `ingress` is
+    /// [`Fit::Outside`] unless that is the zone `s`'s replies are bound to and another than
+    /// its initiator's. Where nothing separates the two sides (no zones, one zone for both,
+    /// the replies not bound yet) no answer restarts a session: a forger in one place would
+    /// send both segments.
+    #[inline(always)]
+    pub fn zoned(self, s: &Session, ingress: ZoneId) -> Fit {
+        let apart = ingress == s.reply_zone
+            && ingress != s.zone
+            && ingress != ZoneId::NONE
+            && ingress != ZoneId::UNZONED;
+        if matches!(self, Fit::Restart) && !apart {
+            Fit::Outside
+        } else {
+            self
+        }
     }
 
     /// The counter of a segment that is passed on, whatever the policy, and changes nothing;
@@ -494,10 +516,11 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
     match fit {
         Fit::Outside | Fit::Inexact | Fit::Unconfirmed | Fit::Unacknowledged => return,
         Fit::NewSyn => {
-            // Kept for the answer that would restart the session ([`Fit::Restart`]); a later
-            // SYN replaces it (the client's next attempt, maybe with another number).
+            // Kept for the answer that would restart the session ([`Fit::Restart`]), with the
+            // scale it offers; a later SYN replaces it (the client's next attempt, maybe with
+            // another number).
             s.ticket = end;
-            s.flags.0 |= SessionFlags::SYN_PASSED;
+            s.flags.0 = (s.flags.0 & !KEPT_SYN) | SessionFlags::SYN_PASSED | kept_scale(seg);
             return;
         }
         Fit::Restart => restart(s, end),
@@ -545,17 +568,44 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
     }
 }
 
-/// Starts `s`'s tracking afresh for the new connection ([`Fit::Restart`]) from the kept SYN's
-/// end and the answer's (`reply_end`); [`record`] then takes the answer's window scale.
+/// The session flags that keep a SYN at [`Fit::NewSyn`].
+const KEPT_SYN: u16 =
+    SessionFlags::SYN_PASSED | SessionFlags::SYN_PASSED_SCALE | SessionFlags::SYN_PASSED_SHIFT;
+
+/// The window scale a SYN offers, as the kept SYN's flags hold it.
+#[inline(always)]
+fn kept_scale(seg: &TcpSegment) -> u16 {
+    match seg.wscale {
+        Some(shift) => {
+            let shift = if shift > MAX_WSCALE {
+                MAX_WSCALE
+            } else {
+                shift
+            };
+            SessionFlags::SYN_PASSED_SCALE | (u16::from(shift) << 11)
+        }
+        None => 0,
+    }
+}
+
+/// Starts `s`'s tracking afresh for the new connection ([`Fit::Restart`]) from the kept SYN
+/// (its end and the scale it offered) and the answer's end (`reply_end`); [`record`] then
+/// takes the answer's window scale.
 #[inline(always)]
 fn restart(s: &mut Session, reply_end: u32) {
+    let kept = s.flags.0;
+    let scale = if kept & SessionFlags::SYN_PASSED_SCALE != 0 {
+        track::WSCALE | ((kept & SessionFlags::SYN_PASSED_SHIFT) >> 11) as u8
+    } else {
+        0
+    };
     s.seq_end = [s.ticket, reply_end];
-    s.tcp_track = [track::KNOWN | track::PICKED_UP, track::KNOWN];
+    s.tcp_track = [track::KNOWN | scale, track::KNOWN];
     s.max_win = [0, 0];
     let [original, reply] = s.tcp_flags;
     s.tcp_flags = [original & !tcp::FIN, reply & !tcp::FIN];
     s.ticket = 0;
-    s.flags.0 &= !SessionFlags::SYN_PASSED;
+    s.flags.0 &= !KEPT_SYN;
 }
 
 /// Marks the known directions of a session received from a peer as stale (see the module
@@ -1056,18 +1106,20 @@ mod tests {
         };
         assert_eq!(step(&mut s, R, SYN | ACK, answer), Fit::Restart);
         assert_eq!(s.seq_end, [0x9000_0001, 0x3000_0001]);
-        assert!(!s.flags.has(SessionFlags::SYN_PASSED));
+        assert_eq!(s.flags.0 & KEPT_SYN, 0, "the kept SYN is used up");
         assert_eq!(
             s.tcp_track[O],
-            track::KNOWN | track::PICKED_UP,
-            "scale unknown"
+            track::KNOWN | track::WSCALE | 7,
+            "the kept SYN's scale"
         );
         assert_eq!(s.tcp_track[R], track::KNOWN | track::WSCALE | 5);
-        // The new connection's handshake completes, its close counts; the old one's does not.
-        assert_eq!(
-            step(&mut s, O, ACK, seg(0x9000_0001, 0x3000_0001)),
-            Fit::InWindow
-        );
+        // The new connection's handshake completes; both offered scaling, so the client's
+        // windows from here on scale by the 7 it offered.
+        assert_eq!(window(&s, O), MIN_WINDOW);
+        let ack = seg(0x9000_0001, 0x3000_0001);
+        assert_eq!(step(&mut s, O, ACK, ack), Fit::InWindow);
+        assert_eq!(window(&s, O), 1000 << 7);
+        // Its close counts; the old one's does not.
         let old_fin = classify(&s, O, FIN | ACK, &seg(5000, 9000));
         assert!(refused(old_fin, FIN | ACK), "{old_fin:?}");
         let fin = seg(0x9000_0001, 0x3000_0001);

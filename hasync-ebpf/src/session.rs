@@ -192,7 +192,7 @@ fn hit(
         return xdp_action::XDP_PASS;
     }
     let fit = if pkt.key.proto == IPPROTO_TCP {
-        tcp_window::classify(s, dir, pkt.tcp_flags, &pkt.tcp)
+        tcp_window::classify(s, dir, pkt.tcp_flags, &pkt.tcp).zoned(s, ingress)
     } else {
         Fit::InWindow
     };
@@ -246,7 +246,9 @@ fn hit(
     let accepted = forward::Accepted {
         // The packet that completes a session's setup (the first reply, the handshake's last
         // ACK) goes to the kernel too, so its connection tracking sees both directions.
-        both_ways: was.both_ways && forward::both_ways(s),
+        // So does the answer that restarts one on a new connection over its ports: the
+        // kernel's own tracking re-syncs from it.
+        both_ways: was.both_ways && forward::both_ways(s) && fit != Fit::Restart,
         zone: s.zone,
         reply_zone: s.reply_zone,
         dir,

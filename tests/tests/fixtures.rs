@@ -866,7 +866,8 @@ fn tcp_window_rows() -> Vec<Row> {
 /// member missed its end): its SYN passes whatever the policy (conntrack ignores it the same
 /// way), and the endpoints settle it: the responder still in the old connection answers with
 /// a challenge ACK, whose RST closes it; one that closed it answers with a SYN-ACK, which
-/// restarts the session on the new connection when it acknowledges exactly that SYN.
+/// restarts the session on the new connection when it acknowledges exactly that SYN and comes
+/// in through the replies' zone, apart from the client's.
 fn tcp_reuse_rows() -> Vec<Row> {
     // The new connection's initial sequence numbers, far from the old one's.
     const C_NEW: u32 = 0x9000_0000;
@@ -874,6 +875,23 @@ fn tcp_reuse_rows() -> Vec<Row> {
     let new_syn = || tcp(C4, S4).syn().seq(C_NEW);
     let answer = || tcp(S4, C4).syn_ack().seq(S_NEW).ack_number(C_NEW + 1);
     let new_ack = || tcp(C4, S4).ack().seq(C_NEW + 1).ack_number(S_NEW + 1);
+    // The client's frames through zone 1, the server's through zone 2 (its first reply binds
+    // the replies there).
+    let client = |row: Row, f: Frame| row.from_zone(ZoneId(1)).pass(f);
+    let server = |row: Row, f: Frame| row.from_zone(ZoneId(2)).pass(f);
+    let zoned = |name: &str| {
+        let row = client(Row::new(name).zone(ZoneId(1)), tcp(C4, S4).syn().seq(C_ISN));
+        let row = server(row, tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1));
+        client(row, tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
+    };
+    let between = |state| Expect::new(state).zone(ZoneId(1)).reply_zone(ZoneId(2));
+    let restarted = [
+        E::Created,
+        E::StateChanged,
+        E::StateChanged,
+        E::StateChanged,
+        E::StateChanged,
+    ];
     vec![
         handshake_seq(
             Row::new("tcp reuse: a challenge ack's exact rst closes the old session, the syn again reopens it"),
@@ -900,17 +918,16 @@ fn tcp_reuse_rows() -> Vec<Row> {
             E::Closed,
             E::Created,
         ]),
-        handshake_seq(
-            Row::new("tcp reuse: the answer to the new syn restarts the session, whose close then counts"),
-            C4,
-            S4,
+        client(
+            server(
+                client(zoned("tcp reuse: the answer to the new syn restarts the session, whose close then counts"), new_syn()),
+                answer(),
+            ),
+            new_ack(),
         )
-        .pass(new_syn())
-        .pass(answer())
-        .pass(new_ack())
         .pass(tcp(C4, S4).fin().seq(C_NEW + 1).ack_number(S_NEW + 1))
         .session(
-            Expect::new(State::Closing)
+            between(State::Closing)
                 .version(5)
                 .packets(4, 2)
                 .seq_end(Some(C_NEW + 2), Some(S_NEW + 1)),
@@ -919,24 +936,17 @@ fn tcp_reuse_rows() -> Vec<Row> {
             4,
             &[(C::PassTcpNewSyn, 1), (C::StateChanges, 2), (C::Events, 2)],
         ))
-        .events(&[
-            E::Created,
-            E::StateChanged,
-            E::StateChanged,
-            E::StateChanged,
-            E::StateChanged,
-        ]),
-        handshake_seq(
-            Row::new("tcp reuse: a syn-ack that does not acknowledge the new syn restarts nothing"),
-            C4,
-            S4,
+        .events(&restarted),
+        client(
+            server(
+                client(zoned("tcp reuse: a syn-ack that does not acknowledge the new syn restarts nothing"), new_syn()),
+                tcp(S4, C4).syn_ack().seq(S_NEW).ack_number(C_NEW + 2),
+            ),
+            tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1),
         )
-        .pass(new_syn())
-        .pass(tcp(S4, C4).syn_ack().seq(S_NEW).ack_number(C_NEW + 2))
         .drop(tcp(C4, S4).fin().seq(C_NEW + 1).ack_number(S_NEW + 1))
-        .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
         .session(
-            Expect::new(State::Established)
+            between(State::Established)
                 .version(3)
                 .packets(3, 1)
                 .flags(F::SYN_PASSED)
@@ -951,31 +961,67 @@ fn tcp_reuse_rows() -> Vec<Row> {
             ],
         ))
         .events(&HANDSHAKE_EVENTS),
-        Row::new("tcp reuse: a syn-ack with no new syn before it restarts nothing")
-            .pass(tcp(C4, S4).syn().seq(C_ISN))
-            .pass(tcp(S4, C4).syn_ack().seq(S_ISN).ack_number(C_ISN + 1))
-            .pass(tcp(C4, S4).ack().seq(C_ISN + 1).ack_number(S_ISN + 1))
-            .pass(answer())
-            .session(
-                Expect::new(State::Established)
-                    .version(3)
-                    .packets(2, 1)
-                    .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
-            )
-            .counters(&after_handshake(1, &[(C::PassTcpOutsideWindow, 1)]))
-            .events(&HANDSHAKE_EVENTS),
+        server(
+            zoned("tcp reuse: a syn-ack with no new syn before it restarts nothing"),
+            answer(),
+        )
+        .session(
+            between(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(1, &[(C::PassTcpOutsideWindow, 1)]))
+        .events(&HANDSHAKE_EVENTS),
+        // Under the loose policy a reply from the wrong zone passes, counted: it still
+        // restarts nothing.
+        client(
+            client(zoned("tcp reuse: an answer through the client's zone restarts nothing"), new_syn()),
+            answer(),
+        )
+        .policy(Policy::Loose)
+        .session(
+            between(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .flags(F::SYN_PASSED)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(
+            2,
+            &[
+                (C::PassTcpNewSyn, 1),
+                (C::PassZoneMismatch, 1),
+                (C::PassTcpOutsideWindow, 1),
+            ],
+        ))
+        .events(&HANDSHAKE_EVENTS),
         handshake_seq(
-            Row::new("tcp reuse: after both fins, the answer to a new syn restarts the session established"),
+            Row::new("tcp reuse: where no zones separate the sides, no answer restarts"),
             C4,
             S4,
         )
-        .pass(tcp(C4, S4).fin().seq(C_ISN + 1).ack_number(S_ISN + 1))
-        .pass(tcp(S4, C4).fin().seq(S_ISN + 1).ack_number(C_ISN + 2))
         .pass(new_syn())
         .pass(answer())
-        .pass(new_ack())
         .session(
             Expect::new(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .flags(F::SYN_PASSED)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(
+            2,
+            &[(C::PassTcpNewSyn, 1), (C::PassTcpOutsideWindow, 1)],
+        ))
+        .events(&HANDSHAKE_EVENTS),
+        {
+            let row = client(zoned("tcp reuse: after both fins, the answer to a new syn restarts the session established"), tcp(C4, S4).fin().seq(C_ISN + 1).ack_number(S_ISN + 1));
+            let row = server(row, tcp(S4, C4).fin().seq(S_ISN + 1).ack_number(C_ISN + 2));
+            client(server(client(row, new_syn()), answer()), new_ack())
+        }
+        .session(
+            between(State::Established)
                 .version(5)
                 .packets(4, 3)
                 .tcp_flags(SA, SA)
@@ -985,13 +1031,28 @@ fn tcp_reuse_rows() -> Vec<Row> {
             5,
             &[(C::PassTcpNewSyn, 1), (C::StateChanges, 2), (C::Events, 2)],
         ))
-        .events(&[
-            E::Created,
-            E::StateChanged,
-            E::StateChanged,
-            E::StateChanged,
-            E::StateChanged,
-        ]),
+        .events(&restarted),
+        // The kernel's own tracking ignored the SYN; it re-syncs from the answer.
+        server(
+            client(zoned("tcp reuse: xdp forwarding leaves the restarting answer to the kernel"), new_syn()),
+            answer(),
+        )
+        .forwarding(Forwarding::Xdp)
+        .session(
+            between(State::Established)
+                .version(4)
+                .packets(2, 2)
+                .seq_end(Some(C_NEW + 1), Some(S_NEW + 1)),
+        )
+        .counters(&[
+            (C::Creates, 1),
+            (C::Hits, 4),
+            (C::StateChanges, 3),
+            (C::PassFwdNotEstablished, 3),
+            (C::PassTcpNewSyn, 1),
+            (C::Events, 4),
+        ])
+        .events(&restarted[..4]),
     ]
 }
 
