@@ -13,7 +13,8 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
 
@@ -992,4 +993,151 @@ fn a_replica_binds_its_replies_by_the_routing_table_ipv4() {
 #[test]
 fn a_replica_binds_its_replies_by_the_routing_table_ipv6() {
     replica_replies("repl6", "fd00:18::50", "fd00:18:1::60").unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// A TCP socket of `ns` bound to `local` (`SO_REUSEADDR`: a client reconnecting from its
+/// port) and connected to `server`, each wait bounded by [`IO_TIMEOUT`].
+fn connect_from(ns: &Netns, local: SocketAddr, server: SocketAddr) -> Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    fn sockaddr(a: SocketAddr) -> Result<libc::sockaddr_in> {
+        let SocketAddr::V4(a) = a else {
+            bail!("{a}: IPv4 only")
+        };
+        Ok(libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        })
+    }
+    let (from, to) = (sockaddr(local)?, sockaddr(server)?);
+    ns.run(move || -> Result<TcpStream> {
+        let check = |rc: libc::c_int, what: &str| -> Result<()> {
+            ensure!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
+            Ok(())
+        };
+        // SAFETY: socket() takes and returns plain integers.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is a new socket nothing else owns; the stream closes it.
+        let stream = unsafe { TcpStream::from_raw_fd(fd) };
+        stream.set_write_timeout(Some(IO_TIMEOUT))?; // bounds connect() too (SO_SNDTIMEO)
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        let one: libc::c_int = 1;
+        let len = |n: usize| n as libc::socklen_t;
+        // SAFETY: the option and the addresses are plain values of the sizes given.
+        unsafe {
+            let opt = (&raw const one).cast();
+            check(
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, opt, len(4)),
+                "SO_REUSEADDR",
+            )?;
+            let size = len(std::mem::size_of::<libc::sockaddr_in>());
+            check(libc::bind(fd, (&raw const from).cast(), size), "bind")?;
+            check(libc::connect(fd, (&raw const to).cast(), size), "connect")?;
+        }
+        Ok(stream)
+    })?
+}
+
+/// Drops `stream` with a RST (SO_LINGER 0), as a process that dies does.
+fn abort(stream: TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let size = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: a plain option value of the size given, on a descriptor `stream` owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size,
+        )
+    };
+    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Both ends of a connection through the forwarder lose it without a FIN or RST crossing it
+/// (each end's own nftables drops them: a crash, a reboot), and the client connects again from
+/// the same port. The server, which has no connection left, answers the SYN with a SYN-ACK:
+/// the forwarder's session, still established, restarts on the new connection, whose data and
+/// orderly close then go through and close the session. (Before, the new connection's FIN fell
+/// outside the old one's window and was dropped as a blind close: seen failing, the server's
+/// read of the request timed out.)
+#[test]
+fn a_connection_from_the_port_of_a_lost_one_is_followed() {
+    reconnect_from_the_same_port("reuse4").unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn reconnect_from_the_same_port(tag: &str) -> Result<()> {
+    let fwd = Forwarder::new(tag, Policy::Strict)?;
+    let (client, server) = (sa(CLI4, 40_123), sa(SRV4, 8090));
+    let listener = fwd.srv.run(move || TcpListener::bind(server))??;
+    let key = Frame::tcp(client, server).key();
+    // The first connection: established, data both ways.
+    let mut first = connect_from(&fwd.cli, client, server)?;
+    let (mut accepted, _) = listener.accept()?;
+    first.write_all(b"hello")?;
+    let mut got = [0u8; 5];
+    accepted.read_exact(&mut got)?;
+    accepted.write_all(b"world")?;
+    first.read_exact(&mut got)?;
+    let quiet = "table inet reuse {\n chain out {\n type filter hook output priority 0;\n \
+                 tcp flags & (fin | rst) != 0 drop\n }\n}\n";
+    fwd.cli.nft(quiet)?;
+    fwd.srv.nft(quiet)?;
+    abort(first)?;
+    abort(accepted)?;
+    fwd.cli.nft("delete table inet reuse")?;
+    fwd.srv.nft("delete table inet reuse")?;
+    let s = fwd
+        .session(&key)?
+        .context("the first connection's session")?;
+    ensure!(s.state == State::Established as u8, "{}", show(&s));
+    let before = fwd.counters()?;
+
+    // The second, from the same port: a request, a response, FINs both ways.
+    let mut second = connect_from(&fwd.cli, client, server)?;
+    let (mut accepted, _) = listener.accept()?;
+    accepted.set_read_timeout(Some(IO_TIMEOUT))?;
+    second.write_all(&[0xa5; 1000])?;
+    second.shutdown(std::net::Shutdown::Write)?;
+    let mut request = Vec::new();
+    accepted
+        .read_to_end(&mut request)
+        .context("server reading the request to its FIN")?;
+    accepted.write_all(&[0x5a; 20_000])?;
+    drop(accepted);
+    let mut response = Vec::new();
+    second
+        .read_to_end(&mut response)
+        .context("client reading the response to its FIN")?;
+    ensure!((request.len(), response.len()) == (1000, 20_000));
+    drop(second);
+    let closed = wait_for(IO_TIMEOUT, || {
+        fwd.session(&key)
+            .ok()
+            .flatten()
+            .filter(|s| s.state == State::Closed as u8)
+    });
+    ensure!(
+        closed.is_some(),
+        "{:?}",
+        fwd.session(&key)?.as_ref().map(show)
+    );
+    let delta = CounterDelta {
+        before,
+        after: fwd.counters()?,
+    };
+    ensure!(delta.get(Counter::PassTcpNewSyn) == 1, "{delta}");
+    ensure!(delta.get(Counter::DropTcpOutOfWindow) == 0, "{delta}");
+    check_clean(&delta, &[])?;
+    Ok(())
 }
