@@ -52,6 +52,29 @@ static AGENT_WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
 /// again).
 const MAX_AGENT_WALKS: usize = 1;
 
+/// The most sessions a page answering a reader ([`Level::Reader`]) lists. A page is held
+/// whole in memory while it is built and written (about 150 bytes a session), and readers'
+/// connections are not the operator's to budget: at the general bound
+/// ([`super::protocol::MAX_SESSION_PAGE`]) their 4 connections held about 120 MB of answers.
+pub const MAX_READER_PAGE: u64 = 10_000;
+
+/// The page size a `show-sessions` request asked at `level` gets: a reader's listing is at
+/// most [`MAX_READER_PAGE`] sessions (that many when it names no `limit`; a larger one is
+/// refused, naming the bound); counts list nothing, whatever they ask.
+fn page_limit(level: Level, count_only: bool, limit: Option<u64>) -> Result<Option<u64>, String> {
+    if level != Level::Reader || count_only {
+        return Ok(limit);
+    }
+    match limit {
+        None => Ok(Some(MAX_READER_PAGE)),
+        Some(n) if n > MAX_READER_PAGE => Err(format!(
+            "limit {n} is more than read-only users may ask for ({MAX_READER_PAGE} sessions a \
+             page): page with --offset and --limit"
+        )),
+        Some(n) => Ok(Some(n)),
+    }
+}
+
 /// Answers `request`, asked at `level`, on `reply`: at once, or from a walk of the session
 /// table that runs off the caller's thread (see the module's note). Call it on a Tokio
 /// runtime.
@@ -63,7 +86,8 @@ pub fn answer(member: &Member, request: Request, level: Level, reply: oneshot::S
             filter,
             offset,
             limit,
-        } => SessionPage::new(count_only, filter, offset, limit, &zones),
+        } => page_limit(level, count_only, limit)
+            .and_then(|limit| SessionPage::new(count_only, filter, offset, limit, &zones)),
         Request::ShowSessionCounts {} => {
             return session_counts(&member.swept, member.bounds, &member.dp, level, reply)
         }
@@ -540,6 +564,32 @@ mod tests {
             assert!(response.is_ok_and(|r| r.is_ok_and(|r| r.ok)));
         }
         assert_eq!(WALKS_ASKED.load(Ordering::Acquire), 0);
+    }
+
+    /// Readers' pages are at most `MAX_READER_PAGE` sessions: by default, and a larger limit
+    /// is refused naming the bound; operators' and counts are as asked.
+    #[test]
+    fn readers_pages_are_bounded() {
+        assert_eq!(
+            page_limit(Level::Reader, false, None),
+            Ok(Some(MAX_READER_PAGE))
+        );
+        assert_eq!(page_limit(Level::Reader, false, Some(500)), Ok(Some(500)));
+        let refused = page_limit(Level::Reader, false, Some(MAX_READER_PAGE + 1));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.contains("(10000 sessions a page)")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            page_limit(Level::Reader, true, Some(100_000)),
+            Ok(Some(100_000))
+        );
+        for level in [Level::Operator, Level::Agent] {
+            assert_eq!(page_limit(level, false, None), Ok(None));
+            assert_eq!(page_limit(level, false, Some(100_000)), Ok(Some(100_000)));
+        }
     }
 
     /// The walk's thread, and only it, runs at the lower priority.

@@ -24,7 +24,7 @@
 //! | `cluster_info{cluster_id, local_member, description}` | info | this member and its cluster |
 //! | `member_state{member, serial, state}` | gauge | 1 for the member's state, 0 for the others |
 //! | `member_state_age_seconds{member}` | gauge | since the member's state last changed |
-//! | `member_flaps_total{member}` | counter | times it left a state that keeps sessions |
+//! | `member_flaps{member}` | gauge | its flap count (falls from Active since the count last started anew) |
 //! | `member_sessions_owned{member}` | gauge | sessions it owns, as it reports them |
 //! | `link_state{member, link, state}` | gauge | 1 for the HA4 / HA4 backup link's state (`up`, `down`, `not-configured`) to a peer; for the local member, its own interface |
 //! | `sessions` | gauge | entries in the local session table |
@@ -540,10 +540,12 @@ fn encode_members(e: &mut DescriptorEncoder, members: &MembersView) -> fmt::Resu
             .iter()
             .filter_map(|m| Some((member_labels(m.id), m.last_change?))),
     )?;
-    counters(
+    // A gauge: the count starts anew (`hasync functional`, a hold-down time Active), which a
+    // counter must never do (it was `member_flaps_total` until stop 47).
+    gauges(
         e,
         "member_flaps",
-        "Times the member left a state that keeps sessions.",
+        "The member's flap count: falls from Active since the count last started anew.",
         None,
         members
             .iter()

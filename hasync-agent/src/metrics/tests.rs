@@ -49,7 +49,7 @@ async fn the_exposition_names_every_metric_with_its_values() {
         r#"hasync_member_state{member="12",serial="FW-LONG-SERIAL",state="down"} 1"#,
         r#"hasync_member_state{member="12",serial="FW-LONG-SERIAL",state="active"} 0"#,
         r#"hasync_member_state_age_seconds{member="1"} 3725"#,
-        r#"hasync_member_flaps_total{member="12"} 3"#,
+        r#"hasync_member_flaps{member="12"} 3"#,
         r#"hasync_member_sessions_owned{member="1"} 2"#,
         r#"hasync_link_state{member="1",link="ha4",state="up"} 1"#,
         r#"hasync_link_state{member="12",link="ha4",state="down"} 1"#,

@@ -153,8 +153,21 @@ fn diff(a: &Path, b: &Path) -> ExitCode {
     }
 }
 
+/// What a start of `c` on this host would refuse that the file itself cannot tell: a
+/// `control_group` this host does not have. Warnings, not errors: the check may run on
+/// another host than the member's (a provisioning host).
+pub(super) fn host_warnings(c: &Config) -> Vec<String> {
+    let group = c.local.control_group.as_deref();
+    match crate::control::server::Access::for_group(group) {
+        Ok(_) => Vec::new(),
+        Err(e) => vec![format!(
+            "{e}: an agent started with it on this host refuses to start"
+        )],
+    }
+}
+
 /// `hasync config check FILE...`: each file's member, cluster and fingerprint, or its
-/// problems; fails if any file does.
+/// problems (and what this host would refuse: [`host_warnings`]); fails if any file does.
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for path in files {
@@ -170,6 +183,9 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     c.local.member,
                     c.cluster.id
                 );
+                for warning in host_warnings(&c) {
+                    println!("warning: {}: {warning}", path.display());
+                }
             }
             Err(e) => {
                 ok = false;

@@ -474,3 +474,29 @@ fn a_second_run_over_a_key_others_can_read_provisions() {
     assert!(!again.new_key, "the key is kept");
     assert!(super::loose_key_warning(&again.key).is_some());
 }
+
+/// `hasync config check` names a `control_group` this host does not have (the start refuses
+/// it), as a warning: the file may be for another host.
+#[test]
+fn config_check_warns_of_a_control_group_this_host_lacks() {
+    let dir = TempDir::new("check-group");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    provision(&spec, &out).expect("provision");
+    let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
+    assert_eq!(diff::host_warnings(&c), Vec::<String>::new());
+    c.local.control_group = Some("root".into());
+    assert_eq!(
+        diff::host_warnings(&c),
+        Vec::<String>::new(),
+        "a group every host has"
+    );
+    c.local.control_group = Some("hasync-no-such-group".into());
+    let warnings = diff::host_warnings(&c);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("\"hasync-no-such-group\": no such group on this host"),
+        "{warnings:?}"
+    );
+}
