@@ -49,7 +49,7 @@
 //!
 //! A new connection from the port of one still open here (the client lost the old one; this
 //! member missed its end) sends a SYN the old numbers know nothing of: it is passed, whatever
-//! the policy, and changes nothing but its sequence end, kept ([`Fit::NewSyn`]); the responder
+//! the policy, and changes nothing but what it tells, kept ([`Fit::NewSyn`]); the responder
 //! settles it, with a challenge ACK whose RST closes the old session (the next SYN then makes
 //! a new one), or with a SYN-ACK acknowledging exactly that SYN, from which the session
 //! follows the new connection ([`Fit::Restart`], conntrack's rule for an ignored SYN).
@@ -143,13 +143,13 @@ pub enum Fit {
     /// (conntrack ignores it the same way): a responder still in the old connection answers
     /// with a challenge ACK (RFC 5961 §4), and the client's RST at it is exact and closes;
     /// one that had closed it answers with a SYN-ACK ([`Fit::Restart`]). It changes nothing
-    /// but the SYN's sequence end, kept for that answer ([`record`]).
+    /// but what the SYN tells (its sequence end and window scale), kept for that answer
+    /// ([`record`]); only one that came in through the initiator's zone ([`Fit::zoned`]).
     NewSyn,
     /// The responder's SYN-ACK that acknowledges exactly the SYN kept at [`Fit::NewSyn`]:
     /// both ends agree on the new connection, and the session follows it from here. Both
-    /// directions' numbers are learned from the two (the initiator's scale is unknown, as for
-    /// a connection picked up mid-stream), the FINs seen are forgotten and the session is
-    /// established; the old connection's segments then fall outside (passed to the kernel,
+    /// directions' numbers and window scales are learned from the two, the FINs seen are
+    /// forgotten and the session is established; the old connection's segments then fall outside (passed to the kernel,
     /// keeping nothing alive) and its RST or FIN no longer counts. A forger who chose the SYN
     /// knows what its answer must acknowledge, so the answer counts only through the zone the
     /// session's replies are bound to, one apart from the initiator's ([`Fit::zoned`]):
@@ -173,26 +173,27 @@ impl Fit {
         matches!(self, Fit::Unacknowledged)
     }
 
-    /// `self`, but a [`Fit::Restart`] that came in through zone `ingress` is
-    /// [`Fit::Outside`] unless that is the zone `s`'s replies are bound to and another than
-    /// its initiator's. Where nothing separates the two sides (no zones, one zone for both,
-    /// the replies not bound yet) no answer restarts a session: a forger in one place would
-    /// send both segments.
+    /// `self`, but [`Fit::Outside`] for a [`Fit::NewSyn`] that came in through another zone
+    /// (`ingress`) than the session's own (the loose policy lets one through) and for a
+    /// [`Fit::Restart`] that came in through another than the zone `s`'s replies are bound
+    /// to, or through that one where it is the initiator's too. Where nothing separates the
+    /// two sides (no zones, one zone for both, the replies not bound yet) no answer restarts
+    /// a session: a forger in one place would send both segments.
     #[inline(always)]
     pub fn zoned(self, s: &Session, ingress: ZoneId) -> Fit {
         let apart = ingress == s.reply_zone
             && ingress != s.zone
             && ingress != ZoneId::NONE
             && ingress != ZoneId::UNZONED;
-        if matches!(self, Fit::Restart) && !apart {
-            Fit::Outside
-        } else {
-            self
+        match self {
+            Fit::NewSyn if ingress != s.zone => Fit::Outside,
+            Fit::Restart if !apart => Fit::Outside,
+            other => other,
         }
     }
 
-    /// The counter of a segment that is passed on, whatever the policy, and changes nothing;
-    /// `None` for every other fit.
+    /// The counter of a segment that is passed on, whatever the policy, and changes nothing
+    /// (but what a new SYN tells, kept: [`Fit::NewSyn`]); `None` for every other fit.
     #[inline(always)]
     pub const fn passed_unchanged(self) -> Option<crate::Counter> {
         match self {
@@ -258,12 +259,7 @@ pub fn known(s: &Session, dir: usize) -> bool {
 pub fn window(s: &Session, dir: usize) -> u32 {
     let [a, b] = s.tcp_track;
     let shift = if a & b & track::WSCALE != 0 {
-        let offered = pick(s.tcp_track, dir) & track::SHIFT;
-        if offered > MAX_WSCALE {
-            MAX_WSCALE
-        } else {
-            offered
-        }
+        capped_scale(pick(s.tcp_track, dir) & track::SHIFT)
     } else {
         0
     };
@@ -451,7 +447,7 @@ fn no_handshake_sends(s: &Session, dir: usize, flags: u8) -> bool {
 #[inline(always)]
 fn answers_again(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool {
     dir == DIR_REPLY
-        && flags & (tcp::SYN | tcp::ACK | tcp::RST | tcp::FIN) == tcp::SYN | tcp::ACK
+        && flags & HANDSHAKE_FLAGS == tcp::SYN | tcp::ACK
         && s.state == State::SynRecv as u8
         && known(s, DIR_ORIGINAL)
         && seg.ack == pick(s.seq_end, DIR_ORIGINAL)
@@ -505,7 +501,8 @@ pub const fn refused(fit: Fit, flags: u8) -> bool {
 
 /// Records what a segment that fell at `fit` tells about its direction: its sequence end,
 /// its window (not a SYN's: those are never scaled) and, on a SYN that is learned, the window
-/// scale it offers.
+/// scale it offers; a new SYN's end and scale are kept aside ([`Fit::NewSyn`]) and restart
+/// the session's tracking with its answer's ([`Fit::Restart`]).
 #[inline(always)]
 pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit) {
     let end = seg
@@ -559,14 +556,22 @@ pub fn record(s: &mut Session, dir: usize, flags: u8, seg: &TcpSegment, fit: Fit
     let t = pick_mut(&mut s.tcp_track, dir);
     *t &= !(track::WSCALE | track::SHIFT | track::PICKED_UP);
     if let Some(shift) = seg.wscale {
-        let shift = if shift > MAX_WSCALE {
-            MAX_WSCALE
-        } else {
-            shift
-        };
-        *t |= track::WSCALE | shift;
+        *t |= track::WSCALE | capped_scale(shift);
     }
 }
+
+/// A window scale shift as RFC 7323 §2.3 caps it.
+#[inline(always)]
+const fn capped_scale(shift: u8) -> u8 {
+    if shift > MAX_WSCALE {
+        MAX_WSCALE
+    } else {
+        shift
+    }
+}
+
+/// Where the kept SYN's shift sits in the session flags ([`SessionFlags::SYN_PASSED_SHIFT`]).
+const KEPT_SHIFT_AT: u32 = SessionFlags::SYN_PASSED_SHIFT.trailing_zeros();
 
 /// The session flags that keep a SYN at [`Fit::NewSyn`].
 const KEPT_SYN: u16 =
@@ -577,12 +582,7 @@ const KEPT_SYN: u16 =
 fn kept_scale(seg: &TcpSegment) -> u16 {
     match seg.wscale {
         Some(shift) => {
-            let shift = if shift > MAX_WSCALE {
-                MAX_WSCALE
-            } else {
-                shift
-            };
-            SessionFlags::SYN_PASSED_SCALE | (u16::from(shift) << 11)
+            SessionFlags::SYN_PASSED_SCALE | (u16::from(capped_scale(shift)) << KEPT_SHIFT_AT)
         }
         None => 0,
     }
@@ -595,7 +595,7 @@ fn kept_scale(seg: &TcpSegment) -> u16 {
 fn restart(s: &mut Session, reply_end: u32) {
     let kept = s.flags.0;
     let scale = if kept & SessionFlags::SYN_PASSED_SCALE != 0 {
-        track::WSCALE | ((kept & SessionFlags::SYN_PASSED_SHIFT) >> 11) as u8
+        track::WSCALE | ((kept & SessionFlags::SYN_PASSED_SHIFT) >> KEPT_SHIFT_AT) as u8
     } else {
         0
     };

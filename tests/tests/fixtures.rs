@@ -996,6 +996,24 @@ fn tcp_reuse_rows() -> Vec<Row> {
             ],
         ))
         .events(&HANDSHAKE_EVENTS),
+        // Nor does a SYN sent from the server's side claiming to be the client's: it keeps
+        // nothing, so the same forger's answer restarts nothing either.
+        server(
+            server(zoned("tcp reuse: a new syn through the server's zone is not kept"), new_syn()),
+            answer(),
+        )
+        .policy(Policy::Loose)
+        .session(
+            between(State::Established)
+                .version(3)
+                .packets(2, 1)
+                .seq_end(Some(C_ISN + 1), Some(S_ISN + 1)),
+        )
+        .counters(&after_handshake(
+            2,
+            &[(C::PassZoneMismatch, 1), (C::PassTcpOutsideWindow, 2)],
+        ))
+        .events(&HANDSHAKE_EVENTS),
         handshake_seq(
             Row::new("tcp reuse: where no zones separate the sides, no answer restarts"),
             C4,

@@ -42,8 +42,9 @@ const MAX_WALKS: usize = 4;
 /// Walks asked for by readers ([`Level::Reader`]) and not finished.
 static READER_WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);
 /// The most of [`MAX_WALKS`] readers may hold: the rest stays free for operators. A reader
-/// that hangs up does not cancel its walk, so without a share of its own one reconnecting in
-/// a loop held every walk and the operator's `show sessions` was refused as busy.
+/// that hangs up does not cancel its walk (one running runs to its end; one waiting holds its
+/// place until its turn), so without a share of its own one reconnecting in a loop held every
+/// walk and the operator's `show sessions` was refused as busy.
 const MAX_READER_WALKS: usize = 2;
 /// Walks asked for by the agent's own metrics ([`Level::Agent`]) and not finished.
 static AGENT_WALKS_ASKED: AtomicUsize = AtomicUsize::new(0);

@@ -184,7 +184,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     c.cluster.id
                 );
                 for warning in host_warnings(&c) {
-                    println!("warning: {}: {warning}", path.display());
+                    eprintln!("warning: {}: {warning}", path.display());
                 }
             }
             Err(e) => {
