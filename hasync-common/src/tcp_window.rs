@@ -149,11 +149,12 @@ pub enum Fit {
     /// The responder's SYN-ACK that acknowledges exactly the SYN kept at [`Fit::NewSyn`]:
     /// both ends agree on the new connection, and the session follows it from here. Both
     /// directions' numbers and window scales are learned from the two, the FINs seen are
-    /// forgotten and the session is established; the old connection's segments then fall outside (passed to the kernel,
-    /// keeping nothing alive) and its RST or FIN no longer counts. A forger who chose the SYN
-    /// knows what its answer must acknowledge, so the answer counts only through the zone the
-    /// session's replies are bound to, one apart from the initiator's ([`Fit::zoned`]):
-    /// a forger must reach both sides. (Conntrack asks for nothing more than the ACK.)
+    /// forgotten and the session is established; the old connection's segments then fall
+    /// outside (passed to the kernel, keeping nothing alive) and its RST or FIN no longer
+    /// counts. A forger who chose the SYN knows what its answer must acknowledge, so the
+    /// answer counts only through the zone the session's replies are bound to, one apart
+    /// from the initiator's ([`Fit::zoned`]): a forger must reach both sides. (Conntrack
+    /// asks for nothing more than the ACK.)
     Restart,
 }
 
