@@ -182,13 +182,9 @@ impl Fit {
     /// a session: a forger in one place would send both segments.
     #[inline(always)]
     pub fn zoned(self, s: &Session, ingress: ZoneId) -> Fit {
-        let apart = ingress == s.reply_zone
-            && ingress != s.zone
-            && ingress != ZoneId::NONE
-            && ingress != ZoneId::UNZONED;
         match self {
             Fit::NewSyn if ingress != s.zone => Fit::Outside,
-            Fit::Restart if !apart => Fit::Outside,
+            Fit::Restart if !through_reply_zone_apart(s, ingress) => Fit::Outside,
             other => other,
         }
     }
@@ -480,6 +476,16 @@ fn answers_new_syn(s: &Session, dir: usize, flags: u8, seg: &TcpSegment) -> bool
         && s.flags.has(SessionFlags::SYN_PASSED)
         && seg.ack == s.ticket
         && reopenable(s)
+}
+
+/// Did a reply come in through `ingress`, the zone `s`'s replies are bound to, a zone apart
+/// from the initiator's (so no one zone holds both sides)?
+#[inline(always)]
+fn through_reply_zone_apart(s: &Session, ingress: ZoneId) -> bool {
+    ingress == s.reply_zone
+        && ingress != s.zone
+        && ingress != ZoneId::NONE
+        && ingress != ZoneId::UNZONED
 }
 
 /// The flags that tell a handshake's segments apart.

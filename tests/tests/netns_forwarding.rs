@@ -1014,10 +1014,6 @@ fn connect_from(ns: &Netns, local: SocketAddr, server: SocketAddr) -> Result<Tcp
     }
     let (from, to) = (sockaddr(local)?, sockaddr(server)?);
     ns.run(move || -> Result<TcpStream> {
-        let check = |rc: libc::c_int, what: &str| -> Result<()> {
-            ensure!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
-            Ok(())
-        };
         // SAFETY: socket() takes and returns plain integers.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
@@ -1025,43 +1021,53 @@ fn connect_from(ns: &Netns, local: SocketAddr, server: SocketAddr) -> Result<Tcp
         let stream = unsafe { TcpStream::from_raw_fd(fd) };
         stream.set_write_timeout(Some(IO_TIMEOUT))?; // bounds connect() too (SO_SNDTIMEO)
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let one: libc::c_int = 1;
-        let len = |n: usize| n as libc::socklen_t;
-        // SAFETY: the option and the addresses are plain values of the sizes given.
-        unsafe {
-            let opt = (&raw const one).cast();
-            check(
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, opt, len(4)),
-                "SO_REUSEADDR",
-            )?;
-            let size = len(std::mem::size_of::<libc::sockaddr_in>());
-            check(libc::bind(fd, (&raw const from).cast(), size), "bind")?;
-            check(libc::connect(fd, (&raw const to).cast(), size), "connect")?;
-        }
+        set_option(
+            &stream,
+            libc::SO_REUSEADDR,
+            &(1 as libc::c_int),
+            "SO_REUSEADDR",
+        )?;
+        let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: the addresses are plain values of the size given.
+        let rc = unsafe { libc::bind(fd, (&raw const from).cast(), size) };
+        checked(rc, "bind")?;
+        // SAFETY: as for bind.
+        let rc = unsafe { libc::connect(fd, (&raw const to).cast(), size) };
+        checked(rc, "connect")?;
         Ok(stream)
     })?
 }
 
-/// Drops `stream` with a RST (SO_LINGER 0), as a process that dies does.
-fn abort(stream: TcpStream) -> Result<()> {
+/// `rc` of a libc call named `what`: its error when it failed.
+fn checked(rc: libc::c_int, what: &str) -> Result<()> {
+    ensure!(rc == 0, "{what}: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Sets socket option `name` (at `SOL_SOCKET`) of `stream` to `value`.
+fn set_option<T>(stream: &TcpStream, name: libc::c_int, value: &T, what: &str) -> Result<()> {
     use std::os::fd::AsRawFd as _;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let size = std::mem::size_of::<libc::linger>() as libc::socklen_t;
-    // SAFETY: a plain option value of the size given, on a descriptor `stream` owns.
+    let size = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a plain value of the size given, on a descriptor `stream` owns.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
+            name,
+            (value as *const T).cast(),
             size,
         )
     };
-    ensure!(rc == 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    Ok(())
+    checked(rc, what)
+}
+
+/// Drops `stream` with a RST (SO_LINGER 0), as a process that dies does.
+fn abort(stream: TcpStream) -> Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    set_option(&stream, libc::SO_LINGER, &linger, "SO_LINGER")
 }
 
 /// Both ends of a connection through the forwarder lose it without a FIN or RST crossing it
