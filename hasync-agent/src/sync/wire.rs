@@ -189,6 +189,19 @@ impl Hello {
     pub fn compatible(&self, other: &Hello) -> bool {
         self.major == other.major && self.minor.abs_diff(other.minor) <= 1
     }
+
+    /// Does `self` say what `first` said, but for what may differ between one boot's hellos:
+    /// the link, the wish for a full sync and the fresh table? A boot's version, member,
+    /// settings and zones never change (the configuration is read once per start).
+    pub fn repeats(&self, first: &Hello) -> bool {
+        let as_first = Hello {
+            link: first.link,
+            wants_bulk: first.wants_bulk,
+            fresh_table: first.fresh_table,
+            ..self.clone()
+        };
+        as_first == *first
+    }
 }
 
 /// Periodic liveness and state, on every link.

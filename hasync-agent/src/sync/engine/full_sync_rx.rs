@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use hasync_common::FlowKey;
 
+use super::TakenOn;
 use crate::{
     cluster::FullSyncId,
     sync::{
@@ -51,8 +52,8 @@ pub(super) struct Ended {
 pub(super) struct FullSyncRx {
     running: Option<BulkRx>,
     /// Ids grow within a boot of the peer: a start not above this one's is an old start read
-    /// late from another connection.
-    last_started: Option<FullSyncId>,
+    /// late from another connection, unless it shows this one's id false ([`TakenOn`]).
+    last_started: Option<(FullSyncId, TakenOn)>,
     /// Counts as done when the removal running is over.
     last_ended: Option<FullSyncId>,
     /// A removal of stale replicas runs: a full sync that starts meanwhile does not walk the
@@ -97,25 +98,25 @@ pub(super) enum Start {
 }
 
 impl FullSyncRx {
-    /// Full sync `id` starts on connection `generation` at `now`, reconciling the peer's
+    /// Full sync `id` starts, read on connection `on` at `now`, reconciling the peer's
     /// replicas from `mark` if set; `walk` starts the walk of the table that collects them.
     /// While an earlier removal, or [`MAX_ABANDONED`] abandoned walks, run, or when walks
     /// started faster than [`WALK_EVERY`] used up their burst, it walks nothing.
     pub(super) fn start(
         &mut self,
         id: FullSyncId,
-        generation: u64,
+        on: TakenOn,
         mark: Option<u64>,
         now: Instant,
         walk: impl FnOnce() -> Option<StaleScan>,
     ) -> Start {
-        if self
-            .last_started
-            .is_some_and(|last| last.boot == id.boot && id.id <= last.id)
-        {
+        let late = self.last_started.is_some_and(|(last, last_on)| {
+            last.boot == id.boot && id.id <= last.id && !last_on.undone_by(on.generation)
+        });
+        if late {
             return Start::Ignored;
         }
-        self.last_started = Some(id);
+        self.last_started = Some((id, on));
         self.abandoned.retain(Walking::running);
         let may_walk = mark.is_some()
             && !self.removing
@@ -127,7 +128,7 @@ impl FullSyncRx {
         let stale = if may_walk { walk() } else { None };
         let replaced = self.running.replace(BulkRx {
             id,
-            generation,
+            generation: on.generation,
             mark,
             applied: 0,
             stale,
@@ -233,11 +234,19 @@ mod tests {
         FullSyncId { boot, id }
     }
 
-    /// Starts `id` on connection 1, reconciling (a mark), with a walk if one may start:
+    /// Starts `id` read on connection 1, reconciling (a mark), with a walk if one may start:
     /// returns whether it walks (None: ignored). The walk's scan stands for any: these rules
     /// never read it.
     fn start(rx: &mut FullSyncRx, id: FullSyncId) -> Option<bool> {
         start_at(rx, id, later())
+    }
+
+    /// A start read on connection `generation`, of the nine attached so far.
+    const fn on(generation: u64) -> TakenOn {
+        TakenOn {
+            generation,
+            next_attached: 10,
+        }
     }
 
     /// An instant a long while after the last one this gave: walks are never paced.
@@ -252,8 +261,13 @@ mod tests {
 
     /// [`start`] at `now`.
     fn start_at(rx: &mut FullSyncRx, id: FullSyncId, now: Instant) -> Option<bool> {
+        start_on(rx, id, on(1), now)
+    }
+
+    /// [`start_at`] read on connection `on`.
+    fn start_on(rx: &mut FullSyncRx, id: FullSyncId, on: TakenOn, now: Instant) -> Option<bool> {
         let mut walked = false;
-        let started = rx.start(id, 1, Some(5), now, || {
+        let started = rx.start(id, on, Some(5), now, || {
             walked = true;
             None
         });
@@ -268,10 +282,39 @@ mod tests {
     fn an_older_start_read_late_is_ignored_and_a_new_boot_starts_over() {
         let mut rx = FullSyncRx::default();
         assert_eq!(start(&mut rx, bulk(1, 3)), Some(true));
-        assert_eq!(start(&mut rx, bulk(1, 3)), None, "the same start twice");
-        assert_eq!(start(&mut rx, bulk(1, 2)), None, "an older start");
+        let late = |rx: &mut FullSyncRx, id| start_on(rx, id, on(2), later());
+        assert_eq!(late(&mut rx, bulk(1, 3)), None, "the same start again");
+        assert_eq!(late(&mut rx, bulk(1, 2)), None, "an older start");
         assert_eq!(rx.running().map(|b| b.id), Some(bulk(1, 3)));
-        assert_eq!(start(&mut rx, bulk(2, 1)), Some(true), "a new boot's first");
+        assert_eq!(late(&mut rx, bulk(2, 1)), Some(true), "a new boot's first");
+    }
+
+    /// A start numbered far ahead (by a holder of the cluster key) had every later start of
+    /// the peer's boot ignored, its frames then refused as superseded and never acknowledged,
+    /// until the peer restarted. Seen failing so. A lower id read on the same connection, or
+    /// on one attached since, starts; one read late on another connection still does not.
+    #[test]
+    fn a_start_numbered_far_ahead_is_taken_back_by_the_next_one() {
+        let mut rx = FullSyncRx::default();
+        assert_eq!(start(&mut rx, bulk(1, u32::MAX)), Some(true));
+        assert_eq!(start(&mut rx, bulk(1, 4)), Some(true), "same connection");
+        assert_eq!(rx.running().map(|b| b.id), Some(bulk(1, 4)));
+        assert_eq!(start(&mut rx, bulk(1, u32::MAX)), Some(true));
+        let attached_since = on(10);
+        assert_eq!(
+            start_on(&mut rx, bulk(1, 5), attached_since, later()),
+            Some(true),
+            "a connection attached since"
+        );
+        assert_eq!(
+            start_on(&mut rx, bulk(1, 4), on(1), later()),
+            None,
+            "read late on a connection attached before"
+        );
+        assert_eq!(
+            rx.running().map(|b| (b.id, b.generation)),
+            Some((bulk(1, 5), 10))
+        );
     }
 
     #[test]
@@ -390,7 +433,7 @@ mod tests {
     fn a_full_sync_that_does_not_reconcile_walks_nothing() {
         let mut rx = FullSyncRx::default();
         assert_eq!(
-            rx.start(bulk(1, 1), 1, None, Instant::now(), || panic!("walked")),
+            rx.start(bulk(1, 1), on(1), None, Instant::now(), || panic!("walked")),
             Start::Started
         );
         assert!(!rx.reconciling());

@@ -161,6 +161,67 @@ impl SeqOrder {
     }
 }
 
+/// The connection a peer's numbered message (a data frame, a full sync's start) was taken
+/// from: its generation, and the generation the next connection to attach would get then.
+///
+/// A peer numbers its messages upwards within a boot, so one numbered not above the last
+/// taken, read on that same connection (a connection delivers in order) or on one attached
+/// since (whose messages were all sent after the last one taken was read), shows that the last
+/// one's number was false: a holder of the cluster key (the peer itself, buggy or not) sent it
+/// far ahead. Taken back there, or every later message of that boot would be refused as late.
+/// Read on another connection, it is late: sent before the last one taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct TakenOn {
+    generation: u64,
+    next_attached: u64,
+}
+
+impl TakenOn {
+    /// Does a message numbered not above this one's, read on connection `generation`, show
+    /// this one's number false?
+    pub(super) fn undone_by(self, generation: u64) -> bool {
+        generation == self.generation || generation >= self.next_attached
+    }
+}
+
+/// Where a peer's data frames stand: the last one's number and where it was read.
+#[derive(Debug, Default)]
+struct FrameOrder {
+    seq: SeqOrder,
+    taken_on: TakenOn,
+}
+
+/// Where a data frame goes in its peer's order ([`FrameOrder::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// After the last one taken.
+    Next,
+    /// Sent before the last one taken, read late (on another link, or from a connection
+    /// replaced since).
+    Late,
+    /// Not after the last one taken, whose number it shows false ([`TakenOn`]).
+    TakenBack,
+}
+
+impl FrameOrder {
+    /// Where frame `seq` of boot `boot_id`, read on connection `generation`, goes.
+    fn place(&mut self, boot_id: u64, seq: u64, generation: u64) -> Placed {
+        if self.seq.is_new(boot_id, seq) {
+            Placed::Next
+        } else if self.taken_on.undone_by(generation) {
+            Placed::TakenBack
+        } else {
+            Placed::Late
+        }
+    }
+
+    /// Frame `seq` was applied, read on connection `taken_on`.
+    fn taken(&mut self, seq: u64, taken_on: TakenOn) {
+        self.seq.taken(seq);
+        self.taken_on = taken_on;
+    }
+}
+
 struct PeerInner {
     window: Window,
     links: BTreeMap<LinkKind, LinkConn>,
@@ -204,7 +265,7 @@ pub struct Peer {
     line: usize,
     inner: Mutex<PeerInner>,
     /// Held while a frame from this peer is applied: one at a time, in sequence order.
-    applied: Mutex<SeqOrder>,
+    applied: Mutex<FrameOrder>,
     wake: Notify,
     /// This member's state changed: its keepalive loop sends at once.
     state_changed: Notify,
@@ -233,7 +294,7 @@ impl Peer {
                 keepalives: SeqOrder::default(),
                 keepalive_anchor: None,
             }),
-            applied: Mutex::new(SeqOrder::default()),
+            applied: Mutex::new(FrameOrder::default()),
             wake: Notify::new(),
             state_changed: Notify::new(),
             stats: PeerStats::default(),
@@ -523,6 +584,14 @@ impl<T: SessionTable> Engine<T> {
             for (key, change) in changes.by_ref().take(ENQUEUE_RUN) {
                 backlog.enqueue(key, change, now);
             }
+        }
+    }
+
+    /// A message read now on connection `generation` ([`TakenOn`]).
+    fn taken_on(&self, generation: u64) -> TakenOn {
+        TakenOn {
+            generation,
+            next_attached: self.inner.generation.load(Relaxed),
         }
     }
 

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     full_sync_rx::{Ended, Start},
-    lock, Engine, Peer, PeerInner, SessionTable,
+    lock, Engine, Peer, PeerInner, Placed, SessionTable,
 };
 use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
@@ -182,7 +182,14 @@ impl<T: SessionTable> Engine<T> {
                 match applied {
                     Applied::Done => writer.ack(seq),
                     Applied::Stale | Applied::Superseded => {
-                        self.inner.rejections.count(Rejection::StaleFrame);
+                        if self.inner.rejections.count(Rejection::StaleFrame) {
+                            info!(
+                                peer = f.peer.cfg.id.0,
+                                link = f.link.name(),
+                                seq,
+                                "frame read late (sent before one applied, or of a full sync replaced since) dropped (further ones are counted as stale-frame)"
+                            );
+                        }
                     }
                 }
             }
@@ -205,15 +212,10 @@ impl<T: SessionTable> Engine<T> {
     fn on_hello_again(&self, f: &FrameFrom<'_>, hello: &Hello) {
         let renewed = {
             let mut g = f.peer.lock();
-            let repeats = g.hello.as_ref().is_some_and(|first| {
-                let as_first = Hello {
-                    link: first.link,
-                    wants_bulk: first.wants_bulk,
-                    fresh_table: first.fresh_table,
-                    ..hello.clone()
-                };
-                as_first == *first && f.boot_id == first.boot_id
-            });
+            let repeats = g
+                .hello
+                .as_ref()
+                .is_some_and(|first| hello.repeats(first) && f.boot_id == first.boot_id);
             // Once per connection whose hello said fresh: a repeat changes nothing.
             let told_fresh = g
                 .links
@@ -231,11 +233,16 @@ impl<T: SessionTable> Engine<T> {
             renewed
         };
         if renewed {
-            info!(
-                peer = f.peer.cfg.id.0,
-                link = f.link.name(),
-                "peer's table is no longer fresh: its full syncs reconcile again"
-            );
+            // Limited: a holder of the key at the peer's address can renew a connection's
+            // hello, close it and connect again as fast as handshakes go.
+            self.log_limited(format!("fresh-over-{}", f.peer.cfg.id.0), |skipped| {
+                info!(
+                    peer = f.peer.cfg.id.0,
+                    link = f.link.name(),
+                    skipped,
+                    "peer's table is no longer fresh: its full syncs reconcile again"
+                );
+            });
         } else if self.inner.rejections.count(Rejection::Malformed) {
             warn!(peer = f.peer.cfg.id.0, "unexpected second hello");
         }
@@ -338,9 +345,13 @@ impl<T: SessionTable> Engine<T> {
                     .then(|| StaleScan::start(self.inner.dp.clone(), peer.cfg.id))
             };
             let mark = authoritative.then(monotonic_ns);
-            let start = g
-                .full_sync_rx
-                .start(bulk, f.generation, mark, Instant::now(), walk);
+            let start = g.full_sync_rx.start(
+                bulk,
+                self.taken_on(f.generation),
+                mark,
+                Instant::now(),
+                walk,
+            );
             if start != Start::Ignored {
                 // Under the peer's lock, as its loss with the link (`detach`).
                 let mut b = lock(&peer.stats.bulk_received);
@@ -475,9 +486,10 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Applies a session frame if it is the peer's next in sequence (any gap was queued
-    /// again by the sender) and, for a full sync's frame, if it belongs to the full sync
-    /// running on its connection. A frame that fails to apply is not acknowledged: the connection closes
-    /// and the peer sends the frame's sessions again.
+    /// again by the sender), or shows the last one's number false ([`super::TakenOn`]), and,
+    /// for a full sync's frame, if it belongs to the full sync running on its connection. A
+    /// frame that fails to apply is not acknowledged: the connection closes and the peer sends
+    /// the frame's sessions again.
     pub(super) fn apply_in_order(
         &self,
         f: &FrameFrom<'_>,
@@ -486,8 +498,18 @@ impl<T: SessionTable> Engine<T> {
         bulk: bool,
     ) -> Result<Applied, &'static str> {
         let mut order = lock_on_worker(&f.peer.applied);
-        if !order.is_new(f.boot_id, seq) {
-            return Ok(Applied::Stale);
+        match order.place(f.boot_id, seq, f.generation) {
+            Placed::Next => {}
+            Placed::Late => return Ok(Applied::Stale),
+            Placed::TakenBack => self.log_once(format!("seq-back-{}", f.peer.cfg.id.0), || {
+                warn!(
+                    peer = f.peer.cfg.id.0,
+                    link = f.link.name(),
+                    seq,
+                    last = order.seq.last(),
+                    "the peer's frame numbers went back: the last one taken was numbered far ahead (by a holder of the cluster key); the order starts again from this frame (logged once)"
+                );
+            }),
         }
         if bulk
             && f.peer
@@ -503,7 +525,7 @@ impl<T: SessionTable> Engine<T> {
             // The reason keeps its old name: operators and dashboards count it by that name.
             return Err("install-failed");
         }
-        order.taken(seq);
+        order.taken(seq, self.taken_on(f.generation));
         if bulk {
             let keys = records.iter().map(|r| &r.key);
             f.peer.lock().full_sync_rx.carried(f.generation, keys);
