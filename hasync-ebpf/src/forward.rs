@@ -141,7 +141,7 @@ pub fn wire(
 
 /// What the session table knows of a packet it accepted, for the forwarding decision.
 pub struct Accepted {
-    /// The session has seen both directions ([`both_ways`]).
+    /// The session had seen both directions before this packet ([`both_ways`]).
     pub both_ways: bool,
     /// The session's zone (its initiator's side) and reply zone.
     pub zone: ZoneId,
@@ -153,7 +153,7 @@ pub struct Accepted {
     /// TCP: the segment counts in its session's window (UDP: always); one kept alive without
     /// counting goes to the kernel.
     pub counted: bool,
-    /// The packet carried a refresh event.
+    /// The packet carried a refresh event, and is not a TCP segment ([`kernel_refresh_due`]).
     pub refreshed: bool,
     /// Session clock.
     pub now: u64,
@@ -185,20 +185,26 @@ pub fn routed(
 }
 
 /// Sessions that have seen both directions: the kernel's policy saw their setup. A TCP
-/// connection half-closed after its handshake still carries data; ICMP echoes stay with the
-/// kernel.
+/// connection half-closed after its handshake still carries data, and one closed after it
+/// still has segments of its own in flight (a FIN sent again, its ACK); ICMP echoes stay with
+/// the kernel.
 #[inline(always)]
 pub fn both_ways(s: &Session) -> bool {
     s.state == State::Established as u8
         || s.state == State::UdpReplied as u8
-        || (s.state == State::Closing as u8 && s.handshake_completed())
+        || ((s.state == State::Closing as u8 || s.state == State::Closed as u8)
+            && s.handshake_completed())
 }
 
-/// The packet that carries a refresh goes to the kernel: its connection tracking, which saw
+/// A UDP packet that carries a refresh goes to the kernel: its connection tracking, which saw
 /// the session's setup (see `both_ways` in `session::hit`), then sees a packet of the flow at
 /// least every refresh interval (at most 30 s) plus the gap between two of its packets. It
 /// forgets a UDP stream after 120 s without one, and a packet the fast path later hands it
-/// mid-flow would then be new or invalid there.
+/// mid-flow would then be new or invalid there. Not a TCP segment (`session::hit` leaves
+/// those out of [`Accepted::refreshed`]): the kernel saw only the handshake, so one carrying
+/// data it never saw is out of its window (invalid, and dropped by a ruleset's `ct state
+/// invalid drop`: until stop 48 one segment per refresh was, and sent again); its entry holds
+/// an established connection for days without them.
 #[inline(always)]
 fn kernel_refresh_due(pkt: &Accepted) -> bool {
     pkt.refreshed

@@ -247,14 +247,17 @@ fn hit(
         // The packet that completes a session's setup (the first reply, the handshake's last
         // ACK) goes to the kernel too, so its connection tracking sees both directions.
         // So does the answer that restarts one on a new connection over its ports: the
-        // kernel's own tracking re-syncs from it.
-        both_ways: was.both_ways && forward::both_ways(s) && fit != Fit::Restart,
+        // kernel's own tracking re-syncs from it. Not one that closes a forwarded session
+        // (the last ACK, a RST): the kernel never saw the data before it, so the segment is
+        // out of its window (invalid; until stop 48 a ruleset's `ct state invalid drop`
+        // dropped every connection's last ACK and RST).
+        both_ways: was.both_ways && fit != Fit::Restart,
         zone: s.zone,
         reply_zone: s.reply_zone,
         dir,
         fragment: pkt.first_fragment.is_some(),
         counted: fit.counts(),
-        refreshed,
+        refreshed: refreshed && pkt.key.proto != IPPROTO_TCP,
         now,
     };
     forward::routed(ctx, cfg, counters, &accepted)

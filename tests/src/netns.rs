@@ -211,6 +211,29 @@ impl Netns {
         Ok(())
     }
 
+    /// The packets named counter `counter` of nftables table `table` (`inet`) counted.
+    pub fn nft_counter(&self, table: &str, counter: &str) -> Result<u64> {
+        let out = lab::command_in(&self.name, "nft")?
+            .args(["list", "counter", "inet", table, counter])
+            .output()
+            .context("running `nft`")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "nft in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let packets = text
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1);
+        packets
+            .with_context(|| format!("no packets in counter {counter}: {text}"))?
+            .parse()
+            .with_context(|| format!("counter {counter}: {text}"))
+    }
+
     /// The index of interface `ifname` in this namespace.
     pub fn ifindex(&self, ifname: &str) -> Result<u32> {
         let name = std::ffi::CString::new(ifname)?;

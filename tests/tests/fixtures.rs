@@ -2689,6 +2689,59 @@ fn forwarding_rows() -> Vec<Row> {
             (C::Events, 3),
         ])
         .events(&[E::Created, E::StateChanged, E::StateChanged]),
+        // The kernel saw only the handshake: a segment after data it never saw is out of its
+        // window (invalid, and dropped by `ct state invalid drop`). The segments that close a
+        // forwarded connection, and its refreshes, stay in XDP (here the fixture's frames are
+        // not sent to the interface's own address: the kernel's, after the FIB lookup).
+        handshake_seq(
+            xdp("xdp forwarding: the fins and last ack of a forwarded connection stay out of the kernel's way"),
+            C4,
+            S4,
+        )
+        .pass(tcp(C4, S4).fin().seq(C_ISN + 1).ack_number(S_ISN + 1))
+        .pass(tcp(S4, C4).fin().seq(S_ISN + 1).ack_number(C_ISN + 2))
+        .pass(tcp(C4, S4).ack().seq(C_ISN + 2).ack_number(S_ISN + 2))
+        .pass(tcp(S4, C4).fin().seq(S_ISN + 1).ack_number(C_ISN + 2))
+        .session(Expect::new(State::Closed).version(5).packets(4, 3))
+        .counters(&[
+            (C::Creates, 1),
+            (C::Hits, 6),
+            (C::StateChanges, 4),
+            (C::Closed, 1),
+            (C::PassFwdNotEstablished, 2),
+            (C::PassFwdOtherHost, 4),
+            (C::Events, 5),
+        ])
+        .events(&[
+            E::Created,
+            E::StateChanged,
+            E::StateChanged,
+            E::StateChanged,
+            E::Closed,
+        ]),
+        xdp("xdp forwarding: the rst that closes a forwarded connection stays out of the kernel's way")
+            .existing(established().tcp_window(
+                [track::KNOWN, track::KNOWN],
+                [1000, 1000],
+                [5000, 9000],
+            ))
+            .pass(tcp(C4, S4).rst().seq(5000))
+            .session(Expect::new(State::Closed).version(8).packets(6, 4))
+            .counters(&[
+                (C::Hits, 1),
+                (C::StateChanges, 1),
+                (C::Closed, 1),
+                (C::PassFwdOtherHost, 1),
+                (C::Events, 1),
+            ])
+            .events(&[E::Closed]),
+        xdp("xdp forwarding: the tcp segment that carries a refresh stays out of the kernel's way")
+            .refresh_interval_ns(1_000_000_000)
+            .existing(established().last_event_offset_ns(-40_000_000_000))
+            .pass(tcp(C4, S4).ack())
+            .session(Expect::new(State::Established).version(8).packets(6, 4))
+            .counters(&[(C::Hits, 1), (C::PassFwdOtherHost, 1), (C::Events, 1)])
+            .events(&[E::Refresh]),
         xdp("xdp forwarding: a vlan-tagged packet goes to the kernel (its vlan device routes it)")
             .existing(established())
             .pass(tcp(C4, S4).ack().vlan(100))
