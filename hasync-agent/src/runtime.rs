@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     cluster::{LinkState, Membership, Timers},
-    config::{self, parse_cidr, Config},
+    config::{self, parse_cidr, Config, ForwardingName},
     control::ControlRequest,
     datapath::{
         error_chain,
@@ -25,6 +25,7 @@ use crate::{
         sweep_table::SweepBeside,
         Datapath, EventStream, RemoveReason, Removed,
     },
+    forwarding::kernel_track::ClosedEntries,
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     stall_watch::StallWatch,
@@ -521,6 +522,8 @@ struct MainLoop {
     watchdog: Option<(Duration, Instant)>,
     /// The flap limit's suspend, kept in the state directory as the membership decides it.
     flap_mark: suspend_mark::FlapMarkSync,
+    /// The kernel's entries of this member's connections forwarded in XDP that closed here.
+    kernel_entries: ClosedEntries,
 }
 
 impl MainLoop {
@@ -546,6 +549,9 @@ impl MainLoop {
             recounting: None,
             watchdog: crate::service::notify::watchdog_every().map(|every| (every, Instant::now())),
             flap_mark: suspend_mark::FlapMarkSync::new(&lock(&member.membership)),
+            kernel_entries: ClosedEntries::new(
+                member.config.local.forwarding == ForwardingName::Xdp,
+            ),
         }
     }
 
@@ -570,6 +576,9 @@ impl MainLoop {
         let local = member.config.local_member();
         self.owned.clear();
         for e in batch.iter().filter(|e| e.session.owner == local) {
+            if e.kind == EventKind::Closed as u8 {
+                self.kernel_entries.closed(&e.key, &e.session);
+            }
             if e.kind == EventKind::Evicted as u8 {
                 self.removals.removed(e.key);
                 log.write_removed(
@@ -591,6 +600,7 @@ impl MainLoop {
             member.engine.enqueue_changes(self.owned.iter().copied());
         }
         member.engine.flush();
+        self.kernel_entries.flush();
     }
 
     /// One step of the expiry sweep: this member's removed sessions are logged and synced;
@@ -604,6 +614,7 @@ impl MainLoop {
                 .step(&member.dp, SWEEP_BUDGET, |removed: &[Removed]| {
                     let mut gone = Vec::new();
                     for r in removed.iter().filter(|r| r.session.owner == local) {
+                        self.kernel_entries.closed(&r.key, &r.session);
                         log.write_removed(r, &member.config);
                         self.removals.removed(r.key);
                         gone.push(r.key);
@@ -629,6 +640,7 @@ impl MainLoop {
             Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
         }
         member.engine.flush();
+        self.kernel_entries.flush();
         self.make_up_for_lost_events(member);
         self.drain_datapath_log(member);
         self.recount_replicas(member);

@@ -5,6 +5,7 @@
 //! next hop outlives a change.
 
 pub mod features;
+pub mod kernel_track;
 pub mod source;
 
 use std::{

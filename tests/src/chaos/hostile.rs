@@ -217,7 +217,9 @@ pub fn hostile_frames(
         sessions(1, false, &new),
         sessions(2, false, &rewrites),
         sessions(3, false, &deletes),
-        // Replays: the same sequence numbers again, then an old one after a newer.
+        // Replays: the same sequence numbers again, then an old one after a newer (on this one
+        // connection each shows the last one's number false, and is taken: its records meet
+        // the owner checks again).
         sessions(1, false, &new),
         sessions(3, false, &deletes),
         sessions(2, false, &rewrites),
