@@ -167,6 +167,10 @@ impl SessionFlags {
     pub const SYN_PASSED_SCALE: u16 = 1 << 10;
     /// Node-local: the window scale shift the kept SYN offered, bits 11 to 14.
     pub const SYN_PASSED_SHIFT: u16 = 0xf << 11;
+    /// Node-local: a packet of the session was forwarded in XDP here, so the kernel's own
+    /// connection tracking saw only its setup (the agent closes the kernel's entry when the
+    /// session ends: `hasync_agent::forwarding::kernel_track`).
+    pub const FORWARDED_XDP: u16 = 1 << 15;
 
     /// Is `bit` (one of the constants above) set?
     #[inline(always)]

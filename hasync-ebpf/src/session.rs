@@ -260,7 +260,11 @@ fn hit(
         refreshed: refreshed && pkt.key.proto != IPPROTO_TCP,
         now,
     };
-    forward::routed(ctx, cfg, counters, &accepted)
+    let action = forward::routed(ctx, cfg, counters, &accepted);
+    if action == xdp_action::XDP_REDIRECT && !s.flags.has(SessionFlags::FORWARDED_XDP) {
+        s.flags.0 |= SessionFlags::FORWARDED_XDP;
+    }
+    action
 }
 
 /// Does a segment of an owned session that does not count (at `fit`, travelling in `dir`)

@@ -46,6 +46,8 @@ pub enum KernelTrackError {
     Socket(#[source] io::Error),
     #[error("sending to the kernel's connection tracking: {0}")]
     Send(#[source] io::Error),
+    #[error("the kernel's connection tracking refused an update: {0}")]
+    Refused(#[source] io::Error),
 }
 
 /// A netfilter netlink socket in the agent's network namespace, and the requests not sent yet.
@@ -70,8 +72,8 @@ impl KernelTrack {
         })
     }
 
-    /// Session `s` of flow `key` closed or expired here: if it is a TCP connection whose
-    /// handshake completed (forwarded in XDP since), its kernel entry gets
+    /// Session `s` of flow `key` closed or expired here: if it is a TCP connection forwarded
+    /// in XDP, its kernel entry gets
     /// [`CLOSED_TIMEOUT_S`] (sent at the next [`KernelTrack::flush`], or now if the batch is
     /// full).
     pub fn closed(&mut self, key: &FlowKey, s: &Session) -> Result<(), KernelTrackError> {
@@ -87,25 +89,37 @@ impl KernelTrack {
         Ok(())
     }
 
-    /// Sends the requests queued, then drops the kernel's answers waiting (an entry the kernel
-    /// does not hold is answered ENOENT: the connection was never its, or went already).
+    /// Sends the requests queued, then reads the kernel's answers waiting: an entry the kernel
+    /// does not hold is answered ENOENT (the connection was never its, or went already); any
+    /// other refusal is returned (the first one read).
     pub fn flush(&mut self) -> Result<(), KernelTrackError> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let sent = self.socket.send(&self.batch, 0);
         self.batch.clear();
-        self.drain();
-        sent.map(|_| ()).map_err(KernelTrackError::Send)
+        let refused = self.drain();
+        sent.map_err(KernelTrackError::Send)?;
+        match refused {
+            Some(errno) => Err(KernelTrackError::Refused(io::Error::from_raw_os_error(
+                errno,
+            ))),
+            None => Ok(()),
+        }
     }
 
-    /// Reads and drops what the kernel answered, without waiting.
-    fn drain(&mut self) {
+    /// Reads what the kernel answered, without waiting; the first refusal but ENOENT.
+    fn drain(&mut self) -> Option<i32> {
         let mut buf = vec![0u8; 8192];
+        let mut first = None;
         loop {
             let mut room = &mut buf[..];
-            if !self.socket.recv(&mut room, 0).is_ok_and(|n| n > 0) {
-                return;
+            match self.socket.recv(&mut room, 0) {
+                Ok(n) if n > 0 => {
+                    let read = buf.get(..n).unwrap_or_default();
+                    first = first.or_else(|| refusal(read));
+                }
+                _ => return first,
             }
         }
     }
@@ -158,10 +172,32 @@ impl ClosedEntries {
     }
 }
 
-/// Is `s` a TCP connection whose handshake completed: one XDP forwards once established, whose
-/// close the kernel never sees?
+/// The first errno but ENOENT in the kernel's answers `buf` (NLMSG_ERROR messages).
+fn refusal(mut buf: &[u8]) -> Option<i32> {
+    const NLMSG_ERROR: u16 = 2;
+    while let (Some(len), Some(kind)) = (buf.get(0..4), buf.get(4..6)) {
+        let len = u32::from_ne_bytes(len.try_into().ok()?) as usize;
+        let kind = u16::from_ne_bytes(kind.try_into().ok()?);
+        if len < NLMSG_HDRLEN {
+            return None;
+        }
+        let code = buf.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4);
+        if let (NLMSG_ERROR, Some(code)) = (kind, code) {
+            let errno = i32::from_ne_bytes(code.try_into().ok()?).saturating_neg();
+            if errno != 0 && errno != libc::ENOENT {
+                return Some(errno);
+            }
+        }
+        buf = buf.get(len.next_multiple_of(4)..)?;
+    }
+    None
+}
+
+/// Is `s` a TCP connection that XDP forwarded here ([`SessionFlags::FORWARDED_XDP`]), whose
+/// close the kernel never saw? (One the kernel forwarded throughout, a virtual wire's, one to
+/// this host itself, has an entry the kernel keeps right on its own.)
 fn forwarded_tcp(key: &FlowKey, s: &Session) -> bool {
-    key.proto == IPPROTO_TCP && s.handshake_completed()
+    key.proto == IPPROTO_TCP && s.flags.has(SessionFlags::FORWARDED_XDP)
 }
 
 /// Appends to `out` the update (request `seq`) that gives the kernel's entry of `key`

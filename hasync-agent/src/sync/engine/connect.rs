@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{atomic::Ordering::Relaxed, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -108,6 +108,12 @@ pub(super) struct Established {
     pub(super) rx: Receiver,
     /// Our hello said our table was fresh.
     pub(super) sent_fresh: bool,
+    /// The connection's generation, taken before our hello went out: a peer sends nothing on
+    /// a connection before it has read our hello, so every numbered message it carries was
+    /// sent after whatever this member had read when the number was taken
+    /// ([`super::TakenOn`]). (Taken at the attach, after our hello, a frame sent before one
+    /// read on the other link could look sent after it.)
+    pub(super) generation: u64,
 }
 
 /// What [`Engine::admit_connection`] decides about an authenticated connection.
@@ -323,6 +329,7 @@ impl<T: SessionTable> Engine<T> {
         }
         let ours = self.hello(link, h.member);
         let sent_fresh = ours.fresh_table;
+        let generation = self.next_generation();
         tx.send(&Message::Hello(ours)).await?;
         Ok(Some((
             peer,
@@ -331,6 +338,7 @@ impl<T: SessionTable> Engine<T> {
                 tx,
                 rx,
                 sent_fresh,
+                generation,
             },
         )))
     }
@@ -397,6 +405,7 @@ impl<T: SessionTable> Engine<T> {
         let hello = self.hello(link, peer);
         let sent_fresh = hello.fresh_table;
         let idle = self.inner.cfg.keepalive_threshold;
+        let generation = self.next_generation();
         let fut = async move {
             let socket = if remote.is_ipv4() {
                 TcpSocket::new_v4()?
@@ -417,6 +426,7 @@ impl<T: SessionTable> Engine<T> {
                     tx,
                     rx,
                     sent_fresh,
+                    generation,
                 }),
                 (other, _) => Err(ChannelError::Malformed(WireError::NotHello {
                     got: other.name(),
@@ -538,11 +548,11 @@ impl<T: SessionTable> Engine<T> {
             mut tx,
             mut rx,
             sent_fresh,
+            generation,
         } = conn;
         let layout = RecordLayout::between(PROTO_MINOR, hello.minor);
         tx.set_layout(layout);
         rx.set_layout(layout);
-        let generation = self.inner.generation.fetch_add(1, Relaxed);
         let (writer, writer_run) = writer(tx, self.inner.cfg.keepalive_threshold);
         // The connection's first frame: a peer that took us for dead takes us back (and opens
         // its claim window) before it applies anything we send on it (`Engine::on_return`).
@@ -910,6 +920,7 @@ mod tests {
             tx,
             rx,
             sent_fresh: false,
+            generation: e.next_generation(),
         };
         (conn, theirs)
     }

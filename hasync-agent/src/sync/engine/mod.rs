@@ -587,6 +587,11 @@ impl<T: SessionTable> Engine<T> {
         }
     }
 
+    /// The generation of a connection being set up (taken before our hello goes out on it).
+    fn next_generation(&self) -> u64 {
+        self.inner.generation.fetch_add(1, Relaxed)
+    }
+
     /// A message read now on connection `generation` ([`TakenOn`]).
     fn taken_on(&self, generation: u64) -> TakenOn {
         TakenOn {

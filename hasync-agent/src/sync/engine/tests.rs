@@ -1641,6 +1641,7 @@ async fn a_member_heard_only_by_its_hello_goes_down_when_silent() {
         tx,
         rx,
         sent_fresh: false,
+        generation: e.next_generation(),
     };
     e.attach(peer.clone(), LinkKind::Ha4, conn(&h, tx, rx), from);
     assert_eq!(last_hello(), None, "a refused connection's hello counted");
