@@ -162,14 +162,16 @@ impl SeqOrder {
 }
 
 /// The connection a peer's numbered message (a data frame, a full sync's start) was taken
-/// from: its generation, and the generation the next connection to attach would get then.
+/// from: its generation, and the generation the next connection set up would get then.
 ///
 /// A peer numbers its messages upwards within a boot, so one numbered not above the last
-/// taken, read on that same connection (a connection delivers in order) or on one attached
-/// since (whose messages were all sent after the last one taken was read), shows that the last
-/// one's number was false: a holder of the cluster key (the peer itself, buggy or not) sent it
-/// far ahead. Taken back there, or every later message of that boot would be refused as late.
-/// Read on another connection, it is late: sent before the last one taken.
+/// taken, read on that same connection (a connection delivers in order) or on one set up since
+/// (its generation is taken before this member's hello goes out on it, and a peer sends
+/// nothing before reading that hello: all it carries was sent after the last one taken was
+/// read), shows that the last one's number was false: a holder of the cluster key (the peer
+/// itself, buggy or not) sent it far ahead. Taken back there, or every later message of that
+/// boot would be refused as late. Read on another connection, it is late: sent before the
+/// last one taken.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct TakenOn {
     generation: u64,
