@@ -471,8 +471,9 @@ fn kernel_entry_timeouts(ns: &Netns, port: u16) -> Result<Vec<u64>> {
 /// Beside a stateful nftables ruleset in the forwarder (the kernel's connection tracking at
 /// its defaults, invalid packets dropped), a connection forwarded in XDP closes: the kernel saw
 /// only its handshake, so a segment after its data is out of the kernel's window, and the
-/// segments that close it stay in XDP. Seen failing: the last ACK, and its repeats, went to
-/// the kernel, were dropped as invalid (three), and the server was left in LAST_ACK. The
+/// segments that close it stay in XDP. Seen failing: the last ACK went to the kernel and was
+/// dropped as invalid, and so were two more (the answers to the FIN the server, left in
+/// LAST_ACK, sent again): three segments invalid. The
 /// kernel's entry, which never sees the close, gets the closed timeout from the agent's
 /// `ClosedEntries` when the session's close event comes (seen failing: 431,999 s left, as the
 /// established timeout of 5 days leaves it).

@@ -3,10 +3,11 @@
 //! would stay established for `nf_conntrack_tcp_timeout_established` (5 days by default) after
 //! the connection ended, and with many short connections fill the kernel's table
 //! (`nf_conntrack_max`), which then drops new flows. So when such a session of this member's
-//! closes or expires, the agent gives the kernel's entry the timeout of a closed connection
-//! (ctnetlink: an update of the entry's timeout, as `conntrack -U --timeout` does): it goes
-//! within seconds. An update, not a removal: a new connection that reused the ports meanwhile
-//! keeps its entry, whose next packet the kernel sees sets its timeout again.
+//! closes or expires (one XDP forwarded here: `SessionFlags::FORWARDED_XDP`), the agent gives
+//! the kernel's entry the timeout of a closed connection (ctnetlink: an update of the entry's
+//! timeout, as `conntrack -U --timeout` does): it goes within seconds. An update, not a
+//! removal: a new connection that reused the ports meanwhile keeps its entry, whose next
+//! packet the kernel sees sets its timeout again.
 
 use std::{io, net::IpAddr};
 
@@ -58,7 +59,8 @@ pub struct KernelTrack {
 }
 
 impl KernelTrack {
-    /// Opens the socket (non-blocking: the kernel's answers are read and dropped).
+    /// Opens the socket (non-blocking: the kernel's answers are read after each batch, never
+    /// waited for).
     pub fn open() -> Result<KernelTrack, KernelTrackError> {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(KernelTrackError::Socket)?;
         socket.bind_auto().map_err(KernelTrackError::Socket)?;
@@ -73,9 +75,8 @@ impl KernelTrack {
     }
 
     /// Session `s` of flow `key` closed or expired here: if it is a TCP connection forwarded
-    /// in XDP, its kernel entry gets
-    /// [`CLOSED_TIMEOUT_S`] (sent at the next [`KernelTrack::flush`], or now if the batch is
-    /// full).
+    /// in XDP, its kernel entry gets [`CLOSED_TIMEOUT_S`] (sent at the next
+    /// [`KernelTrack::flush`], or now if the batch is full).
     pub fn closed(&mut self, key: &FlowKey, s: &Session) -> Result<(), KernelTrackError> {
         if !forwarded_tcp(key, s) {
             return Ok(());
