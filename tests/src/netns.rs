@@ -185,30 +185,9 @@ impl Netns {
         Ok(out)
     }
 
-    /// Loads nftables `script` (`nft -f -`) in this namespace.
+    /// Loads nftables `script` (`nft -f -`) in this namespace ([`nft_in`]).
     pub fn nft(&self, script: &str) -> Result<()> {
-        use std::io::Write as _;
-        let mut child = lab::command_in(&self.name, "nft")?
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running `nft`")?;
-        child
-            .stdin
-            .take()
-            .context("nft's stdin")?
-            .write_all(script.as_bytes())
-            .context("writing to nft")?;
-        let out = child.wait_with_output().context("waiting for nft")?;
-        ensure!(
-            out.status.success(),
-            "nft in {} failed: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
+        nft_in(&self.name, script)
     }
 
     /// The packets named counter `counter` of nftables table `table` (`inet`) counted.
@@ -242,6 +221,50 @@ impl Netns {
         ensure!(index != 0, "no interface {ifname} in {}", self.name);
         Ok(index)
     }
+}
+
+/// Loads nftables `script` (`nft -f -`) in namespace `ns` (one of a test's own: a lab
+/// cluster's members too).
+pub fn nft_in(ns: &str, script: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = lab::command_in(ns, "nft")?
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running `nft`")?;
+    child
+        .stdin
+        .take()
+        .context("nft's stdin")?
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    ensure!(
+        out.status.success(),
+        "nft in {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The seconds left to the kernel's connection-tracking entries, in namespace `ns`, of TCP
+/// connections to `port`.
+pub fn conntrack_timeouts(ns: &str, port: u16) -> Result<Vec<u64>> {
+    let read = || std::fs::read_to_string("/proc/thread-self/net/nf_conntrack");
+    let text = lab::run_in(ns, read)?.context("reading the connection-tracking table")?;
+    let dport = format!("dport={port}");
+    text.lines()
+        .filter(|l| l.contains(" tcp ") && l.contains(&dport))
+        .map(|l| {
+            let timeout = l.split_whitespace().nth(4);
+            timeout
+                .with_context(|| format!("conntrack line {l:?}"))?
+                .parse()
+                .with_context(|| format!("conntrack line {l:?}"))
+        })
+        .collect()
 }
 
 impl Drop for Netns {

@@ -17,7 +17,7 @@ use hasync_tests::{
     cluster::send_raw,
     forwarder::{sa, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
     frame::Frame,
-    netns::{wait_for, Netns},
+    netns::{conntrack_timeouts, wait_for, Netns},
     sockets::recv_with_control,
     testrun::CounterDelta,
 };
@@ -452,22 +452,6 @@ fn sockets_in_state(ns: &Netns, port: u16, state: &str) -> Result<usize> {
         .count())
 }
 
-/// The seconds left to the kernel's entries (in `ns`) of TCP connections to `port`.
-fn kernel_entry_timeouts(ns: &Netns, port: u16) -> Result<Vec<u64>> {
-    let text = ns.run(|| std::fs::read_to_string("/proc/thread-self/net/nf_conntrack"))??;
-    let dport = format!("dport={port}");
-    text.lines()
-        .filter(|l| l.contains(" tcp ") && l.contains(&dport))
-        .map(|l| {
-            let timeout = l.split_whitespace().nth(4);
-            timeout
-                .with_context(|| format!("conntrack line {l:?}"))?
-                .parse()
-                .with_context(|| format!("conntrack line {l:?}"))
-        })
-        .collect()
-}
-
 /// Beside a stateful nftables ruleset in the forwarder (the kernel's connection tracking at
 /// its defaults, invalid packets dropped), a connection forwarded in XDP closes: the kernel saw
 /// only its handshake, so a segment after its data is out of the kernel's window, and the
@@ -523,7 +507,7 @@ fn a_forwarded_connection_closes_beside_a_stateful_ruleset() -> Result<()> {
         }
         entries.flush();
     })?;
-    let left = kernel_entry_timeouts(&fwd.fw, 8080)?;
+    let left = conntrack_timeouts(fwd.fw.name(), 8080)?;
     ensure!(
         !left.is_empty() && left.iter().all(|s| *s <= u64::from(CLOSED_TIMEOUT_S)),
         "the kernel's entry for the closed connection has {left:?} s left"
