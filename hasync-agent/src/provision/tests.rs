@@ -12,6 +12,17 @@ fn example_in(out: &Path) -> String {
     )
 }
 
+/// A temporary directory named after `name` holding the example spec (`cluster.toml`), its
+/// key file to be written in `out` beside the configurations: the directory (kept while it
+/// lives), `out` and the spec's path.
+fn example_spec(name: &str) -> (TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = TempDir::new(name);
+    let out = dir.path().join("out");
+    let spec = dir.path().join("cluster.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    (dir, out, spec)
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)
         .expect("metadata")
@@ -22,10 +33,7 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn a_three_member_spec_provisions_configs_that_load_and_agree() {
-    let dir = TempDir::new("provision");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (_dir, out, spec) = example_spec("provision");
 
     let done = provision(&spec, &out).expect("provision");
     assert!(done.new_key);
@@ -270,10 +278,7 @@ fn a_disabled_member_is_listed_without_a_config_of_its_own() {
 
 #[test]
 fn config_diff_shows_the_settings_members_disagree_on() {
-    let dir = TempDir::new("diff");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (_dir, out, spec) = example_spec("diff");
     provision(&spec, &out).expect("provision");
     let load = |s: &str| Config::load(&out.join(s).join("hasync.toml")).expect("load");
     let (mut a, mut b) = (load("FW-A"), load("FW-B"));
@@ -320,10 +325,7 @@ fn config_diff_exits_0_when_equal_1_when_different_2_on_error() {
     use std::process::ExitCode;
 
     use super::diff::{run, ConfigArgs, ConfigCommand};
-    let dir = TempDir::new("diff-exit");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (dir, out, spec) = example_spec("diff-exit");
     provision(&spec, &out).expect("provision");
     let a = out.join("FW-A/hasync.toml");
     let b = out.join("FW-B/hasync.toml");
@@ -380,10 +382,7 @@ fn the_example_parses_and_interface_names_are_quoted_for_the_shell() {
 #[test]
 fn an_output_directory_others_could_fill_is_refused() {
     use std::os::unix::fs::{symlink, PermissionsExt as _};
-    let dir = TempDir::new("provision-unsafe");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (dir, out, spec) = example_spec("provision-unsafe");
     let refused = |why: &str| {
         let e = provision(&spec, &out).expect_err("refused").to_string();
         assert!(e.contains(why), "{e}");
@@ -463,10 +462,7 @@ fn a_key_others_can_read_after_writing_is_warned_about() {
 /// against that key's mode.
 #[test]
 fn a_second_run_over_a_key_others_can_read_provisions() {
-    let dir = TempDir::new("provision-rerun-loose");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (_dir, out, spec) = example_spec("provision-rerun-loose");
     provision(&spec, &out).expect("first run");
     let key = out.join("cluster.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
@@ -479,10 +475,7 @@ fn a_second_run_over_a_key_others_can_read_provisions() {
 /// it), as a warning: the file may be for another host.
 #[test]
 fn config_check_warns_of_a_control_group_this_host_lacks() {
-    let dir = TempDir::new("check-group");
-    let out = dir.path().join("out");
-    let spec = dir.path().join("cluster.toml");
-    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let (_dir, out, spec) = example_spec("check-group");
     provision(&spec, &out).expect("provision");
     let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
     assert_eq!(diff::host_warnings(&c), Vec::<String>::new());
