@@ -6,6 +6,8 @@ use std::{io, time::Duration};
 
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
 
+use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
+
 /// Errors of the feature query.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
@@ -35,8 +37,6 @@ const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the device implements `ndo_xdp_xmit`.
 pub const XDP_ACT_NDO_XMIT: u64 = 1 << 2;
 const NLM_F_REQUEST: u16 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
 const GENL_HDRLEN: usize = 4;
 /// Longest wait for an answer.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -173,32 +173,24 @@ enum Answer {
 }
 
 /// The answer to `seq` in `buf` (`None`: none in it).
-fn decode(mut buf: &[u8], seq: u32) -> Option<Answer> {
-    while buf.len() >= NLMSG_HDRLEN {
-        let word = |at: usize| buf.get(at..at + 4).and_then(|b| b.try_into().ok());
-        let len = u32::from_ne_bytes(word(0)?) as usize;
-        let kind = u16::from_ne_bytes(buf.get(4..6)?.try_into().ok()?);
-        let this_seq = u32::from_ne_bytes(word(8)?);
-        if len < NLMSG_HDRLEN || len > buf.len() {
+fn decode(buf: &[u8], seq: u32) -> Option<Answer> {
+    for m in nlmsg::messages(buf) {
+        let Ok(m) = m else {
             return Some(Answer::Malformed);
+        };
+        if m.seq != seq {
+            continue;
         }
-        let body = buf.get(NLMSG_HDRLEN..len)?;
-        if this_seq == seq {
-            return Some(match kind {
-                NLMSG_ERROR => match body.get(..4).and_then(|b| b.try_into().ok()) {
-                    Some(code) => match i32::from_ne_bytes(code) {
-                        0 => Answer::Malformed,
-                        code => Answer::Error(code.saturating_neg()),
-                    },
-                    None => Answer::Malformed,
-                },
-                _ => match body.get(GENL_HDRLEN..) {
-                    Some(attrs) => Answer::Attrs(attrs.to_vec()),
-                    None => Answer::Malformed,
-                },
-            });
-        }
-        buf = buf.get(len.next_multiple_of(4).min(buf.len())..)?;
+        return Some(match m.kind {
+            NLMSG_ERROR => match nlmsg::error_code(m.body) {
+                Some(0) | None => Answer::Malformed,
+                Some(errno) => Answer::Error(errno),
+            },
+            _ => match m.body.get(GENL_HDRLEN..) {
+                Some(attrs) => Answer::Attrs(attrs.to_vec()),
+                None => Answer::Malformed,
+            },
+        });
     }
     None
 }

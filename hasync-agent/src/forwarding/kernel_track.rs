@@ -14,6 +14,8 @@ use std::{io, net::IpAddr};
 use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, SessionFlags};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
+use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
+
 /// The timeout, in seconds, given to the kernel's entry of a forwarded connection that closed
 /// (conntrack's own for a closed TCP connection is 10 s).
 pub const CLOSED_TIMEOUT_S: u32 = 10;
@@ -21,7 +23,6 @@ pub const CLOSED_TIMEOUT_S: u32 = 10;
 /// A batch is sent once it holds this many bytes (a netlink datagram carries many requests).
 const BATCH_BYTES: usize = 16 * 1024;
 
-const NLMSG_HDRLEN: usize = 16;
 const NLM_F_REQUEST: u16 = 1;
 /// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW`: without `NLM_F_CREATE`, an update of
 /// an existing entry only.
@@ -55,6 +56,8 @@ pub enum KernelTrackError {
 pub struct KernelTrack {
     socket: Socket,
     batch: Vec<u8>,
+    /// Where the kernel's answers are read (kept: a batch is sent per event batch).
+    answers: Vec<u8>,
     seq: u32,
 }
 
@@ -70,6 +73,7 @@ impl KernelTrack {
         Ok(KernelTrack {
             socket,
             batch: Vec::new(),
+            answers: vec![0; 8192],
             seq: 0,
         })
     }
@@ -111,13 +115,12 @@ impl KernelTrack {
 
     /// Reads what the kernel answered, without waiting; the first refusal but ENOENT.
     fn drain(&mut self) -> Option<i32> {
-        let mut buf = vec![0u8; 8192];
         let mut first = None;
         loop {
-            let mut room = &mut buf[..];
+            let mut room = &mut self.answers[..];
             match self.socket.recv(&mut room, 0) {
                 Ok(n) if n > 0 => {
-                    let read = buf.get(..n).unwrap_or_default();
+                    let read = self.answers.get(..n).unwrap_or_default();
                     first = first.or_else(|| refusal(read));
                 }
                 _ => return first,
@@ -174,24 +177,12 @@ impl ClosedEntries {
 }
 
 /// The first errno but ENOENT in the kernel's answers `buf` (NLMSG_ERROR messages).
-fn refusal(mut buf: &[u8]) -> Option<i32> {
-    const NLMSG_ERROR: u16 = 2;
-    while let (Some(len), Some(kind)) = (buf.get(0..4), buf.get(4..6)) {
-        let len = u32::from_ne_bytes(len.try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(kind.try_into().ok()?);
-        if len < NLMSG_HDRLEN {
-            return None;
-        }
-        let code = buf.get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4);
-        if let (NLMSG_ERROR, Some(code)) = (kind, code) {
-            let errno = i32::from_ne_bytes(code.try_into().ok()?).saturating_neg();
-            if errno != 0 && errno != libc::ENOENT {
-                return Some(errno);
-            }
-        }
-        buf = buf.get(len.next_multiple_of(4)..)?;
-    }
-    None
+fn refusal(buf: &[u8]) -> Option<i32> {
+    nlmsg::messages(buf)
+        .map_while(Result::ok)
+        .filter(|m| m.kind == NLMSG_ERROR)
+        .filter_map(|m| nlmsg::error_code(m.body))
+        .find(|&errno| errno != 0 && errno != libc::ENOENT)
 }
 
 /// Is `s` a TCP connection that XDP forwarded here ([`SessionFlags::FORWARDED_XDP`]), whose

@@ -6,6 +6,7 @@
 
 pub mod features;
 pub mod kernel_track;
+mod nlmsg;
 pub mod source;
 
 use std::{
