@@ -461,6 +461,12 @@ impl Cluster {
         .map(|c| c.counters)
     }
 
+    /// Member `k`'s count of packets it forwarded in XDP (the test fails if it cannot ask).
+    pub fn forwarded_xdp(&self, k: u8) -> u64 {
+        let counters = self.try_counters(k).unwrap_or_else(|e| self.fail(&e));
+        counters.get("forwarded-xdp").copied().unwrap_or(0)
+    }
+
     /// Waits until every member in `members` lists the same table and `accept` finds in it
     /// what it expects (else it says what it expected); returns it. On timeout the failure
     /// shows how the tables differ, or the agreed table.

@@ -97,12 +97,6 @@ fn rotate_traffic_log(c: &Cluster, k: u8) {
     );
 }
 
-/// Member `k`'s count of packets it forwarded in XDP.
-fn forwarded_xdp(c: &Cluster, k: u8) -> u64 {
-    let counters = c.try_counters(k).unwrap_or_else(|e| c.fail(&e));
-    counters.get("forwarded-xdp").copied().unwrap_or(0)
-}
-
 #[test]
 fn a_synced_connection_survives_fw1s_death_and_fw2_logs_it() {
     synced_failover("cfo-", 7500, ForwardingName::Kernel);
@@ -156,7 +150,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
             "fw1 to forward the connection in XDP",
             Duration::from_secs(10),
             || {
-                let n = forwarded_xdp(&c, 1);
+                let n = c.forwarded_xdp(1);
                 (n > 0).then_some(()).ok_or(format!("forwarded-xdp = {n}"))
             },
         );
@@ -194,7 +188,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
     );
     // Still working after the takeover, both ways: chunks go out and come back intact.
     let after_takeover = Instant::now();
-    let fw2_xdp = forwarded_xdp(&c, 2);
+    let fw2_xdp = c.forwarded_xdp(2);
     let p = client
         .wait_until(Duration::from_secs(5), |p| {
             p.last_ok.is_some_and(|t| t > after_takeover) && p.ok >= before.ok + 20
@@ -212,7 +206,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
             "fw2 to forward the connection in XDP",
             Duration::from_secs(5),
             || {
-                let n = forwarded_xdp(&c, 2) - fw2_xdp;
+                let n = c.forwarded_xdp(2) - fw2_xdp;
                 (n >= 20)
                     .then_some(())
                     .ok_or(format!("{n} forwarded in XDP since the takeover"))

@@ -56,8 +56,7 @@ fn an_xdp_forwarded_connections_kernel_entry_ends_with_it() {
         "fw1 to forward the connection in XDP",
         Duration::from_secs(10),
         || {
-            let counters = c.try_counters(1)?;
-            let n = counters.get("forwarded-xdp").copied().unwrap_or(0);
+            let n = c.forwarded_xdp(1);
             (n > 0).then_some(()).ok_or(format!("forwarded-xdp = {n}"))
         },
     );
