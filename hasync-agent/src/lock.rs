@@ -22,64 +22,77 @@ pub fn lock_on_worker<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Test helper: does a timer task of a 2-worker runtime run while a thread holds `m` and two
+/// tasks run `wait` (which takes `m`)? The holder lets go when the timer has run, or after
+/// 5 s; so `false` means both workers were stuck in `wait` until then.
 #[cfg(test)]
-mod tests {
+pub(crate) fn timer_runs_while_held<T: Send + 'static>(
+    m: &std::sync::Arc<Mutex<T>>,
+    wait: impl Fn() + Clone + Send + 'static,
+) -> bool {
     use std::{
         sync::{
             atomic::{AtomicBool, Ordering},
-            Arc, Mutex,
+            Arc,
         },
         time::{Duration, Instant},
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ticked = Arc::new(AtomicBool::new(false));
+    let guard_held = Arc::new(AtomicBool::new(false));
+    let holder = {
+        let (m, ticked, held) = (Arc::clone(m), Arc::clone(&ticked), Arc::clone(&guard_held));
+        std::thread::spawn(move || {
+            let _g = lock(&m);
+            held.store(true, Ordering::SeqCst);
+            let until = Instant::now() + Duration::from_secs(5);
+            while !ticked.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ticked.load(Ordering::SeqCst)
+        })
+    };
+    while !guard_held.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    rt.block_on(async {
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let wait = wait.clone();
+                tokio::spawn(async move { wait() })
+            })
+            .collect();
+        let ticked = Arc::clone(&ticked);
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ticked.store(true, Ordering::SeqCst);
+        });
+        for w in waiters {
+            w.await.expect("waiter");
+        }
+        timer.await.expect("timer");
+    });
+    holder.join().expect("holder")
+}
 
-    use super::lock_on_worker;
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::{lock, lock_on_worker, timer_runs_while_held};
 
     /// Both workers of a 2-worker runtime wait for a mutex that a thread holds; a timer task
-    /// must still run meanwhile. The holder lets go when the timer has run, or after 5 s.
+    /// must still run meanwhile.
     #[test]
     fn waiting_for_a_held_lock_leaves_the_workers_to_other_tasks() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
         let m = Arc::new(Mutex::new(0u32));
-        let ticked = Arc::new(AtomicBool::new(false));
-        let guard_held = Arc::new(AtomicBool::new(false));
-        let holder = {
-            let (m, ticked, held) = (Arc::clone(&m), Arc::clone(&ticked), Arc::clone(&guard_held));
-            std::thread::spawn(move || {
-                let _g = m.lock().expect("lock");
-                held.store(true, Ordering::SeqCst);
-                let until = Instant::now() + Duration::from_secs(5);
-                while !ticked.load(Ordering::SeqCst) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                ticked.load(Ordering::SeqCst)
-            })
-        };
-        while !guard_held.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        rt.block_on(async {
-            let waiters: Vec<_> = (0..2)
-                .map(|_| {
-                    let m = Arc::clone(&m);
-                    tokio::spawn(async move { *lock_on_worker(&m) += 1 })
-                })
-                .collect();
-            let ticked = Arc::clone(&ticked);
-            let timer = tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                ticked.store(true, Ordering::SeqCst);
-            });
-            for w in waiters {
-                w.await.expect("waiter");
-            }
-            timer.await.expect("timer");
-        });
-        let ran_while_held = holder.join().expect("holder");
-        assert!(ran_while_held, "the timer waited for the lock's holder");
-        assert_eq!(*m.lock().expect("lock"), 2);
+        let waiting = Arc::clone(&m);
+        let ran = timer_runs_while_held(&m, move || *lock_on_worker(&waiting) += 1);
+        assert!(ran, "the timer waited for the lock's holder");
+        assert_eq!(*lock(&m), 2);
     }
 }

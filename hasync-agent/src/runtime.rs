@@ -26,6 +26,7 @@ use crate::{
         Datapath, EventStream, RemoveReason, Removed,
     },
     forwarding::kernel_track::ClosedEntries,
+    lock::lock_on_worker,
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
     stall_watch::StallWatch,
@@ -750,7 +751,7 @@ fn stall_to_forgive(watch: &StallWatch, now: Instant) -> Option<Duration> {
 /// locks held as [`apply_membership`] holds them.
 fn write_all_liveness(member: &Member) {
     let local = member.config.local_member();
-    let mut dp = lock(&member.dp);
+    let mut dp = lock_on_worker(&member.dp);
     let m = lock(&member.membership);
     let alive = (1..=MemberId::MAX)
         .map(MemberId)
@@ -814,14 +815,14 @@ fn update_claim_window(
 /// The evaluation and the datapath's writes happen under the membership's lock: a reader
 /// that finds a member alive finds the member map and the claim window already told, and two
 /// callers' writes cannot land out of order. The datapath's lock is taken first (its holder
-/// may keep it a while: a reattach), so that the membership's, which keepalives, appliers and
+/// may keep it a while: a reattach; waited for off the async worker), so that the membership's, which keepalives, appliers and
 /// senders take on the async workers, is held only for the evaluation and its writes; nothing
 /// takes the datapath's lock while it holds the membership's. A stall of the async workers
 /// longer than [`crate::stall_watch::STALL`] since the last evaluation ([`stall_to_forgive`])
 /// means this agent did not run: the peers' silence over it is forgiven first, whoever
 /// evaluates.
 pub(crate) fn apply_membership(member: &Member) {
-    let mut dp = lock(&member.dp);
+    let mut dp = lock_on_worker(&member.dp);
     let mut m = lock(&member.membership);
     // Read under the lock: an evaluation that waited for it must not go back in time.
     let now = Instant::now();
@@ -1175,6 +1176,22 @@ mod tests {
         assert!(!alive, "the slot was not written again");
         let kept: Vec<MemberId> = lock(&member.member_map_retry).iter().copied().collect();
         assert_eq!(kept, [MemberId(0)], "a refused write is tried again later");
+    }
+
+    /// The membership's evaluation waits for the datapath's lock off the async workers: a
+    /// holder that keeps it a while (a reattach of XDP, which a re-created interface brings)
+    /// must not stop the other tasks, keepalives among them. Seen failing: with both workers
+    /// in the evaluation (the main loop's, a keepalive's `on_return`), a timer waited for the
+    /// holder.
+    #[test]
+    fn evaluating_the_membership_leaves_the_workers_free_while_the_datapath_is_held() {
+        let member = member_of(&config(), None);
+        let evaluating = Arc::clone(&member);
+        let ran = crate::lock::timer_runs_while_held(&member.dp, move || {
+            apply_membership(&evaluating);
+            write_all_liveness(&evaluating);
+        });
+        assert!(ran, "a timer task waited for the datapath's holder");
     }
 
     /// A keepalive that brings a member back has the engine run the runtime's

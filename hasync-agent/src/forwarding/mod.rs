@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, ForwardingName},
     datapath::{error_chain, Datapath},
-    lock::lock,
+    lock::lock_on_worker,
     netlink::{self, Ifaces},
 };
 use features::Features;
@@ -326,7 +326,7 @@ async fn keep_ports(
         match next {
             Ok(next) if next != ports => {
                 let applied = {
-                    let mut dp = lock(&dp);
+                    let mut dp = lock_on_worker(&dp);
                     apply(&mut dp, &next)
                 };
                 if let Err(e) = applied {
@@ -398,20 +398,29 @@ async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
     loop {
         let first = read_notifications(&socket).await;
         let change = rest_of_burst(first, || read_notifications(&socket)).await;
-        match change {
-            Change::None => {}
-            Change::BySource => key_fib_cache(&mut lock(&dp), Ok(true)),
-            Change::Recheck => {
-                let found = tokio::task::spawn_blocking(source::routes_by_source)
+        let found = match change {
+            Change::None => None,
+            Change::BySource => Some(Ok(true)),
+            Change::Recheck => Some(
+                tokio::task::spawn_blocking(source::routes_by_source)
                     .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-                key_fib_cache(&mut lock(&dp), found);
-            }
-        }
-        let bumped = lock(&dp).bump_fib_generation();
-        if let Err(e) = bumped {
-            warn!(error = %error_chain(&e), "invalidating the FIB cache failed");
-        }
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            ),
+        };
+        after_burst(&dp, found);
+    }
+}
+
+/// After a burst of notifications: keys the FIB cache as `found` says, when the burst may
+/// have changed that, and bumps the generation. The datapath's lock is waited for off the
+/// async worker: its holder may keep it a while (a reattach).
+fn after_burst(dp: &Mutex<Datapath>, found: Option<std::io::Result<bool>>) {
+    let mut dp = lock_on_worker(dp);
+    if let Some(found) = found {
+        key_fib_cache(&mut dp, found);
+    }
+    if let Err(e) = dp.bump_fib_generation() {
+        warn!(error = %error_chain(&e), "invalidating the FIB cache failed");
     }
 }
 

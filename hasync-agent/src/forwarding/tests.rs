@@ -166,3 +166,18 @@ async fn a_burst_that_never_pauses_is_cut_after_its_longest() {
     assert_eq!(change, Change::BySource);
     assert!(started.elapsed() >= BURST_MAX, "{:?}", started.elapsed());
 }
+
+/// The FIB generation's bump after a burst waits for the datapath's lock off the async
+/// workers: a route change that comes with a re-created interface (whose XDP the datapath
+/// monitor attaches again, holding the lock) must not stop the agent's other tasks. Seen
+/// failing (a plain lock: the timer waited for the holder). Both bumps land.
+#[test]
+fn the_bump_after_a_burst_leaves_the_workers_free_while_the_datapath_is_held() {
+    let dp = Arc::new(Mutex::new(crate::datapath::testing::datapath()));
+    let before = crate::lock::lock(&dp).fib_generation().expect("read");
+    let bumping = Arc::clone(&dp);
+    let ran = crate::lock::timer_runs_while_held(&dp, move || after_burst(&bumping, None));
+    assert!(ran, "a timer task waited for the datapath's holder");
+    let after = crate::lock::lock(&dp).fib_generation().expect("read");
+    assert_eq!(after, before.wrapping_add(2));
+}
