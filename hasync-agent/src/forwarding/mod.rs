@@ -28,7 +28,7 @@ use crate::{
     netlink::{self, Ifaces},
 };
 use features::Features;
-use hasync_common::ZoneBinding;
+use hasync_common::{maps::ZONE_IFINDEX_LIMIT, ZoneBinding};
 
 /// How often the ports are checked again (interfaces come and go, a veth's peer gains or
 /// loses its XDP program).
@@ -144,6 +144,13 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
         for (name, _, binding) in config.interface_zones() {
             if binding.has(ZoneBinding::VWIRE) {
                 continue; // a wire's end: never a routed egress
+            }
+            if let Some(index) = devices.index(name).filter(|i| *i >= ZONE_IFINDEX_LIMIT) {
+                ports.left_out.push(format!(
+                    "forwarding to {name}: its ifindex {index} is above the largest a zone can bind ({}): the kernel forwards its traffic",
+                    ZONE_IFINDEX_LIMIT - 1
+                ));
+                continue;
             }
             // An ingress too, whether or not it takes redirects.
             if let (Some(index), Some(mac)) = (devices.index(name), devices.mac(name)) {

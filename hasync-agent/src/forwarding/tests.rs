@@ -85,6 +85,30 @@ fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends()
     );
 }
 
+/// A zone interface made again with an ifindex above what ZONES holds (65,535: no zone can
+/// bind it, so its traffic is the kernel's) is left out, named, and the others' ports and
+/// addresses still reach the maps: seen failing, its address went into INGRESS_MACS' list,
+/// whose write then failed whole every second, so no other interface's address change
+/// reached XDP.
+#[test]
+fn an_interface_with_an_index_no_zone_can_bind_is_left_out_alone() {
+    let mut devices = Fake(BTreeMap::from([
+        ("in0", (4, Some(true))),
+        ("in1", (70_000, Some(true))),
+        ("out0", (6, Some(true))),
+    ]));
+    let ports = plan(&config("forwarding = \"xdp\""), &mut devices);
+    assert_eq!(ports.forward, vec![4, 6]);
+    let indexes: Vec<u32> = ports.macs.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indexes, vec![4, 6]);
+    assert!(
+        ports.left_out.iter().any(|l| l
+            == "forwarding to in1: its ifindex 70000 is above the largest a zone can bind (65535): the kernel forwards its traffic"),
+        "{:#?}",
+        ports.left_out
+    );
+}
+
 /// A zone that turns its route check off is still a routed zone: its interfaces stay ports
 /// (its binding carries a flag, as a wire's end does, but only wire ends are left out).
 #[test]
