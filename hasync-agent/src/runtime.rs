@@ -608,6 +608,7 @@ impl MainLoop {
         }
         member.engine.flush();
         self.kernel_entries.flush();
+        log.flush();
     }
 
     /// One step of the expiry sweep: this member's removed sessions are logged and synced;
@@ -648,6 +649,7 @@ impl MainLoop {
         }
         member.engine.flush();
         self.kernel_entries.flush();
+        log.flush();
         self.make_up_for_lost_events(member);
         self.drain_datapath_log(member);
         self.recount_replicas(member);

@@ -5,9 +5,12 @@
 //! {"proto":"tcp","src":"198.18.0.10","sport":40000,"dst":"198.18.1.10","dport":443,"zone":"trust","owner":1,"start":"2026-04-14T10:00:00.000Z","end":"2026-04-14T10:02:03.250Z","packets_orig":12,"packets_reply":10,"bytes_orig":1804,"bytes_reply":52344,"reason":"closed"}
 //! ```
 //!
-//! The file is opened with `O_APPEND` and each record goes out in one `write(2)`, unbuffered:
-//! lines from concurrent writers never interleave, and a record is on disk (in the page
-//! cache) as soon as `write` returns. For log rotation, either `copytruncate`, or rename the
+//! The file is opened with `O_APPEND`. The main loop's lines ([`TrafficLog::write_removed`])
+//! are kept and go out together at its next [`TrafficLog::flush`], after each batch of events
+//! and each sweep step, in one `write(2)` (a flood's evicted sessions cost a write per batch,
+//! not one per session); [`TrafficLog::write`] writes its line at once. Either way what goes
+//! out in one `write` is whole lines, which the kernel places at the end of a regular file
+//! as one piece: lines from concurrent writers never interleave. For log rotation, either `copytruncate`, or rename the
 //! file and send the agent SIGHUP (`systemctl reload hasync`): it calls [`TrafficLog::reopen`].
 
 use std::{
@@ -248,58 +251,29 @@ pub struct TrafficLog {
     failing: bool,
     /// A write failed part way: the file ends in a fragment of a line.
     cut: std::cell::Cell<bool>,
+    /// Lines kept for the next [`TrafficLog::flush`], and how many.
+    pending: Vec<u8>,
+    pending_lines: u64,
 }
+
+/// Kept lines are written without waiting for the next flush once they take this many bytes.
+const PENDING_BYTES: usize = 256 << 10;
 
 impl TrafficLog {
     /// Opens `path` for appending, creating it (mode 0640) and its directory (0750) if missing.
     pub fn open(path: &Path) -> Result<TrafficLog, TrafficLogError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(DIR_MODE)
-                    .create(dir)
-                    .map_err(|source| TrafficLogError::CreateDir {
-                        dir: dir.to_owned(),
-                        source,
-                    })?;
-            }
-        }
-        // A FIFO: its reader (if any) could stall every write, in the agent's main loop.
-        // Refused before the open, which would wait for a reader; non-blocking anyway, for
-        // one made at the path meanwhile (the open then fails at once; on a file or a device
-        // such as /dev/null the flag changes nothing).
-        let fifo = |m: &std::fs::Metadata| m.file_type().is_fifo();
-        if std::fs::metadata(path).is_ok_and(|m| fifo(&m)) {
-            return Err(TrafficLogError::Fifo {
-                path: path.to_owned(),
-            });
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|source| TrafficLogError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        if file.metadata().is_ok_and(|m| fifo(&m)) {
-            return Err(TrafficLogError::Fifo {
-                path: path.to_owned(),
-            });
-        }
         Ok(TrafficLog {
             path: path.to_owned(),
-            file,
+            file: open_file(path)?,
             errors: 0,
             failing: false,
             cut: std::cell::Cell::new(false),
+            pending: Vec::new(),
+            pending_lines: 0,
         })
     }
 
-    /// Writes that failed in [`Self::write_removed`] since the log was opened.
+    /// Lines of [`Self::write_removed`] lost to failed writes since the log was opened.
     pub fn errors(&self) -> u64 {
         self.errors
     }
@@ -313,7 +287,8 @@ impl TrafficLog {
     /// unless it was emptied).
     pub fn reopen(&mut self) -> Result<(), TrafficLogError> {
         use std::os::unix::fs::MetadataExt as _;
-        let TrafficLog { file, .. } = TrafficLog::open(&self.path)?;
+        self.flush();
+        let file = open_file(&self.path)?;
         let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino()));
         // Another file (renamed away), or this one emptied (copytruncate): the fragment is
         // not in it.
@@ -325,9 +300,9 @@ impl TrafficLog {
         Ok(())
     }
 
-    /// Appends the end of a session the sweep removed, naming its zone from `config`. The
-    /// caller checks the local member owns it. A failure (disk full, ...) is counted and logged
-    /// once until writes work again, not returned: the sweep must go on.
+    /// Keeps the line of a session that ended here (the sweep removed it, or it was
+    /// evicted), naming its zone from `config`, for the next [`Self::flush`]. The caller
+    /// checks the local member owns it.
     pub fn write_removed(&mut self, removed: &Removed, config: &Config) {
         let zone = removed.session.zone;
         let zone: Cow<'_, str> = match usize::from(zone.0) {
@@ -337,17 +312,41 @@ impl TrafficLog {
                 |z| Cow::Borrowed(z.name.as_str()),
             ),
         };
-        match self.write(&SessionEnd::from_removed(removed, &zone)) {
+        let record = SessionEnd::from_removed(removed, &zone).record(&Clock::now());
+        if serde_json::to_writer(&mut self.pending, &record).is_ok() {
+            self.pending.push(b'\n');
+            self.pending_lines += 1;
+        }
+        if self.pending.len() >= PENDING_BYTES {
+            self.flush();
+        }
+    }
+
+    /// Writes the kept lines, in one `write(2)` as a rule. A failure (disk full, ...) is
+    /// counted, per line lost, and logged once until writes work again, not returned: the
+    /// main loop must go on.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.pending_lines);
+        let written = append_line(&mut &self.file, &self.pending, &self.cut);
+        self.pending.clear();
+        match written {
             Ok(()) => {
                 if self.failing {
                     self.failing = false;
                     info!(path = %self.path.display(), "traffic log writable again");
                 }
             }
-            Err(error) => {
-                self.errors += 1;
+            Err(source) => {
+                self.errors += lines;
                 if !self.failing {
                     self.failing = true;
+                    let error = TrafficLogError::Write {
+                        path: self.path.clone(),
+                        source,
+                    };
                     warn!(error = %error_chain(&error), "traffic log write failed; session ends are lost until it works again");
                 }
             }
@@ -374,8 +373,58 @@ impl TrafficLog {
     }
 }
 
-/// Appends `line` to `w`. A write that fails part way leaves a fragment, and `cut` set: the
-/// next line starts with a newline, so it stays a line of its own.
+/// Opens `path` for appending, creating it (mode 0640) and its directory (0750) if missing;
+/// refuses a FIFO.
+fn open_file(path: &Path) -> Result<File, TrafficLogError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(|source| TrafficLogError::CreateDir {
+                    dir: dir.to_owned(),
+                    source,
+                })?;
+        }
+    }
+    // A FIFO: its reader (if any) could stall every write, in the agent's main loop.
+    // Refused before the open, which would wait for a reader; non-blocking anyway, for
+    // one made at the path meanwhile (the open then fails at once; on a file or a device
+    // such as /dev/null the flag changes nothing).
+    let fifo = |m: &std::fs::Metadata| m.file_type().is_fifo();
+    if std::fs::metadata(path).is_ok_and(|m| fifo(&m)) {
+        return Err(TrafficLogError::Fifo {
+            path: path.to_owned(),
+        });
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| TrafficLogError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    if file.metadata().is_ok_and(|m| fifo(&m)) {
+        return Err(TrafficLogError::Fifo {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
+impl Drop for TrafficLog {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Appends `line` (one or more whole lines) to `w`. A write that fails part way leaves a
+/// fragment, and `cut` set: the next line starts with a newline, so it stays a line of its
+/// own.
 fn append_line(w: &mut impl Write, line: &[u8], cut: &std::cell::Cell<bool>) -> io::Result<()> {
     let mut whole = Vec::new();
     let line = if cut.get() {
@@ -522,9 +571,9 @@ mod tests {
         assert_eq!(udp.start, "2026-04-14T09:59:50.000Z");
     }
 
-    #[test]
-    fn removed_sessions_name_their_zone_and_failed_writes_are_counted() {
-        let config = Config::from_toml(
+    /// A config with two zones, `trust` and `untrust`.
+    fn two_zones() -> Config {
+        Config::from_toml(
             Path::new("test.toml"),
             r#"
 [cluster]
@@ -543,7 +592,51 @@ name = "untrust"
 interfaces = ["wan0"]
 "#,
         )
-        .expect("config");
+        .expect("config")
+    }
+
+    /// Write syscalls this thread made so far (`/proc/thread-self/io`).
+    fn writes_so_far() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscw: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("syscw")
+    }
+
+    /// A batch of ended sessions (a flood's evicted ones: up to 4,096 per batch of events)
+    /// goes to the file in one write at the flush, not one per session (seen failing: 500
+    /// writes, each on the main loop that drains the event ring), and every line is there.
+    #[test]
+    fn a_batch_of_ended_sessions_is_written_at_once() {
+        let config = two_zones();
+        let dir = TempDir::new("traffic-batch");
+        let path = dir.path().join("traffic.jsonl");
+        let mut log = TrafficLog::open(&path).unwrap();
+        let before = writes_so_far();
+        for port in 0..500 {
+            let ended = removed(
+                Flow::udp("10.0.0.1", port, "10.0.0.2", 53).zone(1),
+                RemoveReason::Evicted,
+            );
+            log.write_removed(&ended, &config);
+        }
+        log.flush();
+        let writes = writes_so_far() - before;
+        assert_eq!(writes, 1, "write syscalls for 500 lines");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ports: Vec<u16> = text
+            .lines()
+            .map(|l| serde_json::from_str::<TrafficRecord>(l).unwrap().sport)
+            .collect();
+        assert_eq!(ports, (0..500).collect::<Vec<_>>());
+        log.flush();
+        assert_eq!(writes_so_far() - before, 1, "nothing kept: nothing written");
+    }
+
+    #[test]
+    fn removed_sessions_name_their_zone_and_failed_writes_are_counted() {
+        let config = two_zones();
         let dir = TempDir::new("traffic-removed");
         let path = dir.path().join("traffic.jsonl");
         let mut log = TrafficLog::open(&path).unwrap();
@@ -554,6 +647,7 @@ interfaces = ["wan0"]
             );
             log.write_removed(&ended, &config);
         }
+        log.flush();
         let zones: Vec<String> = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
@@ -570,7 +664,11 @@ interfaces = ["wan0"]
         );
         full.write_removed(&ended, &config);
         full.write_removed(&ended, &config);
-        assert_eq!(full.errors(), 2);
+        full.flush();
+        assert_eq!(full.errors(), 2, "two lines lost");
+        full.write_removed(&ended, &config);
+        full.flush();
+        assert_eq!(full.errors(), 3);
         let e = full
             .write(&SessionEnd::from_removed(&ended, ""))
             .expect_err("no space");
