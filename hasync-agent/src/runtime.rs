@@ -25,7 +25,7 @@ use crate::{
         sweep_table::SweepBeside,
         Datapath, EventStream, RemoveReason, Removed,
     },
-    forwarding::kernel_track::ClosedEntries,
+    forwarding::kernel_track::KernelEntries,
     lock::lock_on_worker,
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
@@ -529,8 +529,9 @@ struct MainLoop {
     watchdog: Option<(Duration, Instant)>,
     /// The flap limit's suspend, kept in the state directory as the membership decides it.
     flap_mark: suspend_mark::FlapMarkSync,
-    /// The kernel's entries of this member's connections forwarded in XDP that closed here.
-    kernel_entries: ClosedEntries,
+    /// The kernel's entries of this member's TCP connections, with XDP forwarding: marked
+    /// liberal when established, closed when they end.
+    kernel_entries: KernelEntries,
 }
 
 impl MainLoop {
@@ -556,7 +557,7 @@ impl MainLoop {
             recounting: None,
             watchdog: crate::service::notify::watchdog_every().map(|every| (every, Instant::now())),
             flap_mark: suspend_mark::FlapMarkSync::new(&lock(&member.membership)),
-            kernel_entries: ClosedEntries::new(
+            kernel_entries: KernelEntries::new(
                 member.config.local.forwarding == ForwardingName::Xdp,
             ),
         }
@@ -583,6 +584,9 @@ impl MainLoop {
         let local = member.config.local_member();
         self.owned.clear();
         for e in batch.iter().filter(|e| e.session.owner == local) {
+            if e.kind == EventKind::StateChanged as u8 {
+                self.kernel_entries.established(&e.key, &e.session);
+            }
             if e.kind == EventKind::Closed as u8 {
                 self.kernel_entries.closed(&e.key, &e.session);
             }

@@ -190,27 +190,10 @@ impl Netns {
         nft_in(&self.name, script)
     }
 
-    /// The packets named counter `counter` of nftables table `table` (`inet`) counted.
+    /// The packets named counter `counter` of nftables table `table` (`inet`) counted
+    /// ([`nft_counter_in`]).
     pub fn nft_counter(&self, table: &str, counter: &str) -> Result<u64> {
-        let out = lab::command_in(&self.name, "nft")?
-            .args(["list", "counter", "inet", table, counter])
-            .output()
-            .context("running `nft`")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "nft in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        let packets = text
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1);
-        packets
-            .with_context(|| format!("no packets in counter {counter}: {text}"))?
-            .parse()
-            .with_context(|| format!("counter {counter}: {text}"))
+        nft_counter_in(&self.name, table, counter)
     }
 
     /// The index of interface `ifname` in this namespace.
@@ -221,6 +204,29 @@ impl Netns {
         ensure!(index != 0, "no interface {ifname} in {}", self.name);
         Ok(index)
     }
+}
+
+/// The packets named counter `counter` of nftables table `table` (`inet`) in namespace `ns`
+/// counted.
+pub fn nft_counter_in(ns: &str, table: &str, counter: &str) -> Result<u64> {
+    let out = lab::command_in(ns, "nft")?
+        .args(["list", "counter", "inet", table, counter])
+        .output()
+        .context("running `nft`")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "nft in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let packets = text
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1);
+    packets
+        .with_context(|| format!("no packets in counter {counter}: {text}"))?
+        .parse()
+        .with_context(|| format!("counter {counter}: {text}"))
 }
 
 /// Loads nftables `script` (`nft -f -`) in namespace `ns` (one of a test's own: a lab

@@ -1,17 +1,28 @@
 //! The kernel's connection tracking beside forwarding in XDP. Of a TCP connection forwarded in
-//! XDP the kernel sees only the handshake (`hasync_ebpf::forward`), never the close: its entry
-//! would stay established for `nf_conntrack_tcp_timeout_established` (5 days by default) after
-//! the connection ended, and with many short connections fill the kernel's table
-//! (`nf_conntrack_max`), which then drops new flows. So when such a session of this member's
-//! closes or expires (one XDP forwarded here: `SessionFlags::FORWARDED_XDP`), the agent gives
-//! the kernel's entry the timeout of a closed connection (ctnetlink: an update of the entry's
-//! timeout, as `conntrack -U --timeout` does): it goes within seconds. An update, not a
-//! removal: a new connection that reused the ports meanwhile keeps its entry, whose next
-//! packet the kernel sees sets its timeout again.
+//! XDP the kernel sees only what the fast path hands it (`hasync_ebpf::forward`): the
+//! handshake, and whatever it does not decide later (a neighbour not resolved yet, an egress
+//! that no longer takes redirects, a packet over the egress MTU). The agent keeps the kernel's
+//! entry fit for both, over ctnetlink, for this member's sessions:
+//!
+//! - When such a session becomes established, its entry is marked liberal in both directions
+//!   (`IP_CT_TCP_FLAG_BE_LIBERAL`, as nf_flowtable marks the entries it offloads): a segment
+//!   handed to the kernel mid-stream is past every window the kernel saw, and a stateful
+//!   ruleset (`ct state invalid drop`) dropped it, and its retransmissions, until the fast path
+//!   took the connection back. The kernel then checks no window for these connections; the
+//!   XDP program's own check (the strict policy's) stands in for it on every packet.
+//! - When it closes or expires (one XDP forwarded here: `SessionFlags::FORWARDED_XDP`), its
+//!   entry, which never saw the close, gets the timeout of a closed connection: it would stay
+//!   established for `nf_conntrack_tcp_timeout_established` (5 days by default) and, with many
+//!   short connections, fill the kernel's table (`nf_conntrack_max`), which then drops new
+//!   flows. An update of the timeout, as `conntrack -U --timeout` does, not a removal: a new
+//!   connection that reused the ports meanwhile keeps its entry, whose next packet the kernel
+//!   sees sets its timeout again.
+//!
+//! Both are updates without `NLM_F_CREATE`: an entry the kernel does not hold is left absent.
 
 use std::{io, net::IpAddr};
 
-use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, SessionFlags};
+use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, SessionFlags, State};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
@@ -40,6 +51,21 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: u16 = 4;
+const CTA_PROTOINFO_TCP_FLAGS_REPLY: u16 = 5;
+/// `IP_CT_TCP_FLAG_BE_LIBERAL`: the kernel checks no window for the direction.
+const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
+
+/// What an update changes in the kernel's entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Both directions liberal: the connection is established, and XDP may forward it.
+    Liberal,
+    /// The closed timeout ([`CLOSED_TIMEOUT_S`]): the connection ended.
+    Closed,
+}
 
 /// Errors of the netfilter netlink socket.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +104,16 @@ impl KernelTrack {
         })
     }
 
+    /// Session `s` of flow `key` became established here: if it is a TCP connection, its
+    /// kernel entry is marked liberal (sent at the next [`KernelTrack::flush`], or now if the
+    /// batch is full).
+    pub fn established(&mut self, key: &FlowKey, s: &Session) -> Result<(), KernelTrackError> {
+        if key.proto != IPPROTO_TCP || s.state != State::Established as u8 {
+            return Ok(());
+        }
+        self.queue(key, s, Change::Liberal)
+    }
+
     /// Session `s` of flow `key` closed or expired here: if it is a TCP connection forwarded
     /// in XDP, its kernel entry gets [`CLOSED_TIMEOUT_S`] (sent at the next
     /// [`KernelTrack::flush`], or now if the batch is full).
@@ -85,9 +121,18 @@ impl KernelTrack {
         if !forwarded_tcp(key, s) {
             return Ok(());
         }
+        self.queue(key, s, Change::Closed)
+    }
+
+    fn queue(
+        &mut self,
+        key: &FlowKey,
+        s: &Session,
+        change: Change,
+    ) -> Result<(), KernelTrackError> {
         self.seq = self.seq.wrapping_add(1);
         let initiator_hi = s.flags.has(SessionFlags::INITIATOR_HI);
-        encode_update(&mut self.batch, self.seq, key, initiator_hi);
+        encode_update(&mut self.batch, self.seq, key, initiator_hi, change);
         if self.batch.len() >= BATCH_BYTES {
             self.flush()?;
         }
@@ -130,17 +175,17 @@ impl KernelTrack {
 }
 
 /// [`KernelTrack`] for the agent's main loop: open while the configuration forwards in XDP.
-/// A failure is logged once and the kernel's entries are left to their own timeouts.
+/// A failure is logged once and the kernel's entries are left as the kernel keeps them.
 #[derive(Default)]
-pub struct ClosedEntries {
+pub struct KernelEntries {
     track: Option<KernelTrack>,
     failed: bool,
 }
 
-impl ClosedEntries {
+impl KernelEntries {
     /// Open when `forwarding` is XDP (a socket that cannot open is logged, and nothing done).
-    pub fn new(xdp: bool) -> ClosedEntries {
-        let mut entries = ClosedEntries::default();
+    pub fn new(xdp: bool) -> KernelEntries {
+        let mut entries = KernelEntries::default();
         if xdp {
             match KernelTrack::open() {
                 Ok(t) => entries.track = Some(t),
@@ -148,6 +193,13 @@ impl ClosedEntries {
             }
         }
         entries
+    }
+
+    /// See [`KernelTrack::established`].
+    pub fn established(&mut self, key: &FlowKey, s: &Session) {
+        if let Some(Err(e)) = self.track.as_mut().map(|t| t.established(key, s)) {
+            self.failed_once(&e);
+        }
     }
 
     /// See [`KernelTrack::closed`].
@@ -168,9 +220,10 @@ impl ClosedEntries {
         if !std::mem::replace(&mut self.failed, true) {
             tracing::warn!(
                 error = %e,
-                "the kernel's entries of TCP connections forwarded in XDP cannot be closed: \
-                 they stay until nf_conntrack_tcp_timeout_established (further failures are \
-                 not logged)"
+                "the kernel's entries of TCP connections forwarded in XDP cannot be updated: \
+                 segments handed to the kernel mid-stream may be invalid there, and closed \
+                 connections' entries stay until nf_conntrack_tcp_timeout_established \
+                 (further failures are not logged)"
             );
         }
     }
@@ -192,10 +245,10 @@ fn forwarded_tcp(key: &FlowKey, s: &Session) -> bool {
     key.proto == IPPROTO_TCP && s.flags.has(SessionFlags::FORWARDED_XDP)
 }
 
-/// Appends to `out` the update (request `seq`) that gives the kernel's entry of `key`
-/// [`CLOSED_TIMEOUT_S`]; its original direction starts at the initiator (the higher end when
+/// Appends to `out` the update (request `seq`) that makes `change` to the kernel's entry of
+/// `key`; its original direction starts at the initiator (the higher end when
 /// `initiator_hi`).
-fn encode_update(out: &mut Vec<u8>, seq: u32, key: &FlowKey, initiator_hi: bool) {
+fn encode_update(out: &mut Vec<u8>, seq: u32, key: &FlowKey, initiator_hi: bool, change: Change) {
     let (mut src, mut dst) = (key.ip_lo(), key.ip_hi());
     let (mut sport, mut dport) = (key.port_lo, key.port_hi);
     if initiator_hi {
@@ -230,7 +283,19 @@ fn encode_update(out: &mut Vec<u8>, seq: u32, key: &FlowKey, initiator_hi: bool)
     put(out, CTA_PROTO_DST_PORT, &dport.to_ne_bytes());
     close_nested(out, proto);
     close_nested(out, tuple);
-    put(out, CTA_TIMEOUT, &CLOSED_TIMEOUT_S.to_be_bytes());
+    match change {
+        Change::Closed => put(out, CTA_TIMEOUT, &CLOSED_TIMEOUT_S.to_be_bytes()),
+        Change::Liberal => {
+            let info = open_nested(out, CTA_PROTOINFO);
+            let tcp = open_nested(out, CTA_PROTOINFO_TCP);
+            // `struct nf_ct_tcp_flags`: the flags, then the mask of those to change.
+            let liberal = [IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL];
+            put(out, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+            put(out, CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+            close_nested(out, tcp);
+            close_nested(out, info);
+        }
+    }
     let len = (out.len() - start) as u32;
     let mut header = Vec::with_capacity(NLMSG_HDRLEN);
     header.extend_from_slice(&len.to_ne_bytes());

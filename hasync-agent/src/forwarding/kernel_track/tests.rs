@@ -53,7 +53,7 @@ fn the_update_names_the_original_direction_and_the_closed_timeout() {
     let k = key(Family::V4, v4, srv);
     for initiator_hi in [false, true] {
         let mut out = Vec::new();
-        encode_update(&mut out, 7, &k, initiator_hi);
+        encode_update(&mut out, 7, &k, initiator_hi, Change::Closed);
         let len = u32::from_ne_bytes([out[0], out[1], out[2], out[3]]) as usize;
         assert_eq!(len, out.len());
         assert_eq!(
@@ -69,6 +69,7 @@ fn the_update_names_the_original_direction_and_the_closed_timeout() {
         assert_eq!(out[16], libc::AF_INET as u8);
         let top = attrs(&out[20..]);
         assert_eq!(find(&top, CTA_TIMEOUT), 10u32.to_be_bytes());
+        assert!(top.iter().all(|(k, _)| *k != CTA_PROTOINFO), "nothing else");
         let tuple = attrs(&find(&top, CTA_TUPLE_ORIG));
         let ip = attrs(&find(&tuple, CTA_TUPLE_IP));
         let proto = attrs(&find(&tuple, CTA_TUPLE_PROTO));
@@ -102,7 +103,13 @@ fn an_ipv6_connection_is_named_by_its_sixteen_byte_addresses() {
         .expect("ip")
         .octets();
     let mut out = Vec::new();
-    encode_update(&mut out, 1, &key(Family::V6, client, server), false);
+    encode_update(
+        &mut out,
+        1,
+        &key(Family::V6, client, server),
+        false,
+        Change::Closed,
+    );
     assert_eq!(out[16], libc::AF_INET6 as u8);
     let top = attrs(&out[20..]);
     let ip = attrs(&find(&attrs(&find(&top, CTA_TUPLE_ORIG)), CTA_TUPLE_IP));
@@ -159,4 +166,61 @@ fn only_a_tcp_connection_forwarded_in_xdp_needs_its_kernel_entry_closed() {
         ..k
     };
     assert!(!forwarded_tcp(&udp, &forwarded));
+}
+
+/// An established connection's update marks both directions of the kernel's entry liberal
+/// (`struct nf_ct_tcp_flags`: flags, then mask, the liberal bit in both) and changes nothing
+/// else: no timeout, no state.
+#[test]
+fn the_liberal_update_sets_the_liberal_flag_in_both_directions_and_nothing_else() {
+    let k = key(Family::V4, [1; 16], [2; 16]);
+    let mut out = Vec::new();
+    encode_update(&mut out, 3, &k, false, Change::Liberal);
+    let len = u32::from_ne_bytes([out[0], out[1], out[2], out[3]]) as usize;
+    assert_eq!(len, out.len());
+    let top = attrs(&out[20..]);
+    let kinds: Vec<u16> = top.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, [CTA_TUPLE_ORIG, CTA_PROTOINFO]);
+    let tcp = attrs(&find(&attrs(&find(&top, CTA_PROTOINFO)), CTA_PROTOINFO_TCP));
+    let kinds: Vec<u16> = tcp.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        kinds,
+        [
+            CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
+            CTA_PROTOINFO_TCP_FLAGS_REPLY
+        ]
+    );
+    for (_, flags) in &tcp {
+        assert_eq!(
+            flags,
+            &[0x08, 0x08],
+            "IP_CT_TCP_FLAG_BE_LIBERAL, and only it in the mask"
+        );
+    }
+}
+
+/// Only an established TCP session's event marks its entry: a UDP flow has no window, and a
+/// state change to anything else (closing) is not the connection's start.
+#[test]
+fn only_an_established_tcp_connection_is_marked_liberal() {
+    let mut track = KernelTrack::open().expect("netfilter netlink socket (tests need root)");
+    let k = key(Family::V4, [1; 16], [2; 16]);
+    let established = Session {
+        state: State::Established as u8,
+        ..Session::default()
+    };
+    let closing = Session {
+        state: State::Closing as u8,
+        ..established
+    };
+    let udp = FlowKey {
+        proto: IPPROTO_UDP,
+        ..k
+    };
+    for (key, s) in [(&udp, &established), (&k, &closing)] {
+        track.established(key, s).expect("queued");
+        assert!(track.batch.is_empty(), "{s:?}");
+    }
+    track.established(&k, &established).expect("queued");
+    assert!(!track.batch.is_empty());
 }
