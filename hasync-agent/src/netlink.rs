@@ -145,45 +145,54 @@ pub fn decode(mut buf: &[u8]) -> Vec<Msg> {
     out
 }
 
+/// The link attributes [`present`] reads (IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK,
+/// IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP, IFLA_CARRIER_DOWN_COUNT): one of them lost
+/// would read as a definite, wrong state (no XDP program: "detached"; no lower device: a VLAN
+/// unbound), so a message that lost one is not used.
+const READ_KINDS: [u16; 8] = [1, 3, 4, 5, 18, 37, 43, 48];
+
 /// A link message that the netlink library could not parse whole, read attribute by
 /// attribute: one it reads otherwise than this kernel writes it (rust-netlink/
-/// netlink-packet-route#151 is such a case, for every message of one interface) is left out,
-/// the others are kept. Parsed whole or not at all, that one interface hid every other's state:
-/// no dump ended clean, and link groups were never judged. `None` (unparsed: the table is read
-/// again) when the header does not parse, the name is among what was lost, or it is no link
-/// message. Logged once per agent.
+/// netlink-packet-route#151 is such a case, for every message of one interface) is left out
+/// when it is none the agent reads ([`READ_KINDS`]), the others are kept. Parsed whole or not
+/// at all, that one interface hid every other's state: no dump ended clean, and link groups
+/// were never judged. `None` (unparsed: the table is read again) when the header does not
+/// parse, an attribute the agent reads is lost, the attributes' framing breaks, or it is no
+/// link message; a DELLINK needs its header alone. Logged once per agent, with the
+/// attributes left out.
 fn link_in_part(kind: u16, message: &[u8]) -> Option<Body> {
     static LOGGED: AtomicBool = AtomicBool::new(false);
     let payload = message.get(NLMSG_HDRLEN..)?;
     let mut m = LinkMessage::default();
     m.header = LinkHeader::parse(payload).ok()?;
+    if kind == RTM_DELLINK {
+        return Some(body(NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::DelLink(m),
+        )));
+    }
+    if kind != RTM_NEWLINK {
+        return None;
+    }
     let family = m.header.interface_family;
-    let mut left_out = 0;
+    let mut left_out = Vec::new();
     for nla in NlasIterator::new(payload.get(IFINFOMSG_LEN..)?) {
-        match nla.and_then(|nla| LinkAttribute::parse_with_param(&nla, family)) {
+        let nla = nla.ok()?;
+        match LinkAttribute::parse_with_param(&nla, family) {
             Ok(a) => m.attributes.push(a),
-            Err(_) => left_out += 1,
+            Err(_) if READ_KINDS.contains(&nla.kind()) => return None,
+            Err(_) => left_out.push(nla.kind()),
         }
     }
-    let (index, named) = (
-        m.header.index,
-        m.attributes
-            .iter()
-            .any(|a| matches!(a, LinkAttribute::IfName(_))),
-    );
-    let message = match kind {
-        RTM_NEWLINK if named => RouteNetlinkMessage::NewLink(m),
-        RTM_DELLINK => RouteNetlinkMessage::DelLink(m),
-        _ => return None,
-    };
     if !LOGGED.swap(true, Ordering::Relaxed) {
         warn!(
-            interface = index,
-            left_out,
-            "a link message has attributes this release cannot read; its other attributes are used (logged once)"
+            interface = m.header.index,
+            ?left_out,
+            "a link message has attributes this release cannot read, none of them one the agent uses; the others are used (logged once)"
         );
     }
-    Some(body(NetlinkPayload::InnerMessage(message)))
+    Some(body(NetlinkPayload::InnerMessage(
+        RouteNetlinkMessage::NewLink(m),
+    )))
 }
 
 fn body(payload: NetlinkPayload<RouteNetlinkMessage>) -> Body {
@@ -681,8 +690,9 @@ mod tests {
 
     /// A link message with one attribute the library cannot read (IFLA_TXQLEN two bytes
     /// long) is read without it: seen failing, the whole message was unparsed, and one such
-    /// interface kept every dump dirty (no table, link groups never judged). One whose name is
-    /// lost, or whose header is cut, is still unparsed.
+    /// interface kept every dump dirty (no table, link groups never judged). One that lost an
+    /// attribute the agent reads, whose attributes' framing breaks, or whose header is cut, is
+    /// still unparsed.
     #[test]
     fn a_link_message_with_an_attribute_that_does_not_parse_keeps_the_others() {
         const IFLA_TXQLEN: u16 = 13;
@@ -699,12 +709,19 @@ mod tests {
         let odd = with_attribute(gone, IFLA_TXQLEN, &[1, 0]);
         assert_eq!(decode(&odd)[0].body, Body::Gone(7));
 
-        let mut nameless = LinkMessage::default();
-        nameless.header.index = 9;
-        let nameless = bytes(vec![NetlinkPayload::from(RouteNetlinkMessage::NewLink(
-            nameless,
-        ))]);
-        let odd = with_attribute(nameless, IFLA_TXQLEN, &[1, 0]);
+        // Lost, an attribute the agent reads would read as a definite, wrong state.
+        const IFLA_MTU: u16 = 4;
+        const IFLA_XDP: u16 = 43;
+        for read in [IFLA_MTU, IFLA_XDP] {
+            let good = bytes(vec![NetlinkPayload::from(link(3, "ha4", up()))]);
+            let odd = with_attribute(good, read, &[1, 0]);
+            assert_eq!(decode(&odd)[0].body, Body::Unparsed, "attribute {read}");
+        }
+        // The attributes' framing broken (a length past the message's end).
+        let good = bytes(vec![NetlinkPayload::from(link(3, "ha4", up()))]);
+        let mut odd = with_attribute(good, IFLA_TXQLEN, &[1, 0, 0, 0]);
+        let at = odd.len() - 8;
+        odd[at..at + 2].copy_from_slice(&64u16.to_ne_bytes());
         assert_eq!(decode(&odd)[0].body, Body::Unparsed);
 
         // The header alone, cut short: 16 bytes of netlink header and 8 of `ifinfomsg`.
