@@ -313,9 +313,13 @@ impl TrafficLog {
             ),
         };
         let record = SessionEnd::from_removed(removed, &zone).record(&Clock::now());
+        let kept = self.pending.len();
         if serde_json::to_writer(&mut self.pending, &record).is_ok() {
             self.pending.push(b'\n');
             self.pending_lines += 1;
+        } else {
+            self.pending.truncate(kept);
+            self.errors += 1;
         }
         if self.pending.len() >= PENDING_BYTES {
             self.flush();
@@ -339,13 +343,13 @@ impl TrafficLog {
                     info!(path = %self.path.display(), "traffic log writable again");
                 }
             }
-            Err(source) => {
-                self.errors += lines;
+            Err(partial) => {
+                self.errors += lines.saturating_sub(partial.lines);
                 if !self.failing {
                     self.failing = true;
                     let error = TrafficLogError::Write {
                         path: self.path.clone(),
-                        source,
+                        source: partial.error,
                     };
                     warn!(error = %error_chain(&error), "traffic log write failed; session ends are lost until it works again");
                 }
@@ -369,7 +373,7 @@ impl TrafficLog {
         // One write(2) for the whole line as a rule: with O_APPEND the kernel places it
         // atomically at the end of a regular file (a short write is finished, a failed one
         // leaves its fragment marked).
-        append_line(&mut &self.file, &line, &self.cut).map_err(write_err)
+        append_line(&mut &self.file, &line, &self.cut).map_err(|p| write_err(p.error))
     }
 }
 
@@ -422,33 +426,50 @@ impl Drop for TrafficLog {
     }
 }
 
-/// Appends `line` (one or more whole lines) to `w`. A write that fails part way leaves a
-/// fragment, and `cut` set: the next line starts with a newline, so it stays a line of its
-/// own.
-fn append_line(w: &mut impl Write, line: &[u8], cut: &std::cell::Cell<bool>) -> io::Result<()> {
+/// A write of whole lines that failed: why, and how many of its lines reached the file whole.
+#[derive(Debug)]
+struct PartialWrite {
+    error: io::Error,
+    lines: u64,
+}
+
+/// Appends `lines` (one or more whole lines) to `w`. A write that fails part way through a
+/// line leaves a fragment, and `cut` set: the next line starts with a newline, so it stays a
+/// line of its own.
+fn append_line(
+    w: &mut impl Write,
+    lines: &[u8],
+    cut: &std::cell::Cell<bool>,
+) -> Result<(), PartialWrite> {
     let mut whole = Vec::new();
-    let line = if cut.get() {
-        whole.reserve(line.len() + 1);
+    let prefixed = cut.get();
+    let out = if prefixed {
+        whole.reserve(lines.len() + 1);
         whole.push(b'\n');
-        whole.extend_from_slice(line);
+        whole.extend_from_slice(lines);
         &whole[..]
     } else {
-        line
+        lines
     };
     let mut written = 0;
-    while written < line.len() {
-        match w.write(&line[written..]) {
-            Ok(0) => {
-                cut.set(cut.get() || written > 0);
-                return Err(io::Error::from(io::ErrorKind::WriteZero));
+    while written < out.len() {
+        let error = match w.write(&out[written..]) {
+            Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
+            Ok(n) => {
+                written += n;
+                continue;
             }
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                cut.set(cut.get() || written > 0);
-                return Err(e);
-            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => e,
+        };
+        // Mid-line now if anything was written and it did not end a line (or, nothing
+        // written, as before).
+        if let Some(last) = written.checked_sub(1).and_then(|i| out.get(i)) {
+            cut.set(*last != b'\n');
         }
+        let ends = out[..written].iter().filter(|b| **b == b'\n').count();
+        let lines = ends.saturating_sub(usize::from(prefixed && written > 0)) as u64;
+        return Err(PartialWrite { error, lines });
     }
     cut.set(false);
     Ok(())
@@ -791,26 +812,28 @@ interfaces = ["wan0"]
     /// A line cut short by a failed write (a full disk) ends before the next record, which
     /// stays a line of its own (before stop 42 the next record was appended to the fragment,
     /// and both were lost to a reader: seen failing).
+    /// Takes `room` bytes, then fails; unbounded once `room` is `usize::MAX`.
+    struct Disk {
+        bytes: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room.saturating_sub(self.bytes.len()));
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn a_cut_line_does_not_swallow_the_next_record() {
-        /// Takes `room` bytes, then fails; unbounded once `room` is `usize::MAX`.
-        struct Disk {
-            bytes: Vec<u8>,
-            room: usize,
-        }
-        impl Write for Disk {
-            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-                let n = buf.len().min(self.room.saturating_sub(self.bytes.len()));
-                if n == 0 {
-                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-                }
-                self.bytes.extend_from_slice(&buf[..n]);
-                Ok(n)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
         let mut disk = Disk {
             bytes: Vec::new(),
             room: 5,
@@ -821,5 +844,25 @@ interfaces = ["wan0"]
         append_line(&mut disk, b"{\"b\":2}\n", &cut).expect("room again");
         let text = String::from_utf8(disk.bytes).expect("utf-8");
         assert_eq!(text, "{\"a\":\n{\"b\":2}\n");
+    }
+
+    /// A batch whose write fails just after a whole line leaves no fragment: the next batch
+    /// starts without an empty line (seen failing: a blank line in the log), and the lines
+    /// counted lost are those that did not reach it whole (seen failing: all of the batch).
+    #[test]
+    fn a_batch_cut_at_a_line_end_leaves_no_blank_line_and_counts_only_the_lines_lost() {
+        let mut disk = Disk {
+            bytes: Vec::new(),
+            room: 8,
+        };
+        let cut = std::cell::Cell::new(false);
+        let partial =
+            append_line(&mut disk, b"{\"a\":1}\n{\"b\":2}\n", &cut).expect_err("the disk is full");
+        assert_eq!(partial.lines, 1);
+        assert!(!cut.get(), "the file ends at a line's end");
+        disk.room = usize::MAX;
+        append_line(&mut disk, b"{\"c\":3}\n", &cut).expect("room again");
+        let text = String::from_utf8(disk.bytes).expect("utf-8");
+        assert_eq!(text, "{\"a\":1}\n{\"c\":3}\n");
     }
 }
