@@ -8,8 +8,14 @@
 //!   (`IP_CT_TCP_FLAG_BE_LIBERAL`, as nf_flowtable marks the entries it offloads): a segment
 //!   handed to the kernel mid-stream is past every window the kernel saw, and a stateful
 //!   ruleset (`ct state invalid drop`) dropped it, and its retransmissions, until the fast path
-//!   took the connection back. The kernel then checks no window for these connections; the
-//!   XDP program's own check (the strict policy's) stands in for it on every packet.
+//!   took the connection back (with the next hop's neighbour entry gone, never: the kernel
+//!   dropped what it was handed before resolving the neighbour). The kernel then checks no
+//!   window for these connections: the XDP program checks every segment first, and its
+//!   strict policy still refuses a RST or FIN outside the window, but a data segment or ACK
+//!   outside it, which the program passes for the kernel to decide, now reaches the endpoint
+//!   (which drops it, as TCP does), where the ruleset dropped it as invalid. Every established
+//!   session is marked, not only the ones XDP forwards: its event comes before its first
+//!   packet is forwarded, so the agent cannot tell them apart then.
 //! - When it closes or expires (one XDP forwarded here: `SessionFlags::FORWARDED_XDP`), its
 //!   entry, which never saw the close, gets the timeout of a closed connection: it would stay
 //!   established for `nf_conntrack_tcp_timeout_established` (5 days by default) and, with many
