@@ -17,7 +17,7 @@ use std::{
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, TokioSocket};
 
 use crate::netlink::LinkWatch;
-use source::Change;
+use source::{Change, Relist, Relisting};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -400,19 +400,30 @@ async fn rest_of_burst<F: std::future::Future<Output = Change>>(
 
 /// Bumps the FIB generation after every burst of notifications (an overrun lost some: the
 /// generation moves anyway). A rule or route that selects by source, added, keys the cache on
-/// the source at once; one removed (or notifications lost) makes the agent list them again.
+/// the source at once; one removed (or notifications lost) makes the agent list them again,
+/// at a pace ([`Relist`]: meanwhile the cache keys on the source).
 async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
+    let mut relist = Relist::default();
     loop {
-        let first = read_notifications(&socket).await;
+        let first = match relist.due() {
+            Some(at) => tokio::select! {
+                change = read_notifications(&socket) => change,
+                () = tokio::time::sleep_until(at.into()) => Change::None,
+            },
+            None => read_notifications(&socket).await,
+        };
         let change = rest_of_burst(first, || read_notifications(&socket)).await;
-        let found = match change {
-            Change::None => None,
-            Change::BySource => Some(Ok(true)),
-            Change::Recheck => Some(
-                tokio::task::spawn_blocking(source::routes_by_source)
+        let found = match relist.on(change, std::time::Instant::now()) {
+            Relisting::Keep => None,
+            Relisting::BySource => Some(Ok(true)),
+            Relisting::List => {
+                let started = std::time::Instant::now();
+                let found = tokio::task::spawn_blocking(source::routes_by_source)
                     .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
-            ),
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                relist.listed(started, started.elapsed());
+                Some(found)
+            }
         };
         after_burst(&dp, found);
     }
