@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use hasync_agent::forwarding::kernel_track::{KernelEntries, CLOSED_TIMEOUT_S};
-use hasync_common::{fib, Counter, Counters, EventKind, FibKey, Forwarding, Policy};
+use hasync_common::{
+    fib, Counter, Counters, EventKind, FibKey, FlowKey, Forwarding, Policy, Session,
+};
 use hasync_tests::{
     cluster::send_raw,
     forwarder::{sa, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
@@ -473,6 +475,23 @@ fn stateful_ruleset(fwd: &Forwarder) -> Result<()> {
     )
 }
 
+/// The agent's step on the forwarder's events of `kind`, done here by the test: each handed
+/// to `KernelEntries` with `step`, in the forwarder's namespace, then flushed.
+fn agents_step(
+    fwd: &mut Forwarder,
+    kind: EventKind,
+    step: fn(&mut KernelEntries, &FlowKey, &Session),
+) -> Result<()> {
+    let events = fwd.events();
+    fwd.fw.run(|| {
+        let mut entries = KernelEntries::new(true);
+        for e in events.iter().filter(|e| e.kind == kind as u8) {
+            step(&mut entries, &e.key, &e.session);
+        }
+        entries.flush();
+    })
+}
+
 /// Beside a stateful nftables ruleset in the forwarder (the kernel's connection tracking at
 /// its defaults, invalid packets dropped), a connection forwarded in XDP closes: the kernel saw
 /// only its handshake, so a segment after its data is out of the kernel's window, and the
@@ -509,15 +528,7 @@ fn a_forwarded_connection_closes_beside_a_stateful_ruleset() -> Result<()> {
         d.get(Counter::ForwardedXdp) > 1000,
         "not forwarded in XDP: {d}"
     );
-    let events = fwd.events();
-    fwd.fw.run(|| {
-        let mut entries = KernelEntries::new(true);
-        let closed = EventKind::Closed as u8;
-        for e in events.iter().filter(|e| e.kind == closed) {
-            entries.closed(&e.key, &e.session);
-        }
-        entries.flush();
-    })?;
+    agents_step(&mut fwd, EventKind::Closed, KernelEntries::closed)?;
     let left = conntrack_timeouts(fwd.fw.name(), 8080)?;
     ensure!(
         !left.is_empty() && left.iter().all(|s| *s <= u64::from(CLOSED_TIMEOUT_S)),
@@ -552,15 +563,11 @@ fn a_forwarded_connection_handed_to_the_kernel_mid_stream_goes_on() -> Result<()
     let (first, second) = (2_000_000, 1_000_000);
     client.write_all(&vec![0xa5; first])?;
     std::thread::sleep(Duration::from_millis(200));
-    let events = fwd.events();
-    fwd.fw.run(|| {
-        let mut entries = KernelEntries::new(true);
-        let changed = EventKind::StateChanged as u8;
-        for e in events.iter().filter(|e| e.kind == changed) {
-            entries.established(&e.key, &e.session);
-        }
-        entries.flush();
-    })?;
+    agents_step(
+        &mut fwd,
+        EventKind::StateChanged,
+        KernelEntries::established,
+    )?;
     let before = fwd.counters()?;
     let fc0 = fwd.fw.ifindex("fc0")?;
     fwd.set_ports(&[fc0])?;
