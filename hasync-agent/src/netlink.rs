@@ -14,7 +14,7 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, Parseable,
     ParseableParametrized, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
@@ -34,10 +34,13 @@ const RECV_BUFFER: usize = 1 << 20;
 const RETRY: Duration = Duration::from_secs(1);
 /// A dump not ended after this long is given up and asked for again.
 const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The shortest time between the starts of two dumps: a dump that keeps coming back dirty
-/// (overruns in a notification storm, a message that never parses) is asked for again at
-/// this pace, not in a loop.
+/// The shortest time between the starts of two dumps: a dump that came back dirty (an
+/// overrun, a message that does not parse) is asked for again this long after the last one
+/// began, not at once; each dirty one in a row doubles the gap, up to [`DUMP_GAP_MAX`] (a
+/// message that never parses would otherwise have the whole table read five times a second).
 const DUMP_GAP: Duration = Duration::from_millis(200);
+/// The longest gap between dumps that keep coming back dirty.
+const DUMP_GAP_MAX: Duration = Duration::from_secs(5);
 /// Routing netlink message types (linux/rtnetlink.h).
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
@@ -148,8 +151,12 @@ pub fn decode(mut buf: &[u8]) -> Vec<Msg> {
 /// The link attributes [`present`] reads (IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK,
 /// IFLA_LINKINFO, IFLA_LINK_NETNSID, IFLA_XDP, IFLA_CARRIER_DOWN_COUNT): one of them lost
 /// would read as a definite, wrong state (no XDP program: "detached"; no lower device: a VLAN
-/// unbound), so a message that lost one is not used.
-const READ_KINDS: [u16; 8] = [1, 3, 4, 5, 18, 37, 43, 48];
+/// unbound), so a message that lost one is not used; of an IFLA_LINKINFO that does not parse,
+/// its kind, when that parses, is enough.
+const READ_KINDS: [u16; 8] = [1, 3, 4, 5, IFLA_LINKINFO, 37, 43, 48];
+/// IFLA_LINKINFO, and the kind nested in it (IFLA_INFO_KIND).
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 
 /// A link message that the netlink library could not parse whole, read attribute by
 /// attribute: one it reads otherwise than this kernel writes it (rust-netlink/
@@ -174,11 +181,23 @@ fn link_in_part(kind: u16, message: &[u8]) -> Option<Body> {
         return None;
     }
     let family = m.header.interface_family;
+    if family != AddressFamily::Unspec {
+        return Some(Body::Other); // not an interface's state (`body`)
+    }
     let mut left_out = Vec::new();
     for nla in NlasIterator::new(payload.get(IFINFOMSG_LEN..)?) {
         let nla = nla.ok()?;
         match LinkAttribute::parse_with_param(&nla, family) {
             Ok(a) => m.attributes.push(a),
+            Err(_) if nla.kind() == IFLA_LINKINFO => {
+                // Its kind is all `present` reads of it, and the kind's own data is what a
+                // release of the library most often reads otherwise than the kernel writes.
+                m.attributes
+                    .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(info_kind(
+                        nla.value(),
+                    )?)]));
+                left_out.push(IFLA_LINKINFO);
+            }
             Err(_) if READ_KINDS.contains(&nla.kind()) => return None,
             Err(_) => left_out.push(nla.kind()),
         }
@@ -193,6 +212,14 @@ fn link_in_part(kind: u16, message: &[u8]) -> Option<Body> {
     Some(body(NetlinkPayload::InnerMessage(
         RouteNetlinkMessage::NewLink(m),
     )))
+}
+
+/// The kind (IFLA_INFO_KIND) among the attributes nested in an IFLA_LINKINFO.
+fn info_kind(nested: &[u8]) -> Option<InfoKind> {
+    NlasIterator::new(nested)
+        .map_while(Result::ok)
+        .find(|nla| nla.kind() == IFLA_INFO_KIND)
+        .and_then(|nla| InfoKind::parse(&nla).ok())
 }
 
 fn body(payload: NetlinkPayload<RouteNetlinkMessage>) -> Body {
@@ -290,6 +317,8 @@ pub struct Tracker {
     need_dump: bool,
     /// When the last dump was asked for ([`DUMP_GAP`]).
     last_dump: Option<Instant>,
+    /// Dumps that ended dirty since the last clean one.
+    dirty_in_a_row: u32,
     /// At least one clean dump has ended: the table is known.
     known: bool,
 }
@@ -301,6 +330,7 @@ impl Default for Tracker {
             dump: None,
             need_dump: true,
             last_dump: None,
+            dirty_in_a_row: 0,
             known: false,
         }
     }
@@ -308,8 +338,8 @@ impl Default for Tracker {
 
 impl Tracker {
     /// Should a dump be asked for now (one is needed, none is in flight and the last began
-    /// [`DUMP_GAP`] ago or more)? A dump whose end never came (lost in an overflow) is given
-    /// up after [`DUMP_TIMEOUT`].
+    /// [`Tracker::gap`] ago or more)? A dump whose end never came (lost in an overflow) is
+    /// given up after [`DUMP_TIMEOUT`].
     pub fn wants_dump(&mut self) -> bool {
         if self
             .dump
@@ -317,16 +347,29 @@ impl Tracker {
             .is_some_and(|d| d.started.elapsed() > DUMP_TIMEOUT)
         {
             self.dump = None;
-            self.need_dump = true;
+            self.ended_dirty();
         }
-        let paced = self.last_dump.is_none_or(|t| t.elapsed() >= DUMP_GAP);
+        let paced = self.last_dump.is_none_or(|t| t.elapsed() >= self.gap());
         self.need_dump && self.dump.is_none() && paced
+    }
+
+    /// The gap between the starts of two dumps now ([`DUMP_GAP`], doubled per dirty dump in
+    /// a row after the first).
+    fn gap(&self) -> Duration {
+        let doubled = DUMP_GAP.saturating_mul(1 << self.dirty_in_a_row.saturating_sub(1).min(8));
+        doubled.min(DUMP_GAP_MAX)
+    }
+
+    /// A dump ended without becoming the table: another is needed.
+    fn ended_dirty(&mut self) {
+        self.need_dump = true;
+        self.dirty_in_a_row = self.dirty_in_a_row.saturating_add(1);
     }
 
     /// How long to wait for a message before asking [`Tracker::wants_dump`] again.
     fn wait(&self) -> Duration {
         if self.need_dump {
-            DUMP_GAP
+            self.gap()
         } else {
             RETRY
         }
@@ -394,14 +437,15 @@ impl Tracker {
                     if code == 0 && !d.dirty {
                         self.current = d.table;
                         self.known = true;
+                        self.dirty_in_a_row = 0;
                     } else {
-                        self.need_dump = true;
+                        self.ended_dirty();
                     }
                 }
             }
             Body::Error(code) if ours && code != 0 => {
                 self.dump = None;
-                self.need_dump = true;
+                self.ended_dirty();
             }
             Body::Unparsed => self.lost(),
             Body::Done(_) | Body::Error(_) | Body::Other => {}
@@ -709,6 +753,44 @@ mod tests {
         let odd = with_attribute(gone, IFLA_TXQLEN, &[1, 0]);
         assert_eq!(decode(&odd)[0].body, Body::Gone(7));
 
+        // An IFLA_LINKINFO whose kind's data does not parse (a VLAN id one byte long): its
+        // kind is kept, and the VLAN still names its lower device.
+        let mut vlan = LinkMessage::default();
+        vlan.header.index = 8;
+        vlan.header.flags = up();
+        vlan.attributes = vec![
+            LinkAttribute::IfName("in0.7".to_owned()),
+            LinkAttribute::Link(2),
+        ];
+        let vlan = bytes(vec![NetlinkPayload::from(RouteNetlinkMessage::NewLink(
+            vlan,
+        ))]);
+        let mut info = Vec::new();
+        for (kind, value) in [
+            (1u16, &b"vlan\0"[..]),
+            (2 | 0x8000, &[5, 0, 1, 0, 7, 0, 0, 0][..]),
+        ] {
+            info.extend(((4 + value.len()) as u16).to_ne_bytes());
+            info.extend(kind.to_ne_bytes());
+            info.extend(value);
+            info.resize(info.len().next_multiple_of(4), 0);
+        }
+        let odd = with_attribute(vlan, IFLA_LINKINFO | 0x8000, &info);
+        match &decode(&odd)[0].body {
+            Body::Present(name, i) => assert_eq!((name.as_str(), i.lower), ("in0.7", Some(2))),
+            other => panic!("{other:?}"),
+        }
+
+        // A bridge port's message is no interface's state, whatever it lost.
+        let mut port = LinkMessage::default();
+        port.header.index = 5;
+        port.header.interface_family = AddressFamily::Bridge;
+        let port = bytes(vec![NetlinkPayload::from(RouteNetlinkMessage::NewLink(
+            port,
+        ))]);
+        let odd = with_attribute(port, 4, &[1, 0]);
+        assert_eq!(decode(&odd)[0].body, Body::Other);
+
         // Lost, an attribute the agent reads would read as a definite, wrong state.
         const IFLA_MTU: u16 = 4;
         const IFLA_XDP: u16 = 43;
@@ -731,8 +813,9 @@ mod tests {
         assert_eq!(decode(&cut)[0].body, Body::Unparsed);
     }
 
-    /// A dump that keeps ending dirty is asked for again at most every [`DUMP_GAP`], not
-    /// at once in a loop (seen failing: at once, every time).
+    /// A dump that keeps ending dirty is asked for again after a gap that doubles per dirty
+    /// dump in a row, up to [`DUMP_GAP_MAX`], not at once in a loop (seen failing: at once,
+    /// every time); a clean one starts the gap over.
     #[test]
     fn dirty_dumps_are_asked_for_again_at_a_pace() {
         let mut t = Tracker::default();
@@ -744,6 +827,18 @@ mod tests {
         assert_eq!(t.wait(), DUMP_GAP);
         std::thread::sleep(DUMP_GAP);
         assert!(t.wants_dump(), "again after the gap");
+        for seq in 2..10 {
+            t.dump_started(seq);
+            t.apply(vec![msg(seq, Body::Unparsed), msg(seq, Body::Done(0))]);
+        }
+        assert_eq!(t.wait(), DUMP_GAP_MAX);
+        t.last_dump = None;
+        assert!(t.wants_dump());
+        t.dump_started(10);
+        t.apply(vec![msg(10, Body::Done(0))]);
+        assert!(t.known().is_some());
+        t.lost();
+        assert_eq!(t.wait(), DUMP_GAP, "a clean dump starts the gap over");
     }
 
     fn msg(seq: u32, body: Body) -> Msg {
