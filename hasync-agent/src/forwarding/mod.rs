@@ -417,11 +417,13 @@ async fn follow_fib(socket: TokioSocket, dp: Arc<Mutex<Datapath>>) {
             Relisting::Keep => None,
             Relisting::BySource => Some(Ok(true)),
             Relisting::List => {
+                // The burst reaches XDP now, keyed on the source until the listing says.
+                after_burst(&dp, Some(Ok(true)));
                 let started = std::time::Instant::now();
                 let found = tokio::task::spawn_blocking(source::routes_by_source)
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-                relist.listed(started, started.elapsed());
+                relist.listed(started, started.elapsed(), found.is_ok());
                 Some(found)
             }
         };

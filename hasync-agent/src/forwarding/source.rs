@@ -186,13 +186,14 @@ pub enum Relisting {
     List,
 }
 
-/// Paces the listings of every rule and route. A full table's listing takes a CPU for a second
-/// or more (205,000 routes: 0.3 s for `ip route show` alone), and in a routing storm (a BGP
-/// session flapping, a million routes withdrawn and learned again) every burst overran the
+/// Paces the listings of every rule and route. A full table's listing is long (205,000 routes:
+/// 0.3 s of `ip route show` alone; a million, several times that), and in a routing storm (a
+/// BGP session flapping, a million routes withdrawn and learned again) every burst overran the
 /// notification socket and asked for another: listings back to back for as long as the storm
-/// lasted. Now one waits [`RELIST_GAP`] after the last, or ten times the last one's time if
-/// that is longer; meanwhile the cache keys on the source, and the listing that was asked for
-/// runs when its time comes ([`Relist::due`]), notifications or not.
+/// lasted. Now one waits [`RELIST_GAP`] after the last one ended, or ten times the last one's
+/// time if that is longer; meanwhile the cache keys on the source, and the listing that was
+/// asked for (or one that failed) runs when its time comes ([`Relist::due`]), notifications or
+/// not.
 #[derive(Debug, Default)]
 pub struct Relist {
     /// When the last listing started, and how long it took.
@@ -232,10 +233,11 @@ impl Relist {
         Relisting::List
     }
 
-    /// A listing started at `started` took `took`.
-    pub fn listed(&mut self, started: Instant, took: Duration) {
+    /// A listing started at `started` took `took`; one that failed (`ok` false: a reply
+    /// that never came, one that does not parse) is asked for again when its time comes.
+    pub fn listed(&mut self, started: Instant, took: Duration, ok: bool) {
         self.last = Some((started, took));
-        self.pending = false;
+        self.pending = !ok;
     }
 }
 
@@ -276,7 +278,7 @@ mod tests {
         let mut r = Relist::default();
         assert_eq!(r.on(Change::None, t0), Relisting::Keep);
         assert_eq!(r.on(Change::Recheck, t0), Relisting::List);
-        r.listed(t0, Duration::from_millis(100));
+        r.listed(t0, Duration::from_millis(100), true);
         let soon = t0 + Duration::from_secs(1);
         assert_eq!(r.on(Change::Recheck, soon), Relisting::BySource);
         let due = r.due().expect("a listing waits");
@@ -287,7 +289,7 @@ mod tests {
             "still waiting"
         );
         assert_eq!(r.on(Change::None, due), Relisting::List, "its time came");
-        r.listed(due, Duration::from_secs(2));
+        r.listed(due, Duration::from_secs(2), true);
         assert_eq!(r.due(), None);
         assert_eq!(r.on(Change::BySource, due), Relisting::BySource);
         let after = due + Duration::from_secs(2) + RELIST_GAP;
@@ -299,6 +301,12 @@ mod tests {
         let later = due + Duration::from_secs(22);
         assert_eq!(r.due(), Some(later));
         assert_eq!(r.on(Change::None, later), Relisting::List);
+        // A listing that failed is asked for again at the pace, notifications or not.
+        r.listed(later, Duration::from_millis(10), false);
+        assert_eq!(
+            r.due(),
+            Some(later + Duration::from_millis(10) + RELIST_GAP)
+        );
     }
 
     #[test]
