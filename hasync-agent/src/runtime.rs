@@ -821,9 +821,10 @@ fn update_claim_window(
 /// The evaluation and the datapath's writes happen under the membership's lock: a reader
 /// that finds a member alive finds the member map and the claim window already told, and two
 /// callers' writes cannot land out of order. The datapath's lock is taken first (its holder
-/// may keep it a while: a reattach; waited for off the async worker), so that the membership's, which keepalives, appliers and
-/// senders take on the async workers, is held only for the evaluation and its writes; nothing
-/// takes the datapath's lock while it holds the membership's. A stall of the async workers
+/// may keep it a while: a reattach; it is waited for off the async worker), so that the
+/// membership's, which keepalives, appliers and senders take on the async workers, is held
+/// only for the evaluation and its writes; nothing takes the datapath's lock while it holds
+/// the membership's. A stall of the async workers
 /// longer than [`crate::stall_watch::STALL`] since the last evaluation ([`stall_to_forgive`])
 /// means this agent did not run: the peers' silence over it is forgiven first, whoever
 /// evaluates.

@@ -7,11 +7,12 @@
 //!
 //! The file is opened with `O_APPEND`. The main loop's lines ([`TrafficLog::write_removed`])
 //! are kept and go out together at its next [`TrafficLog::flush`], after each batch of events
-//! and each sweep step, in one `write(2)` (a flood's evicted sessions cost a write per batch,
-//! not one per session); [`TrafficLog::write`] writes its line at once. Either way what goes
+//! and each sweep step, one `write(2)` per [`PENDING_BYTES`] of lines (a flood's evicted
+//! sessions cost a write per thousand or so, not one per session); [`TrafficLog::write`] writes its line at once. Either way what goes
 //! out in one `write` is whole lines, which the kernel places at the end of a regular file
-//! as one piece: lines from concurrent writers never interleave. For log rotation, either `copytruncate`, or rename the
-//! file and send the agent SIGHUP (`systemctl reload hasync`): it calls [`TrafficLog::reopen`].
+//! as one piece: lines from concurrent writers never interleave. For log rotation, either
+//! `copytruncate`, or rename the file and send the agent SIGHUP (`systemctl reload hasync`):
+//! it calls [`TrafficLog::reopen`].
 
 use std::{
     borrow::Cow,
@@ -625,9 +626,10 @@ interfaces = ["wan0"]
             .expect("syscw")
     }
 
-    /// A batch of ended sessions (a flood's evicted ones: up to 4,096 per batch of events)
-    /// goes to the file in one write at the flush, not one per session (seen failing: 500
-    /// writes, each on the main loop that drains the event ring), and every line is there.
+    /// A batch of ended sessions (a flood's evicted ones) goes to the file in one write at
+    /// the flush while it takes less than [`PENDING_BYTES`], not one per session (seen
+    /// failing: 500 writes, each on the main loop that drains the event ring), and every line
+    /// is there.
     #[test]
     fn a_batch_of_ended_sessions_is_written_at_once() {
         let config = two_zones();
