@@ -241,6 +241,30 @@ pub fn tcp_exchange_between(
     Ok(local)
 }
 
+/// A TCP connection from namespace `client_ns` to a listener on `server` in `server_ns` (any
+/// lab namespace, by name), for a test to write into: the client's end, and a thread that
+/// reads the server's end to its end and returns how many bytes came (each read and write
+/// bounded by [`IO_TIMEOUT`]).
+pub fn stream_between(
+    client_ns: &str,
+    server_ns: &str,
+    server: SocketAddr,
+) -> Result<(TcpStream, std::thread::JoinHandle<std::io::Result<usize>>)> {
+    use hasync_agent::lab::netns::run_in;
+    let listener = run_in(server_ns, move || TcpListener::bind(server))??;
+    let client = run_in(client_ns, move || {
+        TcpStream::connect_timeout(&server, IO_TIMEOUT)
+    })??;
+    client.set_write_timeout(Some(IO_TIMEOUT))?;
+    let (mut accepted, _) = listener.accept()?;
+    accepted.set_read_timeout(Some(IO_TIMEOUT))?;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        accepted.read_to_end(&mut got).map(|_| got.len())
+    });
+    Ok((client, reader))
+}
+
 /// A datagram from a socket on `from_ip` in `from` to `to_addr` in `to` (retried up to 5
 /// times), and one back. Returns the initiator's address.
 pub fn udp_exchange(

@@ -6,17 +6,12 @@
 //! (`hasync_agent::forwarding::kernel_track`, wired into the agent's main loop: these tests run
 //! real agents).
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    time::Duration,
-};
+use std::{io::Write as _, net::SocketAddr, time::Duration};
 
 use hasync_agent::{
     config::ForwardingName,
     forwarding::kernel_track::CLOSED_TIMEOUT_S,
     lab::{
-        netns::run_in,
         topology::SERVER_V4,
         traffic::{tcp_echo_server, Bounds},
         ClusterOptions,
@@ -24,6 +19,7 @@ use hasync_agent::{
 };
 use hasync_tests::{
     cluster::Cluster,
+    forwarder::stream_between,
     netns::{conntrack_timeouts, nft_counter_in, nft_in},
 };
 
@@ -119,23 +115,8 @@ fn an_xdp_forwarded_connection_handed_to_the_kernel_mid_stream_is_valid_there() 
     nft_in(&fw1, COUNTED_RULESET).unwrap_or_else(|e| fail(e));
     c.wait_pair_active();
     let server = SocketAddr::from((SERVER_V4, port));
-    let timeout = Duration::from_secs(5);
-    // Sockets made in the lab's namespaces belong to them.
-    let listener = run_in(c.topology().server(), move || TcpListener::bind(server))
-        .expect("entering the server's namespace")
-        .expect("listening");
-    let mut client = run_in(c.topology().client(), move || {
-        TcpStream::connect_timeout(&server, timeout)
-    })
-    .expect("entering the client's namespace")
-    .expect("connecting");
-    let (mut accepted, _) = listener.accept().expect("accept");
-    accepted.set_read_timeout(Some(timeout)).expect("timeout");
-    client.set_write_timeout(Some(timeout)).expect("timeout");
-    let reader = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        accepted.read_to_end(&mut got).map(|_| got.len())
-    });
+    let (mut client, reader) = stream_between(c.topology().client(), c.topology().server(), server)
+        .unwrap_or_else(|e| fail(e));
     let chunk = vec![0xa5; 2_000_000];
     client.write_all(&chunk).expect("the first 2 MB");
     c.wait(
