@@ -23,12 +23,13 @@ use hasync_tests::{
     netns::{conntrack_timeouts, nft_counter_in, nft_in},
 };
 
-/// Connection tracking on in the forward path, invalid packets dropped, as a stateful ruleset
-/// has it.
+/// Connection tracking on in the forward path, invalid packets dropped (and counted: `kct`
+/// counter `invalid`), as a stateful ruleset has it.
 const RULESET: &str = "table inet kct {
+    counter invalid {}
     chain forward_ct {
         type filter hook forward priority 0; policy accept;
-        ct state invalid drop
+        ct state invalid counter name invalid drop
     }
 }";
 
@@ -83,15 +84,6 @@ fn an_xdp_forwarded_connections_kernel_entry_ends_with_it() {
     );
 }
 
-/// As [`RULESET`], with the invalid packets counted.
-const COUNTED_RULESET: &str = "table inet kct {
-    counter invalid {}
-    chain forward_ct {
-        type filter hook forward priority 0; policy accept;
-        ct state invalid counter name invalid drop
-    }
-}";
-
 /// fw1's agent marks the kernel's entry of a connection liberal once it is established (the
 /// main loop hands the session's state change to `KernelEntries`): a segment XDP hands the
 /// kernel mid-stream (here the next hop's neighbour entry is flushed, so XDP's lookup finds
@@ -112,7 +104,7 @@ fn an_xdp_forwarded_connection_handed_to_the_kernel_mid_stream_is_valid_there() 
     );
     let fail = |e: anyhow::Error| -> ! { c.fail(&format!("{e:#}")) };
     let fw1 = c.topology().fw(1).to_owned();
-    nft_in(&fw1, COUNTED_RULESET).unwrap_or_else(|e| fail(e));
+    nft_in(&fw1, RULESET).unwrap_or_else(|e| fail(e));
     c.wait_pair_active();
     let server = SocketAddr::from((SERVER_V4, port));
     let (mut client, reader) = stream_between(c.topology().client(), c.topology().server(), server)
