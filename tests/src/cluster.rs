@@ -461,10 +461,29 @@ impl Cluster {
         .map(|c| c.counters)
     }
 
+    /// Member `k`'s datapath counter `name` (the test fails if it cannot ask).
+    pub fn counter(&self, k: u8, name: &str) -> u64 {
+        let counters = self.try_counters(k).unwrap_or_else(|e| self.fail(&e));
+        counters.get(name).copied().unwrap_or(0)
+    }
+
     /// Member `k`'s count of packets it forwarded in XDP (the test fails if it cannot ask).
     pub fn forwarded_xdp(&self, k: u8) -> u64 {
-        let counters = self.try_counters(k).unwrap_or_else(|e| self.fail(&e));
-        counters.get("forwarded-xdp").copied().unwrap_or(0)
+        self.counter(k, "forwarded-xdp")
+    }
+
+    /// Waits (10 s at most) until member `k` forwarded more than `more_than` packets in XDP.
+    pub fn wait_forwarded_xdp(&self, k: u8, more_than: u64) {
+        self.wait(
+            &format!("fw{k} to forward the connection in XDP"),
+            Duration::from_secs(10),
+            || {
+                let n = self.forwarded_xdp(k);
+                (n > more_than)
+                    .then_some(())
+                    .ok_or(format!("forwarded-xdp = {n}"))
+            },
+        );
     }
 
     /// Waits until every member in `members` lists the same table and `accept` finds in it

@@ -146,14 +146,7 @@ fn synced_failover(tag: &str, port: u16, forwarding: ForwardingName) {
     );
 
     if xdp {
-        c.wait(
-            "fw1 to forward the connection in XDP",
-            Duration::from_secs(10),
-            || {
-                let n = c.forwarded_xdp(1);
-                (n > 0).then_some(()).ok_or(format!("forwarded-xdp = {n}"))
-            },
-        );
+        c.wait_forwarded_xdp(1, 0);
     }
     let steered = fw1_dies(&c);
     let before = client.progress();

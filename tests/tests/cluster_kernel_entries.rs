@@ -56,14 +56,7 @@ fn an_xdp_forwarded_connections_kernel_entry_ends_with_it() {
     )
     .expect("TCP echo server");
     let (client, _row) = c.tcp_connection_through_fw1(port);
-    c.wait(
-        "fw1 to forward the connection in XDP",
-        Duration::from_secs(10),
-        || {
-            let n = c.forwarded_xdp(1);
-            (n > 0).then_some(()).ok_or(format!("forwarded-xdp = {n}"))
-        },
-    );
+    c.wait_forwarded_xdp(1, 0);
     let open = conntrack_timeouts(&fw1, port).unwrap_or_else(|e| c.fail(&format!("{e:#}")));
     assert!(
         open.len() == 1 && open[0] > 3600,
@@ -111,20 +104,8 @@ fn an_xdp_forwarded_connection_handed_to_the_kernel_mid_stream_is_valid_there() 
         .unwrap_or_else(|e| fail(e));
     let chunk = vec![0xa5; 2_000_000];
     client.write_all(&chunk).expect("the first 2 MB");
-    c.wait(
-        "fw1 to forward the connection in XDP",
-        Duration::from_secs(10),
-        || {
-            let n = c.forwarded_xdp(1);
-            (n > 100)
-                .then_some(())
-                .ok_or(format!("forwarded-xdp = {n}"))
-        },
-    );
-    let handed = |c: &Cluster| {
-        let counters = c.try_counters(1).unwrap_or_else(|e| c.fail(&e));
-        counters.get("pass-fwd-no-neighbour").copied().unwrap_or(0)
-    };
+    c.wait_forwarded_xdp(1, 100);
+    let handed = |c: &Cluster| c.counter(1, "pass-fwd-no-neighbour");
     let before = handed(&c);
     c.topology()
         .ip("fw1", &["neigh", "flush", "dev", "out0"])
