@@ -33,6 +33,7 @@ pub mod stall_watch;
 pub mod startup;
 pub mod suspend_mark;
 pub mod sync;
+pub mod tasks;
 pub mod traffic_log;
 
 /// The XDP program object, built by build.rs from hasync-ebpf.

@@ -22,7 +22,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 /// The link multicast group (RTNLGRP_LINK).
@@ -466,12 +466,12 @@ pub struct LinkWatch {
 
 impl LinkWatch {
     /// Opens the socket, asks for a dump and starts the reading task (inside a tokio
-    /// runtime).
-    pub fn spawn() -> Result<LinkWatch, NetlinkError> {
+    /// runtime), which runs until every watch is dropped: its handle, to see it end.
+    pub fn spawn() -> Result<(LinkWatch, JoinHandle<()>), NetlinkError> {
         let socket = open().map_err(|e| NetlinkError::Socket(Arc::new(e)))?;
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(read_loop(socket, tx));
-        Ok(LinkWatch { rx })
+        let reader = tokio::spawn(read_loop(socket, tx));
+        Ok((LinkWatch { rx }, reader))
     }
 
     /// The table now (`None` until the first dump has ended).
@@ -963,7 +963,7 @@ mod tests {
     /// Against the kernel: the loopback interface is listed, up, with its index.
     #[tokio::test]
     async fn the_kernel_lists_the_loopback_interface() {
-        let mut w = LinkWatch::spawn().expect("netlink socket");
+        let (mut w, _reader) = LinkWatch::spawn().expect("netlink socket");
         let table = match w.now() {
             Some(t) => t,
             None => tokio::time::timeout(Duration::from_secs(5), w.changed())

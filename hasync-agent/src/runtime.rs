@@ -40,6 +40,7 @@ use crate::{
         removals::RecentRemovals,
         wire::LinkKind,
     },
+    tasks::Tasks,
     traffic_log::TrafficLog,
 };
 
@@ -164,7 +165,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     } = started;
     // One interface watcher (a netlink socket and its reader) for the sync links, the link
     // groups, the stacked devices and the forwarding ports.
-    let links = LinkWatch::spawn();
+    let (links, reader) = match LinkWatch::spawn() {
+        Ok((watch, reader)) => (Ok(watch), Some(reader)),
+        Err(e) => (Err(e), None),
+    };
     let (member, mut tasks) = start_member(
         config,
         psk,
@@ -174,11 +178,15 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         pingers,
         suspended,
     )?;
+    if let Some(reader) = reader {
+        tasks.add("interface watcher", reader);
+    }
     match &links {
         Ok(watch) => {
             let zones = plan.zone_interfaces();
             let dp = member.dp.clone();
-            tasks.push(crate::stacked::spawn(dp, zones, watch.clone(), stacked));
+            let task = crate::stacked::spawn(dp, zones, watch.clone(), stacked);
+            tasks.add("stacked devices", task);
         }
         Err(e) => {
             warn!(error = %e, "no interface notifications: devices stacked on zone interfaces keep the zones they had at start")
@@ -193,13 +201,17 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         ));
     }
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
-    tasks.extend(crate::http::start(&member.config, control_tx.clone()).await);
-    tasks.push(serve_control(&member.config, control_tx, access).await?);
+    if let Some(http) = crate::http::start(&member.config, control_tx.clone()).await {
+        tasks.add("metrics and dashboard server", http);
+    }
+    let control = serve_control(&member.config, control_tx, access).await?;
+    tasks.add("control socket", control);
     announce_ready(&member, plan.interfaces.len(), restarted);
     let inputs = Inputs {
         signals: &mut signals,
         events: &mut events,
         control: &mut control_rx,
+        tasks: &mut tasks,
     };
     let result = main_loop(&member, restarted, inputs, &mut log).await;
     shut_down(tasks, &member, result)
@@ -276,9 +288,12 @@ struct Inputs<'a> {
     signals: &'a mut Signals,
     events: &'a mut EventStream,
     control: &'a mut tokio::sync::mpsc::Receiver<ControlRequest>,
+    /// The long-lived tasks: the first to end ends the main loop, with an error.
+    tasks: &'a mut Tasks,
 }
 
-/// Serves the datapath's events, the timers and the control requests until a signal comes.
+/// Serves the datapath's events, the timers and the control requests until a signal comes,
+/// or one of the long-lived tasks ends ([`crate::tasks`]: then with an error).
 async fn main_loop(
     member: &Member,
     restarted: bool,
@@ -289,6 +304,7 @@ async fn main_loop(
         signals,
         events,
         control,
+        tasks,
     } = inputs;
     let mut main = MainLoop::new(member, restarted);
     loop {
@@ -303,6 +319,10 @@ async fn main_loop(
                 }
                 Signalled::Reopen => reopen_traffic_log(log),
             },
+            ended = tasks.ended() => {
+                main.flap_mark.sync_now(&member.membership, &member.config.local.state_dir);
+                return Err(ended.into());
+            }
             batch = events.next_batch() => main.on_events(member, &batch, log),
             _ = main.sweep_tick.tick() => main.on_sweep(member, log),
             _ = main.membership_tick.tick() => main.on_membership(member),
@@ -315,14 +335,8 @@ async fn main_loop(
 
 /// Stops `tasks`, tells systemd, and leaves the datapath (pinned, or detached); the main
 /// loop's `result` first, then any failure to leave.
-fn shut_down(
-    tasks: Vec<JoinHandle<()>>,
-    member: &Member,
-    result: anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    for t in tasks {
-        t.abort();
-    }
+fn shut_down(tasks: Tasks, member: &Member, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    tasks.abort_all();
     crate::service::notify::stopping();
     let detached = leave_datapath(member);
     result?;
@@ -357,11 +371,12 @@ fn start_member(
     links: Result<LinkWatch, NetlinkError>,
     pingers: crate::monitor::Pingers,
     suspended: Option<suspend_mark::MarkKind>,
-) -> anyhow::Result<(Arc<Member>, Vec<JoinHandle<()>>)> {
+) -> anyhow::Result<(Arc<Member>, Tasks)> {
     let sync_cfg = sync_config(&config, psk, !restarted)?;
     let member = new_member(config, sync_cfg, dp, suspended)?;
-    let mut tasks = member.engine.start(links.clone());
-    tasks.push(StallWatch::spawn(member.stall.clone()));
+    let mut tasks = Tasks::default();
+    tasks.extend(member.engine.start(links.clone()));
+    tasks.add("stall watch", StallWatch::spawn(member.stall.clone()));
     tasks.extend(crate::monitor::spawn(
         &member.config,
         member.dp.clone(),

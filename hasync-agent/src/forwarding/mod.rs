@@ -273,15 +273,12 @@ pub fn spawn(
     dp: Arc<Mutex<Datapath>>,
     prepared: Prepared,
     links: Option<LinkWatch>,
-) -> Vec<JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(keep_ports(
-        Arc::new(config.clone()),
-        dp.clone(),
-        prepared.ports,
-        links,
-    ))];
+) -> Vec<(&'static str, JoinHandle<()>)> {
+    let config = Arc::new(config.clone());
+    let ports = keep_ports(config, dp.clone(), prepared.ports, links);
+    let mut tasks = vec![("forwarding ports", tokio::spawn(ports))];
     if let Some(socket) = prepared.socket {
-        tasks.push(tokio::spawn(follow_fib(socket, dp)));
+        tasks.push(("FIB notifications", tokio::spawn(follow_fib(socket, dp))));
     }
     tasks
 }

@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tracing::warn;
+use tracing::error;
 
 use super::record;
 use crate::{
@@ -86,39 +86,41 @@ fn judge(
     }
 }
 
+/// Not knowing is not "up": with no interface watcher, the groups fail, naming why.
+pub(super) fn fail_unwatched_groups(
+    groups: &[LinkGroup],
+    e: &NetlinkError,
+    membership: &Mutex<Membership>,
+) {
+    for g in groups {
+        let cause = format!("interface state cannot be watched: {e}");
+        record(
+            membership,
+            Condition::LinkGroup(g.name.clone()),
+            Some(cause),
+        );
+    }
+}
+
+/// Judges the groups at every change of the interface table; returns only when the
+/// interface watcher is gone (it panicked), which ends the agent ([`crate::tasks`]): a
+/// verdict kept from then on would be stale.
 pub(super) async fn watch_link_groups(
     groups: Vec<LinkGroup>,
-    links: Result<LinkWatch, NetlinkError>,
+    mut watch: LinkWatch,
     membership: Arc<Mutex<Membership>>,
 ) {
-    let mut watch = match links {
-        Ok(w) => w,
-        Err(e) => {
-            // Not knowing is not "up": the groups fail, naming why.
-            for g in &groups {
-                let cause = format!("interface state cannot be watched: {e}");
-                record(
-                    &membership,
-                    Condition::LinkGroup(g.name.clone()),
-                    Some(cause),
-                );
-            }
-            return;
-        }
-    };
     let mut table = watch.now();
     let mut counts = CarrierCounts::default();
     loop {
         if let Some(t) = &table {
             judge(&groups, t, &mut counts, &membership);
         }
-        table = match watch.changed().await {
-            Some(t) => Some(t),
-            None => {
-                warn!("interface state is no longer watched; link groups keep their last verdict");
-                return;
-            }
+        let Some(next) = watch.changed().await else {
+            error!("interface state is no longer watched: the link groups cannot be judged");
+            return;
         };
+        table = Some(next);
     }
 }
 

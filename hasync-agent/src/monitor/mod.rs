@@ -94,21 +94,24 @@ pub fn spawn(
     links: Result<LinkWatch, NetlinkError>,
     membership: Arc<Mutex<Membership>>,
     Pingers(pingers): Pingers,
-) -> Vec<JoinHandle<()>> {
+) -> Vec<(String, JoinHandle<()>)> {
     let mut tasks = Vec::new();
     let groups = config.monitor.link_groups.clone();
-    if !groups.is_empty() {
-        let m = membership.clone();
-        tasks.push(tokio::spawn(links::watch_link_groups(groups, links, m)));
+    match links {
+        _ if groups.is_empty() => {}
+        Ok(watch) => {
+            let m = membership.clone();
+            let task = tokio::spawn(links::watch_link_groups(groups, watch, m));
+            tasks.push(("link groups".to_owned(), task));
+        }
+        Err(e) => links::fail_unwatched_groups(&groups, &e, &membership),
     }
     for pinger in pingers {
-        tasks.push(tokio::spawn(pinger.run(membership.clone())));
+        let name = format!("path group {}", pinger.group());
+        tasks.push((name, tokio::spawn(pinger.run(membership.clone()))));
     }
-    tasks.push(tokio::spawn(datapath::watch_datapath(
-        config.clone(),
-        dp,
-        membership,
-    )));
+    let checks = datapath::watch_datapath(config.clone(), dp, membership);
+    tasks.push(("datapath checks".to_owned(), tokio::spawn(checks)));
     tasks
 }
 

@@ -67,6 +67,11 @@ impl Pinger {
         })
     }
 
+    /// The group's name.
+    pub(super) fn group(&self) -> &str {
+        &self.group.name
+    }
+
     pub(super) async fn run(self, membership: Arc<Mutex<Membership>>) {
         let Pinger {
             group,

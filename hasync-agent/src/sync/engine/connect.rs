@@ -11,7 +11,7 @@ use std::{
 use crate::sync::stats::Rejection;
 use hasync_common::MemberId;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     link_state_key, lock, Engine, LinkConn, Peer, PeerInner, SessionTable, SyncConfig, BULK_BACKOFF,
@@ -19,7 +19,7 @@ use super::{
 use crate::{
     cluster::{FullSyncIn, LinkState},
     config::{differing_sections, without_zones, AgreedSection},
-    netlink::{Ifaces, LinkWatch, NetlinkError},
+    netlink::{Ifaces, LinkWatch},
     sync::{
         admission::{Admission, Ticket},
         apply::ZoneMap,
@@ -667,26 +667,20 @@ impl<T: SessionTable> Engine<T> {
     /// disappears, its connections are dropped at once (rather than after the keepalive
     /// threshold) and data moves to the other link. Without netlink (the socket could not be
     /// opened, or its reader stopped) the last known state stays: keepalives still tell.
-    pub(super) async fn monitor_links(self, links: Result<LinkWatch, NetlinkError>) {
-        let mut watch = match links {
-            Ok(w) => w,
-            Err(e) => {
-                warn!(error = %e, "cannot watch the sync interfaces' state; sync links are judged by keepalives alone");
-                return;
-            }
-        };
+    /// Follows the sync interfaces' state; returns only when the interface watcher is gone
+    /// (it panicked), which ends the agent ([`crate::tasks`]): a state kept from then on
+    /// would be stale, and a link read down would never be dialled again.
+    pub(super) async fn monitor_links(self, mut watch: LinkWatch) {
         let mut table = watch.now();
         loop {
             if let Some(t) = &table {
                 self.apply_link_table(t);
             }
-            table = match watch.changed().await {
-                Some(t) => Some(t),
-                None => {
-                    warn!("the sync interfaces' state is no longer watched; keeping the last known one");
-                    return;
-                }
+            let Some(next) = watch.changed().await else {
+                error!("the sync interfaces' state is no longer watched");
+                return;
             };
+            table = Some(next);
         }
     }
 

@@ -467,6 +467,14 @@ impl<T: SessionTable> Engine<T> {
         if self.inner.reannouncing.swap(true, Relaxed) {
             return Ok(false);
         }
+        /// Ends the walk's mark, also when the walk panics (else no walk would run again).
+        struct Walking<'a>(&'a AtomicBool);
+        impl Drop for Walking<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Relaxed);
+            }
+        }
+        let walking = Walking(&self.inner.reannouncing);
         let local = self.inner.cfg.local;
         let mut owned = Vec::new();
         let walked = reader.chunked(DEFAULT_CHUNK, |keys, values| {
@@ -479,7 +487,7 @@ impl<T: SessionTable> Engine<T> {
             );
             self.enqueue(&owned);
         });
-        self.inner.reannouncing.store(false, Relaxed);
+        drop(walking);
         self.flush();
         walked.map(|_| true)
     }
@@ -535,32 +543,51 @@ impl<T: SessionTable> Engine<T> {
 
     /// Starts listeners, dialers, senders, keepalives and the link monitor, which follows
     /// the local sync interfaces in `links` (the agent's one interface watcher).
-    pub fn start(&self, links: Result<LinkWatch, NetlinkError>) -> Vec<JoinHandle<()>> {
+    pub fn start(&self, links: Result<LinkWatch, NetlinkError>) -> Vec<(String, JoinHandle<()>)> {
         let mut tasks = Vec::new();
         for (&link, (addr, _)) in &self.inner.cfg.local_links {
             let e = self.clone();
             let addr = std::net::SocketAddr::new(*addr, self.inner.cfg.port);
-            tasks.push(tokio::spawn(async move { e.listen(link, addr).await }));
+            let name = format!("sync listener on {}", link.name());
+            tasks.push((
+                name,
+                tokio::spawn(async move { e.listen(link, addr).await }),
+            ));
         }
         for peer in self.inner.peers.values() {
             if !peer.cfg.enabled {
                 continue;
             }
+            let id = peer.cfg.id.0;
             if self.inner.cfg.local < peer.cfg.id {
                 for &link in self.inner.cfg.local_links.keys() {
                     if peer.cfg.addrs.contains_key(&link) {
                         let (e, p) = (self.clone(), peer.clone());
-                        tasks.push(tokio::spawn(async move { e.dial(p, link).await }));
+                        let name = format!("dialler to member {id} on {}", link.name());
+                        tasks.push((name, tokio::spawn(async move { e.dial(p, link).await })));
                     }
                 }
             }
             let (e, p) = (self.clone(), peer.clone());
-            tasks.push(tokio::spawn(async move { e.send_loop(p).await }));
+            let name = format!("sender to member {id}");
+            tasks.push((name, tokio::spawn(async move { e.send_loop(p).await })));
             let (e, p) = (self.clone(), peer.clone());
-            tasks.push(tokio::spawn(async move { e.keepalive_loop(p).await }));
+            let name = format!("keepalives to member {id}");
+            tasks.push((name, tokio::spawn(async move { e.keepalive_loop(p).await })));
         }
-        let e = self.clone();
-        tasks.push(tokio::spawn(async move { e.monitor_links(links).await }));
+        match links {
+            Ok(watch) => {
+                let e = self.clone();
+                let name = "sync interfaces' state".to_owned();
+                tasks.push((
+                    name,
+                    tokio::spawn(async move { e.monitor_links(watch).await }),
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot watch the sync interfaces' state; sync links are judged by keepalives alone");
+            }
+        }
         tasks
     }
 
