@@ -494,9 +494,12 @@ async fn serve_control(
 }
 
 /// Logs that the member runs and tells systemd it is ready (Type=notify): attached, maps
-/// filled, control socket up. After a restart, every owned session is announced once: the
-/// ring buffer may have filled while no agent read it, and the pinned loss counter cannot
-/// tell those losses from older ones (peers coalesce what they already have).
+/// filled, control socket up. After a restart on a kept table, every peer is owed a full sync
+/// of this member's sessions: the agent that stopped lost what it had queued, removals among
+/// them, and the ring buffer may have filled while no agent read it (the pinned loss counter
+/// cannot tell those losses from older ones). Only a full sync from a table kept (not fresh)
+/// makes the peer remove the replicas this member no longer holds, and a peer that did not
+/// see the agent gone (back within its keepalive threshold) asks for none.
 fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
     let (local, cluster) = (member.config.local_member(), member.config.cluster.id);
     info!(
@@ -515,7 +518,7 @@ fn announce_ready(member: &Member, interfaces: usize, restarted: bool) {
         local.0
     ));
     if restarted {
-        reannounce(member);
+        member.engine.request_bulk_all();
     }
 }
 

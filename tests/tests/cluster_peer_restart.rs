@@ -9,12 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use hasync_agent::lab::{
     cluster::AgentState,
     topology::SERVER_V4,
     traffic::{tcp_client, tcp_echo_server, udp_echo_server, Bounds, TcpClientOptions},
     ClusterOptions, Signal,
 };
+use hasync_common::{flow::IPPROTO_UDP, FlowKey, Session};
 use hasync_tests::cluster::{udp_flows, Cluster, Table};
 
 const TCP_PORT: u16 = 7300;
@@ -161,4 +163,79 @@ fn killed_peer_converges(tag: &str, owner_restarts: bool) {
         .unwrap_or_else(|| c.fail(&format!("TCP stalled: {:?}", tcp2.progress())));
     let p = tcp2.stop();
     assert!(p.fatal.is_none(), "the second TCP connection broke: {p:?}");
+}
+
+/// The owner's agent restarts faster than the keepalive threshold (an upgrade, a watchdog's
+/// restart, a crash and `RestartSec=2s`): its peer never sees it gone, so nothing on the
+/// peer's side asks for a full sync, yet the agent that stopped lost what it had queued,
+/// removals among them. Here a removal is lost for certain: one of fw1's sessions is deleted
+/// from its pinned table while its agent is stopped. Once fw1's agent is back, fw2 must drop
+/// its replica too (before, it kept it until its idle timeout, here 600 s).
+#[test]
+fn an_owner_restarted_within_the_keepalive_threshold_reconciles_its_peer() {
+    let threshold = Duration::from_secs(30);
+    let c = Cluster::start(
+        "crst3-",
+        2,
+        ClusterOptions {
+            timeouts: [("udp-replied".to_owned(), 600), ("udp-new".to_owned(), 600)].into(),
+            keepalive_threshold_ms: Some(threshold.as_millis() as u64),
+            ..ClusterOptions::default()
+        },
+    );
+    let topo = c.topology();
+    for k in [1, 2] {
+        c.wait_active(k, Duration::from_secs(20));
+    }
+    let udp_addr: SocketAddr = (SERVER_V4, UDP_PORT).into();
+    let bounds = Bounds::new(2_000, Duration::from_secs(60));
+    let _udp_server = udp_echo_server(topo.server(), udp_addr, bounds).expect("UDP echo server");
+    let flows: BTreeSet<u16> = udp_flows(topo.client(), udp_addr, FLOWS_PER_BATCH)
+        .unwrap_or_else(|e| c.fail(&e))
+        .into_iter()
+        .collect();
+    c.wait_same_tables(&[1, 2], CONVERGE, |t| {
+        (udp_ports(t) == flows)
+            .then_some(())
+            .ok_or("the flows on both".into())
+    });
+
+    let stopped = Instant::now();
+    c.stop_agent(1, Duration::from_secs(5))
+        .unwrap_or_else(|e| c.fail(&format!("stopping fw1: {e}")));
+    let victim = *flows.first().expect("a flow");
+    delete_pinned_udp(&c, 1, victim);
+    c.start_member(1);
+    let back = stopped.elapsed();
+    assert!(
+        back < threshold / 2,
+        "fw1's agent took {back:?} to come back: fw2 may have seen it gone, which is not \
+         what this test is about"
+    );
+    let rest: BTreeSet<u16> = flows.iter().copied().filter(|&p| p != victim).collect();
+    c.wait_same_tables(&[1, 2], CONVERGE, |t| {
+        (udp_ports(t) == rest)
+            .then_some(())
+            .ok_or(format!("every flow but port {victim}"))
+    });
+    eprintln!("fw1 back after {:.1} s; fw2 reconciled", back.as_secs_f64());
+}
+
+/// Deletes the UDP session of client port `sport` from member `k`'s pinned table (its agent
+/// stopped), as a removal lost with the agent's queue would leave it.
+fn delete_pinned_udp(c: &Cluster, k: u8, sport: u16) {
+    let path = c.lab().pin_dir(k).join("maps/SESSIONS");
+    let map = MapData::from_pin(&path).unwrap_or_else(|e| c.fail(&format!("{path:?}: {e}")));
+    let mut map: BpfHashMap<_, FlowKey, Session> =
+        BpfHashMap::try_from(Map::LruHashMap(map)).expect("SESSIONS is FlowKey → Session");
+    let key = map
+        .keys()
+        .filter_map(Result::ok)
+        .find(|key| {
+            let ports = [u16::from_be(key.port_lo), u16::from_be(key.port_hi)];
+            key.proto == IPPROTO_UDP && ports.contains(&sport) && ports.contains(&UDP_PORT)
+        })
+        .unwrap_or_else(|| c.fail(&format!("fw{k} holds no session of port {sport}")));
+    map.remove(&key)
+        .unwrap_or_else(|e| c.fail(&format!("deleting port {sport}'s session: {e}")));
 }
