@@ -462,9 +462,13 @@ impl<T: SessionTable> Engine<T> {
             return Admit::Refuse(Rejection::DuplicateLink);
         }
         let boot_id = hello.boot_id;
+        // Only beside a connection on the other link, whose frames the hello's zones would
+        // translate: with none, a hello that differs replaces the first (a key holder's
+        // connection from the peer's address, gone, does not lock the peer's boot out).
+        let beside = g.links.keys().any(|&l| l != link);
         if g.hello
             .as_ref()
-            .is_some_and(|first| first.boot_id == boot_id && !hello.repeats(first))
+            .is_some_and(|first| beside && first.boot_id == boot_id && !hello.repeats(first))
         {
             return Admit::Refuse(Rejection::Malformed);
         }
@@ -665,11 +669,10 @@ impl<T: SessionTable> Engine<T> {
 
     /// Watches the local sync interfaces (netlink notifications): when one goes down or
     /// disappears, its connections are dropped at once (rather than after the keepalive
-    /// threshold) and data moves to the other link. Without netlink (the socket could not be
-    /// opened, or its reader stopped) the last known state stays: keepalives still tell.
-    /// Follows the sync interfaces' state; returns only when the interface watcher is gone
-    /// (it panicked), which ends the agent ([`crate::tasks`]): a state kept from then on
-    /// would be stale, and a link read down would never be dialled again.
+    /// threshold) and data moves to the other link. Without netlink at start (the socket could
+    /// not be opened) it is not started: keepalives still tell. Returns only when the
+    /// interface watcher is gone (it panicked), which ends the agent ([`crate::tasks`]): a
+    /// state kept from then on would be stale, and a link read down never dialled again.
     pub(super) async fn monitor_links(self, mut watch: LinkWatch) {
         let mut table = watch.now();
         loop {
@@ -1000,6 +1003,35 @@ mod tests {
         let (third, _sent) = super::super::tests::placeholder_conn(3);
         let registered = e.register(&p, LinkKind::Ha4Backup, same, third, now);
         assert_eq!(registered, Admit::Attach);
+    }
+
+    /// A connection whose hello differed from the boot's first, once gone, binds no later one:
+    /// a key holder that connected once from the peer's address (spoofed), as the peer's
+    /// current boot with other zones, locked that boot out on every link until one of the two
+    /// restarted.
+    #[tokio::test]
+    async fn a_hello_of_a_connection_gone_binds_no_later_one() {
+        let e = super::super::tests::engine_of(FakeTable::default(), 2);
+        let p = e.inner.peers[&MemberId(2)].clone();
+        let now = Instant::now();
+        let mut forged = hello_of_2(&e, LinkKind::Ha4, 1);
+        forged.zones.push("dmz".into());
+        let (conn, _sent) = super::super::tests::placeholder_conn(1);
+        assert_eq!(
+            e.register(&p, LinkKind::Ha4, forged, conn, now),
+            Admit::Attach
+        );
+        e.detach(&p, LinkKind::Ha4, None, "test");
+        for (link, generation) in [(LinkKind::Ha4, 2), (LinkKind::Ha4Backup, 3)] {
+            let real = hello_of_2(&e, link, 1);
+            let (conn, _sent) = super::super::tests::placeholder_conn(generation);
+            assert_eq!(
+                e.register(&p, link, real.clone(), conn, now),
+                Admit::Attach,
+                "{link:?}"
+            );
+            assert_eq!(p.lock().hello.as_ref().map(|h| &h.zones), Some(&real.zones));
+        }
     }
 
     /// Two connections admitted at once (both checked before either registered) do not both
