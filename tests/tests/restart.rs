@@ -400,7 +400,7 @@ fn effective_caps(pid: u32) -> Vec<u32> {
 #[test]
 fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let caps = unit_capabilities();
-    assert_eq!(caps, ["bpf", "net_admin", "perfmon", "net_raw"]);
+    assert_eq!(caps, ["bpf", "net_admin", "perfmon", "net_raw", "chown"]);
     let prefix = test_prefix("cap-").expect("prefix");
     // fw2 joins at the end, to sync with fw1 under the same restrictions.
     let topo = Topology::create(&prefix, 2).expect("create the lab");
@@ -417,8 +417,11 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     )
     .expect("write wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    // fw1 pings the server (a path group): that is what needs CAP_NET_RAW.
+    // fw1 pings the server (a path group): that is what needs CAP_NET_RAW; and gives its
+    // control socket to a group (`control_group`): CAP_CHOWN (root without it, and in no
+    // group but its own, may not give a file to another group).
     let pings = MemberOverride {
+        control_group: Some("nogroup".into()),
         monitor: Some(Monitor {
             path_groups: vec![PathGroup {
                 name: "server".into(),
@@ -450,8 +453,8 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let pid = run_with(&all);
     lab.wait_ready(1, READY)
         .unwrap_or_else(|e| fail(&lab, &format!("with {caps:?}: {e}")));
-    // CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_PERFMON 38, CAP_BPF 39.
-    assert_eq!(effective_caps(pid), [12, 13, 38, 39]);
+    // CAP_CHOWN 0, CAP_NET_ADMIN 12, CAP_NET_RAW 13, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(effective_caps(pid), [0, 12, 13, 38, 39]);
     assert!(xdp_on(&lab, 1, Link::In) && lab.pin_dir(1).join("maps/SESSIONS").exists());
     lab.stop_agent(1, Duration::from_secs(10)).expect("stop");
 

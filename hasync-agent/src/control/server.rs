@@ -117,7 +117,7 @@ pub enum ServerError {
         source: io::Error,
     },
     #[error(
-        "cannot give the control socket {path} to group {gid} (local.control_group): {source}"
+        "cannot give the control socket {path} to group {gid} (local.control_group; the agent needs CAP_CHOWN for it): {source}"
     )]
     Chown {
         path: PathBuf,

@@ -52,6 +52,8 @@ pub struct MemberOverride {
     pub monitor: Option<crate::config::Monitor>,
     /// Its `[local] max_flaps`.
     pub max_flaps: Option<u32>,
+    /// Its `[local] control_group`.
+    pub control_group: Option<String>,
 }
 
 /// How a lab cluster's configs are written. `None` leaves a setting at hasync's default.
@@ -250,7 +252,7 @@ pub fn config_text(dir: &Path, members: u8, k: u8, options: &ClusterOptions) -> 
         dir.display()
     ));
     write_cluster(&mut t, dir, k, options, over.cluster_id);
-    write_local(&mut t, dir, k, options, over.max_flaps);
+    write_local(&mut t, dir, k, options, &over);
     write_sync_links(&mut t, k, options);
     write_zones(&mut t, over.zones);
     if options.vwire {
@@ -307,13 +309,13 @@ fn write_cluster(
 }
 
 /// `[local]` of member `k`: its files in `dir`, the datapath settings of the options, and its
-/// own `max_flaps`.
+/// own `max_flaps` and `control_group`.
 fn write_local(
     t: &mut TomlText,
     dir: &Path,
     k: u8,
     options: &ClusterOptions,
-    max_flaps: Option<u32>,
+    over: &MemberOverride,
 ) {
     t.table("[local]");
     t.line(format!("member = {k}"));
@@ -347,8 +349,11 @@ fn write_local(
     if let Some(n) = options.embryonic_capacity {
         t.line(format!("embryonic_capacity = {n}"));
     }
-    if let Some(n) = max_flaps {
+    if let Some(n) = over.max_flaps {
         t.line(format!("max_flaps = {n}"));
+    }
+    if let Some(group) = &over.control_group {
+        t.line(format!("control_group = {}", quote(group)));
     }
 }
 
@@ -873,6 +878,7 @@ mod tests {
                     ]),
                     monitor: Some(lab_monitor()),
                     max_flaps: Some(3),
+                    control_group: Some("nogroup".into()),
                 },
             )]
             .into(),
@@ -890,6 +896,13 @@ mod tests {
         assert_eq!(c1.local.session_capacity, 1024);
         assert_eq!(c1.local.policy, PolicyName::Loose);
         assert_eq!((c1.local.max_flaps, c2.local.max_flaps), (0, 3));
+        assert_eq!(
+            (
+                c1.local.control_group.as_deref(),
+                c2.local.control_group.as_deref()
+            ),
+            (None, Some("nogroup"))
+        );
         assert_eq!(c1.timeouts.get("established"), Some(&30));
         assert!(c1.ha4_backup.is_none());
         assert!(c1.members.iter().all(|m| m.ha4_backup.is_none()));

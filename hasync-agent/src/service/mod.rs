@@ -123,11 +123,14 @@ const UNIT_PRIVILEGES: &str = r#"# Root (the pins live in root-owned /sys/fs/bpf
 #   also has it ("pointer arithmetic with it prohibited for !root", EACCES).
 # - CAP_NET_RAW: the raw ICMP / ICMPv6 sockets that ping [[monitor.path_groups]] targets (with
 #   path groups and without it, the agent refuses to start, naming it).
+# - CAP_CHOWN: gives the control socket to [local] control_group (root without it, in no
+#   group but root, may not; with a control group and without it, the agent refuses to
+#   start, naming it). Only the files under the paths writable below can be touched.
 # Not needed: CAP_SYS_ADMIN (systemd mounts bpffs at boot; the agent never mounts it nor looks
 # BPF objects up by id), CAP_NET_BIND_SERVICE (ports > 1024), CAP_SYS_RESOURCE (LimitMEMLOCK
 # below covers old kernels), CAP_DAC_OVERRIDE (it owns its files as root).
-CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW
-AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW
+CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW CAP_CHOWN
+AmbientCapabilities=CAP_BPF CAP_NET_ADMIN CAP_PERFMON CAP_NET_RAW CAP_CHOWN
 NoNewPrivileges=yes
 # Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
 LimitMEMLOCK=infinity

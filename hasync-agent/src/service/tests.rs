@@ -212,7 +212,13 @@ fn systemd_analyze_verify_passes_on_the_unit() {
 #[test]
 fn the_unit_grants_only_the_capabilities_it_explains() {
     let unit = unit_text(Path::new("/usr/local/sbin/hasync"), Path::new(DEFAULT_PATH));
-    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_NET_RAW"];
+    let caps = [
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_PERFMON",
+        "CAP_NET_RAW",
+        "CAP_CHOWN",
+    ];
     for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
         let line = unit
             .lines()
