@@ -1034,7 +1034,22 @@ fn check_own_address(
     }
 }
 
+/// A key file path that is not absolute, named: it would be read from wherever the agent
+/// runs (systemd runs it from `/`), not beside the config.
+pub fn relative_key_file(path: &Path) -> Option<String> {
+    (!path.is_absolute()).then(|| {
+        format!(
+            "cluster.key_file = \"{}\" must be an absolute path (the service runs from /)",
+            path.display()
+        )
+    })
+}
+
 fn check_key_file(p: &mut Vec<String>, path: &Path) {
+    if let Some(problem) = relative_key_file(path) {
+        p.push(problem);
+        return;
+    }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {

@@ -477,6 +477,30 @@ fn short_or_exposed_key_files_are_refused() {
     assert!(e.contains("cannot read it"), "{e}");
 }
 
+/// A relative key file is refused, even one found from where the check runs: the service
+/// runs from `/`, and would not find it.
+#[test]
+fn a_relative_key_file_is_refused() {
+    let key = KeyFile::new("relative", 32, 0o600);
+    let cwd = std::env::current_dir().expect("cwd");
+    let up = "../".repeat(cwd.components().count().saturating_sub(1));
+    let relative = format!(
+        "{up}{}",
+        key.path().display().to_string().trim_start_matches('/')
+    );
+    assert!(
+        Path::new(&relative).is_file(),
+        "{relative} reaches the key from here"
+    );
+    let e = check(&sample(Path::new(&relative))).expect_err("relative key");
+    assert!(
+        e.contains(&format!(
+            "cluster.key_file = \"{relative}\" must be an absolute path"
+        )),
+        "{e}"
+    );
+}
+
 #[test]
 fn more_than_sixteen_members_is_refused() {
     let key = KeyFile::new("many", 32, 0o600);

@@ -575,12 +575,21 @@ impl MemberFiles {
             .map(|m| m.serial.clone())
             .unwrap_or_default();
         let body = toml::to_string(&config).context("rendering the config as TOML")?;
+        // A control character of the spec's name (a newline) would end the comment.
+        let spec: String = spec
+            .display()
+            .to_string()
+            .chars()
+            .flat_map(|c| match c.is_control() {
+                true => c.escape_default().collect::<Vec<_>>(),
+                false => vec![c],
+            })
+            .collect();
         let config_text = format!(
             "# hasync configuration of member {me} ({serial}), cluster {}.\n\
-             # Written by `hasync provision` from {}: change the spec and provision again rather\n\
+             # Written by `hasync provision` from {spec}: change the spec and provision again rather\n\
              # than editing one member (`hasync config diff` shows what members disagree on).\n\n{body}",
             config.cluster.id,
-            spec.display()
         );
         Ok(MemberFiles {
             serial,
@@ -698,7 +707,12 @@ fn member_files(
     key: &Path,
 ) -> anyhow::Result<Vec<MemberFiles>> {
     let mut files = Vec::new();
-    let mut problems = Vec::new();
+    // The key is checked where it is written, not where the members will read it (the same
+    // `[cluster]` for all): only that its path can be read from anywhere.
+    let mut problems: Vec<String> = (configs.first())
+        .and_then(|c| config::relative_key_file(&c.cluster.key_file))
+        .into_iter()
+        .collect();
     for config in configs {
         let mut check = config.clone();
         check.cluster.key_file = key.to_owned();

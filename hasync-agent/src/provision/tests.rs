@@ -197,6 +197,11 @@ fn spec_problems_are_all_reported_naming_the_member() {
             "session_capacity = 4194304\nmember = 1",
             "members[2].local.member = 1 (serial \"FW-C\"): each member's id is its [[members]] id",
         ),
+        (
+            "key_file = \"",
+            "key_file = \"relative/",
+            "/out/cluster.key\" must be an absolute path (the service runs from /)",
+        ),
     ] {
         assert!(base.contains(from), "example lacks {from:?}");
         let spec = dir.path().join("bad.toml");
@@ -212,6 +217,28 @@ fn spec_problems_are_all_reported_naming_the_member() {
     // key (before, `out` and a fresh key were made before the configs were validated, and
     // the next run said it "kept the existing cluster key" the operator never had).
     assert!(!out.exists(), "a failed run created {}", out.display());
+}
+
+/// A spec whose name holds a newline provisions configs that load as validated: the name,
+/// in a comment of each, ended the comment, and what followed became part of the config
+/// (here a table that would not parse; a name could as well add settings never validated).
+#[test]
+fn a_spec_named_with_a_newline_provisions_configs_that_load() {
+    let dir = TempDir::new("provision-newline");
+    let out = dir.path().join("out");
+    let spec = dir.path().join("spec\n[monitor]\nbogus = 1\n.toml");
+    std::fs::write(&spec, example_in(&out)).expect("write spec");
+    let done = provision(&spec, &out).expect("provision");
+    for (serial, _) in &done.members {
+        let path = out.join(serial).join("hasync.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{serial}: {e:#}"));
+        assert_eq!(config.fingerprint(), done.fingerprint, "{serial}");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.contains("spec\\n[monitor]\\nbogus = 1\\n.toml"),
+            "{text}"
+        );
+    }
 }
 
 /// A member the spec lists with `enabled = false` (as `hasync.toml` allows) is in every other
