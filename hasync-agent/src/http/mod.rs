@@ -3,12 +3,14 @@
 //! here every [`SAMPLE_EVERY`] while the server runs).
 //!
 //! Read-only and small: GET and HEAD only, request heads of at most [`MAX_HEAD_BYTES`] read
-//! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections, each closed after
-//! [`CONNECTION_LIFETIME`]; over a loopback address, only requests addressed to it
+//! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections (the oldest closed for a
+//! newcomer when all are taken), each closed after [`CONNECTION_LIFETIME`]; over a loopback
+//! address, only requests addressed to it
 //! ([`addressed_here`]). Like the control socket it owns none of the member's state: every
 //! answer is gathered from the runtime through [`Source`].
 
 use std::{
+    collections::VecDeque,
     convert::Infallible,
     io,
     net::SocketAddr,
@@ -25,7 +27,11 @@ use hyper::{
     Method, Request, Response, StatusCode,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, Semaphore},
+    task::JoinHandle,
+};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -75,7 +81,7 @@ async fn sample_loop(backend: Backend) {
     }
 }
 
-/// Connections served at once; more wait in the listen backlog.
+/// Connections served at once; a newcomer beyond them closes the oldest ([`Served`]).
 pub const MAX_CONNECTIONS: usize = 64;
 /// Longest request head (request line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -125,14 +131,8 @@ pub async fn serve(
 async fn accept_loop(listener: TcpListener, backend: Backend) {
     let source = &backend.source;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let served = Arc::new(Mutex::new(Served::default()));
     loop {
-        let permit = tokio::select! {
-            _ = source.closed() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break, // never closed
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = source.closed() => break,
             accepted = listener.accept() => match accepted {
@@ -145,7 +145,21 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 }
             },
         };
-        let backend = backend.clone();
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                lock(&served).close_oldest();
+                tokio::select! {
+                    _ = source.closed() => break,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break, // never closed
+                    },
+                }
+            }
+        };
+        let (id, close) = lock(&served).open();
+        let (backend, served) = (backend.clone(), served.clone());
         // Came in on a loopback address (also through a listener on every address): answered
         // only when addressed to it ([`addressed_here`]).
         let loopback = stream
@@ -156,21 +170,55 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 let backend = backend.clone();
                 async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
             });
-            if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME).await {
+            if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
                 debug!(%peer, %error, "metrics connection ended");
             }
+            lock(&served).ended(id);
             drop(permit);
         });
     }
     debug!("metrics server stopped");
 }
 
-/// Serves one connection for `lifetime`, whatever it does; then an answer under way is still
-/// sent whole (with `connection: close`), within [`HEAD_TIMEOUT`] more.
+/// The connections served, oldest first. When every slot is taken, the oldest is told to
+/// close for a newcomer (an answer under way is sent whole first): clients that hold every
+/// slot, with requests kept within the idle limit, cannot keep scrapes and the dashboard out
+/// (they waited in the listen backlog for a connection's lifetime), and a scrape, whose
+/// connection is the newest, is answered long before it is the oldest.
+#[derive(Debug, Default)]
+struct Served {
+    next: u64,
+    open: VecDeque<(u64, Arc<Notify>)>,
+}
+
+impl Served {
+    /// A new connection: its number and what tells it to close.
+    fn open(&mut self) -> (u64, Arc<Notify>) {
+        let close = Arc::new(Notify::new());
+        self.next += 1;
+        self.open.push_back((self.next, close.clone()));
+        (self.next, close)
+    }
+
+    fn close_oldest(&mut self) {
+        if let Some((_, close)) = self.open.pop_front() {
+            close.notify_one();
+        }
+    }
+
+    fn ended(&mut self, id: u64) {
+        self.open.retain(|(open, _)| *open != id);
+    }
+}
+
+/// Serves one connection for `lifetime`, whatever it does, or until `close` is notified; then
+/// an answer under way is still sent whole (with `connection: close`), within
+/// [`HEAD_TIMEOUT`] more.
 async fn run_connection<S, F>(
     stream: tokio::net::TcpStream,
     service: S,
     lifetime: Duration,
+    close: &Notify,
 ) -> Result<(), hyper::Error>
 where
     S: hyper::service::Service<
@@ -188,8 +236,10 @@ where
         .max_headers(64)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
-    if let Ok(ended) = tokio::time::timeout(lifetime, connection.as_mut()).await {
-        return ended;
+    tokio::select! {
+        ended = connection.as_mut() => return ended,
+        () = tokio::time::sleep(lifetime) => {}
+        () = close.notified() => {}
     }
     connection.as_mut().graceful_shutdown();
     tokio::time::timeout(HEAD_TIMEOUT, connection)

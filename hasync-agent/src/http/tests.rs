@@ -251,10 +251,53 @@ async fn an_answer_under_way_when_the_lifetime_ends_is_sent_whole() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"whole"))))
         });
-        run_connection(stream, slow, Duration::from_millis(100)).await
+        run_connection(stream, slow, Duration::from_millis(100), &Notify::new()).await
     });
     let (status, head, body) = exchange(addr, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await;
     assert_eq!((status, body.as_str()), (200, "whole"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     server.await.expect("server task").expect("served");
+}
+
+/// Clients that hold every connection slot with keep-alive requests (one every second, well
+/// within the idle limit) do not keep a newcomer out: the oldest connection is closed for
+/// it (an answer under way sent whole first). Before, the newcomer waited in the listen
+/// backlog until one of them reached its lifetime (300 s), and one local user could keep
+/// scrapes and the dashboard out for good.
+#[tokio::test]
+async fn clients_holding_every_slot_do_not_keep_a_newcomer_out() {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = serve("127.0.0.1:0".parse().expect("addr"), source)
+        .await
+        .expect("serve");
+    let keep_alive = b"GET /api/cluster HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut holders = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        holders.push(tokio::spawn(async move {
+            // Bounded: 30 requests, one a second, or until the server closes.
+            let mut buf = vec![0; 64 * 1024];
+            for _ in 0..30 {
+                if s.write_all(keep_alive).await.is_err() {
+                    return;
+                }
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        }));
+    }
+    // Every slot taken and in use.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scrape = get("/metrics");
+    let newcomer = tokio::time::timeout(Duration::from_secs(5), exchange(addr, &scrape));
+    let (status, _, body) = newcomer.await.expect("the newcomer answered within 5 s");
+    assert_eq!(status, 200);
+    assert!(body.contains("hasync_"), "{body}");
+    for h in holders {
+        h.abort();
+    }
+    stops_with_the_runtime(tx, runtime, server).await;
 }
