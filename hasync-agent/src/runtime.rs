@@ -240,6 +240,14 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     crate::control::server::check(socket, access)
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
     let suspended = kept_suspend(config)?;
+    let state_dir = &config.local.state_dir;
+    suspend_mark::check_writable(state_dir).with_context(|| {
+        format!(
+            "local.state_dir {} must be writable: `hasync suspend` keeps its mark there (under \
+             the systemd unit, add a state_dir other than /var/lib/hasync to ReadWritePaths)",
+            state_dir.display()
+        )
+    })?;
     Ok(Preflight {
         log,
         pingers,
@@ -1176,6 +1184,17 @@ mod tests {
         assert!(
             said.starts_with("reading the suspend mark: the state directory")
                 && said.contains("writable by group or others"),
+            "{said}"
+        );
+        // One the agent cannot write in (here procfs; under the unit, a path outside its
+        // writable ones) refuses the start too, naming it. Before, it started, and the first
+        // `hasync suspend` could not keep its mark.
+        config.local.state_dir = "/proc/1".into();
+        let e = preflight(&config).err().expect("refused");
+        let said = format!("{e:#}");
+        assert!(
+            said.starts_with("local.state_dir /proc/1 must be writable")
+                && said.contains("ReadWritePaths): writing in /proc/1: "),
             "{said}"
         );
     }

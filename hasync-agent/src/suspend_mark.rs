@@ -48,11 +48,12 @@ const POLICY: Policy = OURS_OR_ROOTS;
 /// Reading, writing or removing the mark failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MarkError {
-    #[error("{what} {path}: {source}")]
+    /// (The error is said in the message, not as a source: a chain would say it twice.)
+    #[error("{what} {path}: {error}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("the state directory {path} {why}")]
     Untrusted { path: PathBuf, why: String },
@@ -100,8 +101,8 @@ fn exists(mark: &Path) -> Result<bool, MarkError> {
     }
 }
 
-/// Writes the mark of `kind` (creating `state_dir`, mode 0700, if it is missing).
-pub fn mark(state_dir: &Path, kind: MarkKind) -> Result<(), MarkError> {
+/// Creates `state_dir` (mode 0700) if it is missing, and checks that it can be trusted.
+fn prepare(state_dir: &Path) -> Result<(), MarkError> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -110,7 +111,35 @@ pub fn mark(state_dir: &Path, kind: MarkKind) -> Result<(), MarkError> {
         .map_err(|e| io_error("creating", state_dir, e))?;
     let meta =
         std::fs::symlink_metadata(state_dir).map_err(|e| io_error("inspecting", state_dir, e))?;
-    check_trusted(state_dir, &meta)?;
+    check_trusted(state_dir, &meta)
+}
+
+/// Checks at start that a mark can be written in `state_dir` (creating it if it is missing):
+/// a directory the agent cannot write (outside the unit's writable paths: read-only under
+/// `ProtectSystem=strict`) started the agent, whose first `hasync suspend` then suspended the
+/// member without keeping the mark, and a restart put it back in service.
+pub fn check_writable(state_dir: &Path) -> Result<(), MarkError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    prepare(state_dir)?;
+    let probe = state_dir.join(format!(".{FILE}.probe"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&probe)
+        .or_else(|e| match e.kind() {
+            // One left by an agent that died between these lines.
+            io::ErrorKind::AlreadyExists => std::fs::OpenOptions::new().write(true).open(&probe),
+            _ => Err(e),
+        })
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| io_error("writing in", state_dir, e))
+}
+
+/// Writes the mark of `kind` (creating `state_dir`, mode 0700, if it is missing).
+pub fn mark(state_dir: &Path, kind: MarkKind) -> Result<(), MarkError> {
+    prepare(state_dir)?;
     let mark = path(state_dir);
     let text = match kind {
         MarkKind::Operator => {
@@ -240,11 +269,11 @@ fn check_trusted(dir: &Path, meta: &std::fs::Metadata) -> Result<(), MarkError> 
     })
 }
 
-fn io_error(what: &'static str, path: &Path, source: io::Error) -> MarkError {
+fn io_error(what: &'static str, path: &Path, error: io::Error) -> MarkError {
     MarkError::Io {
         what,
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -272,6 +301,25 @@ mod tests {
         // Anything else there (an older release's mark, a hand-made one) is the operator's.
         std::fs::create_dir(path(&dir)).expect("a directory at the mark's path");
         assert_eq!(read(&dir).expect("read"), Some(MarkKind::Operator));
+    }
+
+    /// A state directory the agent cannot write in is found at start, naming it (before, the
+    /// start only read it, and the first `hasync suspend` could not keep its mark); one that
+    /// is missing is made.
+    #[test]
+    fn a_state_directory_that_cannot_be_written_is_found_at_start() {
+        let tmp = TempDir::new("suspend-writable");
+        let dir = tmp.path().join("state");
+        check_writable(&dir).expect("made and writable");
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("list").count(),
+            0,
+            "probe left"
+        );
+        // procfs: a root-owned directory no one may create files in, root included.
+        let e = check_writable(Path::new("/proc/1")).expect_err("not writable");
+        assert!(e.to_string().starts_with("writing in /proc/1: "), "{e}");
     }
 
     /// A state directory others may write to is refused, naming it: its mark decides whether

@@ -39,7 +39,7 @@ pub enum ChannelError {
     #[error("handshake failed: the peer does not hold the cluster key ({0})")]
     BadKey(snow::Error),
     /// The responder hung up on our first handshake message: it could not authenticate it.
-    #[error("handshake failed: the peer closed the connection on our first message (it holds another cluster key, or does not take connections from this address: check the members' addresses)")]
+    #[error("handshake failed: the peer closed the connection on our first message (it holds another cluster key, or does not take connections from this address: check the members' addresses; or its listener let a newer connection from this address take this one's place: a flood of connections in this address's name)")]
     HandshakeRefused,
     #[error("noise: {0}")]
     Noise(snow::Error),
