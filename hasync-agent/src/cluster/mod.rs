@@ -141,6 +141,9 @@ pub struct Peer {
     /// Its last authenticated hello on a sync link.
     pub last_hello: Option<Instant>,
     pub links: BTreeMap<LinkKind, LinkState>,
+    /// Per link, the connection (its generation) whose word [`Membership::connection_link`]
+    /// took last, and whether that was its end.
+    link_word: BTreeMap<LinkKind, (u64, bool)>,
     pub sessions_owned: u32,
     pub flaps: u32,
     pub last_change: Option<Instant>,
@@ -280,6 +283,7 @@ impl Membership {
                         last_heard: None,
                         last_hello: None,
                         links: BTreeMap::new(),
+                        link_word: BTreeMap::new(),
                         sessions_owned: 0,
                         flaps: 0,
                         last_change: None,
@@ -382,6 +386,26 @@ impl Membership {
         if let Some(p) = self.peers.get_mut(&id) {
             p.links.insert(link, state);
         }
+    }
+
+    /// Connection `generation` of peer `id` on `link` is up (attached) or down (detached).
+    /// Its word counts unless a newer connection's was taken, and its end is final: an attach
+    /// and a detach of one connection race (its writer may fail before the attach says "up"),
+    /// and a late "up" showed a link up with no connection until the next change.
+    pub fn connection_link(&mut self, id: MemberId, link: LinkKind, generation: u64, up: bool) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let stale = p
+            .link_word
+            .get(&link)
+            .is_some_and(|&(last, ended)| generation < last || (generation == last && ended));
+        if stale {
+            return;
+        }
+        p.link_word.insert(link, (generation, !up));
+        let state = if up { LinkState::Up } else { LinkState::Down };
+        p.links.insert(link, state);
     }
 
     /// A peer started full sync `bulk` to us.

@@ -17,7 +17,7 @@ use super::{
     link_state_key, lock, Engine, LinkConn, Peer, PeerInner, SessionTable, SyncConfig, BULK_BACKOFF,
 };
 use crate::{
-    cluster::{FullSyncIn, LinkState},
+    cluster::FullSyncIn,
     config::{differing_sections, without_zones, AgreedSection},
     netlink::{Ifaces, LinkWatch},
     sync::{
@@ -602,7 +602,7 @@ impl<T: SessionTable> Engine<T> {
         }
         lock(&self.inner.membership).greeted(peer.cfg.id, now);
         let _ = registered.send(());
-        lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Up);
+        lock(&self.inner.membership).connection_link(peer.cfg.id, link, generation, true);
         self.log_limited(link_state_key(&peer, link), |skipped| {
             info!(
                 peer = peer.cfg.id.0,

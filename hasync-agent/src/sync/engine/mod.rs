@@ -753,7 +753,7 @@ impl<T: SessionTable> Engine<T> {
             if why == "stalled" || why == ACKS_MISSED {
                 LinkStats::add(&stats.stalls, 1);
             }
-            lock(&self.inner.membership).set_link(peer.cfg.id, link, LinkState::Down);
+            lock(&self.inner.membership).connection_link(peer.cfg.id, link, c.generation, false);
             self.log_limited(link_state_key(peer, link), |skipped| {
                 warn!(
                     peer = peer.cfg.id.0,
