@@ -1,6 +1,7 @@
 //! Whether a directory another user could have filled may be trusted: the owner, mode and
-//! symbolic-link checks that the pin directory, provisioning's output, the state directory
-//! (and the directories above those two) and the lab's directory share. Each caller words its
+//! symbolic-link checks that the pin directory, provisioning's output, the state directory,
+//! the control socket's directory (and the directories above those three) and the lab's
+//! directory share. Each caller words its
 //! own refusal from the [`Risk`] found.
 
 use std::{
@@ -81,6 +82,18 @@ pub enum Risk {
     OwnedBy(u32),
     /// Others have the policy's closed bits on it (the mode, `0o7777` bits).
     Open(u32),
+}
+
+/// The risk said plainly, after "it is" (callers that have more to say word their own).
+impl std::fmt::Display for Risk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Risk::Symlink => f.write_str("a symbolic link"),
+            Risk::NotDir => f.write_str("not a directory"),
+            Risk::OwnedBy(uid) => write!(f, "owned by uid {uid}"),
+            Risk::Open(mode) => write!(f, "writable by group or others (mode {mode:04o})"),
+        }
+    }
 }
 
 /// The risk of trusting the directory whose own metadata (`symlink_metadata`, not its

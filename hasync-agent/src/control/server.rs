@@ -7,8 +7,9 @@
 //! (`suspend`, `functional`) is refused, naming the rule, and never reaches the runtime.
 
 use std::{
+    fs::Permissions,
     io,
-    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _},
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -26,6 +27,7 @@ use super::{
     protocol::{Request, Response, MAX_REQUEST_LINE},
     ControlSender,
 };
+use crate::dir_trust::{dir_risk, risk_above, Risk, ABOVE};
 
 /// Mode of the socket file: root and the socket's group may use it.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -66,6 +68,23 @@ pub enum ServerError {
     NoParent { path: PathBuf },
     #[error("cannot create the control socket directory {dir}: {source}")]
     CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the control socket's directory {dir} is not safe: {at} is {risk}, and whoever may \
+         write there could put a listener of their own in the socket's place (answering \
+         `hasync suspend` for the agent); keep the socket in a directory only root writes, as \
+         /run/hasync"
+    )]
+    UnsafeDir {
+        dir: PathBuf,
+        at: PathBuf,
+        risk: Risk,
+    },
+    #[error("cannot check the control socket directory {dir}: {source}")]
+    CheckDir {
         dir: PathBuf,
         #[source]
         source: io::Error,
@@ -278,15 +297,19 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
             path: path.to_owned(),
         })?;
     if !dir.is_dir() {
+        // The mode set after, not only asked for: the umask (0077 under the unit) would keep
+        // the socket's group from reaching it.
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
             .create(dir)
+            .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(DIR_MODE)))
             .map_err(|source| ServerError::CreateDir {
                 dir: dir.to_owned(),
                 source,
             })?;
     }
+    check_dir(dir)?;
     remove_if_stale(path)?;
     let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
         path: path.to_owned(),
@@ -306,6 +329,29 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
         source,
     })?;
     Ok(listener)
+}
+
+/// The socket's directory and those above it: each root's or this user's, and no one else
+/// may write to it unless it is sticky (`/tmp`: there no one else may remove or rename the
+/// socket, nor bind one at its path while it is there).
+fn check_dir(dir: &Path) -> Result<(), ServerError> {
+    let checking = |dir: &Path| {
+        let dir = dir.to_owned();
+        move |source| ServerError::CheckDir { dir, source }
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(checking(dir))?;
+    let risk = match dir_risk(&meta, ABOVE) {
+        Some(risk) => Some((dir.to_owned(), risk)),
+        None => risk_above(dir).map_err(|(at, source)| checking(&at)(source))?,
+    };
+    match risk {
+        Some((at, risk)) => Err(ServerError::UnsafeDir {
+            dir: dir.to_owned(),
+            at,
+            risk,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Gives `path` itself (never a symlink there) to group `gid`.
@@ -985,6 +1031,69 @@ mod tests {
         chmod_here(&file, SOCKET_MODE).expect("a file of its own");
         let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o7777;
         assert_eq!(mode, SOCKET_MODE);
+    }
+
+    /// The socket's directory must be one no one else may write to (root's or ours; sticky
+    /// may be open): in another's, its writer could put a listener of their own in the
+    /// socket's place and answer `hasync suspend` for the agent. Before, any existing
+    /// directory was taken. One the server makes gets its mode whatever the umask: under the
+    /// unit's 0077 it was 0700, and the socket's group could not reach the socket.
+    #[tokio::test]
+    async fn the_sockets_directory_is_checked_and_one_made_gets_its_mode() {
+        let tmp = TempDir::new("control-dir");
+        let (tx, _runtime) = fake_runtime();
+        let theirs = tmp.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).expect("chown");
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        for (dir, risk) in [(&theirs, "owned by uid 65534"), (&open, "(mode 0777)")] {
+            let path = dir.join("hasync.sock");
+            let e = serve(&path, tx.clone())
+                .await
+                .expect_err("refused")
+                .to_string();
+            let named = format!(
+                "the control socket's directory {} is not safe",
+                dir.display()
+            );
+            assert!(e.starts_with(&named) && e.contains(risk), "{e}");
+            assert!(!path.exists(), "bound in {}", dir.display());
+            // Below it too.
+            let below = dir.join("sub");
+            std::fs::create_dir(&below).expect("mkdir");
+            let e = serve(&below.join("hasync.sock"), tx.clone())
+                .await
+                .expect_err("below");
+            assert!(
+                e.to_string().contains(&format!("{} is ", dir.display())),
+                "{e}"
+            );
+        }
+        // Under the unit's umask, on a thread with a umask of its own (the other tests' files
+        // keep theirs).
+        let made = tmp.path().join("made").join("run");
+        let socket = made.join("hasync.sock");
+        std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_FS) gives this thread its own umask, cwd and root;
+            // umask(2) cannot fail.
+            unsafe {
+                assert_eq!(libc::unshare(libc::CLONE_FS), 0);
+                libc::umask(0o077);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let _server = serve(&socket, tx).await.expect("a directory made here");
+            });
+        })
+        .join()
+        .expect("the thread with umask 0077");
+        let mode = std::fs::metadata(&made).expect("made").permissions().mode() & 0o7777;
+        assert_eq!(mode, DIR_MODE);
     }
 
     #[tokio::test]
