@@ -241,13 +241,17 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
         .with_context(|| format!("checking the control socket {}", socket.display()))?;
     let suspended = kept_suspend(config)?;
     let state_dir = &config.local.state_dir;
-    suspend_mark::check_writable(state_dir).with_context(|| {
-        format!(
-            "local.state_dir {} must be writable: `hasync suspend` keeps its mark there (under \
-             the systemd unit, add a state_dir other than /var/lib/hasync to ReadWritePaths)",
-            state_dir.display()
-        )
-    })?;
+    match suspend_mark::check_writable(state_dir) {
+        Err(e @ suspend_mark::MarkError::Io { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "local.state_dir {} must be writable: `hasync suspend` keeps its mark there \
+                 (under the systemd unit, add a state_dir other than /var/lib/hasync to \
+                 ReadWritePaths)",
+                state_dir.display()
+            )))
+        }
+        checked => checked.context("checking the state directory")?,
+    }
     Ok(Preflight {
         log,
         pingers,
@@ -1194,7 +1198,7 @@ mod tests {
         let said = format!("{e:#}");
         assert!(
             said.starts_with("local.state_dir /proc/1 must be writable")
-                && said.contains("ReadWritePaths): writing in /proc/1: "),
+                && said.contains("ReadWritePaths): writing a probe file /proc/1/"),
             "{said}"
         );
     }

@@ -122,19 +122,22 @@ pub fn check_writable(state_dir: &Path) -> Result<(), MarkError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     prepare(state_dir)?;
     let probe = state_dir.join(format!(".{FILE}.probe"));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&probe)
+    let create = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&probe)
+    };
+    create()
         .or_else(|e| match e.kind() {
-            // One left by an agent that died between these lines.
-            io::ErrorKind::AlreadyExists => std::fs::OpenOptions::new().write(true).open(&probe),
+            // Whatever an agent that died between these lines left (unlink follows nothing).
+            io::ErrorKind::AlreadyExists => std::fs::remove_file(&probe).and_then(|()| create()),
             _ => Err(e),
         })
         .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| io_error("writing in", state_dir, e))
+        .map_err(|e| io_error("writing a probe file", &probe, e))
 }
 
 /// Writes the mark of `kind` (creating `state_dir`, mode 0700, if it is missing).
@@ -317,9 +320,24 @@ mod tests {
             0,
             "probe left"
         );
+        // A probe left behind (here a symbolic link to a file that must stay) is replaced.
+        let kept = tmp.path().join("kept");
+        std::fs::write(&kept, b"kept").expect("write");
+        std::os::unix::fs::symlink(&kept, dir.join(".suspended.probe")).expect("symlink");
+        check_writable(&dir).expect("a leftover probe replaced");
+        assert_eq!(std::fs::read(&kept).expect("kept"), b"kept");
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("list").count(),
+            0,
+            "probe left"
+        );
         // procfs: a root-owned directory no one may create files in, root included.
         let e = check_writable(Path::new("/proc/1")).expect_err("not writable");
-        assert!(e.to_string().starts_with("writing in /proc/1: "), "{e}");
+        let said = e.to_string();
+        assert!(
+            said.starts_with("writing a probe file /proc/1/.suspended.probe: "),
+            "{said}"
+        );
     }
 
     /// A state directory others may write to is refused, naming it: its mark decides whether

@@ -5,7 +5,8 @@
 //! its peers believing it in sync while none of its changes reached them. The main loop ends
 //! on the first such end ([`Tasks::ended`]): the agent stops, its datapath left pinned and
 //! forwarding, and exits non-zero, for systemd to start it again (`Restart=on-failure`) in a
-//! whole state. A panic stays caught (unwinding, not `panic = "abort"`): code that recovers
+//! whole state (a datapath not pinned, `pin_dir = ""`, is detached, as at any stop). A
+//! panic stays caught (unwinding, not `panic = "abort"`): code that recovers
 //! from one where it can (the datapath log's reader, a walk's thread) goes on doing so.
 
 use std::{
@@ -19,6 +20,8 @@ use tokio::task::{JoinError, JoinHandle};
 #[derive(Debug, Default)]
 pub struct Tasks {
     running: Vec<(String, JoinHandle<()>)>,
+    /// Ends seen together with one already said, said next.
+    seen: Vec<TaskEnded>,
 }
 
 /// How a task ended.
@@ -71,22 +74,37 @@ impl Tasks {
         self.running.is_empty()
     }
 
-    /// Waits for the first task to end (for ever if none does), and stops watching it.
+    /// Waits for the first task to end (for ever if none does), and stops watching it. Of
+    /// ends seen together, a panic is said first: tasks that end because another panicked
+    /// (the interface watcher's followers, when it is gone) say less.
     pub async fn ended(&mut self) -> TaskEnded {
-        let (index, joined) = poll_fn(|cx| {
-            for (index, (_, handle)) in self.running.iter_mut().enumerate() {
-                if let Poll::Ready(joined) = std::pin::Pin::new(handle).poll(cx) {
-                    return Poll::Ready((index, joined));
+        if !self.seen.is_empty() {
+            return self.seen.remove(0);
+        }
+        poll_fn(|cx| {
+            let mut ended = Vec::new();
+            let mut index = 0;
+            while let Some((_, handle)) = self.running.get_mut(index) {
+                match std::pin::Pin::new(handle).poll(cx) {
+                    Poll::Ready(joined) => {
+                        let (name, _) = self.running.swap_remove(index);
+                        let end = end_of(joined);
+                        ended.push(TaskEnded { name, end });
+                    }
+                    Poll::Pending => index += 1,
                 }
             }
-            Poll::Pending
+            ended.sort_by_key(|e| !matches!(e.end, End::Panicked(_)));
+            let mut ended = ended.into_iter();
+            match ended.next() {
+                Some(first) => {
+                    self.seen.extend(ended);
+                    Poll::Ready(first)
+                }
+                None => Poll::Pending,
+            }
         })
-        .await;
-        let (name, _) = self.running.swap_remove(index);
-        TaskEnded {
-            name,
-            end: end_of(joined),
-        }
+        .await
     }
 
     /// Aborts them all.
@@ -170,6 +188,37 @@ mod tests {
         let ended = next_end(&mut tasks).await;
         assert_eq!(ended.end, End::Panicked("peer 3".into()));
         assert!(tasks.is_empty());
+    }
+
+    /// Of tasks that ended together, the one that panicked is said first (here a follower,
+    /// watched before it, returned when the panicking task's channel closed).
+    #[tokio::test]
+    async fn a_panic_is_said_before_the_ends_it_brought() {
+        let mut tasks = Tasks::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.add(
+            "follower",
+            tokio::spawn(async { rx.await.ok().unwrap_or(()) }),
+        );
+        tasks.add(
+            "watcher",
+            tokio::spawn(async move {
+                let _held = tx;
+                panic!("gone");
+            }),
+        );
+        // Both over before the first look.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let first = next_end(&mut tasks).await;
+        assert_eq!(
+            (first.name.as_str(), first.end),
+            ("watcher", End::Panicked("gone".into()))
+        );
+        let second = next_end(&mut tasks).await;
+        assert_eq!(
+            (second.name.as_str(), second.end),
+            ("follower", End::Returned)
+        );
     }
 
     /// Tasks that keep running are no end: the wait goes on (and with none at all).

@@ -141,9 +141,8 @@ pub struct Peer {
     /// Its last authenticated hello on a sync link.
     pub last_hello: Option<Instant>,
     pub links: BTreeMap<LinkKind, LinkState>,
-    /// Per link, the connection (its generation) whose word [`Membership::connection_link`]
-    /// took last, and whether that was its end.
-    link_word: BTreeMap<LinkKind, (u64, bool)>,
+    /// Per link, the engine's word [`Membership::connection_link`] took last.
+    link_word: BTreeMap<LinkKind, u64>,
     pub sessions_owned: u32,
     pub flaps: u32,
     pub last_change: Option<Instant>,
@@ -388,22 +387,19 @@ impl Membership {
         }
     }
 
-    /// Connection `generation` of peer `id` on `link` is up (attached) or down (detached).
-    /// Its word counts unless a newer connection's was taken, and its end is final: an attach
-    /// and a detach of one connection race (its writer may fail before the attach says "up"),
-    /// and a late "up" showed a link up with no connection until the next change.
-    pub fn connection_link(&mut self, id: MemberId, link: LinkKind, generation: u64, up: bool) {
+    /// Peer `id`'s `link` is up (a connection attached) or down (detached), as the engine's
+    /// `word`, numbered in the order the engine attached and detached its connections, says;
+    /// a word older than the last one taken is stale. The attach and the detach of one
+    /// connection race to this lock (its writer may fail before the attach says "up"): a late
+    /// "up" showed a link up with no connection until its next change.
+    pub fn connection_link(&mut self, id: MemberId, link: LinkKind, word: u64, up: bool) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let stale = p
-            .link_word
-            .get(&link)
-            .is_some_and(|&(last, ended)| generation < last || (generation == last && ended));
-        if stale {
+        if p.link_word.get(&link).is_some_and(|&last| word <= last) {
             return;
         }
-        p.link_word.insert(link, (generation, !up));
+        p.link_word.insert(link, word);
         let state = if up { LinkState::Up } else { LinkState::Down };
         p.links.insert(link, state);
     }

@@ -296,19 +296,7 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
         .ok_or_else(|| ServerError::NoParent {
             path: path.to_owned(),
         })?;
-    if !dir.is_dir() {
-        // The mode set after, not only asked for: the umask (0077 under the unit) would keep
-        // the socket's group from reaching it.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(dir)
-            .and_then(|()| std::fs::set_permissions(dir, Permissions::from_mode(DIR_MODE)))
-            .map_err(|source| ServerError::CreateDir {
-                dir: dir.to_owned(),
-                source,
-            })?;
-    }
+    make_dirs(dir)?;
     check_dir(dir)?;
     remove_if_stale(path)?;
     let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
@@ -331,18 +319,43 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Makes `dir` and the directories above it that are missing, each with [`DIR_MODE`] set
+/// after, not only asked for: the umask (0077 under the unit) would keep the socket's group
+/// from reaching the socket.
+fn make_dirs(dir: &Path) -> Result<(), ServerError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.is_dir()).collect();
+    for d in missing.into_iter().rev() {
+        std::fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(d)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists if d.is_dir() => Ok(()),
+                _ => Err(e),
+            })
+            .and_then(|()| std::fs::set_permissions(d, Permissions::from_mode(DIR_MODE)))
+            .map_err(|source| ServerError::CreateDir {
+                dir: d.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// The socket's directory and those above it: each root's or this user's, and no one else
 /// may write to it unless it is sticky (`/tmp`: there no one else may remove or rename the
-/// socket, nor bind one at its path while it is there).
+/// socket, nor bind one at its path while it is there). A directory that is a symbolic link
+/// (`/var/run`) is judged where it leads, with the directories above both the link and that.
 fn check_dir(dir: &Path) -> Result<(), ServerError> {
     let checking = |dir: &Path| {
         let dir = dir.to_owned();
         move |source| ServerError::CheckDir { dir, source }
     };
-    let meta = std::fs::symlink_metadata(dir).map_err(checking(dir))?;
+    let real = dir.canonicalize().map_err(checking(dir))?;
+    let meta = std::fs::metadata(&real).map_err(checking(&real))?;
+    let above = |d: &Path| risk_above(d).map_err(|(at, source)| checking(&at)(source));
     let risk = match dir_risk(&meta, ABOVE) {
-        Some(risk) => Some((dir.to_owned(), risk)),
-        None => risk_above(dir).map_err(|(at, source)| checking(&at)(source))?,
+        Some(risk) => Some((real.clone(), risk)),
+        None => above(dir)?.or(above(&real)?),
     };
     match risk {
         Some((at, risk)) => Err(ServerError::UnsafeDir {
@@ -1075,6 +1088,7 @@ mod tests {
         // keep theirs).
         let made = tmp.path().join("made").join("run");
         let socket = made.join("hasync.sock");
+        let above = tmp.path().join("made");
         std::thread::spawn(move || {
             // SAFETY: unshare(CLONE_FS) gives this thread its own umask, cwd and root;
             // umask(2) cannot fail.
@@ -1092,8 +1106,17 @@ mod tests {
         })
         .join()
         .expect("the thread with umask 0077");
-        let mode = std::fs::metadata(&made).expect("made").permissions().mode() & 0o7777;
-        assert_eq!(mode, DIR_MODE);
+        for d in [&made, &above] {
+            let mode = std::fs::metadata(d).expect("made").permissions().mode() & 0o7777;
+            assert_eq!(mode, DIR_MODE, "{}", d.display());
+        }
+        // A directory given through a link is judged where it leads (`/var/run` → `/run`).
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&made, &link).expect("symlink");
+        let (tx, _runtime) = fake_runtime();
+        let _server = serve(&link.join("other.sock"), tx)
+            .await
+            .expect("through a link");
     }
 
     #[tokio::test]

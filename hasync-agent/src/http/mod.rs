@@ -89,6 +89,10 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection is closed after this long, whatever it does (an answer under way is finished).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// How long a connection closed for a newcomer ([`Served`]) may take to finish an answer under
+/// way: the accept loop, and the newcomer, wait for it (a client that reads nothing, or sends
+/// half a head, holds them no longer than this).
+pub const CLOSED_GRACE: Duration = Duration::from_secs(1);
 
 /// The dashboard may run its own inline script and style, and talk to this server only.
 const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
@@ -158,8 +162,8 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 }
             }
         };
-        let (id, close) = lock(&served).open();
-        let (backend, served) = (backend.clone(), served.clone());
+        let entry = Served::open(&served);
+        let backend = backend.clone();
         // Came in on a loopback address (also through a listener on every address): answered
         // only when addressed to it ([`addressed_here`]).
         let loopback = stream
@@ -170,10 +174,13 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 let backend = backend.clone();
                 async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
             });
+            let close = entry.close.clone();
             if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
                 debug!(%peer, %error, "metrics connection ended");
             }
-            lock(&served).ended(id);
+            // Also when the task panics: a dead entry, the oldest, would be told to close in
+            // a live one's place.
+            drop(entry);
             drop(permit);
         });
     }
@@ -191,13 +198,32 @@ struct Served {
     open: VecDeque<(u64, Arc<Notify>)>,
 }
 
+/// A connection's place in [`Served`], given up when dropped.
+struct ServedEntry {
+    served: Arc<Mutex<Served>>,
+    id: u64,
+    close: Arc<Notify>,
+}
+
+impl Drop for ServedEntry {
+    fn drop(&mut self) {
+        lock(&self.served).open.retain(|(open, _)| *open != self.id);
+    }
+}
+
 impl Served {
-    /// A new connection: its number and what tells it to close.
-    fn open(&mut self) -> (u64, Arc<Notify>) {
+    /// A new connection's place: its number and what tells it to close.
+    fn open(served: &Arc<Mutex<Served>>) -> ServedEntry {
         let close = Arc::new(Notify::new());
-        self.next += 1;
-        self.open.push_back((self.next, close.clone()));
-        (self.next, close)
+        let mut s = lock(served);
+        s.next += 1;
+        let id = s.next;
+        s.open.push_back((id, close.clone()));
+        ServedEntry {
+            served: served.clone(),
+            id,
+            close,
+        }
     }
 
     fn close_oldest(&mut self) {
@@ -205,15 +231,11 @@ impl Served {
             close.notify_one();
         }
     }
-
-    fn ended(&mut self, id: u64) {
-        self.open.retain(|(open, _)| *open != id);
-    }
 }
 
 /// Serves one connection for `lifetime`, whatever it does, or until `close` is notified; then
 /// an answer under way is still sent whole (with `connection: close`), within
-/// [`HEAD_TIMEOUT`] more.
+/// [`HEAD_TIMEOUT`] more ([`CLOSED_GRACE`] when closed for a newcomer, who waits for it).
 async fn run_connection<S, F>(
     stream: tokio::net::TcpStream,
     service: S,
@@ -236,13 +258,13 @@ where
         .max_headers(64)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
-    tokio::select! {
+    let grace = tokio::select! {
         ended = connection.as_mut() => return ended,
-        () = tokio::time::sleep(lifetime) => {}
-        () = close.notified() => {}
-    }
+        () = tokio::time::sleep(lifetime) => HEAD_TIMEOUT,
+        () = close.notified() => CLOSED_GRACE,
+    };
     connection.as_mut().graceful_shutdown();
-    tokio::time::timeout(HEAD_TIMEOUT, connection)
+    tokio::time::timeout(grace, connection)
         .await
         .unwrap_or(Ok(()))
 }

@@ -301,3 +301,36 @@ async fn clients_holding_every_slot_do_not_keep_a_newcomer_out() {
     }
     stops_with_the_runtime(tx, runtime, server).await;
 }
+
+/// Clients that hold every slot with half a request head each (which a close waits on, as on
+/// an answer under way) keep a newcomer out only for the close's short grace, not for the
+/// head's 10 s timeout.
+#[tokio::test]
+async fn half_sent_heads_in_every_slot_hold_a_newcomer_only_briefly() {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = serve("127.0.0.1:0".parse().expect("addr"), source)
+        .await
+        .expect("serve");
+    let mut holders = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: local")
+            .await
+            .expect("half a head");
+        holders.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let scrape = get("/metrics");
+    let newcomer = tokio::time::timeout(Duration::from_secs(4), exchange(addr, &scrape));
+    let (status, _, _) = newcomer.await.expect("the newcomer answered within 4 s");
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < CLOSED_GRACE * 3,
+        "{:?}",
+        started.elapsed()
+    );
+    drop(holders);
+    stops_with_the_runtime(tx, runtime, server).await;
+}

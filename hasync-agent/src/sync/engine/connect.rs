@@ -602,7 +602,23 @@ impl<T: SessionTable> Engine<T> {
         }
         lock(&self.inner.membership).greeted(peer.cfg.id, now);
         let _ = registered.send(());
-        lock(&self.inner.membership).connection_link(peer.cfg.id, link, generation, true);
+        // Its word taken under the peer's lock, as a detach takes its own: a connection gone
+        // already (its writer failed at once) says nothing, and a detach after this one
+        // comes later in the membership's order, whichever takes the membership's lock first.
+        let word = {
+            let mut g = peer.lock();
+            let ours = g
+                .links
+                .get(&link)
+                .is_some_and(|c| c.generation == generation);
+            ours.then(|| {
+                g.link_word += 1;
+                g.link_word
+            })
+        };
+        if let Some(word) = word {
+            lock(&self.inner.membership).connection_link(peer.cfg.id, link, word, true);
+        }
         self.log_limited(link_state_key(&peer, link), |skipped| {
             info!(
                 peer = peer.cfg.id.0,

@@ -227,6 +227,9 @@ impl FrameOrder {
 struct PeerInner {
     window: Window,
     links: BTreeMap<LinkKind, LinkConn>,
+    /// Counts the links' attaches and detaches, under this lock: the order in which the
+    /// membership takes their word ([`crate::cluster::Membership::connection_link`]).
+    link_word: u64,
     /// HA4 failed since it last carried data: when it returns, it waits out the hold-down.
     ha4_failed: bool,
     ha4_usable_at: Option<Instant>,
@@ -286,6 +289,7 @@ impl Peer {
                 ha4_usable_at: None,
                 data_link: None,
                 bulk_wanted: false,
+                link_word: 0,
                 bulk_unconfirmed: None,
                 bulk_backoff: Backoff::new(BULK_BACKOFF.0, BULK_BACKOFF.1),
                 bulk_granted_boot: None,
@@ -741,19 +745,21 @@ impl<T: SessionTable> Engine<T> {
                         g.ha4_failed = true;
                         g.ha4_usable_at = None;
                     }
-                    self.unlink(peer, &mut g, link)
+                    g.link_word += 1;
+                    let word = g.link_word;
+                    self.unlink(peer, &mut g, link).map(|c| (c, word))
                 }
                 _ => None,
             }
         };
-        if let Some(c) = removed {
+        if let Some((c, word)) = removed {
             c.close();
             let stats = peer.stats.link(link);
             LinkStats::add(&stats.failures, 1);
             if why == "stalled" || why == ACKS_MISSED {
                 LinkStats::add(&stats.stalls, 1);
             }
-            lock(&self.inner.membership).connection_link(peer.cfg.id, link, c.generation, false);
+            lock(&self.inner.membership).connection_link(peer.cfg.id, link, word, false);
             self.log_limited(link_state_key(peer, link), |skipped| {
                 warn!(
                     peer = peer.cfg.id.0,
