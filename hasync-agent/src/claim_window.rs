@@ -28,10 +28,26 @@ impl ClaimWindow {
     /// what the datapath was last told ([`ClaimWindow::written`]), else `None`.
     pub fn due(&mut self, changes: &[(MemberId, bool)], now: Instant) -> Option<bool> {
         if changes.iter().any(|&(_, alive)| alive) {
-            self.open_until = Some(now + Duration::from_millis(CLAIMS_OPEN_AFTER_RETURN_MS));
+            self.open_from(now);
         }
         let open = self.open_until.is_some_and(|until| now < until);
         (open != self.open).then_some(open)
+    }
+
+    /// This agent did not run for a keepalive threshold or longer (SIGSTOP, a paused VM): its
+    /// peers took it for dead and may have taken its sessions over, while here they stayed
+    /// its own (the peers' silence over the stall is forgiven, so none comes back here).
+    /// Their records of those sessions settle by version, as on their side, where this
+    /// member's return opened the window; before, they were refused here as claims of live
+    /// sessions, and both members owned the flow for as long as it lived. (Records applied
+    /// before the evaluation that sees the stall are refused still; a live flow's next
+    /// record, at its next refresh, settles it.)
+    pub fn stalled(&mut self, now: Instant) {
+        self.open_from(now);
+    }
+
+    fn open_from(&mut self, now: Instant) {
+        self.open_until = Some(now + Duration::from_millis(CLAIMS_OPEN_AFTER_RETURN_MS));
     }
 
     /// The datapath now has the window `open` (a failed write is asked for again).

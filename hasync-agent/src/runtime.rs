@@ -869,6 +869,9 @@ pub(crate) fn apply_membership(member: &Member) {
             "this agent did not run for a while: peers' silence over it is not held against them"
         );
         m.forgive_stall(gap, now);
+        if gap >= m.keepalive_threshold() {
+            lock(&member.claims).stalled(now);
+        }
     }
     let changes = m.evaluate(now);
     update_claim_window(member, &mut dp, &changes.liveness, now);
@@ -1240,6 +1243,31 @@ mod tests {
             write_all_liveness(&evaluating);
         });
         assert!(ran, "a timer task waited for the datapath's holder");
+    }
+
+    /// An agent that did not run for a keepalive threshold (its peers took it for dead and
+    /// may have taken its sessions over) opens its claim window when it runs again, as its
+    /// peers did on its return. Before, it never did: none of its peers came back in its own
+    /// view (their silence forgiven), and their records of the sessions they took over were
+    /// refused as claims of live sessions (seen failing: still closed).
+    #[test]
+    fn a_stall_past_the_keepalive_threshold_opens_the_claim_window() {
+        let claims_open = |m: &Member| lock(&m.dp).config().expect("config").claims_open;
+        // A member whose workers last ran `ago`, evaluated now.
+        let stalled_for = |ago: Duration| {
+            let member = member_of(&config(), None);
+            let threshold = lock(&member.membership).keepalive_threshold();
+            let ago = ago.min(threshold * 2);
+            let before = Instant::now().checked_sub(ago).expect("up that long");
+            member.stall.tick(before);
+            apply_membership(&member);
+            (member, threshold)
+        };
+        let (member, threshold) = stalled_for(Duration::from_secs(3600));
+        assert_eq!(claims_open(&member), 1, "the claim window is still closed");
+        // A short stall (forgiven all the same) opens nothing.
+        let (member, _) = stalled_for((threshold / 2).max(crate::stall_watch::STALL * 2));
+        assert_eq!(claims_open(&member), 0, "opened by a short stall");
     }
 
     /// A keepalive that brings a member back has the engine run the runtime's

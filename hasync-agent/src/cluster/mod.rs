@@ -332,6 +332,11 @@ impl Membership {
         }
     }
 
+    /// How long a peer may be silent before it is taken for gone.
+    pub fn keepalive_threshold(&self) -> Duration {
+        self.timers.keepalive_threshold
+    }
+
     /// A keepalive from `id`. Returns whether it brings back a member not alive here (the
     /// next [`Membership::evaluate`] makes it alive): what it sends next may settle claims
     /// only once that evaluation opened the claim window (`crate::claim_window`).

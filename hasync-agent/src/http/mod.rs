@@ -124,10 +124,16 @@ pub async fn serve(
         .map_err(|source| HttpError::Bind { addr, source })?;
     info!(address = %local, "metrics and dashboard listening (http://{local}/)");
     let backend = Backend::from(source);
-    let sampler = tokio::spawn(sample_loop(backend.clone()));
+    let mut sampler = tokio::spawn(sample_loop(backend.clone()));
     let server = tokio::spawn(async move {
-        accept_loop(listener, backend).await;
-        sampler.abort();
+        tokio::select! {
+            () = accept_loop(listener, backend) => sampler.abort(),
+            // The sampler ends with the runtime's channel, as the accept loop does, or by a
+            // panic: the server's task panics with it (`crate::tasks` watches that one).
+            Err(e) = &mut sampler => if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            },
+        }
     });
     Ok((local, server))
 }
