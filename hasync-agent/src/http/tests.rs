@@ -50,17 +50,31 @@ async fn stops_with_the_runtime(
         .ok();
 }
 
+/// A server on `addr` (port 0: any) over a fake runtime: its address, the runtime's request
+/// channel, the runtime and the server.
+async fn serving(
+    addr: &str,
+) -> (
+    SocketAddrForTest,
+    crate::control::ControlSender,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let (addr, server) = serve(addr.parse().expect("addr"), source)
+        .await
+        .expect("serve");
+    (addr, tx, runtime, server)
+}
+
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: localhost:9471\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 #[tokio::test]
 async fn the_server_serves_metrics_dashboard_and_api_and_refuses_the_rest() {
-    let (tx, runtime) = fake_runtime();
-    let source = Source::with_settings(tx.clone(), 65_536, "edge");
-    let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), source)
-        .await
-        .expect("serve");
+    let (addr, tx, runtime, server) = serving("127.0.0.1:0").await;
 
     let (status, head, body) = exchange(addr, &get("/metrics")).await;
     assert_eq!(status, 200);
@@ -153,11 +167,7 @@ fn a_server_on_every_address_checks_what_comes_over_loopback() {
 }
 
 async fn every_address_over_loopback() {
-    let (tx, runtime) = fake_runtime();
-    let source = Source::with_settings(tx.clone(), 65_536, "edge");
-    let (addr, server) = serve("0.0.0.0:0".parse().unwrap(), source)
-        .await
-        .expect("serve");
+    let (addr, tx, runtime, server) = serving("0.0.0.0:0").await;
     let local: SocketAddrForTest = ([127, 0, 0, 1], addr.port()).into();
     let rebound = b"GET /metrics HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
     let (status, _, _) = exchange(local, rebound).await;
@@ -266,11 +276,7 @@ async fn an_answer_under_way_when_the_lifetime_ends_is_sent_whole() {
 /// scrapes and the dashboard out for good.
 #[tokio::test]
 async fn clients_holding_every_slot_do_not_keep_a_newcomer_out() {
-    let (tx, runtime) = fake_runtime();
-    let source = Source::with_settings(tx.clone(), 65_536, "edge");
-    let (addr, server) = serve("127.0.0.1:0".parse().expect("addr"), source)
-        .await
-        .expect("serve");
+    let (addr, tx, runtime, server) = serving("127.0.0.1:0").await;
     let keep_alive = b"GET /api/cluster HTTP/1.1\r\nHost: localhost\r\n\r\n";
     let mut holders = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
@@ -307,11 +313,7 @@ async fn clients_holding_every_slot_do_not_keep_a_newcomer_out() {
 /// head's 10 s timeout.
 #[tokio::test]
 async fn half_sent_heads_in_every_slot_hold_a_newcomer_only_briefly() {
-    let (tx, runtime) = fake_runtime();
-    let source = Source::with_settings(tx.clone(), 65_536, "edge");
-    let (addr, server) = serve("127.0.0.1:0".parse().expect("addr"), source)
-        .await
-        .expect("serve");
+    let (addr, tx, runtime, server) = serving("127.0.0.1:0").await;
     let mut holders = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
         let mut s = TcpStream::connect(addr).await.expect("connect");
