@@ -1,5 +1,7 @@
 //! When records may hand live sessions to another owner by version alone: for a while after a
-//! peer became alive here (a partition healed, a stop or a restart ended, this agent started).
+//! peer became alive here (a partition healed, a stop or a restart ended, this agent started),
+//! or after this agent ran again from a stall its peers may have taken for its death
+//! ([`ClaimWindow::stalled`]).
 //! Otherwise a record that names its sender the owner of a session a live member owns
 //! replaces it only once the flow is quiet ([`hasync_common::conflict::claimable`]); but after
 //! a partition both sides took over what moved to them, both sides' owners are alive and their
@@ -34,7 +36,8 @@ impl ClaimWindow {
         (open != self.open).then_some(open)
     }
 
-    /// This agent did not run for a keepalive threshold or longer (SIGSTOP, a paused VM): its
+    /// This agent did not run for about a keepalive threshold or longer (SIGSTOP, a paused VM;
+    /// a keepalive interval short of it counts, the peers' silence being that much longer): its
     /// peers took it for dead and may have taken its sessions over, while here they stayed
     /// its own (the peers' silence over the stall is forgiven, so none comes back here).
     /// Their records of those sessions settle by version, as on their side, where this

@@ -120,7 +120,7 @@ fn sync_config(config: &Config, psk: [u8; 32], fresh_table: bool) -> anyhow::Res
         port: config.cluster.sync_port,
         local_links,
         peers: peers.into_iter().filter(|p| p.id != local).collect(),
-        keepalive_interval: (threshold / 5).min(Duration::from_secs(1)),
+        keepalive_interval: keepalive_interval(threshold),
         keepalive_threshold: threshold,
         hold_down: config.monitor_hold_down(),
         boot_id: boot_id(),
@@ -242,7 +242,9 @@ fn preflight(config: &Config) -> anyhow::Result<Preflight> {
     let suspended = kept_suspend(config)?;
     let state_dir = &config.local.state_dir;
     match suspend_mark::check_writable(state_dir) {
-        Err(e @ suspend_mark::MarkError::Io { .. }) => {
+        Err(e @ suspend_mark::MarkError::Io { what, .. })
+            if what == suspend_mark::PROBING || what == suspend_mark::CREATING =>
+        {
             return Err(anyhow::Error::new(e).context(format!(
                 "local.state_dir {} must be writable: `hasync suspend` keeps its mark there \
                  (under the systemd unit, add a state_dir other than /var/lib/hasync to \
@@ -293,6 +295,11 @@ fn kept_suspend(config: &Config) -> anyhow::Result<Option<suspend_mark::MarkKind
         None => {}
     }
     Ok(kept)
+}
+
+/// How often keepalives go out, for a keepalive threshold of `threshold`.
+fn keepalive_interval(threshold: Duration) -> Duration {
+    (threshold / 5).min(Duration::from_secs(1))
 }
 
 /// What the main loop waits on.
@@ -834,7 +841,11 @@ fn update_claim_window(
             info!(
                 open,
                 "claims of live sessions settled by version alone: {}",
-                if open { "a peer is back" } else { "no longer" }
+                if open {
+                    "a peer is back, or this agent after a stall"
+                } else {
+                    "no longer"
+                }
             );
         }
         Err(e) => warn!(error = %error_chain(&e), "setting the claim window failed"),
@@ -869,7 +880,11 @@ pub(crate) fn apply_membership(member: &Member) {
             "this agent did not run for a while: peers' silence over it is not held against them"
         );
         m.forgive_stall(gap, now);
-        if gap >= m.keepalive_threshold() {
+        // Peers hear nothing for the stall, up to a keepalive interval before it and a tick
+        // of the watch: they may take this member for gone a little short of a threshold.
+        let threshold = m.keepalive_threshold();
+        let slack = keepalive_interval(threshold) + crate::stall_watch::TICK;
+        if gap + slack >= threshold {
             lock(&member.claims).stalled(now);
         }
     }
@@ -1265,6 +1280,14 @@ mod tests {
         };
         let (member, threshold) = stalled_for(Duration::from_secs(3600));
         assert_eq!(claims_open(&member), 1, "the claim window is still closed");
+        // Just short of the threshold: the peers' silence was the stall and a keepalive
+        // interval before it (the review of the first form, which waited for the threshold).
+        let (member, _) = stalled_for(threshold - Duration::from_millis(500));
+        assert_eq!(
+            claims_open(&member),
+            1,
+            "closed just short of the threshold"
+        );
         // A short stall (forgiven all the same) opens nothing.
         let (member, _) = stalled_for((threshold / 2).max(crate::stall_watch::STALL * 2));
         assert_eq!(claims_open(&member), 0, "opened by a short stall");

@@ -59,6 +59,11 @@ pub enum MarkError {
     Untrusted { path: PathBuf, why: String },
 }
 
+/// What a failed write of [`check_writable`]'s probe says it was doing.
+pub const PROBING: &str = "writing a probe file";
+/// What a failure to make the state directory says it was doing.
+pub const CREATING: &str = "creating";
+
 /// The mark's path in `state_dir`.
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE)
@@ -108,7 +113,7 @@ fn prepare(state_dir: &Path) -> Result<(), MarkError> {
         .recursive(true)
         .mode(0o700)
         .create(state_dir)
-        .map_err(|e| io_error("creating", state_dir, e))?;
+        .map_err(|e| io_error(CREATING, state_dir, e))?;
     let meta =
         std::fs::symlink_metadata(state_dir).map_err(|e| io_error("inspecting", state_dir, e))?;
     check_trusted(state_dir, &meta)
@@ -136,8 +141,12 @@ pub fn check_writable(state_dir: &Path) -> Result<(), MarkError> {
             io::ErrorKind::AlreadyExists => std::fs::remove_file(&probe).and_then(|()| create()),
             _ => Err(e),
         })
-        .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|e| io_error("writing a probe file", &probe, e))
+        .and_then(|_| match std::fs::remove_file(&probe) {
+            // Another start's check removed it first.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            removed => removed,
+        })
+        .map_err(|e| io_error(PROBING, &probe, e))
 }
 
 /// Writes the mark of `kind` (creating `state_dir`, mode 0700, if it is missing).

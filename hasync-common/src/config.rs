@@ -113,8 +113,9 @@ pub const REFRESH_BYTES_SHIFT: u32 = 30;
 /// [`DatapathConfig::claim_quiet_ms`] by default: the default keepalive threshold.
 pub const DEFAULT_CLAIM_QUIET_MS: u32 = 10_000;
 
-/// How long after a peer became alive here (a partition healed, a stop or a restart ended)
-/// the agent keeps [`DatapathConfig::claims_open`] set, so that records settle claims by
+/// How long after a peer became alive here (a partition healed, a stop or a restart ended),
+/// or this agent ran again after a stall its peers may have taken for its death, the agent
+/// keeps [`DatapathConfig::claims_open`] set, so that records settle claims by
 /// version alone, as before the rule (`crate::conflict::claimable`): what each side took over
 /// while the two could not see each other arrives in the full syncs after the return, both
 /// sides' owners alive and their flows live.
@@ -170,7 +171,7 @@ pub struct DatapathConfig {
     /// an entry. Set by the agent, which watches the rules and routes; 1 until it has looked.
     pub fib_by_source: u8,
     /// 1 while records settle claims of live sessions by version alone (a peer just came
-    /// back: `claim_quiet_ms` is then not waited out, [`crate::conflict::claimable`]); 0
+    /// back, or this agent after a stall: `claim_quiet_ms` is then not waited out, [`crate::conflict::claimable`]); 0
     /// otherwise. Set by the agent ([`CLAIMS_OPEN_AFTER_RETURN_MS`]).
     pub claims_open: u8,
     /// CPUs with a part of their own in the EMBRYOS ring (possible CPUs): an admission ticket

@@ -94,7 +94,8 @@ pub fn newer(a: &Session, b: &Session, a_from_owner: u64) -> bool {
 /// unless `refresh_interval_ns` is longer; until the next one is due, the flow may still be
 /// running there).
 ///
-/// While a peer is just back (after a partition, a stop or a restart, for
+/// While a peer is just back (after a partition, a stop or a restart), or this agent after a
+/// stall its peers may have taken for its death (for
 /// [`crate::config::CLAIMS_OPEN_AFTER_RETURN_MS`]), the agent sets
 /// [`DatapathConfig::claims_open`], and the quiet time is not waited out:
 /// what each side took over while the two could not see each other arrives then, both sides'

@@ -541,6 +541,13 @@ impl Config {
             }
             if m.serial.is_empty() {
                 p.push(format!("members[{i}].serial is empty"));
+            } else if m.serial.chars().any(char::is_control) {
+                // It goes into comments of the files provisioning writes (a script among
+                // them), into logs and views: a newline would end a comment.
+                p.push(format!(
+                    "members[{i}].serial = {:?} holds a control character",
+                    m.serial
+                ));
             } else if !serials.insert(m.serial.as_str()) {
                 p.push(format!(
                     "members[{i}].serial = \"{}\" is used by two members",

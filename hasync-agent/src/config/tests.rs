@@ -303,6 +303,11 @@ fn invalid_values_are_named_with_their_range() {
             "members[1].serial = \"fw1\" is used by two members",
         ),
         (
+            "serial = \"fw2\"",
+            "serial = \"fw2\\nrm -rf /\"",
+            "members[1].serial = \"fw2\\nrm -rf /\" holds a control character",
+        ),
+        (
             "interfaces = [\"veth-out\"]",
             "interfaces = [\"veth-in\"]",
             "interface \"veth-in\" is in two zones: \"trust\" and \"untrust\"",

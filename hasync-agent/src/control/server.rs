@@ -27,7 +27,7 @@ use super::{
     protocol::{Request, Response, MAX_REQUEST_LINE},
     ControlSender,
 };
-use crate::dir_trust::{dir_risk, risk_above, Risk, ABOVE};
+use crate::dir_trust::{dir_risk, risk_above, Risk, OURS_OR_ROOTS};
 
 /// Mode of the socket file: root and the socket's group may use it.
 pub const SOCKET_MODE: u32 = 0o660;
@@ -325,25 +325,24 @@ fn bind(path: &Path, access: Access) -> Result<UnixListener, ServerError> {
 fn make_dirs(dir: &Path) -> Result<(), ServerError> {
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.is_dir()).collect();
     for d in missing.into_iter().rev() {
-        std::fs::DirBuilder::new()
-            .mode(DIR_MODE)
-            .create(d)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists if d.is_dir() => Ok(()),
-                _ => Err(e),
-            })
-            .and_then(|()| std::fs::set_permissions(d, Permissions::from_mode(DIR_MODE)))
-            .map_err(|source| ServerError::CreateDir {
-                dir: d.to_owned(),
-                source,
-            })?;
+        let made = match std::fs::DirBuilder::new().mode(DIR_MODE).create(d) {
+            Ok(()) => std::fs::set_permissions(d, Permissions::from_mode(DIR_MODE)),
+            // Made meanwhile by someone else: not ours to change (check_dir judges it).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
+            Err(e) => Err(e),
+        };
+        made.map_err(|source| ServerError::CreateDir {
+            dir: d.to_owned(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// The socket's directory and those above it: each root's or this user's, and no one else
-/// may write to it unless it is sticky (`/tmp`: there no one else may remove or rename the
-/// socket, nor bind one at its path while it is there). A directory that is a symbolic link
+/// may write to it; a directory above it may be sticky (`/tmp`: there no one else may
+/// remove or rename what is below), the socket's own may not (while the agent is down,
+/// anyone could bind the socket's path there). A directory that is a symbolic link
 /// (`/var/run`) is judged where it leads, with the directories above both the link and that.
 fn check_dir(dir: &Path) -> Result<(), ServerError> {
     let checking = |dir: &Path| {
@@ -353,7 +352,7 @@ fn check_dir(dir: &Path) -> Result<(), ServerError> {
     let real = dir.canonicalize().map_err(checking(dir))?;
     let meta = std::fs::metadata(&real).map_err(checking(&real))?;
     let above = |d: &Path| risk_above(d).map_err(|(at, source)| checking(&at)(source));
-    let risk = match dir_risk(&meta, ABOVE) {
+    let risk = match dir_risk(&meta, OURS_OR_ROOTS) {
         Some(risk) => Some((real.clone(), risk)),
         None => above(dir)?.or(above(&real)?),
     };
@@ -1061,7 +1060,14 @@ mod tests {
         let open = tmp.path().join("open");
         std::fs::create_dir(&open).expect("mkdir");
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        for (dir, risk) in [(&theirs, "owned by uid 65534"), (&open, "(mode 0777)")] {
+        let sticky = tmp.path().join("sticky");
+        std::fs::create_dir(&sticky).expect("mkdir");
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        for (dir, risk) in [
+            (&theirs, "owned by uid 65534"),
+            (&open, "(mode 0777)"),
+            (&sticky, "(mode 1777)"),
+        ] {
             let path = dir.join("hasync.sock");
             let e = serve(&path, tx.clone())
                 .await
@@ -1073,12 +1079,15 @@ mod tests {
             );
             assert!(e.starts_with(&named) && e.contains(risk), "{e}");
             assert!(!path.exists(), "bound in {}", dir.display());
-            // Below it too.
+            // Below it too (below a sticky one, a directory of ours is fine).
             let below = dir.join("sub");
             std::fs::create_dir(&below).expect("mkdir");
-            let e = serve(&below.join("hasync.sock"), tx.clone())
-                .await
-                .expect_err("below");
+            let served = serve(&below.join("hasync.sock"), tx.clone()).await;
+            if *dir == sticky {
+                drop(served.expect("below a sticky directory"));
+                continue;
+            }
+            let e = served.expect_err("below");
             assert!(
                 e.to_string().contains(&format!("{} is ", dir.display())),
                 "{e}"

@@ -184,10 +184,11 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
             if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
                 debug!(%peer, %error, "metrics connection ended");
             }
-            // Also when the task panics: a dead entry, the oldest, would be told to close in
-            // a live one's place.
-            drop(entry);
+            // The slot first (a newcomer then takes it, closing no one); the place also when
+            // the task panics: a dead entry, the oldest, would be told to close in a live
+            // one's place.
             drop(permit);
+            drop(entry);
         });
     }
     debug!("metrics server stopped");
@@ -270,9 +271,19 @@ where
         () = close.notified() => CLOSED_GRACE,
     };
     connection.as_mut().graceful_shutdown();
-    tokio::time::timeout(grace, connection)
-        .await
-        .unwrap_or(Ok(()))
+    // A close for a newcomer during a lifetime's grace shortens it.
+    let mut deadline = tokio::time::Instant::now() + grace;
+    let mut watching = grace > CLOSED_GRACE;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => return ended,
+            () = tokio::time::sleep_until(deadline) => return Ok(()),
+            () = close.notified(), if watching => {
+                watching = false;
+                deadline = deadline.min(tokio::time::Instant::now() + CLOSED_GRACE);
+            }
+        }
+    }
 }
 
 async fn handle(
