@@ -181,25 +181,12 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     if let Some(reader) = reader {
         tasks.add("interface watcher", reader);
     }
-    match &links {
-        Ok(watch) => {
-            let zones = plan.zone_interfaces();
-            let dp = member.dp.clone();
-            let task = crate::stacked::spawn(dp, zones, watch.clone(), stacked);
-            tasks.add("stacked devices", task);
-        }
-        Err(e) => {
-            warn!(error = %e, "no interface notifications: devices stacked on zone interfaces keep the zones they had at start")
-        }
-    }
-    if let Some(prepared) = forwarding {
-        tasks.extend(crate::forwarding::spawn(
-            &member.config,
-            member.dp.clone(),
-            prepared,
-            links.ok(),
-        ));
-    }
+    let followers = InterfaceFollowers {
+        zones: plan.zone_interfaces(),
+        stacked,
+        forwarding,
+    };
+    followers.start(&member, links, &mut tasks);
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(64);
     if let Some(http) = crate::http::start(&member.config, control_tx.clone()).await {
         tasks.add("metrics and dashboard server", http);
@@ -215,6 +202,39 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     };
     let result = main_loop(&member, restarted, inputs, &mut log).await;
     shut_down(tasks, &member, result)
+}
+
+/// The tasks that follow the interface table beside the member's own: the bindings of the
+/// devices stacked on zone interfaces and, with forwarding in XDP, its ports and FIB.
+struct InterfaceFollowers {
+    zones: crate::stacked::ZoneInterfaces,
+    /// What start-up bound.
+    stacked: Vec<(u32, hasync_common::ZoneBinding)>,
+    forwarding: Option<crate::forwarding::Prepared>,
+}
+
+impl InterfaceFollowers {
+    fn start(self, member: &Member, links: Result<LinkWatch, NetlinkError>, tasks: &mut Tasks) {
+        match &links {
+            Ok(watch) => {
+                let dp = member.dp.clone();
+                let task = crate::stacked::spawn(dp, self.zones, watch.clone(), self.stacked);
+                tasks.add("stacked devices", task);
+            }
+            Err(e) => {
+                warn!(error = %e, "no interface notifications: devices stacked on zone interfaces keep the zones they had at start")
+            }
+        }
+        if let Some(prepared) = self.forwarding {
+            let dp = member.dp.clone();
+            tasks.extend(crate::forwarding::spawn(
+                &member.config,
+                dp,
+                prepared,
+                links.ok(),
+            ));
+        }
+    }
 }
 
 /// What [`preflight`] opened.
