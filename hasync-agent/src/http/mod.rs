@@ -29,7 +29,7 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::TcpListener,
-    sync::{Notify, Semaphore},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore},
     task::JoinHandle,
 };
 use tracing::{debug, info, warn};
@@ -81,7 +81,7 @@ async fn sample_loop(backend: Backend) {
     }
 }
 
-/// Connections served at once; a newcomer beyond them closes the oldest ([`Served`]).
+/// Connections served at once; a newcomer beyond them closes the oldest ([`Room`]).
 pub const MAX_CONNECTIONS: usize = 64;
 /// Longest request head (request line and headers) accepted.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -140,8 +140,7 @@ pub async fn serve(
 
 async fn accept_loop(listener: TcpListener, backend: Backend) {
     let source = &backend.source;
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let served = Arc::new(Mutex::new(Served::default()));
+    let room = Room::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = source.closed() => break,
@@ -155,43 +154,107 @@ async fn accept_loop(listener: TcpListener, backend: Backend) {
                 }
             },
         };
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                lock(&served).close_oldest();
-                tokio::select! {
-                    _ = source.closed() => break,
-                    permit = slots.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break, // never closed
-                    },
-                }
+        match room.ask() {
+            Some(asked) => {
+                tokio::spawn(serve_one(
+                    stream,
+                    peer,
+                    backend.clone(),
+                    room.clone(),
+                    asked,
+                ));
             }
-        };
-        let entry = Served::open(&served);
-        let backend = backend.clone();
-        // Came in on a loopback address (also through a listener on every address): answered
-        // only when addressed to it ([`addressed_here`]).
-        let loopback = stream
-            .local_addr()
-            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let backend = backend.clone();
-                async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
-            });
-            let close = entry.close.clone();
-            if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
-                debug!(%peer, %error, "metrics connection ended");
-            }
-            // The slot first (a newcomer then takes it, closing no one); the place also when
-            // the task panics: a dead entry, the oldest, would be told to close in a live
-            // one's place.
-            drop(permit);
-            drop(entry);
-        });
+            // Dropped: closed at once.
+            None => debug!(%peer, "metrics connection closed: every slot taken, as many waiting"),
+        }
     }
     debug!("metrics server stopped");
+}
+
+/// Serves one connection once it has a slot (`asked`).
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    backend: Backend,
+    room: Room,
+    asked: Asked,
+) {
+    let Some((permit, entry)) = room.slot(asked).await else {
+        debug!(%peer, "metrics connection closed: no slot came free");
+        return;
+    };
+    // Came in on a loopback address (also through a listener on every address): answered
+    // only when addressed to it ([`addressed_here`]).
+    let loopback = stream
+        .local_addr()
+        .is_ok_and(|a| a.ip().to_canonical().is_loopback());
+    let service = service_fn(move |request| {
+        let backend = backend.clone();
+        async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
+    });
+    let close = entry.close.clone();
+    if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
+        debug!(%peer, %error, "metrics connection ended");
+    }
+    // The slot first (a newcomer then takes it, closing no one); the place also when the task
+    // panics: a dead entry, the oldest, would be told to close in a live one's place.
+    drop(permit);
+    drop(entry);
+}
+
+/// Where connections are served: [`MAX_CONNECTIONS`] slots, the connections in them
+/// ([`Served`]), and at most as many more waiting for one, each having closed the oldest.
+/// The accept loop never waits: before, it waited for each newcomer's slot in turn, and
+/// connections queued ahead of a scrape held it a close's grace each.
+#[derive(Clone)]
+struct Room {
+    slots: Arc<Semaphore>,
+    waiting: Arc<Semaphore>,
+    served: Arc<Mutex<Served>>,
+}
+
+impl Default for Room {
+    fn default() -> Room {
+        Room {
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            waiting: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            served: Arc::default(),
+        }
+    }
+}
+
+/// A newcomer's claim on a slot: one free, or a place among those waiting.
+enum Asked {
+    Free(OwnedSemaphorePermit),
+    Waiting(OwnedSemaphorePermit),
+}
+
+impl Room {
+    /// A slot for a newcomer: a free one, else a place in the wait (the oldest connection told
+    /// to close for it); `None` when as many wait as are served.
+    fn ask(&self) -> Option<Asked> {
+        if let Ok(free) = self.slots.clone().try_acquire_owned() {
+            return Some(Asked::Free(free));
+        }
+        let waiting = self.waiting.clone().try_acquire_owned().ok()?;
+        lock(&self.served).close_oldest();
+        Some(Asked::Waiting(waiting))
+    }
+
+    /// The slot `asked` for, and the connection's place among those served; `None` when none
+    /// came free within [`HEAD_TIMEOUT`].
+    async fn slot(&self, asked: Asked) -> Option<(OwnedSemaphorePermit, ServedEntry)> {
+        let permit = match asked {
+            Asked::Free(permit) => permit,
+            Asked::Waiting(waiting) => {
+                let free = self.slots.clone().acquire_owned();
+                let permit = tokio::time::timeout(HEAD_TIMEOUT, free).await.ok()?.ok()?;
+                drop(waiting);
+                permit
+            }
+        };
+        Some((permit, Served::open(&self.served)))
+    }
 }
 
 /// The connections served, oldest first. When every slot is taken, the oldest is told to

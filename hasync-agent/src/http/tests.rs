@@ -310,7 +310,9 @@ async fn clients_holding_every_slot_do_not_keep_a_newcomer_out() {
 
 /// Clients that hold every slot with half a request head each (which a close waits on, as on
 /// an answer under way) keep a newcomer out only for the close's short grace, not for the
-/// head's 10 s timeout.
+/// head's 10 s timeout; nor do ten more of theirs that came just before it: each closes an
+/// older one at once, side by side (before, the accept loop waited for each in turn, a grace
+/// each).
 #[tokio::test]
 async fn half_sent_heads_in_every_slot_hold_a_newcomer_only_briefly() {
     let (addr, tx, runtime, server) = serving("127.0.0.1:0").await;
@@ -324,6 +326,13 @@ async fn half_sent_heads_in_every_slot_hold_a_newcomer_only_briefly() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: local")
+            .await
+            .expect("half a head");
+        holders.push(s);
+    }
     let scrape = get("/metrics");
     let newcomer = tokio::time::timeout(Duration::from_secs(4), exchange(addr, &scrape));
     let (status, _, _) = newcomer.await.expect("the newcomer answered within 4 s");
