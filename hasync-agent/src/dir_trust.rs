@@ -1,8 +1,8 @@
 //! Whether a directory another user could have filled may be trusted: the owner, mode and
 //! symbolic-link checks that the pin directory, provisioning's output, the state directory,
 //! the control socket's directory (and the directories above those three) and the lab's
-//! directory share. Each caller words its
-//! own refusal from the [`Risk`] found.
+//! directory share. Each caller words its own refusal from the [`Risk`] found (the risk
+//! itself said by its `Display`).
 
 use std::{
     fs::Metadata,

@@ -248,15 +248,10 @@ impl FlapMarkSync {
 fn check_trusted(dir: &Path, meta: &std::fs::Metadata) -> Result<(), MarkError> {
     let above = risk_above(dir).map_err(|(at, e)| io_error("inspecting", &at, e))?;
     if let Some((above, risk)) = above {
-        let why = match risk {
-            Risk::Open(mode) => format!("writable by group or others (mode {mode:04o})"),
-            Risk::OwnedBy(uid) => format!("owned by uid {uid}"),
-            Risk::Symlink | Risk::NotDir => "not a plain directory".to_string(),
-        };
         return Err(MarkError::Untrusted {
             path: dir.to_owned(),
             why: format!(
-                "lies under {}, {why}: whoever may write there could replace the state \
+                "lies under {}, {risk}: whoever may write there could replace the state \
                  directory and decide whether this member starts suspended (keep it under \
                  directories only root writes, as /var/lib)",
                 above.display()

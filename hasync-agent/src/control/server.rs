@@ -1045,10 +1045,10 @@ mod tests {
         assert_eq!(mode, SOCKET_MODE);
     }
 
-    /// The socket's directory must be one no one else may write to (root's or ours; sticky
-    /// may be open): in another's, its writer could put a listener of their own in the
-    /// socket's place and answer `hasync suspend` for the agent. Before, any existing
-    /// directory was taken. One the server makes gets its mode whatever the umask: under the
+    /// The socket's directory must be one no one else may write to (root's or ours, not
+    /// sticky; one above it may be sticky): in another's, its writer could put a listener of
+    /// their own in the socket's place and answer `hasync suspend` for the agent. Before, any
+    /// existing directory was taken. One the server makes gets its mode whatever the umask: under the
     /// unit's 0077 it was 0700, and the socket's group could not reach the socket.
     #[tokio::test]
     async fn the_sockets_directory_is_checked_and_one_made_gets_its_mode() {

@@ -264,40 +264,37 @@ impl Room {
 /// connection is the newest, is answered long before it is the oldest.
 #[derive(Debug, Default)]
 struct Served {
-    next: u64,
-    open: VecDeque<(u64, Arc<Notify>)>,
+    /// What tells each connection to close (each its own: it names the connection too).
+    open: VecDeque<Arc<Notify>>,
 }
 
 /// A connection's place in [`Served`], given up when dropped.
 struct ServedEntry {
     served: Arc<Mutex<Served>>,
-    id: u64,
     close: Arc<Notify>,
 }
 
 impl Drop for ServedEntry {
     fn drop(&mut self) {
-        lock(&self.served).open.retain(|(open, _)| *open != self.id);
+        lock(&self.served)
+            .open
+            .retain(|open| !Arc::ptr_eq(open, &self.close));
     }
 }
 
 impl Served {
-    /// A new connection's place: its number and what tells it to close.
+    /// A new connection's place, with what tells it to close.
     fn open(served: &Arc<Mutex<Served>>) -> ServedEntry {
         let close = Arc::new(Notify::new());
-        let mut s = lock(served);
-        s.next += 1;
-        let id = s.next;
-        s.open.push_back((id, close.clone()));
+        lock(served).open.push_back(close.clone());
         ServedEntry {
             served: served.clone(),
-            id,
             close,
         }
     }
 
     fn close_oldest(&mut self) {
-        if let Some((_, close)) = self.open.pop_front() {
+        if let Some(close) = self.open.pop_front() {
             close.notify_one();
         }
     }
