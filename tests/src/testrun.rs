@@ -222,21 +222,21 @@ impl TestDatapath {
     }
 }
 
-/// A map removal that found nothing is not an error (aya reports ENOENT as a syscall error).
 /// Loads (verifies) the XDP programs `names` of a bench object, naming the one the verifier
-/// refuses.
+/// refuses (a load a signal interrupted is tried again, as the agent's are).
 pub fn load_xdp_programs(ebpf: &mut aya::Ebpf, names: &[&str]) -> Result<()> {
     for &name in names {
         let prog: &mut aya::programs::Xdp = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
             .try_into()?;
-        prog.load()
+        hasync_agent::datapath::load_retry::retrying(|| prog.load())
             .with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(())
 }
 
+/// A map removal that found nothing is not an error (aya reports ENOENT as a syscall error).
 pub fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod clock;
 pub mod events;
 pub mod health;
+pub mod load_retry;
 pub mod logger;
 pub mod pin;
 pub mod pod;
@@ -606,11 +607,11 @@ impl Datapath {
     }
 
     /// Loads the XDP program and the ones the agent runs with BPF_PROG_TEST_RUN into the
-    /// kernel.
+    /// kernel (again when a signal interrupted the verifier).
     fn load_programs(&mut self) -> Result<(), DatapathError> {
         for name in PROGRAMS {
-            self.xdp_mut(name)?
-                .load()
+            let program = self.xdp_mut(name)?;
+            load_retry::retrying(|| program.load())
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(())
