@@ -4,7 +4,10 @@
 //! make a loop). A TCP echo connection crosses fw1's wire and its session syncs to fw2; then
 //! fw1 dies, its cables are pulled and fw2's plugged in: the connection keeps working through
 //! fw2's wire (strict policy: fw2 drops mid-stream segments it has no session for), and fw2
-//! takes the session over.
+//! takes the session over. Before that, fw1's client-side end leaves its namespace and comes
+//! back with its index: the kernel deletes a device's DEVMAP entries when it unregisters, and
+//! the agent writes the wire again (before stop 51 the plan did not change, nothing was
+//! written, and the wire dropped everything until a restart).
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +18,7 @@ use hasync_agent::{
         ClusterOptions, Link, Signal,
     },
 };
-use hasync_tests::cluster::Cluster;
+use hasync_tests::{cluster::Cluster, netns::Lab};
 
 /// fw2 declares fw1 dead this long after its last keepalive.
 const KEEPALIVE_THRESHOLD_MS: u64 = 5_000;
@@ -42,6 +45,39 @@ fn plug(c: &Cluster, k: u8, plugged: bool) {
         };
         done.unwrap_or_else(|e| c.fail(&format!("fw{k} {link} plugged={plugged}: {e}")));
     }
+}
+
+/// Member `k`'s index of its interface on `link`.
+fn ifindex(c: &Cluster, k: u8, link: Link) -> u32 {
+    let shown = c
+        .topology()
+        .ip(&format!("fw{k}"), &["-o", "link", "show", link.ifname()])
+        .unwrap_or_else(|e| c.fail(&format!("fw{k} {link}: {e}")));
+    let index = shown.split(':').next().and_then(|i| i.trim().parse().ok());
+    index.unwrap_or_else(|| c.fail(&format!("fw{k} {link}: no index in {shown:?}")))
+}
+
+/// Moves member 1's client-side wire end into another namespace and back (it keeps its
+/// index), and sets it up again.
+fn move_out_and_back(c: &Cluster) {
+    let lab = Lab::new("cvw").unwrap_or_else(|e| c.fail(&format!("lab: {e}")));
+    let park = lab
+        .netns("park")
+        .unwrap_or_else(|e| c.fail(&format!("a namespace: {e}")));
+    let (topo, end) = (c.topology(), Link::In.ifname());
+    let before = ifindex(c, 1, Link::In);
+    let failed = |e: &dyn std::fmt::Display| c.fail(&format!("moving fw1's {end}: {e}"));
+    topo.ip("fw1", &["link", "set", end, "netns", park.name()])
+        .unwrap_or_else(|e| failed(&e));
+    park.ip(&["link", "set", end, "netns", topo.fw(1)])
+        .unwrap_or_else(|e| failed(&e));
+    topo.ip("fw1", &["link", "set", end, "up"])
+        .unwrap_or_else(|e| failed(&e));
+    assert_eq!(
+        ifindex(c, 1, Link::In),
+        before,
+        "the end came back with its index"
+    );
 }
 
 #[test]
@@ -88,6 +124,19 @@ fn a_peers_virtual_wire_takes_a_connection_over() {
         let row = c.wait_owned(k, &filter, 1, Duration::from_secs(10));
         assert_eq!(row.state, "established", "fw{k}");
     }
+
+    // fw1's end leaves and comes back: the wire carries the connection again.
+    let before = client.progress();
+    move_out_and_back(&c);
+    client
+        .wait_until(Duration::from_secs(10), |p| p.ok >= before.ok + 20)
+        .unwrap_or_else(|| {
+            c.fail(&format!(
+                "no echo after fw1's end came back: {:?}; fw1's counters {:?}",
+                client.progress(),
+                c.try_counters(1)
+            ))
+        });
 
     // fw1 dies; its wire is pulled out and fw2's plugged in.
     c.kill_agent(1, Signal::Kill)

@@ -122,8 +122,10 @@ fn usable(devices: &mut impl Devices, name: &str) -> Usable {
 
 /// The ports `config` asks for on `devices`. A wire with an end the kernel cannot tell about
 /// is kept (a redirect the end cannot take is dropped, as a wire that is down drops: leaving
-/// it out would only make sure of the drop); a routed port is not (the kernel forwards).
-pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
+/// it out would only make sure of the drop); a routed port stays what the last check found
+/// (`forwarding`, that check's ports): a query that timed out must not send the port's
+/// flows to the kernel and back a second later, and a new port waits for an answer.
+pub fn plan(config: &Config, devices: &mut impl Devices, forwarding: &[u32]) -> Ports {
     let mut ports = Ports::default();
     for w in &config.vwire {
         let Some((a, b)) = w.ends() else { continue };
@@ -158,6 +160,10 @@ pub fn plan(config: &Config, devices: &mut impl Devices) -> Ports {
             }
             match usable(devices, name) {
                 Usable::Yes(index) => ports.forward.push(index),
+                Usable::Unknown(index, e) if forwarding.contains(&index) => {
+                    ports.forward.push(index);
+                    ports.left_out.push(format!("forwarding to {e}; kept"));
+                }
                 Usable::No(e) | Usable::Unknown(_, e) => {
                     ports.left_out.push(format!("forwarding to {e}"))
                 }
@@ -225,15 +231,38 @@ impl Devices for System {
     }
 }
 
-/// Writes `ports` into the datapath.
-fn apply(dp: &mut Datapath, ports: &Ports) -> Result<(), String> {
-    dp.set_fwd_ports(&ports.forward)
+/// Writes `ports` into the datapath. Returns whether a map changed.
+fn apply(dp: &mut Datapath, ports: &Ports) -> Result<bool, String> {
+    let forward = dp
+        .set_fwd_ports(&ports.forward)
         .map_err(|e| error_chain(&e))?;
-    dp.set_vwire_ports(&ports.wires)
+    let wires = dp
+        .set_vwire_ports(&ports.wires)
         .map_err(|e| error_chain(&e))?;
-    dp.set_ingress_macs(&ports.macs)
+    let macs = dp
+        .set_ingress_macs(&ports.macs)
         .map_err(|e| error_chain(&e))?;
-    Ok(())
+    Ok(forward || wires || macs)
+}
+
+/// Writes the check's plan `next` into the datapath whether or not it differs from `ports`
+/// (what was last written), and keeps it: the kernel deletes an interface's entries from
+/// the DEVMAPs when it unregisters, also when it only moves to another namespace, and one
+/// moved back keeps its index, so the plan alone does not change (before stop 51 nothing was
+/// written then, and the wire dropped everything until a restart). A write that fails is
+/// tried at the next check.
+fn follow(dp: &Mutex<Datapath>, ports: &mut Ports, next: Ports) {
+    let applied = apply(&mut lock_on_worker(dp), &next);
+    match applied {
+        Err(e) => warn!(error = %e, "updating the forwarding ports failed"),
+        Ok(true) if next == *ports => warn!(
+            "forwarding in XDP: the maps had lost ports or wires the plan still holds (an interface that left the namespace and came back, or a write that failed); written again"
+        ),
+        Ok(_) => {
+            report(&ports.left_out, &next);
+            *ports = next;
+        }
+    }
 }
 
 /// What [`spawn`] needs from before the datapath was attached.
@@ -259,7 +288,7 @@ pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, F
         None
     };
     let mut system = System::now(None, None).map_err(ForwardingError::Datapath)?;
-    let ports = plan(config, &mut system);
+    let ports = plan(config, &mut system, &[]);
     apply(dp, &ports).map_err(ForwardingError::Datapath)?;
     report(&[], &ports);
     Ok(Some(Prepared { socket, ports }))
@@ -316,9 +345,10 @@ async fn keep_ports(
     loop {
         tick.tick().await;
         let (cfg, watch, kept) = (config.clone(), links.clone(), features.take());
+        let forwarding = ports.forward.clone();
         let checked = tokio::task::spawn_blocking(move || {
             let mut sys = System::now(watch.as_ref(), kept)?;
-            let next = plan(&cfg, &mut sys);
+            let next = plan(&cfg, &mut sys, &forwarding);
             Ok((next, sys.sound_features()))
         })
         .await
@@ -328,19 +358,7 @@ async fn keep_ports(
             next
         });
         match next {
-            Ok(next) if next != ports => {
-                let applied = {
-                    let mut dp = lock_on_worker(&dp);
-                    apply(&mut dp, &next)
-                };
-                if let Err(e) = applied {
-                    warn!(error = %e, "updating the forwarding ports failed");
-                    continue;
-                }
-                report(&ports.left_out, &next);
-                ports = next;
-            }
-            Ok(_) => {}
+            Ok(next) => follow(&dp, &mut ports, next),
             Err(e) => warn!(error = %e, "checking the forwarding ports failed"),
         }
     }
