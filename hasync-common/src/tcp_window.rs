@@ -175,7 +175,8 @@ impl Fit {
     }
 
     /// `self`, but [`Fit::Outside`] for a [`Fit::NewSyn`] that came in through another zone
-    /// (`ingress`) than the session's own (the loose policy lets one through) and for a
+    /// (`ingress`) than the session's own (through an interface in no zone: one from another
+    /// zone never reaches the window) and for a
     /// [`Fit::Restart`] that came in through another than the zone `s`'s replies are bound
     /// to, or through that one where it is the initiator's too. Where nothing separates the
     /// two sides (no zones, one zone for both, the replies not bound yet) no answer restarts

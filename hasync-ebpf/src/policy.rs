@@ -197,30 +197,31 @@ pub fn icmp_error(
 /// [`learn_reply_zone`]). A session of no zone is not bound, and an interface in no zone (the
 /// agent attaches to zones' only, unless run without a config) binds nothing. A packet from
 /// elsewhere is dropped by the strict policy (passed by the loose one), counted either way,
-/// and does not touch the session.
+/// and does not touch the session: `Some` is its verdict, `None` lets it on to the session.
+/// (Before stop 51 the loose policy's went on and changed the session: a handshake forged
+/// from one side alone became assured.)
 #[inline(always)]
-pub fn zone_allows(
+pub fn zone_mismatch(
     cfg: &DatapathConfig,
     counters: &mut Counters,
     s: &Session,
     dir: usize,
     ingress: ZoneId,
-) -> bool {
+) -> Option<u32> {
     let bound = if dir == DIR_ORIGINAL {
         s.zone
     } else {
         s.reply_zone
     };
     if bound == ingress || ingress == ZoneId::NONE || bound == ZoneId::NONE {
-        return true;
+        return None;
     }
-    let verdict = by_policy(
+    Some(by_policy(
         cfg,
         counters,
         Counter::PassZoneMismatch,
         Counter::DropZoneMismatch,
-    );
-    verdict == xdp_action::XDP_PASS
+    ))
 }
 
 /// Binds the reply direction, when its creation left it unbound, to the zone of a reply the

@@ -21,7 +21,7 @@ use crate::{
     parse::{first_fragment_key, parse, Packet, Parsed},
     policy::{
         by_policy, icmp_error, ingress_zone, ingress_zone_id, later_fragment, learn_reply_zone,
-        open_datagram, other_protocol, unknown_traffic_passes, unplaceable, zone_allows,
+        open_datagram, other_protocol, unknown_traffic_passes, unplaceable, zone_mismatch,
     },
     route,
 };
@@ -172,8 +172,8 @@ fn hit(
     } else {
         DIR_ORIGINAL
     };
-    if !zone_allows(cfg, counters, s, dir, ingress) {
-        return xdp_action::XDP_DROP;
+    if let Some(verdict) = zone_mismatch(cfg, counters, s, dir, ingress) {
+        return verdict;
     }
     let owned = s.owner == cfg.local_member;
     if unbound(s, dir, owned, ingress) {
