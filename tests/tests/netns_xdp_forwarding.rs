@@ -12,7 +12,10 @@ use std::{
 };
 
 use anyhow::{ensure, Context as _, Result};
-use hasync_agent::forwarding::kernel_track::{KernelEntries, CLOSED_TIMEOUT_S};
+use hasync_agent::forwarding::{
+    ipsec::{forwarding_policies, PolicyWatch},
+    kernel_track::{KernelEntries, CLOSED_TIMEOUT_S},
+};
 use hasync_common::{
     fib, Counter, Counters, EventKind, FibKey, FlowKey, Forwarding, Policy, Session,
 };
@@ -20,7 +23,7 @@ use hasync_tests::{
     cluster::send_raw,
     forwarder::{sa, stream_between, tcp_exchange, Forwarder, CLI4, CLI6, IO_TIMEOUT, SRV4, SRV6},
     frame::Frame,
-    netns::{conntrack_timeouts, wait_for, Netns},
+    netns::{conntrack_timeouts, wait_for, Lab, Netns},
     sockets::recv_with_control,
     testrun::CounterDelta,
 };
@@ -582,5 +585,60 @@ fn a_forwarded_connection_handed_to_the_kernel_mid_stream_goes_on() -> Result<()
     sent.context("the client's second write")?;
     let got = got.context("the server's read")?;
     ensure!(got == first + second, "the server got {got} bytes");
+    Ok(())
+}
+
+/// Adds an IPsec tunnel policy of direction `dir` between two of the benchmarking range's
+/// networks in `ns`.
+fn xfrm_policy(ns: &Netns, dir: &str) -> Result<()> {
+    let selector = ["src", "198.18.1.0/24", "dst", "198.18.2.0/24"];
+    let template = [
+        "tmpl",
+        "src",
+        "198.18.0.1",
+        "dst",
+        "198.18.0.2",
+        "proto",
+        "esp",
+        "mode",
+        "tunnel",
+    ];
+    let mut args = vec!["xfrm", "policy", "add"];
+    args.extend(selector);
+    args.extend(["dir", dir]);
+    args.extend(template);
+    ns.ip(&args).map(drop)
+}
+
+/// The count that keeps every routed port to the kernel while IPsec policies could select
+/// routed traffic (XDP would forward it past them, in the clear) reads the namespace's
+/// policies: forward and outbound ones count, inbound ones (traffic to the host) do not. A
+/// flush is notified at once, and leaves none.
+#[test]
+fn ipsec_policies_are_counted_and_their_changes_notified() -> Result<()> {
+    let lab = Lab::new("xfrm")?;
+    let ns = lab.netns("fw")?;
+    let count = || -> Result<u32> { Ok(ns.run(forwarding_policies)??) };
+    ensure!(count()? == 0, "policies in a new namespace");
+    xfrm_policy(&ns, "in")?;
+    ensure!(count()? == 0, "an inbound policy counted");
+    xfrm_policy(&ns, "fwd")?;
+    ensure!(count()? == 1, "the forward policy");
+    xfrm_policy(&ns, "out")?;
+    ensure!(count()? == 2, "the outbound policy");
+    let notified = ns.run(|| -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let watch = PolicyWatch::open().context("no policy notifications")?;
+            ns.ip(&["xfrm", "policy", "flush"])?;
+            tokio::time::timeout(Duration::from_secs(2), watch.changed())
+                .await
+                .context("the flush was not notified")
+        })
+    })?;
+    notified?;
+    ensure!(count()? == 0, "policies left after the flush");
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! next hop outlives a change.
 
 pub mod features;
+pub mod ipsec;
 pub mod kernel_track;
 mod nlmsg;
 pub mod source;
@@ -76,6 +77,8 @@ pub trait Devices {
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String>;
     /// The Ethernet address of interface `name`, if it exists and has one.
     fn mac(&self, name: &str) -> Option<[u8; 6]>;
+    /// How many IPsec policies select forwarded or sent traffic ([`ipsec`]).
+    fn ipsec_policies(&mut self) -> Result<u32, String>;
 }
 
 /// What the kernel says of one interface as a redirect target.
@@ -142,7 +145,7 @@ pub fn plan(config: &Config, devices: &mut impl Devices, forwarding: &[u32]) -> 
             }
         }
     }
-    if config.local.forwarding == ForwardingName::Xdp {
+    if config.local.forwarding == ForwardingName::Xdp && !under_ipsec(devices, &mut ports) {
         for (name, _, binding) in config.interface_zones() {
             if binding.has(ZoneBinding::VWIRE) {
                 continue; // a wire's end: never a routed egress
@@ -171,6 +174,20 @@ pub fn plan(config: &Config, devices: &mut impl Devices, forwarding: &[u32]) -> 
         }
     }
     ports
+}
+
+/// Whether IPsec policies may select routed traffic (or the kernel could not say), which XDP
+/// would forward past them ([`ipsec`]): then no routed port is offered, said in `ports`.
+fn under_ipsec(devices: &mut impl Devices, ports: &mut Ports) -> bool {
+    let why = match devices.ipsec_policies() {
+        Ok(0) => return false,
+        Ok(n) => format!("{n} IPsec policies select forwarded or sent traffic (`ip xfrm policy`)"),
+        Err(e) => format!("whether IPsec policies select routed traffic is unknown: {e}"),
+    };
+    ports.left_out.push(format!(
+        "forwarding in XDP: {why}; the kernel forwards every routed packet (and applies them)"
+    ));
+    true
 }
 
 /// The running system's interfaces: the interface table and the `netdev` family's answers.
@@ -211,6 +228,10 @@ impl Devices for System {
 
     fn mac(&self, name: &str) -> Option<[u8; 6]> {
         self.ifaces.get(name).and_then(|i| i.mac)
+    }
+
+    fn ipsec_policies(&mut self) -> Result<u32, String> {
+        ipsec::forwarding_policies().map_err(|e| e.to_string())
     }
 
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
@@ -294,7 +315,8 @@ pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, F
     Ok(Some(Prepared { socket, ports }))
 }
 
-/// Keeps the ports current (every second, from the interface table `links` keeps) and the
+/// Keeps the ports current (every second, from the interface table `links` keeps, and at once
+/// when an IPsec policy changes) and the
 /// FIB generation moving with every route, rule, neighbour, address and link change: two
 /// tasks, so a slow port check never holds a notification back.
 pub fn spawn(
@@ -340,10 +362,21 @@ async fn keep_ports(
     links: Option<LinkWatch>,
 ) {
     let mut tick = tokio::time::interval(RECHECK);
+    let routed = config.local.forwarding == ForwardingName::Xdp;
+    let policies = routed.then(ipsec::PolicyWatch::open).flatten();
     // The `netdev` family's socket, kept between checks (opened again after a failure).
     let mut features = None;
     loop {
-        tick.tick().await;
+        match &policies {
+            // A policy change is checked at once (the burst of a daemon's policies once).
+            Some(watch) => tokio::select! {
+                _ = tick.tick() => {}
+                () = watch.changed() => rest_of_burst((), || watch.changed()).await,
+            },
+            None => {
+                tick.tick().await;
+            }
+        }
         let (cfg, watch, kept) = (config.clone(), links.clone(), features.take());
         let forwarding = ports.forward.clone();
         let checked = tokio::task::spawn_blocking(move || {
@@ -395,10 +428,10 @@ async fn read_notifications(socket: &TokioSocket) -> Change {
 
 /// What the burst that started with `first` changes: `next` read until it pauses for
 /// [`COALESCE`], or for [`BURST_MAX`] at most.
-async fn rest_of_burst<F: std::future::Future<Output = Change>>(
-    first: Change,
+async fn rest_of_burst<T: Ord, F: std::future::Future<Output = T>>(
+    first: T,
     mut next: impl FnMut() -> F,
-) -> Change {
+) -> T {
     let cut = tokio::time::Instant::now() + BURST_MAX;
     let mut change = first;
     loop {
