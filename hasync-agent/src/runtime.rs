@@ -980,13 +980,19 @@ fn log_liveness(id: MemberId, alive: bool, skipped: u64) {
 fn reannounce(member: &Member) {
     let engine = member.engine.clone();
     let reader = lock(&member.dp).session_reader();
+    let xdp = member.config.local.forwarding == ForwardingName::Xdp;
     let started = reader
         .map_err(|e| error_chain(&e))
         .and_then(|reader| {
             std::thread::Builder::new()
                 .name("reannounce".into())
                 .spawn(move || {
-                    if let Err(e) = engine.reannounce_from(&reader) {
+                    // The kernel entries of connections whose establishment was among the lost
+                    // events are marked liberal too (marking one again changes nothing).
+                    let mut entries = KernelEntries::new(xdp);
+                    let walked = engine.reannounce_from(&reader, |k, s| entries.established(k, s));
+                    entries.flush();
+                    if let Err(e) = walked {
                         warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
                         engine.request_bulk_all();
                     }

@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hasync_common::{ClusterId, FlowKey, MemberId};
+use hasync_common::{ClusterId, FlowKey, MemberId, Session};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -463,11 +463,16 @@ impl<T: SessionTable> Engine<T> {
     }
 
     /// Queues every session this member owns for every syncing peer, from a walk of `reader`
-    /// (after events lost to a full ring buffer, or a restart that kept the table): each is
-    /// read when sent, so peers coalesce what they have. The walk takes no lock of the table,
-    /// so it can run on a thread of its own while the event reader goes on. False when another
-    /// re-announcement is still running (losses since it started wait for the next one).
-    pub fn reannounce_from(&self, reader: &SessionReader) -> Result<bool, DatapathError> {
+    /// (after events lost to a full ring buffer): each is read when sent, so peers coalesce
+    /// what they have; `each` sees every one as the walk read it (what else the lost events
+    /// would have done). The walk takes no lock of the table, so it can run on a thread of its
+    /// own while the event reader goes on. False when another re-announcement is still running
+    /// (losses since it started wait for the next one).
+    pub fn reannounce_from(
+        &self,
+        reader: &SessionReader,
+        mut each: impl FnMut(&FlowKey, &Session),
+    ) -> Result<bool, DatapathError> {
         if self.inner.reannouncing.swap(true, Relaxed) {
             return Ok(false);
         }
@@ -483,12 +488,10 @@ impl<T: SessionTable> Engine<T> {
         let mut owned = Vec::new();
         let walked = reader.chunked(DEFAULT_CHUNK, |keys, values| {
             owned.clear();
-            owned.extend(
-                keys.iter()
-                    .zip(values)
-                    .filter(|(_, s)| s.owner == local)
-                    .map(|(k, _)| *k),
-            );
+            for (k, s) in keys.iter().zip(values).filter(|(_, s)| s.owner == local) {
+                owned.push(*k);
+                each(k, s);
+            }
             self.enqueue(&owned);
         });
         drop(walking);

@@ -1267,7 +1267,8 @@ async fn full_syncs_to_a_peer_are_paced_by_the_backoff() {
 
 /// A re-announcement queues every session this member owns for each syncing peer, and walks
 /// with a reader of its own: it runs while another holder keeps the table's lock (the old walk
-/// took that lock per chunk, on the main loop, whose event reader then stopped).
+/// took that lock per chunk, on the main loop, whose event reader then stopped). Each owned
+/// session is shown to the caller as read (the kernel entries' marks the lost events owed).
 #[test]
 fn a_reannouncement_walks_without_the_tables_lock() {
     use crate::{
@@ -1283,8 +1284,15 @@ fn a_reannouncement_walks_without_the_tables_lock() {
     }
     let reader = lock(&e.inner.dp).session_reader().expect("a reader");
     let _held = lock(&e.inner.dp);
-    assert_eq!(e.reannounce_from(&reader).ok(), Some(true));
+    let mut seen = Vec::new();
+    let walked = e.reannounce_from(&reader, |k, s| {
+        seen.push((u16::from_be(k.port_lo), s.owner))
+    });
+    assert_eq!(walked.ok(), Some(true));
     assert!(!e.reannouncing());
+    seen.sort();
+    let local = e.inner.cfg.local;
+    assert_eq!(seen, [(1, local), (2, local), (3, local)]);
     for id in [2, 3] {
         let peer = e.peers().find(|p| p.cfg.id == MemberId(id)).expect("peer");
         assert_eq!(e.backlog_of(peer), (3, 0), "peer {id}");
