@@ -13,6 +13,14 @@
 //! as one piece: lines from concurrent writers never interleave. For log rotation, either
 //! `copytruncate`, or rename the file and send the agent SIGHUP (`systemctl reload hasync`):
 //! it calls [`TrafficLog::reopen`].
+//!
+//! Sessions that were never answered (a flood's or a scan's, evicted or expired unanswered)
+//! get at most [`UNANSWERED_PER_SECOND`] lines a second; the others of that second are
+//! counted in one line when it is over:
+//!
+//! ```text
+//! {"not_logged":"unanswered","sessions":51234,"start":"2026-04-14T10:00:00.000Z","end":"2026-04-14T10:00:01.000Z"}
+//! ```
 
 use std::{
     borrow::Cow,
@@ -21,7 +29,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use hasync_common::{
@@ -255,10 +263,71 @@ pub struct TrafficLog {
     /// Lines kept for the next [`TrafficLog::flush`], and how many.
     pending: Vec<u8>,
     pending_lines: u64,
+    unanswered: Unanswered,
 }
 
 /// Kept lines are written without waiting for the next flush once they take this many bytes.
 const PENDING_BYTES: usize = 256 << 10;
+
+/// Lines a second for sessions that were never answered: a spoofed flood's evicted sessions
+/// wrote a line each (330 bytes: 33 MB/s at 100,000 a second, until the disk was full).
+pub const UNANSWERED_PER_SECOND: u32 = 100;
+
+/// The budget of lines for unanswered sessions, one second at a time.
+#[derive(Debug)]
+struct Unanswered {
+    /// Start of the second being counted.
+    since: Instant,
+    since_wall: SystemTime,
+    logged: u32,
+    /// Unanswered sessions of this second not logged.
+    left_out: u64,
+}
+
+impl Unanswered {
+    fn new(now: Instant) -> Unanswered {
+        Unanswered {
+            since: now,
+            since_wall: SystemTime::now(),
+            logged: 0,
+            left_out: 0,
+        }
+    }
+
+    /// Whether an unanswered session ending in this second gets its line.
+    fn admit(&mut self) -> bool {
+        if self.logged < UNANSWERED_PER_SECOND {
+            self.logged += 1;
+            return true;
+        }
+        self.left_out += 1;
+        false
+    }
+
+    /// The line counting the sessions left out of the second that is over at `now` (then a
+    /// new second starts), if any were; `None` while the second lasts.
+    fn close_second(&mut self, now: Instant) -> Option<NotLogged> {
+        if now.duration_since(self.since) < Duration::from_secs(1) {
+            return None;
+        }
+        let over = std::mem::replace(self, Unanswered::new(now));
+        (over.left_out > 0).then(|| NotLogged {
+            not_logged: "unanswered",
+            sessions: over.left_out,
+            start: rfc3339(over.since_wall),
+            end: rfc3339(SystemTime::now()),
+        })
+    }
+}
+
+/// The line that counts sessions left out of the log.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NotLogged {
+    pub not_logged: &'static str,
+    pub sessions: u64,
+    pub start: String,
+    pub end: String,
+}
 
 impl TrafficLog {
     /// Opens `path` for appending, creating it (mode 0640) and its directory (0750) if missing.
@@ -271,6 +340,7 @@ impl TrafficLog {
             cut: std::cell::Cell::new(false),
             pending: Vec::new(),
             pending_lines: 0,
+            unanswered: Unanswered::new(Instant::now()),
         })
     }
 
@@ -302,9 +372,15 @@ impl TrafficLog {
     }
 
     /// Keeps the line of a session that ended here (the sweep removed it, or it was
-    /// evicted), naming its zone from `config`, for the next [`Self::flush`]. The caller
-    /// checks the local member owns it.
+    /// evicted), naming its zone from `config`, for the next [`Self::flush`]; one never
+    /// answered only within [`UNANSWERED_PER_SECOND`]. The caller checks the local member
+    /// owns it.
     pub fn write_removed(&mut self, removed: &Removed, config: &Config) {
+        let now = Instant::now();
+        self.close_second(now);
+        if removed.session.packets[DIR_REPLY] == 0 && !self.unanswered.admit() {
+            return;
+        }
         let zone = removed.session.zone;
         let zone: Cow<'_, str> = match usize::from(zone.0) {
             0 => Cow::Borrowed(""),
@@ -314,8 +390,13 @@ impl TrafficLog {
             ),
         };
         let record = SessionEnd::from_removed(removed, &zone).record(&Clock::now());
+        self.keep(&record);
+    }
+
+    /// Keeps the line of `record` for the next flush (written now if the kept lines are many).
+    fn keep(&mut self, record: &impl Serialize) {
         let kept = self.pending.len();
-        if serde_json::to_writer(&mut self.pending, &record).is_ok() {
+        if serde_json::to_writer(&mut self.pending, record).is_ok() {
             self.pending.push(b'\n');
             self.pending_lines += 1;
         } else {
@@ -327,10 +408,18 @@ impl TrafficLog {
         }
     }
 
+    /// Keeps the line counting the unanswered sessions left out of a second that is over.
+    fn close_second(&mut self, now: Instant) {
+        if let Some(line) = self.unanswered.close_second(now) {
+            self.keep(&line);
+        }
+    }
+
     /// Writes the kept lines, in one `write(2)` as a rule. A failure (disk full, ...) is
     /// counted, per line lost, and logged once until writes work again, not returned: the
     /// main loop must go on.
     pub fn flush(&mut self) {
+        self.close_second(Instant::now());
         if self.pending.is_empty() {
             return;
         }
@@ -639,8 +728,10 @@ interfaces = ["wan0"]
         let before = writes_so_far();
         for port in 0..500 {
             let ended = removed(
-                Flow::udp("10.0.0.1", port, "10.0.0.2", 53).zone(1),
-                RemoveReason::Evicted,
+                Flow::udp("10.0.0.1", port, "10.0.0.2", 53)
+                    .zone(1)
+                    .traffic([1, 1], [80, 120]),
+                RemoveReason::Expired,
             );
             log.write_removed(&ended, &config);
         }
@@ -655,6 +746,51 @@ interfaces = ["wan0"]
         assert_eq!(ports, (0..500).collect::<Vec<_>>());
         log.flush();
         assert_eq!(writes_so_far() - before, 1, "nothing kept: nothing written");
+    }
+
+    /// Sessions never answered (a spoofed flood's, evicted or expired) get at most
+    /// [`UNANSWERED_PER_SECOND`] lines a second, and one line counts the rest when the second
+    /// is over; answered ones are all logged. Before stop 51 every one had its line, and a
+    /// flood filled the disk (found by a review; seen failing: 253 lines).
+    #[test]
+    fn unanswered_sessions_are_logged_a_hundred_a_second_and_the_rest_counted() {
+        let config = two_zones();
+        let dir = TempDir::new("traffic-unanswered");
+        let path = dir.path().join("traffic.jsonl");
+        let mut log = TrafficLog::open(&path).unwrap();
+        // One second that lasts until the test ends it (however slow the machine).
+        log.unanswered.since = Instant::now() + Duration::from_secs(3600);
+        let flood = |port| {
+            let flow = Flow::tcp("10.0.0.1", port, "10.0.0.2", 80).state(State::SynSent);
+            removed(flow.traffic([1, 0], [60, 0]), RemoveReason::Evicted)
+        };
+        for port in 0..250 {
+            log.write_removed(&flood(port), &config);
+        }
+        for port in 0..3 {
+            let answered = Flow::udp("10.0.0.3", port, "10.0.0.2", 53).traffic([1, 1], [80, 90]);
+            log.write_removed(&removed(answered, RemoveReason::Expired), &config);
+        }
+        log.flush();
+        let lines = |path: &Path| -> Vec<String> {
+            let text = std::fs::read_to_string(path).unwrap();
+            text.lines().map(str::to_owned).collect()
+        };
+        let written = lines(&path);
+        assert_eq!(written.len(), 103, "{} lines", written.len());
+        assert!(written
+            .iter()
+            .all(|l| serde_json::from_str::<TrafficRecord>(l).is_ok()));
+        log.unanswered.since = Instant::now() - Duration::from_secs(1);
+        log.flush();
+        let written = lines(&path);
+        assert_eq!(written.len(), 104);
+        let last: serde_json::Value = serde_json::from_str(&written[103]).unwrap();
+        assert_eq!(last["not_logged"], "unanswered");
+        assert_eq!(last["sessions"], 150);
+        log.write_removed(&flood(7), &config);
+        log.flush();
+        assert_eq!(lines(&path).len(), 105, "a new second has its own lines");
     }
 
     #[test]
