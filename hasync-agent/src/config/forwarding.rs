@@ -85,6 +85,33 @@ impl Config {
             .map_or(0, Vwire::flags)
     }
 
+    /// Checks that the forwarding maps hold every port the config can ask for: the routed zone
+    /// interfaces (with `forwarding = "xdp"`) and the wires' ends. Past that the start failed,
+    /// or a port check failed every second once the interfaces existed, and with it every
+    /// later port and address change.
+    pub(super) fn check_port_counts(&self, p: &mut Vec<String>) {
+        let max = hasync_common::maps::PORTS_CAPACITY as usize;
+        if self.local.forwarding == ForwardingName::Xdp {
+            let routed = self
+                .interface_zones()
+                .filter(|(_, _, b)| !b.has(ZoneBinding::VWIRE))
+                .count();
+            if routed > max {
+                p.push(format!(
+                    "{routed} routed zone interfaces are more than the {max} forwarding in XDP can send to (local.forwarding = \"xdp\")"
+                ));
+            }
+        }
+        let ends = self.vwire.len() * 2;
+        if ends > max {
+            p.push(format!(
+                "{} virtual wires are more than the {} the datapath holds",
+                self.vwire.len(),
+                max / 2
+            ));
+        }
+    }
+
     /// Checks `[[vwire]]`, pushing one line per problem.
     pub(super) fn check_vwires(&self, p: &mut Vec<String>) {
         let zoned: BTreeSet<&str> = self

@@ -390,6 +390,7 @@ impl Config {
         self.check_timeouts(&mut p);
         self.monitor.check(&mut p);
         self.check_vwires(&mut p);
+        self.check_port_counts(&mut p);
 
         if p.is_empty() {
             Ok(())

@@ -401,6 +401,48 @@ fn invalid_values_are_named_with_their_range() {
     }
 }
 
+/// More routed interfaces than XDP forwarding can send to, or more wires than the datapath
+/// holds, are refused by the check, not at start (found by a review: the start failed, or
+/// the port check failed every second once the interfaces existed).
+#[test]
+fn more_ports_than_the_forwarding_maps_hold_are_refused() {
+    let key = KeyFile::new("ports", 32, 0o600);
+    let max = hasync_common::maps::PORTS_CAPACITY as usize;
+    let interfaces: Vec<String> = (0..=max).map(|i| format!("\"p{i}\"")).collect();
+    let wires: String = (0..=max / 2)
+        .map(|i| format!("[[vwire]]\nname = \"w{i}\"\ninterfaces = [\"wa{i}\", \"wb{i}\"]\n"))
+        .collect();
+    let ends: Vec<String> = (0..=max / 2)
+        .flat_map(|i| [format!("\"wa{i}\""), format!("\"wb{i}\"")])
+        .collect();
+    let zones = format!(
+        "[[zones]]\nname = \"many\"\ninterfaces = [{}]\n[[zones]]\nname = \"wires\"\ninterfaces = [{}]\n{wires}",
+        interfaces.join(", "),
+        ends.join(", ")
+    );
+    let text = sample(&key.path())
+        .replace(
+            "[[members]]\nid = 1",
+            &format!("{zones}[[members]]\nid = 1"),
+        )
+        .replace("[local]\n", "[local]\nforwarding = \"xdp\"\n");
+    let e = check(&text).expect_err("too many ports");
+    assert!(
+        e.contains(&format!(
+            "routed zone interfaces are more than the {max} forwarding in XDP can send to"
+        )),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!(
+            "{} virtual wires are more than the {} the datapath holds",
+            max / 2 + 1,
+            max / 2
+        )),
+        "{e}"
+    );
+}
+
 /// More zones than the datapath records are refused by the check, not at start.
 #[test]
 fn more_zones_than_the_datapath_records_are_refused() {
