@@ -67,6 +67,8 @@ pub enum TrafficLogError {
     },
     #[error("the traffic log {path} is a FIFO, whose reader could stall the agent: give [local] traffic_log a file")]
     Fifo { path: PathBuf },
+    #[error("the traffic log {path} is a symbolic link: give [local] traffic_log the file itself (the agent, root, does not follow a link someone could have put there)")]
+    Symlink { path: PathBuf },
     #[error("cannot write to the traffic log {path}: {source}")]
     Write {
         path: PathBuf,
@@ -468,7 +470,8 @@ impl TrafficLog {
 }
 
 /// Opens `path` for appending, creating it (mode 0640) and its directory (0750) if missing;
-/// refuses a FIFO.
+/// refuses a FIFO and a symbolic link (the agent runs as root: one put at the path by whoever
+/// may write in its directory would send the lines, and a reopen's create, anywhere).
 fn open_file(path: &Path) -> Result<File, TrafficLogError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
@@ -496,11 +499,16 @@ fn open_file(path: &Path) -> Result<File, TrafficLogError> {
         .append(true)
         .create(true)
         .mode(FILE_MODE)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|source| TrafficLogError::Open {
-            path: path.to_owned(),
-            source,
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => TrafficLogError::Symlink {
+                path: path.to_owned(),
+            },
+            _ => TrafficLogError::Open {
+                path: path.to_owned(),
+                source,
+            },
         })?;
     if file.metadata().is_ok_and(|m| fifo(&m)) {
         return Err(TrafficLogError::Fifo {
@@ -901,6 +909,15 @@ interfaces = ["wan0"]
             });
         let e = answer.expect("a FIFO was taken as a traffic log");
         assert!(e.contains("is a FIFO"), "{e}");
+
+        // A symbolic link, to a file that exists or not, is refused and nothing is made
+        // (before stop 51 it was followed: found by a review).
+        let target = dir.path().join("elsewhere");
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let e = TrafficLog::open(&link).expect_err("a link was followed");
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert!(!target.exists(), "the link's target was made");
     }
 
     /// A line cut short stays with its file: after a rotation the new file starts with the
