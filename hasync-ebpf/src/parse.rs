@@ -659,7 +659,7 @@ fn tcp_segment(
 }
 
 /// The shift of the window scale option among the TCP options at `l4 + 20 .. l4 + doff`, if
-/// any. A bounded walk: the verifier follows each step. Every step reads three bytes (an
+/// any, whole inside them. A bounded walk: the verifier follows each step. Every step reads three bytes (an
 /// option's kind, length and, for the window scale, shift) in one read: fewer than three
 /// left cannot hold the option anyway, and reads of one byte at a variable offset compile to a
 /// bounds check the verifier does not accept (`at >= end`).
@@ -674,7 +674,9 @@ fn wscale_option(frame: &Frame, l4: usize, doff: usize) -> Option<u8> {
         match kind {
             TCPOPT_EOL => return None,
             TCPOPT_NOP => off = off.wrapping_add(1),
-            TCPOPT_WSCALE if len == 3 => return Some(shift),
+            // Inside the header only (the endpoint ignores an option cut by the data offset;
+            // its shift would come from the payload).
+            TCPOPT_WSCALE if len == 3 => return (off.wrapping_add(3) <= doff).then_some(shift),
             _ if len < 2 => return None,
             _ => off = off.wrapping_add(len as usize),
         }

@@ -797,6 +797,43 @@ fn tcp_window_rows() -> Vec<Row> {
             E::StateChanged,
             E::StateChanged,
         ]),
+        // A window scale option cut by the data offset (its kind the header's last byte, its
+        // length and shift in the payload) is none, as the endpoint takes it: the client
+        // offered no scaling, so none is in effect. Before stop 51 the shift was read from the
+        // payload, and the server's FIN a scaled window away closed the session (found by a
+        // review).
+        Row::new("tcp window: a window scale option past the data offset is not taken")
+            .pass(
+                tcp(C4, S4)
+                    .syn()
+                    .seq(C_ISN)
+                    .wscale(7)
+                    .payload(2)
+                    .set_l4_byte(20, 1)
+                    .set_l4_byte(21, 1)
+                    .set_l4_byte(22, 1)
+                    .set_l4_byte(23, 3)
+                    .set_l4_byte(24, 3)
+                    .set_l4_byte(25, 7),
+            )
+            .pass(
+                tcp(S4, C4)
+                    .syn_ack()
+                    .seq(S_ISN)
+                    .ack_number(C_ISN + 3)
+                    .wscale(7),
+            )
+            .pass(
+                tcp(C4, S4)
+                    .ack()
+                    .seq(C_ISN + 3)
+                    .ack_number(S_ISN + 1)
+                    .window(1000),
+            )
+            .drop(tcp(S4, C4).fin().seq(S_ISN + 1 + 120_000))
+            .session(Expect::new(State::Established).version(3).packets(2, 1))
+            .counters(&after_handshake(1, &[(C::DropTcpOutOfWindow, 1)]))
+            .events(&HANDSHAKE_EVENTS),
         // In a window this wide a blind RST lands in a few hundred guesses: once established,
         // only one at the sender's next sequence number counts (RFC 5961 §3.2, as conntrack).
         // Others pass whatever the policy, so the endpoint answers with a challenge ACK, and
