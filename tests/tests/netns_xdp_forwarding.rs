@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{ensure, Context as _, Result};
 use hasync_agent::forwarding::{
-    ipsec::{forwarding_policies, PolicyWatch},
+    ipsec::{forwarding_policies, Policies, PolicyWatch},
     kernel_track::{KernelEntries, CLOSED_TIMEOUT_S},
 };
 use hasync_common::{
@@ -612,20 +612,24 @@ fn xfrm_policy(ns: &Netns, dir: &str) -> Result<()> {
 
 /// The count that keeps every routed port to the kernel while IPsec policies could select
 /// routed traffic (XDP would forward it past them, in the clear) reads the namespace's
-/// policies: forward and outbound ones count, inbound ones (traffic to the host) do not. A
-/// flush is notified at once, and leaves none.
+/// policies: forward and outbound ones count, inbound ones (traffic to the host) do not; a
+/// default policy that blocks forwarded traffic counts too (the diff review: it was not read).
+/// A flush is notified at once, and leaves none.
 #[test]
 fn ipsec_policies_are_counted_and_their_changes_notified() -> Result<()> {
     let lab = Lab::new("xfrm")?;
     let ns = lab.netns("fw")?;
-    let count = || -> Result<u32> { Ok(ns.run(forwarding_policies)??) };
-    ensure!(count()? == 0, "policies in a new namespace");
+    let read = || -> Result<Policies> { Ok(ns.run(forwarding_policies)??) };
+    ensure!(
+        read()? == Policies::default(),
+        "policies in a new namespace"
+    );
     xfrm_policy(&ns, "in")?;
-    ensure!(count()? == 0, "an inbound policy counted");
+    ensure!(read()?.selecting == 0, "an inbound policy counted");
     xfrm_policy(&ns, "fwd")?;
-    ensure!(count()? == 1, "the forward policy");
+    ensure!(read()?.selecting == 1, "the forward policy");
     xfrm_policy(&ns, "out")?;
-    ensure!(count()? == 2, "the outbound policy");
+    ensure!(read()?.selecting == 2, "the outbound policy");
     let notified = ns.run(|| -> Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -633,12 +637,26 @@ fn ipsec_policies_are_counted_and_their_changes_notified() -> Result<()> {
         runtime.block_on(async {
             let watch = PolicyWatch::open().context("no policy notifications")?;
             ns.ip(&["xfrm", "policy", "flush"])?;
-            tokio::time::timeout(Duration::from_secs(2), watch.changed())
-                .await
-                .context("the flush was not notified")
+            let changed = tokio::time::timeout(Duration::from_secs(2), watch.changed()).await;
+            Ok(changed.context("the flush was not notified")??)
         })
     })?;
     notified?;
-    ensure!(count()? == 0, "policies left after the flush");
+    ensure!(
+        read()? == Policies::default(),
+        "policies left after the flush"
+    );
+    ns.ip(&["xfrm", "policy", "setdefault", "fwd", "block"])?;
+    ensure!(read()?.default_blocks, "a blocking forward default");
+    ns.ip(&[
+        "xfrm",
+        "policy",
+        "setdefault",
+        "fwd",
+        "accept",
+        "in",
+        "block",
+    ])?;
+    ensure!(!read()?.default_blocks, "only the inbound default blocks");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::{io, time::Duration};
 
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket};
 
-use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
+use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST};
 
 /// Errors of the feature query.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,6 @@ const NETDEV_A_DEV_IFINDEX: u16 = 1;
 const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
 /// `NETDEV_XDP_ACT_NDO_XMIT`: the device implements `ndo_xdp_xmit`.
 pub const XDP_ACT_NDO_XMIT: u64 = 1 << 2;
-const NLM_F_REQUEST: u16 = 1;
 const GENL_HDRLEN: usize = 4;
 /// Longest wait for an answer.
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -149,11 +148,7 @@ fn encode(family: u16, seq: u32, cmd: u8, attr_type: u16, value: &[u8]) -> Vec<u
     let padded = attr_len.next_multiple_of(4);
     let len = NLMSG_HDRLEN + GENL_HDRLEN + padded;
     let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&family.to_ne_bytes());
-    m.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&nlmsg::header(len, family, NLM_F_REQUEST, seq));
     m.extend_from_slice(&[cmd, 1, 0, 0]);
     m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
     m.extend_from_slice(&attr_type.to_ne_bytes());

@@ -31,7 +31,7 @@ use std::{io, net::IpAddr};
 use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, SessionFlags, State};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
-use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN};
+use super::nlmsg::{self, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST};
 
 /// The timeout, in seconds, given to the kernel's entry of a forwarded connection that closed
 /// (conntrack's own for a closed TCP connection is 10 s).
@@ -40,7 +40,6 @@ pub const CLOSED_TIMEOUT_S: u32 = 10;
 /// A batch is sent once it holds this many bytes (a netlink datagram carries many requests).
 const BATCH_BYTES: usize = 16 * 1024;
 
-const NLM_F_REQUEST: u16 = 1;
 /// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW`: without `NLM_F_CREATE`, an update of
 /// an existing entry only.
 const CT_UPDATE: u16 = 1 << 8;
@@ -302,14 +301,8 @@ fn encode_update(out: &mut Vec<u8>, seq: u32, key: &FlowKey, initiator_hi: bool,
             close_nested(out, info);
         }
     }
-    let len = (out.len() - start) as u32;
-    let mut header = Vec::with_capacity(NLMSG_HDRLEN);
-    header.extend_from_slice(&len.to_ne_bytes());
-    header.extend_from_slice(&CT_UPDATE.to_ne_bytes());
-    header.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    header.extend_from_slice(&seq.to_ne_bytes());
-    header.extend_from_slice(&0u32.to_ne_bytes());
-    out.splice(start..start + NLMSG_HDRLEN, header);
+    let header = nlmsg::header(out.len() - start, CT_UPDATE, NLM_F_REQUEST, seq);
+    out[start..start + NLMSG_HDRLEN].copy_from_slice(&header);
 }
 
 /// An IPv6 address's octets (an IPv4 one mapped: never, both ends of a key share a family).

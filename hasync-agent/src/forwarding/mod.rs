@@ -77,8 +77,9 @@ pub trait Devices {
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String>;
     /// The Ethernet address of interface `name`, if it exists and has one.
     fn mac(&self, name: &str) -> Option<[u8; 6]>;
-    /// How many IPsec policies select forwarded or sent traffic ([`ipsec`]).
-    fn ipsec_policies(&mut self) -> Result<u32, String>;
+    /// What of the IPsec policies may apply to routed traffic, said ([`ipsec`]); `None`:
+    /// nothing does.
+    fn ipsec_policies(&mut self) -> Result<Option<String>, String>;
 }
 
 /// What the kernel says of one interface as a redirect target.
@@ -180,9 +181,9 @@ pub fn plan(config: &Config, devices: &mut impl Devices, forwarding: &[u32]) -> 
 /// would forward past them ([`ipsec`]): then no routed port is offered, said in `ports`.
 fn under_ipsec(devices: &mut impl Devices, ports: &mut Ports) -> bool {
     let why = match devices.ipsec_policies() {
-        Ok(0) => return false,
-        Ok(n) => format!("{n} IPsec policies select forwarded or sent traffic (`ip xfrm policy`)"),
-        Err(e) => format!("whether IPsec policies select routed traffic is unknown: {e}"),
+        Ok(None) => return false,
+        Ok(Some(why)) => why,
+        Err(e) => format!("whether IPsec policies apply to routed traffic is unknown: {e}"),
     };
     ports.left_out.push(format!(
         "forwarding in XDP: {why}; the kernel forwards every routed packet (and applies them)"
@@ -230,8 +231,9 @@ impl Devices for System {
         self.ifaces.get(name).and_then(|i| i.mac)
     }
 
-    fn ipsec_policies(&mut self) -> Result<u32, String> {
-        ipsec::forwarding_policies().map_err(|e| e.to_string())
+    fn ipsec_policies(&mut self) -> Result<Option<String>, String> {
+        let policies = ipsec::forwarding_policies().map_err(|e| e.to_string())?;
+        Ok(policies.why())
     }
 
     fn takes_redirects(&mut self, ifindex: u32) -> Result<bool, String> {
@@ -363,19 +365,13 @@ async fn keep_ports(
 ) {
     let mut tick = tokio::time::interval(RECHECK);
     let routed = config.local.forwarding == ForwardingName::Xdp;
-    let policies = routed.then(ipsec::PolicyWatch::open).flatten();
+    let mut policies = routed.then(ipsec::PolicyWatch::open).flatten();
     // The `netdev` family's socket, kept between checks (opened again after a failure).
     let mut features = None;
     loop {
-        match &policies {
-            // A policy change is checked at once (the burst of a daemon's policies once).
-            Some(watch) => tokio::select! {
-                _ = tick.tick() => {}
-                () = watch.changed() => rest_of_burst((), || watch.changed()).await,
-            },
-            None => {
-                tick.tick().await;
-            }
+        if let Err(e) = next_check(&mut tick, policies.as_ref()).await {
+            warn!(error = %e, "IPsec policy notifications failed; the forwarding ports follow policy changes within a second only");
+            policies = None;
         }
         let (cfg, watch, kept) = (config.clone(), links.clone(), features.take());
         let forwarding = ports.forward.clone();
@@ -393,6 +389,27 @@ async fn keep_ports(
         match next {
             Ok(next) => follow(&dp, &mut ports, next),
             Err(e) => warn!(error = %e, "checking the forwarding ports failed"),
+        }
+    }
+}
+
+/// Waits for the next port check: the tick, or a change of the IPsec policies (the burst of a
+/// daemon's policies checked once). An error of the policies' notifications is returned, for
+/// the caller to give them up (else a broken socket would make a check at every read).
+async fn next_check(
+    tick: &mut tokio::time::Interval,
+    policies: Option<&ipsec::PolicyWatch>,
+) -> std::io::Result<()> {
+    let Some(watch) = policies else {
+        tick.tick().await;
+        return Ok(());
+    };
+    tokio::select! {
+        _ = tick.tick() => Ok(()),
+        changed = watch.changed() => {
+            changed?;
+            rest_of_burst(true, || async { watch.changed().await.is_ok() }).await;
+            Ok(())
         }
     }
 }

@@ -6,6 +6,23 @@
 pub const NLMSG_HDRLEN: usize = 16;
 /// The type of an error (or acknowledgement) message.
 pub const NLMSG_ERROR: u16 = 2;
+/// The type of the message that ends a dump.
+pub const NLMSG_DONE: u16 = 3;
+/// A request's flag.
+pub const NLM_F_REQUEST: u16 = 1;
+/// A dump's flags (`NLM_F_ROOT | NLM_F_MATCH`).
+pub const NLM_F_DUMP: u16 = 0x300;
+
+/// A message header: the message's whole length (header included), type, flags and sequence
+/// number (port 0: the kernel fills it in).
+pub fn header(len: usize, kind: u16, flags: u16, seq: u32) -> [u8; NLMSG_HDRLEN] {
+    let mut h = [0; NLMSG_HDRLEN];
+    h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    h[4..6].copy_from_slice(&kind.to_ne_bytes());
+    h[6..8].copy_from_slice(&flags.to_ne_bytes());
+    h[8..12].copy_from_slice(&seq.to_ne_bytes());
+    h
+}
 
 /// One message of a datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

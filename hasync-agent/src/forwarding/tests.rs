@@ -6,7 +6,7 @@ use super::*;
 /// and the IPsec policies that select forwarded or sent traffic.
 struct Fake(
     BTreeMap<&'static str, (u32, Option<bool>)>,
-    Result<u32, String>,
+    Result<Option<String>, String>,
 );
 
 impl Devices for Fake {
@@ -20,7 +20,7 @@ impl Devices for Fake {
     fn mac(&self, name: &str) -> Option<[u8; 6]> {
         self.0.get(name).map(|d| [2, 0, 0, 0, 0, d.0 as u8])
     }
-    fn ipsec_policies(&mut self) -> Result<u32, String> {
+    fn ipsec_policies(&mut self) -> Result<Option<String>, String> {
         self.1.clone()
     }
 }
@@ -63,7 +63,7 @@ fn only_zone_interfaces_that_take_redirects_are_ports_and_wires_need_both_ends()
             ("w0", (7, Some(true))),
             ("w1", (8, Some(true))),
         ]),
-        Ok(0),
+        Ok(None),
     );
     let ports = plan(&config("forwarding = \"xdp\""), &mut devices, &[]);
     assert_eq!(
@@ -108,7 +108,7 @@ fn an_interface_with_an_index_no_zone_can_bind_is_left_out_alone() {
             ("in1", (70_000, Some(true))),
             ("out0", (6, Some(true))),
         ]),
-        Ok(0),
+        Ok(None),
     );
     let ports = plan(&config("forwarding = \"xdp\""), &mut devices, &[]);
     assert_eq!(ports.forward, vec![4, 6]);
@@ -134,7 +134,7 @@ fn a_zone_without_route_check_keeps_its_ports() {
             ("w0", (7, Some(true))),
             ("w1", (8, Some(true))),
         ]),
-        Ok(0),
+        Ok(None),
     );
     let mut c = config("forwarding = \"xdp\"");
     c.zones[0].route_check = Some(false);
@@ -158,7 +158,7 @@ fn a_wire_whose_ends_features_are_unknown_is_kept() {
             ("w0", (7, None)),
             ("w1", (8, Some(true))),
         ]),
-        Ok(0),
+        Ok(None),
     );
     let ports = plan(&config("forwarding = \"xdp\""), &mut devices, &[]);
     assert_eq!(ports.wires, vec![(7, 8)], "{:#?}", ports.left_out);
@@ -186,7 +186,7 @@ fn a_routed_port_whose_features_are_unknown_keeps_the_last_verdict() {
             ("in1", (5, Some(true))),
             ("out0", (6, None)),
         ]),
-        Ok(0),
+        Ok(None),
     );
     let c = config("forwarding = \"xdp\"");
     let first = plan(&c, &mut devices, &[]);
@@ -219,7 +219,9 @@ fn ipsec_policies_leave_every_routed_port_to_the_kernel() {
             ("w0", (7, Some(true))),
             ("w1", (8, Some(true))),
         ]),
-        Ok(2),
+        Ok(Some(
+            "2 IPsec policies select forwarded or sent traffic (`ip xfrm policy`)".into(),
+        )),
     );
     let c = config("forwarding = \"xdp\"");
     let ports = plan(&c, &mut devices, &[4, 6]);
@@ -234,7 +236,7 @@ fn ipsec_policies_leave_every_routed_port_to_the_kernel() {
     devices.1 = Err("XFRM netlink socket: timed out".into());
     let unknown = plan(&c, &mut devices, &[4, 6]);
     assert!(unknown.forward.is_empty(), "unknown is not none");
-    devices.1 = Ok(0);
+    devices.1 = Ok(None);
     assert_eq!(plan(&c, &mut devices, &[]).forward, vec![4, 6]);
 }
 
