@@ -1,24 +1,58 @@
-//! Loading a program again when the verifier gave up because a signal arrived.
+//! Loading a program without the verifier giving up because a signal arrived.
 //!
 //! The kernel's verifier stops with EAGAIN when a signal is pending on the loading thread
 //! (a child's SIGCHLD under tokio's handler, the service manager's SIGHUP): the program is
-//! fine, the load was only interrupted. libbpf loads again in that case; aya does not, and
-//! a failed load leaves the program unloaded, so it may be loaded again.
+//! fine, the load was only interrupted. The loading thread blocks every signal it may while
+//! it loads (one sent to the process goes to another thread, or waits), and an interrupted
+//! load is tried again all the same, as libbpf does (aya does not; a failed load leaves the
+//! program unloaded, so it may be loaded again).
 
 use aya::programs::ProgramError;
 
-/// Loads tried in all before an interrupted load is reported: a signal storm that outlasts
-/// them is not a verifier's passing interruption.
+/// Loads tried in all before an interrupted load is reported.
 pub const ATTEMPTS: u32 = 5;
 
-/// Runs `load` until it succeeds, fails for another reason than an interruption, or has
-/// been interrupted [`ATTEMPTS`] times (the last error is returned).
+/// Runs `load` with the thread's signals blocked until it succeeds, fails for another reason
+/// than an interruption, or has been interrupted [`ATTEMPTS`] times (the last error is
+/// returned).
 pub fn retrying<T>(mut load: impl FnMut() -> Result<T, ProgramError>) -> Result<T, ProgramError> {
+    let _held = SignalsHeld::new();
     let mut tried = 1;
     loop {
         match load() {
             Err(e) if interrupted(&e) && tried < ATTEMPTS => tried += 1,
             done => return done,
+        }
+    }
+}
+
+/// The calling thread's signals blocked (all it may block) until dropped, when its own mask
+/// is put back; a signal that came meanwhile is delivered then.
+struct SignalsHeld {
+    old: Option<libc::sigset_t>,
+}
+
+impl SignalsHeld {
+    fn new() -> SignalsHeld {
+        // SAFETY: sigfillset and pthread_sigmask write only the sets given, which live here;
+        // a zeroed sigset_t is a valid value to start from.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            let held = libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0;
+            SignalsHeld {
+                old: held.then_some(old),
+            }
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            // SAFETY: `old` is the mask pthread_sigmask returned for this thread.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
         }
     }
 }
@@ -57,6 +91,58 @@ mod tests {
             }
         });
         assert_eq!(loaded.expect("loaded on the third try"), 3);
+    }
+
+    /// The datapath loads while its thread is sent a signal every 100 µs (a handler
+    /// installed, as tokio's is for SIGCHLD): each pending signal made the verifier give up
+    /// with EAGAIN (seen failing with the signals left unblocked: "Resource temporarily
+    /// unavailable" after five loads). Needs root, as every test that loads the datapath.
+    #[test]
+    fn the_datapath_loads_under_a_storm_of_signals() {
+        use std::sync::{
+            atomic::{AtomicBool, Ordering::Relaxed},
+            Arc,
+        };
+
+        use crate::datapath::{Datapath, DatapathOptions};
+        use hasync_common::{DatapathConfig, MemberId};
+
+        extern "C" fn ignore(_: libc::c_int) {}
+        // SAFETY: installs a handler that does nothing for SIGUSR2, which nothing else in the
+        // tests uses; the sigaction struct is fully initialised.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        // SAFETY: pthread_self has no preconditions.
+        let loader = unsafe { libc::pthread_self() };
+        let sender = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !done.load(Relaxed) && sent < 1_000_000 {
+                    // SAFETY: `loader` is this test's thread, alive until `done` is set.
+                    unsafe { libc::pthread_kill(loader, libc::SIGUSR2) };
+                    sent += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+                sent
+            })
+        };
+        let mut opts = DatapathOptions::new(MemberId(1));
+        opts.session_capacity = 4096;
+        opts.config = DatapathConfig::with_defaults(MemberId(1));
+        let loaded = Datapath::load(&opts).map(drop);
+        done.store(true, Relaxed);
+        let sent = sender.join().expect("the sender");
+        assert!(sent > 10, "only {sent} signals sent");
+        loaded.expect("loaded while signals arrived");
     }
 
     /// A verifier's refusal is reported at once; interruptions only up to the bound.
