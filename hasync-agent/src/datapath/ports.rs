@@ -17,62 +17,63 @@ impl Datapath {
         DevMapHash::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
 
-    /// Makes `map` hold exactly `entries` (key → target interface). Returns whether it
-    /// changed.
-    fn set_ports(
-        &mut self,
-        name: &'static str,
-        entries: &[(u32, u32)],
-    ) -> Result<bool, DatapathError> {
+    /// Makes `map` hold exactly `entries` (key → target interface), as far as it can: an
+    /// entry the kernel refuses (an interface gone since it was looked up) does not keep the
+    /// others from being written. Says whether the map changed, and the first refusal.
+    fn set_ports(&mut self, name: &'static str, entries: &[(u32, u32)]) -> Written {
         if entries.len() > names::PORTS_CAPACITY as usize {
-            return Err(DatapathError::TooManyPorts {
+            return Written::failed(DatapathError::TooManyPorts {
                 map: name,
                 count: entries.len(),
             });
         }
-        let mut map = self.devmap(name)?;
-        let keys: Vec<u32> = map
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(name))?;
-        let mut changed = false;
+        let mut map = match self.devmap(name) {
+            Ok(map) => map,
+            Err(e) => return Written::failed(e),
+        };
+        let keys: Vec<u32> = match map.keys().collect::<Result<_, _>>() {
+            Ok(keys) => keys,
+            Err(e) => return Written::failed(map_err(name)(e)),
+        };
+        let mut w = Written::default();
         for key in keys
             .iter()
             .filter(|k| !entries.iter().any(|(e, _)| e == *k))
         {
-            map.remove(*key).map_err(map_err(name))?;
-            changed = true;
+            w.note(map.remove(*key).map_err(map_err(name)));
         }
         for &(key, target) in entries {
             let same = map.get(key, 0).is_ok_and(|v| v.if_index == target);
             if !same {
-                map.insert(key, target, None, 0)
-                    .map_err(|source| DatapathError::Port {
-                        map: name,
-                        key,
-                        source,
-                    })?;
-                changed = true;
+                w.note(
+                    map.insert(key, target, None, 0)
+                        .map_err(|source| DatapathError::Port {
+                            map: name,
+                            key,
+                            source,
+                        }),
+                );
             }
         }
-        Ok(changed)
+        w
     }
 
     /// Makes FWD_PORTS hold exactly `ifindexes`: the interfaces XDP forwarding may send to.
-    /// Bumps the FIB generation when the set changed, so no cached next hop outlives its port.
+    /// Bumps the FIB generation when the set changed (also in part, before a refusal), so no
+    /// cached next hop outlives its port.
     pub fn set_fwd_ports(&mut self, ifindexes: &[u32]) -> Result<bool, DatapathError> {
         let entries: Vec<(u32, u32)> = ifindexes.iter().map(|&i| (i, i)).collect();
-        let changed = self.set_ports(names::FWD_PORTS, &entries)?;
-        if changed {
+        let w = self.set_ports(names::FWD_PORTS, &entries);
+        if w.changed {
             self.bump_fib_generation()?;
         }
-        Ok(changed)
+        w.result()
     }
 
     /// Makes VWIRE_PORTS hold exactly the wires `pairs` (each end → the other, both ways).
     pub fn set_vwire_ports(&mut self, pairs: &[(u32, u32)]) -> Result<bool, DatapathError> {
         let entries: Vec<(u32, u32)> = pairs.iter().flat_map(|&(a, b)| [(a, b), (b, a)]).collect();
-        self.set_ports(names::VWIRE_PORTS, &entries)
+        self.set_ports(names::VWIRE_PORTS, &entries).result()
     }
 
     /// Makes INGRESS_MACS hold exactly `macs` (ifindex → the interface's Ethernet address):
@@ -158,5 +159,38 @@ impl Datapath {
         let mut map: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         map.set(0, next, 0).map_err(map_err(name))?;
         Ok(next)
+    }
+}
+
+/// What [`Datapath::set_ports`] did: whether the map changed, and its first error.
+#[derive(Default)]
+struct Written {
+    changed: bool,
+    error: Option<DatapathError>,
+}
+
+impl Written {
+    fn failed(e: DatapathError) -> Written {
+        Written {
+            changed: false,
+            error: Some(e),
+        }
+    }
+
+    /// One write's outcome: a change, or an error (the first is kept).
+    fn note(&mut self, done: Result<(), DatapathError>) {
+        match done {
+            Ok(()) => self.changed = true,
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    fn result(self) -> Result<bool, DatapathError> {
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.changed),
+        }
     }
 }

@@ -254,18 +254,26 @@ impl Devices for System {
     }
 }
 
-/// Writes `ports` into the datapath. Returns whether a map changed.
+/// Writes `ports` into the datapath, each map whatever became of the others (a port the
+/// kernel refuses must not keep a wire down). Returns whether a map changed, or what failed.
 fn apply(dp: &mut Datapath, ports: &Ports) -> Result<bool, String> {
-    let forward = dp
-        .set_fwd_ports(&ports.forward)
-        .map_err(|e| error_chain(&e))?;
-    let wires = dp
-        .set_vwire_ports(&ports.wires)
-        .map_err(|e| error_chain(&e))?;
-    let macs = dp
-        .set_ingress_macs(&ports.macs)
-        .map_err(|e| error_chain(&e))?;
-    Ok(forward || wires || macs)
+    let written = [
+        dp.set_fwd_ports(&ports.forward),
+        dp.set_vwire_ports(&ports.wires),
+        dp.set_ingress_macs(&ports.macs),
+    ];
+    let mut changed = false;
+    let mut failed = Vec::new();
+    for w in written {
+        match w {
+            Ok(c) => changed |= c,
+            Err(e) => failed.push(error_chain(&e)),
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(changed),
+        false => Err(failed.join("; ")),
+    }
 }
 
 /// Writes the check's plan `next` into the datapath whether or not it differs from `ports`
