@@ -68,7 +68,7 @@ pub enum TrafficLogError {
     },
     #[error("the traffic log {path} is a FIFO, whose reader could stall the agent: give [local] traffic_log a file")]
     Fifo { path: PathBuf },
-    #[error("the traffic log {path} is a symbolic link: give [local] traffic_log the file itself (the agent, root, does not follow a link someone could have put there)")]
+    #[error("the traffic log {path} is a symbolic link, or its path loops: give [local] traffic_log the file itself (the agent, root, does not follow a link someone could have put there)")]
     Symlink { path: PathBuf },
     #[error("cannot write to the traffic log {path}: {source}")]
     Write {
