@@ -23,6 +23,7 @@ pub const TARGETS: &[&str] = &[
     "control_request",
     "provision_spec",
     "backlog",
+    "kernel_netlink",
     "xdp_parser",
 ];
 

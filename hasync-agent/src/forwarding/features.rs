@@ -157,6 +157,16 @@ fn encode(family: u16, seq: u32, cmd: u8, attr_type: u16, value: &[u8]) -> Vec<u
     m
 }
 
+/// Whether `buf` holds a well-formed answer to request `seq` (for the fuzz target): its
+/// attributes, or an error; `None` if none is in it or it is malformed.
+pub fn answer_in(buf: &[u8], seq: u32) -> Option<Result<Vec<u8>, i32>> {
+    match decode(buf, seq)? {
+        Answer::Attrs(attrs) => Some(Ok(attrs)),
+        Answer::Error(errno) => Some(Err(errno)),
+        Answer::Malformed => None,
+    }
+}
+
 /// The kernel's answer to request `seq`.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {

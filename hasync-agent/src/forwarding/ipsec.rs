@@ -132,6 +132,15 @@ fn ask(socket: &mut Socket, request: &[u8], seq: u32) -> Result<u32, IpsecError>
     }
 }
 
+/// What [`read`] makes of `datagram` as the answer `seq`: what it counts and whether the
+/// answer ended there; `None` if it is refused or malformed (for the fuzz target).
+pub fn read_answer(datagram: &[u8], seq: u32) -> Option<(u32, bool)> {
+    match read(datagram, seq).ok()? {
+        Answer::More(n) => Some((n, false)),
+        Answer::Done(n) => Some((n, true)),
+    }
+}
+
 /// An answer's datagram read: what it counts, and whether the answer ended there.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {

@@ -388,6 +388,39 @@ pub fn control_request(data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// `kernel_netlink`: a datagram as the kernel's netlink sockets deliver it, through every
+/// parser the agent has for them: link notifications and dumps, route and rule notifications,
+/// the `netdev` family's answers, the XFRM policies' listing. None may panic or read past the
+/// datagram; each reads at most a message per header it holds.
+pub fn kernel_netlink(data: &[u8]) -> Result<()> {
+    let seq = data
+        .get(8..12)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_ne_bytes);
+    // A message per header at most, and one more for broken framing at the end.
+    let links = hasync_agent::netlink::decode(data);
+    ensure!(
+        links.len() <= data.len() / 16 + 1,
+        "{} link messages",
+        links.len()
+    );
+    let _ = hasync_agent::forwarding::source::change(data);
+    if let Some(Ok(attrs)) = hasync_agent::forwarding::features::answer_in(data, seq) {
+        ensure!(
+            attrs.len() <= data.len(),
+            "attributes longer than the datagram"
+        );
+    }
+    if let Some((counted, _)) = hasync_agent::forwarding::ipsec::read_answer(data, seq) {
+        ensure!(
+            counted as usize <= data.len() / 16,
+            "{counted} policies in {} bytes",
+            data.len()
+        );
+    }
+    Ok(())
+}
+
 /// The answer the agent would give with an empty datapath and a handful of sessions.
 fn answer(request: Request) -> Response {
     match request {

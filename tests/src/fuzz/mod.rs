@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-pub use host::{backlog, channel_payload, config, control_request, provision_spec, wire_message};
+pub use host::{
+    backlog, channel_payload, config, control_request, kernel_netlink, provision_spec, wire_message,
+};
 
 /// A check over one fuzz input.
 pub type Check = fn(&[u8]) -> Result<()>;
@@ -26,6 +28,7 @@ pub const HOST_TARGETS: &[(&str, Check)] = &[
     ("control_request", control_request),
     ("provision_spec", provision_spec),
     ("backlog", backlog),
+    ("kernel_netlink", kernel_netlink),
 ];
 
 /// The corpus kept in the repository for `target`: `fuzz/corpus/<target>/`.

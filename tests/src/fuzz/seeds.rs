@@ -28,6 +28,7 @@ pub fn seeds(target: &str) -> Vec<Seed> {
         "control_request" => requests(),
         "provision_spec" => specs(),
         "backlog" => operations(),
+        "kernel_netlink" => netlink_datagrams(),
         xdp::NAME => frames(),
         _ => Vec::new(),
     }
@@ -362,4 +363,60 @@ fn operations() -> Vec<Seed> {
             named(name, head.into_iter().chain(ops).collect())
         })
         .collect()
+}
+
+/// A netlink message of `kind` with sequence number `seq` and `body`, padded.
+fn netlink(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let len = 16 + body.len();
+    let mut m = Vec::with_capacity(len.next_multiple_of(4));
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&[0, 0]);
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(body);
+    m.resize(len.next_multiple_of(4), 0);
+    m
+}
+
+/// A netlink attribute of `kind` holding `value`, padded.
+fn attribute(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut a = Vec::with_capacity(len.next_multiple_of(4));
+    a.extend_from_slice(&(len as u16).to_ne_bytes());
+    a.extend_from_slice(&kind.to_ne_bytes());
+    a.extend_from_slice(value);
+    a.resize(len.next_multiple_of(4), 0);
+    a
+}
+
+/// Datagrams as the kernel sends them to the agent's netlink sockets: an XFRM policy listing
+/// and the default policies' answer, a refusal, a `netdev` family's answer, a link and a
+/// route notification.
+fn netlink_datagrams() -> Vec<Seed> {
+    let policy = |dir: u8| {
+        let mut body = vec![0u8; 168];
+        body[160] = dir;
+        netlink(19, 1, &body)
+    };
+    let mut listing = policy(1);
+    listing.extend(policy(2));
+    listing.extend(policy(0));
+    listing.extend(netlink(3, 1, &0i32.to_ne_bytes()));
+    let mut device = vec![1, 1, 0, 0];
+    device.extend(attribute(1, &7u32.to_ne_bytes()));
+    device.extend(attribute(3, &4u64.to_ne_bytes()));
+    let mut link = vec![0u8; 16];
+    link[4..8].copy_from_slice(&7i32.to_ne_bytes());
+    link.extend(attribute(3, b"eth1\0"));
+    let mut route = vec![2, 24, 0, 0, 254, 3, 0, 1, 0, 0, 0, 0];
+    route.extend(attribute(1, &[198, 18, 1, 0]));
+    vec![
+        named("xfrm-policies", listing),
+        named("xfrm-default", netlink(40, 1, &[2, 1, 2, 0])),
+        named("refused", netlink(2, 1, &(-1i32).to_ne_bytes())),
+        named("netdev-device", netlink(0x20, 1, &device)),
+        named("link", netlink(16, 1, &link)),
+        named("route", netlink(24, 1, &route)),
+    ]
 }
