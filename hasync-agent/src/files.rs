@@ -6,9 +6,25 @@
 use std::{
     fs::{self, OpenOptions},
     io::{self, Write as _},
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
+
+/// Makes `dir` a new, empty directory of this process's with `mode` (whatever the umask): what
+/// was there is removed first (a symbolic link itself, never what it leads to), and the
+/// directory is made afresh, never taken as found. Under a directory others may write (/tmp),
+/// one made there by another user between the removal and the creation makes this fail: a
+/// name guessed ahead (a pid) must not hand them the files root writes in it.
+pub fn fresh_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(dir)?,
+        Ok(_) => fs::remove_file(dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    fs::DirBuilder::new().mode(mode).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+}
 
 /// Writes `bytes` to `path` with `mode`, replacing what was there (a symbolic link there is
 /// replaced, never followed).
@@ -117,9 +133,35 @@ mod tests {
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("hasync-files-{}-{tag}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).expect("temp dir");
+        fresh_dir(&d, 0o755).expect("temp dir");
         d
+    }
+
+    /// A directory made fresh is this process's, with the mode asked whatever the umask and
+    /// whatever was at the path: another user's directory there (its files with it) is
+    /// removed, not taken; a symbolic link there is removed, not followed (before stop 51 the
+    /// tests' and benches' directories under /tmp were taken as found: the lab review).
+    #[test]
+    fn a_fresh_directory_is_ours_and_new() {
+        use std::os::unix::fs::{symlink, PermissionsExt as _};
+        let base = dir("fresh");
+        let theirs = base.join("theirs");
+        fs::create_dir(&theirs).expect("mkdir");
+        fs::write(theirs.join("planted"), b"x").expect("plant");
+        std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).expect("chown (root)");
+        fresh_dir(&theirs, 0o700).expect("made fresh");
+        let meta = fs::symlink_metadata(&theirs).expect("stat");
+        assert_eq!(meta.uid(), crate::dir_trust::euid());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        assert!(!theirs.join("planted").exists(), "the planted file is still there");
+        let target = base.join("target");
+        fs::create_dir(&target).expect("mkdir");
+        let link = base.join("link");
+        symlink(&target, &link).expect("symlink");
+        fresh_dir(&link, 0o755).expect("made fresh");
+        assert!(fs::symlink_metadata(&link).expect("stat").is_dir(), "still a link");
+        assert!(target.is_dir(), "the link's target was removed");
+        fs::remove_dir_all(&base).expect("cleanup");
     }
 
     /// A replace puts the whole new file in place with its mode; a failed one (here: the

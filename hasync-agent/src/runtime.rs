@@ -1095,7 +1095,7 @@ mod tests {
     #[test]
     fn a_control_socket_that_cannot_be_served_refuses_the_start_before_the_datapath() {
         let dir = std::env::temp_dir().join(format!("hasync-preflight-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        crate::files::fresh_dir(&dir, 0o755).expect("temp dir");
         let key = dir.join("cluster.key");
         std::fs::write(&key, [7u8; 32]).expect("key");
         let blocker = dir.join("not-a-dir");

@@ -406,7 +406,7 @@ fn the_agent_needs_exactly_the_capabilities_the_unit_grants() {
     let topo = Topology::create(&prefix, 2).expect("create the lab");
     // The agent as systemd runs it: root, no new privileges, a bounding set of $CAPS only.
     let scripts = std::env::temp_dir().join(format!("hasync-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&scripts).expect("script dir");
+    hasync_agent::files::fresh_dir(&scripts, 0o755).expect("script dir");
     let wrapper = scripts.join("hasync-with-caps");
     std::fs::write(
         &wrapper,

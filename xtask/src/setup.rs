@@ -110,6 +110,28 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
     check_and_install(&REQUIREMENTS.iter().collect::<Vec<_>>(), mode, report)
 }
 
+/// What building and running the agent on a host needs, of [`REQUIREMENTS`] (`cargo xtask run`
+/// with a config or arguments): not what the tests and the lab use (Chromium, promtool,
+/// nftables, the service tools, clippy), which a production firewall did not ask for.
+const TO_RUN_AN_AGENT: &[&str] = &[
+    "root",
+    "kernel BTF",
+    "kernel BPF JIT",
+    "llvm-22-dev",
+    "nightly rust-src, clippy",
+    "bpf-linker 0.13.0",
+    "bpffs at /sys/fs/bpf",
+];
+
+/// [`setup`] for building and running the agent alone ([`TO_RUN_AN_AGENT`]).
+pub fn setup_to_run_an_agent(mode: Mode, report: Report) -> Result<()> {
+    let requirements: Vec<&Requirement> = REQUIREMENTS
+        .iter()
+        .filter(|r| TO_RUN_AN_AGENT.contains(&r.name))
+        .collect();
+    check_and_install(&requirements, mode, report)
+}
+
 /// [`setup`] and cargo-fuzz, for `cargo xtask fuzz`.
 pub fn setup_fuzz(mode: Mode, report: Report) -> Result<()> {
     let requirements: Vec<&Requirement> = REQUIREMENTS.iter().chain(FUZZ_REQUIREMENTS).collect();
@@ -364,8 +386,11 @@ fn promtool() -> Result<Status> {
 }
 
 /// Downloads Debian's prometheus package and takes promtool out of it, into /usr/local/bin.
+/// The package is unpacked in the build's own target directory, never under /tmp, where a
+/// directory another user made ahead at a guessed name would hand them what root installs.
 fn install_promtool() -> Result<()> {
-    let dir = env::temp_dir().join(format!("hasync-promtool-{}", std::process::id()));
+    let dir = cmd::target_dir().join("hasync-setup-promtool");
+    let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = (|| {
         cmd::run(
@@ -563,12 +588,25 @@ fn bpffs() -> Result<Status> {
 mod tests {
     use super::*;
 
+    /// Every requirement named for running an agent is one of the requirements (a renamed
+    /// one would silently drop out of `cargo xtask run --config`'s set-up).
+    #[test]
+    fn running_an_agent_names_only_known_requirements() {
+        for name in TO_RUN_AN_AGENT {
+            assert!(REQUIREMENTS.iter().any(|r| r.name == *name), "{name}");
+        }
+    }
+
     /// The runtime package alone (llvm-config, no link name, no headers) is not enough: setup
     /// installs llvm-22-dev. With all three files, LLVM counts as present.
     #[test]
     fn llvm_config_alone_does_not_count_as_llvm_dev() {
         let dir = std::env::temp_dir().join(format!("hasync-llvm-check-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        // Made here, never taken as found (another user may have made one at the guessed name).
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&dir)
+            .expect("a new directory");
         let touch = |p: &str| {
             let p = dir.join(p);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");

@@ -15,8 +15,7 @@ mod tempdir {
                 std::process::id(),
                 std::thread::current().id()
             ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("create temp dir");
+            crate::files::fresh_dir(&p, 0o755).expect("create temp dir");
             Dir(p)
         }
     }

@@ -38,12 +38,9 @@ impl TempDir {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        // Whatever the umask: the checks of directories above a path refuse one others may
-        // write, and a test's other user must be able to reach what is inside.
-        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-        std::fs::set_permissions(&p, mode).expect("chmod temp dir");
+        // 0755 whatever the umask: the checks of directories above a path refuse one others
+        // may write, and a test's other user must be able to reach what is inside.
+        crate::files::fresh_dir(&p, 0o755).expect("create temp dir");
         TempDir(p)
     }
 

@@ -792,8 +792,7 @@ mod tests {
         fn new(tag: &str) -> TempDir {
             let p =
                 std::env::temp_dir().join(format!("hasync-labcfg-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("create temp dir");
+            crate::files::fresh_dir(&p, 0o700).expect("create temp dir");
             TempDir(p)
         }
     }

@@ -182,7 +182,7 @@ fn agents_run_in_their_namespace_and_stop_with_the_lab() {
     let topo = Topology::create(&prefix, 2).expect("create the lab");
     let names: Vec<String> = topo.namespaces().map(str::to_owned).collect();
     let scripts = std::env::temp_dir().join(format!("hasync-lab-fake-{}", std::process::id()));
-    std::fs::create_dir_all(&scripts).expect("script dir");
+    crate::files::fresh_dir(&scripts, 0o755).expect("script dir");
     let fake = scripts.join("fake-hasync");
     // $1 = agent, $2 = --config, $3 = the config file.
     std::fs::write(

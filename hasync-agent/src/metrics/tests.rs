@@ -223,7 +223,7 @@ async fn shipped_rules_and_dashboard_use_only_exposed_metrics() {
     }
 
     let dir = std::env::temp_dir().join(format!("hasync-rules-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    crate::files::fresh_dir(&dir, 0o755).expect("temp dir");
     let file = dir.join("rules.yml");
     std::fs::write(&file, RULES).expect("write rules");
     let out = std::process::Command::new("promtool")

@@ -235,7 +235,8 @@ mod tests {
     #[test]
     fn the_journal_is_recognised_by_device_and_inode() {
         use std::os::{fd::AsFd as _, unix::fs::MetadataExt as _};
-        let path = std::env::temp_dir().join(format!("hasync-journal-{}", std::process::id()));
+        let dir = crate::control::testing::TempDir::new("journal");
+        let path = dir.path().join("journal");
         let file = std::fs::File::create(&path).expect("file");
         let meta = file.metadata().expect("stat");
         let fd = file.as_fd();

@@ -127,8 +127,7 @@ mod tests {
     #[test]
     fn ready_reaches_a_socket_path_and_an_abstract_socket() {
         let dir = std::env::temp_dir().join(format!("hasync-notify-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
+        crate::files::fresh_dir(&dir, 0o755).expect("dir");
         let path = dir.join("notify.sock");
         let listener = UnixDatagram::bind(&path).expect("bind");
         send(path.as_os_str(), "READY=1\nSTATUS=up").expect("send to a path");

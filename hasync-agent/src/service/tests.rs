@@ -8,8 +8,7 @@ struct Root(PathBuf);
 impl Root {
     fn new(tag: &str) -> Root {
         let p = std::env::temp_dir().join(format!("hasync-install-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).expect("create root");
+        crate::files::fresh_dir(&p, 0o755).expect("create root");
         Root(p)
     }
 }

@@ -68,8 +68,8 @@ impl Agents {
     ) -> Result<Agents> {
         remove_stale_pins(prefix);
         let dir = std::env::temp_dir().join(format!("{prefix}{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        hasync_agent::files::fresh_dir(&dir, 0o700)
+            .with_context(|| format!("creating {}", dir.display()))?;
         let agents = Agents {
             procs: Processes::default(),
             pids: BTreeMap::new(),
