@@ -274,7 +274,12 @@ fn run_hasync(root: &Path, run: RunArgs) -> Result<()> {
         config,
         args,
     } = run;
-    setup::setup(Mode::Install, Report::Summary)?;
+    // On a real host (a config or arguments) only what building and running the agent needs
+    // is installed; the lab gets everything its checks use too.
+    match config.is_some() || !args.is_empty() {
+        true => setup::setup_to_run_an_agent(Mode::Install, Report::Summary)?,
+        false => setup::setup(Mode::Install, Report::Summary)?,
+    }
     build_release_agent()?;
     let mut hasync = Command::new(release_binary(root));
     if !args.is_empty() {

@@ -17,8 +17,8 @@ struct Args {
     /// Cluster members, 3–16.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(3..=16))]
     members: u8,
-    /// Seconds after which no new fault starts.
-    #[arg(long, default_value_t = 600)]
+    /// Seconds after which no new fault starts, 1–86400.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     duration: u64,
     /// Seed of the fault schedule (the same seed replays the same schedule).
     #[arg(long, default_value_t = 1)]

@@ -312,8 +312,10 @@ async fn session(
         Err(_) => return Ok(ended(out, "handshake timed out".into())),
     };
     out.handshake = true;
-    if let Err(e) = tx.send(&Message::Hello(hello)).await {
-        return Ok(ended(out, format!("sending hello: {e}")));
+    match tokio::time::timeout(step, tx.send(&Message::Hello(hello))).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Ok(ended(out, format!("sending hello: {e}"))),
+        Err(_) => return Ok(ended(out, "the target stopped reading (hello)".into())),
     }
     match tokio::time::timeout(step, rx.recv()).await {
         Ok(Ok((Message::Hello(_), _))) => out.hello_answered = true,
@@ -321,9 +323,12 @@ async fn session(
         Ok(Err(e)) => return Ok(ended(out, format!("refused: {e}"))),
         Err(_) => return Ok(ended(out, "no hello back".into())),
     }
+    // Bounded: a target that stops reading must not hang the run.
     for f in &frames {
-        if let Err(e) = tx.send(f).await {
-            return Ok(ended(out, format!("sending: {e}")));
+        match tokio::time::timeout(step, tx.send(f)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Ok(ended(out, format!("sending: {e}"))),
+            Err(_) => return Ok(ended(out, "the target stopped reading".into())),
         }
         out.frames_sent += 1;
     }
