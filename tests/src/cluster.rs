@@ -729,6 +729,7 @@ pub fn send_raw(
     frames: &[Vec<u8>],
     limit: Duration,
 ) -> Result<u64, String> {
+    crate::netns::refuse_host_namespace().map_err(|e| format!("{e:#}"))?;
     let deadline = Instant::now() + limit;
     let addr = link_addr(ifname, dst_mac)?;
     let fd = packet_socket()?;

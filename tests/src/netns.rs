@@ -51,6 +51,23 @@ impl Lab {
     }
 }
 
+/// Fails unless the calling thread is in another network namespace than the process's main
+/// thread, which stays in the host's (the tests, benches and fault runs enter a lab's
+/// namespace on a thread of their own): what sends raw frames calls it first, so a call from
+/// the wrong thread cannot put test traffic on the host's own interfaces. (A thread that
+/// joined another namespace may not look at init's.)
+pub fn refuse_host_namespace() -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let here = inode("/proc/thread-self/ns/net").context("this thread's network namespace")?;
+    let host = inode("/proc/self/ns/net").context("the host's network namespace")?;
+    ensure!(
+        here != host,
+        "refusing to send test traffic from the host's network namespace (enter a lab namespace first)"
+    );
+    Ok(())
+}
+
 /// Deletes `hst-<pid>-...` namespaces whose pid no longer runs.
 fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
@@ -352,5 +369,23 @@ impl<T: Send + 'static> Drop for DropIsolated<T> {
         if done.is_err() {
             eprintln!("cleanup: dropping an isolated value panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guard of what sends raw frames refuses the host's namespace and lets a lab's pass
+    /// (root: a lab namespace).
+    #[test]
+    fn test_traffic_is_refused_in_the_hosts_namespace() {
+        let e = refuse_host_namespace().expect_err("the test runs in the host's namespace");
+        assert!(e.to_string().contains("host's network namespace"), "{e}");
+        let lab = Lab::new("guard").expect("lab (root)");
+        let ns = lab.netns("a").expect("namespace");
+        ns.run(refuse_host_namespace)
+            .expect("joined")
+            .expect("a lab namespace passes");
     }
 }

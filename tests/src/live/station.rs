@@ -235,6 +235,7 @@ fn send_from_here(
 /// One live-frames test run of the generator `prog`: `frames` frames out of `ifindex` (in the
 /// calling thread's namespace). Returns the time the kernel's run loop took.
 pub fn send_burst(prog: &Xdp, ifindex: u32, frames: u32) -> Result<Duration> {
+    crate::netns::refuse_host_namespace()?;
     test_run_live(prog, ifindex, frames).map_err(live_frames_error)
 }
 
@@ -330,6 +331,7 @@ impl LongRun {
     /// Runs the generator `prog` (ingress `ifindex`, in the calling thread's namespace) on
     /// the calling thread, kept on its CPU, until [`LongRun::stop`].
     pub fn run(&self, prog: &Xdp, ifindex: u32) -> Result<()> {
+        crate::netns::refuse_host_namespace()?;
         stay_on_this_cpu()?;
         // SAFETY: no preconditions.
         *self.lock() = Some(unsafe { libc::pthread_self() });
