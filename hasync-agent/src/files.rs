@@ -153,13 +153,19 @@ mod tests {
         let meta = fs::symlink_metadata(&theirs).expect("stat");
         assert_eq!(meta.uid(), crate::dir_trust::euid());
         assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
-        assert!(!theirs.join("planted").exists(), "the planted file is still there");
+        assert!(
+            !theirs.join("planted").exists(),
+            "the planted file is still there"
+        );
         let target = base.join("target");
         fs::create_dir(&target).expect("mkdir");
         let link = base.join("link");
         symlink(&target, &link).expect("symlink");
         fresh_dir(&link, 0o755).expect("made fresh");
-        assert!(fs::symlink_metadata(&link).expect("stat").is_dir(), "still a link");
+        assert!(
+            fs::symlink_metadata(&link).expect("stat").is_dir(),
+            "still a link"
+        );
         assert!(target.is_dir(), "the link's target was removed");
         fs::remove_dir_all(&base).expect("cleanup");
     }
