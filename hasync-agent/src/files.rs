@@ -23,7 +23,13 @@ pub fn fresh_dir(dir: &Path, mode: u32) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     fs::DirBuilder::new().mode(mode).create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+    // Through the directory itself, never a link put in its place since (a directory others
+    // may write without the sticky bit).
+    let made = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)?;
+    made.set_permissions(fs::Permissions::from_mode(mode))
 }
 
 /// Writes `bytes` to `path` with `mode`, replacing what was there (a symbolic link there is

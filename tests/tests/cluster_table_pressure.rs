@@ -6,7 +6,7 @@
 //!
 //! fw1 must also show how it coped: the oldest embryonic flows evicted (counted under
 //! `evicted-udp-new`, each logged with `"reason":"evicted"` or counted in a line of the
-//! embryonic sessions left out of the log, at most 100 a second), no more of them held than the
+//! unfinished sessions left out of the log, at most 100 a second), no more of them held than the
 //! embryonic share of the table, the table never full, the connection still established.
 //! `tests/table_pressure.rs` proves the same through `BPF_PROG_TEST_RUN`; this test goes
 //! through running agents, veths and real sockets.
@@ -144,13 +144,13 @@ fn log_records(c: &Cluster, k: u8) -> Vec<TrafficRecord> {
         .collect()
 }
 
-/// Member `k`'s count of embryonic sessions its traffic log left out (the lines that count
+/// Member `k`'s count of unfinished sessions its traffic log left out (the lines that count
 /// them: at most 100 get a line of their own a second).
 fn not_logged(c: &Cluster, k: u8) -> u64 {
     let text = std::fs::read_to_string(c.traffic_log_path(k)).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["not_logged"] == "embryonic")
+        .filter(|v| v["not_logged"] == "unfinished")
         .filter_map(|v| v["sessions"].as_u64())
         .sum()
 }

@@ -112,7 +112,8 @@ pub fn setup(mode: Mode, report: Report) -> Result<()> {
 
 /// What building and running the agent on a host needs, of [`REQUIREMENTS`] (`cargo xtask run`
 /// with a config or arguments): not what the tests and the lab use (Chromium, promtool,
-/// nftables, the service tools, clippy), which a production firewall did not ask for.
+/// nftables, the service tools, the host toolchain's clippy and rustfmt), which a production
+/// firewall did not ask for. (The nightly's clippy comes with its rust-src, one requirement.)
 const TO_RUN_AN_AGENT: &[&str] = &[
     "root",
     "kernel BTF",

@@ -26,8 +26,18 @@ pub fn retrying<T>(mut load: impl FnMut() -> Result<T, ProgramError>) -> Result<
     }
 }
 
-/// The calling thread's signals blocked (all it may block) until dropped, when its own mask
-/// is put back; a signal that came meanwhile is delivered then.
+/// Signals a thread raises itself on a fault: never blocked (the kernel would kill the process
+/// with no word, past Rust's own handler for a stack overflow).
+const FAULTS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+];
+
+/// The calling thread's signals blocked (all it may block but [`FAULTS`]) until dropped, when
+/// its own mask is put back; a signal that came meanwhile is delivered then.
 struct SignalsHeld {
     old: Option<libc::sigset_t>,
 }
@@ -40,6 +50,9 @@ impl SignalsHeld {
             let mut all: libc::sigset_t = std::mem::zeroed();
             let mut old: libc::sigset_t = std::mem::zeroed();
             libc::sigfillset(&mut all);
+            for fault in FAULTS {
+                libc::sigdelset(&mut all, fault);
+            }
             let held = libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0;
             SignalsHeld {
                 old: held.then_some(old),
@@ -119,28 +132,48 @@ mod tests {
                 0
             );
         }
+        /// Stops the sender and waits for it, also when the load panics: it must never signal
+        /// this thread's `pthread_t` after the thread is gone (another may have it then).
+        struct Sender {
+            done: Arc<AtomicBool>,
+            thread: Option<std::thread::JoinHandle<u64>>,
+        }
+        impl Sender {
+            fn stop(&mut self) -> u64 {
+                self.done.store(true, Relaxed);
+                self.thread
+                    .take()
+                    .map_or(0, |t| t.join().expect("the sender"))
+            }
+        }
+        impl Drop for Sender {
+            fn drop(&mut self) {
+                self.stop();
+            }
+        }
         let done = Arc::new(AtomicBool::new(false));
         // SAFETY: pthread_self has no preconditions.
         let loader = unsafe { libc::pthread_self() };
-        let sender = {
-            let done = done.clone();
-            std::thread::spawn(move || {
+        let stop = done.clone();
+        let mut sender = Sender {
+            done,
+            thread: Some(std::thread::spawn(move || {
                 let mut sent = 0u64;
-                while !done.load(Relaxed) && sent < 1_000_000 {
-                    // SAFETY: `loader` is this test's thread, alive until `done` is set.
+                while !stop.load(Relaxed) && sent < 1_000_000 {
+                    // SAFETY: `loader` is this test's thread, alive until the sender is
+                    // stopped (by `Sender`'s drop at the latest).
                     unsafe { libc::pthread_kill(loader, libc::SIGUSR2) };
                     sent += 1;
                     std::thread::sleep(std::time::Duration::from_micros(100));
                 }
                 sent
-            })
+            })),
         };
         let mut opts = DatapathOptions::new(MemberId(1));
         opts.session_capacity = 4096;
         opts.config = DatapathConfig::with_defaults(MemberId(1));
         let loaded = Datapath::load(&opts).map(drop);
-        done.store(true, Relaxed);
-        let sent = sender.join().expect("the sender");
+        let sent = sender.stop();
         assert!(sent > 10, "only {sent} signals sent");
         loaded.expect("loaded while signals arrived");
     }

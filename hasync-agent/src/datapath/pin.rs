@@ -966,7 +966,8 @@ mod tests {
         assert!(e.contains("is not on a BPF filesystem (bpffs)"), "{e}");
         assert!(!tmp.exists(), "created {}", tmp.display());
         // teardown refuses to remove anything off bpffs.
-        std::fs::create_dir_all(tmp.join("maps")).expect("mkdir");
+        crate::files::fresh_dir(&tmp, 0o700).expect("mkdir");
+        std::fs::create_dir(tmp.join("maps")).expect("mkdir");
         std::fs::write(tmp.join("maps/SESSIONS"), b"not a map").expect("write");
         let e = teardown(&tmp).expect_err("not bpffs").to_string();
         assert!(e.contains("not on a BPF filesystem"), "{e}");

@@ -19,7 +19,7 @@ use super::nlmsg::{self, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST};
 const XFRM_MSG_NEWPOLICY: u16 = 19;
 /// `XFRM_MSG_GETPOLICY`: the listing's request.
 const XFRM_MSG_GETPOLICY: u16 = 21;
-/// `XFRM_MSG_GETDEFAULT` (Linux 5.16): the default policies' request and answer.
+/// `XFRM_MSG_GETDEFAULT` (Linux 5.15): the default policies' request and answer.
 const XFRM_MSG_GETDEFAULT: u16 = 40;
 /// `XFRM_USERPOLICY_BLOCK`: a default policy that refuses what no policy selects.
 const DEFAULT_BLOCK: u8 = 1;
@@ -102,8 +102,13 @@ fn read_policies() -> Result<Policies, IpsecError> {
     socket2::SockRef::from(&socket)
         .set_read_timeout(Some(REPLY_WITHIN))
         .map_err(IpsecError::Socket)?;
-    let selecting = ask(&mut socket, &request(XFRM_MSG_GETPOLICY, NLM_F_DUMP, 1), 1)?;
-    let default_blocks = ask(&mut socket, &request(XFRM_MSG_GETDEFAULT, 0, 2), 2)? != 0;
+    let selecting = ask(
+        &mut socket,
+        &request(XFRM_MSG_GETPOLICY, NLM_F_DUMP, 1),
+        1,
+        false,
+    )?;
+    let default_blocks = ask(&mut socket, &request(XFRM_MSG_GETDEFAULT, 0, 2), 2, true)? != 0;
     Ok(Policies {
         selecting,
         default_blocks,
@@ -111,9 +116,9 @@ fn read_policies() -> Result<Policies, IpsecError> {
 }
 
 /// Sends `request` (sequence number `seq`) and reads its answer to the end: the outbound and
-/// forward policies it lists, or 1 for a default that blocks either direction. A kernel that
-/// does not know the default policies (before 5.16) has none.
-fn ask(socket: &mut Socket, request: &[u8], seq: u32) -> Result<u32, IpsecError> {
+/// forward policies it lists, or 1 for a default that blocks either direction (`default`: the
+/// request is the defaults'; a kernel before 5.15 does not know it, EINVAL, and has none).
+fn ask(socket: &mut Socket, request: &[u8], seq: u32, default: bool) -> Result<u32, IpsecError> {
     socket.send(request, 0).map_err(IpsecError::Socket)?;
     let mut found = 0u32;
     loop {
@@ -124,7 +129,7 @@ fn ask(socket: &mut Socket, request: &[u8], seq: u32) -> Result<u32, IpsecError>
         match read(&datagram, seq) {
             Ok(Answer::More(n)) => found = found.saturating_add(n),
             Ok(Answer::Done(n)) => return Ok(found.saturating_add(n)),
-            Err(IpsecError::Refused(e)) if seq == 2 && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(IpsecError::Refused(e)) if default && e.raw_os_error() == Some(libc::EINVAL) => {
                 return Ok(0)
             }
             Err(e) => return Err(e),

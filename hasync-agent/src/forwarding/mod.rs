@@ -7,7 +7,7 @@
 pub mod features;
 pub mod ipsec;
 pub mod kernel_track;
-mod nlmsg;
+pub mod nlmsg;
 pub mod source;
 
 use std::{
@@ -320,7 +320,11 @@ pub fn prepare(config: &Config, dp: &mut Datapath) -> Result<Option<Prepared>, F
     };
     let mut system = System::now(None, None).map_err(ForwardingError::Datapath)?;
     let ports = plan(config, &mut system, &[]);
-    apply(dp, &ports).map_err(ForwardingError::Datapath)?;
+    // A port the kernel refuses (an interface gone since it was listed) does not stop the
+    // start: the rest is written, and the next check writes the plan again.
+    if let Err(e) = apply(dp, &ports) {
+        warn!(error = %e, "filling the forwarding maps failed in part; tried again every second");
+    }
     report(&[], &ports);
     Ok(Some(Prepared { socket, ports }))
 }
@@ -416,7 +420,15 @@ async fn next_check(
         _ = tick.tick() => Ok(()),
         changed = watch.changed() => {
             changed?;
-            rest_of_burst(true, || async { watch.changed().await.is_ok() }).await;
+            // A read that fails ends the burst (not read again at once: it would spin); the
+            // next wait gives the watch up.
+            rest_of_burst(true, || async {
+                if watch.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                true
+            })
+            .await;
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! The messages of a netlink datagram the kernel answered on a raw socket (the `netdev`
-//! family's answers to [`super::features`], ctnetlink's to [`super::kernel_track`]): each
-//! header's type and sequence number, and its body, every length checked against the buffer.
+//! family's answers to [`super::features`], ctnetlink's to [`super::kernel_track`], XFRM's to
+//! [`super::ipsec`]): each header's type and sequence number, and its body, every length
+//! checked against the buffer; and the header of a request.
 
 /// A netlink message header's length.
 pub const NLMSG_HDRLEN: usize = 16;

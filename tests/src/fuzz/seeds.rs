@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use hasync_agent::{
     control::{Request, SessionFilter},
+    forwarding::nlmsg,
     provision::{MemberFiles, Spec, EXAMPLE_SPEC},
     sync::wire::{
         Hello, Keepalive, LinkKind, Message, Record, RecordLayout, PROTO_MAJOR, PROTO_MINOR,
@@ -367,13 +368,8 @@ fn operations() -> Vec<Seed> {
 
 /// A netlink message of `kind` with sequence number `seq` and `body`, padded.
 fn netlink(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-    let len = 16 + body.len();
-    let mut m = Vec::with_capacity(len.next_multiple_of(4));
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&[0, 0]);
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
+    let len = nlmsg::NLMSG_HDRLEN + body.len();
+    let mut m = nlmsg::header(len, kind, 0, seq).to_vec();
     m.extend_from_slice(body);
     m.resize(len.next_multiple_of(4), 0);
     m
