@@ -195,11 +195,12 @@ fn read(datagram: &[u8], seq: u32) -> Result<Answer, IpsecError> {
 /// (the kernel walks every policy of both types); the default's carries a zeroed
 /// `struct xfrm_userpolicy_default`, padded.
 fn request(kind: u16, flags: u16, seq: u32) -> Vec<u8> {
-    let body = if kind == XFRM_MSG_GETDEFAULT { 4 } else { 0 };
-    let len = nlmsg::NLMSG_HDRLEN + body;
-    let mut m = nlmsg::header(len, kind, NLM_F_REQUEST | flags, seq).to_vec();
-    m.resize(len, 0);
-    m
+    let body: &[u8] = if kind == XFRM_MSG_GETDEFAULT {
+        &[0; 4]
+    } else {
+        &[]
+    };
+    nlmsg::message(kind, NLM_F_REQUEST | flags, seq, body)
 }
 
 /// Notifications of policy changes.
@@ -247,11 +248,7 @@ mod tests {
 
     /// A message of `kind` for answer `seq` with `body`.
     fn message(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-        let len = nlmsg::NLMSG_HDRLEN + body.len();
-        let mut m = nlmsg::header(len, kind, 0, seq).to_vec();
-        m.extend_from_slice(body);
-        m.resize(len.next_multiple_of(4), 0);
-        m
+        nlmsg::message(kind, 0, seq, body)
     }
 
     fn policy(dir: u8) -> Vec<u8> {

@@ -14,6 +14,15 @@ pub const NLM_F_REQUEST: u16 = 1;
 /// A dump's flags (`NLM_F_ROOT | NLM_F_MATCH`).
 pub const NLM_F_DUMP: u16 = 0x300;
 
+/// A message of `kind` with `flags`, sequence number `seq` and `body`, padded to 4 bytes.
+pub fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let len = NLMSG_HDRLEN + body.len();
+    let mut m = header(len, kind, flags, seq).to_vec();
+    m.extend_from_slice(body);
+    m.resize(len.next_multiple_of(4), 0);
+    m
+}
+
 /// A message header: the message's whole length (header included), type, flags and sequence
 /// number (port 0: the kernel fills it in).
 pub fn header(len: usize, kind: u16, flags: u16, seq: u32) -> [u8; NLMSG_HDRLEN] {

@@ -368,11 +368,7 @@ fn operations() -> Vec<Seed> {
 
 /// A netlink message of `kind` with sequence number `seq` and `body`, padded.
 fn netlink(kind: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-    let len = nlmsg::NLMSG_HDRLEN + body.len();
-    let mut m = nlmsg::header(len, kind, 0, seq).to_vec();
-    m.extend_from_slice(body);
-    m.resize(len.next_multiple_of(4), 0);
-    m
+    nlmsg::message(kind, 0, seq, body)
 }
 
 /// A netlink attribute of `kind` holding `value`, padded.
