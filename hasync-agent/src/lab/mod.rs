@@ -20,6 +20,7 @@
 pub mod cluster;
 mod command;
 pub mod interrupt;
+mod lifeline;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

@@ -405,12 +405,12 @@ pub struct Processes {
 }
 
 impl Processes {
-    /// Starts `cmd`, keeping it for [`Processes::stop_all`].
-    pub fn spawn(&self, label: &str, mut cmd: Command) -> Result<u32> {
-        let child = cmd.spawn().map_err(|source| LabError::Spawn {
-            command: display(&cmd),
-            source,
-        })?;
+    /// Starts `cmd`, keeping it for [`Processes::stop_all`]. The child gets SIGTERM if this
+    /// process dies before it stops the child ([`super::lifeline`]).
+    pub fn spawn(&self, label: &str, cmd: Command) -> Result<u32> {
+        let command = display(&cmd);
+        let child =
+            super::lifeline::spawn(cmd).map_err(|source| LabError::Spawn { command, source })?;
         let pid = child.id();
         let mut procs = self.lock();
         // One reaped before with the same PID (they come round) is gone for good: the PID
