@@ -516,14 +516,7 @@ impl Injector {
     fn open(client_ns: &str, dst_mac: [u8; 6], src_mac: [u8; 6]) -> Result<Injector> {
         let (fd, ifindex) = netns::run_in(client_ns, || -> io::Result<(OwnedFd, i32)> {
             // Protocol 0: this socket only sends, it receives nothing.
-            // SAFETY: plain socket creation; the fd is owned below.
-            let raw =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh fd that nothing else owns.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let fd = hasync_tests::sockets::packet_socket(0)?;
             // SAFETY: a NUL-terminated name.
             let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
             if ifindex == 0 {

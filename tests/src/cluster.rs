@@ -729,10 +729,9 @@ pub fn send_raw(
     frames: &[Vec<u8>],
     limit: Duration,
 ) -> Result<u64, String> {
-    crate::netns::refuse_host_namespace().map_err(|e| format!("{e:#}"))?;
     let deadline = Instant::now() + limit;
     let addr = link_addr(ifname, dst_mac)?;
-    let fd = packet_socket()?;
+    let fd = crate::sockets::packet_socket(0).map_err(|e| format!("socket(AF_PACKET): {e}"))?;
     let mut sent = 0u64;
     for burst in frames.chunks(INJECT_BURST) {
         if Instant::now() >= deadline {
@@ -767,21 +766,6 @@ fn link_addr(ifname: &str, dst_mac: [u8; 6]) -> Result<libc::sockaddr_ll, String
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&dst_mac);
     Ok(addr)
-}
-
-/// An `AF_PACKET` socket that only sends (protocol 0: it receives nothing).
-fn packet_socket() -> Result<std::os::fd::OwnedFd, String> {
-    use std::os::fd::FromRawFd as _;
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "socket(AF_PACKET): {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: a descriptor just opened, owned by nothing else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Sends `frame` to `addr`, waiting a moment while the queue is full (until `deadline`).

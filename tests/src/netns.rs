@@ -376,8 +376,8 @@ impl<T: Send + 'static> Drop for DropIsolated<T> {
 mod tests {
     use super::*;
 
-    /// The guard of what sends raw frames refuses the host's namespace and lets a lab's pass
-    /// (root: a lab namespace).
+    /// The guard of what sends raw frames, and the raw socket they open, refuse the host's
+    /// namespace and let a lab's pass (root: a lab namespace).
     #[test]
     fn test_traffic_is_refused_in_the_hosts_namespace() {
         let e = refuse_host_namespace().expect_err("the test runs in the host's namespace");
@@ -387,5 +387,10 @@ mod tests {
         ns.run(refuse_host_namespace)
             .expect("joined")
             .expect("a lab namespace passes");
+        let e = crate::sockets::packet_socket(0).expect_err("a raw socket on the host");
+        assert!(e.to_string().contains("host's network namespace"), "{e}");
+        ns.run(|| crate::sockets::packet_socket(0))
+            .expect("joined")
+            .expect("a raw socket in a lab namespace");
     }
 }

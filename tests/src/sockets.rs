@@ -1,7 +1,33 @@
-//! Socket helpers the netns tests share: `recvmsg(2)` with the control messages the kernel
-//! attaches (a datagram's TTL, a packet socket's VLAN tag).
+//! Socket helpers the netns tests share: the raw packet socket, opened only inside a lab's
+//! namespace, and `recvmsg(2)` with the control messages the kernel attaches (a datagram's
+//! TTL, a packet socket's VLAN tag).
 
-use std::{io, os::fd::RawFd};
+use std::{
+    io,
+    os::fd::{FromRawFd as _, OwnedFd, RawFd},
+};
+
+/// An `AF_PACKET` socket in the calling thread's namespace, for `protocol` (in host order; 0:
+/// it only sends, it receives nothing). Refused in the host's namespace
+/// ([`crate::netns::refuse_host_namespace`]): what sends test frames opens it here, so none can
+/// reach the host's own interfaces.
+pub fn packet_socket(protocol: u16) -> io::Result<OwnedFd> {
+    crate::netns::refuse_host_namespace().map_err(|e| io::Error::other(format!("{e:#}")))?;
+    let protocol = i32::from(protocol.to_be());
+    // SAFETY: plain socket creation.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just opened, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// One control message: its level, its type and its data.
 pub struct Control {

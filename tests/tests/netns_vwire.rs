@@ -8,7 +8,10 @@
 //!  fd00:18:5::2                            fd00:18:5::3
 //! ```
 
-use std::{os::fd::RawFd, time::Duration};
+use std::{
+    os::fd::{AsRawFd as _, OwnedFd, RawFd},
+    time::Duration,
+};
 
 use anyhow::{ensure, Context as _, Result};
 use hasync_agent::datapath::{Datapath, DatapathOptions};
@@ -137,24 +140,22 @@ fn tcp_and_neighbours_cross(wire: &Wire, server: &str) -> Result<()> {
 fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) -> Result<()> {
     let index = ns.ifindex(ifname)?;
     ns.run(move || -> Result<()> {
-        let fd = packet_socket()?;
+        let socket = packet_socket()?;
         // SAFETY: a zeroed sockaddr_ll is valid; its fields are set below.
         let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         to.sll_family = libc::AF_PACKET as u16;
         to.sll_ifindex = index as i32;
         to.sll_halen = 6;
-        // SAFETY: `frame` and `to` are valid for the lengths given; the fd is closed below.
+        // SAFETY: `frame` and `to` are valid for the lengths given.
         let sent = unsafe {
-            let n = libc::sendto(
-                fd,
+            libc::sendto(
+                socket.as_raw_fd(),
                 frame.as_ptr().cast(),
                 frame.len(),
                 0,
                 (&to as *const libc::sockaddr_ll).cast(),
                 size_of::<libc::sockaddr_ll>() as u32,
-            );
-            libc::close(fd);
-            n
+            )
         };
         ensure!(
             sent == frame.len() as isize,
@@ -165,16 +166,10 @@ fn send_raw(ns: &Netns, ifname: &str, frame: Vec<u8>) -> Result<()> {
     })?
 }
 
-fn packet_socket() -> Result<RawFd> {
-    let all = (libc::ETH_P_ALL as u16).to_be() as i32;
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all) };
-    ensure!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(fd)
+fn packet_socket() -> Result<OwnedFd> {
+    Ok(hasync_tests::sockets::packet_socket(
+        libc::ETH_P_ALL as u16,
+    )?)
 }
 
 /// Waits (bounded) on `fd` for a frame whose bytes contain `marker`; returns its VLAN id
@@ -234,9 +229,8 @@ fn tags_policy_and_non_ip(wire: &mut Wire) -> Result<()> {
     let listen = wire.srv.run(packet_socket)??;
     let before = wire.dp.counters()?;
     send_raw(&wire.cli, "c0", frame.build())?;
-    let tag = receive_tagged(listen, &marker);
-    // SAFETY: closing the socket opened above.
-    unsafe { libc::close(listen) };
+    let tag = receive_tagged(listen.as_raw_fd(), &marker);
+    drop(listen);
     ensure!(tag? == Some(100), "the tag did not cross unchanged");
     let key = frame.key();
     ensure!(
