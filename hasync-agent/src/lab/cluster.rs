@@ -781,35 +781,17 @@ impl Drop for LabCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::topology::SERVER_V4;
+    use crate::{control::testing::TempDir, lab::topology::SERVER_V4};
     use hasync_common::MemberId;
     use std::time::Duration;
-
-    /// A directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let p =
-                std::env::temp_dir().join(format!("hasync-labcfg-{tag}-{}", std::process::id()));
-            crate::files::fresh_dir(&p, 0o700).expect("create temp dir");
-            TempDir(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     #[test]
     fn every_member_gets_a_valid_config_listing_all_members() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = TempDir::new("all");
-        let paths = write_configs(&dir.0, 16, &ClusterOptions::default()).expect("write");
+        let paths = write_configs(dir.path(), 16, &ClusterOptions::default()).expect("write");
         assert_eq!(paths.len(), 16);
-        let key = std::fs::metadata(dir.0.join("cluster.key")).expect("key");
+        let key = std::fs::metadata(dir.path().join("cluster.key")).expect("key");
         assert_eq!(key.len(), 32);
         assert_eq!(key.permissions().mode() & 0o777, 0o600);
         for (i, path) in paths.iter().enumerate() {
@@ -817,10 +799,10 @@ mod tests {
             let c = Config::load(path).expect("valid");
             assert_eq!(c.cluster.id, LAB_CLUSTER_ID);
             assert_eq!(c.local.member, MemberId(k));
-            assert_eq!(c.local.control_socket, socket_path(&dir.0, k));
-            assert_eq!(c.local.traffic_log, traffic_log_path(&dir.0, k));
-            assert_eq!(c.local.state_dir, state_dir(&dir.0, k));
-            assert_eq!(c.pin_dir(), Some(pin_dir(&dir.0, k).as_path()));
+            assert_eq!(c.local.control_socket, socket_path(dir.path(), k));
+            assert_eq!(c.local.traffic_log, traffic_log_path(dir.path(), k));
+            assert_eq!(c.local.state_dir, state_dir(dir.path(), k));
+            assert_eq!(c.pin_dir(), Some(pin_dir(dir.path(), k).as_path()));
             assert_eq!(c.local.policy, PolicyName::Strict);
             assert_eq!(c.local.session_capacity, LAB_SESSION_CAPACITY);
             assert_eq!(c.ha4.interface, "ha4");
@@ -883,7 +865,7 @@ mod tests {
             .into(),
             ..ClusterOptions::default()
         };
-        let paths = write_configs(&dir.0, 3, &options).expect("write");
+        let paths = write_configs(dir.path(), 3, &options).expect("write");
         let c1 = Config::load(&paths[0]).expect("member 1");
         let c2 = Config::load(&paths[1]).expect("member 2");
         assert_eq!(c1.cluster.id, ClusterId(42));
@@ -912,12 +894,12 @@ mod tests {
                 .collect::<Vec<_>>(),
             [true, false, true]
         );
-        assert_eq!(c1.cluster.key_file, dir.0.join("cluster.key"));
+        assert_eq!(c1.cluster.key_file, dir.path().join("cluster.key"));
         // Member 2 differs where asked.
         assert_eq!(c2.cluster.id, ClusterId(8));
-        assert_eq!(c2.cluster.key_file, dir.0.join("fw2.key"));
+        assert_eq!(c2.cluster.key_file, dir.path().join("fw2.key"));
         assert_eq!(
-            std::fs::read(dir.0.join("fw2.key")).expect("key"),
+            std::fs::read(dir.path().join("fw2.key")).expect("key"),
             vec![0x42; 40]
         );
         assert_eq!(c2.zone_names(), ["inside", "outside"]);
@@ -952,7 +934,7 @@ mod tests {
             keepalive_threshold_ms: Some(100),
             ..ClusterOptions::default()
         };
-        let e = write_configs(&dir.0, 2, &options).expect_err("invalid");
+        let e = write_configs(dir.path(), 2, &options).expect_err("invalid");
         let msg = crate::datapath::error_chain(&e);
         assert!(msg.contains("member 1"), "{msg}");
         assert!(
@@ -960,7 +942,7 @@ mod tests {
             "{msg}"
         );
         assert!(matches!(
-            write_configs(&dir.0, 17, &ClusterOptions::default()),
+            write_configs(dir.path(), 17, &ClusterOptions::default()),
             Err(LabError::Members(17))
         ));
     }
