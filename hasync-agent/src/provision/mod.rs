@@ -627,6 +627,12 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         )
         .into());
     }
+    // The key is checked by its path, which the config check wants absolute.
+    let out = &std::path::absolute(out).map_err(|source| ProvisionError::Io {
+        what: "making the output directory's path absolute",
+        path: out.to_owned(),
+        source,
+    })?;
     let key = out.join(KEY_FILE);
     let files = with_check_key(&key, |k| member_files(spec_path, configs, k))?;
     check_output(out, &files)?;

@@ -520,3 +520,21 @@ fn config_check_warns_of_a_control_group_this_host_lacks() {
         "{warnings:?}"
     );
 }
+
+/// `--out` given relative to the working directory provisions a second time (adding a member
+/// is a second run): before, the existing key was checked by its relative path, which the
+/// config check refuses ("must be an absolute path"; seen failing).
+#[test]
+fn a_second_run_into_a_relative_directory_provisions() {
+    let (_dir, out, spec) = example_spec("provision-rerun-relative");
+    let cwd = std::env::current_dir().expect("working directory");
+    let up = cwd.components().count().saturating_sub(1);
+    let relative: PathBuf = std::iter::repeat_n(Path::new(".."), up)
+        .collect::<PathBuf>()
+        .join(out.strip_prefix("/").expect("absolute"));
+    assert!(relative.is_relative());
+    provision(&spec, &relative).expect("first run");
+    let again = provision(&spec, &relative).expect("second run");
+    assert!(!again.new_key, "the key is kept");
+    assert!(again.key.is_absolute(), "{}", again.key.display());
+}
