@@ -44,6 +44,9 @@ use crate::{
     metrics::{render, Source, CONTENT_TYPE},
 };
 
+mod answers;
+use answers::{AnswerBody, Answers};
+
 /// What the server answers from: the runtime, through [`Source`], and the graphs' memory.
 #[derive(Clone, Debug)]
 pub struct Backend {
@@ -90,8 +93,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection is closed after this long, whatever it does (an answer under way is finished).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 /// How long a connection closed for a newcomer ([`Served`]) may take to finish an answer under
-/// way: the accept loop, and the newcomer, wait for it (a client that reads nothing, or sends
-/// half a head, holds them no longer than this).
+/// way: the newcomer waits for it (a client that reads nothing holds it no longer than this;
+/// one with no answer under way, half a head sent or idle, is closed at once).
 pub const CLOSED_GRACE: Duration = Duration::from_secs(1);
 
 /// The dashboard may run its own inline script and style, and talk to this server only.
@@ -188,12 +191,25 @@ async fn serve_one(
     let loopback = stream
         .local_addr()
         .is_ok_and(|a| a.ip().to_canonical().is_loopback());
-    let service = service_fn(move |request| {
-        let backend = backend.clone();
-        async move { Ok::<_, Infallible>(handle(request, &backend, loopback).await) }
+    let answers = Answers::default();
+    let service = service_fn({
+        let answers = answers.clone();
+        move |request| {
+            let backend = backend.clone();
+            let answering = answers.begin();
+            async move {
+                let answer = handle(request, &backend, loopback).await;
+                Ok::<_, Infallible>(answer.map(|body| AnswerBody::new(body, answering)))
+            }
+        }
     });
     let close = entry.close.clone();
-    if let Err(error) = run_connection(stream, service, CONNECTION_LIFETIME, &close).await {
+    let ends = Ends {
+        lifetime: CONNECTION_LIFETIME,
+        close: &close,
+        answers: &answers,
+    };
+    if let Err(error) = run_connection(stream, service, &ends).await {
         debug!(%peer, %error, "metrics connection ended");
     }
     // The slot first (a newcomer then takes it, closing no one); the place also when the task
@@ -300,23 +316,33 @@ impl Served {
     }
 }
 
-/// Serves one connection for `lifetime`, whatever it does, or until `close` is notified; then
-/// an answer under way is still sent whole (with `connection: close`), within
-/// [`HEAD_TIMEOUT`] more ([`CLOSED_GRACE`] when closed for a newcomer, who waits for it).
-async fn run_connection<S, F>(
+/// What ends a connection: its `lifetime`, a `close` for a newcomer, and what says whether it
+/// has `answers` under way then.
+struct Ends<'a> {
+    lifetime: Duration,
+    close: &'a Notify,
+    answers: &'a Answers,
+}
+
+/// Serves one connection for its lifetime, whatever it does, or until it is told to close;
+/// then an answer under way is still sent whole (with `connection: close`), within
+/// [`HEAD_TIMEOUT`] more ([`CLOSED_GRACE`] when closed for a newcomer, who waits for it). A
+/// connection told to close with no answer under way is closed at once.
+async fn run_connection<S, F, B>(
     stream: tokio::net::TcpStream,
     service: S,
-    lifetime: Duration,
-    close: &Notify,
+    ends: &Ends<'_>,
 ) -> Result<(), hyper::Error>
 where
     S: hyper::service::Service<
         Request<Incoming>,
-        Response = Response<Full<Bytes>>,
+        Response = Response<B>,
         Error = Infallible,
         Future = F,
     >,
-    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>>,
+    F: std::future::Future<Output = Result<Response<B>, Infallible>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -327,18 +353,25 @@ where
     let mut connection = std::pin::pin!(connection);
     let grace = tokio::select! {
         ended = connection.as_mut() => return ended,
-        () = tokio::time::sleep(lifetime) => HEAD_TIMEOUT,
-        () = close.notified() => CLOSED_GRACE,
+        () = tokio::time::sleep(ends.lifetime) => HEAD_TIMEOUT,
+        () = ends.close.notified() => CLOSED_GRACE,
     };
+    if grace == CLOSED_GRACE && !ends.answers.under_way() {
+        return Ok(());
+    }
     connection.as_mut().graceful_shutdown();
-    // A close for a newcomer during a lifetime's grace shortens it.
+    // A close for a newcomer during a lifetime's grace shortens it (ends it, with no answer
+    // under way).
     let mut deadline = tokio::time::Instant::now() + grace;
     let mut watching = grace > CLOSED_GRACE;
     loop {
         tokio::select! {
             ended = connection.as_mut() => return ended,
             () = tokio::time::sleep_until(deadline) => return Ok(()),
-            () = close.notified(), if watching => {
+            () = ends.close.notified(), if watching => {
+                if !ends.answers.under_way() {
+                    return Ok(());
+                }
                 watching = false;
                 deadline = deadline.min(tokio::time::Instant::now() + CLOSED_GRACE);
             }
