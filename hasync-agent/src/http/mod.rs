@@ -499,19 +499,60 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
     }
 }
 
+/// How often an address the server could not listen on is tried again.
+pub const LISTEN_RETRY: Duration = Duration::from_secs(5);
+/// How often a server still unable to listen says so again.
+const LISTEN_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Starts the server where `config` says (`[local] http`), answering from the runtime behind
-/// `requests`. Metrics are not worth stopping a cluster member for: a failure to listen is
-/// logged and the member runs on without them. `None` when disabled or failed.
+/// `requests`. Metrics are not worth stopping a cluster member for: an address it cannot
+/// listen on is tried again ([`listen`]). `None` when disabled.
 pub async fn start(
     config: &crate::config::Config,
     requests: ControlSender,
 ) -> Option<JoinHandle<()>> {
     let addr = config.http_addr()?;
-    match serve(addr, Source::new(requests, config)).await {
-        Ok((_, task)) => Some(task),
+    Some(listen(addr, Source::new(requests, config), LISTEN_RETRY).await)
+}
+
+/// Serves on `addr` as [`serve`] does. While it cannot listen there (the port taken, by
+/// another local user too, who would answer in the member's place; the address not up yet at
+/// boot), it says so and tries again every `every` until the runtime's request channel closes.
+pub async fn listen(addr: SocketAddr, source: Source, every: Duration) -> JoinHandle<()> {
+    match serve(addr, source.clone()).await {
+        Ok((_, task)) => task,
         Err(e) => {
-            warn!(error = %crate::datapath::error_chain(&e), "metrics and dashboard are off");
-            None
+            warn!(
+                error = %crate::datapath::error_chain(&e),
+                retry_s = every.as_secs_f64(),
+                "metrics and dashboard are off until the server can listen"
+            );
+            tokio::spawn(listen_later(addr, source, every))
+        }
+    }
+}
+
+async fn listen_later(addr: SocketAddr, source: Source, every: Duration) {
+    let mut warned = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = source.closed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match serve(addr, source.clone()).await {
+            Ok((_, task)) => {
+                if let Err(e) = task.await {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                }
+                return;
+            }
+            Err(e) if warned.elapsed() >= LISTEN_WARN_EVERY => {
+                warn!(error = %crate::datapath::error_chain(&e), "metrics and dashboard still off");
+                warned = tokio::time::Instant::now();
+            }
+            Err(_) => {}
         }
     }
 }

@@ -351,3 +351,37 @@ async fn half_sent_heads_in_every_slot_hold_a_newcomer_only_briefly() {
     drop(holders);
     stops_with_the_runtime(tx, runtime, server).await;
 }
+
+/// An address taken when the member starts (another process on the port, which a local user
+/// may do to answer in the member's place; a management address not up yet at boot) is tried
+/// again until it is free: before, the member ran on without metrics and dashboard for good
+/// (seen failing with the retry taken out: nothing answered once the port was free).
+#[tokio::test]
+async fn an_address_taken_at_the_start_is_listened_on_once_free() {
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = squatter.local_addr().expect("address");
+    let (tx, runtime) = fake_runtime();
+    let source = Source::with_settings(tx.clone(), 65_536, "edge");
+    let server = listen(addr, source, Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!server.is_finished(), "the server gave up");
+    drop(squatter);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Ok(mut s) = TcpStream::connect(addr).await {
+            s.write_all(&get("/metrics")).await.expect("send");
+            let mut raw = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut raw));
+            if let Ok(Ok(_)) = read.await {
+                break String::from_utf8_lossy(&raw).into_owned();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing answered within 5 s of the port coming free"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    stops_with_the_runtime(tx, runtime, server).await;
+}
