@@ -54,12 +54,36 @@ fn evicted_counter(state: u8) -> Counter {
     }
 }
 
-/// Removes `held` (the session of `key`, in the table) and reports it. The event is written
-/// first, straight from the table, and sent only if the removal was ours.
+/// Whose part of the ring a slot is in.
+#[derive(Clone, Copy)]
+enum Part {
+    /// This member's own: a session evicted from it is reported (its log line, its removal
+    /// sent to the peers).
+    Own(MemberId),
+    /// A peer's replicas: one evicted is not reported (the agent has nothing to do with it,
+    /// and a peer's records must not fill the events ring this member's fast path writes).
+    Replica(MemberId),
+}
+
+impl Part {
+    #[inline(always)]
+    fn owner(self) -> MemberId {
+        match self {
+            Part::Own(owner) | Part::Replica(owner) => owner,
+        }
+    }
+}
+
+/// Removes `held` (the session of `key`, in the table), reporting it if it is this member's
+/// own. The event is written first, straight from the table, and sent only if the removal was
+/// ours.
 #[inline(always)]
-fn evict(counters: &mut Counters, key: &FlowKey, held: &Session) {
+fn evict(counters: &mut Counters, key: &FlowKey, held: &Session, part: Part) {
     let counter = evicted_counter(held.state);
-    let event = prepare(counters, EventKind::Evicted, key, held);
+    let event = match part {
+        Part::Own(_) => prepare(counters, EventKind::Evicted, key, held),
+        Part::Replica(_) => None,
+    };
     if SESSIONS.remove(key).is_ok() {
         counters.inc(counter);
         if let Some(e) = event {
@@ -107,11 +131,10 @@ pub fn admit_own(
         .checked_rem(laps.wrapping_mul(u64::from(slots)))
         .unwrap_or(counter);
     let ticket = lapped.wrapping_mul(cpus).wrapping_add(u64::from(cpu)) as u32;
-    let owner = cfg.local_member;
     take_slot(
         counters,
         first.wrapping_add(offset),
-        owner,
+        Part::Own(cfg.local_member),
         key,
         session,
         ticket,
@@ -156,7 +179,7 @@ pub fn admit_replica(
     take_slot(
         counters,
         first.wrapping_add(offset),
-        owner,
+        Part::Replica(owner),
         key,
         session,
         ticket,
@@ -164,8 +187,8 @@ pub fn admit_replica(
     true
 }
 
-/// `key` (with `session`) takes slot `index` of `owner`'s part under `ticket`, evicting the
-/// slot's previous holder if that is another session, still `owner`'s, still embryonic and
+/// `key` (with `session`) takes slot `index` of `part` under `ticket`, evicting the slot's
+/// previous holder if that is another session, still the part's owner's, still embryonic and
 /// still holding the slot's ticket (a session taken over since keeps its old ticket, and is
 /// no longer its old owner's to evict).
 #[inline(always)]
@@ -177,7 +200,7 @@ pub fn admit_replica(
 fn take_slot(
     counters: &mut Counters,
     index: u32,
-    owner: MemberId,
+    part: Part,
     key: &FlowKey,
     session: &mut Session,
     ticket: u32,
@@ -193,8 +216,8 @@ fn take_slot(
     if let Some(held) = used.then(|| SESSIONS.get_ptr_mut(&slot.key)).flatten() {
         // SAFETY: the value stays valid for the program's run.
         let held = unsafe { &*held };
-        if held.ticket == slot.ticket && held.owner == owner && held.is_embryonic() {
-            evict(counters, &slot.key, held);
+        if held.ticket == slot.ticket && held.owner == part.owner() && held.is_embryonic() {
+            evict(counters, &slot.key, held, part);
         }
     }
     slot.key = *key;
