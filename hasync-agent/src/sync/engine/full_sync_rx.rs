@@ -111,7 +111,10 @@ impl FullSyncRx {
         walk: impl FnOnce() -> Option<StaleScan>,
     ) -> Start {
         let late = self.last_started.is_some_and(|(last, last_on)| {
-            last.boot == id.boot && id.id <= last.id && !last_on.undone_by(on.generation)
+            // Serial arithmetic: the ids wrap.
+            last.boot == id.boot
+                && !hasync_common::conflict::version_after(id.id, last.id)
+                && !last_on.undone_by(on.generation)
         });
         if late {
             return Start::Ignored;
@@ -276,6 +279,27 @@ mod tests {
             started != Start::Ignored && !walked
         );
         (started != Start::Ignored).then_some(walked)
+    }
+
+    /// Full sync ids wrap (they are the low 32 bits of a counter every dial attempt takes
+    /// from too): the first past the wrap, read on another connection attached before the last
+    /// start's, starts. Before, it was taken for an older start read late, its frames were
+    /// refused as superseded and never acknowledged, and the link went down for missed acks
+    /// (seen failing).
+    #[test]
+    fn a_start_numbered_past_the_wrap_starts() {
+        let mut rx = FullSyncRx::default();
+        assert_eq!(start(&mut rx, bulk(1, u32::MAX)), Some(true));
+        assert_eq!(
+            start_on(&mut rx, bulk(1, 0), on(2), later()),
+            Some(true),
+            "the next id, 0"
+        );
+        assert_eq!(
+            start_on(&mut rx, bulk(1, u32::MAX), on(1), later()),
+            None,
+            "the one before the wrap, read late on the first connection"
+        );
     }
 
     #[test]
