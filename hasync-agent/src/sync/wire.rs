@@ -143,6 +143,8 @@ pub enum WireError {
     VarintNotMinimal(&'static str),
     #[error("record not in its one encoding: {0}")]
     NotCanonical(&'static str),
+    #[error("sessions frame numbered 0 (frames are numbered from 1)")]
+    ZeroSequence,
     #[error("{got} message where a hello must come first")]
     NotHello { got: &'static str },
 }
@@ -693,6 +695,9 @@ fn encode_sessions(
 fn decode_sessions(r: &mut Reader<'_>, layout: RecordLayout) -> Result<Message, WireError> {
     let [bulk] = r.array("sessions header")?;
     let seq = r.u64("sequence")?;
+    if seq == 0 {
+        return Err(WireError::ZeroSequence);
+    }
     let n = usize::from(r.u16("record count")?);
     if n > layout.max_records() {
         return Err(WireError::TooManyRecords(n));
@@ -840,6 +845,25 @@ mod tests {
         ] {
             assert_eq!(round_trip(&m), m);
         }
+    }
+
+    /// Frames are numbered from 1 (an acknowledgement of 0 means none is due): one numbered
+    /// 0 is malformed. Before, it was applied as a number gone back ("numbered far ahead"
+    /// logged) and never acknowledged, so its sender resent it after every missed-acks close,
+    /// with no word of why (seen failing).
+    #[test]
+    fn a_sessions_frame_numbered_0_is_refused() {
+        let mut buf = Vec::new();
+        Message::Sessions {
+            seq: 0,
+            bulk: false,
+            records: vec![Record::delete(key(1), MemberId(1), 1)],
+        }
+        .encode(&mut buf)
+        .expect("encode");
+        let err = Message::decode(&buf).expect_err("numbered 0");
+        assert_eq!(err, WireError::ZeroSequence);
+        assert!(err.to_string().contains("numbered 0"), "{err}");
     }
 
     #[test]
