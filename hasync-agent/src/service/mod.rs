@@ -81,6 +81,12 @@ const UNIT_HEADER: &str = r#"# hasync: the session-sync agent of an XDP HA firew
 Description=hasync session-sync agent (XDP HA firewall cluster)
 Wants=network-online.target
 After=network-online.target
+# An agent that keeps failing (10 starts in 10 minutes, at least 2 s apart) is left failed
+# rather than restarted for good: each start asks every peer for its whole table. The
+# datapath, pinned, forwards meanwhile; `systemctl reset-failed hasync` and a start bring it
+# back. (systemd's default, 5 starts in 10 s, can never trigger at 2 s apart.)
+StartLimitIntervalSec=600
+StartLimitBurst=10
 
 "#;
 

@@ -249,6 +249,40 @@ fn the_unit_grants_only_the_capabilities_it_explains() {
     }
 }
 
+/// The start limit can trigger: enough starts, `RestartSec` apart, fit in its interval, and
+/// it stands in `[Unit]` (systemd ignores it under `[Service]`). Before, the unit kept
+/// systemd's default, 5 starts in 10 s, which starts 2 s apart never reach: a failing agent
+/// was restarted for good, each start asking every peer for its whole table (seen failing).
+#[test]
+fn the_units_start_limit_can_trigger() {
+    let unit = unit_text(Path::new("/usr/local/sbin/hasync"), Path::new(DEFAULT_PATH));
+    let mut section = "";
+    let mut settings = std::collections::HashMap::new();
+    for line in unit.lines().filter(|l| !l.starts_with('#')) {
+        if line.starts_with('[') {
+            section = line;
+        } else if let Some((key, value)) = line.split_once('=') {
+            settings.insert(key, (section, value));
+        }
+    }
+    let number = |key: &str| -> u64 {
+        let (_, value) = settings.get(key).unwrap_or_else(|| panic!("no {key}="));
+        (value.trim_end_matches('s').parse()).unwrap_or_else(|_| panic!("{key}={value}"))
+    };
+    let (interval, burst, restart) = (
+        number("StartLimitIntervalSec"),
+        number("StartLimitBurst"),
+        number("RestartSec"),
+    );
+    assert!(
+        burst * restart < interval,
+        "{burst} starts {restart} s apart never fit in {interval} s"
+    );
+    for key in ["StartLimitIntervalSec", "StartLimitBurst"] {
+        assert_eq!(settings.get(key).map(|(s, _)| *s), Some("[Unit]"), "{key}");
+    }
+}
+
 #[test]
 fn teardown_output_names_what_it_removed() {
     let report = pin::TeardownReport {
