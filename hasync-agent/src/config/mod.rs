@@ -32,6 +32,8 @@ pub const DEFAULT_SYNC_PORT: u16 = 7471;
 pub const MIN_KEY_BYTES: usize = 32;
 /// Default address of the metrics and dashboard HTTP server: loopback only.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:9471";
+/// Where the agent keeps its state (`[local] state_dir`): the unit's `StateDirectory`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hasync";
 
 /// Errors of the config module.
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +302,7 @@ mod defaults {
         crate::datapath::DEFAULT_PIN_DIR.into()
     }
     pub fn state_dir() -> PathBuf {
-        "/var/lib/hasync".into()
+        super::DEFAULT_STATE_DIR.into()
     }
     pub fn session_capacity() -> u32 {
         hasync_common::maps::DEFAULT_SESSION_CAPACITY

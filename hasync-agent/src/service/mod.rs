@@ -20,7 +20,7 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use crate::{
-    config::{Config, DEFAULT_PATH, MIN_KEY_BYTES},
+    config::{Config, DEFAULT_PATH, DEFAULT_STATE_DIR, MIN_KEY_BYTES},
     datapath::{pin, DEFAULT_PIN_DIR},
 };
 
@@ -519,7 +519,34 @@ pub fn uninstall_files(prefix: &Path, bin_dir: &Path) -> anyhow::Result<Vec<Step
             });
         }
     }
+    let config = installed_config(prefix);
+    let state_dir = config.as_ref().map_or_else(
+        || PathBuf::from(DEFAULT_STATE_DIR),
+        |c| c.local.state_dir.clone(),
+    );
+    let at = under(prefix, &state_dir);
+    if at.is_dir() {
+        let note = if crate::suspend_mark::path(&at).exists() {
+            "a suspend mark is left in it: a later install starts Suspended until `hasync \
+             functional`; remove it by hand if this host leaves the cluster"
+        } else {
+            "uninstall keeps it; remove it by hand if this host leaves the cluster"
+        };
+        steps.push(Step {
+            what: "state",
+            path: at,
+            done: Done::Kept,
+            note: Some(note.into()),
+        });
+    }
     Ok(steps)
+}
+
+/// The config installed under `prefix`, parsed (not validated), if one is there and parses.
+fn installed_config(prefix: &Path) -> Option<Config> {
+    let path = under(prefix, Path::new(DEFAULT_PATH));
+    let text = fs::read_to_string(&path).ok()?;
+    Config::from_toml(&path, &text).ok()
 }
 
 /// `hasync install`.
@@ -540,8 +567,12 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
 /// `hasync uninstall`.
 pub fn uninstall(args: &InstallArgs) -> anyhow::Result<()> {
     check_root(&args.prefix)?;
-    let pinned = under(&args.prefix, Path::new(DEFAULT_PIN_DIR));
-    if args.prefix == Path::new("/") && pinned.exists() {
+    let pin_dir = installed_config(&args.prefix).map_or_else(
+        || Some(PathBuf::from(DEFAULT_PIN_DIR)),
+        |c| c.pin_dir().map(Path::to_path_buf),
+    );
+    let pinned = pin_dir.map(|dir| under(&args.prefix, &dir));
+    if let Some(pinned) = pinned.filter(|p| args.prefix == Path::new("/") && p.exists()) {
         println!(
             "note: a datapath is still pinned at {} (XDP attached, sessions kept): `hasync \
              teardown` removes it; without the binary, `rm -r {}` does the same",

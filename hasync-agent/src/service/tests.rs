@@ -117,6 +117,33 @@ fn install_twice_overwrites_no_config_and_no_key() {
         .contains("must be an absolute path"));
 }
 
+/// Uninstall names the state directory it keeps, and a suspend mark left in it, which would
+/// start a later install Suspended (before, it said nothing of it; seen failing).
+#[test]
+fn uninstall_names_the_state_it_keeps() {
+    let root = Root::new("state");
+    let prefix = root.0.join("root");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let bin_dir = Path::new(DEFAULT_BIN_DIR);
+    install_files(&prefix, bin_dir, &exe).expect("install");
+    let state = prefix.join("var/lib/hasync");
+    fs::create_dir_all(&state).expect("state dir");
+    let kept = |steps: &[Step]| {
+        steps
+            .iter()
+            .find(|s| s.what == "state")
+            .map(|s| (s.done, s.path.clone(), s.note.clone().unwrap_or_default()))
+    };
+    let (done, path, note) = kept(&uninstall_files(&prefix, bin_dir).expect("uninstall"))
+        .expect("the state directory is named");
+    assert_eq!((done, path), (Done::Kept, state.clone()));
+    assert!(!note.contains("suspend mark"), "{note}");
+    fs::write(crate::suspend_mark::path(&state), "by the operator\n").expect("mark");
+    let (_, _, note) = kept(&uninstall_files(&prefix, bin_dir).expect("uninstall"))
+        .expect("the state directory is named");
+    assert!(note.contains("suspend mark"), "{note}");
+}
+
 #[test]
 fn the_example_config_is_valid_once_the_key_exists() {
     let root = Root::new("example");
