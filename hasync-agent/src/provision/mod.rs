@@ -611,6 +611,9 @@ pub struct Provisioned {
     /// The serials of the members the spec lists with `enabled = false`: in every config's
     /// members, with no directory of their own.
     pub disabled: Vec<String>,
+    /// Directories in `out` that hold a member's config but name no member of the spec: left
+    /// from an earlier run (a member taken out since), with an old config and the key.
+    pub left: Vec<PathBuf>,
     /// The fingerprint all members share.
     pub fingerprint: [u8; 32],
 }
@@ -657,13 +660,32 @@ pub fn provision(spec_path: &Path, out: &Path) -> anyhow::Result<Provisioned> {
         .filter(|m| !m.enabled)
         .map(|m| m.serial.clone())
         .collect();
+    let named: Vec<&str> = spec.members.iter().map(|m| m.serial.as_str()).collect();
     Ok(Provisioned {
         key,
         new_key,
         members,
         disabled,
+        left: left_from_earlier_runs(out, &named),
         fingerprint,
     })
+}
+
+/// The directories in `out` that hold a member's config (`hasync.toml`) and are not named in
+/// `named`, sorted.
+fn left_from_earlier_runs(out: &Path, named: &[&str]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    let mut left: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| !named.iter().any(|n| e.file_name() == **n))
+        .map(|e| e.path())
+        .filter(|dir| dir.join("hasync.toml").is_file())
+        .collect();
+    left.sort();
+    left
 }
 
 /// Runs `check` with a key file as the one at `key` will be: that one where it exists with
@@ -932,6 +954,13 @@ pub fn run(args: &ProvisionArgs) -> anyhow::Result<()> {
             } else {
                 String::new()
             }
+        );
+    }
+    for dir in &done.left {
+        println!(
+            "{}: left from an earlier run (no member of the spec has its serial), with an old \
+             config and the cluster key: remove it",
+            dir.display()
         );
     }
     if let Some(warning) = loose_key_warning(&done.key) {

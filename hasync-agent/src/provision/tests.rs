@@ -538,3 +538,20 @@ fn a_second_run_into_a_relative_directory_provisions() {
     assert!(!again.new_key, "the key is kept");
     assert!(again.key.is_absolute(), "{}", again.key.display());
 }
+
+/// A member taken out of the spec leaves its directory from an earlier run, with an old
+/// config and the cluster key: the run names it (before, it said nothing, as it does for a
+/// disabled member's).
+#[test]
+fn a_member_taken_out_of_the_spec_is_named_as_left() {
+    let (_dir, out, spec) = example_spec("provision-removed");
+    provision(&spec, &out).expect("first run");
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    let start = text.find("[[members]]\nid = 3").expect("FW-C");
+    let end = text.find("[timeouts]").expect("timeouts");
+    std::fs::write(&spec, format!("{}{}", &text[..start], &text[end..])).expect("write");
+    std::fs::create_dir(out.join("notes")).expect("a directory of the operator's");
+    let again = provision(&spec, &out).expect("second run");
+    assert_eq!(again.left, [out.join("FW-C")]);
+    assert!(again.disabled.is_empty());
+}
