@@ -379,12 +379,37 @@ fn binary_path(bin_dir: &Path) -> PathBuf {
 /// (if none) in place below `prefix`.
 pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Vec<Step>> {
     check_bin_dir(bin_dir)?;
+    for path in [
+        binary_path(bin_dir),
+        PathBuf::from(UNIT_PATH),
+        PathBuf::from(DEFAULT_PATH),
+        PathBuf::from(KEY_PATH),
+    ] {
+        check_above(&under(prefix, &path))?;
+    }
     Ok(vec![
         install_binary(prefix, bin_dir, exe)?,
         install_unit(prefix, &binary_path(bin_dir))?,
         install_example_config(prefix)?,
         install_key(prefix)?,
     ])
+}
+
+/// Refuses to write `path` if a directory above it (as written, or where links on it lead) is
+/// another user's or open to others: they could have planted a key or a config that would be
+/// kept, or a link that sends what root writes elsewhere (a staging `--prefix`).
+fn check_above(path: &Path) -> anyhow::Result<()> {
+    let risk = crate::dir_trust::risk_above(path)
+        .map_err(|(at, e)| anyhow::Error::new(e).context(format!("checking {}", at.display())))?;
+    if let Some((dir, risk)) = risk {
+        bail!(
+            "refusing to install {}: {} is {risk}, so another user could replace what is written \
+             there (use a directory of root's, mode go-w)",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// `exe` copied into `bin_dir` (as seen from the root) below `prefix`, unless it is already

@@ -117,6 +117,32 @@ fn install_twice_overwrites_no_config_and_no_key() {
         .contains("must be an absolute path"));
 }
 
+/// A staging prefix another user owns, or may write into, is refused before anything is
+/// written: root would keep a key and a config planted there, and write the unit and the
+/// binary wherever links put there lead (before, it installed; seen failing).
+#[test]
+fn a_prefix_others_could_fill_is_refused() {
+    let root = Root::new("prefix");
+    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let bin_dir = Path::new(DEFAULT_BIN_DIR);
+    let prefix = root.0.join("root");
+    fs::create_dir(&prefix).expect("prefix");
+    fs::set_permissions(&prefix, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let e = install_files(&prefix, bin_dir, &exe).expect_err("an open prefix");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(&prefix.display().to_string()) && msg.contains("mode 0777"),
+        "{msg}"
+    );
+    fs::set_permissions(&prefix, fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::chown(&prefix, Some(65_534), None).expect("chown (root)");
+    let e = install_files(&prefix, bin_dir, &exe).expect_err("another user's prefix");
+    assert!(format!("{e:#}").contains("uid 65534"), "{e:#}");
+    assert_eq!(fs::read_dir(&prefix).expect("list").count(), 0, "written");
+    std::os::unix::fs::chown(&prefix, Some(0), None).expect("chown back");
+    install_files(&prefix, bin_dir, &exe).expect("a prefix of root's");
+}
+
 /// Uninstall names the state directory it keeps, and a suspend mark left in it, which would
 /// start a later install Suspended (before, it said nothing of it; seen failing).
 #[test]
