@@ -1,31 +1,15 @@
 use std::{os::unix::fs::PermissionsExt as _, process::Command};
 
 use super::*;
-
-/// A scratch root under the system temp dir, removed on drop.
-struct Root(PathBuf);
-
-impl Root {
-    fn new(tag: &str) -> Root {
-        let p = std::env::temp_dir().join(format!("hasync-install-{tag}-{}", std::process::id()));
-        crate::files::fresh_dir(&p, 0o755).expect("create root");
-        Root(p)
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use crate::control::testing::TempDir;
 
 fn done(steps: &[Step]) -> Vec<(&'static str, Done)> {
     steps.iter().map(|s| (s.what, s.done)).collect()
 }
 
 /// A stand-in for the hasync binary.
-fn fake_exe(root: &Root, content: &[u8]) -> PathBuf {
-    let exe = root.0.join("build/hasync");
+fn fake_exe(root: &TempDir, content: &[u8]) -> PathBuf {
+    let exe = root.path().join("build/hasync");
     fs::create_dir_all(exe.parent().expect("parent")).expect("mkdir");
     fs::write(&exe, content).expect("write exe");
     exe
@@ -33,8 +17,8 @@ fn fake_exe(root: &Root, content: &[u8]) -> PathBuf {
 
 #[test]
 fn install_twice_overwrites_no_config_and_no_key() {
-    let root = Root::new("twice");
-    let prefix = root.0.join("root");
+    let root = TempDir::new("install-twice");
+    let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
     let bin_dir = Path::new(DEFAULT_BIN_DIR);
 
@@ -122,10 +106,10 @@ fn install_twice_overwrites_no_config_and_no_key() {
 /// binary wherever links put there lead (before, it installed; seen failing).
 #[test]
 fn a_prefix_others_could_fill_is_refused() {
-    let root = Root::new("prefix");
+    let root = TempDir::new("install-prefix");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
     let bin_dir = Path::new(DEFAULT_BIN_DIR);
-    let prefix = root.0.join("root");
+    let prefix = root.path().join("root");
     fs::create_dir(&prefix).expect("prefix");
     fs::set_permissions(&prefix, fs::Permissions::from_mode(0o777)).expect("chmod");
     let e = install_files(&prefix, bin_dir, &exe).expect_err("an open prefix");
@@ -147,8 +131,8 @@ fn a_prefix_others_could_fill_is_refused() {
 /// start a later install Suspended (before, it said nothing of it; seen failing).
 #[test]
 fn uninstall_names_the_state_it_keeps() {
-    let root = Root::new("state");
-    let prefix = root.0.join("root");
+    let root = TempDir::new("install-state");
+    let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
     let bin_dir = Path::new(DEFAULT_BIN_DIR);
     install_files(&prefix, bin_dir, &exe).expect("install");
@@ -172,8 +156,8 @@ fn uninstall_names_the_state_it_keeps() {
 
 #[test]
 fn the_example_config_is_valid_once_the_key_exists() {
-    let root = Root::new("example");
-    let prefix = root.0.join("root");
+    let root = TempDir::new("install-example");
+    let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"x");
     install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
     let path = prefix.join("etc/hasync/hasync.toml");
@@ -192,8 +176,8 @@ fn the_example_config_is_valid_once_the_key_exists() {
 /// refused to start); a --bin-dir the unit's ExecStart would split or expand is refused.
 #[test]
 fn a_short_key_is_named_and_an_unquotable_bin_dir_refused() {
-    let root = Root::new("shortkey");
-    let prefix = root.0.join("root");
+    let root = TempDir::new("install-shortkey");
+    let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
     let key = prefix.join("etc/hasync/cluster.key");
     fs::create_dir_all(key.parent().expect("parent")).expect("mkdir");
@@ -217,12 +201,12 @@ fn a_short_key_is_named_and_an_unquotable_bin_dir_refused() {
 /// binary exists: the unit is written pointing at a binary installed into the scratch root.
 #[test]
 fn systemd_analyze_verify_passes_on_the_unit() {
-    let root = Root::new("verify");
-    let prefix = root.0.join("root");
+    let root = TempDir::new("install-verify");
+    let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
     install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
     let bin = prefix.join("usr/local/sbin/hasync");
-    let units = root.0.join("units");
+    let units = root.path().join("units");
     fs::create_dir_all(&units).expect("mkdir");
 
     let verify = |text: &str| {
@@ -255,7 +239,7 @@ fn systemd_analyze_verify_passes_on_the_unit() {
     let (_, text) = verify(&good.replace("NoNewPrivileges=yes", "NoNewPrivilege=yes"));
     assert!(text.contains("Unknown key"), "{text}");
     let (ok, text) = verify(&unit_text(
-        &root.0.join("nope/hasync"),
+        &root.path().join("nope/hasync"),
         Path::new(DEFAULT_PATH),
     ));
     assert!(!ok && text.contains("is not executable"), "{text}");
