@@ -792,9 +792,17 @@ impl Datapath {
             deviation_us = clock.deviation_ns(&s) / 1000,
             "the kernel's jiffies drifted from the session clock: measuring it again"
         );
-        self.clock = clock::find(prog)?;
+        // The program's clock first: the agent's changes only once the program reads it too
+        // (before, a failed write left the two on different clocks, and the next checks
+        // compared the agent's new one with a sample and found nothing to rewrite).
+        let found = clock::find(prog)?;
         let cfg = self.config()?;
-        self.set_config(&cfg)
+        let old = std::mem::replace(&mut self.clock, found);
+        let written = self.set_config(&cfg);
+        if written.is_err() {
+            self.clock = old;
+        }
+        written
     }
 
     fn zones_map(&mut self) -> Result<Array<&mut MapData, ZoneBinding>, DatapathError> {
