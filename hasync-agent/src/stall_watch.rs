@@ -10,6 +10,14 @@
 //! The sync engine asks too, without taking ([`StallWatch::stalled_within`]): how much of a
 //! span of time this agent did not run, so that the order of a peer's keepalives does not
 //! lapse over this agent's own stall.
+//!
+//! A suspend of the host (S3, s2idle) is a stall too, of its whole length: `Instant`
+//! (CLOCK_MONOTONIC) stops while the host sleeps, so the gap between two ticks around it
+//! looked like 100 ms, and the peers that took this member's sessions over meanwhile had their
+//! claims refused as claims of live sessions. The sleep is read as CLOCK_BOOTTIME's lead over
+//! CLOCK_MONOTONIC growing between two readings. ([`StallWatch::stalled_within`] answers in
+//! `Instant`'s time, in which a suspend takes none: the peers' keepalive order, kept in it
+//! too, did not lapse over it.)
 
 use std::{
     collections::VecDeque,
@@ -35,12 +43,40 @@ pub const STALL: Duration = Duration::from_secs(1);
 /// The stalls [`StallWatch::stalled_within`] remembers, the latest ones.
 const REMEMBERED: usize = 4;
 
+/// A lead of CLOCK_BOOTTIME over CLOCK_MONOTONIC that grew by less than this is the two
+/// clocks read apart, not a sleep.
+const SLEPT_MIN: Duration = Duration::from_millis(10);
+
+/// How long the host has slept since it booted: CLOCK_BOOTTIME's lead over CLOCK_MONOTONIC.
+pub fn slept_since_boot() -> Duration {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for the call to fill.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+        Duration::new(secs, u32::try_from(ts.tv_nsec).unwrap_or(0))
+    };
+    read(libc::CLOCK_BOOTTIME).saturating_sub(read(libc::CLOCK_MONOTONIC))
+}
+
+/// The sleep between two readings of [`slept_since_boot`] (none below [`SLEPT_MIN`]).
+fn asleep(before: Duration, after: Duration) -> Duration {
+    Some(after.saturating_sub(before))
+        .filter(|d| *d >= SLEPT_MIN)
+        .unwrap_or_default()
+}
+
 /// The longest gap between two ticks since it was last taken, and the latest stalls (for
 /// [`StallWatch::stalled_within`]).
 #[derive(Debug)]
 pub struct StallWatch {
-    /// The last tick (only ticks move it).
-    last_tick: Mutex<Option<Instant>>,
+    /// The last tick (only ticks move it), and the host's sleep counted up to then.
+    last_tick: Mutex<Option<(Instant, Duration)>>,
+    /// How long the host has slept ([`slept_since_boot`]; the tests' own).
+    slept: fn() -> Duration,
     /// The last take: a gap is not returned by two takes.
     taken: Mutex<Option<Instant>>,
     longest_ns: AtomicU64,
@@ -62,8 +98,14 @@ fn since_take(prev: Instant, taken: Option<Instant>) -> Instant {
 
 impl StallWatch {
     pub fn new() -> StallWatch {
+        StallWatch::with_sleep_clock(slept_since_boot)
+    }
+
+    /// A watch that reads the host's sleep from `slept`.
+    pub fn with_sleep_clock(slept: fn() -> Duration) -> StallWatch {
         StallWatch {
             last_tick: Mutex::new(None),
+            slept,
             taken: Mutex::new(None),
             longest_ns: AtomicU64::new(0),
             stalls: Mutex::new(VecDeque::with_capacity(REMEMBERED)),
@@ -72,15 +114,18 @@ impl StallWatch {
 
     /// A tick at `now`: the gap since the previous one counts (for the next take, the part
     /// after the last take).
+    /// The host's sleep since then counts in the gap.
     pub fn tick(&self, now: Instant) {
+        let slept = (self.slept)();
         let mut last = lock(&self.last_tick);
-        if let Some(prev) = *last {
-            let gap = now.saturating_duration_since(since_take(prev, *lock(&self.taken)));
+        if let Some((prev, prev_slept)) = *last {
+            let gap = now.saturating_duration_since(since_take(prev, *lock(&self.taken)))
+                + asleep(prev_slept, slept);
             let ns = u64::try_from(gap.as_nanos()).unwrap_or(u64::MAX);
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
             self.remember(prev, now);
         }
-        *last = Some(last.map_or(now, |prev| prev.max(now)));
+        *last = Some((last.map_or(now, |(prev, _)| prev.max(now)), slept));
     }
 
     /// The longest gap between two ticks since the last call, or since the last tick to
@@ -88,12 +133,16 @@ impl StallWatch {
     /// is asked); zero when they kept coming. A gap is returned by one take only, but
     /// [`StallWatch::stalled_within`] sees all of it.
     pub fn take(&self, now: Instant) -> Duration {
-        let last = lock(&self.last_tick);
+        let slept = (self.slept)();
+        let mut last = lock(&self.last_tick);
         let mut taken = lock(&self.taken);
         let mut running = Duration::ZERO;
-        if let Some(prev) = *last {
-            running = now.saturating_duration_since(since_take(prev, *taken));
+        if let Some((prev, prev_slept)) = *last {
+            running =
+                now.saturating_duration_since(since_take(prev, *taken)) + asleep(prev_slept, slept);
             self.remember(prev, now);
+            // The sleep is taken: the next tick does not count it again.
+            *last = Some((prev, slept));
         }
         *taken = Some((*taken).map_or(now, |t| t.max(now)));
         let longest = Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed));
@@ -127,6 +176,7 @@ impl StallWatch {
         let last = lock(&self.last_tick);
         let stalls = lock(&self.stalls);
         let running = (*last)
+            .map(|(t, _)| t)
             .filter(|&t| now.saturating_duration_since(t) >= STALL)
             .map(|t| (t, now));
         // A running gap a take kept already is that one, up to now.
@@ -158,6 +208,31 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// The host's sleep, as [`a_host_suspend_is_a_stall_of_its_length`] sets it.
+    static SLEPT_MS: AtomicU64 = AtomicU64::new(0);
+
+    fn test_sleep() -> Duration {
+        ms(SLEPT_MS.load(Ordering::Relaxed))
+    }
+
+    /// A suspend of the host between two ticks is a stall of its length, not of the 100 ms
+    /// the monotonic clock saw (seen failing: 100 ms, so a peer's takeover meanwhile was
+    /// refused as a claim of a live session), taken once; one seen first by a take too.
+    #[test]
+    fn a_host_suspend_is_a_stall_of_its_length() {
+        let w = StallWatch::with_sleep_clock(test_sleep);
+        let t0 = Instant::now();
+        w.tick(t0);
+        SLEPT_MS.store(30_000, Ordering::Relaxed);
+        w.tick(t0 + ms(100));
+        assert_eq!(w.take(t0 + ms(150)), ms(30_100));
+        assert_eq!(w.take(t0 + ms(160)), ms(10), "taken once");
+        SLEPT_MS.store(60_000, Ordering::Relaxed);
+        assert_eq!(w.take(t0 + ms(170)), ms(30_010), "seen by a take first");
+        w.tick(t0 + ms(200));
+        assert_eq!(w.take(t0 + ms(210)), ms(30), "and not by the tick after it");
     }
 
     #[test]
