@@ -246,6 +246,12 @@ impl Datapath {
             {
                 continue;
             }
+            // A directory there is no link of ours (`hasync teardown` keeps it too): before,
+            // removing it failed every start.
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                tracing::warn!(path = %path.display(), "a directory among the pinned links: left alone");
+                continue;
+            }
             pin::detach_pinned_link(&path)?;
             tracing::warn!(
                 pin = %path.display(),

@@ -1406,6 +1406,28 @@ mod tests {
         });
     }
 
+    /// A directory among the pinned links (someone's, or left by a tool) is left alone when
+    /// stale links are released, as teardown leaves it: before, removing it failed with
+    /// EISDIR, and with it every start (seen failing).
+    #[test]
+    fn a_directory_among_the_links_is_left_alone() {
+        let pins = TestPins::new("linkdir");
+        in_fresh_netns(move || {
+            ip(&[
+                "link", "add", "hsp-e0", "type", "veth", "peer", "name", "hsp-e1",
+            ]);
+            let mut dp = Datapath::load(&pins.options(1024)).expect("load");
+            let stray = PinDir::new(&pins.0).links_dir().join("x");
+            fs::create_dir(&stray).expect("a directory among the links");
+            dp.attach("hsp-e0").expect("veth");
+            let released = dp.release_stale_links();
+            let left = stray.is_dir();
+            let _ = fs::remove_dir(&stray);
+            assert_eq!(released.expect("release"), Vec::<PathBuf>::new());
+            assert!(left, "left alone");
+        });
+    }
+
     /// Someone detaches our pinned link (`bpftool link detach`): the interface runs no XDP,
     /// the health check says so, and attaching again mends it.
     #[test]
