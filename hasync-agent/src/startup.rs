@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::{
     cli::AgentArgs,
     config::Config,
-    datapath::{ifindex, pin, Datapath, DatapathOptions, EventStream},
+    datapath::{ifindex, pin, Datapath, DatapathError, DatapathOptions, EventStream},
     netlink,
     stacked::{self, ZoneInterfaces},
 };
@@ -143,6 +143,10 @@ pub fn bring_up<T>(
     let events = dp.take_events().context("opening the events ring buffer")?;
     let prepared = before_attach(&mut dp)?;
     for (i, &resolved_index) in plan.interfaces.iter().zip(&resolved.indexes) {
+        let Some(resolved_index) = resolved_index else {
+            dp.missing_at_start(&i.name);
+            continue;
+        };
         let mode = dp.attach(&i.name)?;
         let (index, reused) = dp
             .attachments()
@@ -166,20 +170,35 @@ pub fn bring_up<T>(
 
 /// What start-up learned of the interfaces before loading anything.
 struct Resolved {
-    /// Each planned interface's index, in order.
-    indexes: Vec<u32>,
+    /// Each planned interface's index, in order (`None`: it does not exist).
+    indexes: Vec<Option<u32>>,
     /// The interface table, listed once for the checks and the stacked devices.
     listed: std::io::Result<netlink::Ifaces>,
 }
 
 /// Every interface's index, before anything is loaded; an interface without an Ethernet
-/// header is refused ([`layer3_interfaces`]).
+/// header is refused ([`layer3_interfaces`]). One that does not exist is said and left out:
+/// the datapath lists it as lost, and the member is Non-functional until it exists and XDP
+/// is attached to it (as when it goes while the agent runs). Before, the start failed, and
+/// after a restart the pinned program ran on with no agent: nothing swept its table or synced
+/// its sessions, and no peer heard that it was Non-functional.
 fn resolve(plan: &StartPlan) -> anyhow::Result<Resolved> {
     let indexes = plan
         .interfaces
         .iter()
-        .map(|i| ifindex(&i.name).with_context(|| format!("zone `{}`", i.zone)))
-        .collect::<anyhow::Result<Vec<u32>>>()?;
+        .map(|i| match ifindex(&i.name) {
+            Ok(index) => Ok(Some(index)),
+            Err(DatapathError::UnknownInterface(_)) => {
+                warn!(
+                    interface = %i.name,
+                    zone = %i.zone,
+                    "interface missing: the member is Non-functional until it exists (XDP is attached to it then)"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("zone `{}`", i.zone))),
+        })
+        .collect::<anyhow::Result<Vec<Option<u32>>>>()?;
     let listed = netlink::list_now();
     // Unlisted, nothing is refused: the attach still works on every Ethernet interface.
     let layer3 = listed
@@ -365,7 +384,9 @@ fn bind_zones(
         .context("checking the zones against the pinned sessions")?;
     let mut bound = Vec::new();
     for (i, &index) in plan.interfaces.iter().zip(&resolved.indexes) {
-        let Some(binding) = i.binding else { continue };
+        let (Some(binding), Some(index)) = (i.binding, index) else {
+            continue;
+        };
         dp.set_zone(index, binding)
             .with_context(|| format!("binding `{}` to zone `{}`", i.name, i.zone))?;
         bound.push(index);
@@ -601,6 +622,61 @@ mod tests {
         });
         assert_ne!(old, new, "re-created");
         assert_eq!(zones, [ZoneId::NONE, ZoneId(1)], "old {old}, new {new}");
+    }
+
+    /// A planned interface that does not exist does not stop the start: it is listed as lost
+    /// (gone, so the member is Non-functional), and attached once it exists; the others are
+    /// attached and zoned. Before, the start failed (seen failing), and after a restart the
+    /// pinned program ran on with no agent.
+    #[test]
+    fn a_missing_interface_is_lost_until_it_exists() {
+        use crate::datapath::{
+            health::AttachmentFault,
+            testing::{in_fresh_netns, ip},
+        };
+        let (lost, faults, zone, mended) = in_fresh_netns(|| {
+            let veth =
+                |a: &str, b: &str| ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+            veth("hsm-a0", "hsm-a1");
+            let mut opts = DatapathOptions::new(MemberId(1));
+            opts.zones = vec!["trust".into(), "untrust".into()];
+            let plan = StartPlan {
+                opts,
+                interfaces: vec![
+                    planned("hsm-b0", "untrust", 0),
+                    planned("hsm-a0", "trust", 0),
+                ],
+            };
+            let (mut started, ()) = bring_up(&plan, |_| Ok(())).expect("started");
+            let dp = &mut started.dp;
+            let lost: Vec<String> = dp.lost_attachments().iter().map(|l| l.0.clone()).collect();
+            let faults = |dp: &Datapath| {
+                let now = netlink::list_now().expect("list");
+                let broken = dp.broken_attachments(&now);
+                broken
+                    .into_iter()
+                    .map(|b| (b.interface, b.fault))
+                    .collect::<Vec<_>>()
+            };
+            let at_start = faults(dp);
+            let zone = dp
+                .zone_of(ifindex("hsm-a0").expect("index"))
+                .expect("zone")
+                .zone;
+            veth("hsm-b0", "hsm-b1");
+            let appeared = faults(dp);
+            dp.reattach("hsm-b0").expect("attached once it exists");
+            (lost, [at_start, appeared], zone, faults(dp))
+        });
+        assert_eq!(lost, ["hsm-b0"]);
+        assert_eq!(faults[0], [("hsm-b0".to_string(), AttachmentFault::Gone)]);
+        assert!(
+            matches!(faults[1][..], [(ref name, AttachmentFault::Recreated { .. })] if name == "hsm-b0"),
+            "{:?}",
+            faults[1]
+        );
+        assert_eq!(zone, ZoneId(1), "the existing interface is zoned");
+        assert_eq!(mended, []);
     }
 
     /// This member's own pinned link (same program, same interface) is no foreign program;

@@ -306,6 +306,14 @@ impl Datapath {
         Ok(mode)
     }
 
+    /// Lists `interface`, missing when the datapath started, as lost (at index 0, which no
+    /// interface has): the health check finds it gone, then, once it exists, re-created, and
+    /// attaches it ([`Datapath::reattach`]).
+    pub fn missing_at_start(&mut self, interface: &str) {
+        self.lost
+            .push((interface.to_owned(), 0, AttachMode::Native));
+    }
+
     /// Interfaces whose attachment broke and could not be made again: name, former index and
     /// mode.
     pub fn lost_attachments(&self) -> &[(String, u32, AttachMode)] {
