@@ -194,6 +194,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let control = serve_control(&member.config, control_tx, access).await?;
     tasks.add("control socket", control);
     announce_ready(&member, plan.interfaces.len(), restarted);
+    if restarted && member.config.local.forwarding == ForwardingName::Xdp {
+        mark_kept_kernel_entries(&member);
+    }
     let inputs = Inputs {
         signals: &mut signals,
         events: &mut events,
@@ -1002,6 +1005,35 @@ fn reannounce(member: &Member) {
     if let Err(e) = started {
         warn!(error = %e, "re-announcing sessions failed; asking for full syncs");
         member.engine.request_bulk_all();
+    }
+}
+
+/// After a restart on a kept table, with forwarding in XDP: marks liberal the kernel entries of
+/// this member's established TCP connections, on a thread of its own. Their established events
+/// came before this agent read the ring (the last agent read them, the ring filled while no
+/// agent read it: losses the pinned loss counter cannot tell from older ones), or under a
+/// configuration that forwarded in the kernel, so none would be marked until it changed state
+/// again; one handed to the kernel mid-stream beside `ct state invalid drop` died. (Marking
+/// one twice changes nothing.)
+fn mark_kept_kernel_entries(member: &Member) {
+    let local = member.config.local_member();
+    let reader = lock(&member.dp).session_reader();
+    let started = reader.map_err(|e| error_chain(&e)).and_then(|reader| {
+        std::thread::Builder::new()
+            .name("kernel-entries".into())
+            .spawn(move || {
+                let mut entries = KernelEntries::new(true);
+                let walked = reader.each_owned_by(local, |k, s| entries.established(k, s));
+                entries.flush();
+                if let Err(e) = walked {
+                    warn!(error = %error_chain(&e), "marking the kernel's entries of kept connections failed: one handed to the kernel mid-stream may be invalid there");
+                }
+            })
+            .map(drop)
+            .map_err(|e| format!("starting its thread: {e}"))
+    });
+    if let Err(e) = started {
+        warn!(error = %e, "marking the kernel's entries of kept connections failed: one handed to the kernel mid-stream may be invalid there");
     }
 }
 

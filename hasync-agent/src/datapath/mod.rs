@@ -383,6 +383,19 @@ impl SessionReader {
             .map_err(batch_err(names::SESSIONS))
     }
 
+    /// Calls `f` with each session `owner` owns, in one walk of the table.
+    pub fn each_owned_by(
+        &self,
+        owner: MemberId,
+        mut f: impl FnMut(&FlowKey, &Session),
+    ) -> Result<u64, DatapathError> {
+        self.chunked(DEFAULT_CHUNK, |keys, values| {
+            for (k, s) in keys.iter().zip(values).filter(|(_, s)| s.owner == owner) {
+                f(k, s);
+            }
+        })
+    }
+
     /// The map, its key and value types checked.
     fn map(&self) -> Result<BatchMap<'_, FlowKey, Session>, DatapathError> {
         BatchMap::new(self.fd.as_fd()).map_err(batch_err(names::SESSIONS))
@@ -1154,6 +1167,29 @@ fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A walk of one member's sessions sees all of them, and no one else's.
+    #[test]
+    fn a_walk_of_one_members_sessions_sees_those_only() {
+        use crate::control::testing::Flow;
+        let mut dp = testing::datapath();
+        let flows = [(1, 40_000), (2, 40_001), (1, 40_002)]
+            .map(|(owner, port)| Flow::tcp("198.18.0.10", port, "198.18.1.10", 443).owner(owner));
+        let entries: Vec<(FlowKey, Session)> = flows.iter().map(Flow::entry).collect();
+        dp.insert_sessions(&entries).expect("insert");
+        let reader = dp.session_reader().expect("reader");
+        let mut seen = Vec::new();
+        reader
+            .each_owned_by(MemberId(1), |k, s| seen.push((*k, s.owner)))
+            .expect("walk");
+        seen.sort_by_key(|(k, _)| (k.port_lo, k.port_hi));
+        let mut want: Vec<(FlowKey, MemberId)> = [&entries[0], &entries[2]]
+            .iter()
+            .map(|(k, s)| (*k, s.owner))
+            .collect();
+        want.sort_by_key(|(k, _)| (k.port_lo, k.port_hi));
+        assert_eq!(seen, want);
+    }
 
     /// A program the kernel refused is said to be the kernel's age's on kernels older than
     /// 5.18, and only there; a config error stays what it is.
