@@ -25,7 +25,7 @@ use crate::{
         sweep_table::SweepBeside,
         Datapath, EventStream, RemoveReason, Removed,
     },
-    forwarding::kernel_track::KernelEntries,
+    forwarding::kernel_track::{KernelEntries, KernelEntriesQueue},
     lock::lock_on_worker,
     member::{lock, Member},
     netlink::{LinkWatch, NetlinkError},
@@ -591,7 +591,7 @@ struct MainLoop {
     flap_mark: suspend_mark::FlapMarkSync,
     /// The kernel's entries of this member's TCP connections, with XDP forwarding: marked
     /// liberal when established, closed when they end.
-    kernel_entries: KernelEntries,
+    kernel_entries: KernelEntriesQueue,
 }
 
 impl MainLoop {
@@ -617,7 +617,7 @@ impl MainLoop {
             recounting: None,
             watchdog: crate::service::notify::watchdog_every().map(|every| (every, Instant::now())),
             flap_mark: suspend_mark::FlapMarkSync::new(&lock(&member.membership)),
-            kernel_entries: KernelEntries::new(
+            kernel_entries: KernelEntriesQueue::new(
                 member.config.local.forwarding == ForwardingName::Xdp,
             ),
         }

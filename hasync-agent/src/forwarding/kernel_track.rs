@@ -338,5 +338,8 @@ fn close_nested(out: &mut [u8], at: usize) {
     }
 }
 
+mod queue;
+pub use queue::{KernelEntriesQueue, Update};
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,185 @@
+//! [`KernelEntries`] kept from a thread of its own: the main loop only queues the updates.
+//! The kernel handles a ctnetlink update inside `sendmsg`, under a lock every namespace
+//! shares, which `conntrack -F` (or `-D` with a filter) holds for its whole walk of the
+//! kernel's table: the main loop waited as long, draining no events meanwhile (its ring
+//! filled, and the walk that makes up for lost events followed).
+
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+
+use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, State};
+
+use super::{forwarded_tcp, KernelEntries};
+
+/// Batches the thread may have waiting before more are dropped.
+const WAITING: usize = 16;
+
+/// One update of the kernel's entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Update {
+    /// [`KernelEntries::established`].
+    Established(FlowKey, Session),
+    /// [`KernelEntries::closed`].
+    Closed(FlowKey, Session),
+}
+
+/// The updates of one main-loop turn, sent at [`KernelEntriesQueue::flush`] to the thread
+/// that applies them.
+pub struct KernelEntriesQueue {
+    batch: Vec<Update>,
+    to_thread: Option<SyncSender<Vec<Update>>>,
+    dropped: bool,
+}
+
+impl KernelEntriesQueue {
+    /// Updates the kernel's entries (from a thread of its own) when `forwarding` is XDP;
+    /// nothing otherwise.
+    pub fn new(xdp: bool) -> KernelEntriesQueue {
+        if !xdp {
+            return KernelEntriesQueue::off();
+        }
+        KernelEntriesQueue::with_sink(|| {
+            let mut entries = KernelEntries::new(true);
+            move |batch: Vec<Update>| {
+                for update in &batch {
+                    match update {
+                        Update::Established(k, s) => entries.established(k, s),
+                        Update::Closed(k, s) => entries.closed(k, s),
+                    }
+                }
+                entries.flush();
+            }
+        })
+    }
+
+    fn off() -> KernelEntriesQueue {
+        KernelEntriesQueue {
+            batch: Vec::new(),
+            to_thread: None,
+            dropped: false,
+        }
+    }
+
+    /// Hands every batch to the sink `make` makes, on a thread of its own.
+    pub fn with_sink<S: FnMut(Vec<Update>)>(
+        make: impl FnOnce() -> S + Send + 'static,
+    ) -> KernelEntriesQueue {
+        let (to_thread, batches) = mpsc::sync_channel::<Vec<Update>>(WAITING);
+        let started = std::thread::Builder::new()
+            .name("kernel-entries".into())
+            .spawn(move || {
+                let mut sink = make();
+                for batch in batches {
+                    sink(batch);
+                }
+            });
+        match started {
+            Ok(_) => KernelEntriesQueue {
+                to_thread: Some(to_thread),
+                ..KernelEntriesQueue::off()
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel's entries of TCP connections forwarded in XDP cannot be updated: starting their thread failed");
+                KernelEntriesQueue::off()
+            }
+        }
+    }
+
+    /// See [`KernelEntries::established`].
+    pub fn established(&mut self, key: &FlowKey, s: &Session) {
+        if self.to_thread.is_some()
+            && key.proto == IPPROTO_TCP
+            && s.state == State::Established as u8
+        {
+            self.batch.push(Update::Established(*key, *s));
+        }
+    }
+
+    /// See [`KernelEntries::closed`].
+    pub fn closed(&mut self, key: &FlowKey, s: &Session) {
+        if self.to_thread.is_some() && forwarded_tcp(key, s) {
+            self.batch.push(Update::Closed(*key, *s));
+        }
+    }
+
+    /// Sends the updates queued to the thread, never waiting: while it has [`WAITING`] batches
+    /// not done (the kernel slow to take them), this one is dropped (said once).
+    pub fn flush(&mut self) {
+        let Some(to_thread) = &self.to_thread else {
+            return;
+        };
+        if self.batch.is_empty() {
+            return;
+        }
+        match to_thread.try_send(std::mem::take(&mut self.batch)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                if !std::mem::replace(&mut self.dropped, true) {
+                    tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are (said once)");
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::warn!("the thread that updates the kernel's entries of connections forwarded in XDP ended: they are left as the kernel keeps them");
+                self.to_thread = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hasync_common::SessionFlags;
+
+    use super::*;
+    use crate::control::testing::Flow;
+
+    /// A flush returns while the thread that talks to the kernel is held (seen failing with
+    /// the sink called in `flush`: the flush waited); the updates arrive in order, only those
+    /// the kernel's entries need.
+    #[test]
+    fn updates_are_sent_from_a_thread_of_their_own() {
+        let (release, released) = mpsc::channel::<()>();
+        let (got, arrived) = mpsc::channel::<Vec<Update>>();
+        let mut queue = KernelEntriesQueue::with_sink(move || {
+            move |batch: Vec<Update>| {
+                let _ = released.recv();
+                let _ = got.send(batch);
+            }
+        });
+        let (tcp, mut forwarded) = (
+            Flow::tcp("198.18.0.10", 40_000, "198.18.1.10", 443)
+                .state(State::Established)
+                .entry(),
+            Flow::tcp("198.18.0.10", 40_001, "198.18.1.10", 443)
+                .state(State::Closed)
+                .entry(),
+        );
+        forwarded.1.flags = SessionFlags(SessionFlags::FORWARDED_XDP);
+        let udp = Flow::udp("198.18.0.10", 40_002, "198.18.1.10", 53).entry();
+        let (done, flushed) = mpsc::channel();
+        std::thread::spawn(move || {
+            queue.established(&tcp.0, &tcp.1);
+            queue.established(&udp.0, &udp.1);
+            queue.closed(&tcp.0, &tcp.1);
+            queue.flush();
+            queue.closed(&forwarded.0, &forwarded.1);
+            queue.flush();
+            let _ = done.send(queue);
+        });
+        let queue = flushed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the flushes returned while the thread was held");
+        for _ in 0..2 {
+            release.send(()).expect("release");
+        }
+        let wait = || {
+            arrived
+                .recv_timeout(Duration::from_secs(5))
+                .expect("a batch")
+        };
+        assert_eq!(wait(), [Update::Established(tcp.0, tcp.1)]);
+        assert_eq!(wait(), [Update::Closed(forwarded.0, forwarded.1)]);
+        drop(queue);
+    }
+}
