@@ -1,7 +1,8 @@
 //! Children that end with the process that started them: a lab's agents and helpers get
-//! SIGTERM when the test, bench or fault run that started them dies, even by SIGKILL (a CI
+//! SIGKILL when the test, bench or fault run that started them dies, even by SIGKILL (a CI
 //! timeout, `kill -9`), so none is left running in a namespace nobody will remove, holding its
-//! XDP programs and pins.
+//! XDP programs. SIGKILL, not SIGTERM: a fault run freezes agents (SIGSTOP), and a frozen one
+//! would keep a SIGTERM pending for good; an agent's pins stay on SIGTERM too.
 //!
 //! The kernel sends a child its parent-death signal (`PR_SET_PDEATHSIG`) when the *thread*
 //! that forked it exits, not the process: a child started from a test's helper thread would be
@@ -20,7 +21,7 @@ type Request = (Command, mpsc::Sender<io::Result<Child>>);
 /// The spawning thread's queue, started at the first spawn.
 static SPAWNER: Mutex<Option<mpsc::Sender<Request>>> = Mutex::new(None);
 
-/// Starts `cmd` as a child that gets SIGTERM when this process dies.
+/// Starts `cmd` as a child that gets SIGKILL when this process dies.
 pub fn spawn(mut cmd: Command) -> io::Result<Child> {
     let parent = std::process::id();
     // SAFETY: between fork and exec the closure calls only prctl and getppid, which are
@@ -29,19 +30,23 @@ pub fn spawn(mut cmd: Command) -> io::Result<Child> {
         cmd.pre_exec(move || die_with(parent));
     }
     let (answer, answered) = mpsc::channel();
-    spawner()?
-        .send((cmd, answer))
-        .map_err(|_| io::Error::other("the lab's spawning thread is gone"))?;
+    if spawner()?.send((cmd, answer)).is_err() {
+        // Gone (it cannot be: it catches a panic of the spawn): the next spawn starts another.
+        *SPAWNER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        return Err(io::Error::other("the lab's spawning thread is gone"));
+    }
     answered
         .recv()
         .map_err(|_| io::Error::other("the lab's spawning thread is gone"))?
 }
 
-/// In the child, before exec: SIGTERM when the parent goes; an error if it is gone already
+/// In the child, before exec: SIGKILL when the parent goes; an error if it is gone already
 /// (the child was then adopted before the setting took).
 fn die_with(parent: u32) -> io::Result<()> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and changes nothing else.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: getppid has no preconditions.
@@ -64,9 +69,13 @@ fn spawner() -> io::Result<mpsc::Sender<Request>> {
     std::thread::Builder::new()
         .name("lab-spawner".into())
         .spawn(move || {
-            // The queue in SPAWNER is never dropped: this thread lives as long as the process.
+            // The queue in SPAWNER is never dropped: this thread lives as long as the process
+            // (its end would kill every child it forked). A spawn that panics is an error.
             for (mut cmd, answer) in requests {
-                let _ = answer.send(cmd.spawn());
+                let spawned =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd.spawn()))
+                        .unwrap_or_else(|_| Err(io::Error::other("starting the child panicked")));
+                let _ = answer.send(spawned);
             }
         })?;
     *slot = Some(queue.clone());
@@ -101,10 +110,11 @@ mod tests {
         );
     }
 
-    /// A child of a process killed with SIGKILL ends too: this test runs itself as that
-    /// process (`a_child_dies_with_its_process_helper`), which starts `sleep 30` through
-    /// [`spawn`], prints its PID and waits to be killed (seen failing with the pre-exec step
-    /// taken out: `sleep` was adopted and ran on).
+    /// A child of a process killed with SIGKILL ends too, also while it is frozen (SIGSTOP,
+    /// as the fault runs freeze agents): this test runs itself as that process
+    /// (`a_child_dies_with_its_process_helper`), which starts `sleep 30` through [`spawn`],
+    /// prints its PID and waits to be killed (seen failing with the pre-exec step taken out:
+    /// `sleep` was adopted and ran on; and with SIGTERM for the signal: it stayed, frozen).
     #[test]
     fn a_child_dies_with_its_process() {
         use std::io::BufRead as _;
@@ -132,11 +142,21 @@ mod tests {
                     .parse::<u32>()
                     .ok()
             });
+        if let Some(pid) = pid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: kill(2) on the helper's child, which runs until the helper dies.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
         let _ = helper.kill();
         let _ = helper.wait();
         let pid = pid.expect("the helper printed its child's PID");
         let gone =
             crate::lab::netns::wait_for(Duration::from_secs(5), || (!runs(pid)).then_some(()));
+        if gone.is_none() {
+            if let Ok(raw) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) on the sleep this test started (it holds the test's output).
+                unsafe { libc::kill(raw, libc::SIGKILL) };
+            }
+        }
         assert!(
             gone.is_some(),
             "sleep (pid {pid}) outlived its killed parent"
