@@ -682,6 +682,9 @@ fn encode_sessions(
     if records.len() > layout.max_records() {
         return Err(WireError::TooManyRecords(records.len()));
     }
+    if seq == 0 {
+        return Err(WireError::ZeroSequence);
+    }
     w.extend_from_slice(&[tag::SESSIONS, u8::from(bulk)]);
     w.extend_from_slice(&seq.to_be_bytes());
     w.extend_from_slice(&(records.len() as u16).to_be_bytes());
@@ -850,20 +853,25 @@ mod tests {
     /// Frames are numbered from 1 (an acknowledgement of 0 means none is due): one numbered
     /// 0 is malformed. Before, it was applied as a number gone back ("numbered far ahead"
     /// logged) and never acknowledged, so its sender resent it after every missed-acks close,
-    /// with no word of why (seen failing).
+    /// with no word of why (seen failing). This member never sends one: the encoder refuses it.
     #[test]
     fn a_sessions_frame_numbered_0_is_refused() {
-        let mut buf = Vec::new();
-        Message::Sessions {
-            seq: 0,
+        let frame = |seq| Message::Sessions {
+            seq,
             bulk: false,
             records: vec![Record::delete(key(1), MemberId(1), 1)],
-        }
-        .encode(&mut buf)
-        .expect("encode");
+        };
+        let mut buf = Vec::new();
+        frame(1).encode(&mut buf).expect("encode");
+        // The tag, the bulk flag, then the number.
+        buf[2..10].copy_from_slice(&0u64.to_be_bytes());
         let err = Message::decode(&buf).expect_err("numbered 0");
         assert_eq!(err, WireError::ZeroSequence);
         assert!(err.to_string().contains("numbered 0"), "{err}");
+        assert_eq!(
+            frame(0).encode(&mut Vec::new()),
+            Err(WireError::ZeroSequence)
+        );
     }
 
     #[test]
