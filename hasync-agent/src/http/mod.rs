@@ -127,13 +127,13 @@ pub async fn serve(
         .map_err(|source| HttpError::Bind { addr, source })?;
     info!(address = %local, "metrics and dashboard listening (http://{local}/)");
     let backend = Backend::from(source);
-    let mut sampler = tokio::spawn(sample_loop(backend.clone()));
+    let mut sampler = AbortOnDrop(tokio::spawn(sample_loop(backend.clone())));
     let server = tokio::spawn(async move {
         tokio::select! {
-            () = accept_loop(listener, backend) => sampler.abort(),
+            () = accept_loop(listener, backend) => {}
             // The sampler ends with the runtime's channel, as the accept loop does, or by a
             // panic: the server's task panics with it (`crate::tasks` watches that one).
-            Err(e) = &mut sampler => if e.is_panic() {
+            Err(e) = &mut sampler.0 => if e.is_panic() {
                 std::panic::resume_unwind(e.into_panic());
             },
         }
@@ -499,6 +499,15 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
     }
 }
 
+/// A task aborted when its handle is dropped (with the task that holds it, aborted itself).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How often an address the server could not listen on is tried again.
 pub const LISTEN_RETRY: Duration = Duration::from_secs(5);
 /// How often a server still unable to listen says so again.
@@ -541,7 +550,9 @@ async fn listen_later(addr: SocketAddr, source: Source, every: Duration) {
         }
         match serve(addr, source.clone()).await {
             Ok((_, task)) => {
-                if let Err(e) = task.await {
+                // Aborted with this task (the agent's shutdown aborts it).
+                let mut server = AbortOnDrop(task);
+                if let Err(e) = (&mut server.0).await {
                     if e.is_panic() {
                         std::panic::resume_unwind(e.into_panic());
                     }

@@ -383,5 +383,15 @@ async fn an_address_taken_at_the_start_is_listened_on_once_free() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    stops_with_the_runtime(tx, runtime, server).await;
+    // Aborted (the agent's shutdown), the retrying task stops the server it started (before,
+    // the server ran on, detached, until the runtime's channel closed; seen failing).
+    server.abort();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert!(closed.await.is_ok(), "still listening after the abort");
+    drop(tx);
+    runtime.abort();
 }
