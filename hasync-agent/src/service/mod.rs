@@ -379,13 +379,18 @@ fn binary_path(bin_dir: &Path) -> PathBuf {
 /// (if none) in place below `prefix`.
 pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Vec<Step>> {
     check_bin_dir(bin_dir)?;
+    // A staging tree is checked; the host's own directories are root's to keep (some hosts
+    // keep /usr/local group-writable by `staff`, as older Debian did).
+    let staged = prefix != Path::new("/");
     for path in [
         binary_path(bin_dir),
         PathBuf::from(UNIT_PATH),
         PathBuf::from(DEFAULT_PATH),
         PathBuf::from(KEY_PATH),
     ] {
-        check_above(&under(prefix, &path))?;
+        if staged {
+            check_above(&under(prefix, &path))?;
+        }
     }
     Ok(vec![
         install_binary(prefix, bin_dir, exe)?,
@@ -598,11 +603,19 @@ pub fn uninstall(args: &InstallArgs) -> anyhow::Result<()> {
     );
     let pinned = pin_dir.map(|dir| under(&args.prefix, &dir));
     if let Some(pinned) = pinned.filter(|p| args.prefix == Path::new("/") && p.exists()) {
+        // `rm -r` is said only of the default directory: a config's own is not checked here.
+        let by_hand = if pinned == Path::new(DEFAULT_PIN_DIR) {
+            format!(
+                "; without the binary, `rm -r {}` does the same",
+                pinned.display()
+            )
+        } else {
+            String::new()
+        };
         println!(
             "note: a datapath is still pinned at {} (XDP attached, sessions kept): `hasync \
-             teardown` removes it; without the binary, `rm -r {}` does the same",
+             teardown` removes it{by_hand}",
             pinned.display(),
-            pinned.display()
         );
     }
     for step in uninstall_files(&args.prefix, &args.bin_dir)? {
