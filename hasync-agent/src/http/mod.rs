@@ -45,7 +45,7 @@ use crate::{
 };
 
 mod answers;
-use answers::{AnswerBody, Answers};
+use answers::{AnswerBody, Answers, Tracked};
 
 /// What the server answers from: the runtime, through [`Source`], and the graphs' memory.
 #[derive(Clone, Debug)]
@@ -328,8 +328,8 @@ struct Ends<'a> {
 /// then an answer under way is still sent whole (with `connection: close`), within
 /// [`HEAD_TIMEOUT`] more ([`CLOSED_GRACE`] when closed for a newcomer, who waits for it). A
 /// connection told to close with no answer under way is closed at once.
-async fn run_connection<S, F, B>(
-    stream: tokio::net::TcpStream,
+async fn run_connection<I, S, F, B>(
+    stream: I,
     service: S,
     ends: &Ends<'_>,
 ) -> Result<(), hyper::Error>
@@ -343,13 +343,15 @@ where
     F: std::future::Future<Output = Result<Response<B>, Infallible>>,
     B: hyper::body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let io = Tracked::new(TokioIo::new(stream), ends.answers.clone());
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(64)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
     let grace = tokio::select! {
         ended = connection.as_mut() => return ended,
