@@ -32,8 +32,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use hasync_common::{
-    maps as names, ApplyOutcome, ApplyRecord, ApplySource, Counters, DatapathConfig, FlowKey,
-    MemberEntry, MemberId, Session, ZoneBinding,
+    maps as names, ApplyOutcome, ApplyRecord, ApplySource, ClockSample, Counters, DatapathConfig,
+    FlowKey, MemberEntry, MemberId, Session, ZoneBinding,
 };
 
 pub use attach::{check_interface_name, ifindex, AttachMode, Attachment};
@@ -469,6 +469,9 @@ pub struct Datapath {
     clock: Option<JiffyClock>,
     /// When the clock is checked next.
     clock_check: Instant,
+    /// The samples of a measurement under way (the clock drifted): one per check, so no check
+    /// holds the datapath longer than one run of the clock program.
+    remeasuring: Vec<ClockSample>,
     /// `DatapathConfig::fib_by_source`, as the agent last found the rules and routes (`None`:
     /// not looked yet, the config's own value holds).
     fib_by_source: Option<bool>,
@@ -594,6 +597,7 @@ impl Datapath {
             _pin_lock: pin_lock,
             clock: None,
             clock_check: Instant::now() + clock::CHECK_EVERY,
+            remeasuring: Vec::new(),
             fib_by_source: None,
             ingress_macs: Default::default(),
             fib_seed: crate::random::random_u64() as u32,
@@ -781,10 +785,20 @@ impl Datapath {
     }
 
     /// Checks the session clock against the kernel's, every [`clock::CHECK_EVERY`] at most
-    /// (the sweep calls it: it compares the program's times with the agent's clock); measures
-    /// it again and rewrites the config if it drifted. Errors are logged: the clock is
-    /// checked again next time.
+    /// (the sweep calls it, every step, holding the datapath: it compares the program's times
+    /// with the agent's clock). A clock that drifted is measured again a sample per call, and
+    /// the config rewritten once the samples span enough (before, the whole measurement, 120
+    /// ms to 2 s, ran at once while the sweep held the datapath: no record was applied, no
+    /// session read meanwhile; with NTP slewing the clock, about once a minute). Errors are
+    /// logged: the clock is checked again next time.
     fn keep_clock(&mut self) {
+        if !self.remeasuring.is_empty() {
+            if let Err(error) = self.measure_on() {
+                self.remeasuring.clear();
+                tracing::warn!(error = %error_chain(&error), "measuring the session clock again failed");
+            }
+            return;
+        }
         let now = Instant::now();
         let Some(clock) = self.clock.filter(|_| now >= self.clock_check) else {
             return;
@@ -805,17 +819,35 @@ impl Datapath {
             deviation_us = clock.deviation_ns(&s) / 1000,
             "the kernel's jiffies drifted from the session clock: measuring it again"
         );
-        // The program's clock first: the agent's changes only once the program reads it too
-        // (before, a failed write left the two on different clocks, and the next checks
-        // compared the agent's new one with a sample and found nothing to rewrite).
-        let found = clock::find(prog)?;
-        let cfg = self.config()?;
-        let old = std::mem::replace(&mut self.clock, found);
-        let written = self.set_config(&cfg);
-        if written.is_err() {
-            self.clock = old;
+        self.remeasuring.push(s);
+        Ok(())
+    }
+
+    /// One more sample of the measurement under way; once they span enough, the clock they
+    /// fit is the program's (its config written first: the agent's changes only once the
+    /// program reads it too) and then the agent's. Samples that fit no clock leave the one in
+    /// use, checked again at the next check.
+    fn measure_on(&mut self) -> Result<(), DatapathError> {
+        let prog = self.xdp(names::CLOCK_PROGRAM)?;
+        self.remeasuring.push(clock::sample(prog)?);
+        if !clock::spans_enough(&self.remeasuring) {
+            return Ok(());
         }
-        written
+        let found = match clock::fit(&std::mem::take(&mut self.remeasuring)) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "the session clock could not be measured again; the one in use stays");
+                return Ok(());
+            }
+        };
+        let cfg = self.config()?;
+        let old = self.clock.replace(found);
+        if let Err(e) = self.set_config(&cfg) {
+            self.clock = old;
+            return Err(e);
+        }
+        clock::remember(found);
+        Ok(())
     }
 
     fn zones_map(&mut self) -> Result<Array<&mut MapData, ZoneBinding>, DatapathError> {
@@ -1167,6 +1199,48 @@ fn batch_err(map: &'static str) -> impl FnOnce(BatchError) -> DatapathError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A clock that drifted is measured again a sample per check (each a run of the clock
+    /// program under the caller's hold), not all at once: before, the first check measured for
+    /// 120 ms to 2 s while the sweep held the datapath (seen failing: corrected in one call).
+    /// Once the samples span enough, the program's config and the agent carry the clock again.
+    #[test]
+    fn a_drifted_clock_is_measured_again_a_sample_per_check() {
+        let mut dp = testing::datapath();
+        let Some(right) = dp.clock() else {
+            eprintln!("skipped: this kernel's jiffies follow no known tick");
+            return;
+        };
+        let wrong = JiffyClock {
+            offset_ns: right
+                .offset_ns
+                .wrapping_add(10 * u64::from(right.ns_per_jiffy)),
+            ..right
+        };
+        dp.clock = Some(wrong);
+        dp.clock_check = Instant::now();
+        dp.keep_clock();
+        assert_eq!(
+            (dp.clock(), dp.remeasuring.len()),
+            (Some(wrong), 1),
+            "the first check takes one sample"
+        );
+        let mut checks = 1;
+        while dp.clock() == Some(wrong) && checks < 500 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            dp.keep_clock();
+            checks += 1;
+            assert!(dp.remeasuring.len() <= checks, "more than a sample a check");
+        }
+        let found = dp.clock().expect("a clock");
+        assert_eq!(found.ns_per_jiffy, right.ns_per_jiffy);
+        assert!(
+            found.offset_ns.abs_diff(right.offset_ns) <= u64::from(right.ns_per_jiffy),
+            "{found:?} against {right:?}"
+        );
+        let cfg = dp.config().expect("config");
+        assert_eq!(cfg.jiffies_offset_ns, found.offset_ns);
+    }
 
     /// A walk of one member's sessions sees all of them, and no one else's.
     #[test]
