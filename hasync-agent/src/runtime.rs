@@ -193,7 +193,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     }
     let control = serve_control(&member.config, control_tx, access).await?;
     tasks.add("control socket", control);
-    announce_ready(&member, plan.interfaces.len(), restarted);
+    let attached = lock(&member.dp).attachments().len();
+    announce_ready(&member, attached, restarted);
     if restarted && member.config.local.forwarding == ForwardingName::Xdp {
         mark_kept_kernel_entries(&member);
     }

@@ -125,7 +125,11 @@ impl StallWatch {
             self.longest_ns.fetch_max(ns, Ordering::Relaxed);
             self.remember(prev, now);
         }
-        *last = Some((last.map_or(now, |(prev, _)| prev.max(now)), slept));
+        // The sleep read never goes back (another thread may have stored a later reading).
+        *last = Some(match *last {
+            Some((prev, prev_slept)) => (prev.max(now), prev_slept.max(slept)),
+            None => (now, slept),
+        });
     }
 
     /// The longest gap between two ticks since the last call, or since the last tick to
@@ -142,7 +146,7 @@ impl StallWatch {
                 now.saturating_duration_since(since_take(prev, *taken)) + asleep(prev_slept, slept);
             self.remember(prev, now);
             // The sleep is taken: the next tick does not count it again.
-            *last = Some((prev, slept));
+            *last = Some((prev, prev_slept.max(slept)));
         }
         *taken = Some((*taken).map_or(now, |t| t.max(now)));
         let longest = Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed));

@@ -30,13 +30,11 @@ pub fn spawn(mut cmd: Command) -> io::Result<Child> {
         cmd.pre_exec(move || die_with(parent));
     }
     let (answer, answered) = mpsc::channel();
-    if spawner()?.send((cmd, answer)).is_err() {
-        // Gone (it cannot be: it catches a panic of the spawn): the next spawn starts another.
-        *SPAWNER
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        return Err(io::Error::other("the lab's spawning thread is gone"));
-    }
+    // The thread does not end (it catches a panic of the spawn); were it gone, nothing starts
+    // another: its children would have been killed with it.
+    spawner()?
+        .send((cmd, answer))
+        .map_err(|_| io::Error::other("the lab's spawning thread is gone"))?;
     answered
         .recv()
         .map_err(|_| io::Error::other("the lab's spawning thread is gone"))?
