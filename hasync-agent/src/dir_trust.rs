@@ -50,6 +50,14 @@ pub const ABOVE: Policy = Policy {
 /// are walked. Only directories that exist are looked at: `path` may be made later. An error
 /// names the path it came from.
 pub fn risk_above(path: &Path) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std::io::Error)> {
+    risk_above_under(path, ABOVE)
+}
+
+/// [`risk_above`] under `policy`.
+pub fn risk_above_under(
+    path: &Path,
+    policy: Policy,
+) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std::io::Error)> {
     let at = |p: &Path| {
         let p = p.to_owned();
         move |e| (p, e)
@@ -64,7 +72,7 @@ pub fn risk_above(path: &Path) -> Result<Option<(PathBuf, Risk)>, (PathBuf, std:
         if meta.file_type().is_symlink() {
             continue;
         }
-        if let Some(risk) = dir_risk(&meta, ABOVE) {
+        if let Some(risk) = dir_risk(&meta, policy) {
             return Ok(Some((above.to_owned(), risk)));
         }
     }

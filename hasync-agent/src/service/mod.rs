@@ -379,18 +379,8 @@ fn binary_path(bin_dir: &Path) -> PathBuf {
 /// (if none) in place below `prefix`.
 pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Result<Vec<Step>> {
     check_bin_dir(bin_dir)?;
-    // A staging tree is checked; the host's own directories are root's to keep (some hosts
-    // keep /usr/local group-writable by `staff`, as older Debian did).
-    let staged = prefix != Path::new("/");
-    for path in [
-        binary_path(bin_dir),
-        PathBuf::from(UNIT_PATH),
-        PathBuf::from(DEFAULT_PATH),
-        PathBuf::from(KEY_PATH),
-    ] {
-        if staged {
-            check_above(&under(prefix, &path))?;
-        }
+    for warning in check_install_paths(prefix, bin_dir)? {
+        eprintln!("warning: {warning}");
     }
     Ok(vec![
         install_binary(prefix, bin_dir, exe)?,
@@ -400,21 +390,57 @@ pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Resul
     ])
 }
 
-/// Refuses to write `path` if a directory above it (as written, or where links on it lead) is
-/// another user's or open to others: they could have planted a key or a config that would be
-/// kept, or a link that sends what root writes elsewhere (a staging `--prefix`).
-fn check_above(path: &Path) -> anyhow::Result<()> {
-    let risk = crate::dir_trust::risk_above(path)
-        .map_err(|(at, e)| anyhow::Error::new(e).context(format!("checking {}", at.display())))?;
-    if let Some((dir, risk)) = risk {
-        bail!(
-            "refusing to install {}: {} is {risk}, so another user could replace what is written \
-             there (use a directory of root's, mode go-w)",
-            path.display(),
-            dir.display()
-        );
+/// Refuses to install if a directory above a file it writes (as written, or where links on it
+/// lead) is another user's or open to others: they could have planted a key or a config that
+/// would be kept, or swap the binary root's unit runs, or a link that sends what root writes
+/// elsewhere. Into the host's own tree (`/`), a directory of root's that its group may write to
+/// is only warned of (some hosts keep /usr/local group-writable by `staff`, as older Debian
+/// did: a group as good as root); into a staging `--prefix`, refused too. Returns the warnings.
+fn check_install_paths(prefix: &Path, bin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    use crate::dir_trust::{risk_above_under, Policy, ABOVE};
+    let host = Policy {
+        closed: 0o002,
+        ..ABOVE
+    };
+    let policy = if prefix == Path::new("/") {
+        host
+    } else {
+        ABOVE
+    };
+    let mut warnings = Vec::new();
+    for path in [
+        binary_path(bin_dir),
+        PathBuf::from(UNIT_PATH),
+        PathBuf::from(DEFAULT_PATH),
+        PathBuf::from(KEY_PATH),
+    ] {
+        let path = under(prefix, &path);
+        let risk = |policy| {
+            risk_above_under(&path, policy).map_err(|(at, e)| {
+                anyhow::Error::new(e).context(format!("checking {}", at.display()))
+            })
+        };
+        if let Some((dir, risk)) = risk(policy)? {
+            bail!(
+                "refusing to install {}: {} is {risk}, so another user could replace what is \
+                 written there (use a directory of root's, mode go-w; --bin-dir chooses the \
+                 binary's)",
+                path.display(),
+                dir.display()
+            );
+        }
+        if let Some((dir, risk @ crate::dir_trust::Risk::Open(_))) = risk(ABOVE)? {
+            let warning = format!(
+                "{} is {risk}: its group could replace {}",
+                dir.display(),
+                path.display()
+            );
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// `exe` copied into `bin_dir` (as seen from the root) below `prefix`, unless it is already

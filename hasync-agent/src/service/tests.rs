@@ -127,6 +127,31 @@ fn a_prefix_others_could_fill_is_refused() {
     install_files(&prefix, bin_dir, &exe).expect("a prefix of root's");
 }
 
+/// Into the host's own tree, a binary directory another user owns, or others may write to,
+/// is refused too (the last review: the first form checked only a staging prefix, and root
+/// wrote a binary its unit runs where another user could swap it; seen failing); one of
+/// root's that its group may write to is warned of. Only the check runs here: nothing is
+/// written to the host.
+#[test]
+fn a_binary_directory_others_could_fill_is_refused_on_the_host() {
+    let root = TempDir::new("install-hostbin");
+    let bin_dir = root.path().join("bin");
+    fs::create_dir(&bin_dir).expect("bin dir");
+    std::os::unix::fs::chown(&bin_dir, Some(65_534), None).expect("chown (root)");
+    let e = check_install_paths(Path::new("/"), &bin_dir).expect_err("another user's");
+    assert!(format!("{e:#}").contains("uid 65534"), "{e:#}");
+    std::os::unix::fs::chown(&bin_dir, Some(0), None).expect("chown back");
+    fs::set_permissions(&bin_dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let e = check_install_paths(Path::new("/"), &bin_dir).expect_err("open to others");
+    assert!(format!("{e:#}").contains("mode 0777"), "{e:#}");
+    fs::set_permissions(&bin_dir, fs::Permissions::from_mode(0o775)).expect("chmod");
+    let warnings = check_install_paths(Path::new("/"), &bin_dir).expect("its group's");
+    assert!(
+        warnings.iter().any(|w| w.contains("mode 0775")),
+        "{warnings:?}"
+    );
+}
+
 /// Uninstall names the state directory it keeps, and a suspend mark left in it, which would
 /// start a later install Suspended (before, it said nothing of it; seen failing).
 #[test]
