@@ -672,8 +672,16 @@ impl MainLoop {
             member.engine.enqueue_changes(self.owned.iter().copied());
         }
         member.engine.flush();
-        self.kernel_entries.flush();
+        self.flush_kernel_entries(member);
         log.flush();
+    }
+
+    /// Sends the kernel-entry updates queued; after some were dropped (the kernel long slow to
+    /// take them), marks the established connections again once it takes them.
+    fn flush_kernel_entries(&mut self, member: &Member) {
+        if self.kernel_entries.flush() {
+            mark_kept_kernel_entries(member);
+        }
     }
 
     /// One step of the expiry sweep: this member's removed sessions are logged and synced;
@@ -713,7 +721,7 @@ impl MainLoop {
             Err(e) => warn!(error = %error_chain(&e), "sweep failed"),
         }
         member.engine.flush();
-        self.kernel_entries.flush();
+        self.flush_kernel_entries(member);
         log.flush();
         self.make_up_for_lost_events(member);
         self.drain_datapath_log(member);
@@ -1009,8 +1017,9 @@ fn reannounce(member: &Member) {
     }
 }
 
-/// After a restart on a kept table, with forwarding in XDP: marks liberal the kernel entries of
-/// this member's established TCP connections, on a thread of its own. Their established events
+/// After a restart on a kept table, with forwarding in XDP (or once the kernel takes updates
+/// again after some were dropped): marks liberal the kernel entries of this member's
+/// established TCP connections, on a thread of its own. Their established events
 /// came before this agent read the ring (the last agent read them, the ring filled while no
 /// agent read it: losses the pinned loss counter cannot tell from older ones), or under a
 /// configuration that forwarded in the kernel, so none would be marked until it changed state

@@ -10,8 +10,10 @@ use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, State};
 
 use super::{forwarded_tcp, KernelEntries};
 
-/// Batches the thread may have waiting before more are dropped.
+/// Batches the thread may have waiting; more are held here.
 const WAITING: usize = 16;
+/// Updates held here at most while the thread is behind; older ones are dropped past it.
+const HELD_MAX: usize = 65_536;
 
 /// One update of the kernel's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,24 +104,34 @@ impl KernelEntriesQueue {
     }
 
     /// Sends the updates queued to the thread, never waiting: while it has [`WAITING`] batches
-    /// not done (the kernel slow to take them), this one is dropped (said once).
-    pub fn flush(&mut self) {
+    /// not done (the kernel slow to take them), they are held here for the next flush, up to
+    /// [`HELD_MAX`] (older ones dropped past it, said once an episode). True when this flush
+    /// sent the first batch after some were dropped: the caller marks the established
+    /// connections again ([`super::KernelEntries`]' walk).
+    pub fn flush(&mut self) -> bool {
         let Some(to_thread) = &self.to_thread else {
-            return;
+            return false;
         };
         if self.batch.is_empty() {
-            return;
+            return false;
         }
         match to_thread.try_send(std::mem::take(&mut self.batch)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                if !std::mem::replace(&mut self.dropped, true) {
-                    tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are (said once)");
+            Ok(()) => std::mem::replace(&mut self.dropped, false),
+            Err(TrySendError::Full(held)) => {
+                self.batch = held;
+                let over = self.batch.len().saturating_sub(HELD_MAX);
+                if over > 0 {
+                    self.batch.drain(..over);
+                    if !std::mem::replace(&mut self.dropped, true) {
+                        tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are until it catches up (the established ones are marked again then)");
+                    }
                 }
+                false
             }
             Err(TrySendError::Disconnected(_)) => {
                 tracing::warn!("the thread that updates the kernel's entries of connections forwarded in XDP ended: they are left as the kernel keeps them");
                 self.to_thread = None;
+                false
             }
         }
     }
@@ -181,5 +193,73 @@ mod tests {
         assert_eq!(wait(), [Update::Established(tcp.0, tcp.1)]);
         assert_eq!(wait(), [Update::Closed(forwarded.0, forwarded.1)]);
         drop(queue);
+    }
+
+    /// While the thread is behind (the kernel's lock held by `conntrack -F`), updates wait
+    /// here, not dropped (the first form dropped a batch once 16 waited: seen failing); past
+    /// [`HELD_MAX`] the oldest go, and the flush that catches up says so, for the caller to
+    /// mark the established connections again.
+    #[test]
+    fn updates_wait_while_the_thread_is_behind() {
+        let (release, released) = mpsc::channel::<()>();
+        let (got, arrived) = mpsc::channel::<usize>();
+        let mut queue = KernelEntriesQueue::with_sink(move || {
+            move |batch: Vec<Update>| {
+                let _ = released.recv();
+                let _ = got.send(batch.len());
+            }
+        });
+        let tcp = Flow::tcp("198.18.0.10", 40_000, "198.18.1.10", 443)
+            .state(State::Established)
+            .entry();
+        let flush_one = |queue: &mut KernelEntriesQueue| {
+            queue.established(&tcp.0, &tcp.1);
+            queue.flush()
+        };
+        // One taken by the thread (held), 16 waiting, then 4 more held here.
+        let caught_up: Vec<bool> = (0..21).map(|_| flush_one(&mut queue)).collect();
+        assert!(caught_up.iter().all(|c| !c));
+        for _ in 0..21 {
+            release.send(()).expect("release");
+        }
+        let mut total = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while total < 21 && std::time::Instant::now() < deadline {
+            queue.flush();
+            total += arrived
+                .recv_timeout(Duration::from_millis(100))
+                .unwrap_or(0);
+        }
+        assert_eq!(total, 21, "updates lost");
+        // Past HELD_MAX, the oldest go; the flush that catches up says so.
+        let (release, released) = mpsc::channel::<()>();
+        let (took, taken) = mpsc::channel::<()>();
+        let mut queue = KernelEntriesQueue::with_sink(move || {
+            move |_batch: Vec<Update>| {
+                let _ = took.send(());
+                let _ = released.recv();
+            }
+        });
+        assert!(!flush_one(&mut queue));
+        taken
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the thread took the first batch");
+        for _ in 0..WAITING {
+            assert!(!flush_one(&mut queue));
+        }
+        for _ in 0..HELD_MAX + 10 {
+            queue.established(&tcp.0, &tcp.1);
+        }
+        assert!(!queue.flush());
+        assert_eq!(queue.batch.len(), HELD_MAX);
+        for _ in 0..=WAITING {
+            release.send(()).expect("release");
+        }
+        let caught_up = (0..500).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            queue.flush()
+        });
+        drop(release);
+        assert!(caught_up, "the catch-up after a drop is said");
     }
 }
