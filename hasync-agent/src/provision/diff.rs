@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     config::{default_timeout_s, Config, DEFAULT_PATH},
-    datapath::error_chain,
+    datapath::{error_chain, DatapathError},
 };
 
 /// `hasync config`.
@@ -153,17 +153,28 @@ fn diff(a: &Path, b: &Path) -> ExitCode {
     }
 }
 
-/// What a start of `c` on this host would refuse that the file itself cannot tell: a
-/// `control_group` this host does not have. Warnings, not errors: the check may run on
-/// another host than the member's (a provisioning host).
+/// What a start of `c` on this host would refuse, or start without, that the file itself
+/// cannot tell: a `control_group` this host does not have; a zone interface it does not have
+/// (the agent starts Non-functional until it exists: a typo would stay unnoticed there).
+/// Warnings, not errors: the check may run on another host than the member's (a provisioning
+/// host).
 pub(super) fn host_warnings(c: &Config) -> Vec<String> {
     let group = c.local.control_group.as_deref();
-    match crate::control::server::Access::for_group(group) {
-        Ok(_) => Vec::new(),
-        Err(e) => vec![format!(
-            "{e}: an agent started with it on this host refuses to start"
-        )],
+    let mut warnings: Vec<String> = crate::control::server::Access::for_group(group)
+        .err()
+        .map(|e| format!("{e}: an agent started with it on this host refuses to start"))
+        .into_iter()
+        .collect();
+    for (name, zone, _) in c.interface_zones() {
+        if let Err(DatapathError::UnknownInterface(_)) = crate::datapath::ifindex(name) {
+            warnings.push(format!(
+                "zone `{}`: interface `{name}` does not exist on this host: an agent started \
+                 with it is Non-functional until it does",
+                zone.name
+            ));
+        }
     }
+    warnings
 }
 
 /// `hasync config check FILE...`: each file's member, cluster and fingerprint, or its

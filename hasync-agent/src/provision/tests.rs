@@ -505,6 +505,10 @@ fn config_check_warns_of_a_control_group_this_host_lacks() {
     let (_dir, out, spec) = example_spec("check-group");
     provision(&spec, &out).expect("provision");
     let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
+    // Its zone interfaces are on this host (loopback stands in for them).
+    for zone in &mut c.zones {
+        zone.interfaces = vec!["lo".into()];
+    }
     assert_eq!(diff::host_warnings(&c), Vec::<String>::new());
     c.local.control_group = Some("root".into());
     assert_eq!(
@@ -554,4 +558,26 @@ fn a_member_taken_out_of_the_spec_is_named_as_left() {
     let again = provision(&spec, &out).expect("second run");
     assert_eq!(again.left, [out.join("FW-C")]);
     assert!(again.disabled.is_empty());
+}
+
+/// `hasync config check` names a zone interface this host does not have: the agent starts
+/// Non-functional until it exists, so a typo would go unnoticed there (before this stop's
+/// change, the start failed; the check said nothing of it either way).
+#[test]
+fn config_check_warns_of_a_zone_interface_this_host_lacks() {
+    let (_dir, out, spec) = example_spec("check-iface");
+    provision(&spec, &out).expect("provision");
+    let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
+    for zone in &mut c.zones {
+        zone.interfaces = vec!["lo".into()];
+    }
+    if let Some(zone) = c.zones.first_mut() {
+        zone.interfaces.push("hsnoiface0".into());
+    }
+    let warnings = diff::host_warnings(&c);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("interface `hsnoiface0` does not exist on this host"),
+        "{warnings:?}"
+    );
 }
