@@ -102,3 +102,51 @@ fn repair(
         .map(drop)
         .map_err(|e| error_chain(&e))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use hasync_common::ZoneId;
+
+    use super::*;
+    use crate::{
+        datapath::{
+            ifindex,
+            testing::{in_fresh_netns, ip},
+        },
+        startup::{bring_up, StartPlan},
+    };
+
+    /// A zone interface missing when the agent started (which no longer fails the start) is
+    /// a broken attachment the check names, then, once the interface exists, attached by the
+    /// check with its zone at its index: the path the running agent takes, end to end.
+    #[test]
+    fn an_interface_missing_at_the_start_is_attached_and_zoned_once_it_exists() {
+        let (first, second, third, zone) = in_fresh_netns(|| {
+            let text = crate::config::tests::sample(Path::new("/nonexistent/cluster.key"));
+            let mut config = Config::from_toml(Path::new("test.toml"), &text).expect("config");
+            config.local.pin_dir = PathBuf::new();
+            config.local.session_capacity = 4096;
+            config.zones[0].interfaces = vec!["hsr-a0".into()];
+            config.zones[1].interfaces = Vec::new();
+            let plan = StartPlan::from_config(&config);
+            let (started, ()) = bring_up(&plan, |_| Ok(())).expect("started");
+            let dp = Mutex::new(started.dp);
+            let first = check_datapath(&config, &dp, true);
+            ip(&[
+                "link", "add", "hsr-a0", "type", "veth", "peer", "name", "hsr-a1",
+            ]);
+            let second = check_datapath(&config, &dp, true);
+            let third = check_datapath(&config, &dp, true);
+            let index = ifindex("hsr-a0").expect("index");
+            let zone = lock(&dp).zone_of(index).expect("zone").zone;
+            (first, second, third, zone)
+        });
+        let first = first.flatten().expect("broken at the start");
+        assert!(first.contains("interface hsr-a0 is gone"), "{first}");
+        assert!(second.flatten().is_some(), "broken until mended");
+        assert_eq!(third, Some(None), "attached once it exists");
+        assert_eq!(zone, ZoneId(1), "zoned at its index");
+    }
+}
