@@ -498,17 +498,23 @@ fn a_second_run_over_a_key_others_can_read_provisions() {
     assert!(super::loose_key_warning(&again.key).is_some());
 }
 
+/// The example provisioned in a directory named after `tag` (kept while it lives), and FW-A's
+/// config as loaded, its zone interfaces on this host (loopback stands in for them).
+fn provisioned_here(tag: &str) -> (TempDir, Config) {
+    let (dir, out, spec) = example_spec(tag);
+    provision(&spec, &out).expect("provision");
+    let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
+    for zone in &mut c.zones {
+        zone.interfaces = vec!["lo".into()];
+    }
+    (dir, c)
+}
+
 /// `hasync config check` names a `control_group` this host does not have (the start refuses
 /// it), as a warning: the file may be for another host.
 #[test]
 fn config_check_warns_of_a_control_group_this_host_lacks() {
-    let (_dir, out, spec) = example_spec("check-group");
-    provision(&spec, &out).expect("provision");
-    let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
-    // Its zone interfaces are on this host (loopback stands in for them).
-    for zone in &mut c.zones {
-        zone.interfaces = vec!["lo".into()];
-    }
+    let (_dir, mut c) = provisioned_here("check-group");
     assert_eq!(diff::host_warnings(&c), Vec::<String>::new());
     c.local.control_group = Some("root".into());
     assert_eq!(
@@ -565,12 +571,7 @@ fn a_member_taken_out_of_the_spec_is_named_as_left() {
 /// change, the start failed; the check said nothing of it either way).
 #[test]
 fn config_check_warns_of_a_zone_interface_this_host_lacks() {
-    let (_dir, out, spec) = example_spec("check-iface");
-    provision(&spec, &out).expect("provision");
-    let mut c = Config::load(&out.join("FW-A").join("hasync.toml")).expect("load");
-    for zone in &mut c.zones {
-        zone.interfaces = vec!["lo".into()];
-    }
+    let (_dir, mut c) = provisioned_here("check-iface");
     if let Some(zone) = c.zones.first_mut() {
         zone.interfaces.push("hsnoiface0".into());
     }

@@ -15,11 +15,18 @@ fn fake_exe(root: &TempDir, content: &[u8]) -> PathBuf {
     exe
 }
 
-#[test]
-fn install_twice_overwrites_no_config_and_no_key() {
-    let root = TempDir::new("install-twice");
+/// A scratch root named after `tag`, the prefix inside it to install into, and a stand-in
+/// binary to install.
+fn staged(tag: &str) -> (TempDir, PathBuf, PathBuf) {
+    let root = TempDir::new(&format!("install-{tag}"));
     let prefix = root.path().join("root");
     let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    (root, prefix, exe)
+}
+
+#[test]
+fn install_twice_overwrites_no_config_and_no_key() {
+    let (root, prefix, exe) = staged("twice");
     let bin_dir = Path::new(DEFAULT_BIN_DIR);
 
     let first = install_files(&prefix, bin_dir, &exe).expect("first install");
@@ -156,9 +163,7 @@ fn a_binary_directory_others_could_fill_is_refused_on_the_host() {
 /// start a later install Suspended (before, it said nothing of it; seen failing).
 #[test]
 fn uninstall_names_the_state_it_keeps() {
-    let root = TempDir::new("install-state");
-    let prefix = root.path().join("root");
-    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let (_root, prefix, exe) = staged("state");
     let bin_dir = Path::new(DEFAULT_BIN_DIR);
     install_files(&prefix, bin_dir, &exe).expect("install");
     let state = prefix.join("var/lib/hasync");
@@ -181,9 +186,7 @@ fn uninstall_names_the_state_it_keeps() {
 
 #[test]
 fn the_example_config_is_valid_once_the_key_exists() {
-    let root = TempDir::new("install-example");
-    let prefix = root.path().join("root");
-    let exe = fake_exe(&root, b"x");
+    let (_root, prefix, exe) = staged("example");
     install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
     let path = prefix.join("etc/hasync/hasync.toml");
     let key = prefix.join("etc/hasync/cluster.key");
@@ -201,9 +204,7 @@ fn the_example_config_is_valid_once_the_key_exists() {
 /// refused to start); a --bin-dir the unit's ExecStart would split or expand is refused.
 #[test]
 fn a_short_key_is_named_and_an_unquotable_bin_dir_refused() {
-    let root = TempDir::new("install-shortkey");
-    let prefix = root.path().join("root");
-    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let (_root, prefix, exe) = staged("shortkey");
     let key = prefix.join("etc/hasync/cluster.key");
     fs::create_dir_all(key.parent().expect("parent")).expect("mkdir");
     fs::write(&key, b"").expect("empty key");
@@ -226,9 +227,7 @@ fn a_short_key_is_named_and_an_unquotable_bin_dir_refused() {
 /// binary exists: the unit is written pointing at a binary installed into the scratch root.
 #[test]
 fn systemd_analyze_verify_passes_on_the_unit() {
-    let root = TempDir::new("install-verify");
-    let prefix = root.path().join("root");
-    let exe = fake_exe(&root, b"#!/bin/sh\nexit 0\n");
+    let (root, prefix, exe) = staged("verify");
     install_files(&prefix, Path::new(DEFAULT_BIN_DIR), &exe).expect("install");
     let bin = prefix.join("usr/local/sbin/hasync");
     let units = root.path().join("units");
