@@ -67,8 +67,8 @@ fn count(values: &[Session]) -> u64 {
 /// the fast path changes during the walk waits for the next count). Copies removed during the
 /// walk (the sweep's, a peer's deletes, a full sync's stale ones), which the walk may have
 /// counted, make that too high by as many: when they are more than 1 % of it, the table is
-/// walked again, up to [`WALKS`] times, and the last walk's count less them is taken (too low
-/// by those it had not counted: peers may pass the limit by as many until the next count).
+/// walked again, up to [`WALKS`] times, and the last walk's count is held between itself less
+/// them and itself, by the count kept.
 /// Before, a mass removal left the pool counted full for up to a recount interval (minutes
 /// on large tables), refusing peers' new copies. Returns the count set.
 pub fn recount_beside(dp: &Mutex<Datapath>) -> Result<u64, DatapathError> {
@@ -112,9 +112,13 @@ fn recount_beside_then(
             walk += 1;
             continue;
         }
-        let held = walked
-            .saturating_add(added)
-            .saturating_sub(if many { removed } else { 0 });
+        // Too high by the removed copies the walk had counted, and with a subtraction too low
+        // by those it had not reached yet: the kept count, exact for records and the sweep,
+        // held within those bounds (a lying peer that deletes its copies before the walk
+        // reaches them and adds them back after cannot have the pool read empty).
+        let upper = walked.saturating_add(added);
+        let lower = upper.saturating_sub(if many { removed } else { 0 });
+        let held = now.held.clamp(lower, upper);
         dp.set_replica_pool(ReplicaRoom { held, ..now })?;
         return Ok(held);
     }
@@ -422,8 +426,10 @@ mod tests {
     /// it walk again: before, the walk's count, which had them, replaced the kept one, and the
     /// pool read full for a recount interval (seen failing: 200 held of 100 copies). Removals
     /// during every walk (steady churn on a large table) still end in a count: the last
-    /// walk's, less what was removed during it (the first form skipped the count then, and
-    /// could skip every one). A few removed are the count's to carry.
+    /// walk's, held by the count kept between itself less what was removed during it and
+    /// itself (the first form skipped the count then, and could skip every one; the second
+    /// took the lower bound, which a peer deleting its copies ahead of the walk could drive
+    /// to zero). A few removed are the count's to carry.
     #[test]
     fn copies_removed_during_a_count_do_not_stay_counted() {
         let mut dp = datapath();
