@@ -27,13 +27,19 @@ use crate::{
     sync::stats::{BulkStats, LinkStats, PeerStats, Rejections},
 };
 
-/// A directory under the system temp dir, removed on drop.
+/// A scratch directory, under the system temp dir unless made [`TempDir::within`] another,
+/// removed on drop.
 pub struct TempDir(PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
+        TempDir::within(&std::env::temp_dir(), tag)
+    }
+
+    /// A new directory in `dir` (not the system's temp dir: one open to others).
+    pub fn within(dir: &Path, tag: &str) -> TempDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
+        let p = dir.join(format!(
             "hasync-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)

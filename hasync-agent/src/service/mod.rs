@@ -398,8 +398,11 @@ pub fn install_files(prefix: &Path, bin_dir: &Path, exe: &Path) -> anyhow::Resul
 /// did: a group as good as root); into a staging `--prefix`, refused too. Returns the warnings.
 fn check_install_paths(prefix: &Path, bin_dir: &Path) -> anyhow::Result<Vec<String>> {
     use crate::dir_trust::{risk_above_under, Policy, ABOVE};
+    // On the host not even a sticky directory may be open to others: a file root's unit runs
+    // from /tmp is gone after a reboot, and anyone may put one in its place.
     let host = Policy {
         closed: 0o002,
+        sticky_may_be_open: false,
         ..ABOVE
     };
     let policy = if prefix == Path::new("/") {

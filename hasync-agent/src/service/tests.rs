@@ -141,7 +141,12 @@ fn a_prefix_others_could_fill_is_refused() {
 /// written to the host.
 #[test]
 fn a_binary_directory_others_could_fill_is_refused_on_the_host() {
-    let root = TempDir::new("install-hostbin");
+    // Not below /tmp, which is refused on the host itself (sticky, but open to others).
+    let sticky = TempDir::new("install-hostbin");
+    let e = check_install_paths(Path::new("/"), sticky.path()).expect_err("below /tmp");
+    assert!(format!("{e:#}").contains("mode 1777"), "{e:#}");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let root = TempDir::within(&target, "install-hostbin");
     let bin_dir = root.path().join("bin");
     fs::create_dir(&bin_dir).expect("bin dir");
     std::os::unix::fs::chown(&bin_dir, Some(65_534), None).expect("chown (root)");
