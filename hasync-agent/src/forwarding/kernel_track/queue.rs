@@ -12,8 +12,10 @@ use super::{forwarded_tcp, KernelEntries};
 
 /// Batches the thread may have waiting; more are held here.
 const WAITING: usize = 16;
-/// Updates held here at most while the thread is behind; older ones are dropped past it.
-const HELD_MAX: usize = 65_536;
+/// Updates held here at most while the thread is behind (past it, marks go first, then the
+/// oldest): what waits for the kernel is [`WAITING`] batches of about as many at most (136
+/// bytes an update: some 20 MB).
+const HELD_MAX: usize = 8_192;
 
 /// One update of the kernel's entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +121,16 @@ impl KernelEntriesQueue {
             Ok(()) => std::mem::replace(&mut self.dropped, false),
             Err(TrySendError::Full(held)) => {
                 self.batch = held;
-                let over = self.batch.len().saturating_sub(HELD_MAX);
+                let mut over = self.batch.len().saturating_sub(HELD_MAX);
                 if over > 0 {
+                    // Marks first: the walk after the catch-up makes them again; a close's
+                    // update, once dropped, is not made again (its entry would stay
+                    // established for the kernel's own timeout, 5 days by default).
+                    self.batch.retain(|u| {
+                        let drop = over > 0 && matches!(u, Update::Established(..));
+                        over -= usize::from(drop);
+                        !drop
+                    });
                     self.batch.drain(..over);
                     if !std::mem::replace(&mut self.dropped, true) {
                         tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are until it catches up (the established ones are marked again then)");
@@ -197,8 +207,8 @@ mod tests {
 
     /// While the thread is behind (the kernel's lock held by `conntrack -F`), updates wait
     /// here, not dropped (the first form dropped a batch once 16 waited: seen failing); past
-    /// [`HELD_MAX`] the oldest go, and the flush that catches up says so, for the caller to
-    /// mark the established connections again.
+    /// [`HELD_MAX`] marks go first, closes are kept, and the flush that catches up says so,
+    /// for the caller to mark the established connections again.
     #[test]
     fn updates_wait_while_the_thread_is_behind() {
         let (release, released) = mpsc::channel::<()>();
@@ -247,11 +257,21 @@ mod tests {
         for _ in 0..WAITING {
             assert!(!flush_one(&mut queue));
         }
+        let mut closed = Flow::tcp("198.18.0.10", 40_001, "198.18.1.10", 443)
+            .state(State::Closed)
+            .entry();
+        closed.1.flags = SessionFlags(SessionFlags::FORWARDED_XDP);
+        queue.closed(&closed.0, &closed.1);
         for _ in 0..HELD_MAX + 10 {
             queue.established(&tcp.0, &tcp.1);
         }
         assert!(!queue.flush());
         assert_eq!(queue.batch.len(), HELD_MAX);
+        assert_eq!(
+            queue.batch.first(),
+            Some(&Update::Closed(closed.0, closed.1)),
+            "the oldest, a close, kept"
+        );
         for _ in 0..=WAITING {
             release.send(()).expect("release");
         }
