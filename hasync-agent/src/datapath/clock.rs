@@ -29,9 +29,9 @@ pub const TICKS_NS: [u32; 4] = [10_000_000, 4_000_000, 3_333_333, 1_000_000];
 /// pair, 250 and 300 Hz, differ by a sixth) to drift several ticks away from the samples.
 pub const MEASURE_SPAN: Duration = Duration::from_millis(120);
 /// Time between two samples of a measurement.
-const SAMPLE_EVERY: Duration = Duration::from_millis(2);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(2);
 /// A measurement gives up after this long (a host too loaded to sample).
-const MEASURE_LIMIT: Duration = Duration::from_secs(2);
+pub const MEASURE_LIMIT: Duration = Duration::from_secs(2);
 /// How often a running agent checks the clock against one sample (see
 /// `sweep_table::SweepBeside::step`).
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);

@@ -809,6 +809,19 @@ impl Datapath {
         }
     }
 
+    /// [`Datapath::keep_clock`], a drifted clock measured at once, as at load: for a sweep
+    /// nothing else waits on (the standalone agent's, whose sweeps may be minutes apart).
+    fn keep_clock_at_once(&mut self) {
+        self.keep_clock();
+        for _ in 0..clock::MEASURE_LIMIT.as_millis() / clock::SAMPLE_EVERY.as_millis() {
+            if self.remeasuring.is_empty() {
+                break;
+            }
+            std::thread::sleep(clock::SAMPLE_EVERY);
+            self.keep_clock();
+        }
+    }
+
     fn recheck_clock(&mut self, clock: JiffyClock) -> Result<(), DatapathError> {
         let prog = self.xdp(names::CLOCK_PROGRAM)?;
         let s = clock::sample(prog)?;
@@ -828,6 +841,17 @@ impl Datapath {
     /// program reads it too) and then the agent's. Samples that fit no clock leave the one in
     /// use, checked again at the next check.
     fn measure_on(&mut self) -> Result<(), DatapathError> {
+        // At a random point of the tick: steps come on a grid of whole ticks, and samples all
+        // taken at one point of theirs could all fall between the kernel's two updates.
+        if let Some(tick) = self
+            .clock
+            .map(|c| u64::from(c.ns_per_jiffy))
+            .filter(|t| *t > 0)
+        {
+            std::thread::sleep(std::time::Duration::from_nanos(
+                crate::random::random_u64() % tick,
+            ));
+        }
         let prog = self.xdp(names::CLOCK_PROGRAM)?;
         self.remeasuring.push(clock::sample(prog)?);
         if !clock::spans_enough(&self.remeasuring) {
@@ -1118,7 +1142,7 @@ impl Datapath {
         chunk: u32,
         on_removed: impl FnMut(&[Removed]),
     ) -> Result<SweepReport, DatapathError> {
-        self.keep_clock();
+        self.keep_clock_at_once();
         let cfg = self.config()?;
         sweep::sweep(&*self, &cfg, chunk, on_removed)
     }
@@ -1240,6 +1264,12 @@ mod tests {
         );
         let cfg = dp.config().expect("config");
         assert_eq!(cfg.jiffies_offset_ns, found.offset_ns);
+        // A sweep nothing else waits on (the standalone agent's) measures it at once.
+        dp.clock = Some(wrong);
+        dp.clock_check = Instant::now();
+        dp.keep_clock_at_once();
+        assert_ne!(dp.clock(), Some(wrong), "measured in one call");
+        assert!(dp.remeasuring.is_empty());
     }
 
     /// A walk of one member's sessions sees all of them, and no one else's.
