@@ -107,9 +107,9 @@ impl KernelEntriesQueue {
 
     /// Sends the updates queued to the thread, never waiting: while it has [`WAITING`] batches
     /// not done (the kernel slow to take them), they are held here for the next flush, up to
-    /// [`HELD_MAX`] (older ones dropped past it, said once an episode). True when this flush
-    /// sent the first batch after some were dropped: the caller marks the established
-    /// connections again ([`super::KernelEntries`]' walk).
+    /// [`HELD_MAX`] (past it marks are dropped first, then the oldest; said once an episode).
+    /// True when this flush sent the first batch after some were dropped: the caller marks the
+    /// established connections again (`runtime`'s walk).
     pub fn flush(&mut self) -> bool {
         let Some(to_thread) = &self.to_thread else {
             return false;
