@@ -49,17 +49,10 @@ const SLEPT_MIN: Duration = Duration::from_millis(10);
 
 /// How long the host has slept since it booted: CLOCK_BOOTTIME's lead over CLOCK_MONOTONIC.
 pub fn slept_since_boot() -> Duration {
-    let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid timespec for the call to fill.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-        Duration::new(secs, u32::try_from(ts.tv_nsec).unwrap_or(0))
-    };
-    read(libc::CLOCK_BOOTTIME).saturating_sub(read(libc::CLOCK_MONOTONIC))
+    use crate::datapath::clock_ns;
+    Duration::from_nanos(
+        clock_ns(libc::CLOCK_BOOTTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC)),
+    )
 }
 
 /// The sleep between two readings of [`slept_since_boot`] (none below [`SLEPT_MIN`]).

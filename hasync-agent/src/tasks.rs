@@ -16,6 +16,17 @@ use std::{
 
 use tokio::task::{JoinError, JoinHandle};
 
+/// A task ended when its handle is dropped (with whatever holds it: a task aborted itself, a
+/// connection's guard).
+#[derive(Debug)]
+pub struct AbortOnDrop(pub JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Tasks that run until the agent stops, each with its name.
 #[derive(Debug, Default)]
 pub struct Tasks {

@@ -235,14 +235,19 @@ const PROGRAMS: [&str; 5] = [
 /// [`clock`]; or the coarse clock itself, `bpf_ktime_get_coarse_ns`, when that cannot be
 /// measured). Both advance once per tick (a few milliseconds), far below any session timeout.
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// This host's clock `clock` (a valid clock id) in nanoseconds.
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: `ts` is a valid timespec to write to.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     // A valid clock id and pointer cannot fail; 0 would make nothing look idle.
-    debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE)");
+    debug_assert_eq!(rc, 0, "clock_gettime({clock})");
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)

@@ -42,6 +42,7 @@ use crate::{
     },
     lock::lock,
     metrics::{render, Source, CONTENT_TYPE},
+    tasks::AbortOnDrop,
 };
 
 mod answers;
@@ -498,15 +499,6 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Byte
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("rendering the answer failed: {e}\n"),
         ),
-    }
-}
-
-/// A task aborted when its handle is dropped (with the task that holds it, aborted itself).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::lock::lock_on_worker;
 use crate::sync::stats::Rejection;
+use crate::tasks::AbortOnDrop;
 use crate::{
     cluster::{FullSyncId, MemberState},
     datapath::{error_chain, monotonic_ns, DatapathError},
@@ -41,15 +42,6 @@ const READ_AHEAD: usize = 2;
 
 /// A frame as [`Receiver::recv`] gives it.
 pub(super) type Read = Result<(Message, usize), ChannelError>;
-
-/// Ends a task when dropped.
-pub(super) struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Reads frames from `rx` on a task of its own, up to [`READ_AHEAD`] ahead of the caller,
 /// until the first error (passed on as the last item) or until the returned guard is
