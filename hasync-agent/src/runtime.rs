@@ -23,7 +23,7 @@ use crate::{
         events::MAX_BATCH,
         replica_room::{recount_beside, recount_every},
         sweep_table::SweepBeside,
-        Datapath, EventStream, RemoveReason, Removed,
+        Datapath, EventStream, RemoveReason, Removed, SessionReader,
     },
     forwarding::kernel_track::{KernelEntries, KernelEntriesQueue},
     lock::lock_on_worker,
@@ -991,30 +991,39 @@ fn log_liveness(id: MemberId, alive: bool, skipped: u64) {
 /// take the table's lock as usual.
 fn reannounce(member: &Member) {
     let engine = member.engine.clone();
-    let reader = lock(&member.dp).session_reader();
     let xdp = member.config.local.forwarding == ForwardingName::Xdp;
-    let started = reader
-        .map_err(|e| error_chain(&e))
-        .and_then(|reader| {
-            std::thread::Builder::new()
-                .name("reannounce".into())
-                .spawn(move || {
-                    // The kernel entries of connections whose establishment was among the lost
-                    // events are marked liberal too (marking one again changes nothing).
-                    let mut entries = KernelEntries::new(xdp);
-                    let walked = engine.reannounce_from(&reader, |k, s| entries.established(k, s));
-                    entries.flush();
-                    if let Err(e) = walked {
-                        warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
-                        engine.request_bulk_all();
-                    }
-                })
-                .map_err(|e| format!("starting its thread: {e}"))
-        });
+    let started = walk_on_thread(member, "reannounce", move |reader| {
+        // The kernel entries of connections whose establishment was among the lost events are
+        // marked liberal too (marking one again changes nothing).
+        let mut entries = KernelEntries::new(xdp);
+        let walked = engine.reannounce_from(&reader, |k, s| entries.established(k, s));
+        entries.flush();
+        if let Err(e) = walked {
+            warn!(error = %error_chain(&e), "re-announcing sessions failed; asking for full syncs");
+            engine.request_bulk_all();
+        }
+    });
     if let Err(e) = started {
         warn!(error = %e, "re-announcing sessions failed; asking for full syncs");
         member.engine.request_bulk_all();
     }
+}
+
+/// Runs `walk` on a thread named `name` with a reader of the session table of its own (the
+/// walk holds no lock of the agent's).
+fn walk_on_thread(
+    member: &Member,
+    name: &str,
+    walk: impl FnOnce(SessionReader) + Send + 'static,
+) -> Result<(), String> {
+    let reader = lock(&member.dp)
+        .session_reader()
+        .map_err(|e| error_chain(&e))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || walk(reader))
+        .map(drop)
+        .map_err(|e| format!("starting its thread: {e}"))
 }
 
 /// After a restart on a kept table, with forwarding in XDP (or once the kernel takes updates
@@ -1026,24 +1035,19 @@ fn reannounce(member: &Member) {
 /// again; one handed to the kernel mid-stream beside `ct state invalid drop` died. (Marking
 /// one twice changes nothing.)
 fn mark_kept_kernel_entries(member: &Member) {
+    const FAILED: &str = "marking the kernel's entries of kept connections failed: one handed \
+                          to the kernel mid-stream may be invalid there";
     let local = member.config.local_member();
-    let reader = lock(&member.dp).session_reader();
-    let started = reader.map_err(|e| error_chain(&e)).and_then(|reader| {
-        std::thread::Builder::new()
-            .name("kernel-entries".into())
-            .spawn(move || {
-                let mut entries = KernelEntries::new(true);
-                let walked = reader.each_owned_by(local, |k, s| entries.established(k, s));
-                entries.flush();
-                if let Err(e) = walked {
-                    warn!(error = %error_chain(&e), "marking the kernel's entries of kept connections failed: one handed to the kernel mid-stream may be invalid there");
-                }
-            })
-            .map(drop)
-            .map_err(|e| format!("starting its thread: {e}"))
+    let started = walk_on_thread(member, "kernel-entries", move |reader| {
+        let mut entries = KernelEntries::new(true);
+        let walked = reader.each_owned_by(local, |k, s| entries.established(k, s));
+        entries.flush();
+        if let Err(e) = walked {
+            warn!(error = %error_chain(&e), "{FAILED}");
+        }
     });
     if let Err(e) = started {
-        warn!(error = %e, "marking the kernel's entries of kept connections failed: one handed to the kernel mid-stream may be invalid there");
+        warn!(error = %e, "{FAILED}");
     }
 }
 

@@ -485,15 +485,16 @@ impl<T: SessionTable> Engine<T> {
         }
         let walking = Walking(&self.inner.reannouncing);
         let local = self.inner.cfg.local;
-        let mut owned = Vec::new();
-        let walked = reader.chunked(DEFAULT_CHUNK, |keys, values| {
-            owned.clear();
-            for (k, s) in keys.iter().zip(values).filter(|(_, s)| s.owner == local) {
-                owned.push(*k);
-                each(k, s);
+        let mut owned = Vec::with_capacity(DEFAULT_CHUNK as usize);
+        let walked = reader.each_owned_by(local, |k, s| {
+            owned.push(*k);
+            each(k, s);
+            if owned.len() >= DEFAULT_CHUNK as usize {
+                self.enqueue(&owned);
+                owned.clear();
             }
-            self.enqueue(&owned);
         });
+        self.enqueue(&owned);
         drop(walking);
         self.flush();
         walked.map(|_| true)
