@@ -113,7 +113,7 @@ impl KernelTrack {
     /// kernel entry is marked liberal (sent at the next [`KernelTrack::flush`], or now if the
     /// batch is full).
     pub fn established(&mut self, key: &FlowKey, s: &Session) -> Result<(), KernelTrackError> {
-        if key.proto != IPPROTO_TCP || s.state != State::Established as u8 {
+        if !established_tcp(key, s) {
             return Ok(());
         }
         self.queue(key, s, Change::Liberal)
@@ -241,6 +241,11 @@ fn refusal(buf: &[u8]) -> Option<i32> {
         .filter(|m| m.kind == NLMSG_ERROR)
         .filter_map(|m| nlmsg::error_code(m.body))
         .find(|&errno| errno != 0 && errno != libc::ENOENT)
+}
+
+/// Is `s` an established TCP connection (whose kernel entry is marked liberal)?
+fn established_tcp(key: &FlowKey, s: &Session) -> bool {
+    key.proto == IPPROTO_TCP && s.state == State::Established as u8
 }
 
 /// Is `s` a TCP connection that XDP forwarded here ([`SessionFlags::FORWARDED_XDP`]), whose

@@ -6,9 +6,9 @@
 
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 
-use hasync_common::{flow::IPPROTO_TCP, FlowKey, Session, State};
+use hasync_common::{FlowKey, Session};
 
-use super::{forwarded_tcp, KernelEntries};
+use super::{established_tcp, forwarded_tcp, KernelEntries};
 
 /// Batches the thread may have waiting; more are held here.
 const WAITING: usize = 16;
@@ -90,10 +90,7 @@ impl KernelEntriesQueue {
 
     /// See [`KernelEntries::established`].
     pub fn established(&mut self, key: &FlowKey, s: &Session) {
-        if self.to_thread.is_some()
-            && key.proto == IPPROTO_TCP
-            && s.state == State::Established as u8
-        {
+        if self.to_thread.is_some() && established_tcp(key, s) {
             self.batch.push(Update::Established(*key, *s));
         }
     }
@@ -120,22 +117,7 @@ impl KernelEntriesQueue {
         match to_thread.try_send(std::mem::take(&mut self.batch)) {
             Ok(()) => std::mem::replace(&mut self.dropped, false),
             Err(TrySendError::Full(held)) => {
-                self.batch = held;
-                let mut over = self.batch.len().saturating_sub(HELD_MAX);
-                if over > 0 {
-                    // Marks first: the walk after the catch-up makes them again; a close's
-                    // update, once dropped, is not made again (its entry would stay
-                    // established for the kernel's own timeout, 5 days by default).
-                    self.batch.retain(|u| {
-                        let drop = over > 0 && matches!(u, Update::Established(..));
-                        over -= usize::from(drop);
-                        !drop
-                    });
-                    self.batch.drain(..over);
-                    if !std::mem::replace(&mut self.dropped, true) {
-                        tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are until it catches up (the established ones are marked again then)");
-                    }
-                }
+                self.hold(held);
                 false
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -145,13 +127,34 @@ impl KernelEntriesQueue {
             }
         }
     }
+
+    /// Keeps `held`, which the thread could not take, for the next flush: at most
+    /// [`HELD_MAX`], marks dropped first (the walk after the catch-up makes them again; a
+    /// close's update, once dropped, is not made again: its entry would stay established for
+    /// the kernel's own timeout, 5 days by default), then the oldest.
+    fn hold(&mut self, held: Vec<Update>) {
+        self.batch = held;
+        let mut over = self.batch.len().saturating_sub(HELD_MAX);
+        if over == 0 {
+            return;
+        }
+        self.batch.retain(|u| {
+            let drop = over > 0 && matches!(u, Update::Established(..));
+            over -= usize::from(drop);
+            !drop
+        });
+        self.batch.drain(..over);
+        if !std::mem::replace(&mut self.dropped, true) {
+            tracing::warn!("the kernel's connection tracking is slow to take updates: some of its entries of connections forwarded in XDP are left as they are until it catches up (the established ones are marked again then)");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use hasync_common::SessionFlags;
+    use hasync_common::{SessionFlags, State};
 
     use super::*;
     use crate::control::testing::Flow;
